@@ -1,0 +1,100 @@
+"""A machine or cluster as the cost model sees it: components, ceilings and efficiency coefficients.
+
+Every number in a profile YAML carries its provenance (``datasheet``, ``probed``, ``measured``,
+``published``, ``calibrated`` or ``assumed``) in ``HardwareProfile.provenance``, keyed by the dotted field
+path (``gpu.memory_bytes``, ``efficiency.h2d_stream_pinned`` ...). The dataclasses themselves hold plain
+floats so the cost model can do arithmetic (and numpy broadcasting) on them directly.
+
+Links and how they are shared live in the topology graph (``planner.topology``), built from the profile's
+``node.links`` and ``cluster`` sections.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+PROVENANCE_KINDS = ("datasheet", "probed", "measured", "published", "calibrated", "assumed")
+OS_KINDS = ("linux", "windows", "wsl2")
+
+
+@dataclass(frozen=True)
+class Provenance:
+    source: str  # one of PROVENANCE_KINDS
+    note: str = ""  # where the number comes from: a datasheet, a command and date, a paper
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    name: str
+    memory_bytes: float
+    bf16_flops: float  # dense peak FLOP/s for 16-bit matmuls
+    hbm_bandwidth_bytes_s: float
+    int8_flops: float = 0.0  # 0: same as bf16 (weight-only quantization computes in 16 bit anyway)
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    dram_bytes: float
+    pinnable_bytes: float  # how much page-locked memory the OS lets us take (a scarcer budget than DRAM)
+    cpu_cores: int
+    sockets: int = 1
+    h2d_pageable_bytes_s: float = 0.0  # per stream, pageable (staged through a bounce buffer by the driver)
+    d2h_pageable_bytes_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class NvmeSpec:
+    capacity_bytes: float
+    read_bytes_s: float  # sequential O_DIRECT read of the whole array (all devices of a node together)
+    write_bytes_s: float
+    devices: int = 1
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """Fractions of a ceiling that real runs reach, and fixed overheads.
+
+    Defaults are where no better number is known; profiles override them with measured or calibrated
+    values (``hpi calibrate`` writes the ``calibrated`` ones). Each is used in exactly one cost module.
+    """
+
+    matmul_prefill: float = 0.60  # of bf16 peak, large prefill GEMMs (cost.compute)
+    matmul_decode: float = 0.50  # of bf16 peak, skinny decode GEMMs when compute-bound (cost.compute)
+    hbm: float = 0.80  # of HBM bandwidth, decode GEMV/attention reads (cost.compute)
+    h2d_stream_pinned: float = 0.62  # ZeRO-3 parameter fetch over the pinned PCIe ceiling (cost.streaming)
+    h2d_stream_pageable: float = 0.80  # over the pageable ceiling (already a slow staged copy)
+    nvme_read: float = 0.80  # DeepSpeed aio over the O_DIRECT sequential ceiling (cost.streaming)
+    collective_bandwidth: float = 0.80  # of the link's bandwidth, ring all-reduce bus bandwidth (cost.collectives)
+    allreduce_latency_s: float = 20e-6  # alpha of one all-reduce launch (cost.collectives)
+    p2p_latency_s: float = 15e-6  # alpha of one stage-to-stage send (cost.pipeline)
+    layer_overhead_s: float = 150e-6  # framework time per decoder layer per forward: kernel launches, Python (cost.overhead)
+    offload_layer_overhead_s: float = 400e-6  # extra ZeRO-3 hook/fetch bookkeeping per layer per forward (cost.overhead)
+    step_overhead_s: float = 2e-3  # per forward outside layers: generate loop, sampling, embeddings (cost.overhead)
+    gpu_reserved_bytes: float = 1.5e9  # CUDA context, cuBLAS workspace, allocator slack per GPU (cost.memory)
+    host_reserved_bytes: float = 4e9  # per rank process: torch/DeepSpeed libraries and runtime (cost.memory)
+    gpu_memory_usable: float = 0.97  # fraction of the GPU's memory a run may plan to use (feasibility)
+    dram_usable: float = 0.90  # fraction of DRAM a run may plan to use, the OS keeps the rest (feasibility)
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    name: str
+    description: str
+    os: str
+    n_nodes: int
+    gpus_per_node: int
+    gpu: GpuSpec
+    host: HostSpec  # per node
+    nvme: NvmeSpec | None  # per node; None when there is no usable NVMe
+    efficiency: Efficiency = Efficiency()
+    provenance: Mapping[str, Provenance] = field(default_factory=dict, compare=False, hash=False)
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    @property
+    def n_gpus(self) -> int:
+        return self.n_nodes * self.gpus_per_node
+
+    @property
+    def has_nvme(self) -> bool:
+        return self.nvme is not None and self.nvme.capacity_bytes > 0

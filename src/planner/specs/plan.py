@@ -1,0 +1,119 @@
+"""A Plan: one point of the search space, the whole of what the executor needs to deploy.
+
+Like FlexGen's ``Policy``, this small frozen record *is* the search space. It is hashable and round-trips
+through JSON (``to_dict`` / ``from_dict``), which is how it crosses to the executor and back in RunRecords.
+
+Rank order is declared once, in ``planner.layout``: tp innermost, then dp, then pp.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+OFFLOAD_KINDS = ("none", "cpu", "nvme")
+WEIGHT_BITS = (16, 8, 4)
+
+# DeepSpeed's own default for stage3_prefetch_bucket_size (5e7 elements); DeepSpeedExamples'
+# ZeRO-Inference script uses 2 * hidden^2 instead (see presets).
+DEEPSPEED_DEFAULT_PREFETCH_ELEMS = 50_000_000
+DEEPSPEED_DEFAULT_MAX_LIVE_ELEMS = 1_000_000_000
+DEEPSPEED_DEFAULT_PERSISTENCE_ELEMS = 100_000
+QUANT_GROUP_SIZE = 64  # DeepSpeed ZeRO-Inference quantized_initialization group_size
+
+
+@dataclass(frozen=True)
+class Plan:
+    offload: str = "none"  # where ZeRO-3 keeps the weights between uses: none (GPU), cpu, nvme
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    weight_bits: int = 16
+    pin_memory: bool = True
+    kv_offload: bool = False
+    batch_size: int = 1
+    micro_batches: int = 1  # pipeline micro-batches per step (1 when pp == 1)
+    prefetch_bucket_elems: int = DEEPSPEED_DEFAULT_PREFETCH_ELEMS
+    max_live_elems: int = DEEPSPEED_DEFAULT_MAX_LIVE_ELEMS
+    persistence_threshold_elems: int = DEEPSPEED_DEFAULT_PERSISTENCE_ELEMS
+    nvme_buffer_count: int = 5
+    nvme_buffer_elems: int = 100_000_000
+
+    def __post_init__(self) -> None:
+        problems = list(self.problems())
+        if problems:
+            raise ValueError(problems[0])
+
+    def problems(self):
+        """Self-contained consistency errors, each quoting the failing rule and the fix."""
+        if self.offload not in OFFLOAD_KINDS:
+            yield f"offload {self.offload!r} is not one of {', '.join(OFFLOAD_KINDS)}"
+        if self.weight_bits not in WEIGHT_BITS:
+            yield f"weight bits {self.weight_bits} is not one of 16, 8, 4"
+        for name in ("tp", "pp", "dp", "batch_size", "micro_batches"):
+            if getattr(self, name) < 1:
+                yield f"{name} = {getattr(self, name)} must be >= 1"
+        if self.batch_size % self.dp:
+            yield f"batch({self.batch_size}) % dp({self.dp}) != 0: make the batch a multiple of dp"
+        elif (self.batch_size // self.dp) % self.micro_batches:
+            yield (
+                f"batch per replica({self.batch_size // self.dp}) % micro_batches({self.micro_batches}) != 0: "
+                "use a micro-batch count that divides the batch"
+            )
+        if self.pp == 1 and self.micro_batches != 1:
+            yield f"micro_batches({self.micro_batches}) > 1 needs pp > 1: set micro_batches 1"
+        for name in ("prefetch_bucket_elems", "max_live_elems", "persistence_threshold_elems"):
+            if getattr(self, name) < 0:
+                yield f"{name} = {getattr(self, name)} must be >= 0"
+
+    # ---- derived ----------------------------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def is_offloaded(self) -> bool:
+        return self.offload != "none"
+
+    @property
+    def is_tensor_parallel(self) -> bool:
+        return self.tp > 1
+
+    @property
+    def is_pipelined(self) -> bool:
+        return self.pp > 1
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.weight_bits < 16
+
+    @property
+    def batch_per_replica(self) -> int:
+        return self.batch_size // self.dp
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_per_replica // self.micro_batches
+
+    @property
+    def label(self) -> str:
+        """A short human label, e.g. ``cpu-pin tp2 pp1 dp1 w4 kv-off b16``."""
+        where = self.offload + ("-pin" if self.pin_memory and self.is_offloaded else "")
+        kv = " kv-off" if self.kv_offload else ""
+        mb = f" mb{self.micro_batches}" if self.pp > 1 else ""
+        return f"{where} tp{self.tp} pp{self.pp} dp{self.dp} w{self.weight_bits}{kv} b{self.batch_size}{mb}"
+
+    # ---- JSON -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Plan":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"plan has unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    def with_(self, **changes: Any) -> "Plan":
+        return replace(self, **changes)
