@@ -102,12 +102,13 @@ class ModelSpec:
         h = self.hidden_size
         if self.uses_mla:
             qk_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
+            # Projections only: the q_a / kv_a RMSNorms are counted in layer_norm_params.
             q = (
-                h * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * self.n_heads * qk_dim
+                h * self.q_lora_rank + self.q_lora_rank * self.n_heads * qk_dim
                 if self.q_lora_rank
                 else h * self.n_heads * qk_dim
             )
-            kv = h * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
+            kv = h * (self.kv_lora_rank + self.qk_rope_head_dim)
             kv += self.kv_lora_rank * self.n_heads * (self.qk_nope_head_dim + self.v_head_dim)
             return q + kv + self.n_heads * self.v_head_dim * h
         q_dim = self.n_heads * self.head_dim
@@ -212,11 +213,15 @@ class ModelSpec:
     def kv_cache_elems_per_token_per_layer(self) -> int:
         """Elements of K and V one token adds to one layer's cache.
 
-        MLA is counted as transformers' DeepseekV3 attention caches it: the decompressed per-head keys
-        (d_nope + d_rope) and values (d_v), not the 576-wide latent, since that is the runtime we execute.
+        MLA is counted as transformers' DeepseekV3 attention caches it, since that is the runtime we
+        execute: the compressed latent, kv_lora_rank + qk_rope_head_dim (576 for DeepSeek-V3), one "head"
+        shared by all query heads. transformers 5.23 holds [batch, 1, seq, kv_lora_rank] and
+        [batch, 1, seq, qk_rope_head_dim] per layer and re-expands K/V with kv_b_proj every step; 4.x cached
+        the decompressed per-head n_heads·(d_nope + d_rope + d_v) (40960 for DeepSeek-V3). A test in
+        tests/planner/test_catalog.py reads the cache of a tiny model to keep this in step.
         """
         if self.uses_mla:
-            return self.n_heads * (self.qk_nope_head_dim + self.qk_rope_head_dim + self.v_head_dim)
+            return self.kv_lora_rank + self.qk_rope_head_dim
         return 2 * self.n_kv_heads * self.head_dim
 
     @property
@@ -230,5 +235,5 @@ class ModelSpec:
 
     @property
     def kv_heads_for_sharding(self) -> int:
-        """Heads whose K/V a tensor-parallel split divides (MLA decompresses per query head)."""
-        return self.n_heads if self.uses_mla else self.n_kv_heads
+        """Heads whose K/V a tensor-parallel split divides (MLA's cached latent is one head: replicated)."""
+        return 1 if self.uses_mla else self.n_kv_heads

@@ -1,0 +1,84 @@
+"""Compute time of one forward of each module: a roofline of FLOPs against HBM bytes.
+
+t = max(FLOPs / (peak_bf16 * eff_matmul[phase]),  bytes_read / (HBM_bw * eff_hbm))       (Williams et al. 2009)
+
+- FLOPs: 2 per weight per token for the weights a token uses (its k routed experts, not all of them),
+  plus attention 2*H*(d_qk + d_v) per query token per attended key, split across TP ranks, plus for MLA
+  in decode the re-expansion of every cached latent through kv_b_proj. The LM head
+  runs on the last position only in prefill (transformers' ``logits_to_keep``).
+- Bytes: every weight the forward touches is read once in 16 bit; a quantized weight is first
+  dequantized (read packed, write 16-bit), which ZeRO-Inference does per use. Decode also reads the KV
+  cache of every sequence in the micro-batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from planner.cost.inputs import COMPUTE_BYTES, Knobs, Layout
+from planner.cost.phase import Phase
+from planner.cost.shape import HEAD
+
+
+def expected_experts_touched(n_experts: np.ndarray, k: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """Distinct routed experts hit when ``tokens`` tokens each pick k of E experts, uniformly at random.
+
+    E * (1 - (1 - k/E)^T): the balls-in-bins expectation. Real routers are skewed, so this is an upper bound
+    on the experts a forward touches, and therefore on what ZeRO-3 must fetch for it.
+    """
+    e = np.maximum(n_experts, 1.0)
+    return np.where(n_experts > 0, e * (1.0 - (1.0 - k / e) ** tokens), 0.0)
+
+
+def active_elems_per_rank(layout: Layout) -> np.ndarray:
+    """(kinds,) weight elements one token multiplies with, per TP rank."""
+    t = layout.table
+    return t.sharded / layout.tp + t.replicated + t.experts_active * t.expert_sharded / layout.tp
+
+
+def touched_elems_per_rank(layout: Layout, tokens: np.ndarray) -> np.ndarray:
+    """(N, kinds) weight elements one forward of ``tokens`` tokens reads, per TP rank."""
+    t = layout.table
+    touched = expected_experts_touched(t.n_experts[None, :], t.experts_active[None, :], tokens[:, None])
+    return t.sharded / layout.tp + t.replicated + touched * t.expert_sharded / layout.tp
+
+
+def stored_elems_per_rank(layout: Layout) -> np.ndarray:
+    """(kinds,) elements a TP rank holds of one module before ZeRO-3 partitioning (tied head: 0)."""
+    t = layout.table
+    return (t.sharded / layout.tp + t.replicated + t.n_experts * t.expert_sharded / layout.tp) * t.stored_multiplier
+
+
+def flops(layout: Layout, phase: Phase) -> np.ndarray:
+    t = layout.table
+    weight_tokens = np.repeat(phase.tokens[:, None], 4, axis=1)
+    weight_tokens[:, HEAD] = phase.sequences
+    matmul = 2.0 * weight_tokens * active_elems_per_rank(layout)
+    attention = t.is_layer * phase.tokens[:, None] * (t.attn_flops_per_ctx_token / layout.tp) * phase.attn_ctx_tokens
+    # MLA re-expands each sequence's cached latents every decode step (prefill expands each token once,
+    # which the kv_b_proj weight FLOPs above already count).
+    expand = t.is_layer * phase.sequences[:, None] * phase.kv_read_tokens * t.kv_expand_flops_per_cached_token / layout.tp
+    return matmul + attention + expand
+
+
+def hbm_bytes(layout: Layout, knobs: Knobs, phase: Phase) -> np.ndarray:
+    t = layout.table
+    bits = knobs.weight_bits[:, None]
+    dequant = np.where(bits < 16, t.matrix_fraction * (bits / 8.0 + COMPUTE_BYTES), 0.0)
+    weights = touched_elems_per_rank(layout, phase.tokens) * (COMPUTE_BYTES + dequant)
+    kv = t.is_layer * phase.sequences[:, None] * phase.kv_read_tokens * t.kv_elems_per_token / layout.kv_split
+    return weights + kv * COMPUTE_BYTES
+
+
+def roofline_sides(layout: Layout, knobs: Knobs, phase: Phase) -> tuple[np.ndarray, np.ndarray]:
+    """(FLOP-bound seconds, HBM-bound seconds), each (N, kinds), of one forward of one module."""
+    gpu, eff = layout.hardware.gpu, layout.hardware.efficiency
+    matmul_eff = eff.matmul_prefill if phase.is_prefill else eff.matmul_decode
+    t_flops = flops(layout, phase) / (gpu.bf16_flops * matmul_eff)
+    t_bytes = hbm_bytes(layout, knobs, phase) / (gpu.hbm_bandwidth_bytes_s * eff.hbm)
+    return t_flops, t_bytes
+
+
+def compute_time(layout: Layout, knobs: Knobs, phase: Phase) -> np.ndarray:
+    """(N, kinds) seconds of one forward of one module on one rank."""
+    return np.maximum(*roofline_sides(layout, knobs, phase))

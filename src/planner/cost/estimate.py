@@ -1,0 +1,175 @@
+"""The one place that says how the cost terms overlap and add up.
+
+Per module (a decoder layer, the embedding or the head), one forward on one rank (FlexGen's per-layer rule):
+
+    busy   = compute + tp_allreduce                     (the GPU's stream: all-reduces sit between GEMMs)
+    fetch  = max(h2d, nvme) + dp_allgather              (the copy engines: host/NVMe -> GPU, then gather)
+             where h2d carries the weights and, in decode with KV offload, the layer's KV cache
+    f      = min(1, prefetch_bucket / largest tensor)   (how much of the next tensor is in flight while
+                                                          this one computes; 0 with prefetching off)
+    module = max(busy, fetch) + (1 - f) * min(busy, fetch) + overhead
+
+so with full prefetch the slower of compute and streaming hides the faster, and with none they add.
+Stages sum their modules (plus one ``step_overhead`` per forward on the first stage); a step composes
+the stages (``cost.pipeline.compose_step``). Exposed time is attributed to the component that is on the
+critical path: busy time counts as compute and all-reduce, the rest of a module's time as weight or KV
+fetch (split by their link times), so each phase's breakdown sums to its step time exactly.
+
+Totals (DeepSpeedExamples ZeRO-Inference definitions):
+    prefill_s = ttft_s = prefill step;  total_s = prefill_s + (gen_len - 1) * decode_step_s
+    throughput_tok_s = batch * gen_len / total_s
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from planner.cost.collectives import dp_allgather_time, tp_collective_time
+from planner.cost.compute import roofline_sides
+from planner.cost.inputs import Knobs, Layout
+from planner.cost.memory import MemoryResult, memory
+from planner.cost.overhead import module_overhead_time, step_overhead_time
+from planner.cost.phase import Phase, decode_phase, prefill_phase
+from planner.cost.pipeline import compose_step, p2p_time
+from planner.cost.shape import EMBED
+from planner.cost.streaming import (
+    fetched_elems_per_rank,
+    h2d_bandwidth,
+    kv_transfer_bytes,
+    kv_transfer_time,
+    weight_stream_bytes,
+    weight_stream_time,
+)
+
+EXPOSED_PARTS = ("compute_s", "tp_allreduce_s", "weight_fetch_s", "kv_fetch_s", "pp_p2p_s", "overhead_s")
+LINK_PARTS = ("compute_s", "flops_s", "hbm_s", "tp_allreduce_s", "h2d_s", "nvme_s", "dp_allgather_s", "kv_h2d_s", "pp_p2p_s")
+
+
+@dataclass(frozen=True)
+class PhaseResult:
+    step_s: np.ndarray  # (N,)
+    exposed: dict[str, np.ndarray]  # EXPOSED_PARTS, each (N,); they sum to step_s
+    link: dict[str, np.ndarray]  # LINK_PARTS: busy time of each resource on the slowest stage's rank per step
+    bubble_s: np.ndarray
+    h2d_bytes: np.ndarray  # (N,) bytes the slowest stage's rank copies host->device per step
+    h2d_bandwidth_bytes_s: np.ndarray  # (N,) the achieved rate the model assumed for those copies
+
+    @property
+    def bubble_ratio(self) -> np.ndarray:
+        return np.divide(self.bubble_s, self.step_s, out=np.zeros_like(self.step_s), where=self.step_s > 0)
+
+
+def prefetch_overlap(layout: Layout, knobs: Knobs) -> np.ndarray:
+    """(N, kinds) f in the module rule: share of the next tensor's fetch in flight during this compute."""
+    t = layout.table
+    largest = np.where(np.arange(4) == EMBED, t.largest_tensor, t.largest_tensor / layout.tp)
+    return np.clip(knobs.prefetch_bucket_elems[:, None] / np.maximum(largest, 1.0), 0.0, 1.0)
+
+
+def phase_result(layout: Layout, knobs: Knobs, phase: Phase, bpw: np.ndarray) -> PhaseResult:
+    t_flops, t_hbm = roofline_sides(layout, knobs, phase)
+    compute = np.maximum(t_flops, t_hbm)
+    tp_coll = tp_collective_time(layout, phase)
+    overhead = module_overhead_time(layout, knobs)
+
+    stream_bytes = weight_stream_bytes(layout, knobs, phase, bpw)
+    kv_bytes = kv_transfer_bytes(layout, knobs, phase)
+    t_h2d_weights, t_nvme = weight_stream_time(layout, knobs, stream_bytes)
+    t_kv = kv_transfer_time(layout, knobs, kv_bytes)
+    t_h2d = t_h2d_weights + t_kv  # one link carries both
+    t_gather = dp_allgather_time(layout, knobs, fetched_elems_per_rank(layout, knobs, phase) * bpw)
+
+    busy = compute + tp_coll
+    fetch = np.maximum(t_h2d, t_nvme) + t_gather
+    f = prefetch_overlap(layout, knobs)
+    module = np.maximum(busy, fetch) + (1.0 - f) * np.minimum(busy, fetch) + overhead
+    exposed_fetch = module - busy - overhead
+    kv_share = np.divide(t_kv, fetch, out=np.zeros_like(fetch), where=fetch > 0)
+
+    # Components per module, (N, kinds, C) in EXPOSED_PARTS order (p2p is added after composition).
+    zeros = np.zeros_like(module)
+    parts = np.stack(
+        [compute, tp_coll, exposed_fetch * (1 - kv_share), exposed_fetch * kv_share, zeros, overhead], axis=-1
+    )
+    counts = layout.stage_counts
+    stage_parts = np.einsum("nkc,pk->npc", parts, counts)
+    stage_parts[:, 0, EXPOSED_PARTS.index("overhead_s")] += step_overhead_time(layout)
+    stage_s = stage_parts.sum(axis=-1)
+
+    p2p = p2p_time(layout, phase)
+    comp = compose_step(stage_s, p2p, knobs.micro_batches, phase)
+    rows = np.arange(knobs.n)
+    slowest_parts = stage_parts[rows, comp.slowest_stage]
+    total_parts = comp.stage_sum_weight[:, None] * stage_parts.sum(axis=1) + comp.slowest_stage_weight[:, None] * slowest_parts
+    total_parts[:, EXPOSED_PARTS.index("pp_p2p_s")] += comp.p2p_exposed_s
+    exposed = {name: total_parts[:, i] for i, name in enumerate(EXPOSED_PARTS)}
+
+    slowest_counts = counts[comp.slowest_stage]  # (N, kinds)
+    per_step = knobs.micro_batches  # the slowest stage runs every micro-batch once per step
+
+    def on_slowest(per_module: np.ndarray) -> np.ndarray:
+        return (per_module * slowest_counts).sum(axis=1) * per_step
+
+    link = {
+        "compute_s": on_slowest(compute),
+        "flops_s": on_slowest(t_flops),
+        "hbm_s": on_slowest(t_hbm),
+        "tp_allreduce_s": on_slowest(tp_coll),
+        "h2d_s": on_slowest(t_h2d),
+        "nvme_s": on_slowest(t_nvme),
+        "dp_allgather_s": on_slowest(t_gather),
+        "kv_h2d_s": on_slowest(t_kv),
+        "pp_p2p_s": p2p * (layout.pp - 1 + (0 if phase.is_prefill else 1)) * (layout.pp > 1),
+    }
+    return PhaseResult(
+        step_s=comp.step_s,
+        exposed=exposed,
+        link=link,
+        bubble_s=comp.bubble_s,
+        h2d_bytes=on_slowest(stream_bytes + kv_bytes),
+        h2d_bandwidth_bytes_s=h2d_bandwidth(layout, knobs),
+    )
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Every figure of N plans sharing one layout, as arrays."""
+
+    layout: Layout
+    knobs: Knobs
+    prefill: PhaseResult
+    decode: PhaseResult
+    memory: MemoryResult
+
+    @property
+    def prefill_s(self) -> np.ndarray:
+        return self.prefill.step_s
+
+    @property
+    def ttft_s(self) -> np.ndarray:
+        return self.prefill.step_s
+
+    @property
+    def decode_step_s(self) -> np.ndarray:
+        return self.decode.step_s
+
+    @property
+    def total_s(self) -> np.ndarray:
+        return self.prefill_s + (self.layout.workload.gen_len_tokens - 1) * self.decode_step_s
+
+    @property
+    def throughput_tok_s(self) -> np.ndarray:
+        return self.knobs.batch_size * self.layout.workload.gen_len_tokens / self.total_s
+
+
+def evaluate(layout: Layout, knobs: Knobs) -> Evaluation:
+    bpw = knobs.bytes_per_weight(layout.table.matrix_fraction)
+    return Evaluation(
+        layout=layout,
+        knobs=knobs,
+        prefill=phase_result(layout, knobs, prefill_phase(layout, knobs), bpw),
+        decode=phase_result(layout, knobs, decode_phase(layout, knobs), bpw),
+        memory=memory(layout, knobs),
+    )

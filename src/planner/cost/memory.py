@@ -1,0 +1,153 @@
+"""Memory on each GPU, in each node's CPU RAM (pinned and pageable) and on each node's NVMe.
+
+GPU, per rank of a stage (the planner reports the fullest GPU):
+- resident_weights: the stage's TP shard, partitioned 1/dp by ZeRO-3, when not offloaded
+- persistent_weights: tensors under the persistence threshold, kept whole on every GPU when ZeRO-3 gathers
+- quant_scales: fp16 scale + zero point per group of 64 weights (4/64 bytes per weight) of resident weights
+- live_params: what ZeRO-3 has gathered at once, in 16 bit: the largest tensor in flight plus the prefetch
+  bucket, capped by ``stage3_max_live_parameters`` (DeepSpeed ``PartitionedParameterCoordinator``)
+- kv_cache: 2 * kv_heads/tp * head_dim (MLA: decompressed K and V) * context * sequences * 2 bytes per
+  layer of the stage; with KV offload only the layer in use and the one being prefetched
+- activations: the prefill peak of one micro-batch (residual stream, projections, FFN intermediates with
+  a memory-efficient attention kernel), and fp32 logits of the last position at the last stage
+- framework: CUDA context, cuBLAS workspace and allocator slack (``Efficiency.gpu_reserved_bytes``)
+
+CPU, per node (sum over the ranks placed on it): offloaded weights (cpu offload), offloaded KV cache,
+NVMe staging buffers (``buffer_count * buffer_size`` 16-bit elements per rank, pinned) and each rank's
+process (``Efficiency.host_reserved_bytes``). Pinned: offloaded weights and KV when pin_memory, and
+the NVMe buffers. NVMe: the node's weights when offloading to NVMe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from planner.cost.compute import stored_elems_per_rank
+from planner.cost.inputs import COMPUTE_BYTES, Knobs, Layout
+from planner.cost.shape import DENSE, EMBED, HEAD, MOE
+from planner.cost.streaming import fetches_weights, persistent_elems
+
+LOGIT_BYTES = 4.0  # transformers upcasts logits to fp32
+LOGIT_COPIES = 2.0  # logits and the processed scores / probabilities sampled from
+
+GPU_PARTS = ("resident_weights", "persistent_weights", "quant_scales", "live_params", "kv_cache", "activations", "framework")
+CPU_PARTS = ("offloaded_weights", "offloaded_kv_cache", "nvme_buffers", "process")
+
+
+@dataclass(frozen=True)
+class MemoryResult:
+    gpu_parts: dict[str, np.ndarray]  # (N,) each, for the fullest GPU; they sum to gpu_peak_bytes
+    gpu_peak_bytes: np.ndarray
+    fullest_stage: np.ndarray  # (N,) stage index of the fullest GPU
+    cpu_parts: dict[str, np.ndarray]  # (N,) each, for the fullest node; they sum to cpu_bytes
+    cpu_bytes: np.ndarray
+    pinned_bytes: np.ndarray  # (N,) the node with most pinned memory
+    nvme_bytes: np.ndarray  # (N,) the node with most bytes on NVMe
+    weight_bytes_total: np.ndarray  # (N,) every rank's weights together (model size at the plan's bits)
+
+
+def _activation_elems_per_token(layout: Layout) -> np.ndarray:
+    """(kinds,) 16-bit activation elements alive per token at a module's peak, per TP rank."""
+    m, tp = layout.model, layout.tp
+    h = m.hidden_size
+    if m.uses_mla:
+        qkv = m.n_heads * (2 * m.attention_qk_dim + m.attention_v_dim) / tp + m.q_lora_rank + m.kv_lora_rank
+    else:
+        qkv = (m.n_heads + 2 * m.n_kv_heads) * m.head_dim / tp
+    gate = 3 if m.gated_ffn else 2
+    dense = 4 * h + qkv + gate * m.ffn_hidden_size / tp
+    moe = 4 * h + qkv + m.n_experts + gate * (m.n_shared_experts + 1) * m.moe_ffn_hidden_size / tp
+    return np.array([dense, moe if m.is_moe else 0.0, h, 0.0])
+
+
+def _per_stage(per_kind: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """(N, kinds) per module x (pp, kinds) counts -> (N, pp) per stage."""
+    return per_kind @ counts.T
+
+
+def _gpu_parts(layout: Layout, knobs: Knobs, bpw: np.ndarray, meta: np.ndarray) -> dict[str, np.ndarray]:
+    """Each GPU part as (N, pp)."""
+    t, counts, wl = layout.table, layout.stage_counts, layout.workload
+    fetching = fetches_weights(layout, knobs)[:, None]
+    offloaded = knobs.offloaded[:, None]
+    stored = np.broadcast_to(stored_elems_per_rank(layout), (knobs.n, 4))
+    persistent = np.where(fetching, np.minimum(persistent_elems(layout, knobs.persistence_threshold_elems), stored), 0.0)
+    partitioned = np.where(offloaded, 0.0, (stored - persistent) / layout.dp)
+    largest = np.where(np.arange(4) == EMBED, t.largest_tensor, t.largest_tensor / layout.tp)
+    stage_largest = np.max(np.where(counts > 0, largest, 0.0), axis=1)  # (pp,)
+    bucket = np.minimum(knobs.prefetch_bucket_elems, np.maximum(knobs.max_live_elems - stage_largest.max(), 0.0))
+    live = np.where(fetching, stage_largest[None, :] + bucket[:, None], 0.0) * COMPUTE_BYTES
+
+    layers = counts[:, DENSE] + counts[:, MOE]  # (pp,)
+    kv_per_layer_seq = t.kv_elems_per_token / layout.kv_split * wl.context_len_tokens * COMPUTE_BYTES
+    batch = knobs.batch_size / layout.dp
+    mb = batch / knobs.micro_batches
+    kv_resident = layers[None, :] * (batch * kv_per_layer_seq)[:, None]
+    kv_offloaded = np.minimum(layers, 2.0)[None, :] * (mb * kv_per_layer_seq)[:, None]
+    kv = np.where(knobs.kv_offload[:, None], kv_offloaded, kv_resident)
+
+    act_per_token = _activation_elems_per_token(layout)
+    stage_act = np.max(np.where(counts > 0, act_per_token, 0.0), axis=1)  # (pp,)
+    act = (mb * wl.prompt_len_tokens)[:, None] * stage_act[None, :] * COMPUTE_BYTES
+    logits = (mb * t.vocab_size * LOGIT_BYTES * LOGIT_COPIES)[:, None] * (counts[:, HEAD] > 0)[None, :]
+
+    return {
+        "resident_weights": _per_stage(partitioned * (bpw - meta), counts),
+        "persistent_weights": _per_stage(persistent * COMPUTE_BYTES, counts),
+        "quant_scales": _per_stage(partitioned * meta, counts),
+        "live_params": live,
+        "kv_cache": kv,
+        "activations": act + logits,
+        "framework": np.full((knobs.n, layout.pp), layout.hardware.efficiency.gpu_reserved_bytes),
+    }
+
+
+def _cpu_parts_per_rank(layout: Layout, knobs: Knobs, bpw: np.ndarray) -> dict[str, np.ndarray]:
+    """Each CPU part a rank of each stage adds to its node, as (N, pp)."""
+    t, counts, wl = layout.table, layout.stage_counts, layout.workload
+    stored = stored_elems_per_rank(layout)
+    weights = _per_stage(stored * bpw / layout.dp, counts)
+    layers = counts[:, DENSE] + counts[:, MOE]
+    kv_per_seq = t.kv_elems_per_token / layout.kv_split * wl.context_len_tokens * COMPUTE_BYTES
+    kv = layers[None, :] * (knobs.batch_size / layout.dp * kv_per_seq)[:, None]
+    buffers = knobs.nvme_buffer_count * knobs.nvme_buffer_elems * COMPUTE_BYTES
+    ones = np.ones((knobs.n, layout.pp))
+    return {
+        "weights_any": weights,
+        "offloaded_weights": np.where(knobs.offload_cpu[:, None], weights, 0.0),
+        "offloaded_kv_cache": np.where(knobs.kv_offload[:, None], kv, 0.0),
+        "nvme_buffers": np.where(knobs.offload_nvme[:, None], buffers[:, None] * ones, 0.0),
+        "process": layout.hardware.efficiency.host_reserved_bytes * ones,
+    }
+
+
+def memory(layout: Layout, knobs: Knobs) -> MemoryResult:
+    bpw = knobs.bytes_per_weight(layout.table.matrix_fraction)
+    meta = knobs.quant_meta_share(layout.table.matrix_fraction)
+    rows = np.arange(knobs.n)
+
+    gpu = _gpu_parts(layout, knobs, bpw, meta)
+    gpu_total = sum(gpu.values())
+    fullest = np.argmax(gpu_total, axis=1)
+
+    per_rank = _cpu_parts_per_rank(layout, knobs, bpw)
+    nodes = layout.ranks_per_node_stage  # (nodes, pp)
+    per_node = {name: part @ nodes.T for name, part in per_rank.items()}  # (N, nodes)
+    cpu_total = sum(per_node[p] for p in CPU_PARTS)
+    fullest_node = np.argmax(cpu_total, axis=1)
+    pin = knobs.pin_memory[:, None]
+    pinned = np.where(pin, per_node["offloaded_weights"] + per_node["offloaded_kv_cache"], 0.0) + per_node["nvme_buffers"]
+    nvme = np.where(knobs.offload_nvme[:, None], per_node["weights_any"], 0.0)
+
+    return MemoryResult(
+        gpu_parts={name: part[rows, fullest] for name, part in gpu.items()},
+        gpu_peak_bytes=gpu_total[rows, fullest],
+        fullest_stage=fullest,
+        cpu_parts={name: per_node[name][rows, fullest_node] for name in CPU_PARTS},
+        cpu_bytes=cpu_total[rows, fullest_node],
+        pinned_bytes=pinned.max(axis=1),
+        nvme_bytes=nvme.max(axis=1),
+        weight_bytes_total=per_node["weights_any"].sum(axis=1),
+    )

@@ -1,0 +1,188 @@
+"""The model as the cost model sees it: four kinds of module, each a list of tensors.
+
+ZeRO-3 fetches, releases and persists parameters tensor by tensor, tensor parallelism splits matrices but
+replicates vectors, and weight quantization touches matrices only; so every cost term starts from the
+tensors of a module, not from a single parameter count.
+
+Module kinds (columns of every per-module array in the cost model):
+  0 DENSE  decoder layer with a dense FFN
+  1 MOE    decoder layer with routed (+ shared) experts
+  2 EMBED  token embedding, learned position table, embedding norm (replicated across TP ranks)
+  3 HEAD   final norm and LM head (the head is column-sharded across TP ranks)
+Pipeline stages are counts of these kinds (``planner.cost.pipeline.stage_module_counts``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from planner.specs.model import ModelSpec
+
+DENSE, MOE, EMBED, HEAD = range(4)
+N_KINDS = 4
+KIND_NAMES = ("dense_layer", "moe_layer", "embedding", "lm_head")
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    numel: int
+    matrix: bool  # 2-D weight: quantizable
+    tp_sharded: bool  # split across the TP group (column/row parallel); else replicated
+    expert: bool = False  # belongs to one routed expert (fetched only when a token routes to it)
+
+
+def _norm(model: ModelSpec, name: str, width: int) -> list[Tensor]:
+    out = [Tensor(f"{name}.weight", width, False, False)]
+    if model.norm == "layernorm":
+        out.append(Tensor(f"{name}.bias", width, False, False))
+    return out
+
+
+def _linear(name: str, n_in: int, n_out: int, bias: bool, column: bool, expert: bool = False) -> list[Tensor]:
+    """A TP-sharded linear; a row-parallel bias is replicated (added after the all-reduce)."""
+    out = [Tensor(f"{name}.weight", n_in * n_out, True, True, expert)]
+    if bias:
+        out.append(Tensor(f"{name}.bias", n_out, False, column, expert))
+    return out
+
+
+def _attention(model: ModelSpec) -> list[Tensor]:
+    h, H = model.hidden_size, model.n_heads
+    if model.uses_mla:
+        qk = model.qk_nope_head_dim + model.qk_rope_head_dim
+        out: list[Tensor] = []
+        if model.q_lora_rank:
+            # The low-rank down-projections are not split by heads: replicated across TP.
+            out.append(Tensor("q_a_proj.weight", h * model.q_lora_rank, True, False))
+            out += [Tensor("q_a_layernorm.weight", model.q_lora_rank, False, False)]
+            out += _linear("q_b_proj", model.q_lora_rank, H * qk, False, True)
+        else:
+            out += _linear("q_proj", h, H * qk, False, True)
+        out.append(Tensor("kv_a_proj_with_mqa.weight", h * (model.kv_lora_rank + model.qk_rope_head_dim), True, False))
+        out.append(Tensor("kv_a_layernorm.weight", model.kv_lora_rank, False, False))
+        out += _linear("kv_b_proj", model.kv_lora_rank, H * (model.qk_nope_head_dim + model.v_head_dim), False, True)
+        out += _linear("o_proj", H * model.v_head_dim, h, False, False)
+        return out
+    q, kv = H * model.head_dim, model.n_kv_heads * model.head_dim
+    return (
+        _linear("q_proj", h, q, model.qkv_bias, True)
+        + _linear("k_proj", h, kv, model.qkv_bias, True)
+        + _linear("v_proj", h, kv, model.qkv_bias, True)
+        + _linear("o_proj", q, h, model.out_bias, False)
+    )
+
+
+def _ffn(model: ModelSpec, prefix: str, width: int, expert: bool = False) -> list[Tensor]:
+    h, b = model.hidden_size, model.ffn_bias
+    if model.gated_ffn:
+        return (
+            _linear(f"{prefix}.gate_proj", h, width, b, True, expert)
+            + _linear(f"{prefix}.up_proj", h, width, b, True, expert)
+            + _linear(f"{prefix}.down_proj", width, h, b, False, expert)
+        )
+    return _linear(f"{prefix}.fc1", h, width, b, True, expert) + _linear(f"{prefix}.fc2", width, h, b, False, expert)
+
+
+def module_tensors(model: ModelSpec, kind: int) -> list[Tensor]:
+    """The tensors of one module of ``kind``. Routed experts are listed once (one expert's tensors)."""
+    h = model.hidden_size
+    norms = _norm(model, "input_layernorm", h) + _norm(model, "post_attention_layernorm", h)
+    if kind == DENSE:
+        return _attention(model) + _ffn(model, "mlp", model.ffn_hidden_size) + norms
+    if kind == MOE:
+        if not model.is_moe:
+            return []
+        shared = []
+        for i in range(model.n_shared_experts):
+            shared += _ffn(model, f"shared_experts.{i}", model.moe_ffn_hidden_size)
+        router = [Tensor("gate.weight", model.n_experts * h, True, False)]
+        return _attention(model) + router + shared + _ffn(model, "experts.e", model.moe_ffn_hidden_size, True) + norms
+    if kind == EMBED:
+        out = [Tensor("embed_tokens.weight", model.vocab_size * h, True, False)]
+        if model.learned_positions:
+            out.append(Tensor("embed_positions.weight", model.learned_positions * h, True, False))
+        if model.embedding_norm:
+            out += _norm(model, "word_embeddings_layernorm", h)
+        return out
+    if kind == HEAD:
+        # A tied head re-uses the embedding matrix: fetched (and computed with) again, stored once.
+        return _norm(model, "norm", h) + [Tensor("lm_head.weight", model.vocab_size * h, True, True)]
+    raise ValueError(f"unknown module kind {kind}")
+
+
+@dataclass(frozen=True)
+class ModuleTable:
+    """Per-kind arrays (length 4) of what one module holds and does, before TP/DP division.
+
+    ``*_sharded`` parts divide by tp; ``*_replicated`` parts do not. Expert parts are *per expert*.
+    """
+
+    sharded: np.ndarray  # elements of TP-sharded non-expert tensors
+    replicated: np.ndarray  # elements of replicated non-expert tensors
+    expert_sharded: np.ndarray  # elements of one routed expert (all sharded)
+    n_experts: np.ndarray  # routed experts in the module (0 except MOE)
+    experts_active: np.ndarray  # routed experts each token uses
+    matrix_fraction: np.ndarray  # share of stored elements that are quantizable matrices
+    stored_multiplier: np.ndarray  # 0 for a tied head (storage counted in EMBED), else 1
+    tensor_sizes: tuple[np.ndarray, ...]  # per kind: sorted numels of the module's non-expert tensors
+    largest_tensor: np.ndarray  # per kind: largest single tensor (ZeRO-3 gathers whole tensors)
+    is_layer: np.ndarray  # 1 for decoder layers (per-layer overheads and all-reduces)
+    attn_flops_per_ctx_token: float  # 2*H*(d_qk + d_v): FLOPs per query token per cached token, all heads
+    kv_elems_per_token: float  # per layer
+    kv_expand_flops_per_cached_token: float  # MLA: re-expanding one cached latent through kv_b_proj, all heads
+    kv_shard_limit: int  # TP can split K/V at most this many ways (KV heads); beyond, K/V is replicated
+    hidden_size: int
+    vocab_size: int
+
+
+def _sum(ts: list[Tensor], **match) -> int:
+    return sum(t.numel for t in ts if all(getattr(t, k) == v for k, v in match.items()))
+
+
+@lru_cache(maxsize=64)
+def module_table(model: ModelSpec) -> ModuleTable:
+    per_kind = [module_tensors(model, k) for k in range(N_KINDS)]
+    sharded, replicated, expert, matrix_frac, sizes, largest = [], [], [], [], [], []
+    for kind, ts in enumerate(per_kind):
+        shared_ts = [t for t in ts if not t.expert]
+        sharded.append(_sum(shared_ts, tp_sharded=True))
+        replicated.append(_sum(shared_ts, tp_sharded=False))
+        expert.append(_sum(ts, expert=True))
+        n_routed = model.n_experts if kind == MOE else 0
+        stored = _sum(shared_ts) + n_routed * expert[-1]
+        stored_matrix = _sum(shared_ts, matrix=True) + n_routed * _sum(ts, expert=True, matrix=True)
+        matrix_frac.append(stored_matrix / stored if stored else 0.0)
+        sizes.append(np.sort(np.array([t.numel for t in ts], dtype=np.float64)))
+        largest.append(max((t.numel for t in ts), default=0))
+    tied_head = model.tied_embeddings
+    return ModuleTable(
+        sharded=np.array(sharded, dtype=np.float64),
+        replicated=np.array(replicated, dtype=np.float64),
+        expert_sharded=np.array(expert, dtype=np.float64),
+        n_experts=np.array([0, model.n_experts, 0, 0], dtype=np.float64),
+        experts_active=np.array([0, model.n_experts_active, 0, 0], dtype=np.float64),
+        matrix_fraction=np.array(matrix_frac),
+        stored_multiplier=np.array([1.0, 1.0, 1.0, 0.0 if tied_head else 1.0]),
+        tensor_sizes=tuple(sizes),
+        largest_tensor=np.array(largest, dtype=np.float64),
+        is_layer=np.array([1.0, 1.0, 0.0, 0.0]),
+        attn_flops_per_ctx_token=2.0 * model.n_heads * (model.attention_qk_dim + model.attention_v_dim),
+        kv_elems_per_token=float(model.kv_cache_elems_per_token_per_layer),
+        # transformers' DeepseekV3 attention caches the 576-wide latent and multiplies every cached token
+        # by kv_b_proj again at each decode step: 2 * kv_lora * H * (d_nope + d_v) FLOPs per cached token.
+        kv_expand_flops_per_cached_token=(
+            2.0 * model.kv_lora_rank * model.n_heads * (model.qk_nope_head_dim + model.v_head_dim) if model.uses_mla else 0.0
+        ),
+        kv_shard_limit=model.kv_heads_for_sharding,
+        hidden_size=model.hidden_size,
+        vocab_size=model.vocab_size,
+    )
+
+
+def stored_elements(table: ModuleTable) -> np.ndarray:
+    """Elements each kind stores (tied head: 0), summing with the stage counts to the model total."""
+    return (table.sharded + table.replicated + table.n_experts * table.expert_sharded) * table.stored_multiplier

@@ -1,0 +1,79 @@
+"""Weight streaming: what ZeRO-3 moves from CPU RAM or NVMe to the GPU for one forward of a module.
+
+- ZeRO-3 gathers a module's parameters before its forward and frees them after, except tensors smaller
+  than ``stage3_param_persistence_threshold``, which stay on every GPU.
+- With offload, each rank of a dp (ZeRO partition) group holds 1/dp of each TP shard in host memory or on
+  NVMe: it copies its 1/dp over its own PCIe link, then the group all-gathers (``cost.collectives``).
+  Without offload but with dp > 1 only the all-gather remains.
+- Host->device bandwidth is the placement's per-GPU share while every rank streams at once (the topology
+  graph splits shared switches and uplinks), pinned or pageable, times DeepSpeed's achieved fraction.
+- NVMe goes NVMe -> pinned staging buffers -> GPU; DeepSpeed pipelines the two (buffer_count buffers),
+  so the slower of the two hops sets the pace.
+- A KV cache offloaded to the CPU (transformers' OffloadedCache) is copied in layer by layer each decode
+  step over the same host->device link.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from planner.cost.compute import touched_elems_per_rank
+from planner.cost.inputs import COMPUTE_BYTES, Knobs, Layout
+from planner.cost.phase import Phase
+
+
+def fetches_weights(layout: Layout, knobs: Knobs) -> np.ndarray:
+    """(N,) whether ZeRO-3 gathers parameters per forward (offloaded, or partitioned over dp > 1)."""
+    return knobs.offloaded | (layout.dp > 1)
+
+
+def persistent_elems(layout: Layout, threshold: np.ndarray) -> np.ndarray:
+    """(N, kinds) elements of tensors below the persistence threshold (kept whole on every GPU)."""
+    out = np.zeros((len(threshold), 4))
+    for kind, sizes in enumerate(layout.table.tensor_sizes):
+        if len(sizes):
+            cumulative = np.concatenate([[0.0], np.cumsum(sizes)])
+            out[:, kind] = cumulative[np.searchsorted(sizes, threshold, side="left")]
+    return out
+
+
+def fetched_elems_per_rank(layout: Layout, knobs: Knobs, phase: Phase) -> np.ndarray:
+    """(N, kinds) elements gathered for one forward, per TP rank, before dividing by dp."""
+    touched = touched_elems_per_rank(layout, phase.tokens)
+    persistent = persistent_elems(layout, knobs.persistence_threshold_elems)
+    fetched = np.maximum(touched - persistent, 0.0)
+    return np.where(fetches_weights(layout, knobs)[:, None], fetched, 0.0)
+
+
+def h2d_bandwidth(layout: Layout, knobs: Knobs) -> np.ndarray:
+    """(N,) achieved host->device bytes/s per GPU: NVMe staging buffers are always pinned."""
+    pl, eff = layout.placement, layout.hardware.efficiency
+    pinned = knobs.pin_memory | knobs.offload_nvme
+    return np.where(pinned, pl.h2d_pinned_bytes_s * eff.h2d_stream_pinned, pl.h2d_pageable_bytes_s * eff.h2d_stream_pageable)
+
+
+def weight_stream_bytes(layout: Layout, knobs: Knobs, phase: Phase, bytes_per_weight: np.ndarray) -> np.ndarray:
+    """(N, kinds) bytes one rank copies from host memory or NVMe for one forward of one module."""
+    fetched = fetched_elems_per_rank(layout, knobs, phase) / layout.dp
+    return np.where(knobs.offloaded[:, None], fetched * bytes_per_weight, 0.0)
+
+
+def weight_stream_time(layout: Layout, knobs: Knobs, stream_bytes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(PCIe seconds, NVMe seconds), each (N, kinds); the streaming time is their max."""
+    t_h2d = stream_bytes / h2d_bandwidth(layout, knobs)[:, None]
+    nvme_bw = layout.placement.nvme_read_bytes_s * layout.hardware.efficiency.nvme_read
+    t_nvme = np.where(knobs.offload_nvme[:, None], stream_bytes / max(nvme_bw, 1e-9), 0.0)
+    return t_h2d, t_nvme
+
+
+def kv_transfer_bytes(layout: Layout, knobs: Knobs, phase: Phase) -> np.ndarray:
+    """(N, kinds) KV-cache bytes copied host->device for one forward (decode with KV offload only)."""
+    if phase.is_prefill:
+        return np.zeros((knobs.n, 4))  # prefill writes the cache device->host: the other direction
+    t = layout.table
+    per_layer = phase.sequences * phase.kv_read_tokens * t.kv_elems_per_token / layout.kv_split * COMPUTE_BYTES
+    return np.where(knobs.kv_offload[:, None], t.is_layer * per_layer[:, None], 0.0)
+
+
+def kv_transfer_time(layout: Layout, knobs: Knobs, kv_bytes: np.ndarray) -> np.ndarray:
+    return kv_bytes / h2d_bandwidth(layout, knobs)[:, None]

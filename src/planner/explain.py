@@ -1,0 +1,135 @@
+"""Why a plan costs what it costs: what binds it, what each knob would change, and how to fix it.
+
+The binding resource is the largest exposed term of the decode step (and of prefill), named by the
+resource behind it: PCIe or NVMe for weight fetch (whichever link is slower), HBM or compute for the
+roofline side that wins, the all-reduce, the pipeline send, the bubble, or framework overhead. Knob
+effects are not guessed: each variant plan is predicted with the same cost model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from planner.feasibility import plan_problems
+from planner.predict import Estimate, predict_many
+from planner.specs.plan import WEIGHT_BITS, OFFLOAD_KINDS, Plan
+
+
+@dataclass(frozen=True)
+class Binding:
+    phase: str  # "decode" or "prefill"
+    resource: str  # PCIe, NVMe, HBM, compute, TP all-reduce, dp all-gather, PP send/recv, bubble, overhead
+    seconds: float
+    share: float  # of the phase's step time
+    detail: str
+
+
+def _resource(term: str, link: dict[str, float]) -> tuple[str, str]:
+    if term == "compute_s":
+        if link["hbm_s"] >= link["flops_s"]:
+            return "HBM", "decode reads every weight and the KV cache once per token: memory-bound"
+        return "compute", "enough tokens per forward that the GEMMs are FLOP-bound"
+    if term == "weight_fetch_s":
+        if link["nvme_s"] > link["h2d_s"]:
+            return "NVMe", "weights are read from NVMe every forward; the drive is the slowest hop"
+        if link["dp_allgather_s"] > link["h2d_s"]:
+            return "dp all-gather", "ZeRO-3 gathers partitions across the dp group every forward"
+        return "PCIe", "weights cross host->device every forward and the copy is not hidden behind compute"
+    names = {
+        "kv_fetch_s": ("PCIe (KV cache)", "the offloaded KV cache is copied in every decode step"),
+        "tp_allreduce_s": ("TP all-reduce", "two all-reduces per layer; small messages are latency-bound"),
+        "pp_p2p_s": ("PP send/recv", "hidden states cross stage boundaries"),
+        "overhead_s": ("overhead", "kernel launches, ZeRO-3 hooks and the generate loop"),
+    }
+    return names[term]
+
+
+def bindings(est: Estimate) -> list[Binding]:
+    out = []
+    for phase, exposed, link, step, bubble in (
+        ("decode", est.decode_exposed, est.decode_link, est.decode_step_s, est.decode_bubble_s),
+        ("prefill", est.prefill_exposed, est.prefill_link, est.prefill_s, est.prefill_bubble_s),
+    ):
+        term = max(exposed, key=exposed.get)
+        resource, detail = _resource(term, link)
+        out.append(Binding(phase, resource, exposed[term], exposed[term] / step, detail))
+        if step > 0 and bubble / step > 0.2:
+            out.append(Binding(phase, "bubble", bubble, bubble / step, "pipeline stages idle; add micro-batches"))
+    return out
+
+
+def memory_headroom(est: Estimate) -> list[tuple[str, float, float]]:
+    """(what, used bytes, capacity bytes) for each memory the plan uses, tightest first."""
+    hw = est.hardware
+    rows = [
+        ("GPU memory", est.gpu_peak_bytes, hw.gpu.memory_bytes * hw.efficiency.gpu_memory_usable),
+        ("CPU memory", est.cpu_bytes, hw.host.dram_bytes * hw.efficiency.dram_usable),
+    ]
+    if est.pinned_bytes:
+        rows.append(("pinned memory", est.pinned_bytes, hw.host.pinnable_bytes))
+    if est.nvme_bytes and hw.nvme:
+        rows.append(("NVMe", est.nvme_bytes, hw.nvme.capacity_bytes))
+    return sorted(rows, key=lambda r: -r[1] / max(r[2], 1.0))
+
+
+def knob_variants(plan: Plan) -> list[tuple[str, Plan]]:
+    """One-knob changes of ``plan`` worth predicting (each a valid Plan)."""
+    v: list[tuple[str, dict]] = []
+    for b in (plan.batch_size * 2, plan.batch_size // 2):
+        v.append((f"batch {b}", {"batch_size": b}))
+    v += [(f"{bits}-bit weights", {"weight_bits": bits}) for bits in WEIGHT_BITS if bits != plan.weight_bits]
+    v += [(f"offload {o}", {"offload": o}) for o in OFFLOAD_KINDS if o != plan.offload]
+    v.append(("pinned memory off" if plan.pin_memory else "pinned memory on", {"pin_memory": not plan.pin_memory}))
+    v.append(("KV offload off" if plan.kv_offload else "KV offload on", {"kv_offload": not plan.kv_offload}))
+    for tp in (plan.tp * 2, plan.tp // 2):
+        v.append((f"tp {tp}", {"tp": tp, "batch_size": max(plan.batch_size, plan.dp)}))
+    for pp in (plan.pp * 2, plan.pp // 2):
+        v.append((f"pp {pp}", {"pp": pp, "micro_batches": 1}))
+    if plan.pp > 1:
+        v.append((f"{plan.micro_batches * 2} micro-batches", {"micro_batches": plan.micro_batches * 2}))
+    if plan.is_offloaded or plan.dp > 1:
+        for bucket in (plan.prefetch_bucket_elems * 4, plan.prefetch_bucket_elems // 4, 0):
+            v.append((f"prefetch bucket {bucket:,}", {"prefetch_bucket_elems": bucket}))
+    out = []
+    for label, change in v:
+        try:
+            out.append((label, plan.with_(**change)))
+        except ValueError:
+            continue  # e.g. batch 0, a batch that the micro-batches no longer divide
+    return out
+
+
+@dataclass(frozen=True)
+class KnobEffect:
+    label: str
+    estimate: Estimate
+    decode_ratio: float  # variant decode step / current
+    throughput_ratio: float
+    gpu_delta_bytes: float
+
+
+def knob_effects(est: Estimate) -> list[KnobEffect]:
+    variants = [
+        (label, p)
+        for label, p in knob_variants(est.plan)
+        if p.world_size >= 1 and not plan_problems(est.model, est.hardware, p)
+    ]
+    if not variants:
+        return []
+    estimates = predict_many(est.model, est.hardware, est.workload, [p for _, p in variants])
+    return [
+        KnobEffect(
+            label=label,
+            estimate=e,
+            decode_ratio=e.decode_step_s / est.decode_step_s,
+            throughput_ratio=e.throughput_tok_s / est.throughput_tok_s,
+            gpu_delta_bytes=e.gpu_peak_bytes - est.gpu_peak_bytes,
+        )
+        for (label, _), e in zip(variants, estimates)
+    ]
+
+
+def fixes(effects: list[KnobEffect], k: int = 3) -> list[KnobEffect]:
+    """For an infeasible plan: the one-knob changes that make it feasible, fastest decode first."""
+    ok = [e for e in effects if e.estimate.feasible]
+    return sorted(ok, key=lambda e: e.estimate.decode_step_s)[:k]

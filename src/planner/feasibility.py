@@ -1,0 +1,162 @@
+"""Hard limits -> named reasons with numbers and a fix. An infeasible plan is never dropped silently.
+
+Two kinds of limit:
+- layout problems (``layout_problems``): the degrees cannot be built at all (tp=3 with 64 heads, more
+  ranks than GPUs). The search never generates these; ``hpi predict`` reports them as a usage error.
+- capacity limits (``capacity_masks`` vectorised, ``capacity_reasons`` for one plan): the plan can be
+  built but does not fit GPU memory, CPU RAM, pinnable memory or NVMe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from planner.cost.estimate import Evaluation
+from planner.cost.shape import EMBED
+from planner.specs.hardware import HardwareProfile
+from planner.specs.model import ModelSpec
+from planner.specs.plan import Plan
+from planner.specs.workload import Workload
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Reason:
+    kind: str  # gpu_memory, cpu_memory, pinned_memory, nvme_missing, nvme_capacity, nvme_buffer, context_length
+    message: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"kind": self.kind, "message": self.message}
+
+
+def layout_problems(model: ModelSpec, hardware: HardwareProfile, tp: int, pp: int, dp: int) -> Iterator[str]:
+    """Why (tp, pp, dp) cannot be built for this model on this machine; nothing when it can."""
+    n_gpus = hardware.n_gpus
+    if tp * pp * dp > n_gpus:
+        yield (
+            f"tp({tp}) * pp({pp}) * dp({dp}) = {tp * pp * dp} > {n_gpus} GPUs on {hardware.name}: "
+            "lower tp, pp or dp"
+        )
+    if model.n_heads % tp:
+        yield f"n_heads({model.n_heads}) % tp({tp}) != 0 for {model.name}: use a tp that divides {model.n_heads}"
+    kv = model.kv_heads_for_sharding
+    if tp > 1 and kv % tp and tp % kv:
+        yield (
+            f"kv_heads({kv}) and tp({tp}) must divide one another for {model.name} "
+            "(each rank needs whole KV heads): pick tp from the divisors or multiples of the KV head count"
+        )
+    widths = [model.ffn_hidden_size] + ([model.moe_ffn_hidden_size] if model.is_moe else [])
+    for width in widths:
+        if width % tp:
+            yield f"ffn width({width}) % tp({tp}) != 0 for {model.name}: use a tp that divides {width}"
+    if pp > model.n_layers:
+        yield f"pp({pp}) > n_layers({model.n_layers}) of {model.name}: each stage needs a layer, lower pp"
+
+
+def plan_problems(model: ModelSpec, hardware: HardwareProfile, plan: Plan) -> list[str]:
+    return list(layout_problems(model, hardware, plan.tp, plan.pp, plan.dp))
+
+
+def _largest_partition_elems(ev: Evaluation) -> float:
+    """The largest tensor one rank swaps to/from NVMe: ZeRO-3 partitions each tensor 1/dp."""
+    t, lay = ev.layout.table, ev.layout
+    largest = np.where(np.arange(4) == EMBED, t.largest_tensor, t.largest_tensor / lay.tp)
+    return float(largest.max() / lay.dp)
+
+
+def capacity_masks(ev: Evaluation) -> dict[str, np.ndarray]:
+    """(N,) boolean per reason kind: True where the plan breaks that limit."""
+    hw, k, mem = ev.layout.hardware, ev.knobs, ev.memory
+    eff = hw.efficiency
+    nvme_capacity = hw.nvme.capacity_bytes if hw.has_nvme else 0.0
+    context = ev.layout.workload.context_len_tokens
+    return {
+        "gpu_memory": mem.gpu_peak_bytes > hw.gpu.memory_bytes * eff.gpu_memory_usable,
+        "cpu_memory": mem.cpu_bytes > hw.host.dram_bytes * eff.dram_usable,
+        "pinned_memory": mem.pinned_bytes > hw.host.pinnable_bytes,
+        "nvme_missing": k.offload_nvme & (not hw.has_nvme),
+        "nvme_capacity": k.offload_nvme & hw.has_nvme & (mem.nvme_bytes > nvme_capacity),
+        "nvme_buffer": k.offload_nvme & (k.nvme_buffer_elems < _largest_partition_elems(ev)),
+        "context_length": np.full(k.n, context > ev.layout.model.max_position_embeddings),
+    }
+
+
+def feasible_mask(ev: Evaluation) -> np.ndarray:
+    masks = capacity_masks(ev)
+    return ~np.logical_or.reduce(list(masks.values()))
+
+
+_GPU_FIXES = {
+    "resident_weights": "offload weights (--offload cpu), quantize (--quant-bits 8 or 4) or split wider (--tp/--pp)",
+    "kv_cache": "lower the batch, offload the KV cache (--kv-offload) or split wider (--tp/--pp)",
+    "activations": "lower the batch or the prompt length, or use more pipeline micro-batches",
+    "live_params": "lower the prefetch bucket (--prefetch-bucket) or split wider (--tp)",
+    "persistent_weights": "lower the persistence threshold",
+    "quant_scales": "use fewer quantization groups or split wider (--tp/--pp)",
+    "framework": "use a GPU with more memory",
+}
+
+
+def _gpu_reason(ev: Evaluation, i: int) -> Reason:
+    hw, mem, k = ev.layout.hardware, ev.memory, ev.knobs
+    parts = {name: float(v[i]) for name, v in mem.gpu_parts.items()}
+    top = max(parts, key=parts.get)
+    stage = int(mem.fullest_stage[i])
+    gpu_name = ev.layout.placement.rank_gpus[stage * ev.layout.tp * ev.layout.dp]
+    usable = hw.gpu.memory_bytes * hw.efficiency.gpu_memory_usable
+    return Reason(
+        "gpu_memory",
+        f"GPU memory {mem.gpu_peak_bytes[i] / GB:.1f} GB > {usable / GB:.1f} GB usable on {gpu_name} "
+        f"({top.replace('_', ' ')} {parts[top] / GB:.1f} GB at batch {int(k.batch_size[i])}): {_GPU_FIXES[top]}",
+    )
+
+
+def capacity_reasons(ev: Evaluation, i: int) -> list[Reason]:
+    """The named reasons plan ``i`` of the evaluation breaks, with numbers and a fix."""
+    hw, mem, k = ev.layout.hardware, ev.memory, ev.knobs
+    masks = capacity_masks(ev)
+    out: list[Reason] = []
+    if masks["gpu_memory"][i]:
+        out.append(_gpu_reason(ev, i))
+    if masks["cpu_memory"][i]:
+        parts = {n: float(v[i]) for n, v in mem.cpu_parts.items()}
+        top = max(parts, key=parts.get)
+        out.append(Reason(
+            "cpu_memory",
+            f"CPU memory {mem.cpu_bytes[i] / GB:.1f} GB > {hw.host.dram_bytes * hw.efficiency.dram_usable / GB:.1f} GB "
+            f"usable per node ({top.replace('_', ' ')} {parts[top] / GB:.1f} GB): offload to NVMe "
+            "(--offload nvme), quantize (--quant-bits 4) or spread over more nodes",
+        ))
+    if masks["pinned_memory"][i]:
+        out.append(Reason(
+            "pinned_memory",
+            f"pinned memory {mem.pinned_bytes[i] / GB:.1f} GB > {hw.host.pinnable_bytes / GB:.1f} GB pinnable per node: "
+            "use --no-pin-memory (slower copies) or quantize (--quant-bits 4)",
+        ))
+    if masks["nvme_missing"][i]:
+        out.append(Reason("nvme_missing", f"offload nvme but {hw.name} has no NVMe in its profile: use --offload cpu"))
+    if masks["nvme_capacity"][i]:
+        out.append(Reason(
+            "nvme_capacity",
+            f"NVMe {mem.nvme_bytes[i] / GB:.1f} GB > {hw.nvme.capacity_bytes / GB:.1f} GB capacity per node: "
+            "quantize (--quant-bits 4) or spread over more nodes",
+        ))
+    if masks["nvme_buffer"][i]:
+        need = _largest_partition_elems(ev)
+        out.append(Reason(
+            "nvme_buffer",
+            f"NVMe buffer {int(k.nvme_buffer_elems[i]):,} elements < largest tensor partition {int(need):,}: "
+            "DeepSpeed refuses it; raise the NVMe buffer size",
+        ))
+    if masks["context_length"][i]:
+        wl, model = ev.layout.workload, ev.layout.model
+        out.append(Reason(
+            "context_length",
+            f"prompt({wl.prompt_len_tokens}) + gen({wl.gen_len_tokens}) = {wl.context_len_tokens} > "
+            f"max_position_embeddings({model.max_position_embeddings}) of {model.name}: shorten the workload",
+        ))
+    return out

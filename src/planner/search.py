@@ -1,0 +1,296 @@
+"""Enumerate the plan space, evaluate it in vectorised layout groups, rank it, find the Pareto front.
+
+Pruning before evaluation: only layouts that can be built (``feasibility.layout_problems``), degrees that
+are powers of two or divide the GPU count, knobs that matter (pinning only where something is copied from
+host memory, prefetch buckets only where ZeRO-3 gathers). Everything else is evaluated, and an infeasible
+plan is kept with its reasons: ``SearchResult.infeasible_counts`` says how many broke which limit.
+
+Objectives:
+- latency: lowest decode step at the workload's batch (default 1), then lowest TTFT
+- throughput: highest batch * gen / total time, each configuration at its best batch
+- balanced: highest sqrt(throughput / best throughput * best latency / decode step), the geometric
+  mean of the two normalised scores, each configuration at its best batch for that score
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from planner.cost.estimate import Evaluation, evaluate
+from planner.cost.inputs import Knobs, Layout, make_layout
+from planner.cost.shape import EMBED
+from planner.feasibility import capacity_masks, layout_problems
+from planner.layout import place
+from planner.predict import Estimate, estimate_from_evaluation
+from planner.specs.hardware import HardwareProfile
+from planner.specs.model import ModelSpec
+from planner.specs.plan import DEEPSPEED_DEFAULT_PREFETCH_ELEMS, Plan
+from planner.specs.workload import Workload
+from planner.topology import build_topology
+
+OBJECTIVES = ("latency", "throughput", "balanced")
+DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+NVME_BUFFER_DEFAULT_ELEMS = 100_000_000
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    offloads: tuple[str, ...] = ("none", "cpu", "nvme")
+    weight_bits: tuple[int, ...] = (16, 8, 4)
+    batch_sizes: tuple[int, ...] = DEFAULT_BATCHES
+    kv_offload: tuple[bool, ...] = (False, True)
+    pin_memory: tuple[bool, ...] = (True, False)
+    tp: tuple[int, ...] | None = None  # None: every buildable degree
+    pp: tuple[int, ...] | None = None
+    dp: tuple[int, ...] | None = None
+    max_micro_batch_factor: int = 2  # micro-batches in {1, pp, 2 pp}
+
+    def restrict(self, **fixed) -> "SearchSpace":
+        """A copy with some axes pinned to one value (``hpi plan --tp 2`` etc.)."""
+        from dataclasses import replace
+
+        changes = {k: (v,) for k, v in fixed.items() if v is not None}
+        return replace(self, **changes)
+
+
+def _degrees(limit: int) -> list[int]:
+    """Powers of two and divisors of ``limit``, up to ``limit``."""
+    powers = {2**i for i in range(int(math.log2(max(limit, 1))) + 1)}
+    divisors = {d for d in range(1, limit + 1) if limit % d == 0}
+    return sorted(d for d in powers | divisors if d <= limit)
+
+
+def candidate_layouts(model: ModelSpec, hardware: HardwareProfile, space: SearchSpace) -> list[tuple[int, int, int]]:
+    n = hardware.n_gpus
+    tps = space.tp or _degrees(n)
+    pps = space.pp or [d for d in _degrees(n) if d <= model.n_layers]
+    dps = space.dp or _degrees(n)
+    return [
+        (tp, pp, dp)
+        for tp, pp, dp in itertools.product(tps, pps, dps)
+        if not any(True for _ in layout_problems(model, hardware, tp, pp, dp))
+    ]
+
+
+def prefetch_buckets(model: ModelSpec) -> tuple[int, ...]:
+    """DeepSpeed's default (5e7) and DeepSpeedExamples' ZeRO-Inference choice (2 * hidden^2)."""
+    return tuple(sorted({DEEPSPEED_DEFAULT_PREFETCH_ELEMS, 2 * model.hidden_size**2}))
+
+
+def _grid(layout: Layout, space: SearchSpace, has_nvme: bool, nvme_buffer_elems: int) -> Knobs:
+    """Every knob combination worth evaluating for one layout, as arrays."""
+    dp, pp = layout.dp, layout.pp
+    offloads = [o for o in space.offloads if o != "nvme" or has_nvme]
+    micro = sorted({1, pp, pp * space.max_micro_batch_factor}) if pp > 1 else [1]
+    rows = []
+    for offload, bits, kv, pin, batch, mb in itertools.product(
+        offloads, space.weight_bits, space.kv_offload, space.pin_memory, space.batch_sizes, micro
+    ):
+        copies_from_host = offload == "cpu" or kv
+        if not pin and not copies_from_host:
+            continue  # pinning changes nothing here
+        if batch % dp or (batch // dp) % mb:
+            continue
+        gathers = offload != "none" or dp > 1
+        buckets = prefetch_buckets(layout.model) if gathers else (DEEPSPEED_DEFAULT_PREFETCH_ELEMS,)
+        for bucket in buckets:
+            rows.append((offload == "cpu", offload == "nvme", bits, pin, kv, batch, mb, bucket))
+    if not rows:
+        return Knobs.from_plans([])
+    a = np.array(rows, dtype=np.float64)
+    n = len(rows)
+    return Knobs(
+        offload_cpu=a[:, 0].astype(bool),
+        offload_nvme=a[:, 1].astype(bool),
+        weight_bits=a[:, 2],
+        pin_memory=a[:, 3].astype(bool),
+        kv_offload=a[:, 4].astype(bool),
+        batch_size=a[:, 5],
+        micro_batches=a[:, 6],
+        prefetch_bucket_elems=a[:, 7],
+        max_live_elems=np.full(n, float(Plan.max_live_elems)),
+        persistence_threshold_elems=np.full(n, float(Plan.persistence_threshold_elems)),
+        nvme_buffer_count=np.full(n, float(Plan.nvme_buffer_count)),
+        nvme_buffer_elems=np.full(n, float(nvme_buffer_elems)),
+    )
+
+
+def nvme_buffer_elems_for(layout: Layout) -> int:
+    """A buffer that holds the largest tensor partition (DeepSpeed refuses smaller ones), at least 1e8."""
+    t = layout.table
+    largest = np.where(np.arange(4) == EMBED, t.largest_tensor, t.largest_tensor / layout.tp).max() / layout.dp
+    return int(max(NVME_BUFFER_DEFAULT_ELEMS, math.ceil(largest)))
+
+
+def plan_at(ev: Evaluation, i: int) -> Plan:
+    k, lay = ev.knobs, ev.layout
+    return Plan(
+        offload="cpu" if k.offload_cpu[i] else "nvme" if k.offload_nvme[i] else "none",
+        tp=lay.tp,
+        pp=lay.pp,
+        dp=lay.dp,
+        weight_bits=int(k.weight_bits[i]),
+        pin_memory=bool(k.pin_memory[i]),
+        kv_offload=bool(k.kv_offload[i]),
+        batch_size=int(k.batch_size[i]),
+        micro_batches=int(k.micro_batches[i]),
+        prefetch_bucket_elems=int(k.prefetch_bucket_elems[i]),
+        max_live_elems=int(k.max_live_elems[i]),
+        persistence_threshold_elems=int(k.persistence_threshold_elems[i]),
+        nvme_buffer_count=int(k.nvme_buffer_count[i]),
+        nvme_buffer_elems=int(k.nvme_buffer_elems[i]),
+    )
+
+
+@dataclass
+class SearchResult:
+    model: ModelSpec
+    hardware: HardwareProfile
+    workload: Workload
+    evaluations: list[Evaluation]
+    group: np.ndarray  # (M,) which evaluation each flat plan comes from
+    index: np.ndarray  # (M,) its index inside that evaluation
+    decode_step_s: np.ndarray
+    ttft_s: np.ndarray
+    throughput_tok_s: np.ndarray
+    batch_size: np.ndarray
+    feasible: np.ndarray
+    config: np.ndarray  # (M,) id of the configuration (everything but batch, micro-batches, bucket)
+    infeasible_counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def n_plans(self) -> int:
+        return len(self.group)
+
+    @property
+    def n_feasible(self) -> int:
+        return int(self.feasible.sum())
+
+    def plan(self, flat: int) -> Plan:
+        return plan_at(self.evaluations[self.group[flat]], int(self.index[flat]))
+
+    def estimate(self, flat: int) -> Estimate:
+        ev = self.evaluations[self.group[flat]]
+        return estimate_from_evaluation(ev, int(self.index[flat]), plan_at(ev, int(self.index[flat])))
+
+    # ---- ranking ----------------------------------------------------------------------------------
+    def _best_per_config(self, candidates: np.ndarray, score: np.ndarray) -> np.ndarray:
+        """Flat indices of the best-scoring (lowest score) candidate of each configuration, best first."""
+        idx = np.flatnonzero(candidates)
+        if not len(idx):
+            return idx
+        order = idx[np.lexsort((self.ttft_s[idx], score[idx]))]
+        _, first = np.unique(self.config[order], return_index=True)
+        best = order[np.sort(first)]
+        return best[np.lexsort((self.ttft_s[best], score[best]))]
+
+    def ranked(self, objective: str, batch_size: int = 1) -> np.ndarray:
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
+        if objective == "latency":
+            return self._best_per_config(self.feasible & (self.batch_size == batch_size), self.decode_step_s)
+        if objective == "throughput":
+            return self._best_per_config(self.feasible, -self.throughput_tok_s)
+        return self._best_per_config(self.feasible, -self.balanced_score())
+
+    def balanced_score(self) -> np.ndarray:
+        f = self.feasible
+        if not f.any():
+            return np.zeros(self.n_plans)
+        best_thr = self.throughput_tok_s[f].max()
+        best_lat = self.decode_step_s[f].min()
+        return np.sqrt(self.throughput_tok_s / best_thr * best_lat / self.decode_step_s)
+
+    def pareto_front(self) -> np.ndarray:
+        """Feasible plans no other beats on both decode step (lower) and throughput (higher), by latency."""
+        idx = np.flatnonzero(self.feasible)
+        if not len(idx):
+            return idx
+        order = idx[np.lexsort((-self.throughput_tok_s[idx], self.decode_step_s[idx]))]
+        front, best = [], -np.inf
+        for i in order:
+            if self.throughput_tok_s[i] > best:
+                front.append(i)
+                best = self.throughput_tok_s[i]
+        return np.array(front, dtype=int)
+
+    def closest_infeasible(self, k: int) -> np.ndarray:
+        """The infeasible plans nearest to fitting (smallest GPU-memory overshoot), for a helpful report."""
+        idx = np.flatnonzero(~self.feasible)
+        if not len(idx):
+            return idx
+        over = np.array([self._overshoot(i) for i in idx])
+        return idx[np.argsort(over)[:k]]
+
+    def _overshoot(self, flat: int) -> float:
+        ev = self.evaluations[self.group[flat]]
+        i = int(self.index[flat])
+        hw = ev.layout.hardware
+        ratios = [
+            ev.memory.gpu_peak_bytes[i] / (hw.gpu.memory_bytes * hw.efficiency.gpu_memory_usable),
+            ev.memory.cpu_bytes[i] / (hw.host.dram_bytes * hw.efficiency.dram_usable),
+            ev.memory.pinned_bytes[i] / max(hw.host.pinnable_bytes, 1.0),
+        ]
+        return float(max(ratios))
+
+
+def search(
+    model: ModelSpec,
+    hardware: HardwareProfile,
+    workload: Workload,
+    space: SearchSpace = SearchSpace(),
+) -> SearchResult:
+    if hardware.n_gpus == 0:
+        raise ValueError(f"{hardware.name} has no GPU: hpi plans GPU inference; pick a profile with GPUs")
+    topology = build_topology(hardware)
+    evaluations: list[Evaluation] = []
+    config_offset = 0
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("group", "index", "dec", "ttft", "thr", "batch", "ok", "cfg")}
+    infeasible: dict[str, int] = {}
+    for tp, pp, dp in candidate_layouts(model, hardware, space):
+        placement = place(Plan(tp=tp, pp=pp, dp=dp, batch_size=dp), topology)
+        layout = make_layout(model, hardware, workload, placement)
+        knobs = _grid(layout, space, hardware.has_nvme, nvme_buffer_elems_for(layout))
+        if knobs.n == 0:
+            continue
+        ev = evaluate(layout, knobs)
+        masks = capacity_masks(ev)
+        ok = ~np.logical_or.reduce(list(masks.values()))
+        for kind, mask in masks.items():
+            infeasible[kind] = infeasible.get(kind, 0) + int(mask.sum())
+        config_key = (
+            knobs.offload_cpu * 1 + knobs.offload_nvme * 2
+        ) * 1000 + knobs.weight_bits * 10 + knobs.pin_memory * 2 + knobs.kv_offload
+        _, config_local = np.unique(config_key, return_inverse=True)
+        cols["group"].append(np.full(knobs.n, len(evaluations)))
+        cols["index"].append(np.arange(knobs.n))
+        cols["dec"].append(ev.decode_step_s)
+        cols["ttft"].append(ev.ttft_s)
+        cols["thr"].append(ev.throughput_tok_s)
+        cols["batch"].append(knobs.batch_size)
+        cols["ok"].append(ok)
+        cols["cfg"].append(config_local + config_offset)
+        config_offset += int(config_local.max()) + 1
+        evaluations.append(ev)
+    if not evaluations:
+        raise ValueError(f"no buildable layout of {model.name} on {hardware.name} within the search space")
+    cat = {k: np.concatenate(v) for k, v in cols.items()}
+    return SearchResult(
+        model=model,
+        hardware=hardware,
+        workload=workload,
+        evaluations=evaluations,
+        group=cat["group"].astype(int),
+        index=cat["index"].astype(int),
+        decode_step_s=cat["dec"],
+        ttft_s=cat["ttft"],
+        throughput_tok_s=cat["thr"],
+        batch_size=cat["batch"],
+        feasible=cat["ok"].astype(bool),
+        config=cat["cfg"].astype(int),
+        infeasible_counts={k: v for k, v in infeasible.items() if v},
+    )
