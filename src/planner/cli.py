@@ -120,7 +120,7 @@ def _plan_from_file(path: str) -> dict[str, Any]:
 
 
 def _plan_from_args(args: argparse.Namespace, model) -> Plan:
-    from planner.search import NVME_BUFFER_DEFAULT_ELEMS
+    from planner.search import nvme_buffer_elems_for
 
     if args.plan_file:
         fields = _plan_from_file(args.plan_file)
@@ -131,8 +131,7 @@ def _plan_from_args(args: argparse.Namespace, model) -> Plan:
         micro = max(d for d in range(1, min(args.pp, per_replica) + 1) if per_replica % d == 0) if args.pp > 1 else 1
     nvme_buffer = args.nvme_buffer_size
     if nvme_buffer is None:
-        largest = max(model.vocab_size * model.hidden_size, 1) / max(args.dp, 1)
-        nvme_buffer = int(max(NVME_BUFFER_DEFAULT_ELEMS, largest))
+        nvme_buffer = nvme_buffer_elems_for(model, max(args.tp, 1), max(args.dp, 1))
     return Plan(
         offload=args.offload,
         tp=args.tp,

@@ -15,7 +15,7 @@ from typing import Iterator
 import numpy as np
 
 from planner.cost.estimate import Evaluation
-from planner.cost.shape import EMBED
+from planner.cost.shape import per_rank
 from planner.specs.hardware import HardwareProfile
 from planner.specs.model import ModelSpec
 from planner.specs.plan import Plan
@@ -64,8 +64,7 @@ def plan_problems(model: ModelSpec, hardware: HardwareProfile, plan: Plan) -> li
 def _largest_partition_elems(ev: Evaluation) -> float:
     """The largest tensor one rank swaps to/from NVMe: ZeRO-3 partitions each tensor 1/dp."""
     t, lay = ev.layout.table, ev.layout
-    largest = np.where(np.arange(4) == EMBED, t.largest_tensor, t.largest_tensor / lay.tp)
-    return float(largest.max() / lay.dp)
+    return float(per_rank(t, t.largest_tensor, lay.tp).max() / lay.dp)
 
 
 def capacity_masks(ev: Evaluation) -> dict[str, np.ndarray]:

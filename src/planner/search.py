@@ -22,7 +22,7 @@ import numpy as np
 
 from planner.cost.estimate import Evaluation, evaluate
 from planner.cost.inputs import Knobs, Layout, make_layout
-from planner.cost.shape import EMBED
+from planner.cost.shape import module_table, per_rank
 from planner.feasibility import capacity_masks, layout_problems
 from planner.layout import place
 from planner.predict import Estimate, estimate_from_evaluation
@@ -119,10 +119,10 @@ def _grid(layout: Layout, space: SearchSpace, has_nvme: bool, nvme_buffer_elems:
     )
 
 
-def nvme_buffer_elems_for(layout: Layout) -> int:
+def nvme_buffer_elems_for(model: ModelSpec, tp: int, dp: int) -> int:
     """A buffer that holds the largest tensor partition (DeepSpeed refuses smaller ones), at least 1e8."""
-    t = layout.table
-    largest = np.where(np.arange(4) == EMBED, t.largest_tensor, t.largest_tensor / layout.tp).max() / layout.dp
+    t = module_table(model)
+    largest = per_rank(t, t.largest_tensor, tp).max() / dp
     return int(max(NVME_BUFFER_DEFAULT_ELEMS, math.ceil(largest)))
 
 
@@ -254,7 +254,7 @@ def search(
     for tp, pp, dp in candidate_layouts(model, hardware, space):
         placement = place(Plan(tp=tp, pp=pp, dp=dp, batch_size=dp), topology)
         layout = make_layout(model, hardware, workload, placement)
-        knobs = _grid(layout, space, hardware.has_nvme, nvme_buffer_elems_for(layout))
+        knobs = _grid(layout, space, hardware.has_nvme, nvme_buffer_elems_for(model, tp, dp))
         if knobs.n == 0:
             continue
         ev = evaluate(layout, knobs)

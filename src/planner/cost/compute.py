@@ -44,9 +44,9 @@ def touched_elems_per_rank(layout: Layout, tokens: np.ndarray) -> np.ndarray:
 
 
 def stored_elems_per_rank(layout: Layout) -> np.ndarray:
-    """(kinds,) elements a TP rank holds of one module before ZeRO-3 partitioning (tied head: 0)."""
+    """(kinds,) elements a TP rank holds of one module before ZeRO-3 partitioning (a tied head: its norm)."""
     t = layout.table
-    return (t.sharded / layout.tp + t.replicated + t.n_experts * t.expert_sharded / layout.tp) * t.stored_multiplier
+    return (t.sharded - t.tied_sharded) / layout.tp + t.replicated + t.n_experts * t.expert_sharded / layout.tp
 
 
 def flops(layout: Layout, phase: Phase) -> np.ndarray:

@@ -5,7 +5,7 @@ Per module (a decoder layer, the embedding or the head), one forward on one rank
     busy   = compute + tp_allreduce                     (the GPU's stream: all-reduces sit between GEMMs)
     fetch  = max(h2d, nvme) + dp_allgather              (the copy engines: host/NVMe -> GPU, then gather)
              where h2d carries the weights and, in decode with KV offload, the layer's KV cache
-    f      = min(1, prefetch_bucket / largest tensor)   (how much of the next tensor is in flight while
+    f      = min(1, prefetch_bucket / largest module)   (how much of the next module is in flight while
                                                           this one computes; 0 with prefetching off)
     module = max(busy, fetch) + (1 - f) * min(busy, fetch) + overhead
 
@@ -33,7 +33,7 @@ from planner.cost.memory import MemoryResult, memory
 from planner.cost.overhead import module_overhead_time, step_overhead_time
 from planner.cost.phase import Phase, decode_phase, prefill_phase
 from planner.cost.pipeline import compose_step, p2p_time
-from planner.cost.shape import EMBED
+from planner.cost.shape import per_rank
 from planner.cost.streaming import (
     fetched_elems_per_rank,
     h2d_bandwidth,
@@ -63,8 +63,7 @@ class PhaseResult:
 
 def prefetch_overlap(layout: Layout, knobs: Knobs) -> np.ndarray:
     """(N, kinds) f in the module rule: share of the next tensor's fetch in flight during this compute."""
-    t = layout.table
-    largest = np.where(np.arange(4) == EMBED, t.largest_tensor, t.largest_tensor / layout.tp)
+    largest = per_rank(layout.table, layout.table.largest_gather, layout.tp)
     return np.clip(knobs.prefetch_bucket_elems[:, None] / np.maximum(largest, 1.0), 0.0, 1.0)
 
 

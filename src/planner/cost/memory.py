@@ -4,8 +4,9 @@ GPU, per rank of a stage (the planner reports the fullest GPU):
 - resident_weights: the stage's TP shard, partitioned 1/dp by ZeRO-3, when not offloaded
 - persistent_weights: tensors under the persistence threshold, kept whole on every GPU when ZeRO-3 gathers
 - quant_scales: fp16 scale + zero point per group of 64 weights (4/64 bytes per weight) of resident weights
-- live_params: what ZeRO-3 has gathered at once, in 16 bit: the largest tensor in flight plus the prefetch
-  bucket, capped by ``stage3_max_live_parameters`` (DeepSpeed ``PartitionedParameterCoordinator``)
+- live_params: what ZeRO-3 has gathered at once, in 16 bit: the largest module in flight (its own
+  parameters: DeepSpeed's "largest layer") plus the prefetch bucket, capped by
+  ``stage3_max_live_parameters`` (DeepSpeed ``PartitionedParameterCoordinator``)
 - kv_cache: 2 * kv_heads/tp * head_dim (MLA: decompressed K and V) * context * sequences * 2 bytes per
   layer of the stage; with KV offload only the layer in use and the one being prefetched
 - activations: the prefill peak of one micro-batch (residual stream, projections, FFN intermediates with
@@ -26,7 +27,7 @@ import numpy as np
 
 from planner.cost.compute import stored_elems_per_rank
 from planner.cost.inputs import COMPUTE_BYTES, Knobs, Layout
-from planner.cost.shape import DENSE, EMBED, HEAD, MOE
+from planner.cost.shape import DENSE, HEAD, MOE, per_rank
 from planner.cost.streaming import fetches_weights, persistent_elems
 
 LOGIT_BYTES = 4.0  # transformers upcasts logits to fp32
@@ -75,7 +76,7 @@ def _gpu_parts(layout: Layout, knobs: Knobs, bpw: np.ndarray, meta: np.ndarray) 
     stored = np.broadcast_to(stored_elems_per_rank(layout), (knobs.n, 4))
     persistent = np.where(fetching, np.minimum(persistent_elems(layout, knobs.persistence_threshold_elems), stored), 0.0)
     partitioned = np.where(offloaded, 0.0, (stored - persistent) / layout.dp)
-    largest = np.where(np.arange(4) == EMBED, t.largest_tensor, t.largest_tensor / layout.tp)
+    largest = per_rank(t, t.largest_gather, layout.tp)
     stage_largest = np.max(np.where(counts > 0, largest, 0.0), axis=1)  # (pp,)
     bucket = np.minimum(knobs.prefetch_bucket_elems, np.maximum(knobs.max_live_elems - stage_largest.max(), 0.0))
     live = np.where(fetching, stage_largest[None, :] + bucket[:, None], 0.0) * COMPUTE_BYTES

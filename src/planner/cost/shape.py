@@ -10,6 +10,11 @@ Module kinds (columns of every per-module array in the cost model):
   2 EMBED  token embedding, learned position table, embedding norm (replicated across TP ranks)
   3 HEAD   final norm and LM head (the head is column-sharded across TP ranks)
 Pipeline stages are counts of these kinds (``planner.cost.pipeline.stage_module_counts``).
+
+ZeRO-3 gathers parameters one *module* at a time (a module's own parameters, ``recurse=False``). In
+transformers >= 5 a layer's routed experts are one module holding 3-D ``gate_up_proj`` / ``down_proj``
+tensors, so ZeRO-3 gathers every expert of a layer whenever the layer runs, whatever the router picks
+(``EXPERTS_GATHERED_WHOLE``); the GEMMs still read only the experts tokens were routed to.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import numpy as np
 from planner.specs.model import ModelSpec
 
 DENSE, MOE, EMBED, HEAD = range(4)
+EXPERTS_GATHERED_WHOLE = True  # transformers >= 5 fuses a layer's experts into one module (see above)
 N_KINDS = 4
 KIND_NAMES = ("dense_layer", "moe_layer", "embedding", "lm_head")
 
@@ -32,21 +38,24 @@ class Tensor:
     numel: int
     matrix: bool  # 2-D weight: quantizable
     tp_sharded: bool  # split across the TP group (column/row parallel); else replicated
-    expert: bool = False  # belongs to one routed expert (fetched only when a token routes to it)
+    expert: bool = False  # belongs to one routed expert (listed once; the layer holds n_experts of them)
+    tied: bool = False  # re-uses another module's tensor: fetched and computed with, not stored again
+    module: str = ""  # the leaf module owning it: ZeRO-3's unit of gathering
 
 
 def _norm(model: ModelSpec, name: str, width: int) -> list[Tensor]:
-    out = [Tensor(f"{name}.weight", width, False, False)]
+    out = [Tensor(f"{name}.weight", width, False, False, module=name)]
     if model.norm == "layernorm":
-        out.append(Tensor(f"{name}.bias", width, False, False))
+        out.append(Tensor(f"{name}.bias", width, False, False, module=name))
     return out
 
 
 def _linear(name: str, n_in: int, n_out: int, bias: bool, column: bool, expert: bool = False) -> list[Tensor]:
     """A TP-sharded linear; a row-parallel bias is replicated (added after the all-reduce)."""
-    out = [Tensor(f"{name}.weight", n_in * n_out, True, True, expert)]
+    module = "experts" if expert else name
+    out = [Tensor(f"{name}.weight", n_in * n_out, True, True, expert, module=module)]
     if bias:
-        out.append(Tensor(f"{name}.bias", n_out, False, column, expert))
+        out.append(Tensor(f"{name}.bias", n_out, False, column, expert, module=module))
     return out
 
 
@@ -57,13 +66,14 @@ def _attention(model: ModelSpec) -> list[Tensor]:
         out: list[Tensor] = []
         if model.q_lora_rank:
             # The low-rank down-projections are not split by heads: replicated across TP.
-            out.append(Tensor("q_a_proj.weight", h * model.q_lora_rank, True, False))
-            out += [Tensor("q_a_layernorm.weight", model.q_lora_rank, False, False)]
+            out.append(Tensor("q_a_proj.weight", h * model.q_lora_rank, True, False, module="q_a_proj"))
+            out += [Tensor("q_a_layernorm.weight", model.q_lora_rank, False, False, module="q_a_layernorm")]
             out += _linear("q_b_proj", model.q_lora_rank, H * qk, False, True)
         else:
             out += _linear("q_proj", h, H * qk, False, True)
-        out.append(Tensor("kv_a_proj_with_mqa.weight", h * (model.kv_lora_rank + model.qk_rope_head_dim), True, False))
-        out.append(Tensor("kv_a_layernorm.weight", model.kv_lora_rank, False, False))
+        kv_a = h * (model.kv_lora_rank + model.qk_rope_head_dim)
+        out.append(Tensor("kv_a_proj_with_mqa.weight", kv_a, True, False, module="kv_a_proj_with_mqa"))
+        out.append(Tensor("kv_a_layernorm.weight", model.kv_lora_rank, False, False, module="kv_a_layernorm"))
         out += _linear("kv_b_proj", model.kv_lora_rank, H * (model.qk_nope_head_dim + model.v_head_dim), False, True)
         out += _linear("o_proj", H * model.v_head_dim, h, False, False)
         return out
@@ -99,18 +109,20 @@ def module_tensors(model: ModelSpec, kind: int) -> list[Tensor]:
         shared = []
         for i in range(model.n_shared_experts):
             shared += _ffn(model, f"shared_experts.{i}", model.moe_ffn_hidden_size)
-        router = [Tensor("gate.weight", model.n_experts * h, True, False)]
+        router = [Tensor("gate.weight", model.n_experts * h, True, False, module="gate")]
         return _attention(model) + router + shared + _ffn(model, "experts.e", model.moe_ffn_hidden_size, True) + norms
     if kind == EMBED:
-        out = [Tensor("embed_tokens.weight", model.vocab_size * h, True, False)]
+        out = [Tensor("embed_tokens.weight", model.vocab_size * h, True, False, module="embed_tokens")]
         if model.learned_positions:
-            out.append(Tensor("embed_positions.weight", model.learned_positions * h, True, False))
+            positions = model.learned_positions * h
+            out.append(Tensor("embed_positions.weight", positions, True, False, module="embed_positions"))
         if model.embedding_norm:
             out += _norm(model, "word_embeddings_layernorm", h)
         return out
     if kind == HEAD:
         # A tied head re-uses the embedding matrix: fetched (and computed with) again, stored once.
-        return _norm(model, "norm", h) + [Tensor("lm_head.weight", model.vocab_size * h, True, True)]
+        head = Tensor("lm_head.weight", model.vocab_size * h, True, True, tied=model.tied_embeddings, module="lm_head")
+        return _norm(model, "norm", h) + [head]
     raise ValueError(f"unknown module kind {kind}")
 
 
@@ -126,10 +138,11 @@ class ModuleTable:
     expert_sharded: np.ndarray  # elements of one routed expert (all sharded)
     n_experts: np.ndarray  # routed experts in the module (0 except MOE)
     experts_active: np.ndarray  # routed experts each token uses
+    tied_sharded: np.ndarray  # elements of tied (fetched, not stored) sharded tensors: a tied LM head
     matrix_fraction: np.ndarray  # share of stored elements that are quantizable matrices
-    stored_multiplier: np.ndarray  # 0 for a tied head (storage counted in EMBED), else 1
-    tensor_sizes: tuple[np.ndarray, ...]  # per kind: sorted numels of the module's non-expert tensors
-    largest_tensor: np.ndarray  # per kind: largest single tensor (ZeRO-3 gathers whole tensors)
+    tensor_sizes: tuple[np.ndarray, ...]  # per kind: sorted numels of every tensor (persistence threshold)
+    largest_tensor: np.ndarray  # per kind: largest single tensor (NVMe swap buffers hold one partition)
+    largest_gather: np.ndarray  # per kind: largest leaf module's own parameters (gathered at once)
     is_layer: np.ndarray  # 1 for decoder layers (per-layer overheads and all-reduces)
     attn_flops_per_ctx_token: float  # 2*H*(d_qk + d_v): FLOPs per query token per cached token, all heads
     kv_elems_per_token: float  # per layer
@@ -146,29 +159,35 @@ def _sum(ts: list[Tensor], **match) -> int:
 @lru_cache(maxsize=64)
 def module_table(model: ModelSpec) -> ModuleTable:
     per_kind = [module_tensors(model, k) for k in range(N_KINDS)]
-    sharded, replicated, expert, matrix_frac, sizes, largest = [], [], [], [], [], []
+    sharded, replicated, expert, tied, matrix_frac, sizes, largest, gather = [], [], [], [], [], [], [], []
     for kind, ts in enumerate(per_kind):
         shared_ts = [t for t in ts if not t.expert]
+        n_routed = model.n_experts if kind == MOE else 0
         sharded.append(_sum(shared_ts, tp_sharded=True))
         replicated.append(_sum(shared_ts, tp_sharded=False))
         expert.append(_sum(ts, expert=True))
-        n_routed = model.n_experts if kind == MOE else 0
-        stored = _sum(shared_ts) + n_routed * expert[-1]
-        stored_matrix = _sum(shared_ts, matrix=True) + n_routed * _sum(ts, expert=True, matrix=True)
+        tied.append(_sum(shared_ts, tied=True))
+        stored = _sum(shared_ts, tied=False) + n_routed * expert[-1]
+        stored_matrix = _sum(shared_ts, matrix=True, tied=False) + n_routed * _sum(ts, expert=True, matrix=True)
         matrix_frac.append(stored_matrix / stored if stored else 0.0)
-        sizes.append(np.sort(np.array([t.numel for t in ts], dtype=np.float64)))
-        largest.append(max((t.numel for t in ts), default=0))
-    tied_head = model.tied_embeddings
+        fused = [t.numel * (n_routed if t.expert and EXPERTS_GATHERED_WHOLE else 1) for t in ts]
+        sizes.append(np.sort(np.array(fused, dtype=np.float64)))
+        largest.append(max(fused, default=0))
+        per_module: dict[str, int] = {}
+        for t, n in zip(ts, fused):
+            per_module[t.module] = per_module.get(t.module, 0) + n
+        gather.append(max(per_module.values(), default=0))
     return ModuleTable(
         sharded=np.array(sharded, dtype=np.float64),
         replicated=np.array(replicated, dtype=np.float64),
         expert_sharded=np.array(expert, dtype=np.float64),
         n_experts=np.array([0, model.n_experts, 0, 0], dtype=np.float64),
         experts_active=np.array([0, model.n_experts_active, 0, 0], dtype=np.float64),
+        tied_sharded=np.array(tied, dtype=np.float64),
         matrix_fraction=np.array(matrix_frac),
-        stored_multiplier=np.array([1.0, 1.0, 1.0, 0.0 if tied_head else 1.0]),
         tensor_sizes=tuple(sizes),
         largest_tensor=np.array(largest, dtype=np.float64),
+        largest_gather=np.array(gather, dtype=np.float64),
         is_layer=np.array([1.0, 1.0, 0.0, 0.0]),
         attn_flops_per_ctx_token=2.0 * model.n_heads * (model.attention_qk_dim + model.attention_v_dim),
         kv_elems_per_token=float(model.kv_cache_elems_per_token_per_layer),
@@ -184,5 +203,10 @@ def module_table(model: ModelSpec) -> ModuleTable:
 
 
 def stored_elements(table: ModuleTable) -> np.ndarray:
-    """Elements each kind stores (tied head: 0), summing with the stage counts to the model total."""
-    return (table.sharded + table.replicated + table.n_experts * table.expert_sharded) * table.stored_multiplier
+    """Elements each kind stores (a tied head only its norm), summing with the stage counts to the total."""
+    return table.sharded - table.tied_sharded + table.replicated + table.n_experts * table.expert_sharded
+
+
+def per_rank(table: ModuleTable, per_kind: np.ndarray, tp: int) -> np.ndarray:
+    """Divide per-kind sizes of single tensors/modules by tp, except the replicated embedding's."""
+    return np.where(np.arange(N_KINDS) == EMBED, per_kind, per_kind / tp)

@@ -1,7 +1,8 @@
 """Weight streaming: what ZeRO-3 moves from CPU RAM or NVMe to the GPU for one forward of a module.
 
 - ZeRO-3 gathers a module's parameters before its forward and frees them after, except tensors smaller
-  than ``stage3_param_persistence_threshold``, which stay on every GPU.
+  than ``stage3_param_persistence_threshold``, which stay on every GPU. A layer's experts are one fused
+  module (``cost.shape.EXPERTS_GATHERED_WHOLE``): all are gathered, not only those the router picks.
 - With offload, each rank of a dp (ZeRO partition) group holds 1/dp of each TP shard in host memory or on
   NVMe: it copies its 1/dp over its own PCIe link, then the group all-gathers (``cost.collectives``).
   Without offload but with dp > 1 only the all-gather remains.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from planner.cost.compute import touched_elems_per_rank
+from planner.cost.shape import EXPERTS_GATHERED_WHOLE
 from planner.cost.inputs import COMPUTE_BYTES, Knobs, Layout
 from planner.cost.phase import Phase
 
@@ -39,7 +41,11 @@ def persistent_elems(layout: Layout, threshold: np.ndarray) -> np.ndarray:
 
 def fetched_elems_per_rank(layout: Layout, knobs: Knobs, phase: Phase) -> np.ndarray:
     """(N, kinds) elements gathered for one forward, per TP rank, before dividing by dp."""
-    touched = touched_elems_per_rank(layout, phase.tokens)
+    t = layout.table
+    if EXPERTS_GATHERED_WHOLE:  # the fused experts module is gathered whole, routed-to or not
+        touched = np.broadcast_to(t.sharded / layout.tp + t.replicated + t.n_experts * t.expert_sharded / layout.tp, (knobs.n, 4))
+    else:
+        touched = touched_elems_per_rank(layout, phase.tokens)
     persistent = persistent_elems(layout, knobs.persistence_threshold_elems)
     fetched = np.maximum(touched - persistent, 0.0)
     return np.where(fetches_weights(layout, knobs)[:, None], fetched, 0.0)

@@ -96,12 +96,17 @@ class Plan:
         return self.batch_per_replica // self.micro_batches
 
     @property
+    def copies_from_host_memory(self) -> bool:
+        """Whether pin_memory matters: weights or KV cache are copied from CPU RAM every step."""
+        return self.offload == "cpu" or self.kv_offload
+
+    @property
     def label(self) -> str:
-        """A short human label, e.g. ``cpu-pin tp2 pp1 dp1 w4 kv-off b16``."""
-        where = self.offload + ("-pin" if self.pin_memory and self.is_offloaded else "")
-        kv = " kv-off" if self.kv_offload else ""
+        """A short human label, e.g. ``cpu+kv pinned tp2 pp1 dp1 w4 b16``."""
+        where = self.offload + ("+kv" if self.kv_offload else "")
+        host = (" pinned" if self.pin_memory else " pageable") if self.copies_from_host_memory else ""
         mb = f" mb{self.micro_batches}" if self.pp > 1 else ""
-        return f"{where} tp{self.tp} pp{self.pp} dp{self.dp} w{self.weight_bits}{kv} b{self.batch_size}{mb}"
+        return f"{where}{host} tp{self.tp} pp{self.pp} dp{self.dp} w{self.weight_bits} b{self.batch_size}{mb}"
 
     # ---- JSON -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
