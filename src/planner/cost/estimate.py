@@ -5,8 +5,9 @@ Per module (a decoder layer, the embedding or the head), one forward on one rank
     busy   = compute + tp_allreduce                     (the GPU's stream: all-reduces sit between GEMMs)
     fetch  = max(h2d, nvme) + dp_allgather              (the copy engines: host/NVMe -> GPU, then gather)
              where h2d carries the weights and, in decode with KV offload, the layer's KV cache
-    f      = min(1, prefetch_bucket / largest module)   (how much of the next module is in flight while
-                                                          this one computes; 0 with prefetching off)
+    f      = min(1, bucket / largest module)            (how much of the next module is in flight while
+             bucket = min(prefetch_bucket,                this one computes; 0 with prefetching off)
+                          max_live - largest module)
     module = max(busy, fetch) + (1 - f) * min(busy, fetch) + overhead
 
 so with full prefetch the slower of compute and streaming hides the faster, and with none they add.
@@ -64,7 +65,10 @@ class PhaseResult:
 def prefetch_overlap(layout: Layout, knobs: Knobs) -> np.ndarray:
     """(N, kinds) f in the module rule: share of the next tensor's fetch in flight during this compute."""
     largest = per_rank(layout.table, layout.table.largest_gather, layout.tp)
-    return np.clip(knobs.prefetch_bucket_elems[:, None] / np.maximum(largest, 1.0), 0.0, 1.0)
+    # stage3_max_live_parameters bounds what may be in flight while this module is gathered.
+    room = np.maximum(knobs.max_live_elems[:, None] - largest, 0.0)
+    bucket = np.minimum(knobs.prefetch_bucket_elems[:, None], room)
+    return np.clip(bucket / np.maximum(largest, 1.0), 0.0, 1.0)
 
 
 def phase_result(layout: Layout, knobs: Knobs, phase: Phase, bpw: np.ndarray) -> PhaseResult:

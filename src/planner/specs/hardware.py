@@ -55,13 +55,17 @@ class NvmeSpec:
 class Efficiency:
     """Fractions of a ceiling that real runs reach, and fixed overheads.
 
+    A fraction applies to the ceiling the profile states, whatever its provenance: a datasheet peak
+    (where the fraction carries the whole gap) or a probed rate such as a measured 8192^3 matmul (where
+    it carries only what a real model's kernels lose beyond that); calibration fits it either way.
+
     Defaults are where no better number is known; profiles override them with measured or calibrated
     values (``hpi calibrate`` writes the ``calibrated`` ones). Each is used in exactly one cost module.
     """
 
-    matmul_prefill: float = 0.60  # of bf16 peak, large prefill GEMMs (cost.compute)
-    matmul_decode: float = 0.50  # of bf16 peak, skinny decode GEMMs when compute-bound (cost.compute)
-    hbm: float = 0.80  # of HBM bandwidth, decode GEMV/attention reads (cost.compute)
+    matmul_prefill: float = 0.60  # of the bf16 ceiling, large prefill GEMMs (cost.compute)
+    matmul_decode: float = 0.50  # of the bf16 ceiling, skinny decode GEMMs when compute-bound (cost.compute)
+    hbm: float = 0.80  # of the HBM ceiling, decode GEMV/attention reads (cost.compute)
     h2d_stream_pinned: float = 0.62  # ZeRO-3 parameter fetch over the pinned PCIe ceiling (cost.streaming)
     h2d_stream_pageable: float = 0.80  # over the pageable ceiling (already a slow staged copy)
     nvme_read: float = 0.80  # DeepSpeed aio over the O_DIRECT sequential ceiling (cost.streaming)

@@ -2,7 +2,7 @@
 
 DeepSpeed's ``estimate_zero3_model_states_mem_needs`` is a *training* estimate (16-bit params and grads
 plus fp32 Adam states), so only its 16-bit parameter terms are comparable to an inference plan
-(derivation in tests/planner/data/notes_deepspeed_zero3_estimator.md):
+(derivation in validation/notes_deepspeed_zero3_estimator.md):
 - host copy with offload_param=cpu: cpu(opt cpu, param cpu) - cpu(opt cpu, param none) = 2P per node
 - GPU shard without param offload: gpu(opt cpu, param none) - 4L = 2P / G
 - gathered working set with param offload: half of gpu(cpu, cpu) = 2L, L the largest module's own params
