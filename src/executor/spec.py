@@ -1,0 +1,108 @@
+"""What one run is asked to do: the plan and everything else a worker rank needs, as plain JSON.
+
+The launcher writes it to ``<out_dir>/spec.json``; every rank reads the same file, so all ranks agree on
+inputs (TP ranks must see identical prompts; ZeRO-3 ranks must run the same number of forwards).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from planner.specs.plan import Plan
+from planner.specs.workload import Workload
+
+DEVICES = ("cuda", "cpu")
+DTYPES = ("bf16", "fp16", "fp32")
+MODES = ("benchmark", "chat")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    plan: Plan
+    model: str  # catalogue name, or a path to a config.json or a checkpoint directory
+    workload: Workload = Workload()
+    hardware: str | None = None  # profile name or path (for the prediction beside each figure)
+    device: str = "cuda"
+    dtype: str = "bf16"
+    checkpoint: str | None = None  # local HF checkpoint directory (safetensors + tokenizer)
+    prompts: tuple[str, ...] = ()  # text prompts; empty: random token ids (seeded, same for every layout)
+    seed: int = 0
+    mode: str = "benchmark"  # benchmark: exactly gen_len tokens; chat: stop at EOS, stream tokens
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    nvme_path: str | None = None
+    stage_layers: tuple[int, ...] = ()  # decoder layers per pipeline stage; empty: balanced by the planner
+    out_dir: str = "runs/latest"
+    warmup_steps: int = 0  # untimed generate calls before the measured one
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes recorded with the run
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"device {self.device!r} is not one of {', '.join(DEVICES)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.stage_layers and len(self.stage_layers) != self.plan.pp:
+            raise ValueError(
+                f"stage_layers has {len(self.stage_layers)} entries but pp = {self.plan.pp}: give one count per stage"
+            )
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError("temperature must be >= 0 and 0 < top_p <= 1")
+
+    @property
+    def world_size(self) -> int:
+        return self.plan.world_size
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["prompts"] = list(self.prompts)
+        d["stage_layers"] = list(self.stage_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunSpec":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"run spec has unknown field(s) {', '.join(unknown)}")
+        d = dict(data)
+        d["plan"] = Plan.from_dict(d["plan"])
+        d["workload"] = Workload(**d.get("workload", {}))
+        d["prompts"] = tuple(d.get("prompts", ()))
+        d["stage_layers"] = tuple(d.get("stage_layers", ()))
+        return cls(**d)
+
+    def write(self, path: str | os.PathLike) -> Path:
+        return write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> "RunSpec":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+
+def write_json_atomic(path: str | os.PathLike, doc: Any) -> Path:
+    """Write JSON so that a reader never sees half a file: temp file in the same folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=1, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
