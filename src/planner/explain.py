@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 from planner.feasibility import plan_problems
 from planner.predict import Estimate, predict_many
-from planner.specs.plan import WEIGHT_BITS, OFFLOAD_KINDS, Plan
+from planner.search import nvme_buffer_elems_for
+from planner.specs.model import ModelSpec
+from planner.specs.plan import OFFLOAD_KINDS, WEIGHT_BITS, Plan
 
 
 @dataclass(frozen=True)
@@ -72,13 +74,19 @@ def memory_headroom(est: Estimate) -> list[tuple[str, float, float]]:
     return sorted(rows, key=lambda r: -r[1] / max(r[2], 1.0))
 
 
-def knob_variants(plan: Plan) -> list[tuple[str, Plan]]:
+def knob_variants(plan: Plan, model: ModelSpec) -> list[tuple[str, Plan]]:
     """One-knob changes of ``plan`` worth predicting (each a valid Plan)."""
     v: list[tuple[str, dict]] = []
     for b in (plan.batch_size * 2, plan.batch_size // 2):
         v.append((f"batch {b}", {"batch_size": b}))
     v += [(f"{bits}-bit weights", {"weight_bits": bits}) for bits in WEIGHT_BITS if bits != plan.weight_bits]
-    v += [(f"offload {o}", {"offload": o}) for o in OFFLOAD_KINDS if o != plan.offload]
+    for offload in OFFLOAD_KINDS:
+        if offload == plan.offload:
+            continue
+        change: dict = {"offload": offload}
+        if offload == "nvme":  # DeepSpeed refuses a buffer smaller than the largest tensor partition
+            change["nvme_buffer_elems"] = max(plan.nvme_buffer_elems, nvme_buffer_elems_for(model, plan.tp, plan.dp))
+        v.append((f"offload {offload}", change))
     v.append(("pinned memory off" if plan.pin_memory else "pinned memory on", {"pin_memory": not plan.pin_memory}))
     v.append(("KV offload off" if plan.kv_offload else "KV offload on", {"kv_offload": not plan.kv_offload}))
     for tp in (plan.tp * 2, plan.tp // 2):
@@ -111,7 +119,7 @@ class KnobEffect:
 def knob_effects(est: Estimate) -> list[KnobEffect]:
     variants = [
         (label, p)
-        for label, p in knob_variants(est.plan)
+        for label, p in knob_variants(est.plan, est.model)
         if p.world_size >= 1 and not plan_problems(est.model, est.hardware, p)
     ]
     if not variants:

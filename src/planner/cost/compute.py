@@ -2,12 +2,14 @@
 
 t = max(FLOPs / (peak_bf16 * eff_matmul[phase]),  bytes_read / (HBM_bw * eff_hbm))       (Williams et al. 2009)
 
-- FLOPs: 2 per weight per token for the weights a token uses (its k routed experts, not all of them),
+- FLOPs: 2 per weight per token for the weights a token uses (its k routed experts, not all of them;
+  none for the embedding, a lookup),
   plus attention 2*H*(d_qk + d_v) per query token per attended key, split across TP ranks, plus for MLA
   in decode the re-expansion of every cached latent through kv_b_proj. The LM head
   runs on the last position only in prefill (transformers' ``logits_to_keep``).
-- Bytes: every weight the forward touches is read once in 16 bit; a quantized weight is first
-  dequantized (read packed, write 16-bit), which ZeRO-Inference does per use. Decode also reads the KV
+- Bytes: every weight the forward touches is read once in 16 bit (the embedding: only the rows looked
+  up); a quantized weight is first dequantized (read packed, write 16-bit), which ZeRO-Inference does
+  per use, for a gathered embedding the whole table. Decode also reads the KV
   cache of every sequence in the micro-batch.
 """
 
@@ -17,7 +19,7 @@ import numpy as np
 
 from planner.cost.inputs import COMPUTE_BYTES, Knobs, Layout
 from planner.cost.phase import Phase
-from planner.cost.shape import HEAD
+from planner.cost.shape import EMBED, HEAD
 
 
 def expected_experts_touched(n_experts: np.ndarray, k: np.ndarray, tokens: np.ndarray) -> np.ndarray:
@@ -53,6 +55,7 @@ def flops(layout: Layout, phase: Phase) -> np.ndarray:
     t = layout.table
     weight_tokens = np.repeat(phase.tokens[:, None], 4, axis=1)
     weight_tokens[:, HEAD] = phase.sequences
+    weight_tokens[:, EMBED] = 0.0  # a lookup, not a matmul
     matmul = 2.0 * weight_tokens * active_elems_per_rank(layout)
     attention = t.is_layer * phase.tokens[:, None] * (t.attn_flops_per_ctx_token / layout.tp) * phase.attn_ctx_tokens
     # MLA re-expands each sequence's cached latents every decode step (prefill expands each token once,
@@ -64,8 +67,11 @@ def flops(layout: Layout, phase: Phase) -> np.ndarray:
 def hbm_bytes(layout: Layout, knobs: Knobs, phase: Phase) -> np.ndarray:
     t = layout.table
     bits = knobs.weight_bits[:, None]
-    dequant = np.where(bits < 16, t.matrix_fraction * (bits / 8.0 + COMPUTE_BYTES), 0.0)
-    weights = touched_elems_per_rank(layout, phase.tokens) * (COMPUTE_BYTES + dequant)
+    touched = touched_elems_per_rank(layout, phase.tokens)
+    dequant = np.where(bits < 16, t.fetch_matrix_fraction * (bits / 8.0 + COMPUTE_BYTES), 0.0)
+    weights = touched * COMPUTE_BYTES
+    weights[:, EMBED] = phase.tokens * t.hidden_size * COMPUTE_BYTES  # the rows looked up
+    weights = weights + touched * dequant
     kv = t.is_layer * phase.sequences[:, None] * phase.kv_read_tokens * t.kv_elems_per_token / layout.kv_split
     return weights + kv * COMPUTE_BYTES
 

@@ -124,7 +124,7 @@ def phase_result(layout: Layout, knobs: Knobs, phase: Phase, bpw: np.ndarray) ->
         "nvme_s": on_slowest(t_nvme),
         "dp_allgather_s": on_slowest(t_gather),
         "kv_h2d_s": on_slowest(t_kv),
-        "pp_p2p_s": p2p * (layout.pp - 1 + (0 if phase.is_prefill else 1)) * (layout.pp > 1),
+        "pp_p2p_s": p2p * knobs.micro_batches * (layout.pp - 1 + (0 if phase.is_prefill else 1)) * (layout.pp > 1),
     }
     return PhaseResult(
         step_s=comp.step_s,
@@ -168,7 +168,7 @@ class Evaluation:
 
 
 def evaluate(layout: Layout, knobs: Knobs) -> Evaluation:
-    bpw = knobs.bytes_per_weight(layout.table.matrix_fraction)
+    bpw = knobs.bytes_per_weight(layout.table.fetch_matrix_fraction)  # what is gathered, not what is stored
     return Evaluation(
         layout=layout,
         knobs=knobs,

@@ -139,7 +139,8 @@ class ModuleTable:
     n_experts: np.ndarray  # routed experts in the module (0 except MOE)
     experts_active: np.ndarray  # routed experts each token uses
     tied_sharded: np.ndarray  # elements of tied (fetched, not stored) sharded tensors: a tied LM head
-    matrix_fraction: np.ndarray  # share of stored elements that are quantizable matrices
+    matrix_fraction: np.ndarray  # share of stored elements that are quantizable matrices (memory)
+    fetch_matrix_fraction: np.ndarray  # the same over what a forward gathers and reads: a tied head's matrix too
     tensor_sizes: tuple[np.ndarray, ...]  # per kind: sorted numels of every tensor (persistence threshold)
     largest_tensor: np.ndarray  # per kind: largest single tensor (NVMe swap buffers hold one partition)
     largest_gather: np.ndarray  # per kind: largest leaf module's own parameters (gathered at once)
@@ -159,7 +160,7 @@ def _sum(ts: list[Tensor], **match) -> int:
 @lru_cache(maxsize=64)
 def module_table(model: ModelSpec) -> ModuleTable:
     per_kind = [module_tensors(model, k) for k in range(N_KINDS)]
-    sharded, replicated, expert, tied, matrix_frac, sizes, largest, gather = [], [], [], [], [], [], [], []
+    sharded, replicated, expert, tied, matrix_frac, fetch_frac, sizes, largest, gather = [], [], [], [], [], [], [], [], []
     for kind, ts in enumerate(per_kind):
         shared_ts = [t for t in ts if not t.expert]
         n_routed = model.n_experts if kind == MOE else 0
@@ -170,6 +171,9 @@ def module_table(model: ModelSpec) -> ModuleTable:
         stored = _sum(shared_ts, tied=False) + n_routed * expert[-1]
         stored_matrix = _sum(shared_ts, matrix=True, tied=False) + n_routed * _sum(ts, expert=True, matrix=True)
         matrix_frac.append(stored_matrix / stored if stored else 0.0)
+        used = _sum(shared_ts) + n_routed * expert[-1]
+        used_matrix = _sum(shared_ts, matrix=True) + n_routed * _sum(ts, expert=True, matrix=True)
+        fetch_frac.append(used_matrix / used if used else 0.0)
         fused = [t.numel * (n_routed if t.expert and EXPERTS_GATHERED_WHOLE else 1) for t in ts]
         sizes.append(np.sort(np.array(fused, dtype=np.float64)))
         largest.append(max(fused, default=0))
@@ -185,6 +189,7 @@ def module_table(model: ModelSpec) -> ModuleTable:
         experts_active=np.array([0, model.n_experts_active, 0, 0], dtype=np.float64),
         tied_sharded=np.array(tied, dtype=np.float64),
         matrix_fraction=np.array(matrix_frac),
+        fetch_matrix_fraction=np.array(fetch_frac),
         tensor_sizes=tuple(sizes),
         largest_tensor=np.array(largest, dtype=np.float64),
         largest_gather=np.array(gather, dtype=np.float64),

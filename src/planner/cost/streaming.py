@@ -35,7 +35,8 @@ def persistent_elems(layout: Layout, threshold: np.ndarray) -> np.ndarray:
     for kind, sizes in enumerate(layout.table.tensor_sizes):
         if len(sizes):
             cumulative = np.concatenate([[0.0], np.cumsum(sizes)])
-            out[:, kind] = cumulative[np.searchsorted(sizes, threshold, side="left")]
+            # DeepSpeed keeps ds_numel <= threshold (mark_persistent_parameters): inclusive.
+            out[:, kind] = cumulative[np.searchsorted(sizes, threshold, side="right")]
     return out
 
 
@@ -51,10 +52,11 @@ def fetched_elems_per_rank(layout: Layout, knobs: Knobs, phase: Phase) -> np.nda
     return np.where(fetches_weights(layout, knobs)[:, None], fetched, 0.0)
 
 
-def h2d_bandwidth(layout: Layout, knobs: Knobs) -> np.ndarray:
-    """(N,) achieved host->device bytes/s per GPU: NVMe staging buffers are always pinned."""
+def h2d_bandwidth(layout: Layout, knobs: Knobs, pinned: np.ndarray | None = None) -> np.ndarray:
+    """(N,) achieved host->device bytes/s per GPU; weights from NVMe come through pinned staging buffers."""
     pl, eff = layout.placement, layout.hardware.efficiency
-    pinned = knobs.pin_memory | knobs.offload_nvme
+    if pinned is None:
+        pinned = knobs.pin_memory | knobs.offload_nvme
     return np.where(pinned, pl.h2d_pinned_bytes_s * eff.h2d_stream_pinned, pl.h2d_pageable_bytes_s * eff.h2d_stream_pageable)
 
 
@@ -82,4 +84,5 @@ def kv_transfer_bytes(layout: Layout, knobs: Knobs, phase: Phase) -> np.ndarray:
 
 
 def kv_transfer_time(layout: Layout, knobs: Knobs, kv_bytes: np.ndarray) -> np.ndarray:
-    return kv_bytes / h2d_bandwidth(layout, knobs)[:, None]
+    """The offloaded KV cache lives in pinned memory only when pin_memory is set (as memory counts it)."""
+    return kv_bytes / h2d_bandwidth(layout, knobs, pinned=knobs.pin_memory)[:, None]

@@ -1,0 +1,321 @@
+"""cost.estimate: the one overlap rule, the exposed breakdown that sums to each step, the totals, and
+the directions a planner must get right (4-bit beats 16-bit over PCIe, pinned beats pageable ...).
+
+Also predict.estimate_from_evaluation, which reads one plan of an Evaluation into an Estimate.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from planner.catalog import load_model
+from planner.cost.collectives import dp_allgather_time, tp_collective_time
+from planner.cost.compute import compute_time
+from planner.cost.estimate import EXPOSED_PARTS, LINK_PARTS, evaluate, prefetch_overlap
+from planner.cost.inputs import Knobs
+from planner.cost.overhead import module_overhead_time
+from planner.cost.phase import decode_phase, prefill_phase
+from planner.cost.shape import DENSE, EMBED, HEAD
+from planner.cost.streaming import (
+    fetched_elems_per_rank,
+    kv_transfer_bytes,
+    kv_transfer_time,
+    weight_stream_bytes,
+    weight_stream_time,
+)
+from planner.specs.hardware import Efficiency
+from planner.specs.plan import Plan
+from planner.specs.workload import Workload
+
+H, V = 1024, 32000
+LAYER_MATRICES = 15_204_352
+PARAMS = 126_362_624
+PERSISTENT = 4 * 2048 + 1024  # norms under the 1e5 persistence threshold
+
+
+def ev_of(kit, plans, tp=1, pp=1, dp=1, model=None, **kw):
+    lay = kit.layout(model or kit.toy_dense(), tp, pp, dp, **kw)
+    return kit.evaluate(lay, plans)
+
+
+# ---- the breakdown sums to the step -----------------------------------------------------------------
+
+LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (2, 2, 1), (1, 1, 2), (2, 2, 2), (1, 4, 1)]
+
+
+def grid(tp: int, pp: int, dp: int) -> list[Plan]:
+    micro = sorted({1, pp, 2 * pp}) if pp > 1 else [1]
+    return [
+        Plan(offload=o, tp=tp, pp=pp, dp=dp, weight_bits=b, pin_memory=pin, kv_offload=kv, batch_size=8 * dp,
+             micro_batches=mb, prefetch_bucket_elems=bucket)
+        for o, b, pin, kv, mb, bucket in itertools.product(
+            ("none", "cpu", "nvme"), (16, 8, 4), (True, False), (False, True), micro, (0, 2_000_000, 50_000_000, 10**12)
+        )
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("model_name", ["toy_dense", "toy_moe", "toy_mla"])
+@pytest.mark.parametrize("tp,pp,dp", LAYOUTS)
+def test_exposed_breakdown_sums_to_the_step(kit, model_name: str, tp: int, pp: int, dp: int) -> None:
+    model = getattr(kit, model_name)()
+    ev = ev_of(kit, grid(tp, pp, dp), tp, pp, dp, model=model)
+    for phase in (ev.prefill, ev.decode):
+        assert set(phase.exposed) == set(EXPOSED_PARTS)
+        assert set(phase.link) == set(LINK_PARTS)
+        total = sum(phase.exposed.values())
+        np.testing.assert_allclose(total, phase.step_s, rtol=1e-9)
+        for name, part in phase.exposed.items():
+            assert np.all(part >= -1e-12 * phase.step_s), name
+        assert np.all(phase.bubble_s >= 0) and np.all(phase.bubble_s <= phase.step_s)
+        assert np.all((phase.bubble_ratio >= 0) & (phase.bubble_ratio < 1))
+        if pp == 1:
+            assert not phase.exposed["pp_p2p_s"].any() and not phase.bubble_s.any()
+        if tp == 1:
+            assert not phase.exposed["tp_allreduce_s"].any()
+    assert not ev.prefill.exposed["kv_fetch_s"].any()  # the KV cache is copied in only during decode
+    kv = ev.knobs.kv_offload
+    assert np.all(ev.decode.exposed["kv_fetch_s"][~kv] == 0)
+
+
+# ---- the per-module overlap rule --------------------------------------------------------------------
+
+
+def modules_by_hand(lay, k, phase, f):
+    """module = max(busy, fetch) + (1 - f) min(busy, fetch) + overhead, from the public cost terms."""
+    bpw = k.bytes_per_weight(lay.table.matrix_fraction)
+    busy = compute_time(lay, k, phase) + tp_collective_time(lay, phase)
+    t_h2d, t_nvme = weight_stream_time(lay, k, weight_stream_bytes(lay, k, phase, bpw))
+    t_h2d = t_h2d + kv_transfer_time(lay, k, kv_transfer_bytes(lay, k, phase))
+    fetch = np.maximum(t_h2d, t_nvme) + dp_allgather_time(lay, k, fetched_elems_per_rank(lay, k, phase) * bpw)
+    return np.maximum(busy, fetch) + (1 - f) * np.minimum(busy, fetch) + module_overhead_time(lay, k), busy, fetch
+
+
+@pytest.mark.parametrize("offload", ["cpu", "nvme"])
+def test_prefetch_off_adds_and_full_prefetch_takes_the_max(kit, offload: str) -> None:
+    lay = kit.layout(kit.toy_dense())
+    plans = [
+        Plan(offload=offload, kv_offload=True, batch_size=4, prefetch_bucket_elems=0),
+        Plan(offload=offload, kv_offload=True, batch_size=4, prefetch_bucket_elems=10**12, max_live_elems=10**13),
+    ]
+    k = Knobs.from_plans(plans)
+    f = prefetch_overlap(lay, k)
+    np.testing.assert_array_equal(f, [[0, 0, 0, 0], [1, 1, 1, 1]])
+    ev = evaluate(lay, k)
+    counts = lay.stage_counts[0]
+    for phase, result in ((prefill_phase(lay, k), ev.prefill), (decode_phase(lay, k), ev.decode)):
+        module, busy, fetch = modules_by_hand(lay, k, phase, f)
+        np.testing.assert_allclose(module[0], busy[0] + fetch[0] + module_overhead_time(lay, k)[0])
+        np.testing.assert_allclose(module[1], np.maximum(busy[1], fetch[1]) + module_overhead_time(lay, k)[1])
+        np.testing.assert_allclose(result.step_s, module @ counts + 1e-3)  # + ROUND step overhead
+    assert np.all(ev.decode_step_s[0] > ev.decode_step_s[1])
+
+
+def test_partial_prefetch_and_the_max_live_cap(kit) -> None:
+    """f = min(1, min(bucket, max_live - largest module) / largest module), per kind:
+    the dense layer's largest module is one 1024 x 4096 projection, the embedding and head 32000 x 1024."""
+    lay = kit.layout(kit.toy_dense())
+    k = Knobs.from_plans([
+        Plan(offload="cpu", prefetch_bucket_elems=V * H // 2),
+        Plan(offload="cpu", prefetch_bucket_elems=50_000_000, max_live_elems=40_000_000),
+        Plan(offload="cpu", prefetch_bucket_elems=1_048_576),
+    ])  # fmt: skip
+    f = prefetch_overlap(lay, k)
+    np.testing.assert_allclose(f[0, [DENSE, EMBED, HEAD]], [1.0, 0.5, 0.5])
+    np.testing.assert_allclose(f[1, [DENSE, EMBED, HEAD]], [1.0, 7_232_000 / (V * H), 7_232_000 / (V * H)])
+    np.testing.assert_allclose(f[2, [DENSE, EMBED, HEAD]], [0.25, 1_048_576 / (V * H), 1_048_576 / (V * H)])
+    ev = evaluate(lay, k)
+    module, _, _ = modules_by_hand(lay, k, decode_phase(lay, k), f)
+    np.testing.assert_allclose(ev.decode_step_s, module @ lay.stage_counts[0] + 1e-3)
+
+
+def test_prefetch_overlap_divides_by_tp_except_the_embedding(kit) -> None:
+    lay = kit.layout(kit.toy_dense(), tp=2)
+    k = Knobs.from_plans([Plan(offload="cpu", tp=2, prefetch_bucket_elems=V * H // 4)])
+    np.testing.assert_allclose(prefetch_overlap(lay, k)[0, [DENSE, EMBED, HEAD]], [1.0, 0.25, 0.5])
+
+
+def test_pcie_bound_decode_by_hand(kit) -> None:
+    """Ideal hardware, full prefetch, CPU offload, bs 1: the step is the streamed bytes at 10 GB/s."""
+    ev = ev_of(
+        kit, [Plan(offload="cpu", prefetch_bucket_elems=10**12, max_live_elems=10**13)],
+        hardware=kit.make_hardware(kit.IDEAL),
+    )  # fmt: skip
+    want = (PARAMS - PERSISTENT) * 2 / 10e9
+    assert ev.decode_step_s[0] == pytest.approx(want)
+    assert ev.decode_step_s[0] == pytest.approx(25.27e-3, rel=1e-3)
+    assert ev.decode.exposed["weight_fetch_s"][0] + ev.decode.exposed["compute_s"][0] == pytest.approx(want)
+    assert ev.decode.h2d_bytes[0] == pytest.approx((PARAMS - PERSISTENT) * 2)
+    assert ev.decode.h2d_bandwidth_bytes_s[0] == 10e9
+    assert ev.decode.link["h2d_s"][0] == pytest.approx(want)
+
+
+def test_gpu_resident_decode_is_compute_plus_overheads(kit) -> None:
+    """No streaming: each layer is its roofline time plus 100 us; one 1 ms step overhead per forward."""
+    lay = kit.layout(kit.toy_dense())
+    k = Knobs.from_plans([Plan(batch_size=1)])
+    ev = evaluate(lay, k)
+    compute = compute_time(lay, k, decode_phase(lay, k))[0] @ lay.stage_counts[0]
+    assert ev.decode_step_s[0] == pytest.approx(compute + 4 * 100e-6 + 1e-3)
+    assert ev.decode.exposed["compute_s"][0] == pytest.approx(compute)
+    assert ev.decode.exposed["overhead_s"][0] == pytest.approx(4 * 100e-6 + 1e-3)
+    assert ev.decode.exposed["weight_fetch_s"][0] == pytest.approx(0.0, abs=1e-15)
+    # The DENSE layer's roofline by hand: HBM-bound at 0.8 x 1 TB/s.
+    kv = (512 + 15.5 + 1) * 512 * 2
+    assert compute_time(lay, k, decode_phase(lay, k))[0, DENSE] == pytest.approx((LAYER_MATRICES + 2048) * 2 / 0.8e12 + kv / 0.8e12)
+
+
+def test_offload_adds_zero3_hook_overhead(kit) -> None:
+    ev = ev_of(kit, [Plan(offload="cpu", prefetch_bucket_elems=0)])
+    assert ev.decode.exposed["overhead_s"][0] == pytest.approx(4 * (100e-6 + 300e-6) + 1e-3)
+
+
+# ---- totals ---------------------------------------------------------------------------------------
+
+
+def test_totals(kit) -> None:
+    lay = kit.layout(kit.toy_dense(), workload=Workload(prompt_len_tokens=128, gen_len_tokens=17))
+    ev = kit.evaluate(lay, [Plan(batch_size=1), Plan(offload="cpu", batch_size=8), Plan(kv_offload=True, batch_size=4)])
+    np.testing.assert_allclose(ev.total_s, ev.prefill_s + 16 * ev.decode_step_s)
+    np.testing.assert_array_equal(ev.ttft_s, ev.prefill_s)
+    np.testing.assert_allclose(ev.throughput_tok_s, np.array([1, 8, 4]) * 17 / ev.total_s)
+
+
+def test_one_generated_token_is_just_the_prefill(kit) -> None:
+    lay = kit.layout(kit.toy_dense(), workload=Workload(prompt_len_tokens=64, gen_len_tokens=1))
+    ev = kit.evaluate(lay, [Plan(batch_size=2)])
+    assert ev.total_s[0] == ev.prefill_s[0]
+    assert ev.throughput_tok_s[0] == pytest.approx(2 / ev.prefill_s[0])
+
+
+def test_evaluation_of_many_equals_evaluation_of_one(kit) -> None:
+    plans = grid(1, 2, 1)[::7]
+    lay = kit.layout(kit.toy_moe(), 1, 2, 1)
+    many = kit.evaluate(lay, plans)
+    for i in (0, 3, len(plans) - 1):
+        one = kit.evaluate(lay, [plans[i]])
+        assert one.decode_step_s[0] == pytest.approx(many.decode_step_s[i])
+        assert one.prefill_s[0] == pytest.approx(many.prefill_s[i])
+        assert one.memory.gpu_peak_bytes[0] == pytest.approx(many.memory.gpu_peak_bytes[i])
+
+
+# ---- directions that matter -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama8b():
+    return load_model("llama-3-8b")
+
+
+def test_4_bit_offload_beats_16_bit_by_the_byte_ratio_when_pcie_bound(kit, llama8b) -> None:
+    ev = ev_of(kit, [Plan(offload="cpu"), Plan(offload="cpu", weight_bits=8), Plan(offload="cpu", weight_bits=4)], model=llama8b)
+    bytes_ratio = ev.decode.h2d_bytes / ev.decode.h2d_bytes[0]
+    assert bytes_ratio[2] == pytest.approx((0.5 + 4 / 64) / 2, rel=0.01)
+    assert bytes_ratio[1] == pytest.approx((1 + 4 / 64) / 2, rel=0.01)
+    decode_ratio = ev.decode_step_s / ev.decode_step_s[0]
+    np.testing.assert_allclose(decode_ratio[1:], bytes_ratio[1:], rtol=0.05)
+    assert decode_ratio[2] < decode_ratio[1] < 1
+
+
+def test_pinned_beats_pageable(kit, llama8b) -> None:
+    ev = ev_of(kit, [Plan(offload="cpu"), Plan(offload="cpu", pin_memory=False)], model=llama8b)
+    # 10 GB/s x 0.5 pinned against 5 GB/s x 0.8 pageable.
+    assert ev.decode_step_s[0] < ev.decode_step_s[1]
+    assert ev.decode_step_s[0] / ev.decode_step_s[1] == pytest.approx(4 / 5, rel=0.02)
+
+
+def test_slow_nvme_is_slower_than_cpu_offload(kit, llama8b) -> None:
+    ev = ev_of(kit, [Plan(offload="cpu"), Plan(offload="nvme")], model=llama8b)
+    # 1 GB/s achieved from the drive against 5 GB/s over pinned PCIe.
+    assert ev.decode_step_s[1] / ev.decode_step_s[0] == pytest.approx(5.0, rel=0.02)
+    assert ev.decode.link["nvme_s"][1] > ev.decode.link["h2d_s"][1]
+
+
+def test_gpu_resident_is_faster_than_offload(kit, llama8b) -> None:
+    ev = ev_of(kit, [Plan(), Plan(offload="cpu")], model=llama8b)
+    assert ev.decode_step_s[0] < ev.decode_step_s[1] / 10
+    assert ev.decode.exposed["weight_fetch_s"][1] > 0.9 * ev.decode_step_s[1]
+    assert ev.decode.exposed["compute_s"][0] > 0.5 * ev.decode_step_s[0]
+
+
+def test_batching_amortizes_offloaded_weights(kit, llama8b) -> None:
+    ev = ev_of(kit, [Plan(offload="cpu", batch_size=1), Plan(offload="cpu", batch_size=16)], model=llama8b)
+    assert ev.decode_step_s[1] < 1.2 * ev.decode_step_s[0]  # the same weights move once for the batch
+    assert ev.throughput_tok_s[1] > 10 * ev.throughput_tok_s[0]
+
+
+def test_kv_offload_costs_decode_time(kit, llama8b) -> None:
+    ev = ev_of(kit, [Plan(batch_size=16), Plan(batch_size=16, kv_offload=True)], model=llama8b)
+    assert ev.decode_step_s[1] > ev.decode_step_s[0]
+    assert ev.decode.exposed["kv_fetch_s"][1] > 0 and ev.decode.link["kv_h2d_s"][1] > 0
+    assert ev.memory.gpu_parts["kv_cache"][1] < ev.memory.gpu_parts["kv_cache"][0]
+
+
+def test_pipeline_micro_batches_shrink_the_bubble(kit) -> None:
+    plans = [Plan(pp=2, batch_size=8, micro_batches=m) for m in (1, 2, 4, 8)]
+    ev = ev_of(kit, plans, pp=2)
+    ratio = ev.prefill.bubble_ratio
+    assert ratio[0] > ratio[-1]
+    # One micro-batch: round-trip-bound, one stage works at a time; the bubble is the other stage's time.
+    assert ev.decode.bubble_ratio[0] > 0.2
+    p2p = 20e-6 + 1e-6 + 8 * 1024 * 2 / 100e9  # ROUND alpha + link latency + 8 sequences' hidden states
+    assert ev.decode.exposed["pp_p2p_s"][0] == pytest.approx(2 * p2p)  # there and back: pp sends
+    assert ev.prefill.exposed["pp_p2p_s"][0] == pytest.approx(20e-6 + 1e-6 + 8 * 512 * 1024 * 2 / 100e9)
+    assert np.all(ev.prefill.exposed["pp_p2p_s"] > 0)
+
+
+def test_tensor_parallel_exposes_all_reduces(kit) -> None:
+    ev = ev_of(kit, [Plan(tp=2, batch_size=1)], tp=2)
+    # 4 layers x 2 all-reduces + the head's all-gather, each at least the 10 us alpha.
+    assert ev.decode.exposed["tp_allreduce_s"][0] >= 9 * 10e-6
+    assert ev.decode.link["tp_allreduce_s"][0] == pytest.approx(ev.decode.exposed["tp_allreduce_s"][0])
+
+
+def test_link_times_count_every_micro_batch_of_the_slowest_stage(kit) -> None:
+    ev = ev_of(kit, [Plan(offload="cpu", pp=2, batch_size=4, micro_batches=1), Plan(offload="cpu", pp=2, batch_size=4, micro_batches=4)], pp=2)
+    # Each micro-batch fetches the stage's weights again: 4 x the bytes per step.
+    assert ev.decode.h2d_bytes[1] == pytest.approx(4 * ev.decode.h2d_bytes[0])
+
+
+# ---- Estimate ---------------------------------------------------------------------------------------
+
+
+def test_estimate_from_evaluation_reads_one_plan(kit) -> None:
+    predict = pytest.importorskip("planner.predict")
+    plans = [Plan(batch_size=2), Plan(offload="cpu", weight_bits=4, batch_size=4, kv_offload=True)]
+    ev = ev_of(kit, plans)
+    for i, plan in enumerate(plans):
+        est = predict.estimate_from_evaluation(ev, i, plan)
+        assert est.plan == plan and est.feasible and est.reasons == ()
+        assert est.decode_step_s == pytest.approx(ev.decode_step_s[i])
+        assert est.prefill_s == est.ttft_s == pytest.approx(ev.prefill_s[i])
+        assert est.total_s == pytest.approx(ev.total_s[i])
+        assert est.throughput_tok_s == pytest.approx(ev.throughput_tok_s[i])
+        assert est.gpu_peak_bytes == pytest.approx(sum(est.gpu_memory_parts.values()))
+        assert est.cpu_bytes == pytest.approx(sum(est.cpu_memory_parts.values()))
+        assert sum(est.decode_exposed.values()) == pytest.approx(est.decode_step_s)
+        assert sum(est.prefill_exposed.values()) == pytest.approx(est.prefill_s)
+        assert est.decode_h2d_bytes == pytest.approx(ev.decode.h2d_bytes[i])
+        d = json.loads(json.dumps(est.to_dict()))
+        assert d["feasible"] is True and d["plan"] == plan.to_dict()
+        assert d["breakdown"]["decode_step"]["exposed"] == pytest.approx(est.decode_exposed)
+        assert d["model"]["params_total"] == PARAMS
+
+
+def test_estimate_of_an_infeasible_plan_carries_reasons(kit) -> None:
+    predict = pytest.importorskip("planner.predict")
+    lay = kit.layout(kit.toy_dense(), hardware=kit.make_hardware(gpu_memory=1.2e9))
+    plan = Plan(batch_size=1)
+    est = predict.estimate_from_evaluation(kit.evaluate(lay, [plan]), 0, plan)
+    assert not est.feasible
+    assert [r.kind for r in est.reasons] == ["gpu_memory"]
+    assert est.to_dict()["reason_kinds"] == ["gpu_memory"]
+
+
+def test_efficiency_defaults_are_used_when_not_overridden(kit) -> None:
+    lay = kit.layout(kit.toy_dense(), hardware=kit.make_hardware(Efficiency()))
+    ev = kit.evaluate(lay, [Plan(offload="cpu")])
+    assert ev.decode.h2d_bandwidth_bytes_s[0] == pytest.approx(10e9 * Efficiency().h2d_stream_pinned)

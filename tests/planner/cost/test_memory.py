@@ -1,0 +1,205 @@
+"""cost.memory: each GPU, CPU, pinned and NVMe figure worked out by hand for the toy model.
+
+toy_dense: 4 layers of 15,204,352 matrix weights + 2048 norm weights, embedding 32000 x 1024, head
+32000 x 1024 + a 1024 norm: 126,362,624 parameters. KV: 2 x 2 heads x 128 = 512 elements per token per
+layer. Workload: prompt 512 + gen 32 = 544 tokens of context. ROUND: 1 GB GPU reserve, 2 GB per process.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from planner.cost.compute import stored_elems_per_rank
+from planner.cost.inputs import Knobs
+from planner.cost.memory import CPU_PARTS, GPU_PARTS, memory
+from planner.cost.shape import module_table
+from planner.specs.plan import Plan
+
+GB = 1e9
+H, V, F = 1024, 32000, 4096
+LAYERS = 4
+LAYER_MATRICES = 15_204_352
+LAYER_NORMS = 2048
+PARAMS = LAYERS * (LAYER_MATRICES + LAYER_NORMS) + V * H + V * H + H
+MATRICES = LAYERS * LAYER_MATRICES + 2 * V * H
+VECTORS = PARAMS - MATRICES
+CONTEXT = 544
+KV_PER_LAYER_SEQ = 2 * 2 * 128 * CONTEXT * 2  # K and V, 2 heads of 128, 16-bit
+ACT_PER_TOKEN = 4 * H + (8 + 2 * 2) * 128 + 3 * F  # residual etc., q/k/v, gate/up/down intermediates
+LOGITS = V * 4 * 2  # fp32 logits and scores of one sequence
+
+
+def mem(kit, plans, tp=1, pp=1, dp=1, model=None, **kw):
+    lay = kit.layout(model or kit.toy_dense(), tp, pp, dp, **kw)
+    return lay, memory(lay, Knobs.from_plans(plans))
+
+
+def test_toy_parameter_count(kit) -> None:
+    assert kit.toy_dense().params_total == PARAMS == 126_362_624
+
+
+def test_gpu_resident_16_bit_by_hand(kit) -> None:
+    _, m = mem(kit, [Plan(batch_size=2)])
+    parts = {k: v[0] for k, v in m.gpu_parts.items()}
+    assert parts["resident_weights"] == pytest.approx(PARAMS * 2)
+    assert parts["persistent_weights"] == 0.0  # nothing is gathered, so nothing is "persistent"
+    assert parts["quant_scales"] == 0.0
+    assert parts["live_params"] == 0.0
+    assert parts["kv_cache"] == pytest.approx(LAYERS * 2 * KV_PER_LAYER_SEQ)
+    assert parts["activations"] == pytest.approx(2 * 512 * ACT_PER_TOKEN * 2 + 2 * LOGITS)
+    assert parts["framework"] == 1 * GB
+    assert m.gpu_peak_bytes[0] == pytest.approx(sum(parts.values()))
+    assert set(m.gpu_parts) == set(GPU_PARTS)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_resident_weights_and_scales(kit, bits: int) -> None:
+    """Matrices at bits/8 bytes plus 4 bytes of scale + zero point per 64 of them; vectors stay 16-bit."""
+    _, m = mem(kit, [Plan(weight_bits=bits)])
+    assert m.gpu_parts["resident_weights"][0] == pytest.approx(MATRICES * bits / 8 + VECTORS * 2)
+    assert m.gpu_parts["quant_scales"][0] == pytest.approx(MATRICES * 4 / 64)
+
+
+def test_zero3_partition_over_dp_without_offload(kit) -> None:
+    """dp=2: each rank keeps half of every gathered tensor; the norms (< 1e5 elements) persist whole."""
+    _, m = mem(kit, [Plan(dp=2, batch_size=2)], dp=2)
+    persistent = LAYERS * LAYER_NORMS + H
+    assert m.gpu_parts["persistent_weights"][0] == pytest.approx(persistent * 2)
+    assert m.gpu_parts["resident_weights"][0] == pytest.approx((PARAMS - persistent) / 2 * 2)
+    # Gathering: the largest module (the 32000 x 1024 embedding or head) plus the 5e7 prefetch bucket.
+    assert m.gpu_parts["live_params"][0] == pytest.approx((V * H + 50_000_000) * 2)
+    # One sequence per replica.
+    assert m.gpu_parts["kv_cache"][0] == pytest.approx(LAYERS * KV_PER_LAYER_SEQ)
+
+
+def test_cpu_offload_keeps_only_persistent_and_live_weights(kit) -> None:
+    _, m = mem(kit, [Plan(offload="cpu"), Plan(offload="cpu", max_live_elems=40_000_000), Plan(offload="cpu", prefetch_bucket_elems=0)])
+    assert not m.gpu_parts["resident_weights"].any()
+    assert not m.gpu_parts["quant_scales"].any()
+    np.testing.assert_allclose(m.gpu_parts["persistent_weights"], (LAYERS * LAYER_NORMS + H) * 2)
+    # stage3_max_live_parameters caps the bucket at 4e7 - 32,768,000 = 7,232,000 elements.
+    np.testing.assert_allclose(
+        m.gpu_parts["live_params"], [(V * H + 5e7) * 2, (V * H + 7_232_000) * 2, V * H * 2]
+    )
+
+
+@pytest.mark.parametrize("tp,split", [(1, 1), (2, 2), (4, 2)])
+def test_kv_cache_by_hand(kit, tp: int, split: int) -> None:
+    lay, m = mem(kit, [Plan(tp=tp, batch_size=8), Plan(tp=tp, batch_size=8, kv_offload=True)], tp=tp)
+    # 2 * kv_heads/split * head_dim * context * batch * 2 bytes per layer.
+    assert m.gpu_parts["kv_cache"][0] == pytest.approx(LAYERS * 8 * KV_PER_LAYER_SEQ / split)
+    # KV offload: the layer in use and the one being prefetched.
+    assert m.gpu_parts["kv_cache"][1] == pytest.approx(2 * 8 * KV_PER_LAYER_SEQ / split)
+    assert m.cpu_parts["offloaded_kv_cache"][1] == pytest.approx(tp * LAYERS * 8 * KV_PER_LAYER_SEQ / split)
+    assert m.cpu_parts["offloaded_kv_cache"][0] == 0.0
+
+
+def test_kv_offload_with_micro_batches_holds_one_micro_batch(kit) -> None:
+    _, m = mem(kit, [Plan(pp=2, batch_size=8, micro_batches=4, kv_offload=True), Plan(pp=2, batch_size=8, micro_batches=4)], pp=2)
+    assert m.gpu_parts["kv_cache"][0] == pytest.approx(2 * 2 * KV_PER_LAYER_SEQ)  # 2 layers x 2 sequences
+    assert m.gpu_parts["kv_cache"][1] == pytest.approx(2 * 8 * KV_PER_LAYER_SEQ)  # the stage's 2 layers, whole batch
+
+
+def test_tensor_parallel_divides_sharded_weights(kit) -> None:
+    lay, m = mem(kit, [Plan(tp=2)], tp=2)
+    per_rank = LAYERS * (LAYER_MATRICES / 2 + LAYER_NORMS) + V * H + V * H / 2 + H
+    assert m.gpu_parts["resident_weights"][0] == pytest.approx(per_rank * 2)
+    qkv = (8 + 2 * 2) * 128 / 2
+    assert m.gpu_parts["activations"][0] == pytest.approx(512 * (4 * H + qkv + 3 * F / 2) * 2 + LOGITS)
+
+
+def test_pipeline_stages_and_the_fullest_gpu(kit) -> None:
+    lay, m = mem(kit, [Plan(pp=2, batch_size=2, micro_batches=2)], pp=2)
+    np.testing.assert_array_equal(lay.stage_counts[:, :2].sum(axis=1), [2, 2])
+    # Stage 1 holds the head (one norm more than the embedding) and the logits: it is the fullest.
+    assert m.fullest_stage[0] == 1
+    assert m.gpu_parts["resident_weights"][0] == pytest.approx((2 * (LAYER_MATRICES + LAYER_NORMS) + V * H + H) * 2)
+    assert m.gpu_parts["kv_cache"][0] == pytest.approx(2 * 2 * KV_PER_LAYER_SEQ)
+    assert m.gpu_parts["activations"][0] == pytest.approx(1 * 512 * ACT_PER_TOKEN * 2 + 1 * LOGITS)
+
+
+def test_gpu_parts_sum_to_peak_across_plans(kit) -> None:
+    plans = [
+        Plan(offload=o, weight_bits=b, kv_offload=kv, pp=2, batch_size=4, micro_batches=mb)
+        for o in ("none", "cpu", "nvme") for b in (16, 8, 4) for kv in (False, True) for mb in (1, 2, 4)
+    ]  # fmt: skip
+    _, m = mem(kit, plans, pp=2)
+    np.testing.assert_allclose(sum(m.gpu_parts.values()), m.gpu_peak_bytes)
+    np.testing.assert_allclose(sum(m.cpu_parts[p] for p in CPU_PARTS), m.cpu_bytes)
+    assert set(m.cpu_parts) == set(CPU_PARTS)
+
+
+# ---- CPU, pinned, NVMe ------------------------------------------------------------------------------
+
+
+def test_cpu_offload_host_memory_by_hand(kit) -> None:
+    _, m = mem(kit, [Plan(offload="cpu"), Plan(offload="cpu", pin_memory=False), Plan(offload="cpu", weight_bits=4)])
+    np.testing.assert_allclose(m.cpu_parts["offloaded_weights"], [PARAMS * 2, PARAMS * 2, MATRICES * (0.5 + 4 / 64) + VECTORS * 2])
+    np.testing.assert_allclose(m.cpu_parts["process"], 2 * GB)
+    assert not m.cpu_parts["nvme_buffers"].any() and not m.nvme_bytes.any()
+    np.testing.assert_allclose(m.cpu_bytes, m.cpu_parts["offloaded_weights"] + 2 * GB)
+    # Pinned only with pin_memory.
+    np.testing.assert_allclose(m.pinned_bytes, [PARAMS * 2, 0.0, m.cpu_parts["offloaded_weights"][2]])
+
+
+def test_gpu_resident_plan_uses_only_the_process_on_the_host(kit) -> None:
+    _, m = mem(kit, [Plan()])
+    assert m.cpu_bytes[0] == 2 * GB
+    assert m.pinned_bytes[0] == 0.0 and m.nvme_bytes[0] == 0.0
+    assert m.weight_bytes_total[0] == pytest.approx(PARAMS * 2)
+
+
+def test_nvme_offload(kit) -> None:
+    _, m = mem(kit, [Plan(offload="nvme", nvme_buffer_count=4, nvme_buffer_elems=50_000_000), Plan(offload="nvme", pin_memory=False)])
+    np.testing.assert_allclose(m.cpu_parts["nvme_buffers"], [4 * 5e7 * 2, 5 * 1e8 * 2])
+    assert not m.cpu_parts["offloaded_weights"].any()
+    np.testing.assert_allclose(m.nvme_bytes, PARAMS * 2)
+    # The staging buffers are pinned whatever pin_memory says; the weights live on the drive.
+    np.testing.assert_allclose(m.pinned_bytes, m.cpu_parts["nvme_buffers"])
+    assert not m.gpu_parts["resident_weights"].any()
+
+
+def test_kv_offload_is_pinned_only_with_pin_memory(kit) -> None:
+    _, m = mem(kit, [Plan(kv_offload=True, batch_size=4), Plan(kv_offload=True, batch_size=4, pin_memory=False)])
+    kv = LAYERS * 4 * KV_PER_LAYER_SEQ
+    np.testing.assert_allclose(m.cpu_parts["offloaded_kv_cache"], kv)
+    np.testing.assert_allclose(m.pinned_bytes, [kv, 0.0])
+
+
+def test_host_memory_sums_the_ranks_of_a_node(kit) -> None:
+    """tp=2, dp=2 on one node: four processes; each rank holds 1/dp of its TP shard."""
+    lay, m = mem(kit, [Plan(offload="cpu", tp=2, dp=2, batch_size=2)], tp=2, dp=2)
+    shard = LAYERS * (LAYER_MATRICES / 2 + LAYER_NORMS) + V * H + V * H / 2 + H
+    assert m.cpu_parts["offloaded_weights"][0] == pytest.approx(4 * shard / 2 * 2)
+    assert m.cpu_parts["process"][0] == pytest.approx(4 * 2 * GB)
+    assert m.weight_bytes_total[0] == pytest.approx(2 * shard * 2)  # the embedding is replicated over TP
+
+
+def test_each_node_holds_its_own_stage(kit) -> None:
+    """pp=2 over 2 nodes: each host holds one stage's weights; the reports take the fullest node."""
+    lay, m = mem(kit, [Plan(offload="nvme", pp=2, batch_size=1)], pp=2, nodes=2)
+    np.testing.assert_array_equal(lay.ranks_per_node_stage, [[1, 0], [0, 1]])
+    stage1 = (2 * (LAYER_MATRICES + LAYER_NORMS) + V * H + H) * 2
+    stage0 = (2 * (LAYER_MATRICES + LAYER_NORMS) + V * H) * 2
+    assert m.nvme_bytes[0] == pytest.approx(stage1)
+    assert m.weight_bytes_total[0] == pytest.approx(stage0 + stage1)
+    assert m.cpu_parts["process"][0] == pytest.approx(2 * GB)  # one rank per node
+
+
+def test_moe_stores_every_expert(kit) -> None:
+    model = kit.toy_moe()
+    lay, m = mem(kit, [Plan(), Plan(offload="cpu")], model=model)
+    assert m.gpu_parts["resident_weights"][0] == pytest.approx(model.params_total * 2)
+    assert m.cpu_parts["offloaded_weights"][1] == pytest.approx(model.params_total * 2)
+    # Gathering the fused experts module of a layer (8 experts x 3 x 1024 x 2048) dominates live params.
+    assert module_table(model).largest_gather[1] == 8 * 3 * 1024 * 2048
+    assert m.gpu_parts["live_params"][1] == pytest.approx((8 * 3 * 1024 * 2048 + 5e7) * 2)
+
+
+def test_stored_elems_per_rank_tied_head_keeps_its_norm(kit) -> None:
+    model = kit.toy_dense(tied_embeddings=True)
+    lay = kit.layout(model)
+    assert stored_elems_per_rank(lay)[3] == H
+    _, m = mem(kit, [Plan()], model=model)
+    assert m.gpu_parts["resident_weights"][0] == pytest.approx(model.params_total * 2)

@@ -1,0 +1,182 @@
+"""explain: what binds a plan, what each one-knob change would do, and how to make an infeasible plan fit.
+
+Uses the shipped hardware profiles (through topology and layout); skipped where those do not import.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("planner.layout")
+pytest.importorskip("planner.topology")
+profiles = pytest.importorskip("planner.profiles")
+
+from planner.catalog import load_model  # noqa: E402
+from planner.explain import bindings, fixes, knob_effects, knob_variants, memory_headroom  # noqa: E402
+from planner.predict import predict  # noqa: E402
+from planner.search import nvme_buffer_elems_for  # noqa: E402
+from planner.specs.plan import Plan  # noqa: E402
+from planner.specs.workload import Workload  # noqa: E402
+
+WORKLOAD = Workload(512, 32)
+
+
+@pytest.fixture(scope="module")
+def a6000():
+    return profiles.load_profile("a6000-workstation")
+
+
+@pytest.fixture(scope="module")
+def h200x2():
+    return profiles.load_profile("h200-2gpu")
+
+
+@pytest.fixture(scope="module")
+def llama8b():
+    return load_model("llama-3-8b")
+
+
+def binding(est, phase="decode"):
+    return next(b for b in bindings(est) if b.phase == phase and b.resource != "bubble")
+
+
+# ---- bindings ---------------------------------------------------------------------------------------
+
+
+def test_cpu_offloaded_16_bit_decode_is_pcie_bound(a6000, llama8b) -> None:
+    est = predict(llama8b, a6000, WORKLOAD, Plan(offload="cpu"))
+    b = binding(est)
+    assert b.resource == "PCIe"
+    assert b.share > 0.8 and b.seconds == pytest.approx(est.decode_exposed["weight_fetch_s"])
+    assert "host->device" in b.detail
+
+
+def test_gpu_resident_bs1_decode_is_hbm_bound(a6000, llama8b) -> None:
+    est = predict(llama8b, a6000, WORKLOAD, Plan())
+    assert binding(est).resource == "HBM"
+    assert binding(est, "prefill").resource == "compute"  # 512 tokens a forward: FLOP-bound GEMMs
+
+
+def test_nvme_offload_on_a_slow_drive_is_nvme_bound(h200x2, llama8b) -> None:
+    """h200-2gpu: a 1.28 GB/s disk against 55 GB/s pinned PCIe."""
+    plan = Plan(offload="nvme", nvme_buffer_elems=nvme_buffer_elems_for(llama8b, 1, 1))
+    est = predict(llama8b, h200x2, WORKLOAD, plan)
+    assert est.feasible
+    assert binding(est).resource == "NVMe"
+    assert est.decode_link["nvme_s"] > est.decode_link["h2d_s"]
+
+
+def test_kv_offload_at_large_batch_binds_on_the_kv_copy(a6000, llama8b) -> None:
+    est = predict(llama8b, a6000, WORKLOAD, Plan(batch_size=64, kv_offload=True))
+    assert binding(est).resource == "PCIe (KV cache)"
+
+
+def test_a_one_micro_batch_pipeline_reports_its_bubble(h200x2, llama8b) -> None:
+    est = predict(llama8b, h200x2, WORKLOAD, Plan(pp=2, batch_size=1))
+    bubble = [b for b in bindings(est) if b.resource == "bubble"]
+    assert {b.phase for b in bubble} >= {"decode"}
+    for b in bubble:
+        assert b.share > 0.2 and "micro-batches" in b.detail
+
+
+def test_bindings_shares_are_of_their_phase(a6000, llama8b) -> None:
+    est = predict(llama8b, a6000, WORKLOAD, Plan(offload="cpu", batch_size=8))
+    for b in bindings(est):
+        step = est.decode_step_s if b.phase == "decode" else est.prefill_s
+        assert b.share == pytest.approx(b.seconds / step)
+        assert 0 < b.share <= 1
+
+
+# ---- knob effects -----------------------------------------------------------------------------------
+
+
+def test_4_bit_weights_speed_up_a_pcie_bound_plan(a6000, llama8b) -> None:
+    est = predict(llama8b, a6000, WORKLOAD, Plan(offload="cpu"))
+    effects = {e.label: e for e in knob_effects(est)}
+    four = effects["4-bit weights"]
+    assert four.decode_ratio < 1
+    assert four.decode_ratio == pytest.approx((0.5 + 4 / 64) / 2, rel=0.15)  # the byte ratio, roughly
+    assert four.throughput_ratio > 1
+    assert four.estimate.plan == Plan(offload="cpu", weight_bits=4)
+    assert effects["8-bit weights"].decode_ratio > four.decode_ratio
+    assert effects["pinned memory off"].decode_ratio > 1
+    assert effects["offload none"].decode_ratio < 0.1
+    assert effects["offload none"].gpu_delta_bytes > 10e9  # the weights move onto the GPU
+
+
+def test_effects_are_predictions_of_the_variant_plan(a6000, llama8b) -> None:
+    est = predict(llama8b, a6000, WORKLOAD, Plan(offload="cpu", batch_size=4))
+    for e in knob_effects(est):
+        again = predict(llama8b, a6000, WORKLOAD, e.estimate.plan)
+        assert e.decode_ratio == pytest.approx(again.decode_step_s / est.decode_step_s)
+        assert e.throughput_ratio == pytest.approx(again.throughput_tok_s / est.throughput_tok_s)
+        assert e.gpu_delta_bytes == pytest.approx(again.gpu_peak_bytes - est.gpu_peak_bytes)
+
+
+def test_variants_that_cannot_be_built_are_left_out(a6000, llama8b) -> None:
+    """One GPU: no tp 2 or pp 2; tp 0 and batch 0 are not plans at all."""
+    est = predict(llama8b, a6000, WORKLOAD, Plan(offload="cpu"))
+    labels = {e.label for e in knob_effects(est)}
+    assert not labels & {"tp 2", "tp 0", "pp 2", "pp 0", "batch 0"}
+    assert {"batch 2", "4-bit weights", "offload none", "pinned memory off", "KV offload on"} <= labels
+
+
+def test_knob_variants() -> None:
+    offloaded = dict(knob_variants(Plan(offload="cpu", tp=2, pp=2, batch_size=4, micro_batches=2), load_model("llama-3-8b")))
+    assert offloaded["batch 8"].batch_size == 8 and offloaded["batch 2"].batch_size == 2
+    assert offloaded["tp 4"].tp == 4 and offloaded["tp 1"].tp == 1
+    assert offloaded["pp 4"].pp == 4 and offloaded["pp 4"].micro_batches == 1
+    assert offloaded["4 micro-batches"].micro_batches == 4
+    assert offloaded["prefetch bucket 0"].prefetch_bucket_elems == 0
+    assert offloaded["offload none"].offload == "none"
+    for label, p in offloaded.items():
+        assert p != Plan(offload="cpu", tp=2, pp=2, batch_size=4, micro_batches=2), label
+    resident = dict(knob_variants(Plan(), load_model("llama-3-8b")))
+    assert not any(label.startswith("prefetch bucket") for label in resident)  # nothing is gathered
+    assert "batch 0" not in resident and "tp 0" not in resident and "pp 0" not in resident
+    assert "pinned memory off" in resident and "KV offload on" in resident
+
+
+# ---- fixes ------------------------------------------------------------------------------------------
+
+
+def test_fixes_for_a_model_too_big_for_the_gpu(a6000) -> None:
+    """OPT-30B at 16 bit (60 GB) on a 48 GB A6000."""
+    est = predict(load_model("opt-30b"), a6000, WORKLOAD, Plan())
+    assert not est.feasible and [r.kind for r in est.reasons] == ["gpu_memory"]
+    proposed = fixes(knob_effects(est))
+    labels = [f.label for f in proposed]
+    assert labels and set(labels) <= {"offload cpu", "offload nvme", "8-bit weights", "4-bit weights"}
+    assert "offload cpu" in labels or "4-bit weights" in labels
+    assert all(f.estimate.feasible for f in proposed)
+    assert [f.estimate.decode_step_s for f in proposed] == sorted(f.estimate.decode_step_s for f in proposed)
+    assert len(fixes(knob_effects(est), k=1)) == 1
+
+
+def test_nvme_offload_is_proposed_where_only_it_fits(a6000) -> None:
+    model = load_model("opt-175b")  # 350 GB at 16 bit: too big for GPU, DRAM and pinned memory
+    est = predict(model, a6000, WORKLOAD, Plan())
+    nvme = predict(model, a6000, WORKLOAD, Plan(offload="nvme", nvme_buffer_elems=nvme_buffer_elems_for(model, 1, 1)))
+    assert nvme.feasible  # with a buffer that holds the largest tensor, NVMe offload fits
+    assert "offload nvme" in [f.label for f in fixes(knob_effects(est))]
+
+
+def test_fixes_lists_only_feasible_variants(a6000, llama8b) -> None:
+    est = predict(llama8b, a6000, WORKLOAD, Plan(offload="cpu"))
+    assert all(f.estimate.feasible for f in fixes(knob_effects(est), k=10))
+
+
+# ---- memory headroom --------------------------------------------------------------------------------
+
+
+def test_memory_headroom_tightest_first(a6000, llama8b) -> None:
+    est = predict(llama8b, a6000, WORKLOAD, Plan(offload="cpu"))
+    rows = memory_headroom(est)
+    names = [r[0] for r in rows]
+    assert set(names) == {"GPU memory", "CPU memory", "pinned memory"}
+    ratios = [used / cap for _, used, cap in rows]
+    assert ratios == sorted(ratios, reverse=True)
+    pinned = dict((n, (u, c)) for n, u, c in rows)["pinned memory"]
+    assert pinned == (est.pinned_bytes, a6000.host.pinnable_bytes)
+    resident = memory_headroom(predict(llama8b, a6000, WORKLOAD, Plan()))
+    assert [r[0] for r in resident][0] == "GPU memory" and "pinned memory" not in [r[0] for r in resident]

@@ -1,0 +1,277 @@
+"""search: candidate layouts, the knob grid, ranking by objective, the Pareto front, infeasible counts.
+
+Runs on the shipped hardware profiles through the topology and layout code; skipped where those do not
+import.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+pytest.importorskip("planner.layout")
+pytest.importorskip("planner.topology")
+profiles = pytest.importorskip("planner.profiles")
+
+from planner.catalog import load_model  # noqa: E402
+from planner.feasibility import capacity_masks, layout_problems  # noqa: E402
+from planner.search import (  # noqa: E402
+    DEFAULT_BATCHES,
+    SearchSpace,
+    _degrees,
+    candidate_layouts,
+    nvme_buffer_elems_for,
+    prefetch_buckets,
+    search,
+)
+from planner.specs.plan import DEEPSPEED_DEFAULT_PREFETCH_ELEMS  # noqa: E402
+from planner.specs.workload import Workload  # noqa: E402
+
+WORKLOAD = Workload(512, 32)
+
+
+@pytest.fixture(scope="module")
+def a6000():
+    return profiles.load_profile("a6000-workstation")
+
+
+@pytest.fixture(scope="module")
+def llama8b_on_a6000(a6000):
+    return search(load_model("llama-3-8b"), a6000, WORKLOAD)
+
+
+@pytest.fixture(scope="module")
+def opt30b_on_a6000(a6000):
+    return search(load_model("opt-30b"), a6000, WORKLOAD)
+
+
+@pytest.fixture(scope="module")
+def llama8b_on_4gpu():
+    return search(load_model("llama-3-8b"), profiles.load_profile("a100-pcie-4gpu"), WORKLOAD)
+
+
+ALL_RESULTS = ["llama8b_on_a6000", "opt30b_on_a6000", "llama8b_on_4gpu"]
+
+
+# ---- layouts --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("limit,want", [(1, [1]), (4, [1, 2, 4]), (6, [1, 2, 3, 4, 6]), (8, [1, 2, 4, 8]), (12, [1, 2, 3, 4, 6, 8, 12])])
+def test_degrees_are_powers_of_two_and_divisors(limit: int, want: list[int]) -> None:
+    assert _degrees(limit) == want
+
+
+def test_candidate_layouts_prune_exactly_the_unbuildable() -> None:
+    """tiny-llama (4 heads, 2 KV heads, f=176, 4 layers) on 8 GPUs."""
+    hw = profiles.load_profile("dgx-h100")
+    model = load_model("tiny-llama")
+    assert hw.n_gpus == 8
+    got = candidate_layouts(model, hw, SearchSpace())
+    assert len(got) == len(set(got))
+    for tp, pp, dp in got:
+        assert not list(layout_problems(model, hw, tp, pp, dp))
+        assert tp * pp * dp <= 8 and pp <= 4 and tp <= 4
+    degrees = _degrees(8)
+    for combo in itertools.product(degrees, degrees, degrees):
+        if combo not in got and combo[1] <= model.n_layers:
+            assert list(layout_problems(model, hw, *combo)), combo
+    assert (8, 1, 1) not in got  # 4 heads cannot split 8 ways
+    assert (1, 8, 1) not in got  # 8 stages of 4 layers
+    assert (2, 2, 2) in got and (1, 1, 8) in got and (4, 2, 1) in got
+
+
+def test_candidate_layouts_respect_a_restricted_space() -> None:
+    hw = profiles.load_profile("dgx-h100")
+    space = SearchSpace().restrict(tp=2, pp=None, dp=1)
+    assert space.tp == (2,) and space.pp is None and space.dp == (1,)
+    got = candidate_layouts(load_model("llama-3-8b"), hw, space)
+    assert got == [(2, 1, 1), (2, 2, 1), (2, 4, 1)]
+
+
+def test_no_buildable_layout_raises(a6000) -> None:
+    with pytest.raises(ValueError, match="no buildable layout of llama-3-8b on a6000-workstation"):
+        search(load_model("llama-3-8b"), a6000, WORKLOAD, SearchSpace(tp=(3,)))
+
+
+def test_nvme_buffer_holds_the_largest_partition() -> None:
+    m = load_model("llama-3-8b")
+    assert nvme_buffer_elems_for(m, 1, 1) == 128256 * 4096  # the replicated embedding
+    assert nvme_buffer_elems_for(m, 4, 2) == 128256 * 4096 // 2
+    assert nvme_buffer_elems_for(load_model("tiny-llama"), 1, 1) == 100_000_000  # at least 1e8
+
+
+def test_prefetch_buckets() -> None:
+    assert prefetch_buckets(load_model("llama-3-8b")) == (2 * 4096**2, DEEPSPEED_DEFAULT_PREFETCH_ELEMS)
+    assert prefetch_buckets(load_model("tiny-llama")) == (2 * 64**2, DEEPSPEED_DEFAULT_PREFETCH_ELEMS)
+
+
+# ---- the knob grid --------------------------------------------------------------------------------
+
+
+def all_plans(result):
+    return [result.plan(i) for i in range(result.n_plans)]
+
+
+def test_grid_evaluates_only_knobs_that_matter(llama8b_on_4gpu) -> None:
+    r = llama8b_on_4gpu
+    plans = all_plans(r)
+    assert r.n_plans == len(plans) == len(set(plans))  # no duplicates
+    for p in plans:
+        assert p.offload != "nvme"  # the 4-GPU A100 profile has no NVMe
+        if not p.pin_memory:
+            assert p.offload == "cpu" or p.kv_offload  # pinning only where something leaves host memory
+        if not (p.is_offloaded or p.dp > 1):
+            assert p.prefetch_bucket_elems == DEEPSPEED_DEFAULT_PREFETCH_ELEMS  # nothing is gathered
+        assert p.batch_size in DEFAULT_BATCHES and p.batch_size % p.dp == 0
+        assert p.micro_batches in ({1, p.pp, 2 * p.pp} if p.pp > 1 else {1})
+        assert not list(layout_problems(r.model, r.hardware, p.tp, p.pp, p.dp))
+    assert {p.pp for p in plans} == {1, 2, 4} and {p.tp for p in plans} == {1, 2, 4}
+
+
+def test_search_space_restriction(a6000) -> None:
+    space = SearchSpace(offloads=("cpu",), weight_bits=(4,), batch_sizes=(1, 8), kv_offload=(False,))
+    r = search(load_model("llama-3-8b"), a6000, WORKLOAD, space)
+    plans = all_plans(r)
+    assert {(p.offload, p.weight_bits, p.kv_offload) for p in plans} == {("cpu", 4, False)}
+    assert {p.batch_size for p in plans} == {1, 8}
+    assert {p.pin_memory for p in plans} == {True, False}
+
+
+def test_nvme_plans_carry_a_buffer_that_fits(a6000) -> None:
+    r = search(load_model("llama-3-8b"), a6000, WORKLOAD, SearchSpace(offloads=("nvme",), batch_sizes=(1,)))
+    assert r.n_plans > 0
+    assert all(p.nvme_buffer_elems >= 128256 * 4096 for p in all_plans(r))
+    assert "nvme_buffer" not in r.infeasible_counts
+
+
+# ---- ranking --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ALL_RESULTS)
+def test_latency_ranking(request, name: str) -> None:
+    r = request.getfixturevalue(name)
+    for batch in (1, 4):
+        top = r.ranked("latency", batch_size=batch)
+        assert len(top) > 0
+        assert np.all(r.feasible[top]) and np.all(r.batch_size[top] == batch)
+        assert np.all(np.diff(r.decode_step_s[top]) >= 0)
+        assert len(set(r.config[top])) == len(top)  # one entry per configuration
+        # Each entry is its configuration's best at that batch.
+        for i in top:
+            same = (r.config == r.config[i]) & r.feasible & (r.batch_size == batch)
+            assert r.decode_step_s[i] == pytest.approx(r.decode_step_s[same].min())
+        # Every feasible configuration at that batch appears.
+        assert set(r.config[top]) == set(r.config[r.feasible & (r.batch_size == batch)])
+
+
+@pytest.mark.parametrize("name", ALL_RESULTS)
+def test_throughput_ranking(request, name: str) -> None:
+    r = request.getfixturevalue(name)
+    top = r.ranked("throughput")
+    assert np.all(r.feasible[top])
+    assert np.all(np.diff(r.throughput_tok_s[top]) <= 0)
+    assert len(set(r.config[top])) == len(top)
+    assert r.throughput_tok_s[top[0]] == pytest.approx(r.throughput_tok_s[r.feasible].max())
+    for i in top[:10]:
+        same = (r.config == r.config[i]) & r.feasible
+        assert r.throughput_tok_s[i] == pytest.approx(r.throughput_tok_s[same].max())
+
+
+def test_balanced_ranking(llama8b_on_a6000) -> None:
+    r = llama8b_on_a6000
+    top = r.ranked("balanced")
+    score = r.balanced_score()
+    assert np.all(r.feasible[top]) and np.all(np.diff(score[top]) <= 1e-12)
+    assert np.all(score[r.feasible] <= 1.0 + 1e-12)
+    assert len(set(r.config[top])) == len(top)
+
+
+def test_unknown_objective_raises(llama8b_on_a6000) -> None:
+    with pytest.raises(ValueError, match="objective 'fastest' is not one of latency, throughput, balanced"):
+        llama8b_on_a6000.ranked("fastest")
+
+
+def test_a_big_batch_is_where_throughput_comes_from(llama8b_on_a6000) -> None:
+    r = llama8b_on_a6000
+    best_thr = r.ranked("throughput")[0]
+    best_lat = r.ranked("latency")[0]
+    assert r.batch_size[best_thr] > 1
+    assert r.throughput_tok_s[best_thr] > r.throughput_tok_s[best_lat]
+    # 16 GB fits a 48 GB A6000: the fastest bs1 decode keeps weights on the GPU.
+    assert r.plan(best_lat).offload == "none"
+
+
+# ---- Pareto front ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ALL_RESULTS)
+def test_pareto_front_is_non_dominated_and_sorted(request, name: str) -> None:
+    r = request.getfixturevalue(name)
+    front = r.pareto_front()
+    assert len(front) > 0 and np.all(r.feasible[front])
+    assert np.all(np.diff(r.decode_step_s[front]) >= 0)
+    assert np.all(np.diff(r.throughput_tok_s[front]) > 0)
+    feas = np.flatnonzero(r.feasible)
+    dec, thr = r.decode_step_s[feas], r.throughput_tok_s[feas]
+    for i in front:
+        dominated = (dec <= r.decode_step_s[i]) & (thr >= r.throughput_tok_s[i]) & (
+            (dec < r.decode_step_s[i]) | (thr > r.throughput_tok_s[i])
+        )
+        assert not dominated.any()
+    # Completeness: every feasible plan is dominated by (or equal to) a front member.
+    for j in feas[:: max(1, len(feas) // 200)]:
+        assert np.any((r.decode_step_s[front] <= r.decode_step_s[j]) & (r.throughput_tok_s[front] >= r.throughput_tok_s[j]))
+    # Its ends: the fastest decode and the highest throughput.
+    assert r.decode_step_s[front[0]] == pytest.approx(dec.min())
+    assert r.throughput_tok_s[front[-1]] == pytest.approx(thr.max())
+
+
+# ---- infeasible plans -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ALL_RESULTS)
+def test_infeasible_counts_match_the_masks(request, name: str) -> None:
+    r = request.getfixturevalue(name)
+    want: dict[str, int] = {}
+    for ev in r.evaluations:
+        for kind, mask in capacity_masks(ev).items():
+            want[kind] = want.get(kind, 0) + int(mask.sum())
+    assert r.infeasible_counts == {k: v for k, v in want.items() if v}
+    assert r.n_feasible == int(r.feasible.sum())
+    assert r.n_plans - r.n_feasible <= sum(r.infeasible_counts.values())
+
+
+def test_a_big_model_on_a_small_gpu_reports_why(opt30b_on_a6000) -> None:
+    r = opt30b_on_a6000
+    assert r.infeasible_counts.get("gpu_memory", 0) > 0  # 60 GB of 16-bit weights on a 48 GB GPU
+    assert 0 < r.n_feasible < r.n_plans
+    for i in np.flatnonzero(~r.feasible)[:20]:
+        est = r.estimate(i)
+        assert not est.feasible and est.reasons
+    for i in r.ranked("latency"):
+        p = r.plan(i)
+        assert p.offload != "none" or p.weight_bits < 16  # 30B at 16 bit never sits on the GPU
+    closest = r.closest_infeasible(5)
+    assert len(closest) == 5 and not r.feasible[closest].any()
+    over = [r._overshoot(i) for i in closest]
+    assert over == sorted(over) and over[0] >= 1.0
+
+
+# ---- consistency with predict ---------------------------------------------------------------------
+
+
+def test_search_plans_predict_to_the_same_figures(llama8b_on_4gpu) -> None:
+    from planner.predict import predict
+
+    r = llama8b_on_4gpu
+    picks = list(r.ranked("latency")[:3]) + list(r.ranked("throughput")[:3]) + list(r.pareto_front()[:2])
+    for i in picks:
+        plan = r.plan(i)
+        est = predict(r.model, r.hardware, r.workload, plan)
+        assert est.decode_step_s == pytest.approx(r.decode_step_s[i], rel=1e-9)
+        assert est.ttft_s == pytest.approx(r.ttft_s[i], rel=1e-9)
+        assert est.throughput_tok_s == pytest.approx(r.throughput_tok_s[i], rel=1e-9)
+        assert est.feasible == bool(r.feasible[i])
+        assert r.estimate(i).decode_step_s == pytest.approx(est.decode_step_s, rel=1e-9)
