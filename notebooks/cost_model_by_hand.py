@@ -50,13 +50,14 @@ assert abs(t_pcie - est.decode_link["h2d_s"]) / t_pcie < 1e-9
 
 # %% [markdown]
 # ## 3. Compute time
-# Batch 1 decode is HBM-bound: every weight is read once (2 bytes), plus the KV cache: 2 * 8 KV heads *
-# 128 * 2 bytes per token per layer over an average context of 512 + 31/2 + 1 tokens.
+# Batch 1 decode is HBM-bound: every weight is read once (2 bytes), except the embedding, of which only
+# the one row looked up is read; plus the KV cache: 2 * 8 KV heads * 128 * 2 bytes per token per layer
+# over an average context of 512 + 31/2 + 1 tokens.
 
 # %%
 ctx = 512 + 31 / 2 + 1
 kv_bytes = model.n_layers * model.kv_cache_elems_per_token_per_layer * 2 * ctx
-hbm_bytes = 2 * model.params_total + kv_bytes
+hbm_bytes = 2 * (model.params_total - model.embedding_params) + 2 * model.hidden_size + kv_bytes
 t_hbm = hbm_bytes / (hw.gpu.hbm_bandwidth_bytes_s * eff.hbm)
 print(f"HBM reads {hbm_bytes / 1e9:.2f} GB -> {t_hbm * 1e3:.2f} ms")
 assert abs(t_hbm - est.decode_link["hbm_s"]) / t_hbm < 1e-6
