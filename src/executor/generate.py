@@ -1,0 +1,166 @@
+"""Token generation across pipeline stages, in lock-step, with our own loop (no ``model.generate``).
+
+Why our own loop: transformers' ``generate`` cannot split a model into stages, and its ``synced_gpus``
+stop check all-reduces over the WORLD group, which deadlocks when only a subgroup generates under
+ZeRO-3. Here every rank runs exactly the same number of forwards: ``gen_len`` in benchmark mode; in chat
+mode, until a world-wide all-reduce of "all done" flags says stop (one tiny collective per step).
+
+One forward = every micro-batch through this rank's stage (GPipe order, forward only):
+
+    first stage:  ids (prompt, or the tokens the last stage sent back)  -> stage -> send hidden to next
+    middle stage: recv hidden from prev                                 -> stage -> send hidden to next
+    last stage:   recv hidden from prev                                 -> stage -> logits -> sample
+                  -> send the tokens back to the first stage (unless this was the last forward)
+
+Sends are ``isend`` (waited at the end of the forward), receives block: stage s works on micro-batch
+j+1 while stage s+1 works on j, and the first stage's next forward of micro-batch j waits only for j's
+token, so decode steps overlap across micro-batches (the steady state the planner assumes).
+TP ranks of a stage all receive the same inputs (each talks to its own peer with the same tp and dp
+coordinates) and produce identical tokens: greedy is deterministic and sampling draws from a generator
+seeded by (seed, forward, micro-batch) on the CPU, the same on every rank.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from executor.groups import Groups
+
+
+@dataclass
+class StepTimes:
+    """Wall-clock marks of one rank, seconds since the generation started."""
+
+    forward_end_s: list[float] = field(default_factory=list)  # end of each forward (all micro-batches)
+    busy_s: list[float] = field(default_factory=list)  # time inside the stage module during each forward
+
+
+@dataclass(frozen=True)
+class Sampler:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __call__(self, logits: torch.Tensor, forward: int, micro_batch: int) -> torch.Tensor:
+        """[b, vocab] float32 logits -> [b] int64 token ids, identical on every rank given the same logits."""
+        if self.temperature == 0.0:
+            return logits.argmax(dim=-1)
+        probs = torch.softmax(logits.float().cpu() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            keep = sorted_p.cumsum(dim=-1) - sorted_p < self.top_p
+            sorted_p = sorted_p * keep
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + forward * 1_009 + micro_batch)
+        return torch.multinomial(probs, 1, generator=gen).squeeze(-1).to(logits.device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class PipelineGenerator:
+    """Drives one rank's stage through prefill and decode. ``stage(x, cache, cache_position)`` runs it."""
+
+    stage: Callable[[torch.Tensor, object, torch.Tensor], torch.Tensor]
+    groups: Groups
+    new_cache: Callable[[], object]
+    hidden_size: int
+    dtype: torch.dtype
+    device: torch.device
+    micro_batches: int
+    sampler: Sampler
+    eos_token_id: int | None = None
+    on_tokens: Callable[[int, list[torch.Tensor]], None] | None = None  # (forward, tokens per micro-batch)
+    times: StepTimes = field(default_factory=StepTimes)
+
+    def _split(self, batch: int) -> list[int]:
+        m = self.micro_batches
+        if batch % m:
+            raise ValueError(f"batch per replica({batch}) % micro_batches({m}) != 0")
+        return [batch // m] * m
+
+    def _recv_hidden(self, rows: int, seq: int) -> torch.Tensor:
+        x = torch.empty(rows, seq, self.hidden_size, dtype=self.dtype, device=self.device)
+        dist.recv(x, src=self.groups.prev_rank)
+        return x
+
+    def _recv_tokens(self, rows: int) -> torch.Tensor:
+        t = torch.empty(rows, dtype=torch.int64, device=self.device)
+        dist.recv(t, src=self.groups.last_stage_rank)
+        return t
+
+    def run(self, prompt_ids: torch.Tensor | None, batch: int, prompt_len: int, max_new_tokens: int, chat: bool) -> list[torch.Tensor]:
+        """Generate; returns the new tokens [batch, n] on last-stage ranks (an empty list elsewhere).
+
+        ``prompt_ids`` [batch, prompt_len] is needed on first-stage ranks only.
+        """
+        g = self.groups
+        sizes = self._split(batch)
+        offsets = [sum(sizes[:j]) for j in range(len(sizes))]
+        caches = [self.new_cache() for _ in sizes]
+        generated: list[list[torch.Tensor]] = [[] for _ in sizes]
+        next_ids: list[torch.Tensor | None] = [None] * len(sizes)
+        done = torch.zeros(batch, dtype=torch.bool)
+        _sync(self.device)
+        start = time.perf_counter()
+        for forward in range(max_new_tokens):
+            seq = prompt_len if forward == 0 else 1
+            cache_position = torch.arange(prompt_len + forward - seq, prompt_len + forward, device=self.device)
+            pending, busy = [], 0.0
+            for j, rows in enumerate(sizes):
+                if g.is_first_stage:
+                    if forward == 0:
+                        x = prompt_ids[offsets[j] : offsets[j] + rows].to(self.device)
+                    elif g.pp > 1:
+                        x = self._recv_tokens(rows)[:, None]
+                    else:
+                        x = next_ids[j][:, None]
+                else:
+                    x = self._recv_hidden(rows, seq)
+                _sync(self.device)
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    out = self.stage(x, caches[j], cache_position)
+                _sync(self.device)
+                busy += time.perf_counter() - t0
+                if not g.is_last_stage:
+                    pending.append(dist.isend(out.contiguous(), dst=g.next_rank))
+                    continue
+                tokens = self.sampler(out, forward, j)
+                generated[j].append(tokens)
+                next_ids[j] = tokens
+                if g.pp > 1 and forward < max_new_tokens - 1:
+                    pending.append(dist.isend(tokens.contiguous(), dst=g.first_stage_rank))
+            for work in pending:
+                work.wait()
+            _sync(self.device)
+            self.times.forward_end_s.append(time.perf_counter() - start)
+            self.times.busy_s.append(busy)
+            if self.on_tokens is not None and g.is_last_stage:
+                self.on_tokens(forward, [gen[-1] for gen in generated])
+            if chat and self._all_done(generated, done):
+                break
+        if not g.is_last_stage:
+            return []
+        return [torch.stack(gen, dim=1).cpu() for gen in generated]
+
+    def _all_done(self, generated: list[list[torch.Tensor]], done: torch.Tensor) -> bool:
+        """World-wide stop check: every rank calls it after every forward (a MIN all-reduce of a flag)."""
+        mine = torch.ones(1, dtype=torch.int32)
+        if self.groups.is_last_stage and self.eos_token_id is not None:
+            last = torch.cat([gen[-1].cpu() for gen in generated])
+            done |= last == self.eos_token_id
+            mine[0] = int(bool(done.all()))
+        elif self.eos_token_id is None:
+            mine[0] = 0
+        flag = mine.to(self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())

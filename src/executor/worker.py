@@ -1,0 +1,234 @@
+"""One rank of a run: groups, its model shard, ZeRO-3, the pipeline stage, generate, measure.
+
+Started by ``executor.launch`` through torchrun as ``python -m executor.worker <out_dir>/spec.json``
+(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT in the environment). Rank 0 writes the RunRecord to
+``<out_dir>/record.json`` (atomically) and prints it as its last stdout line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+
+from executor.generate import PipelineGenerator, Sampler, StepTimes
+from executor.groups import DeepSpeedMpu, Groups, build_groups
+from executor.record import RankReport, build_record
+from executor.spec import RunSpec, write_json_atomic
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _device(spec: RunSpec) -> torch.device:
+    if spec.device == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def _init_distributed(device: torch.device) -> None:
+    if device.type == "cuda":
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+
+
+def stage_layer_counts(spec: RunSpec, planner_model) -> tuple[int, ...]:
+    """Decoder layers per stage: the spec's override, else the planner's balanced split."""
+    if spec.stage_layers:
+        if sum(spec.stage_layers) != planner_model.n_layers:
+            raise ValueError(
+                f"stage_layers sum({sum(spec.stage_layers)}) != n_layers({planner_model.n_layers}) of {planner_model.name}"
+            )
+        return tuple(spec.stage_layers)
+    from planner.cost.pipeline import stage_layer_sizes
+
+    return stage_layer_sizes(planner_model, spec.plan.pp)
+
+
+def uses_deepspeed(spec: RunSpec) -> bool:
+    """ZeRO-3 is needed to offload, to partition over dp > 1 or to quantize; a resident dp=1 plan runs plain."""
+    plan = spec.plan
+    return plan.is_offloaded or plan.dp > 1 or plan.is_quantized
+
+
+def wrap_zero3(module: torch.nn.Module, spec: RunSpec, g: Groups, hidden_size: int):
+    """Hand the stage to DeepSpeed ZeRO-3 with every knob of the plan written explicitly."""
+    import deepspeed
+
+    from executor.render import ds_config
+
+    config = ds_config(spec.plan, dtype=spec.dtype, hidden_size=hidden_size, nvme_path=spec.nvme_path)
+    engine, *_ = deepspeed.initialize(model=module, config=config, mpu=DeepSpeedMpu(g))
+    engine.eval()
+    return engine
+
+
+def zero3_transfer_bytes(module: torch.nn.Module) -> tuple[int, int]:
+    """(bytes copied host->device per forward, pinned host bytes) of this rank's ZeRO-3 partitions."""
+    per_forward = pinned = 0
+    for p in module.parameters():
+        part = getattr(p, "ds_tensor", None)
+        if part is None:
+            continue
+        n = part.numel() * part.element_size()
+        if not getattr(p, "ds_persist", False) and part.device.type == "cpu":
+            per_forward += n
+        if part.device.type == "cpu" and part.is_pinned():
+            pinned += n
+    return per_forward, pinned
+
+
+def prompt_ids(spec: RunSpec, vocab_size: int, tokenizer=None) -> torch.Tensor:
+    """[batch, prompt_len] ids: the given prompts tokenized, or seeded random ids (the same for every layout)."""
+    wl, batch = spec.workload, spec.plan.batch_size
+    if spec.prompts:
+        if tokenizer is None:
+            raise ValueError("text prompts need a tokenizer: pass --checkpoint DIR with tokenizer files")
+        texts = [spec.prompts[i % len(spec.prompts)] for i in range(batch)]
+        enc = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
+        width = max(len(e) for e in enc)
+        if any(len(e) != width for e in enc):
+            raise ValueError("prompts must tokenize to the same length in this version; give one prompt or equal ones")
+        return torch.tensor(enc, dtype=torch.int64)
+    gen = torch.Generator().manual_seed(spec.seed)
+    return torch.randint(0, vocab_size, (batch, wl.prompt_len_tokens), generator=gen, dtype=torch.int64)
+
+
+def _host_rss() -> int:
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    except Exception:  # noqa: BLE001 - psutil missing: RSS is not recorded
+        return 0
+
+
+def _prediction(spec: RunSpec, planner_model) -> tuple[dict | None, float | None]:
+    if not spec.hardware:
+        return None, None
+    from planner.predict import predict
+    from planner.profiles import load_profile
+
+    est = predict(planner_model, load_profile(spec.hardware), spec.workload, spec.plan)
+    return est.to_dict(), est.placement.h2d_pinned_bytes_s
+
+
+def run(spec: RunSpec) -> dict | None:
+    from executor.modeling import ShardSpec, build_stage, load_hf_config
+    from planner.catalog import load_model
+
+    device = _device(spec)
+    _init_distributed(device)
+    plan = spec.plan
+    g = build_groups(plan.tp, plan.dp, plan.pp)
+    config = load_hf_config(spec.model, spec.checkpoint)
+    planner_model = load_model(spec.checkpoint or spec.model)
+    counts = stage_layer_counts(spec, planner_model)
+    shard = ShardSpec.for_stage(counts, g.stage, tp_rank=g.tp_rank, tp_size=g.tp)
+    dtype = DTYPES[spec.dtype]
+
+    t0 = time.perf_counter()
+    deepspeed_path = uses_deepspeed(spec)
+    build_device = torch.device("cpu") if plan.is_offloaded else device
+    module = build_stage(config, shard, tp_group=g.tp_group, dtype=dtype, device=build_device, seed=spec.seed,
+                         checkpoint=spec.checkpoint)
+    module.eval()
+    stage = wrap_zero3(module, spec, g, config.hidden_size) if deepspeed_path else module.to(device)
+    h2d_per_forward, pinned = zero3_transfer_bytes(module) if deepspeed_path else (0, 0)
+    build_s = time.perf_counter() - t0
+
+    from transformers import DynamicCache
+
+    kv_offload = plan.kv_offload and device.type == "cuda"  # on the CPU the cache already lives in host memory
+    ids = prompt_ids(spec, config.vocab_size)
+    rows = plan.batch_per_replica
+    mine = ids[g.dp_rank * rows : (g.dp_rank + 1) * rows]
+    generator = PipelineGenerator(
+        stage=lambda x, cache, pos: stage(x, cache, pos),
+        groups=g,
+        new_cache=lambda: DynamicCache(offloading=kv_offload),
+        hidden_size=config.hidden_size,
+        dtype=dtype,
+        device=device,
+        micro_batches=plan.micro_batches,
+        sampler=Sampler(spec.temperature, spec.top_p, spec.seed),
+        eos_token_id=getattr(config, "eos_token_id", None) if spec.mode == "chat" else None,
+    )
+    max_new = spec.workload.gen_len_tokens
+    for _ in range(spec.warmup_steps):
+        replace(generator, times=StepTimes()).run(mine, rows, ids.shape[1], max_new, chat=False)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    dist.barrier()
+    new_tokens = generator.run(mine, rows, ids.shape[1], max_new, chat=spec.mode == "chat")
+
+    report = RankReport(
+        rank=g.rank,
+        coords=g.coords,
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        forward_end_s=generator.times.forward_end_s,
+        busy_s=generator.times.busy_s,
+        peak_allocated_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0,
+        peak_reserved_bytes=torch.cuda.max_memory_reserved(device) if device.type == "cuda" else 0,
+        host_rss_bytes=_host_rss(),
+        pinned_bytes=pinned,
+        h2d_bytes_per_forward=h2d_per_forward,
+        tp_allreduce_s=_tp_allreduce_seconds(),
+        build_s=build_s,
+        tokens=torch.cat(new_tokens).tolist() if new_tokens else [],
+    )
+    gathered: list[RankReport | None] = [None] * g.world_size if g.rank == 0 else None
+    dist.gather_object(report, gathered, dst=0)
+    record = None
+    if g.rank == 0:
+        record = _fold(spec, gathered, g, planner_model)
+    dist.barrier()
+    dist.destroy_process_group()
+    return record
+
+
+def _tp_allreduce_seconds() -> float:
+    try:
+        from executor.modeling import tp_allreduce_seconds
+
+        return tp_allreduce_seconds()
+    except ImportError:
+        return 0.0
+
+
+def _fold(spec: RunSpec, reports: list[RankReport], g: Groups, planner_model) -> dict:
+    """Rank 0: the tokens of every replica in batch order, the prediction, the record."""
+    last_stage = g.pp - 1
+    tokens: list[list[int]] = []
+    for dp_idx in range(g.dp):
+        owner = next(r for r in reports if r.coords == (0, dp_idx, last_stage))
+        tokens += owner.tokens
+    prediction, profile_bw = _prediction(spec, planner_model)
+    model_info = {"name": planner_model.name, "params_total": planner_model.params_total,
+                  "params_active": planner_model.params_active}
+    return build_record(spec.to_dict(), reports, tokens, prediction, profile_bw, model_info)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        sys.stderr.write("usage: python -m executor.worker SPEC.json\n")
+        return 2
+    spec = RunSpec.read(argv[0])
+    record = run(spec)
+    if record is not None:
+        write_json_atomic(os.path.join(spec.out_dir, "record.json"), record)
+        sys.stdout.write(json.dumps(record, default=str) + "\n")
+        sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
