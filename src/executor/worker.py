@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from executor.generate import PipelineGenerator, Sampler, StepTimes
-from executor.groups import DeepSpeedMpu, Groups, build_groups
+from executor.groups import Groups, build_groups
 from executor.record import RankReport, build_record
 from executor.spec import RunSpec, write_json_atomic
 
@@ -58,16 +58,13 @@ def uses_deepspeed(spec: RunSpec) -> bool:
     return plan.is_offloaded or plan.dp > 1 or plan.is_quantized
 
 
-def wrap_zero3(module: torch.nn.Module, spec: RunSpec, g: Groups, hidden_size: int):
+def zero3_stage(module: torch.nn.Module, spec: RunSpec, g: Groups, hidden_size: int):
     """Hand the stage to DeepSpeed ZeRO-3 with every knob of the plan written explicitly."""
-    import deepspeed
-
     from executor.render import ds_config
+    from executor.zero3 import wrap_zero3
 
     config = ds_config(spec.plan, dtype=spec.dtype, hidden_size=hidden_size, nvme_path=spec.nvme_path)
-    engine, *_ = deepspeed.initialize(model=module, config=config, mpu=DeepSpeedMpu(g))
-    engine.eval()
-    return engine
+    return wrap_zero3(module, config, g)
 
 
 def zero3_transfer_bytes(module: torch.nn.Module) -> tuple[int, int]:
@@ -140,7 +137,7 @@ def run(spec: RunSpec) -> dict | None:
     module = build_stage(config, shard, tp_group=g.tp_group, dtype=dtype, device=build_device, seed=spec.seed,
                          checkpoint=spec.checkpoint)
     module.eval()
-    stage = wrap_zero3(module, spec, g, config.hidden_size) if deepspeed_path else module.to(device)
+    stage = zero3_stage(module, spec, g, config.hidden_size) if deepspeed_path else module.to(device)
     h2d_per_forward, pinned = zero3_transfer_bytes(module) if deepspeed_path else (0, 0)
     build_s = time.perf_counter() - t0
 
