@@ -21,6 +21,10 @@ from executor.groups import Groups, build_groups
 from executor.record import RankReport, build_record
 from executor.spec import RunSpec, write_json_atomic
 
+# torchrun's error recorder writes each failing rank's traceback to error.json; the launcher reads it to
+# name the rank that failed first and show why.
+from torch.distributed.elastic.multiprocessing.errors import record as record_errors
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -134,8 +138,9 @@ def run(spec: RunSpec) -> dict | None:
     t0 = time.perf_counter()
     deepspeed_path = uses_deepspeed(spec)
     build_device = torch.device("cpu") if plan.is_offloaded else device
+    # Random weights are drawn on the accelerator (fast) and kept where the plan stores them.
     module = build_stage(config, shard, tp_group=g.tp_group, dtype=dtype, device=build_device, seed=spec.seed,
-                         checkpoint=spec.checkpoint)
+                         checkpoint=spec.checkpoint, init_device=device)
     module.eval()
     stage = zero3_stage(module, spec, g, config.hidden_size) if deepspeed_path else module.to(device)
     h2d_per_forward, pinned = zero3_transfer_bytes(module) if deepspeed_path else (0, 0)
@@ -163,6 +168,7 @@ def run(spec: RunSpec) -> dict | None:
         replace(generator, times=StepTimes()).run(mine, rows, ids.shape[1], max_new, chat=False)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    _tp_allreduce_seconds(reset=True)  # count the measured run only, not the warm-up
     dist.barrier()
     new_tokens = generator.run(mine, rows, ids.shape[1], max_new, chat=spec.mode == "chat")
 
@@ -191,13 +197,10 @@ def run(spec: RunSpec) -> dict | None:
     return record
 
 
-def _tp_allreduce_seconds() -> float:
-    try:
-        from executor.modeling import tp_allreduce_seconds
+def _tp_allreduce_seconds(reset: bool = False) -> float:
+    from executor.tp import tp_allreduce_seconds
 
-        return tp_allreduce_seconds()
-    except ImportError:
-        return 0.0
+    return tp_allreduce_seconds(reset)
 
 
 def _fold(spec: RunSpec, reports: list[RankReport], g: Groups, planner_model) -> dict:
@@ -213,6 +216,7 @@ def _fold(spec: RunSpec, reports: list[RankReport], g: Groups, planner_model) ->
     return build_record(spec.to_dict(), reports, tokens, prediction, profile_bw, model_info)
 
 
+@record_errors
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:

@@ -36,9 +36,11 @@ def _positive(text: str) -> int:
     return value
 
 
-def _add_target(p: argparse.ArgumentParser) -> None:
+def _add_target(p: argparse.ArgumentParser, hardware_required: bool = True) -> None:
     p.add_argument("--model", required=True, help="catalogue name (hpi models) or path to a HF config.json")
-    p.add_argument("--hardware", required=True, help="profile name (hpi hardware) or path to a profile YAML")
+    p.add_argument("--hardware", required=hardware_required, default=None,
+                   help="profile name (hpi hardware) or path to a profile YAML"
+                   + ("" if hardware_required else "; given, the plan is predicted and refused if infeasible"))
     p.add_argument("--batch", type=_positive, default=1, help="batch size (default 1)")
     p.add_argument("--prompt-len", type=_positive, default=DEFAULT_PROMPT_LEN, help="prompt tokens (default 512)")
     p.add_argument("--gen-len", type=_positive, default=DEFAULT_GEN_LEN, help="generated tokens (default 32)")
@@ -87,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         _add_target(p)
         _add_plan_knobs(p, for_search=False)
+    p = sub.add_parser("run", help="run one plan for real (DeepSpeed ZeRO-3 x TP x PP) and report what it measured")
+    _add_target(p, hardware_required=False)
+    _add_plan_knobs(p, for_search=False)
+    _add_run_options(p)
     p = sub.add_parser("models", help="the model catalogue")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("hardware", help="the hardware profiles")
@@ -94,12 +100,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    prompts = p.add_mutually_exclusive_group()
+    prompts.add_argument("--prompt", default=None, metavar="TEXT", help="one text prompt (default: random token ids)")
+    prompts.add_argument("--prompts", dest="prompts_file", default=None, metavar="FILE",
+                         help="text prompts, one per line (empty lines skipped)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cpu: DeepSpeed's CPU accelerator with gloo, for tests (default cuda)")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    p.add_argument("--checkpoint", default=None, metavar="DIR",
+                   help="local HF checkpoint (safetensors + tokenizer); default: random weights")
+    p.add_argument("--out", default="runs/latest", metavar="DIR",
+                   help="run folder: spec.json, ds_config.json, record.json, logs/ (default runs/latest)")
+    p.add_argument("--force", action="store_true", help="run a plan the prediction says cannot fit")
+    p.add_argument("--nvme-path", default=None, metavar="DIR", help="folder on the NVMe drive (--offload nvme)")
+    p.add_argument("--seed", type=_positive, default=0)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--chat", action="store_true", help="stop at EOS and stream the tokens as they come")
+    p.add_argument("--timeout", type=float, default=None, metavar="S", help="stop the run after S seconds")
+    p.add_argument("--nnodes", type=_positive, default=1, help="nodes taking part (one hpi run per node)")
+    p.add_argument("--node-rank", type=_positive, default=0, help="this node's rank (0 runs rank 0)")
+    p.add_argument("--master-addr", default="127.0.0.1", help="node 0's address (rendezvous)")
+    p.add_argument("--master-port", type=_positive, default=None, help="rendezvous port (default: a free one, 1 node)")
+
+
 # ---- loading the target ---------------------------------------------------------------------------
+def _workload(args: argparse.Namespace) -> Workload:
+    return Workload(args.prompt_len, args.gen_len)
+
+
 def _load_target(args: argparse.Namespace):
     from planner.catalog import load_model
     from planner.profiles import load_profile
 
-    return load_model(args.model), load_profile(args.hardware), Workload(args.prompt_len, args.gen_len)
+    return load_model(args.model), load_profile(args.hardware), _workload(args)
 
 
 def _plan_from_file(path: str) -> dict[str, Any]:
@@ -289,6 +324,166 @@ def _plan_flags(plan: Plan) -> str:
     return " ".join(flags)
 
 
+EXIT_RUN_FAILED = 1
+_RUN_FIGURES = (("ttft_s", "time to first token", "s"), ("decode_step_s", "decode step", "s"),
+                ("total_s", "total", "s"), ("throughput_tok_s", "throughput", "tok/s"))
+
+
+def _read_prompts(args: argparse.Namespace) -> tuple[str, ...]:
+    if args.prompt is not None:
+        if not args.prompt.strip():
+            raise UsageError("hpi run: --prompt is empty")
+        return (args.prompt,)
+    if args.prompts_file:
+        try:
+            with open(args.prompts_file, encoding="utf-8") as f:
+                prompts = tuple(line.rstrip("\r\n") for line in f if line.strip())
+        except OSError as e:
+            raise UsageError(f"cannot read prompts {args.prompts_file}: {e.strerror}") from None
+        if not prompts:
+            raise UsageError(f"{args.prompts_file}: no prompts (one per line)")
+        return prompts
+    return ()
+
+
+def _predict_for_run(args: argparse.Namespace, model, workload: Workload, plan: Plan):
+    """The prediction ``hpi run`` checks before launching: refuses an infeasible plan unless --force."""
+    from planner.predict import PlanError, predict
+    from planner.profiles import load_profile
+
+    hardware = load_profile(args.hardware)
+    try:
+        est = predict(model, hardware, workload, plan)
+    except PlanError as e:
+        if not args.force:
+            raise UsageError(f"hpi run: plan {plan.label} cannot be placed on {hardware.name}: {e} "
+                             "(--force runs it anyway)") from None
+        sys.stderr.write(f"hpi run: warning: no prediction ({e}); running anyway (--force)\n")
+        return None
+    if not est.feasible:
+        reasons = "; ".join(r.message for r in est.reasons)
+        if not args.force:
+            raise UsageError(f"hpi run: plan {plan.label} is infeasible on {hardware.name}: {reasons} "
+                             "(pass --force to run it anyway)")
+        sys.stderr.write(f"hpi run: warning: running an infeasible plan (--force): {reasons}\n")
+    return est
+
+
+def _node_gpus(args: argparse.Namespace, est) -> tuple[int | None, list[int] | None]:
+    """(ranks on this node, CUDA_VISIBLE_DEVICES in local-rank order) from the placement, for CUDA runs."""
+    if est is None or args.device != "cuda":
+        return None, None
+    from executor.render import node_ranks
+
+    nodes = list(node_ranks(est.placement).values())
+    if len(nodes) != args.nnodes:
+        raise UsageError(
+            f"hpi run: the plan's {est.placement.world_size} ranks span {len(nodes)} node(s) of {est.hardware.name}: "
+            f"start one hpi run per node with --nnodes {len(nodes)} --node-rank K --master-addr HOST --master-port P")
+    members = nodes[args.node_rank]
+    gpus = [gpu for _, gpu in members]
+    return len(members), (gpus if gpus != list(range(len(gpus))) else None)
+
+
+def _prediction_summary(est) -> dict[str, Any]:
+    return {"hardware": est.hardware.name, "feasible": est.feasible, "reasons": [r.message for r in est.reasons],
+            "prefill_s": est.prefill_s, "ttft_s": est.ttft_s, "decode_step_s": est.decode_step_s,
+            "total_s": est.total_s, "throughput_tok_s": est.throughput_tok_s, "gpu_peak_bytes": est.gpu_peak_bytes,
+            "rank_gpus": list(est.placement.rank_gpus)}
+
+
+def _figure(doc: Any, key: str) -> float | None:
+    """A RunRecord figure: a number, or the median of a distribution (``{"median": ...}``)."""
+    v = doc.get(key) if isinstance(doc, dict) else None
+    if isinstance(v, dict):
+        v = v.get("median")
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _is_record_line(line: str) -> bool:
+    text = line.strip()
+    if not (text.startswith("{") and text.endswith("}")):
+        return False
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from planner.catalog import load_model
+
+    model = load_model(args.model)
+    workload = _workload(args)
+    plan = _plan_from_args(args, model)
+    est = _predict_for_run(args, model, workload, plan) if args.hardware else None
+    prompts = _read_prompts(args)
+    if args.chat and not prompts:
+        raise UsageError("hpi run: --chat needs a prompt: pass --prompt TEXT or --prompts FILE")
+    if args.checkpoint and not Path(args.checkpoint).is_dir():
+        raise UsageError(f"hpi run: --checkpoint {args.checkpoint}: no such directory")
+    if args.node_rank >= args.nnodes:
+        raise UsageError(f"hpi run: --node-rank {args.node_rank} must be < --nnodes {args.nnodes}")
+    nproc, visible = _node_gpus(args, est)
+
+    # the executor only now: the planner's commands never import it
+    from executor.launch import LaunchError, launch
+    from executor.render import ds_config
+    from executor.spec import RunSpec, write_json_atomic
+
+    config = ds_config(plan, dtype=args.dtype, hidden_size=model.hidden_size, nvme_path=args.nvme_path)
+    extra: dict[str, Any] = {"argv": sys.argv[1:]}
+    if est is not None:
+        extra["predicted"] = _prediction_summary(est)
+    spec = RunSpec(plan=plan, model=args.model, workload=workload, hardware=args.hardware, device=args.device,
+                   dtype=args.dtype, checkpoint=args.checkpoint, prompts=prompts, seed=args.seed,
+                   mode="chat" if args.chat else "benchmark", temperature=args.temperature, top_p=args.top_p,
+                   nvme_path=args.nvme_path, out_dir=args.out, extra=extra)
+    write_json_atomic(Path(args.out) / "ds_config.json", config)
+
+    sink = sys.stdout if args.chat else sys.stderr
+
+    def stream(line: str) -> None:  # rank 0's stdout as it comes; the record is printed once, below
+        if not _is_record_line(line):
+            sink.write(line + "\n")
+            sink.flush()
+
+    sys.stderr.write(f"hpi run: {plan.label} on {plan.world_size} rank(s), {args.device} {args.dtype}; "
+                     f"run folder {args.out}\n")
+    try:
+        record = launch(spec, nnodes=args.nnodes, node_rank=args.node_rank, master_addr=args.master_addr,
+                        master_port=args.master_port, timeout_s=args.timeout, stream=stream, nproc_per_node=nproc,
+                        visible_gpus=visible)
+    except LaunchError as e:
+        sys.stderr.write(f"hpi run: {'' if e.reason == 'interrupted' else 'failed: '}{e}\n")
+        return 130 if e.reason == "interrupted" else EXIT_RUN_FAILED
+    if args.json:
+        _emit_json(record)
+        return 0
+    if args.node_rank != 0:
+        print(f"node {args.node_rank}: all {record.get('local_world_size')} local rank(s) finished; "
+              f"rank 0's record is on node 0; logs: {record.get('log_dir')}")
+        return 0
+    print(f"run finished: {plan.label}; record: {Path(args.out) / 'record.json'}")
+    for key, name, unit in _RUN_FIGURES:
+        measured = _figure(record, key)
+        if measured is None:
+            continue
+        predicted = getattr(est, key, None) if est is not None else _figure(record.get("predicted"), key)
+        line = f"  {name}: {measured:,.4g} {unit}"
+        if predicted:
+            line += f" (predicted {predicted:,.4g} {unit}, measured/predicted {measured / predicted:.2f})"
+        print(line)
+    h2d = record.get("h2d") if isinstance(record.get("h2d"), dict) else {}
+    achieved, ceiling = _figure(h2d, "achieved_bytes_s"), _figure(h2d, "profile_pinned_bytes_s")
+    if achieved:
+        print(f"  host->device: {achieved / 1e9:,.2f} GB/s" + (f" of {ceiling / 1e9:,.1f} GB/s pinned ({achieved / ceiling:.0%})"
+                                                             if ceiling else ""))
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from planner.catalog import load_model, model_names
     from rich.table import Table
@@ -332,7 +527,8 @@ def cmd_hardware(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"plan": cmd_plan, "predict": cmd_predict, "explain": cmd_explain, "models": cmd_models, "hardware": cmd_hardware}
+COMMANDS = {"plan": cmd_plan, "predict": cmd_predict, "explain": cmd_explain, "run": cmd_run, "models": cmd_models,
+            "hardware": cmd_hardware}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

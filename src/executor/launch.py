@@ -1,0 +1,555 @@
+"""Start a run's ranks, watch them, and bring back the RunRecord or a clear failure. The only code that
+starts processes.
+
+``launch(spec)`` writes ``<out_dir>/spec.json``, starts ``torchrun`` (``render.launch_command``) in a new
+session, streams rank 0's stdout lines to a callback as they come, and waits:
+
+- success: rank 0 wrote ``<out_dir>/record.json`` (its last stdout line is the same JSON document, the
+  fallback when the file is missing) -> the record as a dict;
+- failure: ``LaunchError`` naming the rank that failed first, its exit code or signal, out-of-memory in
+  words with the figures its log shows, and the last lines of its log;
+- Ctrl-C or timeout: the whole tree is stopped (SIGTERM, then SIGKILL after a grace period) and
+  ``LaunchError("interrupted" | "timed out after N s")`` is raised.
+
+No process outlives ``launch``: torchrun starts each worker in a session of its own (its
+``subprocess_handler`` passes ``start_new_session=True``), so killing torchrun's process group is not
+enough; the launcher tracks torchrun's descendants while they run (``/proc``) and kills any survivor itself.
+
+Logs: ``<out_dir>/logs/node<k>/`` holds torchrun's own output (``torchrun.log``) and, under
+``hpi_<random>/attempt_0/<local rank>/``, each rank's ``stdout.log``, ``stderr.log`` and ``error.json``
+(written when the worker's entry point is wrapped in torch's ``@record``).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from executor.render import DEFAULT_WORKER, MULTICAST_OFF_ENV, launch_command
+from executor.spec import RunSpec
+
+__all__ = ["LaunchError", "launch", "launch_env", "free_port", "WORKER", "RECORD_FILE", "SPEC_FILE"]
+
+SPEC_FILE = "spec.json"
+RECORD_FILE = "record.json"
+LOG_PREFIX_TEMPLATE = "[rank${rank}]:"  # torchrun's console prefix: the GLOBAL rank
+WORKER: tuple[str, ...] = DEFAULT_WORKER  # tests point this at a stand-in worker
+GRACE_S = 5.0  # SIGTERM -> SIGKILL
+TAIL_LINES = 10
+
+_CONSOLE_LINE = re.compile(r"^\[rank(\d+)\]:(.*)$", re.S)
+
+
+class LaunchError(RuntimeError):
+    """A run that did not produce a record. ``str(e)`` is one fact per line, the first one the summary."""
+
+    def __init__(self, message: str, *, rank: int | None = None, exit_code: int | None = None,
+                 out_of_memory: bool = False, log_dir: str | None = None, reason: str = "failed") -> None:
+        super().__init__(message)
+        self.reason = reason  # "failed" | "interrupted" | "timeout"
+        self.rank = rank
+        self.exit_code = exit_code
+        self.out_of_memory = out_of_memory
+        self.log_dir = log_dir
+
+
+# ---- environment and ports ----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port free right now on this host (the OS picks it; another process could still take it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def launch_env(spec: RunSpec, *, visible_gpus: Sequence[int] | None = None,
+               base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment torchrun and its ranks get: ``base`` (default ``os.environ``) plus
+
+    - always: NVLink multicast off (``NCCL_NVLS_ENABLE=0``, ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1``,
+      ``NVSHMEM_DISABLE_NVLS=1``), unbuffered Python output, torchrun's console prefix ``[rank<r>]:``;
+    - ``device == "cpu"``: ``DS_ACCELERATOR=cpu`` (DeepSpeed on the CPU, gloo) and ``OMP_NUM_THREADS=1``
+      (one thread per rank: ranks share the cores); CUDA_VISIBLE_DEVICES is left alone;
+    - ``visible_gpus``: ``CUDA_VISIBLE_DEVICES`` in local-rank order (local rank i drives ``visible_gpus[i]``).
+    """
+    env = dict(os.environ if base is None else base)
+    env.update(MULTICAST_OFF_ENV)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"] = LOG_PREFIX_TEMPLATE
+    if spec.device == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+        env["OMP_NUM_THREADS"] = "1"
+    if visible_gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(int(g)) for g in visible_gpus)
+    return env
+
+
+# ---- processes ----------------------------------------------------------------------------------------
+
+
+def _proc_stat(pid: int) -> tuple[int, str, int] | None:
+    """(ppid, state, start time in clock ticks) of a live process, from /proc; None when gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    rest = text.rsplit(")", 1)[-1].split()
+    try:
+        return int(rest[1]), rest[0], int(rest[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _descendants(root: int) -> dict[int, int]:
+    """``{pid: start time}`` of every live descendant of ``root`` (empty where /proc is missing)."""
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    starts: dict[int, int] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return {}
+    for name in entries:
+        if not name.isdigit():
+            continue
+        st = _proc_stat(int(name))
+        if st is not None and st[1] != "Z":
+            children[st[0]].append(int(name))
+            starts[int(name)] = st[2]
+    found: dict[int, int] = {}
+    todo = list(children.get(root, ()))
+    while todo:
+        pid = todo.pop()
+        if pid in found or pid not in starts:
+            continue
+        found[pid] = starts[pid]
+        todo.extend(children.get(pid, ()))
+    return found
+
+
+def _alive(pid: int, start: int) -> bool:
+    st = _proc_stat(pid)
+    return st is not None and st[1] != "Z" and st[2] == start
+
+
+def _signal(pid: int, start: int, sig: int) -> None:
+    if _alive(pid, start):
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A preexec_fn making torchrun get SIGTERM if the launcher dies (Linux prctl PR_SET_PDEATHSIG)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here, not in the forked child
+    except (OSError, AttributeError):
+        return None
+
+    def set_pdeathsig() -> None:
+        prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+
+    return set_pdeathsig
+
+
+@dataclass
+class _Torchrun:
+    """One torchrun process, its output pumps and the descendants seen so far."""
+
+    proc: Any
+    stdout_q: "queue.Queue[str | None]" = field(default_factory=queue.Queue)
+    stderr_tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=2000))
+    tracked: dict[int, int] = field(default_factory=dict)
+    threads: list[threading.Thread] = field(default_factory=list)
+    last_track: float = 0.0
+
+    def start_pumps(self, log_path: Path) -> None:
+        def pump_stdout() -> None:
+            for line in self.proc.stdout:
+                self.stdout_q.put(line)
+            self.stdout_q.put(None)
+
+        def pump_stderr() -> None:
+            with open(log_path, "a", encoding="utf-8", errors="replace") as log:
+                for line in self.proc.stderr:
+                    log.write(line)
+                    log.flush()
+                    self.stderr_tail.append(line)
+
+        for target in (pump_stdout, pump_stderr):
+            t = threading.Thread(target=target, daemon=True, name=f"hpi-{target.__name__}")
+            t.start()
+            self.threads.append(t)
+
+    def track(self, every_s: float = 0.5) -> None:
+        now = time.monotonic()
+        if now - self.last_track >= every_s and self.proc.poll() is None:
+            self.tracked.update(_descendants(self.proc.pid))
+            self.last_track = now
+
+    def survivors(self) -> dict[int, int]:
+        return {pid: start for pid, start in self.tracked.items() if _alive(pid, start)}
+
+    def terminate(self, grace_s: float) -> None:
+        """SIGTERM torchrun's group and every rank, wait ``grace_s``, then SIGKILL whatever is left.
+
+        A second Ctrl-C during the grace period skips straight to SIGKILL.
+        """
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if self.proc.poll() is None:
+                self.tracked.update(_descendants(self.proc.pid))
+                try:
+                    os.killpg(self.proc.pid, sig)  # torchrun's own group; it forwards SIGTERM to its workers
+                except (ProcessLookupError, PermissionError):
+                    pass
+            for pid, start in self.survivors().items():
+                _signal(pid, start, sig)
+            deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 5.0)
+            try:
+                while time.monotonic() < deadline and (self.proc.poll() is None or self.survivors()):
+                    self.track(every_s=0.25)  # ranks torchrun was still starting
+                    time.sleep(0.05)
+            except KeyboardInterrupt:
+                continue
+            if self.proc.poll() is not None and not self.survivors():
+                break
+        self.proc.wait()
+
+    def close(self) -> None:
+        """After torchrun exited: kill any descendant it left behind, drain the pipes."""
+        for pid, start in self.survivors().items():
+            _signal(pid, start, signal.SIGKILL)
+        for t in self.threads:
+            t.join(timeout=5)
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+
+
+# ---- launch -------------------------------------------------------------------------------------------
+
+
+def launch(
+    spec: RunSpec,
+    *,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    master_addr: str = "127.0.0.1",
+    master_port: int | None = None,
+    timeout_s: float | None = None,
+    stream: Callable[[str], Any] | None = None,
+    nproc_per_node: int | None = None,
+    visible_gpus: Sequence[int] | None = None,
+    worker: Sequence[str] | None = None,
+    python: str = sys.executable,
+    grace_s: float = GRACE_S,
+) -> dict[str, Any]:
+    """Run ``spec`` on this node's ranks and wait; return the RunRecord (node 0) or a node summary.
+
+    ``nproc_per_node`` defaults to ``world_size / nnodes``. ``master_port`` defaults to a free port on one
+    node; several nodes must agree on one. ``stream`` gets each stdout line of global rank 0 (without the
+    newline) as it comes, in this thread, so an exception it raises (KeyboardInterrupt) stops the run.
+    ``worker`` replaces ``("-m", "executor.worker")`` (tests). On a node other than 0 (which does not run
+    rank 0) the return value is ``{"node_rank", "nnodes", "local_world_size", "log_dir"}``.
+    """
+    out_dir = Path(spec.out_dir)
+    world = spec.world_size
+    if nproc_per_node is None:
+        if world % nnodes:
+            raise ValueError(f"world size {world} % nnodes({nnodes}) != 0: pass nproc_per_node for uneven nodes")
+        nproc_per_node = world // nnodes
+    if nnodes > 1 and master_port is None:
+        raise ValueError("several nodes must agree on one rendezvous port: pass master_port")
+    port = free_port() if master_port is None else master_port
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec_path = spec.write(out_dir / SPEC_FILE).resolve()
+    record_path = out_dir / RECORD_FILE
+    if node_rank == 0:
+        record_path.unlink(missing_ok=True)  # a stale record must not pass for this run's
+    log_dir = out_dir / "logs" / f"node{node_rank}"
+    shutil.rmtree(log_dir, ignore_errors=True)
+    log_dir.mkdir(parents=True)
+
+    argv = launch_command(
+        str(spec_path), nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
+        master_port=port, log_dir=str(log_dir), python=python, worker=tuple(WORKER if worker is None else worker),
+    )
+    (log_dir / "command.json").write_text(json.dumps({"argv": argv}, indent=1))
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        encoding="utf-8", errors="replace", bufsize=1, env=launch_env(spec, visible_gpus=visible_gpus),
+        start_new_session=True, preexec_fn=_parent_death_signal(),
+    )
+    run = _Torchrun(proc)
+    run.start_pumps(log_dir / "torchrun.log")
+    started = time.monotonic()
+    rank0_last = ""
+    try:
+        try:
+            eof = False
+            while not eof or proc.poll() is None:
+                try:
+                    line = run.stdout_q.get(timeout=0.1)
+                except queue.Empty:
+                    line = ""
+                if line is None:
+                    eof = True
+                elif line:
+                    m = _CONSOLE_LINE.match(line)
+                    if m and int(m.group(1)) == 0:
+                        text = m.group(2).rstrip("\r\n")
+                        if text.strip():
+                            rank0_last = text
+                        if stream is not None:
+                            stream(text)
+                run.track()
+                if timeout_s is not None and time.monotonic() - started > timeout_s:
+                    raise TimeoutError
+                if eof and proc.poll() is None:
+                    time.sleep(0.05)
+        except KeyboardInterrupt:
+            run.terminate(grace_s)
+            raise LaunchError("\n".join(["interrupted", f"logs: {log_dir}", *_where_ranks_were(log_dir)]),
+                              log_dir=str(log_dir), reason="interrupted") from None
+        except TimeoutError:
+            run.terminate(grace_s)
+            raise LaunchError("\n".join([f"timed out after {timeout_s:g} s", f"logs: {log_dir}",
+                                         *_where_ranks_were(log_dir)]), log_dir=str(log_dir), reason="timeout") from None
+        except BaseException:
+            run.terminate(grace_s)
+            raise
+        proc.wait()
+    finally:
+        run.close()
+
+    if proc.returncode != 0:
+        raise _diagnose(proc.returncode, "".join(run.stderr_tail), log_dir, node_rank, nproc_per_node)
+    if node_rank != 0:
+        return {"node_rank": node_rank, "nnodes": nnodes, "local_world_size": nproc_per_node, "log_dir": str(log_dir)}
+    return _read_record(record_path, rank0_last, log_dir)
+
+
+def _read_record(path: Path, last_line: str, log_dir: Path) -> dict[str, Any]:
+    if path.is_file():
+        try:
+            record = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise LaunchError(f"rank 0 wrote a malformed record {path}: {e.msg} at line {e.lineno}\nlogs: {log_dir}",
+                              rank=0, log_dir=str(log_dir)) from None
+    else:
+        try:
+            record = json.loads(last_line)
+        except json.JSONDecodeError:
+            raise LaunchError(
+                f"every rank exited 0 but rank 0 left no record: expected {path} or a JSON document as its last "
+                f"stdout line\nlast stdout line of rank 0: {last_line[:300]!r}\nlogs: {log_dir}",
+                rank=0, exit_code=0, log_dir=str(log_dir)) from None
+    if not isinstance(record, dict):
+        raise LaunchError(f"rank 0's record is a JSON {type(record).__name__}, not an object\nlogs: {log_dir}",
+                          rank=0, log_dir=str(log_dir))
+    return record
+
+
+# ---- what went wrong ----------------------------------------------------------------------------------
+
+# Errors a rank sees because ANOTHER rank died: never the root cause when a better candidate exists.
+_SECONDARY = re.compile(
+    r"Connection closed by peer|remote worker crashing|Connection reset by peer|Broken pipe|"
+    r"NCCL communicator was aborted|ProcessGroupNCCL.*(?:watchdog|abort)|DistStoreError|"
+    r"TCPStore.*(?:failed|closed)|recvBytes|sendBytes",
+    re.I,
+)
+_OOM = [
+    re.compile(r"CUDA out of memory\.?[^\n]*", re.I),
+    re.compile(r"(?:torch\.)?(?:cuda\.)?OutOfMemoryError:[^\n]*"),
+    re.compile(r"DefaultCPUAllocator: can't allocate memory[^\n]*"),
+    re.compile(r"\bMemoryError\b:?[^\n]*"),
+    re.compile(r"Cannot allocate memory[^\n]*"),
+    re.compile(r"\bout of memory\b[^\n]*", re.I),
+]
+_SIZE = re.compile(r"\d+(?:\.\d+)?\s*(?:[KMGTP]i?B|bytes)\b")
+
+
+@dataclass
+class _Failure:
+    rank: int | None  # global rank
+    local_rank: int
+    exit_code: int | None
+    root_cause: bool = False
+    error_file: Path | None = None
+
+
+def _signal_name(code: int) -> str:
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"
+
+
+def _parse_torchrun_failures(text: str) -> list[_Failure]:
+    """The failure entries of torchrun's ChildFailedError summary, root cause(s) first."""
+    if "Root Cause" not in text:
+        return []
+    others, _, root = text.rpartition("Root Cause")
+    others = others[others.rfind("Failures:"):] if "Failures:" in others else ""
+    found: list[_Failure] = []
+    for block, is_root in ((root, True), (others, False)):
+        for entry in re.split(r"\n\s*\[\d+\]:\s*\n", block)[1:]:
+            m = re.search(r"rank\s*:\s*(-?\d+)\s*\(local_rank:\s*(\d+)\)", entry)
+            if not m:
+                continue
+            code = re.search(r"exitcode\s*:\s*(-?\d+)", entry)
+            efile = re.search(r"error_file\s*:\s*(\S+)", entry)
+            path = Path(efile.group(1)) if efile and efile.group(1) != "<N/A>" else None
+            found.append(_Failure(int(m.group(1)), int(m.group(2)), int(code.group(1)) if code else None,
+                                  root_cause=is_root, error_file=path))
+    return found
+
+
+def _attempt_dir(log_dir: Path) -> Path | None:
+    attempts = sorted(log_dir.glob("*/attempt_*"), key=lambda p: p.stat().st_mtime)
+    return attempts[-1] if attempts else None
+
+
+def _tail(path: Path, n: int) -> list[str]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return []
+    return [line.rstrip() for line in lines if line.strip()][-n:]
+
+
+def _where_ranks_were(log_dir: Path, per_rank: int = 2, max_ranks: int = 16) -> list[str]:
+    """The last lines each local rank printed before it was stopped: where a hung run hung."""
+    attempt = _attempt_dir(log_dir)
+    if attempt is None:
+        return ["no rank had started"]
+    lines = []
+    ranks = sorted((d for d in attempt.iterdir() if d.is_dir() and d.name.isdigit()), key=lambda d: int(d.name))
+    for d in ranks[:max_ranks]:
+        tail = _tail(d / "stdout.log", per_rank) + _tail(d / "stderr.log", per_rank)
+        lines.append(f"local rank {d.name} last printed: " + (" | ".join(_strip_prefixes(t).strip() for t in tail)
+                                                              if tail else "nothing"))
+    return lines
+
+
+def _error_json_message(path: Path | None) -> str | None:
+    if path is None or not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+        msg = doc.get("message", {})
+        return msg.get("message") if isinstance(msg, dict) else str(msg)
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+
+
+def _strip_prefixes(line: str) -> str:
+    """Drop torch's ``[rank0]:`` line prefixes, keep the indentation after them."""
+    return re.sub(r"^(?:\[(?:rank|default)?\d+\]: ?)+", "", line).rstrip()
+
+
+def _out_of_memory(texts: Iterable[str]) -> str | None:
+    """The out-of-memory statement of a log, if any: its line, trimmed, figures kept."""
+    lines = [_strip_prefixes(line) for text in texts for line in text.splitlines()]
+    for pattern in _OOM:
+        for line in reversed(lines):
+            m = pattern.search(line)
+            if m:
+                statement = re.sub(r"^(?:torch\.)?(?:cuda\.)?(?:OutOfMemoryError|MemoryError|RuntimeError):\s*", "",
+                                   m.group(0).strip()).strip()
+                return statement[:400] or "out of memory"
+    return None
+
+
+def _diagnose(returncode: int, torchrun_stderr: str, log_dir: Path, node_rank: int, nproc: int) -> LaunchError:
+    attempt = _attempt_dir(log_dir)
+    failures = _parse_torchrun_failures(torchrun_stderr)
+    if not failures and attempt is not None:  # no summary (torchrun itself died): look at the rank folders
+        for d in sorted(attempt.iterdir(), key=lambda p: p.name):
+            if d.is_dir() and d.name.isdigit() and (d / "error.json").is_file():
+                failures.append(_Failure(None, int(d.name), None, error_file=d / "error.json"))
+
+    def logs_of(f: _Failure) -> dict[str, list[str]]:
+        if attempt is None:
+            return {}
+        d = attempt / str(f.local_rank)
+        return {name: _tail(d / name, 200) for name in ("stdout.log", "stderr.log")}
+
+    def score(f: _Failure) -> tuple[int, int]:
+        texts = ["\n".join(v) for v in logs_of(f).values()] + [_error_json_message(f.error_file) or ""]
+        joined = "\n".join(texts)
+        if _out_of_memory(texts):
+            kind = 0
+        elif _SECONDARY.search(joined) or f.exit_code == -signal.SIGTERM:
+            kind = 3
+        elif f.error_file is not None and f.error_file.is_file():
+            kind = 1
+        else:
+            kind = 2
+        return kind, 0 if f.root_cause else 1
+
+    if not failures:
+        tail = [line.rstrip() for line in torchrun_stderr.splitlines() if line.strip()][-TAIL_LINES:]
+        lines = [f"torchrun exited with code {returncode} before any rank reported a failure",
+                 f"logs: {log_dir}", "last lines of torchrun:"] + [f"  | {line}" for line in tail]
+        return LaunchError("\n".join(lines), exit_code=returncode, log_dir=str(log_dir))
+
+    culprit = min(failures, key=score)
+    logs = logs_of(culprit)
+    rank = culprit.rank if culprit.rank is not None else node_rank * nproc + culprit.local_rank
+    where = f"rank {rank} (node {node_rank}, local rank {culprit.local_rank})"
+    code = culprit.exit_code
+    if code is None:
+        how = "failed"
+    elif code < 0:
+        how = f"was killed by {_signal_name(code)}"
+    else:
+        how = f"exited with code {code}"
+    error_message = _error_json_message(culprit.error_file)
+    oom = _out_of_memory(["\n".join(v) for v in logs.values()] + [error_message or ""])
+    lines = [f"{where} ran out of memory: {oom}" if oom else f"{where} {how}"]
+    if oom:
+        sizes = _SIZE.findall(oom)
+        lines.append(f"{where} {how}" + (f"; figures: {', '.join(sizes)}" if sizes else ""))
+    elif code == -signal.SIGKILL and not error_message:
+        lines.append("a SIGKILL with no error in the log is usually the kernel's out-of-memory killer: see dmesg")
+    if error_message and not oom:
+        lines.append(f"error: {error_message[:400]}")
+    others = [f for f in failures if f is not culprit]
+    if others:
+        lines.append("then: " + "; ".join(
+            f"rank {f.rank} " + ("stopped by torchrun (SIGTERM)" if f.exit_code == -signal.SIGTERM else
+                                 f"exit code {f.exit_code}") for f in others))
+    if attempt is not None:
+        lines.append(f"log: {attempt / str(culprit.local_rank)}")
+    for name, tail in logs.items():
+        if tail:
+            lines.append(f"last lines of rank {rank} {name}:")
+            lines += [f"  | {_strip_prefixes(line)}" for line in tail[-TAIL_LINES:]]
+    return LaunchError("\n".join(lines), rank=rank, exit_code=code, out_of_memory=bool(oom), log_dir=str(log_dir))

@@ -1,0 +1,469 @@
+"""The part of a HuggingFace causal LM that one rank runs: a pipeline stage's decoder layers, TP-sharded.
+
+``build_stage`` makes the stage on the meta device (no time spent in HF's own init), allocates it with
+``to_empty`` on the target device and fills every parameter with this rank's slice, drawn
+deterministically (``executor.weights.RandomSource``) or read slice-wise from a local safetensors
+checkpoint (``executor.weights.CheckpointReader``). Decoder layers are transformers' own classes, built
+from a per-stage config whose head / kv-head / intermediate counts are the per-rank ones; row-parallel
+projections are swapped for ``executor.tp.RowParallelLinear``.
+
+Families: llama, mistral, qwen2 (the Llama layer layout) and opt. Mixtral, DeepSeek and BLOOM are not
+built here yet.
+
+Attention runs through transformers' ``sdpa`` path. With no mask it is causal for a multi-token query and
+full for a one-token decode, which is right for unpadded prompts prefilled in one go; the stage builds an
+explicit boolean mask itself when that shortcut would be wrong (a multi-token chunk after a non-empty
+cache, or a sequence longer than a sliding window).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from executor.tp import (
+    COLUMN_PARALLEL,
+    ROW_PARALLEL,
+    RowParallelLinear,
+    VocabParallelLMHead,
+    check_tp,
+    kv_heads_per_rank,
+    shard_index,
+    tp_allreduce_seconds,
+)
+from executor.weights import CheckpointReader, RandomSource, param_table
+
+__all__ = [
+    "SUPPORTED_FAMILIES",
+    "ShardSpec",
+    "StageModule",
+    "build_stage",
+    "family_of",
+    "load_hf_config",
+    "shard_config",
+    "stage_config",
+    "tp_allreduce_seconds",
+]
+
+
+# ---- what a rank holds -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ShardSpec:
+    """One rank's part of the model: decoder layers ``[layer_start, layer_stop)`` of ``n_layers_total``,
+    TP rank ``tp_rank`` of ``tp_size``. The first stage holds the embeddings, the last the final norm and
+    the LM head."""
+
+    n_layers_total: int
+    layer_start: int
+    layer_stop: int
+    is_first: bool
+    is_last: bool
+    tp_rank: int = 0
+    tp_size: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.layer_start <= self.layer_stop <= self.n_layers_total:
+            raise ValueError(
+                f"layers [{self.layer_start}, {self.layer_stop}) do not fit 0 <= start <= stop <= "
+                f"n_layers_total({self.n_layers_total})"
+            )
+        if self.is_first != (self.layer_start == 0):
+            raise ValueError(f"is_first({self.is_first}) must equal (layer_start({self.layer_start}) == 0)")
+        if self.is_last != (self.layer_stop == self.n_layers_total):
+            raise ValueError(
+                f"is_last({self.is_last}) must equal (layer_stop({self.layer_stop}) == "
+                f"n_layers_total({self.n_layers_total}))"
+            )
+        if not 0 <= self.tp_rank < self.tp_size:
+            raise ValueError(f"tp_rank({self.tp_rank}) must satisfy 0 <= tp_rank < tp_size({self.tp_size})")
+
+    @property
+    def n_layers(self) -> int:
+        return self.layer_stop - self.layer_start
+
+    @property
+    def is_tensor_parallel(self) -> bool:
+        return self.tp_size > 1
+
+    @classmethod
+    def whole(cls, n_layers_total: int, tp_rank: int = 0, tp_size: int = 1) -> "ShardSpec":
+        """All layers on one stage."""
+        return cls(n_layers_total, 0, n_layers_total, True, True, tp_rank, tp_size)
+
+    @classmethod
+    def for_stage(cls, stage_layers: Sequence[int], stage: int, tp_rank: int = 0, tp_size: int = 1) -> "ShardSpec":
+        """Stage ``stage`` of a split with ``stage_layers[i]`` decoder layers on stage i."""
+        if not 0 <= stage < len(stage_layers):
+            raise ValueError(f"stage({stage}) is not in [0, pp({len(stage_layers)}))")
+        start = sum(stage_layers[:stage])
+        total = sum(stage_layers)
+        return cls(total, start, start + stage_layers[stage], stage == 0, stage == len(stage_layers) - 1,
+                   tp_rank, tp_size)
+
+
+# ---- families ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Family:
+    """How one ``model_type`` maps onto transformers' classes and HF parameter names."""
+
+    model_type: str
+    module: str  # transformers.models.<module>.modeling_<module>
+    layer_cls: str
+    norm_cls: str | None  # the final norm (None: nn.LayerNorm)
+    rotary_cls: str | None  # None: learned positions (OPT)
+    prefix: str  # HF name prefix of the decoder ("model." / "model.decoder.")
+    final_norm: str  # HF name of the final norm below the prefix
+    learned_positions: bool = False
+    llama_layout: bool = True  # layers built from the sharded config (vs. built whole, then rewritten)
+
+    def cls(self, name: str):
+        mod = importlib.import_module(f"transformers.models.{self.module}.modeling_{self.module}")
+        return getattr(mod, name)
+
+    def layer_param_shapes(self, config) -> dict[str, tuple[int, ...]]:
+        """Names (below ``layers.<i>.``) and global shapes of one decoder layer's parameters."""
+        cfg = copy.deepcopy(config)
+        cfg._attn_implementation = "sdpa"
+        with torch.device("meta"):
+            layer = self.cls(self.layer_cls)(cfg, 0)
+        return {n: tuple(p.shape) for n, p in layer.named_parameters()}
+
+    def final_norm_shapes(self, config) -> dict[str, tuple[int, ...]]:
+        h = config.hidden_size
+        if self.norm_cls is None:
+            return {f"{self.final_norm}.weight": (h,), f"{self.final_norm}.bias": (h,)}
+        return {f"{self.final_norm}.weight": (h,)}
+
+
+_FAMILIES: dict[str, Family] = {
+    "llama": Family("llama", "llama", "LlamaDecoderLayer", "LlamaRMSNorm", "LlamaRotaryEmbedding", "model.", "norm"),
+    "mistral": Family("mistral", "mistral", "MistralDecoderLayer", "MistralRMSNorm", "MistralRotaryEmbedding",
+                      "model.", "norm"),
+    "qwen2": Family("qwen2", "qwen2", "Qwen2DecoderLayer", "Qwen2RMSNorm", "Qwen2RotaryEmbedding", "model.", "norm"),
+    "opt": Family("opt", "opt", "OPTDecoderLayer", None, None, "model.decoder.", "final_layer_norm",
+                  learned_positions=True, llama_layout=False),
+}
+SUPPORTED_FAMILIES: tuple[str, ...] = tuple(_FAMILIES)
+
+
+def family_of(config) -> Family:
+    model_type = getattr(config, "model_type", None)
+    fam = _FAMILIES.get(model_type)
+    if fam is None:
+        raise NotImplementedError(
+            f"model_type {model_type!r} is not supported by the executor's stage builder "
+            f"(supported: {', '.join(SUPPORTED_FAMILIES)}; MoE families such as mixtral and deepseek_v3 are not yet)"
+        )
+    if model_type == "opt":
+        if config.word_embed_proj_dim != config.hidden_size:
+            raise NotImplementedError("OPT with word_embed_proj_dim != hidden_size (project_in/out, OPT-350m) "
+                                      "is not supported")
+        if not config.do_layer_norm_before or getattr(config, "_remove_final_layer_norm", False):
+            raise NotImplementedError("only pre-LN OPT with its final layer norm is supported (not OPT-350m)")
+        if not getattr(config, "layer_norm_elementwise_affine", True):
+            raise NotImplementedError("OPT without elementwise-affine layer norms is not supported")
+    return fam
+
+
+# ---- configs -----------------------------------------------------------------------------------------
+def _config_from_dict(d: dict[str, Any], where: str):
+    from transformers import CONFIG_MAPPING
+
+    d = {k: v for k, v in d.items() if k != "_hpi"}
+    model_type = d.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(f"{where}: model_type {model_type!r} is not known to transformers")
+    return CONFIG_MAPPING[model_type].from_dict(d)
+
+
+def load_hf_config(model: str | None, checkpoint: str | None = None):
+    """The transformers config of ``model``: a catalogue name (planner catalogue JSON, ``_hpi`` dropped),
+    a path to a config.json, or a directory holding one. With ``checkpoint`` its config.json wins."""
+    if checkpoint is not None:
+        path = Path(checkpoint).expanduser() / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{checkpoint}: checkpoint directory has no config.json")
+        return _config_from_dict(json.loads(path.read_text()), str(path))
+    if model is None:
+        raise ValueError("give a model (catalogue name or config path) or a checkpoint directory")
+    import planner.catalog as catalog
+
+    catalogue = {p.stem.lower(): p for p in (Path(catalog.__file__).parent / "models").glob("*.json")}
+    key = str(model).strip().lower()
+    if key in catalogue:
+        path = catalogue[key]
+    else:
+        path = Path(model).expanduser()
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{model}: not a catalogue model ({', '.join(sorted(catalogue))}) nor a config.json path")
+    return _config_from_dict(json.loads(path.read_text()), str(path))
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _ffn(config) -> int:
+    return config.ffn_dim if config.model_type == "opt" else config.intermediate_size
+
+
+def _kv_heads(config) -> int:
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+def shard_config(config, tp_size: int):
+    """A copy of ``config`` with the per-rank head, kv-head and intermediate counts; ``head_dim`` pinned to
+    the original (so ``hidden_size // heads`` is never used to re-derive it). For tp > kv heads each rank
+    holds one replicated kv head."""
+    family_of(config)
+    heads, kv, ffn = config.num_attention_heads, _kv_heads(config), _ffn(config)
+    check_tp(heads, kv, ffn, tp_size, where=str(getattr(config, "model_type", "model")))
+    cfg = copy.deepcopy(config)
+    head_dim = _head_dim(config)
+    cfg.head_dim = head_dim
+    cfg.num_attention_heads = heads // tp_size
+    if config.model_type == "opt":
+        cfg.ffn_dim = ffn // tp_size
+    else:
+        cfg.num_key_value_heads = kv_heads_per_rank(kv, tp_size)
+        cfg.intermediate_size = ffn // tp_size
+    return cfg
+
+
+def stage_config(config, shard: ShardSpec):
+    """The config a stage's modules are built from: per-rank counts (``shard_config``), only this stage's
+    layers (``num_hidden_layers`` and ``layer_types`` sliced, so local layer index j is global
+    ``layer_start + j``) and the sdpa attention path. A ``DynamicCache(config=stage_config(...))`` has
+    exactly one layer per local layer."""
+    cfg = shard_config(config, shard.tp_size)
+    cfg.num_hidden_layers = shard.n_layers
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, (list, tuple)):
+        cfg.layer_types = list(layer_types[shard.layer_start:shard.layer_stop])
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+def _sliding_windows(config, shard: ShardSpec) -> list[int | None]:
+    """Sliding window of each local layer (None: full attention), as transformers' masks apply it."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, (list, tuple)):
+        return [window if t == "sliding_attention" else None for t in layer_types[shard.layer_start:shard.layer_stop]]
+    return [window] * shard.n_layers  # mistral: one window for every layer (None: none)
+
+
+# ---- the stage ---------------------------------------------------------------------------------------
+class StageModule(nn.Module):
+    """One rank's stage: ``embed_tokens`` (+ ``embed_positions`` for OPT) on the first stage, ``layers``
+    (transformers decoder layers, local index 0..n-1), ``rotary_emb`` (RoPE families, every stage), ``norm``
+    and ``lm_head`` on the last stage.
+
+    ``forward(inputs, cache, cache_position, attention_mask=None)``: first stage takes token ids [b, s],
+    others hidden states [b, s, h]; the last stage returns float32 logits of the last position over the
+    full vocabulary [b, vocab], the others hidden states [b, s, h]. ``cache`` is this stage's own
+    ``DynamicCache()`` (or None); ``cache_position`` the absolute positions [s] of the new tokens.
+    """
+
+    def __init__(self, config, shard: ShardSpec, tp_group=None):
+        super().__init__()
+        self.family = family_of(config)
+        self.shard = shard
+        self.config = stage_config(config, shard)  # what the layers were built from
+        self.full_config = config
+        self.tp_group = tp_group
+        self.windows = _sliding_windows(config, shard)
+        fam, cfg, tp = self.family, self.config, shard.tp_size
+        h, vocab = config.hidden_size, config.vocab_size
+
+        self.embed_tokens = nn.Embedding(vocab, h) if shard.is_first else None
+        self.embed_positions = (nn.Embedding(config.max_position_embeddings + 2, h)
+                                if shard.is_first and fam.learned_positions else None)
+        layer_cls = fam.cls(fam.layer_cls)
+        if fam.llama_layout:
+            layers = [layer_cls(cfg, j) for j in range(shard.n_layers)]
+        else:  # OPT derives head_dim from hidden / heads: build whole, then cut the linears
+            whole = copy.deepcopy(config)
+            whole._attn_implementation = "sdpa"
+            layers = [layer_cls(whole, j) for j in range(shard.n_layers)]
+        if tp > 1:
+            for layer in layers:
+                _tensor_parallel(layer, tp, tp_group, already_sharded=fam.llama_layout)
+                if not fam.llama_layout:
+                    layer.self_attn.num_heads = config.num_attention_heads // tp
+        self.layers = nn.ModuleList(layers)
+        self.rotary_emb = None  # made on the real device in build_stage (its buffer is not a weight)
+        if shard.is_last:
+            self.norm = (fam.cls(fam.norm_cls)(h, eps=config.rms_norm_eps) if fam.norm_cls is not None
+                         else nn.LayerNorm(h))
+            self.lm_head = (VocabParallelLMHead(h, vocab, tp, tp_group) if tp > 1
+                            else nn.Linear(h, vocab, bias=False))
+        else:
+            self.norm = self.lm_head = None
+
+    # names -------------------------------------------------------------------------------------------
+    def hf_name(self, name: str) -> str:
+        """The global HF parameter name of this module's parameter ``name``."""
+        fam = self.family
+        parts = [p for p in name.split(".") if p != "linear"]  # RowParallelLinear / VocabParallelLMHead inner
+        head = parts[0]
+        if head == "layers":
+            parts[1] = str(self.shard.layer_start + int(parts[1]))
+            return fam.prefix + ".".join(parts)
+        if head in ("embed_tokens", "embed_positions"):
+            return fam.prefix + ".".join(parts)
+        if head == "norm":
+            return fam.prefix + ".".join([fam.final_norm, *parts[1:]])
+        if head == "lm_head":
+            return "lm_head.weight"
+        raise KeyError(name)
+
+    @cached_property
+    def hf_names(self) -> dict[str, str]:
+        """Every parameter of this stage -> its global HF name."""
+        return {n: self.hf_name(n) for n, _ in self.named_parameters()}
+
+    # forward -----------------------------------------------------------------------------------------
+    def forward(self, inputs: torch.Tensor, cache, cache_position: torch.LongTensor,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        position_ids = cache_position.unsqueeze(0)  # [1, s]: broadcast over the batch
+        if self.embed_tokens is not None:
+            hidden = self.embed_tokens(inputs)
+            if self.embed_positions is not None:
+                hidden = hidden + self.embed_positions(position_ids + 2)  # OPT's learned offset
+        else:
+            hidden = inputs
+        if self.layers:
+            hidden = self._layers(hidden, cache, cache_position, position_ids, attention_mask)
+        if self.lm_head is None:
+            return hidden
+        last = self.norm(hidden[:, -1:, :])
+        return self.lm_head(last)[:, 0, :].float()
+
+    def _layers(self, hidden, cache, cache_position, position_ids, attention_mask):
+        seq = hidden.shape[1]
+        past = cache.get_seq_length() if cache is not None else 0
+        if past and any(getattr(layer, "is_sliding", False) for layer in getattr(cache, "layers", ())):
+            raise ValueError("the cache has sliding-window layers (DynamicCache(config=...) of a sliding-window "
+                             "model): give the stage a plain DynamicCache(); it applies windows by mask over a "
+                             "full cache")
+        kwargs: dict[str, Any] = dict(position_ids=position_ids, past_key_values=cache,
+                                      use_cache=cache is not None, cache_position=cache_position)
+        if self.rotary_emb is not None:
+            kwargs["position_embeddings"] = self.rotary_emb(hidden, position_ids)
+        masks: dict[int | None, torch.Tensor | None] = {}
+        for layer, window in zip(self.layers, self.windows):
+            if attention_mask is not None:
+                mask = attention_mask
+            else:
+                if window not in masks:
+                    masks[window] = causal_mask(past, seq, window, hidden.device)
+                mask = masks[window]
+            out = layer(hidden, attention_mask=mask, **kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+
+def causal_mask(past: int, seq: int, window: int | None, device) -> torch.Tensor | None:
+    """A boolean [1, 1, seq, past + seq] mask (True: attend) for ``seq`` new tokens after ``past`` cached
+    ones, or None where sdpa's own rule is exact (a one-go prefill or a one-token step inside the window)."""
+    total = past + seq
+    if not ((seq > 1 and past > 0) or (window is not None and total > window)):
+        return None
+    q = torch.arange(past, total, device=device)[:, None]
+    k = torch.arange(total, device=device)[None, :]
+    allowed = k <= q
+    if window is not None:
+        allowed &= (q - k) < window
+    return allowed[None, None]
+
+
+def _tensor_parallel(layer: nn.Module, tp: int, tp_group, already_sharded: bool) -> None:
+    """gpt-fast style: rewrite one decoder layer's Linears for TP (on the meta device; no data moves).
+    Column-parallel Linears shrink their output features (unless built sharded already), row-parallel
+    ones become ``RowParallelLinear`` over the sharded input features."""
+    for parent_name, parent in list(layer.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if not isinstance(child, nn.Linear):
+                continue
+            bias = child.bias is not None
+            dev, dt = child.weight.device, child.weight.dtype
+            if child_name in COLUMN_PARALLEL and not already_sharded:
+                new = nn.Linear(child.in_features, child.out_features // tp, bias=bias, device=dev, dtype=dt)
+            elif child_name in ROW_PARALLEL:
+                n_in = child.in_features if already_sharded else child.in_features // tp
+                new = RowParallelLinear(n_in, child.out_features, bias, tp_group, device=dev, dtype=dt)
+            else:
+                continue
+            setattr(parent, child_name, new)
+
+
+# ---- build -------------------------------------------------------------------------------------------
+def build_stage(config, shard: ShardSpec, *, tp_group=None, dtype: torch.dtype = torch.bfloat16,
+                device: torch.device | str = "cpu", seed: int = 0, checkpoint: str | None = None,
+                init_device: torch.device | str | None = None) -> StageModule:
+    """This rank's stage, in eval mode with ``requires_grad`` off, parameters in ``dtype`` on ``device``.
+
+    Weights: with ``checkpoint`` (a local HF safetensors directory) each parameter's slice is read from it;
+    otherwise deterministic random values of ``seed`` (see ``executor.weights``), drawn on ``init_device``
+    (default: ``device``; e.g. ``device="cpu", init_device="cuda"`` draws on the GPU and keeps the stage in
+    host memory for ZeRO offload). ``device="meta"`` returns the stage unmaterialized (shapes only).
+    ``tp_group`` is the TP process group (unused, may be None, at tp 1; None at tp > 1: the default group).
+    """
+    fam = family_of(config)
+    if shard.n_layers_total != config.num_hidden_layers:
+        raise ValueError(f"shard.n_layers_total({shard.n_layers_total}) != "
+                         f"config.num_hidden_layers({config.num_hidden_layers})")
+    if shard.tp_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        # (Without an initialized process group the stage still builds, e.g. to inspect a rank's weights;
+        # its forward then fails at the first all-reduce.)
+        group_size = torch.distributed.get_world_size(tp_group)
+        if group_size != shard.tp_size:
+            raise ValueError(f"tp_group has {group_size} ranks but shard.tp_size = {shard.tp_size}")
+    device = torch.device(device)
+    init_device = torch.device(init_device) if init_device is not None else device
+
+    with torch.device("meta"):
+        stage = StageModule(config, shard, tp_group)
+    stage.to(dtype=dtype)
+    if device.type == "meta":  # shapes only: count a rank's parameters and bytes without allocating
+        with torch.device("meta"):
+            stage.rotary_emb = fam.cls(fam.rotary_cls)(stage.config) if fam.rotary_cls is not None else None
+        return stage.eval().requires_grad_(False)
+    stage.to_empty(device=device)
+
+    table = param_table(config)
+    source = (CheckpointReader(checkpoint, config) if checkpoint is not None
+              else RandomSource(config, seed, dtype, init_device))
+    heads = dict(n_heads=config.num_attention_heads, n_kv_heads=_kv_heads(config), head_dim=_head_dim(config))
+    try:
+        with torch.no_grad():
+            for name, param in stage.named_parameters():
+                hf = stage.hf_names[name]
+                part = shard_index(hf, table[hf].shape, tp_rank=shard.tp_rank, tp_size=shard.tp_size, **heads)
+                value = source.read(hf, part)
+                if tuple(value.shape) != tuple(param.shape):
+                    raise ValueError(f"{hf}: slice has shape {tuple(value.shape)}, stage parameter "
+                                     f"{name} has {tuple(param.shape)}")
+                param.copy_(value)
+                del value
+    finally:
+        source.close()
+
+    if fam.rotary_cls is not None:
+        stage.rotary_emb = fam.cls(fam.rotary_cls)(stage.config).to(device)  # inv_freq stays float32
+    stage.eval()
+    stage.requires_grad_(False)
+    return stage

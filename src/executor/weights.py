@@ -1,0 +1,257 @@
+"""Where a stage's weights come from: deterministic random values, or a local HF safetensors checkpoint.
+
+Every value is addressed by its *global* HuggingFace parameter name (``model.layers.17.mlp.up_proj.weight``)
+so every layout of the same model (any tp, any pipeline split) sees the same numbers:
+
+- random: ``normal(0, initializer_range)`` for matrices and embeddings, ones for norm weights, zeros for
+  biases; each tensor drawn from its own ``torch.Generator`` seeded by a stable hash of ``f"{seed}:{name}"``.
+  The full global tensor is drawn on the init device in the target dtype, this rank's slice is copied out
+  and the full tensor dropped at once. The numbers depend on the generator's device type (CPU and CUDA
+  generators differ), so a reference must be drawn on the same kind of device as the run it checks.
+- checkpoint: each parameter's slice is read with safetensors' ``get_slice(name)[...]`` from the one file
+  that holds it; a process never reads a whole checkpoint, nor a whole tensor it only holds a slice of.
+
+``full_state_dict`` and ``save_checkpoint`` give the same random values HF-named, for references and for
+writing test checkpoints that go through the real loading path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from executor.tp import Slice
+
+__all__ = [
+    "CheckpointReader",
+    "ParamInfo",
+    "RandomSource",
+    "full_state_dict",
+    "param_table",
+    "save_checkpoint",
+    "stable_seed",
+    "write_checkpoint",
+]
+
+
+def stable_seed(seed: int, name: str) -> int:
+    """A 63-bit seed from ``f"{seed}:{name}"`` that is the same in every process and Python version."""
+    digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    shape: tuple[int, ...]
+    init: str  # "normal" | "ones" | "zeros"
+    source: str  # the name whose values it takes (lm_head.weight -> the embedding when tied)
+
+
+def _init_kind(name: str, ndim: int) -> str:
+    if name.endswith(".bias"):
+        return "zeros"
+    if ndim == 1:
+        return "ones"  # RMSNorm / LayerNorm weights
+    return "normal"
+
+
+def param_table(config) -> dict[str, ParamInfo]:
+    """Every parameter of the full HF causal LM, by its HF name, with its global shape and init rule.
+
+    ``lm_head.weight`` is always listed (the stage needs it); with tied embeddings its source is the
+    embedding, and checkpoints are expected not to store it.
+    """
+    from executor.modeling import family_of  # the family registry lives with the module builders
+
+    fam = family_of(config)
+    table: dict[str, tuple[int, ...]] = {}
+    hidden, vocab = config.hidden_size, config.vocab_size
+    table[f"{fam.prefix}embed_tokens.weight"] = (vocab, hidden)
+    if fam.learned_positions:
+        table[f"{fam.prefix}embed_positions.weight"] = (config.max_position_embeddings + 2, hidden)
+    for local, shape in fam.layer_param_shapes(config).items():
+        for i in range(config.num_hidden_layers):
+            table[f"{fam.prefix}layers.{i}.{local}"] = shape
+    for local, shape in fam.final_norm_shapes(config).items():
+        table[f"{fam.prefix}{local}"] = shape
+    table["lm_head.weight"] = (vocab, hidden)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    out = {}
+    for name, shape in table.items():
+        source = f"{fam.prefix}embed_tokens.weight" if (name == "lm_head.weight" and tied) else name
+        out[name] = ParamInfo(tuple(shape), _init_kind(name, len(shape)), source)
+    return out
+
+
+def _init_std(config) -> float:
+    for key in ("initializer_range", "init_std"):
+        value = getattr(config, key, None)
+        if value:
+            return float(value)
+    return 0.02
+
+
+class RandomSource:
+    """Deterministic values: ``read(name, slice)`` draws the full global tensor on ``init_device`` and
+    returns only the slice (on ``init_device``)."""
+
+    def __init__(self, config, seed: int, dtype: torch.dtype, init_device: torch.device | str = "cpu"):
+        self.table = param_table(config)
+        self.seed, self.dtype = seed, dtype
+        self.device = torch.device(init_device)
+        self.std = _init_std(config)
+
+    def full(self, name: str) -> torch.Tensor:
+        info = self.table[name]
+        if info.init == "ones":
+            return torch.ones(info.shape, dtype=self.dtype, device=self.device)
+        if info.init == "zeros":
+            return torch.zeros(info.shape, dtype=self.dtype, device=self.device)
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(stable_seed(self.seed, info.source))
+        out = torch.empty(info.shape, dtype=self.dtype, device=self.device)
+        return out.normal_(0.0, self.std, generator=gen)
+
+    def read(self, name: str, part: Slice | None) -> torch.Tensor:
+        info = self.table[name]
+        if part is None:
+            return self.full(name)
+        if info.init != "normal":  # constants: make the slice directly
+            shape = list(info.shape)
+            shape[part.dim] = part.stop - part.start
+            fill = torch.ones if info.init == "ones" else torch.zeros
+            return part.pad(fill(shape, dtype=self.dtype, device=self.device))
+        full = self.full(name)
+        out = part.apply(full)
+        del full
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def full_state_dict(config, seed: int = 0, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The whole model's random weights, HF-named (what ``AutoModelForCausalLM.load_state_dict`` takes).
+
+    Same values as ``build_stage(..., seed=seed)`` when drawn on the same kind of device. With tied
+    embeddings ``lm_head.weight`` is the embedding tensor itself.
+    """
+    src = RandomSource(config, seed, dtype, device)
+    out: dict[str, torch.Tensor] = {}
+    for name, info in src.table.items():
+        out[name] = out[info.source] if info.source != name and info.source in out else src.full(name)
+    return out
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+def write_checkpoint(state_dict: dict[str, torch.Tensor], config, out_dir: str | os.PathLike,
+                     shard_size_bytes: int = 5 * 2**30) -> Path:
+    """Write an HF-format checkpoint: config.json, model-0000i-of-0000n.safetensors (greedy shards of at
+    most ``shard_size_bytes``, a tensor never split) and model.safetensors.index.json. A tied
+    ``lm_head.weight`` is left out, as HF does."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    items = [(k, v) for k, v in state_dict.items() if not (tied and k == "lm_head.weight")]
+    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
+    size = 0
+    for name, tensor in items:
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > shard_size_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, tensor))
+        size += nbytes
+    weight_map: dict[str, str] = {}
+    n = len(shards)
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{n:05d}.safetensors"
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in shard}, str(out / fname),
+                  metadata={"format": "pt"})
+        weight_map.update({k: fname for k, _ in shard})
+    total = sum(v.numel() * v.element_size() for _, v in items)
+    (out / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                             indent=2, sort_keys=True))
+    config.to_json_file(str(out / "config.json"))
+    return out
+
+
+def save_checkpoint(config, seed: int, out_dir: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
+                    shard_size_bytes: int = 5 * 2**30) -> Path:
+    """The random model of ``seed`` as an HF checkpoint directory (tokenizer not written)."""
+    return write_checkpoint(full_state_dict(config, seed, dtype), config, out_dir, shard_size_bytes)
+
+
+class CheckpointReader:
+    """Slice-wise reads from a local safetensors checkpoint (sharded with an index, or one file).
+
+    Files are opened lazily with ``safe_open(..., framework="pt", device="cpu")`` (memory-mapped) and
+    kept open until ``close``. ``read(name, part)`` returns a CPU tensor in the checkpoint's dtype.
+    """
+
+    def __init__(self, path: str | os.PathLike, config=None):
+        self.path = Path(path)
+        self.weight_map = self._weight_map()
+        self._stack = contextlib.ExitStack()
+        self._files: dict[str, Any] = {}
+        self._tied_source: str | None = None
+        if config is not None and getattr(config, "tie_word_embeddings", False):
+            from executor.modeling import family_of
+
+            self._tied_source = f"{family_of(config).prefix}embed_tokens.weight"
+
+    def _weight_map(self) -> dict[str, str]:
+        index = self.path / INDEX_NAME
+        if index.is_file():
+            return dict(json.loads(index.read_text())["weight_map"])
+        files = [self.path / SINGLE_NAME] if (self.path / SINGLE_NAME).is_file() else sorted(
+            self.path.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{self.path}: no {INDEX_NAME}, {SINGLE_NAME} or *.safetensors file")
+        out: dict[str, str] = {}
+        for f in files:
+            with safe_open(str(f), framework="pt", device="cpu") as h:
+                out.update({k: f.name for k in h.keys()})
+        return out
+
+    def resolve(self, name: str) -> str:
+        """The name the checkpoint stores ``name`` under (prefix-less old OPT files; tied LM head)."""
+        if name in self.weight_map:
+            return name
+        if name.startswith("model.") and name[len("model."):] in self.weight_map:
+            return name[len("model."):]
+        if name == "lm_head.weight" and self._tied_source is not None:
+            return self.resolve(self._tied_source)
+        raise KeyError(f"{self.path}: checkpoint has no tensor {name!r}")
+
+    def _file(self, fname: str):
+        if fname not in self._files:
+            self._files[fname] = self._stack.enter_context(
+                safe_open(str(self.path / fname), framework="pt", device="cpu"))
+        return self._files[fname]
+
+    def read(self, name: str, part: Slice | None) -> torch.Tensor:
+        stored = self.resolve(name)
+        f = self._file(self.weight_map[stored])
+        if part is None:
+            return f.get_tensor(stored)
+        return part.pad(f.get_slice(stored)[part.index()])
+
+    def close(self) -> None:
+        self._stack.close()
+        self._files.clear()
