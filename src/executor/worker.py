@@ -102,6 +102,50 @@ def prompt_ids(spec: RunSpec, vocab_size: int, tokenizer=None) -> torch.Tensor:
     return torch.randint(0, vocab_size, (batch, wl.prompt_len_tokens), generator=gen, dtype=torch.int64)
 
 
+def load_tokenizer(spec: RunSpec):
+    """The checkpoint's tokenizer, or None when there is no checkpoint or it holds no tokenizer files."""
+    if not spec.checkpoint:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(spec.checkpoint)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+class LineStreamer:
+    """Chat output of the first sequence, written to stdout a whole line at a time (torchrun relays lines)."""
+
+    def __init__(self, tokenizer, eos_token_id: int | None) -> None:
+        self.tokenizer, self.eos = tokenizer, eos_token_id
+        self.ids: list[int] = []
+        self.written = 0
+        self.finished = False
+
+    def __call__(self, forward: int, tokens: list[torch.Tensor]) -> None:
+        if self.finished:
+            return
+        token = int(tokens[0][0])
+        if token == self.eos:
+            self.finished = True
+            return self.close()
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        cut = text.rfind("\n")
+        if cut >= self.written:
+            sys.stdout.write(text[self.written : cut + 1])
+            sys.stdout.flush()
+            self.written = cut + 1
+
+    def close(self) -> None:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if len(text) > self.written:
+            sys.stdout.write(text[self.written :] + "\n")
+            sys.stdout.flush()
+        self.written = len(text) + 1
+
+
 def _host_rss() -> int:
     try:
         import psutil
@@ -149,7 +193,13 @@ def run(spec: RunSpec) -> dict | None:
     from transformers import DynamicCache
 
     kv_offload = plan.kv_offload and device.type == "cuda"  # on the CPU the cache already lives in host memory
-    ids = prompt_ids(spec, config.vocab_size)
+    tokenizer = load_tokenizer(spec)
+    ids = prompt_ids(spec, config.vocab_size, tokenizer)
+    eos = getattr(config, "eos_token_id", None)
+    eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+    streamer = None
+    if spec.mode == "chat" and tokenizer is not None and g.rank == 0 and g.is_last_stage:
+        streamer = LineStreamer(tokenizer, eos)
     rows = plan.batch_per_replica
     mine = ids[g.dp_rank * rows : (g.dp_rank + 1) * rows]
     generator = PipelineGenerator(
@@ -161,7 +211,7 @@ def run(spec: RunSpec) -> dict | None:
         device=device,
         micro_batches=plan.micro_batches,
         sampler=Sampler(spec.temperature, spec.top_p, spec.seed),
-        eos_token_id=getattr(config, "eos_token_id", None) if spec.mode == "chat" else None,
+        eos_token_id=eos if spec.mode == "chat" else None,
     )
     max_new = spec.workload.gen_len_tokens
     for _ in range(spec.warmup_steps):
@@ -170,7 +220,10 @@ def run(spec: RunSpec) -> dict | None:
         torch.cuda.reset_peak_memory_stats(device)
     _tp_allreduce_seconds(reset=True)  # count the measured run only, not the warm-up
     dist.barrier()
+    generator.on_tokens = streamer
     new_tokens = generator.run(mine, rows, ids.shape[1], max_new, chat=spec.mode == "chat")
+    if streamer is not None:
+        streamer.close()
 
     report = RankReport(
         rank=g.rank,
@@ -192,9 +245,18 @@ def run(spec: RunSpec) -> dict | None:
     record = None
     if g.rank == 0:
         record = _fold(spec, gathered, g, planner_model)
+        record["prompt_len_tokens_actual"] = int(ids.shape[1])
+        if tokenizer is not None:
+            record["texts"] = [tokenizer.decode(_until(t, eos if spec.mode == "chat" else None), skip_special_tokens=True)
+                               for t in record["tokens"]]
     dist.barrier()
     dist.destroy_process_group()
     return record
+
+
+def _until(tokens: list[int], eos: int | None) -> list[int]:
+    """Tokens up to (not including) the first EOS, when one is given."""
+    return tokens[: tokens.index(eos)] if eos is not None and eos in tokens else tokens
 
 
 def _tp_allreduce_seconds(reset: bool = False) -> float:
