@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from planner.specs.plan import Plan
+from planner.specs.plan import Plan, reject_unknown_fields
 from planner.specs.workload import Workload
 
 DEVICES = ("cuda", "cpu")
@@ -71,10 +71,7 @@ class RunSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunSpec":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"run spec has unknown field(s) {', '.join(unknown)}")
+        reject_unknown_fields(cls, data, "run spec")
         d = dict(data)
         d["plan"] = Plan.from_dict(d["plan"])
         d["workload"] = Workload(**d.get("workload", {}))

@@ -22,6 +22,14 @@ DEEPSPEED_DEFAULT_PERSISTENCE_ELEMS = 100_000
 QUANT_GROUP_SIZE = 64  # DeepSpeed ZeRO-Inference quantized_initialization group_size
 
 
+def reject_unknown_fields(cls, data: dict[str, Any], what: str) -> None:
+    """A record read from JSON must not carry fields the dataclass does not know (a typo would be lost)."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{what} has unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+
+
 @dataclass(frozen=True)
 class Plan:
     offload: str = "none"  # where ZeRO-3 keeps the weights between uses: none (GPU), cpu, nvme
@@ -114,10 +122,7 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Plan":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"plan has unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        reject_unknown_fields(cls, data, "plan")
         return cls(**data)
 
     def with_(self, **changes: Any) -> "Plan":
