@@ -413,7 +413,7 @@ def _tensor_parallel(layer: nn.Module, tp: int, tp_group, already_sharded: bool)
 # ---- build -------------------------------------------------------------------------------------------
 def build_stage(config, shard: ShardSpec, *, tp_group=None, dtype: torch.dtype = torch.bfloat16,
                 device: torch.device | str = "cpu", seed: int = 0, checkpoint: str | None = None,
-                init_device: torch.device | str | None = None) -> StageModule:
+                init_device: torch.device | str | None = None, framework_init: bool = False) -> StageModule:
     """This rank's stage, in eval mode with ``requires_grad`` off, parameters in ``dtype`` on ``device``.
 
     Weights: with ``checkpoint`` (a local HF safetensors directory) each parameter's slice is read from it;
@@ -421,6 +421,11 @@ def build_stage(config, shard: ShardSpec, *, tp_group=None, dtype: torch.dtype =
     (default: ``device``; e.g. ``device="cpu", init_device="cuda"`` draws on the GPU and keeps the stage in
     host memory for ZeRO offload). ``device="meta"`` returns the stage unmaterialized (shapes only).
     ``tp_group`` is the TP process group (unused, may be None, at tp 1; None at tp > 1: the default group).
+
+    ``framework_init=True`` constructs the modules for real with their own initializers and fills nothing:
+    the path for DeepSpeed's ``zero.Init`` context, which quantizes and partitions each weight as its
+    module is constructed (``weight_quantization.quantized_initialization``) and cannot see a meta build.
+    Those weights are not the seeded ones: use it for performance runs, not for parity.
     """
     fam = family_of(config)
     if shard.n_layers_total != config.num_hidden_layers:
@@ -434,6 +439,12 @@ def build_stage(config, shard: ShardSpec, *, tp_group=None, dtype: torch.dtype =
             raise ValueError(f"tp_group has {group_size} ranks but shard.tp_size = {shard.tp_size}")
     device = torch.device(device)
     init_device = torch.device(init_device) if init_device is not None else device
+    if framework_init:
+        with torch.device(device):
+            stage = StageModule(config, shard, tp_group)
+            if fam.rotary_cls is not None:
+                stage.rotary_emb = fam.cls(fam.rotary_cls)(stage.config)
+        return stage.eval().requires_grad_(False)
 
     with torch.device("meta"):
         stage = StageModule(config, shard, tp_group)

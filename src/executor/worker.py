@@ -62,13 +62,47 @@ def uses_deepspeed(spec: RunSpec) -> bool:
     return plan.is_offloaded or plan.dp > 1 or plan.is_quantized
 
 
+def _ds_config(spec: RunSpec, hidden_size: int) -> dict:
+    from executor.render import ds_config
+
+    return ds_config(spec.plan, dtype=spec.dtype, hidden_size=hidden_size, nvme_path=spec.nvme_path)
+
+
 def zero3_stage(module: torch.nn.Module, spec: RunSpec, g: Groups, hidden_size: int):
     """Hand the stage to DeepSpeed ZeRO-3 with every knob of the plan written explicitly."""
-    from executor.render import ds_config
     from executor.zero3 import wrap_zero3
 
-    config = ds_config(spec.plan, dtype=spec.dtype, hidden_size=hidden_size, nvme_path=spec.nvme_path)
-    return wrap_zero3(module, config, g)
+    return wrap_zero3(module, _ds_config(spec, hidden_size), g)
+
+
+def check_quantizable(meta_stage: torch.nn.Module) -> None:
+    """DeepSpeed quantizes each Linear/Embedding weight in groups of 64 along its input dimension."""
+    from planner.specs.plan import QUANT_GROUP_SIZE
+
+    for name, module in meta_stage.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) and weight.shape[-1] % QUANT_GROUP_SIZE:
+            raise ValueError(
+                f"{name}.weight has {weight.shape[-1]} input features per rank, not a multiple of the quantization "
+                f"group ({QUANT_GROUP_SIZE}): use --quant-bits 16 or a tp that keeps the width a multiple of 64"
+            )
+
+
+def build_quantized_stage(config, shard, spec: RunSpec, g: Groups, dtype: torch.dtype, device: torch.device):
+    """8/4-bit weights: DeepSpeed quantizes each weight as its module is built inside ``zero.Init``.
+
+    The modules use their own initializers (not hpi's seeded weights): quantized runs measure speed and
+    memory; their tokens are not compared across layouts.
+    """
+    import deepspeed
+
+    from executor.modeling import build_stage
+
+    if spec.checkpoint:
+        raise ValueError("loading a checkpoint into 8/4-bit weights is not supported yet: use --quant-bits 16")
+    check_quantizable(build_stage(config, shard, tp_group=g.tp_group, dtype=dtype, device="meta"))
+    with deepspeed.zero.Init(config_dict_or_path=_ds_config(spec, config.hidden_size), data_parallel_group=g.dp_group):
+        return build_stage(config, shard, tp_group=g.tp_group, dtype=dtype, device=device, framework_init=True)
 
 
 def zero3_transfer_bytes(module: torch.nn.Module) -> tuple[int, int]:
@@ -182,9 +216,11 @@ def run(spec: RunSpec) -> dict | None:
     t0 = time.perf_counter()
     deepspeed_path = uses_deepspeed(spec)
     build_device = torch.device("cpu") if plan.is_offloaded else device
-    # Random weights are drawn on the accelerator (fast) and kept where the plan stores them.
-    module = build_stage(config, shard, tp_group=g.tp_group, dtype=dtype, device=build_device, seed=spec.seed,
-                         checkpoint=spec.checkpoint, init_device=device)
+    if plan.is_quantized:
+        module = build_quantized_stage(config, shard, spec, g, dtype, device)
+    else:  # seeded random weights drawn on the accelerator (fast), kept where the plan stores them
+        module = build_stage(config, shard, tp_group=g.tp_group, dtype=dtype, device=build_device, seed=spec.seed,
+                             checkpoint=spec.checkpoint, init_device=device)
     module.eval()
     stage = zero3_stage(module, spec, g, config.hidden_size) if deepspeed_path else module.to(device)
     h2d_per_forward, pinned = zero3_transfer_bytes(module) if deepspeed_path else (0, 0)
