@@ -424,6 +424,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("hpi run: --chat needs a prompt: pass --prompt TEXT or --prompts FILE")
     if args.checkpoint and not Path(args.checkpoint).is_dir():
         raise UsageError(f"hpi run: --checkpoint {args.checkpoint}: no such directory")
+    if prompts and not args.checkpoint:
+        raise UsageError("hpi run: text prompts need a tokenizer: pass --checkpoint DIR (a local HF checkpoint "
+                         "with tokenizer files), or leave out --prompt for seeded random prompts")
+    from planner.feasibility import plan_problems
+
+    problems = plan_problems(model, None, plan) if args.hardware is None else []  # with one, predict checked
+    if problems:
+        raise UsageError(f"hpi run: {problems[0]}")
     if args.node_rank >= args.nnodes:
         raise UsageError(f"hpi run: --node-rank {args.node_rank} must be < --nnodes {args.nnodes}")
     nproc, visible = _node_gpus(args, est)

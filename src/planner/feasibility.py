@@ -18,7 +18,7 @@ from planner.cost.estimate import Evaluation
 from planner.cost.shape import per_rank
 from planner.specs.hardware import HardwareProfile
 from planner.specs.model import ModelSpec
-from planner.specs.plan import Plan
+from planner.specs.plan import QUANT_GROUP_SIZE, Plan
 from planner.specs.workload import Workload
 
 GB = 1e9
@@ -33,10 +33,10 @@ class Reason:
         return {"kind": self.kind, "message": self.message}
 
 
-def layout_problems(model: ModelSpec, hardware: HardwareProfile, tp: int, pp: int, dp: int) -> Iterator[str]:
-    """Why (tp, pp, dp) cannot be built for this model on this machine; nothing when it can."""
-    n_gpus = hardware.n_gpus
-    if tp * pp * dp > n_gpus:
+def layout_problems(model: ModelSpec, hardware: HardwareProfile | None, tp: int, pp: int, dp: int) -> Iterator[str]:
+    """Why (tp, pp, dp) cannot be built for this model on this machine (any machine when None)."""
+    if hardware is not None and tp * pp * dp > hardware.n_gpus:
+        n_gpus = hardware.n_gpus
         yield (
             f"tp({tp}) * pp({pp}) * dp({dp}) = {tp * pp * dp} > {n_gpus} GPUs on {hardware.name}: "
             "lower tp, pp or dp"
@@ -57,8 +57,34 @@ def layout_problems(model: ModelSpec, hardware: HardwareProfile, tp: int, pp: in
         yield f"pp({pp}) > n_layers({model.n_layers}) of {model.name}: each stage needs a layer, lower pp"
 
 
-def plan_problems(model: ModelSpec, hardware: HardwareProfile, plan: Plan) -> list[str]:
-    return list(layout_problems(model, hardware, plan.tp, plan.pp, plan.dp))
+def quantization_problems(model: ModelSpec, tp: int) -> Iterator[str]:
+    """DeepSpeed quantizes weights in groups of 64 along each matrix's input dimension (per TP rank)."""
+    h = model.hidden_size
+    widths = {"hidden size": h}
+    if model.uses_mla:
+        widths["MLA o_proj input"] = model.n_heads * model.v_head_dim // tp
+        widths["kv_lora_rank"] = model.kv_lora_rank
+        if model.q_lora_rank:
+            widths["q_lora_rank"] = model.q_lora_rank
+    else:
+        widths["o_proj input"] = model.n_heads * model.head_dim // tp
+    if model.n_dense_layers:
+        widths["FFN width per rank"] = model.ffn_hidden_size // tp
+    if model.is_moe:
+        widths["expert FFN width per rank"] = model.moe_ffn_hidden_size // tp
+    for what, width in widths.items():
+        if width % QUANT_GROUP_SIZE:
+            yield (
+                f"{what}({width}) % quantization group({QUANT_GROUP_SIZE}) != 0 for {model.name} at tp {tp}: "
+                "DeepSpeed cannot quantize it; use --quant-bits 16 or another tp"
+            )
+
+
+def plan_problems(model: ModelSpec, hardware: HardwareProfile | None, plan: Plan) -> list[str]:
+    problems = list(layout_problems(model, hardware, plan.tp, plan.pp, plan.dp))
+    if plan.is_quantized:
+        problems += quantization_problems(model, plan.tp)
+    return problems
 
 
 def _largest_partition_elems(ev: Evaluation) -> float:

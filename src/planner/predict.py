@@ -11,7 +11,7 @@ from typing import Any
 
 from planner.cost.estimate import Evaluation, evaluate
 from planner.cost.inputs import Knobs, Layout, make_layout
-from planner.feasibility import Reason, capacity_reasons, plan_problems
+from planner.feasibility import Reason, capacity_reasons, plan_problems, quantization_problems
 from planner.layout import place
 from planner.specs.hardware import HardwareProfile
 from planner.specs.model import ModelSpec
@@ -167,6 +167,11 @@ def predict_many(model: ModelSpec, hardware: HardwareProfile, workload: Workload
     groups: dict[tuple[int, int, int], list[int]] = {}
     for i, plan in enumerate(plans):
         groups.setdefault((plan.tp, plan.pp, plan.dp), []).append(i)
+    for i, plan in enumerate(plans):
+        if plan.is_quantized:
+            problems = list(quantization_problems(model, plan.tp))
+            if problems:
+                raise PlanError(problems[0])
     for (tp, pp, dp), idx in groups.items():
         layout = layout_for(model, hardware, workload, tp, pp, dp)
         ev = evaluate(layout, Knobs.from_plans([plans[i] for i in idx]))

@@ -23,7 +23,7 @@ import numpy as np
 from planner.cost.estimate import Evaluation, evaluate
 from planner.cost.inputs import Knobs, Layout, make_layout
 from planner.cost.shape import module_table, per_rank
-from planner.feasibility import capacity_masks, layout_problems
+from planner.feasibility import capacity_masks, layout_problems, quantization_problems
 from planner.layout import place
 from planner.predict import Estimate, estimate_from_evaluation
 from planner.specs.hardware import HardwareProfile
@@ -85,10 +85,12 @@ def _grid(layout: Layout, space: SearchSpace, has_nvme: bool, nvme_buffer_elems:
     """Every knob combination worth evaluating for one layout, as arrays."""
     dp, pp = layout.dp, layout.pp
     offloads = [o for o in space.offloads if o != "nvme" or has_nvme]
+    quantizable = not any(True for _ in quantization_problems(layout.model, layout.tp))
+    bits_options = [b for b in space.weight_bits if b == 16 or quantizable]
     micro = sorted({1, pp, pp * space.max_micro_batch_factor}) if pp > 1 else [1]
     rows = []
     for offload, bits, kv, pin, batch, mb in itertools.product(
-        offloads, space.weight_bits, space.kv_offload, space.pin_memory, space.batch_sizes, micro
+        offloads, bits_options, space.kv_offload, space.pin_memory, space.batch_sizes, micro
     ):
         copies_from_host = offload == "cpu" or kv
         if not pin and not copies_from_host:

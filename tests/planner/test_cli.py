@@ -46,9 +46,10 @@ def test_plan_json_on_every_model_and_profile(capsys, model, hardware):
 
 @pytest.mark.parametrize("model", MODELS)
 def test_predict_and_explain_on_every_model(capsys, model):
+    bits = "16" if model == "tiny-llama" else "4"  # tiny-llama's FFN (176) is off DeepSpeed's 64-weight groups
     for command in ("predict", "explain"):
         code, out, err = run(capsys, command, "--model", model, "--hardware", "dgx-h100", "--offload", "cpu",
-                             "--quant-bits", "4", "--json")
+                             "--quant-bits", bits, "--json")
         assert code == 0, err
         doc = last_json(out)
         for key in ("feasible", "reasons", "prefill_s", "decode_step_s", "total_s", "ttft_s", "throughput_tok_s",

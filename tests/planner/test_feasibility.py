@@ -277,3 +277,28 @@ def test_plan_problems_reads_the_plan_degrees() -> None:
         layout_problems(load_model("llama-3-70b"), machine(), 3, 1, 1)
     )
     assert plan_problems(load_model("llama-3-8b"), machine(), Plan(tp=2, pp=2, dp=2, batch_size=2)) == []
+
+
+def test_quantization_needs_widths_in_groups_of_64() -> None:
+    from planner.catalog import load_model
+    from planner.feasibility import quantization_problems
+
+    tiny = load_model("tiny-llama")  # FFN width 176
+    assert [p for p in quantization_problems(tiny, 1)] == [
+        "FFN width per rank(176) % quantization group(64) != 0 for tiny-llama at tp 1: "
+        "DeepSpeed cannot quantize it; use --quant-bits 16 or another tp"
+    ]
+    for name in ("llama-3-8b", "llama-3-70b", "opt-30b", "bloom-176b", "mixtral-8x7b", "deepseek-v3", "kimi-k2"):
+        for tp in (1, 2, 4, 8):
+            assert list(quantization_problems(load_model(name), tp)) == [], (name, tp)
+
+
+def test_search_never_proposes_plans_deepspeed_cannot_quantize() -> None:
+    from planner.catalog import load_model
+    from planner.profiles import load_profile
+    from planner.search import search
+    from planner.specs.workload import Workload
+
+    result = search(load_model("tiny-llama"), load_profile("h100-sxm-1gpu"), Workload())
+    bits = {int(b) for ev in result.evaluations for b in ev.knobs.weight_bits}
+    assert bits == {16}
