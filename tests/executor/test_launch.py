@@ -203,8 +203,11 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 def test_hpi_run_on_cpu_prints_the_record_as_last_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(launch_mod, "WORKER", WORKER)
     out_dir = tmp_path / "run"
+    checkpoint = tmp_path / "ckpt"  # text prompts need a tokenizer's folder; the fake worker reads none of it
+    checkpoint.mkdir()
     code, out, err = run_cli(capsys, "run", "--model", "tiny-llama", "--device", "cpu", "--dtype", "fp32",
-                             "--prompt", "Hello", "--out", str(out_dir), "--json", "--timeout", "60")
+                             "--prompt", "Hello", "--checkpoint", str(checkpoint), "--out", str(out_dir), "--json",
+                             "--timeout", "60")
     assert code == 0, err
     record = json.loads(out.strip().splitlines()[-1])
     assert record["status"] == "ok" and record["prompts"] == ["Hello"] and record["device"] == "cpu"
