@@ -76,7 +76,9 @@ __all__ = [
 ]
 
 PROFILES_ENV = "HPI_PROFILES_DIR"
-_DEFAULT_DIR = Path(__file__).resolve().parent.parent.parent / "hardware_profiles"  # src/planner/../../
+# The profiles ship inside the package (so a wheel install has them); the repository's top-level
+# hardware_profiles/ is a link to this folder.
+_DEFAULT_DIR = Path(__file__).resolve().parent / "hardware_profiles"
 
 FABRIC_KINDS = ("ib", "roce", "ethernet")  # inter-node fabrics (cluster.fabric.kind)
 # Link kinds inside a node: PCIe lanes, NVLink (direct or into an NVSwitch), the inter-socket link
@@ -151,7 +153,7 @@ class ClusterLayout:
 
 
 def profiles_dir() -> Path:
-    """``$HPI_PROFILES_DIR`` if set, else ``<repo>/hardware_profiles``."""
+    """``$HPI_PROFILES_DIR`` if set, else the profiles shipped with the package (``hardware_profiles/``)."""
     env = os.environ.get(PROFILES_ENV)
     return Path(env).expanduser() if env else _DEFAULT_DIR
 
