@@ -5,7 +5,7 @@ are what the model earns today, not targets (calibration is issue 4):
 - our H100 runs (design.md): decode step within 10%. The bs 1 row set the profile's 0.62 streaming
   efficiency, so it checks consistency; the bs 16 row is held out.
 - DeepSpeedExamples, weights from pinned CPU memory: throughput within 0.5x-1.5x, median error <= 40%.
-  We under-predict (0.64-0.76x): its tuned knobs stream faster than DeepSpeed's defaults, whose 62%
+  We under-predict (0.65-0.76x): its tuned knobs stream faster than DeepSpeed's defaults, whose 62%
   efficiency is our default.
 - DeepSpeedExamples, pageable weights: 0.25x-1x. The workstation's pageable bandwidth is assumed (8 GB/s);
   the published numbers imply about twice that.
