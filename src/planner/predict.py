@@ -11,7 +11,7 @@ from typing import Any
 
 from planner.cost.estimate import Evaluation, evaluate
 from planner.cost.inputs import Knobs, Layout, make_layout
-from planner.feasibility import Reason, capacity_reasons, plan_problems, quantization_problems
+from planner.feasibility import Reason, capacity_reasons, plan_problems
 from planner.layout import place
 from planner.specs.hardware import HardwareProfile
 from planner.specs.model import ModelSpec
@@ -154,9 +154,7 @@ def estimate_from_evaluation(ev: Evaluation, i: int, plan: Plan) -> Estimate:
 
 
 def layout_for(model: ModelSpec, hardware: HardwareProfile, workload: Workload, tp: int, pp: int, dp: int) -> Layout:
-    problems = list(plan_problems(model, hardware, Plan(tp=tp, pp=pp, dp=dp, batch_size=dp)))
-    if problems:
-        raise PlanError(problems[0])
+    """Place (tp, pp, dp) on the hardware; the caller has checked that it can be built."""
     placement = place(Plan(tp=tp, pp=pp, dp=dp, batch_size=dp), build_topology(hardware))
     return make_layout(model, hardware, workload, placement)
 
@@ -166,12 +164,10 @@ def predict_many(model: ModelSpec, hardware: HardwareProfile, workload: Workload
     out: dict[int, Estimate] = {}
     groups: dict[tuple[int, int, int], list[int]] = {}
     for i, plan in enumerate(plans):
+        problems = plan_problems(model, hardware, plan)
+        if problems:
+            raise PlanError(problems[0])
         groups.setdefault((plan.tp, plan.pp, plan.dp), []).append(i)
-    for i, plan in enumerate(plans):
-        if plan.is_quantized:
-            problems = list(quantization_problems(model, plan.tp))
-            if problems:
-                raise PlanError(problems[0])
     for (tp, pp, dp), idx in groups.items():
         layout = layout_for(model, hardware, workload, tp, pp, dp)
         ev = evaluate(layout, Knobs.from_plans([plans[i] for i in idx]))

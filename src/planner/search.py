@@ -88,6 +88,7 @@ def _grid(layout: Layout, space: SearchSpace, has_nvme: bool, nvme_buffer_elems:
     quantizable = not any(True for _ in quantization_problems(layout.model, layout.tp))
     bits_options = [b for b in space.weight_bits if b == 16 or quantizable]
     micro = sorted({1, pp, pp * space.max_micro_batch_factor}) if pp > 1 else [1]
+    gathering_buckets = prefetch_buckets(layout.model)
     rows = []
     for offload, bits, kv, pin, batch, mb in itertools.product(
         offloads, bits_options, space.kv_offload, space.pin_memory, space.batch_sizes, micro
@@ -98,7 +99,7 @@ def _grid(layout: Layout, space: SearchSpace, has_nvme: bool, nvme_buffer_elems:
         if batch % dp or (batch // dp) % mb:
             continue
         gathers = offload != "none" or dp > 1
-        buckets = prefetch_buckets(layout.model) if gathers else (DEEPSPEED_DEFAULT_PREFETCH_ELEMS,)
+        buckets = gathering_buckets if gathers else (DEEPSPEED_DEFAULT_PREFETCH_ELEMS,)
         for bucket in buckets:
             rows.append((offload == "cpu", offload == "nvme", bits, pin, kv, batch, mb, bucket))
     if not rows:
