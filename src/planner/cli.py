@@ -6,6 +6,7 @@ Every user mistake ends in one line on stderr and exit code 2, never a traceback
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -97,7 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("hardware", help="the hardware profiles")
     p.add_argument("--json", action="store_true")
+    for module in _COMMAND_MODULES:
+        COMMANDS.update(importlib.import_module(module).register(sub))
     return parser
+
+
+# Subcommands that live with their own package. Each module has ``register(sub) -> {name: handler}``: it
+# adds its parsers to ``sub`` (argparse sub-parsers) and returns the handlers, each ``handler(args) -> int``.
+# Importing a module here must stay cheap and must not import torch (hpi plan starts in under a second).
+_COMMAND_MODULES: tuple[str, ...] = ()
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
