@@ -35,6 +35,10 @@ class Entry:
     baseline: str | None = None  # hf-resident | accelerate | ds-examples
     baseline_args: tuple[str, ...] = ()
     gpus: int = 1
+    variants: tuple[dict, ...] = ()  # more measurements on the same build (executor.spec.RUNTIME_FIELDS)
+    prompt_len: int | None = None  # None: the command line's
+    gen_len: int | None = None
+    fetch_wait: str = "stream"  # host: DeepSpeed's stock fetch wait (executor.zero3), for side-by-side ratios
 
 
 def _ds_examples_knobs(hidden: int) -> dict:
@@ -42,51 +46,96 @@ def _ds_examples_knobs(hidden: int) -> dict:
             "persistence_threshold_elems": hidden}
 
 
+def _batches(*sizes: int, pp: int = 1) -> tuple[dict, ...]:
+    """Variants at other batch sizes; with pp > 1 each batch is split into pp micro-batches."""
+    return tuple({"batch_size": b, "micro_batches": pp if pp > 1 and b % pp == 0 else 1} for b in sizes)
+
+
 def matrices() -> dict[str, list[Entry]]:
-    h100, m8 = "h100-sxm-1gpu", "llama-3-8b"
+    h100, m8, m70 = "h100-sxm-1gpu", "llama-3-8b", "llama-3-70b"
     big = str(REPO / "benchmarks" / "configs" / "llama-33b.json")
     tuned = {"prefetch_bucket_elems": 400_000_000, "max_live_elems": 3_000_000_000}
+    dsx = _ds_examples_knobs(LLAMA8B_HIDDEN)
+    x4 = "h200-4gpu"
+    # 70B on 4 H200: resident needs >= 2 GPUs (141 GB of bf16 weights); offload streams 141 GB / (tp * pp) per
+    # GPU per forward, so those entries generate few tokens (the median of 3 decode steps) to fit the call.
+    off70 = dict(prompt_len=128, gen_len=4)
+    res70 = dict(prompt_len=512, gen_len=16)
     return {
         "smoke": [
             Entry("tiny-resident", "tiny-llama", h100, 2, {}),
-            Entry("tiny-cpu-offload", "tiny-llama", h100, 2, {"offload": "cpu"}),
+            Entry("tiny-cpu-offload", "tiny-llama", h100, 2, {"offload": "cpu"}, variants=_batches(4)),
         ],
         "h100": [
-            Entry("8b-resident-b1", m8, h100, 1, {}),
+            Entry("8b-resident-b1", m8, h100, 1, {}, variants=_batches(16, 64)),
+            Entry("8b-cpu-pinned-dsdefaults-hostwait-b1", m8, h100, 1, {"offload": "cpu"}, fetch_wait="host"),
             Entry("8b-cpu-pinned-dsdefaults-b1", m8, h100, 1, {"offload": "cpu"}),
-            Entry("8b-cpu-pinned-dsexamples-b1", m8, h100, 1, {"offload": "cpu", **_ds_examples_knobs(LLAMA8B_HIDDEN)}),
-            Entry("8b-cpu-pinned-tuned-b1", m8, h100, 1, {"offload": "cpu", **tuned}),
-            Entry("8b-cpu-pageable-b1", m8, h100, 1, {"offload": "cpu", "pin_memory": False}),
-            Entry("8b-cpu-pinned-tuned-b16", m8, h100, 16, {"offload": "cpu", **tuned}),
-            Entry("8b-cpu-pinned-tuned-b64", m8, h100, 64, {"offload": "cpu", **tuned}),
+            Entry("8b-cpu-pinned-dsexamples-b1", m8, h100, 1, {"offload": "cpu", **dsx}),
+            Entry("8b-cpu-pinned-tuned-b1", m8, h100, 1, {"offload": "cpu", **tuned}, variants=_batches(16, 64)),
+            Entry("8b-cpu-pinned-tuned-kvoff-b16", m8, h100, 16, {"offload": "cpu", "kv_offload": True, **tuned},
+                  variants=({"batch_size": 64},)),
+            Entry("8b-cpu-pageable-b1", m8, h100, 1, {"offload": "cpu", "pin_memory": False}, gen_len=8),
+            Entry("8b-cpu-pinned-q8-b1", m8, h100, 1, {"offload": "cpu", "quant_bits": 8, **tuned}, variants=_batches(16)),
+            Entry("8b-cpu-pinned-q4-b1", m8, h100, 1, {"offload": "cpu", "quant_bits": 4, **tuned}, variants=_batches(16)),
+            Entry("8b-resident-q4-b1", m8, h100, 1, {"quant_bits": 4}),
+            Entry("8b-nvme-b1", m8, h100, 1, {"offload": "nvme", **tuned}, gen_len=4),
             Entry("base-hf-resident-8b-b1", m8, h100, 1, baseline="hf-resident"),
             Entry("base-ds-examples-8b-b1", m8, h100, 1, baseline="ds-examples"),
             Entry("base-ds-examples-8b-b16", m8, h100, 16, baseline="ds-examples"),
             Entry("base-accelerate-8b-b1", m8, h100, 1, baseline="accelerate"),
-            Entry("33b-cpu-pinned-tuned-b1", big, h100, 1, {"offload": "cpu", **tuned}),
-            Entry("33b-cpu-pinned-tuned-b16", big, h100, 16, {"offload": "cpu", **tuned}),
+            Entry("33b-cpu-pinned-tuned-b1", big, h100, 1, {"offload": "cpu", **tuned}, variants=_batches(16), gen_len=8),
+            Entry("33b-cpu-pinned-q4-b1", big, h100, 1, {"offload": "cpu", "quant_bits": 4, **tuned}, gen_len=8),
         ],
         "h200x2": [
             Entry("8b-tp2-resident-b1", m8, "h200-2gpu", 1, {"tp": 2}, gpus=2),
             Entry("8b-pp2-resident-b8-mb2", m8, "h200-2gpu", 8, {"pp": 2, "micro_batches": 2}, gpus=2),
             Entry("8b-tp2-cpu-pinned-b1", m8, "h200-2gpu", 1, {"tp": 2, "offload": "cpu", **tuned}, gpus=2),
             Entry("8b-pp2-cpu-pinned-b8-mb2", m8, "h200-2gpu", 8, {"pp": 2, "offload": "cpu", "micro_batches": 2, **tuned}, gpus=2),
-            Entry("70b-tp2-cpu-pinned-b1", "llama-3-70b", "h200-2gpu", 1, {"tp": 2, "offload": "cpu", **tuned}, gpus=2),
-            Entry("70b-tp2-cpu-pinned-b16", "llama-3-70b", "h200-2gpu", 16, {"tp": 2, "offload": "cpu", **tuned}, gpus=2),
+            Entry("70b-tp2-cpu-pinned-b1", m70, "h200-2gpu", 1, {"tp": 2, "offload": "cpu", **tuned}, gpus=2),
+            Entry("70b-tp2-cpu-pinned-b16", m70, "h200-2gpu", 16, {"tp": 2, "offload": "cpu", **tuned}, gpus=2),
+        ],
+        # issue 6: tp x pp with tp * pp <= 4, offload none and cpu, batch 1 and a throughput batch
+        "h200x4": [
+            Entry("70b-tp4-resident-b1", m70, x4, 1, {"tp": 4}, gpus=4, variants=_batches(32), **res70),
+            Entry("70b-tp2pp2-resident-b1", m70, x4, 1, {"tp": 2, "pp": 2}, gpus=4, variants=_batches(32, pp=2), **res70),
+            Entry("70b-pp4-resident-b1", m70, x4, 1, {"pp": 4}, gpus=4, variants=_batches(32, pp=4), **res70),
+            Entry("70b-tp2-resident-b1", m70, x4, 1, {"tp": 2}, gpus=2, variants=_batches(32), **res70),
+            Entry("70b-pp2-resident-b1", m70, x4, 1, {"pp": 2}, gpus=2, variants=_batches(32, pp=2), **res70),
+            Entry("70b-tp4-cpu-pinned-b1", m70, x4, 1, {"tp": 4, "offload": "cpu", **tuned}, gpus=4,
+                  variants=_batches(32), **off70),
+            Entry("70b-tp2pp2-cpu-pinned-b1", m70, x4, 1, {"tp": 2, "pp": 2, "offload": "cpu", **tuned}, gpus=4,
+                  variants=_batches(32, pp=2), **off70),
+            Entry("70b-tp1-cpu-pinned-b1", m70, x4, 1, {"offload": "cpu", **tuned}, variants=_batches(32), **off70),
+            Entry("70b-tp2-cpu-pinned-b1", m70, x4, 1, {"tp": 2, "offload": "cpu", **tuned}, gpus=2,
+                  variants=_batches(32), **off70),
+            Entry("70b-pp2-cpu-pinned-b1", m70, x4, 1, {"pp": 2, "offload": "cpu", **tuned}, gpus=2,
+                  variants=_batches(32, pp=2), **off70),
+            Entry("70b-pp4-cpu-pinned-b4-mb4", m70, x4, 4, {"pp": 4, "offload": "cpu", "micro_batches": 4, **tuned},
+                  gpus=4, **off70),
         ],
     }
 
 
-def run_hpi(entry: Entry, out: Path, gen_len: int, prompt_len: int) -> dict:
+def run_hpi(entry: Entry, out: Path, gen_len: int, prompt_len: int, device: str = "cuda") -> dict[str, dict]:
+    """The entry's record and its variants' ({name: record}; a variant is named name@b<batch>[-kvoff])."""
     from executor.launch import launch
     from executor.spec import RunSpec
     from planner.specs.plan import Plan
     from planner.specs.workload import Workload
 
     plan = Plan(batch_size=entry.batch, **entry.plan)
-    spec = RunSpec(plan=plan, model=entry.model, workload=Workload(prompt_len, gen_len), hardware=entry.hardware,
-                   device="cuda", dtype="bf16", out_dir=str(out / entry.name), warmup_steps=1)
-    return launch(spec, timeout_s=900)
+    workload = Workload(entry.prompt_len or prompt_len, entry.gen_len or gen_len)
+    spec = RunSpec(plan=plan, model=entry.model, workload=workload, hardware=entry.hardware, device=device,
+                   dtype="bf16" if device == "cuda" else "fp32", out_dir=str(out / entry.name), warmup_steps=1, warmup_gen_len=2,
+                   nvme_path=str(out / "nvme") if plan.offload == "nvme" else None, fetch_wait=entry.fetch_wait,
+                   variants=entry.variants)
+    record = launch(spec, timeout_s=900)
+    records = {entry.name: record}
+    for rel in record.get("variant_records", []):
+        doc = json.loads((out / entry.name / rel).read_text())
+        p = doc["plan"]
+        records[f"{entry.name}@b{p['batch_size']}{'-kvoff' if p['kv_offload'] else ''}"] = doc
+    return records
 
 
 def run_baseline(entry: Entry, out: Path, gen_len: int, prompt_len: int) -> dict:
@@ -135,6 +184,9 @@ def summarize(results: dict[str, dict]) -> tuple[list[str], dict]:
             ratios[label] = (vb / va) if invert else (va / vb)
 
     ratio("8b-resident-b1", "base-hf-resident-8b-b1", "decode", "hpi_resident_decode_over_hf_resident")
+    ratio("8b-cpu-pinned-dsdefaults-b1", "8b-cpu-pinned-dsdefaults-hostwait-b1", "throughput_tok_s",
+          "stream_ordered_fetch_over_deepspeed_host_wait_b1_throughput")
+    ratio("8b-cpu-pinned-tuned-b1@b64", "base-ds-examples-8b-b16", "throughput_tok_s", "hpi_tuned_b64_over_ds_examples_b16_throughput")
     ratio("8b-cpu-pinned-tuned-b1", "base-ds-examples-8b-b1", "throughput_tok_s", "hpi_tuned_over_ds_examples_b1_throughput")
     ratio("8b-cpu-pinned-tuned-b16", "base-ds-examples-8b-b16", "throughput_tok_s", "hpi_tuned_over_ds_examples_b16_throughput")
     ratio("8b-cpu-pinned-tuned-b1", "base-accelerate-8b-b1", "throughput_tok_s", "hpi_tuned_over_accelerate_b1_throughput")
@@ -156,6 +208,7 @@ def main() -> None:
     parser.add_argument("--hardware", default=None, help="profile for every entry's prediction (the machine it runs on)")
     parser.add_argument("--gen-len", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: the smoke matrix in CI")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -169,14 +222,18 @@ def main() -> None:
     for entry in entries:
         started = time.perf_counter()
         try:
-            run = run_baseline if entry.baseline else run_hpi
-            results[entry.name] = run(entry, work, args.gen_len, args.prompt_len)
+            if entry.baseline:
+                got = {entry.name: run_baseline(entry, work, entry.gen_len or args.gen_len, entry.prompt_len or args.prompt_len)}
+            else:
+                got = run_hpi(entry, work, args.gen_len, args.prompt_len, args.device)
         except Exception as e:  # noqa: BLE001 - one failure must not lose the other entries' records
-            results[entry.name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]}
-        results[entry.name]["entry"] = entry.__dict__ | {"plan": entry.plan}
-        results[entry.name]["entry_wall_s"] = time.perf_counter() - started
-        print(f"[{time.strftime('%H:%M:%S')}] {entry.name}: {'ERROR' if 'error' in results[entry.name] else 'ok'} "
-              f"({results[entry.name]['entry_wall_s']:.0f} s)", flush=True)
+            got = {entry.name: {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]}}
+        for name, doc in got.items():
+            doc["entry"] = entry.__dict__ | {"plan": entry.plan, "variants": list(entry.variants)}
+            doc["entry_wall_s"] = time.perf_counter() - started
+        results.update(got)
+        print(f"[{time.strftime('%H:%M:%S')}] {entry.name}: {'ERROR ' + results[entry.name]['error'][:300] if 'error' in results[entry.name] else 'ok'} "
+              f"({results[entry.name]['entry_wall_s']:.0f} s, {len(got)} record(s))", flush=True)
         bundle.write_text(json.dumps(results, default=str))  # after every entry: nothing measured is lost
     lines, summary = summarize(results)
     print("\n".join(lines))

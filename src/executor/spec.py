@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,11 @@ from planner.specs.workload import Workload
 DEVICES = ("cuda", "cpu")
 DTYPES = ("bf16", "fp16", "fp32")
 MODES = ("benchmark", "chat")
+# Plan fields a run may vary without rebuilding the model or its ZeRO-3 partitions: a variant re-measures
+# the same built stage at another batch / micro-batch count / KV placement (a batch sweep pays the weight
+# materialization once, which for a 70B offload plan costs more than the measurement itself).
+RUNTIME_FIELDS = ("batch_size", "micro_batches", "kv_offload")
+FETCH_WAITS = ("stream", "host")  # how a ZeRO-3 fetch is waited for: executor.zero3.stream_ordered_fetch
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,10 @@ class RunSpec:
     stage_layers: tuple[int, ...] = ()  # decoder layers per pipeline stage; empty: balanced by the planner
     out_dir: str = "runs/latest"
     warmup_steps: int = 0  # untimed generate calls before the measured one
+    warmup_gen_len: int = 0  # tokens each warm-up generates; 0: the workload's gen_len (2 already fills
+    #   DeepSpeed's prefetch trace and picks the decode kernels: prefill + one decode forward)
+    fetch_wait: str = "stream"  # stream: hpi's GPU-ordered ZeRO-3 fetch wait; host: DeepSpeed's stock (executor.zero3)
+    variants: tuple[dict[str, Any], ...] = ()  # further measurements on the same build: RUNTIME_FIELDS overrides
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes recorded with the run
 
     def __post_init__(self) -> None:
@@ -54,6 +63,23 @@ class RunSpec:
             )
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError("temperature must be >= 0 and 0 < top_p <= 1")
+        if self.fetch_wait not in FETCH_WAITS:
+            raise ValueError(f"fetch_wait {self.fetch_wait!r} is not one of {', '.join(FETCH_WAITS)}")
+        for v in self.variants:
+            other = sorted(set(v) - set(RUNTIME_FIELDS))
+            if other:
+                raise ValueError(f"variant {v} changes {', '.join(other)}, which needs a new build: a variant may "
+                                 f"only change {', '.join(RUNTIME_FIELDS)}; launch another run for the rest")
+        if self.variants and self.mode == "chat":
+            raise ValueError("variants re-measure a benchmark run; chat mode takes none")
+
+    def measurements(self) -> list["RunSpec"]:
+        """This run's own measurement, then one spec per variant (each with its own folder under out_dir)."""
+        specs = [replace(self, variants=())]
+        for i, v in enumerate(self.variants, start=1):
+            specs.append(replace(self, plan=replace(self.plan, **v), variants=(),
+                                 out_dir=str(Path(self.out_dir) / f"variant-{i}")))
+        return specs
 
     @property
     def world_size(self) -> int:
@@ -67,6 +93,7 @@ class RunSpec:
         d = asdict(self)
         d["prompts"] = list(self.prompts)
         d["stage_layers"] = list(self.stage_layers)
+        d["variants"] = [dict(v) for v in self.variants]
         return d
 
     @classmethod
@@ -77,6 +104,7 @@ class RunSpec:
         d["workload"] = Workload(**d.get("workload", {}))
         d["prompts"] = tuple(d.get("prompts", ()))
         d["stage_layers"] = tuple(d.get("stage_layers", ()))
+        d["variants"] = tuple(dict(v) for v in d.get("variants", ()))
         return cls(**d)
 
     def write(self, path: str | os.PathLike) -> Path:

@@ -11,7 +11,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -72,7 +72,7 @@ def zero3_stage(module: torch.nn.Module, spec: RunSpec, g: Groups, hidden_size: 
     """Hand the stage to DeepSpeed ZeRO-3 with every knob of the plan written explicitly."""
     from executor.zero3 import wrap_zero3
 
-    return wrap_zero3(module, _ds_config(spec, hidden_size), g)
+    return wrap_zero3(module, _ds_config(spec, hidden_size), g, fetch_wait=spec.fetch_wait)
 
 
 def check_quantizable(meta_stage: torch.nn.Module) -> None:
@@ -199,7 +199,11 @@ def _prediction(spec: RunSpec, planner_model) -> tuple[dict | None, float | None
     return est.to_dict(), est.placement.h2d_pinned_bytes_s
 
 
-def run(spec: RunSpec) -> dict | None:
+def run(spec: RunSpec) -> list[dict] | None:
+    """Build this rank's stage once, then measure the spec and each of its variants on it.
+
+    Returns rank 0's records (the spec's own first), None on other ranks.
+    """
     from executor.modeling import ShardSpec, build_stage, load_hf_config
     from planner.catalog import load_model
 
@@ -223,35 +227,66 @@ def run(spec: RunSpec) -> dict | None:
                              checkpoint=spec.checkpoint, init_device=device)
     module.eval()
     stage = zero3_stage(module, spec, g, config.hidden_size) if deepspeed_path else module.to(device)
-    h2d_per_forward, pinned = zero3_transfer_bytes(module) if deepspeed_path else (0, 0)
-    build_s = time.perf_counter() - t0
+    built = _Built(stage=stage, groups=g, config=config, planner_model=planner_model, dtype=dtype, device=device,
+                   h2d_per_forward_pinned=zero3_transfer_bytes(module) if deepspeed_path else (0, 0),
+                   build_s=time.perf_counter() - t0, tokenizer=load_tokenizer(spec))
+    records = []
+    for one in spec.measurements():
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # a variant's peak reserved memory must not inherit the last one's cache
+        record = measure(one, built)
+        if record is not None:
+            records.append(record)
+    dist.barrier()
+    dist.destroy_process_group()
+    return records if g.rank == 0 else None
 
+
+@dataclass
+class _Built:
+    """What one build gives every measurement on it."""
+
+    stage: object
+    groups: Groups
+    config: object
+    planner_model: object
+    dtype: torch.dtype
+    device: torch.device
+    h2d_per_forward_pinned: tuple[int, int]
+    build_s: float
+    tokenizer: object
+
+
+def measure(spec: RunSpec, b: _Built) -> dict | None:
+    """Warm up, generate once under the timers, gather every rank's report; rank 0 returns the record."""
     from transformers import DynamicCache
 
+    plan, g, device, config = spec.plan, b.groups, b.device, b.config
     kv_offload = plan.kv_offload and device.type == "cuda"  # on the CPU the cache already lives in host memory
-    tokenizer = load_tokenizer(spec)
-    ids = prompt_ids(spec, config.vocab_size, tokenizer)
+    ids = prompt_ids(spec, config.vocab_size, b.tokenizer)
     eos = getattr(config, "eos_token_id", None)
     eos = eos[0] if isinstance(eos, (list, tuple)) else eos
     streamer = None
-    if spec.mode == "chat" and tokenizer is not None and g.rank == 0 and g.is_last_stage:
-        streamer = LineStreamer(tokenizer, eos)
+    if spec.mode == "chat" and b.tokenizer is not None and g.rank == 0 and g.is_last_stage:
+        streamer = LineStreamer(b.tokenizer, eos)
     rows = plan.batch_per_replica
     mine = ids[g.dp_rank * rows : (g.dp_rank + 1) * rows]
+    stage = b.stage
     generator = PipelineGenerator(
         stage=lambda x, cache, pos: stage(x, cache, pos),
         groups=g,
         new_cache=lambda: DynamicCache(offloading=kv_offload),
         hidden_size=config.hidden_size,
-        dtype=dtype,
+        dtype=b.dtype,
         device=device,
         micro_batches=plan.micro_batches,
         sampler=Sampler(spec.temperature, spec.top_p, spec.seed),
         eos_token_id=eos if spec.mode == "chat" else None,
     )
     max_new = spec.workload.gen_len_tokens
+    warm_new = min(spec.warmup_gen_len or max_new, max_new)
     for _ in range(spec.warmup_steps):
-        replace(generator, times=StepTimes()).run(mine, rows, ids.shape[1], max_new, chat=False)
+        replace(generator, times=StepTimes()).run(mine, rows, ids.shape[1], warm_new, chat=False)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _tp_allreduce_seconds(reset=True)  # count the measured run only, not the warm-up
@@ -261,6 +296,7 @@ def run(spec: RunSpec) -> dict | None:
     if streamer is not None:
         streamer.close()
 
+    h2d_per_forward, pinned = b.h2d_per_forward_pinned
     report = RankReport(
         rank=g.rank,
         coords=g.coords,
@@ -273,20 +309,18 @@ def run(spec: RunSpec) -> dict | None:
         pinned_bytes=pinned,
         h2d_bytes_per_forward=h2d_per_forward,
         tp_allreduce_s=_tp_allreduce_seconds(),
-        build_s=build_s,
+        build_s=b.build_s,
         tokens=torch.cat(new_tokens).tolist() if new_tokens else [],
     )
     gathered: list[RankReport | None] = [None] * g.world_size if g.rank == 0 else None
     dist.gather_object(report, gathered, dst=0)
-    record = None
-    if g.rank == 0:
-        record = _fold(spec, gathered, g, planner_model)
-        record["prompt_len_tokens_actual"] = int(ids.shape[1])
-        if tokenizer is not None:
-            record["texts"] = [tokenizer.decode(_until(t, eos if spec.mode == "chat" else None), skip_special_tokens=True)
-                               for t in record["tokens"]]
-    dist.barrier()
-    dist.destroy_process_group()
+    if g.rank != 0:
+        return None
+    record = _fold(spec, gathered, g, b.planner_model)
+    record["prompt_len_tokens_actual"] = int(ids.shape[1])
+    if b.tokenizer is not None:
+        record["texts"] = [b.tokenizer.decode(_until(t, eos if spec.mode == "chat" else None), skip_special_tokens=True)
+                           for t in record["tokens"]]
     return record
 
 
@@ -321,8 +355,13 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("usage: python -m executor.worker SPEC.json\n")
         return 2
     spec = RunSpec.read(argv[0])
-    record = run(spec)
-    if record is not None:
+    records = run(spec)
+    if records is not None:
+        record, variants = records[0], records[1:]
+        for one, doc in zip(spec.measurements()[1:], variants):
+            write_json_atomic(os.path.join(one.out_dir, "record.json"), doc)
+        if variants:  # where the variants' records are, relative to this run's folder
+            record["variant_records"] = [f"variant-{i}/record.json" for i in range(1, len(variants) + 1)]
         write_json_atomic(os.path.join(spec.out_dir, "record.json"), record)
         sys.stdout.write(json.dumps(record, default=str) + "\n")
         sys.stdout.flush()

@@ -11,6 +11,20 @@ module with its own ZeRO-3 engine:
   it for a group of one). ``scoped_trace_check`` installs that, once per process.
 - The partition group itself comes from the ``mpu`` (``executor.groups.DeepSpeedMpu``), which DeepSpeed
   reads when AutoTP is off (our own TP sharding does not use AutoTP).
+
+One place where DeepSpeed's stock behaviour costs streaming bandwidth (``stream_ordered_fetch``):
+
+- With a partition group of one rank (dp = 1, every offload plan of one replica) a fetch is a plain
+  host-to-device copy on DeepSpeed's all-gather stream (``NoGatherHandle`` / ``NoGatherCoalescedHandle``),
+  and waiting for it calls ``current_stream().synchronize()`` on that stream: the *host* blocks until
+  every copy queued there is done, the prefetched ones for later modules included. The copy engine then
+  idles from that moment until Python has run the next hooks and queued the next prefetch, once per
+  wait. The host wait is not what makes the copy safe to read: ``fetch_sub_module`` already makes the
+  compute stream wait for the all-gather stream (``wait_stream``), ``free_param`` records the compute
+  stream on every gathered buffer before it is reused, and the bounded queue of fetch events
+  (``__max_ongoing_fetch_events``) already limits how far the host may run ahead. So the patched wait
+  marks the parameter available and leaves the ordering to the GPU, as DeepSpeed does for accelerators
+  that ``resolves_data_dependency()``.
 """
 
 from __future__ import annotations
@@ -19,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from executor.groups import DeepSpeedMpu, Groups
+from executor.spec import FETCH_WAITS  # stream: ordered on the GPU (ours); host: DeepSpeed's stock synchronize
 
 _INSTALLED: list[Groups] = []
 
@@ -53,11 +68,46 @@ def scoped_trace_check(g: Groups) -> None:
     _INSTALLED.append(g)
 
 
-def wrap_zero3(module: torch.nn.Module, config: dict, g: Groups):
+
+def stream_ordered_fetch() -> None:
+    """Replace the host synchronize in DeepSpeed's single-rank fetch wait with GPU stream ordering (idempotent)."""
+    from deepspeed.runtime.zero import partition_parameters as zpp
+
+    if getattr(zpp.NoGatherHandle.wait, "_hpi_stream_ordered", False):
+        return
+    available = zpp.ZeroParamStatus.AVAILABLE
+    inflight = zpp.ZeroParamStatus.INFLIGHT
+
+    def wait_one(self, **kwargs) -> None:
+        if self._NoGatherHandle__complete:
+            return
+        self._NoGatherHandle__param.ds_status = available
+        self._NoGatherHandle__complete = True
+
+    def wait_many(self, **kwargs) -> None:
+        if self._NoGatherCoalescedHandle__complete:
+            return
+        for param in self._NoGatherCoalescedHandle__params:
+            if param.ds_status != inflight:
+                raise RuntimeError(f"expected param {param.ds_summary()} to be inflight")
+            param.ds_status = available
+        self._NoGatherCoalescedHandle__complete = True
+
+    for fn in (wait_one, wait_many):
+        fn._hpi_stream_ordered = True
+    zpp.NoGatherHandle.wait = wait_one
+    zpp.NoGatherCoalescedHandle.wait = wait_many
+
+
+def wrap_zero3(module: torch.nn.Module, config: dict, g: Groups, fetch_wait: str = "stream"):
     """``deepspeed.initialize`` the stage for inference (no optimizer) and return the engine."""
     import deepspeed
 
+    if fetch_wait not in FETCH_WAITS:
+        raise ValueError(f"fetch_wait {fetch_wait!r} is not one of {', '.join(FETCH_WAITS)}")
     scoped_trace_check(g)
+    if fetch_wait == "stream":
+        stream_ordered_fetch()
     engine, *_ = deepspeed.initialize(model=module, config=config, mpu=DeepSpeedMpu(g))
     engine.eval()
     return engine

@@ -7,6 +7,7 @@ is a plain single-process transformers model holding the same weights (same seed
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -35,6 +36,7 @@ LAYOUTS = {
     "pp2-zero3-cpu-offload": Plan(pp=2, offload="cpu", pin_memory=False, batch_size=BATCH, micro_batches=2),
     "dp2-zero3-partitioned": Plan(dp=2, batch_size=BATCH),
     "tp2-pp2-zero3-cpu-offload": Plan(tp=2, pp=2, offload="cpu", pin_memory=False, batch_size=BATCH, micro_batches=2),
+    "tp4-kv-heads-replicated": Plan(tp=4, batch_size=BATCH),  # 2 kv heads over 4 ranks: each holds a copy of one
 }
 
 
@@ -92,3 +94,26 @@ def test_sampling_is_identical_across_layouts(tmp_path):
     single = launch(_spec(Plan(batch_size=BATCH), tmp_path / "a", **kw), timeout_s=300)["tokens"]
     split = launch(_spec(Plan(tp=2, batch_size=BATCH), tmp_path / "b", **kw), timeout_s=300)["tokens"]
     assert single == split
+
+
+def test_variants_remeasure_the_same_build_at_other_batches(reference_tokens, tmp_path):
+    """One build, three measurements: batch 2, then 4 (micro-batched), then 4 again with the KV cache offloaded."""
+    plan = Plan(pp=2, offload="cpu", pin_memory=False, batch_size=2, micro_batches=1)
+    variants = ({"batch_size": BATCH, "micro_batches": 2}, {"batch_size": BATCH, "kv_offload": True})
+    record = launch(_spec(plan, tmp_path, variants=variants, warmup_steps=1, warmup_gen_len=2), timeout_s=300)
+    assert record["plan"]["batch_size"] == 2
+    assert record["tokens"] == reference_tokens[:2]  # random prompts draw row by row: batch 2 = the first rows of 4
+    assert record["variant_records"] == ["variant-1/record.json", "variant-2/record.json"]
+    docs = [json.loads((tmp_path / rel).read_text()) for rel in record["variant_records"]]
+    assert [d["plan"]["batch_size"] for d in docs] == [BATCH, BATCH]
+    assert [d["plan"]["micro_batches"] for d in docs] == [2, 1]
+    assert docs[1]["plan"]["kv_offload"] is True
+    for doc in docs:
+        assert doc["tokens"] == reference_tokens
+        assert doc["generated_tokens_per_sequence"] == WORKLOAD.gen_len_tokens
+        assert doc["build_s"] == record["build_s"]  # measured on the one build
+
+
+def test_a_variant_that_needs_a_rebuild_is_refused():
+    with pytest.raises(ValueError, match="changes tp, which needs a new build"):
+        _spec(Plan(batch_size=2), "unused", variants=({"batch_size": 4, "tp": 2},))

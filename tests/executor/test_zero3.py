@@ -1,0 +1,79 @@
+"""executor.zero3: DeepSpeed's single-rank fetch wait, made stream-ordered, never blocks the host."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("deepspeed")
+
+from deepspeed.runtime.zero import partition_parameters as zpp  # noqa: E402
+
+from executor.zero3 import stream_ordered_fetch, wrap_zero3  # noqa: E402
+
+
+class _NoHostSync:
+    """An accelerator whose streams fail the test if the host is asked to wait on them."""
+
+    def __init__(self, real) -> None:
+        self.real = real
+
+    def current_stream(self):
+        def synchronize():
+            raise AssertionError("the fetch wait blocked the host")
+
+        return SimpleNamespace(synchronize=synchronize)
+
+    def resolves_data_dependency(self) -> bool:
+        return False  # what the CUDA accelerator answers
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def _inflight_param(n: int = 4):
+    return SimpleNamespace(ds_status=zpp.ZeroParamStatus.INFLIGHT, ds_tensor=SimpleNamespace(data=torch.arange(float(n))),
+                           ds_shape=(2, n // 2), ds_summary=lambda: "fake")
+
+
+@pytest.fixture
+def cuda_like_accelerator(monkeypatch):
+    monkeypatch.setattr(zpp, "get_accelerator", lambda real=zpp.get_accelerator(): _NoHostSync(real))
+    monkeypatch.setattr(zpp.NoGatherHandle, "wait", zpp.NoGatherHandle.wait)  # undone after the test
+    monkeypatch.setattr(zpp.NoGatherCoalescedHandle, "wait", zpp.NoGatherCoalescedHandle.wait)
+
+
+def test_stock_wait_blocks_the_host(cuda_like_accelerator):
+    handle = zpp.NoGatherHandle(_inflight_param())
+    with pytest.raises(AssertionError, match="blocked the host"):
+        handle.wait()
+
+
+def test_stream_ordered_wait_marks_available_without_a_host_sync(cuda_like_accelerator):
+    stream_ordered_fetch()
+    stream_ordered_fetch()  # idempotent
+    one = _inflight_param()
+    handle = zpp.NoGatherHandle(one)
+    handle.wait()
+    handle.wait()
+    assert one.ds_status == zpp.ZeroParamStatus.AVAILABLE
+    assert one.data.tolist() == [[0.0, 1.0], [2.0, 3.0]]  # the copy itself still happened, shaped
+    many = [_inflight_param(), _inflight_param(6)]
+    zpp.NoGatherCoalescedHandle(many).wait()
+    assert [p.ds_status for p in many] == [zpp.ZeroParamStatus.AVAILABLE] * 2
+
+
+def test_stream_ordered_wait_refuses_a_param_not_in_flight(cuda_like_accelerator):
+    stream_ordered_fetch()
+    params = [_inflight_param(), _inflight_param()]
+    handle = zpp.NoGatherCoalescedHandle(params)
+    params[1].ds_status = zpp.ZeroParamStatus.NOT_AVAILABLE
+    with pytest.raises(RuntimeError, match="to be inflight"):
+        handle.wait()
+
+
+def test_unknown_fetch_wait_is_refused():
+    with pytest.raises(ValueError, match="fetch_wait 'sometimes' is not one of stream, host"):
+        wrap_zero3(torch.nn.Linear(2, 2), {}, None, fetch_wait="sometimes")
