@@ -1,0 +1,275 @@
+"""``hpi probe``: topology parsing on real-format fixtures, the profile built from measurements, and the real
+command on this machine (CPU-only in CI: it must still write a profile the planner loads)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from executor.probe import (
+    ProbeSettings,
+    build_profile,
+    classify_path,
+    default_profile_name,
+    detect_os,
+    gpu_layout,
+    measure_disk,
+    mount_fs_type,
+    nvlink_link_bytes_s,
+    parse_lscpu,
+    parse_smi_query,
+    parse_topo,
+    write_profile,
+)
+from planner.cli import main
+from planner.profiles import load_profile
+from planner.topology import build_topology
+
+DATA = Path(__file__).parent / "data" / "topo"
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+
+def topo(name: str):
+    return parse_topo((DATA / name).read_text())
+
+
+# ---- nvidia-smi topo -m ---------------------------------------------------------------------------------
+
+
+def test_two_h200_joined_by_nv18():
+    t = topo("h200x2.txt")
+    assert t.gpus == ("GPU0", "GPU1")
+    assert t.code("GPU0", "GPU1") == "NV18" and t.code("GPU0", "GPU0") == "X"
+    assert t.affinity["GPU1"]["CPU Affinity"] == "0-31" and t.numa_node("GPU1") == 0
+    layout = gpu_layout(t, 2, gpu_name="NVIDIA H200")
+    assert layout.nvlink_pairs == ((0, 1, 18),) and layout.nvswitch_links == 0 and layout.switch_groups == ()
+
+
+def test_nv18_among_four_gpus_is_an_nvswitch_and_numa_gives_the_socket():
+    layout = gpu_layout(topo("h200x4_nvswitch.txt"), 4, sockets=2, numa_nodes=2, gpu_name="NVIDIA H200")
+    assert layout.nvswitch_links == 18 and layout.nvlink_pairs == ()  # 18 * 3 links > 18 per GPU
+    assert layout.gpu_socket == (0, 0, 1, 1)
+
+
+def test_dgx_with_nic_columns():
+    t = topo("dgx_h100_8gpu.txt")
+    assert t.gpus == tuple(f"GPU{i}" for i in range(8)) and "NIC1" in t.devices
+    assert t.code("GPU0", "NIC0") == "PXB" and t.code("NIC1", "GPU7") == "PXB"
+    layout = gpu_layout(t, 8, sockets=2, numa_nodes=2, gpu_name="NVIDIA H100 80GB HBM3")
+    assert layout.nvswitch_links == 18 and layout.gpu_socket == (0, 0, 0, 0, 1, 1, 1, 1)
+
+
+def test_pcie_only_machine_groups_gpus_behind_a_switch():
+    layout = gpu_layout(topo("pcie_4gpu.txt"), 4, sockets=2, numa_nodes=2)
+    assert layout.switch_groups == ((0, 1),)  # PIX; PHB and SYS go through the host
+    assert not layout.has_nvlink and layout.gpu_socket == (0, 0, 1, 1)
+
+
+def test_nvlink_bridged_pairs_stay_pairs():
+    layout = gpu_layout(topo("a100_pcie_nvlink_pairs_4gpu.txt"), 4, gpu_name="NVIDIA A100-PCIE-40GB")
+    assert layout.nvlink_pairs == ((0, 1, 4), (2, 3, 4)) and layout.nvswitch_links == 0
+
+
+def test_topology_that_disagrees_with_the_gpu_count_is_ignored():
+    layout = gpu_layout(topo("h200x2.txt"), 3)
+    assert layout.nvlink_pairs == () and layout.gpu_socket == (0, 0, 0)
+
+
+def test_garbage_topology_names_the_problem():
+    with pytest.raises(ValueError, match="no header"):
+        parse_topo("NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver")
+    with pytest.raises(ValueError, match="unknown link code"):
+        parse_topo("\tGPU0\tGPU1\nGPU0\t X \tFOO\nGPU1\tFOO\t X \n")
+
+
+def test_nvlink_generations():
+    assert nvlink_link_bytes_s("NVIDIA H200") == 25e9 and nvlink_link_bytes_s("NVIDIA B200") == 50e9
+
+
+# ---- host and OS helpers ---------------------------------------------------------------------------------
+
+
+def test_lscpu_and_nvidia_smi_query():
+    assert parse_lscpu("CPU(s):   64\nSocket(s):  2\nNUMA node(s):   4\nModel name: X\n") == {
+        "cpus": 64, "sockets": 2, "numa_nodes": 4}
+    gpus = parse_smi_query("0, NVIDIA H200, 143771, 570.86.15\n1, NVIDIA H200, 143771, 570.86.15\n")
+    assert [g["name"] for g in gpus] == ["NVIDIA H200"] * 2 and gpus[1]["memory_bytes"] == 143771 * 2**20
+
+
+@pytest.mark.parametrize("system, version, kind", [
+    ("Linux", "Linux version 6.8.0-49-generic (buildd@lcy02)", "linux"),
+    ("Linux", "Linux version 5.15.153.1-microsoft-standard-WSL2 (root@941d701f84f1)", "wsl2"),
+    ("Windows", "", "windows"),
+])
+def test_detect_os(system, version, kind):
+    assert detect_os(system, version) == kind
+
+
+def test_offload_path_conventions():
+    assert classify_path("/mnt/c/offload", "wsl2").kind == "wsl2-windows-drive"
+    assert classify_path("/home/me/offload", "wsl2", "ext4").ok_for_nvme_offload
+    assert classify_path(r"\\server\share\offload", "windows").kind == "unc"
+    assert "--offload cpu" in classify_path(r"D:\offload", "windows").message
+    assert classify_path("/dev/shm/x", "linux", "tmpfs").kind == "tmpfs"
+    mounts = "/dev/nvme0n1p1 / ext4 rw 0 0\ntmpfs /dev/shm tmpfs rw 0 0\nC:\\134 /mnt/c 9p rw 0 0\n"
+    assert mount_fs_type("/dev/shm/a", mounts) == "tmpfs" and mount_fs_type("/mnt/c/x", mounts) == "9p"
+    assert mount_fs_type("/home", mounts) == "ext4"
+
+
+def test_default_profile_name():
+    assert default_profile_name("gpu-node-7.cluster.local") == "probed-gpu-node-7"
+    assert default_profile_name("My Box!") == "probed-my-box"
+
+
+# ---- the profile from measurements -----------------------------------------------------------------------
+
+
+def fake_doc(n_gpus: int, topo_file: str | None, *, together: float = 54.3e9, sockets: int = 1) -> dict:
+    """A measurement document as run_probe writes it, with design.md's H200 figures."""
+    doc = {
+        "probe_version": 1, "date": "2026-11-22", "hostname": "h200box", "quick": False, "errors": {}, "notes": [],
+        "os": {"kind": "linux"},
+        "host": {"dram_bytes": 540e9, "cpu_cores": 64, "sockets": sockets, "numa_nodes": sockets,
+                 "memlock_soft_bytes": None, "pin_trial": {"method": "torch pin_memory (cudaHostAlloc)",
+                                                           "bytes": 8 << 30, "ok": True, "seconds": 2.1}},
+        "gpus": [{"index": i, "name": "NVIDIA H200", "memory_bytes": 150109880320.0,
+                  "memory_source": "torch total_memory"} for i in range(n_gpus)],
+        "topo": {"text": (DATA / topo_file).read_text() if topo_file else None, "gpu_codes": ["NV18"]},
+        "copies": {"buffer_bytes": 1 << 30, "repeats": 5,
+                   "h2d_pinned": {"alone": [55.2e9] * n_gpus, "together": [together] * n_gpus},
+                   "d2h_pinned": {"alone": [55.1e9] * n_gpus, "together": [50e9] * n_gpus},
+                   "h2d_pageable": {"alone": [8.3e9] * n_gpus, "together": [4e9] * n_gpus},
+                   "d2h_pageable": {"alone": [15e9] * n_gpus, "together": [7e9] * n_gpus}},
+        "matmul": {"n": 8192, "iters": 20, "flops": {"bf16": 806e12, "fp16": 800e12, "tf32": 400e12, "int8": 1500e12}},
+        "hbm": {"buffer_bytes": 1 << 30, "bytes_s": 4.26e12},
+        "disk": {"path": "/data", "free_bytes": 137.4e9, "total_bytes": 200e9, "block_bytes": 4 << 20,
+                 "file_bytes": 2 << 30, "fs_type": "ext4", "o_direct": True, "read_bytes_s": 1.28e9, "write_bytes_s": 1.0e9},
+    }
+    if n_gpus > 1:
+        doc["nccl"] = {"seconds": {str(k): {"8192": 37e-6 + 3e-6 * k, "1048576": 41e-6, "16777216": 79e-6,
+                                            "268435456": 896e-6} for k in range(2, n_gpus + 1)}}
+    return doc
+
+
+def load_built(tmp_path: Path, doc: dict, name: str = "probed-test"):
+    path = tmp_path / f"{name}.yaml"
+    write_profile(build_profile(doc, name), path, header="test")
+    return load_profile(str(path))
+
+
+def test_four_h200_on_nvswitch_becomes_a_loadable_profile(tmp_path, capsys):
+    profile = load_built(tmp_path, fake_doc(4, "h200x4_nvswitch.txt", sockets=2))
+    assert profile.n_gpus == 4 and profile.gpu.name == "NVIDIA H200" and profile.host.sockets == 2
+    assert profile.gpu.bf16_flops == 806e12 and profile.gpu.int8_flops == 1500e12
+    assert profile.host.h2d_pageable_bytes_s == 8.3e9 and profile.nvme.read_bytes_s == 1.28e9
+    topology = build_topology(profile)
+    assert len(topology.islands()) == 1  # one NVSwitch island
+    assert topology.group_link(topology.gpus).kind == "nvswitch"
+    assert topology.host_to_gpu_bytes_s(topology.gpus)["n0.gpu0"] == pytest.approx(55.2e9)
+    assert topology.home_cpu("n0.gpu3") == "n0.cpu1"
+    eff = profile.efficiency  # 256 MB in 896 us over 4 GPUs: 449 GB/s bus bandwidth of 450 GB/s per GPU
+    assert eff.collective_bandwidth == pytest.approx(268435456 / 896e-6 * 1.5 / 450e9, rel=1e-3)
+    assert eff.allreduce_latency_s == pytest.approx(49e-6)
+    for path, prov in profile.provenance.items():
+        assert prov.source in ("probed", "assumed", "datasheet"), path
+        assert prov.note, path
+    assert profile.provenance["gpu.bf16_flops"].source == "probed" and "2026-11-22" in profile.provenance["gpu.bf16_flops"].note
+    code = main(["plan", "--model", "llama-3-70b", "--hardware", str(tmp_path / "probed-test.yaml"), "--top", "2"])
+    assert code == 0, capsys.readouterr().err
+
+
+def test_two_h200_profile_matches_the_hand_written_one(tmp_path):
+    built = load_built(tmp_path, fake_doc(2, "h200x2.txt"))
+    shipped = load_profile("h200-2gpu")
+    assert built.gpu.memory_bytes == shipped.gpu.memory_bytes and built.gpu.bf16_flops == shipped.gpu.bf16_flops
+    t_built, t_shipped = build_topology(built), build_topology(shipped)
+    assert t_built.group_link(t_built.gpus).bandwidth_bytes_s == t_shipped.group_link(t_shipped.gpus).bandwidth_bytes_s
+    assert built.efficiency.collective_bandwidth == pytest.approx(shipped.efficiency.collective_bandwidth, abs=0.01)
+
+
+def test_shared_pcie_switch_gets_the_measured_uplink(tmp_path):
+    profile = load_built(tmp_path, fake_doc(4, "pcie_4gpu.txt", together=20e9, sockets=2))
+    topology = build_topology(profile)
+    rates = topology.host_to_gpu_bytes_s(topology.gpus)
+    assert rates["n0.gpu0"] == pytest.approx(20e9)  # the two GPUs behind pcie0 split its 40 GB/s uplink
+    assert rates["n0.gpu2"] == pytest.approx(55.2e9)  # PHB: each on its own root port
+    assert profile.raw["node"]["pcie_switches"] == 1
+
+
+def test_failed_measurements_fall_back_to_assumed_figures_that_say_so(tmp_path):
+    doc = fake_doc(1, None)
+    del doc["matmul"], doc["hbm"], doc["copies"]
+    doc["errors"] = {"matmul": "RuntimeError: CUDA error"}
+    profile = load_built(tmp_path, doc)
+    assert profile.provenance["gpu.bf16_flops"].source == "assumed"
+    assert "CUDA error" in profile.provenance["gpu.bf16_flops"].note
+    assert profile.efficiency.collective_bandwidth == 0.80  # no NCCL figure: the default
+
+
+# ---- the real command on this machine -------------------------------------------------------------------
+
+
+def test_disk_measurement(tmp_path):
+    disk = measure_disk(str(tmp_path), 4 << 20, 1 << 20)
+    assert disk["read_bytes_s"] > 0 and disk["write_bytes_s"] > 0 and disk["free_bytes"] > 0
+    assert list(tmp_path.iterdir()) == []  # the test file is removed
+
+
+def test_real_probe_quick_writes_a_profile_the_planner_loads(tmp_path):
+    out = tmp_path / "profiles" / "here.yaml"
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, "-m", "planner.cli", "probe", "--quick", "--json", "--out", str(out),
+                           "--nvme-path", str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert doc["quick"] and doc["host"]["cpu_cores"] >= 1
+    assert json.loads((out.parent / "here.probe.json").read_text())["date"] == doc["date"]
+    profile = load_profile(str(out))
+    assert profile.name == "here" and profile.gpus_per_node == len(doc["gpus"])
+    assert profile.provenance["host.dram_bytes"].source == "probed"
+    if profile.gpus_per_node == 0:  # this CPU-only machine: planning says so in one line, exit 2
+        plan = subprocess.run([sys.executable, "-m", "planner.cli", "plan", "--model", "llama-3-8b", "--hardware", str(out)],
+                              capture_output=True, text=True, env=env)
+        assert plan.returncode == 2 and "no GPU" in plan.stderr and len(plan.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--out", "x.txt"], "must end in .yaml"),
+    (["--out", "a/b.yaml", "--name", "c"], "file name"),
+    (["--name", "bad name!"], "letters, digits"),
+    (["--nvme-path", "/no/such/dir"], "no such directory"),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
+    assert main(["probe", "--quick", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+# ---- GPU paths (skip without CUDA) ----------------------------------------------------------------------
+
+
+def _cuda() -> int:
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_cuda() == 0, reason="needs CUDA")
+def test_gpu_measurements_on_this_machine():
+    import torch
+
+    from executor.probe import measure_copies, measure_hbm, measure_matmul
+
+    settings = ProbeSettings.small()
+    copies = measure_copies(torch, _cuda(), settings)
+    assert all(r > 0 for r in copies["h2d_pinned"]["alone"] + copies["d2h_pageable"]["together"])
+    assert measure_matmul(torch, settings)["flops"]["bf16"] > 1e12
+    assert measure_hbm(torch, settings)["bytes_s"] > 1e11
