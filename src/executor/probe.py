@@ -1085,6 +1085,7 @@ def run_probe(settings: ProbeSettings, nvme_path: str | None = None, step: Calla
         doc["copies"] = attempt("host<->device copies", lambda: measure_copies(torch, n_cuda, settings))
         doc["matmul"] = attempt("matmul", lambda: measure_matmul(torch, settings))
         doc["hbm"] = attempt("HBM copy", lambda: measure_hbm(torch, settings))
+        torch.cuda.empty_cache()  # give the copy and matmul buffers back before the NCCL ranks start
         if n_cuda > 1:
             doc["nccl"] = attempt(f"NCCL all-reduce, 2..{n_cuda} GPUs", lambda: measure_nccl(n_cuda, settings))
         _note_shared_pcie(doc)
