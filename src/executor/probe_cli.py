@@ -15,11 +15,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["register", "cmd_probe"]
+__all__ = ["register", "cmd_probe", "cmd_check"]
 
 
 def register(sub: Any) -> dict[str, Any]:
-    """Add the ``probe`` parser to ``sub`` (argparse sub-parsers); returns {name: handler}."""
+    """Add the ``probe`` and ``check`` parsers to ``sub`` (argparse sub-parsers); returns {name: handler}."""
+    from planner.cli import _add_plan_knobs, _add_target  # already imported: planner.cli is calling us
+
     p = sub.add_parser("probe", help="measure this machine and write a hardware profile YAML")
     p.add_argument("--out", default=None, metavar="PATH.yaml",
                    help="where to write the profile (default hardware_profiles/NAME.yaml under the current directory)")
@@ -28,7 +30,11 @@ def register(sub: Any) -> dict[str, Any]:
                    help="directory on the disk to measure for offload (default: the system temp dir)")
     p.add_argument("--quick", action="store_true", help="small buffers, few repeats: seconds, for tests and CI")
     p.add_argument("--json", action="store_true", help="last stdout line: the raw measurement document")
-    return {"probe": cmd_probe}
+    p = sub.add_parser("check", help="warn about what would stop a plan from launching on this machine")
+    _add_target(p)
+    _add_plan_knobs(p, for_search=False)
+    p.add_argument("--nvme-path", default=None, metavar="DIR", help="the NVMe offload directory the run will use")
+    return {"probe": cmd_probe, "check": cmd_check}
 
 
 def _names(args: argparse.Namespace) -> tuple[str, Path]:
@@ -141,6 +147,46 @@ def _fmt(path: str, value: Any) -> str:
     if path.endswith("latency_s"):
         return f"{value * 1e6:,.1f} us"
     return f"{value:,.4g}"
+
+
+EXIT_CHECK_FAILED = 1
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Exit 0 when nothing is an error, 1 when something is (bad input: 2, as every hpi command)."""
+    from planner.cli import _load_target, _plan_from_args
+    from planner.predict import PlanError, predict
+
+    model, hardware, workload = _load_target(args)
+    plan = _plan_from_args(args, model)
+    try:
+        est, problems = predict(model, hardware, workload, plan), ()
+    except PlanError as e:
+        est, problems = None, (f"cannot be placed: {e}",)
+    from executor.check import findings_doc, gather_facts, has_errors, run_rules
+
+    findings = run_rules(gather_facts(est, hardware, plan_problems=problems, nvme_path=args.nvme_path))
+    if args.json:
+        sys.stdout.write(json.dumps(findings_doc(findings)) + "\n")
+    else:
+        _print_findings(findings, plan.label, hardware.name)
+    return EXIT_CHECK_FAILED if has_errors(findings) else 0
+
+
+def _print_findings(findings: Any, label: str, profile: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    colors = {"error": "red", "warning": "yellow", "info": "dim"}
+    table = Table(title=f"hpi check: {label} on this machine (profile {profile})", title_justify="left")
+    for column in ("severity", "check", "finding", "fix"):
+        table.add_column(column, overflow="fold")
+    for f in findings:
+        table.add_row(f"[{colors[f.severity]}]{f.severity}[/{colors[f.severity]}]", f.check, f.message, f.fix)
+    console = Console(width=160)
+    console.print(table)
+    errors = sum(f.severity == "error" for f in findings)
+    console.print(f"{errors} error(s): fix them before hpi run" if errors else "no errors: ready to launch")
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m executor.probe_cli` is not an entry point
