@@ -926,61 +926,71 @@ def measure_hbm(torch: Any, settings: ProbeSettings) -> dict[str, Any]:
     return {"buffer_bytes": size, "bytes_s": 2.0 * size / seconds, "method": "device-to-device copy, read+write bytes"}
 
 
-def _nccl_worker(rank: int, world: int, init_file: str, sizes: Sequence[int], iters: int, out_path: str) -> None:
-    """One rank: all-reduce bf16 of each size over GPUs 0..k-1 for every k in 2..world; rank 0 writes seconds."""
+def _allreduce_worker(rank: int, world: int, backend: str, init_file: str, sizes: Sequence[int], iters: int,
+                      out_path: str) -> None:
+    """One rank: all-reduce bf16 of each size over ranks 0..k-1 for every k in 2..world; rank 0 writes seconds.
+
+    backend "nccl" on GPU rank (the probe); "gloo" on CPU runs the same schedule so CI tests the machinery.
+    """
     import torch
     import torch.distributed as dist
 
     os.environ["NCCL_NVLS_ENABLE"] = "0"  # NVLink multicast stays off on the lent machines
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    cuda = backend == "nccl"
+    if cuda:
+        torch.cuda.set_device(rank)
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    barrier_kw = {"device_ids": [rank]} if cuda else {}
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
     seconds: dict[str, dict[str, float]] = {}
     for k in range(2, world + 1):
-        group = dist.new_group(list(range(k)))
+        group = dist.new_group(list(range(k)))  # every rank must enter new_group, members or not
         if rank < k:
             seconds[str(k)] = {}
             for size in sizes:
-                buf = torch.zeros(size // 2, dtype=torch.bfloat16, device="cuda")  # zeros: no overflow to inf
+                buf = torch.zeros(size // 2, dtype=torch.bfloat16, device=device)  # zeros: no overflow to inf
                 n_iters = max(5, iters if size <= (16 << 20) else iters // 2)
                 for _ in range(5):
                     dist.all_reduce(buf, group=group)
-                torch.cuda.synchronize()
-                dist.barrier(group=group, device_ids=[rank])
+                sync()
+                dist.barrier(group=group, **barrier_kw)
                 start = time.perf_counter()
                 for _ in range(n_iters):
                     dist.all_reduce(buf, group=group)
-                torch.cuda.synchronize()
-                elapsed = torch.tensor([(time.perf_counter() - start) / n_iters], device="cuda", dtype=torch.float64)
+                sync()
+                elapsed = torch.tensor([(time.perf_counter() - start) / n_iters], device=device, dtype=torch.float64)
                 dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, group=group)  # the slowest rank sets the pace
                 seconds[str(k)][str(size)] = float(elapsed.item())
                 del buf
-        dist.barrier(device_ids=[rank])
+        dist.barrier(**barrier_kw)
     if rank == 0:
         Path(out_path).write_text(json.dumps(seconds))
     dist.destroy_process_group()
 
 
-def measure_nccl(n_gpus: int, settings: ProbeSettings) -> dict[str, Any]:
-    """NCCL all-reduce times for group sizes 2..n in ONE spawned job (process groups per size)."""
+def measure_allreduce(n_ranks: int, settings: ProbeSettings, backend: str = "nccl") -> dict[str, Any]:
+    """All-reduce times for group sizes 2..n in ONE spawned job (a process group per size), killed at the timeout."""
     import torch.multiprocessing as mp
 
-    os.environ["NCCL_NVLS_ENABLE"] = "0"  # inherited by the ranks; see _nccl_worker
-    with tempfile.TemporaryDirectory(prefix="hpi-probe-nccl-") as folder:
+    os.environ["NCCL_NVLS_ENABLE"] = "0"  # inherited by the ranks; see _allreduce_worker
+    with tempfile.TemporaryDirectory(prefix="hpi-probe-allreduce-") as folder:
         init_file, out_path = os.path.join(folder, "init"), os.path.join(folder, "seconds.json")
-        ctx = mp.start_processes(_nccl_worker, args=(n_gpus, init_file, settings.nccl_sizes_bytes, settings.nccl_iters, out_path),
-                                 nprocs=n_gpus, join=False, start_method="spawn")
+        args = (n_ranks, backend, init_file, settings.nccl_sizes_bytes, settings.nccl_iters, out_path)
+        ctx = mp.start_processes(_allreduce_worker, args=args, nprocs=n_ranks, join=False, start_method="spawn")
         deadline = time.monotonic() + settings.nccl_timeout_s
         try:
             while not ctx.join(timeout=1.0):
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"NCCL all-reduce did not finish in {settings.nccl_timeout_s:.0f} s")
+                    raise TimeoutError(f"{backend} all-reduce did not finish in {settings.nccl_timeout_s:.0f} s")
         finally:
             for proc in ctx.processes:  # only the ranks this function started
                 if proc.is_alive():
                     proc.kill()
         seconds = json.loads(Path(out_path).read_text())
-    return {"seconds": seconds, "dtype": "bf16", "groups": "GPUs 0..k-1 for k = 2..N", "env": {"NCCL_NVLS_ENABLE": "0"},
-            "method": "torch.distributed all_reduce, wall time of the loop / iterations, max over ranks"}
+    return {"seconds": seconds, "backend": backend, "dtype": "bf16", "groups": "ranks (GPUs) 0..k-1 for k = 2..N",
+            "env": {"NCCL_NVLS_ENABLE": "0"}, "method": "torch.distributed all_reduce, wall time of the loop / "
+            "iterations after 5 warm-ups, max over ranks"}
 
 
 def measure_disk(directory: str, file_bytes: int, block_bytes: int) -> dict[str, Any]:
@@ -1087,7 +1097,7 @@ def run_probe(settings: ProbeSettings, nvme_path: str | None = None, step: Calla
         doc["hbm"] = attempt("HBM copy", lambda: measure_hbm(torch, settings))
         torch.cuda.empty_cache()  # give the copy and matmul buffers back before the NCCL ranks start
         if n_cuda > 1:
-            doc["nccl"] = attempt(f"NCCL all-reduce, 2..{n_cuda} GPUs", lambda: measure_nccl(n_cuda, settings))
+            doc["nccl"] = attempt(f"NCCL all-reduce, 2..{n_cuda} GPUs", lambda: measure_allreduce(n_cuda, settings))
         _note_shared_pcie(doc)
     directory = nvme_path or tempfile.gettempdir()
     doc["disk"] = attempt(f"disk at {directory}", lambda: measure_disk(directory, settings.disk_file_bytes, settings.disk_block_bytes))

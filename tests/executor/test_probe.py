@@ -273,3 +273,17 @@ def test_gpu_measurements_on_this_machine():
     assert all(r > 0 for r in copies["h2d_pinned"]["alone"] + copies["d2h_pageable"]["together"])
     assert measure_matmul(torch, settings)["flops"]["bf16"] > 1e12
     assert measure_hbm(torch, settings)["bytes_s"] > 1e11
+
+
+def test_allreduce_schedule_runs_on_cpu_with_gloo():
+    """The spawned all-reduce job (group sizes 2..N, rank 0 reports) on gloo: the same code path as NCCL on GPUs."""
+    pytest.importorskip("torch")
+    from dataclasses import replace
+
+    from executor.probe import measure_allreduce
+
+    settings = replace(ProbeSettings.small(), nccl_sizes_bytes=(8 << 10, 64 << 10), nccl_iters=5, nccl_timeout_s=60)
+    result = measure_allreduce(3, settings, backend="gloo")
+    assert set(result["seconds"]) == {"2", "3"}
+    assert all(t > 0 for sizes in result["seconds"].values() for t in sizes.values())
+    assert set(result["seconds"]["3"]) == {str(8 << 10), str(64 << 10)}
