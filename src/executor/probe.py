@@ -764,10 +764,11 @@ def _pin_trial(nbytes: int, cuda_ok: bool, memlock_soft: float | None) -> dict[s
     buf = mmap.mmap(-1, nbytes)
     view = (ctypes.c_char * nbytes).from_buffer(buf)
     try:
-        rc = libc.mlock(ctypes.addressof(view), ctypes.c_size_t(nbytes))
+        address = ctypes.c_void_p(ctypes.addressof(view))  # a bare int would be passed as a 32-bit C int
+        rc = libc.mlock(address, ctypes.c_size_t(nbytes))
         error = None if rc == 0 else os.strerror(ctypes.get_errno())
         if rc == 0:
-            libc.munlock(ctypes.addressof(view), ctypes.c_size_t(nbytes))
+            libc.munlock(address, ctypes.c_size_t(nbytes))
     finally:
         del view
         buf.close()

@@ -287,3 +287,14 @@ def test_allreduce_schedule_runs_on_cpu_with_gloo():
     assert set(result["seconds"]) == {"2", "3"}
     assert all(t > 0 for sizes in result["seconds"].values() for t in sizes.values())
     assert set(result["seconds"]["3"]) == {str(8 << 10), str(64 << 10)}
+
+
+def test_trial_pin_without_cuda_stays_within_rlimit_memlock():
+    from executor.probe import _memlock, _pin_trial
+
+    soft, _ = _memlock()
+    trial = _pin_trial(2 << 20, False, soft)
+    assert trial["method"] == "mlock" and (soft is None or trial["bytes"] <= soft)
+    assert trial["ok"] or trial["error"]  # a failure says why
+    if soft is None or soft >= 4 << 20:
+        assert trial["ok"], trial
