@@ -38,6 +38,8 @@ class Entry:
     variants: tuple[dict, ...] = ()  # more measurements on the same build (executor.spec.RUNTIME_FIELDS)
     prompt_len: int | None = None  # None: the command line's
     gen_len: int | None = None
+    warmup_gen_len: int = 0  # 0: warm up with the full generation (the allocator's pool then holds every KV
+    #   cache size the measured run asks for; a 2-token warm-up left cudaMalloc in the measured decode steps)
     fetch_wait: str = "stream"  # host: DeepSpeed's stock fetch wait (executor.zero3), for side-by-side ratios
 
 
@@ -56,6 +58,7 @@ def matrices() -> dict[str, list[Entry]]:
     big = str(REPO / "benchmarks" / "configs" / "llama-33b.json")
     tuned = {"prefetch_bucket_elems": 400_000_000, "max_live_elems": 3_000_000_000}
     dsx = _ds_examples_knobs(LLAMA8B_HIDDEN)
+    dsx70 = _ds_examples_knobs(8192)
     x4 = "h200-4gpu"
     # 70B on 4 H200: resident needs >= 2 GPUs (141 GB of bf16 weights); offload streams 141 GB / (tp * pp) per
     # GPU per forward, so those entries generate few tokens (the median of 3 decode steps) to fit the call.
@@ -75,16 +78,16 @@ def matrices() -> dict[str, list[Entry]]:
             Entry("8b-cpu-pinned-tuned-kvoff-b16", m8, h100, 16, {"offload": "cpu", "kv_offload": True, **tuned},
                   variants=({"batch_size": 64},)),
             Entry("8b-cpu-pageable-b1", m8, h100, 1, {"offload": "cpu", "pin_memory": False}, gen_len=8),
-            Entry("8b-cpu-pinned-q8-b1", m8, h100, 1, {"offload": "cpu", "quant_bits": 8, **tuned}, variants=_batches(16)),
-            Entry("8b-cpu-pinned-q4-b1", m8, h100, 1, {"offload": "cpu", "quant_bits": 4, **tuned}, variants=_batches(16)),
-            Entry("8b-resident-q4-b1", m8, h100, 1, {"quant_bits": 4}),
+            Entry("8b-cpu-pinned-q8-b1", m8, h100, 1, {"offload": "cpu", "weight_bits": 8, **tuned}, variants=_batches(16)),
+            Entry("8b-cpu-pinned-q4-b1", m8, h100, 1, {"offload": "cpu", "weight_bits": 4, **tuned}, variants=_batches(16)),
+            Entry("8b-resident-q4-b1", m8, h100, 1, {"weight_bits": 4}),
             Entry("8b-nvme-b1", m8, h100, 1, {"offload": "nvme", **tuned}, gen_len=4),
             Entry("base-hf-resident-8b-b1", m8, h100, 1, baseline="hf-resident"),
             Entry("base-ds-examples-8b-b1", m8, h100, 1, baseline="ds-examples"),
             Entry("base-ds-examples-8b-b16", m8, h100, 16, baseline="ds-examples"),
             Entry("base-accelerate-8b-b1", m8, h100, 1, baseline="accelerate"),
             Entry("33b-cpu-pinned-tuned-b1", big, h100, 1, {"offload": "cpu", **tuned}, variants=_batches(16), gen_len=8),
-            Entry("33b-cpu-pinned-q4-b1", big, h100, 1, {"offload": "cpu", "quant_bits": 4, **tuned}, gen_len=8),
+            Entry("33b-cpu-pinned-q4-b1", big, h100, 1, {"offload": "cpu", "weight_bits": 4, **tuned}, gen_len=8),
         ],
         "h200x2": [
             Entry("8b-tp2-resident-b1", m8, "h200-2gpu", 1, {"tp": 2}, gpus=2),
@@ -94,23 +97,24 @@ def matrices() -> dict[str, list[Entry]]:
             Entry("70b-tp2-cpu-pinned-b1", m70, "h200-2gpu", 1, {"tp": 2, "offload": "cpu", **tuned}, gpus=2),
             Entry("70b-tp2-cpu-pinned-b16", m70, "h200-2gpu", 16, {"tp": 2, "offload": "cpu", **tuned}, gpus=2),
         ],
-        # issue 6: tp x pp with tp * pp <= 4, offload none and cpu, batch 1 and a throughput batch
+        # issue 6: tp x pp with tp * pp <= 4, offload none and cpu, batch 1 and a throughput batch. Offload
+        # entries use DeepSpeedExamples' knobs (2 h^2 bucket and max live): the best bs-1 streaming on the H100.
         "h200x4": [
             Entry("70b-tp4-resident-b1", m70, x4, 1, {"tp": 4}, gpus=4, variants=_batches(32), **res70),
             Entry("70b-tp2pp2-resident-b1", m70, x4, 1, {"tp": 2, "pp": 2}, gpus=4, variants=_batches(32, pp=2), **res70),
             Entry("70b-pp4-resident-b1", m70, x4, 1, {"pp": 4}, gpus=4, variants=_batches(32, pp=4), **res70),
             Entry("70b-tp2-resident-b1", m70, x4, 1, {"tp": 2}, gpus=2, variants=_batches(32), **res70),
             Entry("70b-pp2-resident-b1", m70, x4, 1, {"pp": 2}, gpus=2, variants=_batches(32, pp=2), **res70),
-            Entry("70b-tp4-cpu-pinned-b1", m70, x4, 1, {"tp": 4, "offload": "cpu", **tuned}, gpus=4,
+            Entry("70b-tp4-cpu-pinned-b1", m70, x4, 1, {"tp": 4, "offload": "cpu", **dsx70}, gpus=4,
                   variants=_batches(32), **off70),
-            Entry("70b-tp2pp2-cpu-pinned-b1", m70, x4, 1, {"tp": 2, "pp": 2, "offload": "cpu", **tuned}, gpus=4,
+            Entry("70b-tp2pp2-cpu-pinned-b1", m70, x4, 1, {"tp": 2, "pp": 2, "offload": "cpu", **dsx70}, gpus=4,
                   variants=_batches(32, pp=2), **off70),
-            Entry("70b-tp1-cpu-pinned-b1", m70, x4, 1, {"offload": "cpu", **tuned}, variants=_batches(32), **off70),
-            Entry("70b-tp2-cpu-pinned-b1", m70, x4, 1, {"tp": 2, "offload": "cpu", **tuned}, gpus=2,
+            Entry("70b-tp1-cpu-pinned-b1", m70, x4, 1, {"offload": "cpu", **dsx70}, variants=_batches(32), **off70),
+            Entry("70b-tp2-cpu-pinned-b1", m70, x4, 1, {"tp": 2, "offload": "cpu", **dsx70}, gpus=2,
                   variants=_batches(32), **off70),
-            Entry("70b-pp2-cpu-pinned-b1", m70, x4, 1, {"pp": 2, "offload": "cpu", **tuned}, gpus=2,
+            Entry("70b-pp2-cpu-pinned-b1", m70, x4, 1, {"pp": 2, "offload": "cpu", **dsx70}, gpus=2,
                   variants=_batches(32, pp=2), **off70),
-            Entry("70b-pp4-cpu-pinned-b4-mb4", m70, x4, 4, {"pp": 4, "offload": "cpu", "micro_batches": 4, **tuned},
+            Entry("70b-pp4-cpu-pinned-b4-mb4", m70, x4, 4, {"pp": 4, "offload": "cpu", "micro_batches": 4, **dsx70},
                   gpus=4, **off70),
         ],
     }
@@ -126,7 +130,7 @@ def run_hpi(entry: Entry, out: Path, gen_len: int, prompt_len: int, device: str 
     plan = Plan(batch_size=entry.batch, **entry.plan)
     workload = Workload(entry.prompt_len or prompt_len, entry.gen_len or gen_len)
     spec = RunSpec(plan=plan, model=entry.model, workload=workload, hardware=entry.hardware, device=device,
-                   dtype="bf16" if device == "cuda" else "fp32", out_dir=str(out / entry.name), warmup_steps=1, warmup_gen_len=2,
+                   dtype="bf16" if device == "cuda" else "fp32", out_dir=str(out / entry.name), warmup_steps=1, warmup_gen_len=entry.warmup_gen_len,
                    nvme_path=str(out / "nvme") if plan.offload == "nvme" else None, fetch_wait=entry.fetch_wait,
                    variants=entry.variants)
     record = launch(spec, timeout_s=900)
