@@ -9,6 +9,11 @@ All-gather is half of that (one pass of the ring): (p-1) hops and (p-1)/p * n by
   FFN, Megatron-LM's column/row split), one all-gather of the vocabulary-sharded logits at the head.
 - ZeRO-3 partition (dp > 1): one all-gather of each fetched module's parameters over the dp group.
 Decode-sized messages are latency-bound (design.md: 37 us for 8 KB over NVLink), which alpha captures.
+
+Issuing a collective also costs host time (torch.distributed's dispatch, NCCL's enqueue, a rank waiting
+for its peers to arrive): ``collective_host_overhead_s`` per call, on the host side of the module rule
+(``cost.estimate``). Host-bound decode pays it in full: on the 2x H200 records TP 2 doubled a resident
+8B decode step although its all-reduces take microseconds on the GPU (SUMMARY.md, 2026-11-22).
 """
 
 from __future__ import annotations
@@ -45,6 +50,20 @@ def tp_collective_time(layout: Layout, phase: Phase) -> np.ndarray:
     logits_bytes = phase.sequences * layout.table.vocab_size * COMPUTE_BYTES
     out[:, HEAD] = allgather_time(logits_bytes, layout.tp, link, eff.allreduce_latency_s, eff.collective_bandwidth)
     return out
+
+
+def tp_collective_calls(layout: Layout) -> np.ndarray:
+    """(kinds,) TP collectives one forward of one module issues: two per layer, one at the head."""
+    if layout.tp <= 1:
+        return np.zeros(len(layout.table.is_layer))
+    calls = 2.0 * layout.table.is_layer
+    calls[HEAD] = 1.0
+    return calls
+
+
+def tp_collective_host_time(layout: Layout) -> np.ndarray:
+    """(kinds,) host seconds to issue one module's TP collectives."""
+    return tp_collective_calls(layout) * layout.hardware.efficiency.collective_host_overhead_s
 
 
 def dp_allgather_time(layout: Layout, knobs: Knobs, fetched_bytes: np.ndarray) -> np.ndarray:

@@ -5,16 +5,24 @@ Per module (a decoder layer, the embedding or the head), one forward on one rank
     busy   = compute + tp_allreduce                     (the GPU's stream: all-reduces sit between GEMMs)
     fetch  = max(h2d, nvme) + dp_allgather              (the copy engines: host/NVMe -> GPU, then gather)
              where h2d carries the weights and, in decode with KV offload, the layer's KV cache
-    f      = min(1, bucket / largest module)            (how much of the next module is in flight while
-             bucket = min(prefetch_bucket,                this one computes; 0 with prefetching off)
-                          max_live - largest module)
-    module = max(busy, fetch) + (1 - f) * min(busy, fetch) + overhead
+    f      = prefetch_overlap * min(1, bucket / largest module)
+             bucket = min(prefetch_bucket,              (how much of the next module is in flight while
+                          max_live - largest module)      this one computes; 0 with prefetching off)
+    device = max(busy, fetch) + (1 - f) * min(busy, fetch)
+    host   = overhead + tp collective issue             (kernel launches, Python, ZeRO-3 hooks, c10d calls)
+    module = max(device, host)
 
-so with full prefetch the slower of compute and streaming hides the faster, and with none they add.
-Stages sum their modules (plus one ``step_overhead`` per forward on the first stage); a step composes
-the stages (``cost.pipeline.compose_step``). Exposed time is attributed to the component that is on the
-critical path: busy time counts as compute and all-reduce, the rest of a module's time as weight or KV
-fetch (split by their link times), so each phase's breakdown sums to its step time exactly.
+so with full prefetch the slower of compute and streaming hides the faster, and with none they add. The
+host launches work asynchronously and runs ahead of the GPU until the next synchronization, so host time
+and device time overlap: a module costs the larger of the two (eager decode of a GPU-resident model is
+host-bound: 21.7 ms measured for an 8B step on an H200 whose HBM needs 4.7 ms; and a host-bound tiny
+model under ZeRO-3 showed the hook overhead that the 8B model's 0.4 s of streaming hides; 2x H200
+records, 2026-11-22). Stages sum their modules plus one ``step_overhead`` per forward on every stage (the
+executor synchronizes after each stage forward, so it adds); a step composes the stages
+(``cost.pipeline.compose_step``). Exposed time is attributed to the component that is on the critical
+path: busy time counts as compute and all-reduce, the rest of the device time as weight or KV fetch
+(split by their link times), host time beyond the device time as overhead, so each phase's breakdown
+sums to its step time exactly.
 
 Totals (DeepSpeedExamples ZeRO-Inference definitions):
     prefill_s = ttft_s = prefill step;  total_s = prefill_s + (gen_len - 1) * decode_step_s
@@ -27,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.cost.collectives import dp_allgather_time, tp_collective_time
+from planner.cost.collectives import dp_allgather_time, tp_collective_host_time, tp_collective_time
 from planner.cost.compute import roofline_sides
 from planner.cost.inputs import Knobs, Layout
 from planner.cost.memory import MemoryResult, memory
@@ -45,7 +53,10 @@ from planner.cost.streaming import (
 )
 
 EXPOSED_PARTS = ("compute_s", "tp_allreduce_s", "weight_fetch_s", "kv_fetch_s", "pp_p2p_s", "overhead_s")
-LINK_PARTS = ("compute_s", "flops_s", "hbm_s", "tp_allreduce_s", "h2d_s", "nvme_s", "dp_allgather_s", "kv_h2d_s", "pp_p2p_s")
+LINK_PARTS = (
+    "compute_s", "flops_s", "hbm_s", "tp_allreduce_s", "h2d_s", "nvme_s", "dp_allgather_s", "kv_h2d_s", "pp_p2p_s",
+    "host_s",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -68,7 +79,8 @@ def prefetch_overlap(layout: Layout, knobs: Knobs) -> np.ndarray:
     # stage3_max_live_parameters bounds what may be in flight while this module is gathered.
     room = np.maximum(knobs.max_live_elems[:, None] - largest, 0.0)
     bucket = np.minimum(knobs.prefetch_bucket_elems[:, None], room)
-    return np.clip(bucket / np.maximum(largest, 1.0), 0.0, 1.0)
+    in_flight = np.clip(bucket / np.maximum(largest, 1.0), 0.0, 1.0)
+    return layout.hardware.efficiency.prefetch_overlap * in_flight
 
 
 def phase_result(layout: Layout, knobs: Knobs, phase: Phase, bpw: np.ndarray) -> PhaseResult:
@@ -87,18 +99,21 @@ def phase_result(layout: Layout, knobs: Knobs, phase: Phase, bpw: np.ndarray) ->
     busy = compute + tp_coll
     fetch = np.maximum(t_h2d, t_nvme) + t_gather
     f = prefetch_overlap(layout, knobs)
-    module = np.maximum(busy, fetch) + (1.0 - f) * np.minimum(busy, fetch) + overhead
-    exposed_fetch = module - busy - overhead
+    device = np.maximum(busy, fetch) + (1.0 - f) * np.minimum(busy, fetch)
+    host = overhead + tp_collective_host_time(layout)[None, :]
+    module = np.maximum(device, host)
+    exposed_fetch = device - busy
+    exposed_host = module - device
     kv_share = np.divide(t_kv, fetch, out=np.zeros_like(fetch), where=fetch > 0)
 
     # Components per module, (N, kinds, C) in EXPOSED_PARTS order (p2p is added after composition).
     zeros = np.zeros_like(module)
     parts = np.stack(
-        [compute, tp_coll, exposed_fetch * (1 - kv_share), exposed_fetch * kv_share, zeros, overhead], axis=-1
+        [compute, tp_coll, exposed_fetch * (1 - kv_share), exposed_fetch * kv_share, zeros, exposed_host], axis=-1
     )
     counts = layout.stage_counts
     stage_parts = np.einsum("nkc,pk->npc", parts, counts)
-    stage_parts[:, 0, EXPOSED_PARTS.index("overhead_s")] += step_overhead_time(layout)
+    stage_parts[:, :, EXPOSED_PARTS.index("overhead_s")] += step_overhead_time(layout)
     stage_s = stage_parts.sum(axis=-1)
 
     p2p = p2p_time(layout, phase)
@@ -125,6 +140,7 @@ def phase_result(layout: Layout, knobs: Knobs, phase: Phase, bpw: np.ndarray) ->
         "dp_allgather_s": on_slowest(t_gather),
         "kv_h2d_s": on_slowest(t_kv),
         "pp_p2p_s": p2p * knobs.micro_batches * (layout.pp - 1 + (0 if phase.is_prefill else 1)) * (layout.pp > 1),
+        "host_s": on_slowest(host) + step_overhead_time(layout) * per_step,
     }
     return PhaseResult(
         step_s=comp.step_s,

@@ -4,14 +4,15 @@ GPU, per rank of a stage (the planner reports the fullest GPU):
 - resident_weights: the stage's TP shard, partitioned 1/dp by ZeRO-3, when not offloaded
 - persistent_weights: tensors under the persistence threshold, kept whole on every GPU when ZeRO-3 gathers
 - quant_scales: fp16 scale + zero point per group of 64 weights (4/64 bytes per weight) of resident weights
-- live_params: what ZeRO-3 has gathered at once, in 16 bit: the largest module in flight (its own
-  parameters: DeepSpeed's "largest layer") plus the prefetch bucket, capped by
-  ``stage3_max_live_parameters`` (DeepSpeed ``PartitionedParameterCoordinator``)
+- live_params: what ZeRO-3 has gathered at once, in 16 bit, at its peak (``live_param_elems``: the
+  largest module plus what the prefetch keeps in flight, up to ``stage3_max_live_parameters``)
 - kv_cache: 2 * kv_heads/tp * head_dim (MLA: decompressed K and V) * context * sequences * 2 bytes per
   layer of the stage; with KV offload only the layer in use and the one being prefetched
 - activations: the prefill peak of one micro-batch (residual stream, projections, FFN intermediates with
   a memory-efficient attention kernel), and fp32 logits of the last position at the last stage
-- framework: CUDA context, cuBLAS workspace and allocator slack (``Efficiency.gpu_reserved_bytes``)
+- workspace: the cuBLAS/cuBLASLt workspace torch allocates (``Efficiency.gpu_workspace_bytes``)
+- framework: CUDA context and allocator slack (``Efficiency.gpu_reserved_bytes``); the only part that
+  ``torch.cuda.max_memory_allocated`` never counts (the others are tensors in torch's caching allocator)
 
 CPU, per node (sum over the ranks placed on it): offloaded weights (cpu offload), offloaded KV cache,
 NVMe staging buffers (``buffer_count * buffer_size`` 16-bit elements per rank, pinned) and each rank's
@@ -27,13 +28,17 @@ import numpy as np
 
 from planner.cost.compute import stored_elems_per_rank
 from planner.cost.inputs import COMPUTE_BYTES, Knobs, Layout
-from planner.cost.shape import DENSE, HEAD, MOE, per_rank
+from planner.cost.shape import DENSE, EMBED, HEAD, MOE, per_rank
 from planner.cost.streaming import fetches_weights, persistent_elems
 
 LOGIT_BYTES = 4.0  # transformers upcasts logits to fp32
 LOGIT_COPIES = 2.0  # logits and the processed scores / probabilities sampled from
 
-GPU_PARTS = ("resident_weights", "persistent_weights", "quant_scales", "live_params", "kv_cache", "activations", "framework")
+GPU_PARTS = (
+    "resident_weights", "persistent_weights", "quant_scales", "live_params", "kv_cache", "activations", "workspace",
+    "framework",
+)  # fmt: skip
+ALLOCATED_PARTS = GPU_PARTS[:-1]  # what torch.cuda.max_memory_allocated sees: all but the framework part
 CPU_PARTS = ("offloaded_weights", "offloaded_kv_cache", "nvme_buffers", "process")
 
 
@@ -63,6 +68,54 @@ def _activation_elems_per_token(layout: Layout) -> np.ndarray:
     return np.array([dense, moe if m.is_moe else 0.0, h, 0.0])
 
 
+def _modules_fetched(layout: Layout, threshold: np.ndarray) -> np.ndarray:
+    """(N, kinds) leaf modules per module of each kind that gather anything (a tensor above the threshold)."""
+    out = np.zeros((len(threshold), len(layout.table.module_largest_tensors)))
+    for kind, largest in enumerate(layout.table.module_largest_tensors):
+        out[:, kind] = len(largest) - np.searchsorted(largest, threshold, side="right")
+    return out
+
+
+def live_param_elems(layout: Layout, knobs: Knobs, fetched: np.ndarray) -> np.ndarray:
+    """(N, pp) elements ZeRO-3 holds gathered at its peak on a rank of each stage.
+
+    DeepSpeed's ``PartitionedParameterCoordinator.fetch_sub_module`` gathers the module about to run,
+    then prefetches from the recorded trace ``min(bucket, max_live - available)`` elements more, adding
+    whole parameters while its count is below that limit (so it overshoots by up to one tensor);
+    ``release_sub_module`` frees a module's parameters after its forward. Two regimes follow:
+
+    - bucket <= c, the mean a fetch gathers (stage elements / modules that gather): prefetching keeps
+      pace with use and nothing accumulates:  live = L + min(bucket, max(max_live - L, 0)),  L the
+      largest module;
+    - bucket > c: each fetch prefetches more than a forward releases, so what is in flight climbs to
+      max_live, and the prefetch that crosses it takes one more tensor:  live = min(max_live + T, cap),
+      T the largest tensor that is ever prefetched (not the embedding, which opens stage 0's forward and
+      is gathered on demand), cap what the stage gathers per forward, less that opening module when the
+      bucket cannot take the rest at once (it is released before the prefetch gets there).
+
+    The 2x H200 records (2026-11-22, 8B, offload cpu) show both: DeepSpeed's defaults (bucket 5e7 >
+    c = 3.6e7, max_live 1e9) peaked at 3.17 GB allocated = 2 x (1e9 + the 5.3e8-element LM head) plus
+    activations, DeepSpeedExamples' knobs (bucket = max_live = 2h^2 < c) at 1.18 GB = the embedding,
+    bucket 4e8 / max_live 3e9 at 7.08 GB (TP 2: 6.54 GB, the head split in two).
+    ``fetched``: (N, kinds) elements one module of each kind gathers, per TP rank.
+    """
+    t, counts = layout.table, layout.stage_counts
+    bucket, max_live = knobs.prefetch_bucket_elems[:, None], knobs.max_live_elems[:, None]
+    stage_total = fetched @ counts.T  # (N, pp)
+    gathers = _modules_fetched(layout, knobs.persistence_threshold_elems) @ counts.T
+    mean_gather = stage_total / np.maximum(gathers, 1.0)
+    present = counts > 0  # (pp, kinds)
+    largest = np.max(np.where(present, per_rank(t, t.largest_gather, layout.tp), 0.0), axis=1)[None, :]
+    prefetched = present & (np.arange(counts.shape[1]) != EMBED)
+    largest_tensor = np.max(np.where(prefetched, per_rank(t, t.largest_tensor, layout.tp), 0.0), axis=1)[None, :]
+    opening = fetched[:, EMBED][:, None] * counts[:, EMBED][None, :]  # (N, pp)
+    pace = largest + np.minimum(bucket, np.maximum(max_live - largest, 0.0))
+    cap = np.where(bucket >= stage_total - opening, stage_total, stage_total - opening)
+    climb = np.minimum(max_live + largest_tensor, cap)
+    live = np.where(bucket > mean_gather, np.maximum(pace, climb), pace)
+    return np.minimum(live, stage_total)
+
+
 def _per_stage(per_kind: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """(N, kinds) per module x (pp, kinds) counts -> (N, pp) per stage."""
     return per_kind @ counts.T
@@ -76,10 +129,11 @@ def _gpu_parts(layout: Layout, knobs: Knobs, bpw: np.ndarray, meta: np.ndarray) 
     stored = np.broadcast_to(stored_elems_per_rank(layout), (knobs.n, 4))
     persistent = np.where(fetching, np.minimum(persistent_elems(layout, knobs.persistence_threshold_elems), stored), 0.0)
     partitioned = np.where(offloaded, 0.0, (stored - persistent) / layout.dp)
-    largest = per_rank(t, t.largest_gather, layout.tp)
-    stage_largest = np.max(np.where(counts > 0, largest, 0.0), axis=1)  # (pp,)
-    bucket = np.minimum(knobs.prefetch_bucket_elems, np.maximum(knobs.max_live_elems - stage_largest.max(), 0.0))
-    live = np.where(fetching, stage_largest[None, :] + bucket[:, None], 0.0) * COMPUTE_BYTES
+    # A forward gathers every tensor it uses that does not persist, a tied head's included.
+    used = t.sharded / layout.tp + t.replicated + t.n_experts * t.expert_sharded / layout.tp
+    all_persistent = persistent_elems(layout, knobs.persistence_threshold_elems)
+    fetched = np.maximum(used[None, :] - all_persistent, 0.0)
+    live = np.where(fetching, live_param_elems(layout, knobs, fetched), 0.0) * COMPUTE_BYTES
 
     layers = counts[:, DENSE] + counts[:, MOE]  # (pp,)
     kv_per_layer_seq = t.kv_elems_per_token / layout.kv_split * wl.context_len_tokens * COMPUTE_BYTES
@@ -101,6 +155,7 @@ def _gpu_parts(layout: Layout, knobs: Knobs, bpw: np.ndarray, meta: np.ndarray) 
         "live_params": live,
         "kv_cache": kv,
         "activations": act + logits,
+        "workspace": np.full((knobs.n, layout.pp), layout.hardware.efficiency.gpu_workspace_bytes),
         "framework": np.full((knobs.n, layout.pp), layout.hardware.efficiency.gpu_reserved_bytes),
     }
 

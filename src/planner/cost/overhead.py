@@ -1,10 +1,13 @@
-"""Fixed framework time that no roofline sees: kernel launches, Python, ZeRO-3 hooks, the generate loop.
+"""Host (CPU) time that no roofline sees: kernel launches, Python, ZeRO-3 hooks, the generate loop.
 
-- ``layer_overhead_s`` per decoder layer per forward: eager PyTorch launches ~10-20 kernels a layer.
+- ``layer_overhead_s`` per decoder layer per forward: eager PyTorch issues ~40 kernels a layer.
 - ``offload_layer_overhead_s`` per decoder layer per forward when ZeRO-3 gathers parameters: its
-  pre/post-forward hooks, partition bookkeeping and stream syncs run on the critical path.
-- ``step_overhead_s`` per forward: embedding lookup launch, sampling, ``generate`` bookkeeping.
-Defaults live in ``Efficiency``; calibration replaces them with measured values.
+  pre/post-forward hooks and partition bookkeeping.
+- ``step_overhead_s`` per forward of each pipeline stage: the executor's lock-step loop synchronizes
+  the device after every stage forward (``executor.generate``), then samples or sends.
+The layer terms are host time that the GPU's work can hide (``cost.estimate`` takes the larger of the
+two per module); the step term follows a synchronization and adds. Defaults live in ``Efficiency``;
+calibration replaces them with measured values.
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ from planner.cost.streaming import fetches_weights
 
 
 def module_overhead_time(layout: Layout, knobs: Knobs) -> np.ndarray:
-    """(N, kinds) seconds of framework overhead per forward of one module."""
+    """(N, kinds) host seconds of framework overhead per forward of one module."""
     eff = layout.hardware.efficiency
     per_layer = eff.layer_overhead_s + np.where(fetches_weights(layout, knobs), eff.offload_layer_overhead_s, 0.0)
     return layout.table.is_layer * per_layer[:, None]
 
 
 def step_overhead_time(layout: Layout) -> float:
+    """Seconds per forward of each stage, after its device synchronization (not hidden by anything)."""
     return layout.hardware.efficiency.step_overhead_s

@@ -144,6 +144,7 @@ class ModuleTable:
     tensor_sizes: tuple[np.ndarray, ...]  # per kind: sorted numels of every tensor (persistence threshold)
     largest_tensor: np.ndarray  # per kind: largest single tensor (NVMe swap buffers hold one partition)
     largest_gather: np.ndarray  # per kind: largest leaf module's own parameters (gathered at once)
+    module_largest_tensors: tuple[np.ndarray, ...]  # per kind: sorted, each leaf module's largest tensor
     is_layer: np.ndarray  # 1 for decoder layers (per-layer overheads and all-reduces)
     attn_flops_per_ctx_token: float  # 2*H*(d_qk + d_v): FLOPs per query token per cached token, all heads
     kv_elems_per_token: float  # per layer
@@ -161,6 +162,7 @@ def _sum(ts: list[Tensor], **match) -> int:
 def module_table(model: ModelSpec) -> ModuleTable:
     per_kind = [module_tensors(model, k) for k in range(N_KINDS)]
     sharded, replicated, expert, tied, matrix_frac, fetch_frac, sizes, largest, gather = [], [], [], [], [], [], [], [], []
+    module_largest = []
     for kind, ts in enumerate(per_kind):
         shared_ts = [t for t in ts if not t.expert]
         n_routed = model.n_experts if kind == MOE else 0
@@ -178,9 +180,12 @@ def module_table(model: ModelSpec) -> ModuleTable:
         sizes.append(np.sort(np.array(fused, dtype=np.float64)))
         largest.append(max(fused, default=0))
         per_module: dict[str, int] = {}
+        module_max: dict[str, int] = {}
         for t, n in zip(ts, fused):
             per_module[t.module] = per_module.get(t.module, 0) + n
+            module_max[t.module] = max(module_max.get(t.module, 0), n)
         gather.append(max(per_module.values(), default=0))
+        module_largest.append(np.sort(np.array(list(module_max.values()), dtype=np.float64)))
     return ModuleTable(
         sharded=np.array(sharded, dtype=np.float64),
         replicated=np.array(replicated, dtype=np.float64),
@@ -193,6 +198,7 @@ def module_table(model: ModelSpec) -> ModuleTable:
         tensor_sizes=tuple(sizes),
         largest_tensor=np.array(largest, dtype=np.float64),
         largest_gather=np.array(gather, dtype=np.float64),
+        module_largest_tensors=tuple(module_largest),
         is_layer=np.array([1.0, 1.0, 0.0, 0.0]),
         attn_flops_per_ctx_token=2.0 * model.n_heads * (model.attention_qk_dim + model.attention_v_dim),
         kv_elems_per_token=float(model.kv_cache_elems_per_token_per_layer),

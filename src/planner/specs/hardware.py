@@ -70,12 +70,20 @@ class Efficiency:
     h2d_stream_pageable: float = 0.80  # over the pageable ceiling (already a slow staged copy)
     nvme_read: float = 0.80  # DeepSpeed aio over the O_DIRECT sequential ceiling (cost.streaming)
     collective_bandwidth: float = 0.80  # of the link's bandwidth, ring all-reduce bus bandwidth (cost.collectives)
-    allreduce_latency_s: float = 20e-6  # alpha of one all-reduce launch (cost.collectives)
+    allreduce_latency_s: float = 20e-6  # alpha of one collective on the GPU stream, NCCL's small-message time (cost.collectives)
+    collective_host_overhead_s: float = 50e-6  # host time to issue one collective through torch.distributed (cost.collectives)
     p2p_latency_s: float = 15e-6  # alpha of one stage-to-stage send (cost.pipeline)
-    layer_overhead_s: float = 150e-6  # framework time per decoder layer per forward: kernel launches, Python (cost.overhead)
+    prefetch_overlap: float = 1.0  # share of the shorter of compute and fetch a full prefetch bucket hides (cost.estimate)
+    # Host (CPU) time; it runs ahead of the GPU asynchronously, so it shows only where it exceeds the GPU's
+    # work (cost.estimate). Eager PyTorch issues ~40 kernels per HF Llama decoder layer (two RMSNorms ~14,
+    # rotary ~10, 7 GEMMs, SDPA, cache update, activation, residuals) at ~10 us of dispatch each.
+    layer_overhead_s: float = 450e-6  # host time per decoder layer per forward: kernel launches, Python (cost.overhead)
     offload_layer_overhead_s: float = 400e-6  # extra ZeRO-3 hook/fetch bookkeeping per layer per forward (cost.overhead)
-    step_overhead_s: float = 2e-3  # per forward outside layers: generate loop, sampling, embeddings (cost.overhead)
-    gpu_reserved_bytes: float = 1.5e9  # CUDA context, cuBLAS workspace, allocator slack per GPU (cost.memory)
+    step_overhead_s: float = 2e-3  # per forward of each stage outside layers: generate loop, sampling, sync (cost.overhead)
+    gpu_reserved_bytes: float = 1.5e9  # CUDA context and allocator slack per GPU: outside torch's allocations (cost.memory)
+    # cuBLAS/cuBLASLt workspace torch allocates per GPU: 8 chunks of 4096 KiB by default on Hopper
+    # (PyTorch CUBLAS_WORKSPACE_CONFIG=:4096:8); the tiny-model records allocate 44 MB for 11 MB of tensors.
+    gpu_workspace_bytes: float = 33_554_432.0  # (cost.memory)
     host_reserved_bytes: float = 4e9  # per rank process: torch/DeepSpeed libraries and runtime (cost.memory)
     gpu_memory_usable: float = 0.97  # fraction of the GPU's memory a run may plan to use (feasibility)
     dram_usable: float = 0.90  # fraction of DRAM a run may plan to use, the OS keeps the rest (feasibility)

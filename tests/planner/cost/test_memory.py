@@ -28,6 +28,7 @@ CONTEXT = 544
 KV_PER_LAYER_SEQ = 2 * 2 * 128 * CONTEXT * 2  # K and V, 2 heads of 128, 16-bit
 ACT_PER_TOKEN = 4 * H + (8 + 2 * 2) * 128 + 3 * F  # residual etc., q/k/v, gate/up/down intermediates
 LOGITS = V * 4 * 2  # fp32 logits and scores of one sequence
+GATHERED_AFTER_EMBEDDING = LAYERS * LAYER_MATRICES + V * H  # the layers' matrices and the head
 
 
 def mem(kit, plans, tp=1, pp=1, dp=1, model=None, **kw):
@@ -67,20 +68,30 @@ def test_zero3_partition_over_dp_without_offload(kit) -> None:
     persistent = LAYERS * LAYER_NORMS + H
     assert m.gpu_parts["persistent_weights"][0] == pytest.approx(persistent * 2)
     assert m.gpu_parts["resident_weights"][0] == pytest.approx((PARAMS - persistent) / 2 * 2)
-    # Gathering: the largest module (the 32000 x 1024 embedding or head) plus the 5e7 prefetch bucket.
-    assert m.gpu_parts["live_params"][0] == pytest.approx((V * H + 50_000_000) * 2)
+    # Gathering: the 5e7 bucket exceeds what a forward releases per fetch (126,353,408 elements over 30
+    # modules), so DeepSpeed's prefetch climbs to max_live (1e9): capped by everything the forward
+    # gathers less the embedding that opens it (released before the prefetch reaches the end).
+    assert m.gpu_parts["live_params"][0] == pytest.approx(GATHERED_AFTER_EMBEDDING * 2)
     # One sequence per replica.
     assert m.gpu_parts["kv_cache"][0] == pytest.approx(LAYERS * KV_PER_LAYER_SEQ)
 
 
 def test_cpu_offload_keeps_only_persistent_and_live_weights(kit) -> None:
-    _, m = mem(kit, [Plan(offload="cpu"), Plan(offload="cpu", max_live_elems=40_000_000), Plan(offload="cpu", prefetch_bucket_elems=0)])
+    plans = [Plan(offload="cpu"), Plan(offload="cpu", max_live_elems=40_000_000), Plan(offload="cpu", prefetch_bucket_elems=0),
+             Plan(offload="cpu", prefetch_bucket_elems=1_000_000, max_live_elems=40_000_000)]  # fmt: skip
+    _, m = mem(kit, plans)
     assert not m.gpu_parts["resident_weights"].any()
     assert not m.gpu_parts["quant_scales"].any()
     np.testing.assert_allclose(m.gpu_parts["persistent_weights"], (LAYERS * LAYER_NORMS + H) * 2)
-    # stage3_max_live_parameters caps the bucket at 4e7 - 32,768,000 = 7,232,000 elements.
+    # A forward gathers 126,353,408 elements in 30 fetches (embedding, 7 per layer, head): 4.2e6 each.
+    # - bucket 5e7 > 4.2e6: the prefetch climbs to max_live 1e9, capped by what the forward gathers
+    #   after the opening embedding;
+    # - max_live 4e7: the climb stops there, overshooting by one tensor, the 32,768,000-element head;
+    # - no prefetch: the largest module alone;
+    # - bucket 1e6 < 4.2e6 keeps pace with use: the largest module plus the bucket.
     np.testing.assert_allclose(
-        m.gpu_parts["live_params"], [(V * H + 5e7) * 2, (V * H + 7_232_000) * 2, V * H * 2]
+        m.gpu_parts["live_params"],
+        [GATHERED_AFTER_EMBEDDING * 2, (40_000_000 + V * H) * 2, V * H * 2, (V * H + 1_000_000) * 2],
     )
 
 
@@ -192,9 +203,12 @@ def test_moe_stores_every_expert(kit) -> None:
     lay, m = mem(kit, [Plan(), Plan(offload="cpu")], model=model)
     assert m.gpu_parts["resident_weights"][0] == pytest.approx(model.params_total * 2)
     assert m.cpu_parts["offloaded_weights"][1] == pytest.approx(model.params_total * 2)
-    # Gathering the fused experts module of a layer (8 experts x 3 x 1024 x 2048) dominates live params.
+    # Gathering the fused experts module of a layer (8 experts x 3 x 1024 x 2048) dominates a layer.
     assert module_table(model).largest_gather[1] == 8 * 3 * 1024 * 2048
-    assert m.gpu_parts["live_params"][1] == pytest.approx((8 * 3 * 1024 * 2048 + 5e7) * 2)
+    # The default 5e7 bucket climbs past everything a forward gathers after the embedding: each layer's
+    # attention (2,621,440) and experts (50,331,648; the 8,192-element router persists), and the head.
+    per_layer = 2 * 1024 * 1024 + 2 * 1024 * 256 + 8 * 3 * 1024 * 2048
+    assert m.gpu_parts["live_params"][1] == pytest.approx((4 * per_layer + V * H) * 2)
 
 
 def test_stored_elems_per_rank_tied_head_keeps_its_norm(kit) -> None:

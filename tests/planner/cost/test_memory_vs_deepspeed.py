@@ -19,6 +19,7 @@ import pytest
 from planner.catalog import load_model
 from planner.cost.estimate import evaluate
 from planner.cost.inputs import Knobs, make_layout
+from planner.cost.shape import DENSE, HEAD, MOE, module_table
 from planner.specs.hardware import Efficiency, GpuSpec, HardwareProfile, HostSpec
 from planner.specs.placement import Link, Placement
 from planner.specs.plan import Plan
@@ -112,18 +113,24 @@ def test_gathered_working_set_is_deepspeeds_largest_module(case):
     """With no prefetch our live buffer is the largest tensor; DeepSpeed's 2L is the largest module.
 
     Llama/OPT/Mixtral's largest module is the embedding (one tensor), so the two agree exactly; our term
-    then grows with the prefetch bucket, which DeepSpeed's estimate leaves out.
+    then grows with the prefetch, which DeepSpeed's estimate leaves out (``cost.memory.live_param_elems``).
     """
     name, total, largest = case
     _, gpu_both = _ds(total, largest, 1, True, True)
     no_prefetch = _ours(name, 1, Plan(offload="cpu", prefetch_bucket_elems=0)).gpu_parts["live_params"][0]
     assert no_prefetch == pytest.approx(gpu_both / 2, rel=1e-9)
-    prefetch = Plan(offload="cpu", prefetch_bucket_elems=50_000_000, max_live_elems=10**12)
-    with_prefetch = _ours(name, 1, prefetch).gpu_parts["live_params"][0]
-    assert with_prefetch == pytest.approx(gpu_both / 2 + 2 * 50_000_000, rel=1e-9)
-    # stage3_max_live_parameters caps what prefetch may add once the largest tensor is gathered.
-    capped = Plan(offload="cpu", prefetch_bucket_elems=50_000_000, max_live_elems=largest + 10_000_000)
-    assert _ours(name, 1, capped).gpu_parts["live_params"][0] == pytest.approx(gpu_both / 2 + 2 * 10_000_000, rel=1e-9)
+    # A bucket smaller than a module keeps pace with use: the largest module plus the bucket.
+    pace = Plan(offload="cpu", prefetch_bucket_elems=1000, max_live_elems=10**12)
+    assert _ours(name, 1, pace).gpu_parts["live_params"][0] == pytest.approx(gpu_both / 2 + 2 * 1000, rel=1e-9)
+    # A bucket larger than a module climbs to stage3_max_live_parameters and overshoots by one tensor
+    # (the largest ever prefetched: not the embedding, which opens the forward), unless the whole
+    # forward gathers less (the tiny model).
+    table = module_table(load_model(name))
+    overshoot = max(table.largest_tensor[k] for k in (DENSE, MOE, HEAD))
+    everything = _ours(name, 1, Plan(offload="cpu", prefetch_bucket_elems=10**12, max_live_elems=10**13))
+    capped = Plan(offload="cpu", prefetch_bucket_elems=10**9, max_live_elems=largest + 10_000_000)
+    want = min(2 * (largest + 10_000_000 + overshoot), everything.gpu_parts["live_params"][0])
+    assert _ours(name, 1, capped).gpu_parts["live_params"][0] == pytest.approx(want, rel=1e-9)
 
 
 def _all_live_table(model, gpus: int) -> dict[tuple[str, str, int], tuple[float, float]]:
