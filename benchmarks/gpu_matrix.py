@@ -59,6 +59,7 @@ def matrices() -> dict[str, list[Entry]]:
     tuned = {"prefetch_bucket_elems": 400_000_000, "max_live_elems": 3_000_000_000}
     dsx = _ds_examples_knobs(LLAMA8B_HIDDEN)
     dsx70 = _ds_examples_knobs(8192)
+    dsx33 = _ds_examples_knobs(6656)
     x4 = "h200-4gpu"
     # 70B on 4 H200: resident needs >= 2 GPUs (141 GB of bf16 weights); offload streams 141 GB / (tp * pp) per
     # GPU per forward, so those entries generate few tokens (the median of 3 decode steps) to fit the call.
@@ -78,16 +79,16 @@ def matrices() -> dict[str, list[Entry]]:
             Entry("8b-cpu-pinned-tuned-kvoff-b16", m8, h100, 16, {"offload": "cpu", "kv_offload": True, **tuned},
                   variants=({"batch_size": 64},)),
             Entry("8b-cpu-pageable-b1", m8, h100, 1, {"offload": "cpu", "pin_memory": False}, gen_len=8),
-            Entry("8b-cpu-pinned-q8-b1", m8, h100, 1, {"offload": "cpu", "weight_bits": 8, **tuned}, variants=_batches(16)),
-            Entry("8b-cpu-pinned-q4-b1", m8, h100, 1, {"offload": "cpu", "weight_bits": 4, **tuned}, variants=_batches(16)),
+            Entry("8b-cpu-pinned-q8-b1", m8, h100, 1, {"offload": "cpu", "weight_bits": 8, **dsx}, variants=_batches(16)),
+            Entry("8b-cpu-pinned-q4-b1", m8, h100, 1, {"offload": "cpu", "weight_bits": 4, **dsx}, variants=_batches(16)),
             Entry("8b-resident-q4-b1", m8, h100, 1, {"weight_bits": 4}),
             Entry("8b-nvme-b1", m8, h100, 1, {"offload": "nvme", **tuned}, gen_len=4),
             Entry("base-hf-resident-8b-b1", m8, h100, 1, baseline="hf-resident"),
             Entry("base-ds-examples-8b-b1", m8, h100, 1, baseline="ds-examples"),
             Entry("base-ds-examples-8b-b16", m8, h100, 16, baseline="ds-examples"),
             Entry("base-accelerate-8b-b1", m8, h100, 1, baseline="accelerate"),
-            Entry("33b-cpu-pinned-tuned-b1", big, h100, 1, {"offload": "cpu", **tuned}, variants=_batches(16), gen_len=8),
-            Entry("33b-cpu-pinned-q4-b1", big, h100, 1, {"offload": "cpu", "weight_bits": 4, **tuned}, gen_len=8),
+            Entry("33b-cpu-pinned-dsexamples-b1", big, h100, 1, {"offload": "cpu", **dsx33}, variants=_batches(16), gen_len=8),
+            Entry("33b-cpu-pinned-q4-b1", big, h100, 1, {"offload": "cpu", "weight_bits": 4, **dsx33}, gen_len=8),
         ],
         "h200x2": [
             Entry("8b-tp2-resident-b1", m8, "h200-2gpu", 1, {"tp": 2}, gpus=2),
