@@ -6,10 +6,13 @@ GPU, per rank of a stage (the planner reports the fullest GPU):
 - quant_scales: fp16 scale + zero point per group of 64 weights (4/64 bytes per weight) of resident weights
 - live_params: what ZeRO-3 has gathered at once, in 16 bit, at its peak (``live_param_elems``: the
   largest module plus what the prefetch keeps in flight, up to ``stage3_max_live_parameters``)
-- kv_cache: 2 * kv_heads/tp * head_dim (MLA: decompressed K and V) * context * sequences * 2 bytes per
-  layer of the stage; with KV offload only the layer in use and the one being prefetched
-- activations: the prefill peak of one micro-batch (residual stream, projections, FFN intermediates with
-  a memory-efficient attention kernel), and fp32 logits of the last position at the last stage
+- kv_cache: 2 * kv_heads/tp * head_dim (MLA: decompressed K and V) * cached tokens * sequences * 2 bytes
+  per layer of the stage; with KV offload only the layer in use and the one being prefetched
+- activations: the prefill peak of one micro-batch (``_activation_elems_per_token``), and fp32 logits
+  of the last position at the last stage
+The KV cache and the activations peak at different times: the prefill holds the prompt's cache and
+its largest intermediates, the last decode step the whole context's cache and no intermediates to
+speak of; the GPU's peak is the larger of the two moments, and the parts are those of that moment.
 - workspace: the cuBLAS/cuBLASLt workspace torch allocates (``Efficiency.gpu_workspace_bytes``)
 - framework: CUDA context and allocator slack (``Efficiency.gpu_reserved_bytes``); the only part that
   ``torch.cuda.max_memory_allocated`` never counts (the others are tensors in torch's caching allocator)
@@ -55,16 +58,28 @@ class MemoryResult:
 
 
 def _activation_elems_per_token(layout: Layout) -> np.ndarray:
-    """(kinds,) 16-bit activation elements alive per token at a module's peak, per TP rank."""
+    """(kinds,) 16-bit activation elements alive per token at a module's peak, per TP rank.
+
+    Inference frees each intermediate once its last use returns (no autograd graph keeps it), so the
+    attention block and the FFN peak at different moments; a layer's peak is the larger of the two,
+    both over the residual stream and its normed copy (2h):
+    - attention: q, k, v, their rotated copies of q and k, and the attention output (heads * d_v);
+    - gated FFN (act(gate(x)) * up(x)): act, up and their product (3f) at the multiply; plain: 2f.
+    (The 1x H100 records of 2026-11-22: tuned offload at batch 64 allocated 13.3 GB, where summing
+    both blocks' intermediates predicted 16.0 GB.)
+    """
     m, tp = layout.model, layout.tp
     h = m.hidden_size
     if m.uses_mla:
         qkv = m.n_heads * (2 * m.attention_qk_dim + m.attention_v_dim) / tp + m.q_lora_rank + m.kv_lora_rank
+        rotated = m.n_heads * m.attention_qk_dim / tp
     else:
         qkv = (m.n_heads + 2 * m.n_kv_heads) * m.head_dim / tp
+        rotated = (m.n_heads + m.n_kv_heads) * m.head_dim / tp
+    attention = 2 * h + qkv + rotated + m.n_heads * m.attention_v_dim / tp
     gate = 3 if m.gated_ffn else 2
-    dense = 4 * h + qkv + gate * m.ffn_hidden_size / tp
-    moe = 4 * h + qkv + m.n_experts + gate * (m.n_shared_experts + 1) * m.moe_ffn_hidden_size / tp
+    dense = max(attention, 2 * h + gate * m.ffn_hidden_size / tp)
+    moe = max(attention, 2 * h + m.n_experts + gate * (m.n_shared_experts + 1) * m.moe_ffn_hidden_size / tp)
     return np.array([dense, moe if m.is_moe else 0.0, h, 0.0])
 
 
@@ -136,17 +151,24 @@ def _gpu_parts(layout: Layout, knobs: Knobs, bpw: np.ndarray, meta: np.ndarray) 
     live = np.where(fetching, live_param_elems(layout, knobs, fetched), 0.0) * COMPUTE_BYTES
 
     layers = counts[:, DENSE] + counts[:, MOE]  # (pp,)
-    kv_per_layer_seq = t.kv_elems_per_token / layout.kv_split * wl.context_len_tokens * COMPUTE_BYTES
     batch = knobs.batch_size / layout.dp
     mb = batch / knobs.micro_batches
-    kv_resident = layers[None, :] * (batch * kv_per_layer_seq)[:, None]
-    kv_offloaded = np.minimum(layers, 2.0)[None, :] * (mb * kv_per_layer_seq)[:, None]
-    kv = np.where(knobs.kv_offload[:, None], kv_offloaded, kv_resident)
+
+    def kv_of(tokens: int) -> np.ndarray:
+        per_layer_seq = t.kv_elems_per_token / layout.kv_split * tokens * COMPUTE_BYTES
+        resident = layers[None, :] * (batch * per_layer_seq)[:, None]
+        offloaded = np.minimum(layers, 2.0)[None, :] * (mb * per_layer_seq)[:, None]
+        return np.where(knobs.kv_offload[:, None], offloaded, resident)
 
     act_per_token = _activation_elems_per_token(layout)
     stage_act = np.max(np.where(counts > 0, act_per_token, 0.0), axis=1)  # (pp,)
     act = (mb * wl.prompt_len_tokens)[:, None] * stage_act[None, :] * COMPUTE_BYTES
     logits = (mb * t.vocab_size * LOGIT_BYTES * LOGIT_COPIES)[:, None] * (counts[:, HEAD] > 0)[None, :]
+    # The larger of the two moments: prefill (prompt's cache + intermediates) or the last decode step.
+    kv_prefill, kv_decode = kv_of(wl.prompt_len_tokens), kv_of(wl.context_len_tokens)
+    prefill_peaks = kv_prefill + act >= kv_decode
+    kv = np.where(prefill_peaks, kv_prefill, kv_decode)
+    act = np.where(prefill_peaks, act, 0.0)
 
     return {
         "resident_weights": _per_stage(partitioned * (bpw - meta), counts),

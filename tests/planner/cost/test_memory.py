@@ -15,6 +15,7 @@ from planner.cost.inputs import Knobs
 from planner.cost.memory import CPU_PARTS, GPU_PARTS, memory
 from planner.cost.shape import module_table
 from planner.specs.plan import Plan
+from planner.specs.workload import Workload
 
 GB = 1e9
 H, V, F = 1024, 32000, 4096
@@ -26,7 +27,10 @@ MATRICES = LAYERS * LAYER_MATRICES + 2 * V * H
 VECTORS = PARAMS - MATRICES
 CONTEXT = 544
 KV_PER_LAYER_SEQ = 2 * 2 * 128 * CONTEXT * 2  # K and V, 2 heads of 128, 16-bit
-ACT_PER_TOKEN = 4 * H + (8 + 2 * 2) * 128 + 3 * F  # residual etc., q/k/v, gate/up/down intermediates
+KV_PROMPT_PER_LAYER_SEQ = 2 * 2 * 128 * 512 * 2  # the prompt's cache: what the prefill holds
+# The larger of the attention block (residual + normed 2h, q/k/v, rotated q/k, output) and the FFN's
+# 2h + act, up and their product (3f): 14,336 elements per token.
+ACT_PER_TOKEN = max(2 * H + (8 + 2 * 2) * 128 + (8 + 2) * 128 + 8 * 128, 2 * H + 3 * F)
 LOGITS = V * 4 * 2  # fp32 logits and scores of one sequence
 GATHERED_AFTER_EMBEDDING = LAYERS * LAYER_MATRICES + V * H  # the layers' matrices and the head
 
@@ -47,7 +51,8 @@ def test_gpu_resident_16_bit_by_hand(kit) -> None:
     assert parts["persistent_weights"] == 0.0  # nothing is gathered, so nothing is "persistent"
     assert parts["quant_scales"] == 0.0
     assert parts["live_params"] == 0.0
-    assert parts["kv_cache"] == pytest.approx(LAYERS * 2 * KV_PER_LAYER_SEQ)
+    # The prefill is the peak (its intermediates outweigh the 32 generated tokens' cache): the prompt's cache.
+    assert parts["kv_cache"] == pytest.approx(LAYERS * 2 * KV_PROMPT_PER_LAYER_SEQ)
     assert parts["activations"] == pytest.approx(2 * 512 * ACT_PER_TOKEN * 2 + 2 * LOGITS)
     assert parts["framework"] == 1 * GB
     assert m.gpu_peak_bytes[0] == pytest.approx(sum(parts.values()))
@@ -72,8 +77,8 @@ def test_zero3_partition_over_dp_without_offload(kit) -> None:
     # modules), so DeepSpeed's prefetch climbs to max_live (1e9): capped by everything the forward
     # gathers less the embedding that opens it (released before the prefetch reaches the end).
     assert m.gpu_parts["live_params"][0] == pytest.approx(GATHERED_AFTER_EMBEDDING * 2)
-    # One sequence per replica.
-    assert m.gpu_parts["kv_cache"][0] == pytest.approx(LAYERS * KV_PER_LAYER_SEQ)
+    # One sequence per replica (at the prefill peak: the prompt's cache).
+    assert m.gpu_parts["kv_cache"][0] == pytest.approx(LAYERS * KV_PROMPT_PER_LAYER_SEQ)
 
 
 def test_cpu_offload_keeps_only_persistent_and_live_weights(kit) -> None:
@@ -98,26 +103,36 @@ def test_cpu_offload_keeps_only_persistent_and_live_weights(kit) -> None:
 @pytest.mark.parametrize("tp,split", [(1, 1), (2, 2), (4, 2)])
 def test_kv_cache_by_hand(kit, tp: int, split: int) -> None:
     lay, m = mem(kit, [Plan(tp=tp, batch_size=8), Plan(tp=tp, batch_size=8, kv_offload=True)], tp=tp)
-    # 2 * kv_heads/split * head_dim * context * batch * 2 bytes per layer.
-    assert m.gpu_parts["kv_cache"][0] == pytest.approx(LAYERS * 8 * KV_PER_LAYER_SEQ / split)
+    # 2 * kv_heads/split * head_dim * tokens * batch * 2 bytes per layer, at the prefill peak: the prompt.
+    assert m.gpu_parts["kv_cache"][0] == pytest.approx(LAYERS * 8 * KV_PROMPT_PER_LAYER_SEQ / split)
     # KV offload: the layer in use and the one being prefetched.
-    assert m.gpu_parts["kv_cache"][1] == pytest.approx(2 * 8 * KV_PER_LAYER_SEQ / split)
+    assert m.gpu_parts["kv_cache"][1] == pytest.approx(2 * 8 * KV_PROMPT_PER_LAYER_SEQ / split)
     assert m.cpu_parts["offloaded_kv_cache"][1] == pytest.approx(tp * LAYERS * 8 * KV_PER_LAYER_SEQ / split)
     assert m.cpu_parts["offloaded_kv_cache"][0] == 0.0
 
 
 def test_kv_offload_with_micro_batches_holds_one_micro_batch(kit) -> None:
     _, m = mem(kit, [Plan(pp=2, batch_size=8, micro_batches=4, kv_offload=True), Plan(pp=2, batch_size=8, micro_batches=4)], pp=2)
-    assert m.gpu_parts["kv_cache"][0] == pytest.approx(2 * 2 * KV_PER_LAYER_SEQ)  # 2 layers x 2 sequences
-    assert m.gpu_parts["kv_cache"][1] == pytest.approx(2 * 8 * KV_PER_LAYER_SEQ)  # the stage's 2 layers, whole batch
+    assert m.gpu_parts["kv_cache"][0] == pytest.approx(2 * 2 * KV_PROMPT_PER_LAYER_SEQ)  # 2 layers x 2 sequences
+    assert m.gpu_parts["kv_cache"][1] == pytest.approx(2 * 8 * KV_PROMPT_PER_LAYER_SEQ)  # the stage's 2 layers, whole batch
+
+
+def test_the_peak_is_the_prefill_or_the_last_decode_step(kit) -> None:
+    """A long generation's cache outgrows the prefill's intermediates: the last decode step is the peak,
+    with the whole context cached and no intermediates (the logits stay)."""
+    lay, m = mem(kit, [Plan(batch_size=2)], workload=Workload(prompt_len_tokens=16, gen_len_tokens=4096))
+    per_layer_seq = 2 * 2 * 128 * (16 + 4096) * 2
+    assert m.gpu_parts["kv_cache"][0] == pytest.approx(LAYERS * 2 * per_layer_seq)
+    assert m.gpu_parts["activations"][0] == pytest.approx(2 * LOGITS)
+    prefill = LAYERS * 2 * 2 * 2 * 128 * 16 * 2 + 2 * 16 * ACT_PER_TOKEN * 2
+    assert prefill < m.gpu_parts["kv_cache"][0]
 
 
 def test_tensor_parallel_divides_sharded_weights(kit) -> None:
     lay, m = mem(kit, [Plan(tp=2)], tp=2)
     per_rank = LAYERS * (LAYER_MATRICES / 2 + LAYER_NORMS) + V * H + V * H / 2 + H
     assert m.gpu_parts["resident_weights"][0] == pytest.approx(per_rank * 2)
-    qkv = (8 + 2 * 2) * 128 / 2
-    assert m.gpu_parts["activations"][0] == pytest.approx(512 * (4 * H + qkv + 3 * F / 2) * 2 + LOGITS)
+    assert m.gpu_parts["activations"][0] == pytest.approx(512 * (2 * H + 3 * F / 2) * 2 + LOGITS)  # the FFN's half
 
 
 def test_pipeline_stages_and_the_fullest_gpu(kit) -> None:
@@ -126,7 +141,7 @@ def test_pipeline_stages_and_the_fullest_gpu(kit) -> None:
     # Stage 1 holds the head (one norm more than the embedding) and the logits: it is the fullest.
     assert m.fullest_stage[0] == 1
     assert m.gpu_parts["resident_weights"][0] == pytest.approx((2 * (LAYER_MATRICES + LAYER_NORMS) + V * H + H) * 2)
-    assert m.gpu_parts["kv_cache"][0] == pytest.approx(2 * 2 * KV_PER_LAYER_SEQ)
+    assert m.gpu_parts["kv_cache"][0] == pytest.approx(2 * 2 * KV_PROMPT_PER_LAYER_SEQ)
     assert m.gpu_parts["activations"][0] == pytest.approx(1 * 512 * ACT_PER_TOKEN * 2 + 1 * LOGITS)
 
 
