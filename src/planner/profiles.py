@@ -16,6 +16,9 @@ Schema (see ``hardware_profiles/*.yaml`` for complete examples)::
     host: {dram_bytes: Q, pinnable_bytes: Q, cpu_cores: Q, h2d_pageable_bytes_s: Q, d2h_pageable_bytes_s: Q}
     nvme: {devices: 8, capacity_bytes: Q, read_bytes_s: Q, write_bytes_s: Q}     # optional / null
     efficiency: {h2d_stream_pinned: Q, ...}   # optional; any Efficiency field, defaults apply to the rest
+    calibrated:                          # optional; written by `hpi calibrate`, applied over efficiency:
+      date: "2026-11-22"                 # plus records, record_ids, held_out, error_before/after, unidentified
+      coefficients: {h2d_stream_pinned: {value: 0.72, source: calibrated, note: "..."}, ...}
     node:                                # the components of ONE node and the links between them
       gpus: 8                            # gpu0..gpu7      (0: a CPU-only machine)
       cpus: 2                            # cpu0..cpu1      (a socket: its memory and PCIe root complex)
@@ -38,6 +41,7 @@ direction. YAML anchors (``&pcie5`` / ``*pcie5``) share one figure between sever
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -93,7 +97,11 @@ _COMPONENTS = {
     "nvme": ("nvme", "nvme"),
     "nics": ("nic", "nic"),
 }
-_TOP_KEYS = ("name", "extends", "description", "os", "notes", "gpu", "host", "nvme", "efficiency", "node", "cluster")
+_TOP_KEYS = ("name", "extends", "description", "os", "notes", "gpu", "host", "nvme", "efficiency", "calibrated", "node",
+             "cluster")
+# What `hpi calibrate` writes in the calibrated: section (planner.calibrate); only coefficients is applied.
+_CALIBRATED_KEYS = ("date", "records", "record_ids", "held_out", "seed", "error_before", "error_after", "unidentified",
+                    "coefficients")
 _QUANTITY_KEYS = ("value", "source", "note")
 
 
@@ -166,10 +174,14 @@ def profile_names() -> list[str]:
     return sorted({p.stem for p in folder.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file()})
 
 
-def load_profile(name_or_path: str) -> HardwareProfile:
-    """Load and validate a profile by name (in ``profiles_dir()``) or by path; cached per file version."""
+def load_profile(name_or_path: str, *, calibrated: bool = True) -> HardwareProfile:
+    """Load and validate a profile by name (in ``profiles_dir()``) or by path; cached per file version.
+
+    ``calibrated=False`` leaves out the ``calibrated:`` section: the probed ceilings and the ``efficiency:``
+    priors only (what ``hpi calibrate`` fits from and ``hpi validate`` calls uncalibrated).
+    """
     path = _resolve(str(name_or_path))
-    return _load_cached(str(path), path.stat().st_mtime_ns)
+    return _load_cached(str(path), path.stat().st_mtime_ns, calibrated)
 
 
 def clear_cache() -> None:
@@ -203,9 +215,9 @@ def _resolve(name_or_path: str) -> Path:
 
 
 @functools.lru_cache(maxsize=128)
-def _load_cached(path: str, mtime_ns: int) -> HardwareProfile:  # mtime_ns: reload edited files
+def _load_cached(path: str, mtime_ns: int, calibrated: bool = True) -> HardwareProfile:  # mtime_ns: reload edited files
     raw, where = _read_with_bases(Path(path), seen=())
-    return _build_profile(raw, Path(path), where)
+    return _build_profile(raw, Path(path), where, calibrated)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -380,7 +392,7 @@ def _number(value: Any) -> float | None:
     return None
 
 
-def _build_profile(raw: dict[str, Any], path: Path, where: str) -> HardwareProfile:
+def _build_profile(raw: dict[str, Any], path: Path, where: str, calibrated: bool = True) -> HardwareProfile:
     reader = _Reader(where)
     reader.only(raw, _TOP_KEYS, "")
     name = reader.text(raw, "name", "", default=path.stem)
@@ -399,7 +411,7 @@ def _build_profile(raw: dict[str, Any], path: Path, where: str) -> HardwareProfi
         gpu=_gpu(reader, raw, node.gpus),
         host=_host(reader, raw, node),
         nvme=_nvme(reader, raw),
-        efficiency=_efficiency(reader, raw),
+        efficiency=_calibrated(reader, raw, _efficiency(reader, raw)) if calibrated else _efficiency(reader, raw),
         provenance=reader.provenance,
         raw=raw,
     )
@@ -472,6 +484,27 @@ def _efficiency(reader: _Reader, raw: Mapping[str, Any]) -> Efficiency:
         absolute = key.endswith("_s") or key.endswith("_bytes")  # seconds / bytes; the others are fractions
         values[key] = reader.quantity(section, key, "efficiency", positive=True, at_most=math.inf if absolute else 1.0)
     return Efficiency(**values)
+
+
+def _calibrated(reader: _Reader, raw: Mapping[str, Any], efficiency: Efficiency) -> Efficiency:
+    """The ``calibrated:`` section's coefficients over ``efficiency`` (each must say ``source: calibrated``)."""
+    section = reader.section(raw, "calibrated", "", required=False)
+    if section is None:
+        return efficiency
+    reader.only(section, _CALIBRATED_KEYS, "calibrated")
+    coefficients = reader.section(section, "coefficients", "calibrated")
+    reader.only(coefficients, [f.name for f in fields(Efficiency)], "calibrated.coefficients")
+    values = {}
+    for key in coefficients:
+        absolute = key.endswith("_s") or key.endswith("_bytes")
+        path = "calibrated.coefficients"
+        values[key] = reader.quantity(coefficients, key, path, positive=True, at_most=math.inf if absolute else 1.0)
+        provenance = reader.provenance[f"{path}.{key}"]
+        if provenance.source != "calibrated":
+            reader.fail(f"{path}.{key}.source", f"{provenance.source!r} in the calibrated section; write source: calibrated "
+                        "(or move the value to efficiency:)")
+        reader.provenance[f"efficiency.{key}"] = provenance
+    return dataclasses.replace(efficiency, **values)
 
 
 def _node_layout(reader: _Reader, raw: Mapping[str, Any]) -> NodeLayout:

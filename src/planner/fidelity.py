@@ -1,0 +1,330 @@
+"""Predicted against measured for every recorded run: the fidelity set, left out one plan at a time.
+
+    result = validate()              # the records listed in validation/fidelity_set.yaml
+    result.summary()                 # {"n_plans": ..., "median_ape": ..., "by_metric": ..., "uncalibrated": ...}
+
+Each record is predicted twice on the profile of the machine it ran on (the manifest says which):
+- uncalibrated: the profile's probed ceilings and its ``efficiency:`` priors (``load_profile(...,
+  calibrated=False)``), nothing learnt from any record;
+- calibrated, leave-one-plan-out: coefficients fitted (``planner.calibrate.fit``) to the records of the
+  *other* plans of the same profile, so a run and its repeats never inform their own prediction, and
+  no record of another machine is used. A profile with a single plan has nothing to fit to: its
+  calibrated prediction is the uncalibrated one (``Fold.train_ids`` is empty).
+
+Metrics are ``planner.calibrate.METRICS``: median decode step, prefill, and peak GPU memory as
+``torch.cuda.max_memory_allocated`` (max over ranks) against the model's allocator-visible parts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import glob
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import yaml
+
+from planner.calibrate import (
+    METRICS,
+    Calibration,
+    CalibrationError,
+    Measurement,
+    apply,
+    fit,
+    load_records,
+    measurement,
+    predict_measurements,
+)
+from planner.profiles import load_profile
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_MANIFEST = REPO / "validation" / "fidelity_set.yaml"
+RECORD_ROOTS = ("benchmarks/results/**/*.json", "studies/*/runs/**/*.json")
+
+__all__ = [
+    "DEFAULT_MANIFEST",
+    "Exclusion",
+    "Fold",
+    "Manifest",
+    "Row",
+    "Validation",
+    "leave_one_plan_out",
+    "load_manifest",
+    "validate",
+]
+
+
+# ---- the manifest -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    pattern: str  # a file or a glob, relative to the manifest's root
+    profile: str | None  # None: the profile each record names
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Exclusion:
+    pattern: str  # a record id or a glob of ids ("run1-8b/*"), or a record file path (relative to the root)
+    reason: str
+    metrics: tuple[str, ...] = ()  # only these metrics of the record; () = the whole record
+
+    def matches(self, record_id: str, rel_path: str) -> bool:
+        return fnmatch.fnmatch(record_id, self.pattern) or fnmatch.fnmatch(rel_path, self.pattern)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    root: Path  # relative paths start here: the folder above the manifest's (the repository root)
+    entries: tuple[ManifestEntry, ...]
+    exclusions: tuple[Exclusion, ...]
+    path: Path | None = None
+
+    def entry_for(self, file: Path) -> ManifestEntry | None:
+        """The last entry whose pattern matches ``file`` (files are matched relative to ``root``)."""
+        full = str(Path(file).resolve())
+        hits = [e for e in self.entries if fnmatch.fnmatch(full, str(self._absolute(e.pattern)))]
+        return hits[-1] if hits else None
+
+    def _absolute(self, pattern: str) -> Path:
+        return (self.root / pattern).resolve() if not any(c in pattern for c in "*?[") else self.root.resolve() / pattern
+
+    def files(self) -> list[Path]:
+        out: dict[Path, None] = {}
+        for e in self.entries:
+            pattern = str(self._absolute(e.pattern))
+            matches = sorted(Path(m) for m in glob.glob(pattern, recursive=True)) if any(c in pattern for c in "*?[") \
+                else [Path(pattern)]
+            for m in matches:
+                if not m.is_file():
+                    raise CalibrationError(f"{self.path or 'manifest'}: {e.pattern}: no such record file")
+                out[m.resolve()] = None
+        return list(out)
+
+    def unlisted(self) -> list[str]:
+        """Record files under benchmarks/results/ and studies/*/runs/ that no entry lists."""
+        listed = set(self.files())
+        found = {p.resolve() for pattern in RECORD_ROOTS for p in self.root.glob(pattern) if p.is_file()}
+        return sorted(_relative(p, self.root) for p in found - listed if _looks_like_records(p))
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _looks_like_records(path: Path) -> bool:
+    try:
+        return bool(load_records(path)) or bool(load_records(path).skipped)
+    except (CalibrationError, UnicodeDecodeError):
+        return False
+
+
+def load_manifest(path: str | Path = DEFAULT_MANIFEST, root: str | Path | None = None) -> Manifest:
+    """Read a fidelity manifest (see validation/fidelity_set.yaml for the schema).
+
+    Relative record paths start at ``root``, by default the folder above the manifest's own folder (the
+    repository for validation/fidelity_set.yaml); absolute paths are taken as they are.
+    """
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise CalibrationError(f"cannot read fidelity manifest {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise CalibrationError(f"{path}: malformed YAML: {e}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("records", []), list):
+        raise CalibrationError(f"{path}: expected records: [{{path, profile, note}}, ...] and exclude: [...]")
+    unknown = set(data) - {"records", "exclude"}
+    if unknown:
+        raise CalibrationError(f"{path}: unknown field {sorted(unknown)[0]!r}; expected records and exclude")
+    entries = []
+    for i, e in enumerate(data.get("records") or []):
+        if not isinstance(e, dict) or not isinstance(e.get("path"), str):
+            raise CalibrationError(f"{path}: records[{i}]: expected {{path: FILE_OR_GLOB, profile: NAME, note: TEXT}}")
+        entries.append(ManifestEntry(e["path"], e.get("profile"), str(e.get("note", ""))))
+    exclusions = []
+    for i, e in enumerate(data.get("exclude") or []):
+        if not isinstance(e, dict) or not (e.get("record") or e.get("path")) or not e.get("reason"):
+            raise CalibrationError(f"{path}: exclude[{i}]: expected {{record: ID (or path: FILE), reason: WHY}}")
+        metrics = tuple(e.get("metrics") or ())
+        bad = [m for m in metrics if m not in METRICS]
+        if bad:
+            raise CalibrationError(f"{path}: exclude[{i}].metrics: {bad[0]!r} is not one of {', '.join(METRICS)}")
+        exclusions.append(Exclusion(str(e.get("record") or e.get("path")), str(e["reason"]), metrics))
+    return Manifest(Path(root) if root else path.resolve().parent.parent, tuple(entries), tuple(exclusions), path)
+
+
+# ---- leave one plan out -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    """One record and metric: measured, predicted uncalibrated, predicted by the fit that left it out."""
+
+    record_id: str
+    profile: str
+    model: str
+    plan_label: str
+    metric: str
+    measured: float
+    uncalibrated: float
+    calibrated: float
+
+    @property
+    def ape_uncalibrated(self) -> float:
+        return abs(self.uncalibrated / self.measured - 1.0)
+
+    @property
+    def ape_calibrated(self) -> float:
+        return abs(self.calibrated / self.measured - 1.0)
+
+
+@dataclass(frozen=True)
+class Fold:
+    """One held-out plan: its records, the records the coefficients were fitted to, and the fit."""
+
+    profile: str
+    held_out_ids: tuple[str, ...]
+    train_ids: tuple[str, ...]
+    calibration: Calibration | None  # None when no other plan of this profile was recorded
+
+
+def leave_one_plan_out(profile_name: str, measurements: Sequence[Measurement],
+                       fitter: Callable[..., Calibration] = fit) -> tuple[list[Row], list[Fold]]:
+    """Rows for every measurement of one machine, each calibrated without its own plan's records."""
+    prior = load_profile(profile_name, calibrated=False)
+    uncal = {p.record_id: p for p in predict_measurements(prior, measurements)}
+    rows: list[Row] = []
+    folds: list[Fold] = []
+    for key in sorted({m.key for m in measurements}):
+        held = [m for m in measurements if m.key == key]
+        train = [m for m in measurements if m.key != key]
+        held_ids = {m.record_id for m in held}
+        assert not held_ids & {m.record_id for m in train}, "a held-out record leaked into its own fit"
+        cal = fitter(prior, train) if train else None
+        hardware = apply(prior, cal) if cal else prior
+        folds.append(Fold(profile_name, tuple(sorted(held_ids)), tuple(m.record_id for m in train), cal))
+        for p, m in zip(predict_measurements(hardware, held), held):
+            for metric in METRICS:
+                measured = p.measured[metric]
+                if measured > 0:
+                    rows.append(Row(m.record_id, profile_name, m.model.name, m.plan.label, metric, measured,
+                                    uncal[m.record_id].predicted[metric], p.predicted[metric]))
+    return rows, folds
+
+
+# ---- the whole set ------------------------------------------------------------------------------------
+
+
+def _stats(errors: list[float]) -> dict[str, float]:
+    if not errors:
+        return {"n": 0, "median_ape": float("nan"), "max_ape": float("nan")}
+    return {"n": len(errors), "median_ape": statistics.median(errors), "max_ape": max(errors)}
+
+
+@dataclass(frozen=True)
+class Validation:
+    rows: tuple[Row, ...]
+    folds: tuple[Fold, ...]
+    skipped: Mapping[str, int] = field(default_factory=dict)  # loader: baselines, error entries
+    excluded: Mapping[str, str] = field(default_factory=dict)  # record id (":metric" when partial) -> the reason
+    unlisted: tuple[str, ...] = ()  # record files the manifest does not list
+
+    @property
+    def n_plans(self) -> int:
+        return sum(1 for _ in self.folds)
+
+    @property
+    def n_records(self) -> int:
+        return len({r.record_id for r in self.rows})
+
+    def _summary(self, attr: str) -> dict[str, Any]:
+        every = [getattr(r, attr) for r in self.rows]
+        out = _stats(every)
+        return {"median_ape": out["median_ape"], "max_ape": out["max_ape"],
+                "by_metric": {m: _stats([getattr(r, attr) for r in self.rows if r.metric == m]) for m in METRICS}}
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON document ``hpi validate --json`` prints last: calibrated (leave-one-plan-out) and uncalibrated."""
+        calibrated = self._summary("ape_calibrated")
+        profiles: dict[str, int] = {}
+        for rid, prof in {(r.record_id, r.profile) for r in self.rows}:
+            profiles[prof] = profiles.get(prof, 0) + 1
+        return {
+            "n_plans": self.n_plans,
+            "n_records": self.n_records,
+            "median_ape": calibrated["median_ape"],
+            "max_ape": calibrated["max_ape"],
+            "by_metric": calibrated["by_metric"],
+            "uncalibrated": self._summary("ape_uncalibrated"),
+            "profiles": dict(sorted(profiles.items())),
+            "calibration": "leave-one-plan-out per profile",
+            "peak_gpu_bytes": "max over ranks of torch.cuda.max_memory_allocated vs the model's allocator-visible parts",
+        }
+
+
+def _files_and_profiles(manifest: Manifest, record_paths: Sequence[str | Path] | None) -> list[tuple[Path, str | None]]:
+    if record_paths is None:
+        files = manifest.files()
+    else:
+        files = []
+        for raw in record_paths:
+            p = Path(raw)
+            if p.is_dir():
+                files += sorted(q.resolve() for q in p.rglob("*.json") if q.is_file())
+            elif p.is_file():
+                files.append(p.resolve())
+            else:
+                raise CalibrationError(f"record path {p} does not exist: pass record files or folders")
+    out = []
+    for f in files:
+        entry = manifest.entry_for(f)
+        out.append((f, entry.profile if entry else None))
+    return out
+
+
+def validate(manifest: Manifest | None = None, record_paths: Sequence[str | Path] | None = None,
+             fitter: Callable[..., Calibration] = fit) -> Validation:
+    """Every record of the set (``record_paths``, default the manifest's files), left out one plan at a time."""
+    manifest = manifest or load_manifest()
+    by_profile: dict[str, list[Measurement]] = {}
+    skipped: dict[str, int] = {}
+    excluded: dict[str, str] = {}
+    seen: set[str] = set()
+    for file, profile in _files_and_profiles(manifest, record_paths):
+        records = load_records(file)
+        for reason, n in records.skipped.items():
+            skipped[reason] = skipped.get(reason, 0) + n
+        rel = _relative(file, manifest.root)
+        for record in records:
+            m = measurement(record)
+            hits = [e for e in manifest.exclusions if e.matches(m.record_id, rel)]
+            whole = next((e for e in hits if not e.metrics), None)
+            if whole:
+                excluded[m.record_id] = whole.reason
+                continue
+            for e in hits:  # a measured 0 leaves the metric out of the fit and of the rows
+                m = dataclasses.replace(m, **{metric: 0.0 for metric in e.metrics})
+                excluded.update({f"{m.record_id}:{metric}": e.reason for metric in e.metrics})
+            if m.record_id in seen:
+                raise CalibrationError(f"record id {m.record_id} appears twice ({rel}): rename one of the files")
+            seen.add(m.record_id)
+            name = profile or m.recorded_hardware
+            if not name:
+                raise CalibrationError(f"record {m.record_id} names no hardware profile: list {rel} in the manifest with one")
+            by_profile.setdefault(name, []).append(m)
+    rows: list[Row] = []
+    folds: list[Fold] = []
+    for name in sorted(by_profile):
+        r, f = leave_one_plan_out(name, by_profile[name], fitter)
+        rows += r
+        folds += f
+    unlisted = tuple(manifest.unlisted()) if record_paths is None else ()
+    return Validation(tuple(rows), tuple(folds), skipped, excluded, unlisted)

@@ -1,0 +1,74 @@
+"""Synthetic RunRecords for the calibration and validation tests: the cost model's own predictions on a
+profile with known ("true") coefficients, written in the shape ``executor.record.build_record`` writes."""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import pytest
+
+from planner.catalog import load_model
+from planner.predict import predict
+from planner.profiles import load_profile
+from planner.specs.hardware import HardwareProfile
+from planner.specs.plan import Plan
+from planner.specs.workload import Workload
+
+PROFILE = "h200-2gpu"
+# The coefficients the synthetic records are generated with (the profile's priors differ from each).
+TRUE = dict(
+    h2d_stream_pinned=0.70, h2d_stream_pageable=0.90, layer_overhead_s=0.6e-3, step_overhead_s=1.0e-3,
+    matmul_prefill=0.75, collective_host_overhead_s=0.3e-3, offload_layer_overhead_s=3.0e-3,
+    gpu_workspace_bytes=30e6,
+)  # fmt: skip
+TUNED = dict(prefetch_bucket_elems=400_000_000, max_live_elems=3_000_000_000)
+# One plan per effect: host-bound resident decode (8B and tiny: layer vs step overhead), a compute-bound
+# pipelined prefill, TP's collectives, pinned and pageable streaming, ZeRO-3 hooks on a tiny model.
+PLANS = {
+    "tiny-resident": ("tiny-llama", Plan(batch_size=2)),
+    "tiny-offload": ("tiny-llama", Plan(offload="cpu", batch_size=2)),
+    "8b-resident": ("llama-3-8b", Plan()),
+    "8b-pp2-resident": ("llama-3-8b", Plan(pp=2, batch_size=8, micro_batches=2)),
+    "8b-tp2-resident": ("llama-3-8b", Plan(tp=2)),
+    "8b-cpu-pinned": ("llama-3-8b", Plan(offload="cpu")),
+    "8b-cpu-pinned-b16": ("llama-3-8b", Plan(offload="cpu", batch_size=16, **TUNED)),
+    "8b-cpu-pageable": ("llama-3-8b", Plan(offload="cpu", pin_memory=False)),
+}
+
+
+def true_profile(**changes) -> HardwareProfile:
+    prior = load_profile(PROFILE, calibrated=False)
+    return dataclasses.replace(prior, efficiency=dataclasses.replace(prior.efficiency, **{**TRUE, **changes}))
+
+
+def synthetic_record(name: str, model: str, plan: Plan, profile: HardwareProfile, *, scale: float = 1.0,
+                     hardware: str = PROFILE, workload: Workload = Workload(512, 32)) -> dict:
+    """A RunRecord whose measurements are the model's predictions on ``profile`` (times ``scale``)."""
+    est = predict(load_model(model), profile, workload, plan)
+    allocated = est.gpu_peak_bytes - est.gpu_memory_parts["framework"]
+    decode = est.decode_step_s * scale
+    return {
+        "kind": "hpi.RunRecord",
+        "version": 1,
+        "spec": {"plan": plan.to_dict(), "model": model, "hardware": hardware, "out_dir": f"/tmp/runs/{name}",
+                 "workload": {"prompt_len_tokens": workload.prompt_len_tokens, "gen_len_tokens": workload.gen_len_tokens}},
+        "plan": plan.to_dict(),
+        "model": {"name": model},
+        "hardware": hardware,
+        "prefill_s": est.prefill_s * scale,
+        "decode_step_s": {"median": decode, "p90": decode, "mean": decode, "all": [decode]},
+        "ranks": [{"rank": r, "peak_allocated_bytes": int(allocated)} for r in range(plan.world_size)],
+        "entry": {"name": name},
+    }
+
+
+def synthetic_records(profile: HardwareProfile | None = None, names=None) -> dict[str, dict]:
+    profile = profile or true_profile()
+    return {n: synthetic_record(n, *PLANS[n], profile) for n in (names or PLANS)}
+
+
+@pytest.fixture(scope="session")
+def synth() -> SimpleNamespace:
+    return SimpleNamespace(PROFILE=PROFILE, TRUE=TRUE, PLANS=PLANS, true_profile=true_profile,
+                           record=synthetic_record, records=synthetic_records)

@@ -1,0 +1,194 @@
+"""``hpi validate`` and ``hpi calibrate`` (planner.calibrate_cli, planner.fidelity) on a small fixture of
+synthetic records: leave-one-plan-out never fits on the held-out run, the JSON line equals an independent
+computation, bad input is one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+import pytest
+
+from planner.calibrate import METRICS, apply, fit, load_records, measurement, plan_key
+from planner.catalog import load_model
+from planner.cli import main
+from planner.fidelity import leave_one_plan_out, load_manifest, validate
+from planner.predict import predict
+from planner.profiles import clear_cache, load_profile
+
+PROFILE_FILE = Path(__file__).resolve().parents[2] / "src" / "planner" / "hardware_profiles" / "h200-2gpu.yaml"
+# Measured = the model's prediction with the true coefficients times a per-run factor (run-to-run noise).
+FIXTURE = {"8b-resident": 1.00, "8b-pp2-resident": 1.04, "8b-cpu-pinned": 0.97, "8b-cpu-pageable": 1.02}
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def fixture_dir(tmp_path_factory, synth) -> Path:
+    """records/ with one bundle (a run repeated, one record naming the wrong profile) and a manifest."""
+    root = tmp_path_factory.mktemp("fidelity")
+    truth = synth.true_profile()
+    bundle = {n: synth.record(n, *synth.PLANS[n], truth, scale=s) for n, s in FIXTURE.items()}
+    bundle["8b-resident-again"] = synth.record("8b-resident-again", *synth.PLANS["8b-resident"], truth, scale=1.06,
+                                               hardware="h100-sxm-1gpu")
+    bundle["base-hf"] = {"baseline": "hf", "decode_step_s": 0.05}
+    (root / "records").mkdir()
+    (root / "records" / "session.json").write_text(json.dumps(bundle))
+    (root / "validation").mkdir()
+    (root / "validation" / "fidelity_set.yaml").write_text(
+        "records:\n  - path: records/*.json\n    profile: h200-2gpu\n    note: fixture\nexclude: []\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def manifest_path(fixture_dir) -> Path:
+    return fixture_dir / "validation" / "fidelity_set.yaml"
+
+
+def _allocated(est) -> float:
+    return est.gpu_peak_bytes - est.gpu_memory_parts["framework"]
+
+
+def _independent(fixture_dir: Path) -> dict:
+    """The summary recomputed from predict() and fit() directly: no planner.fidelity code."""
+    records = load_records(fixture_dir / "records")
+    prior = load_profile("h200-2gpu", calibrated=False)
+    ms = [measurement(r) for r in records]
+    errors = {"calibrated": {m: [] for m in METRICS}, "uncalibrated": {m: [] for m in METRICS}}
+    for m in ms:
+        others = [o for o in ms if plan_key(o) != plan_key(m)]
+        hw = apply(prior, fit(prior, others))
+        for label, profile in (("uncalibrated", prior), ("calibrated", hw)):
+            est = predict(load_model(m.model.name), profile, m.workload, m.plan)
+            predicted = {"decode_step_s": est.decode_step_s, "prefill_s": est.prefill_s, "peak_gpu_bytes": _allocated(est)}
+            for metric in METRICS:
+                errors[label][metric].append(abs(predicted[metric] / m.measured(metric) - 1))
+
+    def stats(by_metric):
+        every = [e for v in by_metric.values() for e in v]
+        return every, {k: (statistics.median(v), max(v)) for k, v in by_metric.items()}
+
+    return {label: stats(by_metric) for label, by_metric in errors.items()}
+
+
+def test_leave_one_plan_out_never_fits_on_the_held_out_run(fixture_dir) -> None:
+    ms = [measurement(r) for r in load_records(fixture_dir / "records")]
+    calls: list[tuple[str, ...]] = []
+
+    def spy(prior, train):
+        calls.append(tuple(m.record_id for m in train))
+        return fit(prior, train)
+
+    rows, folds = leave_one_plan_out("h200-2gpu", ms, fitter=spy)
+    assert len(folds) == 4 == len(calls)  # 5 records, 4 plans: the repeat goes with its plan
+    for fold, train_ids in zip(folds, calls):
+        assert fold.train_ids == train_ids
+        assert not set(fold.held_out_ids) & set(train_ids)
+        held_keys = {plan_key(m) for m in ms if m.record_id in fold.held_out_ids}
+        assert len(held_keys) == 1
+        assert not held_keys & {plan_key(m) for m in ms if m.record_id in train_ids}
+    resident = next(f for f in folds if "session/8b-resident" in f.held_out_ids)  # <file stem>/<entry>
+    assert set(resident.held_out_ids) == {"session/8b-resident", "session/8b-resident-again"}
+    assert {r.record_id for r in rows} == {m.record_id for m in ms}
+    assert len(rows) == 5 * len(METRICS)
+
+
+def test_manifest_profile_overrides_what_a_record_names(fixture_dir, manifest_path) -> None:
+    result = validate(load_manifest(manifest_path))
+    assert {r.profile for r in result.rows} == {"h200-2gpu"}  # not h100-sxm-1gpu, which one record names
+    assert result.skipped == {"baseline": 1}
+    assert load_manifest(manifest_path).root == fixture_dir
+
+
+def test_validate_json_last_line_equals_an_independent_computation(capsys, fixture_dir, manifest_path) -> None:
+    code, out, err = run(capsys, "validate", "--manifest", str(manifest_path), "--json")
+    assert code == 0, err
+    doc = json.loads(out.strip().splitlines()[-1])
+    assert doc["n_plans"] == 4 and doc["n_records"] == 5 and doc["profiles"] == {"h200-2gpu": 5}
+    want = _independent(fixture_dir)
+    for label, part in (("calibrated", doc), ("uncalibrated", doc["uncalibrated"])):
+        every, by_metric = want[label]
+        assert part["median_ape"] == pytest.approx(statistics.median(every), rel=1e-6, abs=1e-9)
+        assert part["max_ape"] == pytest.approx(max(every), rel=1e-6)
+        for metric, (median, worst) in by_metric.items():
+            assert part["by_metric"][metric]["median_ape"] == pytest.approx(median, rel=1e-6, abs=1e-9)
+            assert part["by_metric"][metric]["max_ape"] == pytest.approx(worst, rel=1e-6, abs=1e-9)
+            assert part["by_metric"][metric]["n"] == 5
+    # The priors are off, the fit on the other plans is not: calibration must help on this fixture.
+    assert doc["median_ape"] < doc["uncalibrated"]["median_ape"]
+    assert "8b-cpu-pageable" in out and "leave-one-plan-out" in out
+
+
+def test_validate_plot_writes_a_png(capsys, manifest_path, tmp_path) -> None:
+    png = tmp_path / "fidelity.png"
+    code, out, err = run(capsys, "validate", "--manifest", str(manifest_path), "--plot", str(png))
+    assert code == 0, err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_validate_records_flag_uses_the_manifest_for_profiles(capsys, fixture_dir, manifest_path) -> None:
+    code, out, err = run(capsys, "validate", "--manifest", str(manifest_path), "--records",
+                         str(fixture_dir / "records" / "session.json"), "--json")
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["profiles"] == {"h200-2gpu": 5}
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["validate", "--records", "/nonexistent/records"], "does not exist"),
+    (["calibrate", "/nonexistent/record.json", "--hardware", "h200-2gpu"], "does not exist"),
+    (["calibrate", "RECORDS", "--hardware", "no-such-machine"], "unknown hardware profile"),
+    (["calibrate", "RECORDS", "--hardware", "h200-2gpu", "--holdout", "1.5"], "holdout fraction 1.5"),
+])  # fmt: skip
+def test_bad_input_is_one_line_and_exit_2(capsys, fixture_dir, tmp_path, argv, message) -> None:
+    argv = [str(fixture_dir / "records") if a == "RECORDS" else a for a in argv]
+    out_file = tmp_path / "p.yaml"
+    shutil.copy(PROFILE_FILE, out_file)
+    if argv[0] == "calibrate":
+        argv += ["--out", str(out_file)]
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and message in err
+    assert out_file.read_text() == PROFILE_FILE.read_text()  # nothing written
+
+
+def test_a_record_of_a_model_outside_the_catalogue_is_refused(capsys, synth, tmp_path) -> None:
+    rec = synth.record("odd", *synth.PLANS["8b-resident"], synth.true_profile())
+    rec["model"]["name"] = "gpt-7-1t"
+    (tmp_path / "odd.json").write_text(json.dumps(rec))
+    code, _, err = run(capsys, "validate", "--records", str(tmp_path))
+    assert code == 2 and "model 'gpt-7-1t' is not in the catalogue" in err and len(err.strip().splitlines()) == 1
+
+
+def test_calibrate_writes_the_section_and_reports_held_out_errors(capsys, fixture_dir, tmp_path) -> None:
+    out_file = tmp_path / "h200-2gpu.yaml"
+    shutil.copy(PROFILE_FILE, out_file)
+    code, out, err = run(capsys, "calibrate", str(fixture_dir / "records"), "--hardware", "h200-2gpu",
+                         "--out", str(out_file), "--holdout", "0.25", "--seed", "1", "--date", "2026-11-22", "--json")
+    assert code == 0, err
+    doc = json.loads(out.strip().splitlines()[-1])
+    assert doc["records"] == 5 and doc["skipped"] == {"baseline": 1}
+    assert len(doc["held_out_ids"]) >= 1 and not set(doc["held_out_ids"]) & set(doc["train_ids"])
+    assert doc["held_out"]["after"]["n_records"] == len(doc["held_out_ids"])
+    assert doc["records_naming_other_profiles"] == ["h100-sxm-1gpu"]
+    text = out_file.read_text()
+    assert text.startswith(PROFILE_FILE.read_text())
+    clear_cache()
+    raw = load_profile(str(out_file)).raw["calibrated"]
+    assert raw["held_out"] == doc["held_out_ids"] and raw["record_ids"] == doc["train_ids"]
+    assert raw["date"] == "2026-11-22" and raw["seed"] == 1
+    assert raw["error_after"]["n_records"] == len(doc["held_out_ids"])
+    for name, c in doc["coefficients"].items():
+        assert raw["coefficients"][name]["source"] == "calibrated"
+        assert float(raw["coefficients"][name]["value"]) == pytest.approx(c["value"], rel=1e-5)
+    # The human-readable run prints the tables and rewrites the same block.
+    code, out, err = run(capsys, "calibrate", str(fixture_dir / "records"), "--hardware", "h200-2gpu",
+                         "--out", str(out_file), "--holdout", "0", "--date", "2026-11-22")
+    assert code == 0, err
+    assert "coefficients of h200-2gpu" in out and "left at their prior" in out
+    assert out_file.read_text().startswith(PROFILE_FILE.read_text()) and out_file.read_text().count("calibrated:") == 1
