@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Subcommands that live with their own package. Each module has ``register(sub) -> {name: handler}``: it
 # adds its parsers to ``sub`` (argparse sub-parsers) and returns the handlers, each ``handler(args) -> int``.
 # Importing a module here must stay cheap and must not import torch (hpi plan starts in under a second).
-_COMMAND_MODULES: tuple[str, ...] = ("executor.probe_cli", "planner.calibrate_cli")
+_COMMAND_MODULES: tuple[str, ...] = ("executor.probe_cli", "planner.calibrate_cli", "autotune.cli")
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:

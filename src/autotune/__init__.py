@@ -1,0 +1,32 @@
+"""hpi autotune: an Optuna study seeded and steered by the planner, measured by the executor (or by a
+hidden simulated machine), each run making the planner more accurate.
+
+    from autotune import TuneConfig, tune
+    summary = tune(TuneConfig(model="llama-3-8b", hardware="h100-sxm-1gpu", simulate=True, n_trials=12))
+
+Names are loaded on first use, so that ``hpi``'s command module (``autotune.cli``) imports neither optuna
+nor matplotlib until the command runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "Config": "autotune.space",
+    "Space": "autotune.space",
+    "derive_space": "autotune.space",
+    "params_of": "autotune.space",
+    "suggest_plan": "autotune.space",
+    "HiddenMachine": "autotune.simulate",
+    "Surrogate": "autotune.surrogate",
+    "TuneConfig": "autotune.tuner",
+    "tune": "autotune.tuner",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'autotune' has no attribute {name!r}")

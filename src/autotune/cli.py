@@ -1,0 +1,204 @@
+"""``hpi autotune``: find the fastest real configuration in a handful of runs (or simulated ones).
+
+Registered into ``hpi`` by ``planner.cli._COMMAND_MODULES``. Importing this module is cheap: optuna,
+matplotlib and the executor are imported when the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from typing import Any
+
+from planner.cli import _add_plan_knobs, _add_target, _json_default, _positive
+
+EXIT_INTERRUPTED = 130
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
+    return value
+
+
+def register(sub) -> dict[str, Any]:
+    p = sub.add_parser("autotune", help="tune a plan with real (or simulated) runs: an Optuna study steered by the planner",
+                       description="Optuna study over the planner's top feasible plans and the ZeRO-3 runtime knobs, "
+                                   "seeded with the planner's best predictions; every run recalibrates the planner.")
+    _add_target(p)
+    _add_plan_knobs(p, for_search=True)
+    p.add_argument("--objective", choices=("throughput", "latency"), default="throughput",
+                   help="throughput: highest tok/s at the best batch; latency: lowest decode step at --batch")
+    p.add_argument("--trials", type=_positive, default=12, help="trials in the study, resumed ones included (default 12)")
+    p.add_argument("--timeout", type=_fraction, default=None, metavar="S",
+                   help="time budget in seconds for the whole command: no trial starts that would not fit, the "
+                        "baseline included")
+    p.add_argument("--trial-timeout", type=_fraction, default=None, metavar="S", help="stop a single run after S seconds")
+    p.add_argument("--study", default=None, metavar="NAME", help="study name (default MODEL_HARDWARE_OBJECTIVE[_sim])")
+    p.add_argument("--storage", default=None, metavar="URL",
+                   help="SQLAlchemy URL (default sqlite:///studies/NAME/study.db); share one to tune from several machines")
+    p.add_argument("--studies-dir", default="studies", metavar="DIR", help="where studies keep runs and reports (default studies)")
+    p.add_argument("--simulate", action="store_true",
+                   help="answer trials from a hidden simulated machine (no GPU): CI and search-efficiency measurements")
+    p.add_argument("--seed", type=_positive, default=0, help="sampler seed (and the hidden machine's with --simulate)")
+    p.add_argument("--seeds", type=_positive, default=3, help="planner predictions enqueued first (default 3)")
+    p.add_argument("--top-configs", type=_positive, default=6,
+                   help="discrete plans (offload, tp, pp, dp, bits) offered to the study: the planner's best (default 6)")
+    p.add_argument("--max-batch", type=_positive, default=256, help="largest batch searched (default 256)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: DeepSpeed's CPU accelerator (tests)")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="default bf16 on cuda, fp32 on cpu")
+    p.add_argument("--warmup-steps", type=_positive, default=1, help="untimed generate calls before each measured one")
+    p.add_argument("--checkpoint", default=None, metavar="DIR", help="local HF checkpoint (default: random weights)")
+    p.add_argument("--nvme-path", default=None, metavar="DIR", help="folder on the NVMe drive (NVMe trials need it)")
+    p.add_argument("--baseline", choices=("ds-examples", "ds-examples-knobs"), default=None,
+                   help="also measure DeepSpeedExamples' ZeRO-Inference recipe (ds-examples: its own script, CUDA; "
+                        "ds-examples-knobs: its knobs through hpi's executor) and report the ratio")
+    p.add_argument("--baseline-batch", type=_positive, default=None,
+                   help="batch of the baseline run (default: the best plan's batch; 1 is run_model.py's default)")
+    p.add_argument("--sim-spread", type=_fraction, default=1.0, help="--simulate: how far the hidden machine strays (default 1)")
+    p.add_argument("--sim-noise", type=_fraction, default=0.02, help="--simulate: measurement noise (default 0.02)")
+    p.add_argument("--no-report", dest="report", action="store_false", help="skip the Markdown report and plots")
+    return {"autotune": cmd_autotune}
+
+
+def _config(args: argparse.Namespace):
+    from autotune.tuner import TuneConfig
+    from planner.specs.workload import Workload
+
+    restrict = {"offloads": args.offload, "weight_bits": args.quant_bits, "tp": args.tp, "pp": args.pp, "dp": args.dp,
+                "kv_offload": args.kv_offload, "pin_memory": args.pin_memory}
+    return TuneConfig(
+        model=args.model, hardware=args.hardware, workload=Workload(args.prompt_len, args.gen_len),
+        objective=args.objective, n_trials=args.trials, timeout_s=args.timeout, study=args.study,
+        storage=args.storage, studies_dir=args.studies_dir, simulate=args.simulate, seed=args.seed,
+        n_seeds=args.seeds, top_configs=args.top_configs, batch=args.batch or 1, max_batch=args.max_batch,
+        restrict=tuple((k, v) for k, v in restrict.items() if v is not None), device=args.device, dtype=args.dtype,
+        warmup_steps=args.warmup_steps, nvme_path=args.nvme_path, checkpoint=args.checkpoint,
+        trial_timeout_s=args.trial_timeout, baseline=args.baseline, baseline_batch=args.baseline_batch,
+        sim_spread=args.sim_spread, sim_noise=args.sim_noise, report=args.report,
+    )
+
+
+class _Progress:
+    """A progress bar on stderr and one line per trial above it."""
+
+    def __init__(self, objective: str) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.unit = "tok/s" if objective == "throughput" else "s/step"
+        self.maximize = objective == "throughput"
+        self.best: float | None = None
+        self.progress = Progress(TextColumn("[bold]autotune[/bold] {task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True, width=140))
+        self.task = None
+
+    def __enter__(self) -> "_Progress":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def _fmt(self, v: float | None) -> str:
+        return "-" if v is None else f"{v:,.4g} {self.unit}"
+
+    def __call__(self, kind: str, doc: dict[str, Any]) -> None:
+        def say(text: str) -> None:  # plan labels and sources hold brackets: no rich markup
+            self.progress.console.print(text, markup=False)
+
+        if kind == "start":
+            self.task = self.progress.add_task("", total=doc["n_trials"], completed=min(doc["done"], doc["n_trials"]))
+            say(f"study {doc['study']} ({doc['storage']}): {len(doc['configs'])} discrete plans "
+                f"[{', '.join(doc['configs'])}], {doc['grid_size']:,} lattice points; "
+                f"{doc['done']} trial(s) done, {doc['seeded']} seeded" +
+                (f", re-queued interrupted trial(s) {doc['requeued']}" if doc["requeued"] else ""))
+        elif kind == "trial":
+            value = doc.get("value") if doc["status"] == "ok" else None
+            if value is not None and (self.best is None or (value > self.best if self.maximize else value < self.best)):
+                self.best = value
+            what = {"ok": self._fmt(value), "oom": f"out of memory ({(doc.get('oom') or {}).get('message', '')[:80]})",
+                    "predicted_overflow": "not launched: predicted to overflow " + ", ".join(doc.get("broken", {})),
+                    "crash": f"crashed: {doc.get('error', '')[:100]}", "timeout": f"timed out: {doc.get('error', '')[:80]}"}
+            pred = doc.get("predicted", {}).get("value")
+            say(f"trial {doc['trial']:3d} [{doc['source']}] {doc['label']}: {what.get(doc['status'], doc['status'])}"
+                + (f" (predicted {self._fmt(pred)})" if doc["status"] == "ok" and pred else "")
+                + (f" [reused trial {doc['reused_from']}]" if doc.get("reused_from") is not None else ""))
+            if self.task is not None:
+                self.progress.update(self.task, advance=1, description=f"best {self._fmt(self.best)}")
+        elif kind == "baseline_start":
+            say(f"baseline {doc['kind']} at batch {doc['batch']} ...")
+        elif kind == "baseline":
+            m = doc.get("measured") or {}
+            say(f"baseline {doc['kind']} at batch {doc['batch']}: " + (
+                f"{m.get('throughput_tok_s', 0):,.4g} tok/s, decode step {m.get('decode_step_s', 0):.4g} s"
+                if doc["status"] == "ok" else f"{doc['status']}: {doc.get('error', '')[:160]}"))
+        elif kind == "stop":
+            say(f"stopping: {doc['why']}")
+
+
+def _print_summary(doc: dict[str, Any]) -> None:
+    statuses = ", ".join(f"{k} {v}" for k, v in sorted(doc["statuses"].items()))
+    print(f"study {doc['study']}: {doc['trials']} trial(s), {doc['runs']} run(s) launched ({statuses})")
+    best = doc.get("best")
+    if best is None:
+        print("no trial produced a measurement: see the trial lines above and the records under the study's runs/")
+    else:
+        nominal = best.get("predicted_nominal") or {}
+        print(f"best: {best['label']} (trial {best['trial']}, {best['source']}): {best['throughput_tok_s']:,.4g} tok/s, "
+              f"decode step {best['decode_step_s']:.4g} s"
+              + (f" (uncalibrated prediction {nominal['throughput_tok_s']:,.4g} tok/s)" if nominal.get("throughput_tok_s") else ""))
+    base = doc.get("baseline")
+    if base:
+        if base.get("status") == "ok":
+            m = base["measured"]
+            print(f"baseline {base['kind']} at batch {base['batch']}: {m['throughput_tok_s']:,.4g} tok/s, decode step "
+                  f"{m['decode_step_s']:.4g} s -> best / baseline = {doc.get('ratio_over_baseline', float('nan')):.2f}x")
+        else:
+            print(f"baseline {base['kind']}: {base['status']} {base.get('error', base.get('why', ''))[:200]}")
+    sim = doc.get("simulation")
+    if sim:
+        within = sim["trials_to_within_3pct"]
+        print(f"simulation: true optimum {sim['value']:,.4g} ({sim['true_optimum_plan']}); best is "
+              f"{(sim['final_gap'] or 0) * 100:.1f}% off; within 3% at trial {within if within else 'never'}; trial 1 "
+              f"was {(sim['trial1_gap'] or 0) * 100:.1f}% off; a {sim['grid_size']:,}-point grid needs "
+              + (f"{sim['expected_grid_trials']:,.0f} trials on average" if sim["expected_grid_trials"] else "more than it has"))
+    for what, path in (doc.get("files") or {}).items():
+        print(f"{what.replace('_', ' ')}: {path}")
+    if doc.get("launch_command"):
+        print(f"run it: {doc['launch_command']}")
+
+
+def cmd_autotune(args: argparse.Namespace) -> int:
+    if args.trials < 1:
+        raise ValueError(f"--trials {args.trials} < 1: ask for at least one trial")
+    cfg = _config(args)
+    from autotune.tuner import tune
+
+    bar = not args.json or sys.stderr.isatty()  # --json into a pipe: plain lines on stderr, no redraws
+    try:
+        with _Progress(cfg.objective) if bar else contextlib.nullcontext(_quiet) as on_event:
+            doc = tune(cfg, on_event=on_event)
+    except KeyboardInterrupt:
+        sys.stderr.write("hpi autotune: interrupted; run the same command again to resume the study "
+                         "(the interrupted trial is re-run)\n")
+        return EXIT_INTERRUPTED
+    if args.json:
+        sys.stdout.write(json.dumps(doc, default=_json_default) + "\n")
+    else:
+        _print_summary(doc)
+    return 0
+
+
+def _quiet(kind: str, doc: dict[str, Any]) -> None:
+    """--json without a terminal: one plain line per trial on stderr, stdout keeps the JSON only."""
+    if kind == "trial":
+        value = doc.get("value") if doc["status"] == "ok" else None
+        sys.stderr.write(f"trial {doc['trial']} [{doc['source']}] {doc['label']}: {doc['status']}"
+                         + (f" {value:.6g}" if value is not None else "") + "\n")

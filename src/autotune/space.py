@@ -1,0 +1,431 @@
+"""The search space: the planner's top feasible discrete plans x the runtime knobs, as Optuna parameters.
+
+A *discrete plan* (``Config``) is what needs a different build: offload, tp, pp, dp and weight bits. The
+planner ranks every one it can build; the study offers Optuna only the top few that fit (one categorical
+parameter ``config``), because a real run costs a minute and a layout the cost model puts 5x behind is
+not worth one. Everything else is a runtime knob with a range derived from the model's shapes:
+
+- ``log2_batch``: batch 2^k up to ``--max-batch`` (throughput; latency keeps the workload's batch);
+- ``kv_offload``, ``pin_memory`` (only where something is copied from host memory, as the planner says);
+- ``micro_batches_pp<P>`` for pipelined configs (1, P or 2P);
+- ZeRO-3 knobs, only where ZeRO-3 gathers (offload, or dp > 1): ``prefetch_bucket_elems``,
+  ``max_live_elems``, ``persistence_threshold_elems`` (log-uniform integers; the ranges hold DeepSpeed's
+  defaults and DeepSpeedExamples' 2 h^2 / h);
+- NVMe offload only: ``nvme_buffer_count``, ``nvme_buffer_elems`` (at least the largest tensor partition,
+  which DeepSpeed requires).
+
+DeepSpeed's ``aio`` settings are not searched: the executor renders DeepSpeedExamples' values for every
+NVMe run (``executor.render.AIO_DEFAULTS``) with no per-run override, and the cost model has no aio term,
+so a trial could neither apply nor predict them.
+
+``suggest_plan(trial, space)`` turns a trial into a Plan; ``params_of(plan, space)`` is its inverse (what
+``study.enqueue_trial`` takes), and ``grid(space)`` a finite lattice of the same space that the planner
+can rank in one vectorised pass.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Iterable
+
+import numpy as np
+
+from planner.cost.inputs import Knobs
+from planner.cost.shape import module_table, per_rank
+from planner.search import DEFAULT_BATCHES, SearchSpace, nvme_buffer_elems_for, search
+from planner.specs.hardware import HardwareProfile
+from planner.specs.model import ModelSpec
+from planner.specs.plan import (
+    DEEPSPEED_DEFAULT_MAX_LIVE_ELEMS,
+    DEEPSPEED_DEFAULT_PERSISTENCE_ELEMS,
+    DEEPSPEED_DEFAULT_PREFETCH_ELEMS,
+    Plan,
+)
+from planner.specs.workload import Workload
+
+OBJECTIVES = ("throughput", "latency")
+DEFAULT_TOP_CONFIGS = 6
+NVME_BUFFER_COUNTS = (2, 16)
+
+
+@dataclass(frozen=True, order=True)
+class Config:
+    """One discrete plan: what a run must be rebuilt for."""
+
+    offload: str
+    tp: int
+    pp: int
+    dp: int
+    weight_bits: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.offload} tp{self.tp} pp{self.pp} dp{self.dp} w{self.weight_bits}"
+
+    @property
+    def gathers(self) -> bool:
+        """ZeRO-3 gathers weights every forward (its prefetch knobs matter): offloaded or partitioned."""
+        return self.offload != "none" or self.dp > 1
+
+    @classmethod
+    def of(cls, plan: Plan) -> "Config":
+        return cls(plan.offload, plan.tp, plan.pp, plan.dp, plan.weight_bits)
+
+
+@dataclass(frozen=True)
+class IntRange:
+    """A log-uniform integer range and the lattice points the planner ranks inside it."""
+
+    low: int
+    high: int
+    points: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.low <= self.high:
+            raise ValueError(f"range [{self.low}, {self.high}] must satisfy 1 <= low <= high")
+        outside = [p for p in self.points if not self.low <= p <= self.high]
+        if outside:
+            raise ValueError(f"lattice points {outside} lie outside [{self.low}, {self.high}]")
+
+    @classmethod
+    def spanning(cls, low: float, high: float, n: int, keep: Iterable[float] = ()) -> "IntRange":
+        """``n`` log-spaced points from low to high, plus the named values (defaults) that fall inside."""
+        lo, hi = int(max(1, round(low))), int(max(1, round(high)))
+        hi = max(hi, lo)
+        spaced = {int(round(v)) for v in np.geomspace(lo, hi, n)} if n > 1 else {lo}
+        kept = {int(v) for v in keep if lo <= v <= hi}
+        return cls(lo, hi, tuple(sorted(spaced | kept)))
+
+
+@dataclass(frozen=True)
+class Space:
+    objective: str
+    configs: tuple[Config, ...]  # best predicted first
+    batch: int | None  # fixed batch (latency objective); None: searched as 2^log2_batch
+    max_log2_batch: int
+    kv_offload: tuple[bool, ...]
+    pin_memory: tuple[bool, ...]
+    prefetch_bucket_elems: IntRange
+    max_live_elems: IntRange
+    persistence_threshold_elems: IntRange
+    nvme_buffer_elems: IntRange | None  # None: no NVMe config in the space
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective {self.objective!r} is not one of {', '.join(OBJECTIVES)}")
+        if not self.configs:
+            raise ValueError("a search space needs at least one discrete plan")
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(c.label for c in self.configs)
+
+    def config(self, label: str) -> Config:
+        for c in self.configs:
+            if c.label == label:
+                return c
+        raise ValueError(f"config {label!r} is not in this study's space ({', '.join(self.labels)})")
+
+    def batches(self) -> tuple[int, ...]:
+        return (self.batch,) if self.batch is not None else tuple(2**k for k in range(self.max_log2_batch + 1))
+
+    # ---- JSON (stored with the study so that a resumed study searches the very same space) -------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Space":
+        def rng(v):
+            return None if v is None else IntRange(v["low"], v["high"], tuple(v["points"]))
+
+        return cls(
+            objective=d["objective"],
+            configs=tuple(Config(**c) for c in d["configs"]),
+            batch=d["batch"],
+            max_log2_batch=d["max_log2_batch"],
+            kv_offload=tuple(d["kv_offload"]),
+            pin_memory=tuple(d["pin_memory"]),
+            prefetch_bucket_elems=rng(d["prefetch_bucket_elems"]),
+            max_live_elems=rng(d["max_live_elems"]),
+            persistence_threshold_elems=rng(d["persistence_threshold_elems"]),
+            nvme_buffer_elems=rng(d["nvme_buffer_elems"]),
+        )
+
+
+# ---- deriving the space from the planner ---------------------------------------------------------------
+
+
+def _largest_module_elems(model: ModelSpec) -> float:
+    """The largest module ZeRO-3 gathers at once (tp 1): the scale of every prefetch knob."""
+    t = module_table(model)
+    return float(per_rank(t, t.largest_gather, 1).max())
+
+
+def knob_ranges(model: ModelSpec) -> tuple[IntRange, IntRange, IntRange]:
+    """(prefetch bucket, max live, persistence threshold) ranges, from the model's shapes.
+
+    Prefetch: from h^2 (half DeepSpeedExamples' 2 h^2) to 4 largest modules (beyond that the cost model
+    and DeepSpeed both gain nothing). Max live: h^2 to max(1e9, 8 largest modules), DeepSpeed's 1e9
+    inside. Persistence: h/4 (every vector streamed) to max(1e6, h^2/2) (small projections kept on the GPU).
+    """
+    h2 = float(model.hidden_size) ** 2
+    largest = _largest_module_elems(model)
+    prefetch = IntRange.spanning(h2, max(4 * largest, 2 * h2), 5, keep=(DEEPSPEED_DEFAULT_PREFETCH_ELEMS, 2 * h2))
+    max_live = IntRange.spanning(h2, max(DEEPSPEED_DEFAULT_MAX_LIVE_ELEMS, 8 * largest), 3,
+                                 keep=(DEEPSPEED_DEFAULT_MAX_LIVE_ELEMS,))
+    persistence = IntRange.spanning(max(model.hidden_size // 4, 1), max(1e6, h2 / 2), 3,
+                                    keep=(DEEPSPEED_DEFAULT_PERSISTENCE_ELEMS, model.hidden_size))
+    return prefetch, max_live, persistence
+
+
+def top_configs(
+    model: ModelSpec,
+    hardware: HardwareProfile,
+    workload: Workload,
+    objective: str,
+    k: int = DEFAULT_TOP_CONFIGS,
+    restrict: dict[str, Any] | None = None,
+    batch: int = 1,
+    max_batch: int = DEFAULT_BATCHES[-1],
+) -> tuple[Config, ...]:
+    """The ``k`` best feasible discrete plans by the planner's ranking (its own grid of knobs)."""
+    batches = (batch,) if objective == "latency" else tuple(b for b in DEFAULT_BATCHES if b <= max_batch) or (1,)
+    restrict = restrict or {}
+    fixed = {k: v for k, v in restrict.items() if not isinstance(v, tuple)}  # one value: hpi plan's flags
+    several = {k: v for k, v in restrict.items() if isinstance(v, tuple)}  # e.g. offloads without nvme
+    space = replace(SearchSpace(batch_sizes=batches).restrict(**fixed), **several)
+    result = search(model, hardware, workload, space)
+    ranked = result.ranked(objective, batch_size=batch)
+    if not len(ranked):
+        closest = [result.estimate(i) for i in result.closest_infeasible(1)]
+        why = "; ".join(r.message for r in closest[0].reasons) if closest else "no plan could be built"
+        raise ValueError(f"no feasible plan of {model.name} on {hardware.name} to tune: {why}")
+    seen: list[Config] = []
+    for flat in ranked:
+        c = Config.of(result.plan(int(flat)))
+        if c not in seen:
+            seen.append(c)
+        if len(seen) == k:
+            break
+    return tuple(seen)
+
+
+def derive_space(
+    model: ModelSpec,
+    hardware: HardwareProfile,
+    workload: Workload,
+    objective: str,
+    *,
+    top: int = DEFAULT_TOP_CONFIGS,
+    restrict: dict[str, Any] | None = None,
+    batch: int = 1,
+    max_batch: int = DEFAULT_BATCHES[-1],
+) -> Space:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
+    if max_batch < 1:
+        raise ValueError(f"max batch {max_batch} < 1: pass --max-batch 1 or more")
+    restrict = dict(restrict or {})
+    configs = top_configs(model, hardware, workload, objective, top, restrict, batch, max_batch)
+    prefetch, max_live, persistence = knob_ranges(model)
+    nvme = [c for c in configs if c.offload == "nvme"]
+    nvme_range = None
+    if nvme:
+        need = max(nvme_buffer_elems_for(model, c.tp, c.dp) for c in nvme)
+        nvme_range = IntRange.spanning(need, 4 * need, 2)
+    kv = restrict.get("kv_offload")
+    pin = restrict.get("pin_memory")
+    return Space(
+        objective=objective,
+        configs=configs,
+        batch=batch if objective == "latency" else None,
+        max_log2_batch=int(math.floor(math.log2(max_batch))),
+        kv_offload=(kv,) if kv is not None else (False, True),
+        pin_memory=(pin,) if pin is not None else (True, False),
+        prefetch_bucket_elems=prefetch,
+        max_live_elems=max_live,
+        persistence_threshold_elems=persistence,
+        nvme_buffer_elems=nvme_range,
+    )
+
+
+# ---- trial <-> plan ------------------------------------------------------------------------------------
+
+
+def _micro_param(pp: int) -> str:
+    return f"micro_batches_pp{pp}"
+
+
+def _micro_choices(pp: int) -> tuple[int, ...]:
+    return (1, pp, 2 * pp)
+
+
+def _fit_micro_batches(per_replica: int, wanted: int) -> int:
+    """The largest micro-batch count <= wanted that divides the batch per replica."""
+    return max(m for m in range(1, max(wanted, 1) + 1) if per_replica % m == 0)
+
+
+def _fit_batch(batch: int, dp: int) -> int:
+    """Round up to a multiple of dp (each replica takes an equal share)."""
+    return max(dp, -(-batch // dp) * dp)
+
+
+def suggest_plan(trial, space: Space) -> Plan:
+    """Ask ``trial`` (an optuna Trial or FixedTrial) for one point of the space; returns the Plan to run."""
+    config = space.config(trial.suggest_categorical("config", space.labels))
+    if space.batch is not None:
+        batch = space.batch
+    else:
+        batch = 2 ** trial.suggest_int("log2_batch", 0, space.max_log2_batch)
+    batch = _fit_batch(batch, config.dp)
+    kv = trial.suggest_categorical("kv_offload", space.kv_offload) if len(space.kv_offload) > 1 else space.kv_offload[0]
+    copies_from_host = config.offload == "cpu" or kv
+    pin = True
+    if copies_from_host:
+        pin = trial.suggest_categorical("pin_memory", space.pin_memory) if len(space.pin_memory) > 1 else space.pin_memory[0]
+    micro = 1
+    if config.pp > 1:
+        wanted = trial.suggest_categorical(_micro_param(config.pp), _micro_choices(config.pp))
+        micro = _fit_micro_batches(batch // config.dp, wanted)
+    plan = Plan(offload=config.offload, tp=config.tp, pp=config.pp, dp=config.dp, weight_bits=config.weight_bits,
+                pin_memory=pin, kv_offload=kv, batch_size=batch, micro_batches=micro)
+    if config.gathers:
+        plan = plan.with_(
+            prefetch_bucket_elems=_suggest_range(trial, "prefetch_bucket_elems", space.prefetch_bucket_elems),
+            max_live_elems=_suggest_range(trial, "max_live_elems", space.max_live_elems),
+            persistence_threshold_elems=_suggest_range(trial, "persistence_threshold_elems",
+                                                       space.persistence_threshold_elems),
+        )
+    if config.offload == "nvme" and space.nvme_buffer_elems is not None:
+        plan = plan.with_(
+            nvme_buffer_count=trial.suggest_int("nvme_buffer_count", *NVME_BUFFER_COUNTS),
+            nvme_buffer_elems=_suggest_range(trial, "nvme_buffer_elems", space.nvme_buffer_elems),
+        )
+    return plan
+
+
+def _suggest_range(trial, name: str, r: IntRange) -> int:
+    return trial.suggest_int(name, r.low, r.high, log=True) if r.low < r.high else r.low
+
+
+def params_of(plan: Plan, space: Space) -> dict[str, Any]:
+    """The trial parameters that make ``suggest_plan`` return ``plan`` (for ``study.enqueue_trial``)."""
+    config = Config.of(plan)
+    space.config(config.label)  # raises when the plan's discrete part is not in the space
+    params: dict[str, Any] = {"config": config.label}
+    if space.batch is None:
+        k = int(round(math.log2(plan.batch_size)))
+        if 2**k != plan.batch_size or not 0 <= k <= space.max_log2_batch:
+            raise ValueError(f"batch {plan.batch_size} is not 2^k with k <= {space.max_log2_batch}")
+        params["log2_batch"] = k
+    if len(space.kv_offload) > 1:
+        params["kv_offload"] = plan.kv_offload
+    if plan.copies_from_host_memory and len(space.pin_memory) > 1:
+        params["pin_memory"] = plan.pin_memory
+    if plan.pp > 1:
+        params[_micro_param(plan.pp)] = plan.micro_batches
+    if config.gathers:
+        for name in ("prefetch_bucket_elems", "max_live_elems", "persistence_threshold_elems"):
+            r: IntRange = getattr(space, name)
+            if r.low < r.high:
+                params[name] = int(min(max(getattr(plan, name), r.low), r.high))
+    if config.offload == "nvme" and space.nvme_buffer_elems is not None:
+        params["nvme_buffer_count"] = int(min(max(plan.nvme_buffer_count, NVME_BUFFER_COUNTS[0]), NVME_BUFFER_COUNTS[1]))
+        r = space.nvme_buffer_elems
+        if r.low < r.high:
+            params["nvme_buffer_elems"] = int(min(max(plan.nvme_buffer_elems, r.low), r.high))
+    return params
+
+
+def plan_key(plan: Plan) -> tuple:
+    """Plans that run identically share a key (knobs that do not apply are left out)."""
+    config = Config.of(plan)
+    key = [config, plan.batch_size, plan.kv_offload, plan.micro_batches]
+    key.append(plan.pin_memory if plan.copies_from_host_memory else None)
+    if config.gathers:
+        key += [plan.prefetch_bucket_elems, plan.max_live_elems, plan.persistence_threshold_elems]
+    if config.offload == "nvme":
+        key += [plan.nvme_buffer_count, plan.nvme_buffer_elems]
+    return tuple(key)
+
+
+# ---- a finite lattice of the space ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Lattice:
+    """Grid points of the space grouped by layout (tp, pp, dp): each group is one vectorised evaluation."""
+
+    layouts: tuple[tuple[int, int, int], ...]
+    knobs: tuple[Knobs, ...]
+    configs: tuple[np.ndarray, ...]  # per group: index into ``space.configs`` of each row
+
+    @property
+    def size(self) -> int:
+        return sum(k.n for k in self.knobs)
+
+    def plan(self, group: int, row: int) -> Plan:
+        k, (tp, pp, dp) = self.knobs[group], self.layouts[group]
+        return Plan(
+            offload="cpu" if k.offload_cpu[row] else "nvme" if k.offload_nvme[row] else "none",
+            tp=tp, pp=pp, dp=dp, weight_bits=int(k.weight_bits[row]), pin_memory=bool(k.pin_memory[row]),
+            kv_offload=bool(k.kv_offload[row]), batch_size=int(k.batch_size[row]),
+            micro_batches=int(k.micro_batches[row]), prefetch_bucket_elems=int(k.prefetch_bucket_elems[row]),
+            max_live_elems=int(k.max_live_elems[row]),
+            persistence_threshold_elems=int(k.persistence_threshold_elems[row]),
+            nvme_buffer_count=int(k.nvme_buffer_count[row]), nvme_buffer_elems=int(k.nvme_buffer_elems[row]),
+        )
+
+
+def _config_rows(config: Config, space: Space, model: ModelSpec) -> list[tuple]:
+    rows = []
+    knob_points = [(DEEPSPEED_DEFAULT_PREFETCH_ELEMS, DEEPSPEED_DEFAULT_MAX_LIVE_ELEMS, DEEPSPEED_DEFAULT_PERSISTENCE_ELEMS)]
+    if config.gathers:
+        knob_points = list(itertools.product(space.prefetch_bucket_elems.points, space.max_live_elems.points,
+                                             space.persistence_threshold_elems.points))
+    nvme_points = [(5, 100_000_000)]
+    if config.offload == "nvme" and space.nvme_buffer_elems is not None:
+        need = nvme_buffer_elems_for(model, config.tp, config.dp)
+        nvme_points = [(c, e) for c in (4, 8) for e in space.nvme_buffer_elems.points if e >= need]
+    micro = _micro_choices(config.pp) if config.pp > 1 else (1,)
+    for batch, kv in itertools.product(space.batches(), space.kv_offload):
+        batch = _fit_batch(batch, config.dp)
+        pins = space.pin_memory if (config.offload == "cpu" or kv) else (True,)
+        mbs = sorted({_fit_micro_batches(batch // config.dp, m) for m in micro})
+        for pin, mb, (bucket, live, persist), (count, elems) in itertools.product(pins, mbs, knob_points, nvme_points):
+            rows.append((config.offload == "cpu", config.offload == "nvme", config.weight_bits, pin, kv, batch, mb,
+                         bucket, live, persist, count, elems))
+    return rows
+
+
+def grid(space: Space, model: ModelSpec) -> Lattice:
+    by_layout: dict[tuple[int, int, int], list[tuple[int, tuple]]] = {}
+    for ci, config in enumerate(space.configs):
+        for row in _config_rows(config, space, model):
+            by_layout.setdefault((config.tp, config.pp, config.dp), []).append((ci, row))
+    layouts, knobs, configs = [], [], []
+    for layout, items in by_layout.items():
+        a = np.array([row for _, row in items], dtype=np.float64)
+        layouts.append(layout)
+        configs.append(np.array([ci for ci, _ in items], dtype=int))
+        knobs.append(Knobs(
+            offload_cpu=a[:, 0].astype(bool), offload_nvme=a[:, 1].astype(bool), weight_bits=a[:, 2],
+            pin_memory=a[:, 3].astype(bool), kv_offload=a[:, 4].astype(bool), batch_size=a[:, 5],
+            micro_batches=a[:, 6], prefetch_bucket_elems=a[:, 7], max_live_elems=a[:, 8],
+            persistence_threshold_elems=a[:, 9], nvme_buffer_count=a[:, 10], nvme_buffer_elems=a[:, 11],
+        ))
+    return Lattice(tuple(layouts), tuple(knobs), tuple(configs))
+
+
+def widen(space: Space, extra: Iterable[Config], model: ModelSpec) -> Space:
+    """The same space with more discrete plans (the simulation's exhaustive optimum looks beyond the top k)."""
+    configs = list(space.configs)
+    configs += [c for c in extra if c not in configs]
+    nvme_range = space.nvme_buffer_elems
+    nvme = [c for c in configs if c.offload == "nvme"]
+    if nvme and nvme_range is None:
+        need = max(nvme_buffer_elems_for(model, c.tp, c.dp) for c in nvme)
+        nvme_range = IntRange.spanning(need, 4 * need, 2)
+    return replace(space, configs=tuple(configs), nvme_buffer_elems=nvme_range)
