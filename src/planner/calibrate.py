@@ -22,11 +22,11 @@ in ``CANDIDATES`` are fitted in log space (a coefficient c = prior * exp(theta))
 within physical bounds (fractions in (0, 1], times and bytes in [prior/1000, prior*1000]), with a
 Cauchy loss (robust to a run the model cannot explain) and a ridge pull toward the prior whose weight
 depends on the prior's provenance (``prior_weight``: a measured number weighs more than an assumed
-default), so that a coefficient the records barely constrain stays near its prior. A coefficient is *fitted* when some
-record's prediction moves with it (|d log prediction / d log coefficient| >= ``SENSITIVITY_MIN`` at the
-prior or at the optimum) and stays exactly at its prior otherwise (e.g. ``nvme_read`` without an NVMe
-record): ``Calibration.support`` says from how many records each fitted value comes, ``unidentified``
-lists the rest.
+default), so that a coefficient the records barely constrain stays near its prior. A coefficient is
+*fitted* when some record's prediction would move by ``SENSITIVITY_MIN`` (5%) somewhere within the
+coefficient's bounds, and stays exactly at its prior otherwise (e.g. ``nvme_read`` without an NVMe
+record): ``Calibration.support`` counts the records that move when the fitted value goes 10x either way,
+``unidentified`` lists the rest.
 """
 
 from __future__ import annotations
@@ -103,7 +103,8 @@ STRUCTURAL_SPREAD = {"prefetch_overlap": math.log(1.25)}
 # weakly constrained coefficients to unphysical values to shave a little off its error. (At 1x the
 # spread the leave-one-out folds flipped between which run they sacrificed; at 4x outliers dragged.)
 ROBUST_SCALE = 2.0 * MEASUREMENT_SPREAD
-SENSITIVITY_MIN = 0.05  # a 10% change moves some prediction by >= 0.5%: below that, the records cannot tell
+GRADUATION = (4.0, 1.0)  # the loss scale, as multiples of ROBUST_SCALE, of the successive warm-started fits
+SENSITIVITY_MIN = 0.05  # |log| a prediction must move (5%) for a record to say anything about a coefficient
 _RANGE = 1e3  # times and bytes may move a factor 1000 either way from the prior
 
 
@@ -247,11 +248,11 @@ def measurement(record: Mapping[str, Any], model_loader: Callable[[str], ModelSp
     model_name = (record.get("model") or {}).get("name") or spec.get("model")
     if not model_name:
         raise CalibrationError(f"record {rid}: no model name (model.name or spec.model)")
-    try:
-        model = model_loader(str(model_name))
-    except ValueError as e:
-        raise CalibrationError(f"record {rid}: model {model_name!r} is not in the catalogue ({e}); "
-                               "add its config.json to the catalogue or leave the record out") from None
+    model = _record_model(record, str(model_name), model_loader)
+    if model is None:
+        raise CalibrationError(f"record {rid}: model {model_name!r} is not in the catalogue (hpi models), and its "
+                               f"config {spec.get('model')!r} is not here either; add the config.json to the "
+                               "catalogue or leave the record out")
     wl = spec.get("workload") or {}
     try:
         workload = Workload(int(wl.get("prompt_len_tokens", 0)), int(wl.get("gen_len_tokens", 0)))
@@ -281,6 +282,26 @@ CONDITION_FIELDS = {"fetch_wait": "host"}
 def run_conditions(record: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
     spec = record.get("spec") or {}
     return tuple((k, str(spec.get(k, default))) for k, default in CONDITION_FIELDS.items())
+
+
+_REPO = Path(__file__).resolve().parents[2]
+
+
+def _record_model(record: Mapping[str, Any], name: str, loader: Callable[[str], ModelSpec]) -> ModelSpec | None:
+    """The catalogue model the record names, else the config the run loaded (spec.model): as written, or,
+    for a path of another machine (a run from an exported tree), the same path's tail in this repository."""
+    candidates = [name]
+    spec_model = str((record.get("spec") or {}).get("model") or "")
+    if spec_model and spec_model != name:
+        candidates.append(spec_model)
+        parts = Path(spec_model).parts
+        candidates += [str(_REPO.joinpath(*parts[i:])) for i in range(1, len(parts)) if _REPO.joinpath(*parts[i:]).is_file()]
+    for candidate in candidates:
+        try:
+            return loader(candidate)
+        except (ValueError, OSError):
+            continue
+    return None
 
 
 def plan_key(m: Measurement) -> str:
@@ -431,18 +452,18 @@ def _log_ratios(cases: _Cases, profile: HardwareProfile, eff: Efficiency) -> np.
     return np.where((cases.measured > 0) & (pred > 0), ratio, np.nan)
 
 
-def _sensitivity(cases: _Cases, profile: HardwareProfile, eff: Efficiency, names: Sequence[str],
-                 step: float = 0.1) -> np.ndarray:
-    """(records, coefficients) largest |d log prediction / d log coefficient| over the metrics (central differences)."""
+def _reach(cases: _Cases, profile: HardwareProfile, eff: Efficiency, names: Sequence[str], factor: float) -> np.ndarray:
+    """(records, coefficients) how far each prediction moves, in |log|, when one coefficient alone goes
+    ``factor`` times up and down from ``eff`` (clipped to its bounds); the largest over the metrics."""
+    base = np.nan_to_num(_log_ratios(cases, profile, eff))
     out = np.zeros((len(cases.measurements), len(names)))
     for k, name in enumerate(names):
         lo, hi = _bounds(name, getattr(eff, name))
-        up, down = min(step, hi), max(-step, lo)
-        if up - down <= 0:
-            continue
-        plus = _log_ratios(cases, profile, _with(eff, [name], np.array([up])))
-        minus = _log_ratios(cases, profile, _with(eff, [name], np.array([down])))
-        out[:, k] = np.nanmax(np.abs(np.nan_to_num(plus - minus)) / (up - down), axis=1)
+        for step in (max(-math.log(factor), lo), min(math.log(factor), hi)):
+            if step == 0:
+                continue
+            moved = np.nan_to_num(_log_ratios(cases, profile, _with(eff, [name], np.array([step]))))
+            out[:, k] = np.maximum(out[:, k], np.abs(moved - base).max(axis=1))
     return out
 
 
@@ -471,10 +492,10 @@ def _least_squares(cases: _Cases, profile: HardwareProfile, prior: Efficiency, n
     # scaling of a bounded least-squares solver no room to take a first step.
     x = np.clip(np.zeros(len(names)), lo + 0.01, hi - 0.01)
     # Graduated robustness: a Cauchy loss started far from the optimum sees every residual as an outlier
-    # and barely moves, so the scale shrinks from 8x its final value, each fit warm-started.
-    for scale in ROBUST_SCALE * np.array([8.0, 4.0, 2.0, 1.0]):
+    # and barely moves, so the scale shrinks from 4x its final value, each fit warm-started.
+    for scale in ROBUST_SCALE * np.array(GRADUATION):
         x = least_squares(residuals, x, bounds=(lo, hi), method="trf", loss="cauchy", f_scale=scale,
-                          diff_step=1e-3, xtol=1e-7, ftol=1e-7, gtol=1e-7, max_nfev=100 * (len(names) + 1)).x
+                          diff_step=1e-3, xtol=1e-6, ftol=1e-6, gtol=1e-8, max_nfev=30).x
     return x
 
 
@@ -528,25 +549,28 @@ def fit(profile: HardwareProfile, records: Sequence[Mapping[str, Any] | Measurem
     cases = _cases(profile, measurements)
     prior = profile.efficiency
     names = list(coefficients)
-    # Fit what the records move at the prior; a coefficient that only starts to matter at the optimum
-    # (host time hiding device time flips with the coefficients) joins, and the fit is redone from the prior.
-    moved = _sensitivity(cases, profile, prior, names) >= SENSITIVITY_MIN
-    for _ in range(3):
-        identified = [n for k, n in enumerate(names) if moved[:, k].any()]
-        theta = _least_squares(cases, profile, prior, identified, ridge)
-        fitted = _with(prior, identified, theta)
-        moved_now = moved | (_sensitivity(cases, profile, fitted, names) >= SENSITIVITY_MIN)
-        if (moved_now.any(axis=0) == moved.any(axis=0)).all():
-            moved = moved_now
-            break
-        moved = moved_now
+    # A coefficient is fitted when some record's prediction would move by SENSITIVITY_MIN anywhere in its
+    # bounds (a pipeline send's 15 us alpha matters only if it is really milliseconds: the data decides);
+    # the others stay exactly at their prior. Support: records that move when the fitted value goes 10x
+    # either way.
+    reach = _reach(cases, profile, prior, names, _RANGE)
+    identified = [n for k, n in enumerate(names) if (reach[:, k] >= SENSITIVITY_MIN).any()]
+    theta = _least_squares(cases, profile, prior, identified, ridge)
+    fitted = _with(prior, identified, theta)
+    support = _reach(cases, profile, fitted, identified, 10.0) >= SENSITIVITY_MIN
+    # Where the fit left a coefficient, no record depends on it: back to its prior, reported unidentified.
+    idle = [n for k, n in enumerate(identified) if not support[:, k].any()]
+    if idle:
+        fitted = dataclasses.replace(fitted, **{n: getattr(prior, n) for n in idle})
+        support = support[:, [k for k, n in enumerate(identified) if n not in idle]]
+        identified = [n for n in identified if n not in idle]
     before = summarize(_predictions(cases, profile))
     after = summarize(_predictions(cases, dataclasses.replace(profile, efficiency=fitted)))
     return Calibration(
         profile=profile.name,
         values={n: float(getattr(fitted, n)) for n in identified},
         priors={n: float(getattr(prior, n)) for n in identified},
-        support={n: int(moved[:, names.index(n)].sum()) for n in identified},
+        support={n: int(support[:, k].sum()) for k, n in enumerate(identified)},
         unidentified=tuple(n for n in names if n not in identified),
         record_ids=tuple(m.record_id for m in measurements),
         error_before=before,

@@ -216,8 +216,11 @@ def _print_validation(result) -> None:
     console.print(summary)
     if result.skipped:
         console.print("skipped: " + ", ".join(f"{n} {k}" for k, n in result.skipped.items()))
-    for rid, reason in result.excluded.items():
-        console.print(f"excluded {rid}: {reason}")
+    by_reason: dict[str, list[str]] = {}
+    for key, reason in result.excluded.items():
+        by_reason.setdefault(reason, []).append(key)
+    for reason, keys in by_reason.items():
+        console.print(f"excluded {', '.join(keys)}: {reason}")
     if result.unlisted:
         console.print(f"not in the fidelity manifest (add them to validation/fidelity_set.yaml): {', '.join(result.unlisted)}")
 

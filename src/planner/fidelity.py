@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import glob
+import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,10 +121,12 @@ def _relative(path: Path, root: Path) -> str:
 
 
 def _looks_like_records(path: Path) -> bool:
+    """A RunRecord file, or a bundle of only baselines and failed entries (not a probe's or a config's JSON)."""
     try:
-        return bool(load_records(path)) or bool(load_records(path).skipped)
+        records = load_records(path)
     except (CalibrationError, UnicodeDecodeError):
         return False
+    return bool(records) or bool(records.skipped.get("baseline") or records.skipped.get("error"))
 
 
 def load_manifest(path: str | Path = DEFAULT_MANIFEST, root: str | Path | None = None) -> Manifest:
@@ -196,28 +199,58 @@ class Fold:
     calibration: Calibration | None  # None when no other plan of this profile was recorded
 
 
-def leave_one_plan_out(profile_name: str, measurements: Sequence[Measurement],
-                       fitter: Callable[..., Calibration] = fit) -> tuple[list[Row], list[Fold]]:
-    """Rows for every measurement of one machine, each calibrated without its own plan's records."""
-    prior = load_profile(profile_name, calibrated=False)
-    uncal = {p.record_id: p for p in predict_measurements(prior, measurements)}
-    rows: list[Row] = []
-    folds: list[Fold] = []
+def _fit_fold(profile_name: str, train: Sequence[Measurement]) -> Calibration:
+    """One fold's fit (module level, so that a process pool can run it)."""
+    return fit(load_profile(profile_name, calibrated=False), train)
+
+
+def _fits(tasks: list[tuple[str, list[Measurement]]], fitter: Callable[..., Calibration] | None) -> list[Calibration]:
+    """The folds' fits: in a process pool for the default fitter (the folds are independent), else in order."""
+    if fitter is not None or len(tasks) < 2 or (os.cpu_count() or 1) < 2:
+        return [(fitter or fit)(load_profile(name, calibrated=False), train) for name, train in tasks]
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=min(len(tasks), os.cpu_count() or 1)) as pool:
+        return list(pool.map(_fit_fold, *zip(*tasks)))
+
+
+def _folds(profile_name: str, measurements: Sequence[Measurement]) -> list[tuple[list[Measurement], list[Measurement]]]:
+    """(held out, train) per plan; a run and its repeats are held out together."""
+    out = []
     for key in sorted({m.key for m in measurements}):
         held = [m for m in measurements if m.key == key]
         train = [m for m in measurements if m.key != key]
-        held_ids = {m.record_id for m in held}
-        assert not held_ids & {m.record_id for m in train}, "a held-out record leaked into its own fit"
-        cal = fitter(prior, train) if train else None
+        assert not {m.record_id for m in held} & {m.record_id for m in train}, "a held-out record leaked into its fit"
+        out.append((held, train))
+    return out
+
+
+def _rows_and_folds(profile_name: str, measurements: Sequence[Measurement], folds, fits) -> tuple[list[Row], list[Fold]]:
+    prior = load_profile(profile_name, calibrated=False)
+    uncal = {p.record_id: p for p in predict_measurements(prior, measurements)}
+    rows: list[Row] = []
+    out: list[Fold] = []
+    for (held, train), cal in zip(folds, fits):
         hardware = apply(prior, cal) if cal else prior
-        folds.append(Fold(profile_name, tuple(sorted(held_ids)), tuple(m.record_id for m in train), cal))
+        out.append(Fold(profile_name, tuple(sorted(m.record_id for m in held)), tuple(m.record_id for m in train), cal))
         for p, m in zip(predict_measurements(hardware, held), held):
             for metric in METRICS:
                 measured = p.measured[metric]
                 if measured > 0:
                     rows.append(Row(m.record_id, profile_name, m.model.name, m.plan.label, metric, measured,
                                     uncal[m.record_id].predicted[metric], p.predicted[metric]))
-    return rows, folds
+    return rows, out
+
+
+def leave_one_plan_out(profile_name: str, measurements: Sequence[Measurement],
+                       fitter: Callable[..., Calibration] | None = None) -> tuple[list[Row], list[Fold]]:
+    """Rows for every measurement of one machine, each calibrated without its own plan's records.
+
+    ``fitter(prior, train)`` defaults to ``planner.calibrate.fit`` (run in a process pool)."""
+    folds = _folds(profile_name, measurements)
+    fitted = iter(_fits([(profile_name, train) for _, train in folds if train], fitter))
+    fits = [next(fitted) if train else None for _, train in folds]
+    return _rows_and_folds(profile_name, measurements, folds, fits)
 
 
 # ---- the whole set ------------------------------------------------------------------------------------
@@ -291,7 +324,7 @@ def _files_and_profiles(manifest: Manifest, record_paths: Sequence[str | Path] |
 
 
 def validate(manifest: Manifest | None = None, record_paths: Sequence[str | Path] | None = None,
-             fitter: Callable[..., Calibration] = fit) -> Validation:
+             fitter: Callable[..., Calibration] | None = None) -> Validation:
     """Every record of the set (``record_paths``, default the manifest's files), left out one plan at a time."""
     manifest = manifest or load_manifest()
     by_profile: dict[str, list[Measurement]] = {}
@@ -320,10 +353,15 @@ def validate(manifest: Manifest | None = None, record_paths: Sequence[str | Path
             if not name:
                 raise CalibrationError(f"record {m.record_id} names no hardware profile: list {rel} in the manifest with one")
             by_profile.setdefault(name, []).append(m)
+    # Every fold of every machine fitted at once (in parallel), then read back per machine.
+    plans = {name: _folds(name, by_profile[name]) for name in sorted(by_profile)}
+    tasks = [(name, train) for name in plans for _, train in plans[name] if train]
+    fitted = iter(_fits(tasks, fitter))
     rows: list[Row] = []
     folds: list[Fold] = []
-    for name in sorted(by_profile):
-        r, f = leave_one_plan_out(name, by_profile[name], fitter)
+    for name, machine_folds in plans.items():
+        fits = [next(fitted) if train else None for _, train in machine_folds]
+        r, f = _rows_and_folds(name, by_profile[name], machine_folds, fits)
         rows += r
         folds += f
     unlisted = tuple(manifest.unlisted()) if record_paths is None else ()

@@ -159,7 +159,7 @@ def test_bad_input_is_one_line_and_exit_2(capsys, fixture_dir, tmp_path, argv, m
 
 def test_a_record_of_a_model_outside_the_catalogue_is_refused(capsys, synth, tmp_path) -> None:
     rec = synth.record("odd", *synth.PLANS["8b-resident"], synth.true_profile())
-    rec["model"]["name"] = "gpt-7-1t"
+    rec["model"]["name"] = rec["spec"]["model"] = "gpt-7-1t"
     (tmp_path / "odd.json").write_text(json.dumps(rec))
     code, _, err = run(capsys, "validate", "--records", str(tmp_path))
     assert code == 2 and "model 'gpt-7-1t' is not in the catalogue" in err and len(err.strip().splitlines()) == 1
