@@ -122,6 +122,7 @@ class Tuner:
         cfg = self.cfg
         self.model = load_model(cfg.checkpoint or cfg.model)
         self.nominal = load_profile(cfg.hardware)
+        self.restrict = self._restrict()  # refuses what cannot run here before anything is written
         self.name = cfg.study or study_name(self.model.name, self.nominal.name, cfg.objective, cfg.simulate)
         self.study_dir = None if cfg.storage == MEMORY_STORAGE else Path(cfg.studies_dir) / self.name
         self.runs_dir = None if self.study_dir is None else self.study_dir / "runs"
@@ -137,7 +138,6 @@ class Tuner:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             sampler = optuna.samplers.TPESampler(seed=cfg.seed, multivariate=True, group=True, constant_liar=True,
                                                  n_startup_trials=max(cfg.n_seeds, 1))
-        self.restrict = self._restrict()
         self.study = open_study(self.name, storage, cfg.objective == "throughput", sampler, identity)
         self.space = self._space()
         self.surrogate = Surrogate(self.model, self.nominal, cfg.workload, self.space,
