@@ -287,20 +287,30 @@ def _calibration_rows(surrogate) -> list[str]:
     return rows
 
 
-def write_report(study_dir: Path, study, surrogate, doc: dict[str, Any]) -> Path:
-    plt = _plt()
+def _plots(study_dir: Path, study, surrogate, doc: dict[str, Any], trials, imp) -> str | None:
+    """Draw every plot; returns why none were drawn (matplotlib missing, e.g. on a GPU node without it)."""
+    try:
+        plt = _plt()
+    except ImportError as e:
+        return f"no plots: {e} (pip install matplotlib, then run the same command again)"
     plots = study_dir / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    trials = _trials(study)
     best = doc.get("best")
     best_plan = Plan.from_dict({k: best[k] for k in Plan.__dataclass_fields__}) if best else None
-    imp = importances(study)
     plot_throughput_vs_batch(plt, trials, surrogate, best_plan, plots / "throughput_vs_batch.png")
     plot_pinned_vs_pageable(plt, trials, surrogate, plots / "pinned_vs_pageable.png")
     plot_predicted_vs_measured(plt, trials, surrogate, plots / "predicted_vs_measured.png")
     plot_importance(plt, imp, plots / "importance.png")
     plot_pareto(plt, trials, plots / "pareto.png")
     plot_convergence(plt, trials, surrogate.maximize, doc, plots / "convergence.png")
+    return None
+
+
+def write_report(study_dir: Path, study, surrogate, doc: dict[str, Any]) -> Path:
+    trials = _trials(study)
+    best = doc.get("best")
+    imp = importances(study)
+    no_plots = _plots(study_dir, study, surrogate, doc, trials, imp)
 
     lines = [f"# hpi autotune: {doc['study']}", "",
              f"{doc['model']} on {doc['hardware']}, objective **{doc['objective']}**"
@@ -337,8 +347,8 @@ def write_report(study_dir: Path, study, surrogate, doc: dict[str, Any]) -> Path
                   f"A grid of the same lattice ({sim['grid_size']:,} points, {sim['grid_points_within_3pct']} within 3%) "
                   f"needs {sim['expected_grid_trials'] or float('inf'):,.0f} trials on average in random order.", "",
                   "```json", json.dumps(sim["machine"], indent=1), "```", ""]
-    lines += ["## Plots", ""]
-    for name, title in (("throughput_vs_batch", "Throughput against batch"), ("pinned_vs_pageable", "Pinned vs pageable"),
+    lines += ["## Plots", ""] + ([no_plots, ""] if no_plots else [])
+    for name, title in () if no_plots else (("throughput_vs_batch", "Throughput against batch"), ("pinned_vs_pageable", "Pinned vs pageable"),
                         ("predicted_vs_measured", "Predicted vs measured"), ("importance", "Parameter importance"),
                         ("pareto", "Latency / throughput Pareto front"), ("convergence", "Convergence")):
         lines += [f"### {title}", "", f"![{title}](plots/{name}.png)", ""]

@@ -47,6 +47,8 @@ from planner.specs.workload import Workload
 
 DEFAULT_SEEDS = 3
 WITHIN = 0.03  # the simulated target: within 3% of the true optimum
+BASELINE_RESERVE = 1.5  # trials' worth of time kept for the baseline
+BASELINE_MIN_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -225,11 +227,12 @@ class Tuner:
         return self.cfg.baseline is not None and self._baseline_record() is None
 
     def _reserve_s(self) -> float:
-        """Time kept back for the baseline: about one trial (a share of the budget before any ran)."""
+        """Time kept back for the baseline: 1.5 trials (a share of the budget before any trial ran). A
+        baseline builds the whole model its own way, so it may take longer than one of our runs."""
         if not self._baseline_pending() or self.cfg.simulate or self.cfg.timeout_s is None:
             return 0.0
         walls = self._walls()
-        return max(walls) if walls else self.cfg.timeout_s / (self.cfg.n_trials + 1)
+        return BASELINE_RESERVE * max(walls) if walls else self.cfg.timeout_s / (self.cfg.n_trials + 1)
 
     def _time_left_s(self) -> float:
         if self.cfg.timeout_s is None:
@@ -302,7 +305,10 @@ class Tuner:
         if self.cfg.baseline_batch is None and best_batch is not None and batch != best_batch:
             out["note"] = (f"the best plan's batch {best_batch} is predicted not to fit the baseline's plan; "
                            f"{batch} is the largest that does")
-        timeout = None if self.cfg.timeout_s is None else max(self._time_left_s(), 60.0)
+        # The budget may be short by now; a baseline cut off is lost, so it gets at least its reserve.
+        walls = self._walls()
+        floor = max(BASELINE_MIN_S, BASELINE_RESERVE * max(walls) if walls else 0.0)
+        timeout = None if self.cfg.timeout_s is None else max(self._time_left_s(), floor)
         started = time.monotonic()
         self.emit("baseline_start", out)
         try:
@@ -428,7 +434,10 @@ class Tuner:
         if self.cfg.report:
             from autotune.report import write_report
 
-            doc["files"]["report"] = str(write_report(self.study_dir, self.study, self.surrogate, doc))
+            try:
+                doc["files"]["report"] = str(write_report(self.study_dir, self.study, self.surrogate, doc))
+            except Exception as e:  # noqa: BLE001 - the study and its records stand without the report
+                doc["report_error"] = f"{type(e).__name__}: {e}"
         write_json_atomic(self.study_dir / "summary.json", doc)
 
 

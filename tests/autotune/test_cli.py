@@ -57,3 +57,18 @@ def test_hpi_does_not_import_optuna_or_matplotlib_to_start():
             "bad = [m for m in ('optuna', 'matplotlib', 'torch', 'sqlalchemy') if m in sys.modules]\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_without_matplotlib_the_report_has_no_plots_but_everything_else(tmp_path, capsys, monkeypatch):
+    import autotune.report
+
+    def missing():
+        raise ImportError("No module named 'matplotlib'")
+
+    monkeypatch.setattr(autotune.report, "_plt", missing)
+    code = main(["autotune", "--model", "llama-3-70b", "--hardware", "h100-sxm-1gpu", "--simulate", "--trials", "2",
+                 "--studies-dir", str(tmp_path), "--json"])
+    doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    report = (tmp_path / doc["study"] / "report.md").read_text()
+    assert code == 0 and "no plots: No module named 'matplotlib'" in report and "## Trials" in report
+    assert not (tmp_path / doc["study"] / "plots").exists()
