@@ -9,11 +9,25 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 "$PY" -m pip install -q --disable-pip-version-check "torch==2.13.0"
 DS_BUILD_OPS=0 "$PY" -m pip install -q --disable-pip-version-check -e '.[test,executor]'
+# NVMe offload goes through DeepSpeed's async_io op, which links libaio. Install it where we may (root with
+# apt); elsewhere the NVMe tests skip themselves and say why.
+if ! ldconfig -p 2>/dev/null | grep -q 'libaio\.so '; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get install -y -qq libaio-dev >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq libaio-dev >/dev/null 2>&1; }) \
+      || echo "dev setup: could not install libaio-dev; NVMe offload tests will skip"
+  else
+    echo "dev setup: libaio missing (apt install libaio-dev); NVMe offload tests will skip"
+  fi
+fi
 # DeepSpeed JIT-compiles its CPU shared-memory comm op (~100 s on 2 cores) the first time a CPU
 # engine starts; build it here, once, so test timings stay honest. Cached under ~/.cache/torch_extensions.
 DS_ACCELERATOR=cpu "$PY" - <<'PY'
 import torch, transformers, deepspeed  # noqa: F401  (fail here, not halfway through the tests)
 from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 ShareMemCommBuilder().load(verbose=False)
+# NVMe offload's async_io op (~6 min on 2 cores the first time): built here, once, when libaio is present.
+from deepspeed.ops.op_builder import AsyncIOBuilder
+if AsyncIOBuilder().is_compatible(verbose=False):
+    AsyncIOBuilder().load(verbose=False)
 print(f"dev setup ok: torch {torch.__version__}, transformers {transformers.__version__}, deepspeed {deepspeed.__version__}")
 PY

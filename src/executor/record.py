@@ -14,6 +14,8 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from executor.render import AIO_DEFAULTS
+
 
 @dataclass
 class RankReport:
@@ -27,6 +29,11 @@ class RankReport:
     host_rss_bytes: int = 0
     pinned_bytes: int = 0
     h2d_bytes_per_forward: int = 0  # bytes ZeRO-3 copies host->device for one forward of this rank's stage
+    nvme_bytes_per_forward: int = 0  # bytes of this rank's partitions that live on NVMe (read every forward)
+    nvme_device: str | None = None  # the block device under the NVMe folder (None: no device, e.g. tmpfs)
+    nvme_read_bytes: int | None = None  # what that device read during the measured run (/proc/diskstats)
+    nvme_read_interval_s: float | None = None
+    nvme_avg_queue_depth: float | None = None  # requests in flight on average during the measured run
     tp_allreduce_s: float = 0.0  # total time inside TP all-reduces during the measured run
     build_s: float = 0.0  # materialize (or load) the weights and wrap them
     tokens: list[list[int]] = field(default_factory=list)  # last-stage ranks: new tokens per sequence
@@ -80,6 +87,27 @@ def software_versions() -> dict[str, str]:
     return versions
 
 
+def _nvme_figures(spec_dict: dict[str, Any], reports: list[RankReport], decode_s: float, micro_batches: int):
+    """NVMe offload: bytes per step from the partitions, and what the drive did (bytes, rate, queue depth)."""
+    if spec_dict["plan"].get("offload") != "nvme":
+        return None
+    per_step = max((r.nvme_bytes_per_forward for r in reports), default=0) * micro_batches
+    measured = [r for r in reports if r.nvme_read_bytes is not None]
+    out = {
+        "bytes_per_step": per_step,
+        "achieved_read_bytes_s": per_step / decode_s if decode_s > 0 else 0.0,
+        "aio": dict(AIO_DEFAULTS),  # the queue depth and block size DeepSpeed was given (executor.render)
+        "device": measured[0].nvme_device if measured else None,
+        "device_read_bytes": sum(r.nvme_read_bytes for r in measured) if measured else None,
+        "device_read_bytes_s": (sum(r.nvme_read_bytes for r in measured) / max(r.nvme_read_interval_s for r in measured)
+                                if measured and max(r.nvme_read_interval_s for r in measured) > 0 else None),
+        "device_avg_queue_depth": max(r.nvme_avg_queue_depth for r in measured) if measured else None,
+    }
+    if not measured:
+        out["why_no_device_figures"] = "the NVMe folder is on no block device /proc/diskstats knows (tmpfs, overlay, or not Linux)"
+    return out
+
+
 def build_record(
     spec_dict: dict[str, Any],
     reports: list[RankReport],
@@ -97,6 +125,7 @@ def build_record(
     achieved = h2d_per_step / decode_median if decode_median > 0 and h2d_per_step else 0.0
     decode_forwards = max(times["forwards"] - 1, 1)
     record = {
+        "nvme": _nvme_figures(spec_dict, reports, decode_median, plan.get("micro_batches", 1)),
         "kind": "hpi.RunRecord",
         "version": 1,
         "spec": spec_dict,

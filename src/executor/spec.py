@@ -63,6 +63,10 @@ class RunSpec:
             )
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError("temperature must be >= 0 and 0 < top_p <= 1")
+        if self.plan.offload == "nvme" and self.dtype == "fp32":
+            # DeepSpeed 0.19.8 hands NVMe-swapped fp32 weights back as bf16 ("expected m1 and m2 to have the
+            # same dtype, but got: float != c10::BFloat16" in the first Linear), seen on its CPU accelerator.
+            raise ValueError("offload nvme with dtype fp32 fails inside DeepSpeed 0.19.8: use --dtype bf16 or fp16")
         if self.fetch_wait not in FETCH_WAITS:
             raise ValueError(f"fetch_wait {self.fetch_wait!r} is not one of {', '.join(FETCH_WAITS)}")
         for v in self.variants:

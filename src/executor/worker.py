@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 
+from executor import diskstats
 from executor.generate import PipelineGenerator, Sampler, StepTimes
 from executor.groups import Groups, build_groups
 from executor.record import RankReport, build_record
@@ -105,19 +106,27 @@ def build_quantized_stage(config, shard, spec: RunSpec, g: Groups, dtype: torch.
         return build_stage(config, shard, tp_group=g.tp_group, dtype=dtype, device=device, framework_init=True)
 
 
-def zero3_transfer_bytes(module: torch.nn.Module) -> tuple[int, int]:
-    """(bytes copied host->device per forward, pinned host bytes) of this rank's ZeRO-3 partitions."""
-    per_forward = pinned = 0
+def zero3_transfer_bytes(module: torch.nn.Module) -> tuple[int, int, int]:
+    """(bytes copied host->device per forward, pinned host bytes, bytes read from NVMe per forward) of this
+    rank's ZeRO-3 partitions. An NVMe-offloaded partition is read into a pinned swap buffer and then copied
+    to the device, so it counts in both directions' per-forward bytes."""
+    from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
+
+    per_forward = pinned = nvme = 0
     for p in module.parameters():
         part = getattr(p, "ds_tensor", None)
-        if part is None:
+        if part is None or getattr(p, "ds_persist", False):
             continue
-        n = part.numel() * part.element_size()
-        if not getattr(p, "ds_persist", False) and part.device.type == "cpu":
+        on_nvme = getattr(part, "final_location", None) == OffloadDeviceEnum.nvme
+        n = (part.ds_numel if on_nvme else part.numel()) * part.element_size()
+        if on_nvme:
+            nvme += n
             per_forward += n
-        if part.device.type == "cpu" and part.is_pinned():
-            pinned += n
-    return per_forward, pinned
+        elif part.device.type == "cpu":
+            per_forward += n
+            if part.is_pinned():
+                pinned += n
+    return per_forward, pinned, nvme
 
 
 def prompt_ids(spec: RunSpec, vocab_size: int, tokenizer=None) -> torch.Tensor:
@@ -228,7 +237,7 @@ def run(spec: RunSpec) -> list[dict] | None:
     module.eval()
     stage = zero3_stage(module, spec, g, config.hidden_size) if deepspeed_path else module.to(device)
     built = _Built(stage=stage, groups=g, config=config, planner_model=planner_model, dtype=dtype, device=device,
-                   h2d_per_forward_pinned=zero3_transfer_bytes(module) if deepspeed_path else (0, 0),
+                   transfer_bytes=zero3_transfer_bytes(module) if deepspeed_path else (0, 0, 0),
                    build_s=time.perf_counter() - t0, tokenizer=load_tokenizer(spec))
     records = []
     for one in spec.measurements():
@@ -252,7 +261,7 @@ class _Built:
     planner_model: object
     dtype: torch.dtype
     device: torch.device
-    h2d_per_forward_pinned: tuple[int, int]
+    transfer_bytes: tuple[int, int, int]  # zero3_transfer_bytes
     build_s: float
     tokenizer: object
 
@@ -292,11 +301,13 @@ def measure(spec: RunSpec, b: _Built) -> dict | None:
     _tp_allreduce_seconds(reset=True)  # count the measured run only, not the warm-up
     dist.barrier()
     generator.on_tokens = streamer
+    disk_before = diskstats.snapshot(spec.nvme_path) if plan.offload == "nvme" and spec.nvme_path else None
     new_tokens = generator.run(mine, rows, ids.shape[1], max_new, chat=spec.mode == "chat")
+    disk = diskstats.between(disk_before, diskstats.snapshot(spec.nvme_path) if disk_before else None)
     if streamer is not None:
         streamer.close()
 
-    h2d_per_forward, pinned = b.h2d_per_forward_pinned
+    h2d_per_forward, pinned, nvme_per_forward = b.transfer_bytes
     report = RankReport(
         rank=g.rank,
         coords=g.coords,
@@ -308,6 +319,11 @@ def measure(spec: RunSpec, b: _Built) -> dict | None:
         host_rss_bytes=_host_rss(),
         pinned_bytes=pinned,
         h2d_bytes_per_forward=h2d_per_forward,
+        nvme_bytes_per_forward=nvme_per_forward,
+        nvme_device=disk.device if disk else None,
+        nvme_read_bytes=disk.read_bytes if disk else None,
+        nvme_read_interval_s=disk.interval_s if disk else None,
+        nvme_avg_queue_depth=disk.avg_queue_depth if disk else None,
         tp_allreduce_s=_tp_allreduce_seconds(),
         build_s=b.build_s,
         tokens=torch.cat(new_tokens).tolist() if new_tokens else [],
