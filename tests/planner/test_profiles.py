@@ -134,13 +134,14 @@ def test_every_spec_figure_has_a_provenance_entry(name):
         assert profile.provenance[f"efficiency.{key}"].source in PROVENANCE_KINDS
 
 
-def test_h100_uses_the_measured_ceilings():
+def test_h100_uses_the_measured_and_probed_ceilings():
     profile = load_profile("h100-sxm-1gpu")
     assert profile.gpu.bf16_flops == 775e12 and profile.gpu.hbm_bandwidth_bytes_s == 3.0e12
-    assert profile.host.h2d_pageable_bytes_s == 6.1e9 and profile.nvme.read_bytes_s == 1.28e9
-    for path in ("gpu.bf16_flops", "gpu.hbm_bandwidth_bytes_s", "host.h2d_pageable_bytes_s", "nvme.read_bytes_s",
-                 "node.links.gpu_host.bandwidth_bytes_s", "efficiency.h2d_stream_pinned"):
-        assert profile.provenance[path].source == "measured", path
+    assert profile.host.h2d_pageable_bytes_s == 7.463e9 and profile.nvme.read_bytes_s == 2.682e9
+    for path, source in (("gpu.bf16_flops", "measured"), ("gpu.hbm_bandwidth_bytes_s", "measured"),
+                         ("host.h2d_pageable_bytes_s", "probed"), ("nvme.read_bytes_s", "probed"),
+                         ("node.links.gpu_host.bandwidth_bytes_s", "probed"), ("efficiency.h2d_stream_pinned", "measured")):
+        assert profile.provenance[path].source == source, path
         assert "2026-11-22" in profile.provenance[path].note, path
     assert profile.efficiency.h2d_stream_pinned == 0.62
     assert profile.efficiency.matmul_decode == Efficiency().matmul_decode  # not measured: the default

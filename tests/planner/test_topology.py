@@ -172,7 +172,7 @@ def test_h200_gpus_have_their_own_links():
 
 
 def test_pageable_is_capped_per_stream():
-    assert topo("h100-sxm-1gpu").host_to_gpu_bytes_s(["n0.gpu0"], pinned=False) == {"n0.gpu0": gb(6.1)}
+    assert topo("h100-sxm-1gpu").host_to_gpu_bytes_s(["n0.gpu0"], pinned=False) == {"n0.gpu0": gb(7.463)}
     dgx = topo("dgx-h100")
     assert all_at(dgx.host_to_gpu_bytes_s(dgx.gpus, pinned=False), 8.0)
 
@@ -181,7 +181,7 @@ def test_nvme_read_is_shared_and_bounded_by_the_pcie_path(tmp_path):
     dgx = topo("dgx-h100")
     assert dgx.nvme_to_gpu_bytes_s(["n0.gpu6"]) == {"n0.gpu6": gb(25)}
     assert all_at(dgx.nvme_to_gpu_bytes_s(dgx.gpus), 25 / 8)
-    assert topo("h100-sxm-1gpu").nvme_to_gpu_bytes_s(["n0.gpu0"]) == {"n0.gpu0": gb(1.28)}
+    assert topo("h100-sxm-1gpu").nvme_to_gpu_bytes_s(["n0.gpu0"]) == {"n0.gpu0": gb(2.682)}
     assert topo("a100-pcie-4gpu").nvme_to_gpu_bytes_s(["n0.gpu0"]) == {"n0.gpu0": 0.0}  # no NVMe
     # an NVMe array faster than the GPU's PCIe link: the link bounds it
     fast = build_topology(load_profile(str(_bridged_profile(tmp_path, bridges=[], nvme_read=100e9))))
