@@ -7,8 +7,9 @@ checkpoint (``executor.weights.CheckpointReader``). Decoder layers are transform
 from a per-stage config whose head / kv-head / intermediate counts are the per-rank ones; row-parallel
 projections are swapped for ``executor.tp.RowParallelLinear``.
 
-Families: llama, mistral, qwen2 (the Llama layer layout) and opt. Mixtral, DeepSeek and BLOOM are not
-built here yet.
+Families: llama, mistral, qwen2 (the Llama layer layout), mixtral (the same attention; transformers' fused
+experts, their FFN width split over TP and the block's output all-reduced) and opt. DeepSeek and BLOOM are
+not built here yet.
 
 Attention runs through transformers' ``sdpa`` path. With no mask it is causal for a multi-token query and
 full for a one-token decode, which is right for unpadded prompts prefilled in one go; the stage builds an
@@ -35,6 +36,7 @@ from executor.tp import (
     ROW_PARALLEL,
     RowParallelLinear,
     VocabParallelLMHead,
+    all_reduce_output,
     check_tp,
     kv_heads_per_rank,
     shard_index,
@@ -149,6 +151,8 @@ _FAMILIES: dict[str, Family] = {
     "mistral": Family("mistral", "mistral", "MistralDecoderLayer", "MistralRMSNorm", "MistralRotaryEmbedding",
                       "model.", "norm"),
     "qwen2": Family("qwen2", "qwen2", "Qwen2DecoderLayer", "Qwen2RMSNorm", "Qwen2RotaryEmbedding", "model.", "norm"),
+    "mixtral": Family("mixtral", "mixtral", "MixtralDecoderLayer", "MixtralRMSNorm", "MixtralRotaryEmbedding",
+                      "model.", "norm"),
     "opt": Family("opt", "opt", "OPTDecoderLayer", None, None, "model.decoder.", "final_layer_norm",
                   learned_positions=True, llama_layout=False),
 }
@@ -161,7 +165,7 @@ def family_of(config) -> Family:
     if fam is None:
         raise NotImplementedError(
             f"model_type {model_type!r} is not supported by the executor's stage builder "
-            f"(supported: {', '.join(SUPPORTED_FAMILIES)}; MoE families such as mixtral and deepseek_v3 are not yet)"
+            f"(supported: {', '.join(SUPPORTED_FAMILIES)}; the MoE families deepseek_v3 / kimi_k2 are not yet)"
         )
     if model_type == "opt":
         if config.word_embed_proj_dim != config.hidden_size:
@@ -408,6 +412,9 @@ def _tensor_parallel(layer: nn.Module, tp: int, tp_group, already_sharded: bool)
             else:
                 continue
             setattr(parent, child_name, new)
+    moe = getattr(layer, "mlp", None)
+    if moe is not None and hasattr(moe, "experts"):  # mixtral: experts built with f / tp hidden units
+        all_reduce_output(moe, tp_group)
 
 
 # ---- build -------------------------------------------------------------------------------------------
@@ -428,6 +435,10 @@ def build_stage(config, shard: ShardSpec, *, tp_group=None, dtype: torch.dtype =
     Those weights are not the seeded ones: use it for performance runs, not for parity.
     """
     fam = family_of(config)
+    if checkpoint is not None and fam.model_type == "mixtral":
+        # Mixtral checkpoints store each expert's w1/w2/w3 apart; the stage holds transformers' fused tensors.
+        raise NotImplementedError("loading a mixtral checkpoint is not supported yet (its per-expert w1/w2/w3 "
+                                  "would need fusing): run mixtral with random weights (no --checkpoint)")
     if shard.n_layers_total != config.num_hidden_layers:
         raise ValueError(f"shard.n_layers_total({shard.n_layers_total}) != "
                          f"config.num_hidden_layers({config.num_hidden_layers})")

@@ -27,6 +27,7 @@ __all__ = [
     "RowParallelLinear",
     "Slice",
     "VocabParallelLMHead",
+    "all_reduce_output",
     "check_tp",
     "kv_heads_per_rank",
     "shard_index",
@@ -74,6 +75,7 @@ class Slice:
     start: int
     stop: int
     padded: int
+    chunks: int = 1  # the dim holds this many equal blocks end to end (fused gate|up): each is cut the same way
 
     def index(self) -> tuple[slice, ...]:
         """The index expression for ``tensor[...]`` or safetensors' ``get_slice(name)[...]``."""
@@ -81,6 +83,8 @@ class Slice:
 
     def apply(self, full: torch.Tensor) -> torch.Tensor:
         """Cut (and pad) a full tensor; the result owns its storage, so the full one can be freed at once."""
+        if self.chunks > 1:
+            return torch.cat([block[self.index()] for block in full.chunk(self.chunks, dim=self.dim)], dim=self.dim)
         part = full[self.index()]
         if self.stop - self.start == self.padded:
             return part.clone(memory_format=torch.contiguous_format)
@@ -122,6 +126,12 @@ def shard_index(
         # Replicate: the query heads of this rank [r*H/tp, (r+1)*H/tp) all read kv head r // (tp/kv).
         head = tp_rank // (tp_size // n_kv_heads)
         return Slice(0, head * head_dim, (head + 1) * head_dim, head_dim)
+    if module == "experts":  # transformers >= 5 fuses a layer's experts: gate_up [E, 2f, h], down [E, h, f]
+        if leaf == "gate_up_proj":  # split f inside both the gate and the up half
+            half = _even(1, shape[1] // 2, tp_rank, tp_size, hf_name)
+            return Slice(1, half.start, half.stop, half.padded, chunks=2)
+        if leaf == "down_proj":
+            return _even(2, shape[2], tp_rank, tp_size, hf_name)
     if module in COLUMN_PARALLEL:  # weight [out, in] and bias [out]: split the output features
         return _even(0, shape[0], tp_rank, tp_size, hf_name)
     if module in ROW_PARALLEL and leaf == "weight":  # weight [out, in]: split the input features
@@ -185,6 +195,21 @@ def tp_allreduce_seconds(reset: bool = False) -> float:
     """Seconds this process spent in TP collectives so far: the row-parallel all-reduces and the LM head's
     all-gather (synchronizes CUDA once, to read the pending events). 0.0 at tp 1."""
     return _TIMER.total(reset)
+
+
+def all_reduce_output(module: nn.Module, tp_group) -> None:
+    """Sum ``module``'s output over the TP group after its forward: for a block whose every rank computes a
+    partial sum (a mixture of experts whose FFN width is split: each expert's down projection sees only
+    this rank's slice of its hidden units, so the block output is one term of the sum). The router stays
+    whole on every rank and sees the same input, so every rank picks the same experts."""
+
+    def reduce(_module, _inputs, out):
+        token = _TIMER.start(out)
+        torch.distributed.all_reduce(out, group=tp_group)
+        _TIMER.stop(token)
+        return out
+
+    module.register_forward_hook(reduce)
 
 
 class RowParallelLinear(nn.Module):
