@@ -52,6 +52,16 @@ def _throughput(prediction: dict[str, Any], surrogate) -> float:
     return prediction["value"] if surrogate.maximize else prediction["throughput_tok_s"]
 
 
+def _save(plt, fig, path: Path, ax=None) -> None:
+    """Write one figure and free it; ``ax`` given: the line plots' common grid and legend first."""
+    if ax is not None:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_throughput_vs_batch(plt, trials, surrogate, best_plan: Plan | None, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series: dict[str, list[tuple[int, float]]] = {}
@@ -81,11 +91,7 @@ def plot_throughput_vs_batch(plt, trials, surrogate, best_plan: Plan | None, pat
     ax.set_xlabel("batch")
     ax.set_ylabel("throughput (tok/s)")
     ax.set_title("throughput against batch")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path, ax=ax)
 
 
 def plot_pinned_vs_pageable(plt, trials, surrogate, path: Path) -> None:
@@ -122,9 +128,7 @@ def plot_pinned_vs_pageable(plt, trials, surrogate, path: Path) -> None:
     ax.set_ylabel("best throughput (tok/s)")
     ax.set_title("pinned vs pageable host memory" if names else "pinned vs pageable: no plan copies from host memory")
     ax.legend(handles=handles, fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_predicted_vs_measured(plt, trials, surrogate, path: Path) -> None:
@@ -153,11 +157,7 @@ def plot_predicted_vs_measured(plt, trials, surrogate, path: Path) -> None:
     ax.set_xlabel(f"measured {key} ({unit})")
     ax.set_ylabel(f"predicted ({unit})")
     ax.set_title("predicted vs measured")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path, ax=ax)
 
 
 def importances(study) -> dict[str, float]:
@@ -191,9 +191,7 @@ def plot_importance(plt, imp: dict[str, float], path: Path) -> None:
     ax.barh(names, [imp[n] for n in names], color="tab:green")
     ax.set_xlabel("importance (PED-ANOVA)")
     ax.set_title("parameter importance" if imp else "parameter importance: too few measured trials")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_pareto(plt, trials, path: Path) -> None:
@@ -218,11 +216,7 @@ def plot_pareto(plt, trials, path: Path) -> None:
     if pts:
         ax.set_xscale("log")
         ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path, ax=ax)
 
 
 def plot_convergence(plt, trials, maximize: bool, doc: dict[str, Any], path: Path) -> None:
@@ -247,11 +241,7 @@ def plot_convergence(plt, trials, maximize: bool, doc: dict[str, Any], path: Pat
     ax.set_xlabel("trial")
     ax.set_ylabel("throughput (tok/s)" if maximize else "decode step (s)")
     ax.set_title("best value after each trial")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path, ax=ax)
 
 
 def _trial_rows(trials) -> list[str]:

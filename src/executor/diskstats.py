@@ -35,7 +35,6 @@ class DiskActivity:
     device: str
     read_bytes: int
     interval_s: float
-
     weighted_io_ms: int
 
     @property

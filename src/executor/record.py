@@ -93,14 +93,15 @@ def _nvme_figures(spec_dict: dict[str, Any], reports: list[RankReport], decode_s
         return None
     per_step = max((r.nvme_bytes_per_forward for r in reports), default=0) * micro_batches
     measured = [r for r in reports if r.nvme_read_bytes is not None]
+    read = sum(r.nvme_read_bytes for r in measured) if measured else None
+    interval = max((r.nvme_read_interval_s for r in measured), default=0.0)
     out = {
         "bytes_per_step": per_step,
         "achieved_read_bytes_s": per_step / decode_s if decode_s > 0 else 0.0,
         "aio": dict(AIO_DEFAULTS),  # the queue depth and block size DeepSpeed was given (executor.render)
         "device": measured[0].nvme_device if measured else None,
-        "device_read_bytes": sum(r.nvme_read_bytes for r in measured) if measured else None,
-        "device_read_bytes_s": (sum(r.nvme_read_bytes for r in measured) / max(r.nvme_read_interval_s for r in measured)
-                                if measured and max(r.nvme_read_interval_s for r in measured) > 0 else None),
+        "device_read_bytes": read,
+        "device_read_bytes_s": read / interval if measured and interval > 0 else None,
         "device_avg_queue_depth": max(r.nvme_avg_queue_depth for r in measured) if measured else None,
     }
     if not measured:

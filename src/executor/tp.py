@@ -197,6 +197,13 @@ def tp_allreduce_seconds(reset: bool = False) -> float:
     return _TIMER.total(reset)
 
 
+def timed_all_reduce(t: torch.Tensor, tp_group) -> None:
+    """Sum ``t`` in place over the TP group, its time counted in ``tp_allreduce_seconds``."""
+    token = _TIMER.start(t)
+    torch.distributed.all_reduce(t, group=tp_group)
+    _TIMER.stop(token)
+
+
 def all_reduce_output(module: nn.Module, tp_group) -> None:
     """Sum ``module``'s output over the TP group after its forward: for a block whose every rank computes a
     partial sum (a mixture of experts whose FFN width is split: each expert's down projection sees only
@@ -204,9 +211,7 @@ def all_reduce_output(module: nn.Module, tp_group) -> None:
     whole on every rank and sees the same input, so every rank picks the same experts."""
 
     def reduce(_module, _inputs, out):
-        token = _TIMER.start(out)
-        torch.distributed.all_reduce(out, group=tp_group)
-        _TIMER.stop(token)
+        timed_all_reduce(out, tp_group)
         return out
 
     module.register_forward_hook(reduce)
@@ -224,9 +229,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.linear(x)
-        token = _TIMER.start(out)
-        torch.distributed.all_reduce(out, group=self.tp_group)
-        _TIMER.stop(token)
+        timed_all_reduce(out, self.tp_group)
         if self.bias is not None:
             out = out + self.bias
         return out
