@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-LLAMA8B_HIDDEN = 4096
 
 
 @dataclass(frozen=True)
@@ -43,7 +42,10 @@ class Entry:
     fetch_wait: str = "stream"  # host: DeepSpeed's stock fetch wait (executor.zero3), for side-by-side ratios
 
 
-def _ds_examples_knobs(hidden: int) -> dict:
+def _ds_examples_knobs(model: str) -> dict:
+    from planner.catalog import load_model
+
+    hidden = load_model(model).hidden_size
     return {"prefetch_bucket_elems": 2 * hidden * hidden, "max_live_elems": 2 * hidden * hidden,
             "persistence_threshold_elems": hidden}
 
@@ -57,9 +59,7 @@ def matrices() -> dict[str, list[Entry]]:
     h100, m8, m70 = "h100-sxm-1gpu", "llama-3-8b", "llama-3-70b"
     big = str(REPO / "benchmarks" / "configs" / "llama-33b.json")
     tuned = {"prefetch_bucket_elems": 400_000_000, "max_live_elems": 3_000_000_000}
-    dsx = _ds_examples_knobs(LLAMA8B_HIDDEN)
-    dsx70 = _ds_examples_knobs(8192)
-    dsx33 = _ds_examples_knobs(6656)
+    dsx, dsx70, dsx33 = _ds_examples_knobs(m8), _ds_examples_knobs(m70), _ds_examples_knobs(big)
     x4 = "h200-4gpu"
     # 70B on 4 H200: resident needs >= 2 GPUs (141 GB of bf16 weights); offload streams 141 GB / (tp * pp) per
     # GPU per forward, so those entries generate few tokens (the median of 3 decode steps) to fit the call.
