@@ -117,6 +117,12 @@ def matrices() -> dict[str, list[Entry]]:
                   variants=_batches(32, pp=2), **off70),
             Entry("70b-pp4-cpu-pinned-b4-mb4", m70, x4, 4, {"pp": 4, "offload": "cpu", "micro_batches": 4, **dsx70},
                   gpus=4, **off70),
+            # one GPU holds the 141 GB of bf16 weights (the planner predicts a 142.9 GB peak of the 150.7 GB)
+            Entry("70b-tp1-resident-b1", m70, x4, 1, {}, variants=_batches(8), **res70),
+            # the 2x H200 run's TP 2 offload conditions (4e8 bucket, DeepSpeed's host wait), A/B against the fetch fix
+            Entry("70b-tp2-cpu-pinned-tuned-hostwait-b1", m70, x4, 1, {"tp": 2, "offload": "cpu", **tuned}, gpus=2,
+                  fetch_wait="host", **off70),
+            Entry("70b-tp2-cpu-pinned-tuned-b1", m70, x4, 1, {"tp": 2, "offload": "cpu", **tuned}, gpus=2, **off70),
         ],
     }
 
