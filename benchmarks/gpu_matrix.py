@@ -82,7 +82,7 @@ def matrices() -> dict[str, list[Entry]]:
             Entry("8b-cpu-pinned-q8-b1", m8, h100, 1, {"offload": "cpu", "weight_bits": 8, **dsx}, variants=_batches(16)),
             Entry("8b-cpu-pinned-q4-b1", m8, h100, 1, {"offload": "cpu", "weight_bits": 4, **dsx}, variants=_batches(16)),
             Entry("8b-resident-q4-b1", m8, h100, 1, {"weight_bits": 4}),
-            Entry("8b-nvme-b1", m8, h100, 1, {"offload": "nvme", **tuned}, gen_len=4),
+            Entry("8b-nvme-b1", m8, h100, 1, {"offload": "nvme", **tuned}, variants=_batches(16), gen_len=4),
             Entry("base-hf-resident-8b-b1", m8, h100, 1, baseline="hf-resident"),
             Entry("base-ds-examples-8b-b1", m8, h100, 1, baseline="ds-examples"),
             Entry("base-ds-examples-8b-b16", m8, h100, 16, baseline="ds-examples"),
@@ -127,15 +127,40 @@ def matrices() -> dict[str, list[Entry]]:
     }
 
 
+def entry_plan(entry: Entry):
+    """The entry's Plan, with the knobs ``hpi run`` derives when they are not given: an NVMe swap buffer that
+    holds the largest tensor partition (DeepSpeed asserts "More elements N than buffer size" otherwise; the
+    8B's 525M-element embedding overflowed the 1e8 default on the H100)."""
+    from planner.catalog import load_model
+    from planner.search import nvme_buffer_elems_for
+    from planner.specs.plan import Plan
+
+    fields = dict(entry.plan)
+    if fields.get("offload") == "nvme" and "nvme_buffer_elems" not in fields:
+        fields["nvme_buffer_elems"] = nvme_buffer_elems_for(load_model(entry.model), fields.get("tp", 1), fields.get("dp", 1))
+    return Plan(batch_size=entry.batch, **fields)
+
+
+def refuse_infeasible(entry: Entry, plan, workload) -> None:
+    """Refuse, before launching, a plan the planner says cannot run, with its reasons (as ``hpi run`` does)."""
+    from planner.catalog import load_model
+    from planner.predict import predict
+    from planner.profiles import load_profile
+
+    est = predict(load_model(entry.model), load_profile(entry.hardware), workload, plan)
+    if not est.feasible:
+        raise RuntimeError(f"{entry.name} is infeasible: " + "; ".join(r.message for r in est.reasons))
+
+
 def run_hpi(entry: Entry, out: Path, gen_len: int, prompt_len: int, device: str = "cuda") -> dict[str, dict]:
     """The entry's record and its variants' ({name: record}; a variant is named name@b<batch>[-kvoff])."""
     from executor.launch import launch
     from executor.spec import RunSpec
-    from planner.specs.plan import Plan
     from planner.specs.workload import Workload
 
-    plan = Plan(batch_size=entry.batch, **entry.plan)
+    plan = entry_plan(entry)
     workload = Workload(entry.prompt_len or prompt_len, entry.gen_len or gen_len)
+    refuse_infeasible(entry, plan, workload)
     spec = RunSpec(plan=plan, model=entry.model, workload=workload, hardware=entry.hardware, device=device,
                    dtype="bf16" if device == "cuda" else "fp32", out_dir=str(out / entry.name), warmup_steps=1, warmup_gen_len=entry.warmup_gen_len,
                    nvme_path=str(out / "nvme") if plan.offload == "nvme" else None, fetch_wait=entry.fetch_wait,

@@ -33,3 +33,31 @@ def test_smoke_matrix_on_cpu_bundles_every_record(tmp_path):
         assert doc["generated_tokens_per_sequence"] == 3
         assert doc["predicted"]["decode_step_s"] > 0  # predicted on the entry's profile
     assert bundle["tiny-cpu-offload"]["h2d"]["bytes_per_step"] > 0
+
+
+def _gpu_matrix():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_matrix
+
+    return gpu_matrix
+
+
+def test_nvme_entry_gets_a_swap_buffer_that_holds_the_largest_tensor():
+    gm = _gpu_matrix()
+    entry = next(e for e in gm.matrices()["h100"] if e.name == "8b-nvme-b1")
+    plan = gm.entry_plan(entry)
+    # llama-3-8b's embedding is 128256 x 4096 = 525,336,576 elements, over DeepSpeed's 1e8 default
+    assert plan.nvme_buffer_elems == 128256 * 4096
+    cpu = gm.entry_plan(next(e for e in gm.matrices()["h100"] if e.name == "8b-cpu-pinned-tuned-b1"))
+    assert cpu.nvme_buffer_elems == 100_000_000  # untouched where nothing is swapped
+
+
+def test_infeasible_entry_is_refused_before_launch_with_its_reasons():
+    gm = _gpu_matrix()
+    from planner.specs.workload import Workload
+
+    entry = gm.Entry("70b-resident-on-h100", "llama-3-70b", "h100-sxm-1gpu", 1, {})
+    with pytest.raises(RuntimeError, match="infeasible: .*GPU"):
+        gm.refuse_infeasible(entry, gm.entry_plan(entry), Workload(512, 32))
+    small = gm.Entry("8b-resident", "llama-3-8b", "h100-sxm-1gpu", 1, {})
+    gm.refuse_infeasible(small, gm.entry_plan(small), Workload(512, 32))  # fits: no error
