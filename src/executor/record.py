@@ -87,17 +87,23 @@ def software_versions() -> dict[str, str]:
     return versions
 
 
-def _nvme_figures(spec_dict: dict[str, Any], reports: list[RankReport], decode_s: float, micro_batches: int):
-    """NVMe offload: bytes per step from the partitions, and what the drive did (bytes, rate, queue depth)."""
+def _nvme_figures(spec_dict: dict[str, Any], reports: list[RankReport], decode_s: float, micro_batches: int,
+                  profile_read_bytes_s: float | None = None):
+    """NVMe offload: bytes per step from the partitions, and what the drive did (bytes, rate, queue depth),
+    against the profile's per-GPU NVMe read share (the probe's O_DIRECT sequential read, split by the
+    placement over the ranks reading at once)."""
     if spec_dict["plan"].get("offload") != "nvme":
         return None
     per_step = max((r.nvme_bytes_per_forward for r in reports), default=0) * micro_batches
     measured = [r for r in reports if r.nvme_read_bytes is not None]
     read = sum(r.nvme_read_bytes for r in measured) if measured else None
     interval = max((r.nvme_read_interval_s for r in measured), default=0.0)
+    achieved = per_step / decode_s if decode_s > 0 else 0.0
     out = {
         "bytes_per_step": per_step,
-        "achieved_read_bytes_s": per_step / decode_s if decode_s > 0 else 0.0,
+        "achieved_read_bytes_s": achieved,
+        "profile_read_bytes_s": profile_read_bytes_s,
+        "fraction_of_profile": achieved / profile_read_bytes_s if profile_read_bytes_s and achieved else None,
         "aio": dict(AIO_DEFAULTS),  # the queue depth and block size DeepSpeed was given (executor.render)
         "device": measured[0].nvme_device if measured else None,
         "device_read_bytes": read,
@@ -126,7 +132,8 @@ def build_record(
     achieved = h2d_per_step / decode_median if decode_median > 0 and h2d_per_step else 0.0
     decode_forwards = max(times["forwards"] - 1, 1)
     record = {
-        "nvme": _nvme_figures(spec_dict, reports, decode_median, plan.get("micro_batches", 1)),
+        "nvme": _nvme_figures(spec_dict, reports, decode_median, plan.get("micro_batches", 1),
+                              ((prediction or {}).get("placement") or {}).get("nvme_read_bytes_s")),
         "kind": "hpi.RunRecord",
         "version": 1,
         "spec": spec_dict,
