@@ -18,6 +18,24 @@ token, so decode steps overlap across micro-batches (the steady state the planne
 TP ranks of a stage all receive the same inputs (each talks to its own peer with the same tp and dp
 coordinates) and produce identical tokens: greedy is deterministic and sampling draws from a generator
 seeded by (seed, forward, micro-batch) on the CPU, the same on every rank.
+
+Prompts of unequal length are left-padded to the longest (``left_pad``), as transformers' ``generate``
+does for decoder-only models, so that every row's next token sits in the same last column. What is real
+and what is padding is a ``LeftPadding`` (per-row lengths and the padded width): every rank derives it
+from the spec (each tokenizes the prompts itself), so non-first stages, which never see the ids, and the
+TP ranks of a stage all hold the same one without a message. From it, per micro-batch (its rows sliced
+like the ids) and per forward:
+
+- the 2D attention mask [rows, prompt_len + forward]: the prompt's mask (0 on pads, 1 on tokens) with one
+  column of ones per token generated so far; the stage turns it into transformers' own 4D causal (or
+  sliding-window) mask, so pads are never attended;
+- the position ids, per row: the prompt's real tokens take 0..len-1 (cumsum(mask) - 1, pads clamped to 0,
+  exactly as ``generate`` makes them), and a decode forward's token of row r takes len_r + forward - 1.
+  RoPE and OPT's learned positions use these; the KV cache stays indexed by the shared absolute
+  ``cache_position`` (one slot per column, pads included).
+
+A micro-batch without padding (every row full length, e.g. seeded random ids in benchmark mode) passes
+no mask and no positions: the stage keeps its unpadded fast path (sdpa's own causal rule).
 """
 
 from __future__ import annotations
@@ -60,6 +78,55 @@ class Sampler:
         return torch.multinomial(probs, 1, generator=gen).squeeze(-1).to(logits.device)
 
 
+@dataclass(frozen=True)
+class LeftPadding:
+    """Which columns of a left-padded prompt batch hold real tokens: row r has its ``lengths[r]`` tokens
+    right-aligned in ``prompt_len`` columns (the first ``prompt_len - lengths[r]`` are pads)."""
+
+    lengths: tuple[int, ...]
+    prompt_len: int
+
+    def __post_init__(self) -> None:
+        bad = [n for n in self.lengths if not 1 <= n <= self.prompt_len]
+        if bad:
+            raise ValueError(f"prompt lengths {bad} are not in [1, prompt_len({self.prompt_len})]: "
+                             f"every row needs at least one token and fits the padded width")
+
+    @property
+    def is_padded(self) -> bool:
+        return any(n != self.prompt_len for n in self.lengths)
+
+    def rows(self, start: int, stop: int) -> "LeftPadding":
+        """The padding of rows [start, stop) (a replica's share, a micro-batch)."""
+        return LeftPadding(self.lengths[start:stop], self.prompt_len)
+
+    def prompt_mask(self) -> torch.Tensor:
+        """[rows, prompt_len] int64: 1 on real tokens, 0 on pads."""
+        columns = torch.arange(self.prompt_len)[None, :]
+        first_real = torch.tensor([self.prompt_len - n for n in self.lengths])[:, None]
+        return (columns >= first_real).long()
+
+    def attention_mask(self, forward: int) -> torch.Tensor:
+        """[rows, prompt_len + forward]: the prompt's mask, then a one for each token generated before this
+        forward (the key/value columns the cache holds once this forward's tokens are in)."""
+        generated = torch.ones(len(self.lengths), forward, dtype=torch.long)
+        return torch.cat([self.prompt_mask(), generated], dim=1)
+
+    def position_ids(self, forward: int) -> torch.Tensor:
+        """Per-row positions of the tokens forward ``forward`` feeds: [rows, prompt_len] for the prefill
+        (transformers' ``cumsum(mask) - 1``, pads clamped to 0), [rows, 1] for a decode step."""
+        if forward == 0:
+            return (self.prompt_mask().cumsum(dim=1) - 1).clamp(min=0)
+        return torch.tensor(self.lengths)[:, None] + (forward - 1)
+
+
+def left_pad(token_lists: list[list[int]], pad_id: int) -> tuple[torch.Tensor, LeftPadding]:
+    """Token lists of any lengths -> ([batch, longest] int64 ids left-padded with ``pad_id``, their padding)."""
+    width = max(len(t) for t in token_lists)
+    ids = torch.tensor([[pad_id] * (width - len(t)) + list(t) for t in token_lists], dtype=torch.int64)
+    return ids, LeftPadding(tuple(len(t) for t in token_lists), width)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -67,9 +134,10 @@ def _sync(device: torch.device) -> None:
 
 @dataclass
 class PipelineGenerator:
-    """Drives one rank's stage through prefill and decode. ``stage(x, cache, cache_position)`` runs it."""
+    """Drives one rank's stage through prefill and decode. ``stage(x, cache, cache_position)`` runs it; a
+    micro-batch with padding adds ``attention_mask=`` [rows, kv] and ``position_ids=`` [rows, seq]."""
 
-    stage: Callable[[torch.Tensor, object, torch.Tensor], torch.Tensor]
+    stage: Callable[..., torch.Tensor]
     groups: Groups
     new_cache: Callable[[], object]
     hidden_size: int
@@ -97,14 +165,20 @@ class PipelineGenerator:
         dist.recv(t, src=self.groups.last_stage_rank)
         return t
 
-    def run(self, prompt_ids: torch.Tensor | None, batch: int, prompt_len: int, max_new_tokens: int, chat: bool) -> list[torch.Tensor]:
+    def run(self, prompt_ids: torch.Tensor | None, batch: int, prompt_len: int, max_new_tokens: int, chat: bool,
+            padding: LeftPadding | None = None) -> list[torch.Tensor]:
         """Generate; returns the new tokens [batch, n] on last-stage ranks (an empty list elsewhere).
 
-        ``prompt_ids`` [batch, prompt_len] is needed on first-stage ranks only.
+        ``prompt_ids`` [batch, prompt_len] (left-padded) is needed on first-stage ranks only; ``padding``
+        (the same on every rank; None: no row is padded) says which of its columns are real tokens.
         """
         g = self.groups
         sizes = self._split(batch)
         offsets = [sum(sizes[:j]) for j in range(len(sizes))]
+        if padding is not None and (len(padding.lengths), padding.prompt_len) != (batch, prompt_len):
+            raise ValueError(f"padding covers {len(padding.lengths)} rows of {padding.prompt_len} columns, the "
+                             f"prompts are {batch} rows of {prompt_len}: slice the padding like the ids")
+        paddings = [self._micro_batch_padding(padding, offsets[j], rows) for j, rows in enumerate(sizes)]
         caches = [self.new_cache() for _ in sizes]
         generated: list[list[torch.Tensor]] = [[] for _ in sizes]
         next_ids: list[torch.Tensor | None] = [None] * len(sizes)
@@ -125,10 +199,11 @@ class PipelineGenerator:
                         x = next_ids[j][:, None]
                 else:
                     x = self._recv_hidden(rows, seq)
+                masks = self._mask_kwargs(paddings[j], forward)  # built outside the stage's busy time
                 _sync(self.device)
                 t0 = time.perf_counter()
                 with torch.no_grad():
-                    out = self.stage(x, caches[j], cache_position)
+                    out = self.stage(x, caches[j], cache_position, **masks)
                 _sync(self.device)
                 busy += time.perf_counter() - t0
                 if not g.is_last_stage:
@@ -151,6 +226,20 @@ class PipelineGenerator:
         if not g.is_last_stage:
             return []
         return [torch.stack(gen, dim=1).cpu() for gen in generated]
+
+    @staticmethod
+    def _micro_batch_padding(padding: LeftPadding | None, start: int, rows: int) -> LeftPadding | None:
+        """The rows' padding, or None where none of them is padded (the stage's unpadded fast path)."""
+        if padding is None:
+            return None
+        mine = padding.rows(start, start + rows)
+        return mine if mine.is_padded else None
+
+    def _mask_kwargs(self, padding: LeftPadding | None, forward: int) -> dict[str, torch.Tensor]:
+        if padding is None:
+            return {}
+        return {"attention_mask": padding.attention_mask(forward).to(self.device),
+                "position_ids": padding.position_ids(forward).to(self.device)}
 
     def _all_done(self, generated: list[list[torch.Tensor]], done: torch.Tensor) -> bool:
         """World-wide stop check: every rank calls it after every forward (a MIN all-reduce of a flag)."""

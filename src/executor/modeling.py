@@ -14,13 +14,17 @@ not built here yet.
 Attention runs through transformers' ``sdpa`` path. With no mask it is causal for a multi-token query and
 full for a one-token decode, which is right for unpadded prompts prefilled in one go; the stage builds an
 explicit boolean mask itself when that shortcut would be wrong (a multi-token chunk after a non-empty
-cache, or a sequence longer than a sliding window).
+cache, or a sequence longer than a sliding window). Left-padded prompts (``executor.generate.LeftPadding``)
+come with a 2D padding mask and per-row position ids: the stage hands the mask to transformers' own
+builders (``masking_utils.create_causal_mask`` / ``create_sliding_window_causal_mask``, what the HF
+model's forward calls), so pads are masked exactly as ``generate`` masks them, sliding windows included.
 """
 
 from __future__ import annotations
 
 import copy
 import importlib
+import inspect
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,6 +55,7 @@ __all__ = [
     "build_stage",
     "family_of",
     "load_hf_config",
+    "padded_causal_mask",
     "shard_config",
     "stage_config",
     "tp_allreduce_seconds",
@@ -275,10 +280,14 @@ class StageModule(nn.Module):
     (transformers decoder layers, local index 0..n-1), ``rotary_emb`` (RoPE families, every stage), ``norm``
     and ``lm_head`` on the last stage.
 
-    ``forward(inputs, cache, cache_position, attention_mask=None)``: first stage takes token ids [b, s],
-    others hidden states [b, s, h]; the last stage returns float32 logits of the last position over the
-    full vocabulary [b, vocab], the others hidden states [b, s, h]. ``cache`` is this stage's own
-    ``DynamicCache()`` (or None); ``cache_position`` the absolute positions [s] of the new tokens.
+    ``forward(inputs, cache, cache_position, attention_mask=None, position_ids=None)``: first stage takes
+    token ids [b, s], others hidden states [b, s, h]; the last stage returns float32 logits of the last
+    position over the full vocabulary [b, vocab], the others hidden states [b, s, h]. ``cache`` is this
+    stage's own ``DynamicCache()`` (or None); ``cache_position`` the absolute cache slots [s] of the new
+    tokens.
+    Left-padded batches also pass ``attention_mask`` [b, past + s] (1: real token, 0: pad; every TP rank
+    and stage the same) and ``position_ids`` [b, s] (each row's own positions, for RoPE or OPT's learned
+    embeddings); without them every row's positions are ``cache_position``.
     """
 
     def __init__(self, config, shard: ShardSpec, tp_group=None):
@@ -341,8 +350,10 @@ class StageModule(nn.Module):
 
     # forward -----------------------------------------------------------------------------------------
     def forward(self, inputs: torch.Tensor, cache, cache_position: torch.LongTensor,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        position_ids = cache_position.unsqueeze(0)  # [1, s]: broadcast over the batch
+                attention_mask: torch.Tensor | None = None, position_ids: torch.LongTensor | None = None
+                ) -> torch.Tensor:
+        if position_ids is None:
+            position_ids = cache_position.unsqueeze(0)  # [1, s]: every row at the same positions
         if self.embed_tokens is not None:
             hidden = self.embed_tokens(inputs)
             if self.embed_positions is not None:
@@ -367,15 +378,13 @@ class StageModule(nn.Module):
                                       use_cache=cache is not None, cache_position=cache_position)
         if self.rotary_emb is not None:
             kwargs["position_embeddings"] = self.rotary_emb(hidden, position_ids)
-        masks: dict[int | None, torch.Tensor | None] = {}
+        masks: dict[int | None, torch.Tensor | None] = {}  # one mask per window size, shared by its layers
         for layer, window in zip(self.layers, self.windows):
-            if attention_mask is not None:
-                mask = attention_mask
-            else:
-                if window not in masks:
-                    masks[window] = causal_mask(past, seq, window, hidden.device)
-                mask = masks[window]
-            out = layer(hidden, attention_mask=mask, **kwargs)
+            if window not in masks:
+                masks[window] = (causal_mask(past, seq, window, hidden.device) if attention_mask is None else
+                                 padded_causal_mask(self.config, hidden, attention_mask, cache, cache_position,
+                                                    position_ids, window))
+            out = layer(hidden, attention_mask=masks[window], **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
 
@@ -392,6 +401,30 @@ def causal_mask(past: int, seq: int, window: int | None, device) -> torch.Tensor
     if window is not None:
         allowed &= (q - k) < window
     return allowed[None, None]
+
+
+def padded_causal_mask(config, hidden: torch.Tensor, attention_mask: torch.Tensor, cache,
+                       cache_position: torch.Tensor, position_ids: torch.Tensor,
+                       window: int | None) -> torch.Tensor | None:
+    """The 4D mask transformers' model forward would give its layers for this 2D padding mask
+    [b, past + s] (a 4D one passes through unchanged): causal, pads masked, and a sliding window of
+    ``window`` cache slots (slot distance = position distance between real tokens, so a window on slots is
+    a window on positions). ``config`` is the stage's (sdpa) config; None where sdpa's own rule is exact."""
+    from transformers import masking_utils
+
+    if window is None:
+        builder = masking_utils.create_causal_mask
+    elif config.sliding_window != window:  # the builder reads the window from the config
+        raise ValueError(f"layer window {window} != config.sliding_window({config.sliding_window}): "
+                         f"the executor supports one sliding window per model")
+    else:
+        builder = masking_utils.create_sliding_window_causal_mask
+    params = inspect.signature(builder).parameters
+    args = dict(config=config, attention_mask=attention_mask, past_key_values=cache, position_ids=position_ids)
+    args["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = hidden  # 5.x / 4.x name
+    if "cache_position" in params:  # transformers 4.x sizes the mask from it
+        args["cache_position"] = cache_position
+    return builder(**args)
 
 
 def _tensor_parallel(layer: nn.Module, tp: int, tp_group, already_sharded: bool) -> None:

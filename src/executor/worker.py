@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from executor import diskstats
-from executor.generate import PipelineGenerator, Sampler, StepTimes
+from executor.generate import LeftPadding, PipelineGenerator, Sampler, StepTimes, left_pad
 from executor.groups import Groups, build_groups
 from executor.record import RankReport, build_record
 from executor.spec import RunSpec, write_json_atomic
@@ -129,20 +129,49 @@ def zero3_transfer_bytes(module: torch.nn.Module) -> tuple[int, int, int]:
     return per_forward, pinned, nvme
 
 
-def prompt_ids(spec: RunSpec, vocab_size: int, tokenizer=None) -> torch.Tensor:
-    """[batch, prompt_len] ids: the given prompts tokenized, or seeded random ids (the same for every layout)."""
+@dataclass(frozen=True, eq=False)
+class Prompts:
+    """The batch's prompt ids [batch, prompt_len], left-padded to the longest, and which columns are real.
+
+    Every rank builds it from the spec (text prompts tokenized by each rank's own tokenizer, random ids
+    from the seed), so every stage and TP rank holds the same padding without a message."""
+
+    ids: torch.Tensor
+    padding: LeftPadding
+
+    def rows(self, start: int, stop: int) -> "Prompts":
+        return Prompts(self.ids[start:stop], self.padding.rows(start, stop))
+
+
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad id, else its EOS, else 0: pads are never attended, the id only has to exist."""
+    for token_id in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if token_id is not None:
+            return int(token_id)
+    return 0
+
+
+def prompt_batch(spec: RunSpec, vocab_size: int, tokenizer=None) -> Prompts:
+    """The given prompts tokenized and left-padded, or seeded random ids of the workload's prompt length
+    (the same for every layout; no row padded)."""
     wl, batch = spec.workload, spec.plan.batch_size
     if spec.prompts:
         if tokenizer is None:
             raise ValueError("text prompts need a tokenizer: pass --checkpoint DIR with tokenizer files")
         texts = [spec.prompts[i % len(spec.prompts)] for i in range(batch)]
         enc = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
-        width = max(len(e) for e in enc)
-        if any(len(e) != width for e in enc):
-            raise ValueError("prompts must tokenize to the same length in this version; give one prompt or equal ones")
-        return torch.tensor(enc, dtype=torch.int64)
+        empty = [t for t, e in zip(texts, enc) if not e]
+        if empty:
+            raise ValueError(f"prompt {empty[0]!r} tokenizes to no tokens: give prompts with some text")
+        return Prompts(*left_pad(enc, pad_token_id(tokenizer)))
     gen = torch.Generator().manual_seed(spec.seed)
-    return torch.randint(0, vocab_size, (batch, wl.prompt_len_tokens), generator=gen, dtype=torch.int64)
+    ids = torch.randint(0, vocab_size, (batch, wl.prompt_len_tokens), generator=gen, dtype=torch.int64)
+    return Prompts(ids, LeftPadding((wl.prompt_len_tokens,) * batch, wl.prompt_len_tokens))
+
+
+def prompt_ids(spec: RunSpec, vocab_size: int, tokenizer=None) -> torch.Tensor:
+    """[batch, prompt_len] ids of ``prompt_batch`` (left-padded where prompts differ in length)."""
+    return prompt_batch(spec, vocab_size, tokenizer).ids
 
 
 def load_tokenizer(spec: RunSpec):
@@ -272,17 +301,17 @@ def measure(spec: RunSpec, b: _Built) -> dict | None:
 
     plan, g, device, config = spec.plan, b.groups, b.device, b.config
     kv_offload = plan.kv_offload and device.type == "cuda"  # on the CPU the cache already lives in host memory
-    ids = prompt_ids(spec, config.vocab_size, b.tokenizer)
+    prompts = prompt_batch(spec, config.vocab_size, b.tokenizer)
     eos = getattr(config, "eos_token_id", None)
     eos = eos[0] if isinstance(eos, (list, tuple)) else eos
     streamer = None
     if spec.mode == "chat" and b.tokenizer is not None and g.rank == 0 and g.is_last_stage:
         streamer = LineStreamer(b.tokenizer, eos)
     rows = plan.batch_per_replica
-    mine = ids[g.dp_rank * rows : (g.dp_rank + 1) * rows]
-    stage = b.stage
+    mine = prompts.rows(g.dp_rank * rows, (g.dp_rank + 1) * rows)
+    prompt_len = prompts.padding.prompt_len
     generator = PipelineGenerator(
-        stage=lambda x, cache, pos: stage(x, cache, pos),
+        stage=b.stage,
         groups=g,
         new_cache=lambda: DynamicCache(offloading=kv_offload),
         hidden_size=config.hidden_size,
@@ -295,14 +324,15 @@ def measure(spec: RunSpec, b: _Built) -> dict | None:
     max_new = spec.workload.gen_len_tokens
     warm_new = min(spec.warmup_gen_len or max_new, max_new)
     for _ in range(spec.warmup_steps):
-        replace(generator, times=StepTimes()).run(mine, rows, ids.shape[1], warm_new, chat=False)
+        replace(generator, times=StepTimes()).run(mine.ids, rows, prompt_len, warm_new, chat=False,
+                                                  padding=mine.padding)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _tp_allreduce_seconds(reset=True)  # count the measured run only, not the warm-up
     dist.barrier()
     generator.on_tokens = streamer
     disk_before = diskstats.snapshot(spec.nvme_path) if plan.offload == "nvme" and spec.nvme_path else None
-    new_tokens = generator.run(mine, rows, ids.shape[1], max_new, chat=spec.mode == "chat")
+    new_tokens = generator.run(mine.ids, rows, prompt_len, max_new, chat=spec.mode == "chat", padding=mine.padding)
     disk = diskstats.between(disk_before, diskstats.snapshot(spec.nvme_path) if disk_before else None)
     if streamer is not None:
         streamer.close()
@@ -333,7 +363,9 @@ def measure(spec: RunSpec, b: _Built) -> dict | None:
     if g.rank != 0:
         return None
     record = _fold(spec, gathered, g, b.planner_model)
-    record["prompt_len_tokens_actual"] = int(ids.shape[1])
+    record["prompt_len_tokens_actual"] = prompt_len  # the padded width: the longest prompt
+    if spec.prompts:
+        record["prompt_tokens_per_row"] = list(prompts.padding.lengths)
     if b.tokenizer is not None:
         record["texts"] = [b.tokenizer.decode(_until(t, eos if spec.mode == "chat" else None), skip_special_tokens=True)
                            for t in record["tokens"]]

@@ -14,13 +14,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
+pytest.importorskip("tokenizers")
 pytest.importorskip("deepspeed")
 
 from executor.launch import launch  # noqa: E402
-from executor.modeling import load_hf_config  # noqa: E402
 from executor.spec import RunSpec  # noqa: E402
-from executor.weights import save_checkpoint  # noqa: E402
 from planner.specs.plan import Plan  # noqa: E402
 from planner.specs.workload import Workload  # noqa: E402
 
@@ -29,17 +27,8 @@ GEN = 6
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    config = load_hf_config("tiny-llama")
-    ckpt = save_checkpoint(config, seed=0, out_dir=tmp_path_factory.mktemp("ckpt"), dtype=torch.float32,
-                           shard_size_bytes=4 * 2**20)
-    vocab = {f"w{i}": i for i in range(config.vocab_size)}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    tok.decoder = tokenizers.decoders.WordPiece(prefix="##")  # joins words with spaces
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0")
-    fast.save_pretrained(ckpt)
-    return ckpt
+def checkpoint(word_checkpoint):
+    return word_checkpoint  # conftest.py: tiny-llama seed 0 with a word-level tokenizer ("w{i}" is token i)
 
 
 def reference(ckpt) -> list[int]:
