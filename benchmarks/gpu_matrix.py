@@ -83,6 +83,9 @@ def matrices() -> dict[str, list[Entry]]:
             Entry("8b-cpu-pinned-q4-b1", m8, h100, 1, {"offload": "cpu", "weight_bits": 4, **dsx}, variants=_batches(16)),
             Entry("8b-resident-q4-b1", m8, h100, 1, {"weight_bits": 4}),
             Entry("8b-nvme-b1", m8, h100, 1, {"offload": "nvme", **tuned}, variants=_batches(16), gen_len=4),
+            # does DeepSpeed's one-parameter-per-swap-buffer rule bound the NVMe read? 5 (default) vs 16 buffers
+            Entry("8b-nvme-buf5-b1", m8, h100, 1, {"offload": "nvme", **tuned}, gen_len=3),
+            Entry("8b-nvme-buf16-b1", m8, h100, 1, {"offload": "nvme", "nvme_buffer_count": 16, **tuned}, gen_len=3),
             Entry("base-hf-resident-8b-b1", m8, h100, 1, baseline="hf-resident"),
             Entry("base-ds-examples-8b-b1", m8, h100, 1, baseline="ds-examples"),
             Entry("base-ds-examples-8b-b16", m8, h100, 16, baseline="ds-examples"),
