@@ -325,7 +325,12 @@ def params_of(plan: Plan, space: Space) -> dict[str, Any]:
     if plan.copies_from_host_memory and len(space.pin_memory) > 1:
         params["pin_memory"] = plan.pin_memory
     if plan.pp > 1:
-        params[_micro_param(plan.pp)] = plan.micro_batches
+        # The choice that suggest_plan fits down to this count (a small batch takes fewer micro-batches).
+        per_replica = plan.batch_size // plan.dp
+        fits = [m for m in _micro_choices(plan.pp) if _fit_micro_batches(per_replica, m) == plan.micro_batches]
+        if not fits:
+            raise ValueError(f"micro-batches {plan.micro_batches} is not in this study's space")
+        params[_micro_param(plan.pp)] = fits[0]
     if config.gathers:
         for name in ("prefetch_bucket_elems", "max_live_elems", "persistence_threshold_elems"):
             r: IntRange = getattr(space, name)

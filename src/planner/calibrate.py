@@ -47,7 +47,7 @@ from planner.cost.estimate import evaluate
 from planner.cost.inputs import Knobs, Layout
 from planner.feasibility import plan_problems
 from planner.predict import layout_for
-from planner.specs.hardware import Efficiency, HardwareProfile, Provenance
+from planner.specs.hardware import Efficiency, HardwareProfile, Provenance, is_fraction
 from planner.specs.model import ModelSpec
 from planner.specs.plan import Plan
 from planner.specs.workload import Workload
@@ -86,7 +86,7 @@ CANDIDATES = (
     "matmul_prefill", "matmul_decode", "hbm", "h2d_stream_pinned", "h2d_stream_pageable", "nvme_read",
     "prefetch_overlap", "collective_bandwidth", "allreduce_latency_s", "collective_host_overhead_s",
     "p2p_latency_s", "layer_overhead_s", "offload_layer_overhead_s", "step_overhead_s", "gpu_workspace_bytes",
-    "gpu_reserved_bytes",
+    "gpu_reserved_bytes", "dequant_hbm", "collective_drift_factor",
 )  # fmt: skip
 # The prior as a (log-normal) Bayesian prior: its pull is the measurement spread over the prior's own
 # spread, which depends on where the prior comes from. A probed or measured number (NCCL's 37 us alpha)
@@ -215,9 +215,6 @@ class Measurement:
     peak_gpu_bytes: float  # max over ranks of torch.cuda.max_memory_allocated
     recorded_hardware: str  # the profile the record names (it may be wrong: the manifest corrects it)
     source_path: str = ""
-    # Executor settings outside the Plan that change timings (spec.fetch_wait: DeepSpeed's stock host
-    # wait for a ZeRO-3 fetch, or hpi's stream-ordered one); runs that differ in them are different plans.
-    conditions: tuple[tuple[str, str], ...] = ()
 
     def measured(self, metric: str) -> float:
         return float(getattr(self, metric))
@@ -255,7 +252,8 @@ def measurement(record: Mapping[str, Any], model_loader: Callable[[str], ModelSp
                                "catalogue or leave the record out")
     wl = spec.get("workload") or {}
     try:
-        workload = Workload(int(wl.get("prompt_len_tokens", 0)), int(wl.get("gen_len_tokens", 0)))
+        workload = Workload(int(wl.get("prompt_len_tokens", 0)), int(wl.get("gen_len_tokens", 0)),
+                            **run_conditions(record))
     except ValueError as e:
         raise CalibrationError(f"record {rid}: spec.workload: {e}") from None
     decode = _require(record, rid, "decode_step_s")
@@ -269,19 +267,20 @@ def measurement(record: Mapping[str, Any], model_loader: Callable[[str], ModelSp
         record_id=rid, model=model, plan=plan, workload=workload, decode_step_s=decode_median, prefill_s=prefill,
         peak_gpu_bytes=peak, recorded_hardware=str(record.get("hardware") or spec.get("hardware") or ""),
         source_path=str((record.get("_source") or {}).get("path", "")),
-        conditions=run_conditions(record),
     )  # fmt: skip
 
 
-# Spec fields outside the Plan that change what a run measures, with the value records written before
+# The run conditions a record's spec carries outside the Plan (``Workload.compute_dtype`` from
+# ``spec.dtype``, ``Workload.fetch_wait`` from ``spec.fetch_wait``), with the value records written before
 # the field existed ran with (executor.spec: fetch_wait arrived with the stream-ordered wait; before it,
-# every run used DeepSpeed's stock host wait).
-CONDITION_FIELDS = {"fetch_wait": "host"}
+# every run used DeepSpeed's stock host wait; dtype was always recorded, bf16 its default).
+CONDITION_FIELDS = {"compute_dtype": ("dtype", "bf16"), "fetch_wait": ("fetch_wait", "host")}
 
 
-def run_conditions(record: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+def run_conditions(record: Mapping[str, Any]) -> dict[str, str]:
+    """The Workload fields a RunRecord's spec sets besides the lengths: {field: value}."""
     spec = record.get("spec") or {}
-    return tuple((k, str(spec.get(k, default))) for k, default in CONDITION_FIELDS.items())
+    return {name: str(spec.get(key) or default) for name, (key, default) in CONDITION_FIELDS.items()}
 
 
 _REPO = Path(__file__).resolve().parents[2]
@@ -305,10 +304,9 @@ def _record_model(record: Mapping[str, Any], name: str, loader: Callable[[str], 
 
 
 def plan_key(m: Measurement) -> str:
-    """Runs of one plan (model, workload, every plan field, executor conditions) share a key: repeats
+    """Runs of one plan (model, workload and its run conditions, every plan field) share a key: repeats
     are held out together."""
-    return json.dumps([m.model.name, m.workload.prompt_len_tokens, m.workload.gen_len_tokens, m.plan.to_dict(),
-                       dict(m.conditions)], sort_keys=True)
+    return json.dumps([m.model.name, dataclasses.asdict(m.workload), m.plan.to_dict()], sort_keys=True)
 
 
 def _measurements(records: Sequence[Mapping[str, Any] | Measurement]) -> list[Measurement]:
@@ -426,11 +424,12 @@ def summarize(predictions: Sequence[Prediction], metrics: Sequence[str] = METRIC
 
 
 def _is_fraction(name: str) -> bool:
-    return not (name.endswith("_s") or name.endswith("_bytes"))
+    return is_fraction(name)
 
 
 def _bounds(name: str, prior: float) -> tuple[float, float]:
-    """Bounds of theta = log(value / prior): fractions in [1e-3, 1], times and bytes a factor 1000 around the prior."""
+    """Bounds of theta = log(value / prior): fractions in [1e-3, 1]; times, bytes and factors a factor 1000
+    around the prior."""
     if _is_fraction(name):
         return math.log(1e-3 / prior), math.log(1.0 / prior)
     return -math.log(_RANGE), math.log(_RANGE)

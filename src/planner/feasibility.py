@@ -120,6 +120,7 @@ _GPU_FIXES = {
     "kv_cache": "lower the batch, offload the KV cache (--kv-offload) or split wider (--tp/--pp)",
     "activations": "lower the batch or the prompt length, or use more pipeline micro-batches",
     "live_params": "lower the prefetch bucket (--prefetch-bucket) or split wider (--tp)",
+    "dequant_buffers": "split wider (--tp): each 8/4-bit weight is dequantized into a 16-bit copy for its GEMM",
     "persistent_weights": "lower the persistence threshold",
     "quant_scales": "use fewer quantization groups or split wider (--tp/--pp)",
     "framework": "use a GPU with more memory",

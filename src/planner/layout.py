@@ -136,6 +136,10 @@ def _place(tp: int, dp: int, pp: int, topology: Topology) -> Placement:
     pinned = topology.host_to_gpu_bytes_s(gpus, pinned=True)
     pageable = topology.host_to_gpu_bytes_s(gpus, pinned=False)
     nvme = topology.nvme_to_gpu_bytes_s(gpus)
+    per_stage = tp * dp  # ranks of one stage: consecutive in the rank order (pp outermost)
+
+    def first_stages(rates) -> tuple[float, ...]:
+        return tuple(min(rates(gpus[: k * per_stage]).values()) for k in range(1, pp + 1))
     placement = Placement(
         tp=tp,
         pp=pp,
@@ -148,6 +152,9 @@ def _place(tp: int, dp: int, pp: int, topology: Topology) -> Placement:
         h2d_pageable_bytes_s=min(pageable.values()),
         nvme_read_bytes_s=min(nvme.values()),
         nodes_used=len(topology.nodes_of(gpus)),
+        h2d_pinned_by_stages=first_stages(lambda g: topology.host_to_gpu_bytes_s(g, pinned=True)),
+        h2d_pageable_by_stages=first_stages(lambda g: topology.host_to_gpu_bytes_s(g, pinned=False)),
+        nvme_read_by_stages=first_stages(topology.nvme_to_gpu_bytes_s),
     )
     notes = _notes(placement, topology, tp_groups, dp_groups)
     return replace(placement, notes=tuple(notes))

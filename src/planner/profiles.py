@@ -61,6 +61,7 @@ from planner.specs.hardware import (
     HostSpec,
     NvmeSpec,
     Provenance,
+    is_fraction,
 )
 
 __all__ = [
@@ -481,7 +482,7 @@ def _efficiency(reader: _Reader, raw: Mapping[str, Any]) -> Efficiency:
     reader.only(section, names, "efficiency")
     values = {}
     for key in section:
-        absolute = key.endswith("_s") or key.endswith("_bytes")  # seconds / bytes; the others are fractions
+        absolute = not is_fraction(key)  # seconds, bytes, factors; the others are fractions
         values[key] = reader.quantity(section, key, "efficiency", positive=True, at_most=math.inf if absolute else 1.0)
     return Efficiency(**values)
 
@@ -496,7 +497,7 @@ def _calibrated(reader: _Reader, raw: Mapping[str, Any], efficiency: Efficiency)
     reader.only(coefficients, [f.name for f in fields(Efficiency)], "calibrated.coefficients")
     values = {}
     for key in coefficients:
-        absolute = key.endswith("_s") or key.endswith("_bytes")
+        absolute = not is_fraction(key)
         path = "calibrated.coefficients"
         values[key] = reader.quantity(coefficients, key, path, positive=True, at_most=math.inf if absolute else 1.0)
         provenance = reader.provenance[f"{path}.{key}"]

@@ -86,7 +86,12 @@ def plan_for(run: dict[str, Any]) -> tuple[Plan, Workload]:
         pin_memory=bool(p.get("pin_memory")), kv_offload=bool(p["kv_offload"]), batch_size=p["batch_size"],
         nvme_buffer_elems=nvme_buffer_elems_for(model, p.get("tp") or 1, 1), **knobs,
     )
-    return plan, Workload(p["prompt_len"], p["gen_len"])
+    # Every published DeepSpeed run used DeepSpeed's own (host-synchronizing) ZeRO-3 fetch wait.
+    # DeepSpeedExamples' run_model.py computes in the HF config's torch_dtype, fp16 where unset: fp16 for
+    # every model it published (OPT and Llama-2 configs say float16, BLOOM's says none); our design.md runs
+    # computed in bf16.
+    dtype = p.get("dtype") or ("fp16" if run["system"] == "deepspeed-zero-inference" else "bf16")
+    return plan, Workload(p["prompt_len"], p["gen_len"], compute_dtype=dtype, fetch_wait=p.get("fetch_wait") or "host")
 
 
 def compare(run: dict[str, Any]) -> list[Comparison]:

@@ -19,7 +19,7 @@ PROFILE = "h200-2gpu"
 # The coefficients the synthetic records are generated with (the profile's priors differ from each).
 TRUE = dict(
     h2d_stream_pinned=0.70, h2d_stream_pageable=0.90, layer_overhead_s=0.6e-3, step_overhead_s=1.0e-3,
-    matmul_prefill=0.75, collective_host_overhead_s=0.3e-3, offload_layer_overhead_s=3.0e-3,
+    matmul_prefill=0.75, collective_drift_factor=1.6, offload_layer_overhead_s=2.0e-3,
     gpu_workspace_bytes=30e6,
 )  # fmt: skip
 TUNED = dict(prefetch_bucket_elems=400_000_000, max_live_elems=3_000_000_000)
@@ -34,7 +34,11 @@ PLANS = {
     "8b-cpu-pinned": ("llama-3-8b", Plan(offload="cpu")),
     "8b-cpu-pinned-b16": ("llama-3-8b", Plan(offload="cpu", batch_size=16, **TUNED)),
     "8b-cpu-pageable": ("llama-3-8b", Plan(offload="cpu", pin_memory=False)),
+    # TP 2 with DeepSpeed's host fetch wait: the hooks join the host chain that the drift stretches, which
+    # tells the drift factor apart from the per-collective issue cost (resident TP alone cannot).
+    "8b-tp2-cpu-hostwait": ("llama-3-8b", Plan(offload="cpu", tp=2)),
 }
+WORKLOADS = {"8b-tp2-cpu-hostwait": Workload(512, 32, fetch_wait="host")}  # the others: Workload(512, 32)
 
 
 def true_profile(**changes) -> HardwareProfile:
@@ -43,8 +47,9 @@ def true_profile(**changes) -> HardwareProfile:
 
 
 def synthetic_record(name: str, model: str, plan: Plan, profile: HardwareProfile, *, scale: float = 1.0,
-                     hardware: str = PROFILE, workload: Workload = Workload(512, 32)) -> dict:
+                     hardware: str = PROFILE, workload: Workload | None = None) -> dict:
     """A RunRecord whose measurements are the model's predictions on ``profile`` (times ``scale``)."""
+    workload = workload or WORKLOADS.get(name, Workload(512, 32))
     est = predict(load_model(model), profile, workload, plan)
     allocated = est.gpu_peak_bytes - est.gpu_memory_parts["framework"]
     decode = est.decode_step_s * scale
@@ -52,7 +57,8 @@ def synthetic_record(name: str, model: str, plan: Plan, profile: HardwareProfile
         "kind": "hpi.RunRecord",
         "version": 1,
         "spec": {"plan": plan.to_dict(), "model": model, "hardware": hardware, "out_dir": f"/tmp/runs/{name}",
-                 "workload": {"prompt_len_tokens": workload.prompt_len_tokens, "gen_len_tokens": workload.gen_len_tokens}},
+                 "workload": {"prompt_len_tokens": workload.prompt_len_tokens, "gen_len_tokens": workload.gen_len_tokens},
+                 "dtype": workload.compute_dtype, "fetch_wait": workload.fetch_wait},
         "plan": plan.to_dict(),
         "model": {"name": model},
         "hardware": hardware,

@@ -35,6 +35,7 @@ from planner.calibrate import (
     write_section,
 )
 from planner.profiles import ProfileError, clear_cache, load_profile
+from planner.specs.hardware import is_fraction
 
 PROFILE_FILE = Path(__file__).resolve().parents[2] / "src" / "planner" / "hardware_profiles" / "h200-2gpu.yaml"
 
@@ -161,7 +162,7 @@ def test_split_by_plan_holds_repeats_out_together_and_is_seeded(synth) -> None:
     repeat = dict(recs["8b-resident"], entry={"name": "8b-resident-again"})
     ms = [measurement(r) for r in [*recs.values(), repeat]]
     train, held = split_by_plan(ms, 0.25, seed=3)
-    assert len({plan_key(m) for m in held}) == 2  # ceil(0.25 * 8 plans)
+    assert len({plan_key(m) for m in held}) == 3  # ceil(0.25 * 9 plans)
     assert not {plan_key(m) for m in held} & {plan_key(m) for m in train}
     assert len(train) + len(held) == len(ms)
     again = split_by_plan(ms, 0.25, seed=3)
@@ -243,6 +244,6 @@ def test_fitted_values_are_physical(recovered) -> None:
     _, _, cal = recovered
     for name, value in cal.values.items():
         assert value > 0
-        if not (name.endswith("_s") or name.endswith("_bytes")):
+        if is_fraction(name):
             assert value <= 1.0, name
     assert dataclasses.asdict(cal.error_after)["n_records"] == len(cal.record_ids)

@@ -10,13 +10,29 @@ All-gather is half of that (one pass of the ring): (p-1) hops and (p-1)/p * n by
 - ZeRO-3 partition (dp > 1): one all-gather of each fetched module's parameters over the dp group.
 Decode-sized messages are latency-bound (design.md: 37 us for 8 KB over NVLink), which alpha captures.
 
-Issuing a collective also costs host time (torch.distributed's dispatch, NCCL's enqueue, a rank waiting
-for its peers to arrive): ``collective_host_overhead_s`` per call, on the host side of the module rule
-(``cost.estimate``). Host-bound decode pays it in full: on the 2x H200 records TP 2 doubled a resident
-8B decode step although its all-reduces take microseconds on the GPU (SUMMARY.md, 2026-11-22).
+Issuing a collective also costs host time (torch.distributed's dispatch, NCCL's enqueue):
+``collective_host_overhead_s`` per call, on the host side of the module rule (``cost.estimate``).
+
+Host-bound TP decode pays a second, larger cost: the ranks' Python launch streams drift apart, and each
+all-reduce makes every rank wait for the slowest one to arrive. On the 4x H200 (70B, resident, bs 1,
+2026-11-22) TP 2 / TP 4 took 130 / 136 ms per step against 53 ms on one GPU and 57 ms for PP 2, and the
+compute streams spent 72-105 ms of each step inside 160 all-reduces, ~0.45 ms each, where an 8 KB NCCL
+all-reduce back to back takes 35 us (2 GPUs) / 185 us (4 GPUs); on the 2x H200 TP 2 doubled the 8B step
+(43.4 vs 21.7 ms), and with DeepSpeed's host fetch wait (the copies on the host's critical path too) TP 2
+made an 8B offload step slower than one GPU's (0.465 vs 0.415 s). Model: a rank's time between two
+collectives varies in proportion to the host work in it (Python and launches; the DMA copies a host fetch
+wait also puts there are steady), so the wait for the slowest rank is a share of that host time:
+``collective_drift_factor`` at tp 2, growing with the group as the expected maximum of tp independent
+drifts, E[max of tp N(0,1)] / E[max of 2 N(0,1)] (1, 1.5, 1.8, 2.5 for tp 2, 3, 4, 8). Summed over a
+module's collectives, the module's host time grows by that factor (``tp_drift``); ``cost.estimate``
+applies it where the host is on the critical path and reports it as all-reduce time. The prior 1 says the
+drift is as large as the host work between two collectives (2x H200, resident 8B: 0.33 ms lost per
+all-reduce against ~0.3 ms of launches between).
 """
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 import numpy as np
 
@@ -59,6 +75,33 @@ def tp_collective_calls(layout: Layout) -> np.ndarray:
     calls = 2.0 * layout.table.is_layer
     calls[HEAD] = 1.0
     return calls
+
+
+@lru_cache(maxsize=64)
+def expected_max_normal(n: int) -> float:
+    """E[max of n independent standard normals] (0 for n = 1; 1/sqrt(pi) for n = 2), by quadrature."""
+    if n <= 1:
+        return 0.0
+    from math import erf, sqrt
+
+    # E[max] = integral over x > 0 of (1 - F^n) minus integral over x < 0 of F^n (F: the normal CDF)
+    x = np.linspace(0.0, 12.0, 12001)
+    cdf_pos = 0.5 * (1.0 + np.vectorize(erf)(x / sqrt(2.0)))
+    cdf_neg = 1.0 - cdf_pos  # F(-x)
+    y = (1.0 - cdf_pos**n) - cdf_neg**n
+    return float(np.sum((y[1:] + y[:-1]) / 2.0 * np.diff(x)))  # trapezoid rule
+
+
+def drift_growth(tp: int) -> float:
+    """How the wait for the slowest of tp ranks grows with tp, relative to tp 2 (0 for tp 1)."""
+    return expected_max_normal(tp) / expected_max_normal(2)
+
+
+def tp_drift(layout: Layout) -> np.ndarray:
+    """(kinds,) how much longer TP makes a module's host chain: waiting for the slowest rank at each of its
+    collectives, ``collective_drift_factor`` x ``drift_growth(tp)`` (0 for modules without collectives)."""
+    factor = layout.hardware.efficiency.collective_drift_factor * drift_growth(layout.tp)
+    return np.where(tp_collective_calls(layout) > 0, factor, 0.0)
 
 
 def tp_collective_host_time(layout: Layout) -> np.ndarray:

@@ -8,9 +8,8 @@ t = max(FLOPs / (peak_bf16 * eff_matmul[phase]),  bytes_read / (HBM_bw * eff_hbm
   in decode the re-expansion of every cached latent through kv_b_proj. The LM head
   runs on the last position only in prefill (transformers' ``logits_to_keep``).
 - Bytes: every weight the forward touches is read once in 16 bit (the embedding: only the rows looked
-  up); a quantized weight is first dequantized (read packed, write 16-bit), which ZeRO-Inference does
-  per use, for a gathered embedding the whole table. Decode also reads the KV
-  cache of every sequence in the micro-batch.
+  up). Decode also reads the KV cache of every sequence in the micro-batch. Dequantizing an 8/4-bit
+  weight before its GEMM is its own term (``cost.dequant``), which ``cost.estimate`` adds in series.
 """
 
 from __future__ import annotations
@@ -66,12 +65,9 @@ def flops(layout: Layout, phase: Phase) -> np.ndarray:
 
 def hbm_bytes(layout: Layout, knobs: Knobs, phase: Phase) -> np.ndarray:
     t = layout.table
-    bits = knobs.weight_bits[:, None]
     touched = touched_elems_per_rank(layout, phase.tokens)
-    dequant = np.where(bits < 16, t.fetch_matrix_fraction * (bits / 8.0 + COMPUTE_BYTES), 0.0)
     weights = touched * COMPUTE_BYTES
     weights[:, EMBED] = phase.tokens * t.hidden_size * COMPUTE_BYTES  # the rows looked up
-    weights = weights + touched * dequant
     kv = t.is_layer * phase.sequences[:, None] * phase.kv_read_tokens * t.kv_elems_per_token / layout.kv_split
     return weights + kv * COMPUTE_BYTES
 

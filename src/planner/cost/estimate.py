@@ -2,27 +2,42 @@
 
 Per module (a decoder layer, the embedding or the head), one forward on one rank (FlexGen's per-layer rule):
 
-    busy   = compute + tp_allreduce                     (the GPU's stream: all-reduces sit between GEMMs)
-    fetch  = max(h2d, nvme) + dp_allgather              (the copy engines: host/NVMe -> GPU, then gather)
-             where h2d carries the weights and, in decode with KV offload, the layer's KV cache
-    f      = prefetch_overlap * min(1, bucket / largest module)
-             bucket = min(prefetch_bucket,              (how much of the next module is in flight while
-                          max_live - largest module)      this one computes; 0 with prefetching off)
-    device = max(busy, fetch) + (1 - f) * min(busy, fetch)
-    host   = overhead + tp collective issue             (kernel launches, Python, ZeRO-3 hooks, c10d calls)
-    module = max(device, host)
+    busy    = compute + tp_allreduce                    (the GPU's stream: all-reduces sit between GEMMs)
+    host    = (overhead + tp collective issue)          (kernel launches incl. dequant's, Python, ZeRO-3
+              * (1 + drift)                               hooks, c10d calls; drift: waiting for the slowest
+                                                          TP rank at each collective, cost.collectives)
+    fetch   = max(h2d, nvme) + dp_allgather             (the copy engines: host/NVMe -> GPU, then gather)
+              where h2d carries the weights and, in decode with KV offload, the layer's KV cache;
+              with DeepSpeed's host fetch wait:          (the host waits for each fetch, so the copy engine
+              fetch + host                                idles while it runs the hooks and launches)
+    f       = prefetch_overlap                          (share of the shorter of busy and fetch hidden)
+    device  = max(busy, fetch) + (1 - f) * min(busy, fetch) + dequant
+    module  = max(device, host)
 
-so with full prefetch the slower of compute and streaming hides the faster, and with none they add. The
-host launches work asynchronously and runs ahead of the GPU until the next synchronization, so host time
-and device time overlap: a module costs the larger of the two (eager decode of a GPU-resident model is
+- Overlap does not depend on the prefetch bucket. With hpi's stream-ordered fetch the host issues every
+  copy long before the GPU needs it; with DeepSpeed's host wait the copy of the next module still runs
+  while the GPU computes this one (the host waits for copies, not for compute). Measured: the 33B (1x H100)
+  and 70B (4x H200) prefill at bs 16 / 32 took the fetch time alone although compute was as long
+  (1.19 s for 1.20 s of copies and 1.1 s of FLOPs; 2.55 s for 2.55 s of copies) with DeepSpeedExamples'
+  buckets (2 h^2, smaller than one FFN matrix), and the 2x H200 8B offload step did not move with the
+  bucket (5e7, 2 h^2, 4e8: 0.39-0.415 s, SUMMARY.md). What the bucket changes is memory (cost.memory).
+- The fetch wait (``Workload.fetch_wait``): DeepSpeed's stock wait synchronizes the host with the copy
+  stream at every fetch, so each copy and the host's work for the module run in series (1x H100, 8B,
+  bs 1: 0.531 s per step with the host wait, 0.371 s stream-ordered, same knobs, same run).
+- Dequantization (``cost.dequant``) runs on the compute stream between the packed copy and the GEMM and
+  is not hidden behind the copy (1x H100: 8/4-bit offload no faster than 16-bit), so it adds.
+
+The host launches work asynchronously and runs ahead of the GPU until the next synchronization, so host
+time and device time overlap: a module costs the larger of the two (eager decode of a GPU-resident model is
 host-bound: 21.7 ms measured for an 8B step on an H200 whose HBM needs 4.7 ms; and a host-bound tiny
 model under ZeRO-3 showed the hook overhead that the 8B model's 0.4 s of streaming hides; 2x H200
 records, 2026-11-22). Stages sum their modules plus one ``step_overhead`` per forward on every stage (the
 executor synchronizes after each stage forward, so it adds); a step composes the stages
 (``cost.pipeline.compose_step``). Exposed time is attributed to the component that is on the critical
-path: busy time counts as compute and all-reduce, the rest of the device time as weight or KV fetch
-(split by their link times), host time beyond the device time as overhead, so each phase's breakdown
-sums to its step time exactly.
+path: busy time counts as compute and all-reduce, dequantization as itself, the rest of the device time as
+weight or KV fetch (split by their link times), or, for the host's share of a host-waited fetch, overhead;
+host time beyond the device time as overhead; the TP drift's share of either as all-reduce time. So each
+phase's breakdown sums to its step time exactly.
 
 Totals (DeepSpeedExamples ZeRO-Inference definitions):
     prefill_s = ttft_s = prefill step;  total_s = prefill_s + (gen_len - 1) * decode_step_s
@@ -35,16 +50,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.cost.collectives import dp_allgather_time, tp_collective_host_time, tp_collective_time
+from planner.cost.collectives import dp_allgather_time, tp_collective_host_time, tp_collective_time, tp_drift
 from planner.cost.compute import roofline_sides
+from planner.cost.dequant import dequant_host_time, dequant_time
 from planner.cost.inputs import Knobs, Layout
 from planner.cost.memory import MemoryResult, memory
 from planner.cost.overhead import module_overhead_time, step_overhead_time
 from planner.cost.phase import Phase, decode_phase, prefill_phase
 from planner.cost.pipeline import compose_step, p2p_time
-from planner.cost.shape import per_rank
 from planner.cost.streaming import (
     fetched_elems_per_rank,
+    fetches_weights,
     h2d_bandwidth,
     kv_transfer_bytes,
     kv_transfer_time,
@@ -52,10 +68,12 @@ from planner.cost.streaming import (
     weight_stream_time,
 )
 
-EXPOSED_PARTS = ("compute_s", "tp_allreduce_s", "weight_fetch_s", "kv_fetch_s", "pp_p2p_s", "overhead_s")
+EXPOSED_PARTS = (
+    "compute_s", "dequant_s", "tp_allreduce_s", "weight_fetch_s", "kv_fetch_s", "pp_p2p_s", "overhead_s",
+)  # fmt: skip
 LINK_PARTS = (
-    "compute_s", "flops_s", "hbm_s", "tp_allreduce_s", "h2d_s", "nvme_s", "dp_allgather_s", "kv_h2d_s", "pp_p2p_s",
-    "host_s",
+    "compute_s", "flops_s", "hbm_s", "dequant_s", "tp_allreduce_s", "h2d_s", "nvme_s", "dp_allgather_s", "kv_h2d_s",
+    "pp_p2p_s", "host_s",
 )  # fmt: skip
 
 
@@ -74,20 +92,24 @@ class PhaseResult:
 
 
 def prefetch_overlap(layout: Layout, knobs: Knobs) -> np.ndarray:
-    """(N, kinds) f in the module rule: share of the next tensor's fetch in flight during this compute."""
-    largest = per_rank(layout.table, layout.table.largest_gather, layout.tp)
-    # stage3_max_live_parameters bounds what may be in flight while this module is gathered.
-    room = np.maximum(knobs.max_live_elems[:, None] - largest, 0.0)
-    bucket = np.minimum(knobs.prefetch_bucket_elems[:, None], room)
-    in_flight = np.clip(bucket / np.maximum(largest, 1.0), 0.0, 1.0)
-    return layout.hardware.efficiency.prefetch_overlap * in_flight
+    """(N, kinds) f in the module rule: share of the shorter of busy and fetch that overlaps the longer.
+
+    The copy of the next module runs while this one computes whatever the prefetch bucket (see the module
+    docstring), so f is the profile's ``prefetch_overlap`` for every plan and module kind."""
+    return np.full((knobs.n, 4), layout.hardware.efficiency.prefetch_overlap)
+
+
+def host_waits_for_fetch(layout: Layout, knobs: Knobs) -> np.ndarray:
+    """(N,) whether the host synchronizes with each ZeRO-3 fetch (DeepSpeed's stock wait) in these plans."""
+    return fetches_weights(layout, knobs) & (layout.workload.fetch_wait == "host")
 
 
 def phase_result(layout: Layout, knobs: Knobs, phase: Phase, bpw: np.ndarray) -> PhaseResult:
     t_flops, t_hbm = roofline_sides(layout, knobs, phase)
     compute = np.maximum(t_flops, t_hbm)
     tp_coll = tp_collective_time(layout, phase)
-    overhead = module_overhead_time(layout, knobs)
+    t_dequant = dequant_time(layout, knobs, phase)
+    overhead = module_overhead_time(layout, knobs) + dequant_host_time(layout, knobs)
 
     stream_bytes = weight_stream_bytes(layout, knobs, phase, bpw)
     kv_bytes = kv_transfer_bytes(layout, knobs, phase)
@@ -97,19 +119,37 @@ def phase_result(layout: Layout, knobs: Knobs, phase: Phase, bpw: np.ndarray) ->
     t_gather = dp_allgather_time(layout, knobs, fetched_elems_per_rank(layout, knobs, phase) * bpw)
 
     busy = compute + tp_coll
-    fetch = np.maximum(t_h2d, t_nvme) + t_gather
+    host_base = overhead + tp_collective_host_time(layout)[None, :]
+    drift = tp_drift(layout)[None, :]
+    host = host_base * (1.0 + drift)
+    fetch_links = np.maximum(t_h2d, t_nvme) + t_gather
+    in_series = host_waits_for_fetch(layout, knobs)[:, None] & (fetch_links > 0)
+    host_in_fetch = np.where(in_series, host, 0.0)
+    fetch = fetch_links + host_in_fetch
     f = prefetch_overlap(layout, knobs)
-    device = np.maximum(busy, fetch) + (1.0 - f) * np.minimum(busy, fetch)
-    host = overhead + tp_collective_host_time(layout)[None, :]
+    device = np.maximum(busy, fetch) + (1.0 - f) * np.minimum(busy, fetch) + t_dequant
     module = np.maximum(device, host)
-    exposed_fetch = device - busy
+    exposed_fetch = device - busy - t_dequant
     exposed_host = module - device
-    kv_share = np.divide(t_kv, fetch, out=np.zeros_like(fetch), where=fetch > 0)
+
+    def share(part: np.ndarray, whole: np.ndarray) -> np.ndarray:
+        return np.divide(part, whole, out=np.zeros_like(whole), where=whole > 0)
+
+    # Of the exposed fetch: KV copies, the host's hooks and launches waited in series, the drift, weights.
+    host_share = share(host_in_fetch, fetch)
+    drift_share = host_share * np.broadcast_to(share(drift, 1.0 + drift), module.shape)  # of host time waited
+    host_share = host_share - drift_share
+    kv_share = share(t_kv, fetch)
+    weight_share = 1.0 - kv_share - host_share - drift_share
+    # Host time beyond the device's: the drift first (it is what TP adds to the host's time), then overhead.
+    exposed_drift = np.minimum(exposed_host, host - host_base)
 
     # Components per module, (N, kinds, C) in EXPOSED_PARTS order (p2p is added after composition).
     zeros = np.zeros_like(module)
     parts = np.stack(
-        [compute, tp_coll, exposed_fetch * (1 - kv_share), exposed_fetch * kv_share, zeros, exposed_host], axis=-1
+        [compute, t_dequant, tp_coll + exposed_fetch * drift_share + exposed_drift,
+         exposed_fetch * weight_share, exposed_fetch * kv_share, zeros,
+         exposed_host - exposed_drift + exposed_fetch * host_share], axis=-1
     )
     counts = layout.stage_counts
     stage_parts = np.einsum("nkc,pk->npc", parts, counts)
@@ -134,6 +174,7 @@ def phase_result(layout: Layout, knobs: Knobs, phase: Phase, bpw: np.ndarray) ->
         "compute_s": on_slowest(compute),
         "flops_s": on_slowest(t_flops),
         "hbm_s": on_slowest(t_hbm),
+        "dequant_s": on_slowest(t_dequant),
         "tp_allreduce_s": on_slowest(tp_coll),
         "h2d_s": on_slowest(t_h2d),
         "nvme_s": on_slowest(t_nvme),

@@ -4,15 +4,18 @@ GPU, per rank of a stage (the planner reports the fullest GPU):
 - resident_weights: the stage's TP shard, partitioned 1/dp by ZeRO-3, when not offloaded
 - persistent_weights: tensors under the persistence threshold, kept whole on every GPU when ZeRO-3 gathers
 - quant_scales: fp16 scale + zero point per group of 64 weights (4/64 bytes per weight) of resident weights
-- live_params: what ZeRO-3 has gathered at once, in 16 bit, at its peak (``live_param_elems``: the
-  largest module plus what the prefetch keeps in flight, up to ``stage3_max_live_parameters``)
+- live_params: what ZeRO-3 has gathered at once, as stored (16-bit, or packed 8/4-bit with scales), at
+  the moment's peak (``live_param_elems``: the largest module plus what the prefetch keeps in flight, up
+  to ``stage3_max_live_parameters``)
+- dequant_buffers: the 16-bit copy an 8/4-bit weight is dequantized into for its GEMM (``cost.dequant``)
 - kv_cache: 2 * kv_heads/tp * head_dim (MLA: decompressed K and V) * cached tokens * sequences * 2 bytes
   per layer of the stage; with KV offload only the layer in use and the one being prefetched
-- activations: the prefill peak of one micro-batch (``_activation_elems_per_token``), and fp32 logits
-  of the last position at the last stage
-The KV cache and the activations peak at different times: the prefill holds the prompt's cache and
-its largest intermediates, the last decode step the whole context's cache and no intermediates to
-speak of; the GPU's peak is the larger of the two moments, and the parts are those of that moment.
+- activations: the prefill's intermediates of one micro-batch (``_activation_elems_per_token``) while a
+  layer runs; the hidden states and the fp32 logits of the last position while the head runs
+Not everything peaks at once: the prefill holds the prompt's cache and its largest intermediates, the
+last decode step the whole context's cache, and the vocabulary modules (the largest tensors of most
+models) are gathered and dequantized while no layer's intermediates are alive. The GPU's peak is the
+largest of these moments (``_gpu_parts``), and the parts are those of that moment.
 - workspace: the cuBLAS/cuBLASLt workspace torch allocates (``Efficiency.gpu_workspace_bytes``)
 - framework: CUDA context and allocator slack (``Efficiency.gpu_reserved_bytes``); the only part that
   ``torch.cuda.max_memory_allocated`` never counts (the others are tensors in torch's caching allocator)
@@ -30,16 +33,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from planner.cost.compute import stored_elems_per_rank
-from planner.cost.inputs import COMPUTE_BYTES, Knobs, Layout
+from planner.cost.dequant import dequant_buffer_bytes
+from planner.cost.inputs import COMPUTE_BYTES, QUANT_META_BYTES_PER_GROUP, Knobs, Layout
 from planner.cost.shape import DENSE, EMBED, HEAD, MOE, per_rank
 from planner.cost.streaming import fetches_weights, persistent_elems
+from planner.specs.plan import QUANT_GROUP_SIZE
 
 LOGIT_BYTES = 4.0  # transformers upcasts logits to fp32
 LOGIT_COPIES = 2.0  # logits and the processed scores / probabilities sampled from
 
 GPU_PARTS = (
-    "resident_weights", "persistent_weights", "quant_scales", "live_params", "kv_cache", "activations", "workspace",
-    "framework",
+    "resident_weights", "persistent_weights", "quant_scales", "live_params", "dequant_buffers", "kv_cache",
+    "activations", "workspace", "framework",
 )  # fmt: skip
 ALLOCATED_PARTS = GPU_PARTS[:-1]  # what torch.cuda.max_memory_allocated sees: all but the framework part
 CPU_PARTS = ("offloaded_weights", "offloaded_kv_cache", "nvme_buffers", "process")
@@ -91,44 +96,78 @@ def _modules_fetched(layout: Layout, threshold: np.ndarray) -> np.ndarray:
     return out
 
 
-def live_param_elems(layout: Layout, knobs: Knobs, fetched: np.ndarray) -> np.ndarray:
-    """(N, pp) elements ZeRO-3 holds gathered at its peak on a rank of each stage.
+def _stage_max(per_kind: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """(kinds,) or (N, kinds) per-kind sizes -> (N or 1, pp) the largest over the kinds each stage holds."""
+    per_kind = np.atleast_2d(per_kind)
+    return np.max(np.where(present[None, :, :], per_kind[:, None, :], 0.0), axis=2)
+
+
+def live_param_elems(layout: Layout, knobs: Knobs, fetched: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(while the decoder layers run, while the embedding or the head runs), each (N, pp): elements ZeRO-3
+    holds gathered at its peak on a rank of each stage (0 where the stage has no vocabulary module).
 
     DeepSpeed's ``PartitionedParameterCoordinator.fetch_sub_module`` gathers the module about to run,
     then prefetches from the recorded trace ``min(bucket, max_live - available)`` elements more, adding
-    whole parameters while its count is below that limit (so it overshoots by up to one tensor);
-    ``release_sub_module`` frees a module's parameters after its forward. Two regimes follow:
+    whole parameters while its count is below that limit (so it overshoots by up to one tensor, and
+    prefetches nothing while what is available already fills ``max_live``); ``release_sub_module`` frees
+    a module's parameters after its forward. Two regimes follow while the layers run:
 
     - bucket <= c, the mean a fetch gathers (stage elements / modules that gather): prefetching keeps
       pace with use and nothing accumulates:  live = L + min(bucket, max(max_live - L, 0)),  L the
-      largest module;
+      largest layer module;
     - bucket > c: each fetch prefetches more than a forward releases, so what is in flight climbs to
       max_live, and the prefetch that crosses it takes one more tensor:  live = min(max_live + T, cap),
-      T the largest tensor that is ever prefetched (not the embedding, which opens stage 0's forward and
-      is gathered on demand), cap what the stage gathers per forward, less that opening module when the
-      bucket cannot take the rest at once (it is released before the prefetch gets there).
+      T the largest tensor a prefetch can reach: a layer's, or the LM head's when the module gathered just
+      before it (the last layer's FFN output projection) leaves room under max_live (else the head is
+      gathered on demand, alone); cap what the stage gathers per forward, less the opening embedding
+      when the bucket cannot take the rest at once (it is released before the prefetch gets there).
+    While the embedding or the head runs: live = V + min(bucket, max(max_live - V, 0)), V its size.
 
-    The 2x H200 records (2026-11-22, 8B, offload cpu) show both: DeepSpeed's defaults (bucket 5e7 >
-    c = 3.6e7, max_live 1e9) peaked at 3.17 GB allocated = 2 x (1e9 + the 5.3e8-element LM head) plus
+    NVMe: DeepSpeed's swapper gives each swapped-in parameter its own staging buffer, so at most
+    ``nvme_buffer_count`` parameters are in flight: max_live counts as (buffer_count - 1) x the largest
+    layer tensor (1x H100, 8B, 4e8 bucket, 3e9 max live, 5 buffers: 1.5 GB allocated, where max live
+    would give 7 GB; SUMMARY.md session 3).
+
+    The 2x H200 records (2026-11-22, 8B, offload cpu) show both regimes: DeepSpeed's defaults (bucket 5e7
+    > c = 3.6e7, max_live 1e9) peaked at 3.17 GB allocated = 2 x (1e9 + the 5.3e8-element LM head) plus
     activations, DeepSpeedExamples' knobs (bucket = max_live = 2h^2 < c) at 1.18 GB = the embedding,
-    bucket 4e8 / max_live 3e9 at 7.08 GB (TP 2: 6.54 GB, the head split in two).
+    bucket 4e8 / max_live 3e9 at 7.08 GB (TP 2: 6.54 GB, the head split in two); the 4x H200 70B offload
+    records with DeepSpeedExamples' knobs (max_live 2h^2 = 1.3e8 below the 2.3e8-element down_proj) at
+    2.2 GB = the 2.1 GB head alone.
     ``fetched``: (N, kinds) elements one module of each kind gathers, per TP rank.
     """
     t, counts = layout.table, layout.stage_counts
     bucket, max_live = knobs.prefetch_bucket_elems[:, None], knobs.max_live_elems[:, None]
-    stage_total = fetched @ counts.T  # (N, pp)
-    gathers = _modules_fetched(layout, knobs.persistence_threshold_elems) @ counts.T
-    mean_gather = stage_total / np.maximum(gathers, 1.0)
     present = counts > 0  # (pp, kinds)
-    largest = np.max(np.where(present, per_rank(t, t.largest_gather, layout.tp), 0.0), axis=1)[None, :]
-    prefetched = present & (np.arange(counts.shape[1]) != EMBED)
-    largest_tensor = np.max(np.where(prefetched, per_rank(t, t.largest_tensor, layout.tp), 0.0), axis=1)[None, :]
-    opening = fetched[:, EMBED][:, None] * counts[:, EMBED][None, :]  # (N, pp)
+    is_layer = t.is_layer > 0
+    layers_present = present & is_layer[None, :]
+    gather = per_rank(t, t.largest_gather, layout.tp)
+    tensor = per_rank(t, t.largest_tensor, layout.tp)
+    largest_layer_tensor = _stage_max(tensor, layers_present)  # (1, pp)
+    max_live = np.where(knobs.offload_nvme[:, None],
+                        np.minimum(max_live, (knobs.nvme_buffer_count[:, None] - 1) * largest_layer_tensor), max_live)
+
+    layer_counts = counts * is_layer[None, :]
+    stage_total = fetched @ layer_counts.T  # (N, pp): what the layers gather per forward
+    all_total = fetched @ counts.T
+    gathers = _modules_fetched(layout, knobs.persistence_threshold_elems) @ layer_counts.T
+    mean_gather = stage_total / np.maximum(gathers, 1.0)
+    largest = _stage_max(gather, layers_present)
     pace = largest + np.minimum(bucket, np.maximum(max_live - largest, 0.0))
-    cap = np.where(bucket >= stage_total - opening, stage_total, stage_total - opening)
-    climb = np.minimum(max_live + largest_tensor, cap)
-    live = np.where(bucket > mean_gather, np.maximum(pace, climb), pace)
-    return np.minimum(live, stage_total)
+    # The head is prefetched only if the module before it leaves room under max_live.
+    last_layer = _stage_max(per_rank(t, t.last_gather, layout.tp), layers_present)
+    has_head = present[:, HEAD][None, :]
+    head = np.where(has_head & (last_layer < max_live), fetched[:, HEAD][:, None], 0.0)
+    reach = np.maximum(largest_layer_tensor, head)
+    opening = fetched[:, EMBED][:, None] * counts[:, EMBED][None, :]  # (N, pp)
+    cap = np.where(bucket >= all_total - opening, all_total, all_total - opening)
+    climb = np.minimum(max_live + reach, cap)
+    live_layers = np.minimum(np.where(bucket > mean_gather, np.maximum(pace, climb), pace), all_total)
+
+    vocab_present = present & ~is_layer[None, :]
+    vocab = _stage_max(np.minimum(fetched, gather[None, :]), vocab_present)  # (N, pp): one module at a time
+    live_vocab = np.where(vocab > 0, vocab + np.minimum(bucket, np.maximum(max_live - vocab, 0.0)), 0.0)
+    return live_layers, np.minimum(live_vocab, all_total)
 
 
 def _per_stage(per_kind: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -137,7 +176,18 @@ def _per_stage(per_kind: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 
 def _gpu_parts(layout: Layout, knobs: Knobs, bpw: np.ndarray, meta: np.ndarray) -> dict[str, np.ndarray]:
-    """Each GPU part as (N, pp)."""
+    """Each GPU part as (N, pp), at the moment of the stage's peak.
+
+    A stage's allocations peak at one of two kinds of moment, and the parts are those of the larger:
+    - a decoder layer running: the KV cache (the prompt's in prefill, the whole context's in the last
+      decode step), the prefill's intermediates, what ZeRO-3 holds gathered while layers run, and the
+      dequantized copy of the largest layer tensor;
+    - the embedding or the head running (stages holding one): the KV cache, the hidden states and fp32
+      logits, the vocabulary module gathered (and what its prefetch adds) and its dequantized copy.
+    (4x H200, 70B offload, bs 32: 3.56 GB allocated = the 2.1 GB head + the 1.4 GB cache + logits, while
+    the layers' moment, cache + 0.9 GB of intermediates + 0.7 GB gathered, stays below; 1x H100, 8B with
+    8-bit weights offloaded: 1.76 GB = the embedding packed (0.56 GB) + its bf16 copy (1.05 GB) + cache.)
+    """
     t, counts, wl = layout.table, layout.stage_counts, layout.workload
     fetching = fetches_weights(layout, knobs)[:, None]
     offloaded = knobs.offloaded[:, None]
@@ -148,7 +198,19 @@ def _gpu_parts(layout: Layout, knobs: Knobs, bpw: np.ndarray, meta: np.ndarray) 
     used = t.sharded / layout.tp + t.replicated + t.n_experts * t.expert_sharded / layout.tp
     all_persistent = persistent_elems(layout, knobs.persistence_threshold_elems)
     fetched = np.maximum(used[None, :] - all_persistent, 0.0)
-    live = np.where(fetching, live_param_elems(layout, knobs, fetched), 0.0) * COMPUTE_BYTES
+    # Gathered parameters are held as stored: packed, with their scales, for 8/4-bit weights.
+    bits = knobs.weight_bits[:, None]
+    gathered_bytes = np.where(bits < 16, bits / 8.0 + QUANT_META_BYTES_PER_GROUP / QUANT_GROUP_SIZE, COMPUTE_BYTES)
+    live_l, live_v = live_param_elems(layout, knobs, fetched)
+    live_l = np.where(fetching, live_l, 0.0) * gathered_bytes
+    live_v = np.where(fetching, live_v, 0.0) * gathered_bytes
+
+    present = counts > 0
+    is_layer = t.is_layer > 0
+    buffer = dequant_buffer_bytes(knobs.weight_bits, wl.compute_dtype)[:, None]
+    tensor = per_rank(t, t.largest_tensor, layout.tp)
+    temp_l = _stage_max(tensor, present & is_layer[None, :]) * buffer
+    temp_v = _stage_max(tensor, present & ~is_layer[None, :]) * buffer
 
     layers = counts[:, DENSE] + counts[:, MOE]  # (pp,)
     batch = knobs.batch_size / layout.dp
@@ -163,20 +225,35 @@ def _gpu_parts(layout: Layout, knobs: Knobs, bpw: np.ndarray, meta: np.ndarray) 
     act_per_token = _activation_elems_per_token(layout)
     stage_act = np.max(np.where(counts > 0, act_per_token, 0.0), axis=1)  # (pp,)
     act = (mb * wl.prompt_len_tokens)[:, None] * stage_act[None, :] * COMPUTE_BYTES
-    logits = (mb * t.vocab_size * LOGIT_BYTES * LOGIT_COPIES)[:, None] * (counts[:, HEAD] > 0)[None, :]
-    # The larger of the two moments: prefill (prompt's cache + intermediates) or the last decode step.
+    has_head = (counts[:, HEAD] > 0)[None, :]
+    has_vocab = (counts[:, EMBED] + counts[:, HEAD] > 0)[None, :]
+    logits = (mb * t.vocab_size * LOGIT_BYTES * LOGIT_COPIES)[:, None] * has_head
+    hidden = (mb * wl.prompt_len_tokens * t.hidden_size * COMPUTE_BYTES)[:, None] * has_vocab
     kv_prefill, kv_decode = kv_of(wl.prompt_len_tokens), kv_of(wl.context_len_tokens)
-    prefill_peaks = kv_prefill + act >= kv_decode
-    kv = np.where(prefill_peaks, kv_prefill, kv_decode)
-    act = np.where(prefill_peaks, act, 0.0)
+    # The four moments' (kv, activations, gathered, dequantized) parts; the prefill's head sees the
+    # prompt's cache, an embedding-only stage opens the prefill with none.
+    zero = np.zeros_like(kv_prefill)
+    moments = [
+        (kv_prefill, act, live_l, temp_l * (layers > 0)[None, :]),
+        (kv_decode, zero, live_l, temp_l * (layers > 0)[None, :]),
+        (np.where(has_head, kv_prefill, 0.0), hidden + logits, live_v, temp_v),
+        (kv_decode, logits, live_v, temp_v),
+    ]
+    valid = [np.ones_like(has_vocab), np.ones_like(has_vocab), has_vocab, has_vocab]
+    totals = np.stack([np.where(ok, sum(m), -np.inf) for m, ok in zip(moments, valid)])  # (4, N, pp)
+    peak = np.argmax(totals, axis=0)
+
+    def pick(i: int) -> np.ndarray:
+        return np.choose(peak, [np.broadcast_to(m[i], peak.shape) for m in moments])
 
     return {
         "resident_weights": _per_stage(partitioned * (bpw - meta), counts),
         "persistent_weights": _per_stage(persistent * COMPUTE_BYTES, counts),
         "quant_scales": _per_stage(partitioned * meta, counts),
-        "live_params": live,
-        "kv_cache": kv,
-        "activations": act + logits,
+        "live_params": pick(2),
+        "dequant_buffers": pick(3),
+        "kv_cache": pick(0),
+        "activations": pick(1),
         "workspace": np.full((knobs.n, layout.pp), layout.hardware.efficiency.gpu_workspace_bytes),
         "framework": np.full((knobs.n, layout.pp), layout.hardware.efficiency.gpu_reserved_bytes),
     }

@@ -145,6 +145,9 @@ class ModuleTable:
     largest_tensor: np.ndarray  # per kind: largest single tensor (NVMe swap buffers hold one partition)
     largest_gather: np.ndarray  # per kind: largest leaf module's own parameters (gathered at once)
     module_largest_tensors: tuple[np.ndarray, ...]  # per kind: sorted, each leaf module's largest tensor
+    last_gather: np.ndarray  # per kind: the last matrix-holding leaf module's own parameters (a layer's FFN
+    #                          output projection, or its experts): what is gathered just before the head
+    matrix_counts: np.ndarray  # per kind: quantizable matrices (a routed expert's counted once; dequant launches)
     is_layer: np.ndarray  # 1 for decoder layers (per-layer overheads and all-reduces)
     attn_flops_per_ctx_token: float  # 2*H*(d_qk + d_v): FLOPs per query token per cached token, all heads
     kv_elems_per_token: float  # per layer
@@ -162,7 +165,7 @@ def _sum(ts: list[Tensor], **match) -> int:
 def module_table(model: ModelSpec) -> ModuleTable:
     per_kind = [module_tensors(model, k) for k in range(N_KINDS)]
     sharded, replicated, expert, tied, matrix_frac, fetch_frac, sizes, largest, gather = [], [], [], [], [], [], [], [], []
-    module_largest = []
+    module_largest, last = [], []
     for kind, ts in enumerate(per_kind):
         shared_ts = [t for t in ts if not t.expert]
         n_routed = model.n_experts if kind == MOE else 0
@@ -186,6 +189,8 @@ def module_table(model: ModelSpec) -> ModuleTable:
             module_max[t.module] = max(module_max.get(t.module, 0), n)
         gather.append(max(per_module.values(), default=0))
         module_largest.append(np.sort(np.array(list(module_max.values()), dtype=np.float64)))
+        last_matrix = [t.module for t in ts if t.matrix]
+        last.append(per_module[last_matrix[-1]] if last_matrix else 0)
     return ModuleTable(
         sharded=np.array(sharded, dtype=np.float64),
         replicated=np.array(replicated, dtype=np.float64),
@@ -199,6 +204,8 @@ def module_table(model: ModelSpec) -> ModuleTable:
         largest_tensor=np.array(largest, dtype=np.float64),
         largest_gather=np.array(gather, dtype=np.float64),
         module_largest_tensors=tuple(module_largest),
+        last_gather=np.array(last, dtype=np.float64),
+        matrix_counts=np.array([sum(1 for t in ts if t.matrix) for ts in per_kind], dtype=np.float64),
         is_layer=np.array([1.0, 1.0, 0.0, 0.0]),
         attn_flops_per_ctx_token=2.0 * model.n_heads * (model.attention_qk_dim + model.attention_v_dim),
         kv_elems_per_token=float(model.kv_cache_elems_per_token_per_layer),

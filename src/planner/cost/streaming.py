@@ -6,8 +6,12 @@
 - With offload, each rank of a dp (ZeRO partition) group holds 1/dp of each TP shard in host memory or on
   NVMe: it copies its 1/dp over its own PCIe link, then the group all-gathers (``cost.collectives``).
   Without offload but with dp > 1 only the all-gather remains.
-- Host->device bandwidth is the placement's per-GPU share while every rank streams at once (the topology
-  graph splits shared switches and uplinks), pinned or pageable, times DeepSpeed's achieved fraction.
+- Host->device bandwidth is the placement's per-GPU share while the ranks that work at once stream (the
+  topology graph splits shared switches and uplinks), pinned or pageable, times DeepSpeed's achieved
+  fraction. A pipeline with m micro-batches has min(m, pp) stages working at once (one at m = 1: the
+  stages take turns), so fewer GPUs share the host links: on the 4x H200 (one host uplink, 42 GB/s per
+  GPU with all four copying, 55 alone) tp 2 x pp 2 with one micro-batch streamed 50 GB/s per GPU, pp 4
+  with four micro-batches 43.5.
 - NVMe goes NVMe -> pinned staging buffers -> GPU; DeepSpeed pipelines the two (buffer_count buffers),
   so the slower of the two hops sets the pace.
 - A KV cache offloaded to the CPU (transformers' OffloadedCache) is copied in layer by layer each decode
@@ -52,12 +56,24 @@ def fetched_elems_per_rank(layout: Layout, knobs: Knobs, phase: Phase) -> np.nda
     return np.where(fetches_weights(layout, knobs)[:, None], fetched, 0.0)
 
 
+def concurrent_stages(layout: Layout, knobs: Knobs) -> np.ndarray:
+    """(N,) pipeline stages that stream at once: min(micro-batches, pp)."""
+    return np.minimum(knobs.micro_batches, layout.pp).astype(int)
+
+
+def link_rate(layout: Layout, knobs: Knobs, name: str) -> np.ndarray:
+    """(N,) the placement's per-GPU ``name`` rate (h2d_pinned, h2d_pageable, nvme_read) for each plan's
+    number of stages streaming at once."""
+    return np.asarray(layout.placement.rates_with_stages(name))[concurrent_stages(layout, knobs) - 1]
+
+
 def h2d_bandwidth(layout: Layout, knobs: Knobs, pinned: np.ndarray | None = None) -> np.ndarray:
     """(N,) achieved host->device bytes/s per GPU; weights from NVMe come through pinned staging buffers."""
-    pl, eff = layout.placement, layout.hardware.efficiency
+    eff = layout.hardware.efficiency
     if pinned is None:
         pinned = knobs.pin_memory | knobs.offload_nvme
-    return np.where(pinned, pl.h2d_pinned_bytes_s * eff.h2d_stream_pinned, pl.h2d_pageable_bytes_s * eff.h2d_stream_pageable)
+    return np.where(pinned, link_rate(layout, knobs, "h2d_pinned") * eff.h2d_stream_pinned,
+                    link_rate(layout, knobs, "h2d_pageable") * eff.h2d_stream_pageable)
 
 
 def weight_stream_bytes(layout: Layout, knobs: Knobs, phase: Phase, bytes_per_weight: np.ndarray) -> np.ndarray:
@@ -69,8 +85,8 @@ def weight_stream_bytes(layout: Layout, knobs: Knobs, phase: Phase, bytes_per_we
 def weight_stream_time(layout: Layout, knobs: Knobs, stream_bytes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(PCIe seconds, NVMe seconds), each (N, kinds); the streaming time is their max."""
     t_h2d = stream_bytes / h2d_bandwidth(layout, knobs)[:, None]
-    nvme_bw = layout.placement.nvme_read_bytes_s * layout.hardware.efficiency.nvme_read
-    t_nvme = np.where(knobs.offload_nvme[:, None], stream_bytes / max(nvme_bw, 1e-9), 0.0)
+    nvme_bw = link_rate(layout, knobs, "nvme_read") * layout.hardware.efficiency.nvme_read
+    t_nvme = np.where(knobs.offload_nvme[:, None], stream_bytes / np.maximum(nvme_bw, 1e-9)[:, None], 0.0)
     return t_h2d, t_nvme
 
 

@@ -66,20 +66,38 @@ class Efficiency:
     matmul_prefill: float = 0.60  # of the bf16 ceiling, large prefill GEMMs (cost.compute)
     matmul_decode: float = 0.50  # of the bf16 ceiling, skinny decode GEMMs when compute-bound (cost.compute)
     hbm: float = 0.80  # of the HBM ceiling, decode GEMV/attention reads (cost.compute)
-    h2d_stream_pinned: float = 0.62  # ZeRO-3 parameter fetch over the pinned PCIe ceiling (cost.streaming)
+    # ZeRO-3 parameter fetch over the pinned PCIe ceiling (cost.streaming). The copies are back-to-back DMA
+    # of whole partitions (tens to hundreds of MB), the kind of copy the probe times, so they run near its
+    # rate; what DeepSpeed's stock fetch wait loses (0.62 of pinned on the H100, design.md) is host time
+    # in series with the copies, priced by the fetch-wait rule in cost.estimate, not a slower link.
+    h2d_stream_pinned: float = 0.95
     h2d_stream_pageable: float = 0.80  # over the pageable ceiling (already a slow staged copy)
     nvme_read: float = 0.80  # DeepSpeed aio over the O_DIRECT sequential ceiling (cost.streaming)
     collective_bandwidth: float = 0.80  # of the link's bandwidth, ring all-reduce bus bandwidth (cost.collectives)
     allreduce_latency_s: float = 20e-6  # alpha of one collective on the GPU stream, NCCL's small-message time (cost.collectives)
     collective_host_overhead_s: float = 50e-6  # host time to issue one collective through torch.distributed (cost.collectives)
+    # Host-bound TP decode: the ranks' launch streams drift apart and every all-reduce waits for the slowest;
+    # the wait per collective, in units of the host time between two collectives (half an eager layer's
+    # launches) at tp 2, growing with tp as the expected maximum of tp drifts (cost.collectives).
+    collective_drift_factor: float = 1.0
     p2p_latency_s: float = 15e-6  # alpha of one stage-to-stage send (cost.pipeline)
     prefetch_overlap: float = 1.0  # share of the shorter of compute and fetch a full prefetch bucket hides (cost.estimate)
     # Host (CPU) time; it runs ahead of the GPU asynchronously, so it shows only where it exceeds the GPU's
     # work (cost.estimate). Eager PyTorch issues ~40 kernels per HF Llama decoder layer (two RMSNorms ~14,
     # rotary ~10, 7 GEMMs, SDPA, cache update, activation, residuals) at ~10 us of dispatch each.
     layer_overhead_s: float = 450e-6  # host time per decoder layer per forward: kernel launches, Python (cost.overhead)
-    offload_layer_overhead_s: float = 400e-6  # extra ZeRO-3 hook/fetch bookkeeping per layer per forward (cost.overhead)
-    step_overhead_s: float = 2e-3  # per forward of each stage outside layers: generate loop, sampling, sync (cost.overhead)
+    # ZeRO-3's pre/post-forward hooks run on every module (~14 per Llama decoder layer: the layer, attention,
+    # MLP, 7 linears, 2 norms, rotary, activation), each a few hundred us of Python (trace, status checks,
+    # prefetch walk, release): 3 ms per layer. The 1x H100 (design.md, DeepSpeed's host wait: copies and
+    # hooks in series) gave 0.483 s per 8B step = 0.30 s of copies + 32 x 5.7 ms of host per layer.
+    offload_layer_overhead_s: float = 3.0e-3  # ZeRO-3 hook/fetch bookkeeping per layer per forward (cost.overhead)
+    # Per stage forward: the executor's device synchronize, sampling and input preparation, ~20 small
+    # kernels (embedding, final norm, head, argmax, token and position bookkeeping) at ~10 us each plus the
+    # loop's Python.
+    step_overhead_s: float = 0.5e-3  # per forward of each stage outside layers (cost.overhead)
+    # DeepSpeed's dequantization of 8/4-bit weights: element-wise kernels over HBM (cost.dequant); assumed
+    # to stream like the decode reads (hbm) until a record says otherwise.
+    dequant_hbm: float = 0.80
     gpu_reserved_bytes: float = 1.5e9  # CUDA context and allocator slack per GPU: outside torch's allocations (cost.memory)
     # cuBLAS/cuBLASLt workspace torch allocates per GPU: 8 chunks of 4096 KiB by default on Hopper
     # (PyTorch CUBLAS_WORKSPACE_CONFIG=:4096:8); the tiny-model records allocate 44 MB for 11 MB of tensors.
@@ -87,6 +105,12 @@ class Efficiency:
     host_reserved_bytes: float = 4e9  # per rank process: torch/DeepSpeed libraries and runtime (cost.memory)
     gpu_memory_usable: float = 0.97  # fraction of the GPU's memory a run may plan to use (feasibility)
     dram_usable: float = 0.90  # fraction of DRAM a run may plan to use, the OS keeps the rest (feasibility)
+
+
+def is_fraction(name: str) -> bool:
+    """Whether an Efficiency field is a fraction of a ceiling, in (0, 1]; the others are seconds (``_s``),
+    bytes (``_bytes``) or dimensionless factors (``_factor``), any positive value."""
+    return not name.endswith(("_s", "_bytes", "_factor"))
 
 
 @dataclass(frozen=True)

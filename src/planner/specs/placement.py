@@ -43,10 +43,22 @@ class Placement:
     nvme_read_bytes_s: float  # per GPU share of NVMe read while every rank reads at once (0: no NVMe)
     nodes_used: int
     notes: tuple[str, ...] = ()  # e.g. "TP group spans 2 NVLink islands: all-reduce over PCIe"
+    # The same three per GPU while only the first k pipeline stages stream (index k - 1; the last entry is
+    # the all-stages figure above): a pipeline with fewer micro-batches than stages has only that many
+    # stages working at once, and they share the host links among fewer GPUs. Empty: the figures above.
+    h2d_pinned_by_stages: tuple[float, ...] = ()
+    h2d_pageable_by_stages: tuple[float, ...] = ()
+    nvme_read_by_stages: tuple[float, ...] = ()
 
     @property
     def world_size(self) -> int:
         return len(self.rank_gpus)
+
+    def rates_with_stages(self, name: str) -> tuple[float, ...]:
+        """Per-GPU ``name`` (h2d_pinned, h2d_pageable, nvme_read) with 1..pp stages streaming at once."""
+        by_stages = getattr(self, f"{name}_by_stages")
+        everyone = getattr(self, f"{name}_bytes_s")
+        return tuple(by_stages) if by_stages else (everyone,) * self.pp
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -60,6 +72,9 @@ class Placement:
             "h2d_pinned_bytes_s": self.h2d_pinned_bytes_s,
             "h2d_pageable_bytes_s": self.h2d_pageable_bytes_s,
             "nvme_read_bytes_s": self.nvme_read_bytes_s,
+            "h2d_pinned_by_stages": list(self.rates_with_stages("h2d_pinned")),
+            "h2d_pageable_by_stages": list(self.rates_with_stages("h2d_pageable")),
+            "nvme_read_by_stages": list(self.rates_with_stages("nvme_read")),
             "nodes_used": self.nodes_used,
             "notes": list(self.notes),
         }

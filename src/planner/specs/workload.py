@@ -1,4 +1,15 @@
-"""What the user asks the model to do: batch, prompt and generation lengths."""
+"""What the user asks the model to do (prompt and generation lengths), and the two run conditions outside
+the Plan's search space that change what it costs: the compute dtype and how a ZeRO-3 fetch is waited for.
+
+- ``compute_dtype``: the 16-bit (or fp32) type activations and dequantized weights are computed in (the
+  executor's ``--dtype``). It picks DeepSpeed's dequantization path for 8/4-bit weights (``cost.dequant``):
+  fp16 has a fused CUDA kernel for 4-bit weights, bf16 and fp32 run a chain of torch element-wise ops.
+  Tensor sizes follow the plan's weight bits and stay 16-bit elsewhere (``cost.inputs.COMPUTE_BYTES``).
+- ``fetch_wait``: ``stream`` is hpi's stream-ordered ZeRO-3 fetch wait (the compute stream waits for the copy
+  on the GPU; the host runs ahead: ``executor.zero3.stream_ordered_fetch``), ``host`` is DeepSpeed's stock
+  wait, which synchronizes the host with the copy stream at every fetch (``cost.estimate`` says what that
+  serializes). Runs recorded before the executor had the field ran the host wait.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +17,26 @@ from dataclasses import dataclass
 
 DEFAULT_PROMPT_LEN = 512
 DEFAULT_GEN_LEN = 32
+COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
+FETCH_WAITS = ("stream", "host")
 
 
 @dataclass(frozen=True)
 class Workload:
     prompt_len_tokens: int = DEFAULT_PROMPT_LEN
     gen_len_tokens: int = DEFAULT_GEN_LEN
+    compute_dtype: str = "bf16"
+    fetch_wait: str = "stream"
 
     def __post_init__(self) -> None:
         if self.prompt_len_tokens < 1:
             raise ValueError(f"prompt length {self.prompt_len_tokens} < 1: pass --prompt-len 1 or more")
         if self.gen_len_tokens < 1:
             raise ValueError(f"generation length {self.gen_len_tokens} < 1: pass --gen-len 1 or more")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute dtype {self.compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
+        if self.fetch_wait not in FETCH_WAITS:
+            raise ValueError(f"fetch wait {self.fetch_wait!r} is not one of {', '.join(FETCH_WAITS)}")
 
     @property
     def context_len_tokens(self) -> int:

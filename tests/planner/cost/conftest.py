@@ -39,6 +39,7 @@ IDEAL = Efficiency(
     nvme_read=1.0, collective_bandwidth=1.0, allreduce_latency_s=0.0, collective_host_overhead_s=0.0, p2p_latency_s=0.0,
     prefetch_overlap=1.0, layer_overhead_s=0.0, offload_layer_overhead_s=0.0, step_overhead_s=0.0,
     gpu_reserved_bytes=0.0, gpu_workspace_bytes=0.0, host_reserved_bytes=0.0, gpu_memory_usable=1.0, dram_usable=1.0,
+    dequant_hbm=1.0, collective_drift_factor=0.0,
 )  # fmt: skip
 
 # Distinct, easy-to-spot efficiencies so a test can tell which one a term used.
@@ -47,7 +48,7 @@ ROUND = Efficiency(
     nvme_read=0.5, collective_bandwidth=0.5, allreduce_latency_s=10e-6, collective_host_overhead_s=30e-6,
     p2p_latency_s=20e-6, prefetch_overlap=1.0, layer_overhead_s=100e-6, offload_layer_overhead_s=300e-6,
     step_overhead_s=1e-3, gpu_reserved_bytes=1 * GB, gpu_workspace_bytes=0.25 * GB, host_reserved_bytes=2 * GB,
-    gpu_memory_usable=0.9, dram_usable=0.9,
+    gpu_memory_usable=0.9, dram_usable=0.9, dequant_hbm=0.4, collective_drift_factor=0.5,
 )  # fmt: skip
 
 

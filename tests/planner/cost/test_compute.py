@@ -167,18 +167,15 @@ def test_decode_hbm_bytes_16_bit(kit) -> None:
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_quantized_weights_are_dequantized_per_use(kit, bits: int) -> None:
-    """A quantized matrix is read packed, written out in 16 bit, then read by the GEMM:
-    2 + bits/8 + 2 bytes per matrix weight; vectors stay 2 bytes."""
+def test_the_gemm_reads_a_quantized_weight_in_16_bit(kit, bits: int) -> None:
+    """The GEMM reads the dequantized 16-bit copy: the roofline's bytes do not depend on the weight bits
+    (dequantizing is cost.dequant's term)."""
     lay = kit.layout(kit.toy_dense())
     k = knobs(Plan(batch_size=1), Plan(batch_size=1, weight_bits=bits))
-    dec = decode_phase(lay, k)
-    b16, bq = hbm_bytes(lay, k, dec)
+    b16, bq = hbm_bytes(lay, k, decode_phase(lay, k))
     kv = DECODE_CTX * KV_ELEMS * 2
-    want = DENSE_SHARDED * (2 + bits / 8 + 2) + DENSE_REPLICATED * 2 + kv
-    assert bq[DENSE] == pytest.approx(want)
     assert b16[DENSE] == pytest.approx((DENSE_SHARDED + DENSE_REPLICATED) * 2 + kv)
-    assert bq[DENSE] > b16[DENSE]  # dequantization costs HBM traffic; its win is on PCIe
+    np.testing.assert_allclose(bq, b16)
 
 
 def test_prefill_reads_no_kv_cache(kit) -> None:

@@ -51,9 +51,10 @@ def test_gpu_resident_16_bit_by_hand(kit) -> None:
     assert parts["persistent_weights"] == 0.0  # nothing is gathered, so nothing is "persistent"
     assert parts["quant_scales"] == 0.0
     assert parts["live_params"] == 0.0
-    # The prefill is the peak (its intermediates outweigh the 32 generated tokens' cache): the prompt's cache.
+    # The prefill is the peak (its intermediates outweigh the 32 generated tokens' cache): the prompt's cache,
+    # while a layer runs (the logits come later, when the intermediates are gone).
     assert parts["kv_cache"] == pytest.approx(LAYERS * 2 * KV_PROMPT_PER_LAYER_SEQ)
-    assert parts["activations"] == pytest.approx(2 * 512 * ACT_PER_TOKEN * 2 + 2 * LOGITS)
+    assert parts["activations"] == pytest.approx(2 * 512 * ACT_PER_TOKEN * 2)
     assert parts["framework"] == 1 * GB
     assert m.gpu_peak_bytes[0] == pytest.approx(sum(parts.values()))
     assert set(m.gpu_parts) == set(GPU_PARTS)
@@ -132,17 +133,17 @@ def test_tensor_parallel_divides_sharded_weights(kit) -> None:
     lay, m = mem(kit, [Plan(tp=2)], tp=2)
     per_rank = LAYERS * (LAYER_MATRICES / 2 + LAYER_NORMS) + V * H + V * H / 2 + H
     assert m.gpu_parts["resident_weights"][0] == pytest.approx(per_rank * 2)
-    assert m.gpu_parts["activations"][0] == pytest.approx(512 * (2 * H + 3 * F / 2) * 2 + LOGITS)  # the FFN's half
+    assert m.gpu_parts["activations"][0] == pytest.approx(512 * (2 * H + 3 * F / 2) * 2)  # the FFN's half
 
 
 def test_pipeline_stages_and_the_fullest_gpu(kit) -> None:
     lay, m = mem(kit, [Plan(pp=2, batch_size=2, micro_batches=2)], pp=2)
     np.testing.assert_array_equal(lay.stage_counts[:, :2].sum(axis=1), [2, 2])
-    # Stage 1 holds the head (one norm more than the embedding) and the logits: it is the fullest.
+    # Stage 1 holds the head (one norm more than the embedding): it is the fullest.
     assert m.fullest_stage[0] == 1
     assert m.gpu_parts["resident_weights"][0] == pytest.approx((2 * (LAYER_MATRICES + LAYER_NORMS) + V * H + H) * 2)
     assert m.gpu_parts["kv_cache"][0] == pytest.approx(2 * 2 * KV_PROMPT_PER_LAYER_SEQ)
-    assert m.gpu_parts["activations"][0] == pytest.approx(1 * 512 * ACT_PER_TOKEN * 2 + 1 * LOGITS)
+    assert m.gpu_parts["activations"][0] == pytest.approx(1 * 512 * ACT_PER_TOKEN * 2)
 
 
 def test_gpu_parts_sum_to_peak_across_plans(kit) -> None:
@@ -232,3 +233,47 @@ def test_stored_elems_per_rank_tied_head_keeps_its_norm(kit) -> None:
     assert stored_elems_per_rank(lay)[3] == H
     _, m = mem(kit, [Plan()], model=model)
     assert m.gpu_parts["resident_weights"][0] == pytest.approx(model.params_total * 2)
+
+
+# ---- the moments of the peak: layers running, or the embedding / head running -------------------------
+
+DOWN_PROJ = F * H  # the last module a layer gathers, just before the head
+
+
+def test_the_head_is_gathered_alone_when_max_live_is_below_the_last_layer_module(kit) -> None:
+    """DeepSpeed prefetches nothing while what is available fills max_live: with max live 3e6 < the
+    4.19e6-element down_proj before it, the head is gathered on demand, alone (4x H200, 70B, 2h^2 knobs:
+    2.2 GB = the 2.1 GB head). At 5e6 the prefetch reaches it from the last layer and overshoots by it."""
+    small = Plan(offload="cpu", prefetch_bucket_elems=3_000_000, max_live_elems=3_000_000)
+    room = Plan(offload="cpu", prefetch_bucket_elems=3_000_000, max_live_elems=5_000_000)
+    _, m = mem(kit, [small, room])
+    parts = {k: v[0] for k, v in m.gpu_parts.items()}
+    # the vocabulary moment is the peak: the head ending the prefill, beside the prompt's cache, the hidden
+    # states and the logits
+    assert parts["live_params"] == pytest.approx(V * H * 2)
+    assert parts["kv_cache"] == pytest.approx(LAYERS * KV_PROMPT_PER_LAYER_SEQ)
+    assert parts["activations"] == pytest.approx(512 * H * 2 + LOGITS)
+    # with room, the layers' moment: max live + the head, beside the prefill's intermediates
+    assert m.gpu_parts["live_params"][1] == pytest.approx((5_000_000 + V * H) * 2)
+    assert m.gpu_parts["activations"][1] == pytest.approx(512 * ACT_PER_TOKEN * 2)
+    np.testing.assert_allclose(m.gpu_peak_bytes, [sum(p[i] for p in m.gpu_parts.values()) for i in (0, 1)])
+
+
+@pytest.mark.parametrize("bits,buffer", [(8, 2.0), (4, 3.0)])
+def test_quantized_weights_are_gathered_packed_and_dequantized_into_a_16_bit_copy(kit, bits: int, buffer: float) -> None:
+    """ZeRO-3 gathers the packed bytes and scales; the embedding, dequantized whole for its lookup, adds a
+    16-bit copy (4-bit: and the unpacked uint8 tensor) at its moment (1x H100, 8B offload: 1.76 / 2.02 GB at
+    8 / 4 bits, where 16-bit weights with the same knobs peaked at 1.18 GB)."""
+    _, m = mem(kit, [Plan(offload="cpu", weight_bits=bits, prefetch_bucket_elems=3_000_000, max_live_elems=3_000_000)])
+    assert m.gpu_parts["live_params"][0] == pytest.approx(V * H * (bits / 8 + 4 / 64))
+    assert m.gpu_parts["dequant_buffers"][0] == pytest.approx(V * H * buffer)
+
+
+def test_nvme_holds_at_most_buffer_count_parameters_in_flight(kit) -> None:
+    """Each swapped-in parameter takes one of nvme_buffer_count staging buffers: max live counts as
+    (5 - 1) x the largest layer tensor, however large stage3_max_live_parameters is (1x H100, 8B NVMe with
+    max live 3e9: 1.5 GB allocated)."""
+    plan = dict(prefetch_bucket_elems=400_000_000, max_live_elems=3_000_000_000, nvme_buffer_elems=40_000_000)
+    _, m = mem(kit, [Plan(offload="nvme", **plan), Plan(offload="cpu", **plan)])
+    assert m.gpu_parts["live_params"][0] == pytest.approx((4 * DOWN_PROJ + V * H) * 2)
+    assert m.gpu_parts["live_params"][1] == pytest.approx((PARAMS - LAYERS * LAYER_NORMS - H) * 2)  # everything

@@ -1,0 +1,97 @@
+"""Dequantization of 8/4-bit weights: DeepSpeed ZeRO-Inference dequantizes every quantized weight on each use.
+
+DeepSpeed's ``weight_quantization.quantized_initialization`` stores the weight of every ``nn.Linear`` and
+``nn.Embedding`` as packed uint8 with a 16-bit scale and minimum per group of 64, and wraps ``F.linear`` /
+``F.embedding`` to dequantize the *whole* weight into a temporary 16-bit tensor before every call
+(``deepspeed/inference/quantization/utils.py``: ``wrap_quantized_functional``, ``DeQuantizer.dequantize``):
+
+- fp16 compute with 4-bit weights: one fused CUDA kernel (``dequantize_int4_to_half_experimental``) reads
+  the packed half byte and writes the fp16 weight: 0.5 + c bytes of HBM traffic per element (c = 2);
+- any other case (bf16 or fp32 compute, or 8-bit weights): torch element-wise ops, per element read + written:
+    ``zeros_like`` (c) + ``copy_`` uint8 -> dtype (1 + c) + ``div_(scale)`` (2c) + ``add_(min)`` (2c) = 1 + 6c,
+    and for 4-bit first the unpack (``bitwise_right_shift``, a strided store, ``bitwise_and``, a strided
+    store: 4 passes of half a byte read and half a byte written) = 4 more:
+  bf16: 13 bytes per element for 8-bit, 17 for 4-bit; fp32: 25 and 29.
+The GEMM then reads the 16-bit weight like an unquantized one (``cost.compute``).
+
+Time: those bytes at ``Efficiency.dequant_hbm`` of the HBM ceiling. The ops sit on the compute stream
+between the packed copy and the GEMM, and they do not hide behind the copy: on the H100 (2026-11-22, 8B,
+CPU offload, stream-ordered fetch, bs 1) 8-bit and 4-bit decode took 0.384 / 0.371 s while streaming
+8.5 / 4.5 GB, against 0.357 s for 16.1 GB of bf16 weights (benchmarks/results/2026-11-22-h100/SUMMARY.md).
+So ``cost.estimate`` adds this term to a module's device time rather than overlapping it with the fetch.
+Host: each dequantization issues ``dequant_kernels`` extra kernels per quantized tensor, priced like the
+decoder layer's own launches (``Efficiency.layer_overhead_s`` / ``KERNELS_PER_LAYER``).
+
+Memory: the 16-bit result (and for 4-bit the unpacked uint8 tensor) lives while its GEMM runs, so the
+largest quantized tensor of a moment adds ``dequant_buffer_bytes`` per element to the GPU peak
+(``cost.memory``; the 1x H100 records: 8-bit and 4-bit offload peaked 0.55 / 0.82 GB above the packed
+working set of the 8B model, whose largest tensor, the 1.05 GB embedding, is 0.53 GB packed at 8 bits).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from planner.cost.compute import touched_elems_per_rank
+from planner.cost.inputs import Knobs, Layout
+from planner.cost.phase import Phase
+
+# Bytes of one element of the compute dtype.
+DTYPE_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp32": 4.0}
+# Kernels the eager HF Llama decoder layer launches per forward (Efficiency.layer_overhead_s prices them).
+KERNELS_PER_LAYER = 40.0
+UNPACK_BYTES_4BIT = 4.0  # shift, strided store, and, strided store: half a byte in and out each
+
+
+def fused(bits: np.ndarray, compute_dtype: str) -> np.ndarray:
+    """Whether DeepSpeed's fused CUDA dequantization runs: fp16 compute and 4-bit weights only."""
+    return (bits == 4) & (compute_dtype == "fp16")
+
+
+def dequant_bytes_per_elem(bits: np.ndarray, compute_dtype: str) -> np.ndarray:
+    """HBM bytes read + written per dequantized element, (N,); 0 for 16-bit weights."""
+    c = DTYPE_BYTES[compute_dtype]
+    torch_ops = 1.0 + 6.0 * c + np.where(bits == 4, UNPACK_BYTES_4BIT, 0.0)
+    out = np.where(fused(bits, compute_dtype), 0.5 + c, torch_ops)
+    return np.where(bits < 16, out, 0.0)
+
+
+def dequant_kernels(bits: np.ndarray, compute_dtype: str) -> np.ndarray:
+    """Kernels one dequantization launches, (N,): 4 torch ops (+4 to unpack 4-bit), or the fused one."""
+    out = np.where(fused(bits, compute_dtype), 1.0, np.where(bits == 4, 8.0, 4.0))
+    return np.where(bits < 16, out, 0.0)
+
+
+def dequant_buffer_bytes(bits: np.ndarray, compute_dtype: str) -> np.ndarray:
+    """Bytes per element alive while a dequantized weight is used, (N,): the 16-bit result, and for 4-bit
+    on the torch path the unpacked uint8 tensor it was converted from (freed only after the call)."""
+    c = DTYPE_BYTES[compute_dtype]
+    out = c + np.where((bits == 4) & ~fused(bits, compute_dtype), 1.0, 0.0)
+    return np.where(bits < 16, out, 0.0)
+
+
+def dequant_elems_per_rank(layout: Layout, knobs: Knobs, phase: Phase) -> np.ndarray:
+    """(N, kinds) quantized elements one forward of each module dequantizes on one rank: every matrix it
+    touches (an embedding table whole: ``F.embedding`` is wrapped like ``F.linear``)."""
+    quantized = knobs.weight_bits[:, None] < 16
+    touched = touched_elems_per_rank(layout, phase.tokens)
+    return np.where(quantized, touched * layout.table.fetch_matrix_fraction, 0.0)
+
+
+def dequant_time(layout: Layout, knobs: Knobs, phase: Phase) -> np.ndarray:
+    """(N, kinds) device seconds of dequantization in one forward of one module on one rank."""
+    gpu, eff = layout.hardware.gpu, layout.hardware.efficiency
+    per_elem = dequant_bytes_per_elem(knobs.weight_bits, layout.workload.compute_dtype)[:, None]
+    return dequant_elems_per_rank(layout, knobs, phase) * per_elem / (gpu.hbm_bandwidth_bytes_s * eff.dequant_hbm)
+
+
+def quantized_tensor_counts(layout: Layout) -> np.ndarray:
+    """(kinds,) quantized matrices each module holds (routed experts' counted once per expert)."""
+    return layout.table.matrix_counts
+
+
+def dequant_host_time(layout: Layout, knobs: Knobs) -> np.ndarray:
+    """(N, kinds) host seconds to launch one module's dequantization kernels."""
+    per_kernel = layout.hardware.efficiency.layer_overhead_s / KERNELS_PER_LAYER
+    kernels = dequant_kernels(knobs.weight_bits, layout.workload.compute_dtype)[:, None]
+    return kernels * quantized_tensor_counts(layout)[None, :] * per_kernel
