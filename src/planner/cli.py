@@ -13,7 +13,7 @@ import time
 from typing import Any, Sequence
 
 from planner.specs.plan import DEEPSPEED_DEFAULT_PREFETCH_ELEMS, OFFLOAD_KINDS, WEIGHT_BITS, Plan
-from planner.specs.workload import DEFAULT_GEN_LEN, DEFAULT_PROMPT_LEN, Workload
+from planner.specs.workload import COMPUTE_DTYPES, DEFAULT_GEN_LEN, DEFAULT_PROMPT_LEN, FETCH_WAITS, Workload
 
 EXIT_USAGE = 2
 
@@ -48,6 +48,14 @@ def _add_target(p: argparse.ArgumentParser, hardware_required: bool = True) -> N
     p.add_argument("--json", action="store_true", help="print one JSON document")
 
 
+def _add_run_conditions(p: argparse.ArgumentParser) -> None:
+    """What the run computes in and how it waits for ZeRO-3 fetches (Workload fields outside the Plan)."""
+    p.add_argument("--dtype", choices=COMPUTE_DTYPES, default="bf16",
+                   help="compute dtype (default bf16); fp16 takes DeepSpeed's fused 4-bit dequantization")
+    p.add_argument("--fetch-wait", choices=FETCH_WAITS, default="stream",
+                   help="ZeRO-3 fetch wait: stream (hpi's, default) or host (DeepSpeed's stock, host-synchronizing)")
+
+
 def _add_plan_knobs(p: argparse.ArgumentParser, for_search: bool) -> None:
     """Plan flags: fixed values for predict/explain, restrictions of the search space for plan."""
     default = None if for_search else "none"
@@ -80,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("plan", help="rank the plans that can run a model on a machine")
     _add_target(p)
+    _add_run_conditions(p)
     _add_plan_knobs(p, for_search=True)
     p.add_argument("--objective", choices=("latency", "throughput", "balanced"), default="latency")
     p.add_argument("--top", type=_positive, default=10, help="plans to show (default 10)")
@@ -89,9 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
                        ("explain", "what binds a plan, what each knob would change, how to fix it")):
         p = sub.add_parser(name, help=text)
         _add_target(p)
+        _add_run_conditions(p)
         _add_plan_knobs(p, for_search=False)
     p = sub.add_parser("run", help="run one plan for real (DeepSpeed ZeRO-3 x TP x PP) and report what it measured")
     _add_target(p, hardware_required=False)
+    _add_run_conditions(p)
     _add_plan_knobs(p, for_search=False)
     _add_run_options(p)
     p = sub.add_parser("models", help="the model catalogue")
@@ -116,7 +127,6 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                          help="text prompts, one per line (empty lines skipped)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cpu: DeepSpeed's CPU accelerator with gloo, for tests (default cuda)")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     p.add_argument("--checkpoint", default=None, metavar="DIR",
                    help="local HF checkpoint (safetensors + tokenizer); default: random weights")
     p.add_argument("--out", default="runs/latest", metavar="DIR",
@@ -136,7 +146,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 # ---- loading the target ---------------------------------------------------------------------------
 def _workload(args: argparse.Namespace) -> Workload:
-    return Workload(args.prompt_len, args.gen_len)
+    return Workload(args.prompt_len, args.gen_len, compute_dtype=getattr(args, "dtype", None) or "bf16",
+                    fetch_wait=getattr(args, "fetch_wait", None) or "stream")
 
 
 def _load_target(args: argparse.Namespace):
@@ -455,7 +466,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if est is not None:
         extra["predicted"] = _prediction_summary(est)
     spec = RunSpec(plan=plan, model=args.model, workload=workload, hardware=args.hardware, device=args.device,
-                   dtype=args.dtype, checkpoint=args.checkpoint, prompts=prompts, seed=args.seed,
+                   dtype=args.dtype, fetch_wait=args.fetch_wait, checkpoint=args.checkpoint, prompts=prompts, seed=args.seed,
                    mode="chat" if args.chat else "benchmark", temperature=args.temperature, top_p=args.top_p,
                    nvme_path=args.nvme_path, out_dir=args.out, extra=extra)
     write_json_atomic(Path(args.out) / "ds_config.json", config)

@@ -109,6 +109,8 @@ class Estimate:
                 "batch_size": self.plan.batch_size,
                 "prompt_len_tokens": self.workload.prompt_len_tokens,
                 "gen_len_tokens": self.workload.gen_len_tokens,
+                "compute_dtype": self.workload.compute_dtype,
+                "fetch_wait": self.workload.fetch_wait,
             },
             "plan": self.plan.to_dict(),
         }

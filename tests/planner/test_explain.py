@@ -107,8 +107,10 @@ def test_4_bit_weights_speed_up_a_pcie_bound_plan(a6000, llama8b) -> None:
     assert four.decode_ratio < 1
     fused = four.estimate.decode_exposed["dequant_s"]
     assert fused == pytest.approx(llama8b_matrix_weights(llama8b) * 2.5 / (768e9 * 0.8), rel=0.01)
-    # the byte ratio, roughly, plus the fused dequantization
-    assert four.decode_ratio == pytest.approx((0.5 + 4 / 64) / 2 + fused / est.decode_step_s, rel=0.1)
+    # the byte ratio plus the fused dequantization, and a little more: the smaller leaf copies of 4-bit
+    # weights no longer cover every leaf's ZeRO-3 hooks (cost.estimate.leaf_shares)
+    least = (0.5 + 4 / 64) / 2 + fused / est.decode_step_s
+    assert least <= four.decode_ratio <= 1.2 * least
     assert four.throughput_ratio > 1
     assert four.estimate.plan == Plan(offload="cpu", weight_bits=4)
     bf16 = {e.label: e for e in knob_effects(predict(llama8b, a6000, WORKLOAD, Plan(offload="cpu")))}["4-bit weights"]

@@ -104,6 +104,60 @@ def host_waits_for_fetch(layout: Layout, knobs: Knobs) -> np.ndarray:
     return fetches_weights(layout, knobs) & (layout.workload.fetch_wait == "host")
 
 
+def leaf_shares(layout: Layout, knobs: Knobs) -> tuple[np.ndarray, np.ndarray]:
+    """(weight shares, host shares), each (N, kinds, J): how a module's work splits over the leaf modules
+    the rule is applied to one at a time.
+
+    ZeRO-3 fetches leaf module by leaf module, and its fetch queue bounds how far the host runs ahead of
+    the copies (with hpi's stream-ordered wait too, executor.zero3), so where a plan gathers weights the
+    overlap rule holds per matrix-holding leaf module: its share of the copies, compute and dequantization
+    goes by its weights, and the host's hooks and launches split evenly among the leaves. A small leaf
+    then shows its hooks between the copies: the 1x H100 8B decode streamed at 0.84 of pinned while the
+    33B, whose every leaf copies longer than its hooks take, streamed at 1.00 (SUMMARY.md). Without
+    gathering the host runs ahead freely and the whole module is one leaf."""
+    t = layout.table
+    elems = t.leaf_sharded / layout.tp + t.leaf_replicated  # (kinds, J)
+    total = elems.sum(axis=1, keepdims=True)
+    weights = np.divide(elems, total, out=np.zeros_like(elems), where=total > 0)
+    leaves = (elems > 0).sum(axis=1, keepdims=True)
+    hosts = np.divide((elems > 0).astype(float), leaves, out=np.zeros_like(elems), where=leaves > 0)
+    whole = np.zeros_like(elems)
+    whole[:, 0] = 1.0
+    per_leaf = fetches_weights(layout, knobs)[:, None, None]
+    return np.where(per_leaf, weights, whole), np.where(per_leaf, hosts, whole)
+
+
+def _module_rule(busy, fetch_links, host_base, drift, t_kv, t_dequant, in_series, f):
+    """The module rule (module docstring) on arrays of any shape: (module time, exposed parts with the
+    EXPOSED_PARTS in the last axis, p2p left 0, compute and all-reduce filled in by the caller)."""
+    host = host_base * (1.0 + drift)
+    host_in_fetch = np.where(in_series & (fetch_links > 0), host, 0.0)
+    fetch = fetch_links + host_in_fetch
+    device = np.maximum(busy, fetch) + (1.0 - f) * np.minimum(busy, fetch) + t_dequant
+    module = np.maximum(device, host)
+    exposed_fetch = device - busy - t_dequant
+    exposed_host = module - device
+
+    def share(part: np.ndarray, whole: np.ndarray) -> np.ndarray:
+        part, whole = np.broadcast_arrays(part, whole)
+        return np.divide(part, whole, out=np.zeros(whole.shape), where=whole > 0)
+
+    # Of the exposed fetch: KV copies, the host's hooks and launches waited in series, the drift, weights.
+    host_share = share(host_in_fetch, fetch)
+    drift_share = host_share * share(drift, 1.0 + drift)  # of the host time waited in series
+    host_share = host_share - drift_share
+    kv_share = share(t_kv, fetch)
+    weight_share = 1.0 - kv_share - host_share - drift_share
+    # Host time beyond the device's: the drift first (it is what TP adds to the host's time), then overhead.
+    exposed_drift = np.minimum(exposed_host, host - host_base)
+    zeros = np.zeros_like(module)
+    parts = np.stack(
+        [zeros, t_dequant, exposed_fetch * drift_share + exposed_drift, exposed_fetch * weight_share,
+         exposed_fetch * kv_share, zeros, exposed_host - exposed_drift + exposed_fetch * host_share], axis=-1
+    )
+    return module, parts
+
+
 def phase_result(layout: Layout, knobs: Knobs, phase: Phase, bpw: np.ndarray) -> PhaseResult:
     t_flops, t_hbm = roofline_sides(layout, knobs, phase)
     compute = np.maximum(t_flops, t_hbm)
@@ -120,37 +174,21 @@ def phase_result(layout: Layout, knobs: Knobs, phase: Phase, bpw: np.ndarray) ->
 
     busy = compute + tp_coll
     host_base = overhead + tp_collective_host_time(layout)[None, :]
-    drift = tp_drift(layout)[None, :]
-    host = host_base * (1.0 + drift)
+    host = host_base * (1.0 + tp_drift(layout)[None, :])
     fetch_links = np.maximum(t_h2d, t_nvme) + t_gather
-    in_series = host_waits_for_fetch(layout, knobs)[:, None] & (fetch_links > 0)
-    host_in_fetch = np.where(in_series, host, 0.0)
-    fetch = fetch_links + host_in_fetch
-    f = prefetch_overlap(layout, knobs)
-    device = np.maximum(busy, fetch) + (1.0 - f) * np.minimum(busy, fetch) + t_dequant
-    module = np.maximum(device, host)
-    exposed_fetch = device - busy - t_dequant
-    exposed_host = module - device
+    in_series = host_waits_for_fetch(layout, knobs)[:, None, None]
+    f = prefetch_overlap(layout, knobs)[:, :, None]
+    # The rule per leaf module (leaf_shares), summed back to the module; parts (N, kinds, C).
+    w, hw = leaf_shares(layout, knobs)
 
-    def share(part: np.ndarray, whole: np.ndarray) -> np.ndarray:
-        return np.divide(part, whole, out=np.zeros_like(whole), where=whole > 0)
+    def leaf(x: np.ndarray, shares: np.ndarray = w) -> np.ndarray:
+        return x[:, :, None] * shares
 
-    # Of the exposed fetch: KV copies, the host's hooks and launches waited in series, the drift, weights.
-    host_share = share(host_in_fetch, fetch)
-    drift_share = host_share * np.broadcast_to(share(drift, 1.0 + drift), module.shape)  # of host time waited
-    host_share = host_share - drift_share
-    kv_share = share(t_kv, fetch)
-    weight_share = 1.0 - kv_share - host_share - drift_share
-    # Host time beyond the device's: the drift first (it is what TP adds to the host's time), then overhead.
-    exposed_drift = np.minimum(exposed_host, host - host_base)
-
-    # Components per module, (N, kinds, C) in EXPOSED_PARTS order (p2p is added after composition).
-    zeros = np.zeros_like(module)
-    parts = np.stack(
-        [compute, t_dequant, tp_coll + exposed_fetch * drift_share + exposed_drift,
-         exposed_fetch * weight_share, exposed_fetch * kv_share, zeros,
-         exposed_host - exposed_drift + exposed_fetch * host_share], axis=-1
-    )
+    module, parts = _module_rule(leaf(busy), leaf(fetch_links), leaf(host_base, hw), tp_drift(layout)[None, :, None],
+                                 leaf(t_kv), leaf(t_dequant), in_series, f)
+    module, parts = module.sum(axis=2), parts.sum(axis=2)
+    parts[..., EXPOSED_PARTS.index("compute_s")] = compute
+    parts[..., EXPOSED_PARTS.index("tp_allreduce_s")] += tp_coll
     counts = layout.stage_counts
     stage_parts = np.einsum("nkc,pk->npc", parts, counts)
     stage_parts[:, :, EXPOSED_PARTS.index("overhead_s")] += step_overhead_time(layout)

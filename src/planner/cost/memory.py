@@ -123,10 +123,14 @@ def live_param_elems(layout: Layout, knobs: Knobs, fetched: np.ndarray) -> tuple
       when the bucket cannot take the rest at once (it is released before the prefetch gets there).
     While the embedding or the head runs: live = V + min(bucket, max(max_live - V, 0)), V its size.
 
-    NVMe: DeepSpeed's swapper gives each swapped-in parameter its own staging buffer, so at most
-    ``nvme_buffer_count`` parameters are in flight: max_live counts as (buffer_count - 1) x the largest
-    layer tensor (1x H100, 8B, 4e8 bucket, 3e9 max live, 5 buffers: 1.5 GB allocated, where max live
-    would give 7 GB; SUMMARY.md session 3).
+    NVMe: DeepSpeed's swapper gives each swapped-in parameter its own staging buffer, so besides the
+    module in use at most ``nvme_buffer_count`` - 1 parameters are in flight, and a prefetch that finds no
+    free buffer waits instead of overshooting: live = M + min(bucket, (buffer_count - 1) x T), T the largest
+    layer tensor, M the module in use or the one that takes the most room: the largest layer module, the
+    head when the last layer's prefetch reaches it, or the vocabulary module in its own moment (1x H100,
+    8B, 4e8 bucket, 3e9 max live: 1.54 GB allocated with 5 buffers, 2.05 GB with 16, where max live would
+    give 7 GB; at bs 16 3.25 GB, the head in flight beside the prefill's intermediates; SUMMARY.md
+    session 3, runs 6 and 7).
 
     The 2x H200 records (2026-11-22, 8B, offload cpu) show both regimes: DeepSpeed's defaults (bucket 5e7
     > c = 3.6e7, max_live 1e9) peaked at 3.17 GB allocated = 2 x (1e9 + the 5.3e8-element LM head) plus
@@ -144,8 +148,8 @@ def live_param_elems(layout: Layout, knobs: Knobs, fetched: np.ndarray) -> tuple
     gather = per_rank(t, t.largest_gather, layout.tp)
     tensor = per_rank(t, t.largest_tensor, layout.tp)
     largest_layer_tensor = _stage_max(tensor, layers_present)  # (1, pp)
-    max_live = np.where(knobs.offload_nvme[:, None],
-                        np.minimum(max_live, (knobs.nvme_buffer_count[:, None] - 1) * largest_layer_tensor), max_live)
+    nvme = knobs.offload_nvme[:, None]
+    nvme_in_flight = np.maximum(knobs.nvme_buffer_count[:, None] - 1, 0) * largest_layer_tensor
 
     layer_counts = counts * is_layer[None, :]
     stage_total = fetched @ layer_counts.T  # (N, pp): what the layers gather per forward
@@ -162,11 +166,14 @@ def live_param_elems(layout: Layout, knobs: Knobs, fetched: np.ndarray) -> tuple
     opening = fetched[:, EMBED][:, None] * counts[:, EMBED][None, :]  # (N, pp)
     cap = np.where(bucket >= all_total - opening, all_total, all_total - opening)
     climb = np.minimum(max_live + reach, cap)
-    live_layers = np.minimum(np.where(bucket > mean_gather, np.maximum(pace, climb), pace), all_total)
+    live_layers = np.where(bucket > mean_gather, np.maximum(pace, climb), pace)
+    nvme_layers = np.maximum(largest, head) + np.minimum(bucket, nvme_in_flight)
+    live_layers = np.minimum(np.where(nvme, nvme_layers, live_layers), all_total)
 
     vocab_present = present & ~is_layer[None, :]
     vocab = _stage_max(np.minimum(fetched, gather[None, :]), vocab_present)  # (N, pp): one module at a time
-    live_vocab = np.where(vocab > 0, vocab + np.minimum(bucket, np.maximum(max_live - vocab, 0.0)), 0.0)
+    room = np.where(nvme, nvme_in_flight, np.maximum(max_live - vocab, 0.0))
+    live_vocab = np.where(vocab > 0, vocab + np.minimum(bucket, room), 0.0)
     return live_layers, np.minimum(live_vocab, all_total)
 
 

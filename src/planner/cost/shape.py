@@ -147,6 +147,8 @@ class ModuleTable:
     module_largest_tensors: tuple[np.ndarray, ...]  # per kind: sorted, each leaf module's largest tensor
     last_gather: np.ndarray  # per kind: the last matrix-holding leaf module's own parameters (a layer's FFN
     #                          output projection, or its experts): what is gathered just before the head
+    leaf_sharded: np.ndarray  # (kinds, J): each matrix-holding leaf module's TP-sharded elements (0-padded)
+    leaf_replicated: np.ndarray  # (kinds, J): the same, replicated elements (routed experts: all of them)
     matrix_counts: np.ndarray  # per kind: quantizable matrices (a routed expert's counted once; dequant launches)
     is_layer: np.ndarray  # 1 for decoder layers (per-layer overheads and all-reduces)
     attn_flops_per_ctx_token: float  # 2*H*(d_qk + d_v): FLOPs per query token per cached token, all heads
@@ -165,7 +167,7 @@ def _sum(ts: list[Tensor], **match) -> int:
 def module_table(model: ModelSpec) -> ModuleTable:
     per_kind = [module_tensors(model, k) for k in range(N_KINDS)]
     sharded, replicated, expert, tied, matrix_frac, fetch_frac, sizes, largest, gather = [], [], [], [], [], [], [], [], []
-    module_largest, last = [], []
+    module_largest, last, leaf_parts = [], [], []
     for kind, ts in enumerate(per_kind):
         shared_ts = [t for t in ts if not t.expert]
         n_routed = model.n_experts if kind == MOE else 0
@@ -191,7 +193,17 @@ def module_table(model: ModelSpec) -> ModuleTable:
         module_largest.append(np.sort(np.array(list(module_max.values()), dtype=np.float64)))
         last_matrix = [t.module for t in ts if t.matrix]
         last.append(per_module[last_matrix[-1]] if last_matrix else 0)
+        leaves = list(dict.fromkeys(last_matrix))  # matrix-holding leaf modules, in order
+        leaf_parts.append([(sum(n for t, n in zip(ts, fused) if t.module == m and t.tp_sharded),
+                            sum(n for t, n in zip(ts, fused) if t.module == m and not t.tp_sharded)) for m in leaves])
+    width = max(1, max(len(p) for p in leaf_parts))
+    leaf = np.zeros((N_KINDS, width, 2))
+    for kind, parts in enumerate(leaf_parts):
+        if parts:
+            leaf[kind, : len(parts)] = parts
     return ModuleTable(
+        leaf_sharded=leaf[:, :, 0],
+        leaf_replicated=leaf[:, :, 1],
         sharded=np.array(sharded, dtype=np.float64),
         replicated=np.array(replicated, dtype=np.float64),
         expert_sharded=np.array(expert, dtype=np.float64),

@@ -17,7 +17,7 @@ from planner.catalog import load_model
 from planner.cost.collectives import dp_allgather_time, tp_collective_host_time, tp_collective_time, tp_drift
 from planner.cost.compute import compute_time
 from planner.cost.dequant import dequant_host_time, dequant_time
-from planner.cost.estimate import EXPOSED_PARTS, LINK_PARTS, evaluate, prefetch_overlap
+from planner.cost.estimate import EXPOSED_PARTS, LINK_PARTS, evaluate, leaf_shares, prefetch_overlap
 from planner.cost.inputs import Knobs
 from planner.cost.overhead import module_overhead_time
 from planner.cost.phase import decode_phase, prefill_phase
@@ -396,3 +396,27 @@ def test_efficiency_defaults_are_used_when_not_overridden(kit) -> None:
     lay = kit.layout(kit.toy_dense(), hardware=kit.make_hardware(Efficiency()))
     ev = kit.evaluate(lay, [Plan(offload="cpu")])
     assert ev.decode.h2d_bandwidth_bytes_s[0] == pytest.approx(10e9 * Efficiency().h2d_stream_pinned)
+
+
+def test_zero3_runs_the_rule_leaf_module_by_leaf_module(kit) -> None:
+    """Where ZeRO-3 gathers, each matrix-holding leaf module (q, k, v, o, gate, up, down) is its own unit:
+    its share of the copies by its weights, an equal share of the host's hooks and launches. With 5 ms of
+    hooks per layer (0.73 ms a leaf), the small k/v/q/o copies (0.1-0.4 ms at 5 GB/s) show the hooks, the
+    FFN's 1.68 ms copies hide them; a GPU-resident module stays one unit."""
+    slow = dataclasses.replace(kit.ROUND, offload_layer_overhead_s=5e-3)
+    lay = kit.layout(kit.toy_dense(), hardware=kit.make_hardware(slow))
+    k = Knobs.from_plans([Plan(offload="cpu"), Plan()])
+    w, hw = leaf_shares(lay, k)
+    leaves = np.array([H * H, H * 256, H * 256, H * H, H * 4096, H * 4096, H * 4096]) / LAYER_MATRICES
+    np.testing.assert_allclose(w[0, DENSE], leaves)
+    np.testing.assert_allclose(hw[0, DENSE], 1 / 7)
+    np.testing.assert_allclose(w[1, DENSE], [1, 0, 0, 0, 0, 0, 0])  # resident: the whole module
+    copy = LAYER_MATRICES * 2 / 5e9  # the layer's matrices at 10 GB/s x 0.5 (the norms persist)
+    host = 100e-6 + 5e-3
+    ev = evaluate(lay, k)
+    by_leaf = np.maximum(copy * leaves, host / 7).sum()
+    assert by_leaf > max(copy, host)
+    layer = ev.decode.exposed  # the step: 4 layers by the leaf rule, the vocabulary modules' copies, 1 ms
+    vocab = V * H * 2 / 5e9
+    assert ev.decode_step_s[0] == pytest.approx(4 * by_leaf + 2 * vocab + 1e-3, rel=1e-3)
+    assert layer["overhead_s"][0] > 1e-3  # the hooks that show between small copies
