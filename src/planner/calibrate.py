@@ -133,6 +133,17 @@ def _skip_reason(entry: Any) -> str | None:
     return None
 
 
+TRIAL_KIND = "hpi.AutotuneTrial"  # one trial of hpi autotune (autotune.objective): its RunRecord under "record"
+
+
+def _unwrap(entry: Any) -> Any:
+    """An autotune trial's own RunRecord; any other entry as it is (a failed trial has no record: skipped)."""
+    if isinstance(entry, dict) and entry.get("kind") == TRIAL_KIND and isinstance(entry.get("record"), dict) \
+            and "error" not in entry:
+        return entry["record"]
+    return entry
+
+
 def _entries(data: Any, path: Path) -> list[tuple[str | None, Any]]:
     """(entry name, value) pairs of a record file: one record, a list of them, or a bundle {name: record}."""
     if isinstance(data, list):
@@ -153,6 +164,7 @@ def _default_id(path: Path, entry: str | None, index: int, n: int) -> str:
 
 def load_records(paths: str | Path | Sequence[str | Path]) -> RecordList:
     """RunRecords from files, bundles ({entry name: record}), lists, or folders (every ``*.json``, recursively).
+    An ``hpi autotune`` trial file stands for the RunRecord it holds.
 
     Baselines, error entries and other JSON are skipped and counted in the result's ``skipped``. Each
     record is returned as a copy with ``_source`` = {path, entry, id} added; ``record_id`` reads it.
@@ -178,6 +190,7 @@ def load_records(paths: str | Path | Sequence[str | Path]) -> RecordList:
             raise CalibrationError(f"cannot read record file {path}: {e.strerror}") from None
         entries = _entries(data, path)
         for index, (name, entry) in enumerate(entries):
+            entry = _unwrap(entry)
             reason = _skip_reason(entry)
             if reason:
                 out.skipped[reason] = out.skipped.get(reason, 0) + 1

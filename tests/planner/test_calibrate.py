@@ -247,3 +247,17 @@ def test_fitted_values_are_physical(recovered) -> None:
         if is_fraction(name):
             assert value <= 1.0, name
     assert dataclasses.asdict(cal.error_after)["n_records"] == len(cal.record_ids)
+
+
+def test_an_autotune_trial_stands_for_the_run_record_it_holds(synth, tmp_path) -> None:
+    """hpi autotune writes one hpi.AutotuneTrial per trial, its RunRecord under "record"; a failed trial
+    (error, no record) is skipped as an error."""
+    rec = synth.records(names=["8b-cpu-pinned"])["8b-cpu-pinned"]
+    (tmp_path / "trial-0000.json").write_text(json.dumps({"kind": "hpi.AutotuneTrial", "trial": 0, "status": "ok",
+                                                          "record": rec}))
+    (tmp_path / "trial-0001.json").write_text(json.dumps({"kind": "hpi.AutotuneTrial", "trial": 1,
+                                                          "status": "failed", "error": "timeout"}))
+    records = load_records(tmp_path)
+    assert [record_id(r) for r in records] == ["trial-0000"]
+    assert records.skipped == {"error": 1}
+    assert measurement(records[0]).decode_step_s == rec["decode_step_s"]["median"]

@@ -182,6 +182,39 @@ def _per_stage(per_kind: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return per_kind @ counts.T
 
 
+def _prefill_layer_peak(layout: Layout, knobs: Knobs, fetched: np.ndarray, live: np.ndarray, kv_prefill: np.ndarray,
+                        act: np.ndarray, gathered_bytes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(KV cache, gathered bytes), each (N, pp), at the prefill's fullest layer of each stage.
+
+    The prefill builds the cache layer by layer, and ZeRO-3 can hold in flight no more than what is left
+    of the forward to gather: at layer i of L, the cache is i/L of the prompt's and the gathered bytes
+    min(live, (L - i + 1) x the mean layer + the head). The sum peaks where the prefetch stops being
+    capped by ``live`` or at the last layer (candidates i1, i1 + 1 and L of a piecewise-linear sum).
+    (1x H100, 8B offload, 3e9 max live: bs 64 allocated 13.3 GB and bs 256 34.5 GB, where the full cache
+    and intermediates beside a full climb to max live would be 14.7 and 40.6 GB.) An offloaded KV cache
+    holds two layers throughout.
+    """
+    counts, t = layout.stage_counts, layout.table
+    layers = counts[:, DENSE] + counts[:, MOE]  # (pp,)
+    n_layers = np.maximum(layers, 1.0)[None, :]
+    per_layer = (fetched @ (counts * t.is_layer[None, :]).T) / n_layers  # (N, pp) elements gathered per layer
+    head = fetched[:, HEAD][:, None] * (counts[:, HEAD] > 0)[None, :]
+    growing = ~knobs.kv_offload[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        turn = np.floor(n_layers + 1.0 - np.divide(live - head, per_layer, out=np.full_like(live, np.inf),
+                                                   where=per_layer > 0))
+    best_total = np.full_like(live, -np.inf)
+    kv_at, live_at = np.zeros_like(live), np.zeros_like(live)
+    for i in (np.clip(turn, 1.0, n_layers), np.clip(turn + 1.0, 1.0, n_layers), np.broadcast_to(n_layers, live.shape)):
+        kv_i = np.where(growing, kv_prefill * i / n_layers, kv_prefill)
+        live_i = np.minimum(live, (n_layers - i + 1.0) * per_layer + head) * gathered_bytes
+        total = kv_i + act + live_i
+        better = total > best_total
+        best_total = np.where(better, total, best_total)
+        kv_at, live_at = np.where(better, kv_i, kv_at), np.where(better, live_i, live_at)
+    return kv_at, live_at
+
+
 def _gpu_parts(layout: Layout, knobs: Knobs, bpw: np.ndarray, meta: np.ndarray) -> dict[str, np.ndarray]:
     """Each GPU part as (N, pp), at the moment of the stage's peak.
 
@@ -209,7 +242,7 @@ def _gpu_parts(layout: Layout, knobs: Knobs, bpw: np.ndarray, meta: np.ndarray) 
     bits = knobs.weight_bits[:, None]
     gathered_bytes = np.where(bits < 16, bits / 8.0 + QUANT_META_BYTES_PER_GROUP / QUANT_GROUP_SIZE, COMPUTE_BYTES)
     live_l, live_v = live_param_elems(layout, knobs, fetched)
-    live_l = np.where(fetching, live_l, 0.0) * gathered_bytes
+    live_l = np.where(fetching, live_l, 0.0)
     live_v = np.where(fetching, live_v, 0.0) * gathered_bytes
 
     present = counts > 0
@@ -237,12 +270,13 @@ def _gpu_parts(layout: Layout, knobs: Knobs, bpw: np.ndarray, meta: np.ndarray) 
     logits = (mb * t.vocab_size * LOGIT_BYTES * LOGIT_COPIES)[:, None] * has_head
     hidden = (mb * wl.prompt_len_tokens * t.hidden_size * COMPUTE_BYTES)[:, None] * has_vocab
     kv_prefill, kv_decode = kv_of(wl.prompt_len_tokens), kv_of(wl.context_len_tokens)
+    kv_sweep, live_sweep = _prefill_layer_peak(layout, knobs, fetched, live_l, kv_prefill, act, gathered_bytes)
     # The four moments' (kv, activations, gathered, dequantized) parts; the prefill's head sees the
     # prompt's cache, an embedding-only stage opens the prefill with none.
     zero = np.zeros_like(kv_prefill)
     moments = [
-        (kv_prefill, act, live_l, temp_l * (layers > 0)[None, :]),
-        (kv_decode, zero, live_l, temp_l * (layers > 0)[None, :]),
+        (kv_sweep, act, live_sweep, temp_l * (layers > 0)[None, :]),
+        (kv_decode, zero, live_l * gathered_bytes, temp_l * (layers > 0)[None, :]),
         (np.where(has_head, kv_prefill, 0.0), hidden + logits, live_v, temp_v),
         (kv_decode, logits, live_v, temp_v),
     ]

@@ -78,8 +78,9 @@ def test_zero3_partition_over_dp_without_offload(kit) -> None:
     # modules), so DeepSpeed's prefetch climbs to max_live (1e9): capped by everything the forward
     # gathers less the embedding that opens it (released before the prefetch reaches the end).
     assert m.gpu_parts["live_params"][0] == pytest.approx(GATHERED_AFTER_EMBEDDING * 2)
-    # One sequence per replica (at the prefill peak: the prompt's cache).
-    assert m.gpu_parts["kv_cache"][0] == pytest.approx(LAYERS * KV_PROMPT_PER_LAYER_SEQ)
+    # One sequence per replica, at the prefill's fullest layer: the first, where everything the forward
+    # still gathers is in flight, beside the one layer of cache built so far (cost.memory._prefill_layer_peak).
+    assert m.gpu_parts["kv_cache"][0] == pytest.approx(1 * KV_PROMPT_PER_LAYER_SEQ)
 
 
 def test_cpu_offload_keeps_only_persistent_and_live_weights(kit) -> None:
@@ -280,3 +281,17 @@ def test_nvme_holds_at_most_buffer_count_parameters_in_flight(kit) -> None:
     assert m.gpu_parts["live_params"][0] == pytest.approx((V * H + 4 * DOWN_PROJ) * 2)
     assert m.gpu_parts["live_params"][2] == pytest.approx((V * H + 20_000_000) * 2)
     assert m.gpu_parts["live_params"][1] == pytest.approx(GATHERED_AFTER_EMBEDDING * 2)  # CPU offload: the climb
+
+
+def test_the_prefill_peak_sweeps_the_layers(kit) -> None:
+    """The cache grows layer by layer while what is left to gather shrinks: with a prompt of 8192 tokens
+    (4 MB of cache a layer) and max live 1e9, the prefetch holds everything after layer i, so the sum
+    kv(i) + act + live(i) peaks at the first layer (live = 93.6e6 elements); resident, at the last."""
+    wl = Workload(8192, 32)
+    plans = [Plan(offload="cpu", batch_size=1), Plan(batch_size=1)]
+    _, m = mem(kit, plans, workload=wl)
+    kv_layer = 2 * 2 * 128 * 8192 * 2
+    assert m.gpu_parts["live_params"][0] == pytest.approx(GATHERED_AFTER_EMBEDDING * 2)
+    assert m.gpu_parts["kv_cache"][0] == pytest.approx(kv_layer)
+    assert m.gpu_parts["kv_cache"][1] == pytest.approx(LAYERS * kv_layer)
+    assert m.gpu_parts["activations"][0] == pytest.approx(8192 * ACT_PER_TOKEN * 2)
