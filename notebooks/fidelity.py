@@ -145,3 +145,36 @@ for profile in sorted({p for _, p in measurements.values()}):
     for name, value in cal.values.items():
         print(f"  {name:28s} {cal.priors[name]:>11.4g} -> {value:<11.4g} ({cal.support[name]} records)")
     print(f"  left at their prior: {', '.join(cal.unidentified)}")
+
+# %% [markdown]
+# ## 6. The terms issue 4 added, each checked by hand on one record
+# - **Dequantization** (`cost.dequant`): DeepSpeed's torch path reads and writes 1 + 6c bytes per element
+#   (`zeros_like`, `copy_`, `div_`, `add_`; c = 2 for bf16) and 4 more to unpack 4-bit weights: 13 / 17.
+# - **The host fetch wait** (`cost.estimate`): DeepSpeed's stock wait puts the host's hooks and launches in
+#   series with the copies: design.md's 0.483 s 8B step = 0.312 s of copies + 32 layers of host time.
+# - **The vocabulary moment** (`cost.memory`): with DeepSpeedExamples' knobs the 70B's 2.1 GB head is
+#   gathered alone, beside the whole cache and the logits (4x H200, bs 32: 3.56 GB allocated).
+
+# %%
+import numpy as np
+
+from planner.catalog import load_model
+from planner.cost.dequant import dequant_bytes_per_elem
+from planner.specs.plan import Plan
+from planner.specs.workload import Workload
+
+print("dequant bytes per element, bf16 [16, 8, 4 bit]:", dequant_bytes_per_elem(np.array([16, 8, 4]), "bf16"))
+assert list(dequant_bytes_per_elem(np.array([16, 8, 4]), "bf16")) == [0.0, 13.0, 17.0]
+
+h100 = load_profile("h100-sxm-1gpu", calibrated=False)
+host_wait = predict(load_model("llama-3-8b"), h100, Workload(512, 32, fetch_wait="host"), Plan(offload="cpu"))
+stream = predict(load_model("llama-3-8b"), h100, Workload(512, 32), Plan(offload="cpu"))
+print(f"8B offload on the H100, bs 1: host wait {host_wait.decode_step_s:.3f} s (design.md: 0.483 s), "
+      f"stream-ordered {stream.decode_step_s:.3f} s (measured 0.371 s with DeepSpeed's default knobs)")
+
+x4 = load_profile("h200-4gpu", calibrated=False)
+h = 8192
+knobs = dict(prefetch_bucket_elems=2 * h * h, max_live_elems=2 * h * h, persistence_threshold_elems=h)
+est = predict(load_model("llama-3-70b"), x4, Workload(128, 4), Plan(offload="cpu", batch_size=32, **knobs))
+parts = {k: round(v / 1e9, 3) for k, v in est.gpu_memory_parts.items() if v}
+print(f"70B offload bs 32 on the 4x H200: {allocated(est) / 1e9:.2f} GB allocated (measured 3.56 GB): {parts}")
