@@ -55,6 +55,14 @@ def _batches(*sizes: int, pp: int = 1) -> tuple[dict, ...]:
     return tuple({"batch_size": b, "micro_batches": pp if pp > 1 and b % pp == 0 else 1} for b in sizes)
 
 
+def _graphed(*sizes: int, pp: int = 1) -> tuple[dict, ...]:
+    """The entry's batch 1 as a CUDA-graphed variant, then each other batch eager and graphed (one build)."""
+    out = [{"batch_size": 1, "micro_batches": 1, "decode_graphs": True}]
+    for v in _batches(*sizes, pp=pp):
+        out += [v, {**v, "decode_graphs": True}]
+    return tuple(out)
+
+
 def matrices() -> dict[str, list[Entry]]:
     h100, m8, m70 = "h100-sxm-1gpu", "llama-3-8b", "llama-3-70b"
     big = str(REPO / "benchmarks" / "configs" / "llama-33b.json")
@@ -66,6 +74,18 @@ def matrices() -> dict[str, list[Entry]]:
     off70 = dict(prompt_len=128, gen_len=4)
     res70 = dict(prompt_len=512, gen_len=16)
     return {
+        # CUDA-graphed decode (executor.graphs) against eager decode, side by side on one build per layout
+        "graphs-h200x4": [
+            Entry("70b-tp4-resident-b1", m70, x4, 1, {"tp": 4}, gpus=4, variants=_graphed(32), **res70),
+            Entry("70b-tp2-resident-b1", m70, x4, 1, {"tp": 2}, gpus=2, variants=_graphed(32), **res70),
+            Entry("70b-pp4-resident-b1", m70, x4, 1, {"pp": 4}, gpus=4, variants=_graphed(32, pp=4), **res70),
+            Entry("70b-tp2pp2-resident-b1", m70, x4, 1, {"tp": 2, "pp": 2}, gpus=4, variants=_graphed(32, pp=2), **res70),
+            Entry("70b-pp2-resident-b1", m70, x4, 1, {"pp": 2}, gpus=2, variants=_graphed(32, pp=2), **res70),
+            Entry("70b-tp1-resident-b1", m70, x4, 1, {}, variants=_graphed(8), **res70),
+        ],
+        "graphs-h100": [
+            Entry("8b-resident-b1", m8, h100, 1, {}, variants=_graphed(16, 64)),
+        ],
         "smoke": [
             Entry("tiny-resident", "tiny-llama", h100, 2, {}),
             Entry("tiny-cpu-offload", "tiny-llama", h100, 2, {"offload": "cpu"}, variants=_batches(4)),
@@ -156,24 +176,25 @@ def refuse_infeasible(entry: Entry, plan, workload) -> None:
 
 
 def run_hpi(entry: Entry, out: Path, gen_len: int, prompt_len: int, device: str = "cuda") -> dict[str, dict]:
-    """The entry's record and its variants' ({name: record}; a variant is named name@b<batch>[-kvoff])."""
+    """The entry's record and its variants' ({name: record}; a variant is named name@b<batch>[-kvoff][-graphs])."""
     from executor.launch import launch
     from executor.spec import RunSpec
     from planner.specs.workload import Workload
 
     plan = entry_plan(entry)
     workload = Workload(entry.prompt_len or prompt_len, entry.gen_len or gen_len)
-    refuse_infeasible(entry, plan, workload)
     spec = RunSpec(plan=plan, model=entry.model, workload=workload, hardware=entry.hardware, device=device,
                    dtype="bf16" if device == "cuda" else "fp32", out_dir=str(out / entry.name), warmup_steps=1, warmup_gen_len=entry.warmup_gen_len,
                    nvme_path=str(out / "nvme") if plan.offload == "nvme" else None, fetch_wait=entry.fetch_wait,
                    variants=entry.variants)
+    refuse_infeasible(entry, plan, spec.workload)  # the spec's workload carries the run's dtype and fetch wait
     record = launch(spec, timeout_s=900)
     records = {entry.name: record}
     for rel in record.get("variant_records", []):
         doc = json.loads((out / entry.name / rel).read_text())
         p = doc["plan"]
-        records[f"{entry.name}@b{p['batch_size']}{'-kvoff' if p['kv_offload'] else ''}"] = doc
+        graphs = "-graphs" if doc["spec"].get("decode_graphs") else ""
+        records[f"{entry.name}@b{p['batch_size']}{'-kvoff' if p['kv_offload'] else ''}{graphs}"] = doc
     return records
 
 
@@ -230,6 +251,12 @@ def summarize(results: dict[str, dict]) -> tuple[list[str], dict]:
     ratio("8b-cpu-pinned-tuned-b16", "base-ds-examples-8b-b16", "throughput_tok_s", "hpi_tuned_over_ds_examples_b16_throughput")
     ratio("8b-cpu-pinned-tuned-b1", "base-accelerate-8b-b1", "throughput_tok_s", "hpi_tuned_over_accelerate_b1_throughput")
     ratio("8b-cpu-pinned-dsdefaults-b1", "base-ds-examples-8b-b1", "throughput_tok_s", "hpi_dsdefaults_over_ds_examples_b1_throughput")
+    for name in results:  # CUDA-graphed decode against the eager decode of the same build and batch
+        eager = name.removesuffix("-graphs")
+        if name.endswith("-graphs") and eager.endswith("@b1") and eager.removesuffix("@b1") in results:
+            eager = eager.removesuffix("@b1")
+        if name != eager:
+            ratio(eager, name, "decode", f"graphs_decode_speedup[{eager}]")
     # NVMe runs are bounded by the drive, not the host link: their read is set against the NVMe share instead
     streaming = {n: (r.get("h2d") or {}).get("fraction_of_profile") for n, r in results.items()
                  if "error" not in r and not r.get("nvme")}

@@ -226,7 +226,7 @@ def simulated_record(plan: Plan, true, true_prefill_s: float, true_decode_s: flo
     h2d_bytes = true.decode_h2d_bytes
     spec = {"plan": plan.to_dict(), "model": model_arg, "workload": {"prompt_len_tokens": workload.prompt_len_tokens,
             "gen_len_tokens": gen}, "hardware": true.hardware.name, "device": "cuda", "dtype": dtype,
-            "fetch_wait": workload.fetch_wait,
+            "fetch_wait": workload.fetch_wait, "decode_graphs": workload.decode_graphs,
             "extra": {"autotune": note, "simulated": True}}
     record = {
         "kind": "hpi.RunRecord",

@@ -36,6 +36,11 @@ like the ids) and per forward:
 
 A micro-batch without padding (every row full length, e.g. seeded random ids in benchmark mode) passes
 no mask and no positions: the stage keeps its unpadded fast path (sdpa's own causal rule).
+
+With ``decode_graphs`` every micro-batch's cache is a ``StaticKVCache`` sized for the whole generation, the
+prefill runs eagerly into it, and each decode forward of a micro-batch replays its ``DecodeGraph``
+(``executor.graphs``); the padding mask then spans the cache's slots (ones past the prompt: the causal rule
+hides the future ones).
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from executor.graphs import DecodeGraph, StaticKVCache
 from executor.groups import Groups
 
 
@@ -146,6 +152,8 @@ class PipelineGenerator:
     micro_batches: int
     sampler: Sampler
     eos_token_id: int | None = None
+    decode_graphs: bool = False  # decode forwards replayed as CUDA graphs over a static cache (module docstring)
+    new_static_cache: Callable[[int], object] = StaticKVCache  # max slots -> the cache decode_graphs uses
     on_tokens: Callable[[int, list[torch.Tensor]], None] | None = None  # (forward, tokens per micro-batch)
     times: StepTimes = field(default_factory=StepTimes)
 
@@ -179,7 +187,10 @@ class PipelineGenerator:
             raise ValueError(f"padding covers {len(padding.lengths)} rows of {padding.prompt_len} columns, the "
                              f"prompts are {batch} rows of {prompt_len}: slice the padding like the ids")
         paddings = [self._micro_batch_padding(padding, offsets[j], rows) for j, rows in enumerate(sizes)]
-        caches = [self.new_cache() for _ in sizes]
+        max_len = prompt_len + max_new_tokens
+        caches = [self.new_static_cache(max_len) if self.decode_graphs else self.new_cache() for _ in sizes]
+        graphs = [DecodeGraph(self.stage, capture=self.device.type == "cuda") for _ in sizes]
+        slots = max_len if self.decode_graphs else None
         generated: list[list[torch.Tensor]] = [[] for _ in sizes]
         next_ids: list[torch.Tensor | None] = [None] * len(sizes)
         done = torch.zeros(batch, dtype=torch.bool)
@@ -199,11 +210,12 @@ class PipelineGenerator:
                         x = next_ids[j][:, None]
                 else:
                     x = self._recv_hidden(rows, seq)
-                masks = self._mask_kwargs(paddings[j], forward)  # built outside the stage's busy time
+                masks = self._mask_kwargs(paddings[j], forward, slots)  # built outside the stage's busy time
+                step = graphs[j] if self.decode_graphs and forward > 0 else self.stage
                 _sync(self.device)
                 t0 = time.perf_counter()
                 with torch.no_grad():
-                    out = self.stage(x, caches[j], cache_position, **masks)
+                    out = step(x, caches[j], cache_position, **masks)
                 _sync(self.device)
                 busy += time.perf_counter() - t0
                 if not g.is_last_stage:
@@ -235,11 +247,16 @@ class PipelineGenerator:
         mine = padding.rows(start, start + rows)
         return mine if mine.is_padded else None
 
-    def _mask_kwargs(self, padding: LeftPadding | None, forward: int) -> dict[str, torch.Tensor]:
+    def _mask_kwargs(self, padding: LeftPadding | None, forward: int, slots: int | None = None
+                     ) -> dict[str, torch.Tensor]:
+        """The padding mask and positions of this forward; with ``slots`` (a static cache) the mask spans
+        all of the cache's slots, ones past the tokens so far (causality hides them)."""
         if padding is None:
             return {}
-        return {"attention_mask": padding.attention_mask(forward).to(self.device),
-                "position_ids": padding.position_ids(forward).to(self.device)}
+        mask = padding.attention_mask(forward)
+        if slots is not None:
+            mask = torch.nn.functional.pad(mask, (0, slots - mask.shape[1]), value=1)
+        return {"attention_mask": mask.to(self.device), "position_ids": padding.position_ids(forward).to(self.device)}
 
     def _all_done(self, generated: list[list[torch.Tensor]], done: torch.Tensor) -> bool:
         """World-wide stop check: every rank calls it after every forward (a MIN all-reduce of a flag)."""

@@ -18,6 +18,9 @@ cache, or a sequence longer than a sliding window). Left-padded prompts (``execu
 come with a 2D padding mask and per-row position ids: the stage hands the mask to transformers' own
 builders (``masking_utils.create_causal_mask`` / ``create_sliding_window_causal_mask``, what the HF
 model's forward calls), so pads are masked exactly as ``generate`` masks them, sliding windows included.
+With a ``StaticKVCache`` (CUDA-graphed decode, ``executor.graphs``) the keys span the whole generation and
+the stage builds the mask on the device from the cache slots (``static_causal_mask``); padding then comes
+as a slot mask over the cache's full length.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from executor.graphs import StaticKVCache
 from executor.tp import (
     COLUMN_PARALLEL,
     ROW_PARALLEL,
@@ -58,6 +62,7 @@ __all__ = [
     "padded_causal_mask",
     "shard_config",
     "stage_config",
+    "static_causal_mask",
     "tp_allreduce_seconds",
 ]
 
@@ -368,6 +373,8 @@ class StageModule(nn.Module):
         return self.lm_head(last)[:, 0, :].float()
 
     def _layers(self, hidden, cache, cache_position, position_ids, attention_mask):
+        if isinstance(cache, StaticKVCache):
+            return self._static_layers(hidden, cache, cache_position, position_ids, attention_mask)
         seq = hidden.shape[1]
         past = cache.get_seq_length() if cache is not None else 0
         if past and any(getattr(layer, "is_sliding", False) for layer in getattr(cache, "layers", ())):
@@ -387,6 +394,38 @@ class StageModule(nn.Module):
             out = layer(hidden, attention_mask=masks[window], **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
+
+    def _static_layers(self, hidden, cache: StaticKVCache, cache_position, position_ids, slot_mask):
+        """The layers over a static cache, with no host synchronization (a CUDA graph can capture it):
+        ``slot_mask`` [b, max_len] (1: a real token's slot) or None."""
+        cache.bind(cache_position)
+        kwargs: dict[str, Any] = dict(position_ids=position_ids, past_key_values=cache, use_cache=True,
+                                      cache_position=cache_position)
+        if self.rotary_emb is not None:
+            kwargs["position_embeddings"] = self.rotary_emb(hidden, position_ids)
+        masks = {w: static_causal_mask(cache_position, cache.max_len, w, slot_mask) for w in set(self.windows)}
+        for layer, window in zip(self.layers, self.windows):
+            out = layer(hidden, attention_mask=masks[window], **kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+
+def static_causal_mask(cache_position: torch.Tensor, max_len: int, window: int | None,
+                       slot_mask: torch.Tensor | None) -> torch.Tensor:
+    """Boolean [1 or b, 1, s, max_len] (True: attend) for queries at the slots ``cache_position`` [s] over a
+    static cache of ``max_len`` slots: causal, inside ``window`` slots when given, and only real tokens'
+    slots when ``slot_mask`` [b, max_len] is given. Every query may attend to its own slot, so a pad's query
+    row is never empty (sdpa would return NaN for it, and a NaN in a pad's cached value would reach real
+    tokens through a zero attention weight: 0 * NaN). Built on the device only: graph-capturable."""
+    q = cache_position[:, None]
+    k = torch.arange(max_len, device=cache_position.device)[None, :]
+    allowed = k <= q
+    if window is not None:
+        allowed = allowed & ((q - k) < window)
+    allowed = allowed[None, None]
+    if slot_mask is not None:
+        allowed = allowed & slot_mask[:, None, None, :].bool()
+    return allowed | (k == q)[None, None]
 
 
 def causal_mask(past: int, seq: int, window: int | None, device) -> torch.Tensor | None:

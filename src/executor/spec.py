@@ -14,16 +14,17 @@ from pathlib import Path
 from typing import Any
 
 from planner.specs.plan import Plan, reject_unknown_fields
-from planner.specs.workload import Workload
+from planner.specs.workload import COMPUTE_DTYPES as DTYPES
+from planner.specs.workload import FETCH_WAITS, Workload
 
 DEVICES = ("cuda", "cpu")
-DTYPES = ("bf16", "fp16", "fp32")
 MODES = ("benchmark", "chat")
 # Plan fields a run may vary without rebuilding the model or its ZeRO-3 partitions: a variant re-measures
 # the same built stage at another batch / micro-batch count / KV placement (a batch sweep pays the weight
 # materialization once, which for a 70B offload plan costs more than the measurement itself).
 RUNTIME_FIELDS = ("batch_size", "micro_batches", "kv_offload")
-FETCH_WAITS = ("stream", "host")  # how a ZeRO-3 fetch is waited for: executor.zero3.stream_ordered_fetch
+# Run conditions a variant may change too: the same stage decodes eagerly or as CUDA graphs (side by side).
+VARIANT_CONDITIONS = ("decode_graphs",)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class RunSpec:
     warmup_gen_len: int = 0  # tokens each warm-up generates; 0: the workload's gen_len (2 already fills
     #   DeepSpeed's prefetch trace and picks the decode kernels: prefill + one decode forward)
     fetch_wait: str = "stream"  # stream: hpi's GPU-ordered ZeRO-3 fetch wait; host: DeepSpeed's stock (executor.zero3)
+    decode_graphs: bool = False  # replay each decode step as a CUDA graph (executor.graphs); resident plans only
     variants: tuple[dict[str, Any], ...] = ()  # further measurements on the same build: RUNTIME_FIELDS overrides
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes recorded with the run
 
@@ -70,20 +72,34 @@ class RunSpec:
         if self.fetch_wait not in FETCH_WAITS:
             raise ValueError(f"fetch_wait {self.fetch_wait!r} is not one of {', '.join(FETCH_WAITS)}")
         for v in self.variants:
-            other = sorted(set(v) - set(RUNTIME_FIELDS))
+            other = sorted(set(v) - set(RUNTIME_FIELDS) - set(VARIANT_CONDITIONS))
             if other:
                 raise ValueError(f"variant {v} changes {', '.join(other)}, which needs a new build: a variant may "
-                                 f"only change {', '.join(RUNTIME_FIELDS)}; launch another run for the rest")
+                                 f"only change {', '.join(RUNTIME_FIELDS + VARIANT_CONDITIONS)}; launch another "
+                                 f"run for the rest")
+        for one in [self, *(self._variant(v) for v in self.variants)]:
+            if one.decode_graphs and one.plan.graph_blocker:
+                raise ValueError(f"CUDA graphs cannot run plan {one.plan.label}: {one.plan.graph_blocker}; drop "
+                                 f"--cuda-graphs or use a GPU-resident 16-bit plan without KV offload")
         if self.variants and self.mode == "chat":
             raise ValueError("variants re-measure a benchmark run; chat mode takes none")
+        # The run conditions the cost model prices (cost.dequant, cost.estimate, cost.overhead) are the spec's
+        # own: the prediction beside each measured figure prices the dtype, fetch wait and graphs the run used.
+        object.__setattr__(self, "workload", replace(self.workload, compute_dtype=self.dtype, fetch_wait=self.fetch_wait,
+                                                          decode_graphs=self.decode_graphs))
 
     def measurements(self) -> list["RunSpec"]:
         """This run's own measurement, then one spec per variant (each with its own folder under out_dir)."""
         specs = [replace(self, variants=())]
         for i, v in enumerate(self.variants, start=1):
-            specs.append(replace(self, plan=replace(self.plan, **v), variants=(),
-                                 out_dir=str(Path(self.out_dir) / f"variant-{i}")))
+            specs.append(replace(self._variant(v), out_dir=str(Path(self.out_dir) / f"variant-{i}")))
         return specs
+
+    def _variant(self, v: dict[str, Any]) -> "RunSpec":
+        """This spec with one variant's plan fields and run conditions, without variants of its own."""
+        plan_fields = {k: x for k, x in v.items() if k not in VARIANT_CONDITIONS}
+        conditions = {k: x for k, x in v.items() if k in VARIANT_CONDITIONS}
+        return replace(self, plan=replace(self.plan, **plan_fields), variants=(), **conditions)
 
     @property
     def world_size(self) -> int:

@@ -157,6 +157,8 @@ class _CollectiveTimer:
         self.pending: deque = deque()
 
     def start(self, t: torch.Tensor):
+        if t.is_cuda and torch.cuda.is_current_stream_capturing():
+            return None  # inside a CUDA graph (executor.graphs): events cannot be timed there
         if t.is_cuda:
             ev = torch.cuda.Event(enable_timing=True)
             ev.record()
@@ -164,6 +166,8 @@ class _CollectiveTimer:
         return time.perf_counter()
 
     def stop(self, token) -> None:
+        if token is None:
+            return
         self.count += 1
         if isinstance(token, float):
             self.seconds += time.perf_counter() - token

@@ -59,8 +59,7 @@ def stage_layer_counts(spec: RunSpec, planner_model) -> tuple[int, ...]:
 
 def uses_deepspeed(spec: RunSpec) -> bool:
     """ZeRO-3 is needed to offload, to partition over dp > 1 or to quantize; a resident dp=1 plan runs plain."""
-    plan = spec.plan
-    return plan.is_offloaded or plan.dp > 1 or plan.is_quantized
+    return not spec.plan.runs_without_zero3
 
 
 def _ds_config(spec: RunSpec, hidden_size: int) -> dict:
@@ -169,11 +168,6 @@ def prompt_batch(spec: RunSpec, vocab_size: int, tokenizer=None) -> Prompts:
     return Prompts(ids, LeftPadding((wl.prompt_len_tokens,) * batch, wl.prompt_len_tokens))
 
 
-def prompt_ids(spec: RunSpec, vocab_size: int, tokenizer=None) -> torch.Tensor:
-    """[batch, prompt_len] ids of ``prompt_batch`` (left-padded where prompts differ in length)."""
-    return prompt_batch(spec, vocab_size, tokenizer).ids
-
-
 def load_tokenizer(spec: RunSpec):
     """The checkpoint's tokenizer, or None when there is no checkpoint or it holds no tokenizer files."""
     if not spec.checkpoint:
@@ -251,6 +245,10 @@ def run(spec: RunSpec) -> list[dict] | None:
     g = build_groups(plan.tp, plan.dp, plan.pp)
     config = load_hf_config(spec.model, spec.checkpoint)
     planner_model = load_model(spec.checkpoint or spec.model)
+    if planner_model.is_moe and any(one.decode_graphs for one in spec.measurements()):
+        # transformers' expert routing reads the router's choice back to the host (which experts got tokens)
+        raise ValueError(f"CUDA graphs cannot capture {planner_model.name}'s expert routing (it synchronizes "
+                         f"the host): drop --cuda-graphs for mixture-of-experts models")
     counts = stage_layer_counts(spec, planner_model)
     shard = ShardSpec.for_stage(counts, g.stage, tp_rank=g.tp_rank, tp_size=g.tp)
     dtype = DTYPES[spec.dtype]
@@ -320,6 +318,7 @@ def measure(spec: RunSpec, b: _Built) -> dict | None:
         micro_batches=plan.micro_batches,
         sampler=Sampler(spec.temperature, spec.top_p, spec.seed),
         eos_token_id=eos if spec.mode == "chat" else None,
+        decode_graphs=spec.decode_graphs,
     )
     max_new = spec.workload.gen_len_tokens
     warm_new = min(spec.warmup_gen_len or max_new, max_new)

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from executor.groups import DeepSpeedMpu, Groups
-from executor.spec import FETCH_WAITS  # stream: ordered on the GPU (ours); host: DeepSpeed's stock synchronize
+from planner.specs.workload import FETCH_WAITS  # stream: ordered on the GPU (ours); host: DeepSpeed's stock synchronize
 
 _INSTALLED: list[Groups] = []
 

@@ -286,14 +286,20 @@ def measurement(record: Mapping[str, Any], model_loader: Callable[[str], ModelSp
 # The run conditions a record's spec carries outside the Plan (``Workload.compute_dtype`` from
 # ``spec.dtype``, ``Workload.fetch_wait`` from ``spec.fetch_wait``), with the value records written before
 # the field existed ran with (executor.spec: fetch_wait arrived with the stream-ordered wait; before it,
-# every run used DeepSpeed's stock host wait; dtype was always recorded, bf16 its default).
-CONDITION_FIELDS = {"compute_dtype": ("dtype", "bf16"), "fetch_wait": ("fetch_wait", "host")}
+# every run used DeepSpeed's stock host wait; dtype was always recorded, bf16 its default; runs before
+# ``decode_graphs`` decoded eagerly).
+CONDITION_FIELDS = {"compute_dtype": ("dtype", "bf16"), "fetch_wait": ("fetch_wait", "host"),
+                    "decode_graphs": ("decode_graphs", False)}
 
 
-def run_conditions(record: Mapping[str, Any]) -> dict[str, str]:
-    """The Workload fields a RunRecord's spec sets besides the lengths: {field: value}."""
+def run_conditions(record: Mapping[str, Any]) -> dict[str, str | bool]:
+    """The Workload fields a RunRecord's spec sets besides the lengths: {field: value}, typed as the default."""
     spec = record.get("spec") or {}
-    return {name: str(spec.get(key) or default) for name, (key, default) in CONDITION_FIELDS.items()}
+    out: dict[str, str | bool] = {}
+    for name, (key, default) in CONDITION_FIELDS.items():
+        value = spec.get(key)
+        out[name] = default if value in (None, "") else type(default)(value)
+    return out
 
 
 _REPO = Path(__file__).resolve().parents[2]

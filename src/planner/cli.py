@@ -54,6 +54,9 @@ def _add_run_conditions(p: argparse.ArgumentParser) -> None:
                    help="compute dtype (default bf16); fp16 takes DeepSpeed's fused 4-bit dequantization")
     p.add_argument("--fetch-wait", choices=FETCH_WAITS, default="stream",
                    help="ZeRO-3 fetch wait: stream (hpi's, default) or host (DeepSpeed's stock, host-synchronizing)")
+    p.add_argument("--cuda-graphs", dest="decode_graphs", action="store_true", default=False,
+                   help="replay each decode step as a CUDA graph: GPU-resident 16-bit plans without KV offload "
+                        "(plan/predict price it where it applies; run refuses other plans)")
 
 
 def _add_plan_knobs(p: argparse.ArgumentParser, for_search: bool) -> None:
@@ -147,7 +150,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 # ---- loading the target ---------------------------------------------------------------------------
 def _workload(args: argparse.Namespace) -> Workload:
     return Workload(args.prompt_len, args.gen_len, compute_dtype=getattr(args, "dtype", None) or "bf16",
-                    fetch_wait=getattr(args, "fetch_wait", None) or "stream")
+                    fetch_wait=getattr(args, "fetch_wait", None) or "stream",
+                    decode_graphs=bool(getattr(args, "decode_graphs", False)))
 
 
 def _load_target(args: argparse.Namespace):
@@ -466,7 +470,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if est is not None:
         extra["predicted"] = _prediction_summary(est)
     spec = RunSpec(plan=plan, model=args.model, workload=workload, hardware=args.hardware, device=args.device,
-                   dtype=args.dtype, fetch_wait=args.fetch_wait, checkpoint=args.checkpoint, prompts=prompts, seed=args.seed,
+                   dtype=args.dtype, fetch_wait=args.fetch_wait, decode_graphs=args.decode_graphs, checkpoint=args.checkpoint, prompts=prompts, seed=args.seed,
                    mode="chat" if args.chat else "benchmark", temperature=args.temperature, top_p=args.top_p,
                    nvme_path=args.nvme_path, out_dir=args.out, extra=extra)
     write_json_atomic(Path(args.out) / "ds_config.json", config)

@@ -111,6 +111,7 @@ class Estimate:
                 "gen_len_tokens": self.workload.gen_len_tokens,
                 "compute_dtype": self.workload.compute_dtype,
                 "fetch_wait": self.workload.fetch_wait,
+                "decode_graphs": self.workload.decode_graphs,
             },
             "plan": self.plan.to_dict(),
         }

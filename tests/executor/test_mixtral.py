@@ -17,7 +17,7 @@ from executor.modeling import ShardSpec, build_stage, load_hf_config  # noqa: E4
 from executor.spec import RunSpec  # noqa: E402
 from executor.tp import shard_index  # noqa: E402
 from executor.weights import full_state_dict  # noqa: E402
-from executor.worker import prompt_ids  # noqa: E402
+from executor.worker import prompt_batch  # noqa: E402
 from planner.specs.plan import Plan  # noqa: E402
 from planner.specs.workload import Workload  # noqa: E402
 
@@ -55,7 +55,7 @@ def reference_tokens(model_path) -> list[list[int]]:
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(full_state_dict(config, seed=0, dtype=torch.float32))
     model.eval()
-    ids = prompt_ids(_spec(Plan(batch_size=BATCH), model_path, "unused"), config.vocab_size)
+    ids = prompt_batch(_spec(Plan(batch_size=BATCH), model_path, "unused"), config.vocab_size).ids
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=WORKLOAD.gen_len_tokens,
                              min_new_tokens=WORKLOAD.gen_len_tokens, do_sample=False, pad_token_id=0)

@@ -20,7 +20,7 @@ from executor.launch import launch  # noqa: E402
 from executor.modeling import load_hf_config  # noqa: E402
 from executor.spec import RunSpec  # noqa: E402
 from executor.weights import full_state_dict, save_checkpoint  # noqa: E402
-from executor.worker import prompt_ids  # noqa: E402
+from executor.worker import prompt_batch  # noqa: E402
 from planner.specs.plan import Plan  # noqa: E402
 from planner.specs.workload import Workload  # noqa: E402
 
@@ -51,7 +51,7 @@ def reference_tokens() -> list[list[int]]:
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(full_state_dict(config, seed=0, dtype=torch.float32))
     model.eval()
-    ids = prompt_ids(_spec(Plan(batch_size=BATCH), "unused"), config.vocab_size)
+    ids = prompt_batch(_spec(Plan(batch_size=BATCH), "unused"), config.vocab_size).ids
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=WORKLOAD.gen_len_tokens,
                              min_new_tokens=WORKLOAD.gen_len_tokens, do_sample=False, pad_token_id=0)

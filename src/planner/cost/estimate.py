@@ -27,6 +27,9 @@ Per module (a decoder layer, the embedding or the head), one forward on one rank
 - Dequantization (``cost.dequant``) runs on the compute stream between the packed copy and the GEMM and
   is not hidden behind the copy (1x H100: 8/4-bit offload no faster than 16-bit), so it adds.
 
+A decode step replayed as a CUDA graph (``cost.overhead.graphed_forwards``) has no host time per module and
+no drift: ``module = device``.
+
 The host launches work asynchronously and runs ahead of the GPU until the next synchronization, so host
 time and device time overlap: a module costs the larger of the two (eager decode of a GPU-resident model is
 host-bound: 21.7 ms measured for an 8B step on an H200 whose HBM needs 4.7 ms; and a host-bound tiny
@@ -55,7 +58,7 @@ from planner.cost.compute import roofline_sides
 from planner.cost.dequant import dequant_host_time, dequant_time
 from planner.cost.inputs import Knobs, Layout
 from planner.cost.memory import MemoryResult, memory
-from planner.cost.overhead import module_overhead_time, step_overhead_time
+from planner.cost.overhead import graphed_forwards, module_overhead_time, step_overhead_time
 from planner.cost.phase import Phase, decode_phase, prefill_phase
 from planner.cost.pipeline import compose_step, p2p_time
 from planner.cost.streaming import (
@@ -173,8 +176,10 @@ def phase_result(layout: Layout, knobs: Knobs, phase: Phase, bpw: np.ndarray) ->
     t_gather = dp_allgather_time(layout, knobs, fetched_elems_per_rank(layout, knobs, phase) * bpw)
 
     busy = compute + tp_coll
-    host_base = overhead + tp_collective_host_time(layout)[None, :]
-    host = host_base * (1.0 + tp_drift(layout)[None, :])
+    graphed = graphed_forwards(layout, knobs, phase)[:, None]  # (N, 1): one launch per step, no host per module
+    host_base = np.where(graphed, 0.0, overhead + tp_collective_host_time(layout)[None, :])
+    drift = np.where(graphed, 0.0, tp_drift(layout)[None, :])  # (N, kinds)
+    host = host_base * (1.0 + drift)
     fetch_links = np.maximum(t_h2d, t_nvme) + t_gather
     in_series = host_waits_for_fetch(layout, knobs)[:, None, None]
     f = prefetch_overlap(layout, knobs)[:, :, None]
@@ -184,7 +189,7 @@ def phase_result(layout: Layout, knobs: Knobs, phase: Phase, bpw: np.ndarray) ->
     def leaf(x: np.ndarray, shares: np.ndarray = w) -> np.ndarray:
         return x[:, :, None] * shares
 
-    module, parts = _module_rule(leaf(busy), leaf(fetch_links), leaf(host_base, hw), tp_drift(layout)[None, :, None],
+    module, parts = _module_rule(leaf(busy), leaf(fetch_links), leaf(host_base, hw), drift[:, :, None],
                                  leaf(t_kv), leaf(t_dequant), in_series, f)
     module, parts = module.sum(axis=2), parts.sum(axis=2)
     parts[..., EXPOSED_PARTS.index("compute_s")] = compute

@@ -8,6 +8,11 @@
 The layer terms are host time that the GPU's work can hide (``cost.estimate`` takes the larger of the
 two per module); the step term follows a synchronization and adds. Defaults live in ``Efficiency``;
 calibration replaces them with measured values.
+
+A decode step replayed as a CUDA graph (``Workload.decode_graphs``, ``executor.graphs``) launches all of a
+stage's kernels and collectives with one call: the per-layer host time and TP's rank drift at each
+collective leave it (``graphed_forwards`` says where that holds), and the step term stays (the executor
+still synchronizes, samples and sends after each stage forward).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from planner.cost.inputs import Knobs, Layout
+from planner.cost.phase import Phase
 from planner.cost.streaming import fetches_weights
 
 
@@ -28,3 +34,12 @@ def module_overhead_time(layout: Layout, knobs: Knobs) -> np.ndarray:
 def step_overhead_time(layout: Layout) -> float:
     """Seconds per forward of each stage, after its device synchronization (not hidden by anything)."""
     return layout.hardware.efficiency.step_overhead_s
+
+
+def graphed_forwards(layout: Layout, knobs: Knobs, phase: Phase) -> np.ndarray:
+    """(N,) whether this phase's forwards replay as CUDA graphs: decode steps, when the workload asks for
+    graphs, of dense plans that run without ZeRO-3 (no offload, 16-bit, dp 1) and keep the KV cache on the
+    GPU (``Plan.graph_blocker``; the executor cannot capture expert routing, which reads back to the host)."""
+    if phase.is_prefill or not layout.workload.decode_graphs or layout.model.is_moe or layout.dp > 1:
+        return np.zeros(knobs.n, dtype=bool)
+    return ~knobs.offloaded & (knobs.weight_bits >= 16) & ~knobs.kv_offload.astype(bool)

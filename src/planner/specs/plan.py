@@ -96,6 +96,22 @@ class Plan:
         return self.weight_bits < 16
 
     @property
+    def runs_without_zero3(self) -> bool:
+        """Whether the executor runs the stage as plain PyTorch: ZeRO-3 is needed to offload, to partition
+        over dp > 1 and for DeepSpeed's quantized weights (``executor.worker.uses_deepspeed``)."""
+        return not (self.is_offloaded or self.dp > 1 or self.is_quantized)
+
+    @property
+    def graph_blocker(self) -> str | None:
+        """Why the decode step of this plan cannot be a CUDA graph (``Workload.decode_graphs``), or None.
+        A replay skips Python: ZeRO-3's gather hooks and the offloaded cache's copies live there."""
+        if not self.runs_without_zero3:
+            return "ZeRO-3 gathers weights from Python hooks (offload, dp > 1 or 8/4-bit weights)"
+        if self.kv_offload:
+            return "the offloaded KV cache is copied by Python each layer"
+        return None
+
+    @property
     def batch_per_replica(self) -> int:
         return self.batch_size // self.dp
 

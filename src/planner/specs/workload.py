@@ -9,6 +9,10 @@ the Plan's search space that change what it costs: the compute dtype and how a Z
   on the GPU; the host runs ahead: ``executor.zero3.stream_ordered_fetch``), ``host`` is DeepSpeed's stock
   wait, which synchronizes the host with the copy stream at every fetch (``cost.estimate`` says what that
   serializes). Runs recorded before the executor had the field ran the host wait.
+- ``decode_graphs``: each decode step is replayed as a CUDA graph (``executor.graphs``) where the plan allows
+  it (``Plan.graph_blocker``): the host launches one graph instead of every kernel, so the per-layer host
+  time and TP's rank drift leave the decode step (``cost.overhead``). Runs recorded before the field ran
+  eagerly.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ class Workload:
     gen_len_tokens: int = DEFAULT_GEN_LEN
     compute_dtype: str = "bf16"
     fetch_wait: str = "stream"
+    decode_graphs: bool = False
 
     def __post_init__(self) -> None:
         if self.prompt_len_tokens < 1:
@@ -37,6 +42,8 @@ class Workload:
             raise ValueError(f"compute dtype {self.compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
         if self.fetch_wait not in FETCH_WAITS:
             raise ValueError(f"fetch wait {self.fetch_wait!r} is not one of {', '.join(FETCH_WAITS)}")
+        if not isinstance(self.decode_graphs, bool):
+            raise ValueError(f"decode_graphs must be true or false, got {self.decode_graphs!r}")
 
     @property
     def context_len_tokens(self) -> int:

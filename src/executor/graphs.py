@@ -1,0 +1,134 @@
+"""Decode steps replayed as CUDA graphs, over a KV cache whose tensors never move.
+
+Why: eager decode of a GPU-resident model is bound by the host. Each decoder layer issues a few dozen
+kernels from Python, and at batch 1 the GPU runs each one faster than the host can launch the next: the
+2x and 4x H200 records show a 70B step of 53 ms on one GPU whose HBM needs about 30 ms, and 130-136 ms
+under TP 2/4, where every all-reduce also waits for the slowest rank's Python (SUMMARY.md, 2026-11-22).
+A CUDA graph records the step's kernels once and replays them with one launch, so the GPU runs them back
+to back and the TP ranks meet at each all-reduce without host jitter. This is what vLLM and TensorRT-LLM
+do for decode, and what transformers' ``torch.compile(mode="reduce-overhead")`` path needs a static cache
+for.
+
+What a graph needs, and how each is met:
+- Fixed addresses for every tensor the step reads or writes. ``StaticKVCache`` allocates each layer's
+  keys and values for the whole generation at the prefill and writes new entries in place at the slots in
+  a device tensor (``index_copy_``); ``DecodeGraph`` keeps the step's inputs (ids or hidden states, cache
+  slots, and the padding mask / positions when rows are padded) in its own buffers, and each replay copies
+  the new values into them.
+- No host synchronization inside the step. The attention mask is built on the device from the cache slots
+  (``modeling.static_causal_mask``): no Python int read back from the GPU.
+- Collectives captured like kernels: NCCL all-reduces and all-gathers over the TP group are recorded into
+  the graph (PyTorch supports NCCL in graph capture); the executor's all-reduce timer is skipped while
+  capturing (events cannot be timed inside a graph), so graphed steps report no TP all-reduce time.
+
+Only plans without ZeRO-3 can be graphed: DeepSpeed gathers and releases parameters from Python hooks
+around every module, which a replay would skip. ``RunSpec`` refuses the combination. The prefill runs
+eagerly (its shapes differ per run); each micro-batch's decode step is captured once per generation, at
+its first decode forward, after one eager warm-up on a side stream (which cuBLAS and NCCL need before
+capture). Writing a cache slot is idempotent, so the warm-up, the capture and the first replay may all
+compute the first decode step.
+
+On a CPU there is nothing to capture: ``DecodeGraph`` runs the same static-buffer path eagerly, so the CPU
+tests check every token of the graphed path except the capture itself.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+class StaticKVCache:
+    """Each layer's keys and values for ``max_len`` slots, allocated at the first write and updated in place.
+
+    Duck-types the one method of transformers' ``Cache`` that decoder layers call, ``update(keys, values,
+    layer_idx, ...)``, which writes at the slots of the tensor last ``bind``-ed (the stage binds its
+    ``cache_position`` before each forward) and returns the full [b, heads, max_len, d] tensors: unwritten
+    slots hold zeros and the mask hides them.
+    """
+
+    def __init__(self, max_len: int) -> None:
+        if max_len < 1:
+            raise ValueError(f"max_len({max_len}) < 1: the cache needs a slot for every token of the generation")
+        self.max_len = max_len
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.position: torch.Tensor | None = None
+
+    def bind(self, cache_position: torch.Tensor) -> None:
+        """The slots the next forward writes (a device tensor; a graph captures its address)."""
+        self.position = cache_position
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if self.position is None:
+            raise RuntimeError("StaticKVCache.update before bind(cache_position): the stage must bind the slots")
+        if layer_idx == len(self.keys):
+            b, heads, _, _ = key_states.shape
+            self.keys.append(key_states.new_zeros(b, heads, self.max_len, key_states.shape[-1]))
+            self.values.append(value_states.new_zeros(b, heads, self.max_len, value_states.shape[-1]))
+        elif layer_idx > len(self.keys):
+            raise RuntimeError(f"layer {layer_idx} wrote before layer {len(self.keys)}: layers must run in order")
+        self.keys[layer_idx].index_copy_(2, self.position, key_states)
+        self.values[layer_idx].index_copy_(2, self.position, value_states)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+class DecodeGraph:
+    """One micro-batch's decode forward of a stage: captured at its first call (on CUDA), replayed after.
+
+    ``stage(x, cache, cache_position, **masks)`` as ``StageModule.forward``. The inputs of every call must
+    have the shapes of the first (one decode token per row); the returned tensor is the graph's own output
+    buffer, valid until the next call.
+    """
+
+    def __init__(self, stage: Callable[..., torch.Tensor], capture: bool) -> None:
+        self.stage = stage
+        self.capture = capture
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.inputs: dict[str, torch.Tensor] | None = None
+        self.cache = None
+        self.output: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor, cache, cache_position: torch.Tensor, **masks: torch.Tensor) -> torch.Tensor:
+        given = {"x": x, "cache_position": cache_position, **masks}
+        if self.inputs is None:
+            self.inputs = {k: v.clone() for k, v in given.items()}
+            self.cache = cache
+            if self.capture:
+                self._capture()
+        else:
+            if cache is not self.cache or set(given) != set(self.inputs):
+                raise RuntimeError("a DecodeGraph replays one micro-batch's step: same cache, same inputs")
+            for k, v in given.items():
+                self.inputs[k].copy_(v, non_blocking=True)
+        if self.graph is None:
+            return self._forward()
+        self.graph.replay()
+        return self.output
+
+    def _forward(self) -> torch.Tensor:
+        i = self.inputs
+        masks = {k: v for k, v in i.items() if k not in ("x", "cache_position")}
+        with torch.no_grad():
+            return self.stage(i["x"], self.cache, i["cache_position"], **masks)
+
+    def _capture(self) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._forward()  # warm-up: cuBLAS workspaces, NCCL's first use on this stream
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self.output = self._forward()
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RuntimeError(f"capturing the decode step as a CUDA graph failed ({first}): run without "
+                               f"--cuda-graphs") from e
+        self.graph = graph

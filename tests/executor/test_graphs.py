@@ -1,0 +1,173 @@
+"""CUDA-graphed decode (``executor.graphs``): the static KV cache, its device-built mask, and the tokens.
+
+On the CPU there is nothing to capture, so these tests run the graphed path's static buffers and cache
+eagerly and check every token against the dynamic-cache path and transformers' ``generate``: Llama,
+Mistral past its sliding window, Qwen2 and OPT, padded and unpadded, two stages and two micro-batches in
+one process, and ``hpi run``'s launched path under TP 2 and PP 2. The capture itself runs on a GPU only
+(the last test, skipped without CUDA; its result is recorded from device runs).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from transformers import DynamicCache  # noqa: E402
+
+from executor.generate import PipelineGenerator, Sampler, left_pad  # noqa: E402
+from executor.graphs import DecodeGraph, StaticKVCache  # noqa: E402
+from executor.modeling import ShardSpec, build_stage, load_hf_config, static_causal_mask  # noqa: E402
+from executor.spec import RunSpec  # noqa: E402
+from planner.specs.plan import Plan  # noqa: E402
+from planner.specs.workload import Workload  # noqa: E402
+
+from tests.executor.test_padding import _one_rank, _tiny  # noqa: E402
+
+GEN = 6
+
+
+# ---- the cache and the mask, pure --------------------------------------------------------------------
+def test_static_cache_writes_in_place_at_the_bound_slots():
+    cache = StaticKVCache(5)
+    k = torch.arange(2 * 1 * 3 * 2, dtype=torch.float32).reshape(2, 1, 3, 2)
+    with pytest.raises(RuntimeError, match="before bind"):
+        cache.update(k, k, 0)
+    cache.bind(torch.arange(0, 3))
+    keys, values = cache.update(k, k + 100, 0)
+    assert keys.shape == (2, 1, 5, 2) and torch.equal(keys[:, :, :3], k) and not keys[:, :, 3:].any()
+    first = keys.data_ptr()
+    cache.bind(torch.tensor([3]))
+    keys, values = cache.update(k[:, :, :1] - 1, k[:, :, :1], 0)
+    assert keys.data_ptr() == first  # the same tensor, written in place: a graph may keep its address
+    assert torch.equal(keys[:, :, 3], k[:, :, 0] - 1) and torch.equal(values[:, :, :3], k + 100)
+    assert cache.nbytes == 2 * (2 * 1 * 5 * 2) * 4
+    with pytest.raises(RuntimeError, match="layers must run in order"):
+        cache.update(k, k, 2)
+    with pytest.raises(ValueError, match="max_len"):
+        StaticKVCache(0)
+
+
+def test_static_mask_is_causal_windowed_and_hides_pads_but_never_empties_a_row():
+    allowed = static_causal_mask(torch.arange(2, 5), 6, None, None)[0, 0]
+    assert allowed.int().tolist() == [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0]]
+    windowed = static_causal_mask(torch.tensor([4]), 6, 2, None)[0, 0]
+    assert windowed.int().tolist() == [[0, 0, 0, 1, 1, 0]]
+    slots = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    padded = static_causal_mask(torch.arange(0, 3), 6, None, slots)
+    assert padded.shape == (2, 1, 3, 6)
+    # row 0: slots 0-1 are pads; a pad's query sees only itself, the real token at slot 2 not the pads
+    assert padded[0, 0].int().tolist() == [[1, 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0]]
+    assert padded[1, 0].int().tolist() == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]]
+
+
+def test_decode_graph_replays_one_micro_batch_only():
+    calls = []
+
+    def stage(x, cache, cache_position):
+        calls.append((x.clone(), cache_position.clone()))
+        return x * 2
+
+    graph, cache = DecodeGraph(stage, capture=False), object()
+    assert graph(torch.tensor([[1]]), cache, torch.tensor([4])).tolist() == [[2]]
+    assert graph(torch.tensor([[3]]), cache, torch.tensor([5])).tolist() == [[6]]
+    assert [c[1].item() for c in calls] == [4, 5]  # each call's inputs went through the static buffers
+    with pytest.raises(RuntimeError, match="same cache"):
+        graph(torch.tensor([[3]]), object(), torch.tensor([6]))
+
+
+# ---- generator + stages in one process ----------------------------------------------------------------
+def _generate(stages, ids, padding, graphs: bool, micro_batches: int = 2) -> list[list[int]]:
+    def composed(x, caches, cache_position, **masks):
+        for stage, cache in zip(stages, caches):
+            x = stage(x, cache, cache_position, **masks)
+        return x
+
+    gen = PipelineGenerator(stage=composed, groups=_one_rank(), new_cache=lambda: [DynamicCache() for _ in stages],
+                            hidden_size=0, dtype=torch.float32, device=torch.device("cpu"),
+                            micro_batches=micro_batches, sampler=Sampler(), decode_graphs=graphs,
+                            new_static_cache=lambda n: [StaticKVCache(n) for _ in stages])
+    return torch.cat(gen.run(ids, ids.shape[0], ids.shape[1], GEN, chat=False, padding=padding)).tolist()
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "opt"])
+@pytest.mark.parametrize("padded", [False, True], ids=["equal-prompts", "left-padded"])
+def test_static_cache_decode_generates_the_dynamic_cache_tokens(family, padded):
+    config = _tiny(family)
+    g = torch.Generator().manual_seed(11)
+    lengths = [7, 7, 3, 1] if padded else [7, 7, 7, 7]
+    prompts = [torch.randint(3, config.vocab_size, (n,), generator=g).tolist() for n in lengths]
+    ids, padding = left_pad(prompts, pad_id=0)
+    n = config.num_hidden_layers
+    stages = [build_stage(config, ShardSpec.for_stage([1, n - 1], i), dtype=torch.float32, seed=0) for i in range(2)]
+    eager = _generate(stages, ids, padding if padded else None, graphs=False)
+    static = _generate(stages, ids, padding if padded else None, graphs=True)
+    assert static == eager
+    if family == "mistral":  # the prompt and generated tokens outrun the window of 6: it was applied
+        assert len(lengths) and max(lengths) + GEN > config.sliding_window
+
+
+# ---- spec ------------------------------------------------------------------------------------------------
+def test_spec_refuses_graphs_for_plans_with_python_in_the_step():
+    base = dict(model="tiny-llama", device="cpu", dtype="fp32", decode_graphs=True)
+    assert RunSpec(plan=Plan(tp=2), **base).workload.decode_graphs is True
+    for plan, why in [(Plan(offload="cpu"), "ZeRO-3"), (Plan(weight_bits=8), "ZeRO-3"),
+                      (Plan(dp=2, batch_size=2), "ZeRO-3"), (Plan(kv_offload=True), "KV cache")]:
+        with pytest.raises(ValueError, match=f"CUDA graphs cannot run plan .*{why}.*drop --cuda-graphs"):
+            RunSpec(plan=plan, **base)
+    with pytest.raises(ValueError, match="KV cache"):
+        RunSpec(plan=Plan(), variants=({"kv_offload": True},), **base)
+
+
+# ---- hpi run's path ------------------------------------------------------------------------------------
+LAYOUTS = {
+    "one-rank": Plan(batch_size=2),
+    "tp2": Plan(tp=2, batch_size=2),
+    "pp2-2-micro-batches": Plan(pp=2, micro_batches=2, batch_size=2),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_launched_graphed_variant_matches_the_eager_run(name, tmp_path):
+    """One build, measured eagerly and then as a graphed variant (how gpu_matrix compares them side by side)."""
+    pytest.importorskip("deepspeed")
+    import json
+
+    from executor.launch import launch
+
+    spec = RunSpec(plan=LAYOUTS[name], model="tiny-llama", workload=Workload(prompt_len_tokens=9, gen_len_tokens=GEN),
+                   device="cpu", dtype="fp32", out_dir=str(tmp_path), variants=({"decode_graphs": True},))
+    eager = launch(spec, timeout_s=300)
+    graphed = json.loads((tmp_path / eager["variant_records"][0]).read_text())
+    assert graphed["tokens"] == eager["tokens"] and len(graphed["tokens"][0]) == GEN
+    assert graphed["spec"]["decode_graphs"] is True and graphed["spec"]["workload"]["decode_graphs"] is True
+    assert eager["spec"]["workload"]["decode_graphs"] is False
+
+
+def test_variants_may_switch_graphs_but_not_rebuild():
+    spec = RunSpec(plan=Plan(batch_size=2), model="tiny-llama", device="cpu", dtype="fp32",
+                   variants=({"decode_graphs": True, "batch_size": 4}, {"batch_size": 8}))
+    own, graphed, eager = spec.measurements()
+    assert (own.decode_graphs, graphed.decode_graphs, eager.decode_graphs) == (False, True, False)
+    assert graphed.plan.batch_size == 4 and graphed.workload.decode_graphs and not eager.workload.decode_graphs
+    assert graphed.out_dir.endswith("variant-1") and graphed.variants == ()
+    with pytest.raises(ValueError, match="needs a new build"):
+        RunSpec(plan=Plan(), model="tiny-llama", variants=({"fetch_wait": "host"},))
+
+
+# ---- the capture, on a GPU ---------------------------------------------------------------------------------
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_captured_decode_generates_the_eager_tokens_on_a_gpu():
+    config = load_hf_config("tiny-llama")
+    device = torch.device("cuda")
+    stage = build_stage(config, ShardSpec.whole(config.num_hidden_layers), dtype=torch.float32, device=device, seed=0)
+    ids = torch.randint(3, config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
+
+    def generate(graphs: bool) -> list[list[int]]:
+        gen = PipelineGenerator(stage=stage.eval(), groups=_one_rank(), new_cache=DynamicCache, hidden_size=0,
+                                dtype=torch.float32, device=device, micro_batches=1, sampler=Sampler(),
+                                decode_graphs=graphs)
+        return torch.cat(gen.run(ids, 2, 9, GEN, chat=False)).tolist()
+
+    assert generate(True) == generate(False)

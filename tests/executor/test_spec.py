@@ -1,0 +1,33 @@
+"""executor.spec.RunSpec: the run conditions its Workload carries are the spec's own."""
+
+from __future__ import annotations
+
+import pytest
+
+from executor.spec import RunSpec
+from planner.specs.plan import Plan
+from planner.specs.workload import Workload
+
+
+def test_the_workload_prices_the_runs_own_dtype_and_fetch_wait():
+    spec = RunSpec(plan=Plan(offload="cpu", batch_size=2), model="tiny-llama", workload=Workload(8, 3),
+                   dtype="fp16", fetch_wait="host", variants=({"batch_size": 4},))
+    assert (spec.workload.compute_dtype, spec.workload.fetch_wait) == ("fp16", "host")
+    assert (spec.workload.prompt_len_tokens, spec.workload.gen_len_tokens) == (8, 3)
+    back = RunSpec.from_dict(spec.to_dict())
+    assert back == spec
+    for measured in spec.measurements():  # every variant predicted under the same conditions
+        assert (measured.workload.compute_dtype, measured.workload.fetch_wait) == ("fp16", "host")
+
+
+def test_a_workload_that_disagrees_is_overruled_by_the_spec():
+    spec = RunSpec(plan=Plan(), model="tiny-llama", workload=Workload(8, 3, compute_dtype="bf16", fetch_wait="host"),
+                   dtype="fp32")
+    assert (spec.workload.compute_dtype, spec.workload.fetch_wait) == ("fp32", "stream")
+
+
+def test_unknown_dtype_and_fetch_wait_are_refused_with_the_choices():
+    with pytest.raises(ValueError, match="dtype 'int8' is not one of bf16, fp16, fp32"):
+        RunSpec(plan=Plan(), model="tiny-llama", dtype="int8")
+    with pytest.raises(ValueError, match="fetch_wait 'sync' is not one of stream, host"):
+        RunSpec(plan=Plan(), model="tiny-llama", fetch_wait="sync")
