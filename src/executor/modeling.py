@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from executor.attention import register as register_attention
 from executor.graphs import StaticKVCache
 from executor.tp import (
     COLUMN_PARALLEL,
@@ -51,6 +52,8 @@ from executor.tp import (
     tp_allreduce_seconds,
 )
 from executor.weights import CheckpointReader, RandomSource, param_table
+
+ATTENTION = register_attention()  # transformers' sdpa, grouped-query decode kept grouped (executor.attention)
 
 __all__ = [
     "SUPPORTED_FAMILIES",
@@ -144,7 +147,7 @@ class Family:
     def layer_param_shapes(self, config) -> dict[str, tuple[int, ...]]:
         """Names (below ``layers.<i>.``) and global shapes of one decoder layer's parameters."""
         cfg = copy.deepcopy(config)
-        cfg._attn_implementation = "sdpa"
+        cfg._attn_implementation = ATTENTION
         with torch.device("meta"):
             layer = self.cls(self.layer_cls)(cfg, 0)
         return {n: tuple(p.shape) for n, p in layer.named_parameters()}
@@ -259,14 +262,14 @@ def shard_config(config, tp_size: int):
 def stage_config(config, shard: ShardSpec):
     """The config a stage's modules are built from: per-rank counts (``shard_config``), only this stage's
     layers (``num_hidden_layers`` and ``layer_types`` sliced, so local layer index j is global
-    ``layer_start + j``) and the sdpa attention path. A ``DynamicCache(config=stage_config(...))`` has
+    ``layer_start + j``) and the sdpa attention path (``executor.attention``). A ``DynamicCache(config=stage_config(...))`` has
     exactly one layer per local layer."""
     cfg = shard_config(config, shard.tp_size)
     cfg.num_hidden_layers = shard.n_layers
     layer_types = getattr(config, "layer_types", None)
     if isinstance(layer_types, (list, tuple)):
         cfg.layer_types = list(layer_types[shard.layer_start:shard.layer_stop])
-    cfg._attn_implementation = "sdpa"
+    cfg._attn_implementation = ATTENTION
     return cfg
 
 
@@ -314,7 +317,7 @@ class StageModule(nn.Module):
             layers = [layer_cls(cfg, j) for j in range(shard.n_layers)]
         else:  # OPT derives head_dim from hidden / heads: build whole, then cut the linears
             whole = copy.deepcopy(config)
-            whole._attn_implementation = "sdpa"
+            whole._attn_implementation = ATTENTION
             layers = [layer_cls(whole, j) for j in range(shard.n_layers)]
         if tp > 1:
             for layer in layers:

@@ -435,7 +435,7 @@ def test_shard_and_stage_config():
     q = tiny_config("qwen2")
     st = stage_config(q, ShardSpec.for_stage([1, 2], 1, 0, 2))
     assert st.num_hidden_layers == 2 and len(st.layer_types) == 2 and st.head_dim == 16
-    assert st._attn_implementation == "sdpa"
+    assert st._attn_implementation == "hpi_sdpa"  # sdpa, grouped-query decode kept grouped (executor.attention)
 
 
 def test_refusals():

@@ -1,0 +1,47 @@
+"""The attention function the stages run: transformers' sdpa, with grouped-query decode kept grouped.
+
+transformers' sdpa path gives PyTorch ``enable_gqa`` only when there is no mask; with a mask (padded rows,
+a sliding window past its end, and every step over a static cache, ``executor.graphs``) transformers 5.17
+repeats each KV head for its query heads first (``repeat_kv``), which copies the whole cache every layer
+and step: on the 1x H100 the graphed 8B decode took 9.4 ms at batch 1 but 16.7 / 36.9 ms at 16 / 64, where
+the bytes it must read grow by 7% / 26% (benchmarks/results/2026-11-22-h100/run8). For one query token per
+row the copy is not needed: the G query heads that share a KV head become G query rows of that KV head
+(``[b, kv, G, d]``), the row's key mask broadcasts over them, and one sdpa call over the unrepeated cache
+gives the same numbers (transformers 5.23 does this itself, as ``pack_gqa``). Every other case goes to
+transformers' own function unchanged.
+
+Registered under its own name (``ATTENTION``) in transformers' attention and mask interfaces, so the
+stage's configs select it and transformers' mask builders treat it as sdpa.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ATTENTION = "hpi_sdpa"
+
+
+def grouped_decode_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """transformers' attention-interface signature; returns ([b, s, heads, d], None) as its sdpa does."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    b, heads, q_len, d = query.shape
+    if attention_mask is None or groups == 1 or q_len != 1 or kwargs.get("position_bias") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    mask = attention_mask[:, :, :, : key.shape[-2]]  # [b|1, 1, 1, L]: one row's mask for all its G queries
+    grouped = query.reshape(b, heads // groups, groups, d)  # head h = kv * G + g, the order repeat_kv gives
+    out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
+    return out.reshape(b, heads, 1, d).transpose(1, 2).contiguous(), None
+
+
+def register() -> str:
+    """Make ``ATTENTION`` a name transformers' layers and mask builders accept; returns it."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION, grouped_decode_sdpa)
+    AttentionMaskInterface.register(ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    return ATTENTION
