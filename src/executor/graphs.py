@@ -16,7 +16,10 @@ What a graph needs, and how each is met:
   slots, and the padding mask / positions when rows are padded) in its own buffers, and each replay copies
   the new values into them.
 - No host synchronization inside the step. The attention mask is built on the device from the cache slots
-  (``modeling.static_causal_mask``): no Python int read back from the GPU.
+  (``modeling.static_causal_mask``): no Python int read back from the GPU. The prefill, which is not
+  captured, reads only the slots it wrote and keeps the dynamic cache's masks (none for unpadded prompts,
+  so sdpa's fused causal kernel): over all slots behind a mask the 8B's bs-1 prefill took 2.1x as long on
+  the H100 (benchmarks/results/2026-11-22-h100, runs 8-9).
 - Collectives captured like kernels: NCCL all-reduces and all-gathers over the TP group are recorded into
   the graph (PyTorch supports NCCL in graph capture); the executor's all-reduce timer is skipped while
   capturing (events cannot be timed inside a graph), so graphed steps report no TP all-reduce time.
@@ -55,10 +58,17 @@ class StaticKVCache:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.position: torch.Tensor | None = None
+        self.visible: int | None = None  # slots update() hands back; None: all max_len (the graphed steps)
 
-    def bind(self, cache_position: torch.Tensor) -> None:
-        """The slots the next forward writes (a device tensor; a graph captures its address)."""
+    def bind(self, cache_position: torch.Tensor, visible: int | None = None) -> None:
+        """The slots the next forward writes (a device tensor; a graph captures its address), and how many
+        leading slots its attention reads (None: all of them, behind a device-built mask)."""
         self.position = cache_position
+        self.visible = visible
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.keys
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if self.position is None:
@@ -71,6 +81,8 @@ class StaticKVCache:
             raise RuntimeError(f"layer {layer_idx} wrote before layer {len(self.keys)}: layers must run in order")
         self.keys[layer_idx].index_copy_(2, self.position, key_states)
         self.values[layer_idx].index_copy_(2, self.position, value_states)
+        if self.visible is not None:
+            return self.keys[layer_idx][:, :, : self.visible], self.values[layer_idx][:, :, : self.visible]
         return self.keys[layer_idx], self.values[layer_idx]
 
     @property

@@ -399,14 +399,25 @@ class StageModule(nn.Module):
         return hidden
 
     def _static_layers(self, hidden, cache: StaticKVCache, cache_position, position_ids, slot_mask):
-        """The layers over a static cache, with no host synchronization (a CUDA graph can capture it):
-        ``slot_mask`` [b, max_len] (1: a real token's slot) or None."""
-        cache.bind(cache_position)
+        """The layers over a static cache. ``slot_mask`` [b, max_len] (1: a real token's slot) or None.
+
+        A one-token step (what a CUDA graph captures) reads every slot behind a mask built on the device, with
+        no host synchronization. The prompt (several tokens, eager) must come first, from slot 0: it reads only
+        the slots it writes, with the masks the dynamic cache would get."""
+        seq = hidden.shape[1]
+        if seq > 1 and not cache.is_empty:
+            raise ValueError("a StaticKVCache takes the prompt in one forward from slot 0, then one token per step")
+        cache.bind(cache_position, visible=seq if seq > 1 else None)
         kwargs: dict[str, Any] = dict(position_ids=position_ids, past_key_values=cache, use_cache=True,
                                       cache_position=cache_position)
         if self.rotary_emb is not None:
             kwargs["position_embeddings"] = self.rotary_emb(hidden, position_ids)
-        masks = {w: static_causal_mask(cache_position, cache.max_len, w, slot_mask) for w in set(self.windows)}
+        if seq > 1:
+            masks = {w: (causal_mask(0, seq, w, hidden.device) if slot_mask is None else
+                         padded_causal_mask(self.config, hidden, slot_mask[:, :seq], None, cache_position,
+                                            position_ids, w)) for w in set(self.windows)}
+        else:
+            masks = {w: static_causal_mask(cache_position, cache.max_len, w, slot_mask) for w in set(self.windows)}
         for layer, window in zip(self.layers, self.windows):
             out = layer(hidden, attention_mask=masks[window], **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out

@@ -8,7 +8,7 @@ effects are not guessed: each variant plan is predicted with the same cost model
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from planner.feasibility import plan_problems
 from planner.predict import Estimate, predict_many
@@ -126,7 +126,11 @@ def knob_effects(est: Estimate) -> list[KnobEffect]:
     ]
     if not variants:
         return []
-    estimates = predict_many(est.model, est.hardware, est.workload, [p for _, p in variants])
+    labelled = list(zip([label for label, _ in variants],
+                        predict_many(est.model, est.hardware, est.workload, [p for _, p in variants])))
+    graphs = graphs_variant(est)
+    if graphs is not None:
+        labelled.append(graphs)
     return [
         KnobEffect(
             label=label,
@@ -135,8 +139,17 @@ def knob_effects(est: Estimate) -> list[KnobEffect]:
             throughput_ratio=e.throughput_tok_s / est.throughput_tok_s,
             gpu_delta_bytes=e.gpu_peak_bytes - est.gpu_peak_bytes,
         )
-        for (label, _), e in zip(variants, estimates)
+        for label, e in labelled
     ]
+
+
+def graphs_variant(est: Estimate) -> tuple[str, Estimate] | None:
+    """The same plan with its decode steps replayed as CUDA graphs (a run condition, ``--cuda-graphs``),
+    where the plan allows it and the workload does not already ask for it."""
+    if est.workload.decode_graphs or est.plan.graph_blocker or est.model.is_moe:
+        return None
+    workload = replace(est.workload, decode_graphs=True)
+    return "CUDA graphs (--cuda-graphs)", predict_many(est.model, est.hardware, workload, [est.plan])[0]
 
 
 def fixes(effects: list[KnobEffect], k: int = 3) -> list[KnobEffect]:

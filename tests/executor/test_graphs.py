@@ -43,6 +43,9 @@ def test_static_cache_writes_in_place_at_the_bound_slots():
     assert keys.data_ptr() == first  # the same tensor, written in place: a graph may keep its address
     assert torch.equal(keys[:, :, 3], k[:, :, 0] - 1) and torch.equal(values[:, :, :3], k + 100)
     assert cache.nbytes == 2 * (2 * 1 * 5 * 2) * 4
+    cache.bind(torch.tensor([4]), visible=2)  # the prompt's forward reads only the slots it wrote
+    keys, _ = cache.update(k[:, :, :1], k[:, :, :1], 0)
+    assert keys.shape == (2, 1, 2, 2) and torch.equal(keys, k[:, :, :2])
     with pytest.raises(RuntimeError, match="layers must run in order"):
         cache.update(k, k, 2)
     with pytest.raises(ValueError, match="max_len"):
@@ -60,6 +63,17 @@ def test_static_mask_is_causal_windowed_and_hides_pads_but_never_empties_a_row()
     # row 0: slots 0-1 are pads; a pad's query sees only itself, the real token at slot 2 not the pads
     assert padded[0, 0].int().tolist() == [[1, 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0]]
     assert padded[1, 0].int().tolist() == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]]
+
+
+def test_static_stage_takes_the_prompt_first_and_once():
+    config = load_hf_config("tiny-llama")
+    stage = build_stage(config, ShardSpec.whole(config.num_hidden_layers), dtype=torch.float32, seed=0).eval()
+    cache = StaticKVCache(12)
+    with torch.no_grad():
+        stage(torch.tensor([[5, 6, 7]]), cache, torch.arange(0, 3))
+        stage(torch.tensor([[8]]), cache, torch.tensor([3]))
+        with pytest.raises(ValueError, match="prompt in one forward from slot 0"):
+            stage(torch.tensor([[9, 10]]), cache, torch.arange(4, 6))
 
 
 @pytest.mark.parametrize("q_len", [1, 3])
@@ -177,16 +191,21 @@ def test_variants_may_switch_graphs_but_not_rebuild():
 
 # ---- the capture, on a GPU ---------------------------------------------------------------------------------
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_captured_decode_generates_the_eager_tokens_on_a_gpu():
-    config = load_hf_config("tiny-llama")
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "opt"])
+@pytest.mark.parametrize("padded", [False, True], ids=["equal-prompts", "left-padded"])
+def test_captured_decode_generates_the_eager_tokens_on_a_gpu(family, padded):
+    config = _tiny(family)
     device = torch.device("cuda")
-    stage = build_stage(config, ShardSpec.whole(config.num_hidden_layers), dtype=torch.float32, device=device, seed=0)
-    ids = torch.randint(3, config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
+    stage = build_stage(config, ShardSpec.whole(config.num_hidden_layers), dtype=torch.float32, device=device,
+                        seed=0).eval()
+    g = torch.Generator().manual_seed(3)
+    lengths = [9, 4] if padded else [9, 9]
+    ids, padding = left_pad([torch.randint(3, config.vocab_size, (n,), generator=g).tolist() for n in lengths], 0)
 
     def generate(graphs: bool) -> list[list[int]]:
-        gen = PipelineGenerator(stage=stage.eval(), groups=_one_rank(), new_cache=DynamicCache, hidden_size=0,
+        gen = PipelineGenerator(stage=stage, groups=_one_rank(), new_cache=DynamicCache, hidden_size=0,
                                 dtype=torch.float32, device=device, micro_batches=1, sampler=Sampler(),
                                 decode_graphs=graphs)
-        return torch.cat(gen.run(ids, 2, 9, GEN, chat=False)).tolist()
+        return torch.cat(gen.run(ids, 2, 9, GEN, chat=False, padding=padding if padded else None)).tolist()
 
     assert generate(True) == generate(False)
