@@ -10,6 +10,7 @@ import importlib
 import json
 import sys
 import time
+from dataclasses import replace
 from typing import Any, Sequence
 
 from planner.specs.plan import DEEPSPEED_DEFAULT_PREFETCH_ELEMS, OFFLOAD_KINDS, WEIGHT_BITS, Plan
@@ -54,9 +55,12 @@ def _add_run_conditions(p: argparse.ArgumentParser) -> None:
                    help="compute dtype (default bf16); fp16 takes DeepSpeed's fused 4-bit dequantization")
     p.add_argument("--fetch-wait", choices=FETCH_WAITS, default="stream",
                    help="ZeRO-3 fetch wait: stream (hpi's, default) or host (DeepSpeed's stock, host-synchronizing)")
-    p.add_argument("--cuda-graphs", dest="decode_graphs", action="store_true", default=False,
-                   help="replay each decode step as a CUDA graph: GPU-resident 16-bit plans without KV offload "
-                        "(plan/predict price it where it applies; run refuses other plans)")
+    graphs = p.add_mutually_exclusive_group()
+    graphs.add_argument("--cuda-graphs", dest="decode_graphs", action="store_true", default=None,
+                        help="replay each decode step as a CUDA graph (default: wherever the plan allows it: dense, "
+                             "GPU-resident, 16-bit, dp 1, KV cache on the GPU; run refuses it for other plans)")
+    graphs.add_argument("--no-cuda-graphs", dest="decode_graphs", action="store_false",
+                        help="decode eagerly, one kernel launch at a time")
 
 
 def _add_plan_knobs(p: argparse.ArgumentParser, for_search: bool) -> None:
@@ -151,7 +155,15 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 def _workload(args: argparse.Namespace) -> Workload:
     return Workload(args.prompt_len, args.gen_len, compute_dtype=getattr(args, "dtype", None) or "bf16",
                     fetch_wait=getattr(args, "fetch_wait", None) or "stream",
-                    decode_graphs=bool(getattr(args, "decode_graphs", False)))
+                    decode_graphs=getattr(args, "decode_graphs", None) is not False)  # priced where a plan allows
+
+
+def _run_graphs(args: argparse.Namespace, model, plan) -> bool:
+    """hpi run's decode mode: as asked, else CUDA graphs wherever they can run (a GPU, a plan without ZeRO-3
+    or KV offload, a dense model)."""
+    if args.decode_graphs is not None:
+        return args.decode_graphs
+    return args.device == "cuda" and plan.graph_blocker is None and not model.is_moe
 
 
 def _load_target(args: argparse.Namespace):
@@ -440,8 +452,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from planner.catalog import load_model
 
     model = load_model(args.model)
-    workload = _workload(args)
     plan = _plan_from_args(args, model)
+    graphs = _run_graphs(args, model, plan)
+    workload = replace(_workload(args), decode_graphs=graphs)  # the prediction prices the decode mode that runs
     est = _predict_for_run(args, model, workload, plan) if args.hardware else None
     prompts = _read_prompts(args)
     if args.chat and not prompts:
@@ -470,7 +483,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if est is not None:
         extra["predicted"] = _prediction_summary(est)
     spec = RunSpec(plan=plan, model=args.model, workload=workload, hardware=args.hardware, device=args.device,
-                   dtype=args.dtype, fetch_wait=args.fetch_wait, decode_graphs=args.decode_graphs, checkpoint=args.checkpoint, prompts=prompts, seed=args.seed,
+                   dtype=args.dtype, fetch_wait=args.fetch_wait, decode_graphs=graphs, checkpoint=args.checkpoint, prompts=prompts, seed=args.seed,
                    mode="chat" if args.chat else "benchmark", temperature=args.temperature, top_p=args.top_p,
                    nvme_path=args.nvme_path, out_dir=args.out, extra=extra)
     write_json_atomic(Path(args.out) / "ds_config.json", config)

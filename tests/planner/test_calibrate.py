@@ -261,3 +261,12 @@ def test_an_autotune_trial_stands_for_the_run_record_it_holds(synth, tmp_path) -
     assert [record_id(r) for r in records] == ["trial-0000"]
     assert records.skipped == {"error": 1}
     assert measurement(records[0]).decode_step_s == rec["decode_step_s"]["median"]
+
+
+def test_run_conditions_are_typed_and_default_to_what_old_records_ran() -> None:
+    from planner.calibrate import run_conditions
+
+    assert run_conditions({"spec": {}}) == {"compute_dtype": "bf16", "fetch_wait": "host", "decode_graphs": False}
+    got = run_conditions({"spec": {"dtype": "fp16", "fetch_wait": "stream", "decode_graphs": True}})
+    assert got == {"compute_dtype": "fp16", "fetch_wait": "stream", "decode_graphs": True}
+    assert run_conditions({"spec": {"decode_graphs": False}})["decode_graphs"] is False

@@ -177,3 +177,36 @@ def test_planner_never_imports_torch_deepspeed_or_transformers():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_cuda_graphs_are_priced_by_default_where_a_plan_allows_them(capsys):
+    base = ("predict", "--model", "llama-3-70b", "--hardware", "h200-4gpu", "--tp", "4", "--json")
+    code, out, _ = run(capsys, *base)
+    graphed = last_json(out)
+    code2, out2, _ = run(capsys, *base, "--no-cuda-graphs")
+    eager = last_json(out2)
+    assert code == code2 == 0
+    assert graphed["workload"]["decode_graphs"] is True and eager["workload"]["decode_graphs"] is False
+    assert graphed["decode_step_s"] < 0.5 * eager["decode_step_s"]  # no launches per layer, no rank drift
+    assert graphed["prefill_s"] == pytest.approx(eager["prefill_s"])
+    code, _, err = run(capsys, *base, "--cuda-graphs", "--no-cuda-graphs")
+    assert code == 2 and "not allowed with argument" in err
+
+
+def test_hpi_run_graphs_by_default_only_where_they_can_run():
+    from argparse import Namespace
+
+    from planner.catalog import load_model
+    from planner.cli import _run_graphs
+    from planner.specs.plan import Plan
+
+    dense, moe = load_model("llama-3-8b"), load_model("mixtral-8x7b")
+    auto = Namespace(decode_graphs=None, device="cuda")
+    assert _run_graphs(auto, dense, Plan(tp=2)) is True
+    assert _run_graphs(auto, dense, Plan(offload="cpu")) is False
+    assert _run_graphs(auto, dense, Plan(kv_offload=True)) is False
+    assert _run_graphs(auto, moe, Plan()) is False
+    assert _run_graphs(Namespace(decode_graphs=None, device="cpu"), dense, Plan()) is False
+    assert _run_graphs(Namespace(decode_graphs=False, device="cuda"), dense, Plan()) is False
+    # asked for explicitly, it is passed on: RunSpec then refuses a plan that cannot be graphed, in one line
+    assert _run_graphs(Namespace(decode_graphs=True, device="cpu"), dense, Plan(offload="cpu")) is True

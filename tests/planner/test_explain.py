@@ -199,3 +199,16 @@ def test_memory_headroom_tightest_first(a6000, llama8b) -> None:
     assert pinned == (est.pinned_bytes, a6000.host.pinnable_bytes)
     resident = memory_headroom(predict(llama8b, a6000, WORKLOAD, Plan()))
     assert [r[0] for r in resident][0] == "GPU memory" and "pinned memory" not in [r[0] for r in resident]
+
+
+def test_explain_offers_cuda_graphs_where_the_plan_allows_them(h200x2, llama8b) -> None:
+    """A resident TP plan decoding eagerly: 'CUDA graphs' is a predicted change (the same plan, the workload's
+    decode_graphs on), faster than now; an offloaded plan or an already graphed workload gets no such row."""
+    est = predict(llama8b, h200x2, WORKLOAD, Plan(tp=2))
+    row = next(e for e in knob_effects(est) if e.label.startswith("CUDA graphs"))
+    again = predict(llama8b, h200x2, Workload(WORKLOAD.prompt_len_tokens, WORKLOAD.gen_len_tokens, decode_graphs=True),
+                    Plan(tp=2))
+    assert row.estimate.decode_step_s == pytest.approx(again.decode_step_s)
+    assert row.decode_ratio < 0.9 and row.estimate.plan == est.plan
+    assert not any(e.label.startswith("CUDA graphs") for e in knob_effects(predict(llama8b, h200x2, WORKLOAD, Plan(offload="cpu"))))
+    assert not any(e.label.startswith("CUDA graphs") for e in knob_effects(again))

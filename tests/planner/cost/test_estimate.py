@@ -224,6 +224,43 @@ def test_tensor_parallel_collectives_cost_host_time(kit) -> None:
     assert ev.decode.link["host_s"][0] == pytest.approx((4 * (100e-6 + 60e-6) + 30e-6) * 1.5 + 1e-3)
 
 
+def test_graphed_decode_drops_the_host_time_per_module_and_the_drift(kit) -> None:
+    """With decode_graphs the host launches a stage's step at once: the host-bound toy step of the test above
+    (4 x 100 us of launches) becomes its roofline plus the 1 ms step overhead; under TP 2 the 30 us per
+    collective and the 1.5x drift go too, and the all-reduces stay on the GPU's stream. Prefill stays eager,
+    and offloaded, quantized, dp > 1 or KV-offloaded plans are not graphed."""
+    graphs = Workload(512, 32, decode_graphs=True)
+    lay = kit.layout(kit.toy_dense(), workload=graphs)
+    k = Knobs.from_plans([Plan(batch_size=1)])
+    ev, eager = evaluate(lay, k), evaluate(kit.layout(kit.toy_dense()), k)
+    compute = compute_time(lay, k, decode_phase(lay, k))[0] @ lay.stage_counts[0]
+    assert ev.decode_step_s[0] == pytest.approx(compute + 1e-3)
+    assert ev.decode.exposed["overhead_s"][0] == pytest.approx(1e-3)
+    assert ev.decode.link["host_s"][0] == pytest.approx(1e-3)
+    assert eager.decode_step_s[0] > ev.decode_step_s[0] + 4 * 50e-6
+    np.testing.assert_allclose(ev.prefill_s, eager.prefill_s)  # the prefill is not captured
+
+    tp = kit.layout(kit.toy_dense(), tp=2, workload=graphs)
+    kt = Knobs.from_plans([Plan(tp=2, batch_size=1)])
+    ev_tp = evaluate(tp, kt)
+    busy = (compute_time(tp, kt, decode_phase(tp, kt))[0] + tp_collective_time(tp, decode_phase(tp, kt))[0]) @ tp.stage_counts[0]
+    assert ev_tp.decode_step_s[0] == pytest.approx(busy + 1e-3)
+    assert ev_tp.decode.exposed["tp_allreduce_s"][0] == pytest.approx(tp_collective_time(tp, decode_phase(tp, kt))[0] @ tp.stage_counts[0])
+    for name in EXPOSED_PARTS:  # the breakdown still sums to the step
+        assert np.isfinite(ev_tp.decode.exposed[name][0])
+    assert sum(ev_tp.decode.exposed[n][0] for n in EXPOSED_PARTS) == pytest.approx(ev_tp.decode_step_s[0])
+
+    blocked = [Plan(offload="cpu"), Plan(weight_bits=8), Plan(kv_offload=True)]
+    np.testing.assert_allclose(evaluate(lay, Knobs.from_plans(blocked)).decode_step_s,
+                               evaluate(kit.layout(kit.toy_dense()), Knobs.from_plans(blocked)).decode_step_s)
+    dp = Knobs.from_plans([Plan(dp=2, batch_size=2)])
+    np.testing.assert_allclose(evaluate(kit.layout(kit.toy_dense(), dp=2, workload=graphs), dp).decode_step_s,
+                               evaluate(kit.layout(kit.toy_dense(), dp=2), dp).decode_step_s)
+    moe = Knobs.from_plans([Plan()])
+    np.testing.assert_allclose(evaluate(kit.layout(kit.toy_moe(), workload=graphs), moe).decode_step_s,
+                               evaluate(kit.layout(kit.toy_moe()), moe).decode_step_s)
+
+
 def test_step_overhead_is_paid_by_every_pipeline_stage(kit) -> None:
     """The executor synchronizes after each stage's forward: a 1 ms step overhead on each of 2 stages."""
     lay = kit.layout(kit.toy_dense(), pp=2)
