@@ -189,7 +189,8 @@ class PipelineGenerator:
         paddings = [self._micro_batch_padding(padding, offsets[j], rows) for j, rows in enumerate(sizes)]
         max_len = prompt_len + max_new_tokens
         caches = [self.new_static_cache(max_len) if self.decode_graphs else self.new_cache() for _ in sizes]
-        graphs = [DecodeGraph(self.stage, capture=self.device.type == "cuda") for _ in sizes]
+        capture = self.device.type == "cuda"
+        graphs = [DecodeGraph(self.stage, capture=capture) for _ in sizes] if self.decode_graphs else []
         slots = max_len if self.decode_graphs else None
         generated: list[list[torch.Tensor]] = [[] for _ in sizes]
         next_ids: list[torch.Tensor | None] = [None] * len(sizes)

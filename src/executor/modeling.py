@@ -262,8 +262,8 @@ def shard_config(config, tp_size: int):
 def stage_config(config, shard: ShardSpec):
     """The config a stage's modules are built from: per-rank counts (``shard_config``), only this stage's
     layers (``num_hidden_layers`` and ``layer_types`` sliced, so local layer index j is global
-    ``layer_start + j``) and the sdpa attention path (``executor.attention``). A ``DynamicCache(config=stage_config(...))`` has
-    exactly one layer per local layer."""
+    ``layer_start + j``) and the sdpa attention path (``executor.attention``). A
+    ``DynamicCache(config=stage_config(...))`` has exactly one layer per local layer."""
     cfg = shard_config(config, shard.tp_size)
     cfg.num_hidden_layers = shard.n_layers
     layer_types = getattr(config, "layer_types", None)
@@ -377,51 +377,49 @@ class StageModule(nn.Module):
 
     def _layers(self, hidden, cache, cache_position, position_ids, attention_mask):
         if isinstance(cache, StaticKVCache):
-            return self._static_layers(hidden, cache, cache_position, position_ids, attention_mask)
-        seq = hidden.shape[1]
+            masks = self._bind_static(hidden, cache, cache_position, position_ids, attention_mask)
+        else:
+            masks = self._dynamic_masks(hidden, cache, cache_position, position_ids, attention_mask)
+        kwargs: dict[str, Any] = dict(position_ids=position_ids, past_key_values=cache,
+                                      use_cache=cache is not None, cache_position=cache_position)
+        if self.rotary_emb is not None:
+            kwargs["position_embeddings"] = self.rotary_emb(hidden, position_ids)
+        for layer, window in zip(self.layers, self.windows):
+            out = layer(hidden, attention_mask=masks[window], **kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+    def _window_masks(self, hidden, past: int, attention_mask, cache, cache_position, position_ids) -> dict:
+        """One mask per window size, shared by its layers: ``causal_mask`` without padding, else
+        transformers' own (``padded_causal_mask``) for the 2D padding mask [b, past + s]."""
+        if attention_mask is None:
+            return {w: causal_mask(past, hidden.shape[1], w, hidden.device) for w in set(self.windows)}
+        return {w: padded_causal_mask(self.config, hidden, attention_mask, cache, cache_position, position_ids, w)
+                for w in set(self.windows)}
+
+    def _dynamic_masks(self, hidden, cache, cache_position, position_ids, attention_mask) -> dict:
         past = cache.get_seq_length() if cache is not None else 0
         if past and any(getattr(layer, "is_sliding", False) for layer in getattr(cache, "layers", ())):
             raise ValueError("the cache has sliding-window layers (DynamicCache(config=...) of a sliding-window "
                              "model): give the stage a plain DynamicCache(); it applies windows by mask over a "
                              "full cache")
-        kwargs: dict[str, Any] = dict(position_ids=position_ids, past_key_values=cache,
-                                      use_cache=cache is not None, cache_position=cache_position)
-        if self.rotary_emb is not None:
-            kwargs["position_embeddings"] = self.rotary_emb(hidden, position_ids)
-        masks: dict[int | None, torch.Tensor | None] = {}  # one mask per window size, shared by its layers
-        for layer, window in zip(self.layers, self.windows):
-            if window not in masks:
-                masks[window] = (causal_mask(past, seq, window, hidden.device) if attention_mask is None else
-                                 padded_causal_mask(self.config, hidden, attention_mask, cache, cache_position,
-                                                    position_ids, window))
-            out = layer(hidden, attention_mask=masks[window], **kwargs)
-            hidden = out[0] if isinstance(out, tuple) else out
-        return hidden
+        return self._window_masks(hidden, past, attention_mask, cache, cache_position, position_ids)
 
-    def _static_layers(self, hidden, cache: StaticKVCache, cache_position, position_ids, slot_mask):
-        """The layers over a static cache. ``slot_mask`` [b, max_len] (1: a real token's slot) or None.
+    def _bind_static(self, hidden, cache: StaticKVCache, cache_position, position_ids, slot_mask) -> dict:
+        """Bind a static cache's slots for this forward and return its masks. ``slot_mask`` [b, max_len]
+        (1: a real token's slot) or None.
 
         A one-token step (what a CUDA graph captures) reads every slot behind a mask built on the device, with
         no host synchronization. The prompt (several tokens, eager) must come first, from slot 0: it reads only
-        the slots it writes, with the masks the dynamic cache would get."""
+        the slots it writes, with the masks an empty dynamic cache would get."""
         seq = hidden.shape[1]
         if seq > 1 and not cache.is_empty:
             raise ValueError("a StaticKVCache takes the prompt in one forward from slot 0, then one token per step")
         cache.bind(cache_position, visible=seq if seq > 1 else None)
-        kwargs: dict[str, Any] = dict(position_ids=position_ids, past_key_values=cache, use_cache=True,
-                                      cache_position=cache_position)
-        if self.rotary_emb is not None:
-            kwargs["position_embeddings"] = self.rotary_emb(hidden, position_ids)
         if seq > 1:
-            masks = {w: (causal_mask(0, seq, w, hidden.device) if slot_mask is None else
-                         padded_causal_mask(self.config, hidden, slot_mask[:, :seq], None, cache_position,
-                                            position_ids, w)) for w in set(self.windows)}
-        else:
-            masks = {w: static_causal_mask(cache_position, cache.max_len, w, slot_mask) for w in set(self.windows)}
-        for layer, window in zip(self.layers, self.windows):
-            out = layer(hidden, attention_mask=masks[window], **kwargs)
-            hidden = out[0] if isinstance(out, tuple) else out
-        return hidden
+            prompt_mask = None if slot_mask is None else slot_mask[:, :seq]
+            return self._window_masks(hidden, 0, prompt_mask, None, cache_position, position_ids)
+        return {w: static_causal_mask(cache_position, cache.max_len, w, slot_mask) for w in set(self.windows)}
 
 
 def static_causal_mask(cache_position: torch.Tensor, max_len: int, window: int | None,

@@ -77,16 +77,17 @@ class RunSpec:
                 raise ValueError(f"variant {v} changes {', '.join(other)}, which needs a new build: a variant may "
                                  f"only change {', '.join(RUNTIME_FIELDS + VARIANT_CONDITIONS)}; launch another "
                                  f"run for the rest")
-        for one in [self, *(self._variant(v) for v in self.variants)]:
-            if one.decode_graphs and one.plan.graph_blocker:
-                raise ValueError(f"CUDA graphs cannot run plan {one.plan.label}: {one.plan.graph_blocker}; drop "
-                                 f"--cuda-graphs or use a GPU-resident 16-bit plan without KV offload")
+        if self.decode_graphs and self.plan.graph_blocker:
+            raise ValueError(f"CUDA graphs cannot run plan {self.plan.label}: {self.plan.graph_blocker}; drop "
+                             f"--cuda-graphs or use a GPU-resident 16-bit plan without KV offload")
+        for v in self.variants:
+            self._variant(v)  # each variant is a RunSpec: it checks its own plan and run conditions
         if self.variants and self.mode == "chat":
             raise ValueError("variants re-measure a benchmark run; chat mode takes none")
         # The run conditions the cost model prices (cost.dequant, cost.estimate, cost.overhead) are the spec's
         # own: the prediction beside each measured figure prices the dtype, fetch wait and graphs the run used.
-        object.__setattr__(self, "workload", replace(self.workload, compute_dtype=self.dtype, fetch_wait=self.fetch_wait,
-                                                          decode_graphs=self.decode_graphs))
+        conditions = dict(compute_dtype=self.dtype, fetch_wait=self.fetch_wait, decode_graphs=self.decode_graphs)
+        object.__setattr__(self, "workload", replace(self.workload, **conditions))
 
     def measurements(self) -> list["RunSpec"]:
         """This run's own measurement, then one spec per variant (each with its own folder under out_dir)."""

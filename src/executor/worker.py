@@ -21,6 +21,7 @@ from executor.generate import LeftPadding, PipelineGenerator, Sampler, StepTimes
 from executor.groups import Groups, build_groups
 from executor.record import RankReport, build_record
 from executor.spec import RunSpec, write_json_atomic
+from planner.specs.plan import decode_graph_blocker
 
 # torchrun's error recorder writes each failing rank's traceback to error.json; the launcher reads it to
 # name the rank that failed first and show why.
@@ -245,10 +246,10 @@ def run(spec: RunSpec) -> list[dict] | None:
     g = build_groups(plan.tp, plan.dp, plan.pp)
     config = load_hf_config(spec.model, spec.checkpoint)
     planner_model = load_model(spec.checkpoint or spec.model)
-    if planner_model.is_moe and any(one.decode_graphs for one in spec.measurements()):
-        # transformers' expert routing reads the router's choice back to the host (which experts got tokens)
-        raise ValueError(f"CUDA graphs cannot capture {planner_model.name}'s expert routing (it synchronizes "
-                         f"the host): drop --cuda-graphs for mixture-of-experts models")
+    for one in spec.measurements():  # RunSpec checked the plans; the model is known only here
+        blocker = decode_graph_blocker(one.plan, planner_model) if one.decode_graphs else None
+        if blocker:
+            raise ValueError(f"CUDA graphs cannot run {one.plan.label}: {blocker}; drop --cuda-graphs")
     counts = stage_layer_counts(spec, planner_model)
     shard = ShardSpec.for_stage(counts, g.stage, tp_rank=g.tp_rank, tp_size=g.tp)
     dtype = DTYPES[spec.dtype]

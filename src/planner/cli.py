@@ -13,7 +13,7 @@ import time
 from dataclasses import replace
 from typing import Any, Sequence
 
-from planner.specs.plan import DEEPSPEED_DEFAULT_PREFETCH_ELEMS, OFFLOAD_KINDS, WEIGHT_BITS, Plan
+from planner.specs.plan import DEEPSPEED_DEFAULT_PREFETCH_ELEMS, OFFLOAD_KINDS, WEIGHT_BITS, Plan, decode_graph_blocker
 from planner.specs.workload import COMPUTE_DTYPES, DEFAULT_GEN_LEN, DEFAULT_PROMPT_LEN, FETCH_WAITS, Workload
 
 EXIT_USAGE = 2
@@ -161,9 +161,12 @@ def _workload(args: argparse.Namespace) -> Workload:
 def _run_graphs(args: argparse.Namespace, model, plan) -> bool:
     """hpi run's decode mode: as asked, else CUDA graphs wherever they can run (a GPU, a plan without ZeRO-3
     or KV offload, a dense model)."""
+    blocker = decode_graph_blocker(plan, model)
+    if args.decode_graphs and blocker:
+        raise UsageError(f"hpi run: CUDA graphs cannot run {plan.label}: {blocker}; drop --cuda-graphs")
     if args.decode_graphs is not None:
         return args.decode_graphs
-    return args.device == "cuda" and plan.graph_blocker is None and not model.is_moe
+    return args.device == "cuda" and blocker is None
 
 
 def _load_target(args: argparse.Namespace):

@@ -14,7 +14,7 @@ from planner.feasibility import plan_problems
 from planner.predict import Estimate, predict_many
 from planner.search import nvme_buffer_elems_for
 from planner.specs.model import ModelSpec
-from planner.specs.plan import OFFLOAD_KINDS, WEIGHT_BITS, Plan
+from planner.specs.plan import OFFLOAD_KINDS, WEIGHT_BITS, Plan, decode_graph_blocker
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ def knob_effects(est: Estimate) -> list[KnobEffect]:
 def graphs_variant(est: Estimate) -> tuple[str, Estimate] | None:
     """The same plan with its decode steps replayed as CUDA graphs (a run condition, ``--cuda-graphs``),
     where the plan allows it and the workload does not already ask for it."""
-    if est.workload.decode_graphs or est.plan.graph_blocker or est.model.is_moe:
+    if est.workload.decode_graphs or decode_graph_blocker(est.plan, est.model):
         return None
     workload = replace(est.workload, decode_graphs=True)
     return "CUDA graphs (--cuda-graphs)", predict_many(est.model, est.hardware, workload, [est.plan])[0]

@@ -197,7 +197,7 @@ def test_hpi_run_graphs_by_default_only_where_they_can_run():
     from argparse import Namespace
 
     from planner.catalog import load_model
-    from planner.cli import _run_graphs
+    from planner.cli import UsageError, _run_graphs
     from planner.specs.plan import Plan
 
     dense, moe = load_model("llama-3-8b"), load_model("mixtral-8x7b")
@@ -208,5 +208,8 @@ def test_hpi_run_graphs_by_default_only_where_they_can_run():
     assert _run_graphs(auto, moe, Plan()) is False
     assert _run_graphs(Namespace(decode_graphs=None, device="cpu"), dense, Plan()) is False
     assert _run_graphs(Namespace(decode_graphs=False, device="cuda"), dense, Plan()) is False
-    # asked for explicitly, it is passed on: RunSpec then refuses a plan that cannot be graphed, in one line
-    assert _run_graphs(Namespace(decode_graphs=True, device="cpu"), dense, Plan(offload="cpu")) is True
+    assert _run_graphs(Namespace(decode_graphs=True, device="cpu"), dense, Plan()) is True
+    # asked for where it cannot run: refused before anything launches, in one line
+    for model, plan, why in [(dense, Plan(offload="cpu"), "ZeRO-3"), (moe, Plan(), "expert routing")]:
+        with pytest.raises(UsageError, match=f"CUDA graphs cannot run .*{why}.*drop --cuda-graphs"):
+            _run_graphs(Namespace(decode_graphs=True, device="cuda"), model, plan)

@@ -81,7 +81,8 @@ class Efficiency:
     # launches) at tp 2, growing with tp as the expected maximum of tp drifts (cost.collectives).
     collective_drift_factor: float = 1.0
     p2p_latency_s: float = 15e-6  # alpha of one stage-to-stage send (cost.pipeline)
-    prefetch_overlap: float = 1.0  # share of the shorter of busy and fetch time hidden per ZeRO-3 leaf, any bucket (cost.estimate)
+    # share of the shorter of busy and fetch time hidden, per ZeRO-3 leaf, whatever the bucket (cost.estimate)
+    prefetch_overlap: float = 1.0
     # Host (CPU) time; it runs ahead of the GPU asynchronously, so it shows only where it exceeds the GPU's
     # work (cost.estimate). Eager PyTorch issues ~40 kernels per HF Llama decoder layer (two RMSNorms ~14,
     # rotary ~10, 7 GEMMs, SDPA, cache update, activation, residuals) at ~10 us of dispatch each.

@@ -104,7 +104,8 @@ class Plan:
     @property
     def graph_blocker(self) -> str | None:
         """Why the decode step of this plan cannot be a CUDA graph (``Workload.decode_graphs``), or None.
-        A replay skips Python: ZeRO-3's gather hooks and the offloaded cache's copies live there."""
+        A replay skips Python: ZeRO-3's gather hooks and the offloaded cache's copies live there. The model
+        can block it too: ``decode_graph_blocker``."""
         if not self.runs_without_zero3:
             return "ZeRO-3 gathers weights from Python hooks (offload, dp > 1 or 8/4-bit weights)"
         if self.kv_offload:
@@ -143,3 +144,12 @@ class Plan:
 
     def with_(self, **changes: Any) -> "Plan":
         return replace(self, **changes)
+
+
+def decode_graph_blocker(plan: Plan, model) -> str | None:
+    """Why ``plan`` of ``model`` (a ModelSpec) cannot decode as a CUDA graph, or None: the plan's own
+    blocker, or a mixture of experts, whose routing in transformers reads the experts each token picked
+    back to the host (``cost.overhead.graphed_forwards`` is the same rule over arrays of plans)."""
+    if model.is_moe:
+        return f"{model.name}'s expert routing synchronizes the host"
+    return plan.graph_blocker
