@@ -86,6 +86,11 @@ def matrices() -> dict[str, list[Entry]]:
         "graphs-h100": [
             Entry("8b-resident-b1", m8, h100, 1, {}, variants=_graphed(16, 64)),
         ],
+        "graphs-h200x2": [
+            Entry("8b-tp2-resident-b1", m8, "h200-2gpu", 1, {"tp": 2}, gpus=2, variants=_graphed(16, 64)),
+            Entry("8b-pp2-resident-b1", m8, "h200-2gpu", 1, {"pp": 2}, gpus=2, variants=_graphed(16, pp=2)),
+            Entry("8b-tp1-resident-b1", m8, "h200-2gpu", 1, {}, variants=_graphed(16)),
+        ],
         "smoke": [
             Entry("tiny-resident", "tiny-llama", h100, 2, {}),
             Entry("tiny-cpu-offload", "tiny-llama", h100, 2, {"offload": "cpu"}, variants=_batches(4)),

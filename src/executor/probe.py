@@ -631,19 +631,60 @@ def _nvlink_links(doc: Mapping[str, Any], layout: GpuLayout) -> dict[str, Any]:
                        "latency_s": dict(_NVLINK_LATENCY), "pairs": pairs} for n, pairs in sorted(groups.items())}
 
 
+def _latency(by_size: Mapping[int, float]) -> tuple[float, int]:
+    """(seconds, size) of one collective's fixed cost: the least time over the latency-bound sizes (up to
+    ``GRAPHED_MAX_BYTES``). Time cannot fall as a message grows, so a small size measured slower than a
+    larger one was disturbed: the 4x H200 probe of 2026-11-22 timed 8 KB at 185 us and 1 MB at 37 us over
+    4 GPUs, and its CUDA-graphed 70B TP 4 decode (4x H200 run 4) spent about 45-63 us per all-reduce."""
+    small = {size: t for size, t in by_size.items() if size <= GRAPHED_MAX_BYTES} or {min(by_size): by_size[min(by_size)]}
+    size = min(small, key=small.get)
+    return small[size], size
+
+
+def _us_table(results: Mapping[str, Mapping[str, float]]) -> str:
+    return "; ".join(f"{g} GPUs: " + ", ".join(f"{_size_words(int(s))} {t * 1e6:,.0f} us"
+                                               for s, t in sorted(r.items(), key=lambda kv: int(kv[0])))
+                     for g, r in sorted(results.items(), key=lambda kv: int(kv[0])) if r)
+
+
+HOST_BOUND_RATIO = 1.25  # eager over graphed time per all-reduce beyond which the eager loop waited on the host
+
+
 def _efficiency_section(doc: Mapping[str, Any], profile: Mapping[str, Any]) -> dict[str, Any]:
-    """allreduce_latency_s and collective_bandwidth from the NCCL figures of the largest group."""
-    results = (doc.get("nccl") or {}).get("seconds") or {}  # {"k": {"bytes": seconds}}
+    """allreduce_latency_s, collective_bandwidth and collective_host_overhead_s from the NCCL figures of the
+    largest group.
+
+    alpha is the GPU's time per latency-bound all-reduce: the CUDA-graphed figure where the probe has one
+    (no host between calls), else the eager loop's. Where the eager loop is clearly slower than the graph
+    (``HOST_BOUND_RATIO``), the host issued the calls no faster than the eager time per call, which becomes
+    ``collective_host_overhead_s`` (the host side of the cost model's module rule, cost.collectives)."""
+    nccl = doc.get("nccl") or {}
+    results = nccl.get("seconds") or {}  # {"k": {"bytes": seconds}}
     if not results:
         return {}
     date = doc["date"]
     k = max(int(g) for g in results)
     by_size = {int(size): float(t) for size, t in results[str(k)].items()}
+    graphed = {int(size): float(t) for size, t in ((nccl.get("graphed_seconds") or {}).get(str(k)) or {}).items()}
     smallest, largest = min(by_size), max(by_size)
-    table = "; ".join(f"{g} GPUs: " + ", ".join(f"{_size_words(int(s))} {t * 1e6:,.0f} us" for s, t in sorted(r.items(), key=lambda kv: int(kv[0])))
-                      for g, r in sorted(results.items(), key=lambda kv: int(kv[0])))
-    out = {"allreduce_latency_s": q(by_size[smallest], "probed", f"NCCL all-reduce, {k} GPUs, bf16, "
-                                    f"{_size_words(smallest)} (NCCL_NVLS_ENABLE=0), {date}; all: {table}")}
+    eager_s, eager_size = _latency(by_size)
+    tables = f"eager: {_us_table(results)}"
+    if graphed:
+        tables += f"; CUDA-graphed: {_us_table(nccl['graphed_seconds'])}"
+    out: dict[str, Any] = {}
+    if graphed:
+        alpha_s, alpha_size = _latency(graphed)
+        out["allreduce_latency_s"] = q(alpha_s, "probed", f"NCCL all-reduce, {k} GPUs, bf16, {_size_words(alpha_size)}, "
+                                       f"{nccl.get('graphed_calls', GRAPHED_CALLS)} captured as one CUDA graph "
+                                       f"(NCCL_NVLS_ENABLE=0), {date}; {tables}")
+        if eager_s > HOST_BOUND_RATIO * alpha_s:
+            out["collective_host_overhead_s"] = q(
+                eager_s, "probed", f"eager NCCL all-reduce loop, {k} GPUs, {_size_words(eager_size)}: one call every "
+                f"{eager_s * 1e6:,.0f} us where the GPU needs {alpha_s * 1e6:,.0f} us (graphed): host-bound, {date}")
+    else:
+        out["allreduce_latency_s"] = q(eager_s, "probed", f"NCCL all-reduce, {k} GPUs, bf16, least time up to "
+                                       f"{_size_words(GRAPHED_MAX_BYTES)} ({_size_words(eager_size)}; "
+                                       f"NCCL_NVLS_ENABLE=0), {date}; {tables}")
     busbw = largest / by_size[largest] * 2 * (k - 1) / k
     link = _group_link_bytes_s(profile, k)
     if link and largest >= (16 << 20):
@@ -927,11 +968,18 @@ def measure_hbm(torch: Any, settings: ProbeSettings) -> dict[str, Any]:
     return {"buffer_bytes": size, "bytes_s": 2.0 * size / seconds, "method": "device-to-device copy, read+write bytes"}
 
 
+GRAPHED_MAX_BYTES = 1 << 20  # all-reduces this small are latency-bound: the ones a decode step issues
+GRAPHED_CALLS = 20  # back-to-back all-reduces per captured graph
+
+
 def _allreduce_worker(rank: int, world: int, backend: str, init_file: str, sizes: Sequence[int], iters: int,
                       out_path: str) -> None:
     """One rank: all-reduce bf16 of each size over ranks 0..k-1 for every k in 2..world; rank 0 writes seconds.
 
     backend "nccl" on GPU rank (the probe); "gloo" on CPU runs the same schedule so CI tests the machinery.
+    On GPUs the latency-bound sizes are timed a second way, captured as a CUDA graph (``_graphed_seconds``):
+    the eager loop's time per call is the larger of the GPU's and the host's (torch.distributed's dispatch
+    and NCCL's enqueue), the graph's is the GPU's alone.
     """
     import torch
     import torch.distributed as dist
@@ -945,10 +993,17 @@ def _allreduce_worker(rank: int, world: int, backend: str, init_file: str, sizes
     barrier_kw = {"device_ids": [rank]} if cuda else {}
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
     seconds: dict[str, dict[str, float]] = {}
+    graphed: dict[str, dict[str, float]] = {}
+
+    def slowest(elapsed_s: float, group) -> float:
+        t = torch.tensor([elapsed_s], device=device, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)  # the slowest rank sets the pace
+        return float(t.item())
+
     for k in range(2, world + 1):
         group = dist.new_group(list(range(k)))  # every rank must enter new_group, members or not
         if rank < k:
-            seconds[str(k)] = {}
+            seconds[str(k)], graphed[str(k)] = {}, {}
             for size in sizes:
                 buf = torch.zeros(size // 2, dtype=torch.bfloat16, device=device)  # zeros: no overflow to inf
                 n_iters = max(5, iters if size <= (16 << 20) else iters // 2)
@@ -960,14 +1015,40 @@ def _allreduce_worker(rank: int, world: int, backend: str, init_file: str, sizes
                 for _ in range(n_iters):
                     dist.all_reduce(buf, group=group)
                 sync()
-                elapsed = torch.tensor([(time.perf_counter() - start) / n_iters], device=device, dtype=torch.float64)
-                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, group=group)  # the slowest rank sets the pace
-                seconds[str(k)][str(size)] = float(elapsed.item())
+                seconds[str(k)][str(size)] = slowest((time.perf_counter() - start) / n_iters, group)
+                if cuda and size <= GRAPHED_MAX_BYTES:
+                    per_call = _graphed_seconds(torch, dist, buf, group, replays=max(3, iters // 4))
+                    dist.barrier(group=group, **barrier_kw)
+                    graphed[str(k)][str(size)] = slowest(per_call, group)
                 del buf
         dist.barrier(**barrier_kw)
     if rank == 0:
-        Path(out_path).write_text(json.dumps(seconds))
+        Path(out_path).write_text(json.dumps({"seconds": seconds, "graphed_seconds": graphed if cuda else {}}))
     dist.destroy_process_group()
+
+
+def _graphed_seconds(torch: Any, dist: Any, buf: Any, group: Any, replays: int) -> float:
+    """Seconds per all-reduce of ``GRAPHED_CALLS`` back-to-back all-reduces captured as one CUDA graph and
+    replayed: the GPU's time per collective with no host in between, as in a graphed decode step
+    (executor.graphs). Warmed up on a side stream first, as the executor does before its capture."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            dist.all_reduce(buf, group=group)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(GRAPHED_CALLS):
+            dist.all_reduce(buf, group=group)
+    graph.replay()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(replays):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / (replays * GRAPHED_CALLS)
 
 
 def measure_allreduce(n_ranks: int, settings: ProbeSettings, backend: str = "nccl") -> dict[str, Any]:
@@ -988,10 +1069,11 @@ def measure_allreduce(n_ranks: int, settings: ProbeSettings, backend: str = "ncc
             for proc in ctx.processes:  # only the ranks this function started
                 if proc.is_alive():
                     proc.kill()
-        seconds = json.loads(Path(out_path).read_text())
-    return {"seconds": seconds, "backend": backend, "dtype": "bf16", "groups": "ranks (GPUs) 0..k-1 for k = 2..N",
+        measured = json.loads(Path(out_path).read_text())
+    return {**measured, "graphed_calls": GRAPHED_CALLS, "backend": backend, "dtype": "bf16", "groups": "ranks (GPUs) 0..k-1 for k = 2..N",
             "env": {"NCCL_NVLS_ENABLE": "0"}, "method": "torch.distributed all_reduce, wall time of the loop / "
-            "iterations after 5 warm-ups, max over ranks"}
+            "iterations after 5 warm-ups, max over ranks; graphed_seconds: the same all-reduces (sizes up to "
+            f"{_size_words(GRAPHED_MAX_BYTES)}) captured {GRAPHED_CALLS} to a CUDA graph, replay time / calls"}
 
 
 def measure_disk(directory: str, file_bytes: int, block_bytes: int) -> dict[str, Any]:

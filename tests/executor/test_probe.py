@@ -27,6 +27,7 @@ from executor.probe import (
     write_profile,
 )
 from planner.cli import main
+from planner.specs.hardware import Efficiency
 from planner.profiles import load_profile
 from planner.topology import build_topology
 
@@ -151,7 +152,7 @@ def fake_doc(n_gpus: int, topo_file: str | None, *, together: float = 54.3e9, so
                  "file_bytes": 2 << 30, "fs_type": "ext4", "o_direct": True, "read_bytes_s": 1.28e9, "write_bytes_s": 1.0e9},
     }
     if n_gpus > 1:
-        doc["nccl"] = {"seconds": {str(k): {"8192": 37e-6 + 3e-6 * k, "1048576": 41e-6, "16777216": 79e-6,
+        doc["nccl"] = {"seconds": {str(k): {"8192": 37e-6 + 3e-6 * k, "1048576": 55e-6, "16777216": 79e-6,
                                             "268435456": 896e-6} for k in range(2, n_gpus + 1)}}
     return doc
 
@@ -181,6 +182,49 @@ def test_four_h200_on_nvswitch_becomes_a_loadable_profile(tmp_path, capsys):
     assert profile.provenance["gpu.bf16_flops"].source == "probed" and "2026-11-22" in profile.provenance["gpu.bf16_flops"].note
     code = main(["plan", "--model", "llama-3-70b", "--hardware", str(tmp_path / "probed-test.yaml"), "--top", "2"])
     assert code == 0, capsys.readouterr().err
+
+
+def test_allreduce_alpha_is_the_least_latency_bound_time_not_a_disturbed_smallest_size(tmp_path):
+    """The 4x H200 probe of 2026-11-22 timed 8 KB at 185 us and 1 MB at 37 us over 4 GPUs (its JSON is kept
+    under benchmarks/results/2026-11-22-h200x4): alpha is the 1 MB figure, not the disturbed 8 KB one."""
+    doc = fake_doc(4, "h200x4_nvswitch.txt", sockets=2)
+    doc["nccl"]["seconds"]["4"].update({"8192": 184.75e-6, "1048576": 36.55e-6})
+    profile = load_built(tmp_path, doc)
+    assert profile.efficiency.allreduce_latency_s == pytest.approx(36.55e-6)
+    assert "1 MB" in profile.provenance["efficiency.allreduce_latency_s"].note
+    assert profile.efficiency.collective_host_overhead_s == Efficiency().collective_host_overhead_s  # no graph: prior
+
+
+@pytest.mark.parametrize("eager_us, host_us", [(60.0, 60.0), (24.0, None)], ids=["host-bound", "device-bound"])
+def test_graphed_allreduce_is_the_device_alpha_and_a_slower_eager_loop_the_host_cost(tmp_path, eager_us, host_us):
+    doc = fake_doc(2, "h200x2.txt")
+    doc["nccl"]["seconds"]["2"].update({"8192": eager_us * 1e-6, "1048576": (eager_us + 4) * 1e-6})
+    doc["nccl"]["graphed_seconds"] = {"2": {"8192": 20e-6, "1048576": 23e-6}}
+    doc["nccl"]["graphed_calls"] = 20
+    profile = load_built(tmp_path, doc)
+    assert profile.efficiency.allreduce_latency_s == pytest.approx(20e-6)
+    assert "CUDA graph" in profile.provenance["efficiency.allreduce_latency_s"].note
+    if host_us is None:  # 24 us eager against 20 us graphed: within HOST_BOUND_RATIO, nothing says the host bound it
+        assert profile.efficiency.collective_host_overhead_s == Efficiency().collective_host_overhead_s
+        assert "efficiency.collective_host_overhead_s" not in profile.provenance
+    else:
+        assert profile.efficiency.collective_host_overhead_s == pytest.approx(host_us * 1e-6)
+        assert profile.provenance["efficiency.collective_host_overhead_s"].source == "probed"
+
+
+def test_graphed_allreduce_on_two_gpus():
+    if _cuda() < 2:
+        pytest.skip("needs 2 GPUs (NCCL)")
+    from dataclasses import replace
+
+    from executor.probe import measure_allreduce
+
+    settings = replace(ProbeSettings.small(), nccl_sizes_bytes=(8 << 10, 1 << 20, 16 << 20), nccl_iters=20)
+    result = measure_allreduce(2, settings)
+    graphed, eager = result["graphed_seconds"]["2"], result["seconds"]["2"]
+    assert set(graphed) == {str(8 << 10), str(1 << 20)}  # latency-bound sizes only
+    assert all(0 < graphed[s] < 1e-3 for s in graphed)
+    assert min(graphed.values()) <= min(eager[s] for s in graphed) * 1.1  # a graph never adds host time
 
 
 def test_two_h200_profile_matches_the_hand_written_one(tmp_path):
@@ -287,6 +331,7 @@ def test_allreduce_schedule_runs_on_cpu_with_gloo():
     assert set(result["seconds"]) == {"2", "3"}
     assert all(t > 0 for sizes in result["seconds"].values() for t in sizes.values())
     assert set(result["seconds"]["3"]) == {str(8 << 10), str(64 << 10)}
+    assert result["graphed_seconds"] == {}  # CUDA graphs only where the backend is NCCL
 
 
 def test_trial_pin_without_cuda_stays_within_rlimit_memlock():
