@@ -102,6 +102,7 @@ class ProbeSettings:
     disk_file_bytes: int
     disk_block_bytes: int
     pin_trial_bytes: int  # upper bound of the trial pin (also bounded by 10% of DRAM)
+    gemv_shape: tuple[int, int] = (28672, 8192)  # a 70B MLP projection, 470 MB in bf16 (rows, columns)
 
     @classmethod
     def full(cls) -> "ProbeSettings":
@@ -113,7 +114,8 @@ class ProbeSettings:
     def small(cls) -> "ProbeSettings":
         return cls(quick=True, copy_bytes=64 * MIB, copy_repeats=2, matmul_n=2048, matmul_iters=3, hbm_bytes=64 * MIB,
                    nccl_sizes_bytes=(8 << 10, 1 << 20), nccl_iters=5, nccl_timeout_s=90.0,
-                   disk_file_bytes=16 * MIB, disk_block_bytes=1 * MIB, pin_trial_bytes=64 * MIB)
+                   disk_file_bytes=16 * MIB, disk_block_bytes=1 * MIB, pin_trial_bytes=64 * MIB,
+                   gemv_shape=(4096, 4096))
 
 
 # ---- pure: nvidia-smi topo -m ---------------------------------------------------------------------------
@@ -420,7 +422,7 @@ def build_profile(doc: Mapping[str, Any], name: str) -> dict[str, Any]:
     if has_disk:
         profile["nvme"] = _nvme_section(doc)
     profile["node"] = _node_section(doc, _layout_of(doc), has_disk)
-    efficiency = _efficiency_section(doc, profile)
+    efficiency = {**_kernel_efficiency(doc), **_efficiency_section(doc, profile)}
     if efficiency:
         profile["efficiency"] = efficiency
     return profile
@@ -629,6 +631,27 @@ def _nvlink_links(doc: Mapping[str, Any], layout: GpuLayout) -> dict[str, Any]:
         groups.setdefault(n, []).append([f"gpu{i}", f"gpu{j}"])
     return {f"nv{n}": {"kind": "nvlink", "bandwidth_bytes_s": q(n * per_link, "datasheet", f"NV{n}: {words}"),
                        "latency_s": dict(_NVLINK_LATENCY), "pairs": pairs} for n, pairs in sorted(groups.items())}
+
+
+def _kernel_efficiency(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """hbm (a GEMV's read rate over the HBM copy ceiling) and layer_device_overhead_s (KERNELS_PER_LAYER
+    times a tiny kernel's time in a CUDA graph) from the probe's decode kernels, where both were measured."""
+    from planner.cost.dequant import KERNELS_PER_LAYER
+
+    kernels, copy = doc.get("kernels") or {}, (doc.get("hbm") or {}).get("bytes_s")
+    out: dict[str, Any] = {}
+    if kernels.get("gemv_bytes_s") and copy:
+        rows, cols = kernels["gemv_shape"]
+        ratio = kernels["gemv_bytes_s"] / copy
+        out["hbm"] = q(min(1.0, ratio), "probed", f"bf16 GEMV [1, {cols}] x [{cols}, {rows}] reads "
+                       f"{kernels['gemv_bytes_s'] / 1e12:.2f} TB/s against the device copy's {copy / 1e12:.2f} TB/s"
+                       f"{' (clipped to 1)' if ratio > 1 else ''}, {doc['date']}")
+    if kernels.get("tiny_kernel_s"):
+        per_kernel = kernels["tiny_kernel_s"]
+        out["layer_device_overhead_s"] = q(KERNELS_PER_LAYER * per_kernel, "probed", f"{KERNELS_PER_LAYER:.0f} kernels a "
+                                           f"decoder layer x {per_kernel * 1e6:.2f} us, a tiny kernel's time in a CUDA "
+                                           f"graph of {kernels['tiny_kernels']}, {doc['date']}")
+    return out
 
 
 def _latency(by_size: Mapping[int, float]) -> tuple[float, int]:
@@ -968,6 +991,36 @@ def measure_hbm(torch: Any, settings: ProbeSettings) -> dict[str, Any]:
     return {"buffer_bytes": size, "bytes_s": 2.0 * size / seconds, "method": "device-to-device copy, read+write bytes"}
 
 
+TINY_KERNELS = 200  # kernels per captured graph when timing a kernel's fixed cost
+
+
+def measure_decode_kernels(torch: Any, settings: ProbeSettings) -> dict[str, Any]:
+    """What a decode step's kernels reach on GPU0: the read rate of a bf16 GEMV (one token through a weight
+    matrix, the bulk of a decode step) and the device time of a tiny kernel in a CUDA graph (the fixed cost
+    every kernel pays: the gap between two kernels, ramp and tail; what a layer's norms, rotary, residual adds
+    and cache writes cost)."""
+    rows, cols = settings.gemv_shape
+    w = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda:0")
+    x = torch.randn(1, cols, dtype=torch.bfloat16, device="cuda:0")
+    gemv_s = _event_time(torch, lambda: torch.nn.functional.linear(x, w), settings.matmul_iters)
+    del w
+    a = torch.zeros(256, device="cuda:0")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        a.add_(1.0)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(TINY_KERNELS):
+            a.add_(1.0)
+    graph_s = _event_time(torch, graph.replay, max(5, settings.matmul_iters))
+    return {"gemv_shape": [rows, cols], "gemv_s": gemv_s, "gemv_bytes_s": rows * cols * 2 / gemv_s,
+            "tiny_kernels": TINY_KERNELS, "tiny_kernel_s": graph_s / TINY_KERNELS,
+            "method": "bf16 F.linear of one row, weight bytes / median event time; a CUDA graph of "
+                      f"{TINY_KERNELS} in-place adds on 256 floats, replay time / kernels"}
+
+
 GRAPHED_MAX_BYTES = 1 << 20  # all-reduces this small are latency-bound: the ones a decode step issues
 GRAPHED_CALLS = 20  # back-to-back all-reduces per captured graph
 
@@ -1178,6 +1231,7 @@ def run_probe(settings: ProbeSettings, nvme_path: str | None = None, step: Calla
         doc["copies"] = attempt("host<->device copies", lambda: measure_copies(torch, n_cuda, settings))
         doc["matmul"] = attempt("matmul", lambda: measure_matmul(torch, settings))
         doc["hbm"] = attempt("HBM copy", lambda: measure_hbm(torch, settings))
+        doc["kernels"] = attempt("decode kernels", lambda: measure_decode_kernels(torch, settings))
         torch.cuda.empty_cache()  # give the copy and matmul buffers back before the NCCL ranks start
         if n_cuda > 1:
             doc["nccl"] = attempt(f"NCCL all-reduce, 2..{n_cuda} GPUs", lambda: measure_allreduce(n_cuda, settings))

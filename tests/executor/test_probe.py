@@ -227,6 +227,21 @@ def test_graphed_allreduce_on_two_gpus():
     assert min(graphed.values()) <= min(eager[s] for s in graphed) * 1.1  # a graph never adds host time
 
 
+def test_decode_kernels_give_the_hbm_fraction_and_the_layers_fixed_device_time(tmp_path):
+    doc = fake_doc(1, None)
+    doc["kernels"] = {"gemv_shape": [28672, 8192], "gemv_bytes_s": 4.05e12, "tiny_kernels": 200, "tiny_kernel_s": 2.4e-6}
+    profile = load_built(tmp_path, doc)
+    assert profile.efficiency.hbm == pytest.approx(4.05e12 / 4.26e12, rel=1e-3)  # of the probed device copy
+    assert profile.efficiency.layer_device_overhead_s == pytest.approx(40 * 2.4e-6)
+    assert "CUDA graph" in profile.provenance["efficiency.layer_device_overhead_s"].note
+    doc["kernels"]["gemv_bytes_s"] = 4.5e12  # faster than the copy: the fraction is clipped, the note says so
+    clipped = load_built(tmp_path, doc, name="probed-clipped")
+    assert clipped.efficiency.hbm == 1.0 and "clipped" in clipped.provenance["efficiency.hbm"].note
+    bare = load_built(tmp_path, fake_doc(1, None), name="probed-bare")  # not measured: the defaults stay
+    assert bare.efficiency.hbm == Efficiency().hbm
+    assert bare.efficiency.layer_device_overhead_s == Efficiency().layer_device_overhead_s
+
+
 def test_two_h200_profile_matches_the_hand_written_one(tmp_path):
     built = load_built(tmp_path, fake_doc(2, "h200x2.txt"))
     shipped = load_profile("h200-2gpu")
@@ -310,13 +325,15 @@ def _cuda() -> int:
 def test_gpu_measurements_on_this_machine():
     import torch
 
-    from executor.probe import measure_copies, measure_hbm, measure_matmul
+    from executor.probe import measure_copies, measure_decode_kernels, measure_hbm, measure_matmul
 
     settings = ProbeSettings.small()
     copies = measure_copies(torch, _cuda(), settings)
     assert all(r > 0 for r in copies["h2d_pinned"]["alone"] + copies["d2h_pageable"]["together"])
     assert measure_matmul(torch, settings)["flops"]["bf16"] > 1e12
     assert measure_hbm(torch, settings)["bytes_s"] > 1e11
+    kernels = measure_decode_kernels(torch, settings)
+    assert kernels["gemv_bytes_s"] > 1e11 and 0 < kernels["tiny_kernel_s"] < 50e-6
 
 
 def test_allreduce_schedule_runs_on_cpu_with_gloo():

@@ -2,7 +2,9 @@
 
 Per module (a decoder layer, the embedding or the head), one forward on one rank (FlexGen's per-layer rule):
 
-    busy    = compute + tp_allreduce                    (the GPU's stream: all-reduces sit between GEMMs)
+    busy    = compute + tp_allreduce                    (the GPU's stream: all-reduces sit between GEMMs;
+                                                          compute = roofline + the kernels' fixed cost,
+                                                          cost.overhead.layer_device_time)
     host    = (overhead + tp collective issue)          (kernel launches incl. dequant's, Python, ZeRO-3
               * (1 + drift)                               hooks, c10d calls; drift: waiting for the slowest
                                                           TP rank at each collective, cost.collectives)
@@ -58,7 +60,7 @@ from planner.cost.compute import roofline_sides
 from planner.cost.dequant import dequant_host_time, dequant_time
 from planner.cost.inputs import Knobs, Layout
 from planner.cost.memory import MemoryResult, memory
-from planner.cost.overhead import graphed_forwards, module_overhead_time, step_overhead_time
+from planner.cost.overhead import graphed_forwards, layer_device_time, module_overhead_time, step_overhead_time
 from planner.cost.phase import Phase, decode_phase, prefill_phase
 from planner.cost.pipeline import compose_step, p2p_time
 from planner.cost.streaming import (
@@ -163,7 +165,7 @@ def _module_rule(busy, fetch_links, host_base, drift, t_kv, t_dequant, in_series
 
 def phase_result(layout: Layout, knobs: Knobs, phase: Phase, bpw: np.ndarray) -> PhaseResult:
     t_flops, t_hbm = roofline_sides(layout, knobs, phase)
-    compute = np.maximum(t_flops, t_hbm)
+    compute = np.maximum(t_flops, t_hbm) + layer_device_time(layout)[None, :]  # kernels' fixed cost in series
     tp_coll = tp_collective_time(layout, phase)
     t_dequant = dequant_time(layout, knobs, phase)
     overhead = module_overhead_time(layout, knobs) + dequant_host_time(layout, knobs)

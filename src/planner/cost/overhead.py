@@ -9,6 +9,12 @@ The layer terms are host time that the GPU's work can hide (``cost.estimate`` ta
 two per module); the step term follows a synchronization and adds. Defaults live in ``Efficiency``;
 calibration replaces them with measured values.
 
+Device time no roofline sees: ``layer_device_overhead_s`` per decoder layer per forward, the fixed cost of
+its ~40 kernels (launch gap, ramp and tail; the small kernels are nothing else), on the GPU's stream in
+series with the layer's roofline time (``layer_device_time``; ``cost.estimate`` adds it to compute). It is
+what a graphed decode step of a small model is made of beyond its weight reads: an 8B step on an H100 read
+16 GB in 9.3 ms, 1.7 TB/s, where a 70B step on an H200 streamed at 0.70 of the copy ceiling with the same code.
+
 A decode step replayed as a CUDA graph (``Workload.decode_graphs``, ``executor.graphs``) launches all of a
 stage's kernels and collectives with one call: the per-layer host time and TP's rank drift at each
 collective leave it (``graphed_forwards`` says where that holds), and the step term stays (the executor
@@ -29,6 +35,11 @@ def module_overhead_time(layout: Layout, knobs: Knobs) -> np.ndarray:
     eff = layout.hardware.efficiency
     per_layer = eff.layer_overhead_s + np.where(fetches_weights(layout, knobs), eff.offload_layer_overhead_s, 0.0)
     return layout.table.is_layer * per_layer[:, None]
+
+
+def layer_device_time(layout: Layout) -> np.ndarray:
+    """(kinds,) device seconds per forward of one module beyond its roofline: the layer's kernels' fixed cost."""
+    return layout.table.is_layer * layout.hardware.efficiency.layer_device_overhead_s
 
 
 def step_overhead_time(layout: Layout) -> float:

@@ -92,6 +92,11 @@ class Efficiency:
     # prefetch walk, release): 3 ms per layer. The 1x H100 (design.md, DeepSpeed's host wait: copies and
     # hooks in series) gave 0.483 s per 8B step = 0.30 s of copies + 32 x 5.7 ms of host per layer.
     offload_layer_overhead_s: float = 3.0e-3  # ZeRO-3 hook/fetch bookkeeping per layer per forward (cost.overhead)
+    # Device time per decoder layer per forward that no roofline sees: ~40 kernels a layer (KERNELS_PER_LAYER),
+    # each with a fixed cost beyond its bytes and FLOPs (the gap between two kernels of a stream or graph, a
+    # kernel's ramp and tail; the norms, rotary, residual adds and cache writes are nothing else). ~2.5 us a
+    # kernel on Hopper in a CUDA graph; ``hpi probe`` times it (a graph of tiny kernels).
+    layer_device_overhead_s: float = 100e-6  # (cost.overhead)
     # Per stage forward: the executor's device synchronize, sampling and input preparation, ~20 small
     # kernels (embedding, final norm, head, argmax, token and position bookkeeping) at ~10 us each plus the
     # loop's Python.

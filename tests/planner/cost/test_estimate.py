@@ -19,7 +19,7 @@ from planner.cost.compute import compute_time
 from planner.cost.dequant import dequant_host_time, dequant_time
 from planner.cost.estimate import EXPOSED_PARTS, LINK_PARTS, evaluate, leaf_shares, prefetch_overlap
 from planner.cost.inputs import Knobs
-from planner.cost.overhead import module_overhead_time
+from planner.cost.overhead import layer_device_time, module_overhead_time
 from planner.cost.phase import decode_phase, prefill_phase
 from planner.cost.shape import DENSE, EMBED, HEAD
 from planner.cost.streaming import (
@@ -96,7 +96,7 @@ def modules_by_hand(lay, k, phase, f, host_wait=False):
     """module = max(device, host), device = max(busy, fetch) + (1 - f) min(busy, fetch) + dequant, from the
     public terms; with the host fetch wait the host's time joins the fetch in series."""
     bpw = k.bytes_per_weight(lay.table.matrix_fraction)
-    busy = compute_time(lay, k, phase) + tp_collective_time(lay, phase)
+    busy = compute_time(lay, k, phase) + layer_device_time(lay)[None, :] + tp_collective_time(lay, phase)
     t_h2d, t_nvme = weight_stream_time(lay, k, weight_stream_bytes(lay, k, phase, bpw))
     t_h2d = t_h2d + kv_transfer_time(lay, k, kv_transfer_bytes(lay, k, phase))
     fetch = np.maximum(t_h2d, t_nvme) + dp_allgather_time(lay, k, fetched_elems_per_rank(lay, k, phase) * bpw)
@@ -177,13 +177,14 @@ def test_pcie_bound_decode_by_hand(kit) -> None:
 
 
 def test_gpu_resident_decode_is_host_bound_when_launches_outlast_the_kernels(kit) -> None:
-    """No streaming: a toy layer's kernels take ~40 us of HBM time, its launches 100 us of host time,
-    which the GPU cannot hide: each layer costs the host's 100 us; the embedding and head (no host
-    term) their roofline; plus one 1 ms step overhead per forward after the device synchronizes."""
+    """No streaming: a toy layer's kernels take ~40 us of HBM time and 50 us of fixed cost (ROUND), its
+    launches 100 us of host time, which the GPU cannot hide: each layer costs the host's 100 us; the
+    embedding and head (no host term) their roofline; plus one 1 ms step overhead per forward after the
+    device synchronizes."""
     lay = kit.layout(kit.toy_dense())
     k = Knobs.from_plans([Plan(batch_size=1)])
     ev = evaluate(lay, k)
-    per_module = compute_time(lay, k, decode_phase(lay, k))[0]
+    per_module = compute_time(lay, k, decode_phase(lay, k))[0] + layer_device_time(lay)
     assert per_module[DENSE] < 100e-6
     compute = per_module @ lay.stage_counts[0]
     assert ev.decode_step_s[0] == pytest.approx(4 * 100e-6 + per_module[EMBED] + per_module[HEAD] + 1e-3)
@@ -211,6 +212,26 @@ def test_zero3_hook_overhead_is_host_time_hidden_by_streaming(kit) -> None:
     assert ev.decode.exposed["overhead_s"][0] > 4 * 40e-3
 
 
+def test_each_layer_costs_its_kernels_fixed_device_time_in_series_with_its_roofline(kit) -> None:
+    """ROUND's 50 us per decoder layer: a graphed step (device-bound) grows by layers x 50 us, reported as
+    compute; the embedding and the head pay none; a host-bound eager step hides it under its launches."""
+    graphs = Workload(512, 32, decode_graphs=True)
+    lay = kit.layout(kit.toy_dense(), workload=graphs)
+    np.testing.assert_allclose(layer_device_time(lay), np.where(lay.table.is_layer > 0, 50e-6, 0.0))
+    assert lay.table.is_layer[DENSE] and not lay.table.is_layer[EMBED] and not lay.table.is_layer[HEAD]
+    none = dataclasses.replace(kit.ROUND, layer_device_overhead_s=0.0)
+    bare = kit.layout(kit.toy_dense(), workload=graphs, hardware=kit.make_hardware(none))
+    k = Knobs.from_plans([Plan(batch_size=1)])
+    layers = float(lay.table.is_layer @ lay.stage_counts[0])
+    ev, ev_bare = evaluate(lay, k), evaluate(bare, k)
+    assert ev.decode_step_s[0] - ev_bare.decode_step_s[0] == pytest.approx(layers * 50e-6)
+    assert ev.decode.exposed["compute_s"][0] - ev_bare.decode.exposed["compute_s"][0] == pytest.approx(layers * 50e-6)
+    eager = Knobs.from_plans([Plan(batch_size=1)])
+    hidden = evaluate(kit.layout(kit.toy_dense()), eager).decode_step_s[0]
+    hidden_bare = evaluate(kit.layout(kit.toy_dense(), hardware=kit.make_hardware(none)), eager).decode_step_s[0]
+    assert hidden == pytest.approx(hidden_bare)  # 100 us of launches a layer cover the toy layer's device time
+
+
 def test_tensor_parallel_collectives_cost_host_time(kit) -> None:
     """Each TP collective costs 30 us of host time to issue (ROUND): two per layer, one at the head; and
     waiting for the slowest rank makes a module's host time 1 + 0.5 (ROUND's drift factor at tp 2) as long."""
@@ -233,17 +254,19 @@ def test_graphed_decode_drops_the_host_time_per_module_and_the_drift(kit) -> Non
     lay = kit.layout(kit.toy_dense(), workload=graphs)
     k = Knobs.from_plans([Plan(batch_size=1)])
     ev, eager = evaluate(lay, k), evaluate(kit.layout(kit.toy_dense()), k)
-    compute = compute_time(lay, k, decode_phase(lay, k))[0] @ lay.stage_counts[0]
+    compute = (compute_time(lay, k, decode_phase(lay, k))[0] + layer_device_time(lay)) @ lay.stage_counts[0]
     assert ev.decode_step_s[0] == pytest.approx(compute + 1e-3)
     assert ev.decode.exposed["overhead_s"][0] == pytest.approx(1e-3)
     assert ev.decode.link["host_s"][0] == pytest.approx(1e-3)
-    assert eager.decode_step_s[0] > ev.decode_step_s[0] + 4 * 50e-6
+    layer_device = compute_time(lay, k, decode_phase(lay, k))[0, DENSE] + layer_device_time(lay)[DENSE]
+    assert eager.decode_step_s[0] - ev.decode_step_s[0] == pytest.approx(4 * (100e-6 - layer_device))  # launches gone
     np.testing.assert_allclose(ev.prefill_s, eager.prefill_s)  # the prefill is not captured
 
     tp = kit.layout(kit.toy_dense(), tp=2, workload=graphs)
     kt = Knobs.from_plans([Plan(tp=2, batch_size=1)])
     ev_tp = evaluate(tp, kt)
-    busy = (compute_time(tp, kt, decode_phase(tp, kt))[0] + tp_collective_time(tp, decode_phase(tp, kt))[0]) @ tp.stage_counts[0]
+    busy = (compute_time(tp, kt, decode_phase(tp, kt))[0] + layer_device_time(tp)
+            + tp_collective_time(tp, decode_phase(tp, kt))[0]) @ tp.stage_counts[0]
     assert ev_tp.decode_step_s[0] == pytest.approx(busy + 1e-3)
     assert ev_tp.decode.exposed["tp_allreduce_s"][0] == pytest.approx(tp_collective_time(tp, decode_phase(tp, kt))[0] @ tp.stage_counts[0])
     for name in EXPOSED_PARTS:  # the breakdown still sums to the step
