@@ -213,7 +213,15 @@ def _print_validation(result) -> None:
     for label, part in (("uncalibrated", s["uncalibrated"]), ("calibrated, leave-one-plan-out", s)):
         cells = [f"{_pct(part['by_metric'][m]['median_ape'])} / {_pct(part['by_metric'][m]['max_ape'])}" for m in METRICS]
         summary.add_row(label, *cells, f"{_pct(part['median_ape'])} / {_pct(part['max_ape'])}")
+    floor = s["repeatability"]
+    summary.add_row("repeats of one plan vs the plan's other runs (the floor)",
+                    *[_floor_cell(floor[m]) for m in METRICS], "")
     console.print(summary)
+    modes = s["decode_by_mode"]
+    console.print("decode step by mode, median / max: " + "; ".join(
+        f"{mode} ({v['calibrated']['n']}): calibrated {_pct(v['calibrated']['median_ape'])} / "
+        f"{_pct(v['calibrated']['max_ape'])}, uncalibrated {_pct(v['uncalibrated']['median_ape'])} / "
+        f"{_pct(v['uncalibrated']['max_ape'])}, repeats {_floor_cell(v['repeatability'])}" for mode, v in modes.items()))
     if result.skipped:
         console.print("skipped: " + ", ".join(f"{n} {k}" for k, n in result.skipped.items()))
     by_reason: dict[str, list[str]] = {}
@@ -223,6 +231,12 @@ def _print_validation(result) -> None:
         console.print(f"excluded {', '.join(keys)}: {reason}")
     if result.unlisted:
         console.print(f"not in the fidelity manifest (add them to validation/fidelity_set.yaml): {', '.join(result.unlisted)}")
+
+
+def _floor_cell(stats: dict) -> str:
+    if not stats["n"]:
+        return "no repeats"
+    return f"{_pct(stats['median_ape'])} / {_pct(stats['max_ape'])} ({stats['n']} runs)"
 
 
 def plot(result, path: str | Path) -> None:

@@ -179,6 +179,8 @@ class Row:
     measured: float
     uncalibrated: float
     calibrated: float
+    plan_key: str = ""  # ``planner.calibrate.plan_key``: runs of one plan share it
+    decode_graphs: bool = False  # the run replayed its decode steps as CUDA graphs
 
     @property
     def ape_uncalibrated(self) -> float:
@@ -238,7 +240,8 @@ def _rows_and_folds(profile_name: str, measurements: Sequence[Measurement], fold
                 measured = p.measured[metric]
                 if measured > 0:
                     rows.append(Row(m.record_id, profile_name, m.model.name, m.plan.label, metric, measured,
-                                    uncal[m.record_id].predicted[metric], p.predicted[metric]))
+                                    uncal[m.record_id].predicted[metric], p.predicted[metric], m.key,
+                                    m.workload.decode_graphs))
     return rows, out
 
 
@@ -260,6 +263,26 @@ def _stats(errors: list[float]) -> dict[str, float]:
     if not errors:
         return {"n": 0, "median_ape": float("nan"), "max_ape": float("nan")}
     return {"n": len(errors), "median_ape": statistics.median(errors), "max_ape": max(errors)}
+
+
+def repeat_errors(rows: Sequence[Row], metric: str) -> list[float]:
+    """How far each repeat of a plan lands from the median of that plan's other runs on the same machine kind.
+
+    The best any predictor of the plan could do for a run is the plan's typical figure, which the other runs
+    estimate; so these errors are the floor under held-out prediction error that the runs themselves set
+    (host-bound eager decode on a shared host moves 20-60% between repeats: SUMMARY.md of the H100, run 11).
+    Only plans recorded more than once count."""
+    groups: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        if r.metric == metric:
+            groups.setdefault((r.profile, r.plan_key), []).append(r.measured)
+    out = []
+    for values in groups.values():
+        for i, value in enumerate(values):
+            others = values[:i] + values[i + 1:]
+            if others:
+                out.append(abs(value / statistics.median(others) - 1.0))
+    return out
 
 
 @dataclass(frozen=True)
@@ -284,8 +307,22 @@ class Validation:
         return {"median_ape": out["median_ape"], "max_ape": out["max_ape"],
                 "by_metric": {m: _stats([getattr(r, attr) for r in self.rows if r.metric == m]) for m in METRICS}}
 
+    def repeatability(self) -> dict[str, dict[str, float]]:
+        """Per metric: ``repeat_errors`` of the plans recorded more than once (n: their runs)."""
+        return {m: _stats(repeat_errors(self.rows, m)) for m in METRICS}
+
+    def decode_by_mode(self) -> dict[str, dict[str, dict[str, float]]]:
+        """Decode step errors split by how the steps ran: graphed (no host in the step) and eager."""
+        decode = [r for r in self.rows if r.metric == "decode_step_s"]
+        return {mode: {"calibrated": _stats([r.ape_calibrated for r in decode if r.decode_graphs == graphed]),
+                       "uncalibrated": _stats([r.ape_uncalibrated for r in decode if r.decode_graphs == graphed]),
+                       "repeatability": _stats(repeat_errors([r for r in decode if r.decode_graphs == graphed],
+                                                             "decode_step_s"))}
+                for mode, graphed in (("graphed", True), ("eager", False))}
+
     def summary(self) -> dict[str, Any]:
-        """The JSON document ``hpi validate --json`` prints last: calibrated (leave-one-plan-out) and uncalibrated."""
+        """The JSON document ``hpi validate --json`` prints last: calibrated (leave-one-plan-out) and uncalibrated,
+        the decode step split by graphed and eager steps, and the runs' own repeatability."""
         calibrated = self._summary("ape_calibrated")
         profiles: dict[str, int] = {}
         for rid, prof in {(r.record_id, r.profile) for r in self.rows}:
@@ -297,6 +334,8 @@ class Validation:
             "max_ape": calibrated["max_ape"],
             "by_metric": calibrated["by_metric"],
             "uncalibrated": self._summary("ape_uncalibrated"),
+            "decode_by_mode": self.decode_by_mode(),
+            "repeatability": self.repeatability(),
             "profiles": dict(sorted(profiles.items())),
             "calibration": "leave-one-plan-out per profile",
             "peak_gpu_bytes": "max over ranks of torch.cuda.max_memory_allocated vs the model's allocator-visible parts",

@@ -192,3 +192,36 @@ def test_calibrate_writes_the_section_and_reports_held_out_errors(capsys, fixtur
     assert code == 0, err
     assert "coefficients of h200-2gpu" in out and "left at their prior" in out
     assert out_file.read_text().startswith(PROFILE_FILE.read_text()) and out_file.read_text().count("calibrated:") == 1
+
+
+def test_repeatability_is_each_repeat_against_the_plans_other_runs(fixture_dir, manifest_path) -> None:
+    """The fixture measures 8b-resident twice, at 1.00x and 1.06x the truth: the floor any predictor of that
+    plan faces is |1.06 - 1| and |1 / 1.06 - 1|; the single-run plans add nothing; memory is not scaled."""
+    result = validate(load_manifest(manifest_path))
+    floor = result.repeatability()
+    for metric in ("decode_step_s", "prefill_s"):
+        assert floor[metric]["n"] == 2
+        assert floor[metric]["max_ape"] == pytest.approx(0.06, rel=1e-6)
+        assert floor[metric]["median_ape"] == pytest.approx((0.06 + (1 - 1 / 1.06)) / 2, rel=1e-6)
+    assert floor["peak_gpu_bytes"]["max_ape"] == pytest.approx(0.0, abs=1e-12)
+    doc = result.summary()
+    assert doc["repeatability"] == floor
+    # No fixture record is graphed: every decode row is eager, and the eager split equals the whole metric.
+    modes = doc["decode_by_mode"]
+    assert modes["graphed"]["calibrated"]["n"] == 0
+    assert modes["eager"]["calibrated"] == doc["by_metric"]["decode_step_s"]
+    assert modes["eager"]["uncalibrated"] == doc["uncalibrated"]["by_metric"]["decode_step_s"]
+    assert modes["eager"]["repeatability"] == floor["decode_step_s"]
+
+
+def test_repeat_errors_group_by_machine_and_plan() -> None:
+    from planner.fidelity import Row, repeat_errors
+
+    def row(profile: str, key: str, measured: float, metric: str = "decode_step_s") -> Row:
+        return Row("r", profile, "m", "p", metric, measured, measured, measured, key)
+
+    rows = [row("a", "k1", 10.0), row("a", "k1", 12.0), row("a", "k1", 11.0), row("b", "k1", 30.0),
+            row("a", "k2", 5.0), row("a", "k1", 99.0, metric="prefill_s")]
+    # k1 on a: 10 vs median(12, 11) = 11.5; 12 vs 10.5; 11 vs 11. The H200's lone k1 and k2 have no repeat.
+    assert sorted(repeat_errors(rows, "decode_step_s")) == pytest.approx(sorted([abs(10 / 11.5 - 1), abs(12 / 10.5 - 1), 0.0]))
+    assert repeat_errors(rows, "prefill_s") == []
