@@ -53,6 +53,12 @@ def register(sub) -> dict[str, Any]:
     p.add_argument("--max-batch", type=_positive, default=256, help="largest batch searched (default 256)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: DeepSpeed's CPU accelerator (tests)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="default bf16 on cuda, fp32 on cpu")
+    graphs = p.add_mutually_exclusive_group()
+    graphs.add_argument("--cuda-graphs", dest="decode_graphs", action="store_true", default=True,
+                        help="decode through CUDA graphs in every trial whose plan allows it (dense, GPU-resident, "
+                             "16-bit, dp 1, KV cache on the GPU), priced so by the planner (default)")
+    graphs.add_argument("--no-cuda-graphs", dest="decode_graphs", action="store_false",
+                        help="decode every trial eagerly, and price it so")
     p.add_argument("--warmup-steps", type=_positive, default=1, help="untimed generate calls before each measured one")
     p.add_argument("--checkpoint", default=None, metavar="DIR", help="local HF checkpoint (default: random weights)")
     p.add_argument("--nvme-path", default=None, metavar="DIR", help="folder on the NVMe drive (NVMe trials need it)")
@@ -74,7 +80,7 @@ def _config(args: argparse.Namespace):
     restrict = {"offloads": args.offload, "weight_bits": args.quant_bits, "tp": args.tp, "pp": args.pp, "dp": args.dp,
                 "kv_offload": args.kv_offload, "pin_memory": args.pin_memory}
     return TuneConfig(
-        model=args.model, hardware=args.hardware, workload=Workload(args.prompt_len, args.gen_len),
+        model=args.model, hardware=args.hardware, workload=Workload(args.prompt_len, args.gen_len, decode_graphs=args.decode_graphs),
         objective=args.objective, n_trials=args.trials, timeout_s=args.timeout, study=args.study,
         storage=args.storage, studies_dir=args.studies_dir, simulate=args.simulate, seed=args.seed,
         n_seeds=args.seeds, top_configs=args.top_configs, batch=args.batch or 1, max_batch=args.max_batch,

@@ -60,6 +60,17 @@ class ExecutorRunner:
     nvme_path: str | None = None
     checkpoint: str | None = None
 
+    def graphs_for(self, plan: Plan) -> bool:
+        """Whether this trial decodes through CUDA graphs: where the workload asks for them and the plan allows
+        them, the rule the planner prices each candidate by (``cost.overhead.graphed_forwards``), so that a
+        trial measures the decode the study predicted for it."""
+        from planner.catalog import load_model
+        from planner.specs.plan import decode_graph_blocker
+
+        if not self.workload.decode_graphs:
+            return False
+        return decode_graph_blocker(plan, load_model(self.checkpoint or self.model)) is None
+
     def run(self, plan: Plan, out_dir: str | None, timeout_s: float | None, note: dict[str, Any], *,
             noise_key: int = 0) -> dict[str, Any]:
         from executor.launch import LaunchError, launch
@@ -67,7 +78,8 @@ class ExecutorRunner:
 
         spec = RunSpec(plan=plan, model=self.model, workload=self.workload, hardware=self.hardware,
                        device=self.device, dtype=self.dtype, checkpoint=self.checkpoint, nvme_path=self.nvme_path,
-                       out_dir=str(out_dir), warmup_steps=self.warmup_steps, extra={"autotune": note})
+                       out_dir=str(out_dir), warmup_steps=self.warmup_steps, extra={"autotune": note},
+                       decode_graphs=self.graphs_for(plan))
         try:
             return launch(spec, timeout_s=timeout_s)
         except LaunchError as e:

@@ -72,3 +72,28 @@ def test_without_matplotlib_the_report_has_no_plots_but_everything_else(tmp_path
     report = (tmp_path / doc["study"] / "report.md").read_text()
     assert code == 0 and "no plots: No module named 'matplotlib'" in report and "## Trials" in report
     assert not (tmp_path / doc["study"] / "plots").exists()
+
+
+def test_trials_decode_through_graphs_where_the_plan_allows_it():
+    """What ExecutorRunner launches matches what the planner priced (cost.overhead.graphed_forwards)."""
+    from autotune.runners import ExecutorRunner
+    from planner.specs.plan import Plan
+    from planner.specs.workload import Workload
+
+    graphs = ExecutorRunner("llama-3-8b", "h100-sxm-1gpu", Workload(512, 32, decode_graphs=True))
+    assert graphs.graphs_for(Plan(batch_size=8))
+    for blocked in (Plan(offload="cpu"), Plan(weight_bits=4), Plan(kv_offload=True), Plan(dp=2, batch_size=2)):
+        assert not graphs.graphs_for(blocked), blocked.label
+    assert not ExecutorRunner("mixtral-8x7b", "h100-sxm-1gpu", Workload(decode_graphs=True)).graphs_for(Plan())
+    assert not ExecutorRunner("llama-3-8b", "h100-sxm-1gpu", Workload(512, 32)).graphs_for(Plan())
+
+
+def test_a_study_made_eager_resumes_only_eager(tmp_path, capsys):
+    argv = ["autotune", "--model", "llama-3-8b", "--hardware", "h100-sxm-1gpu", "--simulate", "--trials", "2",
+            "--seeds", "1", "--studies-dir", str(tmp_path), "--no-report", "--json"]
+    assert main(argv + ["--no-cuda-graphs"]) == 0
+    capsys.readouterr()
+    assert main(argv) == 2  # the default prices graphs: another study's settings
+    err = capsys.readouterr().err
+    assert "decode_graphs: None there, True now" in err and len(err.strip().splitlines()) == 1
+    assert main(argv + ["--no-cuda-graphs"]) == 0

@@ -33,4 +33,7 @@ def test_real_cpu_autotune_launches_trials_and_the_baseline(tmp_path, capsys, mo
         assert record["kind"] == "hpi.RunRecord" and record["device"] == "cpu"
         trial = json.loads((runs / f"trial-{i:04d}.json").read_text())
         assert trial["status"] == "ok" and trial["record"]["plan"] == record["plan"]
+        plan = record["plan"]  # graphs by default, where the plan allows them (the CPU runs the static path)
+        resident = plan["offload"] == "none" and plan["weight_bits"] == 16 and not plan["kv_offload"] and plan["dp"] == 1
+        assert record["spec"]["decode_graphs"] is resident and record["spec"]["workload"]["decode_graphs"] is resident
     assert (runs / f"baseline-ds-examples-knobs-b{base['batch']}.json").is_file()

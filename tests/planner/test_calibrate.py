@@ -106,7 +106,8 @@ def test_one_unexplained_run_does_not_drag_the_fit(synth) -> None:
 
 def test_measured_priors_pull_harder_than_assumed_ones() -> None:
     prior = load_profile("h200-2gpu", calibrated=False)
-    assert prior.provenance["efficiency.allreduce_latency_s"].source == "measured"
+    assert prior.provenance["efficiency.allreduce_latency_s"].source == "probed"  # run6-probe, graphed all-reduce
+    assert prior.provenance.get("efficiency.layer_overhead_s") is None  # the assumed default
     assert prior_weight(prior, "allreduce_latency_s") > 2 * prior_weight(prior, "layer_overhead_s")
 
 

@@ -152,8 +152,12 @@ def test_h100_uses_the_measured_and_probed_ceilings():
 
 def test_h200_efficiency_and_links():
     profile = load_profile("h200-2gpu")
-    assert profile.efficiency.allreduce_latency_s == 37e-6
-    assert profile.provenance["efficiency.allreduce_latency_s"].source == "measured"
+    # hpi probe's CUDA-graphed all-reduce (the GPU's time) and its host-bound eager loop (the host's cost per call)
+    assert profile.efficiency.allreduce_latency_s == 11.5e-6
+    assert profile.efficiency.collective_host_overhead_s == 47.5e-6
+    assert profile.efficiency.layer_device_overhead_s == 4.227e-5 and profile.efficiency.hbm == 0.9005
+    for name in ("allreduce_latency_s", "collective_host_overhead_s", "layer_device_overhead_s", "hbm"):
+        assert profile.provenance[f"efficiency.{name}"].source == "probed", name
     node, _ = parse_layout(profile.raw)
     kinds = {group.name: group.kind for group in node.links}
     assert kinds["nv18"] == "nvlink"
