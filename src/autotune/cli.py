@@ -12,7 +12,7 @@ import json
 import sys
 from typing import Any
 
-from planner.cli import _add_plan_knobs, _add_target, _json_default, _positive
+from planner.cli import _add_cuda_graph_flags, _add_plan_knobs, _add_target, _json_default, _positive
 
 EXIT_INTERRUPTED = 130
 
@@ -53,12 +53,9 @@ def register(sub) -> dict[str, Any]:
     p.add_argument("--max-batch", type=_positive, default=256, help="largest batch searched (default 256)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: DeepSpeed's CPU accelerator (tests)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="default bf16 on cuda, fp32 on cpu")
-    graphs = p.add_mutually_exclusive_group()
-    graphs.add_argument("--cuda-graphs", dest="decode_graphs", action="store_true", default=True,
-                        help="decode through CUDA graphs in every trial whose plan allows it (dense, GPU-resident, "
-                             "16-bit, dp 1, KV cache on the GPU), priced so by the planner (default)")
-    graphs.add_argument("--no-cuda-graphs", dest="decode_graphs", action="store_false",
-                        help="decode every trial eagerly, and price it so")
+    _add_cuda_graph_flags(p, default=True, on_help="decode through CUDA graphs in every trial whose plan allows it "
+                          "(dense, GPU-resident, 16-bit, dp 1, KV cache on the GPU), priced so by the planner (default)",
+                          off_help="decode every trial eagerly, and price it so")
     p.add_argument("--warmup-steps", type=_positive, default=1, help="untimed generate calls before each measured one")
     p.add_argument("--checkpoint", default=None, metavar="DIR", help="local HF checkpoint (default: random weights)")
     p.add_argument("--nvme-path", default=None, metavar="DIR", help="folder on the NVMe drive (NVMe trials need it)")

@@ -55,12 +55,16 @@ def _add_run_conditions(p: argparse.ArgumentParser) -> None:
                    help="compute dtype (default bf16); fp16 takes DeepSpeed's fused 4-bit dequantization")
     p.add_argument("--fetch-wait", choices=FETCH_WAITS, default="stream",
                    help="ZeRO-3 fetch wait: stream (hpi's, default) or host (DeepSpeed's stock, host-synchronizing)")
+    _add_cuda_graph_flags(p, default=None, on_help="replay each decode step as a CUDA graph (default: wherever the "
+                          "plan allows it: dense, GPU-resident, 16-bit, dp 1, KV cache on the GPU; run refuses it for "
+                          "other plans)", off_help="decode eagerly, one kernel launch at a time")
+
+
+def _add_cuda_graph_flags(p: argparse.ArgumentParser, *, default: bool | None, on_help: str, off_help: str) -> None:
+    """--cuda-graphs / --no-cuda-graphs into ``args.decode_graphs`` (None: neither given, where default is None)."""
     graphs = p.add_mutually_exclusive_group()
-    graphs.add_argument("--cuda-graphs", dest="decode_graphs", action="store_true", default=None,
-                        help="replay each decode step as a CUDA graph (default: wherever the plan allows it: dense, "
-                             "GPU-resident, 16-bit, dp 1, KV cache on the GPU; run refuses it for other plans)")
-    graphs.add_argument("--no-cuda-graphs", dest="decode_graphs", action="store_false",
-                        help="decode eagerly, one kernel launch at a time")
+    graphs.add_argument("--cuda-graphs", dest="decode_graphs", action="store_true", default=default, help=on_help)
+    graphs.add_argument("--no-cuda-graphs", dest="decode_graphs", action="store_false", help=off_help)
 
 
 def _add_plan_knobs(p: argparse.ArgumentParser, for_search: bool) -> None:
