@@ -139,8 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     stage = build_stage(config, ShardSpec.whole(config.num_hidden_layers), dtype=dtype, device=device, seed=0).eval()
     build_s = time.perf_counter() - t0
-    groups = Groups(rank=0, world_size=1, tp=1, dp=1, pp=1, tp_group=None, dp_group=None, pp_group=None,
-                    tp_ranks=(0,), dp_ranks=(0,), pp_ranks=(0,))
+    groups = Groups.alone()
     batches = [int(b) for b in args.batches.split(",")]
     conditions = args.conditions.split(",")
     gen = torch.Generator().manual_seed(0)

@@ -37,9 +37,25 @@ tests check every token of the graphed path except the capture itself.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
+
+
+def capture(fn: Callable[[], Any], warmups: int = 1) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """(graph, what ``fn`` returned while captured): ``fn`` run ``warmups`` times on a side stream first
+    (cuBLAS workspaces, NCCL's first use on a stream must happen outside a capture), then recorded once.
+    The decode step, and the probe's graphed all-reduces and kernels, are captured this one way."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
 
 
 class StaticKVCache:
@@ -130,17 +146,9 @@ class DecodeGraph:
             return self.stage(i["x"], self.cache, i["cache_position"], **masks)
 
     def _capture(self) -> None:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._forward()  # warm-up: cuBLAS workspaces, NCCL's first use on this stream
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
-                self.output = self._forward()
+            self.graph, self.output = capture(self._forward)
         except RuntimeError as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise RuntimeError(f"capturing the decode step as a CUDA graph failed ({first}): run without "
                                f"--cuda-graphs") from e
-        self.graph = graph

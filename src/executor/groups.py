@@ -29,6 +29,13 @@ class Groups:
     dp_ranks: tuple[int, ...]
     pp_ranks: tuple[int, ...]
 
+    @classmethod
+    def alone(cls) -> "Groups":
+        """A world of one rank, without process groups: one process driving a whole model (pp 1 sends
+        nothing, and benchmark mode has no stop check, so nothing needs torch.distributed)."""
+        return cls(rank=0, world_size=1, tp=1, dp=1, pp=1, tp_group=None, dp_group=None, pp_group=None,
+                   tp_ranks=(0,), dp_ranks=(0,), pp_ranks=(0,))
+
     @property
     def coords(self) -> tuple[int, int, int]:
         return rank_coords(self.rank, self.tp, self.dp, self.pp)

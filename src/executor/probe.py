@@ -689,7 +689,7 @@ def _efficiency_section(doc: Mapping[str, Any], profile: Mapping[str, Any]) -> d
     k = max(int(g) for g in results)
     by_size = {int(size): float(t) for size, t in results[str(k)].items()}
     graphed = {int(size): float(t) for size, t in ((nccl.get("graphed_seconds") or {}).get(str(k)) or {}).items()}
-    smallest, largest = min(by_size), max(by_size)
+    largest = max(by_size)
     eager_s, eager_size = _latency(by_size)
     tables = f"eager: {_us_table(results)}"
     if graphed:
@@ -1004,16 +1004,15 @@ def measure_decode_kernels(torch: Any, settings: ProbeSettings) -> dict[str, Any
     x = torch.randn(1, cols, dtype=torch.bfloat16, device="cuda:0")
     gemv_s = _event_time(torch, lambda: torch.nn.functional.linear(x, w), settings.matmul_iters)
     del w
+    from executor.graphs import capture
+
     a = torch.zeros(256, device="cuda:0")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        a.add_(1.0)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+
+    def tiny_kernels() -> None:
         for _ in range(TINY_KERNELS):
             a.add_(1.0)
+
+    graph, _ = capture(tiny_kernels)
     graph_s = _event_time(torch, graph.replay, max(5, settings.matmul_iters))
     return {"gemv_shape": [rows, cols], "gemv_s": gemv_s, "gemv_bytes_s": rows * cols * 2 / gemv_s,
             "tiny_kernels": TINY_KERNELS, "tiny_kernel_s": graph_s / TINY_KERNELS,
@@ -1084,17 +1083,13 @@ def _graphed_seconds(torch: Any, dist: Any, buf: Any, group: Any, replays: int) 
     """Seconds per all-reduce of ``GRAPHED_CALLS`` back-to-back all-reduces captured as one CUDA graph and
     replayed: the GPU's time per collective with no host in between, as in a graphed decode step
     (executor.graphs). Warmed up on a side stream first, as the executor does before its capture."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            dist.all_reduce(buf, group=group)
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    from executor.graphs import capture
+
+    def all_reduces() -> None:
         for _ in range(GRAPHED_CALLS):
             dist.all_reduce(buf, group=group)
+
+    graph, _ = capture(all_reduces)
     graph.replay()
     torch.cuda.synchronize()
     start = time.perf_counter()

@@ -313,12 +313,13 @@ class Validation:
 
     def decode_by_mode(self) -> dict[str, dict[str, dict[str, float]]]:
         """Decode step errors split by how the steps ran: graphed (no host in the step) and eager."""
-        decode = [r for r in self.rows if r.metric == "decode_step_s"]
-        return {mode: {"calibrated": _stats([r.ape_calibrated for r in decode if r.decode_graphs == graphed]),
-                       "uncalibrated": _stats([r.ape_uncalibrated for r in decode if r.decode_graphs == graphed]),
-                       "repeatability": _stats(repeat_errors([r for r in decode if r.decode_graphs == graphed],
-                                                             "decode_step_s"))}
-                for mode, graphed in (("graphed", True), ("eager", False))}
+        out = {}
+        for mode, graphed in (("graphed", True), ("eager", False)):
+            rows = [r for r in self.rows if r.metric == "decode_step_s" and r.decode_graphs == graphed]
+            out[mode] = {"calibrated": _stats([r.ape_calibrated for r in rows]),
+                         "uncalibrated": _stats([r.ape_uncalibrated for r in rows]),
+                         "repeatability": _stats(repeat_errors(rows, "decode_step_s"))}
+        return out
 
     def summary(self) -> dict[str, Any]:
         """The JSON document ``hpi validate --json`` prints last: calibrated (leave-one-plan-out) and uncalibrated,

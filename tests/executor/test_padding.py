@@ -123,8 +123,7 @@ def _tiny(family: str):
 
 def _one_rank() -> Groups:
     """Groups of a world of one (no process group is needed: pp 1 sends nothing, benchmark mode has no stop check)."""
-    return Groups(rank=0, world_size=1, tp=1, dp=1, pp=1, tp_group=None, dp_group=None, pp_group=None,
-                  tp_ranks=(0,), dp_ranks=(0,), pp_ranks=(0,))
+    return Groups.alone()
 
 
 def _generate(stages, ids, padding, micro_batches: int = 1, calls: list | None = None) -> list[list[int]]:
