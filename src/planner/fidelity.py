@@ -39,7 +39,7 @@ from planner.calibrate import (
     measurement,
     predict_measurements,
 )
-from planner.profiles import load_profile
+from planner.profiles import load_profile, malformed_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MANIFEST = REPO / "validation" / "fidelity_set.yaml"
@@ -141,7 +141,7 @@ def load_manifest(path: str | Path = DEFAULT_MANIFEST, root: str | Path | None =
     except OSError as e:
         raise CalibrationError(f"cannot read fidelity manifest {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
-        raise CalibrationError(f"{path}: malformed YAML: {e}") from None
+        raise CalibrationError(malformed_yaml(path, e)) from None
     if not isinstance(data, dict) or not isinstance(data.get("records", []), list):
         raise CalibrationError(f"{path}: expected records: [{{path, profile, note}}, ...] and exclude: [...]")
     unknown = set(data) - {"records", "exclude"}

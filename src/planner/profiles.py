@@ -240,6 +240,14 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+def malformed_yaml(path: Path, exc: yaml.YAMLError) -> str:
+    """One line for a YAML parse error: the file, the line it broke on, and the parser's problem."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    line = f":{mark.line + 1}" if mark is not None else ""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"{path}{line}: malformed YAML: {problem}"
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
@@ -248,10 +256,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ProfileError(f"{path}{line}: malformed YAML: {problem}") from exc
+        raise ProfileError(malformed_yaml(path, exc)) from exc
     if not isinstance(data, dict):
         raise ProfileError(f"{path}: expected a mapping of sections (gpu, host, node ...), got {type(data).__name__}")
     return data

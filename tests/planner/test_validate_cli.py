@@ -144,9 +144,12 @@ def test_validate_records_flag_uses_the_manifest_for_profiles(capsys, fixture_di
     (["calibrate", "/nonexistent/record.json", "--hardware", "h200-2gpu"], "does not exist"),
     (["calibrate", "RECORDS", "--hardware", "no-such-machine"], "unknown hardware profile"),
     (["calibrate", "RECORDS", "--hardware", "h200-2gpu", "--holdout", "1.5"], "holdout fraction 1.5"),
+    (["validate", "--manifest", "BROKEN"], "broken.yaml:2: malformed YAML"),
 ])  # fmt: skip
 def test_bad_input_is_one_line_and_exit_2(capsys, fixture_dir, tmp_path, argv, message) -> None:
-    argv = [str(fixture_dir / "records") if a == "RECORDS" else a for a in argv]
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("records: x\n  bad: [\n")
+    argv = [str(fixture_dir / "records") if a == "RECORDS" else str(broken) if a == "BROKEN" else a for a in argv]
     out_file = tmp_path / "p.yaml"
     shutil.copy(PROFILE_FILE, out_file)
     if argv[0] == "calibrate":
