@@ -416,5 +416,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def exit_now(code: int) -> None:
+    """End the rank without the interpreter's teardown, once its outputs are flushed.
+
+    Why: at finalization, C++ libraries a rank has loaded (gloo's worker threads, DeepSpeed's ops) are
+    destroyed in an order Python does not control, and a thread still joinable then calls std::terminate.
+    A CPU CI run saw exactly that: a rank of a finished 4-rank run aborted ("terminate called without an
+    active exception"), then faulthandler hit a bus error dumping thread states already freed; the
+    pattern is pytorch/pytorch PR 179291's (gloo threads outliving the interpreter). Everything a rank
+    owes is on disk or in its pipes by now (records are written atomically, the process group destroyed),
+    so skipping teardown loses nothing and takes that race away."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing left to deliver
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
