@@ -38,10 +38,12 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from copy import deepcopy
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import numpy as np
 import yaml
 
 __all__ = [
@@ -103,6 +105,13 @@ class ProbeSettings:
     disk_block_bytes: int
     pin_trial_bytes: int  # upper bound of the trial pin (also bounded by 10% of DRAM)
     gemv_shape: tuple[int, int] = (28672, 8192)  # a 70B MLP projection, 470 MB in bf16 (rows, columns)
+    # Real decoder layers timed in graphed decode (measure_decoder_layers): each model's shape built with each
+    # layer count; two shapes of different bytes separate a layer's fixed device time from its read rate.
+    layer_models: tuple[str, ...] = ("llama-3-8b", "llama-3-70b")
+    layer_counts: tuple[int, int] = (2, 6)
+    layer_prompt_len: int = 128
+    layer_gen_len: int = 32
+    layer_reps: int = 3
 
     @classmethod
     def full(cls) -> "ProbeSettings":
@@ -115,7 +124,8 @@ class ProbeSettings:
         return cls(quick=True, copy_bytes=64 * MIB, copy_repeats=2, matmul_n=2048, matmul_iters=3, hbm_bytes=64 * MIB,
                    nccl_sizes_bytes=(8 << 10, 1 << 20), nccl_iters=5, nccl_timeout_s=90.0,
                    disk_file_bytes=16 * MIB, disk_block_bytes=1 * MIB, pin_trial_bytes=64 * MIB,
-                   gemv_shape=(4096, 4096))
+                   gemv_shape=(4096, 4096), layer_models=("llama-3-8b",), layer_counts=(1, 3), layer_gen_len=16,
+                   layer_reps=1)
 
 
 # ---- pure: nvidia-smi topo -m ---------------------------------------------------------------------------
@@ -633,12 +643,70 @@ def _nvlink_links(doc: Mapping[str, Any], layout: GpuLayout) -> dict[str, Any]:
                        "latency_s": dict(_NVLINK_LATENCY), "pairs": pairs} for n, pairs in sorted(groups.items())}
 
 
+@dataclass(frozen=True)
+class LayerFit:
+    """A decoder layer's graphed decode time as the cost model prices it: ``fixed_s + bytes / read_bytes_s``
+    (``cost.overhead.layer_device_time`` plus the roofline of ``cost.compute`` at ``hbm`` of the ceiling)."""
+
+    fixed_s: float
+    read_bytes_s: float
+    how: str  # "fit": a line through the shapes; "ceiling": the fitted rate beat the copy ceiling, held there;
+    #           "given": one shape (or a line with no physical reading), the rate given, the fixed time its residual
+
+
+def fit_layer_cost(points: Sequence[tuple[float, float]], ceiling_bytes_s: float,
+                   given_bytes_s: float | None = None) -> LayerFit:
+    """``fixed_s`` and ``read_bytes_s`` of ``seconds = fixed_s + bytes / read_bytes_s`` through (bytes, seconds)
+    of real layers: least squares where the points have two sizes or more. A rate above the ceiling (the
+    profile's HBM copy rate, which ``hbm`` is a fraction of) is held at the ceiling, and so is a rate given;
+    with the rate held, the fixed time is the mean residual (at least 0)."""
+    if not points:
+        raise ValueError("fit_layer_cost: no (bytes, seconds) point")
+    b = np.array([p[0] for p in points], dtype=float)
+    t = np.array([p[1] for p in points], dtype=float)
+
+    def held(rate: float, how: str) -> LayerFit:
+        return LayerFit(max(0.0, float(np.mean(t - b / rate))), rate, how)
+
+    if len(set(b.tolist())) >= 2:
+        slope, intercept = np.polyfit(b, t, 1)
+        if slope > 0 and intercept >= 0:
+            rate = 1.0 / slope
+            return LayerFit(float(intercept), float(rate), "fit") if rate <= ceiling_bytes_s else held(ceiling_bytes_s, "ceiling")
+    return held(min(given_bytes_s or ceiling_bytes_s, ceiling_bytes_s), "given")
+
+
+def _layer_figures(layers: Mapping[str, Any], copy: float, gemv_bytes_s: float | None, date: str) -> dict[str, Any]:
+    """hbm, layer_device_overhead_s and step_overhead_s from real decoder layers timed in graphed decode."""
+    shapes = layers["shapes"]
+    fit = fit_layer_cost([(s["layer_bytes"], s["layer_s"]) for s in shapes], copy, gemv_bytes_s)
+    lo = min(layers["counts"])
+    # What a step costs beyond its layers and the LM head's read: the graph's launch, the host's sampling,
+    # input copies and the synchronization after each forward (cost.overhead.step_overhead_time).
+    step = float(np.median([s["step_s"][str(lo)] - lo * s["layer_s"] - s["head_bytes"] / fit.read_bytes_s for s in shapes]))
+    timed = "; ".join(f"{s['model']} {s['layer_s'] * 1e6:.0f} us for {s['layer_bytes'] / 1e6:,.0f} MB" for s in shapes)
+    how = {"fit": "a line through", "ceiling": "the rate held at the copy ceiling (the line's was faster) over",
+           "given": "the GEMV's read rate over"}[fit.how]
+    where = (f"real decoder layers in graphed decode at batch 1 ({layers['counts'][0]} and {layers['counts'][1]} "
+             f"layers, difference per layer): {timed}; {how} these, {date}")
+    return {
+        "hbm": q(fit.read_bytes_s / copy, "probed", f"{fit.read_bytes_s / 1e12:.2f} TB/s against the device copy's "
+                 f"{copy / 1e12:.2f} TB/s, from {where}"),
+        "layer_device_overhead_s": q(fit.fixed_s, "probed", f"fixed device time per layer, from {where}"),
+        "step_overhead_s": q(max(0.0, step), "probed", f"graphed step at {lo} layers less its layers and LM head read "
+                             f"(median over {len(shapes)} shape(s)), {date}"),
+    }
+
+
 def _kernel_efficiency(doc: Mapping[str, Any]) -> dict[str, Any]:
-    """hbm (a GEMV's read rate over the HBM copy ceiling) and layer_device_overhead_s (KERNELS_PER_LAYER
-    times a tiny kernel's time in a CUDA graph) from the probe's decode kernels, where both were measured."""
+    """hbm, layer_device_overhead_s (and step_overhead_s) from real decoder layers timed in graphed decode,
+    where the probe timed them; else hbm from a GEMV's read rate over the HBM copy ceiling and
+    layer_device_overhead_s as KERNELS_PER_LAYER times a tiny kernel's time in a CUDA graph."""
     from planner.cost.dequant import KERNELS_PER_LAYER
 
     kernels, copy = doc.get("kernels") or {}, (doc.get("hbm") or {}).get("bytes_s")
+    if kernels.get("layers") and copy:
+        return _layer_figures(kernels["layers"], copy, kernels.get("gemv_bytes_s"), doc["date"])
     out: dict[str, Any] = {}
     if kernels.get("gemv_bytes_s") and copy:
         rows, cols = kernels["gemv_shape"]
@@ -1020,6 +1088,65 @@ def measure_decode_kernels(torch: Any, settings: ProbeSettings) -> dict[str, Any
                       f"{TINY_KERNELS} in-place adds on 256 floats, replay time / kernels"}
 
 
+def _with_layers(config: Any, n: int) -> Any:
+    cfg = deepcopy(config)
+    cfg.num_hidden_layers = n
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = list(cfg.layer_types)[:n]
+    return cfg
+
+
+def measure_decoder_layers(torch: Any, settings: ProbeSettings, device: str = "cuda:0") -> dict[str, Any]:
+    """Real decoder layers on the executor's own graphed decode path (``executor.generate`` with
+    ``decode_graphs``, ``executor.graphs``): each of ``settings.layer_models`` built with each of the two
+    ``layer_counts`` (seeded random weights, bf16 on a GPU), batch 1, the median decode step over
+    ``layer_reps`` generations after one warm-up. The step difference over the layer difference is one
+    layer's time, free of the embedding, the head and the loop; the layer's bytes come from its parameters.
+    Where the tiny kernel (``measure_decode_kernels``) gives every kernel's floor, this gives what a real
+    layer's norms, rotary, attention and small GEMVs cost: the 8B's graphed step ran 13-38% slower than
+    that floor predicts (``hpi validate``, 2026-11-22)."""
+    from transformers import DynamicCache
+
+    from executor.generate import PipelineGenerator, Sampler
+    from executor.groups import Groups
+    from executor.modeling import ShardSpec, build_stage, load_hf_config
+
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    prompt_len, gen_len = settings.layer_prompt_len, settings.layer_gen_len
+    shapes = []
+    for model in settings.layer_models:
+        config = load_hf_config(model)
+        ids = torch.randint(3, config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+        step_s: dict[str, float] = {}
+        param_bytes: dict[int, int] = {}
+        for n in settings.layer_counts:
+            stage = build_stage(_with_layers(config, n), ShardSpec.whole(n), dtype=dtype, device=dev, seed=0).eval()
+            param_bytes[n] = sum(p.numel() * p.element_size() for p in stage.parameters())
+            head_bytes = stage.lm_head.weight.numel() * stage.lm_head.weight.element_size()
+
+            def generate() -> list[float]:
+                g = PipelineGenerator(stage=stage, groups=Groups.alone(), new_cache=DynamicCache,
+                                      hidden_size=config.hidden_size, dtype=dtype, device=dev, micro_batches=1,
+                                      sampler=Sampler(), decode_graphs=True)
+                g.run(ids, 1, prompt_len, gen_len, chat=False)
+                ends = g.times.forward_end_s
+                return [b - a for a, b in zip(ends[1:], ends[2:])]  # decode steps after the captured first one
+
+            generate()  # warm-up: allocator pools, cuBLAS heuristics
+            steps = [s for _ in range(settings.layer_reps) for s in generate()]
+            step_s[str(n)] = statistics.median(steps)
+            del stage
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        lo, hi = settings.layer_counts
+        shapes.append({"model": model, "step_s": step_s, "head_bytes": head_bytes,
+                       "layer_bytes": (param_bytes[hi] - param_bytes[lo]) / (hi - lo),
+                       "layer_s": (step_s[str(hi)] - step_s[str(lo)]) / (hi - lo)})
+    return {"counts": list(settings.layer_counts), "prompt_len": prompt_len, "gen_len": gen_len, "batch": 1,
+            "shapes": shapes, "method": "executor graphed decode, bs 1; per layer = step difference / layer difference"}
+
+
 GRAPHED_MAX_BYTES = 1 << 20  # all-reduces this small are latency-bound: the ones a decode step issues
 GRAPHED_CALLS = 20  # back-to-back all-reduces per captured graph
 
@@ -1227,6 +1354,9 @@ def run_probe(settings: ProbeSettings, nvme_path: str | None = None, step: Calla
         doc["matmul"] = attempt("matmul", lambda: measure_matmul(torch, settings))
         doc["hbm"] = attempt("HBM copy", lambda: measure_hbm(torch, settings))
         doc["kernels"] = attempt("decode kernels", lambda: measure_decode_kernels(torch, settings))
+        layers = attempt("decoder layers, graphed", lambda: measure_decoder_layers(torch, settings))
+        if doc["kernels"] is not None and layers is not None:
+            doc["kernels"]["layers"] = layers
         torch.cuda.empty_cache()  # give the copy and matmul buffers back before the NCCL ranks start
         if n_cuda > 1:
             doc["nccl"] = attempt(f"NCCL all-reduce, 2..{n_cuda} GPUs", lambda: measure_allreduce(n_cuda, settings))

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from executor.probe import (
@@ -242,6 +243,61 @@ def test_decode_kernels_give_the_hbm_fraction_and_the_layers_fixed_device_time(t
     assert bare.efficiency.layer_device_overhead_s == Efficiency().layer_device_overhead_s
 
 
+def test_layer_fit_recovers_a_line_holds_the_ceiling_and_falls_back_to_the_given_rate():
+    from executor.probe import fit_layer_cost
+
+    line = [(b, 120e-6 + b / 4.0e12) for b in (436e6, 1711e6)]  # 8B and 70B layers, 120 us fixed, 4 TB/s
+    fit = fit_layer_cost(line, ceiling_bytes_s=4.26e12)
+    assert fit.how == "fit" and fit.fixed_s == pytest.approx(120e-6) and fit.read_bytes_s == pytest.approx(4.0e12)
+    fast = fit_layer_cost(line, ceiling_bytes_s=3.5e12)  # faster than the copy ceiling: held there
+    assert fast.how == "ceiling" and fast.read_bytes_s == 3.5e12
+    assert fast.fixed_s == pytest.approx(np.mean([t - b / 3.5e12 for b, t in line]))
+    one = fit_layer_cost(line[:1], ceiling_bytes_s=4.26e12, given_bytes_s=3.72e12)  # one shape: the GEMV's rate
+    assert one.how == "given" and one.fixed_s == pytest.approx(120e-6 + 436e6 / 4.0e12 - 436e6 / 3.72e12)
+    backwards = fit_layer_cost([(436e6, 300e-6), (1711e6, 250e-6)], ceiling_bytes_s=4.26e12)  # disturbed: no line
+    assert backwards.how == "given" and backwards.read_bytes_s == 4.26e12
+    assert fit_layer_cost([(1e9, 1e-4)], ceiling_bytes_s=4e12).fixed_s == 0.0  # never below zero
+    with pytest.raises(ValueError):
+        fit_layer_cost([], ceiling_bytes_s=4e12)
+
+
+def test_timed_decoder_layers_give_hbm_fixed_layer_time_and_step_overhead(tmp_path):
+    doc = fake_doc(1, None)
+    shapes = []
+    for model, layer_bytes, head_bytes in (("llama-3-8b", 436.2e6, 1050.7e6), ("llama-3-70b", 1711.3e6, 2101.3e6)):
+        layer_s = 125e-6 + layer_bytes / 3.9e12
+        step = {"2": 0.4e-3 + 2 * layer_s + head_bytes / 3.9e12}
+        step["6"] = step["2"] + 4 * layer_s
+        shapes.append({"model": model, "layer_bytes": layer_bytes, "head_bytes": head_bytes, "layer_s": layer_s, "step_s": step})
+    doc["kernels"] = {"gemv_shape": [28672, 8192], "gemv_bytes_s": 3.72e12, "tiny_kernels": 200, "tiny_kernel_s": 1.06e-6,
+                      "layers": {"counts": [2, 6], "prompt_len": 128, "gen_len": 32, "batch": 1, "shapes": shapes}}
+    profile = load_built(tmp_path, doc)
+    assert profile.efficiency.hbm == pytest.approx(3.9e12 / 4.26e12, rel=1e-3)  # the layers' rate, not the GEMV's
+    assert profile.efficiency.layer_device_overhead_s == pytest.approx(125e-6, rel=1e-3)  # not 40 x 1.06 us
+    assert profile.efficiency.step_overhead_s == pytest.approx(0.4e-3, rel=1e-3)
+    note = profile.provenance["efficiency.layer_device_overhead_s"].note
+    assert "llama-3-8b" in note and "graphed decode" in note and "a line through" in note
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_decoder_layers_are_timed_on_the_executors_graphed_path_on_cpu():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from dataclasses import replace
+
+    from executor.probe import measure_decoder_layers
+
+    settings = replace(ProbeSettings.small(), layer_models=("tiny-llama",), layer_counts=(1, 3), layer_prompt_len=8,
+                       layer_gen_len=5, layer_reps=2)
+    out = measure_decoder_layers(torch, settings, device="cpu")
+    (shape,) = out["shapes"]
+    # tiny-llama: hidden 64, 4 heads, 2 kv heads of 16, MLP 176, two norms; fp32 on the CPU
+    assert shape["layer_bytes"] == 4 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 176 + 2 * 64)
+    assert shape["head_bytes"] == 4 * 32000 * 64
+    assert set(shape["step_s"]) == {"1", "3"} and all(t > 0 for t in shape["step_s"].values())
+    assert shape["layer_s"] == pytest.approx((shape["step_s"]["3"] - shape["step_s"]["1"]) / 2)
+
+
 def test_two_h200_profile_matches_the_hand_written_one(tmp_path):
     built = load_built(tmp_path, fake_doc(2, "h200x2.txt"))
     shipped = load_profile("h200-2gpu")
@@ -334,6 +390,11 @@ def test_gpu_measurements_on_this_machine():
     assert measure_hbm(torch, settings)["bytes_s"] > 1e11
     kernels = measure_decode_kernels(torch, settings)
     assert kernels["gemv_bytes_s"] > 1e11 and 0 < kernels["tiny_kernel_s"] < 50e-6
+    from executor.probe import measure_decoder_layers
+
+    (layer,) = measure_decoder_layers(torch, settings)["shapes"]  # an 8B layer, 436 MB in bf16
+    assert layer["layer_bytes"] == pytest.approx(436.2e6, rel=1e-3)
+    assert layer["layer_bytes"] / 5e12 < layer["layer_s"] < 2e-3  # slower than any HBM read, faster than eager
 
 
 def test_allreduce_schedule_runs_on_cpu_with_gloo():
