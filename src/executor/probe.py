@@ -1105,46 +1105,59 @@ def measure_decoder_layers(torch: Any, settings: ProbeSettings, device: str = "c
     Where the tiny kernel (``measure_decode_kernels``) gives every kernel's floor, this gives what a real
     layer's norms, rotary, attention and small GEMVs cost: the 8B's graphed step ran 13-38% slower than
     that floor predicts (``hpi validate``, 2026-11-22)."""
+    from executor.modeling import load_hf_config
+
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    shapes, skipped = [], {}
+    for model in settings.layer_models:
+        try:
+            shapes.append(_time_layers(torch, settings, load_hf_config(model), model, dev, dtype))
+        except torch.cuda.OutOfMemoryError:  # a small GPU: the shapes that fit still make the figures
+            skipped[model] = "out of GPU memory"
+            torch.cuda.empty_cache()
+    if not shapes:
+        raise RuntimeError(f"no decoder layer shape fits this GPU: {skipped}")
+    return {"counts": list(settings.layer_counts), "prompt_len": settings.layer_prompt_len,
+            "gen_len": settings.layer_gen_len, "batch": 1, "shapes": shapes, "skipped": skipped,
+            "method": "executor graphed decode, bs 1; per layer = step difference / layer difference"}
+
+
+def _time_layers(torch: Any, settings: ProbeSettings, config: Any, model: str, dev: Any, dtype: Any) -> dict[str, Any]:
+    """One shape of ``measure_decoder_layers``: its step at each layer count, and one layer's time and bytes."""
     from transformers import DynamicCache
 
     from executor.generate import PipelineGenerator, Sampler
     from executor.groups import Groups
-    from executor.modeling import ShardSpec, build_stage, load_hf_config
+    from executor.modeling import ShardSpec, build_stage
 
-    dev = torch.device(device)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     prompt_len, gen_len = settings.layer_prompt_len, settings.layer_gen_len
-    shapes = []
-    for model in settings.layer_models:
-        config = load_hf_config(model)
-        ids = torch.randint(3, config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
-        step_s: dict[str, float] = {}
-        param_bytes: dict[int, int] = {}
-        for n in settings.layer_counts:
-            stage = build_stage(_with_layers(config, n), ShardSpec.whole(n), dtype=dtype, device=dev, seed=0).eval()
-            param_bytes[n] = sum(p.numel() * p.element_size() for p in stage.parameters())
-            head_bytes = stage.lm_head.weight.numel() * stage.lm_head.weight.element_size()
+    ids = torch.randint(3, config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    step_s: dict[str, float] = {}
+    param_bytes: dict[int, int] = {}
+    for n in settings.layer_counts:
+        stage = build_stage(_with_layers(config, n), ShardSpec.whole(n), dtype=dtype, device=dev, seed=0).eval()
+        param_bytes[n] = sum(p.numel() * p.element_size() for p in stage.parameters())
+        head_bytes = stage.lm_head.weight.numel() * stage.lm_head.weight.element_size()
 
-            def generate() -> list[float]:
-                g = PipelineGenerator(stage=stage, groups=Groups.alone(), new_cache=DynamicCache,
-                                      hidden_size=config.hidden_size, dtype=dtype, device=dev, micro_batches=1,
-                                      sampler=Sampler(), decode_graphs=True)
-                g.run(ids, 1, prompt_len, gen_len, chat=False)
-                ends = g.times.forward_end_s
-                return [b - a for a, b in zip(ends[1:], ends[2:])]  # decode steps after the captured first one
+        def generate() -> list[float]:
+            g = PipelineGenerator(stage=stage, groups=Groups.alone(), new_cache=DynamicCache,
+                                  hidden_size=config.hidden_size, dtype=dtype, device=dev, micro_batches=1,
+                                  sampler=Sampler(), decode_graphs=True)
+            g.run(ids, 1, prompt_len, gen_len, chat=False)
+            ends = g.times.forward_end_s
+            return [b - a for a, b in zip(ends[1:], ends[2:])]  # decode steps after the captured first one
 
-            generate()  # warm-up: allocator pools, cuBLAS heuristics
-            steps = [s for _ in range(settings.layer_reps) for s in generate()]
-            step_s[str(n)] = statistics.median(steps)
-            del stage
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
-        lo, hi = settings.layer_counts
-        shapes.append({"model": model, "step_s": step_s, "head_bytes": head_bytes,
-                       "layer_bytes": (param_bytes[hi] - param_bytes[lo]) / (hi - lo),
-                       "layer_s": (step_s[str(hi)] - step_s[str(lo)]) / (hi - lo)})
-    return {"counts": list(settings.layer_counts), "prompt_len": prompt_len, "gen_len": gen_len, "batch": 1,
-            "shapes": shapes, "method": "executor graphed decode, bs 1; per layer = step difference / layer difference"}
+        generate()  # warm-up: allocator pools, cuBLAS heuristics
+        steps = [s for _ in range(settings.layer_reps) for s in generate()]
+        step_s[str(n)] = statistics.median(steps)
+        del stage
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    lo, hi = settings.layer_counts
+    return {"model": model, "step_s": step_s, "head_bytes": head_bytes,
+            "layer_bytes": (param_bytes[hi] - param_bytes[lo]) / (hi - lo),
+            "layer_s": (step_s[str(hi)] - step_s[str(lo)]) / (hi - lo)}
 
 
 GRAPHED_MAX_BYTES = 1 << 20  # all-reduces this small are latency-bound: the ones a decode step issues

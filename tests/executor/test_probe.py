@@ -3,6 +3,7 @@ command on this machine (CPU-only in CI: it must still write a profile the plann
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -277,6 +278,45 @@ def test_timed_decoder_layers_give_hbm_fixed_layer_time_and_step_overhead(tmp_pa
     assert profile.efficiency.step_overhead_s == pytest.approx(0.4e-3, rel=1e-3)
     note = profile.provenance["efficiency.layer_device_overhead_s"].note
     assert "llama-3-8b" in note and "graphed decode" in note and "a line through" in note
+
+
+def test_a_layer_shape_that_does_not_fit_is_skipped_and_the_others_kept(monkeypatch):
+    torch = pytest.importorskip("torch")
+    import executor.probe as probe
+
+    def fake_time(torch_, settings, config, model, dev, dtype):
+        if model == "llama-3-70b":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return {"model": model, "layer_s": 2e-4}
+
+    monkeypatch.setattr(probe, "_time_layers", fake_time)
+    out = probe.measure_decoder_layers(torch, ProbeSettings.full(), device="cpu")
+    assert [s["model"] for s in out["shapes"]] == ["llama-3-8b"] and out["skipped"] == {"llama-3-70b": "out of GPU memory"}
+    with pytest.raises(RuntimeError, match="no decoder layer shape fits"):
+        probe.measure_decoder_layers(torch, dataclasses.replace(ProbeSettings.full(), layer_models=("llama-3-70b",)),
+                                     device="cpu")
+
+
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+
+
+@pytest.mark.parametrize("profile_name, probe_json", [
+    ("h100-sxm-1gpu", "2026-11-22-h100/run13-probe/h100-sxm-1gpu.probe.json"),
+    ("h200-2gpu", "2026-11-22-h200x4/run5-probe/h200-4gpu.probe.json"),  # the same H200 GPU
+    ("h200-4gpu", "2026-11-22-h200x4/run5-probe/h200-4gpu.probe.json"),
+])
+def test_shipped_decode_figures_re_derive_from_the_kept_probe(profile_name, probe_json):
+    """The profiles' hbm, layer_device_overhead_s and step_overhead_s are what the probe's layer timings give
+    against each profile's own HBM ceiling (rounded as the profile writer rounds): traceable, not hand-tuned."""
+    from executor.probe import _layer_figures
+
+    doc = json.loads((RESULTS / probe_json).read_text())
+    profile = load_profile(profile_name)
+    derived = _layer_figures(doc["kernels"]["layers"], profile.gpu.hbm_bandwidth_bytes_s, doc["kernels"]["gemv_bytes_s"],
+                             doc["date"])
+    for name, figure in derived.items():
+        assert getattr(profile.efficiency, name) == pytest.approx(figure["value"], rel=2e-3), name
+        assert profile.provenance[f"efficiency.{name}"].source == "probed", name
 
 
 @pytest.mark.filterwarnings("ignore")
