@@ -677,12 +677,13 @@ def fit_layer_cost(points: Sequence[tuple[float, float]], ceiling_bytes_s: float
 
 
 def _layer_figures(layers: Mapping[str, Any], copy: float, gemv_bytes_s: float | None, date: str) -> dict[str, Any]:
-    """hbm, layer_device_overhead_s and step_overhead_s from real decoder layers timed in graphed decode."""
+    """hbm, layer_device_overhead_s and graphed_step_overhead_s from real decoder layers timed in graphed decode."""
     shapes = layers["shapes"]
     fit = fit_layer_cost([(s["layer_bytes"], s["layer_s"]) for s in shapes], copy, gemv_bytes_s)
     lo = min(layers["counts"])
     # What a step costs beyond its layers and the LM head's read: the graph's launch, the host's sampling,
-    # input copies and the synchronization after each forward (cost.overhead.step_overhead_time).
+    # input copies and the synchronization after each forward (cost.overhead.step_overhead_time). An eager
+    # step also launches the embedding, norm and head: step_overhead_s stays the prior's for that.
     step = float(np.median([s["step_s"][str(lo)] - lo * s["layer_s"] - s["head_bytes"] / fit.read_bytes_s for s in shapes]))
     timed = "; ".join(f"{s['model']} {s['layer_s'] * 1e6:.0f} us for {s['layer_bytes'] / 1e6:,.0f} MB" for s in shapes)
     how = {"fit": "a line through", "ceiling": "the rate held at the copy ceiling (the line's was faster) over",
@@ -693,13 +694,13 @@ def _layer_figures(layers: Mapping[str, Any], copy: float, gemv_bytes_s: float |
         "hbm": q(fit.read_bytes_s / copy, "probed", f"{fit.read_bytes_s / 1e12:.2f} TB/s against the device copy's "
                  f"{copy / 1e12:.2f} TB/s, from {where}"),
         "layer_device_overhead_s": q(fit.fixed_s, "probed", f"fixed device time per layer, from {where}"),
-        "step_overhead_s": q(max(0.0, step), "probed", f"graphed step at {lo} layers less its layers and LM head read "
+        "graphed_step_overhead_s": q(max(0.0, step), "probed", f"graphed step at {lo} layers less its layers and LM head read "
                              f"(median over {len(shapes)} shape(s)), {date}"),
     }
 
 
 def _kernel_efficiency(doc: Mapping[str, Any]) -> dict[str, Any]:
-    """hbm, layer_device_overhead_s (and step_overhead_s) from real decoder layers timed in graphed decode,
+    """hbm, layer_device_overhead_s (and graphed_step_overhead_s) from real decoder layers timed in graphed decode,
     where the probe timed them; else hbm from a GEMV's read rate over the HBM copy ceiling and
     layer_device_overhead_s as KERNELS_PER_LAYER times a tiny kernel's time in a CUDA graph."""
     from planner.cost.dequant import KERNELS_PER_LAYER
@@ -1123,8 +1124,10 @@ def measure_decoder_layers(torch: Any, settings: ProbeSettings, device: str = "c
             "method": "executor graphed decode, bs 1; per layer = step difference / layer difference"}
 
 
-def _time_layers(torch: Any, settings: ProbeSettings, config: Any, model: str, dev: Any, dtype: Any) -> dict[str, Any]:
-    """One shape of ``measure_decoder_layers``: its step at each layer count, and one layer's time and bytes."""
+def _time_layers(torch: Any, settings: ProbeSettings, config: Any, model: str, dev: Any, dtype: Any,
+                 batch: int = 1) -> dict[str, Any]:
+    """One shape of ``measure_decoder_layers``: its step at each layer count, and one layer's time and bytes
+    (``benchmarks/layer_scaling.py`` times it at other batches and prompt lengths)."""
     from transformers import DynamicCache
 
     from executor.generate import PipelineGenerator, Sampler
@@ -1132,7 +1135,7 @@ def _time_layers(torch: Any, settings: ProbeSettings, config: Any, model: str, d
     from executor.modeling import ShardSpec, build_stage
 
     prompt_len, gen_len = settings.layer_prompt_len, settings.layer_gen_len
-    ids = torch.randint(3, config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
     step_s: dict[str, float] = {}
     param_bytes: dict[int, int] = {}
     for n in settings.layer_counts:
@@ -1144,7 +1147,7 @@ def _time_layers(torch: Any, settings: ProbeSettings, config: Any, model: str, d
             g = PipelineGenerator(stage=stage, groups=Groups.alone(), new_cache=DynamicCache,
                                   hidden_size=config.hidden_size, dtype=dtype, device=dev, micro_batches=1,
                                   sampler=Sampler(), decode_graphs=True)
-            g.run(ids, 1, prompt_len, gen_len, chat=False)
+            g.run(ids, batch, prompt_len, gen_len, chat=False)
             ends = g.times.forward_end_s
             return [b - a for a, b in zip(ends[1:], ends[2:])]  # decode steps after the captured first one
 
@@ -1155,7 +1158,7 @@ def _time_layers(torch: Any, settings: ProbeSettings, config: Any, model: str, d
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     lo, hi = settings.layer_counts
-    return {"model": model, "step_s": step_s, "head_bytes": head_bytes,
+    return {"model": model, "batch": batch, "prompt_len": prompt_len, "step_s": step_s, "head_bytes": head_bytes,
             "layer_bytes": (param_bytes[hi] - param_bytes[lo]) / (hi - lo),
             "layer_s": (step_s[str(hi)] - step_s[str(lo)]) / (hi - lo)}
 

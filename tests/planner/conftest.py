@@ -18,7 +18,7 @@ from planner.specs.workload import Workload
 PROFILE = "h200-2gpu"
 # The coefficients the synthetic records are generated with (the profile's priors differ from each).
 TRUE = dict(
-    h2d_stream_pinned=0.70, h2d_stream_pageable=0.90, layer_overhead_s=0.6e-3,
+    h2d_stream_pinned=0.70, h2d_stream_pageable=0.90, layer_overhead_s=0.6e-3, step_overhead_s=1.0e-3,
     matmul_prefill=0.75, collective_drift_factor=1.6, offload_layer_overhead_s=2.0e-3,
     gpu_workspace_bytes=30e6,
 )  # fmt: skip

@@ -100,7 +100,7 @@ def test_one_unexplained_run_does_not_drag_the_fit(synth) -> None:
     records = synth.records()
     records["8b-cpu-pinned"] = synth.record("8b-cpu-pinned", *synth.PLANS["8b-cpu-pinned"], synth.true_profile(), scale=2.0)
     cal = fit(load_profile(synth.PROFILE, calibrated=False), list(records.values()))
-    for name in ("layer_overhead_s", "offload_layer_overhead_s", "matmul_prefill", "h2d_stream_pageable"):
+    for name in ("layer_overhead_s", "step_overhead_s", "matmul_prefill", "h2d_stream_pageable"):
         assert cal.values[name] == pytest.approx(synth.TRUE[name], rel=0.05), name
 
 

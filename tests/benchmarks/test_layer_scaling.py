@@ -1,0 +1,41 @@
+"""benchmarks/layer_scaling.py: the KV bytes it reports, and a CPU run of its grid through the probe's path."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "layer_scaling.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("layer_scaling", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_kv_bytes_of_one_llama_3_8b_layer():
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128)
+    # keys and values, 8 kv heads of 128, bf16: 4 KiB per token per layer
+    assert _module().kv_bytes_per_layer(config, batch=16, context=543) == 16 * 543 * 4096
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_grid_runs_on_cpu_and_writes_every_cell(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    assert _module().main(["--out", str(tmp_path), "--model", "tiny-llama", "--batches", "1,2", "--prompts", "4,8",
+                           "--gen-len", "3", "--reps", "1"]) == 0
+    doc = json.loads((tmp_path / "layer_scaling.json").read_text())
+    assert doc["kind"] == "hpi.LayerScaling" and doc["counts"] == [2, 6]
+    cells = {(c["batch"], c["prompt_len"]): c for c in doc["cells"]}
+    assert set(cells) == {(1, 4), (2, 4), (1, 8), (2, 8)}
+    # tiny-llama: 2 kv heads of 16, fp32 on the CPU; the last step reads prompt + gen - 1 tokens
+    assert cells[(2, 8)]["kv_bytes_last_step"] == 2 * 2 * (8 + 3 - 1) * 2 * 16 * 4
+    assert all(c["layer_bytes"] == cells[(1, 4)]["layer_bytes"] for c in cells.values())
