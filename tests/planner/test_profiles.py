@@ -157,8 +157,8 @@ def test_h200_efficiency_and_links():
     assert profile.efficiency.collective_host_overhead_s == 47.5e-6
     # real decoder layers in graphed decode, probed on the 4x H200 (same GPU): held at this profile's copy ceiling
     assert profile.efficiency.layer_device_overhead_s == 1.107e-4 and profile.efficiency.hbm == 1.0
-    assert profile.efficiency.step_overhead_s == 1.514e-4
-    for name in ("allreduce_latency_s", "collective_host_overhead_s", "layer_device_overhead_s", "hbm", "step_overhead_s"):
+    assert profile.efficiency.graphed_step_overhead_s == 1.514e-4
+    for name in ("allreduce_latency_s", "collective_host_overhead_s", "layer_device_overhead_s", "hbm", "graphed_step_overhead_s"):
         assert profile.provenance[f"efficiency.{name}"].source == "probed", name
     node, _ = parse_layout(profile.raw)
     kinds = {group.name: group.kind for group in node.links}

@@ -37,7 +37,7 @@ time and device time overlap: a module costs the larger of the two (eager decode
 host-bound: 21.7 ms measured for an 8B step on an H200 whose HBM needs 4.7 ms; and a host-bound tiny
 model under ZeRO-3 showed the hook overhead that the 8B model's 0.4 s of streaming hides; 2x H200
 records, 2026-11-22). Stages sum their modules plus one ``step_overhead`` per forward on every stage (the
-executor synchronizes after each stage forward, so it adds); a step composes the stages
+executor synchronizes after each stage forward, so it adds; a graphed forward's is ``graphed_step_overhead_s``); a step composes the stages
 (``cost.pipeline.compose_step``). Exposed time is attributed to the component that is on the critical
 path: busy time counts as compute and all-reduce, dequantization as itself, the rest of the device time as
 weight or KV fetch (split by their link times), or, for the host's share of a host-waited fetch, overhead;
@@ -198,7 +198,8 @@ def phase_result(layout: Layout, knobs: Knobs, phase: Phase, bpw: np.ndarray) ->
     parts[..., EXPOSED_PARTS.index("tp_allreduce_s")] += tp_coll
     counts = layout.stage_counts
     stage_parts = np.einsum("nkc,pk->npc", parts, counts)
-    stage_parts[:, :, EXPOSED_PARTS.index("overhead_s")] += step_overhead_time(layout)
+    step_overhead = step_overhead_time(layout, graphed[:, 0])  # (N,)
+    stage_parts[:, :, EXPOSED_PARTS.index("overhead_s")] += step_overhead[:, None]
     stage_s = stage_parts.sum(axis=-1)
 
     p2p = p2p_time(layout, phase)
@@ -226,7 +227,7 @@ def phase_result(layout: Layout, knobs: Knobs, phase: Phase, bpw: np.ndarray) ->
         "dp_allgather_s": on_slowest(t_gather),
         "kv_h2d_s": on_slowest(t_kv),
         "pp_p2p_s": p2p * knobs.micro_batches * (layout.pp - 1 + (0 if phase.is_prefill else 1)) * (layout.pp > 1),
-        "host_s": on_slowest(host) + step_overhead_time(layout) * per_step,
+        "host_s": on_slowest(host) + step_overhead * per_step,
     }
     return PhaseResult(
         step_s=comp.step_s,

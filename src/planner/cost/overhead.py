@@ -17,8 +17,9 @@ what a graphed decode step of a small model is made of beyond its weight reads: 
 
 A decode step replayed as a CUDA graph (``Workload.decode_graphs``, ``executor.graphs``) launches all of a
 stage's kernels and collectives with one call: the per-layer host time and TP's rank drift at each
-collective leave it (``graphed_forwards`` says where that holds), and the step term stays (the executor
-still synchronizes, samples and sends after each stage forward).
+collective leave it (``graphed_forwards`` says where that holds), and the step term becomes
+``graphed_step_overhead_s`` (the executor still replays, synchronizes, samples and sends after each stage
+forward, but launches nothing else).
 """
 
 from __future__ import annotations
@@ -42,9 +43,13 @@ def layer_device_time(layout: Layout) -> np.ndarray:
     return layout.table.is_layer * layout.hardware.efficiency.layer_device_overhead_s
 
 
-def step_overhead_time(layout: Layout) -> float:
-    """Seconds per forward of each stage, after its device synchronization (not hidden by anything)."""
-    return layout.hardware.efficiency.step_overhead_s
+def step_overhead_time(layout: Layout, graphed: np.ndarray) -> np.ndarray:
+    """(N,) seconds per forward of each stage, after its device synchronization (not hidden by anything):
+    ``graphed_step_overhead_s`` where the forward replays a CUDA graph (``graphed``, from
+    ``graphed_forwards``), else ``step_overhead_s``, which also pays the eager launches of the embedding,
+    final norm and head."""
+    eff = layout.hardware.efficiency
+    return np.where(graphed, eff.graphed_step_overhead_s, eff.step_overhead_s)
 
 
 def graphed_forwards(layout: Layout, knobs: Knobs, phase: Phase) -> np.ndarray:

@@ -101,6 +101,11 @@ class Efficiency:
     # kernels (embedding, final norm, head, argmax, token and position bookkeeping) at ~10 us each plus the
     # loop's Python.
     step_overhead_s: float = 0.5e-3  # per forward of each stage outside layers (cost.overhead)
+    # A decode step replayed as a CUDA graph: the graph's launch, the step's input copies, sampling and the
+    # synchronization; the embedding, final norm and head run inside the graph, so none of their launches.
+    # ``hpi probe`` times it (real layers in graphed decode, the step less its layers and head): 142-167 us
+    # on the H100 and H200.
+    graphed_step_overhead_s: float = 0.2e-3  # (cost.overhead)
     # DeepSpeed's dequantization of 8/4-bit weights: element-wise kernels over HBM (cost.dequant); assumed
     # to stream like the decode reads (hbm) until a record says otherwise.
     dequant_hbm: float = 0.80

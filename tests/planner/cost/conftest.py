@@ -38,6 +38,7 @@ IDEAL = Efficiency(
     matmul_prefill=1.0, matmul_decode=1.0, hbm=1.0, h2d_stream_pinned=1.0, h2d_stream_pageable=1.0,
     nvme_read=1.0, collective_bandwidth=1.0, allreduce_latency_s=0.0, collective_host_overhead_s=0.0, p2p_latency_s=0.0,
     prefetch_overlap=1.0, layer_overhead_s=0.0, offload_layer_overhead_s=0.0, step_overhead_s=0.0,
+    graphed_step_overhead_s=0.0,
     gpu_reserved_bytes=0.0, gpu_workspace_bytes=0.0, host_reserved_bytes=0.0, gpu_memory_usable=1.0, dram_usable=1.0,
     dequant_hbm=1.0, collective_drift_factor=0.0,
 )  # fmt: skip
@@ -48,7 +49,7 @@ ROUND = Efficiency(
     nvme_read=0.5, collective_bandwidth=0.5, allreduce_latency_s=10e-6, collective_host_overhead_s=30e-6,
     p2p_latency_s=20e-6, prefetch_overlap=1.0, layer_overhead_s=100e-6, offload_layer_overhead_s=300e-6,
     layer_device_overhead_s=50e-6,
-    step_overhead_s=1e-3, gpu_reserved_bytes=1 * GB, gpu_workspace_bytes=0.25 * GB, host_reserved_bytes=2 * GB,
+    step_overhead_s=1e-3, graphed_step_overhead_s=0.4e-3, gpu_reserved_bytes=1 * GB, gpu_workspace_bytes=0.25 * GB, host_reserved_bytes=2 * GB,
     gpu_memory_usable=0.9, dram_usable=0.9, dequant_hbm=0.4, collective_drift_factor=0.5,
 )  # fmt: skip
 
