@@ -687,7 +687,7 @@ def _layer_figures(layers: Mapping[str, Any], copy: float, gemv_bytes_s: float |
     step = float(np.median([s["step_s"][str(lo)] - lo * s["layer_s"] - s["head_bytes"] / fit.read_bytes_s for s in shapes]))
     timed = "; ".join(f"{s['model']} {s['layer_s'] * 1e6:.0f} us for {s['layer_bytes'] / 1e6:,.0f} MB" for s in shapes)
     how = {"fit": "a line through", "ceiling": "the rate held at the copy ceiling (the line's was faster) over",
-           "given": "the GEMV's read rate over"}[fit.how]
+           "given": f"the {'GEMV' if gemv_bytes_s else 'copy'}'s read rate over"}[fit.how]
     where = (f"real decoder layers in graphed decode at batch 1 ({layers['counts'][0]} and {layers['counts'][1]} "
              f"layers, difference per layer): {timed}; {how} these, {date}")
     return {

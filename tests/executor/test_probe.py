@@ -279,6 +279,10 @@ def test_timed_decoder_layers_give_hbm_fixed_layer_time_and_step_overhead(tmp_pa
     assert profile.efficiency.step_overhead_s == Efficiency().step_overhead_s  # eager: not what a graph times
     note = profile.provenance["efficiency.layer_device_overhead_s"].note
     assert "llama-3-8b" in note and "graphed decode" in note and "a line through" in note
+    doc["kernels"]["layers"]["shapes"] = shapes[:1]  # one shape: the GEMV's rate, the note says so
+    one = load_built(tmp_path, doc, name="probed-one-shape")
+    assert one.efficiency.hbm == pytest.approx(3.72e12 / 4.26e12, rel=1e-3)
+    assert "the GEMV's read rate" in one.provenance["efficiency.hbm"].note
 
 
 def test_a_layer_shape_that_does_not_fit_is_skipped_and_the_others_kept(monkeypatch):
