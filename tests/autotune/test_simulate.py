@@ -27,6 +27,20 @@ def test_hidden_machine_is_seeded_and_spread_zero_is_the_planner():
     assert flat.times(est) == pytest.approx((est.prefill_s, est.decode_step_s))
 
 
+def test_late_factors_perturb_the_graphed_terms_and_leave_the_earlier_draws_alone(monkeypatch):
+    import autotune.simulate as simulate
+
+    m = HiddenMachine(HW, 3)
+    eff, nominal = m.profile.efficiency, HW.efficiency
+    for name, (lo, hi) in simulate.LATE_FACTOR_RANGES.items():
+        assert lo <= getattr(eff, name) / getattr(nominal, name) <= hi, name
+    assert set(simulate.LATE_FACTOR_RANGES) <= set(m.describe()["efficiency"])
+    monkeypatch.setattr(simulate, "LATE_FACTOR_RANGES", {})  # as before they were added
+    before = HiddenMachine(HW, 3)
+    assert before.structural == m.structural
+    assert all(before.factors[n] == m.factors[n] for n in simulate.FACTOR_RANGES)
+
+
 def test_simulated_record_has_what_calibration_reads():
     runner = SimulatedRunner(MODEL, HiddenMachine(HW, 1), WL, "llama-3-8b")
     record = runner.run(PLAN, None, None, {"trial": 0}, noise_key=0)
