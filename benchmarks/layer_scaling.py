@@ -9,8 +9,8 @@ context (skinny GEMMs instead of GEMVs). Each cell: the step at 2 and at 6 layer
 
     python benchmarks/layer_scaling.py --out DIR [--model llama-3-8b] [--batches 1,16,64] [--prompts 128,1024]
 
-Writes DIR/layer_scaling.json; prints one line per cell with the layer's time, its KV bytes read at the
-last step, and the time a read of weights + KV at the batch-1 rate would take.
+Writes DIR/layer_scaling.json; prints one line per cell with the layer's time, its weight bytes and the KV
+bytes it reads at the last step.
 """
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ from dataclasses import replace
 from pathlib import Path
 
 
-def kv_bytes_per_layer(config, batch: int, context: int, dtype_bytes: int = 2) -> float:
-    """Keys and values one decoder layer reads at one decode step over ``context`` cached tokens."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2.0 * batch * context * config.num_key_value_heads * head_dim * dtype_bytes
+def kv_bytes_per_layer(model: str, batch: int, context: int, dtype_bytes: int = 2) -> float:
+    """Keys and values one decoder layer reads at one decode step over ``context`` cached tokens, as the
+    planner counts a token's cache (``ModelSpec.kv_cache_elems_per_token_per_layer``)."""
+    from planner.catalog import load_model
+
+    return float(batch * context * load_model(model).kv_cache_elems_per_token_per_layer * dtype_bytes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from executor.modeling import load_hf_config
-    from executor.probe import ProbeSettings, _time_layers
+    from executor.probe import ProbeSettings, time_layers
 
     dev = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -51,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = replace(ProbeSettings.full(), layer_prompt_len=prompt, layer_gen_len=args.gen_len, layer_reps=args.reps)
         for batch in (int(b) for b in args.batches.split(",")):
             t0 = time.perf_counter()
-            cell = _time_layers(torch, settings, config, args.model, dev, dtype, batch=batch)
-            cell["kv_bytes_last_step"] = kv_bytes_per_layer(config, batch, prompt + args.gen_len - 1,
+            cell = time_layers(torch, settings, config, args.model, dev, dtype, batch=batch)
+            cell["kv_bytes_last_step"] = kv_bytes_per_layer(args.model, batch, prompt + args.gen_len - 1,
                                                             torch.finfo(dtype).bits // 8)
             cell["seconds"] = time.perf_counter() - t0
             cells.append(cell)

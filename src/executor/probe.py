@@ -1113,7 +1113,7 @@ def measure_decoder_layers(torch: Any, settings: ProbeSettings, device: str = "c
     shapes, skipped = [], {}
     for model in settings.layer_models:
         try:
-            shapes.append(_time_layers(torch, settings, load_hf_config(model), model, dev, dtype))
+            shapes.append(time_layers(torch, settings, load_hf_config(model), model, dev, dtype))
         except torch.cuda.OutOfMemoryError:  # a small GPU: the shapes that fit still make the figures
             skipped[model] = "out of GPU memory"
             torch.cuda.empty_cache()
@@ -1124,7 +1124,7 @@ def measure_decoder_layers(torch: Any, settings: ProbeSettings, device: str = "c
             "method": "executor graphed decode, bs 1; per layer = step difference / layer difference"}
 
 
-def _time_layers(torch: Any, settings: ProbeSettings, config: Any, model: str, dev: Any, dtype: Any,
+def time_layers(torch: Any, settings: ProbeSettings, config: Any, model: str, dev: Any, dtype: Any,
                  batch: int = 1) -> dict[str, Any]:
     """One shape of ``measure_decoder_layers``: its step at each layer count, and one layer's time and bytes
     (``benchmarks/layer_scaling.py`` times it at other batches and prompt lengths)."""

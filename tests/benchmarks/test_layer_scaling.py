@@ -19,11 +19,8 @@ def _module():
 
 
 def test_kv_bytes_of_one_llama_3_8b_layer():
-    from types import SimpleNamespace
-
-    config = SimpleNamespace(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128)
     # keys and values, 8 kv heads of 128, bf16: 4 KiB per token per layer
-    assert _module().kv_bytes_per_layer(config, batch=16, context=543) == 16 * 543 * 4096
+    assert _module().kv_bytes_per_layer("llama-3-8b", batch=16, context=543) == 16 * 543 * 4096
 
 
 @pytest.mark.filterwarnings("ignore")

@@ -294,7 +294,7 @@ def test_a_layer_shape_that_does_not_fit_is_skipped_and_the_others_kept(monkeypa
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
         return {"model": model, "layer_s": 2e-4}
 
-    monkeypatch.setattr(probe, "_time_layers", fake_time)
+    monkeypatch.setattr(probe, "time_layers", fake_time)
     out = probe.measure_decoder_layers(torch, ProbeSettings.full(), device="cpu")
     assert [s["model"] for s in out["shapes"]] == ["llama-3-8b"] and out["skipped"] == {"llama-3-70b": "out of GPU memory"}
     with pytest.raises(RuntimeError, match="no decoder layer shape fits"):
