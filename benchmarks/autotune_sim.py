@@ -3,7 +3,7 @@
     python benchmarks/autotune_sim.py [--trials 12] [--seeds 0,1,2] [--jobs 2] [--quick]
 
 For several models and hardware profiles, each with several hidden machines (``--seeds``: each seed draws
-other efficiencies and other effects the planner does not model, see ``autotune.simulate``), one study
+other efficiencies and other effects the planner does not model, see ``hpi.autotune.simulate``), one study
 of ``--trials`` trials runs from the nominal planner's seeds. Per case it prints:
 
 - ``t3``: the first trial after which the study's best (by its noisy measurements) is within 3% of the
@@ -23,12 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 CASES = [  # (model, hardware, objective)
     ("llama-3-8b", "h200-2gpu", "throughput"),
@@ -48,7 +44,7 @@ def run_case(model: str, hardware: str, objective: str, seed: int, trials: int) 
     import warnings
 
     warnings.filterwarnings("ignore")
-    from autotune.tuner import TuneConfig, tune
+    from hpi.autotune.tuner import TuneConfig, tune
 
     started = time.perf_counter()
     doc = tune(TuneConfig(model=model, hardware=hardware, objective=objective, simulate=True, n_trials=trials,

@@ -12,7 +12,7 @@
   the whole HF model under ZeRO-3 with offload_param cpu, stage3_prefetch_bucket_size = 2*h^2,
   stage3_max_live_parameters = 2*h^2, stage3_param_persistence_threshold = h, then HF ``generate``.
 
-All build the model from its config with the same seeded random weights as hpi (executor.weights), drawn
+All build the model from its config with the same seeded random weights as hpi (hpi.executor.weights), drawn
 on the GPU tensor by tensor and moved where the baseline keeps them. Timing follows run_model.py: a
 warm-up call, then prefill = a 1-token generate, total = a gen_len generate, decode step =
 (total - prefill) / (gen_len - 1), throughput = batch * gen_len / total. The last stdout line is JSON.
@@ -29,7 +29,7 @@ import torch
 
 
 def _config(model: str):
-    from executor.modeling import load_hf_config
+    from hpi.executor.modeling import load_hf_config
 
     return load_hf_config(model)
 
@@ -38,7 +38,7 @@ def _materialize(config, dtype: torch.dtype, where: str):
     """An HF CausalLM with hpi's seeded weights, on ``where`` ("cuda" or "cpu"), drawn on the GPU."""
     import transformers
 
-    from executor.weights import RandomSource
+    from hpi.executor.weights import RandomSource
 
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)

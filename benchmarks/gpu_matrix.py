@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_matrix.py --matrix h100 --out DIR [--only NAME,NAME] [--gen-len 32]
 
-Every hpi entry is launched exactly as ``hpi run`` launches it (executor.launch), every baseline in its
+Every hpi entry is launched exactly as ``hpi run`` launches it (hpi.executor.launch), every baseline in its
 own process (benchmarks/baselines.py). All records land in DIR/records.json (one bundle: the device
 returns few files); a table of measured vs predicted, achieved host->device bandwidth against the
 profile's pinned ceiling, and the baseline ratios is printed, and the last stdout line is one JSON
@@ -34,16 +34,16 @@ class Entry:
     baseline: str | None = None  # hf-resident | accelerate | ds-examples
     baseline_args: tuple[str, ...] = ()
     gpus: int = 1
-    variants: tuple[dict, ...] = ()  # more measurements on the same build (executor.spec.RUNTIME_FIELDS)
+    variants: tuple[dict, ...] = ()  # more measurements on the same build (hpi.executor.spec.RUNTIME_FIELDS)
     prompt_len: int | None = None  # None: the command line's
     gen_len: int | None = None
     warmup_gen_len: int = 0  # 0: warm up with the full generation (the allocator's pool then holds every KV
     #   cache size the measured run asks for; a 2-token warm-up left cudaMalloc in the measured decode steps)
-    fetch_wait: str = "stream"  # host: DeepSpeed's stock fetch wait (executor.zero3), for side-by-side ratios
+    fetch_wait: str = "stream"  # host: DeepSpeed's stock fetch wait (hpi.executor.zero3), for side-by-side ratios
 
 
 def _ds_examples_knobs(model: str) -> dict:
-    from planner.catalog import load_model
+    from hpi.planner.catalog import load_model
 
     hidden = load_model(model).hidden_size
     return {"prefetch_bucket_elems": 2 * hidden * hidden, "max_live_elems": 2 * hidden * hidden,
@@ -74,7 +74,7 @@ def matrices() -> dict[str, list[Entry]]:
     off70 = dict(prompt_len=128, gen_len=4)
     res70 = dict(prompt_len=512, gen_len=16)
     return {
-        # CUDA-graphed decode (executor.graphs) against eager decode, side by side on one build per layout
+        # CUDA-graphed decode (hpi.executor.graphs) against eager decode, side by side on one build per layout
         "graphs-h200x4": [
             Entry("70b-tp4-resident-b1", m70, x4, 1, {"tp": 4}, gpus=4, variants=_graphed(32), **res70),
             Entry("70b-tp2-resident-b1", m70, x4, 1, {"tp": 2}, gpus=2, variants=_graphed(32), **res70),
@@ -159,9 +159,9 @@ def entry_plan(entry: Entry):
     """The entry's Plan, with the knobs ``hpi run`` derives when they are not given: an NVMe swap buffer that
     holds the largest tensor partition (DeepSpeed asserts "More elements N than buffer size" otherwise; the
     8B's 525M-element embedding overflowed the 1e8 default on the H100)."""
-    from planner.catalog import load_model
-    from planner.search import nvme_buffer_elems_for
-    from planner.specs.plan import Plan
+    from hpi.planner.catalog import load_model
+    from hpi.planner.search import nvme_buffer_elems_for
+    from hpi.planner.specs.plan import Plan
 
     fields = dict(entry.plan)
     if fields.get("offload") == "nvme" and "nvme_buffer_elems" not in fields:
@@ -171,9 +171,9 @@ def entry_plan(entry: Entry):
 
 def refuse_infeasible(entry: Entry, plan, workload) -> None:
     """Refuse, before launching, a plan the planner says cannot run, with its reasons (as ``hpi run`` does)."""
-    from planner.catalog import load_model
-    from planner.predict import predict
-    from planner.profiles import load_profile
+    from hpi.planner.catalog import load_model
+    from hpi.planner.predict import predict
+    from hpi.planner.profiles import load_profile
 
     est = predict(load_model(entry.model), load_profile(entry.hardware), workload, plan)
     if not est.feasible:
@@ -182,9 +182,9 @@ def refuse_infeasible(entry: Entry, plan, workload) -> None:
 
 def run_hpi(entry: Entry, out: Path, gen_len: int, prompt_len: int, device: str = "cuda") -> dict[str, dict]:
     """The entry's record and its variants' ({name: record}; a variant is named name@b<batch>[-kvoff][-graphs])."""
-    from executor.launch import launch
-    from executor.spec import RunSpec
-    from planner.specs.workload import Workload
+    from hpi.executor.launch import launch
+    from hpi.executor.spec import RunSpec
+    from hpi.planner.specs.workload import Workload
 
     plan = entry_plan(entry)
     workload = Workload(entry.prompt_len or prompt_len, entry.gen_len or gen_len)

@@ -36,8 +36,6 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "src"), str(REPO)]
 
 CONDITIONS = ("baseline", "gc", "threads1", "pinned", "all")
 
@@ -128,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from executor.generate import PipelineGenerator, Sampler, StepTimes
-    from executor.groups import Groups
-    from executor.modeling import ShardSpec, build_stage, load_hf_config
+    from hpi.executor.generate import PipelineGenerator, Sampler, StepTimes
+    from hpi.executor.groups import Groups
+    from hpi.executor.modeling import ShardSpec, build_stage, load_hf_config
     from transformers import DynamicCache
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,6 +1,6 @@
 """How a graphed decoder layer's time grows with the batch and the context, on one GPU.
 
-``hpi probe`` times real layers at batch 1 (``executor.probe.measure_decoder_layers``), which gives the
+``hpi probe`` times real layers at batch 1 (``hpi.executor.probe.measure_decoder_layers``), which gives the
 cost model's ``hbm`` and ``layer_device_overhead_s``. The graphed 8B records grow faster with the batch than
 the model says (H200 tp 2: 6.6 / 7.5 / 8.7 ms at bs 1 / 16 / 64, predicted 6.3 / 6.4 / 6.9 ms; README's
 fidelity section). This times the same layers, on the same path, over a grid of batch and prompt length, so
@@ -25,7 +25,7 @@ from pathlib import Path
 def kv_bytes_per_layer(model: str, batch: int, context: int, dtype_bytes: int = 2) -> float:
     """Keys and values one decoder layer reads at one decode step over ``context`` cached tokens, as the
     planner counts a token's cache (``ModelSpec.kv_cache_elems_per_token_per_layer``)."""
-    from planner.catalog import load_model
+    from hpi.planner.catalog import load_model
 
     return float(batch * context * load_model(model).kv_cache_elems_per_token_per_layer * dtype_bytes)
 
@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from executor.modeling import load_hf_config
-    from executor.probe import ProbeSettings, time_layers
+    from hpi.executor.modeling import load_hf_config
+    from hpi.executor.probe import ProbeSettings, time_layers
 
     dev = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32

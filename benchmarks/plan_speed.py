@@ -20,10 +20,10 @@ import time
 
 
 def in_process(model_name: str, hardware_name: str) -> dict:
-    from planner.catalog import load_model
-    from planner.profiles import load_profile
-    from planner.search import search
-    from planner.specs.workload import Workload
+    from hpi.planner.catalog import load_model
+    from hpi.planner.profiles import load_profile
+    from hpi.planner.search import search
+    from hpi.planner.specs.workload import Workload
 
     started = time.perf_counter()
     model, hardware = load_model(model_name), load_profile(hardware_name)
@@ -45,7 +45,7 @@ def fresh_process(model_name: str, hardware_name: str) -> float:
     """Wall time of ``hpi plan --json`` in a new interpreter, imports and output included."""
     started = time.perf_counter()
     subprocess.run(
-        [sys.executable, "-m", "planner.cli", "plan", "--model", model_name, "--hardware", hardware_name, "--json"],
+        [sys.executable, "-m", "hpi.planner.cli", "plan", "--model", model_name, "--hardware", hardware_name, "--json"],
         check=True, capture_output=True,
     )
     return time.perf_counter() - started

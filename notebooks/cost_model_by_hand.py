@@ -10,16 +10,16 @@
 #
 # We rebuild hpi's decode-step prediction for `llama-3-8b` on `h100-sxm-1gpu` (offload cpu, pinned,
 # 16-bit, batch 1, DeepSpeed's default knobs) from the profile's numbers alone, term by term, and check
-# each against `planner.predict`. design.md measured this run at 0.483 s per decode step with DeepSpeed's
+# each against `hpi.planner.predict`. design.md measured this run at 0.483 s per decode step with DeepSpeed's
 # stock fetch wait; hpi's executor, with its stream-ordered wait, at 0.371 s (H100 run 1).
 # Run it as a script (`python notebooks/cost_model_by_hand.py`) or open it in Jupyter with jupytext.
 
 # %%
-from planner.catalog import load_model
-from planner.predict import predict
-from planner.profiles import load_profile
-from planner.specs.plan import Plan
-from planner.specs.workload import Workload
+from hpi.planner.catalog import load_model
+from hpi.planner.predict import predict
+from hpi.planner.profiles import load_profile
+from hpi.planner.specs.plan import Plan
+from hpi.planner.specs.workload import Workload
 
 model = load_model("llama-3-8b")
 hw = load_profile("h100-sxm-1gpu")

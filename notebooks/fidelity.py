@@ -12,7 +12,7 @@
 # the machine it ran on) is predicted twice:
 #
 # - **uncalibrated**: the profile's probed ceilings and its efficiency priors, nothing learnt from a run;
-# - **calibrated, leave-one-plan-out**: coefficients fitted (`planner.calibrate.fit`) to the records of
+# - **calibrated, leave-one-plan-out**: coefficients fitted (`hpi.planner.calibrate.fit`) to the records of
 #   the *other* plans of the same machine, so a run and its repeats never inform their own prediction.
 #
 # for three figures: the median decode step, the prefill, and the peak GPU memory (the largest
@@ -26,10 +26,10 @@
 import dataclasses
 import statistics
 
-from planner.calibrate import METRICS, apply, fit, load_records, measurement, plan_key
-from planner.fidelity import load_manifest, validate
-from planner.predict import predict
-from planner.profiles import load_profile
+from hpi.planner.calibrate import METRICS, apply, fit, load_records, measurement, plan_key
+from hpi.planner.fidelity import load_manifest, validate
+from hpi.planner.predict import predict
+from hpi.planner.profiles import load_profile
 
 manifest = load_manifest()
 result = validate(manifest)
@@ -181,10 +181,10 @@ for profile in sorted({p for _, p in measurements.values()}):
 # %%
 import numpy as np
 
-from planner.catalog import load_model
-from planner.cost.dequant import dequant_bytes_per_elem
-from planner.specs.plan import Plan
-from planner.specs.workload import Workload
+from hpi.planner.catalog import load_model
+from hpi.planner.cost.dequant import dequant_bytes_per_elem
+from hpi.planner.specs.plan import Plan
+from hpi.planner.specs.workload import Workload
 
 print("dequant bytes per element, bf16 [16, 8, 4 bit]:", dequant_bytes_per_elem(np.array([16, 8, 4]), "bf16"))
 assert list(dequant_bytes_per_elem(np.array([16, 8, 4]), "bf16")) == [0.0, 13.0, 17.0]

@@ -1,6 +1,6 @@
 """``hpi autotune``: find the fastest real configuration in a handful of runs (or simulated ones).
 
-Registered into ``hpi`` by ``planner.cli._COMMAND_MODULES``. Importing this module is cheap: optuna,
+Registered into ``hpi`` by ``hpi.planner.cli._COMMAND_MODULES``. Importing this module is cheap: optuna,
 matplotlib and the executor are imported when the command runs.
 """
 
@@ -12,7 +12,7 @@ import json
 import sys
 from typing import Any
 
-from planner.cli import _add_cuda_graph_flags, _add_plan_knobs, _add_target, _json_default, _positive
+from hpi.planner.cli import _add_cuda_graph_flags, _add_plan_knobs, _add_target, _json_default, _positive
 
 EXIT_INTERRUPTED = 130
 
@@ -71,8 +71,8 @@ def register(sub) -> dict[str, Any]:
 
 
 def _config(args: argparse.Namespace):
-    from autotune.tuner import TuneConfig
-    from planner.specs.workload import Workload
+    from hpi.autotune.tuner import TuneConfig
+    from hpi.planner.specs.workload import Workload
 
     restrict = {"offloads": args.offload, "weight_bits": args.quant_bits, "tp": args.tp, "pp": args.pp, "dp": args.dp,
                 "kv_offload": args.kv_offload, "pin_memory": args.pin_memory}
@@ -182,7 +182,7 @@ def cmd_autotune(args: argparse.Namespace) -> int:
     if args.trials < 1:
         raise ValueError(f"--trials {args.trials} < 1: ask for at least one trial")
     cfg = _config(args)
-    from autotune.tuner import tune
+    from hpi.autotune.tuner import tune
 
     bar = not args.json or sys.stderr.isatty()  # --json into a pipe: plain lines on stderr, no redraws
     try:

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from autotune.runners import RunFailed
-from autotune.space import Space, plan_key, suggest_plan
-from autotune.study import owner
-from autotune.surrogate import Surrogate
-from planner.specs.plan import Plan
+from hpi.autotune.runners import RunFailed
+from hpi.autotune.space import Space, plan_key, suggest_plan
+from hpi.autotune.study import owner
+from hpi.autotune.surrogate import Surrogate
+from hpi.planner.specs.plan import Plan
 
 OOM_MARGIN = 0.05  # an out-of-memory is at least this far over the limit, whatever the prediction said
 SLIM_DROP = ("tokens", "texts")  # large, and nothing calibration reads
@@ -103,7 +103,7 @@ class TrialContext:
 def _write(ctx: TrialContext, number: int, doc: dict[str, Any]) -> str | None:
     if ctx.runs_dir is None:
         return None
-    from executor.spec import write_json_atomic  # pure: json + tempfile, no torch
+    from hpi.executor.spec import write_json_atomic  # pure: json + tempfile, no torch
 
     return str(write_json_atomic(ctx.runs_dir / f"trial-{number:04d}.json", doc))
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from optuna.trial import TrialState
 
-from planner.specs.plan import Plan
+from hpi.planner.specs.plan import Plan
 
 
 def _plt():

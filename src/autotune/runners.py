@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from autotune.simulate import SimulatedOutOfMemory, SimulatedRunner
-from planner.specs.plan import Plan
-from planner.specs.workload import Workload
+from hpi.autotune.simulate import SimulatedOutOfMemory, SimulatedRunner
+from hpi.planner.specs.plan import Plan
+from hpi.planner.specs.workload import Workload
 
 _SIZE = re.compile(r"\d+(?:\.\d+)?\s*(?:[KMGTP]i?B|bytes)\b")
 REPO = Path(__file__).resolve().parents[2]
@@ -49,7 +49,7 @@ def _oom_where(message: str) -> str:
 
 @dataclass(frozen=True)
 class ExecutorRunner:
-    """Real runs: one ``executor.launch`` per trial, on this node's GPUs (or the CPU for tests)."""
+    """Real runs: one ``hpi.executor.launch`` per trial, on this node's GPUs (or the CPU for tests)."""
 
     model: str  # as the user named it: catalogue name, config.json or checkpoint directory
     hardware: str
@@ -64,8 +64,8 @@ class ExecutorRunner:
         """Whether this trial decodes through CUDA graphs: where the workload asks for them and the plan allows
         them, the rule the planner prices each candidate by (``cost.overhead.graphed_forwards``), so that a
         trial measures the decode the study predicted for it."""
-        from planner.catalog import load_model
-        from planner.specs.plan import decode_graph_blocker
+        from hpi.planner.catalog import load_model
+        from hpi.planner.specs.plan import decode_graph_blocker
 
         if not self.workload.decode_graphs:
             return False
@@ -73,8 +73,8 @@ class ExecutorRunner:
 
     def run(self, plan: Plan, out_dir: str | None, timeout_s: float | None, note: dict[str, Any], *,
             noise_key: int = 0) -> dict[str, Any]:
-        from executor.launch import LaunchError, launch
-        from executor.spec import RunSpec
+        from hpi.executor.launch import LaunchError, launch
+        from hpi.executor.spec import RunSpec
 
         spec = RunSpec(plan=plan, model=self.model, workload=self.workload, hardware=self.hardware,
                        device=self.device, dtype=self.dtype, checkpoint=self.checkpoint, nvme_path=self.nvme_path,
@@ -134,7 +134,7 @@ class RecipeRunner:
                 "--prompt-len", str(self.workload.prompt_len_tokens), "--gen-len", str(self.workload.gen_len_tokens)]
 
     def run(self, batch: int, out_dir: Path, timeout_s: float | None) -> dict[str, Any]:
-        from executor.launch import free_port
+        from hpi.executor.launch import free_port
 
         if not self.script.is_file():
             raise RunFailed("crash", f"--baseline ds-examples runs {self.script}, which is missing: run hpi autotune "

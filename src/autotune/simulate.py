@@ -49,11 +49,11 @@ from typing import Any
 
 import numpy as np
 
-from planner.predict import predict
-from planner.specs.hardware import Efficiency, HardwareProfile
-from planner.specs.model import ModelSpec
-from planner.specs.plan import Plan
-from planner.specs.workload import Workload
+from hpi.planner.predict import predict
+from hpi.planner.specs.hardware import Efficiency, HardwareProfile
+from hpi.planner.specs.model import ModelSpec
+from hpi.planner.specs.plan import Plan
+from hpi.planner.specs.workload import Workload
 
 FACTOR_RANGES: dict[str, tuple[float, float]] = {
     "h2d_stream_pinned": (0.80, 1.35),
@@ -169,9 +169,9 @@ class HiddenMachine:
 
     def evaluate(self, model: ModelSpec, workload: Workload, layout: tuple[int, int, int], knobs):
         """True (noise-free) throughput, decode step and feasibility of plans of one layout, as arrays."""
-        from autotune.surrogate import _layout  # the cached placement of a layout
-        from planner.cost.estimate import evaluate
-        from planner.feasibility import feasible_mask
+        from hpi.autotune.surrogate import _layout  # the cached placement of a layout
+        from hpi.planner.cost.estimate import evaluate
+        from hpi.planner.feasibility import feasible_mask
 
         hw = self.profile
         ev = evaluate(_layout(model, hw, workload, *layout), knobs)
@@ -219,7 +219,7 @@ class SimulatedRunner:
 def simulated_record(plan: Plan, true, true_prefill_s: float, true_decode_s: float, nominal, workload: Workload,
                      rng: np.random.Generator, noise: float, model_arg: str, dtype: str,
                      note: dict[str, Any]) -> dict[str, Any]:
-    """A RunRecord (executor.record.build_record's keys) for the hidden machine's figures, with noise.
+    """A RunRecord (hpi.executor.record.build_record's keys) for the hidden machine's figures, with noise.
 
     ``true`` is the Estimate on the hidden profile (memory, bandwidth figures); the times are its prefill
     and decode step with the effects the planner does not model (``HiddenMachine.times``)."""
@@ -291,7 +291,7 @@ def true_values(machine: HiddenMachine, model: ModelSpec, workload: Workload, la
 def true_plan_values(machine: HiddenMachine, model: ModelSpec, workload: Workload, plans: list[Plan],
                      objective: str) -> list[float]:
     """The hidden machine's noise-free objective of each plan (0 tok/s or inf s where it does not fit)."""
-    from planner.cost.inputs import Knobs
+    from hpi.planner.cost.inputs import Knobs
 
     worst = 0.0 if objective == "throughput" else math.inf
     out: list[float] = [worst] * len(plans)
@@ -312,7 +312,7 @@ def exhaustive_optimum(model: ModelSpec, machine: HiddenMachine, workload: Workl
     plans (so a discrete plan the nominal planner ranked too low still counts), and what a grid search over
     the study's own lattice would need: its size and the expected trials, in random order, to hit a point
     within 3% ((G + 1) / (K + 1) for K such points among G)."""
-    from autotune.space import grid, top_configs, widen
+    from hpi.autotune.space import grid, top_configs, widen
 
     maximize = space.objective == "throughput"
     true_top = top_configs(model, machine.profile, workload, space.objective, top_true, restrict, batch, max_batch)
@@ -339,7 +339,7 @@ def exhaustive_optimum(model: ModelSpec, machine: HiddenMachine, workload: Workl
 
 def _default_knob_rows(lattice) -> np.ndarray:
     """Lattice rows a coarse grid would run: DeepSpeed's default prefetch, max live and persistence."""
-    from planner.specs.plan import (DEEPSPEED_DEFAULT_MAX_LIVE_ELEMS, DEEPSPEED_DEFAULT_PERSISTENCE_ELEMS,
+    from hpi.planner.specs.plan import (DEEPSPEED_DEFAULT_MAX_LIVE_ELEMS, DEEPSPEED_DEFAULT_PERSISTENCE_ELEMS,
                                     DEEPSPEED_DEFAULT_PREFETCH_ELEMS)
 
     parts = []

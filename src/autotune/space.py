@@ -15,7 +15,7 @@ not worth one. Everything else is a runtime knob with a range derived from the m
   which DeepSpeed requires).
 
 DeepSpeed's ``aio`` settings are not searched: the executor renders DeepSpeedExamples' values for every
-NVMe run (``executor.render.AIO_DEFAULTS``) with no per-run override, and the cost model has no aio term,
+NVMe run (``hpi.executor.render.AIO_DEFAULTS``) with no per-run override, and the cost model has no aio term,
 so a trial could neither apply nor predict them.
 
 ``suggest_plan(trial, space)`` turns a trial into a Plan; ``params_of(plan, space)`` is its inverse (what
@@ -32,18 +32,18 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from planner.cost.inputs import Knobs
-from planner.cost.shape import module_table, per_rank
-from planner.search import DEFAULT_BATCHES, SearchSpace, nvme_buffer_elems_for, search
-from planner.specs.hardware import HardwareProfile
-from planner.specs.model import ModelSpec
-from planner.specs.plan import (
+from hpi.planner.cost.inputs import Knobs
+from hpi.planner.cost.shape import module_table, per_rank
+from hpi.planner.search import DEFAULT_BATCHES, SearchSpace, nvme_buffer_elems_for, search
+from hpi.planner.specs.hardware import HardwareProfile
+from hpi.planner.specs.model import ModelSpec
+from hpi.planner.specs.plan import (
     DEEPSPEED_DEFAULT_MAX_LIVE_ELEMS,
     DEEPSPEED_DEFAULT_PERSISTENCE_ELEMS,
     DEEPSPEED_DEFAULT_PREFETCH_ELEMS,
     Plan,
 )
-from planner.specs.workload import Workload
+from hpi.planner.specs.workload import Workload
 
 OBJECTIVES = ("throughput", "latency")
 DEFAULT_TOP_CONFIGS = 6

@@ -27,8 +27,8 @@ import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from autotune.surrogate import Observation
-from planner.specs.plan import Plan
+from hpi.autotune.surrogate import Observation
+from hpi.planner.specs.plan import Plan
 
 HEARTBEAT_INTERVAL_S = 30
 GRACE_PERIOD_S = 120  # a trial silent this long on another machine is taken as dead

@@ -3,7 +3,7 @@
 Three layers, each fixing what the one before cannot:
 
 1. **Calibration** (``refresh_profile``): the hardware profile's efficiencies refitted to every RunRecord
-   the study has (``planner.calibrate``, issue 4). It moves all predictions at once, because one
+   the study has (``hpi.planner.calibrate``, issue 4). It moves all predictions at once, because one
    streaming efficiency or one per-layer overhead is shared by every plan.
 2. **Residuals**: what calibration leaves, ``r = log(measured / predicted)`` of the objective, fitted
    by Bayesian linear regression on the mechanisms a plan uses: an intercept, its offload kind, weight
@@ -35,16 +35,16 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from autotune.space import Config, Lattice, Space, grid, plan_key
-from planner.calibrate import CalibrationError, calibrate
-from planner.cost.estimate import evaluate
-from planner.cost.inputs import Knobs, Layout
-from planner.feasibility import capacity_masks
-from planner.predict import layout_for
-from planner.specs.hardware import HardwareProfile
-from planner.specs.model import ModelSpec
-from planner.specs.plan import OFFLOAD_KINDS, WEIGHT_BITS, Plan
-from planner.specs.workload import Workload
+from hpi.autotune.space import Config, Lattice, Space, grid, plan_key
+from hpi.planner.calibrate import CalibrationError, calibrate
+from hpi.planner.cost.estimate import evaluate
+from hpi.planner.cost.inputs import Knobs, Layout
+from hpi.planner.feasibility import capacity_masks
+from hpi.planner.predict import layout_for
+from hpi.planner.specs.hardware import HardwareProfile
+from hpi.planner.specs.model import ModelSpec
+from hpi.planner.specs.plan import OFFLOAD_KINDS, WEIGHT_BITS, Plan
+from hpi.planner.specs.workload import Workload
 
 CONSTRAINTS = ("gpu_memory", "cpu_memory", "pinned_memory", "nvme")
 PRESSURE_FROM = 0.80  # GPU memory use above which the residual model lets runs slow down
@@ -59,7 +59,7 @@ OOM_CEILING_MARGIN = 0.98  # a plan predicted within 2% of one that ran out of m
 def refresh_profile(profile: HardwareProfile, records: Sequence[dict[str, Any]]) -> HardwareProfile:
     """The profile the next suggestions are ranked on: ``profile`` calibrated to the study's records.
 
-    The one place where records make the planner more accurate (``planner.calibrate``, issue 4). Always
+    The one place where records make the planner more accurate (``hpi.planner.calibrate``, issue 4). Always
     refitted from the nominal profile with every record so far, so the order trials finished in does not
     matter and a resumed study ranks exactly as an uninterrupted one.
     """

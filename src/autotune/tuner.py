@@ -27,11 +27,11 @@ from typing import Any, Callable
 
 import optuna
 
-from autotune.objective import TrialContext, TrialCrashed, measured_figures, run_trial
-from autotune.runners import BASELINES, ExecutorRunner, RecipeRunner, RunFailed, SimRunner, ds_examples_plan
-from autotune.simulate import DEFAULT_NOISE, HiddenMachine, SimulatedRunner, exhaustive_optimum, true_plan_values
-from autotune.space import Config, Space, derive_space, params_of, plan_key
-from autotune.study import (
+from hpi.autotune.objective import TrialContext, TrialCrashed, measured_figures, run_trial
+from hpi.autotune.runners import BASELINES, ExecutorRunner, RecipeRunner, RunFailed, SimRunner, ds_examples_plan
+from hpi.autotune.simulate import DEFAULT_NOISE, HiddenMachine, SimulatedRunner, exhaustive_optimum, true_plan_values
+from hpi.autotune.space import Config, Space, derive_space, params_of, plan_key
+from hpi.autotune.study import (
     MEMORY_STORAGE,
     best_trial,
     counted,
@@ -41,9 +41,9 @@ from autotune.study import (
     recover,
     waiting,
 )
-from autotune.surrogate import Surrogate
-from planner.specs.plan import Plan
-from planner.specs.workload import Workload
+from hpi.autotune.surrogate import Surrogate
+from hpi.planner.specs.plan import Plan
+from hpi.planner.specs.workload import Workload
 
 DEFAULT_SEEDS = 3
 WITHIN = 0.03  # the simulated target: within 3% of the true optimum
@@ -118,8 +118,8 @@ class Tuner:
 
     # ---- setup ------------------------------------------------------------------------------------------
     def setup(self) -> None:
-        from planner.catalog import load_model
-        from planner.profiles import load_profile
+        from hpi.planner.catalog import load_model
+        from hpi.planner.profiles import load_profile
 
         cfg = self.cfg
         self.model = load_model(cfg.checkpoint or cfg.model)
@@ -332,7 +332,7 @@ class Tuner:
         out["wall_s"] = time.monotonic() - started
         path = self._baseline_path(batch)
         if path is not None:
-            from executor.spec import write_json_atomic
+            from hpi.executor.spec import write_json_atomic
 
             write_json_atomic(path, out)
         if out["status"] == "ok":  # the database keeps the figures (without the record) for a resumed study
@@ -418,8 +418,8 @@ class Tuner:
         """best_plan.json, best_ds_config.json, the launch command, summary.json and the report."""
         if self.study_dir is None or doc["best"] is None:
             return
-        from executor.render import ds_config
-        from executor.spec import write_json_atomic
+        from hpi.executor.render import ds_config
+        from hpi.executor.spec import write_json_atomic
 
         plan = Plan.from_dict({k: doc["best"][k] for k in Plan.__dataclass_fields__})
         best_path = write_json_atomic(self.study_dir / "best_plan.json", {"plan": plan.to_dict(), **doc["best"]})
@@ -434,7 +434,7 @@ class Tuner:
                         "summary": str(self.study_dir / "summary.json")}
         doc["launch_command"] = command
         if self.cfg.report:
-            from autotune.report import write_report
+            from hpi.autotune.report import write_report
 
             try:
                 doc["files"]["report"] = str(write_report(self.study_dir, self.study, self.surrogate, doc))

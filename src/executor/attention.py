@@ -1,7 +1,7 @@
 """The attention function the stages run: transformers' sdpa, with grouped-query decode kept grouped.
 
 transformers' sdpa path gives PyTorch ``enable_gqa`` only when there is no mask; with a mask (padded rows,
-a sliding window past its end, and every step over a static cache, ``executor.graphs``) transformers 5.17
+a sliding window past its end, and every step over a static cache, ``hpi.executor.graphs``) transformers 5.17
 repeats each KV head for its query heads first (``repeat_kv``), which copies the whole cache every layer
 and step: on the 1x H100 the graphed 8B decode took 9.4 ms at batch 1 but 16.7 / 36.9 ms at 16 / 64, where
 the bytes it must read grow by 7% / 26% (benchmarks/results/2026-11-22-h100/run8). For one query token per

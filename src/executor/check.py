@@ -18,7 +18,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from executor.probe import _memlock, _run, classify_path, gather_os, measure_disk, mount_fs_type
+from hpi.executor.probe import _memlock, _run, classify_path, gather_os, measure_disk, mount_fs_type
 
 __all__ = ["SEVERITIES", "Finding", "CheckFacts", "RULES", "run_rules", "gather_facts", "has_errors",
            "DEEPSPEED_MIN_AUTOTP_ZERO3"]
@@ -51,7 +51,7 @@ class CheckFacts:
     tp: int = 1
     world_size: int = 1
     plan_problems: tuple[str, ...] = ()  # the planner's infeasibility reasons (or why it cannot be placed)
-    pinned_needed_bytes: float = 0.0  # per node, planner.predict's estimate
+    pinned_needed_bytes: float = 0.0  # per node, hpi.planner.predict's estimate
     # the profile the plan was made for
     profile_name: str = "profile"
     profile_os: str = "linux"

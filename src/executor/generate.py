@@ -39,7 +39,7 @@ no mask and no positions: the stage keeps its unpadded fast path (sdpa's own cau
 
 With ``decode_graphs`` every micro-batch's cache is a ``StaticKVCache`` sized for the whole generation, the
 prefill runs eagerly into it, and each decode forward of a micro-batch replays its ``DecodeGraph``
-(``executor.graphs``); the padding mask then spans the cache's slots (ones past the prompt: the causal rule
+(``hpi.executor.graphs``); the padding mask then spans the cache's slots (ones past the prompt: the causal rule
 hides the future ones).
 """
 
@@ -52,8 +52,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from executor.graphs import DecodeGraph, StaticKVCache
-from executor.groups import Groups
+from hpi.executor.graphs import DecodeGraph, StaticKVCache
+from hpi.executor.groups import Groups
 
 
 @dataclass

@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from executor.render import DEFAULT_WORKER, MULTICAST_OFF_ENV, launch_command
-from executor.spec import RunSpec
+from hpi.executor.render import DEFAULT_WORKER, MULTICAST_OFF_ENV, launch_command
+from hpi.executor.spec import RunSpec
 
 __all__ = ["LaunchError", "launch", "launch_env", "free_port", "WORKER", "RECORD_FILE", "SPEC_FILE"]
 
@@ -270,7 +270,7 @@ def launch(
     ``nproc_per_node`` defaults to ``world_size / nnodes``. ``master_port`` defaults to a free port on one
     node; several nodes must agree on one. ``stream`` gets each stdout line of global rank 0 (without the
     newline) as it comes, in this thread, so an exception it raises (KeyboardInterrupt) stops the run.
-    ``worker`` replaces ``("-m", "executor.worker")`` (tests). On a node other than 0 (which does not run
+    ``worker`` replaces ``("-m", "hpi.executor.worker")`` (tests). On a node other than 0 (which does not run
     rank 0) the return value is ``{"node_rank", "nnodes", "local_world_size", "log_dir"}``.
     """
     out_dir = Path(spec.out_dir)

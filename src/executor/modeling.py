@@ -2,10 +2,10 @@
 
 ``build_stage`` makes the stage on the meta device (no time spent in HF's own init), allocates it with
 ``to_empty`` on the target device and fills every parameter with this rank's slice, drawn
-deterministically (``executor.weights.RandomSource``) or read slice-wise from a local safetensors
-checkpoint (``executor.weights.CheckpointReader``). Decoder layers are transformers' own classes, built
+deterministically (``hpi.executor.weights.RandomSource``) or read slice-wise from a local safetensors
+checkpoint (``hpi.executor.weights.CheckpointReader``). Decoder layers are transformers' own classes, built
 from a per-stage config whose head / kv-head / intermediate counts are the per-rank ones; row-parallel
-projections are swapped for ``executor.tp.RowParallelLinear``.
+projections are swapped for ``hpi.executor.tp.RowParallelLinear``.
 
 Families: llama, mistral, qwen2 (the Llama layer layout), mixtral (the same attention; transformers' fused
 experts, their FFN width split over TP and the block's output all-reduced) and opt. DeepSeek and BLOOM are
@@ -14,11 +14,11 @@ not built here yet.
 Attention runs through transformers' ``sdpa`` path. With no mask it is causal for a multi-token query and
 full for a one-token decode, which is right for unpadded prompts prefilled in one go; the stage builds an
 explicit boolean mask itself when that shortcut would be wrong (a multi-token chunk after a non-empty
-cache, or a sequence longer than a sliding window). Left-padded prompts (``executor.generate.LeftPadding``)
+cache, or a sequence longer than a sliding window). Left-padded prompts (``hpi.executor.generate.LeftPadding``)
 come with a 2D padding mask and per-row position ids: the stage hands the mask to transformers' own
 builders (``masking_utils.create_causal_mask`` / ``create_sliding_window_causal_mask``, what the HF
 model's forward calls), so pads are masked exactly as ``generate`` masks them, sliding windows included.
-With a ``StaticKVCache`` (CUDA-graphed decode, ``executor.graphs``) the keys span the whole generation and
+With a ``StaticKVCache`` (CUDA-graphed decode, ``hpi.executor.graphs``) the keys span the whole generation and
 the stage builds the mask on the device from the cache slots (``static_causal_mask``); padding then comes
 as a slot mask over the cache's full length.
 """
@@ -38,9 +38,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from executor.attention import register as register_attention
-from executor.graphs import StaticKVCache
-from executor.tp import (
+from hpi.executor.attention import register as register_attention
+from hpi.executor.graphs import StaticKVCache
+from hpi.executor.tp import (
     COLUMN_PARALLEL,
     ROW_PARALLEL,
     RowParallelLinear,
@@ -51,9 +51,9 @@ from executor.tp import (
     shard_index,
     tp_allreduce_seconds,
 )
-from executor.weights import CheckpointReader, RandomSource, param_table
+from hpi.executor.weights import CheckpointReader, RandomSource, param_table
 
-ATTENTION = register_attention()  # transformers' sdpa, grouped-query decode kept grouped (executor.attention)
+ATTENTION = register_attention()  # transformers' sdpa, grouped-query decode kept grouped (hpi.executor.attention)
 
 __all__ = [
     "SUPPORTED_FAMILIES",
@@ -212,7 +212,7 @@ def load_hf_config(model: str | None, checkpoint: str | None = None):
         return _config_from_dict(json.loads(path.read_text()), str(path))
     if model is None:
         raise ValueError("give a model (catalogue name or config path) or a checkpoint directory")
-    import planner.catalog as catalog
+    import hpi.planner.catalog as catalog
 
     catalogue = {p.stem.lower(): p for p in (Path(catalog.__file__).parent / "models").glob("*.json")}
     key = str(model).strip().lower()
@@ -262,7 +262,7 @@ def shard_config(config, tp_size: int):
 def stage_config(config, shard: ShardSpec):
     """The config a stage's modules are built from: per-rank counts (``shard_config``), only this stage's
     layers (``num_hidden_layers`` and ``layer_types`` sliced, so local layer index j is global
-    ``layer_start + j``) and the sdpa attention path (``executor.attention``). A
+    ``layer_start + j``) and the sdpa attention path (``hpi.executor.attention``). A
     ``DynamicCache(config=stage_config(...))`` has exactly one layer per local layer."""
     cfg = shard_config(config, shard.tp_size)
     cfg.num_hidden_layers = shard.n_layers
@@ -508,7 +508,7 @@ def build_stage(config, shard: ShardSpec, *, tp_group=None, dtype: torch.dtype =
     """This rank's stage, in eval mode with ``requires_grad`` off, parameters in ``dtype`` on ``device``.
 
     Weights: with ``checkpoint`` (a local HF safetensors directory) each parameter's slice is read from it;
-    otherwise deterministic random values of ``seed`` (see ``executor.weights``), drawn on ``init_device``
+    otherwise deterministic random values of ``seed`` (see ``hpi.executor.weights``), drawn on ``init_device``
     (default: ``device``; e.g. ``device="cpu", init_device="cuda"`` draws on the GPU and keeps the stage in
     host memory for ZeRO offload). ``device="meta"`` returns the stage unmaterialized (shapes only).
     ``tp_group`` is the TP process group (unused, may be None, at tp 1; None at tp > 1: the default group).

@@ -1,4 +1,4 @@
-"""``hpi probe``: measure this machine and write a hardware profile (``planner.profiles`` schema).
+"""``hpi probe``: measure this machine and write a hardware profile (``hpi.planner.profiles`` schema).
 
     doc = run_probe(ProbeSettings.full(), nvme_path="/mnt/nvme", progress=...)   # the raw measurements
     profile = build_profile(doc, name="my-box")                                  # a profile dict
@@ -412,7 +412,7 @@ def _copy_figure(doc: Mapping[str, Any], kind: str, when: str = "alone") -> floa
 
 
 def build_profile(doc: Mapping[str, Any], name: str) -> dict[str, Any]:
-    """The profile dict (``planner.profiles`` schema) for the measurement document ``doc``.
+    """The profile dict (``hpi.planner.profiles`` schema) for the measurement document ``doc``.
 
     Figures that failed to measure fall back to ``assumed`` values whose note says so, never silently.
     """
@@ -703,7 +703,7 @@ def _kernel_efficiency(doc: Mapping[str, Any]) -> dict[str, Any]:
     """hbm, layer_device_overhead_s (and graphed_step_overhead_s) from real decoder layers timed in graphed decode,
     where the probe timed them; else hbm from a GEMV's read rate over the HBM copy ceiling and
     layer_device_overhead_s as KERNELS_PER_LAYER times a tiny kernel's time in a CUDA graph."""
-    from planner.cost.dequant import KERNELS_PER_LAYER
+    from hpi.planner.cost.dequant import KERNELS_PER_LAYER
 
     kernels, copy = doc.get("kernels") or {}, (doc.get("hbm") or {}).get("bytes_s")
     if kernels.get("layers") and copy:
@@ -793,8 +793,8 @@ def _size_words(size: int) -> str:
 
 def _group_link_bytes_s(profile: Mapping[str, Any], k: int) -> float | None:
     """The ring link the cost model sees for the first k GPUs: compiled by the planner from this very profile."""
-    from planner.profiles import load_profile
-    from planner.topology import build_topology
+    from hpi.planner.profiles import load_profile
+    from hpi.planner.topology import build_topology
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / f"{profile['name']}.yaml"
@@ -1073,7 +1073,7 @@ def measure_decode_kernels(torch: Any, settings: ProbeSettings) -> dict[str, Any
     x = torch.randn(1, cols, dtype=torch.bfloat16, device="cuda:0")
     gemv_s = _event_time(torch, lambda: torch.nn.functional.linear(x, w), settings.matmul_iters)
     del w
-    from executor.graphs import capture
+    from hpi.executor.graphs import capture
 
     a = torch.zeros(256, device="cuda:0")
 
@@ -1098,15 +1098,15 @@ def _with_layers(config: Any, n: int) -> Any:
 
 
 def measure_decoder_layers(torch: Any, settings: ProbeSettings, device: str = "cuda:0") -> dict[str, Any]:
-    """Real decoder layers on the executor's own graphed decode path (``executor.generate`` with
-    ``decode_graphs``, ``executor.graphs``): each of ``settings.layer_models`` built with each of the two
+    """Real decoder layers on the executor's own graphed decode path (``hpi.executor.generate`` with
+    ``decode_graphs``, ``hpi.executor.graphs``): each of ``settings.layer_models`` built with each of the two
     ``layer_counts`` (seeded random weights, bf16 on a GPU), batch 1, the median decode step over
     ``layer_reps`` generations after one warm-up. The step difference over the layer difference is one
     layer's time, free of the embedding, the head and the loop; the layer's bytes come from its parameters.
     Where the tiny kernel (``measure_decode_kernels``) gives every kernel's floor, this gives what a real
     layer's norms, rotary, attention and small GEMVs cost: the 8B's graphed step ran 13-38% slower than
     that floor predicts (``hpi validate``, 2026-11-22)."""
-    from executor.modeling import load_hf_config
+    from hpi.executor.modeling import load_hf_config
 
     dev = torch.device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -1130,9 +1130,9 @@ def time_layers(torch: Any, settings: ProbeSettings, config: Any, model: str, de
     (``benchmarks/layer_scaling.py`` times it at other batches and prompt lengths)."""
     from transformers import DynamicCache
 
-    from executor.generate import PipelineGenerator, Sampler
-    from executor.groups import Groups
-    from executor.modeling import ShardSpec, build_stage
+    from hpi.executor.generate import PipelineGenerator, Sampler
+    from hpi.executor.groups import Groups
+    from hpi.executor.modeling import ShardSpec, build_stage
 
     prompt_len, gen_len = settings.layer_prompt_len, settings.layer_gen_len
     ids = torch.randint(3, config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
@@ -1225,8 +1225,8 @@ def _allreduce_worker(rank: int, world: int, backend: str, init_file: str, sizes
 def _graphed_seconds(torch: Any, dist: Any, buf: Any, group: Any, replays: int) -> float:
     """Seconds per all-reduce of ``GRAPHED_CALLS`` back-to-back all-reduces captured as one CUDA graph and
     replayed: the GPU's time per collective with no host in between, as in a graphed decode step
-    (executor.graphs). Warmed up on a side stream first, as the executor does before its capture."""
-    from executor.graphs import capture
+    (hpi.executor.graphs). Warmed up on a side stream first, as the executor does before its capture."""
+    from hpi.executor.graphs import capture
 
     def all_reduces() -> None:
         for _ in range(GRAPHED_CALLS):

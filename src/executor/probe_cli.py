@@ -1,6 +1,6 @@
-"""``hpi probe`` and ``hpi check``: the command-line side of executor.probe and executor.check.
+"""``hpi probe`` and ``hpi check``: the command-line side of hpi.executor.probe and hpi.executor.check.
 
-Listed in ``planner.cli._COMMAND_MODULES``, so this module is imported by every ``hpi`` command: it must
+Listed in ``hpi.planner.cli._COMMAND_MODULES``, so this module is imported by every ``hpi`` command: it must
 stay cheap and import neither torch nor the measuring modules at import time (``hpi plan`` stays fast and
 the planner-purity test holds). The handlers import what they need when they run.
 """
@@ -20,7 +20,7 @@ __all__ = ["register", "cmd_probe", "cmd_check"]
 
 def register(sub: Any) -> dict[str, Any]:
     """Add the ``probe`` and ``check`` parsers to ``sub`` (argparse sub-parsers); returns {name: handler}."""
-    from planner.cli import _add_plan_knobs, _add_target  # already imported: planner.cli is calling us
+    from hpi.planner.cli import _add_plan_knobs, _add_target  # already imported: hpi.planner.cli is calling us
 
     p = sub.add_parser("probe", help="measure this machine and write a hardware profile YAML")
     p.add_argument("--out", default=None, metavar="PATH.yaml",
@@ -40,7 +40,7 @@ def register(sub: Any) -> dict[str, Any]:
 def _names(args: argparse.Namespace) -> tuple[str, Path]:
     import socket
 
-    from executor.probe import check_profile_name, default_profile_name
+    from hpi.executor.probe import check_profile_name, default_profile_name
 
     out = Path(args.out).expanduser() if args.out else None
     if out is not None and out.suffix not in (".yaml", ".yml"):
@@ -85,8 +85,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
     name, out = _names(args)
     _check_nvme_path(args.nvme_path)
-    from executor.probe import ProbeSettings, build_profile, run_probe, write_profile
-    from planner.profiles import load_profile
+    from hpi.executor.probe import ProbeSettings, build_profile, run_probe, write_profile
+    from hpi.planner.profiles import load_profile
 
     err = Console(stderr=True)
     settings = ProbeSettings.small() if args.quick else ProbeSettings.full()
@@ -154,8 +154,8 @@ EXIT_CHECK_FAILED = 1
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Exit 0 when nothing is an error, 1 when something is (bad input: 2, as every hpi command)."""
-    from planner.cli import _load_target, _plan_from_args
-    from planner.predict import PlanError, predict
+    from hpi.planner.cli import _load_target, _plan_from_args
+    from hpi.planner.predict import PlanError, predict
 
     model, hardware, workload = _load_target(args)
     plan = _plan_from_args(args, model)
@@ -163,7 +163,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         est, problems = predict(model, hardware, workload, plan), ()
     except PlanError as e:
         est, problems = None, (f"cannot be placed: {e}",)
-    from executor.check import findings_doc, gather_facts, has_errors, run_rules
+    from hpi.executor.check import findings_doc, gather_facts, has_errors, run_rules
 
     findings = run_rules(gather_facts(est, hardware, plan_problems=problems, nvme_path=args.nvme_path))
     if args.json:
@@ -189,5 +189,5 @@ def _print_findings(findings: Any, label: str, profile: str) -> None:
     console.print(f"{errors} error(s): fix them before hpi run" if errors else "no errors: ready to launch")
 
 
-if __name__ == "__main__":  # pragma: no cover - `python -m executor.probe_cli` is not an entry point
+if __name__ == "__main__":  # pragma: no cover - `python -m hpi.executor.probe_cli` is not an entry point
     sys.exit("use: hpi probe")

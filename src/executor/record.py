@@ -14,7 +14,7 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from executor.render import AIO_DEFAULTS
+from hpi.executor.render import AIO_DEFAULTS
 
 
 @dataclass
@@ -104,7 +104,7 @@ def _nvme_figures(spec_dict: dict[str, Any], reports: list[RankReport], decode_s
         "achieved_read_bytes_s": achieved,
         "profile_read_bytes_s": profile_read_bytes_s,
         "fraction_of_profile": achieved / profile_read_bytes_s if profile_read_bytes_s and achieved else None,
-        "aio": dict(AIO_DEFAULTS),  # the queue depth and block size DeepSpeed was given (executor.render)
+        "aio": dict(AIO_DEFAULTS),  # the queue depth and block size DeepSpeed was given (hpi.executor.render)
         "device": measured[0].nvme_device if measured else None,
         "device_read_bytes": read,
         "device_read_bytes_s": read / interval if measured and interval > 0 else None,

@@ -45,8 +45,8 @@ import re
 import sys
 from typing import Any, Mapping, Sequence
 
-from planner.specs.placement import Placement
-from planner.specs.plan import QUANT_GROUP_SIZE, Plan
+from hpi.planner.specs.placement import Placement
+from hpi.planner.specs.plan import QUANT_GROUP_SIZE, Plan
 
 __all__ = [
     "AIO_DEFAULTS", "DEFAULT_WORKER", "MULTICAST_OFF_ENV", "ds_config", "launch_command", "hostfile",
@@ -80,7 +80,7 @@ MULTICAST_OFF_ENV: dict[str, str] = {
     "NVSHMEM_DISABLE_NVLS": "1",
 }
 
-DEFAULT_WORKER: tuple[str, ...] = ("-m", "executor.worker")  # what torchrun runs, before the spec path
+DEFAULT_WORKER: tuple[str, ...] = ("-m", "hpi.executor.worker")  # what torchrun runs, before the spec path
 RDZV_ID = "hpi"  # static rendezvous prefixes its store with this id: every node must use the same one
 
 
@@ -164,14 +164,14 @@ def launch_command(
     python: str = sys.executable,
     worker: Sequence[str] = DEFAULT_WORKER,
 ) -> list[str]:
-    """``python -m torch.distributed.run ... -m executor.worker <spec_path>`` for one node.
+    """``python -m torch.distributed.run ... -m hpi.executor.worker <spec_path>`` for one node.
 
     Static rendezvous at ``master_addr:master_port`` (the TCP store lives on node 0), no restarts (a failed
     rank fails the run), and ``--redirects 3 --tee 3``: each local rank's stdout and stderr land in
     ``<log_dir>/<rdzv id>_<random>/attempt_0/<local rank>/{stdout,stderr}.log`` and on the console,
     each console line prefixed by the launcher's ``TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE`` (``[rank<r>]:``).
 
-    ``worker`` is what follows torchrun's own options, before the spec path: ``("-m", "executor.worker")``
+    ``worker`` is what follows torchrun's own options, before the spec path: ``("-m", "hpi.executor.worker")``
     by default, a script path for tests.
     """
     for name, value in (("nproc_per_node", nproc_per_node), ("nnodes", nnodes)):
@@ -215,7 +215,7 @@ def node_ranks(placement: Placement) -> dict[int, list[tuple[int, int]]]:
     """``{node: [(rank, gpu index), ...]}`` in rank order, for the nodes the placement uses.
 
     Static rendezvous numbers ranks node by node (node k's ranks follow those of nodes 0..k-1), so the
-    placement must give each node one contiguous block of ranks, as ``planner.layout.rank_gpus`` does.
+    placement must give each node one contiguous block of ranks, as ``hpi.planner.layout.rank_gpus`` does.
     """
     nodes: dict[int, list[tuple[int, int]]] = {}
     last = -1
@@ -235,7 +235,7 @@ def _check_plan(plan: Plan, placement: Placement) -> None:
     if (plan.tp, plan.pp, plan.dp) != (placement.tp, placement.pp, placement.dp):
         raise ValueError(
             f"plan tp({plan.tp}) pp({plan.pp}) dp({plan.dp}) != placement tp({placement.tp}) pp({placement.pp}) "
-            f"dp({placement.dp}): place this plan (planner.layout.place)"
+            f"dp({placement.dp}): place this plan (hpi.planner.layout.place)"
         )
 
 

@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from planner.specs.plan import Plan, reject_unknown_fields
-from planner.specs.workload import COMPUTE_DTYPES as DTYPES
-from planner.specs.workload import FETCH_WAITS, Workload
+from hpi.planner.specs.plan import Plan, reject_unknown_fields
+from hpi.planner.specs.workload import COMPUTE_DTYPES as DTYPES
+from hpi.planner.specs.workload import FETCH_WAITS, Workload
 
 DEVICES = ("cuda", "cpu")
 MODES = ("benchmark", "chat")
@@ -47,8 +47,8 @@ class RunSpec:
     warmup_steps: int = 0  # untimed generate calls before the measured one
     warmup_gen_len: int = 0  # tokens each warm-up generates; 0: the workload's gen_len (2 already fills
     #   DeepSpeed's prefetch trace and picks the decode kernels: prefill + one decode forward)
-    fetch_wait: str = "stream"  # stream: hpi's GPU-ordered ZeRO-3 fetch wait; host: DeepSpeed's stock (executor.zero3)
-    decode_graphs: bool = False  # replay each decode step as a CUDA graph (executor.graphs); resident plans only
+    fetch_wait: str = "stream"  # stream: hpi's GPU-ordered ZeRO-3 fetch wait; host: DeepSpeed's stock (hpi.executor.zero3)
+    decode_graphs: bool = False  # replay each decode step as a CUDA graph (hpi.executor.graphs); resident plans only
     variants: tuple[dict[str, Any], ...] = ()  # further measurements on the same build: RUNTIME_FIELDS overrides
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes recorded with the run
 

@@ -158,7 +158,7 @@ class _CollectiveTimer:
 
     def start(self, t: torch.Tensor):
         if t.is_cuda and torch.cuda.is_current_stream_capturing():
-            return None  # inside a CUDA graph (executor.graphs): events cannot be timed there
+            return None  # inside a CUDA graph (hpi.executor.graphs): events cannot be timed there
         if t.is_cuda:
             ev = torch.cuda.Event(enable_timing=True)
             ev.record()

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from executor.tp import Slice
+from hpi.executor.tp import Slice
 
 __all__ = [
     "CheckpointReader",
@@ -69,7 +69,7 @@ def param_table(config) -> dict[str, ParamInfo]:
     ``lm_head.weight`` is always listed (the stage needs it); with tied embeddings its source is the
     embedding, and checkpoints are expected not to store it.
     """
-    from executor.modeling import family_of  # the family registry lives with the module builders
+    from hpi.executor.modeling import family_of  # the family registry lives with the module builders
 
     fam = family_of(config)
     table: dict[str, tuple[int, ...]] = {}
@@ -211,7 +211,7 @@ class CheckpointReader:
         self._files: dict[str, Any] = {}
         self._tied_source: str | None = None
         if config is not None and getattr(config, "tie_word_embeddings", False):
-            from executor.modeling import family_of
+            from hpi.executor.modeling import family_of
 
             self._tied_source = f"{family_of(config).prefix}embed_tokens.weight"
 

@@ -1,6 +1,6 @@
 """One rank of a run: groups, its model shard, ZeRO-3, the pipeline stage, generate, measure.
 
-Started by ``executor.launch`` through torchrun as ``python -m executor.worker <out_dir>/spec.json``
+Started by ``hpi.executor.launch`` through torchrun as ``python -m hpi.executor.worker <out_dir>/spec.json``
 (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT in the environment). Rank 0 writes the RunRecord to
 ``<out_dir>/record.json`` (atomically) and prints it as its last stdout line.
 """
@@ -16,12 +16,12 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 
-from executor import diskstats
-from executor.generate import LeftPadding, PipelineGenerator, Sampler, StepTimes, left_pad
-from executor.groups import Groups, build_groups
-from executor.record import RankReport, build_record
-from executor.spec import RunSpec, write_json_atomic
-from planner.specs.plan import decode_graph_blocker
+from hpi.executor import diskstats
+from hpi.executor.generate import LeftPadding, PipelineGenerator, Sampler, StepTimes, left_pad
+from hpi.executor.groups import Groups, build_groups
+from hpi.executor.record import RankReport, build_record
+from hpi.executor.spec import RunSpec, write_json_atomic
+from hpi.planner.specs.plan import decode_graph_blocker
 
 # torchrun's error recorder writes each failing rank's traceback to error.json; the launcher reads it to
 # name the rank that failed first and show why.
@@ -53,7 +53,7 @@ def stage_layer_counts(spec: RunSpec, planner_model) -> tuple[int, ...]:
                 f"stage_layers sum({sum(spec.stage_layers)}) != n_layers({planner_model.n_layers}) of {planner_model.name}"
             )
         return tuple(spec.stage_layers)
-    from planner.cost.pipeline import stage_layer_sizes
+    from hpi.planner.cost.pipeline import stage_layer_sizes
 
     return stage_layer_sizes(planner_model, spec.plan.pp)
 
@@ -64,21 +64,21 @@ def uses_deepspeed(spec: RunSpec) -> bool:
 
 
 def _ds_config(spec: RunSpec, hidden_size: int) -> dict:
-    from executor.render import ds_config
+    from hpi.executor.render import ds_config
 
     return ds_config(spec.plan, dtype=spec.dtype, hidden_size=hidden_size, nvme_path=spec.nvme_path)
 
 
 def zero3_stage(module: torch.nn.Module, spec: RunSpec, g: Groups, hidden_size: int):
     """Hand the stage to DeepSpeed ZeRO-3 with every knob of the plan written explicitly."""
-    from executor.zero3 import wrap_zero3
+    from hpi.executor.zero3 import wrap_zero3
 
     return wrap_zero3(module, _ds_config(spec, hidden_size), g, fetch_wait=spec.fetch_wait)
 
 
 def check_quantizable(meta_stage: torch.nn.Module) -> None:
     """DeepSpeed quantizes each Linear/Embedding weight in groups of 64 along its input dimension."""
-    from planner.specs.plan import QUANT_GROUP_SIZE
+    from hpi.planner.specs.plan import QUANT_GROUP_SIZE
 
     for name, module in meta_stage.named_modules():
         weight = getattr(module, "weight", None)
@@ -97,7 +97,7 @@ def build_quantized_stage(config, shard, spec: RunSpec, g: Groups, dtype: torch.
     """
     import deepspeed
 
-    from executor.modeling import build_stage
+    from hpi.executor.modeling import build_stage
 
     if spec.checkpoint:
         raise ValueError("loading a checkpoint into 8/4-bit weights is not supported yet: use --quant-bits 16")
@@ -225,8 +225,8 @@ def _host_rss() -> int:
 def _prediction(spec: RunSpec, planner_model) -> tuple[dict | None, float | None]:
     if not spec.hardware:
         return None, None
-    from planner.predict import predict
-    from planner.profiles import load_profile
+    from hpi.planner.predict import predict
+    from hpi.planner.profiles import load_profile
 
     est = predict(planner_model, load_profile(spec.hardware), spec.workload, spec.plan)
     return est.to_dict(), est.placement.h2d_pinned_bytes_s
@@ -237,8 +237,8 @@ def run(spec: RunSpec) -> list[dict] | None:
 
     Returns rank 0's records (the spec's own first), None on other ranks.
     """
-    from executor.modeling import ShardSpec, build_stage, load_hf_config
-    from planner.catalog import load_model
+    from hpi.executor.modeling import ShardSpec, build_stage, load_hf_config
+    from hpi.planner.catalog import load_model
 
     device = _device(spec)
     _init_distributed(device)
@@ -378,7 +378,7 @@ def _until(tokens: list[int], eos: int | None) -> list[int]:
 
 
 def _tp_allreduce_seconds(reset: bool = False) -> float:
-    from executor.tp import tp_allreduce_seconds
+    from hpi.executor.tp import tp_allreduce_seconds
 
     return tp_allreduce_seconds(reset)
 
@@ -400,7 +400,7 @@ def _fold(spec: RunSpec, reports: list[RankReport], g: Groups, planner_model) ->
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        sys.stderr.write("usage: python -m executor.worker SPEC.json\n")
+        sys.stderr.write("usage: python -m hpi.executor.worker SPEC.json\n")
         return 2
     spec = RunSpec.read(argv[0])
     records = run(spec)

@@ -9,7 +9,7 @@ module with its own ZeRO-3 engine:
   broadcast from inside one stage's forward deadlocks against a stage waiting in ``recv``. What the
   check protects is agreement inside a partition group, so we scope it to the rank's dp group (and skip
   it for a group of one). ``scoped_trace_check`` installs that, once per process.
-- The partition group itself comes from the ``mpu`` (``executor.groups.DeepSpeedMpu``), which DeepSpeed
+- The partition group itself comes from the ``mpu`` (``hpi.executor.groups.DeepSpeedMpu``), which DeepSpeed
   reads when AutoTP is off (our own TP sharding does not use AutoTP).
 
 One place where DeepSpeed's stock behaviour costs streaming bandwidth (``stream_ordered_fetch``):
@@ -32,8 +32,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from executor.groups import DeepSpeedMpu, Groups
-from planner.specs.workload import FETCH_WAITS  # stream: ordered on the GPU (ours); host: DeepSpeed's stock synchronize
+from hpi.executor.groups import DeepSpeedMpu, Groups
+from hpi.planner.specs.workload import FETCH_WAITS  # stream: ordered on the GPU (ours); host: DeepSpeed's stock synchronize
 
 _INSTALLED: list[Groups] = []
 

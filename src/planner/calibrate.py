@@ -42,15 +42,15 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from planner.catalog import load_model
-from planner.cost.estimate import evaluate
-from planner.cost.inputs import Knobs, Layout
-from planner.feasibility import plan_problems
-from planner.predict import layout_for
-from planner.specs.hardware import Efficiency, HardwareProfile, Provenance, is_fraction
-from planner.specs.model import ModelSpec
-from planner.specs.plan import Plan
-from planner.specs.workload import Workload
+from hpi.planner.catalog import load_model
+from hpi.planner.cost.estimate import evaluate
+from hpi.planner.cost.inputs import Knobs, Layout
+from hpi.planner.feasibility import plan_problems
+from hpi.planner.predict import layout_for
+from hpi.planner.specs.hardware import Efficiency, HardwareProfile, Provenance, is_fraction
+from hpi.planner.specs.model import ModelSpec
+from hpi.planner.specs.plan import Plan
+from hpi.planner.specs.workload import Workload
 
 __all__ = [
     "CANDIDATES",
@@ -134,7 +134,7 @@ def _skip_reason(entry: Any) -> str | None:
     return None
 
 
-TRIAL_KIND = "hpi.AutotuneTrial"  # one trial of hpi autotune (autotune.objective): its RunRecord under "record"
+TRIAL_KIND = "hpi.AutotuneTrial"  # one trial of hpi autotune (hpi.autotune.objective): its RunRecord under "record"
 
 
 def _unwrap(entry: Any) -> Any:
@@ -286,7 +286,7 @@ def measurement(record: Mapping[str, Any], model_loader: Callable[[str], ModelSp
 
 # The run conditions a record's spec carries outside the Plan (``Workload.compute_dtype`` from
 # ``spec.dtype``, ``Workload.fetch_wait`` from ``spec.fetch_wait``), with the value records written before
-# the field existed ran with (executor.spec: fetch_wait arrived with the stream-ordered wait; before it,
+# the field existed ran with (hpi.executor.spec: fetch_wait arrived with the stream-ordered wait; before it,
 # every run used DeepSpeed's stock host wait; dtype was always recorded, bf16 its default; runs before
 # ``decode_graphs`` decoded eagerly).
 CONDITION_FIELDS = {"compute_dtype": ("dtype", "bf16"), "fetch_wait": ("fetch_wait", "host"),
@@ -677,7 +677,7 @@ def render_section(calibration: Calibration, *, date: str, records: Sequence[str
     scope = "held-out records" if held_out else "the fitted records (in-sample)"
     lines = [
         f"{SECTION_KEY}:",
-        "  # Written by `hpi calibrate` (planner.calibrate); the next run replaces this block as a whole.",
+        "  # Written by `hpi calibrate` (hpi.planner.calibrate); the next run replaces this block as a whole.",
         f"  # Applied over efficiency: by load_profile. Errors: |predicted/measured - 1| on {scope}.",
         f"  date: {_yaml_scalar(date)}",
         *_yaml_list("records", records),

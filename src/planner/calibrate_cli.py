@@ -3,7 +3,7 @@
     hpi calibrate benchmarks/results/2026-11-22-h200x2 --hardware h200-2gpu [--out P.yaml] [--holdout 0.2] [--json]
     hpi validate [--json] [--plot fidelity.png] [--records DIR ...]
 
-Registered through ``planner.cli._COMMAND_MODULES``; importing this module stays cheap (scipy and
+Registered through ``hpi.planner.cli._COMMAND_MODULES``; importing this module stays cheap (scipy and
 matplotlib are imported inside the handlers).
 """
 
@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from planner.calibrate import METRICS
+from hpi.planner.calibrate import METRICS
 
 _METRIC_LABELS = {"decode_step_s": "decode step", "prefill_s": "prefill", "peak_gpu_bytes": "peak GPU (allocated)"}
 
@@ -50,7 +50,7 @@ def register(sub) -> dict:
 
 def _profile_file(name_or_path: str) -> Path:
     """The YAML file a profile name or path refers to (where its calibrated: section lives)."""
-    from planner.profiles import ProfileError, profiles_dir
+    from hpi.planner.profiles import ProfileError, profiles_dir
 
     as_path = Path(name_or_path).expanduser()
     if as_path.suffix in (".yaml", ".yml") or os.sep in name_or_path or "/" in name_or_path:
@@ -68,7 +68,7 @@ def _pct(x: float) -> str:
 
 def _display_path(path: str) -> str:
     """Relative to the repository when inside it (so a profile does not carry one machine's absolute paths)."""
-    from planner.fidelity import REPO
+    from hpi.planner.fidelity import REPO
 
     try:
         return str(Path(path).resolve().relative_to(REPO.resolve()))
@@ -77,11 +77,11 @@ def _display_path(path: str) -> str:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from planner.calibrate import (
+    from hpi.planner.calibrate import (
         CalibrationError, apply, fit, load_records, measurement, predict_measurements, render_section,
         split_by_plan, summarize, write_section,
     )  # fmt: skip
-    from planner.profiles import clear_cache, load_profile
+    from hpi.planner.profiles import clear_cache, load_profile
 
     prior = load_profile(args.hardware, calibrated=False)
     target = Path(args.out) if args.out else _profile_file(args.hardware)
@@ -172,12 +172,12 @@ def _fmt(metric: str, value: float) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from planner.fidelity import DEFAULT_MANIFEST, load_manifest, validate
+    from hpi.planner.fidelity import DEFAULT_MANIFEST, load_manifest, validate
 
     manifest = load_manifest(args.manifest or DEFAULT_MANIFEST)
     result = validate(manifest, args.records)
     if not result.rows:
-        from planner.calibrate import CalibrationError
+        from hpi.planner.calibrate import CalibrationError
 
         raise CalibrationError("no records to validate: the manifest lists none, or all were skipped or excluded")
     _print_validation(result)

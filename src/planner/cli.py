@@ -13,8 +13,8 @@ import time
 from dataclasses import replace
 from typing import Any, Sequence
 
-from planner.specs.plan import DEEPSPEED_DEFAULT_PREFETCH_ELEMS, OFFLOAD_KINDS, WEIGHT_BITS, Plan, decode_graph_blocker
-from planner.specs.workload import COMPUTE_DTYPES, DEFAULT_GEN_LEN, DEFAULT_PROMPT_LEN, FETCH_WAITS, Workload
+from hpi.planner.specs.plan import DEEPSPEED_DEFAULT_PREFETCH_ELEMS, OFFLOAD_KINDS, WEIGHT_BITS, Plan, decode_graph_blocker
+from hpi.planner.specs.workload import COMPUTE_DTYPES, DEFAULT_GEN_LEN, DEFAULT_PROMPT_LEN, FETCH_WAITS, Workload
 
 EXIT_USAGE = 2
 
@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Subcommands that live with their own package. Each module has ``register(sub) -> {name: handler}``: it
 # adds its parsers to ``sub`` (argparse sub-parsers) and returns the handlers, each ``handler(args) -> int``.
 # Importing a module here must stay cheap and must not import torch (hpi plan starts in under a second).
-_COMMAND_MODULES: tuple[str, ...] = ("executor.probe_cli", "planner.calibrate_cli", "autotune.cli")
+_COMMAND_MODULES: tuple[str, ...] = ("hpi.executor.probe_cli", "hpi.planner.calibrate_cli", "hpi.autotune.cli")
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -174,8 +174,8 @@ def _run_graphs(args: argparse.Namespace, model, plan) -> bool:
 
 
 def _load_target(args: argparse.Namespace):
-    from planner.catalog import load_model
-    from planner.profiles import load_profile
+    from hpi.planner.catalog import load_model
+    from hpi.planner.profiles import load_profile
 
     return load_model(args.model), load_profile(args.hardware), _workload(args)
 
@@ -198,7 +198,7 @@ def _plan_from_file(path: str) -> dict[str, Any]:
 
 
 def _plan_from_args(args: argparse.Namespace, model) -> Plan:
-    from planner.search import nvme_buffer_elems_for
+    from hpi.planner.search import nvme_buffer_elems_for
 
     if args.plan_file:
         fields = _plan_from_file(args.plan_file)
@@ -248,8 +248,8 @@ def _json_default(o: Any):
 
 # ---- commands ---------------------------------------------------------------------------------------
 def cmd_predict(args: argparse.Namespace) -> int:
-    from planner.predict import predict
-    from planner.report import print_estimate, print_placement
+    from hpi.planner.predict import predict
+    from hpi.planner.report import print_estimate, print_placement
 
     model, hardware, workload = _load_target(args)
     est = predict(model, hardware, workload, _plan_from_args(args, model))
@@ -263,9 +263,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from planner.explain import bindings, fixes, knob_effects
-    from planner.predict import predict
-    from planner.report import knob_table, print_bindings, print_estimate, print_placement
+    from hpi.planner.explain import bindings, fixes, knob_effects
+    from hpi.planner.predict import predict
+    from hpi.planner.report import knob_table, print_bindings, print_estimate, print_placement
 
     model, hardware, workload = _load_target(args)
     est = predict(model, hardware, workload, _plan_from_args(args, model))
@@ -298,8 +298,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from planner.report import plans_table
-    from planner.search import DEFAULT_BATCHES, SearchSpace, search
+    from hpi.planner.report import plans_table
+    from hpi.planner.search import DEFAULT_BATCHES, SearchSpace, search
 
     model, hardware, workload = _load_target(args)
     batches = tuple(sorted({b for b in DEFAULT_BATCHES if b <= args.max_batch} | {args.batch}))
@@ -391,8 +391,8 @@ def _read_prompts(args: argparse.Namespace) -> tuple[str, ...]:
 
 def _predict_for_run(args: argparse.Namespace, model, workload: Workload, plan: Plan):
     """The prediction ``hpi run`` checks before launching: refuses an infeasible plan unless --force."""
-    from planner.predict import PlanError, predict
-    from planner.profiles import load_profile
+    from hpi.planner.predict import PlanError, predict
+    from hpi.planner.profiles import load_profile
 
     hardware = load_profile(args.hardware)
     try:
@@ -416,7 +416,7 @@ def _node_gpus(args: argparse.Namespace, est) -> tuple[int | None, list[int] | N
     """(ranks on this node, CUDA_VISIBLE_DEVICES in local-rank order) from the placement, for CUDA runs."""
     if est is None or args.device != "cuda":
         return None, None
-    from executor.render import node_ranks
+    from hpi.executor.render import node_ranks
 
     nodes = list(node_ranks(est.placement).values())
     if len(nodes) != args.nnodes:
@@ -456,7 +456,7 @@ def _is_record_line(line: str) -> bool:
 def cmd_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from planner.catalog import load_model
+    from hpi.planner.catalog import load_model
 
     model = load_model(args.model)
     plan = _plan_from_args(args, model)
@@ -471,7 +471,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if prompts and not args.checkpoint:
         raise UsageError("hpi run: text prompts need a tokenizer: pass --checkpoint DIR (a local HF checkpoint "
                          "with tokenizer files), or leave out --prompt for seeded random prompts")
-    from planner.feasibility import plan_problems
+    from hpi.planner.feasibility import plan_problems
 
     problems = plan_problems(model, None, plan) if args.hardware is None else []  # with one, predict checked
     if problems:
@@ -481,9 +481,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     nproc, visible = _node_gpus(args, est)
 
     # the executor only now: the planner's commands never import it
-    from executor.launch import LaunchError, launch
-    from executor.render import ds_config
-    from executor.spec import RunSpec, write_json_atomic
+    from hpi.executor.launch import LaunchError, launch
+    from hpi.executor.render import ds_config
+    from hpi.executor.spec import RunSpec, write_json_atomic
 
     config = ds_config(plan, dtype=args.dtype, hidden_size=model.hidden_size, nvme_path=args.nvme_path)
     extra: dict[str, Any] = {"argv": sys.argv[1:]}
@@ -537,7 +537,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from planner.catalog import load_model, model_names
+    from hpi.planner.catalog import load_model, model_names
     from rich.table import Table
 
     models = [load_model(n) for n in model_names()]
@@ -558,7 +558,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_hardware(args: argparse.Namespace) -> int:
-    from planner.profiles import load_profile, profile_names
+    from hpi.planner.profiles import load_profile, profile_names
     from rich.table import Table
 
     profiles = [load_profile(n) for n in profile_names()]
@@ -584,8 +584,8 @@ COMMANDS = {"plan": cmd_plan, "predict": cmd_predict, "explain": cmd_explain, "r
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from planner.catalog import ModelConfigError
-    from planner.profiles import ProfileError
+    from hpi.planner.catalog import ModelConfigError
+    from hpi.planner.profiles import ProfileError
 
     try:
         args = build_parser().parse_args(argv)

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from planner.feasibility import plan_problems
-from planner.predict import Estimate, predict_many
-from planner.search import nvme_buffer_elems_for
-from planner.specs.model import ModelSpec
-from planner.specs.plan import OFFLOAD_KINDS, WEIGHT_BITS, Plan, decode_graph_blocker
+from hpi.planner.feasibility import plan_problems
+from hpi.planner.predict import Estimate, predict_many
+from hpi.planner.search import nvme_buffer_elems_for
+from hpi.planner.specs.model import ModelSpec
+from hpi.planner.specs.plan import OFFLOAD_KINDS, WEIGHT_BITS, Plan, decode_graph_blocker
 
 
 @dataclass(frozen=True)

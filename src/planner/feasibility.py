@@ -14,12 +14,12 @@ from typing import Iterator
 
 import numpy as np
 
-from planner.cost.estimate import Evaluation
-from planner.cost.shape import per_rank
-from planner.specs.hardware import HardwareProfile
-from planner.specs.model import ModelSpec
-from planner.specs.plan import QUANT_GROUP_SIZE, Plan
-from planner.specs.workload import Workload
+from hpi.planner.cost.estimate import Evaluation
+from hpi.planner.cost.shape import per_rank
+from hpi.planner.specs.hardware import HardwareProfile
+from hpi.planner.specs.model import ModelSpec
+from hpi.planner.specs.plan import QUANT_GROUP_SIZE, Plan
+from hpi.planner.specs.workload import Workload
 
 GB = 1e9
 

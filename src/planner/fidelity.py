@@ -6,12 +6,12 @@
 Each record is predicted twice on the profile of the machine it ran on (the manifest says which):
 - uncalibrated: the profile's probed ceilings and its ``efficiency:`` priors (``load_profile(...,
   calibrated=False)``), nothing learnt from any record;
-- calibrated, leave-one-plan-out: coefficients fitted (``planner.calibrate.fit``) to the records of the
+- calibrated, leave-one-plan-out: coefficients fitted (``hpi.planner.calibrate.fit``) to the records of the
   *other* plans of the same profile, so a run and its repeats never inform their own prediction, and
   no record of another machine is used. A profile with a single plan has nothing to fit to: its
   calibrated prediction is the uncalibrated one (``Fold.train_ids`` is empty).
 
-Metrics are ``planner.calibrate.METRICS``: median decode step, prefill, and peak GPU memory as
+Metrics are ``hpi.planner.calibrate.METRICS``: median decode step, prefill, and peak GPU memory as
 ``torch.cuda.max_memory_allocated`` (max over ranks) against the model's allocator-visible parts.
 """
 
@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
-from planner.calibrate import (
+from hpi.planner.calibrate import (
     METRICS,
     Calibration,
     CalibrationError,
@@ -39,7 +39,7 @@ from planner.calibrate import (
     measurement,
     predict_measurements,
 )
-from planner.profiles import load_profile, malformed_yaml
+from hpi.planner.profiles import load_profile, malformed_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MANIFEST = REPO / "validation" / "fidelity_set.yaml"
@@ -179,7 +179,7 @@ class Row:
     measured: float
     uncalibrated: float
     calibrated: float
-    plan_key: str = ""  # ``planner.calibrate.plan_key``: runs of one plan share it
+    plan_key: str = ""  # ``hpi.planner.calibrate.plan_key``: runs of one plan share it
     decode_graphs: bool = False  # the run replayed its decode steps as CUDA graphs
 
     @property
@@ -249,7 +249,7 @@ def leave_one_plan_out(profile_name: str, measurements: Sequence[Measurement],
                        fitter: Callable[..., Calibration] | None = None) -> tuple[list[Row], list[Fold]]:
     """Rows for every measurement of one machine, each calibrated without its own plan's records.
 
-    ``fitter(prior, train)`` defaults to ``planner.calibrate.fit`` (run in a process pool)."""
+    ``fitter(prior, train)`` defaults to ``hpi.planner.calibrate.fit`` (run in a process pool)."""
     folds = _folds(profile_name, measurements)
     fitted = iter(_fits([(profile_name, train) for _, train in folds if train], fitter))
     fits = [next(fitted) if train else None for _, train in folds]

@@ -20,9 +20,9 @@ from typing import Sequence
 
 import numpy as np
 
-from planner.specs.placement import Link, Placement
-from planner.specs.plan import Plan
-from planner.topology import Topology, link_words
+from hpi.planner.specs.placement import Link, Placement
+from hpi.planner.specs.plan import Plan
+from hpi.planner.topology import Topology, link_words
 
 __all__ = ["RANK_ORDER", "rank_coords", "rank_of", "groups", "stage_ranks", "rank_gpus", "place"]
 

@@ -9,16 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from planner.cost.estimate import Evaluation, evaluate
-from planner.cost.inputs import Knobs, Layout, make_layout
-from planner.feasibility import Reason, capacity_reasons, plan_problems
-from planner.layout import place
-from planner.specs.hardware import HardwareProfile
-from planner.specs.model import ModelSpec
-from planner.specs.plan import Plan
-from planner.specs.placement import Placement
-from planner.specs.workload import Workload
-from planner.topology import build_topology
+from hpi.planner.cost.estimate import Evaluation, evaluate
+from hpi.planner.cost.inputs import Knobs, Layout, make_layout
+from hpi.planner.feasibility import Reason, capacity_reasons, plan_problems
+from hpi.planner.layout import place
+from hpi.planner.specs.hardware import HardwareProfile
+from hpi.planner.specs.model import ModelSpec
+from hpi.planner.specs.plan import Plan
+from hpi.planner.specs.placement import Placement
+from hpi.planner.specs.workload import Workload
+from hpi.planner.topology import build_topology
 
 
 class PlanError(ValueError):

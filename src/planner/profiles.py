@@ -52,7 +52,7 @@ from typing import Any, Mapping, NoReturn, Sequence
 import networkx as nx
 import yaml
 
-from planner.specs.hardware import (
+from hpi.planner.specs.hardware import (
     OS_KINDS,
     PROVENANCE_KINDS,
     Efficiency,
@@ -100,7 +100,7 @@ _COMPONENTS = {
 }
 _TOP_KEYS = ("name", "extends", "description", "os", "notes", "gpu", "host", "nvme", "efficiency", "calibrated", "node",
              "cluster")
-# What `hpi calibrate` writes in the calibrated: section (planner.calibrate); only coefficients is applied.
+# What `hpi calibrate` writes in the calibrated: section (hpi.planner.calibrate); only coefficients is applied.
 _CALIBRATED_KEYS = ("date", "records", "record_ids", "held_out", "seed", "error_before", "error_after", "unidentified",
                     "coefficients")
 _QUANTITY_KEYS = ("value", "source", "note")
@@ -110,7 +110,7 @@ class ProfileError(ValueError):
     """A hardware profile that cannot be found or read; the message names the file and the field."""
 
 
-# ---- the node and cluster layout (read by planner.topology) --------------------------------------------
+# ---- the node and cluster layout (read by hpi.planner.topology) --------------------------------------------
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from planner.explain import Binding, KnobEffect, bindings, memory_headroom
-from planner.predict import Estimate
+from hpi.planner.explain import Binding, KnobEffect, bindings, memory_headroom
+from hpi.planner.predict import Estimate
 
 GB = 1e9
 

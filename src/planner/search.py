@@ -20,17 +20,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from planner.cost.estimate import Evaluation, evaluate
-from planner.cost.inputs import Knobs, Layout, make_layout
-from planner.cost.shape import module_table, per_rank
-from planner.feasibility import capacity_masks, layout_problems, quantization_problems
-from planner.layout import place
-from planner.predict import Estimate, estimate_from_evaluation
-from planner.specs.hardware import HardwareProfile
-from planner.specs.model import ModelSpec
-from planner.specs.plan import DEEPSPEED_DEFAULT_PREFETCH_ELEMS, Plan
-from planner.specs.workload import Workload
-from planner.topology import build_topology
+from hpi.planner.cost.estimate import Evaluation, evaluate
+from hpi.planner.cost.inputs import Knobs, Layout, make_layout
+from hpi.planner.cost.shape import module_table, per_rank
+from hpi.planner.feasibility import capacity_masks, layout_problems, quantization_problems
+from hpi.planner.layout import place
+from hpi.planner.predict import Estimate, estimate_from_evaluation
+from hpi.planner.specs.hardware import HardwareProfile
+from hpi.planner.specs.model import ModelSpec
+from hpi.planner.specs.plan import DEEPSPEED_DEFAULT_PREFETCH_ELEMS, Plan
+from hpi.planner.specs.workload import Workload
+from hpi.planner.topology import build_topology
 
 OBJECTIVES = ("latency", "throughput", "balanced")
 DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)

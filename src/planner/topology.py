@@ -30,9 +30,9 @@ from typing import Callable, Hashable, Iterable, Sequence
 
 import networkx as nx
 
-from planner.profiles import ClusterLayout, NodeLayout, ProfileError, parse_layout
-from planner.specs.hardware import HardwareProfile
-from planner.specs.placement import Link
+from hpi.planner.profiles import ClusterLayout, NodeLayout, ProfileError, parse_layout
+from hpi.planner.specs.hardware import HardwareProfile
+from hpi.planner.specs.placement import Link
 
 __all__ = ["NODE_KINDS", "Topology", "build_topology", "link_words", "max_min_rates"]
 
@@ -61,7 +61,7 @@ class Topology:
         self._island = islands
         self._index = {gpu: i for i, gpu in enumerate(self.gpus)}
         self._memo: dict[Hashable, object] = {}
-        self.place_cache: dict[Hashable, object] = {}  # planner.layout.place results, keyed (tp, dp, pp, name)
+        self.place_cache: dict[Hashable, object] = {}  # hpi.planner.layout.place results, keyed (tp, dp, pp, name)
 
     def __repr__(self) -> str:
         return f"Topology({self.name!r}: {len(self.gpus)} GPUs, {self.graph.number_of_nodes()} components)"

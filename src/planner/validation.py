@@ -21,12 +21,12 @@ from typing import Any
 
 import yaml
 
-from planner.catalog import load_model
-from planner.predict import predict
-from planner.profiles import load_profile
-from planner.search import nvme_buffer_elems_for
-from planner.specs.plan import Plan
-from planner.specs.workload import Workload
+from hpi.planner.catalog import load_model
+from hpi.planner.predict import predict
+from hpi.planner.profiles import load_profile
+from hpi.planner.search import nvme_buffer_elems_for
+from hpi.planner.specs.plan import Plan
+from hpi.planner.specs.workload import Workload
 
 DEFAULT_RUNS = Path(__file__).resolve().parents[2] / "validation" / "published_runs.yaml"
 CLASSES = ("pcie-pinned", "pcie-pageable", "kv-cpu-attention")

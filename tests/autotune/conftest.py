@@ -9,11 +9,11 @@ import pytest
 
 pytest.importorskip("optuna")
 
-from autotune.runners import RunFailed  # noqa: E402
-from autotune.simulate import HiddenMachine, SimulatedOutOfMemory, SimulatedRunner  # noqa: E402
-from autotune.tuner import TuneConfig  # noqa: E402
-from planner.catalog import load_model  # noqa: E402
-from planner.profiles import load_profile  # noqa: E402
+from hpi.autotune.runners import RunFailed  # noqa: E402
+from hpi.autotune.simulate import HiddenMachine, SimulatedOutOfMemory, SimulatedRunner  # noqa: E402
+from hpi.autotune.tuner import TuneConfig  # noqa: E402
+from hpi.planner.catalog import load_model  # noqa: E402
+from hpi.planner.profiles import load_profile  # noqa: E402
 
 
 @dataclass

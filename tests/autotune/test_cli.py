@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from planner.cli import main
+from hpi.planner.cli import main
 
 
 def test_simulated_autotune_json_last_line_files_and_report(tmp_path, capsys):
@@ -53,19 +53,19 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, needle):
 
 
 def test_hpi_does_not_import_optuna_or_matplotlib_to_start():
-    code = ("import sys, planner.cli\nplanner.cli.build_parser()\n"
+    code = ("import sys, hpi.planner.cli\nhpi.planner.cli.build_parser()\n"
             "bad = [m for m in ('optuna', 'matplotlib', 'torch', 'sqlalchemy') if m in sys.modules]\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_without_matplotlib_the_report_has_no_plots_but_everything_else(tmp_path, capsys, monkeypatch):
-    import autotune.report
+    import hpi.autotune.report
 
     def missing():
         raise ImportError("No module named 'matplotlib'")
 
-    monkeypatch.setattr(autotune.report, "_plt", missing)
+    monkeypatch.setattr(hpi.autotune.report, "_plt", missing)
     code = main(["autotune", "--model", "llama-3-70b", "--hardware", "h100-sxm-1gpu", "--simulate", "--trials", "2",
                  "--studies-dir", str(tmp_path), "--json"])
     doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -76,9 +76,9 @@ def test_without_matplotlib_the_report_has_no_plots_but_everything_else(tmp_path
 
 def test_trials_decode_through_graphs_where_the_plan_allows_it():
     """What ExecutorRunner launches matches what the planner priced (cost.overhead.graphed_forwards)."""
-    from autotune.runners import ExecutorRunner
-    from planner.specs.plan import Plan
-    from planner.specs.workload import Workload
+    from hpi.autotune.runners import ExecutorRunner
+    from hpi.planner.specs.plan import Plan
+    from hpi.planner.specs.workload import Workload
 
     graphs = ExecutorRunner("llama-3-8b", "h100-sxm-1gpu", Workload(512, 32, decode_graphs=True))
     assert graphs.graphs_for(Plan(batch_size=8))

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from planner.cli import main
+from hpi.planner.cli import main
 
 pytest.importorskip("torch")
 pytest.importorskip("deepspeed")

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from autotune.simulate import HiddenMachine, SimulatedOutOfMemory, SimulatedRunner
-from planner.catalog import load_model
-from planner.predict import predict
-from planner.profiles import load_profile
-from planner.specs.plan import Plan
-from planner.specs.workload import Workload
+from hpi.autotune.simulate import HiddenMachine, SimulatedOutOfMemory, SimulatedRunner
+from hpi.planner.catalog import load_model
+from hpi.planner.predict import predict
+from hpi.planner.profiles import load_profile
+from hpi.planner.specs.plan import Plan
+from hpi.planner.specs.workload import Workload
 
 MODEL, HW, WL = load_model("llama-3-8b"), load_profile("h100-sxm-1gpu"), Workload(512, 16)
 PLAN = Plan(offload="cpu", batch_size=16)
@@ -28,7 +28,7 @@ def test_hidden_machine_is_seeded_and_spread_zero_is_the_planner():
 
 
 def test_late_factors_perturb_the_graphed_terms_and_leave_the_earlier_draws_alone(monkeypatch):
-    import autotune.simulate as simulate
+    import hpi.autotune.simulate as simulate
 
     m = HiddenMachine(HW, 3)
     eff, nominal = m.profile.efficiency, HW.efficiency
@@ -52,7 +52,7 @@ def test_simulated_record_has_what_calibration_reads():
     assert record["ranks"][0]["peak_allocated_bytes"] > 0 and record["predicted"]["plan"] == PLAN.to_dict()
     again = runner.run(PLAN, None, None, {"trial": 0}, noise_key=0)
     assert again["decode_step_s"]["median"] == record["decode_step_s"]["median"]  # seeded noise
-    calibrate = pytest.importorskip("planner.calibrate")
+    calibrate = pytest.importorskip("hpi.planner.calibrate")
     m = calibrate.measurement(record)
     assert m.decode_step_s == record["decode_step_s"]["median"] and m.peak_gpu_bytes > 0
 
@@ -66,7 +66,7 @@ def test_a_plan_the_hidden_machine_cannot_hold_runs_out_of_memory():
 
 def test_inverted_u_throughput_against_batch_near_full_memory():
     """The effects the planner lacks bend throughput down near full GPU memory on some hidden machines."""
-    from autotune.simulate import true_plan_values
+    from hpi.autotune.simulate import true_plan_values
 
     bent = 0
     for seed in range(6):

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from optuna.trial import FixedTrial
 
-from autotune.space import Config, Space, derive_space, grid, params_of, plan_key, suggest_plan
-from planner.catalog import load_model
-from planner.profiles import load_profile
-from planner.specs.plan import Plan
-from planner.specs.workload import Workload
+from hpi.autotune.space import Config, Space, derive_space, grid, params_of, plan_key, suggest_plan
+from hpi.planner.catalog import load_model
+from hpi.planner.profiles import load_profile
+from hpi.planner.specs.plan import Plan
+from hpi.planner.specs.workload import Workload
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from autotune.runners import RunFailed
-from autotune.space import params_of, suggest_plan
-from autotune.tuner import Tuner, tune
+from hpi.autotune.runners import RunFailed
+from hpi.autotune.space import params_of, suggest_plan
+from hpi.autotune.tuner import Tuner, tune
 
 
 def _tuner(cfg, runner) -> Tuner:
@@ -41,7 +41,7 @@ def test_simulated_study_lands_within_3pct_of_the_true_optimum_in_12_trials(mode
 
 
 def _cfg(model, hardware, seed, **kw):
-    from autotune.tuner import TuneConfig
+    from hpi.autotune.tuner import TuneConfig
 
     return TuneConfig(model=model, hardware=hardware, simulate=True, n_trials=12, seed=seed, storage="memory",
                       report=False, **kw)
@@ -84,7 +84,7 @@ def test_a_real_out_of_memory_is_a_constraint_with_its_figures_and_is_learned(co
     assert t.constraints["gpu_memory"] > 0
     assert t.user_attrs["oom"]["figures"] == ["2.00 GiB"] and "Tried to allocate" in t.user_attrs["oom"]["message"]
     plan = suggest_plan(optuna.trial.FixedTrial(t.params), tuner.space)
-    tuner.surrogate.refresh([o for o in __import__("autotune.study").study.observations(tuner.study)])
+    tuner.surrogate.refresh([o for o in __import__("hpi.autotune.study", fromlist=["observations"]).observations(tuner.study)])
     assert not tuner.surrogate.predict(plan)["feasible"]  # the next suggestions avoid it
 
 

@@ -54,7 +54,7 @@ def test_nvme_entry_gets_a_swap_buffer_that_holds_the_largest_tensor():
 
 def test_infeasible_entry_is_refused_before_launch_with_its_reasons():
     gm = _gpu_matrix()
-    from planner.specs.workload import Workload
+    from hpi.planner.specs.workload import Workload
 
     entry = gm.Entry("70b-resident-on-h100", "llama-3-70b", "h100-sxm-1gpu", 1, {})
     with pytest.raises(RuntimeError, match="infeasible: .*GPU"):

@@ -13,8 +13,8 @@ def word_checkpoint(tmp_path_factory):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     tokenizers = pytest.importorskip("tokenizers")
-    from executor.modeling import load_hf_config
-    from executor.weights import save_checkpoint
+    from hpi.executor.modeling import load_hf_config
+    from hpi.executor.weights import save_checkpoint
 
     config = load_hf_config("tiny-llama")
     ckpt = save_checkpoint(config, seed=0, out_dir=tmp_path_factory.mktemp("ckpt"), dtype=torch.float32,

@@ -1,4 +1,4 @@
-"""A stand-in for ``executor.worker`` in launcher tests: ``python fake_worker.py <spec.json>`` under torchrun.
+"""A stand-in for ``hpi.executor.worker`` in launcher tests: ``python fake_worker.py <spec.json>`` under torchrun.
 
 It honours the worker's contract with the launcher: read the spec, join the process group (gloo, from
 torchrun's environment, when there is more than one rank), and on success let global rank 0 write
@@ -24,7 +24,7 @@ from pathlib import Path
 
 
 def main(argv: list[str]) -> int:
-    from executor.spec import RunSpec, write_json_atomic
+    from hpi.executor.spec import RunSpec, write_json_atomic
 
     spec = RunSpec.read(argv[1])
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

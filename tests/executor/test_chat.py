@@ -17,10 +17,10 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 pytest.importorskip("deepspeed")
 
-from executor.launch import launch  # noqa: E402
-from executor.spec import RunSpec  # noqa: E402
-from planner.specs.plan import Plan  # noqa: E402
-from planner.specs.workload import Workload  # noqa: E402
+from hpi.executor.launch import launch  # noqa: E402
+from hpi.executor.spec import RunSpec  # noqa: E402
+from hpi.planner.specs.plan import Plan  # noqa: E402
+from hpi.planner.specs.workload import Workload  # noqa: E402
 
 PROMPT = "w11 w220 w3301 w45"
 GEN = 6

@@ -1,4 +1,4 @@
-"""executor.diskstats: bytes read and achieved queue depth from /proc/diskstats counters."""
+"""hpi.executor.diskstats: bytes read and achieved queue depth from /proc/diskstats counters."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from executor.diskstats import DiskSnapshot, between, parse_line, snapshot
+from hpi.executor.diskstats import DiskSnapshot, between, parse_line, snapshot
 
 # A real line's layout (Documentation/admin-guide/iostats.rst): major minor name, then reads completed,
 # reads merged, sectors read, ms reading, writes..., in flight, ms doing io, weighted ms doing io, ...

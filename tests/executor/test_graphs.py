@@ -1,4 +1,4 @@
-"""CUDA-graphed decode (``executor.graphs``): the static KV cache, its device-built mask, and the tokens.
+"""CUDA-graphed decode (``hpi.executor.graphs``): the static KV cache, its device-built mask, and the tokens.
 
 On the CPU there is nothing to capture, so these tests run the graphed path's static buffers and cache
 eagerly and check every token against the dynamic-cache path and transformers' ``generate``: Llama,
@@ -16,12 +16,12 @@ transformers = pytest.importorskip("transformers")
 
 from transformers import DynamicCache  # noqa: E402
 
-from executor.generate import PipelineGenerator, Sampler, left_pad  # noqa: E402
-from executor.graphs import DecodeGraph, StaticKVCache  # noqa: E402
-from executor.modeling import ShardSpec, build_stage, load_hf_config, static_causal_mask  # noqa: E402
-from executor.spec import RunSpec  # noqa: E402
-from planner.specs.plan import Plan  # noqa: E402
-from planner.specs.workload import Workload  # noqa: E402
+from hpi.executor.generate import PipelineGenerator, Sampler, left_pad  # noqa: E402
+from hpi.executor.graphs import DecodeGraph, StaticKVCache  # noqa: E402
+from hpi.executor.modeling import ShardSpec, build_stage, load_hf_config, static_causal_mask  # noqa: E402
+from hpi.executor.spec import RunSpec  # noqa: E402
+from hpi.planner.specs.plan import Plan  # noqa: E402
+from hpi.planner.specs.workload import Workload  # noqa: E402
 
 from tests.executor.test_padding import _one_rank, _tiny  # noqa: E402
 
@@ -80,7 +80,7 @@ def test_static_stage_takes_the_prompt_first_and_once():
 def test_grouped_decode_attention_equals_repeating_the_kv_heads(q_len):
     from types import SimpleNamespace
 
-    from executor.attention import grouped_decode_sdpa
+    from hpi.executor.attention import grouped_decode_sdpa
     from transformers.integrations.sdpa_attention import repeat_kv
 
     g = torch.Generator().manual_seed(0)
@@ -167,7 +167,7 @@ def test_launched_graphed_variant_matches_the_eager_run(name, tmp_path):
     pytest.importorskip("deepspeed")
     import json
 
-    from executor.launch import launch
+    from hpi.executor.launch import launch
 
     spec = RunSpec(plan=LAYOUTS[name], model="tiny-llama", workload=Workload(prompt_len_tokens=9, gen_len_tokens=GEN),
                    device="cpu", dtype="fp32", out_dir=str(tmp_path), variants=({"decode_graphs": True},))

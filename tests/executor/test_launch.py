@@ -1,4 +1,4 @@
-"""executor.launch and ``hpi run``: real torchrun launches of a stand-in worker (fake_worker.py) on the CPU.
+"""hpi.executor.launch and ``hpi run``: real torchrun launches of a stand-in worker (fake_worker.py) on the CPU.
 
 Each launch costs a few seconds on a 2-core machine (torchrun and each rank import torch); the file keeps to
 about ten of them.
@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from executor import launch as launch_mod
-from executor.launch import LaunchError, launch
-from executor.spec import RunSpec
-from planner.cli import main
-from planner.specs.plan import Plan
+from hpi.executor import launch as launch_mod
+from hpi.executor.launch import LaunchError, launch
+from hpi.executor.spec import RunSpec
+from hpi.planner.cli import main
+from hpi.planner.specs.plan import Plan
 
 pytest.importorskip("torch")  # torchrun
 

@@ -12,14 +12,14 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("deepspeed")
 
-from executor.launch import launch  # noqa: E402
-from executor.modeling import ShardSpec, build_stage, load_hf_config  # noqa: E402
-from executor.spec import RunSpec  # noqa: E402
-from executor.tp import shard_index  # noqa: E402
-from executor.weights import full_state_dict  # noqa: E402
-from executor.worker import prompt_batch  # noqa: E402
-from planner.specs.plan import Plan  # noqa: E402
-from planner.specs.workload import Workload  # noqa: E402
+from hpi.executor.launch import launch  # noqa: E402
+from hpi.executor.modeling import ShardSpec, build_stage, load_hf_config  # noqa: E402
+from hpi.executor.spec import RunSpec  # noqa: E402
+from hpi.executor.tp import shard_index  # noqa: E402
+from hpi.executor.weights import full_state_dict  # noqa: E402
+from hpi.executor.worker import prompt_batch  # noqa: E402
+from hpi.planner.specs.plan import Plan  # noqa: E402
+from hpi.planner.specs.workload import Workload  # noqa: E402
 
 CONFIG = {
     "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 64, "intermediate_size": 96,

@@ -23,8 +23,8 @@ pytest.importorskip("safetensors")
 
 from transformers import AutoModelForCausalLM, DynamicCache  # noqa: E402
 
-from executor import weights as weights_mod  # noqa: E402
-from executor.modeling import (  # noqa: E402
+from hpi.executor import weights as weights_mod  # noqa: E402
+from hpi.executor.modeling import (  # noqa: E402
     ShardSpec,
     build_stage,
     causal_mask,
@@ -32,8 +32,8 @@ from executor.modeling import (  # noqa: E402
     shard_config,
     stage_config,
 )
-from executor.tp import RowParallelLinear, VocabParallelLMHead, shard_index  # noqa: E402
-from executor.weights import (  # noqa: E402
+from hpi.executor.tp import RowParallelLinear, VocabParallelLMHead, shard_index  # noqa: E402
+from hpi.executor.weights import (  # noqa: E402
     full_state_dict,
     param_table,
     save_checkpoint,
@@ -376,7 +376,7 @@ def test_loader_reads_only_slices(tmp_path, monkeypatch):
 def test_catalogue_shards_add_up_to_the_planner_count(name, tp):
     """Every rank of every stage built on the meta device: the sharded parameters over all ranks, plus the
     replicated ones once per stage, are the planner's parameter count of the model."""
-    from planner.catalog import load_model
+    from hpi.planner.catalog import load_model
 
     config = load_hf_config(name)
     n = config.num_hidden_layers
@@ -416,9 +416,9 @@ def test_sliding_window_cache_layers_are_refused():
 def test_load_hf_config_sources(tmp_path):
     by_name = load_hf_config("tiny-llama")
     assert by_name.model_type == "llama" and not hasattr(by_name, "_hpi")
-    import planner.catalog
+    import hpi.planner.catalog
 
-    raw = json.loads((Path(planner.catalog.__file__).parent / "models" / "tiny-llama.json").read_text())
+    raw = json.loads((Path(hpi.planner.catalog.__file__).parent / "models" / "tiny-llama.json").read_text())
     raw.pop("_hpi")
     (tmp_path / "config.json").write_text(json.dumps(raw))
     assert load_hf_config(str(tmp_path / "config.json")).to_dict() == by_name.to_dict()
@@ -435,7 +435,7 @@ def test_shard_and_stage_config():
     q = tiny_config("qwen2")
     st = stage_config(q, ShardSpec.for_stage([1, 2], 1, 0, 2))
     assert st.num_hidden_layers == 2 and len(st.layer_types) == 2 and st.head_dim == 16
-    assert st._attn_implementation == "hpi_sdpa"  # sdpa, grouped-query decode kept grouped (executor.attention)
+    assert st._attn_implementation == "hpi_sdpa"  # sdpa, grouped-query decode kept grouped (hpi.executor.attention)
 
 
 def test_refusals():

@@ -8,10 +8,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("deepspeed")
 
-from executor.launch import launch  # noqa: E402
-from executor.spec import RunSpec  # noqa: E402
-from planner.specs.plan import Plan  # noqa: E402
-from planner.specs.workload import Workload  # noqa: E402
+from hpi.executor.launch import launch  # noqa: E402
+from hpi.executor.spec import RunSpec  # noqa: E402
+from hpi.planner.specs.plan import Plan  # noqa: E402
+from hpi.planner.specs.workload import Workload  # noqa: E402
 
 
 def _aio_available() -> bool:

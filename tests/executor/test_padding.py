@@ -24,14 +24,14 @@ pytest.importorskip("tokenizers")
 
 from transformers import DynamicCache  # noqa: E402
 
-from executor.generate import LeftPadding, PipelineGenerator, Sampler, left_pad  # noqa: E402
-from executor.groups import Groups  # noqa: E402
-from executor.modeling import ShardSpec, build_stage, load_hf_config  # noqa: E402
-from executor.spec import RunSpec  # noqa: E402
-from executor.weights import full_state_dict  # noqa: E402
-from executor.worker import pad_token_id, prompt_batch  # noqa: E402
-from planner.specs.plan import Plan  # noqa: E402
-from planner.specs.workload import Workload  # noqa: E402
+from hpi.executor.generate import LeftPadding, PipelineGenerator, Sampler, left_pad  # noqa: E402
+from hpi.executor.groups import Groups  # noqa: E402
+from hpi.executor.modeling import ShardSpec, build_stage, load_hf_config  # noqa: E402
+from hpi.executor.spec import RunSpec  # noqa: E402
+from hpi.executor.weights import full_state_dict  # noqa: E402
+from hpi.executor.worker import pad_token_id, prompt_batch  # noqa: E402
+from hpi.planner.specs.plan import Plan  # noqa: E402
+from hpi.planner.specs.workload import Workload  # noqa: E402
 
 GEN = 6
 
@@ -212,7 +212,7 @@ def alone_tokens(word_checkpoint) -> dict[str, list[int]]:
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_unequal_text_prompts_generate_each_prompts_own_tokens(name, word_checkpoint, alone_tokens, tmp_path):
     pytest.importorskip("deepspeed")
-    from executor.launch import launch
+    from hpi.executor.launch import launch
 
     plan, mode = LAYOUTS[name]
     spec = RunSpec(plan=plan, model="tiny-llama", checkpoint=str(word_checkpoint), prompts=PROMPTS, mode=mode,

@@ -1,7 +1,7 @@
 """Correctness of every layout on the CPU: greedy tokens identical to transformers' own ``generate``.
 
 fp32, the tiny-llama model, DeepSpeed on its CPU accelerator with gloo (the real ZeRO-3 path, not a
-mock), ranks started by ``executor.launch`` exactly as ``hpi run --device cpu`` starts them. The reference
+mock), ranks started by ``hpi.executor.launch`` exactly as ``hpi run --device cpu`` starts them. The reference
 is a plain single-process transformers model holding the same weights (same seed), generating greedily.
 """
 
@@ -16,13 +16,13 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("deepspeed")
 
-from executor.launch import launch  # noqa: E402
-from executor.modeling import load_hf_config  # noqa: E402
-from executor.spec import RunSpec  # noqa: E402
-from executor.weights import full_state_dict, save_checkpoint  # noqa: E402
-from executor.worker import prompt_batch  # noqa: E402
-from planner.specs.plan import Plan  # noqa: E402
-from planner.specs.workload import Workload  # noqa: E402
+from hpi.executor.launch import launch  # noqa: E402
+from hpi.executor.modeling import load_hf_config  # noqa: E402
+from hpi.executor.spec import RunSpec  # noqa: E402
+from hpi.executor.weights import full_state_dict, save_checkpoint  # noqa: E402
+from hpi.executor.worker import prompt_batch  # noqa: E402
+from hpi.planner.specs.plan import Plan  # noqa: E402
+from hpi.planner.specs.workload import Workload  # noqa: E402
 
 MODEL = "tiny-llama"
 WORKLOAD = Workload(prompt_len_tokens=12, gen_len_tokens=6)

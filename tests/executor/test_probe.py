@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from executor.probe import (
+from hpi.executor.probe import (
     ProbeSettings,
     build_profile,
     classify_path,
@@ -28,10 +28,10 @@ from executor.probe import (
     parse_topo,
     write_profile,
 )
-from planner.cli import main
-from planner.specs.hardware import Efficiency
-from planner.profiles import load_profile
-from planner.topology import build_topology
+from hpi.planner.cli import main
+from hpi.planner.specs.hardware import Efficiency
+from hpi.planner.profiles import load_profile
+from hpi.planner.topology import build_topology
 
 DATA = Path(__file__).parent / "data" / "topo"
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -219,7 +219,7 @@ def test_graphed_allreduce_on_two_gpus():
         pytest.skip("needs 2 GPUs (NCCL)")
     from dataclasses import replace
 
-    from executor.probe import measure_allreduce
+    from hpi.executor.probe import measure_allreduce
 
     settings = replace(ProbeSettings.small(), nccl_sizes_bytes=(8 << 10, 1 << 20, 16 << 20), nccl_iters=20)
     result = measure_allreduce(2, settings)
@@ -245,7 +245,7 @@ def test_decode_kernels_give_the_hbm_fraction_and_the_layers_fixed_device_time(t
 
 
 def test_layer_fit_recovers_a_line_holds_the_ceiling_and_falls_back_to_the_given_rate():
-    from executor.probe import fit_layer_cost
+    from hpi.executor.probe import fit_layer_cost
 
     line = [(b, 120e-6 + b / 4.0e12) for b in (436e6, 1711e6)]  # 8B and 70B layers, 120 us fixed, 4 TB/s
     fit = fit_layer_cost(line, ceiling_bytes_s=4.26e12)
@@ -287,7 +287,7 @@ def test_timed_decoder_layers_give_hbm_fixed_layer_time_and_step_overhead(tmp_pa
 
 def test_a_layer_shape_that_does_not_fit_is_skipped_and_the_others_kept(monkeypatch):
     torch = pytest.importorskip("torch")
-    import executor.probe as probe
+    import hpi.executor.probe as probe
 
     def fake_time(torch_, settings, config, model, dev, dtype):
         if model == "llama-3-70b":
@@ -313,7 +313,7 @@ RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 def test_shipped_decode_figures_re_derive_from_the_kept_probe(profile_name, probe_json):
     """The profiles' hbm, layer_device_overhead_s and step_overhead_s are what the probe's layer timings give
     against each profile's own HBM ceiling (rounded as the profile writer rounds): traceable, not hand-tuned."""
-    from executor.probe import _layer_figures
+    from hpi.executor.probe import _layer_figures
 
     doc = json.loads((RESULTS / probe_json).read_text())
     profile = load_profile(profile_name)
@@ -330,7 +330,7 @@ def test_decoder_layers_are_timed_on_the_executors_graphed_path_on_cpu():
     pytest.importorskip("transformers")
     from dataclasses import replace
 
-    from executor.probe import measure_decoder_layers
+    from hpi.executor.probe import measure_decoder_layers
 
     settings = replace(ProbeSettings.small(), layer_models=("tiny-llama",), layer_counts=(1, 3), layer_prompt_len=8,
                        layer_gen_len=5, layer_reps=2)
@@ -383,7 +383,7 @@ def test_disk_measurement(tmp_path):
 def test_real_probe_quick_writes_a_profile_the_planner_loads(tmp_path):
     out = tmp_path / "profiles" / "here.yaml"
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.run([sys.executable, "-m", "planner.cli", "probe", "--quick", "--json", "--out", str(out),
+    proc = subprocess.run([sys.executable, "-m", "hpi.planner.cli", "probe", "--quick", "--json", "--out", str(out),
                            "--nvme-path", str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -393,7 +393,7 @@ def test_real_probe_quick_writes_a_profile_the_planner_loads(tmp_path):
     assert profile.name == "here" and profile.gpus_per_node == len(doc["gpus"])
     assert profile.provenance["host.dram_bytes"].source == "probed"
     if profile.gpus_per_node == 0:  # this CPU-only machine: planning says so in one line, exit 2
-        plan = subprocess.run([sys.executable, "-m", "planner.cli", "plan", "--model", "llama-3-8b", "--hardware", str(out)],
+        plan = subprocess.run([sys.executable, "-m", "hpi.planner.cli", "plan", "--model", "llama-3-8b", "--hardware", str(out)],
                               capture_output=True, text=True, env=env)
         assert plan.returncode == 2 and "no GPU" in plan.stderr and len(plan.stderr.strip().splitlines()) == 1
 
@@ -426,7 +426,7 @@ def _cuda() -> int:
 def test_gpu_measurements_on_this_machine():
     import torch
 
-    from executor.probe import measure_copies, measure_decode_kernels, measure_hbm, measure_matmul
+    from hpi.executor.probe import measure_copies, measure_decode_kernels, measure_hbm, measure_matmul
 
     settings = ProbeSettings.small()
     copies = measure_copies(torch, _cuda(), settings)
@@ -435,7 +435,7 @@ def test_gpu_measurements_on_this_machine():
     assert measure_hbm(torch, settings)["bytes_s"] > 1e11
     kernels = measure_decode_kernels(torch, settings)
     assert kernels["gemv_bytes_s"] > 1e11 and 0 < kernels["tiny_kernel_s"] < 50e-6
-    from executor.probe import measure_decoder_layers
+    from hpi.executor.probe import measure_decoder_layers
 
     (layer,) = measure_decoder_layers(torch, settings)["shapes"]  # an 8B layer, 436 MB in bf16
     assert layer["layer_bytes"] == pytest.approx(436.2e6, rel=1e-3)
@@ -447,7 +447,7 @@ def test_allreduce_schedule_runs_on_cpu_with_gloo():
     pytest.importorskip("torch")
     from dataclasses import replace
 
-    from executor.probe import measure_allreduce
+    from hpi.executor.probe import measure_allreduce
 
     settings = replace(ProbeSettings.small(), nccl_sizes_bytes=(8 << 10, 64 << 10), nccl_iters=5, nccl_timeout_s=60)
     result = measure_allreduce(3, settings, backend="gloo")
@@ -458,7 +458,7 @@ def test_allreduce_schedule_runs_on_cpu_with_gloo():
 
 
 def test_trial_pin_without_cuda_stays_within_rlimit_memlock():
-    from executor.probe import _memlock, _pin_trial
+    from hpi.executor.probe import _memlock, _pin_trial
 
     soft, _ = _memlock()
     trial = _pin_trial(2 << 20, False, soft)

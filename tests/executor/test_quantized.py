@@ -15,10 +15,10 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("deepspeed")
 
-from executor.launch import LaunchError, launch  # noqa: E402
-from executor.spec import RunSpec  # noqa: E402
-from planner.specs.plan import Plan  # noqa: E402
-from planner.specs.workload import Workload  # noqa: E402
+from hpi.executor.launch import LaunchError, launch  # noqa: E402
+from hpi.executor.spec import RunSpec  # noqa: E402
+from hpi.planner.specs.plan import Plan  # noqa: E402
+from hpi.planner.specs.workload import Workload  # noqa: E402
 
 # Every matrix's input width a multiple of 64 per rank at tp 1 and 2 (DeepSpeed's group size).
 CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 128, "intermediate_size": 256,

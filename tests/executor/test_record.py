@@ -1,10 +1,10 @@
-"""executor.record: the NVMe figures of a RunRecord against the profile's NVMe read share."""
+"""hpi.executor.record: the NVMe figures of a RunRecord against the profile's NVMe read share."""
 
 from __future__ import annotations
 
 import pytest
 
-from executor.record import RankReport, build_record
+from hpi.executor.record import RankReport, build_record
 
 GB = 1e9
 

@@ -1,4 +1,4 @@
-"""executor.render: DeepSpeed configs and launcher commands, against golden files and DeepSpeed itself.
+"""hpi.executor.render: DeepSpeed configs and launcher commands, against golden files and DeepSpeed itself.
 
 Regenerate the golden files after an intended change: ``HPI_UPDATE_GOLDEN=1 python -m pytest
 tests/executor/test_render.py`` (then review the diff).
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from executor.render import (
+from hpi.executor.render import (
     AIO_DEFAULTS,
     DEFAULT_WORKER,
     MULTICAST_OFF_ENV,
@@ -25,12 +25,12 @@ from executor.render import (
     multinode_commands,
     node_ranks,
 )
-from planner.catalog import load_model
-from planner.layout import place
-from planner.profiles import load_profile
-from planner.search import nvme_buffer_elems_for
-from planner.specs.plan import Plan
-from planner.topology import build_topology
+from hpi.planner.catalog import load_model
+from hpi.planner.layout import place
+from hpi.planner.profiles import load_profile
+from hpi.planner.search import nvme_buffer_elems_for
+from hpi.planner.specs.plan import Plan
+from hpi.planner.topology import build_topology
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("HPI_UPDATE_GOLDEN") == "1"
@@ -208,8 +208,8 @@ def test_torchrun_parses_the_command_as_intended():
     assert (args.nnodes, args.nproc_per_node, args.node_rank) == ("2", "4", 1)
     assert (args.rdzv_backend, args.master_addr, args.master_port) == ("static", "h0", 29400)
     assert (args.redirects, args.tee, args.log_dir, args.max_restarts) == ("3", "3", "/r/logs/node1", 0)
-    assert args.module and args.training_script == "executor.worker" and args.training_script_args == ["/r/spec.json"]
-    assert DEFAULT_WORKER == ("-m", "executor.worker")
+    assert args.module and args.training_script == "hpi.executor.worker" and args.training_script_args == ["/r/spec.json"]
+    assert DEFAULT_WORKER == ("-m", "hpi.executor.worker")
 
 
 # ---- several nodes --------------------------------------------------------------------------------------
@@ -282,7 +282,7 @@ def test_deepspeed_parses_the_hostfile():
 
 
 def test_render_and_launch_import_no_torch():
-    code = ("import sys, executor.render, executor.launch, executor.spec\n"
+    code = ("import sys, hpi.executor.render, hpi.executor.launch, hpi.executor.spec\n"
             "bad = [m for m in ('torch', 'deepspeed', 'transformers') if m in sys.modules]\n"
             "assert not bad, bad\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

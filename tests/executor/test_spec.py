@@ -1,12 +1,12 @@
-"""executor.spec.RunSpec: the run conditions its Workload carries are the spec's own."""
+"""hpi.executor.spec.RunSpec: the run conditions its Workload carries are the spec's own."""
 
 from __future__ import annotations
 
 import pytest
 
-from executor.spec import RunSpec
-from planner.specs.plan import Plan
-from planner.specs.workload import Workload
+from hpi.executor.spec import RunSpec
+from hpi.planner.specs.plan import Plan
+from hpi.planner.specs.workload import Workload
 
 
 def test_the_workload_prices_the_runs_own_dtype_and_fetch_wait():

@@ -1,4 +1,4 @@
-"""executor.worker's process exit: a finished rank skips the interpreter's teardown, its output delivered."""
+"""hpi.executor.worker's process exit: a finished rank skips the interpreter's teardown, its output delivered."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ pytest.importorskip("torch")
 
 PROGRAM = """
 import sys
-from executor.worker import exit_now
+from hpi.executor.worker import exit_now
 sys.stdout.write("record-line")   # no newline: held in the pipe's buffer until flushed
 sys.stderr.write("last-words")
 exit_now(3)

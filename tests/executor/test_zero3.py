@@ -1,4 +1,4 @@
-"""executor.zero3: DeepSpeed's single-rank fetch wait, made stream-ordered, never blocks the host."""
+"""hpi.executor.zero3: DeepSpeed's single-rank fetch wait, made stream-ordered, never blocks the host."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ pytest.importorskip("deepspeed")
 
 from deepspeed.runtime.zero import partition_parameters as zpp  # noqa: E402
 
-from executor.zero3 import stream_ordered_fetch, wrap_zero3  # noqa: E402
+from hpi.executor.zero3 import stream_ordered_fetch, wrap_zero3  # noqa: E402
 
 
 class _NoHostSync:

@@ -1,5 +1,5 @@
 """Synthetic RunRecords for the calibration and validation tests: the cost model's own predictions on a
-profile with known ("true") coefficients, written in the shape ``executor.record.build_record`` writes."""
+profile with known ("true") coefficients, written in the shape ``hpi.executor.record.build_record`` writes."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from planner.catalog import load_model
-from planner.predict import predict
-from planner.profiles import load_profile
-from planner.specs.hardware import HardwareProfile
-from planner.specs.plan import Plan
-from planner.specs.workload import Workload
+from hpi.planner.catalog import load_model
+from hpi.planner.predict import predict
+from hpi.planner.profiles import load_profile
+from hpi.planner.specs.hardware import HardwareProfile
+from hpi.planner.specs.plan import Plan
+from hpi.planner.specs.workload import Workload
 
 PROFILE = "h200-2gpu"
 # The coefficients the synthetic records are generated with (the profile's priors differ from each).

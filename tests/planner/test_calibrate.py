@@ -1,4 +1,4 @@
-"""planner.calibrate: records in, coefficients out; the profile's calibrated: section round-trips.
+"""hpi.planner.calibrate: records in, coefficients out; the profile's calibrated: section round-trips.
 
 The fit is checked on synthetic records (the cost model's own predictions with known coefficients,
 tests/planner/conftest.py): it must recover them, leave what no record moves at its prior, and report
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from planner.calibrate import (
+from hpi.planner.calibrate import (
     CANDIDATES,
     CalibrationError,
     apply,
@@ -34,8 +34,8 @@ from planner.calibrate import (
     summarize,
     write_section,
 )
-from planner.profiles import ProfileError, clear_cache, load_profile
-from planner.specs.hardware import is_fraction
+from hpi.planner.profiles import ProfileError, clear_cache, load_profile
+from hpi.planner.specs.hardware import is_fraction
 
 PROFILE_FILE = Path(__file__).resolve().parents[2] / "src" / "planner" / "hardware_profiles" / "h200-2gpu.yaml"
 
@@ -233,7 +233,7 @@ def test_section_values_must_say_calibrated(tmp_path) -> None:
 
 def test_calibration_modules_stay_pure() -> None:
     code = (
-        "import sys, planner.calibrate, planner.fidelity, planner.calibrate_cli\n"
+        "import sys, hpi.planner.calibrate, hpi.planner.fidelity, hpi.planner.calibrate_cli\n"
         "bad = [m for m in ('torch', 'deepspeed', 'transformers', 'matplotlib') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
@@ -265,7 +265,7 @@ def test_an_autotune_trial_stands_for_the_run_record_it_holds(synth, tmp_path) -
 
 
 def test_run_conditions_are_typed_and_default_to_what_old_records_ran() -> None:
-    from planner.calibrate import run_conditions
+    from hpi.planner.calibrate import run_conditions
 
     assert run_conditions({"spec": {}}) == {"compute_dtype": "bf16", "fetch_wait": "host", "decode_graphs": False}
     got = run_conditions({"spec": {"dtype": "fp16", "fetch_wait": "stream", "decode_graphs": True}})

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from planner.catalog import (
+from hpi.planner.catalog import (
     SUPPORTED_MODEL_TYPES,
     ModelConfigError,
     load_model,
@@ -359,9 +359,9 @@ def _hf_params(model) -> int:
 
 
 def _catalogue_config(name: str) -> dict:
-    import planner.catalog
+    import hpi.planner.catalog
 
-    return json.loads((Path(planner.catalog.__file__).parent / "models" / f"{name}.json").read_text())
+    return json.loads((Path(hpi.planner.catalog.__file__).parent / "models" / f"{name}.json").read_text())
 
 
 @pytest.mark.parametrize("variant", [*TINY, "tiny-llama"])

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from planner.catalog import model_names
-from planner.cli import main
-from planner.profiles import profile_names
+from hpi.planner.catalog import model_names
+from hpi.planner.cli import main
+from hpi.planner.profiles import profile_names
 
 MODELS = model_names()
 PROFILES = profile_names()
@@ -163,14 +163,14 @@ def test_bad_files_name_the_file_and_field(capsys, tmp_path):
 
 
 def test_console_script_runs_in_a_fresh_process():
-    proc = subprocess.run([sys.executable, "-m", "planner.cli", "models"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "hpi.planner.cli", "models"], capture_output=True, text=True)
     assert proc.returncode == 0 and "kimi-k2" in proc.stdout
 
 
 def test_planner_never_imports_torch_deepspeed_or_transformers():
     code = (
-        "import sys, planner.cli, planner.search, planner.explain, planner.validation, planner.report\n"
-        "from planner.cli import main\n"
+        "import sys, hpi.planner.cli, hpi.planner.search, hpi.planner.explain, hpi.planner.validation, hpi.planner.report\n"
+        "from hpi.planner.cli import main\n"
         "main(['plan', '--model', 'llama-3-8b', '--hardware', 'h200-2gpu', '--json'])\n"
         "bad = [m for m in ('torch', 'deepspeed', 'transformers') if m in sys.modules]\n"
         "assert not bad, bad\n"
@@ -196,9 +196,9 @@ def test_cuda_graphs_are_priced_by_default_where_a_plan_allows_them(capsys):
 def test_hpi_run_graphs_by_default_only_where_they_can_run():
     from argparse import Namespace
 
-    from planner.catalog import load_model
-    from planner.cli import UsageError, _run_graphs
-    from planner.specs.plan import Plan
+    from hpi.planner.catalog import load_model
+    from hpi.planner.cli import UsageError, _run_graphs
+    from hpi.planner.specs.plan import Plan
 
     dense, moe = load_model("llama-3-8b"), load_model("mixtral-8x7b")
     auto = Namespace(decode_graphs=None, device="cuda")

@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("planner.layout")
-pytest.importorskip("planner.topology")
-profiles = pytest.importorskip("planner.profiles")
+pytest.importorskip("hpi.planner.layout")
+pytest.importorskip("hpi.planner.topology")
+profiles = pytest.importorskip("hpi.planner.profiles")
 
-from planner.catalog import load_model  # noqa: E402
-from planner.explain import bindings, fixes, knob_effects, knob_variants, memory_headroom  # noqa: E402
-from planner.predict import predict  # noqa: E402
-from planner.search import nvme_buffer_elems_for  # noqa: E402
-from planner.specs.plan import Plan  # noqa: E402
-from planner.specs.workload import Workload  # noqa: E402
+from hpi.planner.catalog import load_model  # noqa: E402
+from hpi.planner.explain import bindings, fixes, knob_effects, knob_variants, memory_headroom  # noqa: E402
+from hpi.planner.predict import predict  # noqa: E402
+from hpi.planner.search import nvme_buffer_elems_for  # noqa: E402
+from hpi.planner.specs.plan import Plan  # noqa: E402
+from hpi.planner.specs.workload import Workload  # noqa: E402
 
 WORKLOAD = Workload(512, 32)
 

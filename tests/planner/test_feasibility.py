@@ -12,10 +12,10 @@ import re
 import numpy as np
 import pytest
 
-from planner.catalog import load_model
-from planner.cost.estimate import evaluate
-from planner.cost.inputs import Knobs, make_layout
-from planner.feasibility import (
+from hpi.planner.catalog import load_model
+from hpi.planner.cost.estimate import evaluate
+from hpi.planner.cost.inputs import Knobs, make_layout
+from hpi.planner.feasibility import (
     Reason,
     capacity_masks,
     capacity_reasons,
@@ -23,11 +23,11 @@ from planner.feasibility import (
     layout_problems,
     plan_problems,
 )
-from planner.specs.hardware import Efficiency, GpuSpec, HardwareProfile, HostSpec, NvmeSpec
-from planner.specs.model import ModelSpec
-from planner.specs.placement import Link, Placement
-from planner.specs.plan import Plan
-from planner.specs.workload import Workload
+from hpi.planner.specs.hardware import Efficiency, GpuSpec, HardwareProfile, HostSpec, NvmeSpec
+from hpi.planner.specs.model import ModelSpec
+from hpi.planner.specs.placement import Link, Placement
+from hpi.planner.specs.plan import Plan
+from hpi.planner.specs.workload import Workload
 
 GB = 1e9
 EFF = Efficiency(gpu_reserved_bytes=1 * GB, host_reserved_bytes=2 * GB, gpu_memory_usable=0.9, dram_usable=0.9)
@@ -281,8 +281,8 @@ def test_plan_problems_reads_the_plan_degrees() -> None:
 
 
 def test_quantization_needs_widths_in_groups_of_64() -> None:
-    from planner.catalog import load_model
-    from planner.feasibility import quantization_problems
+    from hpi.planner.catalog import load_model
+    from hpi.planner.feasibility import quantization_problems
 
     tiny = load_model("tiny-llama")  # FFN width 176
     assert [p for p in quantization_problems(tiny, 1)] == [
@@ -295,10 +295,10 @@ def test_quantization_needs_widths_in_groups_of_64() -> None:
 
 
 def test_search_never_proposes_plans_deepspeed_cannot_quantize() -> None:
-    from planner.catalog import load_model
-    from planner.profiles import load_profile
-    from planner.search import search
-    from planner.specs.workload import Workload
+    from hpi.planner.catalog import load_model
+    from hpi.planner.profiles import load_profile
+    from hpi.planner.search import search
+    from hpi.planner.specs.workload import Workload
 
     result = search(load_model("tiny-llama"), load_profile("h100-sxm-1gpu"), Workload())
     bits = {int(b) for ev in result.evaluations for b in ev.knobs.weight_bits}

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import yaml
 
-from planner.layout import RANK_ORDER, groups, place, rank_coords, rank_gpus, rank_of, stage_ranks
-from planner.profiles import load_profile
-from planner.specs.placement import Link
-from planner.specs.plan import Plan
-from planner.topology import build_topology
+from hpi.planner.layout import RANK_ORDER, groups, place, rank_coords, rank_gpus, rank_of, stage_ranks
+from hpi.planner.profiles import load_profile
+from hpi.planner.specs.placement import Link
+from hpi.planner.specs.plan import Plan
+from hpi.planner.topology import build_topology
 
 
 def topo(name):

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from planner.profiles import PROFILES_ENV, ProfileError, clear_cache, load_profile, parse_layout, profile_names
-from planner.specs.hardware import OS_KINDS, PROVENANCE_KINDS, Efficiency, GpuSpec, HostSpec, NvmeSpec
-from planner.topology import build_topology
+from hpi.planner.profiles import PROFILES_ENV, ProfileError, clear_cache, load_profile, parse_layout, profile_names
+from hpi.planner.specs.hardware import OS_KINDS, PROVENANCE_KINDS, Efficiency, GpuSpec, HostSpec, NvmeSpec
+from hpi.planner.topology import build_topology
 
 SHIPPED = {  # name -> (nodes, GPUs per node)
     "a6000-workstation": (1, 1),

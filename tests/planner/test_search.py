@@ -11,13 +11,13 @@ import itertools
 import numpy as np
 import pytest
 
-pytest.importorskip("planner.layout")
-pytest.importorskip("planner.topology")
-profiles = pytest.importorskip("planner.profiles")
+pytest.importorskip("hpi.planner.layout")
+pytest.importorskip("hpi.planner.topology")
+profiles = pytest.importorskip("hpi.planner.profiles")
 
-from planner.catalog import load_model  # noqa: E402
-from planner.feasibility import capacity_masks, layout_problems  # noqa: E402
-from planner.search import (  # noqa: E402
+from hpi.planner.catalog import load_model  # noqa: E402
+from hpi.planner.feasibility import capacity_masks, layout_problems  # noqa: E402
+from hpi.planner.search import (  # noqa: E402
     DEFAULT_BATCHES,
     SearchSpace,
     _degrees,
@@ -26,8 +26,8 @@ from planner.search import (  # noqa: E402
     prefetch_buckets,
     search,
 )
-from planner.specs.plan import DEEPSPEED_DEFAULT_PREFETCH_ELEMS  # noqa: E402
-from planner.specs.workload import Workload  # noqa: E402
+from hpi.planner.specs.plan import DEEPSPEED_DEFAULT_PREFETCH_ELEMS  # noqa: E402
+from hpi.planner.specs.workload import Workload  # noqa: E402
 
 WORKLOAD = Workload(512, 32)
 
@@ -263,7 +263,7 @@ def test_a_big_model_on_a_small_gpu_reports_why(opt30b_on_a6000) -> None:
 
 
 def test_search_plans_predict_to_the_same_figures(llama8b_on_4gpu) -> None:
-    from planner.predict import predict
+    from hpi.planner.predict import predict
 
     r = llama8b_on_4gpu
     picks = list(r.ranked("latency")[:3]) + list(r.ranked("throughput")[:3]) + list(r.pareto_front()[:2])

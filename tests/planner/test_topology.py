@@ -8,9 +8,9 @@ import networkx as nx
 import pytest
 import yaml
 
-from planner.profiles import load_profile, profile_names
-from planner.specs.placement import Link
-from planner.topology import NODE_KINDS, build_topology, max_min_rates
+from hpi.planner.profiles import load_profile, profile_names
+from hpi.planner.specs.placement import Link
+from hpi.planner.topology import NODE_KINDS, build_topology, max_min_rates
 
 
 def topo(name):

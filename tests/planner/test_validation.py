@@ -19,7 +19,7 @@ import statistics
 
 import pytest
 
-from planner.validation import compare_all, load_runs, plan_for, run_class
+from hpi.planner.validation import compare_all, load_runs, plan_for, run_class
 
 COMPARISONS = compare_all()
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from planner.specs.model import ModelSpec
+from hpi.planner.specs.model import ModelSpec
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",

@@ -36,10 +36,10 @@ from functools import lru_cache
 
 import numpy as np
 
-from planner.cost.inputs import COMPUTE_BYTES, Knobs, Layout
-from planner.cost.phase import Phase
-from planner.cost.shape import HEAD
-from planner.specs.placement import Link
+from hpi.planner.cost.inputs import COMPUTE_BYTES, Knobs, Layout
+from hpi.planner.cost.phase import Phase
+from hpi.planner.cost.shape import HEAD
+from hpi.planner.specs.placement import Link
 
 
 def allreduce_time(n_bytes: np.ndarray, ranks: int, link: Link, alpha_s: float, bw_eff: float) -> np.ndarray:

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from planner.cost.inputs import COMPUTE_BYTES, Knobs, Layout
-from planner.cost.phase import Phase
-from planner.cost.shape import EMBED, HEAD
+from hpi.planner.cost.inputs import COMPUTE_BYTES, Knobs, Layout
+from hpi.planner.cost.phase import Phase
+from hpi.planner.cost.shape import EMBED, HEAD
 
 
 def expected_experts_touched(n_experts: np.ndarray, k: np.ndarray, tokens: np.ndarray) -> np.ndarray:

@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from planner.cost.compute import touched_elems_per_rank
-from planner.cost.inputs import Knobs, Layout
-from planner.cost.phase import Phase
+from hpi.planner.cost.compute import touched_elems_per_rank
+from hpi.planner.cost.inputs import Knobs, Layout
+from hpi.planner.cost.phase import Phase
 
 # Bytes of one element of the compute dtype.
 DTYPE_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp32": 4.0}

@@ -55,15 +55,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.cost.collectives import dp_allgather_time, tp_collective_host_time, tp_collective_time, tp_drift
-from planner.cost.compute import roofline_sides
-from planner.cost.dequant import dequant_host_time, dequant_time
-from planner.cost.inputs import Knobs, Layout
-from planner.cost.memory import MemoryResult, memory
-from planner.cost.overhead import graphed_forwards, layer_device_time, module_overhead_time, step_overhead_time
-from planner.cost.phase import Phase, decode_phase, prefill_phase
-from planner.cost.pipeline import compose_step, p2p_time
-from planner.cost.streaming import (
+from hpi.planner.cost.collectives import dp_allgather_time, tp_collective_host_time, tp_collective_time, tp_drift
+from hpi.planner.cost.compute import roofline_sides
+from hpi.planner.cost.dequant import dequant_host_time, dequant_time
+from hpi.planner.cost.inputs import Knobs, Layout
+from hpi.planner.cost.memory import MemoryResult, memory
+from hpi.planner.cost.overhead import graphed_forwards, layer_device_time, module_overhead_time, step_overhead_time
+from hpi.planner.cost.phase import Phase, decode_phase, prefill_phase
+from hpi.planner.cost.pipeline import compose_step, p2p_time
+from hpi.planner.cost.streaming import (
     fetched_elems_per_rank,
     fetches_weights,
     h2d_bandwidth,
@@ -114,7 +114,7 @@ def leaf_shares(layout: Layout, knobs: Knobs) -> tuple[np.ndarray, np.ndarray]:
     the rule is applied to one at a time.
 
     ZeRO-3 fetches leaf module by leaf module, and its fetch queue bounds how far the host runs ahead of
-    the copies (with hpi's stream-ordered wait too, executor.zero3), so where a plan gathers weights the
+    the copies (with hpi's stream-ordered wait too, hpi.executor.zero3), so where a plan gathers weights the
     overlap rule holds per matrix-holding leaf module: its share of the copies, compute and dequantization
     goes by its weights, and the host's hooks and launches split evenly among the leaves. A small leaf
     then shows its hooks between the copies: the 1x H100 8B decode streamed at 0.84 of pinned while the

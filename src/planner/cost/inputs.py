@@ -2,7 +2,7 @@
 
 Plans that share a layout share their placement, stage split and links, so the cost model evaluates them
 together: ``Knobs`` holds one numpy array per plan field (length N), and every cost term is plain numpy
-arithmetic that broadcasts over N plans and the 4 module kinds of ``planner.cost.shape``. A single
+arithmetic that broadcasts over N plans and the 4 module kinds of ``hpi.planner.cost.shape``. A single
 ``hpi predict`` is the same code with N = 1.
 """
 
@@ -13,12 +13,12 @@ from typing import Sequence
 
 import numpy as np
 
-from planner.cost.shape import ModuleTable, module_table
-from planner.specs.hardware import HardwareProfile
-from planner.specs.model import ModelSpec
-from planner.specs.placement import Placement
-from planner.specs.plan import QUANT_GROUP_SIZE, Plan
-from planner.specs.workload import Workload
+from hpi.planner.cost.shape import ModuleTable, module_table
+from hpi.planner.specs.hardware import HardwareProfile
+from hpi.planner.specs.model import ModelSpec
+from hpi.planner.specs.placement import Placement
+from hpi.planner.specs.plan import QUANT_GROUP_SIZE, Plan
+from hpi.planner.specs.workload import Workload
 
 # Asymmetric group-wise quantization keeps an fp16 scale and an fp16 zero point per group
 # (DeepSpeed ZeRO-Inference ``quantized_initialization``, symmetric: false).
@@ -133,7 +133,7 @@ def ranks_per_node_stage(placement: Placement) -> np.ndarray:
 
 
 def make_layout(model: ModelSpec, hardware: HardwareProfile, workload: Workload, placement: Placement) -> Layout:
-    from planner.cost.pipeline import stage_module_counts
+    from hpi.planner.cost.pipeline import stage_module_counts
 
     return Layout(
         model=model,

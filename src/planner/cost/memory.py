@@ -32,12 +32,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.cost.compute import stored_elems_per_rank
-from planner.cost.dequant import dequant_buffer_bytes
-from planner.cost.inputs import COMPUTE_BYTES, QUANT_META_BYTES_PER_GROUP, Knobs, Layout
-from planner.cost.shape import DENSE, EMBED, HEAD, MOE, per_rank
-from planner.cost.streaming import fetches_weights, persistent_elems
-from planner.specs.plan import QUANT_GROUP_SIZE
+from hpi.planner.cost.compute import stored_elems_per_rank
+from hpi.planner.cost.dequant import dequant_buffer_bytes
+from hpi.planner.cost.inputs import COMPUTE_BYTES, QUANT_META_BYTES_PER_GROUP, Knobs, Layout
+from hpi.planner.cost.shape import DENSE, EMBED, HEAD, MOE, per_rank
+from hpi.planner.cost.streaming import fetches_weights, persistent_elems
+from hpi.planner.specs.plan import QUANT_GROUP_SIZE
 
 LOGIT_BYTES = 4.0  # transformers upcasts logits to fp32
 LOGIT_COPIES = 2.0  # logits and the processed scores / probabilities sampled from

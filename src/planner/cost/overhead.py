@@ -4,7 +4,7 @@
 - ``offload_layer_overhead_s`` per decoder layer per forward when ZeRO-3 gathers parameters: its
   pre/post-forward hooks and partition bookkeeping.
 - ``step_overhead_s`` per forward of each pipeline stage: the executor's lock-step loop synchronizes
-  the device after every stage forward (``executor.generate``), then samples or sends.
+  the device after every stage forward (``hpi.executor.generate``), then samples or sends.
 The layer terms are host time that the GPU's work can hide (``cost.estimate`` takes the larger of the
 two per module); the step term follows a synchronization and adds. Defaults live in ``Efficiency``;
 calibration replaces them with measured values.
@@ -15,7 +15,7 @@ series with the layer's roofline time (``layer_device_time``; ``cost.estimate`` 
 what a graphed decode step of a small model is made of beyond its weight reads: an 8B step on an H100 read
 16 GB in 9.3 ms, 1.7 TB/s, where a 70B step on an H200 streamed at 0.70 of the copy ceiling with the same code.
 
-A decode step replayed as a CUDA graph (``Workload.decode_graphs``, ``executor.graphs``) launches all of a
+A decode step replayed as a CUDA graph (``Workload.decode_graphs``, ``hpi.executor.graphs``) launches all of a
 stage's kernels and collectives with one call: the per-layer host time and TP's rank drift at each
 collective leave it (``graphed_forwards`` says where that holds), and the step term becomes
 ``graphed_step_overhead_s`` (the executor still replays, synchronizes, samples and sends after each stage
@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from planner.cost.inputs import Knobs, Layout
-from planner.cost.phase import Phase
-from planner.cost.streaming import fetches_weights
+from hpi.planner.cost.inputs import Knobs, Layout
+from hpi.planner.cost.phase import Phase
+from hpi.planner.cost.streaming import fetches_weights
 
 
 def module_overhead_time(layout: Layout, knobs: Knobs) -> np.ndarray:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.cost.inputs import Knobs, Layout
+from hpi.planner.cost.inputs import Knobs, Layout
 
 
 @dataclass(frozen=True)

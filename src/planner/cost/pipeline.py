@@ -20,11 +20,11 @@ from functools import lru_cache
 
 import numpy as np
 
-from planner.cost.collectives import COMPUTE_BYTES
-from planner.cost.inputs import Layout
-from planner.cost.phase import Phase
-from planner.cost.shape import DENSE, EMBED, HEAD, MOE, module_table, stored_elements
-from planner.specs.model import ModelSpec
+from hpi.planner.cost.collectives import COMPUTE_BYTES
+from hpi.planner.cost.inputs import Layout
+from hpi.planner.cost.phase import Phase
+from hpi.planner.cost.shape import DENSE, EMBED, HEAD, MOE, module_table, stored_elements
+from hpi.planner.specs.model import ModelSpec
 
 
 def _greedy_parts(weights: np.ndarray, cap: float) -> list[int] | None:

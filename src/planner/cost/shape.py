@@ -9,7 +9,7 @@ Module kinds (columns of every per-module array in the cost model):
   1 MOE    decoder layer with routed (+ shared) experts
   2 EMBED  token embedding, learned position table, embedding norm (replicated across TP ranks)
   3 HEAD   final norm and LM head (the head is column-sharded across TP ranks)
-Pipeline stages are counts of these kinds (``planner.cost.pipeline.stage_module_counts``).
+Pipeline stages are counts of these kinds (``hpi.planner.cost.pipeline.stage_module_counts``).
 
 ZeRO-3 gathers parameters one *module* at a time (a module's own parameters, ``recurse=False``). In
 transformers >= 5 a layer's routed experts are one module holding 3-D ``gate_up_proj`` / ``down_proj``
@@ -24,7 +24,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from planner.specs.model import ModelSpec
+from hpi.planner.specs.model import ModelSpec
 
 DENSE, MOE, EMBED, HEAD = range(4)
 EXPERTS_GATHERED_WHOLE = True  # transformers >= 5 fuses a layer's experts into one module (see above)

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from planner.cost.compute import touched_elems_per_rank
-from planner.cost.shape import EXPERTS_GATHERED_WHOLE
-from planner.cost.inputs import COMPUTE_BYTES, Knobs, Layout
-from planner.cost.phase import Phase
+from hpi.planner.cost.compute import touched_elems_per_rank
+from hpi.planner.cost.shape import EXPERTS_GATHERED_WHOLE
+from hpi.planner.cost.inputs import COMPUTE_BYTES, Knobs, Layout
+from hpi.planner.cost.phase import Phase
 
 
 def fetches_weights(layout: Layout, knobs: Knobs) -> np.ndarray:

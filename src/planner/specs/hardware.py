@@ -5,7 +5,7 @@ Every number in a profile YAML carries its provenance (``datasheet``, ``probed``
 path (``gpu.memory_bytes``, ``efficiency.h2d_stream_pinned`` ...). The dataclasses themselves hold plain
 floats so the cost model can do arithmetic (and numpy broadcasting) on them directly.
 
-Links and how they are shared live in the topology graph (``planner.topology``), built from the profile's
+Links and how they are shared live in the topology graph (``hpi.planner.topology``), built from the profile's
 ``node.links`` and ``cluster`` sections.
 """
 

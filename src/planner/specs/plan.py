@@ -3,7 +3,7 @@
 Like FlexGen's ``Policy``, this small frozen record *is* the search space. It is hashable and round-trips
 through JSON (``to_dict`` / ``from_dict``), which is how it crosses to the executor and back in RunRecords.
 
-Rank order is declared once, in ``planner.layout``: tp innermost, then dp, then pp.
+Rank order is declared once, in ``hpi.planner.layout``: tp innermost, then dp, then pp.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class Plan:
     @property
     def runs_without_zero3(self) -> bool:
         """Whether the executor runs the stage as plain PyTorch: ZeRO-3 is needed to offload, to partition
-        over dp > 1 and for DeepSpeed's quantized weights (``executor.worker.uses_deepspeed``)."""
+        over dp > 1 and for DeepSpeed's quantized weights (``hpi.executor.worker.uses_deepspeed``)."""
         return not (self.is_offloaded or self.dp > 1 or self.is_quantized)
 
     @property

@@ -6,10 +6,10 @@ the Plan's search space that change what it costs: the compute dtype and how a Z
   fp16 has a fused CUDA kernel for 4-bit weights, bf16 and fp32 run a chain of torch element-wise ops.
   Tensor sizes follow the plan's weight bits and stay 16-bit elsewhere (``cost.inputs.COMPUTE_BYTES``).
 - ``fetch_wait``: ``stream`` is hpi's stream-ordered ZeRO-3 fetch wait (the compute stream waits for the copy
-  on the GPU; the host runs ahead: ``executor.zero3.stream_ordered_fetch``), ``host`` is DeepSpeed's stock
+  on the GPU; the host runs ahead: ``hpi.executor.zero3.stream_ordered_fetch``), ``host`` is DeepSpeed's stock
   wait, which synchronizes the host with the copy stream at every fetch (``cost.estimate`` says what that
   serializes). Runs recorded before the executor had the field ran the host wait.
-- ``decode_graphs``: each decode step is replayed as a CUDA graph (``executor.graphs``) where the plan allows
+- ``decode_graphs``: each decode step is replayed as a CUDA graph (``hpi.executor.graphs``) where the plan allows
   it (``Plan.graph_blocker``): the host launches one graph instead of every kernel, so the per-layer host
   time and TP's rank drift leave the decode step (``cost.overhead``). Runs recorded before the field ran
   eagerly.

@@ -1,7 +1,7 @@
 """Hand-built inputs for the cost-model tests: a hardware profile with round numbers, placements with
 explicit links, small model shapes, and factories that turn plans into an ``Evaluation``.
 
-Nothing here goes through ``planner.topology`` or ``planner.layout``: every figure a cost term reads is
+Nothing here goes through ``hpi.planner.topology`` or ``hpi.planner.layout``: every figure a cost term reads is
 stated below, so the tests can work their expectations out on paper.
 """
 
@@ -12,13 +12,13 @@ from typing import Sequence
 
 import pytest
 
-from planner.cost.estimate import Evaluation, evaluate
-from planner.cost.inputs import Knobs, Layout, make_layout
-from planner.specs.hardware import Efficiency, GpuSpec, HardwareProfile, HostSpec, NvmeSpec
-from planner.specs.model import ModelSpec
-from planner.specs.placement import Link, Placement
-from planner.specs.plan import Plan
-from planner.specs.workload import Workload
+from hpi.planner.cost.estimate import Evaluation, evaluate
+from hpi.planner.cost.inputs import Knobs, Layout, make_layout
+from hpi.planner.specs.hardware import Efficiency, GpuSpec, HardwareProfile, HostSpec, NvmeSpec
+from hpi.planner.specs.model import ModelSpec
+from hpi.planner.specs.placement import Link, Placement
+from hpi.planner.specs.plan import Plan
+from hpi.planner.specs.workload import Workload
 
 GB = 1e9
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from planner.cost.collectives import allgather_time, allreduce_time, dp_allgather_time, tp_collective_time
-from planner.cost.inputs import Knobs
-from planner.cost.phase import decode_phase, prefill_phase
-from planner.cost.shape import DENSE, EMBED, HEAD, MOE
-from planner.specs.placement import Link
-from planner.specs.plan import Plan
+from hpi.planner.cost.collectives import allgather_time, allreduce_time, dp_allgather_time, tp_collective_time
+from hpi.planner.cost.inputs import Knobs
+from hpi.planner.cost.phase import decode_phase, prefill_phase
+from hpi.planner.cost.shape import DENSE, EMBED, HEAD, MOE
+from hpi.planner.specs.placement import Link
+from hpi.planner.specs.plan import Plan
 
 LINK = Link(bandwidth_bytes_s=100e9, latency_s=1e-6, kind="nvlink")
 ALPHA, EFF = 10e-6, 0.5

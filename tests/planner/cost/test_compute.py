@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from planner.cost.compute import (
+from hpi.planner.cost.compute import (
     active_elems_per_rank,
     compute_time,
     expected_experts_touched,
@@ -19,10 +19,10 @@ from planner.cost.compute import (
     stored_elems_per_rank,
     touched_elems_per_rank,
 )
-from planner.cost.inputs import Knobs
-from planner.cost.phase import decode_phase, prefill_phase
-from planner.cost.shape import DENSE, EMBED, HEAD, MOE
-from planner.specs.plan import Plan
+from hpi.planner.cost.inputs import Knobs
+from hpi.planner.cost.phase import decode_phase, prefill_phase
+from hpi.planner.cost.shape import DENSE, EMBED, HEAD, MOE
+from hpi.planner.specs.plan import Plan
 
 H, HEADS, D, KV_HEADS, F, V = 1024, 8, 128, 2, 4096, 32000
 DENSE_SHARDED = 1024 * 1024 * 2 + 2 * 1024 * 256 + 3 * 1024 * 4096  # q, o, k, v, gate/up/down

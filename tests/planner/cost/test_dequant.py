@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from planner.cost.dequant import (
+from hpi.planner.cost.dequant import (
     dequant_buffer_bytes,
     dequant_bytes_per_elem,
     dequant_elems_per_rank,
@@ -21,11 +21,11 @@ from planner.cost.dequant import (
     dequant_kernels,
     dequant_time,
 )
-from planner.cost.inputs import Knobs
-from planner.cost.phase import decode_phase, prefill_phase
-from planner.cost.shape import DENSE, EMBED, HEAD
-from planner.specs.plan import Plan
-from planner.specs.workload import Workload
+from hpi.planner.cost.inputs import Knobs
+from hpi.planner.cost.phase import decode_phase, prefill_phase
+from hpi.planner.cost.shape import DENSE, EMBED, HEAD
+from hpi.planner.specs.plan import Plan
+from hpi.planner.specs.workload import Workload
 
 LAYER_MATRICES = 15_204_352
 VOCAB_MATRIX = 32000 * 1024

@@ -13,25 +13,25 @@ import json
 import numpy as np
 import pytest
 
-from planner.catalog import load_model
-from planner.cost.collectives import dp_allgather_time, tp_collective_host_time, tp_collective_time, tp_drift
-from planner.cost.compute import compute_time
-from planner.cost.dequant import dequant_host_time, dequant_time
-from planner.cost.estimate import EXPOSED_PARTS, LINK_PARTS, evaluate, leaf_shares, prefetch_overlap
-from planner.cost.inputs import Knobs
-from planner.cost.overhead import layer_device_time, module_overhead_time
-from planner.cost.phase import decode_phase, prefill_phase
-from planner.cost.shape import DENSE, EMBED, HEAD
-from planner.cost.streaming import (
+from hpi.planner.catalog import load_model
+from hpi.planner.cost.collectives import dp_allgather_time, tp_collective_host_time, tp_collective_time, tp_drift
+from hpi.planner.cost.compute import compute_time
+from hpi.planner.cost.dequant import dequant_host_time, dequant_time
+from hpi.planner.cost.estimate import EXPOSED_PARTS, LINK_PARTS, evaluate, leaf_shares, prefetch_overlap
+from hpi.planner.cost.inputs import Knobs
+from hpi.planner.cost.overhead import layer_device_time, module_overhead_time
+from hpi.planner.cost.phase import decode_phase, prefill_phase
+from hpi.planner.cost.shape import DENSE, EMBED, HEAD
+from hpi.planner.cost.streaming import (
     fetched_elems_per_rank,
     kv_transfer_bytes,
     kv_transfer_time,
     weight_stream_bytes,
     weight_stream_time,
 )
-from planner.specs.hardware import Efficiency
-from planner.specs.plan import Plan
-from planner.specs.workload import Workload
+from hpi.planner.specs.hardware import Efficiency
+from hpi.planner.specs.plan import Plan
+from hpi.planner.specs.workload import Workload
 
 H, V = 1024, 32000
 LAYER_MATRICES = 15_204_352
@@ -423,7 +423,7 @@ def test_link_times_count_every_micro_batch_of_the_slowest_stage(kit) -> None:
 
 
 def test_estimate_from_evaluation_reads_one_plan(kit) -> None:
-    predict = pytest.importorskip("planner.predict")
+    predict = pytest.importorskip("hpi.planner.predict")
     plans = [Plan(batch_size=2), Plan(offload="cpu", weight_bits=4, batch_size=4, kv_offload=True)]
     ev = ev_of(kit, plans)
     for i, plan in enumerate(plans):
@@ -445,7 +445,7 @@ def test_estimate_from_evaluation_reads_one_plan(kit) -> None:
 
 
 def test_estimate_of_an_infeasible_plan_carries_reasons(kit) -> None:
-    predict = pytest.importorskip("planner.predict")
+    predict = pytest.importorskip("hpi.planner.predict")
     lay = kit.layout(kit.toy_dense(), hardware=kit.make_hardware(gpu_memory=1.2e9))
     plan = Plan(batch_size=1)
     est = predict.estimate_from_evaluation(kit.evaluate(lay, [plan]), 0, plan)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from planner.cost.compute import stored_elems_per_rank
-from planner.cost.inputs import Knobs
-from planner.cost.memory import CPU_PARTS, GPU_PARTS, memory
-from planner.cost.shape import module_table
-from planner.specs.plan import Plan
-from planner.specs.workload import Workload
+from hpi.planner.cost.compute import stored_elems_per_rank
+from hpi.planner.cost.inputs import Knobs
+from hpi.planner.cost.memory import CPU_PARTS, GPU_PARTS, memory
+from hpi.planner.cost.shape import module_table
+from hpi.planner.specs.plan import Plan
+from hpi.planner.specs.workload import Workload
 
 GB = 1e9
 H, V, F = 1024, 32000, 4096

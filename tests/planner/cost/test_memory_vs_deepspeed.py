@@ -16,16 +16,16 @@ import math
 import numpy as np
 import pytest
 
-from planner.catalog import load_model
-from planner.cost.estimate import evaluate
-from planner.cost.inputs import Knobs, make_layout
-from planner.cost.memory import live_param_elems
-from planner.cost.streaming import persistent_elems
-from planner.cost.shape import DENSE, HEAD, MOE, module_table
-from planner.specs.hardware import Efficiency, GpuSpec, HardwareProfile, HostSpec
-from planner.specs.placement import Link, Placement
-from planner.specs.plan import Plan
-from planner.specs.workload import Workload
+from hpi.planner.catalog import load_model
+from hpi.planner.cost.estimate import evaluate
+from hpi.planner.cost.inputs import Knobs, make_layout
+from hpi.planner.cost.memory import live_param_elems
+from hpi.planner.cost.streaming import persistent_elems
+from hpi.planner.cost.shape import DENSE, HEAD, MOE, module_table
+from hpi.planner.specs.hardware import Efficiency, GpuSpec, HardwareProfile, HostSpec
+from hpi.planner.specs.placement import Link, Placement
+from hpi.planner.specs.plan import Plan
+from hpi.planner.specs.workload import Workload
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -39,7 +39,7 @@ def _meta_model(name: str):
     import json
     from importlib.resources import files
 
-    config = json.loads(files("planner.catalog").joinpath(f"models/{name}.json").read_text())
+    config = json.loads(files("hpi.planner.catalog").joinpath(f"models/{name}.json").read_text())
     config.pop("_hpi", None)
     cfg = transformers.AutoConfig.for_model(**config)
     with torch.device("meta"):

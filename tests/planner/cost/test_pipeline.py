@@ -8,18 +8,18 @@ import itertools
 import numpy as np
 import pytest
 
-from planner.catalog import load_model
-from planner.cost.inputs import Knobs
-from planner.cost.phase import Phase, decode_phase, prefill_phase
-from planner.cost.pipeline import (
+from hpi.planner.catalog import load_model
+from hpi.planner.cost.inputs import Knobs
+from hpi.planner.cost.phase import Phase, decode_phase, prefill_phase
+from hpi.planner.cost.pipeline import (
     balanced_stage_sizes,
     compose_step,
     p2p_time,
     stage_layer_sizes,
     stage_module_counts,
 )
-from planner.cost.shape import DENSE, EMBED, HEAD, MOE, module_table, stored_elements
-from planner.specs.plan import Plan
+from hpi.planner.cost.shape import DENSE, EMBED, HEAD, MOE, module_table, stored_elements
+from hpi.planner.specs.plan import Plan
 
 PREFILL = Phase("prefill", np.ones(1), np.ones(1), 1.0, 0.0)
 DECODE = Phase("decode", np.ones(1), np.ones(1), 1.0, 1.0)

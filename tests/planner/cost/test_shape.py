@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from planner.catalog import load_model, model_names
-from planner.cost.pipeline import stage_module_counts
-from planner.cost.shape import (
+from hpi.planner.catalog import load_model, model_names
+from hpi.planner.cost.pipeline import stage_module_counts
+from hpi.planner.cost.shape import (
     DENSE,
     EMBED,
     HEAD,

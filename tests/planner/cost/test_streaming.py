@@ -10,11 +10,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from planner.catalog import load_model
-from planner.cost.inputs import QUANT_META_BYTES_PER_GROUP, Knobs
-from planner.cost.phase import decode_phase, prefill_phase
-from planner.cost.shape import DENSE, EMBED, EXPERTS_GATHERED_WHOLE, HEAD, MOE
-from planner.cost.streaming import (
+from hpi.planner.catalog import load_model
+from hpi.planner.cost.inputs import QUANT_META_BYTES_PER_GROUP, Knobs
+from hpi.planner.cost.phase import decode_phase, prefill_phase
+from hpi.planner.cost.shape import DENSE, EMBED, EXPERTS_GATHERED_WHOLE, HEAD, MOE
+from hpi.planner.cost.streaming import (
     fetched_elems_per_rank,
     fetches_weights,
     h2d_bandwidth,
@@ -24,7 +24,7 @@ from planner.cost.streaming import (
     weight_stream_bytes,
     weight_stream_time,
 )
-from planner.specs.plan import QUANT_GROUP_SIZE, Plan
+from hpi.planner.specs.plan import QUANT_GROUP_SIZE, Plan
 
 H, V = 1024, 32000
 LAYER_MATRICES = 15_204_352

@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from planner.specs.model import ModelSpec
+from hpi.planner.specs.model import ModelSpec
 
 
 def llama_3_8b() -> ModelSpec:

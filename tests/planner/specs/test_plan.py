@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from planner.catalog import load_model
-from planner.specs.plan import Plan, decode_graph_blocker
+from hpi.planner.catalog import load_model
+from hpi.planner.specs.plan import Plan, decode_graph_blocker
 
 
 def test_graph_blockers_name_what_keeps_python_in_the_step() -> None:
