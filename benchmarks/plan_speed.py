@@ -45,7 +45,7 @@ def fresh_process(model_name: str, hardware_name: str) -> float:
     """Wall time of ``hpi plan --json`` in a new interpreter, imports and output included."""
     started = time.perf_counter()
     subprocess.run(
-        [sys.executable, "-m", "hpi.planner.cli", "plan", "--model", model_name, "--hardware", hardware_name, "--json"],
+        [sys.executable, "-m", "hpi.cli", "plan", "--model", model_name, "--hardware", hardware_name, "--json"],
         check=True, capture_output=True,
     )
     return time.perf_counter() - started

@@ -4,7 +4,7 @@ hidden simulated machine), each run making the planner more accurate.
     from hpi.autotune import TuneConfig, tune
     summary = tune(TuneConfig(model="llama-3-8b", hardware="h100-sxm-1gpu", simulate=True, n_trials=12))
 
-Names are loaded on first use, so that ``hpi``'s command module (``hpi.autotune.cli``) imports neither optuna
+Names are loaded on first use, so that ``hpi``'s command module (``hpi.cli.autotune``) imports neither optuna
 nor matplotlib until the command runs.
 """
 

@@ -71,17 +71,25 @@ class ExecutorRunner:
             return False
         return decode_graph_blocker(plan, load_model(self.checkpoint or self.model)) is None
 
-    def run(self, plan: Plan, out_dir: str | None, timeout_s: float | None, note: dict[str, Any], *,
-            noise_key: int = 0) -> dict[str, Any]:
-        from hpi.executor.launch import LaunchError, launch
+    def deployment(self, plan: Plan, out_dir: str | None, note: dict[str, Any]):
+        """The trial's deployment, through the path every run takes (``hpi.deployment.resolve_deployment``).
+        The study chose to run this plan with its own calibrated predictions (a plan they say overflows is
+        recorded, never launched), so the profile's uncalibrated prediction must not veto it: forced."""
+        from hpi.deployment import resolve_deployment
         from hpi.executor.spec import RunSpec
 
         spec = RunSpec(plan=plan, model=self.model, workload=self.workload, hardware=self.hardware,
                        device=self.device, dtype=self.dtype, checkpoint=self.checkpoint, nvme_path=self.nvme_path,
-                       out_dir=str(out_dir), warmup_steps=self.warmup_steps, extra={"autotune": note},
-                       decode_graphs=self.graphs_for(plan))
+                       out_dir=str(out_dir), warmup_steps=self.warmup_steps, extra={"autotune": note})
+        return resolve_deployment(spec, decode_graphs=self.graphs_for(plan), force=True)
+
+    def run(self, plan: Plan, out_dir: str | None, timeout_s: float | None, note: dict[str, Any], *,
+            noise_key: int = 0) -> dict[str, Any]:
+        from hpi.executor.launch import LaunchError, start
+
+        deployment = self.deployment(plan, out_dir, note)
         try:
-            return launch(spec, timeout_s=timeout_s)
+            return start(deployment, timeout_s=timeout_s)
         except LaunchError as e:
             if e.reason == "interrupted":
                 raise KeyboardInterrupt from None

@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterable, Sequence
 from hpi.executor.render import DEFAULT_WORKER, MULTICAST_OFF_ENV, launch_command
 from hpi.executor.spec import RunSpec
 
-__all__ = ["LaunchError", "launch", "launch_env", "free_port", "WORKER", "RECORD_FILE", "SPEC_FILE"]
+__all__ = ["LaunchError", "launch", "start", "launch_env", "free_port", "WORKER", "RECORD_FILE", "SPEC_FILE"]
 
 SPEC_FILE = "spec.json"
 RECORD_FILE = "record.json"
@@ -248,6 +248,18 @@ class _Torchrun:
 
 
 # ---- launch -------------------------------------------------------------------------------------------
+
+
+def start(deployment, *, timeout_s: float | None = None, stream: Callable[[str], Any] | None = None,
+          grace_s: float = GRACE_S) -> dict[str, Any]:
+    """Start a resolved deployment (``hpi.deployment.resolve_deployment``) on this node and wait: the one path
+    by which ``hpi run`` and autotune's real trials start ranks. Returns what ``launch`` returns."""
+    nodes = deployment.nodes
+    return launch(deployment.spec, nnodes=nodes.nnodes, node_rank=nodes.node_rank, master_addr=nodes.master_addr,
+                  master_port=nodes.master_port, timeout_s=timeout_s, stream=stream,
+                  nproc_per_node=deployment.nproc_per_node,
+                  visible_gpus=list(deployment.visible_gpus) if deployment.visible_gpus is not None else None,
+                  grace_s=grace_s)
 
 
 def launch(

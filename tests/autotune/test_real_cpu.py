@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from hpi.planner.cli import main
+from hpi.cli import main
 
 pytest.importorskip("torch")
 pytest.importorskip("deepspeed")

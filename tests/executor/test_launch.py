@@ -16,7 +16,7 @@ import pytest
 from hpi.executor import launch as launch_mod
 from hpi.executor.launch import LaunchError, launch
 from hpi.executor.spec import RunSpec
-from hpi.planner.cli import main
+from hpi.cli import main
 from hpi.planner.specs.plan import Plan
 
 pytest.importorskip("torch")  # torchrun

@@ -28,7 +28,7 @@ from hpi.executor.probe import (
     parse_topo,
     write_profile,
 )
-from hpi.planner.cli import main
+from hpi.cli import main
 from hpi.planner.specs.hardware import Efficiency
 from hpi.planner.profiles import load_profile
 from hpi.planner.topology import build_topology
@@ -383,7 +383,7 @@ def test_disk_measurement(tmp_path):
 def test_real_probe_quick_writes_a_profile_the_planner_loads(tmp_path):
     out = tmp_path / "profiles" / "here.yaml"
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.run([sys.executable, "-m", "hpi.planner.cli", "probe", "--quick", "--json", "--out", str(out),
+    proc = subprocess.run([sys.executable, "-m", "hpi.cli", "probe", "--quick", "--json", "--out", str(out),
                            "--nvme-path", str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -393,7 +393,7 @@ def test_real_probe_quick_writes_a_profile_the_planner_loads(tmp_path):
     assert profile.name == "here" and profile.gpus_per_node == len(doc["gpus"])
     assert profile.provenance["host.dram_bytes"].source == "probed"
     if profile.gpus_per_node == 0:  # this CPU-only machine: planning says so in one line, exit 2
-        plan = subprocess.run([sys.executable, "-m", "hpi.planner.cli", "plan", "--model", "llama-3-8b", "--hardware", str(out)],
+        plan = subprocess.run([sys.executable, "-m", "hpi.cli", "plan", "--model", "llama-3-8b", "--hardware", str(out)],
                               capture_output=True, text=True, env=env)
         assert plan.returncode == 2 and "no GPU" in plan.stderr and len(plan.stderr.strip().splitlines()) == 1
 

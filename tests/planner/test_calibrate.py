@@ -1,7 +1,7 @@
 """hpi.planner.calibrate: records in, coefficients out; the profile's calibrated: section round-trips.
 
 The fit is checked on synthetic records (the cost model's own predictions with known coefficients,
-tests/planner/conftest.py): it must recover them, leave what no record moves at its prior, and report
+tests/conftest.py): it must recover them, leave what no record moves at its prior, and report
 errors that match its own predictions.
 """
 
@@ -233,7 +233,7 @@ def test_section_values_must_say_calibrated(tmp_path) -> None:
 
 def test_calibration_modules_stay_pure() -> None:
     code = (
-        "import sys, hpi.planner.calibrate, hpi.planner.fidelity, hpi.planner.calibrate_cli\n"
+        "import sys, hpi.planner.calibrate, hpi.planner.fidelity, hpi.cli.calibrate\n"
         "bad = [m for m in ('torch', 'deepspeed', 'transformers', 'matplotlib') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )

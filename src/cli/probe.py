@@ -1,6 +1,6 @@
 """``hpi probe`` and ``hpi check``: the command-line side of hpi.executor.probe and hpi.executor.check.
 
-Listed in ``hpi.planner.cli._COMMAND_MODULES``, so this module is imported by every ``hpi`` command: it must
+Listed in ``hpi.cli.app.COMMAND_MODULES``, so this module is imported by every ``hpi`` command: it must
 stay cheap and import neither torch nor the measuring modules at import time (``hpi plan`` stays fast and
 the planner-purity test holds). The handlers import what they need when they run.
 """
@@ -15,13 +15,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from hpi.cli.args import add_plan_flags, add_target, load_target, plan_from_args
+
 __all__ = ["register", "cmd_probe", "cmd_check"]
 
 
 def register(sub: Any) -> dict[str, Any]:
     """Add the ``probe`` and ``check`` parsers to ``sub`` (argparse sub-parsers); returns {name: handler}."""
-    from hpi.planner.cli import _add_plan_knobs, _add_target  # already imported: hpi.planner.cli is calling us
-
     p = sub.add_parser("probe", help="measure this machine and write a hardware profile YAML")
     p.add_argument("--out", default=None, metavar="PATH.yaml",
                    help="where to write the profile (default hardware_profiles/NAME.yaml under the current directory)")
@@ -31,8 +31,8 @@ def register(sub: Any) -> dict[str, Any]:
     p.add_argument("--quick", action="store_true", help="small buffers, few repeats: seconds, for tests and CI")
     p.add_argument("--json", action="store_true", help="last stdout line: the raw measurement document")
     p = sub.add_parser("check", help="warn about what would stop a plan from launching on this machine")
-    _add_target(p)
-    _add_plan_knobs(p, for_search=False)
+    add_target(p)
+    add_plan_flags(p, for_search=False)
     p.add_argument("--nvme-path", default=None, metavar="DIR", help="the NVMe offload directory the run will use")
     return {"probe": cmd_probe, "check": cmd_check}
 
@@ -154,11 +154,10 @@ EXIT_CHECK_FAILED = 1
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Exit 0 when nothing is an error, 1 when something is (bad input: 2, as every hpi command)."""
-    from hpi.planner.cli import _load_target, _plan_from_args
     from hpi.planner.predict import PlanError, predict
 
-    model, hardware, workload = _load_target(args)
-    plan = _plan_from_args(args, model)
+    model, hardware, workload = load_target(args)
+    plan = plan_from_args(args, model)
     try:
         est, problems = predict(model, hardware, workload, plan), ()
     except PlanError as e:
@@ -187,7 +186,3 @@ def _print_findings(findings: Any, label: str, profile: str) -> None:
     console.print(table)
     errors = sum(f.severity == "error" for f in findings)
     console.print(f"{errors} error(s): fix them before hpi run" if errors else "no errors: ready to launch")
-
-
-if __name__ == "__main__":  # pragma: no cover - `python -m hpi.executor.probe_cli` is not an entry point
-    sys.exit("use: hpi probe")

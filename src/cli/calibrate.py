@@ -3,7 +3,7 @@
     hpi calibrate benchmarks/results/2026-11-22-h200x2 --hardware h200-2gpu [--out P.yaml] [--holdout 0.2] [--json]
     hpi validate [--json] [--plot fidelity.png] [--records DIR ...]
 
-Registered through ``hpi.planner.cli._COMMAND_MODULES``; importing this module stays cheap (scipy and
+Registered in ``hpi.cli.app.COMMAND_MODULES``; importing this module stays cheap (scipy and
 matplotlib are imported inside the handlers).
 """
 

@@ -1,4 +1,4 @@
-"""``hpi validate`` and ``hpi calibrate`` (hpi.planner.calibrate_cli, hpi.planner.fidelity) on a small fixture of
+"""``hpi validate`` and ``hpi calibrate`` (hpi.cli.calibrate, hpi.planner.fidelity) on a small fixture of
 synthetic records: leave-one-plan-out never fits on the held-out run, the JSON line equals an independent
 computation, bad input is one line on stderr and exit code 2."""
 
@@ -13,7 +13,7 @@ import pytest
 
 from hpi.planner.calibrate import METRICS, apply, fit, load_records, measurement, plan_key
 from hpi.planner.catalog import load_model
-from hpi.planner.cli import main
+from hpi.cli import main
 from hpi.planner.fidelity import leave_one_plan_out, load_manifest, validate
 from hpi.planner.predict import predict
 from hpi.planner.profiles import clear_cache, load_profile

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from hpi.planner.cli import main
+from hpi.cli import main
 
 
 def test_simulated_autotune_json_last_line_files_and_report(tmp_path, capsys):
@@ -53,7 +53,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, needle):
 
 
 def test_hpi_does_not_import_optuna_or_matplotlib_to_start():
-    code = ("import sys, hpi.planner.cli\nhpi.planner.cli.build_parser()\n"
+    code = ("import sys, hpi.cli.app\nhpi.cli.app.build_parser()\n"
             "bad = [m for m in ('optuna', 'matplotlib', 'torch', 'sqlalchemy') if m in sys.modules]\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True)

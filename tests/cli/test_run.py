@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hpi.planner.cli import main
+from hpi.cli import main
 
 REFUSED = [
     (["--model", "tiny-llama", "--device", "cpu", "--prompt", "hello"], "text prompts need a tokenizer"),

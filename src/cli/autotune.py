@@ -1,6 +1,6 @@
 """``hpi autotune``: find the fastest real configuration in a handful of runs (or simulated ones).
 
-Registered into ``hpi`` by ``hpi.planner.cli._COMMAND_MODULES``. Importing this module is cheap: optuna,
+Registered in ``hpi.cli.app.COMMAND_MODULES``. Importing this module is cheap: optuna,
 matplotlib and the executor are imported when the command runs.
 """
 
@@ -12,60 +12,51 @@ import json
 import sys
 from typing import Any
 
-from hpi.planner.cli import _add_cuda_graph_flags, _add_plan_knobs, _add_target, _json_default, _positive
+from hpi.cli.args import add_cuda_graph_flags, add_plan_flags, add_target, count, non_negative, search_restrictions
+from hpi.cli.output import json_default
 
 EXIT_INTERRUPTED = 130
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
-    return value
 
 
 def register(sub) -> dict[str, Any]:
     p = sub.add_parser("autotune", help="tune a plan with real (or simulated) runs: an Optuna study steered by the planner",
                        description="Optuna study over the planner's top feasible plans and the ZeRO-3 runtime knobs, "
                                    "seeded with the planner's best predictions; every run recalibrates the planner.")
-    _add_target(p)
-    _add_plan_knobs(p, for_search=True)
+    add_target(p)
+    add_plan_flags(p, for_search=True)
     p.add_argument("--objective", choices=("throughput", "latency"), default="throughput",
                    help="throughput: highest tok/s at the best batch; latency: lowest decode step at --batch")
-    p.add_argument("--trials", type=_positive, default=12, help="trials in the study, resumed ones included (default 12)")
-    p.add_argument("--timeout", type=_fraction, default=None, metavar="S",
+    p.add_argument("--trials", type=count, default=12, help="trials in the study, resumed ones included (default 12)")
+    p.add_argument("--timeout", type=non_negative, default=None, metavar="S",
                    help="time budget in seconds for the whole command: no trial starts that would not fit, the "
                         "baseline included")
-    p.add_argument("--trial-timeout", type=_fraction, default=None, metavar="S", help="stop a single run after S seconds")
+    p.add_argument("--trial-timeout", type=non_negative, default=None, metavar="S", help="stop a single run after S seconds")
     p.add_argument("--study", default=None, metavar="NAME", help="study name (default MODEL_HARDWARE_OBJECTIVE[_sim])")
     p.add_argument("--storage", default=None, metavar="URL",
                    help="SQLAlchemy URL (default sqlite:///studies/NAME/study.db); share one to tune from several machines")
     p.add_argument("--studies-dir", default="studies", metavar="DIR", help="where studies keep runs and reports (default studies)")
     p.add_argument("--simulate", action="store_true",
                    help="answer trials from a hidden simulated machine (no GPU): CI and search-efficiency measurements")
-    p.add_argument("--seed", type=_positive, default=0, help="sampler seed (and the hidden machine's with --simulate)")
-    p.add_argument("--seeds", type=_positive, default=3, help="planner predictions enqueued first (default 3)")
-    p.add_argument("--top-configs", type=_positive, default=6,
+    p.add_argument("--seed", type=count, default=0, help="sampler seed (and the hidden machine's with --simulate)")
+    p.add_argument("--seeds", type=count, default=3, help="planner predictions enqueued first (default 3)")
+    p.add_argument("--top-configs", type=count, default=6,
                    help="discrete plans (offload, tp, pp, dp, bits) offered to the study: the planner's best (default 6)")
-    p.add_argument("--max-batch", type=_positive, default=256, help="largest batch searched (default 256)")
+    p.add_argument("--max-batch", type=count, default=256, help="largest batch searched (default 256)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: DeepSpeed's CPU accelerator (tests)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="default bf16 on cuda, fp32 on cpu")
-    _add_cuda_graph_flags(p, default=True, on_help="decode through CUDA graphs in every trial whose plan allows it "
+    add_cuda_graph_flags(p, default=True, on_help="decode through CUDA graphs in every trial whose plan allows it "
                           "(dense, GPU-resident, 16-bit, dp 1, KV cache on the GPU), priced so by the planner (default)",
                           off_help="decode every trial eagerly, and price it so")
-    p.add_argument("--warmup-steps", type=_positive, default=1, help="untimed generate calls before each measured one")
+    p.add_argument("--warmup-steps", type=count, default=1, help="untimed generate calls before each measured one")
     p.add_argument("--checkpoint", default=None, metavar="DIR", help="local HF checkpoint (default: random weights)")
     p.add_argument("--nvme-path", default=None, metavar="DIR", help="folder on the NVMe drive (NVMe trials need it)")
     p.add_argument("--baseline", choices=("ds-examples", "ds-examples-knobs"), default=None,
                    help="also measure DeepSpeedExamples' ZeRO-Inference recipe (ds-examples: its own script, CUDA; "
                         "ds-examples-knobs: its knobs through hpi's executor) and report the ratio")
-    p.add_argument("--baseline-batch", type=_positive, default=None,
+    p.add_argument("--baseline-batch", type=count, default=None,
                    help="batch of the baseline run (default: the best plan's batch; 1 is run_model.py's default)")
-    p.add_argument("--sim-spread", type=_fraction, default=1.0, help="--simulate: how far the hidden machine strays (default 1)")
-    p.add_argument("--sim-noise", type=_fraction, default=0.02, help="--simulate: measurement noise (default 0.02)")
+    p.add_argument("--sim-spread", type=non_negative, default=1.0, help="--simulate: how far the hidden machine strays (default 1)")
+    p.add_argument("--sim-noise", type=non_negative, default=0.02, help="--simulate: measurement noise (default 0.02)")
     p.add_argument("--no-report", dest="report", action="store_false", help="skip the Markdown report and plots")
     return {"autotune": cmd_autotune}
 
@@ -74,8 +65,7 @@ def _config(args: argparse.Namespace):
     from hpi.autotune.tuner import TuneConfig
     from hpi.planner.specs.workload import Workload
 
-    restrict = {"offloads": args.offload, "weight_bits": args.quant_bits, "tp": args.tp, "pp": args.pp, "dp": args.dp,
-                "kv_offload": args.kv_offload, "pin_memory": args.pin_memory}
+    restrict = search_restrictions(args)
     return TuneConfig(
         model=args.model, hardware=args.hardware, workload=Workload(args.prompt_len, args.gen_len, decode_graphs=args.decode_graphs),
         objective=args.objective, n_trials=args.trials, timeout_s=args.timeout, study=args.study,
@@ -193,7 +183,7 @@ def cmd_autotune(args: argparse.Namespace) -> int:
                          "(the interrupted trial is re-run)\n")
         return EXIT_INTERRUPTED
     if args.json:
-        sys.stdout.write(json.dumps(doc, default=_json_default) + "\n")
+        sys.stdout.write(json.dumps(doc, default=json_default) + "\n")
     else:
         _print_summary(doc)
     return 0

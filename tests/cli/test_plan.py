@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from hpi.planner.catalog import model_names
-from hpi.planner.cli import main
+from hpi.cli import main
 from hpi.planner.profiles import profile_names
 
 MODELS = model_names()
@@ -163,14 +163,14 @@ def test_bad_files_name_the_file_and_field(capsys, tmp_path):
 
 
 def test_console_script_runs_in_a_fresh_process():
-    proc = subprocess.run([sys.executable, "-m", "hpi.planner.cli", "models"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "hpi.cli", "models"], capture_output=True, text=True)
     assert proc.returncode == 0 and "kimi-k2" in proc.stdout
 
 
 def test_planner_never_imports_torch_deepspeed_or_transformers():
     code = (
-        "import sys, hpi.planner.cli, hpi.planner.search, hpi.planner.explain, hpi.planner.validation, hpi.planner.report\n"
-        "from hpi.planner.cli import main\n"
+        "import sys, hpi.cli, hpi.planner.search, hpi.planner.explain, hpi.planner.validation, hpi.planner.report\n"
+        "from hpi.cli import main\n"
         "main(['plan', '--model', 'llama-3-8b', '--hardware', 'h200-2gpu', '--json'])\n"
         "bad = [m for m in ('torch', 'deepspeed', 'transformers') if m in sys.modules]\n"
         "assert not bad, bad\n"
@@ -191,25 +191,3 @@ def test_cuda_graphs_are_priced_by_default_where_a_plan_allows_them(capsys):
     assert graphed["prefill_s"] == pytest.approx(eager["prefill_s"])
     code, _, err = run(capsys, *base, "--cuda-graphs", "--no-cuda-graphs")
     assert code == 2 and "not allowed with argument" in err
-
-
-def test_hpi_run_graphs_by_default_only_where_they_can_run():
-    from argparse import Namespace
-
-    from hpi.planner.catalog import load_model
-    from hpi.planner.cli import UsageError, _run_graphs
-    from hpi.planner.specs.plan import Plan
-
-    dense, moe = load_model("llama-3-8b"), load_model("mixtral-8x7b")
-    auto = Namespace(decode_graphs=None, device="cuda")
-    assert _run_graphs(auto, dense, Plan(tp=2)) is True
-    assert _run_graphs(auto, dense, Plan(offload="cpu")) is False
-    assert _run_graphs(auto, dense, Plan(kv_offload=True)) is False
-    assert _run_graphs(auto, moe, Plan()) is False
-    assert _run_graphs(Namespace(decode_graphs=None, device="cpu"), dense, Plan()) is False
-    assert _run_graphs(Namespace(decode_graphs=False, device="cuda"), dense, Plan()) is False
-    assert _run_graphs(Namespace(decode_graphs=True, device="cpu"), dense, Plan()) is True
-    # asked for where it cannot run: refused before anything launches, in one line
-    for model, plan, why in [(dense, Plan(offload="cpu"), "ZeRO-3"), (moe, Plan(), "expert routing")]:
-        with pytest.raises(UsageError, match=f"CUDA graphs cannot run .*{why}.*drop --cuda-graphs"):
-            _run_graphs(Namespace(decode_graphs=True, device="cuda"), model, plan)

@@ -1,0 +1,171 @@
+"""``hpi run``: deploy one plan for real (DeepSpeed ZeRO-3 x TP x PP) and report what it measured beside
+what the planner predicted.
+
+Parse, resolve (``hpi.deployment.resolve_deployment``: every check before anything is written), start
+(``hpi.executor.launch.start``), print. Importing this module imports neither torch nor the executor's
+launcher: they are imported when the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from hpi.cli.args import (
+    UsageError, add_plan_flags, add_run_conditions, add_target, count, plan_from_args, workload_from_args,
+)  # fmt: skip
+from hpi.cli.output import emit_json
+
+EXIT_RUN_FAILED = 1
+EXIT_INTERRUPTED = 130
+_RUN_FIGURES = (("ttft_s", "time to first token", "s"), ("decode_step_s", "decode step", "s"),
+                ("total_s", "total", "s"), ("throughput_tok_s", "throughput", "tok/s"))
+
+
+def register(sub) -> dict:
+    p = sub.add_parser("run", help="run one plan for real (DeepSpeed ZeRO-3 x TP x PP) and report what it measured")
+    add_target(p, hardware_required=False)
+    add_run_conditions(p)
+    add_plan_flags(p, for_search=False)
+    add_run_options(p)
+    return {"run": cmd_run}
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    prompts = p.add_mutually_exclusive_group()
+    prompts.add_argument("--prompt", default=None, metavar="TEXT", help="one text prompt (default: random token ids)")
+    prompts.add_argument("--prompts", dest="prompts_file", default=None, metavar="FILE",
+                         help="text prompts, one per line (empty lines skipped)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cpu: DeepSpeed's CPU accelerator with gloo, for tests (default cuda)")
+    p.add_argument("--checkpoint", default=None, metavar="DIR",
+                   help="local HF checkpoint (safetensors + tokenizer); default: random weights")
+    p.add_argument("--out", default="runs/latest", metavar="DIR",
+                   help="run folder: spec.json, ds_config.json, record.json, logs/ (default runs/latest)")
+    p.add_argument("--force", action="store_true", help="run a plan the prediction says cannot fit")
+    p.add_argument("--nvme-path", default=None, metavar="DIR", help="folder on the NVMe drive (--offload nvme)")
+    p.add_argument("--seed", type=count, default=0)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--chat", action="store_true", help="stop at EOS and stream the tokens as they come")
+    p.add_argument("--timeout", type=float, default=None, metavar="S", help="stop the run after S seconds")
+    p.add_argument("--nnodes", type=count, default=1, help="nodes taking part (one hpi run per node)")
+    p.add_argument("--node-rank", type=count, default=0, help="this node's rank (0 runs rank 0)")
+    p.add_argument("--master-addr", default="127.0.0.1", help="node 0's address (rendezvous)")
+    p.add_argument("--master-port", type=count, default=None, help="rendezvous port (default: a free one, 1 node)")
+
+
+def read_prompts(args: argparse.Namespace) -> tuple[str, ...]:
+    """--prompt TEXT or --prompts FILE (one per line); none: seeded random token ids."""
+    if args.prompt is not None:
+        if not args.prompt.strip():
+            raise UsageError("hpi run: --prompt is empty")
+        return (args.prompt,)
+    if args.prompts_file:
+        try:
+            with open(args.prompts_file, encoding="utf-8") as f:
+                prompts = tuple(line.rstrip("\r\n") for line in f if line.strip())
+        except OSError as e:
+            raise UsageError(f"cannot read prompts {args.prompts_file}: {e.strerror}") from None
+        if not prompts:
+            raise UsageError(f"{args.prompts_file}: no prompts (one per line)")
+        return prompts
+    return ()
+
+
+def resolve(args: argparse.Namespace):
+    """The deployment ``hpi run`` asks for, checked: a ``hpi.deployment.Deployment``."""
+    from hpi.deployment import Nodes, resolve_deployment
+    from hpi.executor.spec import RunSpec
+    from hpi.planner.catalog import load_model
+
+    model = load_model(args.model)
+    plan = plan_from_args(args, model)
+    spec = RunSpec(plan=plan, model=args.model, workload=workload_from_args(args), hardware=args.hardware,
+                   device=args.device, dtype=args.dtype, fetch_wait=args.fetch_wait, checkpoint=args.checkpoint,
+                   prompts=read_prompts(args), seed=args.seed, mode="chat" if args.chat else "benchmark",
+                   temperature=args.temperature, top_p=args.top_p, nvme_path=args.nvme_path, out_dir=args.out,
+                   extra={"argv": sys.argv[1:]})
+    nodes = Nodes(nnodes=args.nnodes, node_rank=args.node_rank, master_addr=args.master_addr,
+                  master_port=args.master_port)
+    return resolve_deployment(spec, decode_graphs=args.decode_graphs, force=args.force, nodes=nodes, model=model)
+
+
+def _is_record_line(line: str) -> bool:
+    text = line.strip()
+    if not (text.startswith("{") and text.endswith("}")):
+        return False
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    deployment = resolve(args)
+    spec, plan = deployment.spec, deployment.plan
+
+    # the executor only now: the planner's commands never import it
+    from hpi.executor import launch as launcher
+    from hpi.executor.render import ds_config
+    from hpi.executor.spec import write_json_atomic
+
+    config = ds_config(plan, dtype=spec.dtype, hidden_size=deployment.model.hidden_size, nvme_path=spec.nvme_path)
+    for warning in deployment.warnings:
+        sys.stderr.write(f"hpi run: warning: {warning}\n")
+    write_json_atomic(Path(spec.out_dir) / "ds_config.json", config)
+
+    sink = sys.stdout if spec.mode == "chat" else sys.stderr
+
+    def stream(line: str) -> None:  # rank 0's stdout as it comes; the record is printed once, below
+        if not _is_record_line(line):
+            sink.write(line + "\n")
+            sink.flush()
+
+    sys.stderr.write(f"hpi run: {plan.label} on {plan.world_size} rank(s), {spec.device} {spec.dtype}; "
+                     f"run folder {spec.out_dir}\n")
+    try:
+        record = launcher.start(deployment, timeout_s=args.timeout, stream=stream)
+    except launcher.LaunchError as e:
+        sys.stderr.write(f"hpi run: {'' if e.reason == 'interrupted' else 'failed: '}{e}\n")
+        return EXIT_INTERRUPTED if e.reason == "interrupted" else EXIT_RUN_FAILED
+    if args.json:
+        emit_json(record)
+        return 0
+    if deployment.nodes.node_rank != 0:
+        print(f"node {deployment.nodes.node_rank}: all {record.get('local_world_size')} local rank(s) finished; "
+              f"rank 0's record is on node 0; logs: {record.get('log_dir')}")
+        return 0
+    print_summary(record, deployment)
+    return 0
+
+
+def _figure(doc: Any, key: str) -> float | None:
+    """A RunRecord figure: a number, or the median of a distribution (``{"median": ...}``)."""
+    v = doc.get(key) if isinstance(doc, dict) else None
+    if isinstance(v, dict):
+        v = v.get("median")
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def print_summary(record: dict[str, Any], deployment) -> None:
+    """Each measured figure with the prediction beside it, and the achieved host->device bandwidth."""
+    est = deployment.prediction
+    print(f"run finished: {deployment.plan.label}; record: {Path(deployment.spec.out_dir) / 'record.json'}")
+    for key, name, unit in _RUN_FIGURES:
+        measured = _figure(record, key)
+        if measured is None:
+            continue
+        predicted = getattr(est, key, None) if est is not None else _figure(record.get("predicted"), key)
+        line = f"  {name}: {measured:,.4g} {unit}"
+        if predicted:
+            line += f" (predicted {predicted:,.4g} {unit}, measured/predicted {measured / predicted:.2f})"
+        print(line)
+    h2d = record.get("h2d") if isinstance(record.get("h2d"), dict) else {}
+    achieved, ceiling = _figure(h2d, "achieved_bytes_s"), _figure(h2d, "profile_pinned_bytes_s")
+    if achieved:
+        print(f"  host->device: {achieved / 1e9:,.2f} GB/s" + (f" of {ceiling / 1e9:,.1f} GB/s pinned ({achieved / ceiling:.0%})"
+                                                             if ceiling else ""))

@@ -1,0 +1,158 @@
+"""A deployment: one model, one plan, one workload and how to run them, resolved and validated before any
+process starts.
+
+``hpi run``, autotune's real trials (and the serving and evaluation runtimes after them) start ranks through
+this one path::
+
+    spec = RunSpec(plan=..., model=..., ...)           # what the user asked for, as plain data
+    deployment = resolve_deployment(spec, ...)         # the model read, the decode mode chosen, the plan
+                                                       #   predicted and checked, this node's GPUs found
+    hpi.executor.launch.start(deployment, ...)         # torchrun, the worker ranks, the RunRecord
+
+Resolution is pure (the planner only: no torch, no processes, nothing written); every refusal is a
+``DeploymentError`` whose one line names the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from hpi.executor.spec import RunSpec
+from hpi.planner.specs.model import ModelSpec
+from hpi.planner.specs.plan import decode_graph_blocker
+
+
+class DeploymentError(ValueError):
+    """A deployment that cannot start as asked: one line that says what to change."""
+
+
+@dataclass(frozen=True)
+class Nodes:
+    """Which node of a multi-node run this process starts, and where they meet."""
+
+    nnodes: int = 1
+    node_rank: int = 0  # node 0 runs global rank 0, which writes the RunRecord
+    master_addr: str = "127.0.0.1"  # node 0's address: the rendezvous listens there
+    master_port: int | None = None  # None: a free port (one node only; several must agree on one)
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """Everything ``hpi.executor.launch.start`` needs, checked."""
+
+    spec: RunSpec  # what every rank reads (spec.json): plan, workload with its decode mode, run options
+    model: ModelSpec  # the planner's view of spec.model
+    prediction: Any | None  # hpi.planner.predict.Estimate for spec.hardware, None without a profile
+    nodes: Nodes = Nodes()
+    nproc_per_node: int | None = None  # ranks on this node (None: world / nnodes)
+    visible_gpus: tuple[int, ...] | None = None  # CUDA_VISIBLE_DEVICES in local-rank order (None: as is)
+    warnings: tuple[str, ...] = ()  # what --force let through, said once before the launch
+
+    @property
+    def plan(self):
+        return self.spec.plan
+
+    @property
+    def prediction_summary(self) -> dict[str, Any] | None:
+        """The prediction recorded with the run (``spec.extra["predicted"]``)."""
+        return prediction_summary(self.prediction) if self.prediction is not None else None
+
+
+def decode_mode(spec: RunSpec, model: ModelSpec, asked: bool | None) -> bool:
+    """Whether the run decodes through CUDA graphs: as asked, else wherever they can run (a GPU, a plan without
+    ZeRO-3 or KV offload, a dense model). Asked for where they cannot run: refused."""
+    blocker = decode_graph_blocker(spec.plan, model)
+    if asked and blocker:
+        raise DeploymentError(f"hpi run: CUDA graphs cannot run {spec.plan.label}: {blocker}; drop --cuda-graphs")
+    if asked is not None:
+        return asked
+    return spec.device == "cuda" and blocker is None
+
+
+def resolve_deployment(spec: RunSpec, *, decode_graphs: bool | None = None, force: bool = False,
+                       nodes: Nodes = Nodes(), model: ModelSpec | None = None) -> Deployment:
+    """Check ``spec`` against its model and (with ``spec.hardware``) its machine, and fill in what it derives.
+
+    ``decode_graphs``: True / False as asked, None for graphs wherever the plan allows them. ``force``: run a
+    plan the prediction says cannot fit (with a warning). ``model``: the ModelSpec when the caller has read it.
+    """
+    from hpi.planner.catalog import load_model
+
+    model = model or load_model(spec.model)
+    spec = replace(spec, decode_graphs=decode_mode(spec, model, decode_graphs))
+    warnings: list[str] = []
+    prediction = _predict(spec, model, force, warnings) if spec.hardware else None
+    _check_inputs(spec, model, nodes)
+    nproc, visible = _node_gpus(spec, prediction, nodes)
+    if prediction is not None:
+        spec = replace(spec, extra={**spec.extra, "predicted": prediction_summary(prediction)})
+    return Deployment(spec=spec, model=model, prediction=prediction, nodes=nodes, nproc_per_node=nproc,
+                      visible_gpus=visible, warnings=tuple(warnings))
+
+
+def _predict(spec: RunSpec, model: ModelSpec, force: bool, warnings: list[str]):
+    """The prediction a run checks before launching: an infeasible plan is refused unless ``force``."""
+    from hpi.planner.predict import PlanError, predict
+    from hpi.planner.profiles import load_profile
+
+    hardware = load_profile(spec.hardware)
+    plan = spec.plan
+    try:
+        est = predict(model, hardware, spec.workload, plan)
+    except PlanError as e:
+        if not force:
+            raise DeploymentError(f"hpi run: plan {plan.label} cannot be placed on {hardware.name}: {e} "
+                                  "(--force runs it anyway)") from None
+        warnings.append(f"no prediction ({e}); running anyway (--force)")
+        return None
+    if not est.feasible:
+        reasons = "; ".join(r.message for r in est.reasons)
+        if not force:
+            raise DeploymentError(f"hpi run: plan {plan.label} is infeasible on {hardware.name}: {reasons} "
+                                  "(pass --force to run it anyway)")
+        warnings.append(f"running an infeasible plan (--force): {reasons}")
+    return est
+
+
+def _check_inputs(spec: RunSpec, model: ModelSpec, nodes: Nodes) -> None:
+    """What the run reads and how it starts, checked before anything is written."""
+    from hpi.planner.feasibility import plan_problems
+
+    if spec.mode == "chat" and not spec.prompts:
+        raise DeploymentError("hpi run: --chat needs a prompt: pass --prompt TEXT or --prompts FILE")
+    if spec.checkpoint and not Path(spec.checkpoint).is_dir():
+        raise DeploymentError(f"hpi run: --checkpoint {spec.checkpoint}: no such directory")
+    if spec.prompts and not spec.checkpoint:
+        raise DeploymentError("hpi run: text prompts need a tokenizer: pass --checkpoint DIR (a local HF checkpoint "
+                              "with tokenizer files), or leave out --prompt for seeded random prompts")
+    if not spec.hardware:  # with a profile, the prediction has checked the plan against the model already
+        problems = plan_problems(model, None, spec.plan)
+        if problems:
+            raise DeploymentError(f"hpi run: {problems[0]}")
+    if nodes.node_rank >= nodes.nnodes:
+        raise DeploymentError(f"hpi run: --node-rank {nodes.node_rank} must be < --nnodes {nodes.nnodes}")
+
+
+def _node_gpus(spec: RunSpec, est, nodes: Nodes) -> tuple[int | None, tuple[int, ...] | None]:
+    """(ranks on this node, CUDA_VISIBLE_DEVICES in local-rank order) from the placement, for CUDA runs."""
+    if est is None or spec.device != "cuda":
+        return None, None
+    from hpi.executor.render import node_ranks
+
+    per_node = list(node_ranks(est.placement).values())
+    if len(per_node) != nodes.nnodes:
+        raise DeploymentError(
+            f"hpi run: the plan's {est.placement.world_size} ranks span {len(per_node)} node(s) of {est.hardware.name}: "
+            f"start one hpi run per node with --nnodes {len(per_node)} --node-rank K --master-addr HOST --master-port P")
+    gpus = [gpu for _, gpu in per_node[nodes.node_rank]]
+    return len(gpus), (tuple(gpus) if gpus != list(range(len(gpus))) else None)
+
+
+def prediction_summary(est) -> dict[str, Any]:
+    """What a RunRecord keeps of the planner's prediction (``predicted``), beside each measured figure."""
+    return {"hardware": est.hardware.name, "feasible": est.feasible, "reasons": [r.message for r in est.reasons],
+            "prefill_s": est.prefill_s, "ttft_s": est.ttft_s, "decode_step_s": est.decode_step_s,
+            "total_s": est.total_s, "throughput_tok_s": est.throughput_tok_s, "gpu_peak_bytes": est.gpu_peak_bytes,
+            "rank_gpus": list(est.placement.rank_gpus)}
