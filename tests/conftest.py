@@ -1,4 +1,6 @@
-"""Synthetic RunRecords for the calibration and validation tests: the cost model's own predictions on a
+"""Fixtures shared across the test tree.
+
+Synthetic RunRecords for the calibration and validation tests: the cost model's own predictions on a
 profile with known ("true") coefficients, written in the shape ``hpi.executor.record.build_record`` writes."""
 
 from __future__ import annotations
@@ -78,3 +80,22 @@ def synthetic_records(profile: HardwareProfile | None = None, names=None) -> dic
 def synth() -> SimpleNamespace:
     return SimpleNamespace(PROFILE=PROFILE, TRUE=TRUE, PLANS=PLANS, true_profile=true_profile,
                            record=synthetic_record, records=synthetic_records)
+
+
+@pytest.fixture(scope="session")
+def word_checkpoint(tmp_path_factory):
+    """A local tiny-llama checkpoint (seed 0, fp32, several safetensors shards) with its own word-level
+    tokenizer covering the whole vocabulary: "w{i}" is token i, words split on spaces, decoded joined by
+    spaces. No pad, BOS or EOS token of its own (the pad id falls back to 0)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    from hpi.executor.modeling import load_hf_config
+    from hpi.executor.weights import save_checkpoint
+    from hpi.serve.tokens import word_tokenizer
+
+    config = load_hf_config("tiny-llama")
+    ckpt = save_checkpoint(config, seed=0, out_dir=tmp_path_factory.mktemp("ckpt"), dtype=torch.float32,
+                           shard_size_bytes=4 * 2**20)
+    word_tokenizer(config.vocab_size, eos_token_id=None).save_pretrained(ckpt)
+    return ckpt

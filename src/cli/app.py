@@ -22,6 +22,7 @@ from hpi.cli.args import EXIT_USAGE, Parser, UsageError
 COMMAND_MODULES: tuple[str, ...] = (
     "hpi.cli.plan",  # plan, predict, explain
     "hpi.cli.run",  # run
+    "hpi.cli.serve",  # serve, chat
     "hpi.cli.catalog",  # models, hardware
     "hpi.cli.probe",  # probe, check
     "hpi.cli.calibrate",  # calibrate, validate

@@ -7,8 +7,9 @@ and step: on the 1x H100 the graphed 8B decode took 9.4 ms at batch 1 but 16.7 /
 the bytes it must read grow by 7% / 26% (benchmarks/results/2026-11-22-h100/run8). For one query token per
 row the copy is not needed: the G query heads that share a KV head become G query rows of that KV head
 (``[b, kv, G, d]``), the row's key mask broadcasts over them, and one sdpa call over the unrepeated cache
-gives the same numbers (transformers 5.23 does this itself, as ``pack_gqa``). Every other case goes to
-transformers' own function unchanged.
+gives the same numbers (transformers 5.23 does this itself, as ``pack_gqa``). A serving step (its
+``RaggedStep`` / ``DenseDecode`` arrives where the mask would) goes to ``hpi.executor.slots.ragged_attention``.
+Every other case goes to transformers' own function unchanged.
 
 Registered under its own name (``ATTENTION``) in transformers' attention and mask interfaces, so the
 stage's configs select it and transformers' mask builders treat it as sdpa.
@@ -19,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from hpi.executor.slots import DenseDecode, RaggedStep, ragged_attention
+
 ATTENTION = "hpi_sdpa"
 
 
@@ -26,6 +29,8 @@ def grouped_decode_sdpa(module, query, key, value, attention_mask, dropout: floa
     """transformers' attention-interface signature; returns ([b, s, heads, d], None) as its sdpa does."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if isinstance(attention_mask, (RaggedStep, DenseDecode)):  # serving over the slot cache
+        return ragged_attention(query, key, value, attention_mask, scaling), None
     groups = getattr(module, "num_key_value_groups", 1)
     b, heads, q_len, d = query.shape
     if attention_mask is None or groups == 1 or q_len != 1 or kwargs.get("position_bias") is not None:

@@ -251,7 +251,8 @@ class _Torchrun:
 
 
 def start(deployment, *, timeout_s: float | None = None, stream: Callable[[str], Any] | None = None,
-          grace_s: float = GRACE_S) -> dict[str, Any]:
+          grace_s: float = GRACE_S, extra_env: dict[str, str] | None = None,
+          cancel: threading.Event | None = None) -> dict[str, Any]:
     """Start a resolved deployment (``hpi.deployment.resolve_deployment``) on this node and wait: the one path
     by which ``hpi run`` and autotune's real trials start ranks. Returns what ``launch`` returns."""
     nodes = deployment.nodes
@@ -259,7 +260,7 @@ def start(deployment, *, timeout_s: float | None = None, stream: Callable[[str],
                   master_port=nodes.master_port, timeout_s=timeout_s, stream=stream,
                   nproc_per_node=deployment.nproc_per_node,
                   visible_gpus=list(deployment.visible_gpus) if deployment.visible_gpus is not None else None,
-                  grace_s=grace_s)
+                  grace_s=grace_s, extra_env=extra_env, cancel=cancel)
 
 
 def launch(
@@ -276,6 +277,8 @@ def launch(
     worker: Sequence[str] | None = None,
     python: str = sys.executable,
     grace_s: float = GRACE_S,
+    extra_env: dict[str, str] | None = None,
+    cancel: threading.Event | None = None,
 ) -> dict[str, Any]:
     """Run ``spec`` on this node's ranks and wait; return the RunRecord (node 0) or a node summary.
 
@@ -284,6 +287,9 @@ def launch(
     newline) as it comes, in this thread, so an exception it raises (KeyboardInterrupt) stops the run.
     ``worker`` replaces ``("-m", "hpi.executor.worker")`` (tests). On a node other than 0 (which does not run
     rank 0) the return value is ``{"node_rank", "nnodes", "local_world_size", "log_dir"}``.
+    ``extra_env`` adds variables to the ranks' environment (``hpi serve``'s key); setting ``cancel`` stops the
+    ranks like Ctrl-C from another thread (``LaunchError`` reason "interrupted"). A serving run writes no
+    record: it returns the node summary on every node.
     """
     out_dir = Path(spec.out_dir)
     world = spec.world_size
@@ -311,7 +317,8 @@ def launch(
     (log_dir / "command.json").write_text(json.dumps({"argv": argv}, indent=1))
     proc = subprocess.Popen(
         argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        encoding="utf-8", errors="replace", bufsize=1, env=launch_env(spec, visible_gpus=visible_gpus),
+        encoding="utf-8", errors="replace", bufsize=1,
+        env={**launch_env(spec, visible_gpus=visible_gpus), **(extra_env or {})},
         start_new_session=True, preexec_fn=_parent_death_signal(),
     )
     run = _Torchrun(proc)
@@ -339,6 +346,8 @@ def launch(
                 run.track()
                 if timeout_s is not None and time.monotonic() - started > timeout_s:
                     raise TimeoutError
+                if cancel is not None and cancel.is_set():
+                    raise KeyboardInterrupt
                 if eof and proc.poll() is None:
                     time.sleep(0.05)
         except KeyboardInterrupt:
@@ -358,7 +367,7 @@ def launch(
 
     if proc.returncode != 0:
         raise _diagnose(proc.returncode, "".join(run.stderr_tail), log_dir, node_rank, nproc_per_node)
-    if node_rank != 0:
+    if node_rank != 0 or spec.mode == "serve":
         return {"node_rank": node_rank, "nnodes": nnodes, "local_world_size": nproc_per_node, "log_dir": str(log_dir)}
     return _read_record(record_path, rank0_last, log_dir)
 

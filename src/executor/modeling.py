@@ -40,6 +40,7 @@ from torch import nn
 
 from hpi.executor.attention import register as register_attention
 from hpi.executor.graphs import StaticKVCache
+from hpi.executor.slots import SlotKVCache
 from hpi.executor.tp import (
     COLUMN_PARALLEL,
     ROW_PARALLEL,
@@ -357,10 +358,12 @@ class StageModule(nn.Module):
         return {n: self.hf_name(n) for n, _ in self.named_parameters()}
 
     # forward -----------------------------------------------------------------------------------------
-    def forward(self, inputs: torch.Tensor, cache, cache_position: torch.LongTensor,
-                attention_mask: torch.Tensor | None = None, position_ids: torch.LongTensor | None = None
-                ) -> torch.Tensor:
-        if position_ids is None:
+    def forward(self, inputs: torch.Tensor, cache, cache_position: torch.LongTensor | None,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.LongTensor | None = None,
+                logits_index: torch.LongTensor | None = None) -> torch.Tensor:
+        if isinstance(cache, SlotKVCache):  # serving: the bound step says where each token sits
+            position_ids = cache.step.position_ids
+        elif position_ids is None:
             position_ids = cache_position.unsqueeze(0)  # [1, s]: every row at the same positions
         if self.embed_tokens is not None:
             hidden = self.embed_tokens(inputs)
@@ -372,11 +375,15 @@ class StageModule(nn.Module):
             hidden = self._layers(hidden, cache, cache_position, position_ids, attention_mask)
         if self.lm_head is None:
             return hidden
+        if logits_index is not None:  # the logits of chosen tokens [n, vocab] (serving: the sampled positions)
+            return self.lm_head(self.norm(hidden.reshape(-1, hidden.shape[-1])[logits_index])).float()
         last = self.norm(hidden[:, -1:, :])
         return self.lm_head(last)[:, 0, :].float()
 
     def _layers(self, hidden, cache, cache_position, position_ids, attention_mask):
-        if isinstance(cache, StaticKVCache):
+        if isinstance(cache, SlotKVCache):  # the step object is the mask: hpi.executor.slots.ragged_attention
+            masks = {w: cache.step.with_window(w) for w in set(self.windows)}
+        elif isinstance(cache, StaticKVCache):
             masks = self._bind_static(hidden, cache, cache_position, position_ids, attention_mask)
         else:
             masks = self._dynamic_masks(hidden, cache, cache_position, position_ids, attention_mask)

@@ -18,13 +18,38 @@ from hpi.planner.specs.workload import COMPUTE_DTYPES as DTYPES
 from hpi.planner.specs.workload import FETCH_WAITS, Workload
 
 DEVICES = ("cuda", "cpu")
-MODES = ("benchmark", "chat")
+MODES = ("benchmark", "chat", "serve")
 # Plan fields a run may vary without rebuilding the model or its ZeRO-3 partitions: a variant re-measures
 # the same built stage at another batch / micro-batch count / KV placement (a batch sweep pays the weight
 # materialization once, which for a 70B offload plan costs more than the measurement itself).
 RUNTIME_FIELDS = ("batch_size", "micro_batches", "kv_offload")
 # Run conditions a variant may change too: the same stage decodes eagerly or as CUDA graphs (side by side).
 VARIANT_CONDITIONS = ("decode_graphs",)
+
+
+@dataclass(frozen=True)
+class ServeSpec:
+    """How ``hpi serve`` runs the loaded model (``hpi.executor.serve_loop``)."""
+
+    n_slots: int  # KV-cache slots: requests decoded together at most
+    max_model_len: int  # prompt + generated tokens of one request at most (each slot's cache length)
+    step_tokens: int  # tokens one step may carry (prompt chunks + decode tokens)
+    address: tuple[str, int]  # the HTTP front's listener that rank 0 connects back to
+    policy: str = "fused"  # hpi.executor.scheduler.POLICIES
+    max_queue: int = 1024  # waiting requests at most; more are answered 429
+    hang_timeout_s: float = 600.0  # a rank that hears nothing from its predecessor this long is stuck
+
+    def __post_init__(self) -> None:
+        from hpi.executor.scheduler import POLICIES
+
+        object.__setattr__(self, "address", (str(self.address[0]), int(self.address[1])))
+        if self.n_slots < 1 or self.max_model_len < 2 or self.step_tokens < 1 or self.max_queue < 1:
+            raise ValueError(f"serve needs n_slots({self.n_slots}) >= 1, max_model_len({self.max_model_len}) >= 2, "
+                             f"step_tokens({self.step_tokens}) >= 1 and max_queue({self.max_queue}) >= 1")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy {self.policy!r} is not one of {', '.join(POLICIES)}")
+        if not self.hang_timeout_s > 0:
+            raise ValueError(f"hang_timeout_s({self.hang_timeout_s}) must be > 0")
 
 
 @dataclass(frozen=True)
@@ -50,6 +75,7 @@ class RunSpec:
     fetch_wait: str = "stream"  # stream: hpi's GPU-ordered ZeRO-3 fetch wait; host: DeepSpeed's stock (hpi.executor.zero3)
     decode_graphs: bool = False  # replay each decode step as a CUDA graph (hpi.executor.graphs); resident plans only
     variants: tuple[dict[str, Any], ...] = ()  # further measurements on the same build: RUNTIME_FIELDS overrides
+    serve: ServeSpec | None = None  # mode "serve": the serving runtime's settings
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes recorded with the run
 
     def __post_init__(self) -> None:
@@ -82,8 +108,10 @@ class RunSpec:
                              f"--cuda-graphs or use a GPU-resident 16-bit plan without KV offload")
         for v in self.variants:
             self._variant(v)  # each variant is a RunSpec: it checks its own plan and run conditions
-        if self.variants and self.mode == "chat":
-            raise ValueError("variants re-measure a benchmark run; chat mode takes none")
+        if self.variants and self.mode != "benchmark":
+            raise ValueError(f"variants re-measure a benchmark run; {self.mode} mode takes none")
+        if (self.mode == "serve") != (self.serve is not None):
+            raise ValueError("mode serve and a ServeSpec go together: give both or neither")
         # The run conditions the cost model prices (cost.dequant, cost.estimate, cost.overhead) are the spec's
         # own: the prediction beside each measured figure prices the dtype, fetch wait and graphs the run used.
         conditions = dict(compute_dtype=self.dtype, fetch_wait=self.fetch_wait, decode_graphs=self.decode_graphs)
@@ -126,6 +154,9 @@ class RunSpec:
         d["prompts"] = tuple(d.get("prompts", ()))
         d["stage_layers"] = tuple(d.get("stage_layers", ()))
         d["variants"] = tuple(dict(v) for v in d.get("variants", ()))
+        if d.get("serve") is not None:
+            reject_unknown_fields(ServeSpec, d["serve"], "serve spec")
+            d["serve"] = ServeSpec(**d["serve"])
         return cls(**d)
 
     def write(self, path: str | os.PathLike) -> Path:

@@ -267,6 +267,12 @@ def run(spec: RunSpec) -> list[dict] | None:
     built = _Built(stage=stage, groups=g, config=config, planner_model=planner_model, dtype=dtype, device=device,
                    transfer_bytes=zero3_transfer_bytes(module) if deepspeed_path else (0, 0, 0),
                    build_s=time.perf_counter() - t0, tokenizer=load_tokenizer(spec))
+    if spec.mode == "serve":  # the model stays loaded and answers requests until the front says stop
+        from hpi.executor.serve_loop import serve
+
+        serve(spec, built)
+        dist.destroy_process_group()
+        return None
     records = []
     for one in spec.measurements():
         if device.type == "cuda":

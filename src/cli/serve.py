@@ -1,0 +1,166 @@
+"""``hpi serve`` (keep a plan's model loaded and answer OpenAI-compatible requests) and ``hpi chat`` (talk to
+it from the terminal, through the same API every other client uses).
+
+Parse, resolve (the deployment path ``hpi run`` takes: ``hpi.deployment.resolve_deployment``), serve. The
+serving stack (FastAPI, uvicorn, the openai client) is imported when the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from hpi.cli.args import (
+    UsageError, add_plan_flags, add_run_conditions, count, non_negative, plan_from_args, workload_from_args,
+)  # fmt: skip
+
+API_KEY_ENV = "HPI_API_KEY"
+
+
+def register(sub) -> dict:
+    p = sub.add_parser("serve", help="keep a plan's model loaded and answer OpenAI-compatible requests",
+                       description="Start the plan's ranks once (DeepSpeed ZeRO-3 x TP x PP, as hpi run), keep the "
+                                   "model loaded and serve /v1/completions and /v1/chat/completions with continuous "
+                                   "batching. Binds 127.0.0.1 unless --host says otherwise.")
+    p.add_argument("--model", default=None, help="catalogue name or config.json path (default: --checkpoint's config)")
+    p.add_argument("--checkpoint", default=None, metavar="DIR", help="local HF checkpoint (safetensors + tokenizer); "
+                   "default: random weights with a word-level tokenizer (w0 w1 ...)")
+    p.add_argument("--hardware", default=None, help="profile: the plan is predicted, checked and its batch default "
+                   "comes from it")
+    p.add_argument("--prompt-len", type=count, default=512, help="prompt tokens the plan is priced for (default 512)")
+    p.add_argument("--gen-len", type=count, default=32, help="generated tokens the plan is priced for (default 32)")
+    add_run_conditions(p)
+    add_plan_flags(p, for_search=False)
+    p.add_argument("--batch", type=count, default=None, help=argparse.SUPPRESS)  # the plan's batch: --max-batch
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=count, default=8000, help="port (default 8000; 0: any free one)")
+    p.add_argument("--api-key", default=None, help=f"require Authorization: Bearer KEY (default: ${API_KEY_ENV})")
+    p.add_argument("--max-batch", type=count, default=None,
+                   help="KV-cache slots: requests decoded together (default: the plan's batch, --plan's or 8)")
+    p.add_argument("--max-model-len", type=count, default=None,
+                   help="prompt + generated tokens per request at most (default: --prompt-len + --gen-len)")
+    p.add_argument("--max-queue", type=count, default=1024, help="waiting requests before 429 (default 1024)")
+    p.add_argument("--step-tokens", type=count, default=None,
+                   help="tokens one step may carry (default: 8192 for offloaded plans, 2048 resident)")
+    p.add_argument("--policy", choices=("fused", "separate"), default="fused",
+                   help="fused: prompt chunks ride with the decode tokens (default); separate: prefill steps apart")
+    p.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
+    p.add_argument("--chat-template", default=None, metavar="FILE", help="Jinja chat template replacing the tokenizer's")
+    p.add_argument("--drain-timeout", type=non_negative, default=30.0, metavar="S",
+                   help="on SIGINT/SIGTERM, let running requests finish for up to S seconds (default 30)")
+    p.add_argument("--hang-timeout", type=non_negative, default=600.0, metavar="S",
+                   help="a step stuck this long stops the server with the rank's name (default 600)")
+    p.add_argument("--out", default="runs/serve", metavar="DIR", help="run folder: spec, logs (default runs/serve)")
+    p.add_argument("--nvme-path", default=None, metavar="DIR", help="folder on the NVMe drive (--offload nvme)")
+    p.add_argument("--seed", type=count, default=0, help="seed of the random weights (no --checkpoint)")
+    p.add_argument("--force", action="store_true", help="serve a plan the prediction says cannot fit")
+
+    p = sub.add_parser("chat", help="chat with a running hpi serve from the terminal (streams the answer)")
+    p.add_argument("--url", default="http://127.0.0.1:8000/v1", help="the server's /v1 URL")
+    p.add_argument("--api-key", default=None, help=f"the server's key (default: ${API_KEY_ENV})")
+    p.add_argument("--model", default=None, help="model name (default: the one the server serves)")
+    p.add_argument("--system", default=None, help="a system message")
+    p.add_argument("--prompt", default=None, help="send one message, print the answer and exit (no prompt loop)")
+    p.add_argument("--max-tokens", type=count, default=None)
+    p.add_argument("--temperature", type=non_negative, default=0.0, help="0: greedy (default)")
+    return {"serve": cmd_serve, "chat": cmd_chat}
+
+
+def _resolve(args: argparse.Namespace):
+    from dataclasses import replace
+
+    from hpi.deployment import resolve_deployment
+    from hpi.executor.engine import default_step_tokens
+    from hpi.executor.spec import RunSpec, ServeSpec
+    from hpi.planner.catalog import load_model
+
+    if args.model is None and args.checkpoint is None:
+        raise UsageError("hpi serve: name a model: --model NAME or --checkpoint DIR (with its config.json)")
+    model_ref = args.model or args.checkpoint
+    model = load_model(model_ref)
+    if args.max_model_len is not None:
+        args.prompt_len = max(args.max_model_len - args.gen_len, 1)
+    max_len = args.max_model_len or args.prompt_len + args.gen_len
+    if max_len > model.max_position_embeddings:
+        raise UsageError(f"hpi serve: --max-model-len {max_len} > {model.name}'s {model.max_position_embeddings} "
+                         "positions: lower --max-model-len (or --prompt-len/--gen-len)")
+    slots = args.max_batch
+    if slots is None:
+        slots = None if args.plan_file else 8
+    args.batch = slots if slots is not None else 1
+    plan = plan_from_args(args, model)
+    if args.plan_file and args.max_batch is not None:
+        plan = replace(plan, batch_size=args.max_batch)
+    if plan.kv_offload:
+        raise UsageError("hpi serve keeps the KV cache on the GPU in its slot cache: drop --kv-offload")
+    if plan.dp > 1:
+        raise UsageError(f"hpi serve runs dp 1 (one replica per step); the plan has dp {plan.dp}: use --tp/--pp")
+    serve = ServeSpec(n_slots=plan.batch_size, max_model_len=max_len, address=("127.0.0.1", 0),
+                      step_tokens=args.step_tokens or default_step_tokens(plan.is_offloaded, max_len),
+                      policy=args.policy, max_queue=max(args.max_queue, 1), hang_timeout_s=args.hang_timeout or 600.0)
+    spec = RunSpec(plan=plan, model=model_ref, workload=workload_from_args(args), hardware=args.hardware,
+                   device=args.device, dtype=args.dtype, fetch_wait=args.fetch_wait, checkpoint=args.checkpoint,
+                   seed=args.seed, mode="serve", serve=serve, nvme_path=args.nvme_path, out_dir=args.out,
+                   extra={"argv": sys.argv[1:]})
+    return resolve_deployment(spec, decode_graphs=args.decode_graphs, force=args.force, model=model)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    deployment = _resolve(args)
+    from hpi.serve.server import HttpOptions, serve
+    from hpi.serve.tokens import read_chat_template
+
+    http = HttpOptions(host=args.host, port=args.port, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+                       served_model_name=args.served_model_name, chat_template=read_chat_template(args.chat_template),
+                       drain_s=args.drain_timeout)
+    for warning in deployment.warnings:
+        sys.stderr.write(f"hpi serve: warning: {warning}\n")
+    return serve(deployment, http)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """A thin client of the served API (the official openai package): one message or a prompt loop."""
+    try:
+        import openai
+    except ImportError:
+        raise UsageError("hpi chat needs the openai package: pip install 'hybrid-parallel-inference[serve]'") from None
+    client = openai.OpenAI(base_url=args.url, api_key=args.api_key or os.environ.get(API_KEY_ENV) or "none",
+                           max_retries=0)
+    try:
+        model = args.model or client.models.list().data[0].id
+    except openai.APIConnectionError:
+        raise UsageError(f"hpi chat: no server answers at {args.url}: start one with hpi serve") from None
+    except openai.APIStatusError as e:
+        raise UsageError(f"hpi chat: the server answered {e.status_code}: {e.message}") from None
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    while True:
+        text = args.prompt if args.prompt is not None else _ask()
+        if text is None:
+            return 0
+        history.append({"role": "user", "content": text})
+        history.append({"role": "assistant", "content": _stream_answer(client, model, history, args)})
+        if args.prompt is not None:  # one message, one answer
+            return 0
+
+
+def _ask() -> str | None:
+    try:
+        line = input("you> ")
+    except EOFError:
+        return None
+    return line if line.strip() not in ("", "/exit", "/quit") else None
+
+
+def _stream_answer(client, model: str, history: list[dict], args: argparse.Namespace) -> str:
+    stream = client.chat.completions.create(model=model, messages=history, stream=True,
+                                            temperature=args.temperature, max_tokens=args.max_tokens)
+    parts = []
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            parts.append(chunk.choices[0].delta.content)
+            sys.stdout.write(chunk.choices[0].delta.content)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    return "".join(parts)
