@@ -97,5 +97,5 @@ def word_checkpoint(tmp_path_factory):
     config = load_hf_config("tiny-llama")
     ckpt = save_checkpoint(config, seed=0, out_dir=tmp_path_factory.mktemp("ckpt"), dtype=torch.float32,
                            shard_size_bytes=4 * 2**20)
-    word_tokenizer(config.vocab_size, eos_token_id=None).save_pretrained(ckpt)
+    word_tokenizer(config.vocab_size).save_pretrained(ckpt)
     return ckpt

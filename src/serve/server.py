@@ -59,9 +59,7 @@ def build_service(deployment, engine: EngineClient, http: HttpOptions) -> Servic
 
     spec = deployment.spec
     config = load_hf_config(spec.model, spec.checkpoint)
-    eos = getattr(config, "eos_token_id", None)
-    tokenizer = load_tokenizer(spec.checkpoint, config.vocab_size, eos if isinstance(eos, int) else None,
-                               http.chat_template)
+    tokenizer = load_tokenizer(spec.checkpoint, config.vocab_size, http.chat_template)
     name = http.served_model_name or spec.model
     return Service(engine, tokenizer, name, spec.serve.max_model_len, eos_ids(tokenizer, config), config.vocab_size,
                    spec.serve.max_queue)

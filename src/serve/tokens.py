@@ -19,8 +19,10 @@ FALLBACK_CHAT_TEMPLATE = (
 )
 
 
-def word_tokenizer(vocab_size: int, eos_token_id: int | None):
-    """A fast tokenizer whose token i is the word ``w{i}``, split on white space, decoded joined by spaces."""
+def word_tokenizer(vocab_size: int):
+    """A fast tokenizer whose token i is the word ``w{i}``, split on white space, decoded joined by spaces. It
+    names no special tokens: an added token "w2" would split "w20" into "w2" + "0" (the model's EOS ids come
+    from its config, ``eos_ids``)."""
     import tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -28,11 +30,10 @@ def word_tokenizer(vocab_size: int, eos_token_id: int | None):
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
     tok.decoder = tokenizers.decoders.WordPiece(prefix="##")  # joins words with single spaces
-    eos = f"w{eos_token_id}" if eos_token_id is not None and 0 <= eos_token_id < vocab_size else None
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token=eos)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0")
 
 
-def load_tokenizer(checkpoint: str | None, vocab_size: int, eos_token_id: int | None, chat_template: str | None = None):
+def load_tokenizer(checkpoint: str | None, vocab_size: int, chat_template: str | None = None):
     """The checkpoint's tokenizer (no hub access), else the word-level one; ``chat_template`` (a Jinja text)
     replaces the tokenizer's own when given."""
     if checkpoint:
@@ -44,7 +45,7 @@ def load_tokenizer(checkpoint: str | None, vocab_size: int, eos_token_id: int | 
             raise ValueError(f"--checkpoint {checkpoint}: no usable tokenizer files ({type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''}); save one with the checkpoint") from None
     else:
-        tok = word_tokenizer(vocab_size, eos_token_id)
+        tok = word_tokenizer(vocab_size)
     if chat_template is not None:
         tok.chat_template = chat_template
     return tok

@@ -114,3 +114,20 @@ def test_seeded_sampling_repeats_and_differs_by_seed(server):
 
     assert sample(7) == sample(7)
     assert sample(7) != sample(8)
+
+
+def test_hpi_chat_streams_an_answer_through_the_same_api(server, sv, reference):
+    import subprocess
+    import sys
+
+    _, tokenizer = reference
+    proc = subprocess.run([sys.executable, "-m", "hpi.cli", "chat", "--url", server.url + "/v1", "--api-key", KEY,
+                           "--prompt", "w100 w101", "--max-tokens", "4"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    ids = tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": "w100 w101"}], tokenize=False,
+                                                  add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    assert sv.ids_of(proc.stdout.split()) == sv.greedy(reference, ids, 4)
+    nobody = subprocess.run([sys.executable, "-m", "hpi.cli", "chat", "--url", "http://127.0.0.1:9/v1", "--prompt",
+                             "w1"], capture_output=True, text=True, timeout=60)
+    assert nobody.returncode == 2 and "no server answers" in nobody.stderr
+    assert len(nobody.stderr.strip().splitlines()) == 1
