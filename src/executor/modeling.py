@@ -326,6 +326,8 @@ class StageModule(nn.Module):
                 if not fam.llama_layout:
                     layer.self_attn.num_heads = config.num_attention_heads // tp
         self.layers = nn.ModuleList(layers)
+        # transformers >= 5.2x names the layer's cache argument ``cache`` (``past_key_values`` warns, then goes)
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(layer_cls.forward).parameters else "past_key_values"
         self.rotary_emb = None  # made on the real device in build_stage (its buffer is not a weight)
         if shard.is_last:
             self.norm = (fam.cls(fam.norm_cls)(h, eps=config.rms_norm_eps) if fam.norm_cls is not None
@@ -387,8 +389,8 @@ class StageModule(nn.Module):
             masks = self._bind_static(hidden, cache, cache_position, position_ids, attention_mask)
         else:
             masks = self._dynamic_masks(hidden, cache, cache_position, position_ids, attention_mask)
-        kwargs: dict[str, Any] = dict(position_ids=position_ids, past_key_values=cache,
-                                      use_cache=cache is not None, cache_position=cache_position)
+        kwargs: dict[str, Any] = {"position_ids": position_ids, self._cache_kwarg: cache,
+                                  "use_cache": cache is not None, "cache_position": cache_position}
         if self.rotary_emb is not None:
             kwargs["position_embeddings"] = self.rotary_emb(hidden, position_ids)
         for layer, window in zip(self.layers, self.windows):

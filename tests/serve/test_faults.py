@@ -125,3 +125,20 @@ def test_a_port_in_use_is_one_line_and_nothing_starts(tmp_path):
                               timeout=120)
     assert proc.returncode == 2 and "in use" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_a_stopped_rank_is_caught_by_the_hang_timeout(sv, serve_checkpoint, tmp_path):
+    s = sv.start_server(tmp_path, "--checkpoint", str(serve_checkpoint), "--tp", "2", "--max-batch", "2",
+                        "--max-model-len", "512", "--hang-timeout", "8")
+    stuck = _rank_pid(s, 1)
+    os.kill(stuck, signal.SIGSTOP)
+    try:
+        r = s.post("/v1/completions", {"model": s.model, "prompt": "w1", "max_tokens": 50}, timeout=120)
+        assert r.status_code == 500 and "stuck" in r.json()["error"]["message"], r.text
+        assert s.proc.wait(120) == 1 and "stuck" in s.log
+        wait_for(lambda: not s.workers(), 60, "every rank to be stopped")
+    finally:
+        try:
+            os.kill(stuck, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
