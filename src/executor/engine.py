@@ -183,7 +183,7 @@ class StepRunner:
     device: torch.device
     slots_per_group: int
     graphs: bool = False  # decode-only steps replay a CUDA graph per slot group
-    _graphs: dict[int, "DenseGraph"] = field(default_factory=dict)
+    _graphs: dict[tuple[int, int], "DenseGraph"] = field(default_factory=dict)  # (group, kv span) -> graph
     _sending: tuple | None = None  # (work, tensor) of the hidden states last sent
 
     @property
@@ -226,9 +226,10 @@ class StepRunner:
             x = ids.to(self.device)
         else:
             x = self._recv((self.slots_per_group, 1, self.hidden_size))
-        graph = self._graphs.get(step.group)
-        if graph is None:
-            graph = self._graphs[step.group] = DenseGraph(self.stage, self.cache, offset, self.device)
+        span = kv_span(max(seg.start_pos for seg in step.segments) + 1, self.cache.max_len)
+        graph = self._graphs.get((step.group, span))
+        if graph is None:  # every rank picks the same span from the same step: they capture together
+            graph = self._graphs[(step.group, span)] = DenseGraph(self.stage, self.cache, offset, span, self.device)
         out = graph(x, positions.to(self.device))
         if not g.is_last_stage:
             return self._send(out.clone())  # the graph's output buffer is overwritten by the next replay
@@ -254,15 +255,15 @@ class DenseGraph:
     """A slot group's decode step over all its slots, [slots, 1]: captured once on CUDA, replayed after; run
     eagerly on the CPU through the same buffers (so CPU tests cover everything but the capture)."""
 
-    def __init__(self, stage, cache: SlotKVCache, slot_offset: int, device: torch.device) -> None:
-        self.stage, self.cache, self.offset, self.device = stage, cache, slot_offset, device
+    def __init__(self, stage, cache: SlotKVCache, slot_offset: int, span: int, device: torch.device) -> None:
+        self.stage, self.cache, self.offset, self.span, self.device = stage, cache, slot_offset, span, device
         self.x: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None
         self.graph = None
         self.output: torch.Tensor | None = None
 
     def _forward(self) -> torch.Tensor:
-        self.cache.bind(DenseDecode(self.positions, slot_offset=self.offset))
+        self.cache.bind(DenseDecode(self.positions, slot_offset=self.offset, span=self.span))
         with torch.no_grad():
             return self.stage(self.x, self.cache, None)
 
@@ -318,6 +319,16 @@ def warm_up(runner: StepRunner, groups_n: int) -> None:
         for group in range(groups_n):
             slot = group * runner.slots_per_group
             runner.run(Step(0, group, (Segment(slot, 1, (0,), True),), ("warm-up",)))
+
+
+KV_BUCKET = 128  # graphed decode reads keys in spans of this many positions (one graph per span in use)
+
+
+def kv_span(needed: int, max_len: int) -> int:
+    """The key span a graphed decode step reads: ``needed`` rounded up to a bucket, at most the cache's length.
+    A graph over the whole cache would read every slot's full length each step (at 64 slots of 1280 tokens an
+    8B model's keys and values are 10.7 GB, more than half its weights); buckets keep it near what is used."""
+    return min(max_len, -(-needed // KV_BUCKET) * KV_BUCKET)
 
 
 def default_step_tokens(offloaded: bool, max_model_len: int) -> int:

@@ -78,9 +78,10 @@ class DenseDecode:
     positions: torch.Tensor
     window: int | None = None
     slot_offset: int = 0
+    span: int | None = None  # keys read per slot (None: all max_len): a graph per span bucket reads no more
 
     def with_window(self, window: int | None) -> "DenseDecode":
-        return DenseDecode(self.positions, window, self.slot_offset)
+        return DenseDecode(self.positions, window, self.slot_offset, self.span)
 
     @property
     def position_ids(self) -> torch.Tensor:
@@ -125,8 +126,9 @@ class SlotKVCache:
             rows = self.step.slot_offset + torch.arange(key_states.shape[0], device=keys.device)
             keys[rows, :, self.step.positions] = key_states[:, :, 0]
             values[rows, :, self.step.positions] = value_states[:, :, 0]
-            span = slice(self.step.slot_offset, self.step.slot_offset + key_states.shape[0])
-            return keys[span], values[span]
+            rows = slice(self.step.slot_offset, self.step.slot_offset + key_states.shape[0])
+            cols = slice(0, self.step.span or self.max_len)
+            return keys[rows, :, cols], values[rows, :, cols]
         return keys, values
 
     @property

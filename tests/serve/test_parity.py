@@ -1,5 +1,6 @@
 """Greedy answers through ``hpi serve`` equal transformers' ``generate`` on the same checkpoint, in every
-layout (plain, ZeRO-3 CPU offload, TP 2, PP 2 with two slot groups in the pipeline, TP 2 x PP 2 x ZeRO-3),
+layout (plain, ZeRO-3 CPU offload, TP 2, PP 2 with two slot groups in the pipeline, TP 2 x PP 2 x ZeRO-3, and
+the all-slots decode that CUDA graphs replay, run eagerly here),
 streamed and not; a request's tokens do not depend on which requests share its steps; echo + logprobs
 prompt log-probabilities equal transformers' log-softmax within 1e-4. CPU, fp32, real DeepSpeed and gloo."""
 
@@ -15,6 +16,8 @@ LAYOUTS = {
     "tp2": ("--tp", "2"),
     "pp2": ("--pp", "2"),
     "tp2-pp2-zero3": ("--tp", "2", "--pp", "2", "--offload", "cpu"),
+    # the decode a CUDA graph replays (all slots, a key span of 128 of 300 positions), run eagerly on the CPU
+    "dense-decode": ("--cuda-graphs", "--max-model-len", "300"),
 }
 PROMPTS = ["w11 w12 w13", "w21 w22 w23 w24 w25 w26 w27", "w31", "w41 w42 w43 w44 w45",
            "w51 w52", "w61 w62 w63 w64 w65 w66 w67 w68 w69 w70 w71", "w81 w82 w83 w84", "w91 w92 w93 w94 w95 w96"]
