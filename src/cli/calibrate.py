@@ -68,7 +68,7 @@ def _pct(x: float) -> str:
 
 def _display_path(path: str) -> str:
     """Relative to the repository when inside it (so a profile does not carry one machine's absolute paths)."""
-    from hpi.planner.fidelity import REPO
+    from hpi.planner.validate import REPO
 
     try:
         return str(Path(path).resolve().relative_to(REPO.resolve()))
@@ -172,7 +172,7 @@ def _fmt(metric: str, value: float) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from hpi.planner.fidelity import DEFAULT_MANIFEST, load_manifest, validate
+    from hpi.planner.validate import DEFAULT_MANIFEST, load_manifest, validate
 
     manifest = load_manifest(args.manifest or DEFAULT_MANIFEST)
     result = validate(manifest, args.records)

@@ -1,4 +1,4 @@
-"""``hpi validate`` and ``hpi calibrate`` (hpi.cli.calibrate, hpi.planner.fidelity) on a small fixture of
+"""``hpi validate`` and ``hpi calibrate`` (hpi.cli.calibrate, hpi.planner.validate) on a small fixture of
 synthetic records: leave-one-plan-out never fits on the held-out run, the JSON line equals an independent
 computation, bad input is one line on stderr and exit code 2."""
 
@@ -14,7 +14,7 @@ import pytest
 from hpi.planner.calibrate import METRICS, apply, fit, load_records, measurement, plan_key
 from hpi.planner.catalog import load_model
 from hpi.cli import main
-from hpi.planner.fidelity import leave_one_plan_out, load_manifest, validate
+from hpi.planner.validate import leave_one_plan_out, load_manifest, validate
 from hpi.planner.predict import predict
 from hpi.planner.profiles import clear_cache, load_profile
 
@@ -56,7 +56,7 @@ def _allocated(est) -> float:
 
 
 def _independent(fixture_dir: Path) -> dict:
-    """The summary recomputed from predict() and fit() directly: no hpi.planner.fidelity code."""
+    """The summary recomputed from predict() and fit() directly: no hpi.planner.validate code."""
     records = load_records(fixture_dir / "records")
     prior = load_profile("h200-2gpu", calibrated=False)
     ms = [measurement(r) for r in records]
@@ -218,7 +218,7 @@ def test_repeatability_is_each_repeat_against_the_plans_other_runs(fixture_dir, 
 
 
 def test_repeat_errors_group_by_machine_and_plan() -> None:
-    from hpi.planner.fidelity import Row, repeat_errors
+    from hpi.planner.validate import Row, repeat_errors
 
     def row(profile: str, key: str, measured: float, metric: str = "decode_step_s") -> Row:
         return Row("r", profile, "m", "p", metric, measured, measured, measured, key)

@@ -233,7 +233,7 @@ def test_section_values_must_say_calibrated(tmp_path) -> None:
 
 def test_calibration_modules_stay_pure() -> None:
     code = (
-        "import sys, hpi.planner.calibrate, hpi.planner.fidelity, hpi.cli.calibrate\n"
+        "import sys, hpi.planner.calibrate, hpi.planner.validate, hpi.cli.calibrate\n"
         "bad = [m for m in ('torch', 'deepspeed', 'transformers', 'matplotlib') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )

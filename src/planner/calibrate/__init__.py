@@ -303,7 +303,7 @@ def run_conditions(record: Mapping[str, Any]) -> dict[str, str | bool]:
     return out
 
 
-_REPO = Path(__file__).resolve().parents[2]
+_REPO = Path(__file__).resolve().parents[3]
 
 
 def _record_model(record: Mapping[str, Any], name: str, loader: Callable[[str], ModelSpec]) -> ModelSpec | None:
