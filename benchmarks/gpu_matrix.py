@@ -185,6 +185,7 @@ def run_hpi(entry: Entry, out: Path, gen_len: int, prompt_len: int, device: str 
     from hpi.executor.launch import launch
     from hpi.executor.spec import RunSpec
     from hpi.planner.specs.workload import Workload
+    from hpi.records import RunRecord
 
     plan = entry_plan(entry)
     workload = Workload(entry.prompt_len or prompt_len, entry.gen_len or gen_len)
@@ -194,12 +195,12 @@ def run_hpi(entry: Entry, out: Path, gen_len: int, prompt_len: int, device: str 
                    variants=entry.variants)
     refuse_infeasible(entry, plan, spec.workload)  # the spec's workload carries the run's dtype and fetch wait
     record = launch(spec, timeout_s=900)
-    records = {entry.name: record}
-    for rel in record.get("variant_records", []):
-        doc = json.loads((out / entry.name / rel).read_text())
-        p = doc["plan"]
-        graphs = "-graphs" if doc["spec"].get("decode_graphs") else ""
-        records[f"{entry.name}@b{p['batch_size']}{'-kvoff' if p['kv_offload'] else ''}{graphs}"] = doc
+    records = {entry.name: record.to_json()}
+    for rel in record.variant_records or ():
+        variant = RunRecord.from_json(json.loads((out / entry.name / rel).read_text()))
+        p = variant.plan
+        graphs = "-graphs" if variant.conditions.decode_graphs else ""
+        records[f"{entry.name}@b{p['batch_size']}{'-kvoff' if p['kv_offload'] else ''}{graphs}"] = variant.to_json()
     return records
 
 

@@ -39,6 +39,15 @@ class RequestResult:
     error: str | None = None
 
 
+def _httpx():
+    """httpx2 (what the openai client uses here), else httpx (the GPU image has that one): the same API."""
+    try:
+        import httpx2 as httpx
+    except ImportError:
+        import httpx
+    return httpx
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -53,13 +62,18 @@ def words(rng: random.Random, n: int, vocab: int) -> str:
 
 
 async def one_request(client, args, prompt: str, n_prompt: int, max_tokens: int) -> RequestResult:
-    body = {"model": args.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    body = {"model": args.model, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    if args.api == "chat":
+        body["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        body["prompt"] = prompt
     if args.ignore_eos:
         body["ignore_eos"] = True
     result = RequestResult(n_prompt, max_tokens, time.perf_counter())
     last = None
     try:
-        async with client.stream("POST", args.url + "/v1/completions", json=body, headers=args.headers) as r:
+        route = "/v1/chat/completions" if args.api == "chat" else "/v1/completions"
+        async with client.stream("POST", args.url + route, json=body, headers=args.headers) as r:
             if r.status_code != 200:
                 result.error = f"HTTP {r.status_code}: {(await r.aread())[:300]!r}"
                 return result
@@ -70,7 +84,8 @@ async def one_request(client, args, prompt: str, n_prompt: int, max_tokens: int)
                 if "error" in doc:
                     result.error = str(doc["error"])[:300]
                     break
-                text = "".join(c.get("text") or "" for c in doc.get("choices", []))
+                text = "".join(c.get("text") or (c.get("delta") or {}).get("content") or ""
+                               for c in doc.get("choices", []))
                 n = len(text.split())
                 if not n:
                     continue
@@ -88,7 +103,7 @@ async def one_request(client, args, prompt: str, n_prompt: int, max_tokens: int)
 
 
 async def run_level(args, n_clients: int, rng: random.Random) -> dict:
-    import httpx2 as httpx
+    httpx = _httpx()
 
     def shape() -> tuple[int, int]:
         if args.mixed:
@@ -124,13 +139,13 @@ async def run_level(args, n_clients: int, rng: random.Random) -> dict:
 
 
 def wait_ready(args) -> None:
-    """Poll /ready until the server says it is warm (a loading model answers 503)."""
-    import httpx2 as httpx
+    """Poll the readiness route until the server says it is warm (a loading model answers 503)."""
+    httpx = _httpx()
 
     deadline = time.monotonic() + args.wait_ready
     while True:
         try:
-            if httpx.get(args.url + "/ready", headers=args.headers, timeout=5).status_code == 200:
+            if httpx.get(args.url + args.ready_path, headers=args.headers, timeout=5).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -154,7 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=1800.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", default="server")
-    p.add_argument("--wait-ready", type=float, default=600.0, help="seconds to wait for /ready first")
+    p.add_argument("--wait-ready", type=float, default=600.0, help="seconds to wait for the server first")
+    p.add_argument("--ready-path", default="/ready", help="route that answers 200 once the server is warm")
+    p.add_argument("--api", choices=("completions", "chat"), default="completions",
+                   help="chat: /v1/chat/completions with the prompt as one user message (servers without /v1/completions)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     args.url = args.url.rstrip("/")

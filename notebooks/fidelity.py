@@ -26,10 +26,11 @@
 import dataclasses
 import statistics
 
-from hpi.planner.calibrate import METRICS, apply, fit, load_records, measurement, plan_key
-from hpi.planner.fidelity import load_manifest, validate
+from hpi.planner.calibrate import METRICS, apply, fit, measurement, plan_key
 from hpi.planner.predict import predict
 from hpi.planner.profiles import load_profile
+from hpi.planner.validate import load_manifest, validate
+from hpi.records import load_records
 
 manifest = load_manifest()
 result = validate(manifest)

@@ -1,7 +1,7 @@
 """Fixtures shared across the test tree.
 
 Synthetic RunRecords for the calibration and validation tests: the cost model's own predictions on a
-profile with known ("true") coefficients, written in the shape ``hpi.executor.record.build_record`` writes."""
+profile with known ("true") coefficients, as ``hpi.records.RunRecord``s with the parts calibration reads."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from hpi.planner.profiles import load_profile
 from hpi.planner.specs.hardware import HardwareProfile
 from hpi.planner.specs.plan import Plan
 from hpi.planner.specs.workload import Workload
+from hpi.records import DecodeSteps, ModelInfo, RankReport, RunRecord, Timings
 
 PROFILE = "h200-2gpu"
 # The coefficients the synthetic records are generated with (the profile's priors differ from each).
@@ -49,29 +50,26 @@ def true_profile(**changes) -> HardwareProfile:
 
 
 def synthetic_record(name: str, model: str, plan: Plan, profile: HardwareProfile, *, scale: float = 1.0,
-                     hardware: str = PROFILE, workload: Workload | None = None) -> dict:
+                     hardware: str = PROFILE, workload: Workload | None = None) -> RunRecord:
     """A RunRecord whose measurements are the model's predictions on ``profile`` (times ``scale``)."""
     workload = workload or WORKLOADS.get(name, Workload(512, 32))
     est = predict(load_model(model), profile, workload, plan)
     allocated = est.gpu_peak_bytes - est.gpu_memory_parts["framework"]
     decode = est.decode_step_s * scale
-    return {
-        "kind": "hpi.RunRecord",
-        "version": 1,
-        "spec": {"plan": plan.to_dict(), "model": model, "hardware": hardware, "out_dir": f"/tmp/runs/{name}",
-                 "workload": {"prompt_len_tokens": workload.prompt_len_tokens, "gen_len_tokens": workload.gen_len_tokens},
-                 "dtype": workload.compute_dtype, "fetch_wait": workload.fetch_wait},
-        "plan": plan.to_dict(),
-        "model": {"name": model},
-        "hardware": hardware,
-        "prefill_s": est.prefill_s * scale,
-        "decode_step_s": {"median": decode, "p90": decode, "mean": decode, "all": [decode]},
-        "ranks": [{"rank": r, "peak_allocated_bytes": int(allocated)} for r in range(plan.world_size)],
-        "entry": {"name": name},
-    }
+    return RunRecord(
+        spec={"plan": plan.to_dict(), "model": model, "hardware": hardware, "out_dir": f"/tmp/runs/{name}",
+              "workload": {"prompt_len_tokens": workload.prompt_len_tokens, "gen_len_tokens": workload.gen_len_tokens},
+              "dtype": workload.compute_dtype, "fetch_wait": workload.fetch_wait},
+        plan=plan.to_dict(),
+        model=ModelInfo(model),
+        hardware=hardware,
+        timings=Timings(prefill_s=est.prefill_s * scale, decode_step_s=DecodeSteps(decode, decode, decode, (decode,))),
+        ranks=tuple(RankReport(rank=r, peak_allocated_bytes=int(allocated)) for r in range(plan.world_size)),
+        entry={"name": name},
+    )
 
 
-def synthetic_records(profile: HardwareProfile | None = None, names=None) -> dict[str, dict]:
+def synthetic_records(profile: HardwareProfile | None = None, names=None) -> dict[str, RunRecord]:
     profile = profile or true_profile()
     return {n: synthetic_record(n, *PLANS[n], profile) for n in (names or PLANS)}
 

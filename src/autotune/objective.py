@@ -29,9 +29,9 @@ from hpi.autotune.space import Space, plan_key, suggest_plan
 from hpi.autotune.study import owner
 from hpi.autotune.surrogate import Surrogate
 from hpi.planner.specs.plan import Plan
+from hpi.records import RunRecord
 
 OOM_MARGIN = 0.05  # an out-of-memory is at least this far over the limit, whatever the prediction said
-SLIM_DROP = ("tokens", "texts")  # large, and nothing calibration reads
 
 
 class TrialCrashed(Exception):
@@ -42,33 +42,20 @@ def worst_value(maximize: bool) -> float:
     return 0.0 if maximize else math.inf
 
 
-def slim_record(record: dict[str, Any]) -> dict[str, Any]:
-    """The RunRecord without per-token payloads: what the study database keeps for calibration."""
-    out = {k: v for k, v in record.items() if k not in SLIM_DROP}
-    if isinstance(out.get("decode_step_s"), dict):
-        out["decode_step_s"] = {k: v for k, v in out["decode_step_s"].items() if k != "all"}
-    if isinstance(out.get("ranks"), list):
-        out["ranks"] = [{k: v for k, v in r.items() if k not in ("tokens", "forward_end_s", "busy_s")}
-                        for r in out["ranks"] if isinstance(r, dict)]
-    return out
+def _number(v: Any) -> float | None:
+    return float(v) if v is not None else None
 
 
-def figure(record: dict[str, Any], key: str) -> float | None:
-    v = record.get(key)
-    if isinstance(v, dict):
-        v = v.get("median")
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
-
-
-def measured_figures(record: dict[str, Any]) -> dict[str, Any]:
-    peaks = [r.get("peak_allocated_bytes", 0) for r in record.get("ranks") or [] if isinstance(r, dict)]
+def measured_figures(record: RunRecord) -> dict[str, Any]:
+    """The figures a trial reports (and the study keeps): the headline times, the GPU peak, the h2d rate."""
+    t = record.timings
     return {
-        "throughput_tok_s": figure(record, "throughput_tok_s"),
-        "decode_step_s": figure(record, "decode_step_s"),
-        "prefill_s": figure(record, "prefill_s"),
-        "ttft_s": figure(record, "ttft_s"),
-        "gpu_peak_bytes": max(peaks) if peaks else None,
-        "h2d_bytes_s": (record.get("h2d") or {}).get("achieved_bytes_s"),
+        "throughput_tok_s": _number(t.throughput_tok_s),
+        "decode_step_s": _number(t.figure("decode_step_s")),
+        "prefill_s": _number(t.prefill_s),
+        "ttft_s": _number(t.ttft_s),
+        "gpu_peak_bytes": record.gpu_peak_allocated_bytes if record.ranks else None,
+        "h2d_bytes_s": record.transfers.h2d.achieved_bytes_s if record.transfers.h2d else None,
     }
 
 
@@ -197,18 +184,17 @@ def _finish(trial, ctx: TrialContext, plan: Plan, predicted: dict[str, Any], bas
         error = f"the run's record has no usable {'throughput_tok_s' if ctx.maximize else 'decode_step_s'}"
         trial.set_user_attr("status", "crash")
         trial.set_user_attr("error", error)
-        _write(ctx, trial.number, {**base, "status": "crash", "error": error, "record": record, "wall_s": wall})
+        _write(ctx, trial.number, {**base, "status": "crash", "error": error, "record": record.to_json(), "wall_s": wall})
         return {"status": "crash", "error": error, "wall_s": wall}
     measured["value"] = value
     constraints = dict(predicted["constraints"])
-    if measured["gpu_peak_bytes"] and record.get("device") == "cuda" and not record.get("simulated"):
+    if measured["gpu_peak_bytes"] and record.device == "cuda" and not record.simulated:
         constraints["gpu_memory"] = _measured_gpu_constraint(ctx, measured["gpu_peak_bytes"])  # what it really took
     constraints = {k: min(v, 0.0) for k, v in constraints.items()}  # it ran: nothing was broken
     _constrain(trial, constraints)
-    slim = slim_record(record)
-    for name, v in (("status", "ok"), ("measured", measured), ("record", slim), ("wall_s", wall)):
+    for name, v in (("status", "ok"), ("measured", measured), ("record", record.slim().to_json()), ("wall_s", wall)):
         trial.set_user_attr(name, v)
-    _write(ctx, trial.number, {**base, "status": "ok", "measured": measured, "wall_s": wall, "record": record})
+    _write(ctx, trial.number, {**base, "status": "ok", "measured": measured, "wall_s": wall, "record": record.to_json()})
     return {"status": "ok", "value": value, "measured": measured, "wall_s": wall}
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from optuna.trial import TrialState
 
+from hpi.autotune.study import trial_prediction
 from hpi.planner.specs.plan import Plan
 
 
@@ -138,8 +139,8 @@ def plot_predicted_vs_measured(plt, trials, surrogate, path: Path) -> None:
         m = _measured(t)
         if not m or not m.get(key) or t.user_attrs.get("reused_from") is not None:
             continue
-        record = t.user_attrs.get("record") or {}
-        nom = (record.get("predicted") or {}).get(key)
+        prediction = trial_prediction(t)
+        nom = getattr(prediction, key) if prediction else None
         p = surrogate.predict(Plan.from_dict(t.user_attrs["plan"]))
         xs.append(m[key])
         nominal.append(nom if nom else math.nan)

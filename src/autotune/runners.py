@@ -1,6 +1,6 @@
 """What answers a trial: a real run through the executor, or the hidden machine of ``--simulate``.
 
-Every runner has ``run(plan, out_dir, timeout_s, note, noise_key=...) -> RunRecord dict`` and signals
+Every runner has ``run(plan, out_dir, timeout_s, note, noise_key=...) -> hpi.records.RunRecord`` and signals
 failure with ``RunFailed`` (kind ``oom`` | ``crash`` | ``timeout``), or ``KeyboardInterrupt`` when the run
 was interrupted (the study then re-queues the trial). Nothing here imports torch: the executor's launcher
 starts the ranks in processes of their own.
@@ -21,6 +21,7 @@ from typing import Any
 from hpi.autotune.simulate import SimulatedOutOfMemory, SimulatedRunner
 from hpi.planner.specs.plan import Plan
 from hpi.planner.specs.workload import Workload
+from hpi.records import RunRecord
 
 _SIZE = re.compile(r"\d+(?:\.\d+)?\s*(?:[KMGTP]i?B|bytes)\b")
 REPO = Path(__file__).resolve().parents[2]
@@ -84,7 +85,7 @@ class ExecutorRunner:
         return resolve_deployment(spec, decode_graphs=self.graphs_for(plan), force=True)
 
     def run(self, plan: Plan, out_dir: str | None, timeout_s: float | None, note: dict[str, Any], *,
-            noise_key: int = 0) -> dict[str, Any]:
+            noise_key: int = 0) -> RunRecord:
         from hpi.executor.launch import LaunchError, start
 
         deployment = self.deployment(plan, out_dir, note)
@@ -107,7 +108,7 @@ class SimRunner:
     inner: SimulatedRunner
 
     def run(self, plan: Plan, out_dir: str | None, timeout_s: float | None, note: dict[str, Any], *,
-            noise_key: int = 0) -> dict[str, Any]:
+            noise_key: int = 0) -> RunRecord:
         try:
             return self.inner.run(plan, out_dir, timeout_s, note, noise_key=noise_key)
         except SimulatedOutOfMemory as e:

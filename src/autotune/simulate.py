@@ -54,6 +54,9 @@ from hpi.planner.specs.hardware import Efficiency, HardwareProfile
 from hpi.planner.specs.model import ModelSpec
 from hpi.planner.specs.plan import Plan
 from hpi.planner.specs.workload import Workload
+from hpi.records import (
+    DecodeSteps, HostToDevice, ModelInfo, Output, Prediction, RankReport, RunRecord, Timings, Transfers, compare,
+)  # fmt: skip
 
 FACTOR_RANGES: dict[str, tuple[float, float]] = {
     "h2d_stream_pinned": (0.80, 1.35),
@@ -193,7 +196,7 @@ class SimulatedOutOfMemory(Exception):
 
 @dataclass(frozen=True)
 class SimulatedRunner:
-    """Answers a plan with a RunRecord-shaped dict from the hidden machine (same keys the executor writes)."""
+    """Answers a plan with a RunRecord from the hidden machine (the parts the executor's records have)."""
 
     model: ModelSpec
     machine: HiddenMachine
@@ -202,7 +205,7 @@ class SimulatedRunner:
     dtype: str = "bf16"
 
     def run(self, plan: Plan, out_dir: str | None, timeout_s: float | None, note: dict[str, Any], *,
-            noise_key: int = 0) -> dict[str, Any]:
+            noise_key: int = 0) -> RunRecord:
         true = predict(self.model, self.machine.profile, self.workload, plan)
         if not true.feasible:
             reason = true.reasons[0]
@@ -218,8 +221,8 @@ class SimulatedRunner:
 
 def simulated_record(plan: Plan, true, true_prefill_s: float, true_decode_s: float, nominal, workload: Workload,
                      rng: np.random.Generator, noise: float, model_arg: str, dtype: str,
-                     note: dict[str, Any]) -> dict[str, Any]:
-    """A RunRecord (hpi.executor.record.build_record's keys) for the hidden machine's figures, with noise.
+                     note: dict[str, Any]) -> RunRecord:
+    """A RunRecord (as ``hpi.executor.record.build_record`` builds one) for the hidden machine's figures, with noise.
 
     ``true`` is the Estimate on the hidden profile (memory, bandwidth figures); the times are its prefill
     and decode step with the effects the planner does not model (``HiddenMachine.times``)."""
@@ -237,46 +240,29 @@ def simulated_record(plan: Plan, true, true_prefill_s: float, true_decode_s: flo
             "gen_len_tokens": gen}, "hardware": true.hardware.name, "device": "cuda", "dtype": dtype,
             "fetch_wait": workload.fetch_wait, "decode_graphs": workload.decode_graphs,
             "extra": {"autotune": note, "simulated": True}}
-    record = {
-        "kind": "hpi.RunRecord",
-        "version": 1,
-        "simulated": True,
-        "spec": spec,
-        "plan": plan.to_dict(),
-        "model": {"name": true.model.name, "params_total": true.model.params_total,
-                  "params_active": true.model.params_active},
-        "hardware": true.hardware.name,
-        "workload": spec["workload"],
-        "device": "cuda",
-        "devices": [f"simulated {true.hardware.gpu.name}"],
-        "world_size": plan.world_size,
-        "generated_tokens_per_sequence": gen,
-        "prefill_s": prefill,
-        "ttft_s": prefill,
-        "decode_step_s": {"median": median, "p90": float(np.percentile(steps, 90)) if len(steps) else 0.0,
-                          "mean": float(steps.mean()) if len(steps) else 0.0, "all": [float(s) for s in steps]},
-        "total_s": total,
-        "throughput_tok_s": plan.batch_size * gen / total if total > 0 else 0.0,
-        "pp_bubble_ratio": true.decode_bubble_ratio,
-        "h2d": {"bytes_per_step": h2d_bytes, "achieved_bytes_s": h2d_bytes / median if median > 0 else 0.0,
-                "profile_pinned_bytes_s": true.placement.h2d_pinned_bytes_s,
-                "fraction_of_profile": (h2d_bytes / median / true.placement.h2d_pinned_bytes_s
-                                        if median > 0 and h2d_bytes and true.placement.h2d_pinned_bytes_s else None)},
-        # torch.cuda.max_memory_allocated never counts the CUDA context and allocator slack (the model's
-        # "framework" part): the simulated record reports what the real one would.
-        "ranks": [{"rank": r, "peak_allocated_bytes": int(true.gpu_peak_bytes - true.gpu_memory_parts.get("framework", 0.0)),
-                   "peak_reserved_bytes": int(true.gpu_peak_bytes),
-                   "host_rss_bytes": int(true.cpu_bytes / max(plan.world_size, 1)), "pinned_bytes": int(true.pinned_bytes)}
-                  for r in range(plan.world_size)],
-        "predicted": nominal.to_dict(),
-    }
-    record["measured_vs_predicted"] = {
-        key: {"measured": record[key] if key != "decode_step_s" else median, "predicted": getattr(nominal, key)}
-        for key in ("prefill_s", "decode_step_s", "total_s", "ttft_s", "throughput_tok_s")
-    }
-    record["measured_vs_predicted"]["gpu_peak_bytes"] = {"measured": int(true.gpu_peak_bytes),
-                                                         "predicted": nominal.gpu_peak_bytes}
-    return record
+    timings = Timings(
+        prefill_s=prefill, ttft_s=prefill, total_s=total,
+        decode_step_s=DecodeSteps(median, float(np.percentile(steps, 90)) if len(steps) else 0.0,
+                                  float(steps.mean()) if len(steps) else 0.0, tuple(float(s) for s in steps)),
+        throughput_tok_s=plan.batch_size * gen / total if total > 0 else 0.0, pp_bubble_ratio=true.decode_bubble_ratio,
+    )
+    prediction = Prediction.from_json(nominal.to_dict(), "nominal prediction")
+    # torch.cuda.max_memory_allocated never counts the CUDA context and allocator slack (the model's
+    # "framework" part): the simulated record reports what the real one would.
+    per_rank = RankReport(peak_allocated_bytes=int(true.gpu_peak_bytes - true.gpu_memory_parts.get("framework", 0.0)),
+                          peak_reserved_bytes=int(true.gpu_peak_bytes),
+                          host_rss_bytes=int(true.cpu_bytes / max(plan.world_size, 1)), pinned_bytes=int(true.pinned_bytes))
+    return RunRecord(
+        spec=spec, plan=plan.to_dict(), simulated=True, hardware=true.hardware.name, device="cuda",
+        model=ModelInfo(true.model.name, true.model.params_total, true.model.params_active),
+        devices=(f"simulated {true.hardware.gpu.name}",), world_size=plan.world_size, timings=timings,
+        transfers=Transfers(h2d=HostToDevice(h2d_bytes, h2d_bytes / median if median > 0 else 0.0,
+                                             true.placement.h2d_pinned_bytes_s)),
+        ranks=tuple(replace(per_rank, rank=r) for r in range(plan.world_size)), prediction=prediction,
+        # the real machine's GPU peak, context included, beside the nominal prediction's
+        measured_vs_predicted=compare(timings, prediction, int(true.gpu_peak_bytes)),
+        output=Output(generated_tokens_per_sequence=gen),
+    )
 
 
 

@@ -29,6 +29,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpi.autotune.surrogate import Observation
 from hpi.planner.specs.plan import Plan
+from hpi.records import Prediction, RunRecord
 
 HEARTBEAT_INTERVAL_S = 30
 GRACE_PERIOD_S = 120  # a trial silent this long on another machine is taken as dead
@@ -136,7 +137,19 @@ def observation(t: FrozenTrial) -> Observation | None:
         return None
     measured = t.user_attrs.get("measured") or {}
     return Observation(plan=Plan.from_dict(plan), status=status, value=measured.get("value"),
-                       record=t.user_attrs.get("record"), oom_where=(t.user_attrs.get("oom") or {}).get("where", "gpu"))
+                       record=trial_record(t), oom_where=(t.user_attrs.get("oom") or {}).get("where", "gpu"))
+
+
+def trial_record(t: FrozenTrial) -> RunRecord | None:
+    """The RunRecord a measured trial keeps in the study (its slim copy), read through ``hpi.records``."""
+    doc = t.user_attrs.get("record")
+    return RunRecord.from_json(doc) if doc else None
+
+
+def trial_prediction(t: FrozenTrial) -> Prediction | None:
+    """The uncalibrated prediction the trial's run carried (None: no record, or a record without one)."""
+    record = trial_record(t)
+    return record.prediction if record else None
 
 
 def observations(study: optuna.Study) -> list[Observation]:

@@ -45,6 +45,7 @@ from hpi.planner.specs.hardware import HardwareProfile
 from hpi.planner.specs.model import ModelSpec
 from hpi.planner.specs.plan import OFFLOAD_KINDS, WEIGHT_BITS, Plan
 from hpi.planner.specs.workload import Workload
+from hpi.records import RunRecord
 
 CONSTRAINTS = ("gpu_memory", "cpu_memory", "pinned_memory", "nvme")
 PRESSURE_FROM = 0.80  # GPU memory use above which the residual model lets runs slow down
@@ -56,7 +57,7 @@ EI_MIN = 0.005  # expected improvement (log) below which the planner has no plan
 OOM_CEILING_MARGIN = 0.98  # a plan predicted within 2% of one that ran out of memory is not tried
 
 
-def refresh_profile(profile: HardwareProfile, records: Sequence[dict[str, Any]]) -> HardwareProfile:
+def refresh_profile(profile: HardwareProfile, records: Sequence[RunRecord]) -> HardwareProfile:
     """The profile the next suggestions are ranked on: ``profile`` calibrated to the study's records.
 
     The one place where records make the planner more accurate (``hpi.planner.calibrate``, issue 4). Always
@@ -170,7 +171,7 @@ class Observation:
     plan: Plan
     status: str  # ok | oom | crash | timeout | predicted_overflow
     value: float | None = None  # the measured objective (ok only)
-    record: dict[str, Any] | None = None  # the RunRecord (ok only): what calibration reads
+    record: RunRecord | None = None  # the RunRecord (ok only): what calibration reads
     oom_where: str = "gpu"  # gpu | host: which memory ran out (oom only)
 
 

@@ -39,6 +39,7 @@ from hpi.autotune.study import (
     observations,
     open_study,
     recover,
+    trial_prediction,
     waiting,
 )
 from hpi.autotune.surrogate import Surrogate
@@ -325,7 +326,7 @@ class Tuner:
                 record = self.runner.run(plan, folder, timeout, {"study": self.name, "baseline": self.cfg.baseline},
                                          noise_key=10_000 + batch)
                 measured = measured_figures(record)
-                out["record"] = {k: v for k, v in record.items() if k not in ("tokens", "texts")}
+                out["record"] = record.without_tokens().to_json()
             out.update(status="ok", measured=measured)
         except RunFailed as f:
             out.update(status=f.kind, error=str(f)[:4000])
@@ -451,9 +452,9 @@ def _count(items) -> dict[str, int]:
 
 
 def _nominal(trial) -> dict[str, Any] | None:
-    record = trial.user_attrs.get("record") or {}
-    p = record.get("predicted") or {}
-    return {k: p.get(k) for k in ("throughput_tok_s", "decode_step_s")} if p else None
+    """The uncalibrated prediction the trial's record carries (its throughput and decode step), if any."""
+    p = trial_prediction(trial)
+    return {"throughput_tok_s": p.throughput_tok_s, "decode_step_s": p.decode_step_s} if p else None
 
 
 def _gap(value: float, opt: float, maximize: bool) -> float:

@@ -68,7 +68,7 @@ def _pct(x: float) -> str:
 
 def _display_path(path: str) -> str:
     """Relative to the repository when inside it (so a profile does not carry one machine's absolute paths)."""
-    from hpi.planner.fidelity import REPO
+    from hpi.planner.validate import REPO
 
     try:
         return str(Path(path).resolve().relative_to(REPO.resolve()))
@@ -78,10 +78,11 @@ def _display_path(path: str) -> str:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from hpi.planner.calibrate import (
-        CalibrationError, apply, fit, load_records, measurement, predict_measurements, render_section,
-        split_by_plan, summarize, write_section,
+        CalibrationError, apply, fit, measurement, predict_measurements, render_section, split_by_plan, summarize,
+        write_section,
     )  # fmt: skip
     from hpi.planner.profiles import clear_cache, load_profile
+    from hpi.records import load_records
 
     prior = load_profile(args.hardware, calibrated=False)
     target = Path(args.out) if args.out else _profile_file(args.hardware)
@@ -97,7 +98,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         after = summarize(predict_measurements(apply(prior, cal), held))
     else:
         before, after = cal.error_before, cal.error_after
-    files = sorted({_display_path(str((r.get("_source") or {}).get("path", ""))) for r in records})
+    files = sorted({_display_path(r.source.path if r.source else "") for r in records})
     block = render_section(cal, date=args.date or _dt.date.today().isoformat(), records=files,
                            held_out=[m.record_id for m in held], seed=args.seed if held else None,
                            error_before=before, error_after=after)
@@ -172,7 +173,7 @@ def _fmt(metric: str, value: float) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from hpi.planner.fidelity import DEFAULT_MANIFEST, load_manifest, validate
+    from hpi.planner.validate import DEFAULT_MANIFEST, load_manifest, validate
 
     manifest = load_manifest(args.manifest or DEFAULT_MANIFEST)
     result = validate(manifest, args.records)

@@ -12,12 +12,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 from hpi.cli.args import (
     UsageError, add_plan_flags, add_run_conditions, add_target, count, plan_from_args, workload_from_args,
 )  # fmt: skip
 from hpi.cli.output import emit_json
+from hpi.records import RunRecord
 
 EXIT_RUN_FAILED = 1
 EXIT_INTERRUPTED = 130
@@ -128,44 +128,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     sys.stderr.write(f"hpi run: {plan.label} on {plan.world_size} rank(s), {spec.device} {spec.dtype}; "
                      f"run folder {spec.out_dir}\n")
     try:
-        record = launcher.start(deployment, timeout_s=args.timeout, stream=stream)
+        result = launcher.start(deployment, timeout_s=args.timeout, stream=stream)
     except launcher.LaunchError as e:
         sys.stderr.write(f"hpi run: {'' if e.reason == 'interrupted' else 'failed: '}{e}\n")
         return EXIT_INTERRUPTED if e.reason == "interrupted" else EXIT_RUN_FAILED
     if args.json:
-        emit_json(record)
+        emit_json(result.to_json())
         return 0
-    if deployment.nodes.node_rank != 0:
-        print(f"node {deployment.nodes.node_rank}: all {record.get('local_world_size')} local rank(s) finished; "
-              f"rank 0's record is on node 0; logs: {record.get('log_dir')}")
+    if isinstance(result, launcher.NodeSummary):
+        print(f"node {result.node_rank}: all {result.local_world_size} local rank(s) finished; "
+              f"rank 0's record is on node 0; logs: {result.log_dir}")
         return 0
-    print_summary(record, deployment)
+    print_summary(result, deployment)
     return 0
 
 
-def _figure(doc: Any, key: str) -> float | None:
-    """A RunRecord figure: a number, or the median of a distribution (``{"median": ...}``)."""
-    v = doc.get(key) if isinstance(doc, dict) else None
-    if isinstance(v, dict):
-        v = v.get("median")
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
-
-
-def print_summary(record: dict[str, Any], deployment) -> None:
+def print_summary(record: RunRecord, deployment) -> None:
     """Each measured figure with the prediction beside it, and the achieved host->device bandwidth."""
-    est = deployment.prediction
+    est = deployment.prediction if deployment.prediction is not None else record.prediction
     print(f"run finished: {deployment.plan.label}; record: {Path(deployment.spec.out_dir) / 'record.json'}")
     for key, name, unit in _RUN_FIGURES:
-        measured = _figure(record, key)
+        measured = record.timings.figure(key)
         if measured is None:
             continue
-        predicted = getattr(est, key, None) if est is not None else _figure(record.get("predicted"), key)
+        predicted = getattr(est, key, None)
         line = f"  {name}: {measured:,.4g} {unit}"
         if predicted:
             line += f" (predicted {predicted:,.4g} {unit}, measured/predicted {measured / predicted:.2f})"
         print(line)
-    h2d = record.get("h2d") if isinstance(record.get("h2d"), dict) else {}
-    achieved, ceiling = _figure(h2d, "achieved_bytes_s"), _figure(h2d, "profile_pinned_bytes_s")
+    h2d = record.transfers.h2d
+    achieved, ceiling = (h2d.achieved_bytes_s, h2d.profile_pinned_bytes_s) if h2d else (None, None)
     if achieved:
         print(f"  host->device: {achieved / 1e9:,.2f} GB/s" + (f" of {ceiling / 1e9:,.1f} GB/s pinned ({achieved / ceiling:.0%})"
                                                              if ceiling else ""))

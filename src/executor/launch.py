@@ -5,7 +5,7 @@ starts processes.
 session, streams rank 0's stdout lines to a callback as they come, and waits:
 
 - success: rank 0 wrote ``<out_dir>/record.json`` (its last stdout line is the same JSON document, the
-  fallback when the file is missing) -> the record as a dict;
+  fallback when the file is missing) -> the ``hpi.records.RunRecord`` (on another node: a ``NodeSummary``);
 - failure: ``LaunchError`` naming the rank that failed first, its exit code or signal, out-of-memory in
   words with the figures its log shows, and the last lines of its log;
 - Ctrl-C or timeout: the whole tree is stopped (SIGTERM, then SIGKILL after a grace period) and
@@ -40,8 +40,10 @@ from typing import Any, Callable, Iterable, Sequence
 
 from hpi.executor.render import DEFAULT_WORKER, MULTICAST_OFF_ENV, launch_command
 from hpi.executor.spec import RunSpec
+from hpi.records import RecordError, RunRecord
 
-__all__ = ["LaunchError", "launch", "start", "launch_env", "free_port", "WORKER", "RECORD_FILE", "SPEC_FILE"]
+__all__ = ["LaunchError", "NodeSummary", "launch", "start", "launch_env", "free_port", "WORKER", "RECORD_FILE",
+           "SPEC_FILE"]
 
 SPEC_FILE = "spec.json"
 RECORD_FILE = "record.json"
@@ -64,6 +66,20 @@ class LaunchError(RuntimeError):
         self.exit_code = exit_code
         self.out_of_memory = out_of_memory
         self.log_dir = log_dir
+
+
+@dataclass(frozen=True)
+class NodeSummary:
+    """What ``launch`` returns on a node other than 0 (which does not run rank 0 and so holds no record)."""
+
+    node_rank: int
+    nnodes: int
+    local_world_size: int  # ranks this node ran
+    log_dir: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"node_rank": self.node_rank, "nnodes": self.nnodes, "local_world_size": self.local_world_size,
+                "log_dir": self.log_dir}
 
 
 # ---- environment and ports ----------------------------------------------------------------------------
@@ -252,7 +268,7 @@ class _Torchrun:
 
 def start(deployment, *, timeout_s: float | None = None, stream: Callable[[str], Any] | None = None,
           grace_s: float = GRACE_S, extra_env: dict[str, str] | None = None,
-          cancel: threading.Event | None = None) -> dict[str, Any]:
+          cancel: threading.Event | None = None) -> RunRecord | NodeSummary:
     """Start a resolved deployment (``hpi.deployment.resolve_deployment``) on this node and wait: the one path
     by which ``hpi run`` and autotune's real trials start ranks. Returns what ``launch`` returns."""
     nodes = deployment.nodes
@@ -279,17 +295,15 @@ def launch(
     grace_s: float = GRACE_S,
     extra_env: dict[str, str] | None = None,
     cancel: threading.Event | None = None,
-) -> dict[str, Any]:
-    """Run ``spec`` on this node's ranks and wait; return the RunRecord (node 0) or a node summary.
+) -> RunRecord | NodeSummary:
+    """Run ``spec`` on this node's ranks and wait; return the RunRecord (node 0) or a ``NodeSummary``.
 
     ``nproc_per_node`` defaults to ``world_size / nnodes``. ``master_port`` defaults to a free port on one
     node; several nodes must agree on one. ``stream`` gets each stdout line of global rank 0 (without the
     newline) as it comes, in this thread, so an exception it raises (KeyboardInterrupt) stops the run.
-    ``worker`` replaces ``("-m", "hpi.executor.worker")`` (tests). On a node other than 0 (which does not run
-    rank 0) the return value is ``{"node_rank", "nnodes", "local_world_size", "log_dir"}``.
-    ``extra_env`` adds variables to the ranks' environment (``hpi serve``'s key); setting ``cancel`` stops the
-    ranks like Ctrl-C from another thread (``LaunchError`` reason "interrupted"). A serving run writes no
-    record: it returns the node summary on every node.
+    ``worker`` replaces ``("-m", "hpi.executor.worker")`` (tests). ``extra_env`` adds variables to the ranks'
+    environment (``hpi serve``'s key); setting ``cancel`` stops the ranks like Ctrl-C from another thread
+    (``LaunchError`` reason "interrupted"). A serving run writes no record: it returns a ``NodeSummary``.
     """
     out_dir = Path(spec.out_dir)
     world = spec.world_size
@@ -368,11 +382,11 @@ def launch(
     if proc.returncode != 0:
         raise _diagnose(proc.returncode, "".join(run.stderr_tail), log_dir, node_rank, nproc_per_node)
     if node_rank != 0 or spec.mode == "serve":
-        return {"node_rank": node_rank, "nnodes": nnodes, "local_world_size": nproc_per_node, "log_dir": str(log_dir)}
+        return NodeSummary(node_rank, nnodes, nproc_per_node, str(log_dir))
     return _read_record(record_path, rank0_last, log_dir)
 
 
-def _read_record(path: Path, last_line: str, log_dir: Path) -> dict[str, Any]:
+def _read_record(path: Path, last_line: str, log_dir: Path) -> RunRecord:
     if path.is_file():
         try:
             record = json.loads(path.read_text())
@@ -390,7 +404,11 @@ def _read_record(path: Path, last_line: str, log_dir: Path) -> dict[str, Any]:
     if not isinstance(record, dict):
         raise LaunchError(f"rank 0's record is a JSON {type(record).__name__}, not an object\nlogs: {log_dir}",
                           rank=0, log_dir=str(log_dir))
-    return record
+    try:
+        return RunRecord.from_json(record)
+    except RecordError as e:
+        raise LaunchError(f"rank 0 wrote a record hpi cannot read: {e}\nlogs: {log_dir}", rank=0,
+                          log_dir=str(log_dir)) from None
 
 
 # ---- what went wrong ----------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The RunRecord: what a run measured, next to what the planner predicted for the same plan.
 
-Each rank reports a ``RankReport`` (plain data); rank 0 gathers them and folds them into one JSON
-document. Timing convention: all ranks start generating at a barrier; forward k of the *pipeline* ends
+Each rank reports a ``RankReport`` (plain data, ``hpi.records``); rank 0 gathers them and folds them into one
+``hpi.records.RunRecord``. Timing convention: all ranks start generating at a barrier; forward k of the *pipeline* ends
 when its slowest rank ends it, so prefill is the first such end and each decode step the gap between
 consecutive ends. The measured bubble is the slowest stage's idle share of a decode step, the same
 definition the planner uses.
@@ -11,32 +11,16 @@ from __future__ import annotations
 
 import platform
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import replace
 from typing import Any
 
 from hpi.executor.render import AIO_DEFAULTS
+from hpi.records import (
+    DecodeSteps, HostToDevice, ModelInfo, NvmeReads, Output, Prediction, RankReport, RunRecord, Software, Timings,
+    Transfers, compare,
+)  # fmt: skip
 
-
-@dataclass
-class RankReport:
-    rank: int
-    coords: tuple[int, int, int]  # (tp, dp, pp stage)
-    device_name: str
-    forward_end_s: list[float]
-    busy_s: list[float]
-    peak_allocated_bytes: int = 0
-    peak_reserved_bytes: int = 0
-    host_rss_bytes: int = 0
-    pinned_bytes: int = 0
-    h2d_bytes_per_forward: int = 0  # bytes ZeRO-3 copies host->device for one forward of this rank's stage
-    nvme_bytes_per_forward: int = 0  # bytes of this rank's partitions that live on NVMe (read every forward)
-    nvme_device: str | None = None  # the block device under the NVMe folder (None: no device, e.g. tmpfs)
-    nvme_read_bytes: int | None = None  # what that device read during the measured run (/proc/diskstats)
-    nvme_read_interval_s: float | None = None
-    nvme_avg_queue_depth: float | None = None  # requests in flight on average during the measured run
-    tp_allreduce_s: float = 0.0  # total time inside TP all-reduces during the measured run
-    build_s: float = 0.0  # materialize (or load) the weights and wrap them
-    tokens: list[list[int]] = field(default_factory=list)  # last-stage ranks: new tokens per sequence
+__all__ = ["RankReport", "build_record", "pipeline_timings", "software_versions"]
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -48,7 +32,8 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
-def pipeline_times(reports: list[RankReport]) -> dict[str, Any]:
+def pipeline_timings(reports: list[RankReport], batch_size: int, generated: int) -> Timings:
+    """The record's timings from the ranks' forward ends and busy times (module docstring: the convention)."""
     n = min(len(r.forward_end_s) for r in reports)
     ends = [max(r.forward_end_s[k] for r in reports) for k in range(n)]
     steps = [b - a for a, b in zip(ends, ends[1:])]
@@ -56,22 +41,22 @@ def pipeline_times(reports: list[RankReport]) -> dict[str, Any]:
     for k in range(1, n):
         slowest_busy = max(r.busy_s[k] for r in reports)
         bubble.append(max(0.0, 1.0 - slowest_busy / steps[k - 1]) if steps[k - 1] > 0 else 0.0)
-    return {
-        "forwards": n,
-        "prefill_s": ends[0] if ends else 0.0,
-        "ttft_s": ends[0] if ends else 0.0,
-        "total_s": ends[-1] if ends else 0.0,
-        "decode_step_s": {
-            "median": statistics.median(steps) if steps else 0.0,
-            "p90": _percentile(steps, 0.9),
-            "mean": statistics.fmean(steps) if steps else 0.0,
-            "all": steps,
-        },
-        "pp_bubble_ratio": statistics.fmean(bubble) if bubble else 0.0,
-    }
+    total = ends[-1] if ends else 0.0
+    return Timings(
+        prefill_s=ends[0] if ends else 0.0,
+        ttft_s=ends[0] if ends else 0.0,
+        decode_step_s=DecodeSteps(median_s=statistics.median(steps) if steps else 0.0, p90_s=_percentile(steps, 0.9),
+                                  mean_s=statistics.fmean(steps) if steps else 0.0, all_s=tuple(steps)),
+        total_s=total,
+        throughput_tok_s=batch_size * generated / total if total > 0 else 0.0,
+        pp_bubble_ratio=statistics.fmean(bubble) if bubble else 0.0,
+        tp_allreduce_s_per_step=max((r.tp_allreduce_s for r in reports), default=0.0) / max(n, 1),
+        build_s=max((r.build_s for r in reports), default=0.0),
+        decode_forwards=max(n - 1, 1),
+    )
 
 
-def software_versions() -> dict[str, str]:
+def software_versions() -> Software:
     versions = {"python": platform.python_version()}
     for name in ("torch", "deepspeed", "transformers"):
         try:
@@ -84,35 +69,30 @@ def software_versions() -> dict[str, str]:
         versions["cuda"] = torch.version.cuda or "none"
     except Exception:  # noqa: BLE001
         pass
-    return versions
+    return Software(**versions)
 
 
-def _nvme_figures(spec_dict: dict[str, Any], reports: list[RankReport], decode_s: float, micro_batches: int,
-                  profile_read_bytes_s: float | None = None):
+def _nvme_figures(plan: dict[str, Any], reports: list[RankReport], decode_s: float,
+                  profile_read_bytes_s: float | None) -> NvmeReads | None:
     """NVMe offload: bytes per step from the partitions, and what the drive did (bytes, rate, queue depth),
     against the profile's per-GPU NVMe read share (the probe's O_DIRECT sequential read, split by the
     placement over the ranks reading at once)."""
-    if spec_dict["plan"].get("offload") != "nvme":
+    if plan.get("offload") != "nvme":
         return None
-    per_step = max((r.nvme_bytes_per_forward for r in reports), default=0) * micro_batches
+    per_step = max((r.nvme_bytes_per_forward for r in reports), default=0) * plan.get("micro_batches", 1)
     measured = [r for r in reports if r.nvme_read_bytes is not None]
     read = sum(r.nvme_read_bytes for r in measured) if measured else None
     interval = max((r.nvme_read_interval_s for r in measured), default=0.0)
-    achieved = per_step / decode_s if decode_s > 0 else 0.0
-    out = {
-        "bytes_per_step": per_step,
-        "achieved_read_bytes_s": achieved,
-        "profile_read_bytes_s": profile_read_bytes_s,
-        "fraction_of_profile": achieved / profile_read_bytes_s if profile_read_bytes_s and achieved else None,
-        "aio": dict(AIO_DEFAULTS),  # the queue depth and block size DeepSpeed was given (hpi.executor.render)
-        "device": measured[0].nvme_device if measured else None,
-        "device_read_bytes": read,
-        "device_read_bytes_s": read / interval if measured and interval > 0 else None,
-        "device_avg_queue_depth": max(r.nvme_avg_queue_depth for r in measured) if measured else None,
-    }
-    if not measured:
-        out["why_no_device_figures"] = "the NVMe folder is on no block device /proc/diskstats knows (tmpfs, overlay, or not Linux)"
-    return out
+    return NvmeReads(
+        bytes_per_step=per_step,
+        achieved_read_bytes_s=per_step / decode_s if decode_s > 0 else 0.0,
+        profile_read_bytes_s=profile_read_bytes_s,
+        aio=dict(AIO_DEFAULTS),  # the queue depth and block size DeepSpeed was given (hpi.executor.render)
+        device=measured[0].nvme_device if measured else None,
+        device_read_bytes=read,
+        device_read_bytes_s=read / interval if measured and interval > 0 else None,
+        device_avg_queue_depth=max(r.nvme_avg_queue_depth for r in measured) if measured else None,
+    )
 
 
 def build_record(
@@ -121,56 +101,26 @@ def build_record(
     tokens: list[list[int]],
     prediction: dict[str, Any] | None,
     profile_h2d_pinned_bytes_s: float | None,
-    model_info: dict[str, Any],
-) -> dict[str, Any]:
-    """Fold rank reports into the RunRecord document (JSON-ready)."""
-    times = pipeline_times(reports)
+    model_info: ModelInfo,
+) -> RunRecord:
+    """Fold rank reports into the RunRecord (``prediction``: the planner's ``Estimate.to_dict()``, or None)."""
     plan = spec_dict["plan"]
-    batch, generated = plan["batch_size"], max((len(t) for t in tokens), default=0)
-    decode_median = times["decode_step_s"]["median"]
+    generated = max((len(t) for t in tokens), default=0)
+    timings = pipeline_timings(reports, plan["batch_size"], generated)
+    decode_median = timings.decode_step_s.median_s
     h2d_per_step = max((r.h2d_bytes_per_forward for r in reports), default=0) * plan.get("micro_batches", 1)
     achieved = h2d_per_step / decode_median if decode_median > 0 and h2d_per_step else 0.0
-    decode_forwards = max(times["forwards"] - 1, 1)
-    record = {
-        "nvme": _nvme_figures(spec_dict, reports, decode_median, plan.get("micro_batches", 1),
-                              ((prediction or {}).get("placement") or {}).get("nvme_read_bytes_s")),
-        "kind": "hpi.RunRecord",
-        "version": 1,
-        "spec": spec_dict,
-        "plan": plan,
-        "model": model_info,
-        "hardware": spec_dict.get("hardware"),
-        "device": spec_dict["device"],
-        "software": software_versions(),
-        "devices": sorted({r.device_name for r in reports}),
-        "world_size": len(reports),
-        "tokens": tokens,
-        "generated_tokens_per_sequence": generated,
-        "prefill_s": times["prefill_s"],
-        "ttft_s": times["ttft_s"],
-        "decode_step_s": times["decode_step_s"],
-        "total_s": times["total_s"],
-        "throughput_tok_s": batch * generated / times["total_s"] if times["total_s"] > 0 else 0.0,
-        "pp_bubble_ratio": times["pp_bubble_ratio"],
-        "tp_allreduce_s_per_step": max((r.tp_allreduce_s for r in reports), default=0.0) / max(times["forwards"], 1),
-        "h2d": {
-            "bytes_per_step": h2d_per_step,
-            "achieved_bytes_s": achieved,
-            "profile_pinned_bytes_s": profile_h2d_pinned_bytes_s,
-            "fraction_of_profile": achieved / profile_h2d_pinned_bytes_s if profile_h2d_pinned_bytes_s and achieved else None,
-        },
-        "ranks": [asdict(r) | {"tokens": None} for r in reports],
-        "build_s": max((r.build_s for r in reports), default=0.0),
-        "decode_forwards": decode_forwards,
-        "predicted": prediction,
-    }
-    if prediction:
-        record["measured_vs_predicted"] = {
-            key: {"measured": record[key] if key != "decode_step_s" else decode_median, "predicted": prediction.get(key)}
-            for key in ("prefill_s", "decode_step_s", "total_s", "ttft_s", "throughput_tok_s")
-        }
-        record["measured_vs_predicted"]["gpu_peak_bytes"] = {
-            "measured": max((r.peak_allocated_bytes for r in reports), default=0),
-            "predicted": prediction.get("memory", {}).get("gpu_peak_bytes"),
-        }
-    return record
+    predicted = Prediction.from_json(prediction, "prediction")
+    record = RunRecord(
+        spec=spec_dict, plan=plan, model=model_info, hardware=spec_dict.get("hardware"), device=spec_dict["device"],
+        devices=tuple(sorted({r.device_name for r in reports})), world_size=len(reports),
+        software=software_versions(), timings=timings,
+        transfers=Transfers(
+            h2d=HostToDevice(h2d_per_step, achieved, profile_h2d_pinned_bytes_s),
+            nvme=_nvme_figures(plan, reports, decode_median, predicted.nvme_read_bytes_s if predicted else None)),
+        ranks=tuple(replace(r, tokens=None) for r in reports), prediction=predicted,
+        output=Output(tokens=tuple(tuple(t) for t in tokens), generated_tokens_per_sequence=generated),
+    )  # fmt: skip
+    if predicted is None:
+        return record
+    return replace(record, measured_vs_predicted=compare(timings, predicted, record.gpu_peak_allocated_bytes))

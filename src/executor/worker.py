@@ -19,9 +19,10 @@ import torch.distributed as dist
 from hpi.executor import diskstats
 from hpi.executor.generate import LeftPadding, PipelineGenerator, Sampler, StepTimes, left_pad
 from hpi.executor.groups import Groups, build_groups
-from hpi.executor.record import RankReport, build_record
+from hpi.executor.record import build_record
 from hpi.executor.spec import RunSpec, write_json_atomic
 from hpi.planner.specs.plan import decode_graph_blocker
+from hpi.records import ModelInfo, RankReport, RunRecord
 
 # torchrun's error recorder writes each failing rank's traceback to error.json; the launcher reads it to
 # name the rank that failed first and show why.
@@ -232,7 +233,7 @@ def _prediction(spec: RunSpec, planner_model) -> tuple[dict | None, float | None
     return est.to_dict(), est.placement.h2d_pinned_bytes_s
 
 
-def run(spec: RunSpec) -> list[dict] | None:
+def run(spec: RunSpec) -> list[RunRecord] | None:
     """Build this rank's stage once, then measure the spec and each of its variants on it.
 
     Returns rank 0's records (the spec's own first), None on other ranks.
@@ -300,7 +301,7 @@ class _Built:
     tokenizer: object
 
 
-def measure(spec: RunSpec, b: _Built) -> dict | None:
+def measure(spec: RunSpec, b: _Built) -> RunRecord | None:
     """Warm up, generate once under the timers, gather every rank's report; rank 0 returns the record."""
     from transformers import DynamicCache
 
@@ -348,8 +349,8 @@ def measure(spec: RunSpec, b: _Built) -> dict | None:
         rank=g.rank,
         coords=g.coords,
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        forward_end_s=generator.times.forward_end_s,
-        busy_s=generator.times.busy_s,
+        forward_end_s=tuple(generator.times.forward_end_s),
+        busy_s=tuple(generator.times.busy_s),
         peak_allocated_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0,
         peak_reserved_bytes=torch.cuda.max_memory_reserved(device) if device.type == "cuda" else 0,
         host_rss_bytes=_host_rss(),
@@ -362,20 +363,20 @@ def measure(spec: RunSpec, b: _Built) -> dict | None:
         nvme_avg_queue_depth=disk.avg_queue_depth if disk else None,
         tp_allreduce_s=_tp_allreduce_seconds(),
         build_s=b.build_s,
-        tokens=torch.cat(new_tokens).tolist() if new_tokens else [],
+        tokens=tuple(map(tuple, torch.cat(new_tokens).tolist())) if new_tokens else (),
     )
     gathered: list[RankReport | None] = [None] * g.world_size if g.rank == 0 else None
     dist.gather_object(report, gathered, dst=0)
     if g.rank != 0:
         return None
     record = _fold(spec, gathered, g, b.planner_model)
-    record["prompt_len_tokens_actual"] = prompt_len  # the padded width: the longest prompt
-    if spec.prompts:
-        record["prompt_tokens_per_row"] = list(prompts.padding.lengths)
+    texts = None
     if b.tokenizer is not None:
-        record["texts"] = [b.tokenizer.decode(_until(t, eos if spec.mode == "chat" else None), skip_special_tokens=True)
-                           for t in record["tokens"]]
-    return record
+        texts = tuple(b.tokenizer.decode(_until(list(t), eos if spec.mode == "chat" else None), skip_special_tokens=True)
+                      for t in record.output.tokens)
+    output = replace(record.output, prompt_len_tokens_actual=prompt_len,  # the padded width: the longest prompt
+                     prompt_tokens_per_row=tuple(prompts.padding.lengths) if spec.prompts else None, texts=texts)
+    return replace(record, output=output)
 
 
 def _until(tokens: list[int], eos: int | None) -> list[int]:
@@ -389,16 +390,15 @@ def _tp_allreduce_seconds(reset: bool = False) -> float:
     return tp_allreduce_seconds(reset)
 
 
-def _fold(spec: RunSpec, reports: list[RankReport], g: Groups, planner_model) -> dict:
+def _fold(spec: RunSpec, reports: list[RankReport], g: Groups, planner_model) -> RunRecord:
     """Rank 0: the tokens of every replica in batch order, the prediction, the record."""
     last_stage = g.pp - 1
     tokens: list[list[int]] = []
     for dp_idx in range(g.dp):
         owner = next(r for r in reports if r.coords == (0, dp_idx, last_stage))
-        tokens += owner.tokens
+        tokens += [list(t) for t in owner.tokens]
     prediction, profile_bw = _prediction(spec, planner_model)
-    model_info = {"name": planner_model.name, "params_total": planner_model.params_total,
-                  "params_active": planner_model.params_active}
+    model_info = ModelInfo(planner_model.name, planner_model.params_total, planner_model.params_active)
     return build_record(spec.to_dict(), reports, tokens, prediction, profile_bw, model_info)
 
 
@@ -412,12 +412,13 @@ def main(argv: list[str] | None = None) -> int:
     records = run(spec)
     if records is not None:
         record, variants = records[0], records[1:]
-        for one, doc in zip(spec.measurements()[1:], variants):
-            write_json_atomic(os.path.join(one.out_dir, "record.json"), doc)
+        for one, variant in zip(spec.measurements()[1:], variants):
+            write_json_atomic(os.path.join(one.out_dir, "record.json"), variant.to_json())
         if variants:  # where the variants' records are, relative to this run's folder
-            record["variant_records"] = [f"variant-{i}/record.json" for i in range(1, len(variants) + 1)]
-        write_json_atomic(os.path.join(spec.out_dir, "record.json"), record)
-        sys.stdout.write(json.dumps(record, default=str) + "\n")
+            record = replace(record, variant_records=tuple(f"variant-{i}/record.json" for i in range(1, len(variants) + 1)))
+        doc = record.to_json()
+        write_json_atomic(os.path.join(spec.out_dir, "record.json"), doc)
+        sys.stdout.write(json.dumps(doc, default=str) + "\n")
         sys.stdout.flush()
     return 0
 

@@ -11,6 +11,7 @@ from hpi.planner.predict import predict
 from hpi.planner.profiles import load_profile
 from hpi.planner.specs.plan import Plan
 from hpi.planner.specs.workload import Workload
+from hpi.records import RunRecord
 
 MODEL, HW, WL = load_model("llama-3-8b"), load_profile("h100-sxm-1gpu"), Workload(512, 16)
 PLAN = Plan(offload="cpu", batch_size=16)
@@ -43,7 +44,9 @@ def test_late_factors_perturb_the_graphed_terms_and_leave_the_earlier_draws_alon
 
 def test_simulated_record_has_what_calibration_reads():
     runner = SimulatedRunner(MODEL, HiddenMachine(HW, 1), WL, "llama-3-8b")
-    record = runner.run(PLAN, None, None, {"trial": 0}, noise_key=0)
+    typed = runner.run(PLAN, None, None, {"trial": 0}, noise_key=0)
+    assert RunRecord.from_json(typed.to_json()) == typed
+    record = typed.to_json()  # the document a trial file keeps
     assert record["kind"] == "hpi.RunRecord" and record["simulated"] and record["device"] == "cuda"
     assert record["plan"] == PLAN.to_dict() and record["model"]["name"] == "llama-3-8b"
     assert record["spec"]["workload"] == {"prompt_len_tokens": 512, "gen_len_tokens": 16}
@@ -51,9 +54,9 @@ def test_simulated_record_has_what_calibration_reads():
     assert record["throughput_tok_s"] == pytest.approx(16 * 16 / record["total_s"])
     assert record["ranks"][0]["peak_allocated_bytes"] > 0 and record["predicted"]["plan"] == PLAN.to_dict()
     again = runner.run(PLAN, None, None, {"trial": 0}, noise_key=0)
-    assert again["decode_step_s"]["median"] == record["decode_step_s"]["median"]  # seeded noise
+    assert again.timings.decode_step_s.median_s == typed.timings.decode_step_s.median_s  # seeded noise
     calibrate = pytest.importorskip("hpi.planner.calibrate")
-    m = calibrate.measurement(record)
+    m = calibrate.measurement(typed)
     assert m.decode_step_s == record["decode_step_s"]["median"] and m.peak_gpu_bytes > 0
 
 

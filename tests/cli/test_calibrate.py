@@ -1,4 +1,4 @@
-"""``hpi validate`` and ``hpi calibrate`` (hpi.cli.calibrate, hpi.planner.fidelity) on a small fixture of
+"""``hpi validate`` and ``hpi calibrate`` (hpi.cli.calibrate, hpi.planner.validate) on a small fixture of
 synthetic records: leave-one-plan-out never fits on the held-out run, the JSON line equals an independent
 computation, bad input is one line on stderr and exit code 2."""
 
@@ -7,16 +7,18 @@ from __future__ import annotations
 import json
 import shutil
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from hpi.planner.calibrate import METRICS, apply, fit, load_records, measurement, plan_key
+from hpi.planner.calibrate import METRICS, apply, fit, measurement, plan_key
 from hpi.planner.catalog import load_model
 from hpi.cli import main
-from hpi.planner.fidelity import leave_one_plan_out, load_manifest, validate
 from hpi.planner.predict import predict
 from hpi.planner.profiles import clear_cache, load_profile
+from hpi.planner.validate import leave_one_plan_out, load_manifest, validate
+from hpi.records import load_records
 
 PROFILE_FILE = Path(__file__).resolve().parents[2] / "src" / "planner" / "hardware_profiles" / "h200-2gpu.yaml"
 # Measured = the model's prediction with the true coefficients times a per-run factor (run-to-run noise).
@@ -34,9 +36,9 @@ def fixture_dir(tmp_path_factory, synth) -> Path:
     """records/ with one bundle (a run repeated, one record naming the wrong profile) and a manifest."""
     root = tmp_path_factory.mktemp("fidelity")
     truth = synth.true_profile()
-    bundle = {n: synth.record(n, *synth.PLANS[n], truth, scale=s) for n, s in FIXTURE.items()}
+    bundle = {n: synth.record(n, *synth.PLANS[n], truth, scale=s).to_json() for n, s in FIXTURE.items()}
     bundle["8b-resident-again"] = synth.record("8b-resident-again", *synth.PLANS["8b-resident"], truth, scale=1.06,
-                                               hardware="h100-sxm-1gpu")
+                                               hardware="h100-sxm-1gpu").to_json()
     bundle["base-hf"] = {"baseline": "hf", "decode_step_s": 0.05}
     (root / "records").mkdir()
     (root / "records" / "session.json").write_text(json.dumps(bundle))
@@ -56,7 +58,7 @@ def _allocated(est) -> float:
 
 
 def _independent(fixture_dir: Path) -> dict:
-    """The summary recomputed from predict() and fit() directly: no hpi.planner.fidelity code."""
+    """The summary recomputed from predict() and fit() directly: no hpi.planner.validate code."""
     records = load_records(fixture_dir / "records")
     prior = load_profile("h200-2gpu", calibrated=False)
     ms = [measurement(r) for r in records]
@@ -162,8 +164,8 @@ def test_bad_input_is_one_line_and_exit_2(capsys, fixture_dir, tmp_path, argv, m
 
 def test_a_record_of_a_model_outside_the_catalogue_is_refused(capsys, synth, tmp_path) -> None:
     rec = synth.record("odd", *synth.PLANS["8b-resident"], synth.true_profile())
-    rec["model"]["name"] = rec["spec"]["model"] = "gpt-7-1t"
-    (tmp_path / "odd.json").write_text(json.dumps(rec))
+    rec = replace(rec, model=replace(rec.model, name="gpt-7-1t"), spec={**rec.spec, "model": "gpt-7-1t"})
+    (tmp_path / "odd.json").write_text(json.dumps(rec.to_json()))
     code, _, err = run(capsys, "validate", "--records", str(tmp_path))
     assert code == 2 and "model 'gpt-7-1t' is not in the catalogue" in err and len(err.strip().splitlines()) == 1
 
@@ -218,7 +220,7 @@ def test_repeatability_is_each_repeat_against_the_plans_other_runs(fixture_dir, 
 
 
 def test_repeat_errors_group_by_machine_and_plan() -> None:
-    from hpi.planner.fidelity import Row, repeat_errors
+    from hpi.planner.validate import Row, repeat_errors
 
     def row(profile: str, key: str, measured: float, metric: str = "decode_step_s") -> Row:
         return Row("r", profile, "m", "p", metric, measured, measured, measured, key)

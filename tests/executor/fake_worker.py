@@ -2,7 +2,7 @@
 
 It honours the worker's contract with the launcher: read the spec, join the process group (gloo, from
 torchrun's environment, when there is more than one rank), and on success let global rank 0 write
-``<out_dir>/record.json`` and print the same JSON as its LAST stdout line.
+``<out_dir>/record.json`` (a RunRecord with made-up figures) and print the same JSON as its LAST stdout line.
 
 Behaviour, from ``spec.extra["fake"]`` or else the environment variable ``HPI_FAKE_WORKER``:
 
@@ -25,6 +25,7 @@ from pathlib import Path
 
 def main(argv: list[str]) -> int:
     from hpi.executor.spec import RunSpec, write_json_atomic
+    from hpi.records import DecodeSteps, ModelInfo, RunRecord, Timings
 
     spec = RunSpec.read(argv[1])
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -57,9 +58,9 @@ def main(argv: list[str]) -> int:
     if dist is not None:
         dist.barrier()
     if rank == 0:
-        record = {"status": "ok", "world_size": world, "plan": spec.plan.to_dict(), "model": spec.model,
-                  "device": spec.device, "mode": spec.mode, "prompts": list(spec.prompts),
-                  "decode_step_s": 0.5, "ttft_s": 1.25, "throughput_tok_s": 2.0}
+        record = RunRecord(spec=spec.to_dict(), plan=spec.plan.to_dict(), model=ModelInfo(spec.model), device=spec.device,
+                           world_size=world, timings=Timings(ttft_s=1.25, decode_step_s=DecodeSteps(0.5, 0.5, 0.5),
+                                                             throughput_tok_s=2.0)).to_json()
         if spec.mode == "chat":
             print("Hello from the fake model.", flush=True)
         write_json_atomic(out / "record.json", record)

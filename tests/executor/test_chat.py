@@ -48,7 +48,7 @@ def spec(ckpt, out, plan: Plan, mode: str) -> RunSpec:
 
 def test_text_prompt_generates_transformers_tokens_and_text(checkpoint, tmp_path):
     want = reference(checkpoint)
-    record = launch(spec(checkpoint, tmp_path, Plan(tp=2), "benchmark"), timeout_s=300)
+    record = launch(spec(checkpoint, tmp_path, Plan(tp=2), "benchmark"), timeout_s=300).to_json()
     assert record["tokens"] == [want]
     assert record["prompt_len_tokens_actual"] == 4
     assert record["texts"] == [" ".join(f"w{t}" for t in want)]
@@ -66,7 +66,7 @@ def test_chat_stops_at_eos_and_streams_the_text(checkpoint, tmp_path):
         (chat_ckpt / f.name).write_bytes(f.read_bytes())
     (chat_ckpt / "config.json").write_text(json.dumps(config))
     lines: list[str] = []
-    record = launch(spec(chat_ckpt, tmp_path / "run", Plan(), "chat"), timeout_s=300, stream=lines.append)
+    record = launch(spec(chat_ckpt, tmp_path / "run", Plan(), "chat"), timeout_s=300, stream=lines.append).to_json()
     answer = " ".join(f"w{t}" for t in want[:3])
     assert record["generated_tokens_per_sequence"] == 4  # stopped at EOS, not at gen_len 6
     assert record["texts"] == [answer]

@@ -171,7 +171,7 @@ def test_launched_graphed_variant_matches_the_eager_run(name, tmp_path):
 
     spec = RunSpec(plan=LAYOUTS[name], model="tiny-llama", workload=Workload(prompt_len_tokens=9, gen_len_tokens=GEN),
                    device="cpu", dtype="fp32", out_dir=str(tmp_path), variants=({"decode_graphs": True},))
-    eager = launch(spec, timeout_s=300)
+    eager = launch(spec, timeout_s=300).to_json()
     graphed = json.loads((tmp_path / eager["variant_records"][0]).read_text())
     assert graphed["tokens"] == eager["tokens"] and len(graphed["tokens"][0]) == GEN
     assert graphed["spec"]["decode_graphs"] is True and graphed["spec"]["workload"]["decode_graphs"] is True

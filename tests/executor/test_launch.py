@@ -18,6 +18,7 @@ from hpi.executor.launch import LaunchError, launch
 from hpi.executor.spec import RunSpec
 from hpi.cli import main
 from hpi.planner.specs.plan import Plan
+from hpi.records import DecodeSteps, RunRecord, Timings
 
 pytest.importorskip("torch")  # torchrun
 
@@ -64,11 +65,11 @@ def test_two_ranks_succeed_and_rank0_streams(tmp_path):
     lines: list[str] = []
     record = launch(spec, worker=WORKER, stream=lines.append, timeout_s=60)
     out = Path(spec.out_dir)
-    assert record["status"] == "ok" and record["world_size"] == 2
-    assert json.loads((out / "record.json").read_text()) == record
+    assert isinstance(record, RunRecord) and record.world_size == 2
+    assert RunRecord.from_json(json.loads((out / "record.json").read_text())) == record
     assert RunSpec.read(out / "spec.json") == spec
     assert lines[0] == "rank 0 of 2 ready (local rank 0)"  # rank 0's lines only, in order, record last
-    assert json.loads(lines[-1]) == record and not any("rank 1" in line for line in lines)
+    assert json.loads(lines[-1]) == record.to_json() and not any("rank 1" in line for line in lines)
     logs = list((out / "logs" / "node0").glob("hpi_*/attempt_0/1/stdout.log"))
     assert logs and "rank 1 of 2 ready" in logs[0].read_text()  # every rank's output lands in files
     assert_nothing_left(out, expect_pids=2)
@@ -144,8 +145,9 @@ def test_localhost_two_node_rendezvous(tmp_path):
         t.join(90)
     assert not isinstance(results[0], BaseException), results[0]
     assert not isinstance(results[1], BaseException), results[1]
-    assert results[0]["status"] == "ok" and results[0]["world_size"] == 2
-    assert results[1]["node_rank"] == 1 and results[1]["local_world_size"] == 1
+    assert isinstance(results[0], RunRecord) and results[0].world_size == 2
+    assert results[1] == launch_mod.NodeSummary(node_rank=1, nnodes=2, local_world_size=1, log_dir=results[1].log_dir)
+    assert results[1].log_dir.endswith("node1")
     out = Path(spec.out_dir)
     # global rank 1 ran on node 1 (static rendezvous keeps the node order)
     assert "rank 1 of 2 ready (local rank 0)" in next((out / "logs" / "node1").glob("hpi_*/attempt_0/0/stdout.log")).read_text()
@@ -210,7 +212,7 @@ def test_hpi_run_on_cpu_prints_the_record_as_last_line(tmp_path, capsys, monkeyp
                              "--timeout", "60")
     assert code == 0, err
     record = json.loads(out.strip().splitlines()[-1])
-    assert record["status"] == "ok" and record["prompts"] == ["Hello"] and record["device"] == "cpu"
+    assert record["kind"] == "hpi.RunRecord" and record["spec"]["prompts"] == ["Hello"] and record["device"] == "cpu"
     spec = RunSpec.read(out_dir / "spec.json")
     assert spec.prompts == ("Hello",) and spec.dtype == "fp32" and spec.mode == "benchmark"
     ds = json.loads((out_dir / "ds_config.json").read_text())
@@ -236,7 +238,7 @@ def test_hpi_run_refuses_an_infeasible_plan_unless_forced(tmp_path, capsys, monk
 
     def fake_launch(spec, **kw):
         calls.append((spec, kw))
-        return {"status": "ok", "decode_step_s": 1.0}
+        return RunRecord(timings=Timings(decode_step_s=DecodeSteps(1.0, 1.0, 1.0)))
 
     monkeypatch.setattr(launch_mod, "launch", fake_launch)
     argv = ["run", "--model", "llama-3-70b", "--hardware", "a6000-workstation", "--out", str(tmp_path / "r")]
@@ -254,14 +256,15 @@ def test_hpi_run_refuses_an_infeasible_plan_unless_forced(tmp_path, capsys, monk
 
 def test_hpi_run_feasible_plan_passes_the_prediction_and_placement(tmp_path, capsys, monkeypatch):
     calls = []
-    monkeypatch.setattr(launch_mod, "launch", lambda spec, **kw: calls.append((spec, kw)) or {"status": "ok"})
+    record = RunRecord(world_size=1)
+    monkeypatch.setattr(launch_mod, "launch", lambda spec, **kw: calls.append((spec, kw)) or record)
     code, out, err = run_cli(capsys, "run", "--model", "llama-3-70b", "--hardware", "a6000-workstation", "--offload",
                              "cpu", "--quant-bits", "4", "--out", str(tmp_path / "r"), "--json")
     assert code == 0, err
     spec, kw = calls[0]
     assert spec.plan.offload == "cpu" and spec.plan.weight_bits == 4 and spec.extra["predicted"]["feasible"]
     assert kw["nproc_per_node"] == 1 and kw["visible_gpus"] is None
-    assert json.loads(out.strip().splitlines()[-1]) == {"status": "ok"}
+    assert json.loads(out.strip().splitlines()[-1]) == record.to_json()
     ds = json.loads((tmp_path / "r" / "ds_config.json").read_text())
     assert ds["weight_quantization"]["quantized_initialization"]["num_bits"] == 4
 
@@ -284,7 +287,7 @@ def test_hpi_run_summary_reads_the_worker_record_shape(tmp_path, capsys, monkeyp
     record = {"kind": "hpi.RunRecord", "decode_step_s": {"median": 0.5, "p90": 0.6}, "ttft_s": 2.0,
               "predicted": {"decode_step_s": 0.25, "ttft_s": 1.0},
               "h2d": {"achieved_bytes_s": 33e9, "profile_pinned_bytes_s": 53.6e9}}
-    monkeypatch.setattr(launch_mod, "launch", lambda spec, **kw: record)
+    monkeypatch.setattr(launch_mod, "launch", lambda spec, **kw: RunRecord.from_json(record))
     code, out, err = run_cli(capsys, "run", "--model", "tiny-llama", "--device", "cpu", "--out", str(tmp_path / "r"))
     assert code == 0, err
     assert "decode step: 0.5 s (predicted 0.25 s, measured/predicted 2.00)" in out

@@ -86,7 +86,7 @@ def test_tp2_shards_hold_half_of_every_expert(model_path):
 
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_layout_matches_transformers(name, model_path, reference_tokens, tmp_path):
-    record = launch(_spec(LAYOUTS[name], model_path, tmp_path), timeout_s=300)
+    record = launch(_spec(LAYOUTS[name], model_path, tmp_path), timeout_s=300).to_json()
     assert record["tokens"] == reference_tokens
     assert record["model"]["params_total"] > record["model"]["params_active"]  # top-2 of 4 experts
 

@@ -35,8 +35,8 @@ def _spec(tmp_path, offload: str, name: str) -> RunSpec:
 
 
 def test_nvme_offload_matches_cpu_offload_and_reports_its_reads(tmp_path):
-    cpu = launch(_spec(tmp_path, "cpu", "cpu"), timeout_s=300)
-    nvme = launch(_spec(tmp_path, "nvme", "nvme"), timeout_s=300)
+    cpu = launch(_spec(tmp_path, "cpu", "cpu"), timeout_s=300).to_json()
+    nvme = launch(_spec(tmp_path, "nvme", "nvme"), timeout_s=300).to_json()
     assert nvme["tokens"] == cpu["tokens"]
     assert cpu["nvme"] is None
     figures = nvme["nvme"]

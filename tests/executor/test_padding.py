@@ -219,7 +219,7 @@ def test_unequal_text_prompts_generate_each_prompts_own_tokens(name, word_checkp
                    workload=Workload(prompt_len_tokens=7, gen_len_tokens=GEN), device="cpu", dtype="fp32",
                    out_dir=str(tmp_path))
     lines: list[str] = []
-    record = launch(spec, timeout_s=300, stream=lines.append)
+    record = launch(spec, timeout_s=300, stream=lines.append).to_json()
     want = [alone_tokens[t] for t in ROW_PROMPTS]
     assert record["tokens"] == want, name
     assert record["generated_tokens_per_sequence"] == GEN  # new tokens only: no padding counted

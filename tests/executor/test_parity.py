@@ -59,7 +59,7 @@ def reference_tokens() -> list[list[int]]:
 
 
 def test_single_process_matches_transformers(reference_tokens, tmp_path):
-    record = launch(_spec(Plan(batch_size=BATCH), tmp_path), timeout_s=300)
+    record = launch(_spec(Plan(batch_size=BATCH), tmp_path), timeout_s=300).to_json()
     assert record["tokens"] == reference_tokens
     assert record["generated_tokens_per_sequence"] == WORKLOAD.gen_len_tokens
 
@@ -67,7 +67,7 @@ def test_single_process_matches_transformers(reference_tokens, tmp_path):
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_transformers(name, reference_tokens, tmp_path):
     plan = LAYOUTS[name]
-    record = launch(_spec(plan, tmp_path, hardware="h200-2gpu" if plan.world_size <= 2 else None), timeout_s=600)
+    record = launch(_spec(plan, tmp_path, hardware="h200-2gpu" if plan.world_size <= 2 else None), timeout_s=600).to_json()
     assert record["tokens"] == reference_tokens, name
     assert record["world_size"] == plan.world_size
     assert os.path.exists(tmp_path / "record.json")
@@ -84,15 +84,15 @@ def test_checkpoint_loads_shard_by_shard_into_tp2(reference_tokens, tmp_path):
     config = load_hf_config(MODEL)
     ckpt = save_checkpoint(config, seed=0, out_dir=tmp_path / "ckpt", dtype=torch.float32, shard_size_bytes=4 * 2**20)
     assert len(list(ckpt.glob("*.safetensors"))) >= 2
-    record = launch(_spec(Plan(tp=2, batch_size=BATCH), tmp_path / "run", checkpoint=str(ckpt)), timeout_s=300)
+    record = launch(_spec(Plan(tp=2, batch_size=BATCH), tmp_path / "run", checkpoint=str(ckpt)), timeout_s=300).to_json()
     assert record["tokens"] == reference_tokens
 
 
 def test_sampling_is_identical_across_layouts(tmp_path):
     """Seeded sampling draws the same tokens whatever the layout (TP ranks agree, replicas are seeded)."""
     kw = {"temperature": 0.8, "top_p": 0.9, "seed": 3}
-    single = launch(_spec(Plan(batch_size=BATCH), tmp_path / "a", **kw), timeout_s=300)["tokens"]
-    split = launch(_spec(Plan(tp=2, batch_size=BATCH), tmp_path / "b", **kw), timeout_s=300)["tokens"]
+    single = launch(_spec(Plan(batch_size=BATCH), tmp_path / "a", **kw), timeout_s=300).output.tokens
+    split = launch(_spec(Plan(tp=2, batch_size=BATCH), tmp_path / "b", **kw), timeout_s=300).output.tokens
     assert single == split
 
 
@@ -100,7 +100,7 @@ def test_variants_remeasure_the_same_build_at_other_batches(reference_tokens, tm
     """One build, three measurements: batch 2, then 4 (micro-batched), then 4 again with the KV cache offloaded."""
     plan = Plan(pp=2, offload="cpu", pin_memory=False, batch_size=2, micro_batches=1)
     variants = ({"batch_size": BATCH, "micro_batches": 2}, {"batch_size": BATCH, "kv_offload": True})
-    record = launch(_spec(plan, tmp_path, variants=variants, warmup_steps=1, warmup_gen_len=2), timeout_s=300)
+    record = launch(_spec(plan, tmp_path, variants=variants, warmup_steps=1, warmup_gen_len=2), timeout_s=300).to_json()
     assert record["plan"]["batch_size"] == 2
     assert record["tokens"] == reference_tokens[:2]  # random prompts draw row by row: batch 2 = the first rows of 4
     assert record["variant_records"] == ["variant-1/record.json", "variant-2/record.json"]

@@ -19,6 +19,7 @@ from hpi.executor.launch import LaunchError, launch  # noqa: E402
 from hpi.executor.spec import RunSpec  # noqa: E402
 from hpi.planner.specs.plan import Plan  # noqa: E402
 from hpi.planner.specs.workload import Workload  # noqa: E402
+from hpi.records import RunRecord  # noqa: E402
 
 # Every matrix's input width a multiple of 64 per rank at tp 1 and 2 (DeepSpeed's group size).
 CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 128, "intermediate_size": 256,
@@ -35,14 +36,14 @@ def model_path(tmp_path_factory):
     return str(path)
 
 
-def run(model_path, out, **plan) -> dict:
+def run(model_path, out, **plan) -> RunRecord:
     plan = Plan(offload="cpu", pin_memory=False, batch_size=2, persistence_threshold_elems=0, **plan)
     spec = RunSpec(plan=plan, model=model_path, workload=Workload(8, GEN), device="cpu", dtype="fp32", out_dir=str(out))
     return launch(spec, timeout_s=300)
 
 
 def test_quantized_runs_stream_packed_bytes(model_path, tmp_path):
-    bytes_per_step = {bits: run(model_path, tmp_path / str(bits), weight_bits=bits)["h2d"]["bytes_per_step"]
+    bytes_per_step = {bits: run(model_path, tmp_path / str(bits), weight_bits=bits).transfers.h2d.bytes_per_step
                       for bits in (16, 8, 4)}
     # fp32 model: 4 bytes a weight unquantized; bits/8 + (scale + min) 2 x 4 bytes / 64 when quantized.
     # Norm weights stay fp32, so the ratios sit a little above the pure-matrix ones.
@@ -53,8 +54,8 @@ def test_quantized_runs_stream_packed_bytes(model_path, tmp_path):
 def test_quantized_tp2_and_pp2_complete(model_path, tmp_path):
     for name, plan in {"tp2": {"tp": 2}, "pp2": {"pp": 2, "micro_batches": 2}}.items():
         record = run(model_path, tmp_path / name, weight_bits=4, **plan)
-        assert record["generated_tokens_per_sequence"] == GEN
-        assert all(len(t) == GEN for t in record["tokens"])
+        assert record.output.generated_tokens_per_sequence == GEN
+        assert all(len(t) == GEN for t in record.output.tokens)
 
 
 def test_widths_that_do_not_fit_the_quantization_group_are_refused_with_the_fix(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hpi.executor.record import RankReport, build_record
+from hpi.records import ModelInfo, RunRecord
 
 GB = 1e9
 
@@ -21,13 +22,15 @@ def _spec(offload: str) -> dict:
     return {"plan": {"offload": offload, "batch_size": 1, "micro_batches": 1}, "device": "cuda", "hardware": "h100-sxm-1gpu"}
 
 
-def _record(offload: str, prediction: dict | None) -> dict:
-    return build_record(_spec(offload), [_report(0, int(4 * GB))], [[1, 2, 3, 4]], prediction, 54e9, {"name": "m"})
+def _record(offload: str, prediction: dict | None) -> RunRecord:
+    return build_record(_spec(offload), [_report(0, int(4 * GB))], [[1, 2, 3, 4]], prediction, 54e9, ModelInfo("m"))
 
 
 def test_nvme_read_is_set_against_the_placements_nvme_share():
     prediction = {"placement": {"nvme_read_bytes_s": 2.5 * GB}, "prefill_s": 1.0, "decode_step_s": 1.5}
-    figures = _record("nvme", prediction)["nvme"]
+    record = _record("nvme", prediction)
+    assert RunRecord.from_json(record.to_json()) == record
+    figures = record.to_json()["nvme"]  # the figures as record.json carries them
     assert figures["bytes_per_step"] == 4 * GB
     assert figures["achieved_read_bytes_s"] == pytest.approx(2 * GB)  # 4 GB per 2 s step
     assert figures["profile_read_bytes_s"] == 2.5 * GB
@@ -36,6 +39,6 @@ def test_nvme_read_is_set_against_the_placements_nvme_share():
 
 
 def test_nvme_fraction_is_absent_without_a_prediction_and_figures_absent_without_nvme():
-    figures = _record("nvme", None)["nvme"]
-    assert figures["profile_read_bytes_s"] is None and figures["fraction_of_profile"] is None
-    assert _record("cpu", None)["nvme"] is None
+    figures = _record("nvme", None).transfers.nvme
+    assert figures.profile_read_bytes_s is None and figures.fraction_of_profile is None
+    assert _record("cpu", None).transfers.nvme is None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import replace
 import shutil
 import subprocess
 import sys
@@ -22,12 +23,10 @@ from hpi.planner.calibrate import (
     apply,
     calibrate,
     fit,
-    load_records,
     measurement,
     plan_key,
     predict_measurements,
     prior_weight,
-    record_id,
     render_section,
     replace_section,
     split_by_plan,
@@ -36,6 +35,7 @@ from hpi.planner.calibrate import (
 )
 from hpi.planner.profiles import ProfileError, clear_cache, load_profile
 from hpi.planner.specs.hardware import is_fraction
+from hpi.records import RecordError, RunRecord, load_records
 
 PROFILE_FILE = Path(__file__).resolve().parents[2] / "src" / "planner" / "hardware_profiles" / "h200-2gpu.yaml"
 
@@ -126,41 +126,42 @@ def test_load_records_reads_files_bundles_lists_and_folders_and_counts_skips(syn
     recs = synth.records(names=["8b-resident", "tiny-resident", "8b-cpu-pinned"])
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "deep").mkdir()
-    (tmp_path / "a" / "record.json").write_text(json.dumps(recs["8b-resident"]))
-    bundle = {"tiny": recs["tiny-resident"], "base-hf": {"baseline": "hf", "decode_step_s": 0.05},
+    (tmp_path / "a" / "record.json").write_text(json.dumps(recs["8b-resident"].to_json()))
+    bundle = {"tiny": recs["tiny-resident"].to_json(), "base-hf": {"baseline": "hf", "decode_step_s": 0.05},
               "broken": {"error": "RuntimeError: CUDA out of memory"}}
     (tmp_path / "a" / "deep" / "bundle.json").write_text(json.dumps(bundle))
-    (tmp_path / "list.json").write_text(json.dumps([recs["8b-cpu-pinned"], {"note": "not a record"}]))
+    (tmp_path / "list.json").write_text(json.dumps([recs["8b-cpu-pinned"].to_json(), {"note": "not a record"}]))
     out = load_records([tmp_path])
-    assert [record_id(r) for r in out] == ["bundle/tiny", "a/record", "list[0]"]  # sorted paths: a/deep/ < a/record
+    assert [r.record_id for r in out] == ["bundle/tiny", "a/record", "list[0]"]  # sorted paths: a/deep/ < a/record
     assert out.skipped == {"baseline": 1, "error": 1, "not a RunRecord": 1}
     assert len(load_records(tmp_path / "a" / "record.json")) == 1
-    with pytest.raises(CalibrationError, match="does not exist"):
+    with pytest.raises(RecordError, match="does not exist"):
         load_records([tmp_path / "missing.json"])
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(CalibrationError, match="malformed JSON at line 1"):
+    with pytest.raises(RecordError, match="malformed JSON at line 1"):
         load_records([tmp_path / "bad.json"])
 
 
 def test_measurement_reads_the_figures_calibration_compares(synth) -> None:
     rec = synth.records(names=["8b-tp2-resident"])["8b-tp2-resident"]
-    rec["ranks"][1]["peak_allocated_bytes"] += 1000  # the fuller rank counts
+    fuller = replace(rec.ranks[1], peak_allocated_bytes=rec.ranks[1].peak_allocated_bytes + 1000)
+    rec = replace(rec, ranks=(rec.ranks[0], fuller))  # the fuller rank counts
     m = measurement(rec)
     assert m.record_id == "8b-tp2-resident" and m.model.name == "llama-3-8b" and m.plan.tp == 2
-    assert m.decode_step_s == rec["decode_step_s"]["median"] and m.prefill_s == rec["prefill_s"]
-    assert m.peak_gpu_bytes == rec["ranks"][1]["peak_allocated_bytes"]
+    assert m.decode_step_s == rec.timings.decode_step_s.median_s and m.prefill_s == rec.timings.prefill_s
+    assert m.peak_gpu_bytes == rec.ranks[1].peak_allocated_bytes
 
 
 def test_a_model_outside_the_catalogue_names_the_record_and_the_fix(synth) -> None:
     rec = synth.records(names=["8b-resident"])["8b-resident"]
-    rec["model"]["name"] = rec["spec"]["model"] = "llama-9-900b"
+    rec = replace(rec, model=replace(rec.model, name="llama-9-900b"), spec={**rec.spec, "model": "llama-9-900b"})
     with pytest.raises(CalibrationError, match=r"record 8b-resident: model 'llama-9-900b' is not in the catalogue"):
         measurement(rec)
 
 
 def test_split_by_plan_holds_repeats_out_together_and_is_seeded(synth) -> None:
     recs = synth.records()
-    repeat = dict(recs["8b-resident"], entry={"name": "8b-resident-again"})
+    repeat = replace(recs["8b-resident"], entry={"name": "8b-resident-again"})
     ms = [measurement(r) for r in [*recs.values(), repeat]]
     train, held = split_by_plan(ms, 0.25, seed=3)
     assert len({plan_key(m) for m in held}) == 3  # ceil(0.25 * 9 plans)
@@ -233,7 +234,7 @@ def test_section_values_must_say_calibrated(tmp_path) -> None:
 
 def test_calibration_modules_stay_pure() -> None:
     code = (
-        "import sys, hpi.planner.calibrate, hpi.planner.fidelity, hpi.cli.calibrate\n"
+        "import sys, hpi.planner.calibrate, hpi.planner.validate, hpi.cli.calibrate, hpi.records\n"
         "bad = [m for m in ('torch', 'deepspeed', 'transformers', 'matplotlib') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
@@ -255,19 +256,19 @@ def test_an_autotune_trial_stands_for_the_run_record_it_holds(synth, tmp_path) -
     (error, no record) is skipped as an error."""
     rec = synth.records(names=["8b-cpu-pinned"])["8b-cpu-pinned"]
     (tmp_path / "trial-0000.json").write_text(json.dumps({"kind": "hpi.AutotuneTrial", "trial": 0, "status": "ok",
-                                                          "record": rec}))
+                                                          "record": rec.to_json()}))
     (tmp_path / "trial-0001.json").write_text(json.dumps({"kind": "hpi.AutotuneTrial", "trial": 1,
                                                           "status": "failed", "error": "timeout"}))
     records = load_records(tmp_path)
-    assert [record_id(r) for r in records] == ["trial-0000"]
+    assert [r.record_id for r in records] == ["trial-0000"]
     assert records.skipped == {"error": 1}
-    assert measurement(records[0]).decode_step_s == rec["decode_step_s"]["median"]
+    assert measurement(records[0]).decode_step_s == rec.timings.decode_step_s.median_s
 
 
 def test_run_conditions_are_typed_and_default_to_what_old_records_ran() -> None:
     from hpi.planner.calibrate import run_conditions
 
-    assert run_conditions({"spec": {}}) == {"compute_dtype": "bf16", "fetch_wait": "host", "decode_graphs": False}
-    got = run_conditions({"spec": {"dtype": "fp16", "fetch_wait": "stream", "decode_graphs": True}})
+    assert run_conditions(RunRecord(spec={})) == {"compute_dtype": "bf16", "fetch_wait": "host", "decode_graphs": False}
+    got = run_conditions(RunRecord(spec={"dtype": "fp16", "fetch_wait": "stream", "decode_graphs": True}))
     assert got == {"compute_dtype": "fp16", "fetch_wait": "stream", "decode_graphs": True}
-    assert run_conditions({"spec": {"decode_graphs": False}})["decode_graphs"] is False
+    assert run_conditions(RunRecord(spec={"decode_graphs": False}))["decode_graphs"] is False

@@ -35,11 +35,11 @@ from hpi.planner.calibrate import (
     Measurement,
     apply,
     fit,
-    load_records,
     measurement,
     predict_measurements,
 )
 from hpi.planner.profiles import load_profile, malformed_yaml
+from hpi.records import RecordError, load_records
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MANIFEST = REPO / "validation" / "fidelity_set.yaml"
@@ -124,7 +124,7 @@ def _looks_like_records(path: Path) -> bool:
     """A RunRecord file, or a bundle of only baselines and failed entries (not a probe's or a config's JSON)."""
     try:
         records = load_records(path)
-    except (CalibrationError, UnicodeDecodeError):
+    except (RecordError, UnicodeDecodeError):
         return False
     return bool(records) or bool(records.skipped.get("baseline") or records.skipped.get("error"))
 
