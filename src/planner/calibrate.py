@@ -44,9 +44,9 @@ import numpy as np
 
 from hpi.planner.catalog import load_model
 from hpi.planner.cost.estimate import evaluate
-from hpi.planner.cost.inputs import Knobs, Layout
+from hpi.planner.cost.inputs import Arrangement, Knobs
 from hpi.planner.feasibility import plan_problems
-from hpi.planner.predict import layout_for
+from hpi.planner.predict import arrangement_for
 from hpi.planner.specs.hardware import Efficiency, HardwareProfile, Provenance, is_fraction
 from hpi.planner.specs.model import ModelSpec
 from hpi.planner.specs.plan import Plan
@@ -324,9 +324,9 @@ def _record_model(record: Mapping[str, Any], name: str, loader: Callable[[str], 
 
 
 def plan_key(m: Measurement) -> str:
-    """Runs of one plan (model, workload and its run conditions, every plan field) share a key: repeats
-    are held out together."""
-    return json.dumps([m.model.name, dataclasses.asdict(m.workload), m.plan.to_dict()], sort_keys=True)
+    """Runs of one plan (model, workload and its run conditions, every plan field) share a key
+    (``Plan.key``): repeats are held out together."""
+    return m.plan.key(m.model.name, m.workload)
 
 
 def _measurements(records: Sequence[Mapping[str, Any] | Measurement]) -> list[Measurement]:
@@ -357,7 +357,7 @@ class Prediction:
 class _Batch:
     """Records that share a layout (model, workload, tp, pp, dp), evaluated together as one vectorised call."""
 
-    layout: Layout
+    layout: Arrangement
     knobs: Knobs
     rows: tuple[int, ...]  # their indices in the measurement list
 
@@ -378,7 +378,7 @@ def _cases(profile: HardwareProfile, measurements: Sequence[Measurement]) -> _Ca
         groups.setdefault((m.model, m.workload, m.plan.tp, m.plan.pp, m.plan.dp), []).append(i)
     batches = []
     for (model, workload, tp, pp, dp), rows in groups.items():
-        lay = layout_for(model, profile, workload, tp, pp, dp)
+        lay = arrangement_for(model, profile, workload, tp, pp, dp)
         batches.append(_Batch(lay, Knobs.from_plans([measurements[i].plan for i in rows]), tuple(rows)))
     measured = np.array([[m.measured(k) for k in METRICS] for m in measurements], dtype=float).reshape(-1, len(METRICS))
     return _Cases(tuple(measurements), tuple(batches), measured)
