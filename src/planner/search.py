@@ -131,9 +131,15 @@ def plan_at(ev: Evaluation, i: int) -> Plan:
 def configurations(knobs: Knobs) -> np.ndarray:
     """(N,) an id per configuration: plans alike but for the knobs each configuration is ranked at its best of
     (``RANKED_WITHIN_CONFIGURATION``)."""
-    names = [name for name in knobs.columns if name not in RANKED_WITHIN_CONFIGURATION]
-    rows = np.stack([knobs.columns[name].astype(np.float64) for name in names], axis=1)
-    return np.unique(rows, axis=0, return_inverse=True)[1].reshape(-1)
+    ids, radix = np.zeros(knobs.n, dtype=np.int64), 1
+    for name, column in knobs.columns.items():
+        if name in RANKED_WITHIN_CONFIGURATION or not len(column) or (column == column[0]).all():
+            continue
+        values, codes = np.unique(column, return_inverse=True)
+        if radix * len(values) > 2**40:  # renumber before the mixed-radix id could overflow
+            ids, radix = np.unique(ids, return_inverse=True)[1].reshape(-1), knobs.n
+        ids, radix = ids * len(values) + codes.reshape(-1), radix * len(values)
+    return np.unique(ids, return_inverse=True)[1].reshape(-1)
 
 
 @dataclass

@@ -8,6 +8,7 @@ arithmetic that broadcasts over N plans and the 4 module kinds of ``hpi.planner.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -101,11 +102,11 @@ class Knobs:
                 values[k.name] = int(self.columns[k.name][i])
         return self.plan_type(**values)
 
-    @property
+    @functools.cached_property
     def n(self) -> int:
         return len(next(iter(self.columns.values())))
 
-    @property
+    @functools.cached_property
     def offloaded(self) -> np.ndarray:
         """(N,) weights kept off the GPU: any offload column (``Plan.is_offloaded``)."""
         return np.logical_or.reduce([self.columns[c] for c in knob_named(self.plan_type, "offload").columns])
