@@ -89,11 +89,10 @@ def _where(plan: "Plan") -> str:
     return plan.offload + ("+kv" if plan.kv_offload else "") + host
 
 
-_ELEMS = "elements"
-
-
 @dataclass(frozen=True)
 class Plan:
+    """The knobs of one deployment, each declared once with ``knob`` (``hpi.planner.specs.knob``)."""
+
     # where ZeRO-3 keeps the weights between uses: none (GPU), cpu, nvme
     offload: str = knob("none", group="build", choices=OFFLOAD_KINDS, flag="--offload",
                         help="where ZeRO-3 keeps weights", search_axis="offloads", vector="one_hot", named="always",
@@ -117,18 +116,18 @@ class Plan:
     micro_batches: int = knob(1, group="runtime", unit="micro-batches", minimum=1, flag="--micro-batches",
                               help="pipeline micro-batches (default: pp)", flag_derived=True, named="applies",
                               applies="is_pipelined", label="mb{}")
-    prefetch_bucket_elems: int = knob(DEEPSPEED_DEFAULT_PREFETCH_ELEMS, group="runtime", unit=_ELEMS, minimum=0,
+    prefetch_bucket_elems: int = knob(DEEPSPEED_DEFAULT_PREFETCH_ELEMS, group="runtime", unit="elements", minimum=0,
                                       flag="--prefetch-bucket", metavar="ELEMS",
                                       help="stage3_prefetch_bucket_size (default 5e7)", applies="gathers")
-    max_live_elems: int = knob(DEEPSPEED_DEFAULT_MAX_LIVE_ELEMS, group="runtime", unit=_ELEMS, minimum=0,
+    max_live_elems: int = knob(DEEPSPEED_DEFAULT_MAX_LIVE_ELEMS, group="runtime", unit="elements", minimum=0,
                                flag="--max-live", metavar="ELEMS", applies="gathers")
-    persistence_threshold_elems: int = knob(DEEPSPEED_DEFAULT_PERSISTENCE_ELEMS, group="runtime", unit=_ELEMS,
+    persistence_threshold_elems: int = knob(DEEPSPEED_DEFAULT_PERSISTENCE_ELEMS, group="runtime", unit="elements",
                                             minimum=0, flag="--persistence-threshold", metavar="ELEMS",
                                             applies="gathers")
     nvme_buffer_count: int = knob(5, group="runtime", unit="buffers", flag="--nvme-buffer-count",
                                   applies="offloads_to_nvme")
     # Not named by plan_flags: plan_from_args derives the size the search uses (search.nvme_buffer_elems_for).
-    nvme_buffer_elems: int = knob(100_000_000, group="runtime", unit=_ELEMS, flag="--nvme-buffer-size",
+    nvme_buffer_elems: int = knob(100_000_000, group="runtime", unit="elements", flag="--nvme-buffer-size",
                                   metavar="ELEMS", help="elements per NVMe buffer (default: fits the largest tensor)",
                                   flag_derived=True, named="never", applies="offloads_to_nvme")
 
