@@ -44,10 +44,10 @@ def run_case(model: str, hardware: str, objective: str, seed: int, trials: int) 
     import warnings
 
     warnings.filterwarnings("ignore")
-    from hpi.autotune.tuner import TuneConfig, tune
+    from hpi.autotune.tuner import TuneSettings, tune
 
     started = time.perf_counter()
-    doc = tune(TuneConfig(model=model, hardware=hardware, objective=objective, simulate=True, n_trials=trials,
+    doc = tune(TuneSettings(model=model, hardware=hardware, objective=objective, simulate=True, n_trials=trials,
                           seed=seed, storage="memory", report=False))
     sim = doc["simulation"]
     t3 = sim["trials_to_within_3pct"]

@@ -44,10 +44,9 @@ class Entry:
 
 def _ds_examples_knobs(model: str) -> dict:
     from hpi.planner.catalog import load_model
+    from hpi.planner.specs.plan import ds_examples_knobs
 
-    hidden = load_model(model).hidden_size
-    return {"prefetch_bucket_elems": 2 * hidden * hidden, "max_live_elems": 2 * hidden * hidden,
-            "persistence_threshold_elems": hidden}
+    return ds_examples_knobs(load_model(model).hidden_size)
 
 
 def _batches(*sizes: int, pp: int = 1) -> tuple[dict, ...]:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from hpi.autotune.runners import RunFailed
-from hpi.autotune.space import Space, plan_key, suggest_plan
+from hpi.autotune.space import Space, run_key, suggest_plan
 from hpi.autotune.study import owner
 from hpi.autotune.surrogate import Surrogate
 from hpi.planner.specs.plan import Plan
@@ -95,7 +95,7 @@ def _write(ctx: TrialContext, number: int, doc: dict[str, Any]) -> str | None:
     return str(write_json_atomic(ctx.runs_dir / f"trial-{number:04d}.json", doc))
 
 
-def _measured_before(trial, key: tuple) -> Any:
+def _measured_before(trial, key: str) -> Any:
     """A finished trial of the same plan (TPE can propose one twice): its measurement is reused."""
     for t in trial.study.get_trials(deepcopy=False):
         if t.number != trial.number and t.user_attrs.get("key") == repr(key) and t.user_attrs.get("status") == "ok":
@@ -106,7 +106,7 @@ def _measured_before(trial, key: tuple) -> Any:
 def run_trial(trial, ctx: TrialContext) -> float:
     """The Optuna objective."""
     plan = suggest_plan(trial, ctx.space)
-    key = plan_key(plan)
+    key = run_key(plan)
     source = trial.user_attrs.get("source", "tpe")
     retry_of = trial.storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")  # noqa: SLF001
     if retry_of is not None:
@@ -134,7 +134,7 @@ def _constrain(trial, constraints: dict[str, float]) -> None:
 
 def _finish(trial, ctx: TrialContext, plan: Plan, predicted: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     worst = worst_value(ctx.maximize)
-    earlier = _measured_before(trial, plan_key(plan))
+    earlier = _measured_before(trial, run_key(plan))
     if earlier is not None:
         _constrain(trial, earlier.constraints)
         for name in ("status", "measured", "record"):
@@ -202,5 +202,5 @@ def _measured_gpu_constraint(ctx: TrialContext, peak_allocated_bytes: float) -> 
     """Measured peak over usable memory, less 1. ``max_memory_allocated`` leaves out the CUDA context and
     allocator slack, so the (calibrated) profile's reserve for them is added back."""
     hw = ctx.surrogate.profile
-    usable = hw.gpu.memory_bytes * hw.efficiency.gpu_memory_usable
+    usable = hw.usable_gpu_bytes
     return (peak_allocated_bytes + hw.efficiency.gpu_reserved_bytes) / usable - 1.0

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from hpi.autotune.simulate import SimulatedOutOfMemory, SimulatedRunner
-from hpi.planner.specs.plan import Plan
+from hpi.planner.specs.plan import Plan, ds_examples_knobs
 from hpi.planner.specs.workload import Workload
 from hpi.records import RunRecord
 
@@ -123,9 +123,7 @@ BASELINES = ("ds-examples", "ds-examples-knobs")
 def ds_examples_plan(hidden_size: int, batch: int, pin_memory: bool = True) -> Plan:
     """DeepSpeedExamples' ZeRO-Inference knobs (run_model.py) as an hpi plan: CPU offload, 16-bit weights,
     prefetch bucket = max live = 2 h^2, persistence threshold = h (its published scripts pin memory)."""
-    two_h2 = 2 * hidden_size * hidden_size
-    return Plan(offload="cpu", pin_memory=pin_memory, batch_size=batch, prefetch_bucket_elems=two_h2,
-                max_live_elems=two_h2, persistence_threshold_elems=hidden_size)
+    return Plan(offload="cpu", pin_memory=pin_memory, batch_size=batch, **ds_examples_knobs(hidden_size))
 
 
 @dataclass(frozen=True)

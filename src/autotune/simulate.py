@@ -161,24 +161,23 @@ class HiddenMachine:
 
     def times(self, est) -> tuple[float, float]:
         """(prefill, decode step) of one Estimate made on ``self.profile``."""
-        eff = est.hardware.efficiency
         a = lambda v: np.array([float(v)])  # noqa: E731
         prefill, decode = self.structural_times(
             a(est.plan.weight_bits), a(est.plan.batch_per_replica),
-            a(est.gpu_peak_bytes / (est.hardware.gpu.memory_bytes * eff.gpu_memory_usable)),
+            a(est.gpu_peak_bytes / est.hardware.usable_gpu_bytes),
             a(est.prefill_s), a(est.decode_step_s), a(est.prefill_exposed.get("compute_s", 0.0)),
             a(est.decode_exposed.get("compute_s", 0.0)))
         return float(prefill[0]), float(decode[0])
 
     def evaluate(self, model: ModelSpec, workload: Workload, layout: tuple[int, int, int], knobs):
         """True (noise-free) throughput, decode step and feasibility of plans of one layout, as arrays."""
-        from hpi.autotune.surrogate import _layout  # the cached placement of a layout
+        from hpi.autotune.surrogate import _arrangement  # the cached placement of an arrangement
         from hpi.planner.cost.estimate import evaluate
         from hpi.planner.feasibility import feasible_mask
 
         hw = self.profile
-        ev = evaluate(_layout(model, hw, workload, *layout), knobs)
-        util = ev.memory.gpu_peak_bytes / (hw.gpu.memory_bytes * hw.efficiency.gpu_memory_usable)
+        ev = evaluate(_arrangement(model, hw, workload, *layout), knobs)
+        util = ev.memory.gpu_peak_bytes / hw.usable_gpu_bytes
         prefill, decode = self.structural_times(
             knobs.weight_bits, knobs.batch_size / layout[2], util, ev.prefill_s, ev.decode_step_s,
             ev.prefill.exposed["compute_s"], ev.decode.exposed["compute_s"])
@@ -269,7 +268,7 @@ def simulated_record(plan: Plan, true, true_prefill_s: float, true_decode_s: flo
 
 def true_values(machine: HiddenMachine, model: ModelSpec, workload: Workload, lattice, objective: str) -> tuple[np.ndarray, np.ndarray]:
     """(value, feasible) of every lattice row on the hidden machine, noise-free."""
-    parts = [machine.evaluate(model, workload, lay, k) for lay, k in zip(lattice.layouts, lattice.knobs)]
+    parts = [machine.evaluate(model, workload, lay, k) for lay, k in zip(lattice.degrees, lattice.knobs)]
     key = "throughput_tok_s" if objective == "throughput" else "decode_step_s"
     return np.concatenate([p[key] for p in parts]), np.concatenate([p["feasible"] for p in parts])
 

@@ -1,8 +1,8 @@
 """The search space: the planner's top feasible discrete plans x the runtime knobs, as Optuna parameters.
 
-A *discrete plan* (``Config``) is what needs a different build: offload, tp, pp, dp and weight bits. The
+A *discrete plan* (``DiscretePlan``) is what needs a different build: offload, tp, pp, dp and weight bits. The
 planner ranks every one it can build; the study offers Optuna only the top few that fit (one categorical
-parameter ``config``), because a real run costs a minute and a layout the cost model puts 5x behind is
+parameter ``config``), because a real run costs a minute and a discrete plan the cost model puts 5x behind is
 not worth one. Everything else is a runtime knob with a range derived from the model's shapes:
 
 - ``log2_batch``: batch 2^k up to ``--max-batch`` (throughput; latency keeps the workload's batch);
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Iterable
 
 import numpy as np
@@ -37,11 +37,15 @@ from hpi.planner.cost.shape import module_table, per_rank
 from hpi.planner.search import DEFAULT_BATCHES, SearchSpace, nvme_buffer_elems_for, search
 from hpi.planner.specs.hardware import HardwareProfile
 from hpi.planner.specs.model import ModelSpec
+from hpi.planner.specs.knob import degree_names
 from hpi.planner.specs.plan import (
     DEEPSPEED_DEFAULT_MAX_LIVE_ELEMS,
     DEEPSPEED_DEFAULT_PERSISTENCE_ELEMS,
     DEEPSPEED_DEFAULT_PREFETCH_ELEMS,
     Plan,
+    copies_from_host,
+    ds_examples_knobs,
+    gathers_weights,
 )
 from hpi.planner.specs.workload import Workload
 
@@ -51,8 +55,8 @@ NVME_BUFFER_COUNTS = (2, 16)
 
 
 @dataclass(frozen=True, order=True)
-class Config:
-    """One discrete plan: what a run must be rebuilt for."""
+class DiscretePlan:
+    """One discrete plan: what a run must be rebuilt for (the Plan's ``build`` knobs)."""
 
     offload: str
     tp: int
@@ -62,16 +66,21 @@ class Config:
 
     @property
     def label(self) -> str:
+        """The study's categorical ``config`` value (stored with every trial: its form must not change)."""
         return f"{self.offload} tp{self.tp} pp{self.pp} dp{self.dp} w{self.weight_bits}"
 
     @property
     def gathers(self) -> bool:
-        """ZeRO-3 gathers weights every forward (its prefetch knobs matter): offloaded or partitioned."""
-        return self.offload != "none" or self.dp > 1
+        """ZeRO-3 gathers weights every forward, so its prefetch knobs matter (``Plan.gathers``)."""
+        return bool(gathers_weights(self.offload != "none", self.dp))
+
+    @property
+    def degrees(self) -> tuple[int, int, int]:
+        return self.tp, self.pp, self.dp
 
     @classmethod
-    def of(cls, plan: Plan) -> "Config":
-        return cls(plan.offload, plan.tp, plan.pp, plan.dp, plan.weight_bits)
+    def of(cls, plan: Plan) -> "DiscretePlan":
+        return cls(**{f.name: getattr(plan, f.name) for f in fields(cls)})
 
 
 @dataclass(frozen=True)
@@ -102,7 +111,7 @@ class IntRange:
 @dataclass(frozen=True)
 class Space:
     objective: str
-    configs: tuple[Config, ...]  # best predicted first
+    configs: tuple[DiscretePlan, ...]  # best predicted first
     batch: int | None  # fixed batch (latency objective); None: searched as 2^log2_batch
     max_log2_batch: int
     kv_offload: tuple[bool, ...]
@@ -122,7 +131,7 @@ class Space:
     def labels(self) -> tuple[str, ...]:
         return tuple(c.label for c in self.configs)
 
-    def config(self, label: str) -> Config:
+    def config(self, label: str) -> DiscretePlan:
         for c in self.configs:
             if c.label == label:
                 return c
@@ -142,7 +151,7 @@ class Space:
 
         return cls(
             objective=d["objective"],
-            configs=tuple(Config(**c) for c in d["configs"]),
+            configs=tuple(DiscretePlan(**c) for c in d["configs"]),
             batch=d["batch"],
             max_log2_batch=d["max_log2_batch"],
             kv_offload=tuple(d["kv_offload"]),
@@ -172,11 +181,14 @@ def knob_ranges(model: ModelSpec) -> tuple[IntRange, IntRange, IntRange]:
     """
     h2 = float(model.hidden_size) ** 2
     largest = _largest_module_elems(model)
-    prefetch = IntRange.spanning(h2, max(4 * largest, 2 * h2), 5, keep=(DEEPSPEED_DEFAULT_PREFETCH_ELEMS, 2 * h2))
+    ds_examples = ds_examples_knobs(model.hidden_size)
+    prefetch = IntRange.spanning(h2, max(4 * largest, 2 * h2), 5,
+                                 keep=(DEEPSPEED_DEFAULT_PREFETCH_ELEMS, ds_examples["prefetch_bucket_elems"]))
     max_live = IntRange.spanning(h2, max(DEEPSPEED_DEFAULT_MAX_LIVE_ELEMS, 8 * largest), 3,
                                  keep=(DEEPSPEED_DEFAULT_MAX_LIVE_ELEMS,))
     persistence = IntRange.spanning(max(model.hidden_size // 4, 1), max(1e6, h2 / 2), 3,
-                                    keep=(DEEPSPEED_DEFAULT_PERSISTENCE_ELEMS, model.hidden_size))
+                                    keep=(DEEPSPEED_DEFAULT_PERSISTENCE_ELEMS,
+                                          ds_examples["persistence_threshold_elems"]))
     return prefetch, max_live, persistence
 
 
@@ -189,7 +201,7 @@ def top_configs(
     restrict: dict[str, Any] | None = None,
     batch: int = 1,
     max_batch: int = DEFAULT_BATCHES[-1],
-) -> tuple[Config, ...]:
+) -> tuple[DiscretePlan, ...]:
     """The ``k`` best feasible discrete plans by the planner's ranking (its own grid of knobs)."""
     batches = (batch,) if objective == "latency" else tuple(b for b in DEFAULT_BATCHES if b <= max_batch) or (1,)
     restrict = restrict or {}
@@ -202,9 +214,9 @@ def top_configs(
         closest = [result.estimate(i) for i in result.closest_infeasible(1)]
         why = "; ".join(r.message for r in closest[0].reasons) if closest else "no plan could be built"
         raise ValueError(f"no feasible plan of {model.name} on {hardware.name} to tune: {why}")
-    seen: list[Config] = []
+    seen: list[DiscretePlan] = []
     for flat in ranked:
-        c = Config.of(result.plan(int(flat)))
+        c = DiscretePlan.of(result.plan(int(flat)))
         if c not in seen:
             seen.append(c)
         if len(seen) == k:
@@ -281,9 +293,8 @@ def suggest_plan(trial, space: Space) -> Plan:
         batch = 2 ** trial.suggest_int("log2_batch", 0, space.max_log2_batch)
     batch = _fit_batch(batch, config.dp)
     kv = trial.suggest_categorical("kv_offload", space.kv_offload) if len(space.kv_offload) > 1 else space.kv_offload[0]
-    copies_from_host = config.offload == "cpu" or kv
     pin = True
-    if copies_from_host:
+    if copies_from_host(config.offload == "cpu", kv):
         pin = trial.suggest_categorical("pin_memory", space.pin_memory) if len(space.pin_memory) > 1 else space.pin_memory[0]
     micro = 1
     if config.pp > 1:
@@ -312,7 +323,7 @@ def _suggest_range(trial, name: str, r: IntRange) -> int:
 
 def params_of(plan: Plan, space: Space) -> dict[str, Any]:
     """The trial parameters that make ``suggest_plan`` return ``plan`` (for ``study.enqueue_trial``)."""
-    config = Config.of(plan)
+    config = DiscretePlan.of(plan)
     space.config(config.label)  # raises when the plan's discrete part is not in the space
     params: dict[str, Any] = {"config": config.label}
     if space.batch is None:
@@ -344,16 +355,10 @@ def params_of(plan: Plan, space: Space) -> dict[str, Any]:
     return params
 
 
-def plan_key(plan: Plan) -> tuple:
-    """Plans that run identically share a key (knobs that do not apply are left out)."""
-    config = Config.of(plan)
-    key = [config, plan.batch_size, plan.kv_offload, plan.micro_batches]
-    key.append(plan.pin_memory if plan.copies_from_host_memory else None)
-    if config.gathers:
-        key += [plan.prefetch_bucket_elems, plan.max_live_elems, plan.persistence_threshold_elems]
-    if config.offload == "nvme":
-        key += [plan.nvme_buffer_count, plan.nvme_buffer_elems]
-    return tuple(key)
+def run_key(plan: Plan) -> str:
+    """Plans that run identically share a key: the key of the canonical plan (``Plan.canonical``: knobs that
+    change nothing, like pinning where nothing is copied from host memory, at their defaults)."""
+    return plan.canonical().key()
 
 
 # ---- a finite lattice of the space ---------------------------------------------------------------------
@@ -361,9 +366,9 @@ def plan_key(plan: Plan) -> tuple:
 
 @dataclass(frozen=True)
 class Lattice:
-    """Grid points of the space grouped by layout (tp, pp, dp): each group is one vectorised evaluation."""
+    """Grid points of the space grouped by arrangement (tp, pp, dp): each group is one vectorised evaluation."""
 
-    layouts: tuple[tuple[int, int, int], ...]
+    degrees: tuple[tuple[int, int, int], ...]  # (tp, pp, dp) of each group
     knobs: tuple[Knobs, ...]
     configs: tuple[np.ndarray, ...]  # per group: index into ``space.configs`` of each row
 
@@ -372,59 +377,48 @@ class Lattice:
         return sum(k.n for k in self.knobs)
 
     def plan(self, group: int, row: int) -> Plan:
-        k, (tp, pp, dp) = self.knobs[group], self.layouts[group]
-        return Plan(
-            offload="cpu" if k.offload_cpu[row] else "nvme" if k.offload_nvme[row] else "none",
-            tp=tp, pp=pp, dp=dp, weight_bits=int(k.weight_bits[row]), pin_memory=bool(k.pin_memory[row]),
-            kv_offload=bool(k.kv_offload[row]), batch_size=int(k.batch_size[row]),
-            micro_batches=int(k.micro_batches[row]), prefetch_bucket_elems=int(k.prefetch_bucket_elems[row]),
-            max_live_elems=int(k.max_live_elems[row]),
-            persistence_threshold_elems=int(k.persistence_threshold_elems[row]),
-            nvme_buffer_count=int(k.nvme_buffer_count[row]), nvme_buffer_elems=int(k.nvme_buffer_elems[row]),
-        )
+        return self.knobs[group].plan(row, dict(zip(degree_names(Plan), self.degrees[group])))
 
 
-def _config_rows(config: Config, space: Space, model: ModelSpec) -> list[tuple]:
+def _config_rows(config: DiscretePlan, space: Space, model: ModelSpec) -> list[dict[str, Any]]:
+    """The lattice points of one discrete plan, each a dict of the Plan's knobs (less the degrees)."""
     rows = []
-    knob_points = [(DEEPSPEED_DEFAULT_PREFETCH_ELEMS, DEEPSPEED_DEFAULT_MAX_LIVE_ELEMS, DEEPSPEED_DEFAULT_PERSISTENCE_ELEMS)]
+    knob_points = [(Plan.prefetch_bucket_elems, Plan.max_live_elems, Plan.persistence_threshold_elems)]
     if config.gathers:
         knob_points = list(itertools.product(space.prefetch_bucket_elems.points, space.max_live_elems.points,
                                              space.persistence_threshold_elems.points))
-    nvme_points = [(5, 100_000_000)]
+    nvme_points = [(Plan.nvme_buffer_count, Plan.nvme_buffer_elems)]
     if config.offload == "nvme" and space.nvme_buffer_elems is not None:
         need = nvme_buffer_elems_for(model, config.tp, config.dp)
         nvme_points = [(c, e) for c in (4, 8) for e in space.nvme_buffer_elems.points if e >= need]
     micro = _micro_choices(config.pp) if config.pp > 1 else (1,)
     for batch, kv in itertools.product(space.batches(), space.kv_offload):
         batch = _fit_batch(batch, config.dp)
-        pins = space.pin_memory if (config.offload == "cpu" or kv) else (True,)
+        pins = space.pin_memory if copies_from_host(config.offload == "cpu", kv) else (True,)
         mbs = sorted({_fit_micro_batches(batch // config.dp, m) for m in micro})
         for pin, mb, (bucket, live, persist), (count, elems) in itertools.product(pins, mbs, knob_points, nvme_points):
-            rows.append((config.offload == "cpu", config.offload == "nvme", config.weight_bits, pin, kv, batch, mb,
-                         bucket, live, persist, count, elems))
+            rows.append({"offload": config.offload, "weight_bits": config.weight_bits, "pin_memory": pin,
+                         "kv_offload": kv, "batch_size": batch, "micro_batches": mb, "prefetch_bucket_elems": bucket,
+                         "max_live_elems": live, "persistence_threshold_elems": persist, "nvme_buffer_count": count,
+                         "nvme_buffer_elems": elems})
     return rows
 
 
 def grid(space: Space, model: ModelSpec) -> Lattice:
-    by_layout: dict[tuple[int, int, int], list[tuple[int, tuple]]] = {}
+    by_degrees: dict[tuple[int, int, int], list[tuple[int, dict[str, Any]]]] = {}
     for ci, config in enumerate(space.configs):
         for row in _config_rows(config, space, model):
-            by_layout.setdefault((config.tp, config.pp, config.dp), []).append((ci, row))
-    layouts, knobs, configs = [], [], []
-    for layout, items in by_layout.items():
-        a = np.array([row for _, row in items], dtype=np.float64)
-        layouts.append(layout)
+            by_degrees.setdefault(config.degrees, []).append((ci, row))
+    degrees, knobs, configs = [], [], []
+    for key, items in by_degrees.items():
+        rows = [row for _, row in items]
+        degrees.append(key)
         configs.append(np.array([ci for ci, _ in items], dtype=int))
-        knobs.append(Knobs(
-            offload_cpu=a[:, 0].astype(bool), offload_nvme=a[:, 1].astype(bool), weight_bits=a[:, 2],
-            pin_memory=a[:, 3].astype(bool), kv_offload=a[:, 4].astype(bool), batch_size=a[:, 5],
-            micro_batches=a[:, 6], prefetch_bucket_elems=a[:, 7], max_live_elems=a[:, 8],
-            persistence_threshold_elems=a[:, 9], nvme_buffer_count=a[:, 10], nvme_buffer_elems=a[:, 11],
-        ))
-    return Lattice(tuple(layouts), tuple(knobs), tuple(configs))
+        knobs.append(Knobs.from_fields({name: [r[name] for r in rows] for name in rows[0]}, len(rows)))
+    return Lattice(tuple(degrees), tuple(knobs), tuple(configs))
 
 
-def widen(space: Space, extra: Iterable[Config], model: ModelSpec) -> Space:
+def widen(space: Space, extra: Iterable[DiscretePlan], model: ModelSpec) -> Space:
     """The same space with more discrete plans (the simulation's exhaustive optimum looks beyond the top k)."""
     configs = list(space.configs)
     configs += [c for c in extra if c not in configs]

@@ -23,7 +23,7 @@ model's own account and Optuna's TPE sampler proposes the trial instead.
    plan of that config predicted at >= 0.98 P infeasible too, so the study does not walk into it again.
 
 Predictions are vectorised over a lattice of the space (``space.grid``) so ranking thousands of
-candidates after each trial costs a few milliseconds per layout.
+candidates after each trial costs a few milliseconds per arrangement (tp, pp, dp).
 """
 
 from __future__ import annotations
@@ -35,15 +35,16 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from hpi.autotune.space import Config, Lattice, Space, grid, plan_key
+from hpi.autotune.space import DiscretePlan, Lattice, Space, grid, run_key
 from hpi.planner.calibrate import CalibrationError, calibrate
 from hpi.planner.cost.estimate import evaluate
-from hpi.planner.cost.inputs import Knobs, Layout
+from hpi.planner.cost.inputs import Arrangement, Knobs
 from hpi.planner.feasibility import capacity_masks
-from hpi.planner.predict import layout_for
+from hpi.planner.predict import arrangement_for
 from hpi.planner.specs.hardware import HardwareProfile
 from hpi.planner.specs.model import ModelSpec
-from hpi.planner.specs.plan import OFFLOAD_KINDS, WEIGHT_BITS, Plan
+from hpi.planner.specs.knob import knob_named
+from hpi.planner.specs.plan import OFFLOAD_KINDS, WEIGHT_BITS, Plan, copies_from_host
 from hpi.planner.specs.workload import Workload
 from hpi.records import RunRecord
 
@@ -73,8 +74,9 @@ def refresh_profile(profile: HardwareProfile, records: Sequence[RunRecord]) -> H
 
 
 @functools.lru_cache(maxsize=256)
-def _layout(model: ModelSpec, hardware: HardwareProfile, workload: Workload, tp: int, pp: int, dp: int) -> Layout:
-    return layout_for(model, hardware, workload, tp, pp, dp)
+def _arrangement(model: ModelSpec, hardware: HardwareProfile, workload: Workload, tp: int, pp: int,
+                 dp: int) -> Arrangement:
+    return arrangement_for(model, hardware, workload, tp, pp, dp)
 
 
 @dataclass(frozen=True)
@@ -117,11 +119,11 @@ class Scores:
         )
 
 
-def score_knobs(model: ModelSpec, hardware: HardwareProfile, workload: Workload, layout: tuple[int, int, int],
+def score_knobs(model: ModelSpec, hardware: HardwareProfile, workload: Workload, degrees: tuple[int, int, int],
                 knobs: Knobs) -> Scores:
-    """The cost model on plans of one layout."""
-    ev = evaluate(_layout(model, hardware, workload, *layout), knobs)
-    hw, mem, eff = hardware, ev.memory, hardware.efficiency
+    """The cost model on plans of one arrangement, ``degrees`` (tp, pp, dp)."""
+    ev = evaluate(_arrangement(model, hardware, workload, *degrees), knobs)
+    hw, mem = hardware, ev.memory
     masks = capacity_masks(ev)
     nvme_broken = masks["nvme_missing"] | masks["nvme_capacity"] | masks["nvme_buffer"] | masks["context_length"]
     return Scores(
@@ -131,8 +133,8 @@ def score_knobs(model: ModelSpec, hardware: HardwareProfile, workload: Workload,
         gpu_peak_bytes=mem.gpu_peak_bytes,
         cpu_bytes=mem.cpu_bytes,
         constraints={
-            "gpu_memory": mem.gpu_peak_bytes / (hw.gpu.memory_bytes * eff.gpu_memory_usable) - 1.0,
-            "cpu_memory": mem.cpu_bytes / (hw.host.dram_bytes * eff.dram_usable) - 1.0,
+            "gpu_memory": mem.gpu_peak_bytes / hw.usable_gpu_bytes - 1.0,
+            "cpu_memory": mem.cpu_bytes / hw.usable_dram_bytes - 1.0,
             "pinned_memory": mem.pinned_bytes / max(hw.host.pinnable_bytes, 1.0) - 1.0,
             "nvme": np.where(nvme_broken, 1.0, -1.0),  # no grade: a missing drive or a too-small buffer
         },
@@ -140,13 +142,13 @@ def score_knobs(model: ModelSpec, hardware: HardwareProfile, workload: Workload,
 
 
 def score_plans(model: ModelSpec, hardware: HardwareProfile, workload: Workload, plans: Sequence[Plan]) -> Scores:
-    """Scores in the order of ``plans`` (any layouts)."""
+    """Scores in the order of ``plans`` (any arrangements)."""
     groups: dict[tuple[int, int, int], list[int]] = {}
     for i, p in enumerate(plans):
         groups.setdefault((p.tp, p.pp, p.dp), []).append(i)
     order, parts = [], []
-    for layout, idx in groups.items():
-        parts.append(score_knobs(model, hardware, workload, layout, Knobs.from_plans([plans[i] for i in idx])))
+    for degrees, idx in groups.items():
+        parts.append(score_knobs(model, hardware, workload, degrees, Knobs.from_plans([plans[i] for i in idx])))
         order += idx
     flat = Scores.concat(parts)
     inverse = np.argsort(np.array(order, dtype=int)) if order else np.zeros(0, dtype=int)
@@ -158,7 +160,8 @@ def score_plans(model: ModelSpec, hardware: HardwareProfile, workload: Workload,
 
 
 def score_lattice(model: ModelSpec, hardware: HardwareProfile, workload: Workload, lattice: Lattice) -> Scores:
-    return Scores.concat([score_knobs(model, hardware, workload, lay, k) for lay, k in zip(lattice.layouts, lattice.knobs)])
+    return Scores.concat([score_knobs(model, hardware, workload, degrees, k)
+                          for degrees, k in zip(lattice.degrees, lattice.knobs)])
 
 
 # ---- what the study has seen --------------------------------------------------------------------------
@@ -188,7 +191,7 @@ class Surrogate:
     lattice: Lattice = field(init=False)
     scores: Scores = field(init=False)
     residual: "Residual" = field(init=False)
-    _ceilings: dict[tuple[Config, str], float] = field(init=False, default_factory=dict)
+    _ceilings: dict[tuple[DiscretePlan, str], float] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.profile = self.nominal
@@ -238,11 +241,11 @@ class Surrogate:
         raw = score_plans(self.model, self.profile, self.workload, [o.plan for o in ooms])
         for i, o in enumerate(ooms):
             footprint = float(raw.gpu_peak_bytes[i] if o.oom_where == "gpu" else raw.cpu_bytes[i])
-            key = (Config.of(o.plan), o.oom_where)
+            key = (DiscretePlan.of(o.plan), o.oom_where)
             self._ceilings[key] = min(self._ceilings.get(key, np.inf), footprint * OOM_CEILING_MARGIN)
 
     # ---- predictions --------------------------------------------------------------------------------------
-    def _learned(self, configs: Sequence[Config], scores: Scores) -> dict[str, np.ndarray]:
+    def _learned(self, configs: Sequence[DiscretePlan], scores: Scores) -> dict[str, np.ndarray]:
         """Constraints with the learned ceilings: a plan at or above one that ran out of memory breaks it."""
         out = {k: v.copy() for k, v in scores.constraints.items()}
         for i, c in enumerate(configs):
@@ -255,7 +258,7 @@ class Surrogate:
     def predict(self, plan: Plan) -> dict[str, Any]:
         """The refreshed prediction of one plan: figures, graded constraints, feasibility, corrected value."""
         s = score_plans(self.model, self.profile, self.workload, [plan])
-        constraints = self._learned([Config.of(plan)], s)
+        constraints = self._learned([DiscretePlan.of(plan)], s)
         out = s.at(0)
         out["constraints"] = {k: float(v[0]) for k, v in constraints.items()}
         out["feasible"] = all(v <= 0 for v in out["constraints"].values())
@@ -289,14 +292,14 @@ class Surrogate:
         raw = self.scores.value(self.space.objective)
         return self.lattice_feasible() & np.isfinite(raw) & (raw > 0)
 
-    def _pick(self, order: np.ndarray, exclude: Iterable[tuple], k: int, distinct_configs: bool,
+    def _pick(self, order: np.ndarray, exclude: Iterable[str], k: int, distinct_configs: bool,
               accept: Callable[[Plan], bool] | None, score: np.ndarray) -> list[tuple[Plan, float]]:
         skip, taken, out = set(exclude), set(), []
         for i in order:
             if distinct_configs and int(self._row_configs[i]) in taken:
                 continue
             plan = self.lattice.plan(*self._rows[i])
-            key = plan_key(plan)
+            key = run_key(plan)
             if key in skip or (accept is not None and not accept(plan)):
                 continue
             skip.add(key)
@@ -306,7 +309,7 @@ class Surrogate:
                 break
         return out
 
-    def ranked(self, exclude: Iterable[tuple] = (), k: int = 1, distinct_configs: bool = False,
+    def ranked(self, exclude: Iterable[str] = (), k: int = 1, distinct_configs: bool = False,
                accept: Callable[[Plan], bool] | None = None) -> list[tuple[Plan, float]]:
         """The best ``k`` feasible lattice plans by corrected prediction (plan, predicted value), skipping
         plan keys in ``exclude`` and plans ``accept`` refuses."""
@@ -315,7 +318,7 @@ class Surrogate:
         order = idx[np.argsort(-values[idx] if self.maximize else values[idx], kind="stable")]
         return self._pick(order, exclude, k, distinct_configs, accept, values)
 
-    def advice(self, incumbent: float | None, exclude: Iterable[tuple] = (),
+    def advice(self, incumbent: float | None, exclude: Iterable[str] = (),
                ei_min: float = EI_MIN) -> tuple[Plan, float, float] | None:
         """The untried plan of highest expected (log) improvement over ``incumbent``: (plan, predicted
         value, expected improvement), or None when no plan promises ``ei_min``."""
@@ -381,12 +384,13 @@ class PlanFacts:
     @classmethod
     def of_lattice(cls, lattice: Lattice) -> "PlanFacts":
         offload, bits, layout, kv, pageable, batch = [], [], [], [], [], []
-        for lay, k in zip(lattice.layouts, lattice.knobs):
-            offload.append(np.where(k.offload_cpu, 1, np.where(k.offload_nvme, 2, 0)))
+        one_hot = knob_named(Plan, "offload").one_hot
+        for lay, k in zip(lattice.degrees, lattice.knobs):
+            offload.append(sum(OFFLOAD_KINDS.index(choice) * k.columns[col] for col, choice in one_hot))
             bits.append(k.weight_bits)
             layout += [lay] * k.n
             kv.append(k.kv_offload.astype(float))
-            pageable.append(((k.offload_cpu | k.kv_offload) & ~k.pin_memory).astype(float))
+            pageable.append((copies_from_host(k.offload_cpu, k.kv_offload) & ~k.pin_memory).astype(float))
             batch.append(k.batch_size / lay[2])
         return cls(np.concatenate(offload), np.concatenate(bits), layout, np.concatenate(kv),
                    np.concatenate(pageable), np.concatenate(batch), np.zeros(len(layout)))

@@ -1,4 +1,4 @@
-"""``tune(config)``: the whole study, from the planner's seeds to the best plan, its baseline and report.
+"""``tune(settings)``: the whole study, from the planner's seeds to the best plan, its baseline and report.
 
 The loop, one trial at a time:
 
@@ -30,7 +30,7 @@ import optuna
 from hpi.autotune.objective import TrialContext, TrialCrashed, measured_figures, run_trial
 from hpi.autotune.runners import BASELINES, ExecutorRunner, RecipeRunner, RunFailed, SimRunner, ds_examples_plan
 from hpi.autotune.simulate import DEFAULT_NOISE, HiddenMachine, SimulatedRunner, exhaustive_optimum, true_plan_values
-from hpi.autotune.space import Config, Space, derive_space, params_of, plan_key
+from hpi.autotune.space import DiscretePlan, Space, derive_space, params_of, run_key
 from hpi.autotune.study import (
     MEMORY_STORAGE,
     best_trial,
@@ -53,7 +53,10 @@ BASELINE_MIN_S = 120.0
 
 
 @dataclass(frozen=True)
-class TuneConfig:
+class TuneSettings:
+    """What one ``hpi autotune`` asks for: the model, machine and workload, the study and its budget, the
+    baseline and the hidden machine of a simulated study."""
+
     model: str
     hardware: str
     workload: Workload = Workload()
@@ -109,7 +112,7 @@ def study_name(model_name: str, hardware_name: str, objective: str, simulate: bo
 
 @dataclass
 class Tuner:
-    cfg: TuneConfig
+    cfg: TuneSettings
     on_event: Callable[[str, dict[str, Any]], None] | None = None
     started: float = field(default_factory=time.monotonic)
 
@@ -194,16 +197,16 @@ class Tuner:
         if picks and self.cfg.objective == "throughput" and len(picks) < self.cfg.n_seeds:
             best = picks[0][0]
             if best.batch_size >= 4:
-                quarter = self.surrogate.ranked(exclude=[plan_key(p) for p, _ in picks], accept=lambda p: (
-                    Config.of(p) == Config.of(best) and p.batch_size <= best.batch_size // 4))
+                quarter = self.surrogate.ranked(exclude=[run_key(p) for p, _ in picks], accept=lambda p: (
+                    DiscretePlan.of(p) == DiscretePlan.of(best) and p.batch_size <= best.batch_size // 4))
                 picks += quarter
         if len(picks) < self.cfg.n_seeds:  # further discrete plans, then the next best of any
-            more = self.surrogate.ranked(exclude=[plan_key(p) for p, _ in picks], k=self.cfg.n_seeds - len(picks),
-                                         distinct_configs=True, accept=lambda p: Config.of(p) not in {
-                                             Config.of(q) for q, _ in picks})
+            more = self.surrogate.ranked(exclude=[run_key(p) for p, _ in picks], k=self.cfg.n_seeds - len(picks),
+                                         distinct_configs=True, accept=lambda p: DiscretePlan.of(p) not in {
+                                             DiscretePlan.of(q) for q, _ in picks})
             picks += more
         if len(picks) < self.cfg.n_seeds:
-            picks += self.surrogate.ranked(exclude=[plan_key(p) for p, _ in picks], k=self.cfg.n_seeds - len(picks))
+            picks += self.surrogate.ranked(exclude=[run_key(p) for p, _ in picks], k=self.cfg.n_seeds - len(picks))
         for rank, (plan, value) in enumerate(picks[: self.cfg.n_seeds], start=1):
             self.study.enqueue_trial(params_of(plan, self.space), skip_if_exists=True,
                                      user_attrs={"source": f"seed {rank}", "advised_value": value})
@@ -215,7 +218,7 @@ class Tuner:
         seen = observations(self.study)
         measured = [o.value for o in seen if o.status == "ok" and o.value is not None]
         incumbent = (max(measured) if self.surrogate.maximize else min(measured)) if measured else None
-        pick = self.surrogate.advice(incumbent, exclude=[plan_key(o.plan) for o in seen])
+        pick = self.surrogate.advice(incumbent, exclude=[run_key(o.plan) for o in seen])
         if pick is None:
             return None
         plan, value, ei = pick
@@ -461,7 +464,7 @@ def _gap(value: float, opt: float, maximize: bool) -> float:
     return 1.0 - value / opt if maximize else value / opt - 1.0
 
 
-def tune(cfg: TuneConfig, on_event: Callable[[str, dict[str, Any]], None] | None = None,
+def tune(cfg: TuneSettings, on_event: Callable[[str, dict[str, Any]], None] | None = None,
          runner: Any = None) -> dict[str, Any]:
     """Run (or resume) a study; returns the summary document (``--json``'s last line). ``runner`` replaces
     the executor (or the hidden machine) as what answers trials: ``run(plan, out_dir, timeout_s, note, *,

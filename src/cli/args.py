@@ -11,7 +11,8 @@ import argparse
 import json
 from typing import Any
 
-from hpi.planner.specs.plan import DEEPSPEED_DEFAULT_PREFETCH_ELEMS, OFFLOAD_KINDS, WEIGHT_BITS, Plan
+from hpi.planner.specs.knob import KnobField, display_order, knob_fields
+from hpi.planner.specs.plan import Plan
 from hpi.planner.specs.workload import COMPUTE_DTYPES, DEFAULT_GEN_LEN, DEFAULT_PROMPT_LEN, FETCH_WAITS, Workload
 
 EXIT_USAGE = 2
@@ -57,7 +58,9 @@ def add_target(p: argparse.ArgumentParser, hardware_required: bool = True) -> No
     p.add_argument("--hardware", required=hardware_required, default=None,
                    help="profile name (hpi hardware) or path to a profile YAML"
                    + ("" if hardware_required else "; given, the plan is predicted and refused if infeasible"))
-    p.add_argument("--batch", type=count, default=1, help="batch size (default 1)")
+    for k in knob_fields(Plan):
+        if k.spec.group == "target":  # the plan knobs named with the workload: --batch
+            _add_knob_flag(p, k, default=k.default)
     p.add_argument("--prompt-len", type=count, default=DEFAULT_PROMPT_LEN, help="prompt tokens (default 512)")
     p.add_argument("--gen-len", type=count, default=DEFAULT_GEN_LEN, help="generated tokens (default 32)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
@@ -81,37 +84,40 @@ def add_cuda_graph_flags(p: argparse.ArgumentParser, *, default: bool | None, on
     graphs.add_argument("--no-cuda-graphs", dest="decode_graphs", action="store_false", help=off_help)
 
 
-def add_plan_flags(p: argparse.ArgumentParser, for_search: bool) -> None:
-    """Plan flags: fixed values for predict/explain/run, restrictions of the search space for plan/autotune."""
-    default = None if for_search else "none"
-    p.add_argument("--offload", choices=OFFLOAD_KINDS, default=default, help="where ZeRO-3 keeps weights")
-    p.add_argument("--tp", type=count, default=None if for_search else 1, help="tensor parallel degree")
-    p.add_argument("--pp", type=count, default=None if for_search else 1, help="pipeline parallel degree")
-    p.add_argument("--dp", type=count, default=None if for_search else 1, help="ZeRO-3 partition (data parallel) degree")
-    p.add_argument("--quant-bits", type=int, choices=WEIGHT_BITS, default=None if for_search else 16)
-    pin = p.add_mutually_exclusive_group()
-    pin.add_argument("--pin-memory", dest="pin_memory", action="store_true", default=None)
-    pin.add_argument("--no-pin-memory", dest="pin_memory", action="store_false")
-    kv = p.add_mutually_exclusive_group()
-    kv.add_argument("--kv-offload", dest="kv_offload", action="store_true", default=None, help="KV cache in CPU RAM")
-    kv.add_argument("--no-kv-offload", dest="kv_offload", action="store_false")
+def _switch_off(flag: str) -> str:
+    return "--no-" + flag.removeprefix("--")
+
+
+def _add_knob_flag(p: argparse.ArgumentParser, k: KnobField, default: Any) -> None:
+    """The flag a knob declares (``Knob.flag``): a switch as --x / --no-x (None when neither is given), a choice
+    knob with its choices, a number as a count."""
+    spec = k.spec
+    if spec.vector == "switch":
+        pair = p.add_mutually_exclusive_group()
+        pair.add_argument(spec.flag, dest=k.name, action="store_true", default=None, help=spec.help)
+        pair.add_argument(_switch_off(spec.flag), dest=k.name, action="store_false")
+        return
+    kind = type(spec.choices[0]) if spec.choices else None  # argparse takes strings as given
+    p.add_argument(spec.flag, type=count if kind is None else (None if kind is str else kind),
+                   choices=spec.choices or None, default=default, metavar=spec.metavar, help=spec.help)
+
+
+def add_plan_flags(p: argparse.ArgumentParser, for_search: bool, plan_type: type = Plan) -> None:
+    """Plan flags: fixed values for predict/explain/run, restrictions of the search space for plan/autotune
+    (the knobs with a ``search_axis``). Each comes from its knob's declaration (``hpi.planner.specs.knob``);
+    ``add_target`` declares the knobs named with the workload (--batch)."""
+    for k in knob_fields(plan_type):
+        if k.spec.flag is None or k.spec.group == "target" or (for_search and k.spec.search_axis is None):
+            continue
+        _add_knob_flag(p, k, default=None if for_search or k.spec.flag_derived else k.default)
     if not for_search:
-        p.add_argument("--prefetch-bucket", type=count, default=DEEPSPEED_DEFAULT_PREFETCH_ELEMS,
-                       metavar="ELEMS", help="stage3_prefetch_bucket_size (default 5e7)")
-        p.add_argument("--micro-batches", type=count, default=None, help="pipeline micro-batches (default: pp)")
-        p.add_argument("--max-live", type=count, default=Plan.max_live_elems, metavar="ELEMS")
-        p.add_argument("--persistence-threshold", type=count, default=Plan.persistence_threshold_elems, metavar="ELEMS")
-        p.add_argument("--nvme-buffer-count", type=count, default=Plan.nvme_buffer_count)
-        p.add_argument("--nvme-buffer-size", type=count, default=None, metavar="ELEMS",
-                       help="elements per NVMe buffer (default: fits the largest tensor)")
         p.add_argument("--plan", dest="plan_file", default=None, metavar="PLAN.json",
                        help="read the plan from JSON (a plan object, or an entry of hpi plan --json)")
 
 
-def search_restrictions(args: argparse.Namespace) -> dict[str, Any]:
+def search_restrictions(args: argparse.Namespace, plan_type: type = Plan) -> dict[str, Any]:
     """The plan flags of a search command as ``SearchSpace.restrict`` keywords (None: not restricted)."""
-    return {"offloads": args.offload, "weight_bits": args.quant_bits, "tp": args.tp, "pp": args.pp, "dp": args.dp,
-            "kv_offload": args.kv_offload, "pin_memory": args.pin_memory}
+    return {k.spec.search_axis: getattr(args, k.dest) for k in knob_fields(plan_type) if k.spec.search_axis}
 
 
 # ---- from arguments to typed data ------------------------------------------------------------------------
@@ -150,46 +156,53 @@ def read_plan_file(path: str) -> dict[str, Any]:
     return data
 
 
-def plan_from_args(args: argparse.Namespace, model) -> Plan:
-    """The one plan the flags (or --plan FILE) name; derived knobs (micro-batches, the NVMe buffer) filled in."""
+def _micro_batches(values: dict[str, Any], model) -> int:
+    """As many micro-batches as stages, when the batch allows."""
+    pp, per_replica = values["pp"], max(values["batch_size"] // max(values["dp"], 1), 1)
+    return max(d for d in range(1, min(pp, per_replica) + 1) if per_replica % d == 0) if pp > 1 else 1
+
+
+def _nvme_buffer_elems(values: dict[str, Any], model) -> int:
+    """A buffer that fits the largest tensor partition, as the search sizes it."""
     from hpi.planner.search import nvme_buffer_elems_for
 
+    return nvme_buffer_elems_for(model, max(values["tp"], 1), max(values["dp"], 1))
+
+
+# How plan_from_args fills in each knob whose flag was not given (``Knob.flag_derived``).
+DERIVED_KNOBS = {"micro_batches": _micro_batches, "nvme_buffer_elems": _nvme_buffer_elems}
+
+
+def plan_from_args(args: argparse.Namespace, model, plan_type: type = Plan) -> Plan:
+    """The one plan the flags (or --plan FILE) name: a knob whose flag was not given at its default, or derived
+    (``Knob.flag_derived``: micro-batches, the NVMe buffer) from the others."""
     if args.plan_file:
-        return Plan.from_dict(read_plan_file(args.plan_file))
-    per_replica = max(args.batch // max(args.dp, 1), 1)
-    micro = args.micro_batches
-    if micro is None:  # as many micro-batches as stages, when the batch allows
-        micro = max(d for d in range(1, min(args.pp, per_replica) + 1) if per_replica % d == 0) if args.pp > 1 else 1
-    nvme_buffer = args.nvme_buffer_size
-    if nvme_buffer is None:
-        nvme_buffer = nvme_buffer_elems_for(model, max(args.tp, 1), max(args.dp, 1))
-    return Plan(
-        offload=args.offload,
-        tp=args.tp,
-        pp=args.pp,
-        dp=args.dp,
-        weight_bits=args.quant_bits,
-        pin_memory=True if args.pin_memory is None else args.pin_memory,
-        kv_offload=bool(args.kv_offload),
-        batch_size=args.batch,
-        micro_batches=micro,
-        prefetch_bucket_elems=args.prefetch_bucket,
-        max_live_elems=args.max_live,
-        persistence_threshold_elems=args.persistence_threshold,
-        nvme_buffer_count=args.nvme_buffer_count,
-        nvme_buffer_elems=nvme_buffer,
-    )
+        return plan_type.from_dict(read_plan_file(args.plan_file))
+    given = {k.name: getattr(args, k.dest) if k.spec.flag else None for k in knob_fields(plan_type)}
+    values = {k.name: k.default if v is None else v for k, v in zip(knob_fields(plan_type), given.values())}
+    for k in knob_fields(plan_type):
+        if given[k.name] is None and k.spec.flag_derived:
+            values[k.name] = DERIVED_KNOBS[k.name](values, model)
+    return plan_type(**values)
+
+
+def _named(plan: Plan, k: KnobField) -> bool:
+    """Whether plan_flags names knob ``k`` of ``plan`` (``Knob.named``)."""
+    named = k.spec.named
+    return named == "always" or (named == "changed" and getattr(plan, k.name) != k.default) or (
+        named == "applies" and plan.applies(k.name))
 
 
 def plan_flags(plan: Plan) -> str:
-    """The flags that name ``plan`` on an hpi command line (the inverse of ``plan_from_args``)."""
-    flags = [f"--offload {plan.offload}", f"--tp {plan.tp}", f"--pp {plan.pp}", f"--dp {plan.dp}",
-             f"--quant-bits {plan.weight_bits}", f"--batch {plan.batch_size}",
-             "--pin-memory" if plan.pin_memory else "--no-pin-memory"]
-    if plan.kv_offload:
-        flags.append("--kv-offload")
-    if plan.pp > 1:
-        flags.append(f"--micro-batches {plan.micro_batches}")
-    if plan.prefetch_bucket_elems != DEEPSPEED_DEFAULT_PREFETCH_ELEMS:
-        flags.append(f"--prefetch-bucket {plan.prefetch_bucket_elems}")
+    """The flags that name ``plan`` on an hpi command line (the inverse of ``plan_from_args``), in the knobs'
+    display order."""
+    flags = []
+    for k in display_order(type(plan)):
+        if k.spec.flag is None or not _named(plan, k):
+            continue
+        value = getattr(plan, k.name)
+        if k.spec.vector == "switch":
+            flags.append(k.spec.flag if value else _switch_off(k.spec.flag))
+        else:
+            flags.append(f"{k.spec.flag} {value}")
     return " ".join(flags)

@@ -61,12 +61,12 @@ def register(sub) -> dict[str, Any]:
     return {"autotune": cmd_autotune}
 
 
-def _config(args: argparse.Namespace):
-    from hpi.autotune.tuner import TuneConfig
+def _settings(args: argparse.Namespace):
+    from hpi.autotune.tuner import TuneSettings
     from hpi.planner.specs.workload import Workload
 
     restrict = search_restrictions(args)
-    return TuneConfig(
+    return TuneSettings(
         model=args.model, hardware=args.hardware, workload=Workload(args.prompt_len, args.gen_len, decode_graphs=args.decode_graphs),
         objective=args.objective, n_trials=args.trials, timeout_s=args.timeout, study=args.study,
         storage=args.storage, studies_dir=args.studies_dir, simulate=args.simulate, seed=args.seed,
@@ -171,7 +171,7 @@ def _print_summary(doc: dict[str, Any]) -> None:
 def cmd_autotune(args: argparse.Namespace) -> int:
     if args.trials < 1:
         raise ValueError(f"--trials {args.trials} < 1: ask for at least one trial")
-    cfg = _config(args)
+    cfg = _settings(args)
     from hpi.autotune.tuner import tune
 
     bar = not args.json or sys.stderr.isatty()  # --json into a pipe: plain lines on stderr, no redraws

@@ -17,7 +17,6 @@ stage's configs select it and transformers' mask builders treat it as sdpa.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from hpi.executor.slots import DenseDecode, RaggedStep, ragged_attention

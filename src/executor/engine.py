@@ -18,7 +18,6 @@ a CUDA graph over all slots of its group, [slots, 1], inactive rows masked.
 
 from __future__ import annotations
 
-import time
 import pickle
 from dataclasses import dataclass, field
 from typing import Any

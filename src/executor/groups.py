@@ -1,6 +1,6 @@
 """torch.distributed process groups from the planner's rank order, and the ``mpu`` DeepSpeed reads.
 
-The order is declared once, in ``hpi.planner.layout`` (tp innermost, then dp, then pp); here every rank
+The order is declared once, in ``hpi.planner.ranks`` (tp innermost, then dp, then pp); here every rank
 creates every group of every kind in the same order (``new_group`` is collective over the world) and
 keeps the ones it belongs to. Pipeline neighbours are the ranks with the same (tp, dp) coordinates in
 the previous / next stage.
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from hpi.planner.layout import groups, rank_coords, rank_of
+from hpi.planner.ranks import groups, rank_coords, rank_of
 
 
 @dataclass(frozen=True)

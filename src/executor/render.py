@@ -215,7 +215,7 @@ def node_ranks(placement: Placement) -> dict[int, list[tuple[int, int]]]:
     """``{node: [(rank, gpu index), ...]}`` in rank order, for the nodes the placement uses.
 
     Static rendezvous numbers ranks node by node (node k's ranks follow those of nodes 0..k-1), so the
-    placement must give each node one contiguous block of ranks, as ``hpi.planner.layout.rank_gpus`` does.
+    placement must give each node one contiguous block of ranks, as ``hpi.planner.ranks.rank_gpus`` does.
     """
     nodes: dict[int, list[tuple[int, int]]] = {}
     last = -1
@@ -235,7 +235,7 @@ def _check_plan(plan: Plan, placement: Placement) -> None:
     if (plan.tp, plan.pp, plan.dp) != (placement.tp, placement.pp, placement.dp):
         raise ValueError(
             f"plan tp({plan.tp}) pp({plan.pp}) dp({plan.dp}) != placement tp({placement.tp}) pp({placement.pp}) "
-            f"dp({placement.dp}): place this plan (hpi.planner.layout.place)"
+            f"dp({placement.dp}): place this plan (hpi.planner.ranks.place)"
         )
 
 

@@ -66,8 +66,8 @@ def memory_headroom(est: Estimate) -> list[tuple[str, float, float]]:
     """(what, used bytes, capacity bytes) for each memory the plan uses, tightest first."""
     hw = est.hardware
     rows = [
-        ("GPU memory", est.gpu_peak_bytes, hw.gpu.memory_bytes * hw.efficiency.gpu_memory_usable),
-        ("CPU memory", est.cpu_bytes, hw.host.dram_bytes * hw.efficiency.dram_usable),
+        ("GPU memory", est.gpu_peak_bytes, hw.usable_gpu_bytes),
+        ("CPU memory", est.cpu_bytes, hw.usable_dram_bytes),
     ]
     if est.pinned_bytes:
         rows.append(("pinned memory", est.pinned_bytes, hw.host.pinnable_bytes))
@@ -97,7 +97,7 @@ def knob_variants(plan: Plan, model: ModelSpec) -> list[tuple[str, Plan]]:
         v.append((f"pp {pp}", {"pp": pp, "micro_batches": 1}))
     if plan.pp > 1:
         v.append((f"{plan.micro_batches * 2} micro-batches", {"micro_batches": plan.micro_batches * 2}))
-    if plan.is_offloaded or plan.dp > 1:
+    if plan.gathers:
         for bucket in (plan.prefetch_bucket_elems * 4, plan.prefetch_bucket_elems // 4, 0):
             v.append((f"prefetch bucket {bucket:,}", {"prefetch_bucket_elems": bucket}))
     out = []

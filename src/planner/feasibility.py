@@ -1,7 +1,7 @@
 """Hard limits -> named reasons with numbers and a fix. An infeasible plan is never dropped silently.
 
 Two kinds of limit:
-- layout problems (``layout_problems``): the degrees cannot be built at all (tp=3 with 64 heads, more
+- arrangement problems (``arrangement_problems``): the degrees cannot be built at all (tp=3 with 64 heads, more
   ranks than GPUs). The search never generates these; ``hpi predict`` reports them as a usage error.
 - capacity limits (``capacity_masks`` vectorised, ``capacity_reasons`` for one plan): the plan can be
   built but does not fit GPU memory, CPU RAM, pinnable memory or NVMe.
@@ -33,7 +33,8 @@ class Reason:
         return {"kind": self.kind, "message": self.message}
 
 
-def layout_problems(model: ModelSpec, hardware: HardwareProfile | None, tp: int, pp: int, dp: int) -> Iterator[str]:
+def arrangement_problems(model: ModelSpec, hardware: HardwareProfile | None, tp: int, pp: int,
+                         dp: int) -> Iterator[str]:
     """Why (tp, pp, dp) cannot be built for this model on this machine (any machine when None)."""
     if hardware is not None and tp * pp * dp > hardware.n_gpus:
         n_gpus = hardware.n_gpus
@@ -81,7 +82,7 @@ def quantization_problems(model: ModelSpec, tp: int) -> Iterator[str]:
 
 
 def plan_problems(model: ModelSpec, hardware: HardwareProfile | None, plan: Plan) -> list[str]:
-    problems = list(layout_problems(model, hardware, plan.tp, plan.pp, plan.dp))
+    problems = list(arrangement_problems(model, hardware, plan.tp, plan.pp, plan.dp))
     if plan.is_quantized:
         problems += quantization_problems(model, plan.tp)
     return problems
@@ -89,24 +90,23 @@ def plan_problems(model: ModelSpec, hardware: HardwareProfile | None, plan: Plan
 
 def _largest_partition_elems(ev: Evaluation) -> float:
     """The largest tensor one rank swaps to/from NVMe: ZeRO-3 partitions each tensor 1/dp."""
-    t, lay = ev.layout.table, ev.layout
-    return float(per_rank(t, t.largest_tensor, lay.tp).max() / lay.dp)
+    t, arrangement = ev.arrangement.table, ev.arrangement
+    return float(per_rank(t, t.largest_tensor, arrangement.tp).max() / arrangement.dp)
 
 
 def capacity_masks(ev: Evaluation) -> dict[str, np.ndarray]:
     """(N,) boolean per reason kind: True where the plan breaks that limit."""
-    hw, k, mem = ev.layout.hardware, ev.knobs, ev.memory
-    eff = hw.efficiency
+    hw, k, mem = ev.arrangement.hardware, ev.knobs, ev.memory
     nvme_capacity = hw.nvme.capacity_bytes if hw.has_nvme else 0.0
-    context = ev.layout.workload.context_len_tokens
+    context = ev.arrangement.workload.context_len_tokens
     return {
-        "gpu_memory": mem.gpu_peak_bytes > hw.gpu.memory_bytes * eff.gpu_memory_usable,
-        "cpu_memory": mem.cpu_bytes > hw.host.dram_bytes * eff.dram_usable,
+        "gpu_memory": mem.gpu_peak_bytes > hw.usable_gpu_bytes,
+        "cpu_memory": mem.cpu_bytes > hw.usable_dram_bytes,
         "pinned_memory": mem.pinned_bytes > hw.host.pinnable_bytes,
         "nvme_missing": k.offload_nvme & (not hw.has_nvme),
         "nvme_capacity": k.offload_nvme & hw.has_nvme & (mem.nvme_bytes > nvme_capacity),
         "nvme_buffer": k.offload_nvme & (k.nvme_buffer_elems < _largest_partition_elems(ev)),
-        "context_length": np.full(k.n, context > ev.layout.model.max_position_embeddings),
+        "context_length": np.full(k.n, context > ev.arrangement.model.max_position_embeddings),
     }
 
 
@@ -128,12 +128,12 @@ _GPU_FIXES = {
 
 
 def _gpu_reason(ev: Evaluation, i: int) -> Reason:
-    hw, mem, k = ev.layout.hardware, ev.memory, ev.knobs
+    hw, mem, k = ev.arrangement.hardware, ev.memory, ev.knobs
     parts = {name: float(v[i]) for name, v in mem.gpu_parts.items()}
     top = max(parts, key=parts.get)
     stage = int(mem.fullest_stage[i])
-    gpu_name = ev.layout.placement.rank_gpus[stage * ev.layout.tp * ev.layout.dp]
-    usable = hw.gpu.memory_bytes * hw.efficiency.gpu_memory_usable
+    gpu_name = ev.arrangement.placement.rank_gpus[stage * ev.arrangement.tp * ev.arrangement.dp]
+    usable = hw.usable_gpu_bytes
     return Reason(
         "gpu_memory",
         f"GPU memory {mem.gpu_peak_bytes[i] / GB:.1f} GB > {usable / GB:.1f} GB usable on {gpu_name} "
@@ -143,7 +143,7 @@ def _gpu_reason(ev: Evaluation, i: int) -> Reason:
 
 def capacity_reasons(ev: Evaluation, i: int) -> list[Reason]:
     """The named reasons plan ``i`` of the evaluation breaks, with numbers and a fix."""
-    hw, mem, k = ev.layout.hardware, ev.memory, ev.knobs
+    hw, mem, k = ev.arrangement.hardware, ev.memory, ev.knobs
     masks = capacity_masks(ev)
     out: list[Reason] = []
     if masks["gpu_memory"][i]:
@@ -153,7 +153,7 @@ def capacity_reasons(ev: Evaluation, i: int) -> list[Reason]:
         top = max(parts, key=parts.get)
         out.append(Reason(
             "cpu_memory",
-            f"CPU memory {mem.cpu_bytes[i] / GB:.1f} GB > {hw.host.dram_bytes * hw.efficiency.dram_usable / GB:.1f} GB "
+            f"CPU memory {mem.cpu_bytes[i] / GB:.1f} GB > {hw.usable_dram_bytes / GB:.1f} GB "
             f"usable per node ({top.replace('_', ' ')} {parts[top] / GB:.1f} GB): offload to NVMe "
             "(--offload nvme), quantize (--quant-bits 4) or spread over more nodes",
         ))
@@ -179,7 +179,7 @@ def capacity_reasons(ev: Evaluation, i: int) -> list[Reason]:
             "DeepSpeed refuses it; raise the NVMe buffer size",
         ))
     if masks["context_length"][i]:
-        wl, model = ev.layout.workload, ev.layout.model
+        wl, model = ev.arrangement.workload, ev.arrangement.model
         out.append(Reason(
             "context_length",
             f"prompt({wl.prompt_len_tokens}) + gen({wl.gen_len_tokens}) = {wl.context_len_tokens} > "

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from hpi.planner.cost.estimate import Evaluation, evaluate
-from hpi.planner.cost.inputs import Knobs, Layout, make_layout
+from hpi.planner.cost.inputs import Arrangement, Knobs, make_arrangement
 from hpi.planner.feasibility import Reason, capacity_reasons, plan_problems
-from hpi.planner.layout import place
+from hpi.planner.ranks import place
 from hpi.planner.specs.hardware import HardwareProfile
 from hpi.planner.specs.model import ModelSpec
 from hpi.planner.specs.plan import Plan
@@ -123,14 +123,14 @@ def _floats(parts: dict, i: int) -> dict[str, float]:
 
 def estimate_from_evaluation(ev: Evaluation, i: int, plan: Plan) -> Estimate:
     """Read plan ``i`` of a vectorised evaluation into an Estimate."""
-    lay, mem = ev.layout, ev.memory
+    arrangement, mem = ev.arrangement, ev.memory
     reasons = tuple(capacity_reasons(ev, i))
     return Estimate(
-        model=lay.model,
-        hardware=lay.hardware,
-        workload=lay.workload,
+        model=arrangement.model,
+        hardware=arrangement.hardware,
+        workload=arrangement.workload,
         plan=plan,
-        placement=lay.placement,
+        placement=arrangement.placement,
         feasible=not reasons,
         reasons=reasons,
         prefill_s=float(ev.prefill_s[i]),
@@ -156,14 +156,15 @@ def estimate_from_evaluation(ev: Evaluation, i: int, plan: Plan) -> Estimate:
     )
 
 
-def layout_for(model: ModelSpec, hardware: HardwareProfile, workload: Workload, tp: int, pp: int, dp: int) -> Layout:
+def arrangement_for(model: ModelSpec, hardware: HardwareProfile, workload: Workload, tp: int, pp: int,
+                    dp: int) -> Arrangement:
     """Place (tp, pp, dp) on the hardware; the caller has checked that it can be built."""
     placement = place(Plan(tp=tp, pp=pp, dp=dp, batch_size=dp), build_topology(hardware))
-    return make_layout(model, hardware, workload, placement)
+    return make_arrangement(model, hardware, workload, placement)
 
 
 def predict_many(model: ModelSpec, hardware: HardwareProfile, workload: Workload, plans: list[Plan]) -> list[Estimate]:
-    """Estimates for plans of any layouts, grouped by layout so each group is one vectorised evaluation."""
+    """Estimates for plans of any arrangements, grouped by arrangement so each group is one vectorised evaluation."""
     out: dict[int, Estimate] = {}
     groups: dict[tuple[int, int, int], list[int]] = {}
     for i, plan in enumerate(plans):
@@ -172,8 +173,8 @@ def predict_many(model: ModelSpec, hardware: HardwareProfile, workload: Workload
             raise PlanError(problems[0])
         groups.setdefault((plan.tp, plan.pp, plan.dp), []).append(i)
     for (tp, pp, dp), idx in groups.items():
-        layout = layout_for(model, hardware, workload, tp, pp, dp)
-        ev = evaluate(layout, Knobs.from_plans([plans[i] for i in idx]))
+        arrangement = arrangement_for(model, hardware, workload, tp, pp, dp)
+        ev = evaluate(arrangement, Knobs.from_plans([plans[i] for i in idx]))
         for j, i in enumerate(idx):
             out[i] = estimate_from_evaluation(ev, j, plans[i])
     return [out[i] for i in range(len(plans))]

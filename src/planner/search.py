@@ -1,9 +1,10 @@
-"""Enumerate the plan space, evaluate it in vectorised layout groups, rank it, find the Pareto front.
+"""Enumerate the plan space, evaluate it in vectorised arrangement groups, rank it, find the Pareto front.
 
-Pruning before evaluation: only layouts that can be built (``feasibility.layout_problems``), degrees that
-are powers of two or divide the GPU count, knobs that matter (pinning only where something is copied from
-host memory, prefetch buckets only where ZeRO-3 gathers). Everything else is evaluated, and an infeasible
-plan is kept with its reasons: ``SearchResult.infeasible_counts`` says how many broke which limit.
+Pruning before evaluation: only arrangements (tp, pp, dp) that can be built
+(``feasibility.arrangement_problems``), degrees that are powers of two or divide the GPU count, knobs that
+matter (pinning only where something is copied from host memory, prefetch buckets only where ZeRO-3
+gathers). Everything else is evaluated, and an infeasible plan is kept with its reasons:
+``SearchResult.infeasible_counts`` says how many broke which limit.
 
 Objectives:
 - latency: lowest decode step at the workload's batch (default 1), then lowest TTFT
@@ -21,20 +22,25 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hpi.planner.cost.estimate import Evaluation, evaluate
-from hpi.planner.cost.inputs import Knobs, Layout, make_layout
+from hpi.planner.cost.inputs import Arrangement, Knobs, make_arrangement
 from hpi.planner.cost.shape import module_table, per_rank
-from hpi.planner.feasibility import capacity_masks, layout_problems, quantization_problems
-from hpi.planner.layout import place
+from hpi.planner.feasibility import arrangement_problems, capacity_masks, quantization_problems
 from hpi.planner.predict import Estimate, estimate_from_evaluation
+from hpi.planner.ranks import place
 from hpi.planner.specs.hardware import HardwareProfile
 from hpi.planner.specs.model import ModelSpec
-from hpi.planner.specs.plan import DEEPSPEED_DEFAULT_PREFETCH_ELEMS, Plan
+from hpi.planner.specs.plan import (
+    DEEPSPEED_DEFAULT_PREFETCH_ELEMS, Plan, copies_from_host, ds_examples_knobs, gathers_weights,
+)  # fmt: skip
 from hpi.planner.specs.workload import Workload
 from hpi.planner.topology import build_topology
 
 OBJECTIVES = ("latency", "throughput", "balanced")
 DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 NVME_BUFFER_DEFAULT_ELEMS = 100_000_000
+# A configuration is a plan up to these: each configuration is ranked at its best batch, micro-batch count
+# and prefetch bucket.
+RANKED_WITHIN_CONFIGURATION = ("batch_size", "micro_batches", "prefetch_bucket_elems")
 
 
 @dataclass(frozen=True)
@@ -64,7 +70,8 @@ def _degrees(limit: int) -> list[int]:
     return sorted(d for d in powers | divisors if d <= limit)
 
 
-def candidate_layouts(model: ModelSpec, hardware: HardwareProfile, space: SearchSpace) -> list[tuple[int, int, int]]:
+def candidate_arrangements(model: ModelSpec, hardware: HardwareProfile,
+                           space: SearchSpace) -> list[tuple[int, int, int]]:
     n = hardware.n_gpus
     tps = space.tp or _degrees(n)
     pps = space.pp or [d for d in _degrees(n) if d <= model.n_layers]
@@ -72,54 +79,42 @@ def candidate_layouts(model: ModelSpec, hardware: HardwareProfile, space: Search
     return [
         (tp, pp, dp)
         for tp, pp, dp in itertools.product(tps, pps, dps)
-        if not any(True for _ in layout_problems(model, hardware, tp, pp, dp))
+        if not any(True for _ in arrangement_problems(model, hardware, tp, pp, dp))
     ]
 
 
 def prefetch_buckets(model: ModelSpec) -> tuple[int, ...]:
     """DeepSpeed's default (5e7) and DeepSpeedExamples' ZeRO-Inference choice (2 * hidden^2)."""
-    return tuple(sorted({DEEPSPEED_DEFAULT_PREFETCH_ELEMS, 2 * model.hidden_size**2}))
+    ds_examples = ds_examples_knobs(model.hidden_size)["prefetch_bucket_elems"]
+    return tuple(sorted({DEEPSPEED_DEFAULT_PREFETCH_ELEMS, ds_examples}))
 
 
-def _grid(layout: Layout, space: SearchSpace, has_nvme: bool, nvme_buffer_elems: int) -> Knobs:
-    """Every knob combination worth evaluating for one layout, as arrays."""
-    dp, pp = layout.dp, layout.pp
-    offloads = [o for o in space.offloads if o != "nvme" or has_nvme]
-    quantizable = not any(True for _ in quantization_problems(layout.model, layout.tp))
-    bits_options = [b for b in space.weight_bits if b == 16 or quantizable]
-    micro = sorted({1, pp, pp * space.max_micro_batch_factor}) if pp > 1 else [1]
-    gathering_buckets = prefetch_buckets(layout.model)
-    rows = []
-    for offload, bits, kv, pin, batch, mb in itertools.product(
-        offloads, bits_options, space.kv_offload, space.pin_memory, space.batch_sizes, micro
-    ):
-        copies_from_host = offload == "cpu" or kv
-        if not pin and not copies_from_host:
-            continue  # pinning changes nothing here
-        if batch % dp or (batch // dp) % mb:
-            continue
-        gathers = offload != "none" or dp > 1
-        buckets = gathering_buckets if gathers else (DEEPSPEED_DEFAULT_PREFETCH_ELEMS,)
-        for bucket in buckets:
-            rows.append((offload == "cpu", offload == "nvme", bits, pin, kv, batch, mb, bucket))
-    if not rows:
-        return Knobs.from_plans([])
-    a = np.array(rows, dtype=np.float64)
-    n = len(rows)
-    return Knobs(
-        offload_cpu=a[:, 0].astype(bool),
-        offload_nvme=a[:, 1].astype(bool),
-        weight_bits=a[:, 2],
-        pin_memory=a[:, 3].astype(bool),
-        kv_offload=a[:, 4].astype(bool),
-        batch_size=a[:, 5],
-        micro_batches=a[:, 6],
-        prefetch_bucket_elems=a[:, 7],
-        max_live_elems=np.full(n, float(Plan.max_live_elems)),
-        persistence_threshold_elems=np.full(n, float(Plan.persistence_threshold_elems)),
-        nvme_buffer_count=np.full(n, float(Plan.nvme_buffer_count)),
-        nvme_buffer_elems=np.full(n, float(nvme_buffer_elems)),
-    )
+def _default_where_idle(column: np.ndarray, default: float, applies: np.ndarray) -> np.ndarray:
+    """Rows that leave a knob at its default where it changes nothing (``Knob.applies``)."""
+    return applies | (column == default)
+
+
+def _grid(arrangement: Arrangement, space: SearchSpace, has_nvme: bool, nvme_buffer_elems: int,
+          plan_type: type = Plan) -> Knobs:
+    """Every knob combination worth evaluating for one arrangement, as arrays: the product of the space's
+    axes, less the rows that split the batch unevenly or vary a knob where it changes nothing (pinning where
+    nothing is copied from host memory, the prefetch bucket where ZeRO-3 gathers nothing)."""
+    dp, pp = arrangement.dp, arrangement.pp
+    quantizable = not any(True for _ in quantization_problems(arrangement.model, arrangement.tp))
+    k = Knobs.product({
+        "offload": [o for o in space.offloads if o != "nvme" or has_nvme],
+        "weight_bits": [b for b in space.weight_bits if b == 16 or quantizable],
+        "kv_offload": space.kv_offload,
+        "pin_memory": space.pin_memory,
+        "batch_size": space.batch_sizes,
+        "micro_batches": sorted({1, pp, pp * space.max_micro_batch_factor}) if pp > 1 else [1],
+        "prefetch_bucket_elems": prefetch_buckets(arrangement.model),
+    }, fixed={"nvme_buffer_elems": nvme_buffer_elems}, plan_type=plan_type)
+    even = (k.batch_size % dp == 0) & ((k.batch_size // dp) % k.micro_batches == 0)
+    pins = _default_where_idle(k.pin_memory, plan_type.pin_memory, copies_from_host(k.offload_cpu, k.kv_offload))
+    buckets = _default_where_idle(k.prefetch_bucket_elems, plan_type.prefetch_bucket_elems,
+                                  gathers_weights(k.offloaded, dp))
+    return k.take(np.flatnonzero(even & pins & buckets))
 
 
 def nvme_buffer_elems_for(model: ModelSpec, tp: int, dp: int) -> int:
@@ -130,23 +125,21 @@ def nvme_buffer_elems_for(model: ModelSpec, tp: int, dp: int) -> int:
 
 
 def plan_at(ev: Evaluation, i: int) -> Plan:
-    k, lay = ev.knobs, ev.layout
-    return Plan(
-        offload="cpu" if k.offload_cpu[i] else "nvme" if k.offload_nvme[i] else "none",
-        tp=lay.tp,
-        pp=lay.pp,
-        dp=lay.dp,
-        weight_bits=int(k.weight_bits[i]),
-        pin_memory=bool(k.pin_memory[i]),
-        kv_offload=bool(k.kv_offload[i]),
-        batch_size=int(k.batch_size[i]),
-        micro_batches=int(k.micro_batches[i]),
-        prefetch_bucket_elems=int(k.prefetch_bucket_elems[i]),
-        max_live_elems=int(k.max_live_elems[i]),
-        persistence_threshold_elems=int(k.persistence_threshold_elems[i]),
-        nvme_buffer_count=int(k.nvme_buffer_count[i]),
-        nvme_buffer_elems=int(k.nvme_buffer_elems[i]),
-    )
+    return ev.knobs.plan(i, ev.arrangement.degrees)
+
+
+def configurations(knobs: Knobs) -> np.ndarray:
+    """(N,) an id per configuration: plans alike but for the knobs each configuration is ranked at its best of
+    (``RANKED_WITHIN_CONFIGURATION``)."""
+    ids, radix = np.zeros(knobs.n, dtype=np.int64), 1
+    for name, column in knobs.columns.items():
+        if name in RANKED_WITHIN_CONFIGURATION or not len(column) or (column == column[0]).all():
+            continue
+        values, codes = np.unique(column, return_inverse=True)
+        if radix * len(values) > 2**40:  # renumber before the mixed-radix id could overflow
+            ids, radix = np.unique(ids, return_inverse=True)[1].reshape(-1), knobs.n
+        ids, radix = ids * len(values) + codes.reshape(-1), radix * len(values)
+    return np.unique(ids, return_inverse=True)[1].reshape(-1)
 
 
 @dataclass
@@ -232,10 +225,10 @@ class SearchResult:
     def _overshoot(self, flat: int) -> float:
         ev = self.evaluations[self.group[flat]]
         i = int(self.index[flat])
-        hw = ev.layout.hardware
+        hw = ev.arrangement.hardware
         ratios = [
-            ev.memory.gpu_peak_bytes[i] / (hw.gpu.memory_bytes * hw.efficiency.gpu_memory_usable),
-            ev.memory.cpu_bytes[i] / (hw.host.dram_bytes * hw.efficiency.dram_usable),
+            ev.memory.gpu_peak_bytes[i] / hw.usable_gpu_bytes,
+            ev.memory.cpu_bytes[i] / hw.usable_dram_bytes,
             ev.memory.pinned_bytes[i] / max(hw.host.pinnable_bytes, 1.0),
         ]
         return float(max(ratios))
@@ -254,21 +247,18 @@ def search(
     config_offset = 0
     cols: dict[str, list[np.ndarray]] = {k: [] for k in ("group", "index", "dec", "ttft", "thr", "batch", "ok", "cfg")}
     infeasible: dict[str, int] = {}
-    for tp, pp, dp in candidate_layouts(model, hardware, space):
+    for tp, pp, dp in candidate_arrangements(model, hardware, space):
         placement = place(Plan(tp=tp, pp=pp, dp=dp, batch_size=dp), topology)
-        layout = make_layout(model, hardware, workload, placement)
-        knobs = _grid(layout, space, hardware.has_nvme, nvme_buffer_elems_for(model, tp, dp))
+        arrangement = make_arrangement(model, hardware, workload, placement)
+        knobs = _grid(arrangement, space, hardware.has_nvme, nvme_buffer_elems_for(model, tp, dp))
         if knobs.n == 0:
             continue
-        ev = evaluate(layout, knobs)
+        ev = evaluate(arrangement, knobs)
         masks = capacity_masks(ev)
         ok = ~np.logical_or.reduce(list(masks.values()))
         for kind, mask in masks.items():
             infeasible[kind] = infeasible.get(kind, 0) + int(mask.sum())
-        config_key = (
-            knobs.offload_cpu * 1 + knobs.offload_nvme * 2
-        ) * 1000 + knobs.weight_bits * 10 + knobs.pin_memory * 2 + knobs.kv_offload
-        _, config_local = np.unique(config_key, return_inverse=True)
+        config_local = configurations(knobs)
         cols["group"].append(np.full(knobs.n, len(evaluations)))
         cols["index"].append(np.arange(knobs.n))
         cols["dec"].append(ev.decode_step_s)

@@ -61,7 +61,7 @@ class Topology:
         self._island = islands
         self._index = {gpu: i for i, gpu in enumerate(self.gpus)}
         self._memo: dict[Hashable, object] = {}
-        self.place_cache: dict[Hashable, object] = {}  # hpi.planner.layout.place results, keyed (tp, dp, pp, name)
+        self.place_cache: dict[Hashable, object] = {}  # hpi.planner.ranks.place results, keyed (tp, dp, pp, name)
 
     def __repr__(self) -> str:
         return f"Topology({self.name!r}: {len(self.gpus)} GPUs, {self.graph.number_of_nodes()} components)"

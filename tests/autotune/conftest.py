@@ -11,7 +11,7 @@ pytest.importorskip("optuna")
 
 from hpi.autotune.runners import RunFailed  # noqa: E402
 from hpi.autotune.simulate import HiddenMachine, SimulatedOutOfMemory, SimulatedRunner  # noqa: E402
-from hpi.autotune.tuner import TuneConfig  # noqa: E402
+from hpi.autotune.tuner import TuneSettings  # noqa: E402
 from hpi.planner.catalog import load_model  # noqa: E402
 from hpi.planner.profiles import load_profile  # noqa: E402
 
@@ -20,7 +20,7 @@ from hpi.planner.profiles import load_profile  # noqa: E402
 class FakeRunner:
     """The hidden machine's answers, except where ``behave(call_index, plan)`` raises first; counts calls."""
 
-    cfg: TuneConfig
+    cfg: TuneSettings
     behave: Callable[[int, Any], None] | None = None
     calls: list = field(default_factory=list)
 
@@ -40,10 +40,10 @@ class FakeRunner:
 
 @pytest.fixture
 def config(tmp_path):
-    def make(**overrides) -> TuneConfig:
+    def make(**overrides) -> TuneSettings:
         base = {"model": "llama-3-70b", "hardware": "h100-sxm-1gpu", "simulate": True, "n_trials": 3,
                 "studies_dir": str(tmp_path / "studies"), "report": False}
-        return TuneConfig(**{**base, **overrides})
+        return TuneSettings(**{**base, **overrides})
 
     return make
 

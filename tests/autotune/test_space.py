@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 
 import numpy as np
 import pytest
 from optuna.trial import FixedTrial
 
-from hpi.autotune.space import Config, Space, derive_space, grid, params_of, plan_key, suggest_plan
+from hpi.autotune.space import DiscretePlan, Space, derive_space, grid, params_of, run_key, suggest_plan
 from hpi.planner.catalog import load_model
 from hpi.planner.profiles import load_profile
 from hpi.planner.specs.plan import Plan
@@ -49,6 +50,44 @@ def test_every_lattice_plan_round_trips_through_trial_parameters(target):
     for g, r in rows:
         plan = lattice.plan(g, int(r))
         params = params_of(plan, space)
-        assert plan_key(suggest_plan(FixedTrial(params), space)) == plan_key(plan), params
+        assert run_key(suggest_plan(FixedTrial(params), space)) == run_key(plan), params
     with pytest.raises(ValueError, match="not in this study's space"):
-        params_of(Plan(offload="none", tp=8), replace(space, configs=(Config("cpu", 1, 1, 1, 4),)))
+        params_of(Plan(offload="none", tp=8), replace(space, configs=(DiscretePlan("cpu", 1, 1, 1, 4),)))
+
+
+def test_a_discrete_plan_is_the_plans_build_knobs():
+    from dataclasses import fields
+
+    from hpi.planner.specs.knob import knob_fields
+
+    assert [f.name for f in fields(DiscretePlan)] == [k.name for k in knob_fields(Plan) if k.spec.group == "build"]
+    plan = Plan(offload="nvme", tp=2, pp=2, dp=2, weight_bits=8, batch_size=4, micro_batches=2)
+    assert DiscretePlan.of(plan) == DiscretePlan("nvme", 2, 2, 2, 8) and DiscretePlan.of(plan).gathers
+    assert DiscretePlan("none", 1, 1, 2, 16).gathers and not DiscretePlan("none", 4, 1, 1, 4).gathers
+
+
+def _former_key(plan: Plan) -> tuple:
+    """The key autotune grouped plans by before Plan.canonical: every knob that applies, by hand."""
+    config = DiscretePlan.of(plan)
+    key = [config, plan.batch_size, plan.kv_offload, plan.micro_batches]
+    key.append(plan.pin_memory if plan.copies_from_host_memory else None)
+    if config.gathers:
+        key += [plan.prefetch_bucket_elems, plan.max_live_elems, plan.persistence_threshold_elems]
+    if config.offload == "nvme":
+        key += [plan.nvme_buffer_count, plan.nvme_buffer_elems]
+    return tuple(key)
+
+
+def test_run_key_groups_plans_as_the_hand_written_key_did(target):
+    model, hw, wl = target
+    space = derive_space(model, hw, wl, "throughput", top=6, restrict={"offloads": ("none", "cpu", "nvme")})
+    lattice = grid(space, model)
+    plans = [lattice.plan(g, r) for g, k in enumerate(lattice.knobs) for r in range(0, k.n, 7)]
+    # the same plans with every knob that changes nothing moved off its value
+    idle = [p.with_(pin_memory=not p.pin_memory) if not p.copies_from_host_memory else p for p in plans]
+    idle = [p.with_(prefetch_bucket_elems=1, max_live_elems=2) if not p.gathers else p for p in idle]
+    idle = [p.with_(nvme_buffer_count=3) if p.offload != "nvme" else p for p in idle]
+    both = plans + idle
+    for a, b in itertools.combinations(both[::5], 2):
+        assert (run_key(a) == run_key(b)) == (_former_key(a) == _former_key(b)), (a, b)
+    assert all(run_key(p) == run_key(q) for p, q in zip(plans, idle))

@@ -41,9 +41,9 @@ def test_simulated_study_lands_within_3pct_of_the_true_optimum_in_12_trials(mode
 
 
 def _cfg(model, hardware, seed, **kw):
-    from hpi.autotune.tuner import TuneConfig
+    from hpi.autotune.tuner import TuneSettings
 
-    return TuneConfig(model=model, hardware=hardware, simulate=True, n_trials=12, seed=seed, storage="memory",
+    return TuneSettings(model=model, hardware=hardware, simulate=True, n_trials=12, seed=seed, storage="memory",
                       report=False, **kw)
 
 

@@ -61,3 +61,9 @@ def test_infeasible_entry_is_refused_before_launch_with_its_reasons():
         gm.refuse_infeasible(entry, gm.entry_plan(entry), Workload(512, 32))
     small = gm.Entry("8b-resident", "llama-3-8b", "h100-sxm-1gpu", 1, {})
     gm.refuse_infeasible(small, gm.entry_plan(small), Workload(512, 32))  # fits: no error
+
+
+def test_ds_examples_entries_take_the_one_preset():
+    from hpi.planner.specs.plan import ds_examples_knobs
+
+    assert _gpu_matrix()._ds_examples_knobs("llama-3-8b") == ds_examples_knobs(4096)

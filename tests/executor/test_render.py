@@ -26,7 +26,7 @@ from hpi.executor.render import (
     node_ranks,
 )
 from hpi.planner.catalog import load_model
-from hpi.planner.layout import place
+from hpi.planner.ranks import place
 from hpi.planner.profiles import load_profile
 from hpi.planner.search import nvme_buffer_elems_for
 from hpi.planner.specs.plan import Plan

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("hpi.planner.layout")
+pytest.importorskip("hpi.planner.ranks")
 pytest.importorskip("hpi.planner.topology")
 profiles = pytest.importorskip("hpi.planner.profiles")
 

@@ -14,13 +14,13 @@ import pytest
 
 from hpi.planner.catalog import load_model
 from hpi.planner.cost.estimate import evaluate
-from hpi.planner.cost.inputs import Knobs, make_layout
+from hpi.planner.cost.inputs import Knobs, make_arrangement
 from hpi.planner.feasibility import (
     Reason,
+    arrangement_problems,
     capacity_masks,
     capacity_reasons,
     feasible_mask,
-    layout_problems,
     plan_problems,
 )
 from hpi.planner.specs.hardware import Efficiency, GpuSpec, HardwareProfile, HostSpec, NvmeSpec
@@ -56,7 +56,7 @@ def placement(tp=1, pp=1, dp=1) -> Placement:
 
 def evaluation(plans, hw=None, model=None, workload=None):
     p0 = plans[0]
-    lay = make_layout(
+    lay = make_arrangement(
         model or load_model("llama-3-8b"), hw or machine(), workload or Workload(512, 32), placement(p0.tp, p0.pp, p0.dp)
     )
     return evaluate(lay, Knobs.from_plans(plans))
@@ -218,28 +218,28 @@ def test_every_message_carries_a_number_and_a_fix() -> None:
 def test_valid_layouts_have_no_problems() -> None:
     hw = machine()
     for name, tp in (("llama-3-70b", 8), ("llama-3-8b", 4), ("deepseek-v3", 8), ("mixtral-8x7b", 2)):
-        assert list(layout_problems(load_model(name), hw, tp, 1, 1)) == []
-    assert list(layout_problems(load_model("llama-3-70b"), hw, 2, 2, 2)) == []
+        assert list(arrangement_problems(load_model(name), hw, tp, 1, 1)) == []
+    assert list(arrangement_problems(load_model("llama-3-70b"), hw, 2, 2, 2)) == []
 
 
 def test_tp_must_divide_the_heads() -> None:
-    problems = list(layout_problems(load_model("llama-3-70b"), machine(), 3, 1, 1))
+    problems = list(arrangement_problems(load_model("llama-3-70b"), machine(), 3, 1, 1))
     assert "n_heads(64) % tp(3) != 0 for llama-3-70b: use a tp that divides 64" in problems
     assert any(p.startswith("kv_heads(8) and tp(3) must divide one another") for p in problems)
     assert "ffn width(28672) % tp(3) != 0 for llama-3-70b: use a tp that divides 28672" in problems
 
 
 def test_too_many_ranks_quotes_the_equation() -> None:
-    problems = list(layout_problems(load_model("llama-3-8b"), machine(), 2, 4, 2))
+    problems = list(arrangement_problems(load_model("llama-3-8b"), machine(), 2, 4, 2))
     assert problems == ["tp(2) * pp(4) * dp(2) = 16 > 8 GPUs on test-box: lower tp, pp or dp"]
 
 
 def test_fewer_ranks_than_gpus_is_fine() -> None:
-    assert list(layout_problems(load_model("llama-3-8b"), machine(), 1, 1, 1)) == []
+    assert list(arrangement_problems(load_model("llama-3-8b"), machine(), 1, 1, 1)) == []
 
 
 def test_more_stages_than_layers() -> None:
-    problems = list(layout_problems(load_model("tiny-llama"), machine(), 1, 8, 1))
+    problems = list(arrangement_problems(load_model("tiny-llama"), machine(), 1, 8, 1))
     assert problems == ["pp(8) > n_layers(4) of tiny-llama: each stage needs a layer, lower pp"]
 
 
@@ -249,18 +249,18 @@ def test_kv_heads_and_tp_must_divide_one_another() -> None:
         ffn_hidden_size=8192, vocab_size=1000, max_position_embeddings=4096,
     )  # fmt: skip
     hw = machine(n_gpus=8)
-    assert [p for p in layout_problems(m, hw, 8, 1, 1) if p.startswith("kv_heads(12)")]
-    assert list(layout_problems(m, hw, 4, 1, 1)) == []  # 4 divides 12
+    assert [p for p in arrangement_problems(m, hw, 8, 1, 1) if p.startswith("kv_heads(12)")]
+    assert list(arrangement_problems(m, hw, 4, 1, 1)) == []  # 4 divides 12
     # tp a multiple of the KV heads: each KV head is replicated over whole ranks.
     m2 = ModelSpec(
         name="kv2", family="llama", n_layers=4, hidden_size=1024, n_heads=8, n_kv_heads=2, head_dim=128,
         ffn_hidden_size=4096, vocab_size=1000, max_position_embeddings=4096,
     )  # fmt: skip
-    assert list(layout_problems(m2, hw, 8, 1, 1)) == []
+    assert list(arrangement_problems(m2, hw, 8, 1, 1)) == []
 
 
 def test_mla_latent_is_one_replicated_head() -> None:
-    problems = list(layout_problems(load_model("deepseek-v3"), machine(), 8, 1, 1))
+    problems = list(arrangement_problems(load_model("deepseek-v3"), machine(), 8, 1, 1))
     assert not any("kv_heads" in p for p in problems)
 
 
@@ -270,12 +270,13 @@ def test_moe_expert_width_must_split() -> None:
         ffn_hidden_size=1024, vocab_size=1000, max_position_embeddings=4096, n_experts=4, n_experts_active=2,
         moe_ffn_hidden_size=100,
     )  # fmt: skip
-    assert "ffn width(100) % tp(8) != 0 for odd-moe: use a tp that divides 100" in list(layout_problems(m, machine(), 8, 1, 1))
+    assert "ffn width(100) % tp(8) != 0 for odd-moe: use a tp that divides 100" in list(
+        arrangement_problems(m, machine(), 8, 1, 1))
 
 
 def test_plan_problems_reads_the_plan_degrees() -> None:
     assert plan_problems(load_model("llama-3-70b"), machine(), Plan(tp=3)) == list(
-        layout_problems(load_model("llama-3-70b"), machine(), 3, 1, 1)
+        arrangement_problems(load_model("llama-3-70b"), machine(), 3, 1, 1)
     )
     assert plan_problems(load_model("llama-3-8b"), machine(), Plan(tp=2, pp=2, dp=2, batch_size=2)) == []
 

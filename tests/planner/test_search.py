@@ -11,17 +11,17 @@ import itertools
 import numpy as np
 import pytest
 
-pytest.importorskip("hpi.planner.layout")
+pytest.importorskip("hpi.planner.ranks")
 pytest.importorskip("hpi.planner.topology")
 profiles = pytest.importorskip("hpi.planner.profiles")
 
 from hpi.planner.catalog import load_model  # noqa: E402
-from hpi.planner.feasibility import capacity_masks, layout_problems  # noqa: E402
+from hpi.planner.feasibility import arrangement_problems, capacity_masks  # noqa: E402
 from hpi.planner.search import (  # noqa: E402
     DEFAULT_BATCHES,
     SearchSpace,
     _degrees,
-    candidate_layouts,
+    candidate_arrangements,
     nvme_buffer_elems_for,
     prefetch_buckets,
     search,
@@ -68,15 +68,15 @@ def test_candidate_layouts_prune_exactly_the_unbuildable() -> None:
     hw = profiles.load_profile("dgx-h100")
     model = load_model("tiny-llama")
     assert hw.n_gpus == 8
-    got = candidate_layouts(model, hw, SearchSpace())
+    got = candidate_arrangements(model, hw, SearchSpace())
     assert len(got) == len(set(got))
     for tp, pp, dp in got:
-        assert not list(layout_problems(model, hw, tp, pp, dp))
+        assert not list(arrangement_problems(model, hw, tp, pp, dp))
         assert tp * pp * dp <= 8 and pp <= 4 and tp <= 4
     degrees = _degrees(8)
     for combo in itertools.product(degrees, degrees, degrees):
         if combo not in got and combo[1] <= model.n_layers:
-            assert list(layout_problems(model, hw, *combo)), combo
+            assert list(arrangement_problems(model, hw, *combo)), combo
     assert (8, 1, 1) not in got  # 4 heads cannot split 8 ways
     assert (1, 8, 1) not in got  # 8 stages of 4 layers
     assert (2, 2, 2) in got and (1, 1, 8) in got and (4, 2, 1) in got
@@ -86,7 +86,7 @@ def test_candidate_layouts_respect_a_restricted_space() -> None:
     hw = profiles.load_profile("dgx-h100")
     space = SearchSpace().restrict(tp=2, pp=None, dp=1)
     assert space.tp == (2,) and space.pp is None and space.dp == (1,)
-    got = candidate_layouts(load_model("llama-3-8b"), hw, space)
+    got = candidate_arrangements(load_model("llama-3-8b"), hw, space)
     assert got == [(2, 1, 1), (2, 2, 1), (2, 4, 1)]
 
 
@@ -126,8 +126,19 @@ def test_grid_evaluates_only_knobs_that_matter(llama8b_on_4gpu) -> None:
             assert p.prefetch_bucket_elems == DEEPSPEED_DEFAULT_PREFETCH_ELEMS  # nothing is gathered
         assert p.batch_size in DEFAULT_BATCHES and p.batch_size % p.dp == 0
         assert p.micro_batches in ({1, p.pp, 2 * p.pp} if p.pp > 1 else {1})
-        assert not list(layout_problems(r.model, r.hardware, p.tp, p.pp, p.dp))
+        assert not list(arrangement_problems(r.model, r.hardware, p.tp, p.pp, p.dp))
     assert {p.pp for p in plans} == {1, 2, 4} and {p.tp for p in plans} == {1, 2, 4}
+    assert len({p.canonical() for p in plans}) == len(plans)  # no two plans that run identically
+
+
+def test_configurations_group_plans_up_to_batch_micro_batches_and_bucket(llama8b_on_4gpu) -> None:
+    r = llama8b_on_4gpu
+    for i, j in itertools.combinations(range(0, r.n_plans, 37), 2):
+        a, b = r.plan(i), r.plan(j)
+        ranked_within = ("batch_size", "micro_batches", "prefetch_bucket_elems")
+        alike = {k: v for k, v in a.to_dict().items() if k not in ranked_within} == \
+            {k: v for k, v in b.to_dict().items() if k not in ranked_within}
+        assert (r.config[i] == r.config[j]) == alike, (a.label, b.label)
 
 
 def test_search_space_restriction(a6000) -> None:

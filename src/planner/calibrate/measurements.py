@@ -8,7 +8,6 @@ stored in the record is not used); ``summarize`` gives the absolute percentage e
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -19,9 +18,9 @@ import numpy as np
 
 from hpi.planner.catalog import load_model
 from hpi.planner.cost.estimate import evaluate
-from hpi.planner.cost.inputs import Knobs, Layout
+from hpi.planner.cost.inputs import Arrangement, Knobs
 from hpi.planner.feasibility import plan_problems
-from hpi.planner.predict import layout_for
+from hpi.planner.predict import arrangement_for
 from hpi.planner.specs.hardware import HardwareProfile
 from hpi.planner.specs.model import ModelSpec
 from hpi.planner.specs.plan import Plan
@@ -140,9 +139,9 @@ def _record_model(record: RunRecord, name: str, loader: Callable[[str], ModelSpe
 
 
 def plan_key(m: Measurement) -> str:
-    """Runs of one plan (model, workload and its run conditions, every plan field) share a key: repeats
-    are held out together."""
-    return json.dumps([m.model.name, dataclasses.asdict(m.workload), m.plan.to_dict()], sort_keys=True)
+    """Runs of one plan (model, workload and its run conditions, every plan field) share a key
+    (``Plan.key``): repeats are held out together."""
+    return m.plan.key(m.model.name, m.workload)
 
 
 def as_measurements(records: Sequence[RunRecord | Mapping[str, Any] | Measurement]) -> list[Measurement]:
@@ -174,7 +173,7 @@ class Prediction:
 class _Batch:
     """Records that share a layout (model, workload, tp, pp, dp), evaluated together as one vectorised call."""
 
-    layout: Layout
+    arrangement: Arrangement
     knobs: Knobs
     rows: tuple[int, ...]  # their indices in the measurement list
 
@@ -197,7 +196,7 @@ def build_cases(profile: HardwareProfile, measurements: Sequence[Measurement]) -
         groups.setdefault((m.model, m.workload, m.plan.tp, m.plan.pp, m.plan.dp), []).append(i)
     batches = []
     for (model, workload, tp, pp, dp), rows in groups.items():
-        lay = layout_for(model, profile, workload, tp, pp, dp)
+        lay = arrangement_for(model, profile, workload, tp, pp, dp)
         batches.append(_Batch(lay, Knobs.from_plans([measurements[i].plan for i in rows]), tuple(rows)))
     measured = np.array([[m.measured(k) for k in METRICS] for m in measurements], dtype=float).reshape(-1, len(METRICS))
     return Cases(tuple(measurements), tuple(batches), measured)
@@ -208,7 +207,7 @@ def predict_array(cases: Cases, hardware: HardwareProfile) -> np.ndarray:
     out = np.zeros((len(cases.measurements), len(METRICS)))
     for b in cases.batches:
         # The placement (links, ceilings) does not depend on the efficiencies: swap the profile only.
-        ev = evaluate(dataclasses.replace(b.layout, hardware=hardware), b.knobs)
+        ev = evaluate(dataclasses.replace(b.arrangement, hardware=hardware), b.knobs)
         mem = ev.memory
         rows = list(b.rows)
         out[rows, 0] = ev.decode_step_s

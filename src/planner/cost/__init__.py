@@ -1,6 +1,6 @@
 """The cost model: one module per term; ``estimate`` says how they overlap and add up."""
 
 from hpi.planner.cost.estimate import Evaluation, evaluate
-from hpi.planner.cost.inputs import Knobs, Layout, make_layout
+from hpi.planner.cost.inputs import Arrangement, Knobs, make_arrangement
 
-__all__ = ["Evaluation", "Knobs", "Layout", "evaluate", "make_layout"]
+__all__ = ["Arrangement", "Evaluation", "Knobs", "evaluate", "make_arrangement"]

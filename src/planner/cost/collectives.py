@@ -36,7 +36,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from hpi.planner.cost.inputs import COMPUTE_BYTES, Knobs, Layout
+from hpi.planner.cost.inputs import COMPUTE_BYTES, Arrangement, Knobs
 from hpi.planner.cost.phase import Phase
 from hpi.planner.cost.shape import HEAD
 from hpi.planner.specs.placement import Link
@@ -56,23 +56,24 @@ def allgather_time(n_bytes: np.ndarray, ranks: int, link: Link, alpha_s: float, 
     return alpha_s + hops * link.latency_s + (hops / ranks) * n_bytes / (link.bandwidth_bytes_s * bw_eff)
 
 
-def tp_collective_time(layout: Layout, phase: Phase) -> np.ndarray:
+def tp_collective_time(arrangement: Arrangement, phase: Phase) -> np.ndarray:
     """(N, kinds) seconds of TP collectives in one forward of one module."""
-    eff = layout.hardware.efficiency
-    link = layout.placement.tp_link
-    hidden_bytes = phase.tokens * layout.table.hidden_size * COMPUTE_BYTES
-    per_layer = 2.0 * allreduce_time(hidden_bytes, layout.tp, link, eff.allreduce_latency_s, eff.collective_bandwidth)
-    out = layout.table.is_layer * per_layer[:, None]
-    logits_bytes = phase.sequences * layout.table.vocab_size * COMPUTE_BYTES
-    out[:, HEAD] = allgather_time(logits_bytes, layout.tp, link, eff.allreduce_latency_s, eff.collective_bandwidth)
+    eff = arrangement.hardware.efficiency
+    link = arrangement.placement.tp_link
+    hidden_bytes = phase.tokens * arrangement.table.hidden_size * COMPUTE_BYTES
+    per_layer = 2.0 * allreduce_time(hidden_bytes, arrangement.tp, link, eff.allreduce_latency_s,
+                                     eff.collective_bandwidth)
+    out = arrangement.table.is_layer * per_layer[:, None]
+    logits_bytes = phase.sequences * arrangement.table.vocab_size * COMPUTE_BYTES
+    out[:, HEAD] = allgather_time(logits_bytes, arrangement.tp, link, eff.allreduce_latency_s, eff.collective_bandwidth)
     return out
 
 
-def tp_collective_calls(layout: Layout) -> np.ndarray:
+def tp_collective_calls(arrangement: Arrangement) -> np.ndarray:
     """(kinds,) TP collectives one forward of one module issues: two per layer, one at the head."""
-    if layout.tp <= 1:
-        return np.zeros(len(layout.table.is_layer))
-    calls = 2.0 * layout.table.is_layer
+    if arrangement.tp <= 1:
+        return np.zeros(len(arrangement.table.is_layer))
+    calls = 2.0 * arrangement.table.is_layer
     calls[HEAD] = 1.0
     return calls
 
@@ -97,25 +98,26 @@ def drift_growth(tp: int) -> float:
     return expected_max_normal(tp) / expected_max_normal(2)
 
 
-def tp_drift(layout: Layout) -> np.ndarray:
+def tp_drift(arrangement: Arrangement) -> np.ndarray:
     """(kinds,) how much longer TP makes a module's host chain: waiting for the slowest rank at each of its
     collectives, ``collective_drift_factor`` x ``drift_growth(tp)`` (0 for modules without collectives)."""
-    factor = layout.hardware.efficiency.collective_drift_factor * drift_growth(layout.tp)
-    return np.where(tp_collective_calls(layout) > 0, factor, 0.0)
+    factor = arrangement.hardware.efficiency.collective_drift_factor * drift_growth(arrangement.tp)
+    return np.where(tp_collective_calls(arrangement) > 0, factor, 0.0)
 
 
-def tp_collective_host_time(layout: Layout) -> np.ndarray:
+def tp_collective_host_time(arrangement: Arrangement) -> np.ndarray:
     """(kinds,) host seconds to issue one module's TP collectives."""
-    return tp_collective_calls(layout) * layout.hardware.efficiency.collective_host_overhead_s
+    return tp_collective_calls(arrangement) * arrangement.hardware.efficiency.collective_host_overhead_s
 
 
-def dp_allgather_time(layout: Layout, knobs: Knobs, fetched_bytes: np.ndarray) -> np.ndarray:
+def dp_allgather_time(arrangement: Arrangement, knobs: Knobs, fetched_bytes: np.ndarray) -> np.ndarray:
     """(N, kinds) seconds to all-gather one module's ZeRO-3 partitions over the dp group.
 
     ``fetched_bytes`` are the whole TP shard's bytes (before the 1/dp split) of what the forward gathers.
     """
-    if layout.dp <= 1:
+    if arrangement.dp <= 1:
         return np.zeros_like(fetched_bytes)
-    eff = layout.hardware.efficiency
-    t = allgather_time(fetched_bytes, layout.dp, layout.placement.dp_link, eff.allreduce_latency_s, eff.collective_bandwidth)
+    eff = arrangement.hardware.efficiency
+    t = allgather_time(fetched_bytes, arrangement.dp, arrangement.placement.dp_link, eff.allreduce_latency_s,
+                       eff.collective_bandwidth)
     return np.where(fetched_bytes > 0, t, 0.0)

@@ -33,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 
 from hpi.planner.cost.compute import touched_elems_per_rank
-from hpi.planner.cost.inputs import Knobs, Layout
+from hpi.planner.cost.inputs import Arrangement, Knobs
 from hpi.planner.cost.phase import Phase
 
 # Bytes of one element of the compute dtype.
@@ -70,28 +70,28 @@ def dequant_buffer_bytes(bits: np.ndarray, compute_dtype: str) -> np.ndarray:
     return np.where(bits < 16, out, 0.0)
 
 
-def dequant_elems_per_rank(layout: Layout, knobs: Knobs, phase: Phase) -> np.ndarray:
+def dequant_elems_per_rank(arrangement: Arrangement, knobs: Knobs, phase: Phase) -> np.ndarray:
     """(N, kinds) quantized elements one forward of each module dequantizes on one rank: every matrix it
     touches (an embedding table whole: ``F.embedding`` is wrapped like ``F.linear``)."""
     quantized = knobs.weight_bits[:, None] < 16
-    touched = touched_elems_per_rank(layout, phase.tokens)
-    return np.where(quantized, touched * layout.table.fetch_matrix_fraction, 0.0)
+    touched = touched_elems_per_rank(arrangement, phase.tokens)
+    return np.where(quantized, touched * arrangement.table.fetch_matrix_fraction, 0.0)
 
 
-def dequant_time(layout: Layout, knobs: Knobs, phase: Phase) -> np.ndarray:
+def dequant_time(arrangement: Arrangement, knobs: Knobs, phase: Phase) -> np.ndarray:
     """(N, kinds) device seconds of dequantization in one forward of one module on one rank."""
-    gpu, eff = layout.hardware.gpu, layout.hardware.efficiency
-    per_elem = dequant_bytes_per_elem(knobs.weight_bits, layout.workload.compute_dtype)[:, None]
-    return dequant_elems_per_rank(layout, knobs, phase) * per_elem / (gpu.hbm_bandwidth_bytes_s * eff.dequant_hbm)
+    gpu, eff = arrangement.hardware.gpu, arrangement.hardware.efficiency
+    per_elem = dequant_bytes_per_elem(knobs.weight_bits, arrangement.workload.compute_dtype)[:, None]
+    return dequant_elems_per_rank(arrangement, knobs, phase) * per_elem / (gpu.hbm_bandwidth_bytes_s * eff.dequant_hbm)
 
 
-def quantized_tensor_counts(layout: Layout) -> np.ndarray:
+def quantized_tensor_counts(arrangement: Arrangement) -> np.ndarray:
     """(kinds,) quantized matrices each module holds (routed experts' counted once per expert)."""
-    return layout.table.matrix_counts
+    return arrangement.table.matrix_counts
 
 
-def dequant_host_time(layout: Layout, knobs: Knobs) -> np.ndarray:
+def dequant_host_time(arrangement: Arrangement, knobs: Knobs) -> np.ndarray:
     """(N, kinds) host seconds to launch one module's dequantization kernels."""
-    per_kernel = layout.hardware.efficiency.layer_overhead_s / KERNELS_PER_LAYER
-    kernels = dequant_kernels(knobs.weight_bits, layout.workload.compute_dtype)[:, None]
-    return kernels * quantized_tensor_counts(layout)[None, :] * per_kernel
+    per_kernel = arrangement.hardware.efficiency.layer_overhead_s / KERNELS_PER_LAYER
+    kernels = dequant_kernels(knobs.weight_bits, arrangement.workload.compute_dtype)[:, None]
+    return kernels * quantized_tensor_counts(arrangement)[None, :] * per_kernel

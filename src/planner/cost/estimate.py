@@ -58,7 +58,7 @@ import numpy as np
 from hpi.planner.cost.collectives import dp_allgather_time, tp_collective_host_time, tp_collective_time, tp_drift
 from hpi.planner.cost.compute import roofline_sides
 from hpi.planner.cost.dequant import dequant_host_time, dequant_time
-from hpi.planner.cost.inputs import Knobs, Layout
+from hpi.planner.cost.inputs import Arrangement, Knobs
 from hpi.planner.cost.memory import MemoryResult, memory
 from hpi.planner.cost.overhead import graphed_forwards, layer_device_time, module_overhead_time, step_overhead_time
 from hpi.planner.cost.phase import Phase, decode_phase, prefill_phase
@@ -96,20 +96,20 @@ class PhaseResult:
         return np.divide(self.bubble_s, self.step_s, out=np.zeros_like(self.step_s), where=self.step_s > 0)
 
 
-def prefetch_overlap(layout: Layout, knobs: Knobs) -> np.ndarray:
+def prefetch_overlap(arrangement: Arrangement, knobs: Knobs) -> np.ndarray:
     """(N, kinds) f in the module rule: share of the shorter of busy and fetch that overlaps the longer.
 
     The copy of the next module runs while this one computes whatever the prefetch bucket (see the module
     docstring), so f is the profile's ``prefetch_overlap`` for every plan and module kind."""
-    return np.full((knobs.n, 4), layout.hardware.efficiency.prefetch_overlap)
+    return np.full((knobs.n, 4), arrangement.hardware.efficiency.prefetch_overlap)
 
 
-def host_waits_for_fetch(layout: Layout, knobs: Knobs) -> np.ndarray:
+def host_waits_for_fetch(arrangement: Arrangement, knobs: Knobs) -> np.ndarray:
     """(N,) whether the host synchronizes with each ZeRO-3 fetch (DeepSpeed's stock wait) in these plans."""
-    return fetches_weights(layout, knobs) & (layout.workload.fetch_wait == "host")
+    return fetches_weights(arrangement, knobs) & (arrangement.workload.fetch_wait == "host")
 
 
-def leaf_shares(layout: Layout, knobs: Knobs) -> tuple[np.ndarray, np.ndarray]:
+def leaf_shares(arrangement: Arrangement, knobs: Knobs) -> tuple[np.ndarray, np.ndarray]:
     """(weight shares, host shares), each (N, kinds, J): how a module's work splits over the leaf modules
     the rule is applied to one at a time.
 
@@ -120,15 +120,15 @@ def leaf_shares(layout: Layout, knobs: Knobs) -> tuple[np.ndarray, np.ndarray]:
     then shows its hooks between the copies: the 1x H100 8B decode streamed at 0.84 of pinned while the
     33B, whose every leaf copies longer than its hooks take, streamed at 1.00 (SUMMARY.md). Without
     gathering the host runs ahead freely and the whole module is one leaf."""
-    t = layout.table
-    elems = t.leaf_sharded / layout.tp + t.leaf_replicated  # (kinds, J)
+    t = arrangement.table
+    elems = t.leaf_sharded / arrangement.tp + t.leaf_replicated  # (kinds, J)
     total = elems.sum(axis=1, keepdims=True)
     weights = np.divide(elems, total, out=np.zeros_like(elems), where=total > 0)
     leaves = (elems > 0).sum(axis=1, keepdims=True)
     hosts = np.divide((elems > 0).astype(float), leaves, out=np.zeros_like(elems), where=leaves > 0)
     whole = np.zeros_like(elems)
     whole[:, 0] = 1.0
-    per_leaf = fetches_weights(layout, knobs)[:, None, None]
+    per_leaf = fetches_weights(arrangement, knobs)[:, None, None]
     return np.where(per_leaf, weights, whole), np.where(per_leaf, hosts, whole)
 
 
@@ -163,30 +163,30 @@ def _module_rule(busy, fetch_links, host_base, drift, t_kv, t_dequant, in_series
     return module, parts
 
 
-def phase_result(layout: Layout, knobs: Knobs, phase: Phase, bpw: np.ndarray) -> PhaseResult:
-    t_flops, t_hbm = roofline_sides(layout, knobs, phase)
-    compute = np.maximum(t_flops, t_hbm) + layer_device_time(layout)[None, :]  # kernels' fixed cost in series
-    tp_coll = tp_collective_time(layout, phase)
-    t_dequant = dequant_time(layout, knobs, phase)
-    overhead = module_overhead_time(layout, knobs) + dequant_host_time(layout, knobs)
+def phase_result(arrangement: Arrangement, knobs: Knobs, phase: Phase, bpw: np.ndarray) -> PhaseResult:
+    t_flops, t_hbm = roofline_sides(arrangement, knobs, phase)
+    compute = np.maximum(t_flops, t_hbm) + layer_device_time(arrangement)[None, :]  # kernels' fixed cost in series
+    tp_coll = tp_collective_time(arrangement, phase)
+    t_dequant = dequant_time(arrangement, knobs, phase)
+    overhead = module_overhead_time(arrangement, knobs) + dequant_host_time(arrangement, knobs)
 
-    stream_bytes = weight_stream_bytes(layout, knobs, phase, bpw)
-    kv_bytes = kv_transfer_bytes(layout, knobs, phase)
-    t_h2d_weights, t_nvme = weight_stream_time(layout, knobs, stream_bytes)
-    t_kv = kv_transfer_time(layout, knobs, kv_bytes)
+    stream_bytes = weight_stream_bytes(arrangement, knobs, phase, bpw)
+    kv_bytes = kv_transfer_bytes(arrangement, knobs, phase)
+    t_h2d_weights, t_nvme = weight_stream_time(arrangement, knobs, stream_bytes)
+    t_kv = kv_transfer_time(arrangement, knobs, kv_bytes)
     t_h2d = t_h2d_weights + t_kv  # one link carries both
-    t_gather = dp_allgather_time(layout, knobs, fetched_elems_per_rank(layout, knobs, phase) * bpw)
+    t_gather = dp_allgather_time(arrangement, knobs, fetched_elems_per_rank(arrangement, knobs, phase) * bpw)
 
     busy = compute + tp_coll
-    graphed = graphed_forwards(layout, knobs, phase)[:, None]  # (N, 1): one launch per step, no host per module
-    host_base = np.where(graphed, 0.0, overhead + tp_collective_host_time(layout)[None, :])
-    drift = np.where(graphed, 0.0, tp_drift(layout)[None, :])  # (N, kinds)
+    graphed = graphed_forwards(arrangement, knobs, phase)[:, None]  # (N, 1): one launch per step, no host per module
+    host_base = np.where(graphed, 0.0, overhead + tp_collective_host_time(arrangement)[None, :])
+    drift = np.where(graphed, 0.0, tp_drift(arrangement)[None, :])  # (N, kinds)
     host = host_base * (1.0 + drift)
     fetch_links = np.maximum(t_h2d, t_nvme) + t_gather
-    in_series = host_waits_for_fetch(layout, knobs)[:, None, None]
-    f = prefetch_overlap(layout, knobs)[:, :, None]
+    in_series = host_waits_for_fetch(arrangement, knobs)[:, None, None]
+    f = prefetch_overlap(arrangement, knobs)[:, :, None]
     # The rule per leaf module (leaf_shares), summed back to the module; parts (N, kinds, C).
-    w, hw = leaf_shares(layout, knobs)
+    w, hw = leaf_shares(arrangement, knobs)
 
     def leaf(x: np.ndarray, shares: np.ndarray = w) -> np.ndarray:
         return x[:, :, None] * shares
@@ -196,13 +196,13 @@ def phase_result(layout: Layout, knobs: Knobs, phase: Phase, bpw: np.ndarray) ->
     module, parts = module.sum(axis=2), parts.sum(axis=2)
     parts[..., EXPOSED_PARTS.index("compute_s")] = compute
     parts[..., EXPOSED_PARTS.index("tp_allreduce_s")] += tp_coll
-    counts = layout.stage_counts
+    counts = arrangement.stage_counts
     stage_parts = np.einsum("nkc,pk->npc", parts, counts)
-    step_overhead = step_overhead_time(layout, graphed[:, 0])  # (N,)
+    step_overhead = step_overhead_time(arrangement, graphed[:, 0])  # (N,)
     stage_parts[:, :, EXPOSED_PARTS.index("overhead_s")] += step_overhead[:, None]
     stage_s = stage_parts.sum(axis=-1)
 
-    p2p = p2p_time(layout, phase)
+    p2p = p2p_time(arrangement, phase)
     comp = compose_step(stage_s, p2p, knobs.micro_batches, phase)
     rows = np.arange(knobs.n)
     slowest_parts = stage_parts[rows, comp.slowest_stage]
@@ -211,6 +211,7 @@ def phase_result(layout: Layout, knobs: Knobs, phase: Phase, bpw: np.ndarray) ->
     exposed = {name: total_parts[:, i] for i, name in enumerate(EXPOSED_PARTS)}
 
     slowest_counts = counts[comp.slowest_stage]  # (N, kinds)
+    pp = arrangement.pp
     per_step = knobs.micro_batches  # the slowest stage runs every micro-batch once per step
 
     def on_slowest(per_module: np.ndarray) -> np.ndarray:
@@ -226,7 +227,7 @@ def phase_result(layout: Layout, knobs: Knobs, phase: Phase, bpw: np.ndarray) ->
         "nvme_s": on_slowest(t_nvme),
         "dp_allgather_s": on_slowest(t_gather),
         "kv_h2d_s": on_slowest(t_kv),
-        "pp_p2p_s": p2p * knobs.micro_batches * (layout.pp - 1 + (0 if phase.is_prefill else 1)) * (layout.pp > 1),
+        "pp_p2p_s": p2p * knobs.micro_batches * (pp - 1 + (0 if phase.is_prefill else 1)) * (pp > 1),
         "host_s": on_slowest(host) + step_overhead * per_step,
     }
     return PhaseResult(
@@ -235,15 +236,15 @@ def phase_result(layout: Layout, knobs: Knobs, phase: Phase, bpw: np.ndarray) ->
         link=link,
         bubble_s=comp.bubble_s,
         h2d_bytes=on_slowest(stream_bytes + kv_bytes),
-        h2d_bandwidth_bytes_s=h2d_bandwidth(layout, knobs),
+        h2d_bandwidth_bytes_s=h2d_bandwidth(arrangement, knobs),
     )
 
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Every figure of N plans sharing one layout, as arrays."""
+    """Every figure of N plans sharing one arrangement, as arrays."""
 
-    layout: Layout
+    arrangement: Arrangement
     knobs: Knobs
     prefill: PhaseResult
     decode: PhaseResult
@@ -263,19 +264,19 @@ class Evaluation:
 
     @property
     def total_s(self) -> np.ndarray:
-        return self.prefill_s + (self.layout.workload.gen_len_tokens - 1) * self.decode_step_s
+        return self.prefill_s + (self.arrangement.workload.gen_len_tokens - 1) * self.decode_step_s
 
     @property
     def throughput_tok_s(self) -> np.ndarray:
-        return self.knobs.batch_size * self.layout.workload.gen_len_tokens / self.total_s
+        return self.knobs.batch_size * self.arrangement.workload.gen_len_tokens / self.total_s
 
 
-def evaluate(layout: Layout, knobs: Knobs) -> Evaluation:
-    bpw = knobs.bytes_per_weight(layout.table.fetch_matrix_fraction)  # what is gathered, not what is stored
+def evaluate(arrangement: Arrangement, knobs: Knobs) -> Evaluation:
+    bpw = knobs.bytes_per_weight(arrangement.table.fetch_matrix_fraction)  # what is gathered, not what is stored
     return Evaluation(
-        layout=layout,
+        arrangement=arrangement,
         knobs=knobs,
-        prefill=phase_result(layout, knobs, prefill_phase(layout, knobs), bpw),
-        decode=phase_result(layout, knobs, decode_phase(layout, knobs), bpw),
-        memory=memory(layout, knobs),
+        prefill=phase_result(arrangement, knobs, prefill_phase(arrangement, knobs), bpw),
+        decode=phase_result(arrangement, knobs, decode_phase(arrangement, knobs), bpw),
+        memory=memory(arrangement, knobs),
     )

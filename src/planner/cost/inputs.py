@@ -1,15 +1,16 @@
-"""What every cost term reads: one layout (tp, pp, dp and its placement) and the knobs of many plans.
+"""What every cost term reads: one arrangement (tp, pp, dp placed on a machine) and the knobs of many plans.
 
-Plans that share a layout share their placement, stage split and links, so the cost model evaluates them
-together: ``Knobs`` holds one numpy array per plan field (length N), and every cost term is plain numpy
+Plans that share an arrangement share their placement, stage split and links, so the cost model evaluates
+them together: ``Knobs`` holds one numpy array per plan knob (length N), and every cost term is plain numpy
 arithmetic that broadcasts over N plans and the 4 module kinds of ``hpi.planner.cost.shape``. A single
 ``hpi predict`` is the same code with N = 1.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Sequence
+import functools
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -17,6 +18,7 @@ from hpi.planner.cost.shape import ModuleTable, module_table
 from hpi.planner.specs.hardware import HardwareProfile
 from hpi.planner.specs.model import ModelSpec
 from hpi.planner.specs.placement import Placement
+from hpi.planner.specs.knob import degree_names, knob_fields, knob_named
 from hpi.planner.specs.plan import QUANT_GROUP_SIZE, Plan
 from hpi.planner.specs.workload import Workload
 
@@ -28,51 +30,86 @@ COMPUTE_BYTES = 2.0  # activations, KV cache and gathered (dequantized) weights 
 
 @dataclass(frozen=True)
 class Knobs:
-    """Per-plan fields as arrays (all plans of one layout)."""
+    """The knobs of N plans of one arrangement, one numpy array (length N) per column.
 
-    offload_cpu: np.ndarray
-    offload_nvme: np.ndarray
-    weight_bits: np.ndarray
-    pin_memory: np.ndarray
-    kv_offload: np.ndarray
-    batch_size: np.ndarray
-    micro_batches: np.ndarray
-    prefetch_bucket_elems: np.ndarray
-    max_live_elems: np.ndarray
-    persistence_threshold_elems: np.ndarray
-    nvme_buffer_count: np.ndarray
-    nvme_buffer_elems: np.ndarray
+    The columns come from the Plan's field declarations (``hpi.planner.specs.knob``): a number knob is a
+    float64 column, a switch a bool column, a choice knob one bool column per choice but its default
+    (``offload_cpu``, ``offload_nvme``); the degrees (tp, pp, dp) are the arrangement's, not columns. Cost
+    terms read them as attributes: ``knobs.batch_size``, ``knobs.offload_cpu``.
+    """
+
+    columns: Mapping[str, np.ndarray]
+    plan_type: type = Plan
+
+    def __getattr__(self, name: str) -> np.ndarray:
+        columns = self.__dict__.get("columns")  # absent while a copy is being built (pickle, copy)
+        if columns is not None and name in columns:
+            return columns[name]
+        raise AttributeError(f"Knobs has no column {name!r}")
 
     @classmethod
-    def from_plans(cls, plans: Sequence[Plan]) -> "Knobs":
-        def col(name: str, dtype=np.float64) -> np.ndarray:
-            return np.array([getattr(p, name) for p in plans], dtype=dtype)
+    def from_fields(cls, values: Mapping[str, Any], n: int, plan_type: type = Plan) -> "Knobs":
+        """N plans from their field values: a sequence of N values or one value for all, per field; a knob not
+        given takes its default."""
+        declared = {k.name for k in knob_fields(plan_type)}
+        unknown = sorted(set(values) - declared) + sorted(set(values) & set(degree_names(plan_type)))
+        if unknown:
+            raise ValueError(f"Knobs takes the plan knobs that are not degrees; got {', '.join(unknown)}")
+        columns: dict[str, np.ndarray] = {}
+        for k in knob_fields(plan_type):
+            if k.spec.vector == "degree":
+                continue
+            v = values.get(k.name, k.default)
+            one_hot = k.spec.vector == "one_hot"
+            v = np.asarray(v, dtype=object if one_hot else None) if np.ndim(v) else np.full(n, v)
+            if len(v) != n:
+                raise ValueError(f"knob {k.name} has {len(v)} values for {n} plans")
+            if one_hot:
+                columns.update({col: np.asarray(v == choice, dtype=bool) for col, choice in k.one_hot})
+            else:
+                columns[k.name] = v.astype(bool if k.spec.vector == "switch" else np.float64)
+        return cls(columns, plan_type)
 
-        return cls(
-            offload_cpu=np.array([p.offload == "cpu" for p in plans]),
-            offload_nvme=np.array([p.offload == "nvme" for p in plans]),
-            weight_bits=col("weight_bits"),
-            pin_memory=col("pin_memory", bool),
-            kv_offload=col("kv_offload", bool),
-            batch_size=col("batch_size"),
-            micro_batches=col("micro_batches"),
-            prefetch_bucket_elems=col("prefetch_bucket_elems"),
-            max_live_elems=col("max_live_elems"),
-            persistence_threshold_elems=col("persistence_threshold_elems"),
-            nvme_buffer_count=col("nvme_buffer_count"),
-            nvme_buffer_elems=col("nvme_buffer_elems"),
-        )
+    @classmethod
+    def from_plans(cls, plans: Sequence[Plan], plan_type: type = Plan) -> "Knobs":
+        names = [k.name for k in knob_fields(plan_type) if k.spec.vector != "degree"]
+        return cls.from_fields({name: [getattr(p, name) for p in plans] for name in names}, len(plans), plan_type)
+
+    @classmethod
+    def product(cls, axes: Mapping[str, Sequence], fixed: Mapping[str, Any] | None = None,
+                plan_type: type = Plan) -> "Knobs":
+        """Every combination of the values of ``axes`` (knob name -> values), in ``itertools.product`` order
+        (the first axis outermost); the ``fixed`` knobs take one value, the others their default."""
+        sizes = [len(values) for values in axes.values()]
+        index = np.indices(sizes).reshape(len(sizes), -1)
+        columns = {name: np.asarray(list(values), dtype=object)[i] for (name, values), i in zip(axes.items(), index)}
+        return cls.from_fields({**(fixed or {}), **columns}, int(np.prod(sizes)), plan_type)
 
     def take(self, index: np.ndarray) -> "Knobs":
-        return Knobs(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+        return Knobs({name: col[index] for name, col in self.columns.items()}, self.plan_type)
 
-    @property
+    def plan(self, i: int, degrees: Mapping[str, int]) -> Plan:
+        """Plan ``i``, with the arrangement's ``degrees`` (``Arrangement.degrees``: tp, pp, dp)."""
+        values: dict[str, Any] = {}
+        for k in knob_fields(self.plan_type):
+            if k.spec.vector == "degree":
+                values[k.name] = int(degrees[k.name])
+            elif k.spec.vector == "one_hot":
+                values[k.name] = next((c for col, c in k.one_hot if self.columns[col][i]), k.default)
+            elif k.spec.vector == "switch":
+                values[k.name] = bool(self.columns[k.name][i])
+            else:
+                values[k.name] = int(self.columns[k.name][i])
+        return self.plan_type(**values)
+
+    @functools.cached_property
     def n(self) -> int:
-        return len(self.weight_bits)
+        return len(next(iter(self.columns.values())))
 
-    @property
+    @functools.cached_property
     def offloaded(self) -> np.ndarray:
-        return self.offload_cpu | self.offload_nvme
+        """(N,) weights kept off the GPU: any offload column (``Plan.is_offloaded``)."""
+        return np.logical_or.reduce([self.columns[c] for c in knob_named(self.plan_type, "offload").columns])
 
     def bytes_per_weight(self, matrix_fraction: np.ndarray) -> np.ndarray:
         """Stored bytes per element, (N, kinds): matrices at the plan's bits plus group scales, vectors 16-bit."""
@@ -88,8 +125,9 @@ class Knobs:
 
 
 @dataclass(frozen=True)
-class Layout:
-    """Everything shared by the plans of one (tp, pp, dp) on one machine."""
+class Arrangement:
+    """Everything shared by the plans of one (tp, pp, dp) on one machine: the model, its module table, the
+    hardware, the workload, the placement of the ranks and what follows from it."""
 
     model: ModelSpec
     table: ModuleTable
@@ -112,6 +150,11 @@ class Layout:
         return self.placement.dp
 
     @property
+    def degrees(self) -> dict[str, int]:
+        """The plan fields an arrangement fixes (``Knobs.plan`` takes them)."""
+        return {name: getattr(self.placement, name) for name in degree_names(Plan)}
+
+    @property
     def kv_split(self) -> int:
         """Ways TP splits the KV cache: beyond the KV head count, heads are replicated."""
         return min(self.tp, self.table.kv_shard_limit)
@@ -132,10 +175,11 @@ def ranks_per_node_stage(placement: Placement) -> np.ndarray:
     return out
 
 
-def make_layout(model: ModelSpec, hardware: HardwareProfile, workload: Workload, placement: Placement) -> Layout:
+def make_arrangement(model: ModelSpec, hardware: HardwareProfile, workload: Workload,
+                     placement: Placement) -> Arrangement:
     from hpi.planner.cost.pipeline import stage_module_counts
 
-    return Layout(
+    return Arrangement(
         model=model,
         table=module_table(model),
         hardware=hardware,

@@ -34,7 +34,7 @@ import numpy as np
 
 from hpi.planner.cost.compute import stored_elems_per_rank
 from hpi.planner.cost.dequant import dequant_buffer_bytes
-from hpi.planner.cost.inputs import COMPUTE_BYTES, QUANT_META_BYTES_PER_GROUP, Knobs, Layout
+from hpi.planner.cost.inputs import COMPUTE_BYTES, QUANT_META_BYTES_PER_GROUP, Arrangement, Knobs
 from hpi.planner.cost.shape import DENSE, EMBED, HEAD, MOE, per_rank
 from hpi.planner.cost.streaming import fetches_weights, persistent_elems
 from hpi.planner.specs.plan import QUANT_GROUP_SIZE
@@ -62,7 +62,7 @@ class MemoryResult:
     weight_bytes_total: np.ndarray  # (N,) every rank's weights together (model size at the plan's bits)
 
 
-def _activation_elems_per_token(layout: Layout) -> np.ndarray:
+def _activation_elems_per_token(arrangement: Arrangement) -> np.ndarray:
     """(kinds,) 16-bit activation elements alive per token at a module's peak, per TP rank.
 
     Inference frees each intermediate once its last use returns (no autograd graph keeps it), so the
@@ -73,7 +73,7 @@ def _activation_elems_per_token(layout: Layout) -> np.ndarray:
     (The 1x H100 records of 2026-11-22: tuned offload at batch 64 allocated 13.3 GB, where summing
     both blocks' intermediates predicted 16.0 GB.)
     """
-    m, tp = layout.model, layout.tp
+    m, tp = arrangement.model, arrangement.tp
     h = m.hidden_size
     if m.uses_mla:
         qkv = m.n_heads * (2 * m.attention_qk_dim + m.attention_v_dim) / tp + m.q_lora_rank + m.kv_lora_rank
@@ -88,10 +88,10 @@ def _activation_elems_per_token(layout: Layout) -> np.ndarray:
     return np.array([dense, moe if m.is_moe else 0.0, h, 0.0])
 
 
-def _modules_fetched(layout: Layout, threshold: np.ndarray) -> np.ndarray:
+def _modules_fetched(arrangement: Arrangement, threshold: np.ndarray) -> np.ndarray:
     """(N, kinds) leaf modules per module of each kind that gather anything (a tensor above the threshold)."""
-    out = np.zeros((len(threshold), len(layout.table.module_largest_tensors)))
-    for kind, largest in enumerate(layout.table.module_largest_tensors):
+    out = np.zeros((len(threshold), len(arrangement.table.module_largest_tensors)))
+    for kind, largest in enumerate(arrangement.table.module_largest_tensors):
         out[:, kind] = len(largest) - np.searchsorted(largest, threshold, side="right")
     return out
 
@@ -102,7 +102,7 @@ def _stage_max(per_kind: np.ndarray, present: np.ndarray) -> np.ndarray:
     return np.max(np.where(present[None, :, :], per_kind[:, None, :], 0.0), axis=2)
 
 
-def live_param_elems(layout: Layout, knobs: Knobs, fetched: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def live_param_elems(arrangement: Arrangement, knobs: Knobs, fetched: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(while the decoder layers run, while the embedding or the head runs), each (N, pp): elements ZeRO-3
     holds gathered at its peak on a rank of each stage (0 where the stage has no vocabulary module).
 
@@ -140,13 +140,13 @@ def live_param_elems(layout: Layout, knobs: Knobs, fetched: np.ndarray) -> tuple
     2.2 GB = the 2.1 GB head alone.
     ``fetched``: (N, kinds) elements one module of each kind gathers, per TP rank.
     """
-    t, counts = layout.table, layout.stage_counts
+    t, counts = arrangement.table, arrangement.stage_counts
     bucket, max_live = knobs.prefetch_bucket_elems[:, None], knobs.max_live_elems[:, None]
     present = counts > 0  # (pp, kinds)
     is_layer = t.is_layer > 0
     layers_present = present & is_layer[None, :]
-    gather = per_rank(t, t.largest_gather, layout.tp)
-    tensor = per_rank(t, t.largest_tensor, layout.tp)
+    gather = per_rank(t, t.largest_gather, arrangement.tp)
+    tensor = per_rank(t, t.largest_tensor, arrangement.tp)
     largest_layer_tensor = _stage_max(tensor, layers_present)  # (1, pp)
     nvme = knobs.offload_nvme[:, None]
     nvme_in_flight = np.maximum(knobs.nvme_buffer_count[:, None] - 1, 0) * largest_layer_tensor
@@ -154,12 +154,12 @@ def live_param_elems(layout: Layout, knobs: Knobs, fetched: np.ndarray) -> tuple
     layer_counts = counts * is_layer[None, :]
     stage_total = fetched @ layer_counts.T  # (N, pp): what the layers gather per forward
     all_total = fetched @ counts.T
-    gathers = _modules_fetched(layout, knobs.persistence_threshold_elems) @ layer_counts.T
+    gathers = _modules_fetched(arrangement, knobs.persistence_threshold_elems) @ layer_counts.T
     mean_gather = stage_total / np.maximum(gathers, 1.0)
     largest = _stage_max(gather, layers_present)
     pace = largest + np.minimum(bucket, np.maximum(max_live - largest, 0.0))
     # The head is prefetched only if the module before it leaves room under max_live.
-    last_layer = _stage_max(per_rank(t, t.last_gather, layout.tp), layers_present)
+    last_layer = _stage_max(per_rank(t, t.last_gather, arrangement.tp), layers_present)
     has_head = present[:, HEAD][None, :]
     head = np.where(has_head & (last_layer < max_live), fetched[:, HEAD][:, None], 0.0)
     reach = np.maximum(largest_layer_tensor, head)
@@ -182,8 +182,9 @@ def _per_stage(per_kind: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return per_kind @ counts.T
 
 
-def _prefill_layer_peak(layout: Layout, knobs: Knobs, fetched: np.ndarray, live: np.ndarray, kv_prefill: np.ndarray,
-                        act: np.ndarray, gathered_bytes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _prefill_layer_peak(arrangement: Arrangement, knobs: Knobs, fetched: np.ndarray, live: np.ndarray,
+                        kv_prefill: np.ndarray, act: np.ndarray,
+                        gathered_bytes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(KV cache, gathered bytes), each (N, pp), at the prefill's fullest layer of each stage.
 
     The prefill builds the cache layer by layer, and ZeRO-3 can hold in flight no more than what is left
@@ -194,7 +195,7 @@ def _prefill_layer_peak(layout: Layout, knobs: Knobs, fetched: np.ndarray, live:
     and intermediates beside a full climb to max live would be 14.7 and 40.6 GB.) An offloaded KV cache
     holds two layers throughout.
     """
-    counts, t = layout.stage_counts, layout.table
+    counts, t = arrangement.stage_counts, arrangement.table
     layers = counts[:, DENSE] + counts[:, MOE]  # (pp,)
     n_layers = np.maximum(layers, 1.0)[None, :]
     per_layer = (fetched @ (counts * t.is_layer[None, :]).T) / n_layers  # (N, pp) elements gathered per layer
@@ -215,7 +216,7 @@ def _prefill_layer_peak(layout: Layout, knobs: Knobs, fetched: np.ndarray, live:
     return kv_at, live_at
 
 
-def _gpu_parts(layout: Layout, knobs: Knobs, bpw: np.ndarray, meta: np.ndarray) -> dict[str, np.ndarray]:
+def _gpu_parts(arrangement: Arrangement, knobs: Knobs, bpw: np.ndarray, meta: np.ndarray) -> dict[str, np.ndarray]:
     """Each GPU part as (N, pp), at the moment of the stage's peak.
 
     A stage's allocations peak at one of two kinds of moment, and the parts are those of the larger:
@@ -228,41 +229,41 @@ def _gpu_parts(layout: Layout, knobs: Knobs, bpw: np.ndarray, meta: np.ndarray) 
     the layers' moment, cache + 0.9 GB of intermediates + 0.7 GB gathered, stays below; 1x H100, 8B with
     8-bit weights offloaded: 1.76 GB = the embedding packed (0.56 GB) + its bf16 copy (1.05 GB) + cache.)
     """
-    t, counts, wl = layout.table, layout.stage_counts, layout.workload
-    fetching = fetches_weights(layout, knobs)[:, None]
+    t, counts, wl = arrangement.table, arrangement.stage_counts, arrangement.workload
+    fetching = fetches_weights(arrangement, knobs)[:, None]
     offloaded = knobs.offloaded[:, None]
-    stored = np.broadcast_to(stored_elems_per_rank(layout), (knobs.n, 4))
-    persistent = np.where(fetching, np.minimum(persistent_elems(layout, knobs.persistence_threshold_elems), stored), 0.0)
-    partitioned = np.where(offloaded, 0.0, (stored - persistent) / layout.dp)
+    stored = np.broadcast_to(stored_elems_per_rank(arrangement), (knobs.n, 4))
+    all_persistent = persistent_elems(arrangement, knobs.persistence_threshold_elems)
+    persistent = np.where(fetching, np.minimum(all_persistent, stored), 0.0)
+    partitioned = np.where(offloaded, 0.0, (stored - persistent) / arrangement.dp)
     # A forward gathers every tensor it uses that does not persist, a tied head's included.
-    used = t.sharded / layout.tp + t.replicated + t.n_experts * t.expert_sharded / layout.tp
-    all_persistent = persistent_elems(layout, knobs.persistence_threshold_elems)
+    used = t.sharded / arrangement.tp + t.replicated + t.n_experts * t.expert_sharded / arrangement.tp
     fetched = np.maximum(used[None, :] - all_persistent, 0.0)
     # Gathered parameters are held as stored: packed, with their scales, for 8/4-bit weights.
     bits = knobs.weight_bits[:, None]
     gathered_bytes = np.where(bits < 16, bits / 8.0 + QUANT_META_BYTES_PER_GROUP / QUANT_GROUP_SIZE, COMPUTE_BYTES)
-    live_l, live_v = live_param_elems(layout, knobs, fetched)
+    live_l, live_v = live_param_elems(arrangement, knobs, fetched)
     live_l = np.where(fetching, live_l, 0.0)
     live_v = np.where(fetching, live_v, 0.0) * gathered_bytes
 
     present = counts > 0
     is_layer = t.is_layer > 0
     buffer = dequant_buffer_bytes(knobs.weight_bits, wl.compute_dtype)[:, None]
-    tensor = per_rank(t, t.largest_tensor, layout.tp)
+    tensor = per_rank(t, t.largest_tensor, arrangement.tp)
     temp_l = _stage_max(tensor, present & is_layer[None, :]) * buffer
     temp_v = _stage_max(tensor, present & ~is_layer[None, :]) * buffer
 
     layers = counts[:, DENSE] + counts[:, MOE]  # (pp,)
-    batch = knobs.batch_size / layout.dp
+    batch = knobs.batch_size / arrangement.dp
     mb = batch / knobs.micro_batches
 
     def kv_of(tokens: int) -> np.ndarray:
-        per_layer_seq = t.kv_elems_per_token / layout.kv_split * tokens * COMPUTE_BYTES
+        per_layer_seq = t.kv_elems_per_token / arrangement.kv_split * tokens * COMPUTE_BYTES
         resident = layers[None, :] * (batch * per_layer_seq)[:, None]
         offloaded = np.minimum(layers, 2.0)[None, :] * (mb * per_layer_seq)[:, None]
         return np.where(knobs.kv_offload[:, None], offloaded, resident)
 
-    act_per_token = _activation_elems_per_token(layout)
+    act_per_token = _activation_elems_per_token(arrangement)
     stage_act = np.max(np.where(counts > 0, act_per_token, 0.0), axis=1)  # (pp,)
     act = (mb * wl.prompt_len_tokens)[:, None] * stage_act[None, :] * COMPUTE_BYTES
     has_head = (counts[:, HEAD] > 0)[None, :]
@@ -270,7 +271,7 @@ def _gpu_parts(layout: Layout, knobs: Knobs, bpw: np.ndarray, meta: np.ndarray) 
     logits = (mb * t.vocab_size * LOGIT_BYTES * LOGIT_COPIES)[:, None] * has_head
     hidden = (mb * wl.prompt_len_tokens * t.hidden_size * COMPUTE_BYTES)[:, None] * has_vocab
     kv_prefill, kv_decode = kv_of(wl.prompt_len_tokens), kv_of(wl.context_len_tokens)
-    kv_sweep, live_sweep = _prefill_layer_peak(layout, knobs, fetched, live_l, kv_prefill, act, gathered_bytes)
+    kv_sweep, live_sweep = _prefill_layer_peak(arrangement, knobs, fetched, live_l, kv_prefill, act, gathered_bytes)
     # The four moments' (kv, activations, gathered, dequantized) parts; the prefill's head sees the
     # prompt's cache, an embedding-only stage opens the prefill with none.
     zero = np.zeros_like(kv_prefill)
@@ -295,41 +296,41 @@ def _gpu_parts(layout: Layout, knobs: Knobs, bpw: np.ndarray, meta: np.ndarray) 
         "dequant_buffers": pick(3),
         "kv_cache": pick(0),
         "activations": pick(1),
-        "workspace": np.full((knobs.n, layout.pp), layout.hardware.efficiency.gpu_workspace_bytes),
-        "framework": np.full((knobs.n, layout.pp), layout.hardware.efficiency.gpu_reserved_bytes),
+        "workspace": np.full((knobs.n, arrangement.pp), arrangement.hardware.efficiency.gpu_workspace_bytes),
+        "framework": np.full((knobs.n, arrangement.pp), arrangement.hardware.efficiency.gpu_reserved_bytes),
     }
 
 
-def _cpu_parts_per_rank(layout: Layout, knobs: Knobs, bpw: np.ndarray) -> dict[str, np.ndarray]:
+def _cpu_parts_per_rank(arrangement: Arrangement, knobs: Knobs, bpw: np.ndarray) -> dict[str, np.ndarray]:
     """Each CPU part a rank of each stage adds to its node, as (N, pp)."""
-    t, counts, wl = layout.table, layout.stage_counts, layout.workload
-    stored = stored_elems_per_rank(layout)
-    weights = _per_stage(stored * bpw / layout.dp, counts)
+    t, counts, wl = arrangement.table, arrangement.stage_counts, arrangement.workload
+    stored = stored_elems_per_rank(arrangement)
+    weights = _per_stage(stored * bpw / arrangement.dp, counts)
     layers = counts[:, DENSE] + counts[:, MOE]
-    kv_per_seq = t.kv_elems_per_token / layout.kv_split * wl.context_len_tokens * COMPUTE_BYTES
-    kv = layers[None, :] * (knobs.batch_size / layout.dp * kv_per_seq)[:, None]
+    kv_per_seq = t.kv_elems_per_token / arrangement.kv_split * wl.context_len_tokens * COMPUTE_BYTES
+    kv = layers[None, :] * (knobs.batch_size / arrangement.dp * kv_per_seq)[:, None]
     buffers = knobs.nvme_buffer_count * knobs.nvme_buffer_elems * COMPUTE_BYTES
-    ones = np.ones((knobs.n, layout.pp))
+    ones = np.ones((knobs.n, arrangement.pp))
     return {
         "weights_any": weights,
         "offloaded_weights": np.where(knobs.offload_cpu[:, None], weights, 0.0),
         "offloaded_kv_cache": np.where(knobs.kv_offload[:, None], kv, 0.0),
         "nvme_buffers": np.where(knobs.offload_nvme[:, None], buffers[:, None] * ones, 0.0),
-        "process": layout.hardware.efficiency.host_reserved_bytes * ones,
+        "process": arrangement.hardware.efficiency.host_reserved_bytes * ones,
     }
 
 
-def memory(layout: Layout, knobs: Knobs) -> MemoryResult:
-    bpw = knobs.bytes_per_weight(layout.table.matrix_fraction)
-    meta = knobs.quant_meta_share(layout.table.matrix_fraction)
+def memory(arrangement: Arrangement, knobs: Knobs) -> MemoryResult:
+    bpw = knobs.bytes_per_weight(arrangement.table.matrix_fraction)
+    meta = knobs.quant_meta_share(arrangement.table.matrix_fraction)
     rows = np.arange(knobs.n)
 
-    gpu = _gpu_parts(layout, knobs, bpw, meta)
+    gpu = _gpu_parts(arrangement, knobs, bpw, meta)
     gpu_total = sum(gpu.values())
     fullest = np.argmax(gpu_total, axis=1)
 
-    per_rank = _cpu_parts_per_rank(layout, knobs, bpw)
-    nodes = layout.ranks_per_node_stage  # (nodes, pp)
+    per_rank = _cpu_parts_per_rank(arrangement, knobs, bpw)
+    nodes = arrangement.ranks_per_node_stage  # (nodes, pp)
     per_node = {name: part @ nodes.T for name, part in per_rank.items()}  # (N, nodes)
     cpu_total = sum(per_node[p] for p in CPU_PARTS)
     fullest_node = np.argmax(cpu_total, axis=1)

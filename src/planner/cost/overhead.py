@@ -26,36 +26,40 @@ from __future__ import annotations
 
 import numpy as np
 
-from hpi.planner.cost.inputs import Knobs, Layout
+from hpi.planner.cost.inputs import Arrangement, Knobs
 from hpi.planner.cost.phase import Phase
 from hpi.planner.cost.streaming import fetches_weights
+from hpi.planner.specs.plan import decode_graph_blockers, model_graph_blocker
 
 
-def module_overhead_time(layout: Layout, knobs: Knobs) -> np.ndarray:
+def module_overhead_time(arrangement: Arrangement, knobs: Knobs) -> np.ndarray:
     """(N, kinds) host seconds of framework overhead per forward of one module."""
-    eff = layout.hardware.efficiency
-    per_layer = eff.layer_overhead_s + np.where(fetches_weights(layout, knobs), eff.offload_layer_overhead_s, 0.0)
-    return layout.table.is_layer * per_layer[:, None]
+    eff = arrangement.hardware.efficiency
+    per_layer = eff.layer_overhead_s + np.where(fetches_weights(arrangement, knobs), eff.offload_layer_overhead_s, 0.0)
+    return arrangement.table.is_layer * per_layer[:, None]
 
 
-def layer_device_time(layout: Layout) -> np.ndarray:
+def layer_device_time(arrangement: Arrangement) -> np.ndarray:
     """(kinds,) device seconds per forward of one module beyond its roofline: the layer's kernels' fixed cost."""
-    return layout.table.is_layer * layout.hardware.efficiency.layer_device_overhead_s
+    return arrangement.table.is_layer * arrangement.hardware.efficiency.layer_device_overhead_s
 
 
-def step_overhead_time(layout: Layout, graphed: np.ndarray) -> np.ndarray:
+def step_overhead_time(arrangement: Arrangement, graphed: np.ndarray) -> np.ndarray:
     """(N,) seconds per forward of each stage, after its device synchronization (not hidden by anything):
     ``graphed_step_overhead_s`` where the forward replays a CUDA graph (``graphed``, from
     ``graphed_forwards``), else ``step_overhead_s``, which also pays the eager launches of the embedding,
     final norm and head."""
-    eff = layout.hardware.efficiency
+    eff = arrangement.hardware.efficiency
     return np.where(graphed, eff.graphed_step_overhead_s, eff.step_overhead_s)
 
 
-def graphed_forwards(layout: Layout, knobs: Knobs, phase: Phase) -> np.ndarray:
+def graphed_forwards(arrangement: Arrangement, knobs: Knobs, phase: Phase) -> np.ndarray:
     """(N,) whether this phase's forwards replay as CUDA graphs: decode steps, when the workload asks for
-    graphs, of dense plans that run without ZeRO-3 (no offload, 16-bit, dp 1) and keep the KV cache on the
-    GPU (``Plan.graph_blocker``; the executor cannot capture expert routing, which reads back to the host)."""
-    if phase.is_prefill or not layout.workload.decode_graphs or layout.model.is_moe or layout.dp > 1:
-        return np.zeros(knobs.n, dtype=bool)
-    return ~knobs.offloaded & (knobs.weight_bits >= 16) & ~knobs.kv_offload.astype(bool)
+    graphs, of plans that nothing blocks (``hpi.planner.specs.plan.decode_graph_blockers``: no ZeRO-3, so
+    no offload, 16-bit, dp 1; the KV cache on the GPU) of a model that does not (``model_graph_blocker``:
+    the executor cannot capture expert routing, which reads back to the host)."""
+    none = np.zeros(knobs.n, dtype=bool)
+    if phase.is_prefill or not arrangement.workload.decode_graphs or model_graph_blocker(arrangement.model):
+        return none
+    blockers = decode_graph_blockers(knobs.offloaded, arrangement.dp, knobs.weight_bits, knobs.kv_offload)
+    return ~np.logical_or.reduce([none | holds for _, holds in blockers])

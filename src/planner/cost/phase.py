@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hpi.planner.cost.inputs import Knobs, Layout
+from hpi.planner.cost.inputs import Arrangement, Knobs
 
 
 @dataclass(frozen=True)
@@ -22,18 +22,18 @@ class Phase:
         return self.name == "prefill"
 
 
-def micro_batch_size(layout: Layout, knobs: Knobs) -> np.ndarray:
-    return knobs.batch_size / layout.dp / knobs.micro_batches
+def micro_batch_size(arrangement: Arrangement, knobs: Knobs) -> np.ndarray:
+    return knobs.batch_size / arrangement.dp / knobs.micro_batches
 
 
-def prefill_phase(layout: Layout, knobs: Knobs) -> Phase:
-    prompt = layout.workload.prompt_len_tokens
-    mb = micro_batch_size(layout, knobs)
+def prefill_phase(arrangement: Arrangement, knobs: Knobs) -> Phase:
+    prompt = arrangement.workload.prompt_len_tokens
+    mb = micro_batch_size(arrangement, knobs)
     # Causal attention: query i attends to i+1 keys, (S+1)/2 on average; K/V come from on-chip tiles.
     return Phase("prefill", mb, mb * prompt, (prompt + 1) / 2.0, 0.0)
 
 
-def decode_phase(layout: Layout, knobs: Knobs) -> Phase:
-    ctx = layout.workload.mean_decode_context_tokens + 1.0  # the new token attends to itself too
-    mb = micro_batch_size(layout, knobs)
+def decode_phase(arrangement: Arrangement, knobs: Knobs) -> Phase:
+    ctx = arrangement.workload.mean_decode_context_tokens + 1.0  # the new token attends to itself too
+    mb = micro_batch_size(arrangement, knobs)
     return Phase("decode", mb, mb, ctx, ctx)

@@ -21,7 +21,7 @@ from functools import lru_cache
 import numpy as np
 
 from hpi.planner.cost.collectives import COMPUTE_BYTES
-from hpi.planner.cost.inputs import Layout
+from hpi.planner.cost.inputs import Arrangement
 from hpi.planner.cost.phase import Phase
 from hpi.planner.cost.shape import DENSE, EMBED, HEAD, MOE, module_table, stored_elements
 from hpi.planner.specs.model import ModelSpec
@@ -91,12 +91,12 @@ def stage_module_counts(model: ModelSpec, pp: int) -> np.ndarray:
     return counts
 
 
-def p2p_time(layout: Layout, phase: Phase) -> np.ndarray:
+def p2p_time(arrangement: Arrangement, phase: Phase) -> np.ndarray:
     """(N,) seconds to send one micro-batch's hidden states from one stage to the next."""
-    if layout.pp <= 1:
+    if arrangement.pp <= 1:
         return np.zeros_like(phase.tokens)
-    link, eff = layout.placement.pp_link, layout.hardware.efficiency
-    n_bytes = phase.tokens * layout.table.hidden_size * COMPUTE_BYTES
+    link, eff = arrangement.placement.pp_link, arrangement.hardware.efficiency
+    n_bytes = phase.tokens * arrangement.table.hidden_size * COMPUTE_BYTES
     return eff.p2p_latency_s + link.latency_s + n_bytes / link.bandwidth_bytes_s
 
 

@@ -24,19 +24,21 @@ import numpy as np
 
 from hpi.planner.cost.compute import touched_elems_per_rank
 from hpi.planner.cost.shape import EXPERTS_GATHERED_WHOLE
-from hpi.planner.cost.inputs import COMPUTE_BYTES, Knobs, Layout
+from hpi.planner.cost.inputs import COMPUTE_BYTES, Arrangement, Knobs
 from hpi.planner.cost.phase import Phase
+from hpi.planner.specs.plan import gathers_weights
 
 
-def fetches_weights(layout: Layout, knobs: Knobs) -> np.ndarray:
-    """(N,) whether ZeRO-3 gathers parameters per forward (offloaded, or partitioned over dp > 1)."""
-    return knobs.offloaded | (layout.dp > 1)
+def fetches_weights(arrangement: Arrangement, knobs: Knobs) -> np.ndarray:
+    """(N,) whether ZeRO-3 gathers parameters per forward (``Plan.gathers``: offloaded, or partitioned over
+    dp > 1)."""
+    return gathers_weights(knobs.offloaded, arrangement.dp)
 
 
-def persistent_elems(layout: Layout, threshold: np.ndarray) -> np.ndarray:
+def persistent_elems(arrangement: Arrangement, threshold: np.ndarray) -> np.ndarray:
     """(N, kinds) elements of tensors below the persistence threshold (kept whole on every GPU)."""
     out = np.zeros((len(threshold), 4))
-    for kind, sizes in enumerate(layout.table.tensor_sizes):
+    for kind, sizes in enumerate(arrangement.table.tensor_sizes):
         if len(sizes):
             cumulative = np.concatenate([[0.0], np.cumsum(sizes)])
             # DeepSpeed keeps ds_numel <= threshold (mark_persistent_parameters): inclusive.
@@ -44,61 +46,64 @@ def persistent_elems(layout: Layout, threshold: np.ndarray) -> np.ndarray:
     return out
 
 
-def fetched_elems_per_rank(layout: Layout, knobs: Knobs, phase: Phase) -> np.ndarray:
+def fetched_elems_per_rank(arrangement: Arrangement, knobs: Knobs, phase: Phase) -> np.ndarray:
     """(N, kinds) elements gathered for one forward, per TP rank, before dividing by dp."""
-    t = layout.table
+    t = arrangement.table
     if EXPERTS_GATHERED_WHOLE:  # the fused experts module is gathered whole, routed-to or not
-        touched = np.broadcast_to(t.sharded / layout.tp + t.replicated + t.n_experts * t.expert_sharded / layout.tp, (knobs.n, 4))
+        tp = arrangement.tp
+        touched = np.broadcast_to(t.sharded / tp + t.replicated + t.n_experts * t.expert_sharded / tp, (knobs.n, 4))
     else:
-        touched = touched_elems_per_rank(layout, phase.tokens)
-    persistent = persistent_elems(layout, knobs.persistence_threshold_elems)
+        touched = touched_elems_per_rank(arrangement, phase.tokens)
+    persistent = persistent_elems(arrangement, knobs.persistence_threshold_elems)
     fetched = np.maximum(touched - persistent, 0.0)
-    return np.where(fetches_weights(layout, knobs)[:, None], fetched, 0.0)
+    return np.where(fetches_weights(arrangement, knobs)[:, None], fetched, 0.0)
 
 
-def concurrent_stages(layout: Layout, knobs: Knobs) -> np.ndarray:
+def concurrent_stages(arrangement: Arrangement, knobs: Knobs) -> np.ndarray:
     """(N,) pipeline stages that stream at once: min(micro-batches, pp)."""
-    return np.minimum(knobs.micro_batches, layout.pp).astype(int)
+    return np.minimum(knobs.micro_batches, arrangement.pp).astype(int)
 
 
-def link_rate(layout: Layout, knobs: Knobs, name: str) -> np.ndarray:
+def link_rate(arrangement: Arrangement, knobs: Knobs, name: str) -> np.ndarray:
     """(N,) the placement's per-GPU ``name`` rate (h2d_pinned, h2d_pageable, nvme_read) for each plan's
     number of stages streaming at once."""
-    return np.asarray(layout.placement.rates_with_stages(name))[concurrent_stages(layout, knobs) - 1]
+    return np.asarray(arrangement.placement.rates_with_stages(name))[concurrent_stages(arrangement, knobs) - 1]
 
 
-def h2d_bandwidth(layout: Layout, knobs: Knobs, pinned: np.ndarray | None = None) -> np.ndarray:
+def h2d_bandwidth(arrangement: Arrangement, knobs: Knobs, pinned: np.ndarray | None = None) -> np.ndarray:
     """(N,) achieved host->device bytes/s per GPU; weights from NVMe come through pinned staging buffers."""
-    eff = layout.hardware.efficiency
+    eff = arrangement.hardware.efficiency
     if pinned is None:
         pinned = knobs.pin_memory | knobs.offload_nvme
-    return np.where(pinned, link_rate(layout, knobs, "h2d_pinned") * eff.h2d_stream_pinned,
-                    link_rate(layout, knobs, "h2d_pageable") * eff.h2d_stream_pageable)
+    return np.where(pinned, link_rate(arrangement, knobs, "h2d_pinned") * eff.h2d_stream_pinned,
+                    link_rate(arrangement, knobs, "h2d_pageable") * eff.h2d_stream_pageable)
 
 
-def weight_stream_bytes(layout: Layout, knobs: Knobs, phase: Phase, bytes_per_weight: np.ndarray) -> np.ndarray:
+def weight_stream_bytes(arrangement: Arrangement, knobs: Knobs, phase: Phase,
+                        bytes_per_weight: np.ndarray) -> np.ndarray:
     """(N, kinds) bytes one rank copies from host memory or NVMe for one forward of one module."""
-    fetched = fetched_elems_per_rank(layout, knobs, phase) / layout.dp
+    fetched = fetched_elems_per_rank(arrangement, knobs, phase) / arrangement.dp
     return np.where(knobs.offloaded[:, None], fetched * bytes_per_weight, 0.0)
 
 
-def weight_stream_time(layout: Layout, knobs: Knobs, stream_bytes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def weight_stream_time(arrangement: Arrangement, knobs: Knobs,
+                       stream_bytes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(PCIe seconds, NVMe seconds), each (N, kinds); the streaming time is their max."""
-    t_h2d = stream_bytes / h2d_bandwidth(layout, knobs)[:, None]
-    nvme_bw = link_rate(layout, knobs, "nvme_read") * layout.hardware.efficiency.nvme_read
+    t_h2d = stream_bytes / h2d_bandwidth(arrangement, knobs)[:, None]
+    nvme_bw = link_rate(arrangement, knobs, "nvme_read") * arrangement.hardware.efficiency.nvme_read
     t_nvme = np.where(knobs.offload_nvme[:, None], stream_bytes / np.maximum(nvme_bw, 1e-9)[:, None], 0.0)
     return t_h2d, t_nvme
 
 
-def kv_transfer_bytes(layout: Layout, knobs: Knobs, phase: Phase) -> np.ndarray:
+def kv_transfer_bytes(arrangement: Arrangement, knobs: Knobs, phase: Phase) -> np.ndarray:
     """(N, kinds) KV-cache bytes copied host->device for one forward (decode with KV offload only)."""
     if phase.is_prefill:
         return np.zeros((knobs.n, 4))  # prefill writes the cache device->host: the other direction
-    t = layout.table
-    per_layer = phase.sequences * phase.kv_read_tokens * t.kv_elems_per_token / layout.kv_split * COMPUTE_BYTES
+    t = arrangement.table
+    per_layer = phase.sequences * phase.kv_read_tokens * t.kv_elems_per_token / arrangement.kv_split * COMPUTE_BYTES
     return np.where(knobs.kv_offload[:, None], t.is_layer * per_layer[:, None], 0.0)
 
 
-def kv_transfer_time(layout: Layout, knobs: Knobs, kv_bytes: np.ndarray) -> np.ndarray:
+def kv_transfer_time(arrangement: Arrangement, knobs: Knobs, kv_bytes: np.ndarray) -> np.ndarray:
     """The offloaded KV cache lives in pinned memory only when pin_memory is set (as memory counts it)."""
-    return kv_bytes / h2d_bandwidth(layout, knobs, pinned=knobs.pin_memory)[:, None]
+    return kv_bytes / h2d_bandwidth(arrangement, knobs, pinned=knobs.pin_memory)[:, None]

@@ -114,8 +114,8 @@ class Efficiency:
     # (PyTorch CUBLAS_WORKSPACE_CONFIG=:4096:8); the tiny-model records allocate 44 MB for 11 MB of tensors.
     gpu_workspace_bytes: float = 33_554_432.0  # (cost.memory)
     host_reserved_bytes: float = 4e9  # per rank process: torch/DeepSpeed libraries and runtime (cost.memory)
-    gpu_memory_usable: float = 0.97  # fraction of the GPU's memory a run may plan to use (feasibility)
-    dram_usable: float = 0.90  # fraction of DRAM a run may plan to use, the OS keeps the rest (feasibility)
+    gpu_memory_usable: float = 0.97  # fraction of the GPU's memory a run may plan to use (usable_gpu_bytes)
+    dram_usable: float = 0.90  # fraction of DRAM a run may plan to use, the OS keeps the rest (usable_dram_bytes)
 
 
 def is_fraction(name: str) -> bool:
@@ -145,3 +145,13 @@ class HardwareProfile:
     @property
     def has_nvme(self) -> bool:
         return self.nvme is not None and self.nvme.capacity_bytes > 0
+
+    @property
+    def usable_gpu_bytes(self) -> float:
+        """GPU memory a plan may fill, per GPU: the rest is kept back (``Efficiency.gpu_memory_usable``)."""
+        return self.gpu.memory_bytes * self.efficiency.gpu_memory_usable
+
+    @property
+    def usable_dram_bytes(self) -> float:
+        """CPU RAM a plan may fill, per node: the OS keeps the rest (``Efficiency.dram_usable``)."""
+        return self.host.dram_bytes * self.efficiency.dram_usable

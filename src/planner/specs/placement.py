@@ -1,6 +1,6 @@
 """Where a plan's ranks sit on the hardware graph, reduced to the figures the cost model needs.
 
-``hpi.planner.layout.place(plan, topology)`` produces it; the cost model reads only this record, so cost terms
+``hpi.planner.ranks.place(plan, topology)`` produces it; the cost model reads only this record, so cost terms
 can be tested with hand-made placements and the graph stays the single place that knows about links.
 """
 

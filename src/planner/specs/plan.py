@@ -2,20 +2,30 @@
 
 Like FlexGen's ``Policy``, this small frozen record *is* the search space. It is hashable and round-trips
 through JSON (``to_dict`` / ``from_dict``), which is how it crosses to the executor and back in RunRecords.
+Each field is declared once, with its ``Knob`` (``hpi.planner.specs.knob``): unit, valid values, flag, help,
+how the cost model vectorises it, when it applies. Validation, the label, the cost model's arrays, the
+search grid and the command-line flags derive from those declarations.
 
-Rank order is declared once, in ``hpi.planner.layout``: tp innermost, then dp, then pp.
+The rules that several parts apply (which plans ZeRO-3 gathers weights in, which copy from host memory,
+what keeps a decode step out of a CUDA graph) are written once below, as functions that take plain values
+or numpy arrays alike: the Plan's properties call them on its fields, the cost model on arrays of plans.
+
+Rank order is declared once, in ``hpi.planner.ranks``: tp innermost, then dp, then pp.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+import json
+from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from typing import Any
+
+from hpi.planner.specs.knob import display_order, knob, knob_fields, knob_named
 
 OFFLOAD_KINDS = ("none", "cpu", "nvme")
 WEIGHT_BITS = (16, 8, 4)
 
 # DeepSpeed's own default for stage3_prefetch_bucket_size (5e7 elements); DeepSpeedExamples'
-# ZeRO-Inference script uses 2 * hidden^2 instead (see presets).
+# ZeRO-Inference script uses 2 * hidden^2 instead (``ds_examples_knobs``).
 DEEPSPEED_DEFAULT_PREFETCH_ELEMS = 50_000_000
 DEEPSPEED_DEFAULT_MAX_LIVE_ELEMS = 1_000_000_000
 DEEPSPEED_DEFAULT_PERSISTENCE_ELEMS = 100_000
@@ -30,22 +40,96 @@ def reject_unknown_fields(cls, data: dict[str, Any], what: str) -> None:
         raise ValueError(f"{what} has unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
 
 
+def ds_examples_knobs(hidden_size: int) -> dict[str, int]:
+    """DeepSpeedExamples' ZeRO-Inference knobs (its run_model.py), as Plan fields: prefetch bucket = max live
+    = 2 h^2, persistence threshold = h."""
+    two_h2 = 2 * hidden_size * hidden_size
+    return {"prefetch_bucket_elems": two_h2, "max_live_elems": two_h2, "persistence_threshold_elems": hidden_size}
+
+
+# ---- rules, each written once for one plan (plain values) or many (numpy arrays) ----------------------------
+def gathers_weights(offloaded, dp):
+    """ZeRO-3 gathers every module's weights before its forward (its prefetch knobs matter): offloaded, or
+    partitioned over dp > 1."""
+    return offloaded | (dp > 1)
+
+
+def runs_zero3(offloaded, dp, weight_bits):
+    """The executor runs the stage under ZeRO-3: to gather weights (``gathers_weights``) and for DeepSpeed's
+    quantized weights (``hpi.executor.worker.uses_deepspeed``)."""
+    return gathers_weights(offloaded, dp) | (weight_bits < 16)
+
+
+def copies_from_host(offload_cpu, kv_offload):
+    """Weights or the KV cache are copied from CPU RAM every step: where pinning the host memory matters."""
+    return offload_cpu | kv_offload
+
+
+def decode_graph_blockers(offloaded, dp, weight_bits, kv_offload) -> tuple[tuple[str, Any], ...]:
+    """What keeps a plan's decode step from replaying as a CUDA graph (``Workload.decode_graphs``): (why,
+    condition) pairs. A replay skips Python, where ZeRO-3's gather hooks and the offloaded cache's copies
+    live. ``Plan.graph_blocker`` names the first that holds; ``cost.overhead.graphed_forwards`` prices a
+    graph where none does."""
+    return (
+        ("ZeRO-3 gathers weights from Python hooks (offload, dp > 1 or 8/4-bit weights)",
+         runs_zero3(offloaded, dp, weight_bits)),
+        ("the offloaded KV cache is copied by Python each layer", kv_offload),
+    )
+
+
+def model_graph_blocker(model) -> str | None:
+    """Why no plan of ``model`` (a ModelSpec) can decode as a CUDA graph, or None: a mixture of experts, whose
+    routing in transformers reads the experts each token picked back to the host."""
+    return f"{model.name}'s expert routing synchronizes the host" if model.is_moe else None
+
+
+def _where(plan: "Plan") -> str:
+    """The label's first token: where weights (and the KV cache) live, and how host memory is held."""
+    host = (" pinned" if plan.pin_memory else " pageable") if plan.copies_from_host_memory else ""
+    return plan.offload + ("+kv" if plan.kv_offload else "") + host
+
+
 @dataclass(frozen=True)
 class Plan:
-    offload: str = "none"  # where ZeRO-3 keeps the weights between uses: none (GPU), cpu, nvme
-    tp: int = 1
-    pp: int = 1
-    dp: int = 1
-    weight_bits: int = 16
-    pin_memory: bool = True
-    kv_offload: bool = False
-    batch_size: int = 1
-    micro_batches: int = 1  # pipeline micro-batches per step (1 when pp == 1)
-    prefetch_bucket_elems: int = DEEPSPEED_DEFAULT_PREFETCH_ELEMS
-    max_live_elems: int = DEEPSPEED_DEFAULT_MAX_LIVE_ELEMS
-    persistence_threshold_elems: int = DEEPSPEED_DEFAULT_PERSISTENCE_ELEMS
-    nvme_buffer_count: int = 5
-    nvme_buffer_elems: int = 100_000_000
+    """The knobs of one deployment, each declared once with ``knob`` (``hpi.planner.specs.knob``)."""
+
+    # where ZeRO-3 keeps the weights between uses: none (GPU), cpu, nvme
+    offload: str = knob("none", group="build", choices=OFFLOAD_KINDS, flag="--offload",
+                        help="where ZeRO-3 keeps weights", search_axis="offloads", vector="one_hot", named="always",
+                        label=_where)
+    tp: int = knob(1, group="build", unit="ranks", minimum=1, flag="--tp", help="tensor parallel degree",
+                   search_axis="tp", vector="degree", named="always", label="tp{}")
+    pp: int = knob(1, group="build", unit="ranks", minimum=1, flag="--pp", help="pipeline parallel degree",
+                   search_axis="pp", vector="degree", named="always", label="pp{}")
+    dp: int = knob(1, group="build", unit="ranks", minimum=1, flag="--dp",
+                   help="ZeRO-3 partition (data parallel) degree", search_axis="dp", vector="degree", named="always",
+                   label="dp{}")
+    weight_bits: int = knob(16, group="build", unit="bits", choices=WEIGHT_BITS, flag="--quant-bits",
+                            search_axis="weight_bits", named="always", label="w{}")
+    pin_memory: bool = knob(True, group="runtime", flag="--pin-memory", search_axis="pin_memory", vector="switch",
+                            named="always", applies="copies_from_host_memory")
+    kv_offload: bool = knob(False, group="runtime", flag="--kv-offload", help="KV cache in CPU RAM",
+                            search_axis="kv_offload", vector="switch")
+    batch_size: int = knob(1, group="target", unit="sequences", minimum=1, flag="--batch",
+                           help="batch size (default 1)", named="always", label="b{}")
+    # pipeline micro-batches per step (1 when pp == 1)
+    micro_batches: int = knob(1, group="runtime", unit="micro-batches", minimum=1, flag="--micro-batches",
+                              help="pipeline micro-batches (default: pp)", flag_derived=True, named="applies",
+                              applies="is_pipelined", label="mb{}")
+    prefetch_bucket_elems: int = knob(DEEPSPEED_DEFAULT_PREFETCH_ELEMS, group="runtime", unit="elements", minimum=0,
+                                      flag="--prefetch-bucket", metavar="ELEMS",
+                                      help="stage3_prefetch_bucket_size (default 5e7)", applies="gathers")
+    max_live_elems: int = knob(DEEPSPEED_DEFAULT_MAX_LIVE_ELEMS, group="runtime", unit="elements", minimum=0,
+                               flag="--max-live", metavar="ELEMS", applies="gathers")
+    persistence_threshold_elems: int = knob(DEEPSPEED_DEFAULT_PERSISTENCE_ELEMS, group="runtime", unit="elements",
+                                            minimum=0, flag="--persistence-threshold", metavar="ELEMS",
+                                            applies="gathers")
+    nvme_buffer_count: int = knob(5, group="runtime", unit="buffers", flag="--nvme-buffer-count",
+                                  applies="offloads_to_nvme")
+    # Not named by plan_flags: plan_from_args derives the size the search uses (search.nvme_buffer_elems_for).
+    nvme_buffer_elems: int = knob(100_000_000, group="runtime", unit="elements", flag="--nvme-buffer-size",
+                                  metavar="ELEMS", help="elements per NVMe buffer (default: fits the largest tensor)",
+                                  flag_derived=True, named="never", applies="offloads_to_nvme")
 
     def __post_init__(self) -> None:
         problems = list(self.problems())
@@ -54,13 +138,12 @@ class Plan:
 
     def problems(self):
         """Self-contained consistency errors, each quoting the failing rule and the fix."""
-        if self.offload not in OFFLOAD_KINDS:
-            yield f"offload {self.offload!r} is not one of {', '.join(OFFLOAD_KINDS)}"
-        if self.weight_bits not in WEIGHT_BITS:
-            yield f"weight bits {self.weight_bits} is not one of 16, 8, 4"
-        for name in ("tp", "pp", "dp", "batch_size", "micro_batches"):
-            if getattr(self, name) < 1:
-                yield f"{name} = {getattr(self, name)} must be >= 1"
+        for k in knob_fields(type(self)):
+            value = getattr(self, k.name)
+            if k.spec.choices and value not in k.spec.choices:
+                yield f"{k.name.replace('_', ' ')} {value!r} is not one of {', '.join(map(str, k.spec.choices))}"
+            elif k.spec.minimum is not None and value < k.spec.minimum:
+                yield f"{k.name} = {value} must be >= {k.spec.minimum}"
         if self.batch_size % self.dp:
             yield f"batch({self.batch_size}) % dp({self.dp}) != 0: make the batch a multiple of dp"
         elif (self.batch_size // self.dp) % self.micro_batches:
@@ -70,9 +153,6 @@ class Plan:
             )
         if self.pp == 1 and self.micro_batches != 1:
             yield f"micro_batches({self.micro_batches}) > 1 needs pp > 1: set micro_batches 1"
-        for name in ("prefetch_bucket_elems", "max_live_elems", "persistence_threshold_elems"):
-            if getattr(self, name) < 0:
-                yield f"{name} = {getattr(self, name)} must be >= 0"
 
     # ---- derived ----------------------------------------------------------------------------------
     @property
@@ -82,6 +162,10 @@ class Plan:
     @property
     def is_offloaded(self) -> bool:
         return self.offload != "none"
+
+    @property
+    def offloads_to_nvme(self) -> bool:
+        return self.offload == "nvme"
 
     @property
     def is_tensor_parallel(self) -> bool:
@@ -96,21 +180,25 @@ class Plan:
         return self.weight_bits < 16
 
     @property
+    def gathers(self) -> bool:
+        """ZeRO-3 gathers weights every forward, so its prefetch knobs matter (``gathers_weights``)."""
+        return bool(gathers_weights(self.is_offloaded, self.dp))
+
+    @property
     def runs_without_zero3(self) -> bool:
-        """Whether the executor runs the stage as plain PyTorch: ZeRO-3 is needed to offload, to partition
-        over dp > 1 and for DeepSpeed's quantized weights (``hpi.executor.worker.uses_deepspeed``)."""
-        return not (self.is_offloaded or self.dp > 1 or self.is_quantized)
+        """Whether the executor runs the stage as plain PyTorch (``runs_zero3``)."""
+        return not runs_zero3(self.is_offloaded, self.dp, self.weight_bits)
 
     @property
     def graph_blocker(self) -> str | None:
-        """Why the decode step of this plan cannot be a CUDA graph (``Workload.decode_graphs``), or None.
-        A replay skips Python: ZeRO-3's gather hooks and the offloaded cache's copies live there. The model
-        can block it too: ``decode_graph_blocker``."""
-        if not self.runs_without_zero3:
-            return "ZeRO-3 gathers weights from Python hooks (offload, dp > 1 or 8/4-bit weights)"
-        if self.kv_offload:
-            return "the offloaded KV cache is copied by Python each layer"
-        return None
+        """Why the decode step of this plan cannot be a CUDA graph (``decode_graph_blockers``), or None. The
+        model can block it too: ``decode_graph_blocker``."""
+        blockers = decode_graph_blockers(self.is_offloaded, self.dp, self.weight_bits, self.kv_offload)
+        return next((why for why, holds in blockers if holds), None)
+
+    @property
+    def can_graph_decode(self) -> bool:
+        return self.graph_blocker is None
 
     @property
     def batch_per_replica(self) -> int:
@@ -122,16 +210,40 @@ class Plan:
 
     @property
     def copies_from_host_memory(self) -> bool:
-        """Whether pin_memory matters: weights or KV cache are copied from CPU RAM every step."""
-        return self.offload == "cpu" or self.kv_offload
+        """Whether pin_memory matters (``copies_from_host``)."""
+        return bool(copies_from_host(self.offload == "cpu", self.kv_offload))
+
+    def applies(self, name: str) -> bool:
+        """Whether knob ``name`` changes anything in this plan (its ``Knob.applies`` property)."""
+        prop = knob_named(type(self), name).spec.applies
+        return prop is None or bool(getattr(self, prop))
 
     @property
     def label(self) -> str:
-        """A short human label, e.g. ``cpu+kv pinned tp2 pp1 dp1 w4 b16``."""
-        where = self.offload + ("+kv" if self.kv_offload else "")
-        host = (" pinned" if self.pin_memory else " pageable") if self.copies_from_host_memory else ""
-        mb = f" mb{self.micro_batches}" if self.pp > 1 else ""
-        return f"{where}{host} tp{self.tp} pp{self.pp} dp{self.dp} w{self.weight_bits} b{self.batch_size}{mb}"
+        """A short human label, e.g. ``cpu+kv pinned tp2 pp1 dp1 w4 b16``: each knob's ``label`` token, where
+        the knob applies, in display order."""
+        tokens = []
+        for k in display_order(type(self)):
+            if k.spec.label is None or not self.applies(k.name):
+                continue
+            fmt = k.spec.label
+            tokens.append(fmt.format(getattr(self, k.name)) if isinstance(fmt, str) else fmt(self))
+        return " ".join(tokens)
+
+    # ---- identity ---------------------------------------------------------------------------------
+    def key(self, *context: Any) -> str:
+        """This plan's identity, a string: its every field as canonical JSON, after whatever else names the run
+        (a model name, a Workload: runs of one plan of one model under one workload share
+        ``plan.key(model.name, workload)``, and calibration holds them out together). Kept records' folds and
+        the fidelity table group by it: its form must not change."""
+        named = [asdict(c) if is_dataclass(c) else c for c in context]
+        return json.dumps([*named, self.to_dict()], sort_keys=True)
+
+    def canonical(self) -> "Plan":
+        """The plan with each knob that changes nothing here (``Knob.applies``) at its default: plans that run
+        identically have the same canonical plan."""
+        idle = {k.name: k.default for k in knob_fields(type(self)) if not self.applies(k.name)}
+        return replace(self, **idle) if idle else self
 
     # ---- JSON -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -147,9 +259,6 @@ class Plan:
 
 
 def decode_graph_blocker(plan: Plan, model) -> str | None:
-    """Why ``plan`` of ``model`` (a ModelSpec) cannot decode as a CUDA graph, or None: the plan's own
-    blocker, or a mixture of experts, whose routing in transformers reads the experts each token picked
-    back to the host (``cost.overhead.graphed_forwards`` is the same rule over arrays of plans)."""
-    if model.is_moe:
-        return f"{model.name}'s expert routing synchronizes the host"
-    return plan.graph_blocker
+    """Why ``plan`` of ``model`` (a ModelSpec) cannot decode as a CUDA graph, or None: the model's blocker
+    (``model_graph_blocker``) or the plan's own (``Plan.graph_blocker``)."""
+    return model_graph_blocker(model) or plan.graph_blocker

@@ -1,7 +1,7 @@
 """Hand-built inputs for the cost-model tests: a hardware profile with round numbers, placements with
 explicit links, small model shapes, and factories that turn plans into an ``Evaluation``.
 
-Nothing here goes through ``hpi.planner.topology`` or ``hpi.planner.layout``: every figure a cost term reads is
+Nothing here goes through ``hpi.planner.topology`` or ``hpi.planner.ranks``: every figure a cost term reads is
 stated below, so the tests can work their expectations out on paper.
 """
 
@@ -13,7 +13,7 @@ from typing import Sequence
 import pytest
 
 from hpi.planner.cost.estimate import Evaluation, evaluate
-from hpi.planner.cost.inputs import Knobs, Layout, make_layout
+from hpi.planner.cost.inputs import Knobs, Arrangement, make_arrangement
 from hpi.planner.specs.hardware import Efficiency, GpuSpec, HardwareProfile, HostSpec, NvmeSpec
 from hpi.planner.specs.model import ModelSpec
 from hpi.planner.specs.placement import Link, Placement
@@ -151,7 +151,7 @@ def toy_mla(**changes) -> ModelSpec:
     return ModelSpec(**{**fields, **changes})
 
 
-def build_layout(
+def build_arrangement(
     model: ModelSpec,
     tp: int = 1,
     pp: int = 1,
@@ -161,17 +161,17 @@ def build_layout(
     workload: Workload | None = None,
     placement: Placement | None = None,
     **placement_kwargs,
-) -> Layout:
+) -> Arrangement:
     hardware = hardware or make_hardware()
     workload = workload or Workload(prompt_len_tokens=512, gen_len_tokens=32)
     placement = placement or make_placement(tp, pp, dp, **placement_kwargs)
-    return make_layout(model, hardware, workload, placement)
+    return make_arrangement(model, hardware, workload, placement)
 
 
-def evaluate_plans(layout: Layout, plans: Sequence[Plan]) -> Evaluation:
+def evaluate_plans(arrangement: Arrangement, plans: Sequence[Plan]) -> Evaluation:
     for p in plans:
-        assert (p.tp, p.pp, p.dp) == (layout.tp, layout.pp, layout.dp), "plans must match the layout"
-    return evaluate(layout, Knobs.from_plans(list(plans)))
+        assert (p.tp, p.pp, p.dp) == (arrangement.tp, arrangement.pp, arrangement.dp), "plans must match"
+    return evaluate(arrangement, Knobs.from_plans(list(plans)))
 
 
 @pytest.fixture
@@ -181,5 +181,5 @@ def kit() -> SimpleNamespace:
         GB=GB, PEAK_FLOPS=PEAK_FLOPS, HBM_BW=HBM_BW, GPU_MEMORY=GPU_MEMORY, H2D_PINNED=H2D_PINNED,
         H2D_PAGEABLE=H2D_PAGEABLE, NVME_READ=NVME_READ, LINK_BW=LINK_BW, LINK_LATENCY=LINK_LATENCY,
         IDEAL=IDEAL, ROUND=ROUND, make_hardware=make_hardware, make_placement=make_placement, nvlink=nvlink,
-        toy_dense=toy_dense, toy_moe=toy_moe, toy_mla=toy_mla, layout=build_layout, evaluate=evaluate_plans,
+        toy_dense=toy_dense, toy_moe=toy_moe, toy_mla=toy_mla, arrangement=build_arrangement, evaluate=evaluate_plans,
     )  # fmt: skip

@@ -59,7 +59,7 @@ def test_small_messages_are_latency_bound() -> None:
 
 def test_tp_collectives_per_module(kit) -> None:
     """Two all-reduces of the hidden states per layer, an all-gather of the logits at the head."""
-    lay = kit.layout(kit.toy_dense(), tp=2)
+    lay = kit.arrangement(kit.toy_dense(), tp=2)
     k = Knobs.from_plans([Plan(tp=2, batch_size=4)])
     dec = tp_collective_time(lay, decode_phase(lay, k))[0]
     hidden = 4 * 1024 * 2
@@ -75,7 +75,7 @@ def test_tp_collectives_per_module(kit) -> None:
 
 
 def test_tp_collectives_vanish_for_tp1(kit) -> None:
-    lay = kit.layout(kit.toy_dense())
+    lay = kit.arrangement(kit.toy_dense())
     k = Knobs.from_plans([Plan(batch_size=8)])
     for phase in (prefill_phase(lay, k), decode_phase(lay, k)):
         assert not tp_collective_time(lay, phase).any()
@@ -83,14 +83,14 @@ def test_tp_collectives_vanish_for_tp1(kit) -> None:
 
 def test_tp_collectives_follow_the_link(kit) -> None:
     pcie = Link(bandwidth_bytes_s=10e9, latency_s=5e-6, kind="pcie")
-    lay = kit.layout(kit.toy_dense(), tp=4, tp_link=pcie)
+    lay = kit.arrangement(kit.toy_dense(), tp=4, tp_link=pcie)
     k = Knobs.from_plans([Plan(tp=4, batch_size=1)])
     pre = tp_collective_time(lay, prefill_phase(lay, k))[0]
     assert pre[DENSE] == pytest.approx(2 * (ALPHA + 6 * 5e-6 + 1.5 * 512 * 1024 * 2 / (10e9 * EFF)))
 
 
 def test_dp_allgather(kit) -> None:
-    lay = kit.layout(kit.toy_dense(), dp=4)
+    lay = kit.arrangement(kit.toy_dense(), dp=4)
     k = Knobs.from_plans([Plan(dp=4, batch_size=4)] * 2)
     fetched = np.array([[2e6, 0.0, 1e6, 0.0], [0.0, 0.0, 0.0, 0.0]])
     t = dp_allgather_time(lay, k, fetched)
@@ -99,6 +99,6 @@ def test_dp_allgather(kit) -> None:
 
 
 def test_dp_allgather_zero_for_dp1(kit) -> None:
-    lay = kit.layout(kit.toy_dense())
+    lay = kit.arrangement(kit.toy_dense())
     k = Knobs.from_plans([Plan(offload="cpu")])
     assert not dp_allgather_time(lay, k, np.full((1, 4), 1e9)).any()

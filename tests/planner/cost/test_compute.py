@@ -69,7 +69,7 @@ def test_expected_experts_touched_is_monotone_and_bounded() -> None:
 
 
 def test_decode_flops_by_hand(kit) -> None:
-    lay = kit.layout(kit.toy_dense())
+    lay = kit.arrangement(kit.toy_dense())
     k = knobs(Plan(batch_size=1), Plan(batch_size=4))
     f = flops(lay, decode_phase(lay, k))
     for row, tokens in enumerate((1, 4)):
@@ -85,7 +85,7 @@ def test_decode_flops_are_twice_active_params_plus_attention(kit, model_name: st
     """Summed over the model's modules (embedding aside, see the lookup test below):
     2 * tokens * (active params - embedding) + layers * tokens * 2H(d_qk+d_v) * context."""
     m = getattr(kit, model_name)()
-    lay = kit.layout(m)
+    lay = kit.arrangement(m)
     f = flops(lay, decode_phase(lay, knobs(Plan(batch_size=batch))))[0]
     counts = lay.stage_counts.sum(axis=0)
     non_embedding = (f * counts).sum() - f[EMBED]
@@ -94,7 +94,7 @@ def test_decode_flops_are_twice_active_params_plus_attention(kit, model_name: st
 
 
 def test_embedding_is_a_lookup_not_a_matmul(kit) -> None:
-    lay = kit.layout(kit.toy_dense())
+    lay = kit.arrangement(kit.toy_dense())
     k = knobs(Plan(batch_size=4))
     for phase in (prefill_phase(lay, k), decode_phase(lay, k)):
         assert flops(lay, phase)[0, EMBED] == 0.0
@@ -102,7 +102,7 @@ def test_embedding_is_a_lookup_not_a_matmul(kit) -> None:
 
 
 def test_prefill_flops_and_the_head_on_the_last_position_only(kit) -> None:
-    lay = kit.layout(kit.toy_dense())
+    lay = kit.arrangement(kit.toy_dense())
     k = knobs(Plan(batch_size=2))
     f = flops(lay, prefill_phase(lay, k))[0]
     tokens = 2 * 512
@@ -114,7 +114,7 @@ def test_prefill_flops_and_the_head_on_the_last_position_only(kit) -> None:
 
 @pytest.mark.parametrize("tp", [2, 4])
 def test_tp_divides_sharded_work_not_replicated(kit, tp: int) -> None:
-    lay = kit.layout(kit.toy_dense(), tp=tp)
+    lay = kit.arrangement(kit.toy_dense(), tp=tp)
     k = knobs(Plan(tp=tp, batch_size=1))
     f = flops(lay, decode_phase(lay, k))[0]
     assert f[DENSE] == pytest.approx(2 * (DENSE_SHARDED / tp + DENSE_REPLICATED) + ATTN_PER_KEY / tp * DECODE_CTX)
@@ -126,7 +126,7 @@ def test_tp_divides_sharded_work_not_replicated(kit, tp: int) -> None:
 
 def test_moe_flops_use_k_experts(kit) -> None:
     m = kit.toy_moe()
-    lay = kit.layout(m)
+    lay = kit.arrangement(m)
     k = knobs(Plan(batch_size=16))
     f = flops(lay, decode_phase(lay, k))[0]
     t = lay.table
@@ -138,7 +138,7 @@ def test_mla_decode_re_expands_the_cached_latents(kit) -> None:
     """toy_mla: 4 heads, kv_lora 64, d_nope 32, d_v 32: 2*64*4*64 FLOPs per cached token per layer."""
     m = kit.toy_mla()
     for tp in (1, 2):
-        lay = kit.layout(m, tp=tp)
+        lay = kit.arrangement(m, tp=tp)
         k = knobs(Plan(tp=tp, batch_size=2))
         dec = decode_phase(lay, k)
         f = flops(lay, dec)[0]
@@ -158,7 +158,7 @@ def test_mla_decode_re_expands_the_cached_latents(kit) -> None:
 
 
 def test_decode_hbm_bytes_16_bit(kit) -> None:
-    lay = kit.layout(kit.toy_dense())
+    lay = kit.arrangement(kit.toy_dense())
     k = knobs(Plan(batch_size=3))
     b = hbm_bytes(lay, k, decode_phase(lay, k))[0]
     kv = 3 * DECODE_CTX * KV_ELEMS * 2  # every sequence's cache, K and V, 16 bit
@@ -170,7 +170,7 @@ def test_decode_hbm_bytes_16_bit(kit) -> None:
 def test_the_gemm_reads_a_quantized_weight_in_16_bit(kit, bits: int) -> None:
     """The GEMM reads the dequantized 16-bit copy: the roofline's bytes do not depend on the weight bits
     (dequantizing is cost.dequant's term)."""
-    lay = kit.layout(kit.toy_dense())
+    lay = kit.arrangement(kit.toy_dense())
     k = knobs(Plan(batch_size=1), Plan(batch_size=1, weight_bits=bits))
     b16, bq = hbm_bytes(lay, k, decode_phase(lay, k))
     kv = DECODE_CTX * KV_ELEMS * 2
@@ -179,7 +179,7 @@ def test_the_gemm_reads_a_quantized_weight_in_16_bit(kit, bits: int) -> None:
 
 
 def test_prefill_reads_no_kv_cache(kit) -> None:
-    lay = kit.layout(kit.toy_dense())
+    lay = kit.arrangement(kit.toy_dense())
     k = knobs(Plan(batch_size=2))
     b = hbm_bytes(lay, k, prefill_phase(lay, k))[0]
     assert b[DENSE] == pytest.approx((DENSE_SHARDED + DENSE_REPLICATED) * 2)
@@ -187,7 +187,7 @@ def test_prefill_reads_no_kv_cache(kit) -> None:
 
 @pytest.mark.parametrize("tp,split", [(1, 1), (2, 2), (4, 2), (8, 2)])
 def test_kv_reads_split_at_most_by_kv_heads(kit, tp: int, split: int) -> None:
-    lay = kit.layout(kit.toy_dense(), tp=tp)
+    lay = kit.arrangement(kit.toy_dense(), tp=tp)
     assert lay.kv_split == split
     k = knobs(Plan(tp=tp, batch_size=1))
     b = hbm_bytes(lay, k, decode_phase(lay, k))[0]
@@ -197,7 +197,7 @@ def test_kv_reads_split_at_most_by_kv_heads(kit, tp: int, split: int) -> None:
 
 def test_moe_decode_reads_the_experts_tokens_touch(kit) -> None:
     m = kit.toy_moe()
-    lay = kit.layout(m)
+    lay = kit.arrangement(m)
     t = lay.table
     k = knobs(Plan(batch_size=1), Plan(batch_size=4), Plan(batch_size=256))
     touched = touched_elems_per_rank(lay, decode_phase(lay, k).tokens)[:, MOE]
@@ -211,7 +211,7 @@ def test_moe_decode_reads_the_experts_tokens_touch(kit) -> None:
 
 def test_stored_elems_per_rank(kit) -> None:
     m = kit.toy_moe()
-    lay = kit.layout(m, tp=2)
+    lay = kit.arrangement(m, tp=2)
     s = stored_elems_per_rank(lay)
     t = lay.table
     assert s[MOE] == pytest.approx(t.sharded[MOE] / 2 + t.replicated[MOE] + 8 * 3 * 1024 * 2048 / 2)
@@ -224,7 +224,7 @@ def test_stored_elems_per_rank(kit) -> None:
 
 def test_roofline_sides_use_the_phase_efficiency(kit) -> None:
     """ROUND efficiency: matmul 0.5 prefill / 0.25 decode of 100 TFLOP/s, HBM 0.8 of 1 TB/s."""
-    lay = kit.layout(kit.toy_dense())
+    lay = kit.arrangement(kit.toy_dense())
     k = knobs(Plan(batch_size=1))
     for phase, eff in ((prefill_phase(lay, k), 0.5), (decode_phase(lay, k), 0.25)):
         t_f, t_b = roofline_sides(lay, k, phase)
@@ -234,7 +234,7 @@ def test_roofline_sides_use_the_phase_efficiency(kit) -> None:
 
 
 def test_decode_bs1_is_hbm_bound_and_long_prefill_is_flop_bound(kit) -> None:
-    lay = kit.layout(kit.toy_dense())
+    lay = kit.arrangement(kit.toy_dense())
     k = knobs(Plan(batch_size=1))
     t_f, t_b = roofline_sides(lay, k, decode_phase(lay, k))
     assert t_b[0, DENSE] > 10 * t_f[0, DENSE]
@@ -246,7 +246,7 @@ def test_decode_bs1_is_hbm_bound_and_long_prefill_is_flop_bound(kit) -> None:
 
 def test_decode_layer_time_by_hand(kit) -> None:
     """Ideal hardware, bs 1: a decode layer reads (15.2M weights x 2 B + KV) at 1 TB/s."""
-    lay = kit.layout(kit.toy_dense(), hardware=kit.make_hardware(kit.IDEAL))
+    lay = kit.arrangement(kit.toy_dense(), hardware=kit.make_hardware(kit.IDEAL))
     k = knobs(Plan(batch_size=1))
     t = compute_time(lay, k, decode_phase(lay, k))[0]
     want = ((DENSE_SHARDED + DENSE_REPLICATED) * 2 + DECODE_CTX * KV_ELEMS * 2) / 1e12

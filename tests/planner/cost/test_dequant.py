@@ -50,7 +50,7 @@ def test_kernels_and_buffers_per_dequantization() -> None:
 
 
 def test_every_matrix_a_forward_touches_is_dequantized_whole(kit) -> None:
-    lay = kit.layout(kit.toy_dense())
+    lay = kit.arrangement(kit.toy_dense())
     k = Knobs.from_plans([Plan(), Plan(weight_bits=8)])
     for phase in (decode_phase(lay, k), prefill_phase(lay, k)):
         elems = dequant_elems_per_rank(lay, k, phase)
@@ -61,7 +61,7 @@ def test_every_matrix_a_forward_touches_is_dequantized_whole(kit) -> None:
 
 
 def test_dequant_time_and_launches_by_hand(kit) -> None:
-    lay = kit.layout(kit.toy_dense())
+    lay = kit.arrangement(kit.toy_dense())
     k = Knobs.from_plans([Plan(weight_bits=8), Plan(weight_bits=4)])
     t = dequant_time(lay, k, decode_phase(lay, k))
     assert t[0, DENSE] == pytest.approx(LAYER_MATRICES * 13 / (1e12 * 0.4))
@@ -72,14 +72,14 @@ def test_dequant_time_and_launches_by_hand(kit) -> None:
 
 
 def test_fp16_takes_the_fused_kernel(kit) -> None:
-    lay = kit.layout(kit.toy_dense(), workload=Workload(512, 32, compute_dtype="fp16"))
+    lay = kit.arrangement(kit.toy_dense(), workload=Workload(512, 32, compute_dtype="fp16"))
     k = Knobs.from_plans([Plan(weight_bits=4)])
     assert dequant_time(lay, k, decode_phase(lay, k))[0, DENSE] == pytest.approx(LAYER_MATRICES * 2.5 / (1e12 * 0.4))
 
 
 def test_dequantization_adds_to_the_step_in_series_with_the_copy(kit) -> None:
     """Offloaded, PCIe-bound: the 4-bit step is the packed copy plus the dequantization, not their max."""
-    lay = kit.layout(kit.toy_dense())
+    lay = kit.arrangement(kit.toy_dense())
     ev = kit.evaluate(lay, [Plan(offload="cpu", weight_bits=4)])
     d = ev.decode.exposed
     t = dequant_time(lay, Knobs.from_plans([Plan(offload="cpu", weight_bits=4)]), decode_phase(lay, ev.knobs))

@@ -40,7 +40,7 @@ PERSISTENT = 4 * 2048 + 1024  # norms under the 1e5 persistence threshold
 
 
 def ev_of(kit, plans, tp=1, pp=1, dp=1, model=None, **kw):
-    lay = kit.layout(model or kit.toy_dense(), tp, pp, dp, **kw)
+    lay = kit.arrangement(model or kit.toy_dense(), tp, pp, dp, **kw)
     return kit.evaluate(lay, plans)
 
 
@@ -111,7 +111,7 @@ def modules_by_hand(lay, k, phase, f, host_wait=False):
 def test_the_bucket_does_not_change_the_overlap(kit, offload: str) -> None:
     """The next module's copy runs while this one computes whatever the bucket (stream-ordered: the host
     queued it long before; host wait: the host waits for copies, not compute): f = prefetch_overlap."""
-    lay = kit.layout(kit.toy_dense())
+    lay = kit.arrangement(kit.toy_dense())
     plans = [
         Plan(offload=offload, kv_offload=True, batch_size=4, prefetch_bucket_elems=0),
         Plan(offload=offload, kv_offload=True, batch_size=4, prefetch_bucket_elems=10**12, max_live_elems=10**13),
@@ -131,7 +131,7 @@ def test_the_bucket_does_not_change_the_overlap(kit, offload: str) -> None:
 
 def test_no_overlap_adds_compute_and_fetch(kit) -> None:
     none = dataclasses.replace(kit.ROUND, prefetch_overlap=1e-9)
-    lay = kit.layout(kit.toy_dense(), workload=Workload(512, 32), hardware=kit.make_hardware(none))
+    lay = kit.arrangement(kit.toy_dense(), workload=Workload(512, 32), hardware=kit.make_hardware(none))
     k = Knobs.from_plans([Plan(offload="cpu", batch_size=8)])
     module, busy, fetch = modules_by_hand(lay, k, prefill_phase(lay, k), prefetch_overlap(lay, k))
     np.testing.assert_allclose(module[0, DENSE], busy[0, DENSE] + fetch[0, DENSE], rtol=1e-6)
@@ -143,8 +143,8 @@ def test_the_host_fetch_wait_puts_the_hooks_in_series_with_the_copies(kit) -> No
     idles while the host runs the hooks); hpi's stream-ordered wait hides the host time. The host's part
     is reported as overhead."""
     plans = [Plan(offload="cpu")]
-    stream = kit.layout(kit.toy_dense())
-    host = kit.layout(kit.toy_dense(), workload=Workload(512, 32, fetch_wait="host"))
+    stream = kit.arrangement(kit.toy_dense())
+    host = kit.arrangement(kit.toy_dense(), workload=Workload(512, 32, fetch_wait="host"))
     k = Knobs.from_plans(plans)
     f = prefetch_overlap(stream, k)
     by_hand_stream, _, fetch = modules_by_hand(stream, k, decode_phase(stream, k), f)
@@ -181,7 +181,7 @@ def test_gpu_resident_decode_is_host_bound_when_launches_outlast_the_kernels(kit
     launches 100 us of host time, which the GPU cannot hide: each layer costs the host's 100 us; the
     embedding and head (no host term) their roofline; plus one 1 ms step overhead per forward after the
     device synchronizes."""
-    lay = kit.layout(kit.toy_dense())
+    lay = kit.arrangement(kit.toy_dense())
     k = Knobs.from_plans([Plan(batch_size=1)])
     ev = evaluate(lay, k)
     per_module = compute_time(lay, k, decode_phase(lay, k))[0] + layer_device_time(lay)
@@ -203,7 +203,7 @@ def test_zero3_hook_overhead_is_host_time_hidden_by_streaming(kit) -> None:
     assert ev.decode.exposed["overhead_s"][0] == pytest.approx(1e-3)  # the step overhead only
     assert ev.decode.link["host_s"][0] == pytest.approx(4 * (100e-6 + 300e-6) + 1e-3)
     slow_hooks = dataclasses.replace(kit.ROUND, offload_layer_overhead_s=50e-3)
-    lay = kit.layout(kit.toy_dense(), hardware=kit.make_hardware(slow_hooks))
+    lay = kit.arrangement(kit.toy_dense(), hardware=kit.make_hardware(slow_hooks))
     k = Knobs.from_plans([Plan(offload="cpu", prefetch_bucket_elems=0)])
     ev = evaluate(lay, k)
     module, _, _ = modules_by_hand(lay, k, decode_phase(lay, k), prefetch_overlap(lay, k))
@@ -216,30 +216,31 @@ def test_each_layer_costs_its_kernels_fixed_device_time_in_series_with_its_roofl
     """ROUND's 50 us per decoder layer: a graphed step (device-bound) grows by layers x 50 us, reported as
     compute; the embedding and the head pay none; a host-bound eager step hides it under its launches."""
     graphs = Workload(512, 32, decode_graphs=True)
-    lay = kit.layout(kit.toy_dense(), workload=graphs)
+    lay = kit.arrangement(kit.toy_dense(), workload=graphs)
     np.testing.assert_allclose(layer_device_time(lay), np.where(lay.table.is_layer > 0, 50e-6, 0.0))
     assert lay.table.is_layer[DENSE] and not lay.table.is_layer[EMBED] and not lay.table.is_layer[HEAD]
     none = dataclasses.replace(kit.ROUND, layer_device_overhead_s=0.0)
-    bare = kit.layout(kit.toy_dense(), workload=graphs, hardware=kit.make_hardware(none))
+    bare = kit.arrangement(kit.toy_dense(), workload=graphs, hardware=kit.make_hardware(none))
     k = Knobs.from_plans([Plan(batch_size=1)])
     layers = float(lay.table.is_layer @ lay.stage_counts[0])
     ev, ev_bare = evaluate(lay, k), evaluate(bare, k)
     assert ev.decode_step_s[0] - ev_bare.decode_step_s[0] == pytest.approx(layers * 50e-6)
     assert ev.decode.exposed["compute_s"][0] - ev_bare.decode.exposed["compute_s"][0] == pytest.approx(layers * 50e-6)
     eager = Knobs.from_plans([Plan(batch_size=1)])
-    hidden = evaluate(kit.layout(kit.toy_dense()), eager).decode_step_s[0]
-    hidden_bare = evaluate(kit.layout(kit.toy_dense(), hardware=kit.make_hardware(none)), eager).decode_step_s[0]
+    hidden = evaluate(kit.arrangement(kit.toy_dense()), eager).decode_step_s[0]
+    hidden_bare = evaluate(kit.arrangement(kit.toy_dense(), hardware=kit.make_hardware(none)), eager).decode_step_s[0]
     assert hidden == pytest.approx(hidden_bare)  # 100 us of launches a layer cover the toy layer's device time
 
 
 def test_tensor_parallel_collectives_cost_host_time(kit) -> None:
     """Each TP collective costs 30 us of host time to issue (ROUND): two per layer, one at the head; and
     waiting for the slowest rank makes a module's host time 1 + 0.5 (ROUND's drift factor at tp 2) as long."""
-    lay = kit.layout(kit.toy_dense(), tp=2)
+    lay = kit.arrangement(kit.toy_dense(), tp=2)
     np.testing.assert_allclose(tp_collective_host_time(lay), [60e-6, 60e-6, 0.0, 30e-6])
-    np.testing.assert_allclose(tp_collective_host_time(kit.layout(kit.toy_dense())), 0.0)
+    np.testing.assert_allclose(tp_collective_host_time(kit.arrangement(kit.toy_dense())), 0.0)
     np.testing.assert_allclose(tp_drift(lay), [0.5, 0.5, 0.0, 0.5])
-    np.testing.assert_allclose(tp_drift(kit.layout(kit.toy_dense(), tp=4)), np.array([1, 1, 0, 1]) * 0.5 * 1.0294 / 0.5642,
+    np.testing.assert_allclose(tp_drift(kit.arrangement(kit.toy_dense(), tp=4)),
+                               np.array([1, 1, 0, 1]) * 0.5 * 1.0294 / 0.5642,
                                rtol=1e-3)
     ev = kit.evaluate(lay, [Plan(tp=2, batch_size=1)])
     assert ev.decode.link["host_s"][0] == pytest.approx((4 * (100e-6 + 60e-6) + 30e-6) * 1.5 + 1e-3)
@@ -252,9 +253,9 @@ def test_graphed_decode_drops_the_host_time_per_module_and_the_drift(kit) -> Non
     collective and the 1.5x drift go too, and the all-reduces stay on the GPU's stream. Prefill stays eager,
     and offloaded, quantized, dp > 1 or KV-offloaded plans are not graphed."""
     graphs = Workload(512, 32, decode_graphs=True)
-    lay = kit.layout(kit.toy_dense(), workload=graphs)
+    lay = kit.arrangement(kit.toy_dense(), workload=graphs)
     k = Knobs.from_plans([Plan(batch_size=1)])
-    ev, eager = evaluate(lay, k), evaluate(kit.layout(kit.toy_dense()), k)
+    ev, eager = evaluate(lay, k), evaluate(kit.arrangement(kit.toy_dense()), k)
     compute = (compute_time(lay, k, decode_phase(lay, k))[0] + layer_device_time(lay)) @ lay.stage_counts[0]
     assert ev.decode_step_s[0] == pytest.approx(compute + 0.4e-3)
     assert ev.decode.exposed["overhead_s"][0] == pytest.approx(0.4e-3)
@@ -264,7 +265,7 @@ def test_graphed_decode_drops_the_host_time_per_module_and_the_drift(kit) -> Non
     assert eager.decode.exposed["overhead_s"][0] > 1e-3 and ev.prefill_s[0] > 1e-3  # eager and prefill: step_overhead_s
     np.testing.assert_allclose(ev.prefill_s, eager.prefill_s)  # the prefill is not captured
 
-    tp = kit.layout(kit.toy_dense(), tp=2, workload=graphs)
+    tp = kit.arrangement(kit.toy_dense(), tp=2, workload=graphs)
     kt = Knobs.from_plans([Plan(tp=2, batch_size=1)])
     ev_tp = evaluate(tp, kt)
     busy = (compute_time(tp, kt, decode_phase(tp, kt))[0] + layer_device_time(tp)
@@ -277,27 +278,27 @@ def test_graphed_decode_drops_the_host_time_per_module_and_the_drift(kit) -> Non
 
     blocked = [Plan(offload="cpu"), Plan(weight_bits=8), Plan(kv_offload=True)]
     np.testing.assert_allclose(evaluate(lay, Knobs.from_plans(blocked)).decode_step_s,
-                               evaluate(kit.layout(kit.toy_dense()), Knobs.from_plans(blocked)).decode_step_s)
+                               evaluate(kit.arrangement(kit.toy_dense()), Knobs.from_plans(blocked)).decode_step_s)
     dp = Knobs.from_plans([Plan(dp=2, batch_size=2)])
-    np.testing.assert_allclose(evaluate(kit.layout(kit.toy_dense(), dp=2, workload=graphs), dp).decode_step_s,
-                               evaluate(kit.layout(kit.toy_dense(), dp=2), dp).decode_step_s)
+    np.testing.assert_allclose(evaluate(kit.arrangement(kit.toy_dense(), dp=2, workload=graphs), dp).decode_step_s,
+                               evaluate(kit.arrangement(kit.toy_dense(), dp=2), dp).decode_step_s)
     moe = Knobs.from_plans([Plan()])
-    np.testing.assert_allclose(evaluate(kit.layout(kit.toy_moe(), workload=graphs), moe).decode_step_s,
-                               evaluate(kit.layout(kit.toy_moe()), moe).decode_step_s)
+    np.testing.assert_allclose(evaluate(kit.arrangement(kit.toy_moe(), workload=graphs), moe).decode_step_s,
+                               evaluate(kit.arrangement(kit.toy_moe()), moe).decode_step_s)
 
 
 def test_step_overhead_is_paid_by_every_pipeline_stage(kit) -> None:
     """The executor synchronizes after each stage's forward: a 1 ms step overhead on each of 2 stages."""
-    lay = kit.layout(kit.toy_dense(), pp=2)
+    lay = kit.arrangement(kit.toy_dense(), pp=2)
     ev = kit.evaluate(lay, [Plan(pp=2, batch_size=1)])
-    one = kit.evaluate(kit.layout(kit.toy_dense()), [Plan(batch_size=1)])
+    one = kit.evaluate(kit.arrangement(kit.toy_dense()), [Plan(batch_size=1)])
     # One micro-batch: the step is the round trip, both stages in turn, each with its own overhead.
     assert ev.decode.exposed["overhead_s"][0] == pytest.approx(one.decode.exposed["overhead_s"][0] + 1e-3)
 
 
 def test_prefetch_overlap_scales_the_hidden_share(kit) -> None:
     half = dataclasses.replace(kit.ROUND, prefetch_overlap=0.5)
-    lay = kit.layout(kit.toy_dense(), hardware=kit.make_hardware(half))
+    lay = kit.arrangement(kit.toy_dense(), hardware=kit.make_hardware(half))
     k = Knobs.from_plans([Plan(offload="cpu", prefetch_bucket_elems=10**12, max_live_elems=10**13)])
     np.testing.assert_allclose(prefetch_overlap(lay, k), 0.5)
 
@@ -306,7 +307,7 @@ def test_prefetch_overlap_scales_the_hidden_share(kit) -> None:
 
 
 def test_totals(kit) -> None:
-    lay = kit.layout(kit.toy_dense(), workload=Workload(prompt_len_tokens=128, gen_len_tokens=17))
+    lay = kit.arrangement(kit.toy_dense(), workload=Workload(prompt_len_tokens=128, gen_len_tokens=17))
     ev = kit.evaluate(lay, [Plan(batch_size=1), Plan(offload="cpu", batch_size=8), Plan(kv_offload=True, batch_size=4)])
     np.testing.assert_allclose(ev.total_s, ev.prefill_s + 16 * ev.decode_step_s)
     np.testing.assert_array_equal(ev.ttft_s, ev.prefill_s)
@@ -314,7 +315,7 @@ def test_totals(kit) -> None:
 
 
 def test_one_generated_token_is_just_the_prefill(kit) -> None:
-    lay = kit.layout(kit.toy_dense(), workload=Workload(prompt_len_tokens=64, gen_len_tokens=1))
+    lay = kit.arrangement(kit.toy_dense(), workload=Workload(prompt_len_tokens=64, gen_len_tokens=1))
     ev = kit.evaluate(lay, [Plan(batch_size=2)])
     assert ev.total_s[0] == ev.prefill_s[0]
     assert ev.throughput_tok_s[0] == pytest.approx(2 / ev.prefill_s[0])
@@ -322,7 +323,7 @@ def test_one_generated_token_is_just_the_prefill(kit) -> None:
 
 def test_evaluation_of_many_equals_evaluation_of_one(kit) -> None:
     plans = grid(1, 2, 1)[::7]
-    lay = kit.layout(kit.toy_moe(), 1, 2, 1)
+    lay = kit.arrangement(kit.toy_moe(), 1, 2, 1)
     many = kit.evaluate(lay, plans)
     for i in (0, 3, len(plans) - 1):
         one = kit.evaluate(lay, [plans[i]])
@@ -446,7 +447,7 @@ def test_estimate_from_evaluation_reads_one_plan(kit) -> None:
 
 def test_estimate_of_an_infeasible_plan_carries_reasons(kit) -> None:
     predict = pytest.importorskip("hpi.planner.predict")
-    lay = kit.layout(kit.toy_dense(), hardware=kit.make_hardware(gpu_memory=1.2e9))
+    lay = kit.arrangement(kit.toy_dense(), hardware=kit.make_hardware(gpu_memory=1.2e9))
     plan = Plan(batch_size=1)
     est = predict.estimate_from_evaluation(kit.evaluate(lay, [plan]), 0, plan)
     assert not est.feasible
@@ -455,7 +456,7 @@ def test_estimate_of_an_infeasible_plan_carries_reasons(kit) -> None:
 
 
 def test_efficiency_defaults_are_used_when_not_overridden(kit) -> None:
-    lay = kit.layout(kit.toy_dense(), hardware=kit.make_hardware(Efficiency()))
+    lay = kit.arrangement(kit.toy_dense(), hardware=kit.make_hardware(Efficiency()))
     ev = kit.evaluate(lay, [Plan(offload="cpu")])
     assert ev.decode.h2d_bandwidth_bytes_s[0] == pytest.approx(10e9 * Efficiency().h2d_stream_pinned)
 
@@ -466,7 +467,7 @@ def test_zero3_runs_the_rule_leaf_module_by_leaf_module(kit) -> None:
     hooks per layer (0.73 ms a leaf), the small k/v/q/o copies (0.1-0.4 ms at 5 GB/s) show the hooks, the
     FFN's 1.68 ms copies hide them; a GPU-resident module stays one unit."""
     slow = dataclasses.replace(kit.ROUND, offload_layer_overhead_s=5e-3)
-    lay = kit.layout(kit.toy_dense(), hardware=kit.make_hardware(slow))
+    lay = kit.arrangement(kit.toy_dense(), hardware=kit.make_hardware(slow))
     k = Knobs.from_plans([Plan(offload="cpu"), Plan()])
     w, hw = leaf_shares(lay, k)
     leaves = np.array([H * H, H * 256, H * 256, H * H, H * 4096, H * 4096, H * 4096]) / LAYER_MATRICES

@@ -36,7 +36,7 @@ GATHERED_AFTER_EMBEDDING = LAYERS * LAYER_MATRICES + V * H  # the layers' matric
 
 
 def mem(kit, plans, tp=1, pp=1, dp=1, model=None, **kw):
-    lay = kit.layout(model or kit.toy_dense(), tp, pp, dp, **kw)
+    lay = kit.arrangement(model or kit.toy_dense(), tp, pp, dp, **kw)
     return lay, memory(lay, Knobs.from_plans(plans))
 
 
@@ -230,7 +230,7 @@ def test_moe_stores_every_expert(kit) -> None:
 
 def test_stored_elems_per_rank_tied_head_keeps_its_norm(kit) -> None:
     model = kit.toy_dense(tied_embeddings=True)
-    lay = kit.layout(model)
+    lay = kit.arrangement(model)
     assert stored_elems_per_rank(lay)[3] == H
     _, m = mem(kit, [Plan()], model=model)
     assert m.gpu_parts["resident_weights"][0] == pytest.approx(model.params_total * 2)

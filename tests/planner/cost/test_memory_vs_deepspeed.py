@@ -18,7 +18,7 @@ import pytest
 
 from hpi.planner.catalog import load_model
 from hpi.planner.cost.estimate import evaluate
-from hpi.planner.cost.inputs import Knobs, make_layout
+from hpi.planner.cost.inputs import Knobs, make_arrangement
 from hpi.planner.cost.memory import live_param_elems
 from hpi.planner.cost.streaming import persistent_elems
 from hpi.planner.cost.shape import DENSE, HEAD, MOE, module_table
@@ -69,8 +69,8 @@ def _placement(dp: int) -> Placement:
 
 def _ours(name: str, dp: int, plan: Plan):
     model = load_model(name)
-    layout = make_layout(model, _hardware(dp), Workload(), _placement(dp))
-    return evaluate(layout, Knobs.from_plans([plan])).memory
+    arrangement = make_arrangement(model, _hardware(dp), Workload(), _placement(dp))
+    return evaluate(arrangement, Knobs.from_plans([plan])).memory
 
 
 @pytest.fixture(scope="module", params=MODELS)
@@ -114,12 +114,12 @@ def test_gpu_shard_of_partitioned_weights_matches(case, gpus):
 def _live_peak(name: str, plan: Plan) -> float:
     """Bytes ZeRO-3 holds gathered at its peak, over the moments (layers running, embedding or head running)."""
     model = load_model(name)
-    layout = make_layout(model, _hardware(1), Workload(), _placement(1))
+    arrangement = make_arrangement(model, _hardware(1), Workload(), _placement(1))
     knobs = Knobs.from_plans([plan])
-    t = layout.table
+    t = arrangement.table
     used = t.sharded + t.replicated + t.n_experts * t.expert_sharded
-    fetched = np.maximum(used[None, :] - persistent_elems(layout, knobs.persistence_threshold_elems), 0.0)
-    layers, vocab = live_param_elems(layout, knobs, fetched)
+    fetched = np.maximum(used[None, :] - persistent_elems(arrangement, knobs.persistence_threshold_elems), 0.0)
+    layers, vocab = live_param_elems(arrangement, knobs, fetched)
     return 2.0 * float(max(layers.max(), vocab.max()))
 
 

@@ -135,7 +135,7 @@ def test_more_stages_than_layers_raises() -> None:
 
 def test_p2p_time(kit) -> None:
     """alpha (ROUND: 20 us) + link latency (1 us) + hidden states over the link (no efficiency)."""
-    lay = kit.layout(kit.toy_dense(), pp=2)
+    lay = kit.arrangement(kit.toy_dense(), pp=2)
     k = Knobs.from_plans([Plan(pp=2, batch_size=4, micro_batches=2)])
     dec = p2p_time(lay, decode_phase(lay, k))
     assert dec[0] == pytest.approx(20e-6 + 1e-6 + 2 * 1024 * 2 / 100e9)  # micro-batch of 2 sequences
@@ -144,7 +144,7 @@ def test_p2p_time(kit) -> None:
 
 
 def test_no_p2p_for_one_stage(kit) -> None:
-    lay = kit.layout(kit.toy_dense())
+    lay = kit.arrangement(kit.toy_dense())
     k = Knobs.from_plans([Plan(batch_size=4)])
     assert not p2p_time(lay, decode_phase(lay, k)).any()
 

@@ -49,13 +49,13 @@ def stream_bytes(lay, k, phase=None):
     "offload,dp,fetches", [("none", 1, False), ("none", 2, True), ("cpu", 1, True), ("nvme", 1, True), ("cpu", 2, True)]
 )
 def test_fetches_weights(kit, offload: str, dp: int, fetches: bool) -> None:
-    lay = kit.layout(kit.toy_dense(), dp=dp)
+    lay = kit.arrangement(kit.toy_dense(), dp=dp)
     k = knobs(Plan(offload=offload, dp=dp, batch_size=dp))
     assert bool(fetches_weights(lay, k)[0]) is fetches
 
 
 def test_no_streaming_without_offload_on_one_rank(kit) -> None:
-    lay = kit.layout(kit.toy_dense())
+    lay = kit.arrangement(kit.toy_dense())
     k = knobs(Plan(), Plan(kv_offload=True))
     for phase in (prefill_phase(lay, k), decode_phase(lay, k)):
         assert not fetched_elems_per_rank(lay, k, phase).any()
@@ -63,7 +63,7 @@ def test_no_streaming_without_offload_on_one_rank(kit) -> None:
 
 
 def test_dp_without_offload_gathers_but_copies_nothing_from_host(kit) -> None:
-    lay = kit.layout(kit.toy_dense(), dp=2)
+    lay = kit.arrangement(kit.toy_dense(), dp=2)
     k = knobs(Plan(dp=2, batch_size=2))
     dec = decode_phase(lay, k)
     assert fetched_elems_per_rank(lay, k, dec)[0, DENSE] == LAYER_MATRICES  # all-gathered over dp
@@ -74,7 +74,7 @@ def test_dp_without_offload_gathers_but_copies_nothing_from_host(kit) -> None:
 
 
 def test_persistent_elems_by_threshold(kit) -> None:
-    lay = kit.layout(kit.toy_dense())
+    lay = kit.arrangement(kit.toy_dense())
     thresholds = np.array([0.0, 1e5, 3e5, 1e12])
     p = persistent_elems(lay, thresholds)
     np.testing.assert_array_equal(p[0], [0, 0, 0, 0])
@@ -84,13 +84,13 @@ def test_persistent_elems_by_threshold(kit) -> None:
 
 
 def test_persistence_threshold_is_inclusive_like_deepspeed(kit) -> None:
-    lay = kit.layout(kit.toy_dense())
+    lay = kit.arrangement(kit.toy_dense())
     # A threshold equal to the norm's size (1024): DeepSpeed persists the norms.
     assert persistent_elems(lay, np.array([1024.0]))[0, DENSE] == LAYER_NORMS
 
 
 def test_persistence_removes_small_tensors_from_the_stream(kit) -> None:
-    lay = kit.layout(kit.toy_dense())
+    lay = kit.arrangement(kit.toy_dense())
     k = knobs(
         Plan(offload="cpu", persistence_threshold_elems=0),
         Plan(offload="cpu"),  # 1e5: the norms stay on the GPU
@@ -106,7 +106,7 @@ def test_persistence_removes_small_tensors_from_the_stream(kit) -> None:
 @pytest.mark.parametrize("dp", [1, 2, 4])
 def test_cpu_offload_bytes_per_forward_16_bit(kit, dp: int) -> None:
     """Each rank copies its 1/dp of every fetched tensor, 2 bytes a weight."""
-    lay = kit.layout(kit.toy_dense(), dp=dp)
+    lay = kit.arrangement(kit.toy_dense(), dp=dp)
     k = knobs(Plan(offload="cpu", dp=dp, batch_size=dp))
     for phase in (prefill_phase(lay, k), decode_phase(lay, k)):
         b = stream_bytes(lay, k, phase)[0]
@@ -119,7 +119,7 @@ def test_cpu_offload_bytes_per_forward_16_bit(kit, dp: int) -> None:
 def test_quantized_offload_streams_packed_bytes_and_scales(kit, bits: int) -> None:
     """bits/8 bytes a matrix weight plus an fp16 scale and zero point (4 bytes) per group of 64."""
     assert QUANT_META_BYTES_PER_GROUP / QUANT_GROUP_SIZE == 4 / 64
-    lay = kit.layout(kit.toy_dense())
+    lay = kit.arrangement(kit.toy_dense())
     k = knobs(Plan(offload="cpu", weight_bits=bits))
     b = stream_bytes(lay, k)[0]
     per_matrix_weight = bits / 8 + 4 / 64
@@ -132,7 +132,7 @@ def test_quantized_offload_streams_packed_bytes_and_scales(kit, bits: int) -> No
 
 def test_tied_head_streams_the_quantized_matrix(kit) -> None:
     m = load_model("opt-30b")
-    lay = kit.layout(m)
+    lay = kit.arrangement(m)
     k = knobs(Plan(offload="cpu", weight_bits=4))
     b = stream_bytes(lay, k)[0]
     # The same V x h matrix as the embedding, fetched again at the packed width (4 bits + group scales),
@@ -144,7 +144,7 @@ def test_tied_head_streams_the_quantized_matrix(kit) -> None:
 @pytest.mark.parametrize("offload", ["cpu", "nvme"])
 def test_moe_streaming(kit, offload: str) -> None:
     m = kit.toy_moe()
-    lay = kit.layout(m)
+    lay = kit.arrangement(m)
     t = lay.table
     k = knobs(Plan(offload=offload, batch_size=1), Plan(offload=offload, batch_size=64))
     f = fetched_elems_per_rank(lay, k, decode_phase(lay, k))[:, MOE]
@@ -162,7 +162,7 @@ def test_moe_streaming(kit, offload: str) -> None:
 
 
 def test_h2d_bandwidth_pinned_pageable_and_nvme(kit) -> None:
-    lay = kit.layout(kit.toy_dense())
+    lay = kit.arrangement(kit.toy_dense())
     k = knobs(
         Plan(offload="cpu", pin_memory=True),
         Plan(offload="cpu", pin_memory=False),
@@ -173,7 +173,7 @@ def test_h2d_bandwidth_pinned_pageable_and_nvme(kit) -> None:
 
 
 def test_weight_stream_time_nvme_is_the_slower_hop(kit) -> None:
-    lay = kit.layout(kit.toy_dense())
+    lay = kit.arrangement(kit.toy_dense())
     k = knobs(Plan(offload="cpu"), Plan(offload="nvme"), Plan(offload="cpu", pin_memory=False))
     b = stream_bytes(lay, k)
     t_h2d, t_nvme = weight_stream_time(lay, k, b)
@@ -184,7 +184,7 @@ def test_weight_stream_time_nvme_is_the_slower_hop(kit) -> None:
 
 
 def test_fast_nvme_leaves_pcie_the_bottleneck(kit) -> None:
-    lay = kit.layout(kit.toy_dense(), nvme_read=40e9)
+    lay = kit.arrangement(kit.toy_dense(), nvme_read=40e9)
     k = knobs(Plan(offload="nvme"))
     t_h2d, t_nvme = weight_stream_time(lay, k, stream_bytes(lay, k))
     assert t_nvme[0, DENSE] == pytest.approx(LAYER_MATRICES * 2 / 20e9)
@@ -196,7 +196,7 @@ def test_fast_nvme_leaves_pcie_the_bottleneck(kit) -> None:
 
 @pytest.mark.parametrize("tp,split", [(1, 1), (2, 2), (4, 2)])
 def test_kv_offload_bytes_in_decode_only(kit, tp: int, split: int) -> None:
-    lay = kit.layout(kit.toy_dense(), tp=tp)
+    lay = kit.arrangement(kit.toy_dense(), tp=tp)
     k = knobs(Plan(tp=tp, batch_size=4, kv_offload=True), Plan(tp=tp, batch_size=4))
     dec = kv_transfer_bytes(lay, k, decode_phase(lay, k))
     per_layer = 4 * DECODE_CTX * KV_ELEMS / split * 2
@@ -206,7 +206,7 @@ def test_kv_offload_bytes_in_decode_only(kit, tp: int, split: int) -> None:
 
 
 def test_kv_transfer_time_uses_the_host_link(kit) -> None:
-    lay = kit.layout(kit.toy_dense())
+    lay = kit.arrangement(kit.toy_dense())
     k = knobs(Plan(kv_offload=True), Plan(kv_offload=True, pin_memory=False))
     b = kv_transfer_bytes(lay, k, decode_phase(lay, k))
     t = kv_transfer_time(lay, k, b)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import yaml
 
-from hpi.planner.layout import RANK_ORDER, groups, place, rank_coords, rank_gpus, rank_of, stage_ranks
 from hpi.planner.profiles import load_profile
+from hpi.planner.ranks import RANK_ORDER, groups, place, rank_coords, rank_gpus, rank_of, stage_ranks
 from hpi.planner.specs.placement import Link
 from hpi.planner.specs.plan import Plan
 from hpi.planner.topology import build_topology

@@ -1,0 +1,45 @@
+"""cost.overhead and cost.streaming read the plan rules that ``Plan`` reads (``hpi.planner.specs.plan``): the
+vectorised answer equals the scalar one on every plan shape."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from hpi.planner.cost.inputs import Knobs
+from hpi.planner.cost.overhead import graphed_forwards
+from hpi.planner.cost.phase import decode_phase, prefill_phase
+from hpi.planner.cost.streaming import fetches_weights
+from hpi.planner.specs.plan import Plan, decode_graph_blocker
+from hpi.planner.specs.workload import Workload
+
+
+def _plans(dp: int) -> list[Plan]:
+    return [
+        Plan(offload=offload, dp=dp, weight_bits=bits, kv_offload=kv, pin_memory=pin, batch_size=2 * dp)
+        for offload, bits, kv, pin in itertools.product(("none", "cpu", "nvme"), (16, 8, 4), (False, True),
+                                                       (True, False))
+    ]
+
+
+def test_graphed_forwards_is_plan_and_model_blocker_over_every_plan_shape(kit) -> None:
+    for model, dp, graphs in itertools.product((kit.toy_dense(), kit.toy_moe()), (1, 2), (True, False)):
+        workload = Workload(64, 8, decode_graphs=graphs)
+        arrangement = kit.arrangement(model, dp=dp, workload=workload)
+        plans = _plans(dp)
+        knobs = Knobs.from_plans(plans)
+        decode = graphed_forwards(arrangement, knobs, decode_phase(arrangement, knobs))
+        expected = [graphs and decode_graph_blocker(p, model) is None for p in plans]
+        np.testing.assert_array_equal(decode, expected, err_msg=f"{model.name} dp {dp} graphs {graphs}")
+        assert not graphed_forwards(arrangement, knobs, prefill_phase(arrangement, knobs)).any()
+        if graphs and dp == 1 and not model.is_moe:
+            assert decode.any() and not decode.all()  # the grid holds both kinds
+
+
+def test_fetches_weights_is_plan_gathers_over_every_plan_shape(kit) -> None:
+    for dp in (1, 2):
+        plans = _plans(dp)
+        arrangement = kit.arrangement(kit.toy_dense(), dp=dp)
+        np.testing.assert_array_equal(fetches_weights(arrangement, Knobs.from_plans(plans)),
+                                      [p.gathers for p in plans])
