@@ -24,7 +24,8 @@ def test_allreduce_alpha_is_the_least_latency_bound_time_not_a_disturbed_smalles
 
 
 @pytest.mark.parametrize("eager_us, host_us", [(60.0, 60.0), (24.0, None)], ids=["host-bound", "device-bound"])
-def test_graphed_allreduce_is_the_device_alpha_and_a_slower_eager_loop_the_host_cost(eager_us, host_us, fake_doc, load_built):
+def test_graphed_allreduce_is_the_device_alpha_and_a_slower_eager_loop_the_host_cost(eager_us, host_us, fake_doc,
+                                                                                     load_built):
     doc = fake_doc(2, "h200x2.txt")
     doc["nccl"]["seconds"]["2"].update({"8192": eager_us * 1e-6, "1048576": (eager_us + 4) * 1e-6})
     doc["nccl"]["graphed_seconds"] = {"2": {"8192": 20e-6, "1048576": 23e-6}}
