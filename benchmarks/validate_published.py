@@ -2,7 +2,7 @@
 
     python benchmarks/validate_published.py
 
-Runs come from validation/published_runs.yaml (sources cited per row); see hpi.planner.validation for what
+Runs come from validation/published_runs.yaml (sources cited per row); see hpi.planner.published for what
 each class means. The last stdout line is one JSON document with the per-class errors.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from hpi.planner.validation import compare_all, summary
+from hpi.planner.published import compare_all, summary
 
 
 def main() -> None:

@@ -10,8 +10,8 @@
 #
 # We rebuild hpi's decode-step prediction for `llama-3-8b` on `h100-sxm-1gpu` (offload cpu, pinned,
 # 16-bit, batch 1, DeepSpeed's default knobs) from the profile's numbers alone, term by term, and check
-# each against `hpi.planner.predict`. design.md measured this run at 0.483 s per decode step with DeepSpeed's
-# stock fetch wait; hpi's executor, with its stream-ordered wait, at 0.371 s (H100 run 1).
+# each against `hpi.planner.predict`. We measured this run at 0.483 s per decode step (docs/measured-facts.md)
+# with DeepSpeed's stock fetch wait; hpi's executor, with its stream-ordered wait, at 0.371 s (H100 run 1).
 # Run it as a script (`python notebooks/cost_model_by_hand.py`) or open it in Jupyter with jupytext.
 
 # %%
@@ -25,7 +25,7 @@ model = load_model("llama-3-8b")
 hw = load_profile("h100-sxm-1gpu")
 eff = hw.efficiency
 plan = Plan(offload="cpu", pin_memory=True, weight_bits=16, batch_size=1)
-est = predict(model, hw, Workload(512, 32, fetch_wait="host"), plan)  # DeepSpeed's stock wait, as design.md ran it
+est = predict(model, hw, Workload(512, 32, fetch_wait="host"), plan)  # DeepSpeed's stock wait, as in the measured run
 
 # %% [markdown]
 # ## 1. Bytes streamed per decode step
@@ -81,12 +81,12 @@ assert abs(sum(est.decode_exposed.values()) - est.decode_step_s) < 1e-12  # the 
 
 # %% [markdown]
 # ## 5. Against the measurements
-# The profile's hook time (`offload_layer_overhead_s`) was derived from design.md's 0.483 s run, so the
+# The profile's hook time (`offload_layer_overhead_s`) was derived from the measured 0.483 s run, so the
 # first comparison checks the arithmetic, not the model. The held-out check is the stream-ordered run:
 # there the host runs ahead of the GPU and only the copies should remain.
 
 # %%
-measured_host_wait = 0.483  # design.md
+measured_host_wait = 0.483  # docs/measured-facts.md
 measured_stream = 0.371  # benchmarks/results/2026-11-22-h100, run 1, 8b-cpu-pinned-dsdefaults-b1
 stream = predict(model, hw, Workload(512, 32, fetch_wait="stream"), plan)
 print(f"host wait: predicted {est.decode_step_s:.3f} s vs measured {measured_host_wait} s "

@@ -175,7 +175,8 @@ for profile in sorted({p for _, p in measurements.values()}):
 # - **Dequantization** (`cost.dequant`): DeepSpeed's torch path reads and writes 1 + 6c bytes per element
 #   (`zeros_like`, `copy_`, `div_`, `add_`; c = 2 for bf16) and 4 more to unpack 4-bit weights: 13 / 17.
 # - **The host fetch wait** (`cost.estimate`): DeepSpeed's stock wait puts the host's hooks and launches in
-#   series with the copies: design.md's 0.483 s 8B step = 0.312 s of copies + 32 layers of host time.
+#   series with the copies: the measured 0.483 s 8B step (docs/measured-facts.md) = 0.312 s of copies + 32 layers
+#   of host time.
 # - **The vocabulary moment** (`cost.memory`): with DeepSpeedExamples' knobs the 70B's 2.1 GB head is
 #   gathered alone, beside the whole cache and the logits (4x H200, bs 32: 3.56 GB allocated).
 
@@ -193,7 +194,7 @@ assert list(dequant_bytes_per_elem(np.array([16, 8, 4]), "bf16")) == [0.0, 13.0,
 h100 = load_profile("h100-sxm-1gpu", calibrated=False)
 host_wait = predict(load_model("llama-3-8b"), h100, Workload(512, 32, fetch_wait="host"), Plan(offload="cpu"))
 stream = predict(load_model("llama-3-8b"), h100, Workload(512, 32), Plan(offload="cpu"))
-print(f"8B offload on the H100, bs 1: host wait {host_wait.decode_step_s:.3f} s (design.md: 0.483 s), "
+print(f"8B offload on the H100, bs 1: host wait {host_wait.decode_step_s:.3f} s (docs/measured-facts.md: 0.483 s), "
       f"stream-ordered {stream.decode_step_s:.3f} s (measured 0.371 s with DeepSpeed's default knobs)")
 
 x4 = load_profile("h200-4gpu", calibrated=False)

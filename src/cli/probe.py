@@ -85,7 +85,14 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
     name, out = _names(args)
     _check_nvme_path(args.nvme_path)
-    from hpi.executor.probe import ProbeSettings, build_profile, run_probe, write_profile
+    from hpi.executor.probe import (
+        ProbeSettings,
+        build_profile,
+        measurements_path,
+        run_probe,
+        write_measurements,
+        write_profile,
+    )
     from hpi.planner.profiles import load_profile
 
     err = Console(stderr=True)
@@ -98,8 +105,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
               f"({doc['seconds']:.0f} s).\nEvery figure says how it was measured; raw numbers: {name}.probe.json beside "
               "this file.\nRe-measure: hpi probe --out " + str(out))
     write_profile(profile, out, header)
-    json_path = out.with_name(f"{name}.probe.json")
-    json_path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    json_path = measurements_path(out)
+    write_measurements(doc, json_path)
     loaded = load_profile(str(out))  # the written file must load: a failure here is a probe bug, said plainly
     summary = Console(stderr=True) if args.json else Console()
     _summarize(summary, doc, loaded, out, json_path)

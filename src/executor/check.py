@@ -18,17 +18,17 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from hpi.executor.probe import _memlock, _run, classify_path, gather_os, measure_disk, mount_fs_type
+from hpi.executor.probe import classify_path, gather_os, measure_disk, memlock_limits, mount_fs_type, run_command
+from hpi.planner.profiles import DRAM_OS_SHARE
 
 __all__ = ["SEVERITIES", "Finding", "CheckFacts", "RULES", "run_rules", "gather_facts", "has_errors",
            "DEEPSPEED_MIN_AUTOTP_ZERO3"]
 
 SEVERITIES = ("error", "warning", "info")
 # DeepSpeed >= 0.19.4 lets deepspeed.initialize combine tensor_parallel.autotp_size with ZeRO stage 3
-# (design.md, "Facts about the libraries"); older versions refuse the combination.
+# (docs/measured-facts.md, "Facts about the libraries"); older versions refuse the combination.
 DEEPSPEED_MIN_AUTOTP_ZERO3 = (0, 19, 4)
 _SLOW_DISK_RATIO = 0.5  # measured read below half of the profile's: the plan's NVMe timings will not hold
-_DRAM_OS_SHARE = 0.10  # as the profiles assume: the OS keeps ~10% of DRAM
 GB = 1e9
 
 
@@ -118,8 +118,8 @@ def rule_pinned_memory(f: CheckFacts) -> list[Finding]:
         out.append(Finding("error", "pinned-memory", f"pinned {need / GB:.1f} GB > {f.profile_pinnable_bytes / GB:.1f} GB "
                            f"pinnable in profile {f.profile_name}", "--no-pin-memory (pageable, slower), fewer bits "
                            "(--quant-bits 8/4), or --offload nvme"))
-    if f.dram_bytes is not None and need > f.dram_bytes * (1 - _DRAM_OS_SHARE):
-        out.append(Finding("error", "pinned-memory", f"pinned {need / GB:.1f} GB > 90% of this machine's "
+    if f.dram_bytes is not None and need > f.dram_bytes * (1 - DRAM_OS_SHARE):
+        out.append(Finding("error", "pinned-memory", f"pinned {need / GB:.1f} GB > {1 - DRAM_OS_SHARE:.0%} of this machine's "
                            f"{f.dram_bytes / GB:.0f} GB DRAM (pinned pages cannot be swapped)",
                            "--no-pin-memory, fewer bits, or a machine with more RAM"))
     if f.memlock_soft_bytes is not None and need > f.memlock_soft_bytes:
@@ -247,9 +247,9 @@ def _nvidia() -> tuple[int | None, str | None, str | None]:
     """(GPU count, driver version, CUDA version the driver supports) from nvidia-smi; (None, None, None) without it."""
     if shutil.which("nvidia-smi") is None:
         return None, None, None
-    query = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) or ""
+    query = run_command(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) or ""
     drivers = [line.strip() for line in query.splitlines() if line.strip()]
-    banner = _run(["nvidia-smi"]) or ""
+    banner = run_command(["nvidia-smi"]) or ""
     cuda = re.search(r"CUDA Version:\s*([\d.]+)", banner)
     return len(drivers), (drivers[0] if drivers else None), (cuda.group(1) if cuda else None)
 
@@ -260,7 +260,7 @@ def gather_facts(est: Any, profile: Any, *, plan_problems: Sequence[str] = (), n
     plan = est.plan if est is not None else None
     machine_os = gather_os()["kind"]
     gpus, driver, cuda = _nvidia()
-    memlock, _ = _memlock()
+    memlock, _ = memlock_limits()
     try:
         import psutil
 

@@ -30,7 +30,7 @@ is ignored without a word). Keys and where 0.19.8 reads them:
   on the mpu), so ``train_batch_size`` is deliberately not written.
 
 No ``tensor_parallel`` block: DeepSpeed's AutoTP builds its own (dp, tp) mesh over the whole world and has
-no pipeline axis (design.md), so the worker builds its own TP groups; a worker that wants AutoTP for pp == 1
+no pipeline axis (docs/measured-facts.md), so the worker builds its own TP groups; a worker wanting AutoTP for pp == 1
 adds ``{"tensor_parallel": {"autotp_size": tp}}`` itself.
 
 **The launcher** (``launch_command``, ``multinode_commands``) is ``python -m torch.distributed.run`` with a

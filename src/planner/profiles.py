@@ -4,6 +4,8 @@
     profile_names()                            # ["a100-pcie-4gpu", "a6000-workstation", ...]
 
 The profiles folder is ``<repo>/hardware_profiles`` (found from this file), or ``$HPI_PROFILES_DIR``.
+The ``node:`` and ``cluster:`` sections are read by ``hpi.planner.wiring`` (``NodeSpec``, ``ClusterSpec``),
+every field through ``hpi.planner.profile_fields.FieldReader``.
 
 Schema (see ``hardware_profiles/*.yaml`` for complete examples)::
 
@@ -45,117 +47,49 @@ import dataclasses
 import functools
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
-from typing import Any, Mapping, NoReturn, Sequence
+from typing import Any, Mapping
 
-import networkx as nx
 import yaml
 
+from hpi.planner.profile_fields import FieldReader, ProfileError
 from hpi.planner.specs.hardware import (
     OS_KINDS,
-    PROVENANCE_KINDS,
     Efficiency,
     GpuSpec,
     HardwareProfile,
     HostSpec,
     NvmeSpec,
-    Provenance,
     is_fraction,
 )
+from hpi.planner.wiring import NodeSpec, read_cluster, read_node
 
 __all__ = [
     "PROFILES_ENV",
+    "DRAM_OS_SHARE",
     "ProfileError",
-    "LinkGroup",
-    "NodeLayout",
-    "Fabric",
-    "ClusterLayout",
-    "LINK_KINDS",
-    "FABRIC_KINDS",
     "load_profile",
     "profile_names",
     "profiles_dir",
-    "parse_layout",
     "clear_cache",
+    "malformed_yaml",
 ]
 
 PROFILES_ENV = "HPI_PROFILES_DIR"
 # The profiles ship inside the package (so a wheel install has them); the repository's top-level
 # hardware_profiles/ is a link to this folder.
 _DEFAULT_DIR = Path(__file__).resolve().parent / "hardware_profiles"
+# The share of DRAM left to the OS and the page cache where a profile assumes what can be pinned: the
+# shipped profiles' pinnable_bytes ("leave ~10% of DRAM to the OS and page cache"), what ``hpi probe`` writes
+# and what ``hpi check`` warns beyond.
+DRAM_OS_SHARE = 0.10
 
-FABRIC_KINDS = ("ib", "roce", "ethernet")  # inter-node fabrics (cluster.fabric.kind)
-# Link kinds inside a node: PCIe lanes, NVLink (direct or into an NVSwitch), the inter-socket link
-# (UPI / xGMI); a fabric kind is only valid between a NIC and the fabric.
-LINK_KINDS = ("pcie", "nvlink", "socket")
-
-# Component counts in node: -> (graph kind, name stem). Names are stem + index, except a lone NVSwitch.
-_COMPONENTS = {
-    "gpus": ("gpu", "gpu"),
-    "cpus": ("cpu", "cpu"),
-    "pcie_switches": ("pcie_switch", "pcie"),
-    "nvme": ("nvme", "nvme"),
-    "nics": ("nic", "nic"),
-}
 _TOP_KEYS = ("name", "extends", "description", "os", "notes", "gpu", "host", "nvme", "efficiency", "calibrated", "node",
              "cluster")
 # What `hpi calibrate` writes in the calibrated: section (hpi.planner.calibrate); only coefficients is applied.
 _CALIBRATED_KEYS = ("date", "records", "record_ids", "held_out", "seed", "error_before", "error_after", "unidentified",
                     "coefficients")
-_QUANTITY_KEYS = ("value", "source", "note")
-
-
-class ProfileError(ValueError):
-    """A hardware profile that cannot be found or read; the message names the file and the field."""
-
-
-# ---- the node and cluster layout (read by hpi.planner.topology) --------------------------------------------
-
-
-@dataclass(frozen=True)
-class LinkGroup:
-    name: str  # the key under node.links, e.g. "gpu_pcie"
-    kind: str  # one of LINK_KINDS
-    bandwidth_bytes_s: float  # one direction, per pair
-    latency_s: float  # one hop
-    pairs: tuple[tuple[str, str], ...]  # component names inside one node, e.g. ("gpu0", "pcie0")
-
-
-@dataclass(frozen=True)
-class NodeLayout:
-    gpus: int
-    cpus: int
-    pcie_switches: int
-    nvswitch: bool
-    nvme: int
-    nics: int
-    links: tuple[LinkGroup, ...]
-
-    def components(self) -> dict[str, str]:
-        """Component name -> kind, for one node (``gpu0`` -> ``gpu``, ``nvswitch`` -> ``nvswitch``)."""
-        names: dict[str, str] = {}
-        for count_key, (kind, stem) in _COMPONENTS.items():
-            for i in range(getattr(self, count_key)):
-                names[f"{stem}{i}"] = kind
-        if self.nvswitch:
-            names["nvswitch"] = "nvswitch"
-        return names
-
-
-@dataclass(frozen=True)
-class Fabric:
-    name: str  # graph node name, e.g. "ib"
-    kind: str  # one of FABRIC_KINDS
-    bandwidth_bytes_s: float  # per NIC port, one direction
-    latency_s: float  # NIC to fabric, one hop
-    nics: tuple[str, ...]  # which NICs of every node attach to the fabric
-
-
-@dataclass(frozen=True)
-class ClusterLayout:
-    nodes: int
-    fabric: Fabric | None
 
 
 # ---- public API ---------------------------------------------------------------------------------------
@@ -188,12 +122,6 @@ def load_profile(name_or_path: str, *, calibrated: bool = True) -> HardwareProfi
 def clear_cache() -> None:
     """Forget loaded profiles (they are otherwise reloaded only when a file's mtime changes)."""
     _load_cached.cache_clear()
-
-
-def parse_layout(raw: Mapping[str, Any], where: str = "profile") -> tuple[NodeLayout, ClusterLayout]:
-    """Read the ``node`` and ``cluster`` sections of a parsed profile (``HardwareProfile.raw``)."""
-    reader = _Reader(where)
-    return _node_layout(reader, raw), _cluster_layout(reader, raw)
 
 
 # ---- files --------------------------------------------------------------------------------------------
@@ -293,113 +221,11 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-# ---- validation ---------------------------------------------------------------------------------------
-
-
-class _Reader:
-    """Reads typed fields out of the parsed YAML; every error names the file and the dotted field path."""
-
-    def __init__(self, where: str) -> None:
-        self.where = where
-        self.provenance: dict[str, Provenance] = {}
-
-    def fail(self, path: str, message: str) -> NoReturn:
-        raise ProfileError(f"{self.where}: {path}: {message}")
-
-    def section(self, data: Mapping[str, Any], key: str, path: str, *, required: bool = True) -> Mapping[str, Any] | None:
-        value = data.get(key)
-        full = _join(path, key)
-        if value is None:
-            if required:
-                self.fail(full, "missing section")
-            return None
-        if not isinstance(value, Mapping):
-            self.fail(full, f"expected a mapping, got {type(value).__name__} {value!r}")
-        return value
-
-    def only(self, data: Mapping[str, Any], allowed: Sequence[str], path: str) -> None:
-        unknown = [k for k in data if k not in allowed]
-        if unknown:
-            where = path or "top level"
-            self.fail(_join(path, str(unknown[0])), f"unknown field in {where}; expected one of {', '.join(allowed)}")
-
-    def text(self, data: Mapping[str, Any], key: str, path: str, *, default: str | None = None,
-             choices: Sequence[str] | None = None) -> str:
-        full = _join(path, key)
-        value = data.get(key, default)
-        if value is None:
-            self.fail(full, "missing; expected a string")
-        if not isinstance(value, str):
-            self.fail(full, f"expected a string, got {type(value).__name__} {value!r}")
-        if choices is not None and value not in choices:
-            self.fail(full, f"{value!r} is not one of {', '.join(choices)}")
-        return value
-
-    def count(self, data: Mapping[str, Any], key: str, path: str, *, default: int | None = 0) -> int:
-        """A structural count: a plain integer >= 0 (a {value, source} form is accepted too)."""
-        full = _join(path, key)
-        value = data.get(key, default)
-        if isinstance(value, Mapping):
-            value = self.quantity(data, key, path)
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if value is None or isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            self.fail(full, f"expected a whole number >= 0, got {value!r}")
-        return value
-
-    def quantity(self, data: Mapping[str, Any], key: str, path: str, *, required: bool = True,
-                 positive: bool = False, at_most: float = math.inf) -> float | None:
-        """A number with provenance, ``{value: 48.0e9, source: datasheet, note: "..."}``."""
-        full = _join(path, key)
-        entry = data.get(key)
-        if entry is None:
-            if required:
-                kinds = "|".join(PROVENANCE_KINDS)
-                self.fail(full, f"missing; expected {{value: <number>, source: <{kinds}>, note: <text>}}")
-            return None
-        if not isinstance(entry, Mapping):
-            self.fail(full, f"a plain {entry!r} has no provenance; write {{value: {entry!r}, source: "
-                      f"<{'|'.join(PROVENANCE_KINDS)}>, note: \"where it comes from\"}}")
-        self.only(entry, _QUANTITY_KEYS, full)
-        value = _number(entry.get("value"))
-        if value is None:
-            self.fail(_join(full, "value"), f"expected a number, got {entry.get('value')!r}")
-        if not math.isfinite(value) or value < 0 or (positive and value == 0) or value > at_most:
-            bound = f"> 0 and <= {at_most:g}" if at_most < math.inf else ("> 0" if positive else ">= 0")
-            self.fail(_join(full, "value"), f"expected a finite number {bound}, got {value!r}")
-        source = self.text(entry, "source", full, choices=PROVENANCE_KINDS)
-        note = entry.get("note", "")
-        if not isinstance(note, str):
-            self.fail(_join(full, "note"), f"expected a string, got {note!r}")
-        self.provenance[full] = Provenance(source=source, note=note)
-        return value
-
-    def name_list(self, value: Any, path: str) -> list[str]:
-        if not isinstance(value, Sequence) or isinstance(value, str) or not all(isinstance(v, str) for v in value):
-            self.fail(path, f"expected a list of names, got {value!r}")
-        return list(value)
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def _number(value: Any) -> float | None:
-    """YAML 1.1 (PyYAML) reads ``48.0e9`` as a string; accept numeric strings as numbers."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value.replace("_", ""))
-        except ValueError:
-            return None
-    return None
+# ---- the sections -------------------------------------------------------------------------------------
 
 
 def _build_profile(raw: dict[str, Any], path: Path, where: str, calibrated: bool = True) -> HardwareProfile:
-    reader = _Reader(where)
+    reader = FieldReader(where)
     reader.only(raw, _TOP_KEYS, "")
     name = reader.text(raw, "name", "", default=path.stem)
     if name != path.stem:
@@ -407,7 +233,7 @@ def _build_profile(raw: dict[str, Any], path: Path, where: str, calibrated: bool
     notes = raw.get("notes", [])
     if notes:
         reader.name_list(notes, "notes")
-    node, cluster = _node_layout(reader, raw), _cluster_layout(reader, raw)
+    node, cluster = read_node(reader, raw), read_cluster(reader, raw)
     profile = HardwareProfile(
         name=name,
         description=reader.text(raw, "description", ""),
@@ -426,7 +252,7 @@ def _build_profile(raw: dict[str, Any], path: Path, where: str, calibrated: bool
     return profile
 
 
-def _gpu(reader: _Reader, raw: Mapping[str, Any], n_gpus: int) -> GpuSpec:
+def _gpu(reader: FieldReader, raw: Mapping[str, Any], n_gpus: int) -> GpuSpec:
     section = reader.section(raw, "gpu", "", required=n_gpus > 0)
     if section is None:  # a CPU-only machine
         return GpuSpec(name="none", memory_bytes=0.0, bf16_flops=0.0, hbm_bandwidth_bytes_s=0.0)
@@ -440,7 +266,7 @@ def _gpu(reader: _Reader, raw: Mapping[str, Any], n_gpus: int) -> GpuSpec:
     )
 
 
-def _host(reader: _Reader, raw: Mapping[str, Any], node: NodeLayout) -> HostSpec:
+def _host(reader: FieldReader, raw: Mapping[str, Any], node: NodeSpec) -> HostSpec:
     section = reader.section(raw, "host", "")
     keys = ("dram_bytes", "pinnable_bytes", "cpu_cores", "h2d_pageable_bytes_s", "d2h_pageable_bytes_s")
     reader.only(section, keys, "host")
@@ -466,7 +292,7 @@ def _host(reader: _Reader, raw: Mapping[str, Any], node: NodeLayout) -> HostSpec
     )
 
 
-def _nvme(reader: _Reader, raw: Mapping[str, Any]) -> NvmeSpec | None:
+def _nvme(reader: FieldReader, raw: Mapping[str, Any]) -> NvmeSpec | None:
     section = reader.section(raw, "nvme", "", required=False)
     if section is None:
         return None
@@ -479,7 +305,7 @@ def _nvme(reader: _Reader, raw: Mapping[str, Any]) -> NvmeSpec | None:
     )
 
 
-def _efficiency(reader: _Reader, raw: Mapping[str, Any]) -> Efficiency:
+def _efficiency(reader: FieldReader, raw: Mapping[str, Any]) -> Efficiency:
     section = reader.section(raw, "efficiency", "", required=False)
     if section is None:
         return Efficiency()
@@ -492,7 +318,7 @@ def _efficiency(reader: _Reader, raw: Mapping[str, Any]) -> Efficiency:
     return Efficiency(**values)
 
 
-def _calibrated(reader: _Reader, raw: Mapping[str, Any], efficiency: Efficiency) -> Efficiency:
+def _calibrated(reader: FieldReader, raw: Mapping[str, Any], efficiency: Efficiency) -> Efficiency:
     """The ``calibrated:`` section's coefficients over ``efficiency`` (each must say ``source: calibrated``)."""
     section = reader.section(raw, "calibrated", "", required=False)
     if section is None:
@@ -511,91 +337,3 @@ def _calibrated(reader: _Reader, raw: Mapping[str, Any], efficiency: Efficiency)
                         "(or move the value to efficiency:)")
         reader.provenance[f"efficiency.{key}"] = provenance
     return dataclasses.replace(efficiency, **values)
-
-
-def _node_layout(reader: _Reader, raw: Mapping[str, Any]) -> NodeLayout:
-    section = reader.section(raw, "node", "")
-    reader.only(section, (*_COMPONENTS, "nvswitch", "links"), "node")
-    nvswitch = section.get("nvswitch", False)
-    if not isinstance(nvswitch, bool):
-        reader.fail("node.nvswitch", f"expected true or false, got {nvswitch!r}")
-    counts = {key: reader.count(section, key, "node", default=1 if key == "cpus" else 0) for key in _COMPONENTS}
-    if counts["cpus"] < 1:
-        reader.fail("node.cpus", "a node needs at least one CPU socket (its host memory)")
-    layout = NodeLayout(nvswitch=nvswitch, links=(), **counts)
-    components = layout.components()
-    links_section = reader.section(section, "links", "node", required=False) or {}
-    groups = tuple(_link_group(reader, links_section, key, components) for key in links_section)
-    _check_links(reader, groups, components)
-    return NodeLayout(nvswitch=nvswitch, links=groups, **counts)
-
-
-def _link_group(reader: _Reader, links: Mapping[str, Any], key: str, components: Mapping[str, str]) -> LinkGroup:
-    path = f"node.links.{key}"
-    group = reader.section(links, key, "node.links")
-    reader.only(group, ("kind", "bandwidth_bytes_s", "latency_s", "pairs"), path)
-    pairs_raw = group.get("pairs")
-    if not isinstance(pairs_raw, Sequence) or isinstance(pairs_raw, str) or not pairs_raw:
-        reader.fail(f"{path}.pairs", f"expected a list of [a, b] component pairs, got {pairs_raw!r}")
-    pairs = []
-    for i, pair in enumerate(pairs_raw):
-        names = reader.name_list(pair, f"{path}.pairs[{i}]")
-        if len(names) != 2 or names[0] == names[1]:
-            reader.fail(f"{path}.pairs[{i}]", f"expected two different component names, got {pair!r}")
-        for name in names:
-            if name not in components:
-                reader.fail(f"{path}.pairs[{i}]", f"unknown component {name!r}; this node has {', '.join(components)}")
-        pairs.append((names[0], names[1]))
-    return LinkGroup(
-        name=key,
-        kind=reader.text(group, "kind", path, choices=LINK_KINDS),
-        bandwidth_bytes_s=reader.quantity(group, "bandwidth_bytes_s", path, positive=True),
-        latency_s=reader.quantity(group, "latency_s", path),
-        pairs=tuple(pairs),
-    )
-
-
-def _check_links(reader: _Reader, groups: Sequence[LinkGroup], components: Mapping[str, str]) -> None:
-    """Each pair is declared once and every component is attached to the rest of the node."""
-    graph = nx.Graph()
-    graph.add_nodes_from(components)
-    for group in groups:
-        for a, b in group.pairs:
-            if graph.has_edge(a, b):
-                reader.fail(f"node.links.{group.name}", f"{a}-{b} is already linked by node.links.{graph[a][b]['group']}")
-            graph.add_edge(a, b, group=group.name)
-    if len(components) > 1 and not nx.is_connected(graph):
-        main = max(nx.connected_components(graph), key=len)
-        stray = sorted(set(components) - main)
-        reader.fail("node.links", f"{', '.join(stray)} not linked to the rest of the node; add pairs for them")
-
-
-def _cluster_layout(reader: _Reader, raw: Mapping[str, Any]) -> ClusterLayout:
-    section = reader.section(raw, "cluster", "", required=False)
-    if section is None:
-        return ClusterLayout(nodes=1, fabric=None)
-    reader.only(section, ("nodes", "fabric"), "cluster")
-    nodes = reader.count(section, "nodes", "cluster", default=None)
-    if nodes < 1:
-        reader.fail("cluster.nodes", "expected at least 1 node")
-    fabric_section = reader.section(section, "fabric", "cluster", required=nodes > 1)
-    if fabric_section is None:
-        return ClusterLayout(nodes=nodes, fabric=None)
-    path = "cluster.fabric"
-    reader.only(fabric_section, ("name", "kind", "bandwidth_bytes_s", "latency_s", "nics"), path)
-    kind = reader.text(fabric_section, "kind", path, choices=FABRIC_KINDS)
-    nic_names = [f"nic{i}" for i in range(reader.count(raw.get("node", {}), "nics", "node"))]
-    nics = reader.name_list(fabric_section.get("nics", nic_names), f"{path}.nics")
-    if not nics:
-        reader.fail(f"{path}.nics", "the fabric needs NICs: declare node.nics and list them here (default: all)")
-    for nic in nics:
-        if nic not in nic_names:
-            reader.fail(f"{path}.nics", f"unknown NIC {nic!r}; node.nics gives {', '.join(nic_names) or 'none'}")
-    fabric = Fabric(
-        name=reader.text(fabric_section, "name", path, default=kind),
-        kind=kind,
-        bandwidth_bytes_s=reader.quantity(fabric_section, "bandwidth_bytes_s", path, positive=True),
-        latency_s=reader.quantity(fabric_section, "latency_s", path),
-        nics=tuple(nics),
-    )
-    return ClusterLayout(nodes=nodes, fabric=fabric)

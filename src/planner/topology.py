@@ -30,9 +30,10 @@ from typing import Callable, Hashable, Iterable, Sequence
 
 import networkx as nx
 
-from hpi.planner.profiles import ClusterLayout, NodeLayout, ProfileError, parse_layout
+from hpi.planner.profiles import ProfileError
 from hpi.planner.specs.hardware import HardwareProfile
 from hpi.planner.specs.placement import Link
+from hpi.planner.wiring import ClusterSpec, NodeSpec, parse_wiring
 
 __all__ = ["NODE_KINDS", "Topology", "build_topology", "link_words", "max_min_rates"]
 
@@ -315,7 +316,7 @@ def build_topology(profile: HardwareProfile) -> Topology:
         return hit[1]
     if len(_BUILT) > 256:
         _BUILT.clear()
-    node, cluster = parse_layout(profile.raw, where=f"profile {profile.name}")
+    node, cluster = parse_wiring(profile.raw, where=f"profile {profile.name}")
     graph = _graph(profile, node, cluster)
     gpus, islands = _order_gpus(graph, node, cluster.nodes)
     topology = Topology(profile, graph, gpus, islands)
@@ -323,7 +324,7 @@ def build_topology(profile: HardwareProfile) -> Topology:
     return topology
 
 
-def _graph(profile: HardwareProfile, node: NodeLayout, cluster: ClusterLayout) -> nx.Graph:
+def _graph(profile: HardwareProfile, node: NodeSpec, cluster: ClusterSpec) -> nx.Graph:
     graph = nx.Graph(name=profile.name)
     components = node.components()
     nvme_read = profile.nvme.read_bytes_s / max(node.nvme, 1) if profile.nvme else math.inf  # per array node
@@ -351,7 +352,7 @@ def _add_link(graph: nx.Graph, a: str, b: str, bandwidth: float, latency: float,
     graph.add_edge(a, b, bandwidth_bytes_s=bandwidth, latency_s=latency, latency_ps=round(latency * 1e12), kind=kind)
 
 
-def _order_gpus(graph: nx.Graph, node: NodeLayout, n_nodes: int) -> tuple[list[str], dict[str, str]]:
+def _order_gpus(graph: nx.Graph, node: NodeSpec, n_nodes: int) -> tuple[list[str], dict[str, str]]:
     """GPUs by node, then NVLink island (islands by their lowest GPU index), then index; island ids."""
     nvlinks = nx.Graph([(u, v) for u, v, d in graph.edges(data=True) if d["kind"] == "nvlink"])
     order: list[str] = []

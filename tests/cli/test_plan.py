@@ -169,7 +169,7 @@ def test_console_script_runs_in_a_fresh_process():
 
 def test_planner_never_imports_torch_deepspeed_or_transformers():
     code = (
-        "import sys, hpi.cli, hpi.planner.search, hpi.planner.explain, hpi.planner.validation, hpi.planner.report\n"
+        "import sys, hpi.cli, hpi.planner.search, hpi.planner.explain, hpi.planner.published, hpi.planner.report\n"
         "from hpi.cli import main\n"
         "main(['plan', '--model', 'llama-3-8b', '--hardware', 'h200-2gpu', '--json'])\n"
         "bad = [m for m in ('torch', 'deepspeed', 'transformers') if m in sys.modules]\n"

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hpi.planner.profiles import PROFILES_ENV, ProfileError, clear_cache, load_profile, parse_layout, profile_names
+from hpi.planner.profiles import PROFILES_ENV, ProfileError, clear_cache, load_profile, profile_names
 from hpi.planner.specs.hardware import OS_KINDS, PROVENANCE_KINDS, Efficiency, GpuSpec, HostSpec, NvmeSpec
 from hpi.planner.topology import build_topology
+from hpi.planner.wiring import parse_wiring
 
 SHIPPED = {  # name -> (nodes, GPUs per node)
     "a6000-workstation": (1, 1),
@@ -144,7 +145,7 @@ def test_h100_uses_the_measured_and_probed_ceilings():
                          ("efficiency.offload_layer_overhead_s", "measured")):
         assert profile.provenance[path].source == source, path
         assert "2026-11-22" in profile.provenance[path].note, path
-    # design.md's 0.483 s host-waited 8B step: 0.312 s of copies, the rest 32 layers of host time
+    # the 0.483 s host-waited 8B step (docs/measured-facts.md): 0.312 s of copies, the rest 32 layers of host time
     assert profile.efficiency.offload_layer_overhead_s == 4.9e-3
     assert profile.efficiency.h2d_stream_pinned == Efficiency().h2d_stream_pinned  # not measured: the default
     assert profile.efficiency.matmul_decode == Efficiency().matmul_decode
@@ -160,7 +161,7 @@ def test_h200_efficiency_and_links():
     assert profile.efficiency.graphed_step_overhead_s == 1.514e-4
     for name in ("allreduce_latency_s", "collective_host_overhead_s", "layer_device_overhead_s", "hbm", "graphed_step_overhead_s"):
         assert profile.provenance[f"efficiency.{name}"].source == "probed", name
-    node, _ = parse_layout(profile.raw)
+    node, _ = parse_wiring(profile.raw)
     kinds = {group.name: group.kind for group in node.links}
     assert kinds["nv18"] == "nvlink"
 

@@ -8,7 +8,7 @@ All-gather is half of that (one pass of the ring): (p-1) hops and (p-1)/p * n by
 - Tensor parallel: two all-reduces of the hidden states per decoder layer (after attention and after the
   FFN, Megatron-LM's column/row split), one all-gather of the vocabulary-sharded logits at the head.
 - ZeRO-3 partition (dp > 1): one all-gather of each fetched module's parameters over the dp group.
-Decode-sized messages are latency-bound (design.md: 37 us for 8 KB over NVLink), which alpha captures.
+Decode-sized messages are latency-bound (docs/measured-facts.md: 37 us for 8 KB over NVLink), which alpha captures.
 
 Issuing a collective also costs host time (torch.distributed's dispatch, NCCL's enqueue):
 ``collective_host_overhead_s`` per call, on the host side of the module rule (``cost.estimate``).

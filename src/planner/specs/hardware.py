@@ -68,7 +68,7 @@ class Efficiency:
     hbm: float = 0.80  # of the HBM ceiling, decode GEMV/attention reads (cost.compute)
     # ZeRO-3 parameter fetch over the pinned PCIe ceiling (cost.streaming). The copies are back-to-back DMA
     # of whole partitions (tens to hundreds of MB), the kind of copy the probe times, so they run near its
-    # rate; what DeepSpeed's stock fetch wait loses (0.62 of pinned on the H100, design.md) is host time
+    # rate; what DeepSpeed's stock fetch wait loses (0.62 of pinned on the H100, docs/measured-facts.md) is host time
     # in series with the copies, priced by the fetch-wait rule in cost.estimate, not a slower link.
     h2d_stream_pinned: float = 0.95
     h2d_stream_pageable: float = 0.80  # over the pageable ceiling (already a slow staged copy)
@@ -89,7 +89,7 @@ class Efficiency:
     layer_overhead_s: float = 450e-6  # host time per decoder layer per forward: kernel launches, Python (cost.overhead)
     # ZeRO-3's pre/post-forward hooks run on every module (~14 per Llama decoder layer: the layer, attention,
     # MLP, 7 linears, 2 norms, rotary, activation), each a few hundred us of Python (trace, status checks,
-    # prefetch walk, release): 3 ms per layer. The 1x H100 (design.md, DeepSpeed's host wait: copies and
+    # prefetch walk, release): 3 ms per layer. The 1x H100 (docs/measured-facts.md, DeepSpeed's host wait: copies and
     # hooks in series) gave 0.483 s per 8B step = 0.30 s of copies + 32 x 5.7 ms of host per layer.
     offload_layer_overhead_s: float = 3.0e-3  # ZeRO-3 hook/fetch bookkeeping per layer per forward (cost.overhead)
     # Device time per decoder layer per forward that no roofline sees: ~40 kernels a layer (KERNELS_PER_LAYER),

@@ -88,8 +88,8 @@ def plan_for(run: dict[str, Any]) -> tuple[Plan, Workload]:
     )
     # Every published DeepSpeed run used DeepSpeed's own (host-synchronizing) ZeRO-3 fetch wait.
     # DeepSpeedExamples' run_model.py computes in the HF config's torch_dtype, fp16 where unset: fp16 for
-    # every model it published (OPT and Llama-2 configs say float16, BLOOM's says none); our design.md runs
-    # computed in bf16.
+    # every model it published (OPT and Llama-2 configs say float16, BLOOM's says none); our own H100 runs
+    # (docs/measured-facts.md) computed in bf16.
     dtype = p.get("dtype") or ("fp16" if run["system"] == "deepspeed-zero-inference" else "bf16")
     return plan, Workload(p["prompt_len"], p["gen_len"], compute_dtype=dtype, fetch_wait=p.get("fetch_wait") or "host")
 

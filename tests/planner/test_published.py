@@ -2,7 +2,7 @@
 
 Uncalibrated predictions (profile ceilings, default efficiencies). Tolerances are stated per class and
 are what the model earns today, not targets (calibration is issue 4):
-- our H100 runs (design.md): decode step within 10%. The bs 1 row set the profile's 0.62 streaming
+- our H100 runs (docs/measured-facts.md): decode step within 10%. The bs 1 row set the profile's 0.62 streaming
   efficiency, so it checks consistency; the bs 16 row is held out.
 - DeepSpeedExamples, weights from pinned CPU memory: throughput within 0.5x-1.5x, median error <= 40%.
   We under-predict (0.65-0.76x): its tuned knobs stream faster than DeepSpeed's defaults, whose 62%
@@ -19,7 +19,7 @@ import statistics
 
 import pytest
 
-from hpi.planner.validation import compare_all, load_runs, plan_for, run_class
+from hpi.planner.published import compare_all, load_runs, plan_for, run_class
 
 COMPARISONS = compare_all()
 
