@@ -9,7 +9,7 @@ a word-level tokenizer (hpi's for random-weight models, or one saved with a chec
 token and every server sees the same token counts. Per level it reports the aggregate output tokens/s
 (generated tokens over the wall time from the first send to the last token), time to first token and
 inter-token latency (the gap between consecutive streamed tokens) at p50 / p99, and end-to-end latency.
-``--mixed``: prompt lengths uniform in [64, 1024], outputs uniform in [16, 256] (seeded).
+``--mixed``: prompt lengths uniform in [64, 1024], outputs uniform in [16, ``--mixed-gen-max``=256] (seeded).
 
 The last stdout line is one JSON document (``{"benchmark": "serve_load", ...}``). Random weights are fine:
 what is measured is the serving path, not the text.
@@ -107,7 +107,7 @@ async def run_level(args, n_clients: int, rng: random.Random) -> dict:
 
     def shape() -> tuple[int, int]:
         if args.mixed:
-            return rng.randint(64, 1024), rng.randint(16, 256)
+            return rng.randint(64, 1024), rng.randint(16, args.mixed_gen_max)
         return args.prompt_len, args.gen_len
 
     jobs = [[shape() for _ in range(args.requests)] for _ in range(n_clients)]
@@ -164,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--gen-len", type=int, default=128)
     p.add_argument("--mixed", action="store_true")
+    p.add_argument("--mixed-gen-max", type=int, default=256, help="--mixed: longest output (default 256)")
     p.add_argument("--vocab", type=int, default=32000, help="ids of the prompt words are drawn below this")
     p.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false")
     p.add_argument("--timeout", type=float, default=1800.0)
