@@ -13,9 +13,9 @@ O=${2:-/tmp/o}
 V=128000  # prompt words are drawn below the Llama-3 vocabulary (128256)
 case $phase in
 setup)
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site ../.whl/*.whl &&
-  DS_BUILD_OPS=0 python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site ../.whl/deepspeed-*.tar.gz &&
-  mkdir -p /tmp/hpi-path && ln -sfn "$PWD/src" /tmp/hpi-path/hpi && python3 -c "import hpi.cli, deepspeed, fastapi, uvicorn; print('setup ok')" ;;
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site ../.whl/*.whl &&
+  DS_BUILD_OPS=0 python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target /tmp/site ../.whl/deepspeed-*.tar.gz &&
+  mkdir -p /tmp/hpi-path && ln -sfn "$PWD/src" /tmp/hpi-path/hpi && python3 -c "import hpi.cli, deepspeed, fastapi, uvicorn, httpx2, openai; print('setup ok')" ;;
 8b)  # resident, CUDA-graphed: hpi run at bs 1 / 64 beside hpi serve under 1..64 clients and a mixed set
   $M run --name 8b-run-b1 --out "$O" -- --model llama-3-8b --batch 1 --prompt-len 512 --gen-len 128
   $M run --name 8b-run-b64 --out "$O" -- --model llama-3-8b --batch 64 --prompt-len 512 --gen-len 128
