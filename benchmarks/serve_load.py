@@ -138,6 +138,16 @@ async def run_level(args, n_clients: int, rng: random.Random) -> dict:
     }
 
 
+def engine_counters(args) -> dict | None:
+    """hpi serve's step counters from /health (steps, seconds inside steps, tokens stepped), else None."""
+    try:
+        doc = _httpx().get(args.url + "/health", headers=args.headers, timeout=5).json()
+    except Exception:  # noqa: BLE001 - another server, or none: no counters
+        return None
+    keys = ("steps", "step_seconds_total", "step_tokens_total")
+    return {k: doc[k] for k in keys if isinstance(doc, dict) and isinstance(doc.get(k), (int, float))} or None
+
+
 def wait_ready(args) -> None:
     """Poll the readiness route until the server says it is warm (a loading model answers 503)."""
     httpx = _httpx()
@@ -182,7 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
     levels = []
     for n in (int(x) for x in args.clients.split(",")):
+        before = engine_counters(args)
         level = asyncio.run(run_level(args, n, rng))
+        after = engine_counters(args)
+        if before and after:  # what the server's engine did meanwhile (hpi serve's /health)
+            level["engine"] = {k: after[k] - before[k] for k in after if k in before}
         levels.append(level)
         sys.stderr.write(f"{args.label} {n:3d} clients: {level['output_tok_s']:9.1f} tok/s, ttft p50 "
                          f"{level['ttft_p50_s'] or float('nan'):.3f} s, itl p50 {level['itl_p50_s'] or float('nan'):.4f} s, "

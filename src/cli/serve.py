@@ -43,7 +43,7 @@ def register(sub) -> dict:
                    help="prompt + generated tokens per request at most (default: --prompt-len + --gen-len)")
     p.add_argument("--max-queue", type=count, default=1024, help="waiting requests before 429 (default 1024)")
     p.add_argument("--step-tokens", type=count, default=None,
-                   help="tokens one step may carry (default: 8192 for offloaded plans, 2048 resident)")
+                   help="tokens one step may carry (default 8192, or --max-model-len when larger)")
     p.add_argument("--policy", choices=("fused", "separate"), default="fused",
                    help="fused: prompt chunks ride with the decode tokens (default); separate: prefill steps apart")
     p.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
@@ -98,7 +98,7 @@ def _resolve(args: argparse.Namespace):
     if plan.dp > 1:
         raise UsageError(f"hpi serve runs dp 1 (one replica per step); the plan has dp {plan.dp}: use --tp/--pp")
     serve = ServeSpec(n_slots=plan.batch_size, max_model_len=max_len, address=("127.0.0.1", 0),
-                      step_tokens=args.step_tokens or default_step_tokens(plan.is_offloaded, max_len),
+                      step_tokens=args.step_tokens or default_step_tokens(max_len),
                       policy=args.policy, max_queue=max(args.max_queue, 1), hang_timeout_s=args.hang_timeout or 600.0)
     spec = RunSpec(plan=plan, model=model_ref, workload=workload_from_args(args), hardware=args.hardware,
                    device=args.device, dtype=args.dtype, fetch_wait=args.fetch_wait, checkpoint=args.checkpoint,

@@ -182,7 +182,7 @@ class StepRunner:
     device: torch.device
     slots_per_group: int
     graphs: bool = False  # decode-only steps replay a CUDA graph per slot group
-    _graphs: dict[tuple[int, int], "DenseGraph"] = field(default_factory=dict)  # (group, kv span) -> graph
+    _graphs: dict[tuple[int, int, int], "DenseGraph"] = field(default_factory=dict)  # (group, rows, span) -> graph
     _sending: tuple | None = None  # (work, tensor) of the hidden states last sent
 
     @property
@@ -216,19 +216,21 @@ class StepRunner:
     def _run_dense(self, step: Step) -> list[SegmentOutput] | None:
         g = self.groups
         offset = step.group * self.slots_per_group
-        positions = torch.full((self.slots_per_group,), self.cache.max_len - 1, dtype=torch.long)
-        ids = torch.zeros(self.slots_per_group, 1, dtype=torch.long)
+        rows = row_bucket(max(seg.slot for seg in step.segments) - offset + 1, self.slots_per_group)
+        positions = torch.full((rows,), self.cache.max_len - 1, dtype=torch.long)
+        ids = torch.zeros(rows, 1, dtype=torch.long)
         for seg in step.segments:
             positions[seg.slot - offset] = seg.start_pos
             ids[seg.slot - offset, 0] = seg.token_ids[0]
         if g.is_first_stage:
             x = ids.to(self.device)
         else:
-            x = self._recv((self.slots_per_group, 1, self.hidden_size))
+            x = self._recv((rows, 1, self.hidden_size))
         span = kv_span(max(seg.start_pos for seg in step.segments) + 1, self.cache.max_len)
-        graph = self._graphs.get((step.group, span))
-        if graph is None:  # every rank picks the same span from the same step: they capture together
-            graph = self._graphs[(step.group, span)] = DenseGraph(self.stage, self.cache, offset, span, self.device)
+        key = (step.group, rows, span)
+        graph = self._graphs.get(key)
+        if graph is None:  # every rank picks the same shape from the same step: they capture together
+            graph = self._graphs[key] = DenseGraph(self.stage, self.cache, offset, span, self.device)
         out = graph(x, positions.to(self.device))
         if not g.is_last_stage:
             return self._send(out.clone())  # the graph's output buffer is overwritten by the next replay
@@ -323,6 +325,16 @@ def warm_up(runner: StepRunner, groups_n: int) -> None:
 KV_BUCKET = 128  # graphed decode reads keys in spans of this many positions (one graph per span in use)
 
 
+def row_bucket(needed: int, slots: int) -> int:
+    """Rows a graphed decode step runs: the group's first slots, up to the highest busy one, rounded up to a power
+    of two (the scheduler hands out the lowest free slot, so busy slots sit at the front). One client decodes
+    in a one-row graph, not in all 64 (10.4 ms for 64 rows vs 7.6 ms for one, Llama-3-8B on one H200)."""
+    rows = 1
+    while rows < needed:
+        rows *= 2
+    return min(rows, slots)
+
+
 def kv_span(needed: int, max_len: int) -> int:
     """The key span a graphed decode step reads: ``needed`` rounded up to a bucket, at most the cache's length.
     A graph over the whole cache would read every slot's full length each step (at 64 slots of 1280 tokens an
@@ -330,9 +342,10 @@ def kv_span(needed: int, max_len: int) -> int:
     return min(max_len, -(-needed // KV_BUCKET) * KV_BUCKET)
 
 
-def default_step_tokens(offloaded: bool, max_model_len: int) -> int:
-    """Tokens a step may carry: weight-streamed plans pay one stream per step, so they take large steps."""
-    return max(max_model_len, 8192 if offloaded else 2048)
+def default_step_tokens(max_model_len: int) -> int:
+    """Tokens a step may carry: large, so that a burst of prompts is prefilled in few steps (each new request waits
+    for the steps before its own). Weight-streamed plans pay one stream per step, whatever it carries."""
+    return max(max_model_len, 8192)
 
 
 def cache_bytes(n_slots: int, max_len: int, n_layers: int, kv_heads: int, head_dim: int, dtype_bytes: int) -> int:

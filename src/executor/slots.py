@@ -154,10 +154,28 @@ def _grouped_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     return out.reshape(n, heads, d)
 
 
+def _backends():
+    """sdpa's kernels for serving steps: flash, memory-efficient and math, not cuDNN. cuDNN builds an execution
+    plan for every new (query, key) length pair, and a serving step's lengths change with every request: on one
+    H200 each first step of a new mix of prompt chunks stalled 0.7-1.1 s (benchmarks/results/2026-12-02-h200-serve,
+    call A)."""
+    from torch.nn.attention import SDPBackend
+
+    return [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def ragged_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                      step: RaggedStep | DenseDecode, scaling: float | None) -> torch.Tensor:
     """Attention of a step's queries over their own slots. ``keys``/``values``: the whole cache layer
     [slots, kv, max_len, d]. Returns transformers' attention output layout: [b, s, heads, d]."""
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel(_backends()):
+        return _ragged_attention(query, keys, values, step, scaling)
+
+
+def _ragged_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      step: RaggedStep | DenseDecode, scaling: float | None) -> torch.Tensor:
     if isinstance(step, DenseDecode):  # query [rows, H, 1, d], keys/values: those rows' slots
         k_pos = torch.arange(keys.shape[2], device=keys.device)[None, :]
         allowed = _window_ok(step.positions[:, None], k_pos, step.window)

@@ -68,7 +68,9 @@ def create_app(service: Service, *, api_key: str | None = None, max_body_bytes: 
         engine = service.engine
         if engine.state == DEAD:
             return _error(ApiError(500, engine.message))
-        return {"status": engine.state, "steps": engine.counters.steps, "requests_waiting": len(engine.waiting),
+        c = engine.counters
+        return {"status": engine.state, "steps": c.steps, "step_seconds_total": c.step_seconds,
+                "step_tokens_total": c.step_tokens, "requests_waiting": len(engine.waiting),
                 "requests_running": len(engine.queues) - len(engine.waiting),
                 "finished": dict(engine.counters.finished)}
 
