@@ -36,7 +36,6 @@ import sys
 import time
 from pathlib import Path
 
-
 CONDITIONS = ("baseline", "gc", "threads1", "pinned", "all")
 
 
@@ -125,11 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import torch
+    from transformers import DynamicCache
 
     from hpi.executor.generate import PipelineGenerator, Sampler, StepTimes
     from hpi.executor.groups import Groups
     from hpi.executor.modeling import ShardSpec, build_stage, load_hf_config
-    from transformers import DynamicCache
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -13,9 +13,24 @@ from pathlib import Path
 import pytest
 
 from hpi.records import (
-    KIND, VERSION, DecodeSteps, HostToDevice, ModelInfo, NvmeReads, Output, Prediction, RankReport, RecordError,
-    RunRecord, Software, Timings, Transfers, compare, load_records, upgrade,
-)  # fmt: skip
+    KIND,
+    VERSION,
+    DecodeSteps,
+    HostToDevice,
+    ModelInfo,
+    NvmeReads,
+    Output,
+    Prediction,
+    RankReport,
+    RecordError,
+    RunRecord,
+    Software,
+    Timings,
+    Transfers,
+    compare,
+    load_records,
+    upgrade,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"

@@ -55,8 +55,17 @@ from hpi.planner.specs.model import ModelSpec
 from hpi.planner.specs.plan import Plan
 from hpi.planner.specs.workload import Workload
 from hpi.records import (
-    DecodeSteps, HostToDevice, ModelInfo, Output, Prediction, RankReport, RunRecord, Timings, Transfers, compare,
-)  # fmt: skip
+    DecodeSteps,
+    HostToDevice,
+    ModelInfo,
+    Output,
+    Prediction,
+    RankReport,
+    RunRecord,
+    Timings,
+    Transfers,
+    compare,
+)
 
 FACTOR_RANGES: dict[str, tuple[float, float]] = {
     "h2d_stream_pinned": (0.80, 1.35),
@@ -324,8 +333,11 @@ def exhaustive_optimum(model: ModelSpec, machine: HiddenMachine, workload: Workl
 
 def _default_knob_rows(lattice) -> np.ndarray:
     """Lattice rows a coarse grid would run: DeepSpeed's default prefetch, max live and persistence."""
-    from hpi.planner.specs.plan import (DEEPSPEED_DEFAULT_MAX_LIVE_ELEMS, DEEPSPEED_DEFAULT_PERSISTENCE_ELEMS,
-                                    DEEPSPEED_DEFAULT_PREFETCH_ELEMS)
+    from hpi.planner.specs.plan import (
+        DEEPSPEED_DEFAULT_MAX_LIVE_ELEMS,
+        DEEPSPEED_DEFAULT_PERSISTENCE_ELEMS,
+        DEEPSPEED_DEFAULT_PREFETCH_ELEMS,
+    )
 
     parts = []
     for k in lattice.knobs:

@@ -36,8 +36,8 @@ from hpi.planner.cost.inputs import Knobs
 from hpi.planner.cost.shape import module_table, per_rank
 from hpi.planner.search import DEFAULT_BATCHES, SearchSpace, nvme_buffer_elems_for, search
 from hpi.planner.specs.hardware import HardwareProfile
-from hpi.planner.specs.model import ModelSpec
 from hpi.planner.specs.knob import degree_names
+from hpi.planner.specs.model import ModelSpec
 from hpi.planner.specs.plan import (
     DEEPSPEED_DEFAULT_MAX_LIVE_ELEMS,
     DEEPSPEED_DEFAULT_PERSISTENCE_ELEMS,

@@ -42,8 +42,8 @@ from hpi.planner.cost.inputs import Arrangement, Knobs
 from hpi.planner.feasibility import capacity_masks
 from hpi.planner.predict import arrangement_for
 from hpi.planner.specs.hardware import HardwareProfile
-from hpi.planner.specs.model import ModelSpec
 from hpi.planner.specs.knob import knob_named
+from hpi.planner.specs.model import ModelSpec
 from hpi.planner.specs.plan import OFFLOAD_KINDS, WEIGHT_BITS, Plan, copies_from_host
 from hpi.planner.specs.workload import Workload
 from hpi.records import RunRecord

@@ -78,9 +78,16 @@ def _display_path(path: str) -> str:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from hpi.planner.calibrate import (
-        CalibrationError, apply, fit, measurement, predict_measurements, render_section, split_by_plan, summarize,
+        CalibrationError,
+        apply,
+        fit,
+        measurement,
+        predict_measurements,
+        render_section,
+        split_by_plan,
+        summarize,
         write_section,
-    )  # fmt: skip
+    )
     from hpi.planner.profiles import clear_cache, load_profile
     from hpi.records import load_records
 

@@ -16,8 +16,9 @@ def register(sub) -> dict:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from hpi.planner.catalog import load_model, model_names
     from rich.table import Table
+
+    from hpi.planner.catalog import load_model, model_names
 
     models = [load_model(n) for n in model_names()]
     if args.json:
@@ -37,8 +38,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_hardware(args: argparse.Namespace) -> int:
-    from hpi.planner.profiles import load_profile, profile_names
     from rich.table import Table
+
+    from hpi.planner.profiles import load_profile, profile_names
 
     profiles = [load_profile(n) for n in profile_names()]
     if args.json:

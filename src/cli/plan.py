@@ -5,10 +5,17 @@ from __future__ import annotations
 import argparse
 import time
 
-from hpi.cli.args import (
-    add_plan_flags, add_run_conditions, add_target, count, load_target, plan_from_args, plan_flags, search_restrictions,
-)  # fmt: skip
 from hpi.cli import output
+from hpi.cli.args import (
+    add_plan_flags,
+    add_run_conditions,
+    add_target,
+    count,
+    load_target,
+    plan_flags,
+    plan_from_args,
+    search_restrictions,
+)
 
 
 def register(sub) -> dict:

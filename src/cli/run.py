@@ -14,8 +14,14 @@ import sys
 from pathlib import Path
 
 from hpi.cli.args import (
-    UsageError, add_plan_flags, add_run_conditions, add_target, count, plan_from_args, workload_from_args,
-)  # fmt: skip
+    UsageError,
+    add_plan_flags,
+    add_run_conditions,
+    add_target,
+    count,
+    plan_from_args,
+    workload_from_args,
+)
 from hpi.cli.output import emit_json
 from hpi.records import RunRecord
 

@@ -12,8 +12,14 @@ import os
 import sys
 
 from hpi.cli.args import (
-    UsageError, add_plan_flags, add_run_conditions, count, non_negative, plan_from_args, workload_from_args,
-)  # fmt: skip
+    UsageError,
+    add_plan_flags,
+    add_run_conditions,
+    count,
+    non_negative,
+    plan_from_args,
+    workload_from_args,
+)
 
 API_KEY_ENV = "HPI_API_KEY"
 

@@ -105,7 +105,7 @@ def rule_gpus(f: CheckFacts) -> list[Finding]:
                         f"{f.machine_gpus}", "lower tp/pp/dp, or run on a machine with more GPUs (multi-node: one hpi run per node)")]
     if f.machine_gpus != f.profile_gpus_per_node:
         return [Finding("warning", "gpus", f"profile {f.profile_name} describes {f.profile_gpus_per_node} GPU(s) per node; this "
-                        f"machine has {f.machine_gpus}", f"probe this machine (hpi probe) and plan on its profile")]
+                        f"machine has {f.machine_gpus}", "probe this machine (hpi probe) and plan on its profile")]
     return []
 
 

@@ -16,6 +16,10 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 
+# torchrun's error recorder writes each failing rank's traceback to error.json; the launcher reads it to
+# name the rank that failed first and show why.
+from torch.distributed.elastic.multiprocessing.errors import record as record_errors
+
 from hpi.executor import diskstats
 from hpi.executor.generate import LeftPadding, PipelineGenerator, Sampler, StepTimes, left_pad
 from hpi.executor.groups import Groups, build_groups
@@ -23,10 +27,6 @@ from hpi.executor.record import build_record
 from hpi.executor.spec import RunSpec, write_json_atomic
 from hpi.planner.specs.plan import decode_graph_blocker
 from hpi.records import ModelInfo, RankReport, RunRecord
-
-# torchrun's error recorder writes each failing rank's traceback to error.json; the launcher reads it to
-# name the rank that failed first and show why.
-from torch.distributed.elastic.multiprocessing.errors import record as record_errors
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from hpi.executor.groups import DeepSpeedMpu, Groups
-from hpi.planner.specs.workload import FETCH_WAITS  # stream: ordered on the GPU (ours); host: DeepSpeed's stock synchronize
+from hpi.planner.specs.workload import FETCH_WAITS  # stream: GPU-ordered (ours); host: DeepSpeed's stock synchronize
 
 _INSTALLED: list[Groups] = []
 

@@ -19,7 +19,6 @@ from hpi.planner.cost.shape import per_rank
 from hpi.planner.specs.hardware import HardwareProfile
 from hpi.planner.specs.model import ModelSpec
 from hpi.planner.specs.plan import QUANT_GROUP_SIZE, Plan
-from hpi.planner.specs.workload import Workload
 
 GB = 1e9
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from hpi.cli import main
 from hpi.planner.calibrate import METRICS, apply, fit, measurement, plan_key
 from hpi.planner.catalog import load_model
-from hpi.cli import main
 from hpi.planner.predict import predict
 from hpi.planner.profiles import clear_cache, load_profile
 from hpi.planner.validate import leave_one_plan_out, load_manifest, validate

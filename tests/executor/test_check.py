@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 
+from hpi.cli import main
 from hpi.executor.check import (
     CheckFacts,
     has_errors,
@@ -19,7 +20,6 @@ from hpi.executor.check import (
     rule_versions,
     run_rules,
 )
-from hpi.cli import main
 
 GOOD = CheckFacts(
     plan_label="cpu pinned tp2 pp1 dp1 w16 b1", offload="cpu", pin_memory=True, tp=2, world_size=2,

@@ -22,7 +22,6 @@ from hpi.executor.modeling import ShardSpec, build_stage, load_hf_config, static
 from hpi.executor.spec import RunSpec  # noqa: E402
 from hpi.planner.specs.plan import Plan  # noqa: E402
 from hpi.planner.specs.workload import Workload  # noqa: E402
-
 from tests.executor.test_padding import _one_rank, _tiny  # noqa: E402
 
 GEN = 6
@@ -80,8 +79,9 @@ def test_static_stage_takes_the_prompt_first_and_once():
 def test_grouped_decode_attention_equals_repeating_the_kv_heads(q_len):
     from types import SimpleNamespace
 
-    from hpi.executor.attention import grouped_decode_sdpa
     from transformers.integrations.sdpa_attention import repeat_kv
+
+    from hpi.executor.attention import grouped_decode_sdpa
 
     g = torch.Generator().manual_seed(0)
     b, kv, groups, length, d = 3, 2, 4, 10, 8

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from hpi.cli import main
 from hpi.executor import launch as launch_mod
 from hpi.executor.launch import LaunchError, launch
 from hpi.executor.spec import RunSpec
-from hpi.cli import main
 from hpi.planner.specs.plan import Plan
 from hpi.records import DecodeSteps, RunRecord, Timings
 

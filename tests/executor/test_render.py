@@ -26,8 +26,8 @@ from hpi.executor.render import (
     node_ranks,
 )
 from hpi.planner.catalog import load_model
-from hpi.planner.ranks import place
 from hpi.planner.profiles import load_profile
+from hpi.planner.ranks import place
 from hpi.planner.search import nvme_buffer_elems_for
 from hpi.planner.specs.plan import Plan
 from hpi.planner.topology import build_topology

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import replace
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest

@@ -34,12 +34,26 @@ read by ``hpi.records`` (``load_records``, ``RunRecord``).
 """
 
 from hpi.planner.calibrate.fit import (
-    CANDIDATES, Calibration, apply, calibrate, fit, prior_weight, split_by_plan,
-)  # fmt: skip
+    CANDIDATES,
+    Calibration,
+    apply,
+    calibrate,
+    fit,
+    prior_weight,
+    split_by_plan,
+)
 from hpi.planner.calibrate.measurements import (
-    METRICS, CalibrationError, ErrorSummary, Measurement, Prediction, measurement, plan_key, predict_measurements,
-    run_conditions, summarize,
-)  # fmt: skip
+    METRICS,
+    CalibrationError,
+    ErrorSummary,
+    Measurement,
+    Prediction,
+    measurement,
+    plan_key,
+    predict_measurements,
+    run_conditions,
+    summarize,
+)
 from hpi.planner.calibrate.section import render_section, replace_section, write_section
 
 __all__ = [

@@ -11,9 +11,16 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from hpi.planner.calibrate.measurements import (
-    CalibrationError, Cases, ErrorSummary, Measurement, as_measurements, build_cases, predict_array, predictions_of,
+    CalibrationError,
+    Cases,
+    ErrorSummary,
+    Measurement,
+    as_measurements,
+    build_cases,
+    predict_array,
+    predictions_of,
     summarize,
-)  # fmt: skip
+)
 from hpi.planner.specs.hardware import Efficiency, HardwareProfile, Provenance, is_fraction
 from hpi.records import RunRecord
 

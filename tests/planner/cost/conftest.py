@@ -13,7 +13,7 @@ from typing import Sequence
 import pytest
 
 from hpi.planner.cost.estimate import Evaluation, evaluate
-from hpi.planner.cost.inputs import Knobs, Arrangement, make_arrangement
+from hpi.planner.cost.inputs import Arrangement, Knobs, make_arrangement
 from hpi.planner.specs.hardware import Efficiency, GpuSpec, HardwareProfile, HostSpec, NvmeSpec
 from hpi.planner.specs.model import ModelSpec
 from hpi.planner.specs.placement import Link, Placement
