@@ -26,9 +26,15 @@
 import dataclasses
 import statistics
 
+import numpy as np
+
 from hpi.planner.calibrate import METRICS, apply, fit, measurement, plan_key
+from hpi.planner.catalog import load_model
+from hpi.planner.cost.dequant import dequant_bytes_per_elem
 from hpi.planner.predict import predict
 from hpi.planner.profiles import load_profile
+from hpi.planner.specs.plan import Plan
+from hpi.planner.specs.workload import Workload
 from hpi.planner.validate import load_manifest, validate
 from hpi.records import load_records
 
@@ -181,13 +187,6 @@ for profile in sorted({p for _, p in measurements.values()}):
 #   gathered alone, beside the whole cache and the logits (4x H200, bs 32: 3.56 GB allocated).
 
 # %%
-import numpy as np
-
-from hpi.planner.catalog import load_model
-from hpi.planner.cost.dequant import dequant_bytes_per_elem
-from hpi.planner.specs.plan import Plan
-from hpi.planner.specs.workload import Workload
-
 print("dequant bytes per element, bf16 [16, 8, 4 bit]:", dequant_bytes_per_elem(np.array([16, 8, 4]), "bf16"))
 assert list(dequant_bytes_per_elem(np.array([16, 8, 4]), "bf16")) == [0.0, 13.0, 17.0]
 
