@@ -119,7 +119,8 @@ def pin_trial(nbytes: int, cuda_ok: bool, memlock_soft: float | None) -> dict[st
     finally:
         del view
         buf.close()
-    return {"method": "mlock", "bytes": nbytes, "ok": error is None, "seconds": time.perf_counter() - start, "error": error}
+    return {"method": "mlock", "bytes": nbytes, "ok": error is None, "seconds": time.perf_counter() - start,
+            "error": error}
 
 
 # ---- host<->device copies (torch) -----------------------------------------------------------------------

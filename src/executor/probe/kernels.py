@@ -36,7 +36,8 @@ def measure_matmul(torch: Any, settings: ProbeSettings) -> dict[str, Any]:
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
-        for label, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("tf32", torch.float32), ("int8", torch.int8)):
+        for label, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("tf32", torch.float32),
+                             ("int8", torch.int8)):
             try:
                 if dtype is torch.int8:
                     a = torch.randint(-8, 8, (n, n), dtype=torch.int8, device="cuda:0")
@@ -210,5 +211,6 @@ def fit_layer_cost(points: Sequence[tuple[float, float]], ceiling_bytes_s: float
         slope, intercept = np.polyfit(b, t, 1)
         if slope > 0 and intercept >= 0:
             rate = 1.0 / slope
-            return LayerFit(float(intercept), float(rate), "fit") if rate <= ceiling_bytes_s else held(ceiling_bytes_s, "ceiling")
+            return (LayerFit(float(intercept), float(rate), "fit") if rate <= ceiling_bytes_s
+                    else held(ceiling_bytes_s, "ceiling"))
     return held(min(given_bytes_s or ceiling_bytes_s, ceiling_bytes_s), "given")
