@@ -53,7 +53,8 @@ def register(sub) -> dict:
     p.add_argument("--policy", choices=("fused", "separate"), default="fused",
                    help="fused: prompt chunks ride with the decode tokens (default); separate: prefill steps apart")
     p.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
-    p.add_argument("--chat-template", default=None, metavar="FILE", help="Jinja chat template replacing the tokenizer's")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="Jinja chat template replacing the tokenizer's")
     p.add_argument("--drain-timeout", type=non_negative, default=30.0, metavar="S",
                    help="on SIGINT/SIGTERM, let running requests finish for up to S seconds (default 30)")
     p.add_argument("--hang-timeout", type=non_negative, default=600.0, metavar="S",
