@@ -87,8 +87,10 @@ def test_grouped_decode_attention_equals_repeating_the_kv_heads(q_len):
     b, kv, groups, length, d = 3, 2, 4, 10, 8
     q = torch.randn(b, kv * groups, q_len, d, generator=g)
     k, v = torch.randn(b, kv, length, d, generator=g), torch.randn(b, kv, length, d, generator=g)
-    mask = static_causal_mask(torch.arange(6 - q_len, 6), length, None, (torch.rand(b, length, generator=g) > 0.3).long())
-    got, _ = grouped_decode_sdpa(SimpleNamespace(num_key_value_groups=groups, is_causal=True), q, k, v, mask, scaling=0.3)
+    mask = static_causal_mask(torch.arange(6 - q_len, 6), length, None,
+                              (torch.rand(b, length, generator=g) > 0.3).long())
+    got, _ = grouped_decode_sdpa(SimpleNamespace(num_key_value_groups=groups, is_causal=True), q, k, v, mask,
+                                 scaling=0.3)
     want = torch.nn.functional.scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups),
                                                             attn_mask=mask, scale=0.3).transpose(1, 2)
     assert got.shape == (b, q_len, kv * groups, d)
