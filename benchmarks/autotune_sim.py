@@ -54,7 +54,8 @@ def run_case(model: str, hardware: str, objective: str, seed: int, trials: int) 
     grid = sim["expected_grid_trials"]
     return {
         "model": model, "hardware": hardware, "objective": objective, "seed": seed, "trials": doc["trials"],
-        "runs": doc["runs"], "trials_to_within_3pct": t3, "trial1_gap": sim["trial1_gap"], "final_gap": sim["final_gap"],
+        "runs": doc["runs"], "trials_to_within_3pct": t3, "trial1_gap": sim["trial1_gap"],
+        "final_gap": sim["final_gap"],
         "grid_size": sim["grid_size"], "expected_grid_trials": grid, "coarse_grid_size": sim["coarse_grid_size"],
         "expected_coarse_grid_trials": sim["expected_coarse_grid_trials"],
         "grid_over_autotune": (grid / t3) if (grid and t3) else None,
@@ -85,7 +86,8 @@ def main() -> None:
     for r in rows:
         print(f"{r['model']:13s} {r['hardware']:18s} {r['objective']:10s} {r['seed']:4d} "
               f"{_fmt(r['trials_to_within_3pct'], 'd'):>3s} {r['runs']:4d} {_fmt(r['trial1_gap'], '.1%'):>6s} "
-              f"{_fmt(r['final_gap'], '.1%'):>6s} {r['grid_size']:7,d} {_fmt(r['expected_grid_trials'], ',.0f', 'inf'):>8s} "
+              f"{_fmt(r['final_gap'], '.1%'):>6s} {r['grid_size']:7,d} "
+              f"{_fmt(r['expected_grid_trials'], ',.0f', 'inf'):>8s} "
               f"{r['coarse_grid_size']:6,d} {_fmt(r['expected_coarse_grid_trials'], ',.0f', 'inf'):>6s} "
               f"{_fmt(r['grid_over_autotune'], ',.0f'):>6s} {r['wall_s']:5.0f}")
     reached = [r["trials_to_within_3pct"] for r in rows if r["trials_to_within_3pct"] is not None]
@@ -100,14 +102,15 @@ def main() -> None:
         "max_trial1_gap": max(r["trial1_gap"] for r in rows if r["trial1_gap"] is not None),
         "median_final_gap": statistics.median(r["final_gap"] for r in rows if r["final_gap"] is not None),
         "median_expected_grid_trials": statistics.median(r["expected_grid_trials"] or float("inf") for r in rows),
-        "median_expected_coarse_grid_trials": statistics.median(r["expected_coarse_grid_trials"] or float("inf") for r in rows),
+        "median_expected_coarse_grid_trials": statistics.median(r["expected_coarse_grid_trials"] or float("inf")
+                                                                for r in rows),
         "median_grid_over_autotune": statistics.median(ratios) if ratios else None,
         "wall_s": time.perf_counter() - started,
     }
     print(f"within 3% of the hidden optimum in <= {args.trials} trials: {len(reached)}/{len(rows)} cases; median "
           f"{summary['median_trials_to_3pct']} trials, max {summary['max_trials_to_3pct']}; the planner's own first "
-          f"pick was {summary['median_trial1_gap']:.1%} off (median, max {summary['max_trial1_gap']:.1%}); a random-order "
-          f"grid needs {summary['median_expected_grid_trials']:,.0f} trials (median; coarse grid "
+          f"pick was {summary['median_trial1_gap']:.1%} off (median, max {summary['max_trial1_gap']:.1%}); a "
+          f"random-order grid needs {summary['median_expected_grid_trials']:,.0f} trials (median; coarse grid "
           f"{summary['median_expected_coarse_grid_trials']:,.0f})")
     print(json.dumps({"benchmark": "autotune_sim", "summary": summary, "cases": rows}, default=str))
 

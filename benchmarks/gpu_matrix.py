@@ -78,7 +78,8 @@ def matrices() -> dict[str, list[Entry]]:
             Entry("70b-tp4-resident-b1", m70, x4, 1, {"tp": 4}, gpus=4, variants=_graphed(32), **res70),
             Entry("70b-tp2-resident-b1", m70, x4, 1, {"tp": 2}, gpus=2, variants=_graphed(32), **res70),
             Entry("70b-pp4-resident-b1", m70, x4, 1, {"pp": 4}, gpus=4, variants=_graphed(32, pp=4), **res70),
-            Entry("70b-tp2pp2-resident-b1", m70, x4, 1, {"tp": 2, "pp": 2}, gpus=4, variants=_graphed(32, pp=2), **res70),
+            Entry("70b-tp2pp2-resident-b1", m70, x4, 1, {"tp": 2, "pp": 2}, gpus=4, variants=_graphed(32, pp=2),
+                  **res70),
             Entry("70b-pp2-resident-b1", m70, x4, 1, {"pp": 2}, gpus=2, variants=_graphed(32, pp=2), **res70),
             Entry("70b-tp1-resident-b1", m70, x4, 1, {}, variants=_graphed(8), **res70),
         ],
@@ -103,8 +104,10 @@ def matrices() -> dict[str, list[Entry]]:
             Entry("8b-cpu-pinned-tuned-kvoff-b16", m8, h100, 16, {"offload": "cpu", "kv_offload": True, **tuned},
                   variants=({"batch_size": 64},)),
             Entry("8b-cpu-pageable-b1", m8, h100, 1, {"offload": "cpu", "pin_memory": False}, gen_len=8),
-            Entry("8b-cpu-pinned-q8-b1", m8, h100, 1, {"offload": "cpu", "weight_bits": 8, **dsx}, variants=_batches(16)),
-            Entry("8b-cpu-pinned-q4-b1", m8, h100, 1, {"offload": "cpu", "weight_bits": 4, **dsx}, variants=_batches(16)),
+            Entry("8b-cpu-pinned-q8-b1", m8, h100, 1, {"offload": "cpu", "weight_bits": 8, **dsx},
+                  variants=_batches(16)),
+            Entry("8b-cpu-pinned-q4-b1", m8, h100, 1, {"offload": "cpu", "weight_bits": 4, **dsx},
+                  variants=_batches(16)),
             Entry("8b-resident-q4-b1", m8, h100, 1, {"weight_bits": 4}),
             Entry("8b-nvme-b1", m8, h100, 1, {"offload": "nvme", **tuned}, variants=_batches(16), gen_len=4),
             # does DeepSpeed's one-parameter-per-swap-buffer rule bound the NVMe read? 5 (default) vs 16 buffers
@@ -114,14 +117,16 @@ def matrices() -> dict[str, list[Entry]]:
             Entry("base-ds-examples-8b-b1", m8, h100, 1, baseline="ds-examples"),
             Entry("base-ds-examples-8b-b16", m8, h100, 16, baseline="ds-examples"),
             Entry("base-accelerate-8b-b1", m8, h100, 1, baseline="accelerate"),
-            Entry("33b-cpu-pinned-dsexamples-b1", big, h100, 1, {"offload": "cpu", **dsx33}, variants=_batches(16), gen_len=8),
+            Entry("33b-cpu-pinned-dsexamples-b1", big, h100, 1, {"offload": "cpu", **dsx33}, variants=_batches(16),
+                  gen_len=8),
             Entry("33b-cpu-pinned-q4-b1", big, h100, 1, {"offload": "cpu", "weight_bits": 4, **dsx33}, gen_len=8),
         ],
         "h200x2": [
             Entry("8b-tp2-resident-b1", m8, "h200-2gpu", 1, {"tp": 2}, gpus=2),
             Entry("8b-pp2-resident-b8-mb2", m8, "h200-2gpu", 8, {"pp": 2, "micro_batches": 2}, gpus=2),
             Entry("8b-tp2-cpu-pinned-b1", m8, "h200-2gpu", 1, {"tp": 2, "offload": "cpu", **tuned}, gpus=2),
-            Entry("8b-pp2-cpu-pinned-b8-mb2", m8, "h200-2gpu", 8, {"pp": 2, "offload": "cpu", "micro_batches": 2, **tuned}, gpus=2),
+            Entry("8b-pp2-cpu-pinned-b8-mb2", m8, "h200-2gpu", 8,
+                  {"pp": 2, "offload": "cpu", "micro_batches": 2, **tuned}, gpus=2),
             Entry("70b-tp2-cpu-pinned-b1", m70, "h200-2gpu", 1, {"tp": 2, "offload": "cpu", **tuned}, gpus=2),
             Entry("70b-tp2-cpu-pinned-b16", m70, "h200-2gpu", 16, {"tp": 2, "offload": "cpu", **tuned}, gpus=2),
         ],
@@ -129,7 +134,8 @@ def matrices() -> dict[str, list[Entry]]:
         # entries use DeepSpeedExamples' knobs (2 h^2 bucket and max live): the best bs-1 streaming on the H100.
         "h200x4": [
             Entry("70b-tp4-resident-b1", m70, x4, 1, {"tp": 4}, gpus=4, variants=_batches(32), **res70),
-            Entry("70b-tp2pp2-resident-b1", m70, x4, 1, {"tp": 2, "pp": 2}, gpus=4, variants=_batches(32, pp=2), **res70),
+            Entry("70b-tp2pp2-resident-b1", m70, x4, 1, {"tp": 2, "pp": 2}, gpus=4, variants=_batches(32, pp=2),
+                  **res70),
             Entry("70b-pp4-resident-b1", m70, x4, 1, {"pp": 4}, gpus=4, variants=_batches(32, pp=4), **res70),
             Entry("70b-tp2-resident-b1", m70, x4, 1, {"tp": 2}, gpus=2, variants=_batches(32), **res70),
             Entry("70b-pp2-resident-b1", m70, x4, 1, {"pp": 2}, gpus=2, variants=_batches(32, pp=2), **res70),
@@ -164,7 +170,8 @@ def entry_plan(entry: Entry):
 
     fields = dict(entry.plan)
     if fields.get("offload") == "nvme" and "nvme_buffer_elems" not in fields:
-        fields["nvme_buffer_elems"] = nvme_buffer_elems_for(load_model(entry.model), fields.get("tp", 1), fields.get("dp", 1))
+        fields["nvme_buffer_elems"] = nvme_buffer_elems_for(load_model(entry.model), fields.get("tp", 1),
+                                                            fields.get("dp", 1))
     return Plan(batch_size=entry.batch, **fields)
 
 
@@ -189,7 +196,8 @@ def run_hpi(entry: Entry, out: Path, gen_len: int, prompt_len: int, device: str 
     plan = entry_plan(entry)
     workload = Workload(entry.prompt_len or prompt_len, entry.gen_len or gen_len)
     spec = RunSpec(plan=plan, model=entry.model, workload=workload, hardware=entry.hardware, device=device,
-                   dtype="bf16" if device == "cuda" else "fp32", out_dir=str(out / entry.name), warmup_steps=1, warmup_gen_len=entry.warmup_gen_len,
+                   dtype="bf16" if device == "cuda" else "fp32", out_dir=str(out / entry.name), warmup_steps=1,
+                   warmup_gen_len=entry.warmup_gen_len,
                    nvme_path=str(out / "nvme") if plan.offload == "nvme" else None, fetch_wait=entry.fetch_wait,
                    variants=entry.variants)
     refuse_infeasible(entry, plan, spec.workload)  # the spec's workload carries the run's dtype and fetch wait
@@ -208,7 +216,8 @@ def run_baseline(entry: Entry, out: Path, gen_len: int, prompt_len: int) -> dict
     args = [entry.baseline, "--model", entry.model, "--batch", str(entry.batch), "--prompt-len", str(prompt_len),
             "--gen-len", str(gen_len), *entry.baseline_args]
     if entry.baseline == "ds-examples":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", "29533", script, *args]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", "29533", script,
+               *args]
     else:
         cmd = [sys.executable, script, *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -251,11 +260,16 @@ def summarize(results: dict[str, dict]) -> tuple[list[str], dict]:
     ratio("8b-resident-b1", "base-hf-resident-8b-b1", "decode", "hpi_resident_decode_over_hf_resident")
     ratio("8b-cpu-pinned-dsdefaults-b1", "8b-cpu-pinned-dsdefaults-hostwait-b1", "throughput_tok_s",
           "stream_ordered_fetch_over_deepspeed_host_wait_b1_throughput")
-    ratio("8b-cpu-pinned-tuned-b1@b64", "base-ds-examples-8b-b16", "throughput_tok_s", "hpi_tuned_b64_over_ds_examples_b16_throughput")
-    ratio("8b-cpu-pinned-tuned-b1", "base-ds-examples-8b-b1", "throughput_tok_s", "hpi_tuned_over_ds_examples_b1_throughput")
-    ratio("8b-cpu-pinned-tuned-b16", "base-ds-examples-8b-b16", "throughput_tok_s", "hpi_tuned_over_ds_examples_b16_throughput")
-    ratio("8b-cpu-pinned-tuned-b1", "base-accelerate-8b-b1", "throughput_tok_s", "hpi_tuned_over_accelerate_b1_throughput")
-    ratio("8b-cpu-pinned-dsdefaults-b1", "base-ds-examples-8b-b1", "throughput_tok_s", "hpi_dsdefaults_over_ds_examples_b1_throughput")
+    ratio("8b-cpu-pinned-tuned-b1@b64", "base-ds-examples-8b-b16", "throughput_tok_s",
+          "hpi_tuned_b64_over_ds_examples_b16_throughput")
+    ratio("8b-cpu-pinned-tuned-b1", "base-ds-examples-8b-b1", "throughput_tok_s",
+          "hpi_tuned_over_ds_examples_b1_throughput")
+    ratio("8b-cpu-pinned-tuned-b16", "base-ds-examples-8b-b16", "throughput_tok_s",
+          "hpi_tuned_over_ds_examples_b16_throughput")
+    ratio("8b-cpu-pinned-tuned-b1", "base-accelerate-8b-b1", "throughput_tok_s",
+          "hpi_tuned_over_accelerate_b1_throughput")
+    ratio("8b-cpu-pinned-dsdefaults-b1", "base-ds-examples-8b-b1", "throughput_tok_s",
+          "hpi_dsdefaults_over_ds_examples_b1_throughput")
     for name in results:  # CUDA-graphed decode against the eager decode of the same build and batch
         eager = name.removesuffix("-graphs")
         if name.endswith("-graphs") and eager.endswith("@b1") and eager.removesuffix("@b1") in results:
@@ -269,9 +283,10 @@ def summarize(results: dict[str, dict]) -> tuple[list[str], dict]:
         if "error" not in r and r.get("nvme"):
             nv = r["nvme"]
             lines.append(f"{n}: NVMe read {nv['achieved_read_bytes_s'] / 1e9:.2f} GB/s"
-                         + (f" = {nv['fraction_of_profile']:.2f} of the profile's {nv['profile_read_bytes_s'] / 1e9:.2f}"
-                            if nv.get("fraction_of_profile") else "")
-                         + (f", drive queue depth {nv['device_avg_queue_depth']:.1f}" if nv.get("device_avg_queue_depth") else ""))
+                         + (f" = {nv['fraction_of_profile']:.2f} of the profile's "
+                            f"{nv['profile_read_bytes_s'] / 1e9:.2f}" if nv.get("fraction_of_profile") else "")
+                         + (f", drive queue depth {nv['device_avg_queue_depth']:.1f}"
+                            if nv.get("device_avg_queue_depth") else ""))
     best = max((v for v in streaming.values() if v), default=None)
     lines += [f"{k}: {v:.3f}" for k, v in ratios.items()]
     if best:
@@ -285,7 +300,8 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--work", default=None, help="per-entry run folders (default: under --out)")
     parser.add_argument("--only", default="")
-    parser.add_argument("--hardware", default=None, help="profile for every entry's prediction (the machine it runs on)")
+    parser.add_argument("--hardware", default=None,
+                        help="profile for every entry's prediction (the machine it runs on)")
     parser.add_argument("--gen-len", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: the smoke matrix in CI")
@@ -303,7 +319,8 @@ def main() -> None:
         started = time.perf_counter()
         try:
             if entry.baseline:
-                got = {entry.name: run_baseline(entry, work, entry.gen_len or args.gen_len, entry.prompt_len or args.prompt_len)}
+                got = {entry.name: run_baseline(entry, work, entry.gen_len or args.gen_len,
+                                                entry.prompt_len or args.prompt_len)}
             else:
                 got = run_hpi(entry, work, args.gen_len, args.prompt_len, args.device)
         except Exception as e:  # noqa: BLE001 - one failure must not lose the other entries' records
@@ -312,13 +329,14 @@ def main() -> None:
             doc["entry"] = entry.__dict__ | {"plan": entry.plan, "variants": list(entry.variants)}
             doc["entry_wall_s"] = time.perf_counter() - started
         results.update(got)
-        print(f"[{time.strftime('%H:%M:%S')}] {entry.name}: {'ERROR ' + results[entry.name]['error'][:300] if 'error' in results[entry.name] else 'ok'} "
+        print(f"[{time.strftime('%H:%M:%S')}] {entry.name}: "
+              f"{'ERROR ' + results[entry.name]['error'][:300] if 'error' in results[entry.name] else 'ok'} "
               f"({results[entry.name]['entry_wall_s']:.0f} s, {len(got)} record(s))", flush=True)
         bundle.write_text(json.dumps(results, default=str))  # after every entry: nothing measured is lost
     lines, summary = summarize(results)
     print("\n".join(lines))
-    print(json.dumps({"matrix": args.matrix, "entries": len(entries), "errors": sum("error" in r for r in results.values()),
-                      **summary}))
+    print(json.dumps({"matrix": args.matrix, "entries": len(entries),
+                      "errors": sum("error" in r for r in results.values()), **summary}))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ import sys
 import time
 from pathlib import Path
 
-
 CONDITIONS = ("baseline", "gc", "threads1", "pinned", "all")
 
 
@@ -125,11 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import torch
+    from transformers import DynamicCache
 
     from hpi.executor.generate import PipelineGenerator, Sampler, StepTimes
     from hpi.executor.groups import Groups
     from hpi.executor.modeling import ShardSpec, build_stage, load_hf_config
-    from transformers import DynamicCache
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -156,9 +155,11 @@ def main(argv: list[str] | None = None) -> int:
         for name in conditions:
             for b in batches:
                 with condition(name, torch), GcPauses() as pauses:
-                    before, cpu0, wall0 = resource.getrusage(resource.RUSAGE_THREAD), time.thread_time(), time.perf_counter()
+                    before, cpu0, wall0 = (resource.getrusage(resource.RUSAGE_THREAD), time.thread_time(),
+                                           time.perf_counter())
                     times = generate(b)
-                    after, cpu1, wall1 = resource.getrusage(resource.RUSAGE_THREAD), time.thread_time(), time.perf_counter()
+                    after, cpu1, wall1 = (resource.getrusage(resource.RUSAGE_THREAD), time.thread_time(),
+                                          time.perf_counter())
                 steps = _steps(times)
                 runs.append({"rep": rep, "condition": name, "batch": b, "steps_s": steps, **_summary(steps),
                              "gc_pauses": pauses.pauses, "gc_pause_s": sum(p for _, p in pauses.pauses),
@@ -184,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     ratios = {k: v["median_of_medians_s"] / base[int(k.rsplit("-b", 1)[1])] for k, v in by.items()
               if int(k.rsplit("-b", 1)[1]) in base}
     out = {"kind": "hpi.HostJitter", "date": time.strftime("%Y-%m-%d"), "host": platform.node(),
-           "cpu_model": _cpu_model(), "cpu_count": os.cpu_count(), "affinity": sorted(os.sched_getaffinity(0)), "torch": torch.__version__,
+           "cpu_model": _cpu_model(), "cpu_count": os.cpu_count(), "affinity": sorted(os.sched_getaffinity(0)),
+           "torch": torch.__version__,
            "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "model": args.model,
            "prompt_len": args.prompt_len, "gen_len": args.gen_len, "build_s": build_s,
            "torch_threads": torch.get_num_threads(), "gc_threshold": gc.get_threshold(),
@@ -193,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "host_jitter.json").write_text(json.dumps(out, indent=1))
     for k, v in by.items():
-        print(f"{k:16} median {v['median_of_medians_s'] * 1e3:6.1f} ms  spread of medians {v['spread_of_medians']:5.1%}  "
+        print(f"{k:16} median {v['median_of_medians_s'] * 1e3:6.1f} ms  "
+              f"spread of medians {v['spread_of_medians']:5.1%}  "
               f"pooled p10/p90 {v['pooled']['p10_s'] * 1e3:.1f}/{v['pooled']['p90_s'] * 1e3:.1f} ms  "
               f"x baseline {ratios.get(k, float('nan')):.2f}")
     print(json.dumps({"by_condition": {k: {"median_ms": round(v["median_of_medians_s"] * 1e3, 2),

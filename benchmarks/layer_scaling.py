@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     config = load_hf_config(args.model)
     cells = []
     for prompt in (int(p) for p in args.prompts.split(",")):
-        settings = replace(ProbeSettings.full(), layer_prompt_len=prompt, layer_gen_len=args.gen_len, layer_reps=args.reps)
+        settings = replace(ProbeSettings.full(), layer_prompt_len=prompt, layer_gen_len=args.gen_len,
+                           layer_reps=args.reps)
         for batch in (int(b) for b in args.batches.split(",")):
             t0 = time.perf_counter()
             cell = time_layers(torch, settings, config, args.model, dev, dtype, batch=batch)
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             cells.append(cell)
             print(f"b{batch:<3} prompt {prompt:5}  layer {cell['layer_s'] * 1e6:7.1f} us  weights "
                   f"{cell['layer_bytes'] / 1e6:6.0f} MB  kv {cell['kv_bytes_last_step'] / 1e6:7.1f} MB", flush=True)
-    out = {"kind": "hpi.LayerScaling", "date": time.strftime("%Y-%m-%d"), "model": args.model, "torch": torch.__version__,
+    out = {"kind": "hpi.LayerScaling", "date": time.strftime("%Y-%m-%d"), "model": args.model,
+           "torch": torch.__version__,
            "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu", "gen_len": args.gen_len,
            "reps": args.reps, "counts": list(ProbeSettings.full().layer_counts), "cells": cells}
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -65,8 +65,8 @@ def main() -> None:
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     child_peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     r = runs[0]
-    print(f"{args.model} on {args.hardware}: {r['plans']:,} plans over {r['layouts']} layouts, {r['feasible']:,} feasible, "
-          f"Pareto front {r['pareto']}")
+    print(f"{args.model} on {args.hardware}: {r['plans']:,} plans over {r['layouts']} layouts, "
+          f"{r['feasible']:,} feasible, Pareto front {r['pareto']}")
     print(f"search (first, cold caches): {cold:.3f} s = {r['plans'] / cold:,.0f} plans/s")
     print(f"search (warm caches):        {warm:.3f} s = {r['plans'] / warm:,.0f} plans/s")
     print(f"hpi plan in a fresh process:  {process_s:.3f} s wall (target < 2 s)")

@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wait-ready", type=float, default=600.0, help="seconds to wait for the server first")
     p.add_argument("--ready-path", default="/ready", help="route that answers 200 once the server is warm")
     p.add_argument("--api", choices=("completions", "chat"), default="completions",
-                   help="chat: /v1/chat/completions with the prompt as one user message (servers without /v1/completions)")
+                   help="chat: /v1/chat/completions with the prompt as one user message (servers without "
+                        "/v1/completions)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     args.url = args.url.rstrip("/")
@@ -199,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
             level["engine"] = {k: after[k] - before[k] for k in after if k in before}
         levels.append(level)
         sys.stderr.write(f"{args.label} {n:3d} clients: {level['output_tok_s']:9.1f} tok/s, ttft p50 "
-                         f"{level['ttft_p50_s'] or float('nan'):.3f} s, itl p50 {level['itl_p50_s'] or float('nan'):.4f} s, "
+                         f"{level['ttft_p50_s'] or float('nan'):.3f} s, "
+                         f"itl p50 {level['itl_p50_s'] or float('nan'):.4f} s, "
                          f"errors {level['n_errors']}\n")
     doc = {"benchmark": "serve_load", "label": args.label, "model": args.model, "mixed": args.mixed,
            "prompt_len": None if args.mixed else args.prompt_len, "gen_len": None if args.mixed else args.gen_len,

@@ -26,9 +26,15 @@
 import dataclasses
 import statistics
 
+import numpy as np
+
 from hpi.planner.calibrate import METRICS, apply, fit, measurement, plan_key
+from hpi.planner.catalog import load_model
+from hpi.planner.cost.dequant import dequant_bytes_per_elem
 from hpi.planner.predict import predict
 from hpi.planner.profiles import load_profile
+from hpi.planner.specs.plan import Plan
+from hpi.planner.specs.workload import Workload
 from hpi.planner.validate import load_manifest, validate
 from hpi.records import load_records
 
@@ -109,7 +115,8 @@ def stats(pred):
     return statistics.median(every), max(every), {k: (statistics.median(v), max(v)) for k, v in per.items()}
 
 
-for label, pred, part in (("uncalibrated", uncalibrated, summary["uncalibrated"]), ("calibrated (LOO)", calibrated, summary)):
+for label, pred, part in (("uncalibrated", uncalibrated, summary["uncalibrated"]),
+                          ("calibrated (LOO)", calibrated, summary)):
     median, worst, per = stats(pred)
     print(f"{label}: median {median:.1%}, max {worst:.1%}; " +
           "; ".join(f"{k} {v[0]:.1%} / {v[1]:.1%}" for k, v in per.items()))
@@ -132,7 +139,8 @@ for metric in METRICS:
 worst = sorted(result.rows, key=lambda r: -r.ape_calibrated)[:5]
 print("largest calibrated errors:")
 for r in worst:
-    print(f"  {r.record_id} {r.metric}: measured {r.measured:.4g}, predicted {r.calibrated:.4g} ({r.calibrated / r.measured - 1:+.0%})")
+    print(f"  {r.record_id} {r.metric}: measured {r.measured:.4g}, predicted {r.calibrated:.4g} "
+          f"({r.calibrated / r.measured - 1:+.0%})")
 
 # %% [markdown]
 # ## 4b. The floor the runs set: a plan's repeats against its other runs
@@ -148,14 +156,16 @@ for metric in METRICS:
     floor = []
     for runs in by_plan.values():
         values = [r.measured(metric) for r in runs if r.measured(metric) > 0]
-        floor += [abs(v / statistics.median(values[:i] + values[i + 1:]) - 1) for i, v in enumerate(values) if len(values) > 1]
+        floor += [abs(v / statistics.median(values[:i] + values[i + 1:]) - 1) for i, v in enumerate(values)
+                  if len(values) > 1]
     mine = summary["repeatability"][metric]
     print(f"{metric:15s} repeats: {len(floor)} runs, median {statistics.median(floor):.1%}, max {max(floor):.1%}")
     assert len(floor) == mine["n"] and abs(statistics.median(floor) - mine["median_ape"]) < 1e-9
     assert abs(max(floor) - mine["max_ape"]) < 1e-9
 for mode, v in summary["decode_by_mode"].items():
     print(f"decode, {mode}: calibrated {v['calibrated']['median_ape']:.1%} / {v['calibrated']['max_ape']:.1%} "
-          f"({v['calibrated']['n']} runs); repeats {v['repeatability']['median_ape']:.1%} / {v['repeatability']['max_ape']:.1%}")
+          f"({v['calibrated']['n']} runs); repeats {v['repeatability']['median_ape']:.1%} / "
+          f"{v['repeatability']['max_ape']:.1%}")
 
 # %% [markdown]
 # ## 5. One fit on every record of each machine
@@ -165,7 +175,8 @@ for mode, v in summary["decode_by_mode"].items():
 for profile in sorted({p for _, p in measurements.values()}):
     ms = [m for m, p in measurements.values() if p == profile]
     cal = fit(load_profile(profile, calibrated=False), ms)
-    print(f"{profile}: {len(ms)} records; in-sample median {cal.error_before.median_ape:.1%} -> {cal.error_after.median_ape:.1%}")
+    print(f"{profile}: {len(ms)} records; in-sample median {cal.error_before.median_ape:.1%} -> "
+          f"{cal.error_after.median_ape:.1%}")
     for name, value in cal.values.items():
         print(f"  {name:28s} {cal.priors[name]:>11.4g} -> {value:<11.4g} ({cal.support[name]} records)")
     print(f"  left at their prior: {', '.join(cal.unidentified)}")
@@ -181,13 +192,6 @@ for profile in sorted({p for _, p in measurements.values()}):
 #   gathered alone, beside the whole cache and the logits (4x H200, bs 32: 3.56 GB allocated).
 
 # %%
-import numpy as np
-
-from hpi.planner.catalog import load_model
-from hpi.planner.cost.dequant import dequant_bytes_per_elem
-from hpi.planner.specs.plan import Plan
-from hpi.planner.specs.workload import Workload
-
 print("dequant bytes per element, bf16 [16, 8, 4 bit]:", dequant_bytes_per_elem(np.array([16, 8, 4]), "bf16"))
 assert list(dequant_bytes_per_elem(np.array([16, 8, 4]), "bf16")) == [0.0, 13.0, 17.0]
 

@@ -144,8 +144,9 @@ def _node_gpus(spec: RunSpec, est, nodes: Nodes) -> tuple[int | None, tuple[int,
     per_node = list(node_ranks(est.placement).values())
     if len(per_node) != nodes.nnodes:
         raise DeploymentError(
-            f"hpi run: the plan's {est.placement.world_size} ranks span {len(per_node)} node(s) of {est.hardware.name}: "
-            f"start one hpi run per node with --nnodes {len(per_node)} --node-rank K --master-addr HOST --master-port P")
+            f"hpi run: the plan's {est.placement.world_size} ranks span {len(per_node)} node(s) of "
+            f"{est.hardware.name}: start one hpi run per node with --nnodes {len(per_node)} --node-rank K "
+            "--master-addr HOST --master-port P")
     gpus = [gpu for _, gpu in per_node[nodes.node_rank]]
     return len(gpus), (tuple(gpus) if gpus != list(range(len(gpus))) else None)
 

@@ -162,11 +162,13 @@ class Timings:
         return getattr(self, name)
 
     def to_json(self) -> dict[str, Any]:
-        return {**_flat(self, self.SCALARS), "decode_step_s": self.decode_step_s.to_json() if self.decode_step_s else None}
+        return {**_flat(self, self.SCALARS),
+                "decode_step_s": self.decode_step_s.to_json() if self.decode_step_s else None}
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any], where: str) -> Timings:
-        return cls(**{k: doc.get(k) for k in cls.SCALARS}, decode_step_s=DecodeSteps.from_json(doc.get("decode_step_s"), where))
+        return cls(**{k: doc.get(k) for k in cls.SCALARS},
+                   decode_step_s=DecodeSteps.from_json(doc.get("decode_step_s"), where))
 
 
 def _fraction(achieved: float | None, ceiling: float | None) -> float | None:
@@ -427,7 +429,8 @@ class RunRecord:
             value = self.spec.get(key)
             values[key] = default if value in (None, "") else type(default)(value)
         return RunConditions(model=self.spec.get("model"), hardware=self.spec.get("hardware"),
-                             out_dir=self.spec.get("out_dir"), prompt_len_tokens=int(workload.get("prompt_len_tokens", 0)),
+                             out_dir=self.spec.get("out_dir"),
+                             prompt_len_tokens=int(workload.get("prompt_len_tokens", 0)),
                              gen_len_tokens=int(workload.get("gen_len_tokens", 0)), **values)
 
     @property
@@ -450,12 +453,14 @@ class RunRecord:
         """The version-``VERSION`` document (JSON types only; a fresh dict)."""
         mvp = self.measured_vs_predicted
         return {
-            "kind": KIND, "version": VERSION, "spec": dict(self.spec), "plan": None if self.plan is None else dict(self.plan),
+            "kind": KIND, "version": VERSION, "spec": dict(self.spec),
+            "plan": None if self.plan is None else dict(self.plan),
             "model": self.model.to_json() if self.model else None, "hardware": self.hardware, "device": self.device,
             "devices": list(self.devices), "world_size": self.world_size,
             "software": self.software.to_json() if self.software else None, "simulated": self.simulated,
             **self.timings.to_json(),
-            **{k: part.to_json() if part else None for k, part in (("h2d", self.transfers.h2d), ("nvme", self.transfers.nvme))},
+            **{k: part.to_json() if part else None
+               for k, part in (("h2d", self.transfers.h2d), ("nvme", self.transfers.nvme))},
             "ranks": [r.to_json() for r in self.ranks],
             "predicted": self.prediction.to_json() if self.prediction else None,
             "measured_vs_predicted": {k: c.to_json() for k, c in mvp.items()} if mvp is not None else None,
@@ -546,7 +551,8 @@ def _entries(data: Any, path: Path) -> list[tuple[str | None, Any]]:
         return list(data.items())
     if isinstance(data, dict):
         return [(None, data)]
-    raise RecordError(f"{path}: expected a RunRecord, a list of them or a bundle {{name: record}}, got {type(data).__name__}")
+    raise RecordError(f"{path}: expected a RunRecord, a list of them or a bundle {{name: record}}, "
+                      f"got {type(data).__name__}")
 
 
 def _default_id(path: Path, entry: str | None, index: int, n: int) -> str:

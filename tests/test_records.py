@@ -13,9 +13,24 @@ from pathlib import Path
 import pytest
 
 from hpi.records import (
-    KIND, VERSION, DecodeSteps, HostToDevice, ModelInfo, NvmeReads, Output, Prediction, RankReport, RecordError,
-    RunRecord, Software, Timings, Transfers, compare, load_records, upgrade,
-)  # fmt: skip
+    KIND,
+    VERSION,
+    DecodeSteps,
+    HostToDevice,
+    ModelInfo,
+    NvmeReads,
+    Output,
+    Prediction,
+    RankReport,
+    RecordError,
+    RunRecord,
+    Software,
+    Timings,
+    Transfers,
+    compare,
+    load_records,
+    upgrade,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -93,7 +108,8 @@ def _carries(new, old, where: str = "record") -> None:
         for i, (a, b) in enumerate(zip(new, old)):
             _carries(a, b, f"{where}[{i}]")
     else:
-        assert new == old or (isinstance(old, float) and math.isnan(old) and math.isnan(new)), f"{where}: {new!r} != {old!r}"
+        assert new == old or (isinstance(old, float) and math.isnan(old) and math.isnan(new)), \
+            f"{where}: {new!r} != {old!r}"
 
 
 @pytest.fixture(scope="module")
@@ -139,12 +155,15 @@ def test_known_figures_of_known_files(kept) -> None:
     trial = kept["2026-11-22-h100/autotune/runs/trial-0000.json"][0]
     assert trial.record_id == "trial-0000" and trial.timings.decode_step_s.median_s == 0.38645843499999444
     assert trial.gpu_peak_allocated_bytes == 33870067200
-    tp4 = {r.record_id: r for r in kept["2026-11-22-h200x4/run1-70b-matrix.json"]}["run1-70b-matrix/70b-tp4-resident-b1"]
+    tp4 = {r.record_id: r
+           for r in kept["2026-11-22-h200x4/run1-70b-matrix.json"]}["run1-70b-matrix/70b-tp4-resident-b1"]
     assert tp4.world_size == 4 and len(tp4.ranks) == 4 and tp4.model.name == "llama-3-70b"
     assert tp4.timings.decode_step_s.median_s == 0.1355750430000029
     # A record written before spec.fetch_wait existed ran DeepSpeed's host wait; a later one says stream.
-    old = {r.record_id: r for r in kept["2026-11-22-h200x2/run3-8b-tp2-pp2.json"]}["run3-8b-tp2-pp2/8b-tp2-resident-b1"]
-    assert "fetch_wait" not in old.spec and old.conditions.fetch_wait == "host" and nvme.conditions.fetch_wait == "stream"
+    old = {r.record_id: r
+           for r in kept["2026-11-22-h200x2/run3-8b-tp2-pp2.json"]}["run3-8b-tp2-pp2/8b-tp2-resident-b1"]
+    assert "fetch_wait" not in old.spec and old.conditions.fetch_wait == "host"
+    assert nvme.conditions.fetch_wait == "stream"
     assert old.conditions.decode_graphs is False and old.conditions.prompt_len_tokens == 512
 
 
@@ -167,10 +186,12 @@ def _full_record() -> RunRecord:
                       throughput_tok_s=1.1, pp_bubble_ratio=0.1, tp_allreduce_s_per_step=0.01, build_s=30.0,
                       decode_forwards=3)
     prediction = Prediction(feasible=True, prefill_s=0.9, decode_step_s=1.5, total_s=5.4, ttft_s=0.9,
-                            throughput_tok_s=1.5, detail={"memory": {"gpu_peak_bytes": 9e9}, "placement": {"nvme_read_bytes_s": 2e9}})
-    ranks = tuple(RankReport(rank=r, coords=(r, 0, 0), device_name="NVIDIA H100", forward_end_s=[1.0, 3.0, 5.5, 7.3],
-                             busy_s=[1.0, 1.9, 2.4, 1.7], peak_allocated_bytes=3_000_000_000 + r, nvme_bytes_per_forward=4,
-                             nvme_device="nvme0n1", nvme_read_bytes=12, nvme_read_interval_s=6.0, nvme_avg_queue_depth=24.0)
+                            throughput_tok_s=1.5,
+                            detail={"memory": {"gpu_peak_bytes": 9e9}, "placement": {"nvme_read_bytes_s": 2e9}})
+    ranks = tuple(RankReport(rank=r, coords=(r, 0, 0), device_name="NVIDIA H100",
+                             forward_end_s=[1.0, 3.0, 5.5, 7.3], busy_s=[1.0, 1.9, 2.4, 1.7],
+                             peak_allocated_bytes=3_000_000_000 + r, nvme_bytes_per_forward=4, nvme_device="nvme0n1",
+                             nvme_read_bytes=12, nvme_read_interval_s=6.0, nvme_avg_queue_depth=24.0)
                   for r in range(2))
     return RunRecord(
         spec={"model": "llama-3-8b", "hardware": "h100-sxm-1gpu", "dtype": "bf16", "fetch_wait": "stream",
@@ -178,7 +199,8 @@ def _full_record() -> RunRecord:
         plan={"offload": "nvme", "tp": 2, "batch_size": 1}, model=ModelInfo("llama-3-8b", 8_030_261_248, 8_030_261_248),
         hardware="h100-sxm-1gpu", device="cuda", devices=("NVIDIA H100",), world_size=2,
         software=Software("3.12.3", "2.11.0", "0.19.8", "5.17.0", "13.0"), timings=timings,
-        transfers=Transfers(HostToDevice(16e9, 8e9, 54e9), NvmeReads(4, 2.0, 2.5, {"queue_depth": 64}, "nvme0n1", 12, 2.0, 24.0)),
+        transfers=Transfers(HostToDevice(16e9, 8e9, 54e9),
+                            NvmeReads(4, 2.0, 2.5, {"queue_depth": 64}, "nvme0n1", 12, 2.0, 24.0)),
         ranks=ranks, prediction=prediction, measured_vs_predicted=compare(timings, prediction, 3e9),
         output=Output(tokens=[[1, 2, 3, 4]], generated_tokens_per_sequence=4, prompt_len_tokens_actual=7,
                       prompt_tokens_per_row=[7], texts=["a b c d"]),
@@ -198,7 +220,8 @@ def test_round_trip_of_a_built_record() -> None:
     assert doc["ranks"][1]["coords"] == [1, 0, 0] and doc["tokens"] == [[1, 2, 3, 4]]
     assert record.output.tokens == ((1, 2, 3, 4),)  # lists given are held as tuples
     assert record.gpu_peak_allocated_bytes == 3_000_000_001 and record.record_id == "8b-nvme"
-    assert record.prediction.nvme_read_bytes_s == 2e9 and record.measured_vs_predicted["prefill_s"].ratio == pytest.approx(1 / 0.9)
+    assert record.prediction.nvme_read_bytes_s == 2e9
+    assert record.measured_vs_predicted["prefill_s"].ratio == pytest.approx(1 / 0.9)
 
 
 def test_slim_drops_the_payloads_and_reads_back() -> None:

@@ -184,7 +184,8 @@ def _finish(trial, ctx: TrialContext, plan: Plan, predicted: dict[str, Any], bas
         error = f"the run's record has no usable {'throughput_tok_s' if ctx.maximize else 'decode_step_s'}"
         trial.set_user_attr("status", "crash")
         trial.set_user_attr("error", error)
-        _write(ctx, trial.number, {**base, "status": "crash", "error": error, "record": record.to_json(), "wall_s": wall})
+        _write(ctx, trial.number, {**base, "status": "crash", "error": error, "record": record.to_json(),
+                                   "wall_s": wall})
         return {"status": "crash", "error": error, "wall_s": wall}
     measured["value"] = value
     constraints = dict(predicted["constraints"])
@@ -194,7 +195,8 @@ def _finish(trial, ctx: TrialContext, plan: Plan, predicted: dict[str, Any], bas
     _constrain(trial, constraints)
     for name, v in (("status", "ok"), ("measured", measured), ("record", record.slim().to_json()), ("wall_s", wall)):
         trial.set_user_attr(name, v)
-    _write(ctx, trial.number, {**base, "status": "ok", "measured": measured, "wall_s": wall, "record": record.to_json()})
+    _write(ctx, trial.number, {**base, "status": "ok", "measured": measured, "wall_s": wall,
+                               "record": record.to_json()})
     return {"status": "ok", "value": value, "measured": measured, "wall_s": wall}
 
 

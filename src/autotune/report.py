@@ -69,7 +69,8 @@ def plot_throughput_vs_batch(plt, trials, surrogate, best_plan: Plan | None, pat
     for t in trials:
         m = _measured(t)
         if m and m.get("throughput_tok_s"):
-            series.setdefault(_family(t.user_attrs["plan"]), []).append((t.user_attrs["plan"]["batch_size"], m["throughput_tok_s"]))
+            series.setdefault(_family(t.user_attrs["plan"]), []).append((t.user_attrs["plan"]["batch_size"],
+                                                                         m["throughput_tok_s"]))
     for name, pts in sorted(series.items()):
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name, alpha=0.85)
@@ -81,7 +82,8 @@ def plot_throughput_vs_batch(plt, trials, surrogate, best_plan: Plan | None, pat
         variants, values = [], []
         for b in batches:
             try:
-                variants.append(best_plan.with_(batch_size=b, micro_batches=1 if best_plan.pp == 1 else best_plan.micro_batches))
+                variants.append(best_plan.with_(batch_size=b,
+                                                micro_batches=1 if best_plan.pp == 1 else best_plan.micro_batches))
             except ValueError:
                 continue
         for v in variants:
@@ -256,21 +258,24 @@ def _trial_rows(trials) -> list[str]:
         if a.get("status") == "oom":
             note = (a.get("oom") or {}).get("message", "")[:80]
         if a.get("status") == "predicted_overflow":
-            note = "not launched: " + ", ".join(k for k, v in (a.get("predicted") or {}).get("constraints", {}).items() if v > 0)
+            note = "not launched: " + ", ".join(k for k, v in (a.get("predicted") or {}).get("constraints", {}).items()
+                                                if v > 0)
         if a.get("reused_from") is not None:
             note = f"same plan as trial {a['reused_from']}: not re-run"
         if a.get("interrupted"):
             note = "interrupted: re-queued"
         thr, dec = m.get("throughput_tok_s"), m.get("decode_step_s")
-        rows.append(f"| {t.number} | {a.get('source', '')} | `{a.get('label', '')}` | {a.get('status', t.state.name.lower())} | "
-                    f"{'' if thr is None else f'{thr:,.4g}'} | {'' if dec is None else f'{dec:.4g}'} | "
-                    f"{'' if pred is None else f'{pred:,.4g}'} | {note.replace('|', '/')} |")
+        rows.append(f"| {t.number} | {a.get('source', '')} | `{a.get('label', '')}` | "
+                    f"{a.get('status', t.state.name.lower())} | {'' if thr is None else f'{thr:,.4g}'} | "
+                    f"{'' if dec is None else f'{dec:.4g}'} | {'' if pred is None else f'{pred:,.4g}'} | "
+                    f"{note.replace('|', '/')} |")
     return rows
 
 
 def _calibration_rows(surrogate) -> list[str]:
     nom, cal = surrogate.nominal.efficiency, surrogate.profile.efficiency
-    changed = [(f, getattr(nom, f), getattr(cal, f)) for f in nom.__dataclass_fields__ if getattr(nom, f) != getattr(cal, f)]
+    changed = [(f, getattr(nom, f), getattr(cal, f)) for f in nom.__dataclass_fields__
+               if getattr(nom, f) != getattr(cal, f)]
     if not changed:
         return ["The profile's efficiencies were not changed by calibration (no GPU records, or too few)."]
     rows = ["| efficiency | profile | calibrated to this study's runs |", "|---|---|---|"]
@@ -325,8 +330,8 @@ def write_report(study_dir: Path, study, surrogate, doc: dict[str, Any]) -> Path
         if base.get("status") == "ok":
             m = base["measured"]
             lines += [f"{base['kind']} at batch {base['batch']}: {m['throughput_tok_s']:,.4g} tok/s, decode step "
-                      f"{m['decode_step_s']:.4g} s. Best / baseline: **{doc.get('ratio_over_baseline', float('nan')):.2f}x** "
-                      f"({doc['objective']}).", ""]
+                      f"{m['decode_step_s']:.4g} s. Best / baseline: "
+                      f"**{doc.get('ratio_over_baseline', float('nan')):.2f}x** ({doc['objective']}).", ""]
         else:
             lines += [f"{base['kind']}: {base['status']} {base.get('error', base.get('why', ''))}", ""]
     sim = doc.get("simulation")
@@ -335,13 +340,16 @@ def write_report(study_dir: Path, study, surrogate, doc: dict[str, Any]) -> Path
                   f"Hidden machine's optimum: {sim['value']:,.4g} (`{sim['true_optimum_plan']}`). The study's best is "
                   f"{(sim['final_gap'] or 0) * 100:.1f}% off it (true, noise-free figures); within 3% from trial "
                   f"{sim['trials_to_within_3pct'] or 'never'}; trial 1 was {(sim['trial1_gap'] or 0) * 100:.1f}% off. "
-                  f"A grid of the same lattice ({sim['grid_size']:,} points, {sim['grid_points_within_3pct']} within 3%) "
-                  f"needs {sim['expected_grid_trials'] or float('inf'):,.0f} trials on average in random order.", "",
-                  "```json", json.dumps(sim["machine"], indent=1), "```", ""]
+                  f"A grid of the same lattice ({sim['grid_size']:,} points, {sim['grid_points_within_3pct']} within "
+                  f"3%) needs {sim['expected_grid_trials'] or float('inf'):,.0f} trials on average in random order.",
+                  "", "```json", json.dumps(sim["machine"], indent=1), "```", ""]
     lines += ["## Plots", ""] + ([no_plots, ""] if no_plots else [])
-    for name, title in () if no_plots else (("throughput_vs_batch", "Throughput against batch"), ("pinned_vs_pageable", "Pinned vs pageable"),
-                        ("predicted_vs_measured", "Predicted vs measured"), ("importance", "Parameter importance"),
-                        ("pareto", "Latency / throughput Pareto front"), ("convergence", "Convergence")):
+    for name, title in () if no_plots else (("throughput_vs_batch", "Throughput against batch"),
+                                            ("pinned_vs_pageable", "Pinned vs pageable"),
+                                            ("predicted_vs_measured", "Predicted vs measured"),
+                                            ("importance", "Parameter importance"),
+                                            ("pareto", "Latency / throughput Pareto front"),
+                                            ("convergence", "Convergence")):
         lines += [f"### {title}", "", f"![{title}](plots/{name}.png)", ""]
     if imp:
         lines += ["Importances: " + ", ".join(f"{k} {v:.2f}" for k, v in imp.items()), ""]

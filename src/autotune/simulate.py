@@ -55,8 +55,17 @@ from hpi.planner.specs.model import ModelSpec
 from hpi.planner.specs.plan import Plan
 from hpi.planner.specs.workload import Workload
 from hpi.records import (
-    DecodeSteps, HostToDevice, ModelInfo, Output, Prediction, RankReport, RunRecord, Timings, Transfers, compare,
-)  # fmt: skip
+    DecodeSteps,
+    HostToDevice,
+    ModelInfo,
+    Output,
+    Prediction,
+    RankReport,
+    RunRecord,
+    Timings,
+    Transfers,
+    compare,
+)
 
 FACTOR_RANGES: dict[str, tuple[float, float]] = {
     "h2d_stream_pinned": (0.80, 1.35),
@@ -128,7 +137,8 @@ class HiddenMachine:
         factors = {name: _scaled(lo, hi, self.spread, float(rng.random())) for name, (lo, hi) in FACTOR_RANGES.items()}
         structural = {name: _spread_between(name, lo, hi, self.spread, float(rng.random()))
                       for name, (lo, hi) in STRUCTURAL_RANGES.items()}
-        factors.update({name: _scaled(lo, hi, self.spread, float(rng.random())) for name, (lo, hi) in LATE_FACTOR_RANGES.items()})
+        factors.update({name: _scaled(lo, hi, self.spread, float(rng.random()))
+                        for name, (lo, hi) in LATE_FACTOR_RANGES.items()})
         eff = self.nominal.efficiency
         changes = {}
         for f in fields(Efficiency):
@@ -250,7 +260,8 @@ def simulated_record(plan: Plan, true, true_prefill_s: float, true_decode_s: flo
     # "framework" part): the simulated record reports what the real one would.
     per_rank = RankReport(peak_allocated_bytes=int(true.gpu_peak_bytes - true.gpu_memory_parts.get("framework", 0.0)),
                           peak_reserved_bytes=int(true.gpu_peak_bytes),
-                          host_rss_bytes=int(true.cpu_bytes / max(plan.world_size, 1)), pinned_bytes=int(true.pinned_bytes))
+                          host_rss_bytes=int(true.cpu_bytes / max(plan.world_size, 1)),
+                          pinned_bytes=int(true.pinned_bytes))
     return RunRecord(
         spec=spec, plan=plan.to_dict(), simulated=True, hardware=true.hardware.name, device="cuda",
         model=ModelInfo(true.model.name, true.model.params_total, true.model.params_active),
@@ -266,7 +277,8 @@ def simulated_record(plan: Plan, true, true_prefill_s: float, true_decode_s: flo
 
 
 
-def true_values(machine: HiddenMachine, model: ModelSpec, workload: Workload, lattice, objective: str) -> tuple[np.ndarray, np.ndarray]:
+def true_values(machine: HiddenMachine, model: ModelSpec, workload: Workload, lattice,
+                objective: str) -> tuple[np.ndarray, np.ndarray]:
     """(value, feasible) of every lattice row on the hidden machine, noise-free."""
     parts = [machine.evaluate(model, workload, lay, k) for lay, k in zip(lattice.degrees, lattice.knobs)]
     key = "throughput_tok_s" if objective == "throughput" else "decode_step_s"
@@ -324,8 +336,11 @@ def exhaustive_optimum(model: ModelSpec, machine: HiddenMachine, workload: Workl
 
 def _default_knob_rows(lattice) -> np.ndarray:
     """Lattice rows a coarse grid would run: DeepSpeed's default prefetch, max live and persistence."""
-    from hpi.planner.specs.plan import (DEEPSPEED_DEFAULT_MAX_LIVE_ELEMS, DEEPSPEED_DEFAULT_PERSISTENCE_ELEMS,
-                                    DEEPSPEED_DEFAULT_PREFETCH_ELEMS)
+    from hpi.planner.specs.plan import (
+        DEEPSPEED_DEFAULT_MAX_LIVE_ELEMS,
+        DEEPSPEED_DEFAULT_PERSISTENCE_ELEMS,
+        DEEPSPEED_DEFAULT_PREFETCH_ELEMS,
+    )
 
     parts = []
     for k in lattice.knobs:

@@ -36,8 +36,8 @@ from hpi.planner.cost.inputs import Knobs
 from hpi.planner.cost.shape import module_table, per_rank
 from hpi.planner.search import DEFAULT_BATCHES, SearchSpace, nvme_buffer_elems_for, search
 from hpi.planner.specs.hardware import HardwareProfile
-from hpi.planner.specs.model import ModelSpec
 from hpi.planner.specs.knob import degree_names
+from hpi.planner.specs.model import ModelSpec
 from hpi.planner.specs.plan import (
     DEEPSPEED_DEFAULT_MAX_LIVE_ELEMS,
     DEEPSPEED_DEFAULT_PERSISTENCE_ELEMS,
@@ -295,7 +295,8 @@ def suggest_plan(trial, space: Space) -> Plan:
     kv = trial.suggest_categorical("kv_offload", space.kv_offload) if len(space.kv_offload) > 1 else space.kv_offload[0]
     pin = True
     if copies_from_host(config.offload == "cpu", kv):
-        pin = trial.suggest_categorical("pin_memory", space.pin_memory) if len(space.pin_memory) > 1 else space.pin_memory[0]
+        pin = (trial.suggest_categorical("pin_memory", space.pin_memory) if len(space.pin_memory) > 1
+               else space.pin_memory[0])
     micro = 1
     if config.pp > 1:
         wanted = trial.suggest_categorical(_micro_param(config.pp), _micro_choices(config.pp))
@@ -348,7 +349,8 @@ def params_of(plan: Plan, space: Space) -> dict[str, Any]:
             if r.low < r.high:
                 params[name] = int(min(max(getattr(plan, name), r.low), r.high))
     if config.offload == "nvme" and space.nvme_buffer_elems is not None:
-        params["nvme_buffer_count"] = int(min(max(plan.nvme_buffer_count, NVME_BUFFER_COUNTS[0]), NVME_BUFFER_COUNTS[1]))
+        params["nvme_buffer_count"] = int(min(max(plan.nvme_buffer_count, NVME_BUFFER_COUNTS[0]),
+                                              NVME_BUFFER_COUNTS[1]))
         r = space.nvme_buffer_elems
         if r.low < r.high:
             params["nvme_buffer_elems"] = int(min(max(plan.nvme_buffer_elems, r.low), r.high))

@@ -8,11 +8,11 @@ Three layers, each fixing what the one before cannot:
 2. **Residuals**: what calibration leaves, ``r = log(measured / predicted)`` of the objective, fitted
    by Bayesian linear regression on the mechanisms a plan uses: an intercept, its offload kind, weight
    bits, layout (tp, pp, dp), KV offload, pageable copies, ``log2(batch per replica)`` and GPU memory use
-   (0 at 80% of usable, 1 when full). Each effect has a prior N(0, sd^2) (``PRIOR_SD``): calibration already removed the common
-   bias (tight intercept), so a run far off its prediction is explained by what it does differently (a
-   dequantization kernel the model does not know, per-sequence host work that bends throughput against
-   batch into the inverted U, allocator pressure near full memory). A plan that shares no mechanism with
-   anything measured keeps the prior's uncertainty, which is what makes the next step explore.
+   (0 at 80% of usable, 1 when full). Each effect has a prior N(0, sd^2) (``PRIOR_SD``): calibration already
+   removed the common bias (tight intercept), so a run far off its prediction is explained by what it does
+   differently (a dequantization kernel the model does not know, per-sequence host work that bends throughput
+   against batch into the inverted U, allocator pressure near full memory). A plan that shares no mechanism
+   with anything measured keeps the prior's uncertainty, which is what makes the next step explore.
 
 The next plan to try (``advice``) is the untried lattice plan of highest *expected improvement* over the
 best measured one under that posterior (log space, so 0.05 is about 5%): the planner's ranking where it
@@ -42,8 +42,8 @@ from hpi.planner.cost.inputs import Arrangement, Knobs
 from hpi.planner.feasibility import capacity_masks
 from hpi.planner.predict import arrangement_for
 from hpi.planner.specs.hardware import HardwareProfile
-from hpi.planner.specs.model import ModelSpec
 from hpi.planner.specs.knob import knob_named
+from hpi.planner.specs.model import ModelSpec
 from hpi.planner.specs.plan import OFFLOAD_KINDS, WEIGHT_BITS, Plan, copies_from_host
 from hpi.planner.specs.workload import Workload
 from hpi.records import RunRecord
@@ -249,7 +249,8 @@ class Surrogate:
         """Constraints with the learned ceilings: a plan at or above one that ran out of memory breaks it."""
         out = {k: v.copy() for k, v in scores.constraints.items()}
         for i, c in enumerate(configs):
-            for where, figure, name in (("gpu", scores.gpu_peak_bytes, "gpu_memory"), ("host", scores.cpu_bytes, "cpu_memory")):
+            for where, figure, name in (("gpu", scores.gpu_peak_bytes, "gpu_memory"),
+                                        ("host", scores.cpu_bytes, "cpu_memory")):
                 ceiling = self._ceilings.get((c, where))
                 if ceiling is not None:
                     out[name][i] = max(out[name][i], figure[i] / ceiling - 1.0)

@@ -325,7 +325,8 @@ class Tuner:
                 measured["gpu_peak_bytes"] = result.get("peak_allocated_bytes")
                 out["record"] = {k: v for k, v in result.items() if k != "tokens"}
             else:
-                folder = None if self.runs_dir is None else str(self.runs_dir / f"baseline-{self.cfg.baseline}-b{batch}")
+                folder = (None if self.runs_dir is None
+                          else str(self.runs_dir / f"baseline-{self.cfg.baseline}-b{batch}"))
                 record = self.runner.run(plan, folder, timeout, {"study": self.name, "baseline": self.cfg.baseline},
                                          noise_key=10_000 + batch)
                 measured = measured_figures(record)
@@ -367,7 +368,8 @@ class Tuner:
             "model": self.model.name, "hardware": self.nominal.name, "simulated": self.cfg.simulate,
             "trials": counted(self.study),
             "runs": sum(1 for t in trials if "wall_s" in t.user_attrs),
-            "statuses": _count("interrupted" if t.user_attrs.get("interrupted") else t.user_attrs.get("status", t.state.name.lower())
+            "statuses": _count("interrupted" if t.user_attrs.get("interrupted")
+                               else t.user_attrs.get("status", t.state.name.lower())
                                for t in trials if t.state.is_finished()),
             "queued": sum(1 for t in trials if t.state == optuna.trial.TrialState.WAITING),
             "space": {"configs": list(self.space.labels), "grid_size": self.surrogate.lattice.size},
@@ -407,13 +409,15 @@ class Tuner:
         for i, t in enumerate(trials):
             measured = (t.user_attrs.get("measured") or {}).get("value")
             if t.user_attrs.get("status") == "ok" and measured is not None and (
-                    incumbent_measured is None or (measured > incumbent_measured if maximize else measured < incumbent_measured)):
+                    incumbent_measured is None
+                    or (measured > incumbent_measured if maximize else measured < incumbent_measured)):
                 incumbent_measured, incumbent_true = measured, true_values[i]
             gap = None if incumbent_true is None else _gap(incumbent_true, opt, maximize)
             curve.append(gap)
             if first_within is None and gap is not None and gap <= WITHIN:
                 first_within = i + 1
-        first_gap = _gap(true_values[0], opt, maximize) if trials and math.isfinite(true_values[0]) and true_values[0] > 0 else None
+        first_gap = (_gap(true_values[0], opt, maximize)
+                     if trials and math.isfinite(true_values[0]) and true_values[0] > 0 else None)
         return {**{k: v for k, v in truth.items() if k != "plan"}, "true_optimum_plan": truth["plan"].label,
                 "machine": self.machine.describe(), "trials_to_within_3pct": first_within,
                 "trial1_gap": first_gap, "final_gap": curve[-1] if curve else None, "gap_curve": curve}

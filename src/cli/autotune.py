@@ -19,7 +19,8 @@ EXIT_INTERRUPTED = 130
 
 
 def register(sub) -> dict[str, Any]:
-    p = sub.add_parser("autotune", help="tune a plan with real (or simulated) runs: an Optuna study steered by the planner",
+    p = sub.add_parser("autotune",
+                       help="tune a plan with real (or simulated) runs: an Optuna study steered by the planner",
                        description="Optuna study over the planner's top feasible plans and the ZeRO-3 runtime knobs, "
                                    "seeded with the planner's best predictions; every run recalibrates the planner.")
     add_target(p)
@@ -30,22 +31,27 @@ def register(sub) -> dict[str, Any]:
     p.add_argument("--timeout", type=non_negative, default=None, metavar="S",
                    help="time budget in seconds for the whole command: no trial starts that would not fit, the "
                         "baseline included")
-    p.add_argument("--trial-timeout", type=non_negative, default=None, metavar="S", help="stop a single run after S seconds")
+    p.add_argument("--trial-timeout", type=non_negative, default=None, metavar="S",
+                   help="stop a single run after S seconds")
     p.add_argument("--study", default=None, metavar="NAME", help="study name (default MODEL_HARDWARE_OBJECTIVE[_sim])")
     p.add_argument("--storage", default=None, metavar="URL",
-                   help="SQLAlchemy URL (default sqlite:///studies/NAME/study.db); share one to tune from several machines")
-    p.add_argument("--studies-dir", default="studies", metavar="DIR", help="where studies keep runs and reports (default studies)")
+                   help="SQLAlchemy URL (default sqlite:///studies/NAME/study.db); share one to tune from several "
+                        "machines")
+    p.add_argument("--studies-dir", default="studies", metavar="DIR",
+                   help="where studies keep runs and reports (default studies)")
     p.add_argument("--simulate", action="store_true",
                    help="answer trials from a hidden simulated machine (no GPU): CI and search-efficiency measurements")
     p.add_argument("--seed", type=count, default=0, help="sampler seed (and the hidden machine's with --simulate)")
     p.add_argument("--seeds", type=count, default=3, help="planner predictions enqueued first (default 3)")
     p.add_argument("--top-configs", type=count, default=6,
-                   help="discrete plans (offload, tp, pp, dp, bits) offered to the study: the planner's best (default 6)")
+                   help="discrete plans (offload, tp, pp, dp, bits) offered to the study: the planner's best "
+                        "(default 6)")
     p.add_argument("--max-batch", type=count, default=256, help="largest batch searched (default 256)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: DeepSpeed's CPU accelerator (tests)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="default bf16 on cuda, fp32 on cpu")
     add_cuda_graph_flags(p, default=True, on_help="decode through CUDA graphs in every trial whose plan allows it "
-                          "(dense, GPU-resident, 16-bit, dp 1, KV cache on the GPU), priced so by the planner (default)",
+                          "(dense, GPU-resident, 16-bit, dp 1, KV cache on the GPU), priced so by the planner "
+                          "(default)",
                           off_help="decode every trial eagerly, and price it so")
     p.add_argument("--warmup-steps", type=count, default=1, help="untimed generate calls before each measured one")
     p.add_argument("--checkpoint", default=None, metavar="DIR", help="local HF checkpoint (default: random weights)")
@@ -55,7 +61,8 @@ def register(sub) -> dict[str, Any]:
                         "ds-examples-knobs: its knobs through hpi's executor) and report the ratio")
     p.add_argument("--baseline-batch", type=count, default=None,
                    help="batch of the baseline run (default: the best plan's batch; 1 is run_model.py's default)")
-    p.add_argument("--sim-spread", type=non_negative, default=1.0, help="--simulate: how far the hidden machine strays (default 1)")
+    p.add_argument("--sim-spread", type=non_negative, default=1.0,
+                   help="--simulate: how far the hidden machine strays (default 1)")
     p.add_argument("--sim-noise", type=non_negative, default=0.02, help="--simulate: measurement noise (default 0.02)")
     p.add_argument("--no-report", dest="report", action="store_false", help="skip the Markdown report and plots")
     return {"autotune": cmd_autotune}
@@ -67,7 +74,8 @@ def _settings(args: argparse.Namespace):
 
     restrict = search_restrictions(args)
     return TuneSettings(
-        model=args.model, hardware=args.hardware, workload=Workload(args.prompt_len, args.gen_len, decode_graphs=args.decode_graphs),
+        model=args.model, hardware=args.hardware,
+        workload=Workload(args.prompt_len, args.gen_len, decode_graphs=args.decode_graphs),
         objective=args.objective, n_trials=args.trials, timeout_s=args.timeout, study=args.study,
         storage=args.storage, studies_dir=args.studies_dir, simulate=args.simulate, seed=args.seed,
         n_seeds=args.seeds, top_configs=args.top_configs, batch=args.batch or 1, max_batch=args.max_batch,
@@ -118,7 +126,8 @@ class _Progress:
                 self.best = value
             what = {"ok": self._fmt(value), "oom": f"out of memory ({(doc.get('oom') or {}).get('message', '')[:80]})",
                     "predicted_overflow": "not launched: predicted to overflow " + ", ".join(doc.get("broken", {})),
-                    "crash": f"crashed: {doc.get('error', '')[:100]}", "timeout": f"timed out: {doc.get('error', '')[:80]}"}
+                    "crash": f"crashed: {doc.get('error', '')[:100]}",
+                    "timeout": f"timed out: {doc.get('error', '')[:80]}"}
             pred = doc.get("predicted", {}).get("value")
             say(f"trial {doc['trial']:3d} [{doc['source']}] {doc['label']}: {what.get(doc['status'], doc['status'])}"
                 + (f" (predicted {self._fmt(pred)})" if doc["status"] == "ok" and pred else "")
@@ -144,15 +153,17 @@ def _print_summary(doc: dict[str, Any]) -> None:
         print("no trial produced a measurement: see the trial lines above and the records under the study's runs/")
     else:
         nominal = best.get("predicted_nominal") or {}
-        print(f"best: {best['label']} (trial {best['trial']}, {best['source']}): {best['throughput_tok_s']:,.4g} tok/s, "
-              f"decode step {best['decode_step_s']:.4g} s"
-              + (f" (uncalibrated prediction {nominal['throughput_tok_s']:,.4g} tok/s)" if nominal.get("throughput_tok_s") else ""))
+        print(f"best: {best['label']} (trial {best['trial']}, {best['source']}): "
+              f"{best['throughput_tok_s']:,.4g} tok/s, decode step {best['decode_step_s']:.4g} s"
+              + (f" (uncalibrated prediction {nominal['throughput_tok_s']:,.4g} tok/s)"
+                 if nominal.get("throughput_tok_s") else ""))
     base = doc.get("baseline")
     if base:
         if base.get("status") == "ok":
             m = base["measured"]
             print(f"baseline {base['kind']} at batch {base['batch']}: {m['throughput_tok_s']:,.4g} tok/s, decode step "
-                  f"{m['decode_step_s']:.4g} s -> best / baseline = {doc.get('ratio_over_baseline', float('nan')):.2f}x")
+                  f"{m['decode_step_s']:.4g} s -> best / baseline = "
+                  f"{doc.get('ratio_over_baseline', float('nan')):.2f}x")
         else:
             print(f"baseline {base['kind']}: {base['status']} {base.get('error', base.get('why', ''))[:200]}")
     sim = doc.get("simulation")
@@ -161,7 +172,8 @@ def _print_summary(doc: dict[str, Any]) -> None:
         print(f"simulation: true optimum {sim['value']:,.4g} ({sim['true_optimum_plan']}); best is "
               f"{(sim['final_gap'] or 0) * 100:.1f}% off; within 3% at trial {within if within else 'never'}; trial 1 "
               f"was {(sim['trial1_gap'] or 0) * 100:.1f}% off; a {sim['grid_size']:,}-point grid needs "
-              + (f"{sim['expected_grid_trials']:,.0f} trials on average" if sim["expected_grid_trials"] else "more than it has"))
+              + (f"{sim['expected_grid_trials']:,.0f} trials on average" if sim["expected_grid_trials"]
+                 else "more than it has"))
     for what, path in (doc.get("files") or {}).items():
         print(f"{what.replace('_', ' ')}: {path}")
     if doc.get("launch_command"):

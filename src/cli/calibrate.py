@@ -23,9 +23,11 @@ _METRIC_LABELS = {"decode_step_s": "decode step", "prefill_s": "prefill", "peak_
 
 
 def register(sub) -> dict:
-    p = sub.add_parser("calibrate", help="fit the cost model's efficiencies to RunRecords and write them into a profile")
+    p = sub.add_parser("calibrate",
+                       help="fit the cost model's efficiencies to RunRecords and write them into a profile")
     p.add_argument("records", nargs="+", metavar="RECORDS",
-                   help="record.json files, bundles {name: record}, or folders of them (baselines and errors are skipped)")
+                   help="record.json files, bundles {name: record}, or folders of them (baselines and errors are "
+                        "skipped)")
     p.add_argument("--hardware", required=True, help="the profile the records ran on (name or path to a YAML)")
     p.add_argument("--out", default=None, metavar="PATH",
                    help="profile YAML to write the calibrated: section into (default: the profile's own file); "
@@ -39,7 +41,8 @@ def register(sub) -> dict:
                                         "leave-one-plan-out calibrated)")
     p.add_argument("--records", nargs="+", default=None, metavar="PATH",
                    help="record files or folders instead of the fidelity manifest's (profiles still come from it)")
-    p.add_argument("--manifest", default=None, metavar="YAML", help="fidelity manifest (default validation/fidelity_set.yaml)")
+    p.add_argument("--manifest", default=None, metavar="YAML",
+                   help="fidelity manifest (default validation/fidelity_set.yaml)")
     p.add_argument("--plot", default=None, metavar="PATH.png", help="write predicted-vs-measured scatter plots")
     p.add_argument("--json", action="store_true", help="end with one JSON line: the error summary")
     return {"calibrate": cmd_calibrate, "validate": cmd_validate}
@@ -78,9 +81,16 @@ def _display_path(path: str) -> str:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from hpi.planner.calibrate import (
-        CalibrationError, apply, fit, measurement, predict_measurements, render_section, split_by_plan, summarize,
+        CalibrationError,
+        apply,
+        fit,
+        measurement,
+        predict_measurements,
+        render_section,
+        split_by_plan,
+        summarize,
         write_section,
-    )  # fmt: skip
+    )
     from hpi.planner.profiles import clear_cache, load_profile
     from hpi.records import load_records
 
@@ -89,8 +99,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     records = load_records(args.records)
     measurements = [measurement(r) for r in records]
     if not measurements:
-        raise CalibrationError(f"no RunRecords in {' '.join(args.records)} (skipped: {dict(records.skipped) or 'none'})")
-    others = sorted({m.recorded_hardware for m in measurements if m.recorded_hardware and m.recorded_hardware != prior.name})
+        raise CalibrationError(f"no RunRecords in {' '.join(args.records)} "
+                               f"(skipped: {dict(records.skipped) or 'none'})")
+    others = sorted({m.recorded_hardware for m in measurements
+                     if m.recorded_hardware and m.recorded_hardware != prior.name})
     train, held = split_by_plan(measurements, args.holdout, args.seed)
     cal = fit(prior, train)
     if held:
@@ -134,13 +146,14 @@ def _print_calibration(result: dict[str, Any], cal, before, after, held: bool) -
     console.print(f"{result['records']} records (skipped: {skipped}); fitted to {len(result['train_ids'])}, "
                   f"held out {len(result['held_out_ids'])} (whole plans)")
     if result["records_naming_other_profiles"]:
-        console.print(f"note: some records name another profile ({', '.join(result['records_naming_other_profiles'])}); "
-                      f"fitted to {result['profile']} as asked")
+        console.print("note: some records name another profile "
+                      f"({', '.join(result['records_naming_other_profiles'])}); fitted to {result['profile']} as asked")
     table = Table(title=f"coefficients of {result['profile']}", title_justify="left")
     for col in ("coefficient", "prior", "calibrated", "ratio", "records"):
         table.add_column(col, justify="left" if col == "coefficient" else "right")
     for name, c in result["coefficients"].items():
-        table.add_row(name, f"{c['prior']:.4g}", f"{c['value']:.4g}", f"{c['value'] / c['prior']:.2f}", str(c["records"]))
+        table.add_row(name, f"{c['prior']:.4g}", f"{c['value']:.4g}", f"{c['value'] / c['prior']:.2f}",
+                      str(c["records"]))
     console.print(table)
     console.print(f"left at their prior (no record moves them): {', '.join(result['unidentified']) or 'none'}")
     errors = Table(title="absolute percentage error, median / max", title_justify="left")
@@ -150,8 +163,8 @@ def _print_calibration(result: dict[str, Any], cal, before, after, held: bool) -
     errors.add_column("all", justify="right")
 
     def row(label: str, s) -> None:
-        cells = [f"{_pct(s.by_metric[m]['median_ape'])} / {_pct(s.by_metric[m]['max_ape'])}" if m in s.by_metric else "-"
-                 for m in METRICS]
+        cells = [f"{_pct(s.by_metric[m]['median_ape'])} / {_pct(s.by_metric[m]['max_ape'])}"
+                 if m in s.by_metric else "-" for m in METRICS]
         errors.add_row(label, *cells, f"{_pct(s.median_ape)} / {_pct(s.max_ape)}")
 
     row("fitted, before", cal.error_before)
@@ -212,7 +225,8 @@ def _print_validation(result) -> None:
         summary.add_column(_METRIC_LABELS[metric], justify="right")
     summary.add_column("all", justify="right")
     for label, part in (("uncalibrated", s["uncalibrated"]), ("calibrated, leave-one-plan-out", s)):
-        cells = [f"{_pct(part['by_metric'][m]['median_ape'])} / {_pct(part['by_metric'][m]['max_ape'])}" for m in METRICS]
+        cells = [f"{_pct(part['by_metric'][m]['median_ape'])} / {_pct(part['by_metric'][m]['max_ape'])}"
+                 for m in METRICS]
         summary.add_row(label, *cells, f"{_pct(part['median_ape'])} / {_pct(part['max_ape'])}")
     floor = s["repeatability"]
     summary.add_row("repeats of one plan vs the plan's other runs (the floor)",
@@ -222,7 +236,8 @@ def _print_validation(result) -> None:
     console.print("decode step by mode, median / max: " + "; ".join(
         f"{mode} ({v['calibrated']['n']}): calibrated {_pct(v['calibrated']['median_ape'])} / "
         f"{_pct(v['calibrated']['max_ape'])}, uncalibrated {_pct(v['uncalibrated']['median_ape'])} / "
-        f"{_pct(v['uncalibrated']['max_ape'])}, repeats {_floor_cell(v['repeatability'])}" for mode, v in modes.items()))
+        f"{_pct(v['uncalibrated']['max_ape'])}, repeats {_floor_cell(v['repeatability'])}"
+        for mode, v in modes.items()))
     if result.skipped:
         console.print("skipped: " + ", ".join(f"{n} {k}" for k, n in result.skipped.items()))
     by_reason: dict[str, list[str]] = {}
@@ -231,7 +246,8 @@ def _print_validation(result) -> None:
     for reason, keys in by_reason.items():
         console.print(f"excluded {', '.join(keys)}: {reason}")
     if result.unlisted:
-        console.print(f"not in the fidelity manifest (add them to validation/fidelity_set.yaml): {', '.join(result.unlisted)}")
+        console.print("not in the fidelity manifest (add them to validation/fidelity_set.yaml): "
+                      f"{', '.join(result.unlisted)}")
 
 
 def _floor_cell(stats: dict) -> str:

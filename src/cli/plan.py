@@ -5,10 +5,17 @@ from __future__ import annotations
 import argparse
 import time
 
-from hpi.cli.args import (
-    add_plan_flags, add_run_conditions, add_target, count, load_target, plan_from_args, plan_flags, search_restrictions,
-)  # fmt: skip
 from hpi.cli import output
+from hpi.cli.args import (
+    add_plan_flags,
+    add_run_conditions,
+    add_target,
+    count,
+    load_target,
+    plan_flags,
+    plan_from_args,
+    search_restrictions,
+)
 
 
 def register(sub) -> dict:
@@ -56,9 +63,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
         doc = est.to_dict()
         doc["binds"] = [b.__dict__ for b in bindings(est)]
         doc["knobs"] = [
-            {"change": e.label, "decode_step_s": e.estimate.decode_step_s, "throughput_tok_s": e.estimate.throughput_tok_s,
-             "gpu_peak_bytes": e.estimate.gpu_peak_bytes, "feasible": e.estimate.feasible,
-             "decode_ratio": e.decode_ratio, "throughput_ratio": e.throughput_ratio}
+            {"change": e.label, "decode_step_s": e.estimate.decode_step_s,
+             "throughput_tok_s": e.estimate.throughput_tok_s, "gpu_peak_bytes": e.estimate.gpu_peak_bytes,
+             "feasible": e.estimate.feasible, "decode_ratio": e.decode_ratio, "throughput_ratio": e.throughput_ratio}
             for e in effects
         ]
         doc["fixes"] = [e.label for e in fixes(effects)] if not est.feasible else []
@@ -111,10 +118,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         })
         return 0
     console = output.console()
-    what = {"latency": f"lowest decode step at batch {args.batch}", "throughput": "highest throughput at each plan's best batch",
+    what = {"latency": f"lowest decode step at batch {args.batch}",
+            "throughput": "highest throughput at each plan's best batch",
             "balanced": "best geometric mean of normalised latency and throughput"}[args.objective]
-    console.print(f"[bold]{model.name}[/bold] ({model.params_total / 1e9:,.1f}B params, {model.params_active / 1e9:,.1f}B active) on "
-                  f"[bold]{hardware.name}[/bold] ({hardware.n_gpus}x {hardware.gpu.name}); prompt {workload.prompt_len_tokens}, "
+    console.print(f"[bold]{model.name}[/bold] ({model.params_total / 1e9:,.1f}B params, "
+                  f"{model.params_active / 1e9:,.1f}B active) on [bold]{hardware.name}[/bold] "
+                  f"({hardware.n_gpus}x {hardware.gpu.name}); prompt {workload.prompt_len_tokens}, "
                   f"gen {workload.gen_len_tokens}; objective: {what}")
     if estimates:
         console.print(plans_table(estimates, f"top {len(estimates)} plans"))
@@ -122,12 +131,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
         console.print("[red]no feasible plan[/red]; the closest ones and why they fail:")
         for e in closest:
             console.print(f"  {e.plan.label}: " + "; ".join(r.message for r in e.reasons))
-    reasons = ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in sorted(result.infeasible_counts.items(), key=lambda kv: -kv[1]))
+    reasons = ", ".join(f"{k.replace('_', ' ')} {v:,}"
+                        for k, v in sorted(result.infeasible_counts.items(), key=lambda kv: -kv[1]))
     console.print(f"evaluated {result.n_plans:,} plans in {elapsed:.2f} s: {result.n_feasible:,} feasible"
                   + (f"; limits broken: {reasons}" if reasons else ""))
     if args.pareto:
         console.print(plans_table(pareto, "latency/throughput Pareto front"))
     if estimates:
-        console.print(f"why #1 wins and what would change it: hpi explain --model {args.model} --hardware {args.hardware} "
-                      + plan_flags(estimates[0].plan))
+        console.print(f"why #1 wins and what would change it: hpi explain --model {args.model} "
+                      f"--hardware {args.hardware} " + plan_flags(estimates[0].plan))
     return 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -48,7 +47,8 @@ def _names(args: argparse.Namespace) -> tuple[str, Path]:
     if args.name and out is not None and out.stem != args.name:
         raise ValueError(f"hpi probe: --name {args.name} != --out file name {out.stem!r}: a profile's name is its "
                          "file name; drop one of them")
-    name = check_profile_name(args.name or (out.stem if out is not None else default_profile_name(socket.gethostname())))
+    name = check_profile_name(args.name
+                              or (out.stem if out is not None else default_profile_name(socket.gethostname())))
     return name, out if out is not None else Path("hardware_profiles") / f"{name}.yaml"
 
 
@@ -69,7 +69,8 @@ class _Steps:
     def __init__(self, console: Any) -> None:
         from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console)
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                                 console=console)
 
     @contextmanager
     def step(self, name: str) -> Iterator[None]:
@@ -102,8 +103,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
         doc = run_probe(settings, nvme_path=args.nvme_path, step=steps.step)
     profile = build_profile(doc, name)
     header = (f"Written by `hpi probe{' --quick' if args.quick else ''}` on {doc['hostname']}, {doc['date']} "
-              f"({doc['seconds']:.0f} s).\nEvery figure says how it was measured; raw numbers: {name}.probe.json beside "
-              "this file.\nRe-measure: hpi probe --out " + str(out))
+              f"({doc['seconds']:.0f} s).\nEvery figure says how it was measured; raw numbers: {name}.probe.json "
+              "beside this file.\nRe-measure: hpi probe --out " + str(out))
     write_profile(profile, out, header)
     json_path = measurements_path(out)
     write_measurements(doc, json_path)

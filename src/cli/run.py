@@ -14,8 +14,14 @@ import sys
 from pathlib import Path
 
 from hpi.cli.args import (
-    UsageError, add_plan_flags, add_run_conditions, add_target, count, plan_from_args, workload_from_args,
-)  # fmt: skip
+    UsageError,
+    add_plan_flags,
+    add_run_conditions,
+    add_target,
+    count,
+    plan_from_args,
+    workload_from_args,
+)
 from hpi.cli.output import emit_json
 from hpi.records import RunRecord
 
@@ -159,5 +165,5 @@ def print_summary(record: RunRecord, deployment) -> None:
     h2d = record.transfers.h2d
     achieved, ceiling = (h2d.achieved_bytes_s, h2d.profile_pinned_bytes_s) if h2d else (None, None)
     if achieved:
-        print(f"  host->device: {achieved / 1e9:,.2f} GB/s" + (f" of {ceiling / 1e9:,.1f} GB/s pinned ({achieved / ceiling:.0%})"
-                                                             if ceiling else ""))
+        print(f"  host->device: {achieved / 1e9:,.2f} GB/s"
+              + (f" of {ceiling / 1e9:,.1f} GB/s pinned ({achieved / ceiling:.0%})" if ceiling else ""))

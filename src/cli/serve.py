@@ -12,8 +12,14 @@ import os
 import sys
 
 from hpi.cli.args import (
-    UsageError, add_plan_flags, add_run_conditions, count, non_negative, plan_from_args, workload_from_args,
-)  # fmt: skip
+    UsageError,
+    add_plan_flags,
+    add_run_conditions,
+    count,
+    non_negative,
+    plan_from_args,
+    workload_from_args,
+)
 
 API_KEY_ENV = "HPI_API_KEY"
 
@@ -47,7 +53,8 @@ def register(sub) -> dict:
     p.add_argument("--policy", choices=("fused", "separate"), default="fused",
                    help="fused: prompt chunks ride with the decode tokens (default); separate: prefill steps apart")
     p.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
-    p.add_argument("--chat-template", default=None, metavar="FILE", help="Jinja chat template replacing the tokenizer's")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="Jinja chat template replacing the tokenizer's")
     p.add_argument("--drain-timeout", type=non_negative, default=30.0, metavar="S",
                    help="on SIGINT/SIGTERM, let running requests finish for up to S seconds (default 30)")
     p.add_argument("--hang-timeout", type=non_negative, default=600.0, metavar="S",

@@ -93,7 +93,8 @@ def rule_plan(f: CheckFacts) -> list[Finding]:
     if not f.plan_problems:
         return [Finding("info", "plan", f"{f.plan_label} fits {f.profile_name} by the planner's estimate")]
     return [Finding("error", "plan", f"{f.plan_label} on {f.profile_name}: {'; '.join(f.plan_problems)}",
-                    f"hpi explain with the same flags shows the fix; hpi plan --hardware {f.profile_name} lists plans that fit")]
+                    f"hpi explain with the same flags shows the fix; hpi plan --hardware {f.profile_name} lists plans "
+                    "that fit")]
 
 
 def rule_gpus(f: CheckFacts) -> list[Finding]:
@@ -101,11 +102,13 @@ def rule_gpus(f: CheckFacts) -> list[Finding]:
         return [Finding("warning", "gpus", "nvidia-smi not found: cannot count this machine's GPUs",
                         "install the NVIDIA driver (nvidia-smi comes with it), or run on the GPU machine")]
     if f.machine_gpus < f.world_size:
-        return [Finding("error", "gpus", f"the plan needs {f.world_size} GPU(s) per launch ({f.plan_label}); this machine has "
-                        f"{f.machine_gpus}", "lower tp/pp/dp, or run on a machine with more GPUs (multi-node: one hpi run per node)")]
+        return [Finding("error", "gpus", f"the plan needs {f.world_size} GPU(s) per launch ({f.plan_label}); this "
+                        f"machine has {f.machine_gpus}",
+                        "lower tp/pp/dp, or run on a machine with more GPUs (multi-node: one hpi run per node)")]
     if f.machine_gpus != f.profile_gpus_per_node:
-        return [Finding("warning", "gpus", f"profile {f.profile_name} describes {f.profile_gpus_per_node} GPU(s) per node; this "
-                        f"machine has {f.machine_gpus}", f"probe this machine (hpi probe) and plan on its profile")]
+        return [Finding("warning", "gpus", f"profile {f.profile_name} describes {f.profile_gpus_per_node} GPU(s) per "
+                        f"node; this machine has {f.machine_gpus}",
+                        "probe this machine (hpi probe) and plan on its profile")]
     return []
 
 
@@ -115,17 +118,17 @@ def rule_pinned_memory(f: CheckFacts) -> list[Finding]:
     need = f.pinned_needed_bytes
     out = []
     if need > f.profile_pinnable_bytes:
-        out.append(Finding("error", "pinned-memory", f"pinned {need / GB:.1f} GB > {f.profile_pinnable_bytes / GB:.1f} GB "
-                           f"pinnable in profile {f.profile_name}", "--no-pin-memory (pageable, slower), fewer bits "
-                           "(--quant-bits 8/4), or --offload nvme"))
+        out.append(Finding("error", "pinned-memory", f"pinned {need / GB:.1f} GB > "
+                           f"{f.profile_pinnable_bytes / GB:.1f} GB pinnable in profile {f.profile_name}",
+                           "--no-pin-memory (pageable, slower), fewer bits (--quant-bits 8/4), or --offload nvme"))
     if f.dram_bytes is not None and need > f.dram_bytes * (1 - DRAM_OS_SHARE):
-        out.append(Finding("error", "pinned-memory", f"pinned {need / GB:.1f} GB > {1 - DRAM_OS_SHARE:.0%} of this machine's "
-                           f"{f.dram_bytes / GB:.0f} GB DRAM (pinned pages cannot be swapped)",
+        out.append(Finding("error", "pinned-memory", f"pinned {need / GB:.1f} GB > {1 - DRAM_OS_SHARE:.0%} of this "
+                           f"machine's {f.dram_bytes / GB:.0f} GB DRAM (pinned pages cannot be swapped)",
                            "--no-pin-memory, fewer bits, or a machine with more RAM"))
     if f.memlock_soft_bytes is not None and need > f.memlock_soft_bytes:
-        out.append(Finding("warning", "memlock", f"pinned {need / GB:.1f} GB > RLIMIT_MEMLOCK {f.memlock_soft_bytes / 2**20:,.0f} "
-                           "MiB: mlock-based pinning and RDMA registration fail at this limit (CUDA's cudaHostAlloc "
-                           "pins through its driver and usually passes)",
+        out.append(Finding("warning", "memlock", f"pinned {need / GB:.1f} GB > RLIMIT_MEMLOCK "
+                           f"{f.memlock_soft_bytes / 2**20:,.0f} MiB: mlock-based pinning and RDMA registration fail "
+                           "at this limit (CUDA's cudaHostAlloc pins through its driver and usually passes)",
                            "ulimit -l unlimited (docker: --ulimit memlock=-1; systemd: LimitMEMLOCK=infinity)"))
     return out
 
@@ -137,7 +140,8 @@ def rule_nvme_path(f: CheckFacts) -> list[Finding]:
         return [Finding("error", "nvme-path", "--offload nvme needs a directory for the offloaded weights",
                         "pass --nvme-path DIR on a local NVMe filesystem")]
     if not f.nvme_path_exists:
-        return [Finding("error", "nvme-path", f"{f.nvme_path} does not exist", f"mkdir -p {f.nvme_path}, or pass another --nvme-path")]
+        return [Finding("error", "nvme-path", f"{f.nvme_path} does not exist",
+                        f"mkdir -p {f.nvme_path}, or pass another --nvme-path")]
     if not f.nvme_path_writable:
         return [Finding("error", "nvme-path", f"{f.nvme_path} is not writable by this user",
                         f"chown/chmod {f.nvme_path}, or pass a directory you own")]
@@ -148,15 +152,17 @@ def rule_nvme_path(f: CheckFacts) -> list[Finding]:
                            advice.message, "see the message: a local NVMe ext4/xfs directory"))
     if f.nvme_free_bytes is not None and f.nvme_needed_bytes > f.nvme_free_bytes:
         out.append(Finding("error", "nvme-space", f"the plan offloads {f.nvme_needed_bytes / GB:.1f} GB > "
-                           f"{f.nvme_free_bytes / GB:.1f} GB free at {f.nvme_path}", "free space, or fewer bits (--quant-bits 8/4)"))
+                           f"{f.nvme_free_bytes / GB:.1f} GB free at {f.nvme_path}",
+                           "free space, or fewer bits (--quant-bits 8/4)"))
     if f.nvme_o_direct is False:
         out.append(Finding("warning", "nvme-path", f"{f.nvme_path} refuses O_DIRECT, which DeepSpeed's aio uses",
                            "a local ext4/xfs filesystem (not tmpfs/overlay)"))
     want = f.profile_nvme_read_bytes_s
     got = f.nvme_read_bytes_s
     if want and got and got < _SLOW_DISK_RATIO * want:
-        out.append(Finding("warning", "nvme-speed", f"quick O_DIRECT read {got / GB:.2f} GB/s at {f.nvme_path} < half of "
-                           f"profile {f.profile_name}'s {want / GB:.2f} GB/s: the plan's NVMe timings will not hold",
+        out.append(Finding("warning", "nvme-speed", f"quick O_DIRECT read {got / GB:.2f} GB/s at {f.nvme_path} < "
+                           f"half of profile {f.profile_name}'s {want / GB:.2f} GB/s: "
+                           "the plan's NVMe timings will not hold",
                            "use the faster drive, or re-probe (hpi probe --nvme-path DIR) and plan on that profile"))
     elif got:
         out.append(Finding("info", "nvme-speed", f"quick O_DIRECT read {got / GB:.2f} GB/s at {f.nvme_path}"
@@ -190,7 +196,8 @@ def rule_versions(f: CheckFacts) -> list[Finding]:
         out.append(Finding(severity, "versions", f"DeepSpeed {v['deepspeed']} < {need}: AutoTP with ZeRO-3 is refused"
                            + (f" and this plan has tp {f.tp}" if f.tp > 1 else ""), f"pip install 'deepspeed>={need}'"))
     if f.machine_gpus and not v.get("driver"):
-        out.append(Finding("warning", "versions", "NVIDIA driver version unknown (nvidia-smi gave none)", "check nvidia-smi"))
+        out.append(Finding("warning", "versions", "NVIDIA driver version unknown (nvidia-smi gave none)",
+                           "check nvidia-smi"))
     present = ", ".join(f"{k} {val}" for k, val in v.items() if val)
     if present:
         out.append(Finding("info", "versions", present))
@@ -200,7 +207,8 @@ def rule_versions(f: CheckFacts) -> list[Finding]:
 def rule_os(f: CheckFacts) -> list[Finding]:
     out = []
     if f.profile_os != f.machine_os:
-        out.append(Finding("warning", "os", f"profile {f.profile_name} is for {f.profile_os}; this machine runs {f.machine_os}",
+        out.append(Finding("warning", "os",
+                           f"profile {f.profile_name} is for {f.profile_os}; this machine runs {f.machine_os}",
                            "probe this machine (hpi probe) so copy speeds and paths match"))
     if f.machine_os == "windows":
         if f.offload == "nvme":
@@ -211,7 +219,8 @@ def rule_os(f: CheckFacts) -> list[Finding]:
     return out
 
 
-RULES: tuple[Rule, ...] = (rule_plan, rule_gpus, rule_pinned_memory, rule_nvme_path, rule_libaio, rule_versions, rule_os)
+RULES: tuple[Rule, ...] = (rule_plan, rule_gpus, rule_pinned_memory, rule_nvme_path, rule_libaio, rule_versions,
+                          rule_os)
 _ORDER = {s: i for i, s in enumerate(SEVERITIES)}
 
 
@@ -294,7 +303,8 @@ def gather_facts(est: Any, profile: Any, *, plan_problems: Sequence[str] = (), n
         profile_pinnable_bytes=profile.host.pinnable_bytes,
         profile_nvme_read_bytes_s=profile.nvme.read_bytes_s if profile.has_nvme else None,
         machine_os=machine_os, machine_gpus=gpus, dram_bytes=dram, memlock_soft_bytes=memlock,
-        libaio=ctypes.util.find_library("aio"), nvme_path=nvme_path, nvme_path_exists=exists, nvme_path_writable=writable,
-        nvme_fs_type=fs_type, nvme_free_bytes=free, nvme_needed_bytes=float(est.nvme_bytes) if est is not None else 0.0,
+        libaio=ctypes.util.find_library("aio"), nvme_path=nvme_path, nvme_path_exists=exists,
+        nvme_path_writable=writable, nvme_fs_type=fs_type, nvme_free_bytes=free,
+        nvme_needed_bytes=float(est.nvme_bytes) if est is not None else 0.0,
         nvme_read_bytes_s=read, nvme_o_direct=o_direct, versions=versions,
     )

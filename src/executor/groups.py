@@ -94,7 +94,8 @@ def _mine(kind: str, rank: int, tp: int, dp: int, pp: int) -> tuple[object, tupl
 def build_groups(tp: int, dp: int, pp: int) -> Groups:
     rank, world = dist.get_rank(), dist.get_world_size()
     if tp * dp * pp != world:
-        raise ValueError(f"tp({tp}) * dp({dp}) * pp({pp}) = {tp * dp * pp} != world({world}): launch one rank per GPU of the plan")
+        raise ValueError(f"tp({tp}) * dp({dp}) * pp({pp}) = {tp * dp * pp} != world({world}): "
+                         "launch one rank per GPU of the plan")
     tp_group, tp_ranks = _mine("tp", rank, tp, dp, pp)
     dp_group, dp_ranks = _mine("dp", rank, tp, dp, pp)
     pp_group, pp_ranks = _mine("pp", rank, tp, dp, pp)

@@ -371,7 +371,8 @@ def launch(
         except TimeoutError:
             run.terminate(grace_s)
             raise LaunchError("\n".join([f"timed out after {timeout_s:g} s", f"logs: {log_dir}",
-                                         *_where_ranks_were(log_dir)]), log_dir=str(log_dir), reason="timeout") from None
+                                         *_where_ranks_were(log_dir)]),
+                              log_dir=str(log_dir), reason="timeout") from None
         except BaseException:
             run.terminate(grace_s)
             raise

@@ -16,9 +16,19 @@ from typing import Any
 
 from hpi.executor.render import AIO_DEFAULTS
 from hpi.records import (
-    DecodeSteps, HostToDevice, ModelInfo, NvmeReads, Output, Prediction, RankReport, RunRecord, Software, Timings,
-    Transfers, compare,
-)  # fmt: skip
+    DecodeSteps,
+    HostToDevice,
+    ModelInfo,
+    NvmeReads,
+    Output,
+    Prediction,
+    RankReport,
+    RunRecord,
+    Software,
+    Timings,
+    Transfers,
+    compare,
+)
 
 __all__ = ["RankReport", "build_record", "pipeline_timings", "software_versions"]
 

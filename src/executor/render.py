@@ -243,7 +243,8 @@ def _host_names(nodes: Sequence[int], hosts: Sequence[str] | None) -> dict[int, 
     if hosts is None:
         return {n: f"n{n}" for n in nodes}
     if len(hosts) < len(nodes):
-        raise ValueError(f"the placement uses {len(nodes)} nodes but {len(hosts)} host(s) were given: name one host per node")
+        raise ValueError(f"the placement uses {len(nodes)} nodes but {len(hosts)} host(s) were given: "
+                         "name one host per node")
     if len(set(hosts)) != len(hosts):
         raise ValueError("host names must be distinct")
     return {n: hosts[i] for i, n in enumerate(nodes)}

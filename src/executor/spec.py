@@ -72,7 +72,8 @@ class RunSpec:
     warmup_steps: int = 0  # untimed generate calls before the measured one
     warmup_gen_len: int = 0  # tokens each warm-up generates; 0: the workload's gen_len (2 already fills
     #   DeepSpeed's prefetch trace and picks the decode kernels: prefill + one decode forward)
-    fetch_wait: str = "stream"  # stream: hpi's GPU-ordered ZeRO-3 fetch wait; host: DeepSpeed's stock (hpi.executor.zero3)
+    fetch_wait: str = "stream"  # stream: hpi's GPU-ordered ZeRO-3 fetch wait; host: DeepSpeed's stock
+    #   (hpi.executor.zero3)
     decode_graphs: bool = False  # replay each decode step as a CUDA graph (hpi.executor.graphs); resident plans only
     variants: tuple[dict[str, Any], ...] = ()  # further measurements on the same build: RUNTIME_FIELDS overrides
     serve: ServeSpec | None = None  # mode "serve": the serving runtime's settings

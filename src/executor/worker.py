@@ -16,6 +16,10 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 
+# torchrun's error recorder writes each failing rank's traceback to error.json; the launcher reads it to
+# name the rank that failed first and show why.
+from torch.distributed.elastic.multiprocessing.errors import record as record_errors
+
 from hpi.executor import diskstats
 from hpi.executor.generate import LeftPadding, PipelineGenerator, Sampler, StepTimes, left_pad
 from hpi.executor.groups import Groups, build_groups
@@ -23,10 +27,6 @@ from hpi.executor.record import build_record
 from hpi.executor.spec import RunSpec, write_json_atomic
 from hpi.planner.specs.plan import decode_graph_blocker
 from hpi.records import ModelInfo, RankReport, RunRecord
-
-# torchrun's error recorder writes each failing rank's traceback to error.json; the launcher reads it to
-# name the rank that failed first and show why.
-from torch.distributed.elastic.multiprocessing.errors import record as record_errors
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -51,7 +51,8 @@ def stage_layer_counts(spec: RunSpec, planner_model) -> tuple[int, ...]:
     if spec.stage_layers:
         if sum(spec.stage_layers) != planner_model.n_layers:
             raise ValueError(
-                f"stage_layers sum({sum(spec.stage_layers)}) != n_layers({planner_model.n_layers}) of {planner_model.name}"
+                f"stage_layers sum({sum(spec.stage_layers)}) != n_layers({planner_model.n_layers}) of "
+                f"{planner_model.name}"
             )
         return tuple(spec.stage_layers)
     from hpi.planner.cost.pipeline import stage_layer_sizes
@@ -372,7 +373,8 @@ def measure(spec: RunSpec, b: _Built) -> RunRecord | None:
     record = _fold(spec, gathered, g, b.planner_model)
     texts = None
     if b.tokenizer is not None:
-        texts = tuple(b.tokenizer.decode(_until(list(t), eos if spec.mode == "chat" else None), skip_special_tokens=True)
+        texts = tuple(b.tokenizer.decode(_until(list(t), eos if spec.mode == "chat" else None),
+                                         skip_special_tokens=True)
                       for t in record.output.tokens)
     output = replace(record.output, prompt_len_tokens_actual=prompt_len,  # the padded width: the longest prompt
                      prompt_tokens_per_row=tuple(prompts.padding.lengths) if spec.prompts else None, texts=texts)
@@ -415,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
         for one, variant in zip(spec.measurements()[1:], variants):
             write_json_atomic(os.path.join(one.out_dir, "record.json"), variant.to_json())
         if variants:  # where the variants' records are, relative to this run's folder
-            record = replace(record, variant_records=tuple(f"variant-{i}/record.json" for i in range(1, len(variants) + 1)))
+            record = replace(record, variant_records=tuple(f"variant-{i}/record.json"
+                                                           for i in range(1, len(variants) + 1)))
         doc = record.to_json()
         write_json_atomic(os.path.join(spec.out_dir, "record.json"), doc)
         sys.stdout.write(json.dumps(doc, default=str) + "\n")

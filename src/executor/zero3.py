@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from hpi.executor.groups import DeepSpeedMpu, Groups
-from hpi.planner.specs.workload import FETCH_WAITS  # stream: ordered on the GPU (ours); host: DeepSpeed's stock synchronize
+from hpi.planner.specs.workload import FETCH_WAITS  # stream: GPU-ordered (ours); host: DeepSpeed's stock synchronize
 
 _INSTALLED: list[Groups] = []
 
@@ -47,7 +47,8 @@ def _group_check(g: Groups):
         length = torch.tensor([len(ints) if g.rank == src else -1], dtype=torch.int64, device=device)
         dist.broadcast(length, src=src, group=g.dp_group)
         if int(length.item()) != len(ints):
-            raise RuntimeError(f"ZeRO-3 trace length differs inside dp group {g.dp_ranks}: {int(length.item())} vs {len(ints)}")
+            raise RuntimeError(f"ZeRO-3 trace length differs inside dp group {g.dp_ranks}: {int(length.item())} vs "
+                               f"{len(ints)}")
         values = torch.tensor(list(ints) if g.rank == src else [-1] * len(ints), dtype=torch.int64, device=device)
         dist.broadcast(values, src=src, group=g.dp_group)
         if values.tolist() != list(ints):

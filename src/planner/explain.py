@@ -39,7 +39,8 @@ def _resource(term: str, link: dict[str, float]) -> tuple[str, str]:
             return "dp all-gather", "ZeRO-3 gathers partitions across the dp group every forward"
         return "PCIe", "weights cross host->device every forward and the copy is not hidden behind compute"
     names = {
-        "dequant_s": ("dequantization", "8/4-bit weights are dequantized to 16 bits on every use, in series with the copy"),
+        "dequant_s": ("dequantization",
+                      "8/4-bit weights are dequantized to 16 bits on every use, in series with the copy"),
         "kv_fetch_s": ("PCIe (KV cache)", "the offloaded KV cache is copied in every decode step"),
         "tp_allreduce_s": ("TP all-reduce", "two all-reduces per layer; small messages are latency-bound"),
         "pp_p2p_s": ("PP send/recv", "hidden states cross stage boundaries"),

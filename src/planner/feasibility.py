@@ -19,7 +19,6 @@ from hpi.planner.cost.shape import per_rank
 from hpi.planner.specs.hardware import HardwareProfile
 from hpi.planner.specs.model import ModelSpec
 from hpi.planner.specs.plan import QUANT_GROUP_SIZE, Plan
-from hpi.planner.specs.workload import Workload
 
 GB = 1e9
 
@@ -160,8 +159,8 @@ def capacity_reasons(ev: Evaluation, i: int) -> list[Reason]:
     if masks["pinned_memory"][i]:
         out.append(Reason(
             "pinned_memory",
-            f"pinned memory {mem.pinned_bytes[i] / GB:.1f} GB > {hw.host.pinnable_bytes / GB:.1f} GB pinnable per node: "
-            "use --no-pin-memory (slower copies) or quantize (--quant-bits 4)",
+            f"pinned memory {mem.pinned_bytes[i] / GB:.1f} GB > {hw.host.pinnable_bytes / GB:.1f} GB pinnable per "
+            "node: use --no-pin-memory (slower copies) or quantize (--quant-bits 4)",
         ))
     if masks["nvme_missing"][i]:
         out.append(Reason("nvme_missing", f"offload nvme but {hw.name} has no NVMe in its profile: use --offload cpu"))

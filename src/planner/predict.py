@@ -15,8 +15,8 @@ from hpi.planner.feasibility import Reason, capacity_reasons, plan_problems
 from hpi.planner.ranks import place
 from hpi.planner.specs.hardware import HardwareProfile
 from hpi.planner.specs.model import ModelSpec
-from hpi.planner.specs.plan import Plan
 from hpi.planner.specs.placement import Placement
+from hpi.planner.specs.plan import Plan
 from hpi.planner.specs.workload import Workload
 from hpi.planner.topology import build_topology
 

@@ -31,7 +31,8 @@ class FieldReader:
     def fail(self, path: str, message: str) -> NoReturn:
         raise ProfileError(f"{self.where}: {path}: {message}")
 
-    def section(self, data: Mapping[str, Any], key: str, path: str, *, required: bool = True) -> Mapping[str, Any] | None:
+    def section(self, data: Mapping[str, Any], key: str, path: str, *,
+                required: bool = True) -> Mapping[str, Any] | None:
         value = data.get(key)
         full = join_path(path, key)
         if value is None:
@@ -46,7 +47,8 @@ class FieldReader:
         unknown = [k for k in data if k not in allowed]
         if unknown:
             where = path or "top level"
-            self.fail(join_path(path, str(unknown[0])), f"unknown field in {where}; expected one of {', '.join(allowed)}")
+            self.fail(join_path(path, str(unknown[0])),
+                      f"unknown field in {where}; expected one of {', '.join(allowed)}")
 
     def text(self, data: Mapping[str, Any], key: str, path: str, *, default: str | None = None,
              choices: Sequence[str] | None = None) -> str:

@@ -201,7 +201,8 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> tuple[dict[str, Any]
         return data, str(path)
     if not isinstance(base, str):
         raise ProfileError(f"{path}: extends: expected a profile name, got {base!r}")
-    base_path = next((path.parent / f"{base}{s}" for s in (".yaml", ".yml") if (path.parent / f"{base}{s}").is_file()), None)
+    base_path = next((path.parent / f"{base}{s}" for s in (".yaml", ".yml")
+                      if (path.parent / f"{base}{s}").is_file()), None)
     if base_path is None:
         raise ProfileError(f"{path}: extends: no profile {base!r} next to it in {path.parent}")
     base_data, base_where = _read_with_bases(base_path, (*seen, path))
@@ -333,7 +334,7 @@ def _calibrated(reader: FieldReader, raw: Mapping[str, Any], efficiency: Efficie
         values[key] = reader.quantity(coefficients, key, path, positive=True, at_most=math.inf if absolute else 1.0)
         provenance = reader.provenance[f"{path}.{key}"]
         if provenance.source != "calibrated":
-            reader.fail(f"{path}.{key}.source", f"{provenance.source!r} in the calibrated section; write source: calibrated "
-                        "(or move the value to efficiency:)")
+            reader.fail(f"{path}.{key}.source", f"{provenance.source!r} in the calibrated section; write source: "
+                        "calibrated (or move the value to efficiency:)")
         reader.provenance[f"efficiency.{key}"] = provenance
     return dataclasses.replace(efficiency, **values)

@@ -168,7 +168,7 @@ def _pipeline_link(pp_groups: list[tuple[str, ...]], topology: Topology) -> Link
     """Slowest stage-to-stage send: at each stage boundary every pipeline group sends at once."""
     boundaries = len(pp_groups[0]) - 1
     links = [topology.concurrent_link([(g[s], g[s + 1]) for g in pp_groups]) for s in range(boundaries)]
-    return min(links, key=lambda l: (l.bandwidth_bytes_s, -l.latency_s), default=Link.local())
+    return min(links, key=lambda link: (link.bandwidth_bytes_s, -link.latency_s), default=Link.local())
 
 
 def _gb(bytes_s: float) -> str:

@@ -30,8 +30,12 @@ from hpi.planner.ranks import place
 from hpi.planner.specs.hardware import HardwareProfile
 from hpi.planner.specs.model import ModelSpec
 from hpi.planner.specs.plan import (
-    DEEPSPEED_DEFAULT_PREFETCH_ELEMS, Plan, copies_from_host, ds_examples_knobs, gathers_weights,
-)  # fmt: skip
+    DEEPSPEED_DEFAULT_PREFETCH_ELEMS,
+    Plan,
+    copies_from_host,
+    ds_examples_knobs,
+    gathers_weights,
+)
 from hpi.planner.specs.workload import Workload
 from hpi.planner.topology import build_topology
 

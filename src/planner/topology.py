@@ -141,7 +141,8 @@ class Topology:
             if not self.profile.has_nvme:
                 return tuple((g, 0.0) for g in order)
             readers = [g for g in order if self._nearest(self.home_cpu(g), "nvme") is not None]
-            flows = [[(self._nearest(self.home_cpu(g), "nvme"), self.home_cpu(g)), (self.home_cpu(g), g)] for g in readers]
+            flows = [[(self._nearest(self.home_cpu(g), "nvme"), self.home_cpu(g)), (self.home_cpu(g), g)]
+                     for g in readers]
             rates = dict(zip(readers, self._rates(flows, caps=[math.inf] * len(flows))))
             return tuple((g, rates.get(g, 0.0)) for g in order)
 
@@ -172,7 +173,8 @@ class Topology:
         reachable = [c for c in candidates if self._reachable(source, c)]
         if not reachable:
             return None
-        return min(reachable, key=lambda c: (-self.path(source, c).bandwidth_bytes_s, self.path(source, c).latency_s, c))
+        return min(reachable,
+                   key=lambda c: (-self.path(source, c).bandwidth_bytes_s, self.path(source, c).latency_s, c))
 
     def _reachable(self, a: str, b: str) -> bool:
         if a == b:
@@ -344,7 +346,8 @@ def _graph(profile: HardwareProfile, node: NodeSpec, cluster: ClusterSpec) -> nx
             for nic in fabric.nics:
                 _add_link(graph, f"n{n}.{nic}", fabric.name, fabric.bandwidth_bytes_s, fabric.latency_s, fabric.kind)
     if graph.number_of_nodes() > 1 and not nx.is_connected(graph):
-        raise ProfileError(f"profile {profile.name}: the nodes are not connected: cluster.fabric must attach their NICs")
+        raise ProfileError(f"profile {profile.name}: the nodes are not connected: "
+                           "cluster.fabric must attach their NICs")
     return graph
 
 

@@ -92,7 +92,8 @@ class Manifest:
         return hits[-1] if hits else None
 
     def _absolute(self, pattern: str) -> Path:
-        return (self.root / pattern).resolve() if not any(c in pattern for c in "*?[") else self.root.resolve() / pattern
+        return ((self.root / pattern).resolve() if not any(c in pattern for c in "*?[")
+                else self.root.resolve() / pattern)
 
     def files(self) -> list[Path]:
         out: dict[Path, None] = {}
@@ -227,7 +228,8 @@ def _folds(profile_name: str, measurements: Sequence[Measurement]) -> list[tuple
     return out
 
 
-def _rows_and_folds(profile_name: str, measurements: Sequence[Measurement], folds, fits) -> tuple[list[Row], list[Fold]]:
+def _rows_and_folds(profile_name: str, measurements: Sequence[Measurement],
+                    folds, fits) -> tuple[list[Row], list[Fold]]:
     prior = load_profile(profile_name, calibrated=False)
     uncal = {p.record_id: p for p in predict_measurements(prior, measurements)}
     rows: list[Row] = []
@@ -339,7 +341,8 @@ class Validation:
             "repeatability": self.repeatability(),
             "profiles": dict(sorted(profiles.items())),
             "calibration": "leave-one-plan-out per profile",
-            "peak_gpu_bytes": "max over ranks of torch.cuda.max_memory_allocated vs the model's allocator-visible parts",
+            "peak_gpu_bytes": "max over ranks of torch.cuda.max_memory_allocated vs the model's "
+                              "allocator-visible parts",
         }
 
 
@@ -391,7 +394,8 @@ def validate(manifest: Manifest | None = None, record_paths: Sequence[str | Path
             seen.add(m.record_id)
             name = profile or m.recorded_hardware
             if not name:
-                raise CalibrationError(f"record {m.record_id} names no hardware profile: list {rel} in the manifest with one")
+                raise CalibrationError(f"record {m.record_id} names no hardware profile: "
+                                       f"list {rel} in the manifest with one")
             by_profile.setdefault(name, []).append(m)
     # Every fold of every machine fitted at once (in parallel), then read back per machine.
     plans = {name: _folds(name, by_profile[name]) for name in sorted(by_profile)}

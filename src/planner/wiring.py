@@ -140,7 +140,8 @@ def _check_links(reader: FieldReader, groups: Sequence[LinkGroup], components: M
     for group in groups:
         for a, b in group.pairs:
             if graph.has_edge(a, b):
-                reader.fail(f"node.links.{group.name}", f"{a}-{b} is already linked by node.links.{graph[a][b]['group']}")
+                reader.fail(f"node.links.{group.name}",
+                            f"{a}-{b} is already linked by node.links.{graph[a][b]['group']}")
             graph.add_edge(a, b, group=group.name)
     if len(components) > 1 and not nx.is_connected(graph):
         main = max(nx.connected_components(graph), key=len)

@@ -21,8 +21,13 @@ from starlette.responses import JSONResponse
 from hpi.serve.completions import Service, engine_error
 from hpi.serve.engine_client import DEAD, READY, EngineUnavailable, Rejected
 from hpi.serve.protocol import (
-    ApiError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, validation_error,
-)  # fmt: skip
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    validation_error,
+)
 from hpi.serve.routes import chat, complete
 
 OPEN_ROUTES = frozenset({"/health", "/metrics"})

@@ -8,8 +8,16 @@ from typing import Any, AsyncIterator
 from starlette.responses import JSONResponse, StreamingResponse
 
 from hpi.serve.completions import (
-    Delta, Service, engine_error, merged, new_id, now, stream_chunks, until_disconnect, usage,
-)  # fmt: skip
+    Delta,
+    Service,
+    engine_error,
+    merged,
+    new_id,
+    now,
+    stream_chunks,
+    until_disconnect,
+    usage,
+)
 from hpi.serve.engine_client import EngineUnavailable, Rejected
 from hpi.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest
 

@@ -26,7 +26,8 @@ def test_real_cpu_autotune_launches_trials_and_the_baseline(tmp_path, capsys, mo
     base = doc["baseline"]
     assert base["status"] == "ok" and base["kind"] == "ds-examples-knobs" and base["batch"] == doc["best"]["batch_size"]
     assert base["plan"]["prefetch_bucket_elems"] == 2 * 64 * 64 and base["plan"]["persistence_threshold_elems"] == 64
-    assert doc["ratio_over_baseline"] == pytest.approx(doc["best"]["throughput_tok_s"] / base["measured"]["throughput_tok_s"])
+    assert doc["ratio_over_baseline"] == pytest.approx(doc["best"]["throughput_tok_s"]
+                                                       / base["measured"]["throughput_tok_s"])
     runs = tmp_path / doc["study"] / "runs"
     for i in range(2):  # the executor's own run folder and the trial's record beside it
         record = json.loads((runs / f"trial-{i:04d}" / "record.json").read_text())
@@ -34,6 +35,7 @@ def test_real_cpu_autotune_launches_trials_and_the_baseline(tmp_path, capsys, mo
         trial = json.loads((runs / f"trial-{i:04d}.json").read_text())
         assert trial["status"] == "ok" and trial["record"]["plan"] == record["plan"]
         plan = record["plan"]  # graphs by default, where the plan allows them (the CPU runs the static path)
-        resident = plan["offload"] == "none" and plan["weight_bits"] == 16 and not plan["kv_offload"] and plan["dp"] == 1
+        resident = (plan["offload"] == "none" and plan["weight_bits"] == 16 and not plan["kv_offload"]
+                    and plan["dp"] == 1)
         assert record["spec"]["decode_graphs"] is resident and record["spec"]["workload"]["decode_graphs"] is resident
     assert (runs / f"baseline-ds-examples-knobs-b{base['batch']}.json").is_file()

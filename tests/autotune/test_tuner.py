@@ -84,7 +84,8 @@ def test_a_real_out_of_memory_is_a_constraint_with_its_figures_and_is_learned(co
     assert t.constraints["gpu_memory"] > 0
     assert t.user_attrs["oom"]["figures"] == ["2.00 GiB"] and "Tried to allocate" in t.user_attrs["oom"]["message"]
     plan = suggest_plan(optuna.trial.FixedTrial(t.params), tuner.space)
-    tuner.surrogate.refresh([o for o in __import__("hpi.autotune.study", fromlist=["observations"]).observations(tuner.study)])
+    tuner.surrogate.refresh([o for o in __import__("hpi.autotune.study", fromlist=["observations"])
+                             .observations(tuner.study)])
     assert not tuner.surrogate.predict(plan)["feasible"]  # the next suggestions avoid it
 
 

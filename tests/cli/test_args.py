@@ -9,8 +9,14 @@ from dataclasses import dataclass, fields
 import pytest
 
 from hpi.cli.args import (
-    DERIVED_KNOBS, Parser, add_plan_flags, add_target, plan_flags, plan_from_args, search_restrictions,
-)  # fmt: skip
+    DERIVED_KNOBS,
+    Parser,
+    add_plan_flags,
+    add_target,
+    plan_flags,
+    plan_from_args,
+    search_restrictions,
+)
 from hpi.planner.catalog import load_model
 from hpi.planner.search import SearchSpace
 from hpi.planner.specs.knob import knob, knob_fields

@@ -47,7 +47,8 @@ def test_simulated_autotune_json_last_line_files_and_report(tmp_path, capsys):
     (["--offload", "nvme"], "--nvme-path"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, needle):
-    code = main(["autotune", "--model", "llama-3-8b", "--hardware", "h100-sxm-1gpu", "--studies-dir", str(tmp_path), *argv])
+    code = main(["autotune", "--model", "llama-3-8b", "--hardware", "h100-sxm-1gpu", "--studies-dir", str(tmp_path),
+                 *argv])
     err = capsys.readouterr().err
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from hpi.cli import main
 from hpi.planner.calibrate import METRICS, apply, fit, measurement, plan_key
 from hpi.planner.catalog import load_model
-from hpi.cli import main
 from hpi.planner.predict import predict
 from hpi.planner.profiles import clear_cache, load_profile
 from hpi.planner.validate import leave_one_plan_out, load_manifest, validate
@@ -68,7 +68,8 @@ def _independent(fixture_dir: Path) -> dict:
         hw = apply(prior, fit(prior, others))
         for label, profile in (("uncalibrated", prior), ("calibrated", hw)):
             est = predict(load_model(m.model.name), profile, m.workload, m.plan)
-            predicted = {"decode_step_s": est.decode_step_s, "prefill_s": est.prefill_s, "peak_gpu_bytes": _allocated(est)}
+            predicted = {"decode_step_s": est.decode_step_s, "prefill_s": est.prefill_s,
+                         "peak_gpu_bytes": _allocated(est)}
             for metric in METRICS:
                 errors[label][metric].append(abs(predicted[metric] / m.measured(metric) - 1))
 
@@ -228,5 +229,6 @@ def test_repeat_errors_group_by_machine_and_plan() -> None:
     rows = [row("a", "k1", 10.0), row("a", "k1", 12.0), row("a", "k1", 11.0), row("b", "k1", 30.0),
             row("a", "k2", 5.0), row("a", "k1", 99.0, metric="prefill_s")]
     # k1 on a: 10 vs median(12, 11) = 11.5; 12 vs 10.5; 11 vs 11. The H200's lone k1 and k2 have no repeat.
-    assert sorted(repeat_errors(rows, "decode_step_s")) == pytest.approx(sorted([abs(10 / 11.5 - 1), abs(12 / 10.5 - 1), 0.0]))
+    assert sorted(repeat_errors(rows, "decode_step_s")) == pytest.approx(sorted([abs(10 / 11.5 - 1),
+                                                                                 abs(12 / 10.5 - 1), 0.0]))
     assert repeat_errors(rows, "prefill_s") == []

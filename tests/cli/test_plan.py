@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from hpi.planner.catalog import model_names
 from hpi.cli import main
+from hpi.planner.catalog import model_names
 from hpi.planner.profiles import profile_names
 
 MODELS = model_names()

@@ -30,8 +30,8 @@ def test_real_probe_quick_writes_a_profile_the_planner_loads(tmp_path):
     assert profile.name == "here" and profile.gpus_per_node == len(doc["gpus"])
     assert profile.provenance["host.dram_bytes"].source == "probed"
     if profile.gpus_per_node == 0:  # this CPU-only machine: planning says so in one line, exit 2
-        plan = subprocess.run([sys.executable, "-m", "hpi.cli", "plan", "--model", "llama-3-8b", "--hardware", str(out)],
-                              capture_output=True, text=True, env=env)
+        plan = subprocess.run([sys.executable, "-m", "hpi.cli", "plan", "--model", "llama-3-8b",
+                               "--hardware", str(out)], capture_output=True, text=True, env=env)
         assert plan.returncode == 2 and "no GPU" in plan.stderr and len(plan.stderr.strip().splitlines()) == 1
 
 

@@ -58,9 +58,10 @@ def main(argv: list[str]) -> int:
     if dist is not None:
         dist.barrier()
     if rank == 0:
-        record = RunRecord(spec=spec.to_dict(), plan=spec.plan.to_dict(), model=ModelInfo(spec.model), device=spec.device,
-                           world_size=world, timings=Timings(ttft_s=1.25, decode_step_s=DecodeSteps(0.5, 0.5, 0.5),
-                                                             throughput_tok_s=2.0)).to_json()
+        record = RunRecord(spec=spec.to_dict(), plan=spec.plan.to_dict(), model=ModelInfo(spec.model),
+                           device=spec.device, world_size=world,
+                           timings=Timings(ttft_s=1.25, decode_step_s=DecodeSteps(0.5, 0.5, 0.5),
+                                           throughput_tok_s=2.0)).to_json()
         if spec.mode == "chat":
             print("Hello from the fake model.", flush=True)
         write_json_atomic(out / "record.json", record)

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 
+from hpi.cli import main
 from hpi.executor.check import (
     CheckFacts,
     has_errors,
@@ -19,7 +20,6 @@ from hpi.executor.check import (
     rule_versions,
     run_rules,
 )
-from hpi.cli import main
 
 GOOD = CheckFacts(
     plan_label="cpu pinned tp2 pp1 dp1 w16 b1", offload="cpu", pin_memory=True, tp=2, world_size=2,
@@ -81,8 +81,10 @@ def test_nvme_path_errors(change, check):
 
 def test_nvme_warnings_slow_disk_wsl2_and_no_o_direct():
     slow = rule_nvme_path(replace(NVME, nvme_read_bytes_s=0.3e9))
-    assert kinds(slow, "warning") == ["nvme-speed"] and "0.30 GB/s" in slow[0].message and "1.28 GB/s" in slow[0].message
-    wsl = rule_nvme_path(replace(NVME, machine_os="wsl2", profile_os="wsl2", nvme_path="/mnt/c/offload", nvme_fs_type="9p"))
+    assert kinds(slow, "warning") == ["nvme-speed"]
+    assert "0.30 GB/s" in slow[0].message and "1.28 GB/s" in slow[0].message
+    wsl = rule_nvme_path(replace(NVME, machine_os="wsl2", profile_os="wsl2", nvme_path="/mnt/c/offload",
+                                 nvme_fs_type="9p"))
     assert kinds(wsl, "warning") == ["nvme-path"] and "ext4" in wsl[0].message
     assert "nvme-path" in kinds(rule_nvme_path(replace(NVME, nvme_o_direct=False)), "warning")
     assert rule_nvme_path(GOOD) == []  # CPU offload: no NVMe checks
@@ -129,6 +131,7 @@ def test_check_command_json_and_exit_codes(capsys, tmp_path):
 
 
 def test_check_table(capsys, tmp_path):
-    code = main(["check", "--model", "llama-3-8b", "--hardware", "h200-2gpu", "--offload", "nvme", "--nvme-path", str(tmp_path)])
+    code = main(["check", "--model", "llama-3-8b", "--hardware", "h200-2gpu", "--offload", "nvme",
+                 "--nvme-path", str(tmp_path)])
     out = capsys.readouterr().out
     assert "hpi check" in out and "severity" in out and code in (0, 1)

@@ -22,7 +22,6 @@ from hpi.executor.modeling import ShardSpec, build_stage, load_hf_config, static
 from hpi.executor.spec import RunSpec  # noqa: E402
 from hpi.planner.specs.plan import Plan  # noqa: E402
 from hpi.planner.specs.workload import Workload  # noqa: E402
-
 from tests.executor.test_padding import _one_rank, _tiny  # noqa: E402
 
 GEN = 6
@@ -80,15 +79,18 @@ def test_static_stage_takes_the_prompt_first_and_once():
 def test_grouped_decode_attention_equals_repeating_the_kv_heads(q_len):
     from types import SimpleNamespace
 
-    from hpi.executor.attention import grouped_decode_sdpa
     from transformers.integrations.sdpa_attention import repeat_kv
+
+    from hpi.executor.attention import grouped_decode_sdpa
 
     g = torch.Generator().manual_seed(0)
     b, kv, groups, length, d = 3, 2, 4, 10, 8
     q = torch.randn(b, kv * groups, q_len, d, generator=g)
     k, v = torch.randn(b, kv, length, d, generator=g), torch.randn(b, kv, length, d, generator=g)
-    mask = static_causal_mask(torch.arange(6 - q_len, 6), length, None, (torch.rand(b, length, generator=g) > 0.3).long())
-    got, _ = grouped_decode_sdpa(SimpleNamespace(num_key_value_groups=groups, is_causal=True), q, k, v, mask, scaling=0.3)
+    mask = static_causal_mask(torch.arange(6 - q_len, 6), length, None,
+                              (torch.rand(b, length, generator=g) > 0.3).long())
+    got, _ = grouped_decode_sdpa(SimpleNamespace(num_key_value_groups=groups, is_causal=True), q, k, v, mask,
+                                 scaling=0.3)
     want = torch.nn.functional.scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups),
                                                             attn_mask=mask, scale=0.3).transpose(1, 2)
     assert got.shape == (b, q_len, kv * groups, d)

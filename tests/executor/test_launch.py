@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from hpi.cli import main
 from hpi.executor import launch as launch_mod
 from hpi.executor.launch import LaunchError, launch
 from hpi.executor.spec import RunSpec
-from hpi.cli import main
 from hpi.planner.specs.plan import Plan
 from hpi.records import DecodeSteps, RunRecord, Timings
 
@@ -150,7 +150,8 @@ def test_localhost_two_node_rendezvous(tmp_path):
     assert results[1].log_dir.endswith("node1")
     out = Path(spec.out_dir)
     # global rank 1 ran on node 1 (static rendezvous keeps the node order)
-    assert "rank 1 of 2 ready (local rank 0)" in next((out / "logs" / "node1").glob("hpi_*/attempt_0/0/stdout.log")).read_text()
+    log = next((out / "logs" / "node1").glob("hpi_*/attempt_0/0/stdout.log"))
+    assert "rank 1 of 2 ready (local rank 0)" in log.read_text()
     assert_nothing_left(out, expect_pids=2)
 
 
@@ -168,7 +169,8 @@ def test_launch_env():
     gpu = launch_mod.launch_env(RunSpec(plan=Plan(tp=2), model="m"), visible_gpus=[2, 0], base={})
     assert "DS_ACCELERATOR" not in gpu and gpu["CUDA_VISIBLE_DEVICES"] == "2,0"
     for env in (cpu, gpu):
-        assert (env["NCCL_NVLS_ENABLE"], env["TORCH_SYMM_MEM_DISABLE_MULTICAST"], env["NVSHMEM_DISABLE_NVLS"]) == ("0", "1", "1")
+        assert (env["NCCL_NVLS_ENABLE"], env["TORCH_SYMM_MEM_DISABLE_MULTICAST"],
+                env["NVSHMEM_DISABLE_NVLS"]) == ("0", "1", "1")
 
 
 def test_diagnosis_of_a_sigkill_and_of_torchrun_dying_alone(tmp_path):

@@ -20,7 +20,8 @@ def _aio_available() -> bool:
     return AsyncIOBuilder().is_compatible(verbose=False)
 
 
-pytestmark = pytest.mark.skipif(not _aio_available(), reason="libaio missing: apt install libaio-dev (scripts/dev-setup.sh does)")
+pytestmark = pytest.mark.skipif(not _aio_available(),
+                                reason="libaio missing: apt install libaio-dev (scripts/dev-setup.sh does)")
 
 WORKLOAD = Workload(prompt_len_tokens=10, gen_len_tokens=4)
 # tiny-llama: only tensors of at least one aio block (1 MiB) go to NVMe (DeepSpeed's min_aio_bytes): the
@@ -30,8 +31,8 @@ NVME_BYTES_PER_STEP = 2 * 32000 * 64 * 2
 
 def _spec(tmp_path, offload: str, name: str) -> RunSpec:
     plan = Plan(offload=offload, pin_memory=False, batch_size=2)
-    return RunSpec(plan=plan, model="tiny-llama", workload=WORKLOAD, device="cpu", dtype="bf16", out_dir=str(tmp_path / name),
-                   nvme_path=str(tmp_path / "nvme") if offload == "nvme" else None)
+    return RunSpec(plan=plan, model="tiny-llama", workload=WORKLOAD, device="cpu", dtype="bf16",
+                   out_dir=str(tmp_path / name), nvme_path=str(tmp_path / "nvme") if offload == "nvme" else None)
 
 
 def test_nvme_offload_matches_cpu_offload_and_reports_its_reads(tmp_path):

@@ -67,7 +67,8 @@ def test_single_process_matches_transformers(reference_tokens, tmp_path):
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_transformers(name, reference_tokens, tmp_path):
     plan = LAYOUTS[name]
-    record = launch(_spec(plan, tmp_path, hardware="h200-2gpu" if plan.world_size <= 2 else None), timeout_s=600).to_json()
+    record = launch(_spec(plan, tmp_path, hardware="h200-2gpu" if plan.world_size <= 2 else None),
+                    timeout_s=600).to_json()
     assert record["tokens"] == reference_tokens, name
     assert record["world_size"] == plan.world_size
     assert os.path.exists(tmp_path / "record.json")
@@ -84,7 +85,8 @@ def test_checkpoint_loads_shard_by_shard_into_tp2(reference_tokens, tmp_path):
     config = load_hf_config(MODEL)
     ckpt = save_checkpoint(config, seed=0, out_dir=tmp_path / "ckpt", dtype=torch.float32, shard_size_bytes=4 * 2**20)
     assert len(list(ckpt.glob("*.safetensors"))) >= 2
-    record = launch(_spec(Plan(tp=2, batch_size=BATCH), tmp_path / "run", checkpoint=str(ckpt)), timeout_s=300).to_json()
+    record = launch(_spec(Plan(tp=2, batch_size=BATCH), tmp_path / "run", checkpoint=str(ckpt)),
+                    timeout_s=300).to_json()
     assert record["tokens"] == reference_tokens
 
 

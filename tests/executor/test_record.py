@@ -19,7 +19,8 @@ def _report(rank: int, nvme_bytes: int) -> RankReport:
 
 
 def _spec(offload: str) -> dict:
-    return {"plan": {"offload": offload, "batch_size": 1, "micro_batches": 1}, "device": "cuda", "hardware": "h100-sxm-1gpu"}
+    return {"plan": {"offload": offload, "batch_size": 1, "micro_batches": 1}, "device": "cuda",
+            "hardware": "h100-sxm-1gpu"}
 
 
 def _record(offload: str, prediction: dict | None) -> RunRecord:

@@ -26,8 +26,8 @@ from hpi.executor.render import (
     node_ranks,
 )
 from hpi.planner.catalog import load_model
-from hpi.planner.ranks import place
 from hpi.planner.profiles import load_profile
+from hpi.planner.ranks import place
 from hpi.planner.search import nvme_buffer_elems_for
 from hpi.planner.specs.plan import Plan
 from hpi.planner.topology import build_topology
@@ -45,7 +45,8 @@ def check_golden(name: str, doc: dict) -> None:
         return
     assert path.is_file(), f"missing golden file {path}: run with HPI_UPDATE_GOLDEN=1 to create it"
     expected = json.loads(path.read_text())
-    assert json.loads(text) == expected, f"{path.name} differs: rerun with HPI_UPDATE_GOLDEN=1 if the change is intended"
+    assert json.loads(text) == expected, (f"{path.name} differs: rerun with HPI_UPDATE_GOLDEN=1 if the change is "
+                                          "intended")
 
 
 # ---- ds_config -------------------------------------------------------------------------------------------
@@ -208,7 +209,8 @@ def test_torchrun_parses_the_command_as_intended():
     assert (args.nnodes, args.nproc_per_node, args.node_rank) == ("2", "4", 1)
     assert (args.rdzv_backend, args.master_addr, args.master_port) == ("static", "h0", 29400)
     assert (args.redirects, args.tee, args.log_dir, args.max_restarts) == ("3", "3", "/r/logs/node1", 0)
-    assert args.module and args.training_script == "hpi.executor.worker" and args.training_script_args == ["/r/spec.json"]
+    assert args.module and args.training_script == "hpi.executor.worker"
+    assert args.training_script_args == ["/r/spec.json"]
     assert DEFAULT_WORKER == ("-m", "hpi.executor.worker")
 
 

@@ -34,7 +34,8 @@ class _NoHostSync:
 
 
 def _inflight_param(n: int = 4):
-    return SimpleNamespace(ds_status=zpp.ZeroParamStatus.INFLIGHT, ds_tensor=SimpleNamespace(data=torch.arange(float(n))),
+    return SimpleNamespace(ds_status=zpp.ZeroParamStatus.INFLIGHT,
+                           ds_tensor=SimpleNamespace(data=torch.arange(float(n))),
                            ds_shape=(2, n // 2), ds_summary=lambda: "fake")
 
 

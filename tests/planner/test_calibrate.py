@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import replace
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -98,7 +98,8 @@ def test_one_unexplained_run_does_not_drag_the_fit(synth) -> None:
     """A record measured 2x slower than anything the model can make of it (an unexplained gap, like the
     TP 2 offload run) costs its own error, not everyone else's: the robust loss holds the rest."""
     records = synth.records()
-    records["8b-cpu-pinned"] = synth.record("8b-cpu-pinned", *synth.PLANS["8b-cpu-pinned"], synth.true_profile(), scale=2.0)
+    records["8b-cpu-pinned"] = synth.record("8b-cpu-pinned", *synth.PLANS["8b-cpu-pinned"], synth.true_profile(),
+                                            scale=2.0)
     cal = fit(load_profile(synth.PROFILE, calibrated=False), list(records.values()))
     for name in ("layer_overhead_s", "step_overhead_s", "matmul_prefill", "h2d_stream_pageable"):
         assert cal.values[name] == pytest.approx(synth.TRUE[name], rel=0.05), name
@@ -201,7 +202,8 @@ def test_section_round_trips_and_leaves_the_rest_byte_identical(recovered, tmp_p
         assert profile.provenance[f"efficiency.{name}"].source == "calibrated"
     assert profile.raw["calibrated"]["record_ids"] == list(cal.record_ids)
     # Uncalibrated: the calibrated: section is ignored.
-    assert load_profile(str(path), calibrated=False).efficiency == load_profile("h200-2gpu", calibrated=False).efficiency
+    assert (load_profile(str(path), calibrated=False).efficiency
+            == load_profile("h200-2gpu", calibrated=False).efficiency)
     # Rewriting replaces the block, nothing else.
     write_section(path, block.replace('date: "2026-11-22"', 'date: "2026-12-01"'))
     assert path.read_text() == original + "\n" + block.replace('date: "2026-11-22"', 'date: "2026-12-01"')
@@ -209,7 +211,8 @@ def test_section_round_trips_and_leaves_the_rest_byte_identical(recovered, tmp_p
 
 def test_a_section_in_the_middle_is_replaced_in_place(recovered, tmp_path) -> None:
     _, _, cal = recovered
-    before, after = "name: x\n# a comment\ncalibrated:\n  date: old\n  coefficients: {}\n\n", "# trailing comment\nnode:\n  gpus: 1\n"
+    before = "name: x\n# a comment\ncalibrated:\n  date: old\n  coefficients: {}\n\n"
+    after = "# trailing comment\nnode:\n  gpus: 1\n"
     text = before + after
     block = render_section(cal, date="2026-11-22")
     new = replace_section(text, block)
@@ -222,7 +225,8 @@ def test_section_values_must_say_calibrated(tmp_path) -> None:
     clear_cache()
     with pytest.raises(ProfileError, match=r"calibrated.coefficients.hbm.source: 'measured' in the calibrated section"):
         load_profile(str(path))
-    path.write_text(PROFILE_FILE.read_text() + "\ncalibrated:\n  coefficients:\n    hbm: {value: 1.7, source: calibrated}\n")
+    path.write_text(PROFILE_FILE.read_text()
+                    + "\ncalibrated:\n  coefficients:\n    hbm: {value: 1.7, source: calibrated}\n")
     clear_cache()
     with pytest.raises(ProfileError, match=r"calibrated.coefficients.hbm.value: expected a finite number > 0 and <= 1"):
         load_profile(str(path))

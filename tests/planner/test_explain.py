@@ -141,7 +141,8 @@ def test_variants_that_cannot_be_built_are_left_out(a6000, llama8b) -> None:
 
 
 def test_knob_variants() -> None:
-    offloaded = dict(knob_variants(Plan(offload="cpu", tp=2, pp=2, batch_size=4, micro_batches=2), load_model("llama-3-8b")))
+    offloaded = dict(knob_variants(Plan(offload="cpu", tp=2, pp=2, batch_size=4, micro_batches=2),
+                                   load_model("llama-3-8b")))
     assert offloaded["batch 8"].batch_size == 8 and offloaded["batch 2"].batch_size == 2
     assert offloaded["tp 4"].tp == 4 and offloaded["tp 1"].tp == 1
     assert offloaded["pp 4"].pp == 4 and offloaded["pp 4"].micro_batches == 1
@@ -210,5 +211,6 @@ def test_explain_offers_cuda_graphs_where_the_plan_allows_them(h200x2, llama8b) 
                     Plan(tp=2))
     assert row.estimate.decode_step_s == pytest.approx(again.decode_step_s)
     assert row.decode_ratio < 0.9 and row.estimate.plan == est.plan
-    assert not any(e.label.startswith("CUDA graphs") for e in knob_effects(predict(llama8b, h200x2, WORKLOAD, Plan(offload="cpu"))))
+    assert not any(e.label.startswith("CUDA graphs")
+                   for e in knob_effects(predict(llama8b, h200x2, WORKLOAD, Plan(offload="cpu"))))
     assert not any(e.label.startswith("CUDA graphs") for e in knob_effects(again))

@@ -36,7 +36,8 @@ KINDS = {"gpu_memory", "cpu_memory", "pinned_memory", "nvme_missing", "nvme_capa
 
 
 def machine(gpu_memory=80 * GB, dram=1000 * GB, pinnable=500 * GB, nvme_capacity=4000 * GB, n_gpus=8, name="test-box"):
-    nvme = None if nvme_capacity is None else NvmeSpec(capacity_bytes=nvme_capacity, read_bytes_s=2 * GB, write_bytes_s=1 * GB)
+    nvme = (None if nvme_capacity is None
+            else NvmeSpec(capacity_bytes=nvme_capacity, read_bytes_s=2 * GB, write_bytes_s=1 * GB))
     return HardwareProfile(
         name=name, description="hand-made", os="linux", n_nodes=1, gpus_per_node=n_gpus,
         gpu=GpuSpec("test-gpu", memory_bytes=gpu_memory, bf16_flops=100e12, hbm_bandwidth_bytes_s=1e12),
@@ -57,7 +58,8 @@ def placement(tp=1, pp=1, dp=1) -> Placement:
 def evaluation(plans, hw=None, model=None, workload=None):
     p0 = plans[0]
     lay = make_arrangement(
-        model or load_model("llama-3-8b"), hw or machine(), workload or Workload(512, 32), placement(p0.tp, p0.pp, p0.dp)
+        model or load_model("llama-3-8b"), hw or machine(), workload or Workload(512, 32),
+        placement(p0.tp, p0.pp, p0.dp)
     )
     return evaluate(lay, Knobs.from_plans(plans))
 
@@ -76,7 +78,8 @@ def only(rs: list[Reason], kind: str) -> Reason:
 
 
 def test_a_plan_that_fits_has_no_reasons() -> None:
-    ev = evaluation([Plan(), Plan(offload="cpu", weight_bits=4, batch_size=8), Plan(offload="nvme", nvme_buffer_elems=BUFFER)])
+    ev = evaluation([Plan(), Plan(offload="cpu", weight_bits=4, batch_size=8),
+                     Plan(offload="nvme", nvme_buffer_elems=BUFFER)])
     assert feasible_mask(ev).all()
     assert all(capacity_reasons(ev, i) == [] for i in range(3))
     assert set(capacity_masks(ev)) == KINDS
@@ -149,7 +152,8 @@ def test_nvme_missing() -> None:
 
 
 def test_nvme_capacity() -> None:
-    plans = [Plan(offload="nvme", nvme_buffer_elems=BUFFER), Plan(offload="nvme", weight_bits=4, nvme_buffer_elems=BUFFER)]
+    plans = [Plan(offload="nvme", nvme_buffer_elems=BUFFER),
+             Plan(offload="nvme", weight_bits=4, nvme_buffer_elems=BUFFER)]
     ev = evaluation(plans, hw=machine(nvme_capacity=10 * GB))
     r = only(capacity_reasons(ev, 0), "nvme_capacity")
     assert f"NVMe {ev.memory.nvme_bytes[0] / GB:.1f} GB > 10.0 GB capacity per node" in r.message

@@ -24,7 +24,8 @@ SHIPPED = {  # name -> (nodes, GPUs per node)
     "a100-pcie-4gpu": (1, 4),
     "rtx4090-wsl2": (1, 1),
 }
-COUNT_PATHS = {"node.gpus", "node.cpus", "node.pcie_switches", "node.nvme", "node.nics", "cluster.nodes", "nvme.devices"}
+COUNT_PATHS = {"node.gpus", "node.cpus", "node.pcie_switches", "node.nvme", "node.nics", "cluster.nodes",
+               "nvme.devices"}
 
 
 def q(value, source="assumed", note="test"):
@@ -84,7 +85,8 @@ def test_shipped_profiles_are_listed():
 def test_every_profile_loads_with_sane_numbers(name):
     profile = load_profile(name)
     nodes, per_node = SHIPPED[name]
-    assert (profile.name, profile.n_nodes, profile.gpus_per_node, profile.n_gpus) == (name, nodes, per_node, nodes * per_node)
+    assert ((profile.name, profile.n_nodes, profile.gpus_per_node, profile.n_gpus)
+            == (name, nodes, per_node, nodes * per_node))
     assert profile.os in OS_KINDS and profile.description
     assert 0 < profile.host.pinnable_bytes <= profile.host.dram_bytes
     assert profile.gpu.memory_bytes > 1e9 and profile.gpu.bf16_flops > 1e13 and profile.gpu.hbm_bandwidth_bytes_s > 1e11
@@ -159,7 +161,8 @@ def test_h200_efficiency_and_links():
     # real decoder layers in graphed decode, probed on the 4x H200 (same GPU): held at this profile's copy ceiling
     assert profile.efficiency.layer_device_overhead_s == 1.107e-4 and profile.efficiency.hbm == 1.0
     assert profile.efficiency.graphed_step_overhead_s == 1.514e-4
-    for name in ("allreduce_latency_s", "collective_host_overhead_s", "layer_device_overhead_s", "hbm", "graphed_step_overhead_s"):
+    for name in ("allreduce_latency_s", "collective_host_overhead_s", "layer_device_overhead_s", "hbm",
+                 "graphed_step_overhead_s"):
         assert profile.provenance[f"efficiency.{name}"].source == "probed", name
     node, _ = parse_wiring(profile.raw)
     kinds = {group.name: group.kind for group in node.links}

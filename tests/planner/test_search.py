@@ -58,7 +58,8 @@ ALL_RESULTS = ["llama8b_on_a6000", "opt30b_on_a6000", "llama8b_on_4gpu"]
 # ---- layouts --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("limit,want", [(1, [1]), (4, [1, 2, 4]), (6, [1, 2, 3, 4, 6]), (8, [1, 2, 4, 8]), (12, [1, 2, 3, 4, 6, 8, 12])])
+@pytest.mark.parametrize("limit,want", [(1, [1]), (4, [1, 2, 4]), (6, [1, 2, 3, 4, 6]), (8, [1, 2, 4, 8]),
+                                        (12, [1, 2, 3, 4, 6, 8, 12])])
 def test_degrees_are_powers_of_two_and_divisors(limit: int, want: list[int]) -> None:
     assert _degrees(limit) == want
 
@@ -233,7 +234,8 @@ def test_pareto_front_is_non_dominated_and_sorted(request, name: str) -> None:
         assert not dominated.any()
     # Completeness: every feasible plan is dominated by (or equal to) a front member.
     for j in feas[:: max(1, len(feas) // 200)]:
-        assert np.any((r.decode_step_s[front] <= r.decode_step_s[j]) & (r.throughput_tok_s[front] >= r.throughput_tok_s[j]))
+        assert np.any((r.decode_step_s[front] <= r.decode_step_s[j])
+                      & (r.throughput_tok_s[front] >= r.throughput_tok_s[j]))
     # Its ends: the fastest decode and the highest throughput.
     assert r.decode_step_s[front[0]] == pytest.approx(dec.min())
     assert r.throughput_tok_s[front[-1]] == pytest.approx(thr.max())

@@ -22,7 +22,8 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx2")  # what the openai client uses
 
 READY_TIMEOUT_S = 300.0  # 4 CPU ranks under DeepSpeed on a 2-core machine take a while
-CHAT_TEMPLATE = "{% for m in messages %}w7 {{ m['content'] }} w8 {% endfor %}{% if add_generation_prompt %}w9{% endif %}"
+CHAT_TEMPLATE = ("{% for m in messages %}w7 {{ m['content'] }} w8 {% endfor %}"
+                 "{% if add_generation_prompt %}w9{% endif %}")
 
 
 @dataclass

@@ -114,8 +114,9 @@ def measure_allreduce(n_ranks: int, settings: ProbeSettings, backend: str = "ncc
                 if proc.is_alive():
                     proc.kill()
         measured = json.loads(Path(out_path).read_text())
-    return {**measured, "graphed_calls": GRAPHED_CALLS, "backend": backend, "dtype": "bf16", "groups": "ranks (GPUs) 0..k-1 for k = 2..N",
-            "env": {"NCCL_NVLS_ENABLE": "0"}, "method": "torch.distributed all_reduce, wall time of the loop / "
+    return {**measured, "graphed_calls": GRAPHED_CALLS, "backend": backend, "dtype": "bf16",
+            "groups": "ranks (GPUs) 0..k-1 for k = 2..N", "env": {"NCCL_NVLS_ENABLE": "0"},
+            "method": "torch.distributed all_reduce, wall time of the loop / "
             "iterations after 5 warm-ups, max over ranks; graphed_seconds: the same all-reduces (sizes up to "
             f"{size_words(GRAPHED_MAX_BYTES)}) captured {GRAPHED_CALLS} to a CUDA graph, replay time / calls"}
 

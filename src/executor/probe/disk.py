@@ -52,7 +52,8 @@ def classify_path(path: str, os_kind: str, fs_type: str | None = None) -> PathAd
                           "NVMe drive")
     if os_kind == "windows":
         return PathAdvice("windows-drive", False, f"{path}: native Windows has no libaio, so DeepSpeed NVMe offload "
-                          "does not run; use --offload cpu, or run under WSL2 with the offload dir on the distro's ext4")
+                          "does not run; use --offload cpu, or run under WSL2 with the offload dir on the "
+                          "distro's ext4")
     if os_kind == "wsl2" and (re.match(r"^/mnt/[a-zA-Z](/|$)", path) or fs_type in ("9p", "drvfs", "v9fs")):
         return PathAdvice("wsl2-windows-drive", False, f"{path} is a Windows drive seen through WSL2's 9p bridge "
                           "(a few hundred MB/s at best); put the offload dir on the distro's ext4, e.g. ~/hpi-offload")

@@ -29,7 +29,8 @@ def layer_figures(layers: Mapping[str, Any], copy: float, gemv_bytes_s: float | 
     # What a step costs beyond its layers and the LM head's read: the graph's launch, the host's sampling,
     # input copies and the synchronization after each forward (cost.overhead.step_overhead_time). An eager
     # step also launches the embedding, norm and head: step_overhead_s stays the prior's for that.
-    step = float(np.median([s["step_s"][str(lo)] - lo * s["layer_s"] - s["head_bytes"] / fit.read_bytes_s for s in shapes]))
+    step = float(np.median([s["step_s"][str(lo)] - lo * s["layer_s"] - s["head_bytes"] / fit.read_bytes_s
+                            for s in shapes]))
     timed = "; ".join(f"{s['model']} {s['layer_s'] * 1e6:.0f} us for {s['layer_bytes'] / 1e6:,.0f} MB" for s in shapes)
     how = {"fit": "a line through", "ceiling": "the rate held at the copy ceiling (the line's was faster) over",
            "given": f"the {'GEMV' if gemv_bytes_s else 'copy'}'s read rate over"}[fit.how]
@@ -39,8 +40,8 @@ def layer_figures(layers: Mapping[str, Any], copy: float, gemv_bytes_s: float | 
         "hbm": q(fit.read_bytes_s / copy, "probed", f"{fit.read_bytes_s / 1e12:.2f} TB/s against the device copy's "
                  f"{copy / 1e12:.2f} TB/s, from {where}"),
         "layer_device_overhead_s": q(fit.fixed_s, "probed", f"fixed device time per layer, from {where}"),
-        "graphed_step_overhead_s": q(max(0.0, step), "probed", f"graphed step at {lo} layers less its layers and LM head read "
-                             f"(median over {len(shapes)} shape(s)), {date}"),
+        "graphed_step_overhead_s": q(max(0.0, step), "probed", f"graphed step at {lo} layers less its layers and LM "
+                                     f"head read (median over {len(shapes)} shape(s)), {date}"),
     }
 
 
@@ -62,9 +63,10 @@ def kernel_efficiency(doc: Mapping[str, Any]) -> dict[str, Any]:
                        f"{' (clipped to 1)' if ratio > 1 else ''}, {doc['date']}")
     if kernels.get("tiny_kernel_s"):
         per_kernel = kernels["tiny_kernel_s"]
-        out["layer_device_overhead_s"] = q(KERNELS_PER_LAYER * per_kernel, "probed", f"{KERNELS_PER_LAYER:.0f} kernels a "
-                                           f"decoder layer x {per_kernel * 1e6:.2f} us, a tiny kernel's time in a CUDA "
-                                           f"graph of {kernels['tiny_kernels']}, {doc['date']}")
+        out["layer_device_overhead_s"] = q(KERNELS_PER_LAYER * per_kernel, "probed",
+                                           f"{KERNELS_PER_LAYER:.0f} kernels a decoder layer x {per_kernel * 1e6:.2f} "
+                                           f"us, a tiny kernel's time in a CUDA graph of {kernels['tiny_kernels']}, "
+                                           f"{doc['date']}")
     return out
 
 
@@ -73,7 +75,8 @@ def _latency(by_size: Mapping[int, float]) -> tuple[float, int]:
     ``GRAPHED_MAX_BYTES``). Time cannot fall as a message grows, so a small size measured slower than a
     larger one was disturbed: the 4x H200 probe of 2026-11-22 timed 8 KB at 185 us and 1 MB at 37 us over
     4 GPUs, and its CUDA-graphed 70B TP 4 decode (4x H200 run 4) spent about 45-63 us per all-reduce."""
-    small = {size: t for size, t in by_size.items() if size <= GRAPHED_MAX_BYTES} or {min(by_size): by_size[min(by_size)]}
+    small = ({size: t for size, t in by_size.items() if size <= GRAPHED_MAX_BYTES}
+             or {min(by_size): by_size[min(by_size)]})
     size = min(small, key=small.get)
     return small[size], size
 
@@ -124,8 +127,9 @@ def collective_efficiency(doc: Mapping[str, Any], profile: Mapping[str, Any]) ->
     if link and largest >= (16 << 20):
         ratio = min(1.0, busbw / link)
         out["collective_bandwidth"] = q(ratio, "probed", f"NCCL all-reduce {size_words(largest)}, {k} GPUs: bus "
-                                        f"bandwidth {busbw / 1e9:.0f} GB/s over the profile's ring link of {link / 1e9:.0f} "
-                                        f"GB/s per direction{' (clipped to 1)' if busbw > link else ''}, {date}")
+                                        f"bandwidth {busbw / 1e9:.0f} GB/s over the profile's ring link of "
+                                        f"{link / 1e9:.0f} GB/s per direction"
+                                        f"{' (clipped to 1)' if busbw > link else ''}, {date}")
     return out
 
 

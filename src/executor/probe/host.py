@@ -119,7 +119,8 @@ def pin_trial(nbytes: int, cuda_ok: bool, memlock_soft: float | None) -> dict[st
     finally:
         del view
         buf.close()
-    return {"method": "mlock", "bytes": nbytes, "ok": error is None, "seconds": time.perf_counter() - start, "error": error}
+    return {"method": "mlock", "bytes": nbytes, "ok": error is None, "seconds": time.perf_counter() - start,
+            "error": error}
 
 
 # ---- host<->device copies (torch) -----------------------------------------------------------------------
@@ -138,24 +139,33 @@ def measure_copies(torch: Any, n_gpus: int, settings: ProbeSettings) -> dict[str
                                      "one thread per GPU released by a barrier"}
     devs = [torch.empty(size, dtype=torch.uint8, device=f"cuda:{i}") for i in range(n_gpus)]
     for pinned in (True, False):
-        hosts = [torch.ones(size, dtype=torch.uint8, pin_memory=pinned) for _ in range(n_gpus)]  # ones: pages touched
-        streams = [torch.cuda.Stream(device=i) for i in range(n_gpus)]
-        for direction in ("h2d", "d2h"):
-            def one(i: int) -> float:
-                dst, src = (devs[i], hosts[i]) if direction == "h2d" else (hosts[i], devs[i])
-                with torch.cuda.device(i), torch.cuda.stream(streams[i]):
-                    start = time.perf_counter()
-                    dst.copy_(src, non_blocking=True)
-                    streams[i].synchronize()
-                    return time.perf_counter() - start
-
-            key = f"{direction}_{'pinned' if pinned else 'pageable'}"
-            alone = [size / _median_time(lambda i=i: one(i), settings.copy_repeats) for i in range(n_gpus)]
-            together = _together(one, n_gpus, settings.copy_repeats, size) if n_gpus > 1 else list(alone)
-            out[key] = {"alone": alone, "together": together}
-        del hosts
-    del devs
+        out.update(_copy_rates(torch, devs, pinned, settings))
     return out
+
+
+def _copy_rates(torch: Any, devs: list[Any], pinned: bool, settings: ProbeSettings) -> dict[str, Any]:
+    """Both directions through pinned or pageable host buffers; the buffers are freed on return, before the
+    other kind is allocated."""
+    size, n_gpus = settings.copy_bytes, len(devs)
+    hosts = [torch.ones(size, dtype=torch.uint8, pin_memory=pinned) for _ in range(n_gpus)]  # ones: pages touched
+    streams = [torch.cuda.Stream(device=i) for i in range(n_gpus)]
+    rates: dict[str, Any] = {}
+    for direction in ("h2d", "d2h"):
+        dsts, srcs = (devs, hosts) if direction == "h2d" else (hosts, devs)
+
+        def one(i: int, dsts: list[Any] = dsts, srcs: list[Any] = srcs) -> float:
+            dst, src = dsts[i], srcs[i]
+            with torch.cuda.device(i), torch.cuda.stream(streams[i]):
+                start = time.perf_counter()
+                dst.copy_(src, non_blocking=True)
+                streams[i].synchronize()
+                return time.perf_counter() - start
+
+        key = f"{direction}_{'pinned' if pinned else 'pageable'}"
+        alone = [size / _median_time(lambda i=i: one(i), settings.copy_repeats) for i in range(n_gpus)]
+        together = _together(one, n_gpus, settings.copy_repeats, size) if n_gpus > 1 else list(alone)
+        rates[key] = {"alone": alone, "together": together}
+    return rates
 
 
 def _together(one: Callable[[int], float], n: int, repeats: int, size: int) -> list[float]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import statistics
 from copy import deepcopy
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -35,7 +36,8 @@ def measure_matmul(torch: Any, settings: ProbeSettings) -> dict[str, Any]:
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
-        for label, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("tf32", torch.float32), ("int8", torch.int8)):
+        for label, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("tf32", torch.float32),
+                             ("int8", torch.int8)):
             try:
                 if dtype is torch.int8:
                     a = torch.randint(-8, 8, (n, n), dtype=torch.int8, device="cuda:0")
@@ -88,7 +90,7 @@ def measure_decode_kernels(torch: Any, settings: ProbeSettings) -> dict[str, Any
     rows, cols = settings.gemv_shape
     w = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda:0")
     x = torch.randn(1, cols, dtype=torch.bfloat16, device="cuda:0")
-    gemv_s = _event_time(torch, lambda: torch.nn.functional.linear(x, w), settings.matmul_iters)
+    gemv_s = _event_time(torch, partial(torch.nn.functional.linear, x, w), settings.matmul_iters)
     del w
     from hpi.executor.graphs import capture
 
@@ -160,7 +162,7 @@ def time_layers(torch: Any, settings: ProbeSettings, config: Any, model: str, de
         param_bytes[n] = sum(p.numel() * p.element_size() for p in stage.parameters())
         head_bytes = stage.lm_head.weight.numel() * stage.lm_head.weight.element_size()
 
-        def generate() -> list[float]:
+        def generate(stage: Any) -> list[float]:
             g = PipelineGenerator(stage=stage, groups=Groups.alone(), new_cache=DynamicCache,
                                   hidden_size=config.hidden_size, dtype=dtype, device=dev, micro_batches=1,
                                   sampler=Sampler(), decode_graphs=True)
@@ -168,8 +170,8 @@ def time_layers(torch: Any, settings: ProbeSettings, config: Any, model: str, de
             ends = g.times.forward_end_s
             return [b - a for a, b in zip(ends[1:], ends[2:])]  # decode steps after the captured first one
 
-        generate()  # warm-up: allocator pools, cuBLAS heuristics
-        steps = [s for _ in range(settings.layer_reps) for s in generate()]
+        generate(stage)  # warm-up: allocator pools, cuBLAS heuristics
+        steps = [s for _ in range(settings.layer_reps) for s in generate(stage)]
         step_s[str(n)] = statistics.median(steps)
         del stage
         if dev.type == "cuda":
@@ -209,5 +211,6 @@ def fit_layer_cost(points: Sequence[tuple[float, float]], ceiling_bytes_s: float
         slope, intercept = np.polyfit(b, t, 1)
         if slope > 0 and intercept >= 0:
             rate = 1.0 / slope
-            return LayerFit(float(intercept), float(rate), "fit") if rate <= ceiling_bytes_s else held(ceiling_bytes_s, "ceiling")
+            return (LayerFit(float(intercept), float(rate), "fit") if rate <= ceiling_bytes_s
+                    else held(ceiling_bytes_s, "ceiling"))
     return held(min(given_bytes_s or ceiling_bytes_s, ceiling_bytes_s), "given")

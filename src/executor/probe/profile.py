@@ -83,14 +83,17 @@ def _gpu_section(doc: Mapping[str, Any]) -> dict[str, Any]:
     first = gpus[0]
     section: dict[str, Any] = {"name": first["name"]}
     section["memory_bytes"] = q(first["memory_bytes"], "probed", f"{first.get('memory_source', '?')}, {date}"
-                                + ("" if len({g['memory_bytes'] for g in gpus}) == 1 else "; GPUs differ, GPU0's figure"))
+                                + ("" if len({g['memory_bytes'] for g in gpus}) == 1
+                                   else "; GPUs differ, GPU0's figure"))
     matmul = doc.get("matmul") or {}
     n = matmul.get("n", "?")
-    others = ", ".join(f"{k} {v / 1e12:.0f}" for k, v in (matmul.get("flops") or {}).items() if k not in ("bf16",) and v)
+    others = ", ".join(f"{k} {v / 1e12:.0f}" for k, v in (matmul.get("flops") or {}).items()
+                       if k not in ("bf16",) and v)
     bf16 = (matmul.get("flops") or {}).get("bf16")
     if bf16:
         section["bf16_flops"] = q(bf16, "probed", f"bf16 matmul {n}^3 on GPU0, median of {matmul.get('iters')} iters "
-                                  f"(torch.mm, CUDA events), {date}" + (f"; TFLOP/s of the others: {others}" if others else ""))
+                                  f"(torch.mm, CUDA events), {date}"
+                                  + (f"; TFLOP/s of the others: {others}" if others else ""))
     else:
         section["bf16_flops"] = q(1.0e14, "assumed", f"bf16 matmul not measured ({step_error(doc, 'matmul')}): a "
                                   "placeholder of 100 TFLOP/s; edit it from the GPU's datasheet")
@@ -99,8 +102,9 @@ def _gpu_section(doc: Mapping[str, Any]) -> dict[str, Any]:
         section["int8_flops"] = q(int8, "probed", f"int8 torch._int_mm {n}^3 on GPU0, {date}")
     hbm = (doc.get("hbm") or {}).get("bytes_s")
     if hbm:
-        section["hbm_bandwidth_bytes_s"] = q(hbm, "probed", f"device-to-device copy of {doc['hbm']['buffer_bytes'] / GIB:.2g} "
-                                            f"GiB on GPU0, read+write bytes, median, {date}")
+        section["hbm_bandwidth_bytes_s"] = q(hbm, "probed", "device-to-device copy of "
+                                             f"{doc['hbm']['buffer_bytes'] / GIB:.2g} GiB on GPU0, read+write bytes, "
+                                             f"median, {date}")
     else:
         section["hbm_bandwidth_bytes_s"] = q(1.0e12, "assumed", f"HBM copy not measured ({step_error(doc, 'hbm')}): a "
                                             "placeholder of 1 TB/s; edit it from the GPU's datasheet")
@@ -120,7 +124,8 @@ def _host_section(doc: Mapping[str, Any]) -> dict[str, Any]:
         for key, kind in (("h2d_pageable_bytes_s", "h2d_pageable"), ("d2h_pageable_bytes_s", "d2h_pageable")):
             alone, together = copy_figure(doc, kind), copy_figure(doc, kind, "together")
             if alone:
-                section[key] = q(alone, "probed", f"{_copy_words(doc, kind)}; all GPUs at once {gbs(together)} each, {date}")
+                section[key] = q(alone, "probed",
+                                 f"{_copy_words(doc, kind)}; all GPUs at once {gbs(together)} each, {date}")
             else:
                 section[key] = q(8.0e9, "assumed", f"not measured ({step_error(doc, 'copies')}); 6-15 GB/s measured on "
                                  "the 1x H100 and 2x H200 of 2026-11-22 (docs/measured-facts.md)")
@@ -144,22 +149,23 @@ def _pinnable(doc: Mapping[str, Any]) -> dict[str, Any]:
     memlock = host.get("memlock_soft_bytes")  # None: unlimited or unknown
     limit_words = "unlimited" if memlock is None else f"{memlock / MIB:,.0f} MiB"
     tried = (f"trial pin of {trial.get('bytes', 0) / GIB:.2g} GiB with {trial.get('method', '?')} "
-             f"{'succeeded' if trial.get('ok') else 'FAILED: ' + str(trial.get('error'))} ({trial.get('seconds', 0):.2f} s)")
+             f"{'succeeded' if trial.get('ok') else 'FAILED: ' + str(trial.get('error'))} "
+             f"({trial.get('seconds', 0):.2f} s)")
     budget = dram * (1 - DRAM_OS_SHARE)
     if not trial.get("ok"):
         return q(0.0, "probed", f"{tried}, {date}: nothing can be pinned; RLIMIT_MEMLOCK soft {limit_words}")
     if not doc.get("gpus") and memlock is not None and memlock < budget:
         # without CUDA, pinning is mlock(), which RLIMIT_MEMLOCK bounds
         return q(memlock, "probed", f"RLIMIT_MEMLOCK soft limit bounds mlock; {tried}, {date}")
-    return q(budget, "assumed", f"leave ~10% of DRAM to the OS and page cache (as the other profiles); {tried}, {date}; "
-             f"RLIMIT_MEMLOCK soft {limit_words} (bounds mlock; CUDA pins through its driver)")
+    return q(budget, "assumed", f"leave ~10% of DRAM to the OS and page cache (as the other profiles); {tried}, "
+             f"{date}; RLIMIT_MEMLOCK soft {limit_words} (bounds mlock; CUDA pins through its driver)")
 
 
 def _nvme_section(doc: Mapping[str, Any]) -> dict[str, Any]:
     date, disk = doc["date"], doc["disk"]
-    method = (f"{'O_DIRECT' if disk.get('o_direct') else 'buffered (O_DIRECT refused), page cache dropped'} sequential, "
-              f"{disk['file_bytes'] / MIB:,.0f} MiB file in {disk['block_bytes'] / MIB:.0f} MiB blocks at {disk['path']} "
-              f"({disk.get('fs_type') or '?'}), {date}")
+    method = (f"{'O_DIRECT' if disk.get('o_direct') else 'buffered (O_DIRECT refused), page cache dropped'} "
+              f"sequential, {disk['file_bytes'] / MIB:,.0f} MiB file in {disk['block_bytes'] / MIB:.0f} MiB blocks at "
+              f"{disk['path']} ({disk.get('fs_type') or '?'}), {date}")
     return {
         "devices": 1,
         "capacity_bytes": q(disk["free_bytes"], "probed", f"shutil.disk_usage free at {disk['path']}, {date} "
@@ -208,7 +214,8 @@ def _node_section(doc: Mapping[str, Any], topology: GpuTopology, has_disk: bool)
                            "pairs": [[f"cpu{i}", f"cpu{i + 1}"] for i in range(sockets - 1)]}
     if has_disk:
         links["disk_host"] = {"kind": "pcie",
-                              "bandwidth_bytes_s": q(doc["disk"]["read_bytes_s"], "probed", f"the disk's read rate, {date}"),
+                              "bandwidth_bytes_s": q(doc["disk"]["read_bytes_s"], "probed",
+                                                     f"the disk's read rate, {date}"),
                               "latency_s": dict(_PCIE_LATENCY), "pairs": [["nvme0", "cpu0"]]}
     if links:
         node["links"] = links
@@ -224,13 +231,15 @@ def _pcie_links(doc: Mapping[str, Any], topology: GpuTopology) -> dict[str, Any]
         gpu_bw = q(alone, "probed", f"{_copy_words(doc, 'h2d_pinned')}; all GPUs at once {gbs(together)} each; "
                    f"device->host {gbs(d2h)}, {date}")
     else:
-        gpu_bw = q(25.0e9, "assumed", f"pinned copies not measured ({step_error(doc, 'copies')}): PCIe Gen4 x16 order of magnitude")
+        gpu_bw = q(25.0e9, "assumed",
+                   f"pinned copies not measured ({step_error(doc, 'copies')}): PCIe Gen4 x16 order of magnitude")
     links: dict[str, Any] = {}
     in_switch = {g: k for k, group in enumerate(topology.switch_groups) for g in group}
     direct = [[f"gpu{g}", f"cpu{topology.gpu_socket[g]}"] for g in range(topology.n_gpus) if g not in in_switch]
     behind = [[f"gpu{g}", f"pcie{in_switch[g]}"] for g in range(topology.n_gpus) if g in in_switch]
     if direct:
-        links["gpu_host"] = {"kind": "pcie", "bandwidth_bytes_s": gpu_bw, "latency_s": dict(_PCIE_LATENCY), "pairs": direct}
+        links["gpu_host"] = {"kind": "pcie", "bandwidth_bytes_s": gpu_bw, "latency_s": dict(_PCIE_LATENCY),
+                             "pairs": direct}
     if behind:
         links["gpu_switch"] = {"kind": "pcie", "bandwidth_bytes_s": dict(gpu_bw), "latency_s": dict(_PCIE_LATENCY),
                                "pairs": behind}
@@ -238,10 +247,12 @@ def _pcie_links(doc: Mapping[str, Any], topology: GpuTopology) -> dict[str, Any]
     for k, group in enumerate(topology.switch_groups):
         shares = [per_gpu_together[g] for g in group if g < len(per_gpu_together) and per_gpu_together[g]]
         if len(shares) == len(group):
-            uplink = q(sum(shares), "probed", f"GPUs {', '.join(map(str, group))} (PIX/PXB in nvidia-smi topo -m) copying "
-                       f"host->device pinned at once: {' + '.join(f'{s / 1e9:.1f}' for s in shares)} GB/s, {date}")
+            uplink = q(sum(shares), "probed", f"GPUs {', '.join(map(str, group))} (PIX/PXB in nvidia-smi topo -m) "
+                       f"copying host->device pinned at once: {' + '.join(f'{s / 1e9:.1f}' for s in shares)} GB/s, "
+                       f"{date}")
         else:
-            uplink = q(gpu_bw["value"], "assumed", "switch uplink as fast as one GPU's link (together copies not measured)")
+            uplink = q(gpu_bw["value"], "assumed",
+                       "switch uplink as fast as one GPU's link (together copies not measured)")
         links[f"pcie{k}_uplink"] = {"kind": "pcie", "bandwidth_bytes_s": uplink, "latency_s": dict(_PCIE_LATENCY),
                                     "pairs": [[f"pcie{k}", f"cpu{topology.gpu_socket[group[0]]}"]]}
     return links
@@ -255,9 +266,10 @@ def _nvlink_links(doc: Mapping[str, Any], topology: GpuTopology) -> dict[str, An
     if topology.nvswitch_links:
         n = topology.nvswitch_links
         return {"nvlink": {"kind": "nvlink",
-                           "bandwidth_bytes_s": q(n * per_link, "datasheet", f"NV{n} between every pair of {topology.n_gpus} "
-                                                  f"GPUs is more links than a GPU has ({nvlinks_per_gpu(name)}): an NVSwitch "
-                                                  f"system, each GPU {n} links into it; {words}"),
+                           "bandwidth_bytes_s": q(n * per_link, "datasheet",
+                                                  f"NV{n} between every pair of {topology.n_gpus} GPUs is more links "
+                                                  f"than a GPU has ({nvlinks_per_gpu(name)}): an NVSwitch system, each "
+                                                  f"GPU {n} links into it; {words}"),
                            "latency_s": dict(_NVLINK_LATENCY),
                            "pairs": [[f"gpu{g}", "nvswitch"] for g in range(topology.n_gpus)]}}
     groups: dict[int, list[list[str]]] = {}
@@ -269,7 +281,8 @@ def _nvlink_links(doc: Mapping[str, Any], topology: GpuTopology) -> dict[str, An
 
 def write_profile(profile: Mapping[str, Any], path: Path, header: str = "") -> None:
     """Write the YAML (a comment header, then the sections in schema order) atomically."""
-    text = "".join(f"# {line}\n" for line in header.splitlines()) + yaml.safe_dump(dict(profile), sort_keys=False, width=200)
+    text = ("".join(f"# {line}\n" for line in header.splitlines())
+            + yaml.safe_dump(dict(profile), sort_keys=False, width=200))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)

@@ -96,7 +96,8 @@ def run_probe(settings: ProbeSettings, nvme_path: str | None = None, step: Step 
             doc["nccl"] = attempt(f"NCCL all-reduce, 2..{n_cuda} GPUs", lambda: measure_allreduce(n_cuda, settings))
         _note_shared_pcie(doc)
     directory = nvme_path or tempfile.gettempdir()
-    doc["disk"] = attempt(f"disk at {directory}", lambda: measure_disk(directory, settings.disk_file_bytes, settings.disk_block_bytes))
+    doc["disk"] = attempt(f"disk at {directory}",
+                          lambda: measure_disk(directory, settings.disk_file_bytes, settings.disk_block_bytes))
     if doc["disk"] and doc["disk"].get("fs_type"):
         advice = classify_path(directory, doc["os"]["kind"], doc["disk"]["fs_type"])
         if not advice.ok_for_nvme_offload:

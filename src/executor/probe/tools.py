@@ -94,7 +94,8 @@ def parse_topo(text: str) -> TopoMatrix:
             continue
         name, links, rest = cells[0], cells[1:1 + len(devices)], cells[1 + len(devices):]
         if len(links) != len(devices):
-            raise ValueError(f"nvidia-smi topo -m: row {name} has {len(links)} link cells for {len(devices)} devices: {line!r}")
+            raise ValueError(f"nvidia-smi topo -m: row {name} has {len(links)} link cells for {len(devices)} devices: "
+                             f"{line!r}")
         for column, code in zip(devices, links):
             if code not in _LINK_CODES and not re.fullmatch(r"NV\d+", code):
                 raise ValueError(f"nvidia-smi topo -m: row {name}, column {column}: unknown link code {code!r}")
@@ -238,7 +239,8 @@ def gather_gpus(torch: Any, n_cuda: int) -> tuple[list[dict[str, Any]], dict[str
             handle = pynvml.nvmlDeviceGetHandleByIndex(i)
             name = pynvml.nvmlDeviceGetName(handle)
             gpus.append({"index": i, "name": name.decode() if isinstance(name, bytes) else name,
-                         "memory_bytes": float(pynvml.nvmlDeviceGetMemoryInfo(handle).total), "memory_source": "NVML total"})
+                         "memory_bytes": float(pynvml.nvmlDeviceGetMemoryInfo(handle).total),
+                         "memory_source": "NVML total"})
         version = pynvml.nvmlSystemGetDriverVersion()
         info.update(source="nvidia-ml-py", driver_version=version.decode() if isinstance(version, bytes) else version)
         pynvml.nvmlShutdown()
@@ -260,7 +262,8 @@ def gather_gpus(torch: Any, n_cuda: int) -> tuple[list[dict[str, Any]], dict[str
         if not gpus:
             info["source"] = "torch.cuda"
         elif len(gpus) != n_cuda:
-            info["note"] = f"{len(gpus)} GPUs in {info['source']}, {n_cuda} visible to torch (CUDA_VISIBLE_DEVICES?): using torch's"
+            info["note"] = (f"{len(gpus)} GPUs in {info['source']}, {n_cuda} visible to torch (CUDA_VISIBLE_DEVICES?): "
+                            "using torch's")
         gpus = by_torch  # what a run can use, in bytes (the planner's memory budget)
     elif gpus:
         info["note"] = "GPUs listed but torch sees no CUDA device: nothing measured on them"

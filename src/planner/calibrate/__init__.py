@@ -11,9 +11,9 @@ What a record measures and what the model predicts for it (``METRICS``):
 - ``prefill_s``: the first forward (prefill = TTFT) against the model's prefill;
 - ``peak_gpu_bytes``: the largest ``torch.cuda.max_memory_allocated`` over ranks against the GPU parts
   the caching allocator holds (``cost.memory.ALLOCATED_PARTS``: the model's ``gpu_peak_bytes`` less its
-  ``framework`` part, CUDA context and allocator slack, which ``max_memory_allocated`` never counts). Reserved bytes are not
-  used: under ZeRO-3 the allocator caches every gathered buffer it saw (19.6 GB reserved for 3.2 GB
-  allocated on the 8B offload records), and it hands that cache back before it reports out-of-memory.
+  ``framework`` part, CUDA context and allocator slack, which ``max_memory_allocated`` never counts).
+  Reserved bytes are not used: under ZeRO-3 the allocator caches every gathered buffer it saw (19.6 GB reserved
+  for 3.2 GB allocated on the 8B offload records), and it hands that cache back before it reports out-of-memory.
 
 Method: every record is re-predicted from its plan and workload on the given profile (the prediction
 stored in the record is ignored: it may come from another profile or an older model). The coefficients
@@ -34,12 +34,26 @@ read by ``hpi.records`` (``load_records``, ``RunRecord``).
 """
 
 from hpi.planner.calibrate.fit import (
-    CANDIDATES, Calibration, apply, calibrate, fit, prior_weight, split_by_plan,
-)  # fmt: skip
+    CANDIDATES,
+    Calibration,
+    apply,
+    calibrate,
+    fit,
+    prior_weight,
+    split_by_plan,
+)
 from hpi.planner.calibrate.measurements import (
-    METRICS, CalibrationError, ErrorSummary, Measurement, Prediction, measurement, plan_key, predict_measurements,
-    run_conditions, summarize,
-)  # fmt: skip
+    METRICS,
+    CalibrationError,
+    ErrorSummary,
+    Measurement,
+    Prediction,
+    measurement,
+    plan_key,
+    predict_measurements,
+    run_conditions,
+    summarize,
+)
 from hpi.planner.calibrate.section import render_section, replace_section, write_section
 
 __all__ = [

@@ -11,9 +11,16 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from hpi.planner.calibrate.measurements import (
-    CalibrationError, Cases, ErrorSummary, Measurement, as_measurements, build_cases, predict_array, predictions_of,
+    CalibrationError,
+    Cases,
+    ErrorSummary,
+    Measurement,
+    as_measurements,
+    build_cases,
+    predict_array,
+    predictions_of,
     summarize,
-)  # fmt: skip
+)
 from hpi.planner.specs.hardware import Efficiency, HardwareProfile, Provenance, is_fraction
 from hpi.records import RunRecord
 
@@ -22,8 +29,8 @@ from hpi.records import RunRecord
 CANDIDATES = (
     "matmul_prefill", "matmul_decode", "hbm", "h2d_stream_pinned", "h2d_stream_pageable", "nvme_read",
     "prefetch_overlap", "collective_bandwidth", "allreduce_latency_s", "collective_host_overhead_s",
-    "p2p_latency_s", "layer_overhead_s", "layer_device_overhead_s", "offload_layer_overhead_s", "step_overhead_s", "graphed_step_overhead_s",
-    "gpu_workspace_bytes",
+    "p2p_latency_s", "layer_overhead_s", "layer_device_overhead_s", "offload_layer_overhead_s", "step_overhead_s",
+    "graphed_step_overhead_s", "gpu_workspace_bytes",
     "gpu_reserved_bytes", "dequant_hbm", "collective_drift_factor",
 )  # fmt: skip
 # The prior as a (log-normal) Bayesian prior: its pull is the measurement spread over the prior's own
@@ -149,7 +156,8 @@ class Calibration:
     def to_dict(self) -> dict[str, Any]:
         return {
             "profile": self.profile,
-            "coefficients": {n: {"value": v, "prior": self.priors[n], "records": self.support[n]} for n, v in self.values.items()},
+            "coefficients": {n: {"value": v, "prior": self.priors[n], "records": self.support[n]}
+                             for n, v in self.values.items()},
             "unidentified": list(self.unidentified),
             "record_ids": list(self.record_ids),
             "error_before": self.error_before.to_dict(),
@@ -214,7 +222,8 @@ def apply(profile: HardwareProfile, calibration: Calibration, note: str = "") ->
     return dataclasses.replace(profile, efficiency=efficiency, provenance=provenance)
 
 
-def calibrate(profile: HardwareProfile, records: Sequence[RunRecord | Mapping[str, Any] | Measurement]) -> HardwareProfile:
+def calibrate(profile: HardwareProfile,
+              records: Sequence[RunRecord | Mapping[str, Any] | Measurement]) -> HardwareProfile:
     """``apply(profile, fit(profile, records))``."""
     return apply(profile, fit(profile, records))
 

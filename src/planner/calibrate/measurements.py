@@ -129,7 +129,8 @@ def _record_model(record: RunRecord, name: str, loader: Callable[[str], ModelSpe
     if spec_model and spec_model != name:
         candidates.append(spec_model)
         parts = Path(spec_model).parts
-        candidates += [str(_REPO.joinpath(*parts[i:])) for i in range(1, len(parts)) if _REPO.joinpath(*parts[i:]).is_file()]
+        candidates += [str(_REPO.joinpath(*parts[i:])) for i in range(1, len(parts))
+                       if _REPO.joinpath(*parts[i:]).is_file()]
     for candidate in candidates:
         try:
             return loader(candidate)
@@ -218,7 +219,8 @@ def predict_array(cases: Cases, hardware: HardwareProfile) -> np.ndarray:
 
 def predictions_of(cases: Cases, hardware: HardwareProfile) -> list[Prediction]:
     pred = predict_array(cases, hardware)
-    return [Prediction(m.record_id, dict(zip(METRICS, map(float, cases.measured[i]))), dict(zip(METRICS, map(float, pred[i]))))
+    return [Prediction(m.record_id, dict(zip(METRICS, map(float, cases.measured[i]))),
+                       dict(zip(METRICS, map(float, pred[i]))))
             for i, m in enumerate(cases.measurements)]
 
 

@@ -78,7 +78,8 @@ def render_section(calibration: Calibration, *, date: str, records: Sequence[str
 def _section_span(lines: Sequence[str]) -> tuple[int, int] | None:
     """[start, end) line indices of the top-level ``calibrated:`` block: its key line and every following
     indented or blank line, less trailing blank lines (they and top-level comments belong to what follows)."""
-    start = next((i for i, line in enumerate(lines) if line.rstrip("\r\n").split("#", 1)[0].rstrip() == f"{SECTION_KEY}:"
+    start = next((i for i, line in enumerate(lines)
+                  if line.rstrip("\r\n").split("#", 1)[0].rstrip() == f"{SECTION_KEY}:"
                   or line.startswith(f"{SECTION_KEY}: ")), None)
     if start is None:
         return None

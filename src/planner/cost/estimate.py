@@ -37,12 +37,12 @@ time and device time overlap: a module costs the larger of the two (eager decode
 host-bound: 21.7 ms measured for an 8B step on an H200 whose HBM needs 4.7 ms; and a host-bound tiny
 model under ZeRO-3 showed the hook overhead that the 8B model's 0.4 s of streaming hides; 2x H200
 records, 2026-11-22). Stages sum their modules plus one ``step_overhead`` per forward on every stage (the
-executor synchronizes after each stage forward, so it adds; a graphed forward's is ``graphed_step_overhead_s``); a step composes the stages
-(``cost.pipeline.compose_step``). Exposed time is attributed to the component that is on the critical
-path: busy time counts as compute and all-reduce, dequantization as itself, the rest of the device time as
-weight or KV fetch (split by their link times), or, for the host's share of a host-waited fetch, overhead;
-host time beyond the device time as overhead; the TP drift's share of either as all-reduce time. So each
-phase's breakdown sums to its step time exactly.
+executor synchronizes after each stage forward, so it adds; a graphed forward's is ``graphed_step_overhead_s``);
+a step composes the stages (``cost.pipeline.compose_step``). Exposed time is attributed to the component that
+is on the critical path: busy time counts as compute and all-reduce, dequantization as itself, the rest of the
+device time as weight or KV fetch (split by their link times), or, for the host's share of a host-waited
+fetch, overhead; host time beyond the device time as overhead; the TP drift's share of either as all-reduce
+time. So each phase's breakdown sums to its step time exactly.
 
 Totals (DeepSpeedExamples ZeRO-Inference definitions):
     prefill_s = ttft_s = prefill step;  total_s = prefill_s + (gen_len - 1) * decode_step_s
@@ -206,7 +206,8 @@ def phase_result(arrangement: Arrangement, knobs: Knobs, phase: Phase, bpw: np.n
     comp = compose_step(stage_s, p2p, knobs.micro_batches, phase)
     rows = np.arange(knobs.n)
     slowest_parts = stage_parts[rows, comp.slowest_stage]
-    total_parts = comp.stage_sum_weight[:, None] * stage_parts.sum(axis=1) + comp.slowest_stage_weight[:, None] * slowest_parts
+    total_parts = (comp.stage_sum_weight[:, None] * stage_parts.sum(axis=1)
+                   + comp.slowest_stage_weight[:, None] * slowest_parts)
     total_parts[:, EXPOSED_PARTS.index("pp_p2p_s")] += comp.p2p_exposed_s
     exposed = {name: total_parts[:, i] for i, name in enumerate(EXPOSED_PARTS)}
 

@@ -16,9 +16,9 @@ import numpy as np
 
 from hpi.planner.cost.shape import ModuleTable, module_table
 from hpi.planner.specs.hardware import HardwareProfile
+from hpi.planner.specs.knob import degree_names, knob_fields, knob_named
 from hpi.planner.specs.model import ModelSpec
 from hpi.planner.specs.placement import Placement
-from hpi.planner.specs.knob import degree_names, knob_fields, knob_named
 from hpi.planner.specs.plan import QUANT_GROUP_SIZE, Plan
 from hpi.planner.specs.workload import Workload
 

@@ -335,7 +335,8 @@ def memory(arrangement: Arrangement, knobs: Knobs) -> MemoryResult:
     cpu_total = sum(per_node[p] for p in CPU_PARTS)
     fullest_node = np.argmax(cpu_total, axis=1)
     pin = knobs.pin_memory[:, None]
-    pinned = np.where(pin, per_node["offloaded_weights"] + per_node["offloaded_kv_cache"], 0.0) + per_node["nvme_buffers"]
+    pinned = (np.where(pin, per_node["offloaded_weights"] + per_node["offloaded_kv_cache"], 0.0)
+              + per_node["nvme_buffers"])
     nvme = np.where(knobs.offload_nvme[:, None], per_node["weights_any"], 0.0)
 
     return MemoryResult(

@@ -166,7 +166,8 @@ def _sum(ts: list[Tensor], **match) -> int:
 @lru_cache(maxsize=64)
 def module_table(model: ModelSpec) -> ModuleTable:
     per_kind = [module_tensors(model, k) for k in range(N_KINDS)]
-    sharded, replicated, expert, tied, matrix_frac, fetch_frac, sizes, largest, gather = [], [], [], [], [], [], [], [], []
+    sharded, replicated, expert, tied, matrix_frac, fetch_frac = [], [], [], [], [], []
+    sizes, largest, gather = [], [], []
     module_largest, last, leaf_parts = [], [], []
     for kind, ts in enumerate(per_kind):
         shared_ts = [t for t in ts if not t.expert]
@@ -224,7 +225,8 @@ def module_table(model: ModelSpec) -> ModuleTable:
         # transformers' DeepseekV3 attention caches the 576-wide latent and multiplies every cached token
         # by kv_b_proj again at each decode step: 2 * kv_lora * H * (d_nope + d_v) FLOPs per cached token.
         kv_expand_flops_per_cached_token=(
-            2.0 * model.kv_lora_rank * model.n_heads * (model.qk_nope_head_dim + model.v_head_dim) if model.uses_mla else 0.0
+            2.0 * model.kv_lora_rank * model.n_heads * (model.qk_nope_head_dim + model.v_head_dim)
+            if model.uses_mla else 0.0
         ),
         kv_shard_limit=model.kv_heads_for_sharding,
         hidden_size=model.hidden_size,

@@ -23,9 +23,9 @@ from __future__ import annotations
 import numpy as np
 
 from hpi.planner.cost.compute import touched_elems_per_rank
-from hpi.planner.cost.shape import EXPERTS_GATHERED_WHOLE
 from hpi.planner.cost.inputs import COMPUTE_BYTES, Arrangement, Knobs
 from hpi.planner.cost.phase import Phase
+from hpi.planner.cost.shape import EXPERTS_GATHERED_WHOLE
 from hpi.planner.specs.plan import gathers_weights
 
 

@@ -74,8 +74,10 @@ class Efficiency:
     h2d_stream_pageable: float = 0.80  # over the pageable ceiling (already a slow staged copy)
     nvme_read: float = 0.80  # DeepSpeed aio over the O_DIRECT sequential ceiling (cost.streaming)
     collective_bandwidth: float = 0.80  # of the link's bandwidth, ring all-reduce bus bandwidth (cost.collectives)
-    allreduce_latency_s: float = 20e-6  # alpha of one collective on the GPU stream, NCCL's small-message time (cost.collectives)
-    collective_host_overhead_s: float = 50e-6  # host time to issue one collective through torch.distributed (cost.collectives)
+    # alpha of one collective on the GPU stream, NCCL's small-message time
+    allreduce_latency_s: float = 20e-6  # (cost.collectives)
+    # host time to issue one collective through torch.distributed
+    collective_host_overhead_s: float = 50e-6  # (cost.collectives)
     # Host-bound TP decode: the ranks' launch streams drift apart and every all-reduce waits for the slowest;
     # the wait per collective, in units of the host time between two collectives (half an eager layer's
     # launches) at tp 2, growing with tp as the expected maximum of tp drifts (cost.collectives).
@@ -109,7 +111,8 @@ class Efficiency:
     # DeepSpeed's dequantization of 8/4-bit weights: element-wise kernels over HBM (cost.dequant); assumed
     # to stream like the decode reads (hbm) until a record says otherwise.
     dequant_hbm: float = 0.80
-    gpu_reserved_bytes: float = 1.5e9  # CUDA context and allocator slack per GPU: outside torch's allocations (cost.memory)
+    # CUDA context and allocator slack per GPU: outside torch's allocations
+    gpu_reserved_bytes: float = 1.5e9  # (cost.memory)
     # cuBLAS/cuBLASLt workspace torch allocates per GPU: 8 chunks of 4096 KiB by default on Hopper
     # (PyTorch CUBLAS_WORKSPACE_CONFIG=:4096:8); the tiny-model records allocate 44 MB for 11 MB of tensors.
     gpu_workspace_bytes: float = 33_554_432.0  # (cost.memory)

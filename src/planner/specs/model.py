@@ -206,7 +206,8 @@ class ModelSpec:
     @property
     def params_outside_layers(self) -> int:
         """Embeddings, position table, embedding norm, final norm and LM head."""
-        return self.params_total - self.n_dense_layers * self.dense_layer_params - self.n_moe_layers * self.moe_layer_params
+        return (self.params_total - self.n_dense_layers * self.dense_layer_params
+                - self.n_moe_layers * self.moe_layer_params)
 
     # ---- attention and KV cache -------------------------------------------------------------------
     @property

@@ -32,7 +32,8 @@ def make_doc(n_gpus: int, topo_file: str | None, *, together: float = 54.3e9, so
         "matmul": {"n": 8192, "iters": 20, "flops": {"bf16": 806e12, "fp16": 800e12, "tf32": 400e12, "int8": 1500e12}},
         "hbm": {"buffer_bytes": 1 << 30, "bytes_s": 4.26e12},
         "disk": {"path": "/data", "free_bytes": 137.4e9, "total_bytes": 200e9, "block_bytes": 4 << 20,
-                 "file_bytes": 2 << 30, "fs_type": "ext4", "o_direct": True, "read_bytes_s": 1.28e9, "write_bytes_s": 1.0e9},
+                 "file_bytes": 2 << 30, "fs_type": "ext4", "o_direct": True, "read_bytes_s": 1.28e9,
+                 "write_bytes_s": 1.0e9},
     }
     if n_gpus > 1:
         doc["nccl"] = {"seconds": {str(k): {"8192": 37e-6 + 3e-6 * k, "1048576": 55e-6, "16777216": 79e-6,

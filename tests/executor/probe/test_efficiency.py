@@ -43,7 +43,8 @@ def test_graphed_allreduce_is_the_device_alpha_and_a_slower_eager_loop_the_host_
 
 def test_decode_kernels_give_the_hbm_fraction_and_the_layers_fixed_device_time(fake_doc, load_built):
     doc = fake_doc(1, None)
-    doc["kernels"] = {"gemv_shape": [28672, 8192], "gemv_bytes_s": 4.05e12, "tiny_kernels": 200, "tiny_kernel_s": 2.4e-6}
+    doc["kernels"] = {"gemv_shape": [28672, 8192], "gemv_bytes_s": 4.05e12, "tiny_kernels": 200,
+                      "tiny_kernel_s": 2.4e-6}
     profile = load_built(doc)
     assert profile.efficiency.hbm == pytest.approx(4.05e12 / 4.26e12, rel=1e-3)  # of the probed device copy
     assert profile.efficiency.layer_device_overhead_s == pytest.approx(40 * 2.4e-6)
@@ -63,8 +64,10 @@ def test_timed_decoder_layers_give_hbm_fixed_layer_time_and_step_overhead(fake_d
         layer_s = 125e-6 + layer_bytes / 3.9e12
         step = {"2": 0.4e-3 + 2 * layer_s + head_bytes / 3.9e12}
         step["6"] = step["2"] + 4 * layer_s
-        shapes.append({"model": model, "layer_bytes": layer_bytes, "head_bytes": head_bytes, "layer_s": layer_s, "step_s": step})
-    doc["kernels"] = {"gemv_shape": [28672, 8192], "gemv_bytes_s": 3.72e12, "tiny_kernels": 200, "tiny_kernel_s": 1.06e-6,
+        shapes.append({"model": model, "layer_bytes": layer_bytes, "head_bytes": head_bytes, "layer_s": layer_s,
+                       "step_s": step})
+    doc["kernels"] = {"gemv_shape": [28672, 8192], "gemv_bytes_s": 3.72e12, "tiny_kernels": 200,
+                      "tiny_kernel_s": 1.06e-6,
                       "layers": {"counts": [2, 6], "prompt_len": 128, "gen_len": 32, "batch": 1, "shapes": shapes}}
     profile = load_built(doc)
     assert profile.efficiency.hbm == pytest.approx(3.9e12 / 4.26e12, rel=1e-3)  # the layers' rate, not the GEMV's

@@ -40,7 +40,8 @@ def test_a_layer_shape_that_does_not_fit_is_skipped_and_the_others_kept(monkeypa
 
     monkeypatch.setattr(kernels, "time_layers", fake_time)  # measure_decoder_layers looks it up in its module
     out = kernels.measure_decoder_layers(torch, ProbeSettings.full(), device="cpu")
-    assert [s["model"] for s in out["shapes"]] == ["llama-3-8b"] and out["skipped"] == {"llama-3-70b": "out of GPU memory"}
+    assert [s["model"] for s in out["shapes"]] == ["llama-3-8b"]
+    assert out["skipped"] == {"llama-3-70b": "out of GPU memory"}
     with pytest.raises(RuntimeError, match="no decoder layer shape fits"):
         kernels.measure_decoder_layers(torch, dataclasses.replace(ProbeSettings.full(), layer_models=("llama-3-70b",)),
                                      device="cpu")

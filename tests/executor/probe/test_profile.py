@@ -32,7 +32,8 @@ def test_four_h200_on_nvswitch_becomes_a_loadable_profile(tmp_path, capsys, fake
     for path, prov in profile.provenance.items():
         assert prov.source in ("probed", "assumed", "datasheet"), path
         assert prov.note, path
-    assert profile.provenance["gpu.bf16_flops"].source == "probed" and "2026-11-22" in profile.provenance["gpu.bf16_flops"].note
+    assert profile.provenance["gpu.bf16_flops"].source == "probed"
+    assert "2026-11-22" in profile.provenance["gpu.bf16_flops"].note
     code = main(["plan", "--model", "llama-3-70b", "--hardware", str(tmp_path / "probed-test.yaml"), "--top", "2"])
     assert code == 0, capsys.readouterr().err
 

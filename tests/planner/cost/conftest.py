@@ -13,7 +13,7 @@ from typing import Sequence
 import pytest
 
 from hpi.planner.cost.estimate import Evaluation, evaluate
-from hpi.planner.cost.inputs import Knobs, Arrangement, make_arrangement
+from hpi.planner.cost.inputs import Arrangement, Knobs, make_arrangement
 from hpi.planner.specs.hardware import Efficiency, GpuSpec, HardwareProfile, HostSpec, NvmeSpec
 from hpi.planner.specs.model import ModelSpec
 from hpi.planner.specs.placement import Link, Placement
@@ -49,7 +49,8 @@ ROUND = Efficiency(
     nvme_read=0.5, collective_bandwidth=0.5, allreduce_latency_s=10e-6, collective_host_overhead_s=30e-6,
     p2p_latency_s=20e-6, prefetch_overlap=1.0, layer_overhead_s=100e-6, offload_layer_overhead_s=300e-6,
     layer_device_overhead_s=50e-6,
-    step_overhead_s=1e-3, graphed_step_overhead_s=0.4e-3, gpu_reserved_bytes=1 * GB, gpu_workspace_bytes=0.25 * GB, host_reserved_bytes=2 * GB,
+    step_overhead_s=1e-3, graphed_step_overhead_s=0.4e-3, gpu_reserved_bytes=1 * GB, gpu_workspace_bytes=0.25 * GB,
+    host_reserved_bytes=2 * GB,
     gpu_memory_usable=0.9, dram_usable=0.9, dequant_hbm=0.4, collective_drift_factor=0.5,
 )  # fmt: skip
 
@@ -65,7 +66,8 @@ def make_hardware(
     nvme_capacity: float | None = 4000 * GB,
     name: str = "test-box",
 ) -> HardwareProfile:
-    nvme = None if nvme_capacity is None else NvmeSpec(capacity_bytes=nvme_capacity, read_bytes_s=NVME_READ, write_bytes_s=1 * GB)
+    nvme = (None if nvme_capacity is None
+            else NvmeSpec(capacity_bytes=nvme_capacity, read_bytes_s=NVME_READ, write_bytes_s=1 * GB))
     return HardwareProfile(
         name=name,
         description="hand-made test machine",

@@ -107,7 +107,8 @@ def test_prefill_flops_and_the_head_on_the_last_position_only(kit) -> None:
     f = flops(lay, prefill_phase(lay, k))[0]
     tokens = 2 * 512
     causal_ctx = (512 + 1) / 2
-    assert f[DENSE] == pytest.approx(2 * tokens * (DENSE_SHARDED + DENSE_REPLICATED) + tokens * ATTN_PER_KEY * causal_ctx)
+    assert f[DENSE] == pytest.approx(2 * tokens * (DENSE_SHARDED + DENSE_REPLICATED)
+                                     + tokens * ATTN_PER_KEY * causal_ctx)
     # transformers' logits_to_keep: the LM head runs on one position per sequence in prefill.
     assert f[HEAD] == pytest.approx(2 * 2 * (V * H + H))
 
@@ -151,7 +152,8 @@ def test_mla_decode_re_expands_the_cached_latents(kit) -> None:
         pre = prefill_phase(lay, k)
         fp = flops(lay, pre)[0]
         tokens = 2 * 512
-        assert fp[DENSE] == pytest.approx(2 * tokens * active_elems_per_rank(lay)[DENSE] + tokens * 2 * 4 * 80 / tp * 256.5)
+        assert fp[DENSE] == pytest.approx(2 * tokens * active_elems_per_rank(lay)[DENSE]
+                                          + tokens * 2 * 4 * 80 / tp * 256.5)
 
 
 # ---- HBM bytes ------------------------------------------------------------------------------------

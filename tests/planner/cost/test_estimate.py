@@ -89,7 +89,8 @@ def test_exposed_breakdown_sums_to_the_step(kit, model_name: str, tp: int, pp: i
 def host_by_hand(lay, k):
     """(overhead + collective issue) x (1 + TP drift); ROUND's 0.5 drift factor at tp 2 (cost.collectives)."""
     drift = lay.hardware.efficiency.collective_drift_factor * np.where(tp_collective_host_time(lay) > 0, 1.0, 0.0)
-    return (module_overhead_time(lay, k) + dequant_host_time(lay, k) + tp_collective_host_time(lay)[None, :]) * (1 + drift)
+    return ((module_overhead_time(lay, k) + dequant_host_time(lay, k) + tp_collective_host_time(lay)[None, :])
+            * (1 + drift))
 
 
 def modules_by_hand(lay, k, phase, f, host_wait=False):
@@ -194,7 +195,8 @@ def test_gpu_resident_decode_is_host_bound_when_launches_outlast_the_kernels(kit
     assert ev.decode.link["host_s"][0] == pytest.approx(4 * 100e-6 + 1e-3)
     # The DENSE layer's roofline by hand: HBM-bound at 0.8 x 1 TB/s.
     kv = (512 + 15.5 + 1) * 512 * 2
-    assert compute_time(lay, k, decode_phase(lay, k))[0, DENSE] == pytest.approx((LAYER_MATRICES + 2048) * 2 / 0.8e12 + kv / 0.8e12)
+    assert compute_time(lay, k, decode_phase(lay, k))[0, DENSE] == pytest.approx((LAYER_MATRICES + 2048) * 2 / 0.8e12
+                                                                                 + kv / 0.8e12)
 
 
 def test_zero3_hook_overhead_is_host_time_hidden_by_streaming(kit) -> None:
@@ -261,7 +263,8 @@ def test_graphed_decode_drops_the_host_time_per_module_and_the_drift(kit) -> Non
     assert ev.decode.exposed["overhead_s"][0] == pytest.approx(0.4e-3)
     assert ev.decode.link["host_s"][0] == pytest.approx(0.4e-3)
     layer_device = compute_time(lay, k, decode_phase(lay, k))[0, DENSE] + layer_device_time(lay)[DENSE]
-    assert eager.decode_step_s[0] - ev.decode_step_s[0] == pytest.approx(4 * (100e-6 - layer_device) + 0.6e-3)  # launches gone
+    # the launches are gone
+    assert eager.decode_step_s[0] - ev.decode_step_s[0] == pytest.approx(4 * (100e-6 - layer_device) + 0.6e-3)
     assert eager.decode.exposed["overhead_s"][0] > 1e-3 and ev.prefill_s[0] > 1e-3  # eager and prefill: step_overhead_s
     np.testing.assert_allclose(ev.prefill_s, eager.prefill_s)  # the prefill is not captured
 
@@ -271,7 +274,8 @@ def test_graphed_decode_drops_the_host_time_per_module_and_the_drift(kit) -> Non
     busy = (compute_time(tp, kt, decode_phase(tp, kt))[0] + layer_device_time(tp)
             + tp_collective_time(tp, decode_phase(tp, kt))[0]) @ tp.stage_counts[0]
     assert ev_tp.decode_step_s[0] == pytest.approx(busy + 0.4e-3)
-    assert ev_tp.decode.exposed["tp_allreduce_s"][0] == pytest.approx(tp_collective_time(tp, decode_phase(tp, kt))[0] @ tp.stage_counts[0])
+    assert ev_tp.decode.exposed["tp_allreduce_s"][0] == pytest.approx(tp_collective_time(tp, decode_phase(tp, kt))[0]
+                                                                      @ tp.stage_counts[0])
     for name in EXPOSED_PARTS:  # the breakdown still sums to the step
         assert np.isfinite(ev_tp.decode.exposed[name][0])
     assert sum(ev_tp.decode.exposed[n][0] for n in EXPOSED_PARTS) == pytest.approx(ev_tp.decode_step_s[0])
@@ -341,7 +345,8 @@ def llama8b():
 
 
 def test_4_bit_offload_saves_the_byte_ratio_less_the_dequantization_when_pcie_bound(kit, llama8b) -> None:
-    ev = ev_of(kit, [Plan(offload="cpu"), Plan(offload="cpu", weight_bits=8), Plan(offload="cpu", weight_bits=4)], model=llama8b)
+    ev = ev_of(kit, [Plan(offload="cpu"), Plan(offload="cpu", weight_bits=8), Plan(offload="cpu", weight_bits=4)],
+               model=llama8b)
     bytes_ratio = ev.decode.h2d_bytes / ev.decode.h2d_bytes[0]
     assert bytes_ratio[2] == pytest.approx((0.5 + 4 / 64) / 2, rel=0.01)
     assert bytes_ratio[1] == pytest.approx((1 + 4 / 64) / 2, rel=0.01)
@@ -415,7 +420,8 @@ def test_tensor_parallel_exposes_all_reduces_and_the_drift(kit) -> None:
 
 
 def test_link_times_count_every_micro_batch_of_the_slowest_stage(kit) -> None:
-    ev = ev_of(kit, [Plan(offload="cpu", pp=2, batch_size=4, micro_batches=1), Plan(offload="cpu", pp=2, batch_size=4, micro_batches=4)], pp=2)
+    ev = ev_of(kit, [Plan(offload="cpu", pp=2, batch_size=4, micro_batches=1),
+                     Plan(offload="cpu", pp=2, batch_size=4, micro_batches=4)], pp=2)
     # Each micro-batch fetches the stage's weights again: 4 x the bytes per step.
     assert ev.decode.h2d_bytes[1] == pytest.approx(4 * ev.decode.h2d_bytes[0])
 

@@ -84,7 +84,8 @@ def test_zero3_partition_over_dp_without_offload(kit) -> None:
 
 
 def test_cpu_offload_keeps_only_persistent_and_live_weights(kit) -> None:
-    plans = [Plan(offload="cpu"), Plan(offload="cpu", max_live_elems=40_000_000), Plan(offload="cpu", prefetch_bucket_elems=0),
+    plans = [Plan(offload="cpu"), Plan(offload="cpu", max_live_elems=40_000_000),
+             Plan(offload="cpu", prefetch_bucket_elems=0),
              Plan(offload="cpu", prefetch_bucket_elems=1_000_000, max_live_elems=40_000_000)]  # fmt: skip
     _, m = mem(kit, plans)
     assert not m.gpu_parts["resident_weights"].any()
@@ -114,9 +115,11 @@ def test_kv_cache_by_hand(kit, tp: int, split: int) -> None:
 
 
 def test_kv_offload_with_micro_batches_holds_one_micro_batch(kit) -> None:
-    _, m = mem(kit, [Plan(pp=2, batch_size=8, micro_batches=4, kv_offload=True), Plan(pp=2, batch_size=8, micro_batches=4)], pp=2)
+    _, m = mem(kit, [Plan(pp=2, batch_size=8, micro_batches=4, kv_offload=True),
+                     Plan(pp=2, batch_size=8, micro_batches=4)], pp=2)
     assert m.gpu_parts["kv_cache"][0] == pytest.approx(2 * 2 * KV_PROMPT_PER_LAYER_SEQ)  # 2 layers x 2 sequences
-    assert m.gpu_parts["kv_cache"][1] == pytest.approx(2 * 8 * KV_PROMPT_PER_LAYER_SEQ)  # the stage's 2 layers, whole batch
+    # the stage's 2 layers, the whole batch
+    assert m.gpu_parts["kv_cache"][1] == pytest.approx(2 * 8 * KV_PROMPT_PER_LAYER_SEQ)
 
 
 def test_the_peak_is_the_prefill_or_the_last_decode_step(kit) -> None:
@@ -163,7 +166,8 @@ def test_gpu_parts_sum_to_peak_across_plans(kit) -> None:
 
 def test_cpu_offload_host_memory_by_hand(kit) -> None:
     _, m = mem(kit, [Plan(offload="cpu"), Plan(offload="cpu", pin_memory=False), Plan(offload="cpu", weight_bits=4)])
-    np.testing.assert_allclose(m.cpu_parts["offloaded_weights"], [PARAMS * 2, PARAMS * 2, MATRICES * (0.5 + 4 / 64) + VECTORS * 2])
+    np.testing.assert_allclose(m.cpu_parts["offloaded_weights"],
+                               [PARAMS * 2, PARAMS * 2, MATRICES * (0.5 + 4 / 64) + VECTORS * 2])
     np.testing.assert_allclose(m.cpu_parts["process"], 2 * GB)
     assert not m.cpu_parts["nvme_buffers"].any() and not m.nvme_bytes.any()
     np.testing.assert_allclose(m.cpu_bytes, m.cpu_parts["offloaded_weights"] + 2 * GB)
@@ -179,7 +183,8 @@ def test_gpu_resident_plan_uses_only_the_process_on_the_host(kit) -> None:
 
 
 def test_nvme_offload(kit) -> None:
-    _, m = mem(kit, [Plan(offload="nvme", nvme_buffer_count=4, nvme_buffer_elems=50_000_000), Plan(offload="nvme", pin_memory=False)])
+    _, m = mem(kit, [Plan(offload="nvme", nvme_buffer_count=4, nvme_buffer_elems=50_000_000),
+                     Plan(offload="nvme", pin_memory=False)])
     np.testing.assert_allclose(m.cpu_parts["nvme_buffers"], [4 * 5e7 * 2, 5 * 1e8 * 2])
     assert not m.cpu_parts["offloaded_weights"].any()
     np.testing.assert_allclose(m.nvme_bytes, PARAMS * 2)
@@ -261,7 +266,8 @@ def test_the_head_is_gathered_alone_when_max_live_is_below_the_last_layer_module
 
 
 @pytest.mark.parametrize("bits,buffer", [(8, 2.0), (4, 3.0)])
-def test_quantized_weights_are_gathered_packed_and_dequantized_into_a_16_bit_copy(kit, bits: int, buffer: float) -> None:
+def test_quantized_weights_are_gathered_packed_and_dequantized_into_a_16_bit_copy(kit, bits: int,
+                                                                                   buffer: float) -> None:
     """ZeRO-3 gathers the packed bytes and scales; the embedding, dequantized whole for its lookup, adds a
     16-bit copy (4-bit: and the unpacked uint8 tensor) at its moment (1x H100, 8B offload: 1.76 / 2.02 GB at
     8 / 4 bits, where 16-bit weights with the same knobs peaked at 1.18 GB)."""

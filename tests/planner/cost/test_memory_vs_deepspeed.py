@@ -11,8 +11,6 @@ DeepSpeed, torch and transformers are imported here only; the planner never impo
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 
@@ -20,8 +18,8 @@ from hpi.planner.catalog import load_model
 from hpi.planner.cost.estimate import evaluate
 from hpi.planner.cost.inputs import Knobs, make_arrangement
 from hpi.planner.cost.memory import live_param_elems
-from hpi.planner.cost.streaming import persistent_elems
 from hpi.planner.cost.shape import DENSE, HEAD, MOE, module_table
+from hpi.planner.cost.streaming import persistent_elems
 from hpi.planner.specs.hardware import Efficiency, GpuSpec, HardwareProfile, HostSpec
 from hpi.planner.specs.placement import Link, Placement
 from hpi.planner.specs.plan import Plan

@@ -85,7 +85,8 @@ def test_impossible_part_counts_raise(parts: int) -> None:
 
 def layer_weights(model) -> np.ndarray:
     stored = stored_elements(module_table(model))
-    w = np.array([stored[MOE if model.is_moe and i >= model.first_dense_layers else DENSE] for i in range(model.n_layers)])
+    w = np.array([stored[MOE if model.is_moe and i >= model.first_dense_layers else DENSE]
+                  for i in range(model.n_layers)])
     w[0] += stored[EMBED]
     w[-1] += stored[HEAD]
     return w
@@ -153,7 +154,8 @@ def test_no_p2p_for_one_stage(kit) -> None:
 
 
 def compose(stages, p2p, m, phase):
-    return compose_step(np.array([stages], dtype=float), np.array([p2p], dtype=float), np.array([m], dtype=float), phase)
+    return compose_step(np.array([stages], dtype=float), np.array([p2p], dtype=float), np.array([m], dtype=float),
+                        phase)
 
 
 def test_prefill_single_micro_batch() -> None:
@@ -171,7 +173,8 @@ def test_prefill_stage_bound_micro_batches() -> None:
     assert (c.stage_sum_weight[0], c.slowest_stage_weight[0]) == (1.0, 3.0)
     assert c.p2p_exposed_s[0] == pytest.approx(0.2)
     # The weights reproduce the step.
-    assert 6.0 * c.stage_sum_weight[0] + 3.0 * c.slowest_stage_weight[0] + c.p2p_exposed_s[0] == pytest.approx(c.step_s[0])
+    assert (6.0 * c.stage_sum_weight[0] + 3.0 * c.slowest_stage_weight[0] + c.p2p_exposed_s[0]
+            == pytest.approx(c.step_s[0]))
 
 
 def test_prefill_send_bound_micro_batches() -> None:
