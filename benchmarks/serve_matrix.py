@@ -140,7 +140,8 @@ def main() -> int:
     p.add_argument("--work", default="/tmp/ckpt-8b")
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
-    return {"run": cmd_run, "start": cmd_start, "load": cmd_load, "stop": cmd_stop, "tfserve": cmd_tfserve}[a.step](a, rest)
+    steps = {"run": cmd_run, "start": cmd_start, "load": cmd_load, "stop": cmd_stop, "tfserve": cmd_tfserve}
+    return steps[a.step](a, rest)
 
 
 if __name__ == "__main__":
