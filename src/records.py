@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -583,6 +584,7 @@ def load_records(paths: str | Path | Sequence[str | Path]) -> RecordList:
     (``skip_reason``); each record's ``source`` says where it was found and names it (``record_id``).
     """
     out = RecordList()
+    found: list[tuple[Path, str | None, str, Mapping[str, Any]]] = []
     for path in _files(paths):
         try:
             data = json.loads(path.read_text())
@@ -596,6 +598,11 @@ def load_records(paths: str | Path | Sequence[str | Path]) -> RecordList:
             if reason:
                 out.skipped[reason] = out.skipped.get(reason, 0) + 1
                 continue
-            source = Source(str(path), name, _default_id(path, name, index, len(entries)))
-            out.append(RunRecord.from_json(_unwrap(entry), source=source))
+            found.append((path, name, _default_id(path, name, index, len(entries)), entry))
+    # Two files of one stem in different folders (a rerun kept beside the first) would share a name; validate
+    # and calibrate key on it, so every record of a shared name is named with its folder too.
+    seen = Counter(rid for _, _, rid, _ in found)
+    for path, name, rid, entry in found:
+        rid = f"{path.parent.name}/{rid}" if seen[rid] > 1 else rid
+        out.append(RunRecord.from_json(_unwrap(entry), source=Source(str(path), name, rid)))
     return out

@@ -78,6 +78,19 @@ KEPT = {
     "2026-11-22-h200x4/run3-70b-remaining-b.json": (4, {}),
     "2026-11-22-h200x4/run4-70b-graphs.json": (24, {}),
     "2026-11-22-h200x4/run5-probe/h200-4gpu.probe.json": (0, {"not a RunRecord": 1}),
+    "2026-12-02-h200-serve/callA-first/8b-mixed.load.json": (0, {"not a RunRecord": 1}),
+    "2026-12-02-h200-serve/callA-first/8b-off-fused.load.json": (0, {"not a RunRecord": 1}),
+    "2026-12-02-h200-serve/callA-first/8b-off-separate.load.json": (0, {"not a RunRecord": 1}),
+    "2026-12-02-h200-serve/callA-first/8b-run-b1.run.json": (1, {}),
+    "2026-12-02-h200-serve/callA-first/8b-run-b64.run.json": (1, {}),
+    "2026-12-02-h200-serve/callA-first/8b.load.json": (0, {"not a RunRecord": 1}),
+    "2026-12-02-h200-serve/callB/70b-q4-run-b1.run.json": (1, {}),
+    "2026-12-02-h200-serve/callB/8b-mixed.load.json": (0, {"not a RunRecord": 1}),
+    "2026-12-02-h200-serve/callB/8b-run-b1.run.json": (1, {}),
+    "2026-12-02-h200-serve/callB/8b-run-b64.run.json": (1, {}),
+    "2026-12-02-h200-serve/callB/8b.load.json": (0, {"not a RunRecord": 1}),
+    "2026-12-02-h200-serve/callC-70b/70b-q4-c1.load.json": (0, {"not a RunRecord": 1}),
+    "2026-12-02-h200-serve/callC-70b/70b-q4-c16.load.json": (0, {"not a RunRecord": 1}),
 }
 
 
@@ -123,25 +136,33 @@ def kept() -> dict[str, object]:
 def test_every_kept_file_reads_with_its_records_and_skips_counted(kept) -> None:
     assert {name: (len(r), r.skipped) for name, r in kept.items()} == KEPT
     records = [r for got in kept.values() for r in got]
-    assert len(records) == 130
+    assert len(records) == 135
     assert sum(1 for r in records if r.entry is not None) == 125  # gpu_matrix bundles {name: record}
     assert sum(1 for r in records if r.source.id.startswith("trial-")) == 4  # hpi autotune trial files
     skipped: dict[str, int] = {}
     for got in kept.values():
         for reason, n in got.skipped.items():
             skipped[reason] = skipped.get(reason, 0) + n
-    assert skipped == {"not a RunRecord": 14, "error": 4, "baseline": 9}
-    assert len({r.record_id for r in records}) == 130  # names are unique: validate and calibrate rely on it
+    assert skipped == {"not a RunRecord": 22, "error": 4, "baseline": 9}
+    # Read together, names are unique (validate and calibrate key on them): a rerun kept under the stem of an
+    # earlier run is named with its folder, and so is the earlier one.
+    together = {r.record_id for r in load_records(_kept_files())}
+    assert len(together) == 135
+    assert {"callA-first/8b-run-b1.run", "callB/8b-run-b1.run", "70b-q4-run-b1.run"} <= together
 
 
 def test_every_kept_record_is_upgraded_and_loses_nothing(kept) -> None:
+    versions: dict[int, int] = {}
     for record in (r for got in kept.values() for r in got):
         raw = _raw_entry(record)
-        assert raw["version"] == 1  # every kept record predates version 2
         doc = record.to_json()
         assert doc["kind"] == KIND and doc["version"] == VERSION == 2
+        versions[raw["version"]] = versions.get(raw["version"], 0) + 1
+        if raw["version"] == VERSION:  # written by this hpi: read back exactly as written
+            assert doc == raw, record.record_id
         _carries(doc, upgrade(raw), record.record_id)
         assert RunRecord.from_json(doc) == record
+    assert versions == {1: 130, 2: 5}  # hpi serve's GPU call (2026-12-02) kept the first version-2 records
 
 
 def test_known_figures_of_known_files(kept) -> None:
