@@ -22,6 +22,7 @@ from typing import Any
 
 from optuna.trial import TrialState
 
+from hpi import atomic
 from hpi.autotune.study import trial_prediction
 from hpi.planner.specs.plan import Plan
 
@@ -59,7 +60,7 @@ def _save(plt, fig, path: Path, ax=None) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic.write_figure(path, fig, dpi=110)
     plt.close(fig)
 
 
@@ -360,7 +361,5 @@ def write_report(study_dir: Path, study, surrogate, doc: dict[str, Any]) -> Path
                   + ", ".join(f"{k} {v:+.2f}" for k, v in effects.items()), ""]
     lines += ["## Trials", ""] + _trial_rows(trials) + [""]
     path = study_dir / "report.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(path)
+    atomic.write_text(path, "\n".join(lines))
     return path

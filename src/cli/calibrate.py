@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from hpi import atomic
 from hpi.planner.calibrate import METRICS
 
 _METRIC_LABELS = {"decode_step_s": "decode step", "prefill_s": "prefill", "peak_gpu_bytes": "peak GPU (allocated)"}
@@ -282,5 +283,5 @@ def plot(result, path: str | Path) -> None:
                title=_METRIC_LABELS[metric] + (" (bytes)" if metric == "peak_gpu_bytes" else " (s)"))
         ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic.write_figure(path, fig, dpi=120)
     plt.close(fig)

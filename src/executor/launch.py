@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from hpi.atomic import write_json
 from hpi.executor.render import DEFAULT_WORKER, MULTICAST_OFF_ENV, launch_command
 from hpi.executor.spec import RunSpec
 from hpi.records import RecordError, RunRecord
@@ -328,7 +329,7 @@ def launch(
         str(spec_path), nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
         master_port=port, log_dir=str(log_dir), python=python, worker=tuple(WORKER if worker is None else worker),
     )
-    (log_dir / "command.json").write_text(json.dumps({"argv": argv}, indent=1))
+    write_json(log_dir / "command.json", {"argv": argv})
     proc = subprocess.Popen(
         argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         encoding="utf-8", errors="replace", bufsize=1,

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from hpi.atomic import write_json as write_json_atomic  # the one atomic writer (hpi.atomic); old name kept
 from hpi.planner.specs.plan import Plan, reject_unknown_fields
 from hpi.planner.specs.workload import COMPUTE_DTYPES as DTYPES
 from hpi.planner.specs.workload import FETCH_WAITS, Workload
@@ -167,20 +167,3 @@ class RunSpec:
     def read(cls, path: str | os.PathLike) -> "RunSpec":
         with open(path) as f:
             return cls.from_dict(json.load(f))
-
-
-def write_json_atomic(path: str | os.PathLike, doc: Any) -> Path:
-    """Write JSON so that a reader never sees half a file: temp file in the same folder, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

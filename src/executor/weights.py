@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from hpi import atomic
 from hpi.executor.tp import Slice
 
 __all__ = [
@@ -185,8 +186,8 @@ def write_checkpoint(state_dict: dict[str, torch.Tensor], config, out_dir: str |
                   metadata={"format": "pt"})
         weight_map.update({k: fname for k, _ in shard})
     total = sum(v.numel() * v.element_size() for _, v in items)
-    (out / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                             indent=2, sort_keys=True))
+    atomic.write_json(out / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2,
+                      sort_keys=True)
     config.to_json_file(str(out / "config.json"))
     return out
 

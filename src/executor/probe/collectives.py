@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from hpi import atomic
 from hpi.executor.probe.settings import ProbeSettings
 
 __all__ = ["GRAPHED_MAX_BYTES", "GRAPHED_CALLS", "measure_allreduce", "size_words"]
@@ -71,7 +72,7 @@ def _allreduce_worker(rank: int, world: int, backend: str, init_file: str, sizes
                 del buf
         dist.barrier(**barrier_kw)
     if rank == 0:
-        Path(out_path).write_text(json.dumps({"seconds": seconds, "graphed_seconds": graphed if cuda else {}}))
+        atomic.write_json(out_path, {"seconds": seconds, "graphed_seconds": graphed if cuda else {}}, indent=None)
     dist.destroy_process_group()
 
 

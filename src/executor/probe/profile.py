@@ -8,14 +8,13 @@ keeps). Figures that failed to measure fall back to ``assumed`` values whose not
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
+from hpi import atomic
 from hpi.executor.probe.disk import os_note
 from hpi.executor.probe.efficiency import collective_efficiency, kernel_efficiency
 from hpi.executor.probe.figures import copy_figure, gbs, q, step_error
@@ -283,10 +282,7 @@ def write_profile(profile: Mapping[str, Any], path: Path, header: str = "") -> N
     """Write the YAML (a comment header, then the sections in schema order) atomically."""
     text = ("".join(f"# {line}\n" for line in header.splitlines())
             + yaml.safe_dump(dict(profile), sort_keys=False, width=200))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic.write_text(path, text)
 
 
 def measurements_path(profile_path: Path) -> Path:
@@ -296,4 +292,4 @@ def measurements_path(profile_path: Path) -> Path:
 
 def write_measurements(doc: Mapping[str, Any], path: Path) -> None:
     """The measurement document ``run_probe`` returned, as JSON (every repeat's median, every size and group)."""
-    path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    atomic.write_json(path, doc, newline=True)

@@ -64,3 +64,26 @@ def test_failed_measurements_fall_back_to_assumed_figures_that_say_so(fake_doc, 
     assert profile.provenance["gpu.bf16_flops"].source == "assumed"
     assert "CUDA error" in profile.provenance["gpu.bf16_flops"].note
     assert profile.efficiency.collective_bandwidth == 0.80  # no NCCL figure: the default
+
+
+def test_profile_and_probe_json_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch, fake_doc):
+    """NAME.yaml and NAME.probe.json go through hpi.atomic: a write stopped midway keeps the old files."""
+    from hpi import atomic
+    from hpi.executor.probe import build_profile, measurements_path, write_measurements, write_profile
+
+    doc = fake_doc(2, "h200x2.txt")
+    path = tmp_path / "box.yaml"
+    write_profile(build_profile(doc, "box"), path, header="first")
+    write_measurements({"first": True}, measurements_path(path))
+    before = {p.name: p.read_text() for p in tmp_path.iterdir()}
+    assert sorted(before) == ["box.probe.json", "box.yaml"]
+
+    def interrupted(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic.os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_profile(build_profile(doc, "box"), path, header="second")
+    with pytest.raises(KeyboardInterrupt):
+        write_measurements({"second": True}, measurements_path(path))
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == before  # no half file, no temporary left
