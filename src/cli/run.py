@@ -49,8 +49,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="cpu: DeepSpeed's CPU accelerator with gloo, for tests (default cuda)")
     p.add_argument("--checkpoint", default=None, metavar="DIR",
                    help="local HF checkpoint (safetensors + tokenizer); default: random weights")
-    p.add_argument("--out", default="runs/latest", metavar="DIR",
-                   help="run folder: spec.json, ds_config.json, record.json, logs/ (default runs/latest)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="run folder: spec.json, ds_config.json, record.json, logs/ (default: a fresh "
+                        "runs/<UTC time>-<plan>/, runs/latest pointing at it); one run at a time per folder")
     p.add_argument("--force", action="store_true", help="run a plan the prediction says cannot fit")
     p.add_argument("--nvme-path", default=None, metavar="DIR", help="folder on the NVMe drive (--offload nvme)")
     p.add_argument("--seed", type=count, default=0)
@@ -111,7 +112,9 @@ def _is_record_line(line: str) -> bool:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    deployment = resolve(args)
+    from hpi.executor.rundir import claim_run_folder  # imports no torch
+
+    deployment = claim_run_folder(resolve(args))  # locked (busy: one line, exit 2); no --out: runs/<time>-<plan>/
     spec, plan = deployment.spec, deployment.plan
 
     # the executor only now: the planner's commands never import it

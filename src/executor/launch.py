@@ -36,10 +36,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 from hpi.atomic import write_json
+from hpi.executor.diagnose import LaunchError, diagnose, where_ranks_were
 from hpi.executor.render import DEFAULT_WORKER, MULTICAST_OFF_ENV, launch_command
+from hpi.executor.rundir import hold_for_launch
 from hpi.executor.spec import RunSpec
 from hpi.records import RecordError, RunRecord
 
@@ -51,22 +53,8 @@ RECORD_FILE = "record.json"
 LOG_PREFIX_TEMPLATE = "[rank${rank}]:"  # torchrun's console prefix: the GLOBAL rank
 WORKER: tuple[str, ...] = DEFAULT_WORKER  # tests point this at a stand-in worker
 GRACE_S = 5.0  # SIGTERM -> SIGKILL
-TAIL_LINES = 10
 
 _CONSOLE_LINE = re.compile(r"^\[rank(\d+)\]:(.*)$", re.S)
-
-
-class LaunchError(RuntimeError):
-    """A run that did not produce a record. ``str(e)`` is one fact per line, the first one the summary."""
-
-    def __init__(self, message: str, *, rank: int | None = None, exit_code: int | None = None,
-                 out_of_memory: bool = False, log_dir: str | None = None, reason: str = "failed") -> None:
-        super().__init__(message)
-        self.reason = reason  # "failed" | "interrupted" | "timeout"
-        self.rank = rank
-        self.exit_code = exit_code
-        self.out_of_memory = out_of_memory
-        self.log_dir = log_dir
 
 
 @dataclass(frozen=True)
@@ -316,76 +304,84 @@ def launch(
         raise ValueError("several nodes must agree on one rendezvous port: pass master_port")
     port = free_port() if master_port is None else master_port
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    spec_path = spec.write(out_dir / SPEC_FILE).resolve()
-    record_path = out_dir / RECORD_FILE
-    if node_rank == 0:
-        record_path.unlink(missing_ok=True)  # a stale record must not pass for this run's
-    log_dir = out_dir / "logs" / f"node{node_rank}"
-    shutil.rmtree(log_dir, ignore_errors=True)
-    log_dir.mkdir(parents=True)
-
-    argv = launch_command(
-        str(spec_path), nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
-        master_port=port, log_dir=str(log_dir), python=python, worker=tuple(WORKER if worker is None else worker),
-    )
-    write_json(log_dir / "command.json", {"argv": argv})
-    proc = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        encoding="utf-8", errors="replace", bufsize=1,
-        env={**launch_env(spec, visible_gpus=visible_gpus), **(extra_env or {})},
-        start_new_session=True, preexec_fn=_parent_death_signal(),
-    )
-    run = _Torchrun(proc)
-    run.start_pumps(log_dir / "torchrun.log")
-    started = time.monotonic()
-    rank0_last = ""
+    lock = hold_for_launch(out_dir, node_rank)  # a busy folder: RunFolderBusy, before anything is written
     try:
+        spec_path = spec.write(out_dir / SPEC_FILE).resolve()
+        record_path = out_dir / RECORD_FILE
+        if node_rank == 0:
+            record_path.unlink(missing_ok=True)  # a stale record must not pass for this run's
+        log_dir = out_dir / "logs" / f"node{node_rank}"
+        shutil.rmtree(log_dir, ignore_errors=True)
+        log_dir.mkdir(parents=True)
+        argv = launch_command(
+            str(spec_path), nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
+            master_port=port, log_dir=str(log_dir), python=python, worker=tuple(WORKER if worker is None else worker),
+        )
+        write_json(log_dir / "command.json", {"argv": argv})
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            encoding="utf-8", errors="replace", bufsize=1,
+            env={**launch_env(spec, visible_gpus=visible_gpus), **(extra_env or {})},
+            start_new_session=True, preexec_fn=_parent_death_signal(),
+        )
+        run = _Torchrun(proc)
+        run.start_pumps(log_dir / "torchrun.log")
         try:
-            eof = False
-            while not eof or proc.poll() is None:
-                try:
-                    line = run.stdout_q.get(timeout=0.1)
-                except queue.Empty:
-                    line = ""
-                if line is None:
-                    eof = True
-                elif line:
-                    m = _CONSOLE_LINE.match(line)
-                    if m and int(m.group(1)) == 0:
-                        text = m.group(2).rstrip("\r\n")
-                        if text.strip():
-                            rank0_last = text
-                        if stream is not None:
-                            stream(text)
-                run.track()
-                if timeout_s is not None and time.monotonic() - started > timeout_s:
-                    raise TimeoutError
-                if cancel is not None and cancel.is_set():
-                    raise KeyboardInterrupt
-                if eof and proc.poll() is None:
-                    time.sleep(0.05)
-        except KeyboardInterrupt:
-            run.terminate(grace_s)
-            raise LaunchError("\n".join(["interrupted", f"logs: {log_dir}", *_where_ranks_were(log_dir)]),
-                              log_dir=str(log_dir), reason="interrupted") from None
-        except TimeoutError:
-            run.terminate(grace_s)
-            raise LaunchError("\n".join([f"timed out after {timeout_s:g} s", f"logs: {log_dir}",
-                                         *_where_ranks_were(log_dir)]),
-                              log_dir=str(log_dir), reason="timeout") from None
-        except BaseException:
-            run.terminate(grace_s)
-            raise
-        proc.wait()
+            rank0_last = _watch(run, log_dir, stream=stream, timeout_s=timeout_s, cancel=cancel, grace_s=grace_s)
+        finally:
+            run.close()
+        if proc.returncode != 0:
+            raise diagnose(proc.returncode, "".join(run.stderr_tail), log_dir, node_rank, nproc_per_node)
+        if node_rank != 0 or spec.mode == "serve":
+            return NodeSummary(node_rank, nnodes, nproc_per_node, str(log_dir))
+        return _read_record(record_path, rank0_last, log_dir)
     finally:
-        run.close()
+        lock.release()
 
-    if proc.returncode != 0:
-        raise _diagnose(proc.returncode, "".join(run.stderr_tail), log_dir, node_rank, nproc_per_node)
-    if node_rank != 0 or spec.mode == "serve":
-        return NodeSummary(node_rank, nnodes, nproc_per_node, str(log_dir))
-    return _read_record(record_path, rank0_last, log_dir)
+
+def _watch(run: _Torchrun, log_dir: Path, *, stream: Callable[[str], Any] | None, timeout_s: float | None,
+           cancel: threading.Event | None, grace_s: float) -> str:
+    """Relay rank 0's lines and wait for torchrun to exit; stop every rank on Ctrl-C, ``cancel`` or the timeout
+    (``LaunchError``). Returns rank 0's last non-empty stdout line (the record's fallback)."""
+    proc, started, rank0_last = run.proc, time.monotonic(), ""
+    try:
+        eof = False
+        while not eof or proc.poll() is None:
+            try:
+                line = run.stdout_q.get(timeout=0.1)
+            except queue.Empty:
+                line = ""
+            if line is None:
+                eof = True
+            elif line:
+                m = _CONSOLE_LINE.match(line)
+                if m and int(m.group(1)) == 0:
+                    text = m.group(2).rstrip("\r\n")
+                    if text.strip():
+                        rank0_last = text
+                    if stream is not None:
+                        stream(text)
+            run.track()
+            if timeout_s is not None and time.monotonic() - started > timeout_s:
+                raise TimeoutError
+            if cancel is not None and cancel.is_set():
+                raise KeyboardInterrupt
+            if eof and proc.poll() is None:
+                time.sleep(0.05)
+    except KeyboardInterrupt:
+        run.terminate(grace_s)
+        raise LaunchError("\n".join(["interrupted", f"logs: {log_dir}", *where_ranks_were(log_dir)]),
+                          log_dir=str(log_dir), reason="interrupted") from None
+    except TimeoutError:
+        run.terminate(grace_s)
+        raise LaunchError("\n".join([f"timed out after {timeout_s:g} s", f"logs: {log_dir}",
+                                     *where_ranks_were(log_dir)]),
+                          log_dir=str(log_dir), reason="timeout") from None
+    except BaseException:
+        run.terminate(grace_s)
+        raise
+    proc.wait()
+    return rank0_last
 
 
 def _read_record(path: Path, last_line: str, log_dir: Path) -> RunRecord:
@@ -411,186 +407,3 @@ def _read_record(path: Path, last_line: str, log_dir: Path) -> RunRecord:
     except RecordError as e:
         raise LaunchError(f"rank 0 wrote a record hpi cannot read: {e}\nlogs: {log_dir}", rank=0,
                           log_dir=str(log_dir)) from None
-
-
-# ---- what went wrong ----------------------------------------------------------------------------------
-
-# Errors a rank sees because ANOTHER rank died: never the root cause when a better candidate exists.
-_SECONDARY = re.compile(
-    r"Connection closed by peer|remote worker crashing|Connection reset by peer|Broken pipe|"
-    r"NCCL communicator was aborted|ProcessGroupNCCL.*(?:watchdog|abort)|DistStoreError|"
-    r"TCPStore.*(?:failed|closed)|recvBytes|sendBytes",
-    re.I,
-)
-_OOM = [
-    re.compile(r"CUDA out of memory\.?[^\n]*", re.I),
-    re.compile(r"(?:torch\.)?(?:cuda\.)?OutOfMemoryError:[^\n]*"),
-    re.compile(r"DefaultCPUAllocator: can't allocate memory[^\n]*"),
-    re.compile(r"\bMemoryError\b:?[^\n]*"),
-    re.compile(r"Cannot allocate memory[^\n]*"),
-    re.compile(r"\bout of memory\b[^\n]*", re.I),
-]
-_SIZE = re.compile(r"\d+(?:\.\d+)?\s*(?:[KMGTP]i?B|bytes)\b")
-
-
-@dataclass
-class _Failure:
-    rank: int | None  # global rank
-    local_rank: int
-    exit_code: int | None
-    root_cause: bool = False
-    error_file: Path | None = None
-
-
-def _signal_name(code: int) -> str:
-    try:
-        return signal.Signals(-code).name
-    except ValueError:
-        return f"signal {-code}"
-
-
-def _parse_torchrun_failures(text: str) -> list[_Failure]:
-    """The failure entries of torchrun's ChildFailedError summary, root cause(s) first."""
-    if "Root Cause" not in text:
-        return []
-    others, _, root = text.rpartition("Root Cause")
-    others = others[others.rfind("Failures:"):] if "Failures:" in others else ""
-    found: list[_Failure] = []
-    for block, is_root in ((root, True), (others, False)):
-        for entry in re.split(r"\n\s*\[\d+\]:\s*\n", block)[1:]:
-            m = re.search(r"rank\s*:\s*(-?\d+)\s*\(local_rank:\s*(\d+)\)", entry)
-            if not m:
-                continue
-            code = re.search(r"exitcode\s*:\s*(-?\d+)", entry)
-            efile = re.search(r"error_file\s*:\s*(\S+)", entry)
-            path = Path(efile.group(1)) if efile and efile.group(1) != "<N/A>" else None
-            found.append(_Failure(int(m.group(1)), int(m.group(2)), int(code.group(1)) if code else None,
-                                  root_cause=is_root, error_file=path))
-    return found
-
-
-def _attempt_dir(log_dir: Path) -> Path | None:
-    attempts = sorted(log_dir.glob("*/attempt_*"), key=lambda p: p.stat().st_mtime)
-    return attempts[-1] if attempts else None
-
-
-def _tail(path: Path, n: int) -> list[str]:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 64 * 1024))
-            lines = f.read().decode(errors="replace").splitlines()
-    except OSError:
-        return []
-    return [line.rstrip() for line in lines if line.strip()][-n:]
-
-
-def _where_ranks_were(log_dir: Path, per_rank: int = 2, max_ranks: int = 16) -> list[str]:
-    """The last lines each local rank printed before it was stopped: where a hung run hung."""
-    attempt = _attempt_dir(log_dir)
-    if attempt is None:
-        return ["no rank had started"]
-    lines = []
-    ranks = sorted((d for d in attempt.iterdir() if d.is_dir() and d.name.isdigit()), key=lambda d: int(d.name))
-    for d in ranks[:max_ranks]:
-        tail = _tail(d / "stdout.log", per_rank) + _tail(d / "stderr.log", per_rank)
-        lines.append(f"local rank {d.name} last printed: " + (" | ".join(_strip_prefixes(t).strip() for t in tail)
-                                                              if tail else "nothing"))
-    return lines
-
-
-def _error_json_message(path: Path | None) -> str | None:
-    if path is None or not path.is_file():
-        return None
-    try:
-        doc = json.loads(path.read_text())
-        msg = doc.get("message", {})
-        return msg.get("message") if isinstance(msg, dict) else str(msg)
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return None
-
-
-def _strip_prefixes(line: str) -> str:
-    """Drop torch's ``[rank0]:`` line prefixes, keep the indentation after them."""
-    return re.sub(r"^(?:\[(?:rank|default)?\d+\]: ?)+", "", line).rstrip()
-
-
-def _out_of_memory(texts: Iterable[str]) -> str | None:
-    """The out-of-memory statement of a log, if any: its line, trimmed, figures kept."""
-    lines = [_strip_prefixes(line) for text in texts for line in text.splitlines()]
-    for pattern in _OOM:
-        for line in reversed(lines):
-            m = pattern.search(line)
-            if m:
-                statement = re.sub(r"^(?:torch\.)?(?:cuda\.)?(?:OutOfMemoryError|MemoryError|RuntimeError):\s*", "",
-                                   m.group(0).strip()).strip()
-                return statement[:400] or "out of memory"
-    return None
-
-
-def _diagnose(returncode: int, torchrun_stderr: str, log_dir: Path, node_rank: int, nproc: int) -> LaunchError:
-    attempt = _attempt_dir(log_dir)
-    failures = _parse_torchrun_failures(torchrun_stderr)
-    if not failures and attempt is not None:  # no summary (torchrun itself died): look at the rank folders
-        for d in sorted(attempt.iterdir(), key=lambda p: p.name):
-            if d.is_dir() and d.name.isdigit() and (d / "error.json").is_file():
-                failures.append(_Failure(None, int(d.name), None, error_file=d / "error.json"))
-
-    def logs_of(f: _Failure) -> dict[str, list[str]]:
-        if attempt is None:
-            return {}
-        d = attempt / str(f.local_rank)
-        return {name: _tail(d / name, 200) for name in ("stdout.log", "stderr.log")}
-
-    def score(f: _Failure) -> tuple[int, int]:
-        texts = ["\n".join(v) for v in logs_of(f).values()] + [_error_json_message(f.error_file) or ""]
-        joined = "\n".join(texts)
-        if _out_of_memory(texts):
-            kind = 0
-        elif _SECONDARY.search(joined) or f.exit_code == -signal.SIGTERM:
-            kind = 3
-        elif f.error_file is not None and f.error_file.is_file():
-            kind = 1
-        else:
-            kind = 2
-        return kind, 0 if f.root_cause else 1
-
-    if not failures:
-        tail = [line.rstrip() for line in torchrun_stderr.splitlines() if line.strip()][-TAIL_LINES:]
-        lines = [f"torchrun exited with code {returncode} before any rank reported a failure",
-                 f"logs: {log_dir}", "last lines of torchrun:"] + [f"  | {line}" for line in tail]
-        return LaunchError("\n".join(lines), exit_code=returncode, log_dir=str(log_dir))
-
-    culprit = min(failures, key=score)
-    logs = logs_of(culprit)
-    rank = culprit.rank if culprit.rank is not None else node_rank * nproc + culprit.local_rank
-    where = f"rank {rank} (node {node_rank}, local rank {culprit.local_rank})"
-    code = culprit.exit_code
-    if code is None:
-        how = "failed"
-    elif code < 0:
-        how = f"was killed by {_signal_name(code)}"
-    else:
-        how = f"exited with code {code}"
-    error_message = _error_json_message(culprit.error_file)
-    oom = _out_of_memory(["\n".join(v) for v in logs.values()] + [error_message or ""])
-    lines = [f"{where} ran out of memory: {oom}" if oom else f"{where} {how}"]
-    if oom:
-        sizes = _SIZE.findall(oom)
-        lines.append(f"{where} {how}" + (f"; figures: {', '.join(sizes)}" if sizes else ""))
-    elif code == -signal.SIGKILL and not error_message:
-        lines.append("a SIGKILL with no error in the log is usually the kernel's out-of-memory killer: see dmesg")
-    if error_message and not oom:
-        lines.append(f"error: {error_message[:400]}")
-    others = [f for f in failures if f is not culprit]
-    if others:
-        lines.append("then: " + "; ".join(
-            f"rank {f.rank} " + ("stopped by torchrun (SIGTERM)" if f.exit_code == -signal.SIGTERM else
-                                 f"exit code {f.exit_code}") for f in others))
-    if attempt is not None:
-        lines.append(f"log: {attempt / str(culprit.local_rank)}")
-    for name, tail in logs.items():
-        if tail:
-            lines.append(f"last lines of rank {rank} {name}:")
-            lines += [f"  | {_strip_prefixes(line)}" for line in tail[-TAIL_LINES:]]
-    return LaunchError("\n".join(lines), rank=rank, exit_code=code, out_of_memory=bool(oom), log_dir=str(log_dir))

@@ -15,6 +15,7 @@ import pytest
 
 from hpi.cli import main
 from hpi.executor import launch as launch_mod
+from hpi.executor.diagnose import diagnose
 from hpi.executor.launch import LaunchError, launch
 from hpi.executor.spec import RunSpec
 from hpi.planner.specs.plan import Plan
@@ -188,10 +189,10 @@ Root Cause (first observed failure):
   traceback : Signal 9 (SIGKILL) received by PID 20742
 ============================================================
 """
-    e = launch_mod._diagnose(1, summary, tmp_path, node_rank=1, nproc=4)
+    e = diagnose(1, summary, tmp_path, node_rank=1, nproc=4)
     assert str(e).splitlines()[0] == "rank 5 (node 1, local rank 1) was killed by SIGKILL"
     assert "out-of-memory killer" in str(e) and e.exit_code == -9
-    e = launch_mod._diagnose(1, "RuntimeError: rendezvous timed out\n", tmp_path, node_rank=0, nproc=2)
+    e = diagnose(1, "RuntimeError: rendezvous timed out\n", tmp_path, node_rank=0, nproc=2)
     assert "torchrun exited with code 1" in str(e) and "rendezvous timed out" in str(e)
 
 
