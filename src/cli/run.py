@@ -1,8 +1,10 @@
 """``hpi run``: deploy one plan for real (DeepSpeed ZeRO-3 x TP x PP) and report what it measured beside
 what the planner predicted.
 
-Parse, resolve (``hpi.deployment.resolve_deployment``: every check before anything is written), start
-(``hpi.executor.launch.start``), print. Importing this module imports neither torch nor the executor's
+Parse, resolve (``hpi.deployment.resolve_deployment``: every check before anything is written), claim the run
+folder (``hpi.executor.rundir``), start (``hpi.executor.launch.start``), print. Exit status: 0 done, 1 the run
+failed (a rank died, hung or timed out), 2 a usage error (a busy run folder too), 130 Ctrl-C, 143 SIGTERM (the
+ranks are stopped either way). Importing this module imports neither torch nor the executor's
 launcher: they are imported when the command runs.
 """
 
@@ -19,6 +21,7 @@ from hpi.cli.args import (
     add_run_conditions,
     add_target,
     count,
+    non_negative,
     plan_from_args,
     workload_from_args,
 )
@@ -59,6 +62,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--chat", action="store_true", help="stop at EOS and stream the tokens as they come")
     p.add_argument("--timeout", type=float, default=None, metavar="S", help="stop the run after S seconds")
+    p.add_argument("--hang-timeout", type=non_negative, default=None, metavar="S",
+                   help="stop the run when a rank makes no progress for S seconds, naming it (default: max(300, 20 x "
+                        "predicted step + prefill), 1800 without --hardware; 0: off)")
     p.add_argument("--nnodes", type=count, default=1, help="nodes taking part (one hpi run per node)")
     p.add_argument("--node-rank", type=count, default=0, help="this node's rank (0 runs rank 0)")
     p.add_argument("--master-addr", default="127.0.0.1", help="node 0's address (rendezvous)")
@@ -137,10 +143,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     sys.stderr.write(f"hpi run: {plan.label} on {plan.world_size} rank(s), {spec.device} {spec.dtype}; "
                      f"run folder {spec.out_dir}\n")
     try:
-        result = launcher.start(deployment, timeout_s=args.timeout, stream=stream)
+        result = launcher.start(deployment, timeout_s=args.timeout, stream=stream, hang_timeout_s=args.hang_timeout)
     except launcher.LaunchError as e:
         sys.stderr.write(f"hpi run: {'' if e.reason == 'interrupted' else 'failed: '}{e}\n")
-        return EXIT_INTERRUPTED if e.reason == "interrupted" else EXIT_RUN_FAILED
+        return (128 + e.signum if e.signum else EXIT_INTERRUPTED) if e.reason == "interrupted" else EXIT_RUN_FAILED
     if args.json:
         emit_json(result.to_json())
         return 0

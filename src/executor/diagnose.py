@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-__all__ = ["LaunchError", "TAIL_LINES", "diagnose", "where_ranks_were", "attempt_dir", "tail_lines", "strip_prefixes"]
+__all__ = ["LaunchError", "TAIL_LINES", "diagnose", "hang_error", "where_ranks_were", "attempt_dir", "tail_lines",
+           "strip_prefixes"]
 
 TAIL_LINES = 10
 
@@ -26,9 +27,11 @@ class LaunchError(RuntimeError):
     """A run that did not produce a record. ``str(e)`` is one fact per line, the first one the summary."""
 
     def __init__(self, message: str, *, rank: int | None = None, exit_code: int | None = None,
-                 out_of_memory: bool = False, log_dir: str | None = None, reason: str = "failed") -> None:
+                 out_of_memory: bool = False, log_dir: str | None = None, reason: str = "failed",
+                 signum: int | None = None) -> None:
         super().__init__(message)
-        self.reason = reason  # "failed" | "interrupted" | "timeout"
+        self.reason = reason  # "failed" | "interrupted" | "timeout" | "hung"
+        self.signum = signum  # "interrupted": SIGINT (Ctrl-C, a cancel) or SIGTERM; hpi run exits 128 + it
         self.rank = rank
         self.exit_code = exit_code
         self.out_of_memory = out_of_memory
@@ -214,3 +217,19 @@ def diagnose(returncode: int, torchrun_stderr: str, log_dir: Path, node_rank: in
             lines.append(f"last lines of rank {rank} {name}:")
             lines += [f"  | {strip_prefixes(line)}" for line in tail[-TAIL_LINES:]]
     return LaunchError("\n".join(lines), rank=rank, exit_code=code, out_of_memory=bool(oom), log_dir=str(log_dir))
+
+
+def hang_error(hang, timeout_s: float, log_dir: Path, local_rank: int) -> LaunchError:
+    """The watchdog's verdict (``hpi.executor.watchdog.Hang``) in words: the rank, why, its last lines (its
+    heartbeats: how far it got), then where every rank was."""
+    why = ("its process has been stopped (SIGSTOP or a debugger)" if hang.stopped
+           else f"it printed nothing for {hang.silent_s:.0f} s")
+    lines = [f"rank {hang.rank} (local rank {local_rank}) made no progress: {why}; hang timeout {timeout_s:g} s "
+             f"(--hang-timeout)", f"logs: {log_dir}"]
+    attempt = attempt_dir(log_dir)
+    tail = tail_lines(attempt / str(local_rank) / "stdout.log", 3) if attempt is not None else []
+    if tail:
+        lines.append(f"last lines of rank {hang.rank} stdout.log:")
+        lines += [f"  | {strip_prefixes(line)}" for line in tail]
+    return LaunchError("\n".join(lines + where_ranks_were(log_dir)), rank=hang.rank, log_dir=str(log_dir),
+                       reason="hung")

@@ -155,6 +155,7 @@ class PipelineGenerator:
     decode_graphs: bool = False  # decode forwards replayed as CUDA graphs over a static cache (module docstring)
     new_static_cache: Callable[[int], object] = StaticKVCache  # max slots -> the cache decode_graphs uses
     on_tokens: Callable[[int, list[torch.Tensor]], None] | None = None  # (forward, tokens per micro-batch)
+    on_forward: Callable[[int, int], None] | None = None  # (forward, forwards asked), every rank: the heartbeat
     times: StepTimes = field(default_factory=StepTimes)
 
     def _split(self, batch: int) -> list[int]:
@@ -234,6 +235,8 @@ class PipelineGenerator:
             self.times.busy_s.append(busy)
             if self.on_tokens is not None and g.is_last_stage:
                 self.on_tokens(forward, [gen[-1] for gen in generated])
+            if self.on_forward is not None:
+                self.on_forward(forward, max_new_tokens)
             if chat and self._all_done(generated, done):
                 break
         if not g.is_last_stage:

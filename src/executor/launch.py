@@ -1,15 +1,18 @@
 """Start a run's ranks, watch them, and bring back the RunRecord or a clear failure. The only code that
 starts processes.
 
-``launch(spec)`` writes ``<out_dir>/spec.json``, starts ``torchrun`` (``render.launch_command``) in a new
-session, streams rank 0's stdout lines to a callback as they come, and waits:
+``launch(spec)`` takes the run folder's lock (``hpi.executor.rundir``: a folder another run holds is refused),
+binds the rendezvous port on the master address (``hpi.executor.torchrun``), writes ``<out_dir>/spec.json``,
+starts torchrun (``render.launch_command``) in a new session, streams rank 0's stdout lines to a callback as
+they come, feeds every rank's lines to the watchdog (``hpi.executor.watchdog``), and waits:
 
 - success: rank 0 wrote ``<out_dir>/record.json`` (its last stdout line is the same JSON document, the
   fallback when the file is missing) -> the ``hpi.records.RunRecord`` (on another node: a ``NodeSummary``);
 - failure: ``LaunchError`` naming the rank that failed first, its exit code or signal, out-of-memory in
   words with the figures its log shows, and the last lines of its log;
-- Ctrl-C or timeout: the whole tree is stopped (SIGTERM, then SIGKILL after a grace period) and
-  ``LaunchError("interrupted" | "timed out after N s")`` is raised.
+- Ctrl-C, SIGTERM, timeout or a hung rank: the whole tree is stopped (SIGTERM, then SIGKILL after a grace
+  period) and ``LaunchError("interrupted" | "terminated by SIGTERM" | "timed out after N s" | "rank R ... made
+  no progress ...")`` is raised (``hpi.executor.diagnose`` words every failure).
 
 No process outlives ``launch``: torchrun starts each worker in a session of its own (its
 ``subprocess_handler`` passes ``start_new_session=True``), so killing torchrun's process group is not
@@ -23,6 +26,7 @@ Logs: ``<out_dir>/logs/node<k>/`` holds torchrun's own output (``torchrun.log``)
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import queue
@@ -39,10 +43,12 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from hpi.atomic import write_json
-from hpi.executor.diagnose import LaunchError, diagnose, where_ranks_were
+from hpi.executor.diagnose import LaunchError, diagnose, hang_error, where_ranks_were
 from hpi.executor.render import DEFAULT_WORKER, MULTICAST_OFF_ENV, launch_command
 from hpi.executor.rundir import hold_for_launch
 from hpi.executor.spec import RunSpec
+from hpi.executor.torchrun import LISTEN_FD_ENV, bind_listener, interface_of
+from hpi.executor.watchdog import Hang, Watchdog, default_hang_timeout_s, is_heartbeat, rank_of_process
 from hpi.records import RecordError, RunRecord
 
 __all__ = ["LaunchError", "NodeSummary", "launch", "start", "launch_env", "free_port", "WORKER", "RECORD_FILE",
@@ -186,6 +192,7 @@ class _Torchrun:
     tracked: dict[int, int] = field(default_factory=dict)
     threads: list[threading.Thread] = field(default_factory=list)
     last_track: float = 0.0
+    ranks: dict[int, int | None] = field(default_factory=dict)  # worker pid -> its global rank
 
     def start_pumps(self, log_path: Path) -> None:
         def pump_stdout() -> None:
@@ -211,6 +218,19 @@ class _Torchrun:
             self.tracked.update(_descendants(self.proc.pid))
             self.last_track = now
 
+    def stopped_ranks(self) -> set[int]:
+        """The global ranks whose worker process (a child of torchrun) is stopped (state T) right now."""
+        stopped = set()
+        for pid, start in list(self.tracked.items()):
+            st = _proc_stat(pid)
+            if st is None or st[2] != start or st[0] != self.proc.pid or st[1] not in ("T", "t"):
+                continue
+            if pid not in self.ranks:
+                self.ranks[pid] = rank_of_process(pid)
+            if self.ranks[pid] is not None:
+                stopped.add(self.ranks[pid])
+        return stopped
+
     def survivors(self) -> dict[int, int]:
         return {pid: start for pid, start in self.tracked.items() if _alive(pid, start)}
 
@@ -228,6 +248,8 @@ class _Torchrun:
                     pass
             for pid, start in self.survivors().items():
                 _signal(pid, start, sig)
+                if sig == signal.SIGTERM:
+                    _signal(pid, start, signal.SIGCONT)  # a stopped process acts on SIGTERM only once continued
             deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 5.0)
             try:
                 while time.monotonic() < deadline and (self.proc.poll() is None or self.survivors()):
@@ -257,7 +279,7 @@ class _Torchrun:
 
 def start(deployment, *, timeout_s: float | None = None, stream: Callable[[str], Any] | None = None,
           grace_s: float = GRACE_S, extra_env: dict[str, str] | None = None,
-          cancel: threading.Event | None = None) -> RunRecord | NodeSummary:
+          cancel: threading.Event | None = None, hang_timeout_s: float | None = None) -> RunRecord | NodeSummary:
     """Start a resolved deployment (``hpi.deployment.resolve_deployment``) on this node and wait: the one path
     by which ``hpi run`` and autotune's real trials start ranks. Returns what ``launch`` returns."""
     nodes = deployment.nodes
@@ -265,7 +287,7 @@ def start(deployment, *, timeout_s: float | None = None, stream: Callable[[str],
                   master_port=nodes.master_port, timeout_s=timeout_s, stream=stream,
                   nproc_per_node=deployment.nproc_per_node,
                   visible_gpus=list(deployment.visible_gpus) if deployment.visible_gpus is not None else None,
-                  grace_s=grace_s, extra_env=extra_env, cancel=cancel)
+                  grace_s=grace_s, extra_env=extra_env, cancel=cancel, hang_timeout_s=hang_timeout_s)
 
 
 def launch(
@@ -284,6 +306,7 @@ def launch(
     grace_s: float = GRACE_S,
     extra_env: dict[str, str] | None = None,
     cancel: threading.Event | None = None,
+    hang_timeout_s: float | None = None,
 ) -> RunRecord | NodeSummary:
     """Run ``spec`` on this node's ranks and wait; return the RunRecord (node 0) or a ``NodeSummary``.
 
@@ -292,7 +315,9 @@ def launch(
     newline) as it comes, in this thread, so an exception it raises (KeyboardInterrupt) stops the run.
     ``worker`` replaces ``("-m", "hpi.executor.worker")`` (tests). ``extra_env`` adds variables to the ranks'
     environment (``hpi serve``'s key); setting ``cancel`` stops the ranks like Ctrl-C from another thread
-    (``LaunchError`` reason "interrupted"). A serving run writes no record: it returns a ``NodeSummary``.
+    (``LaunchError`` reason "interrupted"), and so does SIGTERM (``LaunchError.signum`` says which).
+    ``hang_timeout_s``: a rank without progress this long stops the run (``hpi.executor.watchdog``; None: its
+    default from the prediction, 0: no watchdog). A serving run writes no record: it returns a ``NodeSummary``.
     """
     out_dir = Path(spec.out_dir)
     world = spec.world_size
@@ -302,10 +327,13 @@ def launch(
         nproc_per_node = world // nnodes
     if nnodes > 1 and master_port is None:
         raise ValueError("several nodes must agree on one rendezvous port: pass master_port")
-    port = free_port() if master_port is None else master_port
-
-    lock = hold_for_launch(out_dir, node_rank)  # a busy folder: RunFolderBusy, before anything is written
+    # node 0's rendezvous store listens on master_addr only (hpi.executor.torchrun); bound here, so the port is
+    # ours from now on and an address or port that cannot serve is refused before anything is written
+    listener = bind_listener(master_addr, master_port or 0) if node_rank == 0 else None
+    port = listener.getsockname()[1] if listener is not None else master_port
+    lock = None
     try:
+        lock = hold_for_launch(out_dir, node_rank)  # a busy folder: RunFolderBusy, before anything is written
         spec_path = spec.write(out_dir / SPEC_FILE).resolve()
         record_path = out_dir / RECORD_FILE
         if node_rank == 0:
@@ -318,16 +346,24 @@ def launch(
             master_port=port, log_dir=str(log_dir), python=python, worker=tuple(WORKER if worker is None else worker),
         )
         write_json(log_dir / "command.json", {"argv": argv})
+        env = {**launch_env(spec, visible_gpus=visible_gpus), **(extra_env or {})}
+        if listener is not None:
+            env[LISTEN_FD_ENV] = str(listener.fileno())
+        interface = interface_of(master_addr) if "GLOO_SOCKET_IFNAME" not in env else None
+        if interface is not None:  # the ranks' gloo sockets listen where the rendezvous does, not on every address
+            env["GLOO_SOCKET_IFNAME"] = interface
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            encoding="utf-8", errors="replace", bufsize=1,
-            env={**launch_env(spec, visible_gpus=visible_gpus), **(extra_env or {})},
-            start_new_session=True, preexec_fn=_parent_death_signal(),
+            encoding="utf-8", errors="replace", bufsize=1, env=env, start_new_session=True,
+            preexec_fn=_parent_death_signal(), pass_fds=() if listener is None else (listener.fileno(),),
         )
+        if listener is not None:
+            listener.close()  # torchrun holds it now
         run = _Torchrun(proc)
         run.start_pumps(log_dir / "torchrun.log")
         try:
-            rank0_last = _watch(run, log_dir, stream=stream, timeout_s=timeout_s, cancel=cancel, grace_s=grace_s)
+            rank0_last = _watch(run, log_dir, stream=stream, timeout_s=timeout_s, cancel=cancel, grace_s=grace_s,
+                                watchdog=_watchdog(spec, hang_timeout_s), local_rank0=node_rank * nproc_per_node)
         finally:
             run.close()
         if proc.returncode != 0:
@@ -336,52 +372,104 @@ def launch(
             return NodeSummary(node_rank, nnodes, nproc_per_node, str(log_dir))
         return _read_record(record_path, rank0_last, log_dir)
     finally:
-        lock.release()
+        if listener is not None:
+            listener.close()
+        if lock is not None:
+            lock.release()
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM to the launcher, raised where the run is being watched: stopped like Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """While a run is watched, SIGTERM stops it like Ctrl-C (ranks stopped, the same message) instead of ending
+    the launcher at once; a second SIGTERM during the teardown skips to SIGKILL like a second Ctrl-C. Only the
+    main thread can take signals (a launch from another thread keeps the process's handler)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminated(signum, frame):
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@dataclass
+class _Hung(Exception):
+    hang: Hang
 
 
 def _watch(run: _Torchrun, log_dir: Path, *, stream: Callable[[str], Any] | None, timeout_s: float | None,
-           cancel: threading.Event | None, grace_s: float) -> str:
-    """Relay rank 0's lines and wait for torchrun to exit; stop every rank on Ctrl-C, ``cancel`` or the timeout
-    (``LaunchError``). Returns rank 0's last non-empty stdout line (the record's fallback)."""
-    proc, started, rank0_last = run.proc, time.monotonic(), ""
-    try:
-        eof = False
-        while not eof or proc.poll() is None:
-            try:
-                line = run.stdout_q.get(timeout=0.1)
-            except queue.Empty:
-                line = ""
-            if line is None:
-                eof = True
-            elif line:
-                m = _CONSOLE_LINE.match(line)
-                if m and int(m.group(1)) == 0:
-                    text = m.group(2).rstrip("\r\n")
-                    if text.strip():
-                        rank0_last = text
-                    if stream is not None:
-                        stream(text)
-            run.track()
-            if timeout_s is not None and time.monotonic() - started > timeout_s:
-                raise TimeoutError
-            if cancel is not None and cancel.is_set():
-                raise KeyboardInterrupt
-            if eof and proc.poll() is None:
-                time.sleep(0.05)
-    except KeyboardInterrupt:
-        run.terminate(grace_s)
-        raise LaunchError("\n".join(["interrupted", f"logs: {log_dir}", *where_ranks_were(log_dir)]),
-                          log_dir=str(log_dir), reason="interrupted") from None
-    except TimeoutError:
-        run.terminate(grace_s)
-        raise LaunchError("\n".join([f"timed out after {timeout_s:g} s", f"logs: {log_dir}",
-                                     *where_ranks_were(log_dir)]),
-                          log_dir=str(log_dir), reason="timeout") from None
-    except BaseException:
-        run.terminate(grace_s)
-        raise
+           cancel: threading.Event | None, grace_s: float, watchdog: Watchdog | None, local_rank0: int) -> str:
+    """Relay rank 0's lines and wait for torchrun to exit; stop every rank on Ctrl-C, SIGTERM, ``cancel``, the
+    timeout or a hung rank (``LaunchError``). Every rank's stdout lines feed the watchdog; heartbeat lines are
+    not relayed. ``local_rank0``: the global rank of this node's local rank 0. Returns rank 0's last non-empty
+    stdout line (the record's fallback)."""
+    proc, started, rank0_last, checked = run.proc, time.monotonic(), "", 0.0
+    with _sigterm_as_interrupt():
+        try:
+            eof = False
+            while not eof or proc.poll() is None:
+                try:
+                    line = run.stdout_q.get(timeout=0.1)
+                except queue.Empty:
+                    line = ""
+                if line is None:
+                    eof = True
+                elif line:
+                    m = _CONSOLE_LINE.match(line)
+                    rank, text = (int(m.group(1)), m.group(2).rstrip("\r\n")) if m else (None, "")
+                    if rank is not None and watchdog is not None:
+                        watchdog.saw(rank, text)
+                    if rank == 0 and not is_heartbeat(text):
+                        if text.strip():
+                            rank0_last = text
+                        if stream is not None:
+                            stream(text)
+                run.track()
+                now = time.monotonic()
+                if timeout_s is not None and now - started > timeout_s:
+                    raise TimeoutError
+                if cancel is not None and cancel.is_set():
+                    raise KeyboardInterrupt
+                if watchdog is not None and now - checked >= 1.0:
+                    checked = now
+                    hang = watchdog.check(run.stopped_ranks(), now)
+                    if hang is not None:
+                        raise _Hung(hang)
+                if eof and proc.poll() is None:
+                    time.sleep(0.05)
+        except KeyboardInterrupt as e:
+            run.terminate(grace_s)
+            terminated = isinstance(e, _Terminated)
+            raise LaunchError("\n".join(["terminated by SIGTERM" if terminated else "interrupted", f"logs: {log_dir}",
+                                         *where_ranks_were(log_dir)]), log_dir=str(log_dir), reason="interrupted",
+                              signum=signal.SIGTERM if terminated else signal.SIGINT) from None
+        except TimeoutError:
+            run.terminate(grace_s)
+            raise LaunchError("\n".join([f"timed out after {timeout_s:g} s", f"logs: {log_dir}",
+                                         *where_ranks_were(log_dir)]),
+                              log_dir=str(log_dir), reason="timeout") from None
+        except _Hung as h:
+            run.terminate(grace_s)
+            raise hang_error(h.hang, watchdog.timeout_s, log_dir, h.hang.rank - local_rank0) from None
+        except BaseException:
+            run.terminate(grace_s)
+            raise
     proc.wait()
     return rank0_last
+
+
+def _watchdog(spec: RunSpec, hang_timeout_s: float | None) -> Watchdog | None:
+    timeout = default_hang_timeout_s(spec) if hang_timeout_s is None else hang_timeout_s
+    return Watchdog(timeout, silent_rule=spec.mode != "serve") if timeout > 0 else None
 
 
 def _read_record(path: Path, last_line: str, log_dir: Path) -> RunRecord:

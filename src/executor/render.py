@@ -33,9 +33,10 @@ No ``tensor_parallel`` block: DeepSpeed's AutoTP builds its own (dp, tp) mesh ov
 no pipeline axis (docs/measured-facts.md), so the worker builds its own TP groups; a worker wanting AutoTP for pp == 1
 adds ``{"tensor_parallel": {"autotp_size": tp}}`` itself.
 
-**The launcher** (``launch_command``, ``multinode_commands``) is ``python -m torch.distributed.run`` with a
-*static* rendezvous: global rank = (ranks on lower nodes) + local rank, so rank r lands on the GPU the
-planner's placement put it on. (The c10d backend orders nodes by their participant ids,
+**The launcher** (``launch_command``, ``multinode_commands``) is torchrun (``python -m hpi.executor.torchrun``:
+its store listens on the master address only) with a *static* rendezvous: global rank = (ranks on lower
+nodes) + local rank, so rank r lands on the GPU the planner's placement put it on. (The c10d backend orders
+nodes by their participant ids,
 ``dynamic_rendezvous.py`` ``sorted(state.participants)``, and ignores ``--node-rank``.)
 """
 
@@ -164,7 +165,8 @@ def launch_command(
     python: str = sys.executable,
     worker: Sequence[str] = DEFAULT_WORKER,
 ) -> list[str]:
-    """``python -m torch.distributed.run ... -m hpi.executor.worker <spec_path>`` for one node.
+    """``python -m hpi.executor.torchrun ... -m hpi.executor.worker <spec_path>`` for one node: torchrun with its
+    rendezvous store listening on ``master_addr`` only (``hpi.executor.torchrun``).
 
     Static rendezvous at ``master_addr:master_port`` (the TCP store lives on node 0), no restarts (a failed
     rank fails the run), and ``--redirects 3 --tee 3``: each local rank's stdout and stderr land in
@@ -182,7 +184,7 @@ def launch_command(
     if not 0 < master_port < 65536:
         raise ValueError(f"master_port {master_port} is not a TCP port")
     return [
-        python, "-m", "torch.distributed.run",
+        python, "-m", "hpi.executor.torchrun",
         "--nnodes", str(nnodes),
         "--nproc-per-node", str(nproc_per_node),
         "--node-rank", str(node_rank),

@@ -66,7 +66,7 @@ class FolderLock:
             os.close(fd)
             node = f" (node {node_rank})" if node_rank else ""
             raise RunFolderBusy(f"run folder {folder}{node} is in use by another hpi run{holder}: wait for it to end, "
-                                f"or pass another --out (without --out, hpi run makes a fresh folder under runs/)"
+                                f"or pass another --out (hpi run without --out makes a fresh folder under runs/)"
                                 ) from None
         except BaseException:
             os.close(fd)

@@ -25,6 +25,7 @@ from hpi.executor.generate import LeftPadding, PipelineGenerator, Sampler, StepT
 from hpi.executor.groups import Groups, build_groups
 from hpi.executor.record import build_record
 from hpi.executor.spec import RunSpec, write_json_atomic
+from hpi.executor.watchdog import HEARTBEAT_EVERY, heartbeat_line
 from hpi.planner.specs.plan import decode_graph_blocker
 from hpi.records import ModelInfo, RankReport, RunRecord
 
@@ -269,6 +270,8 @@ def run(spec: RunSpec) -> list[RunRecord] | None:
     built = _Built(stage=stage, groups=g, config=config, planner_model=planner_model, dtype=dtype, device=device,
                    transfer_bytes=zero3_transfer_bytes(module) if deepspeed_path else (0, 0, 0),
                    build_s=time.perf_counter() - t0, tokenizer=load_tokenizer(spec))
+    if spec.mode != "serve":  # the watchdog watches this rank's progress from here (hpi.executor.watchdog)
+        print(heartbeat_line(g.rank, f"built its stage in {built.build_s:.1f} s"), flush=True)
     if spec.mode == "serve":  # the model stays loaded and answers requests until the front says stop
         from hpi.executor.serve_loop import serve
 
@@ -285,6 +288,20 @@ def run(spec: RunSpec) -> list[RunRecord] | None:
     dist.barrier()
     dist.destroy_process_group()
     return records if g.rank == 0 else None
+
+
+class Heartbeat:
+    """A heartbeat line (``hpi.executor.watchdog``) after the first forward (the prefill), every
+    ``HEARTBEAT_EVERY`` forwards and after the last: how far this rank got, and how fast."""
+
+    def __init__(self, rank: int, what: str) -> None:
+        self.rank, self.what, self.start = rank, what, time.perf_counter()
+
+    def __call__(self, forward: int, forwards: int) -> None:
+        done = forward + 1
+        if forward == 0 or done % HEARTBEAT_EVERY == 0 or done == forwards:
+            print(heartbeat_line(self.rank, f"{self.what} forward {done}/{forwards} after "
+                                            f"{time.perf_counter() - self.start:.2f} s"), flush=True)
 
 
 @dataclass
@@ -331,14 +348,15 @@ def measure(spec: RunSpec, b: _Built) -> RunRecord | None:
     )
     max_new = spec.workload.gen_len_tokens
     warm_new = min(spec.warmup_gen_len or max_new, max_new)
-    for _ in range(spec.warmup_steps):
-        replace(generator, times=StepTimes()).run(mine.ids, rows, prompt_len, warm_new, chat=False,
-                                                  padding=mine.padding)
+    for i in range(spec.warmup_steps):
+        replace(generator, times=StepTimes(), on_forward=Heartbeat(g.rank, f"warm-up {i + 1}")).run(
+            mine.ids, rows, prompt_len, warm_new, chat=False, padding=mine.padding)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _tp_allreduce_seconds(reset=True)  # count the measured run only, not the warm-up
     dist.barrier()
     generator.on_tokens = streamer
+    generator.on_forward = Heartbeat(g.rank, "measured")
     disk_before = diskstats.snapshot(spec.nvme_path) if plan.offload == "nvme" and spec.nvme_path else None
     new_tokens = generator.run(mine.ids, rows, prompt_len, max_new, chat=spec.mode == "chat", padding=mine.padding)
     disk = diskstats.between(disk_before, diskstats.snapshot(spec.nvme_path) if disk_before else None)

@@ -9,7 +9,9 @@ Behaviour, from ``spec.extra["fake"]`` or else the environment variable ``HPI_FA
 - ``succeed`` (default): every rank prints a few lines, meets the others at a barrier, rank 0 reports;
 - ``exit``: rank ``extra["rank"]`` (default 1; env ``HPI_FAKE_RANK``) prints 15 log lines and exits 3;
 - ``oom``: that rank raises ``MemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")``;
-- ``sleep``: every rank prints "sleeping" and sleeps forever (timeout and interrupt tests).
+- ``sleep``: every rank prints "sleeping" and sleeps forever (timeout and interrupt tests);
+- ``beat``: every rank prints a heartbeat line (``hpi.executor.watchdog``) every 0.2 s forever, except rank
+  ``extra["rank"]`` when ``extra["silent"]`` is set: it beats once and then sleeps without a word (watchdog tests).
 
 Each rank writes its pid to ``<out_dir>/pids/rank<r>`` first, so tests can check none is left running.
 """
@@ -50,6 +52,17 @@ def main(argv: list[str]) -> int:
     if mode == "oom" and rank == bad:
         print("allocating the KV cache", flush=True)
         raise MemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    if mode == "beat":
+        from hpi.executor.watchdog import heartbeat_line
+
+        forward = 0
+        while True:
+            forward += 1
+            print(heartbeat_line(rank, f"measured forward {forward}/1000000 after {forward * 0.2:.2f} s"), flush=True)
+            if spec.extra.get("silent") and rank == bad:
+                while True:
+                    time.sleep(1)
+            time.sleep(0.2)
     if mode == "sleep":
         print("sleeping", flush=True)
         while True:

@@ -204,7 +204,7 @@ def test_torchrun_parses_the_command_as_intended():
 
     argv = launch_command("/r/spec.json", nproc_per_node=4, nnodes=2, node_rank=1, master_addr="h0", master_port=29400,
                           log_dir="/r/logs/node1", python="python")
-    assert argv[:3] == ["python", "-m", "torch.distributed.run"]
+    assert argv[:3] == ["python", "-m", "hpi.executor.torchrun"]  # torchrun, its store bound to --master-addr
     args = parse_args(argv[3:])
     assert (args.nnodes, args.nproc_per_node, args.node_rank) == ("2", "4", 1)
     assert (args.rdzv_backend, args.master_addr, args.master_port) == ("static", "h0", 29400)
@@ -252,7 +252,7 @@ def test_multinode_commands_cover_every_rank_once():
     assert list(commands) == ["a", "b"]  # 12 ranks: 8 on node 0, 4 on node 1; host c is not needed
     seen = []
     for node_rank, argv in enumerate(commands.values()):
-        python_at = argv.index("torch.distributed.run") - 2  # env VAR=... python -m torch.distributed.run
+        python_at = argv.index("hpi.executor.torchrun") - 2  # env VAR=... python -m hpi.executor.torchrun
         env = dict(a.split("=", 1) for a in argv[1:python_at])
         assert argv[0] == "env" and env.items() >= MULTICAST_OFF_ENV.items()
         nproc = int(argv[argv.index("--nproc-per-node") + 1])
