@@ -30,7 +30,7 @@ from typing import Iterator
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 PARENT_POLL_S = 1.0
 
-__all__ = ["Interrupted", "Interrupts", "die_with_parent", "exit_code", "worker_pool"]
+__all__ = ["Interrupted", "Interrupts", "die_with_parent", "exit_code", "signal_of", "worker_pool"]
 
 
 # ---- workers that die with their parent ----------------------------------------------------------------
@@ -116,9 +116,14 @@ class Interrupted(KeyboardInterrupt):
         self.signum = int(signum)
 
 
+def signal_of(e: BaseException) -> signal.Signals:
+    """The signal that raised ``e``: its own (``Interrupted``), else SIGINT (a bare KeyboardInterrupt is Ctrl-C)."""
+    return signal.Signals(getattr(e, "signum", signal.SIGINT))
+
+
 def exit_code(e: BaseException) -> int:
     """The shell's code for a command stopped by a signal: 128 + its number (130 for Ctrl-C, 143 for SIGTERM)."""
-    return 128 + int(getattr(e, "signum", signal.SIGINT))
+    return 128 + int(signal_of(e))
 
 
 class Interrupts:

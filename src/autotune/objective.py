@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,12 @@ class TrialContext:
     def interruptible(self) -> contextlib.AbstractContextManager:
         return self.interrupts.immediate() if self.interrupts is not None else contextlib.nullcontext()
 
+    def interrupt_name(self, e: KeyboardInterrupt) -> str:
+        """SIGINT or SIGTERM: the signal ``e`` carries, else the last one received (a run stopped by it raises
+        its own KeyboardInterrupt), else how a bare KeyboardInterrupt came."""
+        signum = getattr(e, "signum", None) or (self.interrupts.received if self.interrupts is not None else None)
+        return signal.Signals(signum).name if signum else "KeyboardInterrupt"
+
     @property
     def maximize(self) -> bool:
         return self.space.objective == "throughput"
@@ -121,13 +128,8 @@ def run_trial(trial, ctx: TrialContext) -> float:
     try:
         return _run_trial(trial, ctx)
     except KeyboardInterrupt as e:
-        trial.set_user_attr("interrupted", signal_name(e))
+        trial.set_user_attr("interrupted", ctx.interrupt_name(e))
         raise
-
-
-def signal_name(e: KeyboardInterrupt) -> str:
-    """SIGINT or SIGTERM (``hpi.processes.Interrupted``), else how a bare KeyboardInterrupt came."""
-    return str(e) if getattr(e, "signum", None) is not None else "KeyboardInterrupt"
 
 
 def retried_number(trial) -> int | None:
@@ -207,7 +209,7 @@ def _finish(trial, ctx: TrialContext, plan: Plan, predicted: dict[str, Any], bas
         _write(ctx, trial.number, {**base, "status": f.kind, "error": str(f), "log_dir": f.log_dir, "wall_s": wall})
         return {"status": f.kind, "error": f.summary, "wall_s": wall}
     except KeyboardInterrupt as e:
-        _write(ctx, trial.number, {**base, "status": "interrupted", "signal": signal_name(e),
+        _write(ctx, trial.number, {**base, "status": "interrupted", "signal": ctx.interrupt_name(e),
                                    "wall_s": time.monotonic() - started})
         raise
     wall = time.monotonic() - started

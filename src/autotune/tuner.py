@@ -49,7 +49,7 @@ from hpi.autotune.study import (
 from hpi.autotune.surrogate import Surrogate
 from hpi.planner.specs.plan import Plan
 from hpi.planner.specs.workload import Workload
-from hpi.processes import Interrupts
+from hpi.processes import Interrupted, Interrupts
 
 DEFAULT_SEEDS = 3
 WITHIN = 0.03  # the simulated target: within 3% of the true optimum
@@ -488,7 +488,12 @@ def tune(cfg: TuneSettings, on_event: Callable[[str, dict[str, Any]], None] | No
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # trial failures are reported as events, without tracebacks
     tuner = Tuner(cfg, on_event)
     with tuner.interrupts.installed():  # SIGTERM stops it as Ctrl-C does: raised as Interrupted (a KeyboardInterrupt)
-        tuner.setup()
-        if runner is not None:
-            tuner.runner = runner
-        return tuner.run()
+        try:
+            tuner.setup()
+            if runner is not None:
+                tuner.runner = runner
+            return tuner.run()
+        except KeyboardInterrupt as e:
+            if getattr(e, "signum", None) is None and tuner.interrupts.received is not None:
+                raise Interrupted(tuner.interrupts.received) from e  # a run the signal stopped raised its own
+            raise

@@ -14,7 +14,7 @@ from typing import Any
 
 from hpi.cli.args import add_cuda_graph_flags, add_plan_flags, add_target, count, non_negative, search_restrictions
 from hpi.cli.output import json_default
-from hpi.processes import exit_code
+from hpi.processes import exit_code, signal_of
 
 
 def register(sub) -> dict[str, Any]:
@@ -190,7 +190,7 @@ def cmd_autotune(args: argparse.Namespace) -> int:
         with _Progress(cfg.objective) if bar else contextlib.nullcontext(_quiet) as on_event:
             doc = tune(cfg, on_event=on_event)
     except KeyboardInterrupt as e:  # SIGINT or SIGTERM (hpi.processes.Interrupted): 130 or 143, as the shell says
-        sys.stderr.write(f"hpi autotune: interrupted ({e or 'SIGINT'}); run the same command again to resume the "
+        sys.stderr.write(f"hpi autotune: interrupted ({signal_of(e).name}); run the same command again to resume the "
                          "study (a trial cut short is run again, none is lost)\n")
         return exit_code(e)
     if args.json:

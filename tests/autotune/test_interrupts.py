@@ -15,11 +15,15 @@ after its run keeps its measurement (the signal waits until the trial is told) a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -28,6 +32,7 @@ from optuna.trial import TrialState
 from hpi.autotune import objective
 from hpi.autotune.runners import SimRunner
 from hpi.autotune.tuner import tune
+from hpi.cli import main
 
 INTERRUPTED_TRIAL = 1  # the second trial: a seed, with a seed still queued behind it
 STAGES = ("preparing", "running", "recording", "reporting")
@@ -154,6 +159,26 @@ def test_an_interrupt_at_any_stage_of_a_trial_loses_nothing(settings, tmp_path, 
         assert "interrupted" not in doc["statuses"] and doc["runs"] == cfg.n_trials
 
 
+def test_a_trial_interrupted_again_and_again_is_still_run(config, fake_runner):
+    """Optuna's retry cap (MAX_RETRY) is for trials whose process vanished; a signal is never the plan's fault."""
+    cfg = config(n_trials=2, n_seeds=1)  # one seed: each start runs the retry first
+
+    def ctrl_c_first(i, plan):
+        if i == 0:
+            raise KeyboardInterrupt
+
+    first = None
+    for _ in range(4):  # the first trial, then its retries, each stopped by Ctrl-C in its run
+        runner = fake_runner(cfg, ctrl_c_first)
+        with pytest.raises(KeyboardInterrupt):
+            tune(cfg, runner=runner)
+        first = first or runner.calls[0]
+        assert runner.calls == [first]
+    done = fake_runner(cfg)
+    doc = tune(cfg, runner=done)
+    assert done.calls[0] == first and doc["trials"] == 2 and doc["statuses"] == {"interrupted": 4, "ok": 2}
+
+
 CLI = ["autotune", "--model", "llama-3-70b", "--hardware", "h100-sxm-1gpu", "--simulate", "--trials", "4", "--seeds",
        "3", "--sim-noise", "0", "--no-cuda-graphs", "--no-report", "--json"]  # as `uninterrupted`
 
@@ -181,3 +206,116 @@ def test_hpi_autotune_stopped_by_a_signal_says_so_and_the_same_command_finishes_
     doc = json.loads(done.stdout.strip().splitlines()[-1])
     assert doc["trials"] == 4 and doc["best"]["label"] == reference["best"]["label"]
     assert _measured(doc) == reference_measured
+
+
+# ---- real runs: the executor on DeepSpeed's CPU accelerator, tiny-llama ------------------------------------
+
+CPU = ["autotune", "--model", "tiny-llama", "--hardware", "h100-sxm-1gpu", "--device", "cpu", "--trials", "2",
+       "--seeds", "2", "--max-batch", "4", "--prompt-len", "8", "--gen-len", "3", "--warmup-steps", "0",
+       "--timeout", "300", "--no-report", "--json"]
+
+
+def _running_under(folder: Path, but: int | None = None) -> list[int]:
+    """Processes (not zombies) whose command line names ``folder``: the launcher's torchrun and the ranks."""
+    out = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            pid = int(cmdline.parent.name)
+            running = (cmdline.parent / "stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+            named = str(folder) in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            continue
+        if running and named and pid not in (os.getpid(), but):
+            out.append(pid)
+    return out
+
+
+def _describe(pids: list[int]) -> list[str]:
+    out = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            out.append(f"{pid} (parent {stat[1]}, state {stat[0]}): {cmd[:200]}")
+    return out
+
+
+def _gone(folder: Path, within_s: float, but: int | None = None) -> list[int]:
+    deadline = time.monotonic() + within_s
+    while (left := _running_under(folder, but)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def _when_launched(folder: Path, then, but: int | None = None, timeout_s: float = 240.0) -> threading.Thread:
+    """Call ``then()`` once a trial's torchrun and its rank run (their command lines name the trial's spec)."""
+    def watch() -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if list(folder.glob("*/runs/trial-*/logs/node0/command.json")) and len(_running_under(folder, but)) >= 2:
+                time.sleep(1.0)  # the rank importing torch and DeepSpeed
+                then()
+                return
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.deepspeed
+def test_real_cpu_trials_interrupted_before_and_during_their_run_are_run_again(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("torch")
+    pytest.importorskip("deepspeed")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    argv = [*CPU, "--studies-dir", str(tmp_path)]
+    with pytest.MonkeyPatch.context() as mp:  # 1. Ctrl-C while trial 1 is prepared: trial 0 ran, 1 never launched
+        hit, _ = _arm(mp, "preparing", signal.SIGINT)
+        code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 130 and hit and "hpi autotune: interrupted (SIGINT)" in err, err
+    (runs,) = tmp_path.glob("*/runs")
+    assert (runs / "trial-0000" / "record.json").is_file() and not (runs / "trial-0001").exists()
+    assert json.loads((runs / "trial-0001.json").read_text())["status"] == "interrupted"
+
+    # 2. SIGTERM while the re-queued trial (2) runs: its ranks are stopped, nothing is left running.
+    _when_launched(tmp_path, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 143 and "hpi autotune: interrupted (SIGTERM)" in err, err
+    assert _gone(tmp_path, within_s=30) == []
+    assert json.loads((runs / "trial-0002.json").read_text())["signal"] == "SIGTERM"
+
+    # 3. The same command finishes the study: both planned trials measured, none lost.
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    doc = json.loads(out.strip().splitlines()[-1])
+    assert doc["trials"] == 2 and doc["statuses"] == {"ok": 2, "interrupted": 2}, doc
+    assert hit[0] in _measured(doc) and len(_measured(doc)) == 2
+
+
+@pytest.mark.deepspeed
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_hpi_autotune_stopped_by_a_signal_leaves_no_rank_running(tmp_path, sig):
+    """The signal to hpi alone (a Ctrl-C at a terminal also reaches the ranks; a service manager's SIGTERM does
+    not): hpi stops the trial's torchrun and ranks. (SIGKILL is the launcher's parent-death signal to torchrun,
+    hpi.executor.launch.)"""
+    pytest.importorskip("torch")
+    pytest.importorskip("deepspeed")
+    proc = subprocess.Popen([sys.executable, "-m", "hpi.cli", *CPU, "--studies-dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    try:
+        launched = _when_launched(tmp_path, lambda: proc.send_signal(sig), but=proc.pid)
+        launched.join(timeout=300)
+        assert not launched.is_alive(), "no trial was launched"
+        proc.wait(timeout=60)
+        assert proc.returncode == 128 + sig
+        left = _gone(tmp_path, within_s=30, but=proc.pid)
+        assert left == [], f"outlived hpi autotune ({sig.name}): {_describe(left)}"
+    finally:
+        proc.kill()
+        proc.wait()
+        for pid in _running_under(tmp_path):  # only what this test started, if the code under test left it
+            os.kill(pid, signal.SIGKILL)
