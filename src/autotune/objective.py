@@ -12,13 +12,21 @@ crash, timeout      FAIL         -                                   -; the erro
 interrupted         FAIL         -                                   -; re-queued by the next start (study.recover)
 ==================  ===========  ==================================  ===========================================
 
+Interrupts (SIGINT, SIGTERM; ``hpi.processes.Interrupts``): the tuner defers them over a whole trial (asked,
+prepared, recorded, told) except its run. One that comes before or during the run stops the run and marks the
+trial ``interrupted``, wherever it is raised in the objective; one that comes after the run waits until the
+trial is told, so its measurement is kept. Either way the trial is not lost (issue 14: a Ctrl-C while a trial
+was prepared made it an uncounted FAIL, never re-queued).
+
 Every trial's record (the RunRecord, or the failure with its message) is written atomically to
 ``<runs>/trial-NNNN.json``; a real run's own folder (spec, DeepSpeed config, logs) is ``<runs>/trial-NNNN/``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +37,7 @@ from hpi.autotune.space import Space, run_key, suggest_plan
 from hpi.autotune.study import owner
 from hpi.autotune.surrogate import Surrogate
 from hpi.planner.specs.plan import Plan
+from hpi.processes import Interrupts
 from hpi.records import RunRecord
 
 OOM_MARGIN = 0.05  # an out-of-memory is at least this far over the limit, whatever the prediction said
@@ -72,6 +81,16 @@ class TrialContext:
     reserve_s: float = 0.0  # kept back for the baseline at the end
     trial_timeout_s: float | None = None
     on_trial: Callable[[dict[str, Any]], None] | None = None
+    interrupts: Interrupts | None = None  # the tuner's: a trial's run is the one place a signal stops at once
+
+    def interruptible(self) -> contextlib.AbstractContextManager:
+        return self.interrupts.immediate() if self.interrupts is not None else contextlib.nullcontext()
+
+    def interrupt_name(self, e: KeyboardInterrupt) -> str:
+        """SIGINT or SIGTERM: the signal ``e`` carries, else the last one received (a run stopped by it raises
+        its own KeyboardInterrupt), else how a bare KeyboardInterrupt came."""
+        signum = getattr(e, "signum", None) or (self.interrupts.received if self.interrupts is not None else None)
+        return signal.Signals(signum).name if signum else "KeyboardInterrupt"
 
     @property
     def maximize(self) -> bool:
@@ -104,11 +123,25 @@ def _measured_before(trial, key: str) -> Any:
 
 
 def run_trial(trial, ctx: TrialContext) -> float:
-    """The Optuna objective."""
+    """The Optuna objective. Interrupted anywhere in it, the trial is marked ``interrupted``: Optuna records
+    it FAIL and the next start re-queues it (``study.recover``)."""
+    try:
+        return _run_trial(trial, ctx)
+    except KeyboardInterrupt as e:
+        trial.set_user_attr("interrupted", ctx.interrupt_name(e))
+        raise
+
+
+def retried_number(trial) -> int | None:
+    """The number of the trial this one runs again (the first of its retries), or None."""
+    return trial.storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")  # noqa: SLF001
+
+
+def _run_trial(trial, ctx: TrialContext) -> float:
     plan = suggest_plan(trial, ctx.space)
     key = run_key(plan)
     source = trial.user_attrs.get("source", "tpe")
-    retry_of = trial.storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")  # noqa: SLF001
+    retry_of = retried_number(trial)
     if retry_of is not None:
         source = f"retry of {retry_of}"
     # A retried trial starts with its original's attributes (Optuna copies them): clear the interruption.
@@ -119,7 +152,7 @@ def run_trial(trial, ctx: TrialContext) -> float:
     trial.set_user_attr("predicted", predicted)
     base = {"kind": "hpi.AutotuneTrial", "study": ctx.study_name, "trial": trial.number, "source": source,
             "plan": plan.to_dict(), "label": plan.label, "predicted": predicted}
-    done = _finish(trial, ctx, plan, predicted, base)
+    done = _finish(trial, ctx, plan, predicted, base, noise_key=trial.number if retry_of is None else retry_of)
     if ctx.on_trial is not None:
         ctx.on_trial({**base, **done, "trial": trial.number})
     if done["status"] in ("crash", "timeout"):
@@ -132,7 +165,8 @@ def _constrain(trial, constraints: dict[str, float]) -> None:
         trial.set_constraint(name, float(value))
 
 
-def _finish(trial, ctx: TrialContext, plan: Plan, predicted: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+def _finish(trial, ctx: TrialContext, plan: Plan, predicted: dict[str, Any], base: dict[str, Any], *,
+            noise_key: int) -> dict[str, Any]:
     worst = worst_value(ctx.maximize)
     earlier = _measured_before(trial, run_key(plan))
     if earlier is not None:
@@ -155,7 +189,8 @@ def _finish(trial, ctx: TrialContext, plan: Plan, predicted: dict[str, Any], bas
     note = {"study": ctx.study_name, "trial": trial.number, "source": base["source"]}
     started = time.monotonic()
     try:
-        record = ctx.runner.run(plan, out_dir, ctx.launch_timeout(), note, noise_key=trial.number)
+        with ctx.interruptible():  # a signal waiting since the trial was asked stops it here, before the launch
+            record = ctx.runner.run(plan, out_dir, ctx.launch_timeout(), note, noise_key=noise_key)
     except RunFailed as f:
         wall = time.monotonic() - started
         trial.set_user_attr("wall_s", wall)
@@ -173,9 +208,9 @@ def _finish(trial, ctx: TrialContext, plan: Plan, predicted: dict[str, Any], bas
         trial.set_user_attr("error", str(f)[:4000])
         _write(ctx, trial.number, {**base, "status": f.kind, "error": str(f), "log_dir": f.log_dir, "wall_s": wall})
         return {"status": f.kind, "error": f.summary, "wall_s": wall}
-    except KeyboardInterrupt:
-        trial.set_user_attr("interrupted", "KeyboardInterrupt")
-        _write(ctx, trial.number, {**base, "status": "interrupted", "wall_s": time.monotonic() - started})
+    except KeyboardInterrupt as e:
+        _write(ctx, trial.number, {**base, "status": "interrupted", "signal": ctx.interrupt_name(e),
+                                   "wall_s": time.monotonic() - started})
         raise
     wall = time.monotonic() - started
     measured = measured_figures(record)

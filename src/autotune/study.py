@@ -5,8 +5,9 @@ share one study), opened with ``load_if_exists=True`` so running the same comman
 
 Interrupted trials are re-run, never lost and never counted:
 
-- Ctrl-C (or a launch interrupted): the objective marks the trial ``interrupted`` and Optuna records it
-  FAIL; the next start re-queues its parameters.
+- Ctrl-C or SIGTERM, before or during a trial's run (or a launch interrupted): the objective marks the trial
+  ``interrupted`` (the signal's name) and Optuna records it FAIL; the next start re-queues its parameters,
+  however often it was interrupted. After the run, the signal waits until the trial is told (``tuner``).
 - A process killed outright leaves its trial RUNNING. If it ran on this host and its process is gone, the
   next start fails it at once and re-queues it; a trial of another machine is failed by Optuna's heartbeat
   once it is stale (``grace_period``) and re-queued by ``RetryHeartbeatStaleTrialCallback``.
@@ -34,6 +35,7 @@ from hpi.records import Prediction, RunRecord
 HEARTBEAT_INTERVAL_S = 30
 GRACE_PERIOD_S = 120  # a trial silent this long on another machine is taken as dead
 MAX_RETRY = 2
+PROCESS_GONE = "process gone"  # the "interrupted" mark of a trial whose process died without a word
 MEMORY_STORAGE = "memory"  # in-process storage (benchmarks): nothing written, nothing resumed
 
 
@@ -93,7 +95,7 @@ def recover(study: optuna.Study) -> list[int]:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         who = t.user_attrs.get("owner") or {}
         if who.get("host") == host and not _pid_alive(int(who.get("pid", -1))):
-            storage.set_trial_user_attr(t._trial_id, "interrupted", "process gone")  # noqa: SLF001
+            storage.set_trial_user_attr(t._trial_id, "interrupted", PROCESS_GONE)  # noqa: SLF001
             try:
                 storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)  # noqa: SLF001
             except optuna.exceptions.UpdateFinishedTrialError:
@@ -102,11 +104,17 @@ def recover(study: optuna.Study) -> list[int]:
     requeued = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+        # A trial whose process vanished may be what killed it (the host ran out of memory): retried MAX_RETRY
+        # times. One stopped by a signal is the user's doing, not the plan's: retried however often it came.
+        retry = RetryHeartbeatStaleTrialCallback()
         for t in study.get_trials(deepcopy=True, states=(TrialState.FAIL,)):
-            if t.user_attrs.get("interrupted") and t.number not in retried:
-                retry(study, t)
-                requeued.append(t.number)
+            why = t.user_attrs.get("interrupted")
+            if not why or t.number in retried:
+                continue
+            if why == PROCESS_GONE and len(t.system_attrs.get("retry_history", [])) >= MAX_RETRY:
+                continue
+            retry(study, t)
+            requeued.append(t.number)
     return requeued
 
 

@@ -11,6 +11,10 @@ The loop, one trial at a time:
 3. **Run** the trial (``objective.run_trial``) through ``study.optimize`` so Optuna's heartbeat and stale
    trial handling apply.
 
+SIGINT and SIGTERM stop the study as Ctrl-C does (``hpi.processes.Interrupts``), never in the middle of a
+write to the study: they wait until a trial is told (or the seeds enqueued, the records written) except
+while a trial runs, which they stop at once (the trial is re-queued; ``objective`` says how).
+
 It stops at ``--trials`` counted trials or when the ``--timeout`` budget cannot fit another trial (plus the
 baseline, which runs last, at the best plan's batch unless ``--baseline-batch`` says otherwise).
 """
@@ -45,6 +49,7 @@ from hpi.autotune.study import (
 from hpi.autotune.surrogate import Surrogate
 from hpi.planner.specs.plan import Plan
 from hpi.planner.specs.workload import Workload
+from hpi.processes import Interrupted, Interrupts
 
 DEFAULT_SEEDS = 3
 WITHIN = 0.03  # the simulated target: within 3% of the true optimum
@@ -115,6 +120,7 @@ class Tuner:
     cfg: TuneSettings
     on_event: Callable[[str, dict[str, Any]], None] | None = None
     started: float = field(default_factory=time.monotonic)
+    interrupts: Interrupts = field(default_factory=Interrupts)  # installed by ``tune``
 
     def emit(self, kind: str, doc: dict[str, Any]) -> None:
         if self.on_event is not None:
@@ -207,9 +213,10 @@ class Tuner:
             picks += more
         if len(picks) < self.cfg.n_seeds:
             picks += self.surrogate.ranked(exclude=[run_key(p) for p, _ in picks], k=self.cfg.n_seeds - len(picks))
-        for rank, (plan, value) in enumerate(picks[: self.cfg.n_seeds], start=1):
-            self.study.enqueue_trial(params_of(plan, self.space), skip_if_exists=True,
-                                     user_attrs={"source": f"seed {rank}", "advised_value": value})
+        with self.interrupts.deferred():  # all seeds or none: a study with trials is never seeded again
+            for rank, (plan, value) in enumerate(picks[: self.cfg.n_seeds], start=1):
+                self.study.enqueue_trial(params_of(plan, self.space), skip_if_exists=True,
+                                         user_attrs={"source": f"seed {rank}", "advised_value": value})
         return min(len(picks), self.cfg.n_seeds)
 
     def advise(self) -> dict[str, Any] | None:
@@ -222,8 +229,9 @@ class Tuner:
         if pick is None:
             return None
         plan, value, ei = pick
-        self.study.enqueue_trial(params_of(plan, self.space), skip_if_exists=True,
-                                 user_attrs={"source": "planner", "advised_value": value, "expected_improvement": ei})
+        with self.interrupts.deferred():
+            self.study.enqueue_trial(params_of(plan, self.space), skip_if_exists=True, user_attrs={
+                "source": "planner", "advised_value": value, "expected_improvement": ei})
         return {"plan": plan.label, "predicted": value, "incumbent": incumbent, "expected_improvement": ei}
 
     def _walls(self) -> list[float]:
@@ -248,7 +256,7 @@ class Tuner:
     def loop(self) -> None:
         ctx = TrialContext(space=self.space, surrogate=self.surrogate, runner=self.runner, runs_dir=self.runs_dir,
                            study_name=self.name, trial_timeout_s=self.cfg.trial_timeout_s,
-                           on_trial=lambda doc: self.emit("trial", doc))
+                           on_trial=lambda doc: self.emit("trial", doc), interrupts=self.interrupts)
         if self.cfg.timeout_s is not None:
             ctx.deadline = self.started + self.cfg.timeout_s
         while counted(self.study) < self.cfg.n_trials:
@@ -263,7 +271,8 @@ class Tuner:
                 advice = self.advise()
                 if advice:
                     self.emit("advice", advice)
-            with warnings.catch_warnings():
+            # One trial whole (asked, prepared, run, recorded, told): a signal stops only its run at once.
+            with warnings.catch_warnings(), self.interrupts.deferred():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 self.study.optimize(lambda t: run_trial(t, ctx), n_trials=1, catch=(TrialCrashed,),
                                     gc_after_trial=False)
@@ -336,18 +345,20 @@ class Tuner:
             out.update(status=f.kind, error=str(f)[:4000])
         out["wall_s"] = time.monotonic() - started
         path = self._baseline_path(batch)
-        if path is not None:
-            from hpi.executor.spec import write_json_atomic
+        with self.interrupts.deferred():
+            if path is not None:
+                from hpi.executor.spec import write_json_atomic
 
-            write_json_atomic(path, out)
-        if out["status"] == "ok":  # the database keeps the figures (without the record) for a resumed study
-            self.study.set_user_attr(f"baseline:{self.cfg.baseline}:b{batch}",
-                                     {k: v for k, v in out.items() if k != "record"})
-        self.emit("baseline", out)
+                write_json_atomic(path, out)
+            if out["status"] == "ok":  # the database keeps the figures (without the record) for a resumed study
+                self.study.set_user_attr(f"baseline:{self.cfg.baseline}:b{batch}",
+                                         {k: v for k, v in out.items() if k != "record"})
+            self.emit("baseline", out)
         return out
 
     def run(self) -> dict[str, Any]:
-        requeued = recover(self.study)
+        with self.interrupts.deferred():
+            requeued = recover(self.study)
         self.surrogate.refresh(observations(self.study))
         seeded = self.seed()
         self.emit("start", {"study": self.name, "storage": self.storage_url, "configs": list(self.space.labels),
@@ -356,7 +367,8 @@ class Tuner:
         self.loop()
         baseline = self.baseline()
         doc = self.result(baseline)
-        self.outputs(doc)
+        with self.interrupts.deferred():
+            self.outputs(doc)
         return doc
 
     # ---- results ------------------------------------------------------------------------------------------
@@ -475,7 +487,13 @@ def tune(cfg: TuneSettings, on_event: Callable[[str, dict[str, Any]], None] | No
     noise_key) -> RunRecord`` raising ``RunFailed``."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # trial failures are reported as events, without tracebacks
     tuner = Tuner(cfg, on_event)
-    tuner.setup()
-    if runner is not None:
-        tuner.runner = runner
-    return tuner.run()
+    with tuner.interrupts.installed():  # SIGTERM stops it as Ctrl-C does: raised as Interrupted (a KeyboardInterrupt)
+        try:
+            tuner.setup()
+            if runner is not None:
+                tuner.runner = runner
+            return tuner.run()
+        except KeyboardInterrupt as e:
+            if getattr(e, "signum", None) is None and tuner.interrupts.received is not None:
+                raise Interrupted(tuner.interrupts.received) from e  # a run the signal stopped raised its own
+            raise

@@ -14,8 +14,7 @@ from typing import Any
 
 from hpi.cli.args import add_cuda_graph_flags, add_plan_flags, add_target, count, non_negative, search_restrictions
 from hpi.cli.output import json_default
-
-EXIT_INTERRUPTED = 130
+from hpi.processes import exit_code, signal_of
 
 
 def register(sub) -> dict[str, Any]:
@@ -190,10 +189,10 @@ def cmd_autotune(args: argparse.Namespace) -> int:
     try:
         with _Progress(cfg.objective) if bar else contextlib.nullcontext(_quiet) as on_event:
             doc = tune(cfg, on_event=on_event)
-    except KeyboardInterrupt:
-        sys.stderr.write("hpi autotune: interrupted; run the same command again to resume the study "
-                         "(the interrupted trial is re-run)\n")
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as e:  # SIGINT or SIGTERM (hpi.processes.Interrupted): 130 or 143, as the shell says
+        sys.stderr.write(f"hpi autotune: interrupted ({signal_of(e).name}); run the same command again to resume the "
+                         "study (a trial cut short is run again, none is lost)\n")
+        return exit_code(e)
     if args.json:
         sys.stdout.write(json.dumps(doc, default=json_default) + "\n")
     else:

@@ -18,8 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from hpi import atomic
+from hpi.cli.progress import PhaseProgress
 from hpi.planner.calibrate import METRICS
 
+VALIDATE_PHASES = {"read": "reading record files", "fit": "fitting held-out plans",
+                   "predict": "predicting every record", "unlisted": "looking for records the manifest misses"}
 _METRIC_LABELS = {"decode_step_s": "decode step", "prefill_s": "prefill", "peak_gpu_bytes": "peak GPU (allocated)"}
 
 
@@ -190,7 +193,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from hpi.planner.validate import DEFAULT_MANIFEST, load_manifest, validate
 
     manifest = load_manifest(args.manifest or DEFAULT_MANIFEST)
-    result = validate(manifest, args.records)
+    with PhaseProgress("hpi validate", VALIDATE_PHASES, counted=("fit",), after="read") as progress:
+        result = validate(manifest, args.records, progress=progress)
     if not result.rows:
         from hpi.planner.calibrate import CalibrationError
 

@@ -45,11 +45,16 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MANIFEST = REPO / "validation" / "fidelity_set.yaml"
 RECORD_ROOTS = ("benchmarks/results/**/*.json", "studies/*/runs/**/*.json")
 
+# ``progress(phase, done, total)``: "read" (record files), "fit" (held-out plans fitted), "predict" (machines),
+# "unlisted" (the scan for record files the manifest misses; 0 of 1, then 1 of 1).
+Progress = Callable[[str, int, int], None]
+
 __all__ = [
     "DEFAULT_MANIFEST",
     "Exclusion",
     "Fold",
     "Manifest",
+    "Progress",
     "Row",
     "Validation",
     "leave_one_plan_out",
@@ -202,19 +207,38 @@ class Fold:
     calibration: Calibration | None  # None when no other plan of this profile was recorded
 
 
+def _no_progress(phase: str, done: int, total: int) -> None:
+    pass
+
+
 def _fit_fold(profile_name: str, train: Sequence[Measurement]) -> Calibration:
     """One fold's fit (module level, so that a process pool can run it)."""
     return fit(load_profile(profile_name, calibrated=False), train)
 
 
-def _fits(tasks: list[tuple[str, list[Measurement]]], fitter: Callable[..., Calibration] | None) -> list[Calibration]:
-    """The folds' fits: in a process pool for the default fitter (the folds are independent), else in order."""
+def _fits(tasks: list[tuple[str, list[Measurement]]], fitter: Callable[..., Calibration] | None,
+          progress: Progress | None = None) -> list[Calibration]:
+    """The folds' fits: in a process pool for the default fitter (the folds are independent), else in order.
+    The pool's workers die with this process (``hpi.processes.worker_pool``), however it ends."""
+    report = progress or _no_progress
+    report("fit", 0, len(tasks))
     if fitter is not None or len(tasks) < 2 or (os.cpu_count() or 1) < 2:
-        return [(fitter or fit)(load_profile(name, calibrated=False), train) for name, train in tasks]
-    from concurrent.futures import ProcessPoolExecutor
+        out = []
+        for name, train in tasks:
+            out.append((fitter or fit)(load_profile(name, calibrated=False), train))
+            report("fit", len(out), len(tasks))
+        return out
+    from concurrent.futures import as_completed
 
-    with ProcessPoolExecutor(max_workers=min(len(tasks), os.cpu_count() or 1)) as pool:
-        return list(pool.map(_fit_fold, *zip(*tasks)))
+    from hpi.processes import worker_pool
+
+    with worker_pool(min(len(tasks), os.cpu_count() or 1)) as pool:
+        futures = {pool.submit(_fit_fold, name, train): i for i, (name, train) in enumerate(tasks)}
+        fits: list[Calibration | None] = [None] * len(tasks)
+        for done, future in enumerate(as_completed(futures), start=1):
+            fits[futures[future]] = future.result()
+            report("fit", done, len(tasks))
+    return fits
 
 
 def _folds(profile_name: str, measurements: Sequence[Measurement]) -> list[tuple[list[Measurement], list[Measurement]]]:
@@ -367,14 +391,18 @@ def _files_and_profiles(manifest: Manifest, record_paths: Sequence[str | Path] |
 
 
 def validate(manifest: Manifest | None = None, record_paths: Sequence[str | Path] | None = None,
-             fitter: Callable[..., Calibration] | None = None) -> Validation:
-    """Every record of the set (``record_paths``, default the manifest's files), left out one plan at a time."""
+             fitter: Callable[..., Calibration] | None = None, progress: Progress | None = None) -> Validation:
+    """Every record of the set (``record_paths``, default the manifest's files), left out one plan at a time.
+    ``progress(phase, done, total)`` hears how far it got (``Progress``)."""
+    report = progress or _no_progress
     manifest = manifest or load_manifest()
     by_profile: dict[str, list[Measurement]] = {}
     skipped: dict[str, int] = {}
     excluded: dict[str, str] = {}
     seen: set[str] = set()
-    for file, profile in _files_and_profiles(manifest, record_paths):
+    files = _files_and_profiles(manifest, record_paths)
+    for n_read, (file, profile) in enumerate(files):
+        report("read", n_read, len(files))
         records = load_records(file)
         for reason, n in records.skipped.items():
             skipped[reason] = skipped.get(reason, 0) + n
@@ -397,16 +425,23 @@ def validate(manifest: Manifest | None = None, record_paths: Sequence[str | Path
                 raise CalibrationError(f"record {m.record_id} names no hardware profile: "
                                        f"list {rel} in the manifest with one")
             by_profile.setdefault(name, []).append(m)
+    report("read", len(files), len(files))
     # Every fold of every machine fitted at once (in parallel), then read back per machine.
     plans = {name: _folds(name, by_profile[name]) for name in sorted(by_profile)}
     tasks = [(name, train) for name in plans for _, train in plans[name] if train]
-    fitted = iter(_fits(tasks, fitter))
+    fitted = iter(_fits(tasks, fitter, report))
     rows: list[Row] = []
     folds: list[Fold] = []
-    for name, machine_folds in plans.items():
+    for i, (name, machine_folds) in enumerate(plans.items()):
+        report("predict", i, len(plans))
         fits = [next(fitted) if train else None for _, train in machine_folds]
         r, f = _rows_and_folds(name, by_profile[name], machine_folds, fits)
         rows += r
         folds += f
-    unlisted = tuple(manifest.unlisted()) if record_paths is None else ()
+    report("predict", len(plans), len(plans))
+    unlisted: tuple[str, ...] = ()
+    if record_paths is None:
+        report("unlisted", 0, 1)
+        unlisted = tuple(manifest.unlisted())
+        report("unlisted", 1, 1)
     return Validation(tuple(rows), tuple(folds), skipped, excluded, unlisted)

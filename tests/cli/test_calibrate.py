@@ -5,6 +5,7 @@ computation, bad input is one line on stderr and exit code 2."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import statistics
 from dataclasses import replace
@@ -126,6 +127,30 @@ def test_validate_json_last_line_equals_an_independent_computation(capsys, fixtu
     # The priors are off, the fit on the other plans is not: calibration must help on this fixture.
     assert doc["median_ape"] < doc["uncalibrated"]["median_ape"]
     assert "8b-cpu-pageable" in out and "leave-one-plan-out" in out
+
+
+@pytest.mark.parametrize("fitter", [None, fit], ids=["process-pool", "in-order"])
+def test_validate_reports_each_phase_and_each_fitted_plan(fixture_dir, manifest_path, fitter) -> None:
+    calls: list[tuple[str, int, int]] = []
+    result = validate(load_manifest(manifest_path), fitter=fitter, progress=lambda *call: calls.append(call))
+    phases: dict[str, list[tuple[int, int]]] = {}
+    for phase, done, total in calls:
+        phases.setdefault(phase, []).append((done, total))
+    assert list(phases) == ["read", "fit", "predict", "unlisted"]  # in this order, each phase once
+    assert phases["read"] == [(0, 1), (1, 1)]  # one record file (a bundle)
+    assert phases["fit"] == [(i, 4) for i in range(5)]  # 4 plans, each fitted on the other 3: counted one by one
+    assert phases["predict"] == [(0, 1), (1, 1)]  # one machine
+    assert phases["unlisted"] == [(0, 1), (1, 1)]
+    assert len(result.folds) == 4
+
+
+def test_validate_shows_progress_on_stderr_and_keeps_stdout_for_its_results(capsys, manifest_path) -> None:
+    code, out, err = run(capsys, "validate", "--manifest", str(manifest_path), "--json")
+    assert code == 0, err
+    lines = [re.sub(r" \[(\d+m)?\d+s\]$", "", line) for line in err.splitlines()]  # less the time taken
+    assert lines == [*[f"hpi validate: fitting held-out plans: {i}/4" for i in range(5)],  # after reading the input
+                     "hpi validate: predicting every record", "hpi validate: looking for records the manifest misses"]
+    assert "hpi validate" not in out and json.loads(out.strip().splitlines()[-1])["n_plans"] == 4
 
 
 def test_validate_plot_writes_a_png(capsys, manifest_path, tmp_path) -> None:
