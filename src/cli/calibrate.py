@@ -183,6 +183,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                            error_before=before, error_after=after)
     new_text = replace_section(text, block)
     profile_from_text(new_text, target)  # the file must load once written: checked before it is replaced
+    target.parent.mkdir(parents=True, exist_ok=True)  # a new --out file's folders (checked writable above)
     write_text_atomic(target, new_text)
     clear_cache()
     result = {

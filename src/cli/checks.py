@@ -56,9 +56,10 @@ def _check_names(path: Path, flag: str, who: str) -> None:
         raise UsageError(f"{who}: {flag} {_shown(text)} is longer than {PATH_MAX_BYTES} bytes: use a shorter path")
     limit = _name_max(_nearest_existing(path.absolute()))
     for part in path.parts:
-        if len(os.fsencode(part)) > limit:
-            raise UsageError(f"{who}: {flag} {_shown(text)}: the name {_shown(part)} is longer than the file "
-                             f"system's {limit} bytes: use a shorter name")
+        size = len(os.fsencode(part))
+        if size > limit:
+            raise UsageError(f"{who}: {flag} {_shown(text)}: a name in it is {size} bytes, longer than the file "
+                             f"system's {limit}: use a shorter name")
 
 
 def _check_creatable(path: Path, flag: str, who: str) -> None:

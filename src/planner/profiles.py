@@ -151,6 +151,8 @@ def _resolve(name_or_path: str) -> Path:
     looks_like_path = as_path.suffix in (".yaml", ".yml") or "/" in name_or_path or os.sep in name_or_path
     try:
         if looks_like_path:
+            if as_path.is_dir():
+                raise ProfileError(f"hardware profile file {as_path} is a folder: name a profile YAML")
             if not as_path.is_file():
                 raise ProfileError(f"hardware profile file {as_path} does not exist")
             return as_path.resolve()

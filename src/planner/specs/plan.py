@@ -166,12 +166,16 @@ class Plan:
         if wrong_types:  # the rules below compare numbers: they cannot be checked on a string
             yield from wrong_types
             return
+        out_of_range = False
         for k in knob_fields(type(self)):
             value = getattr(self, k.name)
             if k.spec.choices and value not in k.spec.choices:
                 yield f"{k.name.replace('_', ' ')} {value!r} is not one of {', '.join(map(str, k.spec.choices))}"
             elif k.spec.minimum is not None and value < k.spec.minimum:
+                out_of_range = True
                 yield f"{k.name} = {value} must be >= {k.spec.minimum}"
+        if out_of_range:  # the rules below divide by the degrees
+            return
         if self.batch_size % self.dp:
             yield f"batch({self.batch_size}) % dp({self.dp}) != 0: make the batch a multiple of dp"
         elif (self.batch_size // self.dp) % self.micro_batches:
