@@ -138,6 +138,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.pareto:
         console.print(plans_table(pareto, "latency/throughput Pareto front"))
     if estimates:
-        console.print(f"why #1 wins and what would change it: hpi explain --model {args.model} "
-                      f"--hardware {args.hardware} " + plan_flags(estimates[0].plan))
+        output.say_command(console, f"why #1 wins and what would change it: hpi explain --model {args.model} "
+                           f"--hardware {args.hardware} " + plan_flags(estimates[0].plan))
     return 0

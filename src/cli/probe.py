@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from hpi.cli.args import UsageError, add_plan_flags, add_target, load_target, plan_from_args
+from hpi.cli.output import say_command
 
 __all__ = ["register", "cmd_probe", "cmd_check"]
 
@@ -152,7 +153,7 @@ def _summarize(console: Any, doc: dict[str, Any], profile: Any, out: Path, json_
         console.print(f"[cyan]note[/cyan] {note}")
     if not profile.gpus_per_node:
         console.print("no GPU found: the profile holds the CPU, host memory and disk figures only")
-    console.print(f"wrote {out} and {json_path}; plan on it: hpi plan --model llama-3-70b --hardware {out}")
+    say_command(console, f"wrote {out} and {json_path}; plan on it: hpi plan --model llama-3-70b --hardware {out}")
 
 
 def _lookup(raw: Any, dotted: str) -> Any:

@@ -117,10 +117,15 @@ def materialize(folder: Path) -> None:
         path.write_text(content() if callable(content) else content)
 
 
-def expand(argv: tuple[str, ...], folder: Path) -> list[str]:
+def package_profiles() -> str:
+    """The profiles folder inside the installed hpi package (``hpi probe`` must not write there)."""
     import hpi
 
-    pkg_profiles = str(Path(hpi.__file__).resolve().parent / "planner" / "hardware_profiles")
+    return str(Path(hpi.__file__).resolve().parent / "planner" / "hardware_profiles")
+
+
+def expand(argv: tuple[str, ...], folder: Path, pkg_profiles: str | None = None) -> list[str]:
+    pkg_profiles = pkg_profiles or package_profiles()
     return [a.replace("{long}", LONG).replace("{pkg_profiles}", pkg_profiles).replace("{tmp}", str(folder))
             for a in argv]
 
