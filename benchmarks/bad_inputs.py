@@ -36,6 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 TABLE = REPO / "tests" / "cli" / "test_bad_inputs.py"
 CLASSES = ("one_line", "traceback", "unclear", "accepted")
 HIDE_ENV = "HPI_BAD_INPUTS_HIDE"
+# DeepSpeed's compiled CPU ops stay where they were built (the case's own cache would rebuild them every run)
+TORCH_EXTENSIONS = os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache" / "torch_extensions")
 SITECUSTOMIZE = f"""import os, sys
 for _name in filter(None, os.environ.get("{HIDE_ENV}", "").split(",")):
     sys.modules[_name] = None  # import raises ModuleNotFoundError, find_spec answers None
@@ -87,7 +89,7 @@ def run_case(table, case, hpi: Path, base: Path, pkg_profiles: str, timeout_s: f
     folder.mkdir(parents=True)
     table.materialize(folder)
     env = {k: v for k, v in os.environ.items() if k not in ("HPI_DEBUG", "PYTHONPATH")}
-    env.update(XDG_CACHE_HOME=str(base / "cache"), DS_ACCELERATOR="cpu")
+    env.update(XDG_CACHE_HOME=str(base / "cache"), DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=TORCH_EXTENSIONS)
     env.update({k: v.replace("{tmp}", str(folder)) for k, v in case.env})
     if case.hide:
         env.update(PYTHONPATH=str(hide_dir), **{HIDE_ENV: ",".join(case.hide)})

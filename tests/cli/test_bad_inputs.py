@@ -289,8 +289,17 @@ def skip_reason(c: Case) -> str | None:
 
 
 def listing(root: Path) -> dict[str, int]:
-    """Every file and folder under ``root`` with its size (folders: -1)."""
-    return {str(p.relative_to(root)): (-1 if p.is_dir() else p.stat().st_size) for p in sorted(root.rglob("*"))}
+    """Every file and folder under ``root`` with its size (folders: -1); what vanishes while it looks is left out."""
+    found: dict[str, int] = {}
+    for folder, dirs, files in os.walk(root):  # os.walk skips what it cannot list
+        for name in dirs:
+            found[os.path.relpath(os.path.join(folder, name), root)] = -1
+        for name in files:
+            try:
+                found[os.path.relpath(os.path.join(folder, name), root)] = os.lstat(os.path.join(folder, name)).st_size
+            except OSError:
+                continue
+    return dict(sorted(found.items()))
 
 
 # ---- the test -------------------------------------------------------------------------------------------------
