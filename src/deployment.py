@@ -120,6 +120,11 @@ def _check_inputs(spec: RunSpec, model: ModelSpec, nodes: Nodes) -> None:
     """What the run reads and how it starts, checked before anything is written."""
     from hpi.planner.feasibility import plan_problems
 
+    context, positions = spec.workload.context_len_tokens, model.max_position_embeddings
+    if context > positions:
+        raise DeploymentError(f"hpi run: prompt {spec.workload.prompt_len_tokens} + gen {spec.workload.gen_len_tokens} "
+                              f"= {context} tokens > {model.name}'s {positions} positions (max_position_embeddings): "
+                              "shorten --prompt-len or --gen-len")
     if spec.mode == "chat" and not spec.prompts:
         raise DeploymentError("hpi run: --chat needs a prompt: pass --prompt TEXT or --prompts FILE")
     if spec.checkpoint and not Path(spec.checkpoint).is_dir():

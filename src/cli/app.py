@@ -6,17 +6,20 @@ its handlers, each ``handler(args) -> int``. Importing a command module must sta
 torch, the executor's launcher or optuna (``hpi plan`` starts in under a second): handlers import what they
 need when they run.
 
-Every user mistake ends in one line on stderr and exit code 2, never a traceback.
+Every user mistake ends in one line on stderr and exit code 2, never a traceback; an hpi bug in one line
+that names the log file holding its traceback, exit code 1 (``hpi.cli.errors``).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Callable, Sequence
 
-from hpi.cli.args import EXIT_USAGE, Parser, UsageError
+from hpi.cli.args import Parser
+from hpi.cli.errors import report
 
 # In the order ``hpi --help`` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -29,6 +32,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "hpi.cli.autotune",  # autotune
 )
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer its pipe closed on
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int]]]:
@@ -45,18 +49,21 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from hpi.planner.catalog import ModelConfigError
-    from hpi.planner.profiles import ProfileError
-
+    """Run one ``hpi`` command; every failure ends in one line on stderr (``hpi.cli.errors``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = "hpi"
     try:
         parser, handlers = build_parser()
         args = parser.parse_args(argv)
+        prog = f"hpi {args.command}"
         return handlers[args.command](args)
-    except (UsageError, ModelConfigError, ProfileError, ValueError) as e:
-        message = str(e)
-        sys.stderr.write(message if message.startswith("hpi") else f"hpi: error: {message}")
-        sys.stderr.write("\n")
-        return EXIT_USAGE
     except KeyboardInterrupt:
-        sys.stderr.write("hpi: interrupted\n")
+        sys.stderr.write(f"{prog}: interrupted\n")
         return EXIT_INTERRUPTED
+    except SystemExit:  # --help, --version
+        raise
+    except BrokenPipeError:  # the reader went away (hpi plan | head): nothing to say, as a killed pipe
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush would fail again
+        return EXIT_BROKEN_PIPE
+    except Exception as e:
+        return report(e, prog, argv)

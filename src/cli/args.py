@@ -9,17 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from typing import Any
 
+from hpi.cli.errors import EXIT_USAGE, UsageError  # noqa: F401 - the commands import both from here
 from hpi.planner.specs.knob import KnobField, display_order, knob_fields
-from hpi.planner.specs.plan import Plan
+from hpi.planner.specs.plan import Plan, missing_fields, type_problem
 from hpi.planner.specs.workload import COMPUTE_DTYPES, DEFAULT_GEN_LEN, DEFAULT_PROMPT_LEN, FETCH_WAITS, Workload
-
-EXIT_USAGE = 2
-
-
-class UsageError(Exception):
-    """Anything the user can fix: printed as one line, exit code 2."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -29,25 +25,105 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
-def count(text: str) -> int:
-    """A whole number >= 0 (batch, lengths, degrees, element counts)."""
+# The largest whole number a flag takes: every integer below it is exact in a float64 (1e3, 5e7 are accepted).
+MAX_WHOLE = 2**53
+
+
+def _whole(text: str) -> int:
+    """A whole number written as an integer or as an integral float (``5e7``); never inf, nan or 2.7."""
     try:
-        value = int(float(text))
+        value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        try:
+            real = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not math.isfinite(real):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number") from None
+        if not real.is_integer():
+            raise argparse.ArgumentTypeError(f"{text} is not a whole number") from None
+        value = int(real)
+    if abs(value) > MAX_WHOLE:
+        raise argparse.ArgumentTypeError(f"{text} is too large (at most {MAX_WHOLE:.3g})")
+    return value
+
+
+def count(text: str) -> int:
+    """A whole number >= 0 (seeds, element counts, warm-up steps)."""
+    value = _whole(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text} must be >= 0")
     return value
 
 
-def non_negative(text: str) -> float:
-    """A real number >= 0 (seconds, fractions)."""
+def positive(text: str) -> int:
+    """A whole number >= 1 (degrees, batch, lengths, trials, slots)."""
+    value = _whole(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 1")
+    return value
+
+
+def port(text: str) -> int:
+    """A TCP port, 1..65535."""
+    value = _whole(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a port (1 to 65535)")
+    return value
+
+
+def any_port(text: str) -> int:
+    """A TCP port to listen on, 0..65535 (0: any free one)."""
+    value = _whole(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a port (0 to 65535; 0: any free one)")
+    return value
+
+
+def _real(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
+def finite(text: str) -> float:
+    """A finite real number (its range checked where it is used)."""
+    return _real(text)
+
+
+def non_negative(text: str) -> float:
+    """A finite real number >= 0 (fractions, temperatures, spreads)."""
+    value = _real(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text} must be >= 0")
+    return value
+
+
+def seconds(text: str) -> float:
+    """A finite duration > 0 in seconds (timeouts)."""
+    value = _real(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be > 0 seconds")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A finite number in [0, 1)."""
+    value = _real(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 0 and < 1")
+    return value
+
+
+def probability(text: str) -> float:
+    """A finite number in (0, 1] (nucleus sampling's top-p)."""
+    value = _real(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} must be > 0 and <= 1")
     return value
 
 
@@ -61,8 +137,8 @@ def add_target(p: argparse.ArgumentParser, hardware_required: bool = True) -> No
     for k in knob_fields(Plan):
         if k.spec.group == "target":  # the plan knobs named with the workload: --batch
             _add_knob_flag(p, k, default=k.default)
-    p.add_argument("--prompt-len", type=count, default=DEFAULT_PROMPT_LEN, help="prompt tokens (default 512)")
-    p.add_argument("--gen-len", type=count, default=DEFAULT_GEN_LEN, help="generated tokens (default 32)")
+    p.add_argument("--prompt-len", type=positive, default=DEFAULT_PROMPT_LEN, help="prompt tokens (default 512)")
+    p.add_argument("--gen-len", type=positive, default=DEFAULT_GEN_LEN, help="generated tokens (default 32)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
 
 
@@ -88,17 +164,40 @@ def _switch_off(flag: str) -> str:
     return "--no-" + flag.removeprefix("--")
 
 
+GIVEN_PLAN_FLAGS = "given_plan_flags"  # the Namespace attribute listing the plan flags given on the command line
+
+
+class _PlanFlag(argparse.Action):
+    """A plan knob's flag: stores its value as argparse's "store" does, and notes that it was given (a plan flag
+    beside --plan is refused: ``plan_from_args``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        setattr(namespace, GIVEN_PLAN_FLAGS, (*getattr(namespace, GIVEN_PLAN_FLAGS, ()), option_string))
+
+
+class _PlanSwitch(_PlanFlag):
+    """One side of a plan switch (--pin-memory / --no-pin-memory): stores ``const``."""
+
+    def __init__(self, option_strings, dest, const=None, default=None, help=None) -> None:
+        super().__init__(option_strings, dest, nargs=0, const=const, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        super().__call__(parser, namespace, self.const, option_string)
+
+
 def _add_knob_flag(p: argparse.ArgumentParser, k: KnobField, default: Any) -> None:
     """The flag a knob declares (``Knob.flag``): a switch as --x / --no-x (None when neither is given), a choice
-    knob with its choices, a number as a count."""
+    knob with its choices, a number as a whole number (>= 1 where the knob's minimum is 1)."""
     spec = k.spec
     if spec.vector == "switch":
         pair = p.add_mutually_exclusive_group()
-        pair.add_argument(spec.flag, dest=k.name, action="store_true", default=None, help=spec.help)
-        pair.add_argument(_switch_off(spec.flag), dest=k.name, action="store_false")
+        pair.add_argument(spec.flag, dest=k.name, action=_PlanSwitch, const=True, default=None, help=spec.help)
+        pair.add_argument(_switch_off(spec.flag), dest=k.name, action=_PlanSwitch, const=False)
         return
     kind = type(spec.choices[0]) if spec.choices else None  # argparse takes strings as given
-    p.add_argument(spec.flag, type=count if kind is None else (None if kind is str else kind),
+    number = positive if (spec.minimum or 0) >= 1 else count
+    p.add_argument(spec.flag, type=number if kind is None else (None if kind is str else kind), action=_PlanFlag,
                    choices=spec.choices or None, default=default, metavar=spec.metavar, help=spec.help)
 
 
@@ -112,7 +211,8 @@ def add_plan_flags(p: argparse.ArgumentParser, for_search: bool, plan_type: type
         _add_knob_flag(p, k, default=None if for_search or k.spec.flag_derived else k.default)
     if not for_search:
         p.add_argument("--plan", dest="plan_file", default=None, metavar="PLAN.json",
-                       help="read the plan from JSON (a plan object, or an entry of hpi plan --json)")
+                       help="read the plan from JSON (a plan object, hpi plan --json's document or an entry of it, a "
+                            "run record); it fixes every knob: plan flags beside it are refused")
 
 
 def search_restrictions(args: argparse.Namespace, plan_type: type = Plan) -> dict[str, Any]:
@@ -137,23 +237,68 @@ def load_target(args: argparse.Namespace):
     return load_model(args.model), load_profile(args.hardware), workload_from_args(args)
 
 
-def read_plan_file(path: str) -> dict[str, Any]:
+def _plan_entry(data: Any, path: str) -> tuple[Any, str]:
+    """The plan object inside a plan file's document, and where it sits (for messages)."""
+    where = path
+    if isinstance(data, dict) and "plans" in data:
+        plans = data["plans"]
+        if not isinstance(plans, list):
+            raise UsageError(f"{path}: plans is not a list of plans")
+        if not plans:
+            raise UsageError(f"{path}: its plans list is empty (hpi plan found none that fits): nothing to run; plan "
+                             "again with other flags or another machine")
+        data, where = plans[0], f"{path}: plans[0]"
+    if isinstance(data, dict) and isinstance(data.get("plan"), dict):
+        data, where = data["plan"], f"{where}: plan"
+    if not isinstance(data, dict):
+        raise UsageError(f"{where}: expected a JSON object with the plan's fields, got {type(data).__name__}")
+    return data, where
+
+
+def read_plan_file(path: str, plan_type: type = Plan) -> dict[str, Any]:
     """The plan's fields from a JSON file: a plan object, ``hpi plan --json``'s document (its best plan) or
-    an object with a ``plan`` entry (a RunRecord, ``best_plan.json``)."""
+    an object with a ``plan`` entry (a RunRecord, ``best_plan.json``). Checked field by field: every knob
+    present, none unknown, each of its type (the ranges: ``Plan.problems``)."""
     try:
         with open(path) as f:
             data = json.load(f)
     except OSError as e:
         raise UsageError(f"cannot read plan {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"cannot read plan {path}: not a UTF-8 text file") from None
     except json.JSONDecodeError as e:
         raise UsageError(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from None
-    if isinstance(data, dict) and "plans" in data:
-        data = data["plans"][0] if data["plans"] else {}
-    if isinstance(data, dict) and isinstance(data.get("plan"), dict):
-        data = data["plan"]
-    if not isinstance(data, dict):
-        raise UsageError(f"{path}: expected a JSON object with the plan's fields")
+    except RecursionError:
+        raise UsageError(f"{path}: JSON nested too deep to be a plan") from None
+    data, where = _plan_entry(data, path)
+    names = [k.name for k in knob_fields(plan_type)]
+    problems = []
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        problems.append(f"unknown field(s) {', '.join(unknown)}; known: {', '.join(names)}")
+    missing = missing_fields(plan_type, data)
+    if missing:
+        problems.append(f"missing field(s) {', '.join(missing)} (a plan file names every knob, as hpi plan --json's "
+                        "entries and run records do)")
+    problems += [problem for k in knob_fields(plan_type) if k.name in data
+                 and (problem := type_problem(k, data[k.name]))]
+    if problems:
+        raise UsageError(f"{where}: " + "; ".join(problems))
     return data
+
+
+def plan_from_file(args: argparse.Namespace, plan_type: type = Plan) -> Plan:
+    """The plan --plan FILE holds; a plan flag given beside it is refused (the file fixes every knob)."""
+    given = getattr(args, GIVEN_PLAN_FLAGS, ())
+    if given:
+        flags = ", ".join(dict.fromkeys(given))
+        raise UsageError(f"{flags} given beside --plan {args.plan_file}: the plan file fixes every knob; drop "
+                         f"{flags}, or drop --plan and name the plan with flags")
+    data = read_plan_file(args.plan_file, plan_type)
+    try:
+        return plan_type.from_dict(data)
+    except ValueError as e:
+        raise UsageError(f"{args.plan_file}: {e}") from None
 
 
 def _micro_batches(values: dict[str, Any], model) -> int:
@@ -177,7 +322,7 @@ def plan_from_args(args: argparse.Namespace, model, plan_type: type = Plan) -> P
     """The one plan the flags (or --plan FILE) name: a knob whose flag was not given at its default, or derived
     (``Knob.flag_derived``: micro-batches, the NVMe buffer) from the others."""
     if args.plan_file:
-        return plan_type.from_dict(read_plan_file(args.plan_file))
+        return plan_from_file(args, plan_type)
     given = {k.name: getattr(args, k.dest) if k.spec.flag else None for k in knob_fields(plan_type)}
     values = {k.name: k.default if v is None else v for k, v in zip(knob_fields(plan_type), given.values())}
     for k in knob_fields(plan_type):

@@ -12,7 +12,17 @@ import json
 import sys
 from typing import Any
 
-from hpi.cli.args import add_cuda_graph_flags, add_plan_flags, add_target, count, non_negative, search_restrictions
+from hpi.cli.args import (
+    add_cuda_graph_flags,
+    add_plan_flags,
+    add_target,
+    count,
+    non_negative,
+    positive,
+    search_restrictions,
+    seconds,
+)
+from hpi.cli.errors import UsageError
 from hpi.cli.output import json_default
 from hpi.processes import exit_code, signal_of
 
@@ -26,11 +36,12 @@ def register(sub) -> dict[str, Any]:
     add_plan_flags(p, for_search=True)
     p.add_argument("--objective", choices=("throughput", "latency"), default="throughput",
                    help="throughput: highest tok/s at the best batch; latency: lowest decode step at --batch")
-    p.add_argument("--trials", type=count, default=12, help="trials in the study, resumed ones included (default 12)")
+    p.add_argument("--trials", type=count, default=12,
+                   help="trials in the study, resumed ones included (default 12)")
     p.add_argument("--timeout", type=non_negative, default=None, metavar="S",
                    help="time budget in seconds for the whole command: no trial starts that would not fit, the "
                         "baseline included")
-    p.add_argument("--trial-timeout", type=non_negative, default=None, metavar="S",
+    p.add_argument("--trial-timeout", type=seconds, default=None, metavar="S",
                    help="stop a single run after S seconds")
     p.add_argument("--study", default=None, metavar="NAME", help="study name (default MODEL_HARDWARE_OBJECTIVE[_sim])")
     p.add_argument("--storage", default=None, metavar="URL",
@@ -42,10 +53,10 @@ def register(sub) -> dict[str, Any]:
                    help="answer trials from a hidden simulated machine (no GPU): CI and search-efficiency measurements")
     p.add_argument("--seed", type=count, default=0, help="sampler seed (and the hidden machine's with --simulate)")
     p.add_argument("--seeds", type=count, default=3, help="planner predictions enqueued first (default 3)")
-    p.add_argument("--top-configs", type=count, default=6,
+    p.add_argument("--top-configs", type=positive, default=6,
                    help="discrete plans (offload, tp, pp, dp, bits) offered to the study: the planner's best "
                         "(default 6)")
-    p.add_argument("--max-batch", type=count, default=256, help="largest batch searched (default 256)")
+    p.add_argument("--max-batch", type=positive, default=256, help="largest batch searched (default 256)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: DeepSpeed's CPU accelerator (tests)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="default bf16 on cuda, fp32 on cpu")
     add_cuda_graph_flags(p, default=True, on_help="decode through CUDA graphs in every trial whose plan allows it "
@@ -58,7 +69,7 @@ def register(sub) -> dict[str, Any]:
     p.add_argument("--baseline", choices=("ds-examples", "ds-examples-knobs"), default=None,
                    help="also measure DeepSpeedExamples' ZeRO-Inference recipe (ds-examples: its own script, CUDA; "
                         "ds-examples-knobs: its knobs through hpi's executor) and report the ratio")
-    p.add_argument("--baseline-batch", type=count, default=None,
+    p.add_argument("--baseline-batch", type=positive, default=None,
                    help="batch of the baseline run (default: the best plan's batch; 1 is run_model.py's default)")
     p.add_argument("--sim-spread", type=non_negative, default=1.0,
                    help="--simulate: how far the hidden machine strays (default 1)")
@@ -179,10 +190,40 @@ def _print_summary(doc: dict[str, Any]) -> None:
         print(f"run it: {doc['launch_command']}")
 
 
+def check_inputs(args: argparse.Namespace) -> None:
+    """Everything autotune reads, writes and runs on, checked before a study is created or a trial starts."""
+    from hpi.cli.args import workload_from_args
+    from hpi.cli.checks import executor_ready, existing_dir, folder_name, storage_url, writable_dir
+    from hpi.cli.errors import require
+    from hpi.planner.catalog import load_model
+    from hpi.planner.profiles import load_profile
+
+    who = "hpi autotune"
+    require(("optuna", "matplotlib") if args.report else ("optuna",), who)
+    if args.study is not None:
+        folder_name(args.study, "--study", who)
+    writable_dir(args.studies_dir, "--studies-dir", who)
+    if args.storage not in (None, "memory"):
+        storage_url(args.storage, "--storage", who)
+    for flag, path in (("--checkpoint", args.checkpoint), ("--nvme-path", args.nvme_path)):
+        if path is not None:
+            existing_dir(path, flag, who)
+    model = load_model(args.checkpoint or args.model)  # as the tuner reads it
+    load_profile(args.hardware)
+    workload = workload_from_args(args)
+    if workload.context_len_tokens > model.max_position_embeddings:
+        raise UsageError(f"{who}: prompt {workload.prompt_len_tokens} + gen {workload.gen_len_tokens} = "
+                         f"{workload.context_len_tokens} tokens > {model.name}'s {model.max_position_embeddings} "
+                         "positions (max_position_embeddings): shorten --prompt-len or --gen-len")
+    if not args.simulate:
+        if args.offload == "nvme" and not args.nvme_path:  # the tuner's rule too; said before the GPU question
+            raise UsageError("--offload nvme needs --nvme-path DIR (a folder on the NVMe drive) for real trials")
+        executor_ready(args.device, who)  # last: it imports torch to ask for a GPU
+
+
 def cmd_autotune(args: argparse.Namespace) -> int:
-    if args.trials < 1:
-        raise ValueError(f"--trials {args.trials} < 1: ask for at least one trial")
-    cfg = _settings(args)
+    cfg = _settings(args)  # TuneSettings checks its own fields
+    check_inputs(args)
     from hpi.autotune.tuner import tune
 
     bar = not args.json or sys.stderr.isatty()  # --json into a pipe: plain lines on stderr, no redraws

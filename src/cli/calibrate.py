@@ -18,9 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from hpi import atomic
+from hpi.cli.args import UsageError, count, finite
+from hpi.cli.checks import writable_file
 from hpi.cli.progress import PhaseProgress
 from hpi.planner.calibrate import METRICS
 
+PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".svgz", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".eps", ".ps")
 VALIDATE_PHASES = {"read": "reading record files", "fit": "fitting held-out plans",
                    "predict": "predicting every record", "unlisted": "looking for records the manifest misses"}
 _METRIC_LABELS = {"decode_step_s": "decode step", "prefill_s": "prefill", "peak_gpu_bytes": "peak GPU (allocated)"}
@@ -36,10 +39,14 @@ def register(sub) -> dict:
     p.add_argument("--out", default=None, metavar="PATH",
                    help="profile YAML to write the calibrated: section into (default: the profile's own file); "
                         "the rest of the file is kept byte for byte")
-    p.add_argument("--holdout", type=float, default=0.2, metavar="FRACTION",
+    p.add_argument("--holdout", type=finite, default=0.2, metavar="FRACTION",
                    help="share of the plans held out of the fit to report its error on (default 0.2; 0: fit all)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split (default 0)")
-    p.add_argument("--date", default=None, help="date written into the section (default: today)")
+    p.add_argument("--seed", type=count, default=0, help="seed of the held-out split (default 0)")
+    p.add_argument("--date", default=None, type=iso_date, help="date written into the section (default: today)")
+    p.add_argument("--allow-other-devices", action="store_true",
+                   help="fit records that ran on another device than the profile's GPU (a CPU run, another GPU "
+                        "model); refused otherwise: their timings would move the coefficients of a machine they "
+                        "did not run on")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p = sub.add_parser("validate", help="predicted against measured for every recorded run (uncalibrated and "
                                         "leave-one-plan-out calibrated)")
@@ -69,6 +76,61 @@ def _profile_file(name_or_path: str) -> Path:
     raise ProfileError(f"unknown hardware profile {name_or_path!r}")
 
 
+def iso_date(text: str) -> str:
+    """A calendar date written YYYY-MM-DD."""
+    try:
+        return _dt.date.fromisoformat(text).isoformat()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date: write YYYY-MM-DD") from None
+
+
+def _other_device(record, profile) -> str | None:
+    """The device ``record`` ran on when it is not ``profile``'s GPU (a CPU run, another GPU model), or None."""
+    device = record.device or (record.spec or {}).get("device")
+    if not profile.gpus_per_node:
+        return "a GPU" if device == "cuda" or record.devices else None
+    if device == "cpu":
+        return "the CPU"
+    others = [d for d in record.devices if d != profile.gpu.name]
+    return others[0] if others else None
+
+
+def _refuse_other_devices(records, prior) -> None:
+    """Records of another device would move ``prior``'s coefficients: refused unless --allow-other-devices."""
+    foreign = [(r.record_id, device) for r in records if (device := _other_device(r, prior))]
+    if foreign:
+        rid, device = foreign[0]
+        gpu = f"{prior.gpu.name} GPUs" if prior.gpus_per_node else "no GPU"
+        raise UsageError(f"hpi calibrate: {len(foreign)} record(s) ran on another device than {prior.name} ({gpu}), "
+                         f"e.g. {rid} on {device}: fitting them would move its coefficients; leave them out, or pass "
+                         "--allow-other-devices to fit them anyway")
+
+
+def _calibrate_target(args: argparse.Namespace) -> tuple[Path, str]:
+    """The file the calibrated: section goes into and the text it starts from (the file's own, or the profile's
+    for a new --out file); the file, where it exists, must be a profile that loads."""
+    from hpi.planner.profiles import ProfileError, profile_from_text
+
+    source = _profile_file(args.hardware)
+    target = writable_file(args.out, "--out", "hpi calibrate", (".yaml", ".yml")) if args.out else source
+    if not target.exists():
+        if args.out is None:
+            raise UsageError(f"hpi calibrate: the profile file {target} does not exist")
+        text = source.read_text()
+    else:
+        try:
+            text = target.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"hpi calibrate: --out {target}: cannot read it ({e})") from None
+    try:
+        profile_from_text(text, target, calibrated=False)
+    except ProfileError as e:
+        what = "is not a profile that loads" if target.exists() else "would not load as a copy of the profile"
+        raise UsageError(f"hpi calibrate: --out {target} {what} ({e}): name the profile's own file, a copy of it "
+                         "or a new file beside it") from None
+    return target, text
+
+
 def _pct(x: float) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1%}"
 
@@ -91,20 +153,25 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         measurement,
         predict_measurements,
         render_section,
+        replace_section,
         split_by_plan,
         summarize,
-        write_section,
+        write_text_atomic,
     )
-    from hpi.planner.profiles import clear_cache, load_profile
+    from hpi.planner.profiles import clear_cache, load_profile, profile_from_text
     from hpi.records import load_records
 
     prior = load_profile(args.hardware, calibrated=False)
-    target = Path(args.out) if args.out else _profile_file(args.hardware)
+    if not 0 <= args.holdout < 1:
+        raise CalibrationError(f"holdout fraction {args.holdout} must be in [0, 1)")
     records = load_records(args.records)
     measurements = [measurement(r) for r in records]
     if not measurements:
         raise CalibrationError(f"no RunRecords in {' '.join(args.records)} "
                                f"(skipped: {dict(records.skipped) or 'none'})")
+    if not args.allow_other_devices:
+        _refuse_other_devices(records, prior)
+    target, text = _calibrate_target(args)  # before the fit: a target that cannot take the section is refused
     others = sorted({m.recorded_hardware for m in measurements
                      if m.recorded_hardware and m.recorded_hardware != prior.name})
     train, held = split_by_plan(measurements, args.holdout, args.seed)
@@ -118,9 +185,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     block = render_section(cal, date=args.date or _dt.date.today().isoformat(), records=files,
                            held_out=[m.record_id for m in held], seed=args.seed if held else None,
                            error_before=before, error_after=after)
-    write_section(target, block)
+    new_text = replace_section(text, block)
+    profile_from_text(new_text, target)  # the file must load once written: checked before it is replaced
+    target.parent.mkdir(parents=True, exist_ok=True)  # a new --out file's folders (checked writable above)
+    write_text_atomic(target, new_text)
     clear_cache()
-    load_profile(str(target))  # the written file must load: fail loudly here, not at the next hpi plan
     result = {
         "profile": prior.name,
         "out": str(target),
@@ -192,6 +261,8 @@ def _fmt(metric: str, value: float) -> str:
 def cmd_validate(args: argparse.Namespace) -> int:
     from hpi.planner.validate import DEFAULT_MANIFEST, load_manifest, validate
 
+    if args.plot is not None:
+        writable_file(args.plot, "--plot", "hpi validate", PLOT_SUFFIXES)
     manifest = load_manifest(args.manifest or DEFAULT_MANIFEST)
     with PhaseProgress("hpi validate", VALIDATE_PHASES, counted=("fit",), after="read") as progress:
         result = validate(manifest, args.records, progress=progress)

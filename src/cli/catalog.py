@@ -42,9 +42,14 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_hardware(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from hpi.planner.profiles import load_profile, profile_names
+    from hpi.cli.errors import UsageError
+    from hpi.planner.profiles import PROFILES_ENV, load_profile, profile_names, profiles_dir
 
-    profiles = [load_profile(n) for n in profile_names()]
+    names = profile_names()
+    if not names:
+        raise UsageError(f"hpi hardware: no profiles (NAME.yaml) in {profiles_dir()}: point {PROFILES_ENV} at a folder "
+                         "of profile YAMLs, or unset it for the profiles hpi ships")
+    profiles = [load_profile(n) for n in names]
     if args.json:
         output.emit_json([{"name": p.name, "description": p.description, "os": p.os, "n_nodes": p.n_nodes,
                      "gpus_per_node": p.gpus_per_node, "gpu": p.gpu.name, "gpu_memory_bytes": p.gpu.memory_bytes,

@@ -14,6 +14,12 @@ def console(width: int = 160):
     return Console(width=width)
 
 
+def say_command(console, text: str) -> None:
+    """A line that ends in a command for the user to copy: never wrapped by rich (the terminal may fold it, a
+    copy keeps it whole), no markup or highlighting read into its brackets and paths."""
+    console.print(text, soft_wrap=True, markup=False, highlight=False)
+
+
 def json_default(o: Any):
     """numpy scalars as plain numbers; anything else that JSON cannot encode is an error."""
     import numpy as np

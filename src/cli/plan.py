@@ -10,10 +10,10 @@ from hpi.cli.args import (
     add_plan_flags,
     add_run_conditions,
     add_target,
-    count,
     load_target,
     plan_flags,
     plan_from_args,
+    positive,
     search_restrictions,
 )
 
@@ -24,8 +24,8 @@ def register(sub) -> dict:
     add_run_conditions(p)
     add_plan_flags(p, for_search=True)
     p.add_argument("--objective", choices=("latency", "throughput", "balanced"), default="latency")
-    p.add_argument("--top", type=count, default=10, help="plans to show (default 10)")
-    p.add_argument("--max-batch", type=count, default=256, help="largest batch searched (default 256)")
+    p.add_argument("--top", type=positive, default=10, help="plans to show (default 10)")
+    p.add_argument("--max-batch", type=positive, default=256, help="largest batch searched (default 256)")
     p.add_argument("--pareto", action="store_true", help="also show the latency/throughput Pareto front")
     for name, text in (("predict", "predict one plan's memory and time"),
                        ("explain", "what binds a plan, what each knob would change, how to fix it")):
@@ -138,6 +138,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.pareto:
         console.print(plans_table(pareto, "latency/throughput Pareto front"))
     if estimates:
-        console.print(f"why #1 wins and what would change it: hpi explain --model {args.model} "
-                      f"--hardware {args.hardware} " + plan_flags(estimates[0].plan))
+        output.say_command(console, f"why #1 wins and what would change it: hpi explain --model {args.model} "
+                           f"--hardware {args.hardware} " + plan_flags(estimates[0].plan))
     return 0

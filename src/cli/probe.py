@@ -14,7 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from hpi.cli.args import add_plan_flags, add_target, load_target, plan_from_args
+from hpi.cli.args import UsageError, add_plan_flags, add_target, load_target, plan_from_args
+from hpi.cli.output import say_command
 
 __all__ = ["register", "cmd_probe", "cmd_check"]
 
@@ -52,15 +53,33 @@ def _names(args: argparse.Namespace) -> tuple[str, Path]:
     return name, out if out is not None else Path("hardware_profiles") / f"{name}.yaml"
 
 
+def _check_out(out: Path, flag: str) -> None:
+    """The profile and its NAME.probe.json can be written there, and it is not the installed package: a probe
+    writes into the user's folders, never into the profiles hpi ships (a checkout's hardware_profiles/ is a link
+    to them)."""
+    import hpi
+    from hpi.cli.checks import writable_file
+    from hpi.executor.probe import measurements_path
+
+    writable_file(str(out), flag, "hpi probe", (".yaml", ".yml"))
+    writable_file(str(measurements_path(out)), flag, "hpi probe")
+    package = Path(hpi.__file__).resolve().parent
+    if out.resolve().is_relative_to(package):
+        raise UsageError(f"hpi probe: {flag} {out} is inside the installed hpi package ({out.resolve().parent}): "
+                         "write the profile elsewhere, e.g. --out profiles/NAME.yaml, and plan on it with "
+                         "--hardware profiles/NAME.yaml or HPI_PROFILES_DIR=profiles")
+
+
 def _check_nvme_path(path: str | None) -> None:
     import os
 
     if path is None:
         return
-    if not os.path.isdir(path):
-        raise ValueError(f"hpi probe: --nvme-path {path}: no such directory")
+    from hpi.cli.checks import existing_dir
+
+    existing_dir(path, "--nvme-path", "hpi probe")
     if not os.access(path, os.W_OK):
-        raise ValueError(f"hpi probe: --nvme-path {path}: not writable; pick a directory you can write to")
+        raise UsageError(f"hpi probe: --nvme-path {path}: not writable; pick a directory you can write to")
 
 
 class _Steps:
@@ -84,8 +103,9 @@ class _Steps:
 def cmd_probe(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    name, out = _names(args)
     _check_nvme_path(args.nvme_path)
+    name, out = _names(args)
+    _check_out(out, "--out" if args.out else "the default --out")  # before measuring: nothing is lost to a bad path
     from hpi.executor.probe import (
         ProbeSettings,
         build_profile,
@@ -133,7 +153,7 @@ def _summarize(console: Any, doc: dict[str, Any], profile: Any, out: Path, json_
         console.print(f"[cyan]note[/cyan] {note}")
     if not profile.gpus_per_node:
         console.print("no GPU found: the profile holds the CPU, host memory and disk figures only")
-    console.print(f"wrote {out} and {json_path}; plan on it: hpi plan --model llama-3-70b --hardware {out}")
+    say_command(console, f"wrote {out} and {json_path}; plan on it: hpi plan --model llama-3-70b --hardware {out}")
 
 
 def _lookup(raw: Any, dotted: str) -> Any:

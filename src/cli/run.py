@@ -23,6 +23,10 @@ from hpi.cli.args import (
     count,
     non_negative,
     plan_from_args,
+    port,
+    positive,
+    probability,
+    seconds,
     workload_from_args,
 )
 from hpi.cli.output import emit_json
@@ -58,17 +62,17 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="run a plan the prediction says cannot fit")
     p.add_argument("--nvme-path", default=None, metavar="DIR", help="folder on the NVMe drive (--offload nvme)")
     p.add_argument("--seed", type=count, default=0)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--temperature", type=non_negative, default=0.0, help="0: greedy (default)")
+    p.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling: 0 < P <= 1 (default 1)")
     p.add_argument("--chat", action="store_true", help="stop at EOS and stream the tokens as they come")
-    p.add_argument("--timeout", type=float, default=None, metavar="S", help="stop the run after S seconds")
+    p.add_argument("--timeout", type=seconds, default=None, metavar="S", help="stop the run after S seconds")
     p.add_argument("--hang-timeout", type=non_negative, default=None, metavar="S",
                    help="stop the run when a rank makes no progress for S seconds, naming it (default: max(300, 20 x "
                         "predicted step + prefill), 1800 without --hardware; 0: off)")
-    p.add_argument("--nnodes", type=count, default=1, help="nodes taking part (one hpi run per node)")
+    p.add_argument("--nnodes", type=positive, default=1, help="nodes taking part (one hpi run per node)")
     p.add_argument("--node-rank", type=count, default=0, help="this node's rank (0 runs rank 0)")
     p.add_argument("--master-addr", default="127.0.0.1", help="node 0's address (rendezvous)")
-    p.add_argument("--master-port", type=count, default=None, help="rendezvous port (default: a free one, 1 node)")
+    p.add_argument("--master-port", type=port, default=None, help="rendezvous port (default: a free one, 1 node)")
 
 
 def read_prompts(args: argparse.Namespace) -> tuple[str, ...]:
@@ -91,10 +95,15 @@ def read_prompts(args: argparse.Namespace) -> tuple[str, ...]:
 
 def resolve(args: argparse.Namespace):
     """The deployment ``hpi run`` asks for, checked: a ``hpi.deployment.Deployment``."""
+    from hpi.cli.checks import executor_ready, existing_dir, writable_dir
     from hpi.deployment import Nodes, resolve_deployment
     from hpi.executor.spec import RunSpec
     from hpi.planner.catalog import load_model
 
+    if args.out is not None:
+        writable_dir(args.out, "--out", "hpi run")
+    if args.nvme_path is not None:
+        existing_dir(args.nvme_path, "--nvme-path", "hpi run")
     model = load_model(args.model)
     plan = plan_from_args(args, model)
     spec = RunSpec(plan=plan, model=args.model, workload=workload_from_args(args), hardware=args.hardware,
@@ -104,7 +113,10 @@ def resolve(args: argparse.Namespace):
                    extra={"argv": sys.argv[1:]})
     nodes = Nodes(nnodes=args.nnodes, node_rank=args.node_rank, master_addr=args.master_addr,
                   master_port=args.master_port)
-    return resolve_deployment(spec, decode_graphs=args.decode_graphs, force=args.force, nodes=nodes, model=model)
+    deployment = resolve_deployment(spec, decode_graphs=args.decode_graphs, force=args.force, nodes=nodes,
+                                    model=model)
+    executor_ready(args.device, "hpi run")  # last: it imports torch to ask for a GPU
+    return deployment
 
 
 def _is_record_line(line: str) -> bool:

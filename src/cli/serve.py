@@ -15,13 +15,18 @@ from hpi.cli.args import (
     UsageError,
     add_plan_flags,
     add_run_conditions,
+    any_port,
     count,
     non_negative,
     plan_from_args,
+    positive,
+    seconds,
     workload_from_args,
 )
+from hpi.cli.errors import missing_dependency
 
 API_KEY_ENV = "HPI_API_KEY"
+SERVE_MODULES = ("fastapi", "uvicorn")  # the serve extra's server side (hpi chat needs openai)
 
 
 def register(sub) -> dict:
@@ -34,21 +39,22 @@ def register(sub) -> dict:
                    "default: random weights with a word-level tokenizer (w0 w1 ...)")
     p.add_argument("--hardware", default=None, help="profile: the plan is predicted, checked and its batch default "
                    "comes from it")
-    p.add_argument("--prompt-len", type=count, default=512, help="prompt tokens the plan is priced for (default 512)")
-    p.add_argument("--gen-len", type=count, default=32, help="generated tokens the plan is priced for (default 32)")
+    p.add_argument("--prompt-len", type=positive, default=512,
+                   help="prompt tokens the plan is priced for (default 512)")
+    p.add_argument("--gen-len", type=positive, default=32, help="generated tokens the plan is priced for (default 32)")
     add_run_conditions(p)
     add_plan_flags(p, for_search=False)
-    p.add_argument("--batch", type=count, default=None, help=argparse.SUPPRESS)  # the plan's batch: --max-batch
+    p.add_argument("--batch", type=positive, default=None, help=argparse.SUPPRESS)  # the plan's batch: --max-batch
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=count, default=8000, help="port (default 8000; 0: any free one)")
+    p.add_argument("--port", type=any_port, default=8000, help="port (default 8000; 0: any free one)")
     p.add_argument("--api-key", default=None, help=f"require Authorization: Bearer KEY (default: ${API_KEY_ENV})")
-    p.add_argument("--max-batch", type=count, default=None,
+    p.add_argument("--max-batch", type=positive, default=None,
                    help="KV-cache slots: requests decoded together (default: the plan's batch, --plan's or 8)")
-    p.add_argument("--max-model-len", type=count, default=None,
+    p.add_argument("--max-model-len", type=positive, default=None,
                    help="prompt + generated tokens per request at most (default: --prompt-len + --gen-len)")
-    p.add_argument("--max-queue", type=count, default=1024, help="waiting requests before 429 (default 1024)")
-    p.add_argument("--step-tokens", type=count, default=None,
+    p.add_argument("--max-queue", type=positive, default=1024, help="waiting requests before 429 (default 1024)")
+    p.add_argument("--step-tokens", type=positive, default=None,
                    help="tokens one step may carry (default 8192, or --max-model-len when larger)")
     p.add_argument("--policy", choices=("fused", "separate"), default="fused",
                    help="fused: prompt chunks ride with the decode tokens (default); separate: prefill steps apart")
@@ -57,7 +63,7 @@ def register(sub) -> dict:
                    help="Jinja chat template replacing the tokenizer's")
     p.add_argument("--drain-timeout", type=non_negative, default=30.0, metavar="S",
                    help="on SIGINT/SIGTERM, let running requests finish for up to S seconds (default 30)")
-    p.add_argument("--hang-timeout", type=non_negative, default=600.0, metavar="S",
+    p.add_argument("--hang-timeout", type=seconds, default=600.0, metavar="S",
                    help="a step stuck this long stops the server with the rank's name (default 600)")
     p.add_argument("--out", default="runs/serve", metavar="DIR", help="run folder: spec, logs (default runs/serve)")
     p.add_argument("--nvme-path", default=None, metavar="DIR", help="folder on the NVMe drive (--offload nvme)")
@@ -70,7 +76,7 @@ def register(sub) -> dict:
     p.add_argument("--model", default=None, help="model name (default: the one the server serves)")
     p.add_argument("--system", default=None, help="a system message")
     p.add_argument("--prompt", default=None, help="send one message, print the answer and exit (no prompt loop)")
-    p.add_argument("--max-tokens", type=count, default=None)
+    p.add_argument("--max-tokens", type=positive, default=None)
     p.add_argument("--temperature", type=non_negative, default=0.0, help="0: greedy (default)")
     return {"serve": cmd_serve, "chat": cmd_chat}
 
@@ -78,6 +84,8 @@ def register(sub) -> dict:
 def _resolve(args: argparse.Namespace):
     from dataclasses import replace
 
+    from hpi.cli.checks import executor_ready, existing_dir, readable_file, writable_dir
+    from hpi.cli.errors import require
     from hpi.deployment import resolve_deployment
     from hpi.executor.engine import default_step_tokens
     from hpi.executor.spec import RunSpec, ServeSpec
@@ -85,6 +93,12 @@ def _resolve(args: argparse.Namespace):
 
     if args.model is None and args.checkpoint is None:
         raise UsageError("hpi serve: name a model: --model NAME or --checkpoint DIR (with its config.json)")
+    require(SERVE_MODULES, "hpi serve")
+    writable_dir(args.out, "--out", "hpi serve")
+    if args.chat_template is not None:
+        readable_file(args.chat_template, "--chat-template", "hpi serve")
+    if args.nvme_path is not None:
+        existing_dir(args.nvme_path, "--nvme-path", "hpi serve")
     model_ref = args.model or args.checkpoint
     model = load_model(model_ref)
     if args.max_model_len is not None:
@@ -111,7 +125,9 @@ def _resolve(args: argparse.Namespace):
                    device=args.device, dtype=args.dtype, fetch_wait=args.fetch_wait, checkpoint=args.checkpoint,
                    seed=args.seed, mode="serve", serve=serve, nvme_path=args.nvme_path, out_dir=args.out,
                    extra={"argv": sys.argv[1:]})
-    return resolve_deployment(spec, decode_graphs=args.decode_graphs, force=args.force, model=model)
+    deployment = resolve_deployment(spec, decode_graphs=args.decode_graphs, force=args.force, model=model)
+    executor_ready(args.device, "hpi serve")  # last: it imports torch to ask for a GPU
+    return deployment
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -129,10 +145,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """A thin client of the served API (the official openai package): one message or a prompt loop."""
+    _check_url(args.url)
     try:
         import openai
     except ImportError:
-        raise UsageError("hpi chat needs the openai package: pip install 'hybrid-parallel-inference[serve]'") from None
+        raise missing_dependency("openai", "hpi chat") from None
     client = openai.OpenAI(base_url=args.url, api_key=args.api_key or os.environ.get(API_KEY_ENV) or "none",
                            max_retries=0)
     try:
@@ -150,6 +167,20 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": _stream_answer(client, model, history, args)})
         if args.prompt is not None:  # one message, one answer
             return 0
+
+
+def _check_url(url: str) -> None:
+    """--url names an http(s) server: scheme and host present (the openai client takes anything)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number or out of range
+    except ValueError as e:
+        raise UsageError(f"hpi chat: --url {url!r}: {e}: write http://HOST:PORT/v1") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"hpi chat: --url {url!r} is not an http(s) URL: write http://HOST:PORT/v1 (hpi serve's "
+                         "address)")
 
 
 def _ask() -> str | None:

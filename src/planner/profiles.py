@@ -98,7 +98,18 @@ _CALIBRATED_KEYS = ("date", "records", "record_ids", "held_out", "seed", "error_
 def profiles_dir() -> Path:
     """``$HPI_PROFILES_DIR`` if set, else the profiles shipped with the package (``hardware_profiles/``)."""
     env = os.environ.get(PROFILES_ENV)
-    return Path(env).expanduser() if env else _DEFAULT_DIR
+    if not env:
+        return _DEFAULT_DIR
+    folder = Path(env).expanduser()
+    try:
+        is_dir = folder.is_dir()
+    except OSError as exc:
+        raise ProfileError(f"{PROFILES_ENV}={env}: {exc.strerror}: point it at a folder of profile YAMLs or unset "
+                           "it") from None
+    if not is_dir:
+        what = "is a file, not a folder" if folder.exists() else "no such folder"
+        raise ProfileError(f"{PROFILES_ENV}={env}: {what}: point it at a folder of profile YAMLs or unset it")
+    return folder
 
 
 def profile_names() -> list[str]:
@@ -119,6 +130,14 @@ def load_profile(name_or_path: str, *, calibrated: bool = True) -> HardwareProfi
     return _load_cached(str(path), path.stat().st_mtime_ns, calibrated)
 
 
+def profile_from_text(text: str, path: str | Path, *, calibrated: bool = True) -> HardwareProfile:
+    """The profile ``text`` would be once written at ``path`` (the profile it extends read from path's folder):
+    what a writer checks before it replaces a profile file, so that a file that would not load is never left."""
+    path = Path(path).expanduser().absolute()
+    raw, where = _read_with_bases(path, seen=(), text=text)
+    return _build_profile(raw, path, where, calibrated)
+
+
 def clear_cache() -> None:
     """Forget loaded profiles (they are otherwise reloaded only when a file's mtime changes)."""
     _load_cached.cache_clear()
@@ -130,15 +149,20 @@ def clear_cache() -> None:
 def _resolve(name_or_path: str) -> Path:
     as_path = Path(name_or_path).expanduser()
     looks_like_path = as_path.suffix in (".yaml", ".yml") or "/" in name_or_path or os.sep in name_or_path
-    if looks_like_path:
-        if not as_path.is_file():
-            raise ProfileError(f"hardware profile file {as_path} does not exist")
-        return as_path.resolve()
-    folder = profiles_dir()
-    for suffix in (".yaml", ".yml"):
-        candidate = folder / f"{name_or_path}{suffix}"
-        if candidate.is_file():
-            return candidate.resolve()
+    try:
+        if looks_like_path:
+            if as_path.is_dir():
+                raise ProfileError(f"hardware profile file {as_path} is a folder: name a profile YAML")
+            if not as_path.is_file():
+                raise ProfileError(f"hardware profile file {as_path} does not exist")
+            return as_path.resolve()
+        folder = profiles_dir()
+        for suffix in (".yaml", ".yml"):
+            candidate = folder / f"{name_or_path}{suffix}"
+            if candidate.is_file():
+                return candidate.resolve()
+    except OSError as exc:  # a name too long for a path, a folder it may not enter
+        raise ProfileError(f"hardware profile {name_or_path!r}: {exc.strerror}") from None
     known = ", ".join(profile_names()) or f"none ({folder} has no .yaml files)"
     raise ProfileError(f"unknown hardware profile {name_or_path!r}; known: {known}")
 
@@ -176,11 +200,14 @@ def malformed_yaml(path: Path, exc: yaml.YAMLError) -> str:
     return f"{path}{line}: malformed YAML: {problem}"
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ProfileError(f"{path}: cannot read: {exc.strerror}") from exc
+def _read_yaml(path: Path, text: str | None = None) -> dict[str, Any]:
+    """The file's top-level mapping; ``text``: parse this instead of the file's content (a file about to be
+    written)."""
+    if text is None:
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ProfileError(f"{path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from exc
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
@@ -190,12 +217,13 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> tuple[dict[str, Any], str]:
-    """The file's YAML deep-merged over the profile it ``extends`` (recursively)."""
+def _read_with_bases(path: Path, seen: tuple[Path, ...], text: str | None = None) -> tuple[dict[str, Any], str]:
+    """The file's YAML (or ``text``, as if it were the file's) deep-merged over the profile it ``extends``
+    (recursively)."""
     if path in seen:
         chain = " -> ".join(p.name for p in (*seen, path))
         raise ProfileError(f"{path}: extends: cycle {chain}")
-    data = _read_yaml(path)
+    data = _read_yaml(path, text)
     base = data.pop("extends", None)
     if base is None:
         return data, str(path)

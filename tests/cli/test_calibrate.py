@@ -257,3 +257,38 @@ def test_repeat_errors_group_by_machine_and_plan() -> None:
     assert sorted(repeat_errors(rows, "decode_step_s")) == pytest.approx(sorted([abs(10 / 11.5 - 1),
                                                                                  abs(12 / 10.5 - 1), 0.0]))
     assert repeat_errors(rows, "prefill_s") == []
+
+
+CPU_RECORD = Path(__file__).resolve().parent / "data" / "tiny-llama-cpu.record.json"
+
+
+def test_out_is_checked_before_anything_is_written(capsys, fixture_dir, tmp_path) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: broken\ngpu: [unclosed\n")
+    code, _, err = run(capsys, "calibrate", str(fixture_dir / "records"), "--hardware", "h200-2gpu",
+                       "--out", str(broken))
+    assert code == 2 and "is not a profile that loads" in err and len(err.strip().splitlines()) == 1
+    assert broken.read_text() == "name: broken\ngpu: [unclosed\n"  # left as it was
+    code, _, err = run(capsys, "calibrate", str(fixture_dir / "records"), "--hardware", "h200-2gpu",
+                       "--out", str(tmp_path / "other-name.yaml"))  # a copy named otherwise would not load
+    assert code == 2 and "must equal the file name" in err and not (tmp_path / "other-name.yaml").exists()
+    fresh = tmp_path / "new" / "folder" / "h200-2gpu.yaml"  # a new file: the profile's text, then the section
+    code, out, err = run(capsys, "calibrate", str(fixture_dir / "records"), "--hardware", "h200-2gpu",
+                         "--out", str(fresh), "--holdout", "0", "--json")
+    assert code == 0, err
+    assert fresh.read_text().startswith(PROFILE_FILE.read_text()) and fresh.read_text().count("calibrated:") == 1
+    clear_cache()
+    assert load_profile(str(fresh)).raw["calibrated"]["record_ids"] == json.loads(out)["train_ids"]
+
+
+def test_a_record_of_another_device_is_refused_unless_allowed(capsys, tmp_path) -> None:
+    out_file = tmp_path / "h200-2gpu.yaml"
+    shutil.copy(PROFILE_FILE, out_file)
+    argv = ["calibrate", str(CPU_RECORD), "--hardware", "h200-2gpu", "--out", str(out_file), "--holdout", "0"]
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "ran on another device than h200-2gpu (NVIDIA H200 GPUs)" in err and "--allow-other-devices" in err
+    assert out_file.read_text() == PROFILE_FILE.read_text()
+    code, out, err = run(capsys, *argv, "--allow-other-devices", "--json")
+    assert code == 0, err
+    assert json.loads(out)["records"] == 1 and out_file.read_text() != PROFILE_FILE.read_text()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from hpi.cli import checks as cli_checks
 from hpi.cli import main
 from hpi.executor import launch as launch_mod
 from hpi.executor.diagnose import diagnose
@@ -244,6 +245,7 @@ def test_hpi_run_refuses_an_infeasible_plan_unless_forced(tmp_path, capsys, monk
         return RunRecord(timings=Timings(decode_step_s=DecodeSteps(1.0, 1.0, 1.0)))
 
     monkeypatch.setattr(launch_mod, "launch", fake_launch)
+    monkeypatch.setattr(cli_checks, "cuda_available", lambda who: None)  # the launch is faked: it needs no GPU
     argv = ["run", "--model", "llama-3-70b", "--hardware", "a6000-workstation", "--out", str(tmp_path / "r")]
     code, out, err = run_cli(capsys, *argv)
     assert code == 2 and not calls
@@ -261,6 +263,7 @@ def test_hpi_run_feasible_plan_passes_the_prediction_and_placement(tmp_path, cap
     calls = []
     record = RunRecord(world_size=1)
     monkeypatch.setattr(launch_mod, "launch", lambda spec, **kw: calls.append((spec, kw)) or record)
+    monkeypatch.setattr(cli_checks, "cuda_available", lambda who: None)  # the launch is faked: it needs no GPU
     code, out, err = run_cli(capsys, "run", "--model", "llama-3-70b", "--hardware", "a6000-workstation", "--offload",
                              "cpu", "--quant-bits", "4", "--out", str(tmp_path / "r"), "--json")
     assert code == 0, err

@@ -54,7 +54,7 @@ from hpi.planner.calibrate.measurements import (
     run_conditions,
     summarize,
 )
-from hpi.planner.calibrate.section import render_section, replace_section, write_section
+from hpi.planner.calibrate.section import render_section, replace_section, write_section, write_text_atomic
 
 __all__ = [
     "CANDIDATES",
@@ -77,4 +77,5 @@ __all__ = [
     "split_by_plan",
     "summarize",
     "write_section",
+    "write_text_atomic",
 ]

@@ -104,12 +104,18 @@ def replace_section(text: str, block: str) -> str:
 
 def write_section(path: str | Path, block: str) -> None:
     """Replace the profile file's ``calibrated:`` block atomically (a temporary file renamed over it)."""
+    path = Path(path)
+    text = path.read_text() if path.exists() else ""
+    write_text_atomic(path, replace_section(text, block))
+
+
+def write_text_atomic(path: str | Path, new: str) -> None:
+    """Write ``new`` into ``path`` through a temporary file renamed over it: a reader sees the old file or the
+    new one, never half of one (the file's permissions are kept)."""
     import os
     import tempfile
 
     path = Path(path)
-    text = path.read_text() if path.exists() else ""
-    new = replace_section(text, block)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:

@@ -336,12 +336,15 @@ def load_model(name_or_path: str) -> ModelSpec:
     if key in catalogue:
         return _load_file(catalogue[key], name=key)
     path = Path(text).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelConfigError(f"{text}: directory has no config.json")
-        path = path / "config.json"
-    if path.is_file():
-        return _load_file(path, name=_name_from_path(path))
+    try:
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise ModelConfigError(f"{text}: directory has no config.json")
+            path = path / "config.json"
+        if path.is_file():
+            return _load_file(path, name=_name_from_path(path))
+    except OSError as exc:  # a name too long for a path, a folder it may not enter
+        raise ModelConfigError(f"{text}: {exc.strerror}: not a catalogue model nor a readable config.json") from None
     if "/" in text or "\\" in text or text.endswith(".json"):
         raise ModelConfigError(f"{text}: no such file or directory")
     raise ModelConfigError(

@@ -16,10 +16,11 @@ Rank order is declared once, in ``hpi.planner.ranks``: tp innermost, then dp, th
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from typing import Any
 
-from hpi.planner.specs.knob import display_order, knob, knob_fields, knob_named
+from hpi.planner.specs.knob import KnobField, display_order, knob, knob_fields, knob_named
 
 OFFLOAD_KINDS = ("none", "cpu", "nvme")
 WEIGHT_BITS = (16, 8, 4)
@@ -38,6 +39,29 @@ def reject_unknown_fields(cls, data: dict[str, Any], what: str) -> None:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"{what} has unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+
+
+_TYPE_WORDS = {bool: "true or false", int: "a whole number", str: "a string"}
+
+
+def type_problem(k: KnobField, value: Any) -> str | None:
+    """Why ``value`` cannot be knob ``k``'s value (its default's type: a bool, a whole number, a string), or None.
+    A plan read from JSON can hold anything: "two" for tp, 2.5, true, null."""
+    want = type(k.default)
+    if want is bool:
+        ok = isinstance(value, bool) or getattr(getattr(value, "dtype", None), "kind", None) == "b"  # numpy bools
+    elif want is int:
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, want)
+    if ok:
+        return None
+    return f"{k.name} is {json.dumps(value, default=repr)}, expected {_TYPE_WORDS.get(want, want.__name__)}"
+
+
+def missing_fields(cls, data: dict[str, Any]) -> list[str]:
+    """The fields of dataclass ``cls`` that ``data`` lacks (a plan file must name every knob)."""
+    return [f.name for f in fields(cls) if f.name not in data]
 
 
 def ds_examples_knobs(hidden_size: int) -> dict[str, int]:
@@ -124,10 +148,10 @@ class Plan:
     persistence_threshold_elems: int = knob(DEEPSPEED_DEFAULT_PERSISTENCE_ELEMS, group="runtime", unit="elements",
                                             minimum=0, flag="--persistence-threshold", metavar="ELEMS",
                                             applies="gathers")
-    nvme_buffer_count: int = knob(5, group="runtime", unit="buffers", flag="--nvme-buffer-count",
+    nvme_buffer_count: int = knob(5, group="runtime", unit="buffers", minimum=1, flag="--nvme-buffer-count",
                                   applies="offloads_to_nvme")
     # Not named by plan_flags: plan_from_args derives the size the search uses (search.nvme_buffer_elems_for).
-    nvme_buffer_elems: int = knob(100_000_000, group="runtime", unit="elements", flag="--nvme-buffer-size",
+    nvme_buffer_elems: int = knob(100_000_000, group="runtime", unit="elements", minimum=1, flag="--nvme-buffer-size",
                                   metavar="ELEMS", help="elements per NVMe buffer (default: fits the largest tensor)",
                                   flag_derived=True, named="never", applies="offloads_to_nvme")
 
@@ -138,12 +162,20 @@ class Plan:
 
     def problems(self):
         """Self-contained consistency errors, each quoting the failing rule and the fix."""
+        wrong_types = [problem for k in knob_fields(type(self)) if (problem := type_problem(k, getattr(self, k.name)))]
+        if wrong_types:  # the rules below compare numbers: they cannot be checked on a string
+            yield from wrong_types
+            return
+        out_of_range = False
         for k in knob_fields(type(self)):
             value = getattr(self, k.name)
             if k.spec.choices and value not in k.spec.choices:
                 yield f"{k.name.replace('_', ' ')} {value!r} is not one of {', '.join(map(str, k.spec.choices))}"
             elif k.spec.minimum is not None and value < k.spec.minimum:
+                out_of_range = True
                 yield f"{k.name} = {value} must be >= {k.spec.minimum}"
+        if out_of_range:  # the rules below divide by the degrees
+            return
         if self.batch_size % self.dp:
             yield f"batch({self.batch_size}) % dp({self.dp}) != 0: make the batch a multiple of dp"
         elif (self.batch_size // self.dp) % self.micro_batches:
