@@ -15,11 +15,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 from typing import Callable, Sequence
 
 from hpi.cli.args import Parser
 from hpi.cli.errors import report
+from hpi.processes import Interrupted, exit_code, signal_of
 
 # In the order ``hpi --help`` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -31,7 +34,6 @@ COMMAND_MODULES: tuple[str, ...] = (
     "hpi.cli.calibrate",  # calibrate, validate
     "hpi.cli.autotune",  # autotune
 )
-EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer its pipe closed on
 
 
@@ -52,14 +54,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``hpi`` command; every failure ends in one line on stderr (``hpi.cli.errors``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = "hpi"
+    previous = _terminate_as_interrupt()
     try:
         parser, handlers = build_parser()
         args = parser.parse_args(argv)
         prog = f"hpi {args.command}"
         return handlers[args.command](args)
-    except KeyboardInterrupt:
-        sys.stderr.write(f"{prog}: interrupted\n")
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as e:
+        sys.stderr.write(f"{prog}: {'terminated by SIGTERM' if signal_of(e) == signal.SIGTERM else 'interrupted'}\n")
+        return exit_code(e)
     except SystemExit:  # --help, --version
         raise
     except BrokenPipeError:  # the reader went away (hpi plan | head): nothing to say, as a killed pipe
@@ -67,3 +70,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BROKEN_PIPE
     except Exception as e:
         return report(e, prog, argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate_as_interrupt():
+    """SIGTERM stops a command the way Ctrl-C does (one line, exit 143), wherever it arrives: commands that
+    watch ranks or trials install their own handlers while they do. Returns the handler to restore (None off
+    the main thread, where Python cannot install one)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def terminate(signum, frame):
+        raise Interrupted(signum)
+
+    return signal.signal(signal.SIGTERM, terminate)

@@ -113,10 +113,23 @@ def resolve(args: argparse.Namespace):
                    extra={"argv": sys.argv[1:]})
     nodes = Nodes(nnodes=args.nnodes, node_rank=args.node_rank, master_addr=args.master_addr,
                   master_port=args.master_port)
+    if args.node_rank == 0 and args.master_port:
+        _check_rendezvous_port(args.master_addr, args.master_port)
     deployment = resolve_deployment(spec, decode_graphs=args.decode_graphs, force=args.force, nodes=nodes,
                                     model=model)
     executor_ready(args.device, "hpi run")  # last: it imports torch to ask for a GPU
     return deployment
+
+
+def _check_rendezvous_port(host: str, port: int) -> None:
+    """Node 0 listens on --master-addr:--master-port; one in use is refused here, before the run folder is made
+    (the launcher binds it again for the run: a port taken in between fails there, with the same line)."""
+    from hpi.executor.torchrun import ListenError, bind_listener
+
+    try:
+        bind_listener(host, port).close()
+    except ListenError as e:
+        raise UsageError(f"hpi run: {e}") from None
 
 
 def _is_record_line(line: str) -> bool:

@@ -65,7 +65,8 @@ def register(sub) -> dict:
                    help="on SIGINT/SIGTERM, let running requests finish for up to S seconds (default 30)")
     p.add_argument("--hang-timeout", type=seconds, default=600.0, metavar="S",
                    help="a step stuck this long stops the server with the rank's name (default 600)")
-    p.add_argument("--out", default="runs/serve", metavar="DIR", help="run folder: spec, logs (default runs/serve)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="run folder: spec, logs (default: a new runs/<UTC time>-<plan>/, runs/latest points at it)")
     p.add_argument("--nvme-path", default=None, metavar="DIR", help="folder on the NVMe drive (--offload nvme)")
     p.add_argument("--seed", type=count, default=0, help="seed of the random weights (no --checkpoint)")
     p.add_argument("--force", action="store_true", help="serve a plan the prediction says cannot fit")
@@ -94,7 +95,8 @@ def _resolve(args: argparse.Namespace):
     if args.model is None and args.checkpoint is None:
         raise UsageError("hpi serve: name a model: --model NAME or --checkpoint DIR (with its config.json)")
     require(SERVE_MODULES, "hpi serve")
-    writable_dir(args.out, "--out", "hpi serve")
+    if args.out is not None:
+        writable_dir(args.out, "--out", "hpi serve")
     if args.chat_template is not None:
         readable_file(args.chat_template, "--chat-template", "hpi serve")
     if args.nvme_path is not None:

@@ -134,7 +134,7 @@ def _key(folder: str | os.PathLike, node_rank: int) -> tuple[str, int]:
     return os.path.realpath(folder), node_rank
 
 
-def claim_run_folder(deployment, *, root: str | os.PathLike = RUNS_ROOT):
+def claim_run_folder(deployment, *, root: str | os.PathLike = RUNS_ROOT, prog: str = "hpi run"):
     """Lock the deployment's run folder before anything is written to it; no folder given (``spec.out_dir``
     None or empty): a fresh one under ``root`` with ``root/latest`` pointing at it. Returns the deployment
     with its folder set. The lock is held until the ``launch`` of that folder returns (or this process ends);
@@ -152,7 +152,7 @@ def claim_run_folder(deployment, *, root: str | os.PathLike = RUNS_ROOT):
     if fresh:
         warning = point_latest(folder)
         if warning:
-            sys.stderr.write(f"hpi run: warning: {warning}\n")
+            sys.stderr.write(f"{prog}: warning: {warning}\n")
         deployment = replace(deployment, spec=replace(spec, out_dir=str(folder)))
     return deployment
 

@@ -2,7 +2,8 @@
 stopped, then stop every rank. Returns the process's exit code.
 
 Lifecycle:
-- the port is bound before any rank starts (a port in use is one line, exit 2, nothing started);
+- the port is bound before any rank starts (a port in use is one line, exit 2, nothing started), then the run
+  folder is claimed (``hpi.executor.rundir``: locked; a folder another run holds is one line, exit 2);
 - the ranks start in a launcher thread (``hpi.executor.launch.start``), build the model, warm up and report
   ready; ``/health`` answers from the first moment, ``/ready`` and the generation routes once warm;
 - SIGINT / SIGTERM: uvicorn stops accepting, in-flight requests finish for up to ``drain_s``, then rank 0
@@ -18,6 +19,7 @@ import sys
 import threading
 from dataclasses import dataclass, replace
 
+from hpi.executor.rundir import claim_run_folder
 from hpi.serve.app import create_app
 from hpi.serve.completions import Service
 from hpi.serve.engine_client import DEAD, EngineClient
@@ -71,6 +73,11 @@ def serve(deployment, http: HttpOptions, *, say=None) -> int:
 
     say = say or (lambda text: (sys.stderr.write(text + "\n"), sys.stderr.flush()))
     sock = bind(http.host, http.port)
+    try:  # the run folder is claimed once the port is ours: a busy one is one line, exit 2, nothing started
+        deployment = claim_run_folder(deployment, prog="hpi serve")
+    except BaseException:
+        sock.close()
+        raise
     engine = EngineClient(hang_timeout_s=deployment.spec.serve.hang_timeout_s)
     spec = replace(deployment.spec, serve=replace(deployment.spec.serve, address=engine.address))
     deployment = replace(deployment, spec=spec)

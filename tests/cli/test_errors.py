@@ -4,7 +4,10 @@ one line that names the log file holding its traceback, exit 1; HPI_DEBUG=1 prin
 from __future__ import annotations
 
 import errno
+import os
 import re
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -91,6 +94,22 @@ def test_an_interrupt_is_exit_130(failing, capsys):
     failing(KeyboardInterrupt())
     assert main(PLAN) == 130
     assert capsys.readouterr().err == "hpi plan: interrupted\n"
+
+
+def test_sigterm_stops_a_command_like_ctrl_c_exit_143_and_the_handler_is_restored(monkeypatch, capsys):
+    """A real SIGTERM to this process while a command runs (before any rank or trial exists): one line, exit 143."""
+    def handler(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)  # the signal's handler raises long before this ends
+        return 0
+
+    monkeypatch.setattr(hpi.cli.plan, "cmd_plan", handler)
+    before = signal.getsignal(signal.SIGTERM)
+    started = time.monotonic()
+    assert main(PLAN) == 143
+    assert time.monotonic() - started < 5
+    assert capsys.readouterr().err == "hpi plan: terminated by SIGTERM\n"
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_one_line_folds_lines_and_shortens_long_words():

@@ -10,6 +10,7 @@ import datetime as dt
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -152,6 +153,36 @@ def test_a_second_run_on_a_busy_folder_is_refused_and_the_first_keeps_its_logs(t
         _, first_err = first.communicate(timeout=60)
     assert first.returncode == 130 and "hpi run: interrupted" in first_err
     assert list((out / "logs" / "node0").glob("hpi_*/attempt_0/0/stdout.log"))
+
+
+def test_a_busy_rendezvous_port_is_refused_before_any_run_folder_exists(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        code = main(["run", "--model", "tiny-llama", "--device", "cpu", "--master-port", str(port)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"cannot listen on 127.0.0.1:{port} for the rendezvous" in err and "--master-port" in err
+    assert not (tmp_path / "runs").exists()  # no empty run folder left behind
+
+
+def test_hpi_serve_on_a_busy_folder_is_one_line_exit_2_and_starts_nothing(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    started = []
+    monkeypatch.setattr(launch_mod, "launch", lambda *a, **k: started.append(a))
+    out = tmp_path / "serve"
+    held = FolderLock.acquire(out)  # another hpi serve (or run) holds it
+    try:
+        code = main(["serve", "--model", "tiny-llama", "--device", "cpu", "--port", "0", "--out", str(out)])
+    finally:
+        held.release()
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"run folder {out} is in use by another hpi run (pid {os.getpid()}" in err
+    assert started == [] and sorted(p.name for p in out.iterdir()) == [".hpi-node0.lock"]
 
 
 def test_run_and_study_outputs_are_git_ignored():
