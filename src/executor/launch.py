@@ -176,8 +176,12 @@ def _parent_death_signal() -> Callable[[], None] | None:
     except (OSError, AttributeError):
         return None
 
+    parent = os.getpid()
+
     def set_pdeathsig() -> None:
         prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the launcher died between fork and prctl: no signal will ever come
+            os.kill(os.getpid(), signal.SIGTERM)
 
     return set_pdeathsig
 
