@@ -165,8 +165,9 @@ def _signal(pid: int, start: int, sig: int) -> None:
             pass
 
 
-def _parent_death_signal() -> Callable[[], None] | None:
-    """A preexec_fn making torchrun get SIGTERM if the launcher dies (Linux prctl PR_SET_PDEATHSIG)."""
+def _parent_death_signal(parent: int | None = None) -> Callable[[], None] | None:
+    """A preexec_fn making torchrun get SIGTERM if the launcher (``parent``: this process) dies (Linux prctl
+    PR_SET_PDEATHSIG)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -176,12 +177,12 @@ def _parent_death_signal() -> Callable[[], None] | None:
     except (OSError, AttributeError):
         return None
 
-    parent = os.getpid()
+    parent = os.getpid() if parent is None else parent
 
     def set_pdeathsig() -> None:
         prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
         if os.getppid() != parent:  # the launcher died between fork and prctl: no signal will ever come
-            os.kill(os.getpid(), signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
 
     return set_pdeathsig
 
