@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from typing import Any
 from hpi.autotune.simulate import SimulatedOutOfMemory, SimulatedRunner
 from hpi.planner.specs.plan import Plan, ds_examples_knobs
 from hpi.planner.specs.workload import Workload
+from hpi.processes import Interrupted
 from hpi.records import RunRecord
 
 _SIZE = re.compile(r"\d+(?:\.\d+)?\s*(?:[KMGTP]i?B|bytes)\b")
@@ -93,7 +95,7 @@ class ExecutorRunner:
             return start(deployment, timeout_s=timeout_s)
         except LaunchError as e:
             if e.reason == "interrupted":
-                raise KeyboardInterrupt from None
+                raise Interrupted(e.signum or signal.SIGINT) from None  # which signal: the trial's record says
             if e.out_of_memory:
                 first = str(e).splitlines()[0]
                 raise RunFailed("oom", str(e), where=_oom_where(first), figures=tuple(_SIZE.findall(first)),

@@ -54,6 +54,8 @@ class PhaseProgress:
             self._bar.stop()
 
     def __call__(self, phase: str, done: int, total: int) -> None:
+        if total == 0:  # a phase with nothing to do shows nothing (the command's own line says why, if it fails)
+            return
         label = self.labels.get(phase, phase)
         if self._bar is not None:
             self._bar.update(self._task, description=label, completed=done, total=total, refresh=True)

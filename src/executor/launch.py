@@ -49,6 +49,7 @@ from hpi.executor.rundir import hold_for_launch
 from hpi.executor.spec import RunSpec
 from hpi.executor.torchrun import LISTEN_FD_ENV, bind_listener, interface_of
 from hpi.executor.watchdog import Hang, Watchdog, default_hang_timeout_s, is_heartbeat, rank_of_process
+from hpi.processes import Interrupted, signal_of
 from hpi.records import RecordError, RunRecord
 
 __all__ = ["LaunchError", "NodeSummary", "launch", "start", "launch_env", "free_port", "WORKER", "RECORD_FILE",
@@ -383,10 +384,6 @@ def launch(
             lock.release()
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM to the launcher, raised where the run is being watched: stopped like Ctrl-C."""
-
-
 @contextlib.contextmanager
 def _sigterm_as_interrupt():
     """While a run is watched, SIGTERM stops it like Ctrl-C (ranks stopped, the same message) instead of ending
@@ -397,7 +394,7 @@ def _sigterm_as_interrupt():
         return
 
     def terminated(signum, frame):
-        raise _Terminated
+        raise Interrupted(signum)  # hpi.processes' interrupt: the callers (autotune) read which signal came
 
     previous = signal.signal(signal.SIGTERM, terminated)
     try:
@@ -453,7 +450,7 @@ def _watch(run: _Torchrun, log_dir: Path, *, stream: Callable[[str], Any] | None
                     time.sleep(0.05)
         except KeyboardInterrupt as e:
             run.terminate(grace_s)
-            terminated = isinstance(e, _Terminated)
+            terminated = signal_of(e) == signal.SIGTERM
             raise LaunchError("\n".join(["terminated by SIGTERM" if terminated else "interrupted", f"logs: {log_dir}",
                                          *where_ranks_were(log_dir)]), log_dir=str(log_dir), reason="interrupted",
                               signum=signal.SIGTERM if terminated else signal.SIGINT) from None

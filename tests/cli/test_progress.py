@@ -47,3 +47,12 @@ def test_on_a_terminal_one_bar_is_redrawn_and_removed_at_the_end():
     assert "\r\x1b[2Khpi x: fitting folds " in drawn and "3/3" in drawn  # redrawn over itself (carriage return)
     assert "fitting folds: " not in drawn  # no plain lines
     assert drawn.endswith("\x1b[1A\x1b[2K")  # erased at the end: the command's own output follows
+
+
+def test_a_phase_with_nothing_to_do_shows_nothing():
+    out = io.StringIO()
+    with PhaseProgress("hpi x", LABELS, counted=("fit",), after="read", stream=out) as progress:
+        progress("read", 0, 0)
+        progress("fit", 0, 0)
+        progress("predict", 0, 0)
+    assert out.getvalue() == ""
