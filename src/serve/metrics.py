@@ -26,6 +26,11 @@ Where the figures come from:
   ``hpi_h2d_bandwidth_ratio`` over the window between two reads (``window_figures``);
 - the NVMe drive under ``--nvme-path`` (``hpi.executor.diskstats``, read at each scrape).
 
+No ZeRO-3 all-gather is timed because none happens: ``hpi serve`` runs dp 1 and ZeRO-3 partitions over the
+data-parallel group (``hpi.executor.groups.DeepSpeedMpu``), so each partition group is one rank and DeepSpeed
+fetches a layer's weights without a collective (its ``NoGatherHandle``); that traffic is the host->device copy
+``hpi_h2d_bytes_total`` counts.
+
 What cannot apply is absent, not 0: ``hpi_predicted_decode_step_seconds`` and ``hpi_h2d_bandwidth_ratio`` need a
 profile (``--hardware``); ``hpi_nvme_*`` need ``--offload nvme`` on a block device; ``hpi_pipeline_bubble_ratio``
 and ``hpi_h2d_bandwidth_ratio`` appear after the first window with steps. ``hpi_h2d_bytes_total`` is 0 for a

@@ -150,14 +150,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_metrics_port_moves_metrics_and_no_metrics_removes_them(sv, serve_checkpoint, tmp_path):
+def test_metrics_port_moves_metrics_pp2_times_its_hand_offs_and_no_metrics_removes_them(sv, serve_checkpoint,
+                                                                                         tmp_path):
     port = _free_port()
-    s = sv.start_server(tmp_path / "elsewhere", "--checkpoint", str(serve_checkpoint), "--max-batch", "1",
+    s = sv.start_server(tmp_path / "elsewhere", "--checkpoint", str(serve_checkpoint), "--pp", "2", "--max-batch", "2",
                         "--max-model-len", "32", "--metrics-port", str(port))
     try:
         assert s.get("/metrics").status_code == 404
-        exposed = families(f"http://127.0.0.1:{port}/metrics")
-        assert "hpi_time_to_first_token_seconds" in exposed
+        url = f"http://127.0.0.1:{port}/metrics"
+        s.openai().completions.create(model=s.model, prompt=[5, 6], max_tokens=3, temperature=0,
+                                      extra_body={"ignore_eos": True})
+        deadline = time.monotonic() + 30
+        while True:  # stage 0 sends each step's hidden states to stage 1, which receives them
+            m = scrape(url)
+            steps = one(m, "hpi_prefill_seconds_count") + one(m, "hpi_decode_step_seconds_count")
+            pp = {(dict(k)["op"], dict(k)["stage"]): v for k, v in m.get("hpi_collective_seconds_count", {}).items()}
+            if pp == {("send", "0"): steps, ("recv", "1"): steps} or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert steps == 3 and pp == {("send", "0"): 3, ("recv", "1"): 3}  # no TP: no other collective
+        exposed = families(url)
         assert "hpi_predicted_decode_step_seconds" not in exposed  # no --hardware: no prediction
         assert "hpi_h2d_bandwidth_ratio" not in exposed
     finally:
