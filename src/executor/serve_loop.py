@@ -147,7 +147,7 @@ class Leader:
         for _ in range(self.groups_n):
             group = self.next_group
             self.next_group = (self.next_group + 1) % self.groups_n
-            if any(step.group == group for step, _, _ in self.in_flight):
+            if any(flight[0].group == group for flight in self.in_flight):
                 continue
             step = self.scheduler.schedule(group)
             if step is None:
