@@ -151,3 +151,19 @@ def test_the_first_window_starts_at_the_servers_start():
     m.on_totals((RankTotals(0, 0, 0, -1, 0, 0.0, 0),))
     m.on_step(StepStats(11, 1, 1, True, 0.02, 0, 1, 0.2, (RankTotals(0, 0, 0, 11, 11, 0.15, 0),)))
     assert value(m, "hpi_pipeline_bubble_ratio") == pytest.approx(0.25)
+
+
+def test_nvme_figures_come_from_the_drive_under_nvme_path_at_each_scrape(monkeypatch, tmp_path):
+    from hpi.executor import diskstats
+
+    snaps = iter([diskstats.DiskSnapshot("nvme0n1", 1000, 0, 10.0),  # at start
+                  diskstats.DiskSnapshot("nvme0n1", 5000, 8000, 12.0),  # first scrape: 8 s of requests in 2 s
+                  diskstats.DiskSnapshot("nvme0n1", 5000, 8000, 13.0)])  # second scrape: idle
+    monkeypatch.setattr(diskstats, "snapshot", lambda path: next(snaps))
+    m = Metrics("tiny", "plan", 1, nvme_path=str(tmp_path))
+    first = samples(m)
+    assert first["hpi_nvme_read_bytes_total"][0].value == 4000 and first["hpi_nvme_queue_depth"][0].value == 4.0
+    second = samples(m)
+    assert second["hpi_nvme_read_bytes_total"][0].value == 4000 and second["hpi_nvme_queue_depth"][0].value == 0.0
+    monkeypatch.setattr(diskstats, "snapshot", lambda path: None)  # tmpfs, overlayfs: no block device
+    assert "hpi_nvme_queue_depth" not in samples(Metrics("tiny", "plan", 1, nvme_path=str(tmp_path)))
