@@ -93,6 +93,12 @@ KEPT = {
     "2026-12-02-h200-serve/callC-70b/70b-q4-c16.load.json": (0, {"not a RunRecord": 1}),
     "2026-12-03-bad-inputs/after.json": (0, {"not a RunRecord": 1}),
     "2026-12-03-bad-inputs/before.json": (0, {"not a RunRecord": 1}),
+    "2026-12-03-h200-metrics/run1-cpu-tiny-llama.json": (0, {"not a RunRecord": 1}),
+    "2026-12-03-h200-metrics/run1-gpu-llama-3-8b-slots1.json": (0, {"not a RunRecord": 1}),
+    "2026-12-03-h200-metrics/run1-gpu-llama-3-8b-slots8.json": (0, {"not a RunRecord": 1}),
+    "2026-12-03-h200-metrics/run2-cpu-tiny-llama.json": (0, {"not a RunRecord": 1}),
+    "2026-12-03-h200-metrics/run2-gpu-llama-3-8b-slots1.json": (0, {"not a RunRecord": 1}),
+    "2026-12-03-h200-metrics/run2-gpu-llama-3-8b-slots8.json": (0, {"not a RunRecord": 1}),
 }
 
 
@@ -145,7 +151,7 @@ def test_every_kept_file_reads_with_its_records_and_skips_counted(kept) -> None:
     for got in kept.values():
         for reason, n in got.skipped.items():
             skipped[reason] = skipped.get(reason, 0) + n
-    assert skipped == {"not a RunRecord": 24, "error": 4, "baseline": 9}
+    assert skipped == {"not a RunRecord": 30, "error": 4, "baseline": 9}
     # Read together, names are unique (validate and calibrate key on them): a rerun kept under the stem of an
     # earlier run is named with its folder, and so is the earlier one.
     together = {r.record_id for r in load_records(_kept_files())}
