@@ -1,0 +1,143 @@
+"""A real Prometheus server (Debian's ``prometheus`` binary, on localhost with a temp config and storage) scrapes
+what hpi exports, and its HTTP API answers for it. First a bare prometheus_client endpoint (the fixture's own
+check), then ``hpi serve`` on the CPU with TP 2 on gloo while requests run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+prometheus_client = pytest.importorskip("prometheus_client")
+
+SCRAPE_INTERVAL_S = 1
+READY_TIMEOUT_S = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Prometheus:
+    proc: subprocess.Popen
+    url: str
+    log_path: Path
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def api(self, path: str, **params: str) -> dict:
+        url = f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(params)}"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            body = json.load(r)
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(self, promql: str) -> list[dict]:
+        """An instant query: its vector, each item {"metric": labels, "value": [time, "number"]}."""
+        return self.api("query", query=promql)["result"]
+
+    def wait_for(self, promql: str, done, timeout: float = 60.0) -> list[dict]:
+        """Query until ``done(result)`` holds (scrapes land every SCRAPE_INTERVAL_S); the last result either way."""
+        deadline = time.monotonic() + timeout
+        while True:
+            result = self.query(promql)
+            if done(result) or time.monotonic() > deadline:
+                return result
+            time.sleep(SCRAPE_INTERVAL_S / 2)
+
+    def targets(self) -> list[dict]:
+        return self.api("targets")["activeTargets"]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def start_prometheus(tmp_path: Path, targets: list[str], attempts: int = 3) -> Prometheus:
+    """Prometheus on a free localhost port scraping ``targets`` ("host:port", path /metrics) every second."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("the prometheus binary is not installed (Debian package prometheus; scripts/dev-setup.sh "
+                    "installs it as root)")
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    config = tmp_path / "prometheus.yml"
+    config.write_text(json.dumps({  # JSON is YAML
+        "global": {"scrape_interval": f"{SCRAPE_INTERVAL_S}s", "evaluation_interval": f"{SCRAPE_INTERVAL_S}s"},
+        "scrape_configs": [{"job_name": "hpi", "metrics_path": "/metrics", "scrape_timeout": "1s",
+                            "static_configs": [{"targets": targets}]}]}))
+    for attempt in range(attempts):  # the free port can be taken between the probe and Prometheus binding it
+        port, log_path = free_port(), tmp_path / f"prometheus-{attempt}.log"
+        with log_path.open("w") as log:
+            proc = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
+                                     f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+                                    stdout=log, stderr=subprocess.STDOUT)
+        server = Prometheus(proc, f"http://127.0.0.1:{port}", log_path)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(server.url + "/-/ready", timeout=2) as r:
+                    if r.status == 200:
+                        return server
+            except OSError:
+                time.sleep(0.2)
+        server.stop()
+        if "address already in use" not in server.log:
+            break
+    raise RuntimeError(f"prometheus did not become ready:\n{server.log}")
+
+
+@pytest.fixture
+def prometheus(tmp_path):
+    """``prometheus(targets)`` starts one; every one started is stopped at teardown (and checked to be gone)."""
+    started: list[Prometheus] = []
+
+    def start(targets: list[str]) -> Prometheus:
+        started.append(start_prometheus(tmp_path / f"prometheus-{len(started)}", targets))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop()
+        assert server.proc.returncode is not None
+
+
+def test_the_fixture_scrapes_a_prometheus_client_endpoint(prometheus):
+    registry = prometheus_client.CollectorRegistry()
+    ttft = prometheus_client.Histogram("hpi_time_to_first_token_seconds", "test", ["model"], registry=registry,
+                                       buckets=(0.1, 1.0))
+    for seconds in (0.05, 0.5, 2.0):
+        ttft.labels(model="m").observe(seconds)
+    http, thread = prometheus_client.start_http_server(0, addr="127.0.0.1", registry=registry)
+    try:
+        prom = prometheus([f"127.0.0.1:{http.server_port}"])
+        result = prom.wait_for('hpi_time_to_first_token_seconds_count{model="m"}', lambda r: bool(r))
+        assert [float(x["value"][1]) for x in result] == [3.0], prom.log
+        ttft.labels(model="m").observe(0.2)  # a later scrape sees the new count
+        result = prom.wait_for("hpi_time_to_first_token_seconds_count", lambda r: r and r[0]["value"][1] == "4")
+        assert [float(x["value"][1]) for x in result] == [4.0]
+        series = prom.query("hpi_time_to_first_token_seconds_bucket")
+        buckets = {x["metric"]["le"]: float(x["value"][1]) for x in series}
+        assert buckets == {"0.1": 1.0, "1.0": 3.0, "+Inf": 4.0}
+        assert [t["health"] for t in prom.targets()] == ["up"]
+    finally:
+        http.shutdown()
+        thread.join(10)
+    assert prom.wait_for("up", lambda r: r and r[0]["value"][1] == "0", timeout=10)[0]["value"][1] == "0"
+
