@@ -19,6 +19,7 @@ from hpi.cli.args import (
     count,
     non_negative,
     plan_from_args,
+    port,
     positive,
     seconds,
     workload_from_args,
@@ -49,6 +50,10 @@ def register(sub) -> dict:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=any_port, default=8000, help="port (default 8000; 0: any free one)")
     p.add_argument("--api-key", default=None, help=f"require Authorization: Bearer KEY (default: ${API_KEY_ENV})")
+    p.add_argument("--metrics-port", type=port, default=None, metavar="P",
+                   help="serve GET /metrics on this port (at --host) instead of the API's port")
+    p.add_argument("--no-metrics", dest="metrics", action="store_false",
+                   help="count nothing: no /metrics, no /v1/events, no per-rank timing (to measure their cost)")
     p.add_argument("--max-batch", type=positive, default=None,
                    help="KV-cache slots: requests decoded together (default: the plan's batch, --plan's or 8)")
     p.add_argument("--max-model-len", type=positive, default=None,
@@ -99,6 +104,11 @@ def _resolve(args: argparse.Namespace):
         readable_file(args.chat_template, "--chat-template", "hpi serve")
     if args.nvme_path is not None:
         existing_dir(args.nvme_path, "--nvme-path", "hpi serve")
+    if args.metrics_port is not None and not args.metrics:
+        raise UsageError("hpi serve: --metrics-port with --no-metrics: there are no metrics to serve; drop one")
+    if args.metrics_port is not None and args.metrics_port == args.port:
+        raise UsageError(f"hpi serve: --metrics-port {args.metrics_port} = --port: the API already listens there; "
+                         "pick another --metrics-port (or drop it: /metrics is on the API's port)")
     model_ref = args.model or args.checkpoint
     model = load_model(model_ref)
     if args.max_model_len is not None:
@@ -120,7 +130,8 @@ def _resolve(args: argparse.Namespace):
         raise UsageError(f"hpi serve runs dp 1 (one replica per step); the plan has dp {plan.dp}: use --tp/--pp")
     serve = ServeSpec(n_slots=plan.batch_size, max_model_len=max_len, address=("127.0.0.1", 0),
                       step_tokens=args.step_tokens or default_step_tokens(max_len),
-                      policy=args.policy, max_queue=max(args.max_queue, 1), hang_timeout_s=args.hang_timeout or 600.0)
+                      policy=args.policy, max_queue=max(args.max_queue, 1), hang_timeout_s=args.hang_timeout or 600.0,
+                      metrics=args.metrics)
     spec = RunSpec(plan=plan, model=model_ref, workload=workload_from_args(args), hardware=args.hardware,
                    device=args.device, dtype=args.dtype, fetch_wait=args.fetch_wait, checkpoint=args.checkpoint,
                    seed=args.seed, mode="serve", serve=serve, nvme_path=args.nvme_path, out_dir=args.out,
@@ -137,7 +148,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     http = HttpOptions(host=args.host, port=args.port, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                        served_model_name=args.served_model_name, chat_template=read_chat_template(args.chat_template),
-                       drain_s=args.drain_timeout)
+                       drain_s=args.drain_timeout, metrics_port=args.metrics_port)
     for warning in deployment.warnings:
         sys.stderr.write(f"hpi serve: warning: {warning}\n")
     return serve(deployment, http)

@@ -26,9 +26,12 @@ import torch
 import torch.distributed as dist
 
 from hpi.executor.groups import Groups
+from hpi.executor.meter import RankMeter, RankTotals
 from hpi.executor.scheduler import Segment, SegmentOutput, Step
 from hpi.executor.slots import DenseDecode, RaggedStep, SlotKVCache
+from hpi.executor.spans import COLLECTIVES
 
+PP_SEND, PP_RECV = ("send", "pp"), ("recv", "pp")  # (op, group) keys of the collective timer
 IDLE, STOP = "idle", "stop"
 
 
@@ -184,6 +187,7 @@ class StepRunner:
     graphs: bool = False  # decode-only steps replay a CUDA graph per slot group
     _graphs: dict[tuple[int, int, int], "DenseGraph"] = field(default_factory=dict)  # (group, rows, span) -> graph
     _sending: tuple | None = None  # (work, tensor) of the hidden states last sent
+    meter: RankMeter | None = None  # hpi serve's metrics (attached after the warm-up); None: nothing counted
 
     @property
     def reports_outputs(self) -> bool:
@@ -208,7 +212,9 @@ class StepRunner:
         self.cache.bind(ragged)
         with torch.no_grad():
             logits_index = torch.tensor(index, dtype=torch.long, device=self.device) if index is not None else None
+            busy = self._begin(x)
             out = self.stage(x, self.cache, None, logits_index=logits_index)
+            self._end(busy, step)
         if not g.is_last_stage:
             return self._send(out)
         return sample_outputs(out, step.segments, rows)
@@ -231,24 +237,41 @@ class StepRunner:
         graph = self._graphs.get(key)
         if graph is None:  # every rank picks the same shape from the same step: they capture together
             graph = self._graphs[key] = DenseGraph(self.stage, self.cache, offset, span, self.device)
-        out = graph(x, positions.to(self.device))
+        positions = positions.to(self.device)
+        busy = self._begin(x)
+        out = graph(x, positions)
+        self._end(busy, step)
         if not g.is_last_stage:
             return self._send(out.clone())  # the graph's output buffer is overwritten by the next replay
         rows = [(0, 0, seg.slot - offset) for seg in step.segments]
         return sample_outputs(out, step.segments, rows)
 
+    def _begin(self, x: torch.Tensor):
+        """The stage's busy span starts once its input is here (waiting for the previous stage is not busy)."""
+        return self.meter.begin(x) if self.meter is not None else None
+
+    def _end(self, token, step: Step) -> None:
+        if self.meter is not None:
+            self.meter.end(token, step.index)
+
     def _send(self, hidden: torch.Tensor) -> None:
         """Hand the hidden states to the next stage without waiting for it (it may still be on an earlier
-        step); the previous send is complete by then, or waited for here."""
+        step); the previous send is complete by then, or waited for here. Timed as a PP send: the wait for
+        the previous send plus the enqueue (the transfer itself overlaps the next step)."""
+        token = COLLECTIVES.start(hidden)
         if self._sending is not None:
             self._sending[0].wait()
         hidden = hidden.contiguous()
         self._sending = (dist.isend(hidden, dst=self.groups.next_rank), hidden)
+        COLLECTIVES.stop(token, PP_SEND)
         return None
 
     def _recv(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """The previous stage's hidden states, timed as a PP recv (the wait for that stage included)."""
         x = torch.empty(*shape, dtype=self.dtype, device=self.device)
+        token = COLLECTIVES.start(x)
         dist.recv(x, src=self.groups.prev_rank)
+        COLLECTIVES.stop(token, PP_RECV)
         return x
 
 
@@ -294,6 +317,17 @@ class StepStats:
     n_segments: int
     decode_only: bool
     seconds: float
+    prompt_tokens: int = 0  # of n_tokens, prompt tokens (the rest are decode tokens)
+    slots_used: int = 0  # slots holding a request after the step
+    engaged_s: float = 0.0  # rank 0's wall seconds with a step in flight, from the start to this step's end
+    totals: tuple[RankTotals, ...] | None = None  # every rank's running totals, when rank 0 read them (about 1/s)
+
+    @property
+    def kind(self) -> str:
+        """decode (every segment one decode token), prefill (prompt tokens only) or mixed."""
+        if self.prompt_tokens == 0:
+            return "decode"
+        return "prefill" if self.prompt_tokens == self.n_tokens else "mixed"
 
 
 def follow(runner: StepRunner, messenger: Messenger) -> None:
@@ -304,6 +338,8 @@ def follow(runner: StepRunner, messenger: Messenger) -> None:
             messenger.drain()
             return
         if msg.kind == IDLE:
+            if runner.meter is not None:  # idle: the last steps' totals reach the store within a beat
+                runner.meter.publish()
             continue
         outputs = runner.run(msg.step)
         if runner.reports_outputs:

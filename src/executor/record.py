@@ -30,7 +30,7 @@ from hpi.records import (
     compare,
 )
 
-__all__ = ["RankReport", "build_record", "pipeline_timings", "software_versions"]
+__all__ = ["RankReport", "bubble_ratio", "build_record", "pipeline_timings", "software_versions"]
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -42,15 +42,18 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
+def bubble_ratio(wall_s: float, slowest_busy_s: float) -> float:
+    """The pipeline bubble: the slowest stage's idle share of ``wall_s`` (0 when no time passed). The planner's
+    definition; ``hpi run`` applies it per decode step, ``hpi serve``'s metrics per window of steps."""
+    return max(0.0, 1.0 - slowest_busy_s / wall_s) if wall_s > 0 else 0.0
+
+
 def pipeline_timings(reports: list[RankReport], batch_size: int, generated: int) -> Timings:
     """The record's timings from the ranks' forward ends and busy times (module docstring: the convention)."""
     n = min(len(r.forward_end_s) for r in reports)
     ends = [max(r.forward_end_s[k] for r in reports) for k in range(n)]
     steps = [b - a for a, b in zip(ends, ends[1:])]
-    bubble = []
-    for k in range(1, n):
-        slowest_busy = max(r.busy_s[k] for r in reports)
-        bubble.append(max(0.0, 1.0 - slowest_busy / steps[k - 1]) if steps[k - 1] > 0 else 0.0)
+    bubble = [bubble_ratio(steps[k - 1], max(r.busy_s[k] for r in reports)) for k in range(1, n)]
     total = ends[-1] if ends else 0.0
     return Timings(
         prefill_s=ends[0] if ends else 0.0,

@@ -253,6 +253,12 @@ class Scheduler:
                        -1 if p.logprobs is None else p.logprobs, targets,
                        -1 if p.prompt_logprobs is None else p.prompt_logprobs)
 
+    def prompt_tokens(self, step: Step) -> int:
+        """Of a step just scheduled (before ``postprocess``), the prompt tokens: its segments whose sequence
+        has not finished its prompt yet."""
+        return sum(seg.n_tokens for seg in step.segments
+                   if seg.slot in self.running and not self.running[seg.slot].prefilled)
+
     # ---- after the step ---------------------------------------------------------------------------------
     def postprocess(self, step: Step, outputs: list[SegmentOutput]) -> list[Event]:
         """Apply the last stage's outputs; returns one event per request that has news."""

@@ -38,6 +38,7 @@ class ServeSpec:
     policy: str = "fused"  # hpi.executor.scheduler.POLICIES
     max_queue: int = 1024  # waiting requests at most; more are answered 429
     hang_timeout_s: float = 600.0  # a rank that hears nothing from its predecessor this long is stuck
+    metrics: bool = True  # count each rank's work for /metrics and /v1/events (hpi serve --no-metrics: off)
 
     def __post_init__(self) -> None:
         from hpi.executor.scheduler import POLICIES

@@ -14,12 +14,12 @@ With ``tp_size == 1`` nothing here touches ``torch.distributed``: the stage keep
 
 from __future__ import annotations
 
-import time
-from collections import deque
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from hpi.executor.spans import COLLECTIVES
 
 __all__ = [
     "COLUMN_PARALLEL",
@@ -146,66 +146,22 @@ def _even(dim: int, n: int, rank: int, size: int, name: str) -> Slice:
     return Slice(dim, rank * step, (rank + 1) * step, step)
 
 
-class _CollectiveTimer:
-    """Time spent in this process's TP collectives, as the compute stream sees it (the wait for the
-    slowest rank included). CUDA: an event pair per collective on the current stream, folded into the
-    total only once complete (``query``), so timing never synchronizes; CPU (gloo, synchronous): wall time."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self.count = 0
-        self.pending: deque = deque()
-
-    def start(self, t: torch.Tensor):
-        if t.is_cuda and torch.cuda.is_current_stream_capturing():
-            return None  # inside a CUDA graph (hpi.executor.graphs): events cannot be timed there
-        if t.is_cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            return ev
-        return time.perf_counter()
-
-    def stop(self, token) -> None:
-        if token is None:
-            return
-        self.count += 1
-        if isinstance(token, float):
-            self.seconds += time.perf_counter() - token
-            return
-        end = torch.cuda.Event(enable_timing=True)
-        end.record()
-        self.pending.append((token, end))
-        if len(self.pending) > 1024:
-            self._fold(wait=False)
-
-    def _fold(self, wait: bool) -> None:
-        while self.pending and (wait or self.pending[0][1].query()):
-            begin, end = self.pending.popleft()
-            end.synchronize()
-            self.seconds += begin.elapsed_time(end) / 1e3
-
-    def total(self, reset: bool = False) -> float:
-        self._fold(wait=True)
-        out = self.seconds
-        if reset:
-            self.seconds, self.count = 0.0, 0
-        return out
-
-
-_TIMER = _CollectiveTimer()
-
-
 def tp_allreduce_seconds(reset: bool = False) -> float:
     """Seconds this process spent in TP collectives so far: the row-parallel all-reduces and the LM head's
-    all-gather (synchronizes CUDA once, to read the pending events). 0.0 at tp 1."""
-    return _TIMER.total(reset)
+    all-gather (synchronizes CUDA once, to read the pending events). 0.0 at tp 1. Every collective of this
+    process is timed in ``hpi.executor.spans.COLLECTIVES``; at tp > 1 these are its only collectives during
+    ``hpi run``'s measured forwards (pipeline hand-offs are not timed there)."""
+    return COLLECTIVES.total(reset)
+
+
+TP_ALL_REDUCE, TP_ALL_GATHER = ("all_reduce", "tp"), ("all_gather", "tp")  # (op, group) keys of the timer
 
 
 def timed_all_reduce(t: torch.Tensor, tp_group) -> None:
     """Sum ``t`` in place over the TP group, its time counted in ``tp_allreduce_seconds``."""
-    token = _TIMER.start(t)
+    token = COLLECTIVES.start(t)
     torch.distributed.all_reduce(t, group=tp_group)
-    _TIMER.stop(token)
+    COLLECTIVES.stop(token, TP_ALL_REDUCE)
 
 
 def all_reduce_output(module: nn.Module, tp_group) -> None:
@@ -254,9 +210,9 @@ class VocabParallelLMHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         local = self.linear(x).contiguous()
         parts = [torch.empty_like(local) for _ in range(self.tp_size)]
-        token = _TIMER.start(local)
+        token = COLLECTIVES.start(local)
         torch.distributed.all_gather(parts, local, group=self.tp_group)
-        _TIMER.stop(token)
+        COLLECTIVES.stop(token, TP_ALL_GATHER)
         return torch.cat(parts, dim=-1)[..., : self.vocab]
 
     def extra_repr(self) -> str:

@@ -2,9 +2,11 @@
 
 Routes (OpenAI's and vLLM's names): ``GET /health`` (alive; 500 once the runtime died), ``GET /ready`` (200
 only after warm-up), ``GET /v1/models``, ``GET /version``, ``POST /v1/completions``,
-``POST /v1/chat/completions``, ``POST /tokenize``, ``POST /detokenize``, ``GET /tokenizer_info``.
+``POST /v1/chat/completions``, ``POST /tokenize``, ``POST /detokenize``, ``GET /tokenizer_info``; and the metrics:
+``GET /metrics`` (Prometheus text, ``hpi.serve.metrics``; on a second listener instead with ``--metrics-port``)
+and ``GET /v1/events`` (one SSE event per step, ``hpi.serve.events``); both 404 with ``--no-metrics``.
 
-With an API key every route but ``/health`` needs ``Authorization: Bearer KEY`` (401 otherwise). A body
+With an API key every route but ``/health`` and ``/metrics`` needs ``Authorization: Bearer KEY`` (401 otherwise). A body
 larger than ``max_body_bytes`` is refused (413) before it is read; prompts and ``max_tokens`` are bounded by
 ``--max-model-len`` (400). Errors are OpenAI's error document with the matching status.
 """
@@ -16,7 +18,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from hpi.serve.completions import Service, engine_error
 from hpi.serve.engine_client import DEAD, READY, EngineUnavailable, Rejected
@@ -28,13 +30,14 @@ from hpi.serve.protocol import (
     TokenizeRequest,
     validation_error,
 )
-from hpi.serve.routes import chat, complete
+from hpi.serve.routes import SSE_HEADERS, chat, complete
 
 OPEN_ROUTES = frozenset({"/health", "/metrics"})
 
 
 def create_app(service: Service, *, api_key: str | None = None, max_body_bytes: int = 8 * 2**20,
-               created: int = 0) -> FastAPI:
+               created: int = 0, metrics_here: bool = True) -> FastAPI:
+    """``metrics_here``: serve ``/metrics`` on this app (False: ``--metrics-port`` serves it elsewhere)."""
     from hpi import __version__
 
     app = FastAPI(title="hpi serve", version=__version__, docs_url=None, redoc_url=None)
@@ -85,6 +88,23 @@ def create_app(service: Service, *, api_key: str | None = None, max_body_bytes: 
         if engine.state != READY:
             return _error(ApiError(500 if engine.state == DEAD else 503, engine.message))
         return {"ready": True, **engine.info}
+
+    @app.get("/metrics")
+    async def metrics():
+        m = service.engine.metrics
+        if m is None or not metrics_here:
+            raise ApiError(404, "no /metrics here: the server runs with --no-metrics, or serves them on "
+                                "--metrics-port")
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/events")
+    async def events():
+        hub = service.engine.events
+        if hub is None:
+            raise ApiError(404, "no /v1/events: the server runs with --no-metrics")
+        return StreamingResponse(hub.stream(), media_type="text/event-stream", headers=SSE_HEADERS)
 
     @app.get("/version")
     async def version():

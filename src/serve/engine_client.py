@@ -76,6 +76,13 @@ class EngineClient:
         self._send_lock = threading.Lock()
         self._ready = threading.Event()
         self.on_dead: list = []  # callbacks(message), e.g. stop the HTTP server
+        self.metrics = None  # hpi.serve.metrics.Metrics, or None (hpi serve --no-metrics)
+        self.events = None  # hpi.serve.events.EventHub (with the metrics)
+
+    def observe(self, metrics, events) -> None:
+        """Count requests and steps in ``metrics`` and stream each step to ``events``' subscribers."""
+        self.metrics, self.events = metrics, events
+        metrics.watch(lambda: len(self.queues) - len(self.waiting), lambda: len(self.waiting))
 
     @property
     def address(self) -> tuple[str, int]:
@@ -87,6 +94,8 @@ class EngineClient:
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        if self.events is not None:
+            self.events.attach(loop)
 
     def start(self) -> None:
         threading.Thread(target=self._serve_connection, name="hpi-engine-client", daemon=True).start()
@@ -140,7 +149,14 @@ class EngineClient:
                 if event.finish_reason is not None:  # counted even when its client has left (a cancel)
                     c = self.counters.finished
                     c[event.finish_reason] = c.get(event.finish_reason, 0) + 1
+                if self.metrics is not None:
+                    self.metrics.on_event(event)
                 self._deliver(event.request_id, event)
+            if stats is not None and self.metrics is not None:
+                self._observe_step(stats)
+        elif kind == "totals":
+            if self.metrics is not None:
+                self.metrics.on_totals(msg[1])
         elif kind == "rejected":
             self._deliver(msg[1], Rejected(msg[2], msg[3]))
         elif kind == "error":  # usually a symptom (a peer died): the launcher's diagnosis names the cause
@@ -148,6 +164,15 @@ class EngineClient:
         elif kind == "stopped":
             self.state, self.message = STOPPED, "stopped"
             self._deliver_all(EngineUnavailable("the server is stopping", 503))
+
+    def _observe_step(self, stats) -> None:
+        from hpi.serve.events import step_event
+
+        self.metrics.on_step(stats)
+        if self.events is not None and self.events.subscribers:
+            ranks = self.metrics.ranks
+            window = ranks.window
+            self.events.publish(step_event(stats, ranks.totals, window.bubble_ratio if window else None))
 
     def _deliver(self, request_id: str, item: Any) -> None:
         queue = self.queues.get(request_id)
@@ -199,6 +224,8 @@ class EngineClient:
         queue: asyncio.Queue = asyncio.Queue()
         self.queues[request_id] = queue
         self.waiting.add(request_id)
+        if self.metrics is not None:
+            self.metrics.on_submit(request_id)
         finished = False
         try:
             self._send(("add", request_id, tuple(prompt), params))
@@ -214,6 +241,8 @@ class EngineClient:
         finally:
             self.queues.pop(request_id, None)
             self.waiting.discard(request_id)
+            if self.metrics is not None:
+                self.metrics.forget(request_id)
             if not finished:
                 self.cancel(request_id)
 

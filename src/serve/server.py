@@ -2,7 +2,8 @@
 stopped, then stop every rank. Returns the process's exit code.
 
 Lifecycle:
-- the port is bound before any rank starts (a port in use is one line, exit 2, nothing started);
+- the port (and ``--metrics-port``'s) is bound before any rank starts (a port in use is one line, exit 2,
+  nothing started);
 - the ranks start in a launcher thread (``hpi.executor.launch.start``), build the model, warm up and report
   ready; ``/health`` answers from the first moment, ``/ready`` and the generation routes once warm;
 - SIGINT / SIGTERM: uvicorn stops accepting, in-flight requests finish for up to ``drain_s``, then rank 0
@@ -35,6 +36,7 @@ class HttpOptions:
     chat_template: str | None = None  # Jinja text replacing the tokenizer's own
     drain_s: float = 30.0
     max_body_bytes: int = 8 * 2**20
+    metrics_port: int | None = None  # /metrics on its own listener (at ``host``) instead of the API's port
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -65,6 +67,29 @@ def build_service(deployment, engine: EngineClient, http: HttpOptions) -> Servic
                    spec.serve.max_queue)
 
 
+def build_metrics(deployment, service: Service):
+    """The server's metrics (``hpi.serve.metrics``) with the plan's prediction where a profile gave one."""
+    from hpi.serve.metrics import Metrics
+
+    spec, est = deployment.spec, deployment.prediction
+    return Metrics(service.model_name, deployment.plan.label, spec.serve.n_slots,
+                   predicted_decode_step_s=est.decode_step_s if est is not None else None,
+                   h2d_ceiling_bytes_s=est.placement.h2d_pinned_bytes_s if est is not None else None,
+                   nvme_path=spec.nvme_path if deployment.plan.offload == "nvme" else None)
+
+
+def start_metrics_listener(registry, host: str, port: int):
+    """``/metrics`` on its own port (prometheus_client's threaded HTTP server); a port in use is the user's."""
+    from prometheus_client import start_http_server
+
+    try:
+        server, _ = start_http_server(port, addr=host, registry=registry)
+    except OSError as e:
+        raise ValueError(f"hpi serve: cannot listen on {host}:{port} for --metrics-port: {e.strerror}: pick "
+                         "another --metrics-port") from None
+    return server
+
+
 def serve(deployment, http: HttpOptions, *, say=None) -> int:
     """Serve ``deployment`` (mode "serve") over HTTP until stopped; the exit code."""
     import uvicorn
@@ -75,7 +100,20 @@ def serve(deployment, http: HttpOptions, *, say=None) -> int:
     spec = replace(deployment.spec, serve=replace(deployment.spec.serve, address=engine.address))
     deployment = replace(deployment, spec=spec)
     service = build_service(deployment, engine, http)
-    app = create_app(service, api_key=http.api_key, max_body_bytes=http.max_body_bytes)
+    metrics_server = None
+    if spec.serve.metrics:
+        from hpi.serve.events import EventHub
+
+        metrics = build_metrics(deployment, service)
+        engine.observe(metrics, EventHub(on_drop=metrics.events_dropped.inc))
+        if http.metrics_port is not None:
+            try:
+                metrics_server = start_metrics_listener(metrics.registry, http.host, http.metrics_port)
+            except ValueError:
+                sock.close()
+                raise
+    app = create_app(service, api_key=http.api_key, max_body_bytes=http.max_body_bytes,
+                     metrics_here=http.metrics_port is None)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=max(int(http.drain_s), 1),
                             lifespan="off")
     server = _Server(config, engine)
@@ -101,6 +139,8 @@ def serve(deployment, http: HttpOptions, *, say=None) -> int:
             cancel.set()
             launcher.join()
         sock.close()
+        if metrics_server is not None:
+            metrics_server.shutdown()
     if engine.state == DEAD:
         say(f"hpi serve: failed: {engine.message}")
         return EXIT_FAILED
