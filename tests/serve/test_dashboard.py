@@ -1,7 +1,8 @@
 """The Grafana dashboard (deploy/grafana/hpi-dashboard.json) asks only for metrics hpi serve exports: every PromQL
 expression in it is read down to the metric names it selects, and each must be a family in
-``hpi.serve.metrics.EXPORTED`` (a histogram through its ``_bucket``/``_sum``/``_count`` series). A panel naming an
-unknown metric fails the check (the negative cases below); promtool, where installed, parses every expression."""
+``hpi.serve.metrics.EXPORTED`` (a histogram through its ``_bucket``/``_sum``/``_count`` series, a summary through
+``_sum``/``_count``), and every exported family is on the dashboard. A panel naming an unknown metric fails the
+check (the negative cases below); promtool, where installed, parses every expression."""
 
 from __future__ import annotations
 
@@ -15,20 +16,18 @@ import pytest
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "hpi-dashboard.json"
 
-# The issue's list (issue 16) and /v1/events' drop counter, kind by kind, until hpi.serve.metrics exists.
-HISTOGRAMS = frozenset({
-    "hpi_time_to_first_token_seconds", "hpi_inter_token_latency_seconds", "hpi_e2e_request_latency_seconds",
-    "hpi_request_queue_time_seconds", "hpi_prefill_seconds", "hpi_decode_step_seconds", "hpi_collective_seconds"})
-EXPORTED = HISTOGRAMS | frozenset({
-    "hpi_requests_running", "hpi_requests_waiting", "hpi_kv_slots_used_ratio", "hpi_prompt_tokens_total",
-    "hpi_generation_tokens_total", "hpi_requests_total", "hpi_pipeline_bubble_ratio", "hpi_nvme_queue_depth",
-    "hpi_nvme_read_bytes_total", "hpi_h2d_bytes_total", "hpi_h2d_bandwidth_ratio",
-    "hpi_predicted_decode_step_seconds", "hpi_events_dropped_total"})
-HISTOGRAM_SERIES = ("_bucket", "_sum", "_count")
+pytest.importorskip("prometheus_client")
+from hpi.serve.metrics import EXPORTED, HISTOGRAMS, Metrics  # noqa: E402
+
+# The series PromQL reads of a histogram and of a summary (hpi_collective_seconds has no quantiles: sum and count).
+SERIES_OF_KIND = {"histogram": ("_bucket", "_sum", "_count"), "summary": ("_sum", "_count")}
+# Each family that is read through its series, by kind, from a fresh server's registry (the rank families that
+# appear only after steps are gauges and counters, read by their own names).
+SERIES = {f.name: SERIES_OF_KIND[f.type] for f in Metrics("m", "p", 1).registry.collect() if f.type in SERIES_OF_KIND}
 
 # Grafana's variables, and what they stand for when an expression is checked outside Grafana.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$model": ".*", "$plan": ".*"}
-# PromQL words that are not metric names (https://prometheus.io/docs/prometheus/latest/querying/operators/).
+# PromQL's operator and modifier words: never metric names.
 KEYWORDS = frozenset({"and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right", "bool",
                       "offset", "inf", "nan"})
 
@@ -66,14 +65,20 @@ def metric_names(expr: str) -> set[str]:
     return names
 
 
-def unknown(expr: str, exported: frozenset[str] = EXPORTED, histograms: frozenset[str] = HISTOGRAMS) -> set[str]:
-    """Names in ``expr`` that are neither an exported family nor a series of an exported histogram."""
+def unknown(expr: str, exported: frozenset[str] = EXPORTED) -> set[str]:
+    """Names in ``expr`` that are neither an exported family nor a series of an exported histogram or summary."""
     def known(name: str) -> bool:
         if name in exported:
-            return name not in histograms  # a histogram is only ever queried through its series
+            return name not in SERIES  # a histogram or summary is only ever queried through its series
         stem, suffix = name[: name.rfind("_")], name[name.rfind("_"):]
-        return suffix in HISTOGRAM_SERIES and stem in histograms and stem in exported
+        return stem in exported and suffix in SERIES.get(stem, ())
     return {name for name in metric_names(expr) if not known(name)}
+
+
+def test_the_kinds_come_from_the_server():
+    assert {name for name, series in SERIES.items() if "_bucket" in series} == set(HISTOGRAMS)
+    assert {name for name, series in SERIES.items() if "_bucket" not in series} == {"hpi_collective_seconds"}
+    assert set(SERIES) <= EXPORTED
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +94,9 @@ def test_every_query_names_only_exported_metrics(dashboard):
     assert all(metric_names(expr) for _, expr in found), "a query that selects no metric shows nothing"
 
 
-def test_the_dashboard_shows_every_metric_the_issue_asks_for(dashboard):
+def test_the_dashboard_shows_every_metric_the_server_exports(dashboard):
     shown = set().union(*(metric_names(expr) for _, expr in expressions(dashboard)))
-    families = {n[: n.rfind("_")] if n[: n.rfind("_")] in HISTOGRAMS else n for n in shown}
+    families = {n[: n.rfind("_")] if n[: n.rfind("_")] in SERIES else n for n in shown}
     assert families == EXPORTED, f"not on the dashboard: {sorted(EXPORTED - families)}"
 
 
@@ -128,6 +133,7 @@ def test_every_panel_is_wired_to_the_datasource_variable(dashboard):
     ("hpi_requests_running_count", {"hpi_requests_running_count"}),  # a gauge has no _count series
     ("hpi_decode_step_seconds", {"hpi_decode_step_seconds"}),  # a histogram by its bare family name
     ("rate(hpi_requests_total_sum[1m])", {"hpi_requests_total_sum"}),  # histogram series of a counter
+    ("sum(rate(hpi_collective_seconds_bucket[1m]))", {"hpi_collective_seconds_bucket"}),  # a summary has no buckets
     ('vllm:num_requests_running{model_name="x"}', {"vllm:num_requests_running"}),  # another server's metric
     ("sum(hpi_requests_waiting) / on (model) group_left hpi_nope_ratio offset 5m", {"hpi_nope_ratio"}),
 ])
