@@ -8,6 +8,7 @@ import json
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -141,3 +142,88 @@ def test_the_fixture_scrapes_a_prometheus_client_endpoint(prometheus):
         thread.join(10)
     assert prom.wait_for("up", lambda r: r and r[0]["value"][1] == "0", timeout=10)[0]["value"][1] == "0"
 
+
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "hpi-dashboard.json"
+REQUEST_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def served(sv, tmp_path_factory):
+    """hpi serve, TP 2 on gloo, random tiny-llama weights; --hardware gives it a prediction and a pinned ceiling."""
+    s = sv.start_server(tmp_path_factory.mktemp("metrics-tp2"), "--model", "tiny-llama", "--tp", "2", "--max-batch",
+                        "2", "--max-model-len", "64", "--served-model-name", "tiny", "--hardware", "h200-2gpu")
+    yield s
+    assert s.stop() == 0, s.log
+    assert not s.workers()
+
+
+@pytest.fixture(scope="module")
+def scraped(served, tmp_path_factory):
+    """A Prometheus that scraped ``served`` while requests ran: requests go out two at a time until Prometheus has
+    seen one running (so a scrape landed mid-request), then the totals settle. Yields (prometheus, requests sent)."""
+    prom = start_prometheus(tmp_path_factory.mktemp("prometheus"), [served.url.removeprefix("http://")])
+    client, sent, stop = served.openai(), [], threading.Event()
+
+    def send(i: int) -> None:
+        while not stop.is_set():
+            client.completions.create(model="tiny", prompt=f"w{i + 3} w{len(sent) + 10}", max_tokens=REQUEST_TOKENS,
+                                      temperature=0, extra_body={"ignore_eos": True})
+            sent.append(i)
+
+    try:
+        senders = [threading.Thread(target=send, args=(i,)) for i in range(2)]
+        for t in senders:
+            t.start()
+        seen = prom.wait_for("max_over_time(hpi_requests_running[5m]) > 0", bool, timeout=120)
+        stop.set()
+        for t in senders:
+            t.join(120)
+        assert seen, f"Prometheus never saw a request running:\n{prom.log}"
+        yield prom, len(sent)
+    finally:
+        stop.set()
+        prom.stop()
+
+
+def value(result: list[dict]) -> float:
+    assert len(result) == 1, result
+    return float(result[0]["value"][1])
+
+
+def settled(prom: Prometheus, promql: str, expected: float) -> float:
+    return value(prom.wait_for(promql, lambda r: len(r) == 1 and float(r[0]["value"][1]) == expected))
+
+
+def test_prometheus_scrapes_request_metrics_from_hpi_serve(scraped):
+    prom, n = scraped
+    assert n >= 1
+    assert settled(prom, "sum(hpi_time_to_first_token_seconds_count)", n) == n
+    assert settled(prom, "sum(hpi_e2e_request_latency_seconds_count)", n) == n
+    assert settled(prom, "sum(hpi_generation_tokens_total)", n * REQUEST_TOKENS) == n * REQUEST_TOKENS
+    assert settled(prom, "sum(hpi_prompt_tokens_total)", 2 * n) == 2 * n
+    assert settled(prom, 'sum(hpi_requests_total{finished_reason="length"})', n) == n
+    labels = prom.query("hpi_time_to_first_token_seconds_count")[0]["metric"]
+    assert labels["model"] == "tiny" and labels["job"] == "hpi"
+
+
+def test_prometheus_sees_the_tp_all_reduce_on_each_rank(scraped):
+    prom, _ = scraped
+    result = prom.query("sum by (tp_rank) (hpi_collective_seconds_count{group=\"tp\"})")
+    counts = {r["metric"]["tp_rank"]: float(r["value"][1]) for r in result}
+    assert set(counts) == {"0", "1"} and all(c > 0 for c in counts.values()), counts
+
+
+def test_every_dashboard_query_evaluates_against_the_scraped_server(scraped):
+    prom, _ = scraped
+    dashboard = json.loads(DASHBOARD.read_text())
+    answered, empty = 0, set()
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"].replace("$__rate_interval", "5m").replace("$model", ".*").replace("$plan", ".*")
+            answered += 1  # an expression Prometheus refuses raises in Prometheus.api
+            if not prom.query(expr):
+                empty.add((panel["title"], target["legendFormat"]))
+    assert answered >= 20
+    # A TP 2 plan without NVMe offload: only the NVMe drive's series cannot apply to it.
+    assert empty == {("NVMe queue depth and read rate", "queue depth"), ("NVMe queue depth and read rate", "read B/s")}
