@@ -115,6 +115,18 @@ def test_the_panels_the_issue_names_are_there(dashboard):
                     "hpi_decode_step_seconds_sum", "hpi_decode_step_seconds_count"}
 
 
+def test_no_two_panels_overlap_on_the_grid(dashboard):
+    cells = {}
+    for panel in dashboard["panels"]:
+        g = panel["gridPos"]
+        assert 0 <= g["x"] and g["x"] + g["w"] <= 24, panel["title"]
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, f"{panel['title']} overlaps {cells[x, y]}"
+                cells[x, y] = panel["title"]
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+
+
 def test_every_panel_is_wired_to_the_datasource_variable(dashboard):
     for panel in dashboard["panels"]:
         if panel["type"] == "row":
