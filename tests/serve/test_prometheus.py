@@ -71,12 +71,18 @@ class Prometheus:
             self.proc.wait(10)
 
 
-def start_prometheus(tmp_path: Path, targets: list[str], attempts: int = 3) -> Prometheus:
-    """Prometheus on a free localhost port scraping ``targets`` ("host:port", path /metrics) every second."""
+def prometheus_binary() -> str:
+    """The prometheus binary's path; the test skips, saying why, where it is not installed."""
     binary = shutil.which("prometheus")
     if binary is None:
         pytest.skip("the prometheus binary is not installed (Debian package prometheus; scripts/dev-setup.sh "
                     "installs it as root)")
+    return binary
+
+
+def start_prometheus(tmp_path: Path, targets: list[str], attempts: int = 3) -> Prometheus:
+    """Prometheus on a free localhost port scraping ``targets`` ("host:port", path /metrics) every second."""
+    binary = prometheus_binary()
     tmp_path.mkdir(parents=True, exist_ok=True)
     config = tmp_path / "prometheus.yml"
     config.write_text(json.dumps({  # JSON is YAML
@@ -151,6 +157,7 @@ REQUEST_TOKENS = 8
 @pytest.fixture(scope="module")
 def served(sv, tmp_path_factory):
     """hpi serve, TP 2 on gloo, random tiny-llama weights; --hardware gives it a prediction and a pinned ceiling."""
+    prometheus_binary()  # skip before starting a server nothing will scrape
     s = sv.start_server(tmp_path_factory.mktemp("metrics-tp2"), "--model", "tiny-llama", "--tp", "2", "--max-batch",
                         "2", "--max-model-len", "64", "--served-model-name", "tiny", "--hardware", "h200-2gpu")
     yield s
