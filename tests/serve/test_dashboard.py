@@ -169,10 +169,14 @@ def test_selecting_by_name_is_refused():
         metric_names('{__name__=~"hpi_.*"}')
 
 
-def test_promtool_parses_every_query(dashboard, tmp_path):
-    promtool = shutil.which("promtool")
-    if promtool is None:
+def promtool() -> str:
+    found = shutil.which("promtool")
+    if found is None:
         pytest.skip("promtool is not installed (Debian package prometheus; scripts/dev-setup.sh installs it as root)")
+    return found
+
+
+def test_promtool_parses_every_query(dashboard, tmp_path):
     rules = []
     for i, (_, expr) in enumerate(expressions(dashboard)):
         for var, value in GRAFANA_VARIABLES.items():
@@ -180,6 +184,12 @@ def test_promtool_parses_every_query(dashboard, tmp_path):
         rules.append({"record": f"hpi:dashboard_query_{i}", "expr": expr})
     path = tmp_path / "rules.yml"
     path.write_text(json.dumps({"groups": [{"name": "dashboard", "rules": rules}]}))  # JSON is YAML
-    done = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([promtool(), "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"SUCCESS: {len(rules)} rules found" in done.stdout
+
+
+def test_the_scrape_config_example_is_valid():
+    config = DASHBOARD.parents[1] / "prometheus" / "prometheus.yml"
+    done = subprocess.run([promtool(), "check", "config", str(config)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "SUCCESS" in done.stdout, done.stdout + done.stderr
