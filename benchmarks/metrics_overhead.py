@@ -85,6 +85,9 @@ def main() -> int:
         on = i % 2 == 0
         times[on].append(one(step_of[8 + i], on))
     on_s, off_s = statistics.median(times[True]), statistics.median(times[False])
+    measured = rank_meter.totals()  # the busy span the meter took of the "on" steps (device events on CUDA)
+    rank_meter.busy.fold(wait=True)
+    busy_per_step = rank_meter.busy.seconds[("stage", "busy")] / measured.forwards
     mean_on, mean_off = statistics.fmean(times[True]), statistics.fmean(times[False])
 
     # the rank-side bookkeeping alone, host time per step (no model work): busy span + publish check + read check
@@ -120,10 +123,12 @@ def main() -> int:
               "median_step_s": {"on": on_s, "off": off_s}, "mean_step_s": {"on": mean_on, "off": mean_off},
               "ratio_on_off_median": on_s / off_s, "ratio_on_off_mean": mean_on / mean_off,
               "rank_bookkeeping_us_per_step": rank_us, "front_us_per_step": front_us,
-              "rank_bookkeeping_share_of_step": rank_us / 1e6 / off_s}
+              "rank_bookkeeping_share_of_step": rank_us / 1e6 / off_s,
+              "meter_busy_s_per_on_step": busy_per_step}
     print(f"{model} on {result['device']}: decode step median {off_s * 1e3:.3f} ms off, {on_s * 1e3:.3f} ms on "
           f"(ratio {on_s / off_s:.4f}; means {mean_on / mean_off:.4f}); rank bookkeeping {rank_us:.1f} µs/step "
-          f"({rank_us / 1e6 / off_s:.2%} of a step); front {front_us:.1f} µs/step", flush=True)
+          f"({rank_us / 1e6 / off_s:.2%} of a step); front {front_us:.1f} µs/step; the meter's busy span "
+          f"{busy_per_step * 1e3:.3f} ms/step", flush=True)
     print(json.dumps(result))
     return 0
 

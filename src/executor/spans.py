@@ -26,6 +26,7 @@ class SpanTimer:
         self.seconds: dict[tuple[str, str], float] = {}
         self.counts: dict[tuple[str, str], int] = {}
         self.pending: deque = deque()  # (key, begin event, end event), oldest first
+        self.free: list = []  # events already read, recorded again instead of created (no cudaEventCreate a step)
 
     def start(self, t: torch.Tensor | None = None):
         """A token for ``stop``; ``t`` says where the work runs (a CUDA tensor: device events; else host clock)."""
@@ -34,7 +35,7 @@ class SpanTimer:
         if t is not None and t.is_cuda:
             if torch.cuda.is_current_stream_capturing():
                 return None  # inside a CUDA graph (hpi.executor.graphs): events cannot be timed there
-            ev = torch.cuda.Event(enable_timing=True)
+            ev = self._event()
             ev.record()
             return ev
         return time.perf_counter()
@@ -46,11 +47,14 @@ class SpanTimer:
         if isinstance(token, float):
             self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - token
             return
-        end = torch.cuda.Event(enable_timing=True)
+        end = self._event()
         end.record()
         self.pending.append((key, token, end))
         if len(self.pending) > FOLD_BACKLOG:
             self.fold(wait=False)
+
+    def _event(self):
+        return self.free.pop() if self.free else torch.cuda.Event(enable_timing=True)
 
     def fold(self, wait: bool) -> None:
         """Add the completed CUDA spans to ``seconds`` (all of them with ``wait``: one synchronization)."""
@@ -58,6 +62,7 @@ class SpanTimer:
             key, begin, end = self.pending.popleft()
             end.synchronize()
             self.seconds[key] = self.seconds.get(key, 0.0) + begin.elapsed_time(end) / 1e3
+            self.free += (begin, end)
 
     def snapshot(self) -> dict[tuple[str, str], tuple[int, float]]:
         """(count, seconds) per key of every span completed so far, without waiting: a CUDA span still running
