@@ -19,6 +19,16 @@ if ! ldconfig -p 2>/dev/null | grep -q 'libaio\.so '; then
     echo "dev setup: libaio missing (apt install libaio-dev); NVMe offload tests will skip"
   fi
 fi
+# tests/serve/test_prometheus.py starts a real Prometheus server (Debian's prometheus package, which brings promtool
+# for tests/serve/test_dashboard.py). Install it where we may (root with apt); elsewhere those tests skip and say why.
+if ! command -v prometheus >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get install -y -qq prometheus >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq prometheus >/dev/null 2>&1; }) \
+      || echo "dev setup: could not install prometheus; the Prometheus scrape test will skip"
+  else
+    echo "dev setup: prometheus missing (apt install prometheus); the Prometheus scrape test will skip"
+  fi
+fi
 # DeepSpeed JIT-compiles its CPU shared-memory comm op (~100 s on 2 cores) the first time a CPU
 # engine starts; build it here, once, so test timings stay honest. Cached under ~/.cache/torch_extensions.
 DS_ACCELERATOR=cpu "$PY" - <<'PY'
