@@ -2,6 +2,7 @@
 # The serving measurements of benchmarks/results/2026-12-02-h200-serve, one phase per device call:
 #   bash benchmarks/serve_device.sh setup             # wheels carried in ../.whl (shared/tools/device-wheels.sh)
 #   bash benchmarks/serve_device.sh PHASE OUT_DIR     # 8b | policies | tfserve | 70b-run | 70b-start | 70b-load | 70b-stop
+#                                                     # | metrics-8b | metrics-70b
 # Run from a `git archive` of the commit under test; every phase appends to OUT_DIR/steps.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,5 +41,15 @@ tfserve)
   $M load --name "70b-q4-c${3//,/-}" --out "$O" --port 8102 --model llama-3-70b -- --clients "$3" --vocab $V ;;
 70b-stop)
   $M stop --name 70b-q4 --out "$O" ;;
+metrics-8b)  # /metrics of a resident 8B under load, with the planner's prediction beside the measured step
+  $M start --name m8b --out "$O" --port 8100 -- --model llama-3-8b --hardware h200-2gpu --max-batch 16 --max-model-len 1280
+  $M load --name m8b --out "$O" --port 8100 --model llama-3-8b -- --clients 1,16 --gen-len 64 --vocab $V
+  $M scrape --name m8b --out "$O" --port 8100
+  $M stop --name m8b --out "$O" ;;
+metrics-70b)  # /metrics of the 4-bit 70B streamed from pinned CPU memory: the host->device series live
+  $M start --name m70b --out "$O" --port 8102 -- --model llama-3-70b --hardware h200-2gpu --offload cpu --quant-bits 4 --max-batch 4 --max-model-len 640
+  $M load --name m70b --out "$O" --port 8102 --model llama-3-70b -- --clients 1 --gen-len 24 --vocab $V
+  $M scrape --name m70b --out "$O" --port 8102
+  $M stop --name m70b --out "$O" ;;
 *) echo "unknown phase $phase"; exit 2 ;;
 esac

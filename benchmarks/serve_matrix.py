@@ -11,6 +11,8 @@ clients (``benchmarks/serve_load.py``), side by side in one call, and optionally
 - ``start``: ``hpi serve ...`` in a session of its own (it outlives this call on a device machine that keeps
   processes started with setsid), stderr to ``DIR/NAME.serve.log``, pid in ``DIR/NAME.pid``.
 - ``load``: waits for readiness, runs serve_load.py, keeps ``DIR/NAME.load.json``.
+- ``scrape``: ``GET /metrics`` once; keeps ``DIR/NAME.metrics.txt`` and ``DIR/NAME.metrics.json`` (histogram
+  means beside every other sample: the measured decode step beside the planner's, the host->device ratio).
 - ``stop``: SIGTERM, waits for the exit code (``DIR/NAME.exit``).
 - ``tfserve``: saves a random-weight checkpoint of ``--model`` with hpi's word-level tokenizer, starts
   ``transformers serve --continuous-batching`` on it and loads it through the chat route (what it serves).
@@ -81,6 +83,33 @@ def cmd_load(a, rest: list[str]) -> int:
     return proc.returncode
 
 
+def cmd_scrape(a, rest: list[str]) -> int:
+    """``GET /metrics`` once: the exposition as served (``NAME.metrics.txt``) and what a dashboard reads off it
+    (``NAME.metrics.json``: each histogram's count and mean, every other sample's value)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{a.port}/metrics", timeout=30).read().decode()
+    (a.out / f"{a.name}.metrics.txt").write_text(text)
+    doc: dict[str, object] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k not in ("model", "plan", "le"))
+            if s.name.endswith("_bucket"):
+                continue
+            doc[s.name + (f"{{{labels}}}" if labels else "")] = s.value
+    for key in [k for k in doc if k.split("{")[0].endswith("_count")]:
+        total = doc.get(key.replace("_count", "_sum", 1))
+        if isinstance(total, float) and doc[key]:
+            doc[key.replace("_count", "_mean", 1)] = total / doc[key]
+    (a.out / f"{a.name}.metrics.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    shown = {k: doc.get(k) for k in ("hpi_decode_step_seconds_mean", "hpi_predicted_decode_step_seconds",
+                                     "hpi_h2d_bandwidth_ratio", "hpi_time_to_first_token_seconds_count")}
+    say(a.out, f"scrape {a.name}: {len(doc)} samples; {shown}")
+    return 0
+
+
 def cmd_stop(a, rest: list[str]) -> int:
     pid = int((a.out / f"{a.name}.pid").read_text())
     try:
@@ -132,7 +161,7 @@ def main() -> int:
     rest = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("step", choices=("run", "start", "load", "stop", "tfserve"))
+    p.add_argument("step", choices=("run", "start", "load", "scrape", "stop", "tfserve"))
     p.add_argument("--name", required=True)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--port", type=int, default=8100)
@@ -140,7 +169,8 @@ def main() -> int:
     p.add_argument("--work", default="/tmp/ckpt-8b")
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
-    steps = {"run": cmd_run, "start": cmd_start, "load": cmd_load, "stop": cmd_stop, "tfserve": cmd_tfserve}
+    steps = {"run": cmd_run, "start": cmd_start, "load": cmd_load, "scrape": cmd_scrape, "stop": cmd_stop,
+             "tfserve": cmd_tfserve}
     return steps[a.step](a, rest)
 
 
