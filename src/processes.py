@@ -126,6 +126,30 @@ def exit_code(e: BaseException) -> int:
     return 128 + int(signal_of(e))
 
 
+def _raise_interrupted(signum: int, frame) -> None:
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def signals_handled(handler, signals: tuple[int, ...]) -> Iterator[None]:
+    """``handler`` takes ``signals`` for the block; the previous handlers come back after it. Only the main
+    thread can install one: elsewhere the block runs with the process's own handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
+
+
+def sigterm_as_interrupt() -> contextlib.AbstractContextManager[None]:
+    """SIGTERM raised as ``Interrupted`` in the block, so it stops what runs the way Ctrl-C does."""
+    return signals_handled(_raise_interrupted, (signal.SIGTERM,))
+
+
 class Interrupts:
     """SIGINT and SIGTERM raised as ``Interrupted`` in the main thread, except inside ``deferred()`` blocks,
     where the signal waits until the outermost block ends (``immediate()`` lifts the deferral inside one)."""
@@ -146,17 +170,10 @@ class Interrupts:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator["Interrupts"]:
-        """Handle SIGINT and SIGTERM for the block (the previous handlers come back after it). Only the main
-        thread can: elsewhere the block runs with the process's own handlers."""
-        if threading.current_thread() is not threading.main_thread():
+        """Handle SIGINT and SIGTERM for the block (``signals_handled``: main thread only, the previous handlers
+        back after it)."""
+        with signals_handled(self._handle, self.SIGNALS):
             yield self
-            return
-        previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        try:
-            yield self
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
 
     def _raise_pending(self) -> None:
         if self._pending is not None and not self._depth:

@@ -17,12 +17,11 @@ import importlib
 import os
 import signal
 import sys
-import threading
 from typing import Callable, Sequence
 
 from hpi.cli.args import Parser
 from hpi.cli.errors import report
-from hpi.processes import Interrupted, exit_code, signal_of
+from hpi.processes import exit_code, signal_of, sigterm_as_interrupt
 
 # In the order ``hpi --help`` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -53,8 +52,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``hpi`` command; every failure ends in one line on stderr (``hpi.cli.errors``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # SIGTERM stops any command the way Ctrl-C does (one line, exit 143), wherever it arrives: commands that watch
+    # ranks or trials install their own handlers while they do
+    with sigterm_as_interrupt():
+        return _run(argv)
+
+
+def _run(argv: list[str]) -> int:
     prog = "hpi"
-    previous = _terminate_as_interrupt()
     try:
         parser, handlers = build_parser()
         args = parser.parse_args(argv)
@@ -70,19 +75,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BROKEN_PIPE
     except Exception as e:
         return report(e, prog, argv)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _terminate_as_interrupt():
-    """SIGTERM stops a command the way Ctrl-C does (one line, exit 143), wherever it arrives: commands that
-    watch ranks or trials install their own handlers while they do. Returns the handler to restore (None off
-    the main thread, where Python cannot install one)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def terminate(signum, frame):
-        raise Interrupted(signum)
-
-    return signal.signal(signal.SIGTERM, terminate)

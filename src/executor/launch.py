@@ -26,7 +26,6 @@ Logs: ``<out_dir>/logs/node<k>/`` holds torchrun's own output (``torchrun.log``)
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
 import os
 import queue
@@ -49,7 +48,7 @@ from hpi.executor.rundir import hold_for_launch
 from hpi.executor.spec import RunSpec
 from hpi.executor.torchrun import LISTEN_FD_ENV, bind_listener, interface_of
 from hpi.executor.watchdog import Hang, Watchdog, default_hang_timeout_s, is_heartbeat, rank_of_process
-from hpi.processes import Interrupted, signal_of
+from hpi.processes import signal_of, sigterm_as_interrupt
 from hpi.records import RecordError, RunRecord
 
 __all__ = ["LaunchError", "NodeSummary", "launch", "start", "launch_env", "free_port", "WORKER", "RECORD_FILE",
@@ -384,25 +383,6 @@ def launch(
             lock.release()
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """While a run is watched, SIGTERM stops it like Ctrl-C (ranks stopped, the same message) instead of ending
-    the launcher at once; a second SIGTERM during the teardown skips to SIGKILL like a second Ctrl-C. Only the
-    main thread can take signals (a launch from another thread keeps the process's handler)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def terminated(signum, frame):
-        raise Interrupted(signum)  # hpi.processes' interrupt: the callers (autotune) read which signal came
-
-    previous = signal.signal(signal.SIGTERM, terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 @dataclass
 class _Hung(Exception):
     hang: Hang
@@ -415,7 +395,9 @@ def _watch(run: _Torchrun, log_dir: Path, *, stream: Callable[[str], Any] | None
     not relayed. ``local_rank0``: the global rank of this node's local rank 0. Returns rank 0's last non-empty
     stdout line (the record's fallback)."""
     proc, started, rank0_last, checked = run.proc, time.monotonic(), "", 0.0
-    with _sigterm_as_interrupt():
+    # SIGTERM stops the run like Ctrl-C (ranks stopped, the same message) instead of ending the launcher at once;
+    # a second one during the teardown skips to SIGKILL like a second Ctrl-C (main thread only: hpi.processes)
+    with sigterm_as_interrupt():
         try:
             eof = False
             while not eof or proc.poll() is None:

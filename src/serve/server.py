@@ -98,27 +98,25 @@ def serve(deployment, http: HttpOptions, *, say=None) -> int:
 
     say = say or (lambda text: (sys.stderr.write(text + "\n"), sys.stderr.flush()))
     sock = bind(http.host, http.port)
-    try:  # the run folder is claimed once the port is ours: a busy one is one line, exit 2, nothing started
+    engine = EngineClient(hang_timeout_s=deployment.spec.serve.hang_timeout_s)
+    metrics_server = None
+    try:  # both ports are ours before the run folder is claimed: a busy one is one line, exit 2, nothing written
+        service = build_service(deployment, engine, http)
+        if deployment.spec.serve.metrics:
+            from hpi.serve.events import EventHub
+
+            metrics = build_metrics(deployment, service)
+            engine.observe(metrics, EventHub(on_drop=metrics.events_dropped.inc))
+            if http.metrics_port is not None:
+                metrics_server = start_metrics_listener(metrics.registry, http.host, http.metrics_port)
         deployment = claim_run_folder(deployment, prog="hpi serve")
     except BaseException:
         sock.close()
+        if metrics_server is not None:
+            metrics_server.shutdown()
         raise
-    engine = EngineClient(hang_timeout_s=deployment.spec.serve.hang_timeout_s)
     spec = replace(deployment.spec, serve=replace(deployment.spec.serve, address=engine.address))
     deployment = replace(deployment, spec=spec)
-    service = build_service(deployment, engine, http)
-    metrics_server = None
-    if spec.serve.metrics:
-        from hpi.serve.events import EventHub
-
-        metrics = build_metrics(deployment, service)
-        engine.observe(metrics, EventHub(on_drop=metrics.events_dropped.inc))
-        if http.metrics_port is not None:
-            try:
-                metrics_server = start_metrics_listener(metrics.registry, http.host, http.metrics_port)
-            except ValueError:
-                sock.close()
-                raise
     app = create_app(service, api_key=http.api_key, max_body_bytes=http.max_body_bytes,
                      metrics_here=http.metrics_port is None)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=max(int(http.drain_s), 1),

@@ -185,6 +185,23 @@ def test_hpi_serve_on_a_busy_folder_is_one_line_exit_2_and_starts_nothing(tmp_pa
     assert started == [] and sorted(p.name for p in out.iterdir()) == [".hpi-node0.lock"]
 
 
+def test_a_busy_metrics_port_is_refused_before_hpi_serve_makes_its_run_folder(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("prometheus_client")
+    started = []
+    monkeypatch.setattr(launch_mod, "launch", lambda *a, **k: started.append(a))
+    monkeypatch.chdir(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        code = main(["serve", "--model", "tiny-llama", "--device", "cpu", "--port", "0", "--metrics-port", str(port)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"cannot listen on 127.0.0.1:{port} for --metrics-port" in err
+    assert started == [] and not (tmp_path / "runs").exists()  # no run folder, nothing launched
+
+
 def test_run_and_study_outputs_are_git_ignored():
     if not (REPO / ".git").exists():
         pytest.skip("not a git checkout")
