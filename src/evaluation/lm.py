@@ -11,7 +11,10 @@ the text is tokenized once, here, with the checkpoint's own tokenizer (what lm-e
 - rolling log-likelihood: lm-eval's own disjoint windows (``get_rolling_token_windows``, context 1) scored as
   above, exactly the ``hf`` model's windows;
 - generate-until: greedy, ``max_tokens`` = the request's ``max_gen_toks``, the stop strings (with the EOS
-  token's text added, as ``hf`` does) sent to the server and applied again to the returned text.
+  token's text added, as ``hf`` does) sent to the server; the generated token ids come back
+  (``return_tokens_as_token_ids``) and are decoded here and cut at the first stop string, as ``hf`` does (the
+  server's text is the continuation as decoded after the prompt: with a word-level tokenizer it starts with
+  the space between them, which ``hf``'s decode of the new tokens alone has not).
 
 Importing this module registers the name ``hpi`` with lm-eval (``lm_eval.api.registry.register_model``).
 """
@@ -36,11 +39,13 @@ class ServerError(RuntimeError):
     """hpi serve answered with an error document (or not at all)."""
 
 
-def post_json(url: str, body: dict[str, Any], api_key: str | None, timeout_s: float) -> dict[str, Any]:
+def request_json(url: str, body: dict[str, Any] | None, api_key: str | None, timeout_s: float) -> dict[str, Any]:
+    """GET ``url`` (``body`` None) or POST ``body`` to it; the answer's JSON."""
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers=headers, method="GET" if body is None else "POST")
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return json.loads(response.read())
@@ -106,9 +111,9 @@ class HpiLM(TemplateLM):
     # ---- the server -----------------------------------------------------------------------------------
     def complete(self, body: dict[str, Any]) -> list[dict[str, Any]]:
         """The choices of one ``/v1/completions`` request, in prompt order."""
-        if self.model is not None:
-            body = {**body, "model": self.model}
-        doc = post_json(f"{self.url}/v1/completions", body, self.api_key, self.timeout_s)
+        if self.model is None:  # the one model the server serves
+            self.model = request_json(f"{self.url}/v1/models", None, self.api_key, self.timeout_s)["data"][0]["id"]
+        doc = request_json(f"{self.url}/v1/completions", {**body, "model": self.model}, self.api_key, self.timeout_s)
         return sorted(doc["choices"], key=lambda c: c["index"])
 
     def window(self, context_enc: list[int], continuation_enc: list[int]) -> list[int]:
@@ -152,8 +157,10 @@ class HpiLM(TemplateLM):
             max_gen_toks = kwargs.pop("max_gen_toks")
             prompt = self.tok_encode(context)[-(self.max_length - max_gen_toks):]
             (choice,) = self.complete({"prompt": [prompt], "max_tokens": max_gen_toks, "stop": until,
-                                       "temperature": kwargs.get("temperature", 0.0)})
-            text = postprocess_generated_text(choice["text"], until, None)
+                                       "temperature": kwargs.get("temperature", 0.0), "logprobs": 0,
+                                       "return_tokens_as_token_ids": True})
+            ids = [int(t.removeprefix("token_id:")) for t in choice["logprobs"]["tokens"]]
+            text = postprocess_generated_text(self.tok_decode(ids), until, None)
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
             out.append(text)
         return out
