@@ -15,6 +15,7 @@ Pure Python over the results' dictionaries: no model, no lm-eval import.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from dataclasses import dataclass
 from typing import Any
@@ -75,6 +76,16 @@ class Parity:
     @property
     def ok(self) -> bool:
         return all(s.ok for s in self.scores) and all(r.ok for r in self.requests)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The verdict and every figure, for parity.json."""
+        return {"ok": self.ok, "score_tolerance": SCORE_TOLERANCE, "loglikelihood_tolerance": LOGLIKELIHOOD_TOLERANCE,
+                "scores": [{**dataclasses.asdict(s), "delta": s.delta, "ok": s.ok} for s in self.scores],
+                "requests": [{"task": r.task, "n_loglikelihoods": len(r.loglikelihood_deltas),
+                              "max_loglikelihood_delta": r.max_delta, "median_loglikelihood_delta": r.median_delta,
+                              "decisions": r.decisions, "agreement": r.agreement, "ok": r.ok}
+                             for r in self.requests],
+                "failures": self.failures()}
 
     def failures(self) -> list[str]:
         """One line per failed check, quoting the rule it broke."""

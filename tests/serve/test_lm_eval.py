@@ -4,6 +4,8 @@ the ``hpi`` model (hpi.evaluation.lm) and lm-eval's own ``local-completions`` cl
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 pytest.importorskip("lm_eval")
@@ -74,3 +76,50 @@ def test_lm_evals_local_completions_works_against_hpi_serve_unchanged(eval_serve
     for sample in results["samples"]["hpi_arith_gen"]:
         sample["resps"] = [[r[0][1:]] for r in sample["resps"]]
     assert_parity(results, hf_results)
+
+
+def test_hpi_eval_keeps_results_a_launch_descriptor_and_parity(eval_server, task_checkpoint, tmp_path, capsys):
+    import lm_eval
+
+    from hpi.cli.app import main
+    from hpi.evaluation.job import checkpoint_fingerprint
+
+    history = tmp_path / "evals"
+    assert main(["eval", "--url", eval_server.url, "--checkpoint", str(task_checkpoint), "--tasks",
+                 ",".join(TASK_NAMES), "--limit", "5", "--batch-size", "4", "--max-length", str(MAX_MODEL_LEN),
+                 "--serve-dir", str(eval_server.out_dir), "--reference", "hf", "--out", str(history)]) == 0
+    (entry,) = history.iterdir()
+    results = json.loads((entry / "results.json").read_text())
+    assert set(results["results"]) == set(TASK_NAMES) and "samples" not in results
+    launch = json.loads((entry / "launch.json").read_text())
+    assert launch["checkpoint_fingerprint"] == checkpoint_fingerprint(task_checkpoint)
+    assert launch["serve_spec"]["plan"]["tp"] == 1 and launch["server"]["max_model_len"] == MAX_MODEL_LEN
+    assert launch["software"]["lm_eval"] == lm_eval.__version__ and launch["job"]["limit"] == 5
+    parity = json.loads((entry / "parity.json").read_text())
+    assert parity["ok"] and parity["failures"] == []
+    assert all(r["agreement"] == 1.0 and r["max_loglikelihood_delta"] <= LOGLIKELIHOOD_TOLERANCE
+               for r in parity["requests"])
+    capsys.readouterr()
+    assert main(["eval", "--history", "--out", str(history)]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert len(listed) == 1 and listed[0].startswith(entry.name) and listed[0].endswith("parity ok")
+
+
+def test_hpi_eval_exits_1_when_the_reference_is_another_model(eval_server, task_checkpoint, tmp_path, capsys):
+    """The same tokenizer over other weights (seed 1): the reference disagrees and the job says so."""
+    import torch
+
+    from hpi.cli.app import main
+    from hpi.evaluation.offline_tasks import task_tokenizer
+    from hpi.executor.modeling import load_hf_config
+    from hpi.executor.weights import save_checkpoint
+
+    config = load_hf_config("tiny-llama")
+    other = save_checkpoint(config, seed=1, out_dir=tmp_path / "other", dtype=torch.float32)
+    task_tokenizer(config.vocab_size).save_pretrained(other)
+    history = tmp_path / "evals"
+    assert main(["eval", "--url", eval_server.url, "--checkpoint", str(other), "--tasks", "hpi_arith_mc",
+                 "--limit", "5", "--max-length", str(MAX_MODEL_LEN), "--reference", "hf", "--out", str(history)]) == 1
+    assert "hpi eval: parity off: hpi_arith_mc: max |log-likelihood delta|" in capsys.readouterr().err
+    (entry,) = history.iterdir()
+    assert json.loads((entry / "parity.json").read_text())["ok"] is False
