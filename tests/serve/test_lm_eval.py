@@ -123,3 +123,33 @@ def test_hpi_eval_exits_1_when_the_reference_is_another_model(eval_server, task_
     assert "hpi eval: parity off: hpi_arith_mc: max |log-likelihood delta|" in capsys.readouterr().err
     (entry,) = history.iterdir()
     assert json.loads((entry / "parity.json").read_text())["ok"] is False
+
+
+LAYOUTS = {  # the layouts tests/serve/test_parity.py serves (plain is the module's eval_server above)
+    "zero3-cpu-offload": ("--offload", "cpu"),
+    "tp2": ("--tp", "2"),
+    "pp2": ("--pp", "2"),
+    "tp2-pp2-zero3": ("--tp", "2", "--pp", "2", "--offload", "cpu"),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_hpi_eval_passes_parity_in_every_layout(layout, sv, task_checkpoint, tmp_path, capsys):
+    from hpi.cli.app import main
+
+    server = sv.start_server(tmp_path / "serve", "--checkpoint", str(task_checkpoint), "--max-model-len",
+                             str(MAX_MODEL_LEN), *LAYOUTS[layout])
+    try:
+        code = main(["eval", "--url", server.url, "--checkpoint", str(task_checkpoint), "--tasks",
+                     ",".join(TASK_NAMES), "--limit", "5", "--max-length", str(MAX_MODEL_LEN), "--serve-dir",
+                     str(server.out_dir), "--reference", "hf", "--out", str(tmp_path / "evals")])
+    finally:
+        assert server.stop() == 0, server.log
+    assert code == 0, capsys.readouterr().err
+    (entry,) = (tmp_path / "evals").iterdir()
+    parity = json.loads((entry / "parity.json").read_text())
+    assert parity["ok"] and all(r["agreement"] == 1.0 for r in parity["requests"])
+    plan = json.loads((entry / "launch.json").read_text())["serve_spec"]["plan"]
+    flags = dict(zip(LAYOUTS[layout][::2], LAYOUTS[layout][1::2]))
+    assert (plan["tp"], plan["pp"], plan["offload"]) == (int(flags.get("--tp", 1)), int(flags.get("--pp", 1)),
+                                                          flags.get("--offload", "none"))
