@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from hpi.cli.args import UsageError, positive
@@ -45,7 +46,30 @@ def register(sub) -> dict:
     p.add_argument("--out", default=DEFAULT_HISTORY, metavar="DIR",
                    help=f"the eval history folder: one entry per job (default {DEFAULT_HISTORY}/)")
     p.add_argument("--history", action="store_true", help="list the entries of --out's history and exit")
+    p.add_argument("--progress-json", action="store_true",
+                   help="progress as one JSON line per update on stdout (for a GUI) instead of a bar on stderr")
     return {"eval": run_eval}
+
+
+PHASES = {"loglikelihood": "scoring continuations", "loglikelihood_rolling": "scoring documents",
+          "generate_until": "generating"}
+
+
+class JsonProgress:
+    """``progress(request_type, done, total)`` as JSON lines: requests done of total and the rate since that
+    request type started."""
+
+    def __init__(self, stream=None) -> None:
+        self.stream = stream or sys.stdout
+        self.started: dict[str, float] = {}
+
+    def __call__(self, request_type: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        start = self.started.setdefault(request_type, now)
+        rate = done / (now - start) if now > start else None
+        self.stream.write(json.dumps({"event": "progress", "request_type": request_type, "done": done,
+                                      "total": total, "requests_per_s": rate}) + "\n")
+        self.stream.flush()
 
 
 def _job(args: argparse.Namespace):
@@ -113,10 +137,20 @@ def run_eval(args: argparse.Namespace) -> int:
         server = request_json(f"{job.url}/ready", None, job.api_key, 30.0)
     except ServerError as e:
         raise UsageError(f"{WHO}: the server is not ready: {e}") from None
-    results = job.run_hpi()
+    if args.progress_json:
+        results = job.run_hpi(JsonProgress())
+    else:
+        from hpi.cli.progress import PhaseProgress
+
+        with PhaseProgress(WHO, PHASES, counted=tuple(PHASES)) as progress:
+            results = job.run_hpi(progress)
     parity = compare(results, job.run_reference()) if args.reference == "hf" else None
     folder = write_entry(Path(args.out), job, results, launch_descriptor(job, server),
                          None if parity is None else parity.as_dict())
+    if args.progress_json:
+        sys.stdout.write(json.dumps({"event": "done", "entry": str(folder),
+                                     "parity_ok": None if parity is None else parity.ok}) + "\n")
+        return 1 if parity is not None and not parity.ok else 0
     for task, metrics in results["results"].items():
         shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "sample_len"}
         sys.stdout.write(f"{task}: {json.dumps(shown)}\n")

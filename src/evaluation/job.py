@@ -41,19 +41,22 @@ class EvalJob:
 
         return TaskManager(include_path=[str(TASKS_DIR), *self.include_paths])
 
-    def evaluate(self, model: str, model_args: dict[str, Any], progress=None) -> dict:
+    def evaluate(self, model, model_args: dict[str, Any] | None = None) -> dict:
+        """``model``: a registered name with ``model_args``, or an lm-eval model object."""
         import lm_eval
 
         return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=list(self.tasks),
                                        num_fewshot=self.num_fewshot, limit=self.limit, batch_size=self.batch_size,
                                        task_manager=self.task_manager(), log_samples=True, device="cpu")
 
-    def run_hpi(self) -> dict:
-        import hpi.evaluation.lm  # noqa: F401 - registers "hpi" with lm-eval
+    def run_hpi(self, progress=None) -> dict:
+        """``progress(request_type, done, total)`` after each batch of requests, or None."""
+        from hpi.evaluation.lm import HpiLM
 
-        # batch_size reaches the model from simple_evaluate's own argument
-        args = {"url": self.url, "tokenizer": self.checkpoint, "max_length": self.max_length, "api_key": self.api_key}
-        return self.evaluate("hpi", {k: v for k, v in args.items() if v is not None})
+        model = HpiLM(url=self.url, tokenizer=self.checkpoint, api_key=self.api_key, batch_size=self.batch_size,
+                      max_length=self.max_length)
+        model.progress = progress
+        return self.evaluate(model)
 
     def run_reference(self) -> dict:
         """lm-eval's hf model on the checkpoint, fp32 on this machine's CPU (the single-node reference)."""

@@ -87,6 +87,11 @@ class HpiLM(TemplateLM):
         self._max_length = int(max_length)
         self.max_gen_toks = int(max_gen_toks)
         self.timeout_s = float(timeout)
+        self.progress = None  # progress(request_type, done, total), set by hpi eval
+
+    def _report(self, request_type: str, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(request_type, done, total)
 
     # ---- what TemplateLM needs ------------------------------------------------------------------------
     @property
@@ -120,7 +125,8 @@ class HpiLM(TemplateLM):
         """The scored tokens: context + continuation, cut from the left to ``max_length`` (hf's window)."""
         return (context_enc + continuation_enc)[-self.max_length:]
 
-    def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False, report: bool = True, **kwargs
+                              ) -> list[tuple[float, bool]]:
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         order = by_length(requests)
         for start in range(0, len(order), self.batch_size):
@@ -133,6 +139,8 @@ class HpiLM(TemplateLM):
                 results[i] = continuation_score(lp["token_logprobs"], lp["top_logprobs"], len(requests[i][2]))
                 if requests[i][0] is not None:
                     self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
+            if report:
+                self._report("loglikelihood", min(start + self.batch_size, len(order)), len(order))
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -142,9 +150,10 @@ class HpiLM(TemplateLM):
             windows = [(None,) + make_disjoint_window(w) for w in get_rolling_token_windows(
                 token_list=self.tok_encode(string), prefix_token=self.prefix_token_id, max_seq_len=self.max_length,
                 context_len=1)]
-            total = sum(score for score, _ in self._loglikelihood_tokens(windows))
+            total = sum(score for score, _ in self._loglikelihood_tokens(windows, report=False))
             self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
             out.append(total)
+            self._report("loglikelihood_rolling", len(out), len(requests))
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
@@ -163,4 +172,5 @@ class HpiLM(TemplateLM):
             text = postprocess_generated_text(self.tok_decode(ids), until, None)
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
             out.append(text)
+            self._report("generate_until", len(out), len(requests))
         return out

@@ -125,6 +125,21 @@ def test_hpi_eval_exits_1_when_the_reference_is_another_model(eval_server, task_
     assert json.loads((entry / "parity.json").read_text())["ok"] is False
 
 
+def test_hpi_eval_progress_json_is_one_line_per_update_then_the_entry(eval_server, task_checkpoint, tmp_path, capsys):
+    from hpi.cli.app import main
+
+    assert main(["eval", "--url", eval_server.url, "--checkpoint", str(task_checkpoint), "--tasks",
+                 "hpi_arith_mc,hpi_arith_gen", "--limit", "3", "--batch-size", "4", "--max-length",
+                 str(MAX_MODEL_LEN), "--progress-json", "--out", str(tmp_path / "evals")]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    progress = [(d["request_type"], d["done"], d["total"]) for d in lines[:-1]]
+    assert progress == [("loglikelihood", 4, 12), ("loglikelihood", 8, 12), ("loglikelihood", 12, 12),
+                        ("generate_until", 1, 3), ("generate_until", 2, 3), ("generate_until", 3, 3)]
+    assert all(d["event"] == "progress" for d in lines[:-1])
+    (entry,) = (tmp_path / "evals").iterdir()
+    assert lines[-1] == {"event": "done", "entry": str(entry), "parity_ok": None}
+
+
 LAYOUTS = {  # the layouts tests/serve/test_parity.py serves (plain is the module's eval_server above)
     "zero3-cpu-offload": ("--offload", "cpu"),
     "tp2": ("--tp", "2"),
