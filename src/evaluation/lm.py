@@ -28,7 +28,12 @@ from typing import Any
 
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from lm_eval.models.utils import (
+    handle_stop_sequences,
+    has_bos_prefix,
+    normalize_gen_kwargs,
+    postprocess_generated_text,
+)
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 DEFAULT_MAX_LENGTH = 2048
@@ -75,7 +80,8 @@ class HpiLM(TemplateLM):
 
     def __init__(self, url: str, tokenizer: str, model: str | None = None, api_key: str | None = None,
                  batch_size: int | str = 16, max_length: int = DEFAULT_MAX_LENGTH,
-                 max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, timeout: float = 600.0, **_lm_eval_extras: Any) -> None:
+                 max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, timeout: float = 600.0, add_bos_token: bool | None = None,
+                 **_lm_eval_extras: Any) -> None:
         super().__init__()
         from transformers import AutoTokenizer
 
@@ -87,6 +93,7 @@ class HpiLM(TemplateLM):
         self._max_length = int(max_length)
         self.max_gen_toks = int(max_gen_toks)
         self.timeout_s = float(timeout)
+        self.add_bos_token = add_bos_token  # None: the tokenizer's default, as lm-eval's hf model
         self.progress = None  # progress(request_type, done, total), set by hpi eval
 
     def _report(self, request_type: str, done: int, total: int) -> None:
@@ -108,7 +115,14 @@ class HpiLM(TemplateLM):
         return self._max_length
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        return self.tokenizer.encode(string, add_special_tokens=bool(add_special_tokens))
+        """As lm-eval's hf model encodes (huggingface.py ``tok_encode``): the tokenizer's own default (a Llama 3
+        tokenizer adds BOS) unless ``add_special_tokens`` or ``add_bos_token`` says otherwise, and no second BOS
+        when the text starts with one."""
+        flag = add_special_tokens if add_special_tokens is not None else self.add_bos_token
+        kwargs = {} if flag is None else {"add_special_tokens": flag}
+        if add_special_tokens is None and has_bos_prefix(string, self.tokenizer.decode(self.prefix_token_id)):
+            kwargs["add_special_tokens"] = False
+        return self.tokenizer.encode(string, **kwargs)
 
     def tok_decode(self, tokens: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
