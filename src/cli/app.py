@@ -32,6 +32,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "hpi.cli.probe",  # probe, check
     "hpi.cli.calibrate",  # calibrate, validate
     "hpi.cli.autotune",  # autotune
+    "hpi.cli.evaluate",  # eval
 )
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer its pipe closed on
 

@@ -38,6 +38,7 @@ class UsageError(Exception):
 EXTRAS: dict[str, str] = {
     "optuna": "autotune", "sqlalchemy": "autotune",
     "fastapi": "serve", "uvicorn": "serve", "openai": "serve",
+    "lm_eval": "eval",
     "transformers": "executor", "deepspeed": "executor", "safetensors": "executor", "accelerate": "executor",
 }  # fmt: skip
 # What the base install brings (a broken environment: reinstalling hpi fixes it).

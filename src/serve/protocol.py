@@ -100,6 +100,9 @@ class CompletionRequest(_Sampling):
     max_tokens: int | None = Field(default=16, ge=0)
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    # vLLM's extension: logprobs name tokens "token_id:{id}" (a token's own text can be lossy or ambiguous); the
+    # hpi lm-eval model reads generated ids this way and decodes them itself, as lm-eval's hf model does
+    return_tokens_as_token_ids: bool = False
     best_of: int | None = None
     suffix: str | None = None
 

@@ -25,14 +25,17 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 # ---- log-probabilities in OpenAI's two shapes ----------------------------------------------------------------
-def completion_logprobs(service: Service, entries: list[tuple[int, float | None, tuple]]) -> dict[str, Any]:
-    """Legacy completions: parallel lists; the echoed prompt's first token has null log-probabilities."""
-    tokens = [service.token_text(t) for t, _, _ in entries]
+def completion_logprobs(service: Service, entries: list[tuple[int, float | None, tuple]], as_ids: bool = False
+                        ) -> dict[str, Any]:
+    """Legacy completions: parallel lists; the echoed prompt's first token has null log-probabilities. ``as_ids``:
+    tokens named "token_id:{id}" (vLLM's ``return_tokens_as_token_ids``)."""
+    name = (lambda t: f"token_id:{t}") if as_ids else service.token_text
+    tokens = [name(t) for t, _, _ in entries]
     offsets, at = [], 0
     for text in tokens:
         offsets.append(at)
         at += len(text)
-    tops = [None if lp is None else {service.token_text(i): v for i, v in top} for _, lp, top in entries]
+    tops = [None if lp is None else {name(i): v for i, v in top} for _, lp, top in entries]
     return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries], "top_logprobs": tops,
             "text_offset": offsets}
 
@@ -73,8 +76,9 @@ async def complete(service: Service, req: CompletionRequest, request):
         mine = [d for d in deltas if d.index == i]
         entries = [e for d in mine for e in d.tokens]
         completion_tokens += mine[-1].completion_tokens if mine else 0
-        out.append({"index": i, "text": "".join(d.text for d in mine),
-                    "logprobs": completion_logprobs(service, entries) if req.logprobs is not None else None,
+        logprobs = (completion_logprobs(service, entries, req.return_tokens_as_token_ids)
+                    if req.logprobs is not None else None)
+        out.append({"index": i, "text": "".join(d.text for d in mine), "logprobs": logprobs,
                     "finish_reason": next((d.finish_reason for d in mine if d.finish_reason), None)})
     return JSONResponse({**base, "choices": out, "usage": usage(sum(prompt_lens), completion_tokens)})
 
@@ -86,9 +90,10 @@ async def _completion_chunks(service: Service, req: CompletionRequest, choices, 
         done[d.index] = d.completion_tokens
         if not (d.text or d.finish_reason or (req.logprobs is not None and d.tokens)):
             continue  # text held back (a stop string may be forming), nothing else to say yet
-        yield {**base, "choices": [{"index": d.index, "text": d.text,
-                                    "logprobs": completion_logprobs(service, d.tokens) if req.logprobs is not None
-                                    else None, "finish_reason": d.finish_reason}]}
+        logprobs = (completion_logprobs(service, d.tokens, req.return_tokens_as_token_ids)
+                    if req.logprobs is not None else None)
+        yield {**base, "choices": [{"index": d.index, "text": d.text, "logprobs": logprobs,
+                                    "finish_reason": d.finish_reason}]}
     if req.include_usage:
         yield {**base, "choices": [], "usage": usage(sum(prompt_lens), sum(done))}
 

@@ -136,6 +136,7 @@ PREDICT = ("predict", "--model", "llama-3-8b", "--hardware", "h100-sxm-1gpu")
 EXPLAIN = ("explain", "--model", "llama-3-8b", "--hardware", "h100-sxm-1gpu")
 RUN = ("run", "--model", "tiny-llama", "--device", "cpu", "--dtype", "fp32", "--out", "runs/x")
 SERVE = ("serve", "--model", "tiny-llama", "--device", "cpu", "--dtype", "fp32", "--out", "runs/s")
+EVAL = ("eval", "--url", "http://127.0.0.1:9", "--checkpoint", ".", "--tasks", "hpi_arith_mc")  # port 9: refused
 CHECK = ("check", "--model", "llama-3-8b", "--hardware", "h200-2gpu")
 CAL = ("calibrate", "record_gpu.json", "--hardware", "h200-2gpu.yaml")
 TUNE = ("autotune", "--model", "llama-3-8b", "--hardware", "h100-sxm-1gpu", "--simulate", "--trials", "2",
@@ -222,6 +223,19 @@ CASES: list[Case] = [
         ("--url", "::::"), ("--url", "http://127.0.0.1:99999/v1"),
         ("--url", "http://127.0.0.1:9/v1", "--prompt", "hi"))],
     case("chat", "--prompt", "hi", hide=("openai",)),
+    # hpi eval: the server, the checkpoint, the tasks and the history folder are checked before anything runs
+    *[case("eval", *extra) for extra in (
+        ("--checkpoint", ".", "--tasks", "hpi_arith_mc"), ("--url", "localhost:8000", "--checkpoint", ".",
+                                                           "--tasks", "hpi_arith_mc"),
+        ("--url", "http://127.0.0.1:9", "--tasks", "hpi_arith_mc"),
+        ("--url", "http://127.0.0.1:9", "--checkpoint", "nosuch", "--tasks", "hpi_arith_mc"),
+        ("--url", "http://127.0.0.1:9", "--checkpoint", "."), ("--url", "http://127.0.0.1:9", "--checkpoint", ".",
+                                                              "--tasks", " , "),
+        (*EVAL, "--limit", "0"), (*EVAL, "--batch-size", "0"), (*EVAL, "--max-length", "-1"),
+        (*EVAL, "--num-fewshot", "-1"), (*EVAL, "--include-path", "nosuch"), (*EVAL, "--serve-dir", "tpl_dir"),
+        (*EVAL, "--out", "/proc/hpi-evals"), (*EVAL, "--reference", "vllm"),
+        ("--url", "http://127.0.0.1:9", "--checkpoint", ".", "--tasks", "no_such_task"), EVAL)],
+    case(*EVAL, hide=("lm_eval",)),
     # hpi models, hpi hardware
     case("models", "--bogus"), case("models", "--json", "extra"),
     case("hardware", env=NO_PROFILES), case("hardware", env={"HPI_PROFILES_DIR": "{tmp}/profiles_empty"}),

@@ -107,6 +107,22 @@ def test_token_id_and_batched_prompts_give_one_choice_each(server, sv, reference
     assert empty["choices"][0]["text"] == "" and empty["usage"]["completion_tokens"] == 0
 
 
+def test_return_tokens_as_token_ids_names_every_token_by_its_id(server, sv, reference):
+    """vLLM's extension, which the hpi lm-eval model reads: the echoed prompt, the generated tokens and the top
+    entries as "token_id:{id}", the log-probabilities unchanged."""
+    body = {"model": "tiny", "prompt": [[31, 32]], "max_tokens": 3, "temperature": 0, "logprobs": 1, "echo": True}
+    named = server.post("/v1/completions", {**body, "return_tokens_as_token_ids": True}).json()["choices"][0]
+    plain = server.post("/v1/completions", body).json()["choices"][0]
+    ids = [31, 32, *sv.greedy(reference, [31, 32], 3)]
+    assert named["logprobs"]["tokens"] == [f"token_id:{i}" for i in ids]
+    assert named["logprobs"]["token_logprobs"] == plain["logprobs"]["token_logprobs"]
+    assert [list(top) for top in named["logprobs"]["top_logprobs"][1:]] == [
+        [f"token_id:{sv.ids_of(list(top))[0]}"] for top in plain["logprobs"]["top_logprobs"][1:]]
+    assert named["text"] == plain["text"]
+    bad = server.post("/v1/completions", {**body, "return_tokens_as_token_ids": "sometimes"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "return_tokens_as_token_ids"
+
+
 def test_seeded_sampling_repeats_and_differs_by_seed(server):
     def sample(seed: int) -> str:
         return server.post("/v1/completions", {"model": "tiny", "prompt": "w1 w2", "max_tokens": 12, "temperature": 1.0,
