@@ -308,3 +308,57 @@ def select_presets(model: ModelSpec, hardware: HardwareProfile, workload: Worklo
                               confirmation(est, records)))
     return PresetSet(model, hardware, workload, concurrency, result.n_plans, result.n_feasible, tuple(presets))
 
+
+
+# ---- DeepSpeed config templates --------------------------------------------------------------------------------
+TEMPLATE_OFFLOADS = ("cpu", "nvme")
+
+
+@dataclass(frozen=True)
+class Template:
+    """The plan a curated config is written for: the lowest decode step at batch 1 of one (tp, pp, offload)."""
+
+    tp: int
+    pp: int
+    offload: str
+    estimate: Estimate | None  # None: no plan of this layout fits (``why_not`` says what breaks)
+    why_not: str = ""
+
+    @property
+    def file_name(self) -> str:
+        return f"deepspeed_zero3_tp{self.tp}_pp{self.pp}_{self.offload}.json"
+
+
+def template_offloads(hardware: HardwareProfile) -> tuple[str, ...]:
+    """CPU offload always; NVMe where the machine has a drive and is not native Windows (no libaio there)."""
+    return tuple(o for o in TEMPLATE_OFFLOADS if o == "cpu" or (hardware.has_nvme and hardware.os != "windows"))
+
+
+def templates(model: ModelSpec, hardware: HardwareProfile, workload: Workload) -> tuple[Template, ...]:
+    """One template per tp x pp the machine can build (dp 1: ZeRO-3 partitions over no replicas) and per
+    offload (``template_offloads``), each the fastest feasible plan at batch 1 of that layout."""
+    offloads = template_offloads(hardware)
+    result = run_search(model, hardware, workload, SearchSpace(offloads=offloads, batch_sizes=(1,), dp=(1,)))
+    best: dict[tuple[int, int, str], int] = {}
+    for flat in result.ranked("latency", batch_size=1):  # best first: the first of each layout wins
+        p = result.plan(int(flat))
+        best.setdefault((p.tp, p.pp, p.offload), int(flat))
+    layouts = sorted({(tp, pp) for tp, pp, _ in candidate_arrangements(model, hardware, SearchSpace(dp=(1,)))})
+    out = []
+    for tp, pp in layouts:
+        for offload in offloads:
+            flat = best.get((tp, pp, offload))
+            if flat is not None:
+                out.append(Template(tp, pp, offload, result.estimate(flat)))
+                continue
+            out.append(Template(tp, pp, offload, None, _why_none_fits(result, tp, pp, offload)))
+    return tuple(out)
+
+
+def _why_none_fits(result: SearchResult, tp: int, pp: int, offload: str) -> str:
+    """The limits the closest plan of one layout breaks (the smallest overshoot)."""
+    for flat in result.closest_infeasible(result.n_plans):
+        p = result.plan(int(flat))
+        if (p.tp, p.pp, p.offload) == (tp, pp, offload):
+            return "; ".join(r.message for r in result.estimate(int(flat)).reasons)
+    return "no plan of this layout was evaluated"

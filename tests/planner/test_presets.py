@@ -209,3 +209,34 @@ def test_document_is_plain_json_with_kind_and_version(a6000_70b):
     assert Plan.from_dict(lat["plan"]) == a6000_70b.named("latency").plan
     assert lat["predicted"]["decode_step_s"] == a6000_70b.named("latency").estimate.decode_step_s
     assert np.isfinite([p["predicted"]["throughput_tok_s"] for p in doc["presets"]]).all()
+
+
+def test_templates_are_the_fastest_plan_of_each_layout_and_offload():
+    from hpi.planner.presets import template_offloads, templates
+
+    model, hw = load_model("llama-3-8b"), load_profile("h200-2gpu")
+    found = templates(model, hw, WORKLOAD)
+    assert [(t.tp, t.pp, t.offload) for t in found] == [
+        (tp, pp, o) for tp, pp in ((1, 1), (1, 2), (2, 1)) for o in ("cpu", "nvme")]
+    for t in found:
+        est = t.estimate
+        assert est.feasible and (est.plan.tp, est.plan.pp, est.plan.dp, est.plan.offload) == (t.tp, t.pp, 1, t.offload)
+        assert est.plan.batch_size == 1
+        same_layout = search(model, hw, WORKLOAD, preset_space(hw, 1).restrict(tp=t.tp, pp=t.pp, dp=1,
+                                                                             offloads=t.offload))
+        ok = same_layout.feasible & (same_layout.batch_size == 1)
+        assert est.decode_step_s == pytest.approx(same_layout.decode_step_s[ok].min())
+    assert found[0].file_name == "deepspeed_zero3_tp1_pp1_cpu.json"
+    win = profile_from_text(
+        (Path(__file__).resolve().parents[2] / "src/planner/hardware_profiles/h200-2gpu.yaml").read_text()
+        .replace("os: linux", "os: windows"), "h200-2gpu.yaml")
+    assert template_offloads(win) == ("cpu",) and template_offloads(hw) == ("cpu", "nvme")
+
+
+def test_a_layout_nothing_fits_says_why():
+    from hpi.planner.presets import templates
+
+    found = templates(load_model("llama-3-70b"), load_profile("rtx4090-wsl2"), WORKLOAD)
+    assert all(t.estimate is None for t in found)
+    cpu = next(t for t in found if t.offload == "cpu")
+    assert cpu.why_not.startswith("CPU memory ") and "usable per node" in cpu.why_not
