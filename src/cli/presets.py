@@ -188,8 +188,9 @@ def _print_presets(preset_set, doc: dict[str, Any], out: Path | None) -> None:
     console.print(table)
     sources = ", ".join(f"{k} {v}" for k, v in sorted(doc["provenance"]["sources"].items()))
     console.print(f"profile numbers: {sources}")
+    console.print(f"definitions: {_definitions()}")
     for p, entry in zip(preset_set.presets, doc["presets"]):
-        console.print(f"[bold]{p.name.capitalize()}[/bold] ({p.definition}): {p.reason}")
+        console.print(f"[bold]{p.name.capitalize()}[/bold] wins by: {p.reason}")
         if p.confirmation:
             c = p.confirmation
             console.print(f"  confirmed by {c.record_id}: decode step {ms(c.decode_step_s or 0)}, "

@@ -121,7 +121,9 @@ def test_text_output_states_the_definitions_and_the_status(capsys):
     code, out, err = run(capsys, "presets", "--model", "llama-3-70b", "--hardware", "a6000-workstation",
                          "--concurrency", "16")
     assert code == 0, err
-    assert "Balanced (the highest tokens/s whose decode step stays within 2x Latency's" in out
+    text = " ".join(out.split())
+    assert "Balanced: the highest tokens/s whose decode step stays within 2x Latency's" in text
+    assert "Balanced wins by: highest throughput (6.24 tok/s at batch 16) of the 34 feasible plans" in text
     assert out.count("predicted only") == 3
     assert out.count("hpi serve --model llama-3-70b --hardware a6000-workstation") == 3
     _, help_text, _ = run_help(capsys)
