@@ -17,12 +17,14 @@ from hpi.cli import output
 from hpi.cli.args import (
     GIVEN_PLAN_FLAGS,
     add_plan_flags,
+    add_preset_flag,
     add_run_conditions,
     add_target,
     load_target,
     plan_flags,
     plan_from_args,
     positive,
+    preset_plan,
 )
 from hpi.cli.errors import UsageError
 
@@ -47,6 +49,8 @@ def register(sub) -> dict:
                    help="requests served at once: the largest batch a preset may use (default 1)")
     add_run_conditions(p)
     _add_output_flags(p, "write presets.json and each preset's DeepSpeed config into DIR")
+    p.add_argument("--serving", action="store_true",
+                   help="choose among the plans hpi serve can serve (KV cache on the GPU, dp 1)")
     p.add_argument("--records", nargs="+", default=None, metavar="PATH",
                    help="kept RunRecords / autotune trials (files or folders): a preset a record ran is 'confirmed'")
     p.add_argument("--json", action="store_true", help="print one JSON document (presets.schema.json)")
@@ -55,8 +59,7 @@ def register(sub) -> dict:
     add_target(c)
     add_run_conditions(c)
     add_plan_flags(c, for_search=False)
-    c.add_argument("--preset", choices=("latency", "balanced", "throughput"), default=None,
-                   help="the config of a preset (hpi presets) instead of the plan flags")
+    add_preset_flag(c)
     c.add_argument("--concurrency", type=positive, default=1, help="with --preset: requests served at once")
     c.add_argument("--templates", action="store_true",
                    help="write every feasible tp x pp of the machine with CPU and NVMe offload, and a README index")
@@ -99,8 +102,11 @@ def config_file_name(plan) -> str:
     return f"deepspeed_zero3_tp{plan.tp}_pp{plan.pp}.json"
 
 
-def commands(args: argparse.Namespace, plan, nvme_path: str | None) -> dict[str, str]:
-    """The ``hpi run`` and ``hpi serve`` lines that deploy ``plan`` (serve names the batch --max-batch)."""
+def commands(args: argparse.Namespace, plan, nvme_path: str | None) -> dict[str, str | None]:
+    """The ``hpi run`` and ``hpi serve`` lines that deploy ``plan`` (serve names the batch --max-batch; None where
+    hpi serve cannot serve the plan: ``serve_blocker``)."""
+    from hpi.planner.specs.plan import serve_blocker
+
     target = f"--model {args.model} --hardware {args.hardware}"
     extra = []
     if (args.prompt_len, args.gen_len) != (512, 32):
@@ -111,8 +117,9 @@ def commands(args: argparse.Namespace, plan, nvme_path: str | None) -> dict[str,
         extra.append(f"--nvme-path {nvme_path}")
     flags = plan_flags(plan)
     tail = "".join(" " + e for e in extra)
+    serve = f"hpi serve {target} {flags.replace('--batch ', '--max-batch ')}{tail}"
     return {"run": f"hpi run {target} {flags}{tail}",
-            "serve": f"hpi serve {target} {flags.replace('--batch ', '--max-batch ')}{tail}"}
+            "serve": None if serve_blocker(plan.kv_offload, plan.dp) else serve}
 
 
 def _writable_out(args: argparse.Namespace, who: str) -> Path | None:
@@ -135,6 +142,8 @@ def _records(args: argparse.Namespace):
 # ---- hpi presets --------------------------------------------------------------------------------------------
 def presets_document(preset_set, args: argparse.Namespace, nvme_path: str | None) -> dict[str, Any]:
     """The planner's document with each preset's DeepSpeed config, its file name and its command lines."""
+    from hpi.planner.specs.plan import serve_blocker
+
     doc = preset_set.to_dict()
     doc["dtype"] = args.dtype
     doc["nvme_path"] = nvme_path
@@ -142,6 +151,7 @@ def presets_document(preset_set, args: argparse.Namespace, nvme_path: str | None
         entry["config_file"] = f"{preset.name}.{config_file_name(preset.plan)}"
         entry["deepspeed_config"] = _config(preset.plan, preset_set.model, args, nvme_path)
         entry["commands"] = commands(args, preset.plan, nvme_path)
+        entry["serve_blocker"] = serve_blocker(preset.plan.kv_offload, preset.plan.dp)
     return doc
 
 
@@ -152,7 +162,8 @@ def cmd_presets(args: argparse.Namespace) -> int:
     out = _writable_out(args, "hpi presets")
     model, hardware, workload = load_target(args)
     records = _records(args)
-    preset_set = select_presets(model, hardware, workload, concurrency=args.concurrency, records=records)
+    preset_set = select_presets(model, hardware, workload, concurrency=args.concurrency, serving=args.serving,
+                                records=records)
     nvme = _nvme_path(args, hardware, "hpi presets",
                       [p.name.capitalize() for p in preset_set.presets if p.plan.offloads_to_nvme])
     doc = presets_document(preset_set, args, nvme)
@@ -195,25 +206,19 @@ def _print_presets(preset_set, doc: dict[str, Any], out: Path | None) -> None:
             c = p.confirmation
             console.print(f"  confirmed by {c.record_id}: decode step {ms(c.decode_step_s or 0)}, "
                           f"{c.throughput_tok_s or 0:,.2f} tok/s measured")
-        output.say_command(console, "  " + entry["commands"]["serve"])
+        line = entry["commands"]["serve"] or f"{entry['commands']['run']}  (not servable: {entry['serve_blocker']})"
+        output.say_command(console, "  " + line)
     console.print("every knob's valid values and predicted effects: hpi presets --json (each preset's overrides)")
     if out is not None:
         console.print(f"wrote {out / PRESETS_FILE} and {len(doc['presets'])} DeepSpeed configs")
 
 
 # ---- hpi config ---------------------------------------------------------------------------------------------
-def _config_plan(args: argparse.Namespace, model, hardware, workload):
+def _config_plan(args: argparse.Namespace, model):
     """The plan --preset, --plan or the plan flags name."""
-    given = getattr(args, GIVEN_PLAN_FLAGS, ())
     if args.preset is None:
         return plan_from_args(args, model)
-    if given or args.plan_file:
-        what = ", ".join(dict.fromkeys(given)) or "--plan"
-        raise UsageError(f"hpi config: {what} given beside --preset {args.preset}: the preset fixes every knob; drop "
-                         f"{what}, or drop --preset")
-    from hpi.planner.presets import select_presets
-
-    return select_presets(model, hardware, workload, concurrency=args.concurrency).named(args.preset).plan
+    return preset_plan(args, model, "hpi config", concurrency=args.concurrency)
 
 
 def _check_fits(model, hardware, workload, plan) -> None:
@@ -234,7 +239,7 @@ def cmd_config(args: argparse.Namespace) -> int:
         return cmd_templates(args)
     out = _writable_out(args, "hpi config")
     model, hardware, workload = load_target(args)
-    plan = _config_plan(args, model, hardware, workload)
+    plan = _config_plan(args, model)
     _check_fits(model, hardware, workload, plan)
     nvme = _nvme_path(args, hardware, "hpi config", [plan.label] if plan.offloads_to_nvme else [])
     cfg = _config(plan, model, args, nvme)

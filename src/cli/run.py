@@ -18,6 +18,7 @@ from pathlib import Path
 from hpi.cli.args import (
     UsageError,
     add_plan_flags,
+    add_preset_flag,
     add_run_conditions,
     add_target,
     count,
@@ -25,6 +26,7 @@ from hpi.cli.args import (
     plan_from_args,
     port,
     positive,
+    preset_plan,
     probability,
     seconds,
     workload_from_args,
@@ -43,6 +45,9 @@ def register(sub) -> dict:
     add_target(p, hardware_required=False)
     add_run_conditions(p)
     add_plan_flags(p, for_search=False)
+    add_preset_flag(p)
+    p.add_argument("--concurrency", type=positive, default=1,
+                   help="with --preset: sequences at once, the largest batch the preset may use (default 1)")
     add_run_options(p)
     return {"run": cmd_run}
 
@@ -105,7 +110,8 @@ def resolve(args: argparse.Namespace):
     if args.nvme_path is not None:
         existing_dir(args.nvme_path, "--nvme-path", "hpi run")
     model = load_model(args.model)
-    plan = plan_from_args(args, model)
+    plan = (preset_plan(args, model, "hpi run", concurrency=args.concurrency) if args.preset
+            else plan_from_args(args, model))
     spec = RunSpec(plan=plan, model=args.model, workload=workload_from_args(args), hardware=args.hardware,
                    device=args.device, dtype=args.dtype, fetch_wait=args.fetch_wait, checkpoint=args.checkpoint,
                    prompts=read_prompts(args), seed=args.seed, mode="chat" if args.chat else "benchmark",

@@ -21,7 +21,7 @@ command lines; ``hpi.cli.presets`` adds them. ``schemas/presets.schema.json`` de
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -48,6 +48,8 @@ DEFINITIONS = {
                 "(the < 2x latency regression at batch 1 bound)",
     "throughput": "the highest generated tokens/s for the workload, each plan at its best batch",
 }
+# What ``hpi serve`` can serve (``specs.plan.serve_blocker``): its presets are chosen within these.
+SERVING = {"kv_offload": (False,), "dp": (1,)}
 # Knobs that a one-knob change moves along with the one it is about (``explain.knob_variants``): a tp change
 # keeps the batch a multiple of dp, a pp change resets micro-batches, NVMe offload sizes its buffer.
 _FOLLOWERS = ("batch_size", "micro_batches", "nvme_buffer_elems")
@@ -134,6 +136,7 @@ class PresetSet:
     hardware: HardwareProfile
     workload: Workload
     concurrency: int
+    serving: bool  # chosen among the plans hpi serve can serve (``SERVING``)
     n_plans: int
     n_feasible: int
     presets: tuple[Preset, ...]
@@ -149,7 +152,8 @@ class PresetSet:
             "kind": KIND, "version": VERSION, "model": self.model.name, "hardware": self.hardware.name,
             "os": self.hardware.os,
             "workload": {"prompt_len_tokens": self.workload.prompt_len_tokens,
-                         "gen_len_tokens": self.workload.gen_len_tokens, "concurrency": self.concurrency},
+                         "gen_len_tokens": self.workload.gen_len_tokens, "concurrency": self.concurrency,
+                         "serving": self.serving},
             "definitions": dict(DEFINITIONS), "n_plans_evaluated": self.n_plans, "n_feasible": self.n_feasible,
             "provenance": provenance(self.hardware),
             "presets": [p.to_dict() for p in self.presets],
@@ -165,14 +169,16 @@ def _effect_dict(e: KnobEffect) -> dict[str, Any]:
 
 
 # ---- the search space a preset may come from -------------------------------------------------------------------
-def preset_space(hardware: HardwareProfile, concurrency: int) -> SearchSpace:
+def preset_space(hardware: HardwareProfile, concurrency: int, serving: bool = False) -> SearchSpace:
     """Batches up to the concurrency (a batch larger than the requests in flight never fills). Native Windows
-    has no libaio, so its presets offload to the CPU only (DeepSpeed's NVMe offload needs libaio)."""
+    has no libaio, so its presets offload to the CPU only (DeepSpeed's NVMe offload needs libaio). ``serving``:
+    only plans hpi serve can serve (``SERVING``)."""
     batches = tuple(b for b in DEFAULT_BATCHES if b <= concurrency)
     if concurrency not in batches:
         batches = batches + (concurrency,)
     offloads = tuple(o for o in OFFLOAD_KINDS if o != "nvme" or hardware.os != "windows")
-    return SearchSpace(batch_sizes=batches, offloads=offloads)
+    space = SearchSpace(batch_sizes=batches, offloads=offloads)
+    return replace(space, **SERVING) if serving else space
 
 
 def _pick(result: SearchResult, candidates: np.ndarray, score: np.ndarray) -> int:
@@ -217,9 +223,10 @@ def reason(name: str, est: Estimate, n_candidates: int, latency_step_s: float) -
 
 # ---- expert overrides ------------------------------------------------------------------------------------------
 def valid_values(model: ModelSpec, hardware: HardwareProfile, plan: Plan, space: SearchSpace) -> dict[str, dict]:
-    """Each Plan knob's valid values on this machine for this model: choices where they are a set (degrees that
-    can be built, offloads the machine has, bit widths DeepSpeed can quantize at this tp), else a minimum."""
-    arrangements = candidate_arrangements(model, hardware, SearchSpace())
+    """Each Plan knob's valid values on this machine for this model within the presets' space: choices where they
+    are a set (degrees that can be built, offloads the machine has, bit widths DeepSpeed can quantize at this tp),
+    else a minimum."""
+    arrangements = candidate_arrangements(model, hardware, space)
     degrees = {name: sorted({a[i] for a in arrangements}) for i, name in enumerate(("tp", "pp", "dp"))}
     quantizable = not any(True for _ in quantization_problems(model, plan.tp))
     out: dict[str, dict] = {
@@ -227,8 +234,8 @@ def valid_values(model: ModelSpec, hardware: HardwareProfile, plan: Plan, space:
                                                                               if o != "nvme"])},
         **{name: {"choices": values} for name, values in degrees.items()},
         "weight_bits": {"choices": [b for b in WEIGHT_BITS if b == 16 or quantizable]},
-        "pin_memory": {"choices": [True, False]},
-        "kv_offload": {"choices": [True, False]},
+        "pin_memory": {"choices": list(space.pin_memory)},
+        "kv_offload": {"choices": list(space.kv_offload)},
         "micro_batches": {"choices": [m for m in range(1, plan.batch_per_replica + 1)
                                       if plan.batch_per_replica % m == 0] if plan.is_pipelined else [1]},
         "nvme_buffer_elems": {"minimum": nvme_buffer_elems_for(model, plan.tp, plan.dp)},
@@ -291,11 +298,12 @@ def confirmation(est: Estimate, records: Iterable[RunRecord]) -> Confirmation | 
 
 
 def select_presets(model: ModelSpec, hardware: HardwareProfile, workload: Workload, *, concurrency: int = 1,
-                   records: Iterable[RunRecord] = ()) -> PresetSet:
-    """The three presets of ``model`` on ``hardware`` for ``workload`` with up to ``concurrency`` requests at once."""
+                   serving: bool = False, records: Iterable[RunRecord] = ()) -> PresetSet:
+    """The three presets of ``model`` on ``hardware`` for ``workload`` with up to ``concurrency`` requests at once
+    (``serving``: among the plans hpi serve can serve)."""
     if concurrency < 1:
         raise PresetError(f"concurrency {concurrency} must be >= 1: the number of requests served at once")
-    space = preset_space(hardware, concurrency)
+    space = preset_space(hardware, concurrency, serving)
     result = run_search(model, hardware, workload, space)
     chosen = choose(result)
     records = list(records)
@@ -306,7 +314,7 @@ def select_presets(model: ModelSpec, hardware: HardwareProfile, workload: Worklo
         est = result.estimate(flat)
         presets.append(Preset(name, est, reason(name, est, n, latency_step), overrides(est, space),
                               confirmation(est, records)))
-    return PresetSet(model, hardware, workload, concurrency, result.n_plans, result.n_feasible, tuple(presets))
+    return PresetSet(model, hardware, workload, concurrency, serving, result.n_plans, result.n_feasible, tuple(presets))
 
 
 

@@ -207,6 +207,13 @@ CASES: list[Case] = [
         ("--templates", "--out", "afile"), ("--offload", "nvme"), ("--offload", "nvme", "--nvme-path", "nvme"),
         ("--offload", "nvme", "--nvme-path", "\\\\nas\\share"), ("--offload", "nvme", "--nvme-path", "D:\\x"),
         ("--tp", "3"), ("--out", "afile"), ("--plan", "plan_two.json"))],
+    # --preset on hpi run and hpi serve: a machine to choose for, no plan flags beside it
+    case(*RUN, "--preset", "latency"), case(*RUN, "--preset", "fast"),
+    case(*RUN, "--preset", "latency", "--hardware", "h200-2gpu", "--tp", "2"),
+    case(*RUN, "--preset", "latency", "--hardware", "h200-2gpu", "--plan", "plan_good.json"),
+    case(*RUN, "--preset", "throughput", "--hardware", "h200-2gpu", "--concurrency", "0"),
+    case(*SERVE, "--preset", "latency"),
+    case(*SERVE, "--preset", "balanced", "--hardware", "h200-2gpu", "--kv-offload"),
     # hpi run: numbers, output folders, prompts, plan files, context length, the device
     *[case(*RUN, *extra) for extra in (
         ("--tp", "0"), ("--timeout", "nan"), ("--timeout", "-5"), ("--timeout", "0"), ("--timeout", "inf"),

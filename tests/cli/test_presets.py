@@ -96,7 +96,10 @@ def test_commands_name_the_presets_plan(hardware, model):
     parser, _ = build_parser()
     spec = load_model(model)
     for p in doc["presets"]:
+        assert (p["commands"]["serve"] is None) == (p["plan"]["kv_offload"] or p["plan"]["dp"] > 1)
         for name in ("run", "serve"):
+            if p["commands"][name] is None:
+                continue
             args = parser.parse_args(p["commands"][name].split()[1:])
             if name == "serve":  # serve names the plan's batch --max-batch
                 assert args.max_batch == p["plan"]["batch_size"]
@@ -125,7 +128,8 @@ def test_text_output_states_the_definitions_and_the_status(capsys):
     assert "Balanced: the highest tokens/s whose decode step stays within 2x Latency's" in text
     assert "Balanced wins by: highest throughput (6.24 tok/s at batch 16) of the 34 feasible plans" in text
     assert out.count("predicted only") == 3
-    assert out.count("hpi serve --model llama-3-70b --hardware a6000-workstation") == 3
+    assert out.count("hpi serve --model llama-3-70b --hardware a6000-workstation") == 1  # Latency's
+    assert out.count("(not servable: hpi serve keeps the KV cache on the GPU") == 2  # Balanced's and Throughput's
     _, help_text, _ = run_help(capsys)
     assert "Latency: the lowest decode step at batch 1" in " ".join(help_text.split())
 
@@ -295,3 +299,42 @@ def test_config_of_a_plan_that_does_not_fit_warns_in_one_line(capsys):
     assert err.startswith("hpi config: warning: none tp1 pp1 dp1 w16 b1 is predicted not to fit h100-sxm-1gpu: "
                           "GPU memory")
     assert len(err.splitlines()) == 1
+
+
+# ---- --serving, and --preset on hpi run / hpi serve ---------------------------------------------------------
+def test_serving_presets_are_all_servable_and_others_say_why_not():
+    plain = _fresh_doc("a6000-workstation", "llama-3-70b", "--concurrency", "16")
+    balanced = plain["presets"][1]
+    assert balanced["plan"]["kv_offload"] and balanced["commands"]["serve"] is None
+    assert balanced["serve_blocker"] == "hpi serve keeps the KV cache on the GPU in its slot cache: drop --kv-offload"
+    serving = _fresh_doc("a6000-workstation", "llama-3-70b", "--concurrency", "16", "--serving")
+    assert serving["workload"]["serving"] is True
+    for p in serving["presets"]:
+        assert not p["plan"]["kv_offload"] and p["plan"]["dp"] == 1
+        assert p["serve_blocker"] is None and p["commands"]["serve"].startswith("hpi serve ")
+        kv = next(o for o in p["overrides"] if o["knob"] == "kv_offload")
+        assert kv["valid"] == {"choices": [False]}
+    # servable plans are a subset: nothing servable beats the unrestricted Throughput
+    best = plain["presets"][2]["predicted"]["throughput_tok_s"]
+    assert serving["presets"][2]["predicted"]["throughput_tok_s"] <= best
+
+
+@pytest.mark.parametrize("name", ["latency", "balanced", "throughput"])
+def test_run_and_serve_deploy_the_preset_hpi_presets_shows(name):
+    from hpi.cli import run as run_cli
+    from hpi.cli import serve as serve_cli
+
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("fastapi")
+    parser, _ = build_parser()
+    shown = _fresh_doc("h200-2gpu", "llama-3-8b", "--concurrency", "16")["presets"]
+    served = _fresh_doc("h200-2gpu", "llama-3-8b", "--concurrency", "16", "--serving")["presets"]
+    i = ("latency", "balanced", "throughput").index(name)
+    args = parser.parse_args(["run", "--model", "llama-3-8b", "--hardware", "h200-2gpu", "--preset", name,
+                              "--concurrency", "16", "--device", "cpu"])
+    assert run_cli.resolve(args).spec.plan == Plan.from_dict(shown[i]["plan"])
+    args = parser.parse_args(["serve", "--model", "llama-3-8b", "--hardware", "h200-2gpu", "--preset", name,
+                              "--max-batch", "16", "--device", "cpu"])
+    deployment = serve_cli._resolve(args)
+    assert deployment.spec.plan == Plan.from_dict(served[i]["plan"])
+    assert deployment.spec.serve.n_slots == served[i]["plan"]["batch_size"]

@@ -204,7 +204,7 @@ def test_document_is_plain_json_with_kind_and_version(a6000_70b):
     doc = json.loads(json.dumps(a6000_70b.to_dict()))
     assert (doc["kind"], doc["version"]) == ("hpi.Presets", 1)
     assert [p["name"] for p in doc["presets"]] == list(PRESET_NAMES)
-    assert doc["workload"] == {"prompt_len_tokens": 512, "gen_len_tokens": 32, "concurrency": 16}
+    assert doc["workload"] == {"prompt_len_tokens": 512, "gen_len_tokens": 32, "concurrency": 16, "serving": False}
     lat = doc["presets"][0]
     assert Plan.from_dict(lat["plan"]) == a6000_70b.named("latency").plan
     assert lat["predicted"]["decode_step_s"] == a6000_70b.named("latency").estimate.decode_step_s
