@@ -331,6 +331,12 @@ def plan_from_args(args: argparse.Namespace, model, plan_type: type = Plan) -> P
     return plan_type(**values)
 
 
+def pin_memory_given(args: argparse.Namespace) -> bool:
+    """Whether --pin-memory was given on the command line (then pinning that would not fit is refused, not turned
+    off: ``hpi.deployment.resolve_deployment``)."""
+    return "--pin-memory" in getattr(args, GIVEN_PLAN_FLAGS, ())
+
+
 PRESETS = ("latency", "balanced", "throughput")  # hpi.planner.presets.PRESET_NAMES (not imported: the CLI starts fast)
 
 

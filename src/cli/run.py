@@ -23,6 +23,7 @@ from hpi.cli.args import (
     add_target,
     count,
     non_negative,
+    pin_memory_given,
     plan_from_args,
     port,
     positive,
@@ -101,7 +102,7 @@ def read_prompts(args: argparse.Namespace) -> tuple[str, ...]:
 def resolve(args: argparse.Namespace):
     """The deployment ``hpi run`` asks for, checked: a ``hpi.deployment.Deployment``."""
     from hpi.cli.checks import executor_ready, existing_dir, writable_dir
-    from hpi.deployment import Nodes, resolve_deployment
+    from hpi.deployment import Nodes, resolve_deployment, this_host
     from hpi.executor.spec import RunSpec
     from hpi.planner.catalog import load_model
 
@@ -122,7 +123,7 @@ def resolve(args: argparse.Namespace):
     if args.node_rank == 0 and args.master_port:
         _check_rendezvous_port(args.master_addr, args.master_port)
     deployment = resolve_deployment(spec, decode_graphs=args.decode_graphs, force=args.force, nodes=nodes,
-                                    model=model)
+                                    model=model, host=this_host(), pin_memory_explicit=pin_memory_given(args))
     executor_ready(args.device, "hpi run")  # last: it imports torch to ask for a GPU
     return deployment
 

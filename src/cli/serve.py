@@ -19,6 +19,7 @@ from hpi.cli.args import (
     any_port,
     count,
     non_negative,
+    pin_memory_given,
     plan_from_args,
     port,
     positive,
@@ -95,7 +96,7 @@ def _resolve(args: argparse.Namespace):
 
     from hpi.cli.checks import executor_ready, existing_dir, readable_file, writable_dir
     from hpi.cli.errors import require
-    from hpi.deployment import resolve_deployment
+    from hpi.deployment import resolve_deployment, this_host
     from hpi.executor.engine import default_step_tokens
     from hpi.executor.spec import RunSpec, ServeSpec
     from hpi.planner.catalog import load_model
@@ -144,7 +145,8 @@ def _resolve(args: argparse.Namespace):
                    device=args.device, dtype=args.dtype, fetch_wait=args.fetch_wait, checkpoint=args.checkpoint,
                    seed=args.seed, mode="serve", serve=serve, nvme_path=args.nvme_path, out_dir=args.out,
                    extra={"argv": sys.argv[1:]})
-    deployment = resolve_deployment(spec, decode_graphs=args.decode_graphs, force=args.force, model=model)
+    deployment = resolve_deployment(spec, decode_graphs=args.decode_graphs, force=args.force, model=model,
+                                    host=this_host(), pin_memory_explicit=pin_memory_given(args))
     executor_ready(args.device, "hpi serve")  # last: it imports torch to ask for a GPU
     return deployment
 
