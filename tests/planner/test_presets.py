@@ -240,3 +240,13 @@ def test_a_layout_nothing_fits_says_why():
     assert all(t.estimate is None for t in found)
     cpu = next(t for t in found if t.offload == "cpu")
     assert cpu.why_not.startswith("CPU memory ") and "usable per node" in cpu.why_not
+
+
+@pytest.mark.parametrize("model", ["llama-3-8b", "mixtral-8x7b"])
+def test_wsl2_presets_stay_within_its_pinnable_memory(model):
+    hw = load_profile("rtx4090-wsl2")
+    assert hw.os == "wsl2" and hw.host.pinnable_bytes == 8e9  # WSL2's pinned-memory limit, as the profile states it
+    s = select_presets(load_model(model), hw, WORKLOAD, concurrency=64)
+    for p in s.presets:
+        assert 0 <= p.estimate.pinned_bytes <= hw.host.pinnable_bytes
+        assert p.estimate.cpu_bytes <= hw.usable_dram_bytes
