@@ -250,3 +250,15 @@ def test_wsl2_presets_stay_within_its_pinnable_memory(model):
     for p in s.presets:
         assert 0 <= p.estimate.pinned_bytes <= hw.host.pinnable_bytes
         assert p.estimate.cpu_bytes <= hw.usable_dram_bytes
+
+
+@pytest.mark.parametrize("simulated", [False, True])
+def test_an_autotune_trial_confirms_only_when_it_ran_for_real(tmp_path, simulated):
+    model, hw = load_model("llama-3-70b"), load_profile("a6000-workstation")
+    plan = select_presets(model, hw, WORKLOAD).named("latency").plan
+    trial = {"kind": "hpi.AutotuneTrial", "record": _record(plan, simulated=simulated).to_json()}
+    (tmp_path / "trial-3.json").write_text(json.dumps(trial))
+    confirmed = select_presets(model, hw, WORKLOAD, records=load_records(tmp_path)).named("latency").confirmation
+    assert (confirmed is None) == simulated
+    if not simulated:
+        assert confirmed.record_id == "trial-3" and confirmed.decode_step_s == 2.5
