@@ -71,12 +71,74 @@ def decode_mode(spec: RunSpec, model: ModelSpec, asked: bool | None) -> bool:
     return spec.device == "cuda" and blocker is None
 
 
+@dataclass(frozen=True)
+class HostMemory:
+    """What this node lets a run hold in RAM: MemAvailable, and RLIMIT_MEMLOCK's soft limit (None: unknown or
+    unlimited)."""
+
+    available_bytes: float | None
+    memlock_bytes: float | None
+
+
+def this_host() -> HostMemory:
+    """This node's ``HostMemory`` (Linux: /proc/meminfo; elsewhere what ``resource`` tells)."""
+    available = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = float(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
+        memlock = None if soft == resource.RLIM_INFINITY else float(soft)
+    except (ImportError, OSError, ValueError):  # Windows has no resource module
+        memlock = None
+    return HostMemory(available, memlock)
+
+
+def pinning_problem(pinned_bytes: float, process_bytes: float, host: HostMemory) -> str | None:
+    """Why pinning ``pinned_bytes`` would fail on ``host`` while the run holds ``process_bytes`` of RAM in all (the
+    prediction's CPU memory, pinned included), or None. Page-locked memory cannot be swapped: past available RAM
+    the kernel's OOM killer ends the run (ZeRO-Inference's most common failure)."""
+    gb = 1e9
+    if host.available_bytes is not None and process_bytes > host.available_bytes:
+        return (f"the run's {process_bytes / gb:,.1f} GB of RAM ({pinned_bytes / gb:,.1f} GB pinned) > "
+                f"{host.available_bytes / gb:,.1f} GB available here (MemAvailable)")
+    if host.memlock_bytes is not None and pinned_bytes > host.memlock_bytes:
+        return f"{pinned_bytes / gb:,.1f} GB pinned > RLIMIT_MEMLOCK {host.memlock_bytes / gb:,.1f} GB (ulimit -l)"
+    return None
+
+
+def _safe_pinning(spec: RunSpec, est, host: HostMemory, explicit: bool, warnings: list[str]) -> RunSpec:
+    """Pinning turned off (one warning, recorded in ``spec.extra["pinning"]``) where ``pinning_problem`` says it
+    would fail; refused instead when --pin-memory was given. CUDA runs only: pinning serves host->GPU copies."""
+    plan = spec.plan
+    if est is None or spec.device != "cuda" or not (plan.pin_memory and plan.copies_from_host_memory):
+        return spec
+    problem = pinning_problem(est.pinned_bytes, est.cpu_bytes, host)
+    if problem is None:
+        return spec
+    if explicit:
+        raise DeploymentError(f"hpi run: --pin-memory: {problem}: drop --pin-memory (pageable copies, slower), free "
+                              "memory, or raise the limit")
+    warnings.append(f"pinned memory turned off: {problem}; host->device copies run pageable (slower); "
+                    "--pin-memory refuses instead")
+    return replace(spec, plan=plan.with_(pin_memory=False), extra={**spec.extra, "pinning": f"off: {problem}"})
+
+
 def resolve_deployment(spec: RunSpec, *, decode_graphs: bool | None = None, force: bool = False,
-                       nodes: Nodes = Nodes(), model: ModelSpec | None = None) -> Deployment:
+                       nodes: Nodes = Nodes(), model: ModelSpec | None = None, host: HostMemory | None = None,
+                       pin_memory_explicit: bool = False) -> Deployment:
     """Check ``spec`` against its model and (with ``spec.hardware``) its machine, and fill in what it derives.
 
     ``decode_graphs``: True / False as asked, None for graphs wherever the plan allows them. ``force``: run a
     plan the prediction says cannot fit (with a warning). ``model``: the ModelSpec when the caller has read it.
+    ``host``: this node's memory (``this_host``): pinning that would not fit it is turned off, or refused when
+    ``pin_memory_explicit`` (``_safe_pinning``); None: not checked.
     """
     from hpi.planner.catalog import load_model
 
@@ -84,6 +146,10 @@ def resolve_deployment(spec: RunSpec, *, decode_graphs: bool | None = None, forc
     spec = replace(spec, decode_graphs=decode_mode(spec, model, decode_graphs))
     warnings: list[str] = []
     prediction = _predict(spec, model, force, warnings) if spec.hardware else None
+    if host is not None:
+        pinned = _safe_pinning(spec, prediction, host, pin_memory_explicit, warnings)
+        if pinned is not spec:
+            spec, prediction = pinned, _predict(pinned, model, force, warnings)
     _check_inputs(spec, model, nodes)
     nproc, visible = _node_gpus(spec, prediction, nodes)
     if prediction is not None:

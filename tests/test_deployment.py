@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from hpi.deployment import DeploymentError, Nodes, decode_mode, resolve_deployment
+from hpi.deployment import (
+    DeploymentError,
+    HostMemory,
+    Nodes,
+    decode_mode,
+    pinning_problem,
+    resolve_deployment,
+    this_host,
+)
 from hpi.executor.spec import RunSpec
 from hpi.planner.catalog import load_model
 from hpi.planner.specs.plan import Plan
@@ -71,3 +79,56 @@ def test_a_plan_spanning_more_nodes_than_started_names_the_multi_node_flags():
         resolve_deployment(asked)
     second = resolve_deployment(asked, nodes=Nodes(nnodes=2, node_rank=1, master_port=29500))
     assert second.nproc_per_node == 8
+
+
+# ---- pinned memory that would not fit this node ---------------------------------------------------------------
+PINNED_70B = Plan(offload="cpu", weight_bits=4)  # on the A6000 workstation: 39.7 GB pinned, 43.7 GB of RAM in all
+
+
+def pinned_spec(device: str = "cuda") -> RunSpec:
+    return RunSpec(plan=PINNED_70B, model="llama-3-70b", hardware="a6000-workstation", device=device)
+
+
+def test_pinning_that_fits_the_node_is_kept():
+    d = resolve_deployment(pinned_spec(), host=HostMemory(available_bytes=200e9, memlock_bytes=None))
+    assert d.spec.plan.pin_memory and "pinning" not in d.spec.extra and d.warnings == ()
+
+
+def test_pinning_past_available_ram_is_turned_off_said_once_and_recorded():
+    d = resolve_deployment(pinned_spec(), host=HostMemory(available_bytes=30e9, memlock_bytes=None))
+    assert d.spec.plan == PINNED_70B.with_(pin_memory=False)
+    assert d.prediction.plan == d.spec.plan and d.prediction.pinned_bytes < 5e9  # predicted as it will run
+    assert len(d.warnings) == 1 and d.warnings[0].startswith("pinned memory turned off: the run's 43.7 GB of RAM "
+                                                               "(39.7 GB pinned) > 30.0 GB available here")
+    assert d.spec.extra["pinning"].startswith("off: the run's 43.7 GB")
+    assert d.spec.extra["predicted"]["decode_step_s"] == d.prediction.decode_step_s
+
+
+def test_pinning_past_memlock_is_turned_off():
+    d = resolve_deployment(pinned_spec(), host=HostMemory(available_bytes=None, memlock_bytes=8e9))
+    assert not d.spec.plan.pin_memory and "RLIMIT_MEMLOCK 8.0 GB (ulimit -l)" in d.warnings[0]
+
+
+def test_explicit_pin_memory_that_would_not_fit_is_refused_with_the_fix():
+    with pytest.raises(DeploymentError, match=r"--pin-memory: .*> 30.0 GB available here .*drop --pin-memory"):
+        resolve_deployment(pinned_spec(), host=HostMemory(30e9, None), pin_memory_explicit=True)
+
+
+def test_pinning_is_left_alone_on_the_cpu_without_a_check_or_without_host_copies():
+    small = HostMemory(available_bytes=1e9, memlock_bytes=1e6)
+    assert resolve_deployment(pinned_spec("cpu"), host=small).spec.plan.pin_memory  # nothing is pinned for a GPU
+    assert resolve_deployment(pinned_spec(), host=None).spec.plan.pin_memory  # not asked to check
+    resident = RunSpec(plan=Plan(weight_bits=4), model="llama-3-70b", hardware="a6000-workstation")
+    assert resolve_deployment(resident, host=small).spec.plan == Plan(weight_bits=4)  # nothing copied from the host
+
+
+def test_this_host_reads_this_machine():
+    host = this_host()
+    assert host.available_bytes is None or host.available_bytes > 0
+    assert host.memlock_bytes is None or host.memlock_bytes >= 0
+
+
+def test_pinning_problem_names_ram_before_memlock():
+    assert pinning_problem(10e9, 20e9, HostMemory(50e9, 100e9)) is None
+    assert "MemAvailable" in pinning_problem(10e9, 60e9, HostMemory(50e9, 1e9))
+    assert "ulimit -l" in pinning_problem(10e9, 20e9, HostMemory(50e9, 1e9))

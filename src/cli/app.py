@@ -26,6 +26,7 @@ from hpi.processes import exit_code, signal_of, sigterm_as_interrupt
 # In the order ``hpi --help`` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
     "hpi.cli.plan",  # plan, predict, explain
+    "hpi.cli.presets",  # presets, config
     "hpi.cli.run",  # run
     "hpi.cli.serve",  # serve, chat
     "hpi.cli.catalog",  # models, hardware

@@ -331,6 +331,42 @@ def plan_from_args(args: argparse.Namespace, model, plan_type: type = Plan) -> P
     return plan_type(**values)
 
 
+def pin_memory_given(args: argparse.Namespace) -> bool:
+    """Whether --pin-memory was given on the command line (then pinning that would not fit is refused, not turned
+    off: ``hpi.deployment.resolve_deployment``)."""
+    return "--pin-memory" in getattr(args, GIVEN_PLAN_FLAGS, ())
+
+
+PRESETS = ("latency", "balanced", "throughput")  # hpi.planner.presets.PRESET_NAMES (not imported: the CLI starts fast)
+
+
+def add_preset_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=PRESETS, default=None,
+                   help="deploy a preset of hpi presets on --hardware (Latency: lowest decode step at batch 1; "
+                        "Throughput: most tokens/s; Balanced: most tokens/s within 2x Latency's step); plan flags "
+                        "beside it are refused")
+
+
+def preset_plan(args: argparse.Namespace, model, who: str, *, concurrency: int, serving: bool = False) -> Plan:
+    """The plan of preset ``args.preset`` (``hpi.planner.presets``) for the workload flags, with batches up to
+    ``concurrency``; ``serving``: among the plans hpi serve can serve. Plan flags or --plan beside it are refused,
+    and --hardware is needed (presets are chosen for a machine)."""
+    given = [*dict.fromkeys(getattr(args, GIVEN_PLAN_FLAGS, ()))] + (["--plan"] if args.plan_file else [])
+    if given:
+        what = ", ".join(given)
+        raise UsageError(f"{who}: {what} given beside --preset {args.preset}: the preset fixes every knob; drop "
+                         f"{what}, or drop --preset")
+    if not args.hardware:
+        raise UsageError(f"{who}: --preset {args.preset} needs --hardware H: presets are chosen for a machine "
+                         "(hpi hardware lists the profiles)")
+    from hpi.planner.presets import select_presets
+    from hpi.planner.profiles import load_profile
+
+    chosen = select_presets(model, load_profile(args.hardware), workload_from_args(args), concurrency=concurrency,
+                            serving=serving)
+    return chosen.named(args.preset).plan
+
+
 def _named(plan: Plan, k: KnobField) -> bool:
     """Whether plan_flags names knob ``k`` of ``plan`` (``Knob.named``)."""
     named = k.spec.named

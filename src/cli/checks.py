@@ -199,3 +199,43 @@ def cuda_available(who: str) -> None:
         build = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", a CPU-only build")
         raise UsageError(f"{who}: --device cuda, but torch sees no CUDA GPU here ({build}): run on a machine with "
                          "an NVIDIA GPU and driver, or pass --device cpu (small models, tests)")
+
+
+# ---- the NVMe folder of a machine the config is written for ------------------------------------------------
+_UNC = re.compile(r"^(\\\\|//)[^\\/]+[\\/][^\\/]+")  # \\server\share or //server/share
+_DRIVE = re.compile(r"^([A-Za-z]):[\\/](.*)$")  # C:\nvme or C:/nvme
+_WSL_WINDOWS_MOUNT = re.compile(r"^/mnt/[A-Za-z](/|$)")  # WSL2 mounts Windows drive C: at /mnt/c
+
+
+def nvme_offload_path(path: str, os_kind: str, who: str) -> tuple[str, str | None]:
+    """The NVMe offload folder as DeepSpeed on the profile's OS (linux, wsl2, windows) will read it, and a
+    warning or None. Checked as text: the folder is on the machine the config is for, not necessarily this one.
+
+    - a UNC share (``\\\\server\\share``): refused; DeepSpeed's swapper reads with O_DIRECT async I/O from a
+      local file system, never a network share;
+    - native Windows: refused; DeepSpeed's NVMe offload needs libaio, which Windows lacks (presets there offload
+      to the CPU only);
+    - a Windows drive path (``C:\\nvme``): on WSL2 it becomes ``/mnt/c/nvme`` (warned below); on Linux refused;
+    - a relative path: refused (the ranks resolve it from wherever they start);
+    - on WSL2, ``/mnt/<drive>/...``: warned; it is the Windows drive through WSL2's 9P file share, far slower
+      than WSL's own ext4 disk.
+    """
+    if _UNC.match(path):
+        raise UsageError(f"{who}: --nvme-path {_shown(path)} is a network share (UNC): NVMe offload reads a local "
+                         "drive with O_DIRECT async I/O; pass a folder on a local NVMe drive")
+    if os_kind == "windows":
+        raise UsageError(f"{who}: --nvme-path on native Windows: DeepSpeed's NVMe offload needs libaio, which "
+                         "Windows lacks; use --offload cpu, or run under WSL2 with a folder inside its Linux disk")
+    drive = _DRIVE.match(path)
+    if drive and os_kind != "wsl2":
+        raise UsageError(f"{who}: --nvme-path {_shown(path)} is a Windows drive path, but the profile runs "
+                         f"{os_kind}: pass a POSIX path such as /mnt/nvme/hpi")
+    if drive:
+        path = f"/mnt/{drive.group(1).lower()}/" + drive.group(2).replace("\\", "/")
+    if not path.startswith("/"):
+        raise UsageError(f"{who}: --nvme-path {_shown(path)} is relative: pass an absolute folder (the ranks resolve "
+                         "a relative one from wherever they start)")
+    if os_kind == "wsl2" and _WSL_WINDOWS_MOUNT.match(path):
+        return path, (f"{path} is a Windows drive seen through WSL2's 9P file share: NVMe offload there is far "
+                      "slower than the drive; put the folder inside WSL's own disk (e.g. under /home)")
+    return path, None

@@ -18,13 +18,16 @@ from pathlib import Path
 from hpi.cli.args import (
     UsageError,
     add_plan_flags,
+    add_preset_flag,
     add_run_conditions,
     add_target,
     count,
     non_negative,
+    pin_memory_given,
     plan_from_args,
     port,
     positive,
+    preset_plan,
     probability,
     seconds,
     workload_from_args,
@@ -43,6 +46,9 @@ def register(sub) -> dict:
     add_target(p, hardware_required=False)
     add_run_conditions(p)
     add_plan_flags(p, for_search=False)
+    add_preset_flag(p)
+    p.add_argument("--concurrency", type=positive, default=1,
+                   help="with --preset: sequences at once, the largest batch the preset may use (default 1)")
     add_run_options(p)
     return {"run": cmd_run}
 
@@ -96,7 +102,7 @@ def read_prompts(args: argparse.Namespace) -> tuple[str, ...]:
 def resolve(args: argparse.Namespace):
     """The deployment ``hpi run`` asks for, checked: a ``hpi.deployment.Deployment``."""
     from hpi.cli.checks import executor_ready, existing_dir, writable_dir
-    from hpi.deployment import Nodes, resolve_deployment
+    from hpi.deployment import Nodes, resolve_deployment, this_host
     from hpi.executor.spec import RunSpec
     from hpi.planner.catalog import load_model
 
@@ -105,7 +111,8 @@ def resolve(args: argparse.Namespace):
     if args.nvme_path is not None:
         existing_dir(args.nvme_path, "--nvme-path", "hpi run")
     model = load_model(args.model)
-    plan = plan_from_args(args, model)
+    plan = (preset_plan(args, model, "hpi run", concurrency=args.concurrency) if args.preset
+            else plan_from_args(args, model))
     spec = RunSpec(plan=plan, model=args.model, workload=workload_from_args(args), hardware=args.hardware,
                    device=args.device, dtype=args.dtype, fetch_wait=args.fetch_wait, checkpoint=args.checkpoint,
                    prompts=read_prompts(args), seed=args.seed, mode="chat" if args.chat else "benchmark",
@@ -116,7 +123,7 @@ def resolve(args: argparse.Namespace):
     if args.node_rank == 0 and args.master_port:
         _check_rendezvous_port(args.master_addr, args.master_port)
     deployment = resolve_deployment(spec, decode_graphs=args.decode_graphs, force=args.force, nodes=nodes,
-                                    model=model)
+                                    model=model, host=this_host(), pin_memory_explicit=pin_memory_given(args))
     executor_ready(args.device, "hpi run")  # last: it imports torch to ask for a GPU
     return deployment
 

@@ -14,13 +14,16 @@ import sys
 from hpi.cli.args import (
     UsageError,
     add_plan_flags,
+    add_preset_flag,
     add_run_conditions,
     any_port,
     count,
     non_negative,
+    pin_memory_given,
     plan_from_args,
     port,
     positive,
+    preset_plan,
     seconds,
     workload_from_args,
 )
@@ -45,6 +48,7 @@ def register(sub) -> dict:
     p.add_argument("--gen-len", type=positive, default=32, help="generated tokens the plan is priced for (default 32)")
     add_run_conditions(p)
     add_plan_flags(p, for_search=False)
+    add_preset_flag(p)
     p.add_argument("--batch", type=positive, default=None, help=argparse.SUPPRESS)  # the plan's batch: --max-batch
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
@@ -92,10 +96,11 @@ def _resolve(args: argparse.Namespace):
 
     from hpi.cli.checks import executor_ready, existing_dir, readable_file, writable_dir
     from hpi.cli.errors import require
-    from hpi.deployment import resolve_deployment
+    from hpi.deployment import resolve_deployment, this_host
     from hpi.executor.engine import default_step_tokens
     from hpi.executor.spec import RunSpec, ServeSpec
     from hpi.planner.catalog import load_model
+    from hpi.planner.specs.plan import serve_blocker
 
     if args.model is None and args.checkpoint is None:
         raise UsageError("hpi serve: name a model: --model NAME or --checkpoint DIR (with its config.json)")
@@ -123,13 +128,15 @@ def _resolve(args: argparse.Namespace):
     if slots is None:
         slots = None if args.plan_file else 8
     args.batch = slots if slots is not None else 1
-    plan = plan_from_args(args, model)
+    if args.preset:  # up to --max-batch (default 8) requests at once, among the plans hpi serve can serve
+        plan = preset_plan(args, model, "hpi serve", concurrency=args.max_batch or 8, serving=True)
+    else:
+        plan = plan_from_args(args, model)
     if args.plan_file and args.max_batch is not None:
         plan = replace(plan, batch_size=args.max_batch)
-    if plan.kv_offload:
-        raise UsageError("hpi serve keeps the KV cache on the GPU in its slot cache: drop --kv-offload")
-    if plan.dp > 1:
-        raise UsageError(f"hpi serve runs dp 1 (one replica per step); the plan has dp {plan.dp}: use --tp/--pp")
+    blocker = serve_blocker(plan.kv_offload, plan.dp)
+    if blocker:
+        raise UsageError(blocker)
     serve = ServeSpec(n_slots=plan.batch_size, max_model_len=max_len, address=("127.0.0.1", 0),
                       step_tokens=args.step_tokens or default_step_tokens(max_len),
                       policy=args.policy, max_queue=max(args.max_queue, 1), hang_timeout_s=args.hang_timeout or 600.0,
@@ -138,7 +145,8 @@ def _resolve(args: argparse.Namespace):
                    device=args.device, dtype=args.dtype, fetch_wait=args.fetch_wait, checkpoint=args.checkpoint,
                    seed=args.seed, mode="serve", serve=serve, nvme_path=args.nvme_path, out_dir=args.out,
                    extra={"argv": sys.argv[1:]})
-    deployment = resolve_deployment(spec, decode_graphs=args.decode_graphs, force=args.force, model=model)
+    deployment = resolve_deployment(spec, decode_graphs=args.decode_graphs, force=args.force, model=model,
+                                    host=this_host(), pin_memory_explicit=pin_memory_given(args))
     executor_ready(args.device, "hpi serve")  # last: it imports torch to ask for a GPU
     return deployment
 

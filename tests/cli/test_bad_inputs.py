@@ -134,6 +134,8 @@ def expand(argv: tuple[str, ...], folder: Path, pkg_profiles: str | None = None)
 PLAN = ("plan", "--model", "llama-3-8b", "--hardware", "h100-sxm-1gpu")
 PREDICT = ("predict", "--model", "llama-3-8b", "--hardware", "h100-sxm-1gpu")
 EXPLAIN = ("explain", "--model", "llama-3-8b", "--hardware", "h100-sxm-1gpu")
+PRESETS = ("presets", "--model", "llama-3-8b", "--hardware", "h200-2gpu")
+CONFIG = ("config", "--model", "llama-3-8b", "--hardware", "h200-2gpu")
 RUN = ("run", "--model", "tiny-llama", "--device", "cpu", "--dtype", "fp32", "--out", "runs/x")
 SERVE = ("serve", "--model", "tiny-llama", "--device", "cpu", "--dtype", "fp32", "--out", "runs/s")
 EVAL = ("eval", "--url", "http://127.0.0.1:9", "--checkpoint", ".", "--tasks", "hpi_arith_mc")  # port 9: refused
@@ -188,6 +190,31 @@ CASES: list[Case] = [
         ("--tp", "0"), ("--batch", "inf"), ("--micro-batches", "0"), ("--plan", "plan_empty.json"),
         ("--plan", "plan_good.json", "--tp", "2"), ("--plan", "plan_two.json"))],
     case("explain", "--model", "llama-3-8b", "--hardware", "nosuch"),
+    # hpi presets: numbers, a machine nothing fits, NVMe folders per OS, output folders, records
+    *[case(*PRESETS, *extra) for extra in (
+        ("--concurrency", "0"), ("--concurrency", "-2"), ("--concurrency", "1.5"), ("--concurrency", "inf"),
+        ("--prompt-len", "0"), ("--dtype", "int8"), ("--out", "afile"), ("--out", "afile/sub"),
+        ("--records", "missing.json"), ("--records", "config_malformed.json"), ("--nvme-path", "C:\\nvme"),
+        ("--nvme-path", "\\\\server\\share\\nvme"), ("--nvme-path", "relative/nvme"))],
+    case("presets", "--model", "llama-3-70b", "--hardware", "rtx4090-wsl2"),
+    case("presets", "--model", "mixtral-8x7b", "--hardware", "rtx4090-wsl2"),  # its presets need --nvme-path
+    case("presets", "--model", "mixtral-8x7b", "--hardware", "rtx4090-wsl2", "--nvme-path", "//nas/share/nvme"),
+    case("presets", "--model", "llama-3-8b"), case("presets", "--model", "nosuch", "--hardware", "h200-2gpu"),
+    # hpi config: a preset beside plan flags, templates without a folder, NVMe without a folder or on a share
+    *[case(*CONFIG, *extra) for extra in (
+        ("--preset", "fast"), ("--preset", "latency", "--tp", "2"), ("--preset", "latency", "--plan", "plan_good.json"),
+        ("--preset", "balanced", "--concurrency", "0"), ("--templates",), ("--templates", "--tp", "2", "--out", "t"),
+        ("--templates", "--preset", "latency", "--out", "t"), ("--templates", "--out", "t"),
+        ("--templates", "--out", "afile"), ("--offload", "nvme"), ("--offload", "nvme", "--nvme-path", "nvme"),
+        ("--offload", "nvme", "--nvme-path", "\\\\nas\\share"), ("--offload", "nvme", "--nvme-path", "D:\\x"),
+        ("--tp", "3"), ("--out", "afile"), ("--plan", "plan_two.json"))],
+    # --preset on hpi run and hpi serve: a machine to choose for, no plan flags beside it
+    case(*RUN, "--preset", "latency"), case(*RUN, "--preset", "fast"),
+    case(*RUN, "--preset", "latency", "--hardware", "h200-2gpu", "--tp", "2"),
+    case(*RUN, "--preset", "latency", "--hardware", "h200-2gpu", "--plan", "plan_good.json"),
+    case(*RUN, "--preset", "throughput", "--hardware", "h200-2gpu", "--concurrency", "0"),
+    case(*SERVE, "--preset", "latency"),
+    case(*SERVE, "--preset", "balanced", "--hardware", "h200-2gpu", "--kv-offload"),
     # hpi run: numbers, output folders, prompts, plan files, context length, the device
     *[case(*RUN, *extra) for extra in (
         ("--tp", "0"), ("--timeout", "nan"), ("--timeout", "-5"), ("--timeout", "0"), ("--timeout", "inf"),

@@ -101,6 +101,17 @@ def decode_graph_blockers(offloaded, dp, weight_bits, kv_offload) -> tuple[tuple
     )
 
 
+def serve_blocker(kv_offload, dp) -> str | None:
+    """Why ``hpi serve`` cannot serve a plan, or None: its slot cache keeps the KV cache on the GPU, and a step runs
+    one replica (``hpi.executor.engine``: stage 0 is ranks 0..tp-1). ``hpi serve`` refuses such a plan; its
+    presets are chosen without them (``hpi.planner.presets.SERVING``)."""
+    if kv_offload:
+        return "hpi serve keeps the KV cache on the GPU in its slot cache: drop --kv-offload"
+    if dp > 1:
+        return f"hpi serve runs dp 1 (one replica per step); the plan has dp {dp}: use --tp/--pp"
+    return None
+
+
 def model_graph_blocker(model) -> str | None:
     """Why no plan of ``model`` (a ModelSpec) can decode as a CUDA graph, or None: a mixture of experts, whose
     routing in transformers reads the experts each token picked back to the host."""
