@@ -2,7 +2,7 @@
 # The serving measurements of benchmarks/results/2026-12-02-h200-serve, one phase per device call:
 #   bash benchmarks/serve_device.sh setup             # wheels carried in ../.whl (shared/tools/device-wheels.sh)
 #   bash benchmarks/serve_device.sh PHASE OUT_DIR     # 8b | policies | tfserve | 70b-run | 70b-start | 70b-load | 70b-stop
-#                                                     # | metrics-8b | metrics-70b
+#                                                     # | metrics-8b | metrics-70b | eval-8b
 # Run from a `git archive` of the commit under test; every phase appends to OUT_DIR/steps.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +16,7 @@ case $phase in
 setup)
   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site ../.whl/*.whl &&
   DS_BUILD_OPS=0 python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target /tmp/site ../.whl/deepspeed-*.tar.gz &&
-  mkdir -p /tmp/hpi-path && ln -sfn "$PWD/src" /tmp/hpi-path/hpi && python3 -c "import hpi.cli, deepspeed, fastapi, uvicorn, httpx2, openai; print('setup ok')" ;;
+  mkdir -p /tmp/hpi-path && ln -sfn "$PWD/src" /tmp/hpi-path/hpi && python3 -c "import hpi.cli, deepspeed, fastapi, uvicorn, httpx2, openai, lm_eval, datasets; print('setup ok')" ;;
 8b)  # resident, CUDA-graphed: hpi run at bs 1 / 64 beside hpi serve under 1..64 clients and a mixed set
   $M run --name 8b-run-b1 --out "$O" -- --model llama-3-8b --batch 1 --prompt-len 512 --gen-len 128
   $M run --name 8b-run-b64 --out "$O" -- --model llama-3-8b --batch 64 --prompt-len 512 --gen-len 128
@@ -51,5 +51,7 @@ metrics-70b)  # /metrics of the 4-bit 70B streamed from pinned CPU memory: the h
   $M load --name m70b --out "$O" --port 8102 --model llama-3-70b -- --clients 1 --gen-len 24 --vocab $V
   $M scrape --name m70b --out "$O" --port 8102
   $M stop --name m70b --out "$O" ;;
+eval-8b)  # hpi eval (lm-eval through the serving runtime) of an 8B shape, resident and ZeRO-3 CPU offload, bf16 parity
+  HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python3 benchmarks/eval_device.py --out "$O" ;;
 *) echo "unknown phase $phase"; exit 2 ;;
 esac

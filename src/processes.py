@@ -25,12 +25,13 @@ import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
-from typing import Iterator
+from typing import Callable, Iterator
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 PARENT_POLL_S = 1.0
 
-__all__ = ["Interrupted", "Interrupts", "die_with_parent", "exit_code", "signal_of", "worker_pool"]
+__all__ = ["Interrupted", "Interrupts", "die_with_parent", "exit_code", "parent_death_signal", "signal_of",
+           "worker_pool"]
 
 
 # ---- workers that die with their parent ----------------------------------------------------------------
@@ -47,6 +48,28 @@ def _set_parent_death_signal(sig: int) -> bool:
         return libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
+
+
+def parent_death_signal(parent: int | None = None) -> Callable[[], None] | None:
+    """A ``preexec_fn`` for a child process hpi starts (torchrun, the server ``hpi eval`` starts): the child gets
+    SIGTERM, its graceful stop, when ``parent`` (default: this process) dies. None off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here, not in the forked child
+    except (OSError, AttributeError):
+        return None
+
+    parent = os.getpid() if parent is None else parent
+
+    def set_pdeathsig() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+        if os.getppid() != parent:  # the parent died between fork and prctl: no signal will ever come
+            signal.raise_signal(signal.SIGTERM)
+
+    return set_pdeathsig
 
 
 def _alive(pid: int) -> bool:

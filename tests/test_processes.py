@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from hpi.processes import Interrupted, Interrupts, exit_code
+from hpi.processes import Interrupted, Interrupts, exit_code, parent_death_signal
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
@@ -186,3 +186,13 @@ def test_immediate_raises_a_waiting_signal_on_entry():
                 with interrupts.immediate():
                     done.append("ran")
     assert done == ["prepared"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_child_started_as_its_parent_dies_ends_instead_of_living_on():
+    """The parent-death signal only fires for a parent that dies after it was set: a child whose parent was
+    already gone when it set it (its parent id is not the launcher's) ends itself, and a normal one runs."""
+    orphaned = subprocess.Popen(["sleep", "30"], preexec_fn=parent_death_signal(parent=os.getpid() + 1))
+    assert orphaned.wait(timeout=10) == -signal.SIGTERM
+    normal = subprocess.Popen([sys.executable, "-c", "pass"], preexec_fn=parent_death_signal())
+    assert normal.wait(timeout=30) == 0

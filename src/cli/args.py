@@ -167,7 +167,7 @@ def _switch_off(flag: str) -> str:
 GIVEN_PLAN_FLAGS = "given_plan_flags"  # the Namespace attribute listing the plan flags given on the command line
 
 
-class _PlanFlag(argparse.Action):
+class PlanFlag(argparse.Action):
     """A plan knob's flag: stores its value as argparse's "store" does, and notes that it was given (a plan flag
     beside --plan is refused: ``plan_from_args``)."""
 
@@ -176,7 +176,7 @@ class _PlanFlag(argparse.Action):
         setattr(namespace, GIVEN_PLAN_FLAGS, (*getattr(namespace, GIVEN_PLAN_FLAGS, ()), option_string))
 
 
-class _PlanSwitch(_PlanFlag):
+class _PlanSwitch(PlanFlag):
     """One side of a plan switch (--pin-memory / --no-pin-memory): stores ``const``."""
 
     def __init__(self, option_strings, dest, const=None, default=None, help=None) -> None:
@@ -197,7 +197,7 @@ def _add_knob_flag(p: argparse.ArgumentParser, k: KnobField, default: Any) -> No
         return
     kind = type(spec.choices[0]) if spec.choices else None  # argparse takes strings as given
     number = positive if (spec.minimum or 0) >= 1 else count
-    p.add_argument(spec.flag, type=number if kind is None else (None if kind is str else kind), action=_PlanFlag,
+    p.add_argument(spec.flag, type=number if kind is None else (None if kind is str else kind), action=PlanFlag,
                    choices=spec.choices or None, default=default, metavar=spec.metavar, help=spec.help)
 
 

@@ -12,6 +12,8 @@ import os
 import sys
 
 from hpi.cli.args import (
+    GIVEN_PLAN_FLAGS,
+    PlanFlag,
     UsageError,
     add_plan_flags,
     add_preset_flag,
@@ -38,19 +40,13 @@ def register(sub) -> dict:
                        description="Start the plan's ranks once (DeepSpeed ZeRO-3 x TP x PP, as hpi run), keep the "
                                    "model loaded and serve /v1/completions and /v1/chat/completions with continuous "
                                    "batching. Binds 127.0.0.1 unless --host says otherwise.")
-    p.add_argument("--model", default=None, help="catalogue name or config.json path (default: --checkpoint's config)")
     p.add_argument("--checkpoint", default=None, metavar="DIR", help="local HF checkpoint (safetensors + tokenizer); "
                    "default: random weights with a word-level tokenizer (w0 w1 ...)")
-    p.add_argument("--hardware", default=None, help="profile: the plan is predicted, checked and its batch default "
-                   "comes from it")
+    add_deployment_flags(p, max_batch_default="the plan's batch, --plan's or 8")
     p.add_argument("--prompt-len", type=positive, default=512,
                    help="prompt tokens the plan is priced for (default 512)")
     p.add_argument("--gen-len", type=positive, default=32, help="generated tokens the plan is priced for (default 32)")
-    add_run_conditions(p)
-    add_plan_flags(p, for_search=False)
-    add_preset_flag(p)
     p.add_argument("--batch", type=positive, default=None, help=argparse.SUPPRESS)  # the plan's batch: --max-batch
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=any_port, default=8000, help="port (default 8000; 0: any free one)")
     p.add_argument("--api-key", default=None, help=f"require Authorization: Bearer KEY (default: ${API_KEY_ENV})")
@@ -58,8 +54,6 @@ def register(sub) -> dict:
                    help="serve GET /metrics on this port (at --host) instead of the API's port")
     p.add_argument("--no-metrics", dest="metrics", action="store_false",
                    help="count nothing: no /metrics, no /v1/events, no per-rank timing (to measure their cost)")
-    p.add_argument("--max-batch", type=positive, default=None,
-                   help="KV-cache slots: requests decoded together (default: the plan's batch, --plan's or 8)")
     p.add_argument("--max-model-len", type=positive, default=None,
                    help="prompt + generated tokens per request at most (default: --prompt-len + --gen-len)")
     p.add_argument("--max-queue", type=positive, default=1024, help="waiting requests before 429 (default 1024)")
@@ -76,9 +70,9 @@ def register(sub) -> dict:
                    help="a step stuck this long stops the server with the rank's name (default 600)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="run folder: spec, logs (default: a new runs/<UTC time>-<plan>/, runs/latest points at it)")
-    p.add_argument("--nvme-path", default=None, metavar="DIR", help="folder on the NVMe drive (--offload nvme)")
     p.add_argument("--seed", type=count, default=0, help="seed of the random weights (no --checkpoint)")
-    p.add_argument("--force", action="store_true", help="serve a plan the prediction says cannot fit")
+    p.add_argument("--url-file", default=None, metavar="FILE",
+                   help="once listening, write {url, pid, run_dir} here as JSON (with --port 0: the port it took)")
 
     p = sub.add_parser("chat", help="chat with a running hpi serve from the terminal (streams the answer)")
     p.add_argument("--url", default="http://127.0.0.1:8000/v1", help="the server's /v1 URL")
@@ -91,10 +85,53 @@ def register(sub) -> dict:
     return {"serve": cmd_serve, "chat": cmd_chat}
 
 
+def add_deployment_flags(p: argparse.ArgumentParser, *, max_batch_default: str) -> tuple[argparse.Action, ...]:
+    """What ``hpi serve`` deploys and how: the model, the machine, the plan (its flags, --plan or --preset), the
+    compute conditions, the device and the KV slots. ``hpi eval`` takes the same flags and starts ``hpi serve``
+    with them (``deployment_argv``); the actions added are returned for that."""
+    first = len(p._actions)  # argparse keeps every action in the order added: the slice is what this adds
+    p.add_argument("--model", default=None, help="catalogue name or config.json path (default: --checkpoint's config)")
+    p.add_argument("--hardware", default=None, help="profile: the plan is predicted, checked and its batch default "
+                   "comes from it")
+    add_run_conditions(p)
+    add_plan_flags(p, for_search=False)
+    add_preset_flag(p)
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--max-batch", type=positive, default=None,
+                   help=f"KV-cache slots: requests decoded together (default: {max_batch_default})")
+    p.add_argument("--nvme-path", default=None, metavar="DIR", help="folder on the NVMe drive (--offload nvme)")
+    p.add_argument("--force", action="store_true", help="serve a plan the prediction says cannot fit")
+    return tuple(p._actions[first:])
+
+
+def deployment_argv(actions: tuple[argparse.Action, ...], args: argparse.Namespace) -> list[str]:
+    """The flags that give ``args`` its values for ``actions`` (``add_deployment_flags``'s), parsed again by
+    ``hpi serve``: a plan flag as it was given (a given one, even at its default, counts: beside --plan it is
+    refused, and --pin-memory given is refused rather than turned off), any other flag where its value is not
+    the default."""
+    given = set(getattr(args, GIVEN_PLAN_FLAGS, ()))
+    defaults: dict[str, object] = {}
+    for action in actions:
+        defaults.setdefault(action.dest, action.default)  # argparse: the first action of a dest sets its default
+    argv: list[str] = []
+    for action in actions:
+        value = getattr(args, action.dest)
+        if isinstance(action, PlanFlag):
+            flag = next((f for f in action.option_strings if f in given), None)
+            if flag is not None and not (action.nargs == 0 and value != action.const):
+                argv += [flag] if action.nargs == 0 else [flag, str(value)]
+        elif action.nargs == 0:
+            if value == action.const and value != defaults[action.dest]:
+                argv.append(action.option_strings[0])
+        elif value is not None and value != defaults[action.dest]:
+            argv += [action.option_strings[0], str(value)]
+    return argv
+
+
 def _resolve(args: argparse.Namespace):
     from dataclasses import replace
 
-    from hpi.cli.checks import executor_ready, existing_dir, readable_file, writable_dir
+    from hpi.cli.checks import executor_ready, existing_dir, readable_file, writable_dir, writable_file
     from hpi.cli.errors import require
     from hpi.deployment import resolve_deployment, this_host
     from hpi.executor.engine import default_step_tokens
@@ -109,6 +146,8 @@ def _resolve(args: argparse.Namespace):
         writable_dir(args.out, "--out", "hpi serve")
     if args.chat_template is not None:
         readable_file(args.chat_template, "--chat-template", "hpi serve")
+    if args.url_file is not None:
+        writable_file(args.url_file, "--url-file", "hpi serve")
     if args.nvme_path is not None:
         existing_dir(args.nvme_path, "--nvme-path", "hpi serve")
     if args.metrics_port is not None and not args.metrics:
@@ -158,7 +197,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     http = HttpOptions(host=args.host, port=args.port, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                        served_model_name=args.served_model_name, chat_template=read_chat_template(args.chat_template),
-                       drain_s=args.drain_timeout, metrics_port=args.metrics_port)
+                       drain_s=args.drain_timeout, metrics_port=args.metrics_port, url_file=args.url_file)
     for warning in deployment.warnings:
         sys.stderr.write(f"hpi serve: warning: {warning}\n")
     return serve(deployment, http)

@@ -2,8 +2,9 @@
 checkpoint as the reference, and an entry in the eval history that lets the score be reproduced and compared.
 
 An entry is a folder ``<history>/<UTC time>-<tasks>/`` holding ``results.json`` (lm-eval's results, samples
-left out), ``launch.json`` (the launch descriptor: what ran where, with which software, on which checkpoint)
-and, with a reference, ``parity.json``.
+left out), ``launch.json`` (the launch descriptor: what ran where, with which software, on which checkpoint),
+with a reference ``parity.json``, with ``--log-samples`` ``samples.json`` and, when hpi eval started the
+runtime, hpi serve's run folder ``runtime/`` and its output ``runtime-serve.log``.
 """
 
 from __future__ import annotations
@@ -35,19 +36,21 @@ class EvalJob:
     max_length: int = 2048
     api_key: str | None = None
     serve_dir: str | None = None  # hpi serve's run folder: its spec.json (plan, workload) joins the descriptor
+    reference_dtype: str = "float32"  # the reference's precision and device: the server's (its /ready says)
+    reference_device: str = "cpu"
 
     def task_manager(self):
         from lm_eval.tasks import TaskManager
 
         return TaskManager(include_path=[str(TASKS_DIR), *self.include_paths])
 
-    def evaluate(self, model, model_args: dict[str, Any] | None = None) -> dict:
+    def evaluate(self, model, model_args: dict[str, Any] | None = None, device: str = "cpu") -> dict:
         """``model``: a registered name with ``model_args``, or an lm-eval model object."""
         import lm_eval
 
         return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=list(self.tasks),
                                        num_fewshot=self.num_fewshot, limit=self.limit, batch_size=self.batch_size,
-                                       task_manager=self.task_manager(), log_samples=True, device="cpu")
+                                       task_manager=self.task_manager(), log_samples=True, device=device)
 
     def run_hpi(self, progress=None) -> dict:
         """``progress(request_type, done, total)`` after each batch of requests, or None."""
@@ -59,8 +62,16 @@ class EvalJob:
         return self.evaluate(model)
 
     def run_reference(self) -> dict:
-        """lm-eval's hf model on the checkpoint, fp32 on this machine's CPU (the single-node reference)."""
-        return self.evaluate("hf", {"pretrained": self.checkpoint, "dtype": "float32"})
+        """lm-eval's hf model on the checkpoint in one process (the single-node reference), in the server's
+        precision on the server's kind of device."""
+        return self.evaluate("hf", {"pretrained": self.checkpoint, "dtype": self.reference_dtype},
+                             device=self.reference_device)
+
+    def served_by(self, server: dict[str, Any]) -> EvalJob:
+        """This job with its reference in the precision and on the kind of device the server (``/ready``) runs."""
+        device = "cpu" if server.get("device", "cpu") == "cpu" else "cuda"
+        return dataclasses.replace(self, reference_dtype=server.get("dtype", self.reference_dtype),
+                                   reference_device=device)
 
 
 def checkpoint_fingerprint(folder: str | Path) -> str:
@@ -106,18 +117,28 @@ def entry_name(tasks: tuple[str, ...], now_s: float) -> str:
     return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(now_s))}-{label}"
 
 
-def write_entry(history: Path, job: EvalJob, results: dict, descriptor: dict, parity: dict | None,
-                now_s: float | None = None) -> Path:
-    """The job's history folder (a new one; a clash in the same second gets a suffix)."""
+def new_entry(history: Path, tasks: tuple[str, ...], now_s: float | None = None) -> Path:
+    """A new, empty folder for one job in ``history`` (a clash in the same second gets a suffix)."""
+    base = history / entry_name(tasks, time.time() if now_s is None else now_s)
+    folder, n = base, 1
+    while True:
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:
+            n += 1
+            folder = base.with_name(f"{base.name}-{n}")
+
+
+def write_entry(folder: Path, results: dict, descriptor: dict, parity: dict | None, *,
+                samples: bool = False) -> Path:
+    """The job's results, launch descriptor and parity into its entry folder (``new_entry``); ``samples``: every
+    request and response too (``samples.json``, lm-eval's --log_samples), for comparing runs request by request."""
     from hpi.atomic import write_json
 
-    base = history / entry_name(job.tasks, time.time() if now_s is None else now_s)
-    folder, n = base, 1
-    while folder.exists():
-        n += 1
-        folder = base.with_name(f"{base.name}-{n}")
-    folder.mkdir(parents=True)
     kept = {k: v for k, v in results.items() if k != "samples"}
+    if samples:
+        write_json(folder / "samples.json", results.get("samples", {}), indent=None)
     write_json(folder / "results.json", kept)
     write_json(folder / "launch.json", descriptor)
     if parity is not None:

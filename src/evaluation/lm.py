@@ -171,20 +171,30 @@ class HpiLM(TemplateLM):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        out = []
+        """Greedy (or the task's temperature) up to the stop strings: requests that share their stop strings,
+        length and temperature go ``batch_size`` prompts per HTTP request, as lm-eval's hf model batches the
+        requests that share their generation arguments; the server decodes them together in its KV slots."""
         eos = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
-        for request in requests:
+        groups: dict[tuple, list[tuple[int, list[int]]]] = {}
+        for i, request in enumerate(requests):
             context, gen_kwargs = request.args
             kwargs = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             max_gen_toks = kwargs.pop("max_gen_toks")
             prompt = self.tok_encode(context)[-(self.max_length - max_gen_toks):]
-            (choice,) = self.complete({"prompt": [prompt], "max_tokens": max_gen_toks, "stop": until,
-                                       "temperature": kwargs.get("temperature", 0.0), "logprobs": 0,
-                                       "return_tokens_as_token_ids": True})
-            ids = [int(t.removeprefix("token_id:")) for t in choice["logprobs"]["tokens"]]
-            text = postprocess_generated_text(self.tok_decode(ids), until, None)
-            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
-            out.append(text)
-            self._report("generate_until", len(out), len(requests))
+            groups.setdefault((tuple(until), max_gen_toks, kwargs.get("temperature", 0.0)), []).append((i, prompt))
+        out: list[str] = [""] * len(requests)
+        done = 0
+        for (until, max_gen_toks, temperature), members in groups.items():
+            for start in range(0, len(members), self.batch_size):
+                chunk = members[start:start + self.batch_size]
+                choices = self.complete({"prompt": [prompt for _, prompt in chunk], "max_tokens": max_gen_toks,
+                                         "stop": list(until), "temperature": temperature, "logprobs": 0,
+                                         "return_tokens_as_token_ids": True})
+                for (i, _), choice in zip(chunk, choices, strict=True):
+                    ids = [int(t.removeprefix("token_id:")) for t in choice["logprobs"]["tokens"]]
+                    out[i] = postprocess_generated_text(self.tok_decode(ids), list(until), None)
+                    self.cache_hook.add_partial("generate_until", requests[i].args, out[i])
+                done += len(chunk)
+                self._report("generate_until", done, len(requests))
         return out

@@ -48,7 +48,7 @@ from hpi.executor.rundir import hold_for_launch
 from hpi.executor.spec import RunSpec
 from hpi.executor.torchrun import LISTEN_FD_ENV, bind_listener, interface_of
 from hpi.executor.watchdog import Hang, Watchdog, default_hang_timeout_s, is_heartbeat, rank_of_process
-from hpi.processes import signal_of, sigterm_as_interrupt
+from hpi.processes import parent_death_signal, signal_of, sigterm_as_interrupt
 from hpi.records import RecordError, RunRecord
 
 __all__ = ["LaunchError", "NodeSummary", "launch", "start", "launch_env", "free_port", "WORKER", "RECORD_FILE",
@@ -163,28 +163,6 @@ def _signal(pid: int, start: int, sig: int) -> None:
             os.kill(pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
-
-
-def _parent_death_signal(parent: int | None = None) -> Callable[[], None] | None:
-    """A preexec_fn making torchrun get SIGTERM if the launcher (``parent``: this process) dies (Linux prctl
-    PR_SET_PDEATHSIG)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here, not in the forked child
-    except (OSError, AttributeError):
-        return None
-
-    parent = os.getpid() if parent is None else parent
-
-    def set_pdeathsig() -> None:
-        prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the launcher died between fork and prctl: no signal will ever come
-            signal.raise_signal(signal.SIGTERM)
-
-    return set_pdeathsig
 
 
 @dataclass
@@ -360,7 +338,7 @@ def launch(
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             encoding="utf-8", errors="replace", bufsize=1, env=env, start_new_session=True,
-            preexec_fn=_parent_death_signal(), pass_fds=() if listener is None else (listener.fileno(),),
+            preexec_fn=parent_death_signal(), pass_fds=() if listener is None else (listener.fileno(),),
         )
         if listener is not None:
             listener.close()  # torchrun holds it now

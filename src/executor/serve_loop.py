@@ -100,6 +100,7 @@ class Leader:
         self.conn.send(("ready", {"n_slots": self.scheduler.n_slots, "max_model_len": self.scheduler.max_model_len,
                                   "step_tokens": self.scheduler.step_tokens, "policy": self.scheduler.policy,
                                   "groups": self.groups_n, "graphs": self.runner.graphs,
+                                  "dtype": str(self.runner.dtype).removeprefix("torch."),  # lm-eval's hf spelling
                                   "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}))
         while True:
             busy = self.scheduler.has_work or bool(self.in_flight)

@@ -15,6 +15,7 @@ Lifecycle:
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import threading
@@ -39,6 +40,7 @@ class HttpOptions:
     drain_s: float = 30.0
     max_body_bytes: int = 8 * 2**20
     metrics_port: int | None = None  # /metrics on its own listener (at ``host``) instead of the API's port
+    url_file: str | None = None  # where the server's address goes once it listens (for whoever started it)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -124,6 +126,10 @@ def serve(deployment, http: HttpOptions, *, say=None) -> int:
     server = _Server(config, engine)
     host, port = sock.getsockname()[:2]
     url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+    if http.url_file is not None:  # --port 0 picks a port: whoever started us (hpi eval, a GUI) learns it here
+        from hpi.atomic import write_json
+
+        write_json(http.url_file, {"url": url, "pid": os.getpid(), "run_dir": deployment.spec.out_dir})
     cancel = threading.Event()
     stopped_by_us = threading.Event()
     engine.on_dead.append(lambda message: setattr(server, "should_exit", True))

@@ -250,10 +250,18 @@ CASES: list[Case] = [
         ("--url", "::::"), ("--url", "http://127.0.0.1:99999/v1"),
         ("--url", "http://127.0.0.1:9/v1", "--prompt", "hi"))],
     case("chat", "--prompt", "hi", hide=("openai",)),
-    # hpi eval: the server, the checkpoint, the tasks and the history folder are checked before anything runs
+    # hpi eval: the server, the checkpoint, the tasks and the history folder are checked before anything runs;
+    # the flags of the runtime it starts are refused beside --url, a running server's beside none
     *[case("eval", *extra) for extra in (
-        ("--checkpoint", ".", "--tasks", "hpi_arith_mc"), ("--url", "localhost:8000", "--checkpoint", ".",
-                                                           "--tasks", "hpi_arith_mc"),
+        ("--checkpoint", ".", "--tasks", "hpi_arith_mc", "--serve-dir", "tpl_dir"),
+        ("--checkpoint", ".", "--tasks", "hpi_arith_mc", "--api-key", "k"), ("--tasks", "hpi_arith_mc"),
+        ("--checkpoint", ".", "--tasks", "hpi_arith_mc", "--tp", "0"),
+        ("--checkpoint", ".", "--tasks", "hpi_arith_mc", "--offload", "disk"),
+        ("--checkpoint", ".", "--tasks", "hpi_arith_mc", "--nvme-path", "nosuch"),
+        ("--checkpoint", ".", "--tasks", "hpi_arith_mc", "--preset", "fastest"),
+        (*EVAL, "--tp", "2"), (*EVAL, "--preset", "latency"), (*EVAL, "--plan", "p.json"),
+        (*EVAL, "--device", "cpu", "--no-cuda-graphs"),
+        ("--url", "localhost:8000", "--checkpoint", ".", "--tasks", "hpi_arith_mc"),
         ("--url", "http://127.0.0.1:9", "--tasks", "hpi_arith_mc"),
         ("--url", "http://127.0.0.1:9", "--checkpoint", "nosuch", "--tasks", "hpi_arith_mc"),
         ("--url", "http://127.0.0.1:9", "--checkpoint", "."), ("--url", "http://127.0.0.1:9", "--checkpoint", ".",

@@ -47,9 +47,9 @@ def test_the_task_tokenizer_spells_every_item_without_unknowns():
 
 def test_lm_eval_loads_the_tasks_from_the_repository():
     pytest.importorskip("lm_eval")
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import TaskManager
 
-    tasks = get_task_dict(list(ot.TASK_NAMES), TaskManager(include_path=str(ot.TASKS_DIR)))
+    tasks = TaskManager(include_path=str(ot.TASKS_DIR)).load(list(ot.TASK_NAMES))["tasks"]
     assert set(tasks) == set(ot.TASK_NAMES)
     mc, ppl, gen = (tasks[name] for name in ot.TASK_NAMES)
     assert (mc.OUTPUT_TYPE, ppl.OUTPUT_TYPE, gen.OUTPUT_TYPE) == ("multiple_choice", "loglikelihood_rolling",

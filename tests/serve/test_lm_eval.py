@@ -134,37 +134,99 @@ def test_hpi_eval_progress_json_is_one_line_per_update_then_the_entry(eval_serve
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     progress = [(d["request_type"], d["done"], d["total"]) for d in lines[:-1]]
     assert progress == [("loglikelihood", 4, 12), ("loglikelihood", 8, 12), ("loglikelihood", 12, 12),
-                        ("generate_until", 1, 3), ("generate_until", 2, 3), ("generate_until", 3, 3)]
+                        ("generate_until", 3, 3)]  # the three generations share their arguments: one batch
     assert all(d["event"] == "progress" for d in lines[:-1])
     (entry,) = (tmp_path / "evals").iterdir()
     assert lines[-1] == {"event": "done", "entry": str(entry), "parity_ok": None}
 
 
-LAYOUTS = {  # the layouts tests/serve/test_parity.py serves (plain is the module's eval_server above)
+LAYOUTS = {  # the layouts tests/serve/test_parity.py serves; hpi eval starts hpi serve with each
+    "plain": (),
     "zero3-cpu-offload": ("--offload", "cpu"),
     "tp2": ("--tp", "2"),
     "pp2": ("--pp", "2"),
     "tp2-pp2-zero3": ("--tp", "2", "--pp", "2", "--offload", "cpu"),
 }
+CPU_FP32 = ("--device", "cpu", "--dtype", "fp32")
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_hpi_eval_passes_parity_in_every_layout(layout, sv, task_checkpoint, tmp_path, capsys):
+def test_hpi_eval_starts_the_runtime_and_passes_parity_in_every_layout(layout, task_checkpoint, tmp_path, capsys):
+    """No --url: hpi eval starts hpi serve with the plan's flags in its history entry, scores, stops it, then runs
+    the reference in the server's precision (fp32 on the CPU here); nothing is left running."""
+    import psutil
+
     from hpi.cli.app import main
 
-    server = sv.start_server(tmp_path / "serve", "--checkpoint", str(task_checkpoint), "--max-model-len",
-                             str(MAX_MODEL_LEN), *LAYOUTS[layout])
-    try:
-        code = main(["eval", "--url", server.url, "--checkpoint", str(task_checkpoint), "--tasks",
-                     ",".join(TASK_NAMES), "--limit", "5", "--max-length", str(MAX_MODEL_LEN), "--serve-dir",
-                     str(server.out_dir), "--reference", "hf", "--out", str(tmp_path / "evals")])
-    finally:
-        assert server.stop() == 0, server.log
-    assert code == 0, capsys.readouterr().err
+    code = main(["eval", "--checkpoint", str(task_checkpoint), *CPU_FP32, *LAYOUTS[layout], "--tasks",
+                 ",".join(TASK_NAMES), "--limit", "5", "--max-length", str(MAX_MODEL_LEN), "--reference", "hf",
+                 "--log-samples", "--out", str(tmp_path / "evals")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "the runtime was ready in" in captured.err
     (entry,) = (tmp_path / "evals").iterdir()
     parity = json.loads((entry / "parity.json").read_text())
     assert parity["ok"] and all(r["agreement"] == 1.0 for r in parity["requests"])
-    plan = json.loads((entry / "launch.json").read_text())["serve_spec"]["plan"]
+    launch = json.loads((entry / "launch.json").read_text())
+    plan = launch["serve_spec"]["plan"]
     flags = dict(zip(LAYOUTS[layout][::2], LAYOUTS[layout][1::2]))
     assert (plan["tp"], plan["pp"], plan["offload"]) == (int(flags.get("--tp", 1)), int(flags.get("--pp", 1)),
                                                           flags.get("--offload", "none"))
+    assert launch["serve_spec"]["serve"]["max_model_len"] == MAX_MODEL_LEN and launch["server"]["dtype"] == "float32"
+    assert (launch["job"]["reference_dtype"], launch["job"]["reference_device"]) == ("float32", "cpu")
+    assert "api_key" not in launch["job"]
+    samples = json.loads((entry / "samples.json").read_text())
+    assert {task: len(docs) for task, docs in samples.items()} == dict.fromkeys(TASK_NAMES, 5)
+    assert (entry / "runtime" / "spec.json").is_file() and "hpi serve: stopped" in (
+        entry / "runtime-serve.log").read_text()
+    pid = json.loads((entry / "runtime-url.json").read_text())["pid"]  # hpi serve, stopped and reaped
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    left = []  # nothing it started (torchrun, the ranks) names its run folder any longer
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(str(entry) in part for part in proc.info["cmdline"] or ()):
+            left.append(proc)
+    assert not left
+
+
+def test_hpi_eval_relays_the_runtimes_refusal_and_keeps_nothing(task_checkpoint, tmp_path, capsys):
+    """A plan hpi serve refuses (tiny-llama's 4 heads do not split 3 ways) is its one line, exit 2, no entry."""
+    from hpi.cli.app import main
+
+    history = tmp_path / "evals"
+    code = main(["eval", "--checkpoint", str(task_checkpoint), *CPU_FP32, "--tp", "3", "--tasks", "hpi_arith_mc",
+                 "--limit", "2", "--max-length", str(MAX_MODEL_LEN), "--out", str(history)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("hpi serve: ") and "--tp" in err[0], err
+    assert not history.exists()
+
+
+def test_hpi_eval_few_shot_prompts_keep_parity(eval_server, task_checkpoint, tmp_path, capsys):
+    from hpi.cli.app import main
+
+    assert main(["eval", "--url", eval_server.url, "--checkpoint", str(task_checkpoint), "--tasks", "hpi_arith_mc",
+                 "--num-fewshot", "2", "--limit", "5", "--max-length", str(MAX_MODEL_LEN), "--reference", "hf",
+                 "--out", str(tmp_path / "evals")]) == 0, capsys.readouterr().err
+    (entry,) = (tmp_path / "evals").iterdir()
+    results = json.loads((entry / "results.json").read_text())
+    assert results["n-shot"]["hpi_arith_mc"] == 2
+    assert json.loads((entry / "parity.json").read_text())["ok"]
+
+
+def test_lm_evals_own_cli_runs_the_hpi_model_by_its_entry_point(eval_server, hf_results, task_checkpoint, tmp_path):
+    """``hpi-lm-eval`` is lm-eval's CLI with the lm_eval.models entry points registered: --model hpi scores as
+    lm-eval's hf model does."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "lm-eval-out"
+    done = subprocess.run([sys.executable, "-m", "hpi.evaluation.lm_eval_cli", "--model", "hpi", "--model_args",
+                           f"url={eval_server.url},tokenizer={task_checkpoint},max_length={MAX_MODEL_LEN}",
+                           "--tasks", "hpi_arith_mc,hpi_arith_gen", "--include_path", str(TASKS_DIR), "--limit",
+                           str(LIMIT), "--batch_size", "8", "--output_path", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (written,) = out.rglob("results_*.json")
+    scores = json.loads(written.read_text())["results"]
+    for task, metric in (("hpi_arith_mc", "acc,none"), ("hpi_arith_mc", "acc_norm,none"),
+                         ("hpi_arith_gen", "exact_match,first_number")):
+        assert scores[task][metric] == hf_results["results"][task][metric], (task, metric)
