@@ -6,10 +6,13 @@ each started by ``hpi eval`` itself with ``--reference hf`` (lm-eval's hf model 
 lm-eval's hf model is then run once more in bf16 and once in fp32, so every bf16 delta is read beside what bf16
 itself costs: hf bf16 against hf fp32 is the noise floor a bf16 run cannot beat.
 
-    python benchmarks/eval_device.py --out DIR [--model llama-3-8b] [--limit N] [--work /tmp/ckpt-eval-8b]
+    python benchmarks/eval_device.py --out DIR [--layouts resident,zero3-cpu-offload] [--hf bfloat16,float32]
+                                     [--limit N] [--eval-timeout S] [--work /tmp/ckpt-eval-8b]
+    python benchmarks/eval_device.py --out DIR --summarize-only   # the pairs from what DIR already holds
 
-Writes DIR/evals/ (hpi eval's history, samples kept), DIR/hf-bfloat16.json and DIR/hf-float32.json (lm-eval's
-results with samples), DIR/eval-summary.json (every pairwise parity) and appends to DIR/steps.log.
+Writes DIR/evals/<layout>/ (hpi eval's history, samples kept; its progress lines and stderr beside it as they
+come), DIR/hf-bfloat16.json and DIR/hf-float32.json (lm-eval's results with samples), DIR/eval-summary.json
+(every pairwise parity of what DIR holds) and appends to DIR/steps.log. The hf runs go first: they are short.
 """
 
 from __future__ import annotations
@@ -33,25 +36,29 @@ def say(out: Path, text: str) -> None:
 
 
 def make_checkpoint(model: str, work: Path, out: Path) -> Path:
+    """The random bf16 model of seed 0, drawn on the GPU (the CPU took 229 s for an 8B), with the task tokenizer."""
     import torch
 
     from hpi.evaluation.offline_tasks import task_tokenizer
     from hpi.executor.modeling import load_hf_config
-    from hpi.executor.weights import save_checkpoint
+    from hpi.executor.weights import full_state_dict, write_checkpoint
 
     if (work / "tokenizer.json").exists():
         return work
     t0 = time.time()
     config = load_hf_config(model)
-    save_checkpoint(config, seed=0, out_dir=work, dtype=torch.bfloat16)
+    write_checkpoint(full_state_dict(config, 0, torch.bfloat16, device="cuda"), config, work)
+    torch.cuda.empty_cache()
     task_tokenizer(config.vocab_size).save_pretrained(work)
-    say(out, f"saved {model} (random bf16, seed 0) with the task tokenizer to {work} in {time.time() - t0:.0f} s")
+    say(out, f"saved {model} (random bf16, seed 0, drawn on cuda) with the task tokenizer to {work} in "
+             f"{time.time() - t0:.0f} s")
     return work
 
 
-def run_hpi_eval(ckpt: Path, layout: str, a: argparse.Namespace) -> dict:
-    """``hpi eval`` starting its own runtime in ``layout``; its entry (results + samples), exit code and time."""
+def run_hpi_eval(ckpt: Path, layout: str, a: argparse.Namespace) -> None:
+    """``hpi eval`` starting its own runtime in ``layout``, its progress lines and stderr kept as they come."""
     history = a.out / "evals" / layout
+    history.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "hpi.cli", "eval", "--checkpoint", str(ckpt), *LAYOUTS[layout], "--tasks",
            a.tasks, "--max-length", str(a.max_length), "--batch-size", str(a.batch_size), "--reference", "hf",
            "--log-samples", "--progress-json", "--out", str(history)]
@@ -59,19 +66,21 @@ def run_hpi_eval(ckpt: Path, layout: str, a: argparse.Namespace) -> dict:
         cmd += ["--limit", str(a.limit)]
     say(a.out, f"{layout}: {' '.join(cmd[2:])}")
     t0 = time.time()
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.time() - t0
-    (a.out / f"hpi-eval-{layout}.stdout").write_text(done.stdout)
-    (a.out / f"hpi-eval-{layout}.stderr").write_text(done.stderr)
-    last = json.loads(done.stdout.strip().splitlines()[-1]) if done.stdout.strip() else {}
-    say(a.out, f"{layout}: exit {done.returncode} in {wall:.0f} s; {last}")
-    entry = Path(last["entry"]) if "entry" in last else None
-    if entry is None:
-        raise SystemExit(f"{layout}: hpi eval kept no entry:\n{done.stderr[-3000:]}")
+    with (history / "progress.jsonl").open("w") as stdout, (history / "stderr.log").open("w") as stderr:
+        proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr)
+        try:
+            code = proc.wait(a.eval_timeout)
+        except subprocess.TimeoutExpired:
+            proc.terminate()  # hpi eval stops its runtime (SIGTERM reaches hpi serve by the parent-death signal)
+            code = proc.wait()
+            say(a.out, f"{layout}: stopped after {a.eval_timeout:.0f} s")
+    say(a.out, f"{layout}: exit {code} in {time.time() - t0:.0f} s")
+
+
+def load_entry(entry: Path) -> dict:
     results = json.loads((entry / "results.json").read_text())
     results["samples"] = json.loads((entry / "samples.json").read_text())
-    return {"layout": layout, "exit": done.returncode, "wall_s": wall, "entry": str(entry), "results": results,
-            "parity": json.loads((entry / "parity.json").read_text()),
+    return {"entry": str(entry), "results": results, "parity": json.loads((entry / "parity.json").read_text()),
             "launch": json.loads((entry / "launch.json").read_text())}
 
 
@@ -99,40 +108,64 @@ def figures(parity) -> dict:
                          for r in doc["requests"]}}
 
 
+def summarize(a: argparse.Namespace) -> None:
+    from hpi.evaluation.parity import compare
+
+    runs = {}
+    for layout in LAYOUTS:
+        entries = sorted((a.out / "evals" / layout).glob("*/results.json"))
+        if entries:
+            runs[layout] = load_entry(entries[-1].parent)
+    hf = {dtype: json.loads((a.out / f"hf-{dtype}.json").read_text())
+          for dtype in ("bfloat16", "float32") if (a.out / f"hf-{dtype}.json").exists()}
+    pairs = {}
+    if len(hf) == 2:
+        pairs["hf bf16 vs hf fp32 (what bf16 costs)"] = compare(hf["bfloat16"], hf["float32"])
+    for layout, run in runs.items():
+        for dtype, short in (("bfloat16", "bf16"), ("float32", "fp32")):
+            if dtype in hf:
+                pairs[f"hpi {layout} bf16 vs hf {short}"] = compare(run["results"], hf[dtype])
+    summary = {"model": a.model, "tasks": a.tasks, "limit": a.limit,
+               "runs": {layout: {"entry": run["entry"], "plan": run["launch"]["serve_spec"]["plan"],
+                                 "server": run["launch"]["server"],
+                                 "parity_in_run": {k: run["parity"][k] for k in ("ok", "failures")}}
+                        for layout, run in runs.items()},
+               "pairs": {name: figures(parity) for name, parity in pairs.items()}}
+    (a.out / "eval-summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    for name, parity in pairs.items():
+        worst = max((r.max_delta for r in parity.requests), default=0.0)
+        median = {r.task.removeprefix("hpi_"): round(r.median_delta, 4) for r in parity.requests
+                  if r.loglikelihood_deltas}
+        agreement = {r.task.removeprefix("hpi_"): round(r.agreement, 3) for r in parity.requests}
+        scores = ", ".join(f"{s.task.removeprefix('hpi_')} {s.metric.split(',')[0]} {s.delta:+.4g}"
+                           for s in parity.scores if s.metric.split(",")[0] in ("acc", "exact_match",
+                                                                                "word_perplexity"))
+        say(a.out, f"{name}: max |dll| {worst:.4g}, median {median}, agreement {agreement}; score deltas: {scores}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--model", default="llama-3-8b")
     p.add_argument("--work", type=Path, default=Path("/tmp/ckpt-eval-8b"))
     p.add_argument("--tasks", default="hpi_arith_mc,hpi_count_ppl,hpi_arith_gen")
+    p.add_argument("--layouts", default=",".join(LAYOUTS))
+    p.add_argument("--hf", default="bfloat16,float32", help="lm-eval hf model runs, by dtype ('' for none)")
     p.add_argument("--limit", type=int, default=0, help="items per task (0: all)")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--eval-timeout", type=float, default=None, help="seconds one hpi eval may take")
+    p.add_argument("--summarize-only", action="store_true")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    ckpt = make_checkpoint(a.model, a.work, a.out)
-    runs = [run_hpi_eval(ckpt, layout, a) for layout in LAYOUTS]
-    from hpi.evaluation.parity import compare
-
-    hf = {dtype: run_hf(ckpt, dtype, a) for dtype in ("bfloat16", "float32")}
-    pairs = {"hf bf16 vs hf fp32 (what bf16 costs)": compare(hf["bfloat16"], hf["float32"])}
-    for r in runs:
-        pairs[f"hpi {r['layout']} bf16 vs hf bf16"] = compare(r["results"], hf["bfloat16"])
-        pairs[f"hpi {r['layout']} bf16 vs hf fp32"] = compare(r["results"], hf["float32"])
-    summary = {"model": a.model, "checkpoint": str(ckpt), "tasks": a.tasks, "limit": a.limit,
-               "runs": [{k: r[k] for k in ("layout", "exit", "wall_s", "entry")} | {
-                   "plan": r["launch"]["serve_spec"]["plan"], "server": r["launch"]["server"],
-                   "parity_in_run": {k: r["parity"][k] for k in ("ok", "failures")}} for r in runs],
-               "pairs": {name: figures(parity) for name, parity in pairs.items()}}
-    (a.out / "eval-summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    for name, parity in pairs.items():
-        worst = max((r.max_delta for r in parity.requests), default=0.0)
-        agreement = min((r.agreement for r in parity.requests), default=1.0)
-        scores = ", ".join(f"{s.task.removeprefix('hpi_')} {s.metric.split(',')[0]} {s.delta:+.4f}"
-                           for s in parity.scores if s.metric.split(",")[0] in ("acc", "exact_match",
-                                                                                "word_perplexity"))
-        say(a.out, f"{name}: max |dll| {worst:.4g}, min agreement {agreement:.3f}; score deltas: {scores}")
+    if not a.summarize_only:
+        ckpt = make_checkpoint(a.model, a.work, a.out)
+        for dtype in filter(None, a.hf.split(",")):
+            run_hf(ckpt, dtype, a)
+        for layout in filter(None, a.layouts.split(",")):
+            run_hpi_eval(ckpt, layout, a)
+    summarize(a)
 
 
 if __name__ == "__main__":
