@@ -97,9 +97,21 @@ def run_hf(ckpt: Path, dtype: str, a: argparse.Namespace) -> dict:
     return kept
 
 
+def relative_deltas(parity) -> dict:
+    """Per task, the largest and the median |delta| / max(1, |reference|) over its scored requests."""
+    out = {}
+    for r in parity.requests:
+        ratios = sorted(d / a * parity.tolerances.loglikelihood_relative
+                        for d, a in zip(r.loglikelihood_deltas, r.allowed, strict=True))
+        if ratios:
+            out[r.task] = {"max": ratios[-1], "median": ratios[len(ratios) // 2]}
+    return out
+
+
 def figures(parity) -> dict:
     doc = parity.as_dict()
-    return {"ok_at_fp32_tolerances": doc["ok"],
+    return {"ok": doc["ok"], "precision": doc["precision"], "failures": doc["failures"],
+            "relative_loglikelihood_deltas": relative_deltas(parity),
             "scores": {f"{s['task']} {s['metric']}": {"score": s["score"], "reference": s["reference"],
                                                       "delta": s["delta"], "stderr": s["stderr"]}
                        for s in doc["scores"]},
@@ -118,13 +130,13 @@ def summarize(a: argparse.Namespace) -> None:
             runs[layout] = load_entry(entries[-1].parent)
     hf = {dtype: json.loads((a.out / f"hf-{dtype}.json").read_text())
           for dtype in ("bfloat16", "float32") if (a.out / f"hf-{dtype}.json").exists()}
-    pairs = {}
+    pairs = {}  # every pair has a bf16 side: judged by bf16's tolerances (hpi.evaluation.parity.TOLERANCES)
     if len(hf) == 2:
-        pairs["hf bf16 vs hf fp32 (what bf16 costs)"] = compare(hf["bfloat16"], hf["float32"])
+        pairs["hf bf16 vs hf fp32 (what bf16 costs)"] = compare(hf["bfloat16"], hf["float32"], "bfloat16")
     for layout, run in runs.items():
         for dtype, short in (("bfloat16", "bf16"), ("float32", "fp32")):
             if dtype in hf:
-                pairs[f"hpi {layout} bf16 vs hf {short}"] = compare(run["results"], hf[dtype])
+                pairs[f"hpi {layout} bf16 vs hf {short}"] = compare(run["results"], hf[dtype], "bfloat16")
     summary = {"model": a.model, "tasks": a.tasks, "limit": a.limit,
                "runs": {layout: {"entry": run["entry"], "plan": run["launch"]["serve_spec"]["plan"],
                                  "server": run["launch"]["server"],
@@ -140,7 +152,9 @@ def summarize(a: argparse.Namespace) -> None:
         scores = ", ".join(f"{s.task.removeprefix('hpi_')} {s.metric.split(',')[0]} {s.delta:+.4g}"
                            for s in parity.scores if s.metric.split(",")[0] in ("acc", "exact_match",
                                                                                 "word_perplexity"))
-        say(a.out, f"{name}: max |dll| {worst:.4g}, median {median}, agreement {agreement}; score deltas: {scores}")
+        rel = {task.removeprefix("hpi_"): round(d["max"], 4) for task, d in relative_deltas(parity).items()}
+        say(a.out, f"{name}: max |dll| {worst:.4g} (relative {rel}), median {median}, agreement {agreement}; "
+                   f"score deltas: {scores}; bf16 parity {'ok' if parity.ok else 'OFF'}")
 
 
 def main() -> None:

@@ -60,12 +60,17 @@ class Deployment:
         return prediction_summary(self.prediction) if self.prediction is not None else None
 
 
+def _who(spec: RunSpec) -> str:
+    """The command whose input a message is about: hpi serve resolves its deployment here as hpi run does."""
+    return "hpi serve" if spec.mode == "serve" else "hpi run"
+
+
 def decode_mode(spec: RunSpec, model: ModelSpec, asked: bool | None) -> bool:
     """Whether the run decodes through CUDA graphs: as asked, else wherever they can run (a GPU, a plan without
     ZeRO-3 or KV offload, a dense model). Asked for where they cannot run: refused."""
     blocker = decode_graph_blocker(spec.plan, model)
     if asked and blocker:
-        raise DeploymentError(f"hpi run: CUDA graphs cannot run {spec.plan.label}: {blocker}; drop --cuda-graphs")
+        raise DeploymentError(f"{_who(spec)}: CUDA graphs cannot run {spec.plan.label}: {blocker}; drop --cuda-graphs")
     if asked is not None:
         return asked
     return spec.device == "cuda" and blocker is None
@@ -123,8 +128,8 @@ def _safe_pinning(spec: RunSpec, est, host: HostMemory, explicit: bool, warnings
     if problem is None:
         return spec
     if explicit:
-        raise DeploymentError(f"hpi run: --pin-memory: {problem}: drop --pin-memory (pageable copies, slower), free "
-                              "memory, or raise the limit")
+        raise DeploymentError(f"{_who(spec)}: --pin-memory: {problem}: drop --pin-memory (pageable copies, "
+                              "slower), free memory, or raise the limit")
     warnings.append(f"pinned memory turned off: {problem}; host->device copies run pageable (slower); "
                     "--pin-memory refuses instead")
     return replace(spec, plan=plan.with_(pin_memory=False), extra={**spec.extra, "pinning": f"off: {problem}"})
@@ -169,14 +174,14 @@ def _predict(spec: RunSpec, model: ModelSpec, force: bool, warnings: list[str]):
         est = predict(model, hardware, spec.workload, plan)
     except PlanError as e:
         if not force:
-            raise DeploymentError(f"hpi run: plan {plan.label} cannot be placed on {hardware.name}: {e} "
+            raise DeploymentError(f"{_who(spec)}: plan {plan.label} cannot be placed on {hardware.name}: {e} "
                                   "(--force runs it anyway)") from None
         warnings.append(f"no prediction ({e}); running anyway (--force)")
         return None
     if not est.feasible:
         reasons = "; ".join(r.message for r in est.reasons)
         if not force:
-            raise DeploymentError(f"hpi run: plan {plan.label} is infeasible on {hardware.name}: {reasons} "
+            raise DeploymentError(f"{_who(spec)}: plan {plan.label} is infeasible on {hardware.name}: {reasons} "
                                   "(pass --force to run it anyway)")
         warnings.append(f"running an infeasible plan (--force): {reasons}")
     return est
@@ -188,22 +193,22 @@ def _check_inputs(spec: RunSpec, model: ModelSpec, nodes: Nodes) -> None:
 
     context, positions = spec.workload.context_len_tokens, model.max_position_embeddings
     if context > positions:
-        raise DeploymentError(f"hpi run: prompt {spec.workload.prompt_len_tokens} + gen {spec.workload.gen_len_tokens} "
-                              f"= {context} tokens > {model.name}'s {positions} positions (max_position_embeddings): "
-                              "shorten --prompt-len or --gen-len")
+        raise DeploymentError(f"{_who(spec)}: prompt {spec.workload.prompt_len_tokens} + gen "
+                              f"{spec.workload.gen_len_tokens} = {context} tokens > {model.name}'s {positions} "
+                              "positions (max_position_embeddings): shorten --prompt-len or --gen-len")
     if spec.mode == "chat" and not spec.prompts:
-        raise DeploymentError("hpi run: --chat needs a prompt: pass --prompt TEXT or --prompts FILE")
+        raise DeploymentError(f"{_who(spec)}: --chat needs a prompt: pass --prompt TEXT or --prompts FILE")
     if spec.checkpoint and not Path(spec.checkpoint).is_dir():
-        raise DeploymentError(f"hpi run: --checkpoint {spec.checkpoint}: no such directory")
+        raise DeploymentError(f"{_who(spec)}: --checkpoint {spec.checkpoint}: no such directory")
     if spec.prompts and not spec.checkpoint:
-        raise DeploymentError("hpi run: text prompts need a tokenizer: pass --checkpoint DIR (a local HF checkpoint "
-                              "with tokenizer files), or leave out --prompt for seeded random prompts")
+        raise DeploymentError(f"{_who(spec)}: text prompts need a tokenizer: pass --checkpoint DIR (a local HF "
+                              "checkpoint with tokenizer files), or leave out --prompt for seeded random prompts")
     if not spec.hardware:  # with a profile, the prediction has checked the plan against the model already
         problems = plan_problems(model, None, spec.plan)
         if problems:
-            raise DeploymentError(f"hpi run: {problems[0]}")
+            raise DeploymentError(f"{_who(spec)}: {problems[0]}")
     if nodes.node_rank >= nodes.nnodes:
-        raise DeploymentError(f"hpi run: --node-rank {nodes.node_rank} must be < --nnodes {nodes.nnodes}")
+        raise DeploymentError(f"{_who(spec)}: --node-rank {nodes.node_rank} must be < --nnodes {nodes.nnodes}")
 
 
 def _node_gpus(spec: RunSpec, est, nodes: Nodes) -> tuple[int | None, tuple[int, ...] | None]:
@@ -215,7 +220,7 @@ def _node_gpus(spec: RunSpec, est, nodes: Nodes) -> tuple[int | None, tuple[int,
     per_node = list(node_ranks(est.placement).values())
     if len(per_node) != nodes.nnodes:
         raise DeploymentError(
-            f"hpi run: the plan's {est.placement.world_size} ranks span {len(per_node)} node(s) of "
+            f"{_who(spec)}: the plan's {est.placement.world_size} ranks span {len(per_node)} node(s) of "
             f"{est.hardware.name}: start one hpi run per node with --nnodes {len(per_node)} --node-rank K "
             "--master-addr HOST --master-port P")
     gpus = [gpu for _, gpu in per_node[nodes.node_rank]]

@@ -36,6 +36,12 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 # Every JSON file kept under benchmarks/results/ and studies/: (RunRecords read, entries skipped by reason).
 # A file added, removed or read differently fails the test until this table says so.
+EVAL = "2026-12-03-h200-eval"  # hpi eval entries (results, launch descriptor, parity, samples, hpi serve's spec)
+EVAL_ENTRIES = (f"{EVAL}/call1/evals/resident/20261203T095403Z-hpi_arith_mc+hpi_count_ppl+hpi_arith_gen",
+                f"{EVAL}/call2/evals/resident/20261203T100310Z-hpi_arith_mc+hpi_count_ppl+hpi_arith_gen",
+                f"{EVAL}/call2/evals/zero3-cpu-offload/20261203T100444Z-hpi_arith_mc+hpi_count_ppl+hpi_arith_gen")
+EVAL_ENTRY_FILES = ("launch.json", "parity.json", "results.json", "runtime/spec.json", "runtime-url.json",
+                    "samples.json")
 KEPT = {
     "2026-11-22-autotune-sim/autotune_sim.json": (0, {"not a RunRecord": 1}),
     "2026-11-22-h100/autotune/best_ds_config.json": (0, {"not a RunRecord": 1}),
@@ -103,6 +109,11 @@ KEPT = {
     "2026-12-03-h200-serve-metrics/m70b-call1/m70b.metrics.json": (0, {"not a RunRecord": 1}),
     "2026-12-03-h200-serve-metrics/m8b-call2/m8b.load.json": (0, {"not a RunRecord": 1}),
     "2026-12-03-h200-serve-metrics/m8b-call2/m8b.metrics.json": (0, {"not a RunRecord": 1}),
+    **{f"{entry}/{name}": (0, {"not a RunRecord": 1}) for entry in EVAL_ENTRIES for name in EVAL_ENTRY_FILES},
+    f"{EVAL}/call2/eval-summary-bf16-tolerances.json": (0, {"not a RunRecord": 1}),
+    f"{EVAL}/call2/eval-summary.json": (0, {"not a RunRecord": 1}),
+    f"{EVAL}/call2/hf-bfloat16.json": (0, {"not a RunRecord": 3}),  # lm-eval's results, samples, n-shot
+    f"{EVAL}/call2/hf-float32.json": (0, {"not a RunRecord": 3}),
 }
 
 
@@ -155,7 +166,7 @@ def test_every_kept_file_reads_with_its_records_and_skips_counted(kept) -> None:
     for got in kept.values():
         for reason, n in got.skipped.items():
             skipped[reason] = skipped.get(reason, 0) + n
-    assert skipped == {"not a RunRecord": 34, "error": 4, "baseline": 9}
+    assert skipped == {"not a RunRecord": 60, "error": 4, "baseline": 9}
     # Read together, names are unique (validate and calibrate key on them): a rerun kept under the stem of an
     # earlier run is named with its folder, and so is the earlier one.
     together = {r.record_id for r in load_records(_kept_files())}

@@ -238,7 +238,7 @@ def _score(args: argparse.Namespace, job) -> dict:
 def _parity(args: argparse.Namespace, job, results: dict):
     from hpi.evaluation.parity import compare
 
-    return compare(results, job.run_reference()) if args.reference == "hf" else None
+    return compare(results, job.run_reference(), job.reference_dtype) if args.reference == "hf" else None
 
 
 def _keep(args: argparse.Namespace, folder: Path, job, server: dict, results: dict, parity) -> int:

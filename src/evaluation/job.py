@@ -100,14 +100,35 @@ def software_versions() -> dict[str, str | None]:
     return out
 
 
+def deployment_of(spec_path: Path, checkpoint: str) -> dict[str, Any]:
+    """The layout hpi serve ran (``spec_path``: its run folder's spec.json): world size, tp / pp / dp, the offload
+    settings, and the DeepSpeed config its ranks were given (``hpi.executor.render.ds_config``, the one the
+    worker writes; None where the plan runs without ZeRO-3)."""
+    from hpi.executor.modeling import load_hf_config
+    from hpi.executor.render import ds_config
+    from hpi.executor.spec import RunSpec
+
+    spec = RunSpec.read(spec_path)
+    plan = spec.plan
+    config = None
+    if not plan.runs_without_zero3:
+        hidden_size = load_hf_config(checkpoint).hidden_size
+        config = ds_config(plan, dtype=spec.dtype, hidden_size=hidden_size, nvme_path=spec.nvme_path)
+    return {"world_size": plan.world_size, "tp": plan.tp, "pp": plan.pp, "dp": plan.dp, "offload": plan.offload,
+            "weight_bits": plan.weight_bits, "pin_memory": plan.pin_memory, "zero3": not plan.runs_without_zero3,
+            "hardware": spec.hardware, "device": spec.device, "dtype": spec.dtype, "deepspeed_config": config}
+
+
 def launch_descriptor(job: EvalJob, server: dict[str, Any]) -> dict[str, Any]:
     """What ran: the job, the server's own account (``/ready``), hpi serve's spec (plan, workload, DeepSpeed
-    settings) when its run folder is known, the checkpoint's fingerprint and the software versions."""
-    spec = None
+    settings) and its layout when its run folder is known, the checkpoint's fingerprint and the software
+    versions."""
+    spec = deployment = None
     if job.serve_dir is not None:
         spec = json.loads((Path(job.serve_dir) / "spec.json").read_text())
+        deployment = deployment_of(Path(job.serve_dir) / "spec.json", job.checkpoint)
     job_doc = {k: v for k, v in dataclasses.asdict(job).items() if k != "api_key"}
-    return {"job": job_doc, "server": server, "serve_spec": spec,
+    return {"job": job_doc, "server": server, "serve_spec": spec, "deployment": deployment,
             "checkpoint_fingerprint": checkpoint_fingerprint(job.checkpoint), "software": software_versions(),
             "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 

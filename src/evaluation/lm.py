@@ -9,7 +9,7 @@ the text is tokenized once, here, with the checkpoint's own tokenizer (what lm-e
   the top one at its position. Requests go longest first, ``batch_size`` prompts per HTTP request (one engine
   request each: they share the KV slots and steps like any other load), as lm-eval's ``hf`` model orders them;
 - rolling log-likelihood: lm-eval's own disjoint windows (``get_rolling_token_windows``, context 1) scored as
-  above, exactly the ``hf`` model's windows;
+  above, exactly the ``hf`` model's windows, every document's together (longest first, ``batch_size`` a request);
 - generate-until: greedy, ``max_tokens`` = the request's ``max_gen_toks``, the stop strings (with the EOS
   token's text added, as ``hf`` does) sent to the server; the generated token ids come back
   (``return_tokens_as_token_ids``) and are decoded here and cut at the first stop string, as ``hf`` does (the
@@ -139,8 +139,8 @@ class HpiLM(TemplateLM):
         """The scored tokens: context + continuation, cut from the left to ``max_length`` (hf's window)."""
         return (context_enc + continuation_enc)[-self.max_length:]
 
-    def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False, report: bool = True, **kwargs
-                              ) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False, report_as: str = "loglikelihood",
+                              **kwargs) -> list[tuple[float, bool]]:
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         order = by_length(requests)
         for start in range(0, len(order), self.batch_size):
@@ -153,22 +153,26 @@ class HpiLM(TemplateLM):
                 results[i] = continuation_score(lp["token_logprobs"], lp["top_logprobs"], len(requests[i][2]))
                 if requests[i][0] is not None:
                     self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
-            if report:
-                self._report("loglikelihood", min(start + self.batch_size, len(order)), len(order))
+            self._report(report_as, min(start + self.batch_size, len(order)), len(order))
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        out = []
-        for request in requests:
+        """Every document's windows scored together, ``batch_size`` windows per HTTP request (as lm-eval's hf
+        model batches them across documents); progress counts windows."""
+        windows, owners = [], []
+        for k, request in enumerate(requests):
             (string,) = request.args
-            windows = [(None,) + make_disjoint_window(w) for w in get_rolling_token_windows(
-                token_list=self.tok_encode(string), prefix_token=self.prefix_token_id, max_seq_len=self.max_length,
-                context_len=1)]
-            total = sum(score for score, _ in self._loglikelihood_tokens(windows, report=False))
-            self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
-            out.append(total)
-            self._report("loglikelihood_rolling", len(out), len(requests))
-        return out
+            for w in get_rolling_token_windows(token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                                               max_seq_len=self.max_length, context_len=1):
+                windows.append((None,) + make_disjoint_window(w))
+                owners.append(k)
+        totals = [0.0] * len(requests)
+        for k, (score, _) in zip(owners, self._loglikelihood_tokens(windows, report_as="loglikelihood_rolling"),
+                                 strict=True):
+            totals[k] += score  # a document's windows in order, as the hf model sums them
+        for request, total in zip(requests, totals, strict=True):
+            self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
+        return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy (or the task's temperature) up to the stop strings: requests that share their stop strings,

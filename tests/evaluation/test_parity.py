@@ -38,7 +38,7 @@ def test_a_small_log_likelihood_delta_passes_and_a_large_one_fails():
     large = {**REF, "rolling": [-50.0, -60.0 + 3 * LOGLIKELIHOOD_TOLERANCE]}
     parity = compare(run(**large), run(**REF))
     assert not parity.ok
-    assert parity.failures() == [f"ppl: max |log-likelihood delta| = 0.003 > {LOGLIKELIHOOD_TOLERANCE:g}"]
+    assert parity.failures() == ["ppl: |log-likelihood delta| = 0.003 > 0.001 = 0.001 (float32)"]
 
 
 def test_scores_compare_absolutely_below_one_and_relatively_above():
@@ -67,3 +67,21 @@ def test_a_metric_missing_from_the_run_is_an_error_not_a_pass():
     del mine["results"]["mc"]["acc,none"]
     with pytest.raises(ValueError, match="mc: the run has no number for acc,none"):
         compare(mine, run(**REF))
+
+
+def test_bf16_tolerates_two_percent_of_a_log_likelihood_and_a_point_of_accuracy():
+    """bf16's tolerances are relative (a rolling document's log-likelihood is hundreds of nats): 2 % of the
+    reference's log-likelihood per request, 0.01 of an accuracy."""
+    near = {**REF, "rolling": [-50.0 * 1.019, -60.0], "acc": 0.25 + 0.009}
+    assert not compare(run(**near), run(**REF)).ok  # fp32's rules: far off
+    parity = compare(run(**near), run(**REF), "bfloat16")
+    assert parity.ok and parity.as_dict()["loglikelihood_tolerance_relative"] == 0.02
+    far = {**REF, "rolling": [-50.0 * 1.021, -60.0], "acc": 0.25 + 0.011}
+    parity = compare(run(**far), run(**REF), "bfloat16")
+    assert parity.failures() == [
+        "mc acc,none: |0.261 - 0.25| = 0.011 > 0.01 x max(1, |reference|) (bfloat16)",
+        "ppl: |log-likelihood delta| = 1.05 > 0.02 x max(1, |reference|) = 1 (bfloat16)"]
+    small = {**REF, "lls": [[-1.0 + 0.019, -2.0], [-3.0, -2.5]]}  # below 1 nat the tolerance is 0.02 nats
+    assert compare(run(**small), run(**REF), "bfloat16").ok
+    with pytest.raises(ValueError, match="no parity tolerances for 'int8'"):
+        compare(run(**REF), run(**REF), "int8")

@@ -5,6 +5,7 @@ the ``hpi`` model (hpi.evaluation.lm) and lm-eval's own ``local-completions`` cl
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -120,7 +121,7 @@ def test_hpi_eval_exits_1_when_the_reference_is_another_model(eval_server, task_
     history = tmp_path / "evals"
     assert main(["eval", "--url", eval_server.url, "--checkpoint", str(other), "--tasks", "hpi_arith_mc",
                  "--limit", "5", "--max-length", str(MAX_MODEL_LEN), "--reference", "hf", "--out", str(history)]) == 1
-    assert "hpi eval: parity off: hpi_arith_mc: max |log-likelihood delta|" in capsys.readouterr().err
+    assert "hpi eval: parity off: hpi_arith_mc: |log-likelihood delta| = " in capsys.readouterr().err
     (entry,) = history.iterdir()
     assert json.loads((entry / "parity.json").read_text())["ok"] is False
 
@@ -173,6 +174,11 @@ def test_hpi_eval_starts_the_runtime_and_passes_parity_in_every_layout(layout, t
     assert (plan["tp"], plan["pp"], plan["offload"]) == (int(flags.get("--tp", 1)), int(flags.get("--pp", 1)),
                                                           flags.get("--offload", "none"))
     assert launch["serve_spec"]["serve"]["max_model_len"] == MAX_MODEL_LEN and launch["server"]["dtype"] == "float32"
+    layout_doc = launch["deployment"]
+    assert layout_doc["world_size"] == plan["tp"] * plan["pp"] and layout_doc["zero3"] == (plan["offload"] == "cpu")
+    ds = layout_doc["deepspeed_config"]  # the config the ranks were given, where ZeRO-3 runs
+    assert ds is None if plan["offload"] == "none" else (
+        ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["offload_param"]["device"] == "cpu")
     assert (launch["job"]["reference_dtype"], launch["job"]["reference_device"]) == ("float32", "cpu")
     assert "api_key" not in launch["job"]
     samples = json.loads((entry / "samples.json").read_text())
@@ -196,7 +202,8 @@ def test_hpi_eval_relays_the_runtimes_refusal_and_keeps_nothing(task_checkpoint,
     code = main(["eval", "--checkpoint", str(task_checkpoint), *CPU_FP32, "--tp", "3", "--tasks", "hpi_arith_mc",
                  "--limit", "2", "--max-length", str(MAX_MODEL_LEN), "--out", str(history)])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("hpi serve: ") and "--tp" in err[0], err
+    assert code == 2 and len(err) == 1, err
+    assert re.fullmatch(r"hpi serve: n_heads\(4\) % tp\(3\) != 0 for \S+: use a tp that divides 4", err[0]), err
     assert not history.exists()
 
 
