@@ -25,7 +25,6 @@ from hpi.planner.specs.plan import Plan
 
 SCHEMA = Path(hpi.planner.__file__).parent / "schemas" / "presets.schema.json"
 MODELS = ("llama-3-8b", "llama-3-70b", "mixtral-8x7b")  # 8B, 70B and a mixture of experts
-NOTHING_FITS = {("rtx4090-wsl2", "llama-3-70b")}  # tests/planner/test_presets.py says why
 NVME = "/local_nvme/hpi"
 
 
@@ -43,7 +42,7 @@ def validator():
     return jsonschema.Draft202012Validator(schema)
 
 
-PAIRS = [(h, m) for h in profile_names() for m in MODELS if (h, m) not in NOTHING_FITS]
+PAIRS = [(h, m) for h in profile_names() for m in MODELS]
 
 
 @pytest.mark.parametrize("hardware,model", PAIRS)
