@@ -14,6 +14,7 @@ from hpi.planner.predict import predict
 from hpi.planner.presets import (
     BALANCED_DECODE_BOUND,
     GRAPHS_CONDITION,
+    KNOB_NOTES,
     PRESET_NAMES,
     PresetError,
     choose,
@@ -156,6 +157,40 @@ def test_override_effects_are_the_cost_models_predictions(a6000_70b):
     assert seen >= 8  # batch, bits, offload, pinning, KV offload, ... each predicted
     weight_bits = next(o for o in preset.overrides if o.knob == "weight_bits")
     assert {e.estimate.plan.weight_bits for e in weight_bits.effects} == {16, 8, 4} - {preset.plan.weight_bits}
+
+
+def test_zero3_and_nvme_overrides_are_priced_or_say_why_not():
+    """The ZeRO-3 thresholds and NVMe buffer knobs of an NVMe preset: each change predicted by the cost model (memory
+    per tier, and the buffer count's overlap), or a note that says the model does not price it."""
+    model, hw = load_model("llama-3-70b"), load_profile("rtx4090-wsl2")
+    preset = select_presets(model, hw, WORKLOAD, concurrency=16).named("latency")
+    by_knob = {o.knob: o for o in preset.overrides}
+    buffer_bytes = preset.plan.nvme_buffer_elems * 2
+    for knob in ("prefetch_bucket_elems", "persistence_threshold_elems", "nvme_buffer_count", "nvme_buffer_elems"):
+        o = by_knob[knob]
+        assert o.applies and o.effects and o.note.startswith(KNOB_NOTES[knob])
+        for e in o.effects:
+            again = predict(model, hw, WORKLOAD, e.estimate.plan)
+            assert (again.pinned_bytes, again.gpu_peak_bytes) == (e.estimate.pinned_bytes, e.estimate.gpu_peak_bytes)
+            assert again.decode_step_s == pytest.approx(e.estimate.decode_step_s)
+    counts = {e.estimate.plan.nvme_buffer_count: e for e in by_knob["nvme_buffer_count"].effects}
+    assert sorted(counts) == [2, 5, 6]  # the searched counts and twice the preset's 3
+    assert counts[2].decode_ratio > 1 and counts[5].decode_ratio == 1  # 2: reads wait for copies
+    assert counts[5].estimate.pinned_bytes - preset.estimate.pinned_bytes == pytest.approx(2 * buffer_bytes)
+    assert not counts[5].estimate.feasible  # 10.5 GB pinned > 8 GB
+    assert by_knob["nvme_buffer_count"].valid == {"minimum": 1}  # every Llama module swaps in one partition
+    persist = {e.estimate.plan.persistence_threshold_elems: e for e in by_knob["persistence_threshold_elems"].effects}
+    assert sorted(persist) == [0, 1024 * 8192]  # the k/v projections are the next tensors up
+    assert persist[1024 * 8192].estimate.gpu_peak_bytes > preset.estimate.gpu_peak_bytes
+    # max live does not bound an NVMe plan's gathers in the cost model: no effect, and the note says so
+    live = by_knob["max_live_elems"]
+    assert live.applies and not live.effects and "does not price it here" in live.note
+    # a knob that changes nothing in this plan shows no effect
+    pin = by_knob["pin_memory"]
+    assert not pin.applies and not pin.effects and "changes nothing in this plan" in pin.note
+    for o in preset.overrides:
+        assert o.note.startswith(KNOB_NOTES[o.knob]) and (o.effects or "no effect is predicted" in o.note
+                                                           or "No other value is valid" in o.note)
 
 
 def test_knob_of_names_the_leading_change_not_its_followers():
