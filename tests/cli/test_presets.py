@@ -19,6 +19,7 @@ from hpi.cli.args import plan_from_args
 from hpi.cli.checks import nvme_offload_path
 from hpi.cli.errors import UsageError
 from hpi.planner.catalog import load_model
+from hpi.planner.cost.shape import swaps_per_module
 from hpi.planner.profiles import profile_names
 from hpi.planner.search import nvme_buffer_elems_for
 from hpi.planner.specs.plan import Plan
@@ -259,6 +260,8 @@ def _deepspeed_reads(cfg: dict, plan: dict, model: str) -> None:
         assert str(off.nvme_path) == NVME
         # the swap buffer holds the largest tensor partition (DeepSpeed refuses a smaller one)
         assert off.buffer_size >= nvme_buffer_elems_for(load_model(model), plan["tp"], plan["dp"])
+        # and there are as many buffers as one module swaps in at once (DeepSpeed stops with fewer)
+        assert off.buffer_count >= swaps_per_module(load_model(model), plan["tp"], plan["dp"])
 
 
 @pytest.mark.deepspeed
