@@ -135,6 +135,22 @@ def _safe_pinning(spec: RunSpec, est, host: HostMemory, explicit: bool, warnings
     return replace(spec, plan=plan.with_(pin_memory=False), extra={**spec.extra, "pinning": f"off: {problem}"})
 
 
+def _check_swap_buffers(spec: RunSpec, est, host: HostMemory) -> None:
+    """Refuse an NVMe-offload run whose swap buffers would not fit this node: DeepSpeed pins them whatever
+    pin_memory says (partitioned_param_swapper.py ``_configure_aio``: ``new_cpu_locked_tensor``), so turning pinning
+    off cannot help; fewer buffers can (``hpi.planner.search.nvme_buffer_counts_for``)."""
+    plan = spec.plan
+    if est is None or spec.device != "cuda" or not plan.offloads_to_nvme:
+        return
+    problem = pinning_problem(est.pinned_bytes, est.cpu_bytes, host)
+    if problem is None:
+        return
+    each = plan.nvme_buffer_elems * 2 / 1e9
+    raise DeploymentError(f"hpi run: the {plan.nvme_buffer_count} NVMe swap buffers ({each:,.1f} GB each) are pinned "
+                          f"whatever --pin-memory says: {problem}: lower --nvme-buffer-count, free memory, or raise "
+                          "the limit")
+
+
 def resolve_deployment(spec: RunSpec, *, decode_graphs: bool | None = None, force: bool = False,
                        nodes: Nodes = Nodes(), model: ModelSpec | None = None, host: HostMemory | None = None,
                        pin_memory_explicit: bool = False) -> Deployment:
@@ -155,6 +171,7 @@ def resolve_deployment(spec: RunSpec, *, decode_graphs: bool | None = None, forc
         pinned = _safe_pinning(spec, prediction, host, pin_memory_explicit, warnings)
         if pinned is not spec:
             spec, prediction = pinned, _predict(pinned, model, force, warnings)
+        _check_swap_buffers(spec, prediction, host)
     _check_inputs(spec, model, nodes)
     nproc, visible = _node_gpus(spec, prediction, nodes)
     if prediction is not None:

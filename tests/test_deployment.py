@@ -122,6 +122,23 @@ def test_pinning_is_left_alone_on_the_cpu_without_a_check_or_without_host_copies
     assert resolve_deployment(resident, host=small).spec.plan == Plan(weight_bits=4)  # nothing copied from the host
 
 
+def test_nvme_swap_buffers_that_would_not_fit_are_refused_pinning_off_or_not():
+    """The WSL2 70B from NVMe: 3 swap buffers of the 1,050,673,152-element embedding pin 6.3 GB, 5 pin 10.5 GB."""
+    buffer = 128256 * 8192
+    nvme = Plan(offload="nvme", weight_bits=4, nvme_buffer_count=3, nvme_buffer_elems=buffer)
+    asked = RunSpec(plan=nvme, model="llama-3-70b", hardware="rtx4090-wsl2", device="cuda")
+    assert resolve_deployment(asked, host=HostMemory(None, 8e9)).spec.plan == nvme
+    with pytest.raises(DeploymentError, match=r"the 3 NVMe swap buffers \(2.1 GB each\) are pinned whatever "
+                                              r"--pin-memory says: 6.3 GB pinned > RLIMIT_MEMLOCK 6.0 GB .*"
+                                              r"lower --nvme-buffer-count"):
+        resolve_deployment(asked, host=HostMemory(None, 6e9))
+    pinned_kv = RunSpec(plan=nvme.with_(kv_offload=True), model="llama-3-70b", hardware="rtx4090-wsl2")
+    with pytest.raises(DeploymentError, match="NVMe swap buffers"):  # the KV cache unpinned, the buffers still not
+        resolve_deployment(pinned_kv, host=HostMemory(None, 6e9))
+    assert resolve_deployment(RunSpec(plan=nvme, model="llama-3-70b", hardware="rtx4090-wsl2", device="cpu"),
+                              host=HostMemory(None, 1e6)).spec.plan == nvme  # nothing is pinned for a GPU
+
+
 def test_this_host_reads_this_machine():
     host = this_host()
     assert host.available_bytes is None or host.available_bytes > 0

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from hpi.planner.cost.shape import module_table
 from hpi.planner.feasibility import plan_problems
 from hpi.planner.predict import Estimate, predict_many
-from hpi.planner.search import nvme_buffer_elems_for
+from hpi.planner.search import nvme_buffer_counts_for, nvme_buffer_elems_for
 from hpi.planner.specs.model import ModelSpec
 from hpi.planner.specs.plan import OFFLOAD_KINDS, WEIGHT_BITS, Plan, decode_graph_blocker
 
@@ -101,6 +102,17 @@ def knob_variants(plan: Plan, model: ModelSpec) -> list[tuple[str, Plan]]:
     if plan.gathers:
         for bucket in (plan.prefetch_bucket_elems * 4, plan.prefetch_bucket_elems // 4, 0):
             v.append((f"prefetch bucket {bucket:,}", {"prefetch_bucket_elems": bucket}))
+        # With NVMe offload the swap buffers, not max live, bound what is in flight (cost.memory.live_param_elems).
+        for live in (plan.max_live_elems * 4, plan.max_live_elems // 4) if not plan.offloads_to_nvme else ():
+            v.append((f"max live {live:,}", {"max_live_elems": live}))
+        for threshold in persistence_steps(plan, model):
+            v.append((f"persistence threshold {threshold:,}", {"persistence_threshold_elems": threshold}))
+    if plan.offloads_to_nvme:
+        counts = set(nvme_buffer_counts_for(model, plan.tp, plan.dp)) | {plan.nvme_buffer_count * 2}
+        for count in sorted(counts - {plan.nvme_buffer_count}):
+            v.append((f"{count} NVMe buffers", {"nvme_buffer_count": count}))
+        bigger = plan.nvme_buffer_elems * 2
+        v.append((f"NVMe buffer {bigger:,} elements", {"nvme_buffer_elems": bigger}))
     out = []
     for label, change in v:
         try:
@@ -108,6 +120,14 @@ def knob_variants(plan: Plan, model: ModelSpec) -> list[tuple[str, Plan]]:
         except ValueError:
             continue  # e.g. batch 0, a batch that the micro-batches no longer divide
     return out
+
+
+def persistence_steps(plan: Plan, model: ModelSpec) -> list[int]:
+    """Persistence thresholds one step either side of the plan's: the next tensor size above it (the smallest
+    tensors still gathered become persistent) and 0 (nothing persists); thresholds in between change nothing."""
+    sizes = sorted({int(n) for kind in module_table(model).tensor_sizes for n in kind})
+    above = [n for n in sizes if n > plan.persistence_threshold_elems]
+    return ([above[0]] if above else []) + ([0] if plan.persistence_threshold_elems > 0 else [])
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Iterator
 import numpy as np
 
 from hpi.planner.cost.estimate import Evaluation
-from hpi.planner.cost.shape import per_rank
+from hpi.planner.cost.shape import largest_swapped_partition, swaps_per_module
 from hpi.planner.specs.hardware import HardwareProfile
 from hpi.planner.specs.model import ModelSpec
 from hpi.planner.specs.plan import QUANT_GROUP_SIZE, Plan
@@ -25,7 +25,7 @@ GB = 1e9
 
 @dataclass(frozen=True)
 class Reason:
-    kind: str  # gpu_memory, cpu_memory, pinned_memory, nvme_missing, nvme_capacity, nvme_buffer, context_length
+    kind: str  # gpu_memory, cpu_memory, pinned_memory, nvme_missing, nvme_capacity, nvme_buffer(_count), context_length
     message: str
 
     def to_dict(self) -> dict[str, str]:
@@ -88,9 +88,15 @@ def plan_problems(model: ModelSpec, hardware: HardwareProfile | None, plan: Plan
 
 
 def _largest_partition_elems(ev: Evaluation) -> float:
-    """The largest tensor one rank swaps to/from NVMe: ZeRO-3 partitions each tensor 1/dp."""
-    t, arrangement = ev.arrangement.table, ev.arrangement
-    return float(per_rank(t, t.largest_tensor, arrangement.tp).max() / arrangement.dp)
+    """The largest parameter partition one rank swaps to/from NVMe (``shape.largest_swapped_partition``)."""
+    a = ev.arrangement
+    return largest_swapped_partition(a.model, a.tp, a.dp)
+
+
+def _swaps_per_module(ev: Evaluation) -> int:
+    """The fewest NVMe swap buffers DeepSpeed runs with here (``shape.swaps_per_module``)."""
+    a = ev.arrangement
+    return swaps_per_module(a.model, a.tp, a.dp)
 
 
 def capacity_masks(ev: Evaluation) -> dict[str, np.ndarray]:
@@ -105,6 +111,7 @@ def capacity_masks(ev: Evaluation) -> dict[str, np.ndarray]:
         "nvme_missing": k.offload_nvme & (not hw.has_nvme),
         "nvme_capacity": k.offload_nvme & hw.has_nvme & (mem.nvme_bytes > nvme_capacity),
         "nvme_buffer": k.offload_nvme & (k.nvme_buffer_elems < _largest_partition_elems(ev)),
+        "nvme_buffer_count": k.offload_nvme & (k.nvme_buffer_count < _swaps_per_module(ev)),
         "context_length": np.full(k.n, context > ev.arrangement.model.max_position_embeddings),
     }
 
@@ -157,10 +164,14 @@ def capacity_reasons(ev: Evaluation, i: int) -> list[Reason]:
             "(--offload nvme), quantize (--quant-bits 4) or spread over more nodes",
         ))
     if masks["pinned_memory"][i]:
+        buffers = float(mem.cpu_parts["nvme_buffers"][i])
+        fix = ("use fewer NVMe swap buffers (--nvme-buffer-count: DeepSpeed pins them whatever --pin-memory says, "
+               f"{buffers / GB:.1f} GB here)" if buffers else "use --no-pin-memory (slower copies) or quantize "
+               "(--quant-bits 4)")
         out.append(Reason(
             "pinned_memory",
             f"pinned memory {mem.pinned_bytes[i] / GB:.1f} GB > {hw.host.pinnable_bytes / GB:.1f} GB pinnable per "
-            "node: use --no-pin-memory (slower copies) or quantize (--quant-bits 4)",
+            f"node: {fix}",
         ))
     if masks["nvme_missing"][i]:
         out.append(Reason("nvme_missing", f"offload nvme but {hw.name} has no NVMe in its profile: use --offload cpu"))
@@ -176,6 +187,13 @@ def capacity_reasons(ev: Evaluation, i: int) -> list[Reason]:
             "nvme_buffer",
             f"NVMe buffer {int(k.nvme_buffer_elems[i]):,} elements < largest tensor partition {int(need):,}: "
             "DeepSpeed refuses it; raise the NVMe buffer size",
+        ))
+    if masks["nvme_buffer_count"][i]:
+        need = _swaps_per_module(ev)
+        out.append(Reason(
+            "nvme_buffer_count",
+            f"NVMe buffer count {int(k.nvme_buffer_count[i])} < {need}, the parameters one module swaps in at once: "
+            f"DeepSpeed stops with 'Not enough buffers'; use --nvme-buffer-count {need} or more",
         ))
     if masks["context_length"][i]:
         wl, model = ev.arrangement.workload, ev.arrangement.model

@@ -26,6 +26,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from hpi.planner.cost.shape import swaps_per_module
 from hpi.planner.explain import KnobEffect, bindings, knob_effects
 from hpi.planner.feasibility import quantization_problems
 from hpi.planner.predict import Estimate
@@ -54,6 +55,42 @@ SERVING = {"kv_offload": (False,), "dp": (1,)}
 # keeps the batch a multiple of dp, a pp change resets micro-batches, NVMe offload sizes its buffer.
 _FOLLOWERS = ("batch_size", "micro_batches", "nvme_buffer_elems")
 GRAPHS_CONDITION = "decode_graphs"  # the run condition explain's CUDA-graph variant turns on (--cuda-graphs)
+# What each knob changes at run time, and which predicted figures depend on it in the cost model (an override's
+# ``note``; ``override_note`` adds why an override shows no effect).
+KNOB_NOTES = {
+    "offload": "where ZeRO-3 keeps the weights between uses (GPU, CPU memory or NVMe); predicted: memory per tier "
+               "and the time to stream the weights every forward",
+    "tp": "tensor-parallel degree: each matrix split over GPUs of one island; predicted: compute, all-reduces, memory",
+    "pp": "pipeline stages; predicted: memory per stage, pipeline bubbles and stage-to-stage sends",
+    "dp": "ZeRO-3 partition degree: replicas that each hold 1/dp of every weight and all-gather it; predicted: "
+          "memory, the all-gather and the batch split",
+    "weight_bits": "DeepSpeed's quantized_initialization bits; predicted: bytes stored and streamed, "
+                   "dequantization time, memory",
+    "pin_memory": "offload_param.pin_memory: page-locks the offloaded weights (and an offloaded KV cache); "
+                  "predicted: host->device copy bandwidth and pinned memory",
+    "kv_offload": "the KV cache in CPU memory, copied in layer by layer (transformers' OffloadedCache); predicted: "
+                  "GPU memory, CPU memory and the copy time each decode step",
+    "batch_size": "sequences decoded together; predicted: every time and memory term",
+    "micro_batches": "pipeline micro-batches per step; predicted: bubbles and stage concurrency",
+    "prefetch_bucket_elems": "stage3_prefetch_bucket_size: elements ZeRO-3 gathers ahead of use; predicted: GPU "
+                             "memory (live parameters) only: the cost model's times do not depend on it "
+                             "(measured: hpi.planner.cost.estimate)",
+    "max_live_elems": "stage3_max_live_parameters (and stage3_max_reuse_distance, written equal): the most gathered "
+                      "elements ZeRO-3 keeps on the GPU before it stops prefetching; predicted: GPU memory (live "
+                      "parameters) only: the cost model's times do not depend on it",
+    "persistence_threshold_elems": "stage3_param_persistence_threshold: parameters of at most this many elements are "
+                                   "gathered once and kept whole on every GPU; predicted: GPU memory (persistent "
+                                   "weights) and the bytes streamed every forward",
+    "nvme_buffer_count": "offload_param.buffer_count: NVMe swap buffers, each pinned by DeepSpeed whatever pin_memory "
+                         "says; predicted: pinned and CPU memory, parameters in flight on the GPU, and whether reads "
+                         "overlap copies and compute (fully from 3 buffers per partition a module swaps in; "
+                         "DeepSpeed stops below the minimum)",
+    "nvme_buffer_elems": "offload_param.buffer_size: elements per NVMe swap buffer, at least the largest parameter "
+                         "partition (DeepSpeed refuses less); predicted: pinned and CPU memory only (a larger buffer "
+                         "is never faster)",
+    GRAPHS_CONDITION: "decode steps replayed as CUDA graphs (--cuda-graphs), a run condition; predicted: host "
+                      "overhead per step",
+}
 
 
 class PresetError(ValueError):
@@ -63,7 +100,8 @@ class PresetError(ValueError):
 @dataclass(frozen=True)
 class Override:
     """One knob of a preset an expert may change: its value, the values valid on this machine, and what each
-    one-knob change is predicted to do (``effects``; empty where no change of it was predicted)."""
+    one-knob change is predicted to do (``effects``; empty where no change of it was predicted, and then ``note``
+    says why: never an effect where the knob changes nothing)."""
 
     knob: str  # a Plan field, or GRAPHS_CONDITION
     flag: str | None
@@ -72,10 +110,11 @@ class Override:
     valid: Mapping[str, Any]  # {"choices": [...]} or {"minimum": n}
     applies: bool  # whether the knob changes anything in this plan (pinning where nothing is copied does not)
     effects: tuple[KnobEffect, ...]
+    note: str  # what the knob changes at run time, what the cost model prices of it, why no effect is shown
 
     def to_dict(self) -> dict[str, Any]:
         return {"knob": self.knob, "flag": self.flag, "value": self.value, "unit": self.unit, "valid": dict(self.valid),
-                "applies": self.applies, "effects": [_effect_dict(e) for e in self.effects]}
+                "applies": self.applies, "effects": [_effect_dict(e) for e in self.effects], "note": self.note}
 
 
 @dataclass(frozen=True)
@@ -165,6 +204,7 @@ def _effect_dict(e: KnobEffect) -> dict[str, Any]:
     return {"change": e.label, "plan": est.plan.to_dict(), "feasible": est.feasible,
             "why_not": [r.message for r in est.reasons], "decode_step_s": est.decode_step_s, "ttft_s": est.ttft_s,
             "throughput_tok_s": est.throughput_tok_s, "gpu_peak_bytes": est.gpu_peak_bytes,
+            "cpu_bytes": est.cpu_bytes, "pinned_bytes": est.pinned_bytes,
             "decode_ratio": e.decode_ratio, "throughput_ratio": e.throughput_ratio}
 
 
@@ -239,6 +279,7 @@ def valid_values(model: ModelSpec, hardware: HardwareProfile, plan: Plan, space:
         "micro_batches": {"choices": [m for m in range(1, plan.batch_per_replica + 1)
                                       if plan.batch_per_replica % m == 0] if plan.is_pipelined else [1]},
         "nvme_buffer_elems": {"minimum": nvme_buffer_elems_for(model, plan.tp, plan.dp)},
+        "nvme_buffer_count": {"minimum": swaps_per_module(model, plan.tp, plan.dp)},
     }
     for k in knob_fields(Plan):
         out.setdefault(k.name, {"choices": list(k.spec.choices)} if k.spec.choices else {"minimum": k.spec.minimum})
@@ -259,12 +300,37 @@ def overrides(est: Estimate, space: SearchSpace) -> tuple[Override, ...]:
     effects: dict[str, list[KnobEffect]] = {}
     for e in knob_effects(est):
         effects.setdefault(knob_of(plan, e.estimate.plan), []).append(e)
-    out = [Override(k.name, k.spec.flag, getattr(plan, k.name), k.spec.unit, valid[k.name], plan.applies(k.name),
-                    tuple(effects.get(k.name, ()))) for k in knob_fields(Plan)]
+    out = []
+    for k in knob_fields(Plan):
+        applies = plan.applies(k.name)
+        shown = tuple(effects.get(k.name, ())) if applies else ()  # an idle knob's variant runs the same plan
+        note = override_note(k.name, applies, valid[k.name], shown)
+        if k.name == "max_live_elems" and plan.offloads_to_nvme:
+            note = (f"{KNOB_NOTES[k.name]}. With NVMe offload the swap buffers bound what is in flight "
+                    "(hpi.planner.cost.memory.live_param_elems): DeepSpeed still applies it, the cost model does not "
+                    "price it here, so no effect is predicted")
+        out.append(Override(k.name, k.spec.flag, getattr(plan, k.name), k.spec.unit, valid[k.name], applies, shown,
+                            note))
     if GRAPHS_CONDITION in effects:
+        shown = tuple(effects[GRAPHS_CONDITION])
         out.append(Override(GRAPHS_CONDITION, "--cuda-graphs", est.workload.decode_graphs, "",
-                            {"choices": [True, False]}, True, tuple(effects[GRAPHS_CONDITION])))
+                            {"choices": [True, False]}, True, shown,
+                            override_note(GRAPHS_CONDITION, True, {"choices": [True, False]}, shown)))
     return tuple(out)
+
+
+def override_note(knob: str, applies: bool, valid: Mapping[str, Any], effects: tuple[KnobEffect, ...]) -> str:
+    """``KNOB_NOTES[knob]``, and where no effect is shown, why: the knob changes nothing in this plan, it has no
+    other valid value here, or no one-knob change of it is predicted (compare whole plans with ``hpi plan``)."""
+    note = KNOB_NOTES[knob]
+    if not applies:
+        return f"{note}. It changes nothing in this plan, so no effect is predicted"
+    if effects:
+        return note
+    if len(valid.get("choices", [None, None])) < 2:
+        return f"{note}. No other value is valid on this machine"
+    return (f"{note}. No one-knob change of it is a valid plan here (or hpi varies it only with others): "
+            "no effect is predicted; compare whole plans with hpi plan")
 
 
 # ---- provenance and confirmation -------------------------------------------------------------------------------

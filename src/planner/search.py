@@ -23,7 +23,8 @@ import numpy as np
 
 from hpi.planner.cost.estimate import Evaluation, evaluate
 from hpi.planner.cost.inputs import Arrangement, Knobs, make_arrangement
-from hpi.planner.cost.shape import module_table, per_rank
+from hpi.planner.cost.shape import largest_swapped_partition, swaps_per_module
+from hpi.planner.cost.streaming import NVME_BUFFERS_OVERLAP_COMPUTE, NVME_BUFFERS_PIPELINED
 from hpi.planner.feasibility import arrangement_problems, capacity_masks, quantization_problems
 from hpi.planner.predict import Estimate, estimate_from_evaluation
 from hpi.planner.ranks import place
@@ -42,9 +43,9 @@ from hpi.planner.topology import build_topology
 OBJECTIVES = ("latency", "throughput", "balanced")
 DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 NVME_BUFFER_DEFAULT_ELEMS = 100_000_000
-# A configuration is a plan up to these: each configuration is ranked at its best batch, micro-batch count
-# and prefetch bucket.
-RANKED_WITHIN_CONFIGURATION = ("batch_size", "micro_batches", "prefetch_bucket_elems")
+# A configuration is a plan up to these: each configuration is ranked at its best batch, micro-batch count,
+# prefetch bucket and NVMe buffer count.
+RANKED_WITHIN_CONFIGURATION = ("batch_size", "micro_batches", "prefetch_bucket_elems", "nvme_buffer_count")
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,9 @@ def _grid(arrangement: Arrangement, space: SearchSpace, has_nvme: bool, nvme_buf
           plan_type: type = Plan) -> Knobs:
     """Every knob combination worth evaluating for one arrangement, as arrays: the product of the space's
     axes, less the rows that split the batch unevenly or vary a knob where it changes nothing (pinning where
-    nothing is copied from host memory, the prefetch bucket where ZeRO-3 gathers nothing)."""
+    nothing is copied from host memory, the prefetch bucket where ZeRO-3 gathers nothing, the NVMe buffer
+    count where nothing is swapped). The buffer count is the innermost axis, DeepSpeed's default first: where
+    fewer buffers predict the same times, the ranking's stable sort keeps the default."""
     dp, pp = arrangement.dp, arrangement.pp
     quantizable = not any(True for _ in quantization_problems(arrangement.model, arrangement.tp))
     k = Knobs.product({
@@ -113,19 +116,35 @@ def _grid(arrangement: Arrangement, space: SearchSpace, has_nvme: bool, nvme_buf
         "batch_size": space.batch_sizes,
         "micro_batches": sorted({1, pp, pp * space.max_micro_batch_factor}) if pp > 1 else [1],
         "prefetch_bucket_elems": prefetch_buckets(arrangement.model),
+        "nvme_buffer_count": (nvme_buffer_counts_for(arrangement.model, arrangement.tp, dp) if has_nvme
+                              else [plan_type.nvme_buffer_count]),
     }, fixed={"nvme_buffer_elems": nvme_buffer_elems}, plan_type=plan_type)
     even = (k.batch_size % dp == 0) & ((k.batch_size // dp) % k.micro_batches == 0)
     pins = _default_where_idle(k.pin_memory, plan_type.pin_memory, copies_from_host(k.offload_cpu, k.kv_offload))
     buckets = _default_where_idle(k.prefetch_bucket_elems, plan_type.prefetch_bucket_elems,
                                   gathers_weights(k.offloaded, dp))
-    return k.take(np.flatnonzero(even & pins & buckets))
+    buffers = _default_where_idle(k.nvme_buffer_count, plan_type.nvme_buffer_count, k.offload_nvme)
+    return k.take(np.flatnonzero(even & pins & buckets & buffers))
 
 
 def nvme_buffer_elems_for(model: ModelSpec, tp: int, dp: int) -> int:
-    """A buffer that holds the largest tensor partition (DeepSpeed refuses smaller ones), at least 1e8."""
-    t = module_table(model)
-    largest = per_rank(t, t.largest_tensor, tp).max() / dp
-    return int(max(NVME_BUFFER_DEFAULT_ELEMS, math.ceil(largest)))
+    """A buffer that holds the largest parameter partition one rank swaps (``shape.largest_swapped_partition``),
+    at least DeepSpeed's default 1e8: DeepSpeed refuses a smaller one when it first swaps the parameter out
+    (partitioned_param_swapper.py ``get_buffer``: ``assert numel <= self.elements_per_buffer``)."""
+    return int(max(NVME_BUFFER_DEFAULT_ELEMS, math.ceil(largest_swapped_partition(model, tp, dp))))
+
+
+def nvme_buffer_counts_for(model: ModelSpec, tp: int, dp: int) -> list[int]:
+    """The NVMe swap buffer counts the search offers, most first: DeepSpeed's default (``Plan.nvme_buffer_count``,
+    5) and, where fewer, the fewest with which reads, copies and compute all overlap and the fewest with which
+    reads still overlap compute (``cost.streaming.nvme_overlap``: 3 and 2 per partition one module swaps in).
+    DeepSpeed pins every swap buffer whatever ``pin_memory`` says (partitioned_param_swapper.py
+    ``_configure_aio``: ``new_cpu_locked_tensor``), buffer_count x buffer_size x 2 bytes, so fewer buffers fit
+    machines with little pinnable memory (WSL2), at the times the cost model predicts for them."""
+    per_module = swaps_per_module(model, tp, dp)
+    default = Plan.nvme_buffer_count
+    fewer = {n * per_module for n in (NVME_BUFFERS_PIPELINED, NVME_BUFFERS_OVERLAP_COMPUTE)}
+    return [default] + sorted((n for n in fewer if n < default), reverse=True)
 
 
 def plan_at(ev: Evaluation, i: int) -> Plan:

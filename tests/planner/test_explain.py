@@ -12,7 +12,14 @@ pytest.importorskip("hpi.planner.topology")
 profiles = pytest.importorskip("hpi.planner.profiles")
 
 from hpi.planner.catalog import load_model  # noqa: E402
-from hpi.planner.explain import bindings, fixes, knob_effects, knob_variants, memory_headroom  # noqa: E402
+from hpi.planner.explain import (  # noqa: E402
+    bindings,
+    fixes,
+    knob_effects,
+    knob_variants,
+    memory_headroom,
+    persistence_steps,
+)
 from hpi.planner.predict import predict  # noqa: E402
 from hpi.planner.search import nvme_buffer_elems_for  # noqa: E402
 from hpi.planner.specs.plan import Plan  # noqa: E402
@@ -138,6 +145,21 @@ def test_variants_that_cannot_be_built_are_left_out(a6000, llama8b) -> None:
     labels = {e.label for e in knob_effects(est)}
     assert not labels & {"tp 2", "tp 0", "pp 2", "pp 0", "batch 0"}
     assert {"batch 2", "4-bit weights", "offload none", "pinned memory off", "KV offload on"} <= labels
+
+
+def test_variants_of_the_zero3_thresholds_and_nvme_buffers() -> None:
+    m = load_model("llama-3-8b")
+    cpu = dict(knob_variants(Plan(offload="cpu"), m))
+    assert cpu["max live 4,000,000,000"].max_live_elems == 4_000_000_000 and "max live 250,000,000" in cpu
+    # one step either side: the k/v projections (4096 x 1024) are the smallest tensors above 1e5, and 0
+    assert persistence_steps(Plan(), m) == [4096 * 1024, 0]
+    assert persistence_steps(Plan(persistence_threshold_elems=0), m) == [4096]  # the norms
+    assert cpu["persistence threshold 4,194,304"].persistence_threshold_elems == 4096 * 1024
+    nvme = dict(knob_variants(Plan(offload="nvme", nvme_buffer_elems=128256 * 4096), m))
+    assert {label for label in nvme if "NVMe buffer" in label} == {
+        "2 NVMe buffers", "3 NVMe buffers", "10 NVMe buffers", f"NVMe buffer {2 * 128256 * 4096:,} elements"}
+    assert not any(label.startswith("max live") for label in nvme)  # the swap buffers bound an NVMe plan's gathers
+    assert not any("NVMe buffer" in label for label in cpu)
 
 
 def test_knob_variants() -> None:

@@ -32,7 +32,8 @@ from hpi.planner.specs.workload import Workload
 GB = 1e9
 EFF = Efficiency(gpu_reserved_bytes=1 * GB, host_reserved_bytes=2 * GB, gpu_memory_usable=0.9, dram_usable=0.9)
 BUFFER = 600_000_000  # NVMe swap buffer elements that hold Llama-3-8B's largest tensor (the embedding)
-KINDS = {"gpu_memory", "cpu_memory", "pinned_memory", "nvme_missing", "nvme_capacity", "nvme_buffer", "context_length"}
+KINDS = {"gpu_memory", "cpu_memory", "pinned_memory", "nvme_missing", "nvme_capacity", "nvme_buffer",
+         "nvme_buffer_count", "context_length"}
 
 
 def machine(gpu_memory=80 * GB, dram=1000 * GB, pinnable=500 * GB, nvme_capacity=4000 * GB, n_gpus=8, name="test-box"):
@@ -176,8 +177,24 @@ def test_nvme_buffer_must_hold_the_largest_partition(dp: int, need: int) -> None
 
 
 def test_nvme_buffer_ignored_without_nvme_offload() -> None:
-    ev = evaluation([Plan(offload="cpu", nvme_buffer_elems=1)])
+    ev = evaluation([Plan(offload="cpu", nvme_buffer_elems=1, nvme_buffer_count=1)])
     assert not capacity_masks(ev)["nvme_buffer"].any()
+    assert not capacity_masks(ev)["nvme_buffer_count"].any()
+
+
+def test_nvme_buffer_count_must_hold_what_one_module_swaps_in() -> None:
+    """Mixtral's experts module swaps in gate_up_proj and down_proj together (two buffers); every Llama module one,
+    and Mixtral's fused gate_up_proj (8 x 2 x 14336 x 4096) is what each buffer must hold."""
+    need = 8 * 2 * 14336 * 4096
+    mixtral = [Plan(offload="nvme", nvme_buffer_count=n, nvme_buffer_elems=need) for n in (1, 2)]
+    ev = evaluation(mixtral, model=load_model("mixtral-8x7b"))
+    np.testing.assert_array_equal(capacity_masks(ev)["nvme_buffer_count"], [True, False])
+    r = only(capacity_reasons(ev, 0), "nvme_buffer_count")
+    assert "NVMe buffer count 1 < 2" in r.message and "--nvme-buffer-count 2" in r.message
+    short = evaluation([Plan(offload="nvme", nvme_buffer_elems=need - 1)], model=load_model("mixtral-8x7b"))
+    assert "largest tensor partition 939,524,096" in only(capacity_reasons(short, 0), "nvme_buffer").message
+    assert not capacity_masks(evaluation([Plan(offload="nvme", nvme_buffer_count=1, nvme_buffer_elems=BUFFER)]))[
+        "nvme_buffer_count"].any()
 
 
 def test_context_length() -> None:

@@ -14,6 +14,7 @@ from hpi.planner.predict import predict
 from hpi.planner.presets import (
     BALANCED_DECODE_BOUND,
     GRAPHS_CONDITION,
+    KNOB_NOTES,
     PRESET_NAMES,
     PresetError,
     choose,
@@ -31,18 +32,9 @@ from hpi.records import DecodeSteps, RunRecord, Timings, load_records
 
 WORKLOAD = Workload(512, 32)
 MODELS = ("llama-3-8b", "llama-3-70b", "mixtral-8x7b")  # 8B, 70B and a mixture of experts
-# 70B on the WSL2 laptop: no plan fits at all (the NVMe swap buffers are pinned, 10.5 GB > WSL2's 8 GB pinnable,
-# and pageable CPU offload overflows its 28.8 GB of usable RAM); `hpi plan` says so too.
-NOTHING_FITS = {("rtx4090-wsl2", "llama-3-70b")}
-
-
 @pytest.mark.parametrize("hardware", profile_names())
 @pytest.mark.parametrize("model", MODELS)
 def test_every_profile_and_model_gets_three_ordered_presets(hardware, model):
-    if (hardware, model) in NOTHING_FITS:
-        with pytest.raises(PresetError, match="no feasible plan .* at batch 1 .*hpi plan"):
-            select_presets(load_model(model), load_profile(hardware), WORKLOAD, concurrency=16)
-        return
     s = select_presets(load_model(model), load_profile(hardware), WORKLOAD, concurrency=16)
     lat, bal, thr = (s.named(n).estimate for n in PRESET_NAMES)
     assert [p.name for p in s.presets] == list(PRESET_NAMES)
@@ -51,6 +43,35 @@ def test_every_profile_and_model_gets_three_ordered_presets(hardware, model):
     assert lat.decode_step_s <= bal.decode_step_s <= BALANCED_DECODE_BOUND * lat.decode_step_s
     assert thr.throughput_tok_s >= max(lat.throughput_tok_s, bal.throughput_tok_s)
     assert max(e.plan.batch_size for e in (lat, bal, thr)) <= 16
+
+
+def test_70b_on_wsl2_fits_its_pinned_memory_with_three_nvme_buffers():
+    """DeepSpeed pins its NVMe swap buffers whatever pin_memory says (partitioned_param_swapper.py
+    ``_configure_aio``: ``new_cpu_locked_tensor``), each holding the largest partition, the 1,050,673,152-element
+    embedding: 5 buffers (its default) pin 10.5 GB > WSL2's 8 GB, and pageable CPU offload overflows the 28.8 GB
+    the VM may use. 3 buffers (one module being read, one copied, one computed: every Llama module swaps one
+    partition) pin 6.3 GB at the same predicted times."""
+    model, hw = load_model("llama-3-70b"), load_profile("rtx4090-wsl2")
+    s = select_presets(model, hw, WORKLOAD, concurrency=16)
+    buffer = nvme_buffer_elems_for(model, 1, 1)
+    assert buffer == 128256 * 8192
+    for p in s.presets:
+        e = p.estimate
+        assert (p.plan.offload, p.plan.nvme_buffer_count, p.plan.nvme_buffer_elems) == ("nvme", 3, buffer)
+        assert e.feasible and e.pinned_bytes <= hw.host.pinnable_bytes < 5 * buffer * 2
+        assert e.pinned_bytes >= 3 * buffer * 2 and e.cpu_bytes <= hw.usable_dram_bytes
+        default = predict(model, hw, WORKLOAD, p.plan.with_(nvme_buffer_count=5))
+        assert not default.feasible and {r.kind for r in default.reasons} == {"pinned_memory"}
+        assert (default.decode_step_s, default.ttft_s) == (e.decode_step_s, e.ttft_s)
+
+
+def test_a_machine_where_nothing_fits_at_batch_1_says_so_and_points_to_hpi_plan():
+    # 4 GB pinnable holds one 2.1 GB swap buffer of the 70B, not the 3 that overlap reads, copies and compute
+    path = Path(__file__).resolve().parents[2] / "src/planner/hardware_profiles/rtx4090-wsl2.yaml"
+    hw = profile_from_text(path.read_text().replace("value: 8.0e9", "value: 4.0e9"), "rtx4090-wsl2.yaml")
+    assert hw.host.pinnable_bytes == 4e9
+    with pytest.raises(PresetError, match="no feasible plan of llama-3-70b on rtx4090-wsl2 at batch 1 .*hpi plan"):
+        select_presets(load_model("llama-3-70b"), hw, WORKLOAD, concurrency=16)
 
 
 def test_choices_follow_the_definitions_over_the_whole_search():
@@ -136,6 +157,40 @@ def test_override_effects_are_the_cost_models_predictions(a6000_70b):
     assert seen >= 8  # batch, bits, offload, pinning, KV offload, ... each predicted
     weight_bits = next(o for o in preset.overrides if o.knob == "weight_bits")
     assert {e.estimate.plan.weight_bits for e in weight_bits.effects} == {16, 8, 4} - {preset.plan.weight_bits}
+
+
+def test_zero3_and_nvme_overrides_are_priced_or_say_why_not():
+    """The ZeRO-3 thresholds and NVMe buffer knobs of an NVMe preset: each change predicted by the cost model (memory
+    per tier, and the buffer count's overlap), or a note that says the model does not price it."""
+    model, hw = load_model("llama-3-70b"), load_profile("rtx4090-wsl2")
+    preset = select_presets(model, hw, WORKLOAD, concurrency=16).named("latency")
+    by_knob = {o.knob: o for o in preset.overrides}
+    buffer_bytes = preset.plan.nvme_buffer_elems * 2
+    for knob in ("prefetch_bucket_elems", "persistence_threshold_elems", "nvme_buffer_count", "nvme_buffer_elems"):
+        o = by_knob[knob]
+        assert o.applies and o.effects and o.note.startswith(KNOB_NOTES[knob])
+        for e in o.effects:
+            again = predict(model, hw, WORKLOAD, e.estimate.plan)
+            assert (again.pinned_bytes, again.gpu_peak_bytes) == (e.estimate.pinned_bytes, e.estimate.gpu_peak_bytes)
+            assert again.decode_step_s == pytest.approx(e.estimate.decode_step_s)
+    counts = {e.estimate.plan.nvme_buffer_count: e for e in by_knob["nvme_buffer_count"].effects}
+    assert sorted(counts) == [2, 5, 6]  # the searched counts and twice the preset's 3
+    assert counts[2].decode_ratio > 1 and counts[5].decode_ratio == 1  # 2: reads wait for copies
+    assert counts[5].estimate.pinned_bytes - preset.estimate.pinned_bytes == pytest.approx(2 * buffer_bytes)
+    assert not counts[5].estimate.feasible  # 10.5 GB pinned > 8 GB
+    assert by_knob["nvme_buffer_count"].valid == {"minimum": 1}  # every Llama module swaps in one partition
+    persist = {e.estimate.plan.persistence_threshold_elems: e for e in by_knob["persistence_threshold_elems"].effects}
+    assert sorted(persist) == [0, 1024 * 8192]  # the k/v projections are the next tensors up
+    assert persist[1024 * 8192].estimate.gpu_peak_bytes > preset.estimate.gpu_peak_bytes
+    # max live does not bound an NVMe plan's gathers in the cost model: no effect, and the note says so
+    live = by_knob["max_live_elems"]
+    assert live.applies and not live.effects and "does not price it here" in live.note
+    # a knob that changes nothing in this plan shows no effect
+    pin = by_knob["pin_memory"]
+    assert not pin.applies and not pin.effects and "changes nothing in this plan" in pin.note
+    for o in preset.overrides:
+        assert o.note.startswith(KNOB_NOTES[o.knob]) and (o.effects or "no effect is predicted" in o.note
+                                                           or "No other value is valid" in o.note)
 
 
 def test_knob_of_names_the_leading_change_not_its_followers():
@@ -237,12 +292,14 @@ def test_a_layout_nothing_fits_says_why():
     from hpi.planner.presets import templates
 
     found = templates(load_model("llama-3-70b"), load_profile("rtx4090-wsl2"), WORKLOAD)
-    assert all(t.estimate is None for t in found)
+    assert [(t.offload, t.estimate is None) for t in found] == [("cpu", True), ("nvme", False)]
     cpu = next(t for t in found if t.offload == "cpu")
     assert cpu.why_not.startswith("CPU memory ") and "usable per node" in cpu.why_not
+    nvme = next(t for t in found if t.offload == "nvme")  # with 3 swap buffers (test_70b_on_wsl2_fits...)
+    assert nvme.estimate.feasible and nvme.estimate.plan.nvme_buffer_count == 3
 
 
-@pytest.mark.parametrize("model", ["llama-3-8b", "mixtral-8x7b"])
+@pytest.mark.parametrize("model", ["llama-3-8b", "llama-3-70b", "mixtral-8x7b"])
 def test_wsl2_presets_stay_within_its_pinnable_memory(model):
     hw = load_profile("rtx4090-wsl2")
     assert hw.os == "wsl2" and hw.host.pinnable_bytes == 8e9  # WSL2's pinned-memory limit, as the profile states it

@@ -17,11 +17,13 @@ profiles = pytest.importorskip("hpi.planner.profiles")
 
 from hpi.planner.catalog import load_model  # noqa: E402
 from hpi.planner.feasibility import arrangement_problems, capacity_masks  # noqa: E402
+from hpi.planner.predict import predict  # noqa: E402
 from hpi.planner.search import (  # noqa: E402
     DEFAULT_BATCHES,
     SearchSpace,
     _degrees,
     candidate_arrangements,
+    nvme_buffer_counts_for,
     nvme_buffer_elems_for,
     prefetch_buckets,
     search,
@@ -101,6 +103,36 @@ def test_nvme_buffer_holds_the_largest_partition() -> None:
     assert nvme_buffer_elems_for(m, 1, 1) == 128256 * 4096  # the replicated embedding
     assert nvme_buffer_elems_for(m, 4, 2) == 128256 * 4096 // 2
     assert nvme_buffer_elems_for(load_model("tiny-llama"), 1, 1) == 100_000_000  # at least 1e8
+
+
+def test_nvme_buffer_counts_offer_fewer_than_deepspeeds_default_where_they_overlap() -> None:
+    # every Llama module swaps in one partition: read, copy and compute overlap with 3 x 1 buffers, read and
+    # compute with 2 x 1
+    assert nvme_buffer_counts_for(load_model("llama-3-70b"), 1, 1) == [5, 3, 2]
+    # Mixtral's experts module swaps in gate_up_proj and down_proj at once: 3 x 2 = 6 is not below 5, 2 x 2 is
+    assert nvme_buffer_counts_for(load_model("mixtral-8x7b"), 1, 1) == [5, 4]
+
+
+def test_fewer_nvme_buffers_predict_the_same_times_and_less_pinned_memory(a6000) -> None:
+    r = search(load_model("llama-3-70b"), a6000, WORKLOAD, SearchSpace(batch_sizes=(1, 4)))
+    by_plan = {r.plan(i): i for i in range(r.n_plans)}
+    assert {p.nvme_buffer_count for p in by_plan if p.offload != "nvme"} == {5}
+    three = [p for p in by_plan if p.offload == "nvme" and p.nvme_buffer_count == 3]
+    assert three and len(three) == sum(1 for p in by_plan if p.offload == "nvme") // 3
+    buffer_bytes = nvme_buffer_elems_for(r.model, 1, 1) * 2
+    for p in three:
+        a, b = r.estimate(by_plan[p]), r.estimate(by_plan[p.with_(nvme_buffer_count=5)])
+        assert (a.decode_step_s, a.ttft_s) == (b.decode_step_s, b.ttft_s)
+        assert b.pinned_bytes - a.pinned_bytes == pytest.approx(2 * buffer_bytes)
+        assert a.gpu_peak_bytes <= b.gpu_peak_bytes
+        # 2 buffers: the next read waits for the copy (the hops add up) but still overlaps compute
+        two = r.estimate(by_plan[p.with_(nvme_buffer_count=2)])
+        assert two.decode_step_s > a.decode_step_s and two.pinned_bytes == pytest.approx(a.pinned_bytes - buffer_bytes)
+        # 1 buffer (DeepSpeed's floor here): the next read also waits for the compute
+        one = predict(r.model, r.hardware, WORKLOAD, p.with_(nvme_buffer_count=1))
+        assert one.decode_step_s >= two.decode_step_s and one.ttft_s > two.ttft_s
+    # ranked at its best count, each configuration keeps DeepSpeed's default where it fits
+    assert all(r.plan(i).nvme_buffer_count == 5 for i in r.ranked("latency") if r.plan(i).offload == "nvme")
 
 
 def test_prefetch_buckets() -> None:

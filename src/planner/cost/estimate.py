@@ -8,7 +8,9 @@ Per module (a decoder layer, the embedding or the head), one forward on one rank
     host    = (overhead + tp collective issue)          (kernel launches incl. dequant's, Python, ZeRO-3
               * (1 + drift)                               hooks, c10d calls; drift: waiting for the slowest
                                                           TP rank at each collective, cost.collectives)
-    fetch   = max(h2d, nvme) + dp_allgather             (the copy engines: host/NVMe -> GPU, then gather)
+    fetch   = max(h2d, nvme) + dp_allgather             (the copy engines: host/NVMe -> GPU, then gather;
+                                                          h2d + nvme with too few NVMe buffers to pipeline them,
+                                                          cost.streaming.nvme_overlap)
               where h2d carries the weights and, in decode with KV offload, the layer's KV cache;
               with DeepSpeed's host fetch wait:          (the host waits for each fetch, so the copy engine
               fetch + host                                idles while it runs the hooks and launches)
@@ -69,6 +71,7 @@ from hpi.planner.cost.streaming import (
     h2d_bandwidth,
     kv_transfer_bytes,
     kv_transfer_time,
+    nvme_overlap,
     weight_stream_bytes,
     weight_stream_time,
 )
@@ -100,8 +103,10 @@ def prefetch_overlap(arrangement: Arrangement, knobs: Knobs) -> np.ndarray:
     """(N, kinds) f in the module rule: share of the shorter of busy and fetch that overlaps the longer.
 
     The copy of the next module runs while this one computes whatever the prefetch bucket (see the module
-    docstring), so f is the profile's ``prefetch_overlap`` for every plan and module kind."""
-    return np.full((knobs.n, 4), arrangement.hardware.efficiency.prefetch_overlap)
+    docstring), so f is the profile's ``prefetch_overlap`` for every plan and module kind, but 0 where too few
+    NVMe swap buffers leave none free for the next read while a module computes (``nvme_overlap``)."""
+    _, beside_compute = nvme_overlap(arrangement, knobs)
+    return np.where(beside_compute[:, None], arrangement.hardware.efficiency.prefetch_overlap, 0.0) * np.ones((1, 4))
 
 
 def host_waits_for_fetch(arrangement: Arrangement, knobs: Knobs) -> np.ndarray:
@@ -182,7 +187,8 @@ def phase_result(arrangement: Arrangement, knobs: Knobs, phase: Phase, bpw: np.n
     host_base = np.where(graphed, 0.0, overhead + tp_collective_host_time(arrangement)[None, :])
     drift = np.where(graphed, 0.0, tp_drift(arrangement)[None, :])  # (N, kinds)
     host = host_base * (1.0 + drift)
-    fetch_links = np.maximum(t_h2d, t_nvme) + t_gather
+    pipelined, _ = nvme_overlap(arrangement, knobs)
+    fetch_links = np.where(pipelined[:, None], np.maximum(t_h2d, t_nvme), t_h2d + t_nvme) + t_gather
     in_series = host_waits_for_fetch(arrangement, knobs)[:, None, None]
     f = prefetch_overlap(arrangement, knobs)[:, :, None]
     # The rule per leaf module (leaf_shares), summed back to the module; parts (N, kinds, C).

@@ -242,3 +242,54 @@ def stored_elements(table: ModuleTable) -> np.ndarray:
 def per_rank(table: ModuleTable, per_kind: np.ndarray, tp: int) -> np.ndarray:
     """Divide per-kind sizes of single tensors/modules by tp, except the replicated embedding's."""
     return np.where(np.arange(N_KINDS) == EMBED, per_kind, per_kind / tp)
+
+
+# ---- what ZeRO-3 swaps to and from NVMe ---------------------------------------------------------------------
+# DeepSpeed swaps a partition to NVMe only from 1 MiB up (swap_tensor/utils.py MIN_AIO_BYTES, the floor of
+# partitioned_param_swapper.py ``swappable_tensor``; hpi renders aio.block_size at that 1 MiB,
+# hpi.executor.render.AIO_DEFAULTS); smaller ones stay in CPU memory.
+MIN_SWAPPED_BYTES = 1024**2
+_FUSED_EXPERT_PARAMS = {"gate_proj.weight": "gate_up_proj", "up_proj.weight": "gate_up_proj",
+                        "gate_proj.bias": "gate_up_proj_bias", "up_proj.bias": "gate_up_proj_bias"}
+
+
+def _parameter_name(t: Tensor) -> str:
+    """The parameter ``t`` is (part of): routed experts' are fused over the experts (``swapped_partitions``)."""
+    if not (t.expert and EXPERTS_GATHERED_WHOLE):
+        return t.name
+    projection = ".".join(t.name.split(".")[-2:])  # "experts.e.gate_proj.weight" -> "gate_proj.weight"
+    return _FUSED_EXPERT_PARAMS.get(projection, projection)
+
+
+@lru_cache(maxsize=256)
+def swapped_partitions(model: ModelSpec, tp: int, dp: int) -> tuple[tuple[str, float], ...]:
+    """(leaf module, 16-bit elements) of every parameter partition one rank swaps in from NVMe, as the modules
+    hold their parameters: ``module_tensors``, but a layer's routed experts as transformers >= 5 stores them, one
+    parameter per projection over all experts with the gate and up projections fused (``gate_up_proj`` [E, 2f, h],
+    ``down_proj`` [E, h, f]; ``EXPERTS_GATHERED_WHOLE``). TP splits what it shards (the embedding is replicated,
+    as ``per_rank`` has it), ZeRO-3 partitions each parameter 1/dp, and a partition below ``MIN_SWAPPED_BYTES``
+    is not swapped."""
+    params: dict[tuple[str, str], float] = {}
+    for kind in range(N_KINDS):
+        n_routed = model.n_experts if kind == MOE else 0
+        for t in module_tensors(model, kind):
+            split = tp if t.tp_sharded and kind != EMBED else 1
+            elems = t.numel * (n_routed if t.expert and EXPERTS_GATHERED_WHOLE else 1) / split / dp
+            key = (f"{KIND_NAMES[kind]}.{t.module}", _parameter_name(t))
+            params[key] = params.get(key, 0.0) + elems
+    return tuple((module, elems) for (module, _), elems in params.items() if elems * 2 >= MIN_SWAPPED_BYTES)
+
+
+def largest_swapped_partition(model: ModelSpec, tp: int, dp: int) -> float:
+    """The elements of the largest partition one rank swaps (``swapped_partitions``): what every NVMe swap buffer
+    must hold."""
+    return max((elems for _, elems in swapped_partitions(model, tp, dp)), default=0.0)
+
+
+def swaps_per_module(model: ModelSpec, tp: int, dp: int) -> int:
+    """The most partitions one leaf module swaps in from NVMe at once: the fewest swap buffers DeepSpeed can run
+    with. Fetching a module swaps in all its partitions together, each into its own buffer, held until the module
+    is released after its forward (partitioned_param_swapper.py ``swap_in``: ``assert len(swap_in_paths) <=
+    len(self.available_buffer_ids)``, "Not enough buffers")."""
+    modules = [module for module, _ in swapped_partitions(model, tp, dp)]
+    return max((modules.count(m) for m in set(modules)), default=1)

@@ -12,8 +12,11 @@
   stages take turns), so fewer GPUs share the host links: on the 4x H200 (one host uplink, 42 GB/s per
   GPU with all four copying, 55 alone) tp 2 x pp 2 with one micro-batch streamed 50 GB/s per GPU, pp 4
   with four micro-batches 43.5.
-- NVMe goes NVMe -> pinned staging buffers -> GPU; DeepSpeed pipelines the two (buffer_count buffers),
-  so the slower of the two hops sets the pace.
+- NVMe goes NVMe -> pinned staging buffers -> GPU; with enough buffers DeepSpeed pipelines the two, so the
+  slower of the two hops sets the pace. Each swapped partition of a module holds its own buffer from its read
+  until the module is released after its forward, so with p partitions per module (``shape.swaps_per_module``)
+  reads, copies and compute of consecutive modules all overlap from 3p buffers; below that the next read waits
+  for the copy (the hops add up), and below 2p it also waits for the compute (``nvme_overlap``).
 - A KV cache offloaded to the CPU (transformers' OffloadedCache) is copied in layer by layer each decode
   step over the same host->device link.
 """
@@ -25,7 +28,7 @@ import numpy as np
 from hpi.planner.cost.compute import touched_elems_per_rank
 from hpi.planner.cost.inputs import COMPUTE_BYTES, Arrangement, Knobs
 from hpi.planner.cost.phase import Phase
-from hpi.planner.cost.shape import EXPERTS_GATHERED_WHOLE
+from hpi.planner.cost.shape import EXPERTS_GATHERED_WHOLE, swaps_per_module
 from hpi.planner.specs.plan import gathers_weights
 
 
@@ -93,6 +96,23 @@ def weight_stream_time(arrangement: Arrangement, knobs: Knobs,
     nvme_bw = link_rate(arrangement, knobs, "nvme_read") * arrangement.hardware.efficiency.nvme_read
     t_nvme = np.where(knobs.offload_nvme[:, None], stream_bytes / np.maximum(nvme_bw, 1e-9)[:, None], 0.0)
     return t_h2d, t_nvme
+
+
+# NVMe swap buffers per partition a module swaps in (``nvme_overlap``): the read of the module after next, the
+# copy of the next one and the compute of this one each hold one; without the first the hops add up, without the
+# first two the reads wait for compute too.
+NVME_BUFFERS_PIPELINED = 3
+NVME_BUFFERS_OVERLAP_COMPUTE = 2
+
+
+def nvme_overlap(arrangement: Arrangement, knobs: Knobs) -> tuple[np.ndarray, np.ndarray]:
+    """((N,) NVMe reads overlap the host->device copies, (N,) they overlap compute), by the swap buffer count
+    against the partitions one module swaps in (module docstring); True for plans that do not offload to NVMe."""
+    a = arrangement
+    per_module = swaps_per_module(a.model, a.tp, a.dp)
+    nvme, count = knobs.offload_nvme, knobs.nvme_buffer_count
+    pipelined = count >= NVME_BUFFERS_PIPELINED * per_module
+    return ~nvme | pipelined, ~nvme | (count >= NVME_BUFFERS_OVERLAP_COMPUTE * per_module)
 
 
 def kv_transfer_bytes(arrangement: Arrangement, knobs: Knobs, phase: Phase) -> np.ndarray:

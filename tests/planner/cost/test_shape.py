@@ -16,9 +16,12 @@ from hpi.planner.cost.shape import (
     EMBED,
     HEAD,
     MOE,
+    largest_swapped_partition,
     module_table,
     module_tensors,
     stored_elements,
+    swapped_partitions,
+    swaps_per_module,
 )
 
 CATALOGUE = model_names()
@@ -210,6 +213,22 @@ def test_mixtral_experts() -> None:
     assert t.sharded[DENSE] + t.replicated[DENSE] == m.dense_layer_params  # listed even if unused
     counts = stage_module_counts(m, 1)
     assert counts[0, DENSE] == 0 and counts[0, MOE] == 32
+
+
+def test_swapped_partitions_are_the_parameters_deepspeed_swaps() -> None:
+    """transformers >= 5 holds a Mixtral layer's experts as gate_up_proj [8, 2 x 14336, 4096] and down_proj
+    [8, 4096, 14336]: the largest partition is the fused gate_up_proj (the module table lists gate and up
+    apart), and the experts module swaps two partitions at once; norms (16 KB) are below DeepSpeed's 1 MiB."""
+    m = load_model("mixtral-8x7b")
+    experts = [e for module, e in swapped_partitions(m, 1, 1) if module == "moe_layer.experts"]
+    assert sorted(experts) == [8 * 4096 * 14336, 8 * 2 * 14336 * 4096]
+    assert largest_swapped_partition(m, 1, 1) == 8 * 2 * 14336 * 4096
+    assert largest_swapped_partition(m, 2, 2) == 8 * 2 * 14336 * 4096 / 2 / 2
+    assert swaps_per_module(m, 1, 1) == 2
+    llama = load_model("llama-3-70b")
+    assert largest_swapped_partition(llama, 2, 1) == 128256 * 8192  # the embedding is replicated over TP
+    assert swaps_per_module(llama, 1, 1) == 1
+    assert not any("layernorm" in module or module.endswith(".norm") for module, _ in swapped_partitions(llama, 1, 1))
 
 
 def test_unknown_kind_raises(kit) -> None:
