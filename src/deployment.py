@@ -146,9 +146,9 @@ def _check_swap_buffers(spec: RunSpec, est, host: HostMemory) -> None:
     if problem is None:
         return
     each = plan.nvme_buffer_elems * 2 / 1e9
-    raise DeploymentError(f"hpi run: the {plan.nvme_buffer_count} NVMe swap buffers ({each:,.1f} GB each) are pinned "
-                          f"whatever --pin-memory says: {problem}: lower --nvme-buffer-count, free memory, or raise "
-                          "the limit")
+    raise DeploymentError(f"{_who(spec)}: the {plan.nvme_buffer_count} NVMe swap buffers ({each:,.1f} GB each) are "
+                          f"pinned whatever --pin-memory says: {problem}: lower --nvme-buffer-count, free memory, or "
+                          "raise the limit")
 
 
 def resolve_deployment(spec: RunSpec, *, decode_graphs: bool | None = None, force: bool = False,

@@ -237,3 +237,27 @@ def test_lm_evals_own_cli_runs_the_hpi_model_by_its_entry_point(eval_server, hf_
     for task, metric in (("hpi_arith_mc", "acc,none"), ("hpi_arith_mc", "acc_norm,none"),
                          ("hpi_arith_gen", "exact_match,first_number")):
         assert scores[task][metric] == hf_results["results"][task][metric], (task, metric)
+
+
+def test_hpi_eval_deploys_the_preset_hpi_presets_shows(task_checkpoint, tmp_path, capsys):
+    """--preset with --hardware: the runtime hpi eval starts serves the preset chosen among servable plans for
+    --max-batch requests (Latency: batch 1, so one KV slot)."""
+    from hpi.cli.app import main
+    from hpi.planner.catalog import load_model
+    from hpi.planner.presets import select_presets
+    from hpi.planner.profiles import load_profile
+    from hpi.planner.specs.workload import Workload
+
+    assert main(["eval", "--checkpoint", str(task_checkpoint), *CPU_FP32, "--preset", "latency", "--hardware",
+                 "h200-2gpu", "--tasks", "hpi_arith_mc", "--limit", "3", "--max-length", str(MAX_MODEL_LEN),
+                 "--out", str(tmp_path / "evals")]) == 0, capsys.readouterr().err
+    (entry,) = (tmp_path / "evals").iterdir()
+    launch = json.loads((entry / "launch.json").read_text())
+    shown = select_presets(load_model(str(task_checkpoint)), load_profile("h200-2gpu"),
+                           Workload(MAX_MODEL_LEN - 32, 32, compute_dtype="fp32"), concurrency=16, serving=True)
+    expected = shown.named("latency").plan
+    plan = launch["serve_spec"]["plan"]
+    assert (plan["tp"], plan["pp"], plan["offload"], plan["batch_size"]) == (
+        expected.tp, expected.pp, expected.offload, expected.batch_size)
+    assert launch["server"]["n_slots"] == expected.batch_size == 1
+    assert launch["serve_spec"]["hardware"] == "h200-2gpu"
