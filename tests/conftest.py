@@ -80,38 +80,38 @@ def synth() -> SimpleNamespace:
                            record=synthetic_record, records=synthetic_records)
 
 
-@pytest.fixture(scope="session")
-def word_checkpoint(tmp_path_factory):
-    """A local tiny-llama checkpoint (seed 0, fp32, several safetensors shards) with its own word-level
-    tokenizer covering the whole vocabulary: "w{i}" is token i, words split on spaces, decoded joined by
-    spaces. No pad, BOS or EOS token of its own (the pad id falls back to 0)."""
+def _tiny_llama_checkpoint(tmp_path_factory, folder: str, tokenizer_for):
+    """tiny-llama's random weights (seed 0, fp32, several safetensors shards) saved in a fresh ``folder``, with
+    ``tokenizer_for(vocab_size)`` saved beside them."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
     pytest.importorskip("tokenizers")
     from hpi.executor.modeling import load_hf_config
     from hpi.executor.weights import save_checkpoint
-    from hpi.serve.tokens import word_tokenizer
 
     config = load_hf_config("tiny-llama")
-    ckpt = save_checkpoint(config, seed=0, out_dir=tmp_path_factory.mktemp("ckpt"), dtype=torch.float32,
+    ckpt = save_checkpoint(config, seed=0, out_dir=tmp_path_factory.mktemp(folder), dtype=torch.float32,
                            shard_size_bytes=4 * 2**20)
-    word_tokenizer(config.vocab_size).save_pretrained(ckpt)
+    tokenizer_for(config.vocab_size).save_pretrained(ckpt)
     return ckpt
+
+
+@pytest.fixture(scope="session")
+def word_checkpoint(tmp_path_factory):
+    """A local tiny-llama checkpoint (seed 0, fp32, several safetensors shards) with its own word-level
+    tokenizer covering the whole vocabulary: "w{i}" is token i, words split on spaces, decoded joined by
+    spaces. No pad, BOS or EOS token of its own (the pad id falls back to 0)."""
+    pytest.importorskip("tokenizers")
+    from hpi.serve.tokens import word_tokenizer
+
+    return _tiny_llama_checkpoint(tmp_path_factory, "ckpt", word_tokenizer)
 
 
 @pytest.fixture(scope="session")
 def task_checkpoint(tmp_path_factory):
     """The same tiny-llama checkpoint (seed 0, fp32) with a word-level tokenizer that spells the offline lm-eval
     tasks (``hpi.evaluation.offline_tasks.task_tokenizer``: BOS 1, EOS 2, the tasks' words, then ``w{i}``)."""
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("transformers")
     pytest.importorskip("tokenizers")
     from hpi.evaluation.offline_tasks import task_tokenizer
-    from hpi.executor.modeling import load_hf_config
-    from hpi.executor.weights import save_checkpoint
 
-    config = load_hf_config("tiny-llama")
-    ckpt = save_checkpoint(config, seed=0, out_dir=tmp_path_factory.mktemp("eval-ckpt"), dtype=torch.float32,
-                           shard_size_bytes=4 * 2**20)
-    task_tokenizer(config.vocab_size).save_pretrained(ckpt)
-    return ckpt
+    return _tiny_llama_checkpoint(tmp_path_factory, "eval-ckpt", task_tokenizer)

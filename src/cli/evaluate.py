@@ -201,8 +201,7 @@ def _evaluate_started(args: argparse.Namespace, job) -> int:
     folder = new_entry(Path(args.out), job.tasks)
     say = (lambda text: None) if args.progress_json else (lambda text: sys.stderr.write(f"{WHO}: {text}\n"))
     try:
-        runtime = start_runtime(serve_argv(args), folder, is_ready=lambda url, key: _ready(url, key) is not None,
-                                say=say)
+        runtime = start_runtime(serve_argv(args), folder, ready=_ready, say=say)
     except RuntimeFailed as e:
         if e.refused:  # hpi serve's own line names the fix; it started nothing, so the entry goes too
             shutil.rmtree(folder, ignore_errors=True)
@@ -214,9 +213,9 @@ def _evaluate_started(args: argparse.Namespace, job) -> int:
         return 1
     try:
         say(f"the runtime was ready in {runtime.ready_s:.1f} s")
-        job = dataclasses.replace(job, url=runtime.url, api_key=runtime.api_key, serve_dir=str(runtime.run_dir))
-        server = _ready(job.url, job.api_key) or {}
-        job = job.served_by(server)
+        server = runtime.server
+        job = dataclasses.replace(job, url=runtime.url, api_key=runtime.api_key,
+                                  serve_dir=str(runtime.run_dir)).served_by(server)
         results = _score(args, job)
     finally:
         stopped = runtime.stop()

@@ -75,7 +75,7 @@ class RequestAgreement:
     loglikelihood_deltas: tuple[float, ...]  # |hpi - reference| per scored request
     decisions: int  # argmaxes, greedy flags and generations compared
     decisions_agreeing: int
-    allowed: tuple[float, ...] = ()  # each request's tolerance (Tolerances.loglikelihood of its reference)
+    allowed: tuple[float, ...]  # each request's tolerance (Tolerances.loglikelihood of its reference)
 
     @property
     def max_delta(self) -> float:

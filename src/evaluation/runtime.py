@@ -52,6 +52,7 @@ class ServedRuntime:
     run_dir: Path  # hpi serve's run folder (its spec.json joins the eval's launch descriptor)
     log: Path  # hpi serve's stderr
     ready_s: float  # from start to /ready answering 200
+    server: dict  # that answer: the server's own account (slots, dtype, device)
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int:
         """SIGTERM (hpi serve's graceful stop) and wait; SIGKILL to its process group after ``timeout_s``."""
@@ -76,10 +77,11 @@ def _last_line(log: Path) -> str:
     return lines[-1] if lines else "(no output)"
 
 
-def start_runtime(serve_argv: list[str], folder: Path, *, is_ready: Callable[[str, str], bool],
+def start_runtime(serve_argv: list[str], folder: Path, *, ready: Callable[[str, str], dict | None],
                   say: Callable[[str], None] = lambda text: None) -> ServedRuntime:
     """Start ``hpi serve serve_argv`` with its run folder at ``folder/runtime`` and wait until
-    ``is_ready(url, api_key)`` (its ``/ready`` answers 200). Raises ``RuntimeFailed`` if it stops first."""
+    ``ready(url, api_key)`` returns its ``/ready`` document (None while loading). Raises ``RuntimeFailed`` if it
+    stops first."""
     run_dir, url_file, log = folder / "runtime", folder / "runtime-url.json", folder / "runtime-serve.log"
     api_key = secrets.token_urlsafe(24)
     env = {**os.environ, "HPI_API_KEY": api_key}
@@ -88,7 +90,7 @@ def start_runtime(serve_argv: list[str], folder: Path, *, is_ready: Callable[[st
         proc = subprocess.Popen(serve_command(serve_argv, run_dir=run_dir, url_file=url_file), env=env,
                                 stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr, start_new_session=True,
                                 preexec_fn=parent_death_signal())
-    runtime = ServedRuntime(proc, "", api_key, run_dir, log, 0.0)
+    runtime = ServedRuntime(proc, "", api_key, run_dir, log, 0.0, {})
     try:
         said_url = False
         while True:
@@ -99,8 +101,9 @@ def start_runtime(serve_argv: list[str], folder: Path, *, is_ready: Callable[[st
             if runtime.url and not said_url:
                 say(f"hpi serve is loading the model at {runtime.url} (its output: {log})")
                 said_url = True
-            if runtime.url and is_ready(runtime.url, api_key):
-                runtime.ready_s = time.monotonic() - started
+            server = ready(runtime.url, api_key) if runtime.url else None
+            if server is not None:
+                runtime.ready_s, runtime.server = time.monotonic() - started, server
                 return runtime
             time.sleep(POLL_S)
     except BaseException:
