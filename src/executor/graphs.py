@@ -16,7 +16,7 @@ What a graph needs, and how each is met:
   slots, and the padding mask / positions when rows are padded) in its own buffers, and each replay copies
   the new values into them.
 - No host synchronization inside the step. The attention mask is built on the device from the cache slots
-  (``modeling.static_causal_mask``): no Python int read back from the GPU. The prefill, which is not
+  (``masks.static_causal_mask``): no Python int read back from the GPU. The prefill, which is not
   captured, reads only the slots it wrote and keeps the dynamic cache's masks (none for unpadded prompts,
   so sdpa's fused causal kernel): over all slots behind a mask the 8B's bs-1 prefill took 2.1x as long on
   the H100 (benchmarks/results/2026-11-22-h100, runs 8-9).

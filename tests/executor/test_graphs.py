@@ -18,7 +18,8 @@ from transformers import DynamicCache  # noqa: E402
 
 from hpi.executor.generate import PipelineGenerator, Sampler, left_pad  # noqa: E402
 from hpi.executor.graphs import DecodeGraph, StaticKVCache  # noqa: E402
-from hpi.executor.modeling import ShardSpec, build_stage, load_hf_config, static_causal_mask  # noqa: E402
+from hpi.executor.masks import static_causal_mask  # noqa: E402
+from hpi.executor.modeling import ShardSpec, build_stage, load_hf_config  # noqa: E402
 from hpi.executor.spec import RunSpec  # noqa: E402
 from hpi.planner.specs.plan import Plan  # noqa: E402
 from hpi.planner.specs.workload import Workload  # noqa: E402
