@@ -8,8 +8,8 @@ from a per-stage config whose head / kv-head / intermediate counts are the per-r
 projections are swapped for ``hpi.executor.tp.RowParallelLinear``.
 
 Families: llama, mistral, qwen2 (the Llama layer layout), mixtral (the same attention; transformers' fused
-experts, their FFN width split over TP and the block's output all-reduced) and opt. DeepSeek and BLOOM are
-not built here yet.
+experts, their FFN width split over TP and the block's output all-reduced), deepseek_v3 / kimi_k2 (MLA and
+shared + routed experts, ``hpi.executor.deepseek``) and opt. BLOOM is not built here yet.
 
 Attention runs through transformers' ``sdpa`` path. With no mask it is causal for a multi-token query and
 full for a one-token decode, which is right for unpadded prompts prefilled in one go; the stage builds an
@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hpi.executor import deepseek
 from hpi.executor.attention import register as register_attention
 from hpi.executor.graphs import StaticKVCache
 from hpi.executor.masks import causal_mask, padded_causal_mask, static_causal_mask
@@ -139,18 +140,19 @@ class Family:
     final_norm: str  # HF name of the final norm below the prefix
     learned_positions: bool = False
     llama_layout: bool = True  # layers built from the sharded config (vs. built whole, then rewritten)
+    weight_buffers: tuple[str, ...] = ()  # buffers the checkpoint stores as weights (not counted as parameters)
 
     def cls(self, name: str):
         mod = importlib.import_module(f"transformers.models.{self.module}.modeling_{self.module}")
         return getattr(mod, name)
 
-    def layer_param_shapes(self, config) -> dict[str, tuple[int, ...]]:
-        """Names (below ``layers.<i>.``) and global shapes of one decoder layer's parameters."""
+    def layer_param_shapes(self, config, index: int = 0) -> dict[str, tuple[int, ...]]:
+        """Names (below ``layers.<i>.``) and global shapes of decoder layer ``index``'s parameters."""
         cfg = copy.deepcopy(config)
         cfg._attn_implementation = ATTENTION
         with torch.device("meta"):
-            layer = self.cls(self.layer_cls)(cfg, 0)
-        return {n: tuple(p.shape) for n, p in layer.named_parameters()}
+            layer = self.cls(self.layer_cls)(cfg, index)
+        return {n: tuple(p.shape) for n, p in weights_of(layer, self.weight_buffers)}
 
     def final_norm_shapes(self, config) -> dict[str, tuple[int, ...]]:
         h = config.hidden_size
@@ -166,10 +168,19 @@ _FAMILIES: dict[str, Family] = {
     "qwen2": Family("qwen2", "qwen2", "Qwen2DecoderLayer", "Qwen2RMSNorm", "Qwen2RotaryEmbedding", "model.", "norm"),
     "mixtral": Family("mixtral", "mixtral", "MixtralDecoderLayer", "MixtralRMSNorm", "MixtralRotaryEmbedding",
                       "model.", "norm"),
+    "deepseek_v3": Family("deepseek_v3", "deepseek_v3", "DeepseekV3DecoderLayer", "DeepseekV3RMSNorm",
+                          "DeepseekV3RotaryEmbedding", "model.", "norm", weight_buffers=deepseek.WEIGHT_BUFFERS),
     "opt": Family("opt", "opt", "OPTDecoderLayer", None, None, "model.decoder.", "final_layer_norm",
                   learned_positions=True, llama_layout=False),
 }
 SUPPORTED_FAMILIES: tuple[str, ...] = tuple(_FAMILIES)
+
+
+def weights_of(module: nn.Module, weight_buffers: tuple[str, ...]):
+    """(name, tensor) of every value a checkpoint holds for ``module``: its parameters, then the buffers whose
+    last name component is in ``weight_buffers``."""
+    yield from module.named_parameters()
+    yield from ((n, b) for n, b in module.named_buffers() if n.rsplit(".", 1)[-1] in weight_buffers)
 
 
 def family_of(config) -> Family:
@@ -178,7 +189,7 @@ def family_of(config) -> Family:
     if fam is None:
         raise NotImplementedError(
             f"model_type {model_type!r} is not supported by the executor's stage builder "
-            f"(supported: {', '.join(SUPPORTED_FAMILIES)}; the MoE families deepseek_v3 / kimi_k2 are not yet)"
+            f"(supported: {', '.join(SUPPORTED_FAMILIES)}, kimi_k2 read as deepseek_v3; bloom is not yet)"
         )
     if model_type == "opt":
         if config.word_embed_proj_dim != config.hidden_size:
@@ -196,6 +207,8 @@ def _config_from_dict(d: dict[str, Any], where: str):
     from transformers import CONFIG_MAPPING
 
     d = {k: v for k, v in d.items() if k != "_hpi"}
+    if d.get("model_type") in deepseek.MODEL_TYPE_ALIASES:  # an architecture transformers knows by another name
+        d["model_type"] = deepseek.MODEL_TYPE_ALIASES[d["model_type"]]
     model_type = d.get("model_type")
     if model_type not in CONFIG_MAPPING:
         raise ValueError(f"{where}: model_type {model_type!r} is not known to transformers")
@@ -256,6 +269,8 @@ def shard_config(config, tp_size: int):
     else:
         cfg.num_key_value_heads = kv_heads_per_rank(kv, tp_size)
         cfg.intermediate_size = ffn // tp_size
+    if config.model_type == deepseek.MODEL_TYPE:
+        deepseek.shard_widths(cfg, config, tp_size)
     return cfg
 
 
@@ -269,6 +284,8 @@ def stage_config(config, shard: ShardSpec):
     layer_types = getattr(config, "layer_types", None)
     if isinstance(layer_types, (list, tuple)):
         cfg.layer_types = list(layer_types[shard.layer_start:shard.layer_stop])
+    if config.model_type == deepseek.MODEL_TYPE:
+        deepseek.stage_dense_layers(cfg, config, shard.layer_start)
     cfg._attn_implementation = ATTENTION
     return cfg
 
@@ -355,8 +372,8 @@ class StageModule(nn.Module):
 
     @cached_property
     def hf_names(self) -> dict[str, str]:
-        """Every parameter of this stage -> its global HF name."""
-        return {n: self.hf_name(n) for n, _ in self.named_parameters()}
+        """Every parameter (and weight buffer) of this stage -> its global HF name."""
+        return {n: self.hf_name(n) for n, _ in weights_of(self, self.family.weight_buffers)}
 
     # forward -----------------------------------------------------------------------------------------
     def forward(self, inputs: torch.Tensor, cache, cache_position: torch.LongTensor | None,
@@ -433,10 +450,16 @@ class StageModule(nn.Module):
 def _tensor_parallel(layer: nn.Module, tp: int, tp_group, already_sharded: bool) -> None:
     """gpt-fast style: rewrite one decoder layer's Linears for TP (on the meta device; no data moves).
     Column-parallel Linears shrink their output features (unless built sharded already), row-parallel
-    ones become ``RowParallelLinear`` over the sharded input features."""
+    ones become ``RowParallelLinear`` over the sharded input features, except inside a mixture of experts:
+    its output is all-reduced once, so a row-parallel Linear there (DeepSeek's shared experts) stays plain."""
+    moe = getattr(layer, "mlp", None)
+    moe = moe if moe is not None and hasattr(moe, "experts") else None
+    partial_sums = {id(m) for m in moe.modules()} if moe is not None else set()
     for parent_name, parent in list(layer.named_modules()):
         for child_name, child in list(parent.named_children()):
             if not isinstance(child, nn.Linear):
+                continue
+            if child_name in ROW_PARALLEL and id(parent) in partial_sums:
                 continue
             bias = child.bias is not None
             dev, dt = child.weight.device, child.weight.dtype
@@ -448,8 +471,7 @@ def _tensor_parallel(layer: nn.Module, tp: int, tp_group, already_sharded: bool)
             else:
                 continue
             setattr(parent, child_name, new)
-    moe = getattr(layer, "mlp", None)
-    if moe is not None and hasattr(moe, "experts"):  # mixtral: experts built with f / tp hidden units
+    if moe is not None:  # mixtral, deepseek: experts built with f / tp hidden units
         all_reduce_output(moe, tp_group)
 
 
@@ -475,6 +497,11 @@ def build_stage(config, shard: ShardSpec, *, tp_group=None, dtype: torch.dtype =
         # Mixtral checkpoints store each expert's w1/w2/w3 apart; the stage holds transformers' fused tensors.
         raise NotImplementedError("loading a mixtral checkpoint is not supported yet (its per-expert w1/w2/w3 "
                                   "would need fusing): run mixtral with random weights (no --checkpoint)")
+    if checkpoint is not None and fam.model_type == deepseek.MODEL_TYPE and deepseek.has_routed_experts(config):
+        # DeepSeek checkpoints store each routed expert's gate/up/down apart; the stage holds the fused tensors.
+        raise NotImplementedError("loading a deepseek_v3 checkpoint with routed experts is not supported yet (its "
+                                  "per-expert gate/up/down_proj would need fusing): run it with random weights "
+                                  "(no --checkpoint)")
     if shard.n_layers_total != config.num_hidden_layers:
         raise ValueError(f"shard.n_layers_total({shard.n_layers_total}) != "
                          f"config.num_hidden_layers({config.num_hidden_layers})")
@@ -508,7 +535,7 @@ def build_stage(config, shard: ShardSpec, *, tp_group=None, dtype: torch.dtype =
     heads = dict(n_heads=config.num_attention_heads, n_kv_heads=_kv_heads(config), head_dim=_head_dim(config))
     try:
         with torch.no_grad():
-            for name, param in stage.named_parameters():
+            for name, param in weights_of(stage, fam.weight_buffers):
                 hf = stage.hf_names[name]
                 part = shard_index(hf, table[hf].shape, tp_rank=shard.tp_rank, tp_size=shard.tp_size, **heads)
                 value = source.read(hf, part)

@@ -36,7 +36,9 @@ __all__ = [
 ]
 
 # Module names (the last component before .weight/.bias) and how they are cut.
-COLUMN_PARALLEL = frozenset({"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "fc1"})
+# DeepSeek's MLA: q_b_proj and kv_b_proj give [heads, ...] outputs (cut by whole heads); q_a_proj and
+# kv_a_proj_with_mqa make the latent every head reads, so no rule names them and every rank holds them whole.
+COLUMN_PARALLEL = frozenset({"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "fc1", "q_b_proj", "kv_b_proj"})
 ROW_PARALLEL = frozenset({"o_proj", "down_proj", "out_proj", "fc2"})
 _KV = frozenset({"k_proj", "v_proj"})
 

@@ -57,6 +57,8 @@ class ParamInfo:
 
 
 def _init_kind(name: str, ndim: int) -> str:
+    if name.endswith(".e_score_correction_bias"):  # DeepSeek's router bias steers expert choice: a constant would
+        return "normal"  # shift every expert alike and leave a misread one unseen
     if name.endswith(".bias"):
         return "zeros"
     if ndim == 1:
@@ -78,9 +80,11 @@ def param_table(config) -> dict[str, ParamInfo]:
     table[f"{fam.prefix}embed_tokens.weight"] = (vocab, hidden)
     if fam.learned_positions:
         table[f"{fam.prefix}embed_positions.weight"] = (config.max_position_embeddings + 2, hidden)
-    for local, shape in fam.layer_param_shapes(config).items():
-        for i in range(config.num_hidden_layers):
-            table[f"{fam.prefix}layers.{i}.{local}"] = shape
+    layers = _layer_shapes(fam, config)
+    for local in dict.fromkeys(name for shapes in layers for name in shapes):
+        for i, shapes in enumerate(layers):
+            if local in shapes:
+                table[f"{fam.prefix}layers.{i}.{local}"] = shapes[local]
     for local, shape in fam.final_norm_shapes(config).items():
         table[f"{fam.prefix}{local}"] = shape
     table["lm_head.weight"] = (vocab, hidden)
@@ -90,6 +94,17 @@ def param_table(config) -> dict[str, ParamInfo]:
         source = f"{fam.prefix}embed_tokens.weight" if (name == "lm_head.weight" and tied) else name
         out[name] = ParamInfo(tuple(shape), _init_kind(name, len(shape)), source)
     return out
+
+
+def _layer_shapes(fam, config) -> list[dict[str, tuple[int, ...]]]:
+    """Each decoder layer's parameter shapes, one meta build per kind of layer: DeepSeek's first
+    ``first_k_dense_replace`` layers hold a dense MLP, the others experts; every other family has one kind."""
+    first_moe = getattr(config, "first_k_dense_replace", None) or 0
+    kinds: dict[bool, dict[str, tuple[int, ...]]] = {}
+    for i in range(config.num_hidden_layers):
+        if (i < first_moe) not in kinds:
+            kinds[i < first_moe] = fam.layer_param_shapes(config, i)
+    return [kinds[i < first_moe] for i in range(config.num_hidden_layers)]
 
 
 def _init_std(config) -> float:
