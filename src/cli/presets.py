@@ -142,7 +142,7 @@ def _records(args: argparse.Namespace):
 # ---- hpi presets --------------------------------------------------------------------------------------------
 def presets_document(preset_set, args: argparse.Namespace, nvme_path: str | None) -> dict[str, Any]:
     """The planner's document with each preset's DeepSpeed config, its file name and its command lines."""
-    from hpi.planner.specs.plan import serve_blocker
+    from hpi.planner.specs.plan import model_serve_blocker, serve_blocker
 
     doc = preset_set.to_dict()
     doc["dtype"] = args.dtype
@@ -151,7 +151,10 @@ def presets_document(preset_set, args: argparse.Namespace, nvme_path: str | None
         entry["config_file"] = f"{preset.name}.{config_file_name(preset.plan)}"
         entry["deepspeed_config"] = _config(preset.plan, preset_set.model, args, nvme_path)
         entry["commands"] = commands(args, preset.plan, nvme_path)
-        entry["serve_blocker"] = serve_blocker(preset.plan.kv_offload, preset.plan.dp)
+        entry["serve_blocker"] = (model_serve_blocker(preset_set.model)
+                                  or serve_blocker(preset.plan.kv_offload, preset.plan.dp))
+        if entry["serve_blocker"]:
+            entry["commands"]["serve"] = None
     return doc
 
 

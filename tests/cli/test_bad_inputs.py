@@ -229,6 +229,7 @@ CASES: list[Case] = [
         ("--hardware", "nosuch"), ("--out", "/proc/hpi-run"), ("--out", "afile/run"), ("--out", "{long}"),
         ("--out", "afile"))],
     case("run", "--model", "nosuch", "--device", "cpu", "--out", "runs/x"),
+    case("run", "--model", "deepseek-v3", "--cuda-graphs", "--device", "cpu", "--out", "runs/x"),  # expert routing
     case("run", "--model", "llama-3-70b", "--hardware", "a6000-workstation", "--device", "cpu", "--out", "runs/x"),
     case(*RUN, hide=("torch",)),
     case("run", "--model", "tiny-llama", "--out", "runs/x", cuda_absent=True),
@@ -242,6 +243,8 @@ CASES: list[Case] = [
         ("--metrics-port", "x"), ("--metrics-port", "9100", "--no-metrics"), ("--metrics-port", "8000"))],
     case("serve", "--device", "cpu", "--out", "runs/s"),
     case("serve", "--model", "nosuch", "--device", "cpu", "--out", "runs/s"),
+    case("serve", "--model", "deepseek-v3", "--device", "cpu", "--out", "runs/s"),  # MLA: not in the slot cache yet
+    case("serve", "--model", "kimi-k2", "--device", "cpu", "--max-batch", "2", "--out", "runs/s"),
     case(*SERVE, hide=("fastapi",)),
     case("serve", "--model", "tiny-llama", "--out", "runs/s", cuda_absent=True),
     # hpi chat

@@ -44,10 +44,12 @@ DENSE = {**CONFIG, "first_k_dense_replace": 3, "q_lora_rank": None}
 HEADS = dict(n_heads=4, n_kv_heads=4, head_dim=8)
 WORKLOAD = Workload(prompt_len_tokens=10, gen_len_tokens=5)
 BATCH = 2
+STREAMED = dict(offload="cpu", pin_memory=False, persistence_threshold_elems=64)  # every matrix is fetched per use
 LAYOUTS = {
-    "zero3-cpu-offload": Plan(offload="cpu", pin_memory=False, batch_size=BATCH),
+    "zero3-cpu-offload": Plan(batch_size=BATCH, **STREAMED),
     "tp2": Plan(tp=2, batch_size=BATCH),
     "pp2": Plan(pp=2, batch_size=BATCH, micro_batches=2),
+    "tp2-zero3-cpu-offload": Plan(tp=2, batch_size=BATCH, **STREAMED),
 }
 
 
@@ -205,6 +207,19 @@ def test_reduced_config_count_is_the_planners_and_transformers(model_path):
     assert planner == sum(p.numel() for p in _reference_model(config).parameters()) == 179_280
     assert _sharded_total(config, 1, [3]) == planner
     assert _sharded_total(config, 2, [1, 2]) == planner
+
+
+def test_a_tp_ranks_layers_hold_what_the_planners_module_table_says(model_path):
+    """Per TP rank (tp 2): a dense layer holds sharded / tp + replicated elements of the planner's DENSE kind,
+    an MoE layer also n_experts routed experts of expert_sharded / tp each (hpi.planner.cost.shape)."""
+    from hpi.planner.cost.shape import DENSE, MOE, module_table
+
+    table = module_table(load_model(model_path))
+    stage = build_stage(load_hf_config(model_path), ShardSpec.whole(3, 1, 2), device="meta")
+    held = [sum(p.numel() for p in layer.parameters()) for layer in stage.layers]
+    assert held[0] == table.sharded[DENSE] / 2 + table.replicated[DENSE]
+    routed = table.n_experts[MOE] * table.expert_sharded[MOE] / 2
+    assert held[1] == held[2] == table.sharded[MOE] / 2 + table.replicated[MOE] + routed
 
 
 @pytest.mark.parametrize("name,tp", [("deepseek-v3", 8), ("kimi-k2", 8)])

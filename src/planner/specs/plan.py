@@ -112,6 +112,17 @@ def serve_blocker(kv_offload, dp) -> str | None:
     return None
 
 
+def model_serve_blocker(model) -> str | None:
+    """Why ``hpi serve`` cannot serve ``model`` (a ModelSpec) in any plan, or None: multi-head latent attention
+    caches one compressed latent per token, which the slot cache (``hpi.executor.slots``) would re-expand through
+    kv_b_proj for every slot's whole length at every layer and step, and whose value width (v_head_dim) its
+    attention does not take apart from the query's."""
+    if model.uses_mla:
+        return (f"hpi serve cannot serve {model.name} yet: its latent attention (MLA) cache is not in hpi serve's "
+                "slot cache; run it with hpi run")
+    return None
+
+
 def model_graph_blocker(model) -> str | None:
     """Why no plan of ``model`` (a ModelSpec) can decode as a CUDA graph, or None: a mixture of experts, whose
     routing in transformers reads the experts each token picked back to the host."""
