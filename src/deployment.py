@@ -217,6 +217,10 @@ def _check_inputs(spec: RunSpec, model: ModelSpec, nodes: Nodes) -> None:
         raise DeploymentError(f"{_who(spec)}: --chat needs a prompt: pass --prompt TEXT or --prompts FILE")
     if spec.checkpoint and not Path(spec.checkpoint).is_dir():
         raise DeploymentError(f"{_who(spec)}: --checkpoint {spec.checkpoint}: no such directory")
+    if spec.checkpoint and model.checkpoint_dtype_bytes < 2:  # read as bf16 values, the FP8 blocks lose their scales
+        raise DeploymentError(f"{_who(spec)}: --checkpoint {spec.checkpoint} stores FP8 block-quantized weights "
+                              "(config.json's quantization_config): hpi loads 16/32-bit checkpoints (and quantizes "
+                              "them itself with --quant-bits): dequantize it to bf16 first")
     if spec.prompts and not spec.checkpoint:
         raise DeploymentError(f"{_who(spec)}: text prompts need a tokenizer: pass --checkpoint DIR (a local HF "
                               "checkpoint with tokenizer files), or leave out --prompt for seeded random prompts")

@@ -221,6 +221,9 @@ class CheckpointReader:
     """
 
     def __init__(self, path: str | os.PathLike, config=None):
+        if getattr(config, "quantization_config", None):  # FP8 blocks copied into 16-bit weights lose their scales
+            raise NotImplementedError(f"{path}: the checkpoint's weights are quantized (config.json's "
+                                      "quantization_config); only 16/32-bit checkpoints load: dequantize it first")
         self.path = Path(path)
         self.weight_map = self._weight_map()
         self._stack = contextlib.ExitStack()

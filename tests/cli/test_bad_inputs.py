@@ -97,6 +97,13 @@ FIXTURES = {
     "config_bad.json": '{"model_type": "llama", "hidden_size": 64}',
     "config_malformed.json": "{",
     "config_list.json": "[]",
+    "fp8_ckpt/config.json": json.dumps({  # a DeepSeek-shaped checkpoint shipped FP8 block-quantized, as the hub's
+        "model_type": "deepseek_v3", "hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 16,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "n_routed_experts": 4, "num_experts_per_tok": 2,
+        "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1, "q_lora_rank": 24, "kv_lora_rank": 16,
+        "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8, "vocab_size": 100,
+        "max_position_embeddings": 64, "quantization_config": {"quant_method": "fp8", "fmt": "e4m3",
+                                                                "weight_block_size": [128, 128]}}),
     "emptydir/notes.txt": "no records here\n",
     "profiles_empty/notes.txt": "no profiles here\n",
     "tpl_dir/notes.txt": "a folder, not a template\n",
@@ -230,6 +237,7 @@ CASES: list[Case] = [
         ("--out", "afile"))],
     case("run", "--model", "nosuch", "--device", "cpu", "--out", "runs/x"),
     case("run", "--model", "deepseek-v3", "--cuda-graphs", "--device", "cpu", "--out", "runs/x"),  # expert routing
+    case("run", "--model", "deepseek-v3", "--checkpoint", "fp8_ckpt", "--device", "cpu", "--out", "runs/x"),
     case("run", "--model", "llama-3-70b", "--hardware", "a6000-workstation", "--device", "cpu", "--out", "runs/x"),
     case(*RUN, hide=("torch",)),
     case("run", "--model", "tiny-llama", "--out", "runs/x", cuda_absent=True),

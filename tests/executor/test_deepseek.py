@@ -22,7 +22,7 @@ from hpi.executor.launch import launch  # noqa: E402
 from hpi.executor.modeling import ShardSpec, build_stage, load_hf_config  # noqa: E402
 from hpi.executor.spec import RunSpec  # noqa: E402
 from hpi.executor.tp import RowParallelLinear, shard_index  # noqa: E402
-from hpi.executor.weights import full_state_dict, param_table, save_checkpoint  # noqa: E402
+from hpi.executor.weights import CheckpointReader, full_state_dict, param_table, save_checkpoint  # noqa: E402
 from hpi.executor.worker import prompt_batch  # noqa: E402
 from hpi.planner.catalog import load_model  # noqa: E402
 from hpi.planner.specs.plan import Plan  # noqa: E402
@@ -146,8 +146,9 @@ def test_a_tp_the_experts_cannot_split_is_refused(tmp_path):
 
 
 # ---- one process: logits against transformers --------------------------------------------------------
-def _forward_steps(stages, ids: torch.Tensor, steps: int) -> list[torch.Tensor]:
-    """Prefill ``ids`` through the stages, then ``steps`` greedy one-token steps over each stage's cache."""
+def _forward_steps(stages, ids: torch.Tensor, steps: int) -> tuple[list[torch.Tensor], list[DynamicCache]]:
+    """Prefill ``ids`` through the stages, then ``steps`` greedy one-token steps over each stage's cache: the
+    logits of each forward, and the caches."""
     caches = [DynamicCache() for _ in stages]
     out, x, pos = [], ids, torch.arange(ids.shape[1])
     for _ in range(steps + 1):
@@ -156,7 +157,7 @@ def _forward_steps(stages, ids: torch.Tensor, steps: int) -> list[torch.Tensor]:
             h = stage(h, cache, pos)
         out.append(h)
         x, pos = h.argmax(-1, keepdim=True), pos[-1:] + 1
-    return out
+    return out, caches
 
 
 @pytest.mark.parametrize("split", [[3], [1, 2], [2, 1]])
@@ -168,7 +169,7 @@ def test_stages_match_transformers_with_the_latent_cache(model_path, split):
     stages = [build_stage(config, ShardSpec.for_stage(split, i), dtype=torch.float32) for i in range(len(split))]
     ids = torch.randint(0, config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        ours = _forward_steps(stages, ids, steps=3)
+        ours, caches = _forward_steps(stages, ids, steps=3)
         cache, x = DynamicCache(config=config), ids
         for logits in ours:
             want = reference(x, cache=cache, use_cache=True).logits[:, -1].float()
@@ -178,6 +179,11 @@ def test_stages_match_transformers_with_the_latent_cache(model_path, split):
     assert kinds == ["DeepseekV3MLP", "DeepseekV3MoE", "DeepseekV3MoE"]
     assert stages[-1].layers[-1].self_attn.kv_b_proj.weight.shape == (4 * 32, 16)
     assert len(stages[0].layers) == split[0]
+    # The cache holds the latent: kv_a_layernorm(kv) [b, 1, s, kv_lora_rank] and the rotated shared key
+    # [b, 1, s, qk_rope_head_dim], as many elements per token and layer as the planner counts.
+    layer = caches[0].layers[0]
+    assert tuple(layer.keys.shape) == (2, 1, 9 + 3, 16) and tuple(layer.values.shape) == (2, 1, 9 + 3, 8)
+    assert load_model(model_path).kv_cache_elems_per_token_per_layer == 16 + 8
 
 
 # ---- the planner's view -------------------------------------------------------------------------------
@@ -266,3 +272,32 @@ def test_checkpoint_loads_slice_wise_into_tp2(dense_path, tmp_path):
 def test_a_checkpoint_with_routed_experts_is_refused_with_the_reason(model_path, tmp_path):
     with pytest.raises(NotImplementedError, match="per-expert gate/up/down_proj"):
         build_stage(load_hf_config(model_path), ShardSpec.whole(3), checkpoint=str(tmp_path))
+
+
+def test_a_quantized_checkpoint_is_refused_by_the_reader(dense_path, tmp_path):
+    """FP8 blocks copied into 16-bit weights would lose their scales: the reader refuses, whoever calls it."""
+    config = load_hf_config(dense_path)
+    config.quantization_config = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    with pytest.raises(NotImplementedError, match="quantization_config"):
+        CheckpointReader(tmp_path, config)
+
+
+# ---- refused before anything starts -------------------------------------------------------------------
+@pytest.mark.parametrize("argv,why", [
+    (("serve", "--model", "deepseek-v3"), "hpi serve cannot serve deepseek-v3 yet: its latent attention (MLA)"),
+    (("serve", "--model", "kimi-k2"), "hpi serve cannot serve kimi-k2 yet"),
+    (("run", "--model", "deepseek-v3", "--cuda-graphs"), "deepseek-v3's expert routing synchronizes the host"),
+    (("run", "--model", "deepseek-v3", "--checkpoint", "{fp8}"), "stores FP8 block-quantized weights"),
+])
+def test_what_cannot_run_is_refused_in_one_line(argv, why, tmp_path, capsys):
+    from hpi.cli.app import main
+
+    fp8 = tmp_path / "fp8"
+    fp8.mkdir()
+    (fp8 / "config.json").write_text(json.dumps({**CONFIG, "quantization_config": {
+        "quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}}))
+    argv = [a.replace("{fp8}", str(fp8)) for a in argv]
+    assert main([*argv, "--device", "cpu", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert why in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -439,10 +439,11 @@ def test_shard_and_stage_config():
 
 
 def test_refusals():
-    from transformers import DeepseekV3Config
+    from transformers import GPT2Config
 
-    with pytest.raises(NotImplementedError, match="llama, mistral, qwen2, mixtral, opt"):
-        build_stage(DeepseekV3Config(num_hidden_layers=2), ShardSpec.whole(2))
+    supported = "llama, mistral, qwen2, mixtral, deepseek_v3, opt"
+    with pytest.raises(NotImplementedError, match=f"'gpt2' is not supported .*{supported}"):
+        build_stage(GPT2Config(n_layer=2), ShardSpec.whole(2))
     config = tiny_config("llama")  # 4 heads, 2 kv heads
     with pytest.raises(ValueError, match=r"num_attention_heads\(4\) % tp\(8\)"):
         shard_config(config, 8)
