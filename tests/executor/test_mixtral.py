@@ -163,3 +163,16 @@ def test_layout_matches_transformers(name, model_path, reference_tokens, tmp_pat
 def test_a_per_expert_checkpoint_loads_slice_wise(plan, model_path, checkpoint, reference_tokens, tmp_path):
     record = launch(_spec(plan, model_path, tmp_path, checkpoint=checkpoint), timeout_s=300).to_json()
     assert record["tokens"] == reference_tokens
+
+
+def test_four_bit_experts_stream_packed_bytes(tmp_path):
+    """DeepSpeed quantizes the experts (nn.Linear): a 4-bit forward streams about (0.5 + 8/64) / 4 of the fp32
+    one (half a byte a weight, an fp32 scale and minimum per group of 64). Fused 3-D experts stayed at full width
+    (hpi.executor.experts). Expert FFN width 128: a multiple of the quantization group."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**CONFIG, "intermediate_size": 128}))
+    per_step = {}
+    for bits in (16, 4):
+        plan = Plan(offload="cpu", pin_memory=False, batch_size=BATCH, weight_bits=bits, persistence_threshold_elems=0)
+        per_step[bits] = launch(_spec(plan, str(path), tmp_path / str(bits)), timeout_s=300).transfers.h2d.bytes_per_step
+    assert per_step[4] / per_step[16] == pytest.approx((0.5 + 8 / 64) / 4, rel=0.05)
