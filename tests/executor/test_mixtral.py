@@ -174,5 +174,6 @@ def test_four_bit_experts_stream_packed_bytes(tmp_path):
     per_step = {}
     for bits in (16, 4):
         plan = Plan(offload="cpu", pin_memory=False, batch_size=BATCH, weight_bits=bits, persistence_threshold_elems=0)
-        per_step[bits] = launch(_spec(plan, str(path), tmp_path / str(bits)), timeout_s=300).transfers.h2d.bytes_per_step
+        record = launch(_spec(plan, str(path), tmp_path / str(bits)), timeout_s=300)
+        per_step[bits] = record.transfers.h2d.bytes_per_step
     assert per_step[4] / per_step[16] == pytest.approx((0.5 + 8 / 64) / 4, rel=0.05)
