@@ -91,6 +91,15 @@ def matrices() -> dict[str, list[Entry]]:
             Entry("8b-pp2-resident-b1", m8, "h200-2gpu", 1, {"pp": 2}, gpus=2, variants=_graphed(16, pp=2)),
             Entry("8b-tp1-resident-b1", m8, "h200-2gpu", 1, {}, variants=_graphed(16)),
         ],
+        # Beyond 70B on one H200 (125 GiB of host memory): Mixtral-8x22B (141B) with 4-bit experts streamed from
+        # pinned CPU memory at batch 1 and 16, and Mixtral-8x7B at 16 bit, whose build holds its 16-bit stage on
+        # the host before ZeRO-3 re-homes it (hpi.planner.cost.build): the build's host peak beside the prediction.
+        "moe-h200": [
+            Entry("mixtral-8x22b-q4-cpu-pinned-b1", "mixtral-8x22b", "h200-1gpu", 1,
+                  {"offload": "cpu", "weight_bits": 4}, variants=_batches(16), prompt_len=128, gen_len=4),
+            Entry("mixtral-8x7b-cpu-pinned-b1", "mixtral-8x7b", "h200-1gpu", 1, {"offload": "cpu"},
+                  prompt_len=128, gen_len=4),
+        ],
         "smoke": [
             Entry("tiny-resident", "tiny-llama", h100, 2, {}),
             Entry("tiny-cpu-offload", "tiny-llama", h100, 2, {"offload": "cpu"}, variants=_batches(4)),

@@ -36,7 +36,7 @@ from hpi.planner.profiles import load_profile
 from hpi.planner.specs.plan import Plan
 from hpi.planner.specs.workload import Workload
 from hpi.planner.validate import load_manifest, validate
-from hpi.records import load_records
+from hpi.record_files import load_records
 
 manifest = load_manifest()
 result = validate(manifest)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from hpi.record_files import load_records
 from hpi.records import (
     KIND,
     VERSION,
@@ -28,7 +29,6 @@ from hpi.records import (
     Timings,
     Transfers,
     compare,
-    load_records,
     upgrade,
 )
 

@@ -159,7 +159,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         write_text_atomic,
     )
     from hpi.planner.profiles import clear_cache, load_profile, profile_from_text
-    from hpi.records import load_records
+    from hpi.record_files import load_records
 
     prior = load_profile(args.hardware, calibrated=False)
     if not 0 <= args.holdout < 1:

@@ -129,7 +129,8 @@ def _writable_out(args: argparse.Namespace, who: str) -> Path | None:
 
 
 def _records(args: argparse.Namespace):
-    from hpi.records import RecordError, load_records
+    from hpi.record_files import load_records
+    from hpi.records import RecordError
 
     if not args.records:
         return []

@@ -15,9 +15,11 @@ says how a rank's config and weights differ from the whole model's:
 - Layers below ``first_k_dense_replace`` hold a dense MLP, the rest a mixture of experts. transformers decides
   by the layer index it is built with, and a stage builds its layers with local indices, so a stage's config
   moves the boundary by the stage's first layer (``stage_dense_layers``).
-- The dense MLP and the shared experts split like Llama's MLP (gate/up column, down row); each routed expert
-  splits its FFN width; the MoE block's output is all-reduced once (``hpi.executor.tp.all_reduce_output``), so
-  the shared experts' down projection stays a plain partial-sum Linear inside it.
+- The dense MLP and the shared experts split like Llama's MLP (gate/up column, down row). The routed experts
+  are ``hpi.executor.experts.RoutedExperts`` (one ``nn.Linear`` per projection per expert, under the names
+  DeepSeek's checkpoints store: ``mlp.experts.<e>.gate_proj.weight``), each splitting its FFN width. The MoE
+  block's output is all-reduced once (``hpi.executor.tp.all_reduce_output``), so the shared experts' down
+  projection, like each routed expert's, stays a plain partial-sum Linear inside it.
 - The router's ``e_score_correction_bias`` is a buffer in transformers, yet a weight of the checkpoint
   (``WEIGHT_BUFFERS``): it is read with the parameters but not counted as one, as transformers counts.
 
@@ -27,8 +29,7 @@ Kimi-K2 is DeepSeek-V3's architecture (its config names ``DeepseekV3ForCausalLM`
 
 from __future__ import annotations
 
-__all__ = ["MODEL_TYPE", "MODEL_TYPE_ALIASES", "WEIGHT_BUFFERS", "check_tp", "has_routed_experts",
-           "shard_widths", "stage_dense_layers"]
+__all__ = ["MODEL_TYPE", "MODEL_TYPE_ALIASES", "WEIGHT_BUFFERS", "check_tp", "shard_widths", "stage_dense_layers"]
 
 MODEL_TYPE = "deepseek_v3"
 MODEL_TYPE_ALIASES = {"kimi_k2": MODEL_TYPE}
@@ -55,8 +56,3 @@ def stage_dense_layers(cfg, config, layer_start: int) -> None:
     """Move ``cfg``'s dense/MoE boundary to local layer indices (in place): global layer ``layer_start + j``
     is dense exactly when ``layer_start + j < first_k_dense_replace``."""
     cfg.first_k_dense_replace = max(0, config.first_k_dense_replace - layer_start)
-
-
-def has_routed_experts(config) -> bool:
-    """Whether any layer holds routed experts (``first_k_dense_replace`` below the layer count)."""
-    return config.first_k_dense_replace < config.num_hidden_layers

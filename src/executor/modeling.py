@@ -25,10 +25,12 @@ as a slot mask over the cache's full length.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import inspect
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -40,6 +42,7 @@ from torch import nn
 
 from hpi.executor import deepseek
 from hpi.executor.attention import register as register_attention
+from hpi.executor.experts import ExpertMLP, per_expert_modules
 from hpi.executor.graphs import StaticKVCache
 from hpi.executor.masks import causal_mask, padded_causal_mask, static_causal_mask
 from hpi.executor.slots import SlotKVCache
@@ -140,19 +143,38 @@ class Family:
     final_norm: str  # HF name of the final norm below the prefix
     learned_positions: bool = False
     llama_layout: bool = True  # layers built from the sharded config (vs. built whole, then rewritten)
+    # transformers' fused routed-experts class and its FFN width field: built as hpi.executor.experts.RoutedExperts
+    fused_experts: str | None = None
+    expert_width: str = "intermediate_size"
+    # (regex, replacement) rewrites of a layer's module names into the names checkpoints store them under
+    stored_names: tuple[tuple[str, str], ...] = ()
     weight_buffers: tuple[str, ...] = ()  # buffers the checkpoint stores as weights (not counted as parameters)
 
     def cls(self, name: str):
         mod = importlib.import_module(f"transformers.models.{self.module}.modeling_{self.module}")
         return getattr(mod, name)
 
+    def build_layer(self, config, index: int) -> nn.Module:
+        """Decoder layer ``index`` of ``config``, routed experts one ``nn.Linear`` per projection per expert."""
+        experts = (per_expert_modules(self.module, self.fused_experts, self.expert_width) if self.fused_experts
+                   else contextlib.nullcontext())
+        with experts:
+            return self.cls(self.layer_cls)(config, index)
+
+    def stored_name(self, local: str) -> str:
+        """The name a layer's parameter ``local`` (below ``layers.<i>.``) has in the family's checkpoints."""
+        for pattern, replacement in self.stored_names:
+            local = re.sub(pattern, replacement, local)
+        return local
+
     def layer_param_shapes(self, config, index: int = 0) -> dict[str, tuple[int, ...]]:
-        """Names (below ``layers.<i>.``) and global shapes of decoder layer ``index``'s parameters."""
+        """Stored names (below ``layers.<i>.``) and global shapes of decoder layer ``index``'s parameters (and
+        weight buffers)."""
         cfg = copy.deepcopy(config)
         cfg._attn_implementation = ATTENTION
         with torch.device("meta"):
-            layer = self.cls(self.layer_cls)(cfg, index)
-        return {n: tuple(p.shape) for n, p in weights_of(layer, self.weight_buffers)}
+            layer = self.build_layer(cfg, index)
+        return {self.stored_name(n): tuple(p.shape) for n, p in weights_of(layer, self.weight_buffers)}
 
     def final_norm_shapes(self, config) -> dict[str, tuple[int, ...]]:
         h = config.hidden_size
@@ -161,15 +183,25 @@ class Family:
         return {f"{self.final_norm}.weight": (h,)}
 
 
+# Mixtral's checkpoints keep the v0.1 names: the MoE block is ``block_sparse_moe``, an expert's gate / up / down
+# projections are w1 / w3 / w2 (transformers' conversion_mapping.py renames them the same way on load).
+_MIXTRAL_STORED = (
+    (r"^mlp\.experts\.(\d+)\.gate_proj\.", r"block_sparse_moe.experts.\1.w1."),
+    (r"^mlp\.experts\.(\d+)\.up_proj\.", r"block_sparse_moe.experts.\1.w3."),
+    (r"^mlp\.experts\.(\d+)\.down_proj\.", r"block_sparse_moe.experts.\1.w2."),
+    (r"^mlp\.gate\.", "block_sparse_moe.gate."),
+)
+
 _FAMILIES: dict[str, Family] = {
     "llama": Family("llama", "llama", "LlamaDecoderLayer", "LlamaRMSNorm", "LlamaRotaryEmbedding", "model.", "norm"),
     "mistral": Family("mistral", "mistral", "MistralDecoderLayer", "MistralRMSNorm", "MistralRotaryEmbedding",
                       "model.", "norm"),
     "qwen2": Family("qwen2", "qwen2", "Qwen2DecoderLayer", "Qwen2RMSNorm", "Qwen2RotaryEmbedding", "model.", "norm"),
     "mixtral": Family("mixtral", "mixtral", "MixtralDecoderLayer", "MixtralRMSNorm", "MixtralRotaryEmbedding",
-                      "model.", "norm"),
+                      "model.", "norm", fused_experts="MixtralExperts", stored_names=_MIXTRAL_STORED),
     "deepseek_v3": Family("deepseek_v3", "deepseek_v3", "DeepseekV3DecoderLayer", "DeepseekV3RMSNorm",
-                          "DeepseekV3RotaryEmbedding", "model.", "norm", weight_buffers=deepseek.WEIGHT_BUFFERS),
+                          "DeepseekV3RotaryEmbedding", "model.", "norm", fused_experts="DeepseekV3Experts",
+                          expert_width="moe_intermediate_size", weight_buffers=deepseek.WEIGHT_BUFFERS),
     "opt": Family("opt", "opt", "OPTDecoderLayer", None, None, "model.decoder.", "final_layer_norm",
                   learned_positions=True, llama_layout=False),
 }
@@ -331,11 +363,11 @@ class StageModule(nn.Module):
                                 if shard.is_first and fam.learned_positions else None)
         layer_cls = fam.cls(fam.layer_cls)
         if fam.llama_layout:
-            layers = [layer_cls(cfg, j) for j in range(shard.n_layers)]
+            layers = [fam.build_layer(cfg, j) for j in range(shard.n_layers)]
         else:  # OPT derives head_dim from hidden / heads: build whole, then cut the linears
             whole = copy.deepcopy(config)
             whole._attn_implementation = ATTENTION
-            layers = [layer_cls(whole, j) for j in range(shard.n_layers)]
+            layers = [fam.build_layer(whole, j) for j in range(shard.n_layers)]
         if tp > 1:
             for layer in layers:
                 _tensor_parallel(layer, tp, tp_group, already_sharded=fam.llama_layout)
@@ -360,8 +392,8 @@ class StageModule(nn.Module):
         parts = [p for p in name.split(".") if p != "linear"]  # RowParallelLinear / VocabParallelLMHead inner
         head = parts[0]
         if head == "layers":
-            parts[1] = str(self.shard.layer_start + int(parts[1]))
-            return fam.prefix + ".".join(parts)
+            index = self.shard.layer_start + int(parts[1])
+            return f"{fam.prefix}layers.{index}.{fam.stored_name('.'.join(parts[2:]))}"
         if head in ("embed_tokens", "embed_positions"):
             return fam.prefix + ".".join(parts)
         if head == "norm":
@@ -456,6 +488,8 @@ def _tensor_parallel(layer: nn.Module, tp: int, tp_group, already_sharded: bool)
     moe = moe if moe is not None and hasattr(moe, "experts") else None
     partial_sums = {id(m) for m in moe.modules()} if moe is not None else set()
     for parent_name, parent in list(layer.named_modules()):
+        if isinstance(parent, ExpertMLP):  # built with f / tp; its partial sums meet in the block's all-reduce
+            continue
         for child_name, child in list(parent.named_children()):
             if not isinstance(child, nn.Linear):
                 continue
@@ -493,15 +527,6 @@ def build_stage(config, shard: ShardSpec, *, tp_group=None, dtype: torch.dtype =
     Those weights are not the seeded ones: use it for performance runs, not for parity.
     """
     fam = family_of(config)
-    if checkpoint is not None and fam.model_type == "mixtral":
-        # Mixtral checkpoints store each expert's w1/w2/w3 apart; the stage holds transformers' fused tensors.
-        raise NotImplementedError("loading a mixtral checkpoint is not supported yet (its per-expert w1/w2/w3 "
-                                  "would need fusing): run mixtral with random weights (no --checkpoint)")
-    if checkpoint is not None and fam.model_type == deepseek.MODEL_TYPE and deepseek.has_routed_experts(config):
-        # DeepSeek checkpoints store each routed expert's gate/up/down apart; the stage holds the fused tensors.
-        raise NotImplementedError("loading a deepseek_v3 checkpoint with routed experts is not supported yet (its "
-                                  "per-expert gate/up/down_proj would need fusing): run it with random weights "
-                                  "(no --checkpoint)")
     if shard.n_layers_total != config.num_hidden_layers:
         raise ValueError(f"shard.n_layers_total({shard.n_layers_total}) != "
                          f"config.num_hidden_layers({config.num_hidden_layers})")

@@ -36,10 +36,12 @@ __all__ = [
 ]
 
 # Module names (the last component before .weight/.bias) and how they are cut.
+# Mixtral's stored expert names: w1 / w3 (gate / up) column-parallel, w2 (down) row-parallel (hpi.executor.experts).
 # DeepSeek's MLA: q_b_proj and kv_b_proj give [heads, ...] outputs (cut by whole heads); q_a_proj and
 # kv_a_proj_with_mqa make the latent every head reads, so no rule names them and every rank holds them whole.
-COLUMN_PARALLEL = frozenset({"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "fc1", "q_b_proj", "kv_b_proj"})
-ROW_PARALLEL = frozenset({"o_proj", "down_proj", "out_proj", "fc2"})
+COLUMN_PARALLEL = frozenset({"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "fc1", "w1", "w3", "q_b_proj",
+                             "kv_b_proj"})
+ROW_PARALLEL = frozenset({"o_proj", "down_proj", "out_proj", "fc2", "w2"})
 _KV = frozenset({"k_proj", "v_proj"})
 
 
@@ -128,12 +130,6 @@ def shard_index(
         # Replicate: the query heads of this rank [r*H/tp, (r+1)*H/tp) all read kv head r // (tp/kv).
         head = tp_rank // (tp_size // n_kv_heads)
         return Slice(0, head * head_dim, (head + 1) * head_dim, head_dim)
-    if module == "experts":  # transformers >= 5 fuses a layer's experts: gate_up [E, 2f, h], down [E, h, f]
-        if leaf == "gate_up_proj":  # split f inside both the gate and the up half
-            half = _even(1, shape[1] // 2, tp_rank, tp_size, hf_name)
-            return Slice(1, half.start, half.stop, half.padded, chunks=2)
-        if leaf == "down_proj":
-            return _even(2, shape[2], tp_rank, tp_size, hf_name)
     if module in COLUMN_PARALLEL:  # weight [out, in] and bias [out]: split the output features
         return _even(0, shape[0], tp_rank, tp_size, hf_name)
     if module in ROW_PARALLEL and leaf == "weight":  # weight [out, in]: split the input features

@@ -20,7 +20,7 @@ import torch.distributed as dist
 # name the rank that failed first and show why.
 from torch.distributed.elastic.multiprocessing.errors import record as record_errors
 
-from hpi.executor import diskstats
+from hpi.executor import diskstats, hostmem
 from hpi.executor.generate import LeftPadding, PipelineGenerator, Sampler, StepTimes, left_pad
 from hpi.executor.groups import Groups, build_groups
 from hpi.executor.record import build_record
@@ -216,15 +216,6 @@ class LineStreamer:
         self.written = len(text) + 1
 
 
-def _host_rss() -> int:
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss
-    except Exception:  # noqa: BLE001 - psutil missing: RSS is not recorded
-        return 0
-
-
 def _prediction(spec: RunSpec, planner_model) -> tuple[dict | None, float | None]:
     if not spec.hardware:
         return None, None
@@ -257,8 +248,12 @@ def run(spec: RunSpec) -> list[RunRecord] | None:
     shard = ShardSpec.for_stage(counts, g.stage, tp_rank=g.tp_rank, tp_size=g.tp)
     dtype = DTYPES[spec.dtype]
 
-    t0 = time.perf_counter()
     deepspeed_path = uses_deepspeed(spec)
+    if deepspeed_path:  # its import (~0.2 GB resident) is not part of the build's host peak
+        import deepspeed  # noqa: F401
+    t0 = time.perf_counter()
+    hostmem.reset_peak()
+    rss_before_build = hostmem.resident_bytes()
     build_device = torch.device("cpu") if plan.is_offloaded else device
     if plan.is_quantized:
         module = build_quantized_stage(config, shard, spec, g, dtype, device)
@@ -269,7 +264,8 @@ def run(spec: RunSpec) -> list[RunRecord] | None:
     stage = zero3_stage(module, spec, g, config.hidden_size) if deepspeed_path else module.to(device)
     built = _Built(stage=stage, groups=g, config=config, planner_model=planner_model, dtype=dtype, device=device,
                    transfer_bytes=zero3_transfer_bytes(module) if deepspeed_path else (0, 0, 0),
-                   build_s=time.perf_counter() - t0, tokenizer=load_tokenizer(spec))
+                   build_s=time.perf_counter() - t0, tokenizer=load_tokenizer(spec),
+                   host_build_bytes=(rss_before_build, hostmem.peak_bytes()))
     if spec.mode != "serve":  # the watchdog watches this rank's progress from here (hpi.executor.watchdog)
         print(heartbeat_line(g.rank, f"built its stage in {built.build_s:.1f} s"), flush=True)
     if spec.mode == "serve":  # the model stays loaded and answers requests until the front says stop
@@ -317,6 +313,7 @@ class _Built:
     transfer_bytes: tuple[int, int, int]  # zero3_transfer_bytes
     build_s: float
     tokenizer: object
+    host_build_bytes: tuple[int, int] = (0, 0)  # (resident set before the build, its high-water mark during it)
 
 
 def measure(spec: RunSpec, b: _Built) -> RunRecord | None:
@@ -372,7 +369,9 @@ def measure(spec: RunSpec, b: _Built) -> RunRecord | None:
         busy_s=tuple(generator.times.busy_s),
         peak_allocated_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0,
         peak_reserved_bytes=torch.cuda.max_memory_reserved(device) if device.type == "cuda" else 0,
-        host_rss_bytes=_host_rss(),
+        host_rss_bytes=hostmem.resident_bytes(),
+        host_rss_before_build_bytes=b.host_build_bytes[0],
+        host_build_peak_bytes=b.host_build_bytes[1],
         pinned_bytes=pinned,
         h2d_bytes_per_forward=h2d_per_forward,
         nvme_bytes_per_forward=nvme_per_forward,

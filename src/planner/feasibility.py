@@ -107,6 +107,7 @@ def capacity_masks(ev: Evaluation) -> dict[str, np.ndarray]:
     return {
         "gpu_memory": mem.gpu_peak_bytes > hw.usable_gpu_bytes,
         "cpu_memory": mem.cpu_bytes > hw.usable_dram_bytes,
+        "build_memory": mem.build_bytes > hw.usable_dram_bytes,
         "pinned_memory": mem.pinned_bytes > hw.host.pinnable_bytes,
         "nvme_missing": k.offload_nvme & (not hw.has_nvme),
         "nvme_capacity": k.offload_nvme & hw.has_nvme & (mem.nvme_bytes > nvme_capacity),
@@ -147,6 +148,19 @@ def _gpu_reason(ev: Evaluation, i: int) -> Reason:
     )
 
 
+def _build_reason(ev: Evaluation, i: int) -> Reason:
+    hw, mem, k = ev.arrangement.hardware, ev.memory, ev.knobs
+    where = "swaps it out to NVMe" if k.offload_nvme[i] else "partitions it"
+    return Reason(
+        "build_memory",
+        f"host memory while building {mem.build_bytes[i] / GB:.1f} GB > {hw.usable_dram_bytes / GB:.1f} GB usable "
+        f"per node (the 16-bit stage is built in host memory before ZeRO-3 {where}: "
+        f"{mem.build_transient_bytes[i] / GB:.1f} GB of it only during the build; cost.build): quantize "
+        "(--quant-bits 8 or 4: DeepSpeed builds each module on the GPU and keeps only its packed partition) or "
+        "split over more GPUs (--tp/--pp)",
+    )
+
+
 def capacity_reasons(ev: Evaluation, i: int) -> list[Reason]:
     """The named reasons plan ``i`` of the evaluation breaks, with numbers and a fix."""
     hw, mem, k = ev.arrangement.hardware, ev.memory, ev.knobs
@@ -163,6 +177,8 @@ def capacity_reasons(ev: Evaluation, i: int) -> list[Reason]:
             f"usable per node ({top.replace('_', ' ')} {parts[top] / GB:.1f} GB): offload to NVMe "
             "(--offload nvme), quantize (--quant-bits 4) or spread over more nodes",
         ))
+    if masks["build_memory"][i]:
+        out.append(_build_reason(ev, i))
     if masks["pinned_memory"][i]:
         buffers = float(mem.cpu_parts["nvme_buffers"][i])
         fix = ("use fewer NVMe swap buffers (--nvme-buffer-count: DeepSpeed pins them whatever --pin-memory says, "

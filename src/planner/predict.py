@@ -44,6 +44,8 @@ class Estimate:
     pinned_bytes: float
     nvme_bytes: float
     weight_bytes_total: float
+    build_bytes: float  # host memory of the fullest node while its ranks build (cost.build)
+    build_transient_bytes: float
     gpu_memory_parts: dict[str, float]
     cpu_memory_parts: dict[str, float]
     prefill_exposed: dict[str, float]
@@ -79,6 +81,8 @@ class Estimate:
                 "pinned_bytes": self.pinned_bytes,
                 "nvme_bytes": self.nvme_bytes,
                 "weight_bytes_total": self.weight_bytes_total,
+                "build_bytes": self.build_bytes,
+                "build_transient_bytes": self.build_transient_bytes,
                 "gpu": self.gpu_memory_parts,
                 "cpu": self.cpu_memory_parts,
             },
@@ -143,6 +147,8 @@ def estimate_from_evaluation(ev: Evaluation, i: int, plan: Plan) -> Estimate:
         pinned_bytes=float(mem.pinned_bytes[i]),
         nvme_bytes=float(mem.nvme_bytes[i]),
         weight_bytes_total=float(mem.weight_bytes_total[i]),
+        build_bytes=float(mem.build_bytes[i]),
+        build_transient_bytes=float(mem.build_transient_bytes[i]),
         gpu_memory_parts=_floats(mem.gpu_parts, i),
         cpu_memory_parts=_floats(mem.cpu_parts, i),
         prefill_exposed=_floats(ev.prefill.exposed, i),

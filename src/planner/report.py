@@ -63,7 +63,7 @@ def memory_table(est: Estimate) -> Table:
     table.add_column("bytes", justify="right")
     gpu = list(est.gpu_memory_parts.items()) + [("[bold]peak[/bold]", est.gpu_peak_bytes)]
     cpu = list(est.cpu_memory_parts.items()) + [("[bold]total[/bold]", est.cpu_bytes), ("pinned", est.pinned_bytes),
-                                                ("NVMe", est.nvme_bytes)]
+                                                ("NVMe", est.nvme_bytes), ("while building", est.build_bytes)]
     for i in range(max(len(gpu), len(cpu))):
         g = gpu[i] if i < len(gpu) else ("", None)
         c = cpu[i] if i < len(cpu) else ("", None)

@@ -39,7 +39,8 @@ from hpi.planner.calibrate import (
     predict_measurements,
 )
 from hpi.planner.profiles import load_profile, malformed_yaml
-from hpi.records import RecordError, load_records
+from hpi.record_files import load_records
+from hpi.records import RecordError
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MANIFEST = REPO / "validation" / "fidelity_set.yaml"

@@ -19,7 +19,7 @@ from hpi.planner.catalog import load_model
 from hpi.planner.predict import predict
 from hpi.planner.profiles import clear_cache, load_profile
 from hpi.planner.validate import leave_one_plan_out, load_manifest, validate
-from hpi.records import load_records
+from hpi.record_files import load_records
 
 PROFILE_FILE = Path(__file__).resolve().parents[2] / "src" / "planner" / "hardware_profiles" / "h200-2gpu.yaml"
 # Measured = the model's prediction with the true coefficients times a per-run factor (run-to-run noise).

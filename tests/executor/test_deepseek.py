@@ -1,14 +1,17 @@
 """DeepSeek-V3 (MLA, a dense first layer, shared + routed experts) in the executor: greedy tokens identical to
 transformers' own ``DeepseekV3ForCausalLM.generate`` on one rank, under ZeRO-3 CPU offload, TP 2 and PP 2; a
-checkpoint read slice-wise under TP 2; heads cut whole; the built stages' parameter count is the planner's.
+checkpoint saved with DeepSeek's per-expert names (``mlp.experts.<e>.gate_proj.weight``) read slice-wise under
+TP 2; heads cut whole; the built stages' parameter count is the planner's.
 
-fp32, a reduced config of DeepSeek-V3's structure (3 layers, the first dense; 8 routed experts in 2 groups,
-top-2 from 1 group, 1 shared expert; query LoRA; yarn rotary with interleaved pairs), DeepSpeed on its CPU
-accelerator with gloo."""
+The reference loads the seed-0 checkpoint through transformers' own ``from_pretrained``, which fuses the experts
+itself. fp32, a reduced config of DeepSeek-V3's structure (3 layers, the first dense; 8 routed experts in 2
+groups, top-2 from 1 group, 1 shared expert; query LoRA; yarn rotary with interleaved pairs), DeepSpeed on its
+CPU accelerator with gloo."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -18,11 +21,18 @@ pytest.importorskip("deepspeed")
 
 from transformers import DynamicCache  # noqa: E402
 
+from hpi.executor.experts import RoutedExperts  # noqa: E402
 from hpi.executor.launch import launch  # noqa: E402
 from hpi.executor.modeling import ShardSpec, build_stage, load_hf_config  # noqa: E402
 from hpi.executor.spec import RunSpec  # noqa: E402
 from hpi.executor.tp import RowParallelLinear, shard_index  # noqa: E402
-from hpi.executor.weights import CheckpointReader, full_state_dict, param_table, save_checkpoint  # noqa: E402
+from hpi.executor.weights import (  # noqa: E402
+    INDEX_NAME,
+    CheckpointReader,
+    full_state_dict,
+    param_table,
+    write_checkpoint,
+)
 from hpi.executor.worker import prompt_batch  # noqa: E402
 from hpi.planner.catalog import load_model  # noqa: E402
 from hpi.planner.specs.plan import Plan  # noqa: E402
@@ -39,8 +49,8 @@ CONFIG = {
                      "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
     "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 1, "torch_dtype": "float32",
 }
-# Every layer dense (no routed experts): what a checkpoint can hold until experts are stored one by one.
-DENSE = {**CONFIG, "first_k_dense_replace": 3, "q_lora_rank": None}
+# No query LoRA (a plain q_proj, as DeepSeek-V2-Lite), one expert group, two shared experts.
+NO_Q_LORA = {**CONFIG, "q_lora_rank": None, "n_group": 1, "topk_group": 1, "n_shared_experts": 2}
 HEADS = dict(n_heads=4, n_kv_heads=4, head_dim=8)
 WORKLOAD = Workload(prompt_len_tokens=10, gen_len_tokens=5)
 BATCH = 2
@@ -64,34 +74,47 @@ def model_path(tmp_path_factory):
     return _write(tmp_path_factory, "deepseek", CONFIG)
 
 
+def _saved(tmp_path_factory, name: str, config: dict) -> str:
+    """The seed-0 random model of ``config`` saved as DeepSeek stores it (each expert apart), in several files."""
+    hf = load_hf_config(_write(tmp_path_factory, name, config))
+    return str(write_checkpoint(full_state_dict(hf, seed=0, dtype=torch.float32), hf,
+                                tmp_path_factory.mktemp(f"{name}-ckpt"), shard_size_bytes=2**17))
+
+
 @pytest.fixture(scope="module")
-def dense_path(tmp_path_factory):
-    return _write(tmp_path_factory, "deepseek-dense", DENSE)
+def checkpoints(tmp_path_factory) -> dict[str, str]:
+    return {"q-lora": _saved(tmp_path_factory, "q-lora", CONFIG),
+            "no-q-lora": _saved(tmp_path_factory, "no-q-lora", NO_Q_LORA)}
 
 
 def _spec(plan: Plan, model: str, out_dir, **kw) -> RunSpec:
     return RunSpec(plan=plan, model=model, workload=WORKLOAD, device="cpu", dtype="fp32", out_dir=str(out_dir), **kw)
 
 
-def _reference_model(config):
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(full_state_dict(config, seed=0, dtype=torch.float32))  # strict: every name matches
-    return model.eval()
+def _reference_model(checkpoint: str):
+    return transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
 
 
-def _generate(model_path: str) -> list[list[int]]:
-    config = load_hf_config(model_path)
-    model = _reference_model(config)
-    ids = prompt_batch(_spec(Plan(batch_size=BATCH), model_path, "unused"), config.vocab_size).ids
+@pytest.fixture(scope="module")
+def reference_tokens(model_path, checkpoints) -> list[list[int]]:
+    model = _reference_model(checkpoints["q-lora"])
+    ids = prompt_batch(_spec(Plan(batch_size=BATCH), model_path, "unused"), CONFIG["vocab_size"]).ids
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=WORKLOAD.gen_len_tokens,
                              min_new_tokens=WORKLOAD.gen_len_tokens, do_sample=False, pad_token_id=0)
     return out[:, ids.shape[1]:].tolist()
 
 
-@pytest.fixture(scope="module")
-def reference_tokens(model_path) -> list[list[int]]:
-    return _generate(model_path)
+def test_checkpoint_names_are_deepseeks_per_expert_ones(model_path, checkpoints):
+    names = set(param_table(load_hf_config(model_path)))
+    assert {"model.layers.1.mlp.gate.weight", "model.layers.1.mlp.gate.e_score_correction_bias",
+            "model.layers.2.mlp.experts.7.gate_proj.weight", "model.layers.2.mlp.experts.7.up_proj.weight",
+            "model.layers.2.mlp.experts.7.down_proj.weight", "model.layers.1.mlp.shared_experts.down_proj.weight",
+            "model.layers.0.mlp.down_proj.weight", "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"} <= names
+    assert not any("gate_up_proj" in n or "layers.0.mlp.experts" in n for n in names)
+    index = json.loads((Path(checkpoints["q-lora"]) / INDEX_NAME).read_text())
+    assert set(index["weight_map"]) == names
+    assert len(set(index["weight_map"].values())) >= 2
 
 
 # ---- tensor-parallel cuts ---------------------------------------------------------------------------
@@ -129,12 +152,16 @@ def test_tp2_stage_shapes(model_path):
     assert shapes["layers.0.self_attn.kv_b_proj.weight"] == (2 * 32, 16)
     assert shapes["layers.0.self_attn.o_proj.linear.weight"] == (64, 2 * 16)
     assert shapes["layers.0.mlp.gate_proj.weight"] == (48, 64)
-    assert shapes["layers.1.mlp.experts.gate_up_proj"] == (8, 2 * 8, 64)
-    assert shapes["layers.1.mlp.experts.down_proj"] == (8, 64, 8)
+    for e in range(8):
+        assert shapes[f"layers.1.mlp.experts.{e}.gate_proj.weight"] == (8, 64)
+        assert shapes[f"layers.1.mlp.experts.{e}.up_proj.weight"] == (8, 64)
+        assert shapes[f"layers.1.mlp.experts.{e}.down_proj.weight"] == (64, 8)
     assert shapes["layers.1.mlp.shared_experts.down_proj.weight"] == (64, 8)
     assert shapes["layers.1.mlp.gate.weight"] == (8, 64)
     assert isinstance(stage.layers[0].mlp.down_proj, RowParallelLinear)
     assert type(stage.layers[1].mlp.shared_experts.down_proj) is torch.nn.Linear
+    assert isinstance(stage.layers[1].mlp.experts, RoutedExperts)
+    assert type(stage.layers[1].mlp.experts[3].down_proj) is torch.nn.Linear
     assert isinstance(stage.layers[1].self_attn.o_proj, RowParallelLinear)
 
 
@@ -160,12 +187,13 @@ def _forward_steps(stages, ids: torch.Tensor, steps: int) -> tuple[list[torch.Te
     return out, caches
 
 
-@pytest.mark.parametrize("split", [[3], [1, 2], [2, 1]])
-def test_stages_match_transformers_with_the_latent_cache(model_path, split):
+@pytest.mark.parametrize("variant,split", [("q-lora", [3]), ("q-lora", [1, 2]), ("q-lora", [2, 1]),
+                                           ("no-q-lora", [1, 2])])
+def test_stages_match_transformers_with_the_latent_cache(checkpoints, variant, split):
     """Prefill and decode steps through the latent cache, on one stage and on pipeline splits on either side of
-    the first MoE layer (a stage's local layer 0 may be global layer 1 or 2: both MoE)."""
-    config = load_hf_config(model_path)
-    reference = _reference_model(config)
+    the first MoE layer (a stage's local layer 0 may be global layer 1 or 2: both MoE); seeded weights."""
+    config = load_hf_config(None, checkpoints[variant])
+    reference = _reference_model(checkpoints[variant])
     stages = [build_stage(config, ShardSpec.for_stage(split, i), dtype=torch.float32) for i in range(len(split))]
     ids = torch.randint(0, config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -178,12 +206,13 @@ def test_stages_match_transformers_with_the_latent_cache(model_path, split):
     kinds = [type(layer.mlp).__name__ for stage in stages for layer in stage.layers]
     assert kinds == ["DeepseekV3MLP", "DeepseekV3MoE", "DeepseekV3MoE"]
     assert stages[-1].layers[-1].self_attn.kv_b_proj.weight.shape == (4 * 32, 16)
+    assert (stages[0].layers[0].self_attn.q_proj is None) == (variant == "q-lora")
     assert len(stages[0].layers) == split[0]
     # The cache holds the latent: kv_a_layernorm(kv) [b, 1, s, kv_lora_rank] and the rotated shared key
     # [b, 1, s, qk_rope_head_dim], as many elements per token and layer as the planner counts.
     layer = caches[0].layers[0]
     assert tuple(layer.keys.shape) == (2, 1, 9 + 3, 16) and tuple(layer.values.shape) == (2, 1, 9 + 3, 8)
-    assert load_model(model_path).kv_cache_elems_per_token_per_layer == 16 + 8
+    assert load_model(checkpoints[variant]).kv_cache_elems_per_token_per_layer == 16 + 8
 
 
 # ---- the planner's view -------------------------------------------------------------------------------
@@ -207,10 +236,10 @@ def _sharded_total(config, tp: int, split: list[int]) -> int:
     return total
 
 
-def test_reduced_config_count_is_the_planners_and_transformers(model_path):
+def test_reduced_config_count_is_the_planners_and_transformers(model_path, checkpoints):
     config = load_hf_config(model_path)
     planner = load_model(model_path).params_total
-    assert planner == sum(p.numel() for p in _reference_model(config).parameters()) == 179_280
+    assert planner == sum(p.numel() for p in _reference_model(checkpoints["q-lora"]).parameters()) == 179_280
     assert _sharded_total(config, 1, [3]) == planner
     assert _sharded_total(config, 2, [1, 2]) == planner
 
@@ -258,25 +287,17 @@ def test_layout_matches_transformers(name, model_path, reference_tokens, tmp_pat
         assert record["h2d"]["bytes_per_step"] > 0  # ZeRO-3 really streamed the weights
 
 
-def test_checkpoint_loads_slice_wise_into_tp2(dense_path, tmp_path):
-    """MLA layers from a safetensors checkpoint of several files, each TP rank reading its slices."""
-    config = load_hf_config(dense_path)
-    ckpt = save_checkpoint(config, seed=0, out_dir=tmp_path / "ckpt", dtype=torch.float32,
-                           shard_size_bytes=64 * 2**10)
-    assert len(list(ckpt.glob("*.safetensors"))) >= 2
-    record = launch(_spec(Plan(tp=2, batch_size=BATCH), dense_path, tmp_path / "run", checkpoint=str(ckpt)),
+def test_checkpoint_loads_slice_wise_into_tp2(model_path, checkpoints, reference_tokens, tmp_path):
+    """MLA layers and per-expert weights from a safetensors checkpoint of several files, each TP rank reading
+    its slices."""
+    record = launch(_spec(Plan(tp=2, batch_size=BATCH), model_path, tmp_path, checkpoint=checkpoints["q-lora"]),
                     timeout_s=300).to_json()
-    assert record["tokens"] == _generate(dense_path)
+    assert record["tokens"] == reference_tokens
 
 
-def test_a_checkpoint_with_routed_experts_is_refused_with_the_reason(model_path, tmp_path):
-    with pytest.raises(NotImplementedError, match="per-expert gate/up/down_proj"):
-        build_stage(load_hf_config(model_path), ShardSpec.whole(3), checkpoint=str(tmp_path))
-
-
-def test_a_quantized_checkpoint_is_refused_by_the_reader(dense_path, tmp_path):
+def test_a_quantized_checkpoint_is_refused_by_the_reader(model_path, tmp_path):
     """FP8 blocks copied into 16-bit weights would lose their scales: the reader refuses, whoever calls it."""
-    config = load_hf_config(dense_path)
+    config = load_hf_config(model_path)
     config.quantization_config = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
     with pytest.raises(NotImplementedError, match="quantization_config"):
         CheckpointReader(tmp_path, config)

@@ -35,7 +35,8 @@ from hpi.planner.calibrate import (
 )
 from hpi.planner.profiles import ProfileError, clear_cache, load_profile
 from hpi.planner.specs.hardware import is_fraction
-from hpi.records import RecordError, RunRecord, load_records
+from hpi.record_files import load_records
+from hpi.records import RecordError, RunRecord
 
 PROFILE_FILE = Path(__file__).resolve().parents[2] / "src" / "planner" / "hardware_profiles" / "h200-2gpu.yaml"
 

@@ -195,12 +195,18 @@ def test_fixes_for_a_model_too_big_for_the_gpu(a6000) -> None:
     assert len(fixes(knob_effects(est), k=1)) == 1
 
 
-def test_nvme_offload_is_proposed_where_only_it_fits(a6000) -> None:
-    model = load_model("opt-175b")  # 350 GB at 16 bit: too big for GPU, DRAM and pinned memory
-    est = predict(model, a6000, WORKLOAD, Plan())
-    nvme = predict(model, a6000, WORKLOAD, Plan(offload="nvme", nvme_buffer_elems=nvme_buffer_elems_for(model, 1, 1)))
-    assert nvme.feasible  # with a buffer that holds the largest tensor, NVMe offload fits
-    assert "offload nvme" in [f.label for f in fixes(knob_effects(est))]
+def test_nvme_offload_at_16_bit_is_refused_where_its_build_does_not_fit_in_host_memory(a6000) -> None:
+    """OPT-175B is 350 GB at 16 bit: the executor builds a 16-bit stage in host memory before ZeRO-3 swaps it
+    out to NVMe (cost.build), which the workstation's 227 GB cannot hold; at 4 bits DeepSpeed builds each
+    module on the GPU and NVMe offload fits."""
+    model = load_model("opt-175b")
+    buffer = nvme_buffer_elems_for(model, 1, 1)
+    nvme = predict(model, a6000, WORKLOAD, Plan(offload="nvme", nvme_buffer_elems=buffer))
+    assert [r.kind for r in nvme.reasons] == ["build_memory"]
+    assert nvme.build_transient_bytes == pytest.approx(model.params_total * 2, rel=0.01)
+    assert "--quant-bits 8 or 4" in nvme.reasons[0].message
+    four = predict(model, a6000, WORKLOAD, Plan(offload="nvme", weight_bits=4, nvme_buffer_elems=buffer))
+    assert four.feasible and four.build_transient_bytes == 0.0
 
 
 def test_fixes_lists_only_feasible_variants(a6000, llama8b) -> None:

@@ -32,7 +32,7 @@ from hpi.planner.specs.workload import Workload
 GB = 1e9
 EFF = Efficiency(gpu_reserved_bytes=1 * GB, host_reserved_bytes=2 * GB, gpu_memory_usable=0.9, dram_usable=0.9)
 BUFFER = 600_000_000  # NVMe swap buffer elements that hold Llama-3-8B's largest tensor (the embedding)
-KINDS = {"gpu_memory", "cpu_memory", "pinned_memory", "nvme_missing", "nvme_capacity", "nvme_buffer",
+KINDS = {"gpu_memory", "cpu_memory", "build_memory", "pinned_memory", "nvme_missing", "nvme_capacity", "nvme_buffer",
          "nvme_buffer_count", "context_length"}
 
 
@@ -183,16 +183,16 @@ def test_nvme_buffer_ignored_without_nvme_offload() -> None:
 
 
 def test_nvme_buffer_count_must_hold_what_one_module_swaps_in() -> None:
-    """Mixtral's experts module swaps in gate_up_proj and down_proj together (two buffers); every Llama module one,
-    and Mixtral's fused gate_up_proj (8 x 2 x 14336 x 4096) is what each buffer must hold."""
-    need = 8 * 2 * 14336 * 4096
-    mixtral = [Plan(offload="nvme", nvme_buffer_count=n, nvme_buffer_elems=need) for n in (1, 2)]
+    """A Mixtral expert's module swaps in its three projections together (three buffers); every Llama module
+    one, and Mixtral's embedding (32000 x 4096) is the largest partition each buffer must hold."""
+    need = 32000 * 4096
+    mixtral = [Plan(offload="nvme", nvme_buffer_count=n, nvme_buffer_elems=need) for n in (2, 3)]
     ev = evaluation(mixtral, model=load_model("mixtral-8x7b"))
     np.testing.assert_array_equal(capacity_masks(ev)["nvme_buffer_count"], [True, False])
     r = only(capacity_reasons(ev, 0), "nvme_buffer_count")
-    assert "NVMe buffer count 1 < 2" in r.message and "--nvme-buffer-count 2" in r.message
+    assert "NVMe buffer count 2 < 3" in r.message and "--nvme-buffer-count 3" in r.message
     short = evaluation([Plan(offload="nvme", nvme_buffer_elems=need - 1)], model=load_model("mixtral-8x7b"))
-    assert "largest tensor partition 939,524,096" in only(capacity_reasons(short, 0), "nvme_buffer").message
+    assert "largest tensor partition 131,072,000" in only(capacity_reasons(short, 0), "nvme_buffer").message
     assert not capacity_masks(evaluation([Plan(offload="nvme", nvme_buffer_count=1, nvme_buffer_elems=BUFFER)]))[
         "nvme_buffer_count"].any()
 
@@ -210,7 +210,7 @@ def test_several_reasons_at_once_and_the_mask_agrees() -> None:
     ev = evaluation(plans, hw=hw)
     kinds = [{r.kind for r in capacity_reasons(ev, i)} for i in range(3)]
     assert kinds[0] == {"gpu_memory"}
-    assert kinds[1] == {"cpu_memory", "pinned_memory"}
+    assert kinds[1] == {"cpu_memory", "build_memory", "pinned_memory"}
     assert kinds[2] == set()
     np.testing.assert_array_equal(feasible_mask(ev), [not k for k in kinds])
     masks = capacity_masks(ev)
@@ -230,7 +230,31 @@ def test_every_message_carries_a_number_and_a_fix() -> None:
             seen.add(r.kind)
             assert r.kind in KINDS
             assert re.search(r"\d", r.message) and ":" in r.message, r.message
-    assert seen >= {"gpu_memory", "cpu_memory", "pinned_memory", "nvme_capacity", "nvme_buffer", "context_length"}
+    assert seen >= {"gpu_memory", "cpu_memory", "build_memory", "pinned_memory", "nvme_capacity", "nvme_buffer",
+                    "context_length"}
+
+
+def test_a_16_bit_offload_build_holds_one_tensor_more_than_the_run_and_is_refused_when_that_does_not_fit() -> None:
+    """cost.build: a 16-bit CPU-offload build holds the stage in host memory while ZeRO-3 copies each parameter
+    into its partition: the run's footprint plus the largest tensor (Llama-3-8B: the 128256 x 4096 embedding
+    or head, 1.05 GB). 8/4-bit weights are built module by module on the GPU, NVMe at 16 bit holds the stage."""
+    largest = 128256 * 4096 * 2
+    fits = evaluation([Plan(offload="cpu", pin_memory=False), Plan(offload="cpu", weight_bits=4, pin_memory=False),
+                       Plan(), Plan(offload="nvme", nvme_buffer_elems=BUFFER)])
+    mem = fits.memory
+    assert mem.build_transient_bytes[0] == pytest.approx(largest)
+    assert mem.build_bytes[0] == pytest.approx(mem.cpu_bytes[0] + largest)
+    assert mem.build_transient_bytes[1] == mem.build_transient_bytes[2] == 0.0
+    assert mem.build_bytes[2] == pytest.approx(mem.cpu_bytes[2])  # resident: the process only
+    stage = load_model("llama-3-8b").params_total * 2
+    assert mem.build_transient_bytes[3] == pytest.approx(stage, rel=1e-9)
+    # The run fits in 20 GB x 0.9 usable; its build does not.
+    run = mem.cpu_bytes[0]
+    hw = machine(dram=(run + largest / 2) / 0.9, pinnable=1 * GB)
+    tight = evaluation([Plan(offload="cpu", pin_memory=False)], hw=hw)
+    assert {r.kind for r in capacity_reasons(tight, 0)} == {"build_memory"}
+    r = only(capacity_reasons(tight, 0), "build_memory")
+    assert f"host memory while building {(run + largest) / GB:.1f} GB" in r.message and "--quant-bits" in r.message
 
 
 # ---- layout problems --------------------------------------------------------------------------------

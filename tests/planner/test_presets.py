@@ -28,7 +28,8 @@ from hpi.planner.search import candidate_arrangements, nvme_buffer_elems_for, se
 from hpi.planner.specs.knob import knob_fields
 from hpi.planner.specs.plan import Plan
 from hpi.planner.specs.workload import Workload
-from hpi.records import DecodeSteps, RunRecord, Timings, load_records
+from hpi.record_files import load_records
+from hpi.records import DecodeSteps, RunRecord, Timings
 
 WORKLOAD = Workload(512, 32)
 MODELS = ("llama-3-8b", "llama-3-70b", "mixtral-8x7b")  # 8B, 70B and a mixture of experts

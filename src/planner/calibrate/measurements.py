@@ -25,7 +25,8 @@ from hpi.planner.specs.hardware import HardwareProfile
 from hpi.planner.specs.model import ModelSpec
 from hpi.planner.specs.plan import Plan
 from hpi.planner.specs.workload import Workload
-from hpi.records import RunRecord, skip_reason
+from hpi.record_files import skip_reason
+from hpi.records import RunRecord
 
 METRICS = ("decode_step_s", "prefill_s", "peak_gpu_bytes")
 

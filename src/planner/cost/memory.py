@@ -24,6 +24,8 @@ CPU, per node (sum over the ranks placed on it): offloaded weights (cpu offload)
 NVMe staging buffers (``buffer_count * buffer_size`` 16-bit elements per rank, pinned) and each rank's
 process (``Efficiency.host_reserved_bytes``). Pinned: offloaded weights and KV when pin_memory, and
 the NVMe buffers. NVMe: the node's weights when offloading to NVMe.
+The build is its own moment (``cost.build``): the kept weights, the NVMe buffers and the processes, plus
+what a rank holds only while it builds (``build_transient``); ``build_bytes`` is that moment's node total.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hpi.planner.cost.build import build_transient_bytes
 from hpi.planner.cost.compute import stored_elems_per_rank
 from hpi.planner.cost.dequant import dequant_buffer_bytes
 from hpi.planner.cost.inputs import COMPUTE_BYTES, QUANT_META_BYTES_PER_GROUP, Arrangement, Knobs
@@ -60,6 +63,8 @@ class MemoryResult:
     pinned_bytes: np.ndarray  # (N,) the node with most pinned memory
     nvme_bytes: np.ndarray  # (N,) the node with most bytes on NVMe
     weight_bytes_total: np.ndarray  # (N,) every rank's weights together (model size at the plan's bits)
+    build_bytes: np.ndarray  # (N,) host memory of the fullest node while its ranks build their stages
+    build_transient_bytes: np.ndarray  # (N,) of build_bytes, what that node holds only during the build
 
 
 def _activation_elems_per_token(arrangement: Arrangement) -> np.ndarray:
@@ -317,6 +322,7 @@ def _cpu_parts_per_rank(arrangement: Arrangement, knobs: Knobs, bpw: np.ndarray)
         "offloaded_kv_cache": np.where(knobs.kv_offload[:, None], kv, 0.0),
         "nvme_buffers": np.where(knobs.offload_nvme[:, None], buffers[:, None] * ones, 0.0),
         "process": arrangement.hardware.efficiency.host_reserved_bytes * ones,
+        "build_transient": build_transient_bytes(arrangement, knobs, _per_stage),
     }
 
 
@@ -338,6 +344,9 @@ def memory(arrangement: Arrangement, knobs: Knobs) -> MemoryResult:
     pinned = (np.where(pin, per_node["offloaded_weights"] + per_node["offloaded_kv_cache"], 0.0)
               + per_node["nvme_buffers"])
     nvme = np.where(knobs.offload_nvme[:, None], per_node["weights_any"], 0.0)
+    build = (per_node["offloaded_weights"] + per_node["nvme_buffers"] + per_node["process"]
+             + per_node["build_transient"])
+    build_node = np.argmax(build, axis=1)
 
     return MemoryResult(
         gpu_parts={name: part[rows, fullest] for name, part in gpu.items()},
@@ -348,4 +357,6 @@ def memory(arrangement: Arrangement, knobs: Knobs) -> MemoryResult:
         pinned_bytes=pinned.max(axis=1),
         nvme_bytes=nvme.max(axis=1),
         weight_bytes_total=per_node["weights_any"].sum(axis=1),
+        build_bytes=build[rows, build_node],
+        build_transient_bytes=per_node["build_transient"][rows, build_node],
     )

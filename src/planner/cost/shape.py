@@ -11,10 +11,14 @@ Module kinds (columns of every per-module array in the cost model):
   3 HEAD   final norm and LM head (the head is column-sharded across TP ranks)
 Pipeline stages are counts of these kinds (``hpi.planner.cost.pipeline.stage_module_counts``).
 
-ZeRO-3 gathers parameters one *module* at a time (a module's own parameters, ``recurse=False``). In
-transformers >= 5 a layer's routed experts are one module holding 3-D ``gate_up_proj`` / ``down_proj``
-tensors, so ZeRO-3 gathers every expert of a layer whenever the layer runs, whatever the router picks
-(``EXPERTS_GATHERED_WHOLE``); the GEMMs still read only the experts tokens were routed to.
+ZeRO-3 gathers parameters one *module* at a time (a module's own parameters, ``recurse=False``). hpi's
+executor holds each routed expert as a ZeRO-3 *leaf* module of three ``nn.Linear`` projections
+(``hpi.executor.experts``; transformers >= 5 would fuse a layer's experts into 3-D ``gate_up_proj`` /
+``down_proj`` tensors that DeepSpeed cannot quantize) and enters every expert's module on every forward
+under ZeRO-3, so every expert of a layer is gathered whenever the layer runs, whatever the router picks
+(``EXPERTS_GATHERED_WHOLE``), one expert at a time, each projection its own parameter (``EXPERTS_FUSED``
+False): its own partition, persistence decision and NVMe swap buffer. The GEMMs (and the dequantization of
+quantized weights) touch only the experts tokens were routed to.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ import numpy as np
 from hpi.planner.specs.model import ModelSpec
 
 DENSE, MOE, EMBED, HEAD = range(4)
-EXPERTS_GATHERED_WHOLE = True  # transformers >= 5 fuses a layer's experts into one module (see above)
+EXPERTS_GATHERED_WHOLE = True  # every routed expert of a layer is gathered on every forward (see above)
+EXPERTS_FUSED = False  # each expert's projection is its own parameter (see above)
 N_KINDS = 4
 KIND_NAMES = ("dense_layer", "moe_layer", "embedding", "lm_head")
 
@@ -52,7 +57,7 @@ def _norm(model: ModelSpec, name: str, width: int) -> list[Tensor]:
 
 def _linear(name: str, n_in: int, n_out: int, bias: bool, column: bool, expert: bool = False) -> list[Tensor]:
     """A TP-sharded linear; a row-parallel bias is replicated (added after the all-reduce)."""
-    module = "experts" if expert else name
+    module = ("experts" if EXPERTS_FUSED else "experts.e") if expert else name  # "experts.e": one expert
     out = [Tensor(f"{name}.weight", n_in * n_out, True, True, expert, module=module)]
     if bias:
         out.append(Tensor(f"{name}.bias", n_out, False, column, expert, module=module))
@@ -159,6 +164,14 @@ class ModuleTable:
     vocab_size: int
 
 
+def _parameters(t: Tensor, n_routed: int) -> tuple[int, int]:
+    """(elements of one parameter, parameters of that shape a module holds) for a listed tensor: a routed
+    expert's tensor stands for ``n_routed`` parameters, or one fused over them (``EXPERTS_FUSED``)."""
+    if not t.expert:
+        return t.numel, 1
+    return (t.numel * n_routed, 1) if EXPERTS_FUSED else (t.numel, n_routed)
+
+
 def _sum(ts: list[Tensor], **match) -> int:
     return sum(t.numel for t in ts if all(getattr(t, k) == v for k, v in match.items()))
 
@@ -182,21 +195,27 @@ def module_table(model: ModelSpec) -> ModuleTable:
         used = _sum(shared_ts) + n_routed * expert[-1]
         used_matrix = _sum(shared_ts, matrix=True) + n_routed * _sum(ts, expert=True, matrix=True)
         fetch_frac.append(used_matrix / used if used else 0.0)
-        fused = [t.numel * (n_routed if t.expert and EXPERTS_GATHERED_WHOLE else 1) for t in ts]
-        sizes.append(np.sort(np.array(fused, dtype=np.float64)))
-        largest.append(max(fused, default=0))
+        params = [_parameters(t, n_routed) for t in ts]  # (elements of one parameter, how many of them)
+        sizes.append(np.sort(np.array([n for n, copies in params for _ in range(copies)], dtype=np.float64)))
+        largest.append(max((n for n, _ in params), default=0))
+        held = [n * copies for n, copies in params]  # what a module holds of each listed tensor
         per_module: dict[str, int] = {}
         module_max: dict[str, int] = {}
-        for t, n in zip(ts, fused):
-            per_module[t.module] = per_module.get(t.module, 0) + n
-            module_max[t.module] = max(module_max.get(t.module, 0), n)
+        module_copies: dict[str, int] = {}  # leaf modules of that name: one per routed expert for "experts.e"
+        for t, (one, copies) in zip(ts, params):  # a leaf module holds one of each parameter it lists
+            per_module[t.module] = per_module.get(t.module, 0) + one
+            module_max[t.module] = max(module_max.get(t.module, 0), one)
+            module_copies[t.module] = copies
         gather.append(max(per_module.values(), default=0))
-        module_largest.append(np.sort(np.array(list(module_max.values()), dtype=np.float64)))
+        module_largest.append(np.sort(np.array([size for m, size in module_max.items()
+                                                for _ in range(module_copies[m])], dtype=np.float64)))
         last_matrix = [t.module for t in ts if t.matrix]
         last.append(per_module[last_matrix[-1]] if last_matrix else 0)
-        leaves = list(dict.fromkeys(last_matrix))  # matrix-holding leaf modules, in order
-        leaf_parts.append([(sum(n for t, n in zip(ts, fused) if t.module == m and t.tp_sharded),
-                            sum(n for t, n in zip(ts, fused) if t.module == m and not t.tp_sharded)) for m in leaves])
+        # matrix-holding leaf modules, in order; a layer's routed experts as one leaf holding all of them (the
+        # overlap rule splits a module's work over its leaves by weight: their E leaves in a row are one span)
+        leaves = list(dict.fromkeys(last_matrix))
+        leaf_parts.append([(sum(n for t, n in zip(ts, held) if t.module == m and t.tp_sharded),
+                            sum(n for t, n in zip(ts, held) if t.module == m and not t.tp_sharded)) for m in leaves])
     width = max(1, max(len(p) for p in leaf_parts))
     leaf = np.zeros((N_KINDS, width, 2))
     for kind, parts in enumerate(leaf_parts):
@@ -253,30 +272,35 @@ _FUSED_EXPERT_PARAMS = {"gate_proj.weight": "gate_up_proj", "up_proj.weight": "g
                         "gate_proj.bias": "gate_up_proj_bias", "up_proj.bias": "gate_up_proj_bias"}
 
 
-def _parameter_name(t: Tensor) -> str:
-    """The parameter ``t`` is (part of): routed experts' are fused over the experts (``swapped_partitions``)."""
-    if not (t.expert and EXPERTS_GATHERED_WHOLE):
-        return t.name
+def _parameters_of(t: Tensor, n_routed: int) -> list[tuple[str, str]]:
+    """(leaf module, parameter) of each parameter ``t`` stands for: a routed expert's, one per expert in its
+    own module, or its part of a tensor fused over the experts with the gate and up projections fused too
+    (``EXPERTS_FUSED``, transformers >= 5's layout)."""
+    if not t.expert:
+        return [(t.module, t.name)]
     projection = ".".join(t.name.split(".")[-2:])  # "experts.e.gate_proj.weight" -> "gate_proj.weight"
-    return _FUSED_EXPERT_PARAMS.get(projection, projection)
+    if EXPERTS_FUSED:
+        return [(t.module, _FUSED_EXPERT_PARAMS.get(projection, projection))]
+    return [(f"experts.{e}", projection) for e in range(n_routed)]
 
 
 @lru_cache(maxsize=256)
 def swapped_partitions(model: ModelSpec, tp: int, dp: int) -> tuple[tuple[str, float], ...]:
     """(leaf module, 16-bit elements) of every parameter partition one rank swaps in from NVMe, as the modules
-    hold their parameters: ``module_tensors``, but a layer's routed experts as transformers >= 5 stores them, one
-    parameter per projection over all experts with the gate and up projections fused (``gate_up_proj`` [E, 2f, h],
-    ``down_proj`` [E, h, f]; ``EXPERTS_GATHERED_WHOLE``). TP splits what it shards (the embedding is replicated,
-    as ``per_rank`` has it), ZeRO-3 partitions each parameter 1/dp, and a partition below ``MIN_SWAPPED_BYTES``
-    is not swapped."""
+    hold their parameters (``module_tensors``; a routed expert's projections in the expert's own leaf module,
+    or fused over the experts: ``EXPERTS_FUSED``). TP splits what it shards (the embedding
+    is replicated, as ``per_rank`` has it), ZeRO-3 partitions each parameter 1/dp, and a partition below
+    ``MIN_SWAPPED_BYTES`` is not swapped."""
     params: dict[tuple[str, str], float] = {}
     for kind in range(N_KINDS):
         n_routed = model.n_experts if kind == MOE else 0
         for t in module_tensors(model, kind):
             split = tp if t.tp_sharded and kind != EMBED else 1
-            elems = t.numel * (n_routed if t.expert and EXPERTS_GATHERED_WHOLE else 1) / split / dp
-            key = (f"{KIND_NAMES[kind]}.{t.module}", _parameter_name(t))
-            params[key] = params.get(key, 0.0) + elems
+            parts = _parameters_of(t, n_routed)
+            elems = t.numel * (n_routed if t.expert else 1) / len(parts) / split / dp
+            for module, name in parts:
+                key = (f"{KIND_NAMES[kind]}.{module}", name)
+                params[key] = params.get(key, 0.0) + elems
     return tuple((module, elems) for (module, _), elems in params.items() if elems * 2 >= MIN_SWAPPED_BYTES)
 
 

@@ -6,7 +6,9 @@ plus fp32 Adam states), so only its 16-bit parameter terms are comparable to an 
 - host copy with offload_param=cpu: cpu(opt cpu, param cpu) - cpu(opt cpu, param none) = 2P per node
 - GPU shard without param offload: gpu(opt cpu, param none) - 4L = 2P / G
 - gathered working set with param offload: half of gpu(cpu, cpu) = 2L, L the largest module's own params
-DeepSpeed, torch and transformers are imported here only; the planner never imports them.
+The model is the one hpi's executor runs (``hpi.executor.modeling.build_stage`` on the meta device:
+transformers' layers, routed experts one ZeRO-3 leaf module per expert). DeepSpeed, torch and transformers
+are imported here only; the planner never imports them.
 """
 
 from __future__ import annotations
@@ -33,21 +35,31 @@ MODELS = ["tiny-llama", "llama-3-8b", "llama-3-70b", "opt-30b", "mixtral-8x7b"]
 
 
 def _meta_model(name: str):
-    """The catalogue config built by transformers on the meta device: shapes only, no memory."""
-    import json
-    from importlib.resources import files
+    """The catalogue model as hpi's executor builds it (one stage, every layer), on the meta device."""
+    from hpi.executor.modeling import ShardSpec, build_stage, load_hf_config
 
-    config = json.loads(files("hpi.planner.catalog").joinpath(f"models/{name}.json").read_text())
-    config.pop("_hpi", None)
-    cfg = transformers.AutoConfig.for_model(**config)
-    with torch.device("meta"):
-        return transformers.AutoModelForCausalLM.from_config(cfg)
+    config = load_hf_config(name)
+    return build_stage(config, ShardSpec.whole(config.num_hidden_layers), device="meta")
+
+
+def _gathered_units(module):
+    """The modules ZeRO-3 gathers at once: a leaf module (``_z3_leaf``) with everything below it, any other
+    module with its own parameters (parameter_offload.py ``_register_deepspeed_module``)."""
+    if getattr(module, "_z3_leaf", False):
+        yield module.parameters()
+        return
+    yield module.parameters(recurse=False)
+    for child in module.children():
+        yield from _gathered_units(child)
 
 
 def _deepspeed_counts(model) -> tuple[int, int]:
-    """DeepSpeed's P and L, counted by tensor identity (``model_to_params`` uses data_ptr, 0 on meta)."""
+    """DeepSpeed's P and L, counted by tensor identity (``model_to_params`` uses data_ptr, 0 on meta); a tied
+    LM head counts once, as the HF model shares the embedding's tensor."""
     total = sum({id(p): p.numel() for p in model.parameters()}.values())
-    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    if getattr(model.full_config, "tie_word_embeddings", False) and model.lm_head is not None:
+        total -= model.lm_head.weight.numel()
+    largest = max(sum(p.numel() for p in params) for params in _gathered_units(model))
     return total, largest
 
 

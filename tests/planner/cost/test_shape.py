@@ -65,10 +65,10 @@ def test_table_agrees_with_module_tensors(name: str) -> None:
         assert t.sharded[kind] == numel(ts, tp_sharded=True, expert=False)
         assert t.replicated[kind] == numel(ts, tp_sharded=False, expert=False)
         assert t.expert_sharded[kind] == numel(ts, expert=True)
-        # A layer's routed experts are one fused tensor per projection (transformers >= 5).
-        fused = sorted(x.numel * (n_routed if x.expert else 1) for x in ts)
-        assert list(t.tensor_sizes[kind]) == fused
-        assert t.largest_tensor[kind] == max(fused, default=0)
+        # Each projection of each routed expert is its own parameter (hpi.executor.experts).
+        apart = sorted(x.numel for x in ts for _ in range(n_routed if x.expert else 1))
+        assert list(t.tensor_sizes[kind]) == apart
+        assert t.largest_tensor[kind] == max(apart, default=0)
     # Every routed-expert tensor is a TP-sharded matrix (or its bias).
     for x in module_tensors(m, MOE):
         if x.expert:
@@ -170,9 +170,9 @@ def test_mla_and_moe_by_hand(kit) -> None:
     assert t.expert_sharded[MOE] == expert
     assert (t.n_experts[MOE], t.experts_active[MOE]) == (8, 2)
     assert stored_elements(t)[MOE] == m.moe_layer_params
-    # Fused experts: one gate/up/down tensor holds all 8 experts; the experts module holds all three.
-    assert t.largest_tensor[MOE] == 8 * 256 * 128
-    assert t.largest_gather[MOE] == 8 * expert
+    # Each expert's projection is its own parameter, each expert its own leaf module holding all three.
+    assert t.largest_tensor[MOE] == 256 * 128
+    assert t.largest_gather[MOE] == expert
     assert t.largest_gather[DENSE] == 256 * 512
     assert t.attn_flops_per_ctx_token == 2 * 4 * (48 + 32)
     assert t.kv_elems_per_token == 64 + 16  # the cached latent and rope key
@@ -208,23 +208,23 @@ def test_mixtral_experts() -> None:
     assert t.expert_sharded[MOE] == 3 * 4096 * 14336
     assert t.replicated[MOE] == 8 * 4096 + 2 * 4096  # router + norms
     assert t.sharded[MOE] == m.attention_params  # no shared expert
-    assert t.largest_tensor[MOE] == 8 * 4096 * 14336
-    assert t.largest_gather[MOE] == 8 * 3 * 4096 * 14336
+    assert t.largest_tensor[MOE] == 4096 * 14336  # one expert's projection
+    assert t.largest_gather[MOE] == 3 * 4096 * 14336  # one expert's leaf module: its three projections at once
     assert t.sharded[DENSE] + t.replicated[DENSE] == m.dense_layer_params  # listed even if unused
     counts = stage_module_counts(m, 1)
     assert counts[0, DENSE] == 0 and counts[0, MOE] == 32
 
 
 def test_swapped_partitions_are_the_parameters_deepspeed_swaps() -> None:
-    """transformers >= 5 holds a Mixtral layer's experts as gate_up_proj [8, 2 x 14336, 4096] and down_proj
-    [8, 4096, 14336]: the largest partition is the fused gate_up_proj (the module table lists gate and up
-    apart), and the experts module swaps two partitions at once; norms (16 KB) are below DeepSpeed's 1 MiB."""
+    """hpi holds each Mixtral expert as a ZeRO-3 leaf module of three projections (hpi.executor.experts):
+    fetching one swaps in its 3 partitions of 4096 x 14336 at once, and the largest partition is the embedding
+    (32000 x 4096); norms (16 KB) are below DeepSpeed's 1 MiB."""
     m = load_model("mixtral-8x7b")
-    experts = [e for module, e in swapped_partitions(m, 1, 1) if module == "moe_layer.experts"]
-    assert sorted(experts) == [8 * 4096 * 14336, 8 * 2 * 14336 * 4096]
-    assert largest_swapped_partition(m, 1, 1) == 8 * 2 * 14336 * 4096
-    assert largest_swapped_partition(m, 2, 2) == 8 * 2 * 14336 * 4096 / 2 / 2
-    assert swaps_per_module(m, 1, 1) == 2
+    experts = [(module, e) for module, e in swapped_partitions(m, 1, 1) if module.startswith("moe_layer.experts")]
+    assert sorted(experts) == [(f"moe_layer.experts.{e}", 4096 * 14336) for e in range(8) for _ in range(3)]
+    assert largest_swapped_partition(m, 1, 1) == 32000 * 4096
+    assert largest_swapped_partition(m, 2, 2) == 32000 * 4096 / 2  # replicated over TP, split over dp
+    assert swaps_per_module(m, 1, 1) == 3
     llama = load_model("llama-3-70b")
     assert largest_swapped_partition(llama, 2, 1) == 128256 * 8192  # the embedding is replicated over TP
     assert swaps_per_module(llama, 1, 1) == 1
