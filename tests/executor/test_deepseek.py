@@ -303,6 +303,30 @@ def test_a_quantized_checkpoint_is_refused_by_the_reader(model_path, tmp_path):
         CheckpointReader(tmp_path, config)
 
 
+# Every matrix's input width a multiple of 64 per rank at tp 1 and 2 (DeepSpeed's quantization group size).
+QUANTIZABLE = {**CONFIG, "hidden_size": 128, "intermediate_size": 256, "moe_intermediate_size": 128,
+               "num_hidden_layers": 2, "q_lora_rank": 64, "kv_lora_rank": 64, "qk_nope_head_dim": 32,
+               "qk_rope_head_dim": 16, "v_head_dim": 32, "n_routed_experts": 4, "n_group": 1, "topk_group": 1,
+               "vocab_size": 1024}
+
+
+def test_4_bit_runs_stream_packed_bytes_and_split_over_tp2(tmp_path):
+    """DeepSpeed quantizes every nn.Linear as it is built (hpi.executor.experts: the routed experts too); the
+    weights are not the seeded ones, so this checks the run and the bytes streamed, not the tokens."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(QUANTIZABLE))
+
+    def run(out: str, **plan):
+        plan = Plan(offload="cpu", pin_memory=False, batch_size=BATCH, persistence_threshold_elems=0, **plan)
+        return launch(_spec(plan, str(path), tmp_path / out), timeout_s=300)
+
+    full, packed = run("w16").transfers.h2d.bytes_per_step, run("w4", weight_bits=4).transfers.h2d.bytes_per_step
+    # fp32 model: 4 bytes a weight; 4-bit: 0.5 + (scale + min) 2 x 4 bytes / 64. Norms and the router stay fp32.
+    assert packed / full == pytest.approx((0.5 + 8 / 64) / 4, rel=0.05)
+    split = run("w4-tp2", weight_bits=4, tp=2)
+    assert all(len(t) == WORKLOAD.gen_len_tokens for t in split.output.tokens)
+
+
 # ---- refused before anything starts -------------------------------------------------------------------
 @pytest.mark.parametrize("argv,why", [
     (("serve", "--model", "deepseek-v3"), "hpi serve cannot serve deepseek-v3 yet: its latent attention (MLA)"),
