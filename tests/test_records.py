@@ -179,10 +179,14 @@ def test_every_kept_record_is_upgraded_and_loses_nothing(kept) -> None:
     for record in (r for got in kept.values() for r in got):
         raw = _raw_entry(record)
         doc = record.to_json()
-        assert doc["kind"] == KIND and doc["version"] == VERSION == 2
+        assert doc["kind"] == KIND and doc["version"] == VERSION == 3
         versions[raw["version"]] = versions.get(raw["version"], 0) + 1
         if raw["version"] == VERSION:  # written by this hpi: read back exactly as written
             assert doc == raw, record.record_id
+        if raw["version"] == 2:  # every key it wrote, as written; version 3 adds the ranks' build host memory
+            ranks = [{k: v for k, v in r.items() if not k.startswith("host_") or k == "host_rss_bytes"}
+                     for r in doc["ranks"]]
+            assert {**doc, "version": 2, "ranks": ranks} == raw, record.record_id
         _carries(doc, upgrade(raw), record.record_id)
         assert RunRecord.from_json(doc) == record
     assert versions == {1: 130, 2: 5}  # hpi serve's GPU call (2026-12-02) kept the first version-2 records
@@ -277,7 +281,17 @@ def test_slim_drops_the_payloads_and_reads_back() -> None:
     assert _full_record().without_tokens().timings.decode_step_s.all_s == (2.0, 2.5, 1.8)
 
 
-def test_version_1_shapes_upgrade_and_version_2_names_every_key() -> None:
+def test_build_host_memory_of_the_ranks_round_trips_and_sums_per_node() -> None:
+    ranks = (RankReport(rank=0, host_rss_before_build_bytes=2_000, host_build_peak_bytes=90_000),
+             RankReport(rank=1, host_rss_before_build_bytes=2_500, host_build_peak_bytes=80_000))
+    record = RunRecord(ranks=ranks)
+    assert RunRecord.from_json(record.to_json()) == record
+    assert record.host_build_peak_bytes == 170_000
+    old = RunRecord.from_json({"kind": KIND, "version": 2, "ranks": [{"rank": 0, "host_rss_bytes": 5}]})
+    assert old.ranks[0].host_build_peak_bytes is None and old.host_build_peak_bytes == 0  # not measured
+
+
+def test_version_1_shapes_upgrade_and_the_current_version_names_every_key() -> None:
     v1 = {"kind": KIND, "version": 1, "decode_step_s": 0.5, "workload": {"prompt_len_tokens": 8},
           "spec": {"workload": {"prompt_len_tokens": 8}}, "nvme": {"bytes_per_step": 4, "achieved_read_bytes_s": 2.0,
           "device": None, "why_no_device_figures": "tmpfs"}}  # fmt: skip
@@ -285,14 +299,14 @@ def test_version_1_shapes_upgrade_and_version_2_names_every_key() -> None:
     assert record.timings.decode_step_s == DecodeSteps(0.5, 0.5, 0.5)  # one number: its own distribution
     assert record.transfers.nvme.why_no_device_figures.startswith("the NVMe folder is on no block device")
     doc = record.to_json()
-    assert "workload" not in doc and doc["version"] == 2 and doc["spec"]["workload"] == {"prompt_len_tokens": 8}
+    assert "workload" not in doc and doc["version"] == 3 and doc["spec"]["workload"] == {"prompt_len_tokens": 8}
     assert set(RunRecord().to_json()) == set(doc)  # every key, null where nothing was measured
     assert RunRecord().to_json()["nvme"] is None and RunRecord().to_json()["texts"] is None
 
 
 @pytest.mark.parametrize("doc,message", [
     ({"kind": "hpi.LayerScaling"}, "not a RunRecord"),
-    ({"kind": KIND, "version": 3}, "version 3 is not one this hpi reads"),
+    ({"kind": KIND, "version": 4}, "version 4 is not one this hpi reads"),
     ({"kind": KIND, "version": 2, "prefil_s": 1.0}, "unknown field 'prefil_s'"),
     ({"kind": KIND, "h2d": {"bytes_per_step": 1, "bandwidth": 2}}, r"record.h2d: unknown field 'bandwidth'"),
     ({"kind": KIND, "ranks": [{"rank": 0, "gpu": "x"}]}, r"record.ranks\[0\]: unknown field 'gpu'"),

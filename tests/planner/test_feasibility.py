@@ -349,3 +349,11 @@ def test_search_never_proposes_plans_deepspeed_cannot_quantize() -> None:
     result = search(load_model("tiny-llama"), load_profile("h100-sxm-1gpu"), Workload())
     bits = {int(b) for ev in result.evaluations for b in ev.knobs.weight_bits}
     assert bits == {16}
+
+
+def test_a_full_disk_at_4_bits_is_not_told_to_quantize() -> None:
+    hw = machine(nvme_capacity=10 * GB)
+    ev = evaluation([Plan(offload="nvme", nvme_buffer_elems=BUFFER), Plan(offload="nvme", weight_bits=4,
+                                                                           nvme_buffer_elems=BUFFER)], hw=hw)
+    sixteen, four = (only(capacity_reasons(ev, i), "nvme_capacity").message for i in range(2))
+    assert "--quant-bits 4" in sixteen and "--quant-bits" not in four and "larger disk" in four
