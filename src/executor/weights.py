@@ -75,19 +75,19 @@ def param_table(config) -> dict[str, ParamInfo]:
     fam = family_of(config)
     table: dict[str, tuple[int, ...]] = {}
     hidden, vocab = config.hidden_size, config.vocab_size
-    table[f"{fam.prefix}embed_tokens.weight"] = (vocab, hidden)
+    table[fam.embed_weight] = (vocab, hidden)
     if fam.learned_positions:
         table[f"{fam.prefix}embed_positions.weight"] = (config.max_position_embeddings + 2, hidden)
     for local, shape in fam.layer_param_shapes(config).items():
         for i in range(config.num_hidden_layers):
-            table[f"{fam.prefix}layers.{i}.{local}"] = shape
+            table[f"{fam.prefix}{fam.layers}.{i}.{local}"] = shape
     for local, shape in fam.final_norm_shapes(config).items():
         table[f"{fam.prefix}{local}"] = shape
     table["lm_head.weight"] = (vocab, hidden)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     out = {}
     for name, shape in table.items():
-        source = f"{fam.prefix}embed_tokens.weight" if (name == "lm_head.weight" and tied) else name
+        source = fam.embed_weight if (name == "lm_head.weight" and tied) else name
         out[name] = ParamInfo(tuple(shape), _init_kind(name, len(shape)), source)
     return out
 
@@ -214,7 +214,7 @@ class CheckpointReader:
         if config is not None and getattr(config, "tie_word_embeddings", False):
             from hpi.executor.modeling import family_of
 
-            self._tied_source = f"{family_of(config).prefix}embed_tokens.weight"
+            self._tied_source = family_of(config).embed_weight
 
     def _weight_map(self) -> dict[str, str]:
         index = self.path / INDEX_NAME

@@ -1,0 +1,97 @@
+"""BLOOM in the executor: ALiBi attention biases, and the layer loop transformers' ``BloomModel.forward`` runs.
+
+``BloomBlock`` does not go through transformers' attention interface: it takes an ALiBi tensor
+[b * heads, 1, keys] and an additive float mask [b, 1, queries, keys] and computes ``baddbmm`` + softmax
+itself (transformers/models/bloom/modeling_bloom.py). So a BLOOM stage builds both here:
+
+- the slopes are those of the *global* head index (``_get_alibi_slopes(n_head)``): a TP rank holding heads
+  [r * H / tp, (r + 1) * H / tp) takes exactly those heads' slopes;
+- the key positions are ``arange(keys)`` without padding, and ``(cumsum(mask) - 1) * mask`` with a left-padding
+  mask, what ``build_alibi_tensor`` computes (the bias is by key position only: softmax is invariant to the
+  per-query constant that makes it relative);
+- the mask is causal over cache slots with pads masked, 0 where a query attends and the dtype's minimum
+  elsewhere, as transformers' eager mask.
+
+The fused ``query_key_value`` [3H, H] is laid out per head ([heads, 3, head_dim], ``BloomAttention._reshape``),
+so the even cut of dim 0 that ``hpi.executor.tp.shard_index`` makes for a column-parallel Linear holds whole
+heads, each with its q, k and v rows.
+
+Only a ``DynamicCache`` (or none) is supported: serving's slot cache goes through the attention interface
+(ragged attention without ALiBi) and the static cache of CUDA-graphed decode builds boolean masks without it;
+``hpi serve`` and ``--cuda-graphs`` refuse BLOOM before anything loads (``hpi.planner.specs.plan``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["additive_causal_mask", "alibi_bias", "alibi_layers", "alibi_slopes", "check_config", "key_positions"]
+
+
+def check_config(config) -> None:
+    """Refuse a BLOOM config whose forward reads a row-parallel weight whole."""
+    if getattr(config, "slow_but_exact", False) and getattr(config, "pretraining_tp", 1) > 1:
+        raise NotImplementedError(
+            f"BLOOM with slow_but_exact and pretraining_tp({config.pretraining_tp}) > 1 slices dense weights by "
+            "hand in its forward, which tensor parallelism cannot shard: set slow_but_exact false")
+
+
+def alibi_slopes(n_heads: int, tp_rank: int, tp_size: int, device) -> torch.Tensor:
+    """float32 [n_heads / tp_size]: the ALiBi slopes of the heads TP rank ``tp_rank`` holds."""
+    from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+
+    per_rank = n_heads // tp_size
+    return _get_alibi_slopes(n_heads, device)[tp_rank * per_rank:(tp_rank + 1) * per_rank]
+
+
+def key_positions(attention_mask: torch.Tensor | None, n_keys: int, device) -> torch.Tensor:
+    """[b or 1, n_keys] position of each key: its slot, or with a padding mask [b, n_keys] its count of real
+    tokens before it (pads at 0), as ``build_alibi_tensor``."""
+    if attention_mask is None:
+        return torch.arange(n_keys, device=device)[None]
+    mask = attention_mask.to(device)
+    return (mask.cumsum(dim=-1) - 1) * mask
+
+
+def alibi_bias(slopes: torch.Tensor, positions: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
+    """[batch * heads, 1, n_keys] in ``dtype``, the layout ``BloomAttention`` adds to its scores."""
+    alibi = slopes[None, :, None] * positions[:, None, :]  # float32 [b or 1, heads, keys]
+    alibi = alibi.expand(batch, -1, -1)
+    return alibi.reshape(batch * slopes.shape[0], 1, positions.shape[-1]).to(dtype)
+
+
+def additive_causal_mask(cache_position: torch.Tensor, n_keys: int, attention_mask: torch.Tensor | None,
+                         dtype: torch.dtype) -> torch.Tensor:
+    """[b or 1, 1, s, n_keys]: 0 where the query at slot ``cache_position[i]`` may attend (an earlier or its own
+    slot, a real token), the dtype's minimum elsewhere."""
+    q = cache_position.to(torch.long)[:, None]
+    k = torch.arange(n_keys, device=cache_position.device)[None, :]
+    allowed = (k <= q)[None, None]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.to(cache_position.device)[:, None, None, :].bool()
+    zeros = torch.zeros(allowed.shape, dtype=dtype, device=cache_position.device)
+    return zeros.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def alibi_layers(stage, hidden: torch.Tensor, cache, cache_position: torch.Tensor,
+                 attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Run ``stage.layers`` (``BloomBlock``s, this rank's heads) over ``hidden`` [b, s, h] with ``cache`` (a
+    ``DynamicCache`` or None); ``attention_mask`` [b, past + s] is the left-padding mask or None."""
+    from transformers import DynamicCache
+
+    if cache is not None and not isinstance(cache, DynamicCache):
+        raise NotImplementedError(f"BLOOM's ALiBi attention runs over a DynamicCache only, not a {type(cache).__name__}"
+                                  " (hpi serve's slot cache and CUDA-graphed decode have no ALiBi path)")
+    batch, seq = hidden.shape[:2]
+    n_keys = (cache.get_seq_length() if cache is not None else 0) + seq
+    if attention_mask is not None and attention_mask.shape[-1] != n_keys:
+        raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} keys, the cache and input "
+                         f"{n_keys}: give the padding mask of every cached and new token")
+    shard = stage.shard
+    slopes = alibi_slopes(stage.full_config.n_head, shard.tp_rank, shard.tp_size, hidden.device)
+    alibi = alibi_bias(slopes, key_positions(attention_mask, n_keys, hidden.device), batch, hidden.dtype)
+    mask = additive_causal_mask(cache_position.to(hidden.device), n_keys, attention_mask, hidden.dtype)
+    for layer in stage.layers:
+        out = layer(hidden, alibi=alibi, attention_mask=mask, layer_past=cache, use_cache=cache is not None)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return hidden
