@@ -1,0 +1,308 @@
+"""BLOOM (ALiBi attention, fused per-head query_key_value, embedding LayerNorm, tied head) in the executor: greedy
+tokens identical to transformers' own ``BloomForCausalLM.generate`` on one rank, under ZeRO-3 CPU offload, TP 2 and
+PP 2, from seeded weights and from a saved checkpoint read slice-wise under TP 2 with left-padded prompts.
+fp32, a tiny BLOOM config; DeepSpeed on its CPU accelerator with gloo.
+
+The weights are drawn with ``initializer_range`` 0.4: at BLOOM's 0.02 the tiny model repeats its last token
+whatever the slopes, and a test of the slopes must be able to fail (``test_the_tiny_model_depends_on_the_slopes``).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from transformers import DynamicCache  # noqa: E402
+from transformers.models.bloom import modeling_bloom  # noqa: E402
+
+from hpi.executor.bloom import alibi_slopes  # noqa: E402
+from hpi.executor.generate import PipelineGenerator, Sampler, left_pad  # noqa: E402
+from hpi.executor.groups import Groups  # noqa: E402
+from hpi.executor.modeling import ShardSpec, build_stage, load_hf_config  # noqa: E402
+from hpi.executor.spec import RunSpec  # noqa: E402
+from hpi.executor.tp import RowParallelLinear, shard_index  # noqa: E402
+from hpi.executor.weights import full_state_dict, param_table, write_checkpoint  # noqa: E402
+from hpi.executor.worker import check_quantizable, prompt_batch  # noqa: E402
+from hpi.planner.catalog import load_model  # noqa: E402
+from hpi.planner.specs.plan import Plan, decode_graph_blocker, model_serve_blocker  # noqa: E402
+from hpi.planner.specs.workload import Workload  # noqa: E402
+
+CONFIG = {
+    "architectures": ["BloomForCausalLM"], "model_type": "bloom", "hidden_size": 64, "n_layer": 2, "n_head": 4,
+    "vocab_size": 512, "layer_norm_epsilon": 1e-5, "initializer_range": 0.4, "tie_word_embeddings": True,
+    "apply_residual_connection_post_layernorm": False, "hidden_dropout": 0.0, "attention_dropout": 0.0,
+    "pretraining_tp": 1, "slow_but_exact": False, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32",
+}
+HEADS = dict(n_heads=4, n_kv_heads=4, head_dim=16)
+WORKLOAD = Workload(prompt_len_tokens=10, gen_len_tokens=5)
+BATCH = 2
+LAYOUTS = {
+    "one-rank": Plan(batch_size=BATCH),
+    "zero3-cpu-offload": Plan(offload="cpu", pin_memory=False, batch_size=BATCH),
+    "tp2": Plan(tp=2, batch_size=BATCH),
+    "pp2": Plan(pp=2, batch_size=BATCH),
+}
+PROMPTS = ("w11 w220 w301 w45 w7 w8 w9", "w5", "w100 w200 w300")  # 7, 1 and 3 tokens: rows left-padded
+GEN = 5
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bloom") / "config.json"
+    path.write_text(json.dumps(CONFIG))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def config(model_path):
+    return load_hf_config(model_path)
+
+
+def _hf_model(config, state_dict):
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(state_dict)
+    model.eval().generation_config.eos_token_id = None
+    return model
+
+
+def _hf_generate(model, ids, mask, n_new: int) -> list[list[int]]:
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+                             pad_token_id=0)
+    return out[:, ids.shape[1]:].tolist()
+
+
+def _spec(plan: Plan, model: str, out_dir, **kw) -> RunSpec:
+    return RunSpec(plan=plan, model=model, workload=WORKLOAD, device="cpu", dtype="fp32", out_dir=str(out_dir), **kw)
+
+
+# ---- TP slicing and the slopes -------------------------------------------------------------------------------
+def test_query_key_value_is_cut_into_whole_heads():
+    """transformers reads the fused output as [heads, 3, head_dim] (``BloomAttention._reshape``): the even cut of
+    dim 0 must hold heads 2-3 whole on rank 1, each with its q, k and v rows, and the bias the same way."""
+    heads, d, h = 4, 3, 5
+    full = torch.arange(3 * heads * d * h).reshape(3 * heads * d, h)
+    part = shard_index("transformer.h.0.self_attention.query_key_value.weight", tuple(full.shape), tp_rank=1,
+                       tp_size=2, **HEADS)
+    cut = part.apply(full)
+    assert torch.equal(cut.view(2, 3, d, h), full.view(heads, 3, d, h)[2:4])
+    bias = torch.arange(3 * heads * d)
+    cut_bias = shard_index("transformer.h.0.self_attention.query_key_value.bias", tuple(bias.shape), tp_rank=1,
+                           tp_size=2, **HEADS).apply(bias)
+    assert torch.equal(cut_bias.view(2, 3, d), bias.view(heads, 3, d)[2:4])
+
+    def cut_of(name, shape):
+        s = shard_index(f"transformer.h.0.{name}", shape, tp_rank=1, tp_size=2, **HEADS)
+        return None if s is None else (s.dim, s.start, s.stop)
+
+    assert cut_of("self_attention.dense.weight", (64, 64)) == (1, 32, 64)  # row-parallel: input features
+    assert cut_of("self_attention.dense.bias", (64,)) is None  # added once, after the all-reduce
+    assert cut_of("mlp.dense_h_to_4h.weight", (256, 64)) == (0, 128, 256)
+    assert cut_of("mlp.dense_h_to_4h.bias", (256,)) == (0, 128, 256)
+    assert cut_of("mlp.dense_4h_to_h.weight", (64, 256)) == (1, 128, 256)
+    assert cut_of("mlp.dense_4h_to_h.bias", (64,)) is None
+    assert cut_of("input_layernorm.weight", (64,)) is None
+
+
+@pytest.mark.parametrize("n_heads,tp", [(4, 2), (8, 4), (12, 2), (112, 8)])
+def test_a_tp_rank_takes_the_slopes_of_its_global_heads(n_heads, tp):
+    whole = modeling_bloom._get_alibi_slopes(n_heads, torch.device("cpu"))  # 12, 112: not powers of two
+    parts = [alibi_slopes(n_heads, r, tp, "cpu") for r in range(tp)]
+    assert all(p.shape == (n_heads // tp,) for p in parts)
+    assert torch.equal(torch.cat(parts), whole)
+    assert not torch.equal(parts[0], parts[1])
+
+
+def test_tp2_stage_holds_half_the_heads(config):
+    stage = build_stage(config, ShardSpec.whole(2, tp_rank=1, tp_size=2), dtype=torch.float32, device="meta")
+    shapes = {n: tuple(p.shape) for n, p in stage.named_parameters() if n.startswith("layers.0.")}
+    assert shapes["layers.0.self_attention.query_key_value.weight"] == (96, 64)
+    assert shapes["layers.0.self_attention.dense.linear.weight"] == (64, 32)
+    assert shapes["layers.0.mlp.dense_h_to_4h.weight"] == (128, 64)
+    assert shapes["layers.0.mlp.dense_4h_to_h.linear.weight"] == (64, 128)
+    assert isinstance(stage.layers[0].self_attention.dense, RowParallelLinear)
+    assert stage.layers[0].self_attention.num_heads == 2
+    assert stage.hf_names["embed_norm.weight"] == "transformer.word_embeddings_layernorm.weight"
+    assert stage.hf_names["layers.1.mlp.dense_4h_to_h.linear.weight"] == "transformer.h.1.mlp.dense_4h_to_h.weight"
+    assert stage.hf_names["norm.bias"] == "transformer.ln_f.bias"
+
+
+# ---- names, counts and refusals ------------------------------------------------------------------------------
+def test_param_table_is_transformers_state_dict(config):
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    table = param_table(config)
+    assert {n: info.shape for n, info in table.items()} == {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    assert table["lm_head.weight"].source == "transformer.word_embeddings.weight"  # tied
+
+
+def test_planner_count_is_the_built_stage_count(model_path, config):
+    """The planner's parameter count of the tiny BLOOM equals the executor's: one whole stage (the tied head
+    counted once), and the TP-2 x PP-2 shards added up."""
+    planner = load_model(model_path).params_total
+    whole = build_stage(config, ShardSpec.whole(2), dtype=torch.float32, device="meta")
+    tied = config.vocab_size * config.hidden_size
+    assert sum(p.numel() for p in whole.parameters()) - tied == planner
+    table, total = param_table(config), 0
+    for stage in range(2):
+        for r in range(2):
+            built = build_stage(config, ShardSpec.for_stage([1, 1], stage, r, 2), dtype=torch.float32, device="meta")
+            for name, p in built.named_parameters():
+                hf = built.hf_names[name]
+                cut = shard_index(hf, table[hf].shape, tp_rank=r, tp_size=2, **HEADS)
+                total += p.numel() if cut is not None else (p.numel() if r == 0 else 0)
+    assert total - tied == planner
+
+
+def test_bloom_176b_shards_add_up_to_the_planner_count():
+    config = load_hf_config("bloom-176b")
+    heads = dict(n_heads=112, n_kv_heads=112, head_dim=128)
+    table, total = param_table(config), 0
+    for r in range(8):
+        stage = build_stage(config, ShardSpec.whole(70, r, 8), device="meta")
+        for name, p in stage.named_parameters():
+            hf = stage.hf_names[name]
+            cut = shard_index(hf, table[hf].shape, tp_rank=r, tp_size=8, **heads)
+            if cut is None:
+                total += p.numel() if r == 0 else 0
+            else:
+                total += p.numel() // cut.padded * (cut.stop - cut.start)
+    total -= config.vocab_size * config.hidden_size  # the tied head: one tensor in the planner's count
+    assert total == load_model("bloom-176b").params_total == 176_247_271_424
+
+
+def test_4bit_builds_follow_the_quantization_group_rule(config):
+    check_quantizable(build_stage(config, ShardSpec.whole(2), dtype=torch.float32, device="meta"))  # 64, 256 wide
+    with pytest.raises(ValueError, match=r"self_attention\.dense\.linear\.weight has 32 input features"):
+        check_quantizable(build_stage(config, ShardSpec.whole(2, 0, 2), dtype=torch.float32, device="meta"))
+
+
+def test_slow_but_exact_is_refused(model_path):
+    config = load_hf_config(model_path)
+    config.pretraining_tp, config.slow_but_exact = 4, True
+    with pytest.raises(NotImplementedError, match="set slow_but_exact false"):
+        build_stage(config, ShardSpec.whole(2), device="meta")
+
+
+def test_serving_and_cuda_graphs_refuse_alibi_with_the_reason(model_path):
+    model = load_model("bloom-176b")
+    assert "ALiBi" in model_serve_blocker(model) and "hpi run" in model_serve_blocker(model)
+    assert "ALiBi" in decode_graph_blocker(Plan(tp=8), model)
+    assert model_serve_blocker(load_model("tiny-llama")) is None
+
+
+def test_hpi_serve_refuses_bloom_before_loading(model_path, tmp_path, capsys, monkeypatch):
+    from hpi.cli.app import main
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["serve", "--model", model_path, "--device", "cpu", "--dtype", "fp32", "--out", "runs/s"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err == [model_serve_blocker(load_model(model_path))]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_static_and_slot_caches_are_refused(config):
+    from hpi.executor.graphs import StaticKVCache
+    from hpi.executor.slots import SlotKVCache
+
+    stage = build_stage(config, ShardSpec.whole(2), dtype=torch.float32)
+    for cache in (StaticKVCache(16), SlotKVCache(2, 16)):
+        with pytest.raises(NotImplementedError, match=f"DynamicCache only, not a {type(cache).__name__}"):
+            stage._layers(torch.zeros(1, 3, 64), cache, torch.arange(3), None, None)
+
+
+# ---- one process: the stages, padded prompts ------------------------------------------------------------------
+def _generate(stages, ids, padding, micro_batches: int = 1) -> list[list[int]]:
+    def composed(x, caches, cache_position, **masks):
+        for stage, cache in zip(stages, caches):
+            x = stage(x, cache, cache_position, **masks)
+        return x
+
+    gen = PipelineGenerator(stage=composed, groups=Groups.alone(), new_cache=lambda: [DynamicCache() for _ in stages],
+                            hidden_size=0, dtype=torch.float32, device=torch.device("cpu"),
+                            micro_batches=micro_batches, sampler=Sampler())
+    return torch.cat(gen.run(ids, ids.shape[0], ids.shape[1], GEN, chat=False, padding=padding)).tolist()
+
+
+def test_padded_pipeline_generates_what_generate_does(config):
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, config.vocab_size, (n,), generator=g).tolist() for n in (7, 7, 3, 1)]
+    ids, padding = left_pad(prompts, pad_id=0)
+    stages = [build_stage(config, ShardSpec.for_stage([1, 1], i), dtype=torch.float32, seed=0) for i in range(2)]
+    batched = _generate(stages, ids, padding, micro_batches=2)  # micro-batch 0 unpadded, 1 padded
+    assert batched == [_generate(stages, torch.tensor([p]), None)[0] for p in prompts]
+    model = _hf_model(config, full_state_dict(config, 0, torch.float32))
+    assert batched == _hf_generate(model, ids, padding.prompt_mask(), GEN)
+
+
+def test_the_tiny_model_depends_on_the_slopes(config, monkeypatch):
+    """Reversed slopes give other tokens: the parity tests below would catch a rank using the wrong heads' slopes."""
+    model = _hf_model(config, full_state_dict(config, 0, torch.float32))
+    ids = torch.randint(3, config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(1))
+    want = _hf_generate(model, ids, torch.ones_like(ids), GEN)
+    real = modeling_bloom._get_alibi_slopes
+    monkeypatch.setattr(modeling_bloom, "_get_alibi_slopes", lambda n, device: real(n, device).flip(0))
+    assert _hf_generate(model, ids, torch.ones_like(ids), GEN) != want
+
+
+# ---- hpi run's path: launched ranks ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def reference_tokens(model_path, config) -> list[list[int]]:
+    model = _hf_model(config, full_state_dict(config, seed=0, dtype=torch.float32))
+    ids = prompt_batch(_spec(Plan(batch_size=BATCH), model_path, "unused"), config.vocab_size).ids
+    return _hf_generate(model, ids, torch.ones_like(ids), WORKLOAD.gen_len_tokens)
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_layout_matches_transformers(name, model_path, reference_tokens, tmp_path):
+    pytest.importorskip("deepspeed")
+    from hpi.executor.launch import launch
+
+    record = launch(_spec(LAYOUTS[name], model_path, tmp_path), timeout_s=300).to_json()
+    assert record["tokens"] == reference_tokens
+    assert record["model"]["params_total"] == load_model(model_path).params_total
+
+
+@pytest.fixture(scope="module")
+def bloom_checkpoint(tmp_path_factory, config):
+    """The seeded weights with non-trivial biases and norms (zeros and ones would hide a bias added twice or cut
+    wrongly), written as an HF checkpoint in small shards, with a word-level tokenizer ("w{i}" is token i)."""
+    pytest.importorskip("tokenizers")
+    from hpi.serve.tokens import word_tokenizer
+
+    g = torch.Generator().manual_seed(99)
+    state = {}
+    for name, t in full_state_dict(config, 0, torch.float32).items():
+        if name.endswith(".bias"):
+            t = 0.1 * torch.randn(t.shape, generator=g)
+        elif t.dim() == 1:
+            t = 1.0 + 0.1 * torch.randn(t.shape, generator=g)
+        state[name] = t
+    state["lm_head.weight"] = state["transformer.word_embeddings.weight"]
+    ckpt = write_checkpoint(state, config, tmp_path_factory.mktemp("bloom-ckpt"), shard_size_bytes=2**18)
+    word_tokenizer(config.vocab_size).save_pretrained(ckpt)
+    return ckpt
+
+
+def test_checkpoint_under_tp2_with_padded_prompts_matches_transformers(bloom_checkpoint, tmp_path):
+    pytest.importorskip("deepspeed")
+    from hpi.executor.launch import launch
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(bloom_checkpoint, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    tokenizer = transformers.AutoTokenizer.from_pretrained(bloom_checkpoint)
+    rows = [PROMPTS[i % len(PROMPTS)] for i in range(3)]
+    ids, padding = left_pad([tokenizer(t)["input_ids"] for t in rows], pad_id=0)
+    assert len(list((bloom_checkpoint).glob("*.safetensors"))) > 1
+    want = _hf_generate(model, ids, padding.prompt_mask(), GEN)
+
+    spec = RunSpec(plan=Plan(tp=2, batch_size=3), model=str(bloom_checkpoint), checkpoint=str(bloom_checkpoint),
+                   prompts=PROMPTS, workload=Workload(prompt_len_tokens=7, gen_len_tokens=GEN), device="cpu",
+                   dtype="fp32", out_dir=str(tmp_path))
+    record = launch(spec, timeout_s=300).to_json()
+    assert record["prompt_tokens_per_row"] == [7, 1, 3]
+    assert record["tokens"] == want
