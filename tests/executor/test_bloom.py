@@ -3,8 +3,9 @@ tokens identical to transformers' own ``BloomForCausalLM.generate`` on one rank,
 PP 2, from seeded weights and from a saved checkpoint read slice-wise under TP 2 with left-padded prompts.
 fp32, a tiny BLOOM config; DeepSpeed on its CPU accelerator with gloo.
 
-The weights are drawn with ``initializer_range`` 0.4: at BLOOM's 0.02 the tiny model repeats its last token
-whatever the slopes, and a test of the slopes must be able to fail (``test_the_tiny_model_depends_on_the_slopes``).
+The weights are drawn with ``initializer_range`` 0.4, 8 heads and 16-token prompts: at BLOOM's 0.02 the tiny model
+repeats its last token whatever the slopes, and with 4 heads over 10 tokens either TP rank could use the other's
+slopes unseen; here both mistakes change the tokens (``test_the_tokens_depend_on_each_ranks_slopes``).
 """
 
 from __future__ import annotations
@@ -32,13 +33,13 @@ from hpi.planner.specs.plan import Plan, decode_graph_blocker, model_serve_block
 from hpi.planner.specs.workload import Workload  # noqa: E402
 
 CONFIG = {
-    "architectures": ["BloomForCausalLM"], "model_type": "bloom", "hidden_size": 64, "n_layer": 2, "n_head": 4,
+    "architectures": ["BloomForCausalLM"], "model_type": "bloom", "hidden_size": 64, "n_layer": 2, "n_head": 8,
     "vocab_size": 512, "layer_norm_epsilon": 1e-5, "initializer_range": 0.4, "tie_word_embeddings": True,
     "apply_residual_connection_post_layernorm": False, "hidden_dropout": 0.0, "attention_dropout": 0.0,
     "pretraining_tp": 1, "slow_but_exact": False, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32",
 }
-HEADS = dict(n_heads=4, n_kv_heads=4, head_dim=16)
-WORKLOAD = Workload(prompt_len_tokens=10, gen_len_tokens=5)
+HEADS = dict(n_heads=8, n_kv_heads=8, head_dim=8)
+WORKLOAD = Workload(prompt_len_tokens=16, gen_len_tokens=5)
 BATCH = 2
 LAYOUTS = {
     "one-rank": Plan(batch_size=BATCH),
@@ -125,7 +126,7 @@ def test_tp2_stage_holds_half_the_heads(config):
     assert shapes["layers.0.mlp.dense_h_to_4h.weight"] == (128, 64)
     assert shapes["layers.0.mlp.dense_4h_to_h.linear.weight"] == (64, 128)
     assert isinstance(stage.layers[0].self_attention.dense, RowParallelLinear)
-    assert stage.layers[0].self_attention.num_heads == 2
+    assert stage.layers[0].self_attention.num_heads == 4
     assert stage.hf_names["embed_norm.weight"] == "transformer.word_embeddings_layernorm.weight"
     assert stage.hf_names["layers.1.mlp.dense_4h_to_h.linear.weight"] == "transformer.h.1.mlp.dense_4h_to_h.weight"
     assert stage.hf_names["norm.bias"] == "transformer.ln_f.bias"
@@ -239,13 +240,17 @@ def test_padded_pipeline_generates_what_generate_does(config):
     assert batched == _hf_generate(model, ids, padding.prompt_mask(), GEN)
 
 
-def test_the_tiny_model_depends_on_the_slopes(config, monkeypatch):
-    """Reversed slopes give other tokens: the parity tests below would catch a rank using the wrong heads' slopes."""
+@pytest.mark.parametrize("rank", [0, 1])
+def test_the_tokens_depend_on_each_ranks_slopes(rank, model_path, config, monkeypatch):
+    """Both TP-2 ranks using rank ``rank``'s slopes give other tokens on the launched layouts' prompts, so
+    ``test_layout_matches_transformers[tp2]`` catches a rank taking the slopes of the wrong heads."""
     model = _hf_model(config, full_state_dict(config, 0, torch.float32))
-    ids = torch.randint(3, config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(1))
+    ids = prompt_batch(_spec(Plan(batch_size=BATCH), model_path, "unused"), config.vocab_size).ids
     want = _hf_generate(model, ids, torch.ones_like(ids), GEN)
     real = modeling_bloom._get_alibi_slopes
-    monkeypatch.setattr(modeling_bloom, "_get_alibi_slopes", lambda n, device: real(n, device).flip(0))
+    half = config.n_head // 2
+    monkeypatch.setattr(modeling_bloom, "_get_alibi_slopes",
+                        lambda n, device: real(n, device)[torch.arange(n) % half + rank * half])
     assert _hf_generate(model, ids, torch.ones_like(ids), GEN) != want
 
 
