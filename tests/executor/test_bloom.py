@@ -189,10 +189,16 @@ def test_slow_but_exact_is_refused(model_path):
 
 
 def test_serving_and_cuda_graphs_refuse_alibi_with_the_reason(model_path):
+    from hpi.deployment import DeploymentError, decode_mode
+
     model = load_model("bloom-176b")
     assert "ALiBi" in model_serve_blocker(model) and "hpi run" in model_serve_blocker(model)
     assert "ALiBi" in decode_graph_blocker(Plan(tp=8), model)
     assert model_serve_blocker(load_model("tiny-llama")) is None
+    on_gpu = RunSpec(plan=Plan(tp=8), model="bloom-176b", device="cuda")
+    assert decode_mode(on_gpu, model, None) is False  # hpi run on a GPU decodes eagerly
+    with pytest.raises(DeploymentError, match="CUDA graphs cannot run .*ALiBi.*drop --cuda-graphs"):
+        decode_mode(on_gpu, model, True)
 
 
 def test_hpi_serve_refuses_bloom_before_loading(model_path, tmp_path, capsys, monkeypatch):
