@@ -302,9 +302,9 @@ def _sliding_windows(config, shard: ShardSpec) -> list[int | None]:
 
 # ---- the stage ---------------------------------------------------------------------------------------
 class StageModule(nn.Module):
-    """One rank's stage: ``embed_tokens`` (+ ``embed_positions`` for OPT) on the first stage, ``layers``
-    (transformers decoder layers, local index 0..n-1), ``rotary_emb`` (RoPE families, every stage), ``norm``
-    and ``lm_head`` on the last stage.
+    """One rank's stage: ``embed_tokens`` (+ ``embed_positions`` for OPT, ``embed_norm`` for BLOOM) on the first
+    stage, ``layers`` (transformers decoder layers, local index 0..n-1), ``rotary_emb`` (RoPE families, every
+    stage), ``norm`` and ``lm_head`` on the last stage.
 
     ``forward(inputs, cache, cache_position, attention_mask=None, position_ids=None)``: first stage takes
     token ids [b, s], others hidden states [b, s, h]; the last stage returns float32 logits of the last

@@ -181,6 +181,22 @@ def test_4bit_builds_follow_the_quantization_group_rule(config):
         check_quantizable(build_stage(config, ShardSpec.whole(2, 0, 2), dtype=torch.float32, device="meta"))
 
 
+def test_4bit_bloom_runs_where_widths_fit_and_is_refused_where_not(model_path, tmp_path):
+    """Launched: 4-bit BLOOM at TP 2 with every Linear input width a multiple of 64 per rank (hidden 128) runs
+    through DeepSpeed's quantized initialization; the tiny model's 32-wide dense shard at TP 2 is refused."""
+    pytest.importorskip("deepspeed")
+    from hpi.executor.launch import LaunchError, launch
+
+    wide = tmp_path / "wide.json"
+    wide.write_text(json.dumps({**CONFIG, "hidden_size": 128}))
+    plan = Plan(tp=2, offload="cpu", pin_memory=False, weight_bits=4, batch_size=BATCH, persistence_threshold_elems=0)
+    record = launch(_spec(plan, str(wide), tmp_path / "wide"), timeout_s=300)
+    assert all(len(t) == WORKLOAD.gen_len_tokens for t in record.output.tokens)
+    assert record.transfers.h2d.bytes_per_step > 0
+    with pytest.raises(LaunchError, match="not a multiple of the quantization group"):
+        launch(_spec(plan, model_path, tmp_path / "narrow"), timeout_s=300)
+
+
 def test_slow_but_exact_is_refused(model_path):
     config = load_hf_config(model_path)
     config.pretraining_tp, config.slow_but_exact = 4, True
