@@ -137,7 +137,7 @@ def _resolve(args: argparse.Namespace):
     from hpi.executor.engine import default_step_tokens
     from hpi.executor.spec import RunSpec, ServeSpec
     from hpi.planner.catalog import load_model
-    from hpi.planner.specs.plan import model_serve_blocker, serve_blocker
+    from hpi.planner.specs.plan import serve_blocker
 
     if args.model is None and args.checkpoint is None:
         raise UsageError("hpi serve: name a model: --model NAME or --checkpoint DIR (with its config.json)")
@@ -157,8 +157,6 @@ def _resolve(args: argparse.Namespace):
                          "pick another --metrics-port (or drop it: /metrics is on the API's port)")
     model_ref = args.model or args.checkpoint
     model = load_model(model_ref)
-    if model_serve_blocker(model):
-        raise UsageError(model_serve_blocker(model))
     if args.max_model_len is not None:
         args.prompt_len = max(args.max_model_len - args.gen_len, 1)
     max_len = args.max_model_len or args.prompt_len + args.gen_len

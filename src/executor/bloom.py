@@ -16,16 +16,23 @@ The fused ``query_key_value`` [3H, H] is laid out per head ([heads, 3, head_dim]
 so the even cut of dim 0 that ``hpi.executor.tp.shard_index`` makes for a column-parallel Linear holds whole
 heads, each with its q, k and v rows.
 
-Only a ``DynamicCache`` (or none) is supported: serving's slot cache goes through the attention interface
-(ragged attention without ALiBi) and the static cache of CUDA-graphed decode builds boolean masks without it;
-``hpi serve`` and ``--cuda-graphs`` refuse BLOOM before anything loads (``hpi.planner.specs.plan``).
+Serving's ``SlotKVCache`` (``hpi.executor.slots``) holds each sequence unpadded at positions 0, 1, ..., so a key's
+ALiBi position is its cache column; ``slot_block`` runs a ``BloomBlock``'s own submodules around
+``alibi_slot_attention``, which reads the slots as ``ragged_attention`` does with the ALiBi bias in sdpa's float
+mask (``softmax(scale * q.k + slope * key_position)``, masked keys at -inf), for a ragged step and for the
+all-slots decode alike. The static cache of CUDA-graphed ``hpi run`` decode has no ALiBi path: ``--cuda-graphs``
+refuses BLOOM before anything loads (``hpi.planner.specs.plan.model_graph_blocker``).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["additive_causal_mask", "alibi_bias", "alibi_layers", "alibi_slopes", "check_config", "key_positions"]
+from hpi.executor.slots import DenseDecode, RaggedStep, SlotKVCache
+
+__all__ = ["additive_causal_mask", "alibi_bias", "alibi_layers", "alibi_slopes", "alibi_slot_attention",
+           "check_config", "key_positions", "slot_block"]
 
 
 def check_config(config) -> None:
@@ -75,23 +82,84 @@ def additive_causal_mask(cache_position: torch.Tensor, n_keys: int, attention_ma
 
 def alibi_layers(stage, hidden: torch.Tensor, cache, cache_position: torch.Tensor,
                  attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Run ``stage.layers`` (``BloomBlock``s, this rank's heads) over ``hidden`` [b, s, h] with ``cache`` (a
-    ``DynamicCache`` or None); ``attention_mask`` [b, past + s] is the left-padding mask or None."""
+    """Run ``stage.layers`` (``BloomBlock``s, this rank's heads) over ``hidden`` [b, s, h] with ``cache``: a
+    ``DynamicCache`` or None (``attention_mask`` [b, past + s] the left-padding mask or None), or a bound
+    ``SlotKVCache`` (serving: ``hidden`` [1, T, h] of a ragged step or [slots, 1, h] of an all-slots decode)."""
     from transformers import DynamicCache
 
+    shard = stage.shard
+    slopes = alibi_slopes(stage.full_config.n_head, shard.tp_rank, shard.tp_size, hidden.device)
+    if isinstance(cache, SlotKVCache):
+        for layer in stage.layers:
+            hidden = slot_block(layer, hidden, cache, slopes)
+        return hidden
     if cache is not None and not isinstance(cache, DynamicCache):
-        raise NotImplementedError(f"BLOOM's ALiBi attention runs over a DynamicCache only, not a {type(cache).__name__}"
-                                  " (hpi serve's slot cache and CUDA-graphed decode have no ALiBi path)")
+        raise NotImplementedError(f"BLOOM's ALiBi attention runs over a DynamicCache or a SlotKVCache, not a "
+                                  f"{type(cache).__name__} (CUDA-graphed decode has no ALiBi path)")
     batch, seq = hidden.shape[:2]
     n_keys = (cache.get_seq_length() if cache is not None else 0) + seq
     if attention_mask is not None and attention_mask.shape[-1] != n_keys:
         raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} keys, the cache and input "
                          f"{n_keys}: give the padding mask of every cached and new token")
-    shard = stage.shard
-    slopes = alibi_slopes(stage.full_config.n_head, shard.tp_rank, shard.tp_size, hidden.device)
     alibi = alibi_bias(slopes, key_positions(attention_mask, n_keys, hidden.device), batch, hidden.dtype)
     mask = additive_causal_mask(cache_position.to(hidden.device), n_keys, attention_mask, hidden.dtype)
     for layer in stage.layers:
         out = layer(hidden, alibi=alibi, attention_mask=mask, layer_past=cache, use_cache=cache is not None)
         hidden = out[0] if isinstance(out, tuple) else out
     return hidden
+
+
+# ---- serving: the slot cache -----------------------------------------------------------------------------------
+def slot_block(layer, hidden: torch.Tensor, cache: SlotKVCache, slopes: torch.Tensor) -> torch.Tensor:
+    """``BloomBlock.forward`` (inference: dropout off) over the slot cache: the block's own norms, projections and
+    MLP, called module by module (so ZeRO-3 gathers each in its hooks), around ``alibi_slot_attention``."""
+    attn = layer.self_attention
+    normed = layer.input_layernorm(hidden)
+    residual = normed if layer.apply_residual_connection_post_layernorm else hidden
+    query, key, value = attn._reshape(attn.query_key_value(normed))  # [b, heads, s, d] each
+    keys, values = cache.update(key, value, attn.layer_idx)
+    context = alibi_slot_attention(query, keys, values, cache.step, slopes, attn.inv_norm_factor)
+    attended = attn.dense(context.reshape(*hidden.shape[:2], -1)) + residual
+    normed = layer.post_attention_layernorm(attended)
+    return layer.mlp(normed, normed if layer.apply_residual_connection_post_layernorm else attended)
+
+
+def _bias(slopes: torch.Tensor, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """sdpa's float mask [n, heads, q, L] from ``allowed`` [n, q, L]: ``slope * key_position`` where a query may
+    attend, -inf elsewhere (every query attends at least to its own slot)."""
+    k_pos = torch.arange(allowed.shape[-1], device=allowed.device, dtype=torch.float32)
+    bias = (slopes[:, None, None] * k_pos).to(dtype)  # [heads, 1, L]
+    return bias.masked_fill(~allowed[:, None], float("-inf"))
+
+
+def alibi_slot_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                         step: RaggedStep | DenseDecode, slopes: torch.Tensor, scale: float) -> torch.Tensor:
+    """Each query over its own slot's keys with ALiBi (``hpi.executor.slots.ragged_attention``'s reads). ``keys`` /
+    ``values``: the cache layer (a ``DenseDecode``: its rows' slots); returns [b, s, heads, d]."""
+    if step.window is not None:
+        raise ValueError("BLOOM has no sliding window; the step carries one")
+    if isinstance(step, DenseDecode):  # query [rows, H, 1, d]
+        k_pos = torch.arange(keys.shape[2], device=keys.device)
+        allowed = (k_pos[None, :] <= step.positions[:, None])[:, None]  # [rows, 1, L]
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=_bias(slopes, allowed, query.dtype),
+                                             scale=scale)
+        return out.transpose(1, 2)
+    _, heads, total, d = query.shape  # [1, H, T, d]
+    out = query.new_empty(total, heads, d)
+    if step.decode_index.numel():
+        span = step.decode_span
+        q = query[0].transpose(0, 1).index_select(0, step.decode_index)[:, :, None]  # [n, H, 1, d]
+        k = keys.index_select(0, step.decode_slots)[:, :, :span]
+        v = values.index_select(0, step.decode_slots)[:, :, :span]
+        allowed = (torch.arange(span, device=keys.device)[None, :] <= step.decode_positions[:, None])[:, None]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=_bias(slopes, allowed, q.dtype), scale=scale)
+        out.index_copy_(0, step.decode_index, o[:, :, 0])
+    for slot, first, n, start in step.chunks:
+        end = start + n
+        q = query[:, :, first:first + n]  # [1, H, n, d]
+        k, v = keys[slot:slot + 1, :, :end], values[slot:slot + 1, :, :end]
+        q_pos = torch.arange(start, end, device=keys.device)[:, None]
+        allowed = (torch.arange(end, device=keys.device)[None, :] <= q_pos)[None]  # [1, n, end]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=_bias(slopes, allowed, q.dtype), scale=scale)
+        out[first:first + n] = o[0].transpose(0, 1)
+    return out[None]

@@ -242,7 +242,6 @@ CASES: list[Case] = [
         ("--metrics-port", "x"), ("--metrics-port", "9100", "--no-metrics"), ("--metrics-port", "8000"))],
     case("serve", "--device", "cpu", "--out", "runs/s"),
     case("serve", "--model", "nosuch", "--device", "cpu", "--out", "runs/s"),
-    case("serve", "--model", "bloom-176b", "--device", "cpu", "--out", "runs/s"),  # ALiBi: no slot-cache path
     case(*SERVE, hide=("fastapi",)),
     case("serve", "--model", "tiny-llama", "--out", "runs/s", cuda_absent=True),
     # hpi chat

@@ -29,7 +29,7 @@ from hpi.executor.tp import RowParallelLinear, shard_index  # noqa: E402
 from hpi.executor.weights import full_state_dict, param_table, write_checkpoint  # noqa: E402
 from hpi.executor.worker import check_quantizable, prompt_batch  # noqa: E402
 from hpi.planner.catalog import load_model  # noqa: E402
-from hpi.planner.specs.plan import Plan, decode_graph_blocker, model_serve_blocker  # noqa: E402
+from hpi.planner.specs.plan import Plan, decode_graph_blocker  # noqa: E402
 from hpi.planner.specs.workload import Workload  # noqa: E402
 
 CONFIG = {
@@ -204,38 +204,62 @@ def test_slow_but_exact_is_refused(model_path):
         build_stage(config, ShardSpec.whole(2), device="meta")
 
 
-def test_serving_and_cuda_graphs_refuse_alibi_with_the_reason(model_path):
+def test_cuda_graphs_refuse_alibi_with_the_reason():
     from hpi.deployment import DeploymentError, decode_mode
 
     model = load_model("bloom-176b")
-    assert "ALiBi" in model_serve_blocker(model) and "hpi run" in model_serve_blocker(model)
     assert "ALiBi" in decode_graph_blocker(Plan(tp=8), model)
-    assert model_serve_blocker(load_model("tiny-llama")) is None
     on_gpu = RunSpec(plan=Plan(tp=8), model="bloom-176b", device="cuda")
     assert decode_mode(on_gpu, model, None) is False  # hpi run on a GPU decodes eagerly
     with pytest.raises(DeploymentError, match="CUDA graphs cannot run .*ALiBi.*drop --cuda-graphs"):
         decode_mode(on_gpu, model, True)
 
 
-def test_hpi_serve_refuses_bloom_before_loading(model_path, tmp_path, capsys, monkeypatch):
-    from hpi.cli.app import main
-
-    monkeypatch.chdir(tmp_path)
-    code = main(["serve", "--model", model_path, "--device", "cpu", "--dtype", "fp32", "--out", "runs/s"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2
-    assert err == [model_serve_blocker(load_model(model_path))]
-    assert not (tmp_path / "runs").exists()
-
-
-def test_the_static_and_slot_caches_are_refused(config):
+def test_the_static_cache_is_refused(config):
     from hpi.executor.graphs import StaticKVCache
-    from hpi.executor.slots import SlotKVCache
 
     stage = build_stage(config, ShardSpec.whole(2), dtype=torch.float32)
-    for cache in (StaticKVCache(16), SlotKVCache(2, 16)):
-        with pytest.raises(NotImplementedError, match=f"DynamicCache only, not a {type(cache).__name__}"):
-            stage._layers(torch.zeros(1, 3, 64), cache, torch.arange(3), None, None)
+    with pytest.raises(NotImplementedError, match="not a StaticKVCache"):
+        stage._layers(torch.zeros(1, 3, 64), StaticKVCache(16), torch.arange(3), None, None)
+
+
+# ---- serving: the slot cache -----------------------------------------------------------------------------------
+def test_mixed_slot_steps_and_dense_decode_equal_each_sequence_alone(config):
+    """As tests/executor/test_slots.py for the other families: a ragged step mixing prompt chunks (one after a
+    cached part) with a decode token, then the all-slots decode, give the logits transformers' BLOOM gives each
+    sequence alone (atol 1e-4: the logits of this 0.4-initialised model are in the tens)."""
+    from hpi.executor.scheduler import Segment
+    from hpi.executor.slots import DenseDecode, RaggedStep, SlotKVCache
+
+    stage = build_stage(config, ShardSpec.whole(2), dtype=torch.float32, seed=0)
+    ref = _hf_model(config, full_state_dict(config, 0, torch.float32))
+
+    def alone(ids):
+        with torch.no_grad():
+            return ref(torch.tensor([ids])).logits[0, -1]
+
+    def ragged(segments):
+        cache.bind(RaggedStep.build(segments, torch.device("cpu")))
+        ids = torch.tensor([[t for s in segments for t in s.token_ids]])
+        ends = torch.tensor([sum(s.n_tokens for s in segments[: i + 1]) - 1 for i in range(len(segments))])
+        with torch.no_grad():
+            return stage(ids, cache, None, logits_index=ends)
+
+    close = dict(atol=1e-4, rtol=0)
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randint(3, config.vocab_size, (n,), generator=g).tolist() for n in (9, 5, 12))
+    cache = SlotKVCache(n_slots=4, max_len=32)
+    out = ragged([Segment(2, 0, tuple(a[:4]), True), Segment(0, 0, tuple(b), True)])
+    torch.testing.assert_close(out[0], alone(a[:4]), **close)
+    torch.testing.assert_close(out[1], alone(b), **close)
+    out = ragged([Segment(0, 5, (7,), True), Segment(2, 4, tuple(a[4:]), True), Segment(3, 0, tuple(c), True)])
+    for got, ids in zip(out, (b + [7], a, c)):
+        torch.testing.assert_close(got, alone(ids), **close)
+    cache.bind(DenseDecode(torch.tensor([6, 31, 9, 12]), span=16))  # slot 1 is empty: masked, output ignored
+    with torch.no_grad():
+        out = stage(torch.tensor([[17], [0], [11], [13]]), cache, None)
+    for row, ids in ((0, b + [7, 17]), (2, a + [11]), (3, c + [13])):
+        torch.testing.assert_close(out[row], alone(ids), **close)
 
 
 # ---- one process: the stages, padded prompts ------------------------------------------------------------------

@@ -117,21 +117,12 @@ ALIBI_FAMILIES = frozenset({"bloom"})  # positions as ALiBi biases (hpi.executor
 
 def model_graph_blocker(model) -> str | None:
     """Why no plan of ``model`` (a ModelSpec) can decode as a CUDA graph, or None: a mixture of experts, whose
-    routing in transformers reads the experts each token picked back to the host; ALiBi attention, which the
-    executor builds over a dynamic cache only (its static cache's masks carry no ALiBi biases)."""
+    routing in transformers reads the experts each token picked back to the host; ALiBi attention, whose biases
+    the static cache of ``hpi run``'s graphed decode does not carry (``hpi.executor.bloom``)."""
     if model.is_moe:
         return f"{model.name}'s expert routing synchronizes the host"
     if model.family in ALIBI_FAMILIES:
-        return f"{model.name}'s ALiBi attention runs over a dynamic cache only (no CUDA-graph path)"
-    return None
-
-
-def model_serve_blocker(model) -> str | None:
-    """Why ``hpi serve`` cannot serve ``model`` (a ModelSpec) under any plan, or None: its slot cache attends
-    through the ragged attention of ``hpi.executor.slots``, which has no ALiBi biases."""
-    if model.family in ALIBI_FAMILIES:
-        return (f"hpi serve: {model.name} ({model.family}) uses ALiBi attention, which hpi serve's ragged slot "
-                "attention does not implement: run it with hpi run")
+        return f"{model.name}'s ALiBi attention has no static-cache path (CUDA graphs)"
     return None
 
 
