@@ -20,8 +20,10 @@ Serving's ``SlotKVCache`` (``hpi.executor.slots``) holds each sequence unpadded 
 ALiBi position is its cache column; ``slot_block`` runs a ``BloomBlock``'s own submodules around
 ``alibi_slot_attention``, which reads the slots as ``ragged_attention`` does with the ALiBi bias in sdpa's float
 mask (``softmax(scale * q.k + slope * key_position)``, masked keys at -inf), for a ragged step and for the
-all-slots decode alike. The static cache of CUDA-graphed ``hpi run`` decode has no ALiBi path: ``--cuda-graphs``
-refuses BLOOM before anything loads (``hpi.planner.specs.plan.model_graph_blocker``).
+all-slots decode alike. The ``StaticKVCache`` of CUDA-graphed decode (``hpi.executor.graphs``) takes the prompt
+as an empty dynamic cache would, then one token per step over all its slots, the mask and the ALiBi positions
+built on the device from the slot mask (``static_causal_mask``): nothing synchronizes the host, so the step can
+be captured.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from hpi.executor.graphs import StaticKVCache
+from hpi.executor.masks import static_causal_mask
 from hpi.executor.slots import DenseDecode, RaggedStep, SlotKVCache
 
 __all__ = ["additive_causal_mask", "alibi_bias", "alibi_layers", "alibi_slopes", "alibi_slot_attention",
@@ -93,20 +97,39 @@ def alibi_layers(stage, hidden: torch.Tensor, cache, cache_position: torch.Tenso
         for layer in stage.layers:
             hidden = slot_block(layer, hidden, cache, slopes)
         return hidden
-    if cache is not None and not isinstance(cache, DynamicCache):
-        raise NotImplementedError(f"BLOOM's ALiBi attention runs over a DynamicCache or a SlotKVCache, not a "
-                                  f"{type(cache).__name__} (CUDA-graphed decode has no ALiBi path)")
     batch, seq = hidden.shape[:2]
-    n_keys = (cache.get_seq_length() if cache is not None else 0) + seq
-    if attention_mask is not None and attention_mask.shape[-1] != n_keys:
-        raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} keys, the cache and input "
-                         f"{n_keys}: give the padding mask of every cached and new token")
+    if isinstance(cache, StaticKVCache):
+        attention_mask, mask = _bind_static(cache, seq, cache_position, attention_mask, hidden.dtype)
+        n_keys = mask.shape[-1]
+    elif cache is None or isinstance(cache, DynamicCache):
+        n_keys = (cache.get_seq_length() if cache is not None else 0) + seq
+        if attention_mask is not None and attention_mask.shape[-1] != n_keys:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} keys, the cache and input "
+                             f"{n_keys}: give the padding mask of every cached and new token")
+        mask = additive_causal_mask(cache_position.to(hidden.device), n_keys, attention_mask, hidden.dtype)
+    else:
+        raise NotImplementedError(f"BLOOM's ALiBi attention has no path for a {type(cache).__name__}")
     alibi = alibi_bias(slopes, key_positions(attention_mask, n_keys, hidden.device), batch, hidden.dtype)
-    mask = additive_causal_mask(cache_position.to(hidden.device), n_keys, attention_mask, hidden.dtype)
     for layer in stage.layers:
         out = layer(hidden, alibi=alibi, attention_mask=mask, layer_past=cache, use_cache=cache is not None)
         hidden = out[0] if isinstance(out, tuple) else out
     return hidden
+
+
+def _bind_static(cache: StaticKVCache, seq: int, cache_position: torch.Tensor, slot_mask: torch.Tensor | None,
+                 dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Bind a static cache's slots for this forward; returns the padding mask over the keys it reads (None: no
+    padding) and the additive mask. The prompt (several tokens, from slot 0) reads only the slots it writes; a
+    one-token step reads every slot behind ``static_causal_mask`` (``slot_mask`` [b, max_len]: 1 for a real
+    token's slot)."""
+    if seq > 1 and not cache.is_empty:
+        raise ValueError("a StaticKVCache takes the prompt in one forward from slot 0, then one token per step")
+    cache.bind(cache_position, visible=seq if seq > 1 else None)
+    n_keys = seq if seq > 1 else cache.max_len
+    padding = None if slot_mask is None else slot_mask[:, :n_keys]
+    allowed = static_causal_mask(cache_position, n_keys, None, padding)
+    zeros = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return padding, zeros.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 # ---- serving: the slot cache -----------------------------------------------------------------------------------

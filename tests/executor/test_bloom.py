@@ -22,6 +22,7 @@ from transformers.models.bloom import modeling_bloom  # noqa: E402
 
 from hpi.executor.bloom import alibi_slopes  # noqa: E402
 from hpi.executor.generate import PipelineGenerator, Sampler, left_pad  # noqa: E402
+from hpi.executor.graphs import StaticKVCache  # noqa: E402
 from hpi.executor.groups import Groups  # noqa: E402
 from hpi.executor.modeling import ShardSpec, build_stage, load_hf_config  # noqa: E402
 from hpi.executor.spec import RunSpec  # noqa: E402
@@ -29,7 +30,7 @@ from hpi.executor.tp import RowParallelLinear, shard_index  # noqa: E402
 from hpi.executor.weights import full_state_dict, param_table, write_checkpoint  # noqa: E402
 from hpi.executor.worker import check_quantizable, prompt_batch  # noqa: E402
 from hpi.planner.catalog import load_model  # noqa: E402
-from hpi.planner.specs.plan import Plan, decode_graph_blocker  # noqa: E402
+from hpi.planner.specs.plan import Plan  # noqa: E402
 from hpi.planner.specs.workload import Workload  # noqa: E402
 
 CONFIG = {
@@ -46,6 +47,7 @@ LAYOUTS = {
     "zero3-cpu-offload": Plan(offload="cpu", pin_memory=False, batch_size=BATCH),
     "tp2": Plan(tp=2, batch_size=BATCH),
     "pp2": Plan(pp=2, batch_size=BATCH),
+    "tp2-static-cache": Plan(tp=2, batch_size=BATCH),  # decode_graphs: the static cache, run eagerly on the CPU
 }
 PROMPTS = ("w11 w220 w301 w45 w7 w8 w9", "w5", "w100 w200 w300")  # 7, 1 and 3 tokens: rows left-padded
 GEN = 5
@@ -204,25 +206,6 @@ def test_slow_but_exact_is_refused(model_path):
         build_stage(config, ShardSpec.whole(2), device="meta")
 
 
-def test_cuda_graphs_refuse_alibi_with_the_reason():
-    from hpi.deployment import DeploymentError, decode_mode
-
-    model = load_model("bloom-176b")
-    assert "ALiBi" in decode_graph_blocker(Plan(tp=8), model)
-    on_gpu = RunSpec(plan=Plan(tp=8), model="bloom-176b", device="cuda")
-    assert decode_mode(on_gpu, model, None) is False  # hpi run on a GPU decodes eagerly
-    with pytest.raises(DeploymentError, match="CUDA graphs cannot run .*ALiBi.*drop --cuda-graphs"):
-        decode_mode(on_gpu, model, True)
-
-
-def test_the_static_cache_is_refused(config):
-    from hpi.executor.graphs import StaticKVCache
-
-    stage = build_stage(config, ShardSpec.whole(2), dtype=torch.float32)
-    with pytest.raises(NotImplementedError, match="not a StaticKVCache"):
-        stage._layers(torch.zeros(1, 3, 64), StaticKVCache(16), torch.arange(3), None, None)
-
-
 # ---- serving: the slot cache -----------------------------------------------------------------------------------
 def test_mixed_slot_steps_and_dense_decode_equal_each_sequence_alone(config):
     """As tests/executor/test_slots.py for the other families: a ragged step mixing prompt chunks (one after a
@@ -263,7 +246,7 @@ def test_mixed_slot_steps_and_dense_decode_equal_each_sequence_alone(config):
 
 
 # ---- one process: the stages, padded prompts ------------------------------------------------------------------
-def _generate(stages, ids, padding, micro_batches: int = 1) -> list[list[int]]:
+def _generate(stages, ids, padding, micro_batches: int = 1, graphs: bool = False) -> list[list[int]]:
     def composed(x, caches, cache_position, **masks):
         for stage, cache in zip(stages, caches):
             x = stage(x, cache, cache_position, **masks)
@@ -271,7 +254,8 @@ def _generate(stages, ids, padding, micro_batches: int = 1) -> list[list[int]]:
 
     gen = PipelineGenerator(stage=composed, groups=Groups.alone(), new_cache=lambda: [DynamicCache() for _ in stages],
                             hidden_size=0, dtype=torch.float32, device=torch.device("cpu"),
-                            micro_batches=micro_batches, sampler=Sampler())
+                            micro_batches=micro_batches, sampler=Sampler(), decode_graphs=graphs,
+                            new_static_cache=lambda n: [StaticKVCache(n) for _ in stages])
     return torch.cat(gen.run(ids, ids.shape[0], ids.shape[1], GEN, chat=False, padding=padding)).tolist()
 
 
@@ -284,6 +268,8 @@ def test_padded_pipeline_generates_what_generate_does(config):
     assert batched == [_generate(stages, torch.tensor([p]), None)[0] for p in prompts]
     model = _hf_model(config, full_state_dict(config, 0, torch.float32))
     assert batched == _hf_generate(model, ids, padding.prompt_mask(), GEN)
+    # the static cache CUDA graphs decode over (run eagerly here): the same tokens
+    assert _generate(stages, ids, padding, micro_batches=2, graphs=True) == batched
 
 
 @pytest.mark.parametrize("rank", [0, 1])
@@ -313,7 +299,9 @@ def test_layout_matches_transformers(name, model_path, reference_tokens, tmp_pat
     pytest.importorskip("deepspeed")
     from hpi.executor.launch import launch
 
-    record = launch(_spec(LAYOUTS[name], model_path, tmp_path), timeout_s=300).to_json()
+    spec = _spec(LAYOUTS[name], model_path, tmp_path, decode_graphs="static-cache" in name)
+    assert spec.workload.decode_graphs == ("static-cache" in name)
+    record = launch(spec, timeout_s=300).to_json()
     assert record["tokens"] == reference_tokens
     assert record["model"]["params_total"] == load_model(model_path).params_total
 
@@ -357,3 +345,22 @@ def test_checkpoint_under_tp2_with_padded_prompts_matches_transformers(bloom_che
     record = launch(spec, timeout_s=300).to_json()
     assert record["prompt_tokens_per_row"] == [7, 1, 3]
     assert record["tokens"] == want
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("padded", [False, True], ids=["equal-prompts", "left-padded"])
+def test_captured_decode_generates_the_eager_tokens_on_a_gpu(config, padded):
+    """As tests/executor/test_graphs.py for the other families: the ALiBi step is captured and replayed."""
+    device = torch.device("cuda")
+    stage = build_stage(config, ShardSpec.whole(2), dtype=torch.float32, device=device, seed=0).eval()
+    g = torch.Generator().manual_seed(3)
+    lengths = [9, 4] if padded else [9, 9]
+    ids, padding = left_pad([torch.randint(3, config.vocab_size, (n,), generator=g).tolist() for n in lengths], 0)
+
+    def generate(graphs: bool) -> list[list[int]]:
+        gen = PipelineGenerator(stage=stage, groups=Groups.alone(), new_cache=DynamicCache, hidden_size=0,
+                                dtype=torch.float32, device=device, micro_batches=1, sampler=Sampler(),
+                                decode_graphs=graphs)
+        return torch.cat(gen.run(ids, 2, 9, GEN, chat=False, padding=padding if padded else None)).tolist()
+
+    assert generate(True) == generate(False)

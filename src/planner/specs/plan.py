@@ -112,18 +112,10 @@ def serve_blocker(kv_offload, dp) -> str | None:
     return None
 
 
-ALIBI_FAMILIES = frozenset({"bloom"})  # positions as ALiBi biases (hpi.executor.bloom builds them per forward)
-
-
 def model_graph_blocker(model) -> str | None:
     """Why no plan of ``model`` (a ModelSpec) can decode as a CUDA graph, or None: a mixture of experts, whose
-    routing in transformers reads the experts each token picked back to the host; ALiBi attention, whose biases
-    the static cache of ``hpi run``'s graphed decode does not carry (``hpi.executor.bloom``)."""
-    if model.is_moe:
-        return f"{model.name}'s expert routing synchronizes the host"
-    if model.family in ALIBI_FAMILIES:
-        return f"{model.name}'s ALiBi attention has no static-cache path (CUDA graphs)"
-    return None
+    routing in transformers reads the experts each token picked back to the host."""
+    return f"{model.name}'s expert routing synchronizes the host" if model.is_moe else None
 
 
 def _where(plan: "Plan") -> str:
