@@ -1,7 +1,9 @@
 """BLOOM (ALiBi attention, fused per-head query_key_value, embedding LayerNorm, tied head) in the executor: greedy
-tokens identical to transformers' own ``BloomForCausalLM.generate`` on one rank, under ZeRO-3 CPU offload, TP 2 and
-PP 2, from seeded weights and from a saved checkpoint read slice-wise under TP 2 with left-padded prompts.
-fp32, a tiny BLOOM config; DeepSpeed on its CPU accelerator with gloo.
+tokens identical to transformers' own ``BloomForCausalLM.generate`` on one rank, under ZeRO-3 CPU offload, TP 2, PP 2
+and TP 2 over the static cache CUDA graphs decode with (run eagerly), from seeded weights and from a saved
+checkpoint read slice-wise under TP 2 with left-padded prompts; serving's slot-cache steps give transformers'
+logits (``hpi serve`` itself: tests/serve/test_bloom.py). fp32, a tiny BLOOM config; DeepSpeed on its CPU
+accelerator with gloo.
 
 The weights are drawn with ``initializer_range`` 0.4, 8 heads and 16-token prompts: at BLOOM's 0.02 the tiny model
 repeats its last token whatever the slopes, and with 4 heads over 10 tokens either TP rank could use the other's
@@ -134,7 +136,7 @@ def test_tp2_stage_holds_half_the_heads(config):
     assert stage.hf_names["norm.bias"] == "transformer.ln_f.bias"
 
 
-# ---- names, counts and refusals ------------------------------------------------------------------------------
+# ---- names, counts, quantization and refusals -----------------------------------------------------------------
 def test_param_table_is_transformers_state_dict(config):
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     table = param_table(config)
@@ -245,7 +247,7 @@ def test_mixed_slot_steps_and_dense_decode_equal_each_sequence_alone(config):
         torch.testing.assert_close(out[row], alone(ids), **close)
 
 
-# ---- one process: the stages, padded prompts ------------------------------------------------------------------
+# ---- one process: the stages, padded prompts, the static cache ----------------------------------------------
 def _generate(stages, ids, padding, micro_batches: int = 1, graphs: bool = False) -> list[list[int]]:
     def composed(x, caches, cache_position, **masks):
         for stage, cache in zip(stages, caches):
@@ -345,6 +347,21 @@ def test_checkpoint_under_tp2_with_padded_prompts_matches_transformers(bloom_che
     record = launch(spec, timeout_s=300).to_json()
     assert record["prompt_tokens_per_row"] == [7, 1, 3]
     assert record["tokens"] == want
+
+
+def test_a_base_model_checkpoint_loads_like_a_prefixed_one(config, tmp_path):
+    """bigscience's BLOOM files were saved from ``BloomModel``: ``h.0....``, ``word_embeddings.weight``, no
+    ``transformer.`` prefix and no LM head (tied). A stage reads them as it reads the prefixed names."""
+    state = full_state_dict(config, 0, torch.float32)
+    bare = {k[len("transformer."):]: v for k, v in state.items() if k.startswith("transformer.")}
+    assert "h.0.self_attention.query_key_value.weight" in bare and "lm_head.weight" not in bare
+    prefixed = write_checkpoint(state, config, tmp_path / "prefixed")
+    base = write_checkpoint(bare, config, tmp_path / "base")
+    for r in range(2):
+        shard = ShardSpec.for_stage([1, 1], r, tp_rank=r, tp_size=2)  # stage r's TP rank r: both ends, both ranks
+        want = build_stage(config, shard, dtype=torch.float32, checkpoint=str(prefixed)).state_dict()
+        got = build_stage(config, shard, dtype=torch.float32, checkpoint=str(base)).state_dict()
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
