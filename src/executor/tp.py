@@ -37,8 +37,10 @@ __all__ = [
 
 # Module names (the last component before .weight/.bias) and how they are cut.
 # Mixtral's stored expert names: w1 / w3 (gate / up) column-parallel, w2 (down) row-parallel (hpi.executor.experts).
-COLUMN_PARALLEL = frozenset({"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "fc1", "w1", "w3"})
-ROW_PARALLEL = frozenset({"o_proj", "down_proj", "out_proj", "fc2", "w2"})
+# BLOOM: query_key_value is laid out per head ([heads, 3, head_dim]), so its even row cut holds whole heads.
+COLUMN_PARALLEL = frozenset({"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "fc1", "w1", "w3", "query_key_value",
+                             "dense_h_to_4h"})
+ROW_PARALLEL = frozenset({"o_proj", "down_proj", "out_proj", "fc2", "w2", "dense", "dense_4h_to_h"})
 _KV = frozenset({"k_proj", "v_proj"})
 
 

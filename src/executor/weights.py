@@ -75,19 +75,19 @@ def param_table(config) -> dict[str, ParamInfo]:
     fam = family_of(config)
     table: dict[str, tuple[int, ...]] = {}
     hidden, vocab = config.hidden_size, config.vocab_size
-    table[f"{fam.prefix}embed_tokens.weight"] = (vocab, hidden)
+    table[fam.embed_weight] = (vocab, hidden)
     if fam.learned_positions:
         table[f"{fam.prefix}embed_positions.weight"] = (config.max_position_embeddings + 2, hidden)
     for local, shape in fam.layer_param_shapes(config).items():
         for i in range(config.num_hidden_layers):
-            table[f"{fam.prefix}layers.{i}.{local}"] = shape
+            table[f"{fam.prefix}{fam.layers}.{i}.{local}"] = shape
     for local, shape in fam.final_norm_shapes(config).items():
         table[f"{fam.prefix}{local}"] = shape
     table["lm_head.weight"] = (vocab, hidden)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     out = {}
     for name, shape in table.items():
-        source = f"{fam.prefix}embed_tokens.weight" if (name == "lm_head.weight" and tied) else name
+        source = fam.embed_weight if (name == "lm_head.weight" and tied) else name
         out[name] = ParamInfo(tuple(shape), _init_kind(name, len(shape)), source)
     return out
 
@@ -211,10 +211,14 @@ class CheckpointReader:
         self._stack = contextlib.ExitStack()
         self._files: dict[str, Any] = {}
         self._tied_source: str | None = None
-        if config is not None and getattr(config, "tie_word_embeddings", False):
+        self._base = "model."  # the base model's attribute, which checkpoints of the base model leave out
+        if config is not None:
             from hpi.executor.modeling import family_of
 
-            self._tied_source = f"{family_of(config).prefix}embed_tokens.weight"
+            fam = family_of(config)
+            self._base = fam.prefix.split(".", 1)[0] + "."  # "model." / BLOOM's "transformer."
+            if getattr(config, "tie_word_embeddings", False):
+                self._tied_source = fam.embed_weight
 
     def _weight_map(self) -> dict[str, str]:
         index = self.path / INDEX_NAME
@@ -231,11 +235,12 @@ class CheckpointReader:
         return out
 
     def resolve(self, name: str) -> str:
-        """The name the checkpoint stores ``name`` under (prefix-less old OPT files; tied LM head)."""
+        """The name the checkpoint stores ``name`` under (prefix-less old OPT files and bigscience's BLOOM files,
+        saved from the base model; tied LM head)."""
         if name in self.weight_map:
             return name
-        if name.startswith("model.") and name[len("model."):] in self.weight_map:
-            return name[len("model."):]
+        if name.startswith(self._base) and name[len(self._base):] in self.weight_map:
+            return name[len(self._base):]
         if name == "lm_head.weight" and self._tied_source is not None:
             return self.resolve(self._tied_source)
         raise KeyError(f"{self.path}: checkpoint has no tensor {name!r}")
