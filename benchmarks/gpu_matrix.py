@@ -68,6 +68,7 @@ def matrices() -> dict[str, list[Entry]]:
     tuned = {"prefetch_bucket_elems": 400_000_000, "max_live_elems": 3_000_000_000}
     dsx, dsx70, dsx33 = _ds_examples_knobs(m8), _ds_examples_knobs(m70), _ds_examples_knobs(big)
     x4 = "h200-4gpu"
+    ds16 = str(REPO / "benchmarks" / "configs" / "deepseek-v3-16-layers.json")
     # 70B on 4 H200: resident needs >= 2 GPUs (141 GB of bf16 weights); offload streams 141 GB / (tp * pp) per
     # GPU per forward, so those entries generate few tokens (the median of 3 decode steps) to fit the call.
     off70 = dict(prompt_len=128, gen_len=4)
@@ -99,6 +100,12 @@ def matrices() -> dict[str, list[Entry]]:
                   {"offload": "cpu", "weight_bits": 4}, variants=_batches(16), prompt_len=128, gen_len=4),
             Entry("mixtral-8x7b-cpu-pinned-b1", "mixtral-8x7b", "h200-1gpu", 1, {"offload": "cpu"},
                   prompt_len=128, gen_len=4),
+        ],
+        # DeepSeek-V3 at full width, cut to the 16 layers (3 dense, 13 with 256 routed experts) whose 4-bit weights
+        # fit one H200's host memory pinned: MLA, shared and routed experts through the same path.
+        "deepseek-h200": [
+            Entry("deepseek-v3-16l-q4-cpu-pinned-b1", ds16,
+                  "h200-1gpu", 1, {"offload": "cpu", "weight_bits": 4}, prompt_len=128, gen_len=4),
         ],
         "smoke": [
             Entry("tiny-resident", "tiny-llama", h100, 2, {}),

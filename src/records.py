@@ -19,6 +19,8 @@ Versions:
   older runs lack the NVMe fields and their specs lack the run conditions added later (``fetch_wait``,
   ``decode_graphs``); the simulator wrote a copy of ``spec.workload`` at the top level.
 - 2: every key is written, null where nothing was measured; the top-level workload copy is gone.
+- 3: each rank reports its build's host memory (``host_rss_before_build_bytes``, ``host_build_peak_bytes``);
+  older records read them as None (not measured).
 Reading is lenient about absent keys (None: not recorded) and strict about unknown ones (a typo would be lost).
 """
 
@@ -37,7 +39,7 @@ __all__ = [
 ]  # fmt: skip
 
 KIND = "hpi.RunRecord"
-VERSION = 2
+VERSION = 3
 TRIAL_KIND = "hpi.AutotuneTrial"  # one trial of hpi autotune (hpi.autotune.objective): its RunRecord under "record"
 PREDICTED_FIGURES = ("prefill_s", "decode_step_s", "total_s", "ttft_s", "throughput_tok_s")
 # The run conditions a spec carries besides the plan, and what a record written before the field existed ran
@@ -296,8 +298,8 @@ class RankReport(_Part):
     peak_allocated_bytes: int = 0  # torch.cuda.max_memory_allocated
     peak_reserved_bytes: int = 0
     host_rss_bytes: int = 0
-    host_rss_before_build_bytes: int = 0  # resident set when the build started (hpi.executor.hostmem)
-    host_build_peak_bytes: int = 0  # the resident set's high-water mark during the build (VmHWM)
+    host_rss_before_build_bytes: int | None = None  # resident set when the build started (hpi.executor.hostmem)
+    host_build_peak_bytes: int | None = None  # the resident set's high-water mark during the build (VmHWM)
     pinned_bytes: int = 0
     h2d_bytes_per_forward: int = 0  # bytes ZeRO-3 copies host->device for one forward of this rank's stage
     nvme_bytes_per_forward: int = 0  # bytes of this rank's partitions that live on NVMe (read every forward)
@@ -517,4 +519,6 @@ def upgrade(doc: Mapping[str, Any], where: str = "record") -> dict[str, Any]:
     if version == 1:  # -> 2: the simulator's copy of spec.workload goes; absent keys read as None in both
         out.pop("workload", None)
         out["version"] = 2
+    if out["version"] == 2:  # -> 3: the ranks' build host memory, absent: None (not measured)
+        out["version"] = 3
     return out

@@ -91,6 +91,7 @@ KEPT = {
     "2026-12-02-h200-serve/callA-first/8b-run-b64.run.json": (1, {}),
     "2026-12-02-h200-serve/callA-first/8b.load.json": (0, {"not a RunRecord": 1}),
     "2026-12-02-h200-serve/callB/70b-q4-run-b1.run.json": (1, {}),
+    "2026-12-03-h200-moe/call1/records.json": (3, {}),
     "2026-12-02-h200-serve/callB/8b-mixed.load.json": (0, {"not a RunRecord": 1}),
     "2026-12-02-h200-serve/callB/8b-run-b1.run.json": (1, {}),
     "2026-12-02-h200-serve/callB/8b-run-b64.run.json": (1, {}),
@@ -159,8 +160,8 @@ def kept() -> dict[str, object]:
 def test_every_kept_file_reads_with_its_records_and_skips_counted(kept) -> None:
     assert {name: (len(r), r.skipped) for name, r in kept.items()} == KEPT
     records = [r for got in kept.values() for r in got]
-    assert len(records) == 135
-    assert sum(1 for r in records if r.entry is not None) == 125  # gpu_matrix bundles {name: record}
+    assert len(records) == 138
+    assert sum(1 for r in records if r.entry is not None) == 128  # gpu_matrix bundles {name: record}
     assert sum(1 for r in records if r.source.id.startswith("trial-")) == 4  # hpi autotune trial files
     skipped: dict[str, int] = {}
     for got in kept.values():
@@ -170,7 +171,7 @@ def test_every_kept_file_reads_with_its_records_and_skips_counted(kept) -> None:
     # Read together, names are unique (validate and calibrate key on them): a rerun kept under the stem of an
     # earlier run is named with its folder, and so is the earlier one.
     together = {r.record_id for r in load_records(_kept_files())}
-    assert len(together) == 135
+    assert len(together) == 138
     assert {"callA-first/8b-run-b1.run", "callB/8b-run-b1.run", "70b-q4-run-b1.run"} <= together
 
 
@@ -179,13 +180,18 @@ def test_every_kept_record_is_upgraded_and_loses_nothing(kept) -> None:
     for record in (r for got in kept.values() for r in got):
         raw = _raw_entry(record)
         doc = record.to_json()
-        assert doc["kind"] == KIND and doc["version"] == VERSION == 2
+        assert doc["kind"] == KIND and doc["version"] == VERSION == 3
         versions[raw["version"]] = versions.get(raw["version"], 0) + 1
         if raw["version"] == VERSION:  # written by this hpi: read back exactly as written
             assert doc == raw, record.record_id
+        if raw["version"] == 2:  # every key it wrote, as written; version 3 adds the ranks' build host memory
+            ranks = [{k: v for k, v in r.items() if not k.startswith("host_") or k == "host_rss_bytes"}
+                     for r in doc["ranks"]]
+            assert {**doc, "version": 2, "ranks": ranks} == raw, record.record_id
         _carries(doc, upgrade(raw), record.record_id)
         assert RunRecord.from_json(doc) == record
-    assert versions == {1: 130, 2: 5}  # hpi serve's GPU call (2026-12-02) kept the first version-2 records
+    # hpi serve's GPU call (2026-12-02) kept the first version-2 records, the MoE call (2026-12-03) version 3's
+    assert versions == {1: 130, 2: 5, 3: 3}
 
 
 def test_known_figures_of_known_files(kept) -> None:
@@ -218,7 +224,7 @@ def test_the_kept_fractions_are_the_derived_ones(kept) -> None:
         stored = _raw_entry(record)["h2d"]["fraction_of_profile"]
         assert record.transfers.h2d.fraction_of_profile == stored
         n += stored is not None
-    assert n == 45
+    assert n == 48  # the 2026-12-03 MoE call: 3 streamed runs with a profile
 
 
 # ---- the record itself --------------------------------------------------------------------------------
@@ -277,7 +283,17 @@ def test_slim_drops_the_payloads_and_reads_back() -> None:
     assert _full_record().without_tokens().timings.decode_step_s.all_s == (2.0, 2.5, 1.8)
 
 
-def test_version_1_shapes_upgrade_and_version_2_names_every_key() -> None:
+def test_build_host_memory_of_the_ranks_round_trips_and_sums_per_node() -> None:
+    ranks = (RankReport(rank=0, host_rss_before_build_bytes=2_000, host_build_peak_bytes=90_000),
+             RankReport(rank=1, host_rss_before_build_bytes=2_500, host_build_peak_bytes=80_000))
+    record = RunRecord(ranks=ranks)
+    assert RunRecord.from_json(record.to_json()) == record
+    assert record.host_build_peak_bytes == 170_000
+    old = RunRecord.from_json({"kind": KIND, "version": 2, "ranks": [{"rank": 0, "host_rss_bytes": 5}]})
+    assert old.ranks[0].host_build_peak_bytes is None and old.host_build_peak_bytes == 0  # not measured
+
+
+def test_version_1_shapes_upgrade_and_the_current_version_names_every_key() -> None:
     v1 = {"kind": KIND, "version": 1, "decode_step_s": 0.5, "workload": {"prompt_len_tokens": 8},
           "spec": {"workload": {"prompt_len_tokens": 8}}, "nvme": {"bytes_per_step": 4, "achieved_read_bytes_s": 2.0,
           "device": None, "why_no_device_figures": "tmpfs"}}  # fmt: skip
@@ -285,14 +301,14 @@ def test_version_1_shapes_upgrade_and_version_2_names_every_key() -> None:
     assert record.timings.decode_step_s == DecodeSteps(0.5, 0.5, 0.5)  # one number: its own distribution
     assert record.transfers.nvme.why_no_device_figures.startswith("the NVMe folder is on no block device")
     doc = record.to_json()
-    assert "workload" not in doc and doc["version"] == 2 and doc["spec"]["workload"] == {"prompt_len_tokens": 8}
+    assert "workload" not in doc and doc["version"] == 3 and doc["spec"]["workload"] == {"prompt_len_tokens": 8}
     assert set(RunRecord().to_json()) == set(doc)  # every key, null where nothing was measured
     assert RunRecord().to_json()["nvme"] is None and RunRecord().to_json()["texts"] is None
 
 
 @pytest.mark.parametrize("doc,message", [
     ({"kind": "hpi.LayerScaling"}, "not a RunRecord"),
-    ({"kind": KIND, "version": 3}, "version 3 is not one this hpi reads"),
+    ({"kind": KIND, "version": 4}, "version 4 is not one this hpi reads"),
     ({"kind": KIND, "version": 2, "prefil_s": 1.0}, "unknown field 'prefil_s'"),
     ({"kind": KIND, "h2d": {"bytes_per_step": 1, "bandwidth": 2}}, r"record.h2d: unknown field 'bandwidth'"),
     ({"kind": KIND, "ranks": [{"rank": 0, "gpu": "x"}]}, r"record.ranks\[0\]: unknown field 'gpu'"),

@@ -9,7 +9,8 @@ projections are swapped for ``hpi.executor.tp.RowParallelLinear``.
 
 Families: llama, mistral, qwen2 (the Llama layer layout), mixtral (the same attention; transformers' fused
 experts, their FFN width split over TP and the block's output all-reduced), deepseek_v3 / kimi_k2 (MLA and
-shared + routed experts, ``hpi.executor.deepseek``) and opt. BLOOM is not built here yet.
+shared + routed experts, ``hpi.executor.deepseek``), opt, and bloom (ALiBi attention and its layer loop in
+``hpi.executor.bloom``).
 
 Attention runs through transformers' ``sdpa`` path. With no mask it is causal for a multi-token query and
 full for a one-token decode, which is right for unpadded prompts prefilled in one go; the stage builds an
@@ -40,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hpi.executor import deepseek
+from hpi.executor import bloom, deepseek
 from hpi.executor.attention import register as register_attention
 from hpi.executor.experts import ExpertMLP, per_expert_modules
 from hpi.executor.graphs import StaticKVCache
@@ -57,7 +58,7 @@ from hpi.executor.tp import (
     shard_index,
     tp_allreduce_seconds,
 )
-from hpi.executor.weights import CheckpointReader, RandomSource, param_table
+from hpi.executor.weights import CheckpointReader, RandomSource, param_table, weights_of
 
 ATTENTION = register_attention()  # transformers' sdpa, grouped-query decode kept grouped (hpi.executor.attention)
 
@@ -148,7 +149,16 @@ class Family:
     expert_width: str = "intermediate_size"
     # (regex, replacement) rewrites of a layer's module names into the names checkpoints store them under
     stored_names: tuple[tuple[str, str], ...] = ()
+    embed: str = "embed_tokens"  # HF name of the token embedding below the prefix
+    layers: str = "layers"  # HF name of the decoder layer list below the prefix
+    embedding_norm: str | None = None  # HF name of a norm right after the embedding (BLOOM), None: none
+    alibi: bool = False  # positions as ALiBi biases (hpi.executor.bloom runs the layers)
     weight_buffers: tuple[str, ...] = ()  # buffers the checkpoint stores as weights (not counted as parameters)
+
+    @property
+    def embed_weight(self) -> str:
+        """The global HF name of the token embedding matrix (the tied LM head's source)."""
+        return f"{self.prefix}{self.embed}.weight"
 
     def cls(self, name: str):
         mod = importlib.import_module(f"transformers.models.{self.module}.modeling_{self.module}")
@@ -177,10 +187,12 @@ class Family:
         return {self.stored_name(n): tuple(p.shape) for n, p in weights_of(layer, self.weight_buffers)}
 
     def final_norm_shapes(self, config) -> dict[str, tuple[int, ...]]:
+        """Names (below the prefix) and shapes of the final norm, and of the embedding norm where there is one."""
         h = config.hidden_size
-        if self.norm_cls is None:
-            return {f"{self.final_norm}.weight": (h,), f"{self.final_norm}.bias": (h,)}
-        return {f"{self.final_norm}.weight": (h,)}
+        norms = [self.final_norm] if self.embedding_norm is None else [self.embedding_norm, self.final_norm]
+        if self.norm_cls is None:  # LayerNorm: weight and bias
+            return {f"{n}.{leaf}": (h,) for n in norms for leaf in ("weight", "bias")}
+        return {f"{n}.weight": (h,) for n in norms}
 
 
 # Mixtral's checkpoints keep the v0.1 names: the MoE block is ``block_sparse_moe``, an expert's gate / up / down
@@ -204,15 +216,10 @@ _FAMILIES: dict[str, Family] = {
                           expert_width="moe_intermediate_size", weight_buffers=deepseek.WEIGHT_BUFFERS),
     "opt": Family("opt", "opt", "OPTDecoderLayer", None, None, "model.decoder.", "final_layer_norm",
                   learned_positions=True, llama_layout=False),
+    "bloom": Family("bloom", "bloom", "BloomBlock", None, None, "transformer.", "ln_f", llama_layout=False,
+                    embed="word_embeddings", layers="h", embedding_norm="word_embeddings_layernorm", alibi=True),
 }
 SUPPORTED_FAMILIES: tuple[str, ...] = tuple(_FAMILIES)
-
-
-def weights_of(module: nn.Module, weight_buffers: tuple[str, ...]):
-    """(name, tensor) of every value a checkpoint holds for ``module``: its parameters, then the buffers whose
-    last name component is in ``weight_buffers``."""
-    yield from module.named_parameters()
-    yield from ((n, b) for n, b in module.named_buffers() if n.rsplit(".", 1)[-1] in weight_buffers)
 
 
 def family_of(config) -> Family:
@@ -221,7 +228,7 @@ def family_of(config) -> Family:
     if fam is None:
         raise NotImplementedError(
             f"model_type {model_type!r} is not supported by the executor's stage builder "
-            f"(supported: {', '.join(SUPPORTED_FAMILIES)}, kimi_k2 read as deepseek_v3; bloom is not yet)"
+            f"(supported: {', '.join(SUPPORTED_FAMILIES)}; kimi_k2 is read as deepseek_v3)"
         )
     if model_type == "opt":
         if config.word_embed_proj_dim != config.hidden_size:
@@ -231,6 +238,8 @@ def family_of(config) -> Family:
             raise NotImplementedError("only pre-LN OPT with its final layer norm is supported (not OPT-350m)")
         if not getattr(config, "layer_norm_elementwise_affine", True):
             raise NotImplementedError("OPT without elementwise-affine layer norms is not supported")
+    if fam.alibi:
+        bloom.check_config(config)
     return fam
 
 
@@ -278,6 +287,8 @@ def _head_dim(config) -> int:
 
 
 def _ffn(config) -> int:
+    if config.model_type == "bloom":
+        return 4 * config.hidden_size  # BloomMLP is always 4 * hidden wide
     return config.ffn_dim if config.model_type == "opt" else config.intermediate_size
 
 
@@ -298,7 +309,7 @@ def shard_config(config, tp_size: int):
     cfg.num_attention_heads = heads // tp_size
     if config.model_type == "opt":
         cfg.ffn_dim = ffn // tp_size
-    else:
+    elif config.model_type != "bloom":  # BloomBlock is built whole, then cut: it reads neither count
         cfg.num_key_value_heads = kv_heads_per_rank(kv, tp_size)
         cfg.intermediate_size = ffn // tp_size
     if config.model_type == deepseek.MODEL_TYPE:
@@ -333,9 +344,9 @@ def _sliding_windows(config, shard: ShardSpec) -> list[int | None]:
 
 # ---- the stage ---------------------------------------------------------------------------------------
 class StageModule(nn.Module):
-    """One rank's stage: ``embed_tokens`` (+ ``embed_positions`` for OPT) on the first stage, ``layers``
-    (transformers decoder layers, local index 0..n-1), ``rotary_emb`` (RoPE families, every stage), ``norm``
-    and ``lm_head`` on the last stage.
+    """One rank's stage: ``embed_tokens`` (+ ``embed_positions`` for OPT, ``embed_norm`` for BLOOM) on the first
+    stage, ``layers`` (transformers decoder layers, local index 0..n-1), ``rotary_emb`` (RoPE families, every
+    stage), ``norm`` and ``lm_head`` on the last stage.
 
     ``forward(inputs, cache, cache_position, attention_mask=None, position_ids=None)``: first stage takes
     token ids [b, s], others hidden states [b, s, h]; the last stage returns float32 logits of the last
@@ -361,6 +372,8 @@ class StageModule(nn.Module):
         self.embed_tokens = nn.Embedding(vocab, h) if shard.is_first else None
         self.embed_positions = (nn.Embedding(config.max_position_embeddings + 2, h)
                                 if shard.is_first and fam.learned_positions else None)
+        self.embed_norm = (nn.LayerNorm(h, eps=config.layer_norm_epsilon)
+                           if shard.is_first and fam.embedding_norm else None)
         layer_cls = fam.cls(fam.layer_cls)
         if fam.llama_layout:
             layers = [fam.build_layer(cfg, j) for j in range(shard.n_layers)]
@@ -371,15 +384,16 @@ class StageModule(nn.Module):
         if tp > 1:
             for layer in layers:
                 _tensor_parallel(layer, tp, tp_group, already_sharded=fam.llama_layout)
-                if not fam.llama_layout:
-                    layer.self_attn.num_heads = config.num_attention_heads // tp
+                if not fam.llama_layout:  # OPT: self_attn, BLOOM: self_attention
+                    attn = layer.self_attention if fam.alibi else layer.self_attn
+                    attn.num_heads = config.num_attention_heads // tp
         self.layers = nn.ModuleList(layers)
         # transformers >= 5.2x names the layer's cache argument ``cache`` (``past_key_values`` warns, then goes)
         self._cache_kwarg = "cache" if "cache" in inspect.signature(layer_cls.forward).parameters else "past_key_values"
         self.rotary_emb = None  # made on the real device in build_stage (its buffer is not a weight)
         if shard.is_last:
             self.norm = (fam.cls(fam.norm_cls)(h, eps=config.rms_norm_eps) if fam.norm_cls is not None
-                         else nn.LayerNorm(h))
+                         else nn.LayerNorm(h, eps=getattr(config, "layer_norm_epsilon", 1e-5)))
             self.lm_head = (VocabParallelLMHead(h, vocab, tp, tp_group) if tp > 1
                             else nn.Linear(h, vocab, bias=False))
         else:
@@ -393,8 +407,9 @@ class StageModule(nn.Module):
         head = parts[0]
         if head == "layers":
             index = self.shard.layer_start + int(parts[1])
-            return f"{fam.prefix}layers.{index}.{fam.stored_name('.'.join(parts[2:]))}"
-        if head in ("embed_tokens", "embed_positions"):
+            return f"{fam.prefix}{fam.layers}.{index}.{fam.stored_name('.'.join(parts[2:]))}"
+        if head in ("embed_tokens", "embed_positions", "embed_norm"):
+            parts[0] = {"embed_tokens": fam.embed, "embed_norm": fam.embedding_norm}.get(head, head)
             return fam.prefix + ".".join(parts)
         if head == "norm":
             return fam.prefix + ".".join([fam.final_norm, *parts[1:]])
@@ -419,6 +434,8 @@ class StageModule(nn.Module):
             hidden = self.embed_tokens(inputs)
             if self.embed_positions is not None:
                 hidden = hidden + self.embed_positions(position_ids + 2)  # OPT's learned offset
+            if self.embed_norm is not None:
+                hidden = self.embed_norm(hidden)
         else:
             hidden = inputs
         if self.layers:
@@ -431,6 +448,8 @@ class StageModule(nn.Module):
         return self.lm_head(last)[:, 0, :].float()
 
     def _layers(self, hidden, cache, cache_position, position_ids, attention_mask):
+        if self.family.alibi:
+            return bloom.alibi_layers(self, hidden, cache, cache_position, attention_mask)
         if isinstance(cache, SlotKVCache):  # the step object is the mask: hpi.executor.slots.ragged_attention
             masks = {w: cache.step.with_window(w) for w in set(self.windows)}
         elif isinstance(cache, StaticKVCache):

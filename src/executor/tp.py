@@ -37,11 +37,12 @@ __all__ = [
 
 # Module names (the last component before .weight/.bias) and how they are cut.
 # Mixtral's stored expert names: w1 / w3 (gate / up) column-parallel, w2 (down) row-parallel (hpi.executor.experts).
+# BLOOM: query_key_value is laid out per head ([heads, 3, head_dim]), so its even row cut holds whole heads.
 # DeepSeek's MLA: q_b_proj and kv_b_proj give [heads, ...] outputs (cut by whole heads); q_a_proj and
 # kv_a_proj_with_mqa make the latent every head reads, so no rule names them and every rank holds them whole.
-COLUMN_PARALLEL = frozenset({"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "fc1", "w1", "w3", "q_b_proj",
-                             "kv_b_proj"})
-ROW_PARALLEL = frozenset({"o_proj", "down_proj", "out_proj", "fc2", "w2"})
+COLUMN_PARALLEL = frozenset({"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "fc1", "w1", "w3", "query_key_value",
+                             "dense_h_to_4h", "q_b_proj", "kv_b_proj"})
+ROW_PARALLEL = frozenset({"o_proj", "down_proj", "out_proj", "fc2", "w2", "dense", "dense_4h_to_h"})
 _KV = frozenset({"k_proj", "v_proj"})
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from hpi import atomic
 from hpi.executor.tp import Slice
@@ -39,6 +40,7 @@ __all__ = [
     "param_table",
     "save_checkpoint",
     "stable_seed",
+    "weights_of",
     "write_checkpoint",
 ]
 
@@ -54,6 +56,13 @@ class ParamInfo:
     shape: tuple[int, ...]
     init: str  # "normal" | "ones" | "zeros"
     source: str  # the name whose values it takes (lm_head.weight -> the embedding when tied)
+
+
+def weights_of(module: nn.Module, weight_buffers: tuple[str, ...]):
+    """(name, tensor) of every value a checkpoint holds for ``module``: its parameters, then the buffers whose
+    last name component is in ``weight_buffers`` (DeepSeek's router bias: ``Family.weight_buffers``)."""
+    yield from module.named_parameters()
+    yield from ((n, b) for n, b in module.named_buffers() if n.rsplit(".", 1)[-1] in weight_buffers)
 
 
 def _init_kind(name: str, ndim: int) -> str:
@@ -77,21 +86,21 @@ def param_table(config) -> dict[str, ParamInfo]:
     fam = family_of(config)
     table: dict[str, tuple[int, ...]] = {}
     hidden, vocab = config.hidden_size, config.vocab_size
-    table[f"{fam.prefix}embed_tokens.weight"] = (vocab, hidden)
+    table[fam.embed_weight] = (vocab, hidden)
     if fam.learned_positions:
         table[f"{fam.prefix}embed_positions.weight"] = (config.max_position_embeddings + 2, hidden)
     layers = _layer_shapes(fam, config)
     for local in dict.fromkeys(name for shapes in layers for name in shapes):
         for i, shapes in enumerate(layers):
             if local in shapes:
-                table[f"{fam.prefix}layers.{i}.{local}"] = shapes[local]
+                table[f"{fam.prefix}{fam.layers}.{i}.{local}"] = shapes[local]
     for local, shape in fam.final_norm_shapes(config).items():
         table[f"{fam.prefix}{local}"] = shape
     table["lm_head.weight"] = (vocab, hidden)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     out = {}
     for name, shape in table.items():
-        source = f"{fam.prefix}embed_tokens.weight" if (name == "lm_head.weight" and tied) else name
+        source = fam.embed_weight if (name == "lm_head.weight" and tied) else name
         out[name] = ParamInfo(tuple(shape), _init_kind(name, len(shape)), source)
     return out
 
@@ -229,10 +238,14 @@ class CheckpointReader:
         self._stack = contextlib.ExitStack()
         self._files: dict[str, Any] = {}
         self._tied_source: str | None = None
-        if config is not None and getattr(config, "tie_word_embeddings", False):
+        self._base = "model."  # the base model's attribute, which checkpoints of the base model leave out
+        if config is not None:
             from hpi.executor.modeling import family_of
 
-            self._tied_source = f"{family_of(config).prefix}embed_tokens.weight"
+            fam = family_of(config)
+            self._base = fam.prefix.split(".", 1)[0] + "."  # "model." / BLOOM's "transformer."
+            if getattr(config, "tie_word_embeddings", False):
+                self._tied_source = fam.embed_weight
 
     def _weight_map(self) -> dict[str, str]:
         index = self.path / INDEX_NAME
@@ -249,11 +262,12 @@ class CheckpointReader:
         return out
 
     def resolve(self, name: str) -> str:
-        """The name the checkpoint stores ``name`` under (prefix-less old OPT files; tied LM head)."""
+        """The name the checkpoint stores ``name`` under (prefix-less old OPT files and bigscience's BLOOM files,
+        saved from the base model; tied LM head)."""
         if name in self.weight_map:
             return name
-        if name.startswith("model.") and name[len("model."):] in self.weight_map:
-            return name[len("model."):]
+        if name.startswith(self._base) and name[len(self._base):] in self.weight_map:
+            return name[len(self._base):]
         if name == "lm_head.weight" and self._tied_source is not None:
             return self.resolve(self._tied_source)
         raise KeyError(f"{self.path}: checkpoint has no tensor {name!r}")

@@ -195,7 +195,8 @@ def capacity_reasons(ev: Evaluation, i: int) -> list[Reason]:
         out.append(Reason(
             "nvme_capacity",
             f"NVMe {mem.nvme_bytes[i] / GB:.1f} GB > {hw.nvme.capacity_bytes / GB:.1f} GB capacity per node: "
-            "quantize (--quant-bits 4) or spread over more nodes",
+            + ("quantize (--quant-bits 4) or " if k.weight_bits[i] > 4 else "")
+            + "spread over more nodes or GPUs (--pp, --tp), or use a larger disk",
         ))
     if masks["nvme_buffer"][i]:
         need = _largest_partition_elems(ev)

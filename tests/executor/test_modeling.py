@@ -441,7 +441,7 @@ def test_shard_and_stage_config():
 def test_refusals():
     from transformers import GPT2Config
 
-    supported = "llama, mistral, qwen2, mixtral, deepseek_v3, opt"
+    supported = "llama, mistral, qwen2, mixtral, deepseek_v3, opt, bloom"
     with pytest.raises(NotImplementedError, match=f"'gpt2' is not supported .*{supported}"):
         build_stage(GPT2Config(n_layer=2), ShardSpec.whole(2))
     config = tiny_config("llama")  # 4 heads, 2 kv heads

@@ -129,7 +129,8 @@ def test_cpu_memory() -> None:
     ev = evaluation([Plan(offload="cpu")], hw=machine(dram=20 * GB))
     cpu = ev.memory.cpu_bytes[0]
     weights = ev.memory.cpu_parts["offloaded_weights"][0]
-    assert cpu == pytest.approx(8_030_261_248 * 2 + 2 * GB)
+    rounding = 32 * 3 * 16 * 2**20 + 2 * (2**30 - 128256 * 4096 * 2)  # cost.pinned: power-of-two pinned blocks
+    assert cpu == pytest.approx(8_030_261_248 * 2 + rounding + 2 * GB)
     r = only(capacity_reasons(ev, 0), "cpu_memory")
     assert f"CPU memory {cpu / GB:.1f} GB > 18.0 GB usable per node" in r.message
     assert f"(offloaded weights {weights / GB:.1f} GB)" in r.message
@@ -349,3 +350,11 @@ def test_search_never_proposes_plans_deepspeed_cannot_quantize() -> None:
     result = search(load_model("tiny-llama"), load_profile("h100-sxm-1gpu"), Workload())
     bits = {int(b) for ev in result.evaluations for b in ev.knobs.weight_bits}
     assert bits == {16}
+
+
+def test_a_full_disk_at_4_bits_is_not_told_to_quantize() -> None:
+    hw = machine(nvme_capacity=3 * GB)
+    ev = evaluation([Plan(offload="nvme", nvme_buffer_elems=BUFFER), Plan(offload="nvme", weight_bits=4,
+                                                                           nvme_buffer_elems=BUFFER)], hw=hw)
+    sixteen, four = (only(capacity_reasons(ev, i), "nvme_capacity").message for i in range(2))
+    assert "--quant-bits 4" in sixteen and "--quant-bits" not in four and "larger disk" in four

@@ -20,7 +20,8 @@ largest of these moments (``_gpu_parts``), and the parts are those of that momen
 - framework: CUDA context and allocator slack (``Efficiency.gpu_reserved_bytes``); the only part that
   ``torch.cuda.max_memory_allocated`` never counts (the others are tensors in torch's caching allocator)
 
-CPU, per node (sum over the ranks placed on it): offloaded weights (cpu offload), offloaded KV cache,
+CPU, per node (sum over the ranks placed on it): offloaded weights (cpu offload), what pinning them adds
+(torch rounds each pinned partition up to a power of two: ``cost.pinned``), offloaded KV cache,
 NVMe staging buffers (``buffer_count * buffer_size`` 16-bit elements per rank, pinned) and each rank's
 process (``Efficiency.host_reserved_bytes``). Pinned: offloaded weights and KV when pin_memory, and
 the NVMe buffers. NVMe: the node's weights when offloading to NVMe.
@@ -38,6 +39,7 @@ from hpi.planner.cost.build import build_transient_bytes
 from hpi.planner.cost.compute import stored_elems_per_rank
 from hpi.planner.cost.dequant import dequant_buffer_bytes
 from hpi.planner.cost.inputs import COMPUTE_BYTES, QUANT_META_BYTES_PER_GROUP, Arrangement, Knobs
+from hpi.planner.cost.pinned import pinned_rounding_bytes
 from hpi.planner.cost.shape import DENSE, EMBED, HEAD, MOE, per_rank
 from hpi.planner.cost.streaming import fetches_weights, persistent_elems
 from hpi.planner.specs.plan import QUANT_GROUP_SIZE
@@ -50,7 +52,7 @@ GPU_PARTS = (
     "activations", "workspace", "framework",
 )  # fmt: skip
 ALLOCATED_PARTS = GPU_PARTS[:-1]  # what torch.cuda.max_memory_allocated sees: all but the framework part
-CPU_PARTS = ("offloaded_weights", "offloaded_kv_cache", "nvme_buffers", "process")
+CPU_PARTS = ("offloaded_weights", "pinned_rounding", "offloaded_kv_cache", "nvme_buffers", "process")
 
 
 @dataclass(frozen=True)
@@ -319,6 +321,7 @@ def _cpu_parts_per_rank(arrangement: Arrangement, knobs: Knobs, bpw: np.ndarray)
     return {
         "weights_any": weights,
         "offloaded_weights": np.where(knobs.offload_cpu[:, None], weights, 0.0),
+        "pinned_rounding": _per_stage(pinned_rounding_bytes(arrangement, knobs), counts),
         "offloaded_kv_cache": np.where(knobs.kv_offload[:, None], kv, 0.0),
         "nvme_buffers": np.where(knobs.offload_nvme[:, None], buffers[:, None] * ones, 0.0),
         "process": arrangement.hardware.efficiency.host_reserved_bytes * ones,
@@ -342,10 +345,10 @@ def memory(arrangement: Arrangement, knobs: Knobs) -> MemoryResult:
     fullest_node = np.argmax(cpu_total, axis=1)
     pin = knobs.pin_memory[:, None]
     pinned = (np.where(pin, per_node["offloaded_weights"] + per_node["offloaded_kv_cache"], 0.0)
-              + per_node["nvme_buffers"])
+              + per_node["pinned_rounding"] + per_node["nvme_buffers"])
     nvme = np.where(knobs.offload_nvme[:, None], per_node["weights_any"], 0.0)
-    build = (per_node["offloaded_weights"] + per_node["nvme_buffers"] + per_node["process"]
-             + per_node["build_transient"])
+    build = (per_node["offloaded_weights"] + per_node["pinned_rounding"] + per_node["nvme_buffers"]
+             + per_node["process"] + per_node["build_transient"])
     build_node = np.argmax(build, axis=1)
 
     return MemoryResult(
