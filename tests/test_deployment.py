@@ -98,9 +98,9 @@ def test_pinning_past_available_ram_is_turned_off_said_once_and_recorded():
     d = resolve_deployment(pinned_spec(), host=HostMemory(available_bytes=30e9, memlock_bytes=None))
     assert d.spec.plan == PINNED_70B.with_(pin_memory=False)
     assert d.prediction.plan == d.spec.plan and d.prediction.pinned_bytes < 5e9  # predicted as it will run
-    assert len(d.warnings) == 1 and d.warnings[0].startswith("pinned memory turned off: the run's 43.7 GB of RAM "
-                                                               "(39.7 GB pinned) > 30.0 GB available here")
-    assert d.spec.extra["pinning"].startswith("off: the run's 43.7 GB")
+    assert len(d.warnings) == 1 and d.warnings[0].startswith("pinned memory turned off: the run's 50.4 GB of RAM "
+                                                               "(46.4 GB pinned) > 30.0 GB available here")
+    assert d.spec.extra["pinning"].startswith("off: the run's 50.4 GB")
     assert d.spec.extra["predicted"]["decode_step_s"] == d.prediction.decode_step_s
 
 

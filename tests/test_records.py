@@ -92,6 +92,8 @@ KEPT = {
     "2026-12-02-h200-serve/callA-first/8b.load.json": (0, {"not a RunRecord": 1}),
     "2026-12-02-h200-serve/callB/70b-q4-run-b1.run.json": (1, {}),
     "2026-12-03-h200-moe/call1/records.json": (3, {}),
+    "2026-12-03-h200-moe/call2/load.json": (0, {"not a RunRecord": 1}),
+    "2026-12-03-h200-moe/call2/records.json": (1, {}),
     "2026-12-02-h200-serve/callB/8b-mixed.load.json": (0, {"not a RunRecord": 1}),
     "2026-12-02-h200-serve/callB/8b-run-b1.run.json": (1, {}),
     "2026-12-02-h200-serve/callB/8b-run-b64.run.json": (1, {}),
@@ -160,18 +162,18 @@ def kept() -> dict[str, object]:
 def test_every_kept_file_reads_with_its_records_and_skips_counted(kept) -> None:
     assert {name: (len(r), r.skipped) for name, r in kept.items()} == KEPT
     records = [r for got in kept.values() for r in got]
-    assert len(records) == 138
-    assert sum(1 for r in records if r.entry is not None) == 128  # gpu_matrix bundles {name: record}
+    assert len(records) == 139
+    assert sum(1 for r in records if r.entry is not None) == 129  # gpu_matrix bundles {name: record}
     assert sum(1 for r in records if r.source.id.startswith("trial-")) == 4  # hpi autotune trial files
     skipped: dict[str, int] = {}
     for got in kept.values():
         for reason, n in got.skipped.items():
             skipped[reason] = skipped.get(reason, 0) + n
-    assert skipped == {"not a RunRecord": 60, "error": 4, "baseline": 9}
+    assert skipped == {"not a RunRecord": 61, "error": 4, "baseline": 9}
     # Read together, names are unique (validate and calibrate key on them): a rerun kept under the stem of an
     # earlier run is named with its folder, and so is the earlier one.
     together = {r.record_id for r in load_records(_kept_files())}
-    assert len(together) == 138
+    assert len(together) == 139
     assert {"callA-first/8b-run-b1.run", "callB/8b-run-b1.run", "70b-q4-run-b1.run"} <= together
 
 
@@ -191,7 +193,7 @@ def test_every_kept_record_is_upgraded_and_loses_nothing(kept) -> None:
         _carries(doc, upgrade(raw), record.record_id)
         assert RunRecord.from_json(doc) == record
     # hpi serve's GPU call (2026-12-02) kept the first version-2 records, the MoE call (2026-12-03) version 3's
-    assert versions == {1: 130, 2: 5, 3: 3}
+    assert versions == {1: 130, 2: 5, 3: 4}
 
 
 def test_known_figures_of_known_files(kept) -> None:
@@ -224,7 +226,7 @@ def test_the_kept_fractions_are_the_derived_ones(kept) -> None:
         stored = _raw_entry(record)["h2d"]["fraction_of_profile"]
         assert record.transfers.h2d.fraction_of_profile == stored
         n += stored is not None
-    assert n == 48  # the 2026-12-03 MoE call: 3 streamed runs with a profile
+    assert n == 49  # the 2026-12-03 MoE calls: 4 streamed runs with a profile
 
 
 # ---- the record itself --------------------------------------------------------------------------------

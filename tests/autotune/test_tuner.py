@@ -27,13 +27,15 @@ def _tuner(cfg, runner) -> Tuner:
 # ---- search efficiency (simulated, seeded, deterministic) -------------------------------------------------
 
 @pytest.mark.parametrize("model,hardware,seed", [
-    ("llama-3-70b", "a6000-workstation", 1),  # the nominal plan is 35% off: w4 dequantizes slowly there
+    # the nominal plan is 9% off (w4 dequantizes slowly there; 35% before cost.pinned priced the power-of-two
+    # pinned blocks, which moved the planner's own pick closer to this machine's optimum)
+    ("llama-3-70b", "a6000-workstation", 1),
     ("mixtral-8x7b", "a6000-workstation", 1),  # the nominal plan is 19% off
 ])
 def test_simulated_study_lands_within_3pct_of_the_true_optimum_in_12_trials(model, hardware, seed):
     cfg_doc = tune(_cfg(model, hardware, seed))
     sim = cfg_doc["simulation"]
-    assert sim["trial1_gap"] > 0.10  # the planner alone would be well off: calibration and search matter
+    assert sim["trial1_gap"] > 0.05  # the planner alone would be off by more than the 3% aimed at: the search matters
     assert sim["trials_to_within_3pct"] is not None and sim["trials_to_within_3pct"] <= 12
     assert sim["final_gap"] <= 0.03
     assert sim["expected_grid_trials"] > 60  # a grid search of the same lattice needs far more
