@@ -80,7 +80,6 @@ class Slice:
     start: int
     stop: int
     padded: int
-    chunks: int = 1  # the dim holds this many equal blocks end to end (fused gate|up): each is cut the same way
 
     def index(self) -> tuple[slice, ...]:
         """The index expression for ``tensor[...]`` or safetensors' ``get_slice(name)[...]``."""
@@ -88,8 +87,6 @@ class Slice:
 
     def apply(self, full: torch.Tensor) -> torch.Tensor:
         """Cut (and pad) a full tensor; the result owns its storage, so the full one can be freed at once."""
-        if self.chunks > 1:
-            return torch.cat([block[self.index()] for block in full.chunk(self.chunks, dim=self.dim)], dim=self.dim)
         part = full[self.index()]
         if self.stop - self.start == self.padded:
             return part.clone(memory_format=torch.contiguous_format)
