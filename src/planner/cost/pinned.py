@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from hpi.planner.cost.inputs import COMPUTE_BYTES, QUANT_META_BYTES_PER_GROUP, Arrangement, Knobs
-from hpi.planner.cost.shape import EMBED, MOE, N_KINDS, module_tensors
-from hpi.planner.specs.plan import QUANT_GROUP_SIZE
+from hpi.planner.cost.inputs import Arrangement, Knobs
+from hpi.planner.cost.shape import MOE, N_KINDS, module_tensors, tp_split
 
 
 def _power_of_two_ceiling(nbytes: np.ndarray) -> np.ndarray:
@@ -30,8 +29,6 @@ def pinned_rounding_bytes(arrangement: Arrangement, knobs: Knobs) -> np.ndarray:
     """(N, kinds) bytes one module of each kind pins beyond its partitions' own bytes, on one rank, where the
     plan pins offloaded weights (offload cpu with pin_memory); 0 elsewhere."""
     model, tp, dp = arrangement.model, arrangement.tp, arrangement.dp
-    bits = knobs.weight_bits[:, None]
-    matrix_bytes = np.where(bits < 16, bits / 8.0 + QUANT_META_BYTES_PER_GROUP / QUANT_GROUP_SIZE, COMPUTE_BYTES)
     threshold = knobs.persistence_threshold_elems[:, None]
     out = np.zeros((knobs.n, N_KINDS))
     for kind in range(N_KINDS):
@@ -39,9 +36,9 @@ def pinned_rounding_bytes(arrangement: Arrangement, knobs: Knobs) -> np.ndarray:
         if not tensors:
             continue
         numel = np.array([t.numel for t in tensors], dtype=np.float64)
-        split = np.array([tp if t.tp_sharded and kind != EMBED else 1 for t in tensors], dtype=np.float64)
+        split = np.array([tp_split(t, kind, tp) for t in tensors], dtype=np.float64)
         copies = np.array([model.n_experts if (t.expert and kind == MOE) else 1 for t in tensors], dtype=np.float64)
-        per_weight = np.where(np.array([t.matrix for t in tensors])[None, :], matrix_bytes, COMPUTE_BYTES)
+        per_weight = knobs.bytes_per_weight(np.array([float(t.matrix) for t in tensors]))  # (N, T)
         exact = np.ceil(numel / split / dp)[None, :] * per_weight  # (N, T)
         offloaded = (numel / split)[None, :] > threshold  # DeepSpeed persists ds_numel <= threshold (the TP shard)
         waste = np.where(offloaded, _power_of_two_ceiling(exact) - exact, 0.0)

@@ -253,6 +253,12 @@ def module_table(model: ModelSpec) -> ModuleTable:
     )
 
 
+def tp_split(t: Tensor, kind: int, tp: int) -> int:
+    """How many ways TP cuts tensor ``t`` of a module of ``kind``: tp where it is sharded, except the replicated
+    embedding's (``per_rank``); 1 elsewhere."""
+    return tp if t.tp_sharded and kind != EMBED else 1
+
+
 def stored_elements(table: ModuleTable) -> np.ndarray:
     """Elements each kind stores (a tied head only its norm), summing with the stage counts to the total."""
     return table.sharded - table.tied_sharded + table.replicated + table.n_experts * table.expert_sharded
@@ -295,7 +301,7 @@ def swapped_partitions(model: ModelSpec, tp: int, dp: int) -> tuple[tuple[str, f
     for kind in range(N_KINDS):
         n_routed = model.n_experts if kind == MOE else 0
         for t in module_tensors(model, kind):
-            split = tp if t.tp_sharded and kind != EMBED else 1
+            split = tp_split(t, kind, tp)
             parts = _parameters_of(t, n_routed)
             elems = t.numel * (n_routed if t.expert else 1) / len(parts) / split / dp
             for module, name in parts:
