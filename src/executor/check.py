@@ -52,8 +52,8 @@ class CheckFacts:
     world_size: int = 1
     plan_problems: tuple[str, ...] = ()  # the planner's infeasibility reasons (or why it cannot be placed)
     pinned_needed_bytes: float = 0.0  # per node, hpi.planner.predict's estimate
-    host_needed_bytes: float = 0.0  # per node: the larger of the run's and the build's (hpi.planner.cost.build)
-    host_build_bytes: float = 0.0
+    host_run_bytes: float = 0.0  # per node, while running (hpi.planner.predict's cpu_bytes)
+    host_build_bytes: float = 0.0  # per node, while building (hpi.planner.cost.build)
     # the profile the plan was made for
     profile_name: str = "profile"
     profile_os: str = "linux"
@@ -139,10 +139,11 @@ def rule_host_memory(f: CheckFacts) -> list[Finding]:
     """The plan's host memory (the larger of its build and its run) against this machine's RAM: the profile may
     describe a bigger machine, and the kernel's OOM killer ends a build that outgrows it."""
     usable = f.dram_bytes * (1 - DRAM_OS_SHARE) if f.dram_bytes is not None else None
-    if usable is None or f.host_needed_bytes <= usable:
+    need = max(f.host_run_bytes, f.host_build_bytes)
+    if usable is None or need <= usable:
         return []
-    moment = "while building" if f.host_build_bytes >= f.host_needed_bytes else "while running"
-    return [Finding("error", "host-memory", f"host memory {moment} {f.host_needed_bytes / GB:.1f} GB > "
+    moment = "while building" if f.host_build_bytes >= f.host_run_bytes else "while running"
+    return [Finding("error", "host-memory", f"host memory {moment} {need / GB:.1f} GB > "
                     f"{1 - DRAM_OS_SHARE:.0%} of this machine's {f.dram_bytes / GB:.0f} GB DRAM",
                     "fewer bits (--quant-bits 8/4: built module by module on the GPU), --offload nvme, more GPUs "
                     "(--tp/--pp), or plan on this machine's profile (hpi probe)")]
@@ -314,7 +315,7 @@ def gather_facts(est: Any, profile: Any, *, plan_problems: Sequence[str] = (), n
         world_size=plan.world_size if plan is not None else 1,
         plan_problems=tuple(plan_problems) or (tuple(r.message for r in est.reasons) if est is not None else ()),
         pinned_needed_bytes=float(est.pinned_bytes) if est is not None else 0.0,
-        host_needed_bytes=max(float(est.cpu_bytes), float(est.build_bytes)) if est is not None else 0.0,
+        host_run_bytes=float(est.cpu_bytes) if est is not None else 0.0,
         host_build_bytes=float(est.build_bytes) if est is not None else 0.0,
         profile_name=profile.name, profile_os=profile.os, profile_gpus_per_node=profile.gpus_per_node,
         profile_pinnable_bytes=profile.host.pinnable_bytes,

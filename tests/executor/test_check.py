@@ -24,7 +24,7 @@ from hpi.executor.check import (
 
 GOOD = CheckFacts(
     plan_label="cpu pinned tp2 pp1 dp1 w16 b1", offload="cpu", pin_memory=True, tp=2, world_size=2,
-    pinned_needed_bytes=100e9, host_needed_bytes=110e9, host_build_bytes=105e9, profile_name="h200-2gpu",
+    pinned_needed_bytes=100e9, host_run_bytes=110e9, host_build_bytes=105e9, profile_name="h200-2gpu",
     profile_os="linux", profile_gpus_per_node=2,
     profile_pinnable_bytes=243e9, profile_nvme_read_bytes_s=1.28e9, machine_os="linux", machine_gpus=2,
     dram_bytes=270e9, memlock_soft_bytes=None, libaio="libaio.so.1",
@@ -71,12 +71,12 @@ def test_pinned_memory_over_the_profile_dram_and_memlock():
 def test_host_memory_against_this_machines_ram_names_the_moment():
     """A profile of a bigger machine (h200-2gpu: 251 GiB) run where the RAM is 125 GiB: the build's 140 GB do not
     fit in 90% of it, and the finding says it is the build that outgrows it."""
-    building = replace(GOOD, host_needed_bytes=140e9, host_build_bytes=140e9, dram_bytes=134.2e9)
+    building = replace(GOOD, host_run_bytes=100e9, host_build_bytes=140e9, dram_bytes=134.2e9)
     [finding] = rule_host_memory(building)
     assert finding.severity == "error" and "while building 140.0 GB > 90% of this machine's 134 GB" in finding.message
     assert "--quant-bits" in finding.fix
-    running = rule_host_memory(replace(building, host_build_bytes=100e9))
-    assert "while running" in running[0].message
+    running = rule_host_memory(replace(building, host_run_bytes=140e9, host_build_bytes=100e9))
+    assert "while running 140.0 GB" in running[0].message
     assert rule_host_memory(GOOD) == [] and rule_host_memory(replace(building, dram_bytes=None)) == []
 
 
