@@ -137,18 +137,14 @@ def nvme_buffer_elems_for(model: ModelSpec, tp: int, dp: int) -> int:
 def nvme_buffer_counts_for(model: ModelSpec, tp: int, dp: int) -> list[int]:
     """The NVMe swap buffer counts the search offers, most first: DeepSpeed's default (``Plan.nvme_buffer_count``,
     5) and, where fewer, the fewest with which reads, copies and compute all overlap and the fewest with which
-    reads still overlap compute (``cost.streaming.nvme_overlap``: 3 and 2 per partition one module swaps in);
-    only those two where one module swaps in more partitions than the default has buffers (a MoE layer's
-    experts module swaps in every expert's projections at once: Mixtral 8 x 3).
+    reads still overlap compute (``cost.streaming.nvme_overlap``: 3 and 2 per partition one module swaps in).
     DeepSpeed pins every swap buffer whatever ``pin_memory`` says (partitioned_param_swapper.py
     ``_configure_aio``: ``new_cpu_locked_tensor``), buffer_count x buffer_size x 2 bytes, so fewer buffers fit
     machines with little pinnable memory (WSL2), at the times the cost model predicts for them."""
     per_module = swaps_per_module(model, tp, dp)
     default = Plan.nvme_buffer_count
-    overlapping = {n * per_module for n in (NVME_BUFFERS_PIPELINED, NVME_BUFFERS_OVERLAP_COMPUTE)}
-    if per_module > default:  # DeepSpeed's default cannot take one module's swap-in (a layer's routed experts)
-        return sorted(overlapping, reverse=True)
-    return [default] + sorted((n for n in overlapping if n < default), reverse=True)
+    fewer = {n * per_module for n in (NVME_BUFFERS_PIPELINED, NVME_BUFFERS_OVERLAP_COMPUTE)}
+    return [default] + sorted((n for n in fewer if n < default), reverse=True)
 
 
 def plan_at(ev: Evaluation, i: int) -> Plan:
