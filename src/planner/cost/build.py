@@ -27,11 +27,10 @@ from hpi.planner.cost.inputs import COMPUTE_BYTES, Arrangement, Knobs
 from hpi.planner.cost.shape import DENSE, HEAD, MOE, per_rank
 
 
-def build_transient_bytes(arrangement: Arrangement, knobs: Knobs, per_stage) -> np.ndarray:
-    """(N, pp) host bytes one rank of each stage holds during its build beyond what the run keeps.
-    ``per_stage`` turns per-kind sizes (kinds,) or (N, kinds) into (N, pp) stage totals (``cost.memory``)."""
+def build_transient_bytes(arrangement: Arrangement, knobs: Knobs) -> np.ndarray:
+    """(N, pp) host bytes one rank of each stage holds during its build beyond what the run keeps."""
     t = arrangement.table
-    stage_16bit = per_stage(stored_elems_per_rank(arrangement) * COMPUTE_BYTES, arrangement.stage_counts)
+    stage_16bit = (stored_elems_per_rank(arrangement) * COMPUTE_BYTES) @ arrangement.stage_counts.T  # (pp,)
     largest = per_rank(t, t.largest_tensor, arrangement.tp)[[DENSE, MOE, HEAD]].max() * COMPUTE_BYTES
     unkept = stage_16bit * (1.0 - 1.0 / arrangement.dp) + largest
     sixteen = (knobs.weight_bits == 16)[:, None]

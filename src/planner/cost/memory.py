@@ -325,7 +325,7 @@ def _cpu_parts_per_rank(arrangement: Arrangement, knobs: Knobs, bpw: np.ndarray)
         "offloaded_kv_cache": np.where(knobs.kv_offload[:, None], kv, 0.0),
         "nvme_buffers": np.where(knobs.offload_nvme[:, None], buffers[:, None] * ones, 0.0),
         "process": arrangement.hardware.efficiency.host_reserved_bytes * ones,
-        "build_transient": build_transient_bytes(arrangement, knobs, _per_stage),
+        "build_transient": build_transient_bytes(arrangement, knobs),
     }
 
 
