@@ -37,6 +37,7 @@ from hpi.executor.worker import prompt_batch  # noqa: E402
 from hpi.planner.catalog import load_model  # noqa: E402
 from hpi.planner.specs.plan import Plan  # noqa: E402
 from hpi.planner.specs.workload import Workload  # noqa: E402
+from tests.executor.test_modeling import hf_generate  # noqa: E402
 
 CONFIG = {
     "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "hidden_size": 64,
@@ -99,10 +100,7 @@ def _reference_model(checkpoint: str):
 def reference_tokens(model_path, checkpoints) -> list[list[int]]:
     model = _reference_model(checkpoints["q-lora"])
     ids = prompt_batch(_spec(Plan(batch_size=BATCH), model_path, "unused"), CONFIG["vocab_size"]).ids
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=WORKLOAD.gen_len_tokens,
-                             min_new_tokens=WORKLOAD.gen_len_tokens, do_sample=False, pad_token_id=0)
-    return out[:, ids.shape[1]:].tolist()
+    return hf_generate(model, ids, WORKLOAD.gen_len_tokens).tolist()
 
 
 def test_checkpoint_names_are_deepseeks_per_expert_ones(model_path, checkpoints):

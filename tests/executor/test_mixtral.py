@@ -25,6 +25,7 @@ from hpi.executor.weights import INDEX_NAME, full_state_dict, param_table, write
 from hpi.executor.worker import prompt_batch  # noqa: E402
 from hpi.planner.specs.plan import Plan  # noqa: E402
 from hpi.planner.specs.workload import Workload  # noqa: E402
+from tests.executor.test_modeling import hf_generate  # noqa: E402
 
 CONFIG = {
     "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 64, "intermediate_size": 96,
@@ -65,14 +66,9 @@ def checkpoint(model_path, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def reference_tokens(model_path, checkpoint) -> list[list[int]]:
-    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
-    model.eval()
-    config = load_hf_config(model_path)
-    ids = prompt_batch(_spec(Plan(batch_size=BATCH), model_path, "unused"), config.vocab_size).ids
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=WORKLOAD.gen_len_tokens,
-                             min_new_tokens=WORKLOAD.gen_len_tokens, do_sample=False, pad_token_id=0)
-    return out[:, ids.shape[1]:].tolist()
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    ids = prompt_batch(_spec(Plan(batch_size=BATCH), model_path, "unused"), CONFIG["vocab_size"]).ids
+    return hf_generate(model, ids, WORKLOAD.gen_len_tokens).tolist()
 
 
 def test_checkpoint_names_are_mixtrals_per_expert_ones(model_path, checkpoint):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from hpi.planner.cost.inputs import Arrangement, Knobs
-from hpi.planner.cost.shape import MOE, N_KINDS, module_tensors, tp_split
+from hpi.planner.cost.shape import MOE, N_KINDS, held_parameters, module_tensors, tp_split
 
 
 def _power_of_two_ceiling(nbytes: np.ndarray) -> np.ndarray:
@@ -37,7 +37,8 @@ def pinned_rounding_bytes(arrangement: Arrangement, knobs: Knobs) -> np.ndarray:
             continue
         numel = np.array([t.numel for t in tensors], dtype=np.float64)
         split = np.array([tp_split(t, kind, tp) for t in tensors], dtype=np.float64)
-        copies = np.array([model.n_experts if (t.expert and kind == MOE) else 1 for t in tensors], dtype=np.float64)
+        n_routed = model.n_experts if kind == MOE else 0
+        copies = np.array([held_parameters(t, n_routed)[1] for t in tensors], dtype=np.float64)
         per_weight = knobs.bytes_per_weight(np.array([float(t.matrix) for t in tensors]))  # (N, T)
         exact = np.ceil(numel / split / dp)[None, :] * per_weight  # (N, T)
         offloaded = (numel / split)[None, :] > threshold  # DeepSpeed persists ds_numel <= threshold (the TP shard)

@@ -16,9 +16,9 @@ executor holds each routed expert as a ZeRO-3 *leaf* module of three ``nn.Linear
 (``hpi.executor.experts``; transformers >= 5 would fuse a layer's experts into 3-D ``gate_up_proj`` /
 ``down_proj`` tensors that DeepSpeed cannot quantize) and enters every expert's module on every forward
 under ZeRO-3, so every expert of a layer is gathered whenever the layer runs, whatever the router picks
-(``EXPERTS_GATHERED_WHOLE``), one expert at a time, each projection its own parameter (``EXPERTS_FUSED``
-False): its own partition, persistence decision and NVMe swap buffer. The GEMMs (and the dequantization of
-quantized weights) touch only the experts tokens were routed to.
+(``EXPERTS_GATHERED_WHOLE``), one expert at a time, each projection its own parameter
+(``held_parameters``): its own partition, persistence decision and NVMe swap buffer. The GEMMs (and the
+dequantization of quantized weights) touch only the experts tokens were routed to.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from hpi.planner.specs.model import ModelSpec
 
 DENSE, MOE, EMBED, HEAD = range(4)
 EXPERTS_GATHERED_WHOLE = True  # every routed expert of a layer is gathered on every forward (see above)
-EXPERTS_FUSED = False  # each expert's projection is its own parameter (see above)
 N_KINDS = 4
 KIND_NAMES = ("dense_layer", "moe_layer", "embedding", "lm_head")
 
@@ -57,7 +56,7 @@ def _norm(model: ModelSpec, name: str, width: int) -> list[Tensor]:
 
 def _linear(name: str, n_in: int, n_out: int, bias: bool, column: bool, expert: bool = False) -> list[Tensor]:
     """A TP-sharded linear; a row-parallel bias is replicated (added after the all-reduce)."""
-    module = ("experts" if EXPERTS_FUSED else "experts.e") if expert else name  # "experts.e": one expert
+    module = "experts.e" if expert else name  # "experts.e": one routed expert's leaf module
     out = [Tensor(f"{name}.weight", n_in * n_out, True, True, expert, module=module)]
     if bias:
         out.append(Tensor(f"{name}.bias", n_out, False, column, expert, module=module))
@@ -164,12 +163,10 @@ class ModuleTable:
     vocab_size: int
 
 
-def _parameters(t: Tensor, n_routed: int) -> tuple[int, int]:
+def held_parameters(t: Tensor, n_routed: int) -> tuple[int, int]:
     """(elements of one parameter, parameters of that shape a module holds) for a listed tensor: a routed
-    expert's tensor stands for ``n_routed`` parameters, or one fused over them (``EXPERTS_FUSED``)."""
-    if not t.expert:
-        return t.numel, 1
-    return (t.numel * n_routed, 1) if EXPERTS_FUSED else (t.numel, n_routed)
+    expert's tensor stands for ``n_routed`` parameters, one per expert."""
+    return (t.numel, n_routed) if t.expert else (t.numel, 1)
 
 
 def _sum(ts: list[Tensor], **match) -> int:
@@ -195,7 +192,7 @@ def module_table(model: ModelSpec) -> ModuleTable:
         used = _sum(shared_ts) + n_routed * expert[-1]
         used_matrix = _sum(shared_ts, matrix=True) + n_routed * _sum(ts, expert=True, matrix=True)
         fetch_frac.append(used_matrix / used if used else 0.0)
-        params = [_parameters(t, n_routed) for t in ts]  # (elements of one parameter, how many of them)
+        params = [held_parameters(t, n_routed) for t in ts]  # (elements of one parameter, how many of them)
         sizes.append(np.sort(np.array([n for n, copies in params for _ in range(copies)], dtype=np.float64)))
         largest.append(max((n for n, _ in params), default=0))
         held = [n * copies for n, copies in params]  # what a module holds of each listed tensor
@@ -274,40 +271,25 @@ def per_rank(table: ModuleTable, per_kind: np.ndarray, tp: int) -> np.ndarray:
 # partitioned_param_swapper.py ``swappable_tensor``; hpi renders aio.block_size at that 1 MiB,
 # hpi.executor.render.AIO_DEFAULTS); smaller ones stay in CPU memory.
 MIN_SWAPPED_BYTES = 1024**2
-_FUSED_EXPERT_PARAMS = {"gate_proj.weight": "gate_up_proj", "up_proj.weight": "gate_up_proj",
-                        "gate_proj.bias": "gate_up_proj_bias", "up_proj.bias": "gate_up_proj_bias"}
-
-
-def _parameters_of(t: Tensor, n_routed: int) -> list[tuple[str, str]]:
-    """(leaf module, parameter) of each parameter ``t`` stands for: a routed expert's, one per expert in its
-    own module, or its part of a tensor fused over the experts with the gate and up projections fused too
-    (``EXPERTS_FUSED``, transformers >= 5's layout)."""
-    if not t.expert:
-        return [(t.module, t.name)]
-    projection = ".".join(t.name.split(".")[-2:])  # "experts.e.gate_proj.weight" -> "gate_proj.weight"
-    if EXPERTS_FUSED:
-        return [(t.module, _FUSED_EXPERT_PARAMS.get(projection, projection))]
-    return [(f"experts.{e}", projection) for e in range(n_routed)]
+def _leaf_modules(t: Tensor, n_routed: int) -> list[str]:
+    """The leaf module holding each parameter ``t`` stands for: a routed expert's, one per expert."""
+    return [f"experts.{e}" for e in range(n_routed)] if t.expert else [t.module]
 
 
 @lru_cache(maxsize=256)
 def swapped_partitions(model: ModelSpec, tp: int, dp: int) -> tuple[tuple[str, float], ...]:
     """(leaf module, 16-bit elements) of every parameter partition one rank swaps in from NVMe, as the modules
-    hold their parameters (``module_tensors``; a routed expert's projections in the expert's own leaf module,
-    or fused over the experts: ``EXPERTS_FUSED``). TP splits what it shards (the embedding
-    is replicated, as ``per_rank`` has it), ZeRO-3 partitions each parameter 1/dp, and a partition below
-    ``MIN_SWAPPED_BYTES`` is not swapped."""
-    params: dict[tuple[str, str], float] = {}
+    hold their parameters (``module_tensors``; a routed expert's projections in the expert's own leaf module).
+    TP splits what it shards (the embedding is replicated, as ``per_rank`` has it), ZeRO-3 partitions each
+    parameter 1/dp, and a partition below ``MIN_SWAPPED_BYTES`` is not swapped."""
+    out = []
     for kind in range(N_KINDS):
         n_routed = model.n_experts if kind == MOE else 0
         for t in module_tensors(model, kind):
-            split = tp_split(t, kind, tp)
-            parts = _parameters_of(t, n_routed)
-            elems = t.numel * (n_routed if t.expert else 1) / len(parts) / split / dp
-            for module, name in parts:
-                key = (f"{KIND_NAMES[kind]}.{module}", name)
-                params[key] = params.get(key, 0.0) + elems
-    return tuple((module, elems) for (module, _), elems in params.items() if elems * 2 >= MIN_SWAPPED_BYTES)
+            elems = t.numel / tp_split(t, kind, tp) / dp
+            if elems * 2 >= MIN_SWAPPED_BYTES:
+                out += [(f"{KIND_NAMES[kind]}.{module}", elems) for module in _leaf_modules(t, n_routed)]
+    return tuple(out)
 
 
 def largest_swapped_partition(model: ModelSpec, tp: int, dp: int) -> float:
