@@ -105,7 +105,8 @@ def matrices() -> dict[str, list[Entry]]:
         # fit one H200's host memory pinned: MLA, shared and routed experts through the same path.
         "deepseek-h200": [
             Entry("deepseek-v3-16l-q4-cpu-pinned-b1", ds16,
-                  "h200-1gpu", 1, {"offload": "cpu", "weight_bits": 4}, prompt_len=128, gen_len=4),
+                  "h200-1gpu", 1, {"offload": "cpu", "weight_bits": 4}, variants=_batches(16), prompt_len=128,
+                  gen_len=4),
         ],
         "smoke": [
             Entry("tiny-resident", "tiny-llama", h100, 2, {}),

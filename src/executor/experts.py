@@ -66,17 +66,33 @@ class RoutedExperts(nn.ModuleList):
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(hidden)
-        tokens_per_expert = torch.bincount(top_k_index.flatten(), minlength=len(self)).tolist()  # one host read
+        tokens_per_expert, slot_token = _routes(top_k_index, len(self))
         enter_all = _under_zero3(self)
+        n_tokens = top_k_index.shape[0]
         for e, expert in enumerate(self):
             if not tokens_per_expert[e]:
                 if enter_all:
                     expert(hidden[:0])
                 continue
-            slot, token = torch.where(top_k_index.T == e)  # transformers' order: by top-k slot, then token
+            slot, token = slot_token[e] // n_tokens, slot_token[e] % n_tokens
             routed = expert(hidden[token]) * top_k_weights[token, slot, None]
             out.index_add_(0, token, routed.to(out.dtype))
         return out
+
+
+def _routes(top_k_index: torch.Tensor, n_experts: int) -> tuple[list[int], tuple[torch.Tensor, ...]]:
+    """(tokens routed to each expert, read to the host; each expert's routes as ``slot * tokens + token``
+    on the device), with ONE device-to-host read for the whole layer.
+
+    The routes come in transformers' order (``torch.where(top_k_index.T == e)``: by top-k slot, then token):
+    a stable sort of the slot-major flattened choices by expert keeps that order within each expert. Asking
+    ``torch.where`` per expert instead synchronizes the host with the device once per routed expert, and under
+    ZeRO-3 the host issues the next experts' prefetches only after it returns: every expert of a step that
+    touches them all (a batch, a prefill) waited for its own copy, dequantization and compute in series."""
+    choices = top_k_index.T.reshape(-1)  # slot-major: index slot * tokens + token
+    counts = torch.bincount(choices, minlength=n_experts).tolist()  # the one host read
+    order = torch.sort(choices, stable=True).indices
+    return counts, order.split(counts)
 
 
 def _under_zero3(module: nn.Module) -> bool:
