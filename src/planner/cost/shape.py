@@ -33,6 +33,7 @@ from hpi.planner.specs.model import ModelSpec
 DENSE, MOE, EMBED, HEAD = range(4)
 EXPERTS_GATHERED_WHOLE = True  # every routed expert of a layer is gathered on every forward (see above)
 N_KINDS = 4
+EXPERT_LEAF = "experts.e"  # the leaf module name one routed expert's tensors list (one such leaf per expert)
 KIND_NAMES = ("dense_layer", "moe_layer", "embedding", "lm_head")
 
 
@@ -40,7 +41,7 @@ KIND_NAMES = ("dense_layer", "moe_layer", "embedding", "lm_head")
 class Tensor:
     name: str
     numel: int
-    matrix: bool  # 2-D weight: quantizable
+    matrix: bool  # an nn.Linear / nn.Embedding weight: what DeepSpeed quantizes
     tp_sharded: bool  # split across the TP group (column/row parallel); else replicated
     expert: bool = False  # belongs to one routed expert (listed once; the layer holds n_experts of them)
     tied: bool = False  # re-uses another module's tensor: fetched and computed with, not stored again
@@ -56,7 +57,7 @@ def _norm(model: ModelSpec, name: str, width: int) -> list[Tensor]:
 
 def _linear(name: str, n_in: int, n_out: int, bias: bool, column: bool, expert: bool = False) -> list[Tensor]:
     """A TP-sharded linear; a row-parallel bias is replicated (added after the all-reduce)."""
-    module = "experts.e" if expert else name  # "experts.e": one routed expert's leaf module
+    module = EXPERT_LEAF if expert else name
     out = [Tensor(f"{name}.weight", n_in * n_out, True, True, expert, module=module)]
     if bias:
         out.append(Tensor(f"{name}.bias", n_out, False, column, expert, module=module))
@@ -113,7 +114,9 @@ def module_tensors(model: ModelSpec, kind: int) -> list[Tensor]:
         shared = []
         for i in range(model.n_shared_experts):
             shared += _ffn(model, f"shared_experts.{i}", model.moe_ffn_hidden_size)
-        router = [Tensor("gate.weight", model.n_experts * h, True, False, module="gate")]
+        # The router is transformers' own module holding a bare weight, not an nn.Linear: DeepSpeed leaves it at
+        # 16 bits (``hpi.planner.cost.dequant``: only nn.Linear / nn.Embedding weights are quantized).
+        router = [Tensor("gate.weight", model.n_experts * h, False, False, module="gate")]
         return _attention(model) + router + shared + _ffn(model, "experts.e", model.moe_ffn_hidden_size, True) + norms
     if kind == EMBED:
         out = [Tensor("embed_tokens.weight", model.vocab_size * h, True, False, module="embed_tokens")]
@@ -153,6 +156,7 @@ class ModuleTable:
     #                          output projection, or its experts): what is gathered just before the head
     leaf_sharded: np.ndarray  # (kinds, J): each matrix-holding leaf module's TP-sharded elements (0-padded)
     leaf_replicated: np.ndarray  # (kinds, J): the same, replicated elements (routed experts: all of them)
+    leaf_routed: np.ndarray  # (kinds, J): 1 where the leaf stands for a layer's routed experts, else 0
     matrix_counts: np.ndarray  # per kind: quantizable matrices (a routed expert's counted once; dequant launches)
     is_layer: np.ndarray  # 1 for decoder layers (per-layer overheads and all-reduces)
     attn_flops_per_ctx_token: float  # 2*H*(d_qk + d_v): FLOPs per query token per cached token, all heads
@@ -178,7 +182,7 @@ def module_table(model: ModelSpec) -> ModuleTable:
     per_kind = [module_tensors(model, k) for k in range(N_KINDS)]
     sharded, replicated, expert, tied, matrix_frac, fetch_frac = [], [], [], [], [], []
     sizes, largest, gather = [], [], []
-    module_largest, last, leaf_parts = [], [], []
+    module_largest, last, leaf_parts, routed = [], [], [], []
     for kind, ts in enumerate(per_kind):
         shared_ts = [t for t in ts if not t.expert]
         n_routed = model.n_experts if kind == MOE else 0
@@ -213,14 +217,17 @@ def module_table(model: ModelSpec) -> ModuleTable:
         leaves = list(dict.fromkeys(last_matrix))
         leaf_parts.append([(sum(n for t, n in zip(ts, held) if t.module == m and t.tp_sharded),
                             sum(n for t, n in zip(ts, held) if t.module == m and not t.tp_sharded)) for m in leaves])
+        routed.append([float(m == EXPERT_LEAF) for m in leaves])
     width = max(1, max(len(p) for p in leaf_parts))
-    leaf = np.zeros((N_KINDS, width, 2))
-    for kind, parts in enumerate(leaf_parts):
+    leaf = np.zeros((N_KINDS, width, 3))
+    for kind, (parts, flags) in enumerate(zip(leaf_parts, routed)):
         if parts:
-            leaf[kind, : len(parts)] = parts
+            leaf[kind, : len(parts), :2] = parts
+            leaf[kind, : len(parts), 2] = flags
     return ModuleTable(
         leaf_sharded=leaf[:, :, 0],
         leaf_replicated=leaf[:, :, 1],
+        leaf_routed=leaf[:, :, 2],
         sharded=np.array(sharded, dtype=np.float64),
         replicated=np.array(replicated, dtype=np.float64),
         expert_sharded=np.array(expert, dtype=np.float64),

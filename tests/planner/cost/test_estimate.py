@@ -489,3 +489,31 @@ def test_zero3_runs_the_rule_leaf_module_by_leaf_module(kit) -> None:
     vocab = V * H * 2 / 5e9
     assert ev.decode_step_s[0] == pytest.approx(4 * by_leaf + 2 * vocab + 1e-3, rel=1e-3)
     assert layer["overhead_s"][0] > 1e-3  # the hooks that show between small copies
+
+
+def test_routed_experts_dequantize_beside_the_copies_of_the_experts_no_token_chose(kit) -> None:
+    """Batch 1 routes to 2 of 8 experts: their dequantization hides behind the other 6 experts' copies while the
+    copies are the longer; a batch that touches (almost) every expert leaves nothing to hide behind. A dense
+    layer's dequantization waits for its own copy, as before."""
+    from hpi.planner.cost.compute import expected_experts_touched
+    from hpi.planner.cost.shape import MOE
+
+    plans = [Plan(offload="cpu", weight_bits=4, batch_size=b) for b in (1, 64)]
+    knobs = Knobs.from_plans(plans)
+    touched = expected_experts_touched(8.0, 2.0, np.array([1.0, 64.0]))
+    assert touched[0] == pytest.approx(2.0) and touched[1] == pytest.approx(8.0, abs=1e-6)
+
+    moe = kit.arrangement(kit.toy_moe(), 1, 1, 1)
+    in_series = dequant_time(moe, knobs, decode_phase(moe, knobs))  # (N, kinds): what each module dequantizes
+    exposed = kit.evaluate(moe, plans).decode.exposed["dequant_s"]
+    table, layers = in_series[:, EMBED] + in_series[:, HEAD], in_series[:, MOE] * 4  # 4 MoE layers
+    # batch 1: what the experts' leaf takes of the layer's dequantization hides; the attention's leaves keep
+    # their share by weight (estimate.leaf_shares): 2.62 M of the 2.62 + 8 x 6.29 M elements a layer gathers
+    assert exposed[0] - table[0] == pytest.approx(layers[0] * 2.62 / (2.62 + 8 * 6.29), rel=0.01)
+    assert exposed[1] == pytest.approx(table[1] + layers[1], rel=1e-6)  # nothing left to hide behind
+
+    dense = kit.arrangement(kit.toy_dense(), 1, 1, 1)
+    in_series = dequant_time(dense, knobs, decode_phase(dense, knobs))
+    layers = kit.toy_dense().n_layers
+    np.testing.assert_allclose(kit.evaluate(dense, plans).decode.exposed["dequant_s"],
+                               in_series[:, DENSE] * layers + in_series[:, EMBED] + in_series[:, HEAD], rtol=1e-6)
