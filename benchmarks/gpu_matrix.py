@@ -69,6 +69,7 @@ def matrices() -> dict[str, list[Entry]]:
     dsx, dsx70, dsx33 = _ds_examples_knobs(m8), _ds_examples_knobs(m70), _ds_examples_knobs(big)
     x4 = "h200-4gpu"
     ds16 = str(REPO / "benchmarks" / "configs" / "deepseek-v3-16-layers.json")
+    ds4 = str(REPO / "benchmarks" / "configs" / "deepseek-v3-4-layers.json")
     # 70B on 4 H200: resident needs >= 2 GPUs (141 GB of bf16 weights); offload streams 141 GB / (tp * pp) per
     # GPU per forward, so those entries generate few tokens (the median of 3 decode steps) to fit the call.
     off70 = dict(prompt_len=128, gen_len=4)
@@ -107,6 +108,15 @@ def matrices() -> dict[str, list[Entry]]:
             Entry("deepseek-v3-16l-q4-cpu-pinned-b1", ds16,
                   "h200-1gpu", 1, {"offload": "cpu", "weight_bits": 4}, variants=_batches(16), prompt_len=128,
                   gen_len=4),
+        ],
+        # DeepSeek-V3 at full width, 4 layers (1 dense, 3 with 256 routed experts: 768 expert leaves of 8.3 MB a
+        # projection at 4 bits): does a prefetch bucket that reaches many experts ahead hide the hooks of the small
+        # leaves? DeepSpeed's default bucket (5e7 elements) reaches about one expert (44 M) ahead.
+        "deepseek-leaves-h200": [
+            Entry(f"deepseek-v3-4l-q4-cpu-bucket{label}", ds4, "h200-1gpu", 1,
+                  {"offload": "cpu", "weight_bits": 4, "prefetch_bucket_elems": bucket,
+                   "max_live_elems": max(10**9, 2 * bucket)}, variants=_batches(16), prompt_len=64, gen_len=4)
+            for label, bucket in (("5e7", 50_000_000), ("5e8", 500_000_000), ("2e9", 2_000_000_000))
         ],
         "smoke": [
             Entry("tiny-resident", "tiny-llama", h100, 2, {}),
