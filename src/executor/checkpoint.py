@@ -16,8 +16,9 @@ rule for row-parallel slices is there), and runs the chunks through a few stagin
   rounded out to 4 KiB, buffers page-aligned) and falls back to buffered reads where the filesystem refuses it.
 
 ``bytes_read`` counts what this reader read (``files_read`` per file; ``planned_bytes`` per tensor: the bytes its
-own ranges cover, before gaps are merged in), so tests can check that a rank reads its slices and no more. ``read(name, part)`` is the one-tensor form of the same path: the same
-values as safetensors' ``get_slice(name)[part.index()]``, bit for bit, in the checkpoint's dtype on the CPU.
+own ranges cover, before gaps are merged in), so tests can check that a rank reads its slices and no more.
+``read(name, part)`` is the one-tensor form of the same path: the same values as safetensors'
+``get_slice(name)[part.index()]``, bit for bit, in the checkpoint's dtype on the CPU.
 """
 
 from __future__ import annotations

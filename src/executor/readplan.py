@@ -14,11 +14,11 @@ The rule is the same one that merges neighbouring runs: a gap is skipped only wh
 makes the kernel read ahead ``read_ahead_kb`` (128 KiB by default, up to twice that once a stream is
 sequential) past every request, so gaps below that cost the disk nothing to skip or not, and each extra read
 costs a system call plus a queue round trip (about 0.1 ms on NVMe: 100-200 KB at the 1-2 GB/s these disks
-read). Measured on this repository's CPU dev box (benchmarks/load_device.py's docstring has the figures): a
-Mixtral w2 [4096, 14336] bf16 at tp 2 read row by row (4096 reads of 14 KiB) took longer from the page cache
-than reading all 117 MB and cutting it. So in practice every row-parallel slice is read whole: a tp-2 rank of
-Mixtral reads 2/3 of each layer (w1, w3: half; w2: all), of a Llama layer about 0.68. Column-parallel slices
-cost exactly their bytes.
+read); 1 MiB is four times either. Measured (benchmarks/load_device.py's docstring and its ``row_rule`` rows):
+a Mixtral w2 [4096, 14336] bf16 at tp 2 read row by row (4096 reads of 14 KiB) made the disk read 110 of its
+117 MB anyway and took longer than reading it whole and cutting it. So in practice every row-parallel slice is
+read whole: a tp-2 rank of Mixtral reads 2/3 of each layer's experts (w1, w3: half; w2: all), of a Llama-2-70B
+layer 0.68. Column-parallel slices cost exactly their bytes.
 
 Chunks then cover each file in file order (one read per merged range, large ranges cut at ``buffer_bytes``),
 never splitting a ``cut`` run inside an outer row, and pack small ranges of the same file into one buffer.
