@@ -186,9 +186,12 @@ class CheckpointReader(CheckpointFiles):
         have = self._staging.get(pinned, [])
         if len(have) < n or (have and have[0].numel() < nbytes):
             have = []
-            for _ in range(n):
-                raw = torch.empty(nbytes + PAGE, dtype=torch.uint8, pin_memory=pinned)
+            for _ in range(n):  # pinned blocks come page-aligned and rounded up to a power of two: ask for one
+                raw = torch.empty(nbytes if pinned else nbytes + PAGE, dtype=torch.uint8, pin_memory=pinned)
                 skip = -raw.data_ptr() % PAGE
+                if skip + nbytes > raw.numel():
+                    raw = torch.empty(nbytes + PAGE, dtype=torch.uint8, pin_memory=pinned)
+                    skip = -raw.data_ptr() % PAGE
                 have.append(raw[skip:skip + nbytes])
             self._staging[pinned] = have
         return have[:n]
@@ -219,7 +222,7 @@ class CheckpointReader(CheckpointFiles):
                         on_gpu = gpu[i % len(gpu)]
                         on_gpu[:chunk.used_bytes].copy_(staged[:chunk.used_bytes], non_blocking=True)
                         events[i % n] = torch.cuda.Event()
-                        events[i % n].record()
+                        events[i % n].record(torch.cuda.current_stream(device))  # the stream copy_ used
                         staged = on_gpu
                     for piece in chunk.pieces:
                         part, entry = slices[piece.run.target]
@@ -262,7 +265,13 @@ class CheckpointReader(CheckpointFiles):
         return total
 
     def close(self) -> None:
+        pinned = bool(self._staging.get(True))
         self._staging.clear()
+        if pinned:  # torch keeps freed pinned blocks cached for reuse: give the staging buffers back to the host
+            empty = (getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)  # torch >= 2.12
+                     or getattr(torch._C, "_host_emptyCache", None))  # CUDA builds since 2.5
+            if empty is not None:
+                empty()
 
 
 def _read_fully(fd: int, view: memoryview, offset: int) -> int:

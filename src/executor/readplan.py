@@ -27,6 +27,7 @@ never splitting a ``cut`` run inside an outer row, and pack small ranges of the 
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -117,7 +118,8 @@ def _spans(runs: list[Run], skip_gap_bytes: int) -> list[tuple[int, int, list[Ru
     for run in sorted(runs, key=lambda r: (r.start_byte, r.stop_byte)):
         if spans and run.start_byte - spans[-1][1] < skip_gap_bytes:
             start, stop, members = spans[-1]
-            spans[-1] = (start, max(stop, run.stop_byte), [*members, run])
+            members.append(run)
+            spans[-1] = (start, max(stop, run.stop_byte), members)
         else:
             spans.append((run.start_byte, run.stop_byte, [run]))
     return spans
@@ -142,10 +144,11 @@ def _cut_point(pos: int, limit: int, runs: list[Run]) -> int:
 
 
 def buffer_bytes_for(runs: list[Run], chunk_bytes: int) -> int:
-    """A staging buffer size that holds ``chunk_bytes`` and at least two of the largest granule, page-aligned."""
+    """A staging buffer size: ``chunk_bytes`` (less when the runs are smaller), at least two of the largest granule,
+    a power of two (what torch's pinned allocator hands out anyway)."""
     largest = max((r.granule_bytes for r in runs), default=1)
-    need = max(chunk_bytes, 2 * largest + 4 * PAGE)
-    return -(-need // PAGE) * PAGE
+    need = max(min(chunk_bytes, sum(r.stop_byte - r.start_byte for r in runs) + 4 * PAGE), 2 * largest + 4 * PAGE)
+    return 1 << (need - 1).bit_length()
 
 
 def plan_chunks(file: str, runs: list[Run], buffer_bytes: int, skip_gap_bytes: int = SKIP_GAP_BYTES,
@@ -168,17 +171,19 @@ def plan_chunks(file: str, runs: list[Run], buffer_bytes: int, skip_gap_bytes: i
 
     for start, stop, span_runs in _spans(runs, skip_gap_bytes):
         starts = [r.start_byte for r in span_runs]
+        ends = list(itertools.accumulate((r.stop_byte for r in span_runs), max))  # runs before i end by ends[i]
         pos = start
         while pos < stop:
             room = buffer_bytes - (-(-used // PAGE) * PAGE) - 2 * PAGE
+            first = bisect.bisect_right(ends, pos)  # every run before it ends at or before pos
             if stop - pos <= room:
                 take = stop
             elif segments:
                 close()
                 continue
             else:
-                take = _cut_point(pos, pos + room, span_runs)
-            inside = [r for r in span_runs[:bisect.bisect_left(starts, take)] if r.stop_byte > pos]
+                take = _cut_point(pos, pos + room, span_runs[first:bisect.bisect_left(starts, pos + room)])
+            inside = [r for r in span_runs[first:bisect.bisect_left(starts, take)] if r.stop_byte > pos]
             segments.append((pos, take))
             members.append(inside)
             used = -(-used // PAGE) * PAGE + PAGE + (take - pos) + PAGE

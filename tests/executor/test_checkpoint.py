@@ -106,7 +106,7 @@ def test_prefix_less_names_resolve(tmp_path):
 
 
 def test_a_whole_stage_fills_in_small_chunks_as_the_slice_reader_does(tmp_path):
-    """Every stage parameter of each tp-2 rank through build_stage: chunks of 8 KiB cut runs inside files and
+    """Every stage parameter of each tp-2 rank through build_stage: staging buffers of 32 KiB cut runs inside files and
     row-cut tensors between their rows; O_DIRECT; and a bf16 checkpoint into a float32 stage converts."""
     config = llama()
     folder = checkpoint(config, tmp_path, torch.bfloat16)
