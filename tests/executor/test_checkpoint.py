@@ -105,11 +105,13 @@ def test_prefix_less_names_resolve(tmp_path):
     assert torch.equal(reader.read(name, part), reference(folder, "layers.1.mlp.down_proj.weight", part))
 
 
-def test_a_whole_stage_fills_in_small_chunks_as_the_slice_reader_does(tmp_path):
-    """Every stage parameter of each tp-2 rank through build_stage: staging buffers of 32 KiB cut runs inside files and
-    row-cut tensors between their rows; O_DIRECT; and a bf16 checkpoint into a float32 stage converts."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_whole_stage_fills_in_small_chunks_as_the_slice_reader_does(dtype, tmp_path):
+    """Every stage parameter of each tp-2 rank through build_stage: staging buffers of 32 KiB cut runs inside files
+    and (fp32: the 45 KiB down_proj) a row-cut tensor between its rows; O_DIRECT; a bf16 checkpoint into a float32
+    stage converts."""
     config = llama()
-    folder = checkpoint(config, tmp_path, torch.bfloat16)
+    folder = checkpoint(config, tmp_path, dtype)
     for rank in range(2):
         shard = ShardSpec.for_stage([1, 1], 1, tp_rank=rank, tp_size=2)
         want = build_stage(config, shard, dtype=torch.float32, checkpoint=SliceReader(folder, config))
