@@ -33,14 +33,17 @@ from pathlib import Path
 import torch
 
 from hpi.executor.readplan import PAGE, SKIP_GAP_BYTES, Chunk, Piece, buffer_bytes_for, plan_chunks, runs_of
-from hpi.executor.safetensors_header import TensorEntry, read_header
+from hpi.executor.safetensors_header import INDEX_NAME, SINGLE_NAME, TensorEntry, checkpoint_files, read_header
 from hpi.executor.tp import Slice
 
-__all__ = ["INDEX_NAME", "SINGLE_NAME", "CheckpointFiles", "CheckpointReader", "Target", "fill_by_reads",
-           "open_checkpoint"]
+__all__ = ["INDEX_NAME", "SINGLE_NAME", "TORCH_DTYPES", "CheckpointFiles", "CheckpointReader", "Target",
+           "fill_by_reads", "open_checkpoint"]
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
+TORCH_DTYPES: dict[str, torch.dtype] = {  # safetensors' dtype names -> torch's (safetensors/torch.py's table)
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
 
 
 @dataclass(frozen=True)
@@ -90,11 +93,7 @@ class CheckpointFiles:
         index = self.path / INDEX_NAME
         if index.is_file():
             return dict(json.loads(index.read_text())["weight_map"])
-        files = [self.path / SINGLE_NAME] if (self.path / SINGLE_NAME).is_file() else sorted(
-            self.path.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"{self.path}: no {INDEX_NAME}, {SINGLE_NAME} or *.safetensors file")
-        return {name: f.name for f in files for name in read_header(f)}
+        return {name: f.name for f in checkpoint_files(self.path) for name in read_header(f)}
 
     def resolve(self, name: str) -> str:
         """The name the checkpoint stores ``name`` under (prefix-less old OPT files and bigscience's BLOOM files,
@@ -150,7 +149,7 @@ class CheckpointReader(CheckpointFiles):
 
     def read(self, name: str, part: Slice | None) -> torch.Tensor:
         _, entry = self.entry(name)
-        out = torch.empty(_sliced_shape(entry, part), dtype=entry.dtype)
+        out = torch.empty(_sliced_shape(entry, part), dtype=TORCH_DTYPES[entry.dtype])
         self.fill([Target(name, name, part, out)])
         return out
 
@@ -295,7 +294,7 @@ def _typed(raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _place(piece: Piece, staged: torch.Tensor, entry: TensorEntry, part: Slice | None, dst: torch.Tensor) -> None:
     """Copy one piece of staged bytes into its target: in order (``flat``), or cut along the slice's dim."""
     run, nbytes = piece.run, piece.stop_byte - piece.start_byte
-    src = _typed(staged[piece.buf_index:piece.buf_index + nbytes], entry.dtype)
+    src = _typed(staged[piece.buf_index:piece.buf_index + nbytes], TORCH_DTYPES[entry.dtype])
     if not run.cut:
         first = run.dst_elem + (piece.start_byte - run.start_byte) // entry.itemsize_bytes
         dst.view(-1)[first:first + src.numel()].copy_(src)

@@ -5,7 +5,8 @@ unsigned 64-bit N; N bytes of UTF-8 JSON mapping each tensor's name to ``{"dtype
 [begin, end]}`` (``__metadata__`` holds free-form strings); then the data, row-major and little-endian, with
 ``begin``/``end`` counted from the first byte after the JSON. Everything a header says is checked against the
 file before a byte of data is read: a truncated file or a header that lies about sizes fails here, naming the
-file and the tensor, rather than as a short read or a garbled weight later.
+file and the tensor, rather than as a short read or a garbled weight later. Pure Python (no torch): ``hpi run``
+checks a checkpoint's headers before it starts any rank (``hpi.deployment``).
 """
 
 from __future__ import annotations
@@ -14,19 +15,19 @@ import json
 import math
 import os
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+__all__ = ["INDEX_NAME", "ITEMSIZE_BYTES", "SINGLE_NAME", "HeaderError", "TensorEntry", "check_files",
+           "checkpoint_files", "read_header"]
 
-__all__ = ["DTYPES", "HeaderError", "TensorEntry", "read_header"]
+INDEX_NAME = "model.safetensors.index.json"  # a sharded HF checkpoint's map of tensor name -> file
+SINGLE_NAME = "model.safetensors"
 
-# safetensors' dtype names (the Rust crate's ``Dtype``) -> torch dtypes
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
+# safetensors' dtype names (the Rust crate's ``Dtype``) -> bytes per element
+ITEMSIZE_BYTES: dict[str, int] = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                                  "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 _MAX_HEADER_BYTES = 100 * 2**20  # safetensors refuses larger headers too (MAX_HEADER_SIZE)
 
 
@@ -39,7 +40,7 @@ class TensorEntry:
     """One tensor of a safetensors file: where its bytes are (absolute file offsets) and how to view them."""
 
     name: str
-    dtype: torch.dtype
+    dtype: str  # safetensors' name: "BF16", "F32", ...
     shape: tuple[int, ...]
     start_byte: int
     stop_byte: int
@@ -50,7 +51,7 @@ class TensorEntry:
 
     @property
     def itemsize_bytes(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return ITEMSIZE_BYTES[self.dtype]
 
     def block_bytes(self, dim: int) -> int:
         """Bytes of one index along ``dim``: the stride of ``dim`` in the row-major data."""
@@ -82,16 +83,33 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorEntry]:
 
 def _entry(path: Path, name: str, info, data_start: int, file_size: int) -> TensorEntry:
     try:
-        dtype, shape, (begin, end) = DTYPES[info["dtype"]], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+        dtype, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+        ITEMSIZE_BYTES[dtype]
     except (KeyError, TypeError, ValueError) as e:
         raise HeaderError(f"{path}: tensor {name!r} has no valid dtype/shape/data_offsets ({info!r}): "
-                          f"dtypes are {', '.join(DTYPES)}") from e
+                          f"dtypes are {', '.join(ITEMSIZE_BYTES)}") from e
     entry = TensorEntry(name, dtype, shape, data_start + int(begin), data_start + int(end))
     want = math.prod(shape) * entry.itemsize_bytes
     if entry.nbytes != want or begin < 0:
         raise HeaderError(f"{path}: tensor {name!r}: data_offsets {begin}..{end} hold {entry.nbytes} bytes but "
-                          f"shape {list(shape)} x {info['dtype']} needs {want}: the header lies about its sizes")
+                          f"shape {list(shape)} x {dtype} needs {want}: the header lies about its sizes")
     if entry.stop_byte > file_size:
         raise HeaderError(f"{path}: tensor {name!r} ends at byte {entry.stop_byte} but the file has {file_size} "
                           "bytes: the file is truncated (copy or download it again)")
     return entry
+
+
+def check_files(paths: Iterable[str | os.PathLike]) -> int:
+    """Read every file's header (raising ``HeaderError`` at the first that cannot be trusted); the tensors' bytes."""
+    return sum(e.nbytes for path in paths for e in read_header(path).values())
+
+
+def checkpoint_files(path: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a checkpoint directory: those its index names, else model.safetensors, else all."""
+    path = Path(path)
+    if (path / INDEX_NAME).is_file():
+        return [path / f for f in sorted(set(json.loads((path / INDEX_NAME).read_text())["weight_map"].values()))]
+    files = [path / SINGLE_NAME] if (path / SINGLE_NAME).is_file() else sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no {INDEX_NAME}, {SINGLE_NAME} or *.safetensors file")
+    return files
