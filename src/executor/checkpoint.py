@@ -252,7 +252,15 @@ class CheckpointReader(CheckpointFiles):
         total = 0
         try:
             for seg in chunk.segments:
-                got = _read_fully(fd, view[seg.buf_offset:seg.buf_offset + seg.nbytes], seg.read_start)
+                try:
+                    got = _read_fully(fd, view[seg.buf_offset:seg.buf_offset + seg.nbytes], seg.read_start)
+                except OSError as e:  # a filesystem that opens with O_DIRECT but refuses the read: buffered
+                    if e.errno != errno.EINVAL or not self.direct:
+                        raise
+                    self.direct = False
+                    os.close(fd)
+                    fd = self._open(chunk.file)
+                    got = _read_fully(fd, view[seg.buf_offset:seg.buf_offset + seg.nbytes], seg.read_start)
                 need = seg.data_stop - seg.read_start
                 if got < need:
                     raise ValueError(f"{self.path / chunk.file}: read {got} bytes at offset {seg.read_start}, "

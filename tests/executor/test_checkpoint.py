@@ -122,6 +122,41 @@ def test_a_whole_stage_fills_in_small_chunks_as_the_slice_reader_does(dtype, tmp
             assert torch.equal(a, b), (rank, name)
 
 
+def test_o_direct_falls_back_to_buffered_reads_where_the_filesystem_refuses_it(tmp_path, monkeypatch):
+    """tmpfs refuses O_DIRECT at open (EINVAL): the reader reads buffered from then on, the same values."""
+    import errno
+    import os
+
+    config = llama()
+    folder = checkpoint(config, tmp_path, torch.float32)
+    real_open = os.open
+
+    def no_direct(path, flags, *args):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument", path)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_direct)
+    reader = CheckpointReader(folder, config, direct=True)
+    name, part = "model.layers.1.mlp.down_proj.weight", Slice(1, 0, 88, 88)
+    assert torch.equal(reader.read(name, part), reference(folder, name, part))
+    assert reader.direct is False
+
+
+def test_staging_stays_within_its_buffers_whatever_the_checkpoint_size(tmp_path):
+    """A checkpoint 8x the staging memory: two 32 KiB buffers are all the host holds besides the targets."""
+    config = llama()
+    folder = checkpoint(config, tmp_path, torch.float32)
+    reader = CheckpointReader(folder, config, chunk_bytes=8192, buffers=2)
+    stage = build_stage(config, ShardSpec.whole(2), dtype=torch.float32, checkpoint=reader)
+    held = sum(p.numel() * 4 for p in stage.parameters())
+    assert reader.bytes_read == held > 8 * 2 * 32768
+    reader = CheckpointReader(folder, config, chunk_bytes=8192, buffers=2)
+    reader.fill([Target(n, n, None, torch.empty_like(p)) for n, p in
+                 zip(stage.hf_names.values(), stage.parameters())])
+    assert [b.numel() for b in reader._staging[False]] == [32768, 32768]
+
+
 def sliced_bytes(config, names, tp_rank: int, tp_size: int) -> int:
     """Bytes of the slices a rank holds (a tensor it holds whole: all of it; the padding: nothing)."""
     table, total = param_table(config), 0
