@@ -122,6 +122,24 @@ def test_a_whole_stage_fills_in_small_chunks_as_the_slice_reader_does(dtype, tmp
             assert torch.equal(a, b), (rank, name)
 
 
+def test_a_tied_head_and_its_embedding_in_one_stage_read_their_bytes_once(tmp_path):
+    """qwen2's LM head is the embedding: in one stage both targets cover the same bytes (tp 2: the head's half
+    inside the embedding), read once and placed twice."""
+    config = qwen2()
+    folder = checkpoint(config, tmp_path, torch.float32)
+    for tp_rank, tp_size in ((0, 1), (1, 2)):
+        shard = ShardSpec.whole(2, tp_rank, tp_size)
+        want = build_stage(config, shard, dtype=torch.float32, checkpoint=SliceReader(folder, config))
+        reader = CheckpointReader(folder, config)
+        got = build_stage(config, shard, dtype=torch.float32, checkpoint=reader)
+        for (name, a), (_, b) in zip(want.named_parameters(), got.named_parameters(), strict=True):
+            assert torch.equal(a, b), (tp_size, name)
+        embed = read_header(folder / json.loads((folder / INDEX_NAME).read_text())["weight_map"][
+            "model.embed_tokens.weight"])["model.embed_tokens.weight"]
+        assert reader.planned_bytes["lm_head.weight"] == embed.nbytes // tp_size
+        assert reader.bytes_read < sum(reader.planned_bytes.values())  # the head's bytes were not read again
+
+
 def test_o_direct_falls_back_to_buffered_reads_where_the_filesystem_refuses_it(tmp_path, monkeypatch):
     """tmpfs refuses O_DIRECT at open (EINVAL): the reader reads buffered from then on, the same values."""
     import errno
