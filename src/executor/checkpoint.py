@@ -205,9 +205,10 @@ class CheckpointReader(CheckpointFiles):
         gpu = [torch.empty(buffer_bytes, dtype=torch.uint8, device=device) for _ in range(min(2, n))] if cuda else []
         events: list = [None] * n
         futures: dict[int, Future] = {}
+        place = None if cuda else (lambda chunk, staged: _place_chunk(chunk, staged, slices, dsts))
         with ThreadPoolExecutor(max_workers=max(1, self.workers), thread_name_prefix="hpi-read") as pool:
             def submit(i: int) -> None:
-                futures[i] = pool.submit(self._read_chunk, chunks[i], host[i % n], events[i % n])
+                futures[i] = pool.submit(self._read_chunk, chunks[i], host[i % n], events[i % n], place)
 
             for i in range(n):
                 submit(i)
@@ -216,16 +217,12 @@ class CheckpointReader(CheckpointFiles):
                     got = futures.pop(i).result()
                     self.bytes_read += got
                     self.files_read[chunk.file] = self.files_read.get(chunk.file, 0) + got
-                    staged = host[i % n]
-                    if cuda:
+                    if cuda:  # one copy to the GPU, the cuts made there; CPU targets were filled by the worker
                         on_gpu = gpu[i % len(gpu)]
-                        on_gpu[:chunk.used_bytes].copy_(staged[:chunk.used_bytes], non_blocking=True)
+                        on_gpu[:chunk.used_bytes].copy_(host[i % n][:chunk.used_bytes], non_blocking=True)
                         events[i % n] = torch.cuda.Event()
                         events[i % n].record(torch.cuda.current_stream(device))  # the stream copy_ used
-                        staged = on_gpu
-                    for piece in chunk.pieces:
-                        part, entry = slices[piece.run.target]
-                        _place(piece, staged, entry, part, dsts[piece.run.target])
+                        _place_chunk(chunk, on_gpu, slices, dsts)
                     if i + n < len(chunks):
                         submit(i + n)
             finally:
@@ -243,8 +240,9 @@ class CheckpointReader(CheckpointFiles):
                 self.direct = False  # this filesystem refuses O_DIRECT (tmpfs): buffered from here on
         return os.open(path, os.O_RDONLY)
 
-    def _read_chunk(self, chunk: Chunk, buf: torch.Tensor, reuse_after) -> int:
-        """Read a chunk's segments into ``buf`` (a worker thread); returns the bytes read."""
+    def _read_chunk(self, chunk: Chunk, buf: torch.Tensor, reuse_after, place) -> int:
+        """Read a chunk's segments into ``buf`` and ``place`` them (a worker thread: CPU targets' copies run in
+        parallel, each chunk's pieces go to their own bytes of the targets); returns the bytes read."""
         if reuse_after is not None:
             reuse_after.synchronize()  # the last GPU copy out of this pinned buffer is done
         view = memoryview(buf.numpy())
@@ -269,6 +267,8 @@ class CheckpointReader(CheckpointFiles):
                 total += got
         finally:
             os.close(fd)
+        if place is not None:
+            place(chunk, buf)
         return total
 
     def close(self) -> None:
@@ -297,6 +297,13 @@ def _typed(raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return raw.view(dtype)
     except RuntimeError:
         return raw.clone().view(dtype)
+
+
+def _place_chunk(chunk: Chunk, staged: torch.Tensor, slices, dsts: list[torch.Tensor]) -> None:
+    with torch.no_grad():  # grad mode is per thread: a worker does not inherit the caller's no_grad
+        for piece in chunk.pieces:
+            part, entry = slices[piece.run.target]
+            _place(piece, staged, entry, part, dsts[piece.run.target])
 
 
 def _place(piece: Piece, staged: torch.Tensor, entry: TensorEntry, part: Slice | None, dst: torch.Tensor) -> None:
