@@ -5,9 +5,10 @@ file read once in file order with large reads, the bytes cut into the targets wh
 header (``hpi.executor.safetensors_header``), plans this rank's byte ranges (``hpi.executor.readplan``: the
 rule for row-parallel slices is there), and runs the chunks through a few staging buffers:
 
-- a thread pool reads the next chunks (``os.preadv`` into a preallocated buffer, which releases the GIL) while
-  the caller places the previous one, so the disk never waits on the copies; ``buffers`` staging buffers of
-  ``chunk_bytes`` bound the host memory (the default 8 x 32 MiB = 256 MiB, whatever the checkpoint's size);
+- a thread pool reads the chunks ahead (``os.preadv`` into a preallocated buffer, which releases the GIL), several
+  at once, so the disk always has reads queued; ``buffers`` staging buffers of ``chunk_bytes`` bound the host
+  memory (the default 8 x 32 MiB = 256 MiB, whatever the checkpoint's size). Where the destinations are in host
+  memory (offloaded builds) the worker that read a chunk also copies it into them, so the copies run in parallel;
 - where the destinations are on a GPU the staging buffers are pinned, each chunk goes to the GPU in one
   ``non_blocking`` copy and the slices are cut there (``view`` + ``narrow`` + ``copy_``); a CUDA event tells a
   worker when its pinned buffer may be refilled;
@@ -274,7 +275,7 @@ class CheckpointReader(CheckpointFiles):
     def close(self) -> None:
         pinned = bool(self._staging.get(True))
         self._staging.clear()
-        if pinned:  # torch keeps freed pinned blocks cached for reuse: give the staging buffers back to the host
+        if pinned and torch.cuda.is_available():  # torch caches freed pinned blocks: give them back to the host
             empty = (getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)  # torch >= 2.12
                      or getattr(torch._C, "_host_emptyCache", None))  # CUDA builds since 2.5
             if empty is not None:
