@@ -221,6 +221,8 @@ def _check_inputs(spec: RunSpec, model: ModelSpec, nodes: Nodes) -> None:
         raise DeploymentError(f"{_who(spec)}: --checkpoint {spec.checkpoint} stores FP8 block-quantized weights "
                               "(config.json's quantization_config): hpi loads 16/32-bit checkpoints (and quantizes "
                               "them itself with --quant-bits): dequantize it to bf16 first")
+    if spec.checkpoint:
+        _check_checkpoint_headers(spec)
     if spec.prompts and not spec.checkpoint:
         raise DeploymentError(f"{_who(spec)}: text prompts need a tokenizer: pass --checkpoint DIR (a local HF "
                               "checkpoint with tokenizer files), or leave out --prompt for seeded random prompts")
@@ -230,6 +232,21 @@ def _check_inputs(spec: RunSpec, model: ModelSpec, nodes: Nodes) -> None:
             raise DeploymentError(f"{_who(spec)}: {problems[0]}")
     if nodes.node_rank >= nodes.nnodes:
         raise DeploymentError(f"{_who(spec)}: --node-rank {nodes.node_rank} must be < --nnodes {nodes.nnodes}")
+
+
+def _check_checkpoint_headers(spec: RunSpec) -> None:
+    """Every safetensors header of the checkpoint parses and fits its file (a few KB read per file), so a truncated
+    or corrupt file is named before any rank starts rather than by one rank's traceback."""
+    from hpi.executor.safetensors_header import HeaderError, check_files, checkpoint_files
+
+    try:
+        files = checkpoint_files(spec.checkpoint)
+    except FileNotFoundError:
+        return  # no weight files: the reader names what is missing
+    try:
+        check_files(files)
+    except (HeaderError, FileNotFoundError) as e:
+        raise DeploymentError(f"{_who(spec)}: --checkpoint {spec.checkpoint}: {e}") from e
 
 
 def _node_gpus(spec: RunSpec, est, nodes: Nodes) -> tuple[int | None, tuple[int, ...] | None]:

@@ -10,7 +10,7 @@ transformers >= 5 stores a layer's routed experts as two parameters over all exp
   quantizes every matrix, said 83 GB.
 - Real checkpoints store experts one by one (Mixtral ``block_sparse_moe.experts.<e>.w1``, DeepSeek
   ``mlp.experts.<e>.gate_proj``): with one parameter per expert projection each rank reads its slice of
-  each stored tensor directly (``hpi.executor.weights.CheckpointReader``), never a fused copy.
+  each stored tensor directly (``hpi.executor.checkpoint.CheckpointReader``), never a fused copy.
 
 Each ``ExpertMLP`` is flagged a ZeRO-3 leaf module (``_z3_leaf``, DeepSpeed's
 ``deepspeed.utils.set_z3_leaf_modules``): entering it gathers its three projections at once and no hooks

@@ -4,8 +4,10 @@ The build's host peak (``hpi.planner.cost.build`` predicts it) is the high-water
 (``VmHWM``) between ``reset_peak`` and the end of the build. Writing 5 to ``/proc/self/clear_refs`` resets
 that mark to the current resident set (Linux >= 4.0, proc(5)), so imports and earlier work do not count. The
 kernel keeps the mark itself: no sampling thread can miss a short peak. Pinned (page-locked) host memory is
-resident and counts; pages of a memory-mapped checkpoint count while they are mapped (they are file-backed
-and reclaimable, so they do not lead to an OOM kill). Elsewhere every figure is 0: not measured.
+resident and counts, and so do the checkpoint reader's staging buffers (``hpi.executor.checkpoint``: 256 MiB by
+default); the page cache its buffered reads fill does not (file-backed and reclaimable, it does not lead to an
+OOM kill), nor do the pages of a memory-mapped checkpoint once unmapped (``SliceReader``). Elsewhere every
+figure is 0: not measured.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 ``build_stage`` makes the stage on the meta device (no time spent in HF's own init), allocates it with
 ``to_empty`` on the target device and fills every parameter with this rank's slice, drawn
-deterministically (``hpi.executor.weights.RandomSource``) or read slice-wise from a local safetensors
-checkpoint (``hpi.executor.weights.CheckpointReader``). Decoder layers are transformers' own classes, built
+deterministically (``hpi.executor.weights.RandomSource``) or read, planned up front, from a local safetensors
+checkpoint (``hpi.executor.checkpoint.CheckpointReader``). Decoder layers are transformers' own classes, built
 from a per-stage config whose head / kv-head / intermediate counts are the per-rank ones; row-parallel
 projections are swapped for ``hpi.executor.tp.RowParallelLinear``.
 
@@ -43,6 +43,7 @@ from torch import nn
 
 from hpi.executor import bloom, deepseek
 from hpi.executor.attention import register as register_attention
+from hpi.executor.checkpoint import CheckpointFiles, Target, open_checkpoint
 from hpi.executor.experts import ExpertMLP, per_expert_modules
 from hpi.executor.graphs import StaticKVCache
 from hpi.executor.masks import causal_mask, padded_causal_mask, static_causal_mask
@@ -58,7 +59,7 @@ from hpi.executor.tp import (
     shard_index,
     tp_allreduce_seconds,
 )
-from hpi.executor.weights import CheckpointReader, RandomSource, param_table, weights_of
+from hpi.executor.weights import RandomSource, param_table, weights_of
 
 ATTENTION = register_attention()  # transformers' sdpa, grouped-query decode kept grouped (hpi.executor.attention)
 
@@ -530,11 +531,12 @@ def _tensor_parallel(layer: nn.Module, tp: int, tp_group, already_sharded: bool)
 
 # ---- build -------------------------------------------------------------------------------------------
 def build_stage(config, shard: ShardSpec, *, tp_group=None, dtype: torch.dtype = torch.bfloat16,
-                device: torch.device | str = "cpu", seed: int = 0, checkpoint: str | None = None,
+                device: torch.device | str = "cpu", seed: int = 0, checkpoint: str | CheckpointFiles | None = None,
                 init_device: torch.device | str | None = None, framework_init: bool = False) -> StageModule:
     """This rank's stage, in eval mode with ``requires_grad`` off, parameters in ``dtype`` on ``device``.
 
-    Weights: with ``checkpoint`` (a local HF safetensors directory) each parameter's slice is read from it;
+    Weights: with ``checkpoint`` (a local HF safetensors directory, or a reader made for it, e.g.
+    ``CheckpointReader(path, config, direct=True)``) this rank's slices are read from it in one planned pass;
     otherwise deterministic random values of ``seed`` (see ``hpi.executor.weights``), drawn on ``init_device``
     (default: ``device``; e.g. ``device="cpu", init_device="cuda"`` draws on the GPU and keeps the stage in
     host memory for ZeRO offload). ``device="meta"`` returns the stage unmaterialized (shapes only).
@@ -574,20 +576,15 @@ def build_stage(config, shard: ShardSpec, *, tp_group=None, dtype: torch.dtype =
     stage.to_empty(device=device)
 
     table = param_table(config)
-    source = (CheckpointReader(checkpoint, config) if checkpoint is not None
+    source = (open_checkpoint(checkpoint, config) if checkpoint is not None
               else RandomSource(config, seed, dtype, init_device))
-    heads = dict(n_heads=config.num_attention_heads, n_kv_heads=_kv_heads(config), head_dim=_head_dim(config))
+    cut = dict(n_heads=config.num_attention_heads, n_kv_heads=_kv_heads(config), head_dim=_head_dim(config),
+               tp_rank=shard.tp_rank, tp_size=shard.tp_size)
+    names = stage.hf_names
     try:
         with torch.no_grad():
-            for name, param in weights_of(stage, fam.weight_buffers):
-                hf = stage.hf_names[name]
-                part = shard_index(hf, table[hf].shape, tp_rank=shard.tp_rank, tp_size=shard.tp_size, **heads)
-                value = source.read(hf, part)
-                if tuple(value.shape) != tuple(param.shape):
-                    raise ValueError(f"{hf}: slice has shape {tuple(value.shape)}, stage parameter "
-                                     f"{name} has {tuple(param.shape)}")
-                param.copy_(value)
-                del value
+            source.fill([Target(name, names[name], shard_index(names[name], table[names[name]].shape, **cut), param)
+                         for name, param in weights_of(stage, fam.weight_buffers)])
     finally:
         source.close()
 

@@ -8,8 +8,10 @@ so every layout of the same model (any tp, any pipeline split) sees the same num
   The full global tensor is drawn on the init device in the target dtype, this rank's slice is copied out
   and the full tensor dropped at once. The numbers depend on the generator's device type (CPU and CUDA
   generators differ), so a reference must be drawn on the same kind of device as the run it checks.
-- checkpoint: each parameter's slice is read with safetensors' ``get_slice(name)[...]`` from the one file
-  that holds it; a process never reads a whole checkpoint, nor a whole tensor it only holds a slice of.
+- checkpoint: ``hpi.executor.checkpoint.CheckpointReader`` plans every slice of the stage up front and reads
+  each file once, in order, with large reads; a process reads only the tensors it holds (a row-parallel slice
+  whole, then cut: ``hpi.executor.readplan`` says why). ``SliceReader``, the first reader (safetensors'
+  ``get_slice`` per parameter), stays for comparison.
 
 ``full_state_dict`` and ``save_checkpoint`` give the same random values HF-named, for references and for
 writing test checkpoints that go through the real loading path.
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,15 +31,19 @@ from safetensors import safe_open
 from torch import nn
 
 from hpi import atomic
+from hpi.executor.checkpoint import INDEX_NAME, SINGLE_NAME, CheckpointFiles, CheckpointReader, fill_by_reads
 from hpi.executor.tp import Slice
 
 __all__ = [
+    "INDEX_NAME",
+    "SINGLE_NAME",
     "CheckpointReader",
     "ParamInfo",
     "RandomSource",
     "full_state_dict",
     "param_table",
     "save_checkpoint",
+    "SliceReader",
     "stable_seed",
     "weights_of",
     "write_checkpoint",
@@ -159,6 +164,9 @@ class RandomSource:
         del full
         return out
 
+    def fill(self, targets) -> None:
+        fill_by_reads(self, targets)
+
     def close(self) -> None:
         pass
 
@@ -178,8 +186,6 @@ def full_state_dict(config, seed: int = 0, dtype: torch.dtype = torch.float32,
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 
 
 def write_checkpoint(state_dict: dict[str, torch.Tensor], config, out_dir: str | os.PathLike,
@@ -222,55 +228,19 @@ def save_checkpoint(config, seed: int, out_dir: str | os.PathLike, dtype: torch.
     return write_checkpoint(full_state_dict(config, seed, dtype), config, out_dir, shard_size_bytes)
 
 
-class CheckpointReader:
-    """Slice-wise reads from a local safetensors checkpoint (sharded with an index, or one file).
+class SliceReader(CheckpointFiles):
+    """The first reader, kept for comparison (benchmarks/load_device.py): each parameter's slice read on its own
+    with safetensors' ``get_slice`` from a memory-mapped file. A row-parallel slice touches every page of the
+    tensor and read-ahead does the rest, so a tp-2 rank reads most of every file; ``CheckpointReader`` plans.
 
-    Files are opened lazily with ``safe_open(..., framework="pt", device="cpu")`` (memory-mapped) and
-    kept open until ``close``. ``read(name, part)`` returns a CPU tensor in the checkpoint's dtype.
+    Files are opened lazily with ``safe_open(..., framework="pt", device="cpu")`` and kept open until
+    ``close``. ``read(name, part)`` returns a CPU tensor in the checkpoint's dtype.
     """
 
     def __init__(self, path: str | os.PathLike, config=None):
-        if getattr(config, "quantization_config", None):  # FP8 blocks copied into 16-bit weights lose their scales
-            raise NotImplementedError(f"{path}: the checkpoint's weights are quantized (config.json's "
-                                      "quantization_config); only 16/32-bit checkpoints load: dequantize it first")
-        self.path = Path(path)
-        self.weight_map = self._weight_map()
+        super().__init__(path, config)
         self._stack = contextlib.ExitStack()
         self._files: dict[str, Any] = {}
-        self._tied_source: str | None = None
-        self._base = "model."  # the base model's attribute, which checkpoints of the base model leave out
-        if config is not None:
-            from hpi.executor.modeling import family_of
-
-            fam = family_of(config)
-            self._base = fam.prefix.split(".", 1)[0] + "."  # "model." / BLOOM's "transformer."
-            if getattr(config, "tie_word_embeddings", False):
-                self._tied_source = fam.embed_weight
-
-    def _weight_map(self) -> dict[str, str]:
-        index = self.path / INDEX_NAME
-        if index.is_file():
-            return dict(json.loads(index.read_text())["weight_map"])
-        files = [self.path / SINGLE_NAME] if (self.path / SINGLE_NAME).is_file() else sorted(
-            self.path.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"{self.path}: no {INDEX_NAME}, {SINGLE_NAME} or *.safetensors file")
-        out: dict[str, str] = {}
-        for f in files:
-            with safe_open(str(f), framework="pt", device="cpu") as h:
-                out.update({k: f.name for k in h.keys()})
-        return out
-
-    def resolve(self, name: str) -> str:
-        """The name the checkpoint stores ``name`` under (prefix-less old OPT files and bigscience's BLOOM files,
-        saved from the base model; tied LM head)."""
-        if name in self.weight_map:
-            return name
-        if name.startswith(self._base) and name[len(self._base):] in self.weight_map:
-            return name[len(self._base):]
-        if name == "lm_head.weight" and self._tied_source is not None:
-            return self.resolve(self._tied_source)
-        raise KeyError(f"{self.path}: checkpoint has no tensor {name!r}")
 
     def _file(self, fname: str):
         if fname not in self._files:

@@ -62,6 +62,12 @@ def _gpu_record() -> str:
     return json.dumps(doc)
 
 
+def _tiny_llama_config() -> str:
+    import hpi
+
+    return (Path(hpi.__file__).parent / "planner" / "catalog" / "models" / "tiny-llama.json").read_text()
+
+
 def _profile_copy() -> str:
     import hpi
 
@@ -104,6 +110,8 @@ FIXTURES = {
         "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8, "vocab_size": 100,
         "max_position_embeddings": 64, "quantization_config": {"quant_method": "fp8", "fmt": "e4m3",
                                                                 "weight_block_size": [128, 128]}}),
+    "bad_ckpt/config.json": _tiny_llama_config,
+    "bad_ckpt/model.safetensors": "not a safetensors file: its first 8 bytes are no header length\n",
     "emptydir/notes.txt": "no records here\n",
     "profiles_empty/notes.txt": "no profiles here\n",
     "tpl_dir/notes.txt": "a folder, not a template\n",
@@ -238,6 +246,7 @@ CASES: list[Case] = [
     case("run", "--model", "nosuch", "--device", "cpu", "--out", "runs/x"),
     case("run", "--model", "deepseek-v3", "--cuda-graphs", "--device", "cpu", "--out", "runs/x"),  # expert routing
     case("run", "--model", "deepseek-v3", "--checkpoint", "fp8_ckpt", "--device", "cpu", "--out", "runs/x"),
+    case("run", "--model", "tiny-llama", "--checkpoint", "bad_ckpt", "--device", "cpu", "--out", "runs/x"),
     case("run", "--model", "llama-3-70b", "--hardware", "a6000-workstation", "--device", "cpu", "--out", "runs/x"),
     case(*RUN, hide=("torch",)),
     case("run", "--model", "tiny-llama", "--out", "runs/x", cuda_absent=True),

@@ -319,7 +319,9 @@ def test_checkpoint_loads_like_transformers(tmp_path):
         assert torch.equal(got[1], want[1])
 
 
-def test_loader_reads_only_slices(tmp_path, monkeypatch):
+def test_slice_reader_reads_only_slices(tmp_path, monkeypatch):
+    """The first reader (kept for comparison): safetensors' get_slice per parameter. The planned reader's own
+    accounting is checked in tests/executor/test_checkpoint.py."""
     config = tiny_config("llama_bias")
     ckpt = save_checkpoint(config, 0, tmp_path / "ckpt", torch.float32, shard_size_bytes=200_000)
     table = param_table(config)
@@ -359,7 +361,7 @@ def test_loader_reads_only_slices(tmp_path, monkeypatch):
 
     monkeypatch.setattr(weights_mod, "safe_open", Spy)
     stage = build_stage(config, ShardSpec.for_stage([1, 2], 1, tp_rank=1, tp_size=2), dtype=torch.float32,
-                        checkpoint=str(ckpt))
+                        checkpoint=weights_mod.SliceReader(str(ckpt), config))
     wanted = set(stage.hf_names.values())
     assert set(whole_reads) | set(slice_reads) == wanted  # only this stage's tensors
     for name in whole_reads:  # read whole only what every rank holds whole
