@@ -129,6 +129,11 @@ class Space:
     max_live_elems: IntRange
     persistence_threshold_elems: IntRange
     nvme_buffer_elems: IntRange | None  # None: no NVMe config in the space
+    # The (aio block size, queue depth) points of the lattice (``grid``) for NVMe configs: every choice where the
+    # profile has the probe's read grid (the cost model tells them apart), else the defaults alone (every
+    # choice predicts the same: 12 copies of each NVMe point would only slow the surrogate). Trials still
+    # suggest every choice: a real run measures what the model cannot.
+    aio_lattice: tuple[tuple[int, int], ...] = ((Plan.aio_block_size_bytes, Plan.aio_queue_depth),)
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -169,6 +174,7 @@ class Space:
             max_live_elems=rng(d["max_live_elems"]),
             persistence_threshold_elems=rng(d["persistence_threshold_elems"]),
             nvme_buffer_elems=rng(d["nvme_buffer_elems"]),
+            aio_lattice=tuple(tuple(p) for p in d.get("aio_lattice", cls.aio_lattice)),  # a study from before
         )
 
 
@@ -269,7 +275,15 @@ def derive_space(
         max_live_elems=max_live,
         persistence_threshold_elems=persistence,
         nvme_buffer_elems=nvme_range,
+        aio_lattice=aio_lattice_for(hardware),
     )
+
+
+def aio_lattice_for(hardware: HardwareProfile) -> tuple[tuple[int, int], ...]:
+    """Every (block size, queue depth) choice where ``hardware`` has the probe's read grid, else the defaults."""
+    if hardware.nvme is None or not hardware.nvme.read_grid:
+        return Space.aio_lattice
+    return tuple(itertools.product(AIO_BLOCK_CHOICES, AIO_QUEUE_DEPTH_CHOICES))
 
 
 # ---- trial <-> plan ------------------------------------------------------------------------------------
@@ -409,7 +423,7 @@ def _config_rows(config: DiscretePlan, space: Space, model: ModelSpec) -> list[d
     if config.offload == "nvme" and space.nvme_buffer_elems is not None:
         need = nvme_buffer_elems_for(model, config.tp, config.dp)
         nvme_points = [(c, e, block, depth) for c in (4, 8) for e in space.nvme_buffer_elems.points if e >= need
-                       for block in AIO_BLOCK_CHOICES for depth in AIO_QUEUE_DEPTH_CHOICES]
+                       for block, depth in space.aio_lattice]
     micro = _micro_choices(config.pp) if config.pp > 1 else (1,)
     for batch, kv in itertools.product(space.batches(), space.kv_offload):
         batch = _fit_batch(batch, config.dp)

@@ -110,9 +110,20 @@ def test_nvme_configs_search_the_aio_block_size_and_queue_depth(target):
     flat = Plan(offload=other.offload, tp=other.tp, pp=other.pp, dp=other.dp, weight_bits=other.weight_bits,
                 batch_size=max(other.dp, 1))
     assert not any(name.startswith("aio_") for name in params_of(flat, space))
-    # the lattice the planner ranks spans the same values for NVMe configs only
-    lattice = grid(space, model)
-    plans = [lattice.plan(g, r) for g, k in enumerate(lattice.knobs) for r in range(0, k.n, 11)]
-    settings = {(p.offload, p.aio_block_size_bytes, p.aio_queue_depth) for p in plans}
-    assert {(b, d) for o, b, d in settings if o != "nvme"} == {(1 << 20, 64)}
-    assert {b for o, b, _ in settings if o == "nvme"} == {1 << 20, 4 << 20, 16 << 20}
+    # the lattice the planner ranks: the defaults alone without the probe's read grid (every choice predicts the
+    # same), every choice for NVMe configs where the profile has one
+    def settings(space):
+        lattice = grid(space, model)
+        plans = [lattice.plan(g, r) for g, k in enumerate(lattice.knobs) for r in range(0, k.n, 5)]
+        return {(p.offload, p.aio_block_size_bytes, p.aio_queue_depth) for p in plans}
+
+    assert {(b, d) for _, b, d in settings(space)} == {(1 << 20, 64)}
+    from hpi.autotune.space import aio_lattice_for
+    from hpi.planner.specs.hardware import AioReadPoint
+
+    gridded = replace(hw, nvme=replace(hw.nvme, read_grid=(AioReadPoint(1 << 20, 1, 1e9),)))
+    space = replace(space, aio_lattice=aio_lattice_for(gridded))
+    assert Space.from_dict(space.to_dict()) == space
+    assert {(b, d) for o, b, d in settings(space) if o != "nvme"} == {(1 << 20, 64)}
+    assert {(b, d) for o, b, d in settings(space) if o == "nvme"} == set(itertools.product(
+        (1 << 20, 4 << 20, 16 << 20), (8, 32, 64, 128)))
