@@ -44,16 +44,16 @@ OBJECTIVES = ("latency", "throughput", "balanced")
 DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 NVME_BUFFER_DEFAULT_ELEMS = 100_000_000
 # A configuration is a plan up to these: each configuration is ranked at its best batch, micro-batch count,
-# prefetch bucket and NVMe buffer count.
+# prefetch bucket, NVMe buffer count and aio settings.
 RANKED_WITHIN_CONFIGURATION = ("batch_size", "micro_batches", "prefetch_bucket_elems", "nvme_buffer_count",
                                "aio_block_size_bytes", "aio_queue_depth")
 MIB = 1024**2
 # The aio settings offered where the profile has the probe's read grid (``cost.aio``), the plan's defaults
 # first (the ranking's stable sort keeps them where others predict the same). Block sizes: DeepSpeed's 1 MiB
-# (also its swap floor), 4 and 16 MiB, where drives reach their sequential rate with few requests (a block
-# above the smallest swapped partition is infeasible: ``feasibility`` ``aio_block_size``). Queue depths per
-# thread: DeepSpeed's 8, 32 and 128 around the plan's 64; with 8 threads, 64 to 1024 requests in flight
-# at most, beyond what NVMe drives need to saturate (the grid says where).
+# (also its swap floor), 4 and 16 MiB, the probe grid's request sizes: larger requests need fewer in flight
+# (a block above the smallest swapped partition is infeasible: ``feasibility`` ``aio_block_size``). Queue
+# depths per thread: DeepSpeed's 8, 32 and 128 around the plan's 64; with 8 threads 64 to 1024 requests in
+# flight at most, beyond the grid's 128 (where it saturates, its edge holds).
 AIO_BLOCK_SIZES = (MIB, 4 * MIB, 16 * MIB)
 AIO_QUEUE_DEPTHS = (8, 32, 128)
 
