@@ -40,6 +40,7 @@ class Entry:
     warmup_gen_len: int = 0  # 0: warm up with the full generation (the allocator's pool then holds every KV
     #   cache size the measured run asks for; a 2-token warm-up left cudaMalloc in the measured decode steps)
     fetch_wait: str = "stream"  # host: DeepSpeed's stock fetch wait (hpi.executor.zero3), for side-by-side ratios
+    pick_aio: bool = False  # the planner picks the aio block size and queue depth (hpi.planner.search.best_aio)
 
 
 def _ds_examples_knobs(model: str) -> dict:
@@ -74,6 +75,7 @@ def matrices() -> dict[str, list[Entry]]:
     # GPU per forward, so those entries generate few tokens (the median of 3 decode steps) to fit the call.
     off70 = dict(prompt_len=128, gen_len=4)
     res70 = dict(prompt_len=512, gen_len=16)
+    aio_run = dict(prompt_len=32, gen_len=3, warmup_gen_len=1)
     return {
         # CUDA-graphed decode (hpi.executor.graphs) against eager decode, side by side on one build per layout
         "graphs-h200x4": [
@@ -117,6 +119,18 @@ def matrices() -> dict[str, list[Entry]]:
                   {"offload": "cpu", "weight_bits": 4, "prefetch_bucket_elems": bucket,
                    "max_live_elems": max(10**9, 2 * bucket)}, variants=_batches(16), prompt_len=64, gen_len=4)
             for label, bucket in (("5e7", 50_000_000), ("5e8", 500_000_000), ("2e9", 2_000_000_000))
+        ],
+        # issue 20, NVMe: the 8B streamed from the device's disk at three aio settings, side by side: DeepSpeed's
+        # own defaults (1 MiB blocks, queue depth 8, 1 thread), hpi's fixed settings before the aio knobs
+        # (DeepSpeedExamples' depth 64 and 8 threads), and the planner's pick from the drive's read grid (run with
+        # --hardware h200-1gpu-aio, the profile benchmarks/aio_probe.py writes; benchmarks/aio_device.sh does both).
+        # 16 GB read per forward at ~1 GB/s: a short prompt and 3 tokens (2 decode steps) keep each entry near 1 min.
+        "aio-h200": [
+            Entry("8b-nvme-aio-deepspeed-b1", m8, "h200-1gpu", 1,
+                  {"offload": "nvme", "aio_queue_depth": 8, "aio_threads": 1, **tuned}, **aio_run),
+            Entry("8b-nvme-aio-hpi-fixed-b1", m8, "h200-1gpu", 1, {"offload": "nvme", **tuned}, **aio_run),
+            Entry("8b-nvme-aio-planner-b1", m8, "h200-1gpu", 1, {"offload": "nvme", **tuned}, pick_aio=True,
+                  **aio_run),
         ],
         "smoke": [
             Entry("tiny-resident", "tiny-llama", h100, 2, {}),
@@ -187,19 +201,24 @@ def matrices() -> dict[str, list[Entry]]:
     }
 
 
-def entry_plan(entry: Entry):
+def entry_plan(entry: Entry, workload=None):
     """The entry's Plan, with the knobs ``hpi run`` derives when they are not given: an NVMe swap buffer that
     holds the largest tensor partition (DeepSpeed asserts "More elements N than buffer size" otherwise; the
-    8B's 525M-element embedding overflowed the 1e8 default on the H100)."""
+    8B's 525M-element embedding overflowed the 1e8 default on the H100); with ``pick_aio``, the aio settings the
+    planner predicts fastest for ``workload`` on the entry's hardware."""
     from hpi.planner.catalog import load_model
-    from hpi.planner.search import nvme_buffer_elems_for
+    from hpi.planner.profiles import load_profile
+    from hpi.planner.search import best_aio, nvme_buffer_elems_for
     from hpi.planner.specs.plan import Plan
 
     fields = dict(entry.plan)
     if fields.get("offload") == "nvme" and "nvme_buffer_elems" not in fields:
         fields["nvme_buffer_elems"] = nvme_buffer_elems_for(load_model(entry.model), fields.get("tp", 1),
                                                             fields.get("dp", 1))
-    return Plan(batch_size=entry.batch, **fields)
+    plan = Plan(batch_size=entry.batch, **fields)
+    if entry.pick_aio:
+        plan = best_aio(load_model(entry.model), load_profile(entry.hardware), workload, plan)
+    return plan
 
 
 def refuse_infeasible(entry: Entry, plan, workload) -> None:
@@ -220,8 +239,8 @@ def run_hpi(entry: Entry, out: Path, gen_len: int, prompt_len: int, device: str 
     from hpi.planner.specs.workload import Workload
     from hpi.records import RunRecord
 
-    plan = entry_plan(entry)
     workload = Workload(entry.prompt_len or prompt_len, entry.gen_len or gen_len)
+    plan = entry_plan(entry, workload)
     spec = RunSpec(plan=plan, model=entry.model, workload=workload, hardware=entry.hardware, device=device,
                    dtype="bf16" if device == "cuda" else "fp32", out_dir=str(out / entry.name), warmup_steps=1,
                    warmup_gen_len=entry.warmup_gen_len,
@@ -309,7 +328,10 @@ def summarize(results: dict[str, dict]) -> tuple[list[str], dict]:
     for n, r in results.items():
         if "error" not in r and r.get("nvme"):
             nv = r["nvme"]
+            aio = nv.get("aio") or {}
             lines.append(f"{n}: NVMe read {nv['achieved_read_bytes_s'] / 1e9:.2f} GB/s"
+                         + (f" (aio block {aio['block_size'] >> 20} MiB, depth {aio['queue_depth']}, "
+                            f"{aio['intra_op_parallelism']} threads)" if aio else "")
                          + (f" = {nv['fraction_of_profile']:.2f} of the profile's "
                             f"{nv['profile_read_bytes_s'] / 1e9:.2f}" if nv.get("fraction_of_profile") else "")
                          + (f", drive queue depth {nv['device_avg_queue_depth']:.1f}"

@@ -126,7 +126,7 @@ def score_knobs(model: ModelSpec, hardware: HardwareProfile, workload: Workload,
     hw, mem = hardware, ev.memory
     masks = capacity_masks(ev)
     nvme_broken = (masks["nvme_missing"] | masks["nvme_capacity"] | masks["nvme_buffer"] | masks["nvme_buffer_count"]
-                   | masks["context_length"])
+                   | masks["aio_block_size"] | masks["context_length"])
     return Scores(
         throughput_tok_s=ev.throughput_tok_s,
         decode_step_s=ev.decode_step_s,

@@ -14,7 +14,8 @@ import statistics
 from dataclasses import replace
 from typing import Any
 
-from hpi.executor.render import AIO_DEFAULTS
+from hpi.executor.render import aio_config
+from hpi.planner.specs.plan import Plan
 from hpi.records import (
     DecodeSteps,
     HostToDevice,
@@ -85,6 +86,15 @@ def software_versions() -> Software:
     return Software(**versions)
 
 
+AIO_KNOBS = ("aio_block_size_bytes", "aio_queue_depth", "aio_threads")
+
+
+def _aio_asked(plan: dict[str, Any]) -> dict[str, Any]:
+    """The aio section the worker gave DeepSpeed: rendered from the run's plan as the worker renders it
+    (``hpi.executor.render.aio_config``); a plan from before the aio knobs ran at their defaults."""
+    return aio_config(Plan().with_(**{name: plan[name] for name in AIO_KNOBS if name in plan}))
+
+
 def _nvme_figures(plan: dict[str, Any], reports: list[RankReport], decode_s: float,
                   profile_read_bytes_s: float | None) -> NvmeReads | None:
     """NVMe offload: bytes per step from the partitions, and what the drive did (bytes, rate, queue depth),
@@ -100,7 +110,7 @@ def _nvme_figures(plan: dict[str, Any], reports: list[RankReport], decode_s: flo
         bytes_per_step=per_step,
         achieved_read_bytes_s=per_step / decode_s if decode_s > 0 else 0.0,
         profile_read_bytes_s=profile_read_bytes_s,
-        aio=dict(AIO_DEFAULTS),  # the queue depth and block size DeepSpeed was given (hpi.executor.render)
+        aio=_aio_asked(plan),
         device=measured[0].nvme_device if measured else None,
         device_read_bytes=read,
         device_read_bytes_s=read / interval if measured and interval > 0 else None,

@@ -50,25 +50,29 @@ from hpi.planner.specs.placement import Placement
 from hpi.planner.specs.plan import QUANT_GROUP_SIZE, Plan
 
 __all__ = [
-    "AIO_DEFAULTS", "DEFAULT_WORKER", "MULTICAST_OFF_ENV", "ds_config", "launch_command", "hostfile",
+    "AIO_DEFAULTS", "aio_config", "DEFAULT_WORKER", "MULTICAST_OFF_ENV", "ds_config", "launch_command", "hostfile",
     "node_ranks", "multinode_commands",
 ]
 
 DTYPES = ("bf16", "fp16", "fp32")
 
-# aio for NVMe offload. DeepSpeedExamples' ZeRO-Inference script asks for queue_depth 64 and 8 threads (under
-# the key thread_count, which 0.19.8 ignores); the thread count's key is intra_op_parallelism. block_size
-# stays at DeepSpeed's 1 MiB because it is also the smallest tensor that is swapped to NVMe at all
-# (partitioned_param_swapper.py: min_aio_bytes = max(1 MiB, block_size)); a 16 MiB block would keep every
-# tensor under 16 MiB in CPU memory, which the planner does not count.
-AIO_DEFAULTS: dict[str, Any] = {
-    "block_size": 1_048_576,
-    "queue_depth": 64,
-    "intra_op_parallelism": 8,
-    "single_submit": False,
-    "overlap_events": True,
-    "use_gds": False,
-}
+# aio for NVMe offload: block size, queue depth and thread count are plan knobs (Plan.aio_block_size_bytes,
+# aio_queue_depth, aio_threads; the planner prices them from the probe's read grid, hpi.planner.cost.aio). The
+# thread count's key is intra_op_parallelism (DeepSpeedExamples' ZeRO-Inference script writes thread_count,
+# which 0.19.8 ignores). A block above 1 MiB also raises the smallest tensor swapped to NVMe at all
+# (partitioned_param_swapper.py: min_aio_bytes = max(1 MiB, block_size)), so the planner refuses a block above
+# the smallest partition it counts as swapped (feasibility ``aio_block_size``). The rest is fixed here.
+AIO_FIXED: dict[str, Any] = {"single_submit": False, "overlap_events": True, "use_gds": False}
+
+
+def aio_config(plan: Plan) -> dict[str, Any]:
+    """DeepSpeed's ``aio`` section for ``plan`` (runtime/swap_tensor/aio_config.py reads every key)."""
+    return {"block_size": plan.aio_block_size_bytes, "queue_depth": plan.aio_queue_depth,
+            "intra_op_parallelism": plan.aio_threads, **AIO_FIXED}
+
+
+# The aio section of a plan at its defaults: DeepSpeedExamples' queue depth 64 and 8 threads, DeepSpeed's 1 MiB.
+AIO_DEFAULTS: dict[str, Any] = aio_config(Plan())
 
 # DeepSpeed defaults written explicitly (runtime/zero/config.py, offload_config.py, 0.19.8).
 MAX_IN_CPU_ELEMS = 1_000_000_000  # no effect for inference; written so no default is implied
@@ -137,7 +141,7 @@ def ds_config(plan: Plan, *, dtype: str, hidden_size: int, nvme_path: str | None
         "fp16": {"enabled": dtype == "fp16"},
     }
     if plan.offload == "nvme":
-        cfg["aio"] = dict(AIO_DEFAULTS)
+        cfg["aio"] = aio_config(plan)
     if plan.is_quantized:
         cfg["weight_quantization"] = {
             "quantized_initialization": {

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from hpi.planner.cost.shape import module_table
 from hpi.planner.feasibility import plan_problems
 from hpi.planner.predict import Estimate, predict_many
-from hpi.planner.search import nvme_buffer_counts_for, nvme_buffer_elems_for
+from hpi.planner.search import AIO_BLOCK_SIZES, AIO_QUEUE_DEPTHS, MIB, nvme_buffer_counts_for, nvme_buffer_elems_for
 from hpi.planner.specs.model import ModelSpec
 from hpi.planner.specs.plan import OFFLOAD_KINDS, WEIGHT_BITS, Plan, decode_graph_blocker
 
@@ -113,6 +113,10 @@ def knob_variants(plan: Plan, model: ModelSpec) -> list[tuple[str, Plan]]:
             v.append((f"{count} NVMe buffers", {"nvme_buffer_count": count}))
         bigger = plan.nvme_buffer_elems * 2
         v.append((f"NVMe buffer {bigger:,} elements", {"nvme_buffer_elems": bigger}))
+        for block in sorted(set(AIO_BLOCK_SIZES) - {plan.aio_block_size_bytes}):
+            v.append((f"aio block {block // MIB} MiB", {"aio_block_size_bytes": block}))
+        for depth in sorted(set(AIO_QUEUE_DEPTHS) - {plan.aio_queue_depth}):
+            v.append((f"aio queue depth {depth}", {"aio_queue_depth": depth}))
     out = []
     for label, change in v:
         try:

@@ -15,7 +15,8 @@ from typing import Iterator
 import numpy as np
 
 from hpi.planner.cost.estimate import Evaluation
-from hpi.planner.cost.shape import largest_swapped_partition, swaps_per_module
+from hpi.planner.cost.inputs import COMPUTE_BYTES
+from hpi.planner.cost.shape import largest_swapped_partition, smallest_swapped_partition, swaps_per_module
 from hpi.planner.specs.hardware import HardwareProfile
 from hpi.planner.specs.model import ModelSpec
 from hpi.planner.specs.plan import QUANT_GROUP_SIZE, Plan
@@ -99,6 +100,15 @@ def _swaps_per_module(ev: Evaluation) -> int:
     return swaps_per_module(a.model, a.tp, a.dp)
 
 
+def _largest_block_bytes(ev: Evaluation) -> float:
+    """The largest aio block size that swaps every partition the planner counts as swapped: the smallest one's
+    16-bit bytes (``shape.smallest_swapped_partition``; DeepSpeed keeps partitions under the block size in CPU
+    memory); no limit where nothing is swapped."""
+    a = ev.arrangement
+    smallest = smallest_swapped_partition(a.model, a.tp, a.dp) * COMPUTE_BYTES
+    return smallest if smallest > 0 else np.inf
+
+
 def capacity_masks(ev: Evaluation) -> dict[str, np.ndarray]:
     """(N,) boolean per reason kind: True where the plan breaks that limit."""
     hw, k, mem = ev.arrangement.hardware, ev.knobs, ev.memory
@@ -113,6 +123,7 @@ def capacity_masks(ev: Evaluation) -> dict[str, np.ndarray]:
         "nvme_capacity": k.offload_nvme & hw.has_nvme & (mem.nvme_bytes > nvme_capacity),
         "nvme_buffer": k.offload_nvme & (k.nvme_buffer_elems < _largest_partition_elems(ev)),
         "nvme_buffer_count": k.offload_nvme & (k.nvme_buffer_count < _swaps_per_module(ev)),
+        "aio_block_size": k.offload_nvme & (k.aio_block_size_bytes > _largest_block_bytes(ev)),
         "context_length": np.full(k.n, context > ev.arrangement.model.max_position_embeddings),
     }
 
@@ -211,6 +222,14 @@ def capacity_reasons(ev: Evaluation, i: int) -> list[Reason]:
             "nvme_buffer_count",
             f"NVMe buffer count {int(k.nvme_buffer_count[i])} < {need}, the parameters one module swaps in at once: "
             f"DeepSpeed stops with 'Not enough buffers'; use --nvme-buffer-count {need} or more",
+        ))
+    if masks["aio_block_size"][i]:
+        most = _largest_block_bytes(ev)
+        out.append(Reason(
+            "aio_block_size",
+            f"aio block size {int(k.aio_block_size_bytes[i]):,} bytes > {int(most):,}, the smallest partition swapped "
+            "to NVMe: DeepSpeed keeps partitions under the block size in CPU memory (min_aio_bytes), which the plan "
+            f"does not count; use --aio-block-size {int(most)} or less",
         ))
     if masks["context_length"][i]:
         wl, model = ev.arrangement.workload, ev.arrangement.model

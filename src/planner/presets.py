@@ -88,6 +88,13 @@ KNOB_NOTES = {
     "nvme_buffer_elems": "offload_param.buffer_size: elements per NVMe swap buffer, at least the largest parameter "
                          "partition (DeepSpeed refuses less); predicted: pinned and CPU memory only (a larger buffer "
                          "is never faster)",
+    "aio_block_size_bytes": "aio.block_size: bytes per NVMe read request, at most the smallest partition swapped "
+                            "(DeepSpeed keeps smaller ones in CPU memory); predicted: the NVMe read rate, from the "
+                            "probe's read grid (the same for every value without one)",
+    "aio_queue_depth": "aio.queue_depth: NVMe read requests in flight per aio thread; predicted: the NVMe read rate, "
+                       "from the probe's read grid (the same for every value without one)",
+    "aio_threads": "aio.intra_op_parallelism: threads each reading a slice of every partition; predicted: the NVMe "
+                   "read rate, from the probe's read grid (the same for every value without one)",
     GRAPHS_CONDITION: "decode steps replayed as CUDA graphs (--cuda-graphs), a run condition; predicted: host "
                       "overhead per step",
 }

@@ -17,6 +17,7 @@ Schema (see ``hardware_profiles/*.yaml`` for complete examples)::
     gpu:  {name: "...", memory_bytes: Q, bf16_flops: Q, hbm_bandwidth_bytes_s: Q, int8_flops: Q?}
     host: {dram_bytes: Q, pinnable_bytes: Q, cpu_cores: Q, h2d_pageable_bytes_s: Q, d2h_pageable_bytes_s: Q}
     nvme: {devices: 8, capacity_bytes: Q, read_bytes_s: Q, write_bytes_s: Q}     # optional / null
+      # + read_grid: {source: probed, note: "...", points: [[request_bytes, in_flight, read_bytes_s], ...]}
     efficiency: {h2d_stream_pinned: Q, ...}   # optional; any Efficiency field, defaults apply to the rest
     calibrated:                          # optional; written by `hpi calibrate`, applied over efficiency:
       date: "2026-11-22"                 # plus records, record_ids, held_out, error_before/after, unidentified
@@ -56,11 +57,14 @@ import yaml
 from hpi.planner.profile_fields import FieldReader, ProfileError
 from hpi.planner.specs.hardware import (
     OS_KINDS,
+    PROVENANCE_KINDS,
+    AioReadPoint,
     Efficiency,
     GpuSpec,
     HardwareProfile,
     HostSpec,
     NvmeSpec,
+    Provenance,
     is_fraction,
 )
 from hpi.planner.wiring import NodeSpec, read_cluster, read_node
@@ -325,13 +329,43 @@ def _nvme(reader: FieldReader, raw: Mapping[str, Any]) -> NvmeSpec | None:
     section = reader.section(raw, "nvme", "", required=False)
     if section is None:
         return None
-    reader.only(section, ("devices", "capacity_bytes", "read_bytes_s", "write_bytes_s"), "nvme")
+    reader.only(section, ("devices", "capacity_bytes", "read_bytes_s", "write_bytes_s", "read_grid"), "nvme")
     return NvmeSpec(
         capacity_bytes=reader.quantity(section, "capacity_bytes", "nvme", positive=True),
         read_bytes_s=reader.quantity(section, "read_bytes_s", "nvme", positive=True),
         write_bytes_s=reader.quantity(section, "write_bytes_s", "nvme", positive=True),
         devices=max(1, reader.count(section, "devices", "nvme", default=1)),
+        read_grid=_read_grid(reader, section),
     )
+
+
+def _read_grid(reader: FieldReader, section: Mapping[str, Any]) -> tuple[AioReadPoint, ...]:
+    """``nvme.read_grid: {source, note, points: [[request_bytes, in_flight, read_bytes_s], ...]}``, the probe's
+    O_DIRECT read rates (``hpi.executor.probe.disk.measure_read_grid``); absent in older profiles: ()."""
+    grid = reader.section(section, "read_grid", "nvme", required=False)
+    if grid is None:
+        return ()
+    path = "nvme.read_grid"
+    reader.only(grid, ("points", "source", "note"), path)
+    source = reader.text(grid, "source", path, choices=PROVENANCE_KINDS)
+    note = reader.text(grid, "note", path, default="")
+    points = grid.get("points")
+    if not isinstance(points, list) or not points:
+        reader.fail(f"{path}.points", f"expected a list of [request_bytes, in_flight, read_bytes_s], got {points!r}")
+    out = []
+    for i, point in enumerate(points):
+        numbers = [_positive_number(v) for v in point] if isinstance(point, list) and len(point) == 3 else [None]
+        if None in numbers:
+            reader.fail(f"{path}.points[{i}]", f"expected [request_bytes, in_flight, read_bytes_s], each a number "
+                        f"> 0, got {point!r}")
+        out.append(AioReadPoint(*numbers))
+    reader.provenance[path] = Provenance(source=source, note=note)
+    return tuple(out)
+
+
+def _positive_number(value: Any) -> float | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    return float(value) if ok else None
 
 
 def _efficiency(reader: FieldReader, raw: Mapping[str, Any]) -> Efficiency:

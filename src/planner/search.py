@@ -26,7 +26,7 @@ from hpi.planner.cost.inputs import Arrangement, Knobs, make_arrangement
 from hpi.planner.cost.shape import largest_swapped_partition, swaps_per_module
 from hpi.planner.cost.streaming import NVME_BUFFERS_OVERLAP_COMPUTE, NVME_BUFFERS_PIPELINED
 from hpi.planner.feasibility import arrangement_problems, capacity_masks, quantization_problems
-from hpi.planner.predict import Estimate, estimate_from_evaluation
+from hpi.planner.predict import Estimate, estimate_from_evaluation, predict_many
 from hpi.planner.ranks import place
 from hpi.planner.specs.hardware import HardwareProfile
 from hpi.planner.specs.model import ModelSpec
@@ -44,8 +44,18 @@ OBJECTIVES = ("latency", "throughput", "balanced")
 DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 NVME_BUFFER_DEFAULT_ELEMS = 100_000_000
 # A configuration is a plan up to these: each configuration is ranked at its best batch, micro-batch count,
-# prefetch bucket and NVMe buffer count.
-RANKED_WITHIN_CONFIGURATION = ("batch_size", "micro_batches", "prefetch_bucket_elems", "nvme_buffer_count")
+# prefetch bucket, NVMe buffer count and aio settings.
+RANKED_WITHIN_CONFIGURATION = ("batch_size", "micro_batches", "prefetch_bucket_elems", "nvme_buffer_count",
+                               "aio_block_size_bytes", "aio_queue_depth")
+MIB = 1024**2
+# The aio settings offered where the profile has the probe's read grid (``cost.aio``), the plan's defaults
+# first (the ranking's stable sort keeps them where others predict the same). Block sizes: DeepSpeed's 1 MiB
+# (also its swap floor), 4 and 16 MiB, the probe grid's request sizes: larger requests need fewer in flight
+# (a block above the smallest swapped partition is infeasible: ``feasibility`` ``aio_block_size``). Queue
+# depths per thread: DeepSpeed's 8, 32 and 128 around the plan's 64; with 8 threads 64 to 1024 requests in
+# flight at most, beyond the grid's 128 (where it saturates, its edge holds).
+AIO_BLOCK_SIZES = (MIB, 4 * MIB, 16 * MIB)
+AIO_QUEUE_DEPTHS = (8, 32, 128)
 
 
 @dataclass(frozen=True)
@@ -99,14 +109,23 @@ def _default_where_idle(column: np.ndarray, default: float, applies: np.ndarray)
     return applies | (column == default)
 
 
+def _offered(default: int, values: tuple[int, ...], offer: bool) -> list[int]:
+    """``default`` first, then the other ``values`` where ``offer``."""
+    return [default] + ([v for v in values if v != default] if offer else [])
+
+
 def _grid(arrangement: Arrangement, space: SearchSpace, has_nvme: bool, nvme_buffer_elems: int,
           plan_type: type = Plan) -> Knobs:
     """Every knob combination worth evaluating for one arrangement, as arrays: the product of the space's
     axes, less the rows that split the batch unevenly or vary a knob where it changes nothing (pinning where
     nothing is copied from host memory, the prefetch bucket where ZeRO-3 gathers nothing, the NVMe buffer
-    count where nothing is swapped). The buffer count is the innermost axis, DeepSpeed's default first: where
-    fewer buffers predict the same times, the ranking's stable sort keeps the default."""
+    count and aio settings where nothing is swapped). The buffer count is the innermost axis but for the aio
+    settings, DeepSpeed's default first: where fewer buffers predict the same times, the ranking's stable sort
+    keeps the default. The aio settings are offered only where the profile has the probe's read grid: without
+    it every setting predicts the same (``cost.aio``)."""
     dp, pp = arrangement.dp, arrangement.pp
+    nvme = arrangement.hardware.nvme
+    tune_aio = has_nvme and nvme is not None and bool(nvme.read_grid)
     quantizable = not any(True for _ in quantization_problems(arrangement.model, arrangement.tp))
     k = Knobs.product({
         "offload": [o for o in space.offloads if o != "nvme" or has_nvme],
@@ -118,13 +137,17 @@ def _grid(arrangement: Arrangement, space: SearchSpace, has_nvme: bool, nvme_buf
         "prefetch_bucket_elems": prefetch_buckets(arrangement.model),
         "nvme_buffer_count": (nvme_buffer_counts_for(arrangement.model, arrangement.tp, dp) if has_nvme
                               else [plan_type.nvme_buffer_count]),
+        "aio_block_size_bytes": _offered(plan_type.aio_block_size_bytes, AIO_BLOCK_SIZES, tune_aio),
+        "aio_queue_depth": _offered(plan_type.aio_queue_depth, AIO_QUEUE_DEPTHS, tune_aio),
     }, fixed={"nvme_buffer_elems": nvme_buffer_elems}, plan_type=plan_type)
     even = (k.batch_size % dp == 0) & ((k.batch_size // dp) % k.micro_batches == 0)
     pins = _default_where_idle(k.pin_memory, plan_type.pin_memory, copies_from_host(k.offload_cpu, k.kv_offload))
     buckets = _default_where_idle(k.prefetch_bucket_elems, plan_type.prefetch_bucket_elems,
                                   gathers_weights(k.offloaded, dp))
     buffers = _default_where_idle(k.nvme_buffer_count, plan_type.nvme_buffer_count, k.offload_nvme)
-    return k.take(np.flatnonzero(even & pins & buckets & buffers))
+    aio = (_default_where_idle(k.aio_block_size_bytes, plan_type.aio_block_size_bytes, k.offload_nvme)
+           & _default_where_idle(k.aio_queue_depth, plan_type.aio_queue_depth, k.offload_nvme))
+    return k.take(np.flatnonzero(even & pins & buckets & buffers & aio))
 
 
 def nvme_buffer_elems_for(model: ModelSpec, tp: int, dp: int) -> int:
@@ -145,6 +168,22 @@ def nvme_buffer_counts_for(model: ModelSpec, tp: int, dp: int) -> list[int]:
     default = Plan.nvme_buffer_count
     fewer = {n * per_module for n in (NVME_BUFFERS_PIPELINED, NVME_BUFFERS_OVERLAP_COMPUTE)}
     return [default] + sorted((n for n in fewer if n < default), reverse=True)
+
+
+def aio_variants(plan: Plan) -> list[Plan]:
+    """``plan`` at every aio setting the search offers (``AIO_BLOCK_SIZES`` x ``AIO_QUEUE_DEPTHS``), its own first."""
+    blocks = _offered(plan.aio_block_size_bytes, AIO_BLOCK_SIZES, True)
+    depths = _offered(plan.aio_queue_depth, AIO_QUEUE_DEPTHS, True)
+    return [plan.with_(aio_block_size_bytes=b, aio_queue_depth=d) for b in blocks for d in depths]
+
+
+def best_aio(model: ModelSpec, hardware: HardwareProfile, workload: Workload, plan: Plan) -> Plan:
+    """The feasible aio variant of an NVMe ``plan`` with the shortest predicted decode step (``aio_variants``;
+    ``plan`` itself where none is faster, as without the probe's read grid)."""
+    variants = aio_variants(plan)
+    estimates = predict_many(model, hardware, workload, variants)
+    feasible = [(e.decode_step_s, i) for i, e in enumerate(estimates) if e.feasible]
+    return variants[min(feasible)[1]] if feasible else plan
 
 
 def plan_at(ev: Evaluation, i: int) -> Plan:

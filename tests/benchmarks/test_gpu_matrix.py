@@ -67,3 +67,29 @@ def test_ds_examples_entries_take_the_one_preset():
     from hpi.planner.specs.plan import ds_examples_knobs
 
     assert _gpu_matrix()._ds_examples_knobs("llama-3-8b") == ds_examples_knobs(4096)
+
+
+def test_aio_matrix_compares_three_aio_settings_and_the_planner_picks_from_the_grid(tmp_path):
+    """DeepSpeed's defaults, hpi's fixed settings, the planner's pick: each feasible on the H200 at its workload;
+    the pick follows the drive's read grid (here: a drive that wants 4 MiB requests, 64 in flight)."""
+    import yaml
+
+    from hpi.planner.specs.workload import Workload
+
+    gm = _gpu_matrix()
+    entries = gm.matrices()["aio-h200"]
+    workload = Workload(entries[0].prompt_len, entries[0].gen_len)
+    plans = [gm.entry_plan(e, workload) for e in entries]
+    for entry, plan in zip(entries, plans):
+        gm.refuse_infeasible(entry, plan, workload)
+    assert [(p.aio_block_size_bytes, p.aio_queue_depth, p.aio_threads) for p in plans] == [
+        (1 << 20, 8, 1), (1 << 20, 64, 8), (1 << 20, 64, 8)]  # no grid in h200-1gpu: the pick is the default
+    raw = yaml.safe_load((REPO / "hardware_profiles" / "h200-1gpu.yaml").read_text())
+    raw["name"] = "h200-grid"
+    raw["nvme"]["read_grid"] = {"source": "assumed", "note": "test", "points": [
+        [1 << 20, 1, 0.9e9], [1 << 20, 64, 2.0e9], [4 << 20, 1, 1.5e9], [4 << 20, 64, 3.0e9]]}
+    (tmp_path / "h200-grid.yaml").write_text(yaml.safe_dump(raw))
+    picked = gm.Entry(**{**entries[2].__dict__, "hardware": str(tmp_path / "h200-grid.yaml")})
+    plan = gm.entry_plan(picked, workload)
+    assert (plan.aio_block_size_bytes, plan.aio_queue_depth) == (4 << 20, 64)
+    gm.refuse_infeasible(picked, plan, workload)

@@ -191,7 +191,9 @@ CASES: list[Case] = [
         ("--offload", "nvme", "--nvme-buffer-size", "0"), ("--batch", "3", "--dp", "2"), ("--micro-batches", "2"),
         ("--prefetch-bucket", "-1"), ("--prefetch-bucket", "1e400"), ("--max-live", "nan"),
         ("--persistence-threshold", "2.5"), ("--tp", "3"), ("--dtype", "int8"), ("--fetch-wait", "never"),
-        ("--cuda-graphs", "--no-cuda-graphs"))],
+        ("--cuda-graphs", "--no-cuda-graphs"), ("--offload", "nvme", "--aio-block-size", "1000"),
+        ("--offload", "nvme", "--aio-block-size", "1050000"), ("--offload", "nvme", "--aio-block-size", "4MiB"),
+        ("--offload", "nvme", "--aio-queue-depth", "0"), ("--offload", "nvme", "--aio-threads", "-1"))],
     # hpi predict --plan FILE: every way a plan file can be wrong, and flags beside it
     *[case(*PREDICT, "--plan", f) for f in (
         "missing.json", "plan_malformed.json", "plan_two.json", "plan_empty.json", "plan_missing.json",

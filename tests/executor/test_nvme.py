@@ -54,3 +54,19 @@ def test_nvme_offload_matches_cpu_offload_and_reports_its_reads(tmp_path):
 def test_nvme_with_fp32_is_refused_with_the_fix(tmp_path):
     with pytest.raises(ValueError, match="use --dtype bf16 or fp16"):
         RunSpec(plan=Plan(offload="nvme"), model="tiny-llama", device="cpu", dtype="fp32", nvme_path=str(tmp_path))
+
+
+def test_the_plans_aio_settings_reach_deepspeed_and_change_no_token(tmp_path):
+    """A 2 MiB block (under tiny-llama's 3.9 MiB embedding, the smallest swapped tensor), 4 requests per thread and
+    2 threads: DeepSpeed's aio handle takes them (a thread count that does not divide a read would fail it), the
+    record keeps them, and the tokens are CPU offload's."""
+    plan = Plan(offload="nvme", pin_memory=False, batch_size=2, aio_block_size_bytes=2 << 20, aio_queue_depth=4,
+                aio_threads=2)
+    spec = RunSpec(plan=plan, model="tiny-llama", workload=WORKLOAD, device="cpu", dtype="bf16",
+                   out_dir=str(tmp_path / "aio"), nvme_path=str(tmp_path / "nvme"))
+    nvme = launch(spec, timeout_s=300).to_json()
+    cpu = launch(_spec(tmp_path, "cpu", "cpu"), timeout_s=300).to_json()
+    assert nvme["tokens"] == cpu["tokens"]
+    aio = nvme["nvme"]["aio"]
+    assert (aio["block_size"], aio["queue_depth"], aio["intra_op_parallelism"]) == (2 << 20, 4, 2)
+    assert nvme["nvme"]["bytes_per_step"] == NVME_BYTES_PER_STEP  # the same tensors swapped as at 1 MiB

@@ -43,3 +43,16 @@ def test_nvme_fraction_is_absent_without_a_prediction_and_figures_absent_without
     figures = _record("nvme", None).transfers.nvme
     assert figures.profile_read_bytes_s is None and figures.fraction_of_profile is None
     assert _record("cpu", None).transfers.nvme is None
+
+
+def test_the_record_keeps_the_aio_settings_the_plan_asked_for():
+    """The worker renders DeepSpeed's aio section from the run's plan (render.aio_config); the record says the same,
+    and a plan from before the aio knobs ran at their defaults."""
+    from hpi.executor.render import AIO_DEFAULTS
+
+    spec = _spec("nvme")
+    spec["plan"].update(aio_block_size_bytes=4 << 20, aio_queue_depth=8, aio_threads=1)
+    record = build_record(spec, [_report(0, int(4 * GB))], [[1, 2, 3, 4]], None, 54e9, ModelInfo("m"))
+    assert record.transfers.nvme.aio == {"block_size": 4 << 20, "queue_depth": 8, "intra_op_parallelism": 1,
+                                         "single_submit": False, "overlap_events": True, "use_gds": False}
+    assert _record("nvme", None).transfers.nvme.aio == AIO_DEFAULTS

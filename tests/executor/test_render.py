@@ -19,6 +19,7 @@ from hpi.executor.render import (
     AIO_DEFAULTS,
     DEFAULT_WORKER,
     MULTICAST_OFF_ENV,
+    aio_config,
     ds_config,
     hostfile,
     launch_command,
@@ -159,6 +160,24 @@ def test_deepspeed_accepts_every_rendered_config_and_reads_back_every_value():
     bad["zero_optimization"]["offload_param"]["pin_memmory"] = True
     with pytest.raises(Exception, match="pin_memmory"):
         DeepSpeedConfig(bad)
+
+
+@pytest.mark.deepspeed
+def test_deepspeed_reads_the_plans_aio_knobs():
+    """The aio section is the plan's block size, queue depth and threads, as DeepSpeed's own reader takes them
+    (runtime/swap_tensor/aio_config.py); the defaults are what every NVMe run was given before they were knobs."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    assert AIO_DEFAULTS == {"block_size": 1_048_576, "queue_depth": 64, "intra_op_parallelism": 8,
+                            "single_submit": False, "overlap_events": True, "use_gds": False}
+    plan = Plan(offload="nvme", aio_block_size_bytes=4 << 20, aio_queue_depth=128, aio_threads=2)
+    cfg = ds_config(plan, dtype="bf16", hidden_size=64, nvme_path="/tmp/hpi-nvme")
+    assert cfg["aio"] == aio_config(plan)
+    read = DeepSpeedConfig(json.loads(json.dumps(cfg))).aio_config
+    assert (read["block_size"], read["queue_depth"], read["intra_op_parallelism"]) == (4 << 20, 128, 2)
+    assert "aio" not in ds_config(plan.with_(offload="cpu"), dtype="bf16", hidden_size=64)
 
 
 @pytest.mark.deepspeed

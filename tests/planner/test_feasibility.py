@@ -33,7 +33,7 @@ GB = 1e9
 EFF = Efficiency(gpu_reserved_bytes=1 * GB, host_reserved_bytes=2 * GB, gpu_memory_usable=0.9, dram_usable=0.9)
 BUFFER = 600_000_000  # NVMe swap buffer elements that hold Llama-3-8B's largest tensor (the embedding)
 KINDS = {"gpu_memory", "cpu_memory", "build_memory", "pinned_memory", "nvme_missing", "nvme_capacity", "nvme_buffer",
-         "nvme_buffer_count", "context_length"}
+         "nvme_buffer_count", "aio_block_size", "context_length"}
 
 
 def machine(gpu_memory=80 * GB, dram=1000 * GB, pinnable=500 * GB, nvme_capacity=4000 * GB, n_gpus=8, name="test-box"):
@@ -358,3 +358,17 @@ def test_a_full_disk_at_4_bits_is_not_told_to_quantize() -> None:
                                                                            nvme_buffer_elems=BUFFER)], hw=hw)
     sixteen, four = (only(capacity_reasons(ev, i), "nvme_capacity").message for i in range(2))
     assert "--quant-bits 4" in sixteen and "--quant-bits" not in four and "larger disk" in four
+
+
+def test_aio_block_size_must_not_keep_a_swapped_partition_in_cpu_memory() -> None:
+    """DeepSpeed swaps only partitions of at least the block size (min_aio_bytes); Llama-3-8B's smallest swapped
+    ones are k and v (4096 x 1024, 8 MiB), 4 MiB at dp 2."""
+    plans = [Plan(offload="nvme", nvme_buffer_elems=BUFFER, aio_block_size_bytes=b << 20) for b in (8, 16)]
+    ev = evaluation(plans)
+    np.testing.assert_array_equal(capacity_masks(ev)["aio_block_size"], [False, True])
+    r = only(capacity_reasons(ev, 1), "aio_block_size")
+    assert "aio block size 16,777,216 bytes > 8,388,608" in r.message and "--aio-block-size 8388608" in r.message
+    halves = [Plan(offload="nvme", dp=2, batch_size=2, nvme_buffer_elems=BUFFER, aio_block_size_bytes=8 << 20)]
+    assert capacity_masks(evaluation(halves))["aio_block_size"].all()
+    cpu = [Plan(offload="cpu", aio_block_size_bytes=64 << 20)]  # nothing is swapped: the block changes nothing
+    assert not capacity_masks(evaluation(cpu))["aio_block_size"].any()

@@ -132,6 +132,8 @@ def test_every_spec_figure_has_a_provenance_entry(name):
         for f in fields(spec):
             if f.name in ("name", "sockets", "devices") or (f.name == "int8_flops" and value.int8_flops == 0.0):
                 continue
+            if f.name == "read_grid" and not value.read_grid:  # a profile from before the probe measured it
+                continue
             assert f"{section}.{f.name}" in profile.provenance, f"{name}: {section}.{f.name}"
     for key in profile.raw.get("efficiency", {}):
         assert profile.provenance[f"efficiency.{key}"].source in PROVENANCE_KINDS
@@ -408,3 +410,29 @@ def test_raw_is_the_parsed_yaml(tmp_path):
     data = minimal()
     profile = load_profile(str(write(tmp_path, copy.deepcopy(data))))
     assert profile.raw == data
+
+
+def test_nvme_read_grid_loads_and_an_older_profile_has_none(tmp_path):
+    data = minimal()
+    data["nvme"] = {"devices": 1, "capacity_bytes": q(1e12), "read_bytes_s": q(2e9), "write_bytes_s": q(1e9)}
+    assert load_profile(str(write(tmp_path, data))).nvme.read_grid == ()  # written before the probe measured it
+    data["nvme"]["read_grid"] = {"source": "probed", "note": "measure_read_grid",
+                                 "points": [[1048576, 1, 1.0e9], [1048576, 32, 3.5e9]]}
+    data["name"] = "gridded"
+    profile = load_profile(str(write(tmp_path, data)))
+    assert [(p.request_bytes, p.in_flight, p.read_bytes_s) for p in profile.nvme.read_grid] == [
+        (1048576.0, 1.0, 1.0e9), (1048576.0, 32.0, 3.5e9)]
+    assert profile.provenance["nvme.read_grid"].source == "probed"
+
+
+@pytest.mark.parametrize("grid, says", [
+    ({"source": "probed", "points": [[1048576, 0, 1e9]]}, "nvme.read_grid.points[0]: expected [request_bytes"),
+    ({"source": "probed", "points": [[1048576, 1]]}, "nvme.read_grid.points[0]"),
+    ({"source": "probed", "points": []}, "nvme.read_grid.points: expected a list"),
+    ({"source": "guessed", "points": [[1048576, 1, 1e9]]}, "nvme.read_grid.source"),
+    ({"source": "probed", "points": [[1048576, 1, 1e9]], "unit": "x"}, "nvme.read_grid.unit: unknown field"),
+])
+def test_bad_nvme_read_grid_names_the_field(tmp_path, grid, says):
+    data = minimal()
+    data["nvme"] = {"capacity_bytes": q(1e12), "read_bytes_s": q(2e9), "write_bytes_s": q(1e9), "read_grid": grid}
+    assert says in error_of(tmp_path, data)

@@ -320,3 +320,48 @@ def test_search_plans_predict_to_the_same_figures(llama8b_on_4gpu) -> None:
         assert est.throughput_tok_s == pytest.approx(r.throughput_tok_s[i], rel=1e-9)
         assert est.feasible == bool(r.feasible[i])
         assert r.estimate(i).decode_step_s == pytest.approx(est.decode_step_s, rel=1e-9)
+
+
+# ---- aio settings ---------------------------------------------------------------------------------------
+def with_read_grid(profile):
+    """``profile`` with a probe read grid where bigger requests and more of them in flight read faster."""
+    from dataclasses import replace
+
+    from hpi.planner.specs.hardware import AioReadPoint
+
+    mib = 1 << 20
+    grid = (AioReadPoint(mib, 1, 1e9), AioReadPoint(mib, 64, 4e9), AioReadPoint(4 * mib, 1, 2e9),
+            AioReadPoint(4 * mib, 64, 8e9))
+    return replace(profile, nvme=replace(profile.nvme, read_grid=grid))
+
+
+def test_aio_settings_are_offered_only_with_a_read_grid_and_only_to_nvme_plans(a6000) -> None:
+    model, space = load_model("llama-3-8b"), SearchSpace(batch_sizes=(1,))
+    plain = {(p.aio_block_size_bytes, p.aio_queue_depth) for p in all_plans(search(model, a6000, WORKLOAD, space))}
+    assert plain == {(1 << 20, 64)}  # no grid: every setting predicts the same, so only the defaults
+    r = search(model, with_read_grid(a6000), WORKLOAD, space)
+    settings = {(p.offload, p.aio_block_size_bytes, p.aio_queue_depth) for p in all_plans(r)}
+    assert {(b, d) for o, b, d in settings if o != "nvme"} == {(1 << 20, 64)}
+    assert {(b, d) for o, b, d in settings if o == "nvme"} == set(itertools.product(
+        (1 << 20, 4 << 20, 16 << 20), (8, 32, 64, 128)))
+    # Llama-3-8B's k and v projections (8 MiB) would stay in CPU memory under a 16 MiB block
+    assert r.infeasible_counts["aio_block_size"] == 4 * sum(p.offload == "nvme" for p in all_plans(r)) // 12
+
+
+def test_best_aio_is_the_fastest_feasible_setting(a6000) -> None:
+    from hpi.planner.search import aio_variants, best_aio
+    from hpi.planner.specs.plan import Plan
+
+    model, plan = load_model("llama-3-8b"), Plan(offload="nvme", nvme_buffer_elems=nvme_buffer_elems_for(
+        load_model("llama-3-8b"), 1, 1))
+    assert best_aio(model, a6000, WORKLOAD, plan) == plan  # no grid: nothing is faster
+    hw = with_read_grid(a6000)
+    best = best_aio(model, hw, WORKLOAD, plan)
+    assert (best.aio_block_size_bytes, best.aio_queue_depth) == (4 << 20, 64)
+    steps = {(v.aio_block_size_bytes, v.aio_queue_depth): predict(model, hw, WORKLOAD, v)
+             for v in aio_variants(plan)}
+    assert len(steps) == 12 and not steps[(16 << 20, 64)].feasible
+    assert steps[(4 << 20, 64)].decode_step_s == min(e.decode_step_s for e in steps.values() if e.feasible)
+    assert steps[(4 << 20, 64)].decode_step_s < steps[(1 << 20, 64)].decode_step_s
+    # 8 threads x 64 already cover every block of a partition: a deeper queue predicts the same, the plan's kept
+    assert steps[(4 << 20, 128)].decode_step_s == steps[(4 << 20, 64)].decode_step_s

@@ -16,7 +16,8 @@ only, so importing this package stays cheap and ``hpi probe`` works on a machine
 - ``kernels``: matmuls, the HBM copy, a decode GEMV, a tiny kernel in a CUDA graph, real decoder layers in
   graphed decode (``time_layers``) and their cost fit (``fit_layer_cost``);
 - ``collectives``: NCCL all-reduce for every group size, eager and CUDA-graphed;
-- ``disk``: the offload directory's filesystem and conventions, and its O_DIRECT rates;
+- ``disk``: the offload directory's filesystem and conventions, and its O_DIRECT rates (sequential, and by
+  request size and requests in flight: the profile's ``nvme.read_grid``);
 - ``figures``, ``efficiency``, ``profile``: the profile dict from the measurements, its YAML and
   ``NAME.probe.json``;
 - ``run``: ``run_probe``, every step in turn.
@@ -28,7 +29,15 @@ alone and together copy figures, every all-reduce size and group size, so a numb
 """
 
 from hpi.executor.probe.collectives import GRAPHED_CALLS, GRAPHED_MAX_BYTES, measure_allreduce
-from hpi.executor.probe.disk import PathAdvice, classify_path, measure_disk, mount_fs_type, os_note
+from hpi.executor.probe.disk import (
+    PathAdvice,
+    ReadGrid,
+    classify_path,
+    measure_disk,
+    measure_read_grid,
+    mount_fs_type,
+    os_note,
+)
 from hpi.executor.probe.efficiency import HOST_BOUND_RATIO, layer_figures
 from hpi.executor.probe.host import detect_os, gather_host, gather_os, measure_copies, memlock_limits, pin_trial
 from hpi.executor.probe.kernels import (
@@ -88,6 +97,8 @@ __all__ = [
     "PathAdvice",
     "os_note",
     "measure_disk",
+    "measure_read_grid",
+    "ReadGrid",
     # kernels and layers
     "measure_matmul",
     "measure_hbm",

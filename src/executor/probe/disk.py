@@ -1,6 +1,7 @@
 """The offload disk: which filesystem a directory is on, whether it suits NVMe offload on this OS, and its
 sequential O_DIRECT write and read rates (``measure_disk``, posix only; ``hpi check`` reuses it for a quick
-read)."""
+read), and its O_DIRECT read rate by request size and requests in flight (``measure_read_grid``), which prices a
+plan's aio settings."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["mount_fs_type", "PathAdvice", "classify_path", "os_note", "measure_disk"]
+__all__ = ["mount_fs_type", "PathAdvice", "classify_path", "os_note", "ReadGrid", "measure_read_grid", "measure_disk"]
 
 
 def mount_fs_type(path: str, mounts_text: str) -> str | None:
@@ -75,8 +77,61 @@ def os_note(os_kind: str) -> str:
     }[os_kind]
 
 
-def measure_disk(directory: str, file_bytes: int, block_bytes: int) -> dict[str, Any]:
-    """Sequential write (+ fsync) and read of a temporary file with O_DIRECT in aligned blocks (posix only)."""
+@dataclass(frozen=True)
+class ReadGrid:
+    """The (request bytes, requests in flight) points ``measure_read_grid`` times, and how much each reads."""
+
+    request_bytes: tuple[int, ...]
+    in_flight: tuple[int, ...]
+    point_bytes: int  # bytes read per point, at least two rounds of every request in flight
+    max_in_flight_bytes: int  # points with more bytes in flight are skipped (memory, time)
+
+    def points(self, file_bytes: int) -> list[tuple[int, int]]:
+        limit = min(self.max_in_flight_bytes, file_bytes)
+        return [(r, q) for r in self.request_bytes for q in self.in_flight if r * q <= limit]
+
+
+def _read_with_requests(fd: int, file_bytes: int, request: int, in_flight: int, total: int) -> float:
+    """Bytes/s of ``total`` bytes of O_DIRECT reads of ``request`` bytes, ``in_flight`` of them outstanding: one
+    thread per request, each a blocking pread (it releases the GIL), spread over the file."""
+    slots = file_bytes // request
+    count = max(in_flight, -(-total // request))
+    buffers = [mmap.mmap(-1, request) for _ in range(in_flight)]  # page-aligned, as O_DIRECT needs
+    start = threading.Barrier(in_flight + 1)
+
+    def reader(i: int) -> None:
+        start.wait()
+        for k in range(i, count, in_flight):
+            os.preadv(fd, [buffers[i]], (k % slots) * request)
+
+    threads = [threading.Thread(target=reader, args=(i,), daemon=True) for i in range(in_flight)]
+    for t in threads:
+        t.start()
+    start.wait()
+    began = time.perf_counter()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - began
+    for b in buffers:
+        b.close()
+    return count * request / elapsed
+
+
+def measure_read_grid(path: str, file_bytes: int, grid: ReadGrid) -> list[list[float]]:
+    """[request_bytes, in_flight, read_bytes_s] of O_DIRECT reads of the file at ``path`` at each grid point:
+    what DeepSpeed's aio reaches with requests of that size, that many at once (``hpi.planner.cost.aio``).
+    Threads stand in for libaio's queue (the image may have no libaio): the drive sees the same requests."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        return [[float(r), float(q), _read_with_requests(fd, file_bytes, r, q, max(grid.point_bytes, 2 * r * q))]
+                for r, q in grid.points(file_bytes)]
+    finally:
+        os.close(fd)
+
+
+def measure_disk(directory: str, file_bytes: int, block_bytes: int, grid: ReadGrid | None = None) -> dict[str, Any]:
+    """Sequential write (+ fsync) and read of a temporary file with O_DIRECT in aligned blocks (posix only); with
+    ``grid``, the read rate by request size and requests in flight too (``measure_read_grid``, O_DIRECT only)."""
     usage = shutil.disk_usage(directory)
     out: dict[str, Any] = {"path": os.path.abspath(directory), "free_bytes": float(usage.free),
                            "total_bytes": float(usage.total), "block_bytes": block_bytes}
@@ -122,6 +177,10 @@ def measure_disk(directory: str, file_bytes: int, block_bytes: int) -> dict[str,
             out["read_bytes_s"] = total / (time.perf_counter() - start)
         finally:
             os.close(fd)
+        if grid is not None and direct:
+            start = time.perf_counter()
+            out["read_grid"] = measure_read_grid(path, file_bytes, grid)
+            out["read_grid_seconds"] = time.perf_counter() - start
     finally:
         buf.close()
         os.unlink(path)

@@ -171,7 +171,19 @@ def _nvme_section(doc: Mapping[str, Any]) -> dict[str, Any]:
                             f"(total {disk.get('total_bytes', 0) / 1e9:,.0f} GB)"),
         "read_bytes_s": q(disk["read_bytes_s"], "probed", f"read: {method}"),
         "write_bytes_s": q(disk["write_bytes_s"], "probed", f"write + fsync: {method}"),
+        **read_grid_section(disk, date),
     }
+
+
+def read_grid_section(disk: Mapping[str, Any], date: str) -> dict[str, Any]:
+    """``read_grid`` where the probe measured it (disk.measure_read_grid; O_DIRECT only): it prices the aio knobs
+    (hpi.planner.cost.aio)."""
+    points = disk.get("read_grid")
+    if not points:
+        return {}
+    note = (f"O_DIRECT reads of the {disk['file_bytes'] / MIB:,.0f} MiB probe file at {disk['path']}, one thread per "
+            f"request in flight, [request_bytes, in_flight, read_bytes_s]; {date}")
+    return {"read_grid": {"source": "probed", "note": note, "points": [list(p) for p in points]}}
 
 
 def _topology_of(doc: Mapping[str, Any]) -> GpuTopology:

@@ -97,7 +97,8 @@ def run_probe(settings: ProbeSettings, nvme_path: str | None = None, step: Step 
         _note_shared_pcie(doc)
     directory = nvme_path or tempfile.gettempdir()
     doc["disk"] = attempt(f"disk at {directory}",
-                          lambda: measure_disk(directory, settings.disk_file_bytes, settings.disk_block_bytes))
+                          lambda: measure_disk(directory, settings.disk_file_bytes, settings.disk_block_bytes,
+                                               settings.disk_read_grid))
     if doc["disk"] and doc["disk"].get("fs_type"):
         advice = classify_path(directory, doc["os"]["kind"], doc["disk"]["fs_type"])
         if not advice.ok_for_nvme_offload:

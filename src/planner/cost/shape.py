@@ -274,10 +274,13 @@ def per_rank(table: ModuleTable, per_kind: np.ndarray, tp: int) -> np.ndarray:
 
 
 # ---- what ZeRO-3 swaps to and from NVMe ---------------------------------------------------------------------
-# DeepSpeed swaps a partition to NVMe only from 1 MiB up (swap_tensor/utils.py MIN_AIO_BYTES, the floor of
-# partitioned_param_swapper.py ``swappable_tensor``; hpi renders aio.block_size at that 1 MiB,
-# hpi.executor.render.AIO_DEFAULTS); smaller ones stay in CPU memory.
+# DeepSpeed swaps a partition to NVMe only from max(1 MiB, aio.block_size) up (swap_tensor/utils.py
+# MIN_AIO_BYTES, partitioned_param_swapper.py ``min_aio_bytes`` and ``swappable_tensor``); smaller ones stay in
+# CPU memory. The planner counts the partitions from 1 MiB up as swapped, so a plan's aio block size may not
+# exceed the smallest of them (``smallest_swapped_partition``, feasibility's ``aio_block_size``).
 MIN_SWAPPED_BYTES = 1024**2
+
+
 def _leaf_modules(t: Tensor, n_routed: int) -> list[str]:
     """The leaf module holding each parameter ``t`` stands for: a routed expert's, one per expert."""
     return [f"experts.{e}" for e in range(n_routed)] if t.expert else [t.module]
@@ -303,6 +306,12 @@ def largest_swapped_partition(model: ModelSpec, tp: int, dp: int) -> float:
     """The elements of the largest partition one rank swaps (``swapped_partitions``): what every NVMe swap buffer
     must hold."""
     return max((elems for _, elems in swapped_partitions(model, tp, dp)), default=0.0)
+
+
+def smallest_swapped_partition(model: ModelSpec, tp: int, dp: int) -> float:
+    """The elements of the smallest partition one rank swaps (``swapped_partitions``): an aio block size above
+    its bytes would keep it in CPU memory."""
+    return min((elems for _, elems in swapped_partitions(model, tp, dp)), default=0.0)
 
 
 def swaps_per_module(model: ModelSpec, tp: int, dp: int) -> int:

@@ -12,6 +12,8 @@
   stages take turns), so fewer GPUs share the host links: on the 4x H200 (one host uplink, 42 GB/s per
   GPU with all four copying, 55 alone) tp 2 x pp 2 with one micro-batch streamed 50 GB/s per GPU, pp 4
   with four micro-batches 43.5.
+- NVMe reads run at the rate the plan's aio block size, queue depth and threads reach on the drive (``cost.aio``,
+  from the probe's read grid).
 - NVMe goes NVMe -> pinned staging buffers -> GPU; with enough buffers DeepSpeed pipelines the two, so the
   slower of the two hops sets the pace. Each swapped partition of a module holds its own buffer from its read
   until the module is released after its forward, so with p partitions per module (``shape.swaps_per_module``)
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from hpi.planner.cost.aio import aio_read_factor
 from hpi.planner.cost.compute import touched_elems_per_rank
 from hpi.planner.cost.inputs import COMPUTE_BYTES, Arrangement, Knobs
 from hpi.planner.cost.phase import Phase
@@ -93,8 +96,11 @@ def weight_stream_time(arrangement: Arrangement, knobs: Knobs,
                        stream_bytes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(PCIe seconds, NVMe seconds), each (N, kinds); the streaming time is their max."""
     t_h2d = stream_bytes / h2d_bandwidth(arrangement, knobs)[:, None]
-    nvme_bw = link_rate(arrangement, knobs, "nvme_read") * arrangement.hardware.efficiency.nvme_read
-    t_nvme = np.where(knobs.offload_nvme[:, None], stream_bytes / np.maximum(nvme_bw, 1e-9)[:, None], 0.0)
+    # The topology shares the drive's sequential rate among the ranks reading at once; the plan's aio settings
+    # scale it by what the probe's read grid says they reach (cost.aio; 1 without a grid).
+    nvme_bw = (link_rate(arrangement, knobs, "nvme_read")[:, None] * aio_read_factor(arrangement, knobs)
+               * arrangement.hardware.efficiency.nvme_read)
+    t_nvme = np.where(knobs.offload_nvme[:, None], stream_bytes / np.maximum(nvme_bw, 1e-9), 0.0)
     return t_h2d, t_nvme
 
 

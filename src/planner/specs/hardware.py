@@ -44,11 +44,25 @@ class HostSpec:
 
 
 @dataclass(frozen=True)
+class AioReadPoint:
+    """One point of the probe's O_DIRECT read grid (``hpi.executor.probe.disk.measure_read_grid``): the read
+    rate of the node's array with ``in_flight`` requests of ``request_bytes`` each outstanding at once."""
+
+    request_bytes: float
+    in_flight: float
+    read_bytes_s: float
+
+
+@dataclass(frozen=True)
 class NvmeSpec:
     capacity_bytes: float
     read_bytes_s: float  # sequential O_DIRECT read of the whole array (all devices of a node together)
     write_bytes_s: float
     devices: int = 1
+    # The probe's read rates by request size and requests in flight (cost.aio prices a plan's aio knobs from
+    # it); empty for a profile written before the probe measured it: every aio setting then reads at
+    # read_bytes_s.
+    read_grid: tuple[AioReadPoint, ...] = ()
 
 
 @dataclass(frozen=True)

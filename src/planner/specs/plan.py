@@ -31,6 +31,10 @@ DEEPSPEED_DEFAULT_PREFETCH_ELEMS = 50_000_000
 DEEPSPEED_DEFAULT_MAX_LIVE_ELEMS = 1_000_000_000
 DEEPSPEED_DEFAULT_PERSISTENCE_ELEMS = 100_000
 QUANT_GROUP_SIZE = 64  # DeepSpeed ZeRO-Inference quantized_initialization group_size
+# O_DIRECT reads need offsets and sizes aligned to the logical block; DeepSpeed aligns to 1 KiB x threads
+# (swap_tensor/utils.py AIO_ALIGNED_BYTES) but 4 KiB sectors are common, so block sizes are whole 4 KiB pages.
+O_DIRECT_ALIGN_BYTES = 4096
+AIO_DEFAULT_BLOCK_BYTES = 1_048_576  # DeepSpeed's aio.block_size default (swap_tensor/constants.py)
 
 
 def reject_unknown_fields(cls, data: dict[str, Any], what: str) -> None:
@@ -59,9 +63,14 @@ def type_problem(k: KnobField, value: Any) -> str | None:
     return f"{k.name} is {json.dumps(value, default=repr)}, expected {_TYPE_WORDS.get(want, want.__name__)}"
 
 
+# Knobs added after plan files and run records were first written: a file without them ran at their defaults
+# (hpi.executor.render wrote the same aio section for every NVMe run before they were knobs), so it may omit them.
+LATER_KNOBS = ("aio_block_size_bytes", "aio_queue_depth", "aio_threads")
+
+
 def missing_fields(cls, data: dict[str, Any]) -> list[str]:
-    """The fields of dataclass ``cls`` that ``data`` lacks (a plan file must name every knob)."""
-    return [f.name for f in fields(cls) if f.name not in data]
+    """The fields of dataclass ``cls`` that ``data`` lacks (a plan file must name every knob but ``LATER_KNOBS``)."""
+    return [f.name for f in fields(cls) if f.name not in data and f.name not in LATER_KNOBS]
 
 
 def ds_examples_knobs(hidden_size: int) -> dict[str, int]:
@@ -176,6 +185,19 @@ class Plan:
     nvme_buffer_elems: int = knob(100_000_000, group="runtime", unit="elements", minimum=1, flag="--nvme-buffer-size",
                                   metavar="ELEMS", help="elements per NVMe buffer (default: fits the largest tensor)",
                                   flag_derived=True, named="never", applies="offloads_to_nvme")
+    # DeepSpeed's aio (runtime/swap_tensor/aio_config.py): each of aio_threads threads reads its 1/threads of a
+    # partition in blocks of aio_block_size_bytes, aio_queue_depth blocks in flight (csrc/aio/common
+    # deepspeed_aio_common.cpp ``_do_io_submit_blocks``). Defaults: hpi.executor.render's DeepSpeedExamples values.
+    aio_block_size_bytes: int = knob(AIO_DEFAULT_BLOCK_BYTES, group="runtime", unit="bytes",
+                                     minimum=O_DIRECT_ALIGN_BYTES, flag="--aio-block-size", metavar="BYTES",
+                                     help="aio.block_size: bytes per NVMe read request (default 1 MiB)",
+                                     applies="offloads_to_nvme")
+    aio_queue_depth: int = knob(64, group="runtime", unit="requests", minimum=1, flag="--aio-queue-depth",
+                                help="aio.queue_depth: read requests in flight per aio thread (default 64)",
+                                applies="offloads_to_nvme")
+    aio_threads: int = knob(8, group="runtime", unit="threads", minimum=1, flag="--aio-threads",
+                            help="aio.intra_op_parallelism: threads splitting each NVMe read (default 8)",
+                            applies="offloads_to_nvme")
 
     def __post_init__(self) -> None:
         problems = list(self.problems())
@@ -207,6 +229,9 @@ class Plan:
             )
         if self.pp == 1 and self.micro_batches != 1:
             yield f"micro_batches({self.micro_batches}) > 1 needs pp > 1: set micro_batches 1"
+        if self.aio_block_size_bytes % O_DIRECT_ALIGN_BYTES:
+            yield (f"aio_block_size_bytes({self.aio_block_size_bytes}) % {O_DIRECT_ALIGN_BYTES} != 0: O_DIRECT reads "
+                   f"whole {O_DIRECT_ALIGN_BYTES}-byte pages; use a multiple of {O_DIRECT_ALIGN_BYTES}, e.g. 1048576")
 
     # ---- derived ----------------------------------------------------------------------------------
     @property
@@ -291,7 +316,14 @@ class Plan:
         ``plan.key(model.name, workload)``, and calibration holds them out together). Kept records' folds and
         the fidelity table group by it: its form must not change."""
         named = [asdict(c) if is_dataclass(c) else c for c in context]
-        return json.dumps([*named, self.to_dict()], sort_keys=True)
+        return json.dumps([*named, self._key_fields()], sort_keys=True)
+
+    def _key_fields(self) -> dict[str, Any]:
+        """Every field but a ``LATER_KNOBS`` knob at its default: the keys of plans written before those knobs
+        existed (which ran at their defaults) stay what they were."""
+        defaults = {k.name: k.default for k in knob_fields(type(self)) if k.name in LATER_KNOBS}
+        return {name: value for name, value in self.to_dict().items()
+                if name not in defaults or value != defaults[name]}
 
     def canonical(self) -> "Plan":
         """The plan with each knob that changes nothing here (``Knob.applies``) at its default: plans that run

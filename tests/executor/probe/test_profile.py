@@ -87,3 +87,16 @@ def test_profile_and_probe_json_are_replaced_whole_or_not_at_all(tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         write_measurements({"second": True}, measurements_path(path))
     assert {p.name: p.read_text() for p in tmp_path.iterdir()} == before  # no half file, no temporary left
+
+
+def test_the_disks_read_grid_reaches_the_profile_and_prices_aio(fake_doc, load_built):
+    """The probe's grid becomes nvme.read_grid (probed, with its method); a document without one (an older
+    probe, or a filesystem that refused O_DIRECT) gives a profile without it, as before."""
+    assert load_built(fake_doc(1, None)).nvme.read_grid == ()
+    doc = fake_doc(1, None)
+    doc["disk"]["read_grid"] = [[1048576.0, 1.0, 0.9e9], [1048576.0, 32.0, 3.1e9], [4194304.0, 8.0, 3.3e9]]
+    profile = load_built(doc)
+    assert [(p.request_bytes, p.in_flight, p.read_bytes_s) for p in profile.nvme.read_grid] == [
+        (1048576.0, 1.0, 0.9e9), (1048576.0, 32.0, 3.1e9), (4194304.0, 8.0, 3.3e9)]
+    prov = profile.provenance["nvme.read_grid"]
+    assert prov.source == "probed" and "O_DIRECT" in prov.note and "one thread per request" in prov.note

@@ -36,12 +36,17 @@ def test_key_is_the_canonical_json_kept_records_are_grouped_by() -> None:
     import json
     from dataclasses import asdict
 
+    from hpi.planner.specs.plan import LATER_KNOBS
     from hpi.planner.specs.workload import Workload
 
     plan, workload = Plan(offload="cpu", batch_size=4), Workload(128, 8)
-    # the form calibration's folds and the fidelity table have always used
-    assert plan.key("llama-3-8b", workload) == json.dumps(["llama-3-8b", asdict(workload), plan.to_dict()],
-                                                          sort_keys=True)
+    # the form calibration's folds and the fidelity table have always used; knobs added later (the aio settings)
+    # are left out at their defaults, so the keys of plans from before them do not change
+    before = {name: value for name, value in plan.to_dict().items() if name not in LATER_KNOBS}
+    assert plan.key("llama-3-8b", workload) == json.dumps(["llama-3-8b", asdict(workload), before], sort_keys=True)
+    tuned = Plan(offload="nvme", aio_queue_depth=8)
+    assert '"aio_queue_depth": 8' in tuned.key() and "aio_block_size_bytes" not in tuned.key()
+    assert tuned.key() != Plan(offload="nvme").key()
     assert Plan().key() == (
         '[{"batch_size": 1, "dp": 1, "kv_offload": false, "max_live_elems": 1000000000, "micro_batches": 1, '
         '"nvme_buffer_count": 5, "nvme_buffer_elems": 100000000, "offload": "none", '
@@ -65,3 +70,18 @@ def test_ds_examples_knobs_are_two_h_squared_and_h() -> None:
 
     assert ds_examples_knobs(4096) == {"prefetch_bucket_elems": 33_554_432, "max_live_elems": 33_554_432,
                                        "persistence_threshold_elems": 4096}
+
+
+def test_aio_knobs_round_trip_and_refuse_unaligned_blocks() -> None:
+    import pytest
+
+    plan = Plan(offload="nvme", aio_block_size_bytes=4 << 20, aio_queue_depth=32, aio_threads=4)
+    assert Plan.from_dict(plan.to_dict()) == plan
+    assert Plan.from_dict({k: v for k, v in plan.to_dict().items() if not k.startswith("aio_")}) == Plan(offload="nvme")
+    with pytest.raises(ValueError, match=r"aio_block_size_bytes\(1050000\) % 4096 != 0: .* multiple of 4096"):
+        Plan(offload="nvme", aio_block_size_bytes=1_050_000)
+    with pytest.raises(ValueError, match="aio_queue_depth = 0 must be >= 1"):
+        Plan(offload="nvme", aio_queue_depth=0)
+    # they change nothing where nothing is read from NVMe: the canonical plan resets them
+    assert Plan(offload="cpu", aio_queue_depth=8).canonical() == Plan(offload="cpu")
+    assert Plan(offload="nvme", aio_queue_depth=8).canonical().aio_queue_depth == 8
