@@ -112,6 +112,12 @@ KEPT = {
     "2026-12-03-h200-serve-metrics/m70b-call1/m70b.metrics.json": (0, {"not a RunRecord": 1}),
     "2026-12-03-h200-serve-metrics/m8b-call2/m8b.load.json": (0, {"not a RunRecord": 1}),
     "2026-12-03-h200-serve-metrics/m8b-call2/m8b.metrics.json": (0, {"not a RunRecord": 1}),
+    "2026-12-03-h200-aio/aio/aio_probe.json": (0, {"not a RunRecord": 1}),
+    "2026-12-03-h200-aio/aio/records.json": (2, {}),
+    "2026-12-03-h200-moe2/call1/ds/records.json": (2, {}),
+    "2026-12-03-h200-moe2/call1/moe/records.json": (2, {}),
+    "2026-12-03-h200-moe2/call2/leaves/records.json": (6, {}),
+    "2026-12-03-h200-moe2/call3/load/load.json": (0, {"not a RunRecord": 1}),
     **{f"{entry}/{name}": (0, {"not a RunRecord": 1}) for entry in EVAL_ENTRIES for name in EVAL_ENTRY_FILES},
     f"{EVAL}/call2/eval-summary-bf16-tolerances.json": (0, {"not a RunRecord": 1}),
     f"{EVAL}/call2/eval-summary.json": (0, {"not a RunRecord": 1}),
@@ -162,18 +168,18 @@ def kept() -> dict[str, object]:
 def test_every_kept_file_reads_with_its_records_and_skips_counted(kept) -> None:
     assert {name: (len(r), r.skipped) for name, r in kept.items()} == KEPT
     records = [r for got in kept.values() for r in got]
-    assert len(records) == 139
-    assert sum(1 for r in records if r.entry is not None) == 129  # gpu_matrix bundles {name: record}
+    assert len(records) == 151
+    assert sum(1 for r in records if r.entry is not None) == 141  # gpu_matrix bundles {name: record}
     assert sum(1 for r in records if r.source.id.startswith("trial-")) == 4  # hpi autotune trial files
     skipped: dict[str, int] = {}
     for got in kept.values():
         for reason, n in got.skipped.items():
             skipped[reason] = skipped.get(reason, 0) + n
-    assert skipped == {"not a RunRecord": 61, "error": 4, "baseline": 9}
+    assert skipped == {"not a RunRecord": 63, "error": 4, "baseline": 9}
     # Read together, names are unique (validate and calibrate key on them): a rerun kept under the stem of an
     # earlier run is named with its folder, and so is the earlier one.
     together = {r.record_id for r in load_records(_kept_files())}
-    assert len(together) == 139
+    assert len(together) == 151
     assert {"callA-first/8b-run-b1.run", "callB/8b-run-b1.run", "70b-q4-run-b1.run"} <= together
 
 
@@ -192,8 +198,8 @@ def test_every_kept_record_is_upgraded_and_loses_nothing(kept) -> None:
             assert {**doc, "version": 2, "ranks": ranks} == raw, record.record_id
         _carries(doc, upgrade(raw), record.record_id)
         assert RunRecord.from_json(doc) == record
-    # hpi serve's GPU call (2026-12-02) kept the first version-2 records, the MoE call (2026-12-03) version 3's
-    assert versions == {1: 130, 2: 5, 3: 4}
+    # hpi serve's GPU call (2026-12-02) kept the first version-2 records, the MoE calls (2026-12-03) version 3's
+    assert versions == {1: 130, 2: 5, 3: 16}
 
 
 def test_known_figures_of_known_files(kept) -> None:
@@ -226,7 +232,7 @@ def test_the_kept_fractions_are_the_derived_ones(kept) -> None:
         stored = _raw_entry(record)["h2d"]["fraction_of_profile"]
         assert record.transfers.h2d.fraction_of_profile == stored
         n += stored is not None
-    assert n == 49  # the 2026-12-03 MoE calls: 4 streamed runs with a profile
+    assert n == 61  # the 2026-12-03 MoE and aio calls: 16 streamed runs with a profile
 
 
 # ---- the record itself --------------------------------------------------------------------------------
