@@ -117,7 +117,7 @@ def module_tensors(model: ModelSpec, kind: int) -> list[Tensor]:
         # The router is transformers' own module holding a bare weight, not an nn.Linear: DeepSpeed leaves it at
         # 16 bits (``hpi.planner.cost.dequant``: only nn.Linear / nn.Embedding weights are quantized).
         router = [Tensor("gate.weight", model.n_experts * h, False, False, module="gate")]
-        return _attention(model) + router + shared + _ffn(model, "experts.e", model.moe_ffn_hidden_size, True) + norms
+        return _attention(model) + router + shared + _ffn(model, EXPERT_LEAF, model.moe_ffn_hidden_size, True) + norms
     if kind == EMBED:
         out = [Tensor("embed_tokens.weight", model.vocab_size * h, True, False, module="embed_tokens")]
         if model.learned_positions:
@@ -202,7 +202,7 @@ def module_table(model: ModelSpec) -> ModuleTable:
         held = [n * copies for n, copies in params]  # what a module holds of each listed tensor
         per_module: dict[str, int] = {}
         module_max: dict[str, int] = {}
-        module_copies: dict[str, int] = {}  # leaf modules of that name: one per routed expert for "experts.e"
+        module_copies: dict[str, int] = {}  # leaf modules of that name: one per routed expert for EXPERT_LEAF
         for t, (one, copies) in zip(ts, params):  # a leaf module holds one of each parameter it lists
             per_module[t.module] = per_module.get(t.module, 0) + one
             module_max[t.module] = max(module_max.get(t.module, 0), one)
