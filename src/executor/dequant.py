@@ -1,0 +1,182 @@
+"""Fused dequantization of DeepSpeed's 8/4-bit weights: one compiled kernel instead of a chain of torch ops.
+
+Why: DeepSpeed's quantized initialization wraps ``F.linear`` / ``F.embedding`` so that every call first
+dequantizes the *whole* weight (``deepspeed/inference/quantization/utils.py``: ``wrap_quantized_functional``
+calls ``DeQuantizer.dequantize``). Its fused CUDA kernel covers fp16 compute only (and needs DeepSpeed's
+compiled ``QuantizerBuilder`` op); for bf16 and fp32 it runs torch element-wise ops: for 4-bit the unpack
+(shift, strided store, and, strided store), then ``zeros_like``, ``copy_`` uint8 -> dtype, ``div_(scale)``,
+``add_(min)``. That is ~17 bytes of HBM traffic per element in bf16 (25 for 8-bit fp32, 29 for 4-bit fp32)
+and 8 kernel launches per tensor, as ``src/planner/cost/dequant.py`` prices it; a 70B model with 4-bit
+weights, ZeRO-3 CPU offload, pinned, on one H200 decoded at 0.974 s/step, 0.74 of the PCIe ceiling, where
+16-bit weights reach 1.00. The kernel here reads the packed byte and the group's scale and minimum and
+writes the 16-bit weight once: 0.5 + 2c/64 + c bytes per element for 4-bit (c = 2: ~2.6), one launch.
+
+Exactly DeepSpeed's numbers: eager rounds after each op (``q.to(dtype)``, then ``/ scale`` rounded to the
+dtype, then ``+ min`` rounded to the dtype). Inductor fuses pointwise ops in fp32 and drops the rounding in
+between unless ``emulate_precision_casts`` is set (in bf16/fp16, about one element in ten then differs by an
+ulp: ``tests/executor/test_dequant.py``), and Triton's ``/`` is the approximate ``div.full`` unless
+``eager_numerics.division_rounding`` asks for ``div_rn`` (``torch/_inductor/config.py``, ``eager_numerics``);
+denormals are kept (``disable_ftz``) as eager CUDA keeps them. ``EXACT_OPTIONS`` sets all three.
+
+Layout (``Quantizer.quantize`` / ``DeQuantizer.dequantize`` in the same DeepSpeed file): groups of
+``group_size`` consecutive elements along the last dimension (``group_dim`` last), asymmetric, one scale and
+one minimum per group in the weight dtype; 4-bit packs two values a byte, the even element in the high
+nibble (``data[..., 0::2] = t >> 4``, ``data[..., 1::2] = t & 0xF``). So a contiguous weight is G rows of
+one group each; the kernel works on (G, packed group) and is compiled with dynamic shapes, once per bit
+width and dtype, not once per weight shape.
+
+``install()`` patches ``DeQuantizer.dequantize`` (the class, so every quantized parameter of the process
+uses it), keeps DeepSpeed's own fp16 CUDA-kernel branch wherever that branch would run and its op loads,
+and hands anything this kernel does not cover (another ``group_dim``, bits, or a scale in another dtype) to
+DeepSpeed's original.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+
+import torch
+
+# Inductor settings that make the compiled kernel round like eager (module docstring).
+EXACT_OPTIONS = {
+    "emulate_precision_casts": True,
+    "eager_numerics.division_rounding": True,
+    "eager_numerics.disable_ftz": True,
+}
+BITS = (4, 8)
+
+
+def _unpack_4bit(packed: torch.Tensor) -> torch.Tensor:
+    """(G, n) bytes -> (G, 2n) values 0..15, the high nibble first (DeepSpeed's ``_decompress_uint4_to_uint8``).
+
+    Written as one broadcast shift (byte i, nibble k -> byte >> (4 - 4k) & 0xF) rather than ``torch.stack`` of
+    the two nibbles: inductor lowers a stack to its own kernel and buffer, a broadcast fuses into the next op.
+    """
+    shifts = (1 - torch.arange(2, device=packed.device, dtype=torch.uint8)) * 4
+    return ((packed.unsqueeze(-1) >> shifts) & 0xF).reshape(packed.shape[0], -1)
+
+
+def _dequant_rows_4bit(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+    """(G, group/2) uint8, (G, 1) scale and minimum -> (G, group) in the scale's dtype."""
+    return _unpack_4bit(packed).to(scale.dtype) / scale + minimum
+
+
+def _dequant_rows_8bit(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+    """(G, group) uint8, (G, 1) scale and minimum -> (G, group) in the scale's dtype."""
+    return packed.to(scale.dtype) / scale + minimum
+
+
+@functools.cache
+def _kernel(bits: int):
+    """The compiled row kernel of one bit width (dynamic shapes: G and the group size are symbols)."""
+    fn = _dequant_rows_4bit if bits == 4 else _dequant_rows_8bit
+    return torch.compile(fn, dynamic=True, options=EXACT_OPTIONS)
+
+
+def fused_dequantize(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, *, bits: int,
+                     group_size: int) -> torch.Tensor:
+    """DeepSpeed's dequantization of one weight (group_dim last) in one kernel, bit for bit.
+
+    packed: uint8, the weight's shape with the last dimension halved for 4-bit; scale, minimum: one per
+    group (any shape with that many elements), in the dtype of the result.
+    """
+    if bits not in BITS:
+        raise ValueError(f"bits({bits}) must be one of {BITS}: DeepSpeed quantizes to 4 or 8 bits only")
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"packed weights are {packed.dtype}, expected torch.uint8: pass tensor.view(torch.uint8)")
+    shape = list(packed.shape)
+    shape[-1] = shape[-1] * 8 // bits
+    groups = shape[-1] // group_size if group_size > 0 else 0
+    if group_size <= 0 or shape[-1] % group_size or scale.numel() != minimum.numel() or \
+            scale.numel() * group_size * bits != packed.numel() * 8:
+        raise ValueError(f"last dimension {shape[-1]} = groups({groups}) x group_size({group_size}) and scale "
+                         f"({scale.numel()}) = minimum ({minimum.numel()}) = packed elements({packed.numel()}) "
+                         f"x 8 / bits({bits}) / group_size must hold: quantize with group_dim last")
+    if scale.dtype != minimum.dtype or not scale.dtype.is_floating_point:
+        raise ValueError(f"scale ({scale.dtype}) and minimum ({minimum.dtype}) must share one floating dtype")
+    rows = scale.numel()
+    # detach(): a view's base is guarded by dynamo (its size and strides), which would recompile per weight
+    # shape; a detached tensor is no view, so only the (G, group) sizes are seen, and they are symbols.
+    out = _kernel(bits)(packed.reshape(rows, -1).detach(), scale.reshape(rows, 1).detach(),
+                        minimum.reshape(rows, 1).detach())
+    return out.view(shape)
+
+
+def covers(dequantizer, tensor: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether ``fused_dequantize`` computes what this DeepSpeed ``DeQuantizer`` would."""
+    cfg = dequantizer.config
+    return (cfg["num_bits"] in BITS and not cfg.get("symmetric", False) and tensor.dtype == torch.uint8
+            and cfg["group_dim"] == tensor.dim() - 1 and scale.dtype == dequantizer.dtype)
+
+
+@functools.cache
+def _deepspeed_kernel_loads() -> bool:
+    """Whether DeepSpeed's quantizer op (its fp16 CUDA dequantization) is built or builds: tried once."""
+    from deepspeed.inference.quantization.utils import get_quantizer_module
+
+    try:
+        get_quantizer_module()
+    except Exception:  # noqa: BLE001 - any failure to load or build the op means: use ours
+        return False
+    return True
+
+
+def uses_deepspeed_kernel(dequantizer, tensor: torch.Tensor) -> bool:
+    """DeepSpeed's own fused branch of ``DeQuantizer.dequantize`` (fp16, a CUDA tensor, group size a multiple
+    of 8, group_dim last), kept where its op loads."""
+    cfg = dequantizer.config
+    return (dequantizer.dtype == torch.float16 and tensor.is_cuda and cfg["group_size"] % 8 == 0
+            and cfg["group_dim"] == tensor.dim() - 1 and cfg["num_bits"] in BITS and _deepspeed_kernel_loads())
+
+
+def _patched(original):
+    @functools.wraps(original)
+    def dequantize(self, tensor: torch.Tensor, quant_scale: torch.Tensor, quant_min: torch.Tensor) -> torch.Tensor:
+        if not _ENABLED[0] or uses_deepspeed_kernel(self, tensor) or not covers(self, tensor, quant_scale):
+            return original(self, tensor, quant_scale, quant_min)
+        return fused_dequantize(tensor, quant_scale, quant_min, bits=self.config["num_bits"],
+                                group_size=self.config["group_size"])
+
+    dequantize.hpi_original = original
+    return dequantize
+
+
+_ENABLED = [False]
+
+
+def install() -> None:
+    """Make every DeepSpeed dequantization of this process use the fused kernel. Idempotent."""
+    from deepspeed.inference.quantization.utils import DeQuantizer
+
+    if not hasattr(DeQuantizer.dequantize, "hpi_original"):
+        DeQuantizer.dequantize = _patched(DeQuantizer.dequantize)
+    _ENABLED[0] = True
+
+
+def uninstall() -> None:
+    """DeepSpeed's own dequantization again (the patch stays, switched off). Idempotent."""
+    _ENABLED[0] = False
+
+
+def installed() -> bool:
+    return _ENABLED[0]
+
+
+@contextlib.contextmanager
+def fused_dequant(enabled: bool = True) -> Iterator[None]:
+    """The fused kernel on (or off) inside the block, the previous setting after it."""
+    before = installed()
+    _switch(enabled)
+    try:
+        yield
+    finally:
+        _switch(before)
+
+
+def _switch(enabled: bool) -> None:
+    if enabled:
+        install()
+    else:
+        uninstall()
