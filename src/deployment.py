@@ -76,6 +76,32 @@ def decode_mode(spec: RunSpec, model: ModelSpec, asked: bool | None) -> bool:
     return spec.device == "cuda" and blocker is None
 
 
+def compile_mode(spec: RunSpec, asked: bool | None) -> bool:
+    """Whether the graphed decode step is compiled (``hpi.executor.graphs``): as asked, else on a GPU wherever
+    decode is graphed, except under ``hpi serve``, whose graphs are captured per row and key-span bucket (one
+    compile each). Asked for where it cannot run: refused."""
+    if asked and not spec.decode_graphs:
+        raise DeploymentError(f"{_who(spec)}: --compile-decode compiles the graphed decode step, and this run decodes "
+                              "eagerly: add --cuda-graphs (GPU-resident 16-bit plans) or drop --compile-decode")
+    if asked and spec.mode == "serve":
+        raise DeploymentError("hpi serve: --compile-decode is not supported: its decode graphs are captured per batch "
+                              "and key-span bucket, each would compile apart; drop --compile-decode")
+    if asked is not None:
+        return asked
+    return spec.decode_graphs and spec.device == "cuda" and spec.mode != "serve"
+
+
+def dequant_mode(spec: RunSpec, asked: bool | None) -> bool:
+    """Whether 8/4-bit weights are dequantized by hpi's fused kernel (``hpi.executor.dequant``): as asked, else on
+    a GPU for a quantized plan. Asked for a 16-bit plan: refused (nothing to dequantize)."""
+    if asked and not spec.plan.is_quantized:
+        raise DeploymentError(f"{_who(spec)}: --fused-dequant dequantizes 8/4-bit weights, and plan "
+                              f"{spec.plan.label} keeps 16-bit ones: add --quant-bits 8 or 4, or drop --fused-dequant")
+    if asked is not None:
+        return asked
+    return spec.plan.is_quantized and spec.device == "cuda"
+
+
 @dataclass(frozen=True)
 class HostMemory:
     """What this node lets a run hold in RAM: MemAvailable, and RLIMIT_MEMLOCK's soft limit (None: unknown or
@@ -151,12 +177,14 @@ def _check_swap_buffers(spec: RunSpec, est, host: HostMemory) -> None:
                           "raise the limit")
 
 
-def resolve_deployment(spec: RunSpec, *, decode_graphs: bool | None = None, force: bool = False,
-                       nodes: Nodes = Nodes(), model: ModelSpec | None = None, host: HostMemory | None = None,
+def resolve_deployment(spec: RunSpec, *, decode_graphs: bool | None = None, decode_compile: bool | None = None,
+                       fused_dequant: bool | None = None, force: bool = False, nodes: Nodes = Nodes(),
+                       model: ModelSpec | None = None, host: HostMemory | None = None,
                        pin_memory_explicit: bool = False) -> Deployment:
     """Check ``spec`` against its model and (with ``spec.hardware``) its machine, and fill in what it derives.
 
-    ``decode_graphs``: True / False as asked, None for graphs wherever the plan allows them. ``force``: run a
+    ``decode_graphs``: True / False as asked, None for graphs wherever the plan allows them; ``decode_compile``
+    and ``fused_dequant`` likewise (``compile_mode``, ``dequant_mode``). ``force``: run a
     plan the prediction says cannot fit (with a warning). ``model``: the ModelSpec when the caller has read it.
     ``host``: this node's memory (``this_host``): pinning that would not fit it is turned off, or refused when
     ``pin_memory_explicit`` (``_safe_pinning``); None: not checked.
@@ -165,6 +193,8 @@ def resolve_deployment(spec: RunSpec, *, decode_graphs: bool | None = None, forc
 
     model = model or load_model(spec.model)
     spec = replace(spec, decode_graphs=decode_mode(spec, model, decode_graphs))
+    spec = replace(spec, decode_compile=compile_mode(spec, decode_compile))
+    spec = replace(spec, fused_dequant=dequant_mode(spec, fused_dequant))
     warnings: list[str] = []
     prediction = _predict(spec, model, force, warnings) if spec.hardware else None
     if host is not None:

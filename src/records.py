@@ -44,8 +44,10 @@ TRIAL_KIND = "hpi.AutotuneTrial"  # one trial of hpi autotune (hpi.autotune.obje
 PREDICTED_FIGURES = ("prefill_s", "decode_step_s", "total_s", "ttft_s", "throughput_tok_s")
 # The run conditions a spec carries besides the plan, and what a record written before the field existed ran
 # with: fetch_wait arrived with the stream-ordered wait (before it every run used DeepSpeed's stock host
-# wait), dtype was always recorded (bf16 its default), and runs before decode_graphs decoded eagerly.
-SPEC_CONDITION_DEFAULTS: dict[str, str | bool] = {"dtype": "bf16", "fetch_wait": "host", "decode_graphs": False}
+# wait), dtype was always recorded (bf16 its default), runs before decode_graphs decoded eagerly, runs before
+# decode_compile were not compiled and runs before fused_dequant dequantized with DeepSpeed's torch ops.
+SPEC_CONDITION_DEFAULTS: dict[str, str | bool] = {"dtype": "bf16", "fetch_wait": "host", "decode_graphs": False,
+                                                  "decode_compile": False, "fused_dequant": False}
 
 
 class RecordError(ValueError):
@@ -152,9 +154,10 @@ class Timings:
     tp_allreduce_s_per_step: float | None = None
     build_s: float | None = None  # materialize (or load) the weights and wrap them
     decode_forwards: int | None = None
+    compile_s: float | None = None  # the first compiled decode forward: torch.compile's work, then the capture
 
     SCALARS = ("prefill_s", "ttft_s", "total_s", "throughput_tok_s", "pp_bubble_ratio", "tp_allreduce_s_per_step",
-               "build_s", "decode_forwards")
+               "build_s", "decode_forwards", "compile_s")
     KEYS = SCALARS + ("decode_step_s",)
 
     def figure(self, name: str) -> float | None:
@@ -309,6 +312,7 @@ class RankReport(_Part):
     nvme_avg_queue_depth: float | None = None  # requests in flight on average during the measured run
     tp_allreduce_s: float = 0.0  # total time inside TP all-reduces during the measured run
     build_s: float = 0.0
+    compile_s: float | None = None  # the slowest first compiled decode step (torch.compile + capture), if compiled
     tokens: tuple[tuple[int, ...], ...] | None = None  # last-stage ranks: new tokens per sequence
 
     TUPLES = ("coords", "forward_end_s", "busy_s", "tokens")
@@ -361,6 +365,8 @@ class RunConditions:
     dtype: str
     fetch_wait: str  # stream | host (hpi.executor.zero3)
     decode_graphs: bool
+    decode_compile: bool  # the graphed decode step was compiled (hpi.executor.graphs)
+    fused_dequant: bool  # 8/4-bit weights dequantized by hpi's fused kernel (hpi.executor.dequant)
 
 
 @dataclass(frozen=True)

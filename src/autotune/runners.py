@@ -84,7 +84,11 @@ class ExecutorRunner:
         spec = RunSpec(plan=plan, model=self.model, workload=self.workload, hardware=self.hardware,
                        device=self.device, dtype=self.dtype, checkpoint=self.checkpoint, nvme_path=self.nvme_path,
                        out_dir=str(out_dir), warmup_steps=self.warmup_steps, extra={"autotune": note})
-        return resolve_deployment(spec, decode_graphs=self.graphs_for(plan), force=True)
+        graphs = self.graphs_for(plan)
+        # None: where hpi run would (a GPU; compiled where graphed, fused where quantized: hpi.deployment)
+        return resolve_deployment(spec, decode_graphs=graphs,
+                                  decode_compile=None if graphs and self.workload.decode_compile else False,
+                                  fused_dequant=None if self.workload.fused_dequant else False, force=True)
 
     def run(self, plan: Plan, out_dir: str | None, timeout_s: float | None, note: dict[str, Any], *,
             noise_key: int = 0) -> RunRecord:

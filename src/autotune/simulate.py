@@ -248,6 +248,7 @@ def simulated_record(plan: Plan, true, true_prefill_s: float, true_decode_s: flo
     spec = {"plan": plan.to_dict(), "model": model_arg, "workload": {"prompt_len_tokens": workload.prompt_len_tokens,
             "gen_len_tokens": gen}, "hardware": true.hardware.name, "device": "cuda", "dtype": dtype,
             "fetch_wait": workload.fetch_wait, "decode_graphs": workload.decode_graphs,
+            "decode_compile": workload.decode_compile, "fused_dequant": workload.fused_dequant,
             "extra": {"autotune": note, "simulated": True}}
     timings = Timings(
         prefill_s=prefill, ttft_s=prefill, total_s=total,

@@ -146,8 +146,11 @@ class Tuner:
                     "batch": cfg.batch if cfg.objective == "latency" else None, "simulate": cfg.simulate,
                     "device": "simulated" if cfg.simulate else cfg.device,
                     "hidden_machine": [cfg.seed, cfg.sim_spread, cfg.sim_noise] if cfg.simulate else None}
-        if cfg.workload.decode_graphs:  # studies from before graphs (eager) resume under --no-cuda-graphs
-            identity["decode_graphs"] = True
+        # Studies from before a condition existed ran without it: they resume with it turned off
+        # (--no-cuda-graphs, --no-compile-decode, --no-fused-dequant).
+        for condition in ("decode_graphs", "decode_compile", "fused_dequant"):
+            if getattr(cfg.workload, condition):
+                identity[condition] = True
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             sampler = optuna.samplers.TPESampler(seed=cfg.seed, multivariate=True, group=True, constant_liar=True,

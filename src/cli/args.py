@@ -151,6 +151,23 @@ def add_run_conditions(p: argparse.ArgumentParser) -> None:
     add_cuda_graph_flags(p, default=None, on_help="replay each decode step as a CUDA graph (default: wherever the "
                          "plan allows it: dense, GPU-resident, 16-bit, dp 1, KV cache on the GPU; run refuses it for "
                          "other plans)", off_help="decode eagerly, one kernel launch at a time")
+    add_kernel_flags(p)
+
+
+def add_kernel_flags(p: argparse.ArgumentParser) -> None:
+    """--compile-decode / --fused-dequant and their --no- forms into ``args.decode_compile`` / ``args.fused_dequant``
+    (None: neither given; runs then use them on a GPU where they apply: ``hpi.deployment``)."""
+    for dest, flag, on_help, off_help in (
+        ("decode_compile", "--compile-decode",
+         "compile the graphed decode step with torch.compile before capturing it (default on a GPU wherever decode "
+         "is graphed; paid once per shape, recorded as compile_s)", "capture the eager decode step"),
+        ("fused_dequant", "--fused-dequant",
+         "dequantize 8/4-bit weights with hpi's one fused kernel (default on a GPU for 8/4-bit plans)",
+         "dequantize with DeepSpeed's element-wise torch ops"),
+    ):
+        pair = p.add_mutually_exclusive_group()
+        pair.add_argument(flag, dest=dest, action="store_true", default=None, help=on_help)
+        pair.add_argument(_switch_off(flag), dest=dest, action="store_false", help=off_help)
 
 
 def add_cuda_graph_flags(p: argparse.ArgumentParser, *, default: bool | None, on_help: str, off_help: str) -> None:
@@ -222,11 +239,14 @@ def search_restrictions(args: argparse.Namespace, plan_type: type = Plan) -> dic
 
 # ---- from arguments to typed data ------------------------------------------------------------------------
 def workload_from_args(args: argparse.Namespace) -> Workload:
-    """The workload the arguments describe; the decode is priced as graphed wherever a plan allows it unless
-    --no-cuda-graphs."""
+    """The workload the arguments describe; the decode is priced as graphed and compiled wherever a plan allows it
+    unless --no-cuda-graphs / --no-compile-decode, 8/4-bit weights as dequantized by the fused kernel unless
+    --no-fused-dequant (what a run on a GPU does by default: ``hpi.deployment``)."""
     return Workload(args.prompt_len, args.gen_len, compute_dtype=getattr(args, "dtype", None) or "bf16",
                     fetch_wait=getattr(args, "fetch_wait", None) or "stream",
-                    decode_graphs=getattr(args, "decode_graphs", None) is not False)
+                    decode_graphs=getattr(args, "decode_graphs", None) is not False,
+                    decode_compile=getattr(args, "decode_compile", None) is not False,
+                    fused_dequant=getattr(args, "fused_dequant", None) is not False)
 
 
 def load_target(args: argparse.Namespace):

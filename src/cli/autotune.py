@@ -14,6 +14,7 @@ from typing import Any
 
 from hpi.cli.args import (
     add_cuda_graph_flags,
+    add_kernel_flags,
     add_plan_flags,
     add_target,
     count,
@@ -63,6 +64,7 @@ def register(sub) -> dict[str, Any]:
                           "(dense, GPU-resident, 16-bit, dp 1, KV cache on the GPU), priced so by the planner "
                           "(default)",
                           off_help="decode every trial eagerly, and price it so")
+    add_kernel_flags(p)
     p.add_argument("--warmup-steps", type=count, default=1, help="untimed generate calls before each measured one")
     p.add_argument("--checkpoint", default=None, metavar="DIR", help="local HF checkpoint (default: random weights)")
     p.add_argument("--nvme-path", default=None, metavar="DIR", help="folder on the NVMe drive (NVMe trials need it)")
@@ -85,7 +87,9 @@ def _settings(args: argparse.Namespace):
     restrict = search_restrictions(args)
     return TuneSettings(
         model=args.model, hardware=args.hardware,
-        workload=Workload(args.prompt_len, args.gen_len, decode_graphs=args.decode_graphs),
+        workload=Workload(args.prompt_len, args.gen_len, decode_graphs=args.decode_graphs,
+                          decode_compile=args.decode_graphs and args.decode_compile is not False,
+                          fused_dequant=args.fused_dequant is not False),
         objective=args.objective, n_trials=args.trials, timeout_s=args.timeout, study=args.study,
         storage=args.storage, studies_dir=args.studies_dir, simulate=args.simulate, seed=args.seed,
         n_seeds=args.seeds, top_configs=args.top_configs, batch=args.batch or 1, max_batch=args.max_batch,

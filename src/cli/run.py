@@ -122,7 +122,8 @@ def resolve(args: argparse.Namespace):
                   master_port=args.master_port)
     if args.node_rank == 0 and args.master_port:
         _check_rendezvous_port(args.master_addr, args.master_port)
-    deployment = resolve_deployment(spec, decode_graphs=args.decode_graphs, force=args.force, nodes=nodes,
+    deployment = resolve_deployment(spec, decode_graphs=args.decode_graphs, decode_compile=args.decode_compile,
+                                    fused_dequant=args.fused_dequant, force=args.force, nodes=nodes,
                                     model=model, host=this_host(), pin_memory_explicit=pin_memory_given(args))
     executor_ready(args.device, "hpi run")  # last: it imports torch to ask for a GPU
     return deployment

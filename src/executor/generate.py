@@ -52,7 +52,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from hpi.executor.graphs import DecodeGraph, StaticKVCache
+from hpi.executor.graphs import DecodeGraph, StaticKVCache, compiled_step
 from hpi.executor.groups import Groups
 
 
@@ -62,6 +62,7 @@ class StepTimes:
 
     forward_end_s: list[float] = field(default_factory=list)  # end of each forward (all micro-batches)
     busy_s: list[float] = field(default_factory=list)  # time inside the stage module during each forward
+    capture_s: list[float] = field(default_factory=list)  # each micro-batch's first graphed step (DecodeGraph)
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,7 @@ class PipelineGenerator:
     sampler: Sampler
     eos_token_id: int | None = None
     decode_graphs: bool = False  # decode forwards replayed as CUDA graphs over a static cache (module docstring)
+    decode_compile: bool = False  # the graphed step is the stage compiled by torch.compile (graphs.compiled_step)
     new_static_cache: Callable[[int], object] = StaticKVCache  # max slots -> the cache decode_graphs uses
     on_tokens: Callable[[int, list[torch.Tensor]], None] | None = None  # (forward, tokens per micro-batch)
     on_forward: Callable[[int, int], None] | None = None  # (forward, forwards asked), every rank: the heartbeat
@@ -191,7 +193,8 @@ class PipelineGenerator:
         max_len = prompt_len + max_new_tokens
         caches = [self.new_static_cache(max_len) if self.decode_graphs else self.new_cache() for _ in sizes]
         capture = self.device.type == "cuda"
-        graphs = [DecodeGraph(self.stage, capture=capture) for _ in sizes] if self.decode_graphs else []
+        step_fn = compiled_step(self.stage) if self.decode_compile else self.stage
+        graphs = [DecodeGraph(step_fn, capture=capture) for _ in sizes] if self.decode_graphs else []
         slots = max_len if self.decode_graphs else None
         generated: list[list[torch.Tensor]] = [[] for _ in sizes]
         next_ids: list[torch.Tensor | None] = [None] * len(sizes)
@@ -239,6 +242,7 @@ class PipelineGenerator:
                 self.on_forward(forward, max_new_tokens)
             if chat and self._all_done(generated, done):
                 break
+        self.times.capture_s.extend(graph.capture_s for graph in graphs if graph.capture_s is not None)
         if not g.is_last_stage:
             return []
         return [torch.stack(gen, dim=1).cpu() for gen in generated]

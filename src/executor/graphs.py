@@ -33,13 +33,37 @@ compute the first decode step.
 
 On a CPU there is nothing to capture: ``DecodeGraph`` runs the same static-buffer path eagerly, so the CPU
 tests check every token of the graphed path except the capture itself.
+
+Compiled (``RunSpec.decode_compile``, ``compiled_step``): a graph removes the host from the step, not the
+kernels' own fixed cost. The eager 8B step on one H200 was 7.68 ms where its 15 GB of weights take 3.6 ms at
+the probed HBM rate: ~110 us of fixed device time per layer across ~40 small kernels (norms, rotary, activation,
+residuals, cache writes; ``cost.overhead``, issue 20's record). ``torch.compile`` (inductor) fuses those
+element-wise chains into a few kernels, and with ``coordinate_descent_tuning`` it turns a matrix product with
+one row (batch-1 decode) into a tuned reduction that reads the weight at close to the HBM rate
+(``torch/_inductor/decomposition.py``, ``mm``). The compiled forward is what the graph captures: the compile
+happens in ``capture``'s warm-up, once per input shape (dynamo's cache keeps it for later generations of the
+same shape), and ``DecodeGraph.capture_s`` reports what the first capture cost.
 """
 
 from __future__ import annotations
 
+import time
+import weakref
 from typing import Any, Callable
 
 import torch
+
+# Inductor options of the compiled decode step: tuned matrix-vector reductions (see the module docstring).
+COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
+_COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, Callable[..., torch.Tensor]]" = weakref.WeakKeyDictionary()
+
+
+def compiled_step(stage: torch.nn.Module) -> Callable[..., torch.Tensor]:
+    """``stage``'s forward compiled by ``torch.compile`` for fixed shapes, one wrapper per stage, so that every
+    generation of the run (warm-ups, measured run, variants) reuses the compiled code of a shape."""
+    if stage not in _COMPILED:
+        _COMPILED[stage] = torch.compile(stage, dynamic=False, options=COMPILE_OPTIONS)
+    return _COMPILED[stage]
 
 
 def capture(fn: Callable[[], Any], warmups: int = 1) -> tuple[torch.cuda.CUDAGraph, Any]:
@@ -121,22 +145,33 @@ class DecodeGraph:
         self.inputs: dict[str, torch.Tensor] | None = None
         self.cache = None
         self.output: torch.Tensor | None = None
+        self.capture_s: float | None = None  # the first call: the capture (and a compiled stage's compile)
 
     def __call__(self, x: torch.Tensor, cache, cache_position: torch.Tensor, **masks: torch.Tensor) -> torch.Tensor:
         given = {"x": x, "cache_position": cache_position, **masks}
         if self.inputs is None:
             self.inputs = {k: v.clone() for k, v in given.items()}
             self.cache = cache
-            if self.capture:
-                self._capture()
-        else:
-            if cache is not self.cache or set(given) != set(self.inputs):
-                raise RuntimeError("a DecodeGraph replays one micro-batch's step: same cache, same inputs")
-            for k, v in given.items():
-                self.inputs[k].copy_(v, non_blocking=True)
+            start = time.perf_counter()
+            out = self._first_step()
+            self.capture_s = time.perf_counter() - start
+            return out
+        if cache is not self.cache or set(given) != set(self.inputs):
+            raise RuntimeError("a DecodeGraph replays one micro-batch's step: same cache, same inputs")
+        for k, v in given.items():
+            self.inputs[k].copy_(v, non_blocking=True)
         if self.graph is None:
             return self._forward()
         self.graph.replay()
+        return self.output
+
+    def _first_step(self) -> torch.Tensor:
+        """Capture the step (CUDA) and run it once; on a CPU just run it. A compiled stage compiles here."""
+        if not self.capture:
+            return self._forward()
+        self._capture()
+        self.graph.replay()
+        torch.cuda.synchronize()
         return self.output
 
     def _forward(self) -> torch.Tensor:

@@ -66,6 +66,7 @@ def pipeline_timings(reports: list[RankReport], batch_size: int, generated: int)
         pp_bubble_ratio=statistics.fmean(bubble) if bubble else 0.0,
         tp_allreduce_s_per_step=max((r.tp_allreduce_s for r in reports), default=0.0) / max(n, 1),
         build_s=max((r.build_s for r in reports), default=0.0),
+        compile_s=max((r.compile_s for r in reports if r.compile_s is not None), default=None),
         decode_forwards=max(n - 1, 1),
     )
 

@@ -23,8 +23,9 @@ MODES = ("benchmark", "chat", "serve")
 # the same built stage at another batch / micro-batch count / KV placement (a batch sweep pays the weight
 # materialization once, which for a 70B offload plan costs more than the measurement itself).
 RUNTIME_FIELDS = ("batch_size", "micro_batches", "kv_offload")
-# Run conditions a variant may change too: the same stage decodes eagerly or as CUDA graphs (side by side).
-VARIANT_CONDITIONS = ("decode_graphs",)
+# Run conditions a variant may change too: the same stage decodes eagerly or as CUDA graphs, compiled or not,
+# and dequantizes with DeepSpeed's ops or the fused kernel (side by side on one build).
+VARIANT_CONDITIONS = ("decode_graphs", "decode_compile", "fused_dequant")
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,8 @@ class RunSpec:
     fetch_wait: str = "stream"  # stream: hpi's GPU-ordered ZeRO-3 fetch wait; host: DeepSpeed's stock
     #   (hpi.executor.zero3)
     decode_graphs: bool = False  # replay each decode step as a CUDA graph (hpi.executor.graphs); resident plans only
+    decode_compile: bool = False  # compile the graphed decode step with torch.compile before capture (graphs)
+    fused_dequant: bool = False  # dequantize 8/4-bit weights with hpi's fused kernel (hpi.executor.dequant)
     variants: tuple[dict[str, Any], ...] = ()  # further measurements on the same build: RUNTIME_FIELDS overrides
     serve: ServeSpec | None = None  # mode "serve": the serving runtime's settings
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes recorded with the run
@@ -108,6 +111,9 @@ class RunSpec:
         if self.decode_graphs and self.plan.graph_blocker:
             raise ValueError(f"CUDA graphs cannot run plan {self.plan.label}: {self.plan.graph_blocker}; drop "
                              f"--cuda-graphs or use a GPU-resident 16-bit plan without KV offload")
+        if self.decode_compile and not self.decode_graphs:
+            raise ValueError("decode_compile compiles the graphed decode step: turn decode_graphs on too "
+                             "(--cuda-graphs) or drop --compile-decode")
         for v in self.variants:
             self._variant(v)  # each variant is a RunSpec: it checks its own plan and run conditions
         if self.variants and self.mode != "benchmark":
@@ -116,7 +122,8 @@ class RunSpec:
             raise ValueError("mode serve and a ServeSpec go together: give both or neither")
         # The run conditions the cost model prices (cost.dequant, cost.estimate, cost.overhead) are the spec's
         # own: the prediction beside each measured figure prices the dtype, fetch wait and graphs the run used.
-        conditions = dict(compute_dtype=self.dtype, fetch_wait=self.fetch_wait, decode_graphs=self.decode_graphs)
+        conditions = dict(compute_dtype=self.dtype, fetch_wait=self.fetch_wait, decode_graphs=self.decode_graphs,
+                          decode_compile=self.decode_compile, fused_dequant=self.fused_dequant)
         object.__setattr__(self, "workload", replace(self.workload, **conditions))
 
     def measurements(self) -> list["RunSpec"]:

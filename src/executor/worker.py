@@ -342,12 +342,15 @@ def measure(spec: RunSpec, b: _Built) -> RunRecord | None:
         sampler=Sampler(spec.temperature, spec.top_p, spec.seed),
         eos_token_id=eos if spec.mode == "chat" else None,
         decode_graphs=spec.decode_graphs,
+        decode_compile=spec.decode_compile,
     )
     max_new = spec.workload.gen_len_tokens
     warm_new = min(spec.warmup_gen_len or max_new, max_new)
+    captures: list[float] = []  # first graphed steps, warm-ups included: a compile is paid in the first of its shape
     for i in range(spec.warmup_steps):
-        replace(generator, times=StepTimes(), on_forward=Heartbeat(g.rank, f"warm-up {i + 1}")).run(
-            mine.ids, rows, prompt_len, warm_new, chat=False, padding=mine.padding)
+        warm = replace(generator, times=StepTimes(), on_forward=Heartbeat(g.rank, f"warm-up {i + 1}"))
+        warm.run(mine.ids, rows, prompt_len, warm_new, chat=False, padding=mine.padding)
+        captures += warm.times.capture_s
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _tp_allreduce_seconds(reset=True)  # count the measured run only, not the warm-up
@@ -367,6 +370,7 @@ def measure(spec: RunSpec, b: _Built) -> RunRecord | None:
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         forward_end_s=tuple(generator.times.forward_end_s),
         busy_s=tuple(generator.times.busy_s),
+        compile_s=max(captures + generator.times.capture_s) if spec.decode_compile else None,
         peak_allocated_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0,
         peak_reserved_bytes=torch.cuda.max_memory_reserved(device) if device.type == "cuda" else 0,
         host_rss_bytes=hostmem.resident_bytes(),

@@ -116,6 +116,8 @@ class Estimate:
                 "compute_dtype": self.workload.compute_dtype,
                 "fetch_wait": self.workload.fetch_wait,
                 "decode_graphs": self.workload.decode_graphs,
+                "decode_compile": self.workload.decode_compile,
+                "fused_dequant": self.workload.fused_dequant,
             },
             "plan": self.plan.to_dict(),
         }

@@ -29,7 +29,8 @@ from hpi.records import RunRecord
 CANDIDATES = (
     "matmul_prefill", "matmul_decode", "hbm", "h2d_stream_pinned", "h2d_stream_pageable", "nvme_read",
     "prefetch_overlap", "collective_bandwidth", "allreduce_latency_s", "collective_host_overhead_s",
-    "p2p_latency_s", "layer_overhead_s", "layer_device_overhead_s", "offload_layer_overhead_s", "step_overhead_s",
+    "p2p_latency_s", "layer_overhead_s", "layer_device_overhead_s", "compiled_layer_device_overhead_s",
+    "offload_layer_overhead_s", "step_overhead_s",
     "graphed_step_overhead_s", "gpu_workspace_bytes",
     "gpu_reserved_bytes", "dequant_hbm", "collective_drift_factor",
 )  # fmt: skip

@@ -116,7 +116,8 @@ def run_conditions(record: RunRecord) -> dict[str, str | bool]:
     """The Workload fields a RunRecord's spec sets besides the lengths (``RunRecord.conditions``: older records
     read as the conditions they ran with)."""
     c = record.conditions
-    return {"compute_dtype": c.dtype, "fetch_wait": c.fetch_wait, "decode_graphs": c.decode_graphs}
+    return {"compute_dtype": c.dtype, "fetch_wait": c.fetch_wait, "decode_graphs": c.decode_graphs,
+            "decode_compile": c.decode_compile, "fused_dequant": c.fused_dequant}
 
 
 _REPO = Path(__file__).resolve().parents[3]

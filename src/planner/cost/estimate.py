@@ -187,7 +187,8 @@ def _module_rule(busy, fetch_links, host_base, drift, t_kv, t_dequant, in_series
 
 def phase_result(arrangement: Arrangement, knobs: Knobs, phase: Phase, bpw: np.ndarray) -> PhaseResult:
     t_flops, t_hbm = roofline_sides(arrangement, knobs, phase)
-    compute = np.maximum(t_flops, t_hbm) + layer_device_time(arrangement)[None, :]  # kernels' fixed cost in series
+    graphed = graphed_forwards(arrangement, knobs, phase)[:, None]  # (N, 1): one launch per step, no host per module
+    compute = np.maximum(t_flops, t_hbm) + layer_device_time(arrangement, graphed[:, 0])  # kernels' fixed cost
     tp_coll = tp_collective_time(arrangement, phase)
     t_dequant = dequant_time(arrangement, knobs, phase)
     overhead = module_overhead_time(arrangement, knobs) + dequant_host_time(arrangement, knobs)
@@ -200,7 +201,6 @@ def phase_result(arrangement: Arrangement, knobs: Knobs, phase: Phase, bpw: np.n
     t_gather = dp_allgather_time(arrangement, knobs, fetched_elems_per_rank(arrangement, knobs, phase) * bpw)
 
     busy = compute + tp_coll
-    graphed = graphed_forwards(arrangement, knobs, phase)[:, None]  # (N, 1): one launch per step, no host per module
     host_base = np.where(graphed, 0.0, overhead + tp_collective_host_time(arrangement)[None, :])
     drift = np.where(graphed, 0.0, tp_drift(arrangement)[None, :])  # (N, kinds)
     host = host_base * (1.0 + drift)

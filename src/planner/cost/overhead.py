@@ -15,6 +15,9 @@ series with the layer's roofline time (``layer_device_time``; ``cost.estimate`` 
 what a graphed decode step of a small model is made of beyond its weight reads: an 8B step on an H100 read
 16 GB in 9.3 ms, 1.7 TB/s, where a 70B step on an H200 streamed at 0.70 of the copy ceiling with the same code.
 
+Compiled (``Workload.decode_compile``): a graphed decode step compiled by torch.compile before capture runs fused
+kernels, and its fixed device time per layer is ``compiled_layer_device_overhead_s`` instead.
+
 A decode step replayed as a CUDA graph (``Workload.decode_graphs``, ``hpi.executor.graphs``) launches all of a
 stage's kernels and collectives with one call: the per-layer host time and TP's rank drift at each
 collective leave it (``graphed_forwards`` says where that holds), and the step term becomes
@@ -39,9 +42,14 @@ def module_overhead_time(arrangement: Arrangement, knobs: Knobs) -> np.ndarray:
     return arrangement.table.is_layer * per_layer[:, None]
 
 
-def layer_device_time(arrangement: Arrangement) -> np.ndarray:
-    """(kinds,) device seconds per forward of one module beyond its roofline: the layer's kernels' fixed cost."""
-    return arrangement.table.is_layer * arrangement.hardware.efficiency.layer_device_overhead_s
+def layer_device_time(arrangement: Arrangement, graphed: np.ndarray) -> np.ndarray:
+    """(N, kinds) device seconds per forward of one module beyond its roofline: the layer's kernels' fixed cost,
+    ``compiled_layer_device_overhead_s`` where the forward replays a compiled graph (``graphed`` and
+    ``Workload.decode_compile``), else ``layer_device_overhead_s``."""
+    eff = arrangement.hardware.efficiency
+    compiled = graphed & arrangement.workload.decode_compile
+    per_layer = np.where(compiled, eff.compiled_layer_device_overhead_s, eff.layer_device_overhead_s)
+    return per_layer[:, None] * arrangement.table.is_layer[None, :]
 
 
 def step_overhead_time(arrangement: Arrangement, graphed: np.ndarray) -> np.ndarray:

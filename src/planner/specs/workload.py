@@ -1,5 +1,6 @@
-"""What the user asks the model to do (prompt and generation lengths), and the two run conditions outside
-the Plan's search space that change what it costs: the compute dtype and how a ZeRO-3 fetch is waited for.
+"""What the user asks the model to do (prompt and generation lengths), and the run conditions outside the Plan's
+search space that change what it costs: the compute dtype, how a ZeRO-3 fetch is waited for, and how the decode
+step and the dequantization run.
 
 - ``compute_dtype``: the 16-bit (or fp32) type activations and dequantized weights are computed in (the
   executor's ``--dtype``). It picks DeepSpeed's dequantization path for 8/4-bit weights (``cost.dequant``):
@@ -13,6 +14,11 @@ the Plan's search space that change what it costs: the compute dtype and how a Z
   it (``Plan.graph_blocker``): the host launches one graph instead of every kernel, so the per-layer host
   time and TP's rank drift leave the decode step (``cost.overhead``). Runs recorded before the field ran
   eagerly.
+- ``decode_compile``: the graphed decode step is compiled by ``torch.compile`` before it is captured
+  (``hpi.executor.graphs``): fused element-wise kernels and tuned matrix-vector reductions, so a layer's fixed
+  device time shrinks (``cost.overhead``). Only where the step is graphed; runs recorded before the field were not.
+- ``fused_dequant``: 8/4-bit weights are dequantized by hpi's one fused kernel (``hpi.executor.dequant``) instead
+  of DeepSpeed's chain of element-wise torch ops (``cost.dequant``). Runs recorded before the field ran DeepSpeed's.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ class Workload:
     compute_dtype: str = "bf16"
     fetch_wait: str = "stream"
     decode_graphs: bool = False
+    decode_compile: bool = False
+    fused_dequant: bool = False
 
     def __post_init__(self) -> None:
         if self.prompt_len_tokens < 1:
@@ -42,8 +50,9 @@ class Workload:
             raise ValueError(f"compute dtype {self.compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
         if self.fetch_wait not in FETCH_WAITS:
             raise ValueError(f"fetch wait {self.fetch_wait!r} is not one of {', '.join(FETCH_WAITS)}")
-        if not isinstance(self.decode_graphs, bool):
-            raise ValueError(f"decode_graphs must be true or false, got {self.decode_graphs!r}")
+        for name in ("decode_graphs", "decode_compile", "fused_dequant"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     @property
     def context_len_tokens(self) -> int:
