@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 from collections.abc import Iterator
 
 import torch
@@ -131,11 +132,21 @@ def uses_deepspeed_kernel(dequantizer, tensor: torch.Tensor) -> bool:
             and cfg["group_dim"] == tensor.dim() - 1 and cfg["num_bits"] in BITS and _deepspeed_kernel_loads())
 
 
+# Dequantizations the patch has served while switched on: by the fused kernel, and by DeepSpeed's own code
+# (its fp16 CUDA kernel, or a case the fused one does not cover). The worker checks that a run asked to fuse did.
+_CALLS = {"fused": 0, "deepspeed": 0}
+_ENABLED = [False]
+
+
 def _patched(original):
     @functools.wraps(original)
     def dequantize(self, tensor: torch.Tensor, quant_scale: torch.Tensor, quant_min: torch.Tensor) -> torch.Tensor:
-        if not _ENABLED[0] or uses_deepspeed_kernel(self, tensor) or not covers(self, tensor, quant_scale):
+        if not _ENABLED[0]:
             return original(self, tensor, quant_scale, quant_min)
+        if uses_deepspeed_kernel(self, tensor) or not covers(self, tensor, quant_scale):
+            _CALLS["deepspeed"] += 1
+            return original(self, tensor, quant_scale, quant_min)
+        _CALLS["fused"] += 1
         return fused_dequantize(tensor, quant_scale, quant_min, bits=self.config["num_bits"],
                                 group_size=self.config["group_size"])
 
@@ -143,7 +154,9 @@ def _patched(original):
     return dequantize
 
 
-_ENABLED = [False]
+def calls() -> dict[str, int]:
+    """Dequantizations served while switched on so far: {"fused": ..., "deepspeed": ...}."""
+    return dict(_CALLS)
 
 
 def install() -> None:
@@ -164,19 +177,35 @@ def installed() -> bool:
     return _ENABLED[0]
 
 
-@contextlib.contextmanager
-def fused_dequant(enabled: bool = True) -> Iterator[None]:
-    """The fused kernel on (or off) inside the block, the previous setting after it."""
-    before = installed()
-    _switch(enabled)
-    try:
-        yield
-    finally:
-        _switch(before)
-
-
-def _switch(enabled: bool) -> None:
+def use_fused(enabled: bool) -> None:
+    """``install()`` or ``uninstall()``: the per-process switch a run condition sets."""
     if enabled:
         install()
     else:
         uninstall()
+
+
+@contextlib.contextmanager
+def fused_dequant(enabled: bool = True) -> Iterator[None]:
+    """The fused kernel on (or off) inside the block, the previous setting after it."""
+    before = installed()
+    use_fused(enabled)
+    try:
+        yield
+    finally:
+        use_fused(before)
+
+
+def warm_up(bits: int, dtype: torch.dtype, device: torch.device | str) -> float:
+    """Compile the kernel of ``bits`` and ``dtype`` on ``device`` now, on a dummy weight of 3 groups (not 1 or 2:
+    dynamo specializes sizes 0 and 1, and equal sizes would be assumed equal), so that the first forward does
+    not pay for it; skipped where DeepSpeed's fp16 kernel serves instead. Returns the seconds it took."""
+    device = torch.device(device)
+    if dtype == torch.float16 and device.type == "cuda" and _deepspeed_kernel_loads():
+        return 0.0
+    t0 = time.perf_counter()
+    group = 64
+    packed = torch.zeros(3, group * bits // 8, dtype=torch.uint8, device=device)
+    scale = torch.ones(3, 1, dtype=dtype, device=device)
+    fused_dequantize(packed, scale, torch.zeros_like(scale), bits=bits, group_size=group)
+    return time.perf_counter() - t0

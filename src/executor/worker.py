@@ -109,6 +109,36 @@ def build_quantized_stage(config, shard, spec: RunSpec, g: Groups, dtype: torch.
         return build_stage(config, shard, tp_group=g.tp_group, dtype=dtype, device=device, framework_init=True)
 
 
+def prepare_dequant(spec: RunSpec, dtype: torch.dtype, device: torch.device) -> None:
+    """8/4-bit plans where a measurement fuses the dequantization (``RunSpec.fused_dequant``): compile the fused
+    kernel now, inside the build, so that no measured forward pays for the compile (``hpi.executor.dequant``)."""
+    if spec.plan.is_quantized and any(one.fused_dequant for one in spec.measurements()):
+        from hpi.executor.dequant import warm_up
+
+        warm_up(spec.plan.weight_bits, dtype, device)
+
+
+def use_dequant(spec: RunSpec) -> dict[str, int] | None:
+    """Switch DeepSpeed's dequantization of 8/4-bit weights to the fused kernel or back, as this measurement
+    asks; returns the patch's call counts so far (``check_dequant``), None for a 16-bit plan."""
+    if not spec.plan.is_quantized:
+        return None
+    from hpi.executor import dequant
+
+    dequant.use_fused(spec.fused_dequant)
+    return dequant.calls()
+
+
+def check_dequant(spec: RunSpec, before: dict[str, int] | None) -> None:
+    """A measurement that asked for the fused dequantization must have dequantized through the patch."""
+    from hpi.executor import dequant
+
+    if before is not None and spec.fused_dequant and dequant.calls() == before:
+        raise RuntimeError("fused_dequant was asked, but no weight was dequantized through hpi.executor.dequant's "
+                           "patch of DeQuantizer.dequantize: DeepSpeed's quantized F.linear no longer calls it; "
+                           "run with --no-fused-dequant and report this")
+
+
 def zero3_transfer_bytes(module: torch.nn.Module) -> tuple[int, int, int]:
     """(bytes copied host->device per forward, pinned host bytes, bytes read from NVMe per forward) of this
     rank's ZeRO-3 partitions. An NVMe-offloaded partition is read into a pinned swap buffer and then copied
@@ -257,6 +287,7 @@ def run(spec: RunSpec) -> list[RunRecord] | None:
     build_device = torch.device("cpu") if plan.is_offloaded else device
     if plan.is_quantized:
         module = build_quantized_stage(config, shard, spec, g, dtype, device)
+        prepare_dequant(spec, dtype, device)
     else:  # seeded random weights drawn on the accelerator (fast), kept where the plan stores them
         module = build_stage(config, shard, tp_group=g.tp_group, dtype=dtype, device=build_device, seed=spec.seed,
                              checkpoint=spec.checkpoint, init_device=device)
@@ -271,6 +302,7 @@ def run(spec: RunSpec) -> list[RunRecord] | None:
     if spec.mode == "serve":  # the model stays loaded and answers requests until the front says stop
         from hpi.executor.serve_loop import serve
 
+        use_dequant(spec)
         serve(spec, built)
         dist.destroy_process_group()
         return None
@@ -344,6 +376,7 @@ def measure(spec: RunSpec, b: _Built) -> RunRecord | None:
         decode_graphs=spec.decode_graphs,
         decode_compile=spec.decode_compile,
     )
+    dequant_calls = use_dequant(spec)
     max_new = spec.workload.gen_len_tokens
     warm_new = min(spec.warmup_gen_len or max_new, max_new)
     captures: list[float] = []  # first graphed steps, warm-ups included: a compile is paid in the first of its shape
@@ -359,6 +392,7 @@ def measure(spec: RunSpec, b: _Built) -> RunRecord | None:
     generator.on_forward = Heartbeat(g.rank, "measured")
     disk_before = diskstats.snapshot(spec.nvme_path) if plan.offload == "nvme" and spec.nvme_path else None
     new_tokens = generator.run(mine.ids, rows, prompt_len, max_new, chat=spec.mode == "chat", padding=mine.padding)
+    check_dequant(spec, dequant_calls)
     disk = diskstats.between(disk_before, diskstats.snapshot(spec.nvme_path) if disk_before else None)
     if streamer is not None:
         streamer.close()

@@ -143,3 +143,43 @@ def test_what_it_does_not_cover_goes_to_deepspeed(switched_off):
     assert torch.equal(deq.dequantize(packed, scale, minimum), expected)
     half = DeQuantizer(config(4, 2), torch.float16)
     assert not dequant.uses_deepspeed_kernel(half, torch.zeros(2, 32, dtype=torch.uint8))  # a CPU tensor
+
+
+def test_warm_up_compiles_the_kernel_that_later_weights_reuse():
+    dequant.warm_up(8, torch.float32, "cpu")
+    before = counters["stats"]["unique_graphs"]
+    for i, shape in enumerate([(32, 64), (5, 192), (2, 2, 128)]):  # 32 rows of 64: two equal sizes
+        packed, scale, minimum, expected = quantized(shape, 8, torch.float32, seed=i)
+        assert torch.equal(dequant.fused_dequantize(packed, scale, minimum, bits=8, group_size=GROUP), expected)
+    assert counters["stats"]["unique_graphs"] == before
+
+
+# ---- through hpi's executor ----------------------------------------------------------------------------
+LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 128, "intermediate_size": 256,
+         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1024,
+         "max_position_embeddings": 512, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False,
+         "initializer_range": 0.02, "hidden_act": "silu"}  # every input width a multiple of 64 (the group)
+
+
+def test_a_4bit_run_decodes_the_same_tokens_fused_and_unfused(tmp_path):
+    """One quantized build (ZeRO-3 CPU offload, fp32), measured with DeepSpeed's dequantization and then, as a
+    variant on the same weights, with the fused kernel (the worker refuses a fused run that did not go through
+    the patch: ``check_dequant``)."""
+    import json
+
+    from hpi.executor.launch import launch
+    from hpi.executor.spec import RunSpec
+    from hpi.planner.specs.plan import Plan
+    from hpi.planner.specs.workload import Workload
+
+    model = tmp_path / "config.json"
+    model.write_text(json.dumps(LLAMA))
+    plan = Plan(offload="cpu", pin_memory=False, batch_size=2, persistence_threshold_elems=0, weight_bits=4)
+    spec = RunSpec(plan=plan, model=str(model), workload=Workload(8, 6), device="cpu", dtype="fp32",
+                   out_dir=str(tmp_path / "run"), variants=({"fused_dequant": True},))
+    unfused = launch(spec, timeout_s=300).to_json()
+    fused_doc = json.loads((tmp_path / "run" / unfused["variant_records"][0]).read_text())
+    assert unfused["spec"]["fused_dequant"] is False and fused_doc["spec"]["fused_dequant"] is True
+    assert fused_doc["spec"]["workload"]["fused_dequant"] is True
+    assert len(unfused["tokens"]) == 2 and all(len(t) == 6 for t in unfused["tokens"])
+    assert fused_doc["tokens"] == unfused["tokens"]

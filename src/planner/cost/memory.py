@@ -255,7 +255,7 @@ def _gpu_parts(arrangement: Arrangement, knobs: Knobs, bpw: np.ndarray, meta: np
 
     present = counts > 0
     is_layer = t.is_layer > 0
-    buffer = dequant_buffer_bytes(knobs.weight_bits, wl.compute_dtype)[:, None]
+    buffer = dequant_buffer_bytes(knobs.weight_bits, wl.compute_dtype, wl.fused_dequant)[:, None]
     tensor = per_rank(t, t.largest_tensor, arrangement.tp)
     temp_l = _stage_max(tensor, present & is_layer[None, :]) * buffer
     temp_v = _stage_max(tensor, present & ~is_layer[None, :]) * buffer
