@@ -22,7 +22,7 @@ Layout (``Quantizer.quantize`` / ``DeQuantizer.dequantize`` in the same DeepSpee
 ``group_size`` consecutive elements along the last dimension (``group_dim`` last), asymmetric, one scale and
 one minimum per group in the weight dtype; 4-bit packs two values a byte, the even element in the high
 nibble (``data[..., 0::2] = t >> 4``, ``data[..., 1::2] = t & 0xF``). So a contiguous weight is G rows of
-one group each; the kernel works on (G, packed group) and is compiled with dynamic shapes, once per bit
+one group each; the kernel works on (G, packed group) and is compiled with G dynamic, once per bit
 width and dtype, not once per weight shape.
 
 ``install()`` patches ``DeQuantizer.dequantize`` (the class, so every quantized parameter of the process
@@ -71,9 +71,19 @@ def _dequant_rows_8bit(packed: torch.Tensor, scale: torch.Tensor, minimum: torch
 
 @functools.cache
 def _kernel(bits: int):
-    """The compiled row kernel of one bit width (dynamic shapes: G and the group size are symbols)."""
+    """The compiled row kernel of one bit width. Only the row count G is a symbol (``_rows``): the group size
+    stays a constant, so the kernel finds a weight's group by a shift, not by a division by a runtime value."""
     fn = _dequant_rows_4bit if bits == 4 else _dequant_rows_8bit
-    return torch.compile(fn, dynamic=True, options=EXACT_OPTIONS)
+    return torch.compile(fn, dynamic=False, options=EXACT_OPTIONS)
+
+
+def _rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """``t`` as (G, -1), no view (dynamo guards a view's base, its sizes and strides, which would recompile
+    per weight shape), its row count marked dynamic (sizes 0 and 1 cannot be: they compile apart)."""
+    out = t.reshape(rows, -1).detach()
+    if rows > 1:
+        torch._dynamo.mark_dynamic(out, 0)
+    return out
 
 
 def fused_dequantize(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, *, bits: int,
@@ -98,10 +108,7 @@ def fused_dequantize(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.T
     if scale.dtype != minimum.dtype or not scale.dtype.is_floating_point:
         raise ValueError(f"scale ({scale.dtype}) and minimum ({minimum.dtype}) must share one floating dtype")
     rows = scale.numel()
-    # detach(): a view's base is guarded by dynamo (its size and strides), which would recompile per weight
-    # shape; a detached tensor is no view, so only the (G, group) sizes are seen, and they are symbols.
-    out = _kernel(bits)(packed.reshape(rows, -1).detach(), scale.reshape(rows, 1).detach(),
-                        minimum.reshape(rows, 1).detach())
+    out = _kernel(bits)(_rows(packed, rows), _rows(scale, rows), _rows(minimum, rows))
     return out.view(shape)
 
 
