@@ -26,7 +26,7 @@ one group each; the kernel works on (G, packed group) and is compiled with G dyn
 width and dtype, not once per weight shape.
 
 ``install()`` patches ``DeQuantizer.dequantize`` (the class, so every quantized parameter of the process
-uses it), keeps DeepSpeed's own fp16 CUDA-kernel branch wherever that branch would run and its op loads,
+uses it), keeps DeepSpeed's own fp16 CUDA-kernel branch wherever that branch would run and its op is built,
 and hands anything this kernel does not cover (another ``group_dim``, bits, or a scale in another dtype) to
 DeepSpeed's original.
 """
@@ -120,23 +120,29 @@ def covers(dequantizer, tensor: torch.Tensor, scale: torch.Tensor) -> bool:
 
 
 @functools.cache
-def _deepspeed_kernel_loads() -> bool:
-    """Whether DeepSpeed's quantizer op (its fp16 CUDA dequantization) is built or builds: tried once."""
-    from deepspeed.inference.quantization.utils import get_quantizer_module
+def _deepspeed_kernel_built() -> bool:
+    """Whether DeepSpeed's quantizer op (its fp16 CUDA dequantization) is built: already loaded, or installed
+    prebuilt and loads. Not JIT-built here: that takes minutes and a CUDA toolkit, and the fused kernel is there."""
+    from deepspeed.git_version_info import installed_ops
+    from deepspeed.inference.quantization import utils
 
+    if utils.quantizer_module is not None:
+        return True
+    if not installed_ops.get("quantizer", False):
+        return False
     try:
-        get_quantizer_module()
-    except Exception:  # noqa: BLE001 - any failure to load or build the op means: use ours
+        utils.get_quantizer_module()
+    except Exception:  # noqa: BLE001 - any failure to load the op means: use ours
         return False
     return True
 
 
 def uses_deepspeed_kernel(dequantizer, tensor: torch.Tensor) -> bool:
     """DeepSpeed's own fused branch of ``DeQuantizer.dequantize`` (fp16, a CUDA tensor, group size a multiple
-    of 8, group_dim last), kept where its op loads."""
+    of 8, group_dim last), kept where its op is built."""
     cfg = dequantizer.config
     return (dequantizer.dtype == torch.float16 and tensor.is_cuda and cfg["group_size"] % 8 == 0
-            and cfg["group_dim"] == tensor.dim() - 1 and cfg["num_bits"] in BITS and _deepspeed_kernel_loads())
+            and cfg["group_dim"] == tensor.dim() - 1 and cfg["num_bits"] in BITS and _deepspeed_kernel_built())
 
 
 # Dequantizations the patch has served while switched on: by the fused kernel, and by DeepSpeed's own code
@@ -208,7 +214,7 @@ def warm_up(bits: int, dtype: torch.dtype, device: torch.device | str) -> float:
     dynamo specializes sizes 0 and 1, and equal sizes would be assumed equal), so that the first forward does
     not pay for it; skipped where DeepSpeed's fp16 kernel serves instead. Returns the seconds it took."""
     device = torch.device(device)
-    if dtype == torch.float16 and device.type == "cuda" and _deepspeed_kernel_loads():
+    if dtype == torch.float16 and device.type == "cuda" and _deepspeed_kernel_built():
         return 0.0
     t0 = time.perf_counter()
     group = 64

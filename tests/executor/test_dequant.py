@@ -145,6 +145,26 @@ def test_what_it_does_not_cover_goes_to_deepspeed(switched_off):
     assert not dequant.uses_deepspeed_kernel(half, torch.zeros(2, 32, dtype=torch.uint8))  # a CPU tensor
 
 
+def test_deepspeeds_kernel_counts_as_built_only_when_loaded_or_installed(monkeypatch):
+    """Not JIT-built on a first fp16 call (minutes, a CUDA toolkit): loaded already, or installed prebuilt."""
+    from deepspeed.git_version_info import installed_ops
+    from deepspeed.inference.quantization import utils
+
+    monkeypatch.setitem(installed_ops, "quantizer", False)
+    monkeypatch.setattr(utils, "quantizer_module", None)
+    monkeypatch.setattr(utils, "get_quantizer_module", lambda: pytest.fail("would JIT-build DeepSpeed's op"))
+    dequant._deepspeed_kernel_built.cache_clear()
+    assert dequant._deepspeed_kernel_built() is False  # not prebuilt, not loaded
+    dequant._deepspeed_kernel_built.cache_clear()
+    monkeypatch.setitem(installed_ops, "quantizer", True)  # prebuilt, but fails to load: ours
+    monkeypatch.setattr(utils, "get_quantizer_module", lambda: (_ for _ in ()).throw(ImportError("no op")))
+    assert dequant._deepspeed_kernel_built() is False
+    dequant._deepspeed_kernel_built.cache_clear()
+    monkeypatch.setattr(utils, "quantizer_module", object())
+    assert dequant._deepspeed_kernel_built() is True
+    dequant._deepspeed_kernel_built.cache_clear()
+
+
 def test_warm_up_compiles_the_kernel_that_later_weights_reuse():
     dequant.warm_up(8, torch.float32, "cpu")
     before = counters["stats"]["unique_graphs"]
