@@ -209,16 +209,35 @@ def fused_dequant(enabled: bool = True) -> Iterator[None]:
         use_fused(before)
 
 
-def warm_up(bits: int, dtype: torch.dtype, device: torch.device | str) -> float:
-    """Compile the kernel of ``bits`` and ``dtype`` on ``device`` now, on a dummy weight of 3 groups (not 1 or 2:
-    dynamo specializes sizes 0 and 1, and equal sizes would be assumed equal), so that the first forward does
-    not pay for it; skipped where DeepSpeed's fp16 kernel serves instead. Returns the seconds it took."""
+def deepspeed_torch_ops(dequantizer, packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+    """DeepSpeed's torch-op branch of ``DeQuantizer.dequantize`` (group_dim last), called through its own private
+    steps so that neither its fp16 CUDA kernel nor this module's patch answers: the reference ours must equal."""
+    cfg = dequantizer.config
+    values = dequantizer._decompress_uint4_to_uint8(packed) if cfg["num_bits"] == 4 else packed
+    shape = values.shape
+    grouped = values.view(shape[:-1] + (shape[-1] // cfg["group_size"], cfg["group_size"]))
+    return dequantizer._dequantize_int8(grouped, scale, minimum).view(shape)
+
+
+def warm_up(bits: int, dtype: torch.dtype, device: torch.device | str, group_size: int = 64) -> float:
+    """Compile the kernel of ``bits`` and ``dtype`` on ``device`` now, so that the first forward does not pay for
+    it, and check it there: a random 256 x 256 weight (1024 groups) quantized by DeepSpeed must dequantize to
+    exactly what DeepSpeed's torch ops give (``deepspeed_torch_ops``), or this raises. Skipped where DeepSpeed's
+    fp16 kernel serves instead. Returns the seconds it took."""
+    from deepspeed.inference.quantization.utils import DeQuantizer, Quantizer
+
     device = torch.device(device)
     if dtype == torch.float16 and device.type == "cuda" and _deepspeed_kernel_built():
         return 0.0
     t0 = time.perf_counter()
-    group = 64
-    packed = torch.zeros(3, group * bits // 8, dtype=torch.uint8, device=device)
-    scale = torch.ones(3, 1, dtype=dtype, device=device)
-    fused_dequantize(packed, scale, torch.zeros_like(scale), bits=bits, group_size=group)
+    cfg = {"num_bits": bits, "group_size": group_size, "group_dim": 1, "symmetric": False}
+    weight = torch.randn(256, 256, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
+    packed, scale, minimum = Quantizer(cfg).quantize(weight)
+    ours = fused_dequantize(packed, scale, minimum, bits=bits, group_size=group_size)
+    theirs = deepspeed_torch_ops(DeQuantizer(cfg, dtype), packed, scale, minimum)
+    differ = int((ours != theirs).sum())
+    if differ:
+        raise RuntimeError(f"the fused dequantization differs from DeepSpeed's on {differ} of {ours.numel()} "
+                           f"elements ({bits}-bit, {dtype}, {device}): this torch's inductor does not keep eager's "
+                           f"rounding (EXACT_OPTIONS); run with --no-fused-dequant and report this")
     return time.perf_counter() - t0

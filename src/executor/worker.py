@@ -111,7 +111,8 @@ def build_quantized_stage(config, shard, spec: RunSpec, g: Groups, dtype: torch.
 
 def prepare_dequant(spec: RunSpec, dtype: torch.dtype, device: torch.device) -> None:
     """8/4-bit plans where a measurement fuses the dequantization (``RunSpec.fused_dequant``): compile the fused
-    kernel now, inside the build, so that no measured forward pays for the compile (``hpi.executor.dequant``)."""
+    kernel now, inside the build, so that no measured forward pays for the compile, and check it on this device
+    against DeepSpeed's torch ops bit for bit (``hpi.executor.dequant.warm_up``)."""
     if spec.plan.is_quantized and any(one.fused_dequant for one in spec.measurements()):
         from hpi.executor.dequant import warm_up
 

@@ -174,6 +174,27 @@ def test_warm_up_compiles_the_kernel_that_later_weights_reuse():
     assert counters["stats"]["unique_graphs"] == before
 
 
+def test_warm_up_refuses_a_kernel_that_differs_from_deepspeed(monkeypatch):
+    """The device check the worker's build runs: one element off by an ulp is enough to refuse."""
+    assert dequant.warm_up(4, torch.bfloat16, "cpu") > 0
+
+    def one_ulp_off(*args, **kwargs):
+        out = fused(*args, **kwargs)
+        out.view(-1)[7] = torch.nextafter(out.view(-1)[7], torch.tensor(float("inf"), dtype=out.dtype))
+        return out
+
+    monkeypatch.setattr(dequant, "fused_dequantize", one_ulp_off)
+    with pytest.raises(RuntimeError, match="differs from DeepSpeed's on 1 of 65536 elements.*--no-fused-dequant"):
+        dequant.warm_up(4, torch.bfloat16, "cpu")
+
+
+def test_the_reference_is_deepspeeds_torch_path():
+    for bits in (4, 8):
+        packed, scale, minimum, expected = quantized((6, 128), bits, torch.bfloat16)
+        got = dequant.deepspeed_torch_ops(DeQuantizer(config(bits, 2), torch.bfloat16), packed, scale, minimum)
+        assert torch.equal(got, expected)
+
+
 # ---- through hpi's executor ----------------------------------------------------------------------------
 LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 128, "intermediate_size": 256,
          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1024,
