@@ -131,6 +131,23 @@ def test_installed_it_serves_deepspeeds_wrapped_linear(bits, switched_off, monke
     assert len(calls) == 1
 
 
+def test_the_compat_tensors_views_reuse_the_one_compile(switched_off):
+    """zero.Init's params hand over views into one packed tensor (scale and min at offsets that vary with the
+    weight's size): no recompile per weight."""
+    linear = wrap_quantized_functional(torch.nn.functional.linear)
+    dequant.install()
+    linear(torch.randn(2, 128), quantized_linear(8, torch.float32))  # compiles, if nothing has yet
+    before = counters["stats"]["unique_graphs"]
+    for rows, cols in [(40, 256), (9, 64), (100, 192)]:
+        weight = torch.nn.Parameter(torch.randn(rows, cols), requires_grad=False)
+        _quantize_param(weight, config(8, 2))
+        x = torch.randn(2, cols)
+        with dequant.fused_dequant(False):
+            expected = linear(x, weight)  # DeepSpeed's torch ops
+        assert torch.equal(linear(x, weight), expected)
+    assert counters["stats"]["unique_graphs"] == before and dequant.calls()["fused"] >= 4
+
+
 def test_what_it_does_not_cover_goes_to_deepspeed(switched_off):
     """A group_dim other than the last is DeepSpeed's business; so is its fp16 CUDA kernel (not on a CPU)."""
     cfg = {"num_bits": 8, "group_size": 8, "group_dim": 0, "symmetric": False}
