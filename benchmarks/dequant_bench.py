@@ -11,7 +11,8 @@ timed alternately. On CUDA each call sits between two events, after a 256 MiB wr
 weights arrive from the host, not from a cache); the median of ``--reps`` after ``--warmup`` calls. GB/s is
 the 16-bit output written per second (the planner's ``src/planner/cost/dequant.py`` prices the traffic:
 ~17 bytes an element for DeepSpeed's 4-bit bf16 path, ~2.6 for the fused one). ``identical`` is the fraction
-of output elements whose bits equal DeepSpeed's (1.0 expected: ``EXACT_OPTIONS``).
+of output elements whose bits equal DeepSpeed's (1.0 expected: ``EXACT_OPTIONS``). ``*_host_us``: the host's
+time to issue one call (a 70B decode step issues 560: 7 matrices x 80 layers), its median.
 
 One JSON line per case, then a summary JSON line (kind ``hpi.DequantBench``).
 """
@@ -52,19 +53,23 @@ class Timer:
         self.torch, self.cuda = torch, device.type == "cuda"
         self.flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device) if self.cuda else None
 
-    def __call__(self, fn) -> float:
+    def __call__(self, fn) -> tuple[float, float]:
+        """(device seconds, host seconds to issue the call): 560 dequantizations a 70B decode step issue."""
         torch = self.torch
         if not self.cuda:
             t0 = time.perf_counter()
             fn()
-            return time.perf_counter() - t0
+            took = time.perf_counter() - t0
+            return took, took
         self.flush.zero_()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
+        t0 = time.perf_counter()
         fn()
+        host = time.perf_counter() - t0
         end.record()
         end.synchronize()
-        return start.elapsed_time(end) / 1e3
+        return start.elapsed_time(end) / 1e3, host
 
 
 def identical_fraction(a, b) -> float:
@@ -105,10 +110,12 @@ def one_case(shape, bits: int, dtype, device, timer: Timer, a: argparse.Namespac
         times["fused"].append(timer(ours))
     identical = identical_fraction(ours(), theirs())
     out_bytes = shape[0] * shape[1] * torch.tensor([], dtype=dtype).element_size()
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = {k: statistics.median(t for t, _ in v) for k, v in times.items()}
+    host = {k: statistics.median(h for _, h in v) for k, v in times.items()}
     return {"shape": list(shape), "bits": bits, "dtype": a.dtype, "reps": a.reps,
             "deepspeed_s": med["deepspeed"], "fused_s": med["fused"], "speedup": med["deepspeed"] / med["fused"],
             "deepspeed_out_gb_s": out_bytes / med["deepspeed"] / 1e9, "fused_out_gb_s": out_bytes / med["fused"] / 1e9,
+            "deepspeed_host_us": host["deepspeed"] * 1e6, "fused_host_us": host["fused"] * 1e6,
             "identical": identical, "first_fused_call_s": first_call_s}
 
 
