@@ -63,6 +63,24 @@ def _graphed(*sizes: int, pp: int = 1) -> tuple[dict, ...]:
     return tuple(out)
 
 
+def _compiled(*sizes: int) -> tuple[dict, ...]:
+    """Each batch graphed, then graphed and compiled (hpi.executor.graphs.compiled_step), on one build."""
+    out = []
+    for b in sizes:
+        graphed = {"batch_size": b, "micro_batches": 1, "decode_graphs": True}
+        out += [graphed, {**graphed, "decode_compile": True}]
+    return tuple(out)
+
+
+def _fused(*sizes: int) -> tuple[dict, ...]:
+    """The entry's batch with the fused dequantization (hpi.executor.dequant), then each other batch with
+    DeepSpeed's and with the fused one, on one build."""
+    out = [{"fused_dequant": True}]
+    for v in _batches(*sizes):
+        out += [v, {**v, "fused_dequant": True}]
+    return tuple(out)
+
+
 def matrices() -> dict[str, list[Entry]]:
     h100, m8, m70 = "h100-sxm-1gpu", "llama-3-8b", "llama-3-70b"
     big = str(REPO / "benchmarks" / "configs" / "llama-33b.json")
@@ -131,6 +149,15 @@ def matrices() -> dict[str, list[Entry]]:
             Entry("8b-nvme-aio-hpi-fixed-b1", m8, "h200-1gpu", 1, {"offload": "nvme", **tuned}, **aio_run),
             Entry("8b-nvme-aio-planner-b1", m8, "h200-1gpu", 1, {"offload": "nvme", **tuned}, pick_aio=True,
                   **aio_run),
+        ],
+        # issue 20: the compiled graphed decode step against the eager graphed one (8B, and the 33B shape the
+        # compiled per-layer time was not fitted on), and 4-bit weights streamed from pinned memory dequantized by
+        # DeepSpeed's torch ops against hpi's fused kernel (70B, batch 1 and 32), each pair on one build.
+        "fused-h200": [
+            Entry("8b-resident-b1", m8, "h200-1gpu", 1, {}, variants=_compiled(1, 16)),
+            Entry("33b-resident-b1", big, "h200-1gpu", 1, {}, variants=_compiled(1), gen_len=16),
+            Entry("70b-q4-cpu-pinned-b1", m70, "h200-1gpu", 1, {"offload": "cpu", "weight_bits": 4},
+                  variants=_fused(32), prompt_len=128, gen_len=4),
         ],
         "smoke": [
             Entry("tiny-resident", "tiny-llama", h100, 2, {}),
@@ -233,7 +260,8 @@ def refuse_infeasible(entry: Entry, plan, workload) -> None:
 
 
 def run_hpi(entry: Entry, out: Path, gen_len: int, prompt_len: int, device: str = "cuda") -> dict[str, dict]:
-    """The entry's record and its variants' ({name: record}; a variant is named name@b<batch>[-kvoff][-graphs])."""
+    """The entry's record and its variants' ({name: record}; a variant is named
+    name@b<batch>[-kvoff][-graphs][-compiled][-fused])."""
     from hpi.executor.launch import launch
     from hpi.executor.spec import RunSpec
     from hpi.planner.specs.workload import Workload
@@ -252,8 +280,10 @@ def run_hpi(entry: Entry, out: Path, gen_len: int, prompt_len: int, device: str 
     for rel in record.variant_records or ():
         variant = RunRecord.from_json(json.loads((out / entry.name / rel).read_text()))
         p = variant.plan
-        graphs = "-graphs" if variant.conditions.decode_graphs else ""
-        records[f"{entry.name}@b{p['batch_size']}{'-kvoff' if p['kv_offload'] else ''}{graphs}"] = variant.to_json()
+        c = variant.conditions
+        suffix = ("-kvoff" if p["kv_offload"] else "") + ("-graphs" if c.decode_graphs else "") + \
+            ("-compiled" if c.decode_compile else "") + ("-fused" if c.fused_dequant else "")
+        records[f"{entry.name}@b{p['batch_size']}{suffix}"] = variant.to_json()
     return records
 
 

@@ -21,6 +21,8 @@ Versions:
 - 2: every key is written, null where nothing was measured; the top-level workload copy is gone.
 - 3: each rank reports its build's host memory (``host_rss_before_build_bytes``, ``host_build_peak_bytes``);
   older records read them as None (not measured).
+- 4: a compiled decode step's compile time (the timings' and each rank's ``compile_s``); older records read it
+  as None (not compiled), as their specs read ``decode_compile`` and ``fused_dequant`` as false.
 Reading is lenient about absent keys (None: not recorded) and strict about unknown ones (a typo would be lost).
 """
 
@@ -39,7 +41,7 @@ __all__ = [
 ]  # fmt: skip
 
 KIND = "hpi.RunRecord"
-VERSION = 3
+VERSION = 4
 TRIAL_KIND = "hpi.AutotuneTrial"  # one trial of hpi autotune (hpi.autotune.objective): its RunRecord under "record"
 PREDICTED_FIGURES = ("prefill_s", "decode_step_s", "total_s", "ttft_s", "throughput_tok_s")
 # The run conditions a spec carries besides the plan, and what a record written before the field existed ran
@@ -527,4 +529,6 @@ def upgrade(doc: Mapping[str, Any], where: str = "record") -> dict[str, Any]:
         out["version"] = 2
     if out["version"] == 2:  # -> 3: the ranks' build host memory, absent: None (not measured)
         out["version"] = 3
+    if out["version"] == 3:  # -> 4: the compiled decode step's compile time (compile_s), absent: None (none)
+        out["version"] = 4
     return out

@@ -8,7 +8,9 @@ from hpi.deployment import (
     DeploymentError,
     HostMemory,
     Nodes,
+    compile_mode,
     decode_mode,
+    dequant_mode,
     pinning_problem,
     resolve_deployment,
     this_host,
@@ -36,6 +38,33 @@ def test_hpi_run_graphs_by_default_only_where_they_can_run():
     for model, plan, why in [(dense, Plan(offload="cpu"), "ZeRO-3"), (moe, Plan(), "expert routing")]:
         with pytest.raises(DeploymentError, match=f"CUDA graphs cannot run .*{why}.*drop --cuda-graphs"):
             decode_mode(spec(plan), model, True)
+
+
+def test_hpi_run_compiles_graphed_steps_and_fuses_dequantization_by_default_on_a_gpu_only():
+    graphed = spec(Plan(), decode_graphs=True)
+    assert compile_mode(graphed, None) is True and compile_mode(graphed, False) is False
+    assert compile_mode(spec(Plan()), None) is False  # eager decode: nothing to compile
+    assert compile_mode(spec(Plan(), "cpu", decode_graphs=True), None) is False
+    assert compile_mode(spec(Plan(), "cpu", decode_graphs=True), True) is True  # asked: the CPU compiles too
+    with pytest.raises(DeploymentError, match=r"--compile-decode compiles the graphed decode step.*--cuda-graphs"):
+        compile_mode(spec(Plan()), True)
+    quantized = spec(Plan(offload="cpu", weight_bits=4))
+    assert dequant_mode(quantized, None) is True and dequant_mode(quantized, False) is False
+    assert dequant_mode(spec(Plan(offload="cpu", weight_bits=4), "cpu"), None) is False
+    assert dequant_mode(spec(Plan()), None) is False
+    with pytest.raises(DeploymentError, match=r"--fused-dequant dequantizes 8/4-bit weights.*--quant-bits"):
+        dequant_mode(spec(Plan()), True)
+
+
+def test_resolution_prices_what_it_resolved_compiled_and_fused():
+    d = resolve_deployment(RunSpec(plan=Plan(), model="llama-3-8b", hardware="h200-1gpu"))
+    assert d.spec.decode_compile and d.spec.workload.decode_compile and d.prediction.workload.decode_compile
+    plain = resolve_deployment(RunSpec(plan=Plan(), model="llama-3-8b", hardware="h200-1gpu"), decode_compile=False)
+    assert plain.prediction.decode_step_s > d.prediction.decode_step_s
+    q4 = RunSpec(plan=Plan(offload="cpu", weight_bits=4), model="llama-3-70b", hardware="h200-1gpu")
+    fused, torch_ops = resolve_deployment(q4), resolve_deployment(q4, fused_dequant=False)
+    assert fused.spec.fused_dequant and not fused.spec.decode_compile and not torch_ops.spec.fused_dequant
+    assert fused.prediction.workload.fused_dequant and not torch_ops.prediction.workload.fused_dequant
 
 
 def test_resolution_fills_in_the_decode_mode_the_prediction_and_this_nodes_gpus():

@@ -188,14 +188,17 @@ def test_every_kept_record_is_upgraded_and_loses_nothing(kept) -> None:
     for record in (r for got in kept.values() for r in got):
         raw = _raw_entry(record)
         doc = record.to_json()
-        assert doc["kind"] == KIND and doc["version"] == VERSION == 3
+        assert doc["kind"] == KIND and doc["version"] == VERSION == 4
         versions[raw["version"]] = versions.get(raw["version"], 0) + 1
         if raw["version"] == VERSION:  # written by this hpi: read back exactly as written
             assert doc == raw, record.record_id
-        if raw["version"] == 2:  # every key it wrote, as written; version 3 adds the ranks' build host memory
-            ranks = [{k: v for k, v in r.items() if not k.startswith("host_") or k == "host_rss_bytes"}
-                     for r in doc["ranks"]]
-            assert {**doc, "version": 2, "ranks": ranks} == raw, record.record_id
+        if raw["version"] in (2, 3):  # every key it wrote, as written; version 3 adds the ranks' build host memory,
+            # version 4 the compile time of a compiled decode step (the timings' and the ranks' compile_s)
+            new = ("compile_s",) if raw["version"] == 3 else ("compile_s", "host_rss_before_build_bytes",
+                                                              "host_build_peak_bytes")
+            ranks = [{k: v for k, v in r.items() if k not in new} for r in doc["ranks"]]
+            timings = {k: v for k, v in doc.items() if k != "compile_s"}
+            assert {**timings, "version": raw["version"], "ranks": ranks} == raw, record.record_id
         _carries(doc, upgrade(raw), record.record_id)
         assert RunRecord.from_json(doc) == record
     # hpi serve's GPU call (2026-12-02) kept the first version-2 records, the MoE calls (2026-12-03) version 3's
@@ -309,14 +312,14 @@ def test_version_1_shapes_upgrade_and_the_current_version_names_every_key() -> N
     assert record.timings.decode_step_s == DecodeSteps(0.5, 0.5, 0.5)  # one number: its own distribution
     assert record.transfers.nvme.why_no_device_figures.startswith("the NVMe folder is on no block device")
     doc = record.to_json()
-    assert "workload" not in doc and doc["version"] == 3 and doc["spec"]["workload"] == {"prompt_len_tokens": 8}
+    assert "workload" not in doc and doc["version"] == 4 and doc["spec"]["workload"] == {"prompt_len_tokens": 8}
     assert set(RunRecord().to_json()) == set(doc)  # every key, null where nothing was measured
     assert RunRecord().to_json()["nvme"] is None and RunRecord().to_json()["texts"] is None
 
 
 @pytest.mark.parametrize("doc,message", [
     ({"kind": "hpi.LayerScaling"}, "not a RunRecord"),
-    ({"kind": KIND, "version": 4}, "version 4 is not one this hpi reads"),
+    ({"kind": KIND, "version": 5}, "version 5 is not one this hpi reads"),
     ({"kind": KIND, "version": 2, "prefil_s": 1.0}, "unknown field 'prefil_s'"),
     ({"kind": KIND, "h2d": {"bytes_per_step": 1, "bandwidth": 2}}, r"record.h2d: unknown field 'bandwidth'"),
     ({"kind": KIND, "ranks": [{"rank": 0, "gpu": "x"}]}, r"record.ranks\[0\]: unknown field 'gpu'"),

@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache  # noqa: E402
 
 from hpi.executor.generate import PipelineGenerator, Sampler, left_pad  # noqa: E402
-from hpi.executor.graphs import DecodeGraph, StaticKVCache  # noqa: E402
+from hpi.executor.graphs import DecodeGraph, StaticKVCache, compiled_step  # noqa: E402
 from hpi.executor.masks import static_causal_mask  # noqa: E402
 from hpi.executor.modeling import ShardSpec, build_stage, load_hf_config  # noqa: E402
 from hpi.executor.spec import RunSpec  # noqa: E402
@@ -109,6 +109,7 @@ def test_decode_graph_replays_one_micro_batch_only():
     assert graph(torch.tensor([[1]]), cache, torch.tensor([4])).tolist() == [[2]]
     assert graph(torch.tensor([[3]]), cache, torch.tensor([5])).tolist() == [[6]]
     assert [c[1].item() for c in calls] == [4, 5]  # each call's inputs went through the static buffers
+    assert graph.capture_s is not None and graph.capture_s >= 0  # the first call is timed (the compile, if any)
     with pytest.raises(RuntimeError, match="same cache"):
         graph(torch.tensor([[3]]), object(), torch.tensor([6]))
 
@@ -142,6 +143,35 @@ def test_static_cache_decode_generates_the_dynamic_cache_tokens(family, padded):
     assert static == eager
     if family == "mistral":  # the prompt and generated tokens outrun the window of 6: it was applied
         assert len(lengths) and max(lengths) + GEN > config.sliding_window
+
+
+# ---- compiled (torch.compile's inductor: C++ on a CPU, Triton on a GPU) -------------------------------------
+@pytest.mark.slow
+def test_compiled_decode_generates_the_eager_tokens_and_compiles_once_per_shape():
+    """The graphed step compiled by torch.compile (fp32 on the CPU) gives every token of the eager static path,
+    padded and unpadded; a second generation of the same shapes reuses the compiled code (no new frame)."""
+    from torch._dynamo.utils import counters
+
+    config = _tiny("llama")
+    stage = build_stage(config, ShardSpec.whole(config.num_hidden_layers), dtype=torch.float32, seed=0).eval()
+    g = torch.Generator().manual_seed(5)
+    ids, padding = left_pad([torch.randint(3, config.vocab_size, (n,), generator=g).tolist() for n in (9, 4)], 0)
+
+    def generate(compiled: bool, padded: bool) -> tuple[list[list[int]], list[float]]:
+        gen = PipelineGenerator(stage=stage, groups=_one_rank(), new_cache=DynamicCache, hidden_size=0,
+                                dtype=torch.float32, device=torch.device("cpu"), micro_batches=1, sampler=Sampler(),
+                                decode_graphs=True, decode_compile=compiled)
+        out = gen.run(ids, 2, 9, GEN, chat=False, padding=padding if padded else None)
+        return torch.cat(out).tolist(), gen.times.capture_s
+
+    assert compiled_step(stage) is compiled_step(stage)  # one compiled wrapper per stage
+    for padded in (False, True):
+        eager, _ = generate(False, padded)
+        compiled, captures = generate(True, padded)
+        assert compiled == eager and len(captures) == 1
+        frames = counters["stats"]["unique_graphs"]
+        again, _ = generate(True, padded)
+        assert again == eager and counters["stats"]["unique_graphs"] == frames  # no recompile
 
 
 # ---- spec ------------------------------------------------------------------------------------------------
@@ -179,6 +209,37 @@ def test_launched_graphed_variant_matches_the_eager_run(name, tmp_path):
     assert graphed["tokens"] == eager["tokens"] and len(graphed["tokens"][0]) == GEN
     assert graphed["spec"]["decode_graphs"] is True and graphed["spec"]["workload"]["decode_graphs"] is True
     assert eager["spec"]["workload"]["decode_graphs"] is False
+
+
+@pytest.mark.slow
+def test_launched_compiled_variant_matches_the_graphed_run_and_records_its_compile(tmp_path):
+    """hpi run's path on one rank: the same build graphed, then graphed and compiled; the compiled variant's record
+    says so (spec and workload) and carries the compile's seconds, the plain one none."""
+    pytest.importorskip("deepspeed")
+    import json
+
+    from hpi.executor.launch import launch
+
+    spec = RunSpec(plan=Plan(batch_size=2), model="tiny-llama",
+                   workload=Workload(prompt_len_tokens=9, gen_len_tokens=GEN), device="cpu", dtype="fp32",
+                   out_dir=str(tmp_path), decode_graphs=True,
+                   variants=({"decode_compile": True},))
+    graphed = launch(spec, timeout_s=300).to_json()
+    compiled = json.loads((tmp_path / graphed["variant_records"][0]).read_text())
+    assert compiled["tokens"] == graphed["tokens"] and len(compiled["tokens"][0]) == GEN
+    assert compiled["spec"]["decode_compile"] is True and compiled["spec"]["workload"]["decode_compile"] is True
+    assert compiled["compile_s"] > 0 and compiled["ranks"][0]["compile_s"] == compiled["compile_s"]
+    assert graphed["compile_s"] is None and graphed["spec"]["decode_compile"] is False
+
+
+def test_spec_compiles_only_a_graphed_step():
+    with pytest.raises(ValueError, match="decode_compile compiles the graphed decode step.*--cuda-graphs"):
+        RunSpec(plan=Plan(), model="tiny-llama", device="cpu", decode_compile=True)
+    with pytest.raises(ValueError, match="decode_compile compiles the graphed"):
+        RunSpec(plan=Plan(), model="tiny-llama", device="cpu", variants=({"decode_compile": True},))
+    ok = RunSpec(plan=Plan(), model="tiny-llama", device="cpu", decode_graphs=True,
+                 variants=({"decode_compile": True},))
+    assert [m.workload.decode_compile for m in ok.measurements()] == [False, True]
 
 
 def test_variants_may_switch_graphs_but_not_rebuild():

@@ -273,7 +273,11 @@ def test_an_autotune_trial_stands_for_the_run_record_it_holds(synth, tmp_path) -
 def test_run_conditions_are_typed_and_default_to_what_old_records_ran() -> None:
     from hpi.planner.calibrate import run_conditions
 
-    assert run_conditions(RunRecord(spec={})) == {"compute_dtype": "bf16", "fetch_wait": "host", "decode_graphs": False}
-    got = run_conditions(RunRecord(spec={"dtype": "fp16", "fetch_wait": "stream", "decode_graphs": True}))
-    assert got == {"compute_dtype": "fp16", "fetch_wait": "stream", "decode_graphs": True}
+    old = {"compute_dtype": "bf16", "fetch_wait": "host", "decode_graphs": False, "decode_compile": False,
+           "fused_dequant": False}
+    assert run_conditions(RunRecord(spec={})) == old
+    got = run_conditions(RunRecord(spec={"dtype": "fp16", "fetch_wait": "stream", "decode_graphs": True,
+                                         "decode_compile": True, "fused_dequant": True}))
+    assert got == {"compute_dtype": "fp16", "fetch_wait": "stream", "decode_graphs": True, "decode_compile": True,
+                   "fused_dequant": True}
     assert run_conditions(RunRecord(spec={"decode_graphs": False}))["decode_graphs"] is False

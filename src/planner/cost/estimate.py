@@ -64,7 +64,13 @@ from hpi.planner.cost.compute import expected_experts_touched, roofline_sides
 from hpi.planner.cost.dequant import dequant_host_time, dequant_time
 from hpi.planner.cost.inputs import Arrangement, Knobs
 from hpi.planner.cost.memory import MemoryResult, memory
-from hpi.planner.cost.overhead import graphed_forwards, layer_device_time, module_overhead_time, step_overhead_time
+from hpi.planner.cost.overhead import (
+    compiled_forwards,
+    graphed_forwards,
+    layer_device_time,
+    module_overhead_time,
+    step_overhead_time,
+)
 from hpi.planner.cost.phase import Phase, decode_phase, prefill_phase
 from hpi.planner.cost.pipeline import compose_step, p2p_time
 from hpi.planner.cost.streaming import (
@@ -187,8 +193,8 @@ def _module_rule(busy, fetch_links, host_base, drift, t_kv, t_dequant, in_series
 
 def phase_result(arrangement: Arrangement, knobs: Knobs, phase: Phase, bpw: np.ndarray) -> PhaseResult:
     t_flops, t_hbm = roofline_sides(arrangement, knobs, phase)
-    graphed = graphed_forwards(arrangement, knobs, phase)[:, None]  # (N, 1): one launch per step, no host per module
-    compute = np.maximum(t_flops, t_hbm) + layer_device_time(arrangement, graphed[:, 0])  # kernels' fixed cost
+    compiled = compiled_forwards(arrangement, knobs, phase)
+    compute = np.maximum(t_flops, t_hbm) + layer_device_time(arrangement, compiled)  # kernels' fixed cost in series
     tp_coll = tp_collective_time(arrangement, phase)
     t_dequant = dequant_time(arrangement, knobs, phase)
     overhead = module_overhead_time(arrangement, knobs) + dequant_host_time(arrangement, knobs)
@@ -201,6 +207,7 @@ def phase_result(arrangement: Arrangement, knobs: Knobs, phase: Phase, bpw: np.n
     t_gather = dp_allgather_time(arrangement, knobs, fetched_elems_per_rank(arrangement, knobs, phase) * bpw)
 
     busy = compute + tp_coll
+    graphed = graphed_forwards(arrangement, knobs, phase)[:, None]  # (N, 1): one launch per step, no host per module
     host_base = np.where(graphed, 0.0, overhead + tp_collective_host_time(arrangement)[None, :])
     drift = np.where(graphed, 0.0, tp_drift(arrangement)[None, :])  # (N, kinds)
     host = host_base * (1.0 + drift)

@@ -42,14 +42,19 @@ def module_overhead_time(arrangement: Arrangement, knobs: Knobs) -> np.ndarray:
     return arrangement.table.is_layer * per_layer[:, None]
 
 
-def layer_device_time(arrangement: Arrangement, graphed: np.ndarray) -> np.ndarray:
+def layer_device_time(arrangement: Arrangement, compiled: np.ndarray) -> np.ndarray:
     """(N, kinds) device seconds per forward of one module beyond its roofline: the layer's kernels' fixed cost,
-    ``compiled_layer_device_overhead_s`` where the forward replays a compiled graph (``graphed`` and
-    ``Workload.decode_compile``), else ``layer_device_overhead_s``."""
+    ``compiled_layer_device_overhead_s`` where the forward replays a compiled graph (``compiled``, from
+    ``compiled_forwards``), else ``layer_device_overhead_s``."""
     eff = arrangement.hardware.efficiency
-    compiled = graphed & arrangement.workload.decode_compile
     per_layer = np.where(compiled, eff.compiled_layer_device_overhead_s, eff.layer_device_overhead_s)
     return per_layer[:, None] * arrangement.table.is_layer[None, :]
+
+
+def compiled_forwards(arrangement: Arrangement, knobs: Knobs, phase: Phase) -> np.ndarray:
+    """(N,) whether this phase's forwards replay a compiled graph: graphed ones (``graphed_forwards``) when the
+    workload compiles the decode step (``Workload.decode_compile``; the executor compiles only what it graphs)."""
+    return graphed_forwards(arrangement, knobs, phase) & arrangement.workload.decode_compile
 
 
 def step_overhead_time(arrangement: Arrangement, graphed: np.ndarray) -> np.ndarray:

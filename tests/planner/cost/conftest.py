@@ -48,7 +48,7 @@ ROUND = Efficiency(
     matmul_prefill=0.5, matmul_decode=0.25, hbm=0.8, h2d_stream_pinned=0.5, h2d_stream_pageable=0.8,
     nvme_read=0.5, collective_bandwidth=0.5, allreduce_latency_s=10e-6, collective_host_overhead_s=30e-6,
     p2p_latency_s=20e-6, prefetch_overlap=1.0, layer_overhead_s=100e-6, offload_layer_overhead_s=300e-6,
-    layer_device_overhead_s=50e-6,
+    layer_device_overhead_s=50e-6, compiled_layer_device_overhead_s=20e-6,
     step_overhead_s=1e-3, graphed_step_overhead_s=0.4e-3, gpu_reserved_bytes=1 * GB, gpu_workspace_bytes=0.25 * GB,
     host_reserved_bytes=2 * GB,
     gpu_memory_usable=0.9, dram_usable=0.9, dequant_hbm=0.4, collective_drift_factor=0.5,

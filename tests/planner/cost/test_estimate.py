@@ -19,7 +19,7 @@ from hpi.planner.cost.compute import compute_time
 from hpi.planner.cost.dequant import dequant_host_time, dequant_time
 from hpi.planner.cost.estimate import EXPOSED_PARTS, LINK_PARTS, evaluate, leaf_shares, prefetch_overlap
 from hpi.planner.cost.inputs import Knobs
-from hpi.planner.cost.overhead import layer_device_time, module_overhead_time
+from hpi.planner.cost.overhead import compiled_forwards, layer_device_time, module_overhead_time
 from hpi.planner.cost.phase import decode_phase, prefill_phase
 from hpi.planner.cost.shape import DENSE, EMBED, HEAD
 from hpi.planner.cost.streaming import (
@@ -97,7 +97,8 @@ def modules_by_hand(lay, k, phase, f, host_wait=False):
     """module = max(device, host), device = max(busy, fetch) + (1 - f) min(busy, fetch) + dequant, from the
     public terms; with the host fetch wait the host's time joins the fetch in series."""
     bpw = k.bytes_per_weight(lay.table.matrix_fraction)
-    busy = compute_time(lay, k, phase) + layer_device_time(lay)[None, :] + tp_collective_time(lay, phase)
+    busy = (compute_time(lay, k, phase) + layer_device_time(lay, compiled_forwards(lay, k, phase))
+            + tp_collective_time(lay, phase))
     t_h2d, t_nvme = weight_stream_time(lay, k, weight_stream_bytes(lay, k, phase, bpw))
     t_h2d = t_h2d + kv_transfer_time(lay, k, kv_transfer_bytes(lay, k, phase))
     fetch = np.maximum(t_h2d, t_nvme) + dp_allgather_time(lay, k, fetched_elems_per_rank(lay, k, phase) * bpw)
@@ -185,7 +186,7 @@ def test_gpu_resident_decode_is_host_bound_when_launches_outlast_the_kernels(kit
     lay = kit.arrangement(kit.toy_dense())
     k = Knobs.from_plans([Plan(batch_size=1)])
     ev = evaluate(lay, k)
-    per_module = compute_time(lay, k, decode_phase(lay, k))[0] + layer_device_time(lay)
+    per_module = compute_time(lay, k, decode_phase(lay, k))[0] + layer_device_time(lay, np.array([False]))[0]
     assert per_module[DENSE] < 100e-6
     compute = per_module @ lay.stage_counts[0]
     assert ev.decode_step_s[0] == pytest.approx(4 * 100e-6 + per_module[EMBED] + per_module[HEAD] + 1e-3)
@@ -219,7 +220,7 @@ def test_each_layer_costs_its_kernels_fixed_device_time_in_series_with_its_roofl
     compute; the embedding and the head pay none; a host-bound eager step hides it under its launches."""
     graphs = Workload(512, 32, decode_graphs=True)
     lay = kit.arrangement(kit.toy_dense(), workload=graphs)
-    np.testing.assert_allclose(layer_device_time(lay), np.where(lay.table.is_layer > 0, 50e-6, 0.0))
+    np.testing.assert_allclose(layer_device_time(lay, np.array([False])), [np.where(lay.table.is_layer > 0, 50e-6, 0)])
     assert lay.table.is_layer[DENSE] and not lay.table.is_layer[EMBED] and not lay.table.is_layer[HEAD]
     none = dataclasses.replace(kit.ROUND, layer_device_overhead_s=0.0)
     bare = kit.arrangement(kit.toy_dense(), workload=graphs, hardware=kit.make_hardware(none))
@@ -232,6 +233,26 @@ def test_each_layer_costs_its_kernels_fixed_device_time_in_series_with_its_roofl
     hidden = evaluate(kit.arrangement(kit.toy_dense()), eager).decode_step_s[0]
     hidden_bare = evaluate(kit.arrangement(kit.toy_dense(), hardware=kit.make_hardware(none)), eager).decode_step_s[0]
     assert hidden == pytest.approx(hidden_bare)  # 100 us of launches a layer cover the toy layer's device time
+
+
+def test_a_compiled_graphed_step_pays_the_compiled_fixed_time_per_layer(kit) -> None:
+    """ROUND's 50 us per layer become 20 us where the graphed decode step is compiled (Workload.decode_compile):
+    the step shrinks by layers x 30 us, all of it compute. The prefill (eager) and plans whose step is not
+    graphed (offloaded) pay the eager 50 us whatever decode_compile says."""
+    graphs = Workload(512, 32, decode_graphs=True)
+    compiled = dataclasses.replace(graphs, decode_compile=True)
+    plans = [Plan(batch_size=1), Plan(offload="cpu", batch_size=1)]
+    ev = kit.evaluate(kit.arrangement(kit.toy_dense(), workload=graphs), plans)
+    ev_c = kit.evaluate(kit.arrangement(kit.toy_dense(), workload=compiled), plans)
+    lay = kit.arrangement(kit.toy_dense(), workload=compiled)
+    layers = float(lay.table.is_layer @ lay.stage_counts[0])
+    assert ev.decode_step_s[0] - ev_c.decode_step_s[0] == pytest.approx(layers * 30e-6)
+    assert ev.decode.exposed["compute_s"][0] - ev_c.decode.exposed["compute_s"][0] == pytest.approx(layers * 30e-6)
+    assert ev_c.decode_step_s[1] == pytest.approx(ev.decode_step_s[1])  # offloaded: not graphed, not compiled
+    np.testing.assert_allclose(ev_c.prefill_s, ev.prefill_s)
+    k = Knobs.from_plans(plans)
+    assert compiled_forwards(lay, k, decode_phase(lay, k)).tolist() == [True, False]
+    assert not compiled_forwards(lay, k, prefill_phase(lay, k)).any()
 
 
 def test_tensor_parallel_collectives_cost_host_time(kit) -> None:
@@ -258,11 +279,12 @@ def test_graphed_decode_drops_the_host_time_per_module_and_the_drift(kit) -> Non
     lay = kit.arrangement(kit.toy_dense(), workload=graphs)
     k = Knobs.from_plans([Plan(batch_size=1)])
     ev, eager = evaluate(lay, k), evaluate(kit.arrangement(kit.toy_dense()), k)
-    compute = (compute_time(lay, k, decode_phase(lay, k))[0] + layer_device_time(lay)) @ lay.stage_counts[0]
+    fixed = layer_device_time(lay, np.array([False]))[0]
+    compute = (compute_time(lay, k, decode_phase(lay, k))[0] + fixed) @ lay.stage_counts[0]
     assert ev.decode_step_s[0] == pytest.approx(compute + 0.4e-3)
     assert ev.decode.exposed["overhead_s"][0] == pytest.approx(0.4e-3)
     assert ev.decode.link["host_s"][0] == pytest.approx(0.4e-3)
-    layer_device = compute_time(lay, k, decode_phase(lay, k))[0, DENSE] + layer_device_time(lay)[DENSE]
+    layer_device = compute_time(lay, k, decode_phase(lay, k))[0, DENSE] + fixed[DENSE]
     # the launches are gone
     assert eager.decode_step_s[0] - ev.decode_step_s[0] == pytest.approx(4 * (100e-6 - layer_device) + 0.6e-3)
     assert eager.decode.exposed["overhead_s"][0] > 1e-3 and ev.prefill_s[0] > 1e-3  # eager and prefill: step_overhead_s
@@ -271,7 +293,7 @@ def test_graphed_decode_drops_the_host_time_per_module_and_the_drift(kit) -> Non
     tp = kit.arrangement(kit.toy_dense(), tp=2, workload=graphs)
     kt = Knobs.from_plans([Plan(tp=2, batch_size=1)])
     ev_tp = evaluate(tp, kt)
-    busy = (compute_time(tp, kt, decode_phase(tp, kt))[0] + layer_device_time(tp)
+    busy = (compute_time(tp, kt, decode_phase(tp, kt))[0] + fixed
             + tp_collective_time(tp, decode_phase(tp, kt))[0]) @ tp.stage_counts[0]
     assert ev_tp.decode_step_s[0] == pytest.approx(busy + 0.4e-3)
     assert ev_tp.decode.exposed["tp_allreduce_s"][0] == pytest.approx(tp_collective_time(tp, decode_phase(tp, kt))[0]
