@@ -10,6 +10,8 @@ One stage holds the whole model (hpi's seeded random weights, bf16). For each ba
   tokens (teacher forcing, its own KV cache) and its greedy choice at each position is compared with the eager
   one: the share of positions where they agree. Random weights give small argmax margins, so this is a harsh
   test of bf16 numerics; free-running generations would diverge at the first disagreement and say less.
+  With ``--reference`` the same weights in fp32 (eager, teacher-forced alike) say which of the two bf16 paths
+  agrees more often with the higher-precision choice.
 - time: each graph replayed ``--replays`` times at a fixed position (the step's cache write is idempotent), CUDA
   events around all of them: ms per step, the weights' bytes over it against the profile's HBM ceiling
   (``hbm_bytes_s``), and the compiled step over the eager one.
@@ -21,6 +23,7 @@ Prints one JSON line per batch and writes them all to --out.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -45,9 +48,10 @@ def _weight_bytes_per_step(stage: torch.nn.Module) -> int:
 
 
 class _Run:
-    """One batch's prefill into its own static cache, then decode steps through a ``DecodeGraph``."""
+    """One batch's prefill into its own static cache, then decode steps through a ``DecodeGraph`` (``graphed``)
+    or the stage's eager forward."""
 
-    def __init__(self, step_fn, stage, ids: torch.Tensor, gen_len: int) -> None:
+    def __init__(self, step_fn, stage, ids: torch.Tensor, gen_len: int, graphed: bool = True) -> None:
         from hpi.executor.graphs import DecodeGraph, StaticKVCache
 
         self.prompt_len = ids.shape[1]
@@ -55,7 +59,7 @@ class _Run:
         self.device = ids.device
         with torch.no_grad():
             self.first = stage(ids, self.cache, torch.arange(self.prompt_len, device=self.device)).argmax(-1)
-        self.graph = DecodeGraph(step_fn, capture=True)
+        self.graph = DecodeGraph(step_fn, capture=True) if graphed else torch.no_grad()(step_fn)
 
     def step(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
         """The greedy tokens after feeding ``tokens`` [b] at decode step ``t`` (position prompt_len + t)."""
@@ -75,26 +79,42 @@ class _Run:
         return start.elapsed_time(end) / replays
 
 
-def measure(stage, vocab: int, batch: int, prompt_len: int, gen_len: int, replays: int, device) -> dict:
+def _share(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a == b).float().mean().item()
+
+
+def measure(stage, vocab: int, batch: int, prompt_len: int, gen_len: int, replays: int, device,
+            reference=None) -> dict:
     from hpi.executor.graphs import compiled_step
 
     g = torch.Generator().manual_seed(batch)
     ids = torch.randint(3, vocab, (batch, prompt_len), generator=g).to(device)
     eager, compiled = _Run(stage, stage, ids, gen_len), _Run(compiled_step(stage), stage, ids, gen_len)
-    agree = [(eager.first == compiled.first).float().mean().item()]
+    ref = _Run(reference, reference, ids, gen_len, graphed=False) if reference is not None else None
+    agree = {"compiled_vs_eager": [_share(eager.first, compiled.first)], "eager_vs_fp32": [], "compiled_vs_fp32": []}
+
+    def vs_reference(choice_ref, choice_eager, choice_compiled):
+        agree["eager_vs_fp32"].append(_share(choice_ref, choice_eager))
+        agree["compiled_vs_fp32"].append(_share(choice_ref, choice_compiled))
+
+    if ref is not None:
+        vs_reference(ref.first, eager.first, compiled.first)
     tokens = eager.first
     t0 = time.perf_counter()
     compiled_tokens = compiled.step(tokens, 0)
     compile_s = time.perf_counter() - t0
-    eager_tokens = eager.step(tokens, 0)
-    agree.append((eager_tokens == compiled_tokens).float().mean().item())
-    for t in range(1, gen_len - 1):
-        tokens = eager_tokens  # both are fed the eager path's choice
-        eager_tokens, compiled_tokens = eager.step(tokens, t), compiled.step(tokens, t)
-        agree.append((eager_tokens == compiled_tokens).float().mean().item())
+    for t in range(gen_len - 1):
+        eager_tokens = eager.step(tokens, t)
+        compiled_tokens = compiled_tokens if t == 0 else compiled.step(tokens, t)
+        agree["compiled_vs_eager"].append(_share(eager_tokens, compiled_tokens))
+        if ref is not None:
+            vs_reference(ref.step(tokens, t), eager_tokens, compiled_tokens)
+        tokens = eager_tokens  # every path is fed the eager path's choice
     eager_ms = eager.time_ms(tokens, replays)
     compiled_ms = compiled.time_ms(tokens, replays)
-    return {"batch": batch, "positions": len(agree), "agree": sum(agree) / len(agree), "eager_ms": eager_ms,
+    shares = {k: sum(v) / len(v) for k, v in agree.items() if v}
+    return {"batch": batch, "positions": len(agree["compiled_vs_eager"]), "agree": shares["compiled_vs_eager"],
+            **{f"agree_{k}": v for k, v in shares.items() if k != "compiled_vs_eager"}, "eager_ms": eager_ms,
             "compiled_ms": compiled_ms, "compiled_over_eager": compiled_ms / eager_ms, "compile_s": compile_s}
 
 
@@ -106,6 +126,7 @@ def main() -> None:
     p.add_argument("--gen-len", type=int, default=512)
     p.add_argument("--replays", type=int, default=200)
     p.add_argument("--hardware", default="h200-1gpu", help="profile whose HBM ceiling the step is compared with")
+    p.add_argument("--reference", action="store_true", help="also teacher-force the same weights in fp32")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     from hpi.planner.profiles import load_profile
@@ -115,9 +136,11 @@ def main() -> None:
     weight_bytes = _weight_bytes_per_step(stage)
     hbm = load_profile(args.hardware).gpu.hbm_bandwidth_bytes_s
     limit_ms = weight_bytes / hbm * 1e3
+    reference = copy.deepcopy(stage).float() if args.reference else None
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
-        row = measure(stage, config.vocab_size, batch, args.prompt_len, args.gen_len, args.replays, device)
+        row = measure(stage, config.vocab_size, batch, args.prompt_len, args.gen_len, args.replays, device,
+                      reference)
         row.update(model=args.model, weight_bytes=weight_bytes, hbm_limit_ms=limit_ms,
                    eager_of_limit=limit_ms / row["eager_ms"], compiled_of_limit=limit_ms / row["compiled_ms"],
                    torch=torch.__version__, device=torch.cuda.get_device_name(device))
