@@ -65,6 +65,7 @@ def test_resolution_prices_what_it_resolved_compiled_and_fused():
     fused, torch_ops = resolve_deployment(q4), resolve_deployment(q4, fused_dequant=False)
     assert fused.spec.fused_dequant and not fused.spec.decode_compile and not torch_ops.spec.fused_dequant
     assert fused.prediction.workload.fused_dequant and not torch_ops.prediction.workload.fused_dequant
+    assert fused.prediction.decode_step_s < 0.8 * torch_ops.prediction.decode_step_s
 
 
 def test_resolution_fills_in_the_decode_mode_the_prediction_and_this_nodes_gpus():

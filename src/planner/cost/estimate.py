@@ -3,7 +3,7 @@
 Per module (a decoder layer, the embedding or the head), one forward on one rank (FlexGen's per-layer rule):
 
     busy    = compute + tp_allreduce                    (the GPU's stream: all-reduces sit between GEMMs;
-                                                          compute = roofline + the kernels' fixed cost,
+              (+ dequant, one fused kernel)               compute = roofline + the kernels' fixed cost,
                                                           cost.overhead.layer_device_time)
     host    = (overhead + tp collective issue)          (kernel launches incl. dequant's, Python, ZeRO-3
               * (1 + drift)                               hooks, c10d calls; drift: waiting for the slowest
@@ -28,10 +28,14 @@ Per module (a decoder layer, the embedding or the head), one forward on one rank
 - The fetch wait (``Workload.fetch_wait``): DeepSpeed's stock wait synchronizes the host with the copy
   stream at every fetch, so each copy and the host's work for the module run in series (1x H100, 8B,
   bs 1: 0.531 s per step with the host wait, 0.371 s stream-ordered, same knobs, same run).
-- Dequantization (``cost.dequant``) runs on the compute stream between the packed copy and the GEMM and
-  is not hidden behind the copy (1x H100: 8/4-bit offload no faster than 16-bit), so it adds; except behind
-  the copies of routed experts that no token chose, which the compute stream does not wait for
-  (``routed_dequant_cover``).
+- Dequantization (``cost.dequant``) runs on the compute stream between the packed copy and the GEMM. DeepSpeed's
+  chain of torch element-wise ops is not hidden behind the copy (1x H100: 8/4-bit offload no faster than
+  16-bit; one H200, 70B 4-bit: 1.19 s a step where the copies alone take 0.76 s), so it adds; except behind the
+  copies of routed experts that no token chose, which the compute stream does not wait for
+  (``routed_dequant_cover``). One fused kernel (hpi's, ``Workload.fused_dequant``, or DeepSpeed's fp16 4-bit
+  one) is part of busy, hidden like the GEMMs: the same 70B step took 0.761 s with hpi's kernel, the copies'
+  time at 0.945 of the pinned ceiling (benchmarks/results/2026-12-04-h200-fused). In the breakdown it is
+  dequantization, like the chain.
 
 A decode step replayed as a CUDA graph (``cost.overhead.graphed_forwards``) has no host time per module and
 no drift: ``module = device``.
@@ -61,7 +65,7 @@ import numpy as np
 
 from hpi.planner.cost.collectives import dp_allgather_time, tp_collective_host_time, tp_collective_time, tp_drift
 from hpi.planner.cost.compute import expected_experts_touched, roofline_sides
-from hpi.planner.cost.dequant import dequant_host_time, dequant_time
+from hpi.planner.cost.dequant import dequant_host_time, dequant_time, fused
 from hpi.planner.cost.inputs import Arrangement, Knobs
 from hpi.planner.cost.memory import MemoryResult, memory
 from hpi.planner.cost.overhead import (
@@ -197,6 +201,11 @@ def phase_result(arrangement: Arrangement, knobs: Knobs, phase: Phase, bpw: np.n
     compute = np.maximum(t_flops, t_hbm) + layer_device_time(arrangement, compiled)  # kernels' fixed cost in series
     tp_coll = tp_collective_time(arrangement, phase)
     t_dequant = dequant_time(arrangement, knobs, phase)
+    # One fused kernel runs on the compute stream like the GEMM it feeds, hidden behind the copies as the GEMM
+    # is; DeepSpeed's chain of torch ops adds in series (module docstring).
+    hidden = fused(knobs.weight_bits, arrangement.workload.compute_dtype, arrangement.workload.fused_dequant)
+    t_dequant_busy = np.where(hidden[:, None], t_dequant, 0.0)
+    t_dequant = t_dequant - t_dequant_busy
     overhead = module_overhead_time(arrangement, knobs) + dequant_host_time(arrangement, knobs)
 
     stream_bytes = weight_stream_bytes(arrangement, knobs, phase, bpw)
@@ -206,7 +215,7 @@ def phase_result(arrangement: Arrangement, knobs: Knobs, phase: Phase, bpw: np.n
     t_h2d = t_h2d_weights + t_kv  # one link carries both
     t_gather = dp_allgather_time(arrangement, knobs, fetched_elems_per_rank(arrangement, knobs, phase) * bpw)
 
-    busy = compute + tp_coll
+    busy = compute + tp_coll + t_dequant_busy
     graphed = graphed_forwards(arrangement, knobs, phase)[:, None]  # (N, 1): one launch per step, no host per module
     host_base = np.where(graphed, 0.0, overhead + tp_collective_host_time(arrangement)[None, :])
     drift = np.where(graphed, 0.0, tp_drift(arrangement)[None, :])  # (N, kinds)
@@ -227,6 +236,7 @@ def phase_result(arrangement: Arrangement, knobs: Knobs, phase: Phase, bpw: np.n
     module, parts = module.sum(axis=2), parts.sum(axis=2)
     parts[..., EXPOSED_PARTS.index("compute_s")] = compute
     parts[..., EXPOSED_PARTS.index("tp_allreduce_s")] += tp_coll
+    parts[..., EXPOSED_PARTS.index("dequant_s")] += t_dequant_busy
     counts = arrangement.stage_counts
     stage_parts = np.einsum("nkc,pk->npc", parts, counts)
     step_overhead = step_overhead_time(arrangement, graphed[:, 0])  # (N,)

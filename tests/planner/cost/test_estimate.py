@@ -16,7 +16,7 @@ import pytest
 from hpi.planner.catalog import load_model
 from hpi.planner.cost.collectives import dp_allgather_time, tp_collective_host_time, tp_collective_time, tp_drift
 from hpi.planner.cost.compute import compute_time
-from hpi.planner.cost.dequant import dequant_host_time, dequant_time
+from hpi.planner.cost.dequant import dequant_host_time, dequant_time, fused
 from hpi.planner.cost.estimate import EXPOSED_PARTS, LINK_PARTS, evaluate, leaf_shares, prefetch_overlap
 from hpi.planner.cost.inputs import Knobs
 from hpi.planner.cost.overhead import compiled_forwards, layer_device_time, module_overhead_time
@@ -105,8 +105,31 @@ def modules_by_hand(lay, k, phase, f, host_wait=False):
     host = host_by_hand(lay, k)
     if host_wait:
         fetch = fetch + np.where(fetch > 0, host, 0.0)
-    device = np.maximum(busy, fetch) + (1 - f) * np.minimum(busy, fetch) + dequant_time(lay, k, phase)
+    dequant = dequant_time(lay, k, phase)
+    in_busy = fused(k.weight_bits, lay.workload.compute_dtype, lay.workload.fused_dequant)[:, None]
+    busy = busy + np.where(in_busy, dequant, 0.0)  # one fused kernel: on the compute stream like the GEMMs
+    device = np.maximum(busy, fetch) + (1 - f) * np.minimum(busy, fetch) + np.where(in_busy, 0.0, dequant)
     return np.maximum(device, host), busy, fetch
+
+
+@pytest.mark.parametrize("fused_dequant", [False, True], ids=["torch-ops", "fused"])
+def test_dequantization_adds_in_series_unless_one_fused_kernel_hides_behind_the_copies(kit, fused_dequant) -> None:
+    """4-bit bf16 weights streamed from CPU memory, against the same machine whose dequantization costs nothing:
+    DeepSpeed's torch ops add their time after the copies; hpi's fused kernel is busy time, hidden while the
+    copies are longer. The breakdown names it dequantization either way."""
+    workload = Workload(512, 32, fused_dequant=fused_dequant)
+    free = dataclasses.replace(kit.ROUND, dequant_hbm=1e9)
+    lay = kit.arrangement(kit.toy_dense(), workload=workload)
+    k = Knobs.from_plans([Plan(offload="cpu", weight_bits=4, batch_size=1)])
+    ev = evaluate(lay, k)
+    ev_free = evaluate(kit.arrangement(kit.toy_dense(), workload=workload, hardware=kit.make_hardware(free)), k)
+    dequant = dequant_time(lay, k, decode_phase(lay, k))[0] @ lay.stage_counts[0]
+    assert dequant > 1e-5 and ev.decode.exposed["dequant_s"][0] == pytest.approx(dequant)
+    added = ev.decode_step_s[0] - ev_free.decode_step_s[0]
+    if fused_dequant:
+        assert added == pytest.approx(0.0, abs=1e-9)
+    else:  # in series, less the few hooks of small leaves it then covers
+        assert 0.95 * dequant <= added <= dequant
 
 
 @pytest.mark.parametrize("offload", ["cpu", "nvme"])
