@@ -158,6 +158,9 @@ def matrices() -> dict[str, list[Entry]]:
             Entry("33b-resident-b1", big, "h200-1gpu", 1, {}, variants=_compiled(1), gen_len=16),
             Entry("70b-q4-cpu-pinned-b1", m70, "h200-1gpu", 1, {"offload": "cpu", "weight_bits": 4},
                   variants=_fused(32), prompt_len=128, gen_len=4),
+            # the batch-32 steps in the other order (32 first, then 1): is their floor the batch or the order?
+            Entry("70b-q4-cpu-pinned-b32", m70, "h200-1gpu", 32, {"offload": "cpu", "weight_bits": 4},
+                  variants=_fused(1), prompt_len=128, gen_len=4),
         ],
         "smoke": [
             Entry("tiny-resident", "tiny-llama", h100, 2, {}),
