@@ -114,6 +114,13 @@ KEPT = {
     "2026-12-03-h200-serve-metrics/m8b-call2/m8b.metrics.json": (0, {"not a RunRecord": 1}),
     "2026-12-03-h200-aio/aio/aio_probe.json": (0, {"not a RunRecord": 1}),
     "2026-12-03-h200-aio/aio/records.json": (2, {}),
+    "2026-12-04-h200-fused/call1/compile-8b.json": (0, {"not a RunRecord": 1}),
+    "2026-12-04-h200-fused/call1/records-8b.json": (5, {}),
+    "2026-12-04-h200-fused/call2/records-70b.json": (4, {}),
+    "2026-12-04-h200-fused/call3/compile-8b-reference.json": (0, {"not a RunRecord": 1}),
+    "2026-12-04-h200-fused/call3/records-33b.json": (3, {}),
+    "2026-12-04-h200-fused/call4/records-70b-b32-expandable.json": (4, {}),
+    "2026-12-04-h200-fused/call4/records-70b-b32-first.json": (4, {}),
     "2026-12-03-h200-moe2/call1/ds/records.json": (2, {}),
     "2026-12-03-h200-moe2/call1/moe/records.json": (2, {}),
     "2026-12-03-h200-moe2/call2/leaves/records.json": (6, {}),
@@ -168,18 +175,18 @@ def kept() -> dict[str, object]:
 def test_every_kept_file_reads_with_its_records_and_skips_counted(kept) -> None:
     assert {name: (len(r), r.skipped) for name, r in kept.items()} == KEPT
     records = [r for got in kept.values() for r in got]
-    assert len(records) == 151
-    assert sum(1 for r in records if r.entry is not None) == 141  # gpu_matrix bundles {name: record}
+    assert len(records) == 171
+    assert sum(1 for r in records if r.entry is not None) == 161  # gpu_matrix bundles {name: record}
     assert sum(1 for r in records if r.source.id.startswith("trial-")) == 4  # hpi autotune trial files
     skipped: dict[str, int] = {}
     for got in kept.values():
         for reason, n in got.skipped.items():
             skipped[reason] = skipped.get(reason, 0) + n
-    assert skipped == {"not a RunRecord": 63, "error": 4, "baseline": 9}
+    assert skipped == {"not a RunRecord": 65, "error": 4, "baseline": 9}
     # Read together, names are unique (validate and calibrate key on them): a rerun kept under the stem of an
     # earlier run is named with its folder, and so is the earlier one.
     together = {r.record_id for r in load_records(_kept_files())}
-    assert len(together) == 151
+    assert len(together) == 171
     assert {"callA-first/8b-run-b1.run", "callB/8b-run-b1.run", "70b-q4-run-b1.run"} <= together
 
 
@@ -201,8 +208,9 @@ def test_every_kept_record_is_upgraded_and_loses_nothing(kept) -> None:
             assert {**timings, "version": raw["version"], "ranks": ranks} == raw, record.record_id
         _carries(doc, upgrade(raw), record.record_id)
         assert RunRecord.from_json(doc) == record
-    # hpi serve's GPU call (2026-12-02) kept the first version-2 records, the MoE calls (2026-12-03) version 3's
-    assert versions == {1: 130, 2: 5, 3: 16}
+    # hpi serve's GPU call (2026-12-02) kept the first version-2 records, the MoE calls (2026-12-03) version 3's,
+    # the compiled / fused calls (2026-12-04) version 4's
+    assert versions == {1: 130, 2: 5, 3: 16, 4: 20}
 
 
 def test_known_figures_of_known_files(kept) -> None:
@@ -235,7 +243,7 @@ def test_the_kept_fractions_are_the_derived_ones(kept) -> None:
         stored = _raw_entry(record)["h2d"]["fraction_of_profile"]
         assert record.transfers.h2d.fraction_of_profile == stored
         n += stored is not None
-    assert n == 61  # the 2026-12-03 MoE and aio calls: 16 streamed runs with a profile
+    assert n == 73  # the 2026-12-03 MoE and aio calls: 16 streamed runs with a profile; 2026-12-04: 12
 
 
 # ---- the record itself --------------------------------------------------------------------------------
