@@ -32,7 +32,7 @@ CANDIDATES = (
     "p2p_latency_s", "layer_overhead_s", "layer_device_overhead_s", "compiled_layer_device_overhead_s",
     "offload_layer_overhead_s", "step_overhead_s",
     "graphed_step_overhead_s", "gpu_workspace_bytes",
-    "gpu_reserved_bytes", "dequant_hbm", "collective_drift_factor",
+    "gpu_reserved_bytes", "dequant_hbm", "fused_dequant_hbm", "collective_drift_factor",
 )  # fmt: skip
 # The prior as a (log-normal) Bayesian prior: its pull is the measurement spread over the prior's own
 # spread, which depends on where the prior comes from. A probed or measured number (NCCL's 37 us alpha)

@@ -93,7 +93,9 @@ def dequant_time(arrangement: Arrangement, knobs: Knobs, phase: Phase) -> np.nda
     gpu, eff = arrangement.hardware.gpu, arrangement.hardware.efficiency
     wl = arrangement.workload
     per_elem = dequant_bytes_per_elem(knobs.weight_bits, wl.compute_dtype, wl.fused_dequant)[:, None]
-    return dequant_elems_per_rank(arrangement, knobs, phase) * per_elem / (gpu.hbm_bandwidth_bytes_s * eff.dequant_hbm)
+    # hpi's kernel at its own measured share of the HBM rate; DeepSpeed's paths at dequant_hbm
+    share = np.where(wl.fused_dequant, eff.fused_dequant_hbm, eff.dequant_hbm)
+    return dequant_elems_per_rank(arrangement, knobs, phase) * per_elem / (gpu.hbm_bandwidth_bytes_s * share)
 
 
 def quantized_tensor_counts(arrangement: Arrangement) -> np.ndarray:

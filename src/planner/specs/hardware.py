@@ -129,6 +129,10 @@ class Efficiency:
     # DeepSpeed's dequantization of 8/4-bit weights: element-wise kernels over HBM (cost.dequant); assumed
     # to stream like the decode reads (hbm) until a record says otherwise.
     dequant_hbm: float = 0.80
+    # hpi's fused dequantization kernel (Workload.fused_dequant; hpi.executor.dequant): 2.56 bytes an element of
+    # a 4-bit bf16 weight at 0.22 of the H200's HBM rate (benchmarks/dequant_bench.py, 28672 x 8192: 0.633 ms,
+    # 2026-12-04, benchmarks/results/2026-12-04-h200-fused/call2); it hides behind the copies (cost.estimate).
+    fused_dequant_hbm: float = 0.22
     # CUDA context and allocator slack per GPU: outside torch's allocations
     gpu_reserved_bytes: float = 1.5e9  # (cost.memory)
     # cuBLAS/cuBLASLt workspace torch allocates per GPU: 8 chunks of 4096 KiB by default on Hopper

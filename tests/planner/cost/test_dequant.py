@@ -92,12 +92,13 @@ def test_fp16_takes_the_fused_kernel(kit) -> None:
 
 
 def test_the_workloads_fused_dequant_prices_hpis_kernel(kit) -> None:
-    """bf16, 4-bit, toy dense layer: 2.5625 bytes an element instead of 17, one launch per matrix instead of 8."""
+    """bf16, 4-bit, toy dense layer: 2.5625 bytes an element instead of 17, at the kernel's own share of the HBM
+    rate (ROUND: fused_dequant_hbm 0.2, DeepSpeed's paths 0.4), one launch per matrix instead of 8."""
     lay = kit.arrangement(kit.toy_dense(), workload=Workload(512, 32, fused_dequant=True))
     k = Knobs.from_plans([Plan(weight_bits=4), Plan(weight_bits=8)])
     t = dequant_time(lay, k, decode_phase(lay, k))
-    assert t[0, DENSE] == pytest.approx(LAYER_MATRICES * 2.5625 / (1e12 * 0.4))
-    assert t[1, DENSE] == pytest.approx(LAYER_MATRICES * 3.0625 / (1e12 * 0.4))
+    assert t[0, DENSE] == pytest.approx(LAYER_MATRICES * 2.5625 / (1e12 * 0.2))
+    assert t[1, DENSE] == pytest.approx(LAYER_MATRICES * 3.0625 / (1e12 * 0.2))
     assert dequant_host_time(lay, k)[0, DENSE] == pytest.approx(7 * 1 * 100e-6 / 40)
 
 
