@@ -28,7 +28,7 @@ class Binding:
     detail: str
 
 
-def _resource(term: str, link: dict[str, float]) -> tuple[str, str]:
+def _resource(term: str, link: dict[str, float], fused_dequant: bool = False) -> tuple[str, str]:
     if term == "compute_s":
         if link["hbm_s"] >= link["flops_s"]:
             return "HBM", "decode reads every weight and the KV cache once per token: memory-bound"
@@ -41,6 +41,8 @@ def _resource(term: str, link: dict[str, float]) -> tuple[str, str]:
         return "PCIe", "weights cross host->device every forward and the copy is not hidden behind compute"
     names = {
         "dequant_s": ("dequantization",
+                      "8/4-bit weights are dequantized to 16 bits on every use, by one fused kernel on the compute "
+                      "stream" if fused_dequant else
                       "8/4-bit weights are dequantized to 16 bits on every use, in series with the copy"),
         "kv_fetch_s": ("PCIe (KV cache)", "the offloaded KV cache is copied in every decode step"),
         "tp_allreduce_s": ("TP all-reduce", "two all-reduces per layer; small messages are latency-bound"),
@@ -57,7 +59,7 @@ def bindings(est: Estimate) -> list[Binding]:
         ("prefill", est.prefill_exposed, est.prefill_link, est.prefill_s, est.prefill_bubble_s),
     ):
         term = max(exposed, key=exposed.get)
-        resource, detail = _resource(term, link)
+        resource, detail = _resource(term, link, est.workload.fused_dequant)
         out.append(Binding(phase, resource, exposed[term], exposed[term] / step, detail))
         if step > 0 and bubble / step > 0.2:
             out.append(Binding(phase, "bubble", bubble, bubble / step, "pipeline stages idle; add micro-batches"))

@@ -180,7 +180,7 @@ def test_a_trial_interrupted_again_and_again_is_still_run(config, fake_runner):
 
 
 CLI = ["autotune", "--model", "llama-3-70b", "--hardware", "h100-sxm-1gpu", "--simulate", "--trials", "4", "--seeds",
-       "3", "--sim-noise", "0", "--no-cuda-graphs", "--no-report", "--json"]  # as `uninterrupted`
+       "3", "--sim-noise", "0", "--no-cuda-graphs", "--no-fused-dequant", "--no-report", "--json"]  # as `uninterrupted`
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)

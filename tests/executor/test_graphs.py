@@ -146,7 +146,6 @@ def test_static_cache_decode_generates_the_dynamic_cache_tokens(family, padded):
 
 
 # ---- compiled (torch.compile's inductor: C++ on a CPU, Triton on a GPU) -------------------------------------
-@pytest.mark.slow
 def test_compiled_decode_generates_the_eager_tokens_and_compiles_once_per_shape():
     """The graphed step compiled by torch.compile (fp32 on the CPU) gives every token of the eager static path,
     padded and unpadded; a second generation of the same shapes reuses the compiled code (no new frame)."""
@@ -211,7 +210,6 @@ def test_launched_graphed_variant_matches_the_eager_run(name, tmp_path):
     assert eager["spec"]["workload"]["decode_graphs"] is False
 
 
-@pytest.mark.slow
 def test_launched_compiled_variant_matches_the_graphed_run_and_records_its_compile(tmp_path):
     """hpi run's path on one rank: the same build graphed, then graphed and compiled; the compiled variant's record
     says so (spec and workload) and carries the compile's seconds, the plain one none."""
