@@ -16,6 +16,8 @@ One stage holds the whole model (hpi's seeded random weights, bf16). For each ba
   events around all of them: ms per step, the weights' bytes over it against the profile's HBM ceiling
   (``hbm_bytes_s``), and the compiled step over the eager one.
 - compile: the wall time of the compiled graph's first call (torch.compile's work, then the capture).
+- with ``--profile FILE``: ``torch.profiler``'s kernel table of 20 replays of each graph (device time per kernel
+  name), appended to FILE: where the step's time goes beyond the weights' read.
 
 Prints one JSON line per batch and writes them all to --out.
 """
@@ -83,8 +85,20 @@ def _share(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a == b).float().mean().item()
 
 
+def _profile(runs: dict[str, _Run], tokens: torch.Tensor, path: Path, title: str) -> None:
+    """Append each run's kernel table (20 replays) to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with path.open("a") as out:
+        for name, run in runs.items():
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                run.time_ms(tokens, 20)
+            out.write(f"== {title}: {name}, 20 replays ==\n")
+            out.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30) + "\n")
+
+
 def measure(stage, vocab: int, batch: int, prompt_len: int, gen_len: int, replays: int, device,
-            reference=None) -> dict:
+            reference=None, profile_path: Path | None = None) -> dict:
     from hpi.executor.graphs import compiled_step
 
     g = torch.Generator().manual_seed(batch)
@@ -112,6 +126,9 @@ def measure(stage, vocab: int, batch: int, prompt_len: int, gen_len: int, replay
         tokens = eager_tokens  # every path is fed the eager path's choice
     eager_ms = eager.time_ms(tokens, replays)
     compiled_ms = compiled.time_ms(tokens, replays)
+    if profile_path is not None:
+        _profile({"eager graph": eager, "compiled graph": compiled}, tokens, profile_path,
+                 f"batch {batch}, {prompt_len + gen_len} cache slots")
     shares = {k: sum(v) / len(v) for k, v in agree.items() if v}
     return {"batch": batch, "positions": len(agree["compiled_vs_eager"]), "agree": shares["compiled_vs_eager"],
             **{f"agree_{k}": v for k, v in shares.items() if k != "compiled_vs_eager"}, "eager_ms": eager_ms,
@@ -127,6 +144,7 @@ def main() -> None:
     p.add_argument("--replays", type=int, default=200)
     p.add_argument("--hardware", default="h200-1gpu", help="profile whose HBM ceiling the step is compared with")
     p.add_argument("--reference", action="store_true", help="also teacher-force the same weights in fp32")
+    p.add_argument("--profile", default=None, metavar="FILE", help="append torch.profiler kernel tables to FILE")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     from hpi.planner.profiles import load_profile
@@ -140,7 +158,7 @@ def main() -> None:
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
         row = measure(stage, config.vocab_size, batch, args.prompt_len, args.gen_len, args.replays, device,
-                      reference)
+                      reference, Path(args.profile) if args.profile else None)
         row.update(model=args.model, weight_bytes=weight_bytes, hbm_limit_ms=limit_ms,
                    eager_of_limit=limit_ms / row["eager_ms"], compiled_of_limit=limit_ms / row["compiled_ms"],
                    torch=torch.__version__, device=torch.cuda.get_device_name(device))
