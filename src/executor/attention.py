@@ -18,9 +18,8 @@ stage's configs select it and transformers' mask builders treat it as sdpa.
 from __future__ import annotations
 
 import torch.nn.functional as F
-from torch.nn.attention import sdpa_kernel
 
-from hpi.executor.slots import DenseDecode, RaggedStep, ragged_attention, sdpa_backends
+from hpi.executor.slots import DenseDecode, RaggedStep, ragged_attention
 
 ATTENTION = "hpi_sdpa"
 
@@ -38,8 +37,7 @@ def grouped_decode_sdpa(module, query, key, value, attention_mask, dropout: floa
                                       **kwargs)
     mask = attention_mask[:, :, :, : key.shape[-2]]  # [b|1, 1, 1, L]: one row's mask for all its G queries
     grouped = query.reshape(b, heads // groups, groups, d)  # head h = kv * G + g, the order repeat_kv gives
-    with sdpa_kernel(sdpa_backends()):  # not cuDNN's: slow for one query per row (slots.sdpa_backends)
-        out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
+    out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
     return out.reshape(b, heads, 1, d).transpose(1, 2).contiguous(), None
 
 

@@ -154,13 +154,11 @@ def _grouped_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     return out.reshape(n, heads, d)
 
 
-def sdpa_backends():
-    """sdpa's kernels for serving steps and masked decode: flash, memory-efficient and math, not cuDNN. cuDNN builds
-    an execution plan for every new (query, key) length pair, and a serving step's lengths change with every
-    request: on one H200 each first step of a new mix of prompt chunks stalled 0.7-1.1 s
-    (benchmarks/results/2026-12-02-h200-serve, call A). For one decode query per row its flash kernel is slow too:
-    16.8 us a layer over 544 cache slots in the 8B's graphed step, 6 us over 128 (one H200,
-    benchmarks/results/2026-12-04-h200-fused/call5/profile-8b.txt)."""
+def _backends():
+    """sdpa's kernels for serving steps: flash, memory-efficient and math, not cuDNN. cuDNN builds an execution
+    plan for every new (query, key) length pair, and a serving step's lengths change with every request: on one
+    H200 each first step of a new mix of prompt chunks stalled 0.7-1.1 s (benchmarks/results/2026-12-02-h200-serve,
+    call A)."""
     from torch.nn.attention import SDPBackend
 
     return [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -172,7 +170,7 @@ def ragged_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     [slots, kv, max_len, d]. Returns transformers' attention output layout: [b, s, heads, d]."""
     from torch.nn.attention import sdpa_kernel
 
-    with sdpa_kernel(sdpa_backends()):
+    with sdpa_kernel(_backends()):
         return _ragged_attention(query, keys, values, step, scaling)
 
 
