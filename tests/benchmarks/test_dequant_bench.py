@@ -3,20 +3,15 @@ summary, with every fused output bit-identical to DeepSpeed's."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "dequant_bench.py"
+from tests.benchmarks.scripts import load
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("dequant_bench", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load("dequant_bench")
 
 
 def test_small_cpu_run_prints_every_case_and_the_summary(capsys):

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "layer_scaling.py"
+from tests.benchmarks.scripts import load
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("layer_scaling", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load("layer_scaling")
 
 
 def test_kv_bytes_of_one_llama_3_8b_layer():
