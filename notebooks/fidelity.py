@@ -184,7 +184,8 @@ for profile in sorted({p for _, p in measurements.values()}):
 # %% [markdown]
 # ## 6. The terms issue 4 added, each checked by hand on one record
 # - **Dequantization** (`cost.dequant`): DeepSpeed's torch path reads and writes 1 + 6c bytes per element
-#   (`zeros_like`, `copy_`, `div_`, `add_`; c = 2 for bf16) and 4 more to unpack 4-bit weights: 13 / 17.
+#   (`zeros_like`, `copy_`, `div_`, `add_`; c = 2 for bf16) and 4 more to unpack 4-bit weights: 13 / 17;
+#   hpi's fused kernel (`--fused-dequant`, none of these records) bits/8 + 2c/64 + c: 3.06 / 2.56.
 # - **The host fetch wait** (`cost.estimate`): DeepSpeed's stock wait puts the host's hooks and launches in
 #   series with the copies: the measured 0.483 s 8B step (docs/measured-facts.md) = 0.312 s of copies + 32 layers
 #   of host time.
@@ -192,8 +193,10 @@ for profile in sorted({p for _, p in measurements.values()}):
 #   gathered alone, beside the whole cache and the logits (4x H200, bs 32: 3.56 GB allocated).
 
 # %%
-print("dequant bytes per element, bf16 [16, 8, 4 bit]:", dequant_bytes_per_elem(np.array([16, 8, 4]), "bf16"))
-assert list(dequant_bytes_per_elem(np.array([16, 8, 4]), "bf16")) == [0.0, 13.0, 17.0]
+print("dequant bytes per element, bf16 [16, 8, 4 bit]:", dequant_bytes_per_elem(np.array([16, 8, 4]), "bf16", False))
+assert list(dequant_bytes_per_elem(np.array([16, 8, 4]), "bf16", False)) == [0.0, 13.0, 17.0]
+# hpi's fused kernel (Workload.fused_dequant): the packed bytes, a scale and a minimum per 64, the weight written once
+assert list(dequant_bytes_per_elem(np.array([16, 8, 4]), "bf16", True)) == [0.0, 3.0625, 2.5625]
 
 h100 = load_profile("h100-sxm-1gpu", calibrated=False)
 host_wait = predict(load_model("llama-3-8b"), h100, Workload(512, 32, fetch_wait="host"), Plan(offload="cpu"))
