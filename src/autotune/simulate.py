@@ -53,7 +53,7 @@ from hpi.planner.predict import predict
 from hpi.planner.specs.hardware import Efficiency, HardwareProfile
 from hpi.planner.specs.model import ModelSpec
 from hpi.planner.specs.plan import Plan
-from hpi.planner.specs.workload import Workload
+from hpi.planner.specs.workload import SWITCHES, Workload
 from hpi.records import (
     DecodeSteps,
     HostToDevice,
@@ -247,8 +247,7 @@ def simulated_record(plan: Plan, true, true_prefill_s: float, true_decode_s: flo
     h2d_bytes = true.decode_h2d_bytes
     spec = {"plan": plan.to_dict(), "model": model_arg, "workload": {"prompt_len_tokens": workload.prompt_len_tokens,
             "gen_len_tokens": gen}, "hardware": true.hardware.name, "device": "cuda", "dtype": dtype,
-            "fetch_wait": workload.fetch_wait, "decode_graphs": workload.decode_graphs,
-            "decode_compile": workload.decode_compile, "fused_dequant": workload.fused_dequant,
+            "fetch_wait": workload.fetch_wait, **{name: getattr(workload, name) for name in SWITCHES},
             "extra": {"autotune": note, "simulated": True}}
     timings = Timings(
         prefill_s=prefill, ttft_s=prefill, total_s=total,

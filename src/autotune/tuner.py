@@ -48,7 +48,7 @@ from hpi.autotune.study import (
 )
 from hpi.autotune.surrogate import Surrogate
 from hpi.planner.specs.plan import Plan
-from hpi.planner.specs.workload import Workload
+from hpi.planner.specs.workload import SWITCHES, Workload
 from hpi.processes import Interrupted, Interrupts
 
 DEFAULT_SEEDS = 3
@@ -148,7 +148,7 @@ class Tuner:
                     "hidden_machine": [cfg.seed, cfg.sim_spread, cfg.sim_noise] if cfg.simulate else None}
         # Studies from before a condition existed ran without it: they resume with it turned off
         # (--no-cuda-graphs, --no-compile-decode, --no-fused-dequant).
-        for condition in ("decode_graphs", "decode_compile", "fused_dequant"):
+        for condition in SWITCHES:
             if getattr(cfg.workload, condition):
                 identity[condition] = True
         with warnings.catch_warnings():

@@ -15,7 +15,7 @@ from typing import Any
 from hpi.atomic import write_json as write_json_atomic  # the one atomic writer (hpi.atomic); old name kept
 from hpi.planner.specs.plan import Plan, reject_unknown_fields
 from hpi.planner.specs.workload import COMPUTE_DTYPES as DTYPES
-from hpi.planner.specs.workload import FETCH_WAITS, Workload
+from hpi.planner.specs.workload import FETCH_WAITS, SWITCHES, Workload
 
 DEVICES = ("cuda", "cpu")
 MODES = ("benchmark", "chat", "serve")
@@ -25,7 +25,7 @@ MODES = ("benchmark", "chat", "serve")
 RUNTIME_FIELDS = ("batch_size", "micro_batches", "kv_offload")
 # Run conditions a variant may change too: the same stage decodes eagerly or as CUDA graphs, compiled or not,
 # and dequantizes with DeepSpeed's ops or the fused kernel (side by side on one build).
-VARIANT_CONDITIONS = ("decode_graphs", "decode_compile", "fused_dequant")
+VARIANT_CONDITIONS = SWITCHES
 
 
 @dataclass(frozen=True)
@@ -122,8 +122,8 @@ class RunSpec:
             raise ValueError("mode serve and a ServeSpec go together: give both or neither")
         # The run conditions the cost model prices (cost.dequant, cost.estimate, cost.overhead) are the spec's
         # own: the prediction beside each measured figure prices the dtype, fetch wait and graphs the run used.
-        conditions = dict(compute_dtype=self.dtype, fetch_wait=self.fetch_wait, decode_graphs=self.decode_graphs,
-                          decode_compile=self.decode_compile, fused_dequant=self.fused_dequant)
+        conditions = dict(compute_dtype=self.dtype, fetch_wait=self.fetch_wait,
+                          **{name: getattr(self, name) for name in SWITCHES})
         object.__setattr__(self, "workload", replace(self.workload, **conditions))
 
     def measurements(self) -> list["RunSpec"]:

@@ -17,7 +17,7 @@ from hpi.planner.specs.hardware import HardwareProfile
 from hpi.planner.specs.model import ModelSpec
 from hpi.planner.specs.placement import Placement
 from hpi.planner.specs.plan import Plan
-from hpi.planner.specs.workload import Workload
+from hpi.planner.specs.workload import SWITCHES, Workload
 from hpi.planner.topology import build_topology
 
 
@@ -115,9 +115,7 @@ class Estimate:
                 "gen_len_tokens": self.workload.gen_len_tokens,
                 "compute_dtype": self.workload.compute_dtype,
                 "fetch_wait": self.workload.fetch_wait,
-                "decode_graphs": self.workload.decode_graphs,
-                "decode_compile": self.workload.decode_compile,
-                "fused_dequant": self.workload.fused_dequant,
+                **{name: getattr(self.workload, name) for name in SWITCHES},
             },
             "plan": self.plan.to_dict(),
         }

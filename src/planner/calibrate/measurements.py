@@ -24,7 +24,7 @@ from hpi.planner.predict import arrangement_for
 from hpi.planner.specs.hardware import HardwareProfile
 from hpi.planner.specs.model import ModelSpec
 from hpi.planner.specs.plan import Plan
-from hpi.planner.specs.workload import Workload
+from hpi.planner.specs.workload import SWITCHES, Workload
 from hpi.record_files import skip_reason
 from hpi.records import RunRecord
 
@@ -116,8 +116,7 @@ def run_conditions(record: RunRecord) -> dict[str, str | bool]:
     """The Workload fields a RunRecord's spec sets besides the lengths (``RunRecord.conditions``: older records
     read as the conditions they ran with)."""
     c = record.conditions
-    return {"compute_dtype": c.dtype, "fetch_wait": c.fetch_wait, "decode_graphs": c.decode_graphs,
-            "decode_compile": c.decode_compile, "fused_dequant": c.fused_dequant}
+    return {"compute_dtype": c.dtype, "fetch_wait": c.fetch_wait, **{name: getattr(c, name) for name in SWITCHES}}
 
 
 _REPO = Path(__file__).resolve().parents[3]

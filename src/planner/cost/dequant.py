@@ -21,16 +21,18 @@ A fused kernel reads the packed weight (bits / 8 bytes), the group's scale and m
 ``QUANT_GROUP_SIZE``) and writes the weight once (c): 0.5 + 2c/64 + c bytes per element for 4-bit, 1 + 2c/64 + c
 for 8-bit (bf16: 2.56 and 3.06 against 17 and 13), in one launch, and holds only its result.
 
-Time: those bytes at ``Efficiency.dequant_hbm`` of the HBM ceiling. The ops sit on the compute stream
-between the packed copy and the GEMM, and they do not hide behind the copy: on the H100 (2026-11-22, 8B,
+Time: those bytes at ``Efficiency.dequant_hbm`` of the HBM ceiling, hpi's kernel at ``fused_dequant_hbm`` (its
+measured share on one H200: benchmarks/results/2026-12-04-h200-fused). The ops sit on the compute stream between
+the packed copy and the GEMM. DeepSpeed's chain does not hide behind the copy: on the H100 (2026-11-22, 8B,
 CPU offload, stream-ordered fetch, bs 1) 8-bit and 4-bit decode took 0.384 / 0.371 s while streaming
 8.5 / 4.5 GB, against 0.357 s for 16.1 GB of bf16 weights (benchmarks/results/2026-11-22-h100/SUMMARY.md).
-So ``cost.estimate`` adds this term to a module's device time rather than overlapping it with the fetch.
+So ``cost.estimate`` adds that term to a module's device time, and counts one fused kernel as busy time, hidden
+behind the fetch like the GEMM.
 Host: each dequantization issues ``dequant_kernels`` extra kernels per quantized tensor, priced like the
 decoder layer's own launches (``Efficiency.layer_overhead_s`` / ``KERNELS_PER_LAYER``).
 
-Memory: the 16-bit result (and for 4-bit on the torch path the unpacked uint8 tensor) lives while its GEMM runs, so the
-largest quantized tensor of a moment adds ``dequant_buffer_bytes`` per element to the GPU peak
+Memory: the 16-bit result (and for 4-bit on the torch path the unpacked uint8 tensor) lives while its GEMM runs,
+so the largest quantized tensor of a moment adds ``dequant_buffer_bytes`` per element to the GPU peak
 (``cost.memory``; the 1x H100 records: 8-bit and 4-bit offload peaked 0.55 / 0.82 GB above the packed
 working set of the 8B model, whose largest tensor, the 1.05 GB embedding, is 0.53 GB packed at 8 bits).
 """

@@ -29,6 +29,8 @@ DEFAULT_PROMPT_LEN = 512
 DEFAULT_GEN_LEN = 32
 COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
 FETCH_WAITS = ("stream", "host")
+# The run conditions that are switches (on / off), in the order records and JSON documents list them.
+SWITCHES = ("decode_graphs", "decode_compile", "fused_dequant")
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ class Workload:
             raise ValueError(f"compute dtype {self.compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
         if self.fetch_wait not in FETCH_WAITS:
             raise ValueError(f"fetch wait {self.fetch_wait!r} is not one of {', '.join(FETCH_WAITS)}")
-        for name in ("decode_graphs", "decode_compile", "fused_dequant"):
+        for name in SWITCHES:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
