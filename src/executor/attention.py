@@ -7,7 +7,9 @@ and step: on the 1x H100 the graphed 8B decode took 9.4 ms at batch 1 but 16.7 /
 the bytes it must read grow by 7% / 26% (benchmarks/results/2026-11-22-h100/run8). For one query token per
 row the copy is not needed: the G query heads that share a KV head become G query rows of that KV head
 (``[b, kv, G, d]``), the row's key mask broadcasts over them, and one sdpa call over the unrepeated cache
-gives the same numbers (transformers 5.23 does this itself, as ``pack_gqa``). A serving step (its
+gives the same numbers (transformers 5.23 does this itself, as ``pack_gqa``). On CUDA that step goes to hpi's
+split-KV Triton kernel (``hpi.executor.decode_attention``), whose work follows the slots the mask allows rather
+than the static cache's length. A serving step (its
 ``RaggedStep`` / ``DenseDecode`` arrives where the mask would) goes to ``hpi.executor.slots.ragged_attention``.
 Every other case goes to transformers' own function unchanged.
 
@@ -17,8 +19,9 @@ stage's configs select it and transformers' mask builders treat it as sdpa.
 
 from __future__ import annotations
 
-import torch.nn.functional as F
+import torch
 
+from hpi.executor.decode_attention import decode_attention
 from hpi.executor.slots import DenseDecode, RaggedStep, ragged_attention
 
 ATTENTION = "hpi_sdpa"
@@ -32,13 +35,12 @@ def grouped_decode_sdpa(module, query, key, value, attention_mask, dropout: floa
         return ragged_attention(query, key, value, attention_mask, scaling), None
     groups = getattr(module, "num_key_value_groups", 1)
     b, heads, q_len, d = query.shape
-    if attention_mask is None or groups == 1 or q_len != 1 or kwargs.get("position_bias") is not None:
+    if (attention_mask is None or groups == 1 or q_len != 1 or dropout or attention_mask.dtype != torch.bool
+            or kwargs.get("position_bias") is not None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    mask = attention_mask[:, :, :, : key.shape[-2]]  # [b|1, 1, 1, L]: one row's mask for all its G queries
-    grouped = query.reshape(b, heads // groups, groups, d)  # head h = kv * G + g, the order repeat_kv gives
-    out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
-    return out.reshape(b, heads, 1, d).transpose(1, 2).contiguous(), None
+    allowed = attention_mask[:, 0, 0, : key.shape[-2]]  # [b|1, L]: one row's mask for all its G queries
+    return decode_attention(query[:, :, 0], key, value, allowed, scaling)[:, None], None
 
 
 def register() -> str:

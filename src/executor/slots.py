@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from hpi.executor.decode_attention import decode_attention, grouped_sdpa
+
 
 @dataclass
 class RaggedStep:
@@ -143,17 +145,6 @@ def _window_ok(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> 
     return allowed
 
 
-def _grouped_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor,
-                    scaling: float | None) -> torch.Tensor:
-    """One query token per row: query [n, H, d], keys/values [n, kv, L, d], allowed [n, L] -> [n, H, d].
-    The G query heads of a KV head become G query rows over the unrepeated keys (``hpi.executor.attention``)."""
-    n, heads, d = query.shape
-    kv = keys.shape[1]
-    grouped = query.reshape(n, kv, heads // kv, d)
-    out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=allowed[:, None, None, :], scale=scaling)
-    return out.reshape(n, heads, d)
-
-
 def _backends():
     """sdpa's kernels for serving steps: flash, memory-efficient and math, not cuDNN. cuDNN builds an execution
     plan for every new (query, key) length pair, and a serving step's lengths change with every request: on one
@@ -179,7 +170,7 @@ def _ragged_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Ten
     if isinstance(step, DenseDecode):  # query [rows, H, 1, d], keys/values: those rows' slots
         k_pos = torch.arange(keys.shape[2], device=keys.device)[None, :]
         allowed = _window_ok(step.positions[:, None], k_pos, step.window)
-        return _grouped_decode(query[:, :, 0], keys, values, allowed, scaling)[:, None]
+        return decode_attention(query[:, :, 0], keys, values, allowed, scaling)[:, None]
     _, heads, total, d = query.shape  # [1, H, T, d]
     out = query.new_empty(total, heads, d)
     if step.decode_index.numel():
@@ -189,7 +180,8 @@ def _ragged_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Ten
         v = values.index_select(0, step.decode_slots)[:, :, :span]
         k_pos = torch.arange(span, device=keys.device)[None, :]
         allowed = _window_ok(step.decode_positions[:, None], k_pos, step.window)
-        out.index_copy_(0, step.decode_index, _grouped_decode(q, k, v, allowed, scaling))
+        # sdpa, not the Triton kernel: a ragged step's span changes every step, and the kernel compiles per span
+        out.index_copy_(0, step.decode_index, grouped_sdpa(q, k, v, allowed, scaling))
     for slot, first, n, start in step.chunks:
         end = start + n
         q = query[:, :, first : first + n]  # [1, H, n, d]

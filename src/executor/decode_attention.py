@@ -1,0 +1,230 @@
+"""One-token decode attention over a static KV cache, split along the cache (flash-decoding), in Triton.
+
+Why: a graphed decode step (``hpi.executor.graphs``) attends over every slot of its static cache behind a
+device-built mask, since a CUDA graph cannot change a tensor's length between replays. sdpa's kernels then do
+the work of the whole cache every step: on one H200 cuDNN's attention took 16.4 us a layer with 544 slots and
+6.0 us with 128 (Llama-3-8B shape, batch 1: 0.53 ms of a 5.06 ms compiled step, 10% of it, for 71 MB of keys
+and values that take 17 us to read; benchmarks/results/2026-12-04-h200-fused, call 5). At batch 1 there are only
+``kv_heads`` (query-row, KV-head) pairs, 8 for the 8B, so a kernel that walks the cache in one program per pair
+leaves most of the GPU idle.
+
+What this does (the split-KV scheme of flash-decoding, as vLLM's and SGLang's Triton decode kernels do):
+- pass 1, one program per (row, KV head, split): the split's slots in blocks of ``BLOCK_N``; the G query heads
+  that share the KV head are G rows of one ``tl.dot`` (padded to 16, ``tl.dot``'s least), so each key and value
+  is read once for all of them; an online softmax (running max, sum and weighted values, fp32) over the blocks;
+  it writes the split's normalized output and its log-sum-exp. A masked-off slot is never loaded (the loads are
+  masked), so slots past the current position cost only their mask byte: the work follows the tokens written,
+  not the cache's length.
+- pass 2, one program per (row, KV head): the splits' outputs weighted by ``exp(lse_split - lse)``.
+The number of splits is fixed by the shapes (enough programs to fill the GPU, at least a block each), so a
+graph replays the same grid at every position.
+
+The mask is the one the stage built (``masks.static_causal_mask``: causal, a sliding window, left padding), as
+a boolean [rows or 1, slots]; it is the only source of which slots count. Every query may attend to its own
+slot, so no row is empty.
+
+``decode_attention`` is a torch custom op (``hpi::decode_attention``) so that ``torch.compile`` keeps the Triton
+launch as one opaque call inside the compiled step. Without CUDA or Triton it runs sdpa over the grouped query
+(``grouped_sdpa``), which is also the reference the tests compare with; on the CPU the tests run the Triton
+kernels themselves through Triton's interpreter (``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+BLOCK_N = 64  # slots per block of pass 1
+MIN_DOT = 16  # tl.dot's least dimension: the G query heads of a KV head, and the head size, are padded to it
+TARGET_PROGRAMS = 256  # pass-1 programs to aim for: about two per SM of an H100/H200 (132 SMs)
+MAX_HEAD_DIM = 256  # a head is padded to a power of two (tl.arange), at least 16 (tl.dot), at most this
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_ENABLED = [True]
+
+
+def grouped_sdpa(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor,
+                 scaling: float | None) -> torch.Tensor:
+    """sdpa over the unrepeated cache: query [n, H, d], keys/values [n, kv, L, d], allowed [n or 1, L] -> [n, H, d].
+    The G query heads of a KV head become G query rows of it (``hpi.executor.attention``)."""
+    n, heads, d = query.shape
+    kv = keys.shape[1]
+    grouped = query.reshape(n, kv, heads // kv, d)
+    out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=allowed[:, None, None, :], scale=scaling)
+    return out.reshape(n, heads, d)
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def covers(query: torch.Tensor, keys: torch.Tensor) -> bool:
+    """Whether the Triton kernel takes this call: switched on, Triton importable, a CUDA tensor (or the
+    interpreter), a head size up to ``MAX_HEAD_DIM``, one of its dtypes, and G query heads per KV head."""
+    if not (_ENABLED[0] and triton_available() and (query.is_cuda or _interpreted())):
+        return False
+    heads, kv, d = query.shape[1], keys.shape[1], query.shape[-1]
+    return (d <= MAX_HEAD_DIM and query.dtype in DTYPES and keys.dtype == query.dtype and heads % kv == 0
+            and keys.stride(-1) == 1 and query.stride(-1) == 1)
+
+
+def use_split_kv(enabled: bool) -> None:
+    """Switch the Triton kernel on or off for this process (off: sdpa; a benchmark compares the two). A compiled
+    step keeps the choice it was traced with: reset dynamo (``torch._dynamo.reset()``) after switching."""
+    _ENABLED[0] = enabled
+
+
+def splits_for(rows: int, kv_heads: int, slots: int) -> int:
+    """Pass 1's splits of the cache: enough programs for ``TARGET_PROGRAMS``, none smaller than a block."""
+    blocks = -(-slots // BLOCK_N)
+    return max(1, min(blocks, -(-TARGET_PROGRAMS // (rows * kv_heads))))
+
+
+@functools.cache
+def _kernels():
+    """The two Triton kernels, built on first use (Triton is imported only where it runs)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def split_pass(q_ptr, k_ptr, v_ptr, mask_ptr, part_ptr, lse_ptr,
+                   sq_n, sq_h, sk_n, sk_h, sk_l, sv_n, sv_h, sv_l, sm_n,
+                   slots, scale,
+                   CHUNK: tl.constexpr, KV: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
+                   D_PAD: tl.constexpr,
+                   BLOCK: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr):
+        pair = tl.program_id(0)  # row * KV + kv head
+        split = tl.program_id(1)
+        row = pair // KV
+        head = pair % KV
+        g = tl.arange(0, ROWS)
+        d = tl.arange(0, D_PAD)
+        g_ok = g < G
+        d_ok = d < D
+        q = tl.load(q_ptr + row * sq_n + (head * G + g)[:, None] * sq_h + d[None, :],
+                    mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+        k_base = k_ptr + row * sk_n + head * sk_h
+        v_base = v_ptr + row * sv_n + head * sv_h
+        m_i = tl.full([ROWS], float("-inf"), tl.float32)
+        l_i = tl.zeros([ROWS], tl.float32)
+        acc = tl.zeros([ROWS, D_PAD], tl.float32)
+        start = split * CHUNK
+        for offset in range(0, CHUNK, BLOCK):
+            n = start + offset + tl.arange(0, BLOCK)
+            inside = n < slots
+            valid = inside & (tl.load(mask_ptr + row * sm_n + n, mask=inside, other=0) != 0)
+            k = tl.load(k_base + n[:, None] * sk_l + d[None, :], mask=valid[:, None] & d_ok[None, :], other=0.0)
+            if IEEE:
+                scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                scores = tl.dot(q, tl.trans(k))
+            scores = tl.where(valid[None, :], scores * scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no slot yet: exp(-inf - 0) = 0, not NaN
+            p = tl.exp(scores - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + n[:, None] * sv_l + d[None, :], mask=valid[:, None] & d_ok[None, :], other=0.0)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        has = l_i > 0
+        out = acc / tl.where(has, l_i, 1.0)[:, None]
+        lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
+        slot = (pair * SPLITS + split) * ROWS + g
+        tl.store(part_ptr + slot[:, None] * D_PAD + d[None, :], out)
+        tl.store(lse_ptr + slot, lse)
+
+    @triton.jit
+    def combine_pass(part_ptr, lse_ptr, out_ptr, so_n, so_h,
+                     KV: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
+                     D_PAD: tl.constexpr, SPLITS: tl.constexpr):
+        pair = tl.program_id(0)
+        row = pair // KV
+        head = pair % KV
+        g = tl.arange(0, ROWS)
+        d = tl.arange(0, D_PAD)
+        m = tl.full([ROWS], float("-inf"), tl.float32)
+        total = tl.zeros([ROWS], tl.float32)
+        acc = tl.zeros([ROWS, D_PAD], tl.float32)
+        for split in range(SPLITS):
+            slot = (pair * SPLITS + split) * ROWS + g
+            lse = tl.load(lse_ptr + slot)
+            m_new = tl.maximum(m, lse)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_safe)
+            w = tl.exp(lse - m_safe)
+            part = tl.load(part_ptr + slot[:, None] * D_PAD + d[None, :])
+            acc = acc * alpha[:, None] + w[:, None] * part
+            total = total * alpha + w
+            m = m_new
+        out = acc / tl.where(total > 0, total, 1.0)[:, None]
+        tl.store(out_ptr + row * so_n + (head * G + g)[:, None] * so_h + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=(g < G)[:, None] & (d < D)[None, :])
+
+    return split_pass, combine_pass
+
+
+def triton_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor,
+                            scale: float) -> torch.Tensor:
+    """The two passes (module docstring): query [n, H, d], keys/values [n, kv, L, d], allowed [n or 1, L]
+    (bool) -> [n, H, d] in the query's dtype."""
+    split_pass, combine_pass = _kernels()
+    n, heads, d = query.shape
+    kv, slots = keys.shape[1], keys.shape[2]
+    groups = heads // kv
+    rows = max(MIN_DOT, 1 << (groups - 1).bit_length())
+    d_pad = max(MIN_DOT, 1 << (d - 1).bit_length())
+    splits = splits_for(n, kv, slots)
+    per_split = -(-slots // splits)
+    chunk = -(-per_split // BLOCK_N) * BLOCK_N  # slots per split, whole blocks
+    mask = allowed.view(torch.uint8) if allowed.dtype == torch.bool else allowed
+    mask_row_stride = 0 if mask.shape[0] == 1 else mask.stride(0)
+    part = torch.empty(n * kv * splits * rows, d_pad, device=query.device, dtype=torch.float32)
+    lse = torch.empty(n * kv * splits * rows, device=query.device, dtype=torch.float32)
+    out = torch.empty(n, heads, d, device=query.device, dtype=query.dtype)
+    ieee = query.dtype == torch.float32
+    split_pass[(n * kv, splits)](
+        query, keys, values, mask, part, lse,
+        query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
+        values.stride(0), values.stride(1), values.stride(2), mask_row_stride,
+        slots, scale,
+        CHUNK=chunk, KV=kv, G=groups, ROWS=rows, D=d, D_PAD=d_pad, BLOCK=BLOCK_N, SPLITS=splits, IEEE=ieee)
+    combine_pass[(n * kv,)](part, lse, out, out.stride(0), out.stride(1),
+                            KV=kv, G=groups, ROWS=rows, D=d, D_PAD=d_pad, SPLITS=splits)
+    return out
+
+
+@torch.library.custom_op("hpi::decode_attention", mutates_args=())
+def _decode_attention_op(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+    return triton_decode_attention(query, keys, values, allowed, scale)
+
+
+@_decode_attention_op.register_fake
+def _(query, keys, values, allowed, scale):
+    return torch.empty_like(query)
+
+
+def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor,
+                     scaling: float | None) -> torch.Tensor:
+    """Attention of one query token per row over its cache: query [n, H, d], keys/values [n, kv, L, d],
+    allowed [n or 1, L] (True: attend) -> [n, H, d]. The Triton kernel where it ``covers`` the call, else sdpa."""
+    if not covers(query, keys):
+        return grouped_sdpa(query, keys, values, allowed, scaling)
+    scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+    return _decode_attention_op(query, keys, values, allowed, scale)

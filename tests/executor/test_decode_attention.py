@@ -1,0 +1,162 @@
+"""hpi.executor.decode_attention: the split-KV Triton decode attention against sdpa over repeated KV heads.
+
+On the CPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, which must be set before Triton
+decorates a kernel: each such test runs in its own process) in fp32; on a GPU (skipped without CUDA; run on the
+device, results in benchmarks/results) in bf16 against sdpa's own kernels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from hpi.executor import decode_attention as da  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def reference(query, keys, values, allowed, scaling):
+    """Plain attention with each KV head repeated for its query heads, in float64: [n, H, d]."""
+    n, heads, d = query.shape
+    groups = heads // keys.shape[1]
+    k = keys.double().repeat_interleave(groups, dim=1)  # [n, H, L, d]
+    v = values.double().repeat_interleave(groups, dim=1)
+    scores = torch.einsum("nhd,nhld->nhl", query.double(), k) * scaling
+    scores = scores.masked_fill(~allowed.expand(n, -1)[:, None, :], float("-inf"))
+    return torch.einsum("nhl,nhld->nhd", scores.softmax(-1), v)
+
+
+# (rows, heads, kv heads, slots, head size, last position, padded rows, window)
+CASES = [
+    (1, 32, 8, 200, 64, 150, False, None),   # Llama-3's grouping, several splits, slots past the position
+    (3, 8, 2, 130, 64, 129, True, None),     # several rows, left padding
+    (2, 4, 4, 64, 128, 10, False, None),     # no grouping (G = 1), one split
+    (1, 16, 2, 700, 24, 5, False, None),     # G = 8, a head of 24 (padded to 32), splits with no slot at all
+    (2, 8, 1, 300, 32, 250, True, 40),       # one KV head, a sliding window
+]
+
+
+def _inputs(case, dtype, device):
+    n, heads, kv, slots, d, pos, padded, window = case
+    g = torch.Generator().manual_seed(sum(case[:5]))
+    q = torch.randn(n, heads, d, generator=g).to(device, dtype)
+    k = torch.randn(n, kv, slots, d, generator=g).to(device, dtype)
+    v = torch.randn(n, kv, slots, d, generator=g).to(device, dtype)
+    positions = torch.arange(slots)
+    allowed = (positions <= pos)[None, :]
+    if window is not None:
+        allowed = allowed & (pos - positions < window)[None, :]
+    if padded:  # row 0 has 3 pad slots at the front, the others none
+        allowed = allowed.repeat(n, 1)
+        allowed[0, :3] = False
+    return q, k, v, allowed.to(device)
+
+
+def _interpreted(script: str) -> dict:
+    """Run ``script`` with Triton's interpreter on, from the repository root; it prints one JSON line."""
+    pytest.importorskip("triton", reason="the kernels' CPU tests run them in Triton's interpreter")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_splits_fill_the_gpu_but_never_split_below_a_block():
+    assert da.splits_for(1, 8, 544) == 9  # 9 blocks of 64 slots, fewer than the 32 splits 256 programs would want
+    assert da.splits_for(1, 8, 4096) == 32  # 256 programs
+    assert da.splits_for(64, 8, 4096) == 1  # the rows and heads fill the GPU alone
+    assert da.splits_for(1, 8, 1) == 1
+
+
+def test_without_a_gpu_it_is_sdpa_over_the_grouped_query():
+    for case in CASES:
+        q, k, v, allowed = _inputs(case, torch.float32, "cpu")
+        assert not da.covers(q, k) or os.environ.get("TRITON_INTERPRET") == "1"
+        got = da.decode_attention(q, k, v, allowed, 0.125)
+        torch.testing.assert_close(got, reference(q, k, v, allowed, 0.125).float(), atol=1e-5, rtol=1e-5)
+
+
+def test_kernel_equals_attention_over_repeated_heads_in_fp32():
+    """Every case: several splits, splits with no allowed slot, padded rows, a window, G from 1 to 8, a head size
+    that is not a power of two. Each output element within 1e-5 of float64 attention."""
+    errors = _interpreted("""
+import json, torch
+from hpi.executor import decode_attention as da
+from tests.executor.test_decode_attention import CASES, _inputs, reference
+out = []
+for case in CASES:
+    q, k, v, allowed = _inputs(case, torch.float32, "cpu")
+    assert da.covers(q, k)
+    got = da.decode_attention(q, k, v, allowed, 0.125)
+    out.append(float((got.double() - reference(q, k, v, allowed, 0.125)).abs().max()))
+print(json.dumps(out))
+""")
+    assert len(errors) == len(CASES)
+    assert max(errors) < 1e-5, errors
+
+
+def test_static_cache_decode_through_the_kernel_gives_the_eager_tokens():
+    """The tiny Llama and Mistral (window 6), left-padded, decode over a static cache through the kernel (the
+    graphed path; on a CPU it runs without capture) and generate every token of the dynamic-cache eager path."""
+    result = _interpreted("""
+import json, torch
+from hpi.executor.generate import left_pad
+from hpi.executor.modeling import ShardSpec, build_stage
+from tests.executor.test_graphs import _generate
+from tests.executor.test_padding import _tiny
+calls = []
+from hpi.executor import decode_attention as da
+original = da.triton_decode_attention
+def counted(*a):
+    calls.append(1)
+    return original(*a)
+da.triton_decode_attention = counted
+out = {}
+for family in ("llama", "mistral"):
+    config = _tiny(family)
+    g = torch.Generator().manual_seed(11)
+    ids, padding = left_pad([torch.randint(3, config.vocab_size, (n,), generator=g).tolist() for n in (7, 3)], 0)
+    n = config.num_hidden_layers
+    stages = [build_stage(config, ShardSpec.for_stage([1, n - 1], i), dtype=torch.float32, seed=0) for i in range(2)]
+    eager = _generate(stages, ids, padding, graphs=False)
+    before = len(calls)
+    static = _generate(stages, ids, padding, graphs=True)
+    out[family] = {"same": static == eager, "kernel_calls": len(calls) - before}
+print(json.dumps(out))
+""")
+    for family, got in result.items():
+        assert got["same"], family
+        assert got["kernel_calls"] > 0, family  # the static path went through the kernel
+
+
+def test_compile_keeps_the_kernel_as_one_opaque_op():
+    """``torch.compile(fullgraph=True)`` traces through ``decode_attention`` without a break (the custom op's fake
+    gives the shape) and the compiled function runs the kernel and returns its numbers."""
+    result = _interpreted("""
+import json, torch
+from hpi.executor import decode_attention as da
+from tests.executor.test_decode_attention import CASES, _inputs, reference
+q, k, v, allowed = _inputs(CASES[1], torch.float32, "cpu")
+fn = torch.compile(lambda q, k, v, m: da.decode_attention(q, k, v, m, 0.125) * 2, fullgraph=True)
+got = fn(q, k, v, allowed)
+print(json.dumps(float((got.double() / 2 - reference(q, k, v, allowed, 0.125)).abs().max())))
+""")
+    assert result < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", CASES)
+def test_kernel_matches_sdpa_in_bf16_on_a_gpu(case):
+    q, k, v, allowed = _inputs(case, torch.bfloat16, "cuda")
+    got = da.decode_attention(q, k, v, allowed, 0.125)
+    want = reference(q, k, v, allowed, 0.125)
+    assert (got.double() - want).abs().max().item() < 2e-2  # bf16 inputs and output: ~3 significant digits
