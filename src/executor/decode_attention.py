@@ -15,7 +15,9 @@ What this does (the split-KV scheme of flash-decoding, as vLLM's and SGLang's Tr
   it writes the split's normalized output and its log-sum-exp. A masked-off slot is never loaded (the loads are
   masked), so slots past the current position cost only their mask byte: the work follows the tokens written,
   not the cache's length.
-- pass 2, one program per (row, KV head): the splits' outputs weighted by ``exp(lse_split - lse)``.
+- pass 2, one program per (row, query head): every split's output and log-sum-exp loaded at once and weighted
+  by ``exp(lse_split - max lse)``. (A first version walked the splits in a loop, one program per KV head: 4.5 us
+  a layer on one H200 against 4.3 for pass 1.)
 The number of splits is fixed by the shapes (enough programs to fill the GPU, at least a block each), so a
 graph replays the same grid at every position.
 
@@ -152,29 +154,20 @@ def _kernels():
     @triton.jit
     def combine_pass(part_ptr, lse_ptr, out_ptr, so_n, so_h,
                      KV: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
-                     D_PAD: tl.constexpr, SPLITS: tl.constexpr):
+                     D_PAD: tl.constexpr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
         pair = tl.program_id(0)
+        g = tl.program_id(1)  # one query head a program: every split's part loaded at once, no serial chain
         row = pair // KV
         head = pair % KV
-        g = tl.arange(0, ROWS)
+        split = tl.arange(0, SPLITS_PAD)
         d = tl.arange(0, D_PAD)
-        m = tl.full([ROWS], float("-inf"), tl.float32)
-        total = tl.zeros([ROWS], tl.float32)
-        acc = tl.zeros([ROWS, D_PAD], tl.float32)
-        for split in range(SPLITS):
-            slot = (pair * SPLITS + split) * ROWS + g
-            lse = tl.load(lse_ptr + slot)
-            m_new = tl.maximum(m, lse)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m - m_safe)
-            w = tl.exp(lse - m_safe)
-            part = tl.load(part_ptr + slot[:, None] * D_PAD + d[None, :])
-            acc = acc * alpha[:, None] + w[:, None] * part
-            total = total * alpha + w
-            m = m_new
-        out = acc / tl.where(total > 0, total, 1.0)[:, None]
-        tl.store(out_ptr + row * so_n + (head * G + g)[:, None] * so_h + d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=(g < G)[:, None] & (d < D)[None, :])
+        slot = (pair * SPLITS + split) * ROWS + g
+        lse = tl.load(lse_ptr + slot, mask=split < SPLITS, other=float("-inf"))
+        m = tl.max(lse, 0)  # finite: a query's own slot is always allowed
+        w = tl.exp(lse - m)
+        part = tl.load(part_ptr + slot[:, None] * D_PAD + d[None, :], mask=(split < SPLITS)[:, None], other=0.0)
+        out = tl.sum(w[:, None] * part, 0) / tl.sum(w, 0)
+        tl.store(out_ptr + row * so_n + (head * G + g) * so_h + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
 
     return split_pass, combine_pass
 
@@ -204,8 +197,9 @@ def triton_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: tor
         values.stride(0), values.stride(1), values.stride(2), mask_row_stride,
         slots, scale,
         CHUNK=chunk, KV=kv, G=groups, ROWS=rows, D=d, D_PAD=d_pad, BLOCK=BLOCK_N, SPLITS=splits, IEEE=ieee)
-    combine_pass[(n * kv,)](part, lse, out, out.stride(0), out.stride(1),
-                            KV=kv, G=groups, ROWS=rows, D=d, D_PAD=d_pad, SPLITS=splits)
+    combine_pass[(n * kv, groups)](part, lse, out, out.stride(0), out.stride(1),
+                                   KV=kv, G=groups, ROWS=rows, D=d, D_PAD=d_pad, SPLITS=splits,
+                                   SPLITS_PAD=1 << (splits - 1).bit_length())
     return out
 
 
