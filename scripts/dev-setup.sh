@@ -8,6 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 "$PY" -m pip install -q --disable-pip-version-check "torch==2.13.0"
+# CPU tests run hpi's Triton kernels in Triton's interpreter (the version on the GPU device).
+"$PY" -m pip install -q --disable-pip-version-check "triton==3.6.0"
 DS_BUILD_OPS=0 "$PY" -m pip install -q --disable-pip-version-check -e '.[test,executor,serve,eval]'
 # NVMe offload goes through DeepSpeed's async_io op, which links libaio. Install it where we may (root with
 # apt); elsewhere the NVMe tests skip themselves and say why.

@@ -17,7 +17,8 @@ Two fused kernels, one per device kind (``fused_dequantize`` dispatches):
   (``benchmarks/dequant_bench.py``, ``benchmarks/results/2026-12-04-h200-fused/call2/dequant-bench.jsonl``):
   dynamo's guards, ``mark_dynamic``, the reshapes and the compiled wrapper. A 70B decode step makes 560 calls,
   and a host-bound ZeRO-3 fetch queue lost 5-30% of the PCIe ceiling in some measured sets (SUMMARY.md there);
-  a plain Triton launch costs ~10-20 µs of host. Group sizes that are not powers of two stay on inductor.
+  a plain Triton launch costs ~10-20 µs of host. Group sizes that are not powers of two, and dtypes other than
+  fp32/bf16/fp16 (its arithmetic is fp32), stay on inductor.
 - CPU (and anything else): that inductor kernel (``inductor_dequantize``), which compiles to C++ there.
 
 Exactly DeepSpeed's numbers: eager rounds after each op (``q.to(dtype)``, then ``/ scale`` rounded to the
@@ -111,6 +112,9 @@ def check(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, *, b
                          f"x 8 / bits({bits}) / group_size must hold: quantize with group_dim last")
     if scale.dtype != minimum.dtype or not scale.dtype.is_floating_point:
         raise ValueError(f"scale ({scale.dtype}) and minimum ({minimum.dtype}) must share one floating dtype")
+    if not packed.get_device() == scale.get_device() == minimum.get_device():  # ints: cheaper than .device
+        raise ValueError(f"packed ({packed.device}), scale ({scale.device}) and minimum ({minimum.device}) must be on "
+                         f"one device: move them together")
 
 
 def inductor_dequantize(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, *, bits: int,
@@ -140,22 +144,28 @@ def triton_dequantize(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.
     """The hand-written Triton kernel (the CUDA path of ``fused_dequantize``), checked; on CPU tensors it runs in
     Triton's interpreter (tests only: slow)."""
     check(packed, scale, minimum, bits=bits, group_size=group_size)
-    if not _triton().covers(group_size):
-        raise ValueError(f"group_size({group_size}) must be a power of two from 2 to {_triton().MAX_GROUP} for "
-                         f"the Triton kernel: use inductor_dequantize (fused_dequantize does)")
+    if not _triton().covers(group_size, scale.dtype):
+        raise ValueError(f"group_size({group_size}) must be a power of two from 2 to {_triton().MAX_GROUP} and the "
+                         f"dtype ({scale.dtype}) one of {_triton().DTYPES} for the Triton kernel: use "
+                         f"inductor_dequantize (fused_dequantize does)")
     return _triton().dequantize(packed, scale, minimum, bits=bits, group_size=group_size)
+
+
+def kernel_for(is_cuda: bool, group_size: int, dtype: torch.dtype) -> str:
+    """Which fused kernel ``fused_dequantize`` runs: "triton" for CUDA tensors it covers, else "inductor"."""
+    return "triton" if is_cuda and _triton().covers(group_size, dtype) else "inductor"
 
 
 def fused_dequantize(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, *, bits: int,
                      group_size: int) -> torch.Tensor:
     """DeepSpeed's dequantization of one weight (group_dim last) in one kernel, bit for bit: the Triton kernel on
-    CUDA tensors (a group size that is a power of two), the inductor kernel elsewhere.
+    CUDA tensors (a group size that is a power of two, a 16- or 32-bit dtype), the inductor kernel elsewhere.
 
     packed: uint8, the weight's shape with the last dimension halved for 4-bit; scale, minimum: one per
     group (any shape with that many elements), in the dtype of the result.
     """
     check(packed, scale, minimum, bits=bits, group_size=group_size)
-    if packed.is_cuda and _triton().covers(group_size):
+    if kernel_for(packed.is_cuda, group_size, scale.dtype) == "triton":
         return _triton().dequantize(packed, scale, minimum, bits=bits, group_size=group_size)
     return _inductor(packed, scale, minimum, bits)
 
@@ -292,10 +302,11 @@ def warm_up(bits: int, dtype: torch.dtype, device: torch.device | str, group_siz
     packed, scale, minimum = Quantizer(cfg).quantize(check_weight(dtype).to(device))
     ours = fused_dequantize(packed, scale, minimum, bits=bits, group_size=group_size)
     theirs = deepspeed_torch_ops(DeQuantizer(cfg, dtype), packed, scale, minimum)
-    differ = int((ours != theirs).sum())
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[ours.element_size()]
+    differ = int((ours.view(ints) != theirs.view(ints)).sum())  # bits: -0 is not +0
     if differ:
-        path = "Triton" if device.type == "cuda" and _triton().covers(group_size) else "inductor"
-        raise RuntimeError(f"the fused dequantization ({path}) differs from DeepSpeed's on {differ} of {ours.numel()} "
-                           f"elements ({bits}-bit, {dtype}, {device}): it does not keep eager's rounding "
-                           f"(hpi.executor.dequant's docstring); run with --no-fused-dequant and report this")
+        kernel = kernel_for(device.type == "cuda", group_size, dtype)
+        raise RuntimeError(f"the fused dequantization ({kernel}) differs from DeepSpeed's on {differ} of "
+                           f"{ours.numel()} elements ({bits}-bit, {dtype}, {device}): it does not keep eager's "
+                           f"rounding (hpi.executor.dequant's docstring); run with --no-fused-dequant and report this")
     return time.perf_counter() - t0

@@ -38,8 +38,9 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_ELEMS = 2048  # output elements per program (a power of two): 16 per thread at NUM_WARPS 4
+BLOCK_ELEMS = 2048  # output elements per program, a power of two: 16 per thread at NUM_WARPS 4 (not tuned yet)
 NUM_WARPS = 4
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_GROUP = 1 << 16  # tl.arange's block stays small; DeepSpeed's groups are 64 (hpi.planner.specs.plan)
 # Compile options of every launch (tests compile the kernel with them for sm_90 and read the PTX): no libdevice
 # flush-to-zero (the module docstring).
@@ -98,13 +99,14 @@ def _interpreted():
     return InterpretedFunction(_dequant_rows)
 
 
-def covers(group_size: int) -> bool:
-    """Whether the kernel handles this group size: a power of two (``tl.arange``) from 2 to ``MAX_GROUP``."""
-    return 2 <= group_size <= MAX_GROUP and group_size & (group_size - 1) == 0
+def covers(group_size: int, dtype: torch.dtype) -> bool:
+    """Whether the kernel handles this group size (a power of two from 2 to ``MAX_GROUP``: ``tl.arange``) and
+    dtype (``DTYPES``: its arithmetic is fp32, as eager's opmath is for these three)."""
+    return 2 <= group_size <= MAX_GROUP and group_size & (group_size - 1) == 0 and dtype in DTYPES
 
 
 def dequantize(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, *, bits: int,
-               group_size: int, block_elems: int = BLOCK_ELEMS) -> torch.Tensor:
+               group_size: int) -> torch.Tensor:
     """The weight of ``packed`` (uint8, last dimension halved for 4-bit) in ``scale``'s dtype, one launch.
 
     No checks beyond contiguity: ``hpi.executor.dequant.fused_dequantize`` validates the shapes and dtypes
@@ -116,7 +118,7 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
     shape[-1] = shape[-1] * 8 // bits
     out = torch.empty(shape, dtype=scale.dtype, device=packed.device)
     rows = scale.numel()
-    block_rows = max(1, block_elems // group_size)
+    block_rows = max(1, BLOCK_ELEMS // group_size)  # read per call: benchmarks/dequant_bench.py sets it
     kernel = _KERNEL if packed.is_cuda else _interpreted()
     kernel[((rows + block_rows - 1) // block_rows,)](
         packed, scale, minimum, out, rows, GROUP=group_size, ROWS=block_rows, BITS=bits, **LAUNCH_OPTIONS)

@@ -86,12 +86,22 @@ def test_other_power_of_two_groups(group):
         assert same_bits(dequant.triton_dequantize(packed, scale, minimum, bits=bits, group_size=group), expected)
 
 
-def test_other_group_sizes_are_refused_and_stay_on_inductor(monkeypatch):
-    assert [g for g in (1, 2, 3, 48, 64, 96, 1 << 16, 1 << 17) if dequant_triton.covers(g)] == [2, 64, 1 << 16]
+def test_other_group_sizes_and_dtypes_are_refused_and_stay_on_inductor():
+    groups = (1, 2, 3, 48, 64, 96, 1 << 16, 1 << 17)
+    assert [g for g in groups if dequant_triton.covers(g, torch.bfloat16)] == [2, 64, 1 << 16]
+    assert not dequant_triton.covers(64, torch.float64)  # fp32 arithmetic would not be eager's fp64
     packed, scale, minimum, expected = quantized(torch.randn(4, 96), 8, 48)
     with pytest.raises(ValueError, match=r"group_size\(48\) must be a power of two.*inductor_dequantize"):
         dequant.triton_dequantize(packed, scale, minimum, bits=8, group_size=48)
     assert same_bits(dequant.inductor_dequantize(packed, scale, minimum, bits=8, group_size=48), expected)
+
+
+def test_cuda_tensors_take_the_triton_kernel_where_it_covers_them():
+    assert dequant.kernel_for(True, GROUP, torch.bfloat16) == "triton"
+    assert dequant.kernel_for(True, GROUP, torch.float16) == dequant.kernel_for(True, 16, torch.float32) == "triton"
+    assert dequant.kernel_for(True, 48, torch.bfloat16) == "inductor"  # not a power of two
+    assert dequant.kernel_for(True, GROUP, torch.float64) == "inductor"
+    assert dequant.kernel_for(False, GROUP, torch.bfloat16) == "inductor"
 
 
 def test_fused_dequantize_keeps_cpu_tensors_on_inductor(monkeypatch):
@@ -111,27 +121,48 @@ def test_non_contiguous_inputs_are_read_as_their_values():
 
 
 # ---- the compiled kernel, read without a GPU ------------------------------------------------------------
-def h200_ptx(dtype: str, bits: int) -> str:
-    """PTX of the kernel as a launch compiles it (``LAUNCH_OPTIONS``, the 16-byte-aligned packed weight and output
-    that Triton specializes on), for sm_90."""
+class Launches:
+    """Stands in for the kernel: records the grid, arguments and options ``dequantize`` launches with."""
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.grid, self.args, self.kwargs = grid, args, kwargs
+        return launch
+
+
+def h200_ptx(monkeypatch, dtype: torch.dtype, bits: int) -> str:
+    """PTX of what a launch from ``dequantize`` compiles for sm_90: its own arguments and options bound and
+    specialized the way ``JITFunction.run`` does (``triton/runtime/jit.py``; Triton 3.6's private ``_pack_args``),
+    then compiled; only the CUDA driver is missing."""
+    import triton
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    launches = Launches()
+    monkeypatch.setattr(dequant_triton, "_interpreted", lambda: launches)
+    weight = torch.randn(40, 256, generator=torch.Generator().manual_seed(0)).to(dtype)
+    packed, scale, minimum, _ = quantized(weight, bits)
+    dequant_triton.dequantize(packed, scale, minimum, bits=bits, group_size=GROUP)
+    assert launches.grid == (5,)  # 160 rows, 32 a program
 
     kernel = dequant_triton._KERNEL
     assert type(kernel).__name__ == "JITFunction"  # the compiled kernel, not the interpreted copy
-    aligned = [["tt.divisibility", 16]]
-    src = ASTSource(fn=kernel, signature={"packed_ptr": "*u8", "scale_ptr": f"*{dtype}", "min_ptr": f"*{dtype}",
-                                          "out_ptr": f"*{dtype}", "rows": "i32"},
-                    constexprs={"GROUP": GROUP, "ROWS": dequant_triton.BLOCK_ELEMS // GROUP, "BITS": bits},
-                    attrs={(0,): aligned, (3,): aligned})
-    import triton
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    kwargs = {**launches.kwargs, "debug": False, "instrumentation_mode": knobs.compilation.instrumentation_mode}
+    bound, specialization, options = create_function_from_signature(kernel.signature, kernel.params, backend)(
+        *launches.args, **kwargs)
+    # _pack_args raises KeyError on an option the backend does not know (a typo in LAUNCH_OPTIONS)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    assert options.enable_reflect_ftz is False and options.num_warps == dequant_triton.NUM_WARPS
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=backend.target,
+                          options=options.__dict__).asm["ptx"]
 
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(dequant_triton.LAUNCH_OPTIONS)).asm["ptx"]
 
-
-@pytest.mark.parametrize("dtype, bits", [("bf16", 4), ("fp16", 8), ("fp32", 4)])
-def test_the_h200_kernel_divides_correctly_rounded_and_keeps_denormals(dtype, bits):
-    ptx = h200_ptx(dtype, bits)
+@pytest.mark.parametrize("dtype, bits", [(torch.bfloat16, 4), (torch.float16, 8), (torch.float32, 4)])
+def test_the_h200_kernel_divides_correctly_rounded_and_keeps_denormals(monkeypatch, dtype, bits):
+    ptx = h200_ptx(monkeypatch, dtype, bits)
     ops = set(re.findall(r"^\s*(?:@%p\d+\s+)?([a-z][a-z0-9_.]*)", ptx, re.M))
     assert "div.rn.f32" in ops and not [op for op in ops if op.startswith("div.") and op != "div.rn.f32"]
     assert ".ftz" not in ptx  # no flush-to-zero variant of any instruction
