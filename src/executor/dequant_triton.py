@@ -1,12 +1,12 @@
 """DeepSpeed's 8/4-bit dequantization as one hand-written Triton kernel: the CUDA path of ``hpi.executor.dequant``.
 
-Why by hand: the ``torch.compile``'d kernel (``dequant.inductor_dequantize``) is as fast on the device, but each call
-pays dynamo's guards, ``mark_dynamic``, reshapes and the compiled wrapper: 151-334 µs of host time per call on one
-H200 against 78-283 µs for DeepSpeed's own chain of torch ops (``benchmarks/dequant_bench.py``, 70B shapes,
-``benchmarks/results/2026-12-04-h200-fused/call2/dequant-bench.jsonl``). A 70B decode step makes 560 such calls,
-and a host-bound ZeRO-3 fetch queue lost 5-30% of the PCIe ceiling in some measured sets (SUMMARY.md there). A
-plain Triton launch costs ~10-20 µs of host: ``dequantize`` below allocates the output, computes the grid with
-integer math and launches; nothing else.
+Why by hand: the ``torch.compile``'d kernel (``dequant.inductor_dequantize``) runs fast on the device (4.1x
+DeepSpeed's chain in total over the 70B's weights), but each call pays dynamo's guards, ``mark_dynamic``, reshapes
+and the compiled wrapper: 151-334 µs of host time per call on one H200 against 78-283 µs for DeepSpeed's own torch
+ops (``benchmarks/dequant_bench.py``, 70B shapes, ``benchmarks/results/2026-12-04-h200-fused/call2/``
+``dequant-bench.jsonl``). A 70B decode step makes 560 such calls, and a host-bound ZeRO-3 fetch queue lost 5-30% of
+the PCIe ceiling in some measured sets (SUMMARY.md there). A plain Triton launch costs ~10-20 µs of host:
+``dequantize`` below allocates the output, computes the grid with integer math and launches; nothing else.
 
 The numbers are DeepSpeed's eager ones (``DeQuantizer._dequantize_int8``: ``copy_`` uint8 -> dtype, ``div_(scale)``,
 ``add_(min)``): eager CUDA computes each op in fp32 (opmath) and rounds to the dtype after it, so the kernel does
@@ -18,11 +18,13 @@ The numbers are DeepSpeed's eager ones (``DeQuantizer._dequantize_int8``: ``copy
   not as ``.to(tl.bfloat16)``: Triton's interpreter, which runs this same kernel on the CPU for the tests,
   truncates on that cast and flushes subnormals (``triton/runtime/interpreter.py``: ``cast_impl`` passes no
   rounding mode to ``_convert_float``). On the device it equals ``cvt.rn.bf16.f32``, subnormals included (bf16
-  has fp32's exponent, so the integer carry is exact); NaN becomes 0x7FC0 as in c10.
+  has fp32's exponent, so the integer carry is exact). A NaN stays a NaN, as 0x7FC0 (c10's CPU pattern; CUDA's
+  cvt gives 0x7FFF, so a NaN's payload bits may differ from eager's there; DeepSpeed's groups give none).
   fp16 uses ``.to(tl.float16)`` (the interpreter's numpy cast and ``cvt.rn.f16.f32`` both round to nearest even).
-- Denormals are kept, as eager CUDA keeps them: PTX ``add.f32`` / ``div.rn.f32`` without ``.ftz`` keep them, and
-  ``enable_reflect_ftz=False`` keeps libdevice off its flushing variants (what inductor's ``disable_ftz`` sets).
-  ``tests/executor/test_dequant_triton.py`` compiles the kernel for sm_90 on the CPU and reads its PTX for both.
+- Denormals are kept, as eager CUDA keeps them: PTX ``add.f32`` / ``div.rn.f32`` without ``.ftz`` keep them. Triton
+  3.6 emits ``div_rn`` inline, not through libdevice; ``enable_reflect_ftz=False`` (what inductor's ``disable_ftz``
+  sets) would keep libdevice off its flushing variants should that change. ``tests/executor/test_dequant_triton.py``
+  compiles what a launch compiles, for sm_90 on the CPU, and reads its PTX for both.
 
 Layout: a contiguous packed weight is G rows of one group each (``group_dim`` last; the module docstring of
 ``hpi.executor.dequant``); one program handles ``ROWS`` rows (``BLOCK_ELEMS`` elements), so a 28672 x 8192 weight
@@ -111,7 +113,8 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
 
     No checks beyond contiguity: ``hpi.executor.dequant.fused_dequantize`` validates the shapes and dtypes
     before it dispatches here, and every check is host time per call. CUDA tensors run the compiled kernel on
-    the current device, CPU tensors the interpreter (slow: tests only)."""
+    the current CUDA device, which must be theirs (Triton launches there; hpi's worker sets each rank's), CPU
+    tensors the interpreter (slow: tests only)."""
     if not (packed.is_contiguous() and scale.is_contiguous() and minimum.is_contiguous()):
         packed, scale, minimum = packed.contiguous(), scale.contiguous(), minimum.contiguous()
     shape = list(packed.shape)
