@@ -1,4 +1,4 @@
-"""Fused dequantization of DeepSpeed's 8/4-bit weights: one compiled kernel instead of a chain of torch ops.
+"""Fused dequantization of DeepSpeed's 8/4-bit weights: one kernel instead of a chain of torch ops.
 
 Why: DeepSpeed's quantized initialization wraps ``F.linear`` / ``F.embedding`` so that every call first
 dequantizes the *whole* weight (``deepspeed/inference/quantization/utils.py``: ``wrap_quantized_functional``
@@ -8,26 +8,37 @@ compiled ``QuantizerBuilder`` op); for bf16 and fp32 it runs torch element-wise 
 ``add_(min)``. That is ~17 bytes of HBM traffic per element in bf16 (25 for 8-bit fp32, 29 for 4-bit fp32)
 and 8 kernel launches per tensor, as ``src/planner/cost/dequant.py`` prices it; a 70B model with 4-bit
 weights, ZeRO-3 CPU offload, pinned, on one H200 decoded at 0.974 s/step, 0.74 of the PCIe ceiling, where
-16-bit weights reach 1.00. The kernel here reads the packed byte and the group's scale and minimum and
+16-bit weights reach 1.00. A fused kernel reads the packed byte and the group's scale and minimum and
 writes the 16-bit weight once: 0.5 + 2c/64 + c bytes per element for 4-bit (c = 2: ~2.6), one launch.
+
+Two fused kernels, one per device kind (``fused_dequantize`` dispatches):
+- CUDA: a hand-written Triton kernel (``hpi.executor.dequant_triton``). The ``torch.compile``'d kernel below ran
+  as fast on one H200 but cost 151-334 µs of host time per call against DeepSpeed's own 78-283 µs
+  (``benchmarks/dequant_bench.py``, ``benchmarks/results/2026-12-04-h200-fused/call2/dequant-bench.jsonl``):
+  dynamo's guards, ``mark_dynamic``, the reshapes and the compiled wrapper. A 70B decode step makes 560 calls,
+  and a host-bound ZeRO-3 fetch queue lost 5-30% of the PCIe ceiling in some measured sets (SUMMARY.md there);
+  a plain Triton launch costs ~10-20 µs of host. Group sizes that are not powers of two, and dtypes other than
+  fp32/bf16/fp16 (its arithmetic is fp32), stay on inductor.
+- CPU (and anything else): that inductor kernel (``inductor_dequantize``), which compiles to C++ there.
 
 Exactly DeepSpeed's numbers: eager rounds after each op (``q.to(dtype)``, then ``/ scale`` rounded to the
 dtype, then ``+ min`` rounded to the dtype). Inductor fuses pointwise ops in fp32 and drops the rounding in
 between unless ``emulate_precision_casts`` is set (in bf16/fp16, about one element in ten then differs by an
 ulp: ``tests/executor/test_dequant.py``), and Triton's ``/`` is the approximate ``div.full`` unless
 ``eager_numerics.division_rounding`` asks for ``div_rn`` (``torch/_inductor/config.py``, ``eager_numerics``);
-denormals are kept (``disable_ftz``) as eager CUDA keeps them. ``EXACT_OPTIONS`` sets all three.
+denormals are kept (``disable_ftz``) as eager CUDA keeps them. ``EXACT_OPTIONS`` sets all three; the Triton
+kernel does the same by hand (its module docstring). ``warm_up`` checks the path of the run's device.
 
 Layout (``Quantizer.quantize`` / ``DeQuantizer.dequantize`` in the same DeepSpeed file): groups of
 ``group_size`` consecutive elements along the last dimension (``group_dim`` last), asymmetric, one scale and
 one minimum per group in the weight dtype; 4-bit packs two values a byte, the even element in the high
 nibble (``data[..., 0::2] = t >> 4``, ``data[..., 1::2] = t & 0xF``). So a contiguous weight is G rows of
-one group each; the kernel works on (G, packed group) and is compiled with G dynamic, once per bit
-width and dtype, not once per weight shape.
+one group each; both kernels work on (G, packed group). The inductor one is compiled with G dynamic, once per
+bit width and dtype, not once per weight shape; the Triton one once per bit width, dtype and group size.
 
 ``install()`` patches ``DeQuantizer.dequantize`` (the class, so every quantized parameter of the process
 uses it), keeps DeepSpeed's own fp16 CUDA-kernel branch wherever that branch would run and its op is built,
-and hands anything this kernel does not cover (another ``group_dim``, bits, or a scale in another dtype) to
+and hands anything the fused kernels do not cover (another ``group_dim``, bits, or a scale in another dtype) to
 DeepSpeed's original.
 """
 
@@ -86,30 +97,77 @@ def _rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     return out
 
 
-def fused_dequantize(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, *, bits: int,
-                     group_size: int) -> torch.Tensor:
-    """DeepSpeed's dequantization of one weight (group_dim last) in one kernel, bit for bit.
-
-    packed: uint8, the weight's shape with the last dimension halved for 4-bit; scale, minimum: one per
-    group (any shape with that many elements), in the dtype of the result.
-    """
+def check(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, *, bits: int, group_size: int) -> None:
+    """Refuse what neither fused kernel computes: the arguments of ``fused_dequantize``."""
     if bits not in BITS:
         raise ValueError(f"bits({bits}) must be one of {BITS}: DeepSpeed quantizes to 4 or 8 bits only")
     if packed.dtype != torch.uint8:
         raise ValueError(f"packed weights are {packed.dtype}, expected torch.uint8: pass tensor.view(torch.uint8)")
-    shape = list(packed.shape)
-    shape[-1] = shape[-1] * 8 // bits
-    groups = shape[-1] // group_size if group_size > 0 else 0
-    if group_size <= 0 or shape[-1] % group_size or scale.numel() != minimum.numel() or \
+    last = packed.shape[-1] * 8 // bits
+    groups = last // group_size if group_size > 0 else 0
+    if group_size <= 0 or last % group_size or scale.numel() != minimum.numel() or \
             scale.numel() * group_size * bits != packed.numel() * 8:
-        raise ValueError(f"last dimension {shape[-1]} = groups({groups}) x group_size({group_size}) and scale "
+        raise ValueError(f"last dimension {last} = groups({groups}) x group_size({group_size}) and scale "
                          f"({scale.numel()}) = minimum ({minimum.numel()}) = packed elements({packed.numel()}) "
                          f"x 8 / bits({bits}) / group_size must hold: quantize with group_dim last")
     if scale.dtype != minimum.dtype or not scale.dtype.is_floating_point:
         raise ValueError(f"scale ({scale.dtype}) and minimum ({minimum.dtype}) must share one floating dtype")
+    if not packed.get_device() == scale.get_device() == minimum.get_device():  # ints: cheaper than .device
+        raise ValueError(f"packed ({packed.device}), scale ({scale.device}) and minimum ({minimum.device}) must be on "
+                         f"one device: move them together")
+
+
+def inductor_dequantize(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, *, bits: int,
+                        group_size: int) -> torch.Tensor:
+    """The ``torch.compile``'d kernel on any device (the CPU path of ``fused_dequantize``), checked."""
+    check(packed, scale, minimum, bits=bits, group_size=group_size)
+    return _inductor(packed, scale, minimum, bits)
+
+
+def _inductor(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, bits: int) -> torch.Tensor:
+    shape = list(packed.shape)
+    shape[-1] = shape[-1] * 8 // bits
     rows = scale.numel()
-    out = _kernel(bits)(_rows(packed, rows), _rows(scale, rows), _rows(minimum, rows))
-    return out.view(shape)
+    return _kernel(bits)(_rows(packed, rows), _rows(scale, rows), _rows(minimum, rows)).view(shape)
+
+
+@functools.cache
+def _triton():
+    """``hpi.executor.dequant_triton``, imported on the first CUDA call: Triton is needed only there."""
+    from hpi.executor import dequant_triton
+
+    return dequant_triton
+
+
+def triton_dequantize(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, *, bits: int,
+                      group_size: int) -> torch.Tensor:
+    """The hand-written Triton kernel (the CUDA path of ``fused_dequantize``), checked; on CPU tensors it runs in
+    Triton's interpreter (tests only: slow)."""
+    check(packed, scale, minimum, bits=bits, group_size=group_size)
+    if not _triton().covers(group_size, scale.dtype):
+        raise ValueError(f"group_size({group_size}) must be a power of two from 2 to {_triton().MAX_GROUP} and the "
+                         f"dtype ({scale.dtype}) one of {_triton().DTYPES} for the Triton kernel: use "
+                         f"inductor_dequantize (fused_dequantize does)")
+    return _triton().dequantize(packed, scale, minimum, bits=bits, group_size=group_size)
+
+
+def kernel_for(is_cuda: bool, group_size: int, dtype: torch.dtype) -> str:
+    """Which fused kernel ``fused_dequantize`` runs: "triton" for CUDA tensors it covers, else "inductor"."""
+    return "triton" if is_cuda and _triton().covers(group_size, dtype) else "inductor"
+
+
+def fused_dequantize(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, *, bits: int,
+                     group_size: int) -> torch.Tensor:
+    """DeepSpeed's dequantization of one weight (group_dim last) in one kernel, bit for bit: the Triton kernel on
+    CUDA tensors (a group size that is a power of two, a 16- or 32-bit dtype), the inductor kernel elsewhere.
+
+    packed: uint8, the weight's shape with the last dimension halved for 4-bit; scale, minimum: one per
+    group (any shape with that many elements), in the dtype of the result.
+    """
+    check(packed, scale, minimum, bits=bits, group_size=group_size)
+    if kernel_for(packed.is_cuda, group_size, scale.dtype) == "triton":
+        return _triton().dequantize(packed, scale, minimum, bits=bits, group_size=group_size)
+    return _inductor(packed, scale, minimum, bits)
 
 
 def covers(dequantizer, tensor: torch.Tensor, scale: torch.Tensor) -> bool:
@@ -219,9 +277,19 @@ def deepspeed_torch_ops(dequantizer, packed: torch.Tensor, scale: torch.Tensor, 
     return dequantizer._dequantize_int8(grouped, scale, minimum).view(shape)
 
 
+def check_weight(dtype: torch.dtype, rows: int = 256, cols: int = 256) -> torch.Tensor:
+    """The weight ``warm_up`` quantizes: seeded normal values, its last sixteenth of rows scaled down to 32x the
+    dtype's smallest normal number, so that some quotients and sums are subnormal: a kernel that flushes them to
+    zero (where eager keeps them) differs from DeepSpeed there."""
+    weight = torch.randn(rows, cols, generator=torch.Generator().manual_seed(0))
+    weight[rows - rows // 16:] *= torch.finfo(dtype).tiny * 32
+    return weight.to(dtype)
+
+
 def warm_up(bits: int, dtype: torch.dtype, device: torch.device | str, group_size: int = 64) -> float:
-    """Compile the kernel of ``bits`` and ``dtype`` on ``device`` now, so that the first forward does not pay for
-    it, and check it there: a random 256 x 256 weight (1024 groups) quantized by DeepSpeed must dequantize to
+    """Compile the kernel of ``bits`` and ``dtype`` that ``fused_dequantize`` runs on ``device`` (Triton on CUDA,
+    inductor elsewhere) now, so that the first forward does not pay for it, and check it there: a 256 x 256
+    weight (``check_weight``: 1024 groups, some with subnormal results) quantized by DeepSpeed must dequantize to
     exactly what DeepSpeed's torch ops give (``deepspeed_torch_ops``), or this raises. Skipped where DeepSpeed's
     fp16 kernel serves instead. Returns the seconds it took."""
     from deepspeed.inference.quantization.utils import DeQuantizer, Quantizer
@@ -231,13 +299,14 @@ def warm_up(bits: int, dtype: torch.dtype, device: torch.device | str, group_siz
         return 0.0
     t0 = time.perf_counter()
     cfg = {"num_bits": bits, "group_size": group_size, "group_dim": 1, "symmetric": False}
-    weight = torch.randn(256, 256, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
-    packed, scale, minimum = Quantizer(cfg).quantize(weight)
+    packed, scale, minimum = Quantizer(cfg).quantize(check_weight(dtype).to(device))
     ours = fused_dequantize(packed, scale, minimum, bits=bits, group_size=group_size)
     theirs = deepspeed_torch_ops(DeQuantizer(cfg, dtype), packed, scale, minimum)
-    differ = int((ours != theirs).sum())
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[ours.element_size()]
+    differ = int((ours.view(ints) != theirs.view(ints)).sum())  # bits: -0 is not +0
     if differ:
-        raise RuntimeError(f"the fused dequantization differs from DeepSpeed's on {differ} of {ours.numel()} "
-                           f"elements ({bits}-bit, {dtype}, {device}): this torch's inductor does not keep eager's "
-                           f"rounding (EXACT_OPTIONS); run with --no-fused-dequant and report this")
+        kernel = kernel_for(device.type == "cuda", group_size, dtype)
+        raise RuntimeError(f"the fused dequantization ({kernel}) differs from DeepSpeed's on {differ} of "
+                           f"{ours.numel()} elements ({bits}-bit, {dtype}, {device}): it does not keep eager's "
+                           f"rounding (hpi.executor.dequant's docstring); run with --no-fused-dequant and report this")
     return time.perf_counter() - t0

@@ -201,7 +201,8 @@ def test_warm_up_refuses_a_kernel_that_differs_from_deepspeed(monkeypatch):
         return out
 
     monkeypatch.setattr(dequant, "fused_dequantize", one_ulp_off)
-    with pytest.raises(RuntimeError, match="differs from DeepSpeed's on 1 of 65536 elements.*--no-fused-dequant"):
+    refused = r"\(inductor\) differs from DeepSpeed's on 1 of 65536 elements.*--no-fused-dequant"
+    with pytest.raises(RuntimeError, match=refused):
         dequant.warm_up(4, torch.bfloat16, "cpu")
 
 

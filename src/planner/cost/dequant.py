@@ -15,8 +15,9 @@ DeepSpeed's ``weight_quantization.quantized_initialization`` stores the weight o
   bf16: 13 bytes per element for 8-bit, 17 for 4-bit; fp32: 25 and 29.
 The GEMM then reads the 16-bit weight like an unquantized one (``cost.compute``).
 
-Fused (``Workload.fused_dequant``): hpi's kernel (``hpi.executor.dequant``, one torch.compile kernel, bit-identical
-to the torch ops) replaces the chain for every bit width and dtype; DeepSpeed's own fp16 kernel stays where it runs.
+Fused (``Workload.fused_dequant``): hpi's kernel (``hpi.executor.dequant``: a hand-written Triton kernel on CUDA, a
+torch.compile one on the CPU, both bit-identical to the torch ops) replaces the chain for every bit width and dtype;
+DeepSpeed's own fp16 kernel stays where it runs.
 A fused kernel reads the packed weight (bits / 8 bytes), the group's scale and minimum (2c per group of
 ``QUANT_GROUP_SIZE``) and writes the weight once (c): 0.5 + 2c/64 + c bytes per element for 4-bit, 1 + 2c/64 + c
 for 8-bit (bf16: 2.56 and 3.06 against 17 and 13), in one launch, and holds only its result.
