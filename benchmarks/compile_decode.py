@@ -162,7 +162,7 @@ def measure(stage, vocab: int, batch: int, prompt_len: int, gen_len: int, replay
     row = {"batch": batch, "positions": gen_len, "cache_slots": prompt_len + gen_len, "baseline": base_name}
     row.update({f"agree_{k}": sum(v) / len(v) for k, v in agree.items()})
     row.update({f"{name}_ms": v for name, v in ms.items()})
-    row.update({f"{name}_compile_s": run.compile_s for name, compiled, _ in variants if compiled})
+    row.update({f"{name}_compile_s": runs[name].compile_s for name, compiled, _ in variants if compiled})
     for name, _, _ in variants[:-1]:
         row[f"{variants[-1][0]}_over_{name}"] = ms[variants[-1][0]] / ms[name]
     return row

@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 "$PY" -m pip install -q --disable-pip-version-check "torch==2.13.0"
 # hpi's Triton kernels (decode attention, dequantization) run on the CPU in Triton's interpreter for their tests
-# (TRITON_INTERPRET=1, or an interpreted copy for CPU tensors). 3.6.0: the Triton of the GPU device's torch 2.11, so the tests see the API that runs there.
+# (TRITON_INTERPRET=1, or an interpreted copy for CPU tensors). 3.6.0: the Triton of the GPU device's torch 2.11,
+# so the tests see the API that runs there.
 "$PY" -m pip install -q --disable-pip-version-check "triton==3.6.0"
 DS_BUILD_OPS=0 "$PY" -m pip install -q --disable-pip-version-check -e '.[test,executor,serve,eval]'
 # NVMe offload goes through DeepSpeed's async_io op, which links libaio. Install it where we may (root with
