@@ -6,9 +6,8 @@
 One stage holds the whole model (hpi's seeded random weights, bf16). The graphs (``VARIANTS``): ``eager`` (the
 stage's forward captured, sdpa's attention: what ``hpi run --no-compile-decode`` replayed before the split-KV
 kernel), ``compiled_sdpa`` (the forward compiled by torch.compile, sdpa's attention: the compiled step of
-2026-12-04), ``compiled_split`` (compiled, hpi's split-KV decode attention, ``hpi.executor.decode_attention``:
-the compiled step of 2026-12-04 evening) and ``compiled_stacked`` (the same with q, k, v stacked into one matrix,
-``hpi.executor.stacking``: what ``hpi run`` replays on a GPU now). For each batch size:
+2026-12-04) and ``compiled_split`` (compiled, hpi's split-KV decode attention, ``hpi.executor.decode_attention``:
+what ``hpi run`` replays on a GPU now). For each batch size:
 
 - tokens: the eager graph generates ``gen_len`` greedy tokens; the others are fed the same tokens (teacher
   forcing, each its own KV cache) and their greedy choice at each position is compared with the eager one: the
@@ -105,17 +104,12 @@ def _profile(runs: dict[str, _Run], tokens: torch.Tensor, path: Path, title: str
             out.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30) + "\n")
 
 
-# The graphs compared, in order: (name, compiled, hpi's split-KV decode attention, q/k/v stacked). The first is
-# the baseline the others are fed tokens from and compared with; the last is what ``hpi run`` replays on a GPU now
-# (``graphs.compiled_step``). Stacking changes the stage in place, so a stacked variant comes after the others.
-VARIANTS = (("eager", False, False, False), ("compiled_sdpa", True, False, False),
-            ("compiled_split", True, True, False), ("compiled_stacked", True, True, True))
+# The graphs compared, in order: (name, compiled, hpi's split-KV decode attention). The first is the baseline the
+# others are fed tokens from and compared with; the last is what ``hpi run`` replays on a GPU now.
+VARIANTS = (("eager", False, False), ("compiled_sdpa", True, False), ("compiled_split", True, True))
 
 
-_KEEP: list[torch.Tensor] = []
-
-
-def _variant_run(stage, ids: torch.Tensor, gen_len: int, compiled: bool, split_kv: bool, stacked: bool,
+def _variant_run(stage, ids: torch.Tensor, gen_len: int, compiled: bool, split_kv: bool,
                  feed: torch.Tensor | None) -> _Run:
     """A run whose first decode step is captured now, with the attention switch set for it: a captured graph
     keeps the kernels it recorded, so the switch may change for the next variant. Each compiled variant is
@@ -123,14 +117,10 @@ def _variant_run(stage, ids: torch.Tensor, gen_len: int, compiled: bool, split_k
     (the baseline's prefill choice; None: this run's own)."""
     from hpi.executor.decode_attention import use_split_kv
     from hpi.executor.graphs import COMPILE_OPTIONS
-    from hpi.executor.stacking import stack_projections
 
     use_split_kv(split_kv)
     if compiled:
         torch._dynamo.reset()
-    if stacked:  # the earlier graphs recorded the unstacked weights' addresses: keep those tensors alive
-        _KEEP.extend(stage.parameters())
-        stack_projections(stage)
     step_fn = torch.compile(stage, dynamic=False, options=COMPILE_OPTIONS) if compiled else stage
     run = _Run(step_fn, stage, ids, gen_len)
     t0 = time.perf_counter()
@@ -145,9 +135,9 @@ def measure(stage, vocab: int, batch: int, prompt_len: int, gen_len: int, replay
     g = torch.Generator().manual_seed(batch)
     ids = torch.randint(3, vocab, (batch, prompt_len), generator=g).to(device)
     runs: dict[str, _Run] = {}
-    for name, compiled, split, stacked in variants:
+    for name, compiled, split in variants:
         feed = runs[variants[0][0]].first if runs else None
-        runs[name] = _variant_run(stage, ids, gen_len, compiled, split, stacked, feed)
+        runs[name] = _variant_run(stage, ids, gen_len, compiled, split, feed)
     base_name = variants[0][0]
     base = runs[base_name]
     ref = _Run(reference, reference, ids, gen_len, graphed=False) if reference is not None else None
@@ -172,8 +162,8 @@ def measure(stage, vocab: int, batch: int, prompt_len: int, gen_len: int, replay
     row = {"batch": batch, "positions": gen_len, "cache_slots": prompt_len + gen_len, "baseline": base_name}
     row.update({f"agree_{k}": sum(v) / len(v) for k, v in agree.items()})
     row.update({f"{name}_ms": v for name, v in ms.items()})
-    row.update({f"{name}_compile_s": runs[name].compile_s for name, compiled, _, _ in variants if compiled})
-    for name, *_ in variants[:-1]:
+    row.update({f"{name}_compile_s": runs[name].compile_s for name, compiled, _ in variants if compiled})
+    for name, _, _ in variants[:-1]:
         row[f"{variants[-1][0]}_over_{name}"] = ms[variants[-1][0]] / ms[name]
     return row
 
@@ -211,14 +201,14 @@ def main() -> None:
         row = measure(stage, config.vocab_size, batch, args.prompt_len, args.gen_len, args.replays, device,
                       reference, Path(args.profile) if args.profile else None, variants)
         row.update(model=args.model, weight_bytes=weight_bytes, hbm_limit_ms=limit_ms,
-                   **{f"{name}_of_limit": limit_ms / row[f"{name}_ms"] for name, *_ in variants},
+                   **{f"{name}_of_limit": limit_ms / row[f"{name}_ms"] for name, _, _ in variants},
                    torch=torch.__version__, device=torch.cuda.get_device_name(device))
         rows.append(row)
         print(json.dumps(row), flush=True)
     b1 = next((r for r in rows if r["batch"] == 1), None)
     summary = {"rows": rows}
     if b1:
-        summary["batch_over_b1"] = {r["batch"]: {name: r[f"{name}_ms"] / b1[f"{name}_ms"] for name, *_ in variants}
+        summary["batch_over_b1"] = {r["batch"]: {name: r[f"{name}_ms"] / b1[f"{name}_ms"] for name, _, _ in variants}
                                     for r in rows}
     Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps(summary.get("batch_over_b1", {})))

@@ -42,9 +42,7 @@ element-wise chains into a few kernels, and with ``coordinate_descent_tuning`` i
 one row (batch-1 decode) into a tuned reduction that reads the weight at close to the HBM rate
 (``torch/_inductor/decomposition.py``, ``mm``). The compiled forward is what the graph captures: the compile
 happens in ``capture``'s warm-up, once per input shape (dynamo's cache keeps it for later generations of the
-same shape), and ``DecodeGraph.capture_s`` reports what the first capture cost. Before compiling, the stage's q,
-k and v projections become one stacked matrix (``hpi.executor.stacking``): inductor fuses element-wise chains
-and products with one output size, not three products of one input.
+same shape), and ``DecodeGraph.capture_s`` reports what the first capture cost.
 """
 
 from __future__ import annotations
@@ -55,8 +53,6 @@ from typing import Any, Callable
 
 import torch
 
-from hpi.executor.stacking import stack_projections
-
 # Inductor options of the compiled decode step: tuned matrix-vector reductions (see the module docstring).
 COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
 _COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, Callable[..., torch.Tensor]]" = weakref.WeakKeyDictionary()
@@ -64,10 +60,8 @@ _COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, Callable[..., torch.Tenso
 
 def compiled_step(stage: torch.nn.Module) -> Callable[..., torch.Tensor]:
     """``stage``'s forward compiled by ``torch.compile`` for fixed shapes, one wrapper per stage, so that every
-    generation of the run (warm-ups, measured run, variants) reuses the compiled code of a shape. The stage's q, k
-    and v are stacked into one matrix first (``stacking``), in place: later eager forwards use the stack too."""
+    generation of the run (warm-ups, measured run, variants) reuses the compiled code of a shape."""
     if stage not in _COMPILED:
-        stack_projections(stage)
         _COMPILED[stage] = torch.compile(stage, dynamic=False, options=COMPILE_OPTIONS)
     return _COMPILED[stage]
 
