@@ -16,8 +16,9 @@ Two fused kernels, one per device kind (``fused_dequantize`` dispatches):
   as fast on one H200 but cost 151-334 µs of host time per call against DeepSpeed's own 78-283 µs
   (``benchmarks/dequant_bench.py``, ``benchmarks/results/2026-12-04-h200-fused/call2/dequant-bench.jsonl``):
   dynamo's guards, ``mark_dynamic``, the reshapes and the compiled wrapper. A 70B decode step makes 560 calls,
-  and a host-bound ZeRO-3 fetch queue lost 5-30% of the PCIe ceiling in some measured sets (SUMMARY.md there);
-  a plain Triton launch costs ~10-20 µs of host. Group sizes that are not powers of two, and dtypes other than
+  and a host-bound ZeRO-3 fetch queue lost 5-30% of the PCIe ceiling in some measured sets (SUMMARY.md there).
+  The Triton kernel's host time is 65-144 µs a call, median 107 (``benchmarks/results/2026-12-04-h200-split``,
+  call 2), and it is 5.0x DeepSpeed's chain in total. Group sizes that are not powers of two, and dtypes other than
   fp32/bf16/fp16 (its arithmetic is fp32), stay on inductor.
 - CPU (and anything else): that inductor kernel (``inductor_dequantize``), which compiles to C++ there.
 

@@ -5,8 +5,11 @@ DeepSpeed's chain in total over the 70B's weights), but each call pays dynamo's 
 and the compiled wrapper: 151-334 µs of host time per call on one H200 against 78-283 µs for DeepSpeed's own torch
 ops (``benchmarks/dequant_bench.py``, 70B shapes, ``benchmarks/results/2026-12-04-h200-fused/call2/``
 ``dequant-bench.jsonl``). A 70B decode step makes 560 such calls, and a host-bound ZeRO-3 fetch queue lost 5-30% of
-the PCIe ceiling in some measured sets (SUMMARY.md there). A plain Triton launch costs ~10-20 µs of host:
-``dequantize`` below allocates the output, computes the grid with integer math and launches; nothing else.
+the PCIe ceiling in some measured sets (SUMMARY.md there). ``dequantize`` below allocates the output, computes the grid
+with integer math and launches; nothing else. Measured on the same H200 (``benchmarks/results/2026-12-04-h200-split``,
+call 2): 65-144 µs of host a call (median 107) against DeepSpeed's 85-252 (161) and inductor's 168-310 (249), and
+5.0x DeepSpeed's chain in total, bit-identical. The 70B's slow sets stayed (call 3 there): the host time per call
+is not what bounds them.
 
 The numbers are DeepSpeed's eager ones (``DeQuantizer._dequantize_int8``: ``copy_`` uint8 -> dtype, ``div_(scale)``,
 ``add_(min)``): eager CUDA computes each op in fp32 (opmath) and rounds to the dtype after it, so the kernel does
