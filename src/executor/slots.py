@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from hpi.executor.decode_attention import decode_attention, grouped_sdpa
+from hpi.executor.decode_attention import grouped_sdpa
 
 
 @dataclass
@@ -170,7 +170,9 @@ def _ragged_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Ten
     if isinstance(step, DenseDecode):  # query [rows, H, 1, d], keys/values: those rows' slots
         k_pos = torch.arange(keys.shape[2], device=keys.device)[None, :]
         allowed = _window_ok(step.positions[:, None], k_pos, step.window)
-        return decode_attention(query[:, :, 0], keys, values, allowed, scaling)[:, None]
+        # sdpa, as before the split-KV kernel: serving's graphs per row and span bucket would each compile the
+        # kernel's variant, and that path is not yet measured on a GPU (decode_attention's docstring)
+        return grouped_sdpa(query[:, :, 0], keys, values, allowed, scaling)[:, None]
     _, heads, total, d = query.shape  # [1, H, T, d]
     out = query.new_empty(total, heads, d)
     if step.decode_index.numel():
