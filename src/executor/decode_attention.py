@@ -29,6 +29,8 @@ The mask is the one the stage built (``masks.static_causal_mask``: causal, a sli
 a boolean [rows or 1, slots]; it is the only source of which slots count. Every query may attend to its own
 slot, so no row is empty.
 
+Used by the static-cache decode step (``hpi.executor.attention``: ``hpi run``'s graphed decode, eager or
+compiled); serving's slot cache keeps sdpa (``hpi.executor.slots``) until its per-bucket graphs are measured with it.
 ``decode_attention`` is a torch custom op (``hpi::decode_attention``) so that ``torch.compile`` keeps the Triton
 launch as one opaque call inside the compiled step. Without CUDA or Triton it runs sdpa over the grouped query
 (``grouped_sdpa``), which is also the reference the tests compare with; on the CPU the tests run the Triton
