@@ -171,11 +171,17 @@ def fused_dequantize(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.T
     return _inductor(packed, scale, minimum, bits)
 
 
+def _grouped_last(dequantizer, tensor: torch.Tensor) -> bool:
+    """The layout both fused paths (ours and DeepSpeed's fp16 kernel) take: 4 or 8 bits, groups along the last
+    dimension."""
+    cfg = dequantizer.config
+    return cfg["num_bits"] in BITS and cfg["group_dim"] == tensor.dim() - 1
+
+
 def covers(dequantizer, tensor: torch.Tensor, scale: torch.Tensor) -> bool:
     """Whether ``fused_dequantize`` computes what this DeepSpeed ``DeQuantizer`` would."""
-    cfg = dequantizer.config
-    return (cfg["num_bits"] in BITS and not cfg.get("symmetric", False) and tensor.dtype == torch.uint8
-            and cfg["group_dim"] == tensor.dim() - 1 and scale.dtype == dequantizer.dtype)
+    return (_grouped_last(dequantizer, tensor) and not dequantizer.config.get("symmetric", False)
+            and tensor.dtype == torch.uint8 and scale.dtype == dequantizer.dtype)
 
 
 @functools.cache
@@ -199,9 +205,8 @@ def _deepspeed_kernel_built() -> bool:
 def uses_deepspeed_kernel(dequantizer, tensor: torch.Tensor) -> bool:
     """DeepSpeed's own fused branch of ``DeQuantizer.dequantize`` (fp16, a CUDA tensor, group size a multiple
     of 8, group_dim last), kept where its op is built."""
-    cfg = dequantizer.config
-    return (dequantizer.dtype == torch.float16 and tensor.is_cuda and cfg["group_size"] % 8 == 0
-            and cfg["group_dim"] == tensor.dim() - 1 and cfg["num_bits"] in BITS and _deepspeed_kernel_built())
+    return (dequantizer.dtype == torch.float16 and tensor.is_cuda and dequantizer.config["group_size"] % 8 == 0
+            and _grouped_last(dequantizer, tensor) and _deepspeed_kernel_built())
 
 
 # Dequantizations the patch has served while switched on: by the fused kernel, and by DeepSpeed's own code
