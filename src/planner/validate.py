@@ -402,30 +402,32 @@ def validate(manifest: Manifest | None = None, record_paths: Sequence[str | Path
     excluded: dict[str, str] = {}
     seen: set[str] = set()
     files = _files_and_profiles(manifest, record_paths)
-    for n_read, (file, profile) in enumerate(files):
-        report("read", n_read, len(files))
-        records = load_records(file)
-        for reason, n in records.skipped.items():
-            skipped[reason] = skipped.get(reason, 0) + n
-        rel = _relative(file, manifest.root)
-        for record in records:
-            m = measurement(record)
-            hits = [e for e in manifest.exclusions if e.matches(m.record_id, rel)]
-            whole = next((e for e in hits if not e.metrics), None)
-            if whole:
-                excluded[m.record_id] = whole.reason
-                continue
-            for e in hits:  # a measured 0 leaves the metric out of the fit and of the rows
-                m = dataclasses.replace(m, **{metric: 0.0 for metric in e.metrics})
-                excluded.update({f"{m.record_id}:{metric}": e.reason for metric in e.metrics})
-            if m.record_id in seen:
-                raise CalibrationError(f"record id {m.record_id} appears twice ({rel}): rename one of the files")
-            seen.add(m.record_id)
-            name = profile or m.recorded_hardware
-            if not name:
-                raise CalibrationError(f"record {m.record_id} names no hardware profile: "
-                                       f"list {rel} in the manifest with one")
-            by_profile.setdefault(name, []).append(m)
+    report("read", 0, len(files))
+    # All files read together: two of one stem in different folders (a rerun kept beside the first) are then
+    # named with their folder (``load_records``), as calibrate and the record tests name them.
+    profile_of = {str(file): profile for file, profile in files}
+    records = load_records([file for file, _ in files])
+    skipped.update(records.skipped)
+    for record in records:
+        rel = _relative(Path(record.source.path), manifest.root)
+        profile = profile_of[record.source.path]
+        m = measurement(record)
+        hits = [e for e in manifest.exclusions if e.matches(m.record_id, rel)]
+        whole = next((e for e in hits if not e.metrics), None)
+        if whole:
+            excluded[m.record_id] = whole.reason
+            continue
+        for e in hits:  # a measured 0 leaves the metric out of the fit and of the rows
+            m = dataclasses.replace(m, **{metric: 0.0 for metric in e.metrics})
+            excluded.update({f"{m.record_id}:{metric}": e.reason for metric in e.metrics})
+        if m.record_id in seen:
+            raise CalibrationError(f"record id {m.record_id} appears twice ({rel}): rename one of the files")
+        seen.add(m.record_id)
+        name = profile or m.recorded_hardware
+        if not name:
+            raise CalibrationError(f"record {m.record_id} names no hardware profile: "
+                                   f"list {rel} in the manifest with one")
+        by_profile.setdefault(name, []).append(m)
     report("read", len(files), len(files))
     # Every fold of every machine fitted at once (in parallel), then read back per machine.
     plans = {name: _folds(name, by_profile[name]) for name in sorted(by_profile)}

@@ -129,6 +129,21 @@ def test_validate_json_last_line_equals_an_independent_computation(capsys, fixtu
     assert "8b-cpu-pageable" in out and "leave-one-plan-out" in out
 
 
+def test_validate_names_a_rerun_kept_under_the_stem_of_an_earlier_run_by_its_folder(fixture_dir, tmp_path) -> None:
+    """Two record files of one stem in two folders (a rerun kept beside the first, as 2026-12-02's callA-first/ and
+    callB/): every record is validated, named with its folder, not refused as a duplicate."""
+    for folder in ("callA", "callB"):
+        (tmp_path / "records" / folder).mkdir(parents=True)
+        shutil.copy(fixture_dir / "records" / "session.json", tmp_path / "records" / folder / "session.json")
+    (tmp_path / "validation").mkdir()
+    (tmp_path / "validation" / "fidelity_set.yaml").write_text(
+        "records:\n  - path: records/*/*.json\n    profile: h200-2gpu\n    note: rerun\nexclude: []\n")
+    result = validate(load_manifest(tmp_path / "validation" / "fidelity_set.yaml"))
+    ids = {r.record_id for r in result.rows}
+    assert {"callA/session/8b-resident", "callB/session/8b-resident"} <= ids
+    assert len(ids) == 10 and result.skipped == {"baseline": 2}
+
+
 @pytest.mark.parametrize("fitter", [None, fit], ids=["process-pool", "in-order"])
 def test_validate_reports_each_phase_and_each_fitted_plan(fixture_dir, manifest_path, fitter) -> None:
     calls: list[tuple[str, int, int]] = []
