@@ -43,7 +43,8 @@ def _resource(term: str, link: dict[str, float], fused_dequant: bool = False) ->
         "dequant_s": ("dequantization",
                       "8/4-bit weights are dequantized to 16 bits on every use, by one fused kernel on the compute "
                       "stream" if fused_dequant else
-                      "8/4-bit weights are dequantized to 16 bits on every use, in series with the copy"),
+                      "8/4-bit weights are dequantized to 16 bits on every use, by a chain of torch ops on the "
+                      "compute stream"),
         "kv_fetch_s": ("PCIe (KV cache)", "the offloaded KV cache is copied in every decode step"),
         "tp_allreduce_s": ("TP all-reduce", "two all-reduces per layer; small messages are latency-bound"),
         "pp_p2p_s": ("PP send/recv", "hidden states cross stage boundaries"),

@@ -122,11 +122,11 @@ def test_out_writes_the_document_and_each_config(tmp_path, capsys):
 
 def test_text_output_states_the_definitions_and_the_status(capsys):
     code, out, err = run(capsys, "presets", "--model", "llama-3-70b", "--hardware", "a6000-workstation",
-                         "--concurrency", "16", "--no-fused-dequant")  # DeepSpeed's dequantization: KV-offload wins
+                         "--concurrency", "32")  # 32 requests: their KV cache on pinned CPU memory wins
     assert code == 0, err
     text = " ".join(out.split())
     assert "Balanced: the highest tokens/s whose decode step stays within 2x Latency's" in text
-    assert "Balanced wins by: highest throughput (6.24 tok/s at batch 16) of the 34 feasible plans" in text
+    assert "Balanced wins by: highest throughput (15.50 tok/s at batch 32) of the 41 feasible plans" in text
     assert out.count("predicted only") == 3
     assert out.count("hpi serve --model llama-3-70b --hardware a6000-workstation") == 1  # Latency's
     assert out.count("(not servable: hpi serve keeps the KV cache on the GPU") == 2  # Balanced's and Throughput's
@@ -305,11 +305,11 @@ def test_config_of_a_plan_that_does_not_fit_warns_in_one_line(capsys):
 
 # ---- --serving, and --preset on hpi run / hpi serve ---------------------------------------------------------
 def test_serving_presets_are_all_servable_and_others_say_why_not():
-    plain = _fresh_doc("a6000-workstation", "llama-3-70b", "--concurrency", "16", "--no-fused-dequant")
+    plain = _fresh_doc("a6000-workstation", "llama-3-70b", "--concurrency", "32")
     balanced = plain["presets"][1]
     assert balanced["plan"]["kv_offload"] and balanced["commands"]["serve"] is None
     assert balanced["serve_blocker"] == "hpi serve keeps the KV cache on the GPU in its slot cache: drop --kv-offload"
-    serving = _fresh_doc("a6000-workstation", "llama-3-70b", "--concurrency", "16", "--serving", "--no-fused-dequant")
+    serving = _fresh_doc("a6000-workstation", "llama-3-70b", "--concurrency", "32", "--serving")
     assert serving["workload"]["serving"] is True
     for p in serving["presets"]:
         assert not p["plan"]["kv_offload"] and p["plan"]["dp"] == 1

@@ -106,7 +106,8 @@ def test_bindings_shares_are_of_their_phase(a6000, llama8b) -> None:
 def test_4_bit_weights_speed_up_a_pcie_bound_plan(a6000, llama8b) -> None:
     """fp16 compute: DeepSpeed's fused 4-bit kernel dequantizes cheaply on the compute stream, hidden behind the
     copies like the GEMMs, so the step shrinks by about the byte ratio; bf16 compute: its torch ops (17 HBM
-    bytes per weight, in series with the copy) eat part of the saving."""
+    bytes per weight at 0.33 of the HBM rate, longer than the 4-bit copies they run beside) eat part of the
+    saving."""
     fp16 = Workload(512, 32, compute_dtype="fp16")
     est = predict(llama8b, a6000, fp16, Plan(offload="cpu"))
     effects = {e.label: e for e in knob_effects(est)}
@@ -114,7 +115,7 @@ def test_4_bit_weights_speed_up_a_pcie_bound_plan(a6000, llama8b) -> None:
     assert four.decode_ratio < 1
     fused = four.estimate.decode_exposed["dequant_s"]
     # half a byte in, the group's fp16 scale and minimum (4 bytes per 64), 2 bytes out (cost.dequant)
-    assert fused == pytest.approx(llama8b_matrix_weights(llama8b) * (0.5 + 4 / 64 + 2) / (768e9 * 0.8), rel=0.01)
+    assert fused == pytest.approx(llama8b_matrix_weights(llama8b) * (0.5 + 4 / 64 + 2) / (768e9 * 0.33), rel=0.01)
     # the byte ratio (the fused dequantization hides behind the copies), and a little more: the smaller leaf
     # copies of 4-bit weights no longer cover every leaf's ZeRO-3 hooks (cost.estimate.leaf_shares)
     least = (0.5 + 4 / 64) / 2
@@ -123,7 +124,7 @@ def test_4_bit_weights_speed_up_a_pcie_bound_plan(a6000, llama8b) -> None:
     assert four.estimate.plan == Plan(offload="cpu", weight_bits=4)
     bf16 = {e.label: e for e in knob_effects(predict(llama8b, a6000, WORKLOAD, Plan(offload="cpu")))}["4-bit weights"]
     dequant = bf16.estimate.decode_exposed["dequant_s"]
-    assert dequant == pytest.approx(llama8b_matrix_weights(llama8b) * 17 / (768e9 * 0.8), rel=0.01)
+    assert dequant == pytest.approx(llama8b_matrix_weights(llama8b) * 17 / (768e9 * 0.33), rel=0.01)
     assert four.decode_ratio < bf16.decode_ratio < 1
     assert effects["8-bit weights"].decode_ratio > four.decode_ratio
     assert effects["pinned memory off"].decode_ratio > 1

@@ -9,7 +9,8 @@ t = max(FLOPs / (peak_bf16 * eff_matmul[phase]),  bytes_read / (HBM_bw * eff_hbm
   runs on the last position only in prefill (transformers' ``logits_to_keep``).
 - Bytes: every weight the forward touches is read once in 16 bit (the embedding: only the rows looked
   up). Decode also reads the KV cache of every sequence in the micro-batch. Dequantizing an 8/4-bit
-  weight before its GEMM is its own term (``cost.dequant``), which ``cost.estimate`` adds in series.
+  weight before its GEMM is its own term (``cost.dequant``), which ``cost.estimate`` adds to the compute
+  stream's busy time.
 """
 
 from __future__ import annotations

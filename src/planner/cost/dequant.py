@@ -22,13 +22,12 @@ A fused kernel reads the packed weight (bits / 8 bytes), the group's scale and m
 ``QUANT_GROUP_SIZE``) and writes the weight once (c): 0.5 + 2c/64 + c bytes per element for 4-bit, 1 + 2c/64 + c
 for 8-bit (bf16: 2.56 and 3.06 against 17 and 13), in one launch, and holds only its result.
 
-Time: those bytes at ``Efficiency.dequant_hbm`` of the HBM ceiling, hpi's kernel at ``fused_dequant_hbm`` (its
-measured share on one H200: benchmarks/results/2026-12-04-h200-fused). The ops sit on the compute stream between
-the packed copy and the GEMM. DeepSpeed's chain does not hide behind the copy: on the H100 (2026-11-22, 8B,
-CPU offload, stream-ordered fetch, bs 1) 8-bit and 4-bit decode took 0.384 / 0.371 s while streaming
-8.5 / 4.5 GB, against 0.357 s for 16.1 GB of bf16 weights (benchmarks/results/2026-11-22-h100/SUMMARY.md).
-So ``cost.estimate`` adds that term to a module's device time, and counts one fused kernel as busy time, hidden
-behind the fetch like the GEMM.
+Time: those bytes at ``Efficiency.dequant_hbm`` of the HBM ceiling (DeepSpeed's chain: 0.33 on one H200, 4-bit and
+8-bit alike), hpi's kernel at ``fused_dequant_hbm`` (0.22; both measured by benchmarks/dequant_bench.py,
+benchmarks/results/2026-12-04-h200-fused/call2). Either runs on the compute stream between the packed copy and the
+GEMM, and ``cost.estimate`` counts it as busy time, hidden behind the copies of the next modules like the GEMMs
+where those are the longer (its module docstring gives the measurements: one H200's 70B 4-bit step took the
+chain's time, 0.97 s, not the copies' plus the chain's).
 Host: each dequantization issues ``dequant_kernels`` extra kernels per quantized tensor, priced like the
 decoder layer's own launches (``Efficiency.layer_overhead_s`` / ``KERNELS_PER_LAYER``).
 

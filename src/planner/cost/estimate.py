@@ -2,8 +2,9 @@
 
 Per module (a decoder layer, the embedding or the head), one forward on one rank (FlexGen's per-layer rule):
 
-    busy    = compute + tp_allreduce                    (the GPU's stream: all-reduces sit between GEMMs;
-              (+ dequant, one fused kernel)               compute = roofline + the kernels' fixed cost,
+    busy    = compute + tp_allreduce + dequant          (the GPU's compute stream: all-reduces sit between
+                                                          GEMMs, each 8/4-bit weight is dequantized before its
+                                                          GEMM; compute = roofline + the kernels' fixed cost,
                                                           cost.overhead.layer_device_time)
     host    = (overhead + tp collective issue)          (kernel launches incl. dequant's, Python, ZeRO-3
               * (1 + drift)                               hooks, c10d calls; drift: waiting for the slowest
@@ -15,7 +16,7 @@ Per module (a decoder layer, the embedding or the head), one forward on one rank
               with DeepSpeed's host fetch wait:          (the host waits for each fetch, so the copy engine
               fetch + host                                idles while it runs the hooks and launches)
     f       = prefetch_overlap                          (share of the shorter of busy and fetch hidden)
-    device  = max(busy, fetch) + (1 - f) * min(busy, fetch) + dequant
+    device  = max(busy, fetch) + (1 - f) * min(busy, fetch)
     module  = max(device, host)
 
 - Overlap does not depend on the prefetch bucket. With hpi's stream-ordered fetch the host issues every
@@ -28,14 +29,25 @@ Per module (a decoder layer, the embedding or the head), one forward on one rank
 - The fetch wait (``Workload.fetch_wait``): DeepSpeed's stock wait synchronizes the host with the copy
   stream at every fetch, so each copy and the host's work for the module run in series (1x H100, 8B,
   bs 1: 0.531 s per step with the host wait, 0.371 s stream-ordered, same knobs, same run).
-- Dequantization (``cost.dequant``) runs on the compute stream between the packed copy and the GEMM. DeepSpeed's
-  chain of torch element-wise ops is not hidden behind the copy (1x H100: 8/4-bit offload no faster than
-  16-bit; one H200, 70B 4-bit: 1.19 s a step where the copies alone take 0.76 s), so it adds; except behind the
-  copies of routed experts that no token chose, which the compute stream does not wait for
-  (``routed_dequant_cover``). One fused kernel (hpi's, ``Workload.fused_dequant``, or DeepSpeed's fp16 4-bit
-  one) is part of busy, hidden like the GEMMs: the same 70B step took 0.761 s with hpi's kernel, the copies'
-  time at 0.945 of the pinned ceiling (benchmarks/results/2026-12-04-h200-fused). In the breakdown it is
-  dequantization, like the chain.
+- Dequantization (``cost.dequant``) is busy time, whichever kernels do it: DeepSpeed's chain of torch element-wise
+  ops and one fused kernel (hpi's, ``Workload.fused_dequant``, or DeepSpeed's fp16 4-bit one) both run on the compute
+  stream between a module's copy and its GEMM, and ZeRO-3 queues the copies of the next modules on its own stream
+  meanwhile (the host waits for copies, never for the compute stream), so a module's dequantization hides behind
+  those copies where they are the longer, like its GEMMs, and only what is longer than them adds. They differ in
+  bytes and rate only (cost.dequant: 17 bytes an element for DeepSpeed's 4-bit bf16 chain at ``dequant_hbm``,
+  2.56 for hpi's kernel at ``fused_dequant_hbm``). Measured on one H200, Llama-3-70B shape 4-bit CPU offload
+  (39.7 GB of copies a step, 0.72 s at the pinned ceiling; benchmarks/results/2026-12-04-h200-fused, SUMMARY.md):
+  DeepSpeed's chain, which its ``dequant_bench`` times at 0.33 of the HBM rate (call2/dequant-bench.jsonl; 0.85 s
+  for the 70B's weights), took 0.961-0.977 s a step in five of six runs (call2/records-70b.json,
+  call4/records-70b-b32-*.json): the chain and the GEMMs, not the copies plus the chain (1.6 s); hpi's kernel
+  (0.19 s) left the copies' time, 0.751-0.812 s. On the 1x H100 (benchmarks/results/2026-11-22-h100/SUMMARY.md) the
+  8B's 8/4-bit steps (0.355-0.384 s) took what its 16-bit one does although copies and chain together take at most
+  0.27 s at these rates: the host binds there (``module = max(device, host)``), not the chain; its measured host
+  time is about twice the profile's (0.19 s), which no placement of the chain makes up. A MoE layer dequantizes
+  only the experts its tokens chose, beside the copies of all of them (Mixtral-8x22B 4-bit on one H200,
+  benchmarks/results/2026-12-03-h200-moe2: batch 1 predicted 1.64 s for 1.652 measured; batch 16 1.88 s for 2.397,
+  a decode step slower than that run's own prefill, 2.216 s, which no device term here accounts for).
+  In the breakdown it is dequantization, like the rest of busy time is compute and all-reduce.
 
 A decode step replayed as a CUDA graph (``cost.overhead.graphed_forwards``) has no host time per module and
 no drift: ``module = device``.
@@ -47,7 +59,7 @@ model under ZeRO-3 showed the hook overhead that the 8B model's 0.4 s of streami
 records, 2026-11-22). Stages sum their modules plus one ``step_overhead`` per forward on every stage (the
 executor synchronizes after each stage forward, so it adds; a graphed forward's is ``graphed_step_overhead_s``);
 a step composes the stages (``cost.pipeline.compose_step``). Exposed time is attributed to the component that
-is on the critical path: busy time counts as compute and all-reduce, dequantization as itself, the rest of the
+is on the critical path: busy time counts as compute, all-reduce and dequantization, the rest of the
 device time as weight or KV fetch (split by their link times), or, for the host's share of a host-waited
 fetch, overhead; host time beyond the device time as overhead; the TP drift's share of either as all-reduce
 time. So each phase's breakdown sums to its step time exactly.
@@ -64,8 +76,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from hpi.planner.cost.collectives import dp_allgather_time, tp_collective_host_time, tp_collective_time, tp_drift
-from hpi.planner.cost.compute import expected_experts_touched, roofline_sides
-from hpi.planner.cost.dequant import dequant_host_time, dequant_time, fused
+from hpi.planner.cost.compute import roofline_sides
+from hpi.planner.cost.dequant import dequant_host_time, dequant_time
 from hpi.planner.cost.inputs import Arrangement, Knobs
 from hpi.planner.cost.memory import MemoryResult, memory
 from hpi.planner.cost.overhead import (
@@ -149,30 +161,15 @@ def leaf_shares(arrangement: Arrangement, knobs: Knobs) -> tuple[np.ndarray, np.
     return np.where(per_leaf, weights, whole), np.where(per_leaf, hosts, whole)
 
 
-def routed_dequant_cover(arrangement: Arrangement, phase: Phase, leaf_fetch: np.ndarray) -> np.ndarray:
-    """(N, kinds, J) seconds of each leaf's copies that its dequantization runs beside: for a layer's routed
-    experts, the copies of the experts no token chose (gathered all the same, then skipped), while the compute
-    stream dequantizes the routed ones; 0 for every other leaf, whose copy its own dequantization waits for.
-
-    Measured (one H200, Mixtral-8x22B 4-bit CPU offload, benchmarks/results/2026-12-03-h200-moe2): at batch 1
-    (2 of 8 experts a layer) the step took 1.652 s, 47.9 GB/s of copies, where the dequantization in series
-    predicted 1.839 s; at batch 16 (all experts) 2.397 s against 2.321 s."""
-    t = arrangement.table
-    touched = expected_experts_touched(t.n_experts[None, :], t.experts_active[None, :], phase.tokens[:, None])
-    skipped = np.divide(t.n_experts[None, :] - touched, t.n_experts[None, :], out=np.zeros_like(touched),
-                        where=t.n_experts[None, :] > 0)
-    return leaf_fetch * t.leaf_routed[None, :, :] * skipped[:, :, None]
-
-
-def _module_rule(busy, fetch_links, host_base, drift, t_kv, t_dequant, in_series, f):
+def _module_rule(busy, fetch_links, host_base, drift, t_kv, in_series, f):
     """The module rule (module docstring) on arrays of any shape: (module time, exposed parts with the
-    EXPOSED_PARTS in the last axis, p2p left 0, compute and all-reduce filled in by the caller)."""
+    EXPOSED_PARTS in the last axis, p2p left 0, compute, dequantization and all-reduce filled in by the caller)."""
     host = host_base * (1.0 + drift)
     host_in_fetch = np.where(in_series & (fetch_links > 0), host, 0.0)
     fetch = fetch_links + host_in_fetch
-    device = np.maximum(busy, fetch) + (1.0 - f) * np.minimum(busy, fetch) + t_dequant
+    device = np.maximum(busy, fetch) + (1.0 - f) * np.minimum(busy, fetch)
     module = np.maximum(device, host)
-    exposed_fetch = device - busy - t_dequant
+    exposed_fetch = device - busy
     exposed_host = module - device
 
     def share(part: np.ndarray, whole: np.ndarray) -> np.ndarray:
@@ -189,7 +186,7 @@ def _module_rule(busy, fetch_links, host_base, drift, t_kv, t_dequant, in_series
     exposed_drift = np.minimum(exposed_host, host - host_base)
     zeros = np.zeros_like(module)
     parts = np.stack(
-        [zeros, t_dequant, exposed_fetch * drift_share + exposed_drift, exposed_fetch * weight_share,
+        [zeros, zeros, exposed_fetch * drift_share + exposed_drift, exposed_fetch * weight_share,
          exposed_fetch * kv_share, zeros, exposed_host - exposed_drift + exposed_fetch * host_share], axis=-1
     )
     return module, parts
@@ -200,12 +197,7 @@ def phase_result(arrangement: Arrangement, knobs: Knobs, phase: Phase, bpw: np.n
     compiled = compiled_forwards(arrangement, knobs, phase)
     compute = np.maximum(t_flops, t_hbm) + layer_device_time(arrangement, compiled)  # kernels' fixed cost in series
     tp_coll = tp_collective_time(arrangement, phase)
-    t_dequant = dequant_time(arrangement, knobs, phase)
-    # One fused kernel runs on the compute stream like the GEMM it feeds, hidden behind the copies as the GEMM
-    # is; DeepSpeed's chain of torch ops adds in series (module docstring).
-    hidden = fused(knobs.weight_bits, arrangement.workload.compute_dtype, arrangement.workload.fused_dequant)
-    t_dequant_busy = np.where(hidden[:, None], t_dequant, 0.0)
-    t_dequant = t_dequant - t_dequant_busy
+    t_dequant = dequant_time(arrangement, knobs, phase)  # on the compute stream like the GEMMs (module docstring)
     overhead = module_overhead_time(arrangement, knobs) + dequant_host_time(arrangement, knobs)
 
     stream_bytes = weight_stream_bytes(arrangement, knobs, phase, bpw)
@@ -215,7 +207,7 @@ def phase_result(arrangement: Arrangement, knobs: Knobs, phase: Phase, bpw: np.n
     t_h2d = t_h2d_weights + t_kv  # one link carries both
     t_gather = dp_allgather_time(arrangement, knobs, fetched_elems_per_rank(arrangement, knobs, phase) * bpw)
 
-    busy = compute + tp_coll + t_dequant_busy
+    busy = compute + tp_coll + t_dequant
     graphed = graphed_forwards(arrangement, knobs, phase)[:, None]  # (N, 1): one launch per step, no host per module
     host_base = np.where(graphed, 0.0, overhead + tp_collective_host_time(arrangement)[None, :])
     drift = np.where(graphed, 0.0, tp_drift(arrangement)[None, :])  # (N, kinds)
@@ -230,13 +222,12 @@ def phase_result(arrangement: Arrangement, knobs: Knobs, phase: Phase, bpw: np.n
     def leaf(x: np.ndarray, shares: np.ndarray = w) -> np.ndarray:
         return x[:, :, None] * shares
 
-    exposed_dequant = np.maximum(leaf(t_dequant) - routed_dequant_cover(arrangement, phase, leaf(fetch_links)), 0.0)
     module, parts = _module_rule(leaf(busy), leaf(fetch_links), leaf(host_base, hw), drift[:, :, None],
-                                 leaf(t_kv), exposed_dequant, in_series, f)
+                                 leaf(t_kv), in_series, f)
     module, parts = module.sum(axis=2), parts.sum(axis=2)
     parts[..., EXPOSED_PARTS.index("compute_s")] = compute
     parts[..., EXPOSED_PARTS.index("tp_allreduce_s")] += tp_coll
-    parts[..., EXPOSED_PARTS.index("dequant_s")] += t_dequant_busy
+    parts[..., EXPOSED_PARTS.index("dequant_s")] = t_dequant
     counts = arrangement.stage_counts
     stage_parts = np.einsum("nkc,pk->npc", parts, counts)
     step_overhead = step_overhead_time(arrangement, graphed[:, 0])  # (N,)

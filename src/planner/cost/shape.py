@@ -156,7 +156,6 @@ class ModuleTable:
     #                          output projection, or its experts): what is gathered just before the head
     leaf_sharded: np.ndarray  # (kinds, J): each matrix-holding leaf module's TP-sharded elements (0-padded)
     leaf_replicated: np.ndarray  # (kinds, J): the same, replicated elements (routed experts: all of them)
-    leaf_routed: np.ndarray  # (kinds, J): 1 where the leaf stands for a layer's routed experts, else 0
     matrix_counts: np.ndarray  # per kind: quantizable matrices (a routed expert's counted once; dequant launches)
     is_layer: np.ndarray  # 1 for decoder layers (per-layer overheads and all-reduces)
     attn_flops_per_ctx_token: float  # 2*H*(d_qk + d_v): FLOPs per query token per cached token, all heads
@@ -182,7 +181,7 @@ def module_table(model: ModelSpec) -> ModuleTable:
     per_kind = [module_tensors(model, k) for k in range(N_KINDS)]
     sharded, replicated, expert, tied, matrix_frac, fetch_frac = [], [], [], [], [], []
     sizes, largest, gather = [], [], []
-    module_largest, last, leaf_parts, routed = [], [], [], []
+    module_largest, last, leaf_parts = [], [], []
     for kind, ts in enumerate(per_kind):
         shared_ts = [t for t in ts if not t.expert]
         n_routed = model.n_experts if kind == MOE else 0
@@ -217,17 +216,14 @@ def module_table(model: ModelSpec) -> ModuleTable:
         leaves = list(dict.fromkeys(last_matrix))
         leaf_parts.append([(sum(n for t, n in zip(ts, held) if t.module == m and t.tp_sharded),
                             sum(n for t, n in zip(ts, held) if t.module == m and not t.tp_sharded)) for m in leaves])
-        routed.append([float(m == EXPERT_LEAF) for m in leaves])
     width = max(1, max(len(p) for p in leaf_parts))
-    leaf = np.zeros((N_KINDS, width, 3))
-    for kind, (parts, flags) in enumerate(zip(leaf_parts, routed)):
+    leaf = np.zeros((N_KINDS, width, 2))
+    for kind, parts in enumerate(leaf_parts):
         if parts:
-            leaf[kind, : len(parts), :2] = parts
-            leaf[kind, : len(parts), 2] = flags
+            leaf[kind, : len(parts)] = parts
     return ModuleTable(
         leaf_sharded=leaf[:, :, 0],
         leaf_replicated=leaf[:, :, 1],
-        leaf_routed=leaf[:, :, 2],
         sharded=np.array(sharded, dtype=np.float64),
         replicated=np.array(replicated, dtype=np.float64),
         expert_sharded=np.array(expert, dtype=np.float64),

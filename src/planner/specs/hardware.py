@@ -126,9 +126,13 @@ class Efficiency:
     # ``hpi probe`` times it (real layers in graphed decode, the step less its layers and head): 142-167 us
     # on the H100 and H200.
     graphed_step_overhead_s: float = 0.2e-3  # (cost.overhead)
-    # DeepSpeed's dequantization of 8/4-bit weights: element-wise kernels over HBM (cost.dequant); assumed
-    # to stream like the decode reads (hbm) until a record says otherwise.
-    dequant_hbm: float = 0.80
+    # DeepSpeed's dequantization of 8/4-bit weights (cost.dequant): its chain of torch element-wise ops (17 bytes an
+    # element for 4-bit bf16, 13 for 8-bit) ran at 0.33 of the H200's HBM rate on the 70B's large weights, 4-bit and
+    # 8-bit alike (benchmarks/dequant_bench.py: 28672 x 8192 4-bit in 2.86 ms, 8-bit in 2.21 ms; 2026-12-04,
+    # benchmarks/results/2026-12-04-h200-fused/call2), far from a copy's rate. Other GPUs are assumed to keep the
+    # same share until a record says otherwise; DeepSpeed's fp16 4-bit CUDA kernel (not built on our machines) is
+    # assumed at it too.
+    dequant_hbm: float = 0.33
     # hpi's fused dequantization kernel (Workload.fused_dequant; hpi.executor.dequant): 2.56 bytes an element of
     # a 4-bit bf16 weight at 0.22 of the H200's HBM rate (benchmarks/dequant_bench.py, 28672 x 8192: 0.633 ms,
     # 2026-12-04, benchmarks/results/2026-12-04-h200-fused/call2); it hides behind the copies (cost.estimate).
