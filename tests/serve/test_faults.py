@@ -38,14 +38,16 @@ def stream_lines(server, body: dict):
 @pytest.fixture(scope="module")
 def one_slot(sv, serve_checkpoint, tmp_path_factory):
     s = sv.start_server(tmp_path_factory.mktemp("one-slot"), "--checkpoint", str(serve_checkpoint), "--max-batch",
-                        "1", "--max-queue", "1", "--max-model-len", "512")
+                        "1", "--max-queue", "1", "--max-model-len", "2048")
     yield s
     assert s.stop() == 0, s.log
     assert not s.workers()
 
 
 def test_a_full_queue_is_429_and_the_queue_drains(one_slot):
-    long = {"model": one_slot.model, "prompt": "w1 w2", "max_tokens": 400, "temperature": 0, "stream": True}
+    # long enough to be running still when the queue is tested, however slow the machine (it had ended by then
+    # with 400 tokens on a loaded 2-core machine; the client disconnects it below)
+    long = {"model": one_slot.model, "prompt": "w1 w2", "max_tokens": 2000, "temperature": 0, "stream": True}
     client, ctx, response, lines = stream_lines(one_slot, long)
     assert response.status_code == 200 and next(line for line in lines if line.startswith("data:"))  # running
     waiting: dict = {}
