@@ -40,6 +40,7 @@ kernels themselves through Triton's interpreter (``TRITON_INTERPRET=1``).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 import os
 
@@ -65,23 +66,15 @@ def grouped_sdpa(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     return out.reshape(n, heads, d)
 
 
-@functools.cache
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+# Read once at import: a compiled step traces ``covers``, and dynamo guards on plain module constants.
+TRITON = importlib.util.find_spec("triton") is not None
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's interpreter runs the kernels on CPU tensors
 
 
 def covers(query: torch.Tensor, keys: torch.Tensor) -> bool:
     """Whether the Triton kernel takes this call: switched on, Triton importable, a CUDA tensor (or the
     interpreter), a head size up to ``MAX_HEAD_DIM``, one of its dtypes, and G query heads per KV head."""
-    if not (_ENABLED[0] and triton_available() and (query.is_cuda or _interpreted())):
+    if not (_ENABLED[0] and TRITON and (query.is_cuda or INTERPRETED)):
         return False
     heads, kv, d = query.shape[1], keys.shape[1], query.shape[-1]
     return (d <= MAX_HEAD_DIM and query.dtype in DTYPES and keys.dtype == query.dtype and heads % kv == 0
