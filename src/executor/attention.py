@@ -19,8 +19,6 @@ stage's configs select it and transformers' mask builders treat it as sdpa.
 
 from __future__ import annotations
 
-import torch
-
 from hpi.executor.decode_attention import decode_attention
 from hpi.executor.slots import DenseDecode, RaggedStep, ragged_attention
 
@@ -35,8 +33,7 @@ def grouped_decode_sdpa(module, query, key, value, attention_mask, dropout: floa
         return ragged_attention(query, key, value, attention_mask, scaling), None
     groups = getattr(module, "num_key_value_groups", 1)
     b, heads, q_len, d = query.shape
-    if (attention_mask is None or groups == 1 or q_len != 1 or dropout or attention_mask.dtype != torch.bool
-            or kwargs.get("position_bias") is not None):
+    if attention_mask is None or groups == 1 or q_len != 1 or dropout or kwargs.get("position_bias") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     allowed = attention_mask[:, 0, 0, : key.shape[-2]]  # [b|1, L]: one row's mask for all its G queries

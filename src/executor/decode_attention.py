@@ -71,10 +71,11 @@ TRITON = importlib.util.find_spec("triton") is not None
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's interpreter runs the kernels on CPU tensors
 
 
-def covers(query: torch.Tensor, keys: torch.Tensor) -> bool:
+def covers(query: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor) -> bool:
     """Whether the Triton kernel takes this call: switched on, Triton importable, a CUDA tensor (or the
-    interpreter), a head size up to ``MAX_HEAD_DIM``, one of its dtypes, and G query heads per KV head."""
-    if not (_ENABLED[0] and TRITON and (query.is_cuda or INTERPRETED)):
+    interpreter), a boolean mask (an additive one goes to sdpa), a head size up to ``MAX_HEAD_DIM``, one of its
+    dtypes, and G query heads per KV head."""
+    if not (_ENABLED[0] and TRITON and (query.is_cuda or INTERPRETED) and allowed.dtype == torch.bool):
         return False
     heads, kv, d = query.shape[1], keys.shape[1], query.shape[-1]
     return (d <= MAX_HEAD_DIM and query.dtype in DTYPES and keys.dtype == query.dtype and heads % kv == 0
@@ -184,7 +185,7 @@ def triton_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: tor
     splits = splits_for(n, kv, slots)
     per_split = -(-slots // splits)
     chunk = -(-per_split // BLOCK_N) * BLOCK_N  # slots per split, whole blocks
-    mask = allowed.view(torch.uint8) if allowed.dtype == torch.bool else allowed
+    mask = allowed.view(torch.uint8)  # the kernel reads one byte a slot (``covers``: a boolean mask)
     mask_row_stride = 0 if mask.shape[0] == 1 else mask.stride(0)
     part = torch.empty(n * kv * splits * rows, d_pad, device=query.device, dtype=torch.float32)
     lse = torch.empty(n * kv * splits * rows, device=query.device, dtype=torch.float32)
@@ -217,7 +218,7 @@ def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
                      scaling: float | None) -> torch.Tensor:
     """Attention of one query token per row over its cache: query [n, H, d], keys/values [n, kv, L, d],
     allowed [n or 1, L] (True: attend) -> [n, H, d]. The Triton kernel where it ``covers`` the call, else sdpa."""
-    if not covers(query, keys):
+    if not covers(query, keys, allowed):
         return grouped_sdpa(query, keys, values, allowed, scaling)
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     return _decode_attention_op(query, keys, values, allowed, scale)

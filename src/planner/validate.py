@@ -398,7 +398,6 @@ def validate(manifest: Manifest | None = None, record_paths: Sequence[str | Path
     report = progress or _no_progress
     manifest = manifest or load_manifest()
     by_profile: dict[str, list[Measurement]] = {}
-    skipped: dict[str, int] = {}
     excluded: dict[str, str] = {}
     seen: set[str] = set()
     files = _files_and_profiles(manifest, record_paths)
@@ -407,7 +406,7 @@ def validate(manifest: Manifest | None = None, record_paths: Sequence[str | Path
     # named with their folder (``load_records``), as calibrate and the record tests name them.
     profile_of = {str(file): profile for file, profile in files}
     records = load_records([file for file, _ in files])
-    skipped.update(records.skipped)
+    skipped = dict(records.skipped)
     for record in records:
         rel = _relative(Path(record.source.path), manifest.root)
         profile = profile_of[record.source.path]

@@ -79,7 +79,7 @@ def test_splits_fill_the_gpu_but_never_split_below_a_block():
 def test_without_a_gpu_it_is_sdpa_over_the_grouped_query():
     for case in CASES:
         q, k, v, allowed = _inputs(case, torch.float32, "cpu")
-        assert not da.covers(q, k) or os.environ.get("TRITON_INTERPRET") == "1"
+        assert not da.covers(q, k, allowed) or os.environ.get("TRITON_INTERPRET") == "1"
         got = da.decode_attention(q, k, v, allowed, 0.125)
         torch.testing.assert_close(got, reference(q, k, v, allowed, 0.125).float(), atol=1e-5, rtol=1e-5)
 
@@ -94,7 +94,7 @@ from tests.executor.test_decode_attention import CASES, _inputs, reference
 out = []
 for case in CASES:
     q, k, v, allowed = _inputs(case, torch.float32, "cpu")
-    assert da.covers(q, k)
+    assert da.covers(q, k, allowed) and not da.covers(q, k, allowed.float())  # an additive mask goes to sdpa
     got = da.decode_attention(q, k, v, allowed, 0.125)
     out.append(float((got.double() - reference(q, k, v, allowed, 0.125)).abs().max()))
 print(json.dumps(out))
