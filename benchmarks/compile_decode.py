@@ -579,7 +579,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({k: v for k, v in row.items() if k != "runs"}), flush=True)
         _write(out, rows, args, partial)
     print(json.dumps({"seconds": time.perf_counter() - start,
-                      "skipped": sum(len(r["skipped"]) for r in rows)}), flush=True)
+                      "skipped": sum(len(r["skipped"]) for r in rows),
+                      "failed": sum(len(r["failed"]) for r in rows)}), flush=True)
     return 0
 
 
