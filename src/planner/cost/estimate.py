@@ -195,7 +195,8 @@ def _module_rule(busy, fetch_links, host_base, drift, t_kv, in_series, f):
 def phase_result(arrangement: Arrangement, knobs: Knobs, phase: Phase, bpw: np.ndarray) -> PhaseResult:
     t_flops, t_hbm = roofline_sides(arrangement, knobs, phase)
     compiled = compiled_forwards(arrangement, knobs, phase)
-    compute = np.maximum(t_flops, t_hbm) + layer_device_time(arrangement, compiled)  # kernels' fixed cost in series
+    # The kernels' fixed cost runs in series with the roofline.
+    compute = np.maximum(t_flops, t_hbm) + layer_device_time(arrangement, compiled, phase)
     tp_coll = tp_collective_time(arrangement, phase)
     t_dequant = dequant_time(arrangement, knobs, phase)  # on the compute stream like the GEMMs (module docstring)
     overhead = module_overhead_time(arrangement, knobs) + dequant_host_time(arrangement, knobs)

@@ -42,13 +42,28 @@ def module_overhead_time(arrangement: Arrangement, knobs: Knobs) -> np.ndarray:
     return arrangement.table.is_layer * per_layer[:, None]
 
 
-def layer_device_time(arrangement: Arrangement, compiled: np.ndarray) -> np.ndarray:
+def layer_device_time(arrangement: Arrangement, compiled: np.ndarray, phase: Phase) -> np.ndarray:
     """(N, kinds) device seconds per forward of one module beyond its roofline: the layer's kernels' fixed cost,
     ``compiled_layer_device_overhead_s`` where the forward replays a compiled graph (``compiled``, from
-    ``compiled_forwards``), else ``layer_device_overhead_s``."""
+    ``compiled_forwards``), else ``layer_device_overhead_s``; in decode, plus ``layer_device_s_per_row_doubling``
+    for each doubling of the forward's rows (``decode_row_growth``)."""
     eff = arrangement.hardware.efficiency
     per_layer = np.where(compiled, eff.compiled_layer_device_overhead_s, eff.layer_device_overhead_s)
+    per_layer = per_layer + decode_row_growth(phase) * eff.layer_device_s_per_row_doubling
     return per_layer[:, None] * arrangement.table.is_layer[None, :]
+
+
+def decode_row_growth(phase: Phase) -> np.ndarray:
+    """(N,) doublings of a decode forward's rows over one (log2 of its tokens; 0 in prefill).
+
+    Why: a decode layer's device time grows with its rows beyond what its roofline adds (the KV cache it reads,
+    FLOPs far below the HBM side): the GEMM kernels for a few rows and the attention and element-wise kernels take
+    longer per extra row. Graphed steps measured it at every batch on every machine we ran (validation/
+    fidelity_set.yaml; ``Efficiency.layer_device_s_per_row_doubling`` has the records). Prefill's GEMMs are
+    FLOP-bound and priced by ``matmul_prefill`` instead."""
+    if phase.is_prefill:
+        return np.zeros_like(phase.tokens, dtype=float)
+    return np.log2(np.maximum(phase.tokens, 1.0))
 
 
 def compiled_forwards(arrangement: Arrangement, knobs: Knobs, phase: Phase) -> np.ndarray:

@@ -40,7 +40,7 @@ IDEAL = Efficiency(
     prefetch_overlap=1.0, layer_overhead_s=0.0, offload_layer_overhead_s=0.0, step_overhead_s=0.0,
     graphed_step_overhead_s=0.0,
     gpu_reserved_bytes=0.0, gpu_workspace_bytes=0.0, host_reserved_bytes=0.0, gpu_memory_usable=1.0, dram_usable=1.0,
-    dequant_hbm=1.0, fused_dequant_hbm=1.0, collective_drift_factor=0.0,
+    dequant_hbm=1.0, fused_dequant_hbm=1.0, collective_drift_factor=0.0, layer_device_s_per_row_doubling=0.0,
 )  # fmt: skip
 
 # Distinct, easy-to-spot efficiencies so a test can tell which one a term used.
@@ -52,6 +52,7 @@ ROUND = Efficiency(
     step_overhead_s=1e-3, graphed_step_overhead_s=0.4e-3, gpu_reserved_bytes=1 * GB, gpu_workspace_bytes=0.25 * GB,
     host_reserved_bytes=2 * GB,
     gpu_memory_usable=0.9, dram_usable=0.9, dequant_hbm=0.4, fused_dequant_hbm=0.2, collective_drift_factor=0.5,
+    layer_device_s_per_row_doubling=0.0,
 )  # fmt: skip
 
 

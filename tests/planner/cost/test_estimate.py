@@ -97,7 +97,7 @@ def modules_by_hand(lay, k, phase, f, host_wait=False):
     """module = max(device, host), device = max(busy, fetch) + (1 - f) min(busy, fetch), busy = compute +
     all-reduce + dequant, from the public terms; with the host fetch wait the host's time joins the fetch in series."""
     bpw = k.bytes_per_weight(lay.table.matrix_fraction)
-    busy = (compute_time(lay, k, phase) + layer_device_time(lay, compiled_forwards(lay, k, phase))
+    busy = (compute_time(lay, k, phase) + layer_device_time(lay, compiled_forwards(lay, k, phase), phase)
             + tp_collective_time(lay, phase))
     t_h2d, t_nvme = weight_stream_time(lay, k, weight_stream_bytes(lay, k, phase, bpw))
     t_h2d = t_h2d + kv_transfer_time(lay, k, kv_transfer_bytes(lay, k, phase))
@@ -245,7 +245,8 @@ def test_gpu_resident_decode_is_host_bound_when_launches_outlast_the_kernels(kit
     lay = kit.arrangement(kit.toy_dense())
     k = Knobs.from_plans([Plan(batch_size=1)])
     ev = evaluate(lay, k)
-    per_module = compute_time(lay, k, decode_phase(lay, k))[0] + layer_device_time(lay, np.array([False]))[0]
+    phase = decode_phase(lay, k)
+    per_module = compute_time(lay, k, phase)[0] + layer_device_time(lay, np.array([False]), phase)[0]
     assert per_module[DENSE] < 100e-6
     compute = per_module @ lay.stage_counts[0]
     assert ev.decode_step_s[0] == pytest.approx(4 * 100e-6 + per_module[EMBED] + per_module[HEAD] + 1e-3)
@@ -279,7 +280,9 @@ def test_each_layer_costs_its_kernels_fixed_device_time_in_series_with_its_roofl
     compute; the embedding and the head pay none; a host-bound eager step hides it under its launches."""
     graphs = Workload(512, 32, decode_graphs=True)
     lay = kit.arrangement(kit.toy_dense(), workload=graphs)
-    np.testing.assert_allclose(layer_device_time(lay, np.array([False])), [np.where(lay.table.is_layer > 0, 50e-6, 0)])
+    one = Knobs.from_plans([Plan(batch_size=1)])
+    np.testing.assert_allclose(layer_device_time(lay, np.array([False]), decode_phase(lay, one)),
+                               [np.where(lay.table.is_layer > 0, 50e-6, 0)])
     assert lay.table.is_layer[DENSE] and not lay.table.is_layer[EMBED] and not lay.table.is_layer[HEAD]
     none = dataclasses.replace(kit.ROUND, layer_device_overhead_s=0.0)
     bare = kit.arrangement(kit.toy_dense(), workload=graphs, hardware=kit.make_hardware(none))
@@ -338,7 +341,7 @@ def test_graphed_decode_drops_the_host_time_per_module_and_the_drift(kit) -> Non
     lay = kit.arrangement(kit.toy_dense(), workload=graphs)
     k = Knobs.from_plans([Plan(batch_size=1)])
     ev, eager = evaluate(lay, k), evaluate(kit.arrangement(kit.toy_dense()), k)
-    fixed = layer_device_time(lay, np.array([False]))[0]
+    fixed = layer_device_time(lay, np.array([False]), decode_phase(lay, k))[0]
     compute = (compute_time(lay, k, decode_phase(lay, k))[0] + fixed) @ lay.stage_counts[0]
     assert ev.decode_step_s[0] == pytest.approx(compute + 0.4e-3)
     assert ev.decode.exposed["overhead_s"][0] == pytest.approx(0.4e-3)
@@ -601,7 +604,8 @@ def test_one_h200s_70b_4_bit_steps_are_the_chains_or_the_copies() -> None:
     """The records of one H200, Llama-3-70B shape, 4-bit CPU offload (benchmarks/results/2026-12-04-h200-fused,
     call 4: two builds, each plan at batch 1 and 32), predicted uncalibrated on h200-1gpu: DeepSpeed's chain
     (0.85 s at 0.33 of the HBM rate) is longer than the copies (0.76 s) and the step is the compute stream's,
-    0.971 s against 0.972-0.977 measured; hpi's fused kernel hides and the step is the copies', 0.824 s against
+    0.971 s (0.974 s at batch 32, whose layers' kernels take 5 x 5.5 us longer: ``decode_row_growth``) against
+    0.972-0.977 measured; hpi's fused kernel hides and the step is the copies', 0.824 s against
     0.751-0.886 measured (its spread between builds)."""
     from pathlib import Path
 
@@ -618,4 +622,5 @@ def test_one_h200s_70b_4_bit_steps_are_the_chains_or_the_copies() -> None:
         if m.workload.fused_dequant:
             assert predicted == pytest.approx(0.824, abs=0.001) and abs(predicted / measured - 1) < 0.10
         else:
-            assert predicted == pytest.approx(0.971, abs=0.001) and abs(predicted / measured - 1) < 0.01
+            expected = 0.971 if m.plan.batch_size == 1 else 0.974
+            assert predicted == pytest.approx(expected, abs=0.001) and abs(predicted / measured - 1) < 0.01

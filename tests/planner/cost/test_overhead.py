@@ -3,12 +3,13 @@ vectorised answer equals the scalar one on every plan shape."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
 
 from hpi.planner.cost.inputs import Knobs
-from hpi.planner.cost.overhead import graphed_forwards
+from hpi.planner.cost.overhead import graphed_forwards, layer_device_time
 from hpi.planner.cost.phase import decode_phase, prefill_phase
 from hpi.planner.cost.streaming import fetches_weights
 from hpi.planner.specs.plan import Plan, decode_graph_blocker
@@ -43,3 +44,17 @@ def test_fetches_weights_is_plan_gathers_over_every_plan_shape(kit) -> None:
         arrangement = kit.arrangement(kit.toy_dense(), dp=dp)
         np.testing.assert_array_equal(fetches_weights(arrangement, Knobs.from_plans(plans)),
                                       [p.gathers for p in plans])
+
+
+def test_decode_layer_device_time_grows_by_the_fitted_term_per_doubling_of_rows_and_prefill_does_not(kit) -> None:
+    eff = dataclasses.replace(kit.ROUND, layer_device_s_per_row_doubling=4e-6)
+    arrangement = kit.arrangement(kit.toy_dense(), hardware=kit.make_hardware(eff), workload=Workload(64, 8))
+    plans = [Plan(batch_size=b) for b in (1, 2, 16, 64)]
+    knobs = Knobs.from_plans(plans)
+    compiled = np.array([False, False, True, True])
+    is_layer = arrangement.table.is_layer
+    decode = layer_device_time(arrangement, compiled, decode_phase(arrangement, knobs))
+    base = np.array([50e-6, 50e-6, 20e-6, 20e-6])  # ROUND's eager and compiled fixed cost a layer
+    np.testing.assert_allclose(decode, (base + 4e-6 * np.array([0, 1, 4, 6]))[:, None] * is_layer[None, :])
+    prefill = layer_device_time(arrangement, compiled, prefill_phase(arrangement, knobs))
+    np.testing.assert_allclose(prefill, base[:, None] * is_layer[None, :])
