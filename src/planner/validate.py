@@ -114,10 +114,15 @@ class Manifest:
         return list(out)
 
     def unlisted(self) -> list[str]:
-        """Record files under benchmarks/results/ and studies/*/runs/ that no entry lists."""
+        """Record files under benchmarks/results/ and studies/*/runs/ that no entry lists and no exclusion of the
+        whole file names (the autotune study's summary beside its trials' records, say)."""
         listed = set(self.files())
         found = {p.resolve() for pattern in RECORD_ROOTS for p in self.root.glob(pattern) if p.is_file()}
-        return sorted(_relative(p, self.root) for p in found - listed if _looks_like_records(p))
+        rels = sorted(_relative(p, self.root) for p in found - listed)
+        return [rel for rel in rels if not self._excluded_file(rel) and _looks_like_records(self.root / rel)]
+
+    def _excluded_file(self, rel_path: str) -> bool:
+        return any(not e.metrics and fnmatch.fnmatch(rel_path, e.pattern) for e in self.exclusions)
 
 
 def _relative(path: Path, root: Path) -> str:

@@ -307,3 +307,20 @@ def test_a_record_of_another_device_is_refused_unless_allowed(capsys, tmp_path) 
     code, out, err = run(capsys, *argv, "--allow-other-devices", "--json")
     assert code == 0, err
     assert json.loads(out)["records"] == 1 and out_file.read_text() != PROFILE_FILE.read_text()
+
+
+def test_unlisted_names_record_files_no_entry_lists_unless_an_exclusion_names_the_whole_file(fixture_dir,
+                                                                                            tmp_path) -> None:
+    """A record file under benchmarks/results/ that no entry lists is named, so it is not forgotten; one the
+    manifest excludes whole, with its reason (the autotune study's summary.json), is not."""
+    folder = tmp_path / "benchmarks" / "results" / "session"
+    folder.mkdir(parents=True)
+    for name in ("listed.json", "forgotten.json", "left-out.json"):
+        shutil.copy(fixture_dir / "records" / "session.json", folder / name)
+    (tmp_path / "validation").mkdir()
+    manifest = tmp_path / "validation" / "fidelity_set.yaml"
+    manifest.write_text("records:\n  - path: benchmarks/results/session/listed.json\n    profile: h200-2gpu\n"
+                        "exclude:\n  - path: benchmarks/results/session/left-out.json\n    reason: not a run\n"
+                        "  - path: benchmarks/results/session/forgotten.json\n    metrics: [prefill_s]\n"
+                        "    reason: \"a metric only, so the file is still in scope\"\n")
+    assert load_manifest(manifest).unlisted() == ["benchmarks/results/session/forgotten.json"]
