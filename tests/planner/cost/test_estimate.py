@@ -624,3 +624,30 @@ def test_one_h200s_70b_4_bit_steps_are_the_chains_or_the_copies() -> None:
         else:
             expected = 0.971 if m.plan.batch_size == 1 else 0.974
             assert predicted == pytest.approx(expected, abs=0.001) and abs(predicted / measured - 1) < 0.01
+
+
+def test_one_h200s_graphed_8b_steps_at_batch_16_pay_the_rows_device_time() -> None:
+    """The records of one H200, Llama-3-8B shape, GPU-resident, graphed and compiled at batch 1 and 16
+    (benchmarks/results/2026-12-04-h200-split, call 3), predicted uncalibrated on h200-1gpu: every step within 5%.
+    Batch 16 pays 4 doublings x 5.5 us x 32 layers = 0.70 ms more device time than its KV reads (``decode_row_growth``);
+    without it both batch-16 steps were 11% fast (7.48 / 5.51 ms predicted for 8.43 / 6.18 measured)."""
+    from pathlib import Path
+
+    from hpi.planner.calibrate.measurements import as_measurements, predict_measurements
+    from hpi.planner.profiles import load_profile
+    from hpi.record_files import load_records
+
+    path = Path(__file__).resolve().parents[3] / "benchmarks/results/2026-12-04-h200-split/call3/records-8b.json"
+    runs = [m for m in as_measurements(list(load_records(path))) if m.workload.decode_graphs]
+    assert sorted((m.plan.batch_size, m.workload.decode_compile) for m in runs) == [
+        (1, False), (1, True), (16, False), (16, True)]
+    profile = load_profile("h200-1gpu", calibrated=False)
+    flat = dataclasses.replace(profile, efficiency=dataclasses.replace(profile.efficiency,
+                                                                       layer_device_s_per_row_doubling=0.0))
+    for m, p, q in zip(runs, predict_measurements(profile, runs), predict_measurements(flat, runs)):
+        measured, predicted = p.measured["decode_step_s"], p.predicted["decode_step_s"]
+        assert abs(predicted / measured - 1) < 0.05, m.record_id
+        grows = predicted - q.predicted["decode_step_s"]
+        assert grows == pytest.approx(0.0 if m.plan.batch_size == 1 else 4 * 5.5e-6 * 32, abs=1e-9)
+        if m.plan.batch_size == 16:
+            assert q.predicted["decode_step_s"] / measured - 1 < -0.10  # the term is what brings it within 5%
