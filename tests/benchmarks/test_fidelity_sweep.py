@@ -1,0 +1,29 @@
+"""benchmarks/fidelity_sweep.py on the real fidelity manifest: the figures README quotes for the per-row term."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.benchmarks.scripts import load
+
+sweep = load("fidelity_sweep")
+
+
+def test_the_per_row_term_brings_the_graphed_batch_steps_to_a_median_of_zero(capsys) -> None:
+    assert sweep.main(["layer_device_s_per_row_doubling", "0", "5.5e-6"]) == 0
+    doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    without, with_term = (pt["graphed_batch_gt_1"] for pt in doc["points"])
+    assert without["n"] == with_term["n"] == 22
+    assert without["signed_median"] == pytest.approx(-0.099, abs=0.002) and without["within_10pct"] == 11
+    assert abs(with_term["signed_median"]) < 0.005 and with_term["max_ape"] < 0.14 and with_term["within_10pct"] == 21
+    assert doc["points"][1]["decode"]["median_ape"] < doc["points"][0]["decode"]["median_ape"]
+    assert doc["points"][1]["prefill"] == doc["points"][0]["prefill"]  # decode only
+
+
+@pytest.mark.parametrize("argv", [["not_a_coefficient", "1"], ["hbm", "1", "--profiles", "no-such-machine"]])
+def test_bad_input_is_one_line_and_exit_2(capsys, argv) -> None:
+    assert sweep.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fidelity_sweep.py: ") and "use one of" in err[0]
