@@ -122,7 +122,8 @@ class Efficiency:
     # validation/fidelity_set.yaml (1x H100 8B b16/b64; 2x H200 8B tp1/tp2/pp2; 4x H200 70B tp1-4/pp2-4 b8/b32; 1x
     # H200 8B b16/b64, compiled and not): without it each is under-predicted (median -9.9%, worst -20%; the same
     # runs at batch 1 within 1-8%); 5.5 us a doubling leaves a signed median of -0.2%, worst -13% (2x H200 pp2 b16).
-    # 4 to 6 us fit each machine apart: the same few-row GEMM and attention kernels on Hopper. The sweep:
+    # Fitted per machine the value spreads: 5 us on the H100 and the 4x H200 (70B), 8 us and more on the 1x and
+    # 2x H200 (8B), whose batch-16/64 steps grow most. The sweep (--profiles for one machine):
     # benchmarks/fidelity_sweep.py layer_device_s_per_row_doubling 0 2e-6 4e-6 5.5e-6 8e-6.
     layer_device_s_per_row_doubling: float = 5.5e-6  # (cost.overhead)
     # Per stage forward: the executor's device synchronize, sampling and input preparation, ~20 small
