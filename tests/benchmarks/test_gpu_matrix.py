@@ -83,7 +83,7 @@ def test_aio_matrix_compares_three_aio_settings_and_the_planner_picks_from_the_g
     for entry, plan in zip(entries, plans):
         gm.refuse_infeasible(entry, plan, workload)
     assert [(p.aio_block_size_bytes, p.aio_queue_depth, p.aio_threads) for p in plans] == [
-        (1 << 20, 8, 1), (1 << 20, 64, 8), (1 << 20, 64, 8)]  # no grid in h200-1gpu: the pick is the default
+        (1 << 20, 8, 1), (1 << 20, 64, 8), (4 << 20, 64, 8)]  # h200-1gpu's grid of 2026-12-03: 4 MiB, as on that day
     raw = yaml.safe_load((REPO / "hardware_profiles" / "h200-1gpu.yaml").read_text())
     raw["name"] = "h200-grid"
     raw["nvme"]["read_grid"] = {"source": "assumed", "note": "test", "points": [
