@@ -3,9 +3,10 @@
     python benchmarks/fidelity_sweep.py layer_device_s_per_row_doubling 0 2e-6 4e-6 5.5e-6 8e-6 [--profiles h200-1gpu]
 
 How a prior such as ``layer_device_s_per_row_doubling`` was chosen (README, "Calibration and fidelity"): every
-record of ``validation/fidelity_set.yaml``, its exclusions applied as ``hpi validate`` applies them, predicted on
-its machine's profile with its ``efficiency:`` priors (no ``calibrated:`` section) and the swept coefficient set to
-each value. No leave-one-plan-out fits, so a sweep takes seconds where ``hpi validate`` takes minutes. Per value:
+record of ``validation/fidelity_set.yaml``, read and its exclusions applied as ``hpi validate`` does
+(``hpi.planner.validate.read_measurements``), predicted on its machine's profile with its ``efficiency:`` priors
+(no ``calibrated:`` section) and the swept coefficient set to each value. No leave-one-plan-out fits, so a sweep
+takes seconds where ``hpi validate`` takes minutes. Per value:
 
 - decode: the median |error| over every record with a decode step, and how many are within 10%;
 - graphed decode at batch > 1 (GPU-resident, decode replayed as CUDA graphs): the signed median error, the median
@@ -22,32 +23,11 @@ import dataclasses
 import json
 import statistics
 import sys
-from pathlib import Path
 
-from hpi.planner.calibrate.measurements import Measurement, measurement, predict_measurements
+from hpi.planner.calibrate.measurements import Measurement, predict_measurements
 from hpi.planner.profiles import load_profile
 from hpi.planner.specs.hardware import Efficiency
-from hpi.planner.validate import _files_and_profiles, _relative, load_manifest
-from hpi.record_files import load_records
-
-
-def manifest_measurements() -> dict[str, list[Measurement]]:
-    """The manifest's records by profile, as ``hpi validate`` reads them (files together, exclusions applied:
-    a record excluded whole is dropped, an excluded metric set to 0)."""
-    manifest = load_manifest()
-    files = _files_and_profiles(manifest, None)
-    profile_of = {str(file): profile for file, profile in files}
-    by_profile: dict[str, list[Measurement]] = {}
-    for record in load_records([file for file, _ in files]):
-        m = measurement(record)
-        hits = [e for e in manifest.exclusions if e.matches(m.record_id, _relative(Path(record.source.path),
-                                                                                   manifest.root))]
-        if any(not e.metrics for e in hits):
-            continue
-        for e in hits:
-            m = dataclasses.replace(m, **{metric: 0.0 for metric in e.metrics})
-        by_profile.setdefault(profile_of[record.source.path] or m.recorded_hardware, []).append(m)
-    return by_profile
+from hpi.planner.validate import load_manifest, read_measurements
 
 
 def _median(values: list[float]) -> float | None:
@@ -95,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fidelity_sweep.py: {args.field!r} is not an Efficiency coefficient: use one of "
               f"{', '.join(sorted(fields))}", file=sys.stderr)
         return 2
-    by_profile = manifest_measurements()
+    by_profile = read_measurements(load_manifest()).by_profile
     if args.profiles:
         keep = set(args.profiles.split(","))
         unknown = keep - set(by_profile)

@@ -58,8 +58,10 @@ __all__ = [
     "Progress",
     "Row",
     "Validation",
+    "ManifestMeasurements",
     "leave_one_plan_out",
     "load_manifest",
+    "read_measurements",
     "validate",
 ]
 
@@ -396,12 +398,21 @@ def _files_and_profiles(manifest: Manifest, record_paths: Sequence[str | Path] |
     return out
 
 
-def validate(manifest: Manifest | None = None, record_paths: Sequence[str | Path] | None = None,
-             fitter: Callable[..., Calibration] | None = None, progress: Progress | None = None) -> Validation:
-    """Every record of the set (``record_paths``, default the manifest's files), left out one plan at a time.
-    ``progress(phase, done, total)`` hears how far it got (``Progress``)."""
+@dataclass(frozen=True)
+class ManifestMeasurements:
+    """A fidelity set as read: each machine's measurements, with the manifest's exclusions applied (a record
+    excluded whole left out, an excluded metric measured as 0), what was excluded and why, what was skipped."""
+
+    by_profile: dict[str, list[Measurement]]
+    excluded: dict[str, str]  # record id, or "id:metric", -> reason
+    skipped: dict[str, int]  # the loader's reasons (baselines, failed entries, not a RunRecord) -> count
+
+
+def read_measurements(manifest: Manifest, record_paths: Sequence[str | Path] | None = None,
+                      progress: Progress | None = None) -> ManifestMeasurements:
+    """The records of the set (``record_paths``, default the manifest's files) by the profile each ran on
+    (the manifest's, else the record's own), reporting the "read" phase to ``progress``."""
     report = progress or _no_progress
-    manifest = manifest or load_manifest()
     by_profile: dict[str, list[Measurement]] = {}
     excluded: dict[str, str] = {}
     seen: set[str] = set()
@@ -411,7 +422,6 @@ def validate(manifest: Manifest | None = None, record_paths: Sequence[str | Path
     # named with their folder (``load_records``), as calibrate and the record tests name them.
     profile_of = {str(file): profile for file, profile in files}
     records = load_records([file for file, _ in files])
-    skipped = dict(records.skipped)
     for record in records:
         rel = _relative(Path(record.source.path), manifest.root)
         profile = profile_of[record.source.path]
@@ -433,6 +443,17 @@ def validate(manifest: Manifest | None = None, record_paths: Sequence[str | Path
                                    f"list {rel} in the manifest with one")
         by_profile.setdefault(name, []).append(m)
     report("read", len(files), len(files))
+    return ManifestMeasurements(by_profile, excluded, dict(records.skipped))
+
+
+def validate(manifest: Manifest | None = None, record_paths: Sequence[str | Path] | None = None,
+             fitter: Callable[..., Calibration] | None = None, progress: Progress | None = None) -> Validation:
+    """Every record of the set (``record_paths``, default the manifest's files), left out one plan at a time.
+    ``progress(phase, done, total)`` hears how far it got (``Progress``)."""
+    report = progress or _no_progress
+    manifest = manifest or load_manifest()
+    read = read_measurements(manifest, record_paths, report)
+    by_profile, excluded, skipped = read.by_profile, read.excluded, read.skipped
     # Every fold of every machine fitted at once (in parallel), then read back per machine.
     plans = {name: _folds(name, by_profile[name]) for name in sorted(by_profile)}
     tasks = [(name, train) for name in plans for _, train in plans[name] if train]
