@@ -24,7 +24,7 @@ import json
 import statistics
 import sys
 
-from hpi.planner.calibrate.measurements import Measurement, predict_measurements
+from hpi.planner.calibrate.measurements import CalibrationError, Measurement, predict_measurements
 from hpi.planner.profiles import load_profile
 from hpi.planner.specs.hardware import Efficiency
 from hpi.planner.validate import load_manifest, read_measurements
@@ -75,7 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fidelity_sweep.py: {args.field!r} is not an Efficiency coefficient: use one of "
               f"{', '.join(sorted(fields))}", file=sys.stderr)
         return 2
-    by_profile = read_measurements(load_manifest()).by_profile
+    try:  # a broken manifest or record file: its one line, as hpi validate prints it
+        by_profile = read_measurements(load_manifest()).by_profile
+    except CalibrationError as e:
+        print(f"fidelity_sweep.py: {e}", file=sys.stderr)
+        return 2
     if args.profiles:
         keep = set(args.profiles.split(","))
         unknown = keep - set(by_profile)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from hpi.planner.validate import load_manifest
 from tests.benchmarks.scripts import load
 
 sweep = load("fidelity_sweep")
@@ -27,3 +28,12 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv) -> None:
     assert sweep.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fidelity_sweep.py: ") and "use one of" in err[0]
+
+
+def test_a_broken_manifest_is_one_line_and_exit_2(capsys, monkeypatch, tmp_path) -> None:
+    broken = tmp_path / "fidelity_set.yaml"
+    broken.write_text("records: [\n")
+    monkeypatch.setattr(sweep, "load_manifest", lambda: load_manifest(broken))
+    assert sweep.main(["hbm", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "malformed YAML" in err[0]
