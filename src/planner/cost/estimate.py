@@ -5,7 +5,8 @@ Per module (a decoder layer, the embedding or the head), one forward on one rank
     busy    = compute + tp_allreduce + dequant          (the GPU's compute stream: all-reduces sit between
                                                           GEMMs, each 8/4-bit weight is dequantized before its
                                                           GEMM; compute = roofline + the kernels' fixed cost,
-                                                          cost.overhead.layer_device_time)
+                                                          cost.overhead.layer_device_time, + prefill's
+                                                          element-wise chains, cost.activations)
     host    = (overhead + tp collective issue)          (kernel launches incl. dequant's, Python, ZeRO-3
               * (1 + drift)                               hooks, c10d calls; drift: waiting for the slowest
                                                           TP rank at each collective, cost.collectives)
@@ -75,6 +76,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hpi.planner.cost.activations import activation_time
 from hpi.planner.cost.collectives import dp_allgather_time, tp_collective_host_time, tp_collective_time, tp_drift
 from hpi.planner.cost.compute import roofline_sides
 from hpi.planner.cost.dequant import dequant_host_time, dequant_time
@@ -195,8 +197,9 @@ def _module_rule(busy, fetch_links, host_base, drift, t_kv, in_series, f):
 def phase_result(arrangement: Arrangement, knobs: Knobs, phase: Phase, bpw: np.ndarray) -> PhaseResult:
     t_flops, t_hbm = roofline_sides(arrangement, knobs, phase)
     compiled = compiled_forwards(arrangement, knobs, phase)
-    # The kernels' fixed cost runs in series with the roofline.
-    compute = np.maximum(t_flops, t_hbm) + layer_device_time(arrangement, compiled, phase)
+    # The kernels' fixed cost and prefill's element-wise chains run in series with the roofline.
+    compute = (np.maximum(t_flops, t_hbm) + layer_device_time(arrangement, compiled, phase)
+               + activation_time(arrangement, phase))
     tp_coll = tp_collective_time(arrangement, phase)
     t_dequant = dequant_time(arrangement, knobs, phase)  # on the compute stream like the GEMMs (module docstring)
     overhead = module_overhead_time(arrangement, knobs) + dequant_host_time(arrangement, knobs)

@@ -77,7 +77,12 @@ class Efficiency:
     values (``hpi calibrate`` writes the ``calibrated`` ones). Each is used in exactly one cost module.
     """
 
-    matmul_prefill: float = 0.60  # of the bf16 ceiling, large prefill GEMMs (cost.compute)
+    # Prefill's GEMMs and attention, of a measured 8192^3 matmul rate (what ``hpi probe`` writes as bf16_flops);
+    # prefill's element-wise chains are their own term (cost.activations). Fitted to the 157 prefills of
+    # validation/fidelity_set.yaml (1x H100, 1x/2x/4x H200; 8B-70B, tp 1-4, resident and streamed): median |error|
+    # 6.6% at 0.84-0.85 (0.80: 8.5%, 0.90: 9.2%); 0.60 before that term, 13.9%. A profile whose bf16_flops is a
+    # datasheet peak states its own (0.66: 0.85 x the H100's measured 775 over its datasheet 989 TFLOP/s).
+    matmul_prefill: float = 0.85  # (cost.compute)
     matmul_decode: float = 0.50  # of the bf16 ceiling, skinny decode GEMMs when compute-bound (cost.compute)
     hbm: float = 0.80  # of the HBM ceiling, decode GEMV/attention reads (cost.compute)
     # ZeRO-3 parameter fetch over the pinned PCIe ceiling (cost.streaming). The copies are back-to-back DMA

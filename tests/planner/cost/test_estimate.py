@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from hpi.planner.catalog import load_model
+from hpi.planner.cost.activations import activation_time
 from hpi.planner.cost.collectives import dp_allgather_time, tp_collective_host_time, tp_collective_time, tp_drift
 from hpi.planner.cost.compute import compute_time
 from hpi.planner.cost.dequant import dequant_host_time, dequant_time
@@ -98,7 +99,7 @@ def modules_by_hand(lay, k, phase, f, host_wait=False):
     all-reduce + dequant, from the public terms; with the host fetch wait the host's time joins the fetch in series."""
     bpw = k.bytes_per_weight(lay.table.matrix_fraction)
     busy = (compute_time(lay, k, phase) + layer_device_time(lay, compiled_forwards(lay, k, phase), phase)
-            + tp_collective_time(lay, phase))
+            + activation_time(lay, phase) + tp_collective_time(lay, phase))
     t_h2d, t_nvme = weight_stream_time(lay, k, weight_stream_bytes(lay, k, phase, bpw))
     t_h2d = t_h2d + kv_transfer_time(lay, k, kv_transfer_bytes(lay, k, phase))
     fetch = np.maximum(t_h2d, t_nvme) + dp_allgather_time(lay, k, fetched_elems_per_rank(lay, k, phase) * bpw)
