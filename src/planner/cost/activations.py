@@ -84,7 +84,7 @@ def _attention_bytes(model: ModelSpec, tp: int) -> float:
         assemble = heads * (COPY_BYTES * (nope + rope) + COPY_BYTES * nope + 2.0 * rope)
         return latent + rotary + assemble + COPY_BYTES * heads * v
     q = heads * model.head_dim
-    k = max(1.0, model.n_kv_heads / tp) * model.head_dim
+    k = model.n_kv_heads / min(tp, model.kv_heads_for_sharding) * model.head_dim  # Arrangement.kv_split's rule
     out = ROTARY_BYTES * (q + k) if _rotary(model) else 0.0
     if model.learned_positions:
         out += QUERY_SCALE_BYTES * q
