@@ -149,6 +149,13 @@ def matrices() -> dict[str, list[Entry]]:
             Entry("8b-nvme-aio-hpi-fixed-b1", m8, "h200-1gpu", 1, {"offload": "nvme", **tuned}, **aio_run),
             Entry("8b-nvme-aio-planner-b1", m8, "h200-1gpu", 1, {"offload": "nvme", **tuned}, pick_aio=True,
                   **aio_run),
+            # One aio thread submitting 4 or 8 MiB blocks, 8 at a time, near the drive's best grid points (1.70 GB/s
+            # for 4 MiB one at a time, 1.82 for 16 MiB 8 at a time: benchmarks/results/2026-12-03-h200-aio) where
+            # 8 threads of 1-4 MiB kept 33-38 requests queued on the drive and read 1.19 GB/s. 16 MiB is refused:
+            # the 8B's k and v partitions (8 MiB) would stay in host memory (DeepSpeed's min_aio_bytes).
+            *(Entry(f"8b-nvme-aio-t1-{mib}m-b1", m8, "h200-1gpu", 1,
+                    {"offload": "nvme", "aio_block_size_bytes": mib << 20, "aio_queue_depth": 8, "aio_threads": 1,
+                     **tuned}, **aio_run) for mib in (4, 8)),
         ],
         # issue 20: the compiled graphed decode step against the eager graphed one (8B, and the 33B shape the
         # compiled per-layer time was not fitted on), and 4-bit weights streamed from pinned memory dequantized by

@@ -23,6 +23,7 @@ from torch.distributed.elastic.multiprocessing.errors import record as record_er
 from hpi.executor import diskstats, hostmem
 from hpi.executor.generate import LeftPadding, PipelineGenerator, Sampler, StepTimes, left_pad
 from hpi.executor.groups import Groups, build_groups
+from hpi.executor.profiling import profiled
 from hpi.executor.record import build_record
 from hpi.executor.spec import RunSpec, write_json_atomic
 from hpi.executor.watchdog import HEARTBEAT_EVERY, heartbeat_line
@@ -392,7 +393,9 @@ def measure(spec: RunSpec, b: _Built) -> RunRecord | None:
     generator.on_tokens = streamer
     generator.on_forward = Heartbeat(g.rank, "measured")
     disk_before = diskstats.snapshot(spec.nvme_path) if plan.offload == "nvme" and spec.nvme_path else None
-    new_tokens = generator.run(mine.ids, rows, prompt_len, max_new, chat=spec.mode == "chat", padding=mine.padding)
+    with profiled(spec.out_dir, g.rank):  # HPI_TORCH_PROFILE=1: where the measured run's time went (profiling.py)
+        new_tokens = generator.run(mine.ids, rows, prompt_len, max_new, chat=spec.mode == "chat",
+                                   padding=mine.padding)
     check_dequant(spec, dequant_calls)
     disk = diskstats.between(disk_before, diskstats.snapshot(spec.nvme_path) if disk_before else None)
     if streamer is not None:

@@ -69,9 +69,10 @@ def test_ds_examples_entries_take_the_one_preset():
     assert _gpu_matrix()._ds_examples_knobs("llama-3-8b") == ds_examples_knobs(4096)
 
 
-def test_aio_matrix_compares_three_aio_settings_and_the_planner_picks_from_the_grid(tmp_path):
-    """DeepSpeed's defaults, hpi's fixed settings, the planner's pick: each feasible on the H200 at its workload;
-    the pick follows the drive's read grid (here: a drive that wants 4 MiB requests, 64 in flight)."""
+def test_aio_matrix_compares_five_aio_settings_and_the_planner_picks_from_the_grid(tmp_path):
+    """DeepSpeed's defaults, hpi's fixed settings, the planner's pick, one thread of 4 and of 8 MiB blocks: each
+    feasible on the H200 at its workload; the pick follows the drive's read grid (here: a drive that wants 4 MiB
+    requests, 64 in flight)."""
     import yaml
 
     from hpi.planner.specs.workload import Workload
@@ -83,7 +84,8 @@ def test_aio_matrix_compares_three_aio_settings_and_the_planner_picks_from_the_g
     for entry, plan in zip(entries, plans):
         gm.refuse_infeasible(entry, plan, workload)
     assert [(p.aio_block_size_bytes, p.aio_queue_depth, p.aio_threads) for p in plans] == [
-        (1 << 20, 8, 1), (1 << 20, 64, 8), (4 << 20, 64, 8)]  # h200-1gpu's grid of 2026-12-03: 4 MiB, as on that day
+        (1 << 20, 8, 1), (1 << 20, 64, 8), (4 << 20, 64, 8),  # h200-1gpu's grid of 2026-12-03: 4 MiB, as on that day
+        (4 << 20, 8, 1), (8 << 20, 8, 1)]
     raw = yaml.safe_load((REPO / "hardware_profiles" / "h200-1gpu.yaml").read_text())
     raw["name"] = "h200-grid"
     raw["nvme"]["read_grid"] = {"source": "assumed", "note": "test", "points": [

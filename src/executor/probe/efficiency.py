@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import yaml
@@ -16,13 +16,14 @@ from hpi.executor.probe.collectives import GRAPHED_CALLS, GRAPHED_MAX_BYTES, siz
 from hpi.executor.probe.figures import q
 from hpi.executor.probe.kernels import fit_layer_cost
 
-__all__ = ["HOST_BOUND_RATIO", "layer_figures", "kernel_efficiency", "collective_efficiency"]
+__all__ = ["HOST_BOUND_RATIO", "layer_figures", "eager_figures", "kernel_efficiency", "collective_efficiency"]
 
-HOST_BOUND_RATIO = 1.25  # eager over graphed time per all-reduce beyond which the eager loop waited on the host
+HOST_BOUND_RATIO = 1.25  # eager over graphed time (an all-reduce, a decoder layer) beyond which the host bound it
 
 
 def layer_figures(layers: Mapping[str, Any], copy: float, gemv_bytes_s: float | None, date: str) -> dict[str, Any]:
-    """hbm, layer_device_overhead_s and graphed_step_overhead_s from real decoder layers timed in graphed decode."""
+    """hbm, layer_device_overhead_s and graphed_step_overhead_s from real decoder layers timed in graphed decode, and
+    layer_overhead_s and step_overhead_s from the same layers timed eager (``eager_figures``) where that was timed."""
     shapes = layers["shapes"]
     fit = fit_layer_cost([(s["layer_bytes"], s["layer_s"]) for s in shapes], copy, gemv_bytes_s)
     lo = min(layers["counts"])
@@ -37,12 +38,36 @@ def layer_figures(layers: Mapping[str, Any], copy: float, gemv_bytes_s: float | 
     where = (f"real decoder layers in graphed decode at batch 1 ({layers['counts'][0]} and {layers['counts'][1]} "
              f"layers, difference per layer): {timed}; {how} these, {date}")
     return {
+        **eager_figures(shapes, lo, fit.read_bytes_s, date),
         "hbm": q(fit.read_bytes_s / copy, "probed", f"{fit.read_bytes_s / 1e12:.2f} TB/s against the device copy's "
                  f"{copy / 1e12:.2f} TB/s, from {where}"),
         "layer_device_overhead_s": q(fit.fixed_s, "probed", f"fixed device time per layer, from {where}"),
         "graphed_step_overhead_s": q(max(0.0, step), "probed", f"graphed step at {lo} layers less its layers and LM "
                                      f"head read (median over {len(shapes)} shape(s)), {date}"),
     }
+
+
+def eager_figures(shapes: Sequence[Mapping[str, Any]], lo: int, read_bytes_s: float, date: str) -> dict[str, Any]:
+    """layer_overhead_s and step_overhead_s from the same layers timed on the executor's eager decode path.
+
+    An eager layer costs the larger of its host time (Python, dispatch, launches) and its device time
+    (cost.overhead, cost.estimate). Where eager is clearly slower than graphed (``HOST_BOUND_RATIO``) the host
+    bound it, and the eager time per layer is the host's: ``layer_overhead_s``, the median over such shapes. The
+    eager step at ``lo`` layers less those layers and the LM head's read is ``step_overhead_s`` (the embedding,
+    norm and head launches, sampling, the synchronization after each forward). Where no shape was host-bound
+    the host time is only bounded by the device's, and nothing is written: the prior stays."""
+    bound = [s for s in shapes if s.get("eager_layer_s") and s["eager_layer_s"] > HOST_BOUND_RATIO * s["layer_s"]]
+    if not bound:
+        return {}
+    host_s = float(np.median([s["eager_layer_s"] for s in bound]))
+    step = float(np.median([s["eager_step_s"][str(lo)] - lo * host_s - s["head_bytes"] / read_bytes_s
+                            for s in bound]))
+    timed = "; ".join(f"{s['model']} {s['eager_layer_s'] * 1e6:,.0f} us eager vs {s['layer_s'] * 1e6:,.0f} us graphed"
+                      for s in bound)
+    where = f"real decoder layers in eager decode at batch 1, per layer (host-bound: {timed}), {date}"
+    return {"layer_overhead_s": q(host_s, "probed", f"host time per decoder layer, the median of {where}"),
+            "step_overhead_s": q(max(0.0, step), "probed", f"eager step at {lo} layers less those layers' host time "
+                                 f"and the LM head's read, from {where}")}
 
 
 def kernel_efficiency(doc: Mapping[str, Any]) -> dict[str, Any]:

@@ -118,9 +118,9 @@ def _with_layers(config: Any, n: int) -> Any:
 
 def measure_decoder_layers(torch: Any, settings: ProbeSettings, device: str = "cuda:0") -> dict[str, Any]:
     """Real decoder layers on the executor's own graphed decode path (``hpi.executor.generate`` with
-    ``decode_graphs``, ``hpi.executor.graphs``): each of ``settings.layer_models`` built with each of the two
-    ``layer_counts`` (seeded random weights, bf16 on a GPU), batch 1, the median decode step over
-    ``layer_reps`` generations after one warm-up. The step difference over the layer difference is one
+    ``decode_graphs``, ``hpi.executor.graphs``), and on its eager path alike: each of ``settings.layer_models``
+    built with each of the two ``layer_counts`` (seeded random weights, bf16 on a GPU), batch 1, the median decode
+    step over ``layer_reps`` generations after one warm-up. The step difference over the layer difference is one
     layer's time, free of the embedding, the head and the loop; the layer's bytes come from its parameters.
     Where the tiny kernel (``measure_decode_kernels``) gives every kernel's floor, this gives what a real
     layer's norms, rotary, attention and small GEMVs cost: the 8B's graphed step ran 13-38% slower than
@@ -156,30 +156,32 @@ def time_layers(torch: Any, settings: ProbeSettings, config: Any, model: str, de
     prompt_len, gen_len = settings.layer_prompt_len, settings.layer_gen_len
     ids = torch.randint(3, config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
     step_s: dict[str, float] = {}
+    eager_step_s: dict[str, float] = {}
     param_bytes: dict[int, int] = {}
     for n in settings.layer_counts:
         stage = build_stage(_with_layers(config, n), ShardSpec.whole(n), dtype=dtype, device=dev, seed=0).eval()
         param_bytes[n] = sum(p.numel() * p.element_size() for p in stage.parameters())
         head_bytes = stage.lm_head.weight.numel() * stage.lm_head.weight.element_size()
 
-        def generate(stage: Any) -> list[float]:
+        def generate(stage: Any, graphs: bool) -> list[float]:
             g = PipelineGenerator(stage=stage, groups=Groups.alone(), new_cache=DynamicCache,
                                   hidden_size=config.hidden_size, dtype=dtype, device=dev, micro_batches=1,
-                                  sampler=Sampler(), decode_graphs=True)
+                                  sampler=Sampler(), decode_graphs=graphs)
             g.run(ids, batch, prompt_len, gen_len, chat=False)
             ends = g.times.forward_end_s
-            return [b - a for a, b in zip(ends[1:], ends[2:])]  # decode steps after the captured first one
+            return [b - a for a, b in zip(ends[1:], ends[2:])]  # decode steps after the (captured) first one
 
-        generate(stage)  # warm-up: allocator pools, cuBLAS heuristics
-        steps = [s for _ in range(settings.layer_reps) for s in generate(stage)]
-        step_s[str(n)] = statistics.median(steps)
+        for graphs, into in ((True, step_s), (False, eager_step_s)):
+            generate(stage, graphs)  # warm-up: allocator pools, cuBLAS heuristics
+            into[str(n)] = statistics.median([s for _ in range(settings.layer_reps) for s in generate(stage, graphs)])
         del stage
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     lo, hi = settings.layer_counts
     return {"model": model, "batch": batch, "prompt_len": prompt_len, "step_s": step_s, "head_bytes": head_bytes,
             "layer_bytes": (param_bytes[hi] - param_bytes[lo]) / (hi - lo),
-            "layer_s": (step_s[str(hi)] - step_s[str(lo)]) / (hi - lo)}
+            "layer_s": (step_s[str(hi)] - step_s[str(lo)]) / (hi - lo),
+            "eager_step_s": eager_step_s, "eager_layer_s": (eager_step_s[str(hi)] - eager_step_s[str(lo)]) / (hi - lo)}
 
 
 @dataclass(frozen=True)

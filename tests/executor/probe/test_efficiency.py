@@ -102,3 +102,38 @@ def test_shipped_decode_figures_re_derive_from_the_kept_probe(profile_name, prob
     for name, figure in derived.items():
         assert getattr(profile.efficiency, name) == pytest.approx(figure["value"], rel=2e-3), name
         assert profile.provenance[f"efficiency.{name}"].source == "probed", name
+
+
+@pytest.mark.parametrize("eager_layer_us, host_bound", [(1300.0, (True, False)), (140.0, (False, False)),
+                                                       (1300.0, (True, True))], ids=["8b-bound", "none", "both"])
+def test_eager_layers_give_the_host_time_a_layer_and_the_eager_step_overhead(eager_layer_us, host_bound, fake_doc,
+                                                                            load_built):
+    """Eager 8B decode on the H200 took 41-46 ms a step where the graphed step took 7 (issue 20): a host-bound
+    eager layer's time is its host time (layer_overhead_s); a shape whose eager layer is within HOST_BOUND_RATIO of
+    its graphed one says nothing about the host, and where no shape is host-bound the priors stay."""
+    doc = fake_doc(1, None)
+    shapes = []
+    for (model, layer_bytes, head_bytes), bound in zip((("llama-3-8b", 436.2e6, 1050.7e6),
+                                                         ("llama-3-70b", 1711.3e6, 2101.3e6)), host_bound):
+        layer_s = 125e-6 + layer_bytes / 3.9e12
+        eager_layer = eager_layer_us * 1e-6 if bound else 1.1 * layer_s
+        step = {"2": 0.4e-3 + 2 * layer_s + head_bytes / 3.9e12}
+        step["6"] = step["2"] + 4 * layer_s
+        eager = {"2": 2.0e-3 + 2 * eager_layer + head_bytes / 3.9e12}
+        eager["6"] = eager["2"] + 4 * eager_layer
+        shapes.append({"model": model, "layer_bytes": layer_bytes, "head_bytes": head_bytes, "layer_s": layer_s,
+                       "step_s": step, "eager_step_s": eager, "eager_layer_s": eager_layer})
+    doc["kernels"] = {"gemv_shape": [28672, 8192], "gemv_bytes_s": 3.72e12, "tiny_kernels": 200,
+                      "tiny_kernel_s": 1.06e-6,
+                      "layers": {"counts": [2, 6], "prompt_len": 128, "gen_len": 32, "batch": 1, "shapes": shapes}}
+    profile = load_built(doc)
+    if not any(host_bound):
+        assert profile.efficiency.layer_overhead_s == Efficiency().layer_overhead_s
+        assert profile.efficiency.step_overhead_s == Efficiency().step_overhead_s
+        assert "efficiency.layer_overhead_s" not in profile.provenance
+        return
+    assert profile.efficiency.layer_overhead_s == pytest.approx(eager_layer_us * 1e-6, rel=1e-3)
+    assert profile.efficiency.step_overhead_s == pytest.approx(2.0e-3, rel=1e-3)
+    note = profile.provenance["efficiency.layer_overhead_s"].note
+    assert profile.provenance["efficiency.layer_overhead_s"].source == "probed"
+    assert "llama-3-8b 1,300 us eager" in note and ("llama-3-70b" in note) == all(host_bound)

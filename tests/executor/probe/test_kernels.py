@@ -64,6 +64,8 @@ def test_decoder_layers_are_timed_on_the_executors_graphed_path_on_cpu():
     assert shape["head_bytes"] == 4 * 32000 * 64
     assert set(shape["step_s"]) == {"1", "3"} and all(t > 0 for t in shape["step_s"].values())
     assert shape["layer_s"] == pytest.approx((shape["step_s"]["3"] - shape["step_s"]["1"]) / 2)
+    assert set(shape["eager_step_s"]) == {"1", "3"} and all(t > 0 for t in shape["eager_step_s"].values())
+    assert shape["eager_layer_s"] == pytest.approx((shape["eager_step_s"]["3"] - shape["eager_step_s"]["1"]) / 2)
 
 
 @pytest.mark.gpu
