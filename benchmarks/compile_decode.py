@@ -33,12 +33,13 @@ split-KV decode attention, ``hpi.executor.decode_attention``: what ``hpi run`` r
 
 Option sets (``OPTION_SETS``; ``--option-sets`` names them, or writes new ones, see ``parse_option_sets``). Each
 changes ``torch/_inductor/config.py`` settings on top of nothing (torch.compile's ``options=``):
-- ``cdt``: ``hpi.executor.graphs.COMPILE_OPTIONS``, ``coordinate_descent_tuning`` (what ``hpi run`` compiles
-  with; the default). A batch-1 matrix product becomes a tuned reduction (``decomposition.py``, ``mm``), and every
-  Triton kernel's config is walked one field at a time to the fastest neighbour.
+- ``cdt``: ``coordinate_descent_tuning`` (what ``hpi run`` compiled with until 2026-12-05). A batch-1 matrix
+  product becomes a tuned reduction (``decomposition.py``, ``mm``), and every Triton kernel's config is walked one
+  field at a time to the fastest neighbour.
 - ``cdt-all``: also ``coordinate_descent_check_all_directions``: when the walk stops, every combination of the
   fields' neighbour values is timed too (``check_all_tuning_directions``): a wider search that can leave a
-  local optimum a noisy timing stopped at.
+  local optimum a noisy timing stopped at. ``hpi.executor.graphs.COMPILE_OPTIONS`` (what ``hpi run`` compiles
+  with; ``DEFAULT_SET``, the default) since the compiles of benchmarks/results/2026-12-05-h200-issue20.
 - ``cdt-r2``: also ``coordinate_descent_search_radius`` 2: each field's neighbours reach two powers of two
   away instead of one (``get_neighbour_values``): a wider walk.
 - ``cdt-maxpw``: also ``max_autotune_pointwise``: the walk starts from the fastest of inductor's longer list of
@@ -96,15 +97,17 @@ from hpi.executor.graphs import COMPILE_OPTIONS
 # The graphs compared, in order: (name, compiled, hpi's split-KV decode attention). The first of --variants is
 # the baseline the others are fed tokens from and compared with.
 VARIANTS = (("eager", False, False), ("compiled_sdpa", True, False), ("compiled_split", True, True))
-# Named inductor option sets (the module docstring says what each changes); the first is hpi run's own.
+# Named inductor option sets (the module docstring says what each changes); DEFAULT_SET is hpi run's own.
+CDT = {"coordinate_descent_tuning": True}
 OPTION_SETS: dict[str, dict] = {
-    "cdt": dict(COMPILE_OPTIONS),
-    "cdt-all": {**COMPILE_OPTIONS, "coordinate_descent_check_all_directions": True},
-    "cdt-r2": {**COMPILE_OPTIONS, "coordinate_descent_search_radius": 2},
-    "cdt-maxpw": {**COMPILE_OPTIONS, "max_autotune_pointwise": True},
-    "cdt-prof": {**COMPILE_OPTIONS, "use_torch_profiler_benchmarker": True},
+    "cdt": dict(CDT),
+    "cdt-all": {**CDT, "coordinate_descent_check_all_directions": True},
+    "cdt-r2": {**CDT, "coordinate_descent_search_radius": 2},
+    "cdt-maxpw": {**CDT, "max_autotune_pointwise": True},
+    "cdt-prof": {**CDT, "use_torch_profiler_benchmarker": True},
     "plain": {},
 }
+DEFAULT_SET = next(name for name, options in OPTION_SETS.items() if options == COMPILE_OPTIONS)
 # The tuning's timer, swapped per compile by this script (``_benchmarker``): inductor reads the setting once, at
 # import (torch/_inductor/runtime/benchmarking.py, ``benchmarker = _make_default_benchmarker()``).
 PROFILER = "use_torch_profiler_benchmarker"
@@ -427,7 +430,7 @@ def measure(stage, vocab: int, batch: int, prompt_len: int, gen_len: int, replay
     from hpi.executor.decode_attention import use_split_kv
 
     budget = budget if budget is not None else Budget(None)
-    sets = option_sets if option_sets is not None else {"cdt": dict(COMPILE_OPTIONS)}
+    sets = option_sets if option_sets is not None else {DEFAULT_SET: dict(COMPILE_OPTIONS)}
     ids = torch.randint(3, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(batch)).to(device)
     (base_name, base_compiled, base_split), first_set = variants[0], next(iter(sets))
     entries, skipped, failed = [], [], []
@@ -497,9 +500,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="graphs to compare, the first the baseline (default: all of " +
                         ", ".join(v[0] for v in VARIANTS) + ")")
     p.add_argument("--compiles", type=int, default=1, help="compiles from scratch of each compiled graph and set")
-    p.add_argument("--option-sets", default=next(iter(OPTION_SETS)),
-                   help=f"inductor option sets: {_SYNTAX}; named: {', '.join(OPTION_SETS)} (default: cdt, "
-                        "hpi run's own)")
+    p.add_argument("--option-sets", default=DEFAULT_SET,
+                   help=f"inductor option sets: {_SYNTAX}; named: {', '.join(OPTION_SETS)} "
+                        f"(default: {DEFAULT_SET}, hpi run's own)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="start no compile that the longest one so far would take past this many seconds")
     p.add_argument("--out", required=True)

@@ -9,7 +9,9 @@ row the copy is not needed: the G query heads that share a KV head become G quer
 (``[b, kv, G, d]``), the row's key mask broadcasts over them, and one sdpa call over the unrepeated cache
 gives the same numbers (transformers 5.23 does this itself, as ``pack_gqa``). On CUDA that step goes to hpi's
 split-KV Triton kernel (``hpi.executor.decode_attention``), whose work follows the slots the mask allows rather
-than the static cache's length. A serving step (its
+than the static cache's length. Every sdpa call outside a CUDA graph's capture (prefill, eager decode over a
+growing cache) runs without cuDNN, whose plan per new length cost 2.1 ms of host time a call in eager decode
+(``slots.changing_shape_backends``). A serving step (its
 ``RaggedStep`` / ``DenseDecode`` arrives where the mask would) goes to ``hpi.executor.slots.ragged_attention``.
 Every other case goes to transformers' own function unchanged.
 
@@ -19,8 +21,11 @@ stage's configs select it and transformers' mask builders treat it as sdpa.
 
 from __future__ import annotations
 
+import torch
+from torch.nn.attention import sdpa_kernel
+
 from hpi.executor.decode_attention import decode_attention
-from hpi.executor.slots import DenseDecode, RaggedStep, ragged_attention
+from hpi.executor.slots import DenseDecode, RaggedStep, changing_shape_backends, ragged_attention
 
 ATTENTION = "hpi_sdpa"
 
@@ -34,8 +39,12 @@ def grouped_decode_sdpa(module, query, key, value, attention_mask, dropout: floa
     groups = getattr(module, "num_key_value_groups", 1)
     b, heads, q_len, d = query.shape
     if attention_mask is None or groups == 1 or q_len != 1 or dropout or kwargs.get("position_bias") is not None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        if query.is_cuda and torch.cuda.is_current_stream_capturing():  # fixed shapes: one plan, at capture
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, **kwargs)
+        with sdpa_kernel(changing_shape_backends()):  # not cuDNN: a plan for every new length (slots.py)
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, **kwargs)
     allowed = attention_mask[:, 0, 0, : key.shape[-2]]  # [b|1, L]: one row's mask for all its G queries
     return decode_attention(query[:, :, 0], key, value, allowed, scaling)[:, None], None
 

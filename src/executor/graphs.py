@@ -53,8 +53,13 @@ from typing import Any, Callable
 
 import torch
 
-# Inductor options of the compiled decode step: tuned matrix-vector reductions (see the module docstring).
-COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
+# Inductor options of the compiled decode step: tuned matrix-vector reductions (see the module docstring), and
+# when the one-field-at-a-time walk stops, every combination of the fields' neighbour values timed too
+# (``coordinate_descent_check_all_directions``, torch/_inductor/runtime/coordinate_descent_tuner.py). Llama-3-8B
+# shape, batch 1, one H200, each compile from scratch (benchmarks/compile_decode.py): with the walk alone the step
+# was 4.51, 5.31, 4.87 ms in three compiles (and 5.18, 5.26 in hpi run), with the wider search 4.45 and 4.67 ms,
+# for a compile of 153-164 s instead of 82 s (benchmarks/results/2026-12-05-h200-issue20, calls 1 and 4).
+COMPILE_OPTIONS = {"coordinate_descent_tuning": True, "coordinate_descent_check_all_directions": True}
 _COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, Callable[..., torch.Tensor]]" = weakref.WeakKeyDictionary()
 
 

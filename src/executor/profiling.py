@@ -9,6 +9,11 @@ the copy rate while copying, the copy engine's idle gaps, the host's waits on th
 host calls) and the profiler's own tables (``profile-rank<R>.txt``). The trace itself is not kept: tens of MB a
 70B step.
 
+``HPI_TORCH_PROFILE=python`` also records Python's calls (``with_stack``): the summary's ``python`` lists the
+functions the host spent its time in, where the ops alone leave the host idle (a 70B 4-bit ZeRO-3 step whose copy
+engine sat idle a third of the time while neither kernels nor host ops ran: benchmarks/results/
+2026-12-05-h200-issue20, call 2).
+
 The profiler adds host time to every op it records, so a profiled run is slower where the host bounds it;
 compare profiled runs with each other, and step times with unprofiled runs.
 """
@@ -29,11 +34,16 @@ TOP = 25
 WAIT_CALLS = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize", "cudaMemcpy",
               "cudaStreamWaitEvent")
 
-__all__ = ["PROFILE_ENV", "profiling_wanted", "profiled", "summarize_trace", "union_us", "overlap_us", "gaps_us"]
+__all__ = ["PROFILE_ENV", "profiling_wanted", "python_stacks_wanted", "profiled", "summarize_trace", "union_us",
+           "overlap_us", "gaps_us"]
 
 
 def profiling_wanted() -> bool:
     return os.environ.get(PROFILE_ENV, "") not in ("", "0")
+
+
+def python_stacks_wanted() -> bool:
+    return os.environ.get(PROFILE_ENV, "") == "python"
 
 
 @contextmanager
@@ -47,7 +57,7 @@ def profiled(out_dir: str, rank: int) -> Iterator[None]:
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, with_stack=python_stacks_wanted()) as prof:
         yield
     with tempfile.TemporaryDirectory() as tmp:
         trace = Path(tmp) / "trace.json"
@@ -121,12 +131,14 @@ def summarize_trace(events: Sequence[dict[str, Any]]) -> dict[str, Any]:
     copying, and the copy engine's idle gaps of at least ``GAP_FLOOR_US`` (count, total, the longest). ``kernels``:
     busy time, its overlap with the copies, and the top kernels by time. ``host``: the span the host ops cover,
     the time in the CUDA runtime calls that wait on the device (``WAIT_CALLS``), and the top host ops by total
-    time (nested ops count in their parents too: read it as where, not how much)."""
+    time (nested ops count in their parents too: read it as where, not how much). ``python``: the same for
+    Python's calls, where the trace has them (``HPI_TORCH_PROFILE=python``)."""
     complete = [e for e in events if e.get("ph") == "X" and "ts" in e]
     copies = [e for e in complete if e.get("cat") == "gpu_memcpy"]
     h2d = [e for e in copies if "HtoD" in e.get("name", "")]
     kernels = [e for e in complete if e.get("cat") == "kernel"]
     host = [e for e in complete if e.get("cat") in ("cpu_op", "user_annotation")]
+    python = [e for e in complete if e.get("cat") == "python_function"]
     runtime = [e for e in complete if e.get("cat") in ("cuda_runtime", "cuda_driver")]
     everything = _spans(complete)
     wall = (max(b for _, b in everything) - min(a for a, _ in everything)) if everything else 0.0
@@ -150,4 +162,5 @@ def summarize_trace(events: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "host": {"span_us": round(union_us(_spans(host)), 1), "ops": len(host),
                  "waits_on_device_us": round(sum(float(e.get("dur", 0.0)) for e in waits), 1),
                  "waits": _top(waits, 5), "runtime_top": _top(runtime, 10), "top": _top(host)},
+        "python": {"span_us": round(union_us(_spans(python)), 1), "calls": len(python), "top": _top(python)},
     }

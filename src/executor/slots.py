@@ -145,11 +145,15 @@ def _window_ok(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> 
     return allowed
 
 
-def _backends():
-    """sdpa's kernels for serving steps: flash, memory-efficient and math, not cuDNN. cuDNN builds an execution
-    plan for every new (query, key) length pair, and a serving step's lengths change with every request: on one
-    H200 each first step of a new mix of prompt chunks stalled 0.7-1.1 s (benchmarks/results/2026-12-02-h200-serve,
-    call A)."""
+def changing_shape_backends():
+    """sdpa's kernels wherever attention's shapes change from call to call: flash, memory-efficient and math, not
+    cuDNN. cuDNN builds an execution plan for every new (query, key) length pair. A serving step's lengths change
+    with every request: on one H200 each first step of a new mix of prompt chunks stalled 0.7-1.1 s
+    (benchmarks/results/2026-12-02-h200-serve, call A). An eager decode step's key length grows by one every
+    step: there cuDNN's attention took 2.1 ms of host time a call and 59% of the run's host time, in a profiled
+    eager Llama-3-8B decode of 78 ms a step whose kernels were busy 7 ms of it
+    (benchmarks/results/2026-12-05-h200-issue20, call 2, r8/profile-rank0.txt). A CUDA graph's shapes are fixed
+    and its plan is built once, at capture (``hpi.executor.attention`` keeps the default there)."""
     from torch.nn.attention import SDPBackend
 
     return [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -161,7 +165,7 @@ def ragged_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     [slots, kv, max_len, d]. Returns transformers' attention output layout: [b, s, heads, d]."""
     from torch.nn.attention import sdpa_kernel
 
-    with sdpa_kernel(_backends()):
+    with sdpa_kernel(changing_shape_backends()):
         return _ragged_attention(query, keys, values, step, scaling)
 
 

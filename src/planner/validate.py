@@ -81,8 +81,11 @@ class Exclusion:
     pattern: str  # a record id or a glob of ids ("run1-8b/*"), or a record file path (relative to the root)
     reason: str
     metrics: tuple[str, ...] = ()  # only these metrics of the record; () = the whole record
+    within: str = ""  # with a record pattern: only records of the files this glob names (ids repeat across files)
 
     def matches(self, record_id: str, rel_path: str) -> bool:
+        if self.within and not fnmatch.fnmatch(rel_path, self.within):
+            return False
         return fnmatch.fnmatch(record_id, self.pattern) or fnmatch.fnmatch(rel_path, self.pattern)
 
 
@@ -174,7 +177,8 @@ def load_manifest(path: str | Path = DEFAULT_MANIFEST, root: str | Path | None =
         bad = [m for m in metrics if m not in METRICS]
         if bad:
             raise CalibrationError(f"{path}: exclude[{i}].metrics: {bad[0]!r} is not one of {', '.join(METRICS)}")
-        exclusions.append(Exclusion(str(e.get("record") or e.get("path")), str(e["reason"]), metrics))
+        exclusions.append(Exclusion(str(e.get("record") or e.get("path")), str(e["reason"]), metrics,
+                                    str(e.get("within") or "")))
     return Manifest(Path(root) if root else path.resolve().parent.parent, tuple(entries), tuple(exclusions), path)
 
 

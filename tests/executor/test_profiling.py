@@ -31,6 +31,7 @@ def test_summary_of_a_trace_with_two_copies_a_gap_and_a_wait():
         _x("cuda_runtime", "cudaStreamSynchronize", 700.0, 120.0),
         _x("cuda_runtime", "cudaLaunchKernel", 50.0, 5.0),
         {"ph": "i", "cat": "cpu_op", "name": "instant", "ts": 5000.0},  # not a complete event: ignored
+        _x("python_function", "deepspeed/fetch", 100.0, 400.0), _x("python_function", "deepspeed/fetch", 300.0, 400.0),
     ]
     s = summarize_trace(events)
     assert s["wall_us"] == 1000.0
@@ -45,6 +46,8 @@ def test_summary_of_a_trace_with_two_copies_a_gap_and_a_wait():
     assert s["other_copies"][0]["name"].startswith("Memcpy DtoD")
     assert s["host"]["waits_on_device_us"] == 120.0
     assert s["host"]["span_us"] == 1000.0
+    assert s["python"] == {"span_us": 600.0, "calls": 2,
+                           "top": [{"name": "deepspeed/fetch", "count": 2, "total_us": 800.0, "mean_us": 400.0}]}
 
 
 def test_profiled_writes_nothing_without_the_variable(tmp_path, monkeypatch):
@@ -67,3 +70,19 @@ def test_profiled_writes_a_summary_and_tables_of_a_real_cpu_run(tmp_path, monkey
     assert summary["h2d"]["count"] == 0 and summary["kernels"]["count"] == 0  # no CUDA here
     tables = (tmp_path / "profile-rank3.txt").read_text()
     assert "by host time" in tables and "aten::linear" in tables
+
+
+def test_python_mode_records_pythons_calls(tmp_path):
+    """Run in a fresh interpreter: under pytest the test's own enclosing frames would fill the top list."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom hpi.executor.profiling import profiled\n"
+            "def a_python_function(x):\n    return torch.nn.functional.linear(x, x)\n"
+            f"with profiled({str(tmp_path)!r}, 0):\n    a_python_function(torch.randn(8, 8))\n")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                   env={**os.environ, PROFILE_ENV: "python"})
+    summary = json.loads((tmp_path / "profile-rank0.json").read_text())
+    assert summary["python"]["calls"] > 0
+    assert any(row["name"].endswith("a_python_function") for row in summary["python"]["top"])

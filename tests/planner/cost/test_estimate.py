@@ -643,6 +643,10 @@ def test_one_h200s_graphed_8b_steps_at_batch_16_pay_the_rows_device_time() -> No
     assert sorted((m.plan.batch_size, m.workload.decode_compile) for m in runs) == [
         (1, False), (1, True), (16, False), (16, True)]
     profile = load_profile("h200-1gpu", calibrated=False)
+    # These steps were compiled under inductor's walk alone, hpi's options until 2026-12-05: the compiled figure of
+    # that program (the profile's note; validation/fidelity_set.yaml leaves them out of the set for it)
+    profile = dataclasses.replace(profile, efficiency=dataclasses.replace(profile.efficiency,
+                                                                          compiled_layer_device_overhead_s=49.1e-6))
     flat = dataclasses.replace(profile, efficiency=dataclasses.replace(profile.efficiency,
                                                                        layer_device_s_per_row_doubling=0.0))
     for m, p, q in zip(runs, predict_measurements(profile, runs), predict_measurements(flat, runs)):
