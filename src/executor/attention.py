@@ -21,6 +21,8 @@ stage's configs select it and transformers' mask builders treat it as sdpa.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.nn.attention import sdpa_kernel
 
@@ -39,10 +41,10 @@ def grouped_decode_sdpa(module, query, key, value, attention_mask, dropout: floa
     groups = getattr(module, "num_key_value_groups", 1)
     b, heads, q_len, d = query.shape
     if attention_mask is None or groups == 1 or q_len != 1 or dropout or kwargs.get("position_bias") is not None:
-        if query.is_cuda and torch.cuda.is_current_stream_capturing():  # fixed shapes: one plan, at capture
-            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                          scaling=scaling, **kwargs)
-        with sdpa_kernel(changing_shape_backends()):  # not cuDNN: a plan for every new length (slots.py)
+        # Not cuDNN, whose plan per new length costs ms of host time (slots.py), but in a graph's capture: its
+        # shapes are fixed and the plan is built once.
+        capturing = query.is_cuda and torch.cuda.is_current_stream_capturing()
+        with contextlib.nullcontext() if capturing else sdpa_kernel(changing_shape_backends()):
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                           scaling=scaling, **kwargs)
     allowed = attention_mask[:, 0, 0, : key.shape[-2]]  # [b|1, L]: one row's mask for all its G queries

@@ -60,7 +60,7 @@ def eager_figures(shapes: Sequence[Mapping[str, Any]], lo: int, read_bytes_s: fl
     if not bound:
         return {}
     host_s = float(np.median([s["eager_layer_s"] for s in bound]))
-    step = float(np.median([s["eager_step_s"][str(lo)] - lo * host_s - s["head_bytes"] / read_bytes_s
+    step = float(np.median([s["eager_step_s"][str(lo)] - lo * s["eager_layer_s"] - s["head_bytes"] / read_bytes_s
                             for s in bound]))
     timed = "; ".join(f"{s['model']} {s['eager_layer_s'] * 1e6:,.0f} us eager vs {s['layer_s'] * 1e6:,.0f} us graphed"
                       for s in bound)
