@@ -27,6 +27,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from hpi.atomic import write_json, write_text
+
 PROFILE_ENV = "HPI_TORCH_PROFILE"
 GAP_FLOOR_US = 100.0  # idle time of the copy engine shorter than this is the copies' own issue rhythm
 TOP = 25
@@ -68,26 +70,13 @@ def profiled(out_dir: str, rank: int) -> Iterator[None]:
     tables = (f"by device time:\n{averages.table(sort_by=sort, row_limit=40)}\n\n"
               f"by host time:\n{averages.table(sort_by='self_cpu_time_total', row_limit=40)}\n")
     base = Path(out_dir) / f"profile-rank{rank}"
-    _write_atomic(base.with_suffix(".json"), json.dumps(summary, indent=1) + "\n")
-    _write_atomic(base.with_suffix(".txt"), tables)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_json(base.with_suffix(".json"), summary, indent=1, newline=True)
+    write_text(base.with_suffix(".txt"), tables)
 
 
 def union_us(intervals: Sequence[tuple[float, float]]) -> float:
     """Length of the union of (start, end) intervals: busy time where several overlap."""
-    total, end = 0.0, float("-inf")
-    for a, b in sorted(intervals):
-        if b <= end:
-            continue
-        total += b - max(a, end)
-        end = b
-    return total
+    return sum(b - a for a, b in _merged(intervals))
 
 
 def _merged(intervals: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
