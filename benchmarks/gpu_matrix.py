@@ -169,6 +169,21 @@ def matrices() -> dict[str, list[Entry]]:
             Entry("70b-q4-cpu-pinned-b32", m70, "h200-1gpu", 32, {"offload": "cpu", "weight_bits": 4},
                   variants=_fused(1), prompt_len=128, gen_len=4),
         ],
+        # issue 20, 4-bit streaming: does a prefetch bucket that reaches further ahead keep the copy engine busy?
+        # Every 4-bit 70B run so far used DeepSpeed's 5e7-element bucket, which reaches about one weight ahead
+        # (a 70B MLP projection is 235 M elements, an attention k/v 8.4 M), and its copy engine sat idle a third of
+        # each step while every copy ran at the pinned ceiling (benchmarks/results/2026-12-05-h200-issue20 and
+        # -h100-issue20); the 16-bit 70B streamed at 1.00 with DeepSpeedExamples' 1.3e8 (2026-11-22-h200x4). One
+        # build per bucket: a layer's weights are 856 M elements, so 2.5e8 reaches a projection ahead and 1e9 a layer.
+        "stream-h200": [
+            Entry(f"70b-q4-cpu-pinned-bucket{label}-b1", m70, "h200-1gpu", 1,
+                  {"offload": "cpu", "weight_bits": 4, "prefetch_bucket_elems": bucket,
+                   "max_live_elems": max(10**9, 2 * bucket)},
+                  variants=({"fused_dequant": True},
+                            {"batch_size": 32, "micro_batches": 1, "fused_dequant": True}),
+                  prompt_len=128, gen_len=4)
+            for label, bucket in (("5e7", 50_000_000), ("2.5e8", 250_000_000), ("1e9", 1_000_000_000))
+        ],
         "smoke": [
             Entry("tiny-resident", "tiny-llama", h100, 2, {}),
             Entry("tiny-cpu-offload", "tiny-llama", h100, 2, {"offload": "cpu"}, variants=_batches(4)),

@@ -12,11 +12,10 @@ not worth one. Everything else is a runtime knob with a range derived from the m
   ``max_live_elems``, ``persistence_threshold_elems`` (log-uniform integers; the ranges hold DeepSpeed's
   defaults and DeepSpeedExamples' 2 h^2 / h);
 - NVMe offload only: ``nvme_buffer_count``, ``nvme_buffer_elems`` (at least the largest tensor partition,
-  which DeepSpeed requires), and DeepSpeed's aio ``aio_block_size_bytes`` and ``aio_queue_depth``
-  (categorical: the values the planner's search offers, ``hpi.planner.search.AIO_BLOCK_SIZES`` and
-  ``AIO_QUEUE_DEPTHS``, plus the plan's defaults; the cost model prices them from the probe's read grid,
-  ``hpi.planner.cost.aio``, and a block above the smallest swapped partition is a constraint violation).
-  The aio thread count stays at its default: the queue depth already sets the requests in flight.
+  which DeepSpeed requires), and DeepSpeed's aio ``aio_block_size_bytes``, ``aio_queue_depth`` and
+  ``aio_threads`` (categorical: the values the planner's search offers, ``hpi.planner.search.AIO_BLOCK_SIZES``,
+  ``AIO_QUEUE_DEPTHS`` and ``AIO_THREADS``, plus the plan's defaults; the cost model prices them from the probe's
+  read grid, ``hpi.planner.cost.aio``, and a block above the smallest swapped partition is a constraint violation).
 
 ``suggest_plan(trial, space)`` turns a trial into a Plan; ``params_of(plan, space)`` is its inverse (what
 ``study.enqueue_trial`` takes), and ``grid(space)`` a finite lattice of the same space that the planner
@@ -37,6 +36,7 @@ from hpi.planner.cost.shape import module_table, per_rank
 from hpi.planner.search import (
     AIO_BLOCK_SIZES,
     AIO_QUEUE_DEPTHS,
+    AIO_THREADS,
     DEFAULT_BATCHES,
     SearchSpace,
     nvme_buffer_elems_for,
@@ -61,6 +61,9 @@ DEFAULT_TOP_CONFIGS = 6
 NVME_BUFFER_COUNTS = (2, 16)
 AIO_BLOCK_CHOICES = tuple(sorted({Plan.aio_block_size_bytes, *AIO_BLOCK_SIZES}))
 AIO_QUEUE_DEPTH_CHOICES = tuple(sorted({Plan.aio_queue_depth, *AIO_QUEUE_DEPTHS}))
+AIO_THREAD_CHOICES = tuple(sorted({Plan.aio_threads, *AIO_THREADS}))
+AIO_CHOICES = (("aio_block_size_bytes", AIO_BLOCK_CHOICES), ("aio_queue_depth", AIO_QUEUE_DEPTH_CHOICES),
+               ("aio_threads", AIO_THREAD_CHOICES))
 
 
 @dataclass(frozen=True, order=True)
@@ -129,11 +132,12 @@ class Space:
     max_live_elems: IntRange
     persistence_threshold_elems: IntRange
     nvme_buffer_elems: IntRange | None  # None: no NVMe config in the space
-    # The (aio block size, queue depth) points of the lattice (``grid``) for NVMe configs: every choice where the
-    # profile has the probe's read grid (the cost model tells them apart), else the defaults alone (every
-    # choice predicts the same: 12 copies of each NVMe point would only slow the surrogate). Trials still
+    # The (aio block size, queue depth, threads) points of the lattice (``grid``) for NVMe configs: every choice
+    # where the profile has the probe's read grid (the cost model tells them apart), else the defaults alone (every
+    # choice predicts the same: 32 copies of each NVMe point would only slow the surrogate). Trials still
     # suggest every choice: a real run measures what the model cannot.
-    aio_lattice: tuple[tuple[int, int], ...] = ((Plan.aio_block_size_bytes, Plan.aio_queue_depth),)
+    aio_lattice: tuple[tuple[int, int, int], ...] = (
+        (Plan.aio_block_size_bytes, Plan.aio_queue_depth, Plan.aio_threads),)
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -174,7 +178,8 @@ class Space:
             max_live_elems=rng(d["max_live_elems"]),
             persistence_threshold_elems=rng(d["persistence_threshold_elems"]),
             nvme_buffer_elems=rng(d["nvme_buffer_elems"]),
-            aio_lattice=tuple(tuple(p) for p in d.get("aio_lattice", cls.aio_lattice)),  # a study from before
+            # a study from before the lattice, or before it held the thread count (the default then)
+            aio_lattice=tuple((*p, Plan.aio_threads)[:3] for p in d.get("aio_lattice", cls.aio_lattice)),
         )
 
 
@@ -279,11 +284,12 @@ def derive_space(
     )
 
 
-def aio_lattice_for(hardware: HardwareProfile) -> tuple[tuple[int, int], ...]:
-    """Every (block size, queue depth) choice where ``hardware`` has the probe's read grid, else the defaults."""
+def aio_lattice_for(hardware: HardwareProfile) -> tuple[tuple[int, int, int], ...]:
+    """Every (block size, queue depth, threads) choice where ``hardware`` has the probe's read grid, else the
+    defaults."""
     if hardware.nvme is None or not hardware.nvme.read_grid:
         return Space.aio_lattice
-    return tuple(itertools.product(AIO_BLOCK_CHOICES, AIO_QUEUE_DEPTH_CHOICES))
+    return tuple(itertools.product(*(choices for _, choices in AIO_CHOICES)))
 
 
 # ---- trial <-> plan ------------------------------------------------------------------------------------
@@ -337,8 +343,7 @@ def suggest_plan(trial, space: Space) -> Plan:
         plan = plan.with_(
             nvme_buffer_count=trial.suggest_int("nvme_buffer_count", *NVME_BUFFER_COUNTS),
             nvme_buffer_elems=_suggest_range(trial, "nvme_buffer_elems", space.nvme_buffer_elems),
-            aio_block_size_bytes=trial.suggest_categorical("aio_block_size_bytes", AIO_BLOCK_CHOICES),
-            aio_queue_depth=trial.suggest_categorical("aio_queue_depth", AIO_QUEUE_DEPTH_CHOICES),
+            **{name: trial.suggest_categorical(name, choices) for name, choices in AIO_CHOICES},
         )
     return plan
 
@@ -379,8 +384,7 @@ def params_of(plan: Plan, space: Space) -> dict[str, Any]:
         r = space.nvme_buffer_elems
         if r.low < r.high:
             params["nvme_buffer_elems"] = int(min(max(plan.nvme_buffer_elems, r.low), r.high))
-        aio_choices = (("aio_block_size_bytes", AIO_BLOCK_CHOICES), ("aio_queue_depth", AIO_QUEUE_DEPTH_CHOICES))
-        for name, choices in aio_choices:
+        for name, choices in AIO_CHOICES:
             if getattr(plan, name) not in choices:
                 raise ValueError(f"{name} {getattr(plan, name)} is not one of this study's {choices}")
             params[name] = getattr(plan, name)
@@ -419,22 +423,23 @@ def _config_rows(config: DiscretePlan, space: Space, model: ModelSpec) -> list[d
     if config.gathers:
         knob_points = list(itertools.product(space.prefetch_bucket_elems.points, space.max_live_elems.points,
                                              space.persistence_threshold_elems.points))
-    nvme_points = [(Plan.nvme_buffer_count, Plan.nvme_buffer_elems, Plan.aio_block_size_bytes, Plan.aio_queue_depth)]
+    nvme_points = [(Plan.nvme_buffer_count, Plan.nvme_buffer_elems, *Space.aio_lattice[0])]
     if config.offload == "nvme" and space.nvme_buffer_elems is not None:
         need = nvme_buffer_elems_for(model, config.tp, config.dp)
-        nvme_points = [(c, e, block, depth) for c in (4, 8) for e in space.nvme_buffer_elems.points if e >= need
-                       for block, depth in space.aio_lattice]
+        nvme_points = [(c, e, *aio) for c in (4, 8) for e in space.nvme_buffer_elems.points if e >= need
+                       for aio in space.aio_lattice]
     micro = _micro_choices(config.pp) if config.pp > 1 else (1,)
     for batch, kv in itertools.product(space.batches(), space.kv_offload):
         batch = _fit_batch(batch, config.dp)
         pins = space.pin_memory if copies_from_host(config.offload == "cpu", kv) else (True,)
         mbs = sorted({_fit_micro_batches(batch // config.dp, m) for m in micro})
-        for pin, mb, (bucket, live, persist), (count, elems, block, depth) in itertools.product(
+        for pin, mb, (bucket, live, persist), (count, elems, block, depth, threads) in itertools.product(
                 pins, mbs, knob_points, nvme_points):
             rows.append({"offload": config.offload, "weight_bits": config.weight_bits, "pin_memory": pin,
                          "kv_offload": kv, "batch_size": batch, "micro_batches": mb, "prefetch_bucket_elems": bucket,
                          "max_live_elems": live, "persistence_threshold_elems": persist, "nvme_buffer_count": count,
-                         "nvme_buffer_elems": elems, "aio_block_size_bytes": block, "aio_queue_depth": depth})
+                         "nvme_buffer_elems": elems, "aio_block_size_bytes": block, "aio_queue_depth": depth,
+                         "aio_threads": threads})
     return rows
 
 

@@ -279,6 +279,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile_label(profile: str) -> str:
+    """A catalogue name as it is; a profile file (the manifest may name one) by its file name."""
+    return Path(profile).name if profile.endswith((".yaml", ".yml")) else profile
+
+
 def _print_validation(result) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -289,8 +294,8 @@ def _print_validation(result) -> None:
     for col in ("record", "profile", "plan", "metric", "measured", "uncalibrated", "err", "calibrated", "err"):
         table.add_column(col, justify="left" if col in ("record", "profile", "plan", "metric") else "right")
     for r in result.rows:
-        table.add_row(r.record_id, r.profile, r.plan_label, _METRIC_LABELS[r.metric], _fmt(r.metric, r.measured),
-                      _fmt(r.metric, r.uncalibrated), f"{r.uncalibrated / r.measured - 1:+.0%}",
+        table.add_row(r.record_id, _profile_label(r.profile), r.plan_label, _METRIC_LABELS[r.metric],
+                      _fmt(r.metric, r.measured), _fmt(r.metric, r.uncalibrated), f"{r.uncalibrated / r.measured - 1:+.0%}",
                       _fmt(r.metric, r.calibrated), f"{r.calibrated / r.measured - 1:+.0%}")
     console.print(table)
     s = result.summary()

@@ -13,7 +13,14 @@ from dataclasses import dataclass, replace
 from hpi.planner.cost.shape import module_table
 from hpi.planner.feasibility import plan_problems
 from hpi.planner.predict import Estimate, predict_many
-from hpi.planner.search import AIO_BLOCK_SIZES, AIO_QUEUE_DEPTHS, MIB, nvme_buffer_counts_for, nvme_buffer_elems_for
+from hpi.planner.search import (
+    AIO_BLOCK_SIZES,
+    AIO_QUEUE_DEPTHS,
+    AIO_THREADS,
+    MIB,
+    nvme_buffer_counts_for,
+    nvme_buffer_elems_for,
+)
 from hpi.planner.specs.model import ModelSpec
 from hpi.planner.specs.plan import OFFLOAD_KINDS, WEIGHT_BITS, Plan, decode_graph_blocker
 
@@ -120,6 +127,8 @@ def knob_variants(plan: Plan, model: ModelSpec) -> list[tuple[str, Plan]]:
             v.append((f"aio block {block // MIB} MiB", {"aio_block_size_bytes": block}))
         for depth in sorted(set(AIO_QUEUE_DEPTHS) - {plan.aio_queue_depth}):
             v.append((f"aio queue depth {depth}", {"aio_queue_depth": depth}))
+        for threads in sorted(set(AIO_THREADS) - {plan.aio_threads}):
+            v.append((f"{threads} aio thread{'s' if threads > 1 else ''}", {"aio_threads": threads}))
     out = []
     for label, change in v:
         try:

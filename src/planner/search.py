@@ -46,16 +46,21 @@ NVME_BUFFER_DEFAULT_ELEMS = 100_000_000
 # A configuration is a plan up to these: each configuration is ranked at its best batch, micro-batch count,
 # prefetch bucket, NVMe buffer count and aio settings.
 RANKED_WITHIN_CONFIGURATION = ("batch_size", "micro_batches", "prefetch_bucket_elems", "nvme_buffer_count",
-                               "aio_block_size_bytes", "aio_queue_depth")
+                               "aio_block_size_bytes", "aio_queue_depth", "aio_threads")
 MIB = 1024**2
 # The aio settings offered where the profile has the probe's read grid (``cost.aio``), the plan's defaults
 # first (the ranking's stable sort keeps them where others predict the same). Block sizes: DeepSpeed's 1 MiB
-# (also its swap floor), 4 and 16 MiB, the probe grid's request sizes: larger requests need fewer in flight
-# (a block above the smallest swapped partition is infeasible: ``feasibility`` ``aio_block_size``). Queue
-# depths per thread: DeepSpeed's 8, 32 and 128 around the plan's 64; with 8 threads 64 to 1024 requests in
-# flight at most, beyond the grid's 128 (where it saturates, its edge holds).
-AIO_BLOCK_SIZES = (MIB, 4 * MIB, 16 * MIB)
+# (also its swap floor), 4 and 16 MiB, the probe grid's request sizes: larger requests need fewer in flight;
+# and 8 MiB, the largest that swaps every partition of a Llama-3-8B-shaped model (its k and v projections),
+# which read at 0.80 of one H200 disk's sequential rate with one thread (benchmarks/results/
+# 2026-12-05-h200-issue20/SUMMARY.md "NVMe"). A block above the smallest swapped partition is infeasible
+# (``feasibility`` ``aio_block_size``). Queue depths per thread: DeepSpeed's 8, 32 and 128 around the plan's 64;
+# with 8 threads 64 to 1024 requests in flight at most, beyond the grid's 128 (where it saturates, its edge
+# holds). Threads: DeepSpeed's one (it reads at the grid's rate) and the plan's 8 (``cost.aio``
+# ``aio_read_efficiency``: the two counts the records measured).
+AIO_BLOCK_SIZES = (MIB, 4 * MIB, 8 * MIB, 16 * MIB)
 AIO_QUEUE_DEPTHS = (8, 32, 128)
+AIO_THREADS = (1, 8)
 
 
 @dataclass(frozen=True)
@@ -139,6 +144,7 @@ def _grid(arrangement: Arrangement, space: SearchSpace, has_nvme: bool, nvme_buf
                               else [plan_type.nvme_buffer_count]),
         "aio_block_size_bytes": _offered(plan_type.aio_block_size_bytes, AIO_BLOCK_SIZES, tune_aio),
         "aio_queue_depth": _offered(plan_type.aio_queue_depth, AIO_QUEUE_DEPTHS, tune_aio),
+        "aio_threads": _offered(plan_type.aio_threads, AIO_THREADS, tune_aio),
     }, fixed={"nvme_buffer_elems": nvme_buffer_elems}, plan_type=plan_type)
     even = (k.batch_size % dp == 0) & ((k.batch_size // dp) % k.micro_batches == 0)
     pins = _default_where_idle(k.pin_memory, plan_type.pin_memory, copies_from_host(k.offload_cpu, k.kv_offload))
@@ -146,7 +152,8 @@ def _grid(arrangement: Arrangement, space: SearchSpace, has_nvme: bool, nvme_buf
                                   gathers_weights(k.offloaded, dp))
     buffers = _default_where_idle(k.nvme_buffer_count, plan_type.nvme_buffer_count, k.offload_nvme)
     aio = (_default_where_idle(k.aio_block_size_bytes, plan_type.aio_block_size_bytes, k.offload_nvme)
-           & _default_where_idle(k.aio_queue_depth, plan_type.aio_queue_depth, k.offload_nvme))
+           & _default_where_idle(k.aio_queue_depth, plan_type.aio_queue_depth, k.offload_nvme)
+           & _default_where_idle(k.aio_threads, plan_type.aio_threads, k.offload_nvme))
     return k.take(np.flatnonzero(even & pins & buckets & buffers & aio))
 
 
@@ -171,10 +178,13 @@ def nvme_buffer_counts_for(model: ModelSpec, tp: int, dp: int) -> list[int]:
 
 
 def aio_variants(plan: Plan) -> list[Plan]:
-    """``plan`` at every aio setting the search offers (``AIO_BLOCK_SIZES`` x ``AIO_QUEUE_DEPTHS``), its own first."""
+    """``plan`` at every aio setting the search offers (``AIO_BLOCK_SIZES`` x ``AIO_QUEUE_DEPTHS`` x
+    ``AIO_THREADS``), its own first."""
     blocks = _offered(plan.aio_block_size_bytes, AIO_BLOCK_SIZES, True)
     depths = _offered(plan.aio_queue_depth, AIO_QUEUE_DEPTHS, True)
-    return [plan.with_(aio_block_size_bytes=b, aio_queue_depth=d) for b in blocks for d in depths]
+    threads = _offered(plan.aio_threads, AIO_THREADS, True)
+    return [plan.with_(aio_block_size_bytes=b, aio_queue_depth=d, aio_threads=t)
+            for b in blocks for d in depths for t in threads]
 
 
 def best_aio(model: ModelSpec, hardware: HardwareProfile, workload: Workload, plan: Plan) -> Plan:

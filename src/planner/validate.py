@@ -398,8 +398,16 @@ def _files_and_profiles(manifest: Manifest, record_paths: Sequence[str | Path] |
     out = []
     for f in files:
         entry = manifest.entry_for(f)
-        out.append((f, entry.profile if entry else None))
+        out.append((f, _profile_at(manifest.root, entry.profile) if entry else None))
     return out
+
+
+def _profile_at(root: Path, profile: str | None) -> str | None:
+    """A manifest's profile: a name from the catalogue, or a profile file (a drive probed the hour its records ran
+    on a lent machine) whose relative path starts at ``root``, as record paths do."""
+    if not profile or not profile.endswith((".yaml", ".yml")) or Path(profile).is_absolute():
+        return profile
+    return str(root / profile)
 
 
 @dataclass(frozen=True)

@@ -93,20 +93,22 @@ def test_run_key_groups_plans_as_the_hand_written_key_did(target):
     assert all(run_key(p) == run_key(q) for p, q in zip(plans, idle))
 
 
-def test_nvme_configs_search_the_aio_block_size_and_queue_depth(target):
+def test_nvme_configs_search_the_aio_block_size_queue_depth_and_threads(target):
     model, hw, wl = target
     space = derive_space(model, hw, wl, "throughput", top=2, restrict={"offloads": "nvme"})
     other = DiscretePlan("cpu", 1, 1, 1, 16)
     space, nvme = replace(space, configs=(*space.configs, other)), space.configs[0]
     plan = Plan(offload="nvme", tp=nvme.tp, pp=nvme.pp, dp=nvme.dp, weight_bits=nvme.weight_bits,
                 batch_size=max(nvme.dp, 1), micro_batches=1, nvme_buffer_elems=space.nvme_buffer_elems.high,
-                aio_block_size_bytes=4 << 20, aio_queue_depth=32)
+                aio_block_size_bytes=8 << 20, aio_queue_depth=32, aio_threads=1)
     params = params_of(plan, space)
-    assert (params["aio_block_size_bytes"], params["aio_queue_depth"]) == (4 << 20, 32)
+    assert (params["aio_block_size_bytes"], params["aio_queue_depth"], params["aio_threads"]) == (8 << 20, 32, 1)
     back = suggest_plan(FixedTrial(params), space)
-    assert (back.aio_block_size_bytes, back.aio_queue_depth) == (4 << 20, 32)
+    assert (back.aio_block_size_bytes, back.aio_queue_depth, back.aio_threads) == (8 << 20, 32, 1)
     with pytest.raises(ValueError, match="aio_queue_depth 3 is not one of"):
         params_of(plan.with_(aio_queue_depth=3), space)
+    with pytest.raises(ValueError, match=r"aio_threads 4 is not one of this study's \(1, 8\)"):
+        params_of(plan.with_(aio_threads=4), space)
     flat = Plan(offload=other.offload, tp=other.tp, pp=other.pp, dp=other.dp, weight_bits=other.weight_bits,
                 batch_size=max(other.dp, 1))
     assert not any(name.startswith("aio_") for name in params_of(flat, space))
@@ -115,15 +117,18 @@ def test_nvme_configs_search_the_aio_block_size_and_queue_depth(target):
     def settings(space):
         lattice = grid(space, model)
         plans = [lattice.plan(g, r) for g, k in enumerate(lattice.knobs) for r in range(0, k.n, 5)]
-        return {(p.offload, p.aio_block_size_bytes, p.aio_queue_depth) for p in plans}
+        return {(p.offload, p.aio_block_size_bytes, p.aio_queue_depth, p.aio_threads) for p in plans}
 
-    assert {(b, d) for _, b, d in settings(space)} == {(1 << 20, 64)}
+    assert {s[1:] for s in settings(space)} == {(1 << 20, 64, 8)}
     from hpi.autotune.space import aio_lattice_for
     from hpi.planner.specs.hardware import AioReadPoint
 
     gridded = replace(hw, nvme=replace(hw.nvme, read_grid=(AioReadPoint(1 << 20, 1, 1e9),)))
     space = replace(space, aio_lattice=aio_lattice_for(gridded))
     assert Space.from_dict(space.to_dict()) == space
-    assert {(b, d) for o, b, d in settings(space) if o != "nvme"} == {(1 << 20, 64)}
-    assert {(b, d) for o, b, d in settings(space) if o == "nvme"} == set(itertools.product(
-        (1 << 20, 4 << 20, 16 << 20), (8, 32, 64, 128)))
+    assert {s[1:] for s in settings(space) if s[0] != "nvme"} == {(1 << 20, 64, 8)}
+    assert {s[1:] for s in settings(space) if s[0] == "nvme"} == set(itertools.product(
+        (1 << 20, 4 << 20, 8 << 20, 16 << 20), (8, 32, 64, 128), (1, 8)))
+    # a study stored before the lattice held the thread count: its (block, depth) points at the default 8 threads
+    stored = space.to_dict() | {"aio_lattice": [[1 << 20, 64], [4 << 20, 8]]}
+    assert Space.from_dict(stored).aio_lattice == ((1 << 20, 64, 8), (4 << 20, 8, 8))

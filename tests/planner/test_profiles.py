@@ -149,8 +149,14 @@ def test_h100_uses_the_measured_and_probed_ceilings():
                          ("efficiency.offload_layer_overhead_s", "measured")):
         assert profile.provenance[path].source == source, path
         assert "2026-11-22" in profile.provenance[path].note, path
-    # the 0.483 s host-waited 8B step (docs/measured-facts.md): 0.312 s of copies, the rest 32 layers of host time
-    assert profile.efficiency.offload_layer_overhead_s == 4.9e-3
+    # the 0.483 s host-waited 8B step (docs/measured-facts.md): 0.312 s of copies, the rest 32 layers of host time,
+    # 5.35 ms a layer: the eager layer's (probed 2026-12-05 without cuDNN) and ZeRO-3's hooks
+    eff = profile.efficiency
+    assert eff.layer_overhead_s == 1.026e-3 and eff.step_overhead_s == 1.22e-3
+    assert eff.layer_overhead_s + eff.offload_layer_overhead_s == pytest.approx(5.346e-3)
+    for name in ("layer_overhead_s", "step_overhead_s"):
+        assert profile.provenance[f"efficiency.{name}"].source == "probed"
+        assert "2026-12-05" in profile.provenance[f"efficiency.{name}"].note
     assert profile.efficiency.h2d_stream_pinned == Efficiency().h2d_stream_pinned  # not measured: the default
     assert profile.efficiency.matmul_decode == Efficiency().matmul_decode
 

@@ -337,15 +337,18 @@ def with_read_grid(profile):
 
 def test_aio_settings_are_offered_only_with_a_read_grid_and_only_to_nvme_plans(a6000) -> None:
     model, space = load_model("llama-3-8b"), SearchSpace(batch_sizes=(1,))
-    plain = {(p.aio_block_size_bytes, p.aio_queue_depth) for p in all_plans(search(model, a6000, WORKLOAD, space))}
-    assert plain == {(1 << 20, 64)}  # no grid: every setting predicts the same, so only the defaults
+
+    def settings(result):
+        return {(p.offload, p.aio_block_size_bytes, p.aio_queue_depth, p.aio_threads) for p in all_plans(result)}
+
+    plain = {s[1:] for s in settings(search(model, a6000, WORKLOAD, space))}
+    assert plain == {(1 << 20, 64, 8)}  # no grid: every setting predicts the same, so only the defaults
     r = search(model, with_read_grid(a6000), WORKLOAD, space)
-    settings = {(p.offload, p.aio_block_size_bytes, p.aio_queue_depth) for p in all_plans(r)}
-    assert {(b, d) for o, b, d in settings if o != "nvme"} == {(1 << 20, 64)}
-    assert {(b, d) for o, b, d in settings if o == "nvme"} == set(itertools.product(
-        (1 << 20, 4 << 20, 16 << 20), (8, 32, 64, 128)))
-    # Llama-3-8B's k and v projections (8 MiB) would stay in CPU memory under a 16 MiB block
-    assert r.infeasible_counts["aio_block_size"] == 4 * sum(p.offload == "nvme" for p in all_plans(r)) // 12
+    assert {s[1:] for s in settings(r) if s[0] != "nvme"} == {(1 << 20, 64, 8)}
+    assert {s[1:] for s in settings(r) if s[0] == "nvme"} == set(itertools.product(
+        (1 << 20, 4 << 20, 8 << 20, 16 << 20), (8, 32, 64, 128), (1, 8)))
+    # Llama-3-8B's k and v projections (8 MiB) would stay in CPU memory under a 16 MiB block: 8 of the 32 settings
+    assert r.infeasible_counts["aio_block_size"] == sum(p.offload == "nvme" for p in all_plans(r)) // 4
 
 
 def test_best_aio_is_the_fastest_feasible_setting(a6000) -> None:
@@ -357,11 +360,40 @@ def test_best_aio_is_the_fastest_feasible_setting(a6000) -> None:
     assert best_aio(model, a6000, WORKLOAD, plan) == plan  # no grid: nothing is faster
     hw = with_read_grid(a6000)
     best = best_aio(model, hw, WORKLOAD, plan)
-    assert (best.aio_block_size_bytes, best.aio_queue_depth) == (4 << 20, 64)
-    steps = {(v.aio_block_size_bytes, v.aio_queue_depth): predict(model, hw, WORKLOAD, v)
+    assert (best.aio_block_size_bytes, best.aio_queue_depth, best.aio_threads) == (4 << 20, 64, 1)
+    steps = {(v.aio_block_size_bytes, v.aio_queue_depth, v.aio_threads): predict(model, hw, WORKLOAD, v)
              for v in aio_variants(plan)}
-    assert len(steps) == 12 and not steps[(16 << 20, 64)].feasible
-    assert steps[(4 << 20, 64)].decode_step_s == min(e.decode_step_s for e in steps.values() if e.feasible)
-    assert steps[(4 << 20, 64)].decode_step_s < steps[(1 << 20, 64)].decode_step_s
-    # 8 threads x 64 already cover every block of a partition: a deeper queue predicts the same, the plan's kept
-    assert steps[(4 << 20, 128)].decode_step_s == steps[(4 << 20, 64)].decode_step_s
+    assert len(steps) == 32 and not steps[(16 << 20, 64, 8)].feasible and steps[(8 << 20, 64, 1)].feasible
+    fastest = min(e.decode_step_s for e in steps.values() if e.feasible)
+    assert steps[(4 << 20, 64, 1)].decode_step_s == fastest < steps[(1 << 20, 64, 8)].decode_step_s
+    # one thread keeps up to depth blocks of a partition in flight: 64 of the embedding's 251, the grid's edge, so
+    # depth 128 predicts the same (the plan's 64 is kept) and depth 32 less; eight threads reach that edge at depth
+    # 8 already (8 x 8 of the embedding's) and hold every block of a layer's partitions (at most 4 a thread) in
+    # flight: their depth changes nothing
+    assert steps[(4 << 20, 128, 1)].decode_step_s == fastest < steps[(4 << 20, 32, 1)].decode_step_s
+    assert steps[(4 << 20, 8, 8)].decode_step_s == steps[(4 << 20, 64, 8)].decode_step_s
+
+
+def test_best_aio_for_the_8b_on_h200_reads_8_mib_blocks_with_one_thread() -> None:
+    """The 8B on h200-1gpu's drive grid (2026-12-03): 8 MiB blocks with one thread, the setting that read fastest
+    on 2026-12-05 (1.44 GB/s, benchmarks/results/2026-12-05-h200-issue20/SUMMARY.md "NVMe"). That run's depth 8
+    predicts 0.3% slower than depth 32-128 (the MLP's 14 blocks of 8 MiB all in flight, where the grid's 4 MiB
+    row rises from 8 to 32 in flight); 16 MiB blocks stay refused (the k and v partitions are 8 MiB)."""
+    from hpi.planner.search import aio_variants, best_aio
+    from hpi.planner.specs.plan import Plan
+
+    model, hw = load_model("llama-3-8b"), profiles.load_profile("h200-1gpu")
+    workload = Workload(prompt_len_tokens=32, gen_len_tokens=3)
+    plan = Plan(offload="nvme", nvme_buffer_elems=nvme_buffer_elems_for(model, 1, 1))
+    best = best_aio(model, hw, workload, plan)
+    assert (best.aio_block_size_bytes, best.aio_queue_depth, best.aio_threads) == (8 << 20, 64, 1)
+    steps = {(v.aio_block_size_bytes >> 20, v.aio_queue_depth, v.aio_threads): predict(model, hw, workload, v)
+             for v in aio_variants(plan)}
+    assert not any(e.feasible for (block, _, _), e in steps.items() if block == 16)
+    assert {r.kind for r in steps[(16, 8, 1)].reasons} == {"aio_block_size"}
+    fastest = steps[(8, 64, 1)].decode_step_s
+    assert fastest == pytest.approx(9.573, abs=1e-3)
+    assert steps[(8, 8, 1)].decode_step_s == pytest.approx(9.602, abs=1e-3)
+    # the next best: 4 MiB blocks with one thread; the best with eight threads reads at 0.8 of the grid
+    assert steps[(4, 64, 1)].decode_step_s == pytest.approx(10.162, abs=1e-3)
+    assert min(e.decode_step_s for (_, _, t), e in steps.items() if t == 8 and e.feasible) > 12.0

@@ -1,12 +1,14 @@
 """hpi.planner.validate's manifest: an exclusion's ``within`` limits a record pattern to some files, since record ids
 (<file stem>/<entry>) repeat across sessions; and the shipped manifest leaves out exactly the compiled steps made
-under the old inductor options."""
+under the old inductor options; a profile the manifest names by file starts at the repository, as record paths do."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from hpi.planner.validate import load_manifest
+import pytest
+
+from hpi.planner.validate import load_manifest, validate
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -36,3 +38,18 @@ def test_the_shipped_set_leaves_out_only_the_old_compiled_steps():
     assert not compiled[0].matches("records-8b/8b-resident-b1@b1-graphs", old)
     assert not compiled[0].matches("records-8b/8b-resident-b1@b1-graphs-compiled",
                                    "benchmarks/results/2026-12-06-h200/call1/records-8b.json")
+
+
+def test_a_profile_file_in_the_manifest_starts_at_the_root_and_prices_its_drive():
+    """The one-thread aio records of 2026-12-05 are predicted on the drive probed in their own call (a lent machine's
+    virtual disk differs from call to call): within 5% each, at the grid's rate (hpi.planner.cost.aio)."""
+    manifest = load_manifest(REPO / "validation" / "fidelity_set.yaml")
+    records = REPO / "benchmarks/results/2026-12-05-h200-issue20/call3/aio/records.json"
+    result = validate(manifest, [records])
+    decode = {r.record_id: r for r in result.rows if r.metric == "decode_step_s"}
+    assert len(decode) == 3
+    probe = REPO / "benchmarks/results/2026-12-05-h200-issue20/call3/aio/h200-1gpu-aio.yaml"
+    assert {r.profile for r in decode.values()} == {str(probe)}
+    assert all(r.ape_uncalibrated < 0.05 for r in decode.values()), {k: r.ape_uncalibrated for k, r in decode.items()}
+    eight_mib = decode["records/8b-nvme-aio-t1-8m-b1"]
+    assert eight_mib.measured == pytest.approx(11.12, abs=0.02) and eight_mib.uncalibrated < eight_mib.measured

@@ -28,7 +28,8 @@ from hpi.records import RunRecord
 # ``dram_usable`` are planning policy, not measurements; ``host_reserved_bytes`` shows in no metric.
 CANDIDATES = (
     "matmul_prefill", "matmul_decode", "hbm", "h2d_stream_pinned", "h2d_stream_pageable", "nvme_read",
-    "prefetch_overlap", "collective_bandwidth", "allreduce_latency_s", "collective_host_overhead_s",
+    "nvme_read_multithread", "prefetch_overlap", "collective_bandwidth", "allreduce_latency_s",
+    "collective_host_overhead_s",
     "p2p_latency_s", "layer_overhead_s", "layer_device_overhead_s", "compiled_layer_device_overhead_s",
     "offload_layer_overhead_s", "step_overhead_s",
     "graphed_step_overhead_s", "gpu_workspace_bytes",

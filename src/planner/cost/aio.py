@@ -13,8 +13,9 @@ the grid's, interpolated in log space (rates grow roughly with the log of the re
 depth until the drive saturates; beyond the grid's edges the edge value holds), harmonically averaged over the
 partitions of each module kind a rank swaps (each read in turn). The cost model scales the topology's NVMe
 rate (the profile's sequential ``read_bytes_s``, shared among the ranks reading at once) by that rate over
-``read_bytes_s``; a profile without a grid prices every aio setting at ``read_bytes_s``, as before the grid
-existed.
+``read_bytes_s``, and by the share of it DeepSpeed reaches (``aio_read_efficiency``): all of it with one aio thread,
+``Efficiency.nvme_read_multithread`` with more. A profile without a grid prices every aio setting at
+``read_bytes_s`` x ``Efficiency.nvme_read``, as before the grid existed.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from hpi.planner.cost.shape import KIND_NAMES, N_KINDS, swapped_partitions
 from hpi.planner.specs.hardware import AioReadPoint, NvmeSpec
 from hpi.planner.specs.model import ModelSpec
 
-__all__ = ["grid_read_rate", "aio_requests", "aio_read_rate", "aio_read_factor"]
+__all__ = ["grid_read_rate", "aio_requests", "aio_read_rate", "aio_read_factor", "aio_read_efficiency"]
 
 
 def grid_read_rate(grid: tuple[AioReadPoint, ...], request_bytes: float, in_flight: float) -> float:
@@ -80,3 +81,20 @@ def aio_read_factor(arrangement: Arrangement, knobs: Knobs) -> np.ndarray:
     unique, inverse = np.unique(settings, axis=0, return_inverse=True)
     rates = np.array([aio_read_rate(a.model, a.tp, a.dp, nvme, *map(float, row)) for row in unique])
     return np.where(knobs.offload_nvme[:, None], rates[inverse.ravel()] / nvme.read_bytes_s, 1.0)
+
+
+def aio_read_efficiency(arrangement: Arrangement, knobs: Knobs) -> np.ndarray:
+    """(N,) the share of the rate ``aio_read_factor`` prices that each plan's aio reads reach.
+
+    With the probe's grid, one aio thread reads at the grid's rate for its requests: on one H200's disk DeepSpeed's
+    defaults (1 MiB blocks, depth 8, one thread) read the Llama-3-8B at 1.23 GB/s where the grid's (1 MiB, 8 in
+    flight) read 1.23, 4 MiB blocks at 1.28 against the grid's 1.27 (benchmarks/results/2026-12-05-h200-issue20,
+    SUMMARY.md "NVMe", call3/aio/records.json and aio_probe.json). More threads read below it
+    (``Efficiency.nvme_read_multithread``: eight threads at depth 64 read 0.75-0.85 of the grid, 2026-12-03). The
+    five runs cannot tell the thread count from the requests in flight (the eight threads kept 32-64 in flight, the
+    one thread at most 8); the rule keys on the thread count, the knob the two days' runs changed. Without a grid,
+    ``Efficiency.nvme_read`` of the sequential rate, whatever the settings."""
+    eff, nvme = arrangement.hardware.efficiency, arrangement.hardware.nvme
+    if nvme is None or not nvme.read_grid:
+        return np.full(knobs.n, eff.nvme_read)
+    return np.where(knobs.aio_threads > 1, eff.nvme_read_multithread, 1.0)

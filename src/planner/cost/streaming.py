@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hpi.planner.cost.aio import aio_read_factor
+from hpi.planner.cost.aio import aio_read_efficiency, aio_read_factor
 from hpi.planner.cost.compute import touched_elems_per_rank
 from hpi.planner.cost.inputs import COMPUTE_BYTES, Arrangement, Knobs
 from hpi.planner.cost.phase import Phase
@@ -97,9 +97,10 @@ def weight_stream_time(arrangement: Arrangement, knobs: Knobs,
     """(PCIe seconds, NVMe seconds), each (N, kinds); the streaming time is their max."""
     t_h2d = stream_bytes / h2d_bandwidth(arrangement, knobs)[:, None]
     # The topology shares the drive's sequential rate among the ranks reading at once; the plan's aio settings
-    # scale it by what the probe's read grid says they reach (cost.aio; 1 without a grid).
+    # scale it by what the probe's read grid says they reach (1 without a grid) and by the share of that DeepSpeed
+    # reaches (cost.aio).
     nvme_bw = (link_rate(arrangement, knobs, "nvme_read")[:, None] * aio_read_factor(arrangement, knobs)
-               * arrangement.hardware.efficiency.nvme_read)
+               * aio_read_efficiency(arrangement, knobs)[:, None])
     t_nvme = np.where(knobs.offload_nvme[:, None], stream_bytes / np.maximum(nvme_bw, 1e-9), 0.0)
     return t_h2d, t_nvme
 

@@ -91,7 +91,12 @@ class Efficiency:
     # in series with the copies, priced by the fetch-wait rule in cost.estimate, not a slower link.
     h2d_stream_pinned: float = 0.95
     h2d_stream_pageable: float = 0.80  # over the pageable ceiling (already a slow staged copy)
-    nvme_read: float = 0.80  # DeepSpeed aio over the O_DIRECT sequential ceiling (cost.streaming)
+    # DeepSpeed aio over the O_DIRECT sequential ceiling, where the profile has no read grid (cost.aio).
+    nvme_read: float = 0.80
+    # DeepSpeed aio with more than one thread over the probe's read grid at the same requests (cost.aio; one
+    # thread reads at the grid's rate). Eight threads, depth 64, 1 and 4 MiB blocks read the 8B at 1.19 GB/s,
+    # 0.75-0.85 of the grid's 1.40-1.58 GB/s (benchmarks/results/2026-12-03-h200-aio/aio/records.json, SUMMARY.md).
+    nvme_read_multithread: float = 0.80
     collective_bandwidth: float = 0.80  # of the link's bandwidth, ring all-reduce bus bandwidth (cost.collectives)
     # alpha of one collective on the GPU stream, NCCL's small-message time
     allreduce_latency_s: float = 20e-6  # (cost.collectives)

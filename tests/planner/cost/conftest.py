@@ -36,7 +36,8 @@ LINK_LATENCY = 1e-6
 # Every efficiency 1 and every overhead 0: the cost terms are then the bare formulas.
 IDEAL = Efficiency(
     matmul_prefill=1.0, matmul_decode=1.0, hbm=1.0, h2d_stream_pinned=1.0, h2d_stream_pageable=1.0,
-    nvme_read=1.0, collective_bandwidth=1.0, allreduce_latency_s=0.0, collective_host_overhead_s=0.0, p2p_latency_s=0.0,
+    nvme_read=1.0, nvme_read_multithread=1.0, collective_bandwidth=1.0, allreduce_latency_s=0.0,
+    collective_host_overhead_s=0.0, p2p_latency_s=0.0,
     prefetch_overlap=1.0, layer_overhead_s=0.0, offload_layer_overhead_s=0.0, step_overhead_s=0.0,
     graphed_step_overhead_s=0.0,
     gpu_reserved_bytes=0.0, gpu_workspace_bytes=0.0, host_reserved_bytes=0.0, gpu_memory_usable=1.0, dram_usable=1.0,
@@ -46,7 +47,8 @@ IDEAL = Efficiency(
 # Distinct, easy-to-spot efficiencies so a test can tell which one a term used.
 ROUND = Efficiency(
     matmul_prefill=0.5, matmul_decode=0.25, hbm=0.8, h2d_stream_pinned=0.5, h2d_stream_pageable=0.8,
-    nvme_read=0.5, collective_bandwidth=0.5, allreduce_latency_s=10e-6, collective_host_overhead_s=30e-6,
+    nvme_read=0.5, nvme_read_multithread=0.6, collective_bandwidth=0.5, allreduce_latency_s=10e-6,
+    collective_host_overhead_s=30e-6,
     p2p_latency_s=20e-6, prefetch_overlap=1.0, layer_overhead_s=100e-6, offload_layer_overhead_s=300e-6,
     layer_device_overhead_s=50e-6, compiled_layer_device_overhead_s=20e-6,
     step_overhead_s=1e-3, graphed_step_overhead_s=0.4e-3, gpu_reserved_bytes=1 * GB, gpu_workspace_bytes=0.25 * GB,

@@ -13,13 +13,24 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from hpi.planner.cost.aio import aio_read_factor, aio_read_rate, aio_requests, grid_read_rate
+from hpi.planner.catalog import load_model
+from hpi.planner.cost.aio import (
+    aio_read_efficiency,
+    aio_read_factor,
+    aio_read_rate,
+    aio_requests,
+    grid_read_rate,
+)
 from hpi.planner.cost.inputs import Knobs
 from hpi.planner.cost.phase import decode_phase
-from hpi.planner.cost.shape import DENSE, EMBED, HEAD, MOE, smallest_swapped_partition
+from hpi.planner.cost.shape import DENSE, EMBED, HEAD, MOE, smallest_swapped_partition, swapped_partitions
 from hpi.planner.cost.streaming import weight_stream_bytes, weight_stream_time
+from hpi.planner.predict import predict
+from hpi.planner.profiles import load_profile
+from hpi.planner.search import nvme_buffer_elems_for
 from hpi.planner.specs.hardware import AioReadPoint
 from hpi.planner.specs.plan import Plan
+from hpi.planner.specs.workload import Workload
 
 MIB = 1 << 20
 GRID = (AioReadPoint(MIB, 1, 1e9), AioReadPoint(MIB, 16, 4e9), AioReadPoint(4 * MIB, 1, 2e9),
@@ -80,7 +91,32 @@ def test_nvme_time_scales_with_the_grid_and_not_without_it(kit) -> None:
     factor = aio_read_factor(gridded, k)
     np.testing.assert_allclose(factor[1], [0.5, 1.0, 0.5, 0.5])  # 1 GB/s of the 2 GB/s sequential; MoE swaps nothing
     np.testing.assert_array_equal(factor[2], np.ones(4))  # CPU offload reads no NVMe
+    # without a grid every setting reads at nvme_read (0.5) of the sequential rate; with it 8 threads at
+    # nvme_read_multithread (0.6) of the grid's rate, one thread at the grid's rate
+    np.testing.assert_array_equal(aio_read_efficiency(plain, k), [0.5, 0.5, 0.5])
+    np.testing.assert_array_equal(aio_read_efficiency(gridded, k)[:2], [0.6, 1.0])
     _, t_plain = weight_stream_time(plain, k, stream_bytes(plain, k))
     _, t_grid = weight_stream_time(gridded, k, stream_bytes(gridded, k))
-    np.testing.assert_allclose(t_grid[:2], t_plain[:2] / factor[:2])
-    assert t_grid[1, DENSE] == pytest.approx(2 * t_plain[1, DENSE]) and t_grid[1, DENSE] > 0
+    np.testing.assert_allclose(t_grid[0], t_plain[0] / factor[0] * 0.5 / 0.6)
+    np.testing.assert_allclose(t_grid[1], t_plain[1] / factor[1] * 0.5)
+    # one thread at 1 GB/s, where the sequential 2 GB/s x nvme_read 0.5 is 1 GB/s as well
+    assert t_grid[1, DENSE] == pytest.approx(t_plain[1, DENSE]) and t_grid[1, DENSE] > 0
+
+
+def test_one_thread_reads_at_the_grid_point_and_eight_at_its_multithread_share() -> None:
+    """h200-1gpu's drive grid (2026-12-03): Llama-3-8B's every swapped partition (8-112 MiB, and the 1 GiB embedding
+    and head) is read as 8 requests of 1 MiB in flight both by one thread at depth 8 (DeepSpeed's default) and by 8
+    threads at depth 1, the grid's (1 MiB, 8) point, 1.292 GB/s: one thread reads the 16.06 GB a decode step swaps in
+    at that rate (2026-12-05: one thread read at its grid point's), eight threads at 0.80 of it (2026-12-03)."""
+    model, hw = load_model("llama-3-8b"), load_profile("h200-1gpu")
+    assert hw.efficiency.nvme_read_multithread == 0.80
+    assert grid_read_rate(hw.nvme.read_grid, MIB, 8) == pytest.approx(1.292e9)
+    base = Plan(offload="nvme", nvme_buffer_elems=nvme_buffer_elems_for(model, 1, 1), aio_block_size_bytes=MIB)
+    one, eight = base.with_(aio_queue_depth=8, aio_threads=1), base.with_(aio_queue_depth=1, aio_threads=8)
+    workload = Workload(prompt_len_tokens=32, gen_len_tokens=3)
+    swapped = sum(elems * (model.n_layers if module.startswith("dense_layer.") else 1)
+                  for module, elems in swapped_partitions(model, 1, 1)) * 2  # 32 layers of 416 MiB, 2 x 1002 MiB
+    assert swapped == 15316 * MIB
+    nvme_s = {p.aio_threads: predict(model, hw, workload, p).decode_link["nvme_s"] for p in (one, eight)}
+    assert nvme_s[1] == pytest.approx(swapped / 1.292e9, rel=1e-3)  # 12.43 s
+    assert nvme_s[8] == pytest.approx(swapped / (0.80 * 1.292e9), rel=1e-3)  # 15.54 s
