@@ -295,8 +295,9 @@ def _print_validation(result) -> None:
         table.add_column(col, justify="left" if col in ("record", "profile", "plan", "metric") else "right")
     for r in result.rows:
         table.add_row(r.record_id, _profile_label(r.profile), r.plan_label, _METRIC_LABELS[r.metric],
-                      _fmt(r.metric, r.measured), _fmt(r.metric, r.uncalibrated), f"{r.uncalibrated / r.measured - 1:+.0%}",
-                      _fmt(r.metric, r.calibrated), f"{r.calibrated / r.measured - 1:+.0%}")
+                      _fmt(r.metric, r.measured), _fmt(r.metric, r.uncalibrated),
+                      f"{r.uncalibrated / r.measured - 1:+.0%}", _fmt(r.metric, r.calibrated),
+                      f"{r.calibrated / r.measured - 1:+.0%}")
     console.print(table)
     s = result.summary()
     summary = Table(title=f"{s['n_records']} records, {s['n_plans']} plans: absolute percentage error, median / max",
