@@ -404,10 +404,11 @@ def _files_and_profiles(manifest: Manifest, record_paths: Sequence[str | Path] |
 
 def _profile_at(root: Path, profile: str | None) -> str | None:
     """A manifest's profile: a name from the catalogue, or a profile file (a drive probed the hour its records ran
-    on a lent machine) whose relative path starts at ``root``, as record paths do."""
+    on a lent machine) whose relative path starts at ``root``, as record paths do. The file is named relative to
+    the working directory, so that reports read the same on every checkout run from its root."""
     if not profile or not profile.endswith((".yaml", ".yml")) or Path(profile).is_absolute():
         return profile
-    return str(root / profile)
+    return os.path.relpath(root / profile)
 
 
 @dataclass(frozen=True)

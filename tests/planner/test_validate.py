@@ -49,7 +49,7 @@ def test_a_profile_file_in_the_manifest_starts_at_the_root_and_prices_its_drive(
     decode = {r.record_id: r for r in result.rows if r.metric == "decode_step_s"}
     assert len(decode) == 3
     probe = REPO / "benchmarks/results/2026-12-05-h200-issue20/call3/aio/h200-1gpu-aio.yaml"
-    assert {r.profile for r in decode.values()} == {str(probe)}
+    assert {Path(r.profile).resolve() for r in decode.values()} == {probe}
     assert all(r.ape_uncalibrated < 0.05 for r in decode.values()), {k: r.ape_uncalibrated for k, r in decode.items()}
     eight_mib = decode["records/8b-nvme-aio-t1-8m-b1"]
     assert eight_mib.measured == pytest.approx(11.12, abs=0.02) and eight_mib.uncalibrated < eight_mib.measured
