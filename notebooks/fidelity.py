@@ -63,12 +63,12 @@ measurements = {}  # the manifest's exclusions applied: whole records dropped, e
 # All files read together, as hpi validate reads them: two files of one stem in different folders are then named
 # with their folder.
 for record in load_records(manifest.files()):
-    entry = manifest.entry_for(record.source.path)
+    profile = manifest.profile_for(record.source.path)
     m = measurement(record)
     if m.record_id in result.excluded:
         continue
     dropped = {metric: 0.0 for metric in METRICS if f"{m.record_id}:{metric}" in result.excluded}
-    measurements[m.record_id] = (dataclasses.replace(m, **dropped), entry.profile or m.recorded_hardware)
+    measurements[m.record_id] = (dataclasses.replace(m, **dropped), profile or m.recorded_hardware)
 for key, reason in result.excluded.items():
     print(f"excluded {key}: {reason}")
 

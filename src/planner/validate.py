@@ -102,6 +102,17 @@ class Manifest:
         hits = [e for e in self.entries if fnmatch.fnmatch(full, str(self._absolute(e.pattern)))]
         return hits[-1] if hits else None
 
+    def profile_for(self, file: Path) -> str | None:
+        """The profile ``file``'s records ran on, as the last matching entry names it: a name from the catalogue,
+        or a profile file (a drive probed the hour its records ran on a lent machine) whose relative path starts
+        at ``root``, as record paths do. The file is named relative to the working directory, so that reports read
+        the same on every checkout run from its root. None where no entry matches or names one."""
+        entry = self.entry_for(file)
+        profile = entry.profile if entry else None
+        if not profile or not profile.endswith((".yaml", ".yml")) or Path(profile).is_absolute():
+            return profile
+        return os.path.relpath(self.root / profile)
+
     def _absolute(self, pattern: str) -> Path:
         return ((self.root / pattern).resolve() if not any(c in pattern for c in "*?[")
                 else self.root.resolve() / pattern)
@@ -395,20 +406,7 @@ def _files_and_profiles(manifest: Manifest, record_paths: Sequence[str | Path] |
                 files.append(p.resolve())
             else:
                 raise CalibrationError(f"record path {p} does not exist: pass record files or folders")
-    out = []
-    for f in files:
-        entry = manifest.entry_for(f)
-        out.append((f, _profile_at(manifest.root, entry.profile) if entry else None))
-    return out
-
-
-def _profile_at(root: Path, profile: str | None) -> str | None:
-    """A manifest's profile: a name from the catalogue, or a profile file (a drive probed the hour its records ran
-    on a lent machine) whose relative path starts at ``root``, as record paths do. The file is named relative to
-    the working directory, so that reports read the same on every checkout run from its root."""
-    if not profile or not profile.endswith((".yaml", ".yml")) or Path(profile).is_absolute():
-        return profile
-    return os.path.relpath(root / profile)
+    return [(f, manifest.profile_for(f)) for f in files]
 
 
 @dataclass(frozen=True)

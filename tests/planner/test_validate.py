@@ -53,3 +53,15 @@ def test_a_profile_file_in_the_manifest_starts_at_the_root_and_prices_its_drive(
     assert all(r.ape_uncalibrated < 0.05 for r in decode.values()), {k: r.ape_uncalibrated for k, r in decode.items()}
     eight_mib = decode["records/8b-nvme-aio-t1-8m-b1"]
     assert eight_mib.measured == pytest.approx(11.12, abs=0.02) and eight_mib.uncalibrated < eight_mib.measured
+
+
+def test_profile_for_names_a_catalogue_profile_as_it_is_and_a_file_from_the_root(tmp_path, monkeypatch):
+    manifest = tmp_path / "validation" / "set.yaml"
+    manifest.parent.mkdir()
+    manifest.write_text("records:\n  - path: results/a.json\n    profile: h200-1gpu\n"
+                        "  - path: results/b.json\n    profile: results/drive.yaml\n")
+    loaded = load_manifest(manifest)
+    monkeypatch.chdir(tmp_path / "validation")  # a working directory other than the root
+    assert loaded.profile_for(tmp_path / "results" / "a.json") == "h200-1gpu"
+    assert loaded.profile_for(tmp_path / "results" / "b.json") == str(Path("..") / "results" / "drive.yaml")
+    assert loaded.profile_for(tmp_path / "results" / "c.json") is None
