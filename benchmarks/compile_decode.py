@@ -7,54 +7,22 @@ launch config from µs timings (``torch/_inductor/runtime/coordinate_descent_tun
 is 0.1% faster, ``has_improvement``), so the step depends on the compile. This script says how big the
 compile-to-compile spread is and which option set makes it small and fast.
 
-The device call (next GPU session, one H200, about 8 minutes; ``cdt-prof`` needs torch's
-``TorchProfilerBenchmarker``, which torch 2.13 has and 2.11 may not: then ``plain`` takes its place):
+A device call (one GPU; each compile is cold, 80-165 s for the 8B under ``cdt-all`` on an H100 or H200, and is
+followed by the teacher-forced replays and 200 timed ones, ~4 s):
 
-    S="cdt;cdt-prof;cdt-all"; python3 -c "from torch._inductor.runtime.benchmarking import \
-        TorchProfilerBenchmarker" 2>/dev/null || S="cdt;cdt-all;plain"
-    python3 benchmarks/compile_decode.py --model llama-3-8b --batches 1,16 --prompt-len 512 --gen-len 512 \
-        --variants eager,compiled_split --compiles 3 --option-sets "$S" --budget-s 420 \
-        --hardware h200-1gpu --out "$OUT/compile-repro.json"
+    python3 benchmarks/compile_decode.py --model llama-3-8b --batches 1 --prompt-len 512 --gen-len 512 \
+        --variants eager,compiled_split --compiles 1 --reference --budget-s 200 --hardware h200-1gpu \
+        --out "$OUT/compile-ref.json"
 
-Estimate: a compile took 30-75 s on the H200 (64-74 s cold, 16-29 s with caches warm: SUMMARY.md above) and
-every compile here is cold, followed by 511 teacher-forced replays and 200 timed ones (~4 s). 3 compiles x 3
-sets is 9 compiles, 4.5-11 min, for batch 1 alone (18 with batch 16: 9-23 min), more than one 10-minute call
-holds, so ``--budget-s`` decides: compiles go round by round (each set once, then again), and none starts
-after 420 s that the longest so far would not finish by then. Expected: rounds 1 and 2 at batch 1 (6
-compiles, 3.5-8 min; ``cdt-all`` times up to 3^3 more configs per kernel each time the walk stops and
-``cdt-prof`` starts a profiler per timing, neither measured yet), round 3 and batch 16's compiles only if
-compiles take ~40 s; batch 16's eager baseline always runs (~20 s). With imports and the 8B build (~1 min)
-the call ends after about 8 minutes. What did not fit is listed in ``skipped``; the JSON is rewritten after
-every compile, so a call cut short keeps what it measured. Batch 16 alike: the same with ``--batches 16``.
+``--budget-s`` starts no compile that the longest one so far would carry past it (compiles go round by round over
+the option sets); what did not fit is listed in ``skipped``, and the JSON is rewritten after every compile, so a
+call cut short keeps what it measured.
 
 Graphs (``VARIANTS``): ``eager`` (the stage's forward captured, sdpa's attention: ``hpi run
 --no-compile-decode``), ``compiled_sdpa`` (compiled, sdpa's attention) and ``compiled_split`` (compiled, hpi's
 split-KV decode attention, ``hpi.executor.decode_attention``: what ``hpi run`` replays on a GPU now).
 
-Option sets (``OPTION_SETS``; ``--option-sets`` names them, or writes new ones, see ``parse_option_sets``). Each
-changes ``torch/_inductor/config.py`` settings on top of nothing (torch.compile's ``options=``):
-- ``cdt``: ``coordinate_descent_tuning`` (what ``hpi run`` compiled with until 2026-12-05). A batch-1 matrix
-  product becomes a tuned reduction (``decomposition.py``, ``mm``), and every Triton kernel's config is walked one
-  field at a time to the fastest neighbour.
-- ``cdt-all``: also ``coordinate_descent_check_all_directions``: when the walk stops, every combination of the
-  fields' neighbour values is timed too (``check_all_tuning_directions``): a wider search that can leave a
-  local optimum a noisy timing stopped at. ``hpi.executor.graphs.COMPILE_OPTIONS`` (what ``hpi run`` compiles
-  with; ``DEFAULT_SET``, the default) since the compiles of benchmarks/results/2026-12-05-h200-issue20.
-- ``cdt-r2``: also ``coordinate_descent_search_radius`` 2: each field's neighbours reach two powers of two
-  away instead of one (``get_neighbour_values``): a wider walk.
-- ``cdt-maxpw``: also ``max_autotune_pointwise``: the walk starts from the fastest of inductor's longer list of
-  pointwise and reduction configs (``runtime/triton_heuristics.py``) instead of its first heuristic config.
-- ``cdt-prof``: also ``use_torch_profiler_benchmarker``: each tuning timing is the kernel's device time from the
-  profiler (``TorchProfilerBenchmarker``) instead of the least of up to 100 CUDA-event pairs around single
-  launches of a 5-20 µs kernel (``InductorBenchmarker.benchmark_gpu``): less noisy timings, so the 0.1% steps
-  of the walk follow the kernel more than the timer. Inductor reads this setting once, at import
-  (``runtime/benchmarking.py``, ``benchmarker``), so this script swaps the tuning's benchmarker for the compile
-  itself (``_benchmarker``).
-- ``plain``: no option: cuBLAS for the batch-1 products and heuristic kernel configs (a reduction with several
-  candidate configs is still timed once among them): the control for how much of the step, and of the
-  spread, the tuning brings.
-No repetition knob helps: ``inductor_default_autotune_rep`` exists, but ``CachingAutotuner.bench`` passes
-``rep=40`` and ``InductorBenchmarker.benchmark_gpu`` ignores it (up to 100 launches, 25 ms at most).
+Option sets: ``inductor_option_sets.py`` (``OPTION_SETS``, ``--option-sets``) says what each changes.
 
 Each compile (``--compiles N`` per compiled variant and option set) starts from scratch: ``torch._dynamo.reset()``
 and a fresh inductor cache directory (``torch._inductor.utils.fresh_cache``, ``fresh_inductor_cache`` before
@@ -63,7 +31,9 @@ older torch), so no kernel, tuning choice or compiled graph of an earlier compil
   fed the same tokens (teacher forcing, its own KV cache) and its greedy choice at each position is compared
   with the baseline's: the share that agree. Random weights give small argmax margins, so this is a harsh test
   of bf16 numerics: a faster set that changes them shows here. With ``--reference`` the same weights in fp32
-  (eager, teacher-forced alike) say which path agrees more often with the higher-precision choice.
+  (eager, teacher-forced alike) say which path agrees more often with the higher-precision choice, and
+  ``hpi.executor.agreement`` counts agreement again on the positions fp32 decides by more than the baseline's own
+  rounding moves a decision (``margin_floor``, ``decided_share``, ``agree_decided``, ``agree_vs_fp32_decided``).
 - time: ``--replays`` replays at the first decode position (its cache write is idempotent) between two CUDA
   events: ms a step. On a CPU there is no graph to replay: the un-captured calls are timed with
   ``time.perf_counter`` (``"timer": "perf_counter"`` in the row; host wall time, not a GPU number).
@@ -83,122 +53,23 @@ import contextlib
 import copy
 import gc
 import json
-import re
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from inductor_option_sets import DEFAULT_SET, OPTION_SETS, PROFILER, SYNTAX, parse_option_sets
 
+from hpi.executor import agreement
 from hpi.executor.graphs import COMPILE_OPTIONS
 
 # The graphs compared, in order: (name, compiled, hpi's split-KV decode attention). The first of --variants is
 # the baseline the others are fed tokens from and compared with.
 VARIANTS = (("eager", False, False), ("compiled_sdpa", True, False), ("compiled_split", True, True))
-# Named inductor option sets (the module docstring says what each changes); DEFAULT_SET is hpi run's own.
-CDT = {"coordinate_descent_tuning": True}
-OPTION_SETS: dict[str, dict] = {
-    "cdt": dict(CDT),
-    "cdt-all": {**CDT, "coordinate_descent_check_all_directions": True},
-    "cdt-r2": {**CDT, "coordinate_descent_search_radius": 2},
-    "cdt-maxpw": {**CDT, "max_autotune_pointwise": True},
-    "cdt-prof": {**CDT, "use_torch_profiler_benchmarker": True},
-    "plain": {},
-}
-DEFAULT_SET = next(name for name, options in OPTION_SETS.items() if options == COMPILE_OPTIONS)
-# The tuning's timer, swapped per compile by this script (``_benchmarker``): inductor reads the setting once, at
-# import (torch/_inductor/runtime/benchmarking.py, ``benchmarker = _make_default_benchmarker()``).
-PROFILER = "use_torch_profiler_benchmarker"
-# Settings read once at import that this script cannot change per compile: set them for the whole call instead.
-IMPORT_TIME = {"use_experimental_benchmarker": "TORCHINDUCTOR_USE_EXPERIMENTAL_BENCHMARKER"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-_NAME = re.compile(r"[A-Za-z0-9_-]+")
-_SYNTAX = 'NAME or NAME={KEY:VALUE,...} separated by ";", e.g. "cdt;r3={coordinate_descent_tuning:true,' \
-          'coordinate_descent_search_radius:3};plain"'
-
-
-# ---- option sets ----------------------------------------------------------------------------------------------
-def _value(key: str, text: str, default):
-    """``text`` as the type of the config's ``default``: true/false for a bool, a literal for a number."""
-    if isinstance(default, bool) or (default is None and text in ("true", "false")):
-        if text not in ("true", "false"):
-            raise ValueError(f"{key}:{text}: {key} is a bool: write {key}:true or {key}:false")
-        return text == "true"
-    if isinstance(default, (int, float)) or default is None:
-        for kind in ((int,) if isinstance(default, int) else (int, float)):
-            with contextlib.suppress(ValueError):
-                return kind(text)
-        if default is not None:
-            kind = "an integer" if isinstance(default, int) else "a number"
-            raise ValueError(f"{key}:{text}: {key} takes {kind}: write one, e.g. {key}:{default}")
-    if isinstance(default, str) or default is None:
-        return text
-    raise ValueError(f"{key}: a {type(default).__name__} setting cannot be written here: choose a bool, number "
-                     "or string setting of torch/_inductor/config.py")
-
-
-def _options(name: str, body: str, known: dict) -> dict:
-    """``KEY:VALUE,...`` (the text between the braces) as torch.compile options, each key a setting of
-    ``torch._inductor.config`` (``known``) and each value of its type."""
-    options: dict = {}
-    for item in filter(None, (part.strip() for part in body.split(","))):
-        key, sep, text = (s.strip() for s in item.partition(":"))
-        if not sep or not key or not text:
-            raise ValueError(f"{name}: {item!r} is not KEY:VALUE: write e.g. coordinate_descent_tuning:true")
-        if key in options:
-            raise ValueError(f"{name}: {key} is given twice: keep one")
-        options[key] = _value(key, text, known.get(key))
-    return options
-
-
-def _check(name: str, options: dict, known: dict) -> dict:
-    """``options`` if this torch can apply each of them to one compile; else ValueError naming the fix."""
-    for key in options:
-        if key not in known:
-            raise ValueError(f"{name}: {key} is not a setting of torch._inductor.config (torch "
-                             f"{torch.__version__}): check the spelling in torch/_inductor/config.py")
-        if key in IMPORT_TIME:
-            raise ValueError(f"{name}: {key} is read once, at import, so it cannot change per compile: drop it and "
-                             f"set {IMPORT_TIME[key]} in the environment of the whole call")
-    if options.get(PROFILER):
-        from torch._inductor.runtime import benchmarking
-
-        if not hasattr(benchmarking, "TorchProfilerBenchmarker"):
-            raise ValueError(f"{name}: torch {torch.__version__} has no TorchProfilerBenchmarker "
-                             f"(torch/_inductor/runtime/benchmarking.py): drop the set, or {PROFILER}")
-    return options
-
-
-def parse_option_sets(text: str) -> dict[str, dict]:
-    """``--option-sets``: entries separated by ``;``, each a name of ``OPTION_SETS`` or ``NAME={KEY:VALUE,...}``
-    (``NAME={}``: no option). Raises ValueError naming the fix, also for a setting this torch lacks."""
-    from torch._inductor import config
-
-    known = config.get_config_copy()
-    sets: dict[str, dict] = {}
-    entries = [e.strip() for e in text.split(";")]
-    if not any(entries):
-        raise ValueError(f"{text!r} names no set: write {_SYNTAX}")
-    for entry in entries:
-        name, sep, body = (s.strip() for s in entry.partition("="))
-        if not _NAME.fullmatch(name):
-            raise ValueError(f"{entry!r}: a set's name is letters, digits, '-' or '_': write {_SYNTAX}")
-        if name in sets:
-            raise ValueError(f"{name} is named twice: give each set its own name")
-        if not sep:
-            if name not in OPTION_SETS:
-                raise ValueError(f"{name} is not a named set ({', '.join(OPTION_SETS)}): name one, or write "
-                                 f"{name}={{KEY:VALUE,...}}")
-            sets[name] = _check(name, dict(OPTION_SETS[name]), known)
-            continue
-        if not (body.startswith("{") and body.endswith("}")):
-            raise ValueError(f"{entry!r}: the options go between braces: write {name}={{KEY:VALUE,...}}")
-        sets[name] = _check(name, _options(name, body[1:-1], known), known)
-    return sets
-
-
 # ---- one graph's run --------------------------------------------------------------------------------------------
 def _stage(model: str, device: torch.device, dtype: torch.dtype):
     from hpi.executor.modeling import ShardSpec, build_stage, load_hf_config
@@ -227,22 +98,30 @@ class _Run:
         self.cache = StaticKVCache(self.prompt_len + gen_len)
         self.device = ids.device
         with torch.no_grad():
-            self.first = stage(ids, self.cache, torch.arange(self.prompt_len, device=self.device)).argmax(-1)
+            self.first_logits = stage(ids, self.cache, torch.arange(self.prompt_len, device=self.device))
+        self.first = self.first_logits.argmax(-1)
         capture = self.device.type == "cuda"
         self.graph = DecodeGraph(step_fn, capture=capture) if graphed else torch.no_grad()(step_fn)
 
     def step(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
-        """The greedy tokens after feeding ``tokens`` [b] at decode step ``t`` (position prompt_len + t)."""
+        """The logits [b, vocab] after feeding ``tokens`` [b] at decode step ``t`` (position prompt_len + t)."""
         position = torch.tensor([self.prompt_len + t], device=self.device)
-        return self.graph(tokens[:, None], self.cache, position).argmax(-1)
+        return self.graph(tokens[:, None], self.cache, position)
 
-    def decode(self, gen_len: int, fed: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], float]:
+    def decode(self, gen_len: int, fed: list[torch.Tensor] | None = None,
+               observe: Callable[[int, torch.Tensor], None] | None = None) -> tuple[list[torch.Tensor], float]:
         """(this run's greedy choice at each of ``gen_len`` positions, fed ``fed``, the baseline's choices, or
-        with None its own; the wall time of the first decode step: a compiled graph's compile and capture)."""
+        with None its own; the wall time of the first decode step: a compiled graph's compile and capture).
+        ``observe``: called with each position and its logits (``hpi.executor.agreement``'s collectors)."""
         choices, first_s = [self.first], 0.0
+        if observe is not None:
+            observe(0, self.first_logits)
         for t in range(gen_len - 1):
             start = time.perf_counter()
-            choices.append(self.step((fed or choices)[t], t))
+            logits = self.step((fed or choices)[t], t)
+            choices.append(logits.argmax(-1))
+            if observe is not None:
+                observe(t + 1, logits)
             if t == 0:
                 first_s = time.perf_counter() - start
         return choices, first_s
@@ -265,11 +144,6 @@ class _Run:
         end.record()
         torch.cuda.synchronize()
         return start.elapsed_time(end) / replays
-
-
-def _share(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    """The share of (position, row) greedy choices on which ``a`` and ``b`` agree."""
-    return (torch.stack(a) == torch.stack(b)).float().mean().item()
 
 
 def _profile(run: _Run, tokens: torch.Tensor, path: Path, title: str) -> None:
@@ -385,33 +259,59 @@ def _summary(entries: list[dict], base_ms: float, limit_ms: float | None) -> dic
            "ms_max": max(ms), "spread": max(ms) / min(ms), "median_over_baseline": statistics.median(ms) / base_ms,
            "compile_s_per_compile": [e["compile_s"] for e in entries],
            "agree_per_compile": [e["agree"] for e in entries]}
-    if "agree_vs_fp32" in entries[0]:
-        out["agree_vs_fp32_per_compile"] = [e["agree_vs_fp32"] for e in entries]
+    for key in ("agree_vs_fp32", "agree_decided", "agree_vs_fp32_decided"):
+        if key in entries[0]:
+            out[f"{key}_per_compile"] = [e[key] for e in entries]
     if limit_ms is not None:
         out["best_of_limit"] = limit_ms / min(ms)
     return out
 
 
-def _baseline(stage, ids: torch.Tensor, gen_len: int, replays: int, split: bool, options: dict | None):
-    """(the baseline's ``gen_len`` greedy choices, each fed back; its ms a step; its first step's wall time)."""
+@dataclass
+class _Fp32:
+    """One batch's fp32 reference, teacher-forced with the baseline's tokens: its choices and two best tokens at
+    each position, and the noise floor the baseline's own rounding sets (``hpi.executor.agreement``)."""
+
+    choices: list[torch.Tensor]
+    top: agreement.TopTwo
+    baseline: agreement.MarginsOn | None = None  # the baseline's margins on fp32's two best tokens
+    noise: agreement.Floor | None = None
+
+
+def _baseline(stage, ids: torch.Tensor, gen_len: int, replays: int, split: bool, options: dict | None,
+              reference) -> tuple[list, float, float, _Fp32 | None]:
+    """(the baseline's ``gen_len`` greedy choices, each fed back; its ms a step; its first step's wall time; with a
+    ``reference`` its fp32 run and the floor: the baseline decodes the same steps again, fed its own tokens, to take
+    its margins on fp32's two best tokens)."""
     with _compiled_from_scratch(stage, split, options) as fn:
         base = _Run(fn, stage, ids, gen_len)
         fed, first_s = base.decode(gen_len)
-        return fed, base.time_ms(fed[-1], replays), first_s
+        ms = base.time_ms(fed[-1], replays)
+        if reference is None:
+            return fed, ms, first_s, None
+        fp32 = _Fp32([], agreement.TopTwo())
+        fp32.choices, _ = _Run(reference, reference, ids, gen_len, graphed=False).decode(gen_len, fed, fp32.top)
+        fp32.baseline = agreement.MarginsOn(fp32.top)
+        base.decode(gen_len, fed, fp32.baseline)  # the replays above rewrote one cache slot; this rewrites in order
+        fp32.noise = agreement.floor(fp32.baseline)
+        return fed, ms, first_s, fp32
 
 
-def _compile_entry(stage, ids: torch.Tensor, fed: list, ref_choices: list | None, replays: int, split: bool,
+def _compile_entry(stage, ids: torch.Tensor, fed: list, fp32: _Fp32 | None, replays: int, split: bool,
                    options: dict | None, profile_path: Path | None, title: str) -> dict:
     """One run of a graph (compiled afresh under ``options``; None: eager), teacher-forced with ``fed``: its
-    agreement with the baseline (and fp32), ms a step, compile time and the compile's counters."""
+    agreement with the baseline (and fp32, over all positions and the decided ones), ms a step, compile time and
+    the compile's counters."""
     before = _counts()
     with _compiled_from_scratch(stage, split, options) as fn:
         run = _Run(fn, stage, ids, len(fed))
-        choices, compile_s = run.decode(len(fed), fed)
+        margins = agreement.MarginsOn(fp32.top) if fp32 is not None else None
+        choices, compile_s = run.decode(len(fed), fed, margins)
         entry = {"ms": run.time_ms(fed[-1], replays), "compile_s": compile_s if options is not None else None,
-                 "agree": _share(fed, choices)}
-        if ref_choices is not None:
-            entry["agree_vs_fp32"] = _share(ref_choices, choices)
+                 "agree": agreement.share(fed, choices)}
+        if fp32 is not None:
+            entry["agree_vs_fp32"] = agreement.share(fp32.choices, choices)
+            entry.update(agreement.decided_agreement(margins, choices, fed, fp32.choices, fp32.noise))
         if profile_path is not None:
             _profile(run, fed[-1], profile_path, title)
         del run
@@ -436,12 +336,9 @@ def measure(stage, vocab: int, batch: int, prompt_len: int, gen_len: int, replay
     entries, skipped, failed = [], [], []
     try:
         start = time.perf_counter()
-        fed, base_ms, base_first_s = _baseline(stage, ids, gen_len, replays, base_split,
-                                               sets[first_set] if base_compiled else None)
+        fed, base_ms, base_first_s, fp32 = _baseline(stage, ids, gen_len, replays, base_split,
+                                                     sets[first_set] if base_compiled else None, reference)
         budget.spent(time.perf_counter() - start)
-        ref_choices = None
-        if reference is not None:
-            ref_choices, _ = _Run(reference, reference, ids, gen_len, graphed=False).decode(gen_len, fed)
         for unit, name, split, set_name, index in _units(variants, sets, compiles):
             if not budget.allows():
                 skipped.append(f"{unit}#{index}")
@@ -450,7 +347,7 @@ def measure(stage, vocab: int, batch: int, prompt_len: int, gen_len: int, replay
             title = f"batch {batch}, {prompt_len + gen_len} cache slots: {unit}, compile {index}"
             entry = {"batch": batch, "unit": unit, "variant": name, "option_set": set_name, "compile": index}
             try:
-                entry.update(_compile_entry(stage, ids, fed, ref_choices, replays, split,
+                entry.update(_compile_entry(stage, ids, fed, fp32, replays, split,
                                             sets[set_name] if set_name else None, profile_path, title))
                 entries.append(entry)
             except Exception as e:  # noqa: BLE001 - recorded with its first line; the other runs go on
@@ -469,8 +366,11 @@ def measure(stage, vocab: int, batch: int, prompt_len: int, gen_len: int, replay
            "baseline_option_set": first_set if base_compiled else None,
            "timer": "cuda_events" if torch.device(device).type == "cuda" else "perf_counter",
            "runs": entries, "skipped": skipped, "failed": failed}
-    if ref_choices is not None:
-        row["agree_baseline_vs_fp32"] = _share(ref_choices, fed)
+    if fp32 is not None:
+        row["agree_baseline_vs_fp32"] = agreement.share(fp32.choices, fed)
+        row.update(margin_floor=fp32.noise.floor_logits, floor_quantile=fp32.noise.quantile,
+                   decided_share=fp32.noise.decided_share, baseline_decided=agreement.decided_agreement(
+                       fp32.baseline, fed, fed, fp32.choices, fp32.noise))
     units = dict.fromkeys(e["unit"] for e in entries)
     row["units"] = {u: _summary([e for e in entries if e["unit"] == u], base_ms, limit_ms) for u in units}
     return row
@@ -501,7 +401,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         ", ".join(v[0] for v in VARIANTS) + ")")
     p.add_argument("--compiles", type=int, default=1, help="compiles from scratch of each compiled graph and set")
     p.add_argument("--option-sets", default=DEFAULT_SET,
-                   help=f"inductor option sets: {_SYNTAX}; named: {', '.join(OPTION_SETS)} "
+                   help=f"inductor option sets: {SYNTAX}; named: {', '.join(OPTION_SETS)} "
                         f"(default: {DEFAULT_SET}, hpi run's own)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="start no compile that the longest one so far would take past this many seconds")

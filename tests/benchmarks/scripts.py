@@ -11,7 +11,10 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def load(name: str) -> ModuleType:
-    """``benchmarks/<name>.py`` as a module named ``<name>``, registered in ``sys.modules`` (dataclasses need it)."""
+    """``benchmarks/<name>.py`` as a module named ``<name>``, registered in ``sys.modules`` (dataclasses need it),
+    with ``benchmarks/`` on ``sys.path`` as when Python runs the script (a script imports its sibling modules)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module

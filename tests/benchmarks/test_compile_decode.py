@@ -179,5 +179,28 @@ def test_cpu_run_compiles_twice_from_scratch_and_keeps_the_eager_tokens(tmp_path
     assert unit["median_over_baseline"] == pytest.approx(unit["ms_median"] / row["baseline_ms"])
     assert unit["agree_per_compile"] == [1.0, 1.0] and unit["agree_vs_fp32_per_compile"] == [1.0, 1.0]
     assert row["agree_baseline_vs_fp32"] == 1.0 and "partial" not in doc
+    # the fp32 baseline is the reference itself: no rounding, so every position with a margin is decided
+    assert row["margin_floor"] == 0.0 and row["floor_quantile"] == 0.99 and row["decided_share"] == 1.0
+    assert row["baseline_decided"]["margin_error_q99"] == 0.0 and row["baseline_decided"]["agree_decided"] == 1.0
+    for run in row["runs"]:
+        assert run["agree_decided"] == 1.0 and run["agree_vs_fp32_decided"] == 1.0
+        assert 0.0 <= run["margin_error_median"] <= run["margin_error_q99"] < 1e-3  # the compiler's fp32 reordering
+    assert unit["agree_decided_per_compile"] == [1.0, 1.0] and unit["agree_vs_fp32_decided_per_compile"] == [1.0, 1.0]
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [p.get("compile") for p in printed[:2]] == [1, 2] and printed[-1]["skipped"] == 0
+
+
+def test_a_bf16_baseline_sets_the_floor_and_agrees_with_fp32_wherever_fp32_decides(tmp_path):
+    """bf16 on the CPU against the same weights in fp32: the floor is the baseline's own margin error (with fewer
+    than 100 positions its 0.99 quantile is the largest), so no decided position can be one the baseline flips."""
+    import copy
+
+    mod = _module()
+    config, stage = mod._stage(_one_layer_llama(tmp_path), torch.device("cpu"), torch.bfloat16)
+    reference = copy.deepcopy(stage).float()
+    row = mod.measure(stage, config.vocab_size, 4, 6, 12, 1, "cpu", variants=(mod.VARIANTS[0],),
+                      reference=reference)
+    assert row["margin_floor"] > 0.0 and row["margin_floor"] == row["baseline_decided"]["margin_error_q99"]
+    assert 0.0 < row["decided_share"] < 1.0  # bf16 rounding makes near-ties of some of fp32's choices
+    assert row["baseline_decided"]["agree_vs_fp32_decided"] == 1.0
+    assert row["agree_baseline_vs_fp32"] <= 1.0 and row["runs"] == []
