@@ -184,6 +184,23 @@ def matrices() -> dict[str, list[Entry]]:
                   prompt_len=128, gen_len=4)
             for label, bucket in (("5e7", 50_000_000), ("2.5e8", 250_000_000), ("1e9", 1_000_000_000))
         ],
+        # issue 20: each decoder layer one ZeRO-3 leaf (Plan.zero3_leaf layer: one hook pair a layer instead of 13,
+        # the layer gathered by one fetch) against DeepSpeed's per-module hooks, same knobs otherwise. On a CPU the
+        # leaves cut ZeRO-3's host time a layer from 3.2 to 0.97 ms (benchmarks/results/2026-12-05-cpu-zero3-leaf);
+        # here: does that reach the copy engine's idle gaps? The 70B at the 1e9 bucket (a layer ahead; its module
+        # twin is stream-h200's bucket1e9 entry), the 8B at DeepSpeed's defaults and at a bucket that holds a layer.
+        "leaf-h200": [
+            Entry("70b-q4-cpu-pinned-layerleaf-bucket1e9-b1", m70, "h200-1gpu", 1,
+                  {"offload": "cpu", "weight_bits": 4, "prefetch_bucket_elems": 10**9, "max_live_elems": 2 * 10**9,
+                   "zero3_leaf": "layer"},
+                  variants=({"fused_dequant": True},
+                            {"batch_size": 32, "micro_batches": 1, "fused_dequant": True}),
+                  prompt_len=128, gen_len=4),
+            *(Entry(f"8b-cpu-pinned-{leaf}leaf{label}-b1", m8, "h200-1gpu", 1,
+                    {"offload": "cpu", "zero3_leaf": leaf, **knobs}, variants=_batches(16), gen_len=8)
+              for leaf in ("module", "layer")
+              for label, knobs in (("", {}), ("-bucket2.5e8", {"prefetch_bucket_elems": 250_000_000}))),
+        ],
         "smoke": [
             Entry("tiny-resident", "tiny-llama", h100, 2, {}),
             Entry("tiny-cpu-offload", "tiny-llama", h100, 2, {"offload": "cpu"}, variants=_batches(4)),

@@ -23,6 +23,9 @@ Versions:
   older records read them as None (not measured).
 - 4: a compiled decode step's compile time (the timings' and each rank's ``compile_s``); older records read it
   as None (not compiled), as their specs read ``decode_compile`` and ``fused_dequant`` as false.
+- 5: each rank reports the modules DeepSpeed hooked on its stage (``zero3_hooked_modules``, what
+  ``Plan.zero3_leaf`` changes); older records read it as None (not counted), as their plans read ``zero3_leaf``
+  as module (DeepSpeed's per-module hooks, all there was).
 Reading is lenient about absent keys (None: not recorded) and strict about unknown ones (a typo would be lost).
 """
 
@@ -41,7 +44,7 @@ __all__ = [
 ]  # fmt: skip
 
 KIND = "hpi.RunRecord"
-VERSION = 4
+VERSION = 5
 TRIAL_KIND = "hpi.AutotuneTrial"  # one trial of hpi autotune (hpi.autotune.objective): its RunRecord under "record"
 PREDICTED_FIGURES = ("prefill_s", "decode_step_s", "total_s", "ttft_s", "throughput_tok_s")
 # The run conditions a spec carries besides the plan, and what a record written before the field existed ran
@@ -313,6 +316,9 @@ class RankReport(_Part):
     nvme_read_interval_s: float | None = None
     nvme_avg_queue_depth: float | None = None  # requests in flight on average during the measured run
     tp_allreduce_s: float = 0.0  # total time inside TP all-reduces during the measured run
+    # modules of this rank's stage that DeepSpeed hooked (forward pre-hooks; None: no ZeRO-3): 13 a Llama layer with
+    # its per-module hooks, 1 with each layer a leaf (Plan.zero3_leaf, hpi.executor.zero3.hooked_modules)
+    zero3_hooked_modules: int | None = None
     build_s: float = 0.0
     compile_s: float | None = None  # the slowest first compiled decode step (torch.compile + capture), if compiled
     tokens: tuple[tuple[int, ...], ...] | None = None  # last-stage ranks: new tokens per sequence
@@ -531,4 +537,6 @@ def upgrade(doc: Mapping[str, Any], where: str = "record") -> dict[str, Any]:
         out["version"] = 3
     if out["version"] == 3:  # -> 4: the compiled decode step's compile time (compile_s), absent: None (none)
         out["version"] = 4
+    if out["version"] == 4:  # -> 5: the ranks' hooked module count, absent: None (not counted)
+        out["version"] = 5
     return out

@@ -145,6 +145,7 @@ KEPT = {
     "2026-12-05-h100-issue20/call1/m8/records.json": (5, {}),
     "2026-12-05-h100-issue20/call2/m70-pystack/records.json": (4, {}),
     "2026-12-05-h100-issue20/call3/r8-pystack/record.json": (1, {}),
+    "2026-12-05-cpu-zero3-leaf/zero3_leaf.json": (0, {"not a RunRecord": 1}),
     "2026-12-03-h200-moe2/call1/ds/records.json": (2, {}),
     "2026-12-03-h200-moe2/call1/moe/records.json": (2, {}),
     "2026-12-03-h200-moe2/call2/leaves/records.json": (6, {}),
@@ -206,7 +207,7 @@ def test_every_kept_file_reads_with_its_records_and_skips_counted(kept) -> None:
     for got in kept.values():
         for reason, n in got.skipped.items():
             skipped[reason] = skipped.get(reason, 0) + n
-    assert skipped == {"not a RunRecord": 87, "error": 4, "baseline": 9}
+    assert skipped == {"not a RunRecord": 88, "error": 4, "baseline": 9}
     # Read together, names are unique (validate and calibrate key on them): a rerun kept under the stem of an
     # earlier run is named with its folder, and so is the earlier one.
     together = {r.record_id for r in load_records(_kept_files())}
@@ -219,16 +220,17 @@ def test_every_kept_record_is_upgraded_and_loses_nothing(kept) -> None:
     for record in (r for got in kept.values() for r in got):
         raw = _raw_entry(record)
         doc = record.to_json()
-        assert doc["kind"] == KIND and doc["version"] == VERSION == 4
+        assert doc["kind"] == KIND and doc["version"] == VERSION == 5
         versions[raw["version"]] = versions.get(raw["version"], 0) + 1
         if raw["version"] == VERSION:  # written by this hpi: read back exactly as written
             assert doc == raw, record.record_id
-        if raw["version"] in (2, 3):  # every key it wrote, as written; version 3 adds the ranks' build host memory,
-            # version 4 the compile time of a compiled decode step (the timings' and the ranks' compile_s)
-            new = ("compile_s",) if raw["version"] == 3 else ("compile_s", "host_rss_before_build_bytes",
-                                                              "host_build_peak_bytes")
-            ranks = [{k: v for k, v in r.items() if k not in new} for r in doc["ranks"]]
-            timings = {k: v for k, v in doc.items() if k != "compile_s"}
+        if raw["version"] in (2, 3, 4):  # every key it wrote, as written; version 3 adds the ranks' build host
+            # memory, version 4 the compile time of a compiled decode step (the timings' and the ranks' compile_s),
+            # version 5 the ranks' hooked module count
+            new = {4: ("zero3_hooked_modules",), 3: ("zero3_hooked_modules", "compile_s"),
+                   2: ("zero3_hooked_modules", "compile_s", "host_rss_before_build_bytes", "host_build_peak_bytes")}
+            ranks = [{k: v for k, v in r.items() if k not in new[raw["version"]]} for r in doc["ranks"]]
+            timings = {k: v for k, v in doc.items() if k != "compile_s" or raw["version"] == 4}
             assert {**timings, "version": raw["version"], "ranks": ranks} == raw, record.record_id
         _carries(doc, upgrade(raw), record.record_id)
         assert RunRecord.from_json(doc) == record
@@ -337,6 +339,14 @@ def test_build_host_memory_of_the_ranks_round_trips_and_sums_per_node() -> None:
     assert old.ranks[0].host_build_peak_bytes is None and old.host_build_peak_bytes == 0  # not measured
 
 
+def test_the_hooked_module_count_round_trips_and_older_ranks_read_it_as_not_counted() -> None:
+    record = RunRecord(ranks=(RankReport(rank=0, zero3_hooked_modules=29),))
+    assert RunRecord.from_json(record.to_json()) == record
+    assert record.to_json()["ranks"][0]["zero3_hooked_modules"] == 29
+    old = RunRecord.from_json({"kind": KIND, "version": 4, "ranks": [{"rank": 0, "compile_s": 1.0}]})
+    assert old.ranks[0].zero3_hooked_modules is None and old.to_json()["version"] == 5
+
+
 def test_version_1_shapes_upgrade_and_the_current_version_names_every_key() -> None:
     v1 = {"kind": KIND, "version": 1, "decode_step_s": 0.5, "workload": {"prompt_len_tokens": 8},
           "spec": {"workload": {"prompt_len_tokens": 8}}, "nvme": {"bytes_per_step": 4, "achieved_read_bytes_s": 2.0,
@@ -345,14 +355,14 @@ def test_version_1_shapes_upgrade_and_the_current_version_names_every_key() -> N
     assert record.timings.decode_step_s == DecodeSteps(0.5, 0.5, 0.5)  # one number: its own distribution
     assert record.transfers.nvme.why_no_device_figures.startswith("the NVMe folder is on no block device")
     doc = record.to_json()
-    assert "workload" not in doc and doc["version"] == 4 and doc["spec"]["workload"] == {"prompt_len_tokens": 8}
+    assert "workload" not in doc and doc["version"] == 5 and doc["spec"]["workload"] == {"prompt_len_tokens": 8}
     assert set(RunRecord().to_json()) == set(doc)  # every key, null where nothing was measured
     assert RunRecord().to_json()["nvme"] is None and RunRecord().to_json()["texts"] is None
 
 
 @pytest.mark.parametrize("doc,message", [
     ({"kind": "hpi.LayerScaling"}, "not a RunRecord"),
-    ({"kind": KIND, "version": 5}, "version 5 is not one this hpi reads"),
+    ({"kind": KIND, "version": 6}, "version 6 is not one this hpi reads"),
     ({"kind": KIND, "version": 2, "prefil_s": 1.0}, "unknown field 'prefil_s'"),
     ({"kind": KIND, "h2d": {"bytes_per_step": 1, "bandwidth": 2}}, r"record.h2d: unknown field 'bandwidth'"),
     ({"kind": KIND, "ranks": [{"rank": 0, "gpu": "x"}]}, r"record.ranks\[0\]: unknown field 'gpu'"),

@@ -47,6 +47,7 @@ from hpi.autotune.study import (
     waiting,
 )
 from hpi.autotune.surrogate import Surrogate
+from hpi.planner.cost.pipeline import stage_layer_sizes
 from hpi.planner.specs.plan import Plan
 from hpi.planner.specs.workload import SWITCHES, Workload
 from hpi.processes import Interrupted, Interrupts
@@ -448,7 +449,8 @@ class Tuner:
         best_path = write_json_atomic(self.study_dir / "best_plan.json", {"plan": plan.to_dict(), **doc["best"]})
         nvme = self.cfg.nvme_path or ("/path/to/nvme" if plan.offload == "nvme" else None)
         write_json_atomic(self.study_dir / "best_ds_config.json",
-                          ds_config(plan, dtype=self.cfg.run_dtype, hidden_size=self.model.hidden_size, nvme_path=nvme))
+                          ds_config(plan, dtype=self.cfg.run_dtype, hidden_size=self.model.hidden_size, nvme_path=nvme,
+                                    stage_layers=max(stage_layer_sizes(self.model, plan.pp))))
         command = (f"hpi run --model {self.cfg.model} --hardware {self.cfg.hardware} --plan {best_path} "
                    f"--prompt-len {self.cfg.workload.prompt_len_tokens} --gen-len {self.cfg.workload.gen_len_tokens} "
                    f"--device {self.cfg.device} --dtype {self.cfg.run_dtype}"

@@ -93,9 +93,11 @@ def _nvme_path(args: argparse.Namespace, hardware, who: str, needed_by: list[str
 
 def _config(plan, model, args: argparse.Namespace, nvme_path: str | None) -> dict[str, Any]:
     from hpi.executor.render import ds_config
+    from hpi.planner.cost.pipeline import stage_layer_sizes
 
     return ds_config(plan, dtype=args.dtype, hidden_size=model.hidden_size,
-                     nvme_path=nvme_path if plan.offloads_to_nvme else None)
+                     nvme_path=nvme_path if plan.offloads_to_nvme else None,
+                     stage_layers=max(stage_layer_sizes(model, plan.pp)))
 
 
 def config_file_name(plan) -> str:

@@ -11,7 +11,8 @@ is ignored without a word). Keys and where 0.19.8 reads them:
 - ``zero_optimization`` -> ``runtime/zero/config.py`` ``DeepSpeedZeroConfig``: ``stage``,
   ``stage3_prefetch_bucket_size`` (alias of ``prefetch_bucket_size``), ``stage3_max_live_parameters``,
   ``stage3_max_reuse_distance``, ``stage3_param_persistence_threshold``,
-  ``stage3_model_persistence_threshold``, ``overlap_comm``, ``contiguous_gradients``. Without an optimizer
+  ``stage3_model_persistence_threshold``, ``overlap_comm``, ``contiguous_gradients``, and with
+  ``Plan.zero3_leaf`` layer ``leaf_module`` (``runtime/zero/leaf_module_config.py``: ``names``). Without an optimizer
   ``deepspeed.initialize`` builds ``DeepSpeedZeRoOffload`` (``runtime/engine.py``) from exactly these
   plus ``offload_param``; ``overlap_comm`` there picks the all-gather stream
   (``parameter_offload.py``: a side stream when true, so prefetch overlaps compute: keep it true).
@@ -92,12 +93,26 @@ RDZV_ID = "hpi"  # static rendezvous prefixes its store with this id: every node
 # ---- DeepSpeed config ---------------------------------------------------------------------------------
 
 
-def ds_config(plan: Plan, *, dtype: str, hidden_size: int, nvme_path: str | None = None) -> dict[str, Any]:
+def zero3_leaf_names(stage_layers: int) -> list[str]:
+    """``zero_optimization.leaf_module.names`` for a stage whose decoder layers are ZeRO-3 leaves: each layer's
+    name in the stage (``hpi.executor.modeling``: ``layers.<i>``, numbered from 0 on every stage). DeepSpeed
+    flags the named modules before it installs its hooks (runtime/engine.py ``_configure_distributed_model``,
+    ``apply_zero_leaf_module_config``), so it hooks nothing inside a layer and gathers all of the layer's
+    parameters when it enters it (runtime/zero/parameter_offload.py, ``z3_leaf_module``)."""
+    if stage_layers < 1:
+        raise ValueError(f"stage_layers {stage_layers} < 1: a stage with layer leaves holds at least one layer")
+    return [f"layers.{i}" for i in range(stage_layers)]
+
+
+def ds_config(plan: Plan, *, dtype: str, hidden_size: int, nvme_path: str | None = None,
+              stage_layers: int | None = None) -> dict[str, Any]:
     """The DeepSpeed config of ``plan`` for ZeRO stage 3 inference, every knob explicit.
 
     ``hidden_size`` sizes ``reduce_bucket_size`` (hidden², the rule transformers uses for ``"auto"``):
     unused without gradients, but DeepSpeed validates it (> 0) and it is written rather than implied.
-    ``nvme_path`` is required when ``plan.offload == "nvme"``.
+    ``nvme_path`` is required when ``plan.offload == "nvme"``. ``stage_layers``: the decoder layers of the stage
+    the config is for (the largest stage's for a config shown to the user), which ``plan.zero3_leaf`` layer
+    names as leaf modules (``zero3_leaf_names``); None for ``zero.Init``, which reads no leaves.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -130,6 +145,8 @@ def ds_config(plan: Plan, *, dtype: str, hidden_size: int, nvme_path: str | None
         "contiguous_gradients": False,  # no gradients: no contiguous gradient buffer
         "reduce_bucket_size": hidden_size * hidden_size,
     }
+    if plan.zero3_leaf == "layer" and stage_layers is not None:
+        zero["leaf_module"] = {"names": zero3_leaf_names(stage_layers)}
 
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": 1,

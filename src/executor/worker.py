@@ -67,17 +67,18 @@ def uses_deepspeed(spec: RunSpec) -> bool:
     return not spec.plan.runs_without_zero3
 
 
-def _ds_config(spec: RunSpec, hidden_size: int) -> dict:
+def _ds_config(spec: RunSpec, hidden_size: int, stage_layers: int | None = None) -> dict:
     from hpi.executor.render import ds_config
 
-    return ds_config(spec.plan, dtype=spec.dtype, hidden_size=hidden_size, nvme_path=spec.nvme_path)
+    return ds_config(spec.plan, dtype=spec.dtype, hidden_size=hidden_size, nvme_path=spec.nvme_path,
+                     stage_layers=stage_layers)
 
 
 def zero3_stage(module: torch.nn.Module, spec: RunSpec, g: Groups, hidden_size: int):
     """Hand the stage to DeepSpeed ZeRO-3 with every knob of the plan written explicitly."""
     from hpi.executor.zero3 import wrap_zero3
 
-    return wrap_zero3(module, _ds_config(spec, hidden_size), g, fetch_wait=spec.fetch_wait)
+    return wrap_zero3(module, _ds_config(spec, hidden_size, len(module.layers)), g, fetch_wait=spec.fetch_wait)
 
 
 def check_quantizable(meta_stage: torch.nn.Module) -> None:
@@ -294,9 +295,12 @@ def run(spec: RunSpec) -> list[RunRecord] | None:
         module = build_stage(config, shard, tp_group=g.tp_group, dtype=dtype, device=build_device, seed=spec.seed,
                              checkpoint=spec.checkpoint, init_device=device)
     module.eval()
+    from hpi.executor.zero3 import hooked_modules
+
     stage = zero3_stage(module, spec, g, config.hidden_size) if deepspeed_path else module.to(device)
     built = _Built(stage=stage, groups=g, config=config, planner_model=planner_model, dtype=dtype, device=device,
                    transfer_bytes=zero3_transfer_bytes(module) if deepspeed_path else (0, 0, 0),
+                   zero3_hooked=hooked_modules(module) if deepspeed_path else None,
                    build_s=time.perf_counter() - t0, tokenizer=load_tokenizer(spec),
                    host_build_bytes=(rss_before_build, hostmem.peak_bytes()))
     if spec.mode != "serve":  # the watchdog watches this rank's progress from here (hpi.executor.watchdog)
@@ -345,6 +349,7 @@ class _Built:
     dtype: torch.dtype
     device: torch.device
     transfer_bytes: tuple[int, int, int]  # zero3_transfer_bytes
+    zero3_hooked: int | None  # hpi.executor.zero3.hooked_modules of the stage; None without ZeRO-3
     build_s: float
     tokenizer: object
     host_build_bytes: tuple[int, int] = (0, 0)  # (resident set before the build, its high-water mark during it)
@@ -422,6 +427,7 @@ def measure(spec: RunSpec, b: _Built) -> RunRecord | None:
         nvme_read_interval_s=disk.interval_s if disk else None,
         nvme_avg_queue_depth=disk.avg_queue_depth if disk else None,
         tp_allreduce_s=_tp_allreduce_seconds(),
+        zero3_hooked_modules=b.zero3_hooked,
         build_s=b.build_s,
         tokens=tuple(map(tuple, torch.cat(new_tokens).tolist())) if new_tokens else (),
     )

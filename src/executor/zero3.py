@@ -112,3 +112,10 @@ def wrap_zero3(module: torch.nn.Module, config: dict, g: Groups, fetch_wait: str
     engine, *_ = deepspeed.initialize(model=module, config=config, mpu=DeepSpeedMpu(g))
     engine.eval()
     return engine
+
+
+def hooked_modules(module: torch.nn.Module) -> int:
+    """Modules of ``module`` with a forward pre-hook: after ``wrap_zero3``, the modules DeepSpeed fetches and
+    releases parameters around (``parameter_offload.py`` ``_register_deepspeed_module`` hooks every module but
+    what is inside a leaf module): what ``Plan.zero3_leaf`` changes."""
+    return sum(1 for m in module.modules() if m._forward_pre_hooks)

@@ -117,6 +117,9 @@ def knob_variants(plan: Plan, model: ModelSpec) -> list[tuple[str, Plan]]:
             v.append((f"max live {live:,}", {"max_live_elems": live}))
         for threshold in persistence_steps(plan, model):
             v.append((f"persistence threshold {threshold:,}", {"persistence_threshold_elems": threshold}))
+        other = "module" if plan.zero3_leaf == "layer" else "layer"
+        if not (other == "layer" and plan.offloads_to_nvme):  # Plan.problems: layer leaves swap with too few buffers
+            v.append((f"ZeRO-3 leaves per {other}", {"zero3_leaf": other}))
     if plan.offloads_to_nvme:
         counts = set(nvme_buffer_counts_for(model, plan.tp, plan.dp)) | {plan.nvme_buffer_count * 2}
         for count in sorted(counts - {plan.nvme_buffer_count}):

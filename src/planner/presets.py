@@ -35,7 +35,7 @@ from hpi.planner.search import search as run_search
 from hpi.planner.specs.hardware import HardwareProfile
 from hpi.planner.specs.knob import knob_fields
 from hpi.planner.specs.model import ModelSpec
-from hpi.planner.specs.plan import OFFLOAD_KINDS, WEIGHT_BITS, Plan
+from hpi.planner.specs.plan import OFFLOAD_KINDS, WEIGHT_BITS, ZERO3_LEAVES, Plan
 from hpi.planner.specs.workload import Workload
 from hpi.records import RunRecord
 
@@ -81,6 +81,10 @@ KNOB_NOTES = {
     "persistence_threshold_elems": "stage3_param_persistence_threshold: parameters of at most this many elements are "
                                    "gathered once and kept whole on every GPU; predicted: GPU memory (persistent "
                                    "weights) and the bytes streamed every forward",
+    "zero3_leaf": "ZeRO-3's unit of gathering: module (DeepSpeed's hooks on every submodule) or layer "
+                  "(zero_optimization.leaf_module names each decoder layer: one hook pair a layer, all of its weights "
+                  "gathered at once; not with NVMe offload); predicted: host overhead a layer, how the copies "
+                  "interleave with it, and GPU memory (a whole layer gathered)",
     "nvme_buffer_count": "offload_param.buffer_count: NVMe swap buffers, each pinned by DeepSpeed whatever pin_memory "
                          "says; predicted: pinned and CPU memory, parameters in flight on the GPU, and whether reads "
                          "overlap copies and compute (fully from 3 buffers per partition a module swaps in; "
@@ -287,6 +291,7 @@ def valid_values(model: ModelSpec, hardware: HardwareProfile, plan: Plan, space:
                                       if plan.batch_per_replica % m == 0] if plan.is_pipelined else [1]},
         "nvme_buffer_elems": {"minimum": nvme_buffer_elems_for(model, plan.tp, plan.dp)},
         "nvme_buffer_count": {"minimum": swaps_per_module(model, plan.tp, plan.dp)},
+        "zero3_leaf": {"choices": ["module"] if plan.offloads_to_nvme else list(ZERO3_LEAVES)},
     }
     for k in knob_fields(Plan):
         out.setdefault(k.name, {"choices": list(k.spec.choices)} if k.spec.choices else {"minimum": k.spec.minimum})

@@ -44,9 +44,9 @@ OBJECTIVES = ("latency", "throughput", "balanced")
 DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 NVME_BUFFER_DEFAULT_ELEMS = 100_000_000
 # A configuration is a plan up to these: each configuration is ranked at its best batch, micro-batch count,
-# prefetch bucket, NVMe buffer count and aio settings.
+# prefetch bucket, NVMe buffer count, aio settings and ZeRO-3 leaf granularity.
 RANKED_WITHIN_CONFIGURATION = ("batch_size", "micro_batches", "prefetch_bucket_elems", "nvme_buffer_count",
-                               "aio_block_size_bytes", "aio_queue_depth", "aio_threads")
+                               "aio_block_size_bytes", "aio_queue_depth", "aio_threads", "zero3_leaf_layer")
 MIB = 1024**2
 # The aio settings offered where the profile has the probe's read grid (``cost.aio``), the plan's defaults
 # first (the ranking's stable sort keeps them where others predict the same). Block sizes: DeepSpeed's 1 MiB
@@ -74,6 +74,10 @@ class SearchSpace:
     pp: tuple[int, ...] | None = None
     dp: tuple[int, ...] | None = None
     max_micro_batch_factor: int = 2  # micro-batches in {1, pp, 2 pp}
+    # ZeRO-3 leaf granularity (Plan.zero3_leaf): DeepSpeed's per-module hooks unless asked (``--zero3-leaf layer``).
+    # Layer leaves are priced (cost.overhead, shape.leaf_module) from a CPU measurement alone, so the search offers
+    # them by default only once a GPU record has checked that price.
+    zero3_leaves: tuple[str, ...] = ("module",)
 
     def restrict(self, **fixed) -> "SearchSpace":
         """A copy with some axes pinned to one value (``hpi plan --tp 2`` etc.)."""
@@ -145,6 +149,7 @@ def _grid(arrangement: Arrangement, space: SearchSpace, has_nvme: bool, nvme_buf
         "aio_block_size_bytes": _offered(plan_type.aio_block_size_bytes, AIO_BLOCK_SIZES, tune_aio),
         "aio_queue_depth": _offered(plan_type.aio_queue_depth, AIO_QUEUE_DEPTHS, tune_aio),
         "aio_threads": _offered(plan_type.aio_threads, AIO_THREADS, tune_aio),
+        "zero3_leaf": space.zero3_leaves,
     }, fixed={"nvme_buffer_elems": nvme_buffer_elems}, plan_type=plan_type)
     even = (k.batch_size % dp == 0) & ((k.batch_size // dp) % k.micro_batches == 0)
     pins = _default_where_idle(k.pin_memory, plan_type.pin_memory, copies_from_host(k.offload_cpu, k.kv_offload))
@@ -154,7 +159,9 @@ def _grid(arrangement: Arrangement, space: SearchSpace, has_nvme: bool, nvme_buf
     aio = (_default_where_idle(k.aio_block_size_bytes, plan_type.aio_block_size_bytes, k.offload_nvme)
            & _default_where_idle(k.aio_queue_depth, plan_type.aio_queue_depth, k.offload_nvme)
            & _default_where_idle(k.aio_threads, plan_type.aio_threads, k.offload_nvme))
-    return k.take(np.flatnonzero(even & pins & buckets & buffers & aio))
+    module_leaves = ~k.columns["zero3_leaf_layer"]
+    leaves = module_leaves | (gathers_weights(k.offloaded, dp) & ~k.offload_nvme)  # Plan.problems: not with NVMe
+    return k.take(np.flatnonzero(even & pins & buckets & buffers & aio & leaves))
 
 
 def nvme_buffer_elems_for(model: ModelSpec, tp: int, dp: int) -> int:

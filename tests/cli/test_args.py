@@ -68,7 +68,9 @@ def test_search_flags_are_the_knobs_with_a_search_axis() -> None:
     restrict = search_restrictions(args)
     assert set(restrict) <= {f.name for f in fields(SearchSpace)}
     assert restrict == {"offloads": "cpu", "tp": 2, "pp": None, "dp": None, "weight_bits": None,
-                        "pin_memory": False, "kv_offload": None}
+                        "pin_memory": False, "kv_offload": None, "zero3_leaves": None}
+    layer = search_restrictions(_parser(for_search=True).parse_args(TARGET + ["--zero3-leaf", "layer"]))
+    assert layer["zero3_leaves"] == "layer" and SearchSpace().restrict(zero3_leaves="layer").zero3_leaves == ("layer",)
     assert SearchSpace().restrict(**restrict).offloads == ("cpu",)
 
 

@@ -37,6 +37,9 @@ LAYOUTS = {
     "dp2-zero3-partitioned": Plan(dp=2, batch_size=BATCH),
     "tp2-pp2-zero3-cpu-offload": Plan(tp=2, pp=2, offload="cpu", pin_memory=False, batch_size=BATCH, micro_batches=2),
     "tp4-kv-heads-replicated": Plan(tp=4, batch_size=BATCH),  # 2 kv heads over 4 ranks: each holds a copy of one
+    # each decoder layer one ZeRO-3 leaf (DeepSpeed's leaf_module config, the names local to each stage)
+    "pp2-zero3-layer-leaves-cpu-offload": Plan(pp=2, offload="cpu", pin_memory=False, batch_size=BATCH,
+                                               micro_batches=2, zero3_leaf="layer"),
 }
 
 
@@ -76,6 +79,11 @@ def test_layout_matches_transformers(name, reference_tokens, tmp_path):
         assert record["h2d"]["bytes_per_step"] > 0  # ZeRO-3 really streamed the weights
     if plan.pp > 1:
         assert 0.0 <= record["pp_bubble_ratio"] < 1.0
+    if plan.zero3_leaf == "layer":  # a Llama layer is 13 hooked modules per module, 1 as a leaf
+        hooked = [r["zero3_hooked_modules"] for r in record["ranks"]]
+        module_hooked = [r["zero3_hooked_modules"] for r in launch(
+            _spec(plan.with_(zero3_leaf="module"), tmp_path / "module"), timeout_s=600).to_json()["ranks"]]
+        assert [m - h for m, h in zip(module_hooked, hooked)] == [12 * 2, 12 * 2]  # 2 of tiny-llama's 4 layers a stage
     if plan.world_size <= 2:
         assert record["predicted"]["decode_step_s"] > 0 and "measured_vs_predicted" in record
 

@@ -181,6 +181,28 @@ def test_deepspeed_reads_the_plans_aio_knobs():
 
 
 @pytest.mark.deepspeed
+def test_layer_leaves_name_each_layer_of_the_stage_as_deepspeed_reads_them():
+    """zero3_leaf layer: DeepSpeed's leaf_module config names each decoder layer of the stage (``layers.<i>``), read
+    back by its own config class; DeepSpeed's per-module default writes no leaf_module at all, nor does a config for
+    zero.Init (no stage given)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.zero.leaf_module_config import DEFAULT_LEAF_MODULE_CLASSES
+
+    plan = Plan(offload="cpu", zero3_leaf="layer")
+    cfg = ds_config(plan, dtype="bf16", hidden_size=64, stage_layers=3)
+    assert cfg["zero_optimization"]["leaf_module"] == {"names": ["layers.0", "layers.1", "layers.2"]}
+    leaves = DeepSpeedConfig(json.loads(json.dumps(cfg))).zero_config.leaf_module
+    assert leaves.names == ["layers.0", "layers.1", "layers.2"] and leaves.classes == DEFAULT_LEAF_MODULE_CLASSES
+    assert "leaf_module" not in ds_config(plan, dtype="bf16", hidden_size=64)["zero_optimization"]
+    assert "leaf_module" not in ds_config(plan.with_(zero3_leaf="module"), dtype="bf16", hidden_size=64,
+                                          stage_layers=3)["zero_optimization"]
+    with pytest.raises(ValueError, match="stage_layers 0 < 1"):
+        ds_config(plan, dtype="bf16", hidden_size=64, stage_layers=0)
+
+
+@pytest.mark.deepspeed
 def test_deepspeed_quantizer_takes_the_rendered_quantization():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     pytest.importorskip("deepspeed")

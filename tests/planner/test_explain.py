@@ -162,6 +162,10 @@ def test_variants_of_the_zero3_thresholds_and_nvme_buffers() -> None:
         "2 NVMe buffers", "3 NVMe buffers", "10 NVMe buffers", f"NVMe buffer {2 * 128256 * 4096:,} elements"}
     assert not any(label.startswith("max live") for label in nvme)  # the swap buffers bound an NVMe plan's gathers
     assert not any("NVMe buffer" in label for label in cpu)
+    # ZeRO-3 leaf granularity: the other one, where the plan gathers and not with NVMe (Plan.problems)
+    assert cpu["ZeRO-3 leaves per layer"].zero3_leaf == "layer" and "ZeRO-3 leaves per layer" not in nvme
+    layer = dict(knob_variants(Plan(offload="cpu", zero3_leaf="layer"), m))
+    assert layer["ZeRO-3 leaves per module"].zero3_leaf == "module" and "offload nvme" not in layer
 
 
 def test_knob_variants() -> None:

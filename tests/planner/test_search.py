@@ -397,3 +397,13 @@ def test_best_aio_for_the_8b_on_h200_reads_8_mib_blocks_with_one_thread() -> Non
     # the next best: 4 MiB blocks with one thread; the best with eight threads reads at 0.8 of the grid
     assert steps[(4, 64, 1)].decode_step_s == pytest.approx(10.162, abs=1e-3)
     assert min(e.decode_step_s for (_, _, t), e in steps.items() if t == 8 and e.feasible) > 12.0
+
+
+def test_layer_leaves_are_searched_when_asked_where_zero3_gathers_and_not_with_nvme(a6000) -> None:
+    model = load_model("llama-3-8b")
+    plain = search(model, a6000, WORKLOAD, SearchSpace(batch_sizes=(1,)))
+    default = {(p.offload, p.zero3_leaf) for p in all_plans(plain)}
+    assert {leaf for _, leaf in default} == {"module"}  # DeepSpeed's own until a GPU record checks the price
+    space = SearchSpace(batch_sizes=(1,), zero3_leaves=("module", "layer"))
+    asked = {(p.offload, p.zero3_leaf) for p in all_plans(search(model, a6000, WORKLOAD, space))}
+    assert ("cpu", "layer") in asked and ("nvme", "layer") not in asked and ("none", "layer") not in asked

@@ -31,7 +31,7 @@ CANDIDATES = (
     "nvme_read_multithread", "prefetch_overlap", "collective_bandwidth", "allreduce_latency_s",
     "collective_host_overhead_s",
     "p2p_latency_s", "layer_overhead_s", "layer_device_overhead_s", "compiled_layer_device_overhead_s",
-    "offload_layer_overhead_s", "step_overhead_s",
+    "offload_layer_overhead_s", "offload_layer_leaf_share", "step_overhead_s",
     "graphed_step_overhead_s", "gpu_workspace_bytes",
     "gpu_reserved_bytes", "dequant_hbm", "fused_dequant_hbm", "collective_drift_factor",
 )  # fmt: skip

@@ -150,15 +150,15 @@ def leaf_shares(arrangement: Arrangement, knobs: Knobs) -> tuple[np.ndarray, np.
     goes by its weights, and the host's hooks and launches split evenly among the leaves. A small leaf
     then shows its hooks between the copies: the 1x H100 8B decode streamed at 0.84 of pinned while the
     33B, whose every leaf copies longer than its hooks take, streamed at 1.00 (SUMMARY.md). Without
-    gathering the host runs ahead freely and the whole module is one leaf."""
-    t = arrangement.table
-    elems = t.leaf_sharded / arrangement.tp + t.leaf_replicated  # (kinds, J)
-    total = elems.sum(axis=1, keepdims=True)
+    gathering the host runs ahead freely and the whole module is one leaf. With ``Plan.zero3_leaf`` layer a
+    decoder layer is one leaf (``shape.leaf_module``): its copies, compute and host time are one span."""
+    elems = arrangement.by_leaf(knobs, lambda t: t.leaf_sharded / arrangement.tp + t.leaf_replicated)  # (N, kinds, J)
+    total = elems.sum(axis=2, keepdims=True)
     weights = np.divide(elems, total, out=np.zeros_like(elems), where=total > 0)
-    leaves = (elems > 0).sum(axis=1, keepdims=True)
+    leaves = (elems > 0).sum(axis=2, keepdims=True)
     hosts = np.divide((elems > 0).astype(float), leaves, out=np.zeros_like(elems), where=leaves > 0)
     whole = np.zeros_like(elems)
-    whole[:, 0] = 1.0
+    whole[:, :, 0] = 1.0
     per_leaf = fetches_weights(arrangement, knobs)[:, None, None]
     return np.where(per_leaf, weights, whole), np.where(per_leaf, hosts, whole)
 

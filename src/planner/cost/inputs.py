@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -153,6 +153,20 @@ class Arrangement:
     def degrees(self) -> dict[str, int]:
         """The plan fields an arrangement fixes (``Knobs.plan`` takes them)."""
         return {name: getattr(self.placement, name) for name in degree_names(Plan)}
+
+    def by_leaf(self, knobs: Knobs, value: Callable[[ModuleTable], np.ndarray]) -> np.ndarray:
+        """(N, ...) ``value`` of the module table at each plan's ZeRO-3 leaf granularity (``Plan.zero3_leaf``,
+        ``shape.leaf_module``); where the two tables' arrays differ in shape (leaves per module), the smaller is
+        padded with zeros."""
+        per_module = np.asarray(value(self.table), dtype=np.float64)
+        layer = knobs.columns.get("zero3_leaf_layer")
+        if layer is None or not layer.any():
+            return np.broadcast_to(per_module, (knobs.n, *per_module.shape)).copy()
+        per_layer = np.asarray(value(module_table(self.model, "layer")), dtype=np.float64)
+        shape = np.maximum(per_module.shape, per_layer.shape)
+        module_pad, layer_pad = (np.pad(a, [(0, n - m) for n, m in zip(shape, a.shape)])
+                                 for a in (per_module, per_layer))
+        return np.where(layer.reshape(-1, *([1] * len(shape))), layer_pad, module_pad)
 
     @property
     def kv_split(self) -> int:

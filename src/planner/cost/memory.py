@@ -40,7 +40,7 @@ from hpi.planner.cost.compute import stored_elems_per_rank
 from hpi.planner.cost.dequant import dequant_buffer_bytes
 from hpi.planner.cost.inputs import COMPUTE_BYTES, QUANT_META_BYTES_PER_GROUP, Arrangement, Knobs
 from hpi.planner.cost.pinned import pinned_rounding_bytes
-from hpi.planner.cost.shape import DENSE, EMBED, HEAD, MOE, per_rank
+from hpi.planner.cost.shape import DENSE, EMBED, HEAD, MOE, module_table, per_rank
 from hpi.planner.cost.streaming import fetches_weights, persistent_elems
 from hpi.planner.specs.plan import QUANT_GROUP_SIZE
 
@@ -95,11 +95,20 @@ def _activation_elems_per_token(arrangement: Arrangement) -> np.ndarray:
     return np.array([dense, moe if m.is_moe else 0.0, h, 0.0])
 
 
-def _modules_fetched(arrangement: Arrangement, threshold: np.ndarray) -> np.ndarray:
-    """(N, kinds) leaf modules per module of each kind that gather anything (a tensor above the threshold)."""
-    out = np.zeros((len(threshold), len(arrangement.table.module_largest_tensors)))
-    for kind, largest in enumerate(arrangement.table.module_largest_tensors):
-        out[:, kind] = len(largest) - np.searchsorted(largest, threshold, side="right")
+def _modules_fetched(arrangement: Arrangement, knobs: Knobs) -> np.ndarray:
+    """(N, kinds) leaf modules per module of each kind that gather anything (a tensor above the persistence
+    threshold), at each plan's leaf granularity (``Arrangement.by_leaf``)."""
+    threshold = knobs.persistence_threshold_elems
+
+    def counts(table) -> np.ndarray:
+        out = np.zeros((len(threshold), len(table.module_largest_tensors)))
+        for kind, largest in enumerate(table.module_largest_tensors):
+            out[:, kind] = len(largest) - np.searchsorted(largest, threshold, side="right")
+        return out
+
+    out, layer = counts(arrangement.table), knobs.columns.get("zero3_leaf_layer")
+    if layer is not None and layer.any():
+        out = np.where(layer[:, None], counts(module_table(arrangement.model, "layer")), out)
     return out
 
 
@@ -152,7 +161,7 @@ def live_param_elems(arrangement: Arrangement, knobs: Knobs, fetched: np.ndarray
     present = counts > 0  # (pp, kinds)
     is_layer = t.is_layer > 0
     layers_present = present & is_layer[None, :]
-    gather = per_rank(t, t.largest_gather, arrangement.tp)
+    gather = arrangement.by_leaf(knobs, lambda table: per_rank(table, table.largest_gather, arrangement.tp))
     tensor = per_rank(t, t.largest_tensor, arrangement.tp)
     largest_layer_tensor = _stage_max(tensor, layers_present)  # (1, pp)
     nvme = knobs.offload_nvme[:, None]
@@ -161,12 +170,13 @@ def live_param_elems(arrangement: Arrangement, knobs: Knobs, fetched: np.ndarray
     layer_counts = counts * is_layer[None, :]
     stage_total = fetched @ layer_counts.T  # (N, pp): what the layers gather per forward
     all_total = fetched @ counts.T
-    gathers = _modules_fetched(arrangement, knobs.persistence_threshold_elems) @ layer_counts.T
+    gathers = _modules_fetched(arrangement, knobs) @ layer_counts.T
     mean_gather = stage_total / np.maximum(gathers, 1.0)
     largest = _stage_max(gather, layers_present)
     pace = largest + np.minimum(bucket, np.maximum(max_live - largest, 0.0))
     # The head is prefetched only if the module before it leaves room under max_live.
-    last_layer = _stage_max(per_rank(t, t.last_gather, arrangement.tp), layers_present)
+    last_gather = arrangement.by_leaf(knobs, lambda table: per_rank(table, table.last_gather, arrangement.tp))
+    last_layer = _stage_max(last_gather, layers_present)
     has_head = present[:, HEAD][None, :]
     head = np.where(has_head & (last_layer < max_live), fetched[:, HEAD][:, None], 0.0)
     reach = np.maximum(largest_layer_tensor, head)
@@ -178,7 +188,7 @@ def live_param_elems(arrangement: Arrangement, knobs: Knobs, fetched: np.ndarray
     live_layers = np.minimum(np.where(nvme, nvme_layers, live_layers), all_total)
 
     vocab_present = present & ~is_layer[None, :]
-    vocab = _stage_max(np.minimum(fetched, gather[None, :]), vocab_present)  # (N, pp): one module at a time
+    vocab = _stage_max(np.minimum(fetched, gather), vocab_present)  # (N, pp): one module at a time
     room = np.where(nvme, nvme_in_flight, np.maximum(max_live - vocab, 0.0))
     live_vocab = np.where(vocab > 0, vocab + np.minimum(bucket, room), 0.0)
     return live_layers, np.minimum(live_vocab, all_total)

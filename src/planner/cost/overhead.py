@@ -2,7 +2,8 @@
 
 - ``layer_overhead_s`` per decoder layer per forward: eager PyTorch issues ~40 kernels a layer.
 - ``offload_layer_overhead_s`` per decoder layer per forward when ZeRO-3 gathers parameters: its
-  pre/post-forward hooks and partition bookkeeping.
+  pre/post-forward hooks and partition bookkeeping; ``offload_layer_leaf_share`` of it where each decoder layer is
+  one ZeRO-3 leaf (``Plan.zero3_leaf`` layer: one hook pair a layer).
 - ``step_overhead_s`` per forward of each pipeline stage: the executor's lock-step loop synchronizes
   the device after every stage forward (``hpi.executor.generate``), then samples or sends.
 The layer terms are host time that the GPU's work can hide (``cost.estimate`` takes the larger of the
@@ -38,7 +39,9 @@ from hpi.planner.specs.plan import decode_graph_blockers, model_graph_blocker
 def module_overhead_time(arrangement: Arrangement, knobs: Knobs) -> np.ndarray:
     """(N, kinds) host seconds of framework overhead per forward of one module."""
     eff = arrangement.hardware.efficiency
-    per_layer = eff.layer_overhead_s + np.where(fetches_weights(arrangement, knobs), eff.offload_layer_overhead_s, 0.0)
+    layer_leaf = knobs.columns.get("zero3_leaf_layer", np.zeros(knobs.n, dtype=bool))
+    zero3 = eff.offload_layer_overhead_s * np.where(layer_leaf, eff.offload_layer_leaf_share, 1.0)
+    per_layer = eff.layer_overhead_s + np.where(fetches_weights(arrangement, knobs), zero3, 0.0)
     return arrangement.table.is_layer * per_layer[:, None]
 
 

@@ -29,11 +29,13 @@ from functools import lru_cache
 import numpy as np
 
 from hpi.planner.specs.model import ModelSpec
+from hpi.planner.specs.plan import ZERO3_LEAVES
 
 DENSE, MOE, EMBED, HEAD = range(4)
 EXPERTS_GATHERED_WHOLE = True  # every routed expert of a layer is gathered on every forward (see above)
 N_KINDS = 4
 EXPERT_LEAF = "experts.e"  # the leaf module name one routed expert's tensors list (one such leaf per expert)
+LAYER_LEAF = "layer"  # the leaf module of a decoder layer's tensors where the layer is one leaf (``leaf_module``)
 KIND_NAMES = ("dense_layer", "moe_layer", "embedding", "lm_head")
 
 
@@ -176,8 +178,21 @@ def _sum(ts: list[Tensor], **match) -> int:
     return sum(t.numel for t in ts if all(getattr(t, k) == v for k, v in match.items()))
 
 
+def leaf_module(t: Tensor, kind: int, leaf: str) -> str:
+    """The ZeRO-3 leaf module holding ``t`` at the plan's leaf granularity (``Plan.zero3_leaf``): the module that
+    lists it (``module``: DeepSpeed's hooks on every submodule), or, for a decoder layer's tensors with ``layer``,
+    the layer itself (``hpi.executor.render``: DeepSpeed's ``leaf_module`` config names each layer, so entering
+    it gathers every parameter inside at once, routed experts included, and hooks nothing inside)."""
+    if leaf == "layer" and kind in (DENSE, MOE):
+        return LAYER_LEAF
+    return t.module
+
+
 @lru_cache(maxsize=64)
-def module_table(model: ModelSpec) -> ModuleTable:
+def module_table(model: ModelSpec, leaf: str = "module") -> ModuleTable:
+    """The per-kind arrays of ``model`` with ZeRO-3 leaf modules at ``leaf`` granularity (``leaf_module``)."""
+    if leaf not in ZERO3_LEAVES:
+        raise ValueError(f"zero3 leaf {leaf!r} is not one of {', '.join(ZERO3_LEAVES)}")
     per_kind = [module_tensors(model, k) for k in range(N_KINDS)]
     sharded, replicated, expert, tied, matrix_frac, fetch_frac = [], [], [], [], [], []
     sizes, largest, gather = [], [], []
@@ -202,20 +217,23 @@ def module_table(model: ModelSpec) -> ModuleTable:
         per_module: dict[str, int] = {}
         module_max: dict[str, int] = {}
         module_copies: dict[str, int] = {}  # leaf modules of that name: one per routed expert for EXPERT_LEAF
-        for t, (one, copies) in zip(ts, params):  # a leaf module holds one of each parameter it lists
-            per_module[t.module] = per_module.get(t.module, 0) + one
-            module_max[t.module] = max(module_max.get(t.module, 0), one)
-            module_copies[t.module] = copies
+        owners = [leaf_module(t, kind, leaf) for t in ts]
+        for m, (one, copies) in zip(owners, params):  # an expert's leaf holds one of each parameter it lists;
+            each = copies if m == EXPERT_LEAF else 1    # any other leaf holds all of them (a layer: every expert)
+            per_module[m] = per_module.get(m, 0) + one * copies // each
+            module_max[m] = max(module_max.get(m, 0), one)
+            module_copies[m] = each
         gather.append(max(per_module.values(), default=0))
         module_largest.append(np.sort(np.array([size for m, size in module_max.items()
                                                 for _ in range(module_copies[m])], dtype=np.float64)))
-        last_matrix = [t.module for t in ts if t.matrix]
+        last_matrix = [m for m, t in zip(owners, ts) if t.matrix]
         last.append(per_module[last_matrix[-1]] if last_matrix else 0)
         # matrix-holding leaf modules, in order; a layer's routed experts as one leaf holding all of them (the
         # overlap rule splits a module's work over its leaves by weight: their E leaves in a row are one span)
         leaves = list(dict.fromkeys(last_matrix))
-        leaf_parts.append([(sum(n for t, n in zip(ts, held) if t.module == m and t.tp_sharded),
-                            sum(n for t, n in zip(ts, held) if t.module == m and not t.tp_sharded)) for m in leaves])
+        leaf_parts.append([(sum(n for o, t, n in zip(owners, ts, held) if o == m and t.tp_sharded),
+                            sum(n for o, t, n in zip(owners, ts, held) if o == m and not t.tp_sharded))
+                           for m in leaves])
     width = max(1, max(len(p) for p in leaf_parts))
     leaf = np.zeros((N_KINDS, width, 2))
     for kind, parts in enumerate(leaf_parts):

@@ -35,6 +35,10 @@ QUANT_GROUP_SIZE = 64  # DeepSpeed ZeRO-Inference quantized_initialization group
 # (swap_tensor/utils.py AIO_ALIGNED_BYTES) but 4 KiB sectors are common, so block sizes are whole 4 KiB pages.
 O_DIRECT_ALIGN_BYTES = 4096
 AIO_DEFAULT_BLOCK_BYTES = 1_048_576  # DeepSpeed's aio.block_size default (swap_tensor/constants.py)
+# ZeRO-3's unit of gathering: ``module``, DeepSpeed's own (a pre- and post-forward hook on every submodule, each
+# gathering its own parameters), or ``layer`` (each decoder layer one leaf module, DeepSpeed's ``leaf_module``
+# config: one hook pair a layer, all its parameters gathered at once; hpi.executor.render).
+ZERO3_LEAVES = ("module", "layer")
 
 
 def reject_unknown_fields(cls, data: dict[str, Any], what: str) -> None:
@@ -65,7 +69,7 @@ def type_problem(k: KnobField, value: Any) -> str | None:
 
 # Knobs added after plan files and run records were first written: a file without them ran at their defaults
 # (hpi.executor.render wrote the same aio section for every NVMe run before they were knobs), so it may omit them.
-LATER_KNOBS = ("aio_block_size_bytes", "aio_queue_depth", "aio_threads")
+LATER_KNOBS = ("aio_block_size_bytes", "aio_queue_depth", "aio_threads", "zero3_leaf")
 
 
 def missing_fields(cls, data: dict[str, Any]) -> list[str]:
@@ -179,6 +183,10 @@ class Plan:
     persistence_threshold_elems: int = knob(DEEPSPEED_DEFAULT_PERSISTENCE_ELEMS, group="runtime", unit="elements",
                                             minimum=0, flag="--persistence-threshold", metavar="ELEMS",
                                             applies="gathers")
+    zero3_leaf: str = knob("module", group="runtime", choices=ZERO3_LEAVES, flag="--zero3-leaf",
+                           help="ZeRO-3's unit of gathering: module (DeepSpeed's: every submodule) or layer "
+                                "(each decoder layer at once: fewer hooks, larger gathers)",
+                           search_axis="zero3_leaves", vector="one_hot", applies="gathers")
     nvme_buffer_count: int = knob(5, group="runtime", unit="buffers", minimum=1, flag="--nvme-buffer-count",
                                   applies="offloads_to_nvme")
     # Not named by plan_flags: plan_from_args derives the size the search uses (search.nvme_buffer_elems_for).
@@ -229,6 +237,10 @@ class Plan:
             )
         if self.pp == 1 and self.micro_batches != 1:
             yield f"micro_batches({self.micro_batches}) > 1 needs pp > 1: set micro_batches 1"
+        if self.zero3_leaf == "layer" and self.offload == "nvme":
+            yield ("zero3_leaf layer with offload nvme: DeepSpeed swaps a leaf's parameters in together, one swap "
+                   "buffer each, so a layer leaf would need a buffer per parameter of a layer: use zero3_leaf module "
+                   "with NVMe offload")
         if self.aio_block_size_bytes % O_DIRECT_ALIGN_BYTES:
             yield (f"aio_block_size_bytes({self.aio_block_size_bytes}) % {O_DIRECT_ALIGN_BYTES} != 0: O_DIRECT reads "
                    f"whole {O_DIRECT_ALIGN_BYTES}-byte pages; use a multiple of {O_DIRECT_ALIGN_BYTES}, e.g. 1048576")

@@ -304,3 +304,19 @@ def test_the_prefill_peak_sweeps_the_layers(kit) -> None:
     assert m.gpu_parts["kv_cache"][0] == pytest.approx(kv_layer)
     assert m.gpu_parts["kv_cache"][1] == pytest.approx(LAYERS * kv_layer)
     assert m.gpu_parts["activations"][0] == pytest.approx(8192 * ACT_PER_TOKEN * 2)
+
+
+def test_layer_leaves_hold_a_whole_layer_gathered(kit) -> None:
+    """With each decoder layer one ZeRO-3 leaf the largest gather is the layer, so live parameters at a bucket
+    below it are the layer plus the bucket (cost.memory.live_param_elems, pace regime), not the largest module."""
+    from hpi.planner.cost.memory import live_param_elems
+
+    model = kit.toy_dense()
+    arrangement = kit.arrangement(model)
+    bucket = 1_000_000
+    plans = [Plan(offload="cpu", prefetch_bucket_elems=bucket, zero3_leaf=leaf) for leaf in ("module", "layer")]
+    knobs = Knobs.from_plans(plans)
+    fetched = np.tile(module_table(model).sharded + module_table(model).replicated, (2, 1))
+    layers, _ = live_param_elems(arrangement, knobs, fetched)
+    assert layers[0, 0] == 1024 * 4096 + bucket  # one FFN projection
+    assert layers[1, 0] == model.dense_layer_params + bucket  # the whole layer

@@ -234,3 +234,26 @@ def test_swapped_partitions_are_the_parameters_deepspeed_swaps() -> None:
 def test_unknown_kind_raises(kit) -> None:
     with pytest.raises(ValueError, match="unknown module kind"):
         module_tensors(kit.toy_dense(), 7)
+
+
+# ---- ZeRO-3 leaf granularity (Plan.zero3_leaf) -------------------------------------------------------------
+
+
+def test_layer_leaves_gather_each_decoder_layer_whole() -> None:
+    """With each decoder layer one leaf, its every parameter is one gather (a Mixtral layer's eight experts too);
+    the embedding and head kinds keep their modules, and what is stored does not change."""
+    llama = load_model("llama-3-8b")
+    module, layer = module_table(llama), module_table(llama, "layer")
+    whole = llama.dense_layer_params
+    assert module.largest_gather[DENSE] == 4096 * 14336  # one MLP projection at a time
+    assert layer.largest_gather[DENSE] == layer.last_gather[DENSE] == whole
+    assert layer.leaf_sharded[DENSE, 0] + layer.leaf_replicated[DENSE, 0] == whole  # the norms inside it too
+    assert not layer.leaf_sharded[DENSE, 1:].any() and (module.leaf_sharded[DENSE] > 0).sum() == 7
+    assert len(layer.module_largest_tensors[DENSE]) == 1 and len(module.module_largest_tensors[DENSE]) == 9
+    for kind in (EMBED, HEAD):
+        assert layer.largest_gather[kind] == module.largest_gather[kind]
+    np.testing.assert_array_equal(stored_elements(layer), stored_elements(module))
+    mixtral = module_table(load_model("mixtral-8x7b"), "layer")
+    assert mixtral.largest_gather[MOE] == load_model("mixtral-8x7b").moe_layer_params  # every expert at once
+    with pytest.raises(ValueError, match="zero3 leaf 'block' is not one of module, layer"):
+        module_table(llama, "block")

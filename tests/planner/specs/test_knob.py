@@ -40,7 +40,8 @@ def test_every_plan_field_is_a_knobs_column_or_an_arrangement_degree() -> None:
         assert k.columns or f.name in ("tp", "pp", "dp"), f.name
     assert list(knobs.columns) == ["offload_cpu", "offload_nvme", "weight_bits", "pin_memory", "kv_offload",
                                    "batch_size", "micro_batches", "prefetch_bucket_elems", "max_live_elems",
-                                   "persistence_threshold_elems", "nvme_buffer_count", "nvme_buffer_elems",
+                                   "persistence_threshold_elems", "zero3_leaf_layer", "nvme_buffer_count",
+                                   "nvme_buffer_elems",
                                    "aio_block_size_bytes", "aio_queue_depth", "aio_threads"]
 
 

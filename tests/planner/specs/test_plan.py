@@ -85,3 +85,16 @@ def test_aio_knobs_round_trip_and_refuse_unaligned_blocks() -> None:
     # they change nothing where nothing is read from NVMe: the canonical plan resets them
     assert Plan(offload="cpu", aio_queue_depth=8).canonical() == Plan(offload="cpu")
     assert Plan(offload="nvme", aio_queue_depth=8).canonical().aio_queue_depth == 8
+
+
+def test_layer_leaves_are_refused_with_nvme_offload_and_named_where_they_apply() -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="zero3_leaf layer with offload nvme: .* use zero3_leaf module"):
+        Plan(offload="nvme", zero3_leaf="layer")
+    with pytest.raises(ValueError, match="zero3 leaf 'block' is not one of module, layer"):
+        Plan(zero3_leaf="block")
+    assert Plan(offload="cpu", zero3_leaf="layer").applies("zero3_leaf") and not Plan().applies("zero3_leaf")
+    # a plan written before the knob existed ran DeepSpeed's per-module hooks: its key is what it was
+    assert "zero3_leaf" not in Plan(offload="cpu").key()
+    assert "zero3_leaf" in Plan(offload="cpu", zero3_leaf="layer").key()
