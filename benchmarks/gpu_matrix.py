@@ -186,7 +186,7 @@ def matrices() -> dict[str, list[Entry]]:
         ],
         # issue 20: each decoder layer one ZeRO-3 leaf (Plan.zero3_leaf layer: one hook pair a layer instead of 13,
         # the layer gathered by one fetch) against DeepSpeed's per-module hooks, same knobs otherwise. On a CPU the
-        # leaves cut ZeRO-3's host time a layer from 3.2 to 0.97 ms (benchmarks/results/2026-12-05-cpu-zero3-leaf);
+        # leaves cut ZeRO-3's host time a layer from 2.44 to 0.93 ms (benchmarks/results/2026-12-05-cpu-zero3-leaf);
         # here: does that reach the copy engine's idle gaps? The 70B at the 1e9 bucket (a layer ahead; its module
         # twin is stream-h200's bucket1e9 entry), the 8B at DeepSpeed's defaults and at a bucket that holds a layer.
         "leaf-h200": [

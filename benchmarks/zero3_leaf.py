@@ -11,7 +11,8 @@ device matrix ``leaf-h200`` (benchmarks/gpu_matrix.py).
 Three builds of one Llama-shaped model (``--layers`` layers of width 64, fp32, random weights, one rank), each through
 ``hpi.executor.launch`` as ``hpi run --device cpu`` runs it:
 - ``plain``: the model resident, no ZeRO-3: the layers' own compute and launches;
-- ``module``: ZeRO-3 with the weights offloaded to CPU memory, DeepSpeed's hooks on every module;
+- ``module``: ZeRO-3 with the weights offloaded to CPU memory, every parameter gathered each forward (persistence
+  threshold 0), DeepSpeed's hooks on every module;
 - ``layer``: the same with ``zero3_leaf`` layer.
 ZeRO-3's host time a layer = (decode step - plain's) / layers; ``layer_over_module`` is the share the leaves leave.
 The three must decode the same tokens. Repeated ``--reps`` times, interleaved; medians.
@@ -47,7 +48,9 @@ def plan_of(build: str):
 
     if build == "plain":
         return Plan()
-    return Plan(offload="cpu", pin_memory=False, zero3_leaf=build)
+    # persistence 0: every parameter is gathered every forward, as a large model's are (the default 1e5 would keep
+    # this small model's matrices resident and leave the hooks with nothing to fetch)
+    return Plan(offload="cpu", pin_memory=False, persistence_threshold_elems=0, zero3_leaf=build)
 
 
 def run_one(build: str, model: str, prompt_len: int, gen_len: int, out_dir: Path) -> dict:

@@ -120,10 +120,10 @@ class Efficiency:
     offload_layer_overhead_s: float = 3.0e-3  # ZeRO-3 hook/fetch bookkeeping per layer per forward (cost.overhead)
     # The share of offload_layer_overhead_s left where each decoder layer is one ZeRO-3 leaf (Plan.zero3_leaf layer:
     # one hook pair a layer instead of 13 for a Llama layer, all its parameters gathered by one fetch). DeepSpeed
-    # 0.19.8 on a 2-core CPU, 16 Llama-shaped layers offloaded to CPU: 1.96 ms of ZeRO-3 host time a layer per module,
-    # 0.58 ms as layer leaves, 0.29 (benchmarks/results/2026-12-05-cpu-zero3-leaf/SUMMARY.md). What stays (a fetch
-    # and a release per parameter, the trace) is not per hook; no GPU record yet (cost.overhead).
-    offload_layer_leaf_share: float = 0.29
+    # 0.19.8 on a 2-core CPU, 16 Llama-shaped layers offloaded to CPU, every parameter gathered: 2.44 ms of ZeRO-3 host
+    # time a layer per module, 0.93 ms as layer leaves, 0.38 (benchmarks/results/2026-12-05-cpu-zero3-leaf/SUMMARY.md).
+    # What stays (a fetch and a release per parameter, the trace) is not per hook; no GPU record yet (cost.overhead).
+    offload_layer_leaf_share: float = 0.38
     # Device time per decoder layer per forward that no roofline sees: ~40 kernels a layer (KERNELS_PER_LAYER),
     # each with a fixed cost beyond its bytes and FLOPs (the gap between two kernels of a stream or graph, a
     # kernel's ramp and tail; the norms, rotary, residual adds and cache writes are nothing else). ~2.5 us a
