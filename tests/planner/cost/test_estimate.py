@@ -656,29 +656,3 @@ def test_one_h200s_graphed_8b_steps_at_batch_16_pay_the_rows_device_time() -> No
         assert grows == pytest.approx(0.0 if m.plan.batch_size == 1 else 4 * 5.5e-6 * 32, abs=1e-9)
         if m.plan.batch_size == 16:
             assert q.predicted["decode_step_s"] / measured - 1 < -0.10  # the term is what brings it within 5%
-
-
-def test_layer_leaves_run_the_rule_once_a_layer_with_the_host_share_left(kit) -> None:
-    """zero3_leaf layer: the overlap rule sees one leaf a decoder layer (its copies, compute and host time one span)
-    and the layer's ZeRO-3 host time is offload_layer_leaf_share of the per-module one; a resident plan (no
-    gathering) is untouched."""
-    arrangement = kit.arrangement(kit.toy_dense())
-    plans = [Plan(offload="cpu"), Plan(offload="cpu", zero3_leaf="layer"), Plan(), Plan(zero3_leaf="layer")]
-    knobs = Knobs.from_plans(plans)
-    eff = arrangement.hardware.efficiency
-    host = module_overhead_time(arrangement, knobs)[:, DENSE]
-    launch, hooks = eff.layer_overhead_s, eff.offload_layer_overhead_s
-    np.testing.assert_allclose(host, [launch + hooks, launch + hooks * eff.offload_layer_leaf_share, launch, launch])
-    weights, hosts = leaf_shares(arrangement, knobs)
-    assert (weights[0, DENSE] > 0).sum() == 7 and weights[0, DENSE].sum() == pytest.approx(1.0)
-    np.testing.assert_allclose(weights[1, DENSE, 0], 1.0)  # one leaf holds the whole layer
-    np.testing.assert_allclose(hosts[1, DENSE, 0], 1.0)
-    assert not weights[1, DENSE, 1:].any()
-    ev = kit.evaluate(arrangement, plans)
-    assert ev.decode_step_s[1] <= ev.decode_step_s[0] and ev.decode_step_s[2] == ev.decode_step_s[3]
-    # where the hooks bind (50 ms of ZeRO-3 host a layer against ~10 ms of copies), the layer leaves' share shows
-    slow_host = dataclasses.replace(kit.ROUND, offload_layer_overhead_s=0.05)
-    hooked = kit.arrangement(kit.toy_dense(), hardware=kit.make_hardware(slow_host))
-    step = kit.evaluate(hooked, plans[:2]).decode_step_s
-    layers = 4
-    assert step[0] - step[1] == pytest.approx(layers * 0.05 * (1 - slow_host.offload_layer_leaf_share), rel=1e-6)

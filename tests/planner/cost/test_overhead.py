@@ -1,5 +1,5 @@
 """cost.overhead and cost.streaming read the plan rules that ``Plan`` reads (``hpi.planner.specs.plan``): the
-vectorised answer equals the scalar one on every plan shape."""
+vectorised answer equals the scalar one on every plan shape; ZeRO-3 layer leaves' host time and leaf shares."""
 
 from __future__ import annotations
 
@@ -7,10 +7,13 @@ import dataclasses
 import itertools
 
 import numpy as np
+import pytest
 
+from hpi.planner.cost.estimate import leaf_shares
 from hpi.planner.cost.inputs import Knobs
-from hpi.planner.cost.overhead import graphed_forwards, layer_device_time
+from hpi.planner.cost.overhead import graphed_forwards, layer_device_time, module_overhead_time
 from hpi.planner.cost.phase import decode_phase, prefill_phase
+from hpi.planner.cost.shape import DENSE
 from hpi.planner.cost.streaming import fetches_weights
 from hpi.planner.specs.plan import Plan, decode_graph_blocker
 from hpi.planner.specs.workload import Workload
@@ -58,3 +61,29 @@ def test_decode_layer_device_time_grows_by_the_fitted_term_per_doubling_of_rows_
     np.testing.assert_allclose(decode, (base + 4e-6 * np.array([0, 1, 4, 6]))[:, None] * is_layer[None, :])
     prefill = layer_device_time(arrangement, compiled, prefill_phase(arrangement, knobs))
     np.testing.assert_allclose(prefill, base[:, None] * is_layer[None, :])
+
+
+def test_layer_leaves_run_the_rule_once_a_layer_with_the_host_share_left(kit) -> None:
+    """zero3_leaf layer: the overlap rule sees one leaf a decoder layer (its copies, compute and host time one span)
+    and the layer's ZeRO-3 host time is offload_layer_leaf_share of the per-module one; a resident plan (no
+    gathering) is untouched."""
+    arrangement = kit.arrangement(kit.toy_dense())
+    plans = [Plan(offload="cpu"), Plan(offload="cpu", zero3_leaf="layer"), Plan(), Plan(zero3_leaf="layer")]
+    knobs = Knobs.from_plans(plans)
+    eff = arrangement.hardware.efficiency
+    host = module_overhead_time(arrangement, knobs)[:, DENSE]
+    launch, hooks = eff.layer_overhead_s, eff.offload_layer_overhead_s
+    np.testing.assert_allclose(host, [launch + hooks, launch + hooks * eff.offload_layer_leaf_share, launch, launch])
+    weights, hosts = leaf_shares(arrangement, knobs)
+    assert (weights[0, DENSE] > 0).sum() == 7 and weights[0, DENSE].sum() == pytest.approx(1.0)
+    np.testing.assert_allclose(weights[1, DENSE, 0], 1.0)  # one leaf holds the whole layer
+    np.testing.assert_allclose(hosts[1, DENSE, 0], 1.0)
+    assert not weights[1, DENSE, 1:].any()
+    ev = kit.evaluate(arrangement, plans)
+    assert ev.decode_step_s[1] <= ev.decode_step_s[0] and ev.decode_step_s[2] == ev.decode_step_s[3]
+    # where the hooks bind (50 ms of ZeRO-3 host a layer against ~10 ms of copies), the layer leaves' share shows
+    slow_host = dataclasses.replace(kit.ROUND, offload_layer_overhead_s=0.05)
+    hooked = kit.arrangement(kit.toy_dense(), hardware=kit.make_hardware(slow_host))
+    step = kit.evaluate(hooked, plans[:2]).decode_step_s
+    layers = 4
+    assert step[0] - step[1] == pytest.approx(layers * 0.05 * (1 - slow_host.offload_layer_leaf_share), rel=1e-6)
