@@ -76,7 +76,7 @@ class SearchSpace:
     max_micro_batch_factor: int = 2  # micro-batches in {1, pp, 2 pp}
     # ZeRO-3 leaf granularity (Plan.zero3_leaf): DeepSpeed's per-module hooks unless asked (``--zero3-leaf layer``).
     # Layer leaves are priced (cost.overhead, shape.leaf_module) from a CPU measurement; one H200 session measured them
-    # 1.16-1.44x faster, predicted 4-11% fast (benchmarks/results/2026-12-05-h200-leaf). Offering them by default
+    # 1.16-1.44x faster, predicted 4-12% fast (benchmarks/results/2026-12-05-h200-leaf). Offering them by default
     # changes every offloaded plan the README's examples and the autotune study show: that waits for their rerun.
     zero3_leaves: tuple[str, ...] = ("module",)
 

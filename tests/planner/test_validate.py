@@ -65,3 +65,23 @@ def test_profile_for_names_a_catalogue_profile_as_it_is_and_a_file_from_the_root
     assert loaded.profile_for(tmp_path / "results" / "a.json") == "h200-1gpu"
     assert loaded.profile_for(tmp_path / "results" / "b.json") == str(Path("..") / "results" / "drive.yaml")
     assert loaded.profile_for(tmp_path / "results" / "c.json") is None
+
+
+def test_the_layer_leaf_records_are_predicted_within_12_percent_and_faster_than_per_module():
+    """The 2026-12-05 H200 ZeRO-3 leaf records: every layer-leaf decode step is predicted uncalibrated within 12%
+    (offload_layer_leaf_share from the CPU benchmark), and each is predicted and measured faster than its plan with
+    DeepSpeed's per-module hooks on the same machine."""
+    manifest = load_manifest(REPO / "validation" / "fidelity_set.yaml")
+    files = sorted((REPO / "benchmarks/results/2026-12-05-h200-leaf").glob("call*/*/records.json"))
+    assert len(files) == 5
+    decode = [r for r in validate(manifest, files).rows if r.metric == "decode_step_s"]
+    layer = {r.record_id: r for r in decode if "layerleaf" in r.record_id}
+    module = {r.record_id: r for r in decode if "layerleaf" not in r.record_id}
+    assert len(layer) == 8 and len(module) == 5
+    assert all(r.ape_uncalibrated < 0.12 for r in layer.values()), {k: r.ape_uncalibrated for k, r in layer.items()}
+    pairs = [(lay, mod) for lay in layer.values() for mod in module.values()
+             if lay.record_id.split("/")[-1].replace("layerleaf", "moduleleaf") == mod.record_id.split("/")[-1]
+             or lay.record_id.split("/")[-1].replace("layerleaf-", "") == mod.record_id.split("/")[-1]]
+    assert len(pairs) >= 5
+    for lay, mod in pairs:
+        assert lay.uncalibrated < mod.uncalibrated and lay.measured < mod.measured, (lay.record_id, mod.record_id)
