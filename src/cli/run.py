@@ -160,11 +160,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from hpi.executor import launch as launcher
     from hpi.executor.render import ds_config
     from hpi.executor.spec import write_json_atomic
-    from hpi.planner.cost.pipeline import stage_layer_sizes
 
-    stage_layers = spec.stage_layers or stage_layer_sizes(deployment.model, plan.pp)  # the worker's split
     config = ds_config(plan, dtype=spec.dtype, hidden_size=deployment.model.hidden_size, nvme_path=spec.nvme_path,
-                       stage_layers=max(stage_layers))
+                       stage_layers=max(spec.stage_layer_counts(deployment.model)))  # the worker's split
     for warning in deployment.warnings:
         sys.stderr.write(f"hpi run: warning: {warning}\n")
     write_json_atomic(Path(spec.out_dir) / "ds_config.json", config)

@@ -113,12 +113,10 @@ def deployment_of(spec_path: Path, checkpoint: str) -> dict[str, Any]:
     config = None
     if not plan.runs_without_zero3:
         from hpi.planner.catalog import load_model
-        from hpi.planner.cost.pipeline import stage_layer_sizes
 
         hidden_size = load_hf_config(checkpoint).hidden_size
-        stage_layers = spec.stage_layers or stage_layer_sizes(load_model(checkpoint), plan.pp)  # the worker's split
         config = ds_config(plan, dtype=spec.dtype, hidden_size=hidden_size, nvme_path=spec.nvme_path,
-                           stage_layers=max(stage_layers))
+                           stage_layers=max(spec.stage_layer_counts(load_model(checkpoint))))  # the worker's split
     return {"world_size": plan.world_size, "tp": plan.tp, "pp": plan.pp, "dp": plan.dp, "offload": plan.offload,
             "weight_bits": plan.weight_bits, "pin_memory": plan.pin_memory, "zero3": not plan.runs_without_zero3,
             "hardware": spec.hardware, "device": spec.device, "dtype": spec.dtype, "deepspeed_config": config}

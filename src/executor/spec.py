@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from hpi.atomic import write_json as write_json_atomic  # the one atomic writer (hpi.atomic); old name kept
+from hpi.planner.cost.pipeline import stage_layer_sizes
+from hpi.planner.specs.model import ModelSpec
 from hpi.planner.specs.plan import Plan, reject_unknown_fields
 from hpi.planner.specs.workload import COMPUTE_DTYPES as DTYPES
 from hpi.planner.specs.workload import FETCH_WAITS, SWITCHES, Workload
@@ -138,6 +140,17 @@ class RunSpec:
         plan_fields = {k: x for k, x in v.items() if k not in VARIANT_CONDITIONS}
         conditions = {k: x for k, x in v.items() if k in VARIANT_CONDITIONS}
         return replace(self, plan=replace(self.plan, **plan_fields), variants=(), **conditions)
+
+    def stage_layer_counts(self, model: ModelSpec) -> tuple[int, ...]:
+        """Decoder layers per pipeline stage: this spec's ``stage_layers``, else the planner's balanced split
+        (``cost.pipeline.stage_layer_sizes``). The one rule the worker builds its stages by and the config
+        writers (``hpi run``'s ds_config.json, the evaluation job) size ZeRO-3's layer leaves by."""
+        if not self.stage_layers:
+            return stage_layer_sizes(model, self.plan.pp)
+        if sum(self.stage_layers) != model.n_layers:
+            raise ValueError(f"sum(stage_layers {list(self.stage_layers)}) = {sum(self.stage_layers)} != n_layers "
+                             f"({model.n_layers}) of {model.name}: give counts that add up to the model's layers")
+        return tuple(self.stage_layers)
 
     @property
     def world_size(self) -> int:

@@ -48,20 +48,6 @@ def _init_distributed(device: torch.device) -> None:
         dist.init_process_group("gloo")
 
 
-def stage_layer_counts(spec: RunSpec, planner_model) -> tuple[int, ...]:
-    """Decoder layers per stage: the spec's override, else the planner's balanced split."""
-    if spec.stage_layers:
-        if sum(spec.stage_layers) != planner_model.n_layers:
-            raise ValueError(
-                f"stage_layers sum({sum(spec.stage_layers)}) != n_layers({planner_model.n_layers}) of "
-                f"{planner_model.name}"
-            )
-        return tuple(spec.stage_layers)
-    from hpi.planner.cost.pipeline import stage_layer_sizes
-
-    return stage_layer_sizes(planner_model, spec.plan.pp)
-
-
 def uses_deepspeed(spec: RunSpec) -> bool:
     """ZeRO-3 is needed to offload, to partition over dp > 1 or to quantize; a resident dp=1 plan runs plain."""
     return not spec.plan.runs_without_zero3
@@ -277,7 +263,7 @@ def run(spec: RunSpec) -> list[RunRecord] | None:
         blocker = decode_graph_blocker(one.plan, planner_model) if one.decode_graphs else None
         if blocker:
             raise ValueError(f"CUDA graphs cannot run {one.plan.label}: {blocker}; drop --cuda-graphs")
-    counts = stage_layer_counts(spec, planner_model)
+    counts = spec.stage_layer_counts(planner_model)
     shard = ShardSpec.for_stage(counts, g.stage, tp_rank=g.tp_rank, tp_size=g.tp)
     dtype = DTYPES[spec.dtype]
 

@@ -31,3 +31,15 @@ def test_unknown_dtype_and_fetch_wait_are_refused_with_the_choices():
         RunSpec(plan=Plan(), model="tiny-llama", dtype="int8")
     with pytest.raises(ValueError, match="fetch_wait 'sync' is not one of stream, host"):
         RunSpec(plan=Plan(), model="tiny-llama", fetch_wait="sync")
+
+
+def test_stage_layer_counts_are_the_specs_own_or_the_planners_balanced_split():
+    from hpi.planner.catalog import load_model
+    from hpi.planner.cost.pipeline import stage_layer_sizes
+
+    model = load_model("llama-3-8b")  # 32 layers
+    balanced = RunSpec(plan=Plan(pp=3), model="llama-3-8b").stage_layer_counts(model)
+    assert balanced == stage_layer_sizes(model, 3) and sum(balanced) == 32
+    assert RunSpec(plan=Plan(pp=2), model="llama-3-8b", stage_layers=(20, 12)).stage_layer_counts(model) == (20, 12)
+    with pytest.raises(ValueError, match=r"sum\(stage_layers \[20, 10\]\) = 30 != n_layers \(32\)"):
+        RunSpec(plan=Plan(pp=2), model="llama-3-8b", stage_layers=(20, 10)).stage_layer_counts(model)
