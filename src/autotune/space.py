@@ -11,6 +11,9 @@ not worth one. Everything else is a runtime knob with a range derived from the m
 - ZeRO-3 knobs, only where ZeRO-3 gathers (offload, or dp > 1): ``prefetch_bucket_elems``,
   ``max_live_elems``, ``persistence_threshold_elems`` (log-uniform integers; the ranges hold DeepSpeed's
   defaults and DeepSpeedExamples' 2 h^2 / h);
+- ``zero3_leaf`` (``module`` or ``layer``), where ZeRO-3 gathers but not from NVMe (``Plan.problems``): the
+  leaf granularity the planner's search offers (``SearchSpace.zero3_leaves``); a study stored before the knob
+  keeps DeepSpeed's per-module leaves, as it ran;
 - NVMe offload only: ``nvme_buffer_count``, ``nvme_buffer_elems`` (at least the largest tensor partition,
   which DeepSpeed requires), and DeepSpeed's aio ``aio_block_size_bytes``, ``aio_queue_depth`` and
   ``aio_threads`` (categorical: the values the planner's search offers, ``hpi.planner.search.AIO_BLOCK_SIZES``,
@@ -87,6 +90,11 @@ class DiscretePlan:
         return bool(gathers_weights(self.offload != "none", self.dp))
 
     @property
+    def tunes_leaf(self) -> bool:
+        """ZeRO-3's leaf granularity is a choice here: it gathers, and not from NVMe (``Plan.problems``)."""
+        return self.gathers and self.offload != "nvme"
+
+    @property
     def degrees(self) -> tuple[int, int, int]:
         return self.tp, self.pp, self.dp
 
@@ -138,6 +146,9 @@ class Space:
     # suggest every choice: a real run measures what the model cannot.
     aio_lattice: tuple[tuple[int, int, int], ...] = (
         (Plan.aio_block_size_bytes, Plan.aio_queue_depth, Plan.aio_threads),)
+    # ZeRO-3 leaf granularities trials choose from where ``DiscretePlan.tunes_leaf``; the default is a study's from
+    # before the knob (it ran DeepSpeed's per-module leaves), derive_space offers the planner's search's.
+    zero3_leaves: tuple[str, ...] = (Plan.zero3_leaf,)
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -180,6 +191,7 @@ class Space:
             nvme_buffer_elems=rng(d["nvme_buffer_elems"]),
             # a study from before the lattice, or before it held the thread count (the default then)
             aio_lattice=tuple((*p, Plan.aio_threads)[:3] for p in d.get("aio_lattice", cls.aio_lattice)),
+            zero3_leaves=tuple(d.get("zero3_leaves", cls.zero3_leaves)),
         )
 
 
@@ -269,6 +281,7 @@ def derive_space(
         nvme_range = IntRange.spanning(need, 4 * need, 2)
     kv = restrict.get("kv_offload")
     pin = restrict.get("pin_memory")
+    leaf = restrict.get("zero3_leaves")
     return Space(
         objective=objective,
         configs=configs,
@@ -281,6 +294,7 @@ def derive_space(
         persistence_threshold_elems=persistence,
         nvme_buffer_elems=nvme_range,
         aio_lattice=aio_lattice_for(hardware),
+        zero3_leaves=(leaf,) if leaf is not None else SearchSpace.zero3_leaves,
     )
 
 
@@ -339,6 +353,9 @@ def suggest_plan(trial, space: Space) -> Plan:
             persistence_threshold_elems=_suggest_range(trial, "persistence_threshold_elems",
                                                        space.persistence_threshold_elems),
         )
+    if config.tunes_leaf:
+        plan = plan.with_(zero3_leaf=trial.suggest_categorical("zero3_leaf", space.zero3_leaves)
+                          if len(space.zero3_leaves) > 1 else space.zero3_leaves[0])
     if config.offload == "nvme" and space.nvme_buffer_elems is not None:
         plan = plan.with_(
             nvme_buffer_count=trial.suggest_int("nvme_buffer_count", *NVME_BUFFER_COUNTS),
@@ -378,6 +395,11 @@ def params_of(plan: Plan, space: Space) -> dict[str, Any]:
             r: IntRange = getattr(space, name)
             if r.low < r.high:
                 params[name] = int(min(max(getattr(plan, name), r.low), r.high))
+    if config.tunes_leaf:
+        if plan.zero3_leaf not in space.zero3_leaves:
+            raise ValueError(f"zero3_leaf {plan.zero3_leaf} is not one of this study's {space.zero3_leaves}")
+        if len(space.zero3_leaves) > 1:
+            params["zero3_leaf"] = plan.zero3_leaf
     if config.offload == "nvme" and space.nvme_buffer_elems is not None:
         params["nvme_buffer_count"] = int(min(max(plan.nvme_buffer_count, NVME_BUFFER_COUNTS[0]),
                                               NVME_BUFFER_COUNTS[1]))
@@ -429,17 +451,18 @@ def _config_rows(config: DiscretePlan, space: Space, model: ModelSpec) -> list[d
         nvme_points = [(c, e, *aio) for c in (4, 8) for e in space.nvme_buffer_elems.points if e >= need
                        for aio in space.aio_lattice]
     micro = _micro_choices(config.pp) if config.pp > 1 else (1,)
+    leaves = space.zero3_leaves if config.tunes_leaf else (Plan.zero3_leaf,)
     for batch, kv in itertools.product(space.batches(), space.kv_offload):
         batch = _fit_batch(batch, config.dp)
         pins = space.pin_memory if copies_from_host(config.offload == "cpu", kv) else (True,)
         mbs = sorted({_fit_micro_batches(batch // config.dp, m) for m in micro})
-        for pin, mb, (bucket, live, persist), (count, elems, block, depth, threads) in itertools.product(
-                pins, mbs, knob_points, nvme_points):
+        for pin, mb, leaf, (bucket, live, persist), (count, elems, block, depth, threads) in itertools.product(
+                pins, mbs, leaves, knob_points, nvme_points):
             rows.append({"offload": config.offload, "weight_bits": config.weight_bits, "pin_memory": pin,
                          "kv_offload": kv, "batch_size": batch, "micro_batches": mb, "prefetch_bucket_elems": bucket,
                          "max_live_elems": live, "persistence_threshold_elems": persist, "nvme_buffer_count": count,
                          "nvme_buffer_elems": elems, "aio_block_size_bytes": block, "aio_queue_depth": depth,
-                         "aio_threads": threads})
+                         "aio_threads": threads, "zero3_leaf": leaf})
     return rows
 
 

@@ -74,11 +74,11 @@ class SearchSpace:
     pp: tuple[int, ...] | None = None
     dp: tuple[int, ...] | None = None
     max_micro_batch_factor: int = 2  # micro-batches in {1, pp, 2 pp}
-    # ZeRO-3 leaf granularity (Plan.zero3_leaf): DeepSpeed's per-module hooks unless asked (``--zero3-leaf layer``).
-    # Layer leaves are priced (cost.overhead, shape.leaf_module) from a CPU measurement; one H200 session measured them
-    # 1.16-1.44x faster, predicted 4-12% fast (benchmarks/results/2026-12-05-h200-leaf). Offering them by default
-    # changes every offloaded plan the README's examples and the autotune study show: that waits for their rerun.
-    zero3_leaves: tuple[str, ...] = ("module",)
+    # ZeRO-3 leaf granularity (Plan.zero3_leaf), each configuration ranked at its better one: DeepSpeed's per-module
+    # hooks or a decoder layer at once (priced by cost.overhead and shape.leaf_module from a CPU measurement; one H200
+    # session measured layer leaves 1.16-1.44x faster on the 70B 4-bit stream and 1.16-1.28x on the 8B, predicted
+    # 4-12% fast: benchmarks/results/2026-12-05-h200-leaf). Not with NVMe (Plan.problems).
+    zero3_leaves: tuple[str, ...] = ("module", "layer")
 
     def restrict(self, **fixed) -> "SearchSpace":
         """A copy with some axes pinned to one value (``hpi plan --tp 2`` etc.)."""

@@ -132,3 +132,33 @@ def test_nvme_configs_search_the_aio_block_size_queue_depth_and_threads(target):
     # a study stored before the lattice held the thread count: its (block, depth) points at the default 8 threads
     stored = space.to_dict() | {"aio_lattice": [[1 << 20, 64], [4 << 20, 8]]}
     assert Space.from_dict(stored).aio_lattice == ((1 << 20, 64, 8), (4 << 20, 8, 8))
+
+
+def test_zero3_leaves_are_tuned_where_zero3_gathers_and_not_from_nvme(target):
+    model, hw, wl = target
+    space = derive_space(model, hw, wl, "throughput", top=2, restrict={"offloads": "cpu"})
+    assert space.zero3_leaves == ("module", "layer") and all(c.tunes_leaf for c in space.configs)
+    cpu = space.configs[0]
+    plan = Plan(offload="cpu", tp=cpu.tp, pp=cpu.pp, dp=cpu.dp, weight_bits=cpu.weight_bits, batch_size=cpu.dp,
+                zero3_leaf="layer")
+    params = params_of(plan, space)
+    assert params["zero3_leaf"] == "layer" and suggest_plan(FixedTrial(params), space).zero3_leaf == "layer"
+    lattice = grid(space, model)
+    leaves = {lattice.plan(g, r).zero3_leaf for g, k in enumerate(lattice.knobs) for r in range(k.n)}
+    assert leaves == {"module", "layer"}
+    # a resident plan without dp gathers nothing, an NVMe one swaps a leaf's parameters in together: no choice
+    assert not DiscretePlan("none", 1, 1, 1, 16).tunes_leaf and not DiscretePlan("nvme", 1, 1, 1, 16).tunes_leaf
+    nvme = derive_space(model, hw, wl, "throughput", top=1, restrict={"offloads": "nvme"})
+    nplan = Plan(offload="nvme", tp=nvme.configs[0].tp, pp=nvme.configs[0].pp, dp=nvme.configs[0].dp,
+                 weight_bits=nvme.configs[0].weight_bits, batch_size=nvme.configs[0].dp,
+                 nvme_buffer_elems=nvme.nvme_buffer_elems.high)
+    assert "zero3_leaf" not in params_of(nplan, nvme)
+    assert suggest_plan(FixedTrial(params_of(nplan, nvme)), nvme).zero3_leaf == "module"
+    # restricted by the flag; a study stored before the knob resumes with DeepSpeed's per-module leaves
+    only = derive_space(model, hw, wl, "throughput", top=1, restrict={"offloads": "cpu", "zero3_leaves": "layer"})
+    assert only.zero3_leaves == ("layer",) and suggest_plan(
+        FixedTrial(params_of(plan, only)), only).zero3_leaf == "layer"
+    stored = {k: v for k, v in space.to_dict().items() if k != "zero3_leaves"}
+    assert Space.from_dict(stored).zero3_leaves == ("module",)
+    with pytest.raises(ValueError, match=r"zero3_leaf layer is not one of this study's \('module',\)"):
+        params_of(plan, Space.from_dict(stored))

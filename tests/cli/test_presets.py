@@ -126,7 +126,7 @@ def test_text_output_states_the_definitions_and_the_status(capsys):
     assert code == 0, err
     text = " ".join(out.split())
     assert "Balanced: the highest tokens/s whose decode step stays within 2x Latency's" in text
-    assert "Balanced wins by: highest throughput (15.42 tok/s at batch 32) of the 41 feasible plans" in text
+    assert "Balanced wins by: highest throughput (15.42 tok/s at batch 32) of the 65 feasible plans" in text
     assert out.count("predicted only") == 3
     assert out.count("hpi serve --model llama-3-70b --hardware a6000-workstation") == 1  # Latency's
     assert out.count("(not servable: hpi serve keeps the KV cache on the GPU") == 2  # Balanced's and Throughput's

@@ -148,6 +148,12 @@ def _where(plan: "Plan") -> str:
     return plan.offload + ("+kv" if plan.kv_offload else "") + host
 
 
+def _leaf(plan: "Plan") -> str:
+    """``layer-leaves`` where ZeRO-3 gathers a decoder layer at once; DeepSpeed's per-module default adds no token,
+    so every label written before the knob reads as it did."""
+    return "layer-leaves" if plan.zero3_leaf == "layer" else ""
+
+
 @dataclass(frozen=True)
 class Plan:
     """The knobs of one deployment, each declared once with ``knob`` (``hpi.planner.specs.knob``)."""
@@ -186,7 +192,7 @@ class Plan:
     zero3_leaf: str = knob("module", group="runtime", choices=ZERO3_LEAVES, flag="--zero3-leaf",
                            help="ZeRO-3's unit of gathering: module (DeepSpeed's: every submodule) or layer "
                                 "(each decoder layer at once: fewer hooks, larger gathers)",
-                           search_axis="zero3_leaves", vector="one_hot", applies="gathers")
+                           search_axis="zero3_leaves", vector="one_hot", applies="gathers", label=_leaf)
     nvme_buffer_count: int = knob(5, group="runtime", unit="buffers", minimum=1, flag="--nvme-buffer-count",
                                   applies="offloads_to_nvme")
     # Not named by plan_flags: plan_from_args derives the size the search uses (search.nvme_buffer_elems_for).
@@ -319,7 +325,7 @@ class Plan:
                 continue
             fmt = k.spec.label
             tokens.append(fmt.format(getattr(self, k.name)) if isinstance(fmt, str) else fmt(self))
-        return " ".join(tokens)
+        return " ".join(t for t in tokens if t)
 
     # ---- identity ---------------------------------------------------------------------------------
     def key(self, *context: Any) -> str:

@@ -132,3 +132,7 @@ def test_labels_list_knob_tokens_in_display_order() -> None:
         "cpu+kv pinned tp2 pp1 dp1 w4 b16"
     assert Plan(pp=2, micro_batches=2, batch_size=4, pin_memory=False).label == "none tp1 pp2 dp1 w16 b4 mb2"
     assert Plan(kv_offload=True, pin_memory=False).label == "none+kv pageable tp1 pp1 dp1 w16 b1"
+    # ZeRO-3 layer leaves are named where ZeRO-3 gathers; DeepSpeed's per-module default adds nothing
+    assert Plan(offload="cpu", zero3_leaf="layer").label == "cpu pinned tp1 pp1 dp1 w16 b1 layer-leaves"
+    assert Plan(dp=2, batch_size=2, zero3_leaf="layer").label == "none tp1 pp1 dp2 w16 b2 layer-leaves"
+    assert Plan(zero3_leaf="layer").label == "none tp1 pp1 dp1 w16 b1"  # nothing gathered: the knob does nothing
