@@ -161,7 +161,7 @@ class Arrangement:
         per_module = np.asarray(value(self.table), dtype=np.float64)
         layer = knobs.columns.get("zero3_leaf_layer")
         if layer is None or not layer.any():
-            return np.broadcast_to(per_module, (knobs.n, *per_module.shape)).copy()
+            return np.broadcast_to(per_module, (knobs.n, *per_module.shape))  # read-only: callers derive new arrays
         per_layer = np.asarray(value(module_table(self.model, "layer")), dtype=np.float64)
         shape = np.maximum(per_module.shape, per_layer.shape)
         module_pad, layer_pad = (np.pad(a, [(0, n - m) for n, m in zip(shape, a.shape)])
