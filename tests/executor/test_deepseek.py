@@ -61,6 +61,8 @@ LAYOUTS = {
     "tp2": Plan(tp=2, batch_size=BATCH),
     "pp2": Plan(pp=2, batch_size=BATCH, micro_batches=2),
     "tp2-zero3-cpu-offload": Plan(tp=2, batch_size=BATCH, **STREAMED),
+    # each decoder layer one ZeRO-3 leaf: its attention, router, shared and every routed expert gathered at once
+    "zero3-cpu-offload-layer-leaves": Plan(batch_size=BATCH, zero3_leaf="layer", **STREAMED),
 }
 
 
@@ -283,6 +285,8 @@ def test_layout_matches_transformers(name, model_path, reference_tokens, tmp_pat
     assert record["world_size"] == plan.world_size
     if plan.is_offloaded:
         assert record["h2d"]["bytes_per_step"] > 0  # ZeRO-3 really streamed the weights
+    if plan.zero3_leaf == "layer":  # DeepSpeed hooked the layers, not their modules: one each, and six outside them
+        assert all(r["zero3_hooked_modules"] <= CONFIG["num_hidden_layers"] + 6 for r in record["ranks"])
 
 
 def test_checkpoint_loads_slice_wise_into_tp2(model_path, checkpoints, reference_tokens, tmp_path):

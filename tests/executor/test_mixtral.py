@@ -42,6 +42,8 @@ LAYOUTS = {
     "zero3-cpu-offload": Plan(offload="cpu", pin_memory=False, batch_size=BATCH),
     "tp2-zero3-cpu-offload": Plan(tp=2, offload="cpu", pin_memory=False, batch_size=BATCH),
     "pp2": Plan(pp=2, batch_size=BATCH),
+    # each decoder layer one ZeRO-3 leaf: attention, router and all 4 experts gathered at once
+    "zero3-cpu-offload-layer-leaves": Plan(offload="cpu", pin_memory=False, batch_size=BATCH, zero3_leaf="layer"),
 }
 
 
@@ -151,6 +153,8 @@ def test_layout_matches_transformers(name, model_path, reference_tokens, tmp_pat
     record = launch(_spec(LAYOUTS[name], model_path, tmp_path), timeout_s=300).to_json()
     assert record["tokens"] == reference_tokens
     assert record["model"]["params_total"] > record["model"]["params_active"]  # top-2 of 4 experts
+    if LAYOUTS[name].zero3_leaf == "layer":  # DeepSpeed hooked the layers, not their modules
+        assert all(r["zero3_hooked_modules"] <= CONFIG["num_hidden_layers"] + 6 for r in record["ranks"])
 
 
 @pytest.mark.parametrize("plan", [Plan(tp=2, batch_size=BATCH),
