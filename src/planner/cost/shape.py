@@ -23,6 +23,7 @@ dequantization of quantized weights) touch only the experts tokens were routed t
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -328,10 +329,11 @@ def smallest_swapped_partition(model: ModelSpec, tp: int, dp: int) -> float:
     return min((elems for _, elems in swapped_partitions(model, tp, dp)), default=0.0)
 
 
+@lru_cache(maxsize=256)
 def swaps_per_module(model: ModelSpec, tp: int, dp: int) -> int:
     """The most partitions one leaf module swaps in from NVMe at once: the fewest swap buffers DeepSpeed can run
     with. Fetching a module swaps in all its partitions together, each into its own buffer, held until the module
     is released after its forward (partitioned_param_swapper.py ``swap_in``: ``assert len(swap_in_paths) <=
     len(self.available_buffer_ids)``, "Not enough buffers")."""
-    modules = [module for module, _ in swapped_partitions(model, tp, dp)]
-    return max((modules.count(m) for m in set(modules)), default=1)
+    per_module = Counter(module for module, _ in swapped_partitions(model, tp, dp))  # one pass (kimi-k2: 60k)
+    return max(per_module.values(), default=1)
