@@ -53,6 +53,7 @@ from hpi.planner.specs.plan import (
     DEEPSPEED_DEFAULT_PERSISTENCE_ELEMS,
     DEEPSPEED_DEFAULT_PREFETCH_ELEMS,
     Plan,
+    chooses_leaf,
     copies_from_host,
     ds_examples_knobs,
     gathers_weights,
@@ -92,7 +93,7 @@ class DiscretePlan:
     @property
     def tunes_leaf(self) -> bool:
         """ZeRO-3's leaf granularity is a choice here: it gathers, and not from NVMe (``Plan.problems``)."""
-        return self.gathers and self.offload != "nvme"
+        return bool(chooses_leaf(self.offload != "none", self.offload == "nvme", self.dp))
 
     @property
     def degrees(self) -> tuple[int, int, int]:

@@ -33,6 +33,7 @@ from hpi.planner.specs.model import ModelSpec
 from hpi.planner.specs.plan import (
     DEEPSPEED_DEFAULT_PREFETCH_ELEMS,
     Plan,
+    chooses_leaf,
     copies_from_host,
     ds_examples_knobs,
     gathers_weights,
@@ -161,7 +162,7 @@ def _grid(arrangement: Arrangement, space: SearchSpace, has_nvme: bool, nvme_buf
            & _default_where_idle(k.aio_queue_depth, plan_type.aio_queue_depth, k.offload_nvme)
            & _default_where_idle(k.aio_threads, plan_type.aio_threads, k.offload_nvme))
     module_leaves = ~k.columns["zero3_leaf_layer"]
-    leaves = module_leaves | (gathers_weights(k.offloaded, dp) & ~k.offload_nvme)  # Plan.problems: not with NVMe
+    leaves = module_leaves | chooses_leaf(k.offloaded, k.offload_nvme, dp)
     return k.take(np.flatnonzero(even & pins & buckets & buffers & aio & leaves))
 
 

@@ -91,6 +91,13 @@ def gathers_weights(offloaded, dp):
     return offloaded | (dp > 1)
 
 
+def chooses_leaf(offloaded, offload_nvme, dp):
+    """ZeRO-3's leaf granularity (``Plan.zero3_leaf``) is a choice: it gathers (``gathers_weights``), and not from
+    NVMe, where DeepSpeed swaps a leaf's parameters in together (``Plan.problems``). Bools or bool arrays
+    (``x ^ True`` negates both, where ``~`` would turn a Python bool into -1 or -2)."""
+    return gathers_weights(offloaded, dp) & (offload_nvme ^ True)
+
+
 def runs_zero3(offloaded, dp, weight_bits):
     """The executor runs the stage under ZeRO-3: to gather weights (``gathers_weights``) and for DeepSpeed's
     quantized weights (``hpi.executor.worker.uses_deepspeed``)."""
