@@ -201,6 +201,20 @@ def matrices() -> dict[str, list[Entry]]:
               for leaf in ("module", "layer")
               for label, knobs in (("", {}), ("-bucket2.5e8", {"prefetch_bucket_elems": 250_000_000}))),
         ],
+        # issue 20: an MoE layer leaf gathers every routed expert of the layer in one fetch (8 x 3 projections of
+        # 6144 x 16384 for Mixtral-8x22B, 1.2 GB packed at 4 bits), where DeepSpeed's per-module hooks fetch them one
+        # module at a time; both gather every expert (the trace prefetches what the last step ran, not what the
+        # router picks). Never measured on a GPU before: the planner predicts 1.509 s (layer) against 1.614 s
+        # (module) at batch 1 with the fused dequantization. One build per leaf setting; DeepSpeed's dequantization
+        # at batch 1 (the 2026-12-03 entry's), then the fused one at batch 1 and 16.
+        "moe-leaf-h200": [
+            Entry(f"mixtral-8x22b-q4-cpu-pinned-{leaf}leaf-b1", "mixtral-8x22b", "h200-1gpu", 1,
+                  {"offload": "cpu", "weight_bits": 4, "zero3_leaf": leaf},
+                  variants=({"fused_dequant": True},
+                            {"batch_size": 16, "micro_batches": 1, "fused_dequant": True}),
+                  prompt_len=128, gen_len=4)
+            for leaf in ("module", "layer")
+        ],
         "smoke": [
             Entry("tiny-resident", "tiny-llama", h100, 2, {}),
             Entry("tiny-cpu-offload", "tiny-llama", h100, 2, {"offload": "cpu"}, variants=_batches(4)),

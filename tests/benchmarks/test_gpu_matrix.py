@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -97,3 +98,24 @@ def test_aio_matrix_compares_five_aio_settings_and_the_planner_picks_from_the_gr
     plan = gm.entry_plan(picked, workload)
     assert (plan.aio_block_size_bytes, plan.aio_queue_depth) == (4 << 20, 64)
     gm.refuse_infeasible(picked, plan, workload)
+
+
+def test_moe_leaf_matrix_pairs_the_two_leaf_settings_of_one_feasible_stream():
+    """Mixtral-8x22B at 4 bits streamed from pinned memory with per-module hooks and with layer leaves: the same plan
+    but for the leaf, each feasible on one H200, the layer leaves predicted faster at batch 1 and 16."""
+    from hpi.planner.catalog import load_model
+    from hpi.planner.predict import predict
+    from hpi.planner.profiles import load_profile
+    from hpi.planner.specs.workload import Workload
+
+    gm = _gpu_matrix()
+    entries = gm.matrices()["moe-leaf-h200"]
+    workload = Workload(entries[0].prompt_len, entries[0].gen_len, fused_dequant=True)
+    plans = [gm.entry_plan(e, workload) for e in entries]
+    assert [p.zero3_leaf for p in plans] == ["module", "layer"]
+    assert dataclasses.replace(plans[0], zero3_leaf="layer") == plans[1]
+    model, hardware = load_model("mixtral-8x22b"), load_profile("h200-1gpu")
+    for batch in (1, 16):
+        module, layer = (predict(model, hardware, workload, dataclasses.replace(p, batch_size=batch)) for p in plans)
+        assert module.feasible and layer.feasible
+        assert layer.decode_step_s < module.decode_step_s
