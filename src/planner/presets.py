@@ -35,7 +35,7 @@ from hpi.planner.search import search as run_search
 from hpi.planner.specs.hardware import HardwareProfile
 from hpi.planner.specs.knob import knob_fields
 from hpi.planner.specs.model import ModelSpec
-from hpi.planner.specs.plan import OFFLOAD_KINDS, WEIGHT_BITS, ZERO3_LEAVES, Plan
+from hpi.planner.specs.plan import OFFLOAD_KINDS, WEIGHT_BITS, Plan, leaf_choices
 from hpi.planner.specs.workload import Workload
 from hpi.records import RunRecord
 
@@ -291,7 +291,7 @@ def valid_values(model: ModelSpec, hardware: HardwareProfile, plan: Plan, space:
                                       if plan.batch_per_replica % m == 0] if plan.is_pipelined else [1]},
         "nvme_buffer_elems": {"minimum": nvme_buffer_elems_for(model, plan.tp, plan.dp)},
         "nvme_buffer_count": {"minimum": swaps_per_module(model, plan.tp, plan.dp)},
-        "zero3_leaf": {"choices": ["module"] if plan.offloads_to_nvme else list(ZERO3_LEAVES)},
+        "zero3_leaf": {"choices": list(leaf_choices(plan.offloads_to_nvme))},
     }
     for k in knob_fields(Plan):
         out.setdefault(k.name, {"choices": list(k.spec.choices)} if k.spec.choices else {"minimum": k.spec.minimum})

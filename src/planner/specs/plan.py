@@ -91,10 +91,16 @@ def gathers_weights(offloaded, dp):
     return offloaded | (dp > 1)
 
 
+def leaf_choices(offload_nvme: bool) -> tuple[str, ...]:
+    """The ``Plan.zero3_leaf`` values a plan may take: module only with NVMe offload, where DeepSpeed swaps a leaf's
+    parameters in together, one swap buffer each (``Plan.problems`` says so)."""
+    return ("module",) if offload_nvme else ZERO3_LEAVES
+
+
 def chooses_leaf(offloaded, offload_nvme, dp):
     """ZeRO-3's leaf granularity (``Plan.zero3_leaf``) is a choice: it gathers (``gathers_weights``), and not from
-    NVMe, where DeepSpeed swaps a leaf's parameters in together (``Plan.problems``). Bools or bool arrays
-    (``x ^ True`` negates both, where ``~`` would turn a Python bool into -1 or -2)."""
+    NVMe (``leaf_choices``). Bools or bool arrays (``x ^ True`` negates both, where ``~`` would turn a Python bool
+    into -1 or -2)."""
     return gathers_weights(offloaded, dp) & (offload_nvme ^ True)
 
 
@@ -250,7 +256,7 @@ class Plan:
             )
         if self.pp == 1 and self.micro_batches != 1:
             yield f"micro_batches({self.micro_batches}) > 1 needs pp > 1: set micro_batches 1"
-        if self.zero3_leaf == "layer" and self.offload == "nvme":
+        if self.zero3_leaf in ZERO3_LEAVES and self.zero3_leaf not in leaf_choices(self.offload == "nvme"):
             yield ("zero3_leaf layer with offload nvme: DeepSpeed swaps a leaf's parameters in together, one swap "
                    "buffer each, so a layer leaf would need a buffer per parameter of a layer: use zero3_leaf module "
                    "with NVMe offload")
