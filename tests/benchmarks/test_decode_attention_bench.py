@@ -1,0 +1,53 @@
+"""benchmarks/decode_attention_bench.py on the CPU: the kernels in Triton's interpreter, every grid size beside sdpa."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("triton", reason="the kernels' CPU run is Triton's interpreter")
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "benchmarks" / "decode_attention_bench.py"
+
+
+def _run(*args: str, interpret: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    env.pop("TRITON_INTERPRET", None)
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_each_grid_matches_sdpa_and_the_splits_follow_the_target(tmp_path):
+    out = tmp_path / "attn.json"
+    proc = _run("--device", "cpu", "--batches", "1,4", "--targets", "4,16", "--heads", "4", "--kv-heads", "2",
+                "--head-dim", "16", "--slots", "256", "--position", "100", "--replays", "1", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["batch"], r["kernel"], r.get("target_programs")) for r in rows] == [
+        (1, "sdpa", None), (1, "split_kv", 4), (1, "split_kv", 16),
+        (4, "sdpa", None), (4, "split_kv", 4), (4, "split_kv", 16)]
+    # 4 blocks of 64 slots; batch 1 x 2 KV heads = 2 pairs: 2 and 4 splits (at most a block each); batch 4: 1 and 2
+    assert [r["splits"] for r in rows if r["kernel"] == "split_kv"] == [2, 4, 1, 2]
+    for r in rows:
+        assert r["max_abs_err"] < 1e-4, r  # fp32 on the CPU: the same attention as sdpa
+        assert r["timer"] == "perf_counter" and r["us_per_call"] > 0
+        assert r["kv_bytes"] == 2 * r["batch"] * 2 * 101 * 16 * 4  # keys and values of slots 0..100, fp32
+
+
+def test_bad_arguments_get_one_line_and_exit_2():
+    proc = _run("--device", "cpu", "--heads", "6", "--kv-heads", "4")
+    assert proc.returncode == 2 and "heads(6) % kv_heads(4) != 0" in proc.stderr
+    proc = _run("--device", "cpu", "--position", "1024", "--slots", "1024")
+    assert proc.returncode == 2 and "position 1024 not in [0, slots(1024))" in proc.stderr
+    proc = _run("--device", "cpu", interpret=False)
+    assert proc.returncode == 2 and "TRITON_INTERPRET=1" in proc.stderr
+    proc = _run("--batches", "0,2", "--device", "cpu")
+    assert proc.returncode == 2 and "positive integers" in proc.stderr
