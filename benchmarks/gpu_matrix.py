@@ -207,12 +207,16 @@ def matrices() -> dict[str, list[Entry]]:
         # router picks). Never measured on a GPU before: the planner predicts 1.509 s (layer) against 1.614 s
         # (module) at batch 1 with the fused dequantization. One build per leaf setting; DeepSpeed's dequantization
         # at batch 1 (the 2026-12-03 entry's), then the fused one at batch 1 and 16.
+        # A Mixtral-8x22B layer is 2.5 G elements: DeepSpeed's 5e7 bucket prefetches the first of its parameters
+        # only, 3e9 the whole next layer.
         "moe-leaf-h200": [
-            Entry(f"mixtral-8x22b-q4-cpu-pinned-{leaf}leaf-b1", "mixtral-8x22b", "h200-1gpu", 1,
-                  {"offload": "cpu", "weight_bits": 4, "zero3_leaf": leaf},
+            Entry(f"mixtral-8x22b-q4-cpu-pinned-{leaf}leaf{label}-b1", "mixtral-8x22b", "h200-1gpu", 1,
+                  {"offload": "cpu", "weight_bits": 4, "zero3_leaf": leaf, **knobs},
                   variants=({"fused_dequant": True},
                             {"batch_size": 16, "micro_batches": 1, "fused_dequant": True}),
                   prompt_len=128, gen_len=4)
+            for label, knobs in (("", {}), ("-bucket3e9", {"prefetch_bucket_elems": 3 * 10**9,
+                                                            "max_live_elems": 6 * 10**9}))
             for leaf in ("module", "layer")
         ],
         "smoke": [
