@@ -20,6 +20,12 @@ changes ``torch/_inductor/config.py`` settings on top of nothing (torch.compile'
   of the walk follow the kernel more than the timer. Inductor reads this setting once, at import
   (``runtime/benchmarking.py``, ``benchmarker``), so compile_decode.py swaps the tuning's benchmarker for the compile
   itself (``_benchmarker``).
+- ``cdt-all-mm``: ``cdt-all`` and ``max_autotune_gemm``: every matrix product with more than one row (a batch-16
+  step's) is timed against inductor's Triton GEMM templates besides cuBLAS and the fastest kept
+  (``max_autotune_gemm_backends``, ATEN and TRITON by default). Why: on one H100 the compiled batch-16 step's GEMMs
+  ran in cuBLAS's 16-row kernels with split-K reductions at 0.83 of the HBM copy rate, where batch 1's tuned
+  reductions ran near it: 7.51 against 5.84 ms (benchmarks/results/2026-12-05-issue20-leaf-agreement,
+  call1/kernels.txt). Not yet compiled on a GPU: longer compiles (each GEMM shape is benchmarked).
 - ``plain``: no option: cuBLAS for the batch-1 products and heuristic kernel configs (a reduction with several
   candidate configs is still timed once among them): the control for how much of the step, and of the
   spread, the tuning brings.
@@ -44,6 +50,7 @@ OPTION_SETS: dict[str, dict] = {
     "cdt-r2": {**CDT, "coordinate_descent_search_radius": 2},
     "cdt-maxpw": {**CDT, "max_autotune_pointwise": True},
     "cdt-prof": {**CDT, "use_torch_profiler_benchmarker": True},
+    "cdt-all-mm": {**CDT, "coordinate_descent_check_all_directions": True, "max_autotune_gemm": True},
     "plain": {},
 }
 DEFAULT_SET = next(name for name, options in OPTION_SETS.items() if options == COMPILE_OPTIONS)

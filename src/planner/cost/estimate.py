@@ -14,8 +14,9 @@ Per module (a decoder layer, the embedding or the head), one forward on one rank
                                                           h2d + nvme with too few NVMe buffers to pipeline them,
                                                           cost.streaming.nvme_overlap)
               where h2d carries the weights and, in decode with KV offload, the layer's KV cache;
-              with DeepSpeed's host fetch wait:          (the host waits for each fetch, so the copy engine
-              fetch + host                                idles while it runs the hooks and launches)
+              with DeepSpeed's host fetch wait, or a     (the host waits for each fetch, so the copy engine
+              routed layer leaf beyond the bucket:        idles while it runs the hooks and launches)
+              fetch + host
     f       = prefetch_overlap                          (share of the shorter of busy and fetch hidden)
     device  = max(busy, fetch) + (1 - f) * min(busy, fetch)
     module  = max(device, host)
@@ -27,6 +28,9 @@ Per module (a decoder layer, the embedding or the head), one forward on one rank
   (1.19 s for 1.20 s of copies and 1.1 s of FLOPs; 2.55 s for 2.55 s of copies) with DeepSpeedExamples'
   buckets (2 h^2, smaller than one FFN matrix), and the 2x H200 8B offload step did not move with the
   bucket (5e7, 2 h^2, 4e8: 0.39-0.415 s, SUMMARY.md). What the bucket changes is memory (cost.memory).
+  One exception: a routed-expert layer gathered as one ZeRO-3 leaf larger than the bucket, whose host reads the
+  router's counts mid-layer before it can issue the next leaf's copy (``routing_waits_for_leaf``): its host time
+  joins its fetch in series, as with DeepSpeed's host wait below.
 - The fetch wait (``Workload.fetch_wait``): DeepSpeed's stock wait synchronizes the host with the copy
   stream at every fetch, so each copy and the host's work for the module run in series (1x H100, 8B,
   bs 1: 0.531 s per step with the host wait, 0.371 s stream-ordered, same knobs, same run).
@@ -125,6 +129,29 @@ class PhaseResult:
         return np.divide(self.bubble_s, self.step_s, out=np.zeros_like(self.step_s), where=self.step_s > 0)
 
 
+def routing_waits_for_leaf(arrangement: Arrangement, knobs: Knobs) -> np.ndarray:
+    """(N, kinds) whether a routed-expert layer gathered as one ZeRO-3 leaf (``Plan.zero3_leaf`` layer) waits for its
+    whole copy before the next layer's copy can start: its leaf holds more elements than the prefetch bucket.
+
+    The router's counts are read to the host once a layer (``hpi.executor.experts``), after the layer's attention,
+    which waits for the leaf's copy. A bucket that holds the next leaf (DeepSpeed's prefetch counts whole
+    parameters until the bucket is full) queues the next copy at the leaf's own fetch, before that read; a smaller
+    one queues only the next leaf's first parameters, and the rest is issued at the next leaf's fetch, after the
+    read and the launches of this layer's experts: copy and compute take turns. Measured, Mixtral-8x22B 4-bit from
+    pinned memory, fused dequantization (benchmarks/results/2026-12-05-issue20-leaf-agreement, SUMMARY.md): at
+    DeepSpeed's 5e7 bucket layer leaves took 1.674 / 1.899 s a step (batch 1 / 16, one H100) against 1.583 / 1.768 s
+    with per-module leaves; at a 3e9 bucket (a 2.5 G-element layer ahead) 1.596 / 1.696 s (one H200, whose
+    per-module steps at 5e7 took 1.714 / 2.246 s). Priced so, the H100's layer-leaf steps are predicted +1% / -11%
+    (-8% / -19% without the wait).
+    A dense layer has no such read: the 8B's 218 M-element layer leaves streamed at 0.91 of pinned at the 5e7 bucket
+    (benchmarks/results/2026-12-05-h200-leaf)."""
+    t = arrangement.table
+    layer = knobs.columns.get("zero3_leaf_layer", np.zeros(knobs.n, dtype=bool))
+    leaf = arrangement.by_leaf(knobs, lambda m: m.leaf_sharded / arrangement.tp + m.leaf_replicated).sum(axis=2)
+    routed = (t.n_experts > 0)[None, :]
+    return layer[:, None] & routed & (leaf > knobs.prefetch_bucket_elems[:, None])
+
+
 def prefetch_overlap(arrangement: Arrangement, knobs: Knobs) -> np.ndarray:
     """(N, kinds) f in the module rule: share of the shorter of busy and fetch that overlaps the longer.
 
@@ -136,8 +163,10 @@ def prefetch_overlap(arrangement: Arrangement, knobs: Knobs) -> np.ndarray:
 
 
 def host_waits_for_fetch(arrangement: Arrangement, knobs: Knobs) -> np.ndarray:
-    """(N,) whether the host synchronizes with each ZeRO-3 fetch (DeepSpeed's stock wait) in these plans."""
-    return fetches_weights(arrangement, knobs) & (arrangement.workload.fetch_wait == "host")
+    """(N, kinds) whether the host synchronizes with each ZeRO-3 fetch of these modules: DeepSpeed's stock wait in
+    every gathering plan, and a routed-expert layer leaf beyond the prefetch bucket (``routing_waits_for_leaf``)."""
+    stock = fetches_weights(arrangement, knobs) & (arrangement.workload.fetch_wait == "host")
+    return stock[:, None] | routing_waits_for_leaf(arrangement, knobs)
 
 
 def leaf_shares(arrangement: Arrangement, knobs: Knobs) -> tuple[np.ndarray, np.ndarray]:
@@ -218,7 +247,7 @@ def phase_result(arrangement: Arrangement, knobs: Knobs, phase: Phase, bpw: np.n
     host = host_base * (1.0 + drift)
     pipelined, _ = nvme_overlap(arrangement, knobs)
     fetch_links = np.where(pipelined[:, None], np.maximum(t_h2d, t_nvme), t_h2d + t_nvme) + t_gather
-    in_series = host_waits_for_fetch(arrangement, knobs)[:, None, None]
+    in_series = host_waits_for_fetch(arrangement, knobs)[:, :, None]
     f = prefetch_overlap(arrangement, knobs)[:, :, None]
     # The rule per leaf module (leaf_shares), summed back to the module; parts (N, kinds, C).
     w, hw = leaf_shares(arrangement, knobs)

@@ -18,11 +18,19 @@ from hpi.planner.cost.activations import activation_time
 from hpi.planner.cost.collectives import dp_allgather_time, tp_collective_host_time, tp_collective_time, tp_drift
 from hpi.planner.cost.compute import compute_time
 from hpi.planner.cost.dequant import dequant_host_time, dequant_time
-from hpi.planner.cost.estimate import EXPOSED_PARTS, LINK_PARTS, evaluate, leaf_shares, prefetch_overlap
+from hpi.planner.cost.estimate import (
+    EXPOSED_PARTS,
+    LINK_PARTS,
+    evaluate,
+    host_waits_for_fetch,
+    leaf_shares,
+    prefetch_overlap,
+    routing_waits_for_leaf,
+)
 from hpi.planner.cost.inputs import Knobs
 from hpi.planner.cost.overhead import compiled_forwards, layer_device_time, module_overhead_time
 from hpi.planner.cost.phase import decode_phase, prefill_phase
-from hpi.planner.cost.shape import DENSE, EMBED, HEAD
+from hpi.planner.cost.shape import DENSE, EMBED, HEAD, MOE
 from hpi.planner.cost.streaming import (
     fetched_elems_per_rank,
     kv_transfer_bytes,
@@ -221,6 +229,37 @@ def test_the_host_fetch_wait_puts_the_hooks_in_series_with_the_copies(kit) -> No
     # Without offload (nothing fetched) the wait changes nothing.
     k16 = Knobs.from_plans([Plan()])
     np.testing.assert_allclose(evaluate(host, k16).decode_step_s, evaluate(stream, k16).decode_step_s)
+
+
+def test_a_routed_layer_leaf_beyond_the_bucket_waits_for_its_copy_before_the_next(kit) -> None:
+    """A toy MoE layer (53.1 M elements) gathered as one leaf: with a bucket that cannot hold it the host reads the
+    router's counts after the leaf's copy and only then issues the next leaf's, so the copy engine idles while the
+    host runs the layer's hooks and launches (fetch + host, as with DeepSpeed's host wait); a bucket that holds it,
+    per-module leaves and a dense layer leaf keep the overlap."""
+    lay = kit.arrangement(kit.toy_moe())
+    plans = [Plan(offload="cpu", zero3_leaf="layer", prefetch_bucket_elems=50_000_000),
+             Plan(offload="cpu", zero3_leaf="layer", prefetch_bucket_elems=100_000_000, max_live_elems=10**9),
+             Plan(offload="cpu", prefetch_bucket_elems=50_000_000)]
+    k = Knobs.from_plans(plans)
+    waits = routing_waits_for_leaf(lay, k)
+    assert waits[:, MOE].tolist() == [True, False, False]
+    assert not waits[:, [DENSE, EMBED, HEAD]].any()
+    np.testing.assert_array_equal(host_waits_for_fetch(lay, k), waits)  # stream-ordered otherwise
+    phase = decode_phase(lay, k)
+    f = prefetch_overlap(lay, k)
+    in_series, _, _ = modules_by_hand(lay, k, phase, f, host_wait=True)
+    overlapped, busy, fetch = modules_by_hand(lay, k, phase, f)
+    host = host_by_hand(lay, k)
+    assert fetch[0, MOE] > busy[0, MOE] and fetch[0, MOE] > host[0, MOE] > 0  # copy-bound: the host hid behind it
+    np.testing.assert_allclose(in_series[0, MOE], fetch[0, MOE] + host[0, MOE])
+    ev = evaluate(lay, k)
+    moe_layers = lay.stage_counts[0][MOE]
+    np.testing.assert_allclose(ev.decode_step_s[0] - ev.decode_step_s[1],
+                               moe_layers * (in_series[0, MOE] - overlapped[1, MOE]), rtol=1e-6)
+    assert ev.decode_step_s[0] - ev.decode_step_s[1] == pytest.approx(moe_layers * host[0, MOE], rel=1e-6)
+    dense = kit.arrangement(kit.toy_dense())
+    small = Knobs.from_plans([Plan(offload="cpu", zero3_leaf="layer", prefetch_bucket_elems=0)])
+    assert not routing_waits_for_leaf(dense, small).any()
 
 
 def test_pcie_bound_decode_by_hand(kit) -> None:
