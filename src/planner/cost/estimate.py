@@ -129,6 +129,12 @@ class PhaseResult:
         return np.divide(self.bubble_s, self.step_s, out=np.zeros_like(self.step_s), where=self.step_s > 0)
 
 
+def leaf_elems(arrangement: Arrangement, knobs: Knobs) -> np.ndarray:
+    """(N, kinds, J) elements each matrix-holding ZeRO-3 leaf module gathers per TP rank, at each plan's leaf
+    granularity (``Arrangement.by_leaf``; 0-padded)."""
+    return arrangement.by_leaf(knobs, lambda t: t.leaf_sharded / arrangement.tp + t.leaf_replicated)
+
+
 def routing_waits_for_leaf(arrangement: Arrangement, knobs: Knobs) -> np.ndarray:
     """(N, kinds) whether a routed-expert layer gathered as one ZeRO-3 leaf (``Plan.zero3_leaf`` layer) waits for its
     whole copy before the next layer's copy can start: its leaf holds more elements than the prefetch bucket.
@@ -145,10 +151,9 @@ def routing_waits_for_leaf(arrangement: Arrangement, knobs: Knobs) -> np.ndarray
     (-8% / -19% without the wait).
     A dense layer has no such read: the 8B's 218 M-element layer leaves streamed at 0.91 of pinned at the 5e7 bucket
     (benchmarks/results/2026-12-05-h200-leaf)."""
-    t = arrangement.table
     layer = knobs.columns.get("zero3_leaf_layer", np.zeros(knobs.n, dtype=bool))
-    leaf = arrangement.by_leaf(knobs, lambda m: m.leaf_sharded / arrangement.tp + m.leaf_replicated).sum(axis=2)
-    routed = (t.n_experts > 0)[None, :]
+    routed = (arrangement.table.n_experts > 0)[None, :]
+    leaf = leaf_elems(arrangement, knobs).sum(axis=2)  # a layer leaf is its module's one leaf
     return layer[:, None] & routed & (leaf > knobs.prefetch_bucket_elems[:, None])
 
 
@@ -181,7 +186,7 @@ def leaf_shares(arrangement: Arrangement, knobs: Knobs) -> tuple[np.ndarray, np.
     33B, whose every leaf copies longer than its hooks take, streamed at 1.00 (SUMMARY.md). Without
     gathering the host runs ahead freely and the whole module is one leaf. With ``Plan.zero3_leaf`` layer a
     decoder layer is one leaf (``shape.leaf_module``): its copies, compute and host time are one span."""
-    elems = arrangement.by_leaf(knobs, lambda t: t.leaf_sharded / arrangement.tp + t.leaf_replicated)  # (N, kinds, J)
+    elems = leaf_elems(arrangement, knobs)
     total = elems.sum(axis=2, keepdims=True)
     weights = np.divide(elems, total, out=np.zeros_like(elems), where=total > 0)
     leaves = (elems > 0).sum(axis=2, keepdims=True)
