@@ -204,11 +204,12 @@ def matrices() -> dict[str, list[Entry]]:
         # issue 20: an MoE layer leaf gathers every routed expert of the layer in one fetch (8 x 3 projections of
         # 6144 x 16384 for Mixtral-8x22B, 1.2 GB packed at 4 bits), where DeepSpeed's per-module hooks fetch them one
         # module at a time; both gather every expert (the trace prefetches what the last step ran, not what the
-        # router picks). Never measured on a GPU before: the planner predicts 1.509 s (layer) against 1.614 s
-        # (module) at batch 1 with the fused dequantization. One build per leaf setting; DeepSpeed's dequantization
-        # at batch 1 (the 2026-12-03 entry's), then the fused one at batch 1 and 16.
-        # A Mixtral-8x22B layer is 2.5 G elements: DeepSpeed's 5e7 bucket prefetches the first of its parameters
-        # only, 3e9 the whole next layer.
+        # router picks). One build per row; DeepSpeed's dequantization at batch 1 (the 2026-12-03 entry's), then the
+        # fused one at batch 1 and 16. A Mixtral-8x22B layer is 2.5 G elements: DeepSpeed's 5e7 bucket prefetches
+        # the first of its parameters only, 3e9 the whole next layer. Measured 2026-12-05
+        # (benchmarks/results/2026-12-05-issue20-leaf-agreement): layer leaves at 3e9 the fastest (H200), at 5e7
+        # slower than per-module hooks (H100); the planner predicts on h200-1gpu, fused, batch 1: per module at 5e7
+        # 1.614 s, layer at 5e7 1.602 s (cost.estimate.routing_waits_for_leaf), layer at 3e9 1.509 s.
         "moe-leaf-h200": [
             Entry(f"mixtral-8x22b-q4-cpu-pinned-{leaf}leaf{label}-b1", "mixtral-8x22b", "h200-1gpu", 1,
                   {"offload": "cpu", "weight_bits": 4, "zero3_leaf": leaf, **knobs},
