@@ -20,7 +20,10 @@ stop prefetching: ``partitioned_param_coordinator.py``, "Invalidate trace cache"
 all gathered, one expert at a time (``hpi.planner.cost.shape`` ``EXPERTS_GATHERED_WHOLE``); an expert no
 token was routed to returns at once, so only routed experts compute (and, quantized, dequantize), in
 increasing expert order as transformers' own loop adds them. One leaf per expert, rather than one for the
-layer, keeps what one fetch swaps in from NVMe at three partitions (one staging buffer each).
+layer, keeps what one fetch swaps in from NVMe at three partitions (one staging buffer each). Mixtral's MoE block
+is itself a leaf (DeepSpeed's default ``leaf_module.classes`` names ``MixtralSparseMoeBlock``), so there the router
+and every expert are gathered at once on entering the block, and an NVMe fetch swaps in all of them
+(``hpi.planner.cost.shape.MOE_BLOCK_LEAF_FAMILIES``).
 
 Under TP every expert holds ``f / tp`` of its FFN width (gate/up column-parallel, down row-parallel without
 its own all-reduce); the MoE block's output is all-reduced once (``hpi.executor.tp.all_reduce_output``).

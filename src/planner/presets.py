@@ -72,13 +72,16 @@ KNOB_NOTES = {
                   "GPU memory, CPU memory and the copy time each decode step",
     "batch_size": "sequences decoded together; predicted: every time and memory term",
     "micro_batches": "pipeline micro-batches per step; predicted: bubbles and stage concurrency",
-    "prefetch_bucket_elems": "stage3_prefetch_bucket_size: elements ZeRO-3 gathers ahead of use; predicted: GPU "
-                             "memory (live parameters) only: the cost model's times do not depend on it "
-                             "(measured: hpi.planner.cost.estimate)",
+    "prefetch_bucket_elems": "stage3_prefetch_bucket_size: elements ZeRO-3 gathers ahead of use, counted as stored "
+                             "(a 4-bit weight 0.28, an 8-bit 0.53); predicted: GPU memory (live parameters) and, with "
+                             "MoE layer leaves, whether the router waits for the layer's copy "
+                             "(hpi.planner.cost.estimate)",
     "max_live_elems": "stage3_max_live_parameters (and stage3_max_reuse_distance, written equal): the most gathered "
-                      "elements ZeRO-3 keeps on the GPU before it stops prefetching; predicted: GPU memory (live "
+                      "elements ZeRO-3 keeps on the GPU before it stops prefetching, counted as stored (a 4-bit "
+                      "weight 0.28); predicted: GPU memory (live "
                       "parameters) only: the cost model's times do not depend on it",
-    "persistence_threshold_elems": "stage3_param_persistence_threshold: parameters of at most this many elements are "
+    "persistence_threshold_elems": "stage3_param_persistence_threshold: parameters of at most this many stored "
+                                   "elements (a 4-bit matrix's: 0.28 a weight) are "
                                    "gathered once and kept whole on every GPU; predicted: GPU memory (persistent "
                                    "weights) and the bytes streamed every forward",
     "zero3_leaf": "ZeRO-3's unit of gathering: module (DeepSpeed's hooks on every submodule) or layer "

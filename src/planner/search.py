@@ -176,12 +176,16 @@ def nvme_buffer_elems_for(model: ModelSpec, tp: int, dp: int) -> int:
 def nvme_buffer_counts_for(model: ModelSpec, tp: int, dp: int) -> list[int]:
     """The NVMe swap buffer counts the search offers, most first: DeepSpeed's default (``Plan.nvme_buffer_count``,
     5) and, where fewer, the fewest with which reads, copies and compute all overlap and the fewest with which
-    reads still overlap compute (``cost.streaming.nvme_overlap``: 3 and 2 per partition one module swaps in).
+    reads still overlap compute (``cost.streaming.nvme_overlap``: 3 and 2 per partition one module swaps in); where
+    one module swaps in more partitions than the default, 3, 2 and 1 per partition (the last: reads wait for the
+    copies and the compute, but it is the fewest DeepSpeed runs with).
     DeepSpeed pins every swap buffer whatever ``pin_memory`` says (partitioned_param_swapper.py
     ``_configure_aio``: ``new_cpu_locked_tensor``), buffer_count x buffer_size x 2 bytes, so fewer buffers fit
     machines with little pinnable memory (WSL2), at the times the cost model predicts for them."""
     per_module = swaps_per_module(model, tp, dp)
     default = Plan.nvme_buffer_count
+    if per_module > default:  # DeepSpeed's default cannot swap in one module (a Mixtral MoE block: 24 partitions)
+        return [n * per_module for n in (NVME_BUFFERS_PIPELINED, NVME_BUFFERS_OVERLAP_COMPUTE, 1)]
     fewer = {n * per_module for n in (NVME_BUFFERS_PIPELINED, NVME_BUFFERS_OVERLAP_COMPUTE)}
     return [default] + sorted((n for n in fewer if n < default), reverse=True)
 

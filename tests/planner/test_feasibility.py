@@ -184,14 +184,15 @@ def test_nvme_buffer_ignored_without_nvme_offload() -> None:
 
 
 def test_nvme_buffer_count_must_hold_what_one_module_swaps_in() -> None:
-    """A Mixtral expert's module swaps in its three projections together (three buffers); every Llama module
-    one, and Mixtral's embedding (32000 x 4096) is the largest partition each buffer must hold."""
+    """A Mixtral MoE block (one ZeRO-3 leaf: DeepSpeed's default leaf classes) swaps in its 8 experts' 24
+    projections together (24 buffers); every Llama module one, and Mixtral's embedding (32000 x 4096) is the largest
+    partition each buffer must hold."""
     need = 32000 * 4096
-    mixtral = [Plan(offload="nvme", nvme_buffer_count=n, nvme_buffer_elems=need) for n in (2, 3)]
+    mixtral = [Plan(offload="nvme", nvme_buffer_count=n, nvme_buffer_elems=need) for n in (23, 24)]
     ev = evaluation(mixtral, model=load_model("mixtral-8x7b"))
     np.testing.assert_array_equal(capacity_masks(ev)["nvme_buffer_count"], [True, False])
     r = only(capacity_reasons(ev, 0), "nvme_buffer_count")
-    assert "NVMe buffer count 2 < 3" in r.message and "--nvme-buffer-count 3" in r.message
+    assert "NVMe buffer count 23 < 24" in r.message and "--nvme-buffer-count 24" in r.message
     short = evaluation([Plan(offload="nvme", nvme_buffer_elems=need - 1)], model=load_model("mixtral-8x7b"))
     assert "largest tensor partition 131,072,000" in only(capacity_reasons(short, 0), "nvme_buffer").message
     assert not capacity_masks(evaluation([Plan(offload="nvme", nvme_buffer_count=1, nvme_buffer_elems=BUFFER)]))[

@@ -151,10 +151,10 @@ def routing_waits_for_leaf(arrangement: Arrangement, knobs: Knobs) -> np.ndarray
     (-8% / -19% without the wait).
     A dense layer has no such read: the 8B's 218 M-element layer leaves streamed at 0.91 of pinned at the 5e7 bucket
     (benchmarks/results/2026-12-05-h200-leaf)."""
-    layer = knobs.columns.get("zero3_leaf_layer", np.zeros(knobs.n, dtype=bool))
     routed = (arrangement.table.n_experts > 0)[None, :]
     leaf = leaf_elems(arrangement, knobs).sum(axis=2)  # a layer leaf is its module's one leaf
-    return layer[:, None] & routed & (leaf > knobs.prefetch_bucket_elems[:, None])
+    bucket = knobs.zero3_weights(knobs.prefetch_bucket_elems)  # ds_numel, as weight elements (Knobs)
+    return knobs.zero3_leaf_layer[:, None] & routed & (leaf > bucket[:, None])
 
 
 def prefetch_overlap(arrangement: Arrangement, knobs: Knobs) -> np.ndarray:

@@ -118,6 +118,30 @@ class Knobs:
         matrix = bits / 8.0 + quant_meta
         return matrix_fraction * matrix + (1.0 - matrix_fraction) * COMPUTE_BYTES
 
+    @functools.cached_property
+    def ds_numel_per_matrix_weight(self) -> np.ndarray:
+        """(N,) DeepSpeed ``ds_numel`` per element of a weight matrix: how ZeRO-3's element counters (prefetch
+        bucket, max live parameters, reuse distance, persistence threshold) count a matrix at the plan's bits.
+
+        DeepSpeed quantizes a weight by storing its packed bytes and a 16-bit scale and minimum per group of 64,
+        concatenated and viewed as a tensor of the weight's own 16-bit dtype (``_quantize_param``,
+        deepspeed/inference/quantization/utils.py: ``.view(param.dtype)``), so ZeRO-3 counts (bits / 8 + 4 / 64) / 2
+        elements per weight: 0.281 at 4 bits, 0.531 at 8, 1 at 16. Measured (one H200, Mixtral-8x22B 4-bit, bucket
+        3e9, max live 6e9; benchmarks/results/2026-12-05-issue20-leaf-agreement): 12.5-13.0 GB allocated, the 12 GB
+        of 6e9 such elements gathered plus the rest, where counting 6e9 weights at 0.56 bytes predicted 3.9 GB."""
+        return self.bytes_per_weight(np.ones(1))[:, 0] / COMPUTE_BYTES
+
+    def zero3_weights(self, ds_elems: np.ndarray) -> np.ndarray:
+        """(N,) a ZeRO-3 element counter (``ds_numel``, ``ds_numel_per_matrix_weight``) as weight elements of the
+        matrices it gathers (the vectors it counts one for one are a few thousandths of a gather)."""
+        return ds_elems / self.ds_numel_per_matrix_weight
+
+    @functools.cached_property
+    def zero3_leaf_layer(self) -> np.ndarray:
+        """(N,) whether each plan gathers a decoder layer as one ZeRO-3 leaf (``Plan.zero3_leaf`` layer); False for
+        every plan where the knobs have no such column (a plan type without the knob)."""
+        return self.columns.get("zero3_leaf_layer", np.zeros(self.n, dtype=bool))
+
     def quant_meta_share(self, matrix_fraction: np.ndarray) -> np.ndarray:
         """Of ``bytes_per_weight``, the part that is quantization scales and zero points, (N, kinds)."""
         bits = self.weight_bits[:, None]
@@ -159,8 +183,8 @@ class Arrangement:
         ``shape.leaf_module``); where the two tables' arrays differ in shape (leaves per module), the smaller is
         padded with zeros."""
         per_module = np.asarray(value(self.table), dtype=np.float64)
-        layer = knobs.columns.get("zero3_leaf_layer")
-        if layer is None or not layer.any():
+        layer = knobs.zero3_leaf_layer
+        if not layer.any():
             return np.broadcast_to(per_module, (knobs.n, *per_module.shape))  # read-only: callers derive new arrays
         per_layer = np.asarray(value(module_table(self.model, "layer")), dtype=np.float64)
         shape = np.maximum(per_module.shape, per_layer.shape)

@@ -98,16 +98,17 @@ def _activation_elems_per_token(arrangement: Arrangement) -> np.ndarray:
 def _modules_fetched(arrangement: Arrangement, knobs: Knobs) -> np.ndarray:
     """(N, kinds) leaf modules per module of each kind that gather anything (a tensor above the persistence
     threshold), at each plan's leaf granularity (``Arrangement.by_leaf``)."""
-    threshold = knobs.persistence_threshold_elems
+    threshold = knobs.persistence_threshold_elems[:, None]
+    matrix_threshold = knobs.zero3_weights(knobs.persistence_threshold_elems)[:, None]  # ds_numel (Knobs)
 
     def counts(table) -> np.ndarray:
-        out = np.zeros((len(threshold), len(table.module_largest_tensors)))
-        for kind, largest in enumerate(table.module_largest_tensors):
-            out[:, kind] = len(largest) - np.searchsorted(largest, threshold, side="right")
+        out = np.zeros((knobs.n, len(table.module_largest_matrix)))
+        for kind, (matrix, vector) in enumerate(zip(table.module_largest_matrix, table.module_largest_vector)):
+            out[:, kind] = ((matrix[None, :] > matrix_threshold) | (vector[None, :] > threshold)).sum(axis=1)
         return out
 
-    out, layer = counts(arrangement.table), knobs.columns.get("zero3_leaf_layer")
-    if layer is not None and layer.any():
+    out, layer = counts(arrangement.table), knobs.zero3_leaf_layer
+    if layer.any():
         out = np.where(layer[:, None], counts(module_table(arrangement.model, "layer")), out)
     return out
 
@@ -157,7 +158,9 @@ def live_param_elems(arrangement: Arrangement, knobs: Knobs, fetched: np.ndarray
     ``fetched``: (N, kinds) elements one module of each kind gathers, per TP rank.
     """
     t, counts = arrangement.table, arrangement.stage_counts
-    bucket, max_live = knobs.prefetch_bucket_elems[:, None], knobs.max_live_elems[:, None]
+    # DeepSpeed counts both in ds_numel: as weight elements, quantized matrices fill them 1/0.28 (4-bit) times over.
+    bucket = knobs.zero3_weights(knobs.prefetch_bucket_elems)[:, None]
+    max_live = knobs.zero3_weights(knobs.max_live_elems)[:, None]
     present = counts > 0  # (pp, kinds)
     is_layer = t.is_layer > 0
     layers_present = present & is_layer[None, :]
@@ -250,7 +253,7 @@ def _gpu_parts(arrangement: Arrangement, knobs: Knobs, bpw: np.ndarray, meta: np
     fetching = fetches_weights(arrangement, knobs)[:, None]
     offloaded = knobs.offloaded[:, None]
     stored = np.broadcast_to(stored_elems_per_rank(arrangement), (knobs.n, 4))
-    all_persistent = persistent_elems(arrangement, knobs.persistence_threshold_elems)
+    all_persistent = persistent_elems(arrangement, knobs)
     persistent = np.where(fetching, np.minimum(all_persistent, stored), 0.0)
     partitioned = np.where(offloaded, 0.0, (stored - persistent) / arrangement.dp)
     # A forward gathers every tensor it uses that does not persist, a tied head's included.

@@ -39,7 +39,7 @@ from hpi.planner.specs.plan import decode_graph_blockers, model_graph_blocker
 def module_overhead_time(arrangement: Arrangement, knobs: Knobs) -> np.ndarray:
     """(N, kinds) host seconds of framework overhead per forward of one module."""
     eff = arrangement.hardware.efficiency
-    layer_leaf = knobs.columns.get("zero3_leaf_layer", np.zeros(knobs.n, dtype=bool))
+    layer_leaf = knobs.zero3_leaf_layer
     zero3 = eff.offload_layer_overhead_s * np.where(layer_leaf, eff.offload_layer_leaf_share, 1.0)
     per_layer = eff.layer_overhead_s + np.where(fetches_weights(arrangement, knobs), zero3, 0.0)
     return arrangement.table.is_layer * per_layer[:, None]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hpi.planner.cost.inputs import Arrangement, Knobs
+from hpi.planner.cost.inputs import COMPUTE_BYTES, Arrangement, Knobs
 from hpi.planner.cost.shape import MOE, N_KINDS, held_parameters, module_tensors, tp_split
 
 
@@ -41,7 +41,8 @@ def pinned_rounding_bytes(arrangement: Arrangement, knobs: Knobs) -> np.ndarray:
         copies = np.array([held_parameters(t, n_routed)[1] for t in tensors], dtype=np.float64)
         per_weight = knobs.bytes_per_weight(np.array([float(t.matrix) for t in tensors]))  # (N, T)
         exact = np.ceil(numel / split / dp)[None, :] * per_weight  # (N, T)
-        offloaded = (numel / split)[None, :] > threshold  # DeepSpeed persists ds_numel <= threshold (the TP shard)
+        # DeepSpeed persists ds_numel <= threshold (the TP shard; a quantized matrix's as stored: Knobs)
+        offloaded = (numel / split)[None, :] * per_weight / COMPUTE_BYTES > threshold
         waste = np.where(offloaded, _power_of_two_ceiling(exact) - exact, 0.0)
         out[:, kind] = waste @ copies
     pinned = knobs.offload_cpu & knobs.pin_memory

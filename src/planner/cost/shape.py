@@ -17,14 +17,20 @@ executor holds each routed expert as a ZeRO-3 *leaf* module of three ``nn.Linear
 ``down_proj`` tensors that DeepSpeed cannot quantize) and enters every expert's module on every forward
 under ZeRO-3, so every expert of a layer is gathered whenever the layer runs, whatever the router picks
 (``EXPERTS_GATHERED_WHOLE``), one expert at a time, each projection its own parameter
-(``held_parameters``): its own partition, persistence decision and NVMe swap buffer. The GEMMs (and the
-dequantization of quantized weights) touch only the experts tokens were routed to.
+(``held_parameters``): its own partition, persistence decision and NVMe swap buffer; except where DeepSpeed
+makes the whole MoE block the leaf (``MOE_BLOCK_LEAF_FAMILIES``: Mixtral), which gathers the router and every
+expert at once on entering the block. The GEMMs (and the dequantization of quantized weights) touch only the
+experts tokens were routed to.
+
+ZeRO-3 counts what it gathers in ``ds_numel``, the elements of each parameter as stored: a quantized matrix is
+its packed bytes and scales viewed as 16-bit elements, so its counters (bucket, max live, persistence) see fewer
+elements than the matrix has (``Knobs.ds_numel_per_matrix_weight``); the table's sizes are weight elements.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
@@ -37,6 +43,16 @@ EXPERTS_GATHERED_WHOLE = True  # every routed expert of a layer is gathered on e
 N_KINDS = 4
 EXPERT_LEAF = "experts.e"  # the leaf module name one routed expert's tensors list (one such leaf per expert)
 LAYER_LEAF = "layer"  # the leaf module of a decoder layer's tensors where the layer is one leaf (``leaf_module``)
+MOE_BLOCK_LEAF = "moe_block"  # the leaf module of a layer's router and experts where their block is one leaf
+# Families whose MoE block DeepSpeed flags a ZeRO-3 leaf by default: ``zero_optimization.leaf_module.classes``
+# defaults to transformers' MixtralSparseMoeBlock, Qwen2MoeSparseMoeBlock and Qwen3MoeSparseMoeBlock
+# (runtime/zero/leaf_module_config.py, DEFAULT_LEAF_MODULE_CLASSES), and hpi's config keeps that default
+# (``hpi.executor.render``; tests/executor/test_render.py checks it against DeepSpeed's own config class). So
+# with per-module leaves a Mixtral layer's router and all its routed experts are one leaf, gathered at once on
+# entering the block: the H200 runs of 2026-12-05 hooked 510 modules (9 a layer), and allocated 1.76-1.86 GB at
+# DeepSpeed's 5e7 bucket, a layer's 1.36 GB of packed experts gathered at once
+# (benchmarks/results/2026-12-05-issue20-leaf-agreement, ``zero3_hooked_modules``, ``peak_allocated_bytes``).
+MOE_BLOCK_LEAF_FAMILIES = ("mixtral",)
 KIND_NAMES = ("dense_layer", "moe_layer", "embedding", "lm_head")
 
 
@@ -120,7 +136,10 @@ def module_tensors(model: ModelSpec, kind: int) -> list[Tensor]:
         # The router is transformers' own module holding a bare weight, not an nn.Linear: DeepSpeed leaves it at
         # 16 bits (``hpi.planner.cost.dequant``: only nn.Linear / nn.Embedding weights are quantized).
         router = [Tensor("gate.weight", model.n_experts * h, False, False, module="gate")]
-        return _attention(model) + router + shared + _ffn(model, EXPERT_LEAF, model.moe_ffn_hidden_size, True) + norms
+        block = router + shared + _ffn(model, EXPERT_LEAF, model.moe_ffn_hidden_size, True)
+        if model.family in MOE_BLOCK_LEAF_FAMILIES:
+            block = [replace(t, module=MOE_BLOCK_LEAF) for t in block]
+        return _attention(model) + block + norms
     if kind == EMBED:
         out = [Tensor("embed_tokens.weight", model.vocab_size * h, True, False, module="embed_tokens")]
         if model.learned_positions:
@@ -152,9 +171,12 @@ class ModuleTable:
     matrix_fraction: np.ndarray  # share of stored elements that are quantizable matrices (memory)
     fetch_matrix_fraction: np.ndarray  # the same over what a forward gathers and reads: a tied head's matrix too
     tensor_sizes: tuple[np.ndarray, ...]  # per kind: sorted numels of every tensor (persistence threshold)
+    matrix_tensor_sizes: tuple[np.ndarray, ...]  # per kind: the same, of the matrices (counted by ``ds_numel``)
+    vector_tensor_sizes: tuple[np.ndarray, ...]  # per kind: the same, of the other tensors (kept 16-bit)
     largest_tensor: np.ndarray  # per kind: largest single tensor (NVMe swap buffers hold one partition)
     largest_gather: np.ndarray  # per kind: largest leaf module's own parameters (gathered at once)
-    module_largest_tensors: tuple[np.ndarray, ...]  # per kind: sorted, each leaf module's largest tensor
+    module_largest_matrix: tuple[np.ndarray, ...]  # per kind: each leaf module's largest matrix (0: none)
+    module_largest_vector: tuple[np.ndarray, ...]  # per kind: the same leaf modules' largest other tensor (0: none)
     last_gather: np.ndarray  # per kind: the last matrix-holding leaf module's own parameters (a layer's FFN
     #                          output projection, or its experts): what is gathered just before the head
     leaf_sharded: np.ndarray  # (kinds, J): each matrix-holding leaf module's TP-sharded elements (0-padded)
@@ -196,8 +218,8 @@ def module_table(model: ModelSpec, leaf: str = "module") -> ModuleTable:
         raise ValueError(f"zero3 leaf {leaf!r} is not one of {', '.join(ZERO3_LEAVES)}")
     per_kind = [module_tensors(model, k) for k in range(N_KINDS)]
     sharded, replicated, expert, tied, matrix_frac, fetch_frac = [], [], [], [], [], []
-    sizes, largest, gather = [], [], []
-    module_largest, last, leaf_parts = [], [], []
+    sizes, matrix_sizes, vector_sizes, largest, gather = [], [], [], [], []
+    module_matrix, module_vector, last, leaf_parts = [], [], [], []
     for kind, ts in enumerate(per_kind):
         shared_ts = [t for t in ts if not t.expert]
         n_routed = model.n_experts if kind == MOE else 0
@@ -212,21 +234,24 @@ def module_table(model: ModelSpec, leaf: str = "module") -> ModuleTable:
         used_matrix = _sum(shared_ts, matrix=True) + n_routed * _sum(ts, expert=True, matrix=True)
         fetch_frac.append(used_matrix / used if used else 0.0)
         params = [held_parameters(t, n_routed) for t in ts]  # (elements of one parameter, how many of them)
-        sizes.append(np.sort(np.array([n for n, copies in params for _ in range(copies)], dtype=np.float64)))
+        for out, match in ((sizes, (True, False)), (matrix_sizes, (True,)), (vector_sizes, (False,))):
+            out.append(np.sort(np.array([n for t, (n, copies) in zip(ts, params) if t.matrix in match
+                                         for _ in range(copies)], dtype=np.float64)))
         largest.append(max((n for n, _ in params), default=0))
         held = [n * copies for n, copies in params]  # what a module holds of each listed tensor
         per_module: dict[str, int] = {}
-        module_max: dict[str, int] = {}
+        module_max: dict[tuple[str, bool], int] = {}  # (leaf, matrix) -> its largest such tensor
         module_copies: dict[str, int] = {}  # leaf modules of that name: one per routed expert for EXPERT_LEAF
         owners = [leaf_module(t, kind, leaf) for t in ts]
-        for m, (one, copies) in zip(owners, params):  # an expert's leaf holds one of each parameter it lists;
-            each = copies if m == EXPERT_LEAF else 1    # any other leaf holds all of them (a layer: every expert)
+        for m, t, (one, copies) in zip(owners, ts, params):  # an expert's leaf holds one of each parameter it
+            each = copies if m == EXPERT_LEAF else 1  # lists; any other leaf holds all of them (a layer: every expert)
             per_module[m] = per_module.get(m, 0) + one * copies // each
-            module_max[m] = max(module_max.get(m, 0), one)
+            module_max[m, t.matrix] = max(module_max.get((m, t.matrix), 0), one)
             module_copies[m] = each
         gather.append(max(per_module.values(), default=0))
-        module_largest.append(np.sort(np.array([size for m, size in module_max.items()
-                                                for _ in range(module_copies[m])], dtype=np.float64)))
+        for out, matrix in ((module_matrix, True), (module_vector, False)):
+            out.append(np.array([module_max.get((m, matrix), 0) for m in per_module for _ in range(module_copies[m])],
+                                dtype=np.float64))
         last_matrix = [m for m, t in zip(owners, ts) if t.matrix]
         last.append(per_module[last_matrix[-1]] if last_matrix else 0)
         # matrix-holding leaf modules, in order; a layer's routed experts as one leaf holding all of them (the
@@ -252,9 +277,12 @@ def module_table(model: ModelSpec, leaf: str = "module") -> ModuleTable:
         matrix_fraction=np.array(matrix_frac),
         fetch_matrix_fraction=np.array(fetch_frac),
         tensor_sizes=tuple(sizes),
+        matrix_tensor_sizes=tuple(matrix_sizes),
+        vector_tensor_sizes=tuple(vector_sizes),
         largest_tensor=np.array(largest, dtype=np.float64),
         largest_gather=np.array(gather, dtype=np.float64),
-        module_largest_tensors=tuple(module_largest),
+        module_largest_matrix=tuple(module_matrix),
+        module_largest_vector=tuple(module_vector),
         last_gather=np.array(last, dtype=np.float64),
         matrix_counts=np.array([sum(1 for t in ts if t.matrix) for ts in per_kind], dtype=np.float64),
         is_layer=np.array([1.0, 1.0, 0.0, 0.0]),
@@ -297,8 +325,11 @@ MIN_SWAPPED_BYTES = 1024**2
 
 
 def _leaf_modules(t: Tensor, n_routed: int) -> list[str]:
-    """The leaf module holding each parameter ``t`` stands for: a routed expert's, one per expert."""
-    return [f"experts.{e}" for e in range(n_routed)] if t.expert else [t.module]
+    """The leaf module holding each parameter ``t`` stands for: a routed expert's, one per expert (unless its
+    MoE block is the leaf: ``MOE_BLOCK_LEAF_FAMILIES``)."""
+    if t.module == EXPERT_LEAF:
+        return [f"experts.{e}" for e in range(n_routed)]
+    return [t.module] * (n_routed if t.expert else 1)
 
 
 @lru_cache(maxsize=256)

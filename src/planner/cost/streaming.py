@@ -41,14 +41,18 @@ def fetches_weights(arrangement: Arrangement, knobs: Knobs) -> np.ndarray:
     return gathers_weights(knobs.offloaded, arrangement.dp)
 
 
-def persistent_elems(arrangement: Arrangement, threshold: np.ndarray) -> np.ndarray:
-    """(N, kinds) elements of tensors below the persistence threshold (kept whole on every GPU)."""
-    out = np.zeros((len(threshold), 4))
-    for kind, sizes in enumerate(arrangement.table.tensor_sizes):
-        if len(sizes):
-            cumulative = np.concatenate([[0.0], np.cumsum(sizes)])
-            # DeepSpeed keeps ds_numel <= threshold (mark_persistent_parameters): inclusive.
-            out[:, kind] = cumulative[np.searchsorted(sizes, threshold, side="right")]
+def persistent_elems(arrangement: Arrangement, knobs: Knobs) -> np.ndarray:
+    """(N, kinds) elements of tensors at most the persistence threshold (kept whole on every GPU). DeepSpeed compares
+    ``ds_numel``: a quantized matrix's is its weight elements times ``Knobs.ds_numel_per_matrix_weight``."""
+    t, threshold = arrangement.table, knobs.persistence_threshold_elems
+    out = np.zeros((knobs.n, 4))
+    limits = ((t.matrix_tensor_sizes, knobs.zero3_weights(threshold)), (t.vector_tensor_sizes, threshold))
+    for sizes_of, limit in limits:
+        for kind, sizes in enumerate(sizes_of):
+            if len(sizes):
+                cumulative = np.concatenate([[0.0], np.cumsum(sizes)])
+                # DeepSpeed keeps ds_numel <= threshold (mark_persistent_parameters): inclusive.
+                out[:, kind] += cumulative[np.searchsorted(sizes, limit, side="right")]
     return out
 
 
@@ -60,7 +64,7 @@ def fetched_elems_per_rank(arrangement: Arrangement, knobs: Knobs, phase: Phase)
         touched = np.broadcast_to(t.sharded / tp + t.replicated + t.n_experts * t.expert_sharded / tp, (knobs.n, 4))
     else:
         touched = touched_elems_per_rank(arrangement, phase.tokens)
-    persistent = persistent_elems(arrangement, knobs.persistence_threshold_elems)
+    persistent = persistent_elems(arrangement, knobs)
     fetched = np.maximum(touched - persistent, 0.0)
     return np.where(fetches_weights(arrangement, knobs)[:, None], fetched, 0.0)
 

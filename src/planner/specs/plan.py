@@ -196,7 +196,8 @@ class Plan:
                               applies="is_pipelined", label="mb{}")
     prefetch_bucket_elems: int = knob(DEEPSPEED_DEFAULT_PREFETCH_ELEMS, group="runtime", unit="elements", minimum=0,
                                       flag="--prefetch-bucket", metavar="ELEMS",
-                                      help="stage3_prefetch_bucket_size (default 5e7)", applies="gathers")
+                                      help="stage3_prefetch_bucket_size (default 5e7), in DeepSpeed's stored elements: "
+                                           "a 4-bit weight counts 0.28, an 8-bit one 0.53", applies="gathers")
     max_live_elems: int = knob(DEEPSPEED_DEFAULT_MAX_LIVE_ELEMS, group="runtime", unit="elements", minimum=0,
                                flag="--max-live", metavar="ELEMS", applies="gathers")
     persistence_threshold_elems: int = knob(DEEPSPEED_DEFAULT_PERSISTENCE_ELEMS, group="runtime", unit="elements",

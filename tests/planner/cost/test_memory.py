@@ -228,8 +228,10 @@ def test_moe_stores_every_expert(kit) -> None:
     lay, m = mem(kit, [Plan(), Plan(offload="cpu")], model=model)
     assert m.gpu_parts["resident_weights"][0] == pytest.approx(model.params_total * 2)
     assert m.cpu_parts["offloaded_weights"][1] == pytest.approx(model.params_total * 2)
-    # Gathering one expert's leaf module (3 x 1024 x 2048) is a layer's largest gather; all 8 are gathered.
-    assert module_table(model).largest_gather[1] == 3 * 1024 * 2048
+    # A Mixtral-family MoE block is one ZeRO-3 leaf (DeepSpeed's default leaf classes): the router and all 8
+    # experts (8 x 3 x 1024 x 2048) are a layer's largest gather; a DeepSeek-family layer gathers one expert.
+    assert module_table(model).largest_gather[1] == 8 * 3 * 1024 * 2048 + 8 * 1024
+    assert module_table(kit.toy_moe(family="deepseek_v3")).largest_gather[1] == 3 * 1024 * 2048
     # The default 5e7 bucket climbs past everything a forward gathers after the embedding: each layer's
     # attention (2,621,440) and experts (50,331,648; the 8,192-element router persists), and the head.
     per_layer = 2 * 1024 * 1024 + 2 * 1024 * 256 + 8 * 3 * 1024 * 2048

@@ -34,12 +34,23 @@ stage3 = pytest.importorskip("deepspeed.runtime.zero.stage3")
 MODELS = ["tiny-llama", "llama-3-8b", "llama-3-70b", "opt-30b", "mixtral-8x7b"]
 
 
-def _meta_model(name: str):
-    """The catalogue model as hpi's executor builds it (one stage, every layer), on the meta device."""
+def _meta_model(name: str, plan: Plan = Plan(offload="cpu")):
+    """The catalogue model as hpi's executor builds it (one stage, every layer), on the meta device, with the ZeRO-3
+    leaf modules DeepSpeed's engine flags from the config hpi renders for ``plan`` (engine.py
+    ``apply_zero_leaf_module_config``): its default leaf classes (Mixtral's MoE block) or, with layer leaves, each
+    layer."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from deepspeed.utils.z3_leaf_module import apply_zero_leaf_module_config
+
     from hpi.executor.modeling import ShardSpec, build_stage, load_hf_config
+    from hpi.executor.render import ds_config
 
     config = load_hf_config(name)
-    return build_stage(config, ShardSpec.whole(config.num_hidden_layers), device="meta")
+    model = build_stage(config, ShardSpec.whole(config.num_hidden_layers), device="meta")
+    zero = ds_config(plan, dtype="bf16", hidden_size=config.hidden_size,
+                     stage_layers=config.num_hidden_layers)["zero_optimization"]
+    apply_zero_leaf_module_config(model, DeepSpeedZeroConfig(**zero).leaf_module)
+    return model
 
 
 def _gathered_units(module):
@@ -128,7 +139,7 @@ def _live_peak(name: str, plan: Plan) -> float:
     knobs = Knobs.from_plans([plan])
     t = arrangement.table
     used = t.sharded + t.replicated + t.n_experts * t.expert_sharded
-    fetched = np.maximum(used[None, :] - persistent_elems(arrangement, knobs.persistence_threshold_elems), 0.0)
+    fetched = np.maximum(used[None, :] - persistent_elems(arrangement, knobs), 0.0)
     layers, vocab = live_param_elems(arrangement, knobs, fetched)
     return 2.0 * float(max(layers.max(), vocab.max()))
 
@@ -154,3 +165,33 @@ def test_gathered_working_set_is_deepspeeds_largest_module(case):
     capped = Plan(offload="cpu", prefetch_bucket_elems=10**9, max_live_elems=largest + 10_000_000)
     want = min(2 * (largest + 10_000_000 + overshoot), everything)
     assert _live_peak(name, capped) == pytest.approx(want, rel=1e-9)
+
+
+@pytest.mark.parametrize("name,leaf", [("mixtral-8x7b", "module"), ("mixtral-8x7b", "layer"), ("llama-3-8b", "layer"),
+                                       ("deepseek-v3", "module")])
+def test_a_layers_largest_gather_is_deepspeeds(name, leaf):
+    """The largest unit ZeRO-3 gathers at once inside a decoder layer, on the model hpi builds with the leaf modules
+    DeepSpeed flags from hpi's config, is the table's (``module_table(model, leaf).largest_gather``): a Mixtral MoE
+    block (DeepSpeed's default leaf classes) with per-module leaves, one DeepSeek expert, a whole layer with layer
+    leaves."""
+    model = _meta_model(name, Plan(offload="cpu", zero3_leaf=leaf))
+    layer = model.layers[-1]  # a MoE layer where the model has any (DeepSeek's first layers are dense)
+    ours = module_table(load_model(name), leaf).largest_gather[MOE if load_model(name).is_moe else DENSE]
+    assert max(sum(p.numel() for p in params) for params in _gathered_units(layer)) == ours
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_quantized_matrix_counts_as_deepspeed_counts_it(bits):
+    """ZeRO-3's bucket, max live and persistence count ``ds_numel``: DeepSpeed stores a quantized weight as its
+    packed bytes, scales and minima viewed as a 16-bit tensor, whose elements the planner predicts per weight
+    (``Knobs.ds_numel_per_matrix_weight``)."""
+    from deepspeed.inference.quantization.utils import _quantize_param
+
+    from hpi.executor.render import ds_config
+
+    weight = torch.nn.Parameter(torch.randn(256, 1024, dtype=torch.bfloat16), requires_grad=False)
+    _quantize_param(weight, ds_config(Plan(weight_bits=bits), dtype="bf16",
+                                      hidden_size=1024)["weight_quantization"]["quantized_initialization"])
+    per_weight = Knobs.from_plans([Plan(weight_bits=bits)]).ds_numel_per_matrix_weight[0]
+    assert weight.numel() == 256 * 1024 * per_weight and weight.dtype == torch.bfloat16
+    assert Knobs.from_plans([Plan(weight_bits=16)]).ds_numel_per_matrix_weight[0] == 1.0

@@ -209,22 +209,28 @@ def test_mixtral_experts() -> None:
     assert t.replicated[MOE] == 8 * 4096 + 2 * 4096  # router + norms
     assert t.sharded[MOE] == m.attention_params  # no shared expert
     assert t.largest_tensor[MOE] == 4096 * 14336  # one expert's projection
-    assert t.largest_gather[MOE] == 3 * 4096 * 14336  # one expert's leaf module: its three projections at once
+    # DeepSpeed's default leaf classes make MixtralSparseMoeBlock one leaf: the router and every expert at once
+    assert t.largest_gather[MOE] == 8 * 3 * 4096 * 14336 + 8 * 4096
     assert t.sharded[DENSE] + t.replicated[DENSE] == m.dense_layer_params  # listed even if unused
     counts = stage_module_counts(m, 1)
     assert counts[0, DENSE] == 0 and counts[0, MOE] == 32
 
 
 def test_swapped_partitions_are_the_parameters_deepspeed_swaps() -> None:
-    """hpi holds each Mixtral expert as a ZeRO-3 leaf module of three projections (hpi.executor.experts):
-    fetching one swaps in its 3 partitions of 4096 x 14336 at once, and the largest partition is the embedding
-    (32000 x 4096); norms (16 KB) are below DeepSpeed's 1 MiB."""
+    """hpi holds each routed expert as a ZeRO-3 leaf module of three projections (hpi.executor.experts): fetching a
+    DeepSeek expert swaps in its 3 partitions at once. A Mixtral layer's MoE block is one leaf (DeepSpeed's default
+    leaf classes): fetching it swaps in all 8 experts' 24 partitions of 4096 x 14336 (the router, 64 KB, stays in
+    CPU memory). The largest partition is the embedding (32000 x 4096); norms (16 KB) are below DeepSpeed's 1 MiB."""
     m = load_model("mixtral-8x7b")
-    experts = [(module, e) for module, e in swapped_partitions(m, 1, 1) if module.startswith("moe_layer.experts")]
-    assert sorted(experts) == [(f"moe_layer.experts.{e}", 4096 * 14336) for e in range(8) for _ in range(3)]
+    block = [(module, e) for module, e in swapped_partitions(m, 1, 1) if module.startswith("moe_layer.moe_block")]
+    assert block == [("moe_layer.moe_block", 4096 * 14336)] * 24
     assert largest_swapped_partition(m, 1, 1) == 32000 * 4096
     assert largest_swapped_partition(m, 2, 2) == 32000 * 4096 / 2  # replicated over TP, split over dp
-    assert swaps_per_module(m, 1, 1) == 3
+    assert swaps_per_module(m, 1, 1) == 24
+    deepseek = load_model("deepseek-v3")
+    experts = [(m, e) for m, e in swapped_partitions(deepseek, 1, 1) if m.startswith("moe_layer.experts")]
+    assert sorted(experts) == sorted((f"moe_layer.experts.{e}", 7168 * 2048) for e in range(256) for _ in range(3))
+    assert swaps_per_module(deepseek, 1, 1) == 3
     llama = load_model("llama-3-70b")
     assert largest_swapped_partition(llama, 2, 1) == 128256 * 8192  # the embedding is replicated over TP
     assert swaps_per_module(llama, 1, 1) == 1
@@ -249,7 +255,9 @@ def test_layer_leaves_gather_each_decoder_layer_whole() -> None:
     assert layer.largest_gather[DENSE] == layer.last_gather[DENSE] == whole
     assert layer.leaf_sharded[DENSE, 0] + layer.leaf_replicated[DENSE, 0] == whole  # the norms inside it too
     assert not layer.leaf_sharded[DENSE, 1:].any() and (module.leaf_sharded[DENSE] > 0).sum() == 7
-    assert len(layer.module_largest_tensors[DENSE]) == 1 and len(module.module_largest_tensors[DENSE]) == 9
+    assert len(layer.module_largest_matrix[DENSE]) == 1 and len(module.module_largest_matrix[DENSE]) == 9
+    assert layer.module_largest_matrix[DENSE][0] == 4096 * 14336 and layer.module_largest_vector[DENSE][0] == 4096
+    assert sorted(module.module_largest_vector[DENSE]) == [0] * 7 + [4096] * 2  # the norms hold no matrix
     for kind in (EMBED, HEAD):
         assert layer.largest_gather[kind] == module.largest_gather[kind]
     np.testing.assert_array_equal(stored_elements(layer), stored_elements(module))

@@ -73,20 +73,35 @@ def test_dp_without_offload_gathers_but_copies_nothing_from_host(kit) -> None:
 # ---- persistence threshold ------------------------------------------------------------------------
 
 
+def thresholds(*values: float, bits: int = 16) -> Knobs:
+    return knobs(*(Plan(persistence_threshold_elems=int(v), weight_bits=bits) for v in values))
+
+
 def test_persistent_elems_by_threshold(kit) -> None:
     lay = kit.arrangement(kit.toy_dense())
-    thresholds = np.array([0.0, 1e5, 3e5, 1e12])
-    p = persistent_elems(lay, thresholds)
+    p = persistent_elems(lay, thresholds(0, 1e5, 3e5, 1e12))
     np.testing.assert_array_equal(p[0], [0, 0, 0, 0])
     np.testing.assert_array_equal(p[1], [LAYER_NORMS, 0, 0, H])  # norms only
     np.testing.assert_array_equal(p[2], [LAYER_NORMS + 2 * 1024 * 256, 0, 0, H])  # + k_proj, v_proj
     np.testing.assert_array_equal(p[3], [LAYER_MATRICES + LAYER_NORMS, 0, V * H, V * H + H])  # everything
 
 
+def test_a_quantized_matrix_persists_by_its_stored_elements(kit) -> None:
+    """DeepSpeed compares ds_numel, the packed bytes and scales as 16-bit elements: a 4-bit k_proj (1024 x 256)
+    counts 262,144 x (0.5 + 4/64) / 2 = 73,728, under the 1e5 threshold, so it persists where a 16-bit one does
+    not; the 16-bit norms count one for one."""
+    lay = kit.arrangement(kit.toy_dense())
+    kv = 2 * 1024 * 256
+    np.testing.assert_array_equal(persistent_elems(lay, thresholds(1e5, bits=4))[0], [LAYER_NORMS + kv, 0, 0, H])
+    np.testing.assert_array_equal(persistent_elems(lay, thresholds(1e5, bits=8))[0], [LAYER_NORMS, 0, 0, H])
+    np.testing.assert_array_equal(persistent_elems(lay, thresholds(73_728, bits=4))[0], [LAYER_NORMS + kv, 0, 0, H])
+    np.testing.assert_array_equal(persistent_elems(lay, thresholds(73_727, bits=4))[0], [LAYER_NORMS, 0, 0, H])
+
+
 def test_persistence_threshold_is_inclusive_like_deepspeed(kit) -> None:
     lay = kit.arrangement(kit.toy_dense())
     # A threshold equal to the norm's size (1024): DeepSpeed persists the norms.
-    assert persistent_elems(lay, np.array([1024.0]))[0, DENSE] == LAYER_NORMS
+    assert persistent_elems(lay, thresholds(1024))[0, DENSE] == LAYER_NORMS
 
 
 def test_persistence_removes_small_tensors_from_the_stream(kit) -> None:
@@ -120,13 +135,14 @@ def test_quantized_offload_streams_packed_bytes_and_scales(kit, bits: int) -> No
     """bits/8 bytes a matrix weight plus an fp16 scale and zero point (4 bytes) per group of 64."""
     assert QUANT_META_BYTES_PER_GROUP / QUANT_GROUP_SIZE == 4 / 64
     lay = kit.arrangement(kit.toy_dense())
-    k = knobs(Plan(offload="cpu", weight_bits=bits))
+    # A threshold that keeps the norms only (a quantized matrix's smaller ds_numel persists k and v at 1e5)
+    k = knobs(Plan(offload="cpu", weight_bits=bits, persistence_threshold_elems=1024))
     b = stream_bytes(lay, k)[0]
     per_matrix_weight = bits / 8 + 4 / 64
     # The fetched part is all matrices; bytes_per_weight averages in the (persistent) norms: within 0.1%.
     assert b[DENSE] == pytest.approx(LAYER_MATRICES * per_matrix_weight, rel=1e-3)
     assert b[EMBED] == pytest.approx(V * H * per_matrix_weight)
-    ratio = b[DENSE] / stream_bytes(lay, knobs(Plan(offload="cpu")))[0, DENSE]
+    ratio = b[DENSE] / stream_bytes(lay, knobs(Plan(offload="cpu", persistence_threshold_elems=1024)))[0, DENSE]
     assert ratio == pytest.approx(per_matrix_weight / 2, rel=1e-3)
 
 
