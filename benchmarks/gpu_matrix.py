@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# The bucket and max live hpi's search offers Mixtral-8x22B's 4-bit layer leaves on one GPU: one layer in flight ahead
+# of the one running, in DeepSpeed's stored elements (hpi.planner.search.with_layer_buckets; its test checks them).
+MIXTRAL_Q4_LAYER_BUCKET = {"prefetch_bucket_elems": 704_267_136, "max_live_elems": 1_408_534_272}
 
 
 @dataclass(frozen=True)
@@ -205,11 +208,13 @@ def matrices() -> dict[str, list[Entry]]:
         # 6144 x 16384 for Mixtral-8x22B, 1.2 GB packed at 4 bits), where DeepSpeed's per-module hooks fetch them one
         # module at a time; both gather every expert (the trace prefetches what the last step ran, not what the
         # router picks). One build per row; DeepSpeed's dequantization at batch 1 (the 2026-12-03 entry's), then the
-        # fused one at batch 1 and 16. A Mixtral-8x22B layer is 2.5 G elements: DeepSpeed's 5e7 bucket prefetches
-        # the first of its parameters only, 3e9 the whole next layer. Measured 2026-12-05
+        # fused one at batch 1 and 16. A Mixtral-8x22B layer is 2.5 G weights, 7.0e8 of DeepSpeed's stored elements
+        # at 4 bits (Knobs.ds_numel_per_matrix_weight): the 5e7 bucket prefetches the first of its parameters only,
+        # 3e9 (max live 6e9) four layers ahead (12.7 GB gathered), the last row one layer (max live two: the bucket
+        # hpi's search offers, search.with_layer_buckets). Measured 2026-12-05
         # (benchmarks/results/2026-12-05-issue20-leaf-agreement): layer leaves at 3e9 the fastest (H200), at 5e7
-        # slower than per-module hooks (H100); the planner predicts on h200-1gpu, fused, batch 1: per module at 5e7
-        # 1.614 s, layer at 5e7 1.602 s (cost.estimate.routing_waits_for_leaf), layer at 3e9 1.509 s.
+        # slower than per-module hooks (H100). With per-module leaves DeepSpeed gathers Mixtral's MoE block whole
+        # (its default leaf classes: cost.shape.MOE_BLOCK_LEAF_FAMILIES).
         "moe-leaf-h200": [
             Entry(f"mixtral-8x22b-q4-cpu-pinned-{leaf}leaf{label}-b1", "mixtral-8x22b", "h200-1gpu", 1,
                   {"offload": "cpu", "weight_bits": 4, "zero3_leaf": leaf, **knobs},
@@ -219,6 +224,12 @@ def matrices() -> dict[str, list[Entry]]:
             for label, knobs in (("", {}), ("-bucket3e9", {"prefetch_bucket_elems": 3 * 10**9,
                                                             "max_live_elems": 6 * 10**9}))
             for leaf in ("module", "layer")
+        ] + [
+            Entry("mixtral-8x22b-q4-cpu-pinned-layerleaf-bucket1layer-b1", "mixtral-8x22b", "h200-1gpu", 1,
+                  {"offload": "cpu", "weight_bits": 4, "zero3_leaf": "layer", **MIXTRAL_Q4_LAYER_BUCKET},
+                  variants=({"fused_dequant": True},
+                            {"batch_size": 16, "micro_batches": 1, "fused_dequant": True}),
+                  prompt_len=128, gen_len=4),
         ],
         "smoke": [
             Entry("tiny-resident", "tiny-llama", h100, 2, {}),

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hpi.planner.cost.estimate import Evaluation, evaluate
+from hpi.planner.cost.estimate import Evaluation, evaluate, leaf_elems, routing_waits_for_leaf
 from hpi.planner.cost.inputs import Arrangement, Knobs, make_arrangement
 from hpi.planner.cost.shape import largest_swapped_partition, swaps_per_module
 from hpi.planner.cost.streaming import NVME_BUFFERS_OVERLAP_COMPUTE, NVME_BUFFERS_PIPELINED
@@ -46,8 +46,9 @@ DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 NVME_BUFFER_DEFAULT_ELEMS = 100_000_000
 # A configuration is a plan up to these: each configuration is ranked at its best batch, micro-batch count,
 # prefetch bucket, NVMe buffer count, aio settings and ZeRO-3 leaf granularity.
-RANKED_WITHIN_CONFIGURATION = ("batch_size", "micro_batches", "prefetch_bucket_elems", "nvme_buffer_count",
-                               "aio_block_size_bytes", "aio_queue_depth", "aio_threads", "zero3_leaf_layer")
+RANKED_WITHIN_CONFIGURATION = ("batch_size", "micro_batches", "prefetch_bucket_elems", "max_live_elems",
+                               "nvme_buffer_count", "aio_block_size_bytes", "aio_queue_depth", "aio_threads",
+                               "zero3_leaf_layer")
 MIB = 1024**2
 # The aio settings offered where the profile has the probe's read grid (``cost.aio``), the plan's defaults
 # first (the ranking's stable sort keeps them where others predict the same). Block sizes: DeepSpeed's 1 MiB
@@ -163,7 +164,30 @@ def _grid(arrangement: Arrangement, space: SearchSpace, has_nvme: bool, nvme_buf
            & _default_where_idle(k.aio_threads, plan_type.aio_threads, k.offload_nvme))
     module_leaves = ~k.columns["zero3_leaf_layer"]
     leaves = module_leaves | chooses_leaf(k.offloaded, k.offload_nvme, dp)
-    return k.take(np.flatnonzero(even & pins & buckets & buffers & aio & leaves))
+    return with_layer_buckets(arrangement, k.take(np.flatnonzero(even & pins & buckets & buffers & aio & leaves)))
+
+
+def with_layer_buckets(arrangement: Arrangement, k: Knobs) -> Knobs:
+    """``k``, then a copy of each of its rows at DeepSpeed's default bucket whose routed-expert layer leaf outgrows
+    that bucket (``cost.estimate.routing_waits_for_leaf``: the router waits for the layer's copy, and copy and
+    compute take turns), with a bucket that holds the stage's largest layer and a max live that holds two.
+
+    Both count DeepSpeed's stored elements (``Knobs.ds_numel_per_matrix_weight``): a Mixtral-8x22B layer of 2.5 G
+    4-bit weights is a 7.0e8 bucket and 1.4e9 max live (2.8 GB gathered), where the 3e9 / 6e9 measured on one H200
+    held four layers in flight and 12.7 GB (benchmarks/results/2026-12-05-issue20-leaf-agreement). The layer's
+    16-bit router and norms count a little more than their share of the bucket; DeepSpeed's prefetch adds whole
+    parameters until the bucket is full, so the shortfall, smaller than one projection, still queues the whole
+    layer."""
+    waits = routing_waits_for_leaf(arrangement, k).any(axis=1)
+    rows = np.flatnonzero(waits & (k.prefetch_bucket_elems == Plan.prefetch_bucket_elems))
+    if not len(rows):
+        return k
+    extra = k.take(rows)
+    layer = (leaf_elems(arrangement, extra).sum(axis=2) * arrangement.table.is_layer[None, :]).max(axis=1)
+    bucket = np.ceil(layer * extra.ds_numel_per_matrix_weight)
+    changed = {"prefetch_bucket_elems": bucket, "max_live_elems": np.maximum(extra.max_live_elems, 2 * bucket)}
+    columns = {name: np.concatenate([col, changed.get(name, extra.columns[name])]) for name, col in k.columns.items()}
+    return Knobs(columns, k.plan_type)
 
 
 def nvme_buffer_elems_for(model: ModelSpec, tp: int, dp: int) -> int:
@@ -177,15 +201,16 @@ def nvme_buffer_counts_for(model: ModelSpec, tp: int, dp: int) -> list[int]:
     """The NVMe swap buffer counts the search offers, most first: DeepSpeed's default (``Plan.nvme_buffer_count``,
     5) and, where fewer, the fewest with which reads, copies and compute all overlap and the fewest with which
     reads still overlap compute (``cost.streaming.nvme_overlap``: 3 and 2 per partition one module swaps in); where
-    one module swaps in more partitions than the default, 3, 2 and 1 per partition (the last: reads wait for the
-    copies and the compute, but it is the fewest DeepSpeed runs with).
+    one module swaps in more partitions than the default, also 3, 2 and 1 per partition (the last: reads wait for
+    the copies and the compute, but it is the fewest DeepSpeed runs with).
     DeepSpeed pins every swap buffer whatever ``pin_memory`` says (partitioned_param_swapper.py
     ``_configure_aio``: ``new_cpu_locked_tensor``), buffer_count x buffer_size x 2 bytes, so fewer buffers fit
     machines with little pinnable memory (WSL2), at the times the cost model predicts for them."""
     per_module = swaps_per_module(model, tp, dp)
     default = Plan.nvme_buffer_count
-    if per_module > default:  # DeepSpeed's default cannot swap in one module (a Mixtral MoE block: 24 partitions)
-        return [n * per_module for n in (NVME_BUFFERS_PIPELINED, NVME_BUFFERS_OVERLAP_COMPUTE, 1)]
+    if per_module > default:  # the default cannot swap in one module (a Mixtral MoE block: 24 partitions); the
+        # grid keeps it for the rows that swap nothing (and an NVMe row with it is infeasible, with the fix named)
+        return [default] + [n * per_module for n in (NVME_BUFFERS_PIPELINED, NVME_BUFFERS_OVERLAP_COMPUTE, 1)]
     fewer = {n * per_module for n in (NVME_BUFFERS_PIPELINED, NVME_BUFFERS_OVERLAP_COMPUTE)}
     return [default] + sorted((n for n in fewer if n < default), reverse=True)
 

@@ -100,6 +100,25 @@ def test_aio_matrix_compares_five_aio_settings_and_the_planner_picks_from_the_gr
     gm.refuse_infeasible(picked, plan, workload)
 
 
+def test_moe_leaf_matrix_measures_the_layer_bucket_the_search_offers():
+    """The last moe-leaf row runs the bucket and max live hpi's search adds for Mixtral-8x22B's 4-bit layer leaves
+    (search.with_layer_buckets), which the planner ranks first among CPU-offload plans on one H200."""
+    from hpi.planner.catalog import load_model
+    from hpi.planner.profiles import load_profile
+    from hpi.planner.search import SearchSpace, search
+    from hpi.planner.specs.workload import Workload
+
+    gm = _gpu_matrix()
+    entry = gm.matrices()["moe-leaf-h200"][-1]
+    space = SearchSpace(offloads=("cpu",), weight_bits=(4,), batch_sizes=(1,), pin_memory=(True,))
+    result = search(load_model("mixtral-8x22b"), load_profile("h200-1gpu"),
+                    Workload(entry.prompt_len, entry.gen_len), space)
+    best = result.plan(int(result.ranked("latency")[0]))
+    assert best.zero3_leaf == "layer" and entry.plan["zero3_leaf"] == "layer"
+    assert {k: getattr(best, k) for k in gm.MIXTRAL_Q4_LAYER_BUCKET} == gm.MIXTRAL_Q4_LAYER_BUCKET
+    assert {k: entry.plan[k] for k in gm.MIXTRAL_Q4_LAYER_BUCKET} == gm.MIXTRAL_Q4_LAYER_BUCKET
+
+
 def test_moe_leaf_matrix_pairs_the_two_leaf_settings_of_one_feasible_stream():
     """Mixtral-8x22B at 4 bits streamed from pinned memory with per-module hooks and with layer leaves: the same plan
     but for the leaf, each feasible on one H200. At DeepSpeed's 5e7 bucket the layer leaves are predicted faster at
@@ -121,7 +140,7 @@ def test_moe_leaf_matrix_pairs_the_two_leaf_settings_of_one_feasible_stream():
         module, layer = (predict(model, hardware, workload, dataclasses.replace(p, batch_size=batch)) for p in plans)
         assert module.feasible and layer.feasible
         assert layer.decode_step_s < module.decode_step_s
-    module, layer = (gm.entry_plan(e, workload) for e in gm.matrices()["moe-leaf-h200"][2:])
+    module, layer = (gm.entry_plan(e, workload) for e in gm.matrices()["moe-leaf-h200"][2:4])
     assert dataclasses.replace(module, zero3_leaf="layer") == layer and layer.prefetch_bucket_elems == 3 * 10**9
     for batch in (1, 16):
         ahead = predict(model, hardware, workload, dataclasses.replace(layer, batch_size=batch))

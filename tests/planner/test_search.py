@@ -111,8 +111,9 @@ def test_nvme_buffer_counts_offer_fewer_than_deepspeeds_default_where_they_overl
     assert nvme_buffer_counts_for(load_model("llama-3-70b"), 1, 1) == [5, 3, 2]
     # a DeepSeek expert's module swaps in its three projections at once: 3 x 3 and 2 x 3 are not below 5
     assert nvme_buffer_counts_for(load_model("deepseek-v3"), 1, 1) == [5]
-    # a Mixtral MoE block (one leaf) swaps in 24 partitions: DeepSpeed's 5 cannot hold them; 3, 2 and 1 x 24
-    assert nvme_buffer_counts_for(load_model("mixtral-8x7b"), 1, 1) == [72, 48, 24]
+    # a Mixtral MoE block (one leaf) swaps in 24 partitions: DeepSpeed's 5 cannot hold them (kept for the rows that
+    # swap nothing); 3, 2 and 1 x 24
+    assert nvme_buffer_counts_for(load_model("mixtral-8x7b"), 1, 1) == [5, 72, 48, 24]
 
 
 def test_fewer_nvme_buffers_predict_the_same_times_and_less_pinned_memory(a6000) -> None:
