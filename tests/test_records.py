@@ -157,6 +157,9 @@ KEPT = {
     "2026-12-05-issue20-leaf-agreement/call2/m8b/records.json": (4, {}),
     "2026-12-05-issue20-leaf-agreement/call3/moeleaf3e9/records.json": (6, {}),
     "2026-12-05-issue20-leaf-agreement/call4/moeleaf5e7/records.json": (3, {}),
+    "2026-12-06-issue20-ds-numel/call1/moe1layer/records.json": (6, {}),
+    "2026-12-06-issue20-ds-numel/call2/compile-mm.json": (0, {"not a RunRecord": 1}),
+    "2026-12-06-issue20-ds-numel/call3/moepair/records.json": (6, {}),
     "2026-12-03-h200-moe2/call1/ds/records.json": (2, {}),
     "2026-12-03-h200-moe2/call1/moe/records.json": (2, {}),
     "2026-12-03-h200-moe2/call2/leaves/records.json": (6, {}),
@@ -211,18 +214,18 @@ def kept() -> dict[str, object]:
 def test_every_kept_file_reads_with_its_records_and_skips_counted(kept) -> None:
     assert {name: (len(r), r.skipped) for name, r in kept.items()} == KEPT
     records = [r for got in kept.values() for r in got]
-    assert len(records) == 234
-    assert sum(1 for r in records if r.entry is not None) == 222  # gpu_matrix bundles {name: record}
+    assert len(records) == 246
+    assert sum(1 for r in records if r.entry is not None) == 234  # gpu_matrix bundles {name: record}
     assert sum(1 for r in records if r.source.id.startswith("trial-")) == 4  # hpi autotune trial files
     skipped: dict[str, int] = {}
     for got in kept.values():
         for reason, n in got.skipped.items():
             skipped[reason] = skipped.get(reason, 0) + n
-    assert skipped == {"not a RunRecord": 91, "error": 4, "baseline": 9}
+    assert skipped == {"not a RunRecord": 92, "error": 4, "baseline": 9}
     # Read together, names are unique (validate and calibrate key on them): a rerun kept under the stem of an
     # earlier run is named with its folder, and so is the earlier one.
     together = {r.record_id for r in load_records(_kept_files())}
-    assert len(together) == 234
+    assert len(together) == 246
     assert {"callA-first/8b-run-b1.run", "callB/8b-run-b1.run", "70b-q4-run-b1.run"} <= together
 
 
@@ -248,7 +251,7 @@ def test_every_kept_record_is_upgraded_and_loses_nothing(kept) -> None:
     # hpi serve's GPU call (2026-12-02) kept the first version-2 records, the MoE calls (2026-12-03) version 3's,
     # the compiled / fused / split-KV calls (2026-12-04) version 4's, the ZeRO-3 leaf calls (2026-12-05) version 5's
     # (13 that morning, 19 that night)
-    assert versions == {1: 130, 2: 5, 3: 16, 4: 51, 5: 32}
+    assert versions == {1: 130, 2: 5, 3: 16, 4: 51, 5: 44}
 
 
 def test_known_figures_of_known_files(kept) -> None:
@@ -281,8 +284,9 @@ def test_the_kept_fractions_are_the_derived_ones(kept) -> None:
         stored = _raw_entry(record)["h2d"]["fraction_of_profile"]
         assert record.transfers.h2d.fraction_of_profile == stored
         n += stored is not None
-    assert n == 124  # the 2026-12-03 MoE and aio calls: 16 streamed runs with a profile; 2026-12-04: 12, then 8;
-    # 2026-12-05: 7 on the H200, 4 on the H100, then 13 of the ZeRO-3 leaf calls, then the night's 19
+    assert n == 136  # the 2026-12-03 MoE and aio calls: 16 streamed runs with a profile; 2026-12-04: 12, then 8;
+    # 2026-12-05: 7 on the H200, 4 on the H100, then 13 of the ZeRO-3 leaf calls, then the night's 19;
+    # 2026-12-06: 12 on the H100
 
 
 # ---- the record itself --------------------------------------------------------------------------------
