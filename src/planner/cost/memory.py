@@ -2,7 +2,8 @@
 
 GPU, per rank of a stage (the planner reports the fullest GPU):
 - resident_weights: the stage's TP shard, partitioned 1/dp by ZeRO-3, when not offloaded
-- persistent_weights: tensors under the persistence threshold, kept whole on every GPU when ZeRO-3 gathers
+- persistent_weights: tensors under the persistence threshold, kept whole on every GPU when ZeRO-3 gathers,
+  as stored (a quantized matrix packed, with its scales)
 - quant_scales: fp16 scale + zero point per group of 64 weights (4/64 bytes per weight) of resident weights
 - live_params: what ZeRO-3 has gathered at once, as stored (16-bit, or packed 8/4-bit with scales), at
   the moment's peak (``live_param_elems``: the largest module plus what the prefetch keeps in flight, up
@@ -41,7 +42,7 @@ from hpi.planner.cost.dequant import dequant_buffer_bytes
 from hpi.planner.cost.inputs import COMPUTE_BYTES, QUANT_META_BYTES_PER_GROUP, Arrangement, Knobs
 from hpi.planner.cost.pinned import pinned_rounding_bytes
 from hpi.planner.cost.shape import DENSE, EMBED, HEAD, MOE, module_table, per_rank
-from hpi.planner.cost.streaming import fetches_weights, persistent_elems
+from hpi.planner.cost.streaming import fetches_weights, persistent_parts
 from hpi.planner.specs.plan import QUANT_GROUP_SIZE
 
 LOGIT_BYTES = 4.0  # transformers upcasts logits to fp32
@@ -253,8 +254,13 @@ def _gpu_parts(arrangement: Arrangement, knobs: Knobs, bpw: np.ndarray, meta: np
     fetching = fetches_weights(arrangement, knobs)[:, None]
     offloaded = knobs.offloaded[:, None]
     stored = np.broadcast_to(stored_elems_per_rank(arrangement), (knobs.n, 4))
-    all_persistent = persistent_elems(arrangement, knobs)
+    persistent_matrices, persistent_others = persistent_parts(arrangement, knobs)
+    all_persistent = persistent_matrices + persistent_others
     persistent = np.where(fetching, np.minimum(all_persistent, stored), 0.0)
+    # Persistent matrices stay as stored (packed 8/4-bit with their scales), the other tensors 16-bit.
+    matrix_bytes = knobs.ds_numel_per_matrix_weight[:, None] * COMPUTE_BYTES
+    persistent_bytes = np.divide(persistent_matrices * matrix_bytes + persistent_others * COMPUTE_BYTES, all_persistent,
+                                 out=np.full_like(all_persistent, COMPUTE_BYTES), where=all_persistent > 0)
     partitioned = np.where(offloaded, 0.0, (stored - persistent) / arrangement.dp)
     # A forward gathers every tensor it uses that does not persist, a tied head's included.
     used = t.sharded / arrangement.tp + t.replicated + t.n_experts * t.expert_sharded / arrangement.tp
@@ -310,7 +316,7 @@ def _gpu_parts(arrangement: Arrangement, knobs: Knobs, bpw: np.ndarray, meta: np
 
     return {
         "resident_weights": _per_stage(partitioned * (bpw - meta), counts),
-        "persistent_weights": _per_stage(persistent * COMPUTE_BYTES, counts),
+        "persistent_weights": _per_stage(persistent * persistent_bytes, counts),
         "quant_scales": _per_stage(partitioned * meta, counts),
         "live_params": pick(2),
         "dequant_buffers": pick(3),

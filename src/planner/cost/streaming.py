@@ -41,19 +41,28 @@ def fetches_weights(arrangement: Arrangement, knobs: Knobs) -> np.ndarray:
     return gathers_weights(knobs.offloaded, arrangement.dp)
 
 
-def persistent_elems(arrangement: Arrangement, knobs: Knobs) -> np.ndarray:
-    """(N, kinds) elements of tensors at most the persistence threshold (kept whole on every GPU). DeepSpeed compares
-    ``ds_numel``: a quantized matrix's is its weight elements times ``Knobs.ds_numel_per_matrix_weight``."""
+def persistent_parts(arrangement: Arrangement, knobs: Knobs) -> tuple[np.ndarray, np.ndarray]:
+    """(matrix elements, other elements), each (N, kinds), of the tensors at most the persistence threshold (kept whole
+    on every GPU). DeepSpeed compares ``ds_numel``: a quantized matrix's is its weight elements times
+    ``Knobs.ds_numel_per_matrix_weight``; it persists as stored (packed, with its scales)."""
     t, threshold = arrangement.table, knobs.persistence_threshold_elems
-    out = np.zeros((knobs.n, 4))
+    out = []
     limits = ((t.matrix_tensor_sizes, knobs.zero3_weights(threshold)), (t.vector_tensor_sizes, threshold))
     for sizes_of, limit in limits:
+        part = np.zeros((knobs.n, 4))
         for kind, sizes in enumerate(sizes_of):
             if len(sizes):
                 cumulative = np.concatenate([[0.0], np.cumsum(sizes)])
                 # DeepSpeed keeps ds_numel <= threshold (mark_persistent_parameters): inclusive.
-                out[:, kind] += cumulative[np.searchsorted(sizes, limit, side="right")]
-    return out
+                part[:, kind] = cumulative[np.searchsorted(sizes, limit, side="right")]
+        out.append(part)
+    return out[0], out[1]
+
+
+def persistent_elems(arrangement: Arrangement, knobs: Knobs) -> np.ndarray:
+    """(N, kinds) elements of tensors at most the persistence threshold (``persistent_parts``)."""
+    matrices, others = persistent_parts(arrangement, knobs)
+    return matrices + others
 
 
 def fetched_elems_per_rank(arrangement: Arrangement, knobs: Knobs, phase: Phase) -> np.ndarray:

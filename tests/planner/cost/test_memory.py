@@ -12,8 +12,9 @@ import pytest
 
 from hpi.planner.cost.compute import stored_elems_per_rank
 from hpi.planner.cost.inputs import Knobs
-from hpi.planner.cost.memory import CPU_PARTS, GPU_PARTS, memory
+from hpi.planner.cost.memory import CPU_PARTS, GPU_PARTS, live_param_elems, memory
 from hpi.planner.cost.shape import module_table
+from hpi.planner.cost.streaming import persistent_elems
 from hpi.planner.specs.plan import Plan
 from hpi.planner.specs.workload import Workload
 
@@ -81,6 +82,24 @@ def test_zero3_partition_over_dp_without_offload(kit) -> None:
     # One sequence per replica, at the prefill's fullest layer: the first, where everything the forward
     # still gathers is in flight, beside the one layer of cache built so far (cost.memory._prefill_layer_peak).
     assert m.gpu_parts["kv_cache"][0] == pytest.approx(1 * KV_PROMPT_PER_LAYER_SEQ)
+
+
+def test_a_quantized_matrix_persists_packed_and_counts_its_stored_elements(kit) -> None:
+    """DeepSpeed counts ZeRO-3's elements as stored (ds_numel: 0.281 a 4-bit weight): at 1e5 a 4-bit k and v
+    projection (262,144 weights, 73,728 stored) persist, packed with their scales, beside the 16-bit norms; a 4-bit
+    bucket and max live hold 1/0.281 times the weights a 16-bit one does."""
+    kv = 2 * 1024 * 256
+    _, m = mem(kit, [Plan(offload="cpu", weight_bits=4), Plan(offload="cpu", weight_bits=16)])
+    norms = (LAYERS * LAYER_NORMS + H) * 2
+    np.testing.assert_allclose(m.gpu_parts["persistent_weights"], [norms + LAYERS * kv * (0.5 + 4 / 64), norms])
+    per_weight = (0.5 + 4 / 64) / 2
+    lay = kit.arrangement(kit.toy_dense())
+    k = Knobs.from_plans([Plan(offload="cpu", weight_bits=bits, max_live_elems=10_000_000) for bits in (4, 16)])
+    fetched = np.broadcast_to(lay.table.sharded + lay.table.replicated, (2, 4)) - persistent_elems(lay, k)
+    layers, _ = live_param_elems(lay, k, fetched)
+    # The 5e7 bucket climbs to max live 1e7 stored elements: 1e7 / 0.281 4-bit weights, 1e7 16-bit ones, each
+    # overshooting by the same tensor (the head).
+    assert layers[0, 0] - layers[1, 0] == pytest.approx(10_000_000 / per_weight - 10_000_000, rel=1e-9)
 
 
 def test_cpu_offload_keeps_only_persistent_and_live_weights(kit) -> None:
