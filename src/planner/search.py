@@ -162,7 +162,7 @@ def _grid(arrangement: Arrangement, space: SearchSpace, has_nvme: bool, nvme_buf
     aio = (_default_where_idle(k.aio_block_size_bytes, plan_type.aio_block_size_bytes, k.offload_nvme)
            & _default_where_idle(k.aio_queue_depth, plan_type.aio_queue_depth, k.offload_nvme)
            & _default_where_idle(k.aio_threads, plan_type.aio_threads, k.offload_nvme))
-    module_leaves = ~k.columns["zero3_leaf_layer"]
+    module_leaves = ~k.zero3_leaf_layer
     leaves = module_leaves | chooses_leaf(k.offloaded, k.offload_nvme, dp)
     return with_layer_buckets(arrangement, k.take(np.flatnonzero(even & pins & buckets & buffers & aio & leaves)))
 
