@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hpi.planner.cost.inputs import COMPUTE_BYTES, Arrangement, Knobs
+from hpi.planner.cost.inputs import Arrangement, Knobs
 from hpi.planner.cost.shape import MOE, N_KINDS, held_parameters, module_tensors, tp_split
 
 
@@ -30,6 +30,7 @@ def pinned_rounding_bytes(arrangement: Arrangement, knobs: Knobs) -> np.ndarray:
     plan pins offloaded weights (offload cpu with pin_memory); 0 elsewhere."""
     model, tp, dp = arrangement.model, arrangement.tp, arrangement.dp
     threshold = knobs.persistence_threshold_elems[:, None]
+    matrix_threshold = knobs.zero3_weights(knobs.persistence_threshold_elems)[:, None]  # ds_numel (Knobs)
     out = np.zeros((knobs.n, N_KINDS))
     for kind in range(N_KINDS):
         tensors = [t for t in module_tensors(model, kind) if not t.tied]
@@ -39,10 +40,11 @@ def pinned_rounding_bytes(arrangement: Arrangement, knobs: Knobs) -> np.ndarray:
         split = np.array([tp_split(t, kind, tp) for t in tensors], dtype=np.float64)
         n_routed = model.n_experts if kind == MOE else 0
         copies = np.array([held_parameters(t, n_routed)[1] for t in tensors], dtype=np.float64)
-        per_weight = knobs.bytes_per_weight(np.array([float(t.matrix) for t in tensors]))  # (N, T)
+        matrix = np.array([t.matrix for t in tensors])
+        per_weight = knobs.bytes_per_weight(matrix.astype(np.float64))  # (N, T)
         exact = np.ceil(numel / split / dp)[None, :] * per_weight  # (N, T)
-        # DeepSpeed persists ds_numel <= threshold (the TP shard; a quantized matrix's as stored: Knobs)
-        offloaded = (numel / split)[None, :] * per_weight / COMPUTE_BYTES > threshold
+        # DeepSpeed persists ds_numel <= threshold (the TP shard; a quantized matrix's as stored)
+        offloaded = (numel / split)[None, :] > np.where(matrix[None, :], matrix_threshold, threshold)
         waste = np.where(offloaded, _power_of_two_ceiling(exact) - exact, 0.0)
         out[:, kind] = waste @ copies
     pinned = knobs.offload_cpu & knobs.pin_memory

@@ -47,7 +47,8 @@ MOE_BLOCK_LEAF = "moe_block"  # the leaf module of a layer's router and experts 
 # Families whose MoE block DeepSpeed flags a ZeRO-3 leaf by default: ``zero_optimization.leaf_module.classes``
 # defaults to transformers' MixtralSparseMoeBlock, Qwen2MoeSparseMoeBlock and Qwen3MoeSparseMoeBlock
 # (runtime/zero/leaf_module_config.py, DEFAULT_LEAF_MODULE_CLASSES), and hpi's config keeps that default
-# (``hpi.executor.render``; tests/executor/test_render.py checks it against DeepSpeed's own config class). So
+# (``hpi.executor.render``; tests/planner/cost/test_memory_vs_deepspeed.py applies DeepSpeed's own leaf config to
+# hpi's model and compares the largest gather). So
 # with per-module leaves a Mixtral layer's router and all its routed experts are one leaf, gathered at once on
 # entering the block: the H200 runs of 2026-12-05 hooked 510 modules (9 a layer), and allocated 1.76-1.86 GB at
 # DeepSpeed's 5e7 bucket, a layer's 1.36 GB of packed experts gathered at once
@@ -170,8 +171,8 @@ class ModuleTable:
     tied_sharded: np.ndarray  # elements of tied (fetched, not stored) sharded tensors: a tied LM head
     matrix_fraction: np.ndarray  # share of stored elements that are quantizable matrices (memory)
     fetch_matrix_fraction: np.ndarray  # the same over what a forward gathers and reads: a tied head's matrix too
-    tensor_sizes: tuple[np.ndarray, ...]  # per kind: sorted numels of every tensor (persistence threshold)
-    matrix_tensor_sizes: tuple[np.ndarray, ...]  # per kind: the same, of the matrices (counted by ``ds_numel``)
+    matrix_tensor_sizes: tuple[np.ndarray, ...]  # per kind: sorted numels of the matrices (persistence threshold,
+    #                                             counted by ``ds_numel``)
     vector_tensor_sizes: tuple[np.ndarray, ...]  # per kind: the same, of the other tensors (kept 16-bit)
     largest_tensor: np.ndarray  # per kind: largest single tensor (NVMe swap buffers hold one partition)
     largest_gather: np.ndarray  # per kind: largest leaf module's own parameters (gathered at once)
@@ -189,6 +190,12 @@ class ModuleTable:
     kv_shard_limit: int  # TP can split K/V at most this many ways (KV heads); beyond, K/V is replicated
     hidden_size: int
     vocab_size: int
+
+    @property
+    def tensor_sizes(self) -> tuple[np.ndarray, ...]:
+        """Per kind: sorted numels of every tensor, matrices and the others together."""
+        pairs = zip(self.matrix_tensor_sizes, self.vector_tensor_sizes)
+        return tuple(np.sort(np.concatenate([matrices, others])) for matrices, others in pairs)
 
 
 def held_parameters(t: Tensor, n_routed: int) -> tuple[int, int]:
@@ -218,7 +225,7 @@ def module_table(model: ModelSpec, leaf: str = "module") -> ModuleTable:
         raise ValueError(f"zero3 leaf {leaf!r} is not one of {', '.join(ZERO3_LEAVES)}")
     per_kind = [module_tensors(model, k) for k in range(N_KINDS)]
     sharded, replicated, expert, tied, matrix_frac, fetch_frac = [], [], [], [], [], []
-    sizes, matrix_sizes, vector_sizes, largest, gather = [], [], [], [], []
+    matrix_sizes, vector_sizes, largest, gather = [], [], [], []
     module_matrix, module_vector, last, leaf_parts = [], [], [], []
     for kind, ts in enumerate(per_kind):
         shared_ts = [t for t in ts if not t.expert]
@@ -234,8 +241,8 @@ def module_table(model: ModelSpec, leaf: str = "module") -> ModuleTable:
         used_matrix = _sum(shared_ts, matrix=True) + n_routed * _sum(ts, expert=True, matrix=True)
         fetch_frac.append(used_matrix / used if used else 0.0)
         params = [held_parameters(t, n_routed) for t in ts]  # (elements of one parameter, how many of them)
-        for out, match in ((sizes, (True, False)), (matrix_sizes, (True,)), (vector_sizes, (False,))):
-            out.append(np.sort(np.array([n for t, (n, copies) in zip(ts, params) if t.matrix in match
+        for out, matrix in ((matrix_sizes, True), (vector_sizes, False)):
+            out.append(np.sort(np.array([n for t, (n, copies) in zip(ts, params) if t.matrix == matrix
                                          for _ in range(copies)], dtype=np.float64)))
         largest.append(max((n for n, _ in params), default=0))
         held = [n * copies for n, copies in params]  # what a module holds of each listed tensor
@@ -276,7 +283,6 @@ def module_table(model: ModelSpec, leaf: str = "module") -> ModuleTable:
         tied_sharded=np.array(tied, dtype=np.float64),
         matrix_fraction=np.array(matrix_frac),
         fetch_matrix_fraction=np.array(fetch_frac),
-        tensor_sizes=tuple(sizes),
         matrix_tensor_sizes=tuple(matrix_sizes),
         vector_tensor_sizes=tuple(vector_sizes),
         largest_tensor=np.array(largest, dtype=np.float64),
