@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import numpy as np
+
+from hpi.planner.cost.inputs import Knobs
 from hpi.planner.cost.shape import module_table
 from hpi.planner.feasibility import plan_problems
 from hpi.planner.predict import Estimate, predict_many
@@ -143,8 +146,14 @@ def knob_variants(plan: Plan, model: ModelSpec) -> list[tuple[str, Plan]]:
 
 def persistence_steps(plan: Plan, model: ModelSpec) -> list[int]:
     """Persistence thresholds one step either side of the plan's: the next tensor size above it (the smallest
-    tensors still gathered become persistent) and 0 (nothing persists); thresholds in between change nothing."""
-    sizes = sorted({int(n) for kind in module_table(model).tensor_sizes for n in kind})
+    tensors still gathered become persistent) and 0 (nothing persists); thresholds in between change nothing.
+    Sizes are DeepSpeed's ``ds_numel``, which the threshold is compared with: a matrix at 8/4 bits counts its
+    stored elements (``Knobs.ds_numel_per_matrix_weight``), so the step names exactly the next tensor to persist."""
+    table = module_table(model)
+    per_weight = float(Knobs.from_plans([plan]).ds_numel_per_matrix_weight[0])
+    stored = [np.ceil(np.asarray(n, dtype=float) * per_weight) for n in table.matrix_tensor_sizes]
+    stored += [np.asarray(n, dtype=float) for n in table.vector_tensor_sizes]
+    sizes = sorted({int(n) for kind in stored for n in kind})
     above = [n for n in sizes if n > plan.persistence_threshold_elems]
     return ([above[0]] if above else []) + ([0] if plan.persistence_threshold_elems > 0 else [])
 

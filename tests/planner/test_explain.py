@@ -149,6 +149,18 @@ def test_variants_that_cannot_be_built_are_left_out(a6000, llama8b) -> None:
     assert {"batch 2", "4-bit weights", "offload none", "pinned memory off", "KV offload on"} <= labels
 
 
+def test_a_4bit_persistence_step_persists_the_one_tensor_it_names(a6000, llama8b) -> None:
+    """The suggested threshold holds the k/v projections and nothing more: one step persists exactly their stored
+    bytes (2 x 32 layers x 4096 x 1024 weights at 0.5625 bytes), one element fewer persists nothing new."""
+    m, plan = llama8b, Plan(offload="cpu", weight_bits=4)
+    (step, _) = persistence_steps(plan, m)
+    gpu = {t: predict(m, a6000, WORKLOAD, plan.with_(persistence_threshold_elems=t)).gpu_memory_parts
+           for t in (plan.persistence_threshold_elems, step - 1, step)}
+    held = {t: parts["persistent_weights"] for t, parts in gpu.items()}
+    assert held[step - 1] == held[plan.persistence_threshold_elems]
+    assert held[step] - held[step - 1] == pytest.approx(2 * 32 * 4096 * 1024 * 0.5625)
+
+
 def test_variants_of_the_zero3_thresholds_and_nvme_buffers() -> None:
     m = load_model("llama-3-8b")
     cpu = dict(knob_variants(Plan(offload="cpu"), m))
@@ -157,6 +169,11 @@ def test_variants_of_the_zero3_thresholds_and_nvme_buffers() -> None:
     assert persistence_steps(Plan(), m) == [4096 * 1024, 0]
     assert persistence_steps(Plan(persistence_threshold_elems=0), m) == [4096]  # the norms
     assert cpu["persistence threshold 4,194,304"].persistence_threshold_elems == 4096 * 1024
+    # At 4 bits DeepSpeed counts a k/v projection as stored: 4096 x 1024 x (0.5 + 4/64) / 2 = 1,179,648 elements, so
+    # the step is that; the next matrices above it (q and o, 4096 x 4096) count 4,718,592.
+    assert persistence_steps(Plan(weight_bits=4), m) == [1_179_648, 0]
+    assert persistence_steps(Plan(weight_bits=4, persistence_threshold_elems=1_179_648), m) == [4_718_592, 0]
+    assert persistence_steps(Plan(weight_bits=8), m) == [4096 * 1024 * 17 // 32, 0]  # (1 + 4/64) / 2
     nvme = dict(knob_variants(Plan(offload="nvme", nvme_buffer_elems=128256 * 4096), m))
     assert {label for label in nvme if "NVMe buffer" in label} == {
         "2 NVMe buffers", "3 NVMe buffers", "10 NVMe buffers", f"NVMe buffer {2 * 128256 * 4096:,} elements"}
