@@ -160,6 +160,13 @@ KEPT = {
     "2026-12-06-issue20-ds-numel/call1/moe1layer/records.json": (6, {}),
     "2026-12-06-issue20-ds-numel/call2/compile-mm.json": (0, {"not a RunRecord": 1}),
     "2026-12-06-issue20-ds-numel/call3/moepair/records.json": (6, {}),
+    "2026-12-06-prefetch-lag/call1-profiled/records.json": (3, {"error": 1}),  # the one-layer row, cut by timeout
+    "2026-12-06-prefetch-lag/call2-pair/records.json": (6, {}),
+    "2026-12-06-prefetch-lag/call1-profiled/profiles/1layer-ds-b1.json": (0, {"not a RunRecord": 1}),
+    "2026-12-06-prefetch-lag/call1-profiled/profiles/1layer-fused-b1.json": (0, {"not a RunRecord": 1}),
+    "2026-12-06-prefetch-lag/call1-profiled/profiles/3e9-ds-b1.json": (0, {"not a RunRecord": 1}),
+    "2026-12-06-prefetch-lag/call1-profiled/profiles/3e9-fused-b1.json": (0, {"not a RunRecord": 1}),
+    "2026-12-06-prefetch-lag/call1-profiled/profiles/3e9-fused-b16.json": (0, {"not a RunRecord": 1}),
     "2026-12-03-h200-moe2/call1/ds/records.json": (2, {}),
     "2026-12-03-h200-moe2/call1/moe/records.json": (2, {}),
     "2026-12-03-h200-moe2/call2/leaves/records.json": (6, {}),
@@ -214,18 +221,18 @@ def kept() -> dict[str, object]:
 def test_every_kept_file_reads_with_its_records_and_skips_counted(kept) -> None:
     assert {name: (len(r), r.skipped) for name, r in kept.items()} == KEPT
     records = [r for got in kept.values() for r in got]
-    assert len(records) == 246
-    assert sum(1 for r in records if r.entry is not None) == 234  # gpu_matrix bundles {name: record}
+    assert len(records) == 255
+    assert sum(1 for r in records if r.entry is not None) == 243  # gpu_matrix bundles {name: record}
     assert sum(1 for r in records if r.source.id.startswith("trial-")) == 4  # hpi autotune trial files
     skipped: dict[str, int] = {}
     for got in kept.values():
         for reason, n in got.skipped.items():
             skipped[reason] = skipped.get(reason, 0) + n
-    assert skipped == {"not a RunRecord": 92, "error": 4, "baseline": 9}
+    assert skipped == {"not a RunRecord": 97, "error": 5, "baseline": 9}
     # Read together, names are unique (validate and calibrate key on them): a rerun kept under the stem of an
     # earlier run is named with its folder, and so is the earlier one.
     together = {r.record_id for r in load_records(_kept_files())}
-    assert len(together) == 246
+    assert len(together) == 255
     assert {"callA-first/8b-run-b1.run", "callB/8b-run-b1.run", "70b-q4-run-b1.run"} <= together
 
 
@@ -250,8 +257,8 @@ def test_every_kept_record_is_upgraded_and_loses_nothing(kept) -> None:
         assert RunRecord.from_json(doc) == record
     # hpi serve's GPU call (2026-12-02) kept the first version-2 records, the MoE calls (2026-12-03) version 3's,
     # the compiled / fused / split-KV calls (2026-12-04) version 4's, the ZeRO-3 leaf calls (2026-12-05) version 5's
-    # (13 that morning, 19 that night)
-    assert versions == {1: 130, 2: 5, 3: 16, 4: 51, 5: 44}
+    # (13 that morning, 19 that night, 12 and 9 on 2026-12-06)
+    assert versions == {1: 130, 2: 5, 3: 16, 4: 51, 5: 53}
 
 
 def test_known_figures_of_known_files(kept) -> None:
@@ -284,9 +291,9 @@ def test_the_kept_fractions_are_the_derived_ones(kept) -> None:
         stored = _raw_entry(record)["h2d"]["fraction_of_profile"]
         assert record.transfers.h2d.fraction_of_profile == stored
         n += stored is not None
-    assert n == 136  # the 2026-12-03 MoE and aio calls: 16 streamed runs with a profile; 2026-12-04: 12, then 8;
+    assert n == 145  # the 2026-12-03 MoE and aio calls: 16 streamed runs with a profile; 2026-12-04: 12, then 8;
     # 2026-12-05: 7 on the H200, 4 on the H100, then 13 of the ZeRO-3 leaf calls, then the night's 19;
-    # 2026-12-06: 12 on the H100
+    # 2026-12-06: 12 on the H100, then 9 (the prefetch-lag calls)
 
 
 # ---- the record itself --------------------------------------------------------------------------------

@@ -103,7 +103,7 @@ def test_bindings_shares_are_of_their_phase(a6000, llama8b) -> None:
 # ---- knob effects -----------------------------------------------------------------------------------
 
 
-def test_4_bit_weights_speed_up_a_pcie_bound_plan(a6000, llama8b) -> None:
+def test_4_bit_weights_speed_up_a_pcie_bound_plan(a6000, llama8b, without_prefetch_lag) -> None:
     """fp16 compute: DeepSpeed's fused 4-bit kernel dequantizes cheaply on the compute stream, hidden behind the
     copies like the GEMMs, so the step shrinks by about the byte ratio; bf16 compute: its torch ops (17 HBM
     bytes per weight at 0.33 of the HBM rate, longer than the 4-bit copies they run beside) eat part of the

@@ -27,7 +27,10 @@ Per module (a decoder layer, the embedding or the head), one forward on one rank
   and 70B (4x H200) prefill at bs 16 / 32 took the fetch time alone although compute was as long
   (1.19 s for 1.20 s of copies and 1.1 s of FLOPs; 2.55 s for 2.55 s of copies) with DeepSpeedExamples'
   buckets (2 h^2, smaller than one FFN matrix), and the 2x H200 8B offload step did not move with the
-  bucket (5e7, 2 h^2, 4e8: 0.39-0.415 s, SUMMARY.md). What the bucket changes is memory (cost.memory).
+  bucket (5e7, 2 h^2, 4e8: 0.39-0.415 s, SUMMARY.md). What the bucket changes is memory (cost.memory), and
+  where the queue runs deep, once per forward: DeepSpeed makes each module's compute wait for every copy queued
+  before its hook, so with max live several layers ahead the compute trails the copies by that many layers and the
+  pipeline's fill or drain exposes them (``cost.prefetch_lag``; the 8B's compute per layer is too short to show it).
   One exception: a routed-expert layer gathered as one ZeRO-3 leaf larger than the bucket, whose host reads the
   router's counts mid-layer before it can issue the next leaf's copy (``routing_waits_for_leaf``): its host time
   joins its fetch in series, as with DeepSpeed's host wait below.
@@ -95,6 +98,7 @@ from hpi.planner.cost.overhead import (
 )
 from hpi.planner.cost.phase import Phase, decode_phase, prefill_phase
 from hpi.planner.cost.pipeline import compose_step, p2p_time
+from hpi.planner.cost.prefetch_lag import lag_time
 from hpi.planner.cost.streaming import (
     fetched_elems_per_rank,
     fetches_weights,
@@ -243,7 +247,8 @@ def phase_result(arrangement: Arrangement, knobs: Knobs, phase: Phase, bpw: np.n
     t_h2d_weights, t_nvme = weight_stream_time(arrangement, knobs, stream_bytes)
     t_kv = kv_transfer_time(arrangement, knobs, kv_bytes)
     t_h2d = t_h2d_weights + t_kv  # one link carries both
-    t_gather = dp_allgather_time(arrangement, knobs, fetched_elems_per_rank(arrangement, knobs, phase) * bpw)
+    fetched = fetched_elems_per_rank(arrangement, knobs, phase)
+    t_gather = dp_allgather_time(arrangement, knobs, fetched * bpw)
 
     busy = compute + tp_coll + t_dequant
     graphed = graphed_forwards(arrangement, knobs, phase)[:, None]  # (N, 1): one launch per step, no host per module
@@ -268,6 +273,9 @@ def phase_result(arrangement: Arrangement, knobs: Knobs, phase: Phase, bpw: np.n
     parts[..., EXPOSED_PARTS.index("dequant_s")] = t_dequant
     counts = arrangement.stage_counts
     stage_parts = np.einsum("nkc,pk->npc", parts, counts)
+    # The layers' compute behind the copies queued ahead of it (cost.prefetch_lag): exposed once per forward.
+    stage_parts[:, :, EXPOSED_PARTS.index("weight_fetch_s")] += lag_time(arrangement, knobs, fetched, fetch_links,
+                                                                         busy, host)
     step_overhead = step_overhead_time(arrangement, graphed[:, 0])  # (N,)
     stage_parts[:, :, EXPOSED_PARTS.index("overhead_s")] += step_overhead[:, None]
     stage_s = stage_parts.sum(axis=-1)

@@ -120,6 +120,77 @@ def _stage_max(per_kind: np.ndarray, present: np.ndarray) -> np.ndarray:
     return np.max(np.where(present[None, :, :], per_kind[:, None, :], 0.0), axis=2)
 
 
+@dataclass(frozen=True)
+class LayerPrefetch:
+    """What ZeRO-3's prefetch holds while a stage's decoder layers run, each (N, pp) in weight elements per rank
+    (``live_param_elems`` states the regimes)."""
+
+    bucket: np.ndarray  # (N, 1) the prefetch bucket, as weight elements
+    max_live: np.ndarray  # (N, 1)
+    nvme: np.ndarray  # (N, 1) bool
+    nvme_in_flight: np.ndarray  # (N, pp) what the swap buffers let fly besides the module in use
+    pace: np.ndarray  # the module in use and one bucket ahead
+    climbs: np.ndarray  # bool: each fetch prefetches more than a forward releases, so the queue climbs to max live
+    reach: np.ndarray  # the one tensor the prefetch that crosses max live takes beyond it
+    cap: np.ndarray  # what the stage can have gathered at once
+    nvme_layers: np.ndarray
+    all_total: np.ndarray  # what the stage gathers per forward
+    layer_total: np.ndarray  # what its decoder layers gather per forward
+    mean_gather: np.ndarray  # what one fetch gathers, on average over the layers' leaf modules
+
+    def _bounded(self, climbed: np.ndarray) -> np.ndarray:
+        regime = np.where(self.climbs, np.maximum(self.pace, climbed), self.pace)
+        return np.minimum(np.where(self.nvme, self.nvme_layers, regime), self.all_total)
+
+    @property
+    def live(self) -> np.ndarray:
+        """At the peak: max live plus the tensor that crosses it."""
+        return self._bounded(np.minimum(self.max_live + self.reach, self.cap))
+
+    @property
+    def in_flight(self) -> np.ndarray:
+        """In the steady state of a forward: gathered or queued, the module in use included, without the crossing
+        tensor (it is released as the next is gathered)."""
+        return self._bounded(np.minimum(self.max_live, self.cap))
+
+
+def layer_prefetch(arrangement: Arrangement, knobs: Knobs, fetched: np.ndarray) -> LayerPrefetch:
+    """DeepSpeed's prefetch while the layers run (``live_param_elems``); ``fetched``: (N, kinds) elements one module
+    of each kind gathers, per TP rank."""
+    t, counts = arrangement.table, arrangement.stage_counts
+    # DeepSpeed counts both in ds_numel: as weight elements, quantized matrices fill them 1/0.28 (4-bit) times over.
+    bucket = knobs.zero3_weights(knobs.prefetch_bucket_elems)[:, None]
+    max_live = knobs.zero3_weights(knobs.max_live_elems)[:, None]
+    present = counts > 0  # (pp, kinds)
+    is_layer = t.is_layer > 0
+    layers_present = present & is_layer[None, :]
+    gather = arrangement.by_leaf(knobs, lambda table: per_rank(table, table.largest_gather, arrangement.tp))
+    tensor = per_rank(t, t.largest_tensor, arrangement.tp)
+    largest_layer_tensor = _stage_max(tensor, layers_present)  # (1, pp)
+    nvme = knobs.offload_nvme[:, None]
+    nvme_in_flight = np.maximum(knobs.nvme_buffer_count[:, None] - 1, 0) * largest_layer_tensor
+
+    layer_counts = counts * is_layer[None, :]
+    stage_total = fetched @ layer_counts.T  # (N, pp): what the layers gather per forward
+    all_total = fetched @ counts.T
+    gathers = _modules_fetched(arrangement, knobs) @ layer_counts.T
+    mean_gather = stage_total / np.maximum(gathers, 1.0)
+    largest = _stage_max(gather, layers_present)
+    pace = largest + np.minimum(bucket, np.maximum(max_live - largest, 0.0))
+    # The head is prefetched only if the module before it leaves room under max_live.
+    last_gather = arrangement.by_leaf(knobs, lambda table: per_rank(table, table.last_gather, arrangement.tp))
+    last_layer = _stage_max(last_gather, layers_present)
+    has_head = present[:, HEAD][None, :]
+    head = np.where(has_head & (last_layer < max_live), fetched[:, HEAD][:, None], 0.0)
+    opening = fetched[:, EMBED][:, None] * counts[:, EMBED][None, :]  # (N, pp)
+    return LayerPrefetch(
+        bucket=bucket, max_live=max_live, nvme=nvme, nvme_in_flight=nvme_in_flight, pace=pace,
+        climbs=bucket > mean_gather, reach=np.maximum(largest_layer_tensor, head),
+        cap=np.where(bucket >= all_total - opening, all_total, all_total - opening),
+        nvme_layers=np.maximum(largest, head) + np.minimum(bucket, nvme_in_flight),
+        all_total=all_total, layer_total=stage_total, mean_gather=mean_gather)
+
+
 def live_param_elems(arrangement: Arrangement, knobs: Knobs, fetched: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(while the decoder layers run, while the embedding or the head runs), each (N, pp): elements ZeRO-3
     holds gathered at its peak on a rank of each stage (0 where the stage has no vocabulary module).
@@ -158,44 +229,18 @@ def live_param_elems(arrangement: Arrangement, knobs: Knobs, fetched: np.ndarray
     2.2 GB = the 2.1 GB head alone.
     ``fetched``: (N, kinds) elements one module of each kind gathers, per TP rank.
     """
+    q = layer_prefetch(arrangement, knobs, fetched)
     t, counts = arrangement.table, arrangement.stage_counts
-    # DeepSpeed counts both in ds_numel: as weight elements, quantized matrices fill them 1/0.28 (4-bit) times over.
-    bucket = knobs.zero3_weights(knobs.prefetch_bucket_elems)[:, None]
-    max_live = knobs.zero3_weights(knobs.max_live_elems)[:, None]
-    present = counts > 0  # (pp, kinds)
-    is_layer = t.is_layer > 0
-    layers_present = present & is_layer[None, :]
+    present, is_layer = counts > 0, t.is_layer > 0
     gather = arrangement.by_leaf(knobs, lambda table: per_rank(table, table.largest_gather, arrangement.tp))
-    tensor = per_rank(t, t.largest_tensor, arrangement.tp)
-    largest_layer_tensor = _stage_max(tensor, layers_present)  # (1, pp)
-    nvme = knobs.offload_nvme[:, None]
-    nvme_in_flight = np.maximum(knobs.nvme_buffer_count[:, None] - 1, 0) * largest_layer_tensor
-
-    layer_counts = counts * is_layer[None, :]
-    stage_total = fetched @ layer_counts.T  # (N, pp): what the layers gather per forward
-    all_total = fetched @ counts.T
-    gathers = _modules_fetched(arrangement, knobs) @ layer_counts.T
-    mean_gather = stage_total / np.maximum(gathers, 1.0)
-    largest = _stage_max(gather, layers_present)
-    pace = largest + np.minimum(bucket, np.maximum(max_live - largest, 0.0))
-    # The head is prefetched only if the module before it leaves room under max_live.
-    last_gather = arrangement.by_leaf(knobs, lambda table: per_rank(table, table.last_gather, arrangement.tp))
-    last_layer = _stage_max(last_gather, layers_present)
-    has_head = present[:, HEAD][None, :]
-    head = np.where(has_head & (last_layer < max_live), fetched[:, HEAD][:, None], 0.0)
-    reach = np.maximum(largest_layer_tensor, head)
-    opening = fetched[:, EMBED][:, None] * counts[:, EMBED][None, :]  # (N, pp)
-    cap = np.where(bucket >= all_total - opening, all_total, all_total - opening)
-    climb = np.minimum(max_live + reach, cap)
-    live_layers = np.where(bucket > mean_gather, np.maximum(pace, climb), pace)
-    nvme_layers = np.maximum(largest, head) + np.minimum(bucket, nvme_in_flight)
-    live_layers = np.minimum(np.where(nvme, nvme_layers, live_layers), all_total)
+    bucket, max_live, nvme, nvme_in_flight = q.bucket, q.max_live, q.nvme, q.nvme_in_flight
+    live_layers = q.live
 
     vocab_present = present & ~is_layer[None, :]
     vocab = _stage_max(np.minimum(fetched, gather), vocab_present)  # (N, pp): one module at a time
     room = np.where(nvme, nvme_in_flight, np.maximum(max_live - vocab, 0.0))
     live_vocab = np.where(vocab > 0, vocab + np.minimum(bucket, room), 0.0)
-    return live_layers, np.minimum(live_vocab, all_total)
+    return live_layers, np.minimum(live_vocab, q.all_total)
 
 
 def _per_stage(per_kind: np.ndarray, counts: np.ndarray) -> np.ndarray:

@@ -63,7 +63,7 @@ def test_decode_layer_device_time_grows_by_the_fitted_term_per_doubling_of_rows_
     np.testing.assert_allclose(prefill, base[:, None] * is_layer[None, :])
 
 
-def test_layer_leaves_run_the_rule_once_a_layer_with_the_host_share_left(kit) -> None:
+def test_layer_leaves_run_the_rule_once_a_layer_with_the_host_share_left(kit, without_prefetch_lag) -> None:
     """zero3_leaf layer: the overlap rule sees one leaf a decoder layer (its copies, compute and host time one span)
     and the layer's ZeRO-3 host time is offload_layer_leaf_share of the per-module one; a resident plan (no
     gathering) is untouched."""
