@@ -23,7 +23,8 @@ Measured (Mixtral-8x22B 4-bit, CPU pinned, layer leaves, one H100; benchmarks/re
 a 3e9 / 6e9 bucket / max live (8.5 layers in flight) against one layer / two (0 lag), same run: 1.645 / 1.630 /
 1.721 s against 1.584 / 1.596 / 1.633 s a step (DeepSpeed's dequantization bs 1, hpi's fused bs 1 and 16); the
 profiler saw the copy engine idle 78-282 ms at each step boundary with the deep queue and 21-24 ms with the shallow
-one, the rest of the step the same.
+one, the rest of the step the same. It over-prices two 8B 16-bit prefills at batch 16 with deep queues (+12% /
++15% uncalibrated, were +3% / -5%: README, Accuracy), whose runs show less of the drain than k b.
 
 NVMe plans are left out: DeepSpeed's swapper reads each parameter into one of a few staging buffers and waits for the
 read on the host (``cost.aio``), so what is queued is bounded by the buffers, not by max live.
@@ -34,16 +35,18 @@ from __future__ import annotations
 import numpy as np
 
 from hpi.planner.cost.inputs import Arrangement, Knobs
-from hpi.planner.cost.memory import layer_prefetch
+from hpi.planner.cost.memory import LayerPrefetch, layer_prefetch
 from hpi.planner.cost.streaming import fetches_weights
 
 
 def lag_layers(arrangement: Arrangement, knobs: Knobs, fetched: np.ndarray) -> np.ndarray:
     """(N, pp) layers of copies a decoder layer's compute waits behind beyond its own, in the steady state of a
     forward; ``fetched``: (N, kinds) elements one module of each kind gathers per TP rank."""
-    q = layer_prefetch(arrangement, knobs, fetched)
-    counts = arrangement.stage_counts * (arrangement.table.is_layer > 0)[None, :]
-    layers = counts.sum(axis=1)[None, :]  # (1, pp)
+    return _lag_layers(arrangement, knobs, layer_prefetch(arrangement, knobs, fetched))
+
+
+def _lag_layers(arrangement: Arrangement, knobs: Knobs, q: LayerPrefetch) -> np.ndarray:
+    layers = _layer_counts(arrangement).sum(axis=1)[None, :]  # (1, pp)
     mean_layer = np.divide(q.layer_total, layers, out=np.zeros_like(q.layer_total), where=layers > 0)
     lag = np.maximum(q.in_flight - 2.0 * q.mean_gather, 0.0)
     in_layers = np.divide(lag, mean_layer, out=np.zeros_like(lag), where=mean_layer > 0)
@@ -51,18 +54,23 @@ def lag_layers(arrangement: Arrangement, knobs: Knobs, fetched: np.ndarray) -> n
     return np.where(gathers, in_layers, 0.0)
 
 
+def _layer_counts(arrangement: Arrangement) -> np.ndarray:
+    """(pp, kinds) decoder layers of each kind on each stage."""
+    return arrangement.stage_counts * (arrangement.table.is_layer > 0)[None, :]
+
+
 def lag_time(arrangement: Arrangement, knobs: Knobs, fetched: np.ndarray, fetch: np.ndarray, busy: np.ndarray,
              host: np.ndarray) -> np.ndarray:
     """(N, pp) seconds per forward the lag exposes on each stage (module docstring); ``fetch``, ``busy`` and
     ``host``: (N, kinds) a module's copies, compute-stream time and host time."""
-    counts = arrangement.stage_counts * (arrangement.table.is_layer > 0)[None, :]
+    counts = _layer_counts(arrangement)
     layers = np.maximum(counts.sum(axis=1), 1.0)[None, :]
     routed = (arrangement.table.n_experts > 0)[None, :]
     compute_side = np.where(routed, busy + host, busy)
     c = fetch @ counts.T / layers  # (N, pp) a mean layer's copies
     b = compute_side @ counts.T / layers
-    k = lag_layers(arrangement, knobs, fetched)
     q = layer_prefetch(arrangement, knobs, fetched)
+    k = _lag_layers(arrangement, knobs, q)
     g = np.maximum(q.bucket / np.maximum(q.mean_gather, 1.0) - 1.0, 0.0)  # layers the queue grows a layer
     full = np.divide(k, g, out=np.zeros_like(k), where=g > 0)  # the layer whose compute first waits behind k
     first = np.minimum(k, g) * c - (b - c)
