@@ -134,6 +134,7 @@ class LayerPrefetch:
     reach: np.ndarray  # the one tensor the prefetch that crosses max live takes beyond it
     cap: np.ndarray  # what the stage can have gathered at once
     nvme_layers: np.ndarray
+    largest_gather: np.ndarray  # (N, kinds) the largest leaf module of each kind, gathered at once
     all_total: np.ndarray  # what the stage gathers per forward
     layer_total: np.ndarray  # what its decoder layers gather per forward
     mean_gather: np.ndarray  # what one fetch gathers, on average over the layers' leaf modules
@@ -187,7 +188,7 @@ def layer_prefetch(arrangement: Arrangement, knobs: Knobs, fetched: np.ndarray) 
         bucket=bucket, max_live=max_live, nvme=nvme, nvme_in_flight=nvme_in_flight, pace=pace,
         climbs=bucket > mean_gather, reach=np.maximum(largest_layer_tensor, head),
         cap=np.where(bucket >= all_total - opening, all_total, all_total - opening),
-        nvme_layers=np.maximum(largest, head) + np.minimum(bucket, nvme_in_flight),
+        nvme_layers=np.maximum(largest, head) + np.minimum(bucket, nvme_in_flight), largest_gather=gather,
         all_total=all_total, layer_total=stage_total, mean_gather=mean_gather)
 
 
@@ -232,12 +233,11 @@ def live_param_elems(arrangement: Arrangement, knobs: Knobs, fetched: np.ndarray
     q = layer_prefetch(arrangement, knobs, fetched)
     t, counts = arrangement.table, arrangement.stage_counts
     present, is_layer = counts > 0, t.is_layer > 0
-    gather = arrangement.by_leaf(knobs, lambda table: per_rank(table, table.largest_gather, arrangement.tp))
     bucket, max_live, nvme, nvme_in_flight = q.bucket, q.max_live, q.nvme, q.nvme_in_flight
     live_layers = q.live
 
     vocab_present = present & ~is_layer[None, :]
-    vocab = _stage_max(np.minimum(fetched, gather), vocab_present)  # (N, pp): one module at a time
+    vocab = _stage_max(np.minimum(fetched, q.largest_gather), vocab_present)  # (N, pp): one module at a time
     room = np.where(nvme, nvme_in_flight, np.maximum(max_live - vocab, 0.0))
     live_vocab = np.where(vocab > 0, vocab + np.minimum(bucket, room), 0.0)
     return live_layers, np.minimum(live_vocab, q.all_total)

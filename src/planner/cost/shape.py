@@ -191,12 +191,6 @@ class ModuleTable:
     hidden_size: int
     vocab_size: int
 
-    @property
-    def tensor_sizes(self) -> tuple[np.ndarray, ...]:
-        """Per kind: sorted numels of every tensor, matrices and the others together."""
-        pairs = zip(self.matrix_tensor_sizes, self.vector_tensor_sizes)
-        return tuple(np.sort(np.concatenate([matrices, others])) for matrices, others in pairs)
-
 
 def held_parameters(t: Tensor, n_routed: int) -> tuple[int, int]:
     """(elements of one parameter, parameters of that shape a module holds) for a listed tensor: a routed
