@@ -231,6 +231,27 @@ def matrices() -> dict[str, list[Entry]]:
                             {"batch_size": 16, "micro_batches": 1, "fused_dequant": True}),
                   prompt_len=128, gen_len=4),
         ],
+        # issue 20: hpi's copy-ordered fetch wait (fetch_wait event: each read waits for its own copy,
+        # hpi.executor.zero3.copy_ordered_fetch) against the stream-ordered one (every copy queued), side by side on
+        # one machine: where cost.prefetch_lag priced a deep queue's lag (Mixtral's 3e9 bucket, copy-bound; the
+        # 70B 4-bit at DeepSpeed's default knobs, its dequantization chain longer than the copies; an 8B 16-bit
+        # batch-16 prefill with a 2.5e8 bucket), and Mixtral at one layer ahead, where no lag was priced.
+        "event-wait": [
+            *(Entry(f"mixtral-8x22b-q4-cpu-pinned-layerleaf-bucket{label}-{wait}-b1", "mixtral-8x22b", "h200-1gpu",
+                    1, {"offload": "cpu", "weight_bits": 4, "zero3_leaf": "layer", **knobs},
+                    variants=({"fused_dequant": True},
+                              {"batch_size": 16, "micro_batches": 1, "fused_dequant": True}),
+                    prompt_len=128, gen_len=4, fetch_wait=wait)
+              for label, knobs in (("3e9", {"prefetch_bucket_elems": 3 * 10**9, "max_live_elems": 6 * 10**9}),
+                                   ("1layer", MIXTRAL_Q4_LAYER_BUCKET))
+              for wait in ("stream", "event")),
+            *(Entry(f"70b-q4-cpu-pinned-dsdefaults-{wait}-b1", m70, "h200-1gpu", 1,
+                    {"offload": "cpu", "weight_bits": 4}, variants=({"fused_dequant": True},), prompt_len=128,
+                    gen_len=4, fetch_wait=wait) for wait in ("stream", "event")),
+            *(Entry(f"8b-cpu-pinned-moduleleaf-bucket2.5e8-{wait}-b1", m8, "h200-1gpu", 1,
+                    {"offload": "cpu", "prefetch_bucket_elems": 250_000_000}, variants=_batches(16), gen_len=8,
+                    fetch_wait=wait) for wait in ("stream", "event")),
+        ],
         "smoke": [
             Entry("tiny-resident", "tiny-llama", h100, 2, {}),
             Entry("tiny-cpu-offload", "tiny-llama", h100, 2, {"offload": "cpu"}, variants=_batches(4)),

@@ -147,7 +147,9 @@ def add_run_conditions(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=COMPUTE_DTYPES, default="bf16",
                    help="compute dtype (default bf16); fp16 takes DeepSpeed's fused 4-bit dequantization")
     p.add_argument("--fetch-wait", choices=FETCH_WAITS, default="stream",
-                   help="ZeRO-3 fetch wait: stream (hpi's, default) or host (DeepSpeed's stock, host-synchronizing)")
+                   help="ZeRO-3 fetch wait: stream (hpi's, default: the GPU waits for every copy queued), event "
+                   "(hpi's: the GPU waits for each parameter's own copy; dp 1) or host (DeepSpeed's stock, "
+                   "host-synchronizing)")
     add_cuda_graph_flags(p, default=None, on_help="replay each decode step as a CUDA graph (default: wherever the "
                          "plan allows it: dense, GPU-resident, 16-bit, dp 1, KV cache on the GPU; run refuses it for "
                          "other plans)", off_help="decode eagerly, one kernel launch at a time")

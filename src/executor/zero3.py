@@ -25,17 +25,34 @@ One place where DeepSpeed's stock behaviour costs streaming bandwidth (``stream_
   (``__max_ongoing_fetch_events``) already limits how far the host may run ahead. So the patched wait
   marks the parameter available and leaves the ordering to the GPU, as DeepSpeed does for accelerators
   that ``resolves_data_dependency()``.
+
+And one place where it costs a deep prefetch queue its overlap (``copy_ordered_fetch``, ``fetch_wait`` event):
+
+- ``_fetch_sub_module_impl`` then makes the compute stream wait for the *whole* all-gather stream
+  (``current_stream().wait_stream(allgather_stream)``), and bounds the host by an event it records on that stream
+  after each wait (``__max_ongoing_fetch_events``, 2). Both cover every copy queued so far, the prefetches for the
+  layers ahead included: with a queue k layers deep, layer i's compute starts only once layer i + k's copies have
+  landed, and the last k layers' compute runs after the last copy (one H100, Mixtral-8x22B 4-bit, 3e9 bucket: the
+  copy engine idle 78-282 ms at each forward boundary; benchmarks/results/2026-12-06-prefetch-lag, priced by
+  ``cost.prefetch_lag``). The copy-ordered wait records an event after each parameter's own copy, makes the compute
+  stream wait for the events of the parameters it is about to read and nothing else, and bounds the host by those
+  same events, two copies behind, as DeepSpeed bounds it by its own. Needs a partition group of one rank (the
+  handles it orders are the single-rank ones); the stream-ordered wait is part of it.
 """
 
 from __future__ import annotations
+
+import collections
 
 import torch
 import torch.distributed as dist
 
 from hpi.executor.groups import DeepSpeedMpu, Groups
-from hpi.planner.specs.workload import FETCH_WAITS  # stream: GPU-ordered (ours); host: DeepSpeed's stock synchronize
+from hpi.planner.specs.workload import FETCH_WAITS  # event / stream: GPU-ordered (ours); host: DeepSpeed's stock
 
 _INSTALLED: list[Groups] = []
+# DeepSpeed's own bound on how far the host runs ahead of its fetches (``__max_ongoing_fetch_events``), kept per copy.
+COPIES_AHEAD = 2
 
 
 def _group_check(g: Groups):
@@ -100,15 +117,134 @@ def stream_ordered_fetch() -> None:
     zpp.NoGatherCoalescedHandle.wait = wait_many
 
 
+class _Copies:
+    """The copy events of the parameters DeepSpeed has waited for: what the compute stream has yet to wait for
+    (``pending``) and what bounds the host (``recent``: ``COPIES_AHEAD`` copies not yet known done)."""
+
+    def __init__(self) -> None:
+        self.pending: list = []
+        self.recent: collections.deque = collections.deque()
+
+    def waited(self, param) -> None:
+        copied = getattr(param, "_hpi_copied", None)
+        if copied is None:  # gathered before, and its copy already waited for
+            return
+        param._hpi_copied = None
+        self.pending.append(copied)
+        while self.recent and self.recent[0].query():
+            self.recent.popleft()
+        if len(self.recent) > COPIES_AHEAD:
+            self.recent.popleft().synchronize()
+        self.recent.append(copied)
+
+    def drain(self) -> list:
+        out, self.pending = self.pending, []
+        return out
+
+
+_COPIES = _Copies()
+
+
+class _CopyOrderedStream:
+    """The compute stream, as DeepSpeed's fetch sees it: its wait for the all-gather stream waits for the copies of
+    the parameters just waited for instead."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+
+    def wait_stream(self, _allgather_stream) -> None:
+        for copied in _COPIES.drain():
+            self.stream.wait_event(copied)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+class _CopyOrderedAccelerator:
+    """DeepSpeed's accelerator as its parameter coordinator sees it under the copy-ordered wait: the compute stream
+    waits per copy (``_CopyOrderedStream``), and the coordinator leaves the host's bound to ``_Copies``
+    (``handles_memory_backpressure``: its own event, recorded on the all-gather stream, covers every copy queued)."""
+
+    def __init__(self, real) -> None:
+        self.real = real
+
+    def current_stream(self, *args, **kwargs):
+        return _CopyOrderedStream(self.real.current_stream(*args, **kwargs))
+
+    def handles_memory_backpressure(self) -> bool:
+        return True
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def copy_ordered_fetch() -> None:
+    """Order each gathered parameter's reads after its own copy rather than after every copy queued (module
+    docstring; idempotent). Where the device resolves data dependencies itself (the CPU) nothing needs ordering.
+
+    Three patches, each at the narrowest point: the single-rank handles record an event after each parameter's
+    copy (a prefetch bucket is one coalesced handle, so per parameter, not per handle); the coordinator's in-flight
+    registry hands each parameter it pops for a wait to ``_Copies``; and the coordinator's accelerator turns its
+    whole-stream wait into waits on those events (``_CopyOrderedAccelerator``)."""
+    from deepspeed.runtime.zero import partition_parameters as zpp
+    from deepspeed.runtime.zero import partitioned_param_coordinator as coordinator
+
+    stream_ordered_fetch()
+    if isinstance(coordinator.get_accelerator(), _CopyOrderedAccelerator):
+        return
+    if zpp.get_accelerator().resolves_data_dependency():
+        return
+    zpp.NoGatherHandle.__init__ = _recording_one(zpp.NoGatherHandle.__init__, zpp.get_accelerator)
+    zpp.NoGatherCoalescedHandle.__init__ = _recording_each(zpp.NoGatherCoalescedHandle.__init__, zpp.get_accelerator)
+    pop = coordinator.InflightParamRegistry.pop
+
+    def pop_for_wait(self, param, *default):
+        _COPIES.waited(param)
+        return pop(self, param, *default)
+
+    coordinator.InflightParamRegistry.pop = pop_for_wait
+    real = coordinator.get_accelerator
+    coordinator.get_accelerator = lambda: _CopyOrderedAccelerator(real())
+
+
+def _record_copy(param, get_accelerator) -> None:
+    param._hpi_copied = get_accelerator().Event()
+    param._hpi_copied.record()  # on the current stream: the all-gather stream the copy was queued on
+
+
+def _recording_one(init, get_accelerator):
+    def record_after_copy(self, param) -> None:
+        init(self, param)
+        _record_copy(param, get_accelerator)
+
+    return record_after_copy
+
+
+def _recording_each(init, get_accelerator):
+    def record_after_each_copy(self, params) -> None:
+        params = list(params)
+        for param in params:  # DeepSpeed's own copy of each parameter, one at a time, an event after each
+            init(self, [param])
+            _record_copy(param, get_accelerator)
+        self._NoGatherCoalescedHandle__params = params
+
+    return record_after_each_copy
+
+
 def wrap_zero3(module: torch.nn.Module, config: dict, g: Groups, fetch_wait: str = "stream"):
     """``deepspeed.initialize`` the stage for inference (no optimizer) and return the engine."""
     import deepspeed
 
     if fetch_wait not in FETCH_WAITS:
         raise ValueError(f"fetch_wait {fetch_wait!r} is not one of {', '.join(FETCH_WAITS)}")
+    if fetch_wait == "event" and g.dp > 1:
+        raise ValueError(f"fetch wait event orders single-rank copies; this stage's ZeRO-3 partition group has "
+                         f"dp = {g.dp} ranks: use fetch wait stream")
     scoped_trace_check(g)
     if fetch_wait == "stream":
         stream_ordered_fetch()
+    if fetch_wait == "event":
+        copy_ordered_fetch()
     engine, *_ = deepspeed.initialize(model=module, config=config, mpu=DeepSpeedMpu(g))
     engine.eval()
     return engine

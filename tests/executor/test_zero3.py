@@ -78,3 +78,49 @@ def test_stream_ordered_wait_refuses_a_param_not_in_flight(cuda_like_accelerator
 def test_unknown_fetch_wait_is_refused():
     with pytest.raises(ValueError, match="fetch_wait 'sometimes' is not one of stream, host"):
         wrap_zero3(torch.nn.Linear(2, 2), {}, None, fetch_wait="sometimes")
+
+
+def _ordering(fetch_wait: str, port: int) -> dict:
+    """The toy forward of zero3_ordering_probe under a CUDA-like logging accelerator, in its own process."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    probe = Path(__file__).with_name("zero3_ordering_probe.py")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_PORT": str(port)}
+    done = subprocess.run([sys.executable, str(probe), fetch_wait], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _last_own_copy(log: dict, compute: dict) -> int:
+    """How many copies were queued up to and including the compute's own last one."""
+    return max(log["copies"].index(p) for p in compute["params"]) + 1
+
+
+def test_deepspeeds_wait_makes_each_layer_wait_for_the_whole_prefetch_queue():
+    """What cost.prefetch_lag prices: with the toy's eight layers queued by one bucket, the first layer's compute
+    (stream-ordered wait) and the host (DeepSpeed's stock wait) wait for all 16 copies, not for its own two."""
+    for fetch_wait, port in (("stream", 29631), ("host", 29632)):
+        log = _ordering(fetch_wait, port)
+        first = log["computes"][0]
+        assert (_last_own_copy(log, first), first["covered"]) == (2, 16), fetch_wait
+        assert log["computes"][1]["host_covered"] == 16, fetch_wait
+
+
+def test_the_copy_ordered_wait_waits_for_each_layers_own_copies_only():
+    log = _ordering("event", 29633)
+    assert len(log["copies"]) == 16 and len(log["computes"]) == 8
+    for compute in log["computes"]:
+        own = _last_own_copy(log, compute)
+        assert compute["covered"] == own  # every copy it reads, and none queued after them
+        assert own - 3 <= compute["host_covered"] < own  # the host stays within three copies of the compute
+    assert log["outputs"] == _ordering("stream", 29634)["outputs"]
+
+
+def test_the_copy_ordered_wait_refuses_a_partition_group_of_several_ranks():
+    with pytest.raises(ValueError, match="dp = 2 ranks: use fetch wait stream"):
+        wrap_zero3(torch.nn.Linear(2, 2), {}, SimpleNamespace(dp=2), fetch_wait="event")

@@ -7,7 +7,8 @@ queues the next prefetch. So a module's compute waits for every copy queued up t
 ``I`` elements gathered or in flight in the steady state of a forward (``LayerPrefetch.in_flight``, the module in use
 included) and leaf modules of ``S`` elements on average, behind ``lag = max(I - 2 S, 0)`` elements beyond its own.
 hpi's stream-ordered wait (``hpi.executor.zero3``) replaces DeepSpeed's host wait, not this stream wait; with the host
-wait the host blocks on the same queue.
+wait the host blocks on the same queue. hpi's copy-ordered wait (``Workload.fetch_wait`` event) waits for each
+parameter's own copy instead: no lag.
 
 A pipeline whose stage i waits for copy i + k (k = lag in layers) exposes more than one that waits for its own copy
 only. Copy-bound (a layer's copy c longer than its compute b): the last k layers compute after the last copy lands,
@@ -50,7 +51,8 @@ def _lag_layers(arrangement: Arrangement, knobs: Knobs, q: LayerPrefetch) -> np.
     mean_layer = np.divide(q.layer_total, layers, out=np.zeros_like(q.layer_total), where=layers > 0)
     lag = np.maximum(q.in_flight - 2.0 * q.mean_gather, 0.0)
     in_layers = np.divide(lag, mean_layer, out=np.zeros_like(lag), where=mean_layer > 0)
-    gathers = (fetches_weights(arrangement, knobs) & ~knobs.offload_nvme)[:, None]
+    ordered_by_queue = arrangement.workload.fetch_wait != "event"  # event: each read waits for its own copy
+    gathers = (fetches_weights(arrangement, knobs) & ~knobs.offload_nvme & ordered_by_queue)[:, None]
     return np.where(gathers, in_layers, 0.0)
 
 

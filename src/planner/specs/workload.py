@@ -9,7 +9,9 @@ step and the dequantization run.
 - ``fetch_wait``: ``stream`` is hpi's stream-ordered ZeRO-3 fetch wait (the compute stream waits for the copy
   on the GPU; the host runs ahead: ``hpi.executor.zero3.stream_ordered_fetch``), ``host`` is DeepSpeed's stock
   wait, which synchronizes the host with the copy stream at every fetch (``cost.estimate`` says what that
-  serializes). Runs recorded before the executor had the field ran the host wait.
+  serializes). Both wait for every copy queued, the prefetches ahead included (``cost.prefetch_lag``); ``event``
+  waits for each parameter's own copy only (``hpi.executor.zero3.copy_ordered_fetch``; a partition group of one
+  rank). Runs recorded before the executor had the field ran the host wait.
 - ``decode_graphs``: each decode step is replayed as a CUDA graph (``hpi.executor.graphs``) where the plan allows
   it (``Plan.graph_blocker``): the host launches one graph instead of every kernel, so the per-layer host
   time and TP's rank drift leave the decode step (``cost.overhead``). Runs recorded before the field ran
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 DEFAULT_PROMPT_LEN = 512
 DEFAULT_GEN_LEN = 32
 COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
-FETCH_WAITS = ("stream", "host")
+FETCH_WAITS = ("stream", "host", "event")
 # The run conditions that are switches (on / off), in the order records and JSON documents list them.
 SWITCHES = ("decode_graphs", "decode_compile", "fused_dequant")
 
