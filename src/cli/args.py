@@ -146,10 +146,10 @@ def add_run_conditions(p: argparse.ArgumentParser) -> None:
     """What the run computes in and how it waits for ZeRO-3 fetches (Workload fields outside the Plan)."""
     p.add_argument("--dtype", choices=COMPUTE_DTYPES, default="bf16",
                    help="compute dtype (default bf16); fp16 takes DeepSpeed's fused 4-bit dequantization")
-    p.add_argument("--fetch-wait", choices=FETCH_WAITS, default="stream",
-                   help="ZeRO-3 fetch wait: stream (hpi's, default: the GPU waits for every copy queued), event "
-                   "(hpi's: the GPU waits for each parameter's own copy; dp 1) or host (DeepSpeed's stock, "
-                   "host-synchronizing)")
+    p.add_argument("--fetch-wait", choices=FETCH_WAITS, default="event",
+                   help="ZeRO-3 fetch wait: event (hpi's, default: the GPU waits for each parameter's own copy; "
+                   "stream where dp > 1), stream (hpi's: the GPU waits for every copy queued) or host "
+                   "(DeepSpeed's stock, host-synchronizing)")
     add_cuda_graph_flags(p, default=None, on_help="replay each decode step as a CUDA graph (default: wherever the "
                          "plan allows it: dense, GPU-resident, 16-bit, dp 1, KV cache on the GPU; run refuses it for "
                          "other plans)", off_help="decode eagerly, one kernel launch at a time")
@@ -245,7 +245,7 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
     unless --no-cuda-graphs / --no-compile-decode, 8/4-bit weights as dequantized by the fused kernel unless
     --no-fused-dequant (what a run on a GPU does by default: ``hpi.deployment``)."""
     return Workload(args.prompt_len, args.gen_len, compute_dtype=getattr(args, "dtype", None) or "bf16",
-                    fetch_wait=getattr(args, "fetch_wait", None) or "stream",
+                    fetch_wait=getattr(args, "fetch_wait", None) or "event",
                     decode_graphs=getattr(args, "decode_graphs", None) is not False,
                     decode_compile=getattr(args, "decode_compile", None) is not False,
                     fused_dequant=getattr(args, "fused_dequant", None) is not False)

@@ -36,8 +36,10 @@ And one place where it costs a deep prefetch queue its overlap (``copy_ordered_f
   copy engine idle 78-282 ms at each forward boundary; benchmarks/results/2026-12-06-prefetch-lag, priced by
   ``cost.prefetch_lag``). The copy-ordered wait records an event after each parameter's own copy, makes the compute
   stream wait for the events of the parameters it is about to read and nothing else, and bounds the host by those
-  same events, two copies behind, as DeepSpeed bounds it by its own. Needs a partition group of one rank (the
-  handles it orders are the single-rank ones); the stream-ordered wait is part of it.
+  same events, two copies behind, as DeepSpeed bounds it by its own. For a partition group of one rank (the handles
+  it orders are the single-rank ones); the stream-ordered wait is part of it. Same H100, same runs
+  (benchmarks/results/2026-12-06-event-wait): the 8B 16-bit from pinned memory at DeepSpeed's default knobs 0.336 ->
+  0.292 s a step (0.88 -> 1.01 of pinned), Mixtral-8x22B 4-bit at the 3e9 bucket 1.528 -> 1.446 s (fused, bs 1).
 """
 
 from __future__ import annotations
@@ -231,20 +233,19 @@ def _recording_each(init, get_accelerator):
     return record_after_each_copy
 
 
-def wrap_zero3(module: torch.nn.Module, config: dict, g: Groups, fetch_wait: str = "stream"):
-    """``deepspeed.initialize`` the stage for inference (no optimizer) and return the engine."""
+def wrap_zero3(module: torch.nn.Module, config: dict, g: Groups, fetch_wait: str = "event"):
+    """``deepspeed.initialize`` the stage for inference (no optimizer) and return the engine. ``event`` orders
+    copies per parameter where the partition group is one rank, and is the stream-ordered wait elsewhere: with
+    dp > 1 the gathers are DeepSpeed's all-gather handles, which the copy-ordered wait does not record."""
     import deepspeed
 
     if fetch_wait not in FETCH_WAITS:
         raise ValueError(f"fetch_wait {fetch_wait!r} is not one of {', '.join(FETCH_WAITS)}")
-    if fetch_wait == "event" and g.dp > 1:
-        raise ValueError(f"fetch wait event orders single-rank copies; this stage's ZeRO-3 partition group has "
-                         f"dp = {g.dp} ranks: use fetch wait stream")
     scoped_trace_check(g)
-    if fetch_wait == "stream":
-        stream_ordered_fetch()
-    if fetch_wait == "event":
+    if fetch_wait == "event" and g.dp == 1:
         copy_ordered_fetch()
+    elif fetch_wait != "host":
+        stream_ordered_fetch()
     engine, *_ = deepspeed.initialize(model=module, config=config, mpu=DeepSpeedMpu(g))
     engine.eval()
     return engine

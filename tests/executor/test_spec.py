@@ -23,7 +23,7 @@ def test_the_workload_prices_the_runs_own_dtype_and_fetch_wait():
 def test_a_workload_that_disagrees_is_overruled_by_the_spec():
     spec = RunSpec(plan=Plan(), model="tiny-llama", workload=Workload(8, 3, compute_dtype="bf16", fetch_wait="host"),
                    dtype="fp32")
-    assert (spec.workload.compute_dtype, spec.workload.fetch_wait) == ("fp32", "stream")
+    assert (spec.workload.compute_dtype, spec.workload.fetch_wait) == ("fp32", "event")
 
 
 def test_unknown_dtype_and_fetch_wait_are_refused_with_the_choices():

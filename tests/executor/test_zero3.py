@@ -121,6 +121,17 @@ def test_the_copy_ordered_wait_waits_for_each_layers_own_copies_only():
     assert log["outputs"] == _ordering("stream", 29634)["outputs"]
 
 
-def test_the_copy_ordered_wait_refuses_a_partition_group_of_several_ranks():
-    with pytest.raises(ValueError, match="dp = 2 ranks: use fetch wait stream"):
-        wrap_zero3(torch.nn.Linear(2, 2), {}, SimpleNamespace(dp=2), fetch_wait="event")
+def test_the_event_wait_over_several_ranks_is_the_stream_wait(monkeypatch):
+    """With dp > 1 the gathers are DeepSpeed's all-gather handles, which the copy-ordered wait does not record."""
+    import deepspeed
+
+    from hpi.executor import zero3
+
+    installed = []
+    monkeypatch.setattr(zero3, "scoped_trace_check", lambda g: None)
+    monkeypatch.setattr(zero3, "copy_ordered_fetch", lambda: installed.append("event"))
+    monkeypatch.setattr(zero3, "stream_ordered_fetch", lambda: installed.append("stream"))
+    monkeypatch.setattr(deepspeed, "initialize", lambda **kw: (SimpleNamespace(eval=lambda: None),))
+    for dp, wait in ((2, "event"), (1, "event"), (1, "stream"), (1, "host")):
+        wrap_zero3(torch.nn.Linear(2, 2), {}, SimpleNamespace(dp=dp), fetch_wait=wait)
+    assert installed == ["stream", "event", "stream"]

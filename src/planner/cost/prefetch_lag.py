@@ -37,7 +37,7 @@ import numpy as np
 
 from hpi.planner.cost.inputs import Arrangement, Knobs
 from hpi.planner.cost.memory import LayerPrefetch, layer_prefetch
-from hpi.planner.cost.streaming import fetches_weights
+from hpi.planner.cost.streaming import copy_ordered, fetches_weights
 
 
 def lag_layers(arrangement: Arrangement, knobs: Knobs, fetched: np.ndarray) -> np.ndarray:
@@ -51,8 +51,7 @@ def _lag_layers(arrangement: Arrangement, knobs: Knobs, q: LayerPrefetch) -> np.
     mean_layer = np.divide(q.layer_total, layers, out=np.zeros_like(q.layer_total), where=layers > 0)
     lag = np.maximum(q.in_flight - 2.0 * q.mean_gather, 0.0)
     in_layers = np.divide(lag, mean_layer, out=np.zeros_like(lag), where=mean_layer > 0)
-    ordered_by_queue = arrangement.workload.fetch_wait != "event"  # event: each read waits for its own copy
-    gathers = (fetches_weights(arrangement, knobs) & ~knobs.offload_nvme & ordered_by_queue)[:, None]
+    gathers = (fetches_weights(arrangement, knobs) & ~knobs.offload_nvme & ~copy_ordered(arrangement, knobs))[:, None]
     return np.where(gathers, in_layers, 0.0)
 
 

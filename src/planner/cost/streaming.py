@@ -41,6 +41,15 @@ def fetches_weights(arrangement: Arrangement, knobs: Knobs) -> np.ndarray:
     return gathers_weights(knobs.offloaded, arrangement.dp)
 
 
+def copy_ordered(arrangement: Arrangement, knobs: Knobs) -> np.ndarray:
+    """(N,) whether each gathered parameter's reads wait for its own copy only (``Workload.fetch_wait`` event,
+    ``hpi.executor.zero3.copy_ordered_fetch``): a plan that gathers from host memory over a partition group of one
+    rank. With dp > 1 the executor keeps DeepSpeed's all-gather handles and the stream wait; NVMe plans are priced
+    as under the stream wait (their swapper waits each read on the host; not measured under this wait)."""
+    event = arrangement.workload.fetch_wait == "event"
+    return fetches_weights(arrangement, knobs) & ~knobs.offload_nvme & event & (arrangement.dp == 1)
+
+
 def persistent_parts(arrangement: Arrangement, knobs: Knobs) -> tuple[np.ndarray, np.ndarray]:
     """(matrix elements, other elements), each (N, kinds), of the tensors at most the persistence threshold (kept whole
     on every GPU). DeepSpeed compares ``ds_numel``: a quantized matrix's is its weight elements times

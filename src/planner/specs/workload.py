@@ -9,9 +9,10 @@ step and the dequantization run.
 - ``fetch_wait``: ``stream`` is hpi's stream-ordered ZeRO-3 fetch wait (the compute stream waits for the copy
   on the GPU; the host runs ahead: ``hpi.executor.zero3.stream_ordered_fetch``), ``host`` is DeepSpeed's stock
   wait, which synchronizes the host with the copy stream at every fetch (``cost.estimate`` says what that
-  serializes). Both wait for every copy queued, the prefetches ahead included (``cost.prefetch_lag``); ``event``
-  waits for each parameter's own copy only (``hpi.executor.zero3.copy_ordered_fetch``; a partition group of one
-  rank). Runs recorded before the executor had the field ran the host wait.
+  serializes). Both wait for every copy queued, the prefetches ahead included (``cost.prefetch_lag``). ``event``,
+  the default, waits for each parameter's own copy only (``hpi.executor.zero3.copy_ordered_fetch``) where the
+  partition group is one rank, and is the stream wait elsewhere (``cost.streaming.copy_ordered``). Runs recorded
+  before the executor had the field ran the host wait; runs before 2026-12-06's event wait, the stream wait.
 - ``decode_graphs``: each decode step is replayed as a CUDA graph (``hpi.executor.graphs``) where the plan allows
   it (``Plan.graph_blocker``): the host launches one graph instead of every kernel, so the per-layer host
   time and TP's rank drift leave the decode step (``cost.overhead``). Runs recorded before the field ran
@@ -40,7 +41,7 @@ class Workload:
     prompt_len_tokens: int = DEFAULT_PROMPT_LEN
     gen_len_tokens: int = DEFAULT_GEN_LEN
     compute_dtype: str = "bf16"
-    fetch_wait: str = "stream"
+    fetch_wait: str = "event"
     decode_graphs: bool = False
     decode_compile: bool = False
     fused_dequant: bool = False

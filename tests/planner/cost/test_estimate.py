@@ -601,7 +601,8 @@ def test_zero3_runs_the_rule_leaf_module_by_leaf_module(kit, without_prefetch_la
     hooks per layer (0.73 ms a leaf), the small k/v/q/o copies (0.1-0.4 ms at 5 GB/s) show the hooks, the
     FFN's 1.68 ms copies hide them; a GPU-resident module stays one unit."""
     slow = dataclasses.replace(kit.ROUND, offload_layer_overhead_s=5e-3)
-    lay = kit.arrangement(kit.toy_dense(), hardware=kit.make_hardware(slow))
+    stream = Workload(512, 32, fetch_wait="stream")  # the host paired with each leaf's copy
+    lay = kit.arrangement(kit.toy_dense(), hardware=kit.make_hardware(slow), workload=stream)
     k = Knobs.from_plans([Plan(offload="cpu"), Plan()])
     w, hw = leaf_shares(lay, k)
     leaves = np.array([H * H, H * 256, H * 256, H * H, H * 4096, H * 4096, H * 4096]) / LAYER_MATRICES
@@ -617,6 +618,21 @@ def test_zero3_runs_the_rule_leaf_module_by_leaf_module(kit, without_prefetch_la
     vocab = V * H * 2 / 5e9
     assert ev.decode_step_s[0] == pytest.approx(4 * by_leaf + 2 * vocab + 1e-3, rel=1e-3)
     assert layer["overhead_s"][0] > 1e-3  # the hooks that show between small copies
+
+
+def test_the_copy_ordered_wait_runs_the_hooks_beside_the_modules_copies(kit, without_prefetch_lag) -> None:
+    """Under hpi's copy-ordered wait (the default) the host is bounded by the copies two parameters back while the
+    prefetches queued beyond them keep the copy engine busy: a module costs the larger of its leaves' copies and its
+    host time, not the sum over leaves of each leaf's larger (cost.estimate.host_beside_module). The toy of the leaf
+    test above, same hooks: 4 x max(copy, host) instead of 4 x sum of per-leaf maxima."""
+    slow = dataclasses.replace(kit.ROUND, offload_layer_overhead_s=5e-3)
+    lay = kit.arrangement(kit.toy_dense(), hardware=kit.make_hardware(slow), workload=Workload(512, 32))
+    ev = evaluate(lay, Knobs.from_plans([Plan(offload="cpu")]))
+    copy = LAYER_MATRICES * 2 / 5e9
+    host = 100e-6 + 5e-3
+    vocab = V * H * 2 / 5e9
+    assert ev.decode_step_s[0] == pytest.approx(4 * max(copy, host) + 2 * vocab + 1e-3, rel=1e-3)
+    assert sum(ev.decode.exposed[p][0] for p in EXPOSED_PARTS) == pytest.approx(ev.decode_step_s[0], rel=1e-12)
 
 
 def test_routed_experts_dequantize_only_the_experts_a_token_chose_on_the_compute_stream(

@@ -14,13 +14,15 @@ from hpi.planner.cost.phase import decode_phase
 from hpi.planner.cost.prefetch_lag import lag_layers, lag_time
 from hpi.planner.cost.streaming import fetched_elems_per_rank
 from hpi.planner.specs.plan import Plan
+from hpi.planner.specs.workload import Workload
 
 LM = 15_204_352  # a toy layer's matrices, what a layer leaf gathers
 REPO = Path(__file__).resolve().parents[3]
+STREAM = Workload(512, 32, fetch_wait="stream")  # the lag is the stream-ordered (and host) wait's
 
 
-def lags(kit, *plans: Plan, model=None) -> np.ndarray:
-    lay = kit.arrangement(model or kit.toy_dense())
+def lags(kit, *plans: Plan, model=None, workload: Workload = STREAM) -> np.ndarray:
+    lay = kit.arrangement(model or kit.toy_dense(), workload=workload)
     k = Knobs.from_plans(list(plans))
     return lag_layers(lay, k, fetched_elems_per_rank(lay, k, decode_phase(lay, k)))[:, 0]
 
@@ -55,7 +57,7 @@ def test_copy_bound_exposes_the_lagged_layers_compute_and_compute_bound_the_fill
     layer: the last 2 layers compute after the last copy, 2 ms. Compute-bound, c = 1 ms, b = 1.5 ms: the second
     layer waits behind min(k, g) = 1 layer less the 0.5 ms it fell behind, the third (the queue full) behind 2 less
     1 ms: 1 ms. A routed layer's compute side adds its host time (it reads the router's counts mid-layer)."""
-    lay = kit.arrangement(kit.toy_dense())
+    lay = kit.arrangement(kit.toy_dense(), workload=STREAM)
     k = Knobs.from_plans([Plan(offload="cpu", zero3_leaf="layer", prefetch_bucket_elems=2 * LM, max_live_elems=4 * LM)])
     fetched = fetched_elems_per_rank(lay, k, decode_phase(lay, k))
     ones = np.ones((1, 4))
@@ -63,7 +65,7 @@ def test_copy_bound_exposes_the_lagged_layers_compute_and_compute_bound_the_fill
     assert copy_bound[0, 0] == pytest.approx(2e-3)
     compute_bound = lag_time(lay, k, fetched, 1e-3 * ones, 1.5e-3 * ones, 0.0 * ones)
     assert compute_bound[0, 0] == pytest.approx(1e-3)
-    moe = kit.arrangement(kit.toy_moe())
+    moe = kit.arrangement(kit.toy_moe(), workload=STREAM)
     km = Knobs.from_plans([Plan(offload="cpu", zero3_leaf="layer", prefetch_bucket_elems=10**12,
                                 max_live_elems=10**13)])
     fm = fetched_elems_per_rank(moe, km, decode_phase(moe, km))
@@ -74,7 +76,7 @@ def test_copy_bound_exposes_the_lagged_layers_compute_and_compute_bound_the_fill
 def test_the_lag_joins_the_step_as_exposed_weight_fetch(kit) -> None:
     """The term adds once a forward, under weight_fetch_s, and the breakdown still sums to the step: the deep queue's
     step is the shallow one's plus it (same copies, same compute)."""
-    lay = kit.arrangement(kit.toy_dense())
+    lay = kit.arrangement(kit.toy_dense(), workload=STREAM)
     leaf = dict(offload="cpu", zero3_leaf="layer")
     k = Knobs.from_plans([Plan(**leaf, prefetch_bucket_elems=LM, max_live_elems=2 * LM),
                           Plan(**leaf, prefetch_bucket_elems=2 * LM, max_live_elems=4 * LM)])
@@ -85,6 +87,22 @@ def test_the_lag_joins_the_step_as_exposed_weight_fetch(kit) -> None:
     deep = {p: ev.decode.exposed[p][1] for p in EXPOSED_PARTS}
     assert deep["weight_fetch_s"] - shallow["weight_fetch_s"] == pytest.approx(extra)
     assert sum(deep.values()) == pytest.approx(ev.decode_step_s[1], rel=1e-12)
+
+
+def test_the_copy_ordered_wait_lags_nothing_but_over_several_ranks(kit) -> None:
+    """Under hpi's copy-ordered wait (fetch_wait event, the default) each layer's compute waits for its own copies
+    only: the deep queue lags nothing and costs what the shallow one does. With dp 2 the executor keeps DeepSpeed's
+    all-gather handles and the stream wait, so the lag is priced there."""
+    event = Workload(512, 32, fetch_wait="event")
+    leaf = dict(offload="cpu", zero3_leaf="layer")
+    deep = Plan(**leaf, prefetch_bucket_elems=2 * LM, max_live_elems=4 * LM)
+    assert lags(kit, deep, workload=event)[0] == 0.0 and lags(kit, deep)[0] == 2.0
+    lay = kit.arrangement(kit.toy_dense(), workload=event)
+    ev = evaluate(lay, Knobs.from_plans([Plan(**leaf, prefetch_bucket_elems=LM, max_live_elems=2 * LM), deep]))
+    assert ev.decode_step_s[1] == pytest.approx(ev.decode_step_s[0], rel=1e-12)
+    wide = kit.arrangement(kit.toy_dense(), dp=2, workload=event)
+    k2 = Knobs.from_plans([deep.with_(dp=2, batch_size=2)])
+    assert lag_layers(wide, k2, fetched_elems_per_rank(wide, k2, decode_phase(wide, k2)))[0, 0] == 2.0
 
 
 def test_the_mixtral_pair_of_one_run_is_predicted_apart_as_measured() -> None:
