@@ -252,6 +252,12 @@ def matrices() -> dict[str, list[Entry]]:
                     {"offload": "cpu", **knobs}, variants=_batches(16), gen_len=8, fetch_wait=wait)
               for label, knobs in (("-bucket2.5e8", {"prefetch_bucket_elems": 250_000_000}), ("-dsdefaults", {}))
               for wait in ("stream", "event")),
+            # the new default on what it was not measured on: layer leaves (priced a tie with per-module hooks), and
+            # NVMe (priced as the stream wait; its swapper reuses pinned buffers: the 16-bit tokens must agree)
+            Entry("8b-cpu-pinned-layerleaf-dsdefaults-event-b1", m8, "h200-1gpu", 1,
+                  {"offload": "cpu", "zero3_leaf": "layer"}, variants=_batches(16), gen_len=8, fetch_wait="event"),
+            *(Entry(f"8b-nvme-{wait}-b1", m8, "h200-1gpu", 1, {"offload": "nvme", **tuned}, variants=_batches(16),
+                    gen_len=4, fetch_wait=wait) for wait in ("stream", "event")),
         ],
         "smoke": [
             Entry("tiny-resident", "tiny-llama", h100, 2, {}),

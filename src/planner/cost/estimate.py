@@ -36,7 +36,10 @@ Per module (a decoder layer, the embedding or the head), one forward on one rank
   joins its fetch in series, as with DeepSpeed's host wait below.
 - The fetch wait (``Workload.fetch_wait``): DeepSpeed's stock wait synchronizes the host with the copy
   stream at every fetch, so each copy and the host's work for the module run in series (1x H100, 8B,
-  bs 1: 0.531 s per step with the host wait, 0.371 s stream-ordered, same knobs, same run).
+  bs 1: 0.531 s per step with the host wait, 0.371 s stream-ordered, same knobs, same run). hpi's copy-ordered wait
+  (``event``, ``streaming.copy_ordered``) bounds the host by each parameter's own copy instead of every copy queued,
+  so the host's hooks and launches run beside the module's copies rather than between its leaves' copies:
+  ``module = max(sum over leaves of device, host)`` (``host_beside_module``), and no queue lags (``cost.prefetch_lag``).
 - Dequantization (``cost.dequant``) is busy time, whichever kernels do it: DeepSpeed's chain of torch element-wise
   ops and one fused kernel (hpi's, ``Workload.fused_dequant``, or DeepSpeed's fp16 4-bit one) both run on the compute
   stream between a module's copy and its GEMM, and ZeRO-3 queues the copies of the next modules on its own stream
