@@ -233,16 +233,25 @@ def _recording_each(init, get_accelerator):
     return record_after_each_copy
 
 
+def copy_orders(config: dict, g: Groups) -> bool:
+    """Where ``fetch_wait`` event orders copies per parameter: a partition group of one rank (with dp > 1 the gathers
+    are DeepSpeed's all-gather handles, which the copy-ordered wait does not record) and weights offloaded to host
+    memory, not NVMe: the swapper hands each read's pinned buffer back when the host releases the module, and only
+    the stream-ordered wait's host bound (every copy queued) has been run with that reuse. ``cost.streaming.
+    copy_ordered`` prices the same rows."""
+    offload = config.get("zero_optimization", {}).get("offload_param") or {}
+    return g.dp == 1 and offload.get("device") != "nvme"
+
+
 def wrap_zero3(module: torch.nn.Module, config: dict, g: Groups, fetch_wait: str = "event"):
     """``deepspeed.initialize`` the stage for inference (no optimizer) and return the engine. ``event`` orders
-    copies per parameter where the partition group is one rank, and is the stream-ordered wait elsewhere: with
-    dp > 1 the gathers are DeepSpeed's all-gather handles, which the copy-ordered wait does not record."""
+    copies per parameter where ``copy_orders`` holds, and is the stream-ordered wait elsewhere."""
     import deepspeed
 
     if fetch_wait not in FETCH_WAITS:
         raise ValueError(f"fetch_wait {fetch_wait!r} is not one of {', '.join(FETCH_WAITS)}")
     scoped_trace_check(g)
-    if fetch_wait == "event" and g.dp == 1:
+    if fetch_wait == "event" and copy_orders(config, g):
         copy_ordered_fetch()
     elif fetch_wait != "host":
         stream_ordered_fetch()

@@ -121,8 +121,9 @@ def test_the_copy_ordered_wait_waits_for_each_layers_own_copies_only():
     assert log["outputs"] == _ordering("stream", 29634)["outputs"]
 
 
-def test_the_event_wait_over_several_ranks_is_the_stream_wait(monkeypatch):
-    """With dp > 1 the gathers are DeepSpeed's all-gather handles, which the copy-ordered wait does not record."""
+def test_the_event_wait_over_several_ranks_or_from_nvme_is_the_stream_wait(monkeypatch):
+    """With dp > 1 the gathers are DeepSpeed's all-gather handles, which the copy-ordered wait does not record; from
+    NVMe the swapper reuses its pinned buffers (hpi.executor.zero3.copy_orders)."""
     import deepspeed
 
     from hpi.executor import zero3
@@ -132,6 +133,8 @@ def test_the_event_wait_over_several_ranks_is_the_stream_wait(monkeypatch):
     monkeypatch.setattr(zero3, "copy_ordered_fetch", lambda: installed.append("event"))
     monkeypatch.setattr(zero3, "stream_ordered_fetch", lambda: installed.append("stream"))
     monkeypatch.setattr(deepspeed, "initialize", lambda **kw: (SimpleNamespace(eval=lambda: None),))
-    for dp, wait in ((2, "event"), (1, "event"), (1, "stream"), (1, "host")):
-        wrap_zero3(torch.nn.Linear(2, 2), {}, SimpleNamespace(dp=dp), fetch_wait=wait)
-    assert installed == ["stream", "event", "stream"]
+    cpu, nvme = ({"zero_optimization": {"offload_param": {"device": d}}} for d in ("cpu", "nvme"))
+    for config, dp, wait in ((cpu, 2, "event"), (cpu, 1, "event"), (nvme, 1, "event"), ({}, 1, "event"),
+                             (cpu, 1, "stream"), (cpu, 1, "host")):
+        wrap_zero3(torch.nn.Linear(2, 2), config, SimpleNamespace(dp=dp), fetch_wait=wait)
+    assert installed == ["stream", "event", "stream", "event", "stream"]

@@ -44,8 +44,8 @@ def fetches_weights(arrangement: Arrangement, knobs: Knobs) -> np.ndarray:
 def copy_ordered(arrangement: Arrangement, knobs: Knobs) -> np.ndarray:
     """(N,) whether each gathered parameter's reads wait for its own copy only (``Workload.fetch_wait`` event,
     ``hpi.executor.zero3.copy_ordered_fetch``): a plan that gathers from host memory over a partition group of one
-    rank. With dp > 1 the executor keeps DeepSpeed's all-gather handles and the stream wait; NVMe plans are priced
-    as under the stream wait (their swapper waits each read on the host; not measured under this wait)."""
+    rank. Elsewhere the executor keeps the stream wait (``hpi.executor.zero3.copy_orders``): with dp > 1 DeepSpeed's
+    all-gather handles, with NVMe the swapper's reuse of its pinned buffers."""
     event = arrangement.workload.fetch_wait == "event"
     return fetches_weights(arrangement, knobs) & ~knobs.offload_nvme & event & (arrangement.dp == 1)
 

@@ -11,7 +11,8 @@ step and the dequantization run.
   wait, which synchronizes the host with the copy stream at every fetch (``cost.estimate`` says what that
   serializes). Both wait for every copy queued, the prefetches ahead included (``cost.prefetch_lag``). ``event``,
   the default, waits for each parameter's own copy only (``hpi.executor.zero3.copy_ordered_fetch``) where the
-  partition group is one rank, and is the stream wait elsewhere (``cost.streaming.copy_ordered``). Runs recorded
+  partition group is one rank and the weights come from host memory, and is the stream wait elsewhere (dp > 1,
+  NVMe: ``hpi.executor.zero3.copy_orders``, ``cost.streaming.copy_ordered``). Runs recorded
   before the executor had the field ran the host wait; runs before 2026-12-06's event wait, the stream wait.
 - ``decode_graphs``: each decode step is replayed as a CUDA graph (``hpi.executor.graphs``) where the plan allows
   it (``Plan.graph_blocker``): the host launches one graph instead of every kernel, so the per-layer host
