@@ -248,6 +248,10 @@ def matrices() -> dict[str, list[Entry]]:
             *(Entry(f"70b-q4-cpu-pinned-dsdefaults-{wait}-b1", m70, "h200-1gpu", 1,
                     {"offload": "cpu", "weight_bits": 4}, variants=({"fused_dequant": True},), prompt_len=128,
                     gen_len=4, fetch_wait=wait) for wait in ("stream", "event")),
+            # issue 20's 4-bit streaming target at batch 1 and 32, under the new default wait
+            Entry("70b-q4-cpu-pinned-dsdefaults-event-b1-b32", m70, "h200-1gpu", 1,
+                  {"offload": "cpu", "weight_bits": 4}, variants=_fused(32), prompt_len=128, gen_len=4,
+                  fetch_wait="event"),
             *(Entry(f"8b-cpu-pinned-moduleleaf{label}-{wait}-b1", m8, "h200-1gpu", 1,
                     {"offload": "cpu", **knobs}, variants=_batches(16), gen_len=8, fetch_wait=wait)
               for label, knobs in (("-bucket2.5e8", {"prefetch_bucket_elems": 250_000_000}), ("-dsdefaults", {}))
