@@ -165,6 +165,7 @@ KEPT = {
     "2026-12-06-event-wait/call1/records.json": (13, {}),
     "2026-12-06-event-wait/call2/records.json": (11, {}),
     "2026-12-06-event-wait/call3/records.json": (4, {"error": 2}),  # the NVMe rows: no libaio debs carried
+    "2026-12-06-event-wait/call4/records.json": (4, {}),
     "2026-12-06-prefetch-lag/call1-profiled/profiles/1layer-ds-b1.json": (0, {"not a RunRecord": 1}),
     "2026-12-06-prefetch-lag/call1-profiled/profiles/1layer-fused-b1.json": (0, {"not a RunRecord": 1}),
     "2026-12-06-prefetch-lag/call1-profiled/profiles/3e9-ds-b1.json": (0, {"not a RunRecord": 1}),
@@ -224,8 +225,8 @@ def kept() -> dict[str, object]:
 def test_every_kept_file_reads_with_its_records_and_skips_counted(kept) -> None:
     assert {name: (len(r), r.skipped) for name, r in kept.items()} == KEPT
     records = [r for got in kept.values() for r in got]
-    assert len(records) == 283
-    assert sum(1 for r in records if r.entry is not None) == 271  # gpu_matrix bundles {name: record}
+    assert len(records) == 287
+    assert sum(1 for r in records if r.entry is not None) == 275  # gpu_matrix bundles {name: record}
     assert sum(1 for r in records if r.source.id.startswith("trial-")) == 4  # hpi autotune trial files
     skipped: dict[str, int] = {}
     for got in kept.values():
@@ -235,7 +236,7 @@ def test_every_kept_file_reads_with_its_records_and_skips_counted(kept) -> None:
     # Read together, names are unique (validate and calibrate key on them): a rerun kept under the stem of an
     # earlier run is named with its folder, and so is the earlier one.
     together = {r.record_id for r in load_records(_kept_files())}
-    assert len(together) == 283
+    assert len(together) == 287
     assert {"callA-first/8b-run-b1.run", "callB/8b-run-b1.run", "70b-q4-run-b1.run"} <= together
 
 
@@ -261,7 +262,7 @@ def test_every_kept_record_is_upgraded_and_loses_nothing(kept) -> None:
     # hpi serve's GPU call (2026-12-02) kept the first version-2 records, the MoE calls (2026-12-03) version 3's,
     # the compiled / fused / split-KV calls (2026-12-04) version 4's, the ZeRO-3 leaf calls (2026-12-05) version 5's
     # (13 that morning, 19 that night, 12 and 9 on 2026-12-06)
-    assert versions == {1: 130, 2: 5, 3: 16, 4: 51, 5: 81}
+    assert versions == {1: 130, 2: 5, 3: 16, 4: 51, 5: 85}
 
 
 def test_known_figures_of_known_files(kept) -> None:
@@ -294,9 +295,9 @@ def test_the_kept_fractions_are_the_derived_ones(kept) -> None:
         stored = _raw_entry(record)["h2d"]["fraction_of_profile"]
         assert record.transfers.h2d.fraction_of_profile == stored
         n += stored is not None
-    assert n == 173  # the 2026-12-03 MoE and aio calls: 16 streamed runs with a profile; 2026-12-04: 12, then 8;
+    assert n == 177  # the 2026-12-03 MoE and aio calls: 16 streamed runs with a profile; 2026-12-04: 12, then 8;
     # 2026-12-05: 7 on the H200, 4 on the H100, then 13 of the ZeRO-3 leaf calls, then the night's 19;
-    # 2026-12-06: 12 on the H100, then 9 (the prefetch-lag calls), then 28 (the event-wait calls)
+    # 2026-12-06: 12 on the H100, then 9 (the prefetch-lag calls), then 32 (the event-wait calls)
 
 
 # ---- the record itself --------------------------------------------------------------------------------
