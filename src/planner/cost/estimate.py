@@ -215,7 +215,8 @@ def host_beside_module(device: np.ndarray, parts: np.ndarray, host_base: np.ndar
     the one it waits for, while the prefetches queued beyond them keep the copy engine busy: its hooks and launches
     run beside the copies instead of between them. Measured, one H100, same run (benchmarks/results/
     2026-12-06-event-wait): the 8B 16-bit from pinned memory at DeepSpeed's default knobs 0.336 s a step stream-
-    ordered (0.88 of pinned), 0.292 s copy-ordered (1.01)."""
+    ordered (0.88 of pinned), 0.292 s copy-ordered (1.01). Not for a routed-expert layer (the caller's ``where``):
+    its host waits for the router's counts mid-layer, so the host is in step with the compute there."""
     host = host_base * (1.0 + drift)
     module = np.where(where, np.maximum(device, host), device)
     exposed_host = module - device
@@ -287,7 +288,10 @@ def phase_result(arrangement: Arrangement, knobs: Knobs, phase: Phase, bpw: np.n
     # The rule per leaf module (leaf_shares), summed back to the module; parts (N, kinds, C). Under the
     # copy-ordered wait the host pairs with the whole module instead (host_beside_module).
     w, hw = leaf_shares(arrangement, knobs)
-    per_module_host = copy_ordered(arrangement, knobs)[:, None] & ~in_series
+    # ... but not a routed-expert layer: its host reads the router's counts mid-layer (hpi.executor.experts), in step
+    # with the compute, so its hooks still fall between its leaves' copies
+    routed = (arrangement.table.n_experts > 0)[None, :]
+    per_module_host = copy_ordered(arrangement, knobs)[:, None] & ~in_series & ~routed
 
     def leaf(x: np.ndarray, shares: np.ndarray = w) -> np.ndarray:
         return x[:, :, None] * shares
