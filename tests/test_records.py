@@ -166,11 +166,8 @@ KEPT = {
     "2026-12-06-event-wait/call2/records.json": (11, {}),
     "2026-12-06-event-wait/call3/records.json": (4, {"error": 2}),  # the NVMe rows: no libaio debs carried
     "2026-12-06-event-wait/call4/records.json": (4, {}),
-    "2026-12-06-prefetch-lag/call1-profiled/profiles/1layer-ds-b1.json": (0, {"not a RunRecord": 1}),
-    "2026-12-06-prefetch-lag/call1-profiled/profiles/1layer-fused-b1.json": (0, {"not a RunRecord": 1}),
-    "2026-12-06-prefetch-lag/call1-profiled/profiles/3e9-ds-b1.json": (0, {"not a RunRecord": 1}),
-    "2026-12-06-prefetch-lag/call1-profiled/profiles/3e9-fused-b1.json": (0, {"not a RunRecord": 1}),
-    "2026-12-06-prefetch-lag/call1-profiled/profiles/3e9-fused-b16.json": (0, {"not a RunRecord": 1}),
+    **{f"2026-12-06-prefetch-lag/call1-profiled/profiles/{name}.json": (0, {"not a RunRecord": 1})
+       for name in ("1layer-ds-b1", "1layer-fused-b1", "3e9-ds-b1", "3e9-fused-b1", "3e9-fused-b16")},
     "2026-12-03-h200-moe2/call1/ds/records.json": (2, {}),
     "2026-12-03-h200-moe2/call1/moe/records.json": (2, {}),
     "2026-12-03-h200-moe2/call2/leaves/records.json": (6, {}),

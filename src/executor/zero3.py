@@ -36,8 +36,8 @@ And one place where it costs a deep prefetch queue its overlap (``copy_ordered_f
   copy engine idle 78-282 ms at each forward boundary; benchmarks/results/2026-12-06-prefetch-lag, priced by
   ``cost.prefetch_lag``). The copy-ordered wait records an event after each parameter's own copy, makes the compute
   stream wait for the events of the parameters it is about to read and nothing else, and bounds the host by those
-  same events, two copies behind, as DeepSpeed bounds it by its own. For a partition group of one rank (the handles
-  it orders are the single-rank ones); the stream-ordered wait is part of it. Same H100, same runs
+  same events, two copies behind, as DeepSpeed bounds it by its own. Where ``copy_orders`` holds (a partition group of
+  one rank, not NVMe); the stream-ordered wait is part of it. Same H100, same runs
   (benchmarks/results/2026-12-06-event-wait): the 8B 16-bit from pinned memory at DeepSpeed's default knobs 0.336 ->
   0.292 s a step (0.88 -> 1.01 of pinned), Mixtral-8x22B 4-bit at the 3e9 bucket 1.528 -> 1.446 s (fused, bs 1).
 """
@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 
 from hpi.executor.groups import DeepSpeedMpu, Groups
+from hpi.planner.specs.plan import orders_copies
 from hpi.planner.specs.workload import FETCH_WAITS  # event / stream: GPU-ordered (ours); host: DeepSpeed's stock
 
 _INSTALLED: list[Groups] = []
@@ -205,8 +206,8 @@ def copy_ordered_fetch() -> None:
         return pop(self, param, *default)
 
     coordinator.InflightParamRegistry.pop = pop_for_wait
-    real = coordinator.get_accelerator
-    coordinator.get_accelerator = lambda: _CopyOrderedAccelerator(real())
+    ordered = _CopyOrderedAccelerator(coordinator.get_accelerator())  # DeepSpeed's accelerator is a process singleton
+    coordinator.get_accelerator = lambda: ordered
 
 
 def _record_copy(param, get_accelerator) -> None:
@@ -234,13 +235,10 @@ def _recording_each(init, get_accelerator):
 
 
 def copy_orders(config: dict, g: Groups) -> bool:
-    """Where ``fetch_wait`` event orders copies per parameter: a partition group of one rank (with dp > 1 the gathers
-    are DeepSpeed's all-gather handles, which the copy-ordered wait does not record) and weights offloaded to host
-    memory, not NVMe: the swapper hands each read's pinned buffer back when the host releases the module, and only
-    the stream-ordered wait's host bound (every copy queued) has been run with that reuse. ``cost.streaming.
-    copy_ordered`` prices the same rows."""
+    """Where ``fetch_wait`` event orders copies per parameter (``hpi.planner.specs.plan.orders_copies``, the rule the
+    cost model prices too), read from the stage's DeepSpeed config and groups."""
     offload = config.get("zero_optimization", {}).get("offload_param") or {}
-    return g.dp == 1 and offload.get("device") != "nvme"
+    return bool(orders_copies(offload.get("device") == "nvme", g.dp))
 
 
 def wrap_zero3(module: torch.nn.Module, config: dict, g: Groups, fetch_wait: str = "event"):

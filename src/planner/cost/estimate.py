@@ -159,7 +159,7 @@ def routing_waits_for_leaf(arrangement: Arrangement, knobs: Knobs) -> np.ndarray
     (-8% / -19% without the wait).
     A dense layer has no such read: the 8B's 218 M-element layer leaves streamed at 0.91 of pinned at the 5e7 bucket
     (benchmarks/results/2026-12-05-h200-leaf)."""
-    routed = (arrangement.table.n_experts > 0)[None, :]
+    routed = arrangement.table.routed[None, :]
     leaf = leaf_elems(arrangement, knobs).sum(axis=2)  # a layer leaf is its module's one leaf
     bucket = knobs.zero3_weights(knobs.prefetch_bucket_elems)  # ds_numel, as weight elements (Knobs)
     return knobs.zero3_leaf_layer[:, None] & routed & (leaf > bucket[:, None])
@@ -290,7 +290,7 @@ def phase_result(arrangement: Arrangement, knobs: Knobs, phase: Phase, bpw: np.n
     w, hw = leaf_shares(arrangement, knobs)
     # ... but not a routed-expert layer: its host reads the router's counts mid-layer (hpi.executor.experts), in step
     # with the compute, so its hooks still fall between its leaves' copies
-    routed = (arrangement.table.n_experts > 0)[None, :]
+    routed = arrangement.table.routed[None, :]
     per_module_host = copy_ordered(arrangement, knobs)[:, None] & ~in_series & ~routed
 
     def leaf(x: np.ndarray, shares: np.ndarray = w) -> np.ndarray:

@@ -51,8 +51,12 @@ def _lag_layers(arrangement: Arrangement, knobs: Knobs, q: LayerPrefetch) -> np.
     mean_layer = np.divide(q.layer_total, layers, out=np.zeros_like(q.layer_total), where=layers > 0)
     lag = np.maximum(q.in_flight - 2.0 * q.mean_gather, 0.0)
     in_layers = np.divide(lag, mean_layer, out=np.zeros_like(lag), where=mean_layer > 0)
-    gathers = (fetches_weights(arrangement, knobs) & ~knobs.offload_nvme & ~copy_ordered(arrangement, knobs))[:, None]
-    return np.where(gathers, in_layers, 0.0)
+    return np.where(_queued(arrangement, knobs)[:, None], in_layers, 0.0)
+
+
+def _queued(arrangement: Arrangement, knobs: Knobs) -> np.ndarray:
+    """(N,) the plans whose reads wait behind a queue: they gather, not from NVMe, without the copy-ordered wait."""
+    return fetches_weights(arrangement, knobs) & ~knobs.offload_nvme & ~copy_ordered(arrangement, knobs)
 
 
 def _layer_counts(arrangement: Arrangement) -> np.ndarray:
@@ -64,9 +68,11 @@ def lag_time(arrangement: Arrangement, knobs: Knobs, fetched: np.ndarray, fetch:
              host: np.ndarray) -> np.ndarray:
     """(N, pp) seconds per forward the lag exposes on each stage (module docstring); ``fetch``, ``busy`` and
     ``host``: (N, kinds) a module's copies, compute-stream time and host time."""
+    if not _queued(arrangement, knobs).any():  # the default copy-ordered wait: no lag, and no prefetch to read
+        return np.zeros((knobs.n, arrangement.pp))
     counts = _layer_counts(arrangement)
     layers = np.maximum(counts.sum(axis=1), 1.0)[None, :]
-    routed = (arrangement.table.n_experts > 0)[None, :]
+    routed = arrangement.table.routed[None, :]
     compute_side = np.where(routed, busy + host, busy)
     c = fetch @ counts.T / layers  # (N, pp) a mean layer's copies
     b = compute_side @ counts.T / layers

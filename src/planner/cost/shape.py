@@ -191,6 +191,11 @@ class ModuleTable:
     hidden_size: int
     vocab_size: int
 
+    @property
+    def routed(self) -> np.ndarray:
+        """Per kind: whether the module routes tokens to experts (its host reads the router's counts mid-layer)."""
+        return self.n_experts > 0
+
 
 def held_parameters(t: Tensor, n_routed: int) -> tuple[int, int]:
     """(elements of one parameter, parameters of that shape a module holds) for a listed tensor: a routed

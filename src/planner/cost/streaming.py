@@ -32,7 +32,7 @@ from hpi.planner.cost.compute import touched_elems_per_rank
 from hpi.planner.cost.inputs import COMPUTE_BYTES, Arrangement, Knobs
 from hpi.planner.cost.phase import Phase
 from hpi.planner.cost.shape import EXPERTS_GATHERED_WHOLE, swaps_per_module
-from hpi.planner.specs.plan import gathers_weights
+from hpi.planner.specs.plan import gathers_weights, orders_copies
 
 
 def fetches_weights(arrangement: Arrangement, knobs: Knobs) -> np.ndarray:
@@ -43,11 +43,10 @@ def fetches_weights(arrangement: Arrangement, knobs: Knobs) -> np.ndarray:
 
 def copy_ordered(arrangement: Arrangement, knobs: Knobs) -> np.ndarray:
     """(N,) whether each gathered parameter's reads wait for its own copy only (``Workload.fetch_wait`` event,
-    ``hpi.executor.zero3.copy_ordered_fetch``): a plan that gathers from host memory over a partition group of one
-    rank. Elsewhere the executor keeps the stream wait (``hpi.executor.zero3.copy_orders``): with dp > 1 DeepSpeed's
-    all-gather handles, with NVMe the swapper's reuse of its pinned buffers."""
+    ``hpi.executor.zero3.copy_ordered_fetch``): a plan that gathers where the executor installs that wait
+    (``specs.plan.orders_copies``: dp 1, not NVMe); elsewhere it keeps the stream wait."""
     event = arrangement.workload.fetch_wait == "event"
-    return fetches_weights(arrangement, knobs) & ~knobs.offload_nvme & event & (arrangement.dp == 1)
+    return fetches_weights(arrangement, knobs) & orders_copies(knobs.offload_nvme, arrangement.dp) & event
 
 
 def persistent_parts(arrangement: Arrangement, knobs: Knobs) -> tuple[np.ndarray, np.ndarray]:

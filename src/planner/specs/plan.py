@@ -104,6 +104,15 @@ def chooses_leaf(offloaded, offload_nvme, dp):
     return gathers_weights(offloaded, dp) & (offload_nvme ^ True)
 
 
+def orders_copies(offload_nvme, dp):
+    """Where ``Workload.fetch_wait`` event orders each gathered parameter's reads after its own copy
+    (``hpi.executor.zero3.copy_ordered_fetch``): a partition group of one rank (with dp > 1 the gathers are DeepSpeed's
+    all-gather handles, which it does not record) and not NVMe (the swapper hands each read's pinned buffer back when
+    the host releases the module; only the stream-ordered wait's host bound has been run with that reuse). Elsewhere
+    the run keeps the stream-ordered wait. Bools or bool arrays (``chooses_leaf``)."""
+    return (dp == 1) & (offload_nvme ^ True)
+
+
 def runs_zero3(offloaded, dp, weight_bits):
     """The executor runs the stage under ZeRO-3: to gather weights (``gathers_weights``) and for DeepSpeed's
     quantized weights (``hpi.executor.worker.uses_deepspeed``)."""
