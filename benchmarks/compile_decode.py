@@ -19,8 +19,10 @@ the option sets); what did not fit is listed in ``skipped``, and the JSON is rew
 call cut short keeps what it measured.
 
 Graphs (``VARIANTS``): ``eager`` (the stage's forward captured, sdpa's attention: ``hpi run
---no-compile-decode``), ``compiled_sdpa`` (compiled, sdpa's attention) and ``compiled_split`` (compiled, hpi's
-split-KV decode attention, ``hpi.executor.decode_attention``: what ``hpi run`` replays on a GPU now).
+--no-compile-decode``, with cuBLAS's products), ``compiled_sdpa`` (compiled, sdpa's attention), ``compiled_split``
+(compiled, hpi's split-KV decode attention, ``hpi.executor.decode_attention``), ``compiled_skinny`` (that, and the
+products of 2-16 rows in hpi's few-row kernel, ``hpi.executor.skinny_gemm``: what ``hpi run`` replays on a GPU
+now) and ``eager_skinny`` (the eager graph with the few-row kernel).
 
 Option sets: ``inductor_option_sets.py`` (``OPTION_SETS``, ``--option-sets``) says what each changes.
 
@@ -63,12 +65,14 @@ from pathlib import Path
 import torch
 from inductor_option_sets import DEFAULT_SET, OPTION_SETS, PROFILER, SYNTAX, parse_option_sets
 
-from hpi.executor import agreement
+from hpi.executor import agreement, skinny_gemm
 from hpi.executor.graphs import COMPILE_OPTIONS
 
-# The graphs compared, in order: (name, compiled, hpi's split-KV decode attention). The first of --variants is
-# the baseline the others are fed tokens from and compared with.
-VARIANTS = (("eager", False, False), ("compiled_sdpa", True, False), ("compiled_split", True, True))
+# The graphs compared, in order: (name, compiled, (hpi's split-KV decode attention, hpi's few-row products)). The
+# first of --variants is the baseline the others are fed tokens from and compared with.
+VARIANTS = (("eager", False, (False, False)), ("compiled_sdpa", True, (False, False)),
+            ("compiled_split", True, (True, False)), ("compiled_skinny", True, (True, True)),
+            ("eager_skinny", False, (False, True)))
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # ---- one graph's run --------------------------------------------------------------------------------------------
 def _stage(model: str, device: torch.device, dtype: torch.dtype):
@@ -199,13 +203,20 @@ def _benchmarker(options: dict):
         triton_heuristics.benchmarker = saved
 
 
-@contextlib.contextmanager
-def _compiled_from_scratch(stage, split_kv: bool, options: dict | None):
-    """The stage's forward for one run with the attention switch set, compiled afresh when ``options`` is not
-    None: dynamo reset and a fresh inductor cache, kept for the run's whole life (its first call compiles)."""
+def _use_kernels(kernels: tuple[bool, bool]) -> None:
+    """Switch hpi's split-KV attention and few-row products on or off (the stage has the products installed)."""
     from hpi.executor.decode_attention import use_split_kv
+    from hpi.executor.skinny_gemm import use_skinny
 
-    use_split_kv(split_kv)
+    use_split_kv(kernels[0])
+    use_skinny(kernels[1])
+
+
+@contextlib.contextmanager
+def _compiled_from_scratch(stage, kernels: tuple[bool, bool], options: dict | None):
+    """The stage's forward for one run with the kernel switches set, compiled afresh when ``options`` is not
+    None: dynamo reset and a fresh inductor cache, kept for the run's whole life (its first call compiles)."""
+    _use_kernels(kernels)
     if options is None:
         yield stage
         return
@@ -239,16 +250,16 @@ class Budget:
 
 # ---- one batch ----------------------------------------------------------------------------------------------
 def _units(variants: tuple, option_sets: dict[str, dict], compiles: int) -> list[tuple]:
-    """(unit, variant, split_kv, option set name or None, compile index) for every run after the baseline, the
+    """(unit, variant, kernels, option set name or None, compile index) for every run after the baseline, the
     compile rounds outermost so that a run cut short by the budget has as many compiles of each set."""
     out = []
     for index in range(1, compiles + 1):
-        for name, compiled, split in variants[1:]:
+        for name, compiled, kernels in variants[1:]:
             if not compiled:
                 if index == 1:
-                    out.append((name, name, split, None, 1))
+                    out.append((name, name, kernels, None, 1))
                 continue
-            out.extend((f"{name}@{s}", name, split, s, index) for s in option_sets)
+            out.extend((f"{name}@{s}", name, kernels, s, index) for s in option_sets)
     return out
 
 
@@ -278,12 +289,12 @@ class _Fp32:
     noise: agreement.Floor | None = None
 
 
-def _baseline(stage, ids: torch.Tensor, gen_len: int, replays: int, split: bool, options: dict | None,
+def _baseline(stage, ids: torch.Tensor, gen_len: int, replays: int, kernels: tuple, options: dict | None,
               reference) -> tuple[list, float, float, _Fp32 | None]:
     """(the baseline's ``gen_len`` greedy choices, each fed back; its ms a step; its first step's wall time; with a
     ``reference`` its fp32 run and the floor: the baseline decodes the same steps again, fed its own tokens, to take
     its margins on fp32's two best tokens)."""
-    with _compiled_from_scratch(stage, split, options) as fn:
+    with _compiled_from_scratch(stage, kernels, options) as fn:
         base = _Run(fn, stage, ids, gen_len)
         fed, first_s = base.decode(gen_len)
         ms = base.time_ms(fed[-1], replays)
@@ -297,13 +308,13 @@ def _baseline(stage, ids: torch.Tensor, gen_len: int, replays: int, split: bool,
         return fed, ms, first_s, fp32
 
 
-def _compile_entry(stage, ids: torch.Tensor, fed: list, fp32: _Fp32 | None, replays: int, split: bool,
+def _compile_entry(stage, ids: torch.Tensor, fed: list, fp32: _Fp32 | None, replays: int, kernels: tuple,
                    options: dict | None, profile_path: Path | None, title: str) -> dict:
     """One run of a graph (compiled afresh under ``options``; None: eager), teacher-forced with ``fed``: its
     agreement with the baseline (and fp32, over all positions and the decided ones), ms a step, compile time and
     the compile's counters."""
     before = _counts()
-    with _compiled_from_scratch(stage, split, options) as fn:
+    with _compiled_from_scratch(stage, kernels, options) as fn:
         run = _Run(fn, stage, ids, len(fed))
         margins = agreement.MarginsOn(fp32.top) if fp32 is not None else None
         choices, compile_s = run.decode(len(fed), fed, margins)
@@ -327,19 +338,17 @@ def measure(stage, vocab: int, batch: int, prompt_len: int, gen_len: int, replay
     is a compiled graph; it always runs) and every other graph, compiled ``compiles`` times under each option
     set while ``budget`` allows. A run that fails is recorded (``failed``) and the next one goes on, so one
     set that this torch cannot run costs no other set its numbers. ``report``: called with each run's entry."""
-    from hpi.executor.decode_attention import use_split_kv
-
     budget = budget if budget is not None else Budget(None)
     sets = option_sets if option_sets is not None else {DEFAULT_SET: dict(COMPILE_OPTIONS)}
     ids = torch.randint(3, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(batch)).to(device)
-    (base_name, base_compiled, base_split), first_set = variants[0], next(iter(sets))
+    (base_name, base_compiled, base_kernels), first_set = variants[0], next(iter(sets))
     entries, skipped, failed = [], [], []
     try:
         start = time.perf_counter()
-        fed, base_ms, base_first_s, fp32 = _baseline(stage, ids, gen_len, replays, base_split,
+        fed, base_ms, base_first_s, fp32 = _baseline(stage, ids, gen_len, replays, base_kernels,
                                                      sets[first_set] if base_compiled else None, reference)
         budget.spent(time.perf_counter() - start)
-        for unit, name, split, set_name, index in _units(variants, sets, compiles):
+        for unit, name, kernels, set_name, index in _units(variants, sets, compiles):
             if not budget.allows():
                 skipped.append(f"{unit}#{index}")
                 continue
@@ -347,7 +356,7 @@ def measure(stage, vocab: int, batch: int, prompt_len: int, gen_len: int, replay
             title = f"batch {batch}, {prompt_len + gen_len} cache slots: {unit}, compile {index}"
             entry = {"batch": batch, "unit": unit, "variant": name, "option_set": set_name, "compile": index}
             try:
-                entry.update(_compile_entry(stage, ids, fed, fp32, replays, split,
+                entry.update(_compile_entry(stage, ids, fed, fp32, replays, kernels,
                                             sets[set_name] if set_name else None, profile_path, title))
                 entries.append(entry)
             except Exception as e:  # noqa: BLE001 - recorded with its first line; the other runs go on
@@ -360,7 +369,7 @@ def measure(stage, vocab: int, batch: int, prompt_len: int, gen_len: int, replay
             if report is not None:
                 report(entry)
     finally:
-        use_split_kv(True)  # the process default
+        _use_kernels((True, True))  # the process defaults
     row = {"batch": batch, "positions": gen_len, "cache_slots": prompt_len + gen_len, "baseline": base_name,
            "baseline_ms": base_ms, "baseline_compile_s": base_first_s if base_compiled else None,
            "baseline_option_set": first_set if base_compiled else None,
@@ -457,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     config, stage = _stage(args.model, device, DTYPES[args.dtype])
+    skinny_gemm.install(stage)  # each variant switches it on or off (``_use_kernels``)
     weight_bytes = _weight_bytes_per_step(stage)
     limit_ms = None
     if device.type == "cuda":  # the HBM ceiling says nothing about a CPU's host-timed step

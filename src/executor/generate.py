@@ -52,6 +52,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from hpi.executor import skinny_gemm
 from hpi.executor.graphs import DecodeGraph, StaticKVCache, compiled_step
 from hpi.executor.groups import Groups
 
@@ -193,6 +194,8 @@ class PipelineGenerator:
         max_len = prompt_len + max_new_tokens
         caches = [self.new_static_cache(max_len) if self.decode_graphs else self.new_cache() for _ in sizes]
         capture = self.device.type == "cuda"
+        if self.decode_graphs and capture:
+            skinny_gemm.install(self.stage)  # a graphed step's products of 2-16 rows in hpi's kernel (skinny_gemm)
         step_fn = compiled_step(self.stage) if self.decode_compile else self.stage
         graphs = [DecodeGraph(step_fn, capture=capture) for _ in sizes] if self.decode_graphs else []
         slots = max_len if self.decode_graphs else None

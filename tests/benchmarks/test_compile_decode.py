@@ -105,28 +105,31 @@ def test_the_profiler_set_swaps_the_tunings_benchmarker_for_its_compile_only():
 
 def test_compiles_go_round_by_round_over_the_sets():
     mod = _module()
-    variants = mod.VARIANTS  # eager (the baseline), compiled_sdpa, compiled_split
+    variants = mod.VARIANTS[:3]  # eager (the baseline), compiled_sdpa, compiled_split
     units = mod._units(variants, {"cdt": {}, "plain": {}}, 2)
     assert [(u, i) for u, _, _, _, i in units] == [
         ("compiled_sdpa@cdt", 1), ("compiled_sdpa@plain", 1), ("compiled_split@cdt", 1), ("compiled_split@plain", 1),
         ("compiled_sdpa@cdt", 2), ("compiled_sdpa@plain", 2), ("compiled_split@cdt", 2), ("compiled_split@plain", 2)]
-    assert [s for _, _, s, _, _ in units[:4]] == [False, False, True, True]  # sdpa, then hpi's split-KV attention
+    # sdpa, then hpi's split-KV attention; cuBLAS's products in both
+    assert [k for _, _, k, _, _ in units[:4]] == [(False, False), (False, False), (True, False), (True, False)]
     # an eager graph after the baseline runs once, whatever the sets and compiles
     swapped = (variants[2], variants[0])
-    assert mod._units(swapped, {"cdt": {}, "plain": {}}, 3) == [("eager", "eager", False, None, 1)]
+    assert mod._units(swapped, {"cdt": {}, "plain": {}}, 3) == [("eager", "eager", (False, False), None, 1)]
 
 
 def test_a_spent_budget_starts_no_compile_and_lists_what_it_skipped(tmp_path):
     mod = _module()
+    from hpi.executor import skinny_gemm
     from hpi.executor.decode_attention import _ENABLED
 
     config, stage = mod._stage(_one_layer_llama(tmp_path), torch.device("cpu"), torch.float32)
-    row = mod.measure(stage, config.vocab_size, 2, 5, 3, 2, "cpu", variants=(mod.VARIANTS[0], mod.VARIANTS[2]),
+    row = mod.measure(stage, config.vocab_size, 2, 5, 3, 2, "cpu", variants=(mod.VARIANTS[4], mod.VARIANTS[2]),
                       option_sets={"cdt": {}, "plain": {}}, compiles=2, budget=mod.Budget(time.perf_counter() - 1))
     assert row["skipped"] == ["compiled_split@cdt#1", "compiled_split@plain#1", "compiled_split@cdt#2",
                               "compiled_split@plain#2"]
     assert row["runs"] == [] and row["units"] == {} and row["baseline_ms"] > 0 and row["timer"] == "perf_counter"
-    assert row["positions"] == 3 and row["cache_slots"] == 8 and _ENABLED[0] is True  # the switch put back
+    assert row["positions"] == 3 and row["cache_slots"] == 8 and row["baseline"] == "eager_skinny"
+    assert _ENABLED[0] is True and skinny_gemm._ENABLED[0] is True  # both switches put back
     assert row["failed"] == []
 
 
@@ -144,7 +147,7 @@ def test_a_failing_run_is_recorded_and_the_next_one_still_runs(tmp_path):
     mod = _module()
     config, stage = mod._stage(_one_layer_llama(tmp_path), torch.device("cpu"), torch.float32)
     seen = []
-    eager, _, split = mod.VARIANTS
+    eager, _, split = mod.VARIANTS[:3]
     row = mod.measure(stage, config.vocab_size, 1, 4, 3, 2, "cpu", variants=(eager, split, eager),
                       option_sets={"bad": {"no_such_option": True}}, report=seen.append)
     (failed,) = row["failed"]

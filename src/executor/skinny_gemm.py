@@ -1,0 +1,258 @@
+"""Matrix products with a few rows (decode at batch 2-16) as a hand-written Triton kernel that reads each weight
+once, at the HBM rate: the weight products of the graphed decode step (``hpi.executor.graphs``).
+
+Why: a decode step's products have one row per sequence, so they read the weight and do almost no arithmetic;
+their time is the weight's bytes over the HBM rate. At batch 1 inductor turns each into a tuned reduction that
+reads at about that rate (``graphs.COMPILE_OPTIONS``). From two rows on it keeps a matrix product, and cuBLAS
+(or inductor's GEMM templates) ran Llama-3-8B's at about 0.85 of the H100's HBM copy rate in the step, 0.6-0.7
+on their own (16 x 14336 x 4096: cuBLAS 89.0 µs, the best template 56.1 µs, for 117 MB), so the batch-16 step took
+1.24-1.29x batch 1's (benchmarks/results/2026-12-06-issue20-ds-numel, call 2; issue 20 asks for 1.15x).
+
+The kernel (the split-K skinny GEMM that decode engines write for this case): ``out[M, N] = x[M, K] @ W[N, K]^T``
+with M at most ``MAX_ROWS``. One program owns ``BLOCK_N`` output columns and a ``1 / SPLIT_K`` share of K; it
+walks its share in ``BLOCK_K`` steps, loading a [BLOCK_N, BLOCK_K] tile of W (contiguous along K: coalesced) and
+the matching [M, BLOCK_K] tile of x (the rows padded to 16, ``tl.dot``'s least; padded rows are masked loads, so
+no byte of W is read twice), and accumulates ``x @ W^T`` in fp32 with ``tl.dot``. Enough programs to keep every
+SM's loads in flight come from the columns when N is wide and from splitting K when it is not (k_proj / v_proj
+of a GQA model: 1,024 columns). With SPLIT_K 1 the program adds the bias and stores the output; otherwise each
+split stores its fp32 partial sum and a second kernel adds the splits in a fixed order (no atomics: the same
+inputs give the same bits at every replay), then the bias, and rounds once.
+
+The launch configuration (``Config``) is timed, not guessed: the first call of a shape on a GPU times
+``candidates`` with ``triton.testing.do_bench`` (which clears L2 between runs, as a streamed 15 GB step does)
+and keeps the fastest for the process (``_TUNED``); that call comes in the graph's warm-up, before the capture.
+A call that finds no timing (Triton's interpreter, a stream being captured) takes ``default_config``.
+
+Where it applies (``covers``): switched on (``use_skinny``), Triton importable, a CUDA tensor (or the
+interpreter), no gradient asked for, ``MIN_ROWS <= M <= MAX_ROWS``, a 2-D weight contiguous along K, one of
+``DTYPES``. Batch 1 stays with inductor's reduction (compiled) or cuBLAS (eager graph): ``MIN_ROWS`` is 2.
+``install`` gives every plain ``nn.Linear`` of a stage this dispatch (``SkinnyLinear``); the generator installs it
+where it captures decode graphs on a GPU; ZeRO-3 stages are never graphed (graphs.py), so their DeepSpeed-managed
+linears are untouched. ``skinny_linear`` is a torch custom op (``hpi::skinny_linear``), so ``torch.compile`` keeps
+the launch as one opaque call inside the compiled step. On the CPU the tests run the kernels in Triton's
+interpreter (``TRITON_INTERPRET=1``) in fp32 against float64 products.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+MIN_ROWS = 2  # batch 1: inductor's tuned reduction (compiled) or cuBLAS's GEMV (eager graph)
+MAX_ROWS = 16  # one tl.dot tile of rows; wider products are compute-shaped enough for cuBLAS
+PAD_ROWS = 16  # tl.dot's least dimension
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+REDUCE_BLOCK = 256  # columns per program of the split-sum kernel
+TRITON = importlib.util.find_spec("triton") is not None
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read once: dynamo guards on module constants
+_ENABLED = [True]
+
+
+@dataclass(frozen=True)
+class Config:
+    """One launch of the product kernel: columns and K elements per tile, K splits, warps, pipeline stages."""
+
+    block_n: int
+    block_k: int
+    split_k: int
+    warps: int = 4
+    stages: int = 4
+
+    def k_per_split(self, k: int) -> int:
+        """K elements of each split, whole tiles (the last split's tail is masked)."""
+        per = -(-k // self.split_k)
+        return -(-per // self.block_k) * self.block_k
+
+    def programs(self, n: int) -> int:
+        return -(-n // self.block_n) * self.split_k
+
+
+def _splits_to_fill(n: int, k: int, block_n: int, block_k: int, sms: int) -> int:
+    """The least power-of-two K split that gives every SM a program, none smaller than one tile of K."""
+    split = 1
+    while -(-n // block_n) * split < sms and k // (2 * split) >= block_k:
+        split *= 2
+    return split
+
+
+def candidates(n: int, k: int, sms: int) -> list[Config]:
+    """The configurations the first call of a shape times: column tiles of 16-64, K tiles of 128 or 256, each with
+    the split that fills the SMs and twice that (two programs an SM hide more of each one's load latency)."""
+    out = []
+    for block_n in (16, 32, 64):
+        for block_k in (128, 256):
+            split = _splits_to_fill(n, k, block_n, block_k, sms)
+            for s in (split, 2 * split):
+                if k // s >= block_k or s == 1:
+                    out.append(Config(block_n, block_k, s))
+    return list(dict.fromkeys(out))
+
+
+def default_config(n: int, k: int, sms: int) -> Config:
+    """The configuration a call takes where it cannot time any: 32 columns, 256 of K, the split that fills."""
+    return Config(32, 256, _splits_to_fill(n, k, 32, 256, sms))
+
+
+def use_skinny(enabled: bool) -> None:
+    """Switch the kernel on or off for this process (off: ``F.linear``; a benchmark compares the two). A compiled
+    step keeps the choice it was traced with: reset dynamo (``torch._dynamo.reset()``) after switching."""
+    _ENABLED[0] = enabled
+
+
+def covers(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the kernel takes ``x2d @ weight.T`` (module docstring)."""
+    if not (_ENABLED[0] and TRITON and (x2d.is_cuda or INTERPRETED)):
+        return False
+    if torch.is_grad_enabled() and (x2d.requires_grad or weight.requires_grad):
+        return False  # inference only: the op has no backward
+    return (MIN_ROWS <= x2d.shape[0] <= MAX_ROWS and weight.dim() == 2 and weight.stride(1) == 1
+            and x2d.dtype in DTYPES and weight.dtype == x2d.dtype)
+
+
+@functools.cache
+def _kernels():
+    """The product and split-sum kernels, built on first use (Triton is imported only where it runs)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def product(x_ptr, w_ptr, b_ptr, out_ptr, part_ptr, M, N, K, sx, sw, so,
+                ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                K_SPLIT: tl.constexpr, EVEN: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
+        col_block = tl.program_id(0)
+        split = tl.program_id(1)
+        r = tl.arange(0, ROWS)
+        n = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
+        r_ok = r < M
+        n_ok = n < N
+        acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
+        start = split * K_SPLIT
+        for offset in range(0, K_SPLIT, BLOCK_K):
+            kk = start + offset + tl.arange(0, BLOCK_K)
+            k_ok = kk < K
+            x = tl.load(x_ptr + r[:, None] * sx + kk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+            if EVEN:  # every column and K element of the tile exists: W's loads need no mask
+                w = tl.load(w_ptr + n[:, None] * sw + kk[None, :])
+            else:
+                w = tl.load(w_ptr + n[:, None] * sw + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            if IEEE:
+                acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+            else:
+                acc += tl.dot(x, tl.trans(w))
+        keep = r_ok[:, None] & n_ok[None, :]
+        if SPLIT_K == 1:
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + r[:, None] * so + n[None, :], acc.to(out_ptr.dtype.element_ty), mask=keep)
+        else:
+            tl.store(part_ptr + (split * ROWS + r[:, None]) * N + n[None, :], acc, mask=keep)
+
+    @triton.jit
+    def split_sum(part_ptr, b_ptr, out_ptr, N, so,
+                  ROWS: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_PAD: tl.constexpr, BLOCK: tl.constexpr,
+                  HAS_BIAS: tl.constexpr):
+        col_block = tl.program_id(0)
+        row = tl.program_id(1)
+        n = col_block * BLOCK + tl.arange(0, BLOCK)
+        s = tl.arange(0, SPLIT_PAD)
+        n_ok = n < N
+        parts = tl.load(part_ptr + (s[:, None] * ROWS + row) * N + n[None, :],
+                        mask=(s < SPLIT_K)[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.sum(parts, 0)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * so + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+    return product, split_sum
+
+
+def triton_linear(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: Config) -> torch.Tensor:
+    """``x2d @ weight.T + bias`` under ``config``: x2d [M, K] (M <= MAX_ROWS), weight [N, K] -> [M, N]."""
+    product, split_sum = _kernels()
+    x2d = x2d if x2d.stride(1) == 1 else x2d.contiguous()
+    m, k = x2d.shape
+    n = weight.shape[0]
+    k_split = config.k_per_split(k)
+    even = n % config.block_n == 0 and k_split * config.split_k == k
+    out = torch.empty(m, n, device=x2d.device, dtype=x2d.dtype)
+    split = config.split_k
+    part = torch.empty(split * PAD_ROWS, n, device=x2d.device, dtype=torch.float32) if split > 1 else out
+    b = bias if bias is not None else out  # not read without HAS_BIAS
+    product[(-(-n // config.block_n), split)](
+        x2d, weight, b, out, part, m, n, k, x2d.stride(0), weight.stride(0), out.stride(0),
+        ROWS=PAD_ROWS, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split, K_SPLIT=k_split, EVEN=even,
+        HAS_BIAS=bias is not None, IEEE=x2d.dtype == torch.float32, num_warps=config.warps,
+        num_stages=config.stages)
+    if split > 1:
+        split_sum[(-(-n // REDUCE_BLOCK), m)](part, b, out, n, out.stride(0), ROWS=PAD_ROWS, SPLIT_K=split,
+                                              SPLIT_PAD=1 << (split - 1).bit_length(), BLOCK=REDUCE_BLOCK,
+                                              HAS_BIAS=bias is not None)
+    return out
+
+
+_TUNED: dict[tuple, Config] = {}
+
+
+def time_configs(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 configs: list[Config]) -> list[tuple[Config, float]]:
+    """(config, ms) of each config on the GPU, L2 cleared before every run (``triton.testing.do_bench``)."""
+    from triton.testing import do_bench
+
+    return [(c, do_bench(lambda c=c: triton_linear(x2d, weight, bias, c), warmup=5, rep=25)) for c in configs]
+
+
+def config_for(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> Config:
+    """The fastest candidate for this shape, timed at its first call (module docstring), else the default."""
+    n, k = weight.shape
+    key = (x2d.device, n, k, x2d.dtype, bias is not None)
+    if key in _TUNED:
+        return _TUNED[key]
+    if not x2d.is_cuda:
+        return default_config(n, k, sms=8)
+    sms = torch.cuda.get_device_properties(x2d.device).multi_processor_count
+    if torch.cuda.is_current_stream_capturing():  # no timing inside a capture
+        return default_config(n, k, sms)
+    timed = time_configs(x2d, weight, bias, candidates(n, k, sms))
+    _TUNED[key] = min(timed, key=lambda t: t[1])[0]
+    return _TUNED[key]
+
+
+@torch.library.custom_op("hpi::skinny_linear", mutates_args=())
+def skinny_linear(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return triton_linear(x2d, weight, bias, config_for(x2d, weight, bias))
+
+
+@skinny_linear.register_fake
+def _(x2d, weight, bias):
+    return x2d.new_empty(x2d.shape[0], weight.shape[0])
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear``, through the kernel where it ``covers`` the call (any leading dims: their product is M)."""
+    x2d = x.reshape(-1, x.shape[-1])
+    if not covers(x2d, weight):
+        return F.linear(x, weight, bias)
+    return skinny_linear(x2d, weight, bias).reshape(*x.shape[:-1], weight.shape[0])
+
+
+class SkinnyLinear(torch.nn.Linear):
+    """An ``nn.Linear`` whose forward goes through ``linear``: same parameters, same state dict."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def install(module: torch.nn.Module) -> int:
+    """Give every plain ``nn.Linear`` under ``module`` the kernel's dispatch (``SkinnyLinear``); returns how many
+    changed. Subclasses (DeepSpeed's quantized linears, hpi's TP wrappers' own types) are left as they are."""
+    changed = 0
+    for m in module.modules():
+        if type(m) is torch.nn.Linear:
+            m.__class__ = SkinnyLinear
+            changed += 1
+    return changed

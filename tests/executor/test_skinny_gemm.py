@@ -1,0 +1,164 @@
+"""hpi.executor.skinny_gemm: the few-row product kernel against float64 products, its dispatch and its configs.
+
+On the CPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set before Triton decorates a
+kernel: each such test runs in its own process) in fp32; on a GPU (skipped without CUDA; its numbers come from
+``benchmarks/skinny_gemm_bench.py`` device runs) in bf16 against cuBLAS.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from hpi.executor import skinny_gemm as sg  # noqa: E402
+from tests.executor.test_decode_attention import _interpreted  # noqa: E402
+
+# (rows, columns N, K, bias, config or None for the default): splits that divide K and ones that leave a tail,
+# column counts that are and are not a multiple of the tile, every row count the kernel takes
+CASES = [
+    (2, 96, 256, False, sg.Config(32, 128, 1)),      # even tiles, one split: the direct store
+    (16, 100, 300, True, sg.Config(32, 128, 2)),     # ragged N and K (masked W), two splits summed, a bias
+    (5, 64, 1000, False, sg.Config(16, 128, 4)),     # four splits, the last one short
+    (3, 40, 64, True, sg.Config(64, 128, 1)),        # K shorter than one tile, N shorter than one tile
+    (9, 128, 512, True, None),                       # the default config (the interpreter's fallback)
+]
+
+
+def _inputs(case, dtype=torch.float32, device="cpu"):
+    m, n, k, bias, _ = case
+    g = torch.Generator().manual_seed(m * 1000 + n + k)
+    x = torch.randn(m, k, generator=g).to(device, dtype)
+    w = torch.randn(n, k, generator=g).to(device, dtype) / k ** 0.5
+    b = torch.randn(n, generator=g).to(device, dtype) if bias else None
+    return x, w, b
+
+
+def _reference(x, w, b):
+    out = x.double() @ w.double().T
+    return out + b.double() if b is not None else out
+
+
+def test_splits_fill_the_sms_but_never_split_below_a_tile():
+    # 8B shapes on 132 SMs with 32-column tiles: k_proj's 1,024 columns are 32 programs, so K splits 8 ways (256
+    # programs... the least power of two reaching 132 is 8: 32 x 8 = 256 >= 132, 32 x 4 = 128 < 132)
+    assert sg._splits_to_fill(1024, 4096, 32, 256, 132) == 8
+    assert sg._splits_to_fill(14336, 4096, 32, 256, 132) == 1  # 448 column tiles fill alone
+    assert sg._splits_to_fill(4096, 14336, 32, 256, 132) == 2  # 128 tiles: one short of 132
+    assert sg._splits_to_fill(1024, 256, 32, 256, 132) == 1  # one tile of K: no split
+    assert sg.Config(32, 256, 8).k_per_split(4096) == 512 and sg.Config(16, 128, 4).k_per_split(1000) == 256
+    assert sg.Config(32, 256, 8).programs(1024) == 256
+
+
+def test_candidates_time_each_tile_with_the_filling_split_and_twice_it():
+    configs = sg.candidates(1024, 4096, 132)
+    # 3 column tiles x 2 K tiles x 2 splits, less one: 64 x 256 fills at 16 splits, and 32 would cut K below a tile
+    assert len(configs) == len(set(configs)) == 11 and sg.Config(64, 256, 32) not in configs
+    assert sg.Config(32, 256, 8) in configs and sg.Config(32, 256, 16) in configs
+    assert all(4096 // c.split_k >= c.block_k for c in configs)
+    assert all(c.programs(1024) >= 132 for c in configs)
+    assert sg.default_config(1024, 4096, 132) == sg.Config(32, 256, 8)
+    assert {c.split_k for c in sg.candidates(14336, 4096, 132)} == {1, 2}
+
+
+def test_without_a_gpu_linear_is_f_linear():
+    x, w, b = _inputs(CASES[1])
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        assert not sg.covers(x, w)
+    assert torch.equal(sg.linear(x, w, b), torch.nn.functional.linear(x, w, b))
+    w.requires_grad_(True)
+    assert not sg.covers(x, w)  # a product autograd would need to differentiate stays with F.linear
+
+
+def test_kernel_equals_float64_products_in_fp32():
+    """Each case (one split and several, ragged tiles, a bias, 2-16 rows, a non-contiguous x): every output within
+    1e-5 of the float64 product; the dispatch covers 2-16 rows and leaves 1 and 17 to F.linear."""
+    result = _interpreted("""
+import json, torch
+from hpi.executor import skinny_gemm as sg
+from tests.executor.test_skinny_gemm import CASES, _inputs, _reference
+errors = []
+for case in CASES:
+    x, w, b = _inputs(case)
+    config = case[4] or sg.default_config(w.shape[0], w.shape[1], sms=8)
+    errors.append(float((sg.triton_linear(x, w, b, config).double() - _reference(x, w, b)).abs().max()))
+x, w, b = _inputs(CASES[2])
+strided = torch.cat([x, x], dim=1)[:, ::2]  # a view with stride 2 along K
+errors.append(float((sg.linear(strided, w, b).double() - _reference(strided, w, b)).abs().max()))
+covers = {m: sg.covers(torch.zeros(m, 64), torch.zeros(32, 64)) for m in (1, 2, 16, 17)}
+print(json.dumps({"errors": errors, "covers": covers}))
+""")
+    assert len(result["errors"]) == len(CASES) + 1
+    assert max(result["errors"]) < 1e-5, result["errors"]
+    assert result["covers"] == {"1": False, "2": True, "16": True, "17": False}
+
+
+def test_installed_stage_decodes_the_same_tokens_and_compiles_as_one_op():
+    """The tiny Llama with every plain Linear switched to the kernel's dispatch: a 4-row decode in two micro-batches
+    over the static cache (the graphed path, run without capture on a CPU) generates the tokens of the same stages
+    without it, the products went through the kernel, and the prompt's forwards (2 x 9 rows each) did not;
+    ``torch.compile`` (fullgraph) traces the op as one call and returns its numbers."""
+    result = _interpreted("""
+import json, torch
+from hpi.executor import skinny_gemm as sg
+from hpi.executor.generate import left_pad
+from hpi.executor.modeling import ShardSpec, build_stage
+from tests.executor.test_graphs import _generate
+from tests.executor.test_padding import _tiny
+rows = []
+original = sg.triton_linear
+def counted(x2d, *a):
+    rows.append(x2d.shape[0])
+    return original(x2d, *a)
+sg.triton_linear = counted
+config = _tiny("llama")
+g = torch.Generator().manual_seed(5)
+ids, padding = left_pad([torch.randint(3, config.vocab_size, (n,), generator=g).tolist() for n in (9, 3, 5, 6)], 0)
+n = config.num_hidden_layers
+stages = [build_stage(config, ShardSpec.for_stage([1, n - 1], i), dtype=torch.float32, seed=0) for i in range(2)]
+plain = _generate(stages, ids, padding, graphs=True)
+installed = sum(sg.install(s) for s in stages)
+skinny = _generate(stages, ids, padding, graphs=True)
+lin = torch.nn.Linear(64, 48)
+sg.install(lin)
+x = torch.randn(4, 64)
+compiled = torch.compile(lambda x: lin(x) * 2, fullgraph=True, backend="aot_eager")
+with torch.no_grad():
+    got = compiled(x)
+error = float((got.double() / 2 - (x.double() @ lin.weight.double().T + lin.bias.double())).abs().max())
+print(json.dumps({"same": skinny == plain, "installed": installed, "rows": sorted(set(rows)), "compiled": error}))
+""")
+    assert result["same"]
+    assert result["installed"] == 7 * _tiny_layers() + 1  # seven products a layer and the LM head
+    assert result["rows"] == [2, 4]  # the decode steps (2 rows) and the compiled call (4); never the prompt's 18
+    assert result["compiled"] < 1e-5
+
+
+def _tiny_layers() -> int:
+    from tests.executor.test_padding import _tiny
+
+    return _tiny("llama").num_hidden_layers
+
+
+def test_install_leaves_subclasses_and_state_alone():
+    class Other(torch.nn.Linear):
+        pass
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), Other(4, 4), torch.nn.ReLU())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert sg.install(model) == 1
+    assert type(model[0]) is sg.SkinnyLinear and type(model[1]) is Other
+    assert sg.install(model) == 0  # already installed
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", CASES)
+def test_kernel_matches_float64_in_bf16_on_a_gpu(case):
+    x, w, b = _inputs(case, torch.bfloat16, "cuda")
+    config = case[4] or sg.config_for(x, w, b)
+    got = sg.triton_linear(x, w, b, config)
+    assert (got.double() - _reference(x, w, b)).abs().max().item() < 3e-2  # bf16 output: ~3 significant digits
