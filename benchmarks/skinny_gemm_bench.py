@@ -40,9 +40,10 @@ from hpi.executor import skinny_gemm as sg
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def model_products(model: str) -> dict[tuple[int, int], dict]:
+def model_products(model: str, stacked: bool = False) -> dict[tuple[int, int], dict]:
     """{(N, K): {"names": [...], "per_step": products a decode step runs}} of a dense decoder's linears, from its
-    config (``hpi.executor.modeling.load_hf_config``): the attention's and MLP's per layer, the LM head once."""
+    config (``hpi.executor.modeling.load_hf_config``): the attention's and MLP's per layer, the LM head once.
+    ``stacked``: q/k/v as one product and gate/up as one (``skinny_gemm.SIBLINGS``), as ``hpi run`` runs them."""
     from hpi.executor.modeling import load_hf_config
 
     c = load_hf_config(model)
@@ -52,6 +53,9 @@ def model_products(model: str) -> dict[tuple[int, int], dict]:
     linears = [("q_proj", q, h), ("k_proj", kv, h), ("v_proj", kv, h), ("o_proj", h, q),
                ("gate_proj", c.intermediate_size, h), ("up_proj", c.intermediate_size, h),
                ("down_proj", h, c.intermediate_size)]
+    if stacked:
+        linears = [("q_proj+k_proj+v_proj", q + 2 * kv, h), ("o_proj", h, q),
+                   ("gate_proj+up_proj", 2 * c.intermediate_size, h), ("down_proj", h, c.intermediate_size)]
     shapes: dict[tuple[int, int], dict] = {}
     for name, n, k in linears:
         entry = shapes.setdefault((n, k), {"names": [], "per_step": 0})
@@ -194,6 +198,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="llama-3-8b", help="the model whose decode products are timed")
     p.add_argument("--shapes", type=lambda t: [_shape(s) for s in t.split(",")],
                    help="NxK,... instead of the model's products (each counted once a step)")
+    p.add_argument("--stacked", action="store_true", help="the model's q/k/v and gate/up stacked, as hpi runs them")
     p.add_argument("--rows", type=_ints, default=[1, 2, 4, 8, 16], help="row counts (batch), each at most 16")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--device", default="cuda")
@@ -219,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.shapes:
         shapes = {s: {"names": [f"{s[0]}x{s[1]}"], "per_step": 1} for s in args.shapes}
     else:
-        shapes = model_products(args.model)
+        shapes = model_products(args.model, args.stacked)
     copy_gb_s = hbm_copy_gb_s(device)
     rows = []
     for m in args.rows:
@@ -232,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                              | {"cublas_us": r["cublas"]["us"], "best_us": r["best"]["us"],
                                 "best": r["best"]["config"], "tuned_us": r.get("tuned", {}).get("us")}), flush=True)
     summary = {"kind": "hpi.SkinnyGemmBench", "model": None if args.shapes else args.model, "dtype": args.dtype,
+               "stacked": args.stacked,
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "hbm_copy_gb_s": copy_gb_s,
                "step_products": step_products(rows, shapes, copy_gb_s), "rows": rows}

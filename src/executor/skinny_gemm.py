@@ -23,6 +23,13 @@ The launch configuration (``Config``) is timed, not guessed: the first call of a
 and keeps the fastest for the process (``_TUNED``); that call comes in the graph's warm-up, before the capture.
 A call that finds no timing (Triton's interpreter, a stream being captured) takes ``default_config``.
 
+Stacked siblings (``SIBLINGS``): a layer's q/k/v products, and its gate/up products, read one input one after
+another. Launched one by one, the small ones are mostly ramp and tail: in a graph streaming the 8B's weights from HBM,
+k_proj's 8 MB took 6.6 µs with the kernel and 8.3 with cuBLAS where the copy rate needs 2.8, q_proj's 32 MB 14.1 /
+15.8 µs against 10.7 (benchmarks/results/2026-12-06-skinny, call 2). ``install`` stacks their weights into one tensor
+(each sibling's weight a view of its rows, so no byte is stored twice) and the first sibling's call runs the one
+product of the stack, the kernel's or ``F.linear``'s by the rows, whose column views the others return.
+
 Where it applies (``covers``): switched on (``use_skinny``), Triton importable, a CUDA tensor (or the
 interpreter), no gradient asked for, ``MIN_ROWS <= M <= MAX_ROWS``, a 2-D weight contiguous along K, one of
 ``DTYPES``. Batch 1 stays with inductor's reduction (compiled) or cuBLAS (eager graph): ``MIN_ROWS`` is 2.
@@ -99,7 +106,8 @@ def default_config(n: int, k: int, sms: int) -> Config:
 
 
 def use_skinny(enabled: bool) -> None:
-    """Switch the kernel on or off for this process (off: ``F.linear``; a benchmark compares the two). A compiled
+    """Switch the kernel and the stacked siblings on or off for this process (off: each product its own
+    ``F.linear``; a benchmark compares the two). A compiled
     step keeps the choice it was traced with: reset dynamo (``torch._dynamo.reset()``) after switching."""
     _ENABLED[0] = enabled
 
@@ -247,10 +255,82 @@ class SkinnyLinear(torch.nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+# Products of one input that a decoder layer runs one after another, in this order (transformers' Llama, Mistral,
+# Qwen2 attention and MLP forwards): computed as one product of their stacked weights where the kernel covers it.
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class _Stacked:
+    """One group of siblings: their weights (and biases) stacked along N in one tensor, each sibling's weight a view
+    of its rows; the input of the last stacked product and its per-sibling parts, until the last sibling takes its
+    part."""
+
+    def __init__(self, linears: list[torch.nn.Linear]) -> None:
+        with torch.no_grad():
+            self.weight = torch.cat([m.weight for m in linears])
+            self.bias = torch.cat([m.bias for m in linears]) if linears[0].bias is not None else None
+        self.widths = [m.out_features for m in linears]
+        start = 0
+        for m, width in zip(linears, self.widths):  # the siblings' parameters become views of the stack
+            m.weight = torch.nn.Parameter(self.weight[start:start + width], requires_grad=False)
+            if self.bias is not None:
+                m.bias = torch.nn.Parameter(self.bias[start:start + width], requires_grad=False)
+            start += width
+        self.input: torch.Tensor | None = None
+        self.parts: tuple[torch.Tensor, ...] = ()
+
+
+class StackedLinear(SkinnyLinear):
+    """A sibling of ``SIBLINGS``: the first computes the whole stack's product (``linear``: the kernel where it
+    covers the call, else ``F.linear``) and leaves the others their parts, column views of it; a later sibling called
+    with that same input returns its part, any other call is its own product (a forward that calls them in another
+    order is correct, just not stacked)."""
+
+    _stack: _Stacked
+    _index: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stack = self._stack
+        if not _ENABLED[0]:  # switched off: every sibling its own F.linear, as before install
+            return F.linear(x, self.weight, self.bias)
+        if self._index == 0:
+            stack.input = x
+            stack.parts = linear(x, stack.weight, stack.bias).split(stack.widths, dim=-1)
+        elif stack.input is not x:
+            return linear(x, self.weight, self.bias)
+        part = stack.parts[self._index]
+        if self._index == len(stack.widths) - 1:
+            stack.input, stack.parts = None, ()  # the group is done: hold no tensor past it
+        return part
+
+
+def _stack_siblings(module: torch.nn.Module) -> int:
+    """Stack each group of ``SIBLINGS`` under ``module`` whose members are plain linears of one input size, dtype,
+    device and bias setting; returns how many linears were stacked."""
+    stacked = 0
+    for parent in module.modules():
+        for names in SIBLINGS:
+            linears = [getattr(parent, n, None) for n in names]
+            if not all(type(m) is torch.nn.Linear for m in linears):
+                continue
+            first = linears[0]
+            if any((m.in_features, m.weight.dtype, m.weight.device, m.bias is None)
+                   != (first.in_features, first.weight.dtype, first.weight.device, first.bias is None)
+                   for m in linears):
+                continue
+            stack = _Stacked(linears)
+            for index, m in enumerate(linears):
+                m.__class__ = StackedLinear
+                m._stack, m._index = stack, index
+            stacked += len(linears)
+    return stacked
+
+
 def install(module: torch.nn.Module) -> int:
-    """Give every plain ``nn.Linear`` under ``module`` the kernel's dispatch (``SkinnyLinear``); returns how many
-    changed. Subclasses (DeepSpeed's quantized linears, hpi's TP wrappers' own types) are left as they are."""
-    changed = 0
+    """Give every plain ``nn.Linear`` under ``module`` the kernel's dispatch; returns how many changed. The
+    siblings of ``SIBLINGS`` are stacked (``StackedLinear``), the others become ``SkinnyLinear``. Subclasses
+    (DeepSpeed's quantized linears, hpi's TP wrappers' own types) are left as they are."""
+    changed = _stack_siblings(module)
     for m in module.modules():
         if type(m) is torch.nn.Linear:
             m.__class__ = SkinnyLinear

@@ -56,6 +56,13 @@ def test_a_model_s_products_are_its_linears_per_layer_and_the_head():
                       (14336, 4096): {"names": ["gate_proj", "up_proj"], "per_step": 64},
                       (4096, 14336): {"names": ["down_proj"], "per_step": 32},
                       (128256, 4096): {"names": ["lm_head"], "per_step": 1}}
+    stacked = skinny_gemm_bench.model_products("llama-3-8b", stacked=True)
+    assert stacked[(6144, 4096)] == {"names": ["q_proj+k_proj+v_proj"], "per_step": 32}
+    assert stacked[(28672, 4096)] == {"names": ["gate_proj+up_proj"], "per_step": 32}
+    assert stacked[(4096, 4096)]["per_step"] == 32 and stacked[(4096, 14336)]["per_step"] == 32
+    # the same weight bytes a step either way
+    size = {k: v["per_step"] * k[0] * k[1] for k, v in shapes.items()}
+    assert sum(size.values()) == sum(v["per_step"] * k[0] * k[1] for k, v in stacked.items())
 
 
 def test_bad_arguments_get_one_line_and_exit_2():

@@ -107,11 +107,12 @@ from hpi.executor.generate import left_pad
 from hpi.executor.modeling import ShardSpec, build_stage
 from tests.executor.test_graphs import _generate
 from tests.executor.test_padding import _tiny
-rows = []
+rows, widths = [], []
 original = sg.triton_linear
-def counted(x2d, *a):
+def counted(x2d, weight, *a):
     rows.append(x2d.shape[0])
-    return original(x2d, *a)
+    widths.append(weight.shape[0])
+    return original(x2d, weight, *a)
 sg.triton_linear = counted
 config = _tiny("llama")
 g = torch.Generator().manual_seed(5)
@@ -128,12 +129,18 @@ compiled = torch.compile(lambda x: lin(x) * 2, fullgraph=True, backend="aot_eage
 with torch.no_grad():
     got = compiled(x)
 error = float((got.double() / 2 - (x.double() @ lin.weight.double().T + lin.bias.double())).abs().max())
-print(json.dumps({"same": skinny == plain, "installed": installed, "rows": sorted(set(rows)), "compiled": error}))
+attn, mlp = config.num_attention_heads * config.head_dim + 2 * config.num_key_value_heads * config.head_dim, \
+    2 * config.intermediate_size
+others = [config.hidden_size, config.vocab_size]
+print(json.dumps({"same": skinny == plain, "installed": installed, "rows": sorted(set(rows)), "compiled": error,
+                  "widths": sorted(set(widths)), "stacked": [attn, mlp], "others": others}))
 """)
     assert result["same"]
     assert result["installed"] == 7 * _tiny_layers() + 1  # seven products a layer and the LM head
     assert result["rows"] == [2, 4]  # the decode steps (2 rows) and the compiled call (4); never the prompt's 18
     assert result["compiled"] < 1e-5
+    # q/k/v and gate/up ran as one product each (their stacked widths), o/down and the head as their own
+    assert result["widths"] == sorted({*result["stacked"], *result["others"], 48})  # 48: the compiled Linear
 
 
 def _tiny_layers() -> int:
@@ -162,3 +169,73 @@ def test_kernel_matches_float64_in_bf16_on_a_gpu(case):
     config = case[4] or sg.config_for(x, w, b)
     got = sg.triton_linear(x, w, b, config)
     assert (got.double() - _reference(x, w, b)).abs().max().item() < 3e-2  # bf16 output: ~3 significant digits
+
+
+def test_siblings_stack_into_one_product_that_compiles_without_a_break():
+    """q/k/v of one input become views of one stacked weight; under torch.compile(fullgraph) one kernel launch gives
+    all three (each within 1e-5 of float64); called out of order a sibling before the first is its own product.
+    Either way the stack holds no tensor after the forward."""
+    result = _interpreted("""
+import json, torch
+from hpi.executor import skinny_gemm as sg
+class Block(torch.nn.Module):
+    def __init__(self, order):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = (torch.nn.Linear(64, n, bias=True) for n in (32, 16, 16))
+        self.order = order
+    def forward(self, x):
+        out = {name: getattr(self, name)(x) for name in self.order}
+        return torch.cat([out["q_proj"], out["k_proj"] * 2, out["v_proj"] * 3], -1)
+launches = []
+original = sg.triton_linear
+def counted(x2d, weight, *a):
+    launches.append(weight.shape[0])
+    return original(x2d, weight, *a)
+sg.triton_linear = counted
+x = torch.randn(3, 5, 64)
+result = {}
+for order in (("q_proj", "k_proj", "v_proj"), ("k_proj", "q_proj", "v_proj")):
+    block = Block(order)
+    scale = torch.tensor([1.0] * 32 + [2.0] * 16 + [3.0] * 16, dtype=torch.float64)
+    want = torch.cat([x.double() @ m.weight.double().T + m.bias.double()
+                      for m in (block.q_proj, block.k_proj, block.v_proj)], -1) * scale
+    installed = sg.install(block)
+    views = block.q_proj.weight.data_ptr() + 32 * 64 * 4 == block.k_proj.weight.data_ptr()
+    launches.clear()
+    with torch.no_grad():
+        got = torch.compile(block, fullgraph=True, backend="aot_eager")(x)
+    result[order[0]] = {"installed": installed, "views": views, "launches": list(launches),
+                        "error": float((got.double() - want).abs().max()), "held": block.q_proj._stack.input is None}
+print(json.dumps(result))
+""")
+    stacked, unordered = result["q_proj"], result["k_proj"]
+    assert stacked == {"installed": 3, "views": True, "launches": [64], "error": stacked["error"], "held": True}
+    assert stacked["error"] < 1e-5
+    # k before q: k is its own product, then q's stack, from which v takes its part (same input)
+    assert unordered["launches"] == [16, 64] and unordered["error"] < 1e-5
+
+
+def test_stacked_siblings_on_the_cpu_are_one_f_linear_and_switch_off_with_the_kernel():
+    """Without the kernel the stack is one F.linear of the stacked weight (columns equal to the siblings' own
+    products); ``use_skinny(False)`` gives each sibling its own F.linear, bit for bit the un-installed module."""
+    class MLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj = torch.nn.Linear(32, 48, bias=False), torch.nn.Linear(32, 48, bias=False)
+
+        def forward(self, x):
+            return torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x)
+
+    torch.manual_seed(3)
+    mlp, x = MLP(), torch.randn(2, 7, 32)
+    before = mlp(x)
+    assert sg.install(mlp) == 2 and mlp.up_proj._stack.weight.shape == (96, 32)
+    assert mlp.up_proj.weight.data_ptr() == mlp.gate_proj.weight.data_ptr() + 48 * 32 * 4  # a view of the stack
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), before, atol=1e-6, rtol=1e-6)
+        assert mlp.gate_proj._stack.input is None  # the last sibling let go of the input
+        try:
+            sg.use_skinny(False)
+            assert torch.equal(mlp(x), before)
+        finally:
+            sg.use_skinny(True)
