@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -20,3 +22,14 @@ def load(name: str) -> ModuleType:
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def run_triton_script(name: str, *args: str, interpret: bool = True) -> subprocess.CompletedProcess:
+    """``python benchmarks/<name>.py ARGS`` in its own process with ``src`` importable as ``hpi``, and with Triton's
+    interpreter on (``TRITON_INTERPRET=1``, read when Triton decorates a kernel) unless ``interpret`` is False."""
+    env = {**os.environ, "PYTHONPATH": str(BENCHMARKS.parent / "src")}
+    env.pop("TRITON_INTERPRET", None)
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    return subprocess.run([sys.executable, str(BENCHMARKS / f"{name}.py"), *args], capture_output=True, text=True,
+                          timeout=600, env=env)

@@ -3,26 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+
+from tests.benchmarks.scripts import run_triton_script
 
 pytest.importorskip("torch")
 pytest.importorskip("triton", reason="the kernels' CPU run is Triton's interpreter")
 
-REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "benchmarks" / "decode_attention_bench.py"
-
 
 def _run(*args: str, interpret: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    env.pop("TRITON_INTERPRET", None)
-    if interpret:
-        env["TRITON_INTERPRET"] = "1"
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600, env=env)
+    return run_triton_script("decode_attention_bench", *args, interpret=interpret)
 
 
 def test_each_grid_matches_sdpa_and_the_splits_follow_the_target(tmp_path):

@@ -4,27 +4,18 @@ model's products counted per step, and its bad input answered with one line."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+
+from tests.benchmarks.scripts import load, run_triton_script
 
 pytest.importorskip("torch")
 pytest.importorskip("triton", reason="the kernel's CPU run is Triton's interpreter")
 
-REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "benchmarks" / "skinny_gemm_bench.py"
-sys.path.insert(0, str(REPO / "benchmarks"))
-
 
 def _run(*args: str, interpret: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    env.pop("TRITON_INTERPRET", None)
-    if interpret:
-        env["TRITON_INTERPRET"] = "1"
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600, env=env)
+    return run_triton_script("skinny_gemm_bench", *args, interpret=interpret)
 
 
 def test_every_candidate_is_timed_beside_f_linear_and_matches_float64(tmp_path):
@@ -48,15 +39,14 @@ def test_every_candidate_is_timed_beside_f_linear_and_matches_float64(tmp_path):
 
 
 def test_a_model_s_products_are_its_linears_per_layer_and_the_head():
-    import skinny_gemm_bench
-
-    shapes = skinny_gemm_bench.model_products("llama-3-8b")
+    bench = load("skinny_gemm_bench")
+    shapes = bench.model_products("llama-3-8b")
     assert shapes == {(4096, 4096): {"names": ["q_proj", "o_proj"], "per_step": 64},
                       (1024, 4096): {"names": ["k_proj", "v_proj"], "per_step": 64},
                       (14336, 4096): {"names": ["gate_proj", "up_proj"], "per_step": 64},
                       (4096, 14336): {"names": ["down_proj"], "per_step": 32},
                       (128256, 4096): {"names": ["lm_head"], "per_step": 1}}
-    stacked = skinny_gemm_bench.model_products("llama-3-8b", stacked=True)
+    stacked = bench.model_products("llama-3-8b", stacked=True)
     assert stacked[(6144, 4096)] == {"names": ["q_proj+k_proj+v_proj"], "per_step": 32}
     assert stacked[(28672, 4096)] == {"names": ["gate_proj+up_proj"], "per_step": 32}
     assert stacked[(4096, 4096)]["per_step"] == 32 and stacked[(4096, 14336)]["per_step"] == 32
