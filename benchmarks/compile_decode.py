@@ -206,10 +206,9 @@ def _benchmarker(options: dict):
 def _use_kernels(kernels: tuple[bool, bool]) -> None:
     """Switch hpi's split-KV attention and few-row products on or off (the stage has the products installed)."""
     from hpi.executor.decode_attention import use_split_kv
-    from hpi.executor.skinny_gemm import use_skinny
 
     use_split_kv(kernels[0])
-    use_skinny(kernels[1])
+    skinny_gemm.use_skinny(kernels[1])
 
 
 @contextlib.contextmanager

@@ -24,10 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
+from graph_timing import time_us
 
 from hpi.executor import decode_attention as da
 
@@ -39,32 +39,6 @@ def _inputs(batch: int, heads: int, kv_heads: int, head_dim: int, slots: int, po
     v = torch.randn(batch, kv_heads, slots, head_dim, generator=g).to(device, dtype)
     allowed = (torch.arange(slots) <= position)[None, :].to(device)
     return q, k, v, allowed
-
-
-def _time_us(fn, replays: int, device: torch.device) -> tuple[float, str]:
-    """µs a call: CUDA-graph replays between events on a GPU, else host wall time of the plain calls."""
-    if device.type != "cuda":
-        start = time.perf_counter()
-        for _ in range(replays):
-            fn()
-        return (time.perf_counter() - start) / replays * 1e6, "perf_counter"
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):  # Triton compiles and sdpa picks its kernel outside the capture
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return begin.elapsed_time(end) / replays * 1e3, "cuda_graph_events"
 
 
 def measure(batch: int, targets: list[int], *, heads: int, kv_heads: int, head_dim: int, slots: int, position: int,
@@ -82,14 +56,14 @@ def measure(batch: int, targets: list[int], *, heads: int, kv_heads: int, head_d
                 "kv_gb_s": round(kv_bytes / us / 1e3, 2),
                 "max_abs_err": float((out.float() - reference).abs().max())}
 
-    us, timer = _time_us(lambda: da.grouped_sdpa(q, k, v, allowed, scale), replays, device)
+    us, timer = time_us(lambda: da.grouped_sdpa(q, k, v, allowed, scale), replays, device)
     rows = [row("sdpa", us, timer, reference)]
     saved = da.TARGET_PROGRAMS
     try:
         for target in targets:
             da.TARGET_PROGRAMS = target
             out = da.triton_decode_attention(q, k, v, allowed, scale)
-            us, timer = _time_us(lambda: da.triton_decode_attention(q, k, v, allowed, scale), replays, device)
+            us, timer = time_us(lambda: da.triton_decode_attention(q, k, v, allowed, scale), replays, device)
             rows.append(row("split_kv", us, timer, out, target_programs=target,
                             splits=da.splits_for(batch, kv_heads, slots)))
     finally:

@@ -28,12 +28,12 @@ import argparse
 import json
 import os
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from graph_timing import time_us
 
 from hpi.executor import skinny_gemm as sg
 
@@ -81,31 +81,11 @@ class _Product:
         self.bytes = w.nbytes
 
     def time_us(self, fn, replays: int) -> tuple[float, str, float]:
-        """(µs a product, timer, max abs error of the first copy's output) of ``fn(x, w)`` over every copy."""
+        """(µs a product, timer, max abs error of the first copy's output) of ``fn(x, w)`` over every copy, back to
+        back in one graph (``graph_timing.time_us``)."""
         err = float((fn(self.x, self.weights[0]).double() - self.reference).abs().max())
-        if self.device.type != "cuda":
-            start = time.perf_counter()
-            for _ in range(replays):
-                fn(self.x, self.weights[0])
-            return (time.perf_counter() - start) / replays * 1e6, "perf_counter", err
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn(self.x, self.weights[0])  # Triton compiles, cuBLAS picks its kernel, outside the capture
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for w in self.weights:
-                fn(self.x, w)
-        graph.replay()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) * 1e3 / (replays * len(self.weights)), "cuda_events", err
+        us, timer = time_us(lambda: [fn(self.x, w) for w in self.weights], replays, self.device)
+        return us / len(self.weights), timer, err
 
 
 def _sweep_around(best: sg.Config) -> list[sg.Config]:
@@ -157,21 +137,14 @@ def step_products(rows: list[dict], shapes: dict, copy_gb_s: float | None) -> di
 
 
 def hbm_copy_gb_s(device) -> float | None:
-    """The device's HBM copy rate, counted as ``hpi probe`` counts it (a device-to-device copy of 1 GB, read plus
-    written bytes over the time; ``hpi.executor.probe.kernels.measure_hbm``): the step's limit."""
+    """The device's HBM copy rate as ``hpi probe`` measures it (``hpi.executor.probe.kernels.measure_hbm``: a
+    device-to-device copy of 1 GiB, read plus written bytes over the median time): the step's limit."""
     if device.type != "cuda":
         return None
-    a = torch.empty(2**30, dtype=torch.uint8, device=device)
-    b = torch.empty_like(a)
-    b.copy_(a)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        b.copy_(a)
-    end.record()
-    end.synchronize()
-    return 2 * 10 * a.nbytes / (start.elapsed_time(end) / 1e3) / 1e9
+    from hpi.executor.probe.kernels import measure_hbm
+    from hpi.executor.probe.settings import ProbeSettings
+
+    return measure_hbm(torch, ProbeSettings.full())["bytes_s"] / 1e9
 
 
 class _Parser(argparse.ArgumentParser):

@@ -256,7 +256,7 @@ class SkinnyLinear(torch.nn.Linear):
 
 
 # Products of one input that a decoder layer runs one after another, in this order (transformers' Llama, Mistral,
-# Qwen2 attention and MLP forwards): computed as one product of their stacked weights where the kernel covers it.
+# Qwen2 attention and MLP forwards): computed as one product of their stacked weights (``StackedLinear``).
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
