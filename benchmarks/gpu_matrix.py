@@ -75,6 +75,17 @@ def _compiled(*sizes: int) -> tuple[dict, ...]:
     return tuple(out)
 
 
+def _skinny(*sizes: int) -> tuple[dict, ...]:
+    """Each batch graphed and compiled, each with torch's products and with hpi's stacked few-row ones
+    (hpi.executor.skinny_gemm), on one build: the side by side the planner's term is fitted from (cost.overhead)."""
+    out = []
+    for b in sizes:
+        for compiled in (False, True):
+            step = {"batch_size": b, "micro_batches": 1, "decode_graphs": True, "decode_compile": compiled}
+            out += [step, {**step, "skinny_gemm": True}]
+    return tuple(out)
+
+
 def _fused(*sizes: int) -> tuple[dict, ...]:
     """The entry's batch with the fused dequantization (hpi.executor.dequant), then each other batch with
     DeepSpeed's and with the fused one, on one build."""
@@ -171,6 +182,11 @@ def matrices() -> dict[str, list[Entry]]:
             # the batch-32 steps in the other order (32 first, then 1): is their floor the batch or the order?
             Entry("70b-q4-cpu-pinned-b32", m70, "h200-1gpu", 32, {"offload": "cpu", "weight_bits": 4},
                   variants=_fused(1), prompt_len=128, gen_len=4),
+        ],
+        # issue 20: the graphed and the compiled decode step with torch's products and with hpi's stacked few-row
+        # ones (hpi.executor.skinny_gemm), batch 1 and 16, each pair on one build (--hardware: the machine's profile)
+        "skinny": [
+            Entry("8b-resident-b1", m8, "h200-1gpu", 1, {}, variants=_skinny(1, 16)),
         ],
         # issue 20, 4-bit streaming: does a prefetch bucket that reaches further ahead keep the copy engine busy?
         # Every 4-bit 70B run so far used DeepSpeed's 5e7-element bucket, which reaches about one weight ahead
@@ -365,7 +381,7 @@ def refuse_infeasible(entry: Entry, plan, workload) -> None:
 
 def run_hpi(entry: Entry, out: Path, gen_len: int, prompt_len: int, device: str = "cuda") -> dict[str, dict]:
     """The entry's record and its variants' ({name: record}; a variant is named
-    name@b<batch>[-kvoff][-graphs][-compiled][-fused])."""
+    name@b<batch>[-kvoff][-graphs][-compiled][-fused][-skinny])."""
     from hpi.executor.launch import launch
     from hpi.executor.spec import RunSpec
     from hpi.planner.specs.workload import Workload
@@ -386,7 +402,8 @@ def run_hpi(entry: Entry, out: Path, gen_len: int, prompt_len: int, device: str 
         p = variant.plan
         c = variant.conditions
         suffix = ("-kvoff" if p["kv_offload"] else "") + ("-graphs" if c.decode_graphs else "") + \
-            ("-compiled" if c.decode_compile else "") + ("-fused" if c.fused_dequant else "")
+            ("-compiled" if c.decode_compile else "") + ("-fused" if c.fused_dequant else "") + \
+            ("-skinny" if c.skinny_gemm else "")
         records[f"{entry.name}@b{p['batch_size']}{suffix}"] = variant.to_json()
     return records
 

@@ -102,6 +102,21 @@ def dequant_mode(spec: RunSpec, asked: bool | None) -> bool:
     return spec.plan.is_quantized and spec.device == "cuda"
 
 
+def skinny_mode(spec: RunSpec, asked: bool | None) -> bool:
+    """Whether the graphed decode step stacks its sibling products and runs those of 2-16 rows in hpi's kernel
+    (``hpi.executor.skinny_gemm``): as asked, else on a GPU wherever decode is graphed, except under ``hpi serve``,
+    whose graphs run their products through torch. Asked for where it cannot run: refused."""
+    if asked and not spec.decode_graphs:
+        raise DeploymentError(f"{_who(spec)}: --skinny-gemm changes the graphed decode step's products, and this run "
+                              "decodes eagerly: add --cuda-graphs (GPU-resident 16-bit plans) or drop --skinny-gemm")
+    if asked and spec.mode == "serve":
+        raise DeploymentError("hpi serve: --skinny-gemm is not supported: its decode graphs run each product through "
+                              "torch; drop --skinny-gemm")
+    if asked is not None:
+        return asked
+    return spec.decode_graphs and spec.device == "cuda" and spec.mode != "serve"
+
+
 @dataclass(frozen=True)
 class HostMemory:
     """What this node lets a run hold in RAM: MemAvailable, and RLIMIT_MEMLOCK's soft limit (None: unknown or
@@ -178,14 +193,14 @@ def _check_swap_buffers(spec: RunSpec, est, host: HostMemory) -> None:
 
 
 def resolve_deployment(spec: RunSpec, *, decode_graphs: bool | None = None, decode_compile: bool | None = None,
-                       fused_dequant: bool | None = None, force: bool = False, nodes: Nodes = Nodes(),
-                       model: ModelSpec | None = None, host: HostMemory | None = None,
+                       fused_dequant: bool | None = None, skinny_gemm: bool | None = None, force: bool = False,
+                       nodes: Nodes = Nodes(), model: ModelSpec | None = None, host: HostMemory | None = None,
                        pin_memory_explicit: bool = False) -> Deployment:
     """Check ``spec`` against its model and (with ``spec.hardware``) its machine, and fill in what it derives.
 
-    ``decode_graphs``: True / False as asked, None for graphs wherever the plan allows them; ``decode_compile``
-    and ``fused_dequant`` likewise (``compile_mode``, ``dequant_mode``). ``force``: run a
-    plan the prediction says cannot fit (with a warning). ``model``: the ModelSpec when the caller has read it.
+    ``decode_graphs``: True / False as asked, None for graphs wherever the plan allows them; ``decode_compile``,
+    ``fused_dequant`` and ``skinny_gemm`` likewise (``compile_mode``, ``dequant_mode``, ``skinny_mode``). ``force``:
+    run a plan the prediction says cannot fit (with a warning). ``model``: the ModelSpec when the caller has read it.
     ``host``: this node's memory (``this_host``): pinning that would not fit it is turned off, or refused when
     ``pin_memory_explicit`` (``_safe_pinning``); None: not checked.
     """
@@ -195,6 +210,7 @@ def resolve_deployment(spec: RunSpec, *, decode_graphs: bool | None = None, deco
     spec = replace(spec, decode_graphs=decode_mode(spec, model, decode_graphs))
     spec = replace(spec, decode_compile=compile_mode(spec, decode_compile))
     spec = replace(spec, fused_dequant=dequant_mode(spec, fused_dequant))
+    spec = replace(spec, skinny_gemm=skinny_mode(spec, skinny_gemm))
     warnings: list[str] = []
     prediction = _predict(spec, model, force, warnings) if spec.hardware else None
     if host is not None:

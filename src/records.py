@@ -50,9 +50,12 @@ PREDICTED_FIGURES = ("prefill_s", "decode_step_s", "total_s", "ttft_s", "through
 # The run conditions a spec carries besides the plan, and what a record written before the field existed ran
 # with: fetch_wait arrived with the stream-ordered wait (before it every run used DeepSpeed's stock host
 # wait), dtype was always recorded (bf16 its default), runs before decode_graphs decoded eagerly, runs before
-# decode_compile were not compiled and runs before fused_dequant dequantized with DeepSpeed's torch ops.
+# decode_compile were not compiled, runs before fused_dequant dequantized with DeepSpeed's torch ops and runs before
+# skinny_gemm ran each product apart through torch (the few runs of 2026-12-06 that stacked them before the field
+# existed are marked so by their manifest entry: validation/fidelity_set.yaml).
 SPEC_CONDITION_DEFAULTS: dict[str, str | bool] = {"dtype": "bf16", "fetch_wait": "host", "decode_graphs": False,
-                                                  "decode_compile": False, "fused_dequant": False}
+                                                  "decode_compile": False, "fused_dequant": False,
+                                                  "skinny_gemm": False}
 
 
 class RecordError(ValueError):
@@ -375,6 +378,7 @@ class RunConditions:
     decode_graphs: bool
     decode_compile: bool  # the graphed decode step was compiled (hpi.executor.graphs)
     fused_dequant: bool  # 8/4-bit weights dequantized by hpi's fused kernel (hpi.executor.dequant)
+    skinny_gemm: bool  # the graphed step's stacked siblings and few-row kernel (hpi.executor.skinny_gemm)
 
 
 @dataclass(frozen=True)

@@ -85,10 +85,11 @@ class ExecutorRunner:
                        device=self.device, dtype=self.dtype, checkpoint=self.checkpoint, nvme_path=self.nvme_path,
                        out_dir=str(out_dir), warmup_steps=self.warmup_steps, extra={"autotune": note})
         graphs = self.graphs_for(plan)
-        # None: where hpi run would (a GPU; compiled where graphed, fused where quantized: hpi.deployment)
+        # None: where hpi run would (a GPU; compiled and stacked where graphed, fused where quantized: hpi.deployment)
         return resolve_deployment(spec, decode_graphs=graphs,
                                   decode_compile=None if graphs and self.workload.decode_compile else False,
-                                  fused_dequant=None if self.workload.fused_dequant else False, force=True)
+                                  fused_dequant=None if self.workload.fused_dequant else False,
+                                  skinny_gemm=None if graphs and self.workload.skinny_gemm else False, force=True)
 
     def run(self, plan: Plan, out_dir: str | None, timeout_s: float | None, note: dict[str, Any], *,
             noise_key: int = 0) -> RunRecord:

@@ -157,8 +157,9 @@ def add_run_conditions(p: argparse.ArgumentParser) -> None:
 
 
 def add_kernel_flags(p: argparse.ArgumentParser) -> None:
-    """--compile-decode / --fused-dequant and their --no- forms into ``args.decode_compile`` / ``args.fused_dequant``
-    (None: neither given; runs then use them on a GPU where they apply: ``hpi.deployment``)."""
+    """--compile-decode / --fused-dequant / --skinny-gemm and their --no- forms into ``args.decode_compile`` /
+    ``args.fused_dequant`` / ``args.skinny_gemm`` (None: neither given; runs then use them on a GPU where they apply:
+    ``hpi.deployment``)."""
     for dest, flag, on_help, off_help in (
         ("decode_compile", "--compile-decode",
          "compile the graphed decode step with torch.compile before capturing it (default on a GPU wherever decode "
@@ -166,6 +167,9 @@ def add_kernel_flags(p: argparse.ArgumentParser) -> None:
         ("fused_dequant", "--fused-dequant",
          "dequantize 8/4-bit weights with hpi's one fused kernel (default on a GPU for 8/4-bit plans)",
          "dequantize with DeepSpeed's element-wise torch ops"),
+        ("skinny_gemm", "--skinny-gemm",
+         "in the graphed decode step, run q/k/v and gate/up as one stacked product each and products of 2-16 rows in "
+         "hpi's few-row kernel (default on a GPU wherever decode is graphed)", "run each product apart through torch"),
     ):
         pair = p.add_mutually_exclusive_group()
         pair.add_argument(flag, dest=dest, action="store_true", default=None, help=on_help)
@@ -241,14 +245,16 @@ def search_restrictions(args: argparse.Namespace, plan_type: type = Plan) -> dic
 
 # ---- from arguments to typed data ------------------------------------------------------------------------
 def workload_from_args(args: argparse.Namespace) -> Workload:
-    """The workload the arguments describe; the decode is priced as graphed and compiled wherever a plan allows it
-    unless --no-cuda-graphs / --no-compile-decode, 8/4-bit weights as dequantized by the fused kernel unless
-    --no-fused-dequant (what a run on a GPU does by default: ``hpi.deployment``)."""
+    """The workload the arguments describe; the decode is priced as graphed, compiled and with hpi's stacked few-row
+    products wherever a plan allows it unless --no-cuda-graphs / --no-compile-decode / --no-skinny-gemm, 8/4-bit
+    weights as dequantized by the fused kernel unless --no-fused-dequant (what a run on a GPU does by default:
+    ``hpi.deployment``)."""
     return Workload(args.prompt_len, args.gen_len, compute_dtype=getattr(args, "dtype", None) or "bf16",
                     fetch_wait=getattr(args, "fetch_wait", None) or "event",
                     decode_graphs=getattr(args, "decode_graphs", None) is not False,
                     decode_compile=getattr(args, "decode_compile", None) is not False,
-                    fused_dequant=getattr(args, "fused_dequant", None) is not False)
+                    fused_dequant=getattr(args, "fused_dequant", None) is not False,
+                    skinny_gemm=getattr(args, "skinny_gemm", None) is not False)
 
 
 def load_target(args: argparse.Namespace):

@@ -123,7 +123,8 @@ def resolve(args: argparse.Namespace):
     if args.node_rank == 0 and args.master_port:
         _check_rendezvous_port(args.master_addr, args.master_port)
     deployment = resolve_deployment(spec, decode_graphs=args.decode_graphs, decode_compile=args.decode_compile,
-                                    fused_dequant=args.fused_dequant, force=args.force, nodes=nodes,
+                                    fused_dequant=args.fused_dequant, skinny_gemm=args.skinny_gemm, force=args.force,
+                                    nodes=nodes,
                                     model=model, host=this_host(), pin_memory_explicit=pin_memory_given(args))
     executor_ready(args.device, "hpi run")  # last: it imports torch to ask for a GPU
     return deployment

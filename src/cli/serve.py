@@ -188,7 +188,8 @@ def _resolve(args: argparse.Namespace):
                    seed=args.seed, mode="serve", serve=serve, nvme_path=args.nvme_path, out_dir=args.out,
                    extra={"argv": sys.argv[1:]})
     deployment = resolve_deployment(spec, decode_graphs=args.decode_graphs, decode_compile=args.decode_compile,
-                                    fused_dequant=args.fused_dequant, force=args.force, model=model,
+                                    fused_dequant=args.fused_dequant, skinny_gemm=args.skinny_gemm, force=args.force,
+                                    model=model,
                                     host=this_host(), pin_memory_explicit=pin_memory_given(args))
     executor_ready(args.device, "hpi serve")  # last: it imports torch to ask for a GPU
     return deployment

@@ -52,9 +52,10 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from hpi.executor import skinny_gemm
 from hpi.executor.graphs import DecodeGraph, StaticKVCache, compiled_step
 from hpi.executor.groups import Groups
+from hpi.executor.skinny_gemm import install as install_skinny
+from hpi.executor.skinny_gemm import use_skinny
 
 
 @dataclass
@@ -156,6 +157,7 @@ class PipelineGenerator:
     eos_token_id: int | None = None
     decode_graphs: bool = False  # decode forwards replayed as CUDA graphs over a static cache (module docstring)
     decode_compile: bool = False  # the graphed step is the stage compiled by torch.compile (graphs.compiled_step)
+    skinny_gemm: bool = False  # the graphed step's sibling products stacked, 2-16 rows in hpi's kernel (skinny_gemm)
     new_static_cache: Callable[[int], object] = StaticKVCache  # max slots -> the cache decode_graphs uses
     on_tokens: Callable[[int, list[torch.Tensor]], None] | None = None  # (forward, tokens per micro-batch)
     on_forward: Callable[[int, int], None] | None = None  # (forward, forwards asked), every rank: the heartbeat
@@ -195,7 +197,11 @@ class PipelineGenerator:
         caches = [self.new_static_cache(max_len) if self.decode_graphs else self.new_cache() for _ in sizes]
         capture = self.device.type == "cuda"
         if self.decode_graphs and capture:
-            skinny_gemm.install(self.stage)  # a graphed step's products of 2-16 rows in hpi's kernel (skinny_gemm)
+            # Switched per run, so that the variants of one build measure both paths; a compiled step traced with the
+            # other setting is traced again (dynamo guards the switch).
+            use_skinny(self.skinny_gemm)
+            if self.skinny_gemm:
+                install_skinny(self.stage)
         step_fn = compiled_step(self.stage) if self.decode_compile else self.stage
         graphs = [DecodeGraph(step_fn, capture=capture) for _ in sizes] if self.decode_graphs else []
         slots = max_len if self.decode_graphs else None

@@ -81,6 +81,7 @@ class RunSpec:
     decode_graphs: bool = False  # replay each decode step as a CUDA graph (hpi.executor.graphs); resident plans only
     decode_compile: bool = False  # compile the graphed decode step with torch.compile before capture (graphs)
     fused_dequant: bool = False  # dequantize 8/4-bit weights with hpi's fused kernel (hpi.executor.dequant)
+    skinny_gemm: bool = False  # graphed decode: stacked sibling products, few-row kernel (hpi.executor.skinny_gemm)
     variants: tuple[dict[str, Any], ...] = ()  # further measurements on the same build: RUNTIME_FIELDS overrides
     serve: ServeSpec | None = None  # mode "serve": the serving runtime's settings
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes recorded with the run
@@ -116,6 +117,9 @@ class RunSpec:
         if self.decode_compile and not self.decode_graphs:
             raise ValueError("decode_compile compiles the graphed decode step: turn decode_graphs on too "
                              "(--cuda-graphs) or drop --compile-decode")
+        if self.skinny_gemm and not self.decode_graphs:
+            raise ValueError("skinny_gemm stacks the graphed decode step's products: turn decode_graphs on too "
+                             "(--cuda-graphs) or drop --skinny-gemm")
         for v in self.variants:
             self._variant(v)  # each variant is a RunSpec: it checks its own plan and run conditions
         if self.variants and self.mode != "benchmark":

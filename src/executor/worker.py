@@ -368,6 +368,7 @@ def measure(spec: RunSpec, b: _Built) -> RunRecord | None:
         eos_token_id=eos if spec.mode == "chat" else None,
         decode_graphs=spec.decode_graphs,
         decode_compile=spec.decode_compile,
+        skinny_gemm=spec.skinny_gemm,
     )
     dequant_calls = use_dequant(spec)
     max_new = spec.workload.gen_len_tokens

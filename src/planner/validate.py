@@ -39,6 +39,7 @@ from hpi.planner.calibrate import (
     predict_measurements,
 )
 from hpi.planner.profiles import load_profile, malformed_yaml
+from hpi.planner.specs.workload import SWITCHES
 from hpi.record_files import load_records
 from hpi.records import RecordError
 
@@ -74,6 +75,9 @@ class ManifestEntry:
     pattern: str  # a file or a glob, relative to the manifest's root
     profile: str | None  # None: the profile each record names
     note: str = ""
+    # Run conditions the records ran with that their specs do not say (they were written before the field existed):
+    # switch name (``Workload`` SWITCHES) -> value, read over what each record's spec says.
+    conditions: tuple[tuple[str, bool], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -179,7 +183,8 @@ def load_manifest(path: str | Path = DEFAULT_MANIFEST, root: str | Path | None =
     for i, e in enumerate(data.get("records") or []):
         if not isinstance(e, dict) or not isinstance(e.get("path"), str):
             raise CalibrationError(f"{path}: records[{i}]: expected {{path: FILE_OR_GLOB, profile: NAME, note: TEXT}}")
-        entries.append(ManifestEntry(e["path"], e.get("profile"), str(e.get("note", ""))))
+        entries.append(ManifestEntry(e["path"], e.get("profile"), str(e.get("note", "")),
+                                     _conditions(path, i, e.get("conditions"))))
     exclusions = []
     for i, e in enumerate(data.get("exclude") or []):
         if not isinstance(e, dict) or not (e.get("record") or e.get("path")) or not e.get("reason"):
@@ -191,6 +196,16 @@ def load_manifest(path: str | Path = DEFAULT_MANIFEST, root: str | Path | None =
         exclusions.append(Exclusion(str(e.get("record") or e.get("path")), str(e["reason"]), metrics,
                                     str(e.get("within") or "")))
     return Manifest(Path(root) if root else path.resolve().parent.parent, tuple(entries), tuple(exclusions), path)
+
+
+def _conditions(path: Path, i: int, given: object) -> tuple[tuple[str, bool], ...]:
+    """A record entry's ``conditions:`` ({switch: true/false}), checked: only ``Workload``'s switches."""
+    if given is None:
+        return ()
+    if not isinstance(given, dict) or any(k not in SWITCHES or not isinstance(v, bool) for k, v in given.items()):
+        raise CalibrationError(f"{path}: records[{i}].conditions: expected {{SWITCH: true or false}} with SWITCH one "
+                               f"of {', '.join(SWITCHES)}, got {given!r}")
+    return tuple(sorted(given.items()))
 
 
 # ---- leave one plan out -------------------------------------------------------------------------------
@@ -437,6 +452,9 @@ def read_measurements(manifest: Manifest, record_paths: Sequence[str | Path] | N
         rel = _relative(Path(record.source.path), manifest.root)
         profile = profile_of[record.source.path]
         m = measurement(record)
+        entry = manifest.entry_for(Path(record.source.path))
+        if entry and entry.conditions:
+            m = dataclasses.replace(m, workload=dataclasses.replace(m.workload, **dict(entry.conditions)))
         hits = [e for e in manifest.exclusions if e.matches(m.record_id, rel)]
         whole = next((e for e in hits if not e.metrics), None)
         if whole:

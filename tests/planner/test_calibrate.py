@@ -274,10 +274,10 @@ def test_run_conditions_are_typed_and_default_to_what_old_records_ran() -> None:
     from hpi.planner.calibrate import run_conditions
 
     old = {"compute_dtype": "bf16", "fetch_wait": "host", "decode_graphs": False, "decode_compile": False,
-           "fused_dequant": False}
+           "fused_dequant": False, "skinny_gemm": False}
     assert run_conditions(RunRecord(spec={})) == old
     got = run_conditions(RunRecord(spec={"dtype": "fp16", "fetch_wait": "stream", "decode_graphs": True,
-                                         "decode_compile": True, "fused_dequant": True}))
+                                         "decode_compile": True, "fused_dequant": True, "skinny_gemm": True}))
     assert got == {"compute_dtype": "fp16", "fetch_wait": "stream", "decode_graphs": True, "decode_compile": True,
-                   "fused_dequant": True}
+                   "fused_dequant": True, "skinny_gemm": True}
     assert run_conditions(RunRecord(spec={"decode_graphs": False}))["decode_graphs"] is False

@@ -97,6 +97,7 @@ from hpi.planner.cost.overhead import (
     graphed_forwards,
     layer_device_time,
     module_overhead_time,
+    skinny_forwards,
     step_overhead_time,
 )
 from hpi.planner.cost.phase import Phase, decode_phase, prefill_phase
@@ -261,8 +262,9 @@ def _module_rule(busy, fetch_links, host_base, drift, t_kv, in_series, f):
 def phase_result(arrangement: Arrangement, knobs: Knobs, phase: Phase, bpw: np.ndarray) -> PhaseResult:
     t_flops, t_hbm = roofline_sides(arrangement, knobs, phase)
     compiled = compiled_forwards(arrangement, knobs, phase)
+    skinny = skinny_forwards(arrangement, knobs, phase)
     # The kernels' fixed cost and prefill's element-wise chains run in series with the roofline.
-    compute = (np.maximum(t_flops, t_hbm) + layer_device_time(arrangement, compiled, phase)
+    compute = (np.maximum(t_flops, t_hbm) + layer_device_time(arrangement, compiled, phase, skinny)
                + activation_time(arrangement, phase))
     tp_coll = tp_collective_time(arrangement, phase)
     t_dequant = dequant_time(arrangement, knobs, phase)  # on the compute stream like the GEMMs (module docstring)

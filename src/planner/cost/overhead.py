@@ -19,6 +19,13 @@ what a graphed decode step of a small model is made of beyond its weight reads: 
 Compiled (``Workload.decode_compile``): a graphed decode step compiled by torch.compile before capture runs fused
 kernels, and its fixed device time per layer is ``compiled_layer_device_overhead_s`` instead.
 
+Stacked few-row products (``Workload.skinny_gemm``, ``hpi.executor.skinny_gemm``): a graphed step that runs a layer's
+q/k/v and gate/up as one product each saves ``stacked_layer_device_saving_s`` a layer (three fewer product kernels,
+and the small k/v products no longer read at a fraction of the copy rate); its products of 2 to ``SKINNY_MAX_ROWS``
+rows run in hpi's split-K kernel, which reads W once for up to 16 rows padded, so those doublings of the rows grow a
+layer by ``skinny_layer_device_s_per_row_doubling`` instead of ``layer_device_s_per_row_doubling`` (doublings past
+16 rows run torch's products again, at the plain rate).
+
 A decode step replayed as a CUDA graph (``Workload.decode_graphs``, ``hpi.executor.graphs``) launches all of a
 stage's kernels and collectives with one call: the per-layer host time and TP's rank drift at each
 collective leave it (``graphed_forwards`` says where that holds), and the step term becomes
@@ -45,15 +52,35 @@ def module_overhead_time(arrangement: Arrangement, knobs: Knobs) -> np.ndarray:
     return arrangement.table.is_layer * per_layer[:, None]
 
 
-def layer_device_time(arrangement: Arrangement, compiled: np.ndarray, phase: Phase) -> np.ndarray:
+# The most rows hpi's few-row kernel runs (hpi.executor.skinny_gemm.MAX_ROWS; a test holds the two equal): the
+# planner does not import the executor.
+SKINNY_MAX_ROWS = 16
+
+
+def layer_device_time(arrangement: Arrangement, compiled: np.ndarray, phase: Phase,
+                      skinny: np.ndarray | None = None) -> np.ndarray:
     """(N, kinds) device seconds per forward of one module beyond its roofline: the layer's kernels' fixed cost,
     ``compiled_layer_device_overhead_s`` where the forward replays a compiled graph (``compiled``, from
-    ``compiled_forwards``), else ``layer_device_overhead_s``; in decode, plus ``layer_device_s_per_row_doubling``
-    for each doubling of the forward's rows (``decode_row_growth``)."""
+    ``compiled_forwards``), else ``layer_device_overhead_s``, less ``stacked_layer_device_saving_s`` where it runs
+    hpi's stacked few-row products (``skinny``, from ``skinny_forwards``; None: nowhere); in decode, plus the growth
+    with the forward's rows (``row_growth_time``)."""
     eff = arrangement.hardware.efficiency
+    skinny = np.zeros_like(compiled, dtype=bool) if skinny is None else skinny
     per_layer = np.where(compiled, eff.compiled_layer_device_overhead_s, eff.layer_device_overhead_s)
-    per_layer = per_layer + decode_row_growth(phase) * eff.layer_device_s_per_row_doubling
+    per_layer = per_layer - np.where(skinny, eff.stacked_layer_device_saving_s, 0.0)
+    per_layer = per_layer + row_growth_time(arrangement, phase, skinny)
     return per_layer[:, None] * arrangement.table.is_layer[None, :]
+
+
+def row_growth_time(arrangement: Arrangement, phase: Phase, skinny: np.ndarray) -> np.ndarray:
+    """(N,) device seconds a decode layer grows by with its rows: ``layer_device_s_per_row_doubling`` for each
+    doubling (``decode_row_growth``), except that where the forward runs hpi's few-row kernel (``skinny``) the
+    doublings up to ``SKINNY_MAX_ROWS`` rows cost ``skinny_layer_device_s_per_row_doubling`` each."""
+    eff = arrangement.hardware.efficiency
+    doublings = decode_row_growth(phase)
+    in_kernel = np.where(skinny, np.minimum(doublings, np.log2(SKINNY_MAX_ROWS)), 0.0)
+    return (in_kernel * eff.skinny_layer_device_s_per_row_doubling
+            + (doublings - in_kernel) * eff.layer_device_s_per_row_doubling)
 
 
 def decode_row_growth(phase: Phase) -> np.ndarray:
@@ -73,6 +100,12 @@ def compiled_forwards(arrangement: Arrangement, knobs: Knobs, phase: Phase) -> n
     """(N,) whether this phase's forwards replay a compiled graph: graphed ones (``graphed_forwards``) when the
     workload compiles the decode step (``Workload.decode_compile``; the executor compiles only what it graphs)."""
     return graphed_forwards(arrangement, knobs, phase) & arrangement.workload.decode_compile
+
+
+def skinny_forwards(arrangement: Arrangement, knobs: Knobs, phase: Phase) -> np.ndarray:
+    """(N,) whether this phase's forwards run hpi's stacked few-row products: graphed ones (``graphed_forwards``)
+    when the workload asks for them (``Workload.skinny_gemm``; the executor installs them only where it graphs)."""
+    return graphed_forwards(arrangement, knobs, phase) & arrangement.workload.skinny_gemm
 
 
 def step_overhead_time(arrangement: Arrangement, graphed: np.ndarray) -> np.ndarray:

@@ -142,6 +142,14 @@ class Efficiency:
     # 2x H200 (8B), whose batch-16/64 steps grow most. The sweep (--profiles for one machine):
     # benchmarks/fidelity_sweep.py layer_device_s_per_row_doubling 0 2e-6 4e-6 5.5e-6 8e-6.
     layer_device_s_per_row_doubling: float = 5.5e-6  # (cost.overhead)
+    # hpi's stacked few-row products in a graphed step (Workload.skinny_gemm; hpi.executor.skinny_gemm). One H100,
+    # the 8B's compiled graph replayed at position 512 with torch's products and with hpi's, in one call
+    # (benchmarks/compile_decode.py, benchmarks/results/2026-12-06-skinny/call3): batch 1 5.957 -> 5.781 ms, 5.5 us a
+    # layer (stacking alone: batch 1 takes no kernel); batch 16 7.453 -> 6.705 ms, so the 4 doublings from 1 to 16
+    # rows grew the layer 1.0 us each instead of 5.5 (the kernel reads W once for up to 16 rows). Per machine in the
+    # profiles where a side by side was recorded (cost.overhead).
+    stacked_layer_device_saving_s: float = 5.5e-6  # (cost.overhead)
+    skinny_layer_device_s_per_row_doubling: float = 1.0e-6  # (cost.overhead)
     # Per stage forward: the executor's device synchronize, sampling and input preparation, ~20 small
     # kernels (embedding, final norm, head, argmax, token and position bookkeeping) at ~10 us each plus the
     # loop's Python.

@@ -23,6 +23,10 @@ step and the dequantization run.
   device time shrinks (``cost.overhead``). Only where the step is graphed; runs recorded before the field were not.
 - ``fused_dequant``: 8/4-bit weights are dequantized by hpi's one fused kernel (``hpi.executor.dequant``) instead
   of DeepSpeed's chain of element-wise torch ops (``cost.dequant``). Runs recorded before the field ran DeepSpeed's.
+- ``skinny_gemm``: the graphed decode step runs a layer's sibling products (q/k/v, gate/up) as one stacked product
+  and its products of 2-16 rows in hpi's few-row kernel (``hpi.executor.skinny_gemm``), so a layer's fixed device
+  time and its growth with the rows shrink (``cost.overhead``). Only where the step is graphed; runs recorded before
+  the field did not, except those a manifest entry says did (``validation/fidelity_set.yaml``).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ DEFAULT_GEN_LEN = 32
 COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
 FETCH_WAITS = ("stream", "host", "event")
 # The run conditions that are switches (on / off), in the order records and JSON documents list them.
-SWITCHES = ("decode_graphs", "decode_compile", "fused_dequant")
+SWITCHES = ("decode_graphs", "decode_compile", "fused_dequant", "skinny_gemm")
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,7 @@ class Workload:
     decode_graphs: bool = False
     decode_compile: bool = False
     fused_dequant: bool = False
+    skinny_gemm: bool = False
 
     def __post_init__(self) -> None:
         if self.prompt_len_tokens < 1:
