@@ -20,11 +20,13 @@ Compiled (``Workload.decode_compile``): a graphed decode step compiled by torch.
 kernels, and its fixed device time per layer is ``compiled_layer_device_overhead_s`` instead.
 
 Stacked few-row products (``Workload.skinny_gemm``, ``hpi.executor.skinny_gemm``): a graphed step that runs a layer's
-q/k/v and gate/up as one product each saves ``stacked_layer_device_saving_s`` a layer (three fewer product kernels,
-and the small k/v products no longer read at a fraction of the copy rate); its products of 2 to ``SKINNY_MAX_ROWS``
-rows run in hpi's split-K kernel, which reads W once for up to 16 rows padded, so those doublings of the rows grow a
-layer by ``skinny_layer_device_s_per_row_doubling`` instead of ``layer_device_s_per_row_doubling`` (doublings past
-16 rows run torch's products again, at the plain rate).
+q/k/v and gate/up as one product each, and its products of 2 to ``SKINNY_MAX_ROWS`` rows in hpi's split-K kernel, takes
+less fixed device time a layer (``skinny_saving``). At one row only the stacking acts, against products that differ
+by mode (cuBLAS's matrix-vector kernels in an eager graph, inductor's tuned reductions in a compiled one):
+``stacked_layer_device_saving_s`` / ``compiled_stacked_layer_device_saving_s``. At ``SKINNY_MAX_ROWS`` both modes run
+the same kernel against the same cuBLAS products: ``skinny_layer_device_saving_s``. In between the saving moves
+linearly in the doublings of the rows, as the layer's growth does (``decode_row_growth``: the kernel reads W once for
+up to 16 rows, where cuBLAS's time grows with them); past 16 rows torch's products run again, stacked.
 
 A decode step replayed as a CUDA graph (``Workload.decode_graphs``, ``hpi.executor.graphs``) launches all of a
 stage's kernels and collectives with one call: the per-layer host time and TP's rank drift at each
@@ -61,26 +63,26 @@ def layer_device_time(arrangement: Arrangement, compiled: np.ndarray, phase: Pha
                       skinny: np.ndarray | None = None) -> np.ndarray:
     """(N, kinds) device seconds per forward of one module beyond its roofline: the layer's kernels' fixed cost,
     ``compiled_layer_device_overhead_s`` where the forward replays a compiled graph (``compiled``, from
-    ``compiled_forwards``), else ``layer_device_overhead_s``, less ``stacked_layer_device_saving_s`` where it runs
-    hpi's stacked few-row products (``skinny``, from ``skinny_forwards``; None: nowhere); in decode, plus the growth
-    with the forward's rows (``row_growth_time``)."""
+    ``compiled_forwards``), else ``layer_device_overhead_s``; in decode, plus ``layer_device_s_per_row_doubling``
+    for each doubling of the forward's rows (``decode_row_growth``); less ``skinny_saving`` where it runs hpi's
+    stacked few-row products (``skinny``, from ``skinny_forwards``; None: nowhere)."""
     eff = arrangement.hardware.efficiency
-    skinny = np.zeros_like(compiled, dtype=bool) if skinny is None else skinny
     per_layer = np.where(compiled, eff.compiled_layer_device_overhead_s, eff.layer_device_overhead_s)
-    per_layer = per_layer - np.where(skinny, eff.stacked_layer_device_saving_s, 0.0)
-    per_layer = per_layer + row_growth_time(arrangement, phase, skinny)
+    per_layer = per_layer + decode_row_growth(phase) * eff.layer_device_s_per_row_doubling
+    if skinny is not None:
+        per_layer = per_layer - np.where(skinny, skinny_saving(arrangement, compiled, phase), 0.0)
     return per_layer[:, None] * arrangement.table.is_layer[None, :]
 
 
-def row_growth_time(arrangement: Arrangement, phase: Phase, skinny: np.ndarray) -> np.ndarray:
-    """(N,) device seconds a decode layer grows by with its rows: ``layer_device_s_per_row_doubling`` for each
-    doubling (``decode_row_growth``), except that where the forward runs hpi's few-row kernel (``skinny``) the
-    doublings up to ``SKINNY_MAX_ROWS`` rows cost ``skinny_layer_device_s_per_row_doubling`` each."""
+def skinny_saving(arrangement: Arrangement, compiled: np.ndarray, phase: Phase) -> np.ndarray:
+    """(N,) device seconds a layer saves with hpi's stacked few-row products (module docstring): the mode's stacking
+    saving at one row, moving linearly in the doublings of the rows to ``skinny_layer_device_saving_s`` at
+    ``SKINNY_MAX_ROWS``; past that the stacking alone (torch's products again)."""
     eff = arrangement.hardware.efficiency
-    doublings = decode_row_growth(phase)
-    in_kernel = np.where(skinny, np.minimum(doublings, np.log2(SKINNY_MAX_ROWS)), 0.0)
-    return (in_kernel * eff.skinny_layer_device_s_per_row_doubling
-            + (doublings - in_kernel) * eff.layer_device_s_per_row_doubling)
+    stacked = np.where(compiled, eff.compiled_stacked_layer_device_saving_s, eff.stacked_layer_device_saving_s)
+    doublings, full = decode_row_growth(phase), np.log2(SKINNY_MAX_ROWS)
+    in_kernel = stacked + (eff.skinny_layer_device_saving_s - stacked) * doublings / full
+    return np.where(doublings <= full, in_kernel, stacked)
 
 
 def decode_row_growth(phase: Phase) -> np.ndarray:

@@ -142,14 +142,16 @@ class Efficiency:
     # 2x H200 (8B), whose batch-16/64 steps grow most. The sweep (--profiles for one machine):
     # benchmarks/fidelity_sweep.py layer_device_s_per_row_doubling 0 2e-6 4e-6 5.5e-6 8e-6.
     layer_device_s_per_row_doubling: float = 5.5e-6  # (cost.overhead)
-    # hpi's stacked few-row products in a graphed step (Workload.skinny_gemm; hpi.executor.skinny_gemm). One H100,
-    # the 8B's compiled graph replayed at position 512 with torch's products and with hpi's, in one call
-    # (benchmarks/compile_decode.py, benchmarks/results/2026-12-06-skinny/call3): batch 1 5.957 -> 5.781 ms, 5.5 us a
-    # layer (stacking alone: batch 1 takes no kernel); batch 16 7.453 -> 6.705 ms, so the 4 doublings from 1 to 16
-    # rows grew the layer 1.0 us each instead of 5.5 (the kernel reads W once for up to 16 rows). Per machine in the
-    # profiles where a side by side was recorded (cost.overhead).
-    stacked_layer_device_saving_s: float = 5.5e-6  # (cost.overhead)
-    skinny_layer_device_s_per_row_doubling: float = 1.0e-6  # (cost.overhead)
+    # Device time a layer saves with hpi's stacked few-row products in a graphed step (Workload.skinny_gemm;
+    # hpi.executor.skinny_gemm; cost.overhead.skinny_saving). One H100, the 8B in hpi run with torch's products and
+    # with hpi's on one build (benchmarks/results/2026-12-06-skinny-switch/call1): eager graph batch 1 8.532 -> 8.100
+    # ms (13.5 us a layer: the stacking alone, against cuBLAS's matrix-vector kernels), compiled batch 1 5.909 -> 5.838
+    # (2.2 us: inductor's reductions were good already; 5.5 us in graph replays, 2026-12-06-skinny/call3), batch 16
+    # eager graph 9.794 -> 9.263 and compiled 7.444 -> 6.847 ms (16.6 and 18.7 us: the same kernel against the same
+    # cuBLAS products in both modes; their mean). Other GPUs are assumed to save the same until a record says otherwise.
+    stacked_layer_device_saving_s: float = 13.5e-6  # (cost.overhead)
+    compiled_stacked_layer_device_saving_s: float = 2.2e-6  # (cost.overhead)
+    skinny_layer_device_saving_s: float = 17.6e-6  # at 16 rows (cost.overhead)
     # Per stage forward: the executor's device synchronize, sampling and input preparation, ~20 small
     # kernels (embedding, final norm, head, argmax, token and position bookkeeping) at ~10 us each plus the
     # loop's Python.
