@@ -196,9 +196,9 @@ class PipelineGenerator:
         max_len = prompt_len + max_new_tokens
         caches = [self.new_static_cache(max_len) if self.decode_graphs else self.new_cache() for _ in sizes]
         capture = self.device.type == "cuda"
-        if self.decode_graphs and capture:
+        if self.decode_graphs:
             # Switched per run, so that the variants of one build measure both paths; a compiled step traced with the
-            # other setting is traced again (dynamo guards the switch).
+            # other setting is traced again (dynamo guards the switch). On a CPU the stack is one F.linear (no kernel).
             use_skinny(self.skinny_gemm)
             if self.skinny_gemm:
                 install_skinny(self.stage)

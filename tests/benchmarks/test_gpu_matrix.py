@@ -146,3 +146,16 @@ def test_moe_leaf_matrix_pairs_the_two_leaf_settings_of_one_feasible_stream():
         ahead = predict(model, hardware, workload, dataclasses.replace(layer, batch_size=batch))
         per_module = predict(model, hardware, workload, dataclasses.replace(plans[0], batch_size=batch))
         assert ahead.feasible and ahead.decode_step_s < per_module.decode_step_s
+
+
+def test_skinny_matrix_measures_each_step_with_and_without_the_stacked_products_on_one_build():
+    """The side by side cost.overhead.skinny_saving is fitted from: at batch 1 and 16, the graphed and the compiled
+    step each with torch's products and with hpi's, all variants of one 8B build that a spec accepts."""
+    from hpi.executor.spec import RunSpec
+
+    gm = _gpu_matrix()
+    (entry,) = gm.matrices()["skinny"]
+    spec = RunSpec(plan=gm.entry_plan(entry), model=entry.model, variants=entry.variants)
+    steps = [(m.plan.batch_size, m.decode_compile, m.skinny_gemm) for m in spec.measurements()[1:]]
+    assert steps == [(b, c, s) for b in (1, 16) for c in (False, True) for s in (False, True)]
+    assert all(m.decode_graphs for m in spec.measurements()[1:])

@@ -173,6 +173,46 @@ def test_compiled_decode_generates_the_eager_tokens_and_compiles_once_per_shape(
         assert again == eager and counters["stats"]["unique_graphs"] == frames  # no recompile
 
 
+def test_graphed_runs_switch_the_stacked_products_per_run_and_decode_the_same_tokens():
+    """skinny_gemm (RunSpec, the Generator): a run that asks stacks q/k/v and gate/up (on a CPU, one F.linear each)
+    and gives the tokens of one that does not; the switch is set per run, so a later run without it runs each product
+    apart again on the same, already installed stage, and an eager run leaves the switch alone."""
+    from hpi.executor import skinny_gemm
+
+    config = _tiny("llama")
+    stage = build_stage(config, ShardSpec.whole(config.num_hidden_layers), dtype=torch.float32, seed=0).eval()
+    ids, padding = left_pad([[5, 6, 7, 8, 9], [3, 4, 5]], 0)
+    attention = stage.layers[0].self_attn
+
+    def generate(graphs: bool, skinny: bool) -> list[list[int]]:
+        gen = PipelineGenerator(stage=stage, groups=_one_rank(), new_cache=DynamicCache, hidden_size=0,
+                                dtype=torch.float32, device=torch.device("cpu"), micro_batches=1, sampler=Sampler(),
+                                decode_graphs=graphs, skinny_gemm=skinny)
+        return torch.cat(gen.run(ids, 2, 5, GEN, chat=False, padding=padding)).tolist()
+
+    try:
+        plain = generate(True, False)
+        assert type(attention.q_proj) is torch.nn.Linear and not skinny_gemm._ENABLED[0]
+        stacked = generate(True, True)
+        assert type(attention.q_proj) is skinny_gemm.StackedLinear and skinny_gemm._ENABLED[0]
+        storage = attention.q_proj.weight.untyped_storage().data_ptr()
+        assert attention.v_proj.weight.untyped_storage().data_ptr() == storage  # views of one stacked tensor
+        assert stacked == plain
+        assert generate(True, False) == plain and not skinny_gemm._ENABLED[0]  # switched back, still installed
+        assert generate(False, False) == plain and not skinny_gemm._ENABLED[0]
+    finally:
+        skinny_gemm.use_skinny(True)
+
+
+def test_spec_stacks_the_products_of_a_graphed_step_only():
+    with pytest.raises(ValueError, match="skinny_gemm stacks the graphed decode step's products.*--cuda-graphs"):
+        RunSpec(plan=Plan(), model="tiny-llama", device="cpu", skinny_gemm=True)
+    ok = RunSpec(plan=Plan(), model="tiny-llama", device="cpu", decode_graphs=True,
+                 variants=({"skinny_gemm": True}, {"skinny_gemm": True, "decode_compile": True}))
+    assert [(m.skinny_gemm, m.decode_compile, m.workload.skinny_gemm) for m in ok.measurements()] == [
+        (False, False, False), (True, False, True), (True, True, True)]
+
+
 # ---- spec ------------------------------------------------------------------------------------------------
 def test_spec_refuses_graphs_for_plans_with_python_in_the_step():
     base = dict(model="tiny-llama", device="cpu", dtype="fp32", decode_graphs=True)
@@ -229,6 +269,24 @@ def test_launched_compiled_variant_matches_the_graphed_run_and_records_its_compi
     assert compiled["spec"]["decode_compile"] is True and compiled["spec"]["workload"]["decode_compile"] is True
     assert compiled["compile_s"] == max(r["compile_s"] for r in compiled["ranks"]) > 0
     assert graphed["compile_s"] is None and graphed["spec"]["decode_compile"] is False
+
+
+def test_launched_stacked_variant_matches_the_graphed_run_and_says_so(tmp_path):
+    """hpi run's path, one rank: the same build graphed, then graphed with the stacked products; the variant's record
+    says so in its spec and workload (what the planner prices: cost.overhead.skinny_saving)."""
+    pytest.importorskip("deepspeed")
+    import json
+
+    from hpi.executor.launch import launch
+
+    spec = RunSpec(plan=LAYOUTS["one-rank"], model="tiny-llama",
+                   workload=Workload(prompt_len_tokens=9, gen_len_tokens=GEN), device="cpu", dtype="fp32",
+                   out_dir=str(tmp_path), decode_graphs=True, variants=({"skinny_gemm": True},))
+    graphed = launch(spec, timeout_s=300).to_json()
+    stacked = json.loads((tmp_path / graphed["variant_records"][0]).read_text())
+    assert stacked["tokens"] == graphed["tokens"] and len(stacked["tokens"][0]) == GEN
+    assert stacked["spec"]["skinny_gemm"] is True and stacked["spec"]["workload"]["skinny_gemm"] is True
+    assert graphed["spec"]["skinny_gemm"] is False and graphed["spec"]["workload"]["skinny_gemm"] is False
 
 
 def test_spec_compiles_only_a_graphed_step():

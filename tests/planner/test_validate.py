@@ -134,3 +134,32 @@ def test_the_searched_mixtral_layer_bucket_is_predicted_within_7_percent_and_bea
     memory = [r for r in validate(manifest, files + earlier).rows if r.metric == "peak_gpu_bytes"]
     assert len(memory) == 12 + 15
     assert all(r.ape_uncalibrated < 0.07 for r in memory), {r.record_id: r.ape_uncalibrated for r in memory}
+
+
+def test_a_manifest_entry_says_how_runs_ran_that_their_specs_do_not():
+    """2026-12-06's first runs with hpi's stacked few-row products were written before RunSpec.skinny_gemm existed:
+    their manifest entry says they ran with it, and the planner prices them so; the side by side written after reads
+    it from its own specs."""
+    from hpi.planner.validate import read_measurements
+
+    manifest = load_manifest(REPO / "validation" / "fidelity_set.yaml")
+    early = REPO / "benchmarks/results/2026-12-06-skinny/call4/m8-skinny/records.json"
+    sbs = REPO / "benchmarks/results/2026-12-06-skinny-switch/call1/m8-sbs/records.json"
+    assert manifest.entry_for(early).conditions == (("skinny_gemm", True),)
+    assert manifest.entry_for(sbs).conditions == ()
+    read = read_measurements(manifest, [early, sbs]).by_profile["h100-sxm-1gpu"]
+    marked = {m.record_id.split("@")[-1]: m.workload.skinny_gemm for m in read if "m8-skinny" in m.source_path}
+    assert len(marked) == 5 and all(marked.values())
+    own = {m.record_id.split("@")[-1]: m.workload.skinny_gemm for m in read if "m8-sbs" in m.source_path}
+    assert len(own) == 9 and sum(own.values()) == 4 and all(own[k] == k.endswith("-skinny") for k in own)
+
+
+@pytest.mark.parametrize("conditions", ["{skinny: true}", "{skinny_gemm: 1}", "[skinny_gemm]"])
+def test_a_manifest_condition_that_is_not_a_switch_is_refused(tmp_path, conditions):
+    from hpi.planner.calibrate import CalibrationError
+
+    manifest = tmp_path / "validation" / "set.yaml"
+    manifest.parent.mkdir()
+    manifest.write_text(f"records:\n  - path: results/a.json\n    conditions: {conditions}\n")
+    with pytest.raises(CalibrationError, match=r"records\[0\]\.conditions: expected \{SWITCH: true or false\}"):
+        load_manifest(manifest)

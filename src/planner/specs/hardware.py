@@ -143,15 +143,17 @@ class Efficiency:
     # benchmarks/fidelity_sweep.py layer_device_s_per_row_doubling 0 2e-6 4e-6 5.5e-6 8e-6.
     layer_device_s_per_row_doubling: float = 5.5e-6  # (cost.overhead)
     # Device time a layer saves with hpi's stacked few-row products in a graphed step (Workload.skinny_gemm;
-    # hpi.executor.skinny_gemm; cost.overhead.skinny_saving). One H100, the 8B in hpi run with torch's products and
-    # with hpi's on one build (benchmarks/results/2026-12-06-skinny-switch/call1): eager graph batch 1 8.532 -> 8.100
-    # ms (13.5 us a layer: the stacking alone, against cuBLAS's matrix-vector kernels), compiled batch 1 5.909 -> 5.838
-    # (2.2 us: inductor's reductions were good already; 5.5 us in graph replays, 2026-12-06-skinny/call3), batch 16
-    # eager graph 9.794 -> 9.263 and compiled 7.444 -> 6.847 ms (16.6 and 18.7 us: the same kernel against the same
-    # cuBLAS products in both modes; their mean). Other GPUs are assumed to save the same until a record says otherwise.
-    stacked_layer_device_saving_s: float = 13.5e-6  # (cost.overhead)
-    compiled_stacked_layer_device_saving_s: float = 2.2e-6  # (cost.overhead)
-    skinny_layer_device_saving_s: float = 17.6e-6  # at 16 rows (cost.overhead)
+    # hpi.executor.skinny_gemm; cost.overhead.skinny_saving). Two H100s, the 8B in hpi run with torch's products and
+    # with hpi's on one build each (benchmarks/results/2026-12-06-skinny-switch, calls 1 and 3): eager graph batch 1
+    # 8.532 -> 8.100 and 8.571 -> 8.110 ms (13.5 and 14.4 us a layer: the stacking alone, against cuBLAS's
+    # matrix-vector kernels), compiled batch 1 5.909 -> 5.838 and 5.873 -> 5.824 (2.2 and 1.5 us: inductor's
+    # reductions were good already; 5.5 us in graph replays, 2026-12-06-skinny/call3), batch 16 eager graph 9.794 ->
+    # 9.263 and 9.794 -> 9.265, compiled 7.444 -> 6.847 and 7.520 -> 6.863 ms (16.6, 16.5, 18.7, 20.5 us: the same
+    # kernel against the same cuBLAS products in both modes). Each the mean of its measurements; other GPUs are
+    # assumed to save the same until a record says otherwise.
+    stacked_layer_device_saving_s: float = 14.0e-6  # (cost.overhead)
+    compiled_stacked_layer_device_saving_s: float = 1.9e-6  # (cost.overhead)
+    skinny_layer_device_saving_s: float = 18.1e-6  # at 16 rows (cost.overhead)
     # Per stage forward: the executor's device synchronize, sampling and input preparation, ~20 small
     # kernels (embedding, final norm, head, argmax, token and position bookkeeping) at ~10 us each plus the
     # loop's Python.

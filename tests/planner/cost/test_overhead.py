@@ -11,7 +11,13 @@ import pytest
 
 from hpi.planner.cost.estimate import leaf_shares
 from hpi.planner.cost.inputs import Knobs
-from hpi.planner.cost.overhead import graphed_forwards, layer_device_time, module_overhead_time
+from hpi.planner.cost.overhead import (
+    SKINNY_MAX_ROWS,
+    graphed_forwards,
+    layer_device_time,
+    module_overhead_time,
+    skinny_forwards,
+)
 from hpi.planner.cost.phase import decode_phase, prefill_phase
 from hpi.planner.cost.shape import DENSE
 from hpi.planner.cost.streaming import fetches_weights
@@ -61,6 +67,41 @@ def test_decode_layer_device_time_grows_by_the_fitted_term_per_doubling_of_rows_
     np.testing.assert_allclose(decode, (base + 4e-6 * np.array([0, 1, 4, 6]))[:, None] * is_layer[None, :])
     prefill = layer_device_time(arrangement, compiled, prefill_phase(arrangement, knobs))
     np.testing.assert_allclose(prefill, base[:, None] * is_layer[None, :])
+
+
+def test_stacked_few_row_products_save_the_modes_stacking_at_one_row_and_the_kernels_saving_at_16(kit) -> None:
+    """cost.overhead.skinny_saving: at one row the stacking's saving of each mode, at 16 rows the kernel's, linear in
+    the doublings between (4 us + (10 - 4) us x 1/4 at 2 rows), the stacking's again past 16 rows (torch's products);
+    nothing in prefill's growth, and nothing where the forward does not run them."""
+    eff = dataclasses.replace(kit.ROUND, layer_device_s_per_row_doubling=4e-6, stacked_layer_device_saving_s=4e-6,
+                              compiled_stacked_layer_device_saving_s=1e-6, skinny_layer_device_saving_s=10e-6)
+    arrangement = kit.arrangement(kit.toy_dense(), hardware=kit.make_hardware(eff), workload=Workload(64, 8))
+    batches = (1, 2, 16, 32, 1, 2, 16, 32)
+    knobs = Knobs.from_plans([Plan(batch_size=b) for b in batches])
+    compiled = np.array([False] * 4 + [True] * 4)
+    phase = decode_phase(arrangement, knobs)
+    plain = layer_device_time(arrangement, compiled, phase)
+    stacked = layer_device_time(arrangement, compiled, phase, np.ones(8, dtype=bool))
+    saving = (plain - stacked)[:, arrangement.table.is_layer.astype(bool)][:, 0]
+    np.testing.assert_allclose(saving, np.array([4.0, 5.5, 10.0, 4.0, 1.0, 3.25, 10.0, 1.0]) * 1e-6)
+    np.testing.assert_allclose(layer_device_time(arrangement, compiled, phase, np.zeros(8, dtype=bool)), plain)
+    assert (stacked > 0).any() and (stacked >= 0).all()  # 20 us compiled fixed + growth stays above the saving
+
+
+def test_skinny_forwards_are_the_graphed_decode_forwards_of_a_workload_that_asks(kit) -> None:
+    plans = [Plan(), Plan(offload="cpu"), Plan(batch_size=16)]
+    knobs = Knobs.from_plans(plans)
+    for graphs, skinny in itertools.product((True, False), repeat=2):
+        arrangement = kit.arrangement(kit.toy_dense(), workload=Workload(64, 8, decode_graphs=graphs,
+                                                                         skinny_gemm=skinny))
+        decode = skinny_forwards(arrangement, knobs, decode_phase(arrangement, knobs))
+        assert decode.tolist() == [graphs and skinny, False, graphs and skinny]  # ZeRO-3 offload is never graphed
+        assert not skinny_forwards(arrangement, knobs, prefill_phase(arrangement, knobs)).any()
+
+
+def test_the_planners_few_row_limit_is_the_kernels() -> None:
+    skinny_gemm = pytest.importorskip("hpi.executor.skinny_gemm")
+    assert SKINNY_MAX_ROWS == skinny_gemm.MAX_ROWS
 
 
 def test_layer_leaves_run_the_rule_once_a_layer_with_the_host_share_left(kit, without_prefetch_lag) -> None:
