@@ -80,15 +80,8 @@ def compile_mode(spec: RunSpec, asked: bool | None) -> bool:
     """Whether the graphed decode step is compiled (``hpi.executor.graphs``): as asked, else on a GPU wherever
     decode is graphed, except under ``hpi serve``, whose graphs are captured per row and key-span bucket (one
     compile each). Asked for where it cannot run: refused."""
-    if asked and not spec.decode_graphs:
-        raise DeploymentError(f"{_who(spec)}: --compile-decode compiles the graphed decode step, and this run decodes "
-                              "eagerly: add --cuda-graphs (GPU-resident 16-bit plans) or drop --compile-decode")
-    if asked and spec.mode == "serve":
-        raise DeploymentError("hpi serve: --compile-decode is not supported: its decode graphs are captured per batch "
-                              "and key-span bucket, each would compile apart; drop --compile-decode")
-    if asked is not None:
-        return asked
-    return spec.decode_graphs and spec.device == "cuda" and spec.mode != "serve"
+    return _graphed_step_switch(spec, asked, "--compile-decode", "compiles the graphed decode step",
+                                "its graphs are captured per batch and key-span bucket, each would compile apart")
 
 
 def dequant_mode(spec: RunSpec, asked: bool | None) -> bool:
@@ -106,12 +99,19 @@ def skinny_mode(spec: RunSpec, asked: bool | None) -> bool:
     """Whether the graphed decode step stacks its sibling products and runs those of 2-16 rows in hpi's kernel
     (``hpi.executor.skinny_gemm``): as asked, else on a GPU wherever decode is graphed, except under ``hpi serve``,
     whose graphs run their products through torch. Asked for where it cannot run: refused."""
+    return _graphed_step_switch(spec, asked, "--skinny-gemm", "changes the graphed decode step's products",
+                                "its decode graphs run each product through torch")
+
+
+def _graphed_step_switch(spec: RunSpec, asked: bool | None, flag: str, does: str, not_served: str) -> bool:
+    """A switch of the graphed decode step (``flag`` ``does`` something to it): as asked, else on a GPU wherever
+    decode is graphed and not under ``hpi serve`` (``not_served`` says why); asked for an eager run or under serve:
+    refused in one line."""
     if asked and not spec.decode_graphs:
-        raise DeploymentError(f"{_who(spec)}: --skinny-gemm changes the graphed decode step's products, and this run "
-                              "decodes eagerly: add --cuda-graphs (GPU-resident 16-bit plans) or drop --skinny-gemm")
+        raise DeploymentError(f"{_who(spec)}: {flag} {does}, and this run decodes eagerly: add --cuda-graphs "
+                              f"(GPU-resident 16-bit plans) or drop {flag}")
     if asked and spec.mode == "serve":
-        raise DeploymentError("hpi serve: --skinny-gemm is not supported: its decode graphs run each product through "
-                              "torch; drop --skinny-gemm")
+        raise DeploymentError(f"hpi serve: {flag} is not supported: {not_served}; drop {flag}")
     if asked is not None:
         return asked
     return spec.decode_graphs and spec.device == "cuda" and spec.mode != "serve"

@@ -250,21 +250,25 @@ def test_launched_graphed_variant_matches_the_eager_run(name, tmp_path):
     assert eager["spec"]["workload"]["decode_graphs"] is False
 
 
-@pytest.mark.parametrize("name", list(LAYOUTS))
-def test_launched_compiled_variant_matches_the_graphed_run_and_records_its_compile(name, tmp_path):
-    """hpi run's path, one rank, TP 2 (its all-reduces inside the compiled step) and PP 2: the same build graphed,
-    then graphed and compiled; the compiled variant's record says so (spec and workload) and carries the compile's
-    seconds, the plain one none."""
+def _graphed_and_variant(plan: Plan, variant: dict, tmp_path) -> tuple[dict, dict]:
+    """hpi run's launched path on the CPU: one build graphed, then ``variant``; both records' documents."""
     pytest.importorskip("deepspeed")
     import json
 
     from hpi.executor.launch import launch
 
-    spec = RunSpec(plan=LAYOUTS[name], model="tiny-llama",
-                   workload=Workload(prompt_len_tokens=9, gen_len_tokens=GEN), device="cpu", dtype="fp32",
-                   out_dir=str(tmp_path), decode_graphs=True, variants=({"decode_compile": True},))
+    spec = RunSpec(plan=plan, model="tiny-llama", workload=Workload(prompt_len_tokens=9, gen_len_tokens=GEN),
+                   device="cpu", dtype="fp32", out_dir=str(tmp_path), decode_graphs=True, variants=(variant,))
     graphed = launch(spec, timeout_s=300).to_json()
-    compiled = json.loads((tmp_path / graphed["variant_records"][0]).read_text())
+    return graphed, json.loads((tmp_path / graphed["variant_records"][0]).read_text())
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_launched_compiled_variant_matches_the_graphed_run_and_records_its_compile(name, tmp_path):
+    """hpi run's path, one rank, TP 2 (its all-reduces inside the compiled step) and PP 2: the same build graphed,
+    then graphed and compiled; the compiled variant's record says so (spec and workload) and carries the compile's
+    seconds, the plain one none."""
+    graphed, compiled = _graphed_and_variant(LAYOUTS[name], {"decode_compile": True}, tmp_path)
     assert compiled["tokens"] == graphed["tokens"] and len(compiled["tokens"][0]) == GEN
     assert compiled["spec"]["decode_compile"] is True and compiled["spec"]["workload"]["decode_compile"] is True
     assert compiled["compile_s"] == max(r["compile_s"] for r in compiled["ranks"]) > 0
@@ -274,16 +278,7 @@ def test_launched_compiled_variant_matches_the_graphed_run_and_records_its_compi
 def test_launched_stacked_variant_matches_the_graphed_run_and_says_so(tmp_path):
     """hpi run's path, one rank: the same build graphed, then graphed with the stacked products; the variant's record
     says so in its spec and workload (what the planner prices: cost.overhead.skinny_saving)."""
-    pytest.importorskip("deepspeed")
-    import json
-
-    from hpi.executor.launch import launch
-
-    spec = RunSpec(plan=LAYOUTS["one-rank"], model="tiny-llama",
-                   workload=Workload(prompt_len_tokens=9, gen_len_tokens=GEN), device="cpu", dtype="fp32",
-                   out_dir=str(tmp_path), decode_graphs=True, variants=({"skinny_gemm": True},))
-    graphed = launch(spec, timeout_s=300).to_json()
-    stacked = json.loads((tmp_path / graphed["variant_records"][0]).read_text())
+    graphed, stacked = _graphed_and_variant(LAYOUTS["one-rank"], {"skinny_gemm": True}, tmp_path)
     assert stacked["tokens"] == graphed["tokens"] and len(stacked["tokens"][0]) == GEN
     assert stacked["spec"]["skinny_gemm"] is True and stacked["spec"]["workload"]["skinny_gemm"] is True
     assert graphed["spec"]["skinny_gemm"] is False and graphed["spec"]["workload"]["skinny_gemm"] is False
