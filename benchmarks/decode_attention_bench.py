@@ -15,6 +15,9 @@ compared with sdpa's (``grouped_sdpa``) on the same inputs: ``max_abs_err``.
 
     python3 benchmarks/decode_attention_bench.py --batches 1,16,64 --targets 256,512,1024,2048 --out $OUT/attn.json
 
+``--blocks``, ``--warps`` and ``--stages`` sweep pass 1's launch too (the module's ``BLOCK_N``, ``WARPS``, ``STAGES``):
+every combination with every target.
+
 On a CPU (``--device cpu``, ``TRITON_INTERPRET=1``) the kernels run in Triton's interpreter, timed with
 ``time.perf_counter`` (``"timer": "perf_counter"``; not a GPU number): the tests run it so on tiny shapes.
 """
@@ -22,6 +25,7 @@ On a CPU (``--device cpu``, ``TRITON_INTERPRET=1``) the kernels run in Triton's 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -42,8 +46,10 @@ def _inputs(batch: int, heads: int, kv_heads: int, head_dim: int, slots: int, po
 
 
 def measure(batch: int, targets: list[int], *, heads: int, kv_heads: int, head_dim: int, slots: int, position: int,
-            replays: int, device: torch.device, dtype: torch.dtype) -> list[dict]:
-    """One row for sdpa and one per target of pass 1's programs, on the same inputs."""
+            replays: int, device: torch.device, dtype: torch.dtype,
+            launches: list[tuple[int, int, int]] | None = None) -> list[dict]:
+    """One row for sdpa and one per target of pass 1's programs and launch (block of slots, warps, stages; default
+    the module's own), on the same inputs."""
     q, k, v, allowed = _inputs(batch, heads, kv_heads, head_dim, slots, position, device, dtype)
     scale = head_dim ** -0.5
     reference = da.grouped_sdpa(q, k, v, allowed, scale).float()
@@ -58,16 +64,21 @@ def measure(batch: int, targets: list[int], *, heads: int, kv_heads: int, head_d
 
     us, timer = time_us(lambda: da.grouped_sdpa(q, k, v, allowed, scale), replays, device)
     rows = [row("sdpa", us, timer, reference)]
-    saved = da.TARGET_PROGRAMS
+    saved = (da.TARGET_PROGRAMS, da.BLOCK_N, da.WARPS, da.STAGES)
     try:
-        for target in targets:
-            da.TARGET_PROGRAMS = target
-            out = da.triton_decode_attention(q, k, v, allowed, scale)
+        for target, (block, warps, stages) in itertools.product(targets, launches or [saved[1:]]):
+            da.TARGET_PROGRAMS, da.BLOCK_N, da.WARPS, da.STAGES = target, block, warps, stages
+            try:
+                out = da.triton_decode_attention(q, k, v, allowed, scale)
+            except Exception as e:  # a launch this GPU cannot hold (Triton's OutOfResources: shared memory)
+                rows.append({**base, "kernel": "split_kv", "target_programs": target, "block": block, "warps": warps,
+                             "stages": stages, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+                continue
             us, timer = time_us(lambda: da.triton_decode_attention(q, k, v, allowed, scale), replays, device)
-            rows.append(row("split_kv", us, timer, out, target_programs=target,
-                            splits=da.splits_for(batch, kv_heads, slots)))
+            rows.append(row("split_kv", us, timer, out, target_programs=target, block=block, warps=warps,
+                            stages=stages, splits=da.splits_for(batch, kv_heads, slots)))
     finally:
-        da.TARGET_PROGRAMS = saved
+        da.TARGET_PROGRAMS, da.BLOCK_N, da.WARPS, da.STAGES = saved
     return rows
 
 
@@ -83,6 +94,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batches", type=_ints, default=[1, 16, 64])
     p.add_argument("--targets", type=_ints, default=[256, 512, 1024, 2048],
                    help="pass 1's programs to aim for (hpi.executor.decode_attention.TARGET_PROGRAMS)")
+    p.add_argument("--blocks", type=_ints, default=None, help="pass 1's slots a block (default: BLOCK_N)")
+    p.add_argument("--warps", type=_ints, default=None, help="pass 1's warps a program (default: WARPS)")
+    p.add_argument("--stages", type=_ints, default=None, help="pass 1's pipeline stages (default: STAGES)")
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
@@ -107,11 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    launches = list(itertools.product(args.blocks or [da.BLOCK_N], args.warps or [da.WARPS],
+                                      args.stages or [da.STAGES]))
     rows = []
     for batch in args.batches:
         for r in measure(batch, args.targets, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
                          slots=args.slots, position=args.position, replays=args.replays, device=device,
-                         dtype=dtype):
+                         dtype=dtype, launches=launches):
             print(json.dumps(r), flush=True)
             rows.append(r)
     if args.out:

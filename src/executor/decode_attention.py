@@ -48,6 +48,8 @@ import torch
 import torch.nn.functional as F
 
 BLOCK_N = 64  # slots per block of pass 1
+WARPS = 4  # pass 1's warps a program (Triton's default)
+STAGES = 3  # pass 1's software-pipeline stages over its blocks (Triton's default on CUDA)
 MIN_DOT = 16  # tl.dot's least dimension: the G query heads of a KV head, and the head size, are padded to it
 TARGET_PROGRAMS = 256  # pass-1 programs to aim for: about two per SM of an H100/H200 (132 SMs)
 MAX_HEAD_DIM = 256  # a head is padded to a power of two (tl.arange), at least 16 (tl.dot), at most this
@@ -148,8 +150,9 @@ def _kernels():
         out = acc / tl.where(has, l_i, 1.0)[:, None]
         lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
         slot = (pair * SPLITS + split) * ROWS + g
-        tl.store(part_ptr + slot[:, None] * D_PAD + d[None, :], out)
-        tl.store(lse_ptr + slot, lse)
+        # Only the G real query rows: the padded ones are never combined (a quarter of the bytes at G = 4).
+        tl.store(part_ptr + slot[:, None] * D_PAD + d[None, :], out, mask=g_ok[:, None])
+        tl.store(lse_ptr + slot, lse, mask=g_ok)
 
     @triton.jit
     def combine_pass(part_ptr, lse_ptr, out_ptr, so_n, so_h,
@@ -196,7 +199,8 @@ def triton_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: tor
         query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), mask_row_stride,
         slots, scale,
-        CHUNK=chunk, KV=kv, G=groups, ROWS=rows, D=d, D_PAD=d_pad, BLOCK=BLOCK_N, SPLITS=splits, IEEE=ieee)
+        CHUNK=chunk, KV=kv, G=groups, ROWS=rows, D=d, D_PAD=d_pad, BLOCK=BLOCK_N, SPLITS=splits, IEEE=ieee,
+        num_warps=WARPS, num_stages=STAGES)
     combine_pass[(n * kv, groups)](part, lse, out, out.stride(0), out.stride(1),
                                    KV=kv, G=groups, ROWS=rows, D=d, D_PAD=d_pad, SPLITS=splits,
                                    SPLITS_PAD=1 << (splits - 1).bit_length())

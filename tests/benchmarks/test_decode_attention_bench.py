@@ -43,3 +43,16 @@ def test_bad_arguments_get_one_line_and_exit_2():
     assert proc.returncode == 2 and "TRITON_INTERPRET=1" in proc.stderr
     proc = _run("--batches", "0,2", "--device", "cpu")
     assert proc.returncode == 2 and "positive integers" in proc.stderr
+
+
+def test_the_launch_sweep_times_every_block_with_every_target_and_puts_the_module_back(tmp_path):
+    """--blocks / --warps / --stages: every combination with every target, each still sdpa's attention; the blocks
+    set the splits (at most one a block of the cache)."""
+    out = tmp_path / "attn.json"
+    proc = _run("--device", "cpu", "--batches", "2", "--targets", "16", "--blocks", "32,64", "--warps", "4",
+                "--stages", "2", "--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--slots", "256",
+                "--position", "200", "--replays", "1", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [r for r in json.loads(out.read_text())["rows"] if r["kernel"] == "split_kv"]
+    assert [(r["block"], r["warps"], r["stages"], r["splits"]) for r in rows] == [(32, 4, 2, 4), (64, 4, 2, 4)]
+    assert all(r["max_abs_err"] < 1e-4 for r in rows)
