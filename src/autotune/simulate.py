@@ -101,7 +101,7 @@ STRUCTURAL_RANGES: dict[str, tuple[float, float]] = {
     "pressure": (0.2, 1.0),  # slowdown at 100% of usable GPU memory, linear from 0 at 80%
 }
 PRESSURE_FROM = 0.80
-FRACTION_CAP = 0.97  # no efficiency reaches its ceiling
+FRACTION_CAP = 0.97  # no efficiency reaches its ceiling (nor passes the profile's own, where that is higher)
 FRACTIONS = ("h2d_stream_pinned", "h2d_stream_pageable", "nvme_read", "matmul_prefill", "matmul_decode", "hbm",
              "collective_bandwidth")
 DEFAULT_NOISE = 0.02
@@ -149,7 +149,9 @@ class HiddenMachine:
         for f in fields(Efficiency):
             if f.name in factors:
                 v = getattr(eff, f.name) * factors[f.name]
-                changes[f.name] = min(v, FRACTION_CAP) if f.name in FRACTIONS else v
+                # a probed fraction above the cap (the H100's HBM line, 0.9775) is the machine's own: kept at spread 0
+                cap = max(FRACTION_CAP, getattr(eff, f.name))
+                changes[f.name] = min(v, cap) if f.name in FRACTIONS else v
         object.__setattr__(self, "factors", factors)
         object.__setattr__(self, "structural", structural)
         object.__setattr__(self, "profile", replace(self.nominal, efficiency=replace(eff, **changes)))

@@ -115,15 +115,24 @@ def test_decode_graph_replays_one_micro_batch_only():
 
 
 # ---- generator + stages in one process ----------------------------------------------------------------
-def _generate(stages, ids, padding, graphs: bool, micro_batches: int = 2) -> list[list[int]]:
-    def composed(x, caches, cache_position, **masks):
-        for stage, cache in zip(stages, caches):
+class _Composed(torch.nn.Module):
+    """Stages run one after another in one process, each with its own cache: one module, as a worker's stage is."""
+
+    def __init__(self, stages) -> None:
+        super().__init__()
+        self.stages = torch.nn.ModuleList(stages)
+
+    def forward(self, x, caches, cache_position, **masks):
+        for stage, cache in zip(self.stages, caches):
             x = stage(x, cache, cache_position, **masks)
         return x
 
-    gen = PipelineGenerator(stage=composed, groups=_one_rank(), new_cache=lambda: [DynamicCache() for _ in stages],
-                            hidden_size=0, dtype=torch.float32, device=torch.device("cpu"),
-                            micro_batches=micro_batches, sampler=Sampler(), decode_graphs=graphs,
+
+def _generate(stages, ids, padding, graphs: bool, micro_batches: int = 2, skinny: bool = False) -> list[list[int]]:
+    gen = PipelineGenerator(stage=_Composed(stages), groups=_one_rank(),
+                            new_cache=lambda: [DynamicCache() for _ in stages], hidden_size=0, dtype=torch.float32,
+                            device=torch.device("cpu"), micro_batches=micro_batches, sampler=Sampler(),
+                            decode_graphs=graphs, skinny_gemm=skinny,
                             new_static_cache=lambda n: [StaticKVCache(n) for _ in stages])
     return torch.cat(gen.run(ids, ids.shape[0], ids.shape[1], GEN, chat=False, padding=padding)).tolist()
 

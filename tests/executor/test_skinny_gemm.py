@@ -121,7 +121,7 @@ n = config.num_hidden_layers
 stages = [build_stage(config, ShardSpec.for_stage([1, n - 1], i), dtype=torch.float32, seed=0) for i in range(2)]
 plain = _generate(stages, ids, padding, graphs=True)
 installed = sum(sg.install(s) for s in stages)
-skinny = _generate(stages, ids, padding, graphs=True)
+skinny = _generate(stages, ids, padding, graphs=True, skinny=True)  # the run asks for it (RunSpec.skinny_gemm)
 lin = torch.nn.Linear(64, 48)
 sg.install(lin)
 x = torch.randn(4, 64)

@@ -86,7 +86,7 @@ RESULTS = Path(__file__).resolve().parents[3] / "benchmarks" / "results"
 
 
 @pytest.mark.parametrize("profile_name, probe_json", [
-    ("h100-sxm-1gpu", "2026-11-22-h100/run13-probe/h100-sxm-1gpu.probe.json"),
+    ("h100-sxm-1gpu", "2026-12-05-h100-issue20/call2/h100-1gpu-probed.probe.json"),  # 2026-11-22's run13 before
     ("h200-2gpu", "2026-11-22-h200x4/run5-probe/h200-4gpu.probe.json"),  # the same H200 GPU
     ("h200-4gpu", "2026-11-22-h200x4/run5-probe/h200-4gpu.probe.json"),
 ])
