@@ -148,7 +148,7 @@ class Tuner:
                     "device": "simulated" if cfg.simulate else cfg.device,
                     "hidden_machine": [cfg.seed, cfg.sim_spread, cfg.sim_noise] if cfg.simulate else None}
         # Studies from before a condition existed ran without it: they resume with it turned off
-        # (--no-cuda-graphs, --no-compile-decode, --no-fused-dequant).
+        # (--no-cuda-graphs, --no-compile-decode, --no-fused-dequant, --no-skinny-gemm).
         for condition in SWITCHES:
             if getattr(cfg.workload, condition):
                 identity[condition] = True
