@@ -447,14 +447,15 @@ def read_measurements(manifest: Manifest, record_paths: Sequence[str | Path] | N
     # All files read together: two of one stem in different folders (a rerun kept beside the first) are then
     # named with their folder (``load_records``), as calibrate and the record tests name them.
     profile_of = {str(file): profile for file, profile in files}
+    conditions_of = {str(file): dict(entry.conditions) for file, _ in files
+                     if (entry := manifest.entry_for(file)) and entry.conditions}  # once a file, not a record
     records = load_records([file for file, _ in files])
     for record in records:
         rel = _relative(Path(record.source.path), manifest.root)
         profile = profile_of[record.source.path]
         m = measurement(record)
-        entry = manifest.entry_for(Path(record.source.path))
-        if entry and entry.conditions:
-            m = dataclasses.replace(m, workload=dataclasses.replace(m.workload, **dict(entry.conditions)))
+        if record.source.path in conditions_of:
+            m = dataclasses.replace(m, workload=dataclasses.replace(m.workload, **conditions_of[record.source.path]))
         hits = [e for e in manifest.exclusions if e.matches(m.record_id, rel)]
         whole = next((e for e in hits if not e.metrics), None)
         if whole:
