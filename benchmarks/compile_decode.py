@@ -22,7 +22,10 @@ Graphs (``VARIANTS``): ``eager`` (the stage's forward captured, sdpa's attention
 --no-compile-decode``, with cuBLAS's products), ``compiled_sdpa`` (compiled, sdpa's attention), ``compiled_split``
 (compiled, hpi's split-KV decode attention, ``hpi.executor.decode_attention``), ``compiled_skinny`` (that, and the
 products of 2-16 rows in hpi's few-row kernel, ``hpi.executor.skinny_gemm``: what ``hpi run`` replays on a GPU
-now) and ``eager_skinny`` (the eager graph with the few-row kernel).
+now), ``eager_skinny`` (the eager graph with the few-row kernel) and ``compiled_skinny_pdl`` (``compiled_skinny``
+with the few-row products as programmatic dependent launches, ``skinny_gemm.use_pdl``; Hopper on, else the same as
+``compiled_skinny``). Inductor's own kernels become dependent launches under the option ``triton.enable_pdl``
+(``--option-sets``).
 
 Option sets: ``inductor_option_sets.py`` (``OPTION_SETS``, ``--option-sets``) says what each changes.
 
@@ -68,11 +71,12 @@ from inductor_option_sets import DEFAULT_SET, OPTION_SETS, PROFILER, SYNTAX, par
 from hpi.executor import agreement, skinny_gemm
 from hpi.executor.graphs import COMPILE_OPTIONS
 
-# The graphs compared, in order: (name, compiled, (hpi's split-KV decode attention, hpi's few-row products)). The
-# first of --variants is the baseline the others are fed tokens from and compared with.
-VARIANTS = (("eager", False, (False, False)), ("compiled_sdpa", True, (False, False)),
-            ("compiled_split", True, (True, False)), ("compiled_skinny", True, (True, True)),
-            ("eager_skinny", False, (False, True)))
+# The graphs compared, in order: (name, compiled, (hpi's split-KV decode attention, hpi's few-row products, those
+# products as dependent launches)). The first of --variants is the baseline the others are fed tokens from and
+# compared with.
+VARIANTS = (("eager", False, (False, False, False)), ("compiled_sdpa", True, (False, False, False)),
+            ("compiled_split", True, (True, False, False)), ("compiled_skinny", True, (True, True, False)),
+            ("eager_skinny", False, (False, True, False)), ("compiled_skinny_pdl", True, (True, True, True)))
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # ---- one graph's run --------------------------------------------------------------------------------------------
 def _stage(model: str, device: torch.device, dtype: torch.dtype):
@@ -203,16 +207,18 @@ def _benchmarker(options: dict):
         triton_heuristics.benchmarker = saved
 
 
-def _use_kernels(kernels: tuple[bool, bool]) -> None:
-    """Switch hpi's split-KV attention and few-row products on or off (the stage has the products installed)."""
+def _use_kernels(kernels: tuple[bool, bool, bool]) -> None:
+    """Switch hpi's split-KV attention, few-row products and their dependent launch on or off (the stage has the
+    products installed)."""
     from hpi.executor.decode_attention import use_split_kv
 
     use_split_kv(kernels[0])
     skinny_gemm.use_skinny(kernels[1])
+    skinny_gemm.use_pdl(kernels[2])
 
 
 @contextlib.contextmanager
-def _compiled_from_scratch(stage, kernels: tuple[bool, bool], options: dict | None):
+def _compiled_from_scratch(stage, kernels: tuple[bool, bool, bool], options: dict | None):
     """The stage's forward for one run with the kernel switches set, compiled afresh when ``options`` is not
     None: dynamo reset and a fresh inductor cache, kept for the run's whole life (its first call compiles)."""
     _use_kernels(kernels)
@@ -368,7 +374,7 @@ def measure(stage, vocab: int, batch: int, prompt_len: int, gen_len: int, replay
             if report is not None:
                 report(entry)
     finally:
-        _use_kernels((True, True))  # the process defaults
+        _use_kernels((True, True, False))  # the process defaults
     row = {"batch": batch, "positions": gen_len, "cache_slots": prompt_len + gen_len, "baseline": base_name,
            "baseline_ms": base_ms, "baseline_compile_s": base_first_s if base_compiled else None,
            "baseline_option_set": first_set if base_compiled else None,

@@ -26,6 +26,11 @@ changes ``torch/_inductor/config.py`` settings on top of nothing (torch.compile'
   ran in cuBLAS's 16-row kernels with split-K reductions at 0.83 of the HBM copy rate, where batch 1's tuned
   reductions ran near it: 7.51 against 5.84 ms (benchmarks/results/2026-12-05-issue20-leaf-agreement,
   call1/kernels.txt). Not yet compiled on a GPU: longer compiles (each GEMM shape is benchmarked).
+- ``cdt-all-pdl``: ``cdt-all`` and ``triton.enable_pdl``: on Hopper and later every inductor kernel is a
+  programmatic dependent launch that waits (``gdc_wait``) before its first load of what the kernel before wrote and
+  signals its own dependents after its loads (``codegen/triton.py``): a decode step of ~20 small kernels a layer
+  pays each kernel's ramp and tail less, and hpi's few-row products (``compiled_skinny_pdl``) may start reading
+  their weights while the kernel before still finishes. A setting of torch 2.8 or later only.
 - ``plain``: no option: cuBLAS for the batch-1 products and heuristic kernel configs (a reduction with several
   candidate configs is still timed once among them): the control for how much of the step, and of the
   spread, the tuning brings.
@@ -51,6 +56,7 @@ OPTION_SETS: dict[str, dict] = {
     "cdt-maxpw": {**CDT, "max_autotune_pointwise": True},
     "cdt-prof": {**CDT, "use_torch_profiler_benchmarker": True},
     "cdt-all-mm": {**CDT, "coordinate_descent_check_all_directions": True, "max_autotune_gemm": True},
+    "cdt-all-pdl": {**CDT, "coordinate_descent_check_all_directions": True, "triton.enable_pdl": True},
     "plain": {},
 }
 DEFAULT_SET = next(name for name, options in OPTION_SETS.items() if options == COMPILE_OPTIONS)

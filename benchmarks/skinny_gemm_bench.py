@@ -12,7 +12,9 @@ Timing as a decode step meets the products: each shape's weight is allocated in 
 graph runs the product over every copy back to back, and ``--replays`` replays between two CUDA events give µs a
 product and the weight's GB/s. Per row count: cuBLAS, then every configuration of ``skinny_gemm.candidates``
 (``config``, ``us``), the one the runtime tuner picks (``triton.testing.do_bench`` on one copy, L2 cleared; what
-``hpi run`` uses: ``tuned``), and around the graph's best its warps and pipeline stages (``--sweep``). Every output is
+``hpi run`` uses: ``tuned``), and around the graph's best its warps and pipeline stages (``--sweep``); on a GPU with
+dependent launches (Hopper on) the tuned pick and the best again as dependent launches (``tuned_pdl``, ``best_pdl``:
+``skinny_gemm.use_pdl``; each product may start while the one before finishes). Every output is
 compared with a float64 product: ``max_abs_err``. The model's step: each shape's µs times its products per step
 (``step_products_ms``), for cuBLAS, the tuned pick and the best found.
 
@@ -118,6 +120,15 @@ def measure(n: int, k: int, rows: int, *, stream_mb: float, replays: int, sweep:
             best = min([best, *out["sweep"]], key=lambda r: r["us"])
     out["best"] = best
     out["best_over_cublas"] = out["cublas"]["us"] / best["us"]
+    if sg.pdl_capable(device):  # the same launches again as dependent launches (skinny_gemm.use_pdl)
+        for path in ("tuned", "best"):
+            config = sg.Config(**out[path]["config"])
+            sg.use_pdl(True)
+            try:
+                out[f"{path}_pdl"] = row(*p.time_us(lambda x, w, c=config: sg.triton_linear(x, w, None, c),
+                                                    replays), config=config.__dict__)
+            finally:
+                sg.use_pdl(False)
     return out
 
 
@@ -127,7 +138,7 @@ def step_products(rows: list[dict], shapes: dict, copy_gb_s: float | None) -> di
     for m in sorted({r["rows"] for r in rows}):
         at = [r for r in rows if r["rows"] == m]
         total = {path: sum(r[path]["us"] * shapes[(r["n"], r["k"])]["per_step"] for r in at if path in r) / 1e3
-                 for path in ("cublas", "tuned", "best")}
+                 for path in ("cublas", "tuned", "best", "tuned_pdl", "best_pdl")}
         weight = sum(r["weight_bytes"] * shapes[(r["n"], r["k"])]["per_step"] for r in at)
         out[m] = {f"{path}_ms": ms for path, ms in total.items() if ms > 0}
         out[m]["weight_gb"] = weight / 1e9
@@ -208,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(r)
             print(json.dumps({key: r[key] for key in ("names", "rows", "best_over_cublas")}
                              | {"cublas_us": r["cublas"]["us"], "best_us": r["best"]["us"],
-                                "best": r["best"]["config"], "tuned_us": r.get("tuned", {}).get("us")}), flush=True)
+                                "best": r["best"]["config"], "tuned_us": r.get("tuned", {}).get("us"),
+                                "tuned_pdl_us": r.get("tuned_pdl", {}).get("us")}), flush=True)
     summary = {"kind": "hpi.SkinnyGemmBench", "model": None if args.shapes else args.model, "dtype": args.dtype,
                "stacked": args.stacked,
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

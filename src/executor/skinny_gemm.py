@@ -18,6 +18,15 @@ of a GQA model: 1,024 columns). With SPLIT_K 1 the program adds the bias and sto
 split stores its fp32 partial sum and a second kernel adds the splits in a fixed order (no atomics: the same
 inputs give the same bits at every replay), then the bias, and rounds once.
 
+Dependent launch (``use_pdl``, Hopper on): in a decode step each product follows a small kernel (a norm, the
+attention, an activation) that it cannot overlap when launched plainly: the GPU finishes one kernel, then ramps the
+next one's loads from nothing, some µs a product that a 16-row step of 128 products and a batch-1 step's reductions
+pay alike. Launched as a programmatic dependent launch, the product's programs may start while the kernel before
+still finishes; each reads the first ``Config.pre_k`` of its weight share (weights no kernel of the step writes),
+then waits (``gdc_wait``) for the kernel before to be done before it reads x or writes anything. The product
+signals its own dependents once its loads are issued (``gdc_launch_dependents``). The prefetch and the rest of the
+kernel are the same with it off; only the wait and the launch differ.
+
 The launch configuration (``Config``) is timed, not guessed: the first call of a shape on a GPU times
 ``candidates`` with ``triton.testing.do_bench`` (which clears L2 between runs, as a streamed 15 GB step does)
 and keeps the fastest for the process (``_TUNED``); that call comes in the graph's warm-up, before the capture.
@@ -55,9 +64,11 @@ MAX_ROWS = 16  # one tl.dot tile of rows; wider products are compute-shaped enou
 PAD_ROWS = 16  # tl.dot's least dimension
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 REDUCE_BLOCK = 256  # columns per program of the split-sum kernel
+PREFETCH_BYTES = 16384  # weight bytes a program reads before the dependent-launch wait (registers: 128 a thread)
 TRITON = importlib.util.find_spec("triton") is not None
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read once: dynamo guards on module constants
 _ENABLED = [True]
+_PDL = [False]
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,15 @@ class Config:
 
     def programs(self, n: int) -> int:
         return -(-n // self.block_n) * self.split_k
+
+    def pre_k(self, k: int, element_bytes: int) -> int:
+        """K elements of the first load of each program's weight share (read before the dependent-launch wait):
+        whole tiles, doubled while the tile stays within ``PREFETCH_BYTES`` and its split (a power of two, as
+        ``tl.arange`` needs)."""
+        pre = self.block_k
+        while 2 * pre <= self.k_per_split(k) and 2 * pre * self.block_n * element_bytes <= PREFETCH_BYTES:
+            pre *= 2
+        return pre
 
 
 def _splits_to_fill(n: int, k: int, block_n: int, block_k: int, sms: int) -> int:
@@ -112,6 +132,27 @@ def use_skinny(enabled: bool) -> None:
     _ENABLED[0] = enabled
 
 
+def use_pdl(enabled: bool) -> None:
+    """Launch the product kernel as a dependent launch where the GPU has it (``pdl_capable``), or not (a benchmark
+    compares the two). A CUDA graph keeps the launches it captured: capture again after switching."""
+    _PDL[0] = enabled
+
+
+def pdl_capable(device: torch.device) -> bool:
+    """Whether a product on ``device`` can be a programmatic dependent launch: a CUDA GPU of compute capability 9
+    or more (Hopper's grid dependency control) and a Triton with ``gdc_wait``; never in the interpreter."""
+    if INTERPRETED or device.type != "cuda" or not TRITON:
+        return False
+    return _gdc_on(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.cache
+def _gdc_on(index: int) -> bool:
+    import triton.language as tl
+
+    return torch.cuda.get_device_capability(index)[0] >= 9 and hasattr(tl.extra.cuda, "gdc_wait")
+
+
 def covers(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the kernel takes ``x2d @ weight.T`` (module docstring)."""
     if not (_ENABLED[0] and TRITON and (x2d.is_cuda or INTERPRETED)):
@@ -131,16 +172,31 @@ def _kernels():
     @triton.jit
     def product(x_ptr, w_ptr, b_ptr, out_ptr, part_ptr, M, N, K, sx, sw, so,
                 ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                K_SPLIT: tl.constexpr, EVEN: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
+                K_SPLIT: tl.constexpr, PRE_K: tl.constexpr, EVEN: tl.constexpr, HAS_BIAS: tl.constexpr,
+                IEEE: tl.constexpr, PDL: tl.constexpr):
         col_block = tl.program_id(0)
         split = tl.program_id(1)
         r = tl.arange(0, ROWS)
         n = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
         r_ok = r < M
         n_ok = n < N
-        acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
         start = split * K_SPLIT
-        for offset in range(0, K_SPLIT, BLOCK_K):
+        # The first PRE_K of the program's weight share, read before anything an earlier kernel writes: under a
+        # dependent launch this runs while the kernel before still finishes (module docstring, "Dependent launch").
+        kk = start + tl.arange(0, PRE_K)
+        k_ok = kk < K
+        if EVEN:
+            w = tl.load(w_ptr + n[:, None] * sw + kk[None, :])
+        else:
+            w = tl.load(w_ptr + n[:, None] * sw + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        if PDL:
+            tl.extra.cuda.gdc_wait()  # x, the outputs and the partial sums only after the kernel before is done
+        x = tl.load(x_ptr + r[:, None] * sx + kk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(x, tl.trans(w), input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w))
+        for offset in range(PRE_K, K_SPLIT, BLOCK_K):
             kk = start + offset + tl.arange(0, BLOCK_K)
             k_ok = kk < K
             x = tl.load(x_ptr + r[:, None] * sx + kk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
@@ -152,6 +208,8 @@ def _kernels():
                 acc += tl.dot(x, tl.trans(w), input_precision="ieee")
             else:
                 acc += tl.dot(x, tl.trans(w))
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()  # every load is issued: the next kernel may start its own
         keep = r_ok[:, None] & n_ok[None, :]
         if SPLIT_K == 1:
             if HAS_BIAS:
@@ -191,11 +249,13 @@ def triton_linear(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     split = config.split_k
     part = torch.empty(split * PAD_ROWS, n, device=x2d.device, dtype=torch.float32) if split > 1 else out
     b = bias if bias is not None else out  # not read without HAS_BIAS
+    pdl = _PDL[0] and pdl_capable(x2d.device)
     product[(-(-n // config.block_n), split)](
         x2d, weight, b, out, part, m, n, k, x2d.stride(0), weight.stride(0), out.stride(0),
-        ROWS=PAD_ROWS, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split, K_SPLIT=k_split, EVEN=even,
-        HAS_BIAS=bias is not None, IEEE=x2d.dtype == torch.float32, num_warps=config.warps,
-        num_stages=config.stages)
+        ROWS=PAD_ROWS, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split, K_SPLIT=k_split,
+        PRE_K=config.pre_k(k, x2d.element_size()), EVEN=even, HAS_BIAS=bias is not None,
+        IEEE=x2d.dtype == torch.float32, PDL=pdl, num_warps=config.warps, num_stages=config.stages,
+        **({"launch_pdl": True} if pdl else {}))
     if split > 1:
         split_sum[(-(-n // REDUCE_BLOCK), m)](part, b, out, n, out.stride(0), ROWS=PAD_ROWS, SPLIT_K=split,
                                               SPLIT_PAD=1 << (split - 1).bit_length(), BLOCK=REDUCE_BLOCK,

@@ -110,11 +110,14 @@ def test_compiles_go_round_by_round_over_the_sets():
     assert [(u, i) for u, _, _, _, i in units] == [
         ("compiled_sdpa@cdt", 1), ("compiled_sdpa@plain", 1), ("compiled_split@cdt", 1), ("compiled_split@plain", 1),
         ("compiled_sdpa@cdt", 2), ("compiled_sdpa@plain", 2), ("compiled_split@cdt", 2), ("compiled_split@plain", 2)]
-    # sdpa, then hpi's split-KV attention; cuBLAS's products in both
-    assert [k for _, _, k, _, _ in units[:4]] == [(False, False), (False, False), (True, False), (True, False)]
+    # sdpa, then hpi's split-KV attention; cuBLAS's products in both, no dependent launch
+    assert [k for _, _, k, _, _ in units[:4]] == [(False, False, False), (False, False, False),
+                                                  (True, False, False), (True, False, False)]
+    # the dependent-launch variant differs from compiled_skinny in that switch alone
+    assert dict((v[0], v[2]) for v in mod.VARIANTS)["compiled_skinny_pdl"] == (True, True, True)
     # an eager graph after the baseline runs once, whatever the sets and compiles
     swapped = (variants[2], variants[0])
-    assert mod._units(swapped, {"cdt": {}, "plain": {}}, 3) == [("eager", "eager", (False, False), None, 1)]
+    assert mod._units(swapped, {"cdt": {}, "plain": {}}, 3) == [("eager", "eager", (False, False, False), None, 1)]
 
 
 def test_a_spent_budget_starts_no_compile_and_lists_what_it_skipped(tmp_path):

@@ -52,6 +52,16 @@ def test_splits_fill_the_sms_but_never_split_below_a_tile():
     assert sg.Config(32, 256, 8).programs(1024) == 256
 
 
+def test_the_first_load_before_the_dependent_wait_doubles_within_its_bytes_and_split():
+    # bf16 (2 bytes): 16 columns x 512 = 16 KiB, the most; 64 columns keep one 256 tile (32 KiB: a tile is the least)
+    assert sg.Config(16, 256, 1).pre_k(4096, 2) == 512 and sg.Config(32, 256, 1).pre_k(4096, 2) == 256
+    assert sg.Config(64, 256, 1).pre_k(4096, 2) == 256 and sg.Config(16, 128, 1).pre_k(4096, 2) == 512
+    # never past the split's share: 4 splits of 1,000 give 256 each; fp32 halves what fits
+    assert sg.Config(16, 128, 4).pre_k(1000, 2) == 256 and sg.Config(16, 128, 8).pre_k(1000, 2) == 128
+    assert sg.Config(16, 128, 1).pre_k(4096, 4) == 256
+    assert not sg.pdl_capable(torch.device("cpu"))  # Hopper's grid dependency control only
+
+
 def test_candidates_time_each_tile_with_the_filling_split_and_twice_it():
     configs = sg.candidates(1024, 4096, 132)
     # 3 column tiles x 2 K tiles x 2 splits, less one: 64 x 256 fills at 16 splits, and 32 would cut K below a tile
@@ -169,6 +179,29 @@ def test_kernel_matches_float64_in_bf16_on_a_gpu(case):
     config = case[4] or sg.config_for(x, w, b)
     got = sg.triton_linear(x, w, b, config)
     assert (got.double() - _reference(x, w, b)).abs().max().item() < 3e-2  # bf16 output: ~3 significant digits
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_dependent_launch_in_a_graph_gives_the_same_bits_after_the_kernel_that_writes_x():
+    """Captured behind a kernel that writes x, the dependent launch waits for it: the same bits as a plain launch."""
+    x, w, b = _inputs((16, 4096, 4096, True, None), torch.bfloat16, "cuda")
+    config = sg.Config(16, 256, 1)
+    outs = {}
+    for pdl in (False, True):
+        sg.use_pdl(pdl)
+        try:
+            source = torch.zeros_like(x)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                source.copy_(x).mul_(2.0)  # the kernel before writes the product's input
+                outs[pdl] = sg.triton_linear(source, w, b, config)
+            graph.replay()
+            torch.cuda.synchronize()
+        finally:
+            sg.use_pdl(False)
+    assert torch.equal(outs[True], outs[False])
+    assert (outs[True].double() - _reference(2 * x, w, b)).abs().max().item() < 6e-2
 
 
 def test_siblings_stack_into_one_product_that_compiles_without_a_break():
