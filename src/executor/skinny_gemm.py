@@ -24,8 +24,9 @@ next one's loads from nothing, some µs a product that a 16-row step of 128 prod
 pay alike. Launched as a programmatic dependent launch, the product's programs may start while the kernel before
 still finishes; each reads the first ``Config.pre_k`` of its weight share (weights no kernel of the step writes),
 then waits (``gdc_wait``) for the kernel before to be done before it reads x or writes anything. The product
-signals its own dependents once its loads are issued (``gdc_launch_dependents``). The prefetch and the rest of the
-kernel are the same with it off; only the wait and the launch differ.
+signals its own dependents once its loads are issued (``gdc_launch_dependents``). Switched off, the kernel reads
+every tile in its loop, as measured before the switch; where the GPU has no dependent launch (or in the
+interpreter) the switch keeps the first load apart without the wait.
 
 The launch configuration (``Config``) is timed, not guessed: the first call of a shape on a GPU times
 ``candidates`` with ``triton.testing.do_bench`` (which clears L2 between runs, as a streamed 15 GB step does)
@@ -181,21 +182,22 @@ def _kernels():
         r_ok = r < M
         n_ok = n < N
         start = split * K_SPLIT
-        # The first PRE_K of the program's weight share, read before anything an earlier kernel writes: under a
-        # dependent launch this runs while the kernel before still finishes (module docstring, "Dependent launch").
-        kk = start + tl.arange(0, PRE_K)
-        k_ok = kk < K
-        if EVEN:
-            w = tl.load(w_ptr + n[:, None] * sw + kk[None, :])
-        else:
-            w = tl.load(w_ptr + n[:, None] * sw + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        if PDL:
-            tl.extra.cuda.gdc_wait()  # x, the outputs and the partial sums only after the kernel before is done
-        x = tl.load(x_ptr + r[:, None] * sx + kk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-        if IEEE:
-            acc = tl.dot(x, tl.trans(w), input_precision="ieee")
-        else:
-            acc = tl.dot(x, tl.trans(w))
+        acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
+        if PRE_K > 0:  # the first PRE_K of the program's weight share, read before anything an earlier kernel writes:
+            # under a dependent launch this runs while the kernel before still finishes (module docstring)
+            kk = start + tl.arange(0, PRE_K)
+            k_ok = kk < K
+            if EVEN:
+                w = tl.load(w_ptr + n[:, None] * sw + kk[None, :])
+            else:
+                w = tl.load(w_ptr + n[:, None] * sw + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            if PDL:
+                tl.extra.cuda.gdc_wait()  # x, the outputs and the partial sums only once the kernel before is done
+            x = tl.load(x_ptr + r[:, None] * sx + kk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+            if IEEE:
+                acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+            else:
+                acc += tl.dot(x, tl.trans(w))
         for offset in range(PRE_K, K_SPLIT, BLOCK_K):
             kk = start + offset + tl.arange(0, BLOCK_K)
             k_ok = kk < K
@@ -249,11 +251,12 @@ def triton_linear(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     split = config.split_k
     part = torch.empty(split * PAD_ROWS, n, device=x2d.device, dtype=torch.float32) if split > 1 else out
     b = bias if bias is not None else out  # not read without HAS_BIAS
-    pdl = _PDL[0] and pdl_capable(x2d.device)
+    pre_k = config.pre_k(k, x2d.element_size()) if _PDL[0] else 0  # 0: no first load apart, the plain kernel
+    pdl = _PDL[0] and pdl_capable(x2d.device)  # the interpreter and older GPUs run the first load, never the wait
     product[(-(-n // config.block_n), split)](
         x2d, weight, b, out, part, m, n, k, x2d.stride(0), weight.stride(0), out.stride(0),
         ROWS=PAD_ROWS, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split, K_SPLIT=k_split,
-        PRE_K=config.pre_k(k, x2d.element_size()), EVEN=even, HAS_BIAS=bias is not None,
+        PRE_K=pre_k, EVEN=even, HAS_BIAS=bias is not None,
         IEEE=x2d.dtype == torch.float32, PDL=pdl, num_warps=config.warps, num_stages=config.stages,
         **({"launch_pdl": True} if pdl else {}))
     if split > 1:

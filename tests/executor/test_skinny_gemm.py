@@ -84,23 +84,26 @@ def test_without_a_gpu_linear_is_f_linear():
 
 def test_kernel_equals_float64_products_in_fp32():
     """Each case (one split and several, ragged tiles, a bias, 2-16 rows, a non-contiguous x): every output within
-    1e-5 of the float64 product; the dispatch covers 2-16 rows and leaves 1 and 17 to F.linear."""
+    1e-5 of the float64 product, with the plain loop and with the first load apart (``use_pdl``: in the interpreter
+    without the wait); the dispatch covers 2-16 rows and leaves 1 and 17 to F.linear."""
     result = _interpreted("""
 import json, torch
 from hpi.executor import skinny_gemm as sg
 from tests.executor.test_skinny_gemm import CASES, _inputs, _reference
 errors = []
-for case in CASES:
-    x, w, b = _inputs(case)
-    config = case[4] or sg.default_config(w.shape[0], w.shape[1], sms=8)
-    errors.append(float((sg.triton_linear(x, w, b, config).double() - _reference(x, w, b)).abs().max()))
+for pdl in (False, True):
+    sg.use_pdl(pdl)
+    for case in CASES:
+        x, w, b = _inputs(case)
+        config = case[4] or sg.default_config(w.shape[0], w.shape[1], sms=8)
+        errors.append(float((sg.triton_linear(x, w, b, config).double() - _reference(x, w, b)).abs().max()))
 x, w, b = _inputs(CASES[2])
 strided = torch.cat([x, x], dim=1)[:, ::2]  # a view with stride 2 along K
 errors.append(float((sg.linear(strided, w, b).double() - _reference(strided, w, b)).abs().max()))
 covers = {m: sg.covers(torch.zeros(m, 64), torch.zeros(32, 64)) for m in (1, 2, 16, 17)}
 print(json.dumps({"errors": errors, "covers": covers}))
 """)
-    assert len(result["errors"]) == len(CASES) + 1
+    assert len(result["errors"]) == 2 * len(CASES) + 1
     assert max(result["errors"]) < 1e-5, result["errors"]
     assert result["covers"] == {"1": False, "2": True, "16": True, "17": False}
 
