@@ -185,19 +185,19 @@ def _kernels():
         acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
         if PRE_K > 0:  # the first PRE_K of the program's weight share, read before anything an earlier kernel writes:
             # under a dependent launch this runs while the kernel before still finishes (module docstring)
-            kk = start + tl.arange(0, PRE_K)
-            k_ok = kk < K
+            kp = start + tl.arange(0, PRE_K)  # own names: Triton types a loop's carried variables once
+            kp_ok = kp < K
             if EVEN:
-                w = tl.load(w_ptr + n[:, None] * sw + kk[None, :])
+                wp = tl.load(w_ptr + n[:, None] * sw + kp[None, :])
             else:
-                w = tl.load(w_ptr + n[:, None] * sw + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                wp = tl.load(w_ptr + n[:, None] * sw + kp[None, :], mask=n_ok[:, None] & kp_ok[None, :], other=0.0)
             if PDL:
                 tl.extra.cuda.gdc_wait()  # x, the outputs and the partial sums only once the kernel before is done
-            x = tl.load(x_ptr + r[:, None] * sx + kk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+            xp = tl.load(x_ptr + r[:, None] * sx + kp[None, :], mask=r_ok[:, None] & kp_ok[None, :], other=0.0)
             if IEEE:
-                acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+                acc += tl.dot(xp, tl.trans(wp), input_precision="ieee")
             else:
-                acc += tl.dot(x, tl.trans(w))
+                acc += tl.dot(xp, tl.trans(wp))
         for offset in range(PRE_K, K_SPLIT, BLOCK_K):
             kk = start + offset + tl.arange(0, BLOCK_K)
             k_ok = kk < K
