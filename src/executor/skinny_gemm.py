@@ -24,9 +24,11 @@ next one's loads from nothing, some µs a product that a 16-row step of 128 prod
 pay alike. Launched as a programmatic dependent launch, the product's programs may start while the kernel before
 still finishes; each reads the first ``Config.pre_k`` of its weight share (weights no kernel of the step writes),
 then waits (``gdc_wait``) for the kernel before to be done before it reads x or writes anything. The product
-signals its own dependents once its loads are issued (``gdc_launch_dependents``). Switched off, the kernel reads
-every tile in its loop, as measured before the switch; where the GPU has no dependent launch (or in the
-interpreter) the switch keeps the first load apart without the wait.
+signals its own dependents once its loads are issued (``gdc_launch_dependents``). Switched off (the default), the
+kernel reads every tile in its loop; where the GPU has no dependent launch (or in the interpreter) the switch keeps
+the first load apart without the wait. Measured on one H100 it loses: the 8B's 16-row products 5.535 -> 5.667 ms a
+step, the compiled batch-16 step 6.663 -> 6.936 ms (benchmarks/results/2026-12-06-pdl); it stays for benchmarks
+(``skinny_gemm_bench.py``, ``compile_decode.py``'s ``compiled_skinny_pdl``) to measure on other GPUs.
 
 The launch configuration (``Config``) is timed, not guessed: the first call of a shape on a GPU times
 ``candidates`` with ``triton.testing.do_bench`` (which clears L2 between runs, as a streamed 15 GB step does)
