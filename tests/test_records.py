@@ -176,7 +176,8 @@ KEPT = {
     "2026-12-06-skinny-switch/call3/m8-sbs2/records.json": (9, {}),
     **{f"2026-12-06-skinny-switch/call4/attn-{slots}.json": (0, {"not a RunRecord": 1}) for slots in (544, 1024)},
     **{f"2026-12-06-pdl/{name}": (0, {"not a RunRecord": 1})
-       for name in ("call1/compile-b16.json", "call2/compile-b16.json", "call2/skinny-pdl.json", "call3/compile-b1.json")},
+       for name in ("call1/compile-b16.json", "call2/compile-b16.json", "call2/skinny-pdl.json",
+                    "call3/compile-b1.json")},
     **{f"2026-12-06-prefetch-lag/call1-profiled/profiles/{name}.json": (0, {"not a RunRecord": 1})
        for name in ("1layer-ds-b1", "1layer-fused-b1", "3e9-ds-b1", "3e9-fused-b1", "3e9-fused-b16")},
     "2026-12-03-h200-moe2/call1/ds/records.json": (2, {}),
