@@ -23,8 +23,9 @@ Graphs (``VARIANTS``): ``eager`` (the stage's forward captured, sdpa's attention
 (compiled, hpi's split-KV decode attention, ``hpi.executor.decode_attention``), ``compiled_skinny`` (that, and the
 products of 2-16 rows in hpi's few-row kernel, ``hpi.executor.skinny_gemm``: what ``hpi run`` replays on a GPU
 now), ``eager_skinny`` (the eager graph with the few-row kernel) and ``compiled_skinny_pdl`` (``compiled_skinny``
-with the few-row products as programmatic dependent launches, ``skinny_gemm.use_pdl``; Hopper on, else the same as
-``compiled_skinny``). Inductor's own kernels become dependent launches under the option ``triton.enable_pdl``
+with the few-row products as programmatic dependent launches that warm L2 with their first weight tiles before they
+wait, and the attention's second pass signalling them, ``hpi.executor.dependent_launch``; Hopper on, else the same
+as ``compiled_skinny``). Inductor's own kernels become dependent launches under the option ``triton.enable_pdl``
 (``--option-sets``).
 
 Option sets: ``inductor_option_sets.py`` (``OPTION_SETS``, ``--option-sets``) says what each changes.
@@ -68,7 +69,7 @@ from pathlib import Path
 import torch
 from inductor_option_sets import DEFAULT_SET, OPTION_SETS, PROFILER, SYNTAX, parse_option_sets
 
-from hpi.executor import agreement, skinny_gemm
+from hpi.executor import agreement, dependent_launch, skinny_gemm
 from hpi.executor.graphs import COMPILE_OPTIONS
 
 # The graphs compared, in order: (name, compiled, (hpi's split-KV decode attention, hpi's few-row products, those
@@ -214,7 +215,7 @@ def _use_kernels(kernels: tuple[bool, bool, bool]) -> None:
 
     use_split_kv(kernels[0])
     skinny_gemm.use_skinny(kernels[1])
-    skinny_gemm.use_pdl(kernels[2])
+    dependent_launch.use(kernels[2])
 
 
 @contextlib.contextmanager

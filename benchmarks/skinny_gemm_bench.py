@@ -13,8 +13,9 @@ graph runs the product over every copy back to back, and ``--replays`` replays b
 product and the weight's GB/s. Per row count: cuBLAS, then every configuration of ``skinny_gemm.candidates``
 (``config``, ``us``), the one the runtime tuner picks (``triton.testing.do_bench`` on one copy, L2 cleared; what
 ``hpi run`` uses: ``tuned``), and around the graph's best its warps and pipeline stages (``--sweep``); on a GPU with
-dependent launches (Hopper on) the tuned pick and the best again as dependent launches (``tuned_pdl``, ``best_pdl``:
-``skinny_gemm.use_pdl``; each product may start while the one before finishes). Every output is
+dependent launches (Hopper on) the tuned pick and the best again as dependent launches (``tuned_pdl``, ``best_pdl``,
+timed once where the best is the tuned pick: ``hpi.executor.dependent_launch``; each product may warm L2 with its
+first weight tiles while the one before finishes). Every output is
 compared with a float64 product: ``max_abs_err``. The model's step: each shape's µs times its products per step
 (``step_products_ms``), for cuBLAS, the tuned pick and the best found.
 
@@ -37,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from graph_timing import time_us
 
+from hpi.executor import dependent_launch
 from hpi.executor import skinny_gemm as sg
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -120,15 +122,16 @@ def measure(n: int, k: int, rows: int, *, stream_mb: float, replays: int, sweep:
             best = min([best, *out["sweep"]], key=lambda r: r["us"])
     out["best"] = best
     out["best_over_cublas"] = out["cublas"]["us"] / best["us"]
-    if sg.pdl_capable(device):  # the same launches again as dependent launches (skinny_gemm.use_pdl)
-        for path in ("tuned", "best"):
+    if dependent_launch.capable(device):  # the same launches again as dependent launches
+        for path in ("tuned", "best") if out["best"] is not out.get("tuned") else ("tuned",):
             config = sg.Config(**out[path]["config"])
-            sg.use_pdl(True)
+            dependent_launch.use(True)
             try:
                 out[f"{path}_pdl"] = row(*p.time_us(lambda x, w, c=config: sg.triton_linear(x, w, None, c),
                                                     replays), config=config.__dict__)
             finally:
-                sg.use_pdl(False)
+                dependent_launch.use(False)
+        out.setdefault("best_pdl", out["tuned_pdl"])  # the best config is the tuned one: timed once
     return out
 
 

@@ -25,6 +25,10 @@ Measured (one H200, 8B shape, batch 1, 544 slots; benchmarks/results/2026-12-04-
 layer against cuDNN's 16.4 + 1.2, and the compiled step 4.51 ms against 5.87 with sdpa in the same process, with
 the same greedy tokens at all 32 teacher-forced positions.
 
+Under ``hpi.executor.dependent_launch`` pass 2 signals its dependents once its loads are issued, so that the
+product after it, a dependent launch, may warm L2 with its weights while it finishes; both passes stay plain launches
+(pass 1 reads the cache row the kernel before writes).
+
 The mask is the one the stage built (``masks.static_causal_mask``: causal, a sliding window, left padding), as
 a boolean [rows or 1, slots]; it is the only source of which slots count. Every query may attend to its own
 slot, so no row is empty.
@@ -46,6 +50,8 @@ import os
 
 import torch
 import torch.nn.functional as F
+
+from hpi.executor import dependent_launch
 
 BLOCK_N = 64  # slots per block of pass 1
 WARPS = 4  # pass 1's warps a program (Triton's default)
@@ -157,7 +163,8 @@ def _kernels():
     @triton.jit
     def combine_pass(part_ptr, lse_ptr, out_ptr, so_n, so_h,
                      KV: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
-                     D_PAD: tl.constexpr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
+                     D_PAD: tl.constexpr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                     SIGNAL: tl.constexpr):
         pair = tl.program_id(0)
         g = tl.program_id(1)  # one query head a program: every split's part loaded at once, no serial chain
         row = pair // KV
@@ -169,6 +176,8 @@ def _kernels():
         m = tl.max(lse, 0)  # finite: a query's own slot is always allowed
         w = tl.exp(lse - m)
         part = tl.load(part_ptr + slot[:, None] * D_PAD + d[None, :], mask=(split < SPLITS)[:, None], other=0.0)
+        if SIGNAL:  # its loads are issued: a dependent launch after it (the o_proj product) may start warming L2
+            tl.extra.cuda.gdc_launch_dependents()
         out = tl.sum(w[:, None] * part, 0) / tl.sum(w, 0)
         tl.store(out_ptr + row * so_n + (head * G + g) * so_h + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
 
@@ -203,7 +212,8 @@ def triton_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: tor
         num_warps=WARPS, num_stages=STAGES)
     combine_pass[(n * kv, groups)](part, lse, out, out.stride(0), out.stride(1),
                                    KV=kv, G=groups, ROWS=rows, D=d, D_PAD=d_pad, SPLITS=splits,
-                                   SPLITS_PAD=1 << (splits - 1).bit_length())
+                                   SPLITS_PAD=1 << (splits - 1).bit_length(),
+                                   SIGNAL=dependent_launch.active(query.device))
     return out
 
 

@@ -18,17 +18,17 @@ of a GQA model: 1,024 columns). With SPLIT_K 1 the program adds the bias and sto
 split stores its fp32 partial sum and a second kernel adds the splits in a fixed order (no atomics: the same
 inputs give the same bits at every replay), then the bias, and rounds once.
 
-Dependent launch (``use_pdl``, Hopper on): in a decode step each product follows a small kernel (a norm, the
-attention, an activation) that it cannot overlap when launched plainly: the GPU finishes one kernel, then ramps the
-next one's loads from nothing, some µs a product that a 16-row step of 128 products and a batch-1 step's reductions
-pay alike. Launched as a programmatic dependent launch, the product's programs may start while the kernel before
-still finishes; each reads the first ``Config.pre_k`` of its weight share (weights no kernel of the step writes),
-then waits (``gdc_wait``) for the kernel before to be done before it reads x or writes anything. The product
-signals its own dependents once its loads are issued (``gdc_launch_dependents``). Switched off (the default), the
-kernel reads every tile in its loop; where the GPU has no dependent launch (or in the interpreter) the switch keeps
-the first load apart without the wait. Measured on one H100 it loses: the 8B's 16-row products 5.535 -> 5.667 ms a
-step, the compiled batch-16 step 6.663 -> 6.936 ms (benchmarks/results/2026-12-06-pdl); it stays for benchmarks
-(``skinny_gemm_bench.py``, ``compile_decode.py``'s ``compiled_skinny_pdl``) to measure on other GPUs.
+Dependent launch (``hpi.executor.dependent_launch``, Hopper on, off by default): in a decode step each product
+follows a small kernel (a norm, the attention, an activation) and, launched plainly, ramps its loads from nothing
+once that kernel is done: some µs a product that a 16-row step of 128 products pays. Launched as a programmatic
+dependent launch, the product's programs may start once the kernel before has issued its loads; each asks L2 for the
+first ``Config.pre_k`` of its weight share (``prefetch.global.L2``, one per 128-byte line; weights no kernel of the
+step writes), then waits (``gdc_wait``) for the kernel before to be done, and only then runs the plain loop, whose
+first tiles now come from L2. It signals its own dependents once its loads are issued (``gdc_launch_dependents``).
+The loop is the plain kernel's in either form: the prefetch costs no register and leaves Triton's software
+pipeline as it is. (A first form loaded the first tile into registers before the wait, outside the pipelined loop:
+1-9% slower a product on one H100, benchmarks/results/2026-12-06-pdl.) The interpreter and older GPUs run the plain
+kernel.
 
 The launch configuration (``Config``) is timed, not guessed: the first call of a shape on a GPU times
 ``candidates`` with ``triton.testing.do_bench`` (which clears L2 between runs, as a streamed 15 GB step does)
@@ -62,16 +62,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from hpi.executor import dependent_launch
+
 MIN_ROWS = 2  # batch 1: inductor's tuned reduction (compiled) or cuBLAS's GEMV (eager graph)
 MAX_ROWS = 16  # one tl.dot tile of rows; wider products are compute-shaped enough for cuBLAS
 PAD_ROWS = 16  # tl.dot's least dimension
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 REDUCE_BLOCK = 256  # columns per program of the split-sum kernel
-PREFETCH_BYTES = 16384  # weight bytes a program reads before the dependent-launch wait (registers: 128 a thread)
+PREFETCH_BYTES = 32768  # weight bytes a program asks L2 for before the dependent-launch wait: the first pipeline
+# stages' tiles (4 stages of 16 x 256 bf16), 8 MB for the 256 programs of a 4096-column product
+LINE_BYTES = 128  # L2's line: one prefetch each
 TRITON = importlib.util.find_spec("triton") is not None
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read once: dynamo guards on module constants
 _ENABLED = [True]
-_PDL = [False]
 
 
 @dataclass(frozen=True)
@@ -93,9 +96,9 @@ class Config:
         return -(-n // self.block_n) * self.split_k
 
     def pre_k(self, k: int, element_bytes: int) -> int:
-        """K elements of the first load of each program's weight share (read before the dependent-launch wait):
-        whole tiles, doubled while the tile stays within ``PREFETCH_BYTES`` and its split (a power of two, as
-        ``tl.arange`` needs)."""
+        """K elements of each program's weight share that a dependent launch asks L2 for before its wait: whole
+        tiles, doubled while they stay within ``PREFETCH_BYTES`` and the split (a power of two, as ``tl.arange``
+        needs)."""
         pre = self.block_k
         while 2 * pre <= self.k_per_split(k) and 2 * pre * self.block_n * element_bytes <= PREFETCH_BYTES:
             pre *= 2
@@ -135,27 +138,6 @@ def use_skinny(enabled: bool) -> None:
     _ENABLED[0] = enabled
 
 
-def use_pdl(enabled: bool) -> None:
-    """Launch the product kernel as a dependent launch where the GPU has it (``pdl_capable``), or not (a benchmark
-    compares the two). A CUDA graph keeps the launches it captured: capture again after switching."""
-    _PDL[0] = enabled
-
-
-def pdl_capable(device: torch.device) -> bool:
-    """Whether a product on ``device`` can be a programmatic dependent launch: a CUDA GPU of compute capability 9
-    or more (Hopper's grid dependency control) and a Triton with ``gdc_wait``; never in the interpreter."""
-    if INTERPRETED or device.type != "cuda" or not TRITON:
-        return False
-    return _gdc_on(torch.cuda.current_device() if device.index is None else device.index)
-
-
-@functools.cache
-def _gdc_on(index: int) -> bool:
-    import triton.language as tl
-
-    return torch.cuda.get_device_capability(index)[0] >= 9 and hasattr(tl.extra.cuda, "gdc_wait")
-
-
 def covers(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the kernel takes ``x2d @ weight.T`` (module docstring)."""
     if not (_ENABLED[0] and TRITON and (x2d.is_cuda or INTERPRETED)):
@@ -175,8 +157,8 @@ def _kernels():
     @triton.jit
     def product(x_ptr, w_ptr, b_ptr, out_ptr, part_ptr, M, N, K, sx, sw, so,
                 ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                K_SPLIT: tl.constexpr, PRE_K: tl.constexpr, EVEN: tl.constexpr, HAS_BIAS: tl.constexpr,
-                IEEE: tl.constexpr, PDL: tl.constexpr):
+                K_SPLIT: tl.constexpr, PRE_LINES: tl.constexpr, LINE: tl.constexpr, EVEN: tl.constexpr,
+                HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
         col_block = tl.program_id(0)
         split = tl.program_id(1)
         r = tl.arange(0, ROWS)
@@ -184,23 +166,17 @@ def _kernels():
         r_ok = r < M
         n_ok = n < N
         start = split * K_SPLIT
+        if PDL:  # a dependent launch (module docstring): warm L2 with the first lines of the weight share while the
+            # kernel before still finishes, then wait for it before reading x or writing anything. Addresses are
+            # clamped into W (a prefetch past it would be a fault, not a no-op).
+            lines = tl.minimum(start + tl.arange(0, PRE_LINES) * LINE, K - 1)
+            rows = tl.minimum(n, N - 1)
+            tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l",
+                                      [w_ptr + rows[:, None] * sw + lines[None, :]], dtype=tl.int32,
+                                      is_pure=False, pack=1)
+            tl.extra.cuda.gdc_wait()
         acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
-        if PRE_K > 0:  # the first PRE_K of the program's weight share, read before anything an earlier kernel writes:
-            # under a dependent launch this runs while the kernel before still finishes (module docstring)
-            kp = start + tl.arange(0, PRE_K)  # own names: Triton types a loop's carried variables once
-            kp_ok = kp < K
-            if EVEN:
-                wp = tl.load(w_ptr + n[:, None] * sw + kp[None, :])
-            else:
-                wp = tl.load(w_ptr + n[:, None] * sw + kp[None, :], mask=n_ok[:, None] & kp_ok[None, :], other=0.0)
-            if PDL:
-                tl.extra.cuda.gdc_wait()  # x, the outputs and the partial sums only once the kernel before is done
-            xp = tl.load(x_ptr + r[:, None] * sx + kp[None, :], mask=r_ok[:, None] & kp_ok[None, :], other=0.0)
-            if IEEE:
-                acc += tl.dot(xp, tl.trans(wp), input_precision="ieee")
-            else:
-                acc += tl.dot(xp, tl.trans(wp))
-        for offset in range(PRE_K, K_SPLIT, BLOCK_K):
+        for offset in range(0, K_SPLIT, BLOCK_K):
             kk = start + offset + tl.arange(0, BLOCK_K)
             k_ok = kk < K
             x = tl.load(x_ptr + r[:, None] * sx + kk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
@@ -253,12 +229,13 @@ def triton_linear(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     split = config.split_k
     part = torch.empty(split * PAD_ROWS, n, device=x2d.device, dtype=torch.float32) if split > 1 else out
     b = bias if bias is not None else out  # not read without HAS_BIAS
-    pre_k = config.pre_k(k, x2d.element_size()) if _PDL[0] else 0  # 0: no first load apart, the plain kernel
-    pdl = _PDL[0] and pdl_capable(x2d.device)  # the interpreter and older GPUs run the first load, never the wait
+    pdl = dependent_launch.active(x2d.device)  # the interpreter and older GPUs: the plain kernel
+    line = LINE_BYTES // x2d.element_size()
+    pre_lines = max(1, config.pre_k(k, x2d.element_size()) // line) if pdl else 1
     product[(-(-n // config.block_n), split)](
         x2d, weight, b, out, part, m, n, k, x2d.stride(0), weight.stride(0), out.stride(0),
         ROWS=PAD_ROWS, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split, K_SPLIT=k_split,
-        PRE_K=pre_k, EVEN=even, HAS_BIAS=bias is not None,
+        PRE_LINES=pre_lines, LINE=line, EVEN=even, HAS_BIAS=bias is not None,
         IEEE=x2d.dtype == torch.float32, PDL=pdl, num_warps=config.warps, num_stages=config.stages,
         **({"launch_pdl": True} if pdl else {}))
     if split > 1:

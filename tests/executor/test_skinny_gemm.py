@@ -13,6 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from hpi.executor import dependent_launch  # noqa: E402
 from hpi.executor import skinny_gemm as sg  # noqa: E402
 from tests.executor.test_decode_attention import _interpreted  # noqa: E402
 
@@ -52,14 +53,14 @@ def test_splits_fill_the_sms_but_never_split_below_a_tile():
     assert sg.Config(32, 256, 8).programs(1024) == 256
 
 
-def test_the_first_load_before_the_dependent_wait_doubles_within_its_bytes_and_split():
-    # bf16 (2 bytes): 16 columns x 512 = 16 KiB, the most; 64 columns keep one 256 tile (32 KiB: a tile is the least)
-    assert sg.Config(16, 256, 1).pre_k(4096, 2) == 512 and sg.Config(32, 256, 1).pre_k(4096, 2) == 256
-    assert sg.Config(64, 256, 1).pre_k(4096, 2) == 256 and sg.Config(16, 128, 1).pre_k(4096, 2) == 512
+def test_the_l2_warm_up_before_the_dependent_wait_doubles_within_its_bytes_and_split():
+    # bf16 (2 bytes): 16 columns x 1,024 = 32 KiB, the most; 128 columns keep one 256 tile (64 KiB: a tile is least)
+    assert sg.Config(16, 256, 1).pre_k(4096, 2) == 1024 and sg.Config(32, 256, 1).pre_k(4096, 2) == 512
+    assert sg.Config(64, 256, 1).pre_k(4096, 2) == 256 and sg.Config(128, 256, 1).pre_k(4096, 2) == 256
     # never past the split's share: 4 splits of 1,000 give 256 each; fp32 halves what fits
     assert sg.Config(16, 128, 4).pre_k(1000, 2) == 256 and sg.Config(16, 128, 8).pre_k(1000, 2) == 128
-    assert sg.Config(16, 128, 1).pre_k(4096, 4) == 256
-    assert not sg.pdl_capable(torch.device("cpu"))  # Hopper's grid dependency control only
+    assert sg.Config(16, 128, 1).pre_k(4096, 4) == 512
+    assert sg.PREFETCH_BYTES % sg.LINE_BYTES == 0
 
 
 def test_candidates_time_each_tile_with_the_filling_split_and_twice_it():
@@ -84,15 +85,15 @@ def test_without_a_gpu_linear_is_f_linear():
 
 def test_kernel_equals_float64_products_in_fp32():
     """Each case (one split and several, ragged tiles, a bias, 2-16 rows, a non-contiguous x): every output within
-    1e-5 of the float64 product, with the plain loop and with the first load apart (``use_pdl``: in the interpreter
-    without the wait); the dispatch covers 2-16 rows and leaves 1 and 17 to F.linear."""
+    1e-5 of the float64 product, dependent launches asked for or not (the interpreter has none: the plain kernel
+    either way); the dispatch covers 2-16 rows and leaves 1 and 17 to F.linear."""
     result = _interpreted("""
 import json, torch
-from hpi.executor import skinny_gemm as sg
+from hpi.executor import dependent_launch, skinny_gemm as sg
 from tests.executor.test_skinny_gemm import CASES, _inputs, _reference
 errors = []
 for pdl in (False, True):
-    sg.use_pdl(pdl)
+    dependent_launch.use(pdl)
     for case in CASES:
         x, w, b = _inputs(case)
         config = case[4] or sg.default_config(w.shape[0], w.shape[1], sms=8)
@@ -187,24 +188,27 @@ def test_kernel_matches_float64_in_bf16_on_a_gpu(case):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_dependent_launch_in_a_graph_gives_the_same_bits_after_the_kernel_that_writes_x():
-    """Captured behind a kernel that writes x, the dependent launch waits for it: the same bits as a plain launch."""
-    x, w, b = _inputs((16, 4096, 4096, True, None), torch.bfloat16, "cuda")
-    config = sg.Config(16, 256, 1)
-    outs = {}
-    for pdl in (False, True):
-        sg.use_pdl(pdl)
-        try:
-            source = torch.zeros_like(x)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                source.copy_(x).mul_(2.0)  # the kernel before writes the product's input
-                outs[pdl] = sg.triton_linear(source, w, b, config)
-            graph.replay()
-            torch.cuda.synchronize()
-        finally:
-            sg.use_pdl(False)
-    assert torch.equal(outs[True], outs[False])
-    assert (outs[True].double() - _reference(2 * x, w, b)).abs().max().item() < 6e-2
+    """Captured behind a kernel that writes x, the dependent launch (L2 warm-up, then the wait) waits for it: the same
+    bits as a plain launch, for a split and an unsplit config, ragged and even tiles."""
+    assert dependent_launch.capable(torch.device("cuda")) == (torch.cuda.get_device_capability()[0] >= 9)
+    for shape, config in (((16, 4096, 4096, True, None), sg.Config(16, 256, 1)),
+                          ((7, 1000, 1000, False, None), sg.Config(32, 128, 4))):
+        x, w, b = _inputs(shape, torch.bfloat16, "cuda")
+        outs = {}
+        for pdl in (False, True):
+            dependent_launch.use(pdl)
+            try:
+                source = torch.zeros_like(x)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    source.copy_(x).mul_(2.0)  # the kernel before writes the product's input
+                    outs[pdl] = sg.triton_linear(source, w, b, config)
+                graph.replay()
+                torch.cuda.synchronize()
+            finally:
+                dependent_launch.use(False)
+        assert torch.equal(outs[True], outs[False])
+        assert (outs[True].double() - _reference(2 * x, w, b)).abs().max().item() < 6e-2
 
 
 def test_siblings_stack_into_one_product_that_compiles_without_a_break():
