@@ -11,9 +11,11 @@ its input. A kernel that signals but is launched plainly, or whose successor is 
 the signal is then a no-op (PTX ``griddepcontrol``). Inductor's own kernels take part under its option
 ``triton.enable_pdl`` (``benchmarks/inductor_option_sets.py``, ``cdt-all-pdl``).
 
-Off by default: measured on one H100 the first form (the first weight tile loaded into registers before the wait)
-made the 8B's 16-row products 2% slower and the compiled batch-16 step 4% slower
-(benchmarks/results/2026-12-06-pdl). A CUDA graph keeps the launches it captured: capture again after switching.
+Off by default: measured on one H100 neither form shortens the 8B's decode step. The first (the first weight tile
+loaded into registers before the wait) made the 16-row products 2% slower and the compiled batch-16 step 4% slower
+(benchmarks/results/2026-12-06-pdl); the second (today's: L2 warm-up, then the plain loop) left the products as they
+were (5.565 against 5.563 ms a step) and the batch-16 step about 1% slower (benchmarks/results/2026-12-06-pdl-l2).
+A CUDA graph keeps the launches it captured: capture again after switching.
 """
 
 from __future__ import annotations
@@ -30,11 +32,6 @@ _ON = [False]
 def use(enabled: bool) -> None:
     """Launch hpi's decode kernels as dependent launches where the GPU has them (``capable``), or not."""
     _ON[0] = enabled
-
-
-def requested() -> bool:
-    """Whether ``use`` switched dependent launches on (``active`` also asks the GPU)."""
-    return _ON[0]
 
 
 def capable(device: torch.device) -> bool:
