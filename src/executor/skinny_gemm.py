@@ -27,8 +27,9 @@ step writes), then waits (``gdc_wait``) for the kernel before to be done, and on
 first tiles now come from L2. It signals its own dependents once its loads are issued (``gdc_launch_dependents``).
 The loop is the plain kernel's in either form: the prefetch costs no register and leaves Triton's software
 pipeline as it is. (A first form loaded the first tile into registers before the wait, outside the pipelined loop:
-1-9% slower a product on one H100, benchmarks/results/2026-12-06-pdl.) The interpreter and older GPUs run the plain
-kernel.
+1-9% slower a product on one H100, benchmarks/results/2026-12-06-pdl.) Measured on one H100 this form does not gain
+either: a step's 16-row products 5.565 against 5.563 ms (benchmarks/results/2026-12-06-pdl-l2), so it stays off.
+The interpreter and older GPUs run the plain kernel.
 
 The launch configuration (``Config``) is timed, not guessed: the first call of a shape on a GPU times
 ``candidates`` with ``triton.testing.do_bench`` (which clears L2 between runs, as a streamed 15 GB step does)
@@ -168,7 +169,7 @@ def _kernels():
         start = split * K_SPLIT
         if PDL:  # a dependent launch (module docstring): warm L2 with the first lines of the weight share while the
             # kernel before still finishes, then wait for it before reading x or writing anything. Addresses are
-            # clamped into W (a prefetch past it would be a fault, not a no-op).
+            # clamped into W: PTX promises nothing of a prefetch outside an allocation.
             lines = tl.minimum(start + tl.arange(0, PRE_LINES) * LINE, K - 1)
             rows = tl.minimum(n, N - 1)
             tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l",
