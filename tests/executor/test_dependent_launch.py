@@ -19,4 +19,3 @@ def test_switched_on_a_cpu_tensor_still_launches_plainly():
     finally:
         dependent_launch.use(False)
     assert not dependent_launch.active(cpu)
-
