@@ -15,8 +15,10 @@ compared with sdpa's (``grouped_sdpa``) on the same inputs: ``max_abs_err``.
 
     python3 benchmarks/decode_attention_bench.py --batches 1,16,64 --targets 256,512,1024,2048 --out $OUT/attn.json
 
-``--blocks``, ``--warps`` and ``--stages`` sweep pass 1's launch too (the module's ``BLOCK_N``, ``WARPS``, ``STAGES``):
-every combination with every target.
+``--blocks``, ``--warps`` and ``--stages`` sweep pass 1's launch too (the module's ``BLOCK_N``, ``WARPS``, ``STAGES``),
+and ``--layouts`` how its splits share the cache (``INTERLEAVED``: ``interleaved``, the blocks in turn, or ``runs``,
+one run of the cache a split): every combination with every target. ``--positions`` times several decode positions
+of one cache (a generation's start, middle and end).
 
 On a CPU (``--device cpu``, ``TRITON_INTERPRET=1``) the kernels run in Triton's interpreter, timed with
 ``time.perf_counter`` (``"timer": "perf_counter"``; not a GPU number): the tests run it so on tiny shapes.
@@ -45,11 +47,14 @@ def _inputs(batch: int, heads: int, kv_heads: int, head_dim: int, slots: int, po
     return q, k, v, allowed
 
 
+LAYOUTS = {"interleaved": True, "runs": False}  # --layouts: decode_attention.INTERLEAVED
+
+
 def measure(batch: int, targets: list[int], *, heads: int, kv_heads: int, head_dim: int, slots: int, position: int,
             replays: int, device: torch.device, dtype: torch.dtype,
-            launches: list[tuple[int, int, int]] | None = None) -> list[dict]:
-    """One row for sdpa and one per target of pass 1's programs and launch (block of slots, warps, stages; default
-    the module's own), on the same inputs."""
+            launches: list[tuple[int, int, int]] | None = None, layouts: list[str] | None = None) -> list[dict]:
+    """One row for sdpa and one per target of pass 1's programs, launch (block of slots, warps, stages; default
+    the module's own) and split layout (default the module's), on the same inputs."""
     q, k, v, allowed = _inputs(batch, heads, kv_heads, head_dim, slots, position, device, dtype)
     scale = head_dim ** -0.5
     reference = da.grouped_sdpa(q, k, v, allowed, scale).float()
@@ -64,21 +69,23 @@ def measure(batch: int, targets: list[int], *, heads: int, kv_heads: int, head_d
 
     us, timer = time_us(lambda: da.grouped_sdpa(q, k, v, allowed, scale), replays, device)
     rows = [row("sdpa", us, timer, reference)]
-    saved = (da.TARGET_PROGRAMS, da.BLOCK_N, da.WARPS, da.STAGES)
+    saved = (da.TARGET_PROGRAMS, da.BLOCK_N, da.WARPS, da.STAGES, da.INTERLEAVED)
+    own_layout = next(name for name, value in LAYOUTS.items() if value == saved[4])
     try:
-        for target, (block, warps, stages) in itertools.product(targets, launches or [saved[1:]]):
+        for target, (block, warps, stages), layout in itertools.product(targets, launches or [saved[1:4]],
+                                                                        layouts or [own_layout]):
             da.TARGET_PROGRAMS, da.BLOCK_N, da.WARPS, da.STAGES = target, block, warps, stages
+            da.INTERLEAVED = LAYOUTS[layout]
+            launch = dict(target_programs=target, block=block, warps=warps, stages=stages, layout=layout)
             try:
                 out = da.triton_decode_attention(q, k, v, allowed, scale)
             except Exception as e:  # a launch this GPU cannot hold (Triton's OutOfResources: shared memory)
-                rows.append({**base, "kernel": "split_kv", "target_programs": target, "block": block, "warps": warps,
-                             "stages": stages, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+                rows.append({**base, "kernel": "split_kv", **launch, "error": f"{type(e).__name__}: {str(e)[:200]}"})
                 continue
             us, timer = time_us(lambda: da.triton_decode_attention(q, k, v, allowed, scale), replays, device)
-            rows.append(row("split_kv", us, timer, out, target_programs=target, block=block, warps=warps,
-                            stages=stages, splits=da.splits_for(batch, kv_heads, slots)))
+            rows.append(row("split_kv", us, timer, out, **launch, splits=da.splits_for(batch, kv_heads, slots)))
     finally:
-        da.TARGET_PROGRAMS, da.BLOCK_N, da.WARPS, da.STAGES = saved
+        da.TARGET_PROGRAMS, da.BLOCK_N, da.WARPS, da.STAGES, da.INTERLEAVED = saved
     return rows
 
 
@@ -87,6 +94,13 @@ def _ints(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: give positive integers separated by commas, e.g. 1,16")
     return values
+
+
+def _layouts(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names or any(n not in LAYOUTS for n in names):
+        raise argparse.ArgumentTypeError(f"{text!r}: give split layouts of {', '.join(LAYOUTS)}, separated by commas")
+    return names
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -101,15 +115,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--slots", type=int, default=1024, help="static cache slots (prompt + gen of the step's graph)")
-    p.add_argument("--position", type=int, default=512, help="decode position: slots 0..position are attended")
+    p.add_argument("--positions", type=_ints, default=[512],
+                   help="decode positions, each a run of its own: slots 0..position are attended")
+    p.add_argument("--layouts", type=_layouts, default=None,
+                   help="pass 1's split layouts, of " + ", ".join(LAYOUTS) + " (default: the module's)")
     p.add_argument("--replays", type=int, default=200)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--out", default=None, metavar="PATH.json")
     args = p.parse_args(argv)
     if args.heads % args.kv_heads:
         p.error(f"heads({args.heads}) % kv_heads({args.kv_heads}) != 0: give a head count that the KV heads divide")
-    if not 0 <= args.position < args.slots:
-        p.error(f"position {args.position} not in [0, slots({args.slots})): attend inside the cache")
+    if max(args.positions) >= args.slots:
+        p.error(f"position {max(args.positions)} not in [0, slots({args.slots})): attend inside the cache")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("no CUDA device: run on a GPU, or pass --device cpu with TRITON_INTERPRET=1")
     if args.device == "cpu" and not da.INTERPRETED:
@@ -124,10 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     launches = list(itertools.product(args.blocks or [da.BLOCK_N], args.warps or [da.WARPS],
                                       args.stages or [da.STAGES]))
     rows = []
-    for batch in args.batches:
+    for batch, position in itertools.product(args.batches, args.positions):
         for r in measure(batch, args.targets, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
-                         slots=args.slots, position=args.position, replays=args.replays, device=device,
-                         dtype=dtype, launches=launches):
+                         slots=args.slots, position=position, replays=args.replays, device=device,
+                         dtype=dtype, launches=launches, layouts=args.layouts):
             print(json.dumps(r), flush=True)
             rows.append(r)
     if args.out:

@@ -56,3 +56,20 @@ def test_the_launch_sweep_times_every_block_with_every_target_and_puts_the_modul
     rows = [r for r in json.loads(out.read_text())["rows"] if r["kernel"] == "split_kv"]
     assert [(r["block"], r["warps"], r["stages"], r["splits"]) for r in rows] == [(32, 4, 2, 4), (64, 4, 2, 4)]
     assert all(r["max_abs_err"] < 1e-4 for r in rows)
+
+
+def test_layouts_and_positions_each_get_a_row_that_matches_sdpa(tmp_path):
+    """--layouts interleaved,runs at --positions 10,150: 2 splits of 4 blocks at batch 4 (the layouts differ; at
+    position 10 the runs' second split has no slot); every row still sdpa's attention."""
+    out = tmp_path / "attn.json"
+    proc = _run("--device", "cpu", "--batches", "4", "--targets", "16", "--layouts", "interleaved,runs",
+                "--positions", "10,150", "--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--slots", "256",
+                "--replays", "1", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [r for r in json.loads(out.read_text())["rows"] if r["kernel"] == "split_kv"]
+    assert [(r["position"], r["layout"], r["splits"]) for r in rows] == [
+        (10, "interleaved", 2), (10, "runs", 2), (150, "interleaved", 2), (150, "runs", 2)]
+    assert all(r["max_abs_err"] < 1e-4 for r in rows)
+    assert [r["kv_bytes"] for r in rows] == [2 * 4 * 2 * 11 * 16 * 4] * 2 + [2 * 4 * 2 * 151 * 16 * 4] * 2
+    proc = _run("--device", "cpu", "--layouts", "striped")
+    assert proc.returncode == 2 and "give split layouts of interleaved, runs" in proc.stderr
