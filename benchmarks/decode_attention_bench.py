@@ -15,10 +15,9 @@ compared with sdpa's (``grouped_sdpa``) on the same inputs: ``max_abs_err``.
 
     python3 benchmarks/decode_attention_bench.py --batches 1,16,64 --targets 256,512,1024,2048 --out $OUT/attn.json
 
-``--blocks``, ``--warps`` and ``--stages`` sweep pass 1's launch too (the module's ``BLOCK_N``, ``WARPS``, ``STAGES``),
-and ``--layouts`` how its splits share the cache (``INTERLEAVED``: ``interleaved``, the blocks in turn, or ``runs``,
-one run of the cache a split): every combination with every target. ``--positions`` times several decode positions
-of one cache (a generation's start, middle and end).
+``--blocks``, ``--warps`` and ``--stages`` sweep pass 1's launch too (the module's ``BLOCK_N``, ``WARPS``, ``STAGES``):
+every combination with every target. ``--positions`` times several decode positions of one cache (a generation's
+start, middle and end).
 
 On a CPU (``--device cpu``, ``TRITON_INTERPRET=1``) the kernels run in Triton's interpreter, timed with
 ``time.perf_counter`` (``"timer": "perf_counter"``; not a GPU number): the tests run it so on tiny shapes.
@@ -47,14 +46,11 @@ def _inputs(batch: int, heads: int, kv_heads: int, head_dim: int, slots: int, po
     return q, k, v, allowed
 
 
-LAYOUTS = {"interleaved": True, "runs": False}  # --layouts: decode_attention.INTERLEAVED
-
-
 def measure(batch: int, targets: list[int], *, heads: int, kv_heads: int, head_dim: int, slots: int, position: int,
             replays: int, device: torch.device, dtype: torch.dtype,
-            launches: list[tuple[int, int, int]] | None = None, layouts: list[str] | None = None) -> list[dict]:
-    """One row for sdpa and one per target of pass 1's programs, launch (block of slots, warps, stages; default
-    the module's own) and split layout (default the module's), on the same inputs."""
+            launches: list[tuple[int, int, int]] | None = None) -> list[dict]:
+    """One row for sdpa and one per target of pass 1's programs and launch (block of slots, warps, stages; default
+    the module's own), on the same inputs."""
     q, k, v, allowed = _inputs(batch, heads, kv_heads, head_dim, slots, position, device, dtype)
     scale = head_dim ** -0.5
     reference = da.grouped_sdpa(q, k, v, allowed, scale).float()
@@ -69,14 +65,11 @@ def measure(batch: int, targets: list[int], *, heads: int, kv_heads: int, head_d
 
     us, timer = time_us(lambda: da.grouped_sdpa(q, k, v, allowed, scale), replays, device)
     rows = [row("sdpa", us, timer, reference)]
-    saved = (da.TARGET_PROGRAMS, da.BLOCK_N, da.WARPS, da.STAGES, da.INTERLEAVED)
-    own_layout = next(name for name, value in LAYOUTS.items() if value == saved[4])
+    saved = (da.TARGET_PROGRAMS, da.BLOCK_N, da.WARPS, da.STAGES)
     try:
-        for target, (block, warps, stages), layout in itertools.product(targets, launches or [saved[1:4]],
-                                                                        layouts or [own_layout]):
+        for target, (block, warps, stages) in itertools.product(targets, launches or [saved[1:]]):
             da.TARGET_PROGRAMS, da.BLOCK_N, da.WARPS, da.STAGES = target, block, warps, stages
-            da.INTERLEAVED = LAYOUTS[layout]
-            launch = dict(target_programs=target, block=block, warps=warps, stages=stages, layout=layout)
+            launch = dict(target_programs=target, block=block, warps=warps, stages=stages)
             try:
                 out = da.triton_decode_attention(q, k, v, allowed, scale)
             except Exception as e:  # a launch this GPU cannot hold (Triton's OutOfResources: shared memory)
@@ -85,7 +78,7 @@ def measure(batch: int, targets: list[int], *, heads: int, kv_heads: int, head_d
             us, timer = time_us(lambda: da.triton_decode_attention(q, k, v, allowed, scale), replays, device)
             rows.append(row("split_kv", us, timer, out, **launch, splits=da.splits_for(batch, kv_heads, slots)))
     finally:
-        da.TARGET_PROGRAMS, da.BLOCK_N, da.WARPS, da.STAGES, da.INTERLEAVED = saved
+        da.TARGET_PROGRAMS, da.BLOCK_N, da.WARPS, da.STAGES = saved
     return rows
 
 
@@ -94,13 +87,6 @@ def _ints(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: give positive integers separated by commas, e.g. 1,16")
     return values
-
-
-def _layouts(text: str) -> list[str]:
-    names = [x.strip() for x in text.split(",") if x.strip()]
-    if not names or any(n not in LAYOUTS for n in names):
-        raise argparse.ArgumentTypeError(f"{text!r}: give split layouts of {', '.join(LAYOUTS)}, separated by commas")
-    return names
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -117,8 +103,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--slots", type=int, default=1024, help="static cache slots (prompt + gen of the step's graph)")
     p.add_argument("--positions", type=_ints, default=[512],
                    help="decode positions, each a run of its own: slots 0..position are attended")
-    p.add_argument("--layouts", type=_layouts, default=None,
-                   help="pass 1's split layouts, of " + ", ".join(LAYOUTS) + " (default: the module's)")
     p.add_argument("--replays", type=int, default=200)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--out", default=None, metavar="PATH.json")
@@ -144,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     for batch, position in itertools.product(args.batches, args.positions):
         for r in measure(batch, args.targets, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
                          slots=args.slots, position=position, replays=args.replays, device=device,
-                         dtype=dtype, launches=launches, layouts=args.layouts):
+                         dtype=dtype, launches=launches):
             print(json.dumps(r), flush=True)
             rows.append(r)
     if args.out:

@@ -9,17 +9,12 @@ and values that take 17 us to read; benchmarks/results/2026-12-04-h200-fused, ca
 leaves most of the GPU idle.
 
 What this does (the split-KV scheme of flash-decoding, as vLLM's and SGLang's Triton decode kernels do):
-- pass 1, one program per (row, KV head, split): the split's blocks of ``BLOCK_N`` slots; the G query heads
+- pass 1, one program per (row, KV head, split): the split's slots in blocks of ``BLOCK_N``; the G query heads
   that share the KV head are G rows of one ``tl.dot`` (padded to 16, ``tl.dot``'s least), so each key and value
   is read once for all of them; an online softmax (running max, sum and weighted values, fp32) over the blocks;
   it writes the split's normalized output and its log-sum-exp. A masked-off slot is never loaded (the loads are
   masked), so slots past the current position cost only their mask byte: the work follows the tokens written,
-  not the cache's length. The splits take the blocks in turn (split s: blocks s, s + S, s + 2S, ...), so the
-  written slots, a prefix of the cache, are shared evenly at every position. (Cut in runs, the first splits held
-  every written slot and the last ones none: at batch 16, the 8B's cache of 1,024 slots at position 512 made 2
-  splits of which one did all the work, 128 programs reading at 1.68 TB/s on one H100 whose HBM copies at 2.99;
-  benchmarks/results/2026-12-06-skinny-switch, call 4. ``INTERLEAVED`` False keeps that layout for the benchmark
-  that compares the two.)
+  not the cache's length.
 - pass 2, one program per (row, query head): every split's output and log-sum-exp loaded at once and weighted
   by ``exp(lse_split - max lse)``. (A first version walked the splits in a loop, one program per KV head: 4.5 us
   a layer on one H200 against 4.3 for pass 1.)
@@ -63,7 +58,6 @@ WARPS = 4  # pass 1's warps a program (Triton's default)
 STAGES = 3  # pass 1's software-pipeline stages over its blocks (Triton's default on CUDA)
 MIN_DOT = 16  # tl.dot's least dimension: the G query heads of a KV head, and the head size, are padded to it
 TARGET_PROGRAMS = 256  # pass-1 programs to aim for: about two per SM of an H100/H200 (132 SMs)
-INTERLEAVED = True  # pass 1's splits take the cache's blocks in turn (module docstring); False: one run each
 MAX_HEAD_DIM = 256  # a head is padded to a power of two (tl.arange), at least 16 (tl.dot), at most this
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _ENABLED = [True]
@@ -118,9 +112,9 @@ def _kernels():
     def split_pass(q_ptr, k_ptr, v_ptr, mask_ptr, part_ptr, lse_ptr,
                    sq_n, sq_h, sk_n, sk_h, sk_l, sv_n, sv_h, sv_l, sm_n,
                    slots, scale,
-                   STEPS: tl.constexpr, KV: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
+                   CHUNK: tl.constexpr, KV: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
                    D_PAD: tl.constexpr,
-                   BLOCK: tl.constexpr, SPLITS: tl.constexpr, INTERLEAVED: tl.constexpr, IEEE: tl.constexpr):
+                   BLOCK: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr):
         pair = tl.program_id(0)  # row * KV + kv head
         split = tl.program_id(1)
         row = pair // KV
@@ -136,12 +130,9 @@ def _kernels():
         m_i = tl.full([ROWS], float("-inf"), tl.float32)
         l_i = tl.zeros([ROWS], tl.float32)
         acc = tl.zeros([ROWS, D_PAD], tl.float32)
-        for step in range(0, STEPS):
-            if INTERLEAVED:  # blocks split, split + SPLITS, ...: every split holds its share of the written slots
-                block = step * SPLITS + split
-            else:  # blocks split * STEPS ... (split + 1) * STEPS - 1: one run of the cache a split
-                block = split * STEPS + step
-            n = block * BLOCK + tl.arange(0, BLOCK)
+        start = split * CHUNK
+        for offset in range(0, CHUNK, BLOCK):
+            n = start + offset + tl.arange(0, BLOCK)
             inside = n < slots
             valid = inside & (tl.load(mask_ptr + row * sm_n + n, mask=inside, other=0) != 0)
             k = tl.load(k_base + n[:, None] * sk_l + d[None, :], mask=valid[:, None] & d_ok[None, :], other=0.0)
@@ -204,8 +195,8 @@ def triton_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: tor
     rows = max(MIN_DOT, 1 << (groups - 1).bit_length())
     d_pad = max(MIN_DOT, 1 << (d - 1).bit_length())
     splits = splits_for(n, kv, slots)
-    blocks = -(-slots // BLOCK_N)
-    steps = -(-blocks // splits)  # blocks each split walks; the last round may pass the cache's end (masked)
+    per_split = -(-slots // splits)
+    chunk = -(-per_split // BLOCK_N) * BLOCK_N  # slots per split, whole blocks
     mask = allowed.view(torch.uint8)  # the kernel reads one byte a slot (``covers``: a boolean mask)
     mask_row_stride = 0 if mask.shape[0] == 1 else mask.stride(0)
     part = torch.empty(n * kv * splits * rows, d_pad, device=query.device, dtype=torch.float32)
@@ -217,8 +208,7 @@ def triton_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: tor
         query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), mask_row_stride,
         slots, scale,
-        STEPS=steps, KV=kv, G=groups, ROWS=rows, D=d, D_PAD=d_pad, BLOCK=BLOCK_N, SPLITS=splits,
-        INTERLEAVED=INTERLEAVED, IEEE=ieee,
+        CHUNK=chunk, KV=kv, G=groups, ROWS=rows, D=d, D_PAD=d_pad, BLOCK=BLOCK_N, SPLITS=splits, IEEE=ieee,
         num_warps=WARPS, num_stages=STAGES)
     combine_pass[(n * kv, groups)](part, lse, out, out.stride(0), out.stride(1),
                                    KV=kv, G=groups, ROWS=rows, D=d, D_PAD=d_pad, SPLITS=splits,

@@ -111,34 +111,28 @@ def test_compiles_go_round_by_round_over_the_sets():
         ("compiled_sdpa@cdt", 1), ("compiled_sdpa@plain", 1), ("compiled_split@cdt", 1), ("compiled_split@plain", 1),
         ("compiled_sdpa@cdt", 2), ("compiled_sdpa@plain", 2), ("compiled_split@cdt", 2), ("compiled_split@plain", 2)]
     # sdpa, then hpi's split-KV attention; cuBLAS's products in both, no dependent launch
-    assert [k for _, _, k, _, _ in units[:4]] == [(False, False, False, True), (False, False, False, True),
-                                                  (True, False, False, True), (True, False, False, True)]
-    # the dependent-launch and split-layout variants each differ from compiled_skinny in their switch alone
-    kernels = dict((v[0], v[2]) for v in mod.VARIANTS)
-    assert kernels["compiled_skinny"] == mod.DEFAULT_KERNELS == (True, True, False, True)
-    assert kernels["compiled_skinny_pdl"] == (True, True, True, True)
-    assert kernels["compiled_skinny_runs"] == (True, True, False, False)
+    assert [k for _, _, k, _, _ in units[:4]] == [(False, False, False), (False, False, False),
+                                                  (True, False, False), (True, False, False)]
+    # the dependent-launch variant differs from compiled_skinny in that switch alone
+    assert dict((v[0], v[2]) for v in mod.VARIANTS)["compiled_skinny_pdl"] == (True, True, True)
     # an eager graph after the baseline runs once, whatever the sets and compiles
     swapped = (variants[2], variants[0])
-    assert mod._units(swapped, {"cdt": {}, "plain": {}}, 3) == [
-        ("eager", "eager", (False, False, False, True), None, 1)]
+    assert mod._units(swapped, {"cdt": {}, "plain": {}}, 3) == [("eager", "eager", (False, False, False), None, 1)]
 
 
 def test_a_spent_budget_starts_no_compile_and_lists_what_it_skipped(tmp_path):
     mod = _module()
-    from hpi.executor import decode_attention, skinny_gemm
+    from hpi.executor import skinny_gemm
     from hpi.executor.decode_attention import _ENABLED
 
     config, stage = mod._stage(_one_layer_llama(tmp_path), torch.device("cpu"), torch.float32)
-    decode_attention.INTERLEAVED = False  # as a runs-layout variant leaves it
     row = mod.measure(stage, config.vocab_size, 2, 5, 3, 2, "cpu", variants=(mod.VARIANTS[4], mod.VARIANTS[2]),
                       option_sets={"cdt": {}, "plain": {}}, compiles=2, budget=mod.Budget(time.perf_counter() - 1))
     assert row["skipped"] == ["compiled_split@cdt#1", "compiled_split@plain#1", "compiled_split@cdt#2",
                               "compiled_split@plain#2"]
     assert row["runs"] == [] and row["units"] == {} and row["baseline_ms"] > 0 and row["timer"] == "perf_counter"
     assert row["positions"] == 3 and row["cache_slots"] == 8 and row["baseline"] == "eager_skinny"
-    assert _ENABLED[0] is True and skinny_gemm._ENABLED[0] is True  # the switches put back
-    assert decode_attention.INTERLEAVED is True
+    assert _ENABLED[0] is True and skinny_gemm._ENABLED[0] is True  # both switches put back
     assert row["failed"] == []
 
 

@@ -58,18 +58,15 @@ def test_the_launch_sweep_times_every_block_with_every_target_and_puts_the_modul
     assert all(r["max_abs_err"] < 1e-4 for r in rows)
 
 
-def test_layouts_and_positions_each_get_a_row_that_matches_sdpa(tmp_path):
-    """--layouts interleaved,runs at --positions 10,150: 2 splits of 4 blocks at batch 4 (the layouts differ; at
-    position 10 the runs' second split has no slot); every row still sdpa's attention."""
+def test_each_position_gets_its_rows_and_they_match_sdpa(tmp_path):
+    """--positions 10,150: every grid at each position of the one cache, its bytes those of the attended slots (at
+    position 10 the second of 2 splits has no slot)."""
     out = tmp_path / "attn.json"
-    proc = _run("--device", "cpu", "--batches", "4", "--targets", "16", "--layouts", "interleaved,runs",
-                "--positions", "10,150", "--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--slots", "256",
-                "--replays", "1", "--out", str(out))
+    proc = _run("--device", "cpu", "--batches", "4", "--targets", "16", "--positions", "10,150", "--heads", "4",
+                "--kv-heads", "2", "--head-dim", "16", "--slots", "256", "--replays", "1", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [r for r in json.loads(out.read_text())["rows"] if r["kernel"] == "split_kv"]
-    assert [(r["position"], r["layout"], r["splits"]) for r in rows] == [
-        (10, "interleaved", 2), (10, "runs", 2), (150, "interleaved", 2), (150, "runs", 2)]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["position"], r["kernel"], r.get("splits")) for r in rows] == [
+        (10, "sdpa", None), (10, "split_kv", 2), (150, "sdpa", None), (150, "split_kv", 2)]
     assert all(r["max_abs_err"] < 1e-4 for r in rows)
     assert [r["kv_bytes"] for r in rows] == [2 * 4 * 2 * 11 * 16 * 4] * 2 + [2 * 4 * 2 * 151 * 16 * 4] * 2
-    proc = _run("--device", "cpu", "--layouts", "striped")
-    assert proc.returncode == 2 and "give split layouts of interleaved, runs" in proc.stderr
