@@ -82,11 +82,16 @@ def measure(batch: int, targets: list[int], *, heads: int, kv_heads: int, head_d
     return rows
 
 
-def _ints(text: str) -> list[int]:
+def _ints(text: str, least: int = 1) -> list[int]:
     values = [int(x) for x in text.split(",") if x.strip()]
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give positive integers separated by commas, e.g. 1,16")
+    if not values or min(values) < least:
+        what = "positive integers" if least == 1 else f"integers >= {least}"
+        raise argparse.ArgumentTypeError(f"{text!r}: give {what} separated by commas, e.g. {least},16")
     return values
+
+
+def _positions(text: str) -> list[int]:
+    return _ints(text, least=0)  # position 0: the first token attends to its own slot alone
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -101,7 +106,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--slots", type=int, default=1024, help="static cache slots (prompt + gen of the step's graph)")
-    p.add_argument("--positions", type=_ints, default=[512],
+    p.add_argument("--positions", type=_positions, default=[512],
                    help="decode positions, each a run of its own: slots 0..position are attended")
     p.add_argument("--replays", type=int, default=200)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")

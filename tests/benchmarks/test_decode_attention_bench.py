@@ -43,6 +43,8 @@ def test_bad_arguments_get_one_line_and_exit_2():
     assert proc.returncode == 2 and "TRITON_INTERPRET=1" in proc.stderr
     proc = _run("--batches", "0,2", "--device", "cpu")
     assert proc.returncode == 2 and "positive integers" in proc.stderr
+    proc = _run("--positions=-1,5", "--device", "cpu")
+    assert proc.returncode == 2 and "give integers >= 0" in proc.stderr
 
 
 def test_the_launch_sweep_times_every_block_with_every_target_and_puts_the_module_back(tmp_path):
