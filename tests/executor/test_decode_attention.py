@@ -84,20 +84,26 @@ def test_without_a_gpu_it_is_sdpa_over_the_grouped_query():
         torch.testing.assert_close(got, reference(q, k, v, allowed, 0.125).float(), atol=1e-5, rtol=1e-5)
 
 
+def case_errors() -> dict:
+    """Run under the interpreter (``_interpreted``): each case's splits and the kernel's largest error against float64
+    attention, under the module's ``TARGET_PROGRAMS`` as the caller set it."""
+    out = {"splits": [], "errors": []}
+    for case in CASES:
+        q, k, v, allowed = _inputs(case, torch.float32, "cpu")
+        assert da.covers(q, k, allowed) and not da.covers(q, k, allowed.float())  # an additive mask goes to sdpa
+        out["splits"].append(da.splits_for(case[0], case[2], case[3]))
+        got = da.decode_attention(q, k, v, allowed, 0.125)
+        out["errors"].append(float((got.double() - reference(q, k, v, allowed, 0.125)).abs().max()))
+    return out
+
+
 def test_kernel_equals_attention_over_repeated_heads_in_fp32():
     """Every case: several splits, splits with no allowed slot, padded rows, a window, G from 1 to 8, a head size
     that is not a power of two. Each output element within 1e-5 of float64 attention."""
     errors = _interpreted("""
-import json, torch
-from hpi.executor import decode_attention as da
-from tests.executor.test_decode_attention import CASES, _inputs, reference
-out = []
-for case in CASES:
-    q, k, v, allowed = _inputs(case, torch.float32, "cpu")
-    assert da.covers(q, k, allowed) and not da.covers(q, k, allowed.float())  # an additive mask goes to sdpa
-    got = da.decode_attention(q, k, v, allowed, 0.125)
-    out.append(float((got.double() - reference(q, k, v, allowed, 0.125)).abs().max()))
-print(json.dumps(out))
+import json
+from tests.executor.test_decode_attention import case_errors
+print(json.dumps(case_errors()["errors"]))
 """)
     assert len(errors) == len(CASES)
     assert max(errors) < 1e-5, errors
@@ -108,17 +114,11 @@ def test_splits_that_walk_several_blocks_equal_attention_over_repeated_heads():
     several blocks (``CASES`` alone walk one), the last split's run passing the cache's end, and splits with no
     allowed slot (position 5 of 700). Each within 1e-5 of float64 attention."""
     got = _interpreted("""
-import json, torch
+import json
 from hpi.executor import decode_attention as da
-from tests.executor.test_decode_attention import CASES, _inputs, reference
+from tests.executor.test_decode_attention import case_errors
 da.TARGET_PROGRAMS = 4
-out = {"splits": [], "errors": []}
-for case in CASES:
-    q, k, v, allowed = _inputs(case, torch.float32, "cpu")
-    out["splits"].append(da.splits_for(case[0], case[2], case[3]))
-    got = da.decode_attention(q, k, v, allowed, 0.125)
-    out["errors"].append(float((got.double() - reference(q, k, v, allowed, 0.125)).abs().max()))
-print(json.dumps(out))
+print(json.dumps(case_errors()))
 """)
     assert got["splits"] == [1, 1, 1, 2, 2]  # of 4, 3, 1, 11 and 5 blocks
     assert max(got["errors"]) < 1e-5, got
