@@ -25,7 +25,9 @@ products of 2-16 rows in hpi's few-row kernel, ``hpi.executor.skinny_gemm``: wha
 now), ``eager_skinny`` (the eager graph with the few-row kernel) and ``compiled_skinny_pdl`` (``compiled_skinny``
 with the few-row products as programmatic dependent launches that warm L2 with their first weight tiles before they
 wait, and the attention's second pass signalling them, ``hpi.executor.dependent_launch``; Hopper on, else the same
-as ``compiled_skinny``). Inductor's own kernels become dependent launches under the option ``triton.enable_pdl``
+as ``compiled_skinny``), ``compiled_skinny_masked`` (``compiled_skinny`` with the attention's pass 1 walking
+every block of its split and loading keys and values where the mask allows, as before the trimmed walk:
+``decode_attention.WALK``). Inductor's own kernels become dependent launches under the option ``triton.enable_pdl``
 (``--option-sets``).
 
 Option sets: ``inductor_option_sets.py`` (``OPTION_SETS``, ``--option-sets``) says what each changes.
@@ -73,11 +75,16 @@ from hpi.executor import agreement, dependent_launch, skinny_gemm
 from hpi.executor.graphs import COMPILE_OPTIONS
 
 # The graphs compared, in order: (name, compiled, (hpi's split-KV decode attention, hpi's few-row products, those
-# products as dependent launches)). The first of --variants is the baseline the others are fed tokens from and
-# compared with.
-VARIANTS = (("eager", False, (False, False, False)), ("compiled_sdpa", True, (False, False, False)),
-            ("compiled_split", True, (True, False, False)), ("compiled_skinny", True, (True, True, False)),
-            ("eager_skinny", False, (False, True, False)), ("compiled_skinny_pdl", True, (True, True, True)))
+# products as dependent launches, the attention's walk: decode_attention.WALKS)). The first of --variants is the
+# baseline the others are fed tokens from and compared with.
+_WALK = "trimmed"  # decode_attention.WALK, hpi run's own
+VARIANTS = (("eager", False, (False, False, False, _WALK)), ("compiled_sdpa", True, (False, False, False, _WALK)),
+            ("compiled_split", True, (True, False, False, _WALK)),
+            ("compiled_skinny", True, (True, True, False, _WALK)),
+            ("eager_skinny", False, (False, True, False, _WALK)),
+            ("compiled_skinny_pdl", True, (True, True, True, _WALK)),
+            ("compiled_skinny_masked", True, (True, True, False, "masked")))
+DEFAULT_KERNELS = (True, True, False, _WALK)  # what the process runs outside a variant
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # ---- one graph's run --------------------------------------------------------------------------------------------
 def _stage(model: str, device: torch.device, dtype: torch.dtype):
@@ -208,18 +215,19 @@ def _benchmarker(options: dict):
         triton_heuristics.benchmarker = saved
 
 
-def _use_kernels(kernels: tuple[bool, bool, bool]) -> None:
-    """Switch hpi's split-KV attention, few-row products and their dependent launch on or off (the stage has the
-    products installed)."""
-    from hpi.executor.decode_attention import use_split_kv
+def _use_kernels(kernels: tuple[bool, bool, bool, str]) -> None:
+    """Switch hpi's split-KV attention, few-row products and their dependent launch on or off, and set the
+    attention's walk (the stage has the products installed)."""
+    from hpi.executor import decode_attention
 
-    use_split_kv(kernels[0])
+    decode_attention.use_split_kv(kernels[0])
     skinny_gemm.use_skinny(kernels[1])
     dependent_launch.use(kernels[2])
+    decode_attention.WALK = kernels[3]
 
 
 @contextlib.contextmanager
-def _compiled_from_scratch(stage, kernels: tuple[bool, bool, bool], options: dict | None):
+def _compiled_from_scratch(stage, kernels: tuple[bool, bool, bool, str], options: dict | None):
     """The stage's forward for one run with the kernel switches set, compiled afresh when ``options`` is not
     None: dynamo reset and a fresh inductor cache, kept for the run's whole life (its first call compiles)."""
     _use_kernels(kernels)
@@ -375,7 +383,7 @@ def measure(stage, vocab: int, batch: int, prompt_len: int, gen_len: int, replay
             if report is not None:
                 report(entry)
     finally:
-        _use_kernels((True, True, False))  # the process defaults
+        _use_kernels(DEFAULT_KERNELS)
     row = {"batch": batch, "positions": gen_len, "cache_slots": prompt_len + gen_len, "baseline": base_name,
            "baseline_ms": base_ms, "baseline_compile_s": base_first_s if base_compiled else None,
            "baseline_option_set": first_set if base_compiled else None,

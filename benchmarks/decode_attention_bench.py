@@ -15,8 +15,9 @@ compared with sdpa's (``grouped_sdpa``) on the same inputs: ``max_abs_err``.
 
     python3 benchmarks/decode_attention_bench.py --batches 1,16,64 --targets 256,512,1024,2048 --out $OUT/attn.json
 
-``--blocks``, ``--warps`` and ``--stages`` sweep pass 1's launch too (the module's ``BLOCK_N``, ``WARPS``, ``STAGES``):
-every combination with every target. ``--positions`` times several decode positions of one cache (a generation's
+``--blocks``, ``--warps`` and ``--stages`` sweep pass 1's launch too (the module's ``BLOCK_N``, ``WARPS``, ``STAGES``),
+and ``--walks`` how a program walks its split (the module's ``WALK``: ``masked``, ``bounded``, ``trimmed``): every
+combination with every target. ``--positions`` times several decode positions of one cache (a generation's
 start, middle and end).
 
 On a CPU (``--device cpu``, ``TRITON_INTERPRET=1``) the kernels run in Triton's interpreter, timed with
@@ -48,9 +49,9 @@ def _inputs(batch: int, heads: int, kv_heads: int, head_dim: int, slots: int, po
 
 def measure(batch: int, targets: list[int], *, heads: int, kv_heads: int, head_dim: int, slots: int, position: int,
             replays: int, device: torch.device, dtype: torch.dtype,
-            launches: list[tuple[int, int, int]] | None = None) -> list[dict]:
-    """One row for sdpa and one per target of pass 1's programs and launch (block of slots, warps, stages; default
-    the module's own), on the same inputs."""
+            launches: list[tuple[int, int, int]] | None = None, walks: list[str] | None = None) -> list[dict]:
+    """One row for sdpa and one per target of pass 1's programs, launch (block of slots, warps, stages; default
+    the module's own) and walk (default the module's), on the same inputs."""
     q, k, v, allowed = _inputs(batch, heads, kv_heads, head_dim, slots, position, device, dtype)
     scale = head_dim ** -0.5
     reference = da.grouped_sdpa(q, k, v, allowed, scale).float()
@@ -65,11 +66,12 @@ def measure(batch: int, targets: list[int], *, heads: int, kv_heads: int, head_d
 
     us, timer = time_us(lambda: da.grouped_sdpa(q, k, v, allowed, scale), replays, device)
     rows = [row("sdpa", us, timer, reference)]
-    saved = (da.TARGET_PROGRAMS, da.BLOCK_N, da.WARPS, da.STAGES)
+    saved = (da.TARGET_PROGRAMS, da.BLOCK_N, da.WARPS, da.STAGES, da.WALK)
     try:
-        for target, (block, warps, stages) in itertools.product(targets, launches or [saved[1:]]):
-            da.TARGET_PROGRAMS, da.BLOCK_N, da.WARPS, da.STAGES = target, block, warps, stages
-            launch = dict(target_programs=target, block=block, warps=warps, stages=stages)
+        for target, (block, warps, stages), walk in itertools.product(targets, launches or [saved[1:4]],
+                                                                      walks or [saved[4]]):
+            da.TARGET_PROGRAMS, da.BLOCK_N, da.WARPS, da.STAGES, da.WALK = target, block, warps, stages, walk
+            launch = dict(target_programs=target, block=block, warps=warps, stages=stages, walk=walk)
             try:
                 out = da.triton_decode_attention(q, k, v, allowed, scale)
             except Exception as e:  # a launch this GPU cannot hold (Triton's OutOfResources: shared memory)
@@ -78,7 +80,7 @@ def measure(batch: int, targets: list[int], *, heads: int, kv_heads: int, head_d
             us, timer = time_us(lambda: da.triton_decode_attention(q, k, v, allowed, scale), replays, device)
             rows.append(row("split_kv", us, timer, out, **launch, splits=da.splits_for(batch, kv_heads, slots)))
     finally:
-        da.TARGET_PROGRAMS, da.BLOCK_N, da.WARPS, da.STAGES = saved
+        da.TARGET_PROGRAMS, da.BLOCK_N, da.WARPS, da.STAGES, da.WALK = saved
     return rows
 
 
@@ -94,6 +96,13 @@ def _positions(text: str) -> list[int]:
     return _ints(text, least=0)  # position 0: the first token attends to its own slot alone
 
 
+def _walks(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names or any(n not in da.WALKS for n in names):
+        raise argparse.ArgumentTypeError(f"{text!r}: give walks among {', '.join(da.WALKS)}, separated by commas")
+    return names
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batches", type=_ints, default=[1, 16, 64])
@@ -102,6 +111,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--blocks", type=_ints, default=None, help="pass 1's slots a block (default: BLOCK_N)")
     p.add_argument("--warps", type=_ints, default=None, help="pass 1's warps a program (default: WARPS)")
     p.add_argument("--stages", type=_ints, default=None, help="pass 1's pipeline stages (default: STAGES)")
+    p.add_argument("--walks", type=_walks, default=None, help="pass 1's walks of its split (default: WALK)")
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
@@ -133,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     for batch, position in itertools.product(args.batches, args.positions):
         for r in measure(batch, args.targets, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
                          slots=args.slots, position=position, replays=args.replays, device=device,
-                         dtype=dtype, launches=launches):
+                         dtype=dtype, launches=launches, walks=args.walks):
             print(json.dumps(r), flush=True)
             rows.append(r)
     if args.out:

@@ -60,6 +60,12 @@ MIN_DOT = 16  # tl.dot's least dimension: the G query heads of a KV head, and th
 TARGET_PROGRAMS = 256  # pass-1 programs to aim for: about two per SM of an H100/H200 (132 SMs)
 MAX_HEAD_DIM = 256  # a head is padded to a power of two (tl.arange), at least 16 (tl.dot), at most this
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# How pass 1 walks its split (``split_pass``'s WALK): "masked" every block, keys and values loaded where the mask
+# allows; "bounded" every block, loaded for every slot from the split's first allowed slot to its last (no load
+# waits on the mask's); "trimmed" that, and only the blocks of that span. The benches switch it (``WALK``).
+WALKS = {"masked": 0, "bounded": 1, "trimmed": 2}
+WALK = "trimmed"
+MAX_SCAN = 1024  # mask bytes a program reads at once when it looks for its split's allowed span
 _ENABLED = [True]
 
 
@@ -102,86 +108,41 @@ def splits_for(rows: int, kv_heads: int, slots: int) -> int:
     return max(1, min(blocks, -(-TARGET_PROGRAMS // (rows * kv_heads))))
 
 
+def _interpreter_scalar_index() -> None:
+    """Let Triton's interpreter take a computed loop bound (the trimmed walk's ``range(lo, hi, BLOCK)``).
+
+    The interpreter holds a scalar as a NumPy array of shape (1,) and turns it into a Python int with ``int()``
+    (``triton/runtime/interpreter.py``, ``_patch_lang_tensor``: ``__index__``), which NumPy 2.4 refuses for any
+    array of more than 0 dimensions. ``.item()`` takes the one element of any shape; the patch wraps the
+    interpreter's own (which it re-applies at every launch) and changes nothing else."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    try:
+        int(np.ones(1, dtype=np.int32))
+        return  # this NumPy still converts it
+    except TypeError:
+        pass
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None or getattr(patch, "hpi_scalar_index", False):
+        return
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    patched.hpi_scalar_index = True
+    interpreter._patch_lang_tensor = patched
+
+
 @functools.cache
 def _kernels():
     """The two Triton kernels, built on first use (Triton is imported only where it runs)."""
-    import triton
-    import triton.language as tl
+    if INTERPRETED:
+        _interpreter_scalar_index()
+    from hpi.executor import decode_attention_triton as kernels
 
-    @triton.jit
-    def split_pass(q_ptr, k_ptr, v_ptr, mask_ptr, part_ptr, lse_ptr,
-                   sq_n, sq_h, sk_n, sk_h, sk_l, sv_n, sv_h, sv_l, sm_n,
-                   slots, scale,
-                   CHUNK: tl.constexpr, KV: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
-                   D_PAD: tl.constexpr,
-                   BLOCK: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr):
-        pair = tl.program_id(0)  # row * KV + kv head
-        split = tl.program_id(1)
-        row = pair // KV
-        head = pair % KV
-        g = tl.arange(0, ROWS)
-        d = tl.arange(0, D_PAD)
-        g_ok = g < G
-        d_ok = d < D
-        q = tl.load(q_ptr + row * sq_n + (head * G + g)[:, None] * sq_h + d[None, :],
-                    mask=g_ok[:, None] & d_ok[None, :], other=0.0)
-        k_base = k_ptr + row * sk_n + head * sk_h
-        v_base = v_ptr + row * sv_n + head * sv_h
-        m_i = tl.full([ROWS], float("-inf"), tl.float32)
-        l_i = tl.zeros([ROWS], tl.float32)
-        acc = tl.zeros([ROWS, D_PAD], tl.float32)
-        start = split * CHUNK
-        for offset in range(0, CHUNK, BLOCK):
-            n = start + offset + tl.arange(0, BLOCK)
-            inside = n < slots
-            valid = inside & (tl.load(mask_ptr + row * sm_n + n, mask=inside, other=0) != 0)
-            k = tl.load(k_base + n[:, None] * sk_l + d[None, :], mask=valid[:, None] & d_ok[None, :], other=0.0)
-            if IEEE:
-                scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                scores = tl.dot(q, tl.trans(k))
-            scores = tl.where(valid[None, :], scores * scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no slot yet: exp(-inf - 0) = 0, not NaN
-            p = tl.exp(scores - m_safe[:, None])
-            alpha = tl.exp(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + n[:, None] * sv_l + d[None, :], mask=valid[:, None] & d_ok[None, :], other=0.0)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
-        has = l_i > 0
-        out = acc / tl.where(has, l_i, 1.0)[:, None]
-        lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
-        slot = (pair * SPLITS + split) * ROWS + g
-        # Only the G real query rows: the padded ones are never combined (a quarter of the bytes at G = 4).
-        tl.store(part_ptr + slot[:, None] * D_PAD + d[None, :], out, mask=g_ok[:, None])
-        tl.store(lse_ptr + slot, lse, mask=g_ok)
-
-    @triton.jit
-    def combine_pass(part_ptr, lse_ptr, out_ptr, so_n, so_h,
-                     KV: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
-                     D_PAD: tl.constexpr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
-                     SIGNAL: tl.constexpr):
-        pair = tl.program_id(0)
-        g = tl.program_id(1)  # one query head a program: every split's part loaded at once, no serial chain
-        row = pair // KV
-        head = pair % KV
-        split = tl.arange(0, SPLITS_PAD)
-        d = tl.arange(0, D_PAD)
-        slot = (pair * SPLITS + split) * ROWS + g
-        lse = tl.load(lse_ptr + slot, mask=split < SPLITS, other=float("-inf"))
-        m = tl.max(lse, 0)  # finite: a query's own slot is always allowed
-        w = tl.exp(lse - m)
-        part = tl.load(part_ptr + slot[:, None] * D_PAD + d[None, :], mask=(split < SPLITS)[:, None], other=0.0)
-        if SIGNAL:  # its loads are issued: a dependent launch after it (the o_proj product) may start warming L2
-            tl.extra.cuda.gdc_launch_dependents()
-        out = tl.sum(w[:, None] * part, 0) / tl.sum(w, 0)
-        tl.store(out_ptr + row * so_n + (head * G + g) * so_h + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
-
-    return split_pass, combine_pass
+    return kernels.split_pass, kernels.combine_pass
 
 
 def triton_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor,
@@ -209,6 +170,7 @@ def triton_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: tor
         values.stride(0), values.stride(1), values.stride(2), mask_row_stride,
         slots, scale,
         CHUNK=chunk, KV=kv, G=groups, ROWS=rows, D=d, D_PAD=d_pad, BLOCK=BLOCK_N, SPLITS=splits, IEEE=ieee,
+        WALK=WALKS[WALK], SCAN=min(MAX_SCAN, 1 << (chunk - 1).bit_length()),
         num_warps=WARPS, num_stages=STAGES)
     combine_pass[(n * kv, groups)](part, lse, out, out.stride(0), out.stride(1),
                                    KV=kv, G=groups, ROWS=rows, D=d, D_PAD=d_pad, SPLITS=splits,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from hpi.executor import decode_attention as da
 from tests.benchmarks.scripts import load
 
 torch = pytest.importorskip("torch")
@@ -111,13 +112,18 @@ def test_compiles_go_round_by_round_over_the_sets():
         ("compiled_sdpa@cdt", 1), ("compiled_sdpa@plain", 1), ("compiled_split@cdt", 1), ("compiled_split@plain", 1),
         ("compiled_sdpa@cdt", 2), ("compiled_sdpa@plain", 2), ("compiled_split@cdt", 2), ("compiled_split@plain", 2)]
     # sdpa, then hpi's split-KV attention; cuBLAS's products in both, no dependent launch
-    assert [k for _, _, k, _, _ in units[:4]] == [(False, False, False), (False, False, False),
-                                                  (True, False, False), (True, False, False)]
-    # the dependent-launch variant differs from compiled_skinny in that switch alone
-    assert dict((v[0], v[2]) for v in mod.VARIANTS)["compiled_skinny_pdl"] == (True, True, True)
+    walk = da.WALK  # hpi run's own walk in every variant but the masked one
+    assert [k for _, _, k, _, _ in units[:4]] == [(False, False, False, walk), (False, False, False, walk),
+                                                  (True, False, False, walk), (True, False, False, walk)]
+    # the dependent-launch and masked-walk variants differ from compiled_skinny in that switch alone
+    kernels = dict((v[0], v[2]) for v in mod.VARIANTS)
+    assert kernels["compiled_skinny"] == (True, True, False, walk) == mod.DEFAULT_KERNELS
+    assert kernels["compiled_skinny_pdl"] == (True, True, True, walk)
+    assert kernels["compiled_skinny_masked"] == (True, True, False, "masked") and walk != "masked"
     # an eager graph after the baseline runs once, whatever the sets and compiles
     swapped = (variants[2], variants[0])
-    assert mod._units(swapped, {"cdt": {}, "plain": {}}, 3) == [("eager", "eager", (False, False, False), None, 1)]
+    assert mod._units(swapped, {"cdt": {}, "plain": {}}, 3) == [
+        ("eager", "eager", (False, False, False, walk), None, 1)]
 
 
 def test_a_spent_budget_starts_no_compile_and_lists_what_it_skipped(tmp_path):

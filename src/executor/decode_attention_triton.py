@@ -1,0 +1,132 @@
+"""The two Triton kernels of the split-KV decode attention (``hpi.executor.decode_attention``, whose docstring
+says what they do and why). A module of its own so that Triton is imported only where the kernels run, and so that
+pass 1's helpers are module-level ``@triton.jit`` functions, which both the compiler and Triton's interpreter
+resolve by name."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def attend_block(q, k_base, v_base, mask_row, n, slots, lo, hi, dense, d, d_ok, m_i, l_i, acc, scale,
+                 sk_l, sv_l, BOUNDED: tl.constexpr, IEEE: tl.constexpr):
+    """One block of slots ``n`` into the online softmax (m_i, l_i, acc); only slots in [lo, hi) count (a block of
+    the trimmed walk may reach into the next split's). BOUNDED: keys and values are loaded for every slot there, so
+    no load waits on the mask's; else only where the mask allows. ``dense``: every slot in [lo, hi) is allowed
+    (a causal mask, a window, left padding), so the block's mask bytes are not read at all."""
+    span = (n >= lo) & (n < hi) & (n < slots)
+    valid = span & (tl.load(mask_row + n, mask=span & (dense == 0), other=1) != 0)
+    if BOUNDED:
+        load = span
+    else:
+        load = valid
+    k = tl.load(k_base + n[:, None] * sk_l + d[None, :], mask=load[:, None] & d_ok[None, :], other=0.0)
+    if IEEE:
+        scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        scores = tl.dot(q, tl.trans(k))
+    scores = tl.where(valid[None, :], scores * scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no slot yet: exp(-inf - 0) = 0, not NaN
+    p = tl.exp(scores - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_base + n[:, None] * sv_l + d[None, :], mask=load[:, None] & d_ok[None, :], other=0.0)
+    if BOUNDED:  # a disallowed slot inside [lo, hi) may hold anything: p is 0 there, but 0 * NaN is NaN
+        v = tl.where(valid[:, None], v, 0.0)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def allowed_span(mask_row, start, slots, CHUNK: tl.constexpr, SCAN: tl.constexpr):
+    """The split's first allowed slot, one past its last (from one pass over its mask bytes; (end, start) when it
+    has none, an empty range) and whether every slot between is allowed."""
+    end = start + CHUNK
+    lo = end
+    hi = start
+    count = start * 0
+    for offset in range(0, CHUNK, SCAN):
+        n = start + offset + tl.arange(0, SCAN)
+        inside = (n < end) & (n < slots)
+        ok = inside & (tl.load(mask_row + n, mask=inside, other=0) != 0)
+        lo = tl.minimum(lo, tl.min(tl.where(ok, n, end), 0))
+        hi = tl.maximum(hi, tl.max(tl.where(ok, n + 1, start), 0))
+        count += tl.sum(ok.to(tl.int32), 0)
+    return lo, hi, count == tl.maximum(hi - lo, 0)
+
+
+@triton.jit
+def split_pass(q_ptr, k_ptr, v_ptr, mask_ptr, part_ptr, lse_ptr,
+               sq_n, sq_h, sk_n, sk_h, sk_l, sv_n, sv_h, sv_l, sm_n,
+               slots, scale,
+               CHUNK: tl.constexpr, KV: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
+               D_PAD: tl.constexpr,
+               BLOCK: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr, WALK: tl.constexpr,
+               SCAN: tl.constexpr):
+    pair = tl.program_id(0)  # row * KV + kv head
+    split = tl.program_id(1)
+    row = pair // KV
+    head = pair % KV
+    g = tl.arange(0, ROWS)
+    d = tl.arange(0, D_PAD)
+    g_ok = g < G
+    d_ok = d < D
+    q = tl.load(q_ptr + row * sq_n + (head * G + g)[:, None] * sq_h + d[None, :],
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = k_ptr + row * sk_n + head * sk_h
+    v_base = v_ptr + row * sv_n + head * sv_h
+    mask_row = mask_ptr + row * sm_n
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, D_PAD], tl.float32)
+    start = split * CHUNK
+    if WALK == 2:  # trimmed: only the blocks from the first allowed slot to the last
+        lo, hi, dense = allowed_span(mask_row, start, slots, CHUNK, SCAN)
+        for first in range(lo, hi, BLOCK):
+            m_i, l_i, acc = attend_block(q, k_base, v_base, mask_row, first + tl.arange(0, BLOCK), slots, lo, hi,
+                                         dense, d, d_ok, m_i, l_i, acc, scale, sk_l, sv_l, True, IEEE)
+    else:  # every block of the split; bounded (1): loads by the allowed span, masked (0): by the mask
+        if WALK == 1:
+            lo, hi, dense = allowed_span(mask_row, start, slots, CHUNK, SCAN)
+        else:
+            lo = start
+            hi = start + CHUNK
+            dense = start < 0  # False: every block's mask bytes are read
+        for offset in range(0, CHUNK, BLOCK):
+            m_i, l_i, acc = attend_block(q, k_base, v_base, mask_row, start + offset + tl.arange(0, BLOCK), slots,
+                                         lo, hi, dense, d, d_ok, m_i, l_i, acc, scale, sk_l, sv_l, WALK == 1, IEEE)
+    has = l_i > 0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
+    slot = (pair * SPLITS + split) * ROWS + g
+    # Only the G real query rows: the padded ones are never combined (a quarter of the bytes at G = 4).
+    tl.store(part_ptr + slot[:, None] * D_PAD + d[None, :], out, mask=g_ok[:, None])
+    tl.store(lse_ptr + slot, lse, mask=g_ok)
+
+
+@triton.jit
+def combine_pass(part_ptr, lse_ptr, out_ptr, so_n, so_h,
+                 KV: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
+                 D_PAD: tl.constexpr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                 SIGNAL: tl.constexpr):
+    pair = tl.program_id(0)
+    g = tl.program_id(1)  # one query head a program: every split's part loaded at once, no serial chain
+    row = pair // KV
+    head = pair % KV
+    split = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, D_PAD)
+    slot = (pair * SPLITS + split) * ROWS + g
+    lse = tl.load(lse_ptr + slot, mask=split < SPLITS, other=float("-inf"))
+    m = tl.max(lse, 0)  # finite: a query's own slot is always allowed
+    w = tl.exp(lse - m)
+    part = tl.load(part_ptr + slot[:, None] * D_PAD + d[None, :], mask=(split < SPLITS)[:, None], other=0.0)
+    if SIGNAL:  # its loads are issued: a dependent launch after it (the o_proj product) may start warming L2
+        tl.extra.cuda.gdc_launch_dependents()
+    out = tl.sum(w[:, None] * part, 0) / tl.sum(w, 0)
+    tl.store(out_ptr + row * so_n + (head * G + g) * so_h + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
