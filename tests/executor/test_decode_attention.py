@@ -43,7 +43,10 @@ CASES = [
 ]
 
 
-def _inputs(case, dtype, device):
+def _inputs(case, dtype, device, holes: bool = False):
+    """Query, keys, values and mask of a case. ``holes``: every third slot before the position is also disallowed
+    (a mask that is not one run: each walk must read its bytes), and the keys and values of every disallowed slot
+    are NaN, which no output may show."""
     n, heads, kv, slots, d, pos, padded, window = case
     g = torch.Generator().manual_seed(sum(case[:5]))
     q = torch.randn(n, heads, d, generator=g).to(device, dtype)
@@ -56,6 +59,10 @@ def _inputs(case, dtype, device):
     if padded:  # row 0 has 3 pad slots at the front, the others none
         allowed = allowed.repeat(n, 1)
         allowed[0, :3] = False
+    if holes:
+        allowed = allowed & ((positions % 3 != 1) | (positions == pos))[None, :]
+        shut = ~allowed.expand(n, -1)[:, None, :, None]
+        k, v = k.masked_fill(shut.to(device), float("nan")), v.masked_fill(shut.to(device), float("nan"))
     return q, k, v, allowed.to(device)
 
 
@@ -85,28 +92,33 @@ def test_without_a_gpu_it_is_sdpa_over_the_grouped_query():
 
 
 def case_errors() -> dict:
-    """Run under the interpreter (``_interpreted``): each case's splits and the kernel's largest error against float64
-    attention, under the module's ``TARGET_PROGRAMS`` as the caller set it."""
-    out = {"splits": [], "errors": []}
-    for case in CASES:
-        q, k, v, allowed = _inputs(case, torch.float32, "cpu")
-        assert da.covers(q, k, allowed) and not da.covers(q, k, allowed.float())  # an additive mask goes to sdpa
-        out["splits"].append(da.splits_for(case[0], case[2], case[3]))
-        got = da.decode_attention(q, k, v, allowed, 0.125)
-        out["errors"].append(float((got.double() - reference(q, k, v, allowed, 0.125)).abs().max()))
+    """Run under the interpreter (``_interpreted``): each case's splits, and per walk of pass 1 (``da.WALKS``) and
+    mask (the case's own, then with holes and NaN behind them) the kernel's largest error against float64 attention
+    over finite values, under the module's ``TARGET_PROGRAMS`` as the caller set it."""
+    out = {"splits": [da.splits_for(case[0], case[2], case[3]) for case in CASES], "errors": {}}
+    for walk, holes in ((w, h) for w in da.WALKS for h in (False, True)):
+        da.WALK, errors = walk, []
+        for case in CASES:
+            q, k, v, allowed = _inputs(case, torch.float32, "cpu", holes)
+            assert da.covers(q, k, allowed) and not da.covers(q, k, allowed.float())  # an additive mask: sdpa
+            got = da.decode_attention(q, k, v, allowed, 0.125)
+            want = reference(q, k.nan_to_num(), v.nan_to_num(), allowed, 0.125)
+            errors.append(float((got.double() - want).abs().max().nan_to_num(float("inf"))))
+        out["errors"][f"{walk}{'+holes' if holes else ''}"] = errors
     return out
 
 
 def test_kernel_equals_attention_over_repeated_heads_in_fp32():
     """Every case: several splits, splits with no allowed slot, padded rows, a window, G from 1 to 8, a head size
-    that is not a power of two. Each output element within 1e-5 of float64 attention."""
+    that is not a power of two; in each walk of pass 1, with the case's mask and with holes in it. Each output element
+    within 1e-5 of float64 attention."""
     errors = _interpreted("""
 import json
 from tests.executor.test_decode_attention import case_errors
 print(json.dumps(case_errors()["errors"]))
 """)
-    assert len(errors) == len(CASES)
-    assert max(errors) < 1e-5, errors
+    assert sorted(errors) == sorted(f"{w}{h}" for w in da.WALKS for h in ("", "+holes"))
+    assert all(len(e) == len(CASES) and max(e) < 1e-5 for e in errors.values()), errors
 
 
 def test_splits_that_walk_several_blocks_equal_attention_over_repeated_heads():
@@ -121,7 +133,7 @@ da.TARGET_PROGRAMS = 4
 print(json.dumps(case_errors()))
 """)
     assert got["splits"] == [1, 1, 1, 2, 2]  # of 4, 3, 1, 11 and 5 blocks
-    assert max(got["errors"]) < 1e-5, got
+    assert all(max(e) < 1e-5 for e in got["errors"].values()), got
 
 
 def test_static_cache_decode_through_the_kernel_gives_the_eager_tokens():
@@ -176,8 +188,11 @@ print(json.dumps(float((got.double() / 2 - reference(q, k, v, allowed, 0.125)).a
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("case", CASES)
-def test_kernel_matches_sdpa_in_bf16_on_a_gpu(case):
-    q, k, v, allowed = _inputs(case, torch.bfloat16, "cuda")
-    got = da.decode_attention(q, k, v, allowed, 0.125)
-    want = reference(q, k, v, allowed, 0.125)
-    assert (got.double() - want).abs().max().item() < 2e-2  # bf16 inputs and output: ~3 significant digits
+@pytest.mark.parametrize("walk", list(da.WALKS))
+def test_kernel_matches_sdpa_in_bf16_on_a_gpu(case, walk, monkeypatch):
+    monkeypatch.setattr(da, "WALK", walk)
+    for holes in (False, True):
+        q, k, v, allowed = _inputs(case, torch.bfloat16, "cuda", holes)
+        got = da.decode_attention(q, k, v, allowed, 0.125)
+        want = reference(q, k.nan_to_num(), v.nan_to_num(), allowed, 0.125)
+        assert (got.double() - want).abs().max().item() < 2e-2, holes  # bf16: ~3 significant digits
