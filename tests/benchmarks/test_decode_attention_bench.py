@@ -45,6 +45,8 @@ def test_bad_arguments_get_one_line_and_exit_2():
     assert proc.returncode == 2 and "positive integers" in proc.stderr
     proc = _run("--positions=-1,5", "--device", "cpu")
     assert proc.returncode == 2 and "give integers >= 0" in proc.stderr
+    proc = _run("--walks", "masked,skipping", "--device", "cpu")
+    assert proc.returncode == 2 and "give walks among masked, bounded, trimmed" in proc.stderr
 
 
 def test_the_launch_sweep_times_every_block_with_every_target_and_puts_the_module_back(tmp_path):
@@ -57,6 +59,20 @@ def test_the_launch_sweep_times_every_block_with_every_target_and_puts_the_modul
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [r for r in json.loads(out.read_text())["rows"] if r["kernel"] == "split_kv"]
     assert [(r["block"], r["warps"], r["stages"], r["splits"]) for r in rows] == [(32, 4, 2, 4), (64, 4, 2, 4)]
+    assert all(r["max_abs_err"] < 1e-4 for r in rows)
+
+
+def test_each_walk_gets_its_row_on_the_same_inputs(tmp_path):
+    """--walks masked,trimmed: a row per walk of pass 1 (the module's ``WALK``) at each position, every one sdpa's
+    attention (at position 70 the second of 2 splits has no allowed slot: the trimmed walk reads no block there)."""
+    out = tmp_path / "attn.json"
+    proc = _run("--device", "cpu", "--batches", "2", "--targets", "16", "--walks", "masked,trimmed", "--heads", "4",
+                "--kv-heads", "2", "--head-dim", "16", "--slots", "256", "--positions", "70,200", "--replays", "1",
+                "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [r for r in json.loads(out.read_text())["rows"] if r["kernel"] == "split_kv"]
+    assert [(r["position"], r["walk"]) for r in rows] == [(70, "masked"), (70, "trimmed"), (200, "masked"),
+                                                          (200, "trimmed")]
     assert all(r["max_abs_err"] < 1e-4 for r in rows)
 
 
