@@ -12,9 +12,16 @@ What this does (the split-KV scheme of flash-decoding, as vLLM's and SGLang's Tr
 - pass 1, one program per (row, KV head, split): the split's slots in blocks of ``BLOCK_N``; the G query heads
   that share the KV head are G rows of one ``tl.dot`` (padded to 16, ``tl.dot``'s least), so each key and value
   is read once for all of them; an online softmax (running max, sum and weighted values, fp32) over the blocks;
-  it writes the split's normalized output and its log-sum-exp. A masked-off slot is never loaded (the loads are
-  masked), so slots past the current position cost only their mask byte: the work follows the tokens written,
-  not the cache's length.
+  it writes the split's normalized output and its log-sum-exp. The program first reads its split's mask bytes
+  once and finds the first and last allowed slot (``allowed_span``), then walks only the blocks between them
+  (``WALK = "trimmed"``): slots past the current position cost neither a load nor a step of the walk, so the
+  work follows the tokens written, not the cache's length. Keys and values are loaded for every slot of that
+  span, the mask applied to the scores: no load waits on a mask byte's, so the software pipeline can issue the
+  next blocks' loads ahead; where the span is all allowed (causal, a window, left padding) the block's mask
+  bytes are not read at all. The walk before (``"masked"``: every block of the split, keys and values loaded
+  where the mask allowed) paid 0.6-1.1 us a block walked beyond its bytes, empty or full, on one H100
+  (benchmarks/results/2026-12-07-attn-walk); ``"bounded"`` (every block, loads by the span) tells the two
+  causes apart in ``benchmarks/decode_attention_bench.py --walks``.
 - pass 2, one program per (row, query head): every split's output and log-sum-exp loaded at once and weighted
   by ``exp(lse_split - max lse)``. (A first version walked the splits in a loop, one program per KV head: 4.5 us
   a layer on one H200 against 4.3 for pass 1.)
@@ -44,14 +51,13 @@ kernels themselves through Triton's interpreter (``TRITON_INTERPRET=1``).
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 
-from hpi.executor import dependent_launch
+from hpi.executor import dependent_launch, triton_env
+from hpi.executor.triton_env import INTERPRETED, TRITON
 
 BLOCK_N = 64  # slots per block of pass 1
 WARPS = 4  # pass 1's warps a program (Triton's default)
@@ -62,8 +68,9 @@ MAX_HEAD_DIM = 256  # a head is padded to a power of two (tl.arange), at least 1
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # How pass 1 walks its split (``split_pass``'s WALK): "masked" every block, keys and values loaded where the mask
 # allows; "bounded" every block, loaded for every slot from the split's first allowed slot to its last (no load
-# waits on the mask's); "trimmed" that, and only the blocks of that span. The benches switch it (``WALK``).
-WALKS = {"masked": 0, "bounded": 1, "trimmed": 2}
+# waits on the mask's); "trimmed" only the blocks of that span, loaded by the mask; "spanned" only those blocks,
+# loaded by the span. The benches switch it (``WALK``).
+WALKS = {"masked": 0, "bounded": 1, "trimmed": 2, "spanned": 3}
 WALK = "trimmed"
 MAX_SCAN = 1024  # mask bytes a program reads at once when it looks for its split's allowed span
 _ENABLED = [True]
@@ -79,10 +86,6 @@ def grouped_sdpa(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=allowed[:, None, None, :], scale=scaling)
     return out.reshape(n, heads, d)
 
-
-# Read once at import: a compiled step traces ``covers``, and dynamo guards on plain module constants.
-TRITON = importlib.util.find_spec("triton") is not None
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's interpreter runs the kernels on CPU tensors
 
 
 def covers(query: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor) -> bool:
@@ -108,38 +111,11 @@ def splits_for(rows: int, kv_heads: int, slots: int) -> int:
     return max(1, min(blocks, -(-TARGET_PROGRAMS // (rows * kv_heads))))
 
 
-def _interpreter_scalar_index() -> None:
-    """Let Triton's interpreter take a computed loop bound (the trimmed walk's ``range(lo, hi, BLOCK)``).
-
-    The interpreter holds a scalar as a NumPy array of shape (1,) and turns it into a Python int with ``int()``
-    (``triton/runtime/interpreter.py``, ``_patch_lang_tensor``: ``__index__``), which NumPy 2.4 refuses for any
-    array of more than 0 dimensions. ``.item()`` takes the one element of any shape; the patch wraps the
-    interpreter's own (which it re-applies at every launch) and changes nothing else."""
-    import numpy as np
-    from triton.runtime import interpreter
-
-    try:
-        int(np.ones(1, dtype=np.int32))
-        return  # this NumPy still converts it
-    except TypeError:
-        pass
-    patch = getattr(interpreter, "_patch_lang_tensor", None)
-    if patch is None or getattr(patch, "hpi_scalar_index", False):
-        return
-
-    def patched(tensor, scope):
-        patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    patched.hpi_scalar_index = True
-    interpreter._patch_lang_tensor = patched
-
-
 @functools.cache
 def _kernels():
     """The two Triton kernels, built on first use (Triton is imported only where it runs)."""
     if INTERPRETED:
-        _interpreter_scalar_index()
+        triton_env.interpreter_scalar_index()
     from hpi.executor import decode_attention_triton as kernels
 
     return kernels.split_pass, kernels.combine_pass

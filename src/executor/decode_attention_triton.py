@@ -86,18 +86,21 @@ def split_pass(q_ptr, k_ptr, v_ptr, mask_ptr, part_ptr, lse_ptr,
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, D_PAD], tl.float32)
     start = split * CHUNK
-    if WALK == 2:  # trimmed: only the blocks from the first allowed slot to the last
+    # WALK (decode_attention.WALKS): bit 1 trims the walk to the split's allowed span, bit 0 loads keys and values
+    # by that span instead of by the mask
+    if WALK == 0:
+        lo = start
+        hi = start + CHUNK
+        dense = start < 0  # False: every block's mask bytes are read
+    else:
         lo, hi, dense = allowed_span(mask_row, start, slots, CHUNK, SCAN)
+        if WALK % 2 == 0:
+            dense = start < 0  # loads by the mask: it is read in every block
+    if WALK >= 2:  # only the blocks from the first allowed slot to the last
         for first in range(lo, hi, BLOCK):
             m_i, l_i, acc = attend_block(q, k_base, v_base, mask_row, first + tl.arange(0, BLOCK), slots, lo, hi,
-                                         dense, d, d_ok, m_i, l_i, acc, scale, sk_l, sv_l, True, IEEE)
-    else:  # every block of the split; bounded (1): loads by the allowed span, masked (0): by the mask
-        if WALK == 1:
-            lo, hi, dense = allowed_span(mask_row, start, slots, CHUNK, SCAN)
-        else:
-            lo = start
-            hi = start + CHUNK
-            dense = start < 0  # False: every block's mask bytes are read
+                                         dense, d, d_ok, m_i, l_i, acc, scale, sk_l, sv_l, WALK == 3, IEEE)
+    else:  # every block of the split
         for offset in range(0, CHUNK, BLOCK):
             m_i, l_i, acc = attend_block(q, k_base, v_base, mask_row, start + offset + tl.arange(0, BLOCK), slots,
                                          lo, hi, dense, d, d_ok, m_i, l_i, acc, scale, sk_l, sv_l, WALK == 1, IEEE)

@@ -21,11 +21,11 @@ A CUDA graph keeps the launches it captured: capture again after switching.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read once: dynamo guards on module constants
+from hpi.executor.triton_env import INTERPRETED
+
 _ON = [False]
 
 

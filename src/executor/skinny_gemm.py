@@ -56,14 +56,13 @@ interpreter (``TRITON_INTERPRET=1``) in fp32 against float64 products.
 from __future__ import annotations
 
 import functools
-import importlib.util
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from hpi.executor import dependent_launch
+from hpi.executor.triton_env import INTERPRETED, TRITON
 
 MIN_ROWS = 2  # batch 1: inductor's tuned reduction (compiled) or cuBLAS's GEMV (eager graph)
 MAX_ROWS = 16  # one tl.dot tile of rows; wider products are compute-shaped enough for cuBLAS
@@ -73,8 +72,6 @@ REDUCE_BLOCK = 256  # columns per program of the split-sum kernel
 PREFETCH_BYTES = 32768  # weight bytes a program asks L2 for before the dependent-launch wait: the first pipeline
 # stages' tiles (4 stages of 16 x 256 bf16), 8 MB for the 256 programs of a 4096-column product
 LINE_BYTES = 128  # L2's line: one prefetch each
-TRITON = importlib.util.find_spec("triton") is not None
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read once: dynamo guards on module constants
 _ENABLED = [True]
 
 
