@@ -25,9 +25,9 @@ products of 2-16 rows in hpi's few-row kernel, ``hpi.executor.skinny_gemm``: wha
 now), ``eager_skinny`` (the eager graph with the few-row kernel) and ``compiled_skinny_pdl`` (``compiled_skinny``
 with the few-row products as programmatic dependent launches that warm L2 with their first weight tiles before they
 wait, and the attention's second pass signalling them, ``hpi.executor.dependent_launch``; Hopper on, else the same
-as ``compiled_skinny``), ``compiled_skinny_masked`` (``compiled_skinny`` with the attention's pass 1 walking
-every block of its split and loading keys and values where the mask allows, as before the trimmed walk:
-``decode_attention.WALK``). Inductor's own kernels become dependent launches under the option ``triton.enable_pdl``
+as ``compiled_skinny``), ``compiled_skinny_trimmed`` (``compiled_skinny`` with the attention's pass 1 walking
+only the blocks of its split's allowed span, keys and values loaded by the mask: ``decode_attention.WALK``
+``masked_trimmed``). Inductor's own kernels become dependent launches under the option ``triton.enable_pdl``
 (``--option-sets``).
 
 Option sets: ``inductor_option_sets.py`` (``OPTION_SETS``, ``--option-sets``) says what each changes.
@@ -77,13 +77,13 @@ from hpi.executor.graphs import COMPILE_OPTIONS
 # The graphs compared, in order: (name, compiled, (hpi's split-KV decode attention, hpi's few-row products, those
 # products as dependent launches, the attention's walk: decode_attention.WALKS)). The first of --variants is the
 # baseline the others are fed tokens from and compared with.
-_WALK = "trimmed"  # decode_attention.WALK, hpi run's own
+_WALK = "masked"  # decode_attention.WALK, hpi run's own
 VARIANTS = (("eager", False, (False, False, False, _WALK)), ("compiled_sdpa", True, (False, False, False, _WALK)),
             ("compiled_split", True, (True, False, False, _WALK)),
             ("compiled_skinny", True, (True, True, False, _WALK)),
             ("eager_skinny", False, (False, True, False, _WALK)),
             ("compiled_skinny_pdl", True, (True, True, True, _WALK)),
-            ("compiled_skinny_masked", True, (True, True, False, "masked")))
+            ("compiled_skinny_trimmed", True, (True, True, False, "masked_trimmed")))
 DEFAULT_KERNELS = (True, True, False, _WALK)  # what the process runs outside a variant
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # ---- one graph's run --------------------------------------------------------------------------------------------

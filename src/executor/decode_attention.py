@@ -68,10 +68,10 @@ MAX_HEAD_DIM = 256  # a head is padded to a power of two (tl.arange), at least 1
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # How pass 1 walks its split (``split_pass``'s WALK): "masked" every block, keys and values loaded where the mask
 # allows; "bounded" every block, loaded for every slot from the split's first allowed slot to its last (no load
-# waits on the mask's); "trimmed" only the blocks of that span, loaded by the mask; "spanned" only those blocks,
-# loaded by the span. The benches switch it (``WALK``).
-WALKS = {"masked": 0, "bounded": 1, "trimmed": 2, "spanned": 3}
-WALK = "trimmed"
+# waits on the mask's); "masked_trimmed" only the blocks of that span, loaded by the mask; "trimmed" only those
+# blocks, loaded by the span. The benches switch it (``WALK``).
+WALKS = {"masked": 0, "bounded": 1, "masked_trimmed": 2, "trimmed": 3}
+WALK = "masked"
 MAX_SCAN = 1024  # mask bytes a program reads at once when it looks for its split's allowed span
 _ENABLED = [True]
 

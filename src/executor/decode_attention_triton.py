@@ -86,7 +86,7 @@ def split_pass(q_ptr, k_ptr, v_ptr, mask_ptr, part_ptr, lse_ptr,
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, D_PAD], tl.float32)
     start = split * CHUNK
-    # WALK (decode_attention.WALKS): bit 1 trims the walk to the split's allowed span, bit 0 loads keys and values
+    # WALK (decode_attention.WALKS): 2 and 3 trim the walk to the split's allowed span, 1 and 3 load keys and values
     # by that span instead of by the mask
     if WALK == 0:
         lo = start

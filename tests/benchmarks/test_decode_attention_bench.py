@@ -46,7 +46,7 @@ def test_bad_arguments_get_one_line_and_exit_2():
     proc = _run("--positions=-1,5", "--device", "cpu")
     assert proc.returncode == 2 and "give integers >= 0" in proc.stderr
     proc = _run("--walks", "masked,skipping", "--device", "cpu")
-    assert proc.returncode == 2 and "give walks among masked, bounded, trimmed, spanned" in proc.stderr
+    assert proc.returncode == 2 and "give walks among masked, bounded, masked_trimmed, trimmed" in proc.stderr
 
 
 def test_the_launch_sweep_times_every_block_with_every_target_and_puts_the_module_back(tmp_path):
