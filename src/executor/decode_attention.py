@@ -66,10 +66,11 @@ MIN_DOT = 16  # tl.dot's least dimension: the G query heads of a KV head, and th
 TARGET_PROGRAMS = 256  # pass-1 programs to aim for: about two per SM of an H100/H200 (132 SMs)
 MAX_HEAD_DIM = 256  # a head is padded to a power of two (tl.arange), at least 16 (tl.dot), at most this
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# How pass 1 walks its split (``split_pass``'s WALK): "masked" every block, keys and values loaded where the mask
-# allows; "bounded" every block, loaded for every slot from the split's first allowed slot to its last (no load
-# waits on the mask's); "masked_trimmed" only the blocks of that span, loaded by the mask; "trimmed" only those
-# blocks, loaded by the span. The benches switch it (``WALK``).
+# How pass 1 walks its split (``split_pass``'s WALK). "masked": every block, reading each block's mask bytes and
+# loading keys and values where they allow. The others first find the split's first and last allowed slot and
+# whether every slot between is allowed (one pass over its mask bytes): "bounded" walks every block and, where
+# that span is all allowed, reads no mask byte in the walk (no load waits on one); "masked_trimmed" walks only the
+# blocks of the span, reading their mask bytes; "trimmed" both. The benches switch it (``WALK``).
 WALKS = {"masked": 0, "bounded": 1, "masked_trimmed": 2, "trimmed": 3}
 WALK = "masked"
 MAX_SCAN = 1024  # mask bytes a program reads at once when it looks for its split's allowed span

@@ -11,18 +11,15 @@ import triton.language as tl
 
 @triton.jit
 def attend_block(q, k_base, v_base, mask_row, n, slots, lo, hi, dense, d, d_ok, m_i, l_i, acc, scale,
-                 sk_l, sv_l, BOUNDED: tl.constexpr, IEEE: tl.constexpr):
+                 sk_l, sv_l, IEEE: tl.constexpr):
     """One block of slots ``n`` into the online softmax (m_i, l_i, acc); only slots in [lo, hi) count (a block of
-    the trimmed walk may reach into the next split's). BOUNDED: keys and values are loaded for every slot there, so
-    no load waits on the mask's; else only where the mask allows. ``dense``: every slot in [lo, hi) is allowed
-    (a causal mask, a window, left padding), so the block's mask bytes are not read at all."""
+    the trimmed walk may reach into the next split's). Keys and values are loaded where the mask allows. ``dense``:
+    every slot in [lo, hi) is allowed (a causal mask, a window, left padding), so the block's mask bytes are not
+    read and no load waits on theirs; a disallowed slot is never loaded, so whatever it holds (NaN in a cache never
+    written) cannot reach the output through 0 * NaN."""
     span = (n >= lo) & (n < hi) & (n < slots)
     valid = span & (tl.load(mask_row + n, mask=span & (dense == 0), other=1) != 0)
-    if BOUNDED:
-        load = span
-    else:
-        load = valid
-    k = tl.load(k_base + n[:, None] * sk_l + d[None, :], mask=load[:, None] & d_ok[None, :], other=0.0)
+    k = tl.load(k_base + n[:, None] * sk_l + d[None, :], mask=valid[:, None] & d_ok[None, :], other=0.0)
     if IEEE:
         scores = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
@@ -33,9 +30,7 @@ def attend_block(q, k_base, v_base, mask_row, n, slots, lo, hi, dense, d, d_ok, 
     p = tl.exp(scores - m_safe[:, None])
     alpha = tl.exp(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_base + n[:, None] * sv_l + d[None, :], mask=load[:, None] & d_ok[None, :], other=0.0)
-    if BOUNDED:  # a disallowed slot inside [lo, hi) may hold anything: p is 0 there, but 0 * NaN is NaN
-        v = tl.where(valid[:, None], v, 0.0)
+    v = tl.load(v_base + n[:, None] * sv_l + d[None, :], mask=valid[:, None] & d_ok[None, :], other=0.0)
     if IEEE:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
     else:
@@ -86,24 +81,24 @@ def split_pass(q_ptr, k_ptr, v_ptr, mask_ptr, part_ptr, lse_ptr,
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, D_PAD], tl.float32)
     start = split * CHUNK
-    # WALK (decode_attention.WALKS): 2 and 3 trim the walk to the split's allowed span, 1 and 3 load keys and values
-    # by that span instead of by the mask
+    # WALK (decode_attention.WALKS): 2 and 3 trim the walk to the split's allowed span, 1 and 3 skip the mask's
+    # bytes where that span is all allowed
     if WALK == 0:
         lo = start
         hi = start + CHUNK
         dense = start < 0  # False: every block's mask bytes are read
     else:
         lo, hi, dense = allowed_span(mask_row, start, slots, CHUNK, SCAN)
-        if WALK % 2 == 0:
-            dense = start < 0  # loads by the mask: it is read in every block
+        if WALK == 2:
+            dense = start < 0  # the mask is read in every block
     if WALK >= 2:  # only the blocks from the first allowed slot to the last
         for first in range(lo, hi, BLOCK):
             m_i, l_i, acc = attend_block(q, k_base, v_base, mask_row, first + tl.arange(0, BLOCK), slots, lo, hi,
-                                         dense, d, d_ok, m_i, l_i, acc, scale, sk_l, sv_l, WALK == 3, IEEE)
+                                         dense, d, d_ok, m_i, l_i, acc, scale, sk_l, sv_l, IEEE)
     else:  # every block of the split
         for offset in range(0, CHUNK, BLOCK):
             m_i, l_i, acc = attend_block(q, k_base, v_base, mask_row, start + offset + tl.arange(0, BLOCK), slots,
-                                         lo, hi, dense, d, d_ok, m_i, l_i, acc, scale, sk_l, sv_l, WALK == 1, IEEE)
+                                         lo, hi, dense, d, d_ok, m_i, l_i, acc, scale, sk_l, sv_l, IEEE)
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
