@@ -11,13 +11,17 @@ import triton.language as tl
 
 @triton.jit
 def attend_block(q, k_base, v_base, mask_row, n, slots, lo, hi, dense, d, d_ok, m_i, l_i, acc, scale,
-                 sk_l, sv_l, IEEE: tl.constexpr):
+                 sk_l, sv_l, IEEE: tl.constexpr, WHOLE: tl.constexpr):
     """One block of slots ``n`` into the online softmax (m_i, l_i, acc); only slots in [lo, hi) count (a block of
     the trimmed walk may reach into the next split's). Keys and values are loaded where the mask allows. ``dense``:
     every slot in [lo, hi) is allowed (a causal mask, a window, left padding), so the block's mask bytes are not
     read and no load waits on theirs; a disallowed slot is never loaded, so whatever it holds (NaN in a cache never
-    written) cannot reach the output through 0 * NaN."""
-    span = (n >= lo) & (n < hi) & (n < slots)
+    written) cannot reach the output through 0 * NaN. WHOLE: [lo, hi) is the block's own split (the masked walk),
+    so only the cache's end bounds it (the code measured before the other walks, instruction for instruction)."""
+    if WHOLE:
+        span = n < slots
+    else:
+        span = (n >= lo) & (n < hi) & (n < slots)
     valid = span & (tl.load(mask_row + n, mask=span & (dense == 0), other=1) != 0)
     k = tl.load(k_base + n[:, None] * sk_l + d[None, :], mask=valid[:, None] & d_ok[None, :], other=0.0)
     if IEEE:
@@ -94,11 +98,12 @@ def split_pass(q_ptr, k_ptr, v_ptr, mask_ptr, part_ptr, lse_ptr,
     if WALK >= 2:  # only the blocks from the first allowed slot to the last
         for first in range(lo, hi, BLOCK):
             m_i, l_i, acc = attend_block(q, k_base, v_base, mask_row, first + tl.arange(0, BLOCK), slots, lo, hi,
-                                         dense, d, d_ok, m_i, l_i, acc, scale, sk_l, sv_l, IEEE)
+                                         dense, d, d_ok, m_i, l_i, acc, scale, sk_l, sv_l, IEEE, False)
     else:  # every block of the split
         for offset in range(0, CHUNK, BLOCK):
             m_i, l_i, acc = attend_block(q, k_base, v_base, mask_row, start + offset + tl.arange(0, BLOCK), slots,
-                                         lo, hi, dense, d, d_ok, m_i, l_i, acc, scale, sk_l, sv_l, IEEE)
+                                         lo, hi, dense, d, d_ok, m_i, l_i, acc, scale, sk_l, sv_l, IEEE,
+                                         WALK == 0)
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
