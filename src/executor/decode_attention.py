@@ -12,16 +12,18 @@ What this does (the split-KV scheme of flash-decoding, as vLLM's and SGLang's Tr
 - pass 1, one program per (row, KV head, split): the split's slots in blocks of ``BLOCK_N``; the G query heads
   that share the KV head are G rows of one ``tl.dot`` (padded to 16, ``tl.dot``'s least), so each key and value
   is read once for all of them; an online softmax (running max, sum and weighted values, fp32) over the blocks;
-  it writes the split's normalized output and its log-sum-exp. The program first reads its split's mask bytes
-  once and finds the first and last allowed slot (``allowed_span``), then walks only the blocks between them
-  (``WALK = "trimmed"``): slots past the current position cost neither a load nor a step of the walk, so the
-  work follows the tokens written, not the cache's length. Keys and values are loaded for every slot of that
-  span, the mask applied to the scores: no load waits on a mask byte's, so the software pipeline can issue the
-  next blocks' loads ahead; where the span is all allowed (causal, a window, left padding) the block's mask
-  bytes are not read at all. The walk before (``"masked"``: every block of the split, keys and values loaded
-  where the mask allowed) paid 0.6-1.1 us a block walked beyond its bytes, empty or full, on one H100
-  (benchmarks/results/2026-12-07-attn-walk); ``"bounded"`` (every block, loads by the span) tells the two
-  causes apart in ``benchmarks/decode_attention_bench.py --walks``.
+  it writes the split's normalized output and its log-sum-exp. A masked-off slot is never loaded (the loads are
+  masked), so slots past the current position cost no bytes. The walk (``WALK``, ``WALKS``): "masked", hpi's
+  default, steps through every block of the split, reading each block's mask bytes first; on one H100 each step
+  costs 0.6-1.1 us beyond its bytes and an empty block 2.5 us (a batch-16 call at position 0 of 768 slots: 15.1
+  us for 64 KB; benchmarks/results/2026-12-07-attn-trim). The other walks first read the split's mask once
+  (``allowed_span``: its first and last allowed slot, and whether every slot between is allowed) and then walk
+  only that span ("masked_trimmed", "trimmed") and/or skip the mask's bytes where the span is all allowed, so no
+  load waits on one ("bounded", "trimmed"). A first trimmed form, which loaded the span's values and zeroed the
+  disallowed ones with a select, took 7.4 us at position 0 but 3-12% longer than "masked" at the positions of a
+  mostly written cache (the select sent the values through registers and back to shared memory, which
+  ``tests/executor/test_decode_attention.py`` now rules out in the sm_90 PTX); the forms here are not yet timed
+  on a GPU, so the default stays "masked".
 - pass 2, one program per (row, query head): every split's output and log-sum-exp loaded at once and weighted
   by ``exp(lse_split - max lse)``. (A first version walked the splits in a loop, one program per KV head: 4.5 us
   a layer on one H200 against 4.3 for pass 1.)

@@ -196,3 +196,62 @@ def test_kernel_matches_sdpa_in_bf16_on_a_gpu(case, walk, monkeypatch):
         got = da.decode_attention(q, k, v, allowed, 0.125)
         want = reference(q, k.nan_to_num(), v.nan_to_num(), allowed, 0.125)
         assert (got.double() - want).abs().max().item() < 2e-2, holes  # bf16: ~3 significant digits
+
+
+class _Launches:
+    """Stands in for a kernel: records the arguments and options ``triton_decode_attention`` launches it with."""
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.args, self.kwargs = args, kwargs
+        return launch
+
+
+def _sm90_ptx_ops(monkeypatch, walk: str) -> dict[str, int]:
+    """Instruction counts of pass 1 as a launch at batch 16 (Llama-3-8B's heads, 768 slots) compiles it for sm_90,
+    here on the CPU (its arguments bound the way ``JITFunction.run`` binds them, as
+    ``tests/executor/test_dequant_triton.py`` does; only the CUDA driver is missing)."""
+    import collections
+    import re
+
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    from hpi.executor import decode_attention_triton as kernels
+
+    split, combine = _Launches(), _Launches()
+    monkeypatch.setattr(da, "_kernels", lambda: (split, combine))
+    monkeypatch.setattr(da, "WALK", walk)
+    q = torch.zeros(16, 32, 128, dtype=torch.bfloat16)
+    kv = torch.zeros(16, 8, 768, 128, dtype=torch.bfloat16)
+    da.triton_decode_attention(q, kv, kv, torch.ones(1, 768, dtype=torch.bool), 0.125)
+    kernel = kernels.split_pass
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    kwargs = {**split.kwargs, "debug": False, "instrumentation_mode": knobs.compilation.instrumentation_mode}
+    bound, specialization, options = create_function_from_signature(kernel.signature, kernel.params, backend)(
+        *split.args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    ptx = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=backend.target,
+                         options=options.__dict__).asm["ptx"]
+    return collections.Counter(re.findall(r"^\s*(?:@!?%p\d+\s+)?([a-z][a-z0-9_.]*)", ptx, re.M))
+
+
+@pytest.mark.skipif(da.INTERPRETED, reason="compiles the kernel: run without TRITON_INTERPRET")
+def test_every_walk_compiles_for_sm90_with_the_masked_walks_pipeline_and_shared_memory_traffic(monkeypatch):
+    """The walks differ in what they walk, not in how a block is read: every form's keys and values go through the
+    software pipeline (cp.async into shared memory) and its products read shared memory as the masked walk's do.
+    A select on the loaded values (the first trimmed form, commit 700a9f1) sent them through registers and back:
+    14 st.shared.v4 against 6, and 0.3-1.7 us a call slower than the masked walk wherever the cache was mostly
+    written, on one H100 (benchmarks/results/2026-12-07-attn-trim).
+    Only the other walks read the split's mask first (the span scan's vector load)."""
+    pytest.importorskip("triton", reason="compiles the Triton kernel")
+    ops = {walk: _sm90_ptx_ops(monkeypatch, walk) for walk in da.WALKS}
+    kinds = ("cp.async.cg.shared.global", "st.shared.v4.b32", "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16")
+    masked = ops["masked"]
+    assert all(masked[k] > 0 for k in kinds)
+    for walk, counts in ops.items():
+        assert [counts[k] for k in kinds] == [masked[k] for k in kinds], walk
+        assert counts["ld.global.b32"] == (0 if walk == "masked" else 1), walk
