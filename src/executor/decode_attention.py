@@ -90,7 +90,6 @@ def grouped_sdpa(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     return out.reshape(n, heads, d)
 
 
-
 def covers(query: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor) -> bool:
     """Whether the Triton kernel takes this call: switched on, Triton importable, a CUDA tensor (or the
     interpreter), a boolean mask (an additive one goes to sdpa), a head size up to ``MAX_HEAD_DIM``, one of its
