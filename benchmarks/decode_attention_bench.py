@@ -16,9 +16,9 @@ compared with sdpa's (``grouped_sdpa``) on the same inputs: ``max_abs_err``.
     python3 benchmarks/decode_attention_bench.py --batches 1,16,64 --targets 256,512,1024,2048 --out $OUT/attn.json
 
 ``--blocks``, ``--warps`` and ``--stages`` sweep pass 1's launch too (the module's ``BLOCK_N``, ``WARPS``, ``STAGES``),
-and ``--walks`` how a program walks its split (the module's ``WALK``: ``masked``, ``bounded``, ``trimmed``): every
-combination with every target. ``--positions`` times several decode positions of one cache (a generation's
-start, middle and end).
+and ``--walks`` how a program walks its split (the module's ``WALK``, one of ``WALKS``): every combination with
+every target. Each row names its µs over the module's own walk at the same launch (``over_default_walk``).
+``--positions`` times several decode positions of one cache (a generation's start, middle and end).
 
 On a CPU (``--device cpu``, ``TRITON_INTERPRET=1``) the kernels run in Triton's interpreter, timed with
 ``time.perf_counter`` (``"timer": "perf_counter"``; not a GPU number): the tests run it so on tiny shapes.
@@ -81,6 +81,20 @@ def measure(batch: int, targets: list[int], *, heads: int, kv_heads: int, head_d
             rows.append(row("split_kv", us, timer, out, **launch, splits=da.splits_for(batch, kv_heads, slots)))
     finally:
         da.TARGET_PROGRAMS, da.BLOCK_N, da.WARPS, da.STAGES, da.WALK = saved
+    return _over_default_walk(rows, saved[4])
+
+
+def _over_default_walk(rows: list[dict], default: str) -> list[dict]:
+    """Each timed kernel row gets ``over_default_walk``: its µs over the row of the module's own walk with the same
+    target and launch, measured in this process on these inputs (absent where that walk was not among --walks)."""
+    def launch(r: dict) -> tuple:
+        return r["target_programs"], r["block"], r["warps"], r["stages"]
+
+    timed = [r for r in rows if r["kernel"] == "split_kv" and "us_per_call" in r]
+    base = {launch(r): r["us_per_call"] for r in timed if r["walk"] == default}
+    for r in timed:
+        if launch(r) in base:
+            r["over_default_walk"] = round(r["us_per_call"] / base[launch(r)], 3)
     return rows
 
 

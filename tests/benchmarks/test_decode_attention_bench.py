@@ -74,6 +74,10 @@ def test_each_walk_gets_its_row_on_the_same_inputs(tmp_path):
     assert [(r["position"], r["walk"]) for r in rows] == [(70, "masked"), (70, "trimmed"), (200, "masked"),
                                                           (200, "trimmed")]
     assert all(r["max_abs_err"] < 1e-4 for r in rows)
+    # side by side: each row over the module's own walk (masked) at its position, measured in the same process
+    assert [r["over_default_walk"] for r in rows][::2] == [1.0, 1.0]
+    for masked, trimmed in (rows[:2], rows[2:]):
+        assert trimmed["over_default_walk"] == round(trimmed["us_per_call"] / masked["us_per_call"], 3)
 
 
 def test_each_position_gets_its_rows_and_they_match_sdpa(tmp_path):
