@@ -18,6 +18,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from hpi.executor import decode_attention as da  # noqa: E402
+from tests.executor.sm90 import Launches, compile_for_sm90, opcodes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -198,45 +199,19 @@ def test_kernel_matches_sdpa_in_bf16_on_a_gpu(case, walk, monkeypatch):
         assert (got.double() - want).abs().max().item() < 2e-2, holes  # bf16: ~3 significant digits
 
 
-class _Launches:
-    """Stands in for a kernel: records the arguments and options ``triton_decode_attention`` launches it with."""
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.args, self.kwargs = args, kwargs
-        return launch
-
-
 def _sm90_ptx_ops(monkeypatch, walk: str) -> dict[str, int]:
     """Instruction counts of pass 1 as a launch at batch 16 (Llama-3-8B's heads, 768 slots) compiles it for sm_90,
-    here on the CPU (its arguments bound the way ``JITFunction.run`` binds them, as
-    ``tests/executor/test_dequant_triton.py`` does; only the CUDA driver is missing)."""
-    import collections
-    import re
-
-    import triton
-    from triton import knobs
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
-
+    here on the CPU (``tests/executor/sm90.py``)."""
     from hpi.executor import decode_attention_triton as kernels
 
-    split, combine = _Launches(), _Launches()
+    split, combine = Launches(), Launches()
     monkeypatch.setattr(da, "_kernels", lambda: (split, combine))
     monkeypatch.setattr(da, "WALK", walk)
     q = torch.zeros(16, 32, 128, dtype=torch.bfloat16)
     kv = torch.zeros(16, 8, 768, 128, dtype=torch.bfloat16)
     da.triton_decode_attention(q, kv, kv, torch.ones(1, 768, dtype=torch.bool), 0.125)
-    kernel = kernels.split_pass
-    backend = make_backend(GPUTarget("cuda", 90, 32))
-    kwargs = {**split.kwargs, "debug": False, "instrumentation_mode": knobs.compilation.instrumentation_mode}
-    bound, specialization, options = create_function_from_signature(kernel.signature, kernel.params, backend)(
-        *split.args, **kwargs)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
-    ptx = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=backend.target,
-                         options=options.__dict__).asm["ptx"]
-    return collections.Counter(re.findall(r"^\s*(?:@!?%p\d+\s+)?([a-z][a-z0-9_.]*)", ptx, re.M))
+    ptx, _ = compile_for_sm90(kernels.split_pass, split)
+    return opcodes(ptx)
 
 
 @pytest.mark.skipif(da.INTERPRETED, reason="compiles the kernel: run without TRITON_INTERPRET")

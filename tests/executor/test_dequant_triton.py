@@ -10,8 +10,6 @@ and flush nothing. The device run's ``dequant.warm_up`` checks the compiled kern
 
 from __future__ import annotations
 
-import re
-
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -21,6 +19,7 @@ pytest.importorskip("triton", reason="hpi's Triton kernels need triton (scripts/
 from deepspeed.inference.quantization.utils import DeQuantizer, Quantizer  # noqa: E402
 
 from hpi.executor import dequant, dequant_triton  # noqa: E402
+from tests.executor.sm90 import Launches, compile_for_sm90, opcodes  # noqa: E402
 
 GROUP = 64
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -121,25 +120,10 @@ def test_non_contiguous_inputs_are_read_as_their_values():
 
 
 # ---- the compiled kernel, read without a GPU ------------------------------------------------------------
-class Launches:
-    """Stands in for the kernel: records the grid, arguments and options ``dequantize`` launches with."""
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.grid, self.args, self.kwargs = grid, args, kwargs
-        return launch
-
-
 def h200_ptx(monkeypatch, dtype: torch.dtype, bits: int) -> str:
     """PTX of what a launch from ``dequantize`` compiles for sm_90: its own arguments and options bound and
-    specialized the way ``JITFunction.run`` does (``triton/runtime/jit.py``; Triton 3.6's private ``_pack_args``),
-    then compiled; only the CUDA driver is missing."""
-    import triton
-    from triton import knobs
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
-
+    specialized the way ``JITFunction.run`` does, then compiled (``tests/executor/sm90.py``); only the CUDA driver
+    is missing."""
     launches = Launches()
     monkeypatch.setattr(dequant_triton, "_interpreted", lambda: launches)
     weight = torch.randn(40, 256, generator=torch.Generator().manual_seed(0)).to(dtype)
@@ -149,21 +133,15 @@ def h200_ptx(monkeypatch, dtype: torch.dtype, bits: int) -> str:
 
     kernel = dequant_triton._KERNEL
     assert type(kernel).__name__ == "JITFunction"  # the compiled kernel, not the interpreted copy
-    backend = make_backend(GPUTarget("cuda", 90, 32))
-    kwargs = {**launches.kwargs, "debug": False, "instrumentation_mode": knobs.compilation.instrumentation_mode}
-    bound, specialization, options = create_function_from_signature(kernel.signature, kernel.params, backend)(
-        *launches.args, **kwargs)
-    # _pack_args raises KeyError on an option the backend does not know (a typo in LAUNCH_OPTIONS)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    ptx, options = compile_for_sm90(kernel, launches)  # KeyError on an option the backend lacks (LAUNCH_OPTIONS)
     assert options.enable_reflect_ftz is False and options.num_warps == dequant_triton.NUM_WARPS
-    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=backend.target,
-                          options=options.__dict__).asm["ptx"]
+    return ptx
 
 
 @pytest.mark.parametrize("dtype, bits", [(torch.bfloat16, 4), (torch.float16, 8), (torch.float32, 4)])
 def test_the_h200_kernel_divides_correctly_rounded_and_keeps_denormals(monkeypatch, dtype, bits):
     ptx = h200_ptx(monkeypatch, dtype, bits)
-    ops = set(re.findall(r"^\s*(?:@%p\d+\s+)?([a-z][a-z0-9_.]*)", ptx, re.M))
+    ops = set(opcodes(ptx))
     assert "div.rn.f32" in ops and not [op for op in ops if op.startswith("div.") and op != "div.rn.f32"]
     assert ".ftz" not in ptx  # no flush-to-zero variant of any instruction
     assert "st.global.v4.b32" in ops  # 16-byte stores of the output: the row block vectorizes
