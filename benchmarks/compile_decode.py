@@ -72,12 +72,13 @@ import torch
 from inductor_option_sets import DEFAULT_SET, OPTION_SETS, PROFILER, SYNTAX, parse_option_sets
 
 from hpi.executor import agreement, dependent_launch, skinny_gemm
+from hpi.executor.decode_attention import WALK as DEFAULT_WALK
 from hpi.executor.graphs import COMPILE_OPTIONS
 
 # The graphs compared, in order: (name, compiled, (hpi's split-KV decode attention, hpi's few-row products, those
 # products as dependent launches, the attention's walk: decode_attention.WALKS)). The first of --variants is the
 # baseline the others are fed tokens from and compared with.
-_WALK = "masked"  # decode_attention.WALK, hpi run's own
+_WALK = DEFAULT_WALK  # hpi run's own walk of the attention's pass 1
 VARIANTS = (("eager", False, (False, False, False, _WALK)), ("compiled_sdpa", True, (False, False, False, _WALK)),
             ("compiled_split", True, (True, False, False, _WALK)),
             ("compiled_skinny", True, (True, True, False, _WALK)),
