@@ -21,14 +21,10 @@ def interpreter_scalar_index() -> None:
     (``triton/runtime/interpreter.py``, ``_patch_lang_tensor``: ``__index__``), which NumPy 2.4 refuses for any
     array of more than 0 dimensions. ``.item()`` takes the one element of any shape; the patch wraps the
     interpreter's own (which it re-applies at every launch) and changes nothing else."""
-    import numpy as np
     from triton.runtime import interpreter
 
-    try:
-        int(np.ones(1, dtype=np.int32))
-        return  # this NumPy still converts it
-    except TypeError:
-        pass
+    if numpy_converts_shaped_scalars():
+        return
     patch = getattr(interpreter, "_patch_lang_tensor", None)
     if patch is None or getattr(patch, "hpi_scalar_index", False):
         return
@@ -39,3 +35,14 @@ def interpreter_scalar_index() -> None:
 
     patched.hpi_scalar_index = True
     interpreter._patch_lang_tensor = patched
+
+
+def numpy_converts_shaped_scalars() -> bool:
+    """Whether this NumPy turns a one-element array of shape (1,) into an int (``int()``; NumPy 2.4 refuses)."""
+    import numpy as np
+
+    try:
+        int(np.ones(1, dtype=np.int32))
+    except TypeError:
+        return False
+    return True
