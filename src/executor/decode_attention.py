@@ -15,9 +15,10 @@ What this does (the split-KV scheme of flash-decoding, as vLLM's and SGLang's Tr
   it writes the split's normalized output and its log-sum-exp. A masked-off slot is never loaded (the loads are
   masked), so slots past the current position cost no bytes. The walk (``WALK``, ``WALKS``): "masked", hpi's
   default, steps through every block of the split, reading each block's mask bytes first; on one H100 each step
-  costs 0.6-1.1 us beyond its bytes and an empty block 2.5 us (a batch-16 call at position 0 of 768 slots: 15.1
-  us for 64 KB; benchmarks/results/2026-12-07-attn-trim). The other walks first read the split's mask once
-  (``allowed_span``: its first and last allowed slot, and whether every slot between is allowed) and then walk
+  costs 0.6-1.1 us beyond its bytes and an empty block about 1.5 us (a batch-16 call at position 0 of 768 slots:
+  15.1 us for 64 KB, against 7.4 for a walk of one block a program; benchmarks/results/2026-12-07-attn-trim).
+  The other walks first read the split's mask once (``allowed_span``: its first and last allowed slot, and
+  whether every slot between is allowed) and then walk
   only that span ("masked_trimmed", "trimmed") and/or skip the mask's bytes where the span is all allowed, so no
   load waits on one ("bounded", "trimmed"). A first trimmed form, which loaded the span's values and zeroed the
   disallowed ones with a select, took 7.4 us at position 0 but 3-12% longer than "masked" at the positions of a
