@@ -18,13 +18,13 @@ What this does (the split-KV scheme of flash-decoding, as vLLM's and SGLang's Tr
   costs 0.6-1.1 us beyond its bytes and an empty block about 1.5 us (a batch-16 call at position 0 of 768 slots:
   15.1 us for 64 KB, against 7.4 for a walk of one block a program; benchmarks/results/2026-12-07-attn-trim).
   The other walks first read the split's mask once (``allowed_span``: its first and last allowed slot, and
-  whether every slot between is allowed) and then walk
-  only that span ("masked_trimmed", "trimmed") and/or skip the mask's bytes where the span is all allowed, so no
-  load waits on one ("bounded", "trimmed"). A first trimmed form, which loaded the span's values and zeroed the
-  disallowed ones with a select, took 7.4 us at position 0 but 3-12% longer than "masked" at the positions of a
-  mostly written cache (the select sent the values through registers and back to shared memory, which
-  ``tests/executor/test_decode_attention.py`` now rules out in the sm_90 PTX); the forms here are not yet timed
-  on a GPU, so the default stays "masked".
+  whether every slot between is allowed) and then walk only that span ("masked_trimmed", "trimmed") and/or skip
+  the mask's bytes where the span is all allowed, so no load waits on one ("bounded", "trimmed"). A first trimmed
+  form, which loaded the span's values and zeroed the disallowed ones with a select, took 7.4 us at position 0 but
+  3-12% longer than "masked" at the positions of a mostly written cache; its select sends the values through
+  registers and back to shared memory (part of that loss, not all of it), which
+  ``tests/executor/test_decode_attention.py`` now rules out in every walk's sm_90 PTX. The forms here are not yet
+  timed on a GPU, so the default stays "masked".
 - pass 2, one program per (row, query head): every split's output and log-sum-exp loaded at once and weighted
   by ``exp(lse_split - max lse)``. (A first version walked the splits in a loop, one program per KV head: 4.5 us
   a layer on one H200 against 4.3 for pass 1.)
