@@ -25,10 +25,10 @@ products of 2-16 rows in hpi's few-row kernel, ``hpi.executor.skinny_gemm``: wha
 now), ``eager_skinny`` (the eager graph with the few-row kernel) and ``compiled_skinny_pdl`` (``compiled_skinny``
 with the few-row products as programmatic dependent launches that warm L2 with their first weight tiles before they
 wait, and the attention's second pass signalling them, ``hpi.executor.dependent_launch``; Hopper on, else the same
-as ``compiled_skinny``), ``compiled_skinny_trimmed`` (``compiled_skinny`` with the attention's pass 1 walking
-only the blocks of its split's allowed span, keys and values loaded by the mask: ``decode_attention.WALK``
-``masked_trimmed``). Inductor's own kernels become dependent launches under the option ``triton.enable_pdl``
-(``--option-sets``).
+as ``compiled_skinny``), and ``compiled_skinny_<walk>`` for every other walk of the attention's pass 1
+(``decode_attention.WALKS``: ``compiled_skinny_trimmed`` walks only the blocks of its split's allowed span and reads
+no mask byte where that span has no hole). Inductor's own kernels become dependent launches under the option
+``triton.enable_pdl`` (``--option-sets``).
 
 Option sets: ``inductor_option_sets.py`` (``OPTION_SETS``, ``--option-sets``) says what each changes.
 
@@ -73,6 +73,7 @@ from inductor_option_sets import DEFAULT_SET, OPTION_SETS, PROFILER, SYNTAX, par
 
 from hpi.executor import agreement, dependent_launch, skinny_gemm
 from hpi.executor.decode_attention import WALK as DEFAULT_WALK
+from hpi.executor.decode_attention import WALKS
 from hpi.executor.graphs import COMPILE_OPTIONS
 
 # The graphs compared, in order: (name, compiled, (hpi's split-KV decode attention, hpi's few-row products, those
@@ -83,8 +84,8 @@ VARIANTS = (("eager", False, (False, False, False, _WALK)), ("compiled_sdpa", Tr
             ("compiled_split", True, (True, False, False, _WALK)),
             ("compiled_skinny", True, (True, True, False, _WALK)),
             ("eager_skinny", False, (False, True, False, _WALK)),
-            ("compiled_skinny_pdl", True, (True, True, True, _WALK)),
-            ("compiled_skinny_trimmed", True, (True, True, False, "masked_trimmed")))
+            ("compiled_skinny_pdl", True, (True, True, True, _WALK))) + tuple(
+    (f"compiled_skinny_{walk}", True, (True, True, False, walk)) for walk in WALKS if walk != _WALK)
 DEFAULT_KERNELS = (True, True, False, _WALK)  # what the process runs outside a variant
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # ---- one graph's run --------------------------------------------------------------------------------------------

@@ -112,14 +112,16 @@ def test_compiles_go_round_by_round_over_the_sets():
         ("compiled_sdpa@cdt", 1), ("compiled_sdpa@plain", 1), ("compiled_split@cdt", 1), ("compiled_split@plain", 1),
         ("compiled_sdpa@cdt", 2), ("compiled_sdpa@plain", 2), ("compiled_split@cdt", 2), ("compiled_split@plain", 2)]
     # sdpa, then hpi's split-KV attention; cuBLAS's products in both, no dependent launch
-    walk = da.WALK  # hpi run's own walk in every variant but the trimmed one
+    walk = da.WALK  # hpi run's own walk in every variant but the other walks' ones
     assert [k for _, _, k, _, _ in units[:4]] == [(False, False, False, walk), (False, False, False, walk),
                                                   (True, False, False, walk), (True, False, False, walk)]
-    # the dependent-launch and trimmed-walk variants differ from compiled_skinny in that switch alone
+    # the dependent-launch and other-walk variants differ from compiled_skinny in that switch alone
     kernels = dict((v[0], v[2]) for v in mod.VARIANTS)
     assert kernels["compiled_skinny"] == (True, True, False, walk) == mod.DEFAULT_KERNELS
     assert kernels["compiled_skinny_pdl"] == (True, True, True, walk)
-    assert kernels["compiled_skinny_trimmed"] == (True, True, False, "masked_trimmed") != kernels["compiled_skinny"]
+    others = [w for w in da.WALKS if w != walk]
+    assert len(others) == 3 and [kernels[f"compiled_skinny_{w}"] for w in others] == [
+        (True, True, False, w) for w in others]
     # an eager graph after the baseline runs once, whatever the sets and compiles
     swapped = (variants[2], variants[0])
     assert mod._units(swapped, {"cdt": {}, "plain": {}}, 3) == [
