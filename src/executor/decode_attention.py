@@ -13,18 +13,19 @@ What this does (the split-KV scheme of flash-decoding, as vLLM's and SGLang's Tr
   that share the KV head are G rows of one ``tl.dot`` (padded to 16, ``tl.dot``'s least), so each key and value
   is read once for all of them; an online softmax (running max, sum and weighted values, fp32) over the blocks;
   it writes the split's normalized output and its log-sum-exp. A masked-off slot is never loaded (the loads are
-  masked), so slots past the current position cost no bytes. The walk (``WALK``, ``WALKS``): "masked", hpi's
-  default, steps through every block of the split, reading each block's mask bytes first; on one H100 each step
-  costs 0.6-1.1 us beyond its bytes and an empty block about 1.5 us (a batch-16 call at position 0 of 768 slots:
-  15.1 us for 64 KB, against 7.4 for a walk of one block a program; benchmarks/results/2026-12-07-attn-trim).
-  The other walks first read the split's mask once (``allowed_span``: its first and last allowed slot, and
-  whether every slot between is allowed) and then walk only that span ("masked_trimmed", "trimmed") and/or skip
-  the mask's bytes where the span is all allowed, so no load waits on one ("bounded", "trimmed"). A first trimmed
-  form, which loaded the span's values and zeroed the disallowed ones with a select, took 7.4 us at position 0 but
-  3-12% longer than "masked" at the positions of a mostly written cache; its select sends the values through
-  registers and back to shared memory (part of that loss, not all of it), which
-  ``tests/executor/test_decode_attention.py`` now rules out in every walk's sm_90 PTX. The forms here are not yet
-  timed on a GPU, so the default stays "masked".
+  masked), so slots past the current position cost no bytes. The walk (``WALK``, ``WALKS``): "masked" steps
+  through every block of the split, reading each block's mask bytes first; on one H100 each step costs 0.6-1.1 us
+  beyond its bytes and an empty block about 1.5 us (benchmarks/results/2026-12-07-attn-trim). The others first
+  read the split's mask once (``allowed_span``: its first and last allowed slot, and whether every slot between is
+  allowed) and then walk only that span ("masked_trimmed", "trimmed") and/or skip the mask's bytes where the span
+  is all allowed ("bounded", "trimmed"). hpi's default is "masked_trimmed": on one H100, batch 16, Llama-3-8B's
+  shape, it took 0.466 / 0.756 / 0.889 of the masked walk's time at positions 0 / 256 / 512 of 768 slots and 0.941
+  at 528 of 544, 1.006-1.03 where the cache is full, and 1.02-1.05 at batch 1 (a span scan before the first
+  block, about 0.2 us); the compiled step with it replayed in 0.983-0.996 of the masked walk's at batch 1 and
+  0.993 at batch 16 (benchmarks/results/2026-12-07-walks). Skipping the mask bytes did not pay: "trimmed" was
+  within 0.97-1.03 of "masked_trimmed". A first trimmed form that zeroed the disallowed values with a select
+  sent them through registers and back to shared memory and lost 3-12% (2026-12-07-attn-trim);
+  ``tests/executor/test_decode_attention.py`` rules that out in every walk's sm_90 PTX.
 - pass 2, one program per (row, query head): every split's output and log-sum-exp loaded at once and weighted
   by ``exp(lse_split - max lse)``. (A first version walked the splits in a loop, one program per KV head: 4.5 us
   a layer on one H200 against 4.3 for pass 1.)
@@ -75,7 +76,7 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # that span is all allowed, reads no mask byte in the walk (no load waits on one); "masked_trimmed" walks only the
 # blocks of the span, reading their mask bytes; "trimmed" both. The benches switch it (``WALK``).
 WALKS = {"masked": 0, "bounded": 1, "masked_trimmed": 2, "trimmed": 3}
-WALK = "masked"
+WALK = "masked_trimmed"  # hpi run's walk: measured against the others in the module's docstring
 MAX_SCAN = 1024  # mask bytes a program reads at once when it looks for its split's allowed span
 _ENABLED = [True]
 

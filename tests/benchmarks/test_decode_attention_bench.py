@@ -63,21 +63,38 @@ def test_the_launch_sweep_times_every_block_with_every_target_and_puts_the_modul
 
 
 def test_each_walk_gets_its_row_on_the_same_inputs(tmp_path):
-    """--walks masked,trimmed: a row per walk of pass 1 (the module's ``WALK``) at each position, every one sdpa's
-    attention (at position 70 the second of 2 splits has no allowed slot: the trimmed walk reads no block there)."""
+    """--walks <hpi's walk>,masked: a row per walk of pass 1 (the module's ``WALK``) at each position, every one
+    sdpa's attention (at position 70 the second of 2 splits has no allowed slot: a trimmed walk reads no block)."""
+    from hpi.executor.decode_attention import WALK
+
+    other = "masked" if WALK != "masked" else "trimmed"
     out = tmp_path / "attn.json"
-    proc = _run("--device", "cpu", "--batches", "2", "--targets", "16", "--walks", "masked,trimmed", "--heads", "4",
+    proc = _run("--device", "cpu", "--batches", "2", "--targets", "16", "--walks", f"{WALK},{other}", "--heads", "4",
                 "--kv-heads", "2", "--head-dim", "16", "--slots", "256", "--positions", "70,200", "--replays", "1",
                 "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [r for r in json.loads(out.read_text())["rows"] if r["kernel"] == "split_kv"]
-    assert [(r["position"], r["walk"]) for r in rows] == [(70, "masked"), (70, "trimmed"), (200, "masked"),
-                                                          (200, "trimmed")]
+    assert [(r["position"], r["walk"]) for r in rows] == [(70, WALK), (70, other), (200, WALK), (200, other)]
     assert all(r["max_abs_err"] < 1e-4 for r in rows)
-    # side by side: each row over the module's own walk (masked) at its position, measured in the same process
+    # side by side: each row over the module's own walk at its position, measured in the same process
     assert [r["over_default_walk"] for r in rows][::2] == [1.0, 1.0]
-    for masked, trimmed in (rows[:2], rows[2:]):
-        assert trimmed["over_default_walk"] == round(trimmed["us_per_call"] / masked["us_per_call"], 3)
+    for own, theirs in (rows[:2], rows[2:]):
+        assert theirs["over_default_walk"] == round(theirs["us_per_call"] / own["us_per_call"], 3)
+
+
+def test_a_walk_list_without_the_modules_own_gives_no_ratio(tmp_path):
+    """Rows are compared only with the module's own walk measured in the same run: without it, no ratio."""
+    from hpi.executor.decode_attention import WALK, WALKS
+
+    others = [w for w in WALKS if w != WALK][:2]
+    out = tmp_path / "attn.json"
+    proc = _run("--device", "cpu", "--batches", "1", "--targets", "16", "--walks", ",".join(others), "--heads", "4",
+                "--kv-heads", "2", "--head-dim", "16", "--slots", "128", "--positions", "70", "--replays", "1",
+                "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [r for r in json.loads(out.read_text())["rows"] if r["kernel"] == "split_kv"]
+    assert [r["walk"] for r in rows] == others
+    assert all(r.get("over_default_walk") is None for r in rows)
 
 
 def test_each_position_gets_its_rows_and_they_match_sdpa(tmp_path):
