@@ -17,7 +17,8 @@ compared with sdpa's (``grouped_sdpa``) on the same inputs: ``max_abs_err``.
 
 ``--blocks``, ``--warps`` and ``--stages`` sweep pass 1's launch too (the module's ``BLOCK_N``, ``WARPS``, ``STAGES``),
 and ``--walks`` how a program walks its split (the module's ``WALK``, one of ``WALKS``): every combination with
-every target. Each row names its µs over the module's own walk at the same launch (``over_default_walk``).
+every target. Each row names its µs over the module's own walk at the same launch (``over_default_walk``) and the
+walk the launch ran (``walk_launched``: a split of one block walks untrimmed, ``decode_attention.launched_walk``).
 ``--positions`` times several decode positions of one cache (a generation's start, middle and end).
 
 On a CPU (``--device cpu``, ``TRITON_INTERPRET=1``) the kernels run in Triton's interpreter, timed with
@@ -78,7 +79,8 @@ def measure(batch: int, targets: list[int], *, heads: int, kv_heads: int, head_d
                 rows.append({**base, "kernel": "split_kv", **launch, "error": f"{type(e).__name__}: {str(e)[:200]}"})
                 continue
             us, timer = time_us(lambda: da.triton_decode_attention(q, k, v, allowed, scale), replays, device)
-            rows.append(row("split_kv", us, timer, out, **launch, splits=da.splits_for(batch, kv_heads, slots)))
+            rows.append(row("split_kv", us, timer, out, **launch, splits=da.splits_for(batch, kv_heads, slots),
+                            walk_launched=da.launched_walk(batch, kv_heads, slots)))
     finally:
         da.TARGET_PROGRAMS, da.BLOCK_N, da.WARPS, da.STAGES, da.WALK = saved
     return _over_default_walk(rows, saved[4])

@@ -21,11 +21,12 @@ What this does (the split-KV scheme of flash-decoding, as vLLM's and SGLang's Tr
   is all allowed ("bounded", "trimmed"). hpi's default is "masked_trimmed": on one H100, batch 16, Llama-3-8B's
   shape, it took 0.466 / 0.756 / 0.889 of the masked walk's time at positions 0 / 256 / 512 of 768 slots and 0.941
   at 528 of 544, 1.006-1.03 where the cache is full, and 1.02-1.05 at batch 1 (a span scan before the first
-  block, about 0.2 us); the compiled step with it replayed in 0.983-0.996 of the masked walk's at batch 1 and
-  0.993 at batch 16 (benchmarks/results/2026-12-07-walks). Skipping the mask bytes did not pay: "trimmed" was
-  within 0.97-1.03 of "masked_trimmed". A first trimmed form that zeroed the disallowed values with a select
-  sent them through registers and back to shared memory and lost 3-12% (2026-12-07-attn-trim);
-  ``tests/executor/test_decode_attention.py`` rules that out in every walk's sm_90 PTX.
+  block, about 0.2 us), so a split of one block, as batch 1's are, walks untrimmed (``launched_walk``); the
+  compiled step with it replayed in 0.993 of the masked walk's at batch 16 (benchmarks/results/2026-12-07-walks).
+  Skipping the mask bytes did not pay: "trimmed" was within 0.97-1.03 of "masked_trimmed". A first trimmed form
+  that zeroed the disallowed values with a select sent them through registers and back to shared memory and lost
+  3-12% (2026-12-07-attn-trim); ``tests/executor/test_decode_attention.py`` rules that out in every walk's sm_90
+  PTX.
 - pass 2, one program per (row, query head): every split's output and log-sum-exp loaded at once and weighted
   by ``exp(lse_split - max lse)``. (A first version walked the splits in a loop, one program per KV head: 4.5 us
   a layer on one H200 against 4.3 for pass 1.)
@@ -115,6 +116,24 @@ def splits_for(rows: int, kv_heads: int, slots: int) -> int:
     return max(1, min(blocks, -(-TARGET_PROGRAMS // (rows * kv_heads))))
 
 
+def split_slots(rows: int, kv_heads: int, slots: int) -> int:
+    """Slots of one split of pass 1, whole blocks (``splits_for``'s share of the cache, rounded up to blocks)."""
+    per_split = -(-slots // splits_for(rows, kv_heads, slots))
+    return -(-per_split // BLOCK_N) * BLOCK_N
+
+
+# A trimmed walk of a one-block split can skip at most that block, and its span scan cost more than the block:
+# at batch 1 (Llama-3-8B's shape, 9-16 one-block splits) "masked_trimmed" took 1.02-1.05 of "masked", also where
+# most splits were empty (benchmarks/results/2026-12-07-walks). Such a launch walks its block untrimmed.
+_UNTRIMMED = {"masked_trimmed": "masked", "trimmed": "bounded"}
+
+
+def launched_walk(rows: int, kv_heads: int, slots: int, walk: str | None = None) -> str:
+    """The walk pass 1 runs for these shapes: ``walk`` (default ``WALK``), untrimmed where a split is one block."""
+    walk = WALK if walk is None else walk
+    return _UNTRIMMED.get(walk, walk) if split_slots(rows, kv_heads, slots) <= BLOCK_N else walk
+
+
 @functools.cache
 def _kernels():
     """The two Triton kernels, built on first use (Triton is imported only where it runs)."""
@@ -136,8 +155,7 @@ def triton_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: tor
     rows = max(MIN_DOT, 1 << (groups - 1).bit_length())
     d_pad = max(MIN_DOT, 1 << (d - 1).bit_length())
     splits = splits_for(n, kv, slots)
-    per_split = -(-slots // splits)
-    chunk = -(-per_split // BLOCK_N) * BLOCK_N  # slots per split, whole blocks
+    chunk = split_slots(n, kv, slots)
     mask = allowed.view(torch.uint8)  # the kernel reads one byte a slot (``covers``: a boolean mask)
     mask_row_stride = 0 if mask.shape[0] == 1 else mask.stride(0)
     part = torch.empty(n * kv * splits * rows, d_pad, device=query.device, dtype=torch.float32)
@@ -150,7 +168,7 @@ def triton_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: tor
         values.stride(0), values.stride(1), values.stride(2), mask_row_stride,
         slots, scale,
         CHUNK=chunk, KV=kv, G=groups, ROWS=rows, D=d, D_PAD=d_pad, BLOCK=BLOCK_N, SPLITS=splits, IEEE=ieee,
-        WALK=WALKS[WALK], SCAN=min(MAX_SCAN, 1 << (chunk - 1).bit_length()),
+        WALK=WALKS[launched_walk(n, kv, slots)], SCAN=min(MAX_SCAN, 1 << (chunk - 1).bit_length()),
         num_warps=WARPS, num_stages=STAGES)
     combine_pass[(n * kv, groups)](part, lse, out, out.stride(0), out.stride(1),
                                    KV=kv, G=groups, ROWS=rows, D=d, D_PAD=d_pad, SPLITS=splits,

@@ -69,12 +69,13 @@ def test_each_walk_gets_its_row_on_the_same_inputs(tmp_path):
 
     other = "masked" if WALK != "masked" else "trimmed"
     out = tmp_path / "attn.json"
-    proc = _run("--device", "cpu", "--batches", "2", "--targets", "16", "--walks", f"{WALK},{other}", "--heads", "4",
+    proc = _run("--device", "cpu", "--batches", "2", "--targets", "8", "--walks", f"{WALK},{other}", "--heads", "4",
                 "--kv-heads", "2", "--head-dim", "16", "--slots", "256", "--positions", "70,200", "--replays", "1",
                 "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [r for r in json.loads(out.read_text())["rows"] if r["kernel"] == "split_kv"]
     assert [(r["position"], r["walk"]) for r in rows] == [(70, WALK), (70, other), (200, WALK), (200, other)]
+    assert all(r["splits"] == 2 and r["walk_launched"] == r["walk"] for r in rows)  # splits of 2 blocks: trimmed
     assert all(r["max_abs_err"] < 1e-4 for r in rows)
     # side by side: each row over the module's own walk at its position, measured in the same process
     assert [r["over_default_walk"] for r in rows][::2] == [1.0, 1.0]
@@ -83,17 +84,18 @@ def test_each_walk_gets_its_row_on_the_same_inputs(tmp_path):
 
 
 def test_a_walk_list_without_the_modules_own_gives_no_ratio(tmp_path):
-    """Rows are compared only with the module's own walk measured in the same run: without it, no ratio."""
+    """Rows are compared only with the module's own walk measured in the same run: without it, no ratio. One split
+    a (row, KV head) pair of 2 blocks here, so each walk runs as named."""
     from hpi.executor.decode_attention import WALK, WALKS
 
     others = [w for w in WALKS if w != WALK][:2]
     out = tmp_path / "attn.json"
-    proc = _run("--device", "cpu", "--batches", "1", "--targets", "16", "--walks", ",".join(others), "--heads", "4",
+    proc = _run("--device", "cpu", "--batches", "1", "--targets", "2", "--walks", ",".join(others), "--heads", "4",
                 "--kv-heads", "2", "--head-dim", "16", "--slots", "128", "--positions", "70", "--replays", "1",
                 "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [r for r in json.loads(out.read_text())["rows"] if r["kernel"] == "split_kv"]
-    assert [r["walk"] for r in rows] == others
+    assert [r["walk"] for r in rows] == [r["walk_launched"] for r in rows] == others
     assert all(r.get("over_default_walk") is None for r in rows)
 
 

@@ -84,6 +84,26 @@ def test_splits_fill_the_gpu_but_never_split_below_a_block():
     assert da.splits_for(1, 8, 1) == 1
 
 
+def test_a_one_block_split_walks_its_block_untrimmed():
+    """Llama-3-8B's shape at 768 slots: batch 1 makes 12 one-block splits, which walk untrimmed (a trim could skip at
+    most the one block, and its span scan cost more than that on one H100); batch 16 makes 2 of 6 blocks, which walk
+    as ``WALK`` says. The launch carries the walk's number (``WALKS``)."""
+    assert (da.split_slots(1, 8, 768), da.split_slots(16, 8, 768)) == (64, 384)
+    assert [da.launched_walk(1, 8, 768, w) for w in da.WALKS] == ["masked", "bounded", "masked", "bounded"]
+    assert [da.launched_walk(16, 8, 768, w) for w in da.WALKS] == list(da.WALKS)
+    assert da.launched_walk(16, 8, 768) == da.WALK == "masked_trimmed"  # hpi run's walk
+    split, combine = Launches(), Launches()
+    da_kernels = da._kernels
+    try:
+        da._kernels = lambda: (split, combine)
+        for n, walk in ((1, "masked"), (16, "masked_trimmed")):
+            q, kv = torch.zeros(n, 32, 128), torch.zeros(n, 8, 768, 128)
+            da.triton_decode_attention(q, kv, kv, torch.ones(1, 768, dtype=torch.bool), 0.125)
+            assert (split.kwargs["WALK"], split.kwargs["CHUNK"]) == (da.WALKS[walk], da.split_slots(n, 8, 768))
+    finally:
+        da._kernels = da_kernels
+
+
 def test_without_a_gpu_it_is_sdpa_over_the_grouped_query():
     for case in CASES:
         q, k, v, allowed = _inputs(case, torch.float32, "cpu")
@@ -124,8 +144,9 @@ print(json.dumps(case_errors()["errors"]))
 
 def test_splits_that_walk_several_blocks_equal_attention_over_repeated_heads():
     """With 4 programs aimed for, the cases' 1-8 row-head pairs make 1 or 2 splits of up to 11 blocks: each split walks
-    several blocks (``CASES`` alone walk one), the last split's run passing the cache's end, and splits with no
-    allowed slot (position 5 of 700). Each within 1e-5 of float64 attention."""
+    several blocks (``CASES`` alone walk one, untrimmed in every walk: ``launched_walk``), the last split's run
+    passing the cache's end, and splits with no allowed slot (position 5 of 700). Each within 1e-5 of float64
+    attention."""
     got = _interpreted("""
 import json
 from hpi.executor import decode_attention as da
@@ -191,12 +212,15 @@ print(json.dumps(float((got.double() / 2 - reference(q, k, v, allowed, 0.125)).a
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("walk", list(da.WALKS))
 def test_kernel_matches_sdpa_in_bf16_on_a_gpu(case, walk, monkeypatch):
+    """Each case at the module's own target (one-block splits) and at 4 programs (splits of several blocks, where
+    the trimmed walks trim), with and without holes in the mask."""
     monkeypatch.setattr(da, "WALK", walk)
-    for holes in (False, True):
+    for target, holes in ((t, h) for t in (da.TARGET_PROGRAMS, 4) for h in (False, True)):
+        monkeypatch.setattr(da, "TARGET_PROGRAMS", target)
         q, k, v, allowed = _inputs(case, torch.bfloat16, "cuda", holes)
         got = da.decode_attention(q, k, v, allowed, 0.125)
         want = reference(q, k.nan_to_num(), v.nan_to_num(), allowed, 0.125)
-        assert (got.double() - want).abs().max().item() < 2e-2, holes  # bf16: ~3 significant digits
+        assert (got.double() - want).abs().max().item() < 2e-2, (target, holes)  # bf16: ~3 significant digits
 
 
 def _sm90_ptx_ops(monkeypatch, walk: str) -> dict[str, int]:
