@@ -80,7 +80,7 @@ def measure(batch: int, targets: list[int], *, heads: int, kv_heads: int, head_d
                 continue
             us, timer = time_us(lambda: da.triton_decode_attention(q, k, v, allowed, scale), replays, device)
             rows.append(row("split_kv", us, timer, out, **launch, splits=da.splits_for(batch, kv_heads, slots),
-                            walk_launched=da.launched_walk(batch, kv_heads, slots)))
+                            walk_launched=da.launched_walk(da.split_slots(batch, kv_heads, slots))))
     finally:
         da.TARGET_PROGRAMS, da.BLOCK_N, da.WARPS, da.STAGES, da.WALK = saved
     return _over_default_walk(rows, saved[4])

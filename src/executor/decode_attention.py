@@ -128,10 +128,11 @@ def split_slots(rows: int, kv_heads: int, slots: int) -> int:
 _UNTRIMMED = {"masked_trimmed": "masked", "trimmed": "bounded"}
 
 
-def launched_walk(rows: int, kv_heads: int, slots: int, walk: str | None = None) -> str:
-    """The walk pass 1 runs for these shapes: ``walk`` (default ``WALK``), untrimmed where a split is one block."""
+def launched_walk(chunk: int, walk: str | None = None) -> str:
+    """The walk pass 1 runs over splits of ``chunk`` slots (``split_slots``): ``walk`` (default ``WALK``),
+    untrimmed where a split is one block."""
     walk = WALK if walk is None else walk
-    return _UNTRIMMED.get(walk, walk) if split_slots(rows, kv_heads, slots) <= BLOCK_N else walk
+    return _UNTRIMMED.get(walk, walk) if chunk <= BLOCK_N else walk
 
 
 @functools.cache
@@ -168,7 +169,7 @@ def triton_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: tor
         values.stride(0), values.stride(1), values.stride(2), mask_row_stride,
         slots, scale,
         CHUNK=chunk, KV=kv, G=groups, ROWS=rows, D=d, D_PAD=d_pad, BLOCK=BLOCK_N, SPLITS=splits, IEEE=ieee,
-        WALK=WALKS[launched_walk(n, kv, slots)], SCAN=min(MAX_SCAN, 1 << (chunk - 1).bit_length()),
+        WALK=WALKS[launched_walk(chunk)], SCAN=min(MAX_SCAN, 1 << (chunk - 1).bit_length()),
         num_warps=WARPS, num_stages=STAGES)
     combine_pass[(n * kv, groups)](part, lse, out, out.stride(0), out.stride(1),
                                    KV=kv, G=groups, ROWS=rows, D=d, D_PAD=d_pad, SPLITS=splits,

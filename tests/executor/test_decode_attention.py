@@ -84,24 +84,20 @@ def test_splits_fill_the_gpu_but_never_split_below_a_block():
     assert da.splits_for(1, 8, 1) == 1
 
 
-def test_a_one_block_split_walks_its_block_untrimmed():
+def test_a_one_block_split_walks_its_block_untrimmed(monkeypatch):
     """Llama-3-8B's shape at 768 slots: batch 1 makes 12 one-block splits, which walk untrimmed (a trim could skip at
     most the one block, and its span scan cost more than that on one H100); batch 16 makes 2 of 6 blocks, which walk
     as ``WALK`` says. The launch carries the walk's number (``WALKS``)."""
     assert (da.split_slots(1, 8, 768), da.split_slots(16, 8, 768)) == (64, 384)
-    assert [da.launched_walk(1, 8, 768, w) for w in da.WALKS] == ["masked", "bounded", "masked", "bounded"]
-    assert [da.launched_walk(16, 8, 768, w) for w in da.WALKS] == list(da.WALKS)
-    assert da.launched_walk(16, 8, 768) == da.WALK == "masked_trimmed"  # hpi run's walk
+    assert [da.launched_walk(64, w) for w in da.WALKS] == ["masked", "bounded", "masked", "bounded"]
+    assert [da.launched_walk(384, w) for w in da.WALKS] == list(da.WALKS)
+    assert da.launched_walk(384) == da.WALK == "masked_trimmed"  # hpi run's walk
     split, combine = Launches(), Launches()
-    da_kernels = da._kernels
-    try:
-        da._kernels = lambda: (split, combine)
-        for n, walk in ((1, "masked"), (16, "masked_trimmed")):
-            q, kv = torch.zeros(n, 32, 128), torch.zeros(n, 8, 768, 128)
-            da.triton_decode_attention(q, kv, kv, torch.ones(1, 768, dtype=torch.bool), 0.125)
-            assert (split.kwargs["WALK"], split.kwargs["CHUNK"]) == (da.WALKS[walk], da.split_slots(n, 8, 768))
-    finally:
-        da._kernels = da_kernels
+    monkeypatch.setattr(da, "_kernels", lambda: (split, combine))
+    for n, walk, chunk in ((1, "masked", 64), (16, "masked_trimmed", 384)):
+        q, kv = torch.zeros(n, 32, 128), torch.zeros(n, 8, 768, 128)
+        da.triton_decode_attention(q, kv, kv, torch.ones(1, 768, dtype=torch.bool), 0.125)
+        assert (split.kwargs["WALK"], split.kwargs["CHUNK"]) == (da.WALKS[walk], chunk)
 
 
 def test_without_a_gpu_it_is_sdpa_over_the_grouped_query():
