@@ -23,7 +23,7 @@ What this does (the split-KV scheme of flash-decoding, as vLLM's and SGLang's Tr
   at 528 of 544, 1.006-1.03 where the cache is full, and 1.02-1.05 at batch 1 (a span scan before the first
   block, about 0.2 us), so a split of one block, as batch 1's are, walks untrimmed (``launched_walk``); the
   compiled step with it replayed in 0.993 of the masked walk's at batch 16 (benchmarks/results/2026-12-07-walks).
-  Skipping the mask bytes did not pay: "trimmed" was within 0.97-1.03 of "masked_trimmed". A first trimmed form
+  Skipping the mask bytes did not pay: "trimmed" took 0.995-1.04 of "masked_trimmed". A first trimmed form
   that zeroed the disallowed values with a select sent them through registers and back to shared memory and lost
   3-12% (2026-12-07-attn-trim); ``tests/executor/test_decode_attention.py`` rules that out in every walk's sm_90
   PTX.
