@@ -117,6 +117,24 @@ def _graphed_step_switch(spec: RunSpec, asked: bool | None, flag: str, does: str
     return spec.decode_graphs and spec.device == "cuda" and spec.mode != "serve"
 
 
+# A warm-up's tokens: its prefill and one decode forward fill DeepSpeed's prefetch trace, pick the decode kernels and,
+# where decode is graphed, capture (and compile) the step at the measured run's cache slots (RunSpec.warmup_gen_len).
+WARMUP_TOKENS = 2
+
+
+def warmup_mode(spec: RunSpec, asked: int | None) -> RunSpec:
+    """The untimed generations before the measured one: ``asked`` of ``WARMUP_TOKENS`` tokens each (the spec's own
+    count where it sets one); None: one where a GPU run graphs its decode and none asked otherwise. A graphed step's
+    first replay of a shape captures it and, compiled, compiles it (65-75 s for the 8B on an H100:
+    benchmarks/results/2026-12-07-warmup): paid once per shape and recorded as compile_s, not timed as the measured
+    run's first decode step, its total and its throughput. Serving warms up on its own (``hpi.executor.serve_loop``)."""
+    if asked is None:
+        if spec.warmup_steps or spec.mode == "serve" or not (spec.decode_graphs and spec.device == "cuda"):
+            return spec
+        asked = 1
+    return replace(spec, warmup_steps=asked, warmup_gen_len=spec.warmup_gen_len or (WARMUP_TOKENS if asked else 0))
+
+
 @dataclass(frozen=True)
 class HostMemory:
     """What this node lets a run hold in RAM: MemAvailable, and RLIMIT_MEMLOCK's soft limit (None: unknown or
@@ -193,13 +211,15 @@ def _check_swap_buffers(spec: RunSpec, est, host: HostMemory) -> None:
 
 
 def resolve_deployment(spec: RunSpec, *, decode_graphs: bool | None = None, decode_compile: bool | None = None,
-                       fused_dequant: bool | None = None, skinny_gemm: bool | None = None, force: bool = False,
+                       fused_dequant: bool | None = None, skinny_gemm: bool | None = None,
+                       warmup_steps: int | None = None, force: bool = False,
                        nodes: Nodes = Nodes(), model: ModelSpec | None = None, host: HostMemory | None = None,
                        pin_memory_explicit: bool = False) -> Deployment:
     """Check ``spec`` against its model and (with ``spec.hardware``) its machine, and fill in what it derives.
 
     ``decode_graphs``: True / False as asked, None for graphs wherever the plan allows them; ``decode_compile``,
-    ``fused_dequant`` and ``skinny_gemm`` likewise (``compile_mode``, ``dequant_mode``, ``skinny_mode``). ``force``:
+    ``fused_dequant`` and ``skinny_gemm`` likewise (``compile_mode``, ``dequant_mode``, ``skinny_mode``);
+    ``warmup_steps``: as asked, None for one where the decode is graphed on a GPU (``warmup_mode``). ``force``:
     run a plan the prediction says cannot fit (with a warning). ``model``: the ModelSpec when the caller has read it.
     ``host``: this node's memory (``this_host``): pinning that would not fit it is turned off, or refused when
     ``pin_memory_explicit`` (``_safe_pinning``); None: not checked.
@@ -211,6 +231,7 @@ def resolve_deployment(spec: RunSpec, *, decode_graphs: bool | None = None, deco
     spec = replace(spec, decode_compile=compile_mode(spec, decode_compile))
     spec = replace(spec, fused_dequant=dequant_mode(spec, fused_dequant))
     spec = replace(spec, skinny_gemm=skinny_mode(spec, skinny_gemm))
+    spec = warmup_mode(spec, warmup_steps)
     warnings: list[str] = []
     prediction = _predict(spec, model, force, warnings) if spec.hardware else None
     if host is not None:

@@ -15,6 +15,7 @@ from hpi.deployment import (
     resolve_deployment,
     skinny_mode,
     this_host,
+    warmup_mode,
 )
 from hpi.executor.spec import RunSpec, ServeSpec
 from hpi.planner.catalog import load_model
@@ -69,6 +70,25 @@ def test_hpi_run_stacks_the_graphed_steps_products_by_default_on_a_gpu_and_never
         skinny_mode(spec(Plan()), True)
     with pytest.raises(DeploymentError, match=r"hpi serve: --skinny-gemm is not supported"):
         skinny_mode(served, True)
+
+
+def test_hpi_run_warms_up_a_graphed_gpu_run_by_default_at_two_tokens_and_otherwise_as_asked():
+    """A graphed step's first replay of a shape compiles and captures it (65-75 s for the 8B on an H100): a GPU run
+    that graphs its decode warms up once, 2 tokens (prefill + one decode forward), unless asked otherwise."""
+    graphed = resolve_deployment(RunSpec(plan=Plan(), model="llama-3-8b")).spec
+    assert graphed.decode_graphs and (graphed.warmup_steps, graphed.warmup_gen_len) == (1, 2)
+    cold = resolve_deployment(RunSpec(plan=Plan(), model="llama-3-8b"), warmup_steps=0).spec
+    assert (cold.warmup_steps, cold.warmup_gen_len) == (0, 0)  # asked none: none, the compile then timed
+    eager = resolve_deployment(RunSpec(plan=Plan(), model="llama-3-8b"), decode_graphs=False).spec
+    assert eager.warmup_steps == 0  # nothing captured: the first step is like the others
+    assert warmup_mode(spec(Plan(), "cpu", decode_graphs=True), None).warmup_steps == 0  # the CPU captures nothing
+    asked = warmup_mode(spec(Plan(offload="cpu", weight_bits=4)), 3)
+    assert (asked.warmup_steps, asked.warmup_gen_len) == (3, 2)
+    own = spec(Plan(), decode_graphs=True, warmup_steps=2, warmup_gen_len=8)  # a caller's own (autotune's trials)
+    assert warmup_mode(own, None) is own and warmup_mode(own, 1).warmup_gen_len == 8
+    serve = ServeSpec(n_slots=2, max_model_len=64, step_tokens=64, address=("127.0.0.1", 1))
+    served = RunSpec(plan=Plan(), model="llama-3-8b", decode_graphs=True, mode="serve", serve=serve)
+    assert warmup_mode(served, None).warmup_steps == 0  # the serving loop warms up its own graphs
 
 
 def test_resolution_prices_the_stacked_products_it_resolved():

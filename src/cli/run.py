@@ -71,6 +71,10 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=non_negative, default=0.0, help="0: greedy (default)")
     p.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling: 0 < P <= 1 (default 1)")
     p.add_argument("--chat", action="store_true", help="stop at EOS and stream the tokens as they come")
+    p.add_argument("--warmup-steps", type=count, default=None, metavar="N",
+                   help="untimed generations of 2 tokens before the measured one, at its shapes (default: 1 where "
+                        "decode is graphed on a GPU, whose first step of a shape captures and compiles it, recorded "
+                        "as compile_s; else 0)")
     p.add_argument("--timeout", type=seconds, default=None, metavar="S", help="stop the run after S seconds")
     p.add_argument("--hang-timeout", type=non_negative, default=None, metavar="S",
                    help="stop the run when a rank makes no progress for S seconds, naming it (default: max(300, 20 x "
@@ -123,7 +127,8 @@ def resolve(args: argparse.Namespace):
     if args.node_rank == 0 and args.master_port:
         _check_rendezvous_port(args.master_addr, args.master_port)
     deployment = resolve_deployment(spec, decode_graphs=args.decode_graphs, decode_compile=args.decode_compile,
-                                    fused_dequant=args.fused_dequant, skinny_gemm=args.skinny_gemm, force=args.force,
+                                    fused_dequant=args.fused_dequant, skinny_gemm=args.skinny_gemm,
+                                    warmup_steps=args.warmup_steps, force=args.force,
                                     nodes=nodes,
                                     model=model, host=this_host(), pin_memory_explicit=pin_memory_given(args))
     executor_ready(args.device, "hpi run")  # last: it imports torch to ask for a GPU
@@ -206,8 +211,22 @@ def print_summary(record: RunRecord, deployment) -> None:
         if predicted:
             line += f" (predicted {predicted:,.4g} {unit}, measured/predicted {measured / predicted:.2f})"
         print(line)
+    _print_warmup(record, deployment.spec)
     h2d = record.transfers.h2d
     achieved, ceiling = (h2d.achieved_bytes_s, h2d.profile_pinned_bytes_s) if h2d else (None, None)
     if achieved:
         print(f"  host->device: {achieved / 1e9:,.2f} GB/s"
               + (f" of {ceiling / 1e9:,.1f} GB/s pinned ({achieved / ceiling:.0%})" if ceiling else ""))
+
+
+def _print_warmup(record: RunRecord, spec) -> None:
+    """What ran before the timers (the warm-ups) and where the decode step's compile fell: in a warm-up, outside the
+    figures above, or inside the measured run (its first decode step, total and throughput)."""
+    compile_s = record.timings.figure("compile_s")
+    tokens = spec.warmup_gen_len or spec.workload.gen_len_tokens
+    if spec.warmup_steps:
+        print(f"  before the timers: {spec.warmup_steps} warm-up(s) of {tokens} token(s)"
+              + (f", which compiled and captured the decode step: {compile_s:,.4g} s" if compile_s is not None else ""))
+    elif compile_s is not None:
+        print(f"  compile and capture of the decode step: {compile_s:,.4g} s, inside the timed run (its first decode "
+              "step, total and throughput); a warm-up pays it instead: drop --warmup-steps 0")

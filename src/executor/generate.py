@@ -180,11 +180,14 @@ class PipelineGenerator:
         return t
 
     def run(self, prompt_ids: torch.Tensor | None, batch: int, prompt_len: int, max_new_tokens: int, chat: bool,
-            padding: LeftPadding | None = None) -> list[torch.Tensor]:
+            padding: LeftPadding | None = None, cache_slots: int | None = None) -> list[torch.Tensor]:
         """Generate; returns the new tokens [batch, n] on last-stage ranks (an empty list elsewhere).
 
         ``prompt_ids`` [batch, prompt_len] (left-padded) is needed on first-stage ranks only; ``padding``
         (the same on every rank; None: no row is padded) says which of its columns are real tokens.
+        ``cache_slots``: the static cache's slots where decode is graphed (None: ``prompt_len + max_new_tokens``).
+        The graphed step's shapes are its cache's, so a short warm-up given the measured run's slots compiles and
+        captures the very shapes the measured run replays (``hpi.executor.worker.measure``).
         """
         g = self.groups
         sizes = self._split(batch)
@@ -193,7 +196,10 @@ class PipelineGenerator:
             raise ValueError(f"padding covers {len(padding.lengths)} rows of {padding.prompt_len} columns, the "
                              f"prompts are {batch} rows of {prompt_len}: slice the padding like the ids")
         paddings = [self._micro_batch_padding(padding, offsets[j], rows) for j, rows in enumerate(sizes)]
-        max_len = prompt_len + max_new_tokens
+        max_len = cache_slots or prompt_len + max_new_tokens
+        if max_len < prompt_len + max_new_tokens:
+            raise ValueError(f"cache_slots {max_len} < prompt_len + max_new_tokens = {prompt_len} + {max_new_tokens}: "
+                             "the static cache must hold every token; pass at least their sum, or None")
         caches = [self.new_static_cache(max_len) if self.decode_graphs else self.new_cache() for _ in sizes]
         capture = self.device.type == "cuda"
         if self.decode_graphs:

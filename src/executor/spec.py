@@ -75,7 +75,8 @@ class RunSpec:
     out_dir: str = "runs/latest"
     warmup_steps: int = 0  # untimed generate calls before the measured one
     warmup_gen_len: int = 0  # tokens each warm-up generates; 0: the workload's gen_len (2 already fills
-    #   DeepSpeed's prefetch trace and picks the decode kernels: prefill + one decode forward)
+    #   DeepSpeed's prefetch trace, picks the decode kernels and, graphed, compiles and captures the measured run's
+    #   step: prefill + one decode forward, on a cache of the measured run's slots)
     fetch_wait: str = "event"  # event / stream: hpi's GPU-ordered ZeRO-3 fetch waits (each parameter's own copy,
     #   dp 1 / every copy queued); host: DeepSpeed's stock (hpi.executor.zero3)
     decode_graphs: bool = False  # replay each decode step as a CUDA graph (hpi.executor.graphs); resident plans only

@@ -376,7 +376,9 @@ def measure(spec: RunSpec, b: _Built) -> RunRecord | None:
     captures: list[float] = []  # first graphed steps, warm-ups included: a compile is paid in the first of its shape
     for i in range(spec.warmup_steps):
         warm = replace(generator, times=StepTimes(), on_forward=Heartbeat(g.rank, f"warm-up {i + 1}"))
-        warm.run(mine.ids, rows, prompt_len, warm_new, chat=False, padding=mine.padding)
+        # the measured run's cache slots: a graphed warm-up of fewer tokens compiles and captures its shapes
+        warm.run(mine.ids, rows, prompt_len, warm_new, chat=False, padding=mine.padding,
+                 cache_slots=prompt_len + max_new)
         captures += warm.times.capture_s
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
