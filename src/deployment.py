@@ -126,7 +126,7 @@ def warmup_mode(spec: RunSpec, asked: int | None) -> RunSpec:
     """The untimed generations before the measured one: ``asked`` of ``WARMUP_TOKENS`` tokens each (the spec's own
     count where it sets one); None: one where a GPU run graphs its decode and none asked otherwise. A graphed step's
     first replay of a shape captures it and, compiled, compiles it (65-75 s for the 8B on an H100:
-    benchmarks/results/2026-12-07-warmup): paid once per shape and recorded as compile_s, not timed as the measured
+    benchmarks/results/2026-12-07-compiles): paid once per shape and recorded as compile_s, not timed as the measured
     run's first decode step, its total and its throughput. Serving warms up on its own (``hpi.executor.serve_loop``)."""
     if asked is None:
         if spec.warmup_steps or spec.mode == "serve" or not (spec.decode_graphs and spec.device == "cuda"):

@@ -186,6 +186,11 @@ KEPT = {
        for name in ("attn-544", "attn-768", "attn-1024", "compile")},
     **{f"2026-12-07-walks/{name}.json": (0, {"not a RunRecord": 1})
        for name in ("call1/attn-544", "call1/attn-768", "call1/attn-1024", "call1/compile", "call2/compile")},
+    **{f"2026-12-07-compiles/{name}.json": (0, {"not a RunRecord": 1})
+       for name in ("call1/compile", "call2/compile1", "call2/compile16", "call4/run-b1/spec", "call4/run-b16/spec")},
+    "2026-12-07-compiles/call3/records.json": (5, {}),
+    "2026-12-07-compiles/call4/run-b1/record.json": (1, {}),
+    "2026-12-07-compiles/call4/run-b16/record.json": (1, {}),
     **{f"2026-12-06-prefetch-lag/call1-profiled/profiles/{name}.json": (0, {"not a RunRecord": 1})
        for name in ("1layer-ds-b1", "1layer-fused-b1", "3e9-ds-b1", "3e9-fused-b1", "3e9-fused-b16")},
     "2026-12-03-h200-moe2/call1/ds/records.json": (2, {}),
@@ -242,18 +247,18 @@ def kept() -> dict[str, object]:
 def test_every_kept_file_reads_with_its_records_and_skips_counted(kept) -> None:
     assert {name: (len(r), r.skipped) for name, r in kept.items()} == KEPT
     records = [r for got in kept.values() for r in got]
-    assert len(records) == 310
-    assert sum(1 for r in records if r.entry is not None) == 298  # gpu_matrix bundles {name: record}
+    assert len(records) == 317
+    assert sum(1 for r in records if r.entry is not None) == 303  # gpu_matrix bundles {name: record}
     assert sum(1 for r in records if r.source.id.startswith("trial-")) == 4  # hpi autotune trial files
     skipped: dict[str, int] = {}
     for got in kept.values():
         for reason, n in got.skipped.items():
             skipped[reason] = skipped.get(reason, 0) + n
-    assert skipped == {"not a RunRecord": 127, "error": 7, "baseline": 9}
+    assert skipped == {"not a RunRecord": 132, "error": 7, "baseline": 9}
     # Read together, names are unique (validate and calibrate key on them): a rerun kept under the stem of an
     # earlier run is named with its folder, and so is the earlier one.
     together = {r.record_id for r in load_records(_kept_files())}
-    assert len(together) == 310
+    assert len(together) == 317
     assert {"callA-first/8b-run-b1.run", "callB/8b-run-b1.run", "70b-q4-run-b1.run"} <= together
 
 
@@ -279,7 +284,7 @@ def test_every_kept_record_is_upgraded_and_loses_nothing(kept) -> None:
     # hpi serve's GPU call (2026-12-02) kept the first version-2 records, the MoE calls (2026-12-03) version 3's,
     # the compiled / fused / split-KV calls (2026-12-04) version 4's, the ZeRO-3 leaf calls (2026-12-05) version 5's
     # (13 that morning, 19 that night, 12, 9, 32 and 5 on 2026-12-06)
-    assert versions == {1: 130, 2: 5, 3: 16, 4: 51, 5: 108}
+    assert versions == {1: 130, 2: 5, 3: 16, 4: 51, 5: 115}
 
 
 def test_known_figures_of_known_files(kept) -> None:
