@@ -223,9 +223,8 @@ def _print_warmup(record: RunRecord, spec) -> None:
     """What ran before the timers (the warm-ups) and where the decode step's compile fell: in a warm-up, outside the
     figures above, or inside the measured run (its first decode step, total and throughput)."""
     compile_s = record.timings.figure("compile_s")
-    tokens = spec.warmup_gen_len or spec.workload.gen_len_tokens
     if spec.warmup_steps:
-        print(f"  before the timers: {spec.warmup_steps} warm-up(s) of {tokens} token(s)"
+        print(f"  before the timers: {spec.warmup_steps} warm-up(s) of {spec.warmup_tokens} token(s)"
               + (f", which compiled and captured the decode step: {compile_s:,.4g} s" if compile_s is not None else ""))
     elif compile_s is not None:
         print(f"  compile and capture of the decode step: {compile_s:,.4g} s, inside the timed run (its first decode "

@@ -165,6 +165,12 @@ class RunSpec:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def warmup_tokens(self) -> int:
+        """Tokens each warm-up generates: ``warmup_gen_len``, at most the workload's (0: all of the workload's)."""
+        gen_len = self.workload.gen_len_tokens
+        return min(self.warmup_gen_len or gen_len, gen_len)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["prompts"] = list(self.prompts)

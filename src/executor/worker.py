@@ -372,12 +372,11 @@ def measure(spec: RunSpec, b: _Built) -> RunRecord | None:
     )
     dequant_calls = use_dequant(spec)
     max_new = spec.workload.gen_len_tokens
-    warm_new = min(spec.warmup_gen_len or max_new, max_new)
     captures: list[float] = []  # first graphed steps, warm-ups included: a compile is paid in the first of its shape
     for i in range(spec.warmup_steps):
         warm = replace(generator, times=StepTimes(), on_forward=Heartbeat(g.rank, f"warm-up {i + 1}"))
         # the measured run's cache slots: a graphed warm-up of fewer tokens compiles and captures its shapes
-        warm.run(mine.ids, rows, prompt_len, warm_new, chat=False, padding=mine.padding,
+        warm.run(mine.ids, rows, prompt_len, spec.warmup_tokens, chat=False, padding=mine.padding,
                  cache_slots=prompt_len + max_new)
         captures += warm.times.capture_s
     if device.type == "cuda":

@@ -43,3 +43,10 @@ def test_stage_layer_counts_are_the_specs_own_or_the_planners_balanced_split():
     assert RunSpec(plan=Plan(pp=2), model="llama-3-8b", stage_layers=(20, 12)).stage_layer_counts(model) == (20, 12)
     with pytest.raises(ValueError, match=r"sum\(stage_layers \[20, 10\]\) = 30 != n_layers \(32\)"):
         RunSpec(plan=Plan(pp=2), model="llama-3-8b", stage_layers=(20, 10)).stage_layer_counts(model)
+
+
+@pytest.mark.parametrize("gen_len,warmup_gen_len,tokens", [(32, 2, 2), (32, 0, 32), (1, 2, 1), (3, 8, 3)])
+def test_a_warm_up_generates_its_own_length_clipped_to_the_workloads(gen_len, warmup_gen_len, tokens):
+    spec = RunSpec(plan=Plan(), model="tiny-llama", workload=Workload(8, gen_len), warmup_steps=1,
+                   warmup_gen_len=warmup_gen_len)
+    assert spec.warmup_tokens == tokens
