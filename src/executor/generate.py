@@ -40,7 +40,8 @@ no mask and no positions: the stage keeps its unpadded fast path (sdpa's own cau
 With ``decode_graphs`` every micro-batch's cache is a ``StaticKVCache`` sized for the whole generation, the
 prefill runs eagerly into it, and each decode forward of a micro-batch replays its ``DecodeGraph``
 (``hpi.executor.graphs``); the padding mask then spans the cache's slots (ones past the prompt: the causal rule
-hides the future ones).
+hides the future ones). The caches and graphs stay with the generator (``KeptSteps``): the next generation of the
+same shapes, a warm-up's measured run above all, rewinds and replays them instead of capturing again.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from hpi.executor.graphs import DecodeGraph, StaticKVCache, compiled_step
+from hpi.executor.graphs import DecodeGraph, KeptSteps, StaticKVCache, compiled_step
 from hpi.executor.groups import Groups
 from hpi.executor.skinny_gemm import install as install_skinny
 from hpi.executor.skinny_gemm import use_skinny
@@ -162,6 +163,7 @@ class PipelineGenerator:
     on_tokens: Callable[[int, list[torch.Tensor]], None] | None = None  # (forward, tokens per micro-batch)
     on_forward: Callable[[int, int], None] | None = None  # (forward, forwards asked), every rank: the heartbeat
     times: StepTimes = field(default_factory=StepTimes)
+    kept: KeptSteps = field(default_factory=KeptSteps)  # shared by ``replace``-d copies: a warm-up's for the run
 
     def _split(self, batch: int) -> list[int]:
         m = self.micro_batches
@@ -200,16 +202,17 @@ class PipelineGenerator:
         if max_len < prompt_len + max_new_tokens:
             raise ValueError(f"cache_slots {max_len} < prompt_len + max_new_tokens = {prompt_len} + {max_new_tokens}: "
                              "the static cache must hold every token; pass at least their sum, or None")
-        caches = [self.new_static_cache(max_len) if self.decode_graphs else self.new_cache() for _ in sizes]
-        capture = self.device.type == "cuda"
         if self.decode_graphs:
             # Switched per run, so that the variants of one build measure both paths; a compiled step traced with the
             # other setting is traced again (dynamo guards the switch). On a CPU the stack is one F.linear (no kernel).
             use_skinny(self.skinny_gemm)
             if self.skinny_gemm:
                 install_skinny(self.stage)
-        step_fn = compiled_step(self.stage) if self.decode_compile else self.stage
-        graphs = [DecodeGraph(step_fn, capture=capture) for _ in sizes] if self.decode_graphs else []
+            keys = [(j, rows, max_len, paddings[j] is not None, self.decode_compile, self.skinny_gemm)
+                    for j, rows in enumerate(sizes)]
+            caches, graphs, fresh = self._static_steps(keys, max_len)
+        else:
+            caches, graphs, fresh = [self.new_cache() for _ in sizes], [], []
         slots = max_len if self.decode_graphs else None
         generated: list[list[torch.Tensor]] = [[] for _ in sizes]
         next_ids: list[torch.Tensor | None] = [None] * len(sizes)
@@ -257,10 +260,23 @@ class PipelineGenerator:
                 self.on_forward(forward, max_new_tokens)
             if chat and self._all_done(generated, done):
                 break
-        self.times.capture_s.extend(graph.capture_s for graph in graphs if graph.capture_s is not None)
+        self.times.capture_s.extend(graph.capture_s for graph, new in zip(graphs, fresh)
+                                    if new and graph.capture_s is not None)
+        if self.decode_graphs:
+            self.kept.keep(dict(zip(keys, zip(caches, graphs))))
         if not g.is_last_stage:
             return []
         return [torch.stack(gen, dim=1).cpu() for gen in generated]
+
+    def _static_steps(self, keys: list[tuple], max_len: int) -> tuple[list, list[DecodeGraph], list[bool]]:
+        """Each micro-batch's static cache and decode graph: the last generation's where its key matches
+        (``KeptSteps``: no new capture), else new ones; and which are new (their first step is a capture)."""
+        kept = self.kept.take(keys)
+        step_fn = compiled_step(self.stage) if self.decode_compile else self.stage
+        capture = self.device.type == "cuda"
+        steps = [kept.get(key) or (self.new_static_cache(max_len), DecodeGraph(step_fn, capture=capture))
+                 for key in keys]
+        return [c for c, _ in steps], [g for _, g in steps], [key not in kept for key in keys]
 
     @staticmethod
     def _micro_batch_padding(padding: LeftPadding | None, start: int, rows: int) -> LeftPadding | None:

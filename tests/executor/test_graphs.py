@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 from transformers import DynamicCache  # noqa: E402
 
-from hpi.executor.generate import PipelineGenerator, Sampler, left_pad  # noqa: E402
+from hpi.executor.generate import PipelineGenerator, Sampler, StepTimes, left_pad  # noqa: E402
 from hpi.executor.graphs import DecodeGraph, StaticKVCache, compiled_step  # noqa: E402
 from hpi.executor.masks import static_causal_mask  # noqa: E402
 from hpi.executor.modeling import ShardSpec, build_stage, load_hf_config  # noqa: E402
@@ -211,6 +211,71 @@ def test_a_short_warm_up_at_the_measured_runs_cache_slots_compiles_what_the_meas
         assert tokens == generate(gen_len, compiled=False)
     with pytest.raises(ValueError, match=r"cache_slots 8 < prompt_len \+ max_new_tokens = 7 \+ 2"):
         generate(2, cache_slots=8)
+
+
+def test_a_rewound_cache_takes_a_new_prompt_in_its_own_tensors_and_masks_what_the_last_one_left():
+    cache = StaticKVCache(6)
+    old = torch.full((1, 1, 5, 2), 7.0)
+    cache.bind(torch.arange(0, 5))
+    cache.update(old, old, 0)
+    with pytest.raises(ValueError, match="prompt in one forward from slot 0"):
+        _static_stage_prompt(cache)
+    address = cache.keys[0].data_ptr()
+    cache.rewind()
+    assert cache.is_empty and cache.position is None
+    keys = _static_stage_prompt(cache)  # a new prompt of 2: it reads its own slots only
+    assert cache.keys[0].data_ptr() == address and keys.shape[2] == 2 and not keys.eq(7.0).any()
+    # the next step, at slot 2, sees slots 0-2; slots 3-4 still hold the last generation's 7s, behind the mask
+    assert torch.equal(cache.keys[0][0, 0, 3:5], old[0, 0, 3:5])
+    assert static_causal_mask(torch.tensor([2]), 6, None, None)[0, 0, 0].int().tolist() == [1, 1, 1, 0, 0, 0]
+
+
+def _static_stage_prompt(cache: StaticKVCache) -> torch.Tensor:
+    """What a stage's prompt forward does to a static cache (``modeling._bind_static``), for one layer."""
+    if not cache.is_empty:
+        raise ValueError("a StaticKVCache takes the prompt in one forward from slot 0, then one token per step")
+    cache.bind(torch.arange(0, 2), visible=2)
+    keys, _ = cache.update(torch.ones(1, 1, 2, 2), torch.ones(1, 1, 2, 2), 0)
+    return keys
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["graphed", "compiled"])
+def test_the_next_generation_of_the_same_shapes_replays_the_kept_steps_and_decodes_its_own_tokens(compiled):
+    """``KeptSteps``: a generator's second generation of the same shapes (other prompts, fewer tokens, the same cache
+    slots: hpi run's warm-up then its measured run) reuses each micro-batch's cache and graph, captures nothing, and
+    gives a fresh generator's tokens although the first generation's keys and values are still in the slots past its
+    own; a generation of other shapes lets the kept ones go, so one generation's caches are kept at a time."""
+    config = _tiny("llama")
+    stage = build_stage(config, ShardSpec.whole(config.num_hidden_layers), dtype=torch.float32, seed=0).eval()
+    g = torch.Generator().manual_seed(13)
+    first, second = (left_pad([torch.randint(3, config.vocab_size, (n,), generator=g).tolist() for n in lengths], 0)
+                     for lengths in ((8, 8, 5, 8), (8, 3, 8, 8)))
+
+    def generator() -> PipelineGenerator:
+        return PipelineGenerator(stage=stage, groups=_one_rank(), new_cache=DynamicCache, hidden_size=0,
+                                 dtype=torch.float32, device=torch.device("cpu"), micro_batches=2, sampler=Sampler(),
+                                 decode_graphs=True, decode_compile=compiled)
+
+    def generate(gen, prompts, new_tokens: int, slots: int = 8 + GEN) -> list[list[int]]:
+        ids, padding = prompts
+        gen.times = StepTimes()
+        return torch.cat(gen.run(ids, 4, 8, new_tokens, chat=False, padding=padding, cache_slots=slots)).tolist()
+
+    gen = generator()
+    generate(gen, first, GEN)
+    assert len(gen.times.capture_s) == 2 and len(gen.kept.steps) == 2  # a capture and a kept step per micro-batch
+    steps = gen.kept.steps
+    # micro-batch 0 is unpadded in the first generation and padded in the second, micro-batch 1 the other way round:
+    # new keys, new steps, and the first generation's let go
+    tokens = generate(gen, second, GEN - 2)
+    assert tokens == generate(generator(), second, GEN - 2)
+    assert len(gen.times.capture_s) == 2 and not set(steps) & set(gen.kept.steps)
+    steps = gen.kept.steps
+    again = generate(gen, second, GEN)  # the same keys again: both kept steps replayed, nothing captured
+    assert gen.times.capture_s == [] and gen.kept.steps == steps
+    assert again == generate(generator(), second, GEN) and [row[: GEN - 2] for row in again] == tokens
+    generate(gen, second, GEN, slots=8 + GEN + 1)  # other cache slots: new steps, the old ones let go
+    assert len(gen.times.capture_s) == 2 and len(gen.kept.steps) == 2 and not set(steps) & set(gen.kept.steps)
 
 
 def test_graphed_runs_switch_the_stacked_products_per_run_and_decode_the_same_tokens():
