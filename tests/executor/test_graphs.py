@@ -442,10 +442,17 @@ def test_captured_decode_generates_the_eager_tokens_on_a_gpu(family, padded):
     lengths = [9, 4] if padded else [9, 9]
     ids, padding = left_pad([torch.randint(3, config.vocab_size, (n,), generator=g).tolist() for n in lengths], 0)
 
-    def generate(graphs: bool) -> list[list[int]]:
-        gen = PipelineGenerator(stage=stage, groups=_one_rank(), new_cache=DynamicCache, hidden_size=0,
-                                dtype=torch.float32, device=device, micro_batches=1, sampler=Sampler(),
-                                decode_graphs=graphs)
-        return torch.cat(gen.run(ids, 2, 9, GEN, chat=False, padding=padding if padded else None)).tolist()
+    others = torch.randint(3, config.vocab_size, ids.shape, generator=g)
+    gen = PipelineGenerator(stage=stage, groups=_one_rank(), new_cache=DynamicCache, hidden_size=0,
+                            dtype=torch.float32, device=device, micro_batches=1, sampler=Sampler(), decode_graphs=True)
 
-    assert generate(True) == generate(False)
+    def generate(prompts: torch.Tensor, graphs: bool) -> list[list[int]]:
+        gen.decode_graphs, gen.times = graphs, StepTimes()
+        return torch.cat(gen.run(prompts, 2, 9, GEN, chat=False, padding=padding if padded else None)).tolist()
+
+    eager = generate(ids, False)
+    assert generate(ids, True) == eager and len(gen.times.capture_s) == 1
+    # another generation in between (other ids over the same slots), then these ids again on the kept graph: the
+    # replay over the rewound cache, the other ids' keys and values behind the mask, gives the eager tokens
+    assert generate(others, True) == generate(others, False) and gen.times.capture_s == []
+    assert generate(ids, True) == eager and gen.times.capture_s == []
