@@ -214,29 +214,24 @@ def test_a_short_warm_up_at_the_measured_runs_cache_slots_compiles_what_the_meas
 
 
 def test_a_rewound_cache_takes_a_new_prompt_in_its_own_tensors_and_masks_what_the_last_one_left():
-    cache = StaticKVCache(6)
-    old = torch.full((1, 1, 5, 2), 7.0)
-    cache.bind(torch.arange(0, 5))
-    cache.update(old, old, 0)
-    with pytest.raises(ValueError, match="prompt in one forward from slot 0"):
-        _static_stage_prompt(cache)
-    address = cache.keys[0].data_ptr()
-    cache.rewind()
-    assert cache.is_empty and cache.position is None
-    keys = _static_stage_prompt(cache)  # a new prompt of 2: it reads its own slots only
-    assert cache.keys[0].data_ptr() == address and keys.shape[2] == 2 and not keys.eq(7.0).any()
-    # the next step, at slot 2, sees slots 0-2; slots 3-4 still hold the last generation's 7s, behind the mask
-    assert torch.equal(cache.keys[0][0, 0, 3:5], old[0, 0, 3:5])
-    assert static_causal_mask(torch.tensor([2]), 6, None, None)[0, 0, 0].int().tolist() == [1, 1, 1, 0, 0, 0]
-
-
-def _static_stage_prompt(cache: StaticKVCache) -> torch.Tensor:
-    """What a stage's prompt forward does to a static cache (``modeling._bind_static``), for one layer."""
-    if not cache.is_empty:
-        raise ValueError("a StaticKVCache takes the prompt in one forward from slot 0, then one token per step")
-    cache.bind(torch.arange(0, 2), visible=2)
-    keys, _ = cache.update(torch.ones(1, 1, 2, 2), torch.ones(1, 1, 2, 2), 0)
-    return keys
+    config = load_hf_config("tiny-llama")
+    stage = build_stage(config, ShardSpec.whole(config.num_hidden_layers), dtype=torch.float32, seed=0).eval()
+    cache, fresh = StaticKVCache(8), StaticKVCache(8)
+    new_prompt = torch.tensor([[3, 4]])
+    with torch.no_grad():
+        stage(torch.tensor([[5, 6, 7, 8, 9]]), cache, torch.arange(0, 5))
+        with pytest.raises(ValueError, match="prompt in one forward from slot 0"):
+            stage(new_prompt, cache, torch.arange(0, 2))
+        address, left = cache.keys[0].data_ptr(), cache.keys[0][:, :, 2:5].clone()
+        cache.rewind()
+        assert cache.is_empty and cache.position is None
+        logits = stage(new_prompt, cache, torch.arange(0, 2))  # it reads its own slots only
+        assert torch.equal(logits, stage(new_prompt, fresh, torch.arange(0, 2)))
+    assert cache.keys[0].data_ptr() == address  # the same tensors: a kept graph's addresses hold
+    assert torch.equal(cache.keys[0][:, :, :2], fresh.keys[0][:, :, :2])
+    # the next step, at slot 2, sees slots 0-2; slots 3-4 still hold the last generation's, behind the mask
+    assert torch.equal(cache.keys[0][:, :, 3:5], left[:, :, 1:]) and left[:, :, 1:].abs().sum() > 0
+    assert static_causal_mask(torch.tensor([2]), 8, None, None)[0, 0, 0].int().tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["graphed", "compiled"])
