@@ -4,7 +4,7 @@
 [b * heads, 1, keys] and an additive float mask [b, 1, queries, keys] and computes ``baddbmm`` + softmax
 itself (transformers/models/bloom/modeling_bloom.py). So a BLOOM stage builds both here:
 
-- the slopes are those of the *global* head index (``_get_alibi_slopes(n_head)``): a TP rank holding heads
+- the slopes are those of the *global* head index (BLOOM's ALiBi slopes of n_head heads): a TP rank holding heads
   [r * H / tp, (r + 1) * H / tp) takes exactly those heads' slopes;
 - the key positions are ``arange(keys)`` without padding, and ``(cumsum(mask) - 1) * mask`` with a left-padding
   mask, what ``build_alibi_tensor`` computes (the bias is by key position only: softmax is invariant to the
@@ -49,10 +49,16 @@ def check_config(config) -> None:
 
 def alibi_slopes(n_heads: int, tp_rank: int, tp_size: int, device) -> torch.Tensor:
     """float32 [n_heads / tp_size]: the ALiBi slopes of the heads TP rank ``tp_rank`` holds."""
-    from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+    # Read through the public ``build_alibi_tensor``: its bias at key position 1 is each head's slope times 1, in
+    # float32. The private ``_get_alibi_slopes`` behind it is not in every transformers (the GPU image's lacks it).
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 
+    # contiguous: a strided view would give the bias built from it (``alibi_bias``) another memory layout, and the
+    # score kernels another summation order (test_mixed_slot_steps_and_dense_decode_equal_each_sequence_alone)
+    two_keys = torch.ones(1, 2, dtype=torch.long, device=device)
+    slopes = build_alibi_tensor(two_keys, n_heads, torch.float32)[:, 0, 1].contiguous()
     per_rank = n_heads // tp_size
-    return _get_alibi_slopes(n_heads, device)[tp_rank * per_rank:(tp_rank + 1) * per_rank]
+    return slopes[tp_rank * per_rank:(tp_rank + 1) * per_rank]
 
 
 def key_positions(attention_mask: torch.Tensor | None, n_keys: int, device) -> torch.Tensor:

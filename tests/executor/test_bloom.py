@@ -13,6 +13,7 @@ slopes unseen; here both mistakes change the tokens (``test_the_tokens_depend_on
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -115,11 +116,24 @@ def test_query_key_value_is_cut_into_whole_heads():
 
 @pytest.mark.parametrize("n_heads,tp", [(4, 2), (8, 4), (12, 2), (112, 8)])
 def test_a_tp_rank_takes_the_slopes_of_its_global_heads(n_heads, tp):
-    whole = modeling_bloom._get_alibi_slopes(n_heads, torch.device("cpu"))  # 12, 112: not powers of two
+    whole = alibi_slopes(n_heads, 0, 1, "cpu")  # 12, 112: not powers of two
     parts = [alibi_slopes(n_heads, r, tp, "cpu") for r in range(tp)]
     assert all(p.shape == (n_heads // tp,) for p in parts)
     assert torch.equal(torch.cat(parts), whole)
     assert not torch.equal(parts[0], parts[1])
+
+
+@pytest.mark.parametrize("n_heads", [4, 8, 12, 16, 112])
+def test_the_slopes_are_alibis_geometric_sequence(n_heads):
+    """Press et al.'s slopes, as BLOOM builds them: for the largest power of two p <= n, 2^(-8i/p) for i = 1..p, then
+    the odd terms of the 2p sequence for the heads past p; and bit for bit transformers' own where it has them."""
+    p = 2 ** math.floor(math.log2(n_heads))
+    want = [2 ** (-8 * i / p) for i in range(1, p + 1)] + [2 ** (-4 * i / p) for i in range(1, 2 * (n_heads - p), 2)]
+    slopes = alibi_slopes(n_heads, 0, 1, "cpu")
+    assert slopes.dtype == torch.float32 and slopes.is_contiguous()
+    torch.testing.assert_close(slopes, torch.tensor(want, dtype=torch.float32), rtol=1e-6, atol=0)
+    if hasattr(modeling_bloom, "_get_alibi_slopes"):  # private, and not in every transformers
+        assert torch.equal(slopes, modeling_bloom._get_alibi_slopes(n_heads, torch.device("cpu")))
 
 
 def test_tp2_stage_holds_half_the_heads(config):
