@@ -15,9 +15,9 @@ CUDA events (µs a repetition, median of ``--repeats`` timings), all in one proc
 - ``evict``: a ``--evict-mb`` product (the FFN's gate/up stand-in: it streams past L2, as a step does), then a
   spin of ``--window-us`` (the attention stand-in: ``torch.cuda._sleep``, one SM and no memory traffic).
 - ``plain``: ``evict``, then the small product (``F.linear``, 1 row, ``--n`` x ``--k``); its cost is plain - evict.
-- ``bulk``: ``evict`` with a bulk L2 prefetch of the small weight launched before the spin (hpi's kernel,
-  ``hpi.executor.l2_prefetch``: ``cp.async.bulk.prefetch.L2.global``, sm_90, one instruction per ``--chunk-kb`` of the
-  weight, fire and forget), then the product.
+- ``bulk``: ``evict`` with a bulk L2 prefetch of the small weight launched before the spin
+  (``cp.async.bulk.prefetch.L2.global``, sm_90: one instruction per ``--chunk-kb`` of the weight, fire and forget),
+  then the product.
 - ``lines``: the same with one ``prefetch.global.L2`` per 128-byte line (any sm_80+ GPU; the issuing threads wait
   on the memory system, so the prefetch kernel may hold the stream as long as the copy takes).
 - ``hot``: ``plain`` with the product run twice; the second reads L2 (``hot`` - ``plain``: the product from L2).
@@ -41,14 +41,22 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from hpi.executor import l2_prefetch
-
 LINE = 128
 
 
-def _line_kernel():
+def _kernels():
     import triton
     import triton.language as tl
+
+    @triton.jit
+    def bulk(base_ptr, nbytes, CHUNK: tl.constexpr, PER_PROGRAM: tl.constexpr):
+        c = tl.program_id(0) * PER_PROGRAM + tl.arange(0, PER_PROGRAM)
+        start = c.to(tl.int64) * CHUNK
+        ok = start < nbytes
+        start = tl.where(ok, start, 0)  # a chunk past the end asks for the first 16 bytes again
+        size = tl.where(ok, tl.minimum(nbytes - start, CHUNK), 16).to(tl.int32)
+        tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; // dummy $0", "=r,l,r",
+                                  [base_ptr + start, size], dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
     def lines(base_ptr, nbytes, PER_PROGRAM: tl.constexpr, LINE_BYTES: tl.constexpr):
@@ -57,21 +65,21 @@ def _line_kernel():
         tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l", [base_ptr + off],
                                   dtype=tl.int32, is_pure=False, pack=1)
 
-    return lines
+    return bulk, lines
 
 
 def prefetcher(weight: torch.Tensor, kind: str, chunk_bytes: int):
-    """A call that asks L2 for every byte of ``weight`` (contiguous, 16-byte aligned, a multiple of 16 bytes):
-    "bulk", hpi's kernel (``hpi.executor.l2_prefetch``) at ``chunk_bytes`` an instruction, or "lines"."""
+    """A call that asks L2 for every byte of ``weight`` (contiguous, 16-byte aligned, a multiple of 16 bytes)."""
     flat = weight.reshape(-1).view(torch.uint8)
     nbytes = flat.numel()
-    assert flat.data_ptr() % 16 == 0 and nbytes % 16 == 0, "bulk prefetch: 16-byte units"
+    assert flat.data_ptr() % 16 == 0 and nbytes % 16 == 0 and chunk_bytes % 16 == 0, "bulk prefetch: 16-byte units"
+    bulk, lines = _kernels()
     if kind == "bulk":
-        assert chunk_bytes % 16 == 0, "--chunk-kb: whole 16-byte units"
-        kernel, (_, programs) = l2_prefetch._kernel(), l2_prefetch.chunks(nbytes, chunk_bytes)
-        return lambda: kernel[(programs,)](flat, nbytes, CHUNK=chunk_bytes, PER_PROGRAM=l2_prefetch.PER_PROGRAM,
-                                           num_warps=1)
-    lines, per_program = _line_kernel(), 1024
+        per_program = 32  # one warp, one chunk a thread
+        chunks = -(-nbytes // chunk_bytes)
+        grid = (-(-chunks // per_program),)
+        return lambda: bulk[grid](flat, nbytes, CHUNK=chunk_bytes, PER_PROGRAM=per_program, num_warps=1)
+    per_program = 1024
     grid = (-(-nbytes // (LINE * per_program)),)
     return lambda: lines[grid](flat, nbytes, PER_PROGRAM=per_program, LINE_BYTES=LINE, num_warps=4)
 
