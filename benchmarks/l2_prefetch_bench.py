@@ -15,13 +15,15 @@ CUDA events (µs a repetition, median of ``--repeats`` timings), all in one proc
 - ``evict``: a ``--evict-mb`` product (the FFN's gate/up stand-in: it streams past L2, as a step does), then a
   spin of ``--window-us`` (the attention stand-in: ``torch.cuda._sleep``, one SM and no memory traffic).
 - ``plain``: ``evict``, then the small product (``F.linear``, 1 row, ``--n`` x ``--k``); its cost is plain - evict.
-- ``bulk``: ``evict`` with a bulk L2 prefetch of the small weight launched before the spin
-  (``cp.async.bulk.prefetch.L2.global``, sm_90: one instruction per ``--chunk-kb`` of the weight, fire and forget),
-  then the product.
+- ``bulk``: ``evict`` with a bulk L2 prefetch of the small weight launched before the spin (hpi's kernel,
+  ``hpi.executor.l2_prefetch``: ``cp.async.bulk.prefetch.L2.global``, sm_90, one instruction per ``--chunk-kb`` of the
+  weight, fire and forget), then the product.
 - ``lines``: the same with one ``prefetch.global.L2`` per 128-byte line (any sm_80+ GPU; the issuing threads wait
   on the memory system, so the prefetch kernel may hold the stream as long as the copy takes).
 - ``hot``: ``plain`` with the product run twice; the second reads L2 (``hot`` - ``plain``: the product from L2).
 - ``bulk_only``: ``evict`` with the bulk prefetch and no product (what the prefetch costs the stream).
+- ``bulk_side`` / ``lines_side``: the prefetch on a side stream forked before the spin and joined after it, so it
+  runs beside the spin (``hpi.executor.l2_prefetch.beside``'s form).
 
 Printed: each variant's µs a repetition, the product's µs under each (variant - evict), and ratios against plain.
 
@@ -41,22 +43,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from hpi.executor import l2_prefetch
+
 LINE = 128
 
 
-def _kernels():
+def _line_kernel():
     import triton
     import triton.language as tl
-
-    @triton.jit
-    def bulk(base_ptr, nbytes, CHUNK: tl.constexpr, PER_PROGRAM: tl.constexpr):
-        c = tl.program_id(0) * PER_PROGRAM + tl.arange(0, PER_PROGRAM)
-        start = c.to(tl.int64) * CHUNK
-        ok = start < nbytes
-        start = tl.where(ok, start, 0)  # a chunk past the end asks for the first 16 bytes again
-        size = tl.where(ok, tl.minimum(nbytes - start, CHUNK), 16).to(tl.int32)
-        tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; // dummy $0", "=r,l,r",
-                                  [base_ptr + start, size], dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
     def lines(base_ptr, nbytes, PER_PROGRAM: tl.constexpr, LINE_BYTES: tl.constexpr):
@@ -65,21 +59,21 @@ def _kernels():
         tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l", [base_ptr + off],
                                   dtype=tl.int32, is_pure=False, pack=1)
 
-    return bulk, lines
+    return lines
 
 
 def prefetcher(weight: torch.Tensor, kind: str, chunk_bytes: int):
-    """A call that asks L2 for every byte of ``weight`` (contiguous, 16-byte aligned, a multiple of 16 bytes)."""
+    """A call that asks L2 for every byte of ``weight`` (contiguous, 16-byte aligned, a multiple of 16 bytes):
+    "bulk", hpi's kernel (``hpi.executor.l2_prefetch``) at ``chunk_bytes`` an instruction, or "lines"."""
     flat = weight.reshape(-1).view(torch.uint8)
     nbytes = flat.numel()
-    assert flat.data_ptr() % 16 == 0 and nbytes % 16 == 0 and chunk_bytes % 16 == 0, "bulk prefetch: 16-byte units"
-    bulk, lines = _kernels()
+    assert flat.data_ptr() % 16 == 0 and nbytes % 16 == 0, "bulk prefetch: 16-byte units"
     if kind == "bulk":
-        per_program = 32  # one warp, one chunk a thread
-        chunks = -(-nbytes // chunk_bytes)
-        grid = (-(-chunks // per_program),)
-        return lambda: bulk[grid](flat, nbytes, CHUNK=chunk_bytes, PER_PROGRAM=per_program, num_warps=1)
-    per_program = 1024
+        assert chunk_bytes % 16 == 0, "--chunk-kb: whole 16-byte units"
+        kernel, (_, programs) = l2_prefetch._kernel(), l2_prefetch.chunks(nbytes, chunk_bytes)
+        return lambda: kernel[(programs,)](flat, nbytes, CHUNK=chunk_bytes, PER_PROGRAM=l2_prefetch.PER_PROGRAM,
+                                           num_warps=1)
+    lines, per_program = _line_kernel(), 1024
     grid = (-(-nbytes // (LINE * per_program)),)
     return lambda: lines[grid](flat, nbytes, PER_PROGRAM=per_program, LINE_BYTES=LINE, num_warps=4)
 
@@ -135,22 +129,33 @@ def measure(args, window_us: float) -> dict:
     bulk, lines = prefetcher(w, "bulk", args.chunk_kb * 1024), prefetcher(w, "lines", 0)
     sm90 = torch.cuda.get_device_capability(dev) >= (9, 0)
 
-    def body(prefetch=None, products=0):
+    side = torch.cuda.Stream()
+
+    def body(prefetch=None, products=0, beside=False):
         def run():
             F.linear(x, w_big)
-            if prefetch is not None:
+            main = torch.cuda.current_stream()
+            if prefetch is not None and beside:  # forked before the spin, joined before the product
+                side.wait_stream(main)
+                with torch.cuda.stream(side):
+                    prefetch()
+            elif prefetch is not None:
                 prefetch()
             if cycles:
                 torch.cuda._sleep(cycles)
+            if prefetch is not None and beside:
+                main.wait_stream(side)
             for _ in range(products):
                 F.linear(x, w)
         return run
 
-    variants = {"evict": body(), "plain": body(products=1), "hot": body(products=2), "lines": body(lines, 1)}
+    variants = {"evict": body(), "plain": body(products=1), "hot": body(products=2), "lines": body(lines, 1),
+                "lines_side": body(lines, 1, beside=True)}
     if sm90:
-        variants |= {"bulk": body(bulk, 1), "bulk_only": body(bulk)}
+        variants |= {"bulk": body(bulk, 1), "bulk_only": body(bulk), "bulk_side": body(bulk, 1, beside=True)}
     us = {name: graph_us(fn, args.layers, args.replays, args.repeats) for name, fn in variants.items()}
-    product = {name: us[name] - us["evict"] for name in ("plain", "lines", "bulk") if name in us}
+    product = {name: us[name] - us["evict"] for name in ("plain", "lines", "bulk", "lines_side", "bulk_side")
+               if name in us}
     product["hot"] = us["hot"] - us["plain"]
     weight_bytes = args.n * args.k * 2
     return {"window_us": window_us, "spin_cycles": cycles, "us": us, "product_us": product,
@@ -191,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         us, prod, ratio = row["us"], row["product_us"], row["vs_plain"]
         print(f"window {row['window_us']:5.1f} µs: evict {us['evict']:7.2f} | product plain {prod['plain']:6.2f}"
-              + "".join(f" | {k} {prod[k]:6.2f} ({ratio[k]:.2f}x)" for k in ("lines", "bulk", "hot") if k in prod)
+              + "".join(f" | {k} {prod[k]:6.2f} ({ratio[k]:.2f}x)"
+                        for k in ("lines", "bulk", "lines_side", "bulk_side", "hot") if k in prod)
               + (f" | bulk_only {us['bulk_only'] - us['evict']:+.2f}" if "bulk_only" in us else ""))
     return 0
 
