@@ -15,15 +15,14 @@ CUDA events (µs a repetition, median of ``--repeats`` timings), all in one proc
 - ``evict``: a ``--evict-mb`` product (the FFN's gate/up stand-in: it streams past L2, as a step does), then a
   spin of ``--window-us`` (the attention stand-in: ``torch.cuda._sleep``, one SM and no memory traffic).
 - ``plain``: ``evict``, then the small product (``F.linear``, 1 row, ``--n`` x ``--k``); its cost is plain - evict.
-- ``bulk``: ``evict`` with a bulk L2 prefetch of the small weight launched before the spin (hpi's kernel,
-  ``hpi.executor.l2_prefetch``: ``cp.async.bulk.prefetch.L2.global``, sm_90, one instruction per ``--chunk-kb`` of the
-  weight, fire and forget), then the product.
+- ``bulk``: ``evict`` with a bulk L2 prefetch of the small weight launched before the spin
+  (``cp.async.bulk.prefetch.L2.global``, sm_90: one instruction per ``--chunk-kb`` of the weight), then the product.
 - ``lines``: the same with one ``prefetch.global.L2`` per 128-byte line (any sm_80+ GPU; the issuing threads wait
   on the memory system, so the prefetch kernel may hold the stream as long as the copy takes).
 - ``hot``: ``plain`` with the product run twice; the second reads L2 (``hot`` - ``plain``: the product from L2).
 - ``bulk_only``: ``evict`` with the bulk prefetch and no product (what the prefetch costs the stream).
 - ``bulk_side`` / ``lines_side``: the prefetch on a side stream forked before the spin and joined after it, so it
-  runs beside the spin (``hpi.executor.l2_prefetch.beside``'s form).
+  runs beside the spin.
 
 Printed: each variant's µs a repetition, the product's µs under each (variant - evict), and ratios against plain.
 
@@ -43,14 +42,24 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from hpi.executor import l2_prefetch
-
 LINE = 128
 
 
-def _line_kernel():
+def _kernels():
+    """(bulk, lines): one ``cp.async.bulk.prefetch.L2.global`` a thread for a chunk of the weight (sm_90), or one
+    ``prefetch.global.L2`` a thread for each of its 128-byte lines."""
     import triton
     import triton.language as tl
+
+    @triton.jit
+    def bulk(base_ptr, nbytes, CHUNK: tl.constexpr, PER_PROGRAM: tl.constexpr):
+        c = tl.program_id(0) * PER_PROGRAM + tl.arange(0, PER_PROGRAM)
+        start = c.to(tl.int64) * CHUNK
+        inside = start < nbytes
+        start = tl.where(inside, start, 0)  # a thread past the end asks for the first 16 bytes again
+        size = tl.where(inside, tl.minimum(nbytes - start, CHUNK), 16).to(tl.int32)
+        tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; // dummy $0", "=r,l,r",
+                                  [base_ptr + start, size], dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
     def lines(base_ptr, nbytes, PER_PROGRAM: tl.constexpr, LINE_BYTES: tl.constexpr):
@@ -59,23 +68,26 @@ def _line_kernel():
         tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l", [base_ptr + off],
                                   dtype=tl.int32, is_pure=False, pack=1)
 
-    return lines
+    return bulk, lines
+
+
+def launch_grid(nbytes: int, kind: str, chunk_bytes: int) -> tuple[int, int]:
+    """(programs, per program) that ask for ``nbytes``: 32 chunks a one-warp program ("bulk"), or 1,024 lines a
+    four-warp program ("lines")."""
+    per_program, unit = (32, chunk_bytes) if kind == "bulk" else (1024, LINE)
+    return -(-nbytes // (unit * per_program)), per_program
 
 
 def prefetcher(weight: torch.Tensor, kind: str, chunk_bytes: int):
-    """A call that asks L2 for every byte of ``weight`` (contiguous, 16-byte aligned, a multiple of 16 bytes):
-    "bulk", hpi's kernel (``hpi.executor.l2_prefetch``) at ``chunk_bytes`` an instruction, or "lines"."""
+    """A call that asks L2 for every byte of ``weight`` (contiguous, 16-byte aligned, a multiple of 16 bytes)."""
     flat = weight.reshape(-1).view(torch.uint8)
     nbytes = flat.numel()
-    assert flat.data_ptr() % 16 == 0 and nbytes % 16 == 0, "bulk prefetch: 16-byte units"
+    assert flat.data_ptr() % 16 == 0 and nbytes % 16 == 0 and chunk_bytes % 16 == 0, "bulk prefetch: 16-byte units"
+    bulk, lines = _kernels()
+    programs, per_program = launch_grid(nbytes, kind, chunk_bytes)
     if kind == "bulk":
-        assert chunk_bytes % 16 == 0, "--chunk-kb: whole 16-byte units"
-        kernel, (_, programs) = l2_prefetch._kernel(), l2_prefetch.chunks(nbytes, chunk_bytes)
-        return lambda: kernel[(programs,)](flat, nbytes, CHUNK=chunk_bytes, PER_PROGRAM=l2_prefetch.PER_PROGRAM,
-                                           num_warps=1)
-    lines, per_program = _line_kernel(), 1024
-    grid = (-(-nbytes // (LINE * per_program)),)
-    return lambda: lines[grid](flat, nbytes, PER_PROGRAM=per_program, LINE_BYTES=LINE, num_warps=4)
+        return lambda: bulk[(programs,)](flat, nbytes, CHUNK=chunk_bytes, PER_PROGRAM=per_program, num_warps=1)
+    return lambda: lines[(programs,)](flat, nbytes, PER_PROGRAM=per_program, LINE_BYTES=LINE, num_warps=4)
 
 
 def spin_cycles(window_us: float) -> int:
@@ -126,7 +138,7 @@ def measure(args, window_us: float) -> dict:
     w = torch.randn(args.n, args.k, device=dev, dtype=dt, generator=gen)
     x = torch.randn(1, args.k, device=dev, dtype=dt, generator=gen)
     cycles = spin_cycles(window_us)
-    bulk, lines = prefetcher(w, "bulk", args.chunk_kb * 1024), prefetcher(w, "lines", 0)
+    bulk, lines = prefetcher(w, "bulk", args.chunk_kb * 1024), prefetcher(w, "lines", 16)
     sm90 = torch.cuda.get_device_capability(dev) >= (9, 0)
 
     side = torch.cuda.Stream()

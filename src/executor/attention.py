@@ -26,7 +26,6 @@ import contextlib
 import torch
 from torch.nn.attention import sdpa_kernel
 
-from hpi.executor import l2_prefetch
 from hpi.executor.decode_attention import decode_attention
 from hpi.executor.slots import DenseDecode, RaggedStep, changing_shape_backends, ragged_attention
 
@@ -49,8 +48,7 @@ def grouped_decode_sdpa(module, query, key, value, attention_mask, dropout: floa
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                           scaling=scaling, **kwargs)
     allowed = attention_mask[:, 0, 0, : key.shape[-2]]  # [b|1, L]: one row's mask for all its G queries
-    weight = l2_prefetch.output_projection_weight(module) if l2_prefetch.enabled() else None
-    return decode_attention(query[:, :, 0], key, value, allowed, scaling, prefetch=weight)[:, None], None
+    return decode_attention(query[:, :, 0], key, value, allowed, scaling)[:, None], None
 
 
 def register() -> str:

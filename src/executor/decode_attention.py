@@ -61,7 +61,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from hpi.executor import dependent_launch, l2_prefetch, triton_env
+from hpi.executor import dependent_launch, triton_env
 from hpi.executor.triton_env import INTERPRETED, TRITON
 
 BLOCK_N = 64  # slots per block of pass 1
@@ -146,12 +146,10 @@ def _kernels():
 
 
 def triton_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor,
-                            scale: float, prefetch: torch.Tensor | None = None) -> torch.Tensor:
+                            scale: float) -> torch.Tensor:
     """The two passes (module docstring): query [n, H, d], keys/values [n, kv, L, d], allowed [n or 1, L]
-    (bool) -> [n, H, d] in the query's dtype. ``prefetch``: a weight L2 is asked for first, the product after the
-    attention (``hpi.executor.l2_prefetch``)."""
+    (bool) -> [n, H, d] in the query's dtype."""
     split_pass, combine_pass = _kernels()
-    side = l2_prefetch.beside(prefetch) if prefetch is not None else None
     n, heads, d = query.shape
     kv, slots = keys.shape[1], keys.shape[2]
     groups = heads // kv
@@ -177,30 +175,25 @@ def triton_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: tor
                                    KV=kv, G=groups, ROWS=rows, D=d, D_PAD=d_pad, SPLITS=splits,
                                    SPLITS_PAD=1 << (splits - 1).bit_length(),
                                    SIGNAL=dependent_launch.active(query.device))
-    if side is not None:  # the product after the attention reads the prefetched weight: it waits for the copy
-        torch.cuda.current_stream(query.device).wait_stream(side)
     return out
 
 
 @torch.library.custom_op("hpi::decode_attention", mutates_args=())
 def _decode_attention_op(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor,
-                         scale: float, prefetch: torch.Tensor | None) -> torch.Tensor:
-    return triton_decode_attention(query, keys, values, allowed, scale, prefetch)
+                         scale: float) -> torch.Tensor:
+    return triton_decode_attention(query, keys, values, allowed, scale)
 
 
 @_decode_attention_op.register_fake
-def _(query, keys, values, allowed, scale, prefetch):
+def _(query, keys, values, allowed, scale):
     return torch.empty_like(query)
 
 
 def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor,
-                     scaling: float | None, prefetch: torch.Tensor | None = None) -> torch.Tensor:
+                     scaling: float | None) -> torch.Tensor:
     """Attention of one query token per row over its cache: query [n, H, d], keys/values [n, kv, L, d],
-    allowed [n or 1, L] (True: attend) -> [n, H, d]. The Triton kernel where it ``covers`` the call, else sdpa.
-    ``prefetch``: the weight of the product after it, which the kernel's launch asks L2 for first where
-    ``hpi.executor.l2_prefetch`` is switched on and covers it."""
+    allowed [n or 1, L] (True: attend) -> [n, H, d]. The Triton kernel where it ``covers`` the call, else sdpa."""
     if not covers(query, keys, allowed):
         return grouped_sdpa(query, keys, values, allowed, scaling)
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
-    return _decode_attention_op(query, keys, values, allowed, scale,
-                                prefetch if l2_prefetch.enabled() and prefetch is not None else None)
+    return _decode_attention_op(query, keys, values, allowed, scale)
