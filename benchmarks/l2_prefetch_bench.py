@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from graph_timing import captured, replay_us
 
 LINE = 128
 
@@ -107,27 +108,12 @@ def spin_cycles(window_us: float) -> int:
 def graph_us(body, layers: int, replays: int, repeats: int) -> float:
     """µs one ``body`` takes, as the median over ``repeats`` of a graph of ``layers`` bodies replayed ``replays``
     times between events (the first replay outside the timing)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            body()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    def repeated():
         for _ in range(layers):
             body()
-    graph.replay()
-    times = []
-    for _ in range(repeats):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(begin.elapsed_time(end) * 1e3 / (replays * layers))
-    return statistics.median(times)
+
+    graph = captured(repeated)
+    return statistics.median(replay_us(graph, replays) / layers for _ in range(repeats))
 
 
 def measure(args, window_us: float) -> dict:
