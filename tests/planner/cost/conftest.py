@@ -179,6 +179,13 @@ def evaluate_plans(arrangement: Arrangement, plans: Sequence[Plan]) -> Evaluatio
     return evaluate(arrangement, Knobs.from_plans(list(plans)))
 
 
+def evaluate_toy(plans: Sequence[Plan], tp: int = 1, pp: int = 1, dp: int = 1, model: ModelSpec | None = None,
+                 **arrangement_kwargs) -> Evaluation:
+    """``plans`` evaluated on ``model`` (``toy_dense`` unless given) at tp x pp x dp; the keywords go to
+    ``build_arrangement`` (hardware, workload, placement links)."""
+    return evaluate_plans(build_arrangement(model or toy_dense(), tp, pp, dp, **arrangement_kwargs), plans)
+
+
 @pytest.fixture
 def kit() -> SimpleNamespace:
     """Every helper and constant of this module, for tests (conftest modules are not importable)."""
@@ -187,4 +194,5 @@ def kit() -> SimpleNamespace:
         H2D_PAGEABLE=H2D_PAGEABLE, NVME_READ=NVME_READ, LINK_BW=LINK_BW, LINK_LATENCY=LINK_LATENCY,
         IDEAL=IDEAL, ROUND=ROUND, make_hardware=make_hardware, make_placement=make_placement, nvlink=nvlink,
         toy_dense=toy_dense, toy_moe=toy_moe, toy_mla=toy_mla, arrangement=build_arrangement, evaluate=evaluate_plans,
+        evaluate_toy=evaluate_toy,
     )  # fmt: skip

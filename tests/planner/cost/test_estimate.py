@@ -37,11 +37,6 @@ PARAMS = 126_362_624
 PERSISTENT = 4 * 2048 + 1024  # norms under the 1e5 persistence threshold
 
 
-def ev_of(kit, plans, tp=1, pp=1, dp=1, model=None, **kw):
-    lay = kit.arrangement(model or kit.toy_dense(), tp, pp, dp, **kw)
-    return kit.evaluate(lay, plans)
-
-
 # ---- the breakdown sums to the step -----------------------------------------------------------------
 
 LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (2, 2, 1), (1, 1, 2), (2, 2, 2), (1, 4, 1)]
@@ -62,7 +57,7 @@ def grid(tp: int, pp: int, dp: int) -> list[Plan]:
 @pytest.mark.parametrize("tp,pp,dp", LAYOUTS)
 def test_exposed_breakdown_sums_to_the_step(kit, model_name: str, tp: int, pp: int, dp: int) -> None:
     model = getattr(kit, model_name)()
-    ev = ev_of(kit, grid(tp, pp, dp), tp, pp, dp, model=model)
+    ev = kit.evaluate_toy(grid(tp, pp, dp), tp, pp, dp, model=model)
     for phase in (ev.prefill, ev.decode):
         assert set(phase.exposed) == set(EXPOSED_PARTS)
         assert set(phase.link) == set(LINK_PARTS)
@@ -86,8 +81,8 @@ def test_exposed_breakdown_sums_to_the_step(kit, model_name: str, tp: int, pp: i
 
 def test_pcie_bound_decode_by_hand(kit, without_prefetch_lag) -> None:
     """Ideal hardware, full prefetch, CPU offload, bs 1: the step is the streamed bytes at 10 GB/s."""
-    ev = ev_of(
-        kit, [Plan(offload="cpu", prefetch_bucket_elems=10**12, max_live_elems=10**13)],
+    ev = kit.evaluate_toy(
+        [Plan(offload="cpu", prefetch_bucket_elems=10**12, max_live_elems=10**13)],
         hardware=kit.make_hardware(kit.IDEAL),
     )  # fmt: skip
     want = (PARAMS - PERSISTENT) * 2 / 10e9
@@ -276,8 +271,8 @@ def llama8b():
 
 
 def test_4_bit_offload_saves_the_byte_ratio_when_pcie_bound(kit, llama8b, without_prefetch_lag) -> None:
-    ev = ev_of(kit, [Plan(offload="cpu"), Plan(offload="cpu", weight_bits=8), Plan(offload="cpu", weight_bits=4)],
-               model=llama8b)
+    plans = [Plan(offload="cpu"), Plan(offload="cpu", weight_bits=8), Plan(offload="cpu", weight_bits=4)]
+    ev = kit.evaluate_toy(plans, model=llama8b)
     bytes_ratio = ev.decode.h2d_bytes / ev.decode.h2d_bytes[0]
     assert bytes_ratio[2] == pytest.approx((0.5 + 4 / 64) / 2, rel=0.01)
     assert bytes_ratio[1] == pytest.approx((1 + 4 / 64) / 2, rel=0.01)
@@ -292,34 +287,34 @@ def test_4_bit_offload_saves_the_byte_ratio_when_pcie_bound(kit, llama8b, withou
 
 
 def test_pinned_beats_pageable(kit, llama8b) -> None:
-    ev = ev_of(kit, [Plan(offload="cpu"), Plan(offload="cpu", pin_memory=False)], model=llama8b)
+    ev = kit.evaluate_toy([Plan(offload="cpu"), Plan(offload="cpu", pin_memory=False)], model=llama8b)
     # 10 GB/s x 0.5 pinned against 5 GB/s x 0.8 pageable.
     assert ev.decode_step_s[0] < ev.decode_step_s[1]
     assert ev.decode_step_s[0] / ev.decode_step_s[1] == pytest.approx(4 / 5, rel=0.02)
 
 
 def test_slow_nvme_is_slower_than_cpu_offload(kit, llama8b) -> None:
-    ev = ev_of(kit, [Plan(offload="cpu"), Plan(offload="nvme")], model=llama8b)
+    ev = kit.evaluate_toy([Plan(offload="cpu"), Plan(offload="nvme")], model=llama8b)
     # 1 GB/s achieved from the drive against 5 GB/s over pinned PCIe.
     assert ev.decode_step_s[1] / ev.decode_step_s[0] == pytest.approx(5.0, rel=0.02)
     assert ev.decode.link["nvme_s"][1] > ev.decode.link["h2d_s"][1]
 
 
 def test_gpu_resident_is_faster_than_offload(kit, llama8b) -> None:
-    ev = ev_of(kit, [Plan(), Plan(offload="cpu")], model=llama8b)
+    ev = kit.evaluate_toy([Plan(), Plan(offload="cpu")], model=llama8b)
     assert ev.decode_step_s[0] < ev.decode_step_s[1] / 10
     assert ev.decode.exposed["weight_fetch_s"][1] > 0.9 * ev.decode_step_s[1]
     assert ev.decode.exposed["compute_s"][0] > 0.5 * ev.decode_step_s[0]
 
 
 def test_batching_amortizes_offloaded_weights(kit, llama8b) -> None:
-    ev = ev_of(kit, [Plan(offload="cpu", batch_size=1), Plan(offload="cpu", batch_size=16)], model=llama8b)
+    ev = kit.evaluate_toy([Plan(offload="cpu", batch_size=1), Plan(offload="cpu", batch_size=16)], model=llama8b)
     assert ev.decode_step_s[1] < 1.2 * ev.decode_step_s[0]  # the same weights move once for the batch
     assert ev.throughput_tok_s[1] > 10 * ev.throughput_tok_s[0]
 
 
 def test_kv_offload_costs_decode_time(kit, llama8b) -> None:
-    ev = ev_of(kit, [Plan(batch_size=16), Plan(batch_size=16, kv_offload=True)], model=llama8b)
+    ev = kit.evaluate_toy([Plan(batch_size=16), Plan(batch_size=16, kv_offload=True)], model=llama8b)
     assert ev.decode_step_s[1] > ev.decode_step_s[0]
     assert ev.decode.exposed["kv_fetch_s"][1] > 0 and ev.decode.link["kv_h2d_s"][1] > 0
     assert ev.memory.gpu_parts["kv_cache"][1] < ev.memory.gpu_parts["kv_cache"][0]
@@ -327,7 +322,7 @@ def test_kv_offload_costs_decode_time(kit, llama8b) -> None:
 
 def test_pipeline_micro_batches_shrink_the_bubble(kit) -> None:
     plans = [Plan(pp=2, batch_size=8, micro_batches=m) for m in (1, 2, 4, 8)]
-    ev = ev_of(kit, plans, pp=2)
+    ev = kit.evaluate_toy(plans, pp=2)
     ratio = ev.prefill.bubble_ratio
     assert ratio[0] > ratio[-1]
     # One micro-batch: round-trip-bound, one stage works at a time; the bubble is the other stage's time.
@@ -340,21 +335,21 @@ def test_pipeline_micro_batches_shrink_the_bubble(kit) -> None:
 
 def test_tensor_parallel_exposes_all_reduces_and_the_drift(kit) -> None:
     no_drift = kit.make_hardware(dataclasses.replace(kit.ROUND, collective_drift_factor=0.0))
-    ev0 = ev_of(kit, [Plan(tp=2, batch_size=1)], tp=2, hardware=no_drift)
+    ev0 = kit.evaluate_toy([Plan(tp=2, batch_size=1)], tp=2, hardware=no_drift)
     # 4 layers x 2 all-reduces + the head's all-gather, each at least the 10 us alpha.
     assert ev0.decode.exposed["tp_allreduce_s"][0] >= 9 * 10e-6
     assert ev0.decode.link["tp_allreduce_s"][0] == pytest.approx(ev0.decode.exposed["tp_allreduce_s"][0])
     # Host-bound (100 + 60 us of host per layer against ~40 us of HBM): the drift's half again of the host
     # time is exposed, and reported as all-reduce time.
-    ev = ev_of(kit, [Plan(tp=2, batch_size=1)], tp=2)
+    ev = kit.evaluate_toy([Plan(tp=2, batch_size=1)], tp=2)
     extra = ev.decode_step_s[0] - ev0.decode_step_s[0]
     assert extra == pytest.approx(0.5 * (4 * 160e-6 + 30e-6), rel=0.05)
     assert ev.decode.exposed["tp_allreduce_s"][0] - ev0.decode.exposed["tp_allreduce_s"][0] == pytest.approx(extra)
 
 
 def test_link_times_count_every_micro_batch_of_the_slowest_stage(kit) -> None:
-    ev = ev_of(kit, [Plan(offload="cpu", pp=2, batch_size=4, micro_batches=1),
-                     Plan(offload="cpu", pp=2, batch_size=4, micro_batches=4)], pp=2)
+    ev = kit.evaluate_toy([Plan(offload="cpu", pp=2, batch_size=4, micro_batches=1),
+                          Plan(offload="cpu", pp=2, batch_size=4, micro_batches=4)], pp=2)
     # Each micro-batch fetches the stage's weights again: 4 x the bytes per step.
     assert ev.decode.h2d_bytes[1] == pytest.approx(4 * ev.decode.h2d_bytes[0])
 
@@ -365,7 +360,7 @@ def test_link_times_count_every_micro_batch_of_the_slowest_stage(kit) -> None:
 def test_estimate_from_evaluation_reads_one_plan(kit) -> None:
     predict = pytest.importorskip("hpi.planner.predict")
     plans = [Plan(batch_size=2), Plan(offload="cpu", weight_bits=4, batch_size=4, kv_offload=True)]
-    ev = ev_of(kit, plans)
+    ev = kit.evaluate_toy(plans)
     for i, plan in enumerate(plans):
         est = predict.estimate_from_evaluation(ev, i, plan)
         assert est.plan == plan and est.feasible and est.reasons == ()

@@ -42,11 +42,6 @@ H, V = 1024, 32000
 LAYER_MATRICES = 15_204_352
 
 
-def ev_of(kit, plans, tp=1, pp=1, dp=1, model=None, **kw):
-    lay = kit.arrangement(model or kit.toy_dense(), tp, pp, dp, **kw)
-    return kit.evaluate(lay, plans)
-
-
 # ---- the per-module overlap rule --------------------------------------------------------------------
 
 
@@ -219,7 +214,7 @@ def test_a_routed_layer_leaf_beyond_the_bucket_waits_for_its_copy_before_the_nex
 
 def test_zero3_hook_overhead_is_host_time_hidden_by_streaming(kit) -> None:
     """The 300 us of ZeRO-3 hooks per layer hide under a layer's 6 ms of streaming; made 50 ms, they bind."""
-    ev = ev_of(kit, [Plan(offload="cpu", prefetch_bucket_elems=0)])
+    ev = kit.evaluate_toy([Plan(offload="cpu", prefetch_bucket_elems=0)])
     assert ev.decode.exposed["overhead_s"][0] == pytest.approx(1e-3)  # the step overhead only
     assert ev.decode.link["host_s"][0] == pytest.approx(4 * (100e-6 + 300e-6) + 1e-3)
     slow_hooks = dataclasses.replace(kit.ROUND, offload_layer_overhead_s=50e-3)
