@@ -29,6 +29,10 @@ Printed: each variant's µs a repetition, the product's µs under each (variant 
     python3 benchmarks/l2_prefetch_bench.py --windows 0,5,10,20 --out $OUT/l2.json
 
 GPU only (sm_80+; ``bulk`` needs sm_90): it exits 2 with one line elsewhere.
+
+Measured (one H100, 2026-12-07, benchmarks/results/2026-12-07-l2-prefetch): the bulk kernel holds its stream ~10 µs
+for 33.6 MB; beside a 10 µs spin, on a side stream, the product took 0.78x its plain time (``hot``: 0.77x), on its own
+stream 1.5-1.6x; in the 8B's batch-1 step both forms were slower, so hpi does not prefetch.
 """
 
 from __future__ import annotations
