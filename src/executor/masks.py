@@ -3,7 +3,8 @@
 A boolean mask is True where a query may attend. Three builders: ``causal_mask`` for unpadded batches over a
 dynamic cache (None where sdpa's own causal rule is exact), ``padded_causal_mask`` for left-padded batches
 (transformers' own builders, what the HF model's forward calls) and ``static_causal_mask`` for a static cache
-inside a CUDA graph (built on the device only).
+inside a CUDA graph (built on the device only). ``built_once`` keeps a compiled step from building a mask again
+in every layer.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import inspect
 
 import torch
 
-__all__ = ["causal_mask", "padded_causal_mask", "static_causal_mask"]
+__all__ = ["built_once", "causal_mask", "padded_causal_mask", "static_causal_mask"]
 
 
 def static_causal_mask(cache_position: torch.Tensor, max_len: int, window: int | None,
@@ -31,6 +32,34 @@ def static_causal_mask(cache_position: torch.Tensor, max_len: int, window: int |
     if slot_mask is not None:
         allowed = allowed & slot_mask[:, None, None, :].bool()
     return allowed | (k == q)[None, None]
+
+
+_ONCE = [True]
+
+
+@torch.library.custom_op("hpi::built_once", mutates_args=())
+def _built_once(mask: torch.Tensor) -> torch.Tensor:
+    return mask.clone()
+
+
+@_built_once.register_fake
+def _(mask):
+    return torch.empty_like(mask)
+
+
+def built_once(mask: torch.Tensor) -> torch.Tensor:
+    """``mask`` itself, except while torch.compile traces: then a copy inductor cannot see into, so that the mask is
+    one buffer built once a step. Why: a mask is a few cheap pointwise ops of the cache slots, and inductor inlines
+    such a computation into each of its consumers instead of storing it; a consumer that is not inductor's own code
+    (hpi's decode attention, ``hpi::decode_attention``) then gets the mask built for it alone, one more kernel in
+    every layer of the step (a compiled two-layer Llama's C++ code built it twice, tests/executor/test_masks.py)."""
+    return _built_once(mask) if _ONCE[0] and torch.compiler.is_compiling() else mask
+
+
+def use_built_once(enabled: bool) -> None:
+    """Switch ``built_once`` on or off for this process (off: inductor inlines the mask into each layer; a benchmark
+    compares the two). A compiled step keeps the choice it was traced with: reset dynamo after switching."""
+    _ONCE[0] = enabled
 
 
 def causal_mask(past: int, seq: int, window: int | None, device) -> torch.Tensor | None:

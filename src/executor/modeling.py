@@ -46,7 +46,7 @@ from hpi.executor.attention import register as register_attention
 from hpi.executor.checkpoint import CheckpointFiles, Target, open_checkpoint
 from hpi.executor.experts import ExpertMLP, per_expert_modules
 from hpi.executor.graphs import StaticKVCache
-from hpi.executor.masks import causal_mask, padded_causal_mask, static_causal_mask
+from hpi.executor.masks import built_once, causal_mask, padded_causal_mask, static_causal_mask
 from hpi.executor.slots import SlotKVCache
 from hpi.executor.tp import (
     COLUMN_PARALLEL,
@@ -496,7 +496,8 @@ class StageModule(nn.Module):
         if seq > 1:
             prompt_mask = None if slot_mask is None else slot_mask[:, :seq]
             return self._window_masks(hidden, 0, prompt_mask, None, cache_position, position_ids)
-        return {w: static_causal_mask(cache_position, cache.max_len, w, slot_mask) for w in set(self.windows)}
+        return {w: built_once(static_causal_mask(cache_position, cache.max_len, w, slot_mask))
+                for w in set(self.windows)}
 
 
 def _tensor_parallel(layer: nn.Module, tp: int, tp_group, already_sharded: bool) -> None:
