@@ -26,11 +26,12 @@ now), ``eager_skinny`` (the eager graph with the few-row kernel) and ``compiled_
 with the few-row products as programmatic dependent launches that warm L2 with their first weight tiles before they
 wait, and the attention's second pass signalling them, ``hpi.executor.dependent_launch``; Hopper on, else the same
 as ``compiled_skinny``), ``compiled_skinny_mask_per_layer`` (``compiled_skinny`` with the mask inlined into each
-layer's attention, as inductor does without ``hpi.executor.masks.built_once``: one more kernel a layer), and
-``compiled_skinny_<walk>`` for every other walk of the attention's pass 1
-(``decode_attention.WALKS``: ``compiled_skinny_trimmed`` walks only the blocks of its split's allowed span and reads
-no mask byte where that span has no hole). Inductor's own kernels become dependent launches under the option
-``triton.enable_pdl`` (``--option-sets``).
+layer's attention, as inductor does without ``hpi.executor.masks.built_once``: one more kernel a layer),
+``compiled_skinny_one_launch`` (``compiled_skinny`` with the attention's splits combined by pass 1's last program of
+each pair, ``decode_attention.use_one_launch``: one kernel fewer a layer), and ``compiled_skinny_<walk>`` for every
+other walk of the attention's pass 1 (``decode_attention.WALKS``: ``compiled_skinny_trimmed`` walks only the blocks
+of its split's allowed span and reads no mask byte where that span has no hole). Inductor's own kernels become
+dependent launches under the option ``triton.enable_pdl`` (``--option-sets``).
 
 Option sets: ``inductor_option_sets.py`` (``OPTION_SETS``, ``--option-sets``) says what each changes.
 
@@ -80,17 +81,19 @@ from hpi.executor.graphs import COMPILE_OPTIONS
 
 # The graphs compared, in order: (name, compiled, (hpi's split-KV decode attention, hpi's few-row products, those
 # products as dependent launches, the attention's walk: decode_attention.WALKS, the mask built once a step:
-# masks.built_once)). The first of --variants is the baseline the others are fed tokens from and compared with.
+# masks.built_once, the attention in one launch: decode_attention.ONE_LAUNCH)). The first of --variants is the
+# baseline the others are fed tokens from and compared with.
 _WALK = DEFAULT_WALK  # hpi run's own walk of the attention's pass 1
-VARIANTS = (("eager", False, (False, False, False, _WALK, True)),
-            ("compiled_sdpa", True, (False, False, False, _WALK, True)),
-            ("compiled_split", True, (True, False, False, _WALK, True)),
-            ("compiled_skinny", True, (True, True, False, _WALK, True)),
-            ("eager_skinny", False, (False, True, False, _WALK, True)),
-            ("compiled_skinny_pdl", True, (True, True, True, _WALK, True)),
-            ("compiled_skinny_mask_per_layer", True, (True, True, False, _WALK, False))) + tuple(
-    (f"compiled_skinny_{walk}", True, (True, True, False, walk, True)) for walk in WALKS if walk != _WALK)
-DEFAULT_KERNELS = (True, True, False, _WALK, True)  # what the process runs outside a variant
+VARIANTS = (("eager", False, (False, False, False, _WALK, True, False)),
+            ("compiled_sdpa", True, (False, False, False, _WALK, True, False)),
+            ("compiled_split", True, (True, False, False, _WALK, True, False)),
+            ("compiled_skinny", True, (True, True, False, _WALK, True, False)),
+            ("eager_skinny", False, (False, True, False, _WALK, True, False)),
+            ("compiled_skinny_pdl", True, (True, True, True, _WALK, True, False)),
+            ("compiled_skinny_mask_per_layer", True, (True, True, False, _WALK, False, False)),
+            ("compiled_skinny_one_launch", True, (True, True, False, _WALK, True, True))) + tuple(
+    (f"compiled_skinny_{walk}", True, (True, True, False, walk, True, False)) for walk in WALKS if walk != _WALK)
+DEFAULT_KERNELS = (True, True, False, _WALK, True, False)  # what the process runs outside a variant
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # ---- one graph's run --------------------------------------------------------------------------------------------
 def _stage(model: str, device: torch.device, dtype: torch.dtype):
@@ -221,9 +224,10 @@ def _benchmarker(options: dict):
         triton_heuristics.benchmarker = saved
 
 
-def _use_kernels(kernels: tuple[bool, bool, bool, str, bool]) -> None:
+def _use_kernels(kernels: tuple[bool, bool, bool, str, bool, bool]) -> None:
     """Switch hpi's split-KV attention, few-row products and their dependent launch on or off, set the
-    attention's walk (the stage has the products installed) and whether a compiled step builds its mask once."""
+    attention's walk (the stage has the products installed), whether a compiled step builds its mask once and
+    whether the attention combines its splits in pass 1 (one launch)."""
     from hpi.executor import decode_attention, masks
 
     decode_attention.use_split_kv(kernels[0])
@@ -231,10 +235,11 @@ def _use_kernels(kernels: tuple[bool, bool, bool, str, bool]) -> None:
     dependent_launch.use(kernels[2])
     decode_attention.WALK = kernels[3]
     masks.use_built_once(kernels[4])
+    decode_attention.use_one_launch(kernels[5])
 
 
 @contextlib.contextmanager
-def _compiled_from_scratch(stage, kernels: tuple[bool, bool, bool, str, bool], options: dict | None):
+def _compiled_from_scratch(stage, kernels: tuple[bool, bool, bool, str, bool, bool], options: dict | None):
     """The stage's forward for one run with the kernel switches set, compiled afresh when ``options`` is not
     None: dynamo reset and a fresh inductor cache, kept for the run's whole life (its first call compiles)."""
     _use_kernels(kernels)

@@ -30,6 +30,10 @@ What this does (the split-KV scheme of flash-decoding, as vLLM's and SGLang's Tr
 - pass 2, one program per (row, query head): every split's output and log-sum-exp loaded at once and weighted
   by ``exp(lse_split - max lse)``. (A first version walked the splits in a loop, one program per KV head: 4.5 us
   a layer on one H200 against 4.3 for pass 1.)
+- one launch (``use_one_launch``, off by default until a GPU measures it): pass 1's programs count themselves done
+  on a counter per (row, KV head), after a CTA barrier and with one acquire-release atomic, and the pair's last
+  program combines the splits as pass 2 would, reading the others' parts from L2 (``ld.global.cg``), then resets the
+  counter: one kernel a layer fewer, for a serial combine at the end of the slowest program.
 The number of splits is fixed by the shapes (enough programs to fill the GPU, at least a block each), so a graph
 replays the same grid at every position.
 
@@ -79,7 +83,13 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 WALKS = {"masked": 0, "bounded": 1, "masked_trimmed": 2, "trimmed": 3}
 WALK = "masked_trimmed"  # hpi run's walk: measured against the others in the module's docstring
 MAX_SCAN = 1024  # mask bytes a program reads at once when it looks for its split's allowed span
+# One launch instead of two (``use_one_launch``): each pass-1 program counts itself done on its (row, KV head)'s
+# counter, and the last of the pair's splits combines them, as pass 2 would, in the same launch: one kernel fewer a
+# layer. The counters are one int32 per pair, zero between launches (the last program resets its own), kept per
+# device and size (``_counters``): launches of the same shape on two streams at once would share them.
+ONE_LAUNCH = [False]
 _ENABLED = [True]
+_COUNTERS: dict[tuple, torch.Tensor] = {}
 
 
 def grouped_sdpa(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor,
@@ -108,6 +118,21 @@ def use_split_kv(enabled: bool) -> None:
     """Switch the Triton kernel on or off for this process (off: sdpa; a benchmark compares the two). A compiled
     step keeps the choice it was traced with: reset dynamo (``torch._dynamo.reset()``) after switching."""
     _ENABLED[0] = enabled
+
+
+def use_one_launch(enabled: bool) -> None:
+    """Combine the splits in pass 1's last program of each pair (one launch) or in pass 2 (two); the benches compare
+    the two. A compiled step keeps the choice it was traced with."""
+    ONE_LAUNCH[0] = enabled
+
+
+def _counters(device: torch.device, pairs: int) -> torch.Tensor:
+    """The one-launch form's per-pair counters, zeroed once: made at the first (eager) call of a shape, before a
+    graph captures the step, so the graph reuses them rather than capturing a memset."""
+    key = (device, pairs)
+    if key not in _COUNTERS:
+        _COUNTERS[key] = torch.zeros(pairs, device=device, dtype=torch.int32)
+    return _COUNTERS[key]
 
 
 def splits_for(rows: int, kv_heads: int, slots: int) -> int:
@@ -163,18 +188,21 @@ def triton_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: tor
     lse = torch.empty(n * kv * splits * rows, device=query.device, dtype=torch.float32)
     out = torch.empty(n, heads, d, device=query.device, dtype=query.dtype)
     ieee = query.dtype == torch.float32
+    one_launch = ONE_LAUNCH[0]
+    counts = _counters(query.device, n * kv) if one_launch else lse  # lse: a pointer the two-launch form never uses
+    splits_pad = 1 << (splits - 1).bit_length()
     split_pass[(n * kv, splits)](
-        query, keys, values, mask, part, lse,
+        query, keys, values, mask, part, lse, counts, out,
         query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
-        values.stride(0), values.stride(1), values.stride(2), mask_row_stride,
+        values.stride(0), values.stride(1), values.stride(2), mask_row_stride, out.stride(0), out.stride(1),
         slots, scale,
         CHUNK=chunk, KV=kv, G=groups, ROWS=rows, D=d, D_PAD=d_pad, BLOCK=BLOCK_N, SPLITS=splits, IEEE=ieee,
         WALK=WALKS[launched_walk(chunk)], SCAN=min(MAX_SCAN, 1 << (chunk - 1).bit_length()),
-        num_warps=WARPS, num_stages=STAGES)
-    combine_pass[(n * kv, groups)](part, lse, out, out.stride(0), out.stride(1),
-                                   KV=kv, G=groups, ROWS=rows, D=d, D_PAD=d_pad, SPLITS=splits,
-                                   SPLITS_PAD=1 << (splits - 1).bit_length(),
-                                   SIGNAL=dependent_launch.active(query.device))
+        ONE_LAUNCH=one_launch, SPLITS_PAD=splits_pad, num_warps=WARPS, num_stages=STAGES)
+    if not one_launch:
+        combine_pass[(n * kv, groups)](part, lse, out, out.stride(0), out.stride(1),
+                                       KV=kv, G=groups, ROWS=rows, D=d, D_PAD=d_pad, SPLITS=splits,
+                                       SPLITS_PAD=splits_pad, SIGNAL=dependent_launch.active(query.device))
     return out
 
 

@@ -61,13 +61,13 @@ def allowed_span(mask_row, start, slots, CHUNK: tl.constexpr, SCAN: tl.constexpr
 
 
 @triton.jit
-def split_pass(q_ptr, k_ptr, v_ptr, mask_ptr, part_ptr, lse_ptr,
-               sq_n, sq_h, sk_n, sk_h, sk_l, sv_n, sv_h, sv_l, sm_n,
+def split_pass(q_ptr, k_ptr, v_ptr, mask_ptr, part_ptr, lse_ptr, count_ptr, out_ptr,
+               sq_n, sq_h, sk_n, sk_h, sk_l, sv_n, sv_h, sv_l, sm_n, so_n, so_h,
                slots, scale,
                CHUNK: tl.constexpr, KV: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
                D_PAD: tl.constexpr,
                BLOCK: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr, WALK: tl.constexpr,
-               SCAN: tl.constexpr):
+               SCAN: tl.constexpr, ONE_LAUNCH: tl.constexpr, SPLITS_PAD: tl.constexpr):
     pair = tl.program_id(0)  # row * KV + kv head
     split = tl.program_id(1)
     row = pair // KV
@@ -111,6 +111,31 @@ def split_pass(q_ptr, k_ptr, v_ptr, mask_ptr, part_ptr, lse_ptr,
     # Only the G real query rows: the padded ones are never combined (a quarter of the bytes at G = 4).
     tl.store(part_ptr + slot[:, None] * D_PAD + d[None, :], out, mask=g_ok[:, None])
     tl.store(lse_ptr + slot, lse, mask=g_ok)
+    if ONE_LAUNCH:  # the pair's last split to finish combines them all (decode_attention: ONE_LAUNCH)
+        tl.debug_barrier()  # every thread's stores before the release below (one thread performs a scalar atomic)
+        if tl.atomic_add(count_ptr + pair, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
+            for head_row in tl.static_range(G):
+                w, parts = weighted_parts(part_ptr, lse_ptr, pair, head_row, d, SPLITS, SPLITS_PAD, ROWS, D_PAD,
+                                          ".cg")
+                combined = tl.sum(w[:, None] * parts, 0) / tl.sum(w, 0)
+                tl.store(out_ptr + row * so_n + (head * G + head_row) * so_h + d,
+                         combined.to(out_ptr.dtype.element_ty), mask=d_ok)
+            tl.store(count_ptr + pair, 0)  # ready for the next launch (a graph replays this one)
+
+
+@triton.jit
+def weighted_parts(part_ptr, lse_ptr, pair, g, d, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                   ROWS: tl.constexpr, D_PAD: tl.constexpr, CACHE: tl.constexpr):
+    """Query head ``g``'s split outputs of ``pair`` [SPLITS_PAD, D_PAD] and their softmax weights
+    ``exp(lse_split - max lse)`` [SPLITS_PAD] (0 for the padding splits). CACHE: the loads' cache modifier (".cg",
+    L2 only, where the parts were written by other programs of the same launch)."""
+    split = tl.arange(0, SPLITS_PAD)
+    slot = (pair * SPLITS + split) * ROWS + g
+    lse = tl.load(lse_ptr + slot, mask=split < SPLITS, other=float("-inf"), cache_modifier=CACHE)
+    m = tl.max(lse, 0)  # finite: a query's own slot is always allowed
+    parts = tl.load(part_ptr + slot[:, None] * D_PAD + d[None, :], mask=(split < SPLITS)[:, None], other=0.0,
+                    cache_modifier=CACHE)
+    return tl.exp(lse - m), parts
 
 
 @triton.jit
@@ -122,13 +147,8 @@ def combine_pass(part_ptr, lse_ptr, out_ptr, so_n, so_h,
     g = tl.program_id(1)  # one query head a program: every split's part loaded at once, no serial chain
     row = pair // KV
     head = pair % KV
-    split = tl.arange(0, SPLITS_PAD)
     d = tl.arange(0, D_PAD)
-    slot = (pair * SPLITS + split) * ROWS + g
-    lse = tl.load(lse_ptr + slot, mask=split < SPLITS, other=float("-inf"))
-    m = tl.max(lse, 0)  # finite: a query's own slot is always allowed
-    w = tl.exp(lse - m)
-    part = tl.load(part_ptr + slot[:, None] * D_PAD + d[None, :], mask=(split < SPLITS)[:, None], other=0.0)
+    w, part = weighted_parts(part_ptr, lse_ptr, pair, g, d, SPLITS, SPLITS_PAD, ROWS, D_PAD, "")
     if SIGNAL:  # its loads are issued: a dependent launch after it (the o_proj product) may start warming L2
         tl.extra.cuda.gdc_launch_dependents()
     out = tl.sum(w[:, None] * part, 0) / tl.sum(w, 0)

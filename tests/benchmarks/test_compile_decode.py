@@ -113,20 +113,22 @@ def test_compiles_go_round_by_round_over_the_sets():
         ("compiled_sdpa@cdt", 2), ("compiled_sdpa@plain", 2), ("compiled_split@cdt", 2), ("compiled_split@plain", 2)]
     # sdpa, then hpi's split-KV attention; cuBLAS's products in both, no dependent launch, the mask built once
     walk = da.WALK  # hpi run's own walk in every variant but the other walks' ones
-    assert [k for _, _, k, _, _ in units[:4]] == [(False, False, False, walk, True), (False, False, False, walk, True),
-                                                  (True, False, False, walk, True), (True, False, False, walk, True)]
-    # the dependent-launch, per-layer-mask and other-walk variants differ from compiled_skinny in that switch alone
+    sdpa, split = (False, False, False, walk, True, False), (True, False, False, walk, True, False)
+    assert [k for _, _, k, _, _ in units[:4]] == [sdpa, sdpa, split, split]
+    # the dependent-launch, per-layer-mask, one-launch and other-walk variants differ from compiled_skinny in that
+    # switch alone
     kernels = dict((v[0], v[2]) for v in mod.VARIANTS)
-    assert kernels["compiled_skinny"] == (True, True, False, walk, True) == mod.DEFAULT_KERNELS
-    assert kernels["compiled_skinny_pdl"] == (True, True, True, walk, True)
-    assert kernels["compiled_skinny_mask_per_layer"] == (True, True, False, walk, False)
+    assert kernels["compiled_skinny"] == (True, True, False, walk, True, False) == mod.DEFAULT_KERNELS
+    assert kernels["compiled_skinny_pdl"] == (True, True, True, walk, True, False)
+    assert kernels["compiled_skinny_mask_per_layer"] == (True, True, False, walk, False, False)
+    assert kernels["compiled_skinny_one_launch"] == (True, True, False, walk, True, True)
     others = [w for w in da.WALKS if w != walk]
     assert len(others) == 3 and [kernels[f"compiled_skinny_{w}"] for w in others] == [
-        (True, True, False, w, True) for w in others]
+        (True, True, False, w, True, False) for w in others]
     # an eager graph after the baseline runs once, whatever the sets and compiles
     swapped = (variants[2], variants[0])
     assert mod._units(swapped, {"cdt": {}, "plain": {}}, 3) == [
-        ("eager", "eager", (False, False, False, walk, True), None, 1)]
+        ("eager", "eager", (False, False, False, walk, True, False), None, 1)]
 
 
 def test_a_spent_budget_starts_no_compile_and_lists_what_it_skipped(tmp_path):

@@ -154,6 +154,47 @@ print(json.dumps(case_errors()))
     assert all(max(e) < 1e-5 for e in got["errors"].values()), got
 
 
+def test_one_launch_equals_attention_over_repeated_heads_and_leaves_its_counters_at_zero():
+    """The one-launch form (``use_one_launch``: the last split of each pair combines them in pass 1), every case and
+    walk, with one-block splits and with splits of several blocks (4 programs aimed for), each run twice on the
+    same counters: within 1e-5 of float64 attention, and every counter back at zero after each launch."""
+    got = _interpreted("""
+import json
+from hpi.executor import decode_attention as da
+from tests.executor.test_decode_attention import case_errors
+da.use_one_launch(True)
+out = {}
+for target in (da.TARGET_PROGRAMS, 4):
+    da.TARGET_PROGRAMS = target
+    out[target] = [case_errors(), case_errors()]
+counts = [int(c.abs().sum()) for c in da._COUNTERS.values()]
+print(json.dumps({"runs": out, "counters": len(counts), "nonzero": sum(counts)}))
+""")
+    assert got["counters"] >= 3 and got["nonzero"] == 0  # one counter set per (device, pairs): 1, 2, 3, 6 and 8 pairs
+    for runs in got["runs"].values():
+        assert all(max(e) < 1e-5 for run in runs for e in run["errors"].values()), runs
+    assert got["runs"]["4"][0]["splits"] == [1, 1, 1, 2, 2]
+
+
+def test_one_launch_launches_pass_1_alone_with_the_output_and_counters(monkeypatch):
+    split, combine = Launches(), Launches()
+    monkeypatch.setattr(da, "_kernels", lambda: (split, combine))
+    monkeypatch.setattr(da, "_COUNTERS", {})
+    q, kv = torch.zeros(2, 32, 128), torch.zeros(2, 8, 768, 128)
+    da.use_one_launch(True)
+    try:
+        out = da.triton_decode_attention(q, kv, kv, torch.ones(1, 768, dtype=torch.bool), 0.125)
+    finally:
+        da.use_one_launch(False)
+    assert not hasattr(combine, "grid") and split.grid == (16, 12) and split.kwargs["ONE_LAUNCH"]
+    counts = da._COUNTERS[(torch.device("cpu"), 16)]
+    assert split.args[6] is counts and split.args[7] is out and counts.dtype == torch.int32
+    # 2 rows x 8 KV heads, 12 splits of a block (256 programs aimed for), padded to 16 for the combine
+    assert split.kwargs["SPLITS_PAD"] == 16 and split.args[-4:-2] == (out.stride(0), out.stride(1))
+    da.triton_decode_attention(q, kv, kv, torch.ones(1, 768, dtype=torch.bool), 0.125)
+    assert combine.grid == (16, 4) and not split.kwargs["ONE_LAUNCH"]  # the two-launch form: pass 2 combines
+
+
 def test_static_cache_decode_through_the_kernel_gives_the_eager_tokens():
     """The tiny Llama and Mistral (window 6), left-padded, decode over a static cache through the kernel (the
     graphed path; on a CPU it runs without capture) and generate every token of the dynamic-cache eager path."""
@@ -207,10 +248,12 @@ print(json.dumps(float((got.double() / 2 - reference(q, k, v, allowed, 0.125)).a
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("walk", list(da.WALKS))
-def test_kernel_matches_sdpa_in_bf16_on_a_gpu(case, walk, monkeypatch):
+@pytest.mark.parametrize("one_launch", [False, True], ids=["two-launches", "one-launch"])
+def test_kernel_matches_sdpa_in_bf16_on_a_gpu(case, walk, one_launch, monkeypatch):
     """Each case at the module's own target (one-block splits) and at 4 programs (splits of several blocks, where
-    the trimmed walks trim), with and without holes in the mask."""
+    the trimmed walks trim), with and without holes in the mask; in both forms (``use_one_launch``)."""
     monkeypatch.setattr(da, "WALK", walk)
+    monkeypatch.setattr(da, "ONE_LAUNCH", [one_launch])
     for target, holes in ((t, h) for t in (da.TARGET_PROGRAMS, 4) for h in (False, True)):
         monkeypatch.setattr(da, "TARGET_PROGRAMS", target)
         q, k, v, allowed = _inputs(case, torch.bfloat16, "cuda", holes)
@@ -219,19 +262,44 @@ def test_kernel_matches_sdpa_in_bf16_on_a_gpu(case, walk, monkeypatch):
         assert (got.double() - want).abs().max().item() < 2e-2, (target, holes)  # bf16: ~3 significant digits
 
 
-def _sm90_ptx_ops(monkeypatch, walk: str) -> dict[str, int]:
-    """Instruction counts of pass 1 as a launch at batch 16 (Llama-3-8B's heads, 768 slots) compiles it for sm_90,
-    here on the CPU (``tests/executor/sm90.py``)."""
+def _sm90_ptx(monkeypatch, walk: str, one_launch: bool = False) -> str:
+    """Pass 1 as a launch at batch 16 (Llama-3-8B's heads, 768 slots) compiles it for sm_90, here on the CPU
+    (``tests/executor/sm90.py``)."""
     from hpi.executor import decode_attention_triton as kernels
 
     split, combine = Launches(), Launches()
     monkeypatch.setattr(da, "_kernels", lambda: (split, combine))
     monkeypatch.setattr(da, "WALK", walk)
+    monkeypatch.setattr(da, "ONE_LAUNCH", [one_launch])
     q = torch.zeros(16, 32, 128, dtype=torch.bfloat16)
     kv = torch.zeros(16, 8, 768, 128, dtype=torch.bfloat16)
     da.triton_decode_attention(q, kv, kv, torch.ones(1, 768, dtype=torch.bool), 0.125)
-    ptx, _ = compile_for_sm90(kernels.split_pass, split)
-    return opcodes(ptx)
+    return compile_for_sm90(kernels.split_pass, split)[0]
+
+
+def _sm90_ptx_ops(monkeypatch, walk: str) -> dict[str, int]:
+    """Instruction counts of pass 1 (``_sm90_ptx``)."""
+    return opcodes(_sm90_ptx(monkeypatch, walk))
+
+
+@pytest.mark.skipif(da.INTERPRETED, reason="compiles the kernel: run without TRITON_INTERPRET")
+def test_one_launch_orders_every_threads_stores_before_the_counter_and_reads_the_parts_from_l2(monkeypatch):
+    """The one-launch form's handshake as sm_90 runs it: a CTA barrier after the program's stores of its part, then
+    one thread's acquire-release atomic at GPU scope (its result shared through shared memory), and the last
+    program's loads of the other programs' parts bypass L1 (``ld.global.cg``: an L1 line from an earlier replay
+    would be stale). The walk's own pipeline is untouched; the two-launch form has none of it."""
+    pytest.importorskip("triton", reason="compiles the Triton kernel")
+    one, two = _sm90_ptx(monkeypatch, "masked", True), _sm90_ptx(monkeypatch, "masked")
+    ops, plain = opcodes(one), opcodes(two)
+    l2_loads = {k for k in ops if k.startswith("ld.global.cg")}
+    assert ops["atom.global.gpu.acq_rel.add.u32"] == 1 and l2_loads
+    assert not any(k.startswith(("atom", "ld.global.cg")) for k in plain)
+    code = [line.strip() for line in one.splitlines() if line.strip() and not line.strip().startswith(("//", "."))]
+    at = next(i for i, line in enumerate(code) if "atom.global" in line)
+    last_store = max(i for i, line in enumerate(code[:at]) if "st.global" in line)
+    assert any(line.startswith("bar.sync") for line in code[last_store:at])
+    kinds = ("cp.async.cg.shared.global", "st.shared.v4.b32", "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16")
+    assert [ops[k] for k in kinds] == [plain[k] for k in kinds]
 
 
 @pytest.mark.skipif(da.INTERPRETED, reason="compiles the kernel: run without TRITON_INTERPRET")
