@@ -25,8 +25,8 @@ products of 2-16 rows in hpi's few-row kernel, ``hpi.executor.skinny_gemm``: wha
 now), ``eager_skinny`` (the eager graph with the few-row kernel) and ``compiled_skinny_pdl`` (``compiled_skinny``
 with the few-row products as programmatic dependent launches that warm L2 with their first weight tiles before they
 wait, and the attention's second pass signalling them, ``hpi.executor.dependent_launch``; Hopper on, else the same
-as ``compiled_skinny``), ``compiled_skinny_mask_per_layer`` (``compiled_skinny`` with the mask inlined into each
-layer's attention, as inductor does without ``hpi.executor.masks.built_once``: one more kernel a layer),
+as ``compiled_skinny``), ``compiled_skinny_mask_once`` (``compiled_skinny`` with the step's mask built once, not
+inlined by inductor into each layer's attention: ``hpi.executor.masks.built_once``),
 ``compiled_skinny_one_launch`` (``compiled_skinny`` with the attention's splits combined by pass 1's last program of
 each pair, ``decode_attention.use_one_launch``: one kernel fewer a layer), and ``compiled_skinny_<walk>`` for every
 other walk of the attention's pass 1 (``decode_attention.WALKS``: ``compiled_skinny_trimmed`` walks only the blocks
@@ -84,16 +84,16 @@ from hpi.executor.graphs import COMPILE_OPTIONS
 # masks.built_once, the attention in one launch: decode_attention.ONE_LAUNCH)). The first of --variants is the
 # baseline the others are fed tokens from and compared with.
 _WALK = DEFAULT_WALK  # hpi run's own walk of the attention's pass 1
-VARIANTS = (("eager", False, (False, False, False, _WALK, True, False)),
-            ("compiled_sdpa", True, (False, False, False, _WALK, True, False)),
-            ("compiled_split", True, (True, False, False, _WALK, True, False)),
-            ("compiled_skinny", True, (True, True, False, _WALK, True, False)),
-            ("eager_skinny", False, (False, True, False, _WALK, True, False)),
-            ("compiled_skinny_pdl", True, (True, True, True, _WALK, True, False)),
-            ("compiled_skinny_mask_per_layer", True, (True, True, False, _WALK, False, False)),
-            ("compiled_skinny_one_launch", True, (True, True, False, _WALK, True, True))) + tuple(
-    (f"compiled_skinny_{walk}", True, (True, True, False, walk, True, False)) for walk in WALKS if walk != _WALK)
-DEFAULT_KERNELS = (True, True, False, _WALK, True, False)  # what the process runs outside a variant
+VARIANTS = (("eager", False, (False, False, False, _WALK, False, False)),
+            ("compiled_sdpa", True, (False, False, False, _WALK, False, False)),
+            ("compiled_split", True, (True, False, False, _WALK, False, False)),
+            ("compiled_skinny", True, (True, True, False, _WALK, False, False)),
+            ("eager_skinny", False, (False, True, False, _WALK, False, False)),
+            ("compiled_skinny_pdl", True, (True, True, True, _WALK, False, False)),
+            ("compiled_skinny_mask_once", True, (True, True, False, _WALK, True, False)),
+            ("compiled_skinny_one_launch", True, (True, True, False, _WALK, False, True))) + tuple(
+    (f"compiled_skinny_{walk}", True, (True, True, False, walk, False, False)) for walk in WALKS if walk != _WALK)
+DEFAULT_KERNELS = (True, True, False, _WALK, False, False)  # what the process runs outside a variant
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # ---- one graph's run --------------------------------------------------------------------------------------------
 def _stage(model: str, device: torch.device, dtype: torch.dtype):

@@ -34,7 +34,8 @@ def static_causal_mask(cache_position: torch.Tensor, max_len: int, window: int |
     return allowed | (k == q)[None, None]
 
 
-_ONCE = [True]
+# Off by default until a GPU measures the step with it (benchmarks/compile_decode.py, compiled_skinny_mask_once).
+_ONCE = [False]
 
 
 @torch.library.custom_op("hpi::built_once", mutates_args=())
@@ -48,17 +49,19 @@ def _(mask):
 
 
 def built_once(mask: torch.Tensor) -> torch.Tensor:
-    """``mask`` itself, except while torch.compile traces: then a copy inductor cannot see into, so that the mask is
-    one buffer built once a step. Why: a mask is a few cheap pointwise ops of the cache slots, and inductor inlines
-    such a computation into each of its consumers instead of storing it; a consumer that is not inductor's own code
-    (hpi's decode attention, ``hpi::decode_attention``) then gets the mask built for it alone, one more kernel in
-    every layer of the step (a compiled two-layer Llama's C++ code built it twice, tests/executor/test_masks.py)."""
+    """``mask`` itself, except while torch.compile traces with the switch on (``use_built_once``): then a copy
+    inductor cannot see into, so that the mask is one buffer built once a step. Why: a mask is a few cheap pointwise
+    ops of the cache slots, and inductor inlines such a computation into each of its consumers instead of storing it;
+    a consumer that is not inductor's own code (hpi's decode attention, ``hpi::decode_attention``) then gets the mask
+    computed again for it in every layer of the step (a compiled two-layer Llama's C++ code built it twice,
+    tests/executor/test_masks.py; the H100 kernel tables of the compiled step show ``arange_bitwise_or`` in two
+    kernels of every layer, benchmarks/results/2026-12-06-skinny/call2/kernels-b16.txt)."""
     return _built_once(mask) if _ONCE[0] and torch.compiler.is_compiling() else mask
 
 
 def use_built_once(enabled: bool) -> None:
-    """Switch ``built_once`` on or off for this process (off: inductor inlines the mask into each layer; a benchmark
-    compares the two). A compiled step keeps the choice it was traced with: reset dynamo after switching."""
+    """Switch ``built_once`` on or off for this process (off, the default: inductor inlines the mask into each layer;
+    a benchmark compares the two). A compiled step keeps the choice it was traced with: reset dynamo after switching."""
     _ONCE[0] = enabled
 
 

@@ -111,24 +111,24 @@ def test_compiles_go_round_by_round_over_the_sets():
     assert [(u, i) for u, _, _, _, i in units] == [
         ("compiled_sdpa@cdt", 1), ("compiled_sdpa@plain", 1), ("compiled_split@cdt", 1), ("compiled_split@plain", 1),
         ("compiled_sdpa@cdt", 2), ("compiled_sdpa@plain", 2), ("compiled_split@cdt", 2), ("compiled_split@plain", 2)]
-    # sdpa, then hpi's split-KV attention; cuBLAS's products in both, no dependent launch, the mask built once
+    # sdpa, then hpi's split-KV attention; cuBLAS's products in both, no dependent launch, the mask inlined per layer
     walk = da.WALK  # hpi run's own walk in every variant but the other walks' ones
-    sdpa, split = (False, False, False, walk, True, False), (True, False, False, walk, True, False)
+    sdpa, split = (False, False, False, walk, False, False), (True, False, False, walk, False, False)
     assert [k for _, _, k, _, _ in units[:4]] == [sdpa, sdpa, split, split]
-    # the dependent-launch, per-layer-mask, one-launch and other-walk variants differ from compiled_skinny in that
+    # the dependent-launch, mask-once, one-launch and other-walk variants differ from compiled_skinny in that
     # switch alone
     kernels = dict((v[0], v[2]) for v in mod.VARIANTS)
-    assert kernels["compiled_skinny"] == (True, True, False, walk, True, False) == mod.DEFAULT_KERNELS
-    assert kernels["compiled_skinny_pdl"] == (True, True, True, walk, True, False)
-    assert kernels["compiled_skinny_mask_per_layer"] == (True, True, False, walk, False, False)
-    assert kernels["compiled_skinny_one_launch"] == (True, True, False, walk, True, True)
+    assert kernels["compiled_skinny"] == (True, True, False, walk, False, False) == mod.DEFAULT_KERNELS
+    assert kernels["compiled_skinny_pdl"] == (True, True, True, walk, False, False)
+    assert kernels["compiled_skinny_mask_once"] == (True, True, False, walk, True, False)
+    assert kernels["compiled_skinny_one_launch"] == (True, True, False, walk, False, True)
     others = [w for w in da.WALKS if w != walk]
     assert len(others) == 3 and [kernels[f"compiled_skinny_{w}"] for w in others] == [
-        (True, True, False, w, True, False) for w in others]
+        (True, True, False, w, False, False) for w in others]
     # an eager graph after the baseline runs once, whatever the sets and compiles
     swapped = (variants[2], variants[0])
     assert mod._units(swapped, {"cdt": {}, "plain": {}}, 3) == [
-        ("eager", "eager", (False, False, False, walk, True, False), None, 1)]
+        ("eager", "eager", (False, False, False, walk, False, False), None, 1)]
 
 
 def test_a_spent_budget_starts_no_compile_and_lists_what_it_skipped(tmp_path):

@@ -58,14 +58,14 @@ def _compiled_decode(monkeypatch, once: bool) -> tuple[list[list[int]], str]:
     try:
         out, codes = run_and_get_code(lambda: gen.run(ids, 2, ids.shape[1], 3, chat=False, padding=padding))
     finally:
-        masks.use_built_once(True)
+        masks.use_built_once(False)
     (step,) = [code for code in codes if "hpi.decode_attention" in code]
     return torch.cat(out).tolist(), step
 
 
 def test_a_compiled_step_reads_one_mask_in_every_layer(monkeypatch):
-    """With ``built_once`` every layer's attention reads the one mask buffer; switched off (``use_built_once``),
-    inductor built one per layer. The tokens are the same either way."""
+    """With ``built_once`` switched on (``use_built_once``) every layer's attention reads the one mask buffer; off (the
+    default), inductor built one per layer. The tokens are the same either way."""
     tokens, code = _compiled_decode(monkeypatch, once=True)
     assert len(MASK_ARG.findall(code)) == LAYERS and len(set(MASK_ARG.findall(code))) == 1
     assert code.count("torch.ops.hpi.built_once.default(") == 1
