@@ -133,9 +133,10 @@ def weighted_parts(part_ptr, lse_ptr, pair, g, d, SPLITS: tl.constexpr, SPLITS_P
     slot = (pair * SPLITS + split) * ROWS + g
     lse = tl.load(lse_ptr + slot, mask=split < SPLITS, other=float("-inf"), cache_modifier=CACHE)
     m = tl.max(lse, 0)  # finite: a query's own slot is always allowed
+    w = tl.exp(lse - m)
     parts = tl.load(part_ptr + slot[:, None] * D_PAD + d[None, :], mask=(split < SPLITS)[:, None], other=0.0,
                     cache_modifier=CACHE)
-    return tl.exp(lse - m), parts
+    return w, parts
 
 
 @triton.jit
