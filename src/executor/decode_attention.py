@@ -122,7 +122,8 @@ def use_split_kv(enabled: bool) -> None:
 
 def use_one_launch(enabled: bool) -> None:
     """Combine the splits in pass 1's last program of each pair (one launch) or in pass 2 (two); the benches compare
-    the two. A compiled step keeps the choice it was traced with."""
+    the two. Read at each call, inside the op (not when torch.compile traces it): a captured graph keeps the launches
+    it was captured with."""
     ONE_LAUNCH[0] = enabled
 
 

@@ -18,7 +18,6 @@ from transformers import DynamicCache  # noqa: E402
 
 from hpi.executor import decode_attention, masks  # noqa: E402
 from hpi.executor.generate import PipelineGenerator, Sampler, left_pad  # noqa: E402
-from hpi.executor.graphs import _COMPILED  # noqa: E402
 from hpi.executor.masks import built_once, static_causal_mask  # noqa: E402
 from hpi.executor.modeling import ShardSpec, build_stage  # noqa: E402
 from tests.executor.test_padding import _one_rank, _tiny  # noqa: E402
@@ -49,7 +48,6 @@ def _compiled_decode(monkeypatch, once: bool) -> tuple[list[list[int]], str]:
     config = _tiny("llama")
     config.num_hidden_layers = LAYERS
     stage = build_stage(config, ShardSpec.whole(config.num_hidden_layers), dtype=torch.float32, seed=0).eval()
-    _COMPILED.pop(stage, None)
     ids, padding = left_pad([[5, 9, 11, 7, 3], [4, 8, 6]], 0)
     gen = PipelineGenerator(stage=stage, groups=_one_rank(), new_cache=DynamicCache, hidden_size=0,
                             dtype=torch.float32, device=torch.device("cpu"), micro_batches=1, sampler=Sampler(),
