@@ -70,6 +70,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from inductor_option_sets import DEFAULT_SET, OPTION_SETS, PROFILER, SYNTAX, parse_option_sets
@@ -79,21 +80,32 @@ from hpi.executor.decode_attention import WALK as DEFAULT_WALK
 from hpi.executor.decode_attention import WALKS
 from hpi.executor.graphs import COMPILE_OPTIONS
 
-# The graphs compared, in order: (name, compiled, (hpi's split-KV decode attention, hpi's few-row products, those
-# products as dependent launches, the attention's walk: decode_attention.WALKS, the mask built once a step:
-# masks.built_once, the attention in one launch: decode_attention.ONE_LAUNCH)). The first of --variants is the
-# baseline the others are fed tokens from and compared with.
-_WALK = DEFAULT_WALK  # hpi run's own walk of the attention's pass 1
-VARIANTS = (("eager", False, (False, False, False, _WALK, False, False)),
-            ("compiled_sdpa", True, (False, False, False, _WALK, False, False)),
-            ("compiled_split", True, (True, False, False, _WALK, False, False)),
-            ("compiled_skinny", True, (True, True, False, _WALK, False, False)),
-            ("eager_skinny", False, (False, True, False, _WALK, False, False)),
-            ("compiled_skinny_pdl", True, (True, True, True, _WALK, False, False)),
-            ("compiled_skinny_mask_once", True, (True, True, False, _WALK, True, False)),
-            ("compiled_skinny_one_launch", True, (True, True, False, _WALK, False, True))) + tuple(
-    (f"compiled_skinny_{walk}", True, (True, True, False, walk, False, False)) for walk in WALKS if walk != _WALK)
-DEFAULT_KERNELS = (True, True, False, _WALK, False, False)  # what the process runs outside a variant
+
+class Kernels(NamedTuple):
+    """The kernel switches one graph runs with."""
+
+    split_kv: bool  # hpi's split-KV decode attention (decode_attention.use_split_kv), else sdpa's
+    skinny: bool  # hpi's few-row products (skinny_gemm.use_skinny), else cuBLAS's
+    pdl: bool  # those products as dependent launches (dependent_launch.use)
+    walk: str  # the attention's walk of pass 1: one of decode_attention.WALKS
+    mask_once: bool  # a compiled step builds its mask once, not once a layer (masks.use_built_once)
+    one_launch: bool  # the attention combines its splits in pass 1's last program (decode_attention.use_one_launch)
+
+
+# hpi run's own switches: what the process runs outside a variant, and what compiled_skinny runs
+DEFAULT_KERNELS = Kernels(split_kv=True, skinny=True, pdl=False, walk=DEFAULT_WALK, mask_once=False, one_launch=False)
+_NO_HPI_KERNELS = DEFAULT_KERNELS._replace(split_kv=False, skinny=False)
+# The graphs compared, in order: (name, compiled, kernels). The first of --variants is the baseline the others are
+# fed tokens from and compared with.
+VARIANTS = (("eager", False, _NO_HPI_KERNELS),
+            ("compiled_sdpa", True, _NO_HPI_KERNELS),
+            ("compiled_split", True, DEFAULT_KERNELS._replace(skinny=False)),
+            ("compiled_skinny", True, DEFAULT_KERNELS),
+            ("eager_skinny", False, DEFAULT_KERNELS._replace(split_kv=False)),
+            ("compiled_skinny_pdl", True, DEFAULT_KERNELS._replace(pdl=True)),
+            ("compiled_skinny_mask_once", True, DEFAULT_KERNELS._replace(mask_once=True)),
+            ("compiled_skinny_one_launch", True, DEFAULT_KERNELS._replace(one_launch=True))) + tuple(
+    (f"compiled_skinny_{walk}", True, DEFAULT_KERNELS._replace(walk=walk)) for walk in WALKS if walk != DEFAULT_WALK)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # ---- one graph's run --------------------------------------------------------------------------------------------
 def _stage(model: str, device: torch.device, dtype: torch.dtype):
@@ -224,22 +236,22 @@ def _benchmarker(options: dict):
         triton_heuristics.benchmarker = saved
 
 
-def _use_kernels(kernels: tuple[bool, bool, bool, str, bool, bool]) -> None:
+def _use_kernels(kernels: Kernels) -> None:
     """Switch hpi's split-KV attention, few-row products and their dependent launch on or off, set the
     attention's walk (the stage has the products installed), whether a compiled step builds its mask once and
     whether the attention combines its splits in pass 1 (one launch)."""
     from hpi.executor import decode_attention, masks
 
-    decode_attention.use_split_kv(kernels[0])
-    skinny_gemm.use_skinny(kernels[1])
-    dependent_launch.use(kernels[2])
-    decode_attention.WALK = kernels[3]
-    masks.use_built_once(kernels[4])
-    decode_attention.use_one_launch(kernels[5])
+    decode_attention.use_split_kv(kernels.split_kv)
+    skinny_gemm.use_skinny(kernels.skinny)
+    dependent_launch.use(kernels.pdl)
+    decode_attention.WALK = kernels.walk
+    masks.use_built_once(kernels.mask_once)
+    decode_attention.use_one_launch(kernels.one_launch)
 
 
 @contextlib.contextmanager
-def _compiled_from_scratch(stage, kernels: tuple[bool, bool, bool, str, bool, bool], options: dict | None):
+def _compiled_from_scratch(stage, kernels: Kernels, options: dict | None):
     """The stage's forward for one run with the kernel switches set, compiled afresh when ``options`` is not
     None: dynamo reset and a fresh inductor cache, kept for the run's whole life (its first call compiles)."""
     _use_kernels(kernels)
@@ -315,7 +327,7 @@ class _Fp32:
     noise: agreement.Floor | None = None
 
 
-def _baseline(stage, ids: torch.Tensor, gen_len: int, replays: int, kernels: tuple, options: dict | None,
+def _baseline(stage, ids: torch.Tensor, gen_len: int, replays: int, kernels: Kernels, options: dict | None,
               reference) -> tuple[list, float, float, _Fp32 | None]:
     """(the baseline's ``gen_len`` greedy choices, each fed back; its ms a step; its first step's wall time; with a
     ``reference`` its fp32 run and the floor: the baseline decodes the same steps again, fed its own tokens, to take
@@ -334,7 +346,7 @@ def _baseline(stage, ids: torch.Tensor, gen_len: int, replays: int, kernels: tup
         return fed, ms, first_s, fp32
 
 
-def _compile_entry(stage, ids: torch.Tensor, fed: list, fp32: _Fp32 | None, replays: int, kernels: tuple,
+def _compile_entry(stage, ids: torch.Tensor, fed: list, fp32: _Fp32 | None, replays: int, kernels: Kernels,
                    options: dict | None, profile_path: Path | None, title: str) -> dict:
     """One run of a graph (compiled afresh under ``options``; None: eager), teacher-forced with ``fed``: its
     agreement with the baseline (and fp32, over all positions and the decided ones), ms a step, compile time and

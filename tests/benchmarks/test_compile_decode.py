@@ -113,18 +113,22 @@ def test_compiles_go_round_by_round_over_the_sets():
         ("compiled_sdpa@cdt", 2), ("compiled_sdpa@plain", 2), ("compiled_split@cdt", 2), ("compiled_split@plain", 2)]
     # sdpa, then hpi's split-KV attention; cuBLAS's products in both, no dependent launch, the mask inlined per layer
     walk = da.WALK  # hpi run's own walk in every variant but the other walks' ones
-    sdpa, split = (False, False, False, walk, False, False), (True, False, False, walk, False, False)
+    K = mod.Kernels
+    sdpa = K(split_kv=False, skinny=False, pdl=False, walk=walk, mask_once=False, one_launch=False)
+    split = sdpa._replace(split_kv=True)
     assert [k for _, _, k, _, _ in units[:4]] == [sdpa, sdpa, split, split]
     # the dependent-launch, mask-once, one-launch and other-walk variants differ from compiled_skinny in that
     # switch alone
     kernels = dict((v[0], v[2]) for v in mod.VARIANTS)
-    assert kernels["compiled_skinny"] == (True, True, False, walk, False, False) == mod.DEFAULT_KERNELS
-    assert kernels["compiled_skinny_pdl"] == (True, True, True, walk, False, False)
-    assert kernels["compiled_skinny_mask_once"] == (True, True, False, walk, True, False)
-    assert kernels["compiled_skinny_one_launch"] == (True, True, False, walk, False, True)
+    skinny = K(split_kv=True, skinny=True, pdl=False, walk=walk, mask_once=False, one_launch=False)
+    assert kernels["compiled_skinny"] == skinny == mod.DEFAULT_KERNELS
+    assert kernels["eager_skinny"] == skinny._replace(split_kv=False)
+    assert kernels["compiled_skinny_pdl"] == skinny._replace(pdl=True)
+    assert kernels["compiled_skinny_mask_once"] == skinny._replace(mask_once=True)
+    assert kernels["compiled_skinny_one_launch"] == skinny._replace(one_launch=True)
     others = [w for w in da.WALKS if w != walk]
     assert len(others) == 3 and [kernels[f"compiled_skinny_{w}"] for w in others] == [
-        (True, True, False, w, False, False) for w in others]
+        skinny._replace(walk=w) for w in others]
     # an eager graph after the baseline runs once, whatever the sets and compiles
     swapped = (variants[2], variants[0])
     assert mod._units(swapped, {"cdt": {}, "plain": {}}, 3) == [
