@@ -33,6 +33,11 @@ changes ``torch/_inductor/config.py`` settings on top of nothing (torch.compile'
   their weights while the kernel before still finishes. On one H100 the 8B's compiled batch-16 step took 6.648 ms
   under it against 6.639 under ``cdt-all`` (benchmarks/results/2026-12-06-pdl, call 1): no gain. torch 2.11 (the
   device image) and 2.13 have the setting; a torch without it is refused by name (``_check``).
+- ``cdt-all-combo``: ``cdt-all`` and ``combo_kernels``: inductor's scheduler joins independent kernels of a graph
+  (no data flows between them) into one launch whose programs branch on their id to each one's code
+  (``codegen/triton_combo_kernel.py``, ``ComboKernel``). On one H100 it joined each layer's two rotary kernels, the
+  cache write and the mask into one: the 8B's compiled batch-1 step ran 299 launches instead of 390 and took 5.638
+  against 5.738 ms (benchmarks/results/2026-12-07-fewer-kernels, call 2, one compile each).
 - ``plain``: no option: cuBLAS for the batch-1 products and heuristic kernel configs (a reduction with several
   candidate configs is still timed once among them): the control for how much of the step, and of the
   spread, the tuning brings.
@@ -59,6 +64,7 @@ OPTION_SETS: dict[str, dict] = {
     "cdt-prof": {**CDT, "use_torch_profiler_benchmarker": True},
     "cdt-all-mm": {**CDT, "coordinate_descent_check_all_directions": True, "max_autotune_gemm": True},
     "cdt-all-pdl": {**CDT, "coordinate_descent_check_all_directions": True, "triton.enable_pdl": True},
+    "cdt-all-combo": {**CDT, "coordinate_descent_check_all_directions": True, "combo_kernels": True},
     "plain": {},
 }
 DEFAULT_SET = next(name for name, options in OPTION_SETS.items() if options == COMPILE_OPTIONS)

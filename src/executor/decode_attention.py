@@ -121,9 +121,10 @@ def use_split_kv(enabled: bool) -> None:
 
 
 def use_one_launch(enabled: bool) -> None:
-    """Combine the splits in pass 1's last program of each pair (one launch) or in pass 2 (two); the benches compare
-    the two. Read at each call, inside the op (not when torch.compile traces it): a captured graph keeps the launches
-    it was captured with."""
+    """Combine the splits in pass 1's last program of each pair (one launch) or in pass 2 (two, the default: on one
+    H100 the one-launch form made the 8B's compiled step slower, 5.790 against 5.699 ms, pass 1 taking 9.2 instead of
+    4.3 µs a layer to save pass 2's 1.6; benchmarks/results/2026-12-07-fewer-kernels). Read at each call, inside the
+    op (not when torch.compile traces it): a captured graph keeps the launches it was captured with."""
     ONE_LAUNCH[0] = enabled
 
 
