@@ -30,10 +30,11 @@ What this does (the split-KV scheme of flash-decoding, as vLLM's and SGLang's Tr
 - pass 2, one program per (row, query head): every split's output and log-sum-exp loaded at once and weighted
   by ``exp(lse_split - max lse)``. (A first version walked the splits in a loop, one program per KV head: 4.5 us
   a layer on one H200 against 4.3 for pass 1.)
-- one launch (``use_one_launch``, off by default until a GPU measures it): pass 1's programs count themselves done
-  on a counter per (row, KV head), after a CTA barrier and with one acquire-release atomic, and the pair's last
-  program combines the splits as pass 2 would, reading the others' parts from L2 (``ld.global.cg``), then resets the
-  counter: one kernel a layer fewer, for a serial combine at the end of the slowest program.
+- one launch (``use_one_launch``, off by default: slower on one H100, its docstring says why): pass 1's programs
+  count themselves done on a counter per (row, KV head), after a CTA barrier and with one acquire-release atomic,
+  and the pair's last program combines the splits as pass 2 would, reading the others' parts from L2
+  (``ld.global.cg``), then resets the counter: one kernel a layer fewer, for a serial combine at the end of the
+  slowest program.
 The number of splits is fixed by the shapes (enough programs to fill the GPU, at least a block each), so a graph
 replays the same grid at every position.
 

@@ -34,7 +34,7 @@ def static_causal_mask(cache_position: torch.Tensor, max_len: int, window: int |
     return allowed | (k == q)[None, None]
 
 
-# Off by default until a GPU measures the step with it (benchmarks/compile_decode.py, compiled_skinny_mask_once).
+# Off by default: measured on one H100, its saving was smaller than a compile's spread (``use_built_once``).
 _ONCE = [False]
 
 

@@ -132,7 +132,7 @@ def test_compiles_go_round_by_round_over_the_sets():
     # an eager graph after the baseline runs once, whatever the sets and compiles
     swapped = (variants[2], variants[0])
     assert mod._units(swapped, {"cdt": {}, "plain": {}}, 3) == [
-        ("eager", "eager", (False, False, False, walk, False, False), None, 1)]
+        ("eager", "eager", sdpa, None, 1)]
 
 
 def test_a_spent_budget_starts_no_compile_and_lists_what_it_skipped(tmp_path):
