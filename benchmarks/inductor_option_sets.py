@@ -8,8 +8,8 @@ changes ``torch/_inductor/config.py`` settings on top of nothing (torch.compile'
   field at a time to the fastest neighbour.
 - ``cdt-all``: also ``coordinate_descent_check_all_directions``: when the walk stops, every combination of the
   fields' neighbour values is timed too (``check_all_tuning_directions``): a wider search that can leave a
-  local optimum a noisy timing stopped at. ``hpi.executor.graphs.COMPILE_OPTIONS`` (what ``hpi run`` compiles
-  with; ``DEFAULT_SET``, the default) since the compiles of benchmarks/results/2026-12-05-h200-issue20.
+  local optimum a noisy timing stopped at. What ``hpi run`` compiled with from the compiles of
+  benchmarks/results/2026-12-05-h200-issue20 until 2026-12-08.
 - ``cdt-r2``: also ``coordinate_descent_search_radius`` 2: each field's neighbours reach two powers of two
   away instead of one (``get_neighbour_values``): a wider walk.
 - ``cdt-maxpw``: also ``max_autotune_pointwise``: the walk starts from the fastest of inductor's longer list of
@@ -37,7 +37,9 @@ changes ``torch/_inductor/config.py`` settings on top of nothing (torch.compile'
   (no data flows between them) into one launch whose programs branch on their id to each one's code
   (``codegen/triton_combo_kernel.py``, ``ComboKernel``). On one H100 it joined each layer's two rotary kernels, the
   cache write and the mask into one: the 8B's compiled batch-1 step ran 299 launches instead of 390 and took 5.638
-  against 5.738 ms (benchmarks/results/2026-12-07-fewer-kernels, call 2, one compile each).
+  against 5.738 ms (benchmarks/results/2026-12-07-fewer-kernels, call 2, one compile each), then 5.619 against 5.665
+  ms, and at batch 16 6.508 against 6.507 ms (benchmarks/results/2026-12-08-combo). ``hpi.executor.graphs.
+  COMPILE_OPTIONS`` (what ``hpi run`` compiles with; ``DEFAULT_SET``, the default) since then.
 - ``plain``: no option: cuBLAS for the batch-1 products and heuristic kernel configs (a reduction with several
   candidate configs is still timed once among them): the control for how much of the step, and of the
   spread, the tuning brings.

@@ -193,6 +193,7 @@ KEPT = {
        for name in ("call1/compile", "call1/l2", "call2/compile", "call2/l2")},
     **{f"2026-12-07-fewer-kernels/{name}.json": (0, {"not a RunRecord": 1})
        for name in ("call1/compile", "call2/combo")},
+    **{f"2026-12-08-combo/{name}.json": (0, {"not a RunRecord": 1}) for name in ("call1/combo-b1", "call2/combo-b16")},
     "2026-12-07-compiles/call4/run-b1/record.json": (1, {}),
     "2026-12-07-compiles/call4/run-b16/record.json": (1, {}),
     **{f"2026-12-07-warmup/{name}.json": (1, {})
@@ -261,7 +262,7 @@ def test_every_kept_file_reads_with_its_records_and_skips_counted(kept) -> None:
     for got in kept.values():
         for reason, n in got.skipped.items():
             skipped[reason] = skipped.get(reason, 0) + n
-    assert skipped == {"not a RunRecord": 138, "error": 7, "baseline": 9}
+    assert skipped == {"not a RunRecord": 140, "error": 7, "baseline": 9}
     # Read together, names are unique (validate and calibrate key on them): a rerun kept under the stem of an
     # earlier run is named with its folder, and so is the earlier one.
     together = {r.record_id for r in load_records(_kept_files())}

@@ -59,7 +59,13 @@ import torch
 # shape, batch 1, one H200, each compile from scratch (benchmarks/compile_decode.py): with the walk alone the step
 # was 4.51, 5.31, 4.87 ms in three compiles (and 5.18, 5.26 in hpi run), with the wider search 4.45 and 4.67 ms,
 # for a compile of 153-164 s instead of 82 s (benchmarks/results/2026-12-05-h200-issue20, calls 1 and 4).
-COMPILE_OPTIONS = {"coordinate_descent_tuning": True, "coordinate_descent_check_all_directions": True}
+# ``combo_kernels``: inductor's scheduler joins kernels of the graph that share no data into one launch
+# (torch/_inductor/codegen/triton_combo_kernel.py): a layer's two rotary kernels, its cache write and its mask become
+# one kernel, 91 fewer launches a step. One H100, each compile from scratch beside the same compile without it: batch 1
+# 5.638 / 5.619 ms against 5.738 / 5.665 in two calls, batch 16 6.508 against 6.507, for a batch-1 compile of 106-126 s
+# instead of 80-97 s (benchmarks/results/2026-12-07-fewer-kernels call 2, 2026-12-08-combo).
+COMPILE_OPTIONS = {"coordinate_descent_tuning": True, "coordinate_descent_check_all_directions": True,
+                   "combo_kernels": True}
 _COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, Callable[..., torch.Tensor]]" = weakref.WeakKeyDictionary()
 
 

@@ -37,7 +37,7 @@ def test_option_sets_by_name_and_written_out():
     mod = _module()
     from hpi.executor.graphs import COMPILE_OPTIONS
 
-    assert mod.parse(["--out", "x"]).option_sets == {"cdt-all": COMPILE_OPTIONS}  # hpi run's own is the default
+    assert mod.parse(["--out", "x"]).option_sets == {"cdt-all-combo": COMPILE_OPTIONS}  # hpi run's own is the default
     sets = mod.parse_option_sets("cdt ; r3={coordinate_descent_tuning:true, coordinate_descent_search_radius:3};"
                                  "plain={}; gemm={max_autotune_gemm_backends:TRITON}")
     assert sets == {"cdt": {"coordinate_descent_tuning": True},
